@@ -1,0 +1,5 @@
+"""``python -m swapd`` is the ``swapd`` command."""
+
+from swapd.cli import main
+
+main()

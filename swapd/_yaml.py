@@ -1,0 +1,82 @@
+"""YAML loading that remembers where each key and value was written.
+
+Config errors must name file, line, column and key, so the loader keeps the
+YAML node marks instead of returning bare Python values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from swapd.errors import ConfigError, Location
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ``key: value`` of a mapping, with the value's location."""
+
+    key: str
+    value: Any
+    where: Location
+    node: yaml.Node
+
+
+@dataclass(frozen=True)
+class Document:
+    """A top-level YAML mapping: its entries in file order."""
+
+    file: str
+    entries: tuple[Entry, ...]
+    where: Location
+
+
+def _where(file: str, node: yaml.Node) -> Location:
+    mark = node.start_mark
+    return Location(file, mark.line + 1, mark.column + 1)
+
+
+def _plain(node: yaml.Node) -> Any:
+    # Nested values become plain Python; only the top-level keys keep marks.
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
+    """Entries of a mapping node; duplicate keys are errors, as silent overrides hide mistakes."""
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(_where(file, node), what, "expected a mapping of keys")
+    seen: set[str] = set()
+    out: list[Entry] = []
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        if key in seen:
+            raise ConfigError(_where(file, key_node), key, "key is given twice")
+        seen.add(key)
+        out.append(Entry(key, _plain(value_node), _where(file, value_node), value_node))
+    return tuple(out)
+
+
+def load_document(path: Path, *, label: str | None = None) -> Document:
+    """Parse one YAML file whose top level must be a mapping (empty files are empty mappings)."""
+    file = label or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(Location(file, 1, 1), "(file)", f"cannot read: {exc.strerror}") from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
+        raise ConfigError(where, "(yaml)", str(exc.problem or exc)) from exc
+    if node is None:
+        return Document(file, (), Location(file, 1, 1))
+    return Document(file, entries_of(file, node, what="(top level)"), _where(file, node))
+
+
+def nested_entries(file: str, entry: Entry) -> tuple[Entry, ...]:
+    """Entries of a nested mapping value such as ``defaults:``, with their own positions."""
+    return entries_of(file, entry.node, what=entry.key)

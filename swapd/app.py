@@ -1,0 +1,218 @@
+"""aiohttp wiring: routes, middleware, start-up and the ordered shutdown.
+
+Start-up: end an earlier run's leftovers, start the reaper, open the probe,
+listen, then preload. Shutdown (SIGTERM/SIGINT only set a flag): stop
+listening, stop every backend (SIGTERM, grace, SIGKILL, reap), close the probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from swapd.config import Config
+from swapd.errors import RequestError
+from swapd.logs import get_logger
+from swapd.manager import Manager
+from swapd.pidfiles import PidRecords
+from swapd.probe import Probe, open_probe
+from swapd.proxy import JSON_ROUTES, MULTIPART_ROUTES, Proxy, error_response
+
+_log = get_logger("swapd.app")
+MANAGER = web.AppKey("manager", Manager)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Reaper:
+    """The watchdog process that kills our backends' groups if swapd dies (see swapd.reaper)."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "swapd.reaper"],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+            text=True,
+        )
+
+    def __call__(self, event: str, pgid: int) -> None:
+        """Tell the reaper a group started (``+``) or was reaped (``-``)."""
+        if self._proc.stdin is None or self._proc.poll() is not None:
+            return
+        try:
+            self._proc.stdin.write(f"{event}{pgid}\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            _log.error("reaper.gone", pid=self._proc.pid)
+
+    def close(self) -> None:
+        """Close the pipe; the reaper kills whatever is still listed and exits."""
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+
+@web.middleware
+async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id, answer every error as OpenAI JSON, log one line per request."""
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+    except RequestError as exc:
+        response = error_response(exc)
+        status = exc.status
+    except web.HTTPException as exc:
+        status = exc.status
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        body = {"error": {"message": exc.reason, "type": kind, "code": None, "param": None}}
+        response = web.json_response(body, status=exc.status)
+    finally:
+        if request.path.startswith("/v1/"):
+            _log.info(
+                "request.done",
+                method=request.method,
+                path=request.path,
+                model=request.get("model"),
+                status=status,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+        structlog.contextvars.unbind_contextvars("request_id")
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+async def _health(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _models(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    data = [
+        {
+            "id": slot.preset.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "swapd",
+            "aliases": list(slot.preset.aliases),
+            "status": slot.state.value,
+        }
+        for slot in manager.slots.values()
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def _status(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    status = manager.status()
+    status["config"] = manager.config.source
+    status["pid"] = os.getpid()
+    return web.json_response(status)
+
+
+async def _load(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["name"]
+    await asyncio.shield(manager.load(name))
+    return web.json_response(_one(manager, name))
+
+
+async def _unload(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["name"]
+    await asyncio.shield(manager.unload(name))
+    return web.json_response(_one(manager, name))
+
+
+async def _logs(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    slot = manager.slot_for(request.match_info["name"])
+    count = (
+        int(request.query.get("lines", "100")) if request.query.get("lines", "").isdigit() else 100
+    )
+    return web.json_response({"name": slot.preset.name, "lines": slot.ring.tail(count)})
+
+
+def _one(manager: Manager, name: str) -> dict[str, object]:
+    wanted = manager.slot_for(name).preset.name
+    return next(m for m in manager.status()["models"] if m["name"] == wanted)
+
+
+def build_app(
+    config: Config, probe: Probe, *, on_group: Callable[[str, int], None]
+) -> web.Application:
+    """The aiohttp application with every route; the manager starts with it."""
+    app = web.Application(middlewares=[envelope], client_max_size=config.max_body + 1)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None)
+        # No total timeout: generations can be long; a client hang-up cancels instead.
+        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout())
+        manager = Manager(config, probe, session, on_group=on_group)
+        proxy = Proxy(manager, session, config.max_body)
+        app[MANAGER] = manager
+        for path in JSON_ROUTES:
+            app.router.add_post(path, proxy.json_route)
+        for path in MULTIPART_ROUTES:
+            app.router.add_post(path, proxy.multipart_route)
+        preload = asyncio.create_task(manager.preload(), name="preload")
+        yield
+        preload.cancel()
+        await manager.close()
+        await session.close()
+
+    app.router.add_get("/health", _health)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/swapd/status", _status)
+    app.router.add_post("/swapd/models/{name}/load", _load)
+    app.router.add_post("/swapd/models/{name}/unload", _unload)
+    app.router.add_get("/swapd/models/{name}/logs", _logs)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def serve(config: Config) -> None:
+    """Run the daemon until SIGTERM or SIGINT, then shut down in order."""
+    ended = PidRecords(config.state_dir).end_leftovers()
+    if ended:
+        _log.warning("leftover.ended", pids=ended)
+    reaper = Reaper()
+    fake = os.environ.get("SWAPD_FAKE_PROBE")
+    probe, warnings = open_probe(config.devices, fake_file=Path(fake) if fake else None)
+    for warning in warnings:
+        _log.warning("probe.fallback", detail=warning)
+    _log.info("probe.devices", devices=[f"{d.id} ({d.name})" for d in probe.devices])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = build_app(config, probe, on_group=reaper)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+        await site.start()
+        _log.info("swapd.listen", host=config.host, port=config.port, models=len(config.presets))
+        print(f"swapd: listening on http://{config.host}:{config.port}", flush=True)  # noqa: T201
+        await stop.wait()
+        _log.info("swapd.shutdown")
+    finally:
+        await runner.cleanup()
+        probe.close()
+        reaper.close()

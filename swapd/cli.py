@@ -1,0 +1,128 @@
+"""``swapd serve | check | status``: the only place that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+
+from swapd import embedded
+from swapd.config import Config, load_config
+from swapd.errors import ConfigErrors, SwapdError
+from swapd.logs import configure
+
+
+def _config_path(arg: str | None) -> Path | None:
+    chosen = arg or os.environ.get("SWAPD_CONFIG")
+    return Path(chosen) if chosen else None
+
+
+def _load(arg: str | None) -> Config:
+    path = _config_path(arg)
+    if path is None:
+        return embedded.default_config()
+    return load_config(path)
+
+
+def _run(main: Coroutine[None, None, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground."""
+    from swapd.app import serve
+
+    try:
+        config = _load(args.config)
+    except ConfigErrors as exc:
+        print(exc, file=sys.stderr)
+        print(f"swapd: {len(exc.errors)} config error(s); not starting", file=sys.stderr)
+        return 2
+    except SwapdError as exc:
+        print(f"swapd: {exc}", file=sys.stderr)
+        return 2
+    configure(config.log_level)
+    if config.source == embedded.SOURCE:
+        url = f"http://{config.host}:{config.port}"
+        print(embedded.try_it(url), file=sys.stderr, flush=True)
+    _run(serve(config))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config and every preset; print each problem as file:line:column: key: reason."""
+    try:
+        config = _load(args.config)
+    except ConfigErrors as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except SwapdError as exc:
+        print(f"swapd: {exc}", file=sys.stderr)
+        return 1
+    names = ", ".join(p.name for p in config.presets)
+    print(f"{config.source}: ok, {len(config.presets)} preset(s): {names}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print what a running swapd reports at /swapd/status."""
+    url = args.url
+    if url is None:
+        host, port = "127.0.0.1", 8080
+        path = _config_path(args.config)
+        if path is not None:
+            try:
+                config = load_config(path)
+                host, port = config.host, config.port
+            except SwapdError:
+                pass
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
+    try:
+        with urllib.request.urlopen(f"{url}/swapd/status", timeout=5) as resp:  # noqa: S310
+            status = json.load(resp)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"swapd: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"{'MODEL':24} {'STATE':9} {'PID':>7} {'PORT':>6} {'DEVICE':7} {'IN-FLIGHT':>9} MEMORY")
+    for m in status["models"]:
+        mem = m["memory"]
+        shown = mem["measured"] or mem["need"]
+        memory = f"{shown / 1024**2:.0f} MiB" if shown else "-"
+        print(
+            f"{m['name']:24} {m['state']:9} {m['pid'] or '-':>7} {m['port'] or '-':>6} "
+            f"{m['device'] or '-':7} {m['in_flight']:>9} {memory}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``swapd`` command."""
+    parser = argparse.ArgumentParser(prog="swapd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon (the embedded default without --config)")
+    serve.add_argument("--config", help="daemon config file (default: $SWAPD_CONFIG)")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check", help="validate the config and presets")
+    check.add_argument("--config", help="daemon config file (default: $SWAPD_CONFIG)")
+    check.set_defaults(func=cmd_check)
+    status = sub.add_parser("status", help="show the models of a running swapd")
+    status.add_argument("--config", help="read the listen address from this config")
+    status.add_argument("--url", help="swapd's base URL (default http://127.0.0.1:8080)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.set_defaults(func=cmd_status)
+    args = parser.parse_args(argv)
+    sys.exit(args.func(args))

@@ -1,0 +1,162 @@
+"""The daemon config file: where to listen, where presets live, memory and queue limits."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swapd._yaml import Document, load_document, nested_entries
+from swapd.errors import ConfigError, ConfigErrors, Location
+from swapd.presets import CONVERTERS, NOT_IN_DEFAULTS, Preset, convert_entries, load_presets
+from swapd.probe import DevicesSpec
+from swapd.units import parse_duration, parse_size
+
+DEFAULT_LISTEN = ("127.0.0.1", 8080)
+
+
+def default_state_dir() -> Path:
+    """Systemd's ``StateDirectory=`` when set, else ``~/.local/state/swapd``."""
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "swapd"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's settings and its presets, validated."""
+
+    source: str
+    host: str = DEFAULT_LISTEN[0]
+    port: int = DEFAULT_LISTEN[1]
+    presets_dir: Path = Path("presets")
+    state_dir: Path = field(default_factory=default_state_dir)
+    max_running: int | None = None
+    max_body: int = 64 * 1024**2
+    devices: DevicesSpec = "auto"
+    reserve: int = 512 * 1024**2
+    budget: int | None = None
+    queue_timeout: float = 120.0
+    release_timeout: float = 10.0
+    log_level: str = "info"
+    presets: tuple[Preset, ...] = ()
+
+    def preset(self, name: str) -> Preset | None:
+        """The preset a name or alias refers to."""
+        for preset in self.presets:
+            if name == preset.name or name in preset.aliases:
+                return preset
+        return None
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """``host:port``, ``:port`` or ``[::1]:port``."""
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'expected "host:port" like "127.0.0.1:8080", got "{text}"')
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":8080" means every address, by convention
+    return host, int(port)
+
+
+def _devices(value: Any) -> DevicesSpec:
+    if value in ("auto", "cpu"):
+        return "auto" if value == "auto" else "cpu"
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+    ):
+        return tuple(value)
+    raise ValueError(f"expected auto, cpu or a list of device indices like [0, 1], got {value!r}")
+
+
+def _optional_count(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of 1 or more (or null), got {value!r}")
+    return value
+
+
+def _log_level(value: Any) -> str:
+    levels = ("debug", "info", "warning", "error")
+    if value not in levels:
+        raise ValueError(f"expected one of {', '.join(levels)}, got {value!r}")
+    return str(value)
+
+
+_DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
+    "listen": parse_listen,
+    "presets": lambda v: Path(str(v)).expanduser(),
+    "state_dir": lambda v: Path(str(v)).expanduser(),
+    "max_running": _optional_count,
+    "max_body": parse_size,
+    "devices": _devices,
+    "reserve": parse_size,
+    "budget": lambda v: None if v is None else parse_size(v),
+    "queue_timeout": parse_duration,
+    "release_timeout": parse_duration,
+    "log_level": _log_level,
+    "defaults": lambda v: v,
+}
+
+
+def _daemon_values(doc: Document, errors: list[ConfigError]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for entry in doc.entries:
+        if entry.key not in _DAEMON_KEYS:
+            known = ", ".join(sorted(_DAEMON_KEYS))
+            errors.append(ConfigError(entry.where, entry.key, f"unknown key; known keys: {known}"))
+            continue
+        try:
+            values[entry.key] = _DAEMON_KEYS[entry.key](entry.value)
+        except ValueError as exc:
+            errors.append(ConfigError(entry.where, entry.key, str(exc)))
+    return values
+
+
+def load_config(path: Path) -> Config:
+    """Load a daemon config and its presets; raise :class:`ConfigErrors` listing every problem."""
+    doc = load_document(path)
+    errors: list[ConfigError] = []
+    values = _daemon_values(doc, errors)
+    defaults: dict[str, tuple[Any, Location]] = {}
+    for entry in doc.entries:
+        if entry.key == "defaults":
+            try:
+                children = nested_entries(doc.file, entry)
+            except ConfigError as exc:
+                errors.append(exc)
+                continue
+            allowed = set(CONVERTERS) - NOT_IN_DEFAULTS
+            defaults = convert_entries(children, allowed=allowed, errors=errors)
+    base = path.parent
+    presets_dir = base / values.get("presets", Path("presets"))
+    if not presets_dir.is_dir():
+        where = next((e.where for e in doc.entries if e.key == "presets"), doc.where)
+        errors.append(ConfigError(where, "presets", f"not a directory: {presets_dir}"))
+    presets: list[Preset] = []
+    if presets_dir.is_dir():
+        try:
+            presets = load_presets(presets_dir, defaults, label_root=Path.cwd())
+        except ConfigErrors as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise ConfigErrors(errors)
+    host, port = values.pop("listen", DEFAULT_LISTEN)
+    values.pop("defaults", None)
+    values.pop("presets", None)
+    if "state_dir" in values:
+        values["state_dir"] = base / values["state_dir"]
+    return Config(
+        source=str(path),
+        host=host,
+        port=port,
+        presets_dir=presets_dir,
+        presets=tuple(presets),
+        **values,
+    )

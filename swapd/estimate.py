@@ -1,0 +1,534 @@
+"""Estimate the memory a llama-server will take for a GGUF, from the file's metadata alone.
+
+The figures follow how llama.cpp places a model (see ``llama_model::load_tensors`` and
+``llama_context``), so swapd can refuse a load before a backend runs out of memory:
+
+- **weights**: tensor bytes on the device. The input layer (``token_embd`` and the other
+  lookup tables) always stays on the host. ``-ngl N`` offloads the *last* N entries of
+  ``blk.0 … blk.{n-1}, output``, so the output layer (``output.weight``, ``output_norm``,
+  and every other tensor outside a block) goes first: any N >= 1 puts it on the device.
+  A model with tied embeddings has no ``output.weight``; llama.cpp then loads a second
+  copy of ``token_embd`` as the output, so that copy counts when the output is offloaded.
+- **kv_cache**: per offloaded layer, ``cells * n_head_kv * (head_dim_k * bytes(type_k) +
+  head_dim_v * bytes(type_v))``, with ``cells`` the total context rounded up to 256 as
+  llama.cpp does. Sliding-window layers are counted at full size, which over-estimates
+  models such as Gemma (llama.cpp shrinks their cache unless ``--swa-full``).
+- **compute**: a heuristic for the graph buffer, see :func:`compute_buffer`.
+- **overhead**: a constant for the runtime itself (driver context, cuBLAS, threads).
+
+With ``on_gpu=False`` the estimate is of host memory: every tensor counts, because the
+file is memory-mapped and its pages stay resident once read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import gguf
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
+MIB = 1024 * 1024
+
+# A CUDA or ROCm context plus the BLAS handles and workspaces each process holds.
+GPU_OVERHEAD = 512 * MIB
+# Binary, threads, tokenizer tables and the host copy of the logits of a CPU-only server.
+CPU_OVERHEAD = 32 * MIB
+
+# llama.cpp rounds the context (and each sequence's share of it) up to this many cells.
+CTX_PAD = 256
+
+# Bytes per 32-value block (or per value, block of 1) of each KV cache type llama.cpp accepts.
+CACHE_TYPES: dict[str, tuple[int, int]] = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_1": (32, 20),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
+    "iq4_nl": (32, 18),
+}
+
+# Tensors of llama.cpp's input layer: looked up with get_rows on the host, never offloaded.
+INPUT_TENSOR_PREFIXES = (
+    "token_embd.",
+    "position_embd.",
+    "token_types.",
+    "per_layer_token_embd.",
+    "masked_embd_",
+)
+TOKEN_EMBD = "token_embd.weight"  # noqa: S105 - a tensor name, not a password
+OUTPUT = "output.weight"
+
+# f32 activations held per token and per embedding dimension while a layer runs: the
+# residual stream, its norm, Q, K, V, the attention output and the FFN gate and up
+# projections (about 4 * n_embd wide each), with room to spare for fused and copied inputs.
+ACTIVATION_FACTOR = 16
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+FlashAttn = Literal["on", "off", "auto"]
+GpuLayers = int | Literal["all", "auto"] | None
+
+
+class GGUFMetadataError(ValueError):
+    """A GGUF lacks a metadata key the estimate needs, or holds it in the wrong shape."""
+
+    def __init__(self, path: Path, key: str, reason: str) -> None:
+        self.path = path
+        self.key = key
+        super().__init__(f"{path}: GGUF metadata {key!r} {reason}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes one llama-server will need on one device (or in host RAM), by component."""
+
+    weights: int
+    kv_cache: int
+    compute: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        """Bytes of all the components together."""
+        return self.weights + self.kv_cache + self.compute + self.overhead
+
+    def describe(self) -> str:
+        """Render the sum for logs and error messages, in MiB."""
+        return (
+            f"weights {_mib(self.weights)} + KV {_mib(self.kv_cache)} + "
+            f"compute {_mib(self.compute)} + overhead {_mib(self.overhead, whole=True)} = "
+            f"{_mib(self.total)}"
+        )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs from a GGUF's metadata; per-layer values are tuples."""
+
+    n_layer: int
+    n_ctx_train: int
+    n_embd: int
+    n_vocab: int
+    n_head: tuple[int, ...]
+    n_head_kv: tuple[int, ...]
+    head_dim_k: int
+    head_dim_v: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's name and size in bytes."""
+
+    name: str
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    """The llama-server flags that change its memory use; None where the flag is absent."""
+
+    n_ctx: int | None = None
+    n_gpu_layers: GpuLayers = None
+    n_parallel: int | None = None
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: FlashAttn = "auto"
+    n_ubatch: int = 512
+
+
+def _mib(n: int, *, whole: bool = False) -> str:
+    """Format bytes as MiB with one decimal, or none for a whole constant such as overhead."""
+    if whole and n % MIB == 0:
+        return f"{n // MIB} MiB"
+    return f"{n / MIB:.1f} MiB"
+
+
+def _round_up(n: int, multiple: int) -> int:
+    """Round ``n`` up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+def cache_type_block(cache_type: str) -> tuple[int, int]:
+    """Return (values, bytes) of one block of a KV cache type, spelled as llama-server does."""
+    try:
+        return CACHE_TYPES[cache_type]
+    except KeyError:
+        known = ", ".join(CACHE_TYPES)
+        raise ValueError(f"unknown KV cache type {cache_type!r}; known: {known}") from None
+
+
+def cache_row_bytes(cache_type: str, n_values: int) -> int:
+    """Bytes of ``n_values`` cache entries stored as ``cache_type`` (e.g. ``q8_0``)."""
+    block, block_bytes = cache_type_block(cache_type)
+    return math.ceil(n_values / block) * block_bytes
+
+
+def kv_cells(n_ctx: int, n_parallel: int = 1) -> int:
+    """Cells llama.cpp allocates for a total context ``n_ctx`` split over ``n_parallel`` slots.
+
+    Each slot's share is padded to 256 on its own, so odd splits cost a little extra.
+    """
+    n_ctx = _round_up(n_ctx, CTX_PAD)
+    if n_parallel <= 1:
+        return n_ctx
+    return n_parallel * _round_up(n_ctx // n_parallel, CTX_PAD)
+
+
+def offload_plan(n_layer: int, n_gpu_layers: GpuLayers) -> tuple[int, bool]:
+    """Return the first offloaded block and whether the output layer is offloaded.
+
+    llama.cpp offloads the last ``n_gpu_layers`` of the ``n_layer + 1`` layers, the output
+    layer being the last; None, a negative count, "all" and "auto" mean every layer ("auto"
+    lets llama.cpp fit what it can, and all is the most it will take).
+    """
+    if n_gpu_layers is None or isinstance(n_gpu_layers, str) or n_gpu_layers < 0:
+        return 0, True
+    first = max(n_layer + 1 - n_gpu_layers, 0)
+    return min(first, n_layer), n_gpu_layers >= 1
+
+
+def weights_on_device(
+    tensors: Sequence[TensorInfo], n_layer: int, n_gpu_layers: GpuLayers
+) -> tuple[int, int]:
+    """Return bytes of the offloaded tensors and the largest tensor left on the host.
+
+    The second figure matters because llama.cpp copies host weights into the device's
+    compute buffer to run big matrix products there (op offload).
+    """
+    first_block, output_on_device = offload_plan(n_layer, n_gpu_layers)
+    names = {t.name for t in tensors}
+    on_device = 0
+    largest_left = 0
+    for t in tensors:
+        match = _BLOCK.match(t.name)
+        if match:
+            offloaded = int(match.group(1)) >= first_block
+        elif t.name.startswith(INPUT_TENSOR_PREFIXES):
+            # A lookup table; only its duplicate as the tied output is ever offloaded.
+            if t.name == TOKEN_EMBD and OUTPUT not in names:
+                if output_on_device:
+                    on_device += t.n_bytes
+                else:
+                    largest_left = max(largest_left, t.n_bytes)
+            continue
+        else:
+            offloaded = output_on_device
+        if offloaded:
+            on_device += t.n_bytes
+        else:
+            largest_left = max(largest_left, t.n_bytes)
+    return on_device, largest_left
+
+
+def kv_cache_bytes(
+    shape: ModelShape,
+    *,
+    cells: int,
+    first_layer: int,
+    cache_type_k: str,
+    cache_type_v: str,
+) -> int:
+    """Bytes of K and V for layers ``first_layer`` onwards, ``cells`` tokens each."""
+    total = 0
+    for n_kv in shape.n_head_kv[first_layer:]:
+        k = cache_row_bytes(cache_type_k, n_kv * shape.head_dim_k)
+        v = cache_row_bytes(cache_type_v, n_kv * shape.head_dim_v)
+        total += cells * (k + v)
+    return total
+
+
+def compute_buffer(shape: ModelShape, *, cells: int, n_ubatch: int, flash_attn: bool) -> int:
+    """Estimate the compute (graph) buffer llama.cpp reserves for one micro-batch.
+
+    The graph is reserved for ``n_tokens = min(n_ubatch, cells)`` tokens, every one an
+    output, and ggml's allocator reuses memory, so the peak is the larger of two phases:
+
+    - the output: ``n_tokens * n_vocab`` f32 logits;
+    - attention without flash attention: ``n_tokens * cells * n_head`` f32 scores
+      (softmax runs in place); flash attention works in tiles and needs none of it.
+
+    On top of that: the f32 attention mask (``n_tokens * cells``), an input held all along,
+    and ``ACTIVATION_FACTOR * n_tokens * n_embd`` f32 activations.
+    """
+    n_tokens = min(n_ubatch, cells)
+    logits = n_tokens * shape.n_vocab * 4
+    scores = 0 if flash_attn else n_tokens * cells * max(shape.n_head) * 4
+    mask = n_tokens * cells * 4
+    activations = ACTIVATION_FACTOR * n_tokens * shape.n_embd * 4
+    return max(logits, scores) + mask + activations
+
+
+def _field(reader: gguf.GGUFReader, key: str) -> object:
+    """Return a metadata value (a list for arrays), or None if the key is absent."""
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+def _int_field(reader: gguf.GGUFReader, key: str, path: Path) -> int:
+    """Return a required integer metadata value."""
+    value = _field(reader, key)
+    if not isinstance(value, int):
+        raise GGUFMetadataError(path, key, "is missing or not an integer")
+    return value
+
+
+def _per_layer(value: object, n_layer: int, key: str, path: Path) -> tuple[int, ...]:
+    """Expand a scalar-or-array metadata value to one integer per layer."""
+    if isinstance(value, int):
+        return (value,) * n_layer
+    if isinstance(value, list) and len(value) == n_layer:
+        return tuple(int(v) for v in value)
+    raise GGUFMetadataError(path, key, f"must be an integer or a list of {n_layer}")
+
+
+def _vocab_size(reader: gguf.GGUFReader, tensors: dict[str, Any]) -> int:
+    """Count the vocabulary from the token list, else from an embedding's shape."""
+    field = reader.get_field("tokenizer.ggml.tokens")
+    if field is not None:
+        # The number of array items, without decoding 100k+ strings.
+        return len(field.data)
+    for name in (TOKEN_EMBD, OUTPUT):
+        if name in tensors:
+            # GGUF shapes list the fastest dimension first: [n_embd, n_vocab].
+            return int(tensors[name].shape[-1])
+    return 0
+
+
+def read_shape(reader: gguf.GGUFReader, path: Path) -> ModelShape:
+    """Read the model dimensions the estimate needs from an open ``gguf.GGUFReader``."""
+    arch = _field(reader, "general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFMetadataError(path, "general.architecture", "is missing or not a string")
+    n_layer = _int_field(reader, f"{arch}.block_count", path)
+    n_embd = _int_field(reader, f"{arch}.embedding_length", path)
+    head_key = f"{arch}.attention.head_count"
+    n_head = _per_layer(_field(reader, head_key), n_layer, head_key, path)
+    kv_key = f"{arch}.attention.head_count_kv"
+    kv_value = _field(reader, kv_key)
+    n_head_kv = n_head if kv_value is None else _per_layer(kv_value, n_layer, kv_key, path)
+    # llama.cpp derives the default head size from the first layer's head count.
+    default_head_dim = n_embd // n_head[0] if n_head and n_head[0] else 0
+    head_dim_k = _field(reader, f"{arch}.attention.key_length")
+    head_dim_v = _field(reader, f"{arch}.attention.value_length")
+    tensors = {t.name: t for t in reader.tensors}
+    return ModelShape(
+        n_layer=n_layer,
+        n_ctx_train=_int_field(reader, f"{arch}.context_length", path),
+        n_embd=n_embd,
+        n_vocab=_vocab_size(reader, tensors),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=head_dim_k if isinstance(head_dim_k, int) else default_head_dim,
+        head_dim_v=head_dim_v if isinstance(head_dim_v, int) else default_head_dim,
+    )
+
+
+def estimate_shape(  # noqa: PLR0913 - each knob is a llama-server flag
+    shape: ModelShape,
+    tensors: Sequence[TensorInfo],
+    *,
+    n_ctx: int | None,
+    n_gpu_layers: GpuLayers,
+    cache_type_k: str = "f16",
+    cache_type_v: str = "f16",
+    on_gpu: bool = True,
+    n_ubatch: int = 512,
+    n_parallel: int = 1,
+    flash_attn: bool = False,
+    overhead: int | None = None,
+) -> Estimate:
+    """Estimate from already-read metadata; :func:`estimate_gguf` documents the arguments."""
+    cells = kv_cells(n_ctx or shape.n_ctx_train, n_parallel)
+    if on_gpu:
+        weights, largest_left = weights_on_device(tensors, shape.n_layer, n_gpu_layers)
+        first_layer, _ = offload_plan(shape.n_layer, n_gpu_layers)
+    else:
+        weights, largest_left = sum(t.n_bytes for t in tensors), 0
+        first_layer = 0
+    kv = kv_cache_bytes(
+        shape,
+        cells=cells,
+        first_layer=first_layer,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+    )
+    compute = compute_buffer(shape, cells=cells, n_ubatch=n_ubatch, flash_attn=flash_attn)
+    if overhead is None:
+        overhead = GPU_OVERHEAD if on_gpu else CPU_OVERHEAD
+    return Estimate(
+        weights=weights,
+        kv_cache=kv,
+        compute=compute + largest_left,
+        overhead=overhead,
+    )
+
+
+def estimate_gguf(  # noqa: PLR0913 - each knob is a llama-server flag
+    path: Path,
+    *,
+    n_ctx: int | None,
+    n_gpu_layers: GpuLayers,
+    cache_type_k: str = "f16",
+    cache_type_v: str = "f16",
+    on_gpu: bool = True,
+    n_ubatch: int = 512,
+    n_parallel: int = 1,
+    flash_attn: bool = False,
+    overhead: int | None = None,
+) -> Estimate:
+    """Estimate the memory a llama-server serving ``path`` needs on one device.
+
+    ``n_ctx`` is the total context (``-c``, all slots together); None or 0 means the
+    model's trained context, as ``-c 0`` does. ``n_gpu_layers`` follows ``-ngl``: None,
+    negative, "all" or "auto" offload everything. ``on_gpu=False`` estimates host memory
+    for a CPU-only server instead, where every weight counts. ``flash_attn`` drops the
+    attention scores from the compute buffer. ``overhead`` defaults to
+    ``GPU_OVERHEAD`` or ``CPU_OVERHEAD``. Unknown cache types raise ValueError.
+    """
+    # Fail on a bad cache type before touching the file.
+    cache_type_block(cache_type_k)
+    cache_type_block(cache_type_v)
+    reader = gguf.GGUFReader(path)
+    shape = read_shape(reader, path)
+    tensors = [TensorInfo(str(t.name), int(t.n_bytes)) for t in reader.tensors]
+    return estimate_shape(
+        shape,
+        tensors,
+        n_ctx=n_ctx,
+        n_gpu_layers=n_gpu_layers,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+        on_gpu=on_gpu,
+        n_ubatch=n_ubatch,
+        n_parallel=n_parallel,
+        flash_attn=flash_attn,
+        overhead=overhead,
+    )
+
+
+def estimate_for_args(
+    path: Path, args: LlamaArgs, *, on_gpu: bool = True, overhead: int | None = None
+) -> Estimate:
+    """Estimate for a llama-server started with the flags in ``args``.
+
+    Flash attention "auto" counts as on: llama.cpp enables it wherever the backend supports
+    the model's head sizes, which CUDA, ROCm and the CPU do for the common ones. An unset
+    or automatic slot count uses one unified cache, sized like a single slot.
+    """
+    n_parallel = args.n_parallel if args.n_parallel and args.n_parallel > 0 else 1
+    return estimate_gguf(
+        path,
+        n_ctx=args.n_ctx,
+        n_gpu_layers=args.n_gpu_layers,
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
+        on_gpu=on_gpu,
+        n_ubatch=args.n_ubatch,
+        n_parallel=n_parallel,
+        flash_attn=args.flash_attn != "off",
+        overhead=overhead,
+    )
+
+
+_FLAG_FIELDS = {
+    "-c": "n_ctx",
+    "--ctx-size": "n_ctx",
+    "-ngl": "n_gpu_layers",
+    "--n-gpu-layers": "n_gpu_layers",
+    "--gpu-layers": "n_gpu_layers",
+    "-np": "n_parallel",
+    "--parallel": "n_parallel",
+    "-ctk": "cache_type_k",
+    "--cache-type-k": "cache_type_k",
+    "-ctv": "cache_type_v",
+    "--cache-type-v": "cache_type_v",
+    "-fa": "flash_attn",
+    "--flash-attn": "flash_attn",
+    "-ub": "n_ubatch",
+    "--ubatch-size": "n_ubatch",
+}
+
+# llama.cpp's spellings of on, off and auto (common_arg_utils::is_truthy and friends).
+_FLASH_ATTN_VALUES: dict[str, FlashAttn] = {
+    "on": "on",
+    "enabled": "on",
+    "true": "on",
+    "1": "on",
+    "off": "off",
+    "disabled": "off",
+    "false": "off",
+    "0": "off",
+    "auto": "auto",
+    "-1": "auto",
+}
+
+
+def _parse_int(flag: str, value: str) -> int:
+    """Parse an integer flag value, naming the flag when it is not one."""
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{flag} needs an integer, got {value!r}") from None
+
+
+def _parse_gpu_layers(flag: str, value: str) -> GpuLayers:
+    """Parse ``-ngl``: a count, "all" or "auto"."""
+    if value == "all":
+        return "all"
+    if value == "auto":
+        return "auto"
+    return _parse_int(flag, value)
+
+
+def _parse_flash_attn(flag: str, value: str) -> FlashAttn:
+    """Parse ``-fa``'s value into on, off or auto."""
+    try:
+        return _FLASH_ATTN_VALUES[value]
+    except KeyError:
+        raise ValueError(f"{flag} takes on, off or auto, got {value!r}") from None
+
+
+def parse_llama_args(args: Sequence[str]) -> LlamaArgs:
+    """Read the memory-relevant flags from a llama-server argv; the last one given wins.
+
+    Both ``--flag value`` and ``--flag=value`` work. ``-fa`` alone means on (older servers
+    took it without a value). Other flags and positional arguments are ignored. A known
+    flag with a missing or malformed value raises ValueError.
+    """
+    found: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        flag, eq, inline = arg.partition("=")
+        field = _FLAG_FIELDS.get(flag) if flag.startswith("-") else None
+        if field is None:
+            continue
+        if eq:
+            value = inline
+        elif field == "flash_attn" and (i == len(args) or args[i] not in _FLASH_ATTN_VALUES):
+            value = "on"
+        elif i < len(args):
+            value = args[i]
+            i += 1
+        else:
+            raise ValueError(f"{flag} needs a value")
+        if field == "n_gpu_layers":
+            found[field] = _parse_gpu_layers(flag, value)
+        elif field == "flash_attn":
+            found[field] = _parse_flash_attn(flag, value)
+        elif field.startswith("cache_type"):
+            cache_type_block(value)
+            found[field] = value
+        else:
+            found[field] = _parse_int(flag, value)
+    return LlamaArgs(**found)

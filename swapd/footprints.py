@@ -1,0 +1,74 @@
+"""What each model really used after its last load, kept in ``state_dir`` for the next admission.
+
+A footprint is only trusted for the same launch: it is keyed by a fingerprint
+of backend, model file and arguments, so editing a preset re-learns it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from swapd.presets import Preset
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes a model used on a kind of device, measured once it was ready."""
+
+    bytes: int
+    device_kind: str
+    measured_at: float
+
+
+def fingerprint(preset: Preset) -> str:
+    """A stable hash of everything that changes how much a launch uses."""
+    model = preset.model
+    size = model.stat().st_size if model is not None and model.is_file() else 0
+    parts = [preset.backend, str(model), str(size), *preset.args, *preset.cmd]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+class Footprints:
+    """A small JSON file of footprints by model name."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "footprints.json"
+        self._data: dict[str, dict[str, object]] = self._read()
+
+    def _read(self) -> dict[str, dict[str, object]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, preset: Preset, device_kind: str) -> Footprint | None:
+        """The footprint learned for this exact launch on this kind of device, if any."""
+        entry = self._data.get(preset.name)
+        if not entry or entry.get("fingerprint") != fingerprint(preset):
+            return None
+        if entry.get("device_kind") != device_kind:
+            return None
+        nbytes, at = entry.get("bytes"), entry.get("measured_at")
+        if not isinstance(nbytes, int) or not isinstance(at, int | float):
+            return None
+        return Footprint(nbytes, device_kind, float(at))
+
+    def put(self, preset: Preset, device_kind: str, nbytes: int) -> Footprint:
+        """Remember a measurement and write the file atomically."""
+        now = time.time()
+        self._data[preset.name] = {
+            "fingerprint": fingerprint(preset),
+            "device_kind": device_kind,
+            "bytes": nbytes,
+            "measured_at": now,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._data, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+        return Footprint(nbytes, device_kind, now)

@@ -1,0 +1,72 @@
+"""Records of running children, so that a later swapd can end an earlier run's leftovers.
+
+Each record holds the pid (also the process group id) and the process start
+time; a leftover is killed only if a process with that pid *and* that start
+time still exists, so a recycled pid is never hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import psutil
+
+from swapd.logs import get_logger
+
+_log = get_logger("swapd.pidfiles")
+
+
+class PidRecords:
+    """One JSON file per live child under ``state_dir/children``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.directory = state_dir / "children"
+
+    def add(self, pid: int, model: str) -> None:
+        """Record a freshly spawned child."""
+        try:
+            started = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {"pid": pid, "model": model, "create_time": started, "owner": os.getpid()}
+        path = self.directory / f"{pid}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+    def remove(self, pid: int) -> None:
+        """Forget a child that has been reaped."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / f"{pid}.json").unlink()
+
+    def end_leftovers(self) -> list[int]:
+        """SIGKILL the process groups an earlier swapd left behind; return their pids."""
+        ended: list[int] = []
+        if not self.directory.is_dir():
+            return ended
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                pid, started = int(record["pid"]), float(record["create_time"])
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)
+                continue
+            if _same_process(pid, started):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+                ended.append(pid)
+                _log.warning("leftover.kill", pid=pid, model=record.get("model"))
+            path.unlink(missing_ok=True)
+        return ended
+
+
+def _same_process(pid: int, create_time: float) -> bool:
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) < 0.01
+    except psutil.Error:
+        return False

@@ -1,0 +1,229 @@
+"""Preset files: one YAML file per model, validated key by key with file:line:column errors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from swapd._yaml import Entry, load_document
+from swapd.errors import ConfigError, ConfigErrors, Location
+from swapd.units import parse_duration, parse_size
+
+BackendKind = Literal["llama-server", "vllm", "command"]
+BACKENDS: tuple[BackendKind, ...] = ("llama-server", "vllm", "command")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything swapd knows about one model; built only by :func:`load_presets`."""
+
+    name: str
+    file: str
+    backend: BackendKind
+    model: Path | None = None
+    args: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    binary: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    ttl: float = 0.0
+    health: str = "/health"
+    start_timeout: float = 300.0
+    stop_timeout: float = 10.0
+    memory: int | None = None
+    pin: bool = False
+    preload: bool = False
+    devices: tuple[int, ...] | None = None
+
+
+def _str(value: Any) -> str:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"expected a non-empty string, got {value!r}")
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of strings, got {type(value).__name__}")
+    return tuple(_str(item) for item in value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of NAME: value, got {type(value).__name__}")
+    return {_str(k): "" if v is None else _str(v) for k, v in value.items()}
+
+
+def _backend(value: Any) -> BackendKind:
+    for kind in BACKENDS:
+        if value == kind:
+            return kind
+    raise ValueError(f"expected one of {', '.join(BACKENDS)}, got {value!r}")
+
+
+def _health(value: Any) -> str:
+    path = _str(value)
+    if not path.startswith("/"):
+        raise ValueError(f'expected a URL path starting with "/", got "{path}"')
+    return path
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return seconds
+
+
+def _devices(value: Any) -> tuple[int, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+    ):
+        raise ValueError(f"expected a device index or a list of them, like [0, 1], got {value!r}")
+    return tuple(items)
+
+
+# Each preset key and the converter that validates it; unknown keys are rejected.
+CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    "name": _str,
+    "backend": _backend,
+    "model": lambda v: Path(_str(v)).expanduser(),
+    "args": _str_list,
+    "cmd": _str_list,
+    "binary": _str,
+    "env": _env,
+    "aliases": _str_list,
+    "ttl": parse_duration,
+    "health": _health,
+    "start_timeout": _positive_duration,
+    "stop_timeout": _positive_duration,
+    "memory": parse_size,
+    "pin": _bool,
+    "preload": _bool,
+    "devices": _devices,
+}
+NOT_IN_DEFAULTS = frozenset({"name", "aliases", "model", "cmd"})
+
+
+def convert_entries(
+    entries: Iterable[Entry], *, allowed: Iterable[str], errors: list[ConfigError]
+) -> dict[str, tuple[Any, Location]]:
+    """Convert each entry with its converter, collecting every error rather than the first."""
+    allowed = set(allowed)
+    values: dict[str, tuple[Any, Location]] = {}
+    for entry in entries:
+        if entry.key not in allowed:
+            hint = ", ".join(sorted(allowed))
+            errors.append(ConfigError(entry.where, entry.key, f"unknown key; known keys: {hint}"))
+            continue
+        try:
+            values[entry.key] = (CONVERTERS[entry.key](entry.value), entry.where)
+        except ValueError as exc:
+            errors.append(ConfigError(entry.where, entry.key, str(exc)))
+    return values
+
+
+def _resolve_model(path: Path, preset_dir: Path) -> Path:
+    return path if path.is_absolute() else (preset_dir / path).resolve()
+
+
+def _build(  # noqa: PLR0911 - one early return per kind of problem
+    file: Path,
+    label: str,
+    defaults: Mapping[str, tuple[Any, Location]],
+    errors: list[ConfigError],
+) -> Preset | None:
+    doc = load_document(file, label=label)
+    values = {**defaults, **convert_entries(doc.entries, allowed=CONVERTERS, errors=errors)}
+    if any(e.where.file == label for e in errors):
+        return None
+    name, name_at = values.get("name", (file.stem, doc.where))
+    if not _NAME.match(name):
+        errors.append(ConfigError(name_at, "name", f"not a usable model name: {name!r}"))
+        return None
+    if "backend" not in values:
+        errors.append(ConfigError(doc.where, "backend", f"missing; one of {', '.join(BACKENDS)}"))
+        return None
+    backend, backend_at = values["backend"]
+    plain = {key: value for key, (value, _) in values.items()}
+    if backend in ("llama-server", "vllm"):
+        if "model" not in values:
+            errors.append(ConfigError(backend_at, "model", f"missing; {backend} needs a model"))
+            return None
+        model, model_at = values["model"]
+        plain["model"] = _resolve_model(model, file.parent)
+        if not plain["model"].exists():
+            errors.append(ConfigError(model_at, "model", f"not found: {plain['model']}"))
+            return None
+    elif "cmd" not in values:
+        errors.append(ConfigError(backend_at, "cmd", "missing; a command backend needs cmd"))
+        return None
+    elif "model" in values:
+        plain["model"] = _resolve_model(values["model"][0], file.parent)
+    plain["name"] = name
+    return Preset(file=label, **plain)
+
+
+def _check_names(presets: list[Preset], errors: list[ConfigError]) -> None:
+    owner: dict[str, Preset] = {}
+    for preset in presets:
+        for name in (preset.name, *preset.aliases):
+            if name in owner and owner[name] is not preset:
+                where = Location(preset.file, 1, 1)
+                reason = f"{name!r} is already used by {owner[name].file}"
+                errors.append(
+                    ConfigError(where, "name" if name == preset.name else "aliases", reason)
+                )
+            owner.setdefault(name, preset)
+
+
+def preset_files(directory: Path) -> list[Path]:
+    """The preset files of a directory, in name order (``*.yaml`` and ``*.yml``)."""
+    return sorted(p for p in directory.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
+
+
+def load_presets(
+    directory: Path,
+    defaults: Mapping[str, tuple[Any, Location]],
+    *,
+    label_root: Path | None = None,
+) -> list[Preset]:
+    """Load every preset of ``directory``; raise :class:`ConfigErrors` listing all problems."""
+    errors: list[ConfigError] = []
+    presets: list[Preset] = []
+    for file in preset_files(directory):
+        label = _label(file, label_root)
+        try:
+            preset = _build(file, label, defaults, errors)
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
+        if preset is not None:
+            presets.append(preset)
+    _check_names(presets, errors)
+    if errors:
+        raise ConfigErrors(errors)
+    return presets
+
+
+def _label(file: Path, root: Path | None) -> str:
+    # Errors read best relative to where the user keeps the config.
+    if root is not None:
+        try:
+            return str(file.resolve().relative_to(root.resolve()))
+        except ValueError:
+            pass
+    return str(file)

@@ -1,0 +1,23 @@
+"""Device memory telemetry: what each GPU (or host RAM) has free, and what our processes use.
+
+Sources, tried in order by :func:`open_probe`: NVML for NVIDIA, amdsmi for AMD,
+the amdgpu sysfs counters when amdsmi cannot load, and host RAM as the last
+resort. A JSON file stands in for GPUs in tests. None of them creates a GPU
+compute context, which would itself take hundreds of MiB on every device.
+"""
+
+from swapd.probe._fake import FakeFileProbe
+from swapd.probe._host import HostRamProbe
+from swapd.probe._open import open_probe
+from swapd.probe._types import Device, DeviceKind, DevicesSpec, Probe, Reading
+
+__all__ = [
+    "Device",
+    "DeviceKind",
+    "DevicesSpec",
+    "FakeFileProbe",
+    "HostRamProbe",
+    "Probe",
+    "Reading",
+    "open_probe",
+]

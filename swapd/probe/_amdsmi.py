@@ -1,0 +1,177 @@
+"""AMD GPUs through the amdsmi library, imported only when asked for.
+
+amdsmi must match the installed ROCm, so importing it can fail in many ways;
+consumer Radeon cards answer NOT_SUPPORTED to many calls, per-process memory
+among them, and the older calls report megabytes where the newer report bytes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from swapd.errors import SwapdError
+from swapd.probe._select import select_indices
+from swapd.probe._tree import attribute, process_trees
+from swapd.probe._types import Device, Reading, Unusable
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Sequence
+    from types import ModuleType
+
+# amdsmi_get_gpu_vram_usage reports "MB" that are mebibytes.
+MIB = 1024 * 1024
+
+
+def amd_env(index: int) -> dict[str, str]:
+    """Environment that shows a child only GPU ``index``.
+
+    ROCr filters first and HIP then numbers what is left, so the one visible GPU
+    is HIP (and CUDA-named) device 0; setting all three overrides whatever the
+    daemon itself inherited.
+    """
+    return {
+        "ROCR_VISIBLE_DEVICES": str(index),
+        "HIP_VISIBLE_DEVICES": "0",
+        "CUDA_VISIBLE_DEVICES": "0",
+    }
+
+
+class AmdSmiProbe:
+    """VRAM per GPU and, where the driver tells, VRAM per process."""
+
+    def __init__(self, amd: ModuleType, devices: Sequence[tuple[Device, object]]) -> None:
+        self._amd = amd
+        self._handles = {device.id: handle for device, handle in devices}
+        self.devices: Sequence[Device] = tuple(device for device, _ in devices)
+        # Devices whose byte-exact calls failed once; they use the megabyte call from then on.
+        self._megabytes: set[str] = set()
+        self._closed = False
+
+    def read(self, pids: Collection[int] = ()) -> list[Reading]:
+        """Read every device; raises SwapdError when amdsmi fails to report a device's VRAM."""
+        trees = process_trees(pids)
+        return [self.read_device(device, trees)[0] for device in self.devices]
+
+    def read_device(
+        self, device: Device, trees: Mapping[int, frozenset[int]]
+    ) -> tuple[Reading, str | None]:
+        """Read one device; the second value says why per-process usage is missing, if it is."""
+        handle = self._handles[device.id]
+        try:
+            total, used = self._memory(device.id, handle)
+        except self._amd.AmdSmiException as error:
+            raise SwapdError(f"{device.id}: amdsmi cannot read VRAM: {error}") from error
+        usage, missing = self._processes(handle)
+        reading = Reading(
+            device=device.id,
+            total=total,
+            free=max(0, total - used),
+            by_pid=attribute(usage, trees),
+            per_process_supported=missing is None,
+        )
+        return reading, missing
+
+    def _memory(self, device_id: str, handle: object) -> tuple[int, int]:
+        """Total and used VRAM in bytes."""
+        amd = self._amd
+        if device_id not in self._megabytes:
+            try:
+                vram = amd.AmdSmiMemoryType.VRAM
+                total = int(amd.amdsmi_get_gpu_memory_total(handle, vram))
+                used = int(amd.amdsmi_get_gpu_memory_usage(handle, vram))
+            except (amd.AmdSmiException, AttributeError):
+                # Missing from older libraries, unsupported on some cards.
+                self._megabytes.add(device_id)
+            else:
+                return total, used
+        usage = amd.amdsmi_get_gpu_vram_usage(handle)
+        return int(usage["vram_total"]) * MIB, int(usage["vram_used"]) * MIB
+
+    def _processes(self, handle: object) -> tuple[dict[int, int], str | None]:
+        """VRAM bytes per pid, or the reason the driver cannot tell."""
+        amd = self._amd
+        try:
+            entries = amd.amdsmi_get_gpu_process_list(handle)
+        except amd.AmdSmiException as error:
+            return {}, f"{type(error).__name__}: {error}"
+        usage: dict[int, int] = {}
+        for entry in entries:
+            if not isinstance(entry, Mapping):
+                # ROCm 5.7 returned opaque handles that need one more call each.
+                return {}, "this amdsmi version lists process handles, not memory"
+            pid = entry.get("pid")
+            memory = entry.get("memory_usage")
+            vram = memory.get("vram_mem") if isinstance(memory, Mapping) else None
+            # Fields the driver cannot fill come back as "N/A" strings.
+            if isinstance(pid, int) and isinstance(vram, int):
+                usage[pid] = usage.get(pid, 0) + vram
+        return usage, None
+
+    def close(self) -> None:
+        """Shut amdsmi down once."""
+        if not self._closed:
+            self._closed = True
+            self._amd.amdsmi_shut_down()
+
+
+def open_amdsmi(wanted: Collection[int] | None, warnings: list[str]) -> AmdSmiProbe:
+    """Import and initialise amdsmi and open the wanted GPUs; raises Unusable saying why not."""
+    try:
+        amd = importlib.import_module("amdsmi")
+    except ModuleNotFoundError as error:
+        raise Unusable("amdsmi not installed (pip install swapd[amd])") from error
+    except Exception as error:  # a mismatched ROCm fails in many ways
+        raise Unusable(f"amdsmi failed to load ({type(error).__name__}: {error})") from error
+    try:
+        amd.amdsmi_init()
+    except amd.AmdSmiException as error:
+        raise Unusable(f"amdsmi unavailable ({type(error).__name__}: {error})") from error
+    try:
+        return _open_devices(amd, wanted, warnings)
+    except BaseException:
+        amd.amdsmi_shut_down()
+        raise
+
+
+def _name(amd: ModuleType, handle: object, index: int) -> str:
+    """Marketing name, which consumer cards may leave empty or refuse."""
+    try:
+        name = str(amd.amdsmi_get_gpu_asic_info(handle).get("market_name") or "")
+    except (amd.AmdSmiException, AttributeError):
+        name = ""
+    return name.strip() or f"AMD GPU {index}"
+
+
+def _open_devices(
+    amd: ModuleType, wanted: Collection[int] | None, warnings: list[str]
+) -> AmdSmiProbe:
+    """Open handles, then read each device once so that a broken one is dropped up front."""
+    try:
+        handles = list(amd.amdsmi_get_processor_handles())
+    except amd.AmdSmiException as error:
+        raise Unusable(f"amdsmi cannot list GPUs ({type(error).__name__}: {error})") from error
+    candidates = [
+        (
+            Device(f"gpu{index}", "amd", index, _name(amd, handles[index], index), amd_env(index)),
+            handles[index],
+        )
+        for index in select_indices("amdsmi", range(len(handles)), wanted, warnings)
+    ]
+    checker = AmdSmiProbe(amd, candidates)
+    usable: list[tuple[Device, object]] = []
+    for device, handle in candidates:
+        try:
+            _, missing = checker.read_device(device, {})
+        except SwapdError as error:
+            warnings.append(f"{error}; dropped")
+            continue
+        if missing is not None:
+            warnings.append(
+                f"{device.id} ({device.name}): amdsmi does not report per-process VRAM ({missing})"
+            )
+        usable.append((device, handle))
+    if not usable:
+        raise Unusable("amdsmi could not read any GPU's VRAM")
+    return AmdSmiProbe(amd, usable)

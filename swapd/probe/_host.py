@@ -1,0 +1,49 @@
+"""Host RAM as the one device, for CPU backends and machines without a usable GPU."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import psutil
+
+from swapd.probe._tree import attribute, process_trees
+from swapd.probe._types import Device, Reading
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Sequence
+
+HOST_DEVICE = Device(id="cpu", kind="cpu", index=None, name="host RAM", visible_env={})
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of one process, or 0 when it is gone or not ours to read."""
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        # The process exited (or became a zombie) between listing and reading.
+        return 0
+
+
+class HostRamProbe:
+    """Total and available host RAM; per process, the RSS of each asked process tree."""
+
+    def __init__(self) -> None:
+        self.devices: Sequence[Device] = (HOST_DEVICE,)
+
+    def read(self, pids: Collection[int] = ()) -> list[Reading]:
+        """Read ``available`` as free: it counts reclaimable cache, unlike ``free``."""
+        memory = psutil.virtual_memory()
+        trees = process_trees(pids)
+        rss = {pid: _rss(pid) for tree in trees.values() for pid in tree}
+        return [
+            Reading(
+                device=HOST_DEVICE.id,
+                total=int(memory.total),
+                free=int(memory.available),
+                by_pid=attribute(rss, trees),
+                per_process_supported=True,
+            )
+        ]
+
+    def close(self) -> None:
+        """Hold nothing, so release nothing."""

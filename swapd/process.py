@@ -1,0 +1,202 @@
+"""One backend child process: spawn it, notice readiness, stop it, reap it.
+
+Each child leads its own session and process group and dies with swapd
+(parent-death signal), so a stop can signal the whole group and nothing
+outlives the daemon. Teardown cannot be cancelled half-way: a cancelled stop
+still kills and reaps the group before the cancellation goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import aiohttp
+
+from swapd.errors import BackendStartError
+from swapd.logs import get_logger
+from swapd.ringlog import RingLog
+
+_PR_SET_PDEATHSIG = 1
+# Readiness polling period: short enough that swapd adds little to a backend's start.
+READY_POLL_INTERVAL = 0.005
+_log = get_logger("swapd.process")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class Child:
+    """A spawned backend and everything needed to stop it cleanly."""
+
+    def __init__(
+        self,
+        model: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        ring: RingLog,
+        on_group: Callable[[str, int], None] = lambda _event, _pgid: None,
+    ) -> None:
+        self.model = model
+        self.argv = tuple(argv)
+        self.env = dict(env)
+        self.ring = ring
+        self._on_group = on_group
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[int] | None = None
+        self.spawned_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid (also its process group id), once spawned."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit status once reaped; negative for a signal."""
+        return None if self._proc is None else self._proc.returncode
+
+    async def spawn(self) -> None:
+        """Start the process in its own session; raise :class:`BackendStartError` if exec fails."""
+        self.spawned_at = time.monotonic()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            self.ring.append(f"cannot execute {self.argv[0]}: {exc.strerror}")
+            raise BackendStartError(self.model, 127, self.ring.tail()) from exc
+        self._on_group("+", self._proc.pid)
+        self._pump = asyncio.create_task(self._read_output(), name=f"output:{self.model}")
+        _log.info("backend.spawn", model=self.model, pid=self._proc.pid, argv=list(self.argv))
+
+    async def _read_output(self) -> None:
+        assert self._proc is not None  # noqa: S101 - spawn sets it before starting the pump
+        assert self._proc.stdout is not None  # noqa: S101 - spawned with a pipe
+        pending = b""
+        while chunk := await self._proc.stdout.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                self._emit(raw)
+        if pending:
+            self._emit(pending)
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        self.ring.append(line)
+        _log.debug("backend.output", model=self.model, line=line)
+
+    async def wait_exit(self) -> int:
+        """Wait until the process has exited and its output is drained."""
+        assert self._proc is not None  # noqa: S101 - callers spawn first
+        code = await self._proc.wait()
+        if self._pump is not None:
+            await self._pump
+        return code
+
+    async def wait_ready(self, url: str, timeout: float, session: aiohttp.ClientSession) -> None:
+        """Poll ``url`` until it answers 200, racing early exit and the deadline."""
+        poll = asyncio.create_task(self._poll(url, session))
+        exited = asyncio.create_task(self.wait_exit())
+        try:
+            done, _ = await asyncio.wait(
+                {poll, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            poll.cancel()
+            if not exited.done():
+                exited.cancel()
+        if poll in done and exited not in done:
+            return
+        if exited in done:
+            raise BackendStartError(self.model, exited.result(), self.ring.tail())
+        self.ring.append(f"swapd: not ready after {timeout:g}s (start_timeout)")
+        raise BackendStartError(self.model, None, self.ring.tail())
+
+    @staticmethod
+    async def _poll(url: str, session: aiohttp.ClientSession) -> None:
+        timeout = aiohttp.ClientTimeout(total=5)
+        while True:
+            try:
+                async with session.get(url, timeout=timeout) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(READY_POLL_INTERVAL)
+
+    def _signal_group(self, sig: signal.Signals) -> bool:
+        if self._proc is None:
+            return False
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _group_alive(self) -> bool:
+        if self._proc is None:
+            return False
+        try:
+            os.killpg(self._proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    async def stop(self, timeout: float) -> int:
+        """SIGTERM the group, SIGKILL it after ``timeout``, reap; return the exit status."""
+        if self._proc is None:
+            return 0
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._terminate(timeout))
+        try:
+            return await asyncio.shield(self._stopping)
+        except asyncio.CancelledError:
+            # Finish the teardown before letting the cancellation through.
+            self._signal_group(signal.SIGKILL)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._stopping)
+            raise
+
+    async def _terminate(self, timeout: float) -> int:
+        assert self._proc is not None  # noqa: S101 - stop checks it
+        started = time.monotonic()
+        if self._proc.returncode is None:
+            self._signal_group(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(asyncio.shield(self.wait_exit()), timeout)
+        except TimeoutError:
+            _log.warning("backend.kill", model=self.model, pid=self._proc.pid, after_s=timeout)
+            self._signal_group(signal.SIGKILL)
+            code = await self.wait_exit()
+        # The leader is gone; stragglers in its group (forked helpers) get the rest of the
+        # grace period, then SIGKILL.
+        deadline = started + timeout
+        while self._group_alive() and time.monotonic() < deadline:  # noqa: ASYNC110 - no event exists for another process's exit
+            await asyncio.sleep(0.02)
+        self._signal_group(signal.SIGKILL)
+        self._on_group("-", self._proc.pid)
+        _log.info(
+            "backend.exit",
+            model=self.model,
+            pid=self._proc.pid,
+            code=code,
+            stop_s=round(time.monotonic() - started, 3),
+        )
+        return code

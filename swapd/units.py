@@ -1,0 +1,65 @@
+"""Durations ("10m", "1.5s") and sizes ("6GiB", "512MB") as users write them in YAML."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``10m``, ``90s``, ``250ms``, ``2h`` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f'expected a duration like "10m", got {value!r}')
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"expected a duration of zero or more, got {value!r}")
+        return float(value)
+    match = _DURATION.match(str(value))
+    if match is None:
+        raise ValueError(f'expected a duration like "10m", got "{value}"')
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``6GiB``, ``512MB``, ``1.5G`` or a bare number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f'expected a size like "6GiB", got {value!r}')
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"expected a size of zero or more, got {value}")
+        return value
+    match = _SIZE.match(str(value))
+    if match is None:
+        raise ValueError(f'expected a size like "6GiB", got "{value}"')
+    unit = (match.group(2) or "b").lower()
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_size(nbytes: float) -> str:
+    """Human-readable GiB/MiB for messages: ``7.9 GiB``, ``512.0 MiB``."""
+    if abs(nbytes) >= 1024**3:
+        return f"{nbytes / 1024**3:.1f} GiB"
+    return f"{nbytes / 1024**2:.1f} MiB"

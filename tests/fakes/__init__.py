@@ -1,0 +1,1 @@
+"""Fakes that stand in for real backends and GPUs in tests."""

@@ -1,0 +1,116 @@
+"""A tiny llama GGUF with random weights that a real llama-server loads in a blink.
+
+The vocabulary is byte-level (SentencePiece "llama" model with the 256 byte tokens), so
+any text tokenizes; the answers are garbage, which is all a test of process management
+needs. ``python tests/fakes/tiny_gguf.py OUT.gguf`` writes one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+HEAD_DIM = 16
+
+
+def vocabulary() -> tuple[list[str], list[float], list[int]]:
+    """Return tokens, scores and token types: the specials, then one token per byte."""
+    tokens = [*SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256))]
+    scores = [0.0] * len(tokens)
+    types = [
+        gguf.TokenType.UNKNOWN,
+        gguf.TokenType.CONTROL,
+        gguf.TokenType.CONTROL,
+        *[gguf.TokenType.BYTE] * 256,
+    ]
+    return tokens, scores, [int(t) for t in types]
+
+
+def write_tiny_llama_gguf(
+    path: Path,
+    *,
+    seed: int = 0,
+    n_layers: int = 2,
+    n_embd: int = 64,
+    n_ctx_train: int = 512,
+) -> Path:
+    """Write a random-weight llama model to ``path`` and return the path.
+
+    Heads are ``HEAD_DIM`` wide, so ``n_embd`` must be a multiple of twice that (the
+    key/value heads are half the query heads: grouped-query attention, as in real models).
+    """
+    if n_embd <= 0 or n_embd % (2 * HEAD_DIM):
+        raise ValueError(f"n_embd must be a positive multiple of {2 * HEAD_DIM}, got {n_embd}")
+    n_head = n_embd // HEAD_DIM
+    n_head_kv = n_head // 2
+    rng = np.random.default_rng(seed)
+    tokens, scores, types = vocabulary()
+    n_vocab = len(tokens)
+    n_ff = 2 * n_embd
+    n_kv = n_head_kv * HEAD_DIM
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("swapd tiny test llama")
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(HEAD_DIM)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_add_bos_token(value=True)
+
+    def weight(rows: int, cols: int) -> np.ndarray:
+        # numpy shape (rows, cols) is GGUF shape [cols, rows]: cols is the input size.
+        return (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+
+    def norm() -> np.ndarray:
+        return np.ones(n_embd, dtype=np.float32)
+
+    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
+    for i in range(n_layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(n_kv, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(n_kv, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(n_embd, n_ff))
+    writer.add_tensor("output_norm.weight", norm())
+    writer.add_tensor("output.weight", weight(n_vocab, n_embd))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def main() -> None:
+    """Write a tiny model to the path given on the command line."""
+    parser = argparse.ArgumentParser(description="Write a tiny random llama GGUF.")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(write_tiny_llama_gguf(args.path, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""A fake OpenAI-compatible backend that tests and benchmarks start as a real subprocess.
+
+Run ``python tests/fakes/upstream.py --port P [options]`` (or ``python -m
+tests.fakes.upstream``); ``--help`` lists the options. It imitates what the daemon
+cares about in llama-server and vLLM: slow starts (health 503 while loading, or a port
+that opens late), fatal exits, ignored SIGTERM, stray child processes, crashes
+mid-request, streaming, vLLM's sleep API and memory that is freed late. It only needs
+the standard library and aiohttp, and does as little as possible per request because
+benchmarks measure the proxy's overhead against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+# The fake runs as a plain script, where only its own folder is on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fakes import probe_file
+
+Json = dict[str, Any]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+ECHO_OBJECTS = {
+    "/v1/responses": "response",
+    "/v1/messages": "message",
+    "/v1/rerank": "rerank",
+}
+
+
+def log(message: str) -> None:
+    """Write one line to stderr at once, as the parent may be reading it live."""
+    print(f"fake-upstream: {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    p = argparse.ArgumentParser(description="A fake OpenAI-compatible backend.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True, help="0 picks a free port")
+    p.add_argument("--name", default="fake", help="used in answers and /v1/models")
+    p.add_argument("--start-delay", type=float, default=0.0, help="seconds until ready")
+    p.add_argument(
+        "--listen-late",
+        action="store_true",
+        help="bind only after the start delay (like vLLM) instead of answering 503",
+    )
+    p.add_argument("--health-path", default="/health")
+    p.add_argument("--exit-at-start", type=int, metavar="CODE", help="fail with CODE")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--fork-child", action="store_true", help="start a sleeping grandchild")
+    p.add_argument("--crash-after", type=int, metavar="N", help="die on completion request N+1")
+    p.add_argument("--chunks", type=int, default=5, help="chunks per streamed answer")
+    p.add_argument("--chunk-interval", type=float, default=0.05)
+    p.add_argument("--probe-file", type=Path, help="memory bookkeeping file")
+    p.add_argument("--mem-bytes", type=int, default=0, help="bytes registered when ready")
+    p.add_argument("--release-delay", type=float, default=0.0, help="seconds to free")
+    p.add_argument("--sleep-residual-bytes", type=int, default=0, help="bytes while asleep")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Stats:
+    """Counters served on GET /fake/stats."""
+
+    requests: int = 0
+    completions: int = 0
+    in_flight: int = 0
+    cancelled: int = 0
+
+
+@dataclass
+class Fake:
+    """The fake backend's state and its request handlers."""
+
+    args: argparse.Namespace
+    ready: bool = False
+    child_pid: int | None = None
+    stats: Stats = field(default_factory=Stats)
+    awake: asyncio.Event = field(default_factory=asyncio.Event)
+    device: str = field(
+        default_factory=lambda: (
+            "gpu" + (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+        )
+    )
+
+    def __post_init__(self) -> None:
+        self.awake.set()
+
+    # --- memory bookkeeping -------------------------------------------------------
+
+    def register_memory(self, nbytes: int) -> None:
+        """Record ``nbytes`` for this process in the probe file, if there is one."""
+        if self.args.probe_file is not None:
+            probe_file.register(self.args.probe_file, os.getpid(), self.device, nbytes)
+
+    def terminate(self) -> None:
+        """Mark the memory as released (after the configured delay) and exit at once."""
+        if self.args.probe_file is not None:
+            probe_file.release(self.args.probe_file, os.getpid(), self.args.release_delay)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # No graceful shutdown: a real backend drops open connections when killed.
+        os._exit(0)
+
+    # --- helpers ------------------------------------------------------------------
+
+    async def read_json(self, request: web.Request) -> Json:
+        """Count the POST and return its JSON body (an empty dict when there is none)."""
+        self.stats.requests += 1
+        raw = await request.read()
+        if not raw:
+            return {}
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise web.HTTPBadRequest(text="body is not JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text="body must be a JSON object")
+        return body
+
+    async def hold(self, request: web.Request, fake_delay: float) -> None:
+        """Count completions, crash when told to, and wait while asleep or delayed."""
+        if request.path in COMPLETION_PATHS:
+            crash_after = self.args.crash_after
+            if crash_after is not None and self.stats.completions >= crash_after:
+                log(f"crashing after {crash_after} completion requests")
+                os._exit(3)
+            self.stats.completions += 1
+        # Like vLLM, requests that reach a sleeping engine wait for it to wake.
+        await self.awake.wait()
+        if fake_delay > 0:
+            await asyncio.sleep(fake_delay)
+
+    def tracked(self, handler: Handler) -> Handler:
+        """Wrap a handler to count requests in flight and those cut off by the client."""
+
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            self.stats.in_flight += 1
+            try:
+                return await handler(request)
+            except (asyncio.CancelledError, ConnectionResetError):
+                self.stats.cancelled += 1
+                raise
+            finally:
+                self.stats.in_flight -= 1
+
+        return wrapper
+
+    # --- routes -------------------------------------------------------------------
+
+    async def health(self, _request: web.Request) -> web.Response:
+        """Answer 503 while "loading the model", then 200, like llama-server."""
+        if not self.ready:
+            return web.json_response(
+                {"error": {"code": 503, "message": "Loading model"}}, status=503
+            )
+        return web.json_response({"status": "ok"})
+
+    async def models(self, _request: web.Request) -> web.Response:
+        """List the one model this backend serves."""
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.args.name, "object": "model"}]}
+        )
+
+    async def stats_route(self, _request: web.Request) -> web.Response:
+        """Expose counters so tests can see what reached the backend."""
+        s = self.stats
+        return web.json_response(
+            {
+                "pid": os.getpid(),
+                "child_pid": self.child_pid,
+                "requests": s.requests,
+                "completions": s.completions,
+                "in_flight": s.in_flight,
+                "cancelled": s.cancelled,
+                "sleeping": not self.awake.is_set(),
+            }
+        )
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """Answer a chat completion with the last message's text, streamed on request."""
+        body = await self.read_json(request)
+        await self.hold(request, float(body.get("fake_delay", 0)))
+        model = body.get("model", self.args.name)
+        if body.get("stream"):
+            return await self.stream(request, model, chat=True)
+        messages = body.get("messages") or [{}]
+        text = message_text(messages[-1].get("content", ""))
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": f"{self.args.name}: {text}"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        )
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        """Answer a text completion with the prompt, streamed on request."""
+        body = await self.read_json(request)
+        await self.hold(request, float(body.get("fake_delay", 0)))
+        model = body.get("model", self.args.name)
+        if body.get("stream"):
+            return await self.stream(request, model, chat=False)
+        return web.json_response(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": f"{self.args.name}: {body.get('prompt', '')}",
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                "path": request.path,
+                "name": self.args.name,
+            }
+        )
+
+    async def stream(self, request: web.Request, model: str, *, chat: bool) -> web.StreamResponse:
+        """Send ``--chunks`` server-sent events ``--chunk-interval`` apart, then [DONE]."""
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+        last = self.args.chunks - 1
+        for i in range(self.args.chunks):
+            if i:
+                await asyncio.sleep(self.args.chunk_interval)
+            text = f"{self.args.name}-{i}"
+            finish = "stop" if i == last else None
+            choice: Json = {"index": 0, "finish_reason": finish}
+            if chat:
+                choice["delta"] = (
+                    {"role": "assistant", "content": text} if i == 0 else {"content": text}
+                )
+            else:
+                choice["text"] = text
+            chunk = {
+                "id": chunk_id,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [choice],
+                # Lets a test compare when a chunk was produced with when it arrived.
+                "produced_at": time.time(),
+            }
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """Answer one tiny embedding."""
+        body = await self.read_json(request)
+        await self.hold(request, float(body.get("fake_delay", 0)))
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.1]}],
+                "model": body.get("model", self.args.name),
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+                "path": request.path,
+                "name": self.args.name,
+            }
+        )
+
+    async def echo(self, request: web.Request) -> web.Response:
+        """Answer the other inference routes with where the request landed."""
+        body = await self.read_json(request)
+        await self.hold(request, float(body.get("fake_delay", 0)))
+        return web.json_response(
+            {
+                "object": ECHO_OBJECTS[request.path],
+                "model": body.get("model", self.args.name),
+                "path": request.path,
+                "name": self.args.name,
+            }
+        )
+
+    async def transcription(self, request: web.Request) -> web.Response:
+        """Read a multipart upload and say what was heard."""
+        self.stats.requests += 1
+        form = await request.post()
+        upload = form.get("file")
+        if not isinstance(upload, web.FileField):
+            raise web.HTTPBadRequest(text="multipart field 'file' is missing")
+        size = len(upload.file.read())
+        model = form.get("model")
+        delay = form.get("fake_delay")
+        await self.hold(request, float(delay) if isinstance(delay, str) else 0.0)
+        heard = f"{self.args.name} heard {upload.filename} ({size} bytes) model={model!s}"
+        return web.json_response({"text": heard})
+
+    async def sleep(self, request: web.Request) -> web.Response:
+        """Put the "engine" to sleep (vLLM's sleep mode): hold requests, free memory."""
+        self.stats.requests += 1
+        level = request.query.get("level", "1")
+        if level not in {"1", "2"}:
+            raise web.HTTPBadRequest(text="level must be 1 or 2")
+        self.awake.clear()
+        self.register_memory(self.args.sleep_residual_bytes)
+        return web.json_response({"status": "sleeping", "level": int(level)})
+
+    async def wake_up(self, _request: web.Request) -> web.Response:
+        """Wake the "engine": take the memory back and release held requests."""
+        self.stats.requests += 1
+        self.register_memory(self.args.mem_bytes)
+        self.awake.set()
+        return web.json_response({"status": "awake"})
+
+    async def is_sleeping(self, _request: web.Request) -> web.Response:
+        """Tell whether the engine sleeps."""
+        return web.json_response({"is_sleeping": not self.awake.is_set()})
+
+    def app(self) -> web.Application:
+        """Build the aiohttp application with every route."""
+        app = web.Application(client_max_size=64 * 1024**2)
+        t = self.tracked
+        app.router.add_get(self.args.health_path, self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/fake/stats", self.stats_route)
+        app.router.add_post("/v1/chat/completions", t(self.chat))
+        app.router.add_post("/v1/completions", t(self.completion))
+        app.router.add_post("/v1/embeddings", t(self.embeddings))
+        for path in ECHO_OBJECTS:
+            app.router.add_post(path, t(self.echo))
+        app.router.add_post("/v1/audio/transcriptions", t(self.transcription))
+        app.router.add_post("/sleep", self.sleep)
+        app.router.add_post("/wake_up", self.wake_up)
+        app.router.add_get("/is_sleeping", self.is_sleeping)
+        return app
+
+
+def message_text(content: object) -> str:
+    """Return a message's text, whether it is a string or a list of content parts."""
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return str(content)
+
+
+def fork_child() -> int:
+    """Start a grandchild in our process group, as backends with worker processes do."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10**6)"])
+    print(f"fake-upstream: child pid {child.pid}", flush=True)
+    return child.pid
+
+
+def fail_at_start(code: int) -> None:
+    """Exit the way a backend does when it cannot load its model."""
+    log("loading model")
+    log(f"fatal: configured to exit with {code}")
+    log("exiting")
+    sys.stdout.flush()
+    os._exit(code)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Start, become ready after the start delay, and serve until SIGTERM."""
+    ready_at = time.monotonic() + args.start_delay
+    fake = Fake(args)
+    loop = asyncio.get_running_loop()
+    if args.ignore_sigterm:
+        loop.add_signal_handler(signal.SIGTERM, log, "ignoring SIGTERM")
+    else:
+        loop.add_signal_handler(signal.SIGTERM, fake.terminate)
+    # Ctrl-C in a terminal ends the fake even when it ignores SIGTERM.
+    loop.add_signal_handler(signal.SIGINT, fake.terminate)
+    if args.fork_child:
+        fake.child_pid = fork_child()
+
+    if args.listen_late:
+        await asyncio.sleep(args.start_delay)
+        if args.exit_at_start is not None:
+            fail_at_start(args.exit_at_start)
+    runner = web.AppRunner(fake.app(), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    print(f"fake-upstream: {args.name} listening on {args.host}:{port}", flush=True)
+
+    await asyncio.sleep(ready_at - time.monotonic())
+    if args.exit_at_start is not None:
+        fail_at_start(args.exit_at_start)
+    # Memory is taken before health turns 200, as a real backend loads weights first.
+    fake.register_memory(args.mem_bytes)
+    fake.ready = True
+    await asyncio.Event().wait()  # serve until a signal ends the process
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the fake upstream."""
+    asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
