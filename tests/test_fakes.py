@@ -96,7 +96,7 @@ def start_upstream() -> Iterator[Callable[..., Upstream]]:
 
 def test_health_is_503_while_loading_then_200(start_upstream: Callable[..., Upstream]) -> None:
     """With --start-delay the port answers at once, 503 "Loading model" until the delay ends."""
-    up = start_upstream("--start-delay", "2")
+    up = start_upstream("--start-delay", "3")
     assert up.call("GET", "/health") == (
         503,
         {"error": {"code": 503, "message": "Loading model"}},
@@ -224,7 +224,7 @@ def test_crash_after_dies_mid_request_with_code_3(
     up = start_upstream("--crash-after", "1")
     body = {"messages": [{"role": "user", "content": "x"}]}
     assert up.call("POST", "/v1/chat/completions", body)[0] == 200
-    with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+    with pytest.raises(ConnectionError):  # http.client.RemoteDisconnected
         up.call("POST", "/v1/chat/completions", body)
     assert up.proc.wait(TIMEOUT) == 3
 

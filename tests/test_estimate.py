@@ -1,0 +1,336 @@
+"""Tests for swapd.estimate: memory estimates from GGUF metadata and llama-server flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import gguf
+import numpy as np
+import pytest
+
+from swapd.estimate import (
+    CPU_OVERHEAD,
+    GPU_OVERHEAD,
+    MIB,
+    Estimate,
+    GGUFMetadataError,
+    LlamaArgs,
+    estimate_for_args,
+    estimate_gguf,
+    parse_llama_args,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+N_EMBD = 64
+N_HEAD = 8
+N_HEAD_KV = 2
+HEAD_DIM = N_EMBD // N_HEAD
+N_VOCAB = 100
+CTX_TRAIN = 1024
+
+# Tensor sizes of the model write_model makes, in bytes.
+EMBD_BYTES = N_VOCAB * N_EMBD * 4  # token_embd, f32
+NORM_BYTES = N_EMBD * 4  # every norm, f32
+Q_BYTES = N_EMBD * N_EMBD * 4  # blk.*.attn_q, f32
+K_BYTES = N_HEAD_KV * HEAD_DIM * N_EMBD * 2  # blk.*.attn_k, f16
+BLOCK_BYTES = NORM_BYTES + Q_BYTES + K_BYTES
+OUTPUT_NORM_BYTES = NORM_BYTES
+OUTPUT_BYTES = N_VOCAB * N_EMBD * 2  # output, f16
+OUTPUT_LAYER_BYTES = OUTPUT_NORM_BYTES + OUTPUT_BYTES
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What write_model puts in the file; None leaves a key out."""
+
+    n_layer: int = 2
+    head_count_kv: int | list[int] | None = N_HEAD_KV
+    key_length: int | None = None
+    value_length: int | None = None
+    tokens: bool = True
+    tied: bool = False
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def write_model(path: Path, spec: Spec | None = None) -> Path:
+    """Write a small llama GGUF whose tensor sizes the constants above give exactly."""
+    spec = spec or Spec()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(spec.n_layer)
+    writer.add_context_length(CTX_TRAIN)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_head_count(N_HEAD)
+    if spec.head_count_kv is not None:
+        writer.add_head_count_kv(spec.head_count_kv)
+    if spec.key_length is not None:
+        writer.add_key_length(spec.key_length)
+    if spec.value_length is not None:
+        writer.add_value_length(spec.value_length)
+    if spec.tokens:
+        writer.add_token_list([f"t{i}" for i in range(N_VOCAB)])
+    for key, value in spec.extra.items():
+        writer.add_uint32(key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((N_VOCAB, N_EMBD), np.float32))
+    for i in range(spec.n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(N_EMBD, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((N_EMBD, N_EMBD), np.float32))
+        k_shape = (N_HEAD_KV * HEAD_DIM, N_EMBD)
+        writer.add_tensor(f"blk.{i}.attn_k.weight", np.zeros(k_shape, np.float16))
+    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, np.float32))
+    if not spec.tied:
+        writer.add_tensor("output.weight", np.zeros((N_VOCAB, N_EMBD), np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    """A two-block model with grouped-query attention (8 heads, 2 KV heads)."""
+    return write_model(tmp_path / "model.gguf")
+
+
+def kv_bytes(cells: int, layers: int, n_head_kv: int = N_HEAD_KV) -> int:
+    """The f16 KV cache size by the formula in the brief."""
+    return cells * layers * n_head_kv * (HEAD_DIM * 2 + HEAD_DIM * 2)
+
+
+@pytest.mark.parametrize(
+    ("n_gpu_layers", "weights", "kv_layers"),
+    [
+        (None, 2 * BLOCK_BYTES + OUTPUT_LAYER_BYTES, 2),
+        (-1, 2 * BLOCK_BYTES + OUTPUT_LAYER_BYTES, 2),
+        ("all", 2 * BLOCK_BYTES + OUTPUT_LAYER_BYTES, 2),
+        ("auto", 2 * BLOCK_BYTES + OUTPUT_LAYER_BYTES, 2),
+        (99, 2 * BLOCK_BYTES + OUTPUT_LAYER_BYTES, 2),
+        (3, 2 * BLOCK_BYTES + OUTPUT_LAYER_BYTES, 2),
+        # The output layer is the first to go: -ngl 2 is blk.1 and output.
+        (2, BLOCK_BYTES + OUTPUT_LAYER_BYTES, 1),
+        (1, OUTPUT_LAYER_BYTES, 0),
+        (0, 0, 0),
+    ],
+)
+def test_weights_and_kv_follow_offload(
+    model: Path, n_gpu_layers: int | str | None, weights: int, kv_layers: int
+) -> None:
+    """Offloaded blocks count with their KV; token_embd never goes to the device."""
+    est = estimate_gguf(model, n_ctx=512, n_gpu_layers=n_gpu_layers)  # type: ignore[arg-type]
+    assert est.weights == weights
+    assert est.kv_cache == kv_bytes(512, kv_layers)
+    assert est.overhead == GPU_OVERHEAD
+
+
+def test_host_weights_stay_out_of_the_compute_buffer_only_when_all_is_offloaded(
+    model: Path,
+) -> None:
+    """Partial offload adds the largest host weight, which op offload copies to the device."""
+    full = estimate_gguf(model, n_ctx=512, n_gpu_layers=None, flash_attn=True)
+    partial = estimate_gguf(model, n_ctx=512, n_gpu_layers=1, flash_attn=True)
+    none = estimate_gguf(model, n_ctx=512, n_gpu_layers=0, flash_attn=True)
+    assert partial.compute - full.compute == Q_BYTES
+    assert none.compute - full.compute == Q_BYTES
+
+
+def test_cpu_estimate_counts_every_tensor(model: Path) -> None:
+    """On the CPU the mmapped file is resident: every tensor, every layer's KV, CPU overhead."""
+    est = estimate_gguf(model, n_ctx=512, n_gpu_layers=0, on_gpu=False)
+    assert est.weights == EMBD_BYTES + 2 * BLOCK_BYTES + OUTPUT_LAYER_BYTES
+    assert est.kv_cache == kv_bytes(512, 2)
+    assert est.overhead == CPU_OVERHEAD
+
+
+def test_tied_embeddings_put_a_copy_of_token_embd_on_the_device(tmp_path: Path) -> None:
+    """Without output.weight llama.cpp loads token_embd again as the output layer."""
+    path = write_model(tmp_path / "tied.gguf", Spec(tied=True))
+    full = estimate_gguf(path, n_ctx=512, n_gpu_layers=None)
+    assert full.weights == 2 * BLOCK_BYTES + OUTPUT_NORM_BYTES + EMBD_BYTES
+    host = estimate_gguf(path, n_ctx=512, n_gpu_layers=None, on_gpu=False)
+    assert host.weights == EMBD_BYTES + 2 * BLOCK_BYTES + OUTPUT_NORM_BYTES
+
+
+def test_kv_cache_uses_gqa_heads_and_cache_types(model: Path) -> None:
+    """K and V are sized by the KV heads, each with its own cache type."""
+    est = estimate_gguf(
+        model, n_ctx=1024, n_gpu_layers=None, cache_type_k="q8_0", cache_type_v="f32"
+    )
+    # 2 KV heads * head_dim 8 = 16 values a row: one q8_0 block of 34 bytes, 64 bytes of f32.
+    assert est.kv_cache == 1024 * 2 * (34 + 16 * 4)
+
+
+def test_kv_cache_quantized_rows(tmp_path: Path) -> None:
+    """Explicit key/value lengths set the head size; q8_0 and q4_0 cost 34 and 18 per 32."""
+    path = write_model(tmp_path / "kl.gguf", Spec(key_length=64, value_length=32))
+    est = estimate_gguf(
+        path, n_ctx=256, n_gpu_layers=None, cache_type_k="q8_0", cache_type_v="q4_0"
+    )
+    k_row = N_HEAD_KV * 64 // 32 * 34
+    v_row = N_HEAD_KV * 32 // 32 * 18
+    assert est.kv_cache == 256 * 2 * (k_row + v_row)
+
+
+def test_head_count_kv_defaults_to_head_count(tmp_path: Path) -> None:
+    """Without head_count_kv every head has its own K and V."""
+    path = write_model(tmp_path / "mha.gguf", Spec(head_count_kv=None))
+    est = estimate_gguf(path, n_ctx=256, n_gpu_layers=None)
+    assert est.kv_cache == kv_bytes(256, 2, n_head_kv=N_HEAD)
+
+
+def test_head_count_kv_per_layer(tmp_path: Path) -> None:
+    """A per-layer head_count_kv sums layer by layer; a layer with none has no cache."""
+    path = write_model(tmp_path / "arr.gguf", Spec(head_count_kv=[4, 0]))
+    assert estimate_gguf(path, n_ctx=256, n_gpu_layers=None).kv_cache == kv_bytes(256, 1, 4)
+    # -ngl 2 offloads only blk.1, which has no KV heads.
+    assert estimate_gguf(path, n_ctx=256, n_gpu_layers=2).kv_cache == 0
+
+
+@pytest.mark.parametrize("n_ctx", [None, 0])
+def test_n_ctx_defaults_to_the_trained_context(model: Path, n_ctx: int | None) -> None:
+    """No context, or -c 0, means the model's context_length."""
+    est = estimate_gguf(model, n_ctx=n_ctx, n_gpu_layers=None)
+    assert est.kv_cache == kv_bytes(CTX_TRAIN, 2)
+
+
+def test_n_ctx_is_padded_to_256_cells(model: Path) -> None:
+    """llama.cpp rounds the context up to a multiple of 256 cells."""
+    est = estimate_gguf(model, n_ctx=1000, n_gpu_layers=None)
+    assert est.kv_cache == kv_bytes(1024, 2)
+
+
+def test_each_slot_is_padded_on_its_own(model: Path) -> None:
+    """Three slots of -c 4096 get 1366 cells each, padded to 1536."""
+    est = estimate_gguf(model, n_ctx=4096, n_gpu_layers=None, n_parallel=3)
+    assert est.kv_cache == kv_bytes(3 * 1536, 2)
+
+
+def test_compute_buffer_heuristic(model: Path) -> None:
+    """Compute is max(logits, scores) + mask + activations, scores only without FA."""
+    n_tok, cells = 512, 2048
+    logits = n_tok * N_VOCAB * 4
+    scores = n_tok * cells * N_HEAD * 4
+    rest = n_tok * cells * 4 + 16 * n_tok * N_EMBD * 4
+    off = estimate_gguf(model, n_ctx=cells, n_gpu_layers=None, flash_attn=False)
+    on = estimate_gguf(model, n_ctx=cells, n_gpu_layers=None, flash_attn=True)
+    assert off.compute == max(logits, scores) + rest
+    assert on.compute == logits + rest
+
+
+def test_compute_batch_is_capped_by_the_context(model: Path) -> None:
+    """A micro-batch never holds more tokens than the cache has cells."""
+    small = estimate_gguf(model, n_ctx=256, n_gpu_layers=None, n_ubatch=4096, flash_attn=True)
+    assert small.compute == 256 * N_VOCAB * 4 + 256 * 256 * 4 + 16 * 256 * N_EMBD * 4
+
+
+def test_vocab_from_token_embd_shape(tmp_path: Path) -> None:
+    """Without a token list the vocabulary size comes from token_embd's shape."""
+    with_tokens = estimate_gguf(write_model(tmp_path / "a.gguf"), n_ctx=256, n_gpu_layers=None)
+    path = write_model(tmp_path / "b.gguf", Spec(tokens=False))
+    without = estimate_gguf(path, n_ctx=256, n_gpu_layers=None)
+    assert without.compute == with_tokens.compute
+
+
+def test_overhead_parameter(model: Path) -> None:
+    """An explicit overhead replaces the per-device default."""
+    est = estimate_gguf(model, n_ctx=256, n_gpu_layers=None, overhead=300 * MIB)
+    assert est.overhead == 300 * MIB
+    assert est.total == est.weights + est.kv_cache + est.compute + 300 * MIB
+
+
+@pytest.mark.parametrize("bad", ["q8", "F16", "q4_k"])
+def test_unknown_cache_type_is_named(model: Path, bad: str) -> None:
+    """An unknown cache type raises ValueError naming it."""
+    with pytest.raises(ValueError, match=repr(bad)):
+        estimate_gguf(model, n_ctx=256, n_gpu_layers=None, cache_type_v=bad)
+
+
+def test_missing_metadata_is_named(tmp_path: Path) -> None:
+    """A GGUF without a required key raises an error naming the key."""
+    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFMetadataError, match="llama.embedding_length"):
+        estimate_gguf(tmp_path / "bad.gguf", n_ctx=256, n_gpu_layers=None)
+
+
+def test_describe() -> None:
+    """describe() sums the components in MiB; a whole overhead shows without decimals."""
+    est = Estimate(
+        weights=int(241.3 * MIB),
+        kv_cache=12 * MIB,
+        compute=int(18.5 * MIB),
+        overhead=300 * MIB,
+    )
+    assert est.describe() == (
+        "weights 241.3 MiB + KV 12.0 MiB + compute 18.5 MiB + overhead 300 MiB = 571.8 MiB"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], LlamaArgs()),
+        (["-m", "x.gguf", "--port", "8080"], LlamaArgs()),
+        (["-c", "4096"], LlamaArgs(n_ctx=4096)),
+        (["--ctx-size=8192"], LlamaArgs(n_ctx=8192)),
+        (["-c", "0"], LlamaArgs(n_ctx=0)),
+        (["-ngl", "99"], LlamaArgs(n_gpu_layers=99)),
+        (["--n-gpu-layers", "-1"], LlamaArgs(n_gpu_layers=-1)),
+        (["--gpu-layers=all"], LlamaArgs(n_gpu_layers="all")),
+        (["-ngl", "auto"], LlamaArgs(n_gpu_layers="auto")),
+        (["-np", "4"], LlamaArgs(n_parallel=4)),
+        (["--parallel=-1"], LlamaArgs(n_parallel=-1)),
+        (
+            ["-ctk", "q8_0", "--cache-type-v=q4_0"],
+            LlamaArgs(cache_type_k="q8_0", cache_type_v="q4_0"),
+        ),
+        (
+            ["--cache-type-k", "bf16", "-ctv", "iq4_nl"],
+            LlamaArgs(cache_type_k="bf16", cache_type_v="iq4_nl"),
+        ),
+        (["-fa"], LlamaArgs(flash_attn="on")),
+        (["-fa", "-c", "512"], LlamaArgs(flash_attn="on", n_ctx=512)),
+        (["-fa", "off"], LlamaArgs(flash_attn="off")),
+        (["--flash-attn", "auto"], LlamaArgs(flash_attn="auto")),
+        (["--flash-attn=on"], LlamaArgs(flash_attn="on")),
+        (["-fa", "false"], LlamaArgs(flash_attn="off")),
+        (["-ub", "256", "--ubatch-size=128"], LlamaArgs(n_ubatch=128)),
+        (["-c", "1024", "-c", "2048"], LlamaArgs(n_ctx=2048)),
+        (["--alias", "m", "--unknown=3", "-c", "64"], LlamaArgs(n_ctx=64)),
+    ],
+)
+def test_parse_llama_args(argv: list[str], expected: LlamaArgs) -> None:
+    """Each flag spelling, both value forms, the bare -fa, and unknown flags skipped."""
+    assert parse_llama_args(argv) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-c"], "-c needs a value"),
+        (["-c", "big"], "-c needs an integer"),
+        (["-ngl", "most"], "-ngl needs an integer"),
+        (["--flash-attn=maybe"], "--flash-attn takes on, off or auto"),
+        (["-ctk", "q3"], "'q3'"),
+    ],
+)
+def test_parse_llama_args_rejects_bad_values(argv: list[str], message: str) -> None:
+    """A known flag with a missing or malformed value raises ValueError saying which."""
+    with pytest.raises(ValueError, match=message):
+        parse_llama_args(argv)
+
+
+def test_estimate_for_args(model: Path) -> None:
+    """Flags flow into the estimate; flash attention "auto" counts as on."""
+    args = parse_llama_args(["-c", "2048", "-ngl", "2", "-ctk", "q8_0", "-np", "-1"])
+    via_args = estimate_for_args(model, args)
+    direct = estimate_gguf(model, n_ctx=2048, n_gpu_layers=2, cache_type_k="q8_0", flash_attn=True)
+    assert via_args == direct
+    no_fa = estimate_for_args(model, parse_llama_args(["-c", "2048", "-fa", "off"]))
+    assert no_fa.compute > via_args.compute
