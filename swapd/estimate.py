@@ -23,7 +23,9 @@ file is memory-mapped and its pages stay resident once read.
 from __future__ import annotations
 
 import math
+import mmap
 import re
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -126,10 +128,11 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor's name and size in bytes."""
+    """One tensor's name, size in bytes and GGUF shape (fastest dimension first)."""
 
     name: str
     n_bytes: int
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,16 +270,134 @@ def compute_buffer(shape: ModelShape, *, cells: int, n_ubatch: int, flash_attn: 
     return max(logits, scores) + mask + activations
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> object:
-    """Return a metadata value (a list for arrays), or None if the key is absent."""
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
+# struct formats of GGUF's scalar value types, by type id; 8 is a string, 9 an array.
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?"}
+_SCALAR_FORMATS |= {10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_GGUF_MAGIC = b"GGUF"
+# Arrays longer than this (token lists, scores, merges) are counted, never decoded.
+MAX_DECODED_ARRAY = 4096
 
 
-def _int_field(reader: gguf.GGUFReader, key: str, path: Path) -> int:
+@dataclass(frozen=True)
+class GGUFHeader:
+    """A GGUF's metadata and tensor table, without the tensor data."""
+
+    metadata: dict[str, object]  # scalars, and arrays of up to MAX_DECODED_ARRAY as lists
+    array_lengths: dict[str, int]  # the item count of every array, long ones included
+    tensors: tuple[TensorInfo, ...]
+
+
+class _Cursor:
+    """Reads GGUF values one after another from a buffer in one byte order."""
+
+    def __init__(self, buf: mmap.mmap, order: str) -> None:
+        self.buf = buf
+        self.order = order
+        self.pos = 0
+        self._u32 = struct.Struct(order + "I")
+        self._u64 = struct.Struct(order + "Q")
+
+    def u32(self) -> int:
+        """Read an unsigned 32-bit integer."""
+        (value,) = self._u32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return int(value)
+
+    def u64(self) -> int:
+        """Read an unsigned 64-bit integer."""
+        (value,) = self._u64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return int(value)
+
+    def string(self) -> str:
+        """Read a length-prefixed UTF-8 string."""
+        n = self.u64()
+        raw = self.buf[self.pos : self.pos + n]
+        if len(raw) != n:
+            raise struct.error("string runs past the end of the file")
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> object:
+        """Read one value of type ``vtype``; arrays come back as ``(length, items or None)``."""
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            return self.array()
+        fmt = self.order + _SCALAR_FORMATS[vtype]
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def array(self) -> tuple[int, list[object] | None]:
+        """Read an array's length, and its items when it is short and of scalars."""
+        vtype, count = self.u32(), self.u64()
+        if vtype in _SCALAR_FORMATS:
+            fmt = f"{self.order}{count}{_SCALAR_FORMATS[vtype]}"
+            size = struct.calcsize(fmt)
+            items = None
+            if count <= MAX_DECODED_ARRAY:
+                items = list(struct.unpack_from(fmt, self.buf, self.pos))
+            elif self.pos + size > len(self.buf):
+                raise struct.error("array runs past the end of the file")
+            self.pos += size
+            return count, items
+        if vtype == _STRING and count > MAX_DECODED_ARRAY:
+            for _ in range(count):
+                # Skip each string by its length: a token list has 100k+ of them.
+                n = self.u64()
+                self.pos += n
+            return count, None
+        return count, [self.value(vtype) for _ in range(count)]
+
+    def tensor(self) -> TensorInfo:
+        """Read one entry of the tensor table."""
+        name = self.string()
+        shape = tuple(self.u64() for _ in range(self.u32()))
+        ggml_type = self.u32()
+        self.u64()  # the data offset, which an estimate does not need
+        try:
+            block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise ValueError(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
+        return TensorInfo(name, math.prod(shape) // block * type_bytes, shape)
+
+
+def read_gguf_header(path: Path) -> GGUFHeader:
+    """Read a GGUF's metadata and tensor table.
+
+    ``gguf.GGUFReader`` makes numpy views of every string, which takes many seconds for a
+    262k-token vocabulary; this walks the header with ``struct`` and skips long arrays.
+    """
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != _GGUF_MAGIC:
+            raise ValueError(f"{path}: not a GGUF file")
+        # A file written on a big-endian machine has its version's low bytes in front.
+        (version,) = struct.unpack_from("<I", buf, 4)
+        cur = _Cursor(buf, "<" if version & 0xFFFF else ">")
+        cur.pos = 8
+        try:
+            n_tensors, n_kv = cur.u64(), cur.u64()
+            metadata: dict[str, object] = {}
+            array_lengths: dict[str, int] = {}
+            for _ in range(n_kv):
+                key = cur.string()
+                value = cur.value(cur.u32())
+                if isinstance(value, tuple):
+                    array_lengths[key], value = value
+                if value is not None:
+                    metadata[key] = value
+            tensors = tuple(cur.tensor() for _ in range(n_tensors))
+        except (struct.error, KeyError) as e:
+            raise ValueError(f"{path}: malformed GGUF header at byte {cur.pos}: {e}") from None
+    return GGUFHeader(metadata, array_lengths, tensors)
+
+
+def _int_field(header: GGUFHeader, key: str, path: Path) -> int:
     """Return a required integer metadata value."""
-    value = _field(reader, key)
-    if not isinstance(value, int):
+    value = header.metadata.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
         raise GGUFMetadataError(path, key, "is missing or not an integer")
     return value
 
@@ -290,41 +411,40 @@ def _per_layer(value: object, n_layer: int, key: str, path: Path) -> tuple[int, 
     raise GGUFMetadataError(path, key, f"must be an integer or a list of {n_layer}")
 
 
-def _vocab_size(reader: gguf.GGUFReader, tensors: dict[str, Any]) -> int:
+def _vocab_size(header: GGUFHeader) -> int:
     """Count the vocabulary from the token list, else from an embedding's shape."""
-    field = reader.get_field("tokenizer.ggml.tokens")
-    if field is not None:
-        # The number of array items, without decoding 100k+ strings.
-        return len(field.data)
+    n_tokens = header.array_lengths.get("tokenizer.ggml.tokens")
+    if n_tokens is not None:
+        return n_tokens
+    shapes = {t.name: t.shape for t in header.tensors}
     for name in (TOKEN_EMBD, OUTPUT):
-        if name in tensors:
+        if len(shapes.get(name, ())) == 2:
             # GGUF shapes list the fastest dimension first: [n_embd, n_vocab].
-            return int(tensors[name].shape[-1])
+            return shapes[name][1]
     return 0
 
 
-def read_shape(reader: gguf.GGUFReader, path: Path) -> ModelShape:
-    """Read the model dimensions the estimate needs from an open ``gguf.GGUFReader``."""
-    arch = _field(reader, "general.architecture")
+def read_shape(header: GGUFHeader, path: Path) -> ModelShape:
+    """Read the model dimensions the estimate needs from a GGUF header."""
+    arch = header.metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise GGUFMetadataError(path, "general.architecture", "is missing or not a string")
-    n_layer = _int_field(reader, f"{arch}.block_count", path)
-    n_embd = _int_field(reader, f"{arch}.embedding_length", path)
+    n_layer = _int_field(header, f"{arch}.block_count", path)
+    n_embd = _int_field(header, f"{arch}.embedding_length", path)
     head_key = f"{arch}.attention.head_count"
-    n_head = _per_layer(_field(reader, head_key), n_layer, head_key, path)
+    n_head = _per_layer(header.metadata.get(head_key), n_layer, head_key, path)
     kv_key = f"{arch}.attention.head_count_kv"
-    kv_value = _field(reader, kv_key)
+    kv_value = header.metadata.get(kv_key)
     n_head_kv = n_head if kv_value is None else _per_layer(kv_value, n_layer, kv_key, path)
     # llama.cpp derives the default head size from the first layer's head count.
     default_head_dim = n_embd // n_head[0] if n_head and n_head[0] else 0
-    head_dim_k = _field(reader, f"{arch}.attention.key_length")
-    head_dim_v = _field(reader, f"{arch}.attention.value_length")
-    tensors = {t.name: t for t in reader.tensors}
+    head_dim_k = header.metadata.get(f"{arch}.attention.key_length")
+    head_dim_v = header.metadata.get(f"{arch}.attention.value_length")
     return ModelShape(
         n_layer=n_layer,
-        n_ctx_train=_int_field(reader, f"{arch}.context_length", path),
+        n_ctx_train=_int_field(header, f"{arch}.context_length", path),
         n_embd=n_embd,
-        n_vocab=_vocab_size(reader, tensors),
+        n_vocab=_vocab_size(header),
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim_k=head_dim_k if isinstance(head_dim_k, int) else default_head_dim,
@@ -397,12 +517,10 @@ def estimate_gguf(  # noqa: PLR0913 - each knob is a llama-server flag
     # Fail on a bad cache type before touching the file.
     cache_type_block(cache_type_k)
     cache_type_block(cache_type_v)
-    reader = gguf.GGUFReader(path)
-    shape = read_shape(reader, path)
-    tensors = [TensorInfo(str(t.name), int(t.n_bytes)) for t in reader.tensors]
+    header = read_gguf_header(path)
     return estimate_shape(
-        shape,
-        tensors,
+        read_shape(header, path),
+        header.tensors,
         n_ctx=n_ctx,
         n_gpu_layers=n_gpu_layers,
         cache_type_k=cache_type_k,

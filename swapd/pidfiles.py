@@ -56,7 +56,7 @@ class PidRecords:
             except (OSError, ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)
                 continue
-            if _same_process(pid, started):
+            if _same_process(pid, started) or _group_members(pid, started):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
                 ended.append(pid)
@@ -70,3 +70,15 @@ def _same_process(pid: int, create_time: float) -> bool:
         return abs(psutil.Process(pid).create_time() - create_time) < 0.01
     except psutil.Error:
         return False
+
+
+def _group_members(pgid: int, leader_started: float) -> list[int]:
+    """Processes still in the group of a dead leader, started after it (so surely its own)."""
+    members = []
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["create_time"] >= leader_started:
+                members.append(proc.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members

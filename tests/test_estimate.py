@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ import pytest
 from swapd.estimate import (
     CPU_OVERHEAD,
     GPU_OVERHEAD,
+    MAX_DECODED_ARRAY,
     MIB,
     Estimate,
     GGUFMetadataError,
@@ -19,6 +21,7 @@ from swapd.estimate import (
     estimate_for_args,
     estimate_gguf,
     parse_llama_args,
+    read_gguf_header,
 )
 
 if TYPE_CHECKING:
@@ -36,7 +39,8 @@ EMBD_BYTES = N_VOCAB * N_EMBD * 4  # token_embd, f32
 NORM_BYTES = N_EMBD * 4  # every norm, f32
 Q_BYTES = N_EMBD * N_EMBD * 4  # blk.*.attn_q, f32
 K_BYTES = N_HEAD_KV * HEAD_DIM * N_EMBD * 2  # blk.*.attn_k, f16
-BLOCK_BYTES = NORM_BYTES + Q_BYTES + K_BYTES
+V_BYTES = N_HEAD_KV * HEAD_DIM * N_EMBD // 32 * 34  # blk.*.attn_v, q8_0
+BLOCK_BYTES = NORM_BYTES + Q_BYTES + K_BYTES + V_BYTES
 OUTPUT_NORM_BYTES = NORM_BYTES
 OUTPUT_BYTES = N_VOCAB * N_EMBD * 2  # output, f16
 OUTPUT_LAYER_BYTES = OUTPUT_NORM_BYTES + OUTPUT_BYTES
@@ -50,15 +54,16 @@ class Spec:
     head_count_kv: int | list[int] | None = N_HEAD_KV
     key_length: int | None = None
     value_length: int | None = None
-    tokens: bool = True
+    tokens: int = N_VOCAB
     tied: bool = False
+    endianess: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE
     extra: dict[str, int] = field(default_factory=dict)
 
 
 def write_model(path: Path, spec: Spec | None = None) -> Path:
     """Write a small llama GGUF whose tensor sizes the constants above give exactly."""
     spec = spec or Spec()
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), "llama", endianess=spec.endianess)
     writer.add_block_count(spec.n_layer)
     writer.add_context_length(CTX_TRAIN)
     writer.add_embedding_length(N_EMBD)
@@ -70,7 +75,8 @@ def write_model(path: Path, spec: Spec | None = None) -> Path:
     if spec.value_length is not None:
         writer.add_value_length(spec.value_length)
     if spec.tokens:
-        writer.add_token_list([f"t{i}" for i in range(N_VOCAB)])
+        writer.add_token_list([f"t{i}" for i in range(spec.tokens)])
+        writer.add_token_scores([0.0] * spec.tokens)
     for key, value in spec.extra.items():
         writer.add_uint32(key, value)
     writer.add_tensor("token_embd.weight", np.zeros((N_VOCAB, N_EMBD), np.float32))
@@ -79,6 +85,8 @@ def write_model(path: Path, spec: Spec | None = None) -> Path:
         writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((N_EMBD, N_EMBD), np.float32))
         k_shape = (N_HEAD_KV * HEAD_DIM, N_EMBD)
         writer.add_tensor(f"blk.{i}.attn_k.weight", np.zeros(k_shape, np.float16))
+        v = gguf.quants.quantize(np.zeros(k_shape, np.float32), gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(f"blk.{i}.attn_v.weight", v, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     writer.add_tensor("output_norm.weight", np.ones(N_EMBD, np.float32))
     if not spec.tied:
         writer.add_tensor("output.weight", np.zeros((N_VOCAB, N_EMBD), np.float16))
@@ -228,7 +236,7 @@ def test_compute_batch_is_capped_by_the_context(model: Path) -> None:
 def test_vocab_from_token_embd_shape(tmp_path: Path) -> None:
     """Without a token list the vocabulary size comes from token_embd's shape."""
     with_tokens = estimate_gguf(write_model(tmp_path / "a.gguf"), n_ctx=256, n_gpu_layers=None)
-    path = write_model(tmp_path / "b.gguf", Spec(tokens=False))
+    path = write_model(tmp_path / "b.gguf", Spec(tokens=0))
     without = estimate_gguf(path, n_ctx=256, n_gpu_layers=None)
     assert without.compute == with_tokens.compute
 
@@ -243,8 +251,56 @@ def test_overhead_parameter(model: Path) -> None:
 @pytest.mark.parametrize("bad", ["q8", "F16", "q4_k"])
 def test_unknown_cache_type_is_named(model: Path, bad: str) -> None:
     """An unknown cache type raises ValueError naming it."""
-    with pytest.raises(ValueError, match=repr(bad)):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
         estimate_gguf(model, n_ctx=256, n_gpu_layers=None, cache_type_v=bad)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        Spec(),
+        Spec(tokens=MAX_DECODED_ARRAY + 1, head_count_kv=[1, 2], key_length=32),
+        Spec(endianess=gguf.GGUFEndian.BIG),
+    ],
+    ids=["small", "long-arrays", "big-endian"],
+)
+def test_header_reader_agrees_with_gguf_reader(tmp_path: Path, spec: Spec) -> None:
+    """The lean header reader sees the metadata and tensor sizes that gguf.GGUFReader sees."""
+    path = write_model(tmp_path / "m.gguf", spec)
+    header = read_gguf_header(path)
+    reader = gguf.GGUFReader(path)
+    assert [(t.name, t.n_bytes, t.shape) for t in header.tensors] == [
+        (t.name, int(t.n_bytes), tuple(int(d) for d in t.shape)) for t in reader.tensors
+    ]
+    for key, reader_field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue  # the reader's own bookkeeping, not metadata
+        if key in header.array_lengths:
+            assert header.array_lengths[key] == len(reader_field.data)
+        if key in header.metadata:
+            assert header.metadata[key] == reader_field.contents()
+        else:
+            assert header.array_lengths[key] > MAX_DECODED_ARRAY
+
+
+def test_long_token_list_is_counted(tmp_path: Path) -> None:
+    """A vocabulary too long to decode still sizes the logits."""
+    path = write_model(tmp_path / "big.gguf", Spec(tokens=MAX_DECODED_ARRAY + 1))
+    est = estimate_gguf(path, n_ctx=256, n_gpu_layers=None, flash_attn=True)
+    logits = 256 * (MAX_DECODED_ARRAY + 1) * 4
+    assert est.compute == logits + 256 * 256 * 4 + 16 * 256 * N_EMBD * 4
+
+
+def test_not_a_gguf(tmp_path: Path) -> None:
+    """A file that is not GGUF, or is cut short, raises ValueError naming the file."""
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        read_gguf_header(junk)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(write_model(tmp_path / "whole.gguf").read_bytes()[:200])
+    with pytest.raises(ValueError, match="malformed GGUF header"):
+        read_gguf_header(cut)
 
 
 def test_missing_metadata_is_named(tmp_path: Path) -> None:
@@ -255,7 +311,7 @@ def test_missing_metadata_is_named(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(GGUFMetadataError, match="llama.embedding_length"):
+    with pytest.raises(GGUFMetadataError, match=re.escape("llama.embedding_length")):
         estimate_gguf(tmp_path / "bad.gguf", n_ctx=256, n_gpu_layers=None)
 
 

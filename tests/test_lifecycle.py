@@ -1,0 +1,98 @@
+"""Daemon lifecycle: nothing outlives swapd, leftovers are ended, control endpoints work."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+
+import psutil
+
+from conftest import StartDaemon
+from daemon import fake_preset, wait_for, wait_for_gone
+
+
+def _stats(port: int) -> dict[str, object]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/fake/stats")
+    stats: dict[str, object] = json.loads(conn.getresponse().read())
+    conn.close()
+    return stats
+
+
+def _reaper(pid: int) -> psutil.Process:
+    return next(p for p in psutil.Process(pid).children() if "swapd.reaper" in p.cmdline())
+
+
+def test_kill_9_of_swapd_leaves_no_child(start_daemon: StartDaemon) -> None:
+    """SIGKILL of the daemon ends every backend and every process they forked."""
+    d = start_daemon(
+        {"a": fake_preset("A", "--fork-child"), "b": fake_preset("B", "--ignore-sigterm")},
+        {"max_running": 2},
+    )
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    grandchild = _stats(d.model("a")["port"])["child_pid"]
+    assert isinstance(grandchild, int)
+    assert len(d.leftovers()) >= 3  # two backends and a forked helper
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    assert wait_for_gone(d) == []
+
+
+def test_leftovers_of_an_earlier_run_are_ended_at_start(start_daemon: StartDaemon) -> None:
+    """If swapd and its reaper both die, the next swapd on the same state_dir ends the leftovers."""
+    d = start_daemon({"a": fake_preset("A", "--fork-child")})
+    assert d.chat("a")[0] == 200
+    grandchild = _stats(d.model("a")["port"])["child_pid"]
+    assert isinstance(grandchild, int)
+    assert d.proc is not None
+    _reaper(d.proc.pid).kill()
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    # The backend dies with its parent; the helper it forked is an orphan now.
+    assert psutil.pid_exists(grandchild)
+    d.start()
+    wait_for(lambda: not psutil.pid_exists(grandchild), timeout=5)
+    assert [e["pids"] for e in d.events("leftover.ended")]
+
+
+def test_sigterm_stops_every_backend_before_exit(start_daemon: StartDaemon) -> None:
+    """An ordinary stop of swapd stops each backend (grace, then SIGKILL) and exits 0."""
+    d = start_daemon(
+        {"a": fake_preset("A"), "b": fake_preset("B", "--ignore-sigterm", stop_timeout="1s")},
+        {"max_running": 2},
+    )
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    assert d.stop() == 0
+    assert wait_for_gone(d) == []
+    assert sorted(e["model"] for e in d.events("backend.exit")) == ["a", "b"]
+
+
+def test_load_and_unload_endpoints(start_daemon: StartDaemon) -> None:
+    """POST load makes a model ready without a request; unload stops it; unknown names are 404."""
+    d = start_daemon({"a": fake_preset("A")})
+    status, body = d.request("POST", "/swapd/models/a/load")
+    assert (status, body["state"]) == (200, "ready")
+    assert body["pid"] is not None
+    status, body = d.request("POST", "/swapd/models/a/unload")
+    assert (status, body["state"], body["pid"]) == (200, "stopped", None)
+    status, body = d.request("POST", "/swapd/models/nope/load")
+    assert status == 404
+    assert body["error"]["code"] == "model_not_found"
+
+
+def test_status_and_models_list_every_model_with_state(start_daemon: StartDaemon) -> None:
+    """/v1/models and /swapd/status list all configured models, loaded or not."""
+    d = start_daemon({"a": fake_preset("A", aliases=["alpha"]), "b": fake_preset("B")})
+    assert d.chat("alpha")[0] == 200
+    _, models = d.get("/v1/models")
+    assert {(m["id"], m["status"]) for m in models["data"]} == {("a", "ready"), ("b", "stopped")}
+    a = d.model("a")
+    assert a["aliases"] == ["alpha"]
+    assert a["in_flight"] == 0
+    assert a["pid"] > 0
+    assert a["port"] > 0
+    assert a["last_used"] is not None

@@ -1,0 +1,116 @@
+"""The OpenAI-compatible surface: every route forwards, every error is OpenAI-shaped JSON."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import uuid
+
+import pytest
+
+from conftest import StartDaemon
+from daemon import Daemon, fake_preset
+from swapd.proxy import JSON_ROUTES
+
+
+@pytest.fixture
+def daemon(start_daemon: StartDaemon) -> Daemon:
+    """One swapd with two fake models and a 4 KiB body limit."""
+    return start_daemon(
+        {"a": fake_preset("A", aliases=["alpha"]), "b": fake_preset("B")},
+        {"max_running": 2, "max_body": "4KiB"},
+    )
+
+
+def _raw(d: Daemon, path: str, body: bytes, content_type: str) -> tuple[int, dict[str, object]]:
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    conn.request("POST", path, body, {"Content-Type": content_type})
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    conn.close()
+    return resp.status, data
+
+
+def _error(body: object) -> dict[str, object]:
+    assert isinstance(body, dict)
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert set(error) == {"message", "type", "code", "param"}
+    return error
+
+
+@pytest.mark.parametrize("route", JSON_ROUTES)
+def test_every_json_route_is_forwarded_by_its_model(daemon: Daemon, route: str) -> None:
+    """Each POST route finds the model in the JSON body and reaches that model's backend."""
+    status, body = daemon.request("POST", route, {"model": "alpha", "input": "x", "messages": []})
+    assert status == 200, body
+    assert body["model"] == "alpha"
+    if route not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        assert (body["path"], body["name"]) == (route, "A")
+
+
+def test_transcription_routes_by_the_form_field(daemon: Daemon) -> None:
+    """Multipart /v1/audio/transcriptions takes the model from the form."""
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nb\r\n',
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\nRIFF....\r\n",
+        f"--{boundary}--\r\n",
+    ]
+    body = "".join(parts).encode()
+    status, data = _raw(daemon, "/v1/audio/transcriptions", body, f"multipart/form-data; boundary={boundary}")
+    assert status == 200
+    assert data["text"] == "B heard a.wav (8 bytes) model=b"
+
+
+def test_unknown_model_is_404_listing_the_names(daemon: Daemon) -> None:
+    """A model no preset defines gets a 404 that lists the configured names."""
+    status, body = daemon.chat("gpt-9")
+    assert status == 404
+    error = _error(body)
+    assert error["code"] == "model_not_found"
+    assert error["message"] == "model 'gpt-9' is not configured; known models: a, b"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        (b"{not json", "application/json", "request body is not valid JSON"),
+        (b'{"messages": []}', "application/json", 'request body has no "model" string'),
+        (b'["a"]', "application/json", "request body must be a JSON object"),
+        (b'{"model": 3}', "application/json", 'request body has no "model" string'),
+    ],
+    ids=["bad-json", "no-model", "not-object", "model-not-string"],
+)
+def test_unreadable_requests_are_400(
+    daemon: Daemon, body: bytes, content_type: str, message: str
+) -> None:
+    """Bad JSON or a missing model is a 400 saying which."""
+    status, data = _raw(daemon, "/v1/chat/completions", body, content_type)
+    assert status == 400
+    assert str(_error(data)["message"]).startswith(message)
+
+
+def test_form_without_model_is_400(daemon: Daemon) -> None:
+    """A transcription form with no model field is a 400."""
+    body = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nzz\r\n--x--\r\n'
+    status, data = _raw(daemon, "/v1/audio/transcriptions", body, "multipart/form-data; boundary=x")
+    assert status == 400
+    assert _error(data)["message"] == 'form has no "model" field'
+
+
+def test_body_over_the_limit_is_413(daemon: Daemon) -> None:
+    """A body larger than max_body is refused with 413 before any model starts."""
+    big = {"model": "a", "messages": [{"role": "user", "content": "x" * 5000}]}
+    status, data = daemon.request("POST", "/v1/chat/completions", big)
+    assert status == 413
+    assert _error(data)["code"] == "body_too_large"
+    assert daemon.model("a")["state"] == "stopped"
+
+
+def test_unknown_route_is_openai_shaped_404(daemon: Daemon) -> None:
+    """Routes swapd does not serve still answer with the JSON error envelope."""
+    status, body = daemon.get("/v1/nothing")
+    assert status == 404
+    assert _error(body)["type"] == "invalid_request_error"
