@@ -121,7 +121,10 @@ def _daemon_values(doc: Document, errors: list[ConfigError]) -> dict[str, Any]:
 
 def load_config(path: Path) -> Config:
     """Load a daemon config and its presets; raise :class:`ConfigErrors` listing every problem."""
-    doc = load_document(path)
+    try:
+        doc = load_document(path)
+    except ConfigError as exc:
+        raise ConfigErrors([exc]) from exc
     errors: list[ConfigError] = []
     values = _daemon_values(doc, errors)
     defaults: dict[str, tuple[Any, Location]] = {}

@@ -36,7 +36,7 @@ from swapd.errors import (
 )
 from swapd.footprints import Footprints
 from swapd.logs import get_logger
-from swapd.needs import Need, memory_need
+from swapd.needs import Need, estimate_bytes, memory_need
 from swapd.pidfiles import PidRecords
 from swapd.presets import Preset
 from swapd.probe import Device, Probe, Reading
@@ -132,6 +132,7 @@ class Manager:
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._estimates: dict[tuple[str, str], int | None] = {}
         self.limits = policy.Limits(
             reserve=config.reserve, budget=config.budget, max_running=config.max_running
         )
@@ -309,7 +310,15 @@ class Manager:
                 reading = readings.get(device.id)
                 if reading is None:
                     continue
-                needs[device.id] = memory_need(preset, device, reading.total, self.footprints)
+                key = (preset.name, device.id)
+                if key not in self._estimates:
+                    # Reading GGUF metadata is file I/O: keep it off the event loop.
+                    self._estimates[key] = await asyncio.to_thread(
+                        estimate_bytes, preset, device, reading.total
+                    )
+                needs[device.id] = memory_need(
+                    preset, device, reading.total, self.footprints, self._estimates
+                )
                 # The policy takes one need; devices differ only by kind, so each view is
                 # planned with its own need below when they differ.
                 views.append(policy.DeviceView(device.id, reading.total, reading.free))

@@ -54,9 +54,22 @@ def estimate_bytes(preset: Preset, device: Device, total: int) -> int | None:
     return None
 
 
-def memory_need(preset: Preset, device: Device, total: int, footprints: Footprints) -> Need:
-    """What admission should reserve for ``preset`` on ``device``."""
-    estimate = estimate_bytes(preset, device, total)
+def memory_need(
+    preset: Preset,
+    device: Device,
+    total: int,
+    footprints: Footprints,
+    estimates: dict[tuple[str, str], int | None],
+) -> Need:
+    """What admission should reserve for ``preset`` on ``device``.
+
+    ``estimates`` caches estimates per (model, device): reading a GGUF's metadata
+    is too slow to repeat on every admission.
+    """
+    key = (preset.name, device.id)
+    if key not in estimates:
+        estimates[key] = estimate_bytes(preset, device, total)
+    estimate = estimates[key]
     if preset.memory is not None:
         return Need(preset.memory, "preset", estimate)
     learned = footprints.get(preset, device.kind)

@@ -47,7 +47,7 @@ class DeviceView:
 
 @dataclass(frozen=True)
 class Limits:
-    """Daemon-wide limits: memory kept free, an optional cap on swapd's use, a model count cap."""
+    """Memory kept free and an optional cap on swapd's use, per device; a model count cap."""
 
     reserve: int = 0
     budget: int | None = None
@@ -129,10 +129,28 @@ def _plan_device(
         victims.append(candidate)
         if candidate.device == device.id:
             room += candidate.usage
+    victims = _prune(victims, need, room, count_excess, device.id)
     busy = tuple(v.name for v in victims if v.busy)
     if busy:
         return Wait(device.id, busy)
     return Admit(device.id, tuple(v.name for v in victims))
+
+
+def _prune(
+    victims: list[Resident], need: int, room: int, count_excess: int, device: str
+) -> list[Resident]:
+    """Drop victims the plan does not need, most recently used first.
+
+    Greedy LRU can pick a victim for the count cap and then a later one that
+    satisfies both memory and count; the first is then stopped for nothing.
+    """
+    kept = list(victims)
+    for victim in reversed(victims):
+        freed = victim.usage if victim.device == device else 0
+        if need <= room - freed and len(kept) - 1 >= count_excess:
+            kept.remove(victim)
+            room -= freed
+    return kept
 
 
 def plan_admission(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -34,7 +35,7 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f'expected a duration like "10m", got {value!r}')
     if isinstance(value, int | float):
-        if value < 0:
+        if not math.isfinite(value) or value < 0:
             raise ValueError(f"expected a duration of zero or more, got {value!r}")
         return float(value)
     match = _DURATION.match(str(value))
@@ -55,7 +56,8 @@ def parse_size(value: object) -> int:
     if match is None:
         raise ValueError(f'expected a size like "6GiB", got "{value}"')
     unit = (match.group(2) or "b").lower()
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    # Round, not truncate: 2.01 * 1000 is 2009.999... in binary floating point.
+    return round(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def format_size(nbytes: float) -> str:

@@ -7,7 +7,6 @@ import json
 import signal
 
 import psutil
-
 from conftest import StartDaemon
 from daemon import fake_preset, wait_for, wait_for_gone
 

@@ -7,9 +7,9 @@ import json
 import uuid
 
 import pytest
-
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset
+
 from swapd.proxy import JSON_ROUTES
 
 
@@ -54,12 +54,16 @@ def test_transcription_routes_by_the_form_field(daemon: Daemon) -> None:
     boundary = uuid.uuid4().hex
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nb\r\n',
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-        "Content-Type: audio/wav\r\n\r\nRIFF....\r\n",
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\nRIFF....\r\n"
+        ),
         f"--{boundary}--\r\n",
     ]
     body = "".join(parts).encode()
-    status, data = _raw(daemon, "/v1/audio/transcriptions", body, f"multipart/form-data; boundary={boundary}")
+    status, data = _raw(
+        daemon, "/v1/audio/transcriptions", body, f"multipart/form-data; boundary={boundary}"
+    )
     assert status == 200
     assert data["text"] == "B heard a.wav (8 bytes) model=b"
 
@@ -94,7 +98,9 @@ def test_unreadable_requests_are_400(
 
 def test_form_without_model_is_400(daemon: Daemon) -> None:
     """A transcription form with no model field is a 400."""
-    body = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nzz\r\n--x--\r\n'
+    body = (
+        b'--x\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nzz\r\n--x--\r\n'
+    )
     status, data = _raw(daemon, "/v1/audio/transcriptions", body, "multipart/form-data; boundary=x")
     assert status == 400
     assert _error(data)["message"] == 'form has no "model" field'

@@ -8,7 +8,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
-
 from conftest import StartDaemon
 from daemon import fake_preset, wait_for
 
@@ -74,7 +73,9 @@ def test_streamed_chunks_arrive_as_they_are_produced(start_daemon: StartDaemon) 
     assert d.chat("s")[0] == 200  # load first, so timing covers streaming only
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
     body = {"model": "s", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    conn.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
     resp = conn.getresponse()
     assert resp.status == 200
     assert resp.getheader("X-Accel-Buffering") == "no"
@@ -97,7 +98,9 @@ def test_client_disconnect_cancels_the_upstream_request(start_daemon: StartDaemo
     port = d.model("s")["port"]
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
     body = {"model": "s", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    conn.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+    )
     resp = conn.getresponse()
     resp.readline()
     conn.close()
@@ -106,14 +109,14 @@ def test_client_disconnect_cancels_the_upstream_request(start_daemon: StartDaemo
 
 
 def test_idle_ttl_stops_a_model_and_monitoring_never_resets_it(start_daemon: StartDaemon) -> None:
-    """After ttl without requests the model stops; health, lists and status neither reset nor start it."""
+    """After ttl idle the model stops; health, lists and status never reset or start it."""
     d = start_daemon({"t": fake_preset("T", ttl="1s"), "idle": fake_preset("I")})
     assert d.chat("t")[0] == 200
 
     def polled_until_stopped() -> bool:
         for path in ("/health", "/v1/models", "/swapd/status"):
             assert d.get(path)[0] == 200
-        return d.model("t")["state"] == "stopped"
+        return bool(d.model("t")["state"] == "stopped")
 
     wait_for(polled_until_stopped, timeout=10, interval=0.1)
     assert [e["model"] for e in d.events("model.ttl.expire")] == ["t"]
@@ -124,7 +127,7 @@ def test_idle_ttl_stops_a_model_and_monitoring_never_resets_it(start_daemon: Sta
 def test_failed_start_answers_every_waiter_with_exit_code_and_output(
     start_daemon: StartDaemon,
 ) -> None:
-    """A backend that dies while starting fails each waiting request with its exit code and log tail."""
+    """A backend dying while starting fails every waiter with its exit code and output."""
     d = start_daemon({"bad": fake_preset("X", "--exit-at-start", "7")})
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda _: d.chat("bad"), range(3)))
@@ -172,7 +175,7 @@ def test_a_forked_helper_is_stopped_with_its_backend(start_daemon: StartDaemon) 
 def test_crash_of_one_backend_leaves_the_others_and_the_daemon_serving(
     start_daemon: StartDaemon,
 ) -> None:
-    """A backend dying mid-request gives that request a 502; others keep serving; next use restarts it."""
+    """A backend dying mid-request gives a 502; others keep serving; next use restarts it."""
     d = start_daemon(
         {"crashy": fake_preset("C", "--crash-after", "1"), "steady": fake_preset("S")},
         {"max_running": 2},

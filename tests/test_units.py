@@ -84,7 +84,7 @@ def test_parse_duration_rejects_nan() -> None:
         pytest.param("4096", 4096, id="bare-number-string-is-bytes"),
         pytest.param(8192, 8192, id="int-is-bytes"),
         pytest.param(0, 0, id="zero"),
-        pytest.param(1.5, 1, id="float-is-whole-bytes"),
+        pytest.param(1.5, 2, id="float-rounds-to-whole-bytes"),
         # Decimal sizes are exact: 2.01 kB is 2010 bytes, not one byte short.
         pytest.param("2.01KB", 2010, id="exact-decimal-kb"),
         pytest.param("2.01GB", 2_010_000_000, id="exact-decimal-gb"),

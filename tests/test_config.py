@@ -1,0 +1,584 @@
+"""Config and preset loading: every mistake is reported as file:line:column: key: reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from swapd.config import Config, load_config
+from swapd.errors import ConfigErrors
+from swapd.presets import CONVERTERS, NOT_IN_DEFAULTS
+
+PRESET_KEYS = ", ".join(sorted(CONVERTERS))
+DEFAULT_KEYS = ", ".join(sorted(set(CONVERTERS) - NOT_IN_DEFAULTS))
+BACKENDS = "llama-server, vllm, command"
+# Expectations ending in this are compared as prefixes (messages that list every known key).
+PREFIX = "..."
+# Replaced by the real directory, for messages that name a resolved absolute path.
+ROOT = "{root}"
+OK_PRESET = 'backend: command\ncmd: ["true"]\n'
+
+
+def write_tree(root: Path, config: str, presets: Mapping[str, str] | None) -> Path:
+    """Write swapd.yaml and presets/<file> under ``root``; ``None`` leaves out presets/.
+
+    Returns the config path relative to ``root``, as a user in that directory would type it.
+    """
+    (root / "swapd.yaml").write_text(textwrap.dedent(config), encoding="utf-8")
+    if presets is not None:
+        (root / "presets").mkdir()
+        for name, text in presets.items():
+            (root / "presets" / name).write_text(textwrap.dedent(text), encoding="utf-8")
+    return Path("swapd.yaml")
+
+
+def load(root: Path, config: str, presets: Mapping[str, str] | None) -> Config:
+    """Write a tree under ``root`` (the working directory) and load it as the user would."""
+    return load_config(write_tree(root, config, presets))
+
+
+def error_lines(root: Path, config: str, presets: Mapping[str, str] | None) -> list[str]:
+    """The str() of each ConfigError that loading the tree reports."""
+    with pytest.raises(ConfigErrors) as info:
+        load(root, config, presets)
+    return [str(e) for e in info.value.errors]
+
+
+def comparable(got: list[str], want: list[str]) -> list[str]:
+    """``got`` cut to the expected prefixes, so a list comparison shows the whole difference."""
+    out = []
+    for index, line in enumerate(got):
+        expected = want[index] if index < len(want) else ""
+        if expected.endswith(PREFIX) and line.startswith(expected.removesuffix(PREFIX)):
+            out.append(expected)
+        else:
+            out.append(line)
+    return out
+
+
+def expand(expected: list[str], root: Path) -> list[str]:
+    """Expected lines with ROOT replaced by the resolved test directory."""
+    return [line.replace(ROOT, str(root.resolve())) for line in expected]
+
+
+PRESET_ERRORS = [
+    pytest.param(
+        {
+            "qwen.yaml": """\
+            backend: command
+            cmd: ["true"]
+            aliases: [q]
+            health: /health
+            pin: false
+            preload: false
+            ttl: ten
+            """
+        },
+        ['presets/qwen.yaml:7:6: ttl: expected a duration like "10m", got "ten"'],
+        id="bad-ttl",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "colour: blue\n"},
+        [f"presets/m.yaml:3:9: colour: unknown key; known keys: {PRESET_KEYS}"],
+        id="unknown-key-lists-known-keys",
+    ),
+    pytest.param(
+        {"m.yaml": "backend: ollama\n"},
+        [f"presets/m.yaml:1:10: backend: expected one of {BACKENDS}, got 'ollama'"],
+        id="bad-backend",
+    ),
+    pytest.param(
+        {"m.yaml": 'cmd: ["true"]\n'},
+        [f"presets/m.yaml:1:1: backend: missing; one of {BACKENDS}"],
+        id="missing-backend",
+    ),
+    pytest.param(
+        {"m.yaml": ""},
+        [f"presets/m.yaml:1:1: backend: missing; one of {BACKENDS}"],
+        id="empty-file-missing-backend",
+    ),
+    pytest.param(
+        {"m.yaml": "backend: llama-server\nargs: [--ctx-size, '4096']\n"},
+        ["presets/m.yaml:1:10: model: missing; llama-server needs a model"],
+        id="llama-server-without-model",
+    ),
+    pytest.param(
+        {"m.yaml": "backend: vllm\n"},
+        ["presets/m.yaml:1:10: model: missing; vllm needs a model"],
+        id="vllm-without-model",
+    ),
+    pytest.param(
+        {"m.yaml": "backend: llama-server\nmodel: missing.gguf\n"},
+        [f"presets/m.yaml:2:8: model: not found: {ROOT}/presets/missing.gguf"],
+        id="model-file-not-found",
+    ),
+    pytest.param(
+        {"m.yaml": "backend: command\nargs: [--port, '9000']\n"},
+        ["presets/m.yaml:1:10: cmd: missing; a command backend needs cmd"],
+        id="command-without-cmd",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "args: --verbose\n"},
+        ["presets/m.yaml:3:7: args: expected a list of strings, got str"],
+        id="args-not-a-list",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "args: [--ctx, [1, 2]]\n"},
+        ["presets/m.yaml:3:7: args: expected a non-empty string, got [1, 2]"],
+        id="args-item-not-a-string",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "env: [A=1]\n"},
+        ["presets/m.yaml:3:6: env: expected a mapping of NAME: value, got list"],
+        id="env-not-a-mapping",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "health: health\n"},
+        ['presets/m.yaml:3:9: health: expected a URL path starting with "/", got "health"'],
+        id="health-without-leading-slash",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "start_timeout: 0\n"},
+        ["presets/m.yaml:3:16: start_timeout: expected a duration above zero, got 0"],
+        id="start-timeout-zero",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "stop_timeout: 0s\n"},
+        ["presets/m.yaml:3:15: stop_timeout: expected a duration above zero, got '0s'"],
+        id="stop-timeout-zero-with-unit",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "memory: lots\n"},
+        ['presets/m.yaml:3:9: memory: expected a size like "6GiB", got "lots"'],
+        id="memory-lots",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + 'pin: "yes"\n'},
+        ["presets/m.yaml:3:6: pin: expected true or false, got 'yes'"],
+        id="pin-quoted-yes",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "devices: [-1]\n"},
+        [
+            (
+                "presets/m.yaml:3:10: devices: expected a device index or a list of them, "
+                "like [0, 1], got [-1]"
+            ),
+        ],
+        id="devices-negative",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "devices: []\n"},
+        [
+            (
+                "presets/m.yaml:3:10: devices: expected a device index or a list of them, "
+                "like [0, 1], got []"
+            ),
+        ],
+        id="devices-empty",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "name: my model\n"},
+        ["presets/m.yaml:3:7: name: not a usable model name: 'my model'"],
+        id="name-with-space",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "ttl: 5m\nttl: 10m\n"},
+        ["presets/m.yaml:4:1: ttl: key is given twice"],
+        id="duplicate-key",
+    ),
+    pytest.param(
+        {"m.yaml": "backend: command\n  cmd: x\n"},
+        ["presets/m.yaml:2:6: (yaml): mapping values are not allowed here"],
+        id="yaml-syntax-error",
+    ),
+    pytest.param(
+        {"m.yaml": "- backend: command\n- cmd: [x]\n"},
+        ["presets/m.yaml:1:1: (top level): expected a mapping of keys"],
+        id="top-level-list",
+    ),
+    pytest.param(
+        {"a.yaml": OK_PRESET + "name: qwen\n", "b.yaml": OK_PRESET + "name: qwen\n"},
+        ["presets/b.yaml:1:1: name: 'qwen' is already used by presets/a.yaml"],
+        id="two-presets-same-name",
+    ),
+    pytest.param(
+        {"qwen.yaml": OK_PRESET, "qwen.yml": OK_PRESET},
+        ["presets/qwen.yml:1:1: name: 'qwen' is already used by presets/qwen.yaml"],
+        id="two-presets-same-stem",
+    ),
+    pytest.param(
+        {"a.yaml": OK_PRESET, "b.yaml": OK_PRESET + "aliases: [fast, a]\n"},
+        ["presets/b.yaml:1:1: aliases: 'a' is already used by presets/a.yaml"],
+        id="alias-clashes-with-other-name",
+    ),
+    pytest.param(
+        {"a.yaml": OK_PRESET + "aliases: [q]\n", "b.yaml": OK_PRESET + "aliases: [q]\n"},
+        ["presets/b.yaml:1:1: aliases: 'q' is already used by presets/a.yaml"],
+        id="alias-clashes-with-other-alias",
+    ),
+    pytest.param(
+        {
+            "m.yaml": """\
+            backend: command
+            ttl: ten
+            cmd: ["true"]
+            memory: lots
+            colour: blue
+            pin: 1
+            """
+        },
+        [
+            'presets/m.yaml:2:6: ttl: expected a duration like "10m", got "ten"',
+            'presets/m.yaml:4:9: memory: expected a size like "6GiB", got "lots"',
+            f"presets/m.yaml:5:9: colour: unknown key; known keys: {PRESET_KEYS}",
+            "presets/m.yaml:6:6: pin: expected true or false, got 1",
+        ],
+        id="several-errors-in-one-file",
+    ),
+    pytest.param(
+        {
+            "a.yaml": OK_PRESET + "ttl: ten\n",
+            "b.yaml": "backend: ollama\n",
+            "c.yaml": OK_PRESET,
+        },
+        [
+            'presets/a.yaml:3:6: ttl: expected a duration like "10m", got "ten"',
+            f"presets/b.yaml:1:10: backend: expected one of {BACKENDS}, got 'ollama'",
+        ],
+        id="errors-in-two-files",
+    ),
+]
+
+
+@pytest.mark.parametrize(("presets", "expected"), PRESET_ERRORS)
+def test_preset_errors(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    presets: dict[str, str],
+    expected: list[str],
+) -> None:
+    """Each bad preset is reported with file:line:column: key: reason, every one of them."""
+    monkeypatch.chdir(tmp_path)
+    want = expand(expected, tmp_path)
+    assert comparable(error_lines(tmp_path, "", presets), want) == want
+
+
+DAEMON_ERRORS = [
+    pytest.param(
+        "listen: 127.0.0.1:8080\nport: 8080\n",
+        {},
+        ["swapd.yaml:2:7: port: unknown key; known keys: budget, defaults, devices" + PREFIX],
+        id="unknown-key",
+    ),
+    pytest.param(
+        "listen: localhost\n",
+        {},
+        ['swapd.yaml:1:9: listen: expected "host:port" like "127.0.0.1:8080", got "localhost"'],
+        id="listen-without-port",
+    ),
+    pytest.param(
+        "listen: 127.0.0.1:70000\n",
+        {},
+        [
+            (
+                'swapd.yaml:1:9: listen: expected "host:port" like "127.0.0.1:8080", '
+                'got "127.0.0.1:70000"'
+            ),
+        ],
+        id="listen-port-out-of-range",
+    ),
+    pytest.param(
+        "max_running: 0\n",
+        {},
+        ["swapd.yaml:1:14: max_running: expected a whole number of 1 or more (or null), got 0"],
+        id="max-running-zero",
+    ),
+    pytest.param(
+        "devices: gpu\n",
+        {},
+        [
+            (
+                "swapd.yaml:1:10: devices: expected auto, cpu or a list of device indices "
+                "like [0, 1], got 'gpu'"
+            ),
+        ],
+        id="devices-gpu",
+    ),
+    pytest.param(
+        "log_level: loud\n",
+        {},
+        ["swapd.yaml:1:12: log_level: expected one of debug, info, warning, error, got 'loud'"],
+        id="bad-log-level",
+    ),
+    pytest.param(
+        "reserve: lots\nqueue_timeout: forever\n",
+        {},
+        [
+            'swapd.yaml:1:10: reserve: expected a size like "6GiB", got "lots"',
+            'swapd.yaml:2:16: queue_timeout: expected a duration like "10m", got "forever"',
+        ],
+        id="several-daemon-errors",
+    ),
+    pytest.param(
+        "listen: :8080\npresets: nowhere\n",
+        {},
+        ["swapd.yaml:2:10: presets: not a directory: nowhere"],
+        id="presets-dir-named-but-missing",
+    ),
+    pytest.param(
+        "listen: :8080\n",
+        None,
+        ["swapd.yaml:1:1: presets: not a directory: presets"],
+        id="default-presets-dir-missing",
+    ),
+    pytest.param(
+        """\
+        listen: 127.0.0.1:8080
+        defaults:
+          ttl: 10m
+          memory: lots
+        """,
+        {"m.yaml": OK_PRESET},
+        ['swapd.yaml:4:11: memory: expected a size like "6GiB", got "lots"'],
+        id="bad-value-inside-defaults",
+    ),
+    pytest.param(
+        "defaults:\n  colour: blue\n",
+        {"m.yaml": OK_PRESET},
+        [f"swapd.yaml:2:11: colour: unknown key; known keys: {DEFAULT_KEYS}"],
+        id="unknown-key-inside-defaults",
+    ),
+    pytest.param(
+        "defaults:\n  ttl: 5m\n  model: shared.gguf\n",
+        {"m.yaml": OK_PRESET},
+        [f"swapd.yaml:3:10: model: unknown key; known keys: {DEFAULT_KEYS}"],
+        id="model-not-allowed-in-defaults",
+    ),
+    pytest.param(
+        "defaults: 5m\n",
+        {"m.yaml": OK_PRESET},
+        ["swapd.yaml:1:11: defaults: expected a mapping of keys"],
+        id="defaults-not-a-mapping",
+    ),
+    pytest.param(
+        "defaults:\n  ttl: 5m\n  ttl: 6m\n",
+        {"m.yaml": OK_PRESET},
+        ["swapd.yaml:3:3: ttl: key is given twice"],
+        id="duplicate-key-inside-defaults",
+    ),
+    pytest.param(
+        "max_running: 0\n",
+        {"m.yaml": OK_PRESET + "ttl: ten\n"},
+        [
+            "swapd.yaml:1:14: max_running: expected a whole number of 1 or more (or null), got 0",
+            'presets/m.yaml:3:6: ttl: expected a duration like "10m", got "ten"',
+        ],
+        id="daemon-and-preset-errors-together",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "presets", "expected"), DAEMON_ERRORS)
+def test_daemon_config_errors(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    config: str,
+    presets: dict[str, str] | None,
+    expected: list[str],
+) -> None:
+    """Each bad daemon setting is reported with its location, alongside any preset errors."""
+    monkeypatch.chdir(tmp_path)
+    want = expand(expected, tmp_path)
+    assert comparable(error_lines(tmp_path, config, presets), want) == want
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        pytest.param(
+            "listen: :8080\n  log_level: info\n",
+            "swapd.yaml:2:12: (yaml): mapping values are not allowed here",
+            id="yaml-syntax-error",
+        ),
+        pytest.param(
+            "listen: :8080\nlisten: :9090\n",
+            "swapd.yaml:2:1: listen: key is given twice",
+            id="duplicate-key",
+        ),
+        pytest.param(
+            "- listen: :8080\n",
+            "swapd.yaml:1:1: (top level): expected a mapping of keys",
+            id="top-level-list",
+        ),
+    ],
+)
+def test_daemon_file_problems_are_config_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str, expected: str
+) -> None:
+    """A daemon file that cannot be parsed raises ConfigErrors too, as load_config promises."""
+    monkeypatch.chdir(tmp_path)
+    assert error_lines(tmp_path, config, {"m.yaml": OK_PRESET}) == [expected]
+
+
+def test_defaults_apply_and_presets_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key in ``defaults:`` fills every preset that leaves it out; a preset's own value wins."""
+    monkeypatch.chdir(tmp_path)
+    config = load(
+        tmp_path,
+        """\
+        defaults:
+          backend: command
+          ttl: 10m
+          memory: 2GiB
+        """,
+        {"plain.yaml": 'cmd: ["true"]\n', "own.yaml": 'cmd: ["true"]\nttl: 1m\npin: true\n'},
+    )
+    plain, own = config.preset("plain"), config.preset("own")
+    assert plain is not None
+    assert own is not None
+    assert (plain.backend, plain.ttl, plain.memory, plain.pin) == (
+        "command",
+        600.0,
+        2 * 1024**3,
+        False,
+    )
+    assert (own.backend, own.ttl, own.memory, own.pin) == ("command", 60.0, 2 * 1024**3, True)
+
+
+def test_names_come_from_file_stem_or_name_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preset is named after its file unless it says ``name:``; both are labelled by file."""
+    monkeypatch.chdir(tmp_path)
+    config = load(
+        tmp_path,
+        "",
+        {"qwen2.5-7b.yaml": OK_PRESET, "other.yml": OK_PRESET + "name: gemma:2b\n"},
+    )
+    assert [(p.name, p.file) for p in config.presets] == [
+        ("gemma:2b", "presets/other.yml"),
+        ("qwen2.5-7b", "presets/qwen2.5-7b.yaml"),
+    ]
+    assert config.preset("other") is None
+
+
+def test_relative_model_path_resolves_against_preset_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model:`` relative paths are relative to the preset file, not the working directory."""
+    site = tmp_path / "site"
+    (site / "presets").mkdir(parents=True)
+    (site / "models").mkdir()
+    (site / "models" / "tiny.gguf").write_bytes(b"GGUF")
+    (site / "presets" / "tiny.yaml").write_text(
+        "backend: llama-server\nmodel: ../models/tiny.gguf\n", encoding="utf-8"
+    )
+    (site / "presets" / "tool.yaml").write_text(
+        'backend: command\ncmd: ["true"]\nmodel: weights.bin\n', encoding="utf-8"
+    )
+    (site / "swapd.yaml").write_text("", encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(site / "swapd.yaml")
+    tiny, tool = config.preset("tiny"), config.preset("tool")
+    assert tiny is not None
+    assert tool is not None
+    assert tiny.model == (site / "models" / "tiny.gguf").resolve()
+    assert tool.model == (site / "presets" / "weights.bin").resolve()
+
+
+def test_aliases_resolve_to_their_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Config.preset() finds a preset by its name or any alias, and None for anything else."""
+    monkeypatch.chdir(tmp_path)
+    config = load(
+        tmp_path,
+        "",
+        {"qwen.yaml": OK_PRESET + "aliases: [q, gpt-4o]\n", "gemma.yaml": OK_PRESET},
+    )
+    qwen = config.preset("qwen")
+    assert qwen is not None
+    assert config.preset("q") is qwen
+    assert config.preset("gpt-4o") is qwen
+    assert config.preset("gemma") is not qwen
+    assert config.preset("gemma") is not None
+    assert config.preset("llama") is None
+
+
+def test_daemon_settings_are_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemon keys become typed settings; paths are relative to the config file's directory."""
+    monkeypatch.chdir(tmp_path)
+    config = load(
+        tmp_path,
+        """\
+        listen: :9000
+        state_dir: state
+        max_running: 2
+        devices: [0, 1]
+        reserve: 1GiB
+        budget: 20GiB
+        queue_timeout: 30s
+        log_level: debug
+        """,
+        {"m.yaml": OK_PRESET},
+    )
+    assert (config.host, config.port) == ("0.0.0.0", 9000)
+    assert config.state_dir == Path("state")
+    assert config.presets_dir == Path("presets")
+    assert (config.max_running, config.devices) == (2, (0, 1))
+    assert (config.reserve, config.budget) == (1024**3, 20 * 1024**3)
+    assert (config.queue_timeout, config.log_level) == (30.0, "debug")
+
+
+def run_check(cwd: Path, config: Path) -> subprocess.CompletedProcess[str]:
+    """``swapd check --config <config>`` in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "swapd", "check", "--config", str(config)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_cli_reports_every_error(tmp_path: Path) -> None:
+    """``swapd check`` exits 1 and prints each error as one file:line:column line on stderr."""
+    write_tree(
+        tmp_path,
+        "max_running: 0\n",
+        {"a.yaml": OK_PRESET + "ttl: ten\n", "b.yaml": "backend: ollama\n"},
+    )
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "swapd.yaml:1:14: max_running: expected a whole number of 1 or more (or null), got 0",
+        'presets/a.yaml:3:6: ttl: expected a duration like "10m", got "ten"',
+        f"presets/b.yaml:1:10: backend: expected one of {BACKENDS}, got 'ollama'",
+    ]
+    assert done.stdout == ""
+
+
+def test_check_cli_accepts_good_config(tmp_path: Path) -> None:
+    """``swapd check`` exits 0 and says ok, naming the presets, for a valid config."""
+    write_tree(
+        tmp_path,
+        "listen: 127.0.0.1:8181\ndefaults:\n  ttl: 5m\n",
+        {
+            "tiny.yaml": "backend: llama-server\nmodel: tiny.gguf\nargs: [--ctx-size, '512']\n",
+            "echo.yaml": OK_PRESET + "aliases: [e]\n",
+        },
+    )
+    (tmp_path / "presets" / "tiny.gguf").write_bytes(b"GGUF")
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["swapd.yaml: ok, 2 preset(s): echo, tiny"]
+    assert done.stderr == ""

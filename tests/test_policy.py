@@ -1,0 +1,328 @@
+"""Admission and eviction: where a model starts, and what must stop first to make room."""
+
+from __future__ import annotations
+
+import pytest
+
+from swapd.policy import Admit, DeviceView, Impossible, Limits, Plan, Resident, Wait, plan_admission
+
+GIB = 1024**3
+
+
+def gib(amount: float) -> int:
+    """Bytes in ``amount`` GiB; the tables read in GiB."""
+    return int(amount * GIB)
+
+
+def dev(device: str = "gpu0", *, total: float = 24, free: float) -> DeviceView:
+    """A device view with sizes in GiB."""
+    return DeviceView(device, gib(total), gib(free))
+
+
+def res(
+    name: str, usage: float, last_used: float, *, device: str = "gpu0", **flags: bool
+) -> Resident:
+    """A resident model with its usage in GiB; ``flags`` are ``busy`` and ``pinned``."""
+    return Resident(name, device, gib(usage), last_used, **flags)
+
+
+@pytest.mark.parametrize(
+    ("need", "devices", "residents", "limits", "plan"),
+    [
+        pytest.param(8, [dev(free=20)], [], Limits(), Admit("gpu0"), id="fits-empty-device"),
+        pytest.param(
+            8,
+            [dev(free=10)],
+            [res("a", 8, 1), res("b", 4, 2)],
+            Limits(),
+            Admit("gpu0"),
+            id="fits-beside-residents",
+        ),
+        pytest.param(10, [dev(free=10)], [], Limits(), Admit("gpu0"), id="fits-exactly-all-free"),
+        pytest.param(
+            8,
+            [dev(total=32, free=4)],
+            [res("new", 8, 9), res("old", 8, 1), res("mid", 8, 5)],
+            Limits(),
+            Admit("gpu0", ("old",)),
+            id="evict-one-lru-idle",
+        ),
+        pytest.param(
+            9,
+            [dev(free=2)],
+            [res("a", 4, 3), res("b", 4, 1), res("c", 4, 2), res("d", 4, 4)],
+            Limits(),
+            Admit("gpu0", ("b", "c")),
+            id="evict-several-lru-order-stops-when-it-fits",
+        ),
+        pytest.param(
+            8,
+            [dev(free=4)],
+            [res("a", 8, 1, busy=True)],
+            Limits(),
+            Wait("gpu0", ("a",)),
+            id="busy-victim-waits-naming-it",
+        ),
+        pytest.param(
+            8,
+            [dev(free=4)],
+            [res("busy-old", 8, 1, busy=True), res("idle-new", 8, 5)],
+            Limits(),
+            Admit("gpu0", ("idle-new",)),
+            id="idle-preferred-over-older-busy",
+        ),
+        pytest.param(
+            14,
+            [dev(total=32, free=2)],
+            [res("idle", 8, 5), res("busy", 8, 1, busy=True), res("spare", 8, 9, busy=True)],
+            Limits(),
+            Wait("gpu0", ("busy",)),
+            id="idle-not-enough-waits-for-lru-busy-only",
+        ),
+        pytest.param(
+            8,
+            [dev(free=4)],
+            [res("pinned-old", 8, 1, pinned=True), res("a", 8, 5)],
+            Limits(),
+            Admit("gpu0", ("a",)),
+            id="pin-skipped-for-newer-evictable",
+        ),
+        pytest.param(
+            11,
+            [dev(free=10)],
+            [res("a", 6, 1)],
+            Limits(),
+            Admit("gpu0", ("a",)),
+            id="outside-usage-respected-free-not-total-minus-ours",
+        ),
+        pytest.param(
+            9, [dev(free=10)], [], Limits(reserve=gib(1)), Admit("gpu0"), id="reserve-still-fits"
+        ),
+        pytest.param(
+            9.5,
+            [dev(free=10)],
+            [res("a", 4, 1)],
+            Limits(reserve=gib(1)),
+            Admit("gpu0", ("a",)),
+            id="reserve-forces-eviction",
+        ),
+        pytest.param(
+            6,
+            [dev(total=80, free=60)],
+            [res("a", 8, 1), res("b", 8, 2)],
+            Limits(budget=gib(20)),
+            Admit("gpu0", ("a",)),
+            id="budget-limits-room-despite-free-memory",
+        ),
+        pytest.param(
+            4,
+            [dev(total=80, free=60)],
+            [res("a", 8, 1), res("b", 8, 2)],
+            Limits(budget=gib(20)),
+            Admit("gpu0"),
+            id="budget-leaves-room",
+        ),
+        pytest.param(
+            1,
+            [dev(total=80, free=70)],
+            [res("a", 2, 2), res("b", 2, 1)],
+            Limits(max_running=2),
+            Admit("gpu0", ("b",)),
+            id="max-running-evicts-lru-despite-free-memory",
+        ),
+        pytest.param(
+            1,
+            [dev(total=80, free=70)],
+            [res("here", 2, 2), res("there", 2, 1, device="gpu1")],
+            Limits(max_running=2),
+            Admit("gpu0", ("there",)),
+            id="max-running-evicts-from-another-device",
+        ),
+        pytest.param(
+            1,
+            [dev(total=80, free=70)],
+            [res("a", 2, 1, busy=True), res("b", 2, 2, busy=True)],
+            Limits(max_running=2),
+            Wait("gpu0", ("a",)),
+            id="max-running-with-all-busy-waits",
+        ),
+        pytest.param(
+            1,
+            [dev(total=80, free=70)],
+            [res("a", 2, 1)],
+            Limits(max_running=2),
+            Admit("gpu0"),
+            id="max-running-not-reached",
+        ),
+        pytest.param(
+            8,
+            [dev("gpu0", free=4), dev("gpu1", free=9), dev("gpu2", free=20)],
+            [res("a", 16, 1)],
+            Limits(),
+            Admit("gpu2"),
+            id="two-devices-most-free-without-eviction",
+        ),
+        pytest.param(
+            8,
+            [dev("gpu0", free=4), dev("gpu1", free=9)],
+            [res("a", 16, 1)],
+            Limits(),
+            Admit("gpu1"),
+            id="two-devices-no-eviction-beats-eviction",
+        ),
+        pytest.param(
+            8,
+            [dev("gpu0", free=4), dev("gpu1", free=2)],
+            [res("a", 8, 1, device="gpu0", busy=True), res("b", 8, 2, device="gpu1")],
+            Limits(),
+            Admit("gpu1", ("b",)),
+            id="two-devices-evict-idle-rather-than-wait",
+        ),
+        pytest.param(
+            8,
+            [dev("gpu0", free=2), dev("gpu1", free=4)],
+            [
+                res("a", 4, 1, device="gpu0", busy=True),
+                res("b", 4, 2, device="gpu0", busy=True),
+                res("c", 4, 3, device="gpu1", busy=True),
+            ],
+            Limits(),
+            Wait("gpu1", ("c",)),
+            id="two-devices-wait-for-fewest-busy",
+        ),
+        pytest.param(
+            8,
+            [dev("gpu1", free=9)],
+            [res("a", 8, 1, device="gpu1")],
+            Limits(),
+            Admit("gpu1"),
+            id="pinned-device-list-only-candidate",
+        ),
+        pytest.param(
+            12,
+            [dev("gpu1", free=4)],
+            [res("a", 8, 1, device="gpu1"), res("b", 8, 0, device="gpu0")],
+            Limits(),
+            Admit("gpu1", ("a",)),
+            id="pinned-device-list-evicts-only-there",
+        ),
+        pytest.param(
+            0,
+            [dev(free=0)],
+            [res("a", 12, 1), res("b", 12, 2)],
+            Limits(),
+            Admit("gpu0"),
+            id="need-zero-full-device",
+        ),
+        pytest.param(
+            0,
+            [dev(total=80, free=70)],
+            [res("a", 2, 1)],
+            Limits(max_running=2, budget=gib(2)),
+            Admit("gpu0"),
+            id="need-zero-at-budget",
+        ),
+        pytest.param(
+            0,
+            [dev(total=80, free=70)],
+            [res("a", 2, 1), res("b", 2, 2)],
+            Limits(max_running=2),
+            Admit("gpu0", ("a",)),
+            id="need-zero-still-obeys-max-running",
+        ),
+    ],
+)
+def test_plan_admission(
+    need: float,
+    devices: list[DeviceView],
+    residents: list[Resident],
+    limits: Limits,
+    plan: Plan,
+) -> None:
+    """The plan admits, evicts least recently used idle models first, or waits for busy ones."""
+    assert plan_admission(gib(need), devices, residents, limits) == plan
+
+
+@pytest.mark.parametrize(
+    ("need", "devices", "residents", "limits", "fragments"),
+    [
+        pytest.param(
+            30,
+            [dev(free=20)],
+            [res("p", 2, 1, pinned=True)],
+            Limits(),
+            [
+                "needs 30.0 GiB",
+                "gpu0 has 24.0 GiB",
+                "2.0 GiB used outside swapd",
+                "2.0 GiB pinned",
+                "0.0 MiB reserved",
+            ],
+            id="bigger-than-device",
+        ),
+        pytest.param(
+            8,
+            [dev(free=4)],
+            [res("p", 16, 1, pinned=True)],
+            Limits(),
+            ["needs 8.0 GiB", "gpu0 has 24.0 GiB", "16.0 GiB pinned", "used outside swapd"],
+            id="only-pins-could-make-room",
+        ),
+        pytest.param(
+            12,
+            [dev(free=4)],
+            [res("p", 8, 1, pinned=True), res("a", 6, 2)],
+            Limits(reserve=gib(1)),
+            ["needs 12.0 GiB", "gpu0", "8.0 GiB pinned", "6.0 GiB used outside swapd"],
+            id="evicting-everything-evictable-not-enough",
+        ),
+        pytest.param(
+            10,
+            [dev(total=80, free=60)],
+            [res("p", 12, 1, pinned=True)],
+            Limits(budget=gib(20), reserve=gib(1)),
+            [
+                "needs 10.0 GiB",
+                "gpu0 has 80.0 GiB",
+                "8.0 GiB used outside swapd",
+                "12.0 GiB pinned",
+                "1.0 GiB reserved",
+                "budget 20.0 GiB",
+            ],
+            id="budget-taken-by-pins",
+        ),
+        pytest.param(
+            1,
+            [dev(total=80, free=70)],
+            [res("p", 2, 1, pinned=True), res("q", 2, 2, pinned=True)],
+            Limits(max_running=2),
+            ["needs 1.0 GiB", "gpu0", "4.0 GiB pinned"],
+            id="max-running-filled-by-pins",
+        ),
+        pytest.param(
+            30,
+            [dev("gpu0", free=20), dev("gpu1", free=22)],
+            [],
+            Limits(),
+            ["gpu0: needs 30.0 GiB", "gpu1: needs 30.0 GiB", "gpu1 has 24.0 GiB"],
+            id="two-devices-each-explained",
+        ),
+    ],
+)
+def test_plan_admission_impossible(
+    need: float,
+    devices: list[DeviceView],
+    residents: list[Resident],
+    limits: Limits,
+    fragments: list[str],
+) -> None:
+    """When no evictions can make room, the plan says so with the numbers that explain why."""
+    plan = plan_admission(gib(need), devices, residents, limits)
+    assert isinstance(plan, Impossible), plan
+    missing = [f for f in fragments if f not in plan.reason]
+    assert not missing, f"{missing} not in {plan.reason!r}"
+
+
+def test_plan_admission_without_devices_is_impossible() -> None:
+    """An empty candidate list (no device reported memory) is Impossible, not an error."""
+    assert plan_admission(gib(1), [], [], Limits()) == Impossible("no device to place the model on")
