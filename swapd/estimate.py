@@ -307,16 +307,17 @@ def compute_buffer(
     - attention without flash attention: ``n_tokens * cells * n_head`` f32 scores
       (softmax runs in place); flash attention works in tiles and needs none of it.
 
-    On top of that: the attention mask (``n_tokens * cells``, f32, or f16 with flash
-    attention), an input held all along, and ``ACTIVATION_FACTOR * n_tokens * n_embd`` f32
-    activations. Against llama.cpp's own figures for Gemma 3 270M on the CPU backend this
-    lands 2 to 6 MiB high.
+    On top of that: the attention masks (``n_tokens * cells``, and as much again over the
+    window's cells for a sliding-window model; f32, or f16 with flash attention), inputs
+    held all along, and ``ACTIVATION_FACTOR * n_tokens * n_embd`` f32 activations.
     """
     cells = layout.stream_cells
     n_tokens = min(n_ubatch, cells)
     logits = min(n_outputs, n_tokens) * shape.n_vocab * 4
     scores = 0 if flash_attn else n_tokens * cells * max(shape.n_head, default=0) * 4
-    mask = n_tokens * cells * (2 if flash_attn else 4)
+    # Sliding-window layers get a mask of their own, over their own cells.
+    mask_cells = cells + (layout.swa_stream_cells if shape.n_swa else 0)
+    mask = n_tokens * mask_cells * (2 if flash_attn else 4)
     activations = ACTIVATION_FACTOR * n_tokens * shape.n_embd * 4
     return max(logits, scores) + mask + activations
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import psutil
 import pytest
-
 from conftest import StartDaemon
 from daemon import free_port, wait_for
 
@@ -53,7 +52,12 @@ def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def gemma_preset(model: Path, **keys: Any) -> dict[str, Any]:
     """A llama-server preset of the Gemma file with a small context."""
-    return {"backend": "llama-server", "model": str(model), "args": ["-c", "1024", "-np", "1"], **keys}
+    return {
+        "backend": "llama-server",
+        "model": str(model),
+        "args": ["-c", "1024", "-np", "1"],
+        **keys,
+    }
 
 
 def complete(d: Any, model: str, max_tokens: int = 6) -> tuple[int, Any]:
@@ -172,7 +176,7 @@ class RssSampler:
 
 @pytest.fixture
 def three_gemmas(start_daemon: StartDaemon, gemma: Path) -> Iterator[Any]:
-    """swapd on host RAM with a 1 GiB budget and three 400 MiB Gemma presets (two fit)."""
+    """Swapd on host RAM with a 1 GiB budget and three 400 MiB Gemma presets (two fit)."""
     presets = {name: gemma_preset(gemma, memory="400MiB") for name in ("a", "b", "c")}
     presets["huge"] = gemma_preset(gemma, memory="2GiB")
     yield start_daemon(presets, {"budget": "1GiB", "reserve": "0", "devices": "cpu"})

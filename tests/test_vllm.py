@@ -1,0 +1,111 @@
+"""End to end against a real ``vllm serve`` (the CPU build) and a tiny locally made Llama."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import StartDaemon
+from daemon import Daemon, wait_for, wait_for_gone
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="session")
+def vllm_setup() -> tuple[Path, Path]:
+    """The vLLM venv's ``vllm`` and the tiny model that scripts/vllm-env prepared."""
+    cache = Path(os.environ.get("SWAPD_CACHE", Path.home() / ".cache" / "swapd-build"))
+    binary, model = cache / "vllm-venv" / "bin" / "vllm", cache / "tiny-hf"
+    if not binary.exists() or not (model / "config.json").exists():
+        pytest.skip(f"vLLM not prepared in {cache} (run scripts/vllm-env)")
+    return binary, model
+
+
+def vllm_preset(setup: tuple[Path, Path], root: Path, **keys: Any) -> dict[str, Any]:
+    """The lean CPU launch: one engine process, eager mode, a small KV cache."""
+    binary, model = setup
+    # vLLM puts ZMQ unix sockets in TMPDIR; their paths must stay under 108 bytes.
+    short_tmp = tempfile.mkdtemp(prefix="swapd-vllm-")
+    return {
+        "backend": "vllm",
+        "binary": str(binary),
+        "model": str(model),
+        "args": [
+            "--max-model-len",
+            "256",
+            "--enforce-eager",
+            "--distributed-executor-backend",
+            "uni",
+            "--kv-cache-memory-bytes",
+            "67108864",
+        ],
+        "env": {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CACHE_ROOT": str(root.parent / "vllm-cache"),
+            "TMPDIR": short_tmp,
+        },
+        "memory": "2GiB",
+        "start_timeout": "5m",
+        "stop_timeout": "5s",
+        **keys,
+    }
+
+
+def test_vllm_serves_through_swapd_and_stops_cleanly(
+    start_daemon: StartDaemon, vllm_setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Swapd starts vllm serve on demand, proxies a completion and a chat, and unloads it."""
+    d = start_daemon({"tiny": vllm_preset(vllm_setup, tmp_path / "a", aliases=["tiny-llama"])})
+    body = {"model": "tiny-llama", "prompt": "hello world", "max_tokens": 8, "temperature": 0}
+    status, first = d.request("POST", "/v1/completions", body, timeout=400)
+    assert status == 200, first
+    assert first["model"] == "tiny"  # vLLM answers with the first served name: the preset
+    assert isinstance(first["choices"][0]["text"], str)
+    status, again = d.request("POST", "/v1/completions", body)
+    assert (status, again["choices"][0]["text"]) == (200, first["choices"][0]["text"])
+    status, chat = d.chat("tiny", "hello", max_tokens=4)
+    assert status == 200, chat
+    pid = d.model("tiny")["pid"]
+    status, unloaded = d.request("POST", "/swapd/models/tiny/unload")
+    assert (status, unloaded["state"]) == (200, "stopped")
+    assert not [p for p in d.leftovers() if p.pid == pid]
+    exits = [e for e in d.events("backend.exit") if e["model"] == "tiny"]
+    assert len(exits) == 1
+
+
+def test_stopping_vllm_while_it_starts_escalates_to_sigkill(
+    start_daemon: StartDaemon, vllm_setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """VLLM ignores SIGTERM while starting; a shutdown mid-start SIGKILLs its group, leaving nothing."""
+    d: Daemon = start_daemon({"tiny": vllm_preset(vllm_setup, tmp_path / "b", stop_timeout="2s")})
+
+    def load() -> None:
+        # The daemon exits mid-load on purpose: the request is expected to be cut.
+        with contextlib.suppress(OSError):
+            d.request("POST", "/swapd/models/tiny/load", timeout=400)
+
+    threading.Thread(target=load, daemon=True).start()
+    wait_for(lambda: d.model("tiny")["state"] == "starting", timeout=30)
+    # Let vLLM get well into its start (imports, engine set-up) before stopping swapd.
+    wait_for(lambda: len(d.leftovers()) >= 1, timeout=30)
+    wait_for(lambda: any("vllm" in line.lower() for line in _backend_output(d)), timeout=120)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=60) == 0
+    assert wait_for_gone(d) == []
+    assert [e["model"] for e in d.events("backend.kill")] == ["tiny"]
+
+
+def _backend_output(d: Daemon) -> list[str]:
+    status, body = d.get("/swapd/models/tiny/logs")
+    return list(body["lines"]) if status == 200 else []
