@@ -7,10 +7,9 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 import pytest
@@ -165,7 +164,7 @@ class RssSampler:
             self.samples += 1
             time.sleep(0.02)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -175,11 +174,11 @@ class RssSampler:
 
 
 @pytest.fixture
-def three_gemmas(start_daemon: StartDaemon, gemma: Path) -> Iterator[Any]:
+def three_gemmas(start_daemon: StartDaemon, gemma: Path) -> Any:
     """Swapd on host RAM with a 1 GiB budget and three 400 MiB Gemma presets (two fit)."""
     presets = {name: gemma_preset(gemma, memory="400MiB") for name in ("a", "b", "c")}
     presets["huge"] = gemma_preset(gemma, memory="2GiB")
-    yield start_daemon(presets, {"budget": "1GiB", "reserve": "0", "devices": "cpu"})
+    return start_daemon(presets, {"budget": "1GiB", "reserve": "0", "devices": "cpu"})
 
 
 def test_third_model_evicts_the_lru_idle_one_never_the_active_one(three_gemmas: Any) -> None:
@@ -213,7 +212,7 @@ def test_impossible_model_gets_503_with_the_numbers(three_gemmas: Any) -> None:
 
 
 def test_a_burst_against_three_models_never_exceeds_the_budget(three_gemmas: Any) -> None:
-    """Concurrent requests for three models that only fit two at a time all succeed within budget."""
+    """Concurrent requests for three models, two of which fit at once, all succeed in budget."""
     d = three_gemmas
     with RssSampler(d.proc.pid) as sampler, ThreadPoolExecutor(9) as pool:
         results = list(pool.map(lambda i: complete(d, "abc"[i % 3], 4), range(9)))

@@ -86,7 +86,7 @@ def test_vllm_serves_through_swapd_and_stops_cleanly(
 def test_stopping_vllm_while_it_starts_escalates_to_sigkill(
     start_daemon: StartDaemon, vllm_setup: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """VLLM ignores SIGTERM while starting; a shutdown mid-start SIGKILLs its group, leaving nothing."""
+    """A shutdown while vLLM starts (it ignores SIGTERM then) SIGKILLs its whole group."""
     d: Daemon = start_daemon({"tiny": vllm_preset(vllm_setup, tmp_path / "b", stop_timeout="2s")})
 
     def load() -> None:
