@@ -39,10 +39,13 @@ if TYPE_CHECKING:
 
 MIB = 1024 * 1024
 
-# A CUDA or ROCm context plus the BLAS handles and workspaces each process holds.
+# A CUDA or ROCm context plus the BLAS handles and workspaces each process holds
+# (300 to 500 MiB as drivers report it), with room to spare.
 GPU_OVERHEAD = 512 * MIB
-# Binary, threads, tokenizer tables and the output buffer of a CPU-only server.
-CPU_OVERHEAD = 32 * MIB
+# A CPU-only server's binary, libraries, tokenizer tables, threads and output buffer, plus
+# the file's metadata and weights repacked for the CPU: llama-server with Gemma 3 270M
+# held about 70 MiB beyond its buffers and file.
+CPU_OVERHEAD = 96 * MIB
 
 # llama.cpp rounds the context (and each slot's share of it) up to this many cells.
 CTX_PAD = 256
@@ -322,10 +325,22 @@ def compute_buffer(
     return max(logits, scores) + mask + activations
 
 
-# struct formats of GGUF's scalar value types, by type id; 8 is a string, 9 an array.
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?"}
-_SCALAR_FORMATS |= {10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
+# struct formats of GGUF's scalar value types (IntEnum keys, so plain ids look up too).
+_VT = gguf.GGUFValueType
+_SCALAR_FORMATS: dict[int, str] = {
+    _VT.UINT8: "B",
+    _VT.INT8: "b",
+    _VT.UINT16: "H",
+    _VT.INT16: "h",
+    _VT.UINT32: "I",
+    _VT.INT32: "i",
+    _VT.UINT64: "Q",
+    _VT.INT64: "q",
+    _VT.FLOAT32: "f",
+    _VT.FLOAT64: "d",
+    _VT.BOOL: "?",
+}
+_STRING, _ARRAY = int(_VT.STRING), int(_VT.ARRAY)
 _GGUF_MAGIC = b"GGUF"
 # Arrays longer than this (token lists, scores, merges) are counted, never decoded.
 MAX_DECODED_ARRAY = 4096
@@ -522,7 +537,7 @@ def read_shape(header: GGUFHeader, path: Path) -> ModelShape:
     )
 
 
-def estimate_shape(  # noqa: PLR0913 - the flags plus three facts about the host
+def estimate_shape(  # noqa: PLR0913 - model, flags, and the three options of estimate_gguf
     shape: ModelShape,
     tensors: Sequence[TensorInfo],
     args: LlamaArgs,

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 
 from swapd.estimate import (
+    ACTIVATION_FACTOR,
+    AUTO_SLOTS,
     CPU_OVERHEAD,
     GPU_OVERHEAD,
     MAX_DECODED_ARRAY,
     MIB,
     Estimate,
     GGUFMetadataError,
+    GpuLayers,
     LlamaArgs,
     estimate_for_args,
     estimate_gguf,
@@ -50,6 +53,7 @@ OUTPUT_LAYER_BYTES = OUTPUT_NORM_BYTES + OUTPUT_BYTES
 class Spec:
     """What write_model puts in the file; None leaves a key out."""
 
+    arch: str = "llama"
     n_layer: int = 2
     head_count_kv: int | list[int] | None = N_HEAD_KV
     key_length: int | None = None
@@ -57,13 +61,13 @@ class Spec:
     tokens: int = N_VOCAB
     tied: bool = False
     endianess: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE
-    extra: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, int | list[bool]] = field(default_factory=dict)
 
 
 def write_model(path: Path, spec: Spec | None = None) -> Path:
-    """Write a small llama GGUF whose tensor sizes the constants above give exactly."""
+    """Write a small GGUF whose tensor sizes the constants above give exactly."""
     spec = spec or Spec()
-    writer = gguf.GGUFWriter(str(path), "llama", endianess=spec.endianess)
+    writer = gguf.GGUFWriter(str(path), spec.arch, endianess=spec.endianess)
     writer.add_block_count(spec.n_layer)
     writer.add_context_length(CTX_TRAIN)
     writer.add_embedding_length(N_EMBD)
@@ -78,7 +82,10 @@ def write_model(path: Path, spec: Spec | None = None) -> Path:
         writer.add_token_list([f"t{i}" for i in range(spec.tokens)])
         writer.add_token_scores([0.0] * spec.tokens)
     for key, value in spec.extra.items():
-        writer.add_uint32(key, value)
+        if isinstance(value, int):
+            writer.add_uint32(key.format(arch=spec.arch), value)
+        else:
+            writer.add_array(key.format(arch=spec.arch), value)
     writer.add_tensor("token_embd.weight", np.zeros((N_VOCAB, N_EMBD), np.float32))
     for i in range(spec.n_layer):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(N_EMBD, np.float32))
@@ -104,8 +111,23 @@ def model(tmp_path: Path) -> Path:
 
 
 def kv_bytes(cells: int, layers: int, n_head_kv: int = N_HEAD_KV) -> int:
-    """The f16 KV cache size by the formula in the brief."""
+    """The f16 KV cache size: cells * layers * n_head_kv * (head_dim_k * 2 + head_dim_v * 2)."""
     return cells * layers * n_head_kv * (HEAD_DIM * 2 + HEAD_DIM * 2)
+
+
+def compute_bytes(
+    n_tokens: int,
+    cells: int,
+    *,
+    flash_attn: bool,
+    n_outputs: int = AUTO_SLOTS,
+    mask_cells: int | None = None,
+) -> int:
+    """The compute heuristic spelled out: max(logits, scores) + masks + activations."""
+    logits = min(n_outputs, n_tokens) * N_VOCAB * 4
+    scores = 0 if flash_attn else n_tokens * cells * N_HEAD * 4
+    mask = n_tokens * (mask_cells or cells) * (2 if flash_attn else 4)
+    return max(logits, scores) + mask + ACTIVATION_FACTOR * n_tokens * N_EMBD * 4
 
 
 @pytest.mark.parametrize(
@@ -124,10 +146,10 @@ def kv_bytes(cells: int, layers: int, n_head_kv: int = N_HEAD_KV) -> int:
     ],
 )
 def test_weights_and_kv_follow_offload(
-    model: Path, n_gpu_layers: int | str | None, weights: int, kv_layers: int
+    model: Path, n_gpu_layers: GpuLayers, weights: int, kv_layers: int
 ) -> None:
     """Offloaded blocks count with their KV; token_embd never goes to the device."""
-    est = estimate_gguf(model, n_ctx=512, n_gpu_layers=n_gpu_layers)  # type: ignore[arg-type]
+    est = estimate_gguf(model, n_ctx=512, n_gpu_layers=n_gpu_layers)
     assert est.weights == weights
     assert est.kv_cache == kv_bytes(512, kv_layers)
     assert est.overhead == GPU_OVERHEAD
@@ -210,27 +232,110 @@ def test_n_ctx_is_padded_to_256_cells(model: Path) -> None:
 
 
 def test_each_slot_is_padded_on_its_own(model: Path) -> None:
-    """Three slots of -c 4096 get 1366 cells each, padded to 1536."""
+    """Three slots of -c 4096 have caches of 1366 cells each, padded to 1536."""
     est = estimate_gguf(model, n_ctx=4096, n_gpu_layers=None, n_parallel=3)
     assert est.kv_cache == kv_bytes(3 * 1536, 2)
+    # A unified cache is one stream of the whole context, however many slots share it.
+    unified = estimate_gguf(model, n_ctx=4096, n_gpu_layers=None, n_parallel=3, kv_unified=True)
+    assert unified.kv_cache == kv_bytes(4096, 2)
 
 
 def test_compute_buffer_heuristic(model: Path) -> None:
-    """Compute is max(logits, scores) + mask + activations, scores only without FA."""
-    n_tok, cells = 512, 2048
-    logits = n_tok * N_VOCAB * 4
-    scores = n_tok * cells * N_HEAD * 4
-    rest = n_tok * cells * 4 + 16 * n_tok * N_EMBD * 4
-    off = estimate_gguf(model, n_ctx=cells, n_gpu_layers=None, flash_attn=False)
-    on = estimate_gguf(model, n_ctx=cells, n_gpu_layers=None, flash_attn=True)
-    assert off.compute == max(logits, scores) + rest
-    assert on.compute == logits + rest
+    """Scores (without flash attention) or logits, whichever is larger, plus mask and more."""
+    off = estimate_gguf(model, n_ctx=2048, n_gpu_layers=None, flash_attn=False)
+    on = estimate_gguf(model, n_ctx=2048, n_gpu_layers=None, flash_attn=True)
+    assert off.compute == compute_bytes(512, 2048, flash_attn=False)
+    assert on.compute == compute_bytes(512, 2048, flash_attn=True)
+    scores, logits = 512 * 2048 * N_HEAD * 4, AUTO_SLOTS * N_VOCAB * 4
+    assert off.compute - on.compute == scores - logits + 512 * 2048 * (4 - 2)
+
+
+def test_logit_rows_follow_slots_or_the_caller(model: Path) -> None:
+    """One logits row per slot by default; older servers reserved a row per batch token."""
+    one_slot = estimate_gguf(model, n_ctx=2048, n_gpu_layers=None, n_parallel=1, flash_attn=True)
+    assert one_slot.compute == compute_bytes(512, 2048, flash_attn=True, n_outputs=1)
+    old = estimate_gguf(model, n_ctx=2048, n_gpu_layers=None, flash_attn=True, n_outputs=512)
+    assert old.compute == compute_bytes(512, 2048, flash_attn=True, n_outputs=512)
 
 
 def test_compute_batch_is_capped_by_the_context(model: Path) -> None:
     """A micro-batch never holds more tokens than the cache has cells."""
     small = estimate_gguf(model, n_ctx=256, n_gpu_layers=None, n_ubatch=4096, flash_attn=True)
-    assert small.compute == 256 * N_VOCAB * 4 + 256 * 256 * 4 + 16 * 256 * N_EMBD * 4
+    assert small.compute == compute_bytes(256, 256, flash_attn=True)
+
+
+def swa_model(
+    tmp_path: Path, arch: str = "gemma3", extra: dict[str, int | list[bool]] | None = None
+) -> Path:
+    """Write a six-block model of ``arch`` with a 512-token sliding window unless told."""
+    keys = {"{arch}.attention.sliding_window": 512, **(extra or {})}
+    spec = Spec(arch=arch, n_layer=6, extra=keys)
+    return write_model(tmp_path / f"{arch}.gguf", spec)
+
+
+def test_sliding_window_layers_hold_only_the_window(tmp_path: Path) -> None:
+    """Gemma 3's five sliding layers in six hold window * slots + ubatch cells, padded."""
+    path = swa_model(tmp_path)
+    est = estimate_gguf(path, n_ctx=8192, n_gpu_layers=None)
+    swa_cells = 512 * AUTO_SLOTS + 512
+    assert est.kv_cache == kv_bytes(8192, 1) + kv_bytes(swa_cells, 5)
+    # One slot, a smaller batch: 512 + 128 rounds up to 768.
+    small = estimate_gguf(path, n_ctx=8192, n_gpu_layers=None, n_parallel=1, n_ubatch=128)
+    assert small.kv_cache == kv_bytes(8192, 1) + kv_bytes(768, 5)
+    # Never more than the context itself, and all of it with --swa-full.
+    assert estimate_gguf(path, n_ctx=1024, n_gpu_layers=None).kv_cache == kv_bytes(1024, 6)
+    full = estimate_gguf(path, n_ctx=8192, n_gpu_layers=None, swa_full=True)
+    assert full.kv_cache == kv_bytes(8192, 6)
+
+
+def test_sliding_window_masks_add_to_compute(tmp_path: Path) -> None:
+    """A sliding-window model holds a second mask over the window's cells."""
+    path = swa_model(tmp_path)
+    est = estimate_gguf(path, n_ctx=8192, n_gpu_layers=None, n_parallel=1, flash_attn=True)
+    assert est.compute == compute_bytes(512, 8192, flash_attn=True, n_outputs=1, mask_cells=9216)
+
+
+def test_sliding_window_layers_per_slot(tmp_path: Path) -> None:
+    """Slots with caches of their own each hold one window plus a batch."""
+    path = swa_model(tmp_path)
+    est = estimate_gguf(path, n_ctx=8192, n_gpu_layers=None, n_parallel=2)
+    assert est.kv_cache == kv_bytes(8192, 1) + kv_bytes(2 * 1024, 5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "n_swa_layers"),
+    [
+        ({"{arch}.attention.sliding_window_pattern": 2}, 3),
+        ({"{arch}.attention.sliding_window_pattern": [True, False] * 3}, 3),
+        ({"{arch}.attention.sliding_window_pattern": [True] * 6}, 6),
+        ({"{arch}.attention.sliding_window": 0}, 0),
+    ],
+)
+def test_sliding_window_pattern_from_the_file(
+    tmp_path: Path, extra: dict[str, int | list[bool]], n_swa_layers: int
+) -> None:
+    """A pattern in the file overrides the architecture's; a zero window slides nothing."""
+    path = swa_model(tmp_path, extra=extra)
+    est = estimate_gguf(path, n_ctx=8192, n_gpu_layers=None, n_parallel=1)
+    expected = kv_bytes(8192, 6 - n_swa_layers) + kv_bytes(1024, n_swa_layers)
+    assert est.kv_cache == expected
+
+
+def test_sliding_window_only_for_known_architectures(tmp_path: Path) -> None:
+    """A window on an architecture llama.cpp does not slide is ignored; Gemma 2 has a default."""
+    llama = estimate_gguf(swa_model(tmp_path, "llama"), n_ctx=8192, n_gpu_layers=None)
+    assert llama.kv_cache == kv_bytes(8192, 6)
+    gemma2 = write_model(tmp_path / "g2.gguf", Spec(arch="gemma2", n_layer=6))
+    est = estimate_gguf(gemma2, n_ctx=32768, n_gpu_layers=None, n_parallel=1)
+    assert est.kv_cache == kv_bytes(32768, 3) + kv_bytes(4096 + 512, 3)
+
+
+def test_sliding_window_with_partial_offload(tmp_path: Path) -> None:
+    """Only offloaded layers' caches count, each at its own size."""
+    path = swa_model(tmp_path)
+    # -ngl 3: the output layer, blk.5 (full attention) and blk.4 (sliding).
+    est = estimate_gguf(path, n_ctx=8192, n_gpu_layers=3, n_parallel=1)
+    assert est.kv_cache == kv_bytes(8192, 1) + kv_bytes(1024, 1)
 
 
 def test_vocab_from_token_embd_shape(tmp_path: Path) -> None:
@@ -286,9 +391,9 @@ def test_header_reader_agrees_with_gguf_reader(tmp_path: Path, spec: Spec) -> No
 def test_long_token_list_is_counted(tmp_path: Path) -> None:
     """A vocabulary too long to decode still sizes the logits."""
     path = write_model(tmp_path / "big.gguf", Spec(tokens=MAX_DECODED_ARRAY + 1))
-    est = estimate_gguf(path, n_ctx=256, n_gpu_layers=None, flash_attn=True)
-    logits = 256 * (MAX_DECODED_ARRAY + 1) * 4
-    assert est.compute == logits + 256 * 256 * 4 + 16 * 256 * N_EMBD * 4
+    est = estimate_gguf(path, n_ctx=256, n_gpu_layers=None, flash_attn=True, n_outputs=256)
+    vocab_growth = 256 * (MAX_DECODED_ARRAY + 1 - N_VOCAB) * 4
+    assert est.compute == compute_bytes(256, 256, flash_attn=True, n_outputs=256) + vocab_growth
 
 
 def test_not_a_gguf(tmp_path: Path) -> None:
@@ -358,6 +463,9 @@ def test_describe() -> None:
         (["-fa", "false"], LlamaArgs(flash_attn="off")),
         (["-ub", "256", "--ubatch-size=128"], LlamaArgs(n_ubatch=128)),
         (["-c", "1024", "-c", "2048"], LlamaArgs(n_ctx=2048)),
+        (["-kvu", "--swa-full"], LlamaArgs(kv_unified=True, swa_full=True)),
+        (["--kv-unified", "-no-kvu"], LlamaArgs(kv_unified=False)),
+        (["--no-kv-unified"], LlamaArgs(kv_unified=False)),
         (["--alias", "m", "--unknown=3", "-c", "64"], LlamaArgs(n_ctx=64)),
     ],
 )
@@ -384,9 +492,25 @@ def test_parse_llama_args_rejects_bad_values(argv: list[str], message: str) -> N
 
 def test_estimate_for_args(model: Path) -> None:
     """Flags flow into the estimate; flash attention "auto" counts as on."""
-    args = parse_llama_args(["-c", "2048", "-ngl", "2", "-ctk", "q8_0", "-np", "-1"])
-    via_args = estimate_for_args(model, args)
-    direct = estimate_gguf(model, n_ctx=2048, n_gpu_layers=2, cache_type_k="q8_0", flash_attn=True)
+    argv = ["-c", "2048", "-ngl", "2", "-ctk", "q8_0", "-np", "2", "-kvu", "-ub", "256"]
+    via_args = estimate_for_args(model, parse_llama_args(argv))
+    direct = estimate_gguf(
+        model,
+        n_ctx=2048,
+        n_gpu_layers=2,
+        cache_type_k="q8_0",
+        n_parallel=2,
+        kv_unified=True,
+        n_ubatch=256,
+        flash_attn=True,
+    )
     assert via_args == direct
     no_fa = estimate_for_args(model, parse_llama_args(["-c", "2048", "-fa", "off"]))
-    assert no_fa.compute > via_args.compute
+    fa = estimate_for_args(model, parse_llama_args(["-c", "2048"]))
+    assert no_fa.compute > fa.compute
+
+
+def test_cache_type_is_checked_before_the_file_is_read(tmp_path: Path) -> None:
+    """A bad cache type is reported even when the model file does not exist."""
+    with pytest.raises(ValueError, match="'q2'"):
+        estimate_gguf(tmp_path / "absent.gguf", n_ctx=None, n_gpu_layers=None, cache_type_k="q2")
