@@ -41,9 +41,12 @@ def default_config() -> Config:
 
 def try_it(url: str) -> str:
     """The curl to print when swapd starts on the embedded default."""
+    # Gemma 3 270M here is a base model: a completion prompt answers best.
+    body = (
+        f'{{"model": "{MODEL_NAME}", "prompt": "Q: What is the capital of France?\\nA:", '
+        '"max_tokens": 8, "temperature": 0}'
+    )
     return (
-        f"swapd: serving {MODEL_NAME} (embedded default). Try:\n"
-        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        f'    -d \'{{"model": "{MODEL_NAME}", "messages": [{{"role": "user", '
-        f'"content": "Name three colours."}}]}}\'\n'
+        f"swapd: serving {MODEL_NAME} (embedded default); it loads on the first request. Try:\n"
+        f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
     )

@@ -14,7 +14,8 @@ runs out of memory:
   head_dim_v * bytes(type_v))``. ``cells`` is the total context (``-c``, all slots
   together) rounded up to 256, or each slot's share rounded up when the slots have caches
   of their own. Sliding-window layers of the architectures in ``SWA_PATTERNS`` hold only
-  the window: ``window * slots + n_ubatch`` cells, rounded up (all of it with ``--swa-full``).
+  the window of each sequence in a stream plus one micro-batch, rounded up (the whole
+  context with ``--swa-full``).
 - **compute**: the graph buffer, see :func:`compute_buffer`.
 - **overhead**: a constant for the runtime itself (driver context, BLAS, threads).
 
