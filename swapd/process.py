@@ -100,7 +100,7 @@ class Child:
     def _emit(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self.ring.append(line)
-        _log.debug("backend.output", model=self.model, line=line)
+        _log.info("backend.output", model=self.model, line=line)
 
     async def wait_exit(self) -> int:
         """Wait until the process has exited and its output is drained."""
