@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swapd.estimate import estimate_gguf, parse_llama_args
+from swapd.estimate import estimate_for_args, parse_llama_args
 from swapd.footprints import Footprints
+from swapd.logs import get_logger
 from swapd.presets import Preset
 from swapd.probe import Device
 
+_log = get_logger("swapd.needs")
 # vLLM on a CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE; without a declared
 # memory: swapd assumes this much host RAM for it.
 VLLM_CPU_DEFAULT = 4 * 1024**3
@@ -35,18 +37,10 @@ def estimate_bytes(preset: Preset, device: Device, total: int) -> int | None:
     """An estimate from the model itself, or None when there is nothing to go on."""
     on_gpu = device.kind != "cpu"
     if preset.backend == "llama-server" and preset.model is not None and preset.model.is_file():
-        args = parse_llama_args(preset.args)
-        layers = args.n_gpu_layers if on_gpu else 0
         try:
-            estimate = estimate_gguf(
-                preset.model,
-                n_ctx=args.n_ctx,
-                n_gpu_layers=layers,
-                cache_type_k=args.cache_type_k,
-                cache_type_v=args.cache_type_v,
-                on_gpu=on_gpu,
-            )
-        except (ValueError, OSError, KeyError):
+            estimate = estimate_for_args(preset.model, parse_llama_args(preset.args), on_gpu=on_gpu)
+        except (ValueError, OSError) as exc:
+            _log.warning("model.estimate.fail", model=preset.name, error=str(exc))
             return None
         return estimate.total
     if preset.backend == "vllm":
