@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import http.client
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -63,6 +64,30 @@ def machine_info() -> Json:
     }
 
 
+def _spin(core: int, seconds: float) -> int:
+    """Count loop iterations on one core for ``seconds`` (a crude CPU speed gauge)."""
+    os.sched_setaffinity(0, {core})
+    count = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        count += 1
+    return count
+
+
+def parallel_capacity(seconds: float = 1.0) -> Json:
+    """How much CPU the usable cores give together, in units of one core running alone.
+
+    On a virtual machine whose virtual CPUs share physical cores with other guests,
+    two cores busy at once can give much less than twice one core.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(len(cores)) as pool:
+        alone = pool.apply(_spin, (cores[0], seconds))
+        together = pool.starmap(_spin, [(c, seconds) for c in cores])
+    return {"cores": len(cores), "capacity": round(sum(together) / alone, 2)}
+
+
 def finish_info(info: Json) -> Json:
     """Add the load average at the end of a run."""
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -93,7 +118,8 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for n, row in enumerate(cells):
         line = "  ".join(
-            v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))
+            v.ljust(w) if i == 0 else v.rjust(w)
+            for i, (v, w) in enumerate(zip(row, widths, strict=True))
         )
         print(line)
         if n == 0:
@@ -102,7 +128,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 def _cell(value: object) -> str:
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"  # noqa: PLR2004
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
 
 
@@ -298,12 +324,12 @@ class Swapd:
 
     @property
     def log_path(self) -> Path:
-        """swapd's stdout and stderr (JSON events)."""
+        """Swapd's stdout and stderr (JSON events)."""
         return self.root / "swapd.log"
 
     @property
     def pid(self) -> int:
-        """swapd's process id."""
+        """Swapd's process id."""
         if self.proc is None:
             raise RuntimeError("swapd is not running")
         return self.proc.pid
@@ -328,12 +354,12 @@ class Swapd:
         """Start swapd (pinned to ``cores``) and wait until /health answers."""
         config = self.write()
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: PLW1509 - the pin must happen before exec
+            self.proc = subprocess.Popen(
                 [sys.executable, "-m", "swapd", "serve", "--config", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.root,
-                preexec_fn=pinner(self.cores),
+                preexec_fn=pinner(self.cores),  # noqa: PLW1509 - pin before exec; no threads yet
             )
         wait_until(self._healthy, timeout=60)
         return self
@@ -341,7 +367,7 @@ class Swapd:
     def _healthy(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise RuntimeError(f"swapd exited:\n{self.log_path.read_text()[-3000:]}")
-        return http_status(self.port, "/health") == 200  # noqa: PLR2004
+        return http_status(self.port, "/health") == 200
 
     def stop(self) -> None:
         """Stop swapd (it stops its backends) and remove its folder."""
@@ -358,7 +384,7 @@ class Swapd:
     def load(self, name: str) -> Json:
         """Load a model without a request and return its status entry."""
         status, body = http_json("POST", self.port, f"/swapd/models/{name}/load")
-        if status != 200:  # noqa: PLR2004
+        if status != 200:
             raise RuntimeError(f"loading {name} failed: {status} {body}")
         entry: Json = body
         return entry
@@ -374,7 +400,7 @@ class Swapd:
         return found
 
     def reaper_pid(self) -> int | None:
-        """swapd's watchdog child, if it is running."""
+        """Swapd's watchdog child, if it is running."""
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.pid).children():
                 if "swapd.reaper" in " ".join(child.cmdline()):
@@ -384,7 +410,7 @@ class Swapd:
 
 @contextlib.contextmanager
 def running(daemon: Swapd) -> Iterator[Swapd]:
-    """``with running(Swapd(...)) as d:`` -- start, and always stop."""
+    """Start a swapd for a ``with`` block and always stop it."""
     try:
         yield daemon.start()
     finally:

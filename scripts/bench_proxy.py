@@ -27,12 +27,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import aiohttp
-import psutil
+from typing import Any, Self
 
 import _bench
+import aiohttp
+import psutil
 from _bench import Json, Swapd
 
 CHUNKS = 10
@@ -56,13 +55,16 @@ class Layout:
 def layouts() -> dict[str, Layout]:
     """The core layouts this machine allows (two cores are needed to pin at all)."""
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:  # noqa: PLR2004
+    if len(cores) < 2:
         return {"none": Layout("none", None, None, None, "one core: nothing pinned")}
     a, b = {cores[0]}, {cores[1]}
     return {
         "shared": Layout(
-            "shared", a, b, b, "client alone; swapd shares the backend's core (proxy CPU is taken "
-            "from the backend)"
+            "shared",
+            a,
+            b,
+            b,
+            "client alone; swapd shares the backend's core (proxy CPU is taken from the backend)",
         ),
         "spare": Layout(
             "spare", a, b, a, "client and backend share a core; swapd has a spare core of its own"
@@ -134,7 +136,7 @@ class Client:
         }
         self.sessions: dict[str, aiohttp.ClientSession] = {}
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         for mode in self.urls:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
             timeout = aiohttp.ClientTimeout(total=600)
@@ -152,20 +154,21 @@ class Client:
             self.urls[mode], data=body, headers={"Content-Type": "application/json"}
         ) as resp:
             await resp.read()
-            if resp.status != 200:  # noqa: PLR2004
+            if resp.status != 200:
                 raise RuntimeError(f"{mode}: HTTP {resp.status}")
         return time.perf_counter() - started
 
     async def stream(self, mode: str, body: bytes) -> tuple[float, float]:
         """Send one streaming request; return (time to first chunk, mean gap between chunks)."""
         started = time.perf_counter()
-        stamps: list[float] = []
         async with self.sessions[mode].post(
             self.urls[mode], data=body, headers={"Content-Type": "application/json"}
         ) as resp:
-            async for line in resp.content:
-                if line.startswith(b"data:") and b"[DONE]" not in line:
-                    stamps.append(time.perf_counter())
+            stamps = [
+                time.perf_counter()
+                async for line in resp.content
+                if line.startswith(b"data:") and b"[DONE]" not in line
+            ]
         if not stamps:
             raise RuntimeError(f"{mode}: no chunks")
         gap = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
@@ -268,8 +271,9 @@ async def stream_phase(client: Client, work: Workload) -> Json:
 
     rounds = 10
     await alternate(rounds, run, per_round=max(1, work.stream_n // rounds))
-    out: Json = {m: {"ttfc_ms": _bench.summarize(ttfc[m]), "gap_ms": _bench.summarize(gaps[m])}
-                 for m in ttfc}
+    out: Json = {
+        m: {"ttfc_ms": _bench.summarize(ttfc[m]), "gap_ms": _bench.summarize(gaps[m])} for m in ttfc
+    }
     out["added_ttfc_p50_ms"] = out["through"]["ttfc_ms"]["p50"] - out["direct"]["ttfc_ms"]["p50"]
     out["added_gap_mean_ms"] = out["through"]["gap_ms"]["mean"] - out["direct"]["gap_ms"]["mean"]
     return out
@@ -342,7 +346,7 @@ def rss_mib(pid: int | None) -> float:
 
 
 def footprint(idle_seconds: float, requests: int) -> Json:
-    """swapd with 10 fake presets: RSS and idle CPU before and after serving a model."""
+    """Swapd with 10 fake presets: RSS and idle CPU before and after serving a model."""
     work = fake_workload(quick=True)
     daemon = Swapd({"m": work.preset, **extra_presets()})
     with _bench.running(daemon):
@@ -374,12 +378,27 @@ def print_report(results: list[Json], foot: Json | None) -> None:
     """The tables: latency, throughput, streaming, footprint."""
     print("\nsmall request latency, sequential (ms)")
     _bench.print_table(
-        ["backend/layout", "direct p50", "through p50", "added p50", "ratio", "direct p99",
-         "through p99", "added p99"],
         [
-            [f"{r['backend']}/{r['layout']}", lat["direct_ms"]["p50"], lat["through_ms"]["p50"],
-             lat["added_p50_ms"], lat["ratio_p50"], lat["direct_ms"]["p99"],
-             lat["through_ms"]["p99"], lat["added_p99_ms"]]
+            "backend/layout",
+            "direct p50",
+            "through p50",
+            "added p50",
+            "ratio",
+            "direct p99",
+            "through p99",
+            "added p99",
+        ],
+        [
+            [
+                f"{r['backend']}/{r['layout']}",
+                lat["direct_ms"]["p50"],
+                lat["through_ms"]["p50"],
+                lat["added_p50_ms"],
+                lat["ratio_p50"],
+                lat["direct_ms"]["p99"],
+                lat["through_ms"]["p99"],
+                lat["added_p99_ms"],
+            ]
             for r in results
             for lat in [r["latency"]]
         ],
@@ -388,9 +407,14 @@ def print_report(results: list[Json], foot: Json | None) -> None:
     _bench.print_table(
         ["backend/layout", "concurrency", "direct", "through", "ratio", "swapd cpu ms/req"],
         [
-            [f"{r['backend']}/{r['layout']}", lv["concurrency"], lv["direct_rps"],
-             lv["through_rps"], lv["ratio"],
-             _bench.median([x["cpu_ms_per_request"]["swapd"] for x in lv["runs"]["through"]])]
+            [
+                f"{r['backend']}/{r['layout']}",
+                lv["concurrency"],
+                lv["direct_rps"],
+                lv["through_rps"],
+                lv["ratio"],
+                _bench.median([x["cpu_ms_per_request"]["swapd"] for x in lv["runs"]["through"]]),
+            ]
             for r in results
             for lv in r["throughput"]
         ],
@@ -399,9 +423,14 @@ def print_report(results: list[Json], foot: Json | None) -> None:
     _bench.print_table(
         ["backend/layout", "direct ttfc", "through ttfc", "added", "direct gap", "through gap"],
         [
-            [f"{r['backend']}/{r['layout']}", s["direct"]["ttfc_ms"]["p50"],
-             s["through"]["ttfc_ms"]["p50"], s["added_ttfc_p50_ms"],
-             s["direct"]["gap_ms"]["mean"], s["through"]["gap_ms"]["mean"]]
+            [
+                f"{r['backend']}/{r['layout']}",
+                s["direct"]["ttfc_ms"]["p50"],
+                s["through"]["ttfc_ms"]["p50"],
+                s["added_ttfc_p50_ms"],
+                s["direct"]["gap_ms"]["mean"],
+                s["through"]["gap_ms"]["mean"],
+            ]
             for r in results
             for s in [r["streaming"]]
         ],
@@ -415,15 +444,24 @@ def print_report(results: list[Json], foot: Json | None) -> None:
 def print_footprint(foot: Json) -> None:
     """RSS and idle CPU with 10 presets."""
     print(f"\nswapd footprint with {foot['presets']} presets")
-    rows = []
-    for key in foot["rss_mib_start"]:
-        rows.append(
-            [key, foot["rss_mib_start"][key], foot["rss_mib_after_requests"][key],
-             foot["idle_cpu_pct_nothing_loaded"][key], foot["idle_cpu_pct_one_ready"][key]]
-        )
+    rows = [
+        [
+            key,
+            foot["rss_mib_start"][key],
+            foot["rss_mib_after_requests"][key],
+            foot["idle_cpu_pct_nothing_loaded"][key],
+            foot["idle_cpu_pct_one_ready"][key],
+        ]
+        for key in foot["rss_mib_start"]
+    ]
     _bench.print_table(
-        ["process", "RSS MiB start", f"RSS after {foot['requests_served']} req",
-         "idle CPU % (none loaded)", "idle CPU % (one ready)"],
+        [
+            "process",
+            "RSS MiB start",
+            f"RSS after {foot['requests_served']} req",
+            "idle CPU % (none loaded)",
+            "idle CPU % (one ready)",
+        ],
         rows,
     )
 
@@ -445,6 +483,7 @@ def main() -> None:
     args = parse_args()
     everywhere = os.sched_getaffinity(0)
     info = _bench.machine_info()
+    info["cpu_capacity_start"] = _bench.parallel_capacity()
     _bench.print_machine(info)
     known = layouts()
     chosen = [known[n] for n in args.layouts.split(",") if n in known] or list(known.values())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import datetime as dt
 import http.client
 import json
 import mmap
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import _bench
 from _bench import Json, Swapd
+
 from swapd.backends import build_launch
 from swapd.presets import Preset, load_presets
 
@@ -55,7 +57,7 @@ class Cores:
 def choose_cores() -> Cores:
     """Split two cores between the client and the servers; pin nothing on one core."""
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:  # noqa: PLR2004
+    if len(cores) < 2:
         return Cores(None, None)
     return Cores({cores[0]}, {cores[1]})
 
@@ -73,7 +75,7 @@ def chat(port: int, model: str) -> tuple[float, float]:
         resp = conn.getresponse()
         ttfb = time.perf_counter() - started
         resp.read()
-        if resp.status != 200:  # noqa: PLR2004
+        if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status} for {model}")
         return ttfb, time.perf_counter() - started
     finally:
@@ -84,18 +86,20 @@ def chat(port: int, model: str) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def spawned(preset: Preset, cores: set[int] | None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def spawned(
+    preset: Preset, cores: set[int] | None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Start the backend directly with swapd's argv on a free port; always stop it."""
     port = _bench.free_port()
     launch = build_launch(preset, port)
-    proc = subprocess.Popen(  # noqa: PLW1509 - the pin must happen before exec
+    proc = subprocess.Popen(
         list(launch.argv),
         env=dict(launch.env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        preexec_fn=_bench.pinner(cores),
+        preexec_fn=_bench.pinner(cores),  # noqa: PLW1509 - pin before exec; no threads here
     )
     try:
         yield proc, port
@@ -108,7 +112,7 @@ def spawned(preset: Preset, cores: set[int] | None) -> Iterator[tuple[subprocess
 def wait_healthy(proc: subprocess.Popen[bytes], port: int, path: str, timeout: float) -> None:
     """Poll the health URL every millisecond until it answers 200."""
     deadline = time.monotonic() + timeout
-    while _bench.http_status(port, path, timeout=5) != 200:  # noqa: PLR2004
+    while _bench.http_status(port, path, timeout=5) != 200:
         if proc.poll() is not None:
             raise RuntimeError(f"backend exited with {proc.returncode} while starting")
         if time.monotonic() > deadline:
@@ -133,24 +137,64 @@ def direct_run(preset: Preset, cores: set[int] | None) -> Json:
 # ---------------------------------------------------------------- through swapd
 
 
-def first_load(daemon: Swapd) -> Json:
-    """A request for a stopped model (nothing to evict), then unload it again."""
-    ttfb, total = chat(daemon.port, "a")
-    _bench.http_json("POST", daemon.port, "/swapd/models/a/unload")
-    return {"ttfb_s": ttfb, "total_s": total}
+def cold_request(daemon: Swapd, model: str) -> Json:
+    """A request for a model that is not running: TTFB, and swapd's CPU time meanwhile."""
+    cpu = _bench.cpu_seconds(daemon.pid)
+    sent = time.time()
+    ttfb, total = chat(daemon.port, model)
+    return {
+        "sent": sent,
+        "ttfb_s": ttfb,
+        "total_s": total,
+        "swapd_cpu_s": _bench.cpu_seconds(daemon.pid) - cpu,
+    }
 
 
-def swap(daemon: Swapd, target: str) -> Json:
-    """A request for ``target`` while the other preset is the one running model."""
-    ttfb, total = chat(daemon.port, target)
-    return {"ttfb_s": ttfb, "total_s": total, "target": target}
+# Phases of a cold request, each from one of swapd's log events to the next.
+PHASES = (
+    ("admit", "sent", "model.evict"),
+    ("stop", "model.evict", "backend.exit"),
+    ("replan", "backend.exit", "model.load.start"),
+    ("spawn", "model.load.start", "backend.spawn"),
+    ("ready", "backend.spawn", "model.load.done"),
+    ("forward", "model.load.done", "ttfb"),
+)
 
 
-def scenario_events(daemon: Swapd) -> Json:
-    """swapd's own view: stop times of evicted backends and load times, from its log."""
-    exits = [float(e["stop_s"]) for e in daemon.events("backend.exit")]
-    loads = [float(e["load_s"]) for e in daemon.events("model.load.done")]
-    return {"backend_exit_stop_s": _bench.summarize(exits), "load_done_s": _bench.summarize(loads)}
+def event_times(daemon: Swapd) -> list[tuple[float, str]]:
+    """Every event in swapd's log as (wall-clock time, name), in order."""
+    out = []
+    for line in daemon.log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            event = json.loads(line)
+            stamp = dt.datetime.fromisoformat(event["timestamp"]).timestamp()
+            out.append((stamp, str(event["event"])))
+    return out
+
+
+def timeline(run: Json, events: list[tuple[float, str]]) -> Json:
+    """Milliseconds spent in each phase of one cold request, from swapd's own log."""
+    end = run["sent"] + run["ttfb_s"]
+    marks: dict[str, float] = {"sent": run["sent"], "ttfb": end}
+    for stamp, name in events:
+        if run["sent"] - 0.002 <= stamp <= end + 0.002 and name not in marks:
+            marks[name] = stamp
+    if "model.evict" not in marks:  # first load: admission runs until the load starts
+        marks["model.evict"] = marks["backend.exit"] = marks.get("model.load.start", end)
+    return {
+        phase: 1000 * (marks[b] - marks[a]) for phase, a, b in PHASES if a in marks and b in marks
+    }
+
+
+def phases_summary(runs: list[Json], events: list[tuple[float, str]]) -> Json:
+    """Median milliseconds per phase over the runs, plus swapd's CPU per cold request."""
+    lines = [timeline(r, events) for r in runs]
+    medians = {
+        phase: _bench.median([line[phase] for line in lines if phase in line])
+        for phase, _, _ in PHASES
+    }
+    medians["swapd_cpu_ms_mean"] = 1000 * sum(r["swapd_cpu_s"] for r in runs) / len(runs)
+    return medians
 
 
 def measure_backend(kind: str, preset: Json, runs: int, cores: Cores) -> Json:
@@ -158,7 +202,7 @@ def measure_backend(kind: str, preset: Json, runs: int, cores: Cores) -> Json:
     direct: list[Json] = []
     firsts: list[Json] = []
     swaps: list[Json] = []
-    events: dict[str, Json] = {}
+    phases: dict[str, Json] = {}
     _bench.pin_self(cores.client)
     one = Swapd({"a": preset}, cores=cores.server)
     with _bench.running(one):
@@ -167,20 +211,21 @@ def measure_backend(kind: str, preset: Json, runs: int, cores: Cores) -> Json:
         _bench.http_json("POST", one.port, "/swapd/models/a/unload")
         for _ in range(runs):
             direct.append(direct_run(parsed, cores.server))
-            firsts.append(first_load(one))
-        events["first_load"] = scenario_events(one)
+            firsts.append(cold_request(one, "a"))
+            _bench.http_json("POST", one.port, "/swapd/models/a/unload")
+        phases["first_load"] = phases_summary(firsts, event_times(one))
     two = Swapd({"a": preset, "b": preset}, settings={"max_running": 1}, cores=cores.server)
     with _bench.running(two):
         chat(two.port, "b")
         for i in range(runs):
             direct.append(direct_run(parsed, cores.server))
-            swaps.append(swap(two, "ab"[i % 2]))
-        events["swap"] = scenario_events(two)
-    return summarize_backend(kind, direct, firsts, swaps, events)
+            swaps.append(cold_request(two, "ab"[i % 2]))
+        phases["swap"] = phases_summary(swaps, event_times(two))
+    return summarize_backend(kind, direct, firsts, swaps, phases)
 
 
 def summarize_backend(
-    kind: str, direct: list[Json], firsts: list[Json], swaps: list[Json], events: dict[str, Json]
+    kind: str, direct: list[Json], firsts: list[Json], swaps: list[Json], phases: dict[str, Json]
 ) -> Json:
     """Medians of the backend's own costs and swapd's share for both scenarios."""
     start = _bench.median([d["start_s"] for d in direct])
@@ -207,7 +252,7 @@ def summarize_backend(
             "over_backend_start_ms": _bench.median([1000 * s["ttfb_s"] for s in swaps])
             - 1000 * start,
         },
-        "swapd_events": events,
+        "phases_ms": phases,
     }
 
 
@@ -229,7 +274,12 @@ def resident_fraction(path: Path) -> float:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [
-        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
     ]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -288,26 +338,62 @@ def print_report(results: list[Json], cache: Json | None) -> None:
         for scenario in ("first_load", "swap"):
             s = r[scenario]
             rows.append(
-                [f"{r['backend']}/{scenario}", s["ttfb_ms"]["p50"],
-                 d["stop_ms"]["p50"] if scenario == "swap" else 0.0, d["start_ms"]["p50"],
-                 d["first_request_ms"]["p50"], s["swapd_share_ms"]["p50"],
-                 s["swapd_share_ms"]["p90"], s["over_backend_start_ms"]]
+                [
+                    f"{r['backend']}/{scenario}",
+                    s["ttfb_ms"]["p50"],
+                    d["stop_ms"]["p50"] if scenario == "swap" else 0.0,
+                    d["start_ms"]["p50"],
+                    d["first_request_ms"]["p50"],
+                    s["swapd_share_ms"]["p50"],
+                    s["swapd_share_ms"]["p90"],
+                    s["over_backend_start_ms"],
+                ]
             )
     _bench.print_table(
-        ["backend/scenario", "TTFB p50", "stop p50", "start p50", "1st req p50",
-         "swapd share p50", "share p90", "TTFB - start"],
+        [
+            "backend/scenario",
+            "TTFB p50",
+            "stop p50",
+            "start p50",
+            "1st req p50",
+            "swapd share p50",
+            "share p90",
+            "TTFB - start",
+        ],
         rows,
+    )
+    print("\nphases of a cold request through swapd (ms, medians, from swapd's log)")
+    _bench.print_table(
+        ["backend/scenario", *(p for p, _, _ in PHASES), "swapd CPU"],
+        [
+            [
+                f"{r['backend']}/{sc}",
+                *(ph.get(p, float("nan")) for p, _, _ in PHASES),
+                ph["swapd_cpu_ms_mean"],
+            ]
+            for r in results
+            for sc, ph in r["phases_ms"].items()
+        ],
     )
     if cache is not None:
         print(f"\nllama-server start without swapd, GGUF {cache['model_mib']} MiB (ms)")
         _bench.print_table(
             ["case", "p50", "p90", "min", "resident before"],
             [
-                ["page cache dropped", cache["cold_start_ms"]["p50"],
-                 cache["cold_start_ms"]["p90"], cache["cold_start_ms"]["min"],
-                 cache["resident_before_cold"].get("p50", float("nan"))],
-                ["page cache warm", cache["cached_start_ms"]["p50"],
-                 cache["cached_start_ms"]["p90"], cache["cached_start_ms"]["min"], 1.0],
+                [
+                    "page cache dropped",
+                    cache["cold_start_ms"]["p50"],
+                    cache["cold_start_ms"]["p90"],
+                    cache["cold_start_ms"]["min"],
+                    cache["resident_before_cold"].get("p50", float("nan")),
+                ],
+                [
+                    "page cache warm",
+                    cache["cached_start_ms"]["p50"],
+                    cache["cached_start_ms"]["p90"],
+                    cache["cached_start_ms"]["min"],
+                    1.0,
+                ],
             ],
         )
         print(f"cold/cached ratio (p50): {cache['ratio_p50']:.2f}")
@@ -328,6 +414,7 @@ def main() -> None:
     """Run every backend kind, print the tables, write the JSON."""
     args = parse_args()
     info = _bench.machine_info()
+    info["cpu_capacity_start"] = _bench.parallel_capacity()
     _bench.print_machine(info)
     cores = choose_cores()
     results = []
@@ -338,12 +425,19 @@ def main() -> None:
         print(f"running {kind} ({runs} runs per scenario) ...", flush=True)
         results.append(measure_backend(kind, preset, runs, cores))
         if model is not None:
-            parsed = Preset(name="cold", file="cold.yaml", backend="llama-server", model=model,
-                            args=tuple(preset["args"]))
+            parsed = Preset(
+                name="cold",
+                file="cold.yaml",
+                backend="llama-server",
+                model=model,
+                args=tuple(preset["args"]),
+            )
             cache = cold_vs_cached(parsed, model, max(3, runs // 2), cores)
     print_report(results, cache)
-    info["cores"] = {"client": sorted(cores.client or []), "swapd_and_backends":
-                     sorted(cores.server or [])}
+    info["cores"] = {
+        "client": sorted(cores.client or []),
+        "swapd_and_backends": sorted(cores.server or []),
+    }
     _bench.write_json(
         args.out, {"machine": _bench.finish_info(info), "results": results, "page_cache": cache}
     )

@@ -33,10 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 import _bench
+import numpy as np
 from _bench import Json
+
 from swapd import policy
 
 GIB = 1024**3
@@ -90,7 +90,8 @@ def zipf_trace(rng: random.Random, names: list[str], horizon: float, rate: float
     """Poisson arrivals; model popularity Zipf(1.1) over a shuffled ranking."""
     ranked = rng.sample(names, len(names))
     weights = _zipf_weights(len(ranked), 1.1)
-    out, t = [], 0.0
+    out: list[Request] = []
+    t = 0.0
     while True:
         t += rng.expovariate(rate)
         if t >= horizon:
@@ -102,7 +103,8 @@ def bursty_trace(
     rng: random.Random, names: list[str], horizon: float, rate: float
 ) -> list[Request]:
     """Sessions: one model gets a burst of requests close together, then another model."""
-    out, t = [], 0.0
+    out: list[Request] = []
+    t = 0.0
     mean_burst = 8
     while t < horizon:
         model = rng.choice(names)
@@ -118,7 +120,8 @@ def diurnal_trace(
 ) -> list[Request]:
     """A day compressed into the horizon: the rate swings 10x, and so does who is popular."""
     day, night = names[: len(names) // 2], names[len(names) // 2 :]
-    out, t = [], 0.0
+    out: list[Request] = []
+    t = 0.0
     peak = 1.8 * rate
     while True:  # thinning of a Poisson process at the peak rate
         t += rng.expovariate(peak)
@@ -217,7 +220,7 @@ def residents_view(sim: Sim) -> list[policy.Resident]:
 
 
 def plan_swapd(sim: Sim, name: str, _now: float) -> Plan:
-    """swapd's own policy: memory budget, LRU among idle residents."""
+    """The policy swapd runs: memory budget, LRU among idle residents."""
     device = policy.DeviceView("sim", sim.budget, sim.budget - sim.used())
     return policy.plan_admission(
         sim.models[name].size, [device], residents_view(sim), policy.Limits(reserve=0)
@@ -225,7 +228,7 @@ def plan_swapd(sim: Sim, name: str, _now: float) -> Plan:
 
 
 def plan_count(limit: int) -> Planner:
-    """swapd's policy with a model-count cap and no memory accounting at all."""
+    """The policy with a model-count cap and no memory accounting at all."""
 
     def plan(sim: Sim, name: str, now: float) -> Plan:
         if name in sim.retry_after_oom:
@@ -424,13 +427,28 @@ def print_report(results: dict[str, Json]) -> None:
         for name in (*POLICIES, "compulsory"):
             r = by_policy[name]
             rows.append(
-                [f"{trace}/{name}", r["loads"], r["load_time_s"], r.get("ooms", "-"),
-                 r.get("vs_belady", "-"), r.get("reduction_vs_one_at_a_time", "-"),
-                 r.get("wait_p50_s", "-"), r.get("wait_p95_s", "-")]
+                [
+                    f"{trace}/{name}",
+                    r["loads"],
+                    r["load_time_s"],
+                    r.get("ooms", "-"),
+                    r.get("vs_belady", "-"),
+                    r.get("reduction_vs_one_at_a_time", "-"),
+                    r.get("wait_p50_s", "-"),
+                    r.get("wait_p95_s", "-"),
+                ]
             )
     _bench.print_table(
-        ["trace/policy", "loads", "load time s", "OOMs", "x belady", "vs one-at-a-time",
-         "wait p50 s", "wait p95 s"],
+        [
+            "trace/policy",
+            "loads",
+            "load time s",
+            "OOMs",
+            "x belady",
+            "vs one-at-a-time",
+            "wait p50 s",
+            "wait p95 s",
+        ],
         rows,
     )
 
@@ -443,14 +461,28 @@ def print_sweep(sweep: dict[str, dict[str, Json]]) -> None:
         for trace, by_policy in results.items():
             r = by_policy["swapd"]
             rows.append(
-                [f"{rate}/{trace}", r["load_time_s"], by_policy["belady"]["load_time_s"],
-                 by_policy["one-at-a-time"]["load_time_s"], r["vs_belady"],
-                 r["reduction_vs_one_at_a_time"], r["wait_p95_s"],
-                 by_policy["one-at-a-time"]["wait_p95_s"]]
+                [
+                    f"{rate}/{trace}",
+                    r["load_time_s"],
+                    by_policy["belady"]["load_time_s"],
+                    by_policy["one-at-a-time"]["load_time_s"],
+                    r["vs_belady"],
+                    r["reduction_vs_one_at_a_time"],
+                    r["wait_p95_s"],
+                    by_policy["one-at-a-time"]["wait_p95_s"],
+                ]
             )
     _bench.print_table(
-        ["rate/trace", "swapd s", "belady s", "one-at-a-time s", "x belady", "vs one-at-a-time",
-         "swapd p95 wait", "one p95 wait"],
+        [
+            "rate/trace",
+            "swapd s",
+            "belady s",
+            "one-at-a-time s",
+            "x belady",
+            "vs one-at-a-time",
+            "swapd p95 wait",
+            "one p95 wait",
+        ],
         rows,
     )
 
@@ -506,7 +538,7 @@ def plot(results: dict[str, Json], folder: Path) -> list[str]:
         ax.set_xticks(range(len(traces)), traces)
         ax.set_ylabel(label)
         ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncol=len(POLICIES), loc="upper center", bbox_to_anchor=(0.5, -0.08))
         ax.set_title(f"{label}: 8 models 1-12 GiB, budget {BUDGET_GIB:g} GiB")
         fig.tight_layout()
         path = folder / file
@@ -557,8 +589,13 @@ def main() -> None:
     }
     _bench.write_json(
         args.out,
-        {"machine": _bench.finish_info(info), "params": params, "results": results,
-         "sweep": sweep, "charts": charts},
+        {
+            "machine": _bench.finish_info(info),
+            "params": params,
+            "results": results,
+            "sweep": sweep,
+            "charts": charts,
+        },
     )
 
 

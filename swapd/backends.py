@@ -98,6 +98,8 @@ def _llama_argv(preset: Preset, binary: str, port: int, on_gpu: bool) -> list[st
     pinned: list[str] = []
     if not has_flag(args, "-ngl", "--n-gpu-layers", "--gpu-layers"):
         pinned += ["-ngl", "999" if on_gpu else "0"]
+    if not has_flag(args, "-c", "--ctx-size"):
+        pinned += ["-c", "0"]  # the model's own context, explicitly: what the estimate assumed
     flags = llama_server_flags(binary)
     if "--fit" in flags and not has_flag(args, "-fit", "--fit"):
         pinned += ["--fit", "off"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -221,3 +222,49 @@ def test_a_burst_against_three_models_never_exceeds_the_budget(three_gemmas: Any
     assert 0 < sampler.peak <= 1024 * MiB
     running = [m for m in ("a", "b", "c") if d.model(m)["state"] == "ready"]
     assert len(running) <= 2
+
+
+def tiny_preset(model: Path, **keys: Any) -> dict[str, Any]:
+    """A llama-server preset of the tiny random GGUF."""
+    return {"backend": "llama-server", "model": str(model), "args": ["-c", "256"], **keys}
+
+
+def test_twenty_concurrent_requests_share_one_llama_server_load(
+    start_daemon: StartDaemon, tiny_gguf: Path
+) -> None:
+    """Twenty requests for a cold llama-server model start it once and are all answered."""
+    d = start_daemon({"tiny": tiny_preset(tiny_gguf)})
+    body = {"model": "tiny", "prompt": "ab", "max_tokens": 2}
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _: d.request("POST", "/v1/completions", body), range(20)))
+    assert [status for status, _ in results] == [200] * 20
+    assert len(d.events("backend.spawn")) == 1
+
+
+def test_llama_server_stream_passes_through_as_events(
+    start_daemon: StartDaemon, tiny_gguf: Path
+) -> None:
+    """A streamed llama-server completion reaches the client as SSE events, then [DONE]."""
+    d = start_daemon({"tiny": tiny_preset(tiny_gguf)})
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    body = {"model": "tiny", "prompt": "ab", "max_tokens": 16, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("X-Accel-Buffering") == "no"
+    events = [line for line in resp.read().splitlines() if line.startswith(b"data: ")]
+    conn.close()
+    assert len(events) >= 3
+    assert events[-1] == b"data: [DONE]"
+
+
+def test_llama_server_idle_ttl_stops_it(start_daemon: StartDaemon, tiny_gguf: Path) -> None:
+    """A real llama-server is stopped after its ttl without requests, and its process is gone."""
+    d = start_daemon({"tiny": tiny_preset(tiny_gguf, ttl="1s")})
+    assert (
+        d.request("POST", "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 1})[0]
+        == 200
+    )
+    pid = d.model("tiny")["pid"]
+    wait_for(lambda: d.model("tiny")["state"] == "stopped", timeout=15)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
