@@ -1,0 +1,142 @@
+"""The llama-server flags that change its memory use, parsed from an argv."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from swapd.estimate._cache_types import cache_type_block
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+FlashAttn = Literal["on", "off", "auto"]
+GpuLayers = int | Literal["all", "auto"] | None
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    """The llama-server flags that change its memory use; None where llama-server decides.
+
+    ``n_parallel`` None (or negative) is llama-server's auto: ``AUTO_SLOTS`` slots sharing
+    one cache. ``kv_unified`` None is llama-server's default: unified only for auto slots.
+    """
+
+    n_ctx: int | None = None
+    n_gpu_layers: GpuLayers = None
+    n_parallel: int | None = None
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: FlashAttn = "auto"
+    n_ubatch: int = 512
+    kv_unified: bool | None = None
+    swa_full: bool = False
+
+
+_FLAG_FIELDS = {
+    "-c": "n_ctx",
+    "--ctx-size": "n_ctx",
+    "-ngl": "n_gpu_layers",
+    "--n-gpu-layers": "n_gpu_layers",
+    "--gpu-layers": "n_gpu_layers",
+    "-np": "n_parallel",
+    "--parallel": "n_parallel",
+    "-ctk": "cache_type_k",
+    "--cache-type-k": "cache_type_k",
+    "-ctv": "cache_type_v",
+    "--cache-type-v": "cache_type_v",
+    "-fa": "flash_attn",
+    "--flash-attn": "flash_attn",
+    "-ub": "n_ubatch",
+    "--ubatch-size": "n_ubatch",
+}
+
+# Flags without a value, and what they set.
+_SWITCHES: dict[str, tuple[str, bool]] = {
+    "-kvu": ("kv_unified", True),
+    "--kv-unified": ("kv_unified", True),
+    "-no-kvu": ("kv_unified", False),
+    "--no-kv-unified": ("kv_unified", False),
+    "--swa-full": ("swa_full", True),
+}
+
+# llama.cpp's spellings of on, off and auto (common_arg_utils::is_truthy and friends).
+_FLASH_ATTN_VALUES: dict[str, FlashAttn] = {
+    "on": "on",
+    "enabled": "on",
+    "true": "on",
+    "1": "on",
+    "off": "off",
+    "disabled": "off",
+    "false": "off",
+    "0": "off",
+    "auto": "auto",
+    "-1": "auto",
+}
+
+
+def _parse_int(flag: str, value: str) -> int:
+    """Parse an integer flag value, naming the flag when it is not one."""
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{flag} needs an integer, got {value!r}") from None
+
+
+def _parse_gpu_layers(flag: str, value: str) -> GpuLayers:
+    """Parse ``-ngl``: a count, "all" or "auto"."""
+    if value == "all":
+        return "all"
+    if value == "auto":
+        return "auto"
+    return _parse_int(flag, value)
+
+
+def _parse_flash_attn(flag: str, value: str) -> FlashAttn:
+    """Parse ``-fa``'s value into on, off or auto."""
+    try:
+        return _FLASH_ATTN_VALUES[value]
+    except KeyError:
+        raise ValueError(f"{flag} takes on, off or auto, got {value!r}") from None
+
+
+def parse_llama_args(args: Sequence[str]) -> LlamaArgs:
+    """Read the memory-relevant flags from a llama-server argv; the last one given wins.
+
+    Both ``--flag value`` and ``--flag=value`` work. ``-fa`` alone means on (older servers
+    took it without a value); ``-kvu``, ``-no-kvu`` and ``--swa-full`` take none. Other
+    flags and positional arguments are ignored. A known flag with a missing or malformed
+    value raises ValueError.
+    """
+    found: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in _SWITCHES:
+            name, setting = _SWITCHES[arg]
+            found[name] = setting
+            continue
+        flag, eq, inline = arg.partition("=")
+        field = _FLAG_FIELDS.get(flag) if flag.startswith("-") else None
+        if field is None:
+            continue
+        if eq:
+            value = inline
+        elif field == "flash_attn" and (i == len(args) or args[i] not in _FLASH_ATTN_VALUES):
+            value = "on"
+        elif i < len(args):
+            value = args[i]
+            i += 1
+        else:
+            raise ValueError(f"{flag} needs a value")
+        if field == "n_gpu_layers":
+            found[field] = _parse_gpu_layers(flag, value)
+        elif field == "flash_attn":
+            found[field] = _parse_flash_attn(flag, value)
+        elif field.startswith("cache_type"):
+            cache_type_block(value)
+            found[field] = value
+        else:
+            found[field] = _parse_int(flag, value)
+    return LlamaArgs(**found)
