@@ -42,6 +42,13 @@ def fake_preset(name: str, *extra: str, **keys: Any) -> dict[str, Any]:
     return {"backend": "command", "cmd": cmd, **keys}
 
 
+def fake_stats(port: int) -> dict[str, Any]:
+    """What a fake upstream on ``port`` reports about itself (requests, cancels, child pid)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/fake/stats", timeout=5) as resp:
+        stats: dict[str, Any] = json.load(resp)
+    return stats
+
+
 def marked(mark: str) -> list[psutil.Process]:
     """Live processes whose environment carries ``mark`` (zombies excluded)."""
     found = []

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import signal
 
 import psutil
 from conftest import StartDaemon
-from daemon import fake_preset, wait_for, wait_for_gone
-
-
-def _stats(port: int) -> dict[str, object]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request("GET", "/fake/stats")
-    stats: dict[str, object] = json.loads(conn.getresponse().read())
-    conn.close()
-    return stats
+from daemon import fake_preset, fake_stats, wait_for, wait_for_gone
 
 
 def _reaper(pid: int) -> psutil.Process:
@@ -31,7 +21,7 @@ def test_kill_9_of_swapd_leaves_no_child(start_daemon: StartDaemon) -> None:
     )
     assert d.chat("a")[0] == 200
     assert d.chat("b")[0] == 200
-    grandchild = _stats(d.model("a")["port"])["child_pid"]
+    grandchild = fake_stats(d.model("a")["port"])["child_pid"]
     assert isinstance(grandchild, int)
     assert len(d.leftovers()) >= 3  # two backends and a forked helper
     assert d.proc is not None
@@ -44,7 +34,7 @@ def test_leftovers_of_an_earlier_run_are_ended_at_start(start_daemon: StartDaemo
     """If swapd and its reaper both die, the next swapd on the same state_dir ends the leftovers."""
     d = start_daemon({"a": fake_preset("A", "--fork-child")})
     assert d.chat("a")[0] == 200
-    grandchild = _stats(d.model("a")["port"])["child_pid"]
+    grandchild = fake_stats(d.model("a")["port"])["child_pid"]
     assert isinstance(grandchild, int)
     assert d.proc is not None
     _reaper(d.proc.pid).kill()

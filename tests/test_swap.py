@@ -9,15 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 from conftest import StartDaemon
-from daemon import fake_preset, wait_for
-
-
-def _fake_stats(port: int) -> dict[str, object]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request("GET", "/fake/stats")
-    stats: dict[str, object] = json.loads(conn.getresponse().read())
-    conn.close()
-    return stats
+from daemon import fake_preset, fake_stats, wait_for
 
 
 def test_swap_a_to_b_to_a_answers_from_the_right_backend(start_daemon: StartDaemon) -> None:
@@ -45,7 +37,7 @@ def test_concurrent_requests_during_a_load_share_one_load(start_daemon: StartDae
         f"S: q{i}" for i in range(20)
     )
     assert len(d.events("backend.spawn")) == 1
-    stats = _fake_stats(d.model("slow")["port"])
+    stats = fake_stats(d.model("slow")["port"])
     assert stats["completions"] == 20
 
 
@@ -104,7 +96,7 @@ def test_client_disconnect_cancels_the_upstream_request(start_daemon: StartDaemo
     resp = conn.getresponse()
     resp.readline()
     conn.close()
-    wait_for(lambda: _fake_stats(port)["cancelled"] == 1, timeout=10)
+    wait_for(lambda: fake_stats(port)["cancelled"] == 1, timeout=10)
     wait_for(lambda: d.model("s")["in_flight"] == 0, timeout=10)
 
 
@@ -165,7 +157,7 @@ def test_a_forked_helper_is_stopped_with_its_backend(start_daemon: StartDaemon) 
     """Stopping a backend also ends the processes it forked into its group."""
     d = start_daemon({"f": fake_preset("F", "--fork-child")})
     assert d.chat("f")[0] == 200
-    child = _fake_stats(d.model("f")["port"])["child_pid"]
+    child = fake_stats(d.model("f")["port"])["child_pid"]
     assert isinstance(child, int)
     assert psutil.pid_exists(child)
     assert d.request("POST", "/swapd/models/f/unload")[0] == 200

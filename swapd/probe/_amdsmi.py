@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from swapd.errors import SwapdError
-from swapd.probe._select import select_indices
+from swapd.probe._select import keep_readable, select_indices
 from swapd.probe._tree import attribute, process_trees
 from swapd.probe._types import Device, Reading, Unusable
 
@@ -160,18 +160,7 @@ def _open_devices(
         for index in select_indices("amdsmi", range(len(handles)), wanted, warnings)
     ]
     checker = AmdSmiProbe(amd, candidates)
-    usable: list[tuple[Device, object]] = []
-    for device, handle in candidates:
-        try:
-            _, missing = checker.read_device(device, {})
-        except SwapdError as error:
-            warnings.append(f"{error}; dropped")
-            continue
-        if missing is not None:
-            warnings.append(
-                f"{device.id} ({device.name}): amdsmi does not report per-process VRAM ({missing})"
-            )
-        usable.append((device, handle))
-    if not usable:
-        raise Unusable("amdsmi could not read any GPU's VRAM")
+    usable = keep_readable(
+        checker, candidates, warnings, source="amdsmi", per_process="per-process VRAM"
+    )
     return AmdSmiProbe(amd, usable)

@@ -6,7 +6,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from swapd.errors import SwapdError
-from swapd.probe._select import select_indices
+from swapd.probe._select import keep_readable, select_indices
 from swapd.probe._tree import attribute, process_trees
 from swapd.probe._types import Device, Reading, Unusable
 
@@ -122,18 +122,7 @@ def _open_devices(
     except nvml.NVMLError as error:
         raise Unusable(f"NVML cannot list GPUs ({type(error).__name__}: {error})") from error
     checker = NvmlProbe(nvml, candidates)
-    usable: list[tuple[Device, object]] = []
-    for device, handle in candidates:
-        try:
-            _, missing = checker.read_device(device, {})
-        except SwapdError as error:
-            warnings.append(f"{error}; dropped")
-            continue
-        if missing is not None:
-            warnings.append(
-                f"{device.id} ({device.name}): NVML does not report per-process memory ({missing})"
-            )
-        usable.append((device, handle))
-    if not usable:
-        raise Unusable("NVML could not read any GPU's memory")
+    usable = keep_readable(
+        checker, candidates, warnings, source="NVML", per_process="per-process memory"
+    )
     return NvmlProbe(nvml, usable)

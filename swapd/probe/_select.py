@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from swapd.errors import SwapdError
 from swapd.probe._types import Unusable
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Mapping, Sequence
+
+    from swapd.probe._types import Device, Reading
+
+
+class DeviceReader(Protocol):
+    """A GPU probe that can read one device and say why per-process data is missing."""
+
+    def read_device(
+        self, device: Device, trees: Mapping[int, frozenset[int]]
+    ) -> tuple[Reading, str | None]:
+        """Read one device."""
+        ...
 
 
 def select_indices(
@@ -31,3 +44,34 @@ def select_indices(
     if not chosen:
         raise Unusable(f"{source} has none of the requested GPUs")
     return chosen
+
+
+def keep_readable(
+    checker: DeviceReader,
+    candidates: Sequence[tuple[Device, object]],
+    warnings: list[str],
+    *,
+    source: str,
+    per_process: str,
+) -> list[tuple[Device, object]]:
+    """The candidates that answer a first read; warn about the rest and missing per-process data.
+
+    Raises Unusable when no device can be read at all.
+    """
+    usable: list[tuple[Device, object]] = []
+    for device, handle in candidates:
+        try:
+            _, missing = checker.read_device(device, {})
+        except SwapdError as error:
+            warnings.append(f"{error}; dropped")
+            continue
+        if missing is not None:
+            warnings.append(
+                f"{device.id} ({device.name}): {source} does not report {per_process} ({missing})"
+            )
+        usable.append((device, handle))
+    if not usable:
+        raise Unusable(
+            f"{source} could not read any GPU's {'VRAM' if source == 'amdsmi' else 'memory'}"
+        )
+    return usable
