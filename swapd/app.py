@@ -8,6 +8,7 @@ listening, stop every backend (SIGTERM, grace, SIGKILL, reap), close the probe.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -28,9 +29,13 @@ from swapd.manager import Manager
 from swapd.pidfiles import PidRecords
 from swapd.probe import Probe, open_probe
 from swapd.proxy import JSON_ROUTES, MULTIPART_ROUTES, Proxy, error_response
+from swapd.upstream import UpstreamPool
 
 _log = get_logger("swapd.app")
 MANAGER = web.AppKey("manager", Manager)
+# Request ids: a random prefix per run and a counter, cheaper than a uuid per request.
+_ID_PREFIX = uuid.uuid4().hex[:8] + "-"
+_ids = itertools.count(1)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -68,7 +73,7 @@ class Reaper:
 @web.middleware
 async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id, answer every error as OpenAI JSON, log one line per request."""
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    request_id = request.headers.get("X-Request-Id") or f"{_ID_PREFIX}{next(_ids):x}"
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     status = 500
@@ -162,10 +167,11 @@ def build_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None)
-        # No total timeout: generations can be long; a client hang-up cancels instead.
+        # For readiness polls; requests go through the lean upstream pool.
         session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout())
         manager = Manager(config, probe, session, on_group=on_group)
-        proxy = Proxy(manager, session, config.max_body)
+        pool = UpstreamPool()
+        proxy = Proxy(manager, pool, config.max_body)
         app[MANAGER] = manager
         for path in JSON_ROUTES:
             app.router.add_post(path, proxy.json_route)
@@ -175,6 +181,7 @@ def build_app(
         yield
         preload.cancel()
         await manager.close()
+        pool.close()
         await session.close()
 
     app.router.add_get("/health", _health)

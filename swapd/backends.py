@@ -28,7 +28,8 @@ class Launch:
 
     argv: tuple[str, ...]
     env: Mapping[str, str]
-    base_url: str
+    host: str
+    port: int
     health_url: str
 
 
@@ -147,10 +148,10 @@ def build_launch(
         argv = _vllm_argv(preset, find_binary(preset), port, gpu_fraction)
     else:
         argv = _llama_argv(preset, find_binary(preset), port, on_gpu)
-    base = f"http://{LOOPBACK}:{port}"
     return Launch(
         argv=tuple(argv),
         env=child_env(preset, device_env or {}),
-        base_url=base,
-        health_url=base + preset.health,
+        host=LOOPBACK,
+        port=port,
+        health_url=f"http://{LOOPBACK}:{port}{preset.health}",
     )

@@ -106,7 +106,8 @@ class Lease:
     """Permission to send one request to a ready backend."""
 
     model: str
-    base_url: str
+    host: str
+    port: int
     slot: Slot
 
 
@@ -172,7 +173,7 @@ class Manager:
                     slot.in_flight += 1
                     slot.last_used = time.monotonic()
                     self._cancel_ttl(slot)
-                    return Lease(slot.preset.name, slot.launch.base_url, slot)
+                    return Lease(slot.preset.name, slot.launch.host, slot.launch.port, slot)
                 if slot.stop_task is not None:
                     await asyncio.shield(slot.stop_task)
                     continue
@@ -510,7 +511,7 @@ class Manager:
                     "backend": slot.preset.backend,
                     "state": slot.state.value,
                     "pid": slot.child.pid if slot.child else None,
-                    "port": _port(slot.launch),
+                    "port": slot.launch.port if slot.launch else None,
                     "device": slot.device.id if slot.device else None,
                     "since": slot.since,
                     "last_used": last_used,
@@ -528,12 +529,6 @@ class Manager:
                 }
             )
         return {"models": models}
-
-
-def _port(launch: Launch | None) -> int | None:
-    if launch is None:
-        return None
-    return int(launch.base_url.rsplit(":", 1)[1])
 
 
 def _best_plan(

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import re
 
-import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from swapd.errors import BackendGone, BadRequest, BodyTooLarge, RequestError
 from swapd.manager import Manager
+from swapd.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 JSON_ROUTES = (
     "/v1/chat/completions",
@@ -100,9 +101,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 class Proxy:
     """The request path: parse, lease, forward."""
 
-    def __init__(self, manager: Manager, session: aiohttp.ClientSession, max_body: int) -> None:
+    def __init__(self, manager: Manager, pool: UpstreamPool, max_body: int) -> None:
         self.manager = manager
-        self.session = session
+        self.pool = pool
         self.max_body = max_body
 
     async def json_route(self, request: web.Request) -> web.StreamResponse:
@@ -120,46 +121,45 @@ class Proxy:
         """Send the request to a leased backend and pass the answer back unbuffered."""
         request["model"] = model
         async with self.manager.lease(model) as lease:
-            url = lease.base_url + request.path_qs
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+            headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
             try:
-                upstream = await self.session.request(
-                    request.method, url, data=body, headers=headers
+                upstream = await self.pool.request(
+                    lease.host, lease.port, request.method, request.path_qs, headers, body
                 )
-            except aiohttp.ClientError as exc:
-                raise BackendGone(lease.model, str(exc) or type(exc).__name__) from exc
+            except UpstreamError as exc:
+                raise BackendGone(lease.model, str(exc)) from exc
             try:
                 return await self._relay(request, upstream, lease.model)
             finally:
-                # Closing (not releasing) an unfinished upstream cancels the generation.
-                if not upstream.content.is_eof():
-                    upstream.close()
-                else:
-                    upstream.release()
+                # Closing (not reusing) an unfinished upstream cancels the generation.
+                upstream.finish()
 
     @staticmethod
     async def _relay(
-        request: web.Request, upstream: aiohttp.ClientResponse, model: str
+        request: web.Request, upstream: UpstreamResponse, model: str
     ) -> web.StreamResponse:
-        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
-        streaming = upstream.content_type == "text/event-stream"
-        if not streaming and upstream.content_length is not None:
+        out_headers = [(k, v) for k, v in upstream.headers if k.lower() not in _HOP]
+        content_type = upstream.header("Content-Type") or ""
+        streaming = content_type.startswith("text/event-stream")
+        if not streaming and upstream.header("Content-Length") is not None:
             # A sized answer: read it whole and send it in one write.
             try:
                 payload = await upstream.read()
-            except aiohttp.ClientError as exc:
-                raise BackendGone(model, str(exc) or type(exc).__name__) from exc
-            return web.Response(status=upstream.status, body=payload, headers=out_headers)
-        response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            except UpstreamError as exc:
+                raise BackendGone(model, str(exc)) from exc
+            return web.Response(
+                status=upstream.status, body=payload, headers=CIMultiDict(out_headers)
+            )
+        response = web.StreamResponse(status=upstream.status, headers=CIMultiDict(out_headers))
         if streaming:
             # Tell Nginx (and similar) not to buffer server-sent events.
             response.headers["X-Accel-Buffering"] = "no"
             response.headers["Cache-Control"] = "no-cache"
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_chunks():
                 await response.write(chunk)
-        except aiohttp.ClientError:
+        except UpstreamError:
             # Headers are gone already: the only honest signal left is a cut connection.
             if request.transport is not None:
                 request.transport.close()

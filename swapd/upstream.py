@@ -1,0 +1,257 @@
+"""A lean HTTP/1.1 client for backends on loopback: pooled keep-alive connections, raw bytes.
+
+The proxy's own work per request is what swapd adds to every answer; a
+general-purpose client (cookies, redirects, tracing, header multidicts) cost
+more than half of it. This client does only what a proxy to a local backend
+needs: send the client's bytes in one write, parse the answer with httptools,
+hand body chunks over as they arrive (pausing the backend when the client is
+slow), and keep the connection for the next request when the answer is whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import cast
+
+import httptools
+
+# Stop reading from a backend when this much body waits for a slow client.
+_HIGH_WATER = 1 << 20
+_LOW_WATER = 1 << 18
+
+
+class UpstreamError(Exception):
+    """The backend closed the connection or sent something that is not HTTP."""
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection to a backend, carrying one exchange at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._reset()
+
+    def _reset(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.headers_ready: asyncio.Future[None] = loop.create_future()
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.complete = False
+        self.received_any = False
+        self.error: UpstreamError | None = None
+        self.keep_alive = True
+        self._wakeup: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # ---- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport."""
+        # uvloop's transports do not subclass asyncio.Transport, but behave as one.
+        self.transport = cast("asyncio.Transport", transport)
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser; its callbacks fill in the answer."""
+        self.received_any = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"bad HTTP from backend: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """An unfinished answer fails; a finished one stays as it is."""
+        self.closed = True
+        if not self.complete and exc is None and self.headers_ready.done() and not self.keep_alive:
+            # An answer with neither a length nor chunks ends when the backend closes.
+            self.on_message_complete()
+        if not self.complete:
+            reason = str(exc) if exc else "backend closed the connection"
+            self._fail(UpstreamError(reason))
+
+    # ---- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Collect one header."""
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        """The status and headers are in: the caller may start answering."""
+        self.status = self._parser.get_status_code()
+        self.keep_alive = self._parser.should_keep_alive()
+        if not self.headers_ready.done():
+            self.headers_ready.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        """Queue a body chunk, pausing the backend when too much waits."""
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and self.transport is not None and not self._paused:
+            self.transport.pause_reading()
+            self._paused = True
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        """The whole answer is in."""
+        self.complete = True
+        self._wake()
+
+    # ---- used by UpstreamResponse
+
+    def _fail(self, error: UpstreamError) -> None:
+        self.error = error
+        if not self.headers_ready.done():
+            self.headers_ready.set_exception(error)
+            self.headers_ready.exception()  # mark retrieved: the caller may be gone
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def next_chunk(self) -> bytes | None:
+        """The next body chunk, or None at the end of the answer."""
+        while not self.chunks:
+            if self.complete:
+                return None
+            if self.error is not None:
+                raise self.error
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        chunk = self.chunks.popleft()
+        self.buffered -= len(chunk)
+        if self._paused and self.buffered < _LOW_WATER and self.transport is not None:
+            self.transport.resume_reading()
+            self._paused = False
+        return chunk
+
+    def reusable(self) -> bool:
+        """Whether the connection can carry the next request."""
+        return self.complete and self.keep_alive and not self.closed and self.error is None
+
+    def recycle(self) -> None:
+        """Prepare for the next exchange on the same connection."""
+        self._reset()
+
+    def close(self) -> None:
+        """Close the connection; a backend sees this as the client going away."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamResponse:
+    """Status, headers and body of one backend answer."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int], conn: _Connection) -> None:
+        self._pool = pool
+        self._key = key
+        self._conn = conn
+        self.status = conn.status
+        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in conn.headers]
+        self._done = False
+
+    def header(self, name: str) -> str | None:
+        """The first header called ``name`` (case-insensitive)."""
+        wanted = name.lower()
+        return next((v for k, v in self.headers if k.lower() == wanted), None)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Body chunks as the backend sends them."""
+        while (chunk := await self._conn.next_chunk()) is not None:
+            yield chunk
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        return b"".join([chunk async for chunk in self.iter_chunks()])
+
+    def finish(self) -> None:
+        """Give the connection back if the answer was read whole, else close it."""
+        if self._done:
+            return
+        self._done = True
+        if self._conn.reusable():
+            self._conn.recycle()
+            self._pool.put(self._key, self._conn)
+        else:
+            self._conn.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections per backend address."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+
+    def put(self, key: tuple[str, int], conn: _Connection) -> None:
+        """Return an idle connection."""
+        self._idle.setdefault(key, []).append(conn)
+
+    def _take(self, key: tuple[str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def _connect(self, key: tuple[str, int]) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.create_connection(_Connection, key[0], key[1])
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror}") from exc
+        return conn
+
+    async def request(  # noqa: PLR0913, PLR0917 - one argument per part of the request line
+        self,
+        host: str,
+        port: int,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+    ) -> UpstreamResponse:
+        """Send one request and wait for the answer's status and headers."""
+        key = (host, port)
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
+        lines.extend(f"{k}: {v}\r\n" for k, v in headers)
+        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        payload = "".join(lines).encode("latin-1") + body
+        conn = self._take(key)
+        reused = conn is not None
+        while True:
+            if conn is None:
+                conn = await self._connect(key)
+            assert conn.transport is not None  # noqa: S101 - set on connect
+            conn.transport.write(payload)
+            try:
+                await asyncio.shield(conn.headers_ready)
+            except UpstreamError:
+                # A kept-alive connection the backend closed meanwhile: one fresh try,
+                # only when nothing at all came back (so the request was not handled).
+                if reused and not conn.received_any:
+                    conn.close()
+                    conn, reused = None, False
+                    continue
+                conn.close()
+                raise
+            except asyncio.CancelledError:
+                conn.close()
+                raise
+            return UpstreamResponse(self, key, conn)
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        for idle in self._idle.values():
+            for conn in idle:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self._idle.clear()
