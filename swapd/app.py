@@ -18,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
 import structlog
 from aiohttp import web
 
@@ -166,11 +165,8 @@ def build_app(
     app = web.Application(middlewares=[envelope], client_max_size=config.max_body + 1)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=None)
-        # For readiness polls; requests go through the lean upstream pool.
-        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout())
-        manager = Manager(config, probe, session, on_group=on_group)
         pool = UpstreamPool()
+        manager = Manager(config, probe, pool, on_group=on_group)
         proxy = Proxy(manager, pool, config.max_body)
         app[MANAGER] = manager
         for path in JSON_ROUTES:
@@ -182,7 +178,6 @@ def build_app(
         preload.cancel()
         await manager.close()
         pool.close()
-        await session.close()
 
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/models", _models)

@@ -30,7 +30,7 @@ class Launch:
     env: Mapping[str, str]
     host: str
     port: int
-    health_url: str
+    health_path: str
 
 
 class BinaryNotFound(Exception):
@@ -153,5 +153,5 @@ def build_launch(
         env=child_env(preset, device_env or {}),
         host=LOOPBACK,
         port=port,
-        health_url=f"http://{LOOPBACK}:{port}{preset.health}",
+        health_path=preset.health,
     )

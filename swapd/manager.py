@@ -21,8 +21,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from swapd import policy
 from swapd.backends import BinaryNotFound, Launch, build_launch, free_port
 from swapd.config import Config
@@ -42,6 +40,7 @@ from swapd.presets import Preset
 from swapd.probe import Device, Probe, Reading
 from swapd.process import Child
 from swapd.ringlog import RingLog
+from swapd.upstream import UpstreamPool
 
 _log = get_logger("swapd.manager")
 # How often to re-read memory while waiting for a stopped backend's memory to come back.
@@ -118,13 +117,13 @@ class Manager:
         self,
         config: Config,
         probe: Probe,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         *,
         on_group: Callable[[str, int], None] = lambda _e, _p: None,
     ) -> None:
         self.config = config
         self.probe = probe
-        self.session = session
+        self.pool = pool
         self._on_group = on_group
         self.slots = {p.name: Slot(p) for p in config.presets}
         self.records = PidRecords(config.state_dir)
@@ -248,8 +247,8 @@ class Manager:
         started = time.monotonic()
         try:
             async with self._admission:
-                device = await self._admit(slot)
-                await self._start(slot, device)
+                device, total = await self._admit(slot)
+                await self._start(slot, device, total)
         except RequestError as exc:
             slot.last_error = exc
             if slot.state is not State.STOPPED:
@@ -297,8 +296,8 @@ class Manager:
             devices = [d for d in devices if d.index in wanted]
         return devices
 
-    async def _admit(self, slot: Slot) -> Device:
-        """Plan, evict, and wait until the model fits; return the device to start on."""
+    async def _admit(self, slot: Slot) -> tuple[Device, int]:
+        """Plan, evict, and wait until the model fits; return the device and its total memory."""
         preset = slot.preset
         candidates = self._candidates(preset)
         if not candidates:
@@ -333,7 +332,7 @@ class Manager:
                 if plan.victims:
                     await self._evict(plan.victims, device, slot.need.bytes)
                     continue  # re-plan on fresh readings: the release may be partial
-                return device
+                return device, readings[device.id].total
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise QueueTimeout(
@@ -358,12 +357,11 @@ class Manager:
                 return
             await asyncio.sleep(_RELEASE_POLL)
 
-    async def _start(self, slot: Slot, device: Device) -> None:
+    async def _start(self, slot: Slot, device: Device, total: int) -> None:
         preset = slot.preset
         slot.device = device
         assert slot.need is not None  # noqa: S101 - _admit sets it
         fraction = None
-        total = next((r.total for r in await self.read_memory() if r.device == device.id), 0)
         if device.kind != "cpu" and total:
             fraction = min(0.95, slot.need.bytes / total) if slot.need.bytes else None
         port = free_port()
@@ -386,7 +384,9 @@ class Manager:
         try:
             await child.spawn()
             self.records.add(child.pid or 0, preset.name)
-            await child.wait_ready(launch.health_url, preset.start_timeout, self.session)
+            await child.wait_ready(
+                launch.host, launch.port, launch.health_path, preset.start_timeout, self.pool
+            )
         except BackendStartError:
             await child.stop(preset.stop_timeout)
             self._forget_child(slot)

@@ -16,11 +16,10 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-import aiohttp
-
 from swapd.errors import BackendStartError
 from swapd.logs import get_logger
 from swapd.ringlog import RingLog
+from swapd.upstream import UpstreamError, UpstreamPool
 
 _PR_SET_PDEATHSIG = 1
 # Readiness polling period: short enough that swapd adds little to a backend's start.
@@ -110,9 +109,11 @@ class Child:
             await self._pump
         return code
 
-    async def wait_ready(self, url: str, timeout: float, session: aiohttp.ClientSession) -> None:
-        """Poll ``url`` until it answers 200, racing early exit and the deadline."""
-        poll = asyncio.create_task(self._poll(url, session))
+    async def wait_ready(
+        self, host: str, port: int, path: str, timeout: float, pool: UpstreamPool
+    ) -> None:
+        """Poll ``path`` until it answers 200, racing early exit and the deadline."""
+        poll = asyncio.create_task(self._poll(host, port, path, pool))
         exited = asyncio.create_task(self.wait_exit())
         try:
             done, _ = await asyncio.wait(
@@ -130,14 +131,19 @@ class Child:
         raise BackendStartError(self.model, None, self.ring.tail())
 
     @staticmethod
-    async def _poll(url: str, session: aiohttp.ClientSession) -> None:
-        timeout = aiohttp.ClientTimeout(total=5)
+    async def _poll(host: str, port: int, path: str, pool: UpstreamPool) -> None:
+        # A refused connect costs microseconds, so a short period steals little CPU
+        # from the backend that is starting.
         while True:
             try:
-                async with session.get(url, timeout=timeout) as resp:
-                    if resp.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
+                resp = await asyncio.wait_for(pool.request(host, port, "GET", path, (), b""), 5)
+                try:
+                    await resp.read()
+                finally:
+                    resp.finish()
+                if resp.status == 200:
+                    return
+            except (UpstreamError, TimeoutError):
                 pass
             await asyncio.sleep(READY_POLL_INTERVAL)
 

@@ -35,7 +35,7 @@ def test_llama_server_gets_host_port_and_pinned_settings(tmp_path: Path) -> None
     assert argv[argv.index("-ngl") + 1] == "0"
     assert argv[argv.index("-c") + 1] == "0"
     assert argv[argv.index("--alias") + 1] == "m"
-    assert launch.health_url == "http://127.0.0.1:4321/health"
+    assert (launch.host, launch.port, launch.health_path) == ("127.0.0.1", 4321, "/health")
 
 
 def test_llama_server_keeps_what_the_preset_sets(tmp_path: Path) -> None:
