@@ -408,6 +408,8 @@ class Manager:
     def _forget_child(self, slot: Slot) -> None:
         if slot.child is not None and slot.child.pid is not None:
             self.records.remove(slot.child.pid)
+        if slot.launch is not None:
+            self.pool.forget(slot.launch.host, slot.launch.port)
         slot.child = None
         slot.launch = None
         slot.device = None

@@ -248,6 +248,11 @@ class UpstreamPool:
                 raise
             return UpstreamResponse(self, key, conn)
 
+    def forget(self, host: str, port: int) -> None:
+        """Close and drop the idle connections to a backend that is gone."""
+        for conn in self._idle.pop((host, port), []):
+            conn.close()
+
     def close(self) -> None:
         """Close every idle connection."""
         for idle in self._idle.values():
