@@ -1,0 +1,172 @@
+"""The lean upstream client against a scripted HTTP server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Self
+
+import pytest
+import pytest_asyncio
+
+from swapd.upstream import UpstreamError, UpstreamPool
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        ),
+        0,
+    )
+    return await reader.readexactly(length)
+
+
+class Server:
+    """A loopback server whose behaviour per connection a test scripts."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+
+@pytest_asyncio.fixture
+async def pool() -> AsyncIterator[UpstreamPool]:
+    """A pool closed after the test."""
+    p = UpstreamPool()
+    yield p
+    p.close()
+
+
+async def _keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        body = await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_keep_alive_connection_is_reused(pool: UpstreamPool) -> None:
+    """Two requests in a row travel over one connection and echo their bodies."""
+    async with Server(_keep_alive) as server:
+        for body in (b"one", b"two"):
+            resp = await pool.request("127.0.0.1", server.port, "POST", "/x", [], body)
+            assert (resp.status, await resp.read()) == (200, body)
+            resp.finish()
+        assert server.connections == 1
+
+
+async def _answer_once_then_close(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_a_connection_the_backend_closed_is_replaced(pool: UpstreamPool) -> None:
+    """When the backend closes a kept-alive connection, the next request opens a new one."""
+    async with Server(_answer_once_then_close) as server:
+        for _ in range(3):
+            resp = await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
+            assert await resp.read() == b"ok"
+            resp.finish()
+            await asyncio.sleep(0.05)
+        assert server.connections == 3
+
+
+async def _chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+    )
+    for part in (b"data: 1\n\n", b"data: 2\n\n"):
+        writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    await _keep_alive(reader, writer)
+
+
+@pytest.mark.asyncio
+async def test_chunked_body_arrives_in_pieces_and_the_connection_is_kept(
+    pool: UpstreamPool,
+) -> None:
+    """A chunked answer is handed over chunk by chunk, then the connection is reused."""
+    async with Server(_chunked) as server:
+        resp = await pool.request("127.0.0.1", server.port, "POST", "/s", [], b"")
+        assert resp.header("content-type") == "text/event-stream"
+        chunks = [chunk async for chunk in resp.iter_chunks()]
+        resp.finish()
+        assert chunks == [b"data: 1\n\n", b"data: 2\n\n"]
+        again = await pool.request("127.0.0.1", server.port, "POST", "/e", [], b"hi")
+        assert await again.read() == b"hi"
+        assert server.connections == 1
+
+
+async def _die_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_backend_dying_mid_body_is_an_error(pool: UpstreamPool) -> None:
+    """An answer cut short by the backend raises UpstreamError instead of passing as whole."""
+    async with Server(_die_mid_body) as server:
+        resp = await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
+        with pytest.raises(UpstreamError):
+            await resp.read()
+        resp.finish()
+
+
+async def _until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+    await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_body_delimited_by_close_is_read_whole(pool: UpstreamPool) -> None:
+    """An answer with neither length nor chunks ends when the backend closes."""
+    async with Server(_until_close) as server:
+        resp = await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
+        assert await resp.read() == b"all of it"
+        resp.finish()
+
+
+@pytest.mark.asyncio
+async def test_refused_connection_is_an_error(pool: UpstreamPool) -> None:
+    """Nothing listening is an UpstreamError naming the address."""
+    async with Server(_keep_alive) as server:
+        port = server.port
+    await asyncio.sleep(0.05)
+    with pytest.raises(UpstreamError, match=f"cannot connect to 127.0.0.1:{port}"):
+        await pool.request("127.0.0.1", port, "GET", "/", [], b"")
