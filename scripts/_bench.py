@@ -50,9 +50,38 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def swapd_version() -> Json:
+    """The commit of the swapd being measured, and whether its files differ from it."""
+    import swapd
+
+    folder = Path(swapd.__file__).resolve().parent
+    git = shutil.which("git")
+    if git is None:
+        return {"commit": "unknown", "modified": None}
+    try:
+        commit = subprocess.run(
+            [git, "-C", str(folder), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        changed = subprocess.run(
+            [git, "-C", str(folder), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "modified": None}
+    return {"commit": commit, "modified": bool(changed)}
+
+
 def machine_info() -> Json:
     """Facts about the machine a run happened on, for every JSON report."""
     return {
+        "swapd": swapd_version(),
         "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": sorted(os.sched_getaffinity(0)),
@@ -96,9 +125,11 @@ def finish_info(info: Json) -> Json:
 
 def print_machine(info: Json) -> None:
     """One line describing the machine and its load."""
+    version = info["swapd"]
     print(
         f"machine: {info['cpu_model']}, {info['logical_cores']} cores, {info['ram_gib']} GiB, "
-        f"Python {info['python']}, {info['date_utc']}, load {info['loadavg_start']}"
+        f"Python {info['python']}, {info['date_utc']}, load {info['loadavg_start']}; "
+        f"swapd {version['commit']}{' (modified)' if version['modified'] else ''}"
     )
 
 

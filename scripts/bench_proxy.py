@@ -12,9 +12,9 @@ alike. Measured:
 * streaming: time to the first chunk and the mean gap between chunks;
 * swapd's footprint with 10 presets: RSS, and CPU used while idle for 5 s.
 
-Processes are pinned to cores (see ``LAYOUTS``); every ratio is through/direct.
+Processes are pinned to cores (see :func:`layouts`); every ratio is through/direct.
 
-    python scripts/bench_proxy.py [--backends fake,llama] [--layouts shared,spare] [--quick]
+    python scripts/bench_proxy.py [--backends fake,llama] [--layouts shared,spare,free] [--quick]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ CHUNK_INTERVAL = 0.01
 LEVELS = (1, 8, 64)
 IDLE_SECONDS = 5.0
 EXTRA_PRESETS = 9  # plus the measured one: 10 presets
+EVERYWHERE = os.sched_getaffinity(0)  # the cores this script may use, before any pinning
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def layouts() -> dict[str, Layout]:
         "spare": Layout(
             "spare", a, b, a, "client and backend share a core; swapd has a spare core of its own"
         ),
+        "free": Layout("free", None, None, None, "nothing pinned: the kernel places everything"),
     }
 
 
@@ -101,8 +103,8 @@ def fake_workload(quick: bool) -> Workload:
         body=chat_body(),
         stream_body=chat_body(stream=True),
         latency_n=400 if quick else 2000,
-        throughput_n=600 if quick else 3000,
-        stream_n=40 if quick else 200,
+        throughput_n=600 if quick else 2000,
+        stream_n=40 if quick else 60,
         reps=1 if quick else 3,
     )
 
@@ -110,15 +112,17 @@ def fake_workload(quick: bool) -> Workload:
 def llama_workload(quick: bool, cache_dir: Path, threads: int) -> Workload:
     """llama-server with Gemma 3 270M on the CPU; a few tokens per answer."""
     model = _bench.gemma_model(cache_dir)
-    args = ["-c", "2048", "-np", "1", "-t", str(threads)]
+    # Enough HTTP threads for every client connection: with its default (a few), idle
+    # keep-alive connections hold the threads and other connections stall, direct or not.
+    args = ["-c", "2048", "-np", "1", "-t", str(threads), "--threads-http", "80"]
     return Workload(
         name="llama",
         preset={"backend": "llama-server", "model": str(model), "args": args},
         body=chat_body(max_tokens=4, temperature=0),
         stream_body=chat_body(max_tokens=16, temperature=0, stream=True),
-        latency_n=30 if quick else 150,
-        throughput_n=32 if quick else 96,
-        stream_n=10 if quick else 40,
+        latency_n=30 if quick else 100,
+        throughput_n=32 if quick else 64,
+        stream_n=10 if quick else 30,
         reps=1,
     )
 
@@ -135,17 +139,33 @@ class Client:
             "through": f"http://{_bench.LOOPBACK}:{swapd_port}/v1/chat/completions",
         }
         self.sessions: dict[str, aiohttp.ClientSession] = {}
+        # Streams use a connection each: llama-server closes a connection after a streamed
+        # answer while announcing keep-alive, so a pooled one can be dead when reused.
+        self.streams: dict[str, aiohttp.ClientSession] = {}
 
     async def __aenter__(self) -> Self:
+        await self.reset()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close both sessions and their pooled connections."""
+        for session in [*self.sessions.values(), *self.streams.values()]:
+            await session.close()
+        self.sessions.clear()
+        self.streams.clear()
+
+    async def reset(self) -> None:
+        """Fresh sessions: a backend may have closed idle pooled connections between phases."""
+        await self.close()
         for mode in self.urls:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
             timeout = aiohttp.ClientTimeout(total=600)
             self.sessions[mode] = aiohttp.ClientSession(connector=connector, timeout=timeout)
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        for session in self.sessions.values():
-            await session.close()
+            once = aiohttp.TCPConnector(force_close=True)
+            self.streams[mode] = aiohttp.ClientSession(connector=once, timeout=timeout)
 
     async def one(self, mode: str, body: bytes) -> float:
         """Send one request and read the whole answer; return seconds."""
@@ -161,7 +181,7 @@ class Client:
     async def stream(self, mode: str, body: bytes) -> tuple[float, float]:
         """Send one streaming request; return (time to first chunk, mean gap between chunks)."""
         started = time.perf_counter()
-        async with self.sessions[mode].post(
+        async with self.streams[mode].post(
             self.urls[mode], data=body, headers={"Content-Type": "application/json"}
         ) as resp:
             stamps = [
@@ -284,13 +304,15 @@ async def measure(work: Workload, layout: Layout, daemon: Swapd) -> Json:
     entry = daemon.load("m")
     backend_pid, backend_port = int(entry["pid"]), int(entry["port"])
     _bench.pin_tree(backend_pid, layout.backend)
-    _bench.pin_self(layout.client)
+    _bench.pin_self(layout.client or EVERYWHERE)
     pids = {"client": os.getpid(), "swapd": daemon.pid, "backend": backend_pid}
     async with Client(backend_port, daemon.port) as client:
         warm = max(20, work.latency_n // 10)
         await alternate(1, lambda mode, n: _warm(client, mode, work.body, n), per_round=warm)
         latency = await latency_phase(client, work)
+        await client.reset()
         throughput = await throughput_phase(client, work, pids)
+        await client.reset()
         streaming = await stream_phase(client, work)
     return {
         "backend": work.name,
@@ -320,6 +342,7 @@ def extra_presets() -> dict[str, Json]:
 def run_workload(work: Workload, layout: Layout) -> Json:
     """One swapd for one backend and layout; always stopped."""
     presets = {"m": work.preset, **extra_presets()}
+    _bench.pin_self(EVERYWHERE)  # swapd inherits our cores when it is not pinned itself
     daemon = Swapd(presets, cores=layout.swapd)
     with _bench.running(daemon):
         return _bench.run_async(measure(work, layout, daemon))
@@ -470,7 +493,10 @@ def parse_args() -> argparse.Namespace:
     """Command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backends", default="fake,llama", help="comma list of fake, llama")
-    p.add_argument("--layouts", default="shared,spare", help="comma list of shared, spare")
+    p.add_argument(
+        "--layouts", default="shared,spare,free", help="fake: comma list of shared, spare, free"
+    )
+    p.add_argument("--llama-layouts", default="shared", help="llama: comma list of layouts")
     p.add_argument("--quick", action="store_true", help="fewer requests (about a minute)")
     p.add_argument("--no-footprint", action="store_true", help="skip the RSS/idle CPU step")
     p.add_argument("--cache-dir", type=Path, default=_bench.default_cache_dir())
@@ -481,14 +507,14 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     """Run the chosen backends and layouts, print the tables, write the JSON."""
     args = parse_args()
-    everywhere = os.sched_getaffinity(0)
     info = _bench.machine_info()
     info["cpu_capacity_start"] = _bench.parallel_capacity()
     _bench.print_machine(info)
     known = layouts()
-    chosen = [known[n] for n in args.layouts.split(",") if n in known] or list(known.values())
     results = []
     for backend in args.backends.split(","):
+        names = args.layouts if backend == "fake" else args.llama_layouts
+        chosen = [known[n] for n in names.split(",") if n in known] or list(known.values())
         for layout in chosen:
             threads = len(layout.backend) if layout.backend else os.cpu_count() or 1
             work = (
@@ -498,7 +524,7 @@ def main() -> None:
             )
             print(f"running {backend} / {layout.name} ...", flush=True)
             results.append(run_workload(work, layout))
-    _bench.pin_self(everywhere)
+    _bench.pin_self(EVERYWHERE)
     foot = None if args.no_footprint else footprint(IDLE_SECONDS, 400 if args.quick else 2000)
     print_report(results, foot)
     _bench.write_json(

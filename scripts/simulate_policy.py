@@ -13,6 +13,8 @@ never evicted. Policies compared, on the same seeded traces:
   router ``models_max=4``; Ollama's 3 per GPU). A load that does not fit in memory
   fails at the end of its load time (an OOM), then every idle model is evicted and
   the load is retried;
+* ``lrfu``       -- a what-if, not swapd's policy: the same admission with idle residents
+  ordered by decayed request frequency (half-life 10 minutes) instead of last use;
 * ``belady``     -- an offline reference that knows the future: evict the idle
   resident whose next request is furthest away (optimal for equal sizes and costs;
   with mixed sizes a strong reference rather than a proven bound);
@@ -44,7 +46,8 @@ SIZES_GIB = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 BUDGET_GIB = 24.0
 SECONDS_PER_GIB = 1.5
 LOAD_BASE_S = 0.5
-POLICIES = ("swapd", "one-at-a-time", "lru-count-4", "lru-count-3", "belady")
+POLICIES = ("swapd", "one-at-a-time", "lru-count-4", "lru-count-3", "lrfu", "belady")
+LRFU_HALF_LIFE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,12 @@ class Sim:
         self.seq += 1
         heapq.heappush(self.events, (at, self.seq, kind, name, value))
 
+    def recency_score(self, name: str, now: float, half_life: float) -> float:
+        """Past requests for ``name``, each weighted by ``2 ** -(age / half_life)``."""
+        times = self.future[name]
+        i = bisect.bisect_right(times, now)
+        return sum(2 ** (-(now - t) / half_life) for t in times[max(0, i - 200) : i])
+
     def next_use(self, name: str, now: float) -> float:
         """When ``name`` is next requested after ``now`` (inf if never)."""
         times = self.future[name]
@@ -279,11 +288,34 @@ def plan_belady(sim: Sim, name: str, now: float) -> Plan:
     return policy.Wait("sim", tuple(n for n in sim.resident if sim.busy(n)))
 
 
+def plan_lrfu(sim: Sim, name: str, now: float) -> Plan:
+    """What-if, not swapd's policy: evict idle residents least *frequently and recently* used.
+
+    Each past request counts ``2 ** -(age / half-life)``; the resident with the lowest
+    sum goes first. It uses only the past, so an online daemon could do the same.
+    """
+    residents = [
+        policy.Resident(
+            name=n,
+            device="sim",
+            usage=s.model.size,
+            last_used=sim.recency_score(n, now, LRFU_HALF_LIFE_S),
+            busy=sim.busy(n),
+        )
+        for n, s in sim.resident.items()
+    ]
+    device = policy.DeviceView("sim", sim.budget, sim.budget - sim.used())
+    return policy.plan_admission(
+        sim.models[name].size, [device], residents, policy.Limits(reserve=0)
+    )
+
+
 PLANNERS: dict[str, Planner] = {
     "swapd": plan_swapd,
     "one-at-a-time": plan_one_at_a_time,
     "lru-count-4": plan_count(4),
     "lru-count-3": plan_count(3),
+    "lrfu": plan_lrfu,
     "belady": plan_belady,
 }
 
@@ -569,6 +601,7 @@ def main() -> None:
     info = _bench.machine_info()
     hours = 1.0 if args.quick else args.hours
     results = run_all(args.seed, hours * 3600, args.rate)
+    _bench.print_machine(info)
     print(f"rate {args.rate:g} requests/s, {hours:g} simulated hours per trace")
     print_report(results)
     rates = [float(r) for r in args.sweep.split(",") if r]
