@@ -45,6 +45,8 @@ from swapd.upstream import UpstreamPool
 _log = get_logger("swapd.manager")
 # How often to re-read memory while waiting for a stopped backend's memory to come back.
 _RELEASE_POLL = 0.05
+# How long after ready a backend's memory is measured.
+_MEASURE_DELAY = 1.0
 
 
 class State(enum.Enum):
@@ -417,6 +419,9 @@ class Manager:
 
     async def _measure(self, slot: Slot, child: Child) -> None:
         """Record what the ready backend really uses, for status and the next admission."""
+        # Not at the instant it turns ready: the first request is in flight then, and a
+        # backend's buffers settle during it.
+        await asyncio.sleep(_MEASURE_DELAY)
         if slot.device is None or child.pid is None:
             return
         reading = next((r for r in await self.read_memory() if r.device == slot.device.id), None)
