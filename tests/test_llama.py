@@ -144,6 +144,13 @@ def _tree_rss(pid: int) -> int:
         return 0
 
 
+def _is_reaper(proc: psutil.Process) -> bool:
+    try:
+        return "swapd.reaper" in " ".join(proc.cmdline())
+    except psutil.Error:  # a backend exiting right now, seen as a zombie
+        return False
+
+
 class RssSampler:
     """Samples the summed RSS of swapd's children in a thread, keeping the maximum."""
 
@@ -156,12 +163,10 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            children = [
-                c
-                for c in psutil.Process(self.daemon_pid).children()
-                if "swapd.reaper" not in " ".join(c.cmdline())
+            backends = [
+                c.pid for c in psutil.Process(self.daemon_pid).children() if not _is_reaper(c)
             ]
-            self.peak = max(self.peak, sum(_tree_rss(c.pid) for c in children))
+            self.peak = max(self.peak, sum(_tree_rss(pid) for pid in backends))
             self.samples += 1
             time.sleep(0.02)
 
