@@ -29,10 +29,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 import psutil
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_UPSTREAM = REPO / "tests" / "fakes" / "upstream.py"
+# The benchmarks lay out swapd's config exactly as the end-to-end tests do.
+sys.path.insert(0, str(REPO / "tests"))
+from daemon import write_layout  # noqa: E402
+
 LOOPBACK = "127.0.0.1"
 Json = dict[str, Any]
 T = TypeVar("T")
@@ -367,19 +370,7 @@ class Swapd:
 
     def write(self) -> Path:
         """Write the daemon config and one preset file per model; return the config path."""
-        folder = self.root / "presets"
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, preset in self.presets.items():
-            (folder / f"{name}.yaml").write_text(yaml.safe_dump(dict(preset)))
-        config = {
-            "listen": f"{LOOPBACK}:{self.port}",
-            "state_dir": "state",
-            "devices": "cpu",
-            **self.settings,
-        }
-        path = self.root / "swapd.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return path
+        return write_layout(self.root, self.port, self.presets, self.settings)
 
     def start(self) -> Swapd:
         """Start swapd (pinned to ``cores``) and wait until /health answers."""

@@ -49,6 +49,23 @@ def fake_stats(port: int) -> dict[str, Any]:
     return stats
 
 
+def write_layout(
+    root: Path,
+    port: int,
+    presets: Mapping[str, Mapping[str, Any]],
+    settings: Mapping[str, Any],
+) -> Path:
+    """Write ``root/swapd.yaml`` (loopback, state in root, host RAM) and one file per preset."""
+    folder = root / "presets"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, preset in presets.items():
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(dict(preset)))
+    config = {"listen": f"127.0.0.1:{port}", "state_dir": "state", "devices": "cpu", **settings}
+    path = root / "swapd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def marked(mark: str) -> list[psutil.Process]:
     """Live processes whose environment carries ``mark`` (zombies excluded)."""
     found = []
@@ -105,17 +122,7 @@ class Daemon:
 
     def write(self) -> None:
         """Write the config and one preset file per model."""
-        presets = self.root / "presets"
-        presets.mkdir(parents=True, exist_ok=True)
-        for name, preset in self.presets.items():
-            (presets / f"{name}.yaml").write_text(yaml.safe_dump(dict(preset)))
-        config = {
-            "listen": f"127.0.0.1:{self.port}",
-            "state_dir": "state",
-            "devices": "cpu",
-            **self.settings,
-        }
-        self.config_path.write_text(yaml.safe_dump(config))
+        write_layout(self.root, self.port, self.presets, self.settings)
 
     def start(self) -> Daemon:
         """Start swapd and wait until /health answers."""
