@@ -152,6 +152,9 @@ class Manager:
         task: asyncio.Task[Any] = asyncio.create_task(coro, name=name)
         self._tasks.add(task)  # keep a strong reference until it finishes
         task.add_done_callback(self._tasks.discard)
+        # A load's error reaches its waiters; when every waiter has gone, it is logged
+        # already, so mark it retrieved rather than have asyncio complain at collection.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
     def _notify(self) -> None:
@@ -449,6 +452,10 @@ class Manager:
 
     def _begin_stop(self, slot: Slot, *, reason: str) -> asyncio.Task[None]:
         if slot.stop_task is None:
+            if slot.child is not None:
+                # READY -> STOPPING now, not when the task first runs: no lease may slip in
+                # between the decision to stop and the stop itself.
+                slot.move(State.STOPPING)
             slot.stop_task = self._spawn_task(self._stop(slot, reason), f"stop:{slot.preset.name}")
         return slot.stop_task
 
@@ -457,7 +464,6 @@ class Manager:
         child = slot.child
         try:
             if child is not None:
-                slot.move(State.STOPPING)
                 _log.info("model.stop", model=slot.preset.name, reason=reason)
                 await child.stop(slot.preset.stop_timeout)
                 self._forget_child(slot)
