@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -371,12 +372,16 @@ class Manager:
             fraction = min(0.95, slot.need.bytes / total) if slot.need.bytes else None
         port = free_port()
         try:
-            launch = build_launch(
-                preset,
-                port,
-                device_env=device.visible_env,
-                on_gpu=device.kind != "cpu",
-                gpu_fraction=fraction,
+            # PATH lookups and, once per binary, `llama-server --help`: off the event loop.
+            launch = await asyncio.to_thread(
+                functools.partial(
+                    build_launch,
+                    preset,
+                    port,
+                    device_env=device.visible_env,
+                    on_gpu=device.kind != "cpu",
+                    gpu_fraction=fraction,
+                )
             )
         except BinaryNotFound as exc:
             slot.move(State.FAILED)
