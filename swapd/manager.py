@@ -318,12 +318,12 @@ class Manager:
                     continue
                 key = (preset.name, device.id)
                 if key not in self._estimates:
-                    # Reading GGUF metadata is file I/O: keep it off the event loop.
+                    # Reading GGUF metadata is file I/O: once per model and device, in a thread.
                     self._estimates[key] = await asyncio.to_thread(
                         estimate_bytes, preset, device, reading.total
                     )
                 needs[device.id] = memory_need(
-                    preset, device, reading.total, self.footprints, self._estimates
+                    preset, device, self._estimates[key], self.footprints
                 )
                 # The policy takes one need; devices differ only by kind, so each view is
                 # planned with its own need below when they differ.

@@ -49,21 +49,13 @@ def estimate_bytes(preset: Preset, device: Device, total: int) -> int | None:
 
 
 def memory_need(
-    preset: Preset,
-    device: Device,
-    total: int,
-    footprints: Footprints,
-    estimates: dict[tuple[str, str], int | None],
+    preset: Preset, device: Device, estimate: int | None, footprints: Footprints
 ) -> Need:
     """What admission should reserve for ``preset`` on ``device``.
 
-    ``estimates`` caches estimates per (model, device): reading a GGUF's metadata
-    is too slow to repeat on every admission.
+    ``estimate`` is :func:`estimate_bytes` for this preset and device; the caller
+    computes it once, off the event loop, since reading GGUF metadata is file I/O.
     """
-    key = (preset.name, device.id)
-    if key not in estimates:
-        estimates[key] = estimate_bytes(preset, device, total)
-    estimate = estimates[key]
     if preset.memory is not None:
         return Need(preset.memory, "preset", estimate)
     learned = footprints.get(preset, device.kind)
