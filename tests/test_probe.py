@@ -15,6 +15,7 @@ import pytest
 
 from swapd.errors import SwapdError
 from swapd.probe import FakeFileProbe, HostRamProbe, open_probe
+from swapd.probe import _fdinfo as fdinfo
 from swapd.probe import _sysfs as sysfs
 
 if TYPE_CHECKING:
@@ -81,12 +82,18 @@ def dead_pid() -> int:
 
 @pytest.fixture
 def no_gpu_libraries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Make NVML and amdsmi unimportable and sysfs empty; return the fake sysfs root."""
+    """Make NVML and amdsmi unimportable, sysfs and /proc empty; return the fake sysfs root.
+
+    With an empty /proc, DRM fdinfo finds no GPU clients, whatever this machine runs.
+    """
     monkeypatch.setitem(sys.modules, "pynvml", None)
     monkeypatch.setitem(sys.modules, "amdsmi", None)
     root = tmp_path / "drm"
     root.mkdir()
     monkeypatch.setattr(sysfs, "DRM_ROOT", root)
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    monkeypatch.setattr(fdinfo, "PROC_ROOT", proc)
     return root
 
 
@@ -105,7 +112,7 @@ def test_host_ram_probe_reads_real_memory() -> None:
     assert reading.device == "cpu"
     assert reading.total > 0
     assert 0 < reading.free <= reading.total
-    assert reading.per_process_supported
+    assert (reading.per_process_supported, reading.source) == (True, "host")
     assert reading.by_pid == {}
 
 
@@ -141,7 +148,7 @@ def test_fake_probe_counts_outside_and_live_processes_only(
     [reading] = probe.read([sleeper, dead_pid])
     assert (reading.total, reading.free) == (10 * GIB, 7 * GIB)
     assert reading.by_pid == {sleeper: 2 * GIB}
-    assert reading.per_process_supported
+    assert (reading.per_process_supported, reading.source) == (True, "fake")
 
 
 def test_fake_probe_holds_released_memory_until_released_at(tmp_path: Path, dead_pid: int) -> None:
@@ -271,7 +278,8 @@ def fake_amdsmi(calls: list[str]) -> types.ModuleType:
     """Build a stand-in amdsmi module with three GPUs answering as different ROCm builds do.
 
     h0 answers the byte calls and lists processes as dicts; h1 refuses the byte
-    calls (MB fallback) and per-process lists; h2 lists old-style handles.
+    calls (MB fallback) and per-process lists; h2 lists old-style handles and
+    has no PCI address to match DRM fdinfo by.
     """
     module = types.ModuleType("amdsmi")
     not_supported = AmdSmiLibraryError("AMDSMI_STATUS_NOT_SUPPORTED - Feature not supported")
@@ -292,6 +300,12 @@ def fake_amdsmi(calls: list[str]) -> types.ModuleType:
         ]
 
     names = {"h0": "Radeon RX 7900 XTX", "h1": "", "h2": "AMD Instinct MI300X"}
+
+    def bdf(handle: str) -> str:
+        if handle == "h2":
+            raise not_supported
+        return {"h0": "0000:03:00.0", "h1": "0000:0C:00.0"}[handle]
+
     module.__dict__.update(
         AmdSmiException=AmdSmiLibraryError,
         AmdSmiMemoryType=types.SimpleNamespace(VRAM=0),
@@ -299,6 +313,7 @@ def fake_amdsmi(calls: list[str]) -> types.ModuleType:
         amdsmi_shut_down=lambda: calls.append("shut_down"),
         amdsmi_get_processor_handles=lambda: ["h0", "h1", "h2"],
         amdsmi_get_gpu_asic_info=lambda h: {"market_name": names[h]},
+        amdsmi_get_gpu_device_bdf=bdf,
         amdsmi_get_gpu_memory_total=lambda h, _kind: refuse_on_h1(h, 24 * GIB),
         amdsmi_get_gpu_memory_usage=lambda h, _kind: refuse_on_h1(h, 4 * GIB),
         amdsmi_get_gpu_vram_usage=lambda _h: {"vram_total": 16368, "vram_used": 512},
@@ -311,7 +326,10 @@ def fake_amdsmi(calls: list[str]) -> types.ModuleType:
 def test_amdsmi_adapter_converts_units_and_degrades_per_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The adapter keeps amdsmi bytes, scales the MB fallback, and drops per-process on refusal."""
+    """The adapter keeps amdsmi bytes, scales the MB fallback, and on refusal turns to fdinfo.
+
+    Without a PCI address (h2) fdinfo cannot be matched, so only device totals remain.
+    """
     calls: list[str] = []
     monkeypatch.setitem(sys.modules, "amdsmi", fake_amdsmi(calls))
     probe, warnings = open_probe("auto")
@@ -326,17 +344,22 @@ def test_amdsmi_adapter_converts_units_and_degrades_per_process(
         "HIP_VISIBLE_DEVICES": "0",
         "CUDA_VISIBLE_DEVICES": "0",
     }
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert warnings[0].startswith("gpu1 (AMD GPU 1): amdsmi does not report per-process VRAM")
     assert "NOT_SUPPORTED" in warnings[0]
     assert warnings[1].startswith("gpu2 (AMD Instinct MI300X): amdsmi does not report")
+    assert warnings[2] == (
+        "gpu2 (AMD Instinct MI300X): amdsmi gives no PCI address, "
+        "so DRM fdinfo cannot stand in for per-process VRAM"
+    )
     gpu0, gpu1, gpu2 = probe.read([os.getpid()])
     assert (gpu0.total, gpu0.free) == (24 * GIB, 20 * GIB)
     assert gpu0.by_pid == {os.getpid(): GIB}
-    assert gpu0.per_process_supported
+    assert (gpu0.per_process_supported, gpu0.source) == (True, "amdsmi")
     assert (gpu1.total, gpu1.free) == (16368 * MIB, (16368 - 512) * MIB)
-    assert (gpu1.by_pid, gpu1.per_process_supported) == ({}, False)
-    assert (gpu2.by_pid, gpu2.per_process_supported) == ({}, False)
+    # The empty fake /proc holds no DRM client, so fdinfo tells that nothing is used.
+    assert (gpu1.by_pid, gpu1.per_process_supported, gpu1.source) == ({}, True, "fdinfo")
+    assert (gpu2.by_pid, gpu2.per_process_supported, gpu2.source) == ({}, False, "device-delta")
     probe.close()
     probe.close()
     assert calls == ["init", "shut_down"]
@@ -352,9 +375,12 @@ def test_amdsmi_adapter_drops_missing_indices(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_sysfs_counters_serve_when_amdsmi_is_missing(no_gpu_libraries: Path) -> None:
-    """Without amdsmi, amdgpu sysfs counters (bytes) give device totals, not per-process use."""
-    card = no_gpu_libraries / "card1" / "device"
+    """Without amdsmi, amdgpu sysfs counters (bytes) give device totals, fdinfo per-process use."""
+    # As in sysfs, the card's device folder is a link to one named by its PCI address.
+    card = no_gpu_libraries.parent / "devices" / "0000:03:00.0"
     card.mkdir(parents=True)
+    (no_gpu_libraries / "card1").mkdir()
+    (no_gpu_libraries / "card1" / "device").symlink_to(card)
     (card / "mem_info_vram_total").write_text(f"{16 * GIB}\n")
     (card / "mem_info_vram_used").write_text(f"{GIB}\n")
     # Connectors and cards without VRAM counters are not GPUs to place models on.
@@ -365,12 +391,12 @@ def test_sysfs_counters_serve_when_amdsmi_is_missing(no_gpu_libraries: Path) -> 
     assert warnings == [
         (
             "amdsmi not installed (pip install swapd[amd]); "
-            "reading VRAM from amdgpu sysfs, without per-process usage"
+            "reading VRAM from amdgpu sysfs and per-process VRAM from DRM fdinfo"
         )
     ]
     [reading] = probe.read([os.getpid()])
     assert (reading.total, reading.free) == (16 * GIB, 15 * GIB)
-    assert (reading.by_pid, reading.per_process_supported) == ({}, False)
+    assert (reading.by_pid, reading.per_process_supported, reading.source) == ({}, True, "fdinfo")
 
 
 class NVMLError(Exception):
@@ -440,8 +466,12 @@ def test_nvml_adapter_attributes_processes_and_degrades_per_process(
     ]
     gpu0, gpu1 = probe.read([os.getpid()])
     assert (gpu0.total, gpu0.free) == (80 * GIB, 70 * GIB)
-    assert (gpu0.by_pid, gpu0.per_process_supported) == ({os.getpid(): GIB}, True)
-    assert (gpu1.by_pid, gpu1.per_process_supported) == ({}, False)
+    assert (gpu0.by_pid, gpu0.per_process_supported, gpu0.source) == (
+        {os.getpid(): GIB},
+        True,
+        "nvml",
+    )
+    assert (gpu1.by_pid, gpu1.per_process_supported, gpu1.source) == ({}, False, "device-delta")
     probe.close()
     probe.close()
     assert calls == ["init", "shutdown"]

@@ -2,14 +2,15 @@
 
 Sources, tried in order by :func:`open_probe`: NVML for NVIDIA, amdsmi for AMD,
 the amdgpu sysfs counters when amdsmi cannot load, and host RAM as the last
-resort. A JSON file stands in for GPUs in tests. None of them creates a GPU
+resort. On AMD, the kernel's DRM fdinfo gives per-process VRAM where amdsmi
+does not. A JSON file stands in for GPUs in tests. None of them creates a GPU
 compute context, which would itself take hundreds of MiB on every device.
 """
 
 from swapd.probe._fake import FakeFileProbe
 from swapd.probe._host import HostRamProbe
 from swapd.probe._open import open_probe
-from swapd.probe._types import Device, DeviceKind, DevicesSpec, Probe, Reading
+from swapd.probe._types import Device, DeviceKind, DevicesSpec, MemorySource, Probe, Reading
 
 __all__ = [
     "Device",
@@ -17,6 +18,7 @@ __all__ = [
     "DevicesSpec",
     "FakeFileProbe",
     "HostRamProbe",
+    "MemorySource",
     "Probe",
     "Reading",
     "open_probe",

@@ -3,6 +3,8 @@
 amdsmi must match the installed ROCm, so importing it can fail in many ways;
 consumer Radeon cards answer NOT_SUPPORTED to many calls, per-process memory
 among them, and the older calls report megabytes where the newer report bytes.
+Where amdsmi has no per-process figure, the kernel's DRM fdinfo stands in,
+matched to the GPU by its PCI address.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from swapd.errors import SwapdError
+from swapd.probe._drm import DrmVram, TreeVram, pci_address
 from swapd.probe._select import keep_readable, select_indices
 from swapd.probe._tree import attribute, process_trees
-from swapd.probe._types import Device, Reading, Unusable
+from swapd.probe._types import Device, MemorySource, Reading, Unusable
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
+    from pathlib import Path
     from types import ModuleType
 
 # amdsmi_get_gpu_vram_usage reports "MB" that are mebibytes.
@@ -41,10 +45,18 @@ def amd_env(index: int) -> dict[str, str]:
 class AmdSmiProbe:
     """VRAM per GPU and, where the driver tells, VRAM per process."""
 
-    def __init__(self, amd: ModuleType, devices: Sequence[tuple[Device, object]]) -> None:
+    def __init__(
+        self,
+        amd: ModuleType,
+        devices: Sequence[tuple[Device, object]],
+        pci: Mapping[str, str | None],
+        drm: DrmVram,
+    ) -> None:
         self._amd = amd
         self._handles = {device.id: handle for device, handle in devices}
         self.devices: Sequence[Device] = tuple(device for device, _ in devices)
+        self._pci = pci
+        self._drm = drm
         # Devices whose byte-exact calls failed once; they use the megabyte call from then on.
         self._megabytes: set[str] = set()
         self._closed = False
@@ -52,26 +64,58 @@ class AmdSmiProbe:
     def read(self, pids: Collection[int] = ()) -> list[Reading]:
         """Read every device; raises SwapdError when amdsmi fails to report a device's VRAM."""
         trees = process_trees(pids)
-        return [self.read_device(device, trees)[0] for device in self.devices]
+        view = self._drm.for_trees(trees)
+        return [self._read(device, trees, view)[0] for device in self.devices]
 
     def read_device(
         self, device: Device, trees: Mapping[int, frozenset[int]]
     ) -> tuple[Reading, str | None]:
-        """Read one device; the second value says why per-process usage is missing, if it is."""
+        """Read one device; the second value says why amdsmi's per-process usage is missing."""
+        return self._read(device, trees, self._drm.for_trees(trees))
+
+    def _read(
+        self, device: Device, trees: Mapping[int, frozenset[int]], view: TreeVram
+    ) -> tuple[Reading, str | None]:
+        """Read one device, taking per-process figures from fdinfo where amdsmi has none."""
         handle = self._handles[device.id]
         try:
             total, used = self._memory(device.id, handle)
         except self._amd.AmdSmiException as error:
             raise SwapdError(f"{device.id}: amdsmi cannot read VRAM: {error}") from error
         usage, missing = self._processes(handle)
+        by_pid, source = self._per_process(device, trees, view, usage, supported=missing is None)
         reading = Reading(
             device=device.id,
             total=total,
             free=max(0, total - used),
-            by_pid=attribute(usage, trees),
-            per_process_supported=missing is None,
+            by_pid=by_pid,
+            per_process_supported=source != "device-delta",
+            source=source,
         )
         return reading, missing
+
+    def _per_process(
+        self,
+        device: Device,
+        trees: Mapping[int, frozenset[int]],
+        view: TreeVram,
+        usage: Mapping[int, int],
+        *,
+        supported: bool,
+    ) -> tuple[dict[int, int], MemorySource]:
+        """amdsmi's figures when it has one for every tree on the GPU, else fdinfo's."""
+        by_pid = attribute(usage, trees)
+        if supported and by_pid.keys() >= trees.keys():
+            # Every tree has a figure: no need to scan fdinfo.
+            return by_pid, "amdsmi"
+        drm = view.on(self._pci.get(device.id))
+        if drm is None:
+            return by_pid, "amdsmi" if supported else "device-delta"
+        if supported and drm.keys() <= by_pid.keys():
+            # The trees amdsmi left out hold no VRAM here by the kernel's count either.
+            return by_pid, "amdsmi"
+        # Consumer cards list clients with zero or "N/A" VRAM; the kernel's count is right.
+        return drm, "fdinfo"
 
     def _memory(self, device_id: str, handle: object) -> tuple[int, int]:
         """Total and used VRAM in bytes."""
@@ -116,8 +160,13 @@ class AmdSmiProbe:
             self._amd.amdsmi_shut_down()
 
 
-def open_amdsmi(wanted: Collection[int] | None, warnings: list[str]) -> AmdSmiProbe:
-    """Import and initialise amdsmi and open the wanted GPUs; raises Unusable saying why not."""
+def open_amdsmi(
+    wanted: Collection[int] | None, warnings: list[str], proc: Path | None = None
+) -> AmdSmiProbe:
+    """Import and initialise amdsmi and open the wanted GPUs; raises Unusable saying why not.
+
+    ``proc`` is where DRM fdinfo is read (``/proc`` unless a test says otherwise).
+    """
     try:
         amd = importlib.import_module("amdsmi")
     except ModuleNotFoundError as error:
@@ -129,7 +178,7 @@ def open_amdsmi(wanted: Collection[int] | None, warnings: list[str]) -> AmdSmiPr
     except amd.AmdSmiException as error:
         raise Unusable(f"amdsmi unavailable ({type(error).__name__}: {error})") from error
     try:
-        return _open_devices(amd, wanted, warnings)
+        return _open_devices(amd, wanted, warnings, DrmVram(proc))
     except BaseException:
         amd.amdsmi_shut_down()
         raise
@@ -144,8 +193,16 @@ def _name(amd: ModuleType, handle: object, index: int) -> str:
     return name.strip() or f"AMD GPU {index}"
 
 
+def _pci(amd: ModuleType, handle: object) -> str | None:
+    """PCI address, to find the GPU's clients in DRM fdinfo; None if amdsmi cannot tell."""
+    try:
+        return pci_address(amd.amdsmi_get_gpu_device_bdf(handle))
+    except (amd.AmdSmiException, AttributeError):
+        return None
+
+
 def _open_devices(
-    amd: ModuleType, wanted: Collection[int] | None, warnings: list[str]
+    amd: ModuleType, wanted: Collection[int] | None, warnings: list[str], drm: DrmVram
 ) -> AmdSmiProbe:
     """Open handles, then read each device once so that a broken one is dropped up front."""
     try:
@@ -159,8 +216,15 @@ def _open_devices(
         )
         for index in select_indices("amdsmi", range(len(handles)), wanted, warnings)
     ]
-    checker = AmdSmiProbe(amd, candidates)
+    pci = {device.id: _pci(amd, handle) for device, handle in candidates}
+    checker = AmdSmiProbe(amd, candidates, pci, drm)
     usable = keep_readable(
         checker, candidates, warnings, source="amdsmi", per_process="per-process VRAM"
     )
-    return AmdSmiProbe(amd, usable)
+    for device, _ in usable:
+        if pci[device.id] is None:
+            warnings.append(
+                f"{device.id} ({device.name}): amdsmi gives no PCI address, "
+                "so DRM fdinfo cannot stand in for per-process VRAM"
+            )
+    return AmdSmiProbe(amd, usable, pci, drm)

@@ -184,6 +184,7 @@ class FakeFileProbe:
                     free=max(0, pool.total - used),
                     by_pid=attribute(usage, trees),
                     per_process_supported=True,
+                    source="fake",
                 )
             )
         return readings

@@ -42,6 +42,7 @@ class HostRamProbe:
                 free=int(memory.available),
                 by_pid=attribute(rss, trees),
                 per_process_supported=True,
+                source="host",
             )
         ]
 

@@ -55,6 +55,7 @@ class NvmlProbe:
             free=int(memory.free),
             by_pid=attribute(usage, trees),
             per_process_supported=missing is None,
+            source="nvml" if missing is None else "device-delta",
         )
         return reading, missing
 

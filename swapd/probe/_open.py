@@ -54,7 +54,9 @@ def _open_gpus(wanted: Collection[int] | None, warnings: list[str]) -> Probe:
         pass
     else:
         # NVML's absence is expected on an AMD machine; only amdsmi's is news.
-        warnings.append(f"{reasons[-1]}; reading VRAM from amdgpu sysfs, without per-process usage")
+        warnings.append(
+            f"{reasons[-1]}; reading VRAM from amdgpu sysfs and per-process VRAM from DRM fdinfo"
+        )
         return sysfs
     warnings.append("; ".join([*reasons, "using host RAM"]))
     return HostRamProbe()

@@ -11,6 +11,9 @@ if TYPE_CHECKING:
 DeviceKind: TypeAlias = Literal["cpu", "nvidia", "amd", "fake"]
 # "auto": every GPU found; "cpu": host RAM only; a tuple: those GPU indices.
 DevicesSpec: TypeAlias = Literal["auto", "cpu"] | tuple[int, ...]
+# Where a reading's per-process figures come from; "device-delta" means there are
+# none, so a model's use can only be told from device totals before and after.
+MemorySource: TypeAlias = Literal["nvml", "amdsmi", "fdinfo", "host", "fake", "device-delta"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class Reading:
     free: int
     by_pid: Mapping[int, int] = field(hash=False)
     per_process_supported: bool
+    source: MemorySource = "device-delta"
 
 
 class Probe(Protocol):
