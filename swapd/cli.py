@@ -13,6 +13,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 
 from swapd import embedded
+from swapd.backends import missing_binary
 from swapd.config import Config, load_config
 from swapd.errors import ConfigErrors, SwapdError
 from swapd.logs import configure
@@ -70,9 +71,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     except SwapdError as exc:
         print(f"swapd: {exc}", file=sys.stderr)
         return 1
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     names = ", ".join(p.name for p in config.presets)
     print(f"{config.source}: ok, {len(config.presets)} preset(s): {names}")
     return 0
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Problems that do not stop swapd from starting but will fail requests."""
+    if not config.presets:
+        return [f"{config.source}: no presets in {config.presets_dir}; every request will 404"]
+    warnings = []
+    for preset in config.presets:
+        problem = missing_binary(preset)
+        if problem is not None:
+            warnings.append(f"{preset.file}: {preset.name}: {problem}")
+    return warnings
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -32,7 +32,9 @@ def default_config() -> Config:
         file=SOURCE,
         backend="llama-server",
         model=model,
-        args=("-c", "4096", "-np", "1"),
+        # The GGUF carries no chat template; without one llama-server falls back to ChatML
+        # and chat answers leak <|im_end|>. Its built-in gemma template is the right one.
+        args=("-c", "4096", "-np", "1", "--chat-template", "gemma"),
         aliases=("default",),
         ttl=600.0,
     )

@@ -7,7 +7,7 @@
         ├── BadRequest           400: bad JSON, no model, bad form
         ├── UnknownModel         404: the model is not configured (lists the names)
         ├── BodyTooLarge         413: the body is over ``max_body``
-        ├── BackendStartError    502: the backend exited or timed out while starting
+        ├── BackendStartError    502: the backend could not start, died or timed out starting
         ├── BackendGone          502: the backend died while serving the request
         └── Unavailable          503: cannot be served now (shutting down, unloading)
             ├── InsufficientMemory   503: no plan of evictions can make room
@@ -18,8 +18,41 @@ This module imports nothing from swapd so that any module may raise these.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+# What a death by each signal usually means for a model server, in words a user can act on.
+_SIGNAL_HINTS = {
+    signal.SIGILL: "illegal instruction: this binary needs CPU features the machine does not offer",
+    signal.SIGSEGV: "segmentation fault: the backend crashed",
+    signal.SIGKILL: "often the kernel's OOM killer: check `dmesg`",
+    signal.SIGBUS: "bus error: often a model file that shrank or changed while mapped",
+    signal.SIGABRT: "aborted: the backend hit a fatal error, see its output",
+    signal.SIGFPE: "arithmetic exception: the backend crashed",
+}
+# Shells report a child killed by signal N as exit status 128 + N.
+_SHELL_SIGNAL_BASE = 128
+
+
+def describe_exit(code: int) -> str:
+    """An exit status in words: ``exited with 1``, or ``killed by SIGILL (illegal ...)``."""
+    if code < 0:
+        return _killed_by(-code)
+    if _SHELL_SIGNAL_BASE < code < _SHELL_SIGNAL_BASE + 65:
+        sig = code - _SHELL_SIGNAL_BASE
+        if sig in _SIGNAL_HINTS:
+            return f"exited with {code}, which a shell gives when its child is {_killed_by(sig)}"
+    return f"exited with {code}"
+
+
+def _killed_by(number: int) -> str:
+    try:
+        sig = signal.Signals(number)
+    except ValueError:
+        return f"killed by signal {number}"
+    hint = _SIGNAL_HINTS.get(sig)
+    return f"killed by {sig.name} ({hint})" if hint else f"killed by {sig.name}"
 
 
 class SwapdError(Exception):
@@ -107,19 +140,35 @@ class BodyTooLarge(RequestError):
 
 
 class BackendStartError(RequestError):
-    """A backend exited or missed its deadline while starting."""
+    """A backend could not be started, exited, or missed its deadline while starting.
+
+    ``reason`` overrides the wording taken from ``exit_code`` (for example, the
+    binary was not found); ``exit_code`` is negative for a signal, None when the
+    process did not exit.
+    """
 
     status = 502
     kind = "server_error"
     code = "backend_start_failed"
 
-    def __init__(self, model: str, exit_code: int | None, log_tail: Sequence[str]) -> None:
+    def __init__(
+        self,
+        model: str,
+        exit_code: int | None,
+        log_tail: Sequence[str],
+        *,
+        reason: str | None = None,
+    ) -> None:
         self.model = model
         self.exit_code = exit_code
         self.log_tail = tuple(log_tail)
-        how = "did not become ready in time" if exit_code is None else f"exited with {exit_code}"
+        if reason is None:
+            reason = (
+                "did not become ready in time" if exit_code is None else describe_exit(exit_code)
+            )
+        self.reason = reason
         tail = " | ".join(self.log_tail[-5:])
-        super().__init__(f"backend for {model!r} {how}; last output: {tail or '(none)'}")
+        super().__init__(f"backend for {model!r} {reason}; last output: {tail or '(none)'}")
 
 
 class BackendGone(RequestError):

@@ -78,8 +78,9 @@ class Child:
                 preexec_fn=_die_with_parent,
             )
         except OSError as exc:
-            self.ring.append(f"cannot execute {self.argv[0]}: {exc.strerror}")
-            raise BackendStartError(self.model, 127, self.ring.tail()) from exc
+            reason = f"cannot be executed: {self.argv[0]}: {exc.strerror}"
+            self.ring.append(f"swapd: {reason}")
+            raise BackendStartError(self.model, None, self.ring.tail(), reason=reason) from exc
         self._on_group("+", self._proc.pid)
         self._pump = asyncio.create_task(self._read_output(), name=f"output:{self.model}")
         _log.info("backend.spawn", model=self.model, pid=self._proc.pid, argv=list(self.argv))

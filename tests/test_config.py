@@ -582,3 +582,37 @@ def test_check_cli_accepts_good_config(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["swapd.yaml: ok, 2 preset(s): echo, tiny"]
     assert done.stderr == ""
+
+
+def test_check_cli_warns_when_there_are_no_presets(tmp_path: Path) -> None:
+    """``swapd check`` on an empty presets directory exits 0 but warns that every request 404s."""
+    write_tree(tmp_path, "listen: 127.0.0.1:8181\n", {})
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 0
+    assert "warning: swapd.yaml: no presets in" in done.stderr
+    assert "every request will 404" in done.stderr
+
+
+def test_check_cli_warns_about_a_binary_that_is_not_installed(tmp_path: Path) -> None:
+    """A preset whose executable is missing is named in a warning that says where swapd looked."""
+    write_tree(
+        tmp_path,
+        "listen: 127.0.0.1:8181\n",
+        {
+            "gone.yaml": 'backend: command\ncmd: ["no-such-backend-binary", "${PORT}"]\n',
+            "bin.yaml": "backend: vllm\nmodel: m\nbinary: /nowhere/vllm\n",
+            "ok.yaml": OK_PRESET,
+        },
+    )
+    (tmp_path / "presets" / "m").mkdir()
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 0, done.stderr
+    warnings = done.stderr.splitlines()
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(
+        "warning: presets/bin.yaml: bin: binary '/nowhere/vllm' not found"
+    )
+    assert warnings[1].startswith(
+        "warning: presets/gone.yaml: gone: command 'no-such-backend-binary' not found"
+    )
+    assert "searched PATH=" in warnings[1]

