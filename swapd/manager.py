@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from swapd import policy
-from swapd.backends import BinaryNotFound, Launch, build_launch, free_port
+from swapd.backends import BinaryNotFound, Launch, Placement, build_launch, free_port
 from swapd.config import Config
 from swapd.errors import (
     BackendStartError,
@@ -32,6 +31,7 @@ from swapd.errors import (
     RequestError,
     Unavailable,
     UnknownModel,
+    describe_exit,
 )
 from swapd.footprints import Footprints
 from swapd.logs import get_logger
@@ -259,7 +259,8 @@ class Manager:
             slot.last_error = exc
             if slot.state is not State.STOPPED:
                 slot.move(State.FAILED)
-            _log.warning("model.load.fail", model=name, error=exc.message)
+            code = exc.exit_code if isinstance(exc, BackendStartError) else None
+            _log.warning("model.load.fail", model=name, error=exc.message, code=code)
             raise
         finally:
             self._notify()
@@ -374,18 +375,20 @@ class Manager:
         try:
             # PATH lookups and, once per binary, `llama-server --help`: off the event loop.
             launch = await asyncio.to_thread(
-                functools.partial(
-                    build_launch,
-                    preset,
-                    port,
-                    device_env=device.visible_env,
+                build_launch,
+                preset,
+                port,
+                Placement(
                     on_gpu=device.kind != "cpu",
                     gpu_fraction=fraction,
-                )
+                    device_env=device.visible_env,
+                ),
             )
         except BinaryNotFound as exc:
             slot.move(State.FAILED)
-            raise BackendStartError(preset.name, None, [str(exc)]) from exc
+            raise BackendStartError(
+                preset.name, None, [], reason=f"could not start: {exc}"
+            ) from exc
         slot.ring.clear()
         child = Child(preset.name, launch.argv, launch.env, ring=slot.ring, on_group=self._group)
         slot.child, slot.launch = child, launch
@@ -444,7 +447,13 @@ class Manager:
         code = await child.wait_exit()
         if slot.child is not child or slot.state is not State.READY:
             return
-        _log.error("backend.crash", model=slot.preset.name, code=code, tail=slot.ring.tail(5))
+        _log.error(
+            "backend.crash",
+            model=slot.preset.name,
+            code=code,
+            reason=describe_exit(code),
+            tail=slot.ring.tail(5),
+        )
         slot.last_error = BackendStartError(slot.preset.name, code, slot.ring.tail())
         self._cancel_ttl(slot)
         slot.move(State.FAILED)  # READY -> FAILED: no new lease goes to a dead backend
@@ -544,6 +553,11 @@ class Manager:
                         "measured": slot.measured,
                     },
                     "error": slot.last_error.message if slot.last_error else None,
+                    "exit_code": (
+                        slot.last_error.exit_code
+                        if isinstance(slot.last_error, BackendStartError)
+                        else None
+                    ),
                 }
             )
         return {"models": models}

@@ -10,18 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swapd.estimate import estimate_for_args, parse_llama_args
+from swapd.backends import kind_of
 from swapd.footprints import Footprints
-from swapd.logs import get_logger
 from swapd.presets import Preset
 from swapd.probe import Device
-
-_log = get_logger("swapd.needs")
-# vLLM on a CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE; without a declared
-# memory: swapd assumes this much host RAM for it.
-VLLM_CPU_DEFAULT = 4 * 1024**3
-# vLLM on a GPU takes --gpu-memory-utilization of the card (its default is 0.9).
-VLLM_GPU_DEFAULT_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
@@ -34,18 +26,8 @@ class Need:
 
 
 def estimate_bytes(preset: Preset, device: Device, total: int) -> int | None:
-    """An estimate from the model itself, or None when there is nothing to go on."""
-    on_gpu = device.kind != "cpu"
-    if preset.backend == "llama-server" and preset.model is not None and preset.model.is_file():
-        try:
-            estimate = estimate_for_args(preset.model, parse_llama_args(preset.args), on_gpu=on_gpu)
-        except (ValueError, OSError) as exc:
-            _log.warning("model.estimate.fail", model=preset.name, error=str(exc))
-            return None
-        return estimate.total
-    if preset.backend == "vllm":
-        return int(total * VLLM_GPU_DEFAULT_FRACTION) if on_gpu else VLLM_CPU_DEFAULT
-    return None
+    """The kind's estimate from the model itself, or None when there is nothing to go on."""
+    return kind_of(preset).estimate(preset, device, total)
 
 
 def memory_need(

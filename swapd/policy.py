@@ -10,30 +10,55 @@ For each candidate device::
     room now  = min(free - reserve, budget - swapd's use)        # budget is optional
     room max  = room now + everything evictable on that device   # pins never count
 
+A resident that is still growing (starting, or measured below what it was
+admitted with) will take the rest from ``free``: that shortfall is taken off
+``room now``, which is what lets loads on one device overlap safely.
+
 A load is admitted when ``need <= room now``; otherwise idle residents are
 taken least recently used first until it fits (``Admit`` with victims); if only
 busy residents could make room the request waits (``Wait``); if even evicting
 every evictable resident is not enough, it is ``Impossible``.
+
+Where the victims go is a second decision, :func:`demotions`: down to the ram
+tier (vLLM sleeps; a llama-server's GGUF pages stay locked) while the ram budget
+has room, the ram tier's own least recently used going down to disk first when
+they are older than the victim; otherwise straight to disk (stop).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, TypeAlias
 
 from swapd.units import format_size
+
+RamVia: TypeAlias = Literal["sleep", "pages"]
 
 
 @dataclass(frozen=True)
 class Resident:
-    """A model that holds memory now (loading, ready or stopping)."""
+    """A model that holds memory on a device now (loading, ready, asleep or stopping)."""
 
     name: str
     device: str
-    usage: int
+    usage: int  # what admission counts: see counted_usage()
     last_used: float
-    busy: bool = False  # requests in flight or waiting, or loading/stopping: not evictable now
+    busy: bool = False  # requests in flight or waiting, or in a transition: not evictable now
     pinned: bool = False
+    measured: int | None = None  # what the probe sees now; None: unknown, usage is all there
+    asleep: bool = False  # in the ram tier already: not counted by max_running
+    ram_via: RamVia | None = None  # how it can go down to the ram tier; None: it cannot
+    ram_cost: int = 0  # host RAM it takes in the ram tier
+
+
+def counted_usage(measured: int | None, need: int | None) -> int:
+    """What a model on a device counts for: the larger of what it uses and what it was granted.
+
+    A backend still growing shows less than it will use; one that outgrew its
+    estimate shows more. Either way the larger number is the safe one.
+    """
+    return max(measured or 0, need or 0)
 
 
 @dataclass(frozen=True)
@@ -104,6 +129,11 @@ def _impossible_reason(
     return f"needs {format_size(need)}; " + ", ".join(parts)
 
 
+def _growth(residents: Sequence[Resident]) -> int:
+    # Memory that growing residents have been granted but not yet taken from free.
+    return sum(max(0, r.usage - r.measured) for r in residents if r.measured is not None)
+
+
 def _plan_device(
     need: int,
     device: DeviceView,
@@ -113,19 +143,23 @@ def _plan_device(
 ) -> Plan:
     here = [r for r in residents if r.device == device.id]
     ours = sum(r.usage for r in here)
-    room = _room_now(device, ours, limits)
+    room = _room_now(device, ours, limits) - _growth(here)
     # Candidates in eviction order: idle before busy, least recently used first.
     order = sorted((r for r in residents if not r.pinned), key=lambda r: (r.busy, r.last_used))
     count_excess = 0 if limits.max_running is None else max(0, running + 1 - limits.max_running)
     freeable = sum(r.usage for r in order if r.device == device.id)
-    if need > room + freeable or count_excess > len(order):
+    countable = sum(1 for r in order if not r.asleep)
+    if need > room + freeable or count_excess > countable:
         return Impossible(_impossible_reason(need, device, here, limits))
     victims: list[Resident] = []
     for candidate in order:
-        if need <= room and len(victims) >= count_excess:
+        counted = _running(victims)
+        if need <= room and counted >= count_excess:
             break
-        if candidate.device != device.id and len(victims) >= count_excess:
-            continue  # frees nothing on this device and the count is already satisfied
+        frees_memory = candidate.device == device.id and need > room
+        frees_count = not candidate.asleep and counted < count_excess
+        if not (frees_memory or frees_count):
+            continue  # stopping it would help neither the memory nor the count
         victims.append(candidate)
         if candidate.device == device.id:
             room += candidate.usage
@@ -134,6 +168,10 @@ def _plan_device(
     if busy:
         return Wait(device.id, busy)
     return Admit(device.id, tuple(v.name for v in victims))
+
+
+def _running(victims: Sequence[Resident]) -> int:
+    return sum(1 for v in victims if not v.asleep)
 
 
 def _prune(
@@ -147,7 +185,8 @@ def _prune(
     kept = list(victims)
     for victim in reversed(victims):
         freed = victim.usage if victim.device == device else 0
-        if need <= room - freed and len(kept) - 1 >= count_excess:
+        counted = _running(kept) - (0 if victim.asleep else 1)
+        if need <= room - freed and counted >= count_excess:
             kept.remove(victim)
             room -= freed
     return kept
@@ -167,7 +206,7 @@ def plan_admission(
     """
     if not devices:
         return Impossible("no device to place the model on")
-    running = len(residents)
+    running = sum(1 for r in residents if not r.asleep)
     plans = [(d, _plan_device(need, d, residents, limits, running)) for d in devices]
     admits = [(d, p) for d, p in plans if isinstance(p, Admit)]
     if admits:
@@ -183,3 +222,162 @@ def plan_admission(
             "; ".join(f"{d.id}: {p.reason}" for d, p in plans if isinstance(p, Impossible))
         )
     )
+
+
+def best_plan(
+    needs: Mapping[str, int],
+    views: Sequence[DeviceView],
+    residents: Sequence[Resident],
+    limits: Limits,
+) -> Plan:
+    """The best plan over devices whose need differs (one need per device id).
+
+    Devices are grouped by need so each group is planned with its own number; an
+    admit beats a wait, which beats impossible.
+    """
+    by_need: dict[int, list[DeviceView]] = {}
+    for view in views:
+        by_need.setdefault(needs[view.id], []).append(view)
+    plans = [plan_admission(n, vs, residents, limits) for n, vs in by_need.items()]
+    for kind in (Admit, Wait):
+        found = [p for p in plans if isinstance(p, kind)]
+        if found:
+            return found[0]
+    return plans[0] if plans else Impossible("no device reported memory")
+
+
+# ---------------------------------------------------------------- tiers
+
+
+@dataclass(frozen=True)
+class RamEntry:
+    """A model held in the ram tier: a sleeping process, or a stopped model's locked pages."""
+
+    name: str
+    bytes: int
+    last_used: float
+    via: RamVia
+    busy: bool = False  # being woken or started from it: not to be pushed down now
+
+
+@dataclass(frozen=True)
+class RamTier:
+    """The ram tier as measured: its budget, host memory available to it, what it holds."""
+
+    budget: int  # 0 turns the tier off
+    available: int  # host memory available now, less the reserve
+    entries: tuple[RamEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop the model's process (down to disk, or out of the ram tier)."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Put the model's process to sleep (vLLM): down to the ram tier."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class LockPages:
+    """Keep the model's weight file resident and locked in host RAM (before its stop)."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class UnlockPages:
+    """Release the model's locked pages: down from the ram tier to disk."""
+
+    model: str
+
+
+Action: TypeAlias = Stop | Sleep | LockPages | UnlockPages
+
+
+def _down_from_ram(entry: RamEntry) -> Action:
+    return Stop(entry.name) if entry.via == "sleep" else UnlockPages(entry.name)
+
+
+class _RamLedger:
+    """The ram tier while a plan is being made: what it holds and the room left."""
+
+    def __init__(self, ram: RamTier) -> None:
+        self.entries = sorted(ram.entries, key=lambda e: e.last_used)
+        self.budget = ram.budget
+        self.held = sum(e.bytes for e in self.entries)
+        self.available = ram.available
+
+    def remove(self, entry: RamEntry) -> Action:
+        self.entries.remove(entry)
+        self.held -= entry.bytes
+        self.available += entry.bytes
+        return _down_from_ram(entry)
+
+    def room_for(self, victim: Resident) -> list[RamEntry] | None:
+        """Older entries to push down so ``victim`` fits; None when it cannot fit."""
+        room = min(self.budget - self.held, self.available)
+        spill: list[RamEntry] = []
+        for entry in self.entries:
+            if room >= victim.ram_cost:
+                break
+            if entry.last_used < victim.last_used and not entry.busy:
+                spill.append(entry)
+                room += entry.bytes
+        return spill if room >= victim.ram_cost else None
+
+    def add(self, victim: Resident, via: RamVia) -> None:
+        self.entries.append(RamEntry(victim.name, victim.ram_cost, victim.last_used, via))
+        self.held += victim.ram_cost
+        self.available -= victim.ram_cost
+
+
+def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Action, ...]:
+    """What to do with each victim of an admission: down to the ram tier, or to disk.
+
+    The most recently used victim gets the ram tier first. Room in the tier is the
+    budget less what it holds, and never more than the host memory available; to
+    make room, ram entries older than the victim go down to disk. A victim already
+    in the ram tier (asleep on this device) goes down to disk.
+    """
+    ledger = _RamLedger(ram)
+    actions: list[Action] = []
+    for victim in sorted(victims, key=lambda v: -v.last_used):
+        if victim.asleep:
+            entry = next((e for e in ledger.entries if e.name == victim.name), None)
+            actions.append(ledger.remove(entry) if entry else Stop(victim.name))
+            continue
+        spill = None if victim.ram_via is None or ram.budget <= 0 else ledger.room_for(victim)
+        if victim.ram_via is None or spill is None:
+            actions.append(Stop(victim.name))
+            continue
+        actions += [ledger.remove(entry) for entry in spill]
+        ledger.add(victim, victim.ram_via)
+        if victim.ram_via == "sleep":
+            actions.append(Sleep(victim.name))
+        else:
+            actions += [LockPages(victim.name), Stop(victim.name)]
+    return tuple(actions)
+
+
+def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
+    """Entries to push down to disk so the tier fits its budget and the available memory.
+
+    Least recently used first; busy entries stay.
+    """
+    held = sum(e.bytes for e in ram.entries)
+    over = max(held - ram.budget, -ram.available)
+    actions: list[Action] = []
+    for entry in sorted(ram.entries, key=lambda e: e.last_used):
+        if over <= 0:
+            break
+        if entry.busy:
+            continue
+        actions.append(_down_from_ram(entry))
+        over -= entry.bytes
+    return tuple(actions)

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from swapd._yaml import Entry, load_document
+from swapd.backends import KINDS
 from swapd.errors import ConfigError, ConfigErrors, Location
 from swapd.units import parse_duration, parse_size
 
-BackendKind = Literal["llama-server", "vllm", "command"]
-BACKENDS: tuple[BackendKind, ...] = ("llama-server", "vllm", "command")
+BackendName = Literal["llama-server", "vllm", "command"]
+BACKENDS: tuple[BackendName, ...] = ("llama-server", "vllm", "command")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 
 
@@ -23,7 +24,7 @@ class Preset:
 
     name: str
     file: str
-    backend: BackendKind
+    backend: BackendName
     model: Path | None = None
     args: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
@@ -66,7 +67,7 @@ def _env(value: Any) -> dict[str, str]:
     return {_str(k): "" if v is None else _str(v) for k, v in value.items()}
 
 
-def _backend(value: Any) -> BackendKind:
+def _backend(value: Any) -> BackendName:
     for kind in BACKENDS:
         if value == kind:
             return kind
@@ -159,7 +160,7 @@ def _build(  # noqa: PLR0911 - one early return per kind of problem
         return None
     backend, backend_at = values["backend"]
     plain = {key: value for key, (value, _) in values.items()}
-    if backend in ("llama-server", "vllm"):
+    if KINDS[backend].needs_model:
         if "model" not in values:
             errors.append(ConfigError(backend_at, "model", f"missing; {backend} needs a model"))
             return None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from swapd.backends import BinaryNotFound, build_launch, child_env, has_flag
+from swapd.backends import BinaryNotFound, Placement, build_launch, child_env, has_flag
 from swapd.presets import Preset
 
 
@@ -28,7 +28,7 @@ def _preset(tmp_path: Path, **keys: object) -> Preset:
 
 def test_llama_server_gets_host_port_and_pinned_settings(tmp_path: Path) -> None:
     """swapd adds loopback host, the port, -ngl for the device, -c and the alias."""
-    launch = build_launch(_preset(tmp_path, args=("-np", "1")), 4321, on_gpu=False)
+    launch = build_launch(_preset(tmp_path, args=("-np", "1")), 4321, Placement(on_gpu=False))
     argv = launch.argv
     assert argv[1:3] == ("-m", str(tmp_path / "m.gguf"))
     assert argv[-4:] == ("--host", "127.0.0.1", "--port", "4321")
@@ -41,7 +41,7 @@ def test_llama_server_gets_host_port_and_pinned_settings(tmp_path: Path) -> None
 def test_llama_server_keeps_what_the_preset_sets(tmp_path: Path) -> None:
     """Flags the preset gives, in either spelling, are never added a second time."""
     args = ("--ctx-size=2048", "--n-gpu-layers", "20", "-a", "other")
-    argv = build_launch(_preset(tmp_path, args=args), 1, on_gpu=True).argv
+    argv = build_launch(_preset(tmp_path, args=args), 1, Placement(on_gpu=True)).argv
     assert argv.count("-c") + argv.count("--ctx-size=2048") == 1
     assert "-ngl" not in argv
     assert "--alias" not in argv
@@ -49,14 +49,14 @@ def test_llama_server_keeps_what_the_preset_sets(tmp_path: Path) -> None:
 
 def test_llama_server_on_a_gpu_offloads_every_layer(tmp_path: Path) -> None:
     """On a GPU device swapd pins full offload."""
-    argv = build_launch(_preset(tmp_path), 1, on_gpu=True).argv
+    argv = build_launch(_preset(tmp_path), 1, Placement(on_gpu=True)).argv
     assert argv[argv.index("-ngl") + 1] == "999"
 
 
 def test_vllm_gets_served_names_and_its_share_of_the_gpu(tmp_path: Path) -> None:
     """vLLM serves the preset name and aliases, sized to the memory swapd granted."""
     preset = _preset(tmp_path, backend="vllm", aliases=("a1",), args=("--max-model-len", "64"))
-    argv = build_launch(preset, 7, on_gpu=True, gpu_fraction=0.25).argv
+    argv = build_launch(preset, 7, Placement(on_gpu=True, gpu_fraction=0.25)).argv
     assert argv[1:3] == ("serve", str(tmp_path / "m.gguf"))
     names = argv.index("--served-model-name")
     assert argv[names + 1 : names + 3] == ("m", "a1")
@@ -66,9 +66,9 @@ def test_vllm_gets_served_names_and_its_share_of_the_gpu(tmp_path: Path) -> None
 
 def test_command_macros_are_replaced(tmp_path: Path) -> None:
     """${PORT} and ${MODEL} are replaced inside every argument of cmd."""
-    preset = _preset(tmp_path, backend="command", cmd=("srv", "--listen=:${PORT}", "${MODEL}"))
-    assert build_launch(preset, 99, on_gpu=False).argv == (
-        "srv",
+    preset = _preset(tmp_path, backend="command", cmd=("true", "--listen=:${PORT}", "${MODEL}"))
+    assert build_launch(preset, 99, Placement(on_gpu=False)).argv == (
+        "true",
         "--listen=:99",
         str(tmp_path / "m.gguf"),
     )
@@ -90,7 +90,7 @@ def test_child_env_drops_systemd_variables_and_adds_device_and_preset(
 def test_missing_binary_says_what_to_do(tmp_path: Path) -> None:
     """A binary that does not exist is reported by name."""
     preset = _preset(tmp_path, binary=str(tmp_path / "nope"))
-    with pytest.raises(BinaryNotFound, match="not found or not executable"):
+    with pytest.raises(BinaryNotFound, match=r"not found or not executable.*fix binary: in"):
         build_launch(preset, 1)
 
 

@@ -19,11 +19,17 @@ def dev(device: str = "gpu0", *, total: float = 24, free: float) -> DeviceView:
     return DeviceView(device, gib(total), gib(free))
 
 
-def res(
-    name: str, usage: float, last_used: float, *, device: str = "gpu0", **flags: bool
+def res(  # noqa: PLR0913 - one keyword per resident fact the tables vary
+    name: str,
+    usage: float,
+    last_used: float,
+    *,
+    device: str = "gpu0",
+    busy: bool = False,
+    pinned: bool = False,
 ) -> Resident:
-    """A resident model with its usage in GiB; ``flags`` are ``busy`` and ``pinned``."""
-    return Resident(name, device, gib(usage), last_used, **flags)
+    """A resident model with its usage in GiB."""
+    return Resident(name, device, gib(usage), last_used, busy=busy, pinned=pinned)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,83 @@
+"""Backend kinds and how a preset becomes a launch.
+
+One object per kind (:mod:`llama_server`, :mod:`vllm`, :mod:`command`) answers
+every kind-specific question through the :class:`BackendKind` protocol; the
+rest of swapd asks :func:`kind_of` and never compares kind names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from swapd.backends._kind import ALL_TIERS, BackendKind, Placement, SleepUnsupported, Tier
+from swapd.backends._launch import (
+    LOOPBACK,
+    BinaryNotFound,
+    Launch,
+    child_env,
+    free_port,
+    has_flag,
+    search_path,
+)
+from swapd.backends.command import COMMAND
+from swapd.backends.llama_server import LLAMA_SERVER, llama_server_flags
+from swapd.backends.vllm import VLLM, SleepFailed
+
+if TYPE_CHECKING:
+    from swapd.presets import Preset
+
+KINDS: Mapping[str, BackendKind] = {kind.name: kind for kind in (LLAMA_SERVER, VLLM, COMMAND)}
+
+__all__ = [
+    "ALL_TIERS",
+    "KINDS",
+    "LOOPBACK",
+    "BackendKind",
+    "BinaryNotFound",
+    "Launch",
+    "Placement",
+    "SleepFailed",
+    "SleepUnsupported",
+    "Tier",
+    "build_launch",
+    "child_env",
+    "find_binary",
+    "free_port",
+    "has_flag",
+    "kind_of",
+    "llama_server_flags",
+    "missing_binary",
+    "search_path",
+]
+
+
+def kind_of(preset: Preset) -> BackendKind:
+    """The kind object of a preset's ``backend:``."""
+    return KINDS[preset.backend]
+
+
+def find_binary(preset: Preset) -> str:
+    """The executable for a preset; raises :class:`BinaryNotFound` saying where it looked."""
+    return kind_of(preset).binary(preset)
+
+
+def missing_binary(preset: Preset) -> str | None:
+    """Why the preset's executable cannot be found, or None when it can."""
+    try:
+        find_binary(preset)
+    except BinaryNotFound as exc:
+        return str(exc)
+    return None
+
+
+def build_launch(preset: Preset, port: int, placement: Placement | None = None) -> Launch:
+    """Argv, environment and URLs for one start of ``preset`` on ``port``.
+
+    Blocking (PATH lookups, and ``llama-server --help`` once per binary): run it in a thread.
+    """
+    placement = placement or Placement()
+    kind = kind_of(preset)
+    argv = kind.argv(preset, kind.binary(preset), port, placement)
+    env = child_env(preset, {**placement.device_env, **kind.extra_env(preset, placement)})
+    return Launch(argv=tuple(argv), env=env, host=LOOPBACK, port=port, health_path=preset.health)

@@ -1,0 +1,90 @@
+"""What every backend kind must say about itself: one protocol, no name checks elsewhere.
+
+A kind turns a preset into a command line, estimates what the model needs,
+names its stop signal and the residency tiers it supports, and, where it can,
+puts a live process to sleep and wakes it again.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
+
+if TYPE_CHECKING:
+    from swapd.presets import Preset
+    from swapd.probe import Device
+    from swapd.upstream import UpstreamPool
+
+# Where a model's weights are: serving on the device, asleep or paged in host RAM, on
+# local disk, or only on slow storage not yet staged.
+Tier: TypeAlias = Literal["device", "ram", "disk", "store"]
+ALL_TIERS: tuple[Tier, ...] = ("device", "ram", "disk", "store")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how one start of a model runs."""
+
+    on_gpu: bool = False
+    # The share of the card granted, for backends that size themselves (vLLM).
+    gpu_fraction: float | None = None
+    device_env: Mapping[str, str] = field(default_factory=dict)
+    # vLLM sleep level to enable (``--enable-sleep-mode``); 0 = off.
+    sleep_level: int = 0
+    # The model path to give the backend: the staged copy when there is one.
+    model_path: str | None = None
+
+
+class BackendKind(Protocol):
+    """One kind of backend (llama-server, vLLM, any OpenAI-compatible command)."""
+
+    name: str
+    tiers: frozenset[Tier]
+    needs_model: bool
+    stop_signal: signal.Signals
+
+    def binary(self, preset: Preset) -> str:
+        """The executable to run; raises :class:`BinaryNotFound` saying where it looked."""
+        ...
+
+    def argv(self, preset: Preset, binary: str, port: int, placement: Placement) -> list[str]:
+        """The command line for one start on ``port``."""
+        ...
+
+    def extra_env(self, preset: Preset, placement: Placement) -> dict[str, str]:
+        """Variables the kind itself needs (the preset's ``env`` is applied after)."""
+        ...
+
+    def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
+        """Bytes the model is expected to take on ``device``; None when unknown. Blocking I/O."""
+        ...
+
+    async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
+        """Put a live backend to sleep (free device memory, keep the process)."""
+        ...
+
+    async def wake(self, pool: UpstreamPool, host: str, port: int) -> None:
+        """Wake a sleeping backend and return once it serves again."""
+        ...
+
+
+class SleepUnsupported(Exception):
+    """The kind has no sleep mode."""
+
+
+class NoSleep:
+    """The sleep half of the protocol for kinds that have no sleep mode."""
+
+    name: str
+
+    async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
+        """Refuse: a process of this kind cannot sleep."""
+        del pool, host, port, level
+        raise SleepUnsupported(self.name)
+
+    async def wake(self, pool: UpstreamPool, host: str, port: int) -> None:
+        """Refuse: a process of this kind cannot sleep."""
+        del pool, host, port
+        raise SleepUnsupported(self.name)

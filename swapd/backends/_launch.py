@@ -1,0 +1,73 @@
+"""What every kind shares when launching: ports, flags, environment, binary lookup errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from swapd.presets import Preset
+
+LOOPBACK = "127.0.0.1"
+# Inherited variables that belong to swapd alone: systemd's notify socket and watchdog.
+_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything needed to start one backend and talk to it."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    host: str
+    port: int
+    health_path: str
+
+
+class BinaryNotFound(Exception):
+    """No executable for a backend kind; the message says where swapd looked."""
+
+
+def search_path() -> str:
+    """The PATH that executables are looked up in, for error messages."""
+    return os.environ.get("PATH", os.defpath)
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def has_flag(args: Sequence[str], *names: str) -> bool:
+    """Whether ``args`` sets any of ``names`` (``--flag value`` or ``--flag=value``)."""
+    return any(arg in names or arg.split("=", 1)[0] in names for arg in args)
+
+
+def child_env(preset: Preset, device_env: Mapping[str, str]) -> dict[str, str]:
+    """The inherited environment less swapd's own, plus the device and the preset's variables."""
+    env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+    env.update(device_env)
+    env.update(preset.env)
+    return env
+
+
+def explicit_binary(preset: Preset) -> str | None:
+    """The preset's ``binary:`` resolved on PATH, None when it sets none."""
+    import shutil
+
+    if not preset.binary:
+        return None
+    found = shutil.which(preset.binary)
+    if found is None:
+        where = "" if os.sep in preset.binary else f" (searched PATH={search_path()})"
+        raise BinaryNotFound(
+            f"binary {preset.binary!r} not found or not executable{where}; "
+            f"fix binary: in {preset.file}"
+        )
+    return found

