@@ -110,14 +110,15 @@ async def _models(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     data = [
         {
-            "id": slot.preset.name,
+            "id": view.name,
             "object": "model",
             "created": 0,
             "owned_by": "swapd",
-            "aliases": list(slot.preset.aliases),
-            "status": slot.state.value,
+            "aliases": list(view.aliases),
+            "status": view.state,
+            "tier": view.tier,
         }
-        for slot in manager.slots.values()
+        for view in manager.views()
     ]
     return web.json_response({"object": "list", "data": data})
 
@@ -146,16 +147,15 @@ async def _unload(request: web.Request) -> web.Response:
 
 async def _logs(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    slot = manager.slot_for(request.match_info["name"])
     count = (
         int(request.query.get("lines", "100")) if request.query.get("lines", "").isdigit() else 100
     )
-    return web.json_response({"name": slot.preset.name, "lines": slot.ring.tail(count)})
+    name, lines = manager.logs(request.match_info["name"], count)
+    return web.json_response({"name": name, "lines": lines})
 
 
 def _one(manager: Manager, name: str) -> dict[str, object]:
-    wanted = manager.slot_for(name).preset.name
-    return next(m for m in manager.status()["models"] if m["name"] == wanted)
+    return manager.view(name).as_json()
 
 
 def build_app(

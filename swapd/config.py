@@ -42,6 +42,12 @@ class Config:
     queue_timeout: float = 120.0
     release_timeout: float = 10.0
     log_level: str = "info"
+    # The ram tier's cap; None: half of host RAM; 0 turns the tier off.
+    ram_budget: int | None = None
+    # NVMe staging: where copies live and how many bytes they may take (None: no cap but
+    # the disk's free space).
+    cache_dir: Path | None = None
+    cache_budget: int | None = None
     presets: tuple[Preset, ...] = ()
 
     def preset(self, name: str) -> Preset | None:
@@ -101,6 +107,9 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "queue_timeout": parse_duration,
     "release_timeout": parse_duration,
     "log_level": _log_level,
+    "ram_budget": lambda v: None if v is None else parse_size(v),
+    "cache_dir": lambda v: Path(str(v)).expanduser(),
+    "cache_budget": lambda v: None if v is None else parse_size(v),
     "defaults": lambda v: v,
 }
 
@@ -119,14 +128,7 @@ def _daemon_values(doc: Document, errors: list[ConfigError]) -> dict[str, Any]:
     return values
 
 
-def load_config(path: Path) -> Config:
-    """Load a daemon config and its presets; raise :class:`ConfigErrors` listing every problem."""
-    try:
-        doc = load_document(path)
-    except ConfigError as exc:
-        raise ConfigErrors([exc]) from exc
-    errors: list[ConfigError] = []
-    values = _daemon_values(doc, errors)
+def _defaults(doc: Document, errors: list[ConfigError]) -> dict[str, tuple[Any, Location]]:
     defaults: dict[str, tuple[Any, Location]] = {}
     for entry in doc.entries:
         if entry.key == "defaults":
@@ -137,6 +139,27 @@ def load_config(path: Path) -> Config:
                 continue
             allowed = set(CONVERTERS) - NOT_IN_DEFAULTS
             defaults = convert_entries(children, allowed=allowed, errors=errors)
+    return defaults
+
+
+def _check_staging(
+    presets: list[Preset], values: dict[str, Any], doc: Document, errors: list[ConfigError]
+) -> None:
+    staged = [p.name for p in presets if p.stage]
+    if staged and "cache_dir" not in values:
+        reason = f"missing; presets with stage: true need a cache directory: {', '.join(staged)}"
+        errors.append(ConfigError(doc.where, "cache_dir", reason))
+
+
+def load_config(path: Path) -> Config:
+    """Load a daemon config and its presets; raise :class:`ConfigErrors` listing every problem."""
+    try:
+        doc = load_document(path)
+    except ConfigError as exc:
+        raise ConfigErrors([exc]) from exc
+    errors: list[ConfigError] = []
+    values = _daemon_values(doc, errors)
+    defaults = _defaults(doc, errors)
     base = path.parent
     presets_dir = base / values.get("presets", Path("presets"))
     if not presets_dir.is_dir():
@@ -148,13 +171,15 @@ def load_config(path: Path) -> Config:
             presets = load_presets(presets_dir, defaults, label_root=Path.cwd())
         except ConfigErrors as exc:
             errors.extend(exc.errors)
+    _check_staging(presets, values, doc, errors)
     if errors:
         raise ConfigErrors(errors)
     host, port = values.pop("listen", DEFAULT_LISTEN)
     values.pop("defaults", None)
     values.pop("presets", None)
-    if "state_dir" in values:
-        values["state_dir"] = base / values["state_dir"]
+    for key in ("state_dir", "cache_dir"):  # relative to the config file
+        if key in values:
+            values[key] = base / values[key]
     return Config(
         source=str(path),
         host=host,

@@ -9,6 +9,7 @@
         ├── BodyTooLarge         413: the body is over ``max_body``
         ├── BackendStartError    502: the backend could not start, died or timed out starting
         ├── BackendGone          502: the backend died while serving the request
+        ├── LoadFailed           500: an unexpected error while loading (logged with its trace)
         └── Unavailable          503: cannot be served now (shutting down, unloading)
             ├── InsufficientMemory   503: no plan of evictions can make room
             └── QueueTimeout         503 + Retry-After: victims stayed busy too long
@@ -181,6 +182,18 @@ class BackendGone(RequestError):
     def __init__(self, model: str, reason: str) -> None:
         self.model = model
         super().__init__(f"backend for {model!r} failed while serving: {reason}")
+
+
+class LoadFailed(RequestError):
+    """Loading failed for a reason swapd did not foresee; everything spawned was released."""
+
+    status = 500
+    kind = "server_error"
+    code = "load_failed"
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        super().__init__(f"loading {model!r} failed: {reason}")
 
 
 class Unavailable(RequestError):

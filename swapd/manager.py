@@ -1,46 +1,59 @@
-r"""The one owner of model state: loads, leases, swaps, TTL stops.
+"""The one owner of model state: leases, loads, wakes, demotions, stops, TTLs.
 
 Request handlers never read a model's state and act on it; they ask for a
-lease (:meth:`Manager.acquire`) and get a ready upstream URL or a typed error.
-A load is a task owned by the manager, so a client that disconnects cannot
-cancel a load that others wait for. State moves only here::
+lease (:meth:`Manager.acquire`) and get a ready upstream or a typed error. A
+load is a task owned by the manager, so a client that disconnects cannot cancel
+a load that others wait for. States move only here, along the edges of
+:mod:`swapd.states`; :mod:`swapd.admission` plans each load and the manager
+carries the plan out. Readers get frozen snapshots (:meth:`Manager.views`).
 
-    STOPPED -> QUEUED -> STARTING -> READY -> STOPPING -> STOPPED
-                  \\          \\          \\-> FAILED (backend exited by itself)
-                   \\          \\-> FAILED (exit or timeout while starting)
-                    \\-> FAILED (no room: InsufficientMemory, QueueTimeout)
+Tiers: a model leaving the device goes down to the ram tier while it has room
+(vLLM sleeps; a llama-server's GGUF pages stay locked in RAM), otherwise to disk.
+``ram_ttl`` and the ram budget move ram-tier models down to disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import psutil
+
 from swapd import policy
-from swapd.backends import BinaryNotFound, Launch, Placement, build_launch, free_port
+from swapd.admission import Admission, Snapshot
+from swapd.backends import (
+    BinaryNotFound,
+    Placement,
+    SleepFailed,
+    SleepUnsupported,
+    build_launch,
+    free_port,
+    kind_of,
+)
 from swapd.config import Config
 from swapd.errors import (
     BackendStartError,
     InsufficientMemory,
+    LoadFailed,
     QueueTimeout,
     RequestError,
     Unavailable,
     UnknownModel,
     describe_exit,
 )
-from swapd.footprints import Footprints
+from swapd.footprints import Footprints, fingerprint
 from swapd.logs import get_logger
-from swapd.needs import Need, estimate_bytes, memory_need
+from swapd.pages import WarmSet
 from swapd.pidfiles import PidRecords
-from swapd.presets import Preset
-from swapd.probe import Device, Probe, Reading
+from swapd.probe import Device, Probe
 from swapd.process import Child
-from swapd.ringlog import RingLog
+from swapd.slot import ModelView, Slot, snapshot
+from swapd.states import ON_DEVICE, State
 from swapd.upstream import UpstreamPool
 
 _log = get_logger("swapd.manager")
@@ -48,59 +61,6 @@ _log = get_logger("swapd.manager")
 _RELEASE_POLL = 0.05
 # How long after ready a backend's memory is measured.
 _MEASURE_DELAY = 1.0
-
-
-class State(enum.Enum):
-    """Where a model is in its life."""
-
-    STOPPED = "stopped"
-    QUEUED = "queued"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-@dataclass
-class Slot:
-    """Mutable state of one model; only the manager writes it."""
-
-    preset: Preset
-    state: State = State.STOPPED
-    since: float = field(default_factory=time.time)
-    last_used: float = 0.0  # monotonic; 0 = never
-    in_flight: int = 0
-    waiters: int = 0
-    draining: bool = False
-    child: Child | None = None
-    launch: Launch | None = None
-    device: Device | None = None
-    need: Need | None = None
-    measured: int | None = None
-    last_error: RequestError | None = None
-    load_task: asyncio.Task[None] | None = None
-    stop_task: asyncio.Task[None] | None = None
-    ttl_timer: asyncio.TimerHandle | None = None
-    ring: RingLog = field(default_factory=RingLog)
-
-    def move(self, state: State) -> None:
-        """Change state and remember when."""
-        self.state = state
-        self.since = time.time()
-
-    @property
-    def busy(self) -> bool:
-        """Not evictable now: serving, awaited, or in a transition."""
-        return (
-            self.in_flight > 0
-            or self.waiters > 0
-            or self.state in (State.QUEUED, State.STARTING, State.STOPPING)
-        )
-
-    @property
-    def holds_memory(self) -> bool:
-        """Whether a process of this model exists (so it counts against memory)."""
-        return self.state in (State.STARTING, State.READY, State.STOPPING)
 
 
 @dataclass(frozen=True)
@@ -113,8 +73,24 @@ class Lease:
     slot: Slot
 
 
+@dataclass(frozen=True)
+class _Eviction:
+    """Victims on their way down; admission plans again once their memory is back."""
+
+    device: Device
+    need: int
+    moves: list[asyncio.Task[Any]]
+
+
+def _path_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 class Manager:
-    """Owns every model's slot, the admission lock and the child processes."""
+    """Owns every model's slot, the child processes and the tiers."""
 
     def __init__(
         self,
@@ -128,19 +104,26 @@ class Manager:
         self.probe = probe
         self.pool = pool
         self._on_group = on_group
-        self.slots = {p.name: Slot(p) for p in config.presets}
+        self.slots = {p.name: Slot(p, kind_of(p)) for p in config.presets}
         self.records = PidRecords(config.state_dir)
         self.footprints = Footprints(config.state_dir)
-        self._admission = asyncio.Lock()
-        self._changed = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._closing = False
-        self._estimates: dict[tuple[str, str], int | None] = {}
         self.limits = policy.Limits(
             reserve=config.reserve, budget=config.budget, max_running=config.max_running
         )
+        self.admission = Admission(probe, self.footprints, self.limits)
+        self.ram_budget = (
+            config.ram_budget
+            if config.ram_budget is not None
+            else psutil.virtual_memory().total // 2
+        )
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        # Launches (by fingerprint) whose backend refused --enable-sleep-mode, with its line.
+        self._sleep_refused: dict[str, str] = {}
+        self._model_bytes: dict[str, int] = {}
 
-    # ---------------------------------------------------------------- lookups
+    # ---------------------------------------------------------------- lookups and views
 
     def slot_for(self, name: str) -> Slot:
         """The slot a model name or alias refers to."""
@@ -149,14 +132,56 @@ class Manager:
             raise UnknownModel(name, sorted(self.slots))
         return self.slots[preset.name]
 
-    def _spawn_task(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def views(self) -> list[ModelView]:
+        """A frozen snapshot of every model."""
+        return [snapshot(slot) for slot in self.slots.values()]
+
+    def view(self, name: str) -> ModelView:
+        """A frozen snapshot of one model (by name or alias)."""
+        return snapshot(self.slot_for(name))
+
+    def logs(self, name: str, lines: int) -> tuple[str, list[str]]:
+        """The model's name and its backend's last output lines."""
+        slot = self.slot_for(name)
+        return slot.preset.name, slot.ring.tail(lines)
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready view of every model and tier; never starts anything or touches TTLs."""
+        views = self.views()
+        on_device = sum(
+            max(s.measured or 0, s.need.bytes if s.need else 0)
+            for s in self.slots.values()
+            if s.state in ON_DEVICE
+        )
+        return {
+            "models": [v.as_json() for v in views],
+            "tiers": {
+                "device": {"bytes": on_device, "budget": self.config.budget},
+                "ram": {
+                    "bytes": sum(s.ram_bytes for s in self.slots.values()),
+                    "budget": self.ram_budget,
+                },
+            },
+        }
+
+    # ---------------------------------------------------------------- tasks
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.create_task(coro, name=name)
         self._tasks.add(task)  # keep a strong reference until it finishes
         task.add_done_callback(self._tasks.discard)
-        # A load's error reaches its waiters; when every waiter has gone, it is logged
-        # already, so mark it retrieved rather than have asyncio complain at collection.
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task.add_done_callback(self._task_done)
         return task
+
+    @staticmethod
+    def _task_done(task: asyncio.Task[Any]) -> None:
+        # A load's error reaches its waiters (and model.load.fail has logged it); anything
+        # else that escapes a task is a bug, and is logged as an event, never lost.
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, RequestError):
+            _log.error("task.fail", task=task.get_name(), error=repr(exc), exc_info=exc)
 
     def _notify(self) -> None:
         # Wake everyone waiting for "something changed", then arm a fresh event.
@@ -173,7 +198,7 @@ class Manager:
             while True:
                 if self._closing:
                     raise Unavailable("swapd is shutting down")
-                if slot.state is State.READY and not slot.draining:
+                if slot.state is State.READY:
                     assert slot.launch is not None  # noqa: S101 - READY implies launched
                     slot.in_flight += 1
                     slot.last_used = time.monotonic()
@@ -182,7 +207,13 @@ class Manager:
                 if slot.stop_task is not None:
                     await asyncio.shield(slot.stop_task)
                     continue
-                if slot.draining:
+                if slot.demote_task is not None:
+                    await asyncio.shield(slot.demote_task)
+                    continue
+                if slot.sleep_task is not None:
+                    await asyncio.shield(slot.sleep_task)
+                    continue
+                if slot.state is State.DRAINING:
                     await self._changed.wait()
                     continue
                 await asyncio.shield(self._ensure_loading(slot))
@@ -207,7 +238,7 @@ class Manager:
         finally:
             self.release(held)
 
-    # ---------------------------------------------------------------- TTL
+    # ---------------------------------------------------------------- timers
 
     def _cancel_ttl(self, slot: Slot) -> None:
         if slot.ttl_timer is not None:
@@ -223,15 +254,36 @@ class Manager:
 
     def _ttl_expired(self, slot: Slot) -> None:
         slot.ttl_timer = None
-        if slot.state is State.READY and not slot.busy:
+        if slot.state is State.READY and not slot.busy and slot.demote_task is None:
             _log.info("model.ttl.expire", model=slot.preset.name, ttl_s=slot.preset.ttl)
-            self._begin_stop(slot, reason="ttl")
+            slot.demote_task = self._spawn_task(self._demote(slot), f"demote:{slot.preset.name}")
+
+    def _cancel_ram_ttl(self, slot: Slot) -> None:
+        if slot.ram_timer is not None:
+            slot.ram_timer.cancel()
+            slot.ram_timer = None
+
+    def _entered_ram(self, slot: Slot, nbytes: int) -> None:
+        slot.ram_bytes = nbytes
+        slot.ram_since = time.monotonic()
+        self._cancel_ram_ttl(slot)
+        if slot.preset.ram_ttl > 0:
+            loop = asyncio.get_running_loop()
+            slot.ram_timer = loop.call_later(slot.preset.ram_ttl, self._ram_ttl_expired, slot)
+        _log.info("model.tier", model=slot.preset.name, tier="ram", bytes=nbytes)
+
+    def _ram_ttl_expired(self, slot: Slot) -> None:
+        slot.ram_timer = None
+        loading = slot.load_task is not None and not slot.load_task.done()
+        if slot.tier == "ram" and not loading and not slot.busy:
+            _log.info("model.ram_ttl.expire", model=slot.preset.name, ram_ttl_s=slot.preset.ram_ttl)
+            self._down_to_disk(slot, reason="ram_ttl")
 
     # ---------------------------------------------------------------- loading
 
     def _ensure_loading(self, slot: Slot) -> asyncio.Task[None]:
         if slot.load_task is None or slot.load_task.done():
-            slot.move(State.QUEUED)
+            slot.move((State.STOPPED, State.FAILED, State.ASLEEP), State.QUEUED)
             slot.last_error = None
             slot.load_task = self._spawn_task(self._load(slot), f"load:{slot.preset.name}")
         return slot.load_task
@@ -240,8 +292,19 @@ class Manager:
         """Make a model ready without sending it a request (``/swapd/models/{name}/load``)."""
         slot = self.slot_for(name)
         while slot.state is not State.READY:
+            if self._closing:
+                raise Unavailable("swapd is shutting down")
             if slot.stop_task is not None:
                 await asyncio.shield(slot.stop_task)
+                continue
+            if slot.demote_task is not None:
+                await asyncio.shield(slot.demote_task)
+                continue
+            if slot.sleep_task is not None:
+                await asyncio.shield(slot.sleep_task)
+                continue
+            if slot.state is State.DRAINING:
+                await self._changed.wait()
                 continue
             await asyncio.shield(self._ensure_loading(slot))
         slot.last_used = slot.last_used or time.monotonic()
@@ -251,148 +314,311 @@ class Manager:
     async def _load(self, slot: Slot) -> None:
         name = slot.preset.name
         started = time.monotonic()
+        waking = slot.child is not None  # ASLEEP -> QUEUED: the process sleeps in ram
         try:
-            async with self._admission:
-                device, total = await self._admit(slot)
+            device, total = await self._admit(slot, waking=waking)
+            if waking:
+                await self._wake(slot)
+            else:
                 await self._start(slot, device, total)
         except RequestError as exc:
-            slot.last_error = exc
-            if slot.state is not State.STOPPED:
-                slot.move(State.FAILED)
-            code = exc.exit_code if isinstance(exc, BackendStartError) else None
-            _log.warning("model.load.fail", model=name, error=exc.message, code=code)
+            self._load_failed(slot, exc)
             raise
+        except asyncio.CancelledError:
+            if slot.state is State.QUEUED:
+                slot.move(State.QUEUED, State.ASLEEP if slot.child else State.STOPPED)
+            raise
+        except Exception as exc:
+            # Anything unexpected (an unwritable state_dir, a probe that raises) still
+            # answers every waiter with the envelope and leaves nothing running.
+            _log.exception("model.load.error", model=name, error=repr(exc))
+            error = LoadFailed(name, f"{type(exc).__name__}: {exc}")
+            self._load_failed(slot, error)
+            raise error from exc
         finally:
             self._notify()
-        _log.info("model.load.done", model=name, load_s=round(time.monotonic() - started, 3))
+        _log.info(
+            "model.load.done",
+            model=name,
+            how="wake" if waking else "start",
+            load_s=round(time.monotonic() - started, 3),
+        )
 
-    async def read_memory(self) -> list[Reading]:
-        """One probe reading of every device, including our children's share (in a thread)."""
-        pids = [s.child.pid for s in self.slots.values() if s.child and s.child.pid]
-        return await asyncio.to_thread(self.probe.read, [p for p in pids if p is not None])
+    def _load_failed(self, slot: Slot, exc: RequestError) -> None:
+        slot.last_error = exc
+        if slot.state is State.QUEUED:
+            # A refused wake leaves the process asleep in the ram tier.
+            slot.move(State.QUEUED, State.ASLEEP if slot.child else State.FAILED)
+        code = exc.exit_code if isinstance(exc, BackendStartError) else None
+        _log.warning("model.load.fail", model=slot.preset.name, error=exc.message, code=code)
 
-    def _residents(self, readings: list[Reading], exclude: Slot) -> list[policy.Resident]:
-        by_pid: dict[int, int] = {}
-        for reading in readings:
-            for pid, nbytes in reading.by_pid.items():
-                by_pid[pid] = by_pid.get(pid, 0) + nbytes
+    def _pids(self) -> list[int]:
+        return [s.child.pid for s in self.slots.values() if s.child and s.child.pid]
+
+    def _resident(self, slot: Slot, snap: Snapshot) -> policy.Resident | None:
+        """How a slot counts for admission, or None when it holds no device memory."""
+        if slot.device is None or not (slot.state in ON_DEVICE or slot.asleep):
+            return None
+        pid = slot.child.pid if slot.child and slot.child.pid else None
+        reading = snap.readings.get(slot.device.id)
+        known = reading is not None and reading.per_process_supported
+        # No process yet: nothing taken. No per-process numbers: free already shows it.
+        measured: int | None = 0 if pid is None else (snap.by_pid().get(pid, 0) if known else None)
+        need = slot.need.bytes if slot.need else 0
+        if slot.asleep:
+            # Asleep: it holds only what the driver kept, which the probe measures.
+            return policy.Resident(
+                name=slot.preset.name,
+                device=slot.device.id,
+                usage=measured or 0,
+                last_used=slot.last_used,
+                busy=slot.busy,
+                pinned=slot.preset.pin,
+                measured=measured,
+                asleep=True,
+                ram_via="sleep",
+                ram_cost=slot.ram_bytes,
+            )
+        return policy.Resident(
+            name=slot.preset.name,
+            device=slot.device.id,
+            usage=policy.counted_usage(measured, need),
+            last_used=slot.last_used,
+            busy=slot.busy,
+            pinned=slot.preset.pin,
+            measured=measured,
+            ram_via=self._ram_via(slot),
+            ram_cost=self._ram_cost(slot, measured or 0),
+        )
+
+    def _residents(self, snap: Snapshot, exclude: Slot) -> list[policy.Resident]:
         residents = []
         for slot in self.slots.values():
-            if slot is exclude or not slot.holds_memory or slot.device is None:
+            if slot is exclude:
                 continue
-            pid = slot.child.pid if slot.child and slot.child.pid else 0
-            usage = by_pid.get(pid, 0)
-            # A child still growing may show less than it will use: count the larger.
-            usage = max(usage, slot.need.bytes if slot.need else 0)
-            residents.append(
-                policy.Resident(
-                    name=slot.preset.name,
-                    device=slot.device.id,
-                    usage=usage,
-                    last_used=slot.last_used,
-                    busy=slot.busy,
-                    pinned=slot.preset.pin,
-                )
-            )
+            resident = self._resident(slot, snap)
+            if resident is not None:
+                residents.append(resident)
+            elif slot.pages is not None and slot.pages.locked:
+                # Locked pages on a host-RAM device take that device's memory: show them
+                # so a load there can push them down to disk.
+                residents += [
+                    policy.Resident(
+                        name=slot.preset.name,
+                        device=device.id,
+                        usage=slot.ram_bytes,
+                        last_used=slot.last_used,
+                        busy=slot.busy,
+                        pinned=slot.preset.pin,
+                        measured=slot.ram_bytes,
+                        asleep=True,
+                        ram_via="pages",
+                        ram_cost=slot.ram_bytes,
+                    )
+                    for device in self.probe.devices
+                    if device.kind == "cpu"
+                ]
         return residents
 
-    def _candidates(self, preset: Preset) -> list[Device]:
-        devices = list(self.probe.devices)
-        if preset.devices is not None:
-            wanted = set(preset.devices)
-            devices = [d for d in devices if d.index in wanted]
-        return devices
+    def _ram_via(self, slot: Slot) -> policy.RamVia | None:
+        """How this slot could go down to the ram tier, if it can."""
+        via = slot.kind.ram_via
+        if self.ram_budget <= 0 or slot.preset.sleep == 0 or via is None:
+            return None
+        if via == "sleep" and slot.sleep_level == 0:
+            return None
+        return via
 
-    async def _admit(self, slot: Slot) -> tuple[Device, int]:
-        """Plan, evict, and wait until the model fits; return the device and its total memory."""
+    def _ram_cost(self, slot: Slot, measured: int) -> int:
+        """Host RAM the slot would take in the ram tier."""
+        model = self._model_bytes.get(slot.preset.name, 0)
+        if slot.kind.ram_via == "pages":
+            return model
+        on_gpu = slot.device is not None and slot.device.kind != "cpu"
+        if not on_gpu:
+            return measured  # on a CPU the sleeping process keeps what it has
+        return model if slot.sleep_level == 1 else 0  # level 2 discards the weights
+
+    def _ram_tier(self, snap: Snapshot) -> policy.RamTier:
+        entries = tuple(
+            policy.RamEntry(
+                s.preset.name,
+                s.ram_bytes,
+                s.last_used,
+                "sleep" if s.asleep else "pages",
+                busy=s.busy,
+            )
+            for s in self.slots.values()
+            if s.asleep or s.pages is not None
+        )
+        available = snap.host_available - self.config.reserve
+        return policy.RamTier(self.ram_budget, available, entries)
+
+    async def _admit(self, slot: Slot, *, waking: bool) -> tuple[Device, int]:
+        """Plan, make room and reserve; return the device the model goes on and its total.
+
+        On return the slot is STARTING or WAKING, so it counts as a resident in every
+        later plan before its process has taken any memory.
+        """
         preset = slot.preset
-        candidates = self._candidates(preset)
+        candidates = self.admission.candidates(preset)
+        if waking and slot.device is not None:
+            candidates = [slot.device]  # a sleeping process wakes where it sleeps
         if not candidates:
             raise InsufficientMemory(f"none of the devices {preset.devices} is available")
         deadline = time.monotonic() + self.config.queue_timeout
         while True:
-            readings = {r.device: r for r in await self.read_memory()}
-            views, needs = [], {}
-            for device in candidates:
-                reading = readings.get(device.id)
-                if reading is None:
-                    continue
-                key = (preset.name, device.id)
-                if key not in self._estimates:
-                    # Reading GGUF metadata is file I/O: once per model and device, in a thread.
-                    self._estimates[key] = await asyncio.to_thread(
-                        estimate_bytes, preset, device, reading.total
-                    )
-                needs[device.id] = memory_need(
-                    preset, device, self._estimates[key], self.footprints
-                )
-                # The policy takes one need; devices differ only by kind, so each view is
-                # planned with its own need below when they differ.
-                views.append(policy.DeviceView(device.id, reading.total, reading.free))
-            residents = self._residents(list(readings.values()), exclude=slot)
-            plan = _best_plan(needs, views, residents, self.limits)
-            if isinstance(plan, policy.Impossible):
-                raise InsufficientMemory(f"cannot load {preset.name!r}: {plan.reason}")
-            if isinstance(plan, policy.Admit):
-                slot.need = needs[plan.device]
-                device = next(d for d in candidates if d.id == plan.device)
-                if plan.victims:
-                    await self._evict(plan.victims, device, slot.need.bytes)
-                    continue  # re-plan on fresh readings: the release may be partial
-                return device, readings[device.id].total
+            step = await self._plan_step(slot, candidates, waking=waking)
+            if isinstance(step, tuple):
+                return step
+            if isinstance(step, _Eviction):
+                await asyncio.gather(*(asyncio.shield(t) for t in step.moves))
+                await self._await_release(step.device, step.need)
+                continue  # re-plan on fresh readings: the release may be partial
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise QueueTimeout(
                     f"cannot load {preset.name!r}: waited {self.config.queue_timeout:g}s for "
-                    f"busy models to finish: {', '.join(plan.busy)}",
+                    f"busy models to finish: {', '.join(step.busy)}",
                     retry_after=self.config.queue_timeout / 4,
                 )
-            _log.info("model.load.wait", model=preset.name, busy=list(plan.busy))
+            _log.info("model.load.wait", model=preset.name, busy=list(step.busy))
             changed = self._changed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
 
-    async def _evict(self, victims: tuple[str, ...], device: Device, need: int) -> None:
-        _log.info("model.evict", victims=list(victims), device=device.id)
-        stops = [self._begin_stop(self.slots[v], reason="evict") for v in victims]
-        await asyncio.gather(*(asyncio.shield(t) for t in stops))
+    async def _plan_step(
+        self, slot: Slot, candidates: list[Device], *, waking: bool
+    ) -> tuple[Device, int] | _Eviction | policy.Wait:
+        """One plan under the candidates' locks: reserve, start evictions, or wait."""
+        preset = slot.preset
+        async with self.admission.locked(candidates):
+            snap = await self.admission.read(self._pids())
+            needs = await self.admission.needs(preset, candidates, snap)
+            if not needs:
+                raise InsufficientMemory(f"cannot load {preset.name!r}: no device reported")
+            own = 0
+            if waking and slot.child is not None and slot.child.pid is not None:
+                own = snap.by_pid().get(slot.child.pid, 0)  # what it still holds there
+            residents = self._residents(snap, exclude=slot)
+            wanted = {d: max(0, n.bytes - own) for d, n in needs.items()}
+            plan = self.admission.plan(wanted, snap, residents)
+            if isinstance(plan, policy.Impossible):
+                raise InsufficientMemory(f"cannot load {preset.name!r}: {plan.reason}")
+            if isinstance(plan, policy.Wait):
+                return plan
+            device = next(d for d in candidates if d.id == plan.device)
+            slot.need = needs[plan.device]
+            if not plan.victims:
+                slot.device = device
+                slot.move(State.QUEUED, State.WAKING if waking else State.STARTING)
+                return device, snap.readings[device.id].total
+            victims = [r for r in residents if r.name in plan.victims]
+            ram = self._ram_tier(snap)
+            if device.kind == "cpu":
+                # Pages kept in RAM come out of the very memory this load needs.
+                reading = snap.readings[device.id]
+                view = policy.DeviceView(device.id, reading.total, reading.free)
+                left = policy.room_after(
+                    wanted[device.id], view, residents, self.limits, plan.victims
+                )
+                ram = policy.RamTier(ram.budget, min(ram.available, left), ram.entries)
+            actions = policy.demotions(victims, ram)
+            moves = self._carry_out(actions, reason="evict")
+        _log.info(
+            "model.evict",
+            model=preset.name,
+            victims=list(plan.victims),
+            actions=[f"{type(a).__name__.lower()}:{a.model}" for a in actions],
+            device=plan.device,
+        )
+        return _Eviction(device, wanted[device.id], moves)
+
+    async def _await_release(self, device: Device, need: int) -> None:
         # Drivers release memory asynchronously: wait, bounded, until the room is really there.
         deadline = time.monotonic() + self.config.release_timeout
         while time.monotonic() < deadline:
-            reading = next((r for r in await self.read_memory() if r.device == device.id), None)
+            snap = await self.admission.read(self._pids())
+            reading = snap.readings.get(device.id)
             if reading is None or reading.free - self.limits.reserve >= need:
                 return
             await asyncio.sleep(_RELEASE_POLL)
 
+    def _placement(self, slot: Slot, device: Device, total: int) -> Placement:
+        preset = slot.preset
+        fraction = None
+        if device.kind != "cpu" and total and slot.need is not None and slot.need.bytes:
+            fraction = min(0.95, slot.need.bytes / total)
+        level = 0
+        if slot.kind.ram_via == "sleep" and self.ram_budget > 0:
+            setting = preset.sleep
+            level = (1 if device.kind != "cpu" else 0) if setting == "auto" else int(setting)
+        refused = fingerprint(preset) in self._sleep_refused
+        return Placement(
+            on_gpu=device.kind != "cpu",
+            gpu_fraction=fraction,
+            device_env=device.visible_env,
+            sleep_level=level,
+            sleep_flag=not refused,
+            model_path=slot.staged_path,
+        )
+
     async def _start(self, slot: Slot, device: Device, total: int) -> None:
+        """Spawn and wait for readiness; on any failure, nothing is left running."""
         preset = slot.preset
         slot.device = device
-        assert slot.need is not None  # noqa: S101 - _admit sets it
-        fraction = None
-        if device.kind != "cpu" and total:
-            fraction = min(0.95, slot.need.bytes / total) if slot.need.bytes else None
+        placement = self._placement(slot, device, total)
+        if preset.model is not None and preset.name not in self._model_bytes:
+            self._model_bytes[preset.name] = await asyncio.to_thread(_path_bytes, preset.model)
+        try:
+            await self._spawn_ready(slot, device, placement)
+        except BackendStartError as exc:
+            refused = (
+                slot.kind.refused_sleep(list(exc.log_tail))
+                if placement.sleep_level and placement.sleep_flag and exc.exit_code is not None
+                else None
+            )
+            if refused is None:
+                raise
+            # The backend refused --enable-sleep-mode (vLLM's CPU build does): start it
+            # again without the flag, and remember that for this launch.
+            self._sleep_refused[fingerprint(preset)] = refused
+            _log.warning("model.sleep.refused", model=preset.name, line=refused)
+            slot.move(State.FAILED, State.QUEUED)
+            slot.move(State.QUEUED, State.STARTING)
+            retry = Placement(**{**placement.__dict__, "sleep_flag": False})
+            await self._spawn_ready(slot, device, retry)
+            placement = retry
+        slot.sleep_level = placement.sleep_level
+        line = self._sleep_refused.get(fingerprint(preset))
+        slot.sleep_note = (
+            f"the backend refused --enable-sleep-mode ({line}); started without it, so "
+            "its sleep keeps its device memory"
+            if line and placement.sleep_level
+            else None
+        )
+
+    async def _spawn_ready(self, slot: Slot, device: Device, placement: Placement) -> None:
+        preset = slot.preset
         port = free_port()
         try:
             # PATH lookups and, once per binary, `llama-server --help`: off the event loop.
-            launch = await asyncio.to_thread(
-                build_launch,
-                preset,
-                port,
-                Placement(
-                    on_gpu=device.kind != "cpu",
-                    gpu_fraction=fraction,
-                    device_env=device.visible_env,
-                ),
-            )
+            launch = await asyncio.to_thread(build_launch, preset, port, placement)
         except BinaryNotFound as exc:
-            slot.move(State.FAILED)
+            slot.move(State.STARTING, State.FAILED)
             raise BackendStartError(
                 preset.name, None, [], reason=f"could not start: {exc}"
             ) from exc
         slot.ring.clear()
-        child = Child(preset.name, launch.argv, launch.env, ring=slot.ring, on_group=self._group)
+        child = Child(
+            preset.name,
+            launch.argv,
+            launch.env,
+            ring=slot.ring,
+            on_group=self._on_group,
+            stop_signal=slot.kind.stop_signal,
+        )
         slot.child, slot.launch = child, launch
-        slot.move(State.STARTING)
         _log.info("model.load.start", model=preset.name, device=device.id, port=port)
         try:
             await child.spawn()
@@ -400,23 +626,42 @@ class Manager:
             await child.wait_ready(
                 launch.host, launch.port, launch.health_path, preset.start_timeout, self.pool
             )
-        except BackendStartError:
+        except BaseException as exc:
+            # Whatever went wrong (exit, timeout, an unwritable state_dir, cancellation),
+            # the group is stopped and reaped before the error goes on.
             await child.stop(preset.stop_timeout)
             self._forget_child(slot)
-            slot.move(State.FAILED)
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            slot.move(State.STARTING, State.STOPPED if cancelled else State.FAILED)
             raise
-        except asyncio.CancelledError:
-            await child.stop(preset.stop_timeout)
-            self._forget_child(slot)
-            slot.move(State.STOPPED)
-            raise
-        slot.move(State.READY)
+        slot.move(State.STARTING, State.READY)
         slot.last_used = time.monotonic()
+        self._drop_pages(slot)  # the process maps the file itself now
         self._spawn_task(self._watch(slot, child), f"watch:{preset.name}")
         self._spawn_task(self._measure(slot, child), f"measure:{preset.name}")
 
-    def _group(self, event: str, pgid: int) -> None:
-        self._on_group(event, pgid)
+    async def _wake(self, slot: Slot) -> None:
+        """Wake a sleeping backend (vLLM ``/wake_up``); no new process."""
+        assert slot.launch is not None  # noqa: S101 - asleep implies launched
+        launch = slot.launch
+        self._cancel_ram_ttl(slot)
+        started = time.monotonic()
+        try:
+            await slot.kind.wake(self.pool, launch.host, launch.port)
+        except (SleepFailed, SleepUnsupported) as exc:
+            slot.move(State.WAKING, State.FAILED)
+            await self._end_failed_child(slot, f"wake failed: {exc}")
+            raise BackendStartError(
+                slot.preset.name, None, slot.ring.tail(), reason=f"could not wake: {exc}"
+            ) from exc
+        except BaseException:
+            slot.move(State.WAKING, State.FAILED)
+            await self._end_failed_child(slot, "wake interrupted")
+            raise
+        slot.ram_bytes = 0
+        slot.move(State.WAKING, State.READY)
+        slot.last_used = time.monotonic()
+        _log.info("model.wake", model=slot.preset.name, wake_s=round(time.monotonic() - started, 3))
 
     def _forget_child(self, slot: Slot) -> None:
         if slot.child is not None and slot.child.pid is not None:
@@ -425,27 +670,43 @@ class Manager:
             self.pool.forget(slot.launch.host, slot.launch.port)
         slot.child = None
         slot.launch = None
-        slot.device = None
         slot.measured = None
+        slot.ram_bytes = 0 if slot.pages is None else slot.ram_bytes
+        if slot.pages is None:
+            slot.device = None
+
+    async def _end_failed_child(self, slot: Slot, why: str) -> None:
+        _log.error("backend.fail", model=slot.preset.name, reason=why)
+        if slot.child is not None:
+            await slot.child.stop(slot.preset.stop_timeout)
+        self._forget_child(slot)
+        slot.device = None
+        self._notify()
 
     async def _measure(self, slot: Slot, child: Child) -> None:
         """Record what the ready backend really uses, for status and the next admission."""
         # Not at the instant it turns ready: the first request is in flight then, and a
         # backend's buffers settle during it.
         await asyncio.sleep(_MEASURE_DELAY)
-        if slot.device is None or child.pid is None:
-            return
-        reading = next((r for r in await self.read_memory() if r.device == slot.device.id), None)
-        if reading is None or child.pid not in reading.by_pid or slot.child is not child:
-            return
-        slot.measured = reading.by_pid[child.pid]
-        self.footprints.put(slot.preset, slot.device.kind, slot.measured)
-        _log.info("model.measure", model=slot.preset.name, bytes=slot.measured)
+        try:
+            if slot.device is None or child.pid is None or slot.child is not child:
+                return
+            snap = await self.admission.read([child.pid])
+            reading = snap.readings.get(slot.device.id)
+            if reading is None or child.pid not in reading.by_pid or slot.child is not child:
+                return
+            slot.measured = reading.by_pid[child.pid]
+            slot.memory_source = reading.source
+            self.footprints.put(slot.preset, slot.device.kind, slot.measured)
+            _log.info("model.measure", model=slot.preset.name, bytes=slot.measured)
+        except Exception as exc:  # noqa: BLE001 - a failed measurement must not vanish
+            _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
 
     async def _watch(self, slot: Slot, child: Child) -> None:
-        """Notice a backend that exits by itself while ready."""
+        """Notice a backend that exits by itself while ready, draining or asleep."""
         code = await child.wait_exit()
-        if slot.child is not child or slot.state is not State.READY:
+        alive_states = (State.READY, State.DRAINING, State.ASLEEP)
+        if slot.child is not child or slot.state not in alive_states:
             return
         _log.error(
             "backend.crash",
@@ -456,63 +717,193 @@ class Manager:
         )
         slot.last_error = BackendStartError(slot.preset.name, code, slot.ring.tail())
         self._cancel_ttl(slot)
-        slot.move(State.FAILED)  # READY -> FAILED: no new lease goes to a dead backend
+        self._cancel_ram_ttl(slot)
+        slot.move(alive_states, State.FAILED)  # no new lease goes to a dead backend
         await child.stop(slot.preset.stop_timeout)  # reap the rest of its group
         if slot.child is child:
             self._forget_child(slot)
+            slot.ram_bytes = 0
         self._notify()
 
-    # ---------------------------------------------------------------- stopping
+    # ---------------------------------------------------------------- demotion and stops
 
-    def _begin_stop(self, slot: Slot, *, reason: str) -> asyncio.Task[None]:
+    def _carry_out(
+        self, actions: Sequence[policy.Action], *, reason: str
+    ) -> list[asyncio.Task[Any]]:
+        """Start the plan's actions; state moves happen now, the waiting in the tasks."""
+        tasks: list[asyncio.Task[Any]] = []
+        locks = {a.model for a in actions if isinstance(a, policy.LockPages)}
+        for action in actions:
+            slot = self.slots[action.model]
+            if isinstance(action, policy.Sleep):
+                tasks.append(self._begin_sleep(slot, reason=reason))
+            elif isinstance(action, policy.Stop):
+                tasks.append(
+                    self._begin_stop(slot, reason=reason, keep_pages=slot.preset.name in locks)
+                )
+            elif isinstance(action, policy.UnlockPages):
+                self._drop_pages(slot, reason=reason)
+        return tasks
+
+    def _begin_sleep(self, slot: Slot, *, reason: str) -> asyncio.Task[None]:
+        # READY -> SLEEPING now, so no lease slips in before the sleep.
+        slot.move(State.READY, State.SLEEPING)
+        self._cancel_ttl(slot)
+        slot.sleep_task = self._spawn_task(self._sleep(slot, reason), f"sleep:{slot.preset.name}")
+        return slot.sleep_task
+
+    async def _sleep(self, slot: Slot, reason: str) -> None:
+        assert slot.launch is not None  # noqa: S101 - only a ready slot sleeps
+        launch = slot.launch
+        started = time.monotonic()
+        try:
+            await slot.kind.sleep(self.pool, launch.host, launch.port, slot.sleep_level)
+        except (SleepFailed, SleepUnsupported) as exc:
+            slot.last_error = BackendStartError(
+                slot.preset.name, None, slot.ring.tail(), reason=f"could not sleep: {exc}"
+            )
+            slot.move(State.SLEEPING, State.FAILED)
+            await self._end_failed_child(slot, f"sleep failed: {exc}")
+            return
+        finally:
+            slot.sleep_task = None
+            self._notify()
+        measured = slot.measured or 0
+        slot.move(State.SLEEPING, State.ASLEEP)
+        self._entered_ram(slot, self._ram_cost(slot, measured))
+        _log.info(
+            "model.sleep",
+            model=slot.preset.name,
+            reason=reason,
+            level=slot.sleep_level,
+            sleep_s=round(time.monotonic() - started, 3),
+        )
+
+    def _begin_stop(
+        self, slot: Slot, *, reason: str, keep_pages: bool = False
+    ) -> asyncio.Task[None]:
         if slot.stop_task is None:
             if slot.child is not None:
-                # READY -> STOPPING now, not when the task first runs: no lease may slip in
-                # between the decision to stop and the stop itself.
-                slot.move(State.STOPPING)
-            slot.stop_task = self._spawn_task(self._stop(slot, reason), f"stop:{slot.preset.name}")
+                # Move now, not when the task first runs: no lease may slip in between the
+                # decision to stop and the stop itself.
+                slot.move((State.READY, State.DRAINING, State.ASLEEP), State.STOPPING)
+            slot.stop_task = self._spawn_task(
+                self._stop(slot, reason, keep_pages=keep_pages), f"stop:{slot.preset.name}"
+            )
         return slot.stop_task
 
-    async def _stop(self, slot: Slot, reason: str) -> None:
+    async def _stop(self, slot: Slot, reason: str, *, keep_pages: bool) -> None:
         self._cancel_ttl(slot)
+        self._cancel_ram_ttl(slot)
         child = slot.child
         try:
+            if keep_pages and slot.preset.model is not None:
+                await self._hold_pages(slot)
             if child is not None:
                 _log.info("model.stop", model=slot.preset.name, reason=reason)
                 await child.stop(slot.preset.stop_timeout)
                 self._forget_child(slot)
-            slot.move(State.STOPPED)
+            if slot.state is State.STOPPING:
+                slot.move(State.STOPPING, State.STOPPED)
         finally:
             slot.stop_task = None
-            slot.draining = False
             self._notify()
 
+    async def _hold_pages(self, slot: Slot) -> None:
+        """Lock the model's weight pages in RAM (the llama-server ram tier)."""
+        model = slot.staged_path or str(slot.preset.model)
+        try:
+            pages = await asyncio.to_thread(WarmSet.open, model)
+        except OSError as exc:
+            _log.warning("model.pages.fail", model=slot.preset.name, error=str(exc))
+            return
+        slot.pages = pages
+        if not pages.locked:
+            _log.warning("model.pages.unlocked", model=slot.preset.name, note=pages.lock_error)
+        self._entered_ram(slot, pages.size)
+
+    def _drop_pages(self, slot: Slot, *, reason: str | None = None) -> None:
+        pages, slot.pages = slot.pages, None
+        if pages is None:
+            return
+        self._cancel_ram_ttl(slot)
+        slot.ram_bytes = 0
+        if slot.child is None:
+            slot.device = None
+        if reason is not None:
+            _log.info("model.tier", model=slot.preset.name, tier="disk", reason=reason)
+        self._spawn_task(asyncio.to_thread(pages.close), f"unlock:{slot.preset.name}")
+
+    def _down_to_disk(self, slot: Slot, *, reason: str) -> None:
+        if slot.asleep:
+            self._begin_stop(slot, reason=reason)
+        elif slot.pages is not None:
+            self._drop_pages(slot, reason=reason)
+
+    async def _demote(self, slot: Slot) -> None:
+        """Move an idle ready model off the device (TTL): to the ram tier if it fits."""
+        try:
+            snap = await self.admission.read(self._pids())
+            if slot.state is not State.READY or slot.busy:
+                return  # a request came in meanwhile
+            resident = self._resident(slot, snap)
+            if resident is None:
+                return
+            actions = policy.demotions([resident], self._ram_tier(snap))
+            tasks = self._carry_out(actions, reason="ttl")
+        finally:
+            slot.demote_task = None
+        await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+        snap = await self.admission.read(self._pids())
+        self._carry_out(policy.ram_overflow(self._ram_tier(snap)), reason="ram_budget")
+
     async def unload(self, name: str) -> None:
-        """Stop a model once its in-flight requests finish; new requests wait and reload it."""
+        """Stop a model once its in-flight requests finish, down to disk (no warm pages)."""
         slot = self.slot_for(name)
         if slot.load_task is not None and not slot.load_task.done():
             with contextlib.suppress(RequestError):
                 await asyncio.shield(slot.load_task)
-        if slot.state is not State.READY:
-            if slot.state is State.FAILED:
-                slot.move(State.STOPPED)
-            return
-        slot.draining = True
-        while slot.in_flight > 0:
-            await self._changed.wait()
-        await asyncio.shield(self._begin_stop(slot, reason="unload"))
+        if slot.demote_task is not None:
+            await asyncio.shield(slot.demote_task)
+        if slot.state is State.FAILED:
+            slot.move(State.FAILED, State.STOPPED)
+        if slot.state is State.READY and slot.in_flight > 0:
+            slot.move(State.READY, State.DRAINING)
+            self._cancel_ttl(slot)
+            while slot.in_flight > 0 and slot.draining:
+                await self._changed.wait()
+        if slot.state in (State.READY, State.DRAINING, State.ASLEEP):
+            await asyncio.shield(self._begin_stop(slot, reason="unload"))
+        elif slot.stop_task is not None:
+            await asyncio.shield(slot.stop_task)
+        self._drop_pages(slot, reason="unload")
+        self._notify()
 
     async def close(self) -> None:
-        """Stop every backend (shutdown); loads in progress are cancelled."""
+        """Stop every backend and release every held page (shutdown)."""
         self._closing = True
         for slot in self.slots.values():
             self._cancel_ttl(slot)
+            self._cancel_ram_ttl(slot)
             if slot.load_task is not None and not slot.load_task.done():
                 slot.load_task.cancel()
         loads = [s.load_task for s in self.slots.values() if s.load_task is not None]
         await asyncio.gather(*loads, return_exceptions=True)
-        stops = [self._begin_stop(s, reason="shutdown") for s in self.slots.values() if s.child]
+        busy = [t for s in self.slots.values() for t in (s.demote_task, s.stop_task) if t]
+        await asyncio.gather(*busy, return_exceptions=True)
+        stops = []
+        for slot in self.slots.values():
+            if slot.child is None:
+                continue
+            if slot.state in (State.READY, State.DRAINING, State.ASLEEP):
+                stops.append(self._begin_stop(slot, reason="shutdown"))
+            else:
+                stops.append(self._spawn_task(slot.child.stop(slot.preset.stop_timeout), "stop"))
         await asyncio.gather(*stops, return_exceptions=True)
+        for slot in self.slots.values():
+            pages, slot.pages = slot.pages, None
+            if pages is not None:
+                pages.close()
 
     async def preload(self) -> None:
         """Load the presets marked ``preload: true``, one after another."""
@@ -522,60 +913,3 @@ class Manager:
                     await self.load(slot.preset.name)
                 except RequestError as exc:
                     _log.error("model.preload.fail", model=slot.preset.name, error=exc.message)
-
-    # ---------------------------------------------------------------- status
-
-    def status(self) -> dict[str, Any]:
-        """A JSON-ready view of every model; never starts anything, never touches TTLs."""
-        now_mono, now = time.monotonic(), time.time()
-        models = []
-        for slot in self.slots.values():
-            last_used = now - (now_mono - slot.last_used) if slot.last_used else None
-            models.append(
-                {
-                    "name": slot.preset.name,
-                    "aliases": list(slot.preset.aliases),
-                    "backend": slot.preset.backend,
-                    "state": slot.state.value,
-                    "pid": slot.child.pid if slot.child else None,
-                    "port": slot.launch.port if slot.launch else None,
-                    "device": slot.device.id if slot.device else None,
-                    "since": slot.since,
-                    "last_used": last_used,
-                    "in_flight": slot.in_flight,
-                    "waiting": slot.waiters,
-                    "ttl": slot.preset.ttl,
-                    "pin": slot.preset.pin,
-                    "memory": {
-                        "need": slot.need.bytes if slot.need else None,
-                        "need_source": slot.need.source if slot.need else None,
-                        "estimate": slot.need.estimate if slot.need else None,
-                        "measured": slot.measured,
-                    },
-                    "error": slot.last_error.message if slot.last_error else None,
-                    "exit_code": (
-                        slot.last_error.exit_code
-                        if isinstance(slot.last_error, BackendStartError)
-                        else None
-                    ),
-                }
-            )
-        return {"models": models}
-
-
-def _best_plan(
-    needs: dict[str, Need],
-    views: list[policy.DeviceView],
-    residents: list[policy.Resident],
-    limits: policy.Limits,
-) -> policy.Plan:
-    # Group devices by need so each group is planned with its own number.
-    by_need: dict[int, list[policy.DeviceView]] = {}
-    for view in views:
-        by_need.setdefault(needs[view.id].bytes, []).append(view)
-    plans = [policy.plan_admission(n, vs, residents, limits) for n, vs in by_need.items()]
-    for kind in (policy.Admit, policy.Wait):
-        found = [p for p in plans if isinstance(p, kind)]
-        if found:
-            return found[0]
-    return plans[0] if plans else policy.Impossible("no device reported memory")

@@ -27,7 +27,7 @@ they are older than the victim; otherwise straight to disk (stop).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
@@ -381,3 +381,21 @@ def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
         actions.append(_down_from_ram(entry))
         over -= entry.bytes
     return tuple(actions)
+
+
+def room_after(
+    need: int,
+    device: DeviceView,
+    residents: Sequence[Resident],
+    limits: Limits,
+    victims: Collection[str],
+) -> int:
+    """Room left on ``device`` once ``victims`` are gone and ``need`` is placed.
+
+    When the device is host RAM, this is all the ram tier may keep of the victims:
+    pages held there are taken from the same memory the new model needs.
+    """
+    here = [r for r in residents if r.device == device.id]
+    freed = sum(r.usage for r in here if r.name in victims)
+    ours = sum(r.usage for r in here)
+    return _room_now(device, ours, limits) - _growth(here) + freed - need

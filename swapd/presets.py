@@ -14,6 +14,7 @@ from swapd.errors import ConfigError, ConfigErrors, Location
 from swapd.units import parse_duration, parse_size
 
 BackendName = Literal["llama-server", "vllm", "command"]
+SleepSetting = Literal["auto", 0, 1, 2]
 BACKENDS: tuple[BackendName, ...] = ("llama-server", "vllm", "command")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 
@@ -39,6 +40,12 @@ class Preset:
     pin: bool = False
     preload: bool = False
     devices: tuple[int, ...] | None = None
+    # Tiers: vLLM sleep level ("auto": 1 on a GPU, 0 on a CPU-only host; 0 also turns off
+    # llama-server's warm pages), how long to stay in the ram tier, NVMe staging.
+    sleep: SleepSetting = "auto"
+    ram_ttl: float = 0.0
+    stage: bool = False
+    sha256: str | None = None
 
 
 def _str(value: Any) -> str:
@@ -97,6 +104,23 @@ def _devices(value: Any) -> tuple[int, ...]:
     return tuple(items)
 
 
+def _sleep(value: Any) -> SleepSetting:
+    for setting in ("auto", 0, 1, 2):
+        if value == setting and not isinstance(value, bool):
+            return setting
+    raise ValueError(f"expected auto, 0, 1 or 2, got {value!r}")
+
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _sha256(value: Any) -> str:
+    text = _str(value)
+    if not _SHA256.match(text):
+        raise ValueError(f"expected 64 hexadecimal digits, got {text!r}")
+    return text.lower()
+
+
 # Each preset key and the converter that validates it; unknown keys are rejected.
 CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "name": _str,
@@ -115,6 +139,10 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "pin": _bool,
     "preload": _bool,
     "devices": _devices,
+    "sleep": _sleep,
+    "ram_ttl": parse_duration,
+    "stage": _bool,
+    "sha256": _sha256,
 }
 NOT_IN_DEFAULTS = frozenset({"name", "aliases", "model", "cmd"})
 

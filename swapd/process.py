@@ -35,7 +35,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
 class Child:
     """A spawned backend and everything needed to stop it cleanly."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - each is one fact about the child, all but two keyword-only
         self,
         model: str,
         argv: Sequence[str],
@@ -43,12 +43,14 @@ class Child:
         *,
         ring: RingLog,
         on_group: Callable[[str, int], None] = lambda _event, _pgid: None,
+        stop_signal: signal.Signals = signal.SIGTERM,
     ) -> None:
         self.model = model
         self.argv = tuple(argv)
         self.env = dict(env)
         self.ring = ring
         self._on_group = on_group
+        self.stop_signal = stop_signal
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[int] | None = None
@@ -167,7 +169,7 @@ class Child:
         return True
 
     async def stop(self, timeout: float) -> int:
-        """SIGTERM the group, SIGKILL it after ``timeout``, reap; return the exit status."""
+        """Signal the group (SIGTERM by default), SIGKILL it after ``timeout``, reap it."""
         if self._proc is None:
             return 0
         if self._stopping is None:
@@ -185,7 +187,7 @@ class Child:
         assert self._proc is not None  # noqa: S101 - stop checks it
         started = time.monotonic()
         if self._proc.returncode is None:
-            self._signal_group(signal.SIGTERM)
+            self._signal_group(self.stop_signal)
         try:
             code = await asyncio.wait_for(asyncio.shield(self.wait_exit()), timeout)
         except TimeoutError:

@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from swapd.backends._kind import ALL_TIERS, BackendKind, Placement, SleepUnsupported, Tier
+from swapd.backends._kind import (
+    ALL_TIERS,
+    BackendKind,
+    Placement,
+    RamVia,
+    SleepUnsupported,
+    Tier,
+)
 from swapd.backends._launch import (
     LOOPBACK,
     BinaryNotFound,
@@ -37,6 +44,7 @@ __all__ = [
     "BinaryNotFound",
     "Launch",
     "Placement",
+    "RamVia",
     "SleepFailed",
     "SleepUnsupported",
     "Tier",

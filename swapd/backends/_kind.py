@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # local disk, or only on slow storage not yet staged.
 Tier: TypeAlias = Literal["device", "ram", "disk", "store"]
 ALL_TIERS: tuple[Tier, ...] = ("device", "ram", "disk", "store")
+RamVia: TypeAlias = Literal["sleep", "pages"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class Placement:
     # The share of the card granted, for backends that size themselves (vLLM).
     gpu_fraction: float | None = None
     device_env: Mapping[str, str] = field(default_factory=dict)
-    # vLLM sleep level to enable (``--enable-sleep-mode``); 0 = off.
+    # vLLM sleep level this start allows (the development endpoints); 0 = off.
     sleep_level: int = 0
+    # Whether to pass ``--enable-sleep-mode`` (off when the backend refused it before).
+    sleep_flag: bool = True
     # The model path to give the backend: the staged copy when there is one.
     model_path: str | None = None
 
@@ -42,6 +45,9 @@ class BackendKind(Protocol):
 
     name: str
     tiers: frozenset[Tier]
+    # How the kind reaches the ram tier: a sleeping process, or its weight file's pages
+    # held in host RAM while stopped; None: it has no ram tier.
+    ram_via: RamVia | None
     needs_model: bool
     stop_signal: signal.Signals
 
@@ -61,6 +67,10 @@ class BackendKind(Protocol):
         """Bytes the model is expected to take on ``device``; None when unknown. Blocking I/O."""
         ...
 
+    def refused_sleep(self, output: list[str]) -> str | None:
+        """The output line where a failed start refused sleep mode, if it did."""
+        ...
+
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """Put a live backend to sleep (free device memory, keep the process)."""
         ...
@@ -78,6 +88,11 @@ class NoSleep:
     """The sleep half of the protocol for kinds that have no sleep mode."""
 
     name: str
+
+    def refused_sleep(self, output: list[str]) -> str | None:
+        """Never: the kind is started without sleep mode."""
+        del output
+        return None
 
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """Refuse: a process of this kind cannot sleep."""

@@ -6,7 +6,7 @@ import shutil
 import signal
 from typing import TYPE_CHECKING
 
-from swapd.backends._kind import NoSleep, Placement, Tier
+from swapd.backends._kind import NoSleep, Placement, RamVia, Tier
 from swapd.backends._launch import BinaryNotFound, search_path
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ class CommandKind(NoSleep):
 
     name = "command"
     tiers: frozenset[Tier] = frozenset({"device", "disk", "store"})
+    ram_via: RamVia | None = None
     needs_model = False
     stop_signal = signal.SIGTERM
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 from typing import TYPE_CHECKING
 
-from swapd.backends._kind import NoSleep, Placement, Tier
+from swapd.backends._kind import NoSleep, Placement, RamVia, Tier
 from swapd.backends._launch import LOOPBACK, BinaryNotFound, explicit_binary, has_flag, search_path
 from swapd.estimate import estimate_for_args, parse_llama_args
 from swapd.logs import get_logger
@@ -42,6 +42,7 @@ class LlamaServerKind(NoSleep):
 
     name = "llama-server"
     tiers: frozenset[Tier] = frozenset({"device", "ram", "disk", "store"})
+    ram_via: RamVia | None = "pages"
     needs_model = True
     stop_signal = signal.SIGTERM
 

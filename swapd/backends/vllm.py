@@ -13,7 +13,7 @@ import shutil
 import signal
 from typing import TYPE_CHECKING
 
-from swapd.backends._kind import Placement, Tier
+from swapd.backends._kind import Placement, RamVia, Tier
 from swapd.backends._launch import BinaryNotFound, explicit_binary, has_flag, search_path
 from swapd.upstream import UpstreamError
 
@@ -57,6 +57,7 @@ class VllmKind:
 
     name = "vllm"
     tiers: frozenset[Tier] = frozenset({"device", "ram", "disk", "store"})
+    ram_via: RamVia | None = "sleep"
     needs_model = True
     stop_signal = signal.SIGTERM
 
@@ -78,10 +79,14 @@ class VllmKind:
         fraction = placement.gpu_fraction
         if fraction is not None and not has_flag(args, "--gpu-memory-utilization"):
             args += ["--gpu-memory-utilization", f"{fraction:.3f}"]
-        if placement.sleep_level and not has_flag(args, SLEEP_FLAG):
+        if placement.sleep_level and placement.sleep_flag and not has_flag(args, SLEEP_FLAG):
             args.append(SLEEP_FLAG)
         model = placement.model_path or str(preset.model)
         return [binary, "serve", model, *args, "--host", "127.0.0.1", "--port", str(port)]
+
+    def refused_sleep(self, output: list[str]) -> str | None:
+        """The line where the backend refused ``--enable-sleep-mode``, if it did."""
+        return next((line for line in output if "sleep mode" in line.lower()), None)
 
     def extra_env(self, preset: Preset, placement: Placement) -> dict[str, str]:
         """The development endpoints (/sleep, /wake_up, /is_sleeping) when sleep is wanted."""

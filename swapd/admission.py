@@ -1,0 +1,110 @@
+"""Admission: one lock per device, fresh readings, and the policy's plan for one load.
+
+Admission decides and the manager acts: this module reads memory, works out
+what a model needs on each candidate device and asks :mod:`swapd.policy` for a
+plan. It never starts or stops anything and never imports the manager.
+
+Locks are held only while a plan is made (a reading and a pure function), and
+the manager reserves the memory by marking the model as loading before it lets
+go; a backend's start is never under a lock, so a one-second wake does not wait
+behind a five-minute cold start, and two devices start models in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from dataclasses import dataclass
+
+import psutil
+
+from swapd import policy
+from swapd.footprints import Footprints
+from swapd.needs import Need, estimate_bytes, memory_need
+from swapd.presets import Preset
+from swapd.probe import Device, Probe, Reading
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One reading of every device, and the host memory available to the ram tier."""
+
+    readings: dict[str, Reading]
+    host_available: int
+
+    def by_pid(self) -> dict[int, int]:
+        """Device bytes per asked pid, summed over devices."""
+        found: dict[int, int] = {}
+        for reading in self.readings.values():
+            for pid, nbytes in reading.by_pid.items():
+                found[pid] = found.get(pid, 0) + nbytes
+        return found
+
+
+class Admission:
+    """Per-device locks, readings and needs; plans come from :mod:`swapd.policy`."""
+
+    def __init__(self, probe: Probe, footprints: Footprints, limits: policy.Limits) -> None:
+        self.probe = probe
+        self.footprints = footprints
+        self.limits = limits
+        self._locks = {device.id: asyncio.Lock() for device in probe.devices}
+        self._estimates: dict[tuple[str, str], int | None] = {}
+
+    def candidates(self, preset: Preset) -> list[Device]:
+        """The devices a preset may be placed on."""
+        devices = list(self.probe.devices)
+        if preset.devices is not None:
+            wanted = set(preset.devices)
+            devices = [d for d in devices if d.index in wanted]
+        return devices
+
+    @contextlib.asynccontextmanager
+    async def locked(self, devices: Iterable[Device]) -> AsyncIterator[None]:
+        """Hold the locks of ``devices``, taken in one global order so two loads never deadlock."""
+        async with contextlib.AsyncExitStack() as stack:
+            for device_id in sorted({d.id for d in devices}):
+                await stack.enter_async_context(self._locks[device_id])
+            yield
+
+    async def read(self, pids: Collection[int]) -> Snapshot:
+        """Read every device and host memory, in a worker thread (drivers block)."""
+
+        def read_all() -> Snapshot:
+            readings = {r.device: r for r in self.probe.read(pids)}
+            return Snapshot(readings, psutil.virtual_memory().available)
+
+        return await asyncio.to_thread(read_all)
+
+    async def needs(
+        self, preset: Preset, devices: Sequence[Device], snapshot: Snapshot
+    ) -> dict[str, Need]:
+        """What ``preset`` needs on each device that reported memory."""
+        needs: dict[str, Need] = {}
+        for device in devices:
+            reading = snapshot.readings.get(device.id)
+            if reading is None:
+                continue
+            key = (preset.name, device.id)
+            if key not in self._estimates:
+                # Reading GGUF metadata is file I/O: once per model and device, in a thread.
+                self._estimates[key] = await asyncio.to_thread(
+                    estimate_bytes, preset, device, reading.total
+                )
+            needs[device.id] = memory_need(preset, device, self._estimates[key], self.footprints)
+        return needs
+
+    def plan(
+        self,
+        needs: dict[str, int],
+        snapshot: Snapshot,
+        residents: Sequence[policy.Resident],
+    ) -> policy.Plan:
+        """The policy's best plan over the devices in ``needs``."""
+        views = [
+            policy.DeviceView(device_id, snapshot.readings[device_id].total, reading.free)
+            for device_id, reading in snapshot.readings.items()
+            if device_id in needs
+        ]
+        return policy.best_plan(needs, views, residents, self.limits)

@@ -1,0 +1,199 @@
+"""One model's live state, owned by the manager, and the frozen view everyone else reads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from swapd import states
+from swapd.errors import BackendStartError, RequestError
+from swapd.ringlog import RingLog
+from swapd.states import State
+
+if TYPE_CHECKING:
+    from swapd.backends import BackendKind, Launch, Tier
+    from swapd.needs import Need
+    from swapd.pages import WarmSet
+    from swapd.presets import Preset
+    from swapd.probe import Device
+    from swapd.process import Child
+
+
+@dataclass
+class Slot:
+    """Mutable state of one model; only the manager writes it."""
+
+    preset: Preset
+    kind: BackendKind
+    state: State = State.STOPPED
+    since: float = field(default_factory=time.time)
+    last_used: float = 0.0  # monotonic; 0 = never
+    in_flight: int = 0
+    waiters: int = 0
+    child: Child | None = None
+    launch: Launch | None = None
+    device: Device | None = None
+    need: Need | None = None
+    measured: int | None = None  # device bytes of the process tree, last measured
+    memory_source: str | None = None  # where per-process numbers came from (probe source)
+    last_error: RequestError | None = None
+    load_task: asyncio.Task[None] | None = None
+    stop_task: asyncio.Task[None] | None = None
+    demote_task: asyncio.Task[None] | None = None
+    sleep_task: asyncio.Task[None] | None = None
+    ttl_timer: asyncio.TimerHandle | None = None
+    ram_timer: asyncio.TimerHandle | None = None
+    ring: RingLog = field(default_factory=RingLog)
+    # The ram tier: a sleeping process (sleep_level > 0), or the model's pages held.
+    sleep_level: int = 0  # the level this launch was started with; 0: no sleep mode
+    sleep_note: str | None = None  # why sleep mode is off, when the backend refused it
+    pages: WarmSet | None = None
+    ram_bytes: int = 0  # host RAM the model holds in the ram tier
+    ram_since: float = 0.0
+    staged_path: str | None = None
+    staging: tuple[int, int] | None = None  # bytes done, total, while copying
+
+    def move(self, expected: State | tuple[State, ...], new: State) -> None:
+        """Change state along an edge of :data:`swapd.states.EDGES`, and remember when."""
+        states.check(self.state, expected, new)
+        self.state = new
+        self.since = time.time()
+
+    @property
+    def busy(self) -> bool:
+        """Not evictable now: serving, awaited, or in a transition."""
+        return self.in_flight > 0 or self.waiters > 0 or self.state in states.IN_TRANSITION
+
+    @property
+    def draining(self) -> bool:
+        """Waiting for in-flight requests before a stop."""
+        return self.state is State.DRAINING
+
+    @property
+    def asleep(self) -> bool:
+        """In the ram tier with its process alive."""
+        return self.state is State.ASLEEP
+
+    @property
+    def tier(self) -> Tier:
+        """Where the weights are now (see the README's tier table)."""
+        if self.state in states.ON_DEVICE:
+            return "device"
+        if self.state is State.ASLEEP or self.pages is not None:
+            return "ram"
+        if self.preset.stage and self.staged_path is None:
+            return "store"
+        return "disk"
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A frozen snapshot of one model, for the app, the CLI and metrics."""
+
+    name: str
+    aliases: tuple[str, ...]
+    backend: str
+    state: str
+    tier: str
+    pid: int | None
+    port: int | None
+    device: str | None
+    since: float
+    last_used: float | None  # wall clock
+    in_flight: int
+    waiting: int
+    ttl: float
+    ram_ttl: float
+    pin: bool
+    need: int | None
+    need_source: str | None
+    estimate: int | None
+    measured: int | None
+    memory_source: str | None
+    ram_bytes: int
+    pages_locked: bool | None
+    pages_note: str | None
+    sleep_level: int
+    sleep_note: str | None
+    staging: tuple[int, int] | None
+    error: str | None
+    exit_code: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        """The model's entry in ``/swapd/status``."""
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "backend": self.backend,
+            "state": self.state,
+            "tier": self.tier,
+            "pid": self.pid,
+            "port": self.port,
+            "device": self.device,
+            "since": self.since,
+            "last_used": self.last_used,
+            "in_flight": self.in_flight,
+            "waiting": self.waiting,
+            "ttl": self.ttl,
+            "ram_ttl": self.ram_ttl,
+            "pin": self.pin,
+            "memory": {
+                "need": self.need,
+                "need_source": self.need_source,
+                "estimate": self.estimate,
+                "measured": self.measured,
+                "source": self.memory_source,
+                "ram": self.ram_bytes,
+            },
+            "pages": (
+                None
+                if self.pages_locked is None
+                else {"locked": self.pages_locked, "note": self.pages_note}
+            ),
+            "sleep": {"level": self.sleep_level, "note": self.sleep_note},
+            "staging": (
+                None
+                if self.staging is None
+                else {"done": self.staging[0], "total": self.staging[1]}
+            ),
+            "error": self.error,
+            "exit_code": self.exit_code,
+        }
+
+
+def snapshot(slot: Slot) -> ModelView:
+    """Freeze what a reader may see of ``slot``."""
+    now_mono, now = time.monotonic(), time.time()
+    error = slot.last_error
+    return ModelView(
+        name=slot.preset.name,
+        aliases=slot.preset.aliases,
+        backend=slot.kind.name,
+        state=slot.state.value,
+        tier=slot.tier,
+        pid=slot.child.pid if slot.child else None,
+        port=slot.launch.port if slot.launch else None,
+        device=slot.device.id if slot.device else None,
+        since=slot.since,
+        last_used=now - (now_mono - slot.last_used) if slot.last_used else None,
+        in_flight=slot.in_flight,
+        waiting=slot.waiters,
+        ttl=slot.preset.ttl,
+        ram_ttl=slot.preset.ram_ttl,
+        pin=slot.preset.pin,
+        need=slot.need.bytes if slot.need else None,
+        need_source=slot.need.source if slot.need else None,
+        estimate=slot.need.estimate if slot.need else None,
+        measured=slot.measured,
+        memory_source=slot.memory_source,
+        ram_bytes=slot.ram_bytes,
+        pages_locked=slot.pages.locked if slot.pages else None,
+        pages_note=slot.pages.lock_error if slot.pages else None,
+        sleep_level=slot.sleep_level,
+        sleep_note=slot.sleep_note,
+        staging=slot.staging,
+        error=error.message if error else None,
+        exit_code=error.exit_code if isinstance(error, BackendStartError) else None,
+    )
