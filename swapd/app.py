@@ -87,6 +87,19 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         body = {"error": {"message": exc.reason, "type": kind, "code": None, "param": None}}
         response = web.json_response(body, status=exc.status)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence, logged with its trace
+        # A bug must still answer in the envelope, with its trace in the log, not as text.
+        _log.exception("request.error", path=request.path, error=repr(exc))
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        body = {
+            "error": {
+                "message": message,
+                "type": "server_error",
+                "code": "internal_error",
+                "param": None,
+            }
+        }
+        response = web.json_response(body, status=500)
     finally:
         if request.path.startswith("/v1/"):
             _log.info(

@@ -439,6 +439,17 @@ class Manager:
             return measured  # on a CPU the sleeping process keeps what it has
         return model if slot.sleep_level == 1 else 0  # level 2 discards the weights
 
+    async def _asleep_cost(self, slot: Slot) -> int:
+        """Host RAM a model takes now that it sleeps: on a CPU, what its process keeps."""
+        pid = slot.child.pid if slot.child else None
+        if slot.device is None or slot.device.kind != "cpu" or pid is None:
+            return self._ram_cost(slot, slot.measured or 0)
+        snap = await self.admission.read([pid])
+        reading = snap.readings.get(slot.device.id)
+        if reading is None or pid not in reading.by_pid:
+            return self._ram_cost(slot, slot.measured or 0)
+        return reading.by_pid[pid]
+
     def _ram_tier(self, snap: Snapshot) -> policy.RamTier:
         entries = tuple(
             policy.RamEntry(
@@ -600,6 +611,7 @@ class Manager:
 
     async def _spawn_ready(self, slot: Slot, device: Device, placement: Placement) -> None:
         preset = slot.preset
+        slot.device = device
         port = free_port()
         try:
             # PATH lookups and, once per binary, `llama-server --help`: off the event loop.
@@ -629,10 +641,12 @@ class Manager:
         except BaseException as exc:
             # Whatever went wrong (exit, timeout, an unwritable state_dir, cancellation),
             # the group is stopped and reaped before the error goes on.
-            await child.stop(preset.stop_timeout)
-            self._forget_child(slot)
             cancelled = isinstance(exc, asyncio.CancelledError)
-            slot.move(State.STARTING, State.STOPPED if cancelled else State.FAILED)
+            try:
+                await child.stop(preset.stop_timeout)
+                self._forget_child(slot)
+            finally:
+                slot.move(State.STARTING, State.STOPPED if cancelled else State.FAILED)
             raise
         slot.move(State.STARTING, State.READY)
         slot.last_used = time.monotonic()
@@ -768,14 +782,13 @@ class Manager:
         finally:
             slot.sleep_task = None
             self._notify()
-        measured = slot.measured or 0
         slot.move(State.SLEEPING, State.ASLEEP)
-        self._entered_ram(slot, self._ram_cost(slot, measured))
+        self._entered_ram(slot, await self._asleep_cost(slot))
         _log.info(
             "model.sleep",
             model=slot.preset.name,
             reason=reason,
-            level=slot.sleep_level,
+            sleep_level=slot.sleep_level,
             sleep_s=round(time.monotonic() - started, 3),
         )
 

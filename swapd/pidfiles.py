@@ -40,9 +40,13 @@ class PidRecords:
         tmp.replace(path)
 
     def remove(self, pid: int) -> None:
-        """Forget a child that has been reaped."""
-        with contextlib.suppress(FileNotFoundError):
+        """Forget a child that has been reaped; a record that cannot be removed is logged."""
+        try:
             (self.directory / f"{pid}.json").unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log.warning("pidfile.remove.fail", pid=pid, error=str(exc))
 
     def end_leftovers(self) -> list[int]:
         """SIGKILL the process groups an earlier swapd left behind; return their pids."""

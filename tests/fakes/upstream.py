@@ -382,10 +382,12 @@ def fail_at_start(code: int) -> None:
     os._exit(code)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(
+    args: argparse.Namespace, make: Callable[[argparse.Namespace], Fake] = Fake
+) -> None:
     """Start, become ready after the start delay, and serve until SIGTERM."""
     ready_at = time.monotonic() + args.start_delay
-    fake = Fake(args)
+    fake = make(args)
     loop = asyncio.get_running_loop()
     if args.ignore_sigterm:
         loop.add_signal_handler(signal.SIGTERM, log, "ignoring SIGTERM")

@@ -1,0 +1,237 @@
+"""The ram tier: vLLM sleeps and wakes; llama-server keeps warm pages; both go down to disk.
+
+A sleeping vLLM wakes without a new process and goes down to disk on ram_ttl or
+when the ram budget is full. The vLLM here is ``tests/fakes/fake_vllm.py``, run as
+the preset's binary: it speaks vLLM's command line and sleep API, holds real memory
+that it frees while asleep, and aborts running streams when told to sleep, as vLLM
+does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import StartDaemon
+from daemon import Daemon, fake_stats, wait_for
+
+FAKE_VLLM = Path(__file__).resolve().parent / "fakes" / "fake_vllm.py"
+MIB = 1024**2
+HOLD = 96 * MIB
+
+
+@pytest.fixture
+def vllm_binary(tmp_path: Path) -> str:
+    """An executable named vllm that runs the fake with this interpreter."""
+    path = tmp_path / "bin" / "vllm"
+    path.parent.mkdir()
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_VLLM} "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def vllm_preset(binary: str, model_dir: Path, **keys: Any) -> dict[str, Any]:
+    """A ``backend: vllm`` preset on the fake, with sleep level 1 unless told otherwise."""
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "weights.safetensors").write_bytes(b"\0" * 1024)
+    return {"backend": "vllm", "model": str(model_dir), "binary": binary, "sleep": 1, **keys}
+
+
+def _rss(pid: int) -> int:
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def test_ttl_demotes_vllm_to_sleep_and_the_process_survives(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """An idle vLLM past its TTL is put to sleep: same pid, ram tier, memory freed."""
+    d = start_daemon(
+        {"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s")},
+        env={"FAKE_VLLM_HOLD_BYTES": str(HOLD)},
+    )
+    assert d.chat("v")[0] == 200
+    before = d.model("v")
+    pid = before["pid"]
+    awake_rss = _rss(pid)
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=15)
+    after = d.model("v")
+    assert after["pid"] == pid
+    assert after["tier"] == "ram"
+    assert fake_stats(after["port"])["sleeping"] is True
+    assert awake_rss - _rss(pid) > HOLD // 2, "sleep did not free the fake's memory"
+    [event] = d.events("model.sleep")
+    assert event["reason"] == "ttl"
+    assert event["sleep_level"] == 1
+
+
+def test_a_request_wakes_a_sleeping_vllm_without_a_new_process(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """A request for an asleep model wakes it (/wake_up, /is_sleeping); no spawn happens."""
+    d = start_daemon(
+        {"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s")},
+        env={"FAKE_VLLM_HOLD_BYTES": str(HOLD)},
+    )
+    assert d.chat("v")[0] == 200
+    pid = d.model("v")["pid"]
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=15)
+    status, body = d.chat("v", "again")
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == "v: again"
+    model = d.model("v")
+    assert (model["state"], model["tier"], model["pid"]) == ("ready", "device", pid)
+    assert len(d.events("backend.spawn")) == 1
+    assert [e["how"] for e in d.events("model.load.done")] == ["start", "wake"]
+    assert fake_stats(model["port"])["sleeping"] is False
+
+
+def _stream(d: Daemon, model: str, into: list[str]) -> None:
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True}
+    ).encode()
+    req = urllib.request.Request(  # noqa: S310 - loopback
+        d.url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+        into.extend(line.decode().strip() for line in resp if line.strip())
+
+
+def test_no_stream_is_cut_by_a_demotion(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """A model with a stream in flight is never put to sleep: the stream ends whole.
+
+    ``max_running: 1`` makes a request for b want a's place while a streams; a sleeps
+    only after its stream is done (the fake would abort it if it slept earlier).
+    """
+    d = start_daemon(
+        {
+            "a": vllm_preset(vllm_binary, tmp_path / "a"),
+            "b": vllm_preset(vllm_binary, tmp_path / "b"),
+        },
+        {"max_running": 1},
+        env={"FAKE_VLLM_UPSTREAM_ARGS": "--chunks 20 --chunk-interval 0.1"},
+    )
+    assert d.chat("a")[0] == 200
+    lines: list[str] = []
+    streaming = threading.Thread(target=_stream, args=(d, "a", lines))
+    streaming.start()
+    wait_for(lambda: d.model("a")["in_flight"] == 1)
+    assert d.chat("b")[0] == 200
+    streaming.join(timeout=60)
+    assert lines[-1] == "data: [DONE]"
+    assert len(lines) == 21
+    states = {m: (d.model(m)["state"], d.model(m)["tier"]) for m in ("a", "b")}
+    assert states == {"a": ("asleep", "ram"), "b": ("ready", "device")}
+    assert fake_stats(d.model("a")["port"])["cancelled"] == 0
+
+
+def test_ram_ttl_moves_a_sleeping_model_down_to_disk(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """After ram_ttl in the ram tier, the sleeping process is stopped: tier disk."""
+    d = start_daemon({"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s", ram_ttl="1s")})
+    assert d.chat("v")[0] == 200
+    pid = d.model("v")["pid"]
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=15)
+    wait_for(lambda: d.model("v")["state"] == "stopped", timeout=15)
+    assert d.model("v")["tier"] == "disk"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert [e["model"] for e in d.events("model.ram_ttl.expire")] == ["v"]
+
+
+def test_the_ram_budget_is_respected(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """With room in the ram tier for one sleeper, a second demotion pushes the older down.
+
+    ``max_running: 1`` evicts on every swap. On a CPU host a demotion is planned with
+    the model's measured footprint (192 MiB held plus the process, over half the
+    256 MiB budget); once asleep it costs what its process still holds.
+    """
+    d = start_daemon(
+        {name: vllm_preset(vllm_binary, tmp_path / name) for name in ("a", "b", "c")},
+        {"max_running": 1, "ram_budget": "256MiB"},
+        env={"FAKE_VLLM_HOLD_BYTES": str(192 * MIB)},
+    )
+    for name in ("a", "b", "c"):
+        assert d.chat(name)[0] == 200
+        wait_for(lambda n=name: any(e["model"] == n for e in d.events("model.measure")))
+    tiers = {m: (d.model(m)["state"], d.model(m)["tier"]) for m in ("a", "b", "c")}
+    assert tiers == {"a": ("stopped", "disk"), "b": ("asleep", "ram"), "c": ("ready", "device")}
+    _, status = d.get("/swapd/status")
+    ram = status["tiers"]["ram"]
+    assert ram["budget"] == 256 * MIB
+    assert 0 < ram["bytes"] <= ram["budget"]
+    assert d.model("b")["memory"]["ram"] == ram["bytes"]
+
+
+def test_ram_budget_zero_stops_instead_of_sleeping(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """``ram_budget: 0`` turns the tier off: an evicted model is stopped, not put to sleep."""
+    d = start_daemon(
+        {name: vllm_preset(vllm_binary, tmp_path / name) for name in ("a", "b")},
+        {"max_running": 1, "ram_budget": 0},
+    )
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    assert (d.model("a")["state"], d.model("a")["tier"]) == ("stopped", "disk")
+    assert not d.events("model.sleep")
+
+
+def test_a_refused_sleep_flag_is_retried_without_it_and_said_in_status(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """A backend refusing --enable-sleep-mode is started again without it; status says so."""
+    d = start_daemon(
+        {"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s")},
+        env={"FAKE_VLLM_REFUSE_SLEEP_MODE": "1"},
+    )
+    assert d.chat("v")[0] == 200
+    spawns = d.events("backend.spawn")
+    assert len(spawns) == 2
+    assert "--enable-sleep-mode" in spawns[0]["argv"]
+    assert "--enable-sleep-mode" not in spawns[1]["argv"]
+    model = d.model("v")
+    assert model["sleep"]["level"] == 1
+    assert "refused --enable-sleep-mode" in model["sleep"]["note"]
+    # The development endpoints still answer, so the model still sleeps and wakes.
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=15)
+    assert d.chat("v")[0] == 200
+    assert len(d.events("backend.spawn")) == 2
+
+
+def test_sleep_auto_is_off_on_a_cpu_only_host(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """``sleep: auto`` means 0 on host RAM: no sleep flag, and the TTL stops the model."""
+    d = start_daemon({"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s", sleep="auto")})
+    assert d.chat("v")[0] == 200
+    [spawn] = d.events("backend.spawn")
+    assert "--enable-sleep-mode" not in spawn["argv"]
+    wait_for(lambda: d.model("v")["state"] == "stopped", timeout=15)
+    assert not d.events("model.sleep")
+
+
+@pytest.mark.llama
+def test_llama_server_ttl_keeps_its_pages_in_ram_then_starts_from_them(
+    start_daemon: StartDaemon, tiny_gguf: Path
+) -> None:
+    """A llama-server past its TTL stops with its GGUF pages locked; the next start drops them."""
+    d = start_daemon({"t": {"backend": "llama-server", "model": str(tiny_gguf), "ttl": "1s"}})
+    assert d.chat("t")[0] == 200
+    wait_for(lambda: d.model("t")["state"] == "stopped", timeout=15)
+    model = d.model("t")
+    assert model["tier"] == "ram"
+    assert model["pages"] == {"locked": True, "note": None}
+    assert model["memory"]["ram"] == tiny_gguf.stat().st_size
+    assert d.chat("t")[0] == 200
+    model = d.model("t")
+    assert (model["tier"], model["pages"], model["memory"]["ram"]) == ("device", None, 0)
