@@ -1,0 +1,340 @@
+"""Copying a model file or a model directory fast, in the calling thread.
+
+The kernel copies (``copy_file_range``, the call ``cp`` makes) and the bytes never enter
+Python. Where that call is not supported (``EXDEV`` across file systems on older kernels,
+``ENOSYS``, ``EOPNOTSUPP``), ``sendfile`` and then plain reads and writes take over from where
+it stopped. A SHA-256, when asked for, is computed by a second thread over what was just
+written (mapped from the page cache, not read again) while the kernel copies the next chunk,
+so with a core free a copy with a checksum takes about as long as the slower of the two, not
+their sum.
+
+Nothing here knows about the cache: :mod:`swapd.staging` decides where copies go.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import mmap
+import os
+import stat
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# One kernel call per chunk: large enough that the calls cost nothing, small enough that
+# progress and cancellation are noticed several times a second.
+CHUNK = 64 * 1024 * 1024
+# The hasher may trail the copy by this much, so what it hashes is still in the page cache.
+_HASH_LAG = 8 * CHUNK
+_BUFFER = 8 * 1024 * 1024
+# What a file system answers when it cannot do a copy method at all (rather than failing).
+_UNSUPPORTED = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+
+Report = Callable[[int], None]
+
+
+class Cancelled(Exception):
+    """The copy was asked to stop; what it wrote is left for the caller to remove."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a source held when it was scanned: its kind, bytes, files and fingerprint.
+
+    For a directory, ``files`` lists every regular file below it (symbolic links followed)
+    relative to it and ``dirs`` every directory, parents first; ``size`` is their sum. For a
+    file, ``files`` is ``(("", size),)``. ``fingerprint`` changes when the source does: a
+    file's size and mtime, or for a directory a digest of every file's path, size and mtime.
+    """
+
+    path: Path
+    is_dir: bool
+    size: int
+    fingerprint: str
+    files: tuple[tuple[str, int], ...]
+    dirs: tuple[str, ...] = ()
+
+
+def scan(path: Path) -> Source:
+    """Stat a file, or walk a directory; ``OSError`` if unreadable or of another kind."""
+    st = path.stat()
+    if stat.S_ISREG(st.st_mode):
+        stamp = f"file {st.st_size} {st.st_mtime_ns}"
+        return Source(
+            path, is_dir=False, size=st.st_size, fingerprint=stamp, files=(("", st.st_size),)
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.EINVAL, "neither a regular file nor a directory", str(path))
+    files: list[tuple[str, int]] = []
+    dirs: list[str] = []
+    listing = hashlib.sha256()
+    seen = {(st.st_dev, st.st_ino)}
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        for item in sorted(os.scandir(path / rel), key=lambda e: e.name):
+            child = f"{rel}/{item.name}" if rel else item.name
+            st = item.stat()  # follows symbolic links: the copy holds the bytes, not links
+            if stat.S_ISREG(st.st_mode):
+                files.append((child, st.st_size))
+                listing.update(f"{child}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            elif stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))  # a link back up would loop forever
+                dirs.append(child)
+                pending.append(child)
+                listing.update(f"{child}/\n".encode())
+            elif not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.EINVAL, "neither a regular file nor a directory", item.path)
+    size = sum(n for _, n in files)
+    stamp = f"dir {size} {listing.hexdigest()[:32]}"
+    return Source(
+        path, is_dir=True, size=size, fingerprint=stamp, files=tuple(files), dirs=tuple(dirs)
+    )
+
+
+def copy(
+    source: Source, dest: Path, *, sha256: bool, report: Report, cancel: threading.Event
+) -> tuple[int, str | None]:
+    """Copy ``source`` to ``dest`` (which must not exist) and fsync it.
+
+    Returns the bytes copied and, with ``sha256`` and a file source, the digest of what was
+    written. ``report(bytes_done)`` is called after every chunk, from this thread.
+    """
+    if not source.is_dir:
+        return _copy_file(
+            source.path, dest, source.size, sha256=sha256, report=report, cancel=cancel
+        )
+    dest.mkdir()
+    for rel in source.dirs:
+        (dest / rel).mkdir()
+    done = 0
+    for rel, size in source.files:
+        copied, _ = _copy_file(
+            source.path / rel,
+            dest / rel,
+            size,
+            sha256=False,
+            report=_after(done, report),
+            cancel=cancel,
+        )
+        done += copied
+    for rel in (*reversed(source.dirs), ""):
+        fsync_dir(dest / rel)
+    return done, None
+
+
+def hash_file(path: Path, cancel: threading.Event | None = None) -> str:
+    """The SHA-256 of a file, read in large blocks."""
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(_BUFFER))
+    with path.open("rb", buffering=0) as file:
+        while n := file.readinto(buffer):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled
+            digest.update(buffer[:n])
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in a directory durable (a rename is not until its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _after(base: int, report: Report) -> Report:
+    """A report for one file of a tree, counting the files before it."""
+    return lambda done: report(base + done)
+
+
+def _copy_file(  # noqa: PLR0913 - each is a separate fact of one copy
+    src: Path, dst: Path, size: int, *, sha256: bool, report: Report, cancel: threading.Event
+) -> tuple[int, str | None]:
+    src_fd = os.open(src, os.O_RDONLY)
+    try:
+        # Read back by the hasher, so opened for reading too.
+        dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # as cp does
+            hasher = _Hasher(dst_fd) if sha256 else None
+            try:
+                done = copy_fd(src_fd, dst_fd, size, report=report, cancel=cancel, hasher=hasher)
+            except BaseException:
+                if hasher is not None:
+                    hasher.abort()
+                raise
+            # fsync waits on the disk while the hasher finishes on a core.
+            os.fsync(dst_fd)
+            digest = hasher.finish() if hasher is not None else None
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    return done, digest
+
+
+def copy_fd(  # noqa: PLR0913 - each is a separate fact of one copy
+    src_fd: int,
+    dst_fd: int,
+    size: int,
+    *,
+    report: Report,
+    cancel: threading.Event,
+    hasher: _Hasher | None = None,
+    methods: Sequence[str] = ("copy_file_range", "sendfile", "read"),
+) -> int:
+    """Copy up to ``size`` bytes from the files' current offsets; the bytes copied.
+
+    Fewer than ``size`` means the source ended early. ``methods`` are tried in order; a
+    method the file system does not support hands over to the next at the same offset.
+    """
+    done = 0
+    start = os.lseek(dst_fd, 0, os.SEEK_CUR)
+    buffer = memoryview(bytearray(_BUFFER if "read" in methods else 0))
+    remaining = list(methods)
+    while done < size and remaining:
+        if cancel.is_set():
+            raise Cancelled
+        method = remaining[0]
+        try:
+            n = _chunk(method, src_fd, dst_fd, min(CHUNK, size - done), buffer)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED or method == "read":
+                raise
+            n = -1
+        # Some file systems answer 0 at the very start instead of an error; any other 0,
+        # or one from plain reads, is the end of the source.
+        if n < 0 or (n == 0 and done == 0 and method != "read"):
+            remaining.pop(0)
+            continue
+        if n == 0:
+            break
+        _start_writeback(dst_fd, start + done, n)
+        done += n
+        if hasher is not None:
+            hasher.advance(done)
+        report(done)
+    return done
+
+
+def _chunk(method: str, src_fd: int, dst_fd: int, want: int, buffer: memoryview) -> int:
+    if method == "copy_file_range":
+        return os.copy_file_range(src_fd, dst_fd, want)
+    if method == "sendfile":
+        return os.sendfile(dst_fd, src_fd, None, want)
+    return _read_write(src_fd, dst_fd, buffer, want)
+
+
+def _read_write(src_fd: int, dst_fd: int, buffer: memoryview, want: int) -> int:
+    total = 0
+    while total < want:
+        n = os.readv(src_fd, [buffer[: min(len(buffer), want - total)]])
+        if n == 0:
+            break
+        written = 0
+        while written < n:
+            written += os.write(dst_fd, buffer[written:n])
+        total += n
+    return total
+
+
+def _writeback_starter() -> Callable[[int, int, int], object]:
+    """``sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE)``, or a no-op without it.
+
+    Each chunk's write-back is started as soon as it is copied, so the disk writes while the
+    next chunk is read and the final fsync waits for about one chunk. Left to the kernel, the
+    page cache would hold back up to half a minute of copying (from a slow source, gigabytes)
+    for the fsync to wait on. It only starts I/O: the pages stay cached for the first load.
+    """
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda _fd, _offset, _count: None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return lambda fd, offset, count: call(fd, offset, count, _SYNC_FILE_RANGE_WRITE)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>; failures are ignored: it is a hint
+_start_writeback = _writeback_starter()
+
+
+class _Hasher:
+    """A thread that hashes what the copy has written so far, mapping it from the file.
+
+    ``advance`` lets the copy run at most ``_HASH_LAG`` bytes ahead, so that what is hashed
+    is still in the page cache and the source is read from its slow storage once.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._digest = hashlib.sha256()
+        self._written = 0
+        self._hashed = 0
+        self._finished = False
+        self._aborted = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="swapd-hash", daemon=True)
+        self._thread.start()
+
+    def advance(self, written: int) -> None:
+        """The copy has written ``written`` bytes; wait while the hasher is too far behind."""
+        with self._cond:
+            self._written = written
+            self._cond.notify_all()
+            while written - self._hashed > _HASH_LAG and self._error is None:
+                self._cond.wait()
+
+    def finish(self) -> str:
+        """Hash the rest of what was written; the hex digest."""
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest()
+
+    def abort(self) -> None:
+        """Stop at once: the copy failed, so its digest is not wanted."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            self._hash_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the copying thread by finish()
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def _hash_all(self) -> None:
+        while True:
+            with self._cond:
+                while self._hashed == self._written and not self._finished:
+                    if self._aborted:
+                        return
+                    self._cond.wait()
+                if self._aborted or self._hashed == self._written:
+                    return
+                offset, end = self._hashed, self._written
+            # Outside the lock, so the copy goes on: hashing releases the GIL. The pages are
+            # mapped rather than read, which saves copying every byte once more.
+            n = min(end - offset, CHUNK)
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            with (
+                mmap.mmap(self._fd, offset + n - start, prot=mmap.PROT_READ, offset=start) as pages,
+                memoryview(pages) as view,
+            ):
+                self._digest.update(view[offset - start :])
+            with self._cond:
+                self._hashed = offset + n
+                self._cond.notify_all()

@@ -1,0 +1,501 @@
+"""The staging cache: model files copied from slow storage to local NVMe before a load.
+
+    SwapdError
+    └── StagingError            a source cannot be staged (unreadable, changed, cache locked)
+        ├── CacheFull           no eviction plan makes room: need, budget, used, pinned
+        └── ChecksumMismatch    the copy's SHA-256 is not the expected one: file, both digests
+
+One :class:`StagingCache` owns one cache directory (an flock keeps a second swapd out).
+``open()`` deletes what interrupted copies and deletions left behind and reads the complete
+entries (see :mod:`swapd._cache_dir` for the layout and why a crash never leaves a copy that
+looks complete). ``stage()`` copies in a thread (:mod:`swapd._copy`); the index of entries is
+only changed on the event loop.
+
+A source is a file (a GGUF) or a directory (a vLLM model: copied whole, links replaced by
+what they point to); a ``sha256`` is checked for a file only. An entry is keyed by the
+source's absolute path and fingerprint (size and mtime; for a directory, every file's), so a
+changed source is copied again. Room is made by :func:`plan_room`, a pure function: least
+recently used entries first, never an entry whose source is in use. The budget counts file
+bytes (apparent sizes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Self, TypeVar
+
+from swapd import _cache_dir as layout
+from swapd._copy import Source, copy, hash_file, scan
+from swapd.errors import SwapdError
+from swapd.logs import get_logger
+from swapd.units import format_size
+
+_log = get_logger("swapd.staging")
+T = TypeVar("T")
+Progress = Callable[[int, int], None]
+# Progress callbacks run at most this often (plus once at the start and once at the end).
+REPORT_EVERY_S = 0.1
+_SHA256_HEX = 64
+
+
+class StagingError(SwapdError):
+    """A source could not be staged; the message names it and says why."""
+
+
+class CacheFull(StagingError):
+    """No eviction plan frees ``need`` bytes: every candidate is in use, or need > budget."""
+
+    def __init__(self, source: str, need: int, budget: int, used: int, pinned: int) -> None:
+        self.source = source
+        self.need = need
+        self.budget = budget
+        self.used = used
+        self.pinned = pinned
+        super().__init__(
+            f"cannot stage {source}: it needs {need} bytes ({format_size(need)}), the cache"
+            f" budget is {budget} ({format_size(budget)}), {used} ({format_size(used)}) are"
+            f" used, of which {pinned} ({format_size(pinned)}) by models in use or copies"
+            " in progress"
+        )
+
+
+class ChecksumMismatch(StagingError):
+    """The staged copy's SHA-256 differs from the one expected; nothing is left cached."""
+
+    def __init__(self, source: str, expected: str, actual: str) -> None:
+        self.source, self.expected, self.actual = source, expected, actual
+        super().__init__(f"{source}: sha256 is {actual}, expected {expected}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A complete entry: the copy at ``path`` of ``source`` as it was (``size`` bytes).
+
+    ``last_used_ns`` is wall-clock nanoseconds; ``sha256`` is set once the copy was checked.
+    The planner reads only ``key``, ``source``, ``size`` and ``last_used_ns``.
+    """
+
+    key: str
+    source: str
+    size: int
+    last_used_ns: int
+    sha256: str | None = None
+    path: Path = field(default=Path(), compare=False)
+
+
+def plan_room(
+    entries: Iterable[Entry],
+    budget: int,
+    need: int,
+    in_use: Collection[str],
+    reserved: int = 0,
+) -> list[str] | None:
+    """The keys to evict so that ``need`` more bytes fit in ``budget``; None if impossible.
+
+    ``reserved`` bytes belong to copies in progress. Least recently used entries go first
+    (ties by key, so a plan is reproducible); an entry whose source is in ``in_use`` never.
+    """
+    entries = list(entries)
+    free = budget - reserved - sum(e.size for e in entries)
+    victims: list[str] = []
+    candidates = sorted(
+        (e for e in entries if e.source not in in_use), key=lambda e: (e.last_used_ns, e.key)
+    )
+    for entry in candidates:
+        if free >= need:
+            break
+        victims.append(entry.key)
+        free += entry.size
+    return victims if free >= need else None
+
+
+def _absolute(source: str | Path) -> str:
+    # abspath, not resolve: the name the preset gives is the key, and ".." is normalised.
+    return os.path.abspath(source)  # noqa: PTH100 - Path has no normalise-without-resolve
+
+
+@dataclass(eq=False)
+class _Copy:
+    """One copy in progress, joined by every caller that stages the same source."""
+
+    source: Source
+    key: str
+    sha256: str | None
+    loop: asyncio.AbstractEventLoop
+    callbacks: list[Progress]
+    done: int = 0
+    emitted: int = -1
+    cancel: threading.Event = field(default_factory=threading.Event)
+    task: asyncio.Task[Entry] | None = None
+    _last_report: float = 0.0
+
+    def report(self, done: int) -> None:
+        """From the copy thread: ``done`` bytes are copied; tell the loop now and then."""
+        self.done = done
+        now = time.monotonic()
+        if done >= self.source.size or now - self._last_report >= REPORT_EVERY_S:
+            self._last_report = now
+            # RuntimeError: the loop has closed, so nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.emit)
+
+    def emit(self) -> None:
+        """On the loop: call every waiter's progress callback with (done, total)."""
+        done, self.emitted = self.done, self.done
+        for callback in list(self.callbacks):
+            try:
+                callback(done, self.source.size)
+            except Exception as exc:  # noqa: BLE001 - a status hook must not stop a copy
+                _log.error("staging.progress.fail", source=str(self.source.path), error=repr(exc))
+
+
+class StagingCache:
+    """The staging cache in ``cache_dir``, holding at most ``budget`` bytes of copies.
+
+    Call :meth:`open` (blocking: it may delete leftovers) or use ``async with``, which opens
+    it in a thread and closes it on exit. Every other method is called from the event loop.
+    """
+
+    def __init__(self, cache_dir: Path, budget: int) -> None:
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0, got {budget}")
+        self.cache_dir = Path(_absolute(cache_dir))
+        self.budget = budget
+        self._entries: dict[str, Entry] = {}
+        self._copies: dict[str, _Copy] = {}
+        self._lock_fd: int | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._clock = 0
+
+    # ------------------------------------------------------------------ lifetime
+
+    def open(self) -> None:
+        """Take the directory's lock, delete leftovers and invalid entries, read the rest.
+
+        Raises StagingError if another process holds the cache.
+        """
+        try:
+            self._lock_fd = layout.lock(self.cache_dir)
+        except BlockingIOError:
+            pid = layout.holder(self.cache_dir)
+            msg = f"{self.cache_dir} is in use by another process (pid {pid})"
+            raise StagingError(msg) from None
+        except OSError as exc:
+            raise StagingError(f"cannot open the staging cache {self.cache_dir}: {exc}") from exc
+        found, removed = layout.load(self.cache_dir)
+        if removed:
+            _log.warning("staging.clean", cache_dir=str(self.cache_dir), removed=removed)
+        for key, (manifest, last_used) in found.items():
+            path = layout.data_path(self.cache_dir, key, manifest.name)
+            self._entries[key] = Entry(
+                key, manifest.source, manifest.size, last_used, manifest.sha256, path
+            )
+        self._clock = max((e.last_used_ns for e in self._entries.values()), default=0)
+        self._executor = ThreadPoolExecutor(4, thread_name_prefix="swapd-staging")
+        used, _ = self.usage()
+        _log.info("staging.open", entries=len(self._entries), used=used, budget=self.budget)
+
+    async def aclose(self) -> None:
+        """Stop copies in progress (their partial copies are deleted) and release the lock."""
+        tasks = [job.task for job in self._copies.values() if job.task is not None]
+        for job in self._copies.values():
+            job.cancel.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self.open)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ readers
+
+    def cached_path(self, source: str | Path) -> Path | None:
+        """The copy of ``source`` as it is now (one stat; a walk for a directory), or None."""
+        try:
+            found = scan(Path(_absolute(source)))
+        except OSError:
+            return None
+        entry = self._entries.get(layout.key_of(str(found.path), found.fingerprint))
+        return entry.path if entry is not None and entry.path.exists() else None
+
+    def entries(self) -> tuple[Entry, ...]:
+        """A snapshot of the complete entries."""
+        return tuple(self._entries.values())
+
+    def usage(self) -> tuple[int, int]:
+        """Bytes held by complete entries and reserved by copies in progress; the budget."""
+        used = sum(e.size for e in self._entries.values())
+        return used + sum(j.source.size for j in self._copies.values()), self.budget
+
+    def progress(self, source: str | Path) -> tuple[int, int] | None:
+        """(bytes done, total) of the copy of ``source`` in progress, or None."""
+        path = Path(_absolute(source))
+        for job in self._copies.values():
+            if job.source.path == path:
+                return job.done, job.source.size
+        return None
+
+    def plan_room(self, need: int, in_use: Collection[str | Path]) -> list[str] | None:
+        """The keys :meth:`evict` should remove to fit ``need`` more bytes; None if impossible.
+
+        ``in_use`` names the sources (model paths) of running models: never evicted.
+        """
+        pinned = {_absolute(s) for s in in_use}
+        return plan_room(self._entries.values(), self.budget, need, pinned, self._reserved())
+
+    # ------------------------------------------------------------------ changes
+
+    def touch(self, source: str | Path) -> None:
+        """Mark every cached copy of ``source`` used now (for LRU; kept across restarts)."""
+        wanted = _absolute(source)
+        for key, entry in list(self._entries.items()):
+            if entry.source == wanted:
+                self._entries[key] = replace(entry, last_used_ns=self._now())
+                layout.touch(self.cache_dir, key, self._entries[key].last_used_ns)
+
+    async def evict(self, keys: Iterable[str]) -> int:
+        """Remove these entries (unknown keys are skipped); the bytes freed."""
+        freed, trash = self._detach(keys)
+        await self._in_thread(threading.Event(), _remove_all, trash)
+        return freed
+
+    async def stage(
+        self,
+        source: str | Path,
+        *,
+        sha256: str | None = None,
+        progress: Progress | None = None,
+        in_use: Collection[str | Path] = (),
+    ) -> Path:
+        """The cached copy of ``source``, copied now unless it is cached already.
+
+        ``sha256`` (a file source only) is checked against the copy, or against a cached
+        copy that was staged without one. ``progress(done, total)`` is called on the loop
+        while this call waits for a copy. A concurrent call for the same source joins the
+        same copy. Room is made by evicting least recently used entries, never those whose
+        source is in ``in_use``. The copy belongs to the cache: cancelling this call stops
+        waiting, not the copy. Raises CacheFull, ChecksumMismatch or StagingError.
+        """
+        path = _absolute(source)
+        try:
+            found = await asyncio.to_thread(scan, Path(path))
+        except OSError as exc:
+            raise StagingError(f"cannot stage {path}: {exc}") from exc
+        expected = _check_digest(found, sha256)
+        key = layout.key_of(path, found.fingerprint)
+        pinned = {_absolute(s) for s in in_use}
+        entry = self._entries.get(key)
+        gone: list[Path] = []
+        if entry is not None and not entry.path.exists():
+            _, gone = self._detach([key])  # deleted behind the cache's back: copy it again
+            entry = None
+        if entry is None:
+            job = self._copies.get(key) or self._start(found, key, expected, pinned, gone)
+            entry = await self._join(job, progress)
+        entry = await self._verified(entry, expected, pinned)
+        self.touch(path)
+        return entry.path
+
+    # ------------------------------------------------------------------ internals
+
+    def _now(self) -> int:
+        # Strictly increasing, so two uses in a row never tie in the LRU order.
+        self._clock = max(time.time_ns(), self._clock + 1)
+        return self._clock
+
+    def _reserved(self) -> int:
+        return sum(job.source.size for job in self._copies.values())
+
+    def _detach(self, keys: Iterable[str]) -> tuple[int, list[Path]]:
+        """Take entries out of the index and rename them away, at once, on the loop."""
+        freed, trash = 0, []
+        for key in keys:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                continue
+            freed += entry.size
+            moved = layout.detach(self.cache_dir, key)
+            if moved is not None:
+                trash.append(moved)
+            _log.info("staging.evict", source=entry.source, key=key, bytes=entry.size)
+        return freed, trash
+
+    def _start(
+        self, found: Source, key: str, sha256: str | None, pinned: set[str], gone: list[Path]
+    ) -> _Copy:
+        """Plan room, evict, reserve and start the copy, with no await in between."""
+        need = found.size
+        victims = plan_room(self._entries.values(), self.budget, need, pinned, self._reserved())
+        if victims is None:
+            used, _ = self.usage()
+            held = sum(e.size for e in self._entries.values() if e.source in pinned)
+            raise CacheFull(str(found.path), need, self.budget, used, held + self._reserved())
+        _, trash = self._detach(victims)
+        trash += gone
+        job = _Copy(found, key, sha256, asyncio.get_running_loop(), [])
+        self._copies[key] = job
+        job.task = asyncio.create_task(self._run(job, trash, pinned), name=f"stage {found.path}")
+        job.task.add_done_callback(_retrieve)
+        _log.info("staging.copy.start", source=str(found.path), bytes=need, evicted=victims)
+        return job
+
+    async def _join(self, job: _Copy, progress: Progress | None) -> Entry:
+        assert job.task is not None  # noqa: S101 - set by _start before it returns
+        if progress is not None:
+            job.callbacks.append(progress)
+            if job.emitted >= 0:
+                progress(job.done, job.source.size)
+            else:
+                job.loop.call_soon(job.emit)
+        try:
+            return await asyncio.shield(job.task)
+        finally:
+            if progress is not None:
+                job.callbacks.remove(progress)
+
+    async def _run(self, job: _Copy, trash: list[Path], pinned: set[str]) -> Entry:
+        """The copy's task: build the entry in a thread, then index it (the one place)."""
+        started = time.monotonic()
+        try:
+            manifest = await self._in_thread(job.cancel, self._build, job, trash)
+        except BaseException as exc:
+            del self._copies[job.key]
+            reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
+            _log.warning("staging.copy.fail", source=str(job.source.path), error=reason)
+            raise
+        # COPYING -> CACHED: leave the copies and enter the index in one step.
+        del self._copies[job.key]
+        path = layout.data_path(self.cache_dir, job.key, manifest.name)
+        entry = Entry(job.key, manifest.source, manifest.size, self._now(), manifest.sha256, path)
+        self._entries[job.key] = entry
+        if job.emitted != job.done:
+            job.emit()
+        seconds = time.monotonic() - started
+        _log.info(
+            "staging.copy.done",
+            source=manifest.source,
+            bytes=manifest.size,
+            seconds=round(seconds, 3),
+            mib_s=round(manifest.size / 2**20 / max(seconds, 1e-9)),
+        )
+        # Older copies of the same source will never be hits again.
+        stale = [
+            e.key
+            for e in self._entries.values()
+            if e.source == manifest.source and e.key != job.key and e.source not in pinned
+        ]
+        _, old = self._detach(stale)
+        await self._in_thread(threading.Event(), _remove_all, old)
+        return entry
+
+    def _build(self, job: _Copy, trash: list[Path]) -> layout.Manifest:
+        """In a thread: free the evicted space, copy, check, publish under the key."""
+        _remove_all(trash)
+        src = job.source
+        free = shutil.disk_usage(self.cache_dir).free
+        if free < src.size:
+            raise StagingError(f"cannot stage {src.path}: it needs {src.size} bytes, the cache's"
+                               f" file system has {free} free")  # fmt: skip
+        partial = layout.start_partial(self.cache_dir, job.key)
+        try:
+            dest = partial / layout.DATA / src.path.name
+            copied, digest = copy(
+                src, dest, sha256=job.sha256 is not None, report=job.report, cancel=job.cancel
+            )
+            _check_copy(src, copied, digest, job.sha256)
+            manifest = layout.Manifest(str(src.path), src.is_dir, src.size, src.fingerprint, digest)
+            layout.publish(partial, manifest, self.cache_dir)
+        except BaseException:
+            layout.remove(partial)
+            raise
+        return manifest
+
+    async def _verified(self, entry: Entry, sha256: str | None, pinned: set[str]) -> Entry:
+        """The entry, once its digest is known to be ``sha256`` (hashing it if never checked)."""
+        if sha256 is None or entry.sha256 == sha256:
+            return entry
+        if entry.sha256 is None:
+            cancel = threading.Event()
+            actual = await self._in_thread(cancel, hash_file, entry.path, cancel)
+            if self._entries.get(entry.key) is entry:
+                self._entries[entry.key] = replace(entry, sha256=actual)
+                await self._in_thread(
+                    cancel, layout.record_digest, self.cache_dir, entry.key, actual
+                )
+            entry = replace(entry, sha256=actual)
+        if entry.sha256 != sha256:
+            if entry.source not in pinned:
+                await self.evict([entry.key])
+            raise ChecksumMismatch(entry.source, sha256, str(entry.sha256))
+        return entry
+
+    async def _in_thread(self, cancel: threading.Event, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn`` in the cache's threads; on cancellation, stop it and wait for it."""
+        if self._executor is None:
+            raise StagingError(f"the staging cache {self.cache_dir} is not open")
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            while not future.done():
+                try:
+                    await asyncio.wait({future})
+                except asyncio.CancelledError:
+                    continue
+            if not future.cancelled():
+                future.exception()  # retrieved: it is the cancellation that propagates
+            raise
+
+
+def _check_digest(found: Source, sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    digest = sha256.strip().lower()
+    if found.is_dir:
+        raise StagingError(f"{found.path} is a directory: sha256 is checked for a single file")
+    if len(digest) != _SHA256_HEX or any(c not in "0123456789abcdef" for c in digest):
+        raise StagingError(f"{found.path}: sha256 must be 64 hex digits, got {sha256!r}")
+    return digest
+
+
+def _check_copy(src: Source, copied: int, digest: str | None, expected: str | None) -> None:
+    """Raise unless the copy has the source's size and the expected digest."""
+    now = scan(src.path)
+    if copied != src.size or now.fingerprint != src.fingerprint:
+        raise StagingError(
+            f"{src.path} changed while it was copied ({src.size} bytes expected,"
+            f" {copied} copied, {now.size} now)"
+        )
+    if expected is not None and digest != expected:
+        raise ChecksumMismatch(str(src.path), expected, str(digest))
+
+
+def _remove_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        layout.remove(path)
+
+
+def _retrieve(task: asyncio.Task[Entry] | Future[Entry]) -> None:
+    # Every waiter may have given up; the failure is logged in _run, never left unretrieved.
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,527 @@
+"""The staging cache on real files in a temporary directory, and a copier killed mid-copy."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from structlog.testing import capture_logs
+
+from swapd import _copy
+from swapd.staging import (
+    CacheFull,
+    ChecksumMismatch,
+    Entry,
+    StagingCache,
+    StagingError,
+    plan_room,
+)
+
+MIB = 1024 * 1024
+KEY = re.compile(r"[0-9a-f]{32}")
+
+
+def write(path: Path, size: int, seed: int = 0) -> Path:
+    """A file of ``size`` reproducible random bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(random.Random(seed).randbytes(size))  # noqa: S311 - test data, not secrets
+    return path
+
+
+def sha(path: Path) -> str:
+    """The file's SHA-256, computed the plain way."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def names(folder: Path) -> list[str]:
+    """What a folder holds, by name."""
+    return sorted(p.name for p in folder.iterdir())
+
+
+def leftovers(cache_dir: Path) -> list[str]:
+    """Names in the cache directory that are neither the lock nor a complete entry."""
+    return sorted(
+        p.name for p in cache_dir.iterdir() if p.name != ".lock" and not KEY.fullmatch(p.name)
+    )
+
+
+def complete(cache_dir: Path) -> list[str]:
+    """Names of complete entries (directories named by a key)."""
+    return sorted(p.name for p in cache_dir.iterdir() if KEY.fullmatch(p.name))
+
+
+@pytest_asyncio.fixture
+async def cache(tmp_path: Path) -> AsyncIterator[StagingCache]:
+    """An open cache with a 1 GiB budget, closed after the test."""
+    async with StagingCache(tmp_path / "cache", 1024 * MIB) as opened:
+        yield opened
+
+
+# ---------------------------------------------------------------- copies
+
+
+@pytest.mark.asyncio
+async def test_a_file_is_copied_into_the_cache_with_progress(
+    cache: StagingCache, tmp_path: Path
+) -> None:
+    """A staged file is a byte-identical copy under the cache, and progress reaches the total."""
+    source = write(tmp_path / "slow" / "model.gguf", 3 * MIB + 17)
+    reports: list[tuple[int, int]] = []
+    during: list[tuple[int, int] | None] = []
+
+    def progress(done: int, total: int) -> None:
+        reports.append((done, total))
+        during.append(cache.progress(source))
+
+    path = await cache.stage(source, progress=progress)
+    assert path.name == "model.gguf"
+    assert path.is_relative_to(cache.cache_dir)
+    assert path.read_bytes() == source.read_bytes()
+    assert cache.cached_path(source) == path
+    assert reports[-1] == (source.stat().st_size, source.stat().st_size)
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+    assert len(reports) <= 3  # once at the start and per 64 MiB chunk, never per small block
+    assert all(report is not None for report in during)
+    assert cache.progress(source) is None
+    assert cache.usage() == (source.stat().st_size, 1024 * MIB)
+
+
+@pytest.mark.asyncio
+async def test_a_directory_tree_is_copied_with_linked_files_as_files(
+    cache: StagingCache, tmp_path: Path
+) -> None:
+    """A model directory is copied whole; a link to a file becomes a copy of that file."""
+    model = tmp_path / "slow" / "qwen"
+    write(model / "config.json", 100, seed=1)
+    write(model / "weights" / "a.safetensors", 2 * MIB, seed=2)
+    write(tmp_path / "blobs" / "tok", 5000, seed=3)
+    (model / "tokenizer.json").symlink_to(tmp_path / "blobs" / "tok")
+    (model / "empty").mkdir()
+
+    path = await cache.stage(model)
+    assert path.name == "qwen"
+    copied = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+    assert copied == ["config.json", "empty", "tokenizer.json", "weights", "weights/a.safetensors"]
+    assert not (path / "tokenizer.json").is_symlink()
+    for name in ("config.json", "tokenizer.json", "weights/a.safetensors"):
+        assert (path / name).read_bytes() == (model / name).read_bytes()
+    assert cache.usage()[0] == 100 + 2 * MIB + 5000
+
+
+@pytest.mark.asyncio
+async def test_a_second_stage_is_a_cache_hit_without_a_copy(
+    cache: StagingCache, tmp_path: Path
+) -> None:
+    """Staging an unchanged source again returns the same file and starts no copy."""
+    source = write(tmp_path / "m.gguf", MIB)
+    first = await cache.stage(source)
+    inode = first.stat().st_ino
+    with capture_logs() as logs:
+        again = await cache.stage(source)
+    assert again == first
+    assert again.stat().st_ino == inode
+    assert "staging.copy.start" not in [e["event"] for e in logs]
+
+
+@pytest.mark.asyncio
+async def test_entries_survive_a_restart(tmp_path: Path) -> None:
+    """A new cache on the same directory finds the complete entries, digest included."""
+    source = write(tmp_path / "m.gguf", MIB)
+    async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+        path = await cache.stage(source, sha256=sha(source))
+    async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+        assert cache.cached_path(source) == path
+        (entry,) = cache.entries()
+        assert entry.sha256 == sha(source)
+        assert entry.source == str(source)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("change", ["mtime", "size"])
+async def test_a_changed_source_is_copied_again(
+    cache: StagingCache, tmp_path: Path, change: str
+) -> None:
+    """A source whose mtime or size changed is no hit; its copy replaces the stale one."""
+    source = write(tmp_path / "m.gguf", MIB, seed=1)
+    old = await cache.stage(source)
+    before = source.stat()
+    if change == "mtime":
+        write(source, MIB, seed=2)
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    else:
+        write(source, MIB + 1, seed=2)
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert cache.cached_path(source) is None
+
+    new = await cache.stage(source)
+    assert new != old
+    assert new.read_bytes() == source.read_bytes()
+    assert not old.exists()
+    assert [e.path for e in cache.entries()] == [new]
+
+
+@pytest.mark.asyncio
+async def test_a_file_changed_inside_a_model_directory_makes_it_a_new_source(
+    cache: StagingCache, tmp_path: Path
+) -> None:
+    """A directory is a hit only while none of its files is added, removed or rewritten."""
+    model = tmp_path / "qwen"
+    write(model / "config.json", 100)
+    write(model / "sub" / "w.bin", 1000)
+    await cache.stage(model)
+    write(model / "sub" / "extra.bin", 10)
+    assert cache.cached_path(model) is None
+    again = await cache.stage(model)
+    assert (again / "sub" / "extra.bin").exists()
+    stat = (model / "sub" / "w.bin").stat()
+    write(model / "sub" / "w.bin", 1000, seed=9)
+    os.utime(model / "sub" / "w.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert cache.cached_path(model) is None
+
+
+@pytest.mark.asyncio
+async def test_a_stale_copy_in_use_is_kept(cache: StagingCache, tmp_path: Path) -> None:
+    """When the source changes under a running model, the copy that model uses stays."""
+    source = write(tmp_path / "m.gguf", MIB, seed=1)
+    old = await cache.stage(source)
+    write(source, 2 * MIB, seed=2)
+    new = await cache.stage(source, in_use=[source])
+    assert old.exists()
+    assert new.exists()
+    assert cache.usage()[0] == 3 * MIB
+
+
+@pytest.mark.asyncio
+async def test_a_missing_source_is_a_staging_error(cache: StagingCache, tmp_path: Path) -> None:
+    """Staging a path that does not exist names it and caches nothing."""
+    with pytest.raises(StagingError, match=r"cannot stage .*/nowhere\.gguf"):
+        await cache.stage(tmp_path / "nowhere.gguf")
+    assert cache.entries() == ()
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+@pytest.mark.asyncio
+async def test_concurrent_stages_of_one_source_join_one_copy(
+    cache: StagingCache, tmp_path: Path
+) -> None:
+    """Three callers staging the same source at once share a single copy and its progress."""
+    source = write(tmp_path / "m.gguf", 2 * MIB)
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def progress(caller: int) -> Callable[[int, int], None]:
+        return lambda done, _total: seen[caller].append(done)
+
+    with capture_logs() as logs:
+        paths = await asyncio.gather(*(cache.stage(source, progress=progress(i)) for i in range(3)))
+    assert len(set(paths)) == 1
+    assert [e["event"] for e in logs].count("staging.copy.start") == 1
+    assert all(reports and reports[-1] == 2 * MIB for reports in seen.values())
+
+
+@pytest.mark.asyncio
+async def test_a_second_owner_of_the_directory_is_refused(tmp_path: Path) -> None:
+    """Only one cache may own a directory; the second is told which process holds it."""
+    async with StagingCache(tmp_path / "cache", MIB):
+        with pytest.raises(StagingError, match=rf"in use by another process \(pid {os.getpid()}\)"):
+            StagingCache(tmp_path / "cache", MIB).open()
+
+
+# ---------------------------------------------------------------- budget
+
+
+def entry(key: str, size: int, used: int, source: str | None = None) -> Entry:
+    """An entry for the planner: only key, source, size and last use matter to it."""
+    return Entry(key, source or f"/models/{key}", size, used)
+
+
+THREE = [entry("a", 4, used=30), entry("b", 3, used=10), entry("c", 2, used=20)]
+
+
+@pytest.mark.parametrize(
+    ("budget", "need", "in_use", "reserved", "plan"),
+    [
+        (20, 5, [], 0, []),  # 9 used, 11 free: nothing to evict
+        (10, 2, [], 0, ["b"]),  # 1 free: the least recently used goes first
+        (10, 5, [], 0, ["b", "c"]),  # then the next
+        (10, 5, ["/models/b"], 0, ["c", "a"]),  # an entry in use is skipped
+        (10, 8, ["/models/a"], 0, None),  # b and c free 5+1, not 8
+        (10, 11, [], 0, None),  # more than the whole budget
+        (12, 3, [], 3, ["b"]),  # a copy in progress holds 3 of the 3 free bytes
+        (9, 0, [], 0, []),  # nothing needed, nothing evicted
+    ],
+)
+def test_plan_room_evicts_least_recently_used_bytes_first(
+    budget: int, need: int, in_use: list[str], reserved: int, plan: list[str] | None
+) -> None:
+    """The planner frees bytes in LRU order, skips entries in use, and says None when it can't."""
+    assert plan_room(THREE, budget, need, in_use, reserved) == plan
+
+
+def test_plan_room_breaks_ties_by_key() -> None:
+    """Entries last used at the same instant are evicted in key order, so plans repeat."""
+    tied = [entry("y", 1, used=5), entry("x", 1, used=5)]
+    assert plan_room(tied, 2, 1, []) == ["x"]
+
+
+@pytest.mark.asyncio
+async def test_the_least_recently_used_copy_is_evicted_across_a_restart(tmp_path: Path) -> None:
+    """With a 3 MiB budget, a fourth 1 MiB model evicts the copy used longest ago."""
+    a, b, c, d = (write(tmp_path / f"{n}.gguf", MIB, seed=i) for i, n in enumerate("abcd"))
+    async with StagingCache(tmp_path / "cache", 3 * MIB) as cache:
+        for source in (a, b, c):
+            await cache.stage(source)
+        cache.touch(a)  # now b is the least recently used
+        (b_key,) = [e.key for e in cache.entries() if e.source == str(b)]
+    async with StagingCache(tmp_path / "cache", 3 * MIB) as cache:
+        assert cache.plan_room(MIB, in_use=[]) == [b_key]
+        assert cache.plan_room(MIB, in_use=[b]) != [b_key]
+        await cache.stage(d)
+        assert cache.cached_path(b) is None
+        assert all(cache.cached_path(s) is not None for s in (a, c, d))
+        assert cache.usage() == (3 * MIB, 3 * MIB)
+        assert len(complete(cache.cache_dir)) == 3
+
+
+@pytest.mark.asyncio
+async def test_a_copy_in_use_is_never_evicted_and_a_full_cache_gives_the_numbers(
+    tmp_path: Path,
+) -> None:
+    """When every copy is in use, staging fails with need, budget, used and pinned bytes."""
+    a, b, c = (write(tmp_path / f"{n}.gguf", MIB, seed=i) for i, n in enumerate("abc"))
+    async with StagingCache(tmp_path / "cache", 2 * MIB) as cache:
+        await cache.stage(a)
+        await cache.stage(b)
+        with pytest.raises(CacheFull) as caught:
+            await cache.stage(c, in_use=[a, str(b)])
+        error = caught.value
+        assert (error.need, error.budget, error.used, error.pinned) == (
+            MIB,
+            2 * MIB,
+            2 * MIB,
+            2 * MIB,
+        )
+        assert str(error).startswith(f"cannot stage {c}: it needs 1048576 bytes (1.0 MiB)")
+        assert "budget is 2097152 (2.0 MiB), 2097152 (2.0 MiB) are used" in str(error)
+        assert cache.cached_path(a) is not None
+        assert cache.cached_path(b) is not None
+        assert leftovers(cache.cache_dir) == []
+
+        await cache.stage(c, in_use=[b])  # a is not in use any more: it goes
+        assert cache.cached_path(a) is None
+        assert cache.cached_path(b) is not None
+
+
+@pytest.mark.asyncio
+async def test_evict_removes_entries_and_returns_the_bytes(
+    cache: StagingCache, tmp_path: Path
+) -> None:
+    """Evicting by key deletes the copy at once and frees its bytes."""
+    path = await cache.stage(write(tmp_path / "m.gguf", MIB))
+    (entry,) = cache.entries()
+    assert await cache.evict([entry.key, "0" * 32]) == MIB
+    assert not path.exists()
+    assert cache.usage()[0] == 0
+    assert complete(cache.cache_dir) == []
+    assert leftovers(cache.cache_dir) == []
+
+
+# ---------------------------------------------------------------- integrity
+
+
+@pytest.mark.asyncio
+async def test_a_checksum_mismatch_leaves_nothing_in_the_cache(tmp_path: Path) -> None:
+    """A wrong sha256 names the file and both digests, and no copy survives, even a restart."""
+    source = write(tmp_path / "m.gguf", 3 * MIB)
+    wrong = "0" * 64
+    async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+        with pytest.raises(ChecksumMismatch) as caught:
+            await cache.stage(source, sha256=wrong)
+        assert str(caught.value) == f"{source}: sha256 is {sha(source)}, expected {wrong}"
+        assert cache.cached_path(source) is None
+        assert cache.usage()[0] == 0
+        assert names(cache.cache_dir) == [".lock"]
+    async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+        assert cache.cached_path(source) is None
+        path = await cache.stage(source, sha256=sha(source).upper())
+        assert cache.entries()[0].sha256 == sha(source)
+        assert '"sha256": "' + sha(source) in (path.parent.parent / "entry.json").read_text()
+
+
+@pytest.mark.asyncio
+async def test_a_copy_staged_without_checksum_is_checked_when_one_is_given(
+    cache: StagingCache, tmp_path: Path
+) -> None:
+    """A cached copy is hashed once a sha256 is asked for; a mismatch removes it."""
+    source = write(tmp_path / "m.gguf", MIB)
+    await cache.stage(source)
+    with pytest.raises(ChecksumMismatch, match="expected " + "1" * 64):
+        await cache.stage(source, sha256="1" * 64)
+    assert cache.cached_path(source) is None
+
+    await cache.stage(source)
+    path = await cache.stage(source, sha256=sha(source))
+    assert cache.entries()[0].sha256 == sha(source)
+    assert sha(source) in (path.parent.parent / "entry.json").read_text()
+
+
+@pytest.mark.asyncio
+async def test_sha256_is_for_files_only(cache: StagingCache, tmp_path: Path) -> None:
+    """A sha256 for a directory, or one that is not 64 hex digits, is refused before copying."""
+    write(tmp_path / "dir" / "f", 10)
+    with pytest.raises(StagingError, match="is a directory: sha256 is checked for a single file"):
+        await cache.stage(tmp_path / "dir", sha256="0" * 64)
+    with pytest.raises(StagingError, match="sha256 must be 64 hex digits"):
+        await cache.stage(write(tmp_path / "f", 10), sha256="abc")
+    assert cache.entries() == ()
+
+
+@pytest.mark.asyncio
+async def test_leftovers_and_broken_entries_are_deleted_at_open(tmp_path: Path) -> None:
+    """Partial copies, half-deleted entries and entries with a bad manifest go at open."""
+    cache_dir = tmp_path / "cache"
+    write(cache_dir / ".partial-abc-123456" / "data" / "m.gguf", 100)
+    write(cache_dir / ".evicted-abc-123456" / "data" / "m.gguf", 100)
+    write(cache_dir / ("a" * 32) / "data" / "m.gguf", 100)
+    (cache_dir / ("a" * 32) / "entry.json").write_text("{not json")
+    (cache_dir / "notes.txt").write_text("left alone: not the cache's")
+    with capture_logs() as logs:
+        async with StagingCache(cache_dir, MIB) as cache:
+            assert cache.entries() == ()
+    assert names(cache_dir) == [".lock", "notes.txt"]
+    (clean,) = [e for e in logs if e["event"] == "staging.clean"]
+    assert len(clean["removed"]) == 3
+
+
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from swapd.staging import StagingCache
+
+async def main():
+    async with StagingCache(Path(sys.argv[1]), 1 << 40) as cache:
+        await cache.stage(sys.argv[2])
+
+asyncio.run(main())
+"""
+
+
+def kill_mid_copy(cache_dir: Path, source: Path) -> bool:
+    """Run a copier, SIGKILL it once it has written bytes; False if it had finished by then."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(cache_dir), str(source)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        while not any(p.stat().st_size for p in cache_dir.glob(".partial-*/data/*")):
+            assert child.poll() is None, child.communicate()[1].decode()
+            time.sleep(0.001)
+        os.kill(child.pid, signal.SIGSTOP)  # frozen, so what we look at is what it leaves
+        return complete(cache_dir) == []
+    finally:
+        child.kill()
+        child.communicate()
+
+
+@pytest.mark.asyncio
+async def test_a_copy_killed_mid_way_leaves_nothing_that_looks_complete(tmp_path: Path) -> None:
+    """SIGKILL during a copy leaves a partial copy that the next open deletes; no entry."""
+    source = tmp_path / "big.gguf"
+    with source.open("wb") as file:  # 512 MiB, sparse but for real bytes at both ends
+        file.write(os.urandom(MIB))
+        file.seek(511 * MIB)
+        file.write(os.urandom(MIB))
+    for attempt in range(5):
+        cache_dir = tmp_path / f"cache{attempt}"
+        if kill_mid_copy(cache_dir, source):
+            break
+    else:
+        pytest.fail("every copy finished before it could be killed")
+    assert leftovers(cache_dir) != []
+
+    with capture_logs() as logs:
+        async with StagingCache(cache_dir, 1024 * MIB) as cache:
+            assert leftovers(cache_dir) == []
+            assert cache.cached_path(source) is None
+            assert cache.usage()[0] == 0
+            path = await cache.stage(source)
+            assert path.stat().st_size == 512 * MIB
+    clean = [e for e in logs if e["event"] == "staging.clean"]
+    assert "interrupted copy" in clean[0]["removed"][0]
+
+
+@pytest.mark.asyncio
+async def test_closing_the_cache_stops_a_copy_and_leaves_no_partial(tmp_path: Path) -> None:
+    """Closing while a copy runs cancels its waiters and deletes the partial copy."""
+    source = tmp_path / "big.gguf"
+    with source.open("wb") as file:
+        file.truncate(256 * MIB)
+    cache = StagingCache(tmp_path / "cache", 1024 * MIB)
+    await asyncio.to_thread(cache.open)
+    started = asyncio.Event()
+    waiter = asyncio.create_task(cache.stage(source, progress=lambda _d, _t: started.set()))
+    await started.wait()
+    await cache.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert leftovers(cache.cache_dir) == []
+
+
+# ---------------------------------------------------------------- the copier
+
+
+@pytest.mark.parametrize(
+    "methods", [("copy_file_range",), ("sendfile",), ("read",), ("sendfile", "read")]
+)
+def test_every_copy_method_gives_the_same_bytes_and_digest(
+    tmp_path: Path, methods: tuple[str, ...]
+) -> None:
+    """Each fallback (kernel copy, sendfile, reads and writes) copies and hashes alike."""
+    source = write(tmp_path / "src", 9 * MIB + 3)
+    dest = tmp_path / "dst"
+    reports: list[int] = []
+    src_fd = os.open(source, os.O_RDONLY)
+    dst_fd = os.open(dest, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        done = _copy.copy_fd(
+            src_fd,
+            dst_fd,
+            source.stat().st_size,
+            report=reports.append,
+            cancel=threading.Event(),
+            methods=methods,
+        )
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+    assert done == source.stat().st_size
+    assert dest.read_bytes() == source.read_bytes()
+    assert reports[-1] == done
+
+
+def test_the_digest_is_computed_while_copying(tmp_path: Path) -> None:
+    """A copy with sha256 returns the digest of the bytes written, equal to the source's."""
+    source = write(tmp_path / "src", 5 * MIB + 1)
+    done, digest = _copy.copy(
+        _copy.scan(source),
+        tmp_path / "dst",
+        sha256=True,
+        report=lambda _: None,
+        cancel=threading.Event(),
+    )
+    assert (done, digest) == (source.stat().st_size, sha(source))
+    assert _copy.hash_file(tmp_path / "dst") == sha(source)
