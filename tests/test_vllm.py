@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import tempfile
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,40 @@ def test_stopping_vllm_while_it_starts_escalates_to_sigkill(
 def _backend_output(d: Daemon) -> list[str]:
     status, body = d.get("/swapd/models/tiny/logs")
     return list(body["lines"]) if status == 200 else []
+
+
+def test_real_vllm_refused_sleep_flag_then_sleeps_wakes_and_serves(
+    start_daemon: StartDaemon, vllm_setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The CPU build refuses --enable-sleep-mode: swapd starts it again without the flag.
+
+    With VLLM_SERVER_DEV_MODE=1 the real /sleep, /wake_up and /is_sleeping still answer,
+    so the TTL puts it to sleep (same process) and the next request wakes it and is served.
+    """
+    d = start_daemon({"tiny": vllm_preset(vllm_setup, tmp_path / "c", sleep=1, ttl="3s")})
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 8, "temperature": 0}
+    status, first = d.request("POST", "/v1/completions", body, timeout=600)
+    assert status == 200, first
+    spawns = d.events("backend.spawn")
+    assert len(spawns) == 2
+    assert "--enable-sleep-mode" in spawns[0]["argv"]
+    assert "--enable-sleep-mode" not in spawns[1]["argv"]
+    [refused] = d.events("model.sleep.refused")
+    assert "sleep mode" in refused["line"].lower()
+    model = d.model("tiny")
+    assert "refused --enable-sleep-mode" in model["sleep"]["note"]
+    pid, port = model["pid"], model["port"]
+    wait_for(lambda: d.model("tiny")["state"] == "asleep", timeout=60)
+    assert _is_sleeping(port) is True
+    assert d.model("tiny")["tier"] == "ram"
+    status, again = d.request("POST", "/v1/completions", body, timeout=120)
+    assert (status, again["choices"][0]["text"]) == (200, first["choices"][0]["text"])
+    assert d.model("tiny")["pid"] == pid
+    assert _is_sleeping(port) is False
+    assert len(d.events("backend.spawn")) == 2
+    assert [e["model"] for e in d.events("model.wake")] == ["tiny"]
+
+
+def _is_sleeping(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/is_sleeping", timeout=10) as resp:
+        return bool(json.load(resp)["is_sleeping"])
