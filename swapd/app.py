@@ -182,6 +182,7 @@ def build_app(
         manager = Manager(config, probe, pool, on_group=on_group)
         proxy = Proxy(manager, pool, config.max_body)
         app[MANAGER] = manager
+        await manager.open()
         for path in JSON_ROUTES:
             app.router.add_post(path, proxy.json_route)
         for path in MULTIPART_ROUTES:

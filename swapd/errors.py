@@ -10,8 +10,10 @@
         ├── BackendStartError    502: the backend could not start, died or timed out starting
         ├── BackendGone          502: the backend died while serving the request
         ├── LoadFailed           500: an unexpected error while loading (logged with its trace)
+        ├── StageFailed          500: staging the weights failed (checksum, I/O)
         └── Unavailable          503: cannot be served now (shutting down, unloading)
             ├── InsufficientMemory   503: no plan of evictions can make room
+            ├── CacheFull            503: the staging cache cannot make room (with the numbers)
             └── QueueTimeout         503 + Retry-After: victims stayed busy too long
 
 This module imports nothing from swapd so that any module may raise these.
@@ -196,6 +198,18 @@ class LoadFailed(RequestError):
         super().__init__(f"loading {model!r} failed: {reason}")
 
 
+class StageFailed(RequestError):
+    """Copying a model's weights into the staging cache failed; nothing was left behind."""
+
+    status = 500
+    kind = "server_error"
+    code = "stage_failed"
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        super().__init__(f"cannot stage {model!r}: {reason}")
+
+
 class Unavailable(RequestError):
     """The model cannot be served right now."""
 
@@ -208,6 +222,12 @@ class InsufficientMemory(Unavailable):
     """Even evicting every evictable model would not make room."""
 
     code = "insufficient_memory"
+
+
+class CacheFull(Unavailable):
+    """The staging cache cannot make room without evicting files that models use."""
+
+    code = "cache_full"
 
 
 class QueueTimeout(Unavailable):

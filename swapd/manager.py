@@ -38,10 +38,12 @@ from swapd.backends import (
 from swapd.config import Config
 from swapd.errors import (
     BackendStartError,
+    CacheFull,
     InsufficientMemory,
     LoadFailed,
     QueueTimeout,
     RequestError,
+    StageFailed,
     Unavailable,
     UnknownModel,
     describe_exit,
@@ -53,6 +55,8 @@ from swapd.pidfiles import PidRecords
 from swapd.probe import Device, Probe
 from swapd.process import Child
 from swapd.slot import ModelView, Slot, snapshot
+from swapd.staging import CacheFull as StagingFull
+from swapd.staging import StagingCache, StagingError
 from swapd.states import ON_DEVICE, State
 from swapd.upstream import UpstreamPool
 
@@ -71,6 +75,11 @@ class Lease:
     host: str
     port: int
     slot: Slot
+
+
+@dataclass(frozen=True)
+class _Staging:
+    """The plan can start the model once its weights are in the staging cache."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,24 @@ class Manager:
         # Launches (by fingerprint) whose backend refused --enable-sleep-mode, with its line.
         self._sleep_refused: dict[str, str] = {}
         self._model_bytes: dict[str, int] = {}
+        self.staging: StagingCache | None = None
+        if config.cache_dir is not None:
+            budget = config.cache_budget
+            if budget is None:  # no cap but the disk: keep a tenth of it free
+                config.cache_dir.mkdir(parents=True, exist_ok=True)
+                budget = int(psutil.disk_usage(str(config.cache_dir)).free * 0.9)
+            self.staging = StagingCache(config.cache_dir, budget)
+
+    async def open(self) -> None:
+        """Open the staging cache (cleans interrupted copies) and find what is staged."""
+        if self.staging is None:
+            return
+        staging = self.staging
+        await asyncio.to_thread(staging.open)
+        for slot in self.slots.values():
+            if slot.preset.stage and slot.preset.model is not None:
+                found = await asyncio.to_thread(staging.cached_path, slot.preset.model)
+                slot.staged_path = str(found) if found else None
 
     # ---------------------------------------------------------------- lookups and views
 
@@ -161,8 +188,15 @@ class Manager:
                     "bytes": sum(s.ram_bytes for s in self.slots.values()),
                     "budget": self.ram_budget,
                 },
+                "disk": self._disk_tier(),
             },
         }
+
+    def _disk_tier(self) -> dict[str, int | None]:
+        if self.staging is None:
+            return {"bytes": None, "budget": None}
+        used, budget = self.staging.usage()
+        return {"bytes": used, "budget": budget}
 
     # ---------------------------------------------------------------- tasks
 
@@ -315,8 +349,12 @@ class Manager:
         name = slot.preset.name
         started = time.monotonic()
         waking = slot.child is not None  # ASLEEP -> QUEUED: the process sleeps in ram
+        staging = None
+        if not waking and slot.preset.stage and self.staging is not None:
+            # Copy while the load waits for room or for busy models (prefetch).
+            staging = self._spawn_task(self._stage(slot), f"stage:{name}")
         try:
-            device, total = await self._admit(slot, waking=waking)
+            device, total = await self._admit(slot, waking=waking, staging=staging)
             if waking:
                 await self._wake(slot)
             else:
@@ -336,6 +374,8 @@ class Manager:
             self._load_failed(slot, error)
             raise error from exc
         finally:
+            if staging is not None and not staging.done():
+                staging.cancel()
             self._notify()
         _log.info(
             "model.load.done",
@@ -465,7 +505,9 @@ class Manager:
         available = snap.host_available - self.config.reserve
         return policy.RamTier(self.ram_budget, available, entries)
 
-    async def _admit(self, slot: Slot, *, waking: bool) -> tuple[Device, int]:
+    async def _admit(
+        self, slot: Slot, *, waking: bool, staging: asyncio.Task[None] | None = None
+    ) -> tuple[Device, int]:
         """Plan, make room and reserve; return the device the model goes on and its total.
 
         On return the slot is STARTING or WAKING, so it counts as a resident in every
@@ -479,13 +521,18 @@ class Manager:
             raise InsufficientMemory(f"none of the devices {preset.devices} is available")
         deadline = time.monotonic() + self.config.queue_timeout
         while True:
-            step = await self._plan_step(slot, candidates, waking=waking)
+            staged = staging is None or staging.done()
+            step = await self._plan_step(slot, candidates, waking=waking, staged=staged)
             if isinstance(step, tuple):
                 return step
             if isinstance(step, _Eviction):
                 await asyncio.gather(*(asyncio.shield(t) for t in step.moves))
                 await self._await_release(step.device, step.need)
                 continue  # re-plan on fresh readings: the release may be partial
+            if isinstance(step, _Staging):
+                assert staging is not None  # noqa: S101 - only returned while it runs
+                await asyncio.shield(staging)  # raises the staging error, if any
+                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise QueueTimeout(
@@ -499,9 +546,13 @@ class Manager:
                 await asyncio.wait_for(changed.wait(), remaining)
 
     async def _plan_step(
-        self, slot: Slot, candidates: list[Device], *, waking: bool
-    ) -> tuple[Device, int] | _Eviction | policy.Wait:
-        """One plan under the candidates' locks: reserve, start evictions, or wait."""
+        self, slot: Slot, candidates: list[Device], *, waking: bool, staged: bool
+    ) -> tuple[Device, int] | _Eviction | _Staging | policy.Wait:
+        """One plan under the candidates' locks: reserve, start evictions, or wait.
+
+        Until the weights are staged nothing is reserved; evictions the plan needs
+        still go ahead, since their stops may free the cache space the copy needs.
+        """
         preset = slot.preset
         async with self.admission.locked(candidates):
             snap = await self.admission.read(self._pids())
@@ -520,6 +571,8 @@ class Manager:
                 return plan
             device = next(d for d in candidates if d.id == plan.device)
             slot.need = needs[plan.device]
+            if not plan.victims and not staged:
+                return _Staging()
             if not plan.victims:
                 slot.device = device
                 slot.move(State.QUEUED, State.WAKING if waking else State.STARTING)
@@ -544,6 +597,62 @@ class Manager:
             device=plan.device,
         )
         return _Eviction(device, wanted[device.id], moves)
+
+    def _sources_in_use(self) -> list[Path]:
+        """Model sources whose staged copies a process or held pages use now."""
+        return [
+            s.preset.model
+            for s in self.slots.values()
+            if s.preset.model is not None and s.staged_path and (s.child or s.pages)
+        ]
+
+    async def _stage(self, slot: Slot) -> None:
+        """Copy the model into the staging cache (or find it there); retry once room frees."""
+        assert self.staging is not None  # noqa: S101 - only called with a cache
+        preset = slot.preset
+        source = preset.model
+        assert source is not None  # noqa: S101 - stage needs a model path
+
+        def progress(done: int, total: int) -> None:
+            slot.staging = (done, total)
+
+        deadline = time.monotonic() + self.config.queue_timeout
+        try:
+            while True:
+                try:
+                    path = await self.staging.stage(
+                        source,
+                        sha256=preset.sha256,
+                        progress=progress,
+                        in_use=self._sources_in_use(),
+                    )
+                    break
+                except StagingFull as exc:
+                    # Files that running models use are pinned; a stop may free them.
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise CacheFull(f"cannot stage {preset.name!r}: {exc}") from exc
+                    changed = self._changed
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), remaining)
+        except StagingError as exc:
+            raise StageFailed(preset.name, str(exc)) from exc
+        finally:
+            slot.staging = None
+        slot.staged_path = str(path)
+        _log.info("model.staged", model=preset.name, path=slot.staged_path)
+        await self._refresh_staged(exclude=slot)
+
+    async def _refresh_staged(self, exclude: Slot) -> None:
+        """Forget staged paths whose copies the cache evicted to make room."""
+        staging = self.staging
+        assert staging is not None  # noqa: S101 - only called with a cache
+        for other in self.slots.values():
+            if other is exclude or other.staged_path is None or other.preset.model is None:
+                continue
+            found = await asyncio.to_thread(staging.cached_path, other.preset.model)
+            if found is None and other.child is None and other.pages is None:
+                other.staged_path = None
 
     async def _await_release(self, device: Device, need: int) -> None:
         # Drivers release memory asynchronously: wait, bounded, until the room is really there.
@@ -917,6 +1026,8 @@ class Manager:
             pages, slot.pages = slot.pages, None
             if pages is not None:
                 pages.close()
+        if self.staging is not None:
+            await self.staging.aclose()
 
     async def preload(self) -> None:
         """Load the presets marked ``preload: true``, one after another."""

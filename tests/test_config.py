@@ -616,3 +616,34 @@ def test_check_cli_warns_about_a_binary_that_is_not_installed(tmp_path: Path) ->
         "warning: presets/gone.yaml: gone: command 'no-such-backend-binary' not found"
     )
     assert "searched PATH=" in warnings[1]
+
+
+def test_tier_keys_are_validated_with_their_location(tmp_path: Path) -> None:
+    """sleep, ram_ttl, stage and sha256 are checked like every key; stage needs cache_dir."""
+    write_tree(
+        tmp_path,
+        "ram_budget: lots\n",
+        {
+            "a.yaml": OK_PRESET + "sleep: 3\nram_ttl: soon\n",
+            "b.yaml": OK_PRESET + "sha256: abc\nstage: yes please\n",
+        },
+    )
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        'swapd.yaml:1:13: ram_budget: expected a size like "6GiB", got "lots"',
+        "presets/a.yaml:3:8: sleep: expected auto, 0, 1 or 2, got 3",
+        'presets/a.yaml:4:10: ram_ttl: expected a duration like "10m", got "soon"',
+        "presets/b.yaml:3:9: sha256: expected 64 hexadecimal digits, got 'abc'",
+        "presets/b.yaml:4:8: stage: expected true or false, got 'yes please'",
+    ]
+
+
+def test_stage_needs_a_cache_dir(tmp_path: Path) -> None:
+    """A preset with stage: true and no cache_dir in the daemon config is an error."""
+    write_tree(tmp_path, "listen: 127.0.0.1:8181\n", {"c.yaml": OK_PRESET + "stage: true\n"})
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "swapd.yaml:1:1: cache_dir: missing; presets with stage: true need a cache directory: c",
+    ]

@@ -1,0 +1,140 @@
+"""NVMe staging through the daemon: copy before the first load, budget, checksum, SIGKILL."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from conftest import StartDaemon
+from daemon import Daemon, fake_preset, wait_for
+
+MIB = 1024**2
+
+
+def _model(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as out:
+        for _ in range(size // MIB):
+            out.write(os.urandom(MIB))
+    return path
+
+
+def staged_preset(model: Path, **keys: Any) -> dict[str, Any]:
+    """A fake backend whose model is staged; ``${MODEL}`` shows the path it was given."""
+    preset = fake_preset("S", "--health-path", "/health", stage=True, model=str(model), **keys)
+    preset["cmd"] = [*preset["cmd"], "--name", "${MODEL}"]
+    return preset
+
+
+def _cached_entries(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.iterdir() if not p.name.startswith("."))
+
+
+def test_a_staged_model_is_copied_before_its_first_load_and_served_from_the_copy(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The backend gets the cached path; the tier goes store -> device -> disk."""
+    model = _model(tmp_path / "slow" / "m.gguf", 8 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon({"s": staged_preset(model)}, {"cache_dir": str(cache)})
+    assert d.model("s")["tier"] == "store"
+    status, body = d.chat("s")
+    assert status == 200, body
+    [staged] = d.events("model.staged")
+    assert Path(staged["path"]).is_relative_to(cache)
+    assert Path(staged["path"]).read_bytes() == model.read_bytes()
+    [spawn] = d.events("backend.spawn")
+    assert staged["path"] in spawn["argv"]
+    assert d.model("s")["tier"] == "device"
+    assert d.request("POST", "/swapd/models/s/unload")[0] == 200
+    assert d.model("s")["tier"] == "disk"
+    _, status_body = d.get("/swapd/status")
+    assert status_body["tiers"]["disk"]["bytes"] >= 8 * MIB
+
+
+def test_the_cache_budget_evicts_the_least_recently_used_copy(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """With room for one copy, staging b evicts a's unused copy; a goes back to store."""
+    a = _model(tmp_path / "slow" / "a.gguf", 6 * MIB)
+    b = _model(tmp_path / "slow" / "b.gguf", 6 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"a": staged_preset(a), "b": staged_preset(b)},
+        {"cache_dir": str(cache), "cache_budget": "10MiB", "max_running": 1},
+    )
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    assert [e["model"] for e in d.events("model.staged")] == ["a", "b"]
+    assert len(_cached_entries(cache)) == 1
+    assert (d.model("a")["state"], d.model("a")["tier"]) == ("stopped", "store")
+    _, status = d.get("/swapd/status")
+    assert status["tiers"]["disk"]["bytes"] <= 10 * MIB
+
+
+def test_no_room_in_the_cache_is_a_503_with_the_numbers(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A copy larger than the whole cache budget fails at once with the sizes."""
+    model = _model(tmp_path / "slow" / "big.gguf", 8 * MIB)
+    d = start_daemon(
+        {"s": staged_preset(model)},
+        {"cache_dir": str(tmp_path / "cache"), "cache_budget": "4MiB", "queue_timeout": "1s"},
+    )
+    status, body = d.chat("s")
+    assert status == 503
+    assert body["error"]["code"] == "cache_full"
+    assert "cannot stage 's'" in body["error"]["message"]
+    assert d.model("s")["state"] == "failed"
+
+
+def test_a_checksum_mismatch_fails_clearly_and_caches_nothing(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A wrong sha256 fails the load with both digests and leaves no entry in the cache."""
+    model = _model(tmp_path / "slow" / "m.gguf", 2 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon({"s": staged_preset(model, sha256="0" * 64)}, {"cache_dir": str(cache)})
+    status, body = d.chat("s")
+    assert status == 500
+    assert body["error"]["code"] == "stage_failed"
+    actual = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert actual in body["error"]["message"]
+    assert "0" * 64 in body["error"]["message"]
+    assert _cached_entries(cache) == []
+    assert d.leftovers() == []
+
+
+def test_sigkill_of_swapd_mid_copy_leaves_no_copy_that_looks_complete(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """After swapd is killed during a copy, the next swapd cleans it and stages again."""
+    model = _model(tmp_path / "slow" / "m.gguf", 768 * MIB)
+    cache = tmp_path / "cache"
+    d: Daemon = start_daemon({"s": staged_preset(model)}, {"cache_dir": str(cache)})
+
+    def load() -> None:
+        with contextlib.suppress(OSError):  # swapd is killed mid-request on purpose
+            d.request("POST", "/swapd/models/s/load", timeout=120)
+
+    threading.Thread(target=load, daemon=True).start()
+    wait_for(
+        lambda: any(p.name.startswith(".") for p in cache.iterdir()) if cache.exists() else False,
+        timeout=30,
+        interval=0.002,
+    )
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    assert _cached_entries(cache) == []  # nothing with a final name
+    d.start()
+    assert d.model("s")["tier"] == "store"
+    assert not any(p.name.startswith(".partial") for p in cache.iterdir())
+    assert d.chat("s")[0] == 200
+    [entry] = _cached_entries(cache)
+    assert entry.exists()
