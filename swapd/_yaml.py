@@ -55,7 +55,11 @@ def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
         if key in seen:
             raise ConfigError(_where(file, key_node), key, "key is given twice")
         seen.add(key)
-        out.append(Entry(key, _plain(value_node), _where(file, value_node), value_node))
+        try:
+            value = _plain(value_node)
+        except yaml.MarkedYAMLError as exc:  # a tag or value safe YAML cannot build
+            raise ConfigError(_where(file, value_node), key, str(exc.problem or exc)) from exc
+        out.append(Entry(key, value, _where(file, value_node), value_node))
     return tuple(out)
 
 
@@ -63,18 +67,37 @@ def load_document(path: Path, *, label: str | None = None) -> Document:
     """Parse one YAML file whose top level must be a mapping (empty files are empty mappings)."""
     file = label or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(Location(file, 1, 1), "(file)", f"cannot read: {exc.strerror}") from exc
+    text = _decode(file, data)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            return Document(file, (), Location(file, 1, 1))
+        return Document(file, entries_of(file, node, what="(top level)"), _where(file, node))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
         raise ConfigError(where, "(yaml)", str(exc.problem or exc)) from exc
-    if node is None:
-        return Document(file, (), Location(file, 1, 1))
-    return Document(file, entries_of(file, node, what="(top level)"), _where(file, node))
+    except yaml.YAMLError as exc:  # a reader error: a character YAML does not allow
+        raise ConfigError(Location(file, 1, 1), "(yaml)", str(exc).replace("\n", " ")) from exc
+    except RecursionError as exc:
+        reason = "nested too deeply to read"
+        raise ConfigError(Location(file, 1, 1), "(yaml)", reason) from exc
+
+
+def _decode(file: str, data: bytes) -> str:
+    """The file's text, or an ``encoding`` error at the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        reason = (
+            f"not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}; save the file as UTF-8"
+        )
+        raise ConfigError(Location(file, line, column), "encoding", reason) from exc
 
 
 def nested_entries(file: str, entry: Entry) -> tuple[Entry, ...]:

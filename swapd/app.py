@@ -8,22 +8,23 @@ listening, stop every backend (SIGTERM, grace, SIGKILL, reap), close the probe.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import structlog
 from aiohttp import web
 
+from swapd.auth import Access, access_middleware, access_warnings, add_cors_headers
 from swapd.config import Config
-from swapd.errors import RequestError
-from swapd.logs import get_logger
+from swapd.errors import BadRequest, RequestError, clip
+from swapd.limits import Edge, EdgeSite, Limits, fit_fd_limit, track
+from swapd.logs import get_logger, new_request_id
 from swapd.manager import Manager
 from swapd.pidfiles import PidRecords
 from swapd.probe import Probe, open_probe
@@ -32,9 +33,9 @@ from swapd.upstream import UpstreamPool
 
 _log = get_logger("swapd.app")
 MANAGER = web.AppKey("manager", Manager)
-# Request ids: a random prefix per run and a counter, cheaper than a uuid per request.
-_ID_PREFIX = uuid.uuid4().hex[:8] + "-"
-_ids = itertools.count(1)
+EDGE = web.AppKey("edge", Edge)
+# A client's X-Request-Id is echoed and logged, so it must be a plain token.
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -69,14 +70,22 @@ class Reaper:
             self._proc.kill()
 
 
+def _refuse_request_id() -> None:
+    raise BadRequest("X-Request-Id must be 1 to 128 visible ASCII characters")
+
+
 @web.middleware
 async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind a request id, answer every error as OpenAI JSON, log one line per request."""
-    request_id = request.headers.get("X-Request-Id") or f"{_ID_PREFIX}{next(_ids):x}"
+    given = request.headers.get("X-Request-Id")
+    request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
     status = 500
+    conn = track(request)
     try:
+        if given is not None and given != request_id:
+            _refuse_request_id()
         response = await handler(request)
         status = response.status
     except RequestError as exc:
@@ -89,8 +98,8 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         response = web.json_response(body, status=exc.status)
     except Exception as exc:  # noqa: BLE001 - the last line of defence, logged with its trace
         # A bug must still answer in the envelope, with its trace in the log, not as text.
-        _log.exception("request.error", path=request.path, error=repr(exc))
-        message = f"internal error: {type(exc).__name__}: {exc}"
+        _log.exception("request.error", path=clip(request.path), error=clip(repr(exc), 500))
+        message = f"internal error: {type(exc).__name__}: {clip(str(exc), 500)}"
         body = {
             "error": {
                 "message": message,
@@ -101,17 +110,21 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         }
         response = web.json_response(body, status=500)
     finally:
+        if conn is not None:
+            conn.request_finished()
         if request.path.startswith("/v1/"):
             _log.info(
                 "request.done",
                 method=request.method,
-                path=request.path,
+                path=clip(request.path),
                 model=request.get("model"),
                 status=status,
                 ms=round((time.perf_counter() - started) * 1000, 2),
             )
         structlog.contextvars.unbind_contextvars("request_id")
     response.headers["X-Request-Id"] = request_id
+    if status == 408:
+        response.force_close()  # the rest of the body may still be on its way
     return response
 
 
@@ -141,6 +154,7 @@ async def _status(request: web.Request) -> web.Response:
     status = manager.status()
     status["config"] = manager.config.source
     status["pid"] = os.getpid()
+    status["connections"] = request.app[EDGE].snapshot()
     return web.json_response(status)
 
 
@@ -171,16 +185,36 @@ def _one(manager: Manager, name: str) -> dict[str, object]:
     return manager.view(name).as_json()
 
 
+def _limits(config: Config, max_connections: int) -> Limits:
+    return Limits(max_connections, config.header_timeout, config.keepalive_timeout)
+
+
 def build_app(
-    config: Config, probe: Probe, *, on_group: Callable[[str, int], None]
+    config: Config,
+    probe: Probe,
+    *,
+    on_group: Callable[[str, int], None],
+    edge: Edge | None = None,
 ) -> web.Application:
     """The aiohttp application with every route; the manager starts with it."""
-    app = web.Application(middlewares=[envelope], client_max_size=config.max_body + 1)
+    access = Access.build(
+        listen=config.host,
+        api_keys=config.api_keys,
+        admin_keys=config.admin_keys,
+        allowed_hosts=config.allowed_hosts,
+        cors_origins=config.cors_origins,
+        metrics_public=config.metrics_public,
+    )
+    app = web.Application(
+        middlewares=[envelope, access_middleware(access)], client_max_size=config.max_body + 1
+    )
+    app.on_response_prepare.append(add_cors_headers)
+    app[EDGE] = edge or Edge(_limits(config, config.max_connections))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         pool = UpstreamPool()
         manager = Manager(config, probe, pool, on_group=on_group)
-        proxy = Proxy(manager, pool, config.max_body)
+        proxy = Proxy(manager, pool, config.max_body, config.body_timeout)
         app[MANAGER] = manager
         await manager.open()
         for path in JSON_ROUTES:
@@ -218,11 +252,21 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = build_app(config, probe, on_group=reaper)
+    for warning in access_warnings(
+        listen=config.host,
+        port=config.port,
+        api_keys=bool(config.api_keys),
+        admin_keys=bool(config.admin_keys),
+        cors_origins=config.cors_origins,
+    ):
+        _log.warning("swapd.access", detail=warning)
+    max_connections, fd_limit = fit_fd_limit(config.max_connections)
+    edge = Edge(_limits(config, max_connections), fd_limit)
+    app = build_app(config, probe, on_group=reaper, edge=edge)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+        site = EdgeSite(runner, config.host, config.port, edge)
         await site.start()
         _log.info("swapd.listen", host=config.host, port=config.port, models=len(config.presets))
         print(f"swapd: listening on http://{config.host}:{config.port}", flush=True)  # noqa: T201

@@ -13,10 +13,18 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 
 from swapd import embedded
+from swapd.auth import access_warnings
 from swapd.backends import missing_binary
 from swapd.config import Config, load_config
 from swapd.errors import ConfigErrors, SwapdError
+from swapd.keys import loose_permissions
 from swapd.logs import configure
+
+_SHORT_KEY = 16
+_KEY_HINT = (
+    "swapd: /swapd/status needs an admin key: pass --key KEY, set SWAPD_KEY, or pass "
+    "--config on swapd's host so the key is read from admin_keys or admin_keys_file"
+)
 
 
 def _config_path(arg: str | None) -> Path | None:
@@ -87,25 +95,52 @@ def config_warnings(config: Config) -> list[str]:
         problem = missing_binary(preset)
         if problem is not None:
             warnings.append(f"{preset.file}: {preset.name}: {problem}")
-    return warnings
+    return warnings + _access_warnings(config)
+
+
+def _access_warnings(config: Config) -> list[str]:
+    warnings = access_warnings(
+        listen=config.host,
+        port=config.port,
+        api_keys=bool(config.api_keys),
+        admin_keys=bool(config.admin_keys),
+        cors_origins=config.cors_origins,
+    )
+    for path in (config.api_keys_file, config.admin_keys_file):
+        if path is not None and (problem := loose_permissions(path)):
+            warnings.append(problem)
+    short = sum(len(key) < _SHORT_KEY for key in (*config.api_keys, *config.admin_keys))
+    if short:
+        warnings.append(f"{short} key(s) shorter than {_SHORT_KEY} characters are easy to guess")
+    return [f"{config.source}: {warning}" for warning in warnings]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print what a running swapd reports at /swapd/status."""
-    url = args.url
+    url, key = args.url, args.key or os.environ.get("SWAPD_KEY")
+    host, port = "127.0.0.1", 8080
+    path = _config_path(args.config)
+    if path is not None and (url is None or key is None):
+        try:
+            config = load_config(path)
+            host, port = config.host, config.port
+            # On swapd's own host the config (or its admin_keys_file) holds an admin key.
+            key = key or next(iter(config.admin_keys), None)
+        except SwapdError:
+            pass
     if url is None:
-        host, port = "127.0.0.1", 8080
-        path = _config_path(args.config)
-        if path is not None:
-            try:
-                config = load_config(path)
-                host, port = config.host, config.port
-            except SwapdError:
-                pass
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(f"{url}/swapd/status", headers=headers)  # noqa: S310
     try:
-        with urllib.request.urlopen(f"{url}/swapd/status", timeout=5) as resp:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
             status = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        print(f"swapd: {url} answered {exc.code}: {_error_message(exc)}", file=sys.stderr)
+        if exc.code in (401, 403):
+            print(_KEY_HINT, file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"swapd: cannot reach {url}: {exc}", file=sys.stderr)
         return 1
@@ -124,6 +159,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.load(exc)["error"]["message"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return exc.reason or "no details"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``swapd`` command."""
     parser = argparse.ArgumentParser(prog="swapd", description=__doc__)
@@ -138,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     status.add_argument("--config", help="read the listen address from this config")
     status.add_argument("--url", help="swapd's base URL (default http://127.0.0.1:8080)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument("--key", help="an admin key (default: $SWAPD_KEY, else from --config)")
     status.set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     sys.exit(args.func(args))

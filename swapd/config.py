@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from swapd._yaml import Document, load_document, nested_entries
+from swapd.auth import parse_allowed_hosts, parse_origins
 from swapd.errors import ConfigError, ConfigErrors, Location
+from swapd.keys import parse_keys, read_keys_file
 from swapd.presets import CONVERTERS, NOT_IN_DEFAULTS, Preset, convert_entries, load_presets
 from swapd.probe import DevicesSpec
 from swapd.units import parse_duration, parse_size
@@ -42,6 +44,21 @@ class Config:
     queue_timeout: float = 120.0
     release_timeout: float = 10.0
     log_level: str = "info"
+    # Access control (see swapd.auth): keys, with those of the key files merged in, Host names
+    # beyond swapd's own, web origins that may call it, and whether /metrics needs a key.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    api_keys_file: Path | None = None
+    admin_keys_file: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    metrics_public: bool = False
+    # The edge (see swapd.limits): open client connections and how long a request's headers,
+    # its body, and an idle keep-alive connection may take.
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 120.0
+    keepalive_timeout: float = 75.0
     # The ram tier's cap; None: half of host RAM; 0 turns the tier off.
     ram_budget: int | None = None
     # NVMe staging: where copies live and how many bytes they may take (None: no cap but
@@ -88,6 +105,25 @@ def _optional_count(value: Any) -> int | None:
     return value
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of 1 or more, got {value!r}")
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _timeout(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, like 10s, got {value!r}")
+    return seconds
+
+
 def _log_level(value: Any) -> str:
     levels = ("debug", "info", "warning", "error")
     if value not in levels:
@@ -107,6 +143,17 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "queue_timeout": parse_duration,
     "release_timeout": parse_duration,
     "log_level": _log_level,
+    "api_keys": parse_keys,
+    "admin_keys": parse_keys,
+    "api_keys_file": lambda v: Path(str(v)).expanduser(),
+    "admin_keys_file": lambda v: Path(str(v)).expanduser(),
+    "allowed_hosts": parse_allowed_hosts,
+    "cors_origins": parse_origins,
+    "metrics_public": _flag,
+    "max_connections": _count,
+    "header_timeout": _timeout,
+    "body_timeout": _timeout,
+    "keepalive_timeout": _timeout,
     "ram_budget": lambda v: None if v is None else parse_size(v),
     "cache_dir": lambda v: Path(str(v)).expanduser(),
     "cache_budget": lambda v: None if v is None else parse_size(v),
@@ -151,6 +198,24 @@ def _check_staging(
         errors.append(ConfigError(doc.where, "cache_dir", reason))
 
 
+def _read_key_files(
+    values: dict[str, Any], doc: Document, base: Path, errors: list[ConfigError]
+) -> None:
+    # Keys from files join those written inline; the paths are relative to the config file.
+    for kind in ("api", "admin"):
+        name = f"{kind}_keys_file"
+        if name not in values:
+            continue
+        values[name] = base / values[name]
+        where = next(e.where for e in doc.entries if e.key == name)
+        try:
+            keys = read_keys_file(values[name], name, where)
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
+        values[f"{kind}_keys"] = values.get(f"{kind}_keys", ()) + keys
+
+
 def load_config(path: Path) -> Config:
     """Load a daemon config and its presets; raise :class:`ConfigErrors` listing every problem."""
     try:
@@ -172,6 +237,7 @@ def load_config(path: Path) -> Config:
         except ConfigErrors as exc:
             errors.extend(exc.errors)
     _check_staging(presets, values, doc, errors)
+    _read_key_files(values, doc, base, errors)
     if errors:
         raise ConfigErrors(errors)
     host, port = values.pop("listen", DEFAULT_LISTEN)

@@ -5,13 +5,21 @@
     │   └── ConfigErrors         several ConfigError found in one pass
     └── RequestError             answered to an HTTP client as an OpenAI-shaped envelope
         ├── BadRequest           400: bad JSON, no model, bad form
+        │   ├── TooDeep          400: JSON nested deeper than swapd parses
+        │   ├── MalformedHttp    400: not HTTP swapd can read (framing, request line)
+        │   └── HeadersTooLarge  431: header lines too long or too many
+        ├── Unauthorized         401: no key, or not a key swapd knows
+        ├── Forbidden            403: an inference key on an admin route; a foreign Origin
         ├── UnknownModel         404: the model is not configured (lists the names)
+        ├── RequestTimeout       408: the body did not arrive within ``body_timeout``
         ├── BodyTooLarge         413: the body is over ``max_body``
+        ├── MisdirectedRequest   421: a Host that names neither swapd nor ``allowed_hosts``
         ├── BackendStartError    502: the backend could not start, died or timed out starting
         ├── BackendGone          502: the backend died while serving the request
         ├── LoadFailed           500: an unexpected error while loading (logged with its trace)
         ├── StageFailed          500: staging the weights failed (checksum, I/O)
         └── Unavailable          503: cannot be served now (shutting down, unloading)
+            ├── TooManyConnections   503 + Retry-After: swapd is at ``max_connections``
             ├── InsufficientMemory   503: no plan of evictions can make room
             ├── CacheFull            503: the staging cache cannot make room (with the numbers)
             └── QueueTimeout         503 + Retry-After: victims stayed busy too long
@@ -36,6 +44,15 @@ _SIGNAL_HINTS = {
 }
 # Shells report a child killed by signal N as exit status 128 + N.
 _SHELL_SIGNAL_BASE = 128
+# Client-supplied names (models, hosts, paths) are cut to this before they are echoed or logged.
+CLIP = 120
+
+
+def clip(text: str, limit: int = CLIP) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def describe_exit(code: int) -> str:
@@ -107,12 +124,84 @@ class RequestError(SwapdError):
         """Extra response headers, such as Retry-After."""
         return {}
 
+    def envelope(self) -> dict[str, dict[str, str | None]]:
+        """The OpenAI-shaped body every error is answered with."""
+        return {
+            "error": {"message": self.message, "type": self.kind, "code": self.code, "param": None}
+        }
+
 
 class BadRequest(RequestError):
     """The request cannot be read: bad JSON, no model, a broken form."""
 
     status = 400
     kind = "invalid_request_error"
+
+
+class TooDeep(BadRequest):
+    """The JSON body nests arrays and objects deeper than swapd parses."""
+
+    code = "json_too_deep"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"request body nests JSON arrays and objects deeper than {limit} levels")
+
+
+class MalformedHttp(BadRequest):
+    """The request is not HTTP swapd can read: bad framing, a bad request line or header."""
+
+    code = "malformed_http"
+
+
+class HeadersTooLarge(BadRequest):
+    """The request's header lines are too long or too many (431)."""
+
+    status = 431
+    code = "headers_too_large"
+
+
+class Unauthorized(RequestError):
+    """Keys are configured and the request carries none that swapd knows."""
+
+    status = 401
+    kind = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        """Name the scheme a client should use (RFC 9110 section 11.6.1)."""
+        return {"WWW-Authenticate": 'Bearer realm="swapd"'}
+
+
+class Forbidden(RequestError):
+    """The request is understood and refused: the wrong kind of key, or a foreign Origin."""
+
+    status = 403
+    kind = "invalid_request_error"
+
+    def __init__(self, message: str, code: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class MisdirectedRequest(RequestError):
+    """The Host header names a site swapd does not serve (a DNS rebinding guard)."""
+
+    status = 421
+    kind = "invalid_request_error"
+    code = "host_not_allowed"
+
+
+class RequestTimeout(RequestError):
+    """The client did not send the whole body in time."""
+
+    status = 408
+    kind = "invalid_request_error"
+    code = "request_timeout"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"the request body did not arrive within {seconds:g}s (body_timeout)")
 
 
 class UnknownModel(RequestError):
@@ -123,6 +212,7 @@ class UnknownModel(RequestError):
     code = "model_not_found"
 
     def __init__(self, model: str, known: Sequence[str]) -> None:
+        model = clip(model)
         self.model = model
         self.known = tuple(known)
         super().__init__(
@@ -216,6 +306,19 @@ class Unavailable(RequestError):
     status = 503
     kind = "server_error"
     code = "unavailable"
+
+
+class TooManyConnections(Unavailable):
+    """swapd holds ``max_connections`` client connections already."""
+
+    code = "too_many_connections"
+
+    def __init__(self) -> None:
+        super().__init__("swapd is at max_connections; try again shortly")
+
+    def headers(self) -> dict[str, str]:
+        """Connections free up quickly: idle ones time out."""
+        return {"Retry-After": "1"}
 
 
 class InsufficientMemory(Unavailable):

@@ -6,12 +6,22 @@ Events are named ``noun.verb`` (``model.load.start``, ``backend.exit``);
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
+import uuid
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+# Request ids: a random prefix per run and a counter, cheaper than a uuid per request.
+_ID_PREFIX = uuid.uuid4().hex[:8] + "-"
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id unique to this run of swapd."""
+    return f"{_ID_PREFIX}{next(_ids):x}"
 
 
 def configure(level: str = "info", *, json: bool | None = None) -> None:

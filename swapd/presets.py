@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from swapd._yaml import Entry, load_document
-from swapd.backends import KINDS
+from swapd.backends import KINDS, has_flag
 from swapd.errors import ConfigError, ConfigErrors, Location
 from swapd.units import parse_duration, parse_size
 
@@ -169,6 +169,24 @@ def _resolve_model(path: Path, preset_dir: Path) -> Path:
     return path if path.is_absolute() else (preset_dir / path).resolve()
 
 
+def _own_key_clash(
+    backend: BackendName, values: Mapping[str, tuple[Any, Location]]
+) -> ConfigError | None:
+    """A preset that sets the backend's own key, which is swapd's to set (a new one per start)."""
+    own = KINDS[backend].own_key
+    if own is None:
+        return None
+    why = f"is swapd's to set: each start of {backend} gets a new key only swapd knows"
+    args, args_at = values.get("args", ((), None))
+    for flag in own.flags:
+        if args_at is not None and has_flag(args, flag):
+            return ConfigError(args_at, "args", f"{flag} {why}; remove it")
+    env, env_at = values.get("env", ({}, None))
+    if env_at is not None and own.env in env:
+        return ConfigError(env_at, "env", f"{own.env} {why}; remove it")
+    return None
+
+
 def _build(  # noqa: PLR0911 - one early return per kind of problem
     file: Path,
     label: str,
@@ -187,6 +205,9 @@ def _build(  # noqa: PLR0911 - one early return per kind of problem
         errors.append(ConfigError(doc.where, "backend", f"missing; one of {', '.join(BACKENDS)}"))
         return None
     backend, backend_at = values["backend"]
+    if clash := _own_key_clash(backend, values):
+        errors.append(clash)
+        return None
     plain = {key: value for key, (value, _) in values.items()}
     if KINDS[backend].needs_model:
         if "model" not in values:

@@ -8,13 +8,14 @@ connection, which cancels the generation.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import re
 
 from aiohttp import web
 from multidict import CIMultiDict
 
-from swapd.errors import BackendGone, BadRequest, BodyTooLarge, RequestError
+from swapd import _json as capped_json
+from swapd.errors import BackendGone, BadRequest, BodyTooLarge, RequestError, RequestTimeout, clip
 from swapd.manager import Manager
 from swapd.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -42,16 +43,16 @@ _HOP = frozenset(
         "content-length",
     }
 )
+# The client's credentials for swapd: never forwarded (a backend's own key is swapd's to send).
+_PRIVATE = frozenset({"authorization", "x-api-key", "cookie"})
+_NOT_FORWARDED = frozenset(name.encode() for name in _HOP | _PRIVATE)
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _FIELD_NAME = re.compile(rb'name="([^"]*)"', re.IGNORECASE)
 
 
 def model_from_json(body: bytes) -> str:
     """The ``model`` of a JSON request body, or :class:`BadRequest` saying what is wrong."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    data = capped_json.loads(body)
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     model = data.get("model")
@@ -81,10 +82,21 @@ def model_from_multipart(body: bytes, content_type: str) -> str:
     raise BadRequest('form has no "model" field')
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, or :class:`BodyTooLarge` as soon as it passes ``limit``."""
+async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
+    """The whole body, or :class:`BodyTooLarge` as soon as it passes ``limit``.
+
+    :class:`RequestTimeout` when it has not all arrived within ``timeout`` seconds.
+    """
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_all(request, limit)
+    except TimeoutError as exc:
+        raise RequestTimeout(timeout or 0) from exc
+
+
+async def _read_all(request: web.Request, limit: int) -> bytes:
     body = await request.content.read(limit + 1)
     if len(body) > limit:
         raise BodyTooLarge(limit)
@@ -101,30 +113,46 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 class Proxy:
     """The request path: parse, lease, forward."""
 
-    def __init__(self, manager: Manager, pool: UpstreamPool, max_body: int) -> None:
+    def __init__(
+        self,
+        manager: Manager,
+        pool: UpstreamPool,
+        max_body: int,
+        body_timeout: float | None = None,
+    ) -> None:
         self.manager = manager
         self.pool = pool
         self.max_body = max_body
+        self.body_timeout = body_timeout
 
     async def json_route(self, request: web.Request) -> web.StreamResponse:
         """POST routes whose JSON body names the model."""
-        body = await read_body(request, self.max_body)
+        body = await read_body(request, self.max_body, self.body_timeout)
         return await self.forward(request, model_from_json(body), body)
 
     async def multipart_route(self, request: web.Request) -> web.StreamResponse:
         """POST routes whose multipart form names the model."""
-        body = await read_body(request, self.max_body)
+        body = await read_body(request, self.max_body, self.body_timeout)
         model = model_from_multipart(body, request.headers.get("Content-Type", ""))
         return await self.forward(request, model, body)
 
     async def forward(self, request: web.Request, model: str, body: bytes) -> web.StreamResponse:
         """Send the request to a leased backend and pass the answer back unbuffered."""
-        request["model"] = model
+        request["model"] = clip(model)
         async with self.manager.lease(model) as lease:
-            headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
+            # The client's header bytes as sent: decoding and re-encoding them could fail.
+            headers = [(k, v) for k, v in request.raw_headers if k.lower() not in _NOT_FORWARDED]
+            launch = lease.slot.launch
+            if launch is not None:
+                headers.extend(launch.headers)  # the backend's own key, known only to swapd
             try:
                 upstream = await self.pool.request(
-                    lease.host, lease.port, request.method, request.path_qs, headers, body
+                    lease.host,
+                    lease.port,
+                    request.method,
+                    request.rel_url.raw_path_qs,
+                    headers,
+                    body,
                 )
             except UpstreamError as exc:
                 raise BackendGone(lease.model, str(exc)) from exc
@@ -170,7 +198,4 @@ class Proxy:
 
 def error_response(exc: RequestError) -> web.Response:
     """The one OpenAI-shaped error envelope every failure is answered with."""
-    envelope = {
-        "error": {"message": exc.message, "type": exc.kind, "code": exc.code, "param": None}
-    }
-    return web.json_response(envelope, status=exc.status, headers=exc.headers())
+    return web.json_response(exc.envelope(), status=exc.status, headers=exc.headers())

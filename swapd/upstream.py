@@ -216,15 +216,19 @@ class UpstreamPool:
         port: int,
         method: str,
         target: str,
-        headers: Iterable[tuple[str, str]],
+        headers: Iterable[tuple[bytes, bytes]],
         body: bytes,
     ) -> UpstreamResponse:
-        """Send one request and wait for the answer's status and headers."""
+        """Send one request and wait for the answer's status and headers.
+
+        Header names and values are bytes, passed on as the client sent them.
+        """
         key = (host, port)
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"]
-        lines.extend(f"{k}: {v}\r\n" for k, v in headers)
-        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
-        payload = "".join(lines).encode("latin-1") + body
+        parts = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode("latin-1")]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (f"Content-Length: {len(body)}\r\n\r\n".encode("latin-1"), body)
+        payload = b"".join(parts)
         conn = self._take(key)
         reused = conn is not None
         while True:

@@ -273,7 +273,7 @@ DAEMON_ERRORS = [
     pytest.param(
         "listen: 127.0.0.1:8080\nport: 8080\n",
         {},
-        ["swapd.yaml:2:7: port: unknown key; known keys: budget, cache_budget, cache_dir" + PREFIX],
+        ["swapd.yaml:2:7: port: unknown key; known keys: admin_keys, admin_keys_file" + PREFIX],
         id="unknown-key",
     ),
     pytest.param(

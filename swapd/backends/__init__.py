@@ -7,12 +7,14 @@ rest of swapd asks :func:`kind_of` and never compares kind names.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from swapd.backends._kind import (
     ALL_TIERS,
     BackendKind,
+    OwnKey,
     Placement,
     RamVia,
     SleepUnsupported,
@@ -43,6 +45,7 @@ __all__ = [
     "BackendKind",
     "BinaryNotFound",
     "Launch",
+    "OwnKey",
     "Placement",
     "RamVia",
     "SleepFailed",
@@ -88,4 +91,17 @@ def build_launch(preset: Preset, port: int, placement: Placement | None = None) 
     kind = kind_of(preset)
     argv = kind.argv(preset, kind.binary(preset), port, placement)
     env = child_env(preset, {**placement.device_env, **kind.extra_env(preset, placement)})
-    return Launch(argv=tuple(argv), env=env, host=LOOPBACK, port=port, health_path=preset.health)
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    if kind.own_key is not None:
+        # A new secret per start, set after the preset's env so that nothing overrides it.
+        secret = secrets.token_urlsafe(32)
+        env[kind.own_key.env] = secret
+        headers = ((b"Authorization", f"Bearer {secret}".encode()),)
+    return Launch(
+        argv=tuple(argv),
+        env=env,
+        host=LOOPBACK,
+        port=port,
+        health_path=preset.health,
+        headers=headers,
+    )

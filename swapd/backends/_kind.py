@@ -40,6 +40,19 @@ class Placement:
     model_path: str | None = None
 
 
+@dataclass(frozen=True)
+class OwnKey:
+    """How a kind takes an API key of its own, which swapd sets to a new secret per start.
+
+    With it, a local user who finds the backend's port cannot bypass swapd. The key
+    goes in the environment (``/proc/PID/environ`` is private to the owner, the
+    command line is not), and ``flags`` are the arguments a preset may not set.
+    """
+
+    env: str
+    flags: tuple[str, ...]
+
+
 class BackendKind(Protocol):
     """One kind of backend (llama-server, vLLM, any OpenAI-compatible command)."""
 
@@ -50,6 +63,8 @@ class BackendKind(Protocol):
     ram_via: RamVia | None
     needs_model: bool
     stop_signal: signal.Signals
+    # The backend's own API key, which swapd sets and sends itself; None: it has none.
+    own_key: OwnKey | None
 
     def binary(self, preset: Preset) -> str:
         """The executable to run; raises :class:`BinaryNotFound` saying where it looked."""

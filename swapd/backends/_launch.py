@@ -13,7 +13,14 @@ if TYPE_CHECKING:
 
 LOOPBACK = "127.0.0.1"
 # Inherited variables that belong to swapd alone: systemd's notify socket and watchdog.
-_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+_PRIVATE_ENV = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "SWAPD_KEY",  # the CLI's admin key, when the operator exported it
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,8 @@ class Launch:
     host: str
     port: int
     health_path: str
+    # Headers swapd adds to every request it forwards: the backend's own key, when it has one.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class BinaryNotFound(Exception):

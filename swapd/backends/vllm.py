@@ -13,7 +13,7 @@ import shutil
 import signal
 from typing import TYPE_CHECKING
 
-from swapd.backends._kind import Placement, RamVia, Tier
+from swapd.backends._kind import OwnKey, Placement, RamVia, Tier
 from swapd.backends._launch import BinaryNotFound, explicit_binary, has_flag, search_path
 from swapd.upstream import UpstreamError
 
@@ -60,6 +60,9 @@ class VllmKind:
     ram_via: RamVia | None = "sleep"
     needs_model = True
     stop_signal = signal.SIGTERM
+    # vLLM takes VLLM_API_KEY and guards /v1/*, but a preset may poll /v1/models for
+    # readiness and that poll sends no key yet; so no key of its own for now.
+    own_key: OwnKey | None = None
 
     def binary(self, preset: Preset) -> str:
         """``binary:``, then ``vllm`` on PATH."""

@@ -1,0 +1,360 @@
+"""The edge: how many client connections swapd holds, and how long each may take.
+
+aiohttp has no timeout for a request's headers and keeps an idle connection for
+an hour, so a few hundred slow or silent clients could hold every file
+descriptor. swapd serves through its own site, whose connections carry a timer:
+
+    connect ──header_timeout──> headers in ──(the request runs)──> answered
+       ^                                                              |
+       └── first byte of the next request <──keepalive_timeout────────┘
+
+A client's body gets ``body_timeout`` (the proxy enforces it while reading). A
+connection over ``max_connections`` is answered 503 and closed at once, and
+HTTP that cannot be parsed is answered in the usual JSON envelope with one log
+line instead of a traceback. Each connection may take two file descriptors (the
+client's and a backend's), so the cap is lowered to what the limit allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, cast
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from swapd.errors import (
+    HeadersTooLarge,
+    MalformedHttp,
+    RequestError,
+    TooManyConnections,
+    clip,
+)
+from swapd.logs import get_logger, new_request_id
+
+_log = get_logger("swapd.limits")
+Phase = Literal["headers", "busy", "idle"]
+# Descriptors kept free for backends' pipes, PID records, probes and the reaper.
+FD_SPARE = 256
+FDS_PER_CONNECTION = 2
+# A refused connection reads (and drops) what the client sends for this long before it
+# closes, so the kernel does not reset the connection under the 503.
+_REFUSED_LINGER = 1.0
+_WARN_SHARE = 0.9
+_FD_CHECK_EVERY = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The edge's settings, from the daemon config."""
+
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+
+
+def fit_fd_limit(max_connections: int) -> tuple[int, int]:
+    """Raise the soft descriptor limit to the hard one; the cap that then fits, and the limit.
+
+    Logs a warning when the cap had to be lowered.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have
+    fits = max(1, (soft - FD_SPARE) // FDS_PER_CONNECTION)
+    if max_connections > fits:
+        _log.warning(
+            "connection.limit.lowered",
+            max_connections=max_connections,
+            lowered_to=fits,
+            fd_limit=soft,
+            hint="raise LimitNOFILE= (systemd) or ulimit -n",
+        )
+        return fits, soft
+    return max_connections, soft
+
+
+def open_fds() -> int | None:
+    """How many file descriptors swapd has open now (Linux), None where unknown."""
+    try:
+        return sum(1 for _ in Path("/proc/self/fd").iterdir())
+    except OSError:
+        return None
+
+
+class _Tally:
+    """Counts an event and logs it at most once a second, with the count since the last line."""
+
+    def __init__(self, event: str, *, warn: bool) -> None:
+        self.event = event
+        self.warn = warn
+        self.total = 0
+        self._since = 0
+        self._last = -math.inf
+
+    def add(self, **fields: object) -> None:
+        self.total += 1
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            return
+        log = _log.warning if self.warn else _log.info
+        log(self.event, count=self._since, total=self.total, **fields)
+        self._since = 0
+        self._last = now
+
+
+@dataclass
+class Edge:
+    """Every client connection of one daemon: counts, caps, timers, and the snapshot."""
+
+    limits: Limits
+    fd_limit: int | None = None
+    open: set[EdgeHandler] = field(default_factory=set)
+    refused: _Tally = field(default_factory=lambda: _Tally("connection.refused", warn=True))
+    timeouts: dict[str, _Tally] = field(
+        default_factory=lambda: {
+            phase: _Tally("connection.timeout", warn=False) for phase in ("headers", "idle")
+        }
+    )
+    _accepted: int = 0
+    _warned: bool = False
+
+    def protocol(self, server: web.Server) -> asyncio.Protocol:
+        """A protocol for one new connection: served, or refused when at the cap."""
+        if len(self.open) >= self.limits.max_connections:
+            self.refused.add(max_connections=self.limits.max_connections)
+            return _Refused()
+        conn = EdgeHandler(
+            server,
+            self,
+            loop=asyncio.get_running_loop(),
+            # aiohttp's own idle timer, kept only as a backstop behind ours.
+            keepalive_timeout=self.limits.keepalive_timeout + self.limits.header_timeout,
+        )
+        # Counted here, not in connection_made: a burst of accepts may build several
+        # protocols before the first of them is told its connection is made.
+        self._opened(conn)
+        return conn
+
+    def _opened(self, conn: EdgeHandler) -> None:
+        """Count a connection; warn once as the cap (and so the descriptor limit) nears."""
+        self.open.add(conn)
+        self._accepted += 1
+        near = len(self.open) >= _WARN_SHARE * self.limits.max_connections
+        if self._accepted % _FD_CHECK_EVERY == 0 or near:
+            fds = open_fds()
+            near = near or bool(fds and self.fd_limit and fds >= _WARN_SHARE * self.fd_limit)
+            if near and not self._warned:
+                _log.warning(
+                    "connection.limit.near",
+                    open=len(self.open),
+                    max_connections=self.limits.max_connections,
+                    fds=fds,
+                    fd_limit=self.fd_limit,
+                )
+            self._warned = near
+
+    def closed(self, conn: EdgeHandler) -> None:
+        """Forget a connection."""
+        self.open.discard(conn)
+
+    def snapshot(self) -> dict[str, object]:
+        """Counts for ``/swapd/status``."""
+        return {
+            "open": len(self.open),
+            "max": self.limits.max_connections,
+            "refused": self.refused.total,
+            "timed_out": {phase: tally.total for phase, tally in self.timeouts.items()},
+            "fds": open_fds(),
+            "fd_limit": self.fd_limit,
+        }
+
+
+class EdgeHandler(RequestHandler):
+    """aiohttp's connection handler with a header and idle timer, and JSON parse errors."""
+
+    def __init__(
+        self,
+        server: web.Server,
+        edge: Edge,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        keepalive_timeout: float,
+    ) -> None:
+        super().__init__(
+            server,
+            loop=loop,
+            keepalive_timeout=keepalive_timeout,
+            access_log=None,  # type: ignore[arg-type]  # None turns aiohttp's access log off
+        )
+        self._edge = edge
+        self._phase: Phase = "headers"
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the clock: the headers must arrive within ``header_timeout``."""
+        super().connection_made(transport)
+        self._arm(self._edge.limits.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        """The first byte after an answer starts the next request's header clock."""
+        if self._phase == "idle" and data:
+            self._phase = "headers"
+            self._arm(self._edge.limits.header_timeout)
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Stop the timer and forget the connection."""
+        self._cancel()
+        self._edge.closed(self)
+        super().connection_lost(exc)
+
+    def request_started(self) -> None:
+        """Headers are in and a handler runs: no timer while it works."""
+        self._phase = "busy"
+        self._cancel()
+
+    def request_finished(self) -> None:
+        """The handler is done: the connection may idle for ``keepalive_timeout``."""
+        self._phase = "idle"
+        self._arm(self._edge.limits.keepalive_timeout)
+
+    def _arm(self, seconds: float) -> None:
+        self._cancel()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._phase == "busy" or self.transport is None:
+            return
+        if self._phase == "idle" and self.transport.get_write_buffer_size():
+            # Still sending the last answer to a slow reader: that is not idling.
+            self._arm(self._edge.limits.keepalive_timeout)
+            return
+        self._edge.timeouts[self._phase].add(phase=self._phase)
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Answer unparsable HTTP in the JSON envelope and log one line, no traceback."""
+        error = _parse_error(status, exc, message)
+        # Non-HTTP bytes (TLS to the plain port, scanners) are common on a public port.
+        log = _log.debug if isinstance(exc, BadHttpMethod) else _log.info
+        log("http.invalid", status=error.status, reason=error.message, peer=request.remote)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was already started; cannot send the error")
+        response = web.json_response(error.envelope(), status=error.status)
+        response.headers["X-Request-Id"] = new_request_id()
+        response.force_close()
+        return response
+
+
+def _parse_error(status: int, exc: BaseException | None, message: str | None) -> RequestError:
+    reason = exc.message if isinstance(exc, HttpProcessingError) else message
+    # aiohttp's reasons go on to quote the line with a caret under it: keep the first line.
+    first = str(reason or "").strip().split("\n", 1)[0].rstrip(":") or "unreadable request"
+    text = clip(first, 200)
+    if isinstance(exc, LineTooLong) or "too many headers" in text.lower():
+        return HeadersTooLarge(text)
+    if status < 500:
+        return MalformedHttp(f"the request is not valid HTTP: {text}")
+    return RequestError(f"internal error while reading the request: {text}")
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over ``max_connections``: answered 503 at once, then closed."""
+
+    def __init__(self) -> None:
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Answer before reading anything; linger briefly so the client can read it."""
+        # uvloop's transports do not subclass asyncio's, but behave as a TCP transport.
+        tcp = cast("asyncio.Transport", transport)
+        body = json.dumps(TooManyConnections().envelope()).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"X-Request-Id: {new_request_id()}\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        tcp.write(head.encode() + body)
+        if tcp.can_write_eof():
+            tcp.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(_REFUSED_LINGER, tcp.close)
+
+    def data_received(self, data: bytes) -> None:
+        """Drop what the client sends; it is not served."""
+
+    def eof_received(self) -> bool:
+        """The client is done too: close now."""
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the linger timer."""
+        del exc
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class EdgeSite(web.BaseSite):
+    """A TCP site whose connections go through an :class:`Edge`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, edge: Edge) -> None:
+        super().__init__(runner, backlog=1024)
+        self._host = host
+        self._port = port
+        self._edge = edge
+
+    @property
+    def name(self) -> str:
+        """The URL served."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}"
+
+    async def start(self) -> None:
+        """Listen; every accepted connection gets a protocol from the edge."""
+        await super().start()
+        server = self._runner.server
+        assert server is not None  # noqa: S101 - the runner is set up before a site starts
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: self._edge.protocol(server),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
+
+
+def track(request: web.Request) -> EdgeHandler | None:
+    """Mark the request's connection busy; the connection, to mark it idle afterwards."""
+    conn = request.protocol
+    if isinstance(conn, EdgeHandler):
+        conn.request_started()
+        return conn
+    return None
