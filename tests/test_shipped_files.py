@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
-from swapd.config import load_config
+from swapd.auth import HostGuard
+from swapd.config import DEFAULT_LISTEN, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,3 +27,28 @@ def test_example_config_and_sample_preset_are_valid(tmp_path: Path) -> None:
     assert (preset.name, preset.model, preset.ttl) == ("gemma-3-270m", model, 600.0)
     assert config.queue_timeout == 120.0
     assert config.reserve == 512 * 1024**2
+    assert (config.max_connections, config.header_timeout) == (1024, 10.0)
+
+
+def test_the_unit_raises_the_descriptor_limit() -> None:
+    """The systemd unit leaves room for max_connections at two descriptors each."""
+    unit = (ROOT / "systemd" / "swapd.service").read_text()
+    limit = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
+    assert limit is not None
+    assert int(limit.group(1)) >= 2 * 1024 + 256
+
+
+def test_the_nginx_snippet_sends_an_accepted_host_and_keeps_control_local() -> None:
+    """The Host Nginx sends passes swapd's default Host check; /swapd/ is local-only."""
+    conf = (ROOT / "systemd" / "nginx-swapd.conf").read_text()
+    host = re.search(r"proxy_set_header Host (\S+);", conf)
+    assert host is not None
+    assert HostGuard(DEFAULT_LISTEN[0]).allows(host.group(1))
+    control = re.search(r"location /swapd/ \{(.*?)\}", conf, re.DOTALL)
+    assert control is not None
+    rules = [line.split("#")[0].strip() for line in control.group(1).splitlines()]
+    assert "deny all;" in rules
+    assert {rule for rule in rules if rule.startswith("allow")} == {
+        "allow 127.0.0.1;",
+        "allow ::1;",
+    }
