@@ -150,12 +150,20 @@ class Daemon:
             return False
 
     def request(
-        self, method: str, path: str, body: Any = None, timeout: float = 60.0
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = 60.0,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, Any]:
-        """One HTTP exchange with the daemon; JSON in and out where given."""
+        """One HTTP exchange with the daemon; JSON in and out where given; extra headers."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(  # noqa: S310 - loopback URL built here
-            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", **(headers or {})},
         )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
@@ -168,18 +176,18 @@ class Daemon:
         except ValueError:
             return status, raw.decode()
 
-    def get(self, path: str) -> tuple[int, Any]:
+    def get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
         """GET a path."""
-        return self.request("GET", path)
+        return self.request("GET", path, headers=headers)
 
     def chat(self, model: str, content: str = "hi", **extra: Any) -> tuple[int, Any]:
         """POST a chat completion."""
         body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
         return self.request("POST", "/v1/chat/completions", body)
 
-    def model(self, name: str) -> dict[str, Any]:
-        """This model's entry in /swapd/status."""
-        _, status = self.get("/swapd/status")
+    def model(self, name: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """This model's entry in /swapd/status (``headers`` carry a key where one is needed)."""
+        _, status = self.get("/swapd/status", headers)
         return next(m for m in status["models"] if m["name"] == name)
 
     def events(self, name: str) -> list[dict[str, Any]]:
