@@ -45,8 +45,15 @@ class Snapshot:
 class Admission:
     """Per-device locks, readings and needs; plans come from :mod:`swapd.policy`."""
 
-    def __init__(self, probe: Probe, footprints: Footprints, limits: policy.Limits) -> None:
+    def __init__(
+        self,
+        probe: Probe,
+        footprints: Footprints,
+        limits: policy.Limits,
+        default_memory: int = 1024**3,
+    ) -> None:
         self.probe = probe
+        self.default_memory = default_memory
         self.footprints = footprints
         self.limits = limits
         self._locks = {device.id: asyncio.Lock() for device in probe.devices}
@@ -92,7 +99,9 @@ class Admission:
                 self._estimates[key] = await asyncio.to_thread(
                     estimate_bytes, preset, device, reading.total
                 )
-            needs[device.id] = memory_need(preset, device, self._estimates[key], self.footprints)
+            needs[device.id] = memory_need(
+                preset, device, self._estimates[key], self.footprints, self.default_memory
+            )
         return needs
 
     def plan(

@@ -8,6 +8,7 @@ listening, stop every backend (SIGTERM, grace, SIGKILL, reap), close the probe.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import signal
@@ -22,7 +23,8 @@ from aiohttp import web
 
 from swapd.auth import Access, access_middleware, access_warnings, add_cors_headers
 from swapd.config import Config
-from swapd.errors import BadRequest, RequestError, clip
+from swapd.errors import BadRequest, RequestError, SwapdError, clip
+from swapd.instance import InstanceLock
 from swapd.limits import Edge, EdgeSite, Limits, fit_fd_limit, track
 from swapd.logs import get_logger, new_request_id
 from swapd.manager import Manager
@@ -168,7 +170,8 @@ async def _load(request: web.Request) -> web.Response:
 async def _unload(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     name = request.match_info["name"]
-    await asyncio.shield(manager.unload(name))
+    force = request.query.get("force", "").lower() in ("1", "true", "yes")
+    await asyncio.shield(manager.unload(name, force=force))
     return web.json_response(_one(manager, name))
 
 
@@ -187,6 +190,12 @@ def _one(manager: Manager, name: str) -> dict[str, object]:
 
 def _limits(config: Config, max_connections: int) -> Limits:
     return Limits(max_connections, config.header_timeout, config.keepalive_timeout)
+
+
+async def _begin_shutdown(app: web.Application) -> None:
+    # Runs once the listener is closed, before requests in flight are waited for.
+    if MANAGER in app:
+        await app[MANAGER].begin_shutdown()
 
 
 def build_app(
@@ -227,6 +236,7 @@ def build_app(
         await manager.close()
         pool.close()
 
+    app.on_shutdown.append(_begin_shutdown)
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/swapd/status", _status)
@@ -238,7 +248,18 @@ def build_app(
 
 
 async def serve(config: Config) -> None:
-    """Run the daemon until SIGTERM or SIGINT, then shut down in order."""
+    """Run the daemon until SIGTERM, SIGINT or SIGQUIT, then drain and shut down in order.
+
+    Raises :class:`SwapdError` when another swapd holds ``state_dir`` or the port is taken.
+    """
+    lock = InstanceLock.acquire(config.state_dir)  # before touching any record
+    try:
+        await _serve_locked(config)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(config: Config) -> None:
     ended = PidRecords(config.state_dir).end_leftovers()
     if ended:
         _log.warning("leftover.ended", pids=ended)
@@ -250,8 +271,13 @@ async def serve(config: Config) -> None:
     _log.info("probe.devices", devices=[f"{d.id} ({d.name})" for d in probe.devices])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        # Their default action would end the daemon and every backend with it.
+        loop.add_signal_handler(
+            sig, functools.partial(_log.warning, "swapd.signal.ignored", signal=sig.name)
+        )
     for warning in access_warnings(
         listen=config.host,
         port=config.port,
@@ -263,11 +289,19 @@ async def serve(config: Config) -> None:
     max_connections, fd_limit = fit_fd_limit(config.max_connections)
     edge = Edge(_limits(config, max_connections), fd_limit)
     app = build_app(config, probe, on_group=reaper, edge=edge)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    # The drain: stop accepting, then let requests in flight finish within shutdown_timeout.
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_timeout
+    )
     try:
         await runner.setup()
         site = EdgeSite(runner, config.host, config.port, edge)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise SwapdError(
+                f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+            ) from exc
         _log.info("swapd.listen", host=config.host, port=config.port, models=len(config.presets))
         print(f"swapd: listening on http://{config.host}:{config.port}", flush=True)  # noqa: T201
         await stop.wait()

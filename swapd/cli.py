@@ -65,7 +65,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.source == embedded.SOURCE:
         url = f"http://{config.host}:{config.port}"
         print(embedded.try_it(url), file=sys.stderr, flush=True)
-    _run(serve(config))
+    try:
+        _run(serve(config))
+    except SwapdError as exc:  # another instance, a port in use: a message, no traceback
+        print(f"swapd: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

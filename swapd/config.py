@@ -65,6 +65,13 @@ class Config:
     # the disk's free space).
     cache_dir: Path | None = None
     cache_budget: int | None = None
+    # Supervision: how long a request waits for busy models before they are drained for
+    # it, what an unmeasured model with no estimate is assumed to need, the drain at stop.
+    max_wait: float = 30.0
+    default_memory: int = 1024**3
+    shutdown_timeout: float = 30.0
+    # A cgroup per backend where swapd may make one (see swapd.cgroups); false: never.
+    cgroups: bool = True
     presets: tuple[Preset, ...] = ()
 
     def preset(self, name: str) -> Preset | None:
@@ -157,6 +164,10 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "ram_budget": lambda v: None if v is None else parse_size(v),
     "cache_dir": lambda v: Path(str(v)).expanduser(),
     "cache_budget": lambda v: None if v is None else parse_size(v),
+    "max_wait": parse_duration,
+    "default_memory": parse_size,
+    "shutdown_timeout": parse_duration,
+    "cgroups": _flag,
     "defaults": lambda v: v,
 }
 

@@ -18,10 +18,13 @@
         ├── BackendGone          502: the backend died while serving the request
         ├── LoadFailed           500: an unexpected error while loading (logged with its trace)
         ├── StageFailed          500: staging the weights failed (checksum, I/O)
+        ├── QueueFull            429 + Retry-After: the model's concurrency and max_queue are full
         └── Unavailable          503: cannot be served now (shutting down, unloading)
             ├── TooManyConnections   503 + Retry-After: swapd is at ``max_connections``
             ├── InsufficientMemory   503: no plan of evictions can make room
             ├── CacheFull            503: the staging cache cannot make room (with the numbers)
+            ├── BackingOff           503 + Retry-After: a start failed; the next waits
+            ├── BreakerOpen          503: starts failed too often in a row; load it by hand
             └── QueueTimeout         503 + Retry-After: victims stayed busy too long
 
 This module imports nothing from swapd so that any module may raise these.
@@ -29,6 +32,7 @@ This module imports nothing from swapd so that any module may raise these.
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -300,6 +304,22 @@ class StageFailed(RequestError):
         super().__init__(f"cannot stage {model!r}: {reason}")
 
 
+class QueueFull(RequestError):
+    """More requests for one model than its ``concurrency`` plus ``max_queue`` allow."""
+
+    status = 429
+    kind = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, model: str, limit: int, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"model {model!r} has {limit} requests running or waiting already")
+
+    def headers(self) -> dict[str, str]:
+        """Tell the client when to try again."""
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
 class Unavailable(RequestError):
     """The model cannot be served right now."""
 
@@ -331,6 +351,35 @@ class CacheFull(Unavailable):
     """The staging cache cannot make room without evicting files that models use."""
 
     code = "cache_full"
+
+
+class BackingOff(Unavailable):
+    """The model's last start failed; no new start before ``retry_after`` seconds."""
+
+    code = "backoff"
+
+    def __init__(self, model: str, retry_after: float, last_error: str) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            f"model {model!r} is backing off after a failed start; retry in "
+            f"{retry_after:.1f}s; last error: {last_error}"
+        )
+
+    def headers(self) -> dict[str, str]:
+        """Tell the client when the next start may be tried."""
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class BreakerOpen(Unavailable):
+    """Starts failed too often in a row; only an explicit load (or a preset change) retries."""
+
+    code = "backend_failed"
+
+    def __init__(self, model: str, failures: int, last_error: str) -> None:
+        super().__init__(
+            f"model {model!r} failed {failures} starts in a row and is not retried until it "
+            f"is loaded explicitly (POST /swapd/models/{model}/load); last error: {last_error}"
+        )
 
 
 class QueueTimeout(Unavailable):

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from swapd.logs import get_logger
 from swapd.presets import Preset
 
 
@@ -22,6 +23,9 @@ class Footprint:
     bytes: int
     device_kind: str
     measured_at: float
+
+
+_log = get_logger("swapd.footprints")
 
 
 def fingerprint(preset: Preset) -> str:
@@ -44,7 +48,17 @@ class Footprints:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            _log.warning("footprints.drop", path=str(self.path), reason="not a JSON object")
+            return {}
+        kept: dict[str, dict[str, object]] = {}
+        for name, entry in data.items():
+            # A hand-edited or foreign entry must never break loads: drop it, say so.
+            if isinstance(entry, dict):
+                kept[name] = entry
+            else:
+                _log.warning("footprints.drop", model=name, reason=f"not an object: {entry!r:.80}")
+        return kept
 
     def get(self, preset: Preset, device_kind: str) -> Footprint | None:
         """The footprint learned for this exact launch on this kind of device, if any."""

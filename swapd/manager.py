@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,17 @@ from swapd.backends import (
     free_port,
     kind_of,
 )
+from swapd.cgroups import Cgroups
 from swapd.config import Config
 from swapd.errors import (
+    BackendGone,
     BackendStartError,
+    BackingOff,
+    BreakerOpen,
     CacheFull,
     InsufficientMemory,
     LoadFailed,
+    QueueFull,
     QueueTimeout,
     RequestError,
     StageFailed,
@@ -58,13 +63,20 @@ from swapd.slot import ModelView, Slot, snapshot
 from swapd.staging import CacheFull as StagingFull
 from swapd.staging import StagingCache, StagingError
 from swapd.states import ON_DEVICE, State
-from swapd.upstream import UpstreamPool
+from swapd.upstream import UpstreamError, UpstreamPool
 
 _log = get_logger("swapd.manager")
 # How often to re-read memory while waiting for a stopped backend's memory to come back.
 _RELEASE_POLL = 0.05
 # How long after ready a backend's memory is measured.
 _MEASURE_DELAY = 1.0
+# Backoff after failed starts: 1 s doubling to 60 s; after this many in a row, no retries
+# until an explicit load.
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+BREAKER_AFTER = 5
+# A liveness probe waits at most this long for an answer.
+_PROBE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -77,18 +89,21 @@ class Lease:
     slot: Slot
 
 
+@dataclass
+class _Job:
+    """One admission in progress."""
+
+    slot: Slot
+    candidates: list[Device]
+    waking: bool
+    staging: asyncio.Task[None] | None
+    started: float
+    drained: list[Slot] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class _Staging:
     """The plan can start the model once its weights are in the staging cache."""
-
-
-@dataclass(frozen=True)
-class _Eviction:
-    """Victims on their way down; admission plans again once their memory is back."""
-
-    device: Device
-    need: int
-    moves: list[asyncio.Task[Any]]
 
 
 def _path_bytes(path: Path) -> int:
@@ -119,7 +134,9 @@ class Manager:
         self.limits = policy.Limits(
             reserve=config.reserve, budget=config.budget, max_running=config.max_running
         )
-        self.admission = Admission(probe, self.footprints, self.limits)
+        self.admission = Admission(
+            probe, self.footprints, self.limits, default_memory=config.default_memory
+        )
         self.ram_budget = (
             config.ram_budget
             if config.ram_budget is not None
@@ -129,6 +146,11 @@ class Manager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         # Launches (by fingerprint) whose backend refused --enable-sleep-mode, with its line.
+        self.cgroups: Cgroups | None = None
+        if config.cgroups:
+            self.cgroups, why = Cgroups.open()
+            if self.cgroups is None:
+                _log.info("cgroup.fallback", reason=why)
         self._sleep_refused: dict[str, str] = {}
         self._model_bytes: dict[str, int] = {}
         self.staging: StagingCache | None = None
@@ -227,13 +249,21 @@ class Manager:
     async def acquire(self, name: str) -> Lease:
         """Wait until the model is ready and count one request in flight on it."""
         slot = self.slot_for(name)
+        preset = slot.preset
+        if preset.max_queue is not None and slot.waiters >= preset.max_queue:
+            limit = (preset.concurrency or 0) + preset.max_queue
+            raise QueueFull(preset.name, limit)
         slot.waiters += 1
         try:
             while True:
                 if self._closing:
                     raise Unavailable("swapd is shutting down")
+                self._refuse_if_failing(slot)
                 if slot.state is State.READY:
                     assert slot.launch is not None  # noqa: S101 - READY implies launched
+                    if preset.concurrency is not None and slot.in_flight >= preset.concurrency:
+                        await self._changed.wait()  # queue behind the model's own limit
+                        continue
                     slot.in_flight += 1
                     slot.last_used = time.monotonic()
                     self._cancel_ttl(slot)
@@ -250,9 +280,29 @@ class Manager:
                 if slot.state is State.DRAINING:
                     await self._changed.wait()
                     continue
-                await asyncio.shield(self._ensure_loading(slot))
+                await self._join_load(slot)
         finally:
             slot.waiters -= 1
+
+    def _refuse_if_failing(self, slot: Slot) -> None:
+        """Answer at once, starting nothing, while the model backs off or its breaker is open."""
+        error = slot.last_error.message if slot.last_error else "unknown"
+        if slot.state is State.BACKOFF:
+            wait = slot.retry_at - time.monotonic()
+            if wait > 0:
+                raise BackingOff(slot.preset.name, wait, error)
+        elif slot.state is State.FAILED and slot.failures >= BREAKER_AFTER:
+            raise BreakerOpen(slot.preset.name, slot.failures, error)
+
+    async def _join_load(self, slot: Slot) -> None:
+        task = self._ensure_loading(slot)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The load was cancelled by a shutdown, not this request: answer it.
+            if task.cancelled() and self._closing:
+                raise Unavailable("swapd is shutting down") from None
+            raise
 
     def release(self, lease: Lease) -> None:
         """End a request; arm the TTL when the model falls idle."""
@@ -262,6 +312,8 @@ class Manager:
         if slot.in_flight == 0:
             self._arm_ttl(slot)
             self._notify()
+        elif slot.preset.concurrency is not None:
+            self._notify()  # a request queued behind the model's own limit may go
 
     @contextlib.asynccontextmanager
     async def lease(self, name: str) -> AsyncIterator[Lease]:
@@ -317,14 +369,18 @@ class Manager:
 
     def _ensure_loading(self, slot: Slot) -> asyncio.Task[None]:
         if slot.load_task is None or slot.load_task.done():
-            slot.move((State.STOPPED, State.FAILED, State.ASLEEP), State.QUEUED)
+            slot.move((State.STOPPED, State.FAILED, State.ASLEEP, State.BACKOFF), State.QUEUED)
             slot.last_error = None
             slot.load_task = self._spawn_task(self._load(slot), f"load:{slot.preset.name}")
         return slot.load_task
 
     async def load(self, name: str) -> None:
-        """Make a model ready without sending it a request (``/swapd/models/{name}/load``)."""
+        """Make a model ready without sending it a request (``/swapd/models/{name}/load``).
+
+        An explicit load clears a backoff and an open breaker.
+        """
         slot = self.slot_for(name)
+        slot.failures = 0
         while slot.state is not State.READY:
             if self._closing:
                 raise Unavailable("swapd is shutting down")
@@ -340,7 +396,7 @@ class Manager:
             if slot.state is State.DRAINING:
                 await self._changed.wait()
                 continue
-            await asyncio.shield(self._ensure_loading(slot))
+            await self._join_load(slot)
         slot.last_used = slot.last_used or time.monotonic()
         if slot.in_flight == 0:
             self._arm_ttl(slot)
@@ -386,11 +442,25 @@ class Manager:
 
     def _load_failed(self, slot: Slot, exc: RequestError) -> None:
         slot.last_error = exc
+        code = exc.exit_code if isinstance(exc, BackendStartError) else None
+        _log.warning("model.load.fail", model=slot.preset.name, error=exc.message, code=code)
+        if isinstance(exc, Unavailable) and slot.state is State.QUEUED:
+            # Refused for memory, queue time or cache room: nothing is wrong with the model.
+            slot.move(State.QUEUED, State.ASLEEP if slot.child else State.STOPPED)
+            return
         if slot.state is State.QUEUED:
             # A refused wake leaves the process asleep in the ram tier.
             slot.move(State.QUEUED, State.ASLEEP if slot.child else State.FAILED)
-        code = exc.exit_code if isinstance(exc, BackendStartError) else None
-        _log.warning("model.load.fail", model=slot.preset.name, error=exc.message, code=code)
+        if slot.state is not State.FAILED:
+            return
+        slot.failures += 1
+        if slot.failures >= BREAKER_AFTER:
+            _log.error("model.breaker.open", model=slot.preset.name, failures=slot.failures)
+            return
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (slot.failures - 1))
+        slot.retry_at = time.monotonic() + delay
+        slot.move(State.FAILED, State.BACKOFF)
+        _log.info("model.backoff", model=slot.preset.name, failures=slot.failures, delay_s=delay)
 
     def _pids(self) -> list[int]:
         return [s.child.pid for s in self.slots.values() if s.child and s.child.pid]
@@ -519,16 +589,21 @@ class Manager:
             candidates = [slot.device]  # a sleeping process wakes where it sleeps
         if not candidates:
             raise InsufficientMemory(f"none of the devices {preset.devices} is available")
-        deadline = time.monotonic() + self.config.queue_timeout
+        job = _Job(slot, candidates, waking, staging, time.monotonic())
+        try:
+            return await self._admit_loop(job)
+        finally:
+            self._end_swap_drains(job.drained)
+
+    async def _admit_loop(self, job: _Job) -> tuple[Device, int]:
+        slot, candidates, waking, staging = job.slot, job.candidates, job.waking, job.staging
+        preset = slot.preset
+        deadline = job.started + self.config.queue_timeout
         while True:
             staged = staging is None or staging.done()
             step = await self._plan_step(slot, candidates, waking=waking, staged=staged)
             if isinstance(step, tuple):
                 return step
-            if isinstance(step, _Eviction):
-                await asyncio.gather(*(asyncio.shield(t) for t in step.moves))
-                await self._await_release(step.device, step.need)
-                continue  # re-plan on fresh readings: the release may be partial
             if isinstance(step, _Staging):
                 assert staging is not None  # noqa: S101 - only returned while it runs
                 await asyncio.shield(staging)  # raises the staging error, if any
@@ -541,62 +616,116 @@ class Manager:
                     retry_after=self.config.queue_timeout / 4,
                 )
             _log.info("model.load.wait", model=preset.name, busy=list(step.busy))
+            if time.monotonic() - job.started >= self.config.max_wait:
+                job.drained += self._drain_for_swap(step.busy, waiting=preset.name)
             changed = self._changed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
 
+    def _drain_for_swap(self, names: Sequence[str], *, waiting: str) -> list[Slot]:
+        """Stop leasing the busy models a request has waited on past ``max_wait``.
+
+        Their queued requests wait; once their requests in flight end they are
+        evictable and the swap happens. Served model by model, ABCABC becomes AABBCC.
+        """
+        drained = []
+        for name in names:
+            other = self.slots[name]
+            if other.state is State.READY and not other.preset.pin:
+                other.move(State.READY, State.DRAINING)
+                other.swap_drain = True
+                self._cancel_ttl(other)
+                drained.append(other)
+        if drained:
+            _log.info(
+                "model.drain",
+                models=[d.preset.name for d in drained],
+                reason="max_wait",
+                waiting=waiting,
+            )
+        return drained
+
+    def _end_swap_drains(self, drained: list[Slot]) -> None:
+        """Models drained for this admission but not taken serve again."""
+        for other in drained:
+            if other.state is State.DRAINING and other.swap_drain:
+                other.move(State.DRAINING, State.READY)
+                other.swap_drain = False
+                if other.in_flight == 0:
+                    self._arm_ttl(other)
+        if drained:
+            self._notify()
+
     async def _plan_step(
         self, slot: Slot, candidates: list[Device], *, waking: bool, staged: bool
-    ) -> tuple[Device, int] | _Eviction | _Staging | policy.Wait:
-        """One plan under the candidates' locks: reserve, start evictions, or wait.
+    ) -> tuple[Device, int] | _Staging | policy.Wait:
+        """Plan under the candidates' locks: make room, then reserve; or say to wait.
 
-        Until the weights are staged nothing is reserved; evictions the plan needs
-        still go ahead, since their stops may free the cache space the copy needs.
+        The locks stay held while victims go down a tier and their memory comes back,
+        so no other load can take the room this one made (requests queued for a victim
+        would otherwise reload it first, forever). They are never held while a backend
+        starts. Until the weights are staged nothing is reserved; evictions the plan
+        needs still go ahead, since their stops may free the cache space the copy needs.
         """
         preset = slot.preset
         async with self.admission.locked(candidates):
-            snap = await self.admission.read(self._pids())
-            needs = await self.admission.needs(preset, candidates, snap)
-            if not needs:
-                raise InsufficientMemory(f"cannot load {preset.name!r}: no device reported")
-            own = 0
-            if waking and slot.child is not None and slot.child.pid is not None:
-                own = snap.by_pid().get(slot.child.pid, 0)  # what it still holds there
-            residents = self._residents(snap, exclude=slot)
-            wanted = {d: max(0, n.bytes - own) for d, n in needs.items()}
-            plan = self.admission.plan(wanted, snap, residents)
-            if isinstance(plan, policy.Impossible):
-                raise InsufficientMemory(f"cannot load {preset.name!r}: {plan.reason}")
-            if isinstance(plan, policy.Wait):
-                return plan
-            device = next(d for d in candidates if d.id == plan.device)
-            slot.need = needs[plan.device]
-            if not plan.victims and not staged:
-                return _Staging()
-            if not plan.victims:
-                slot.device = device
-                slot.move(State.QUEUED, State.WAKING if waking else State.STARTING)
-                return device, snap.readings[device.id].total
-            victims = [r for r in residents if r.name in plan.victims]
-            ram = self._ram_tier(snap)
-            if device.kind == "cpu":
-                # Pages kept in RAM come out of the very memory this load needs.
-                reading = snap.readings[device.id]
-                view = policy.DeviceView(device.id, reading.total, reading.free)
-                left = policy.room_after(
-                    wanted[device.id], view, residents, self.limits, plan.victims
+            while True:
+                snap = await self.admission.read(self._pids())
+                needs = await self.admission.needs(preset, candidates, snap)
+                if not needs:
+                    raise InsufficientMemory(f"cannot load {preset.name!r}: no device reported")
+                own = 0
+                if waking and slot.child is not None and slot.child.pid is not None:
+                    own = snap.by_pid().get(slot.child.pid, 0)  # what it still holds there
+                residents = self._residents(snap, exclude=slot)
+                wanted = {d: max(0, n.bytes - own) for d, n in needs.items()}
+                plan = self.admission.plan(wanted, snap, residents)
+                if isinstance(plan, policy.Impossible):
+                    raise InsufficientMemory(f"cannot load {preset.name!r}: {plan.reason}")
+                if isinstance(plan, policy.Wait):
+                    return plan
+                device = next(d for d in candidates if d.id == plan.device)
+                slot.need = needs[plan.device]
+                if not plan.victims and not staged:
+                    return _Staging()
+                if not plan.victims:
+                    slot.device = device
+                    slot.move(State.QUEUED, State.WAKING if waking else State.STARTING)
+                    return device, snap.readings[device.id].total
+                await self._make_room(
+                    slot, device, plan, snap, residents=residents, need=wanted[device.id]
                 )
-                ram = policy.RamTier(ram.budget, min(ram.available, left), ram.entries)
-            actions = policy.demotions(victims, ram)
-            moves = self._carry_out(actions, reason="evict")
+
+    async def _make_room(  # noqa: PLR0913 - one plan's facts, handed over as they are
+        self,
+        slot: Slot,
+        device: Device,
+        plan: policy.Admit,
+        snap: Snapshot,
+        *,
+        residents: list[policy.Resident],
+        need: int,
+    ) -> None:
+        """Send the plan's victims down a tier and wait until their memory is back."""
+        victims = [r for r in residents if r.name in plan.victims]
+        ram = self._ram_tier(snap)
+        if device.kind == "cpu":
+            # Pages kept in RAM come out of the very memory this load needs.
+            reading = snap.readings[device.id]
+            view = policy.DeviceView(device.id, reading.total, reading.free)
+            left = policy.room_after(need, view, residents, self.limits, plan.victims)
+            ram = policy.RamTier(ram.budget, min(ram.available, left), ram.entries)
+        actions = policy.demotions(victims, ram)
+        moves = self._carry_out(actions, reason="evict")
         _log.info(
             "model.evict",
-            model=preset.name,
+            model=slot.preset.name,
             victims=list(plan.victims),
             actions=[f"{type(a).__name__.lower()}:{a.model}" for a in actions],
             device=plan.device,
         )
-        return _Eviction(device, wanted[device.id], moves)
+        await asyncio.gather(*(asyncio.shield(t) for t in moves))
+        await self._await_release(device, need)
 
     def _sources_in_use(self) -> list[Path]:
         """Model sources whose staged copies a process or held pages use now."""
@@ -738,6 +867,7 @@ class Manager:
             ring=slot.ring,
             on_group=self._on_group,
             stop_signal=slot.kind.stop_signal,
+            cgroup=self._new_cgroup(preset.name),
         )
         slot.child, slot.launch = child, launch
         _log.info("model.load.start", model=preset.name, device=device.id, port=port)
@@ -759,9 +889,21 @@ class Manager:
             raise
         slot.move(State.STARTING, State.READY)
         slot.last_used = time.monotonic()
+        slot.failures = 0
+        slot.escaped = False
         self._drop_pages(slot)  # the process maps the file itself now
         self._spawn_task(self._watch(slot, child), f"watch:{preset.name}")
         self._spawn_task(self._measure(slot, child), f"measure:{preset.name}")
+        self._spawn_task(self._liveness(slot, child), f"liveness:{preset.name}")
+
+    def _new_cgroup(self, model: str) -> Path | None:
+        if self.cgroups is None:
+            return None
+        try:
+            return self.cgroups.create(model)
+        except OSError as exc:
+            _log.warning("cgroup.create.fail", model=model, error=str(exc))
+            return None
 
     async def _wake(self, slot: Slot) -> None:
         """Wake a sleeping backend (vLLM ``/wake_up``); no new process."""
@@ -787,6 +929,8 @@ class Manager:
         _log.info("model.wake", model=slot.preset.name, wake_s=round(time.monotonic() - started, 3))
 
     def _forget_child(self, slot: Slot) -> None:
+        if slot.child is not None and slot.child.escaped:
+            slot.escaped = True  # shown in status until the next start
         if slot.child is not None and slot.child.pid is not None:
             self.records.remove(slot.child.pid)
         if slot.launch is not None:
@@ -838,7 +982,8 @@ class Manager:
             reason=describe_exit(code),
             tail=slot.ring.tail(5),
         )
-        slot.last_error = BackendStartError(slot.preset.name, code, slot.ring.tail())
+        if not isinstance(slot.last_error, BackendGone):  # liveness already said why
+            slot.last_error = BackendStartError(slot.preset.name, code, slot.ring.tail())
         self._cancel_ttl(slot)
         self._cancel_ram_ttl(slot)
         slot.move(alive_states, State.FAILED)  # no new lease goes to a dead backend
@@ -847,6 +992,62 @@ class Manager:
             self._forget_child(slot)
             slot.ram_bytes = 0
         self._notify()
+
+    async def _liveness(self, slot: Slot, child: Child) -> None:
+        """Probe the health path of a serving backend; kill it after enough misses in a row.
+
+        A frozen process accepts connections and never answers: only a probe with a
+        deadline notices. Probes go straight to the backend and never touch the TTL.
+        """
+        preset = slot.preset
+        interval = preset.health_interval
+        timeout = min(interval, _PROBE_TIMEOUT)
+        misses = 0
+        while slot.child is child and child.exit_code is None:
+            await asyncio.sleep(interval)
+            if slot.child is not child or slot.launch is None:
+                return
+            if slot.state not in (State.READY, State.DRAINING):
+                misses = 0  # asleep, waking or stopping: not a serving backend now
+                continue
+            if await self._probe(slot.launch.host, slot.launch.port, preset.health, timeout):
+                misses = 0
+                continue
+            misses += 1
+            _log.warning("backend.probe.miss", model=preset.name, misses=misses)
+            if misses >= preset.health_failures:
+                _log.error(
+                    "backend.unresponsive",
+                    model=preset.name,
+                    pid=child.pid,
+                    misses=misses,
+                    interval_s=interval,
+                )
+                slot.last_error = BackendGone(
+                    preset.name, f"no answer to {misses} health probes in a row; killed"
+                )
+                # No new lease may go to it from here; SIGKILL also ends a frozen process.
+                slot.move((State.READY, State.DRAINING), State.FAILED)
+                self._cancel_ttl(slot)
+                child.kill_group()
+                await child.stop(preset.stop_timeout)
+                if slot.child is child:
+                    self._forget_child(slot)
+                self._notify()
+                return
+
+    async def _probe(self, host: str, port: int, path: str, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                resp = await self.pool.request(host, port, "GET", path, (), b"")
+                try:
+                    await resp.read()
+                finally:
+                    resp.finish()
+        except (UpstreamError, TimeoutError, OSError):
+            self.pool.forget(host, port)  # a connection that timed out is not reusable
+            return False
+        return resp.status == 200
 
     # ---------------------------------------------------------------- demotion and stops
 
@@ -870,7 +1071,8 @@ class Manager:
 
     def _begin_sleep(self, slot: Slot, *, reason: str) -> asyncio.Task[None]:
         # READY -> SLEEPING now, so no lease slips in before the sleep.
-        slot.move(State.READY, State.SLEEPING)
+        slot.move((State.READY, State.DRAINING), State.SLEEPING)
+        slot.swap_drain = False
         self._cancel_ttl(slot)
         slot.sleep_task = self._spawn_task(self._sleep(slot, reason), f"sleep:{slot.preset.name}")
         return slot.sleep_task
@@ -909,6 +1111,7 @@ class Manager:
                 # Move now, not when the task first runs: no lease may slip in between the
                 # decision to stop and the stop itself.
                 slot.move((State.READY, State.DRAINING, State.ASLEEP), State.STOPPING)
+                slot.swap_drain = False
             slot.stop_task = self._spawn_task(
                 self._stop(slot, reason, keep_pages=keep_pages), f"stop:{slot.preset.name}"
             )
@@ -979,17 +1182,20 @@ class Manager:
         snap = await self.admission.read(self._pids())
         self._carry_out(policy.ram_overflow(self._ram_tier(snap)), reason="ram_budget")
 
-    async def unload(self, name: str) -> None:
-        """Stop a model once its in-flight requests finish, down to disk (no warm pages)."""
+    async def unload(self, name: str, *, force: bool = False) -> None:
+        """Stop a model once its in-flight requests finish, down to disk (no warm pages).
+
+        With ``force`` it stops at once: requests in flight are cut (502 backend_gone).
+        """
         slot = self.slot_for(name)
         if slot.load_task is not None and not slot.load_task.done():
             with contextlib.suppress(RequestError):
                 await asyncio.shield(slot.load_task)
         if slot.demote_task is not None:
             await asyncio.shield(slot.demote_task)
-        if slot.state is State.FAILED:
-            slot.move(State.FAILED, State.STOPPED)
-        if slot.state is State.READY and slot.in_flight > 0:
+        if slot.state in (State.FAILED, State.BACKOFF) and slot.child is None:
+            slot.move((State.FAILED, State.BACKOFF), State.STOPPED)
+        if slot.state is State.READY and slot.in_flight > 0 and not force:
             slot.move(State.READY, State.DRAINING)
             self._cancel_ttl(slot)
             while slot.in_flight > 0 and slot.draining:
@@ -1000,6 +1206,18 @@ class Manager:
             await asyncio.shield(slot.stop_task)
         self._drop_pages(slot, reason="unload")
         self._notify()
+
+    async def begin_shutdown(self) -> None:
+        """Take no new work: loads in progress are cancelled and their waiters get 503.
+
+        Requests already at a backend go on (the drain); :meth:`close` stops the rest.
+        """
+        self._closing = True
+        for slot in self.slots.values():
+            if slot.load_task is not None and not slot.load_task.done():
+                slot.load_task.cancel()
+        self._notify()
+        _log.info("swapd.drain", in_flight=sum(s.in_flight for s in self.slots.values()))
 
     async def close(self) -> None:
         """Stop every backend and release every held page (shutdown)."""

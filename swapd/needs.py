@@ -31,7 +31,11 @@ def estimate_bytes(preset: Preset, device: Device, total: int) -> int | None:
 
 
 def memory_need(
-    preset: Preset, device: Device, estimate: int | None, footprints: Footprints
+    preset: Preset,
+    device: Device,
+    estimate: int | None,
+    footprints: Footprints,
+    default: int = 1024**3,
 ) -> Need:
     """What admission should reserve for ``preset`` on ``device``.
 
@@ -43,4 +47,7 @@ def memory_need(
     learned = footprints.get(preset, device.kind)
     if learned is not None:
         return Need(learned.bytes, "measured", estimate)
-    return Need(estimate or 0, "estimate", estimate)
+    if estimate is None:
+        # Nothing to go on (a command backend, say): a conservative guess until measured.
+        return Need(default, "default", None)
+    return Need(estimate, "estimate", estimate)

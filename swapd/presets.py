@@ -46,6 +46,12 @@ class Preset:
     ram_ttl: float = 0.0
     stage: bool = False
     sha256: str | None = None
+    # Supervision: liveness probes and per-model limits.
+    health_interval: float = 10.0
+    health_failures: int = 3
+    concurrency: int | None = None
+    max_queue: int | None = None
+    request_timeout: float | None = None
 
 
 def _str(value: Any) -> str:
@@ -111,6 +117,12 @@ def _sleep(value: Any) -> SleepSetting:
     raise ValueError(f"expected auto, 0, 1 or 2, got {value!r}")
 
 
+def _count(value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"expected a whole number of {minimum} or more, got {value!r}")
+    return value
+
+
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -143,6 +155,11 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "ram_ttl": parse_duration,
     "stage": _bool,
     "sha256": _sha256,
+    "health_interval": _positive_duration,
+    "health_failures": _count,
+    "concurrency": lambda v: None if v is None else _count(v),
+    "max_queue": lambda v: None if v is None else _count(v, minimum=0),
+    "request_timeout": lambda v: None if v is None else _positive_duration(v),
 }
 NOT_IN_DEFAULTS = frozenset({"name", "aliases", "model", "cmd"})
 

@@ -11,25 +11,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
+from swapd import cgroups
 from swapd.errors import BackendStartError
 from swapd.logs import get_logger
 from swapd.ringlog import RingLog
 from swapd.upstream import UpstreamError, UpstreamPool
 
 _PR_SET_PDEATHSIG = 1
+_LAST_STDIO_FD = 2
 # Readiness polling period: short enough that swapd adds little to a backend's start.
 READY_POLL_INTERVAL = 0.005
+# How long to keep reading a backend's output after its leader exits.
+OUTPUT_GRACE = 1.0
 _log = get_logger("swapd.process")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+def _prepare_child(cgroup_procs: str | None) -> None:  # pragma: no cover - forked child
+    """Join the backend's cgroup, die with swapd, pass only stdin, stdout and stderr.
+
+    Some event loops (uvloop) leave copies of swapd's own descriptors open in the
+    child; a daemonizing helper would then hold swapd's output socket forever.
+    Marking them close-on-exec, rather than closing them, keeps the loop's own
+    exec-error pipe working.
+    """
+    if cgroup_procs is not None:
+        # Before exec, so that everything the backend starts is in the cgroup too.
+        with open(cgroup_procs, "w") as procs:  # noqa: PTH123 - no pathlib after fork
+            procs.write("0")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    for entry in Path("/proc/self/fd").iterdir():
+        fd = int(entry.name)
+        if fd > _LAST_STDIO_FD:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)  # noqa: FBT003 - os takes it positionally
 
 
 class Child:
@@ -44,6 +66,7 @@ class Child:
         ring: RingLog,
         on_group: Callable[[str, int], None] = lambda _event, _pgid: None,
         stop_signal: signal.Signals = signal.SIGTERM,
+        cgroup: Path | None = None,
     ) -> None:
         self.model = model
         self.argv = tuple(argv)
@@ -51,6 +74,9 @@ class Child:
         self.ring = ring
         self._on_group = on_group
         self.stop_signal = stop_signal
+        self.cgroup = cgroup  # its own cgroup, where swapd may make one
+        self.escaped = False  # a helper outside the group outlived the leader
+        self._drain: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[int] | None = None
@@ -77,7 +103,10 @@ class Child:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=functools.partial(
+                    _prepare_child,
+                    str(self.cgroup / "cgroup.procs") if self.cgroup else None,
+                ),
             )
         except OSError as exc:
             reason = f"cannot be executed: {self.argv[0]}: {exc.strerror}"
@@ -105,12 +134,36 @@ class Child:
         _log.info("backend.output", model=self.model, line=line)
 
     async def wait_exit(self) -> int:
-        """Wait until the process has exited and its output is drained."""
+        """Wait until the leader has exited and its output is drained, or given up on."""
         assert self._proc is not None  # noqa: S101 - callers spawn first
         code = await self._proc.wait()
-        if self._pump is not None:
-            await self._pump
+        if self._drain is None:  # one drain, however many wait for the exit
+            self._drain = asyncio.create_task(self._drain_output(), name=f"drain:{self.model}")
+        await asyncio.shield(self._drain)
         return code
+
+    async def _drain_output(self) -> None:
+        pump = self._pump
+        if pump is None or pump.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(pump), OUTPUT_GRACE)
+        except TimeoutError:
+            # The leader is gone but something still holds its output pipe: a helper
+            # that left the process group (setsid). Stop reading and close our end.
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            assert self._proc is not None  # noqa: S101 - drained only after a spawn
+            transport = self._proc._transport  # type: ignore[attr-defined]  # noqa: SLF001 - no public way to close the pipes
+            transport.close()
+            self.escaped = True
+            _log.warning(
+                "backend.escaped",
+                model=self.model,
+                pid=self._proc.pid,
+                detail="a process that left the backend's group still holds its output",
+            )
 
     async def wait_ready(
         self, host: str, port: int, path: str, timeout: float, pool: UpstreamPool
@@ -159,6 +212,10 @@ class Child:
             return False
         return True
 
+    def kill_group(self) -> None:
+        """SIGKILL the whole group now (a frozen backend ignores everything else)."""
+        self._signal_group(signal.SIGKILL)
+
     def _group_alive(self) -> bool:
         if self._proc is None:
             return False
@@ -200,6 +257,12 @@ class Child:
         while self._group_alive() and time.monotonic() < deadline:  # noqa: ASYNC110 - no event exists for another process's exit
             await asyncio.sleep(0.02)
         self._signal_group(signal.SIGKILL)
+        if self.cgroup is not None:
+            # Whatever is left there left the group (setsid): end it too.
+            escaped = await asyncio.to_thread(cgroups.kill, self.cgroup)
+            if escaped:
+                self.escaped = True
+                _log.warning("backend.escaped.killed", model=self.model, pids=escaped)
         self._on_group("-", self._proc.pid)
         _log.info(
             "backend.exit",

@@ -52,6 +52,10 @@ class Slot:
     pages: WarmSet | None = None
     ram_bytes: int = 0  # host RAM the model holds in the ram tier
     ram_since: float = 0.0
+    escaped: bool = False  # its last process left a helper outside its group (setsid)
+    swap_drain: bool = False  # DRAINING so that a request waiting past max_wait can swap in
+    failures: int = 0  # failed starts in a row
+    retry_at: float = 0.0  # monotonic; when a backoff ends
     staged_path: str | None = None
     staging: tuple[int, int] | None = None  # bytes done, total, while copying
 
@@ -63,7 +67,13 @@ class Slot:
 
     @property
     def busy(self) -> bool:
-        """Not evictable now: serving, awaited, or in a transition."""
+        """Not evictable now: serving, awaited, or in a transition.
+
+        A model drained for a waiting swap (``max_wait``) is evictable as soon as its
+        last request ends, however many requests queue for it meanwhile.
+        """
+        if self.state is State.DRAINING and self.swap_drain:
+            return self.in_flight > 0
         return self.in_flight > 0 or self.waiters > 0 or self.state in states.IN_TRANSITION
 
     @property
@@ -120,6 +130,9 @@ class ModelView:
     staging: tuple[int, int] | None
     error: str | None
     exit_code: int | None
+    failures: int
+    retry_at: float | None  # wall clock
+    escaped: bool
 
     def as_json(self) -> dict[str, Any]:
         """The model's entry in ``/swapd/status``."""
@@ -160,6 +173,9 @@ class ModelView:
             ),
             "error": self.error,
             "exit_code": self.exit_code,
+            "failures": self.failures,
+            "retry_at": self.retry_at,
+            "escaped": self.escaped,
         }
 
 
@@ -196,4 +212,7 @@ def snapshot(slot: Slot) -> ModelView:
         staging=slot.staging,
         error=error.message if error else None,
         exit_code=error.exit_code if isinstance(error, BackendStartError) else None,
+        failures=slot.failures,
+        escaped=slot.escaped,
+        retry_at=(now + (slot.retry_at - now_mono) if slot.state is State.BACKOFF else None),
     )

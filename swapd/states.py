@@ -11,7 +11,8 @@ paths::
     stop         READY (-> DRAINING) -> STOPPING -> STOPPED       device -> ram/disk
     down a tier  ASLEEP -> STOPPING -> STOPPED                    ram -> disk
     failure      QUEUED/STARTING/WAKING/READY/DRAINING/SLEEPING/ASLEEP -> FAILED
-    retry        FAILED -> QUEUED;  unload a failure: FAILED -> STOPPED
+    backoff      FAILED -> BACKOFF -> QUEUED (after retry_at);  5 in a row: FAILED stays
+    retry        FAILED -> QUEUED;  unload a failure: FAILED/BACKOFF -> STOPPED
 
 :data:`EDGES` lists every edge with the reason it exists.
 """
@@ -34,7 +35,8 @@ class State(enum.Enum):
     ASLEEP = "asleep"  # alive, weights in host RAM: the ram tier
     WAKING = "waking"  # asked to wake (vLLM /wake_up)
     STOPPING = "stopping"  # signalled; waiting for the process group to go
-    FAILED = "failed"  # the last load failed, or the backend died
+    BACKOFF = "backoff"  # a start failed; requests get 503 until retry_at
+    FAILED = "failed"  # the backend died, or starts failed too often in a row (breaker)
 
 
 S = State
@@ -44,7 +46,7 @@ EDGES: Mapping[tuple[State, State], str] = {
     (S.QUEUED, S.STARTING): "admitted: the process is spawned",
     (S.QUEUED, S.WAKING): "admitted: the sleeping process is woken",
     (S.QUEUED, S.FAILED): "no room, queue timeout, staging or spawn error",
-    (S.QUEUED, S.STOPPED): "cancelled (shutdown) before any process existed",
+    (S.QUEUED, S.STOPPED): "refused for memory or queue time, or cancelled, before any process",
     (S.QUEUED, S.ASLEEP): "a wake was refused or cancelled; the process still sleeps",
     (S.STARTING, S.READY): "the health path answered 200",
     (S.STARTING, S.FAILED): "the process exited or missed start_timeout",
@@ -66,7 +68,10 @@ EDGES: Mapping[tuple[State, State], str] = {
     (S.ASLEEP, S.FAILED): "the sleeping process died",
     (S.STOPPING, S.STOPPED): "the process group is gone",
     (S.FAILED, S.STOPPED): "unloaded, or the dead backend's group was reaped",
-    (S.FAILED, S.QUEUED): "a new request retries the load",
+    (S.FAILED, S.QUEUED): "a new request retries after a crash, or an explicit load resets",
+    (S.FAILED, S.BACKOFF): "a start failed: the next one waits, 1 s doubling up to 60 s",
+    (S.BACKOFF, S.QUEUED): "retry_at passed and a request wants it, or an explicit load",
+    (S.BACKOFF, S.STOPPED): "unloaded while backing off",
 }
 
 # States in which a process of the model exists.

@@ -90,7 +90,8 @@ def test_no_room_in_the_cache_is_a_503_with_the_numbers(
     assert status == 503
     assert body["error"]["code"] == "cache_full"
     assert "cannot stage 's'" in body["error"]["message"]
-    assert d.model("s")["state"] == "failed"
+    assert d.model("s")["state"] == "stopped"  # refused for room: nothing wrong with it
+    assert "cannot stage" in d.model("s")["error"]
 
 
 def test_a_checksum_mismatch_fails_clearly_and_caches_nothing(

@@ -128,7 +128,8 @@ def test_failed_start_answers_every_waiter_with_exit_code_and_output(
         assert body["error"]["code"] == "backend_start_failed"
         assert "exited with 7" in body["error"]["message"]
         assert "configured to exit with 7" in body["error"]["message"]
-    assert d.model("bad")["state"] == "failed"
+    assert d.model("bad")["state"] == "backoff"
+    assert len(d.events("backend.spawn")) == 1  # the burst made one spawn
 
 
 def test_start_timeout_fails_and_kills_the_backend(start_daemon: StartDaemon) -> None:

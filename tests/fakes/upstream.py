@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exit-at-start", type=int, metavar="CODE", help="fail with CODE")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--fork-child", action="store_true", help="start a sleeping grandchild")
+    p.add_argument(
+        "--setsid-helper",
+        action="store_true",
+        help="start a helper that leaves the process group (setsid) and keeps our output open",
+    )
+    p.add_argument("--print-fds", action="store_true", help="print the open descriptors at start")
     p.add_argument("--crash-after", type=int, metavar="N", help="die on completion request N+1")
     p.add_argument("--chunks", type=int, default=5, help="chunks per streamed answer")
     p.add_argument("--chunk-interval", type=float, default=0.05)
@@ -373,6 +379,17 @@ def fork_child() -> int:
     return child.pid
 
 
+def setsid_helper() -> int:
+    """Start a helper that daemonizes (its own session) but keeps our stdout and stderr."""
+    code = "import os, time; os.setsid(); time.sleep(10**6)"
+    helper = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    while os.getsid(helper.pid) == os.getsid(0) and time.monotonic() < deadline:
+        time.sleep(0.01)  # ready only once the helper has really left our session
+    print(f"fake-upstream: setsid helper pid {helper.pid}", flush=True)
+    return helper.pid
+
+
 def fail_at_start(code: int) -> None:
     """Exit the way a backend does when it cannot load its model."""
     log("loading model")
@@ -397,6 +414,8 @@ async def serve(
     loop.add_signal_handler(signal.SIGINT, fake.terminate)
     if args.fork_child:
         fake.child_pid = fork_child()
+    if args.setsid_helper:
+        fake.child_pid = setsid_helper()
 
     if args.listen_late:
         await asyncio.sleep(args.start_delay)
@@ -420,6 +439,11 @@ async def serve(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the fake upstream."""
+    if "--print-fds" in (argv if argv is not None else sys.argv):
+        # Before anything of ours opens a file: what the parent let through the exec (the
+        # listing itself holds one more, the lowest free number).
+        fds = sorted(int(entry.name) for entry in Path("/proc/self/fd").iterdir())
+        print(f"fake-upstream: fds {fds}", flush=True)
     asyncio.run(serve(parse_args(argv)))
 
 

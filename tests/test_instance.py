@@ -1,0 +1,90 @@
+"""One instance per state_dir, a clear exit on a taken port, and a real drain on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+from conftest import StartDaemon
+from daemon import Daemon, fake_preset, wait_for
+
+
+def _serve(d: Daemon) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "swapd", "serve", "--config", str(d.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=d.root,
+    )
+
+
+def test_a_second_instance_on_the_same_state_dir_refuses_and_touches_nothing(
+    start_daemon: StartDaemon,
+) -> None:
+    """The second swapd exits 2 with "already running (pid N)"; the first's backends live."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    backend = d.model("a")["pid"]
+    records = sorted(p.name for p in (d.root / "state" / "children").iterdir())
+    assert d.proc is not None
+    done = _serve(d)
+    assert done.returncode == 2
+    assert f"already running (pid {d.proc.pid})" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert psutil.pid_exists(backend)
+    assert sorted(p.name for p in (d.root / "state" / "children").iterdir()) == records
+    assert d.chat("a")[0] == 200
+
+
+def test_a_port_in_use_exits_2_with_a_message(start_daemon: StartDaemon) -> None:
+    """When the listen port is taken, serve says so in one line and exits 2."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.stop() == 0
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
+        taken.bind(("127.0.0.1", d.port))
+        taken.listen()
+        done = _serve(d)
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{d.port}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_sigterm_drains_requests_in_flight_and_answers_waiters_503(
+    start_daemon: StartDaemon,
+) -> None:
+    """In flight: finished. Waiting on a load: 503 unavailable. Then every backend stops."""
+    d = start_daemon(
+        {"a": fake_preset("A"), "slow": fake_preset("S", "--start-delay", "30")},
+        {"shutdown_timeout": "20s", "max_running": 2},
+    )
+    assert d.chat("a")[0] == 200
+    assert d.proc is not None
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(d.chat, "a", "x", fake_delay=2)
+        waiting = pool.submit(d.chat, "slow")
+        wait_for(lambda: d.model("a")["in_flight"] == 1 and d.model("slow")["waiting"] == 1)
+        d.proc.send_signal(signal.SIGTERM)
+        status, body = waiting.result()
+        assert (status, body["error"]["code"]) == (503, "unavailable")
+        assert running.result()[0] == 200
+    assert d.proc.wait(timeout=60) == 0
+    assert d.leftovers() == [] or wait_for(lambda: not d.leftovers(), timeout=10)
+
+
+def test_sighup_and_sigusr1_do_not_end_the_daemon(start_daemon: StartDaemon) -> None:
+    """Signals whose default would kill swapd are logged and ignored."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    assert d.proc is not None
+    for sig in (signal.SIGHUP, signal.SIGUSR1):
+        d.proc.send_signal(sig)
+    wait_for(lambda: len(d.events("swapd.signal.ignored")) == 2)
+    assert d.proc.poll() is None
+    assert d.chat("a")[0] == 200

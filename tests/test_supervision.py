@@ -1,0 +1,200 @@
+"""Supervision: backoff and breaker, liveness, per-model limits, bounded waits, clear states."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from conftest import StartDaemon
+from daemon import Daemon, fake_preset, wait_for
+from fakes import probe_file
+
+GIB = 1024**3
+
+
+def _chat_with_headers(d: Daemon, model: str, **extra: Any) -> tuple[int, dict[str, str], Any]:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}], **extra})
+    req = urllib.request.Request(  # noqa: S310 - loopback
+        d.url + "/v1/chat/completions",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+            return resp.status, dict(resp.headers), json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.load(exc)
+
+
+def test_a_failed_start_backs_off_and_answers_503_without_spawning(
+    start_daemon: StartDaemon,
+) -> None:
+    """After a failed start, requests get 503 backoff with Retry-After and the error."""
+    d = start_daemon({"bad": fake_preset("X", "--exit-at-start", "7")})
+    assert d.chat("bad")[0] == 502
+    status, headers, body = _chat_with_headers(d, "bad")
+    assert status == 503
+    assert body["error"]["code"] == "backoff"
+    assert "exited with 7" in body["error"]["message"]
+    assert int(headers["Retry-After"]) >= 1
+    model = d.model("bad")
+    assert model["state"] == "backoff"
+    assert model["retry_at"] is not None
+    assert "exited with 7" in model["error"]
+    assert len(d.events("backend.spawn")) == 1
+
+
+def test_five_failed_starts_in_a_row_open_the_breaker_until_an_explicit_load(
+    start_daemon: StartDaemon,
+) -> None:
+    """Backoffs double (1, 2, 4, 8 s); the fifth failure leaves the model failed for good.
+
+    Requests then get 503 backend_failed and start nothing; an explicit load retries.
+    """
+    d = start_daemon({"bad": fake_preset("X", "--exit-at-start", "7")})
+
+    def failed_start() -> bool:
+        # During a backoff the answer is 503 and nothing starts; after it, a 502.
+        return d.chat("bad")[0] == 502
+
+    for _ in range(5):
+        wait_for(failed_start, timeout=20, interval=0.2)
+    assert [e["delay_s"] for e in d.events("model.backoff")] == [1.0, 2.0, 4.0, 8.0]
+    assert d.model("bad")["state"] == "failed"
+    status, body = d.chat("bad")
+    assert (status, body["error"]["code"]) == (503, "backend_failed")
+    assert len(d.events("backend.spawn")) == 5
+    status, _ = d.request("POST", "/swapd/models/bad/load")
+    assert status == 502  # an explicit load tries again
+    assert len(d.events("backend.spawn")) == 6
+
+
+def test_a_frozen_backend_is_killed_by_the_liveness_probe_and_restarted(
+    start_daemon: StartDaemon,
+) -> None:
+    """A backend stopped with SIGSTOP misses its probes; its group is killed, then restarted.
+
+    The request in flight at the time gets 502 backend_gone.
+    """
+    d = start_daemon({"a": fake_preset("A", health_interval="300ms", health_failures=2)})
+    assert d.chat("a")[0] == 200
+    pid = d.model("a")["pid"]
+    with ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(d.chat, "a", "x", fake_delay=60)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        os.kill(pid, signal.SIGSTOP)
+        status, body = stuck.result()
+    assert status == 502
+    assert body["error"]["code"] == "backend_gone"
+    [event] = d.events("backend.unresponsive")
+    assert (event["model"], event["misses"]) == ("a", 2)
+    assert "health probes" in d.model("a")["error"]
+    assert d.chat("a")[0] == 200
+    assert d.model("a")["pid"] != pid
+
+
+def test_concurrency_and_max_queue_answer_429_past_both(start_daemon: StartDaemon) -> None:
+    """One runs, one waits, the third is refused with 429 and Retry-After."""
+    d = start_daemon({"a": fake_preset("A", concurrency=1, max_queue=1)})
+    assert d.chat("a")[0] == 200
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(d.chat, "a", "1", fake_delay=2)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        second = pool.submit(d.chat, "a", "2")
+        wait_for(lambda: d.model("a")["waiting"] == 1)
+        status, headers, body = _chat_with_headers(d, "a")
+        assert status == 429
+        assert body["error"]["code"] == "queue_full"
+        assert "Retry-After" in headers
+        assert first.result()[0] == 200
+        assert second.result()[0] == 200
+
+
+def test_a_request_waiting_past_max_wait_drains_the_busy_model_and_swaps(
+    start_daemon: StartDaemon,
+) -> None:
+    """Clients that keep a busy no longer starve b: past max_wait, a is drained and swapped."""
+    d = start_daemon(
+        {"a": fake_preset("A"), "b": fake_preset("B")},
+        {"max_running": 1, "max_wait": "1s", "queue_timeout": "60s"},
+    )
+    assert d.chat("a")[0] == 200
+    stop = False
+
+    def keep_busy() -> int:
+        served = 0
+        while not stop:
+            if d.chat("a", "x", fake_delay=0.2)[0] == 200:
+                served += 1
+        return served
+
+    with ThreadPoolExecutor(3) as pool:
+        busy = [pool.submit(keep_busy) for _ in range(2)]
+        wait_for(lambda: d.model("a")["in_flight"] >= 1)
+        status, _ = d.chat("b")
+        stop = True
+        served = [f.result() for f in busy]
+    assert status == 200
+    assert all(n > 0 for n in served)
+    [drain] = d.events("model.drain")[:1]
+    assert (drain["models"], drain["reason"], drain["waiting"]) == (["a"], "max_wait", "b")
+
+
+def test_a_command_preset_without_memory_counts_default_memory(
+    start_daemon: StartDaemon,
+) -> None:
+    """With nothing to estimate from, admission uses default_memory until it has measured."""
+    d = start_daemon({"a": fake_preset("A")}, {"default_memory": "300MiB"})
+    assert d.chat("a")[0] == 200
+    memory = d.model("a")["memory"]
+    assert (memory["need"], memory["need_source"]) == (300 * 1024**2, "default")
+
+
+def test_a_bad_footprint_entry_is_dropped_with_a_warning(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A footprints.json entry of the wrong type is ignored, never a 500."""
+    d = Daemon(tmp_path / "swapd0", {"a": fake_preset("A")})
+    (d.root / "state").mkdir(parents=True)
+    (d.root / "state" / "footprints.json").write_text(json.dumps({"a": "garbage", "b": 3}))
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    assert sorted(e["model"] for e in d.events("footprints.drop")) == ["a", "b"]
+
+
+def test_a_model_refused_for_memory_stays_stopped_with_the_reason(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """No room is not a failure of the model: it stays stopped, the reason as its error."""
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 2 * GIB, "outside": 0}})
+    d = start_daemon(
+        {"big": fake_preset("B", "--probe-file", str(probe), memory=4 * GIB)},
+        {"devices": "auto", "reserve": 0},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    status, body = d.chat("big")
+    assert (status, body["error"]["code"]) == (503, "insufficient_memory")
+    model = d.model("big")
+    assert model["state"] == "stopped"
+    assert "needs 4.0 GiB" in model["error"]
+
+
+def test_force_unload_cuts_requests_in_flight(start_daemon: StartDaemon) -> None:
+    """unload?force=true stops at once; the request in flight gets 502 backend_gone."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    with ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(d.chat, "a", "x", fake_delay=60)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        status, body = d.request("POST", "/swapd/models/a/unload?force=true", timeout=30)
+        assert (status, body["state"]) == (200, "stopped")
+        status, body = stuck.result()
+    assert status == 502
+    assert body["error"]["code"] == "backend_gone"

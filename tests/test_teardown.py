@@ -1,0 +1,96 @@
+"""Teardown that cannot hang: escaped helpers, leaked descriptors, a leader's exit."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+
+import psutil
+import pytest
+from conftest import StartDaemon
+from daemon import Daemon, fake_preset, fake_stats, wait_for
+
+from swapd.cgroups import Cgroups
+
+
+def _kill(pid: int) -> None:
+    if psutil.pid_exists(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _helper(d: Daemon, model: str) -> int:
+    pid = fake_stats(d.model(model)["port"])["child_pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def test_unload_is_bounded_when_a_helper_escapes_the_group(start_daemon: StartDaemon) -> None:
+    """Without cgroups, a helper that setsid()s no longer stalls a stop; it is reported.
+
+    The leader stops within its grace period; swapd stops reading the pipe a second
+    later and reports the escaped helper (which the test then ends itself).
+    """
+    d = start_daemon(
+        {"a": fake_preset("A", "--setsid-helper", stop_timeout="2s")}, {"cgroups": False}
+    )
+    assert d.chat("a")[0] == 200
+    helper = _helper(d, "a")
+    try:
+        status, body = d.request("POST", "/swapd/models/a/unload", timeout=30)
+        assert (status, body["state"]) == (200, "stopped")
+        assert [e["model"] for e in d.events("backend.escaped")] == ["a"]
+        assert d.model("a")["escaped"] is True
+        assert psutil.pid_exists(helper)  # outside the group: reported, not killed
+    finally:
+        _kill(helper)
+
+
+def test_a_leaders_death_is_noticed_while_a_helper_holds_its_output(
+    start_daemon: StartDaemon,
+) -> None:
+    """The leader's exit is a crash at once, and the next request starts it again."""
+    d = start_daemon({"a": fake_preset("A", "--setsid-helper")}, {"cgroups": False})
+    assert d.chat("a")[0] == 200
+    helpers = [_helper(d, "a")]
+    try:
+        leader = d.model("a")["pid"]
+        os.kill(leader, signal.SIGKILL)
+        wait_for(lambda: d.events("backend.crash"), timeout=15)
+        status, _ = d.chat("a")
+        assert status == 200
+        helpers.append(_helper(d, "a"))
+        assert d.model("a")["pid"] != leader
+    finally:
+        for helper in helpers:
+            _kill(helper)
+
+
+def test_children_get_only_stdin_stdout_and_stderr(start_daemon: StartDaemon) -> None:
+    """Whatever the event loop, nothing of swapd's but fds 0-2 reaches a backend."""
+    d = start_daemon({"a": fake_preset("A", "--print-fds")})
+    assert d.chat("a")[0] == 200
+    _, logs = d.get("/swapd/models/a/logs")
+    line = next(x for x in logs["lines"] if x.startswith("fake-upstream: fds "))
+    fds = ast.literal_eval(line.removeprefix("fake-upstream: fds "))
+    # 0-2, plus the one the listing opened for itself.
+    assert fds == [0, 1, 2, 3], fds
+
+
+def test_a_backend_cgroup_ends_helpers_that_escaped_the_group(start_daemon: StartDaemon) -> None:
+    """Where swapd may make cgroups, a stop also kills a setsid() helper, and says so."""
+    tree, why = Cgroups.open()
+    if tree is None:
+        pytest.skip(f"no cgroups to make here: {why}")
+    d = start_daemon({"a": fake_preset("A", "--setsid-helper", stop_timeout="2s")})
+    assert d.chat("a")[0] == 200
+    helper = _helper(d, "a")
+    try:
+        status, body = d.request("POST", "/swapd/models/a/unload", timeout=30)
+        assert (status, body["state"]) == (200, "stopped")
+        [event] = d.events("backend.escaped.killed")
+        assert event["pids"] == [helper]
+        wait_for(lambda: not psutil.pid_exists(helper), timeout=5)
+        assert not list(tree.base.glob("swapd-a-*"))  # its cgroup is removed
+    finally:
+        _kill(helper)
