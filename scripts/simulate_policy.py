@@ -5,20 +5,31 @@ their size, one load at a time (swapd holds one admission lock); a model is busy
 while it serves a request or has requests waiting for it, and busy models are
 never evicted. Policies compared, on the same seeded traces:
 
-* ``swapd``      -- :func:`swapd.policy.plan_admission` itself, with a memory budget
-  (idle residents evicted least recently used first; wait when only busy ones could
-  make room);
+* ``swapd``      -- :func:`swapd.policy.plan_admission` itself, with a memory budget and
+  every model's CRF from :func:`swapd.policy.crf_update` (idle residents least worth
+  keeping are evicted first; wait when only busy ones could make room);
+* ``swapd-lru``  -- the same function without CRFs: least recently used first (swapd
+  before the CRF);
 * ``one-at-a-time`` -- the same function with ``max_running: 1`` (llama-swap's default);
 * ``lru-count-4`` / ``lru-count-3`` -- LRU by model count, ignoring memory (llama.cpp's
   router ``models_max=4``; Ollama's 3 per GPU). A load that does not fit in memory
   fails at the end of its load time (an OOM), then every idle model is evicted and
   the load is retried;
-* ``lrfu``       -- a what-if, not swapd's policy: the same admission with idle residents
-  ordered by decayed request frequency (half-life 10 minutes) instead of last use;
+* ``hold-20``    -- a what-if, not swapd's policy: ``swapd``, except that a load whose
+  victims have a larger CRF than it waits, up to 20 s from its oldest request;
 * ``belady``     -- an offline reference that knows the future: evict the idle
   resident whose next request is furthest away (optimal for equal sizes and costs;
   with mixed sizes a strong reference rather than a proven bound);
 * ``compulsory`` -- a true lower bound: each model used at all is loaded once.
+
+Tiers (``--tiers``): the same traces with vLLM's published restart and wake times,
+every victim handed to :func:`swapd.policy.demotions` (sleep into the ram tier or
+stop) and the tier checked with :func:`swapd.policy.ram_overflow`, for several ram
+budgets; a budget of 0 is plain stop/start.
+
+It also prints, for the default rate and the top of the rate sweep, where the load
+time goes (loads, evictions, evicted models requested again within 10 or 60 s), and
+with ``--grid-seeds N`` swapd's load time over belady's for several CRF half-lives.
 
     python scripts/simulate_policy.py [--seed N] [--hours H] [--quick] [--plots docs/img]
 """
@@ -46,21 +57,36 @@ SIZES_GIB = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 BUDGET_GIB = 24.0
 SECONDS_PER_GIB = 1.5
 LOAD_BASE_S = 0.5
-POLICIES = ("swapd", "one-at-a-time", "lru-count-4", "lru-count-3", "lrfu", "belady")
-LRFU_HALF_LIFE_S = 600.0
+POLICIES = (
+    "swapd",
+    "swapd-lru",
+    "one-at-a-time",
+    "lru-count-4",
+    "lru-count-3",
+    "hold-20",
+    "belady",
+)
+HOLD_S = 20.0
+# vLLM's sleep-mode figures (A100): a restart takes 38-58 s, a wake from level 1
+# 0.26-0.82 s. Both are spread linearly over the models by size, smallest to largest.
+VLLM_COLD_S = (38.0, 58.0)
+VLLM_WAKE_S = (0.26, 0.82)
+# What a sleeping vLLM keeps on the device (CUDA context, buffers outside the sleep
+# allocator): an assumption, not a published figure.
+ASLEEP_GIB = 0.5
+HOST_RAM_GIB = 64.0
+TIER_POLICIES = ("swapd", "swapd-lru", "one-at-a-time", "belady")
+REUSE_WINDOWS_S = (10.0, 60.0)
 
 
 @dataclass(frozen=True)
 class Model:
-    """One simulated model: its memory and its load time."""
+    """One simulated model: its memory, its start from disk and its wake from the ram tier."""
 
     name: str
     size: int
-
-    @property
-    def load_s(self) -> float:
-        """Load time, proportional to size plus a fixed start cost."""
-        return LOAD_BASE_S + SECONDS_PER_GIB * self.size / GIB
+    load_s: float
+    wake_s: float
 
 
 @dataclass(frozen=True)
@@ -75,9 +101,25 @@ class Request:
 # ---------------------------------------------------------------- traces
 
 
-def make_models() -> dict[str, Model]:
-    """Eight models of 1 to 12 GiB (37.5 GiB in all, against a 24 GiB budget)."""
-    return {f"m{i}-{s:g}g": Model(f"m{i}-{s:g}g", int(s * GIB)) for i, s in enumerate(SIZES_GIB)}
+def _spread(span: tuple[float, float], size_gib: float) -> float:
+    low, high = SIZES_GIB[0], SIZES_GIB[-1]
+    return span[0] + (span[1] - span[0]) * (size_gib - low) / (high - low)
+
+
+def make_models(timing: str = "disk") -> dict[str, Model]:
+    """Eight models of 1 to 12 GiB (37.5 GiB in all, against a 24 GiB budget).
+
+    ``disk``: a load takes 0.5 s + 1.5 s/GiB; ``vllm``: vLLM's restart and wake times.
+    """
+    models = {}
+    for i, s in enumerate(SIZES_GIB):
+        name = f"m{i}-{s:g}g"
+        if timing == "vllm":
+            load, wake = _spread(VLLM_COLD_S, s), _spread(VLLM_WAKE_S, s)
+        else:
+            load = wake = LOAD_BASE_S + SECONDS_PER_GIB * s
+        models[name] = Model(name, int(s * GIB), load, wake)
+    return models
 
 
 def _duration(rng: random.Random) -> float:
@@ -160,12 +202,29 @@ TRACES: dict[str, Callable[[random.Random, list[str], float, float], list[Reques
 
 @dataclass
 class Slot:
-    """A resident model in the simulation."""
+    """A model with a process: on the device (loading or ready), or asleep in the ram tier."""
 
     model: Model
     loading: bool = True
     in_flight: int = 0
     last_used: float = 0.0
+    asleep: bool = False
+
+
+@dataclass
+class Counts:
+    """What a replay did: the loads, the tier moves and the evictions behind them."""
+
+    cold: int = 0
+    wakes: int = 0
+    sleeps: int = 0
+    load_time: float = 0.0  # the loader's time: cold starts, wakes and sleeps
+    ooms: int = 0
+    evictions: int = 0  # models taken off the device (slept or stopped)
+    reused: dict[float, int] = field(default_factory=lambda: dict.fromkeys(REUSE_WINDOWS_S, 0))
+    inversions: int = 0  # evictions of a model with a larger CRF than the one loaded
+    overflow: int = 0  # actions ram_overflow asked for
+    by_model: dict[str, int] = field(default_factory=dict)  # cold starts and wakes
 
 
 @dataclass
@@ -175,21 +234,32 @@ class Sim:
     models: dict[str, Model]
     budget: int
     future: dict[str, list[float]]
+    ram_budget: int = 0  # 0: no ram tier, victims stop
     resident: dict[str, Slot] = field(default_factory=dict)
     pending: dict[str, list[Request]] = field(default_factory=dict)
     queue: deque[str] = field(default_factory=deque)
+    crf: dict[str, tuple[float, float]] = field(default_factory=dict)  # value, when
+    half_life: float = policy.CRF_HALF_LIFE_S
     loader_busy: bool = False
     retry_after_oom: set[str] = field(default_factory=set)
     events: list[tuple[float, int, str, str, float]] = field(default_factory=list)
     seq: int = 0
-    loads: int = 0
-    load_time: float = 0.0
-    ooms: int = 0
+    counts: Counts = field(default_factory=Counts)
     waits: list[float] = field(default_factory=list)
 
+    def usage(self, name: str) -> int:
+        """Device memory a model holds: all of it, or what it keeps asleep."""
+        slot = self.resident[name]
+        return int(ASLEEP_GIB * GIB) if slot.asleep else slot.model.size
+
     def used(self) -> int:
-        """Memory held by resident (and loading) models."""
-        return sum(s.model.size for s in self.resident.values())
+        """Device memory held by every model with a process."""
+        return sum(self.usage(n) for n in self.resident)
+
+    def need(self, name: str) -> int:
+        """What a load asks of the device: a sleeping process already holds part of it."""
+        own = self.usage(name) if name in self.resident else 0
+        return self.models[name].size - own
 
     def busy(self, name: str) -> bool:
         """Not evictable now: loading, serving, or awaited."""
@@ -201,11 +271,15 @@ class Sim:
         self.seq += 1
         heapq.heappush(self.events, (at, self.seq, kind, name, value))
 
-    def recency_score(self, name: str, now: float, half_life: float) -> float:
-        """Past requests for ``name``, each weighted by ``2 ** -(age / half_life)``."""
-        times = self.future[name]
-        i = bisect.bisect_right(times, now)
-        return sum(2 ** (-(now - t) / half_life) for t in times[max(0, i - 200) : i])
+    def touch(self, name: str, now: float) -> None:
+        """A request for ``name`` arrived: its CRF gains one, as swapd's manager counts it."""
+        value, at = self.crf.get(name, (0.0, now))
+        self.crf[name] = (policy.crf_update(value, at, now, self.half_life), now)
+
+    def crf_now(self, name: str, now: float) -> float:
+        """The model's CRF at ``now`` (0 before its first request)."""
+        value, at = self.crf.get(name, (0.0, now))
+        return policy.crf_decay(value, at, now, self.half_life)
 
     def next_use(self, name: str, now: float) -> float:
         """When ``name`` is next requested after ``now`` (inf if never)."""
@@ -218,22 +292,57 @@ Plan = policy.Admit | policy.Wait | policy.Impossible
 Planner = Callable[[Sim, str, float], Plan]
 
 
-def residents_view(sim: Sim) -> list[policy.Resident]:
-    """The simulation's residents as swapd's policy sees them."""
+def residents_view(sim: Sim, now: float, *, crf: bool, exclude: str) -> list[policy.Resident]:
+    """The simulation's residents as swapd's manager shows them to the policy."""
     return [
         policy.Resident(
-            name=n, device="sim", usage=s.model.size, last_used=s.last_used, busy=sim.busy(n)
+            name=n,
+            device="sim",
+            usage=sim.usage(n),
+            last_used=s.last_used,
+            busy=sim.busy(n),
+            asleep=s.asleep,
+            ram_via="sleep" if sim.ram_budget > 0 else None,
+            ram_cost=s.model.size,  # sleep level 1: the weights go to host RAM
+            crf=sim.crf_now(n, now) if crf else None,
         )
         for n, s in sim.resident.items()
+        if n != exclude
     ]
 
 
-def plan_swapd(sim: Sim, name: str, _now: float) -> Plan:
-    """The policy swapd runs: memory budget, LRU among idle residents."""
-    device = policy.DeviceView("sim", sim.budget, sim.budget - sim.used())
-    return policy.plan_admission(
-        sim.models[name].size, [device], residents_view(sim), policy.Limits(reserve=0)
+def ram_view(sim: Sim, now: float, *, crf: bool) -> policy.RamTier:
+    """The ram tier as swapd's manager shows it: budget, host memory left, sleeping models."""
+    entries = tuple(
+        policy.RamEntry(
+            n,
+            s.model.size,
+            s.last_used,
+            "sleep",
+            busy=sim.busy(n),
+            crf=sim.crf_now(n, now) if crf else None,
+        )
+        for n, s in sim.resident.items()
+        if s.asleep
     )
+    held = sum(e.bytes for e in entries)
+    return policy.RamTier(sim.ram_budget, int(HOST_RAM_GIB * GIB) - held, entries)
+
+
+def _device(sim: Sim) -> policy.DeviceView:
+    return policy.DeviceView("sim", sim.budget, sim.budget - sim.used())
+
+
+def plan_swapd(sim: Sim, name: str, now: float) -> Plan:
+    """The policy swapd runs: memory budget, idle residents with the lowest CRF first."""
+    residents = residents_view(sim, now, crf=True, exclude=name)
+    return policy.plan_admission(sim.need(name), [_device(sim)], residents, policy.Limits())
+
+
+def plan_swapd_lru(sim: Sim, name: str, now: float) -> Plan:
+    """swapd before the CRF: no CRFs given, so least recently used first."""
+    residents = residents_view(sim, now, crf=False, exclude=name)
+    return policy.plan_admission(sim.need(name), [_device(sim)], residents, policy.Limits())
 
 
 def plan_count(limit: int) -> Planner:
@@ -244,34 +353,53 @@ def plan_count(limit: int) -> Planner:
             return plan_evict_all(sim, name, now)
         huge = policy.DeviceView("sim", 1 << 60, (1 << 60) - sim.used())
         limits = policy.Limits(reserve=0, max_running=limit)
-        return policy.plan_admission(sim.models[name].size, [huge], residents_view(sim), limits)
+        residents = residents_view(sim, now, crf=False, exclude=name)
+        return policy.plan_admission(sim.need(name), [huge], residents, limits)
 
     return plan
 
 
-def plan_one_at_a_time(sim: Sim, name: str, _now: float) -> Plan:
-    """llama-swap's default: a single model at a time."""
-    device = policy.DeviceView("sim", sim.budget, sim.budget - sim.used())
+def plan_one_at_a_time(sim: Sim, name: str, now: float) -> Plan:
+    """llama-swap's default: a single model at a time (sleeping ones do not count)."""
     limits = policy.Limits(reserve=0, max_running=1)
-    return policy.plan_admission(sim.models[name].size, [device], residents_view(sim), limits)
+    residents = residents_view(sim, now, crf=True, exclude=name)
+    return policy.plan_admission(sim.need(name), [_device(sim)], residents, limits)
 
 
 def plan_evict_all(sim: Sim, name: str, _now: float) -> Plan:
     """After an OOM: evict every idle model; wait for busy ones until the load fits."""
     idle = tuple(n for n in sim.resident if not sim.busy(n))
-    free_after = sim.budget - sim.used() + sum(sim.resident[n].model.size for n in idle)
-    if free_after >= sim.models[name].size:
+    free_after = sim.budget - sim.used() + sum(sim.usage(n) for n in idle)
+    if free_after >= sim.need(name):
         return policy.Admit("sim", idle)
     busy = tuple(n for n in sim.resident if sim.busy(n))
     return policy.Wait("sim", busy)
 
 
+def plan_hold(sim: Sim, name: str, now: float) -> Plan:
+    """What-if: swapd's plan, held back while its victims are worth more than the load.
+
+    Like TinyLFU's admission test, with a bound: after ``HOLD_S`` from the oldest
+    waiting request the load goes ahead. Holding lets requests pile up, so one
+    load serves more of them.
+    """
+    plan = plan_swapd(sim, name, now)
+    if not isinstance(plan, policy.Admit) or not plan.victims:
+        return plan
+    deadline = min(r.at for r in sim.pending[name]) + HOLD_S
+    kept = sum(sim.crf_now(v, now) for v in plan.victims)
+    if kept > sim.crf_now(name, now) and now < deadline:
+        sim.push(deadline, "tick", name)  # re-plan then, even if nothing else happens
+        return policy.Wait("sim", plan.victims)
+    return plan
+
+
 def plan_belady(sim: Sim, name: str, now: float) -> Plan:
     """Offline: evict idle residents whose next request is furthest in the future."""
-    need = sim.models[name].size
+    need = sim.need(name)
     room = sim.budget - sim.used()
     idle = sorted(
-        (n for n in sim.resident if not sim.busy(n)),
+        (n for n in sim.resident if n != name and not sim.busy(n)),
         key=lambda n: sim.next_use(n, now),
         reverse=True,
     )
@@ -280,7 +408,7 @@ def plan_belady(sim: Sim, name: str, now: float) -> Plan:
         if room >= need:
             break
         victims.append(candidate)
-        room += sim.resident[candidate].model.size
+        room += sim.usage(candidate)
     if room >= need:
         return policy.Admit("sim", tuple(victims))
     if need > sim.budget:
@@ -288,49 +416,30 @@ def plan_belady(sim: Sim, name: str, now: float) -> Plan:
     return policy.Wait("sim", tuple(n for n in sim.resident if sim.busy(n)))
 
 
-def plan_lrfu(sim: Sim, name: str, now: float) -> Plan:
-    """What-if, not swapd's policy: evict idle residents least *frequently and recently* used.
-
-    Each past request counts ``2 ** -(age / half-life)``; the resident with the lowest
-    sum goes first. It uses only the past, so an online daemon could do the same.
-    """
-    residents = [
-        policy.Resident(
-            name=n,
-            device="sim",
-            usage=s.model.size,
-            last_used=sim.recency_score(n, now, LRFU_HALF_LIFE_S),
-            busy=sim.busy(n),
-        )
-        for n, s in sim.resident.items()
-    ]
-    device = policy.DeviceView("sim", sim.budget, sim.budget - sim.used())
-    return policy.plan_admission(
-        sim.models[name].size, [device], residents, policy.Limits(reserve=0)
-    )
-
-
 PLANNERS: dict[str, Planner] = {
     "swapd": plan_swapd,
+    "swapd-lru": plan_swapd_lru,
     "one-at-a-time": plan_one_at_a_time,
     "lru-count-4": plan_count(4),
     "lru-count-3": plan_count(3),
-    "lrfu": plan_lrfu,
+    "hold-20": plan_hold,
     "belady": plan_belady,
 }
+USES_CRF = {"swapd", "one-at-a-time", "hold-20"}  # demotions see CRFs where the plan does
 
 
 # ---------------------------------------------------------------- event loop
 
 
 def on_arrival(sim: Sim, req: Request, now: float) -> None:
-    """Serve at once if ready; otherwise wait, and queue a load if none is coming."""
+    """Serve at once if ready; otherwise wait, and queue a load (or wake) if none is coming."""
+    sim.touch(req.model, now)
     slot = sim.resident.get(req.model)
-    if slot is not None and not slot.loading:
+    if slot is not None and not slot.loading and not slot.asleep:
         serve(sim, req, now)
         return
     sim.pending.setdefault(req.model, []).append(req)
-    if slot is None and req.model not in sim.queue:
+    if (slot is None or slot.asleep) and req.model not in sim.queue:
         sim.queue.append(req.model)
 
 
@@ -343,31 +452,87 @@ def serve(sim: Sim, req: Request, now: float) -> None:
     sim.push(now + req.duration, "finish", req.model)
 
 
-def try_admit(sim: Sim, planner: Planner, now: float) -> None:
-    """Start the next queued load if the loader is free and the plan allows it."""
+def try_admit(sim: Sim, planner: Planner, now: float, *, crf: bool) -> None:
+    """Start the next queued load if the loader is free and the plan allows it.
+
+    After an eviction the head is planned again on the new state, as swapd's manager
+    re-plans on fresh readings: a model put to sleep still holds part of its memory.
+    """
     while not sim.loader_busy and sim.queue:
         name = sim.queue[0]
         plan = planner(sim, name, now)
         if isinstance(plan, policy.Wait):
             return  # head-of-line: swapd's admission lock is first come, first served
-        sim.queue.popleft()
         if isinstance(plan, policy.Impossible):
+            sim.queue.popleft()
             sim.pending.pop(name, None)
             continue
-        for victim in plan.victims:
-            del sim.resident[victim]
+        if plan.victims:
+            evict(sim, plan.victims, name, now, crf=crf)
+            continue
+        sim.queue.popleft()
         start_load(sim, name, now)
 
 
+def evict(sim: Sim, victims: tuple[str, ...], loading: str, now: float, *, crf: bool) -> None:
+    """Carry out what :func:`swapd.policy.demotions` says for the victims, then check the tier."""
+    residents = {r.name: r for r in residents_view(sim, now, crf=crf, exclude=loading)}
+    sim.counts.inversions += sum(
+        1 for v in victims if sim.crf_now(v, now) > sim.crf_now(loading, now)
+    )
+    for v in victims:
+        if not sim.resident[v].asleep:
+            sim.counts.evictions += 1
+            for window in REUSE_WINDOWS_S:
+                sim.counts.reused[window] += sim.next_use(v, now) - now < window
+    actions = policy.demotions([residents[v] for v in victims], ram_view(sim, now, crf=crf))
+    moving = carry_out(sim, actions)
+    # As the manager does after demotions: push down whatever the tier cannot hold.
+    overflow = policy.ram_overflow(ram_view(sim, now, crf=crf))
+    sim.counts.overflow += len(overflow)
+    moving += carry_out(sim, overflow)
+    if moving:
+        # The manager waits for the sleeps before it re-plans: the loader is busy meanwhile.
+        sim.loader_busy = True
+        sim.counts.load_time += moving
+        sim.push(now + moving, "moved", loading)
+
+
+def carry_out(sim: Sim, actions: tuple[policy.Action, ...]) -> float:
+    """Apply the policy's actions; return the seconds the sleeps take."""
+    moving = 0.0
+    for action in actions:
+        if isinstance(action, policy.Sleep):
+            slot = sim.resident[action.model]
+            slot.asleep = True
+            sim.counts.sleeps += 1
+            moving += slot.model.wake_s  # the same copy as a wake, the other way
+        elif isinstance(action, policy.Stop):
+            del sim.resident[action.model]
+        else:
+            raise AssertionError(f"vLLM models never lock pages: {action}")
+    return moving
+
+
 def start_load(sim: Sim, name: str, now: float) -> None:
-    """Begin loading; an over-budget load (count policies) ends in an OOM."""
+    """Begin a cold start, or a wake; an over-budget start (count policies) ends in an OOM."""
     model = sim.models[name]
-    oom = sim.used() + model.size > sim.budget
-    sim.resident[name] = Slot(model, last_used=now)
+    oom = sim.used() + sim.need(name) > sim.budget
+    sim.counts.by_model[name] = sim.counts.by_model.get(name, 0) + 1
+    slot = sim.resident.get(name)
+    if slot is not None:  # asleep: wake it
+        slot.asleep = False
+        slot.loading = True
+        slot.last_used = now
+        seconds = model.wake_s
+        sim.counts.wakes += 1
+    else:
+        sim.resident[name] = Slot(model, last_used=now)
+        seconds = model.load_s
+        sim.counts.cold += 1
     sim.loader_busy = True
-    sim.loads += 1
-    sim.load_time += model.load_s
-    sim.push(now + model.load_s, "oom" if oom else "loaded", name)
+    sim.counts.load_time += seconds
+    sim.push(now + seconds, "oom" if oom else "loaded", name)
 
 
 def on_loaded(sim: Sim, name: str, now: float) -> None:
@@ -383,20 +548,29 @@ def on_loaded(sim: Sim, name: str, now: float) -> None:
 def on_oom(sim: Sim, name: str) -> None:
     """The load failed for lack of memory: drop it and retry it first, evicting everything idle."""
     sim.loader_busy = False
-    sim.ooms += 1
+    sim.counts.ooms += 1
     del sim.resident[name]
     sim.retry_after_oom.add(name)
     sim.queue.appendleft(name)
 
 
-def simulate(trace: list[Request], models: dict[str, Model], planner: Planner) -> Json:
-    """Replay one trace under one policy; return loads, load time, OOMs and waits."""
+def simulate(
+    trace: list[Request],
+    models: dict[str, Model],
+    policy_name: str,
+    ram_budget: int = 0,
+    half_life: float = policy.CRF_HALF_LIFE_S,
+) -> Json:
+    """Replay one trace under one policy; return loads, load time, OOMs, waits and evictions."""
+    planner = PLANNERS[policy_name]
+    crf = policy_name in USES_CRF
     future: dict[str, list[float]] = {n: [] for n in models}
     for req in trace:
         future[req.model].append(req.at)
-    sim = Sim(models, int(BUDGET_GIB * GIB), future)
+    sim = Sim(models, int(BUDGET_GIB * GIB), future, ram_budget, half_life=half_life)
     for i, req in enumerate(trace):
         sim.push(req.at, "arrive", req.model, float(i))
+    now = 0.0
     while sim.events:
         now, _, kind, name, value = heapq.heappop(sim.events)
         if kind == "arrive":
@@ -407,16 +581,30 @@ def simulate(trace: list[Request], models: dict[str, Model], planner: Planner) -
             slot.last_used = now
         elif kind == "loaded":
             on_loaded(sim, name, now)
-        else:
+        elif kind == "oom":
             on_oom(sim, name)
-        try_admit(sim, planner, now)
+        elif kind == "moved":
+            sim.loader_busy = False
+        try_admit(sim, planner, now, crf=crf)
     waits = np.asarray(sim.waits)
+    c = sim.counts
+    loads = c.cold + c.wakes
     return {
         "requests": len(trace),
         "served": len(sim.waits),
-        "loads": sim.loads,
-        "load_time_s": sim.load_time,
-        "ooms": sim.ooms,
+        "loads": loads,
+        "cold_starts": c.cold,
+        "wakes": c.wakes,
+        "sleeps": c.sleeps,
+        "load_time_s": c.load_time,
+        "ooms": c.ooms,
+        "evictions": c.evictions,
+        **{f"reused_within_{w:g}s": n for w, n in c.reused.items()},
+        "inversions": c.inversions,
+        "ram_overflow_actions": c.overflow,
+        "loads_by_model": {n: c.by_model.get(n, 0) for n in models},
+        "requests_per_load": len(trace) / loads if loads else math.nan,
+        "loader_busy": c.load_time / now if now else math.nan,
         "wait_mean_s": float(waits.mean()),
         "wait_p50_s": float(np.percentile(waits, 50)),
         "wait_p95_s": float(np.percentile(waits, 95)),
@@ -430,17 +618,20 @@ def compulsory(trace: list[Request], models: dict[str, Model]) -> Json:
     return {"loads": len(used), "load_time_s": sum(models[n].load_s for n in used)}
 
 
-# ---------------------------------------------------------------- report
+def traces(seed: int, horizon: float, rate: float, names: list[str]) -> dict[str, list[Request]]:
+    """Every trace, each from its own seeded generator."""
+    return {
+        name: make(random.Random(seed * 100 + i), names, horizon, rate)
+        for i, (name, make) in enumerate(TRACES.items())
+    }
 
 
 def run_all(seed: int, horizon: float, rate: float) -> dict[str, Json]:
     """Every trace under every policy."""
     models = make_models()
-    names = list(models)
     out: dict[str, Json] = {}
-    for i, (trace_name, make) in enumerate(TRACES.items()):
-        trace = make(random.Random(seed * 100 + i), names, horizon, rate)
-        results = {p: simulate(trace, models, PLANNERS[p]) for p in POLICIES}
+    for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
+        results = {p: simulate(trace, models, p) for p in POLICIES}
         results["compulsory"] = compulsory(trace, models)
         best = results["belady"]["load_time_s"]
         single = results["one-at-a-time"]["load_time_s"]
@@ -450,6 +641,43 @@ def run_all(seed: int, horizon: float, rate: float) -> dict[str, Json]:
             r["reduction_vs_one_at_a_time"] = 1 - r["load_time_s"] / single if single else math.nan
         out[trace_name] = results
     return out
+
+
+def run_tiers(seed: int, horizon: float, rate: float, ram_gib: list[float]) -> dict[str, Json]:
+    """Every trace with vLLM timings, each tier policy at every ram budget (0: no tier)."""
+    models = make_models("vllm")
+    out: dict[str, Json] = {}
+    for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
+        out[trace_name] = {
+            p: {f"{g:g}": simulate(trace, models, p, int(g * GIB)) for g in ram_gib}
+            for p in TIER_POLICIES
+        }
+    return out
+
+
+def half_life_grid(
+    seeds: int, horizon: float, rate: float, half_lives: list[float]
+) -> dict[str, dict[str, float]]:
+    """swapd's load time over belady's, averaged over seeds 1..N, for each CRF half-life."""
+    models = make_models()
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for seed in range(1, seeds + 1):
+        for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
+            best = simulate(trace, models, "belady")["load_time_s"]
+            runs = {"lru": simulate(trace, models, "swapd-lru")}
+            runs |= {f"{h:g}": simulate(trace, models, "swapd", half_life=h) for h in half_lives}
+            for key, r in runs.items():
+                ratios.setdefault(key, {}).setdefault(trace_name, []).append(
+                    r["load_time_s"] / best
+                )
+    return {
+        key: {t: float(np.mean(v)) for t, v in by_trace.items()}
+        | {"all": float(np.mean([x for v in by_trace.values() for x in v]))}
+        for key, by_trace in ratios.items()
+    }
+
+
+# ---------------------------------------------------------------- report
 
 
 def print_report(results: dict[str, Json]) -> None:
@@ -485,62 +713,134 @@ def print_report(results: dict[str, Json]) -> None:
     )
 
 
+SWEEP_POLICIES = ("swapd-lru", "swapd", "one-at-a-time", "hold-20", "belady")
+
+
 def print_sweep(sweep: dict[str, dict[str, Json]]) -> None:
-    """The offered-load sweep: swapd against the references, for every trace and rate."""
-    print("\noffered-load sweep: swapd's total load time vs belady and vs one-at-a-time")
+    """The offered-load sweep: load time and p95 wait side by side, for every trace and rate."""
+    print("\noffered-load sweep: total load time s / p95 wait s")
     rows = []
     for rate, results in sweep.items():
         for trace, by_policy in results.items():
-            r = by_policy["swapd"]
+            cells = [
+                f"{by_policy[p]['load_time_s']:.0f} / {by_policy[p]['wait_p95_s']:.1f}"
+                for p in SWEEP_POLICIES
+            ]
+            s = by_policy["swapd"]
+            rows.append(
+                [f"{rate}/{trace}", *cells, s["vs_belady"], s["reduction_vs_one_at_a_time"]]
+            )
+    _bench.print_table(
+        ["rate/trace", *SWEEP_POLICIES, "swapd x belady", "swapd vs one-at-a-time"], rows
+    )
+
+
+def print_diagnosis(rate: str, results: dict[str, Json]) -> None:
+    """Where the load time goes: loads, evictions and how soon the evicted come back."""
+    print(f"\nevictions and re-requests at {rate} requests/s")
+    rows = []
+    for trace, by_policy in results.items():
+        for name in SWEEP_POLICIES:
+            r = by_policy[name]
             rows.append(
                 [
-                    f"{rate}/{trace}",
-                    r["load_time_s"],
-                    by_policy["belady"]["load_time_s"],
-                    by_policy["one-at-a-time"]["load_time_s"],
-                    r["vs_belady"],
-                    r["reduction_vs_one_at_a_time"],
+                    f"{trace}/{name}",
+                    r["loads"],
+                    r["requests_per_load"],
+                    r["load_time_s"] / r["loads"],
+                    r["loader_busy"],
+                    r["evictions"],
+                    r["reused_within_10s"],
+                    r["reused_within_60s"],
+                    r["inversions"],
                     r["wait_p95_s"],
-                    by_policy["one-at-a-time"]["wait_p95_s"],
                 ]
             )
     _bench.print_table(
         [
-            "rate/trace",
-            "swapd s",
-            "belady s",
-            "one-at-a-time s",
-            "x belady",
-            "vs one-at-a-time",
-            "swapd p95 wait",
-            "one p95 wait",
+            "trace/policy",
+            "loads",
+            "requests/load",
+            "s/load",
+            "loader busy",
+            "evictions",
+            "back <10 s",
+            "back <60 s",
+            "CRF inversions",
+            "wait p95 s",
         ],
         rows,
     )
 
 
+def print_tiers(tiers: dict[str, Json]) -> None:
+    """Tiers on against plain stop/start, with vLLM's restart and wake times."""
+    print("\nram tier (vLLM sleep level 1) against stop/start; ram budget GiB, 0 = no tier")
+    rows = []
+    for trace, by_policy in tiers.items():
+        for name, by_budget in by_policy.items():
+            for budget, r in by_budget.items():
+                rows.append(
+                    [
+                        f"{trace}/{name}/{budget}",
+                        r["cold_starts"],
+                        r["wakes"],
+                        r["sleeps"],
+                        r["load_time_s"],
+                        r["wait_p50_s"],
+                        r["wait_p95_s"],
+                        r["ram_overflow_actions"],
+                    ]
+                )
+    _bench.print_table(
+        [
+            "trace/policy/ram",
+            "cold starts",
+            "wakes",
+            "sleeps",
+            "load time s",
+            "wait p50 s",
+            "wait p95 s",
+            "overflow",
+        ],
+        rows,
+    )
+
+
+def print_grid(grid: dict[str, dict[str, float]], seeds: int, rate: float) -> None:
+    """Mean load time over belady's for each half-life (``lru``: no CRF)."""
+    print(f"\nCRF half-life: swapd x belady, mean of seeds 1-{seeds}, {rate:g} requests/s")
+    columns = list(next(iter(grid.values())))
+    rows = [[key, *(values[c] for c in columns)] for key, values in grid.items()]
+    _bench.print_table(["half-life s", *columns], rows)
+
+
 def plot_sweep(sweep: dict[str, dict[str, Json]], folder: Path) -> str:
-    """Total load time on the mixed trace against the offered rate, per policy."""
+    """Total load time and p95 wait on the mixed trace against the offered rate, per policy."""
     import matplotlib as mpl
 
     mpl.use("Agg")
     import matplotlib.pyplot as plt
 
     rates = list(sweep)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in POLICIES:
-        ax.plot(
-            [float(r) for r in rates],
-            [sweep[r]["mixed"][name]["load_time_s"] for r in rates],
-            marker="o",
-            label=name,
-        )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("mean request rate (requests/s)")
-    ax.set_ylabel("total load time (s)")
-    ax.set_title("mixed trace: total load time against offered load")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in (
+        (axes[0], "load_time_s", "total load time (s)"),
+        (axes[1], "wait_p95_s", "p95 wait before service (s)"),
+    ):
+        for name in POLICIES:
+            ax.plot(
+                [float(r) for r in rates],
+                [sweep[r]["mixed"][name][metric] for r in rates],
+                marker="o",
+                label=name,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("mean request rate (requests/s)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("mixed trace against offered load")
     fig.tight_layout()
     path = folder / "policy_sweep.png"
     fig.savefig(path, dpi=110)
@@ -556,21 +856,21 @@ def plot(results: dict[str, Json], folder: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    traces = list(results)
+    trace_names = list(results)
     written = []
     for metric, label, file in (
         ("load_time_s", "total load time (s)", "policy_load_time.png"),
         ("wait_p95_s", "p95 wait before service (s)", "policy_wait_p95.png"),
     ):
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, ax = plt.subplots(figsize=(9, 4))
         width = 0.8 / len(POLICIES)
         for k, name in enumerate(POLICIES):
-            xs = [i + (k - (len(POLICIES) - 1) / 2) * width for i in range(len(traces))]
-            ax.bar(xs, [results[t][name][metric] for t in traces], width, label=name)
-        ax.set_xticks(range(len(traces)), traces)
+            xs = [i + (k - (len(POLICIES) - 1) / 2) * width for i in range(len(trace_names))]
+            ax.bar(xs, [results[t][name][metric] for t in trace_names], width, label=name)
+        ax.set_xticks(range(len(trace_names)), trace_names)
         ax.set_ylabel(label)
         ax.set_yscale("log")
-        ax.legend(fontsize=8, ncol=len(POLICIES), loc="upper center", bbox_to_anchor=(0.5, -0.08))
+        ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
         ax.set_title(f"{label}: 8 models 1-12 GiB, budget {BUDGET_GIB:g} GiB")
         fig.tight_layout()
         path = folder / file
@@ -578,6 +878,40 @@ def plot(results: dict[str, Json], folder: Path) -> list[str]:
         plt.close(fig)
         written.append(str(path))
     return written
+
+
+def plot_tiers(tiers: dict[str, dict[str, Json]], folder: Path) -> str:
+    """swapd's total load time and p95 wait per trace, for each ram budget; a row per rate."""
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(tiers), 2, figsize=(11, 3.6 * len(tiers)), squeeze=False)
+    for row, (rate, by_trace) in zip(axes, tiers.items(), strict=True):
+        trace_names = list(by_trace)
+        budgets = list(by_trace[trace_names[0]]["swapd"])
+        width = 0.8 / len(budgets)
+        for ax, metric, label in (
+            (row[0], "load_time_s", "total load time (s)"),
+            (row[1], "wait_p95_s", "p95 wait (s)"),
+        ):
+            for k, budget in enumerate(budgets):
+                xs = [i + (k - (len(budgets) - 1) / 2) * width for i in range(len(trace_names))]
+                values = [by_trace[t]["swapd"][budget][metric] for t in trace_names]
+                name = "no ram tier" if budget == "0" else f"ram {budget} GiB"
+                ax.bar(xs, values, width, label=name)
+            ax.set_xticks(range(len(trace_names)), trace_names)
+            ax.set_ylabel(label)
+            ax.set_yscale("log")
+            ax.set_title(f"{rate} requests/s", fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("swapd with vLLM restart and wake times: ram tier against stop/start")
+    fig.tight_layout()
+    path = folder / "policy_tiers.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def parse_args() -> argparse.Namespace:
@@ -589,6 +923,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--sweep", default="0.05,0.1,0.2,0.5", help="rates for the offered-load sweep ('' skips)"
     )
+    p.add_argument(
+        "--tiers", default="0,8,16,32", help="ram budgets in GiB for the tier runs ('' skips)"
+    )
+    p.add_argument("--tier-rates", default="0.02,0.1", help="requests per second for the tier runs")
+    p.add_argument("--grid-seeds", type=int, default=0, help="seeds for the half-life grid")
+    p.add_argument("--grid-half-lives", default="60,120,300,600,1200,2400")
     p.add_argument("--quick", action="store_true", help="one simulated hour")
     p.add_argument("--plots", type=Path, help="write PNG charts into this folder")
     p.add_argument("--out", type=Path, default=Path("out/simulate_policy.json"))
@@ -596,7 +936,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
-    """Simulate, print the table, write the JSON (and the charts when asked)."""
+    """Simulate, print the tables, write the JSON (and the charts when asked)."""
     args = parse_args()
     info = _bench.machine_info()
     hours = 1.0 if args.quick else args.hours
@@ -608,9 +948,23 @@ def main() -> None:
     sweep = {f"{r:g}": run_all(args.seed, hours * 3600, r) for r in rates}
     if sweep:
         print_sweep(sweep)
+        for rate in (f"{args.rate:g}", f"{max(rates):g}"):
+            print_diagnosis(rate, sweep.get(rate, results))
+    ram_gib = [float(g) for g in args.tiers.split(",") if g]
+    tier_rates = [float(r) for r in args.tier_rates.split(",") if r] if ram_gib else []
+    tiers = {f"{r:g}": run_tiers(args.seed, hours * 3600, r, ram_gib) for r in tier_rates}
+    for rate, by_trace in tiers.items():
+        print(f"\ntiers at {rate} requests/s")
+        print_tiers(by_trace)
+    half_lives = [float(h) for h in args.grid_half_lives.split(",") if h]
+    grid = half_life_grid(args.grid_seeds, hours * 3600, args.rate, half_lives)
+    if args.grid_seeds:
+        print_grid(grid, args.grid_seeds, args.rate)
     charts = plot(results, args.plots) if args.plots else []
     if args.plots and sweep:
         charts.append(plot_sweep(sweep, args.plots))
+    if args.plots and tiers:
+        charts.append(plot_tiers(tiers, args.plots))
     params = {
         "seed": args.seed,
         "hours": hours,
@@ -619,6 +973,17 @@ def main() -> None:
         "budget_gib": BUDGET_GIB,
         "load_s": f"{LOAD_BASE_S} + {SECONDS_PER_GIB} * GiB",
         "request_duration": "lognormal, median 2 s, sigma 0.8, capped at 60 s",
+        "crf_half_life_s": policy.CRF_HALF_LIFE_S,
+        "hold_s": HOLD_S,
+        "tiers": {
+            "rates_per_s": tier_rates,
+            "ram_budgets_gib": ram_gib,
+            "cold_s": list(VLLM_COLD_S),
+            "wake_s": list(VLLM_WAKE_S),
+            "sleep_s": "the model's wake time",
+            "asleep_device_gib": ASLEEP_GIB,
+            "host_ram_gib": HOST_RAM_GIB,
+        },
     }
     _bench.write_json(
         args.out,
@@ -627,6 +992,8 @@ def main() -> None:
             "params": params,
             "results": results,
             "sweep": sweep,
+            "tiers": tiers,
+            "half_life_grid": grid,
             "charts": charts,
         },
     )

@@ -15,25 +15,38 @@ admitted with) will take the rest from ``free``: that shortfall is taken off
 ``room now``, which is what lets loads on one device overlap safely.
 
 A load is admitted when ``need <= room now``; otherwise idle residents are
-taken least recently used first until it fits (``Admit`` with victims); if only
-busy residents could make room the request waits (``Wait``); if even evicting
-every evictable resident is not enough, it is ``Impossible``.
+taken least worth keeping first until it fits (``Admit`` with victims), a sleeper
+whose weights wait in host RAM only after the awake ones; if only busy residents
+could make room the request waits (``Wait``); if even evicting every evictable
+resident is not enough, it is ``Impossible``.
+
+*Worth keeping* is LRFU's combined recency-frequency value (CRF) when the caller
+gives one for every model compared: each request adds 1 and the sum halves every
+:data:`CRF_HALF_LIFE_S` seconds (:func:`crf_update`, :func:`crf_decay`), so a
+model used often stays ahead of one used once a moment ago. Without CRFs it is
+the last use (plain LRU).
 
 Where the victims go is a second decision, :func:`demotions`: down to the ram
 tier (vLLM sleeps; a llama-server's GGUF pages stay locked) while the ram budget
-has room, the ram tier's own least recently used going down to disk first when
-they are older than the victim; otherwise straight to disk (stop).
+has room, the ram tier's own entries worth less than the victim going down to
+disk first; otherwise straight to disk (stop).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from swapd.units import format_size
 
 RamVia: TypeAlias = Literal["sleep", "pages"]
+
+# Five minutes: short enough that a finished session stops counting within half an
+# hour, long enough that a steady model outranks one used once. The simulator's
+# traces were flat between 2 and 20 minutes (docs/benchmarks.md, section 3).
+CRF_HALF_LIFE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,45 @@ class Resident:
     asleep: bool = False  # in the ram tier already: not counted by max_running
     ram_via: RamVia | None = None  # how it can go down to the ram tier; None: it cannot
     ram_cost: int = 0  # host RAM it takes in the ram tier
+    crf: float | None = None  # CRF decayed to the plan's clock; None: order by last_used
+
+
+def crf_decay(crf: float, since: float, now: float, half_life: float = CRF_HALF_LIFE_S) -> float:
+    """A CRF computed at ``since``, carried to ``now``: it halves every ``half_life`` seconds."""
+    return crf * math.exp2(-(now - since) / half_life)
+
+
+def crf_update(
+    previous: float, last: float, now: float, half_life: float = CRF_HALF_LIFE_S
+) -> float:
+    """The CRF after a request at ``now``: 1 for this request plus ``previous`` decayed.
+
+    ``previous`` is the CRF as of ``last``, the time of the request before (0 for
+    a model never requested). This is LRFU's combined recency-frequency value:
+    the sum over past requests of ``2 ** -(age / half_life)``.
+    """
+    return 1.0 + crf_decay(previous, last, now, half_life)
+
+
+def _by_crf(items: Iterable[Resident | RamEntry]) -> bool:
+    # CRFs compare only with CRFs: one missing and the whole order falls back to LRU.
+    return all(item.crf is not None for item in items)
+
+
+def _worth(item: Resident | RamEntry, by_crf: bool) -> tuple[float, float]:
+    """How much an item is worth keeping (higher stays); ties go by last use."""
+    crf = item.crf if by_crf and item.crf is not None else 0.0
+    return (crf, item.last_used)
+
+
+def _warm_in_ram(resident: Resident) -> bool:
+    """A sleeper that keeps on the device less than half of what it holds in host RAM.
+
+    That is vLLM asleep on a GPU: stopping it frees only the remainder and turns its
+    next wake into a cold start, so awake idle models (which can sleep in its place)
+    are taken first. A sleeper on host RAM holds all it costs and is ordered as usual.
+    """
+    return resident.asleep and 2 * resident.usage < resident.ram_cost
 
 
 def counted_usage(measured: int | None, need: int | None) -> int:
@@ -81,7 +133,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Admit:
-    """Start on ``device`` once ``victims`` (idle, least recently used first) are stopped."""
+    """Start on ``device`` once ``victims`` (idle, least worth keeping first) are stopped."""
 
     device: str
     victims: tuple[str, ...] = ()
@@ -144,8 +196,11 @@ def _plan_device(
     here = [r for r in residents if r.device == device.id]
     ours = sum(r.usage for r in here)
     room = _room_now(device, ours, limits) - _growth(here)
-    # Candidates in eviction order: idle before busy, least recently used first.
-    order = sorted((r for r in residents if not r.pinned), key=lambda r: (r.busy, r.last_used))
+    # Candidates in eviction order: idle before busy, sleepers that keep their weights
+    # in host RAM after the rest, least worth keeping first.
+    evictable = [r for r in residents if not r.pinned]
+    by_crf = _by_crf(evictable)
+    order = sorted(evictable, key=lambda r: (r.busy, _warm_in_ram(r), _worth(r, by_crf)))
     count_excess = 0 if limits.max_running is None else max(0, running + 1 - limits.max_running)
     freeable = sum(r.usage for r in order if r.device == device.id)
     countable = sum(1 for r in order if not r.asleep)
@@ -177,9 +232,9 @@ def _running(victims: Sequence[Resident]) -> int:
 def _prune(
     victims: list[Resident], need: int, room: int, count_excess: int, device: str
 ) -> list[Resident]:
-    """Drop victims the plan does not need, most recently used first.
+    """Drop victims the plan does not need, most worth keeping first.
 
-    Greedy LRU can pick a victim for the count cap and then a later one that
+    Greedy order can pick a victim for the count cap and then a later one that
     satisfies both memory and count; the first is then stopped for nothing.
     """
     kept = list(victims)
@@ -258,6 +313,7 @@ class RamEntry:
     last_used: float
     via: RamVia
     busy: bool = False  # being woken or started from it: not to be pushed down now
+    crf: float | None = None  # as Resident.crf: decayed to the plan's clock
 
 
 @dataclass(frozen=True)
@@ -307,8 +363,9 @@ def _down_from_ram(entry: RamEntry) -> Action:
 class _RamLedger:
     """The ram tier while a plan is being made: what it holds and the room left."""
 
-    def __init__(self, ram: RamTier) -> None:
-        self.entries = sorted(ram.entries, key=lambda e: e.last_used)
+    def __init__(self, ram: RamTier, by_crf: bool) -> None:
+        self.by_crf = by_crf
+        self.entries = sorted(ram.entries, key=lambda e: _worth(e, by_crf))
         self.budget = ram.budget
         self.held = sum(e.bytes for e in self.entries)
         self.available = ram.available
@@ -320,19 +377,21 @@ class _RamLedger:
         return _down_from_ram(entry)
 
     def room_for(self, victim: Resident) -> list[RamEntry] | None:
-        """Older entries to push down so ``victim`` fits; None when it cannot fit."""
+        """Entries worth less to push down so ``victim`` fits; None when it cannot fit."""
         room = min(self.budget - self.held, self.available)
         spill: list[RamEntry] = []
+        worth = _worth(victim, self.by_crf)
         for entry in self.entries:
             if room >= victim.ram_cost:
                 break
-            if entry.last_used < victim.last_used and not entry.busy:
+            if _worth(entry, self.by_crf) < worth and not entry.busy:
                 spill.append(entry)
                 room += entry.bytes
         return spill if room >= victim.ram_cost else None
 
     def add(self, victim: Resident, via: RamVia) -> None:
-        self.entries.append(RamEntry(victim.name, victim.ram_cost, victim.last_used, via))
+        entry = RamEntry(victim.name, victim.ram_cost, victim.last_used, via, crf=victim.crf)
+        self.entries.append(entry)
         self.held += victim.ram_cost
         self.available -= victim.ram_cost
 
@@ -340,18 +399,21 @@ class _RamLedger:
 def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Action, ...]:
     """What to do with each victim of an admission: down to the ram tier, or to disk.
 
-    The most recently used victim gets the ram tier first. Room in the tier is the
-    budget less what it holds, and never more than the host memory available; to
-    make room, ram entries older than the victim go down to disk. A victim already
-    in the ram tier (asleep on this device) goes down to disk.
+    The victim most worth keeping (highest CRF, or most recently used) gets the
+    ram tier first. Room in the tier is the budget less what it holds, and never
+    more than the host memory available; to make room, ram entries worth less than
+    the victim go down to disk. A victim already in the ram tier (asleep on this
+    device) goes down to disk, before the others ask for room: the room it leaves
+    is theirs, and it is never pushed down twice.
     """
-    ledger = _RamLedger(ram)
+    by_crf = _by_crf([*victims, *ram.entries])
+    ledger = _RamLedger(ram, by_crf)
     actions: list[Action] = []
-    for victim in sorted(victims, key=lambda v: -v.last_used):
-        if victim.asleep:
-            entry = next((e for e in ledger.entries if e.name == victim.name), None)
-            actions.append(ledger.remove(entry) if entry else Stop(victim.name))
-            continue
+    for victim in (v for v in victims if v.asleep):
+        entry = next((e for e in ledger.entries if e.name == victim.name), None)
+        actions.append(ledger.remove(entry) if entry else Stop(victim.name))
+    awake = [v for v in victims if not v.asleep]
+    for victim in sorted(awake, key=lambda v: _worth(v, by_crf), reverse=True):
         spill = None if victim.ram_via is None or ram.budget <= 0 else ledger.room_for(victim)
         if victim.ram_via is None or spill is None:
             actions.append(Stop(victim.name))
@@ -368,12 +430,13 @@ def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Action, ...]:
 def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
     """Entries to push down to disk so the tier fits its budget and the available memory.
 
-    Least recently used first; busy entries stay.
+    Least worth keeping first (lowest CRF, or least recently used); busy entries stay.
     """
     held = sum(e.bytes for e in ram.entries)
     over = max(held - ram.budget, -ram.available)
+    by_crf = _by_crf(ram.entries)
     actions: list[Action] = []
-    for entry in sorted(ram.entries, key=lambda e: e.last_used):
+    for entry in sorted(ram.entries, key=lambda e: _worth(e, by_crf)):
         if over <= 0:
             break
         if entry.busy:

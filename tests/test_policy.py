@@ -4,7 +4,26 @@ from __future__ import annotations
 
 import pytest
 
-from swapd.policy import Admit, DeviceView, Impossible, Limits, Plan, Resident, Wait, plan_admission
+from swapd.policy import (
+    CRF_HALF_LIFE_S,
+    Action,
+    Admit,
+    DeviceView,
+    Impossible,
+    Limits,
+    Plan,
+    RamEntry,
+    RamTier,
+    Resident,
+    Sleep,
+    Stop,
+    Wait,
+    crf_decay,
+    crf_update,
+    demotions,
+    plan_admission,
+    ram_overflow,
+)
 
 GIB = 1024**3
 
@@ -27,9 +46,23 @@ def res(  # noqa: PLR0913 - one keyword per resident fact the tables vary
     device: str = "gpu0",
     busy: bool = False,
     pinned: bool = False,
+    crf: float | None = None,
+    asleep: bool = False,
+    ram_cost: float = 0,
 ) -> Resident:
-    """A resident model with its usage in GiB."""
-    return Resident(name, device, gib(usage), last_used, busy=busy, pinned=pinned)
+    """A resident model with its usage (and what it would take in the ram tier) in GiB."""
+    return Resident(
+        name,
+        device,
+        gib(usage),
+        last_used,
+        busy=busy,
+        pinned=pinned,
+        crf=crf,
+        asleep=asleep,
+        ram_via="sleep" if ram_cost else None,
+        ram_cost=gib(ram_cost),
+    )
 
 
 @pytest.mark.parametrize(
@@ -332,3 +365,247 @@ def test_plan_admission_impossible(
 def test_plan_admission_without_devices_is_impossible() -> None:
     """An empty candidate list (no device reported memory) is Impossible, not an error."""
     assert plan_admission(gib(1), [], [], Limits()) == Impossible("no device to place the model on")
+
+
+# ---------------------------------------------------------------- worth keeping: crf
+
+
+@pytest.mark.parametrize(
+    ("crf", "since", "now", "half_life", "expected"),
+    [
+        pytest.param(4.0, 10.0, 10.0, 300.0, 4.0, id="no-time-no-decay"),
+        pytest.param(4.0, 0.0, 300.0, 300.0, 2.0, id="one-half-life-halves"),
+        pytest.param(4.0, 0.0, 600.0, 300.0, 1.0, id="two-half-lives-quarter"),
+        pytest.param(4.0, 100.0, 160.0, 60.0, 2.0, id="any-start-time"),
+        pytest.param(0.0, 0.0, 1e6, 300.0, 0.0, id="zero-stays-zero"),
+    ],
+)
+def test_crf_decay(crf: float, since: float, now: float, half_life: float, expected: float) -> None:
+    """A CRF halves every half-life, whatever the clock's origin."""
+    assert crf_decay(crf, since, now, half_life) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("previous", "last", "now", "half_life", "expected"),
+    [
+        pytest.param(0.0, 0.0, 50.0, 300.0, 1.0, id="first-request-counts-one"),
+        pytest.param(1.0, 50.0, 50.0, 300.0, 2.0, id="two-at-once-count-two"),
+        pytest.param(1.0, 0.0, 300.0, 300.0, 1.5, id="old-request-counts-half"),
+        pytest.param(6.0, 0.0, 600.0, 300.0, 2.5, id="history-decays-before-adding"),
+        pytest.param(2.0, 0.0, CRF_HALF_LIFE_S, CRF_HALF_LIFE_S, 2.0, id="default-half-life"),
+    ],
+)
+def test_crf_update(
+    previous: float, last: float, now: float, half_life: float, expected: float
+) -> None:
+    """A request adds 1 to the previous CRF decayed from the request before."""
+    assert crf_update(previous, last, now, half_life) == pytest.approx(expected)
+
+
+def test_crf_update_defaults_to_the_documented_half_life() -> None:
+    """Without a half-life, crf_update uses CRF_HALF_LIFE_S."""
+    assert crf_update(2.0, 0.0, CRF_HALF_LIFE_S) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "times",
+    [
+        pytest.param([0.0], id="one"),
+        pytest.param([0.0, 1.0, 2.0], id="close-together"),
+        pytest.param([0.0, 300.0, 1200.0, 1201.0], id="spread"),
+    ],
+)
+def test_crf_update_is_the_decayed_request_count(times: list[float]) -> None:
+    """Folding crf_update over requests gives LRFU's sum of 2 ** -(age / half-life)."""
+    crf, last = 0.0, times[0]
+    for t in times:
+        crf, last = crf_update(crf, last, t, 300.0), t
+    now = times[-1] + 450.0
+    expected = sum(2 ** (-(now - t) / 300.0) for t in times)
+    assert crf_decay(crf, last, now, 300.0) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("need", "devices", "residents", "plan"),
+    [
+        pytest.param(
+            8,
+            [dev(free=4)],
+            [res("often", 8, 1, crf=5.0), res("once-lately", 8, 9, crf=1.0)],
+            Admit("gpu0", ("once-lately",)),
+            id="crf-evicts-the-rarely-used-though-more-recent",
+        ),
+        pytest.param(
+            8,
+            [dev(free=4)],
+            [res("often", 8, 1), res("once-lately", 8, 9)],
+            Admit("gpu0", ("often",)),
+            id="no-crf-least-recently-used",
+        ),
+        pytest.param(
+            8,
+            [dev(free=4)],
+            [res("often", 8, 1, crf=5.0), res("once-lately", 8, 9)],
+            Admit("gpu0", ("often",)),
+            id="one-crf-missing-falls-back-to-lru",
+        ),
+        pytest.param(
+            8,
+            [dev(free=4)],
+            [res("newer", 8, 9, crf=2.0), res("older", 8, 1, crf=2.0)],
+            Admit("gpu0", ("older",)),
+            id="equal-crf-least-recently-used",
+        ),
+        pytest.param(
+            8,
+            [dev(free=4)],
+            [res("busy", 8, 1, busy=True, crf=0.1), res("idle", 8, 9, crf=9.0)],
+            Admit("gpu0", ("idle",)),
+            id="busy-stays-despite-lowest-crf",
+        ),
+        pytest.param(
+            8,
+            [dev(free=4)],
+            [res("pinned", 8, 1, pinned=True, crf=0.0), res("a", 8, 9, crf=9.0)],
+            Admit("gpu0", ("a",)),
+            id="pinned-stays-despite-lowest-crf",
+        ),
+        pytest.param(
+            9,
+            [dev(free=2)],
+            [
+                res("a", 4, 1, crf=3.0),
+                res("b", 4, 2, crf=0.5),
+                res("c", 4, 3, crf=1.0),
+                res("d", 4, 4, crf=2.0),
+            ],
+            Admit("gpu0", ("b", "c")),
+            id="several-lowest-crf-first-stops-when-it-fits",
+        ),
+        pytest.param(
+            3,
+            [dev(free=0.5)],
+            [
+                res("sleeper", 0.5, 1, asleep=True, ram_cost=8, crf=0.1),
+                res("a", 2, 2, crf=2.0),
+                res("b", 4, 3, crf=3.0),
+            ],
+            Admit("gpu0", ("b",)),
+            id="sleeper-with-weights-in-ram-taken-after-awake-idle",
+        ),
+        pytest.param(
+            3,
+            [dev(free=0.5)],
+            [
+                res("pages", 0.5, 1, asleep=True, ram_cost=0.5, crf=0.1),
+                res("a", 2, 2, crf=2.0),
+                res("b", 4, 3, crf=3.0),
+            ],
+            Admit("gpu0", ("pages", "a")),
+            id="sleeper-holding-all-it-costs-in-crf-order",
+        ),
+        pytest.param(
+            3,
+            [dev(free=0.5)],
+            [
+                res("cpu-sleeper", 0.5, 1, asleep=True, ram_cost=0.9, crf=0.1),
+                res("a", 2, 2, crf=2.0),
+                res("b", 4, 3, crf=3.0),
+            ],
+            Admit("gpu0", ("cpu-sleeper", "a")),
+            id="sleeper-holding-over-half-in-crf-order",
+        ),
+        pytest.param(
+            3,
+            [dev(free=0.5)],
+            [
+                res("sleeper", 0.5, 1, asleep=True, ram_cost=8),
+                res("a", 2, 2),
+                res("b", 4, 3),
+            ],
+            Admit("gpu0", ("b",)),
+            id="sleeper-taken-after-awake-idle-without-crf-too",
+        ),
+    ],
+)
+def test_plan_admission_orders_by_crf(
+    need: float, devices: list[DeviceView], residents: list[Resident], plan: Plan
+) -> None:
+    """Idle residents go least worth keeping first: lowest CRF, or least recently used."""
+    assert plan_admission(gib(need), devices, residents, Limits()) == plan
+
+
+def entry(name: str, size: float, last_used: float, crf: float | None = None) -> RamEntry:
+    """A sleeping model in the ram tier, its size in GiB."""
+    return RamEntry(name, gib(size), last_used, "sleep", crf=crf)
+
+
+@pytest.mark.parametrize(
+    ("victims", "ram", "actions"),
+    [
+        pytest.param(
+            [res("often", 4, 1, ram_cost=4, crf=5.0), res("lately", 4, 9, ram_cost=4, crf=1.0)],
+            RamTier(gib(4), gib(64)),
+            (Sleep("often"), Stop("lately")),
+            id="highest-crf-gets-the-tier",
+        ),
+        pytest.param(
+            [res("often", 4, 1, ram_cost=4), res("lately", 4, 9, ram_cost=4)],
+            RamTier(gib(4), gib(64)),
+            (Sleep("lately"), Stop("often")),
+            id="no-crf-most-recent-gets-the-tier",
+        ),
+        pytest.param(
+            [res("v", 4, 5, ram_cost=4, crf=3.0)],
+            RamTier(gib(4), gib(64), (entry("e", 4, 10, crf=0.5),)),
+            (Stop("e"), Sleep("v")),
+            id="entry-with-lower-crf-pushed-down-though-more-recent",
+        ),
+        pytest.param(
+            [res("v", 4, 5, ram_cost=4, crf=0.2)],
+            RamTier(gib(4), gib(64), (entry("e", 4, 1, crf=0.5),)),
+            (Stop("v"),),
+            id="entry-with-higher-crf-stays-though-older",
+        ),
+        pytest.param(
+            [res("v", 4, 5, ram_cost=4)],
+            RamTier(gib(4), gib(64), (entry("e", 4, 10),)),
+            (Stop("v"),),
+            id="no-crf-newer-entry-stays",
+        ),
+        pytest.param(
+            [
+                res("v", 4, 9, ram_cost=4, crf=2.0),
+                res("s", 0.5, 1, asleep=True, ram_cost=4, crf=0.1),
+            ],
+            RamTier(gib(4), gib(64), (entry("s", 4, 1, crf=0.1),)),
+            (Stop("s"), Sleep("v")),
+            id="sleeping-victim-leaves-first-and-only-once",
+        ),
+    ],
+)
+def test_demotions_order(
+    victims: list[Resident], ram: RamTier, actions: tuple[Action, ...]
+) -> None:
+    """The ram tier goes to what is most worth keeping; what is worth less goes to disk."""
+    assert demotions(victims, ram) == actions
+
+
+@pytest.mark.parametrize(
+    ("ram", "actions"),
+    [
+        pytest.param(
+            RamTier(gib(4), gib(64), (entry("often", 4, 1, 5.0), entry("lately", 4, 9, 1.0))),
+            (Stop("lately"),),
+            id="lowest-crf-pushed-down",
+        ),
+        pytest.param(
+            RamTier(gib(4), gib(64), (entry("often", 4, 1), entry("lately", 4, 9))),
+            (Stop("often"),),
+            id="no-crf-least-recently-used-pushed-down",
+        ),
+    ],
+)
+def test_ram_overflow_order(ram: RamTier, actions: tuple[Action, ...]) -> None:
+    """Over its budget, the tier pushes down its entries least worth keeping first."""
+    assert ram_overflow(ram) == actions
