@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
@@ -41,6 +41,7 @@ _ALLOW_METHODS = "GET, POST, OPTIONS"
 _ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key, X-Request-Id"
 _EXPOSE_HEADERS = "X-Request-Id, Retry-After"
 _MAX_ASKED = 1000
+_SEEN_MAX = 1024
 
 
 def route_need(path: str, *, metrics_public: bool) -> Need:
@@ -116,12 +117,21 @@ class HostGuard:
 
     listen: str
     allowed: tuple[str, ...] = ()
+    # Host headers repeat (one or two per client), so each answer is kept, up to a bound.
+    _seen: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def allows(self, header: str | None) -> bool:
         """Whether a Host header (None when absent, as in HTTP/1.0) may be served."""
         if header is None:
             return True  # no browser omits Host; a client that does is not a rebinding page
-        name = host_name(header)
+        known = self._seen.get(header)
+        if known is None:
+            known = self._decide(host_name(header))
+            if len(self._seen) < _SEEN_MAX:
+                self._seen[header] = known
+        return known
+
+    def _decide(self, name: str) -> bool:
         if name in {"localhost", host_name(self.listen)} or "*" in self.allowed:
             return True
         ip = _ip(name)

@@ -201,7 +201,7 @@ class RequestTimeout(RequestError):
 
     status = 408
     kind = "invalid_request_error"
-    code = "request_timeout"
+    code = "body_timeout"  # named for the setting that ran out
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds

@@ -201,7 +201,11 @@ class EdgeHandler(RequestHandler):
             access_log=None,  # type: ignore[arg-type]  # None turns aiohttp's access log off
         )
         self._edge = edge
+        self._clock = loop
         self._phase: Phase = "headers"
+        # One timer per connection, moved lazily: a request only sets the deadline, and the
+        # timer, when it fires early, sleeps on to it (arming a timer per request costs more).
+        self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,14 +222,17 @@ class EdgeHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Stop the timer and forget the connection."""
-        self._cancel()
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._edge.closed(self)
         super().connection_lost(exc)
 
     def request_started(self) -> None:
-        """Headers are in and a handler runs: no timer while it works."""
+        """Headers are in and a handler runs: no deadline while it works."""
         self._phase = "busy"
-        self._cancel()
+        self._deadline = None
 
     def request_finished(self) -> None:
         """The handler is done: the connection may idle for ``keepalive_timeout``."""
@@ -233,17 +240,21 @@ class EdgeHandler(RequestHandler):
         self._arm(self._edge.limits.keepalive_timeout)
 
     def _arm(self, seconds: float) -> None:
-        self._cancel()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
-
-    def _cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = deadline = self._clock.time() + seconds
+        timer = self._timer
+        if timer is not None and timer.when() <= deadline:
+            return  # it fires first and sleeps on to the deadline
+        if timer is not None:
+            timer.cancel()
+        self._timer = self._clock.call_at(deadline, self._expire)
 
     def _expire(self) -> None:
         self._timer = None
-        if self._phase == "busy" or self.transport is None:
+        deadline = self._deadline
+        if deadline is None or self.transport is None:
+            return  # busy, or gone
+        if self._clock.time() < deadline:
+            self._timer = self._clock.call_at(deadline, self._expire)
             return
         if self._phase == "idle" and self.transport.get_write_buffer_size():
             # Still sending the last answer to a slow reader: that is not idling.

@@ -150,7 +150,7 @@ def test_a_slow_body_gets_408_and_the_connection_closes(edge: Daemon) -> None:
     )
     status, headers, body = send_raw(edge, head + b'{"model": "a", ')
     assert status == 408
-    assert body["error"]["code"] == "request_timeout"
+    assert body["error"]["code"] == "body_timeout"
     assert headers["connection"] == "close"
 
 
