@@ -23,6 +23,7 @@ from swapd.logs import get_logger
 _log = get_logger("swapd.cgroups")
 _PREFIX = "swapd-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_OWNER = re.compile(rf"^{_PREFIX}(\d+)-")
 # How long to wait for a killed cgroup to empty before giving up on removing it.
 _EMPTY_TIMEOUT = 2.0
 
@@ -52,6 +53,16 @@ def _delegated(path: Path) -> bool:
             if os.getxattr(path, name) == b"1":
                 return True
     return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _members(path: Path) -> list[int]:
@@ -92,15 +103,22 @@ class Cgroups:
         return tree, ""
 
     def clean(self) -> None:
-        """Remove empty backend cgroups an earlier run left (a crash, a SIGKILL)."""
+        """Remove empty backend cgroups that a swapd no longer alive left (a crash, a SIGKILL).
+
+        Names carry the owner's pid, so one swapd never removes another live one's.
+        """
         for child in self.base.glob(f"{_PREFIX}*"):
+            owner = _OWNER.match(child.name)
+            if owner is None or _alive(int(owner.group(1))):
+                continue
             if child.is_dir() and not _members(child):
                 with contextlib.suppress(OSError):
                     child.rmdir()
 
     def create(self, model: str) -> Path:
         """A fresh, empty cgroup for one start of ``model``."""
-        path = self.base / f"{_PREFIX}{_UNSAFE.sub('_', model)[:40]}-{secrets.token_hex(3)}"
+        name = f"{_PREFIX}{os.getpid()}-{_UNSAFE.sub('_', model)[:40]}-{secrets.token_hex(3)}"
+        path = self.base / name
         path.mkdir()
         return path
 

@@ -16,6 +16,7 @@
         ├── MisdirectedRequest   421: a Host that names neither swapd nor ``allowed_hosts``
         ├── BackendStartError    502: the backend could not start, died or timed out starting
         ├── BackendGone          502: the backend died while serving the request
+        ├── UpstreamTimeout      504: no answer within the preset's request_timeout
         ├── LoadFailed           500: an unexpected error while loading (logged with its trace)
         ├── StageFailed          500: staging the weights failed (checksum, I/O)
         ├── QueueFull            429 + Retry-After: the model's concurrency and max_queue are full
@@ -278,6 +279,18 @@ class BackendGone(RequestError):
     def __init__(self, model: str, reason: str) -> None:
         self.model = model
         super().__init__(f"backend for {model!r} failed while serving: {reason}")
+
+
+class UpstreamTimeout(RequestError):
+    """The backend did not answer within the preset's ``request_timeout``."""
+
+    status = 504
+    kind = "server_error"
+    code = "request_timeout"
+
+    def __init__(self, model: str, timeout: float) -> None:
+        self.model = model
+        super().__init__(f"backend for {model!r} did not answer within {timeout:g}s")
 
 
 class LoadFailed(RequestError):

@@ -28,6 +28,7 @@ from swapd import policy
 from swapd.admission import Admission, Snapshot
 from swapd.backends import (
     BinaryNotFound,
+    Launch,
     Placement,
     SleepFailed,
     SleepUnsupported,
@@ -250,6 +251,8 @@ class Manager:
         """Wait until the model is ready and count one request in flight on it."""
         slot = self.slot_for(name)
         preset = slot.preset
+        now = time.monotonic()  # every request counts for the eviction order, queued or not
+        slot.crf, slot.crf_at = policy.crf_update(slot.crf, slot.crf_at, now), now
         if preset.max_queue is not None and slot.waiters >= preset.max_queue:
             limit = (preset.concurrency or 0) + preset.max_queue
             raise QueueFull(preset.name, limit)
@@ -277,12 +280,17 @@ class Manager:
                 if slot.sleep_task is not None:
                     await asyncio.shield(slot.sleep_task)
                     continue
-                if slot.state is State.DRAINING:
+                if slot.state is State.DRAINING or self._reaping(slot):
                     await self._changed.wait()
                     continue
                 await self._join_load(slot)
         finally:
             slot.waiters -= 1
+
+    @staticmethod
+    def _reaping(slot: Slot) -> bool:
+        """A dead backend whose group is still being stopped: wait, then start afresh."""
+        return slot.state is State.FAILED and slot.child is not None
 
     def _refuse_if_failing(self, slot: Slot) -> None:
         """Answer at once, starting nothing, while the model backs off or its breaker is open."""
@@ -369,9 +377,13 @@ class Manager:
 
     def _ensure_loading(self, slot: Slot) -> asyncio.Task[None]:
         if slot.load_task is None or slot.load_task.done():
+            # Only a model asleep in the ram tier wakes; anything else starts afresh.
+            waking = slot.state is State.ASLEEP
             slot.move((State.STOPPED, State.FAILED, State.ASLEEP, State.BACKOFF), State.QUEUED)
             slot.last_error = None
-            slot.load_task = self._spawn_task(self._load(slot), f"load:{slot.preset.name}")
+            slot.load_task = self._spawn_task(
+                self._load(slot, waking=waking), f"load:{slot.preset.name}"
+            )
         return slot.load_task
 
     async def load(self, name: str) -> None:
@@ -393,7 +405,7 @@ class Manager:
             if slot.sleep_task is not None:
                 await asyncio.shield(slot.sleep_task)
                 continue
-            if slot.state is State.DRAINING:
+            if slot.state is State.DRAINING or self._reaping(slot):
                 await self._changed.wait()
                 continue
             await self._join_load(slot)
@@ -401,10 +413,9 @@ class Manager:
         if slot.in_flight == 0:
             self._arm_ttl(slot)
 
-    async def _load(self, slot: Slot) -> None:
+    async def _load(self, slot: Slot, *, waking: bool) -> None:
         name = slot.preset.name
         started = time.monotonic()
-        waking = slot.child is not None  # ASLEEP -> QUEUED: the process sleeps in ram
         staging = None
         if not waking and slot.preset.stage and self.staging is not None:
             # Copy while the load waits for room or for busy models (prefetch).
@@ -478,6 +489,7 @@ class Manager:
         if slot.asleep:
             # Asleep: it holds only what the driver kept, which the probe measures.
             return policy.Resident(
+                crf=self._crf(slot),
                 name=slot.preset.name,
                 device=slot.device.id,
                 usage=measured or 0,
@@ -490,6 +502,7 @@ class Manager:
                 ram_cost=slot.ram_bytes,
             )
         return policy.Resident(
+            crf=self._crf(slot),
             name=slot.preset.name,
             device=slot.device.id,
             usage=policy.counted_usage(measured, need),
@@ -514,6 +527,7 @@ class Manager:
                 # so a load there can push them down to disk.
                 residents += [
                     policy.Resident(
+                        crf=self._crf(slot),
                         name=slot.preset.name,
                         device=device.id,
                         usage=slot.ram_bytes,
@@ -529,6 +543,11 @@ class Manager:
                     if device.kind == "cpu"
                 ]
         return residents
+
+    @staticmethod
+    def _crf(slot: Slot) -> float:
+        """The slot's recency-frequency value now (LRFU): what eviction order keeps."""
+        return policy.crf_decay(slot.crf, slot.crf_at, time.monotonic())
 
     def _ram_via(self, slot: Slot) -> policy.RamVia | None:
         """How this slot could go down to the ram tier, if it can."""
@@ -568,6 +587,7 @@ class Manager:
                 s.last_used,
                 "sleep" if s.asleep else "pages",
                 busy=s.busy,
+                crf=self._crf(s),
             )
             for s in self.slots.values()
             if s.asleep or s.pages is not None
@@ -875,7 +895,12 @@ class Manager:
             await child.spawn()
             self.records.add(child.pid or 0, preset.name)
             await child.wait_ready(
-                launch.host, launch.port, launch.health_path, preset.start_timeout, self.pool
+                launch.host,
+                launch.port,
+                launch.health_path,
+                preset.start_timeout,
+                self.pool,
+                headers=launch.headers,
             )
         except BaseException as exc:
             # Whatever went wrong (exit, timeout, an unwritable state_dir, cancellation),
@@ -907,10 +932,15 @@ class Manager:
 
     async def _wake(self, slot: Slot) -> None:
         """Wake a sleeping backend (vLLM ``/wake_up``); no new process."""
-        assert slot.launch is not None  # noqa: S101 - asleep implies launched
-        launch = slot.launch
         self._cancel_ram_ttl(slot)
         started = time.monotonic()
+        launch = slot.launch
+        if launch is None:  # the sleeping process died meanwhile
+            slot.move(State.WAKING, State.FAILED)
+            await self._end_failed_child(slot, "the sleeping process is gone")
+            raise BackendStartError(
+                slot.preset.name, None, slot.ring.tail(), reason="could not wake: process gone"
+            )
         try:
             await slot.kind.wake(self.pool, launch.host, launch.port)
         except (SleepFailed, SleepUnsupported) as exc:
@@ -956,15 +986,16 @@ class Manager:
         # backend's buffers settle during it.
         await asyncio.sleep(_MEASURE_DELAY)
         try:
-            if slot.device is None or child.pid is None or slot.child is not child:
+            device = slot.device
+            if device is None or child.pid is None or slot.child is not child:
                 return
             snap = await self.admission.read([child.pid])
-            reading = snap.readings.get(slot.device.id)
+            reading = snap.readings.get(device.id)
             if reading is None or child.pid not in reading.by_pid or slot.child is not child:
                 return
             slot.measured = reading.by_pid[child.pid]
             slot.memory_source = reading.source
-            self.footprints.put(slot.preset, slot.device.kind, slot.measured)
+            self.footprints.put(slot.preset, device.kind, slot.measured)
             _log.info("model.measure", model=slot.preset.name, bytes=slot.measured)
         except Exception as exc:  # noqa: BLE001 - a failed measurement must not vanish
             _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
@@ -1010,7 +1041,7 @@ class Manager:
             if slot.state not in (State.READY, State.DRAINING):
                 misses = 0  # asleep, waking or stopping: not a serving backend now
                 continue
-            if await self._probe(slot.launch.host, slot.launch.port, preset.health, timeout):
+            if await self._probe(slot.launch, preset.health, timeout):
                 misses = 0
                 continue
             misses += 1
@@ -1036,10 +1067,11 @@ class Manager:
                 self._notify()
                 return
 
-    async def _probe(self, host: str, port: int, path: str, timeout: float) -> bool:
+    async def _probe(self, launch: Launch, path: str, timeout: float) -> bool:
+        host, port = launch.host, launch.port
         try:
             async with asyncio.timeout(timeout):
-                resp = await self.pool.request(host, port, "GET", path, (), b"")
+                resp = await self.pool.request(host, port, "GET", path, launch.headers, b"")
                 try:
                     await resp.read()
                 finally:

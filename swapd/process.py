@@ -42,8 +42,9 @@ def _prepare_child(cgroup_procs: str | None) -> None:  # pragma: no cover - fork
     exec-error pipe working.
     """
     if cgroup_procs is not None:
-        # Before exec, so that everything the backend starts is in the cgroup too.
-        with open(cgroup_procs, "w") as procs:  # noqa: PTH123 - no pathlib after fork
+        # Before exec, so that everything the backend starts is in the cgroup too. If the
+        # cgroup is gone, the backend still starts; escapes are then only reported.
+        with contextlib.suppress(OSError), open(cgroup_procs, "w") as procs:  # noqa: PTH123
             procs.write("0")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -52,6 +53,22 @@ def _prepare_child(cgroup_procs: str | None) -> None:  # pragma: no cover - fork
         if fd > _LAST_STDIO_FD:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)  # noqa: FBT003 - os takes it positionally
+
+
+def _live_member(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is alive, not a zombie (from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ")".
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 class Child:
@@ -157,6 +174,8 @@ class Child:
             assert self._proc is not None  # noqa: S101 - drained only after a spawn
             transport = self._proc._transport  # type: ignore[attr-defined]  # noqa: SLF001 - no public way to close the pipes
             transport.close()
+            if self._group_alive():
+                return  # a worker still in the group holds it; the stop ends it
             self.escaped = True
             _log.warning(
                 "backend.escaped",
@@ -165,11 +184,21 @@ class Child:
                 detail="a process that left the backend's group still holds its output",
             )
 
-    async def wait_ready(
-        self, host: str, port: int, path: str, timeout: float, pool: UpstreamPool
+    async def wait_ready(  # noqa: PLR0913 - where, what, how long, through what, the key
+        self,
+        host: str,
+        port: int,
+        path: str,
+        timeout: float,
+        pool: UpstreamPool,
+        *,
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
-        """Poll ``path`` until it answers 200, racing early exit and the deadline."""
-        poll = asyncio.create_task(self._poll(host, port, path, pool))
+        """Poll ``path`` until it answers 200, racing early exit and the deadline.
+
+        ``headers`` go with every poll (a backend's own key, for a guarded health path).
+        """
+        poll = asyncio.create_task(self._poll(host, port, path, pool, headers))
         exited = asyncio.create_task(self.wait_exit())
         try:
             done, _ = await asyncio.wait(
@@ -187,12 +216,19 @@ class Child:
         raise BackendStartError(self.model, None, self.ring.tail())
 
     @staticmethod
-    async def _poll(host: str, port: int, path: str, pool: UpstreamPool) -> None:
+    async def _poll(
+        host: str,
+        port: int,
+        path: str,
+        pool: UpstreamPool,
+        headers: Sequence[tuple[bytes, bytes]],
+    ) -> None:
         # A refused connect costs microseconds, so a short period steals little CPU
         # from the backend that is starting.
         while True:
             try:
-                resp = await asyncio.wait_for(pool.request(host, port, "GET", path, (), b""), 5)
+                sent = pool.request(host, port, "GET", path, headers, b"")
+                resp = await asyncio.wait_for(sent, 5)
                 try:
                     await resp.read()
                 finally:
@@ -217,13 +253,14 @@ class Child:
         self._signal_group(signal.SIGKILL)
 
     def _group_alive(self) -> bool:
+        """Whether a member of the group lives (zombies waiting to be reaped do not count)."""
         if self._proc is None:
             return False
         try:
             os.killpg(self._proc.pid, 0)
         except (ProcessLookupError, PermissionError):
             return False
-        return True
+        return _live_member(self._proc.pid)
 
     async def stop(self, timeout: float) -> int:
         """Signal the group (SIGTERM by default), SIGKILL it after ``timeout``, reap it."""
@@ -243,8 +280,8 @@ class Child:
     async def _terminate(self, timeout: float) -> int:
         assert self._proc is not None  # noqa: S101 - stop checks it
         started = time.monotonic()
-        if self._proc.returncode is None:
-            self._signal_group(self.stop_signal)
+        # Even when the leader is dead already (a crash), its workers may live on.
+        self._signal_group(self.stop_signal)
         try:
             code = await asyncio.wait_for(asyncio.shield(self.wait_exit()), timeout)
         except TimeoutError:

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterable
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from swapd import _json as capped_json
-from swapd.errors import BackendGone, BadRequest, BodyTooLarge, RequestError, RequestTimeout, clip
+from swapd.errors import (
+    BackendGone,
+    BadRequest,
+    BodyTooLarge,
+    RequestError,
+    RequestTimeout,
+    UpstreamTimeout,
+    clip,
+)
 from swapd.manager import Manager
 from swapd.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -46,6 +55,20 @@ _HOP = frozenset(
 # The client's credentials for swapd: never forwarded (a backend's own key is swapd's to send).
 _PRIVATE = frozenset({"authorization", "x-api-key", "cookie"})
 _NOT_FORWARDED = frozenset(name.encode() for name in _HOP | _PRIVATE)
+# Sized answers up to this are read whole and sent in one write; larger ones are passed
+# through chunk by chunk with backpressure, like streams, so swapd never holds them whole.
+BUFFER_LIMIT = 1 << 20
+
+
+def _named_in_connection(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names that ``Connection`` declares hop-by-hop (RFC 9110 section 7.6.1)."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(named)
+
+
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _FIELD_NAME = re.compile(rb'name="([^"]*)"', re.IGNORECASE)
 
@@ -141,35 +164,50 @@ class Proxy:
         request["model"] = clip(model)
         async with self.manager.lease(model) as lease:
             # The client's header bytes as sent: decoding and re-encoding them could fail.
-            headers = [(k, v) for k, v in request.raw_headers if k.lower() not in _NOT_FORWARDED]
+            dropped = _NOT_FORWARDED | _named_in_connection(request.raw_headers)
+            headers = [(k, v) for k, v in request.raw_headers if k.lower() not in dropped]
             launch = lease.slot.launch
             if launch is not None:
                 headers.extend(launch.headers)  # the backend's own key, known only to swapd
+            limit = lease.slot.preset.request_timeout
             try:
-                upstream = await self.pool.request(
-                    lease.host,
-                    lease.port,
-                    request.method,
-                    request.rel_url.raw_path_qs,
-                    headers,
-                    body,
-                )
-            except UpstreamError as exc:
-                raise BackendGone(lease.model, str(exc)) from exc
-            try:
-                return await self._relay(request, upstream, lease.model)
-            finally:
-                # Closing (not reusing) an unfinished upstream cancels the generation.
-                upstream.finish()
+                async with asyncio.timeout(limit):
+                    try:
+                        upstream = await self.pool.request(
+                            lease.host,
+                            lease.port,
+                            request.method,
+                            request.rel_url.raw_path_qs,
+                            headers,
+                            body,
+                        )
+                    except UpstreamError as exc:
+                        raise BackendGone(lease.model, str(exc)) from exc
+                    try:
+                        return await self._relay(request, upstream, lease.model)
+                    finally:
+                        # Closing (not reusing) an unfinished upstream cancels the generation.
+                        upstream.finish()
+            except TimeoutError:
+                assert limit is not None  # noqa: S101 - only a set limit times out
+                if request.get("relay_started"):
+                    # Headers are gone already: a cut connection is the only signal left.
+                    if request.transport is not None:
+                        request.transport.close()
+                    return web.Response(status=504)
+                raise UpstreamTimeout(lease.model, limit) from None
 
     @staticmethod
     async def _relay(
         request: web.Request, upstream: UpstreamResponse, model: str
     ) -> web.StreamResponse:
-        out_headers = [(k, v) for k, v in upstream.headers if k.lower() not in _HOP]
+        hop = _HOP | {n.decode("latin-1") for n in _named_in_connection(_raw(upstream.headers))}
+        out_headers = [(k, v) for k, v in upstream.headers if k.lower() not in hop]
         content_type = upstream.header("Content-Type") or ""
         streaming = content_type.startswith("text/event-stream")
-        if not streaming and upstream.header("Content-Length") is not None:
+        length = upstream.header("Content-Length")
+        small = length is not None and length.isdigit() and int(length) <= BUFFER_LIMIT
+        if not streaming and small:
             # A sized answer: read it whole and send it in one write.
             try:
                 payload = await upstream.read()
@@ -179,6 +217,9 @@ class Proxy:
                 status=upstream.status, body=payload, headers=CIMultiDict(out_headers)
             )
         response = web.StreamResponse(status=upstream.status, headers=CIMultiDict(out_headers))
+        if length is not None and length.isdigit() and not streaming:
+            response.content_length = int(length)
+        request["relay_started"] = True
         if streaming:
             # Tell Nginx (and similar) not to buffer server-sent events.
             response.headers["X-Accel-Buffering"] = "no"
@@ -194,6 +235,10 @@ class Proxy:
             return response
         await response.write_eof()
         return response
+
+
+def _raw(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 def error_response(exc: RequestError) -> web.Response:

@@ -53,6 +53,9 @@ class Slot:
     ram_bytes: int = 0  # host RAM the model holds in the ram tier
     ram_since: float = 0.0
     escaped: bool = False  # its last process left a helper outside its group (setsid)
+    # LRFU: requests weighed by age (policy.crf_update); kept across stops, for eviction order.
+    crf: float = 0.0
+    crf_at: float = 0.0
     swap_drain: bool = False  # DRAINING so that a request waiting past max_wait can swap in
     failures: int = 0  # failed starts in a row
     retry_at: float = 0.0  # monotonic; when a backoff ends

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import cast
@@ -19,6 +20,13 @@ from typing import cast
 import httptools
 
 # Stop reading from a backend when this much body waits for a slow client.
+# A kept-alive connection idle longer than this is not reused: backends close idle
+# connections after a few seconds (llama-server and uvicorn after 5 s), and a request
+# written into one that is closing may or may not have been read.
+REUSE_IDLE = 2.0
+# Methods that may be sent again when a reused connection fails before any answer. Any
+# other request may have been read and run by the backend, so it is never resent.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 _HIGH_WATER = 1 << 20
 _LOW_WATER = 1 << 18
 
@@ -45,6 +53,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.complete = False
         self.received_any = False
+        self.idle_since = 0.0
         self.error: UpstreamError | None = None
         self.keep_alive = True
         self._wakeup: asyncio.Future[None] | None = None
@@ -192,14 +201,20 @@ class UpstreamPool:
 
     def put(self, key: tuple[str, int], conn: _Connection) -> None:
         """Return an idle connection."""
+        conn.idle_since = time.monotonic()
         self._idle.setdefault(key, []).append(conn)
 
     def _take(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
+        now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                return conn
+            if conn.closed:
+                continue
+            if now - conn.idle_since > REUSE_IDLE:
+                conn.close()
+                continue
+            return conn
         return None
 
     async def _connect(self, key: tuple[str, int]) -> _Connection:
@@ -239,9 +254,9 @@ class UpstreamPool:
             try:
                 await asyncio.shield(conn.headers_ready)
             except UpstreamError:
-                # A kept-alive connection the backend closed meanwhile: one fresh try,
-                # only when nothing at all came back (so the request was not handled).
-                if reused and not conn.received_any:
+                # A kept-alive connection the backend closed meanwhile: one fresh try, only
+                # for a request that may run twice and when nothing at all came back.
+                if reused and not conn.received_any and method in _IDEMPOTENT:
                     conn.close()
                     conn, reused = None, False
                     continue

@@ -98,3 +98,22 @@ def test_a_starting_model_counts_before_it_takes_memory(
         assert other.result()[0] == 200
     assert [e["victims"] for e in d.events("model.evict")] == [["slow"]]
     assert [e["model"] for e in d.events("model.load.wait")][:1] == ["other"]
+
+
+def test_eviction_keeps_the_model_asked_for_more_often(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """LRFU, not LRU: a model used five times outlives one used once, even more recently."""
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": int(2.5 * GIB), "outside": 0}})
+    d = start_daemon(
+        {name: _gpu_preset(name, probe, 0) for name in ("often", "once", "new")},
+        {"devices": "auto", "reserve": 0},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    for _ in range(5):
+        assert d.chat("often")[0] == 200
+    assert d.chat("once")[0] == 200  # the most recently used of the two
+    assert d.chat("new")[0] == 200
+    assert [e["victims"] for e in d.events("model.evict")] == [["once"]]
+    assert d.model("often")["state"] == "ready"

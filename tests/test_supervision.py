@@ -82,7 +82,7 @@ def test_a_frozen_backend_is_killed_by_the_liveness_probe_and_restarted(
 
     The request in flight at the time gets 502 backend_gone.
     """
-    d = start_daemon({"a": fake_preset("A", health_interval="300ms", health_failures=2)})
+    d = start_daemon({"a": fake_preset("A", health_interval="1s", health_failures=2)})
     assert d.chat("a")[0] == 200
     pid = d.model("a")["pid"]
     with ThreadPoolExecutor(1) as pool:

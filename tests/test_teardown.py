@@ -91,6 +91,7 @@ def test_a_backend_cgroup_ends_helpers_that_escaped_the_group(start_daemon: Star
         [event] = d.events("backend.escaped.killed")
         assert event["pids"] == [helper]
         wait_for(lambda: not psutil.pid_exists(helper), timeout=5)
-        assert not list(tree.base.glob("swapd-a-*"))  # its cgroup is removed
+        assert d.proc is not None
+        assert not list(tree.base.glob(f"swapd-{d.proc.pid}-a-*"))  # its cgroup is removed
     finally:
         _kill(helper)

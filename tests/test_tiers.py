@@ -59,7 +59,7 @@ def test_ttl_demotes_vllm_to_sleep_and_the_process_survives(
     before = d.model("v")
     pid = before["pid"]
     awake_rss = _rss(pid)
-    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=15)
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
     after = d.model("v")
     assert after["pid"] == pid
     assert after["tier"] == "ram"
@@ -80,7 +80,7 @@ def test_a_request_wakes_a_sleeping_vllm_without_a_new_process(
     )
     assert d.chat("v")[0] == 200
     pid = d.model("v")["pid"]
-    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=15)
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
     status, body = d.chat("v", "again")
     assert status == 200, body
     assert body["choices"][0]["message"]["content"] == "v: again"
@@ -139,8 +139,8 @@ def test_ram_ttl_moves_a_sleeping_model_down_to_disk(
     d = start_daemon({"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s", ram_ttl="1s")})
     assert d.chat("v")[0] == 200
     pid = d.model("v")["pid"]
-    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=15)
-    wait_for(lambda: d.model("v")["state"] == "stopped", timeout=15)
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
+    wait_for(lambda: d.model("v")["state"] == "stopped", timeout=40)
     assert d.model("v")["tier"] == "disk"
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert [e["model"] for e in d.events("model.ram_ttl.expire")] == ["v"]
@@ -203,7 +203,7 @@ def test_a_refused_sleep_flag_is_retried_without_it_and_said_in_status(
     assert model["sleep"]["level"] == 1
     assert "refused --enable-sleep-mode" in model["sleep"]["note"]
     # The development endpoints still answer, so the model still sleeps and wakes.
-    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=15)
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
     assert d.chat("v")[0] == 200
     assert len(d.events("backend.spawn")) == 2
 
@@ -216,7 +216,7 @@ def test_sleep_auto_is_off_on_a_cpu_only_host(
     assert d.chat("v")[0] == 200
     [spawn] = d.events("backend.spawn")
     assert "--enable-sleep-mode" not in spawn["argv"]
-    wait_for(lambda: d.model("v")["state"] == "stopped", timeout=15)
+    wait_for(lambda: d.model("v")["state"] == "stopped", timeout=40)
     assert not d.events("model.sleep")
 
 
@@ -227,7 +227,7 @@ def test_llama_server_ttl_keeps_its_pages_in_ram_then_starts_from_them(
     """A llama-server past its TTL stops with its GGUF pages locked; the next start drops them."""
     d = start_daemon({"t": {"backend": "llama-server", "model": str(tiny_gguf), "ttl": "1s"}})
     assert d.chat("t")[0] == 200
-    wait_for(lambda: d.model("t")["state"] == "stopped", timeout=15)
+    wait_for(lambda: d.model("t")["state"] == "stopped", timeout=40)
     model = d.model("t")
     assert model["tier"] == "ram"
     assert model["pages"] == {"locked": True, "note": None}

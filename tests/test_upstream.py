@@ -170,3 +170,63 @@ async def test_refused_connection_is_an_error(pool: UpstreamPool) -> None:
     await asyncio.sleep(0.05)
     with pytest.raises(UpstreamError, match=f"cannot connect to 127.0.0.1:{port}"):
         await pool.request("127.0.0.1", port, "GET", "/", [], b"")
+
+
+class _ReadThenClose:
+    """Answers the first request, then reads the next one and closes without answering."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            body = await _read_request(reader)
+            self.requests += 1
+            if self.requests % 2 == 0:
+                return  # read it, maybe ran it, answered nothing
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_a_post_the_backend_may_have_read_is_never_sent_again(pool: UpstreamPool) -> None:
+    """A kept-alive connection that closes after reading a POST is an error, not a resend."""
+    handler = _ReadThenClose()
+    async with Server(handler) as server:
+        resp = await pool.request("127.0.0.1", server.port, "POST", "/x", [], b"one")
+        assert await resp.read() == b"one"
+        resp.finish()
+        with pytest.raises(UpstreamError):
+            await pool.request("127.0.0.1", server.port, "POST", "/x", [], b"two")
+        assert handler.requests == 2  # the backend saw it once, and only once
+
+
+@pytest.mark.asyncio
+async def test_an_idempotent_request_is_retried_once_on_a_fresh_connection(
+    pool: UpstreamPool,
+) -> None:
+    """A GET that got no answer on a reused connection is sent again on a new one."""
+    handler = _ReadThenClose()
+    async with Server(handler) as server:
+        resp = await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
+        await resp.read()
+        resp.finish()
+        resp = await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
+        assert resp.status == 200
+        resp.finish()
+        assert (handler.requests, server.connections) == (3, 2)
+
+
+@pytest.mark.asyncio
+async def test_a_connection_idle_past_reuse_idle_is_not_reused(
+    pool: UpstreamPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle connection older than REUSE_IDLE is closed instead of reused."""
+    monkeypatch.setattr("swapd.upstream.REUSE_IDLE", 0.05)
+    async with Server(_keep_alive) as server:
+        for body in (b"one", b"two"):
+            resp = await pool.request("127.0.0.1", server.port, "POST", "/x", [], body)
+            await resp.read()
+            resp.finish()
+            await asyncio.sleep(0.1)
+        assert server.connections == 2

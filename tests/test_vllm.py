@@ -85,10 +85,15 @@ def test_vllm_serves_through_swapd_and_stops_cleanly(
     assert len(exits) == 1
 
 
-def test_stopping_vllm_while_it_starts_escalates_to_sigkill(
+def test_stopping_vllm_while_it_starts_leaves_nothing_behind(
     start_daemon: StartDaemon, vllm_setup: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """A shutdown while vLLM starts (it ignores SIGTERM then) SIGKILLs its whole group."""
+    """A shutdown while vLLM starts ends its whole group, whatever phase it is in.
+
+    Early in its start vLLM turns SIGTERM into an interrupt; in some later phases it
+    ignores it, and the stop escalates to SIGKILL after stop_timeout. Either way the
+    drain answers the waiting load at once and nothing is left.
+    """
     d: Daemon = start_daemon({"tiny": vllm_preset(vllm_setup, tmp_path / "b", stop_timeout="2s")})
 
     def load() -> None:
@@ -105,7 +110,8 @@ def test_stopping_vllm_while_it_starts_escalates_to_sigkill(
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(timeout=60) == 0
     assert wait_for_gone(d) == []
-    assert [e["model"] for e in d.events("backend.kill")] == ["tiny"]
+    assert [e["model"] for e in d.events("backend.exit")] == ["tiny"]
+    assert len(d.events("backend.kill")) <= 1
 
 
 def _backend_output(d: Daemon) -> list[str]:

@@ -62,7 +62,8 @@ class VllmKind:
     stop_signal = signal.SIGTERM
     # vLLM takes VLLM_API_KEY and guards /v1/*, but a preset may poll /v1/models for
     # readiness and that poll sends no key yet; so no key of its own for now.
-    own_key: OwnKey | None = None
+    # vLLM guards /v1/* with it; /health and the sleep API stay open to swapd's calls.
+    own_key: OwnKey | None = OwnKey("VLLM_API_KEY", ("--api-key",))
 
     def binary(self, preset: Preset) -> str:
         """``binary:``, then ``vllm`` on PATH."""

@@ -230,6 +230,9 @@ class Fake:
         model = body.get("model", self.args.name)
         if body.get("stream"):
             return await self.stream(request, model, chat=False)
+        if body.get("fake_bytes"):
+            # A large sized answer (Content-Length set), written in pieces as a backend would.
+            return await self.big_answer(request, int(body["fake_bytes"]))
         return web.json_response(
             {
                 "id": f"cmpl-{uuid.uuid4().hex}",
@@ -280,6 +283,19 @@ class Fake:
             }
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def big_answer(self, request: web.Request, size: int) -> web.StreamResponse:
+        """``size`` bytes of ``x`` with a Content-Length, in 1 MiB writes."""
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = size
+        await response.prepare(request)
+        piece = b"x" * (1 << 20)
+        left = size
+        while left > 0:
+            await response.write(piece[: min(left, len(piece))])
+            left -= len(piece)
         await response.write_eof()
         return response
 

@@ -1,0 +1,97 @@
+"""The proxy path: hop-by-hop headers, request_timeout, large sized answers passed through."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from conftest import StartDaemon
+from daemon import fake_preset, fake_stats, wait_for
+
+ECHO = Path(__file__).resolve().parent / "fakes" / "echo_headers.py"
+MIB = 1 << 20
+
+
+def test_headers_named_in_connection_are_not_forwarded(start_daemon: StartDaemon) -> None:
+    """``Connection: X-Hop`` makes X-Hop hop-by-hop: it stops at swapd, others pass."""
+    d = start_daemon(
+        {"echo": {"backend": "command", "cmd": [sys.executable, str(ECHO), "--port", "${PORT}"]}}
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    body = json.dumps({"model": "echo"}).encode()
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body,
+        {
+            "Content-Type": "application/json",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "for swapd only",
+            "X-Kept": "for the backend",
+        },
+    )
+    resp = conn.getresponse()
+    data = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 200, data
+    got = {base64.b64decode(k).lower(): base64.b64decode(v) for k, v in data["headers"]}
+    assert b"x-hop" not in got
+    assert got[b"x-kept"] == b"for the backend"
+
+
+def test_request_timeout_answers_504_and_cancels_the_generation(
+    start_daemon: StartDaemon,
+) -> None:
+    """A backend that does not answer within request_timeout: 504, and its request is cut."""
+    d = start_daemon({"a": fake_preset("A", request_timeout="1s")})
+    assert d.chat("a")[0] == 200
+    status, body = d.chat("a", "x", fake_delay=60)
+    assert status == 504
+    assert body["error"]["code"] == "request_timeout"
+    wait_for(lambda: fake_stats(d.model("a")["port"])["cancelled"] == 1)
+    assert d.model("a")["in_flight"] == 0
+
+
+def test_a_large_sized_answer_is_passed_through_not_held(start_daemon: StartDaemon) -> None:
+    """A 96 MiB answer with Content-Length reaches a slow client whole; swapd never holds it.
+
+    The client reads 1 MiB at a time with pauses, so a proxy that buffered the answer
+    would hold all of it at once; swapd's RSS is sampled meanwhile.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    assert d.proc is not None
+    swapd = psutil.Process(d.proc.pid)
+    base = swapd.memory_info().rss
+    peak = base
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, swapd.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    body = json.dumps({"model": "a", "prompt": "x", "fake_bytes": 96 * MIB}).encode()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("Content-Length") == str(96 * MIB)
+    received = 0
+    while chunk := resp.read(MIB):
+        received += len(chunk)
+        time.sleep(0.005)
+    conn.close()
+    done.set()
+    sampler.join()
+    assert received == 96 * MIB
+    assert peak - base < 32 * MIB, f"swapd grew by {(peak - base) / MIB:.0f} MiB"
