@@ -1,4 +1,4 @@
-"""JSON request bodies with a nesting cap, checked before the parser recurses.
+"""JSON request bodies: a nesting cap checked before parsing, and a scan for the model.
 
 Python's parser recurses once per level, so a body nested a few thousand levels
 deep raises RecursionError; backends written in C++ may overflow their stack on
@@ -8,11 +8,21 @@ more brackets than the cap is scanned, at C speed: escapes are dropped so that
 every remaining quote opens or closes a string, the strings are dropped by a
 split on quotes, ``translate`` keeps the brackets and ``accumulate`` finds the
 deepest point.
+
+:func:`top_level_string` finds one key's string value with the same tricks,
+without building the document: ``json.loads`` makes an object of every string
+and number, 260 us for 40 KB of token ids where the scan takes 57 us (a 58 KB
+chat: 80 against 45 us; a small request about the same, 2 us). It answers only
+when the bytes settle the question; anything unusual (an escape in the key or
+value, a key not plainly at the top level or far into the body) returns None
+and the caller parses in full, under the same nesting cap.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from itertools import accumulate
 from typing import Any
 
@@ -23,15 +33,28 @@ MAX_DEPTH = 128
 # Opening brackets become +1 and closing ones -1 (0xff read as a signed byte).
 _SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_WS = b" \t\n\r"
+# How far into the body the key may start: locating strings before it costs about
+# three times what json.loads spends on the same bytes, so past this a parse is cheaper.
+SCAN_PREFIX = 1024
+# After a key: the colon and a plain string (no escapes, no control characters) that
+# ends the member.
+_STRING_MEMBER = re.compile(rb'[ \t\n\r]*:[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*[,}]')
 
 
 def depth(body: bytes) -> int:
     """How deep arrays and objects nest in ``body`` (brackets inside strings do not count)."""
-    # Left to right, as a JSON reader sees them: an escaped backslash, then an escaped quote.
-    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    stripped = b"".join(unescaped.split(b'"')[::2])  # the pieces between strings
-    signs = stripped.translate(_SIGNS, _NOT_BRACKETS)
+    signs = _outside_strings(body).translate(_SIGNS, _NOT_BRACKETS)
     return max(accumulate(memoryview(signs).cast("b")), default=0)
+
+
+def _unescaped(body: bytes) -> bytes:
+    # Left to right, as a JSON reader sees them: an escaped backslash, then an escaped quote.
+    return body.replace(b"\\\\", b"").replace(b'\\"', b"")
+
+
+def _outside_strings(body: bytes) -> bytes:
+    return b"".join(_unescaped(body).split(b'"')[::2])  # the pieces between strings
 
 
 def check_depth(body: bytes, limit: int = MAX_DEPTH) -> None:
@@ -51,3 +74,55 @@ def loads(body: bytes, limit: int = MAX_DEPTH) -> Any:
         raise TooDeep(limit) from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+
+
+def top_level_string(body: bytes, key: str) -> str | None:
+    r"""The string ``json.loads(body)[key]`` would give, when a byte scan can tell; else None.
+
+    None is no verdict: the body may still be valid, hold the key, or be broken. A
+    verdict needs the key's last occurrence (the parser keeps the last of duplicates)
+    to start within the first :data:`SCAN_PREFIX` bytes as a member of the top-level
+    object, outside every string, with a plain string value; and no ``\u`` escape may
+    spell one of the key's letters (an escaped duplicate would be invisible to the byte
+    search). The rest of the body is not validated. Linear in the body's length, in C.
+    """
+    quoted = f'"{key}"'.encode()
+    at = body.rfind(quoted)
+    if at < 0 or at > SCAN_PREFIX:
+        return None  # absent, or too far in: reading the strings before it costs more
+    member = _STRING_MEMBER.match(body, at + len(quoted))
+    if member is None or _escapes_a_letter(body, key) or not _member_of_top(body[: at + 1]):
+        return None
+    try:
+        return member.group(1).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _member_of_top(head: bytes) -> bool:
+    """Whether the quote that ends ``head`` opens a member name of the top-level object."""
+    head = _unescaped(head)
+    if not head.endswith(b'"'):
+        return False  # the quote is escaped: inside a string
+    pieces = head.split(b'"')
+    if len(pieces) % 2:
+        return False  # an odd number of quotes before it: it closes a string
+    outside = b"".join(pieces[:-1:2])
+    stripped = outside.strip(_WS)
+    if stripped[:1] != b"{" or stripped[-1:] not in {b"{", b","}:
+        return False  # the body is not an object, or this is not where a member starts
+    running = list(accumulate(memoryview(outside.translate(_SIGNS, _NOT_BRACKETS)).cast("b")))
+    # At depth one, and never back to zero (that would be after the object closed).
+    return running[-1] == 1 and min(running) >= 1
+
+
+def _escapes_a_letter(body: bytes, key: str) -> bool:
+    return b"\\u" in body and _escapes_of(key).search(body) is not None
+
+
+@functools.cache
+def _escapes_of(key: str) -> re.Pattern[bytes]:
+    r"""``\uXXXX`` escapes of the key's characters, hex digits in either case."""
+    hex_digits = (f"{ord(c):04x}" for c in sorted(set(key)))
+    spelled = ("".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in h) for h in hex_digits)
+    return re.compile(rb"\\u(?:" + "|".join(spelled).encode() + rb")")

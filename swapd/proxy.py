@@ -13,7 +13,6 @@ import re
 from collections.abc import Iterable
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from swapd import _json as capped_json
 from swapd.errors import (
@@ -25,7 +24,7 @@ from swapd.errors import (
     UpstreamTimeout,
     clip,
 )
-from swapd.manager import Manager
+from swapd.manager import Lease, Manager
 from swapd.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 JSON_ROUTES = (
@@ -55,6 +54,7 @@ _HOP = frozenset(
 # The client's credentials for swapd: never forwarded (a backend's own key is swapd's to send).
 _PRIVATE = frozenset({"authorization", "x-api-key", "cookie"})
 _NOT_FORWARDED = frozenset(name.encode() for name in _HOP | _PRIVATE)
+_HOP_BYTES = frozenset(name.encode() for name in _HOP)
 # Sized answers up to this are read whole and sent in one write; larger ones are passed
 # through chunk by chunk with backpressure, like streams, so swapd never holds them whole.
 BUFFER_LIMIT = 1 << 20
@@ -75,6 +75,10 @@ _FIELD_NAME = re.compile(rb'name="([^"]*)"', re.IGNORECASE)
 
 def model_from_json(body: bytes) -> str:
     """The ``model`` of a JSON request body, or :class:`BadRequest` saying what is wrong."""
+    capped_json.check_depth(body)  # before any reading, scan or parse
+    model = capped_json.top_level_string(body, "model")
+    if model:
+        return model
     data = capped_json.loads(body)
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
@@ -112,6 +116,13 @@ async def read_body(request: web.Request, limit: int, timeout: float | None = No
     """
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    content = request.content
+    if content.is_eof():
+        # The whole body came with the headers (most requests): nothing to wait for.
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise BodyTooLarge(limit)
+        return body
     try:
         async with asyncio.timeout(timeout):
             return await _read_all(request, limit)
@@ -162,63 +173,78 @@ class Proxy:
     async def forward(self, request: web.Request, model: str, body: bytes) -> web.StreamResponse:
         """Send the request to a leased backend and pass the answer back unbuffered."""
         request["model"] = clip(model)
-        async with self.manager.lease(model) as lease:
+        manager = self.manager
+        lease = await manager.acquire(model)
+        try:
             # The client's header bytes as sent: decoding and re-encoding them could fail.
-            dropped = _NOT_FORWARDED | _named_in_connection(request.raw_headers)
-            headers = [(k, v) for k, v in request.raw_headers if k.lower() not in dropped]
+            raw = request.raw_headers
+            dropped = _NOT_FORWARDED
+            if "Connection" in request.headers:
+                dropped = dropped | _named_in_connection(raw)
+            headers = [(k, v) for k, v in raw if k.lower() not in dropped]
             launch = lease.slot.launch
             if launch is not None:
                 headers.extend(launch.headers)  # the backend's own key, known only to swapd
             limit = lease.slot.preset.request_timeout
+            if limit is None:
+                return await self._exchange(request, lease, headers, body)
             try:
                 async with asyncio.timeout(limit):
-                    try:
-                        upstream = await self.pool.request(
-                            lease.host,
-                            lease.port,
-                            request.method,
-                            request.rel_url.raw_path_qs,
-                            headers,
-                            body,
-                        )
-                    except UpstreamError as exc:
-                        raise BackendGone(lease.model, str(exc)) from exc
-                    try:
-                        return await self._relay(request, upstream, lease.model)
-                    finally:
-                        # Closing (not reusing) an unfinished upstream cancels the generation.
-                        upstream.finish()
+                    return await self._exchange(request, lease, headers, body)
             except TimeoutError:
-                assert limit is not None  # noqa: S101 - only a set limit times out
                 if request.get("relay_started"):
                     # Headers are gone already: a cut connection is the only signal left.
                     if request.transport is not None:
                         request.transport.close()
                     return web.Response(status=504)
                 raise UpstreamTimeout(lease.model, limit) from None
+        finally:
+            manager.release(lease)
+
+    async def _exchange(
+        self, request: web.Request, lease: Lease, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> web.StreamResponse:
+        try:
+            upstream = await self.pool.request(
+                lease.host, lease.port, request.method, request.rel_url.raw_path_qs, headers, body
+            )
+        except UpstreamError as exc:
+            raise BackendGone(lease.model, str(exc)) from exc
+        try:
+            return await self._relay(request, upstream, lease.model)
+        finally:
+            # Closing (not reusing) an unfinished upstream cancels the generation.
+            upstream.finish()
 
     @staticmethod
     async def _relay(
         request: web.Request, upstream: UpstreamResponse, model: str
     ) -> web.StreamResponse:
-        hop = _HOP | {n.decode("latin-1") for n in _named_in_connection(_raw(upstream.headers))}
-        out_headers = [(k, v) for k, v in upstream.headers if k.lower() not in hop]
-        content_type = upstream.header("Content-Type") or ""
-        streaming = content_type.startswith("text/event-stream")
-        length = upstream.header("Content-Length")
-        small = length is not None and length.isdigit() and int(length) <= BUFFER_LIMIT
-        if not streaming and small:
+        dropped = (
+            _HOP_BYTES | upstream.connection_names if upstream.connection_names else _HOP_BYTES
+        )
+        out_headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in upstream.raw_headers
+            if k.lower() not in dropped
+        ]
+        content_type = upstream.content_type
+        streaming = content_type is not None and content_type.startswith(b"text/event-stream")
+        length = upstream.content_length
+        if not streaming and length is not None and length <= BUFFER_LIMIT:
             # A sized answer: read it whole and send it in one write.
             try:
                 payload = await upstream.read()
             except UpstreamError as exc:
                 raise BackendGone(model, str(exc)) from exc
-            return web.Response(
-                status=upstream.status, body=payload, headers=CIMultiDict(out_headers)
-            )
-        response = web.StreamResponse(status=upstream.status, headers=CIMultiDict(out_headers))
-        if length is not None and length.isdigit() and not streaming:
-            response.content_length = int(length)
+            return web.Response(status=upstream.status, body=payload, headers=out_headers)
+        # When the first chunk (or the end) is already here, the headers go out with it: one
+        # write and one wake-up of the client instead of two. Otherwise they go at once, so
+        # the client sees the status while the backend works on the first chunk.
+        kind = _Coalesced if upstream.settled() else web.StreamResponse
+        response = kind(status=upstream.status, headers=out_headers)
+        if length is not None and not streaming:
+            response.content_length = length
         request["relay_started"] = True
         if streaming:
             # Tell Nginx (and similar) not to buffer server-sent events.
@@ -226,7 +252,7 @@ class Proxy:
             response.headers["Cache-Control"] = "no-cache"
         await response.prepare(request)
         try:
-            async for chunk in upstream.iter_chunks():
+            while (chunk := await upstream.next_chunk()) is not None:
                 await response.write(chunk)
         except UpstreamError:
             # Headers are gone already: the only honest signal left is a cut connection.
@@ -237,8 +263,14 @@ class Proxy:
         return response
 
 
-def _raw(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+class _Coalesced(web.StreamResponse):
+    """A relayed answer whose headers wait for its first chunk and go out in the same write.
+
+    aiohttp holds the headers until the first write when this is False, as it does for
+    ``web.Response``; a version that ignores the flag sends them at once, as before.
+    """
+
+    _send_headers_immediately = False
 
 
 def error_response(exc: RequestError) -> web.Response:

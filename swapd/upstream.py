@@ -6,6 +6,8 @@ more than half of it. This client does only what a proxy to a local backend
 needs: send the client's bytes in one write, parse the answer with httptools,
 hand body chunks over as they arrive (pausing the backend when the client is
 slow), and keep the connection for the next request when the answer is whole.
+The few headers the proxy decides on (type, length, ``Connection``) are noted
+while the parser reads them, so nothing walks the header list twice.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import cast
 
 import httptools
 
-# Stop reading from a backend when this much body waits for a slow client.
 # A kept-alive connection idle longer than this is not reused: backends close idle
 # connections after a few seconds (llama-server and uvicorn after 5 s), and a request
 # written into one that is closing may or may not have been read.
@@ -27,8 +28,12 @@ REUSE_IDLE = 2.0
 # Methods that may be sent again when a reused connection fails before any answer. Any
 # other request may have been read and run by the backend, so it is never resent.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+# Stop reading from a backend when this much body waits for a slow client.
 _HIGH_WATER = 1 << 20
 _LOW_WATER = 1 << 18
+# Chunks already waiting are handed over as one, up to this size: one write to the
+# client instead of several, and never a delay (only what has arrived is joined).
+_JOIN_LIMIT = 1 << 16
 
 
 class UpstreamError(Exception):
@@ -41,15 +46,21 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
+        self.chunks: deque[bytes] = deque()
         self._reset()
 
     def _reset(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.headers_ready: asyncio.Future[None] = loop.create_future()
+        self.headers_ready: asyncio.Future[None] = self._loop.create_future()
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.chunks: deque[bytes] = deque()
+        # Noted by on_header: the first Content-Type and Content-Length, and the names
+        # that Connection declares hop-by-hop (RFC 9110 section 7.6.1).
+        self.content_type: bytes | None = None
+        self.content_length: int | None = None
+        self.connection_names: frozenset[bytes] = frozenset()
+        self.chunks.clear()
         self.buffered = 0
         self.complete = False
         self.received_any = False
@@ -58,6 +69,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = True
         self._wakeup: asyncio.Future[None] | None = None
         self._paused = False
+        self._seen_length = False
 
     # ---- asyncio.Protocol
 
@@ -88,8 +100,17 @@ class _Connection(asyncio.Protocol):
     # ---- httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Collect one header."""
+        """Collect one header; note the ones the proxy decides on."""
         self.headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-type" and self.content_type is None:
+            self.content_type = value
+        elif lower == b"content-length" and not self._seen_length:
+            self._seen_length = True
+            self.content_length = int(value) if value.isdigit() else None
+        elif lower == b"connection":
+            named = {token.strip().lower() for token in value.split(b",")}
+            self.connection_names = self.connection_names.union(named)
 
     def on_headers_complete(self) -> None:
         """The status and headers are in: the caller may start answering."""
@@ -125,16 +146,27 @@ class _Connection(asyncio.Protocol):
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
+    def settled(self) -> bool:
+        """Whether the next :meth:`next_chunk` returns without waiting."""
+        return bool(self.chunks) or self.complete or self.error is not None
+
     async def next_chunk(self) -> bytes | None:
-        """The next body chunk, or None at the end of the answer."""
-        while not self.chunks:
+        """The body that has arrived since the last call, or None at the end of the answer."""
+        chunks = self.chunks
+        while not chunks:
             if self.complete:
                 return None
             if self.error is not None:
                 raise self.error
-            self._wakeup = asyncio.get_running_loop().create_future()
+            self._wakeup = self._loop.create_future()
             await self._wakeup
-        chunk = self.chunks.popleft()
+        chunk = chunks.popleft()
+        if chunks and len(chunk) + len(chunks[0]) <= _JOIN_LIMIT:
+            parts, size = [chunk], len(chunk)
+            while chunks and size + len(chunks[0]) <= _JOIN_LIMIT:
+                parts.append(chunks.popleft())
+                size += len(parts[-1])
+            chunk = b"".join(parts)
         self.buffered -= len(chunk)
         if self._paused and self.buffered < _LOW_WATER and self.transport is not None:
             self.transport.resume_reading()
@@ -157,29 +189,48 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    """Status, headers and body of one backend answer."""
+    """Status, headers and body of one backend answer.
+
+    ``raw_headers`` are the backend's bytes; ``content_type``, ``content_length``
+    and ``connection_names`` (lower-case header names that ``Connection`` lists)
+    were noted while they were parsed.
+    """
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, int], conn: _Connection) -> None:
         self._pool = pool
         self._key = key
         self._conn = conn
         self.status = conn.status
-        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in conn.headers]
+        self.raw_headers = conn.headers
+        self.content_type = conn.content_type
+        self.content_length = conn.content_length
+        self.connection_names = conn.connection_names
+        self.next_chunk = conn.next_chunk
+        self.settled = conn.settled
         self._done = False
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The headers as text (latin-1, as HTTP defines them)."""
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers]
 
     def header(self, name: str) -> str | None:
         """The first header called ``name`` (case-insensitive)."""
-        wanted = name.lower()
-        return next((v for k, v in self.headers if k.lower() == wanted), None)
+        wanted = name.lower().encode("latin-1")
+        found = next((v for k, v in self.raw_headers if k.lower() == wanted), None)
+        return None if found is None else found.decode("latin-1")
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Body chunks as the backend sends them."""
-        while (chunk := await self._conn.next_chunk()) is not None:
+        """Body chunks as the backend sends them (those already waiting, joined)."""
+        while (chunk := await self.next_chunk()) is not None:
             yield chunk
 
     async def read(self) -> bytes:
         """The whole body."""
-        return b"".join([chunk async for chunk in self.iter_chunks()])
+        parts = []
+        while (chunk := await self.next_chunk()) is not None:
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def finish(self) -> None:
         """Give the connection back if the answer was read whole, else close it."""
@@ -206,6 +257,8 @@ class UpstreamPool:
 
     def _take(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
+        if not idle:
+            return None
         now = time.monotonic()
         while idle:
             conn = idle.pop()
@@ -242,7 +295,7 @@ class UpstreamPool:
         parts = [f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode("latin-1")]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
-        parts += (f"Content-Length: {len(body)}\r\n\r\n".encode("latin-1"), body)
+        parts += (b"Content-Length: %d\r\n\r\n" % len(body), body)
         payload = b"".join(parts)
         conn = self._take(key)
         reused = conn is not None
@@ -252,7 +305,9 @@ class UpstreamPool:
             assert conn.transport is not None  # noqa: S101 - set on connect
             conn.transport.write(payload)
             try:
-                await asyncio.shield(conn.headers_ready)
+                # Not shielded: a cancelled request closes the connection below, so the
+                # future has no other reader (and a shield costs a loop turn per answer).
+                await conn.headers_ready
             except UpstreamError:
                 # A kept-alive connection the backend closed meanwhile: one fresh try, only
                 # for a request that may run twice and when nothing at all came back.

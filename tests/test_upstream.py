@@ -101,34 +101,62 @@ async def test_a_connection_the_backend_closed_is_replaced(pool: UpstreamPool) -
         assert server.connections == 3
 
 
-async def _chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await _read_request(reader)
-    writer.write(
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
-    )
-    for part in (b"data: 1\n\n", b"data: 2\n\n"):
-        writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+class _Chunked:
+    """Streams two events; the second only once the test has received the first."""
+
+    def __init__(self) -> None:
+        self.first_received = asyncio.Event()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: text/event-stream\r\n\r\n"
+        )
+        for part in (b"data: 1\n\n", b"data: 2\n\n"):
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+            await self.first_received.wait()
+        writer.write(b"0\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(0.05)
-    writer.write(b"0\r\n\r\n")
-    await writer.drain()
-    await _keep_alive(reader, writer)
+        await _keep_alive(reader, writer)
 
 
 @pytest.mark.asyncio
 async def test_chunked_body_arrives_in_pieces_and_the_connection_is_kept(
     pool: UpstreamPool,
 ) -> None:
-    """A chunked answer is handed over chunk by chunk, then the connection is reused."""
-    async with Server(_chunked) as server:
+    """A chunked answer is handed over as it arrives, then the connection is reused."""
+    handler = _Chunked()
+    async with Server(handler) as server:
         resp = await pool.request("127.0.0.1", server.port, "POST", "/s", [], b"")
         assert resp.header("content-type") == "text/event-stream"
-        chunks = [chunk async for chunk in resp.iter_chunks()]
+        chunks = []
+        async for chunk in resp.iter_chunks():
+            chunks.append(chunk)
+            handler.first_received.set()
         resp.finish()
         assert chunks == [b"data: 1\n\n", b"data: 2\n\n"]
         again = await pool.request("127.0.0.1", server.port, "POST", "/e", [], b"hi")
         assert await again.read() == b"hi"
         assert server.connections == 1
+
+
+async def _burst(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    events = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in (b"data: 1\n\n", b"data: 2\n\n"))
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + events + b"0\r\n\r\n")
+    await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_chunks_that_arrived_together_are_handed_over_as_one(pool: UpstreamPool) -> None:
+    """Chunks already waiting go to the caller joined: one write to the client, not several."""
+    async with Server(_burst) as server:
+        resp = await pool.request("127.0.0.1", server.port, "POST", "/s", [], b"")
+        chunks = [chunk async for chunk in resp.iter_chunks()]
+        resp.finish()
+        assert chunks == [b"data: 1\n\ndata: 2\n\n"]
 
 
 async def _die_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -230,3 +258,23 @@ async def test_a_connection_idle_past_reuse_idle_is_not_reused(
             resp.finish()
             await asyncio.sleep(0.1)
         assert server.connections == 2
+
+
+async def _hop_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_request(reader)
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
+        b"Content-Type: text/plain\r\nConnection: X-Other\r\nContent-Length: 2\r\n\r\nok"
+    )
+    await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_the_headers_a_proxy_decides_on_are_noted_while_parsing(pool: UpstreamPool) -> None:
+    """Type, length and every name that a Connection header lists are read off the answer."""
+    async with Server(_hop_headers) as server:
+        resp = await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
+        assert (resp.content_type, resp.content_length) == (b"text/plain", 2)
+        assert resp.connection_names == {b"keep-alive", b"x-hop", b"x-other"}
+        assert await resp.read() == b"ok"
+        resp.finish()

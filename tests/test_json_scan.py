@@ -1,0 +1,125 @@
+"""The model scan: when it gives a verdict, it is what ``json.loads`` says; usual bodies get one.
+
+``top_level_string`` reads ``model`` without parsing the body. It may decline
+(None), and the proxy then parses in full; it must never name another model
+than the parser would, whatever the body holds: duplicate keys (the parser keeps
+the last), keys spelled with escapes, ``"model"`` inside strings or nested
+objects, arrays, whitespace.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swapd._json import SCAN_PREFIX, top_level_string
+from swapd.errors import TooDeep
+from swapd.proxy import model_from_json
+
+FAST = settings(max_examples=500, deadline=None)
+# Text heavy in what a byte scan could mistake for structure.
+TRICKY = st.text(alphabet=st.sampled_from('mod"el\\:,[]{} \n\u2713'), max_size=12)
+NAMES = st.sampled_from(["model", "m", "gpt-4o", 'a"model', "model\\", "é"]) | TRICKY
+# Member names as raw JSON: "model" plainly, spelled with escapes, or something else.
+KEYS = st.sampled_from(
+    ['"model"', '"mod\\u0065l"', '"\\u006Dodel"', '"modeL"', '"model "', '"messages"']
+) | TRICKY.map(json.dumps)
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | NAMES,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["model", "x"]), inner)
+    ),
+    max_leaves=12,
+)
+MEMBERS = st.tuples(KEYS, VALUES)
+SPACE = st.sampled_from(["", " ", "\n  "])
+
+
+def _object(members: list[tuple[str, Any]], ascii_only: bool, space: str) -> bytes:
+    """A JSON object written member by member, so that keys may repeat."""
+    parts = [
+        f"{key}{space}:{space}{json.dumps(value, ensure_ascii=ascii_only)}"
+        for key, value in members
+    ]
+    return ("{" + space + f",{space}".join(parts) + space + "}").encode()
+
+
+@FAST
+@given(st.lists(MEMBERS, max_size=5), st.booleans(), SPACE)
+def test_a_verdict_is_what_the_parser_says(
+    members: list[tuple[str, Any]], ascii_only: bool, space: str
+) -> None:
+    """Whenever the scan names a model, json.loads finds that same string under "model"."""
+    body = _object(members, ascii_only, space)
+    verdict = top_level_string(body, "model")
+    if verdict is not None:
+        assert json.loads(body)["model"] == verdict
+
+
+@FAST
+@given(st.lists(MEMBERS, max_size=3), NAMES, st.lists(MEMBERS, max_size=3), st.booleans(), SPACE)
+def test_a_model_member_among_others(
+    before: list[tuple[str, Any]],
+    name: str,
+    after: list[tuple[str, Any]],
+    ascii_only: bool,
+    space: str,
+) -> None:
+    """With a "model" string among tricky members, any verdict is the parser's answer."""
+    body = _object([*before, ('"model"', name), *after], ascii_only, space)
+    verdict = top_level_string(body, "model")
+    if verdict is not None:
+        assert json.loads(body)["model"] == verdict
+
+
+@FAST
+@given(VALUES)
+def test_arrays_and_nested_models_get_no_verdict(value: Any) -> None:
+    """A "model" that is not a member of a top-level object is never taken for one."""
+    for body in ([value, {"model": "x"}], {"outer": {"model": "x"}}, ["model", "x"]):
+        assert top_level_string(json.dumps(body).encode(), "model") is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "messages": [{"role": "user", "content": 'say "model": "x"'}]},
+        {"messages": [{"role": "user", "content": "Say hi."}], "model": "m", "stream": True},
+        {"tools": [{"model": "not this"}], "model": "m"},
+    ],
+    ids=["model-first", "model-after-messages", "nested-model-before"],
+)
+def test_usual_bodies_are_read_without_a_parse(body: dict[str, Any]) -> None:
+    """What SDKs and curl send gets its model from the scan."""
+    for separators in ((", ", ": "), (",", ":")):
+        assert top_level_string(json.dumps(body, separators=separators).encode(), "model") == "m"
+
+
+def test_a_model_far_into_the_body_is_left_to_the_parser() -> None:
+    """Past SCAN_PREFIX bytes the scan declines; the full parse still finds the model."""
+    body = json.dumps({"messages": ["x" * SCAN_PREFIX], "model": "m"}).encode()
+    assert top_level_string(body, "model") is None
+    assert model_from_json(body) == "m"
+
+
+def test_an_escaped_duplicate_defers_to_the_parser() -> None:
+    """A later key spelled with an escape wins in the parser, so the scan must not answer."""
+    body = b'{"model": "a", "mod\\u0065l": "b"}'
+    assert top_level_string(body, "model") is None
+    assert model_from_json(body) == "b"
+
+
+def test_the_nesting_cap_holds_when_the_scan_finds_the_model() -> None:
+    """The cap is checked before the scan: a deep body with the model first is still 400."""
+    deep = "[" * 200 + "]" * 200
+    with pytest.raises(TooDeep):
+        model_from_json(f'{{"model": "m", "x": {deep}}}'.encode())
+
+
+def test_the_rest_of_the_body_is_the_backends_to_judge() -> None:
+    """Once the scan has the model, a broken tail is forwarded; the backend answers it."""
+    assert model_from_json(b'{"model": "m", "messages": [') == "m"
