@@ -104,6 +104,11 @@ class Admission:
             )
         return needs
 
+    def forget(self, name: str) -> None:
+        """Drop a model's cached estimates (a reload changed what it runs)."""
+        for key in [k for k in self._estimates if k[0] == name]:
+            del self._estimates[key]
+
     def plan(
         self,
         needs: dict[str, int],

@@ -1,13 +1,16 @@
-"""aiohttp wiring: routes, middleware, start-up and the ordered shutdown.
+"""aiohttp wiring: middleware, routes, start-up, reload and the ordered shutdown.
 
 Start-up: end an earlier run's leftovers, start the reaper, open the probe,
-listen, then preload. Shutdown (SIGTERM/SIGINT only set a flag): stop
-listening, stop every backend (SIGTERM, grace, SIGKILL, reap), close the probe.
+listen, preload (pushing systemd's start deadline meanwhile), then ``READY=1``.
+SIGHUP reloads the config (``RELOADING=1`` ... ``READY=1``). Shutdown
+(SIGTERM, SIGINT, SIGQUIT only set a flag): ``STOPPING=1``, stop listening,
+drain, stop every backend (SIGTERM, grace, SIGKILL, reap), close the probe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
@@ -21,23 +24,42 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from swapd.auth import Access, access_middleware, access_warnings, add_cors_headers
+from swapd import notify
+from swapd.auth import access_warnings, add_cors_headers
+from swapd.catalog import Catalog
 from swapd.config import Config
+from swapd.control import Control
 from swapd.errors import BadRequest, RequestError, SwapdError, clip
 from swapd.instance import InstanceLock
+from swapd.keepalive import PINGS, STREAM_ERROR, ColdStreams
 from swapd.limits import Edge, EdgeSite, Limits, fit_fd_limit, track
 from swapd.logs import get_logger, new_request_id
 from swapd.manager import Manager
+from swapd.metrics import TIMING, Timing
+from swapd.passthrough import LLAMA_ROUTES, Passthrough
 from swapd.pidfiles import PidRecords
 from swapd.probe import Probe, open_probe
 from swapd.proxy import JSON_ROUTES, MULTIPART_ROUTES, Proxy, error_response
+from swapd.runtime import Runtime
 from swapd.upstream import UpstreamPool
 
 _log = get_logger("swapd.app")
 MANAGER = web.AppKey("manager", Manager)
 EDGE = web.AppKey("edge", Edge)
+RUNTIME = web.AppKey("runtime", Runtime)
 # A client's X-Request-Id is echoed and logged, so it must be a plain token.
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+PRELOAD = web.AppKey("preload", asyncio.Task[None])
+REQUEST_ID = web.RequestKey("request_id", str)
+# Routes beyond the proxy's own whose JSON body names the model.
+EXTRA_JSON_ROUTES = ("/v1/messages/count_tokens", *LLAMA_ROUTES)
+UPSTREAM_ROUTE = "/upstream/{target:.+}"
+# The routes that lease a model: what metrics count.
+MODEL_ROUTES = frozenset(
+    (*JSON_ROUTES, *EXTRA_JSON_ROUTES, *MULTIPART_ROUTES, "/upstream/{target}")
+)
+# Status logged and counted for a client that hung up before its answer was complete.
+CLIENT_GONE = 499
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -76,20 +98,30 @@ def _refuse_request_id() -> None:
     raise BadRequest("X-Request-Id must be 1 to 128 visible ASCII characters")
 
 
+def _internal_error(request: web.Request, exc: Exception) -> web.Response:
+    # A bug must still answer in the envelope, with its trace in the log, not as text.
+    _log.exception("request.error", path=clip(request.path), error=clip(repr(exc), 500))
+    message = f"internal error: {type(exc).__name__}: {clip(str(exc), 500)}"
+    error = {"message": message, "type": "server_error", "code": "internal_error", "param": None}
+    return web.json_response({"error": error}, status=500)
+
+
 @web.middleware
 async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind a request id, answer every error as OpenAI JSON, log one line per request."""
+    """Bind a request id, answer every error as OpenAI JSON, log and count each request."""
     given = request.headers.get("X-Request-Id")
     request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
+    request[REQUEST_ID] = request_id  # the header goes on at prepare: streams too
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
+    request[TIMING] = timing = Timing(started)  # shared with clones (see swapd.passthrough)
     status = 500
     conn = track(request)
     try:
         if given is not None and given != request_id:
             _refuse_request_id()
         response = await handler(request)
-        status = response.status
+        status = request.get(STREAM_ERROR, response.status)
     except RequestError as exc:
         response = error_response(exc)
         status = exc.status
@@ -98,94 +130,67 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         body = {"error": {"message": exc.reason, "type": kind, "code": None, "param": None}}
         response = web.json_response(body, status=exc.status)
+    except asyncio.CancelledError:
+        status = CLIENT_GONE  # the client hung up; aiohttp cancelled the handler
+        raise
+    except ConnectionResetError:
+        # The client hung up while its answer was being written: nothing left to send to.
+        status = CLIENT_GONE
+        response = web.Response(status=CLIENT_GONE)
     except Exception as exc:  # noqa: BLE001 - the last line of defence, logged with its trace
-        # A bug must still answer in the envelope, with its trace in the log, not as text.
-        _log.exception("request.error", path=clip(request.path), error=clip(repr(exc), 500))
-        message = f"internal error: {type(exc).__name__}: {clip(str(exc), 500)}"
-        body = {
-            "error": {
-                "message": message,
-                "type": "server_error",
-                "code": "internal_error",
-                "param": None,
-            }
-        }
-        response = web.json_response(body, status=500)
+        response = _internal_error(request, exc)
     finally:
         if conn is not None:
             conn.request_finished()
-        if request.path.startswith("/v1/"):
-            _log.info(
-                "request.done",
-                method=request.method,
-                path=clip(request.path),
-                model=request.get("model"),
-                status=status,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-            )
+        _done(request, status, timing)
         structlog.contextvars.unbind_contextvars("request_id")
-    response.headers["X-Request-Id"] = request_id
     if status == 408:
         response.force_close()  # the rest of the body may still be on its way
     return response
 
 
+def _done(request: web.Request, status: int, timing: Timing) -> None:
+    """One ``request.done`` line per inference request, and its metrics."""
+    resource = request.match_info.route.resource
+    counted = resource is not None and resource.canonical in MODEL_ROUTES
+    if not (counted or request.path.startswith("/v1/")):
+        return
+    elapsed = time.perf_counter() - timing.started
+    model = request.get("model")
+    _log.info(
+        "request.done",
+        method=request.method,
+        path=clip(request.path),
+        model=model,
+        status=status,
+        ms=round(elapsed * 1000, 2),
+    )
+    runtime = request.app.get(RUNTIME)
+    if runtime is None or not counted:
+        return
+    label = runtime.model_label(model)
+    runtime.metrics.request_done(label, status, elapsed)
+    if status < 400:
+        # A sized answer is prepared after the handler returns: it is whole by now.
+        first = timing.first_byte if timing.first_byte is not None else time.perf_counter()
+        runtime.metrics.first_byte(label, first - timing.started)
+
+
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers are about to go: the request id on every answer, and the first byte's time."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
+    timing = request.get(TIMING)
+    pings = request.get(PINGS)
+    if timing is None or timing.first_byte is not None:
+        return
+    if pings is None or response is not pings.response:  # pings are not the answer
+        timing.first_byte = time.perf_counter()
+
+
 async def _health(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
-
-
-async def _models(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    data = [
-        {
-            "id": view.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "swapd",
-            "aliases": list(view.aliases),
-            "status": view.state,
-            "tier": view.tier,
-        }
-        for view in manager.views()
-    ]
-    return web.json_response({"object": "list", "data": data})
-
-
-async def _status(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    status = manager.status()
-    status["config"] = manager.config.source
-    status["pid"] = os.getpid()
-    status["connections"] = request.app[EDGE].snapshot()
-    return web.json_response(status)
-
-
-async def _load(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    name = request.match_info["name"]
-    await asyncio.shield(manager.load(name))
-    return web.json_response(_one(manager, name))
-
-
-async def _unload(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    name = request.match_info["name"]
-    force = request.query.get("force", "").lower() in ("1", "true", "yes")
-    await asyncio.shield(manager.unload(name, force=force))
-    return web.json_response(_one(manager, name))
-
-
-async def _logs(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    count = (
-        int(request.query.get("lines", "100")) if request.query.get("lines", "").isdigit() else 100
-    )
-    name, lines = manager.logs(request.match_info["name"], count)
-    return web.json_response({"name": name, "lines": lines})
-
-
-def _one(manager: Manager, name: str) -> dict[str, object]:
-    return manager.view(name).as_json()
 
 
 def _limits(config: Config, max_connections: int) -> Limits:
@@ -198,39 +203,52 @@ async def _begin_shutdown(app: web.Application) -> None:
         await app[MANAGER].begin_shutdown()
 
 
+@web.middleware
+async def _checks(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The access checks of the running config (a reload swaps them)."""
+    return await request.app[RUNTIME].checks(request, handler)
+
+
+def _model_routes(app: web.Application, proxy: Proxy) -> None:
+    """Routes that lease a model (:data:`MODEL_ROUTES`)."""
+    router = app.router
+    cold = ColdStreams(proxy)
+    for path in (*JSON_ROUTES, *EXTRA_JSON_ROUTES):
+        router.add_post(path, cold.json_route)
+    for path in MULTIPART_ROUTES:
+        router.add_post(path, proxy.multipart_route)
+    router.add_route("*", UPSTREAM_ROUTE, Passthrough(proxy).route)
+
+
 def build_app(
-    config: Config,
+    runtime: Runtime,
     probe: Probe,
     *,
     on_group: Callable[[str, int], None],
     edge: Edge | None = None,
 ) -> web.Application:
     """The aiohttp application with every route; the manager starts with it."""
-    access = Access.build(
-        listen=config.host,
-        api_keys=config.api_keys,
-        admin_keys=config.admin_keys,
-        allowed_hosts=config.allowed_hosts,
-        cors_origins=config.cors_origins,
-        metrics_public=config.metrics_public,
-    )
-    app = web.Application(
-        middlewares=[envelope, access_middleware(access)], client_max_size=config.max_body + 1
-    )
+    config = runtime.config
+    app = web.Application(middlewares=[envelope, _checks], client_max_size=config.max_body + 1)
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(_on_prepare)
     app[EDGE] = edge or Edge(_limits(config, config.max_connections))
+    app[RUNTIME] = runtime
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         pool = UpstreamPool()
-        manager = Manager(config, probe, pool, on_group=on_group)
-        proxy = Proxy(manager, pool, config.max_body, config.body_timeout)
-        app[MANAGER] = manager
+        manager = Manager(runtime.config, probe, pool, on_group=on_group, metrics=runtime.metrics)
+        proxy = Proxy(manager, pool, runtime.config.max_body, runtime.config.body_timeout)
+        app[MANAGER] = runtime.manager = manager
+        runtime.proxy = proxy
         await manager.open()
-        for path in JSON_ROUTES:
-            app.router.add_post(path, proxy.json_route)
-        for path in MULTIPART_ROUTES:
-            app.router.add_post(path, proxy.multipart_route)
+        _model_routes(app, proxy)
+        catalog = Catalog(manager)
+        app.router.add_get("/v1/models", catalog.list)
+        app.router.add_get("/v1/models/{id:.+}", catalog.one)
+        Control(manager, app[EDGE], runtime.metrics, runtime.reload).add_routes(app.router)
         preload = asyncio.create_task(manager.preload(), name="preload")
+        app[PRELOAD] = preload
         yield
         preload.cancel()
         await manager.close()
@@ -238,28 +256,37 @@ def build_app(
 
     app.on_shutdown.append(_begin_shutdown)
     app.router.add_get("/health", _health)
-    app.router.add_get("/v1/models", _models)
-    app.router.add_get("/swapd/status", _status)
-    app.router.add_post("/swapd/models/{name}/load", _load)
-    app.router.add_post("/swapd/models/{name}/unload", _unload)
-    app.router.add_get("/swapd/models/{name}/logs", _logs)
     app.cleanup_ctx.append(lifecycle)
     return app
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, load: Callable[[], Config] | None = None) -> None:
     """Run the daemon until SIGTERM, SIGINT or SIGQUIT, then drain and shut down in order.
 
+    ``load`` reads the config again for a reload (default: the same file).
     Raises :class:`SwapdError` when another swapd holds ``state_dir`` or the port is taken.
     """
     lock = InstanceLock.acquire(config.state_dir)  # before touching any record
     try:
-        await _serve_locked(config)
+        await _serve_locked(config, load or (lambda: config))
     finally:
         lock.release()
 
 
-async def _serve_locked(config: Config) -> None:
+def _signals(stop: asyncio.Event, reload: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        # Their default action would end the daemon and every backend with it.
+        loop.add_signal_handler(
+            sig, functools.partial(_log.warning, "swapd.signal.ignored", signal=sig.name)
+        )
+
+
+async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
+    notifier = notify.Notifier.from_env()
     ended = PidRecords(config.state_dir).end_leftovers()
     if ended:
         _log.warning("leftover.ended", pids=ended)
@@ -269,15 +296,17 @@ async def _serve_locked(config: Config) -> None:
     for warning in warnings:
         _log.warning("probe.fallback", detail=warning)
     _log.info("probe.devices", devices=[f"{d.id} ({d.name})" for d in probe.devices])
+    runtime = Runtime(config, load, notifier=notifier)
+    await runtime.remember_launches()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        loop.add_signal_handler(sig, stop.set)
-    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        # Their default action would end the daemon and every backend with it.
-        loop.add_signal_handler(
-            sig, functools.partial(_log.warning, "swapd.signal.ignored", signal=sig.name)
-        )
+    tasks: set[asyncio.Task[None]] = set()  # strong references until they finish
+
+    def reload() -> None:
+        task = asyncio.create_task(_reload(runtime), name="reload")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    _signals(stop, reload)
     for warning in access_warnings(
         listen=config.host,
         port=config.port,
@@ -288,11 +317,12 @@ async def _serve_locked(config: Config) -> None:
         _log.warning("swapd.access", detail=warning)
     max_connections, fd_limit = fit_fd_limit(config.max_connections)
     edge = Edge(_limits(config, max_connections), fd_limit)
-    app = build_app(config, probe, on_group=reaper, edge=edge)
+    app = build_app(runtime, probe, on_group=reaper, edge=edge)
     # The drain: stop accepting, then let requests in flight finish within shutdown_timeout.
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_timeout
     )
+    watchdog = asyncio.create_task(notify.watchdog(notifier), name="watchdog")
     try:
         await runner.setup()
         site = EdgeSite(runner, config.host, config.port, edge)
@@ -303,10 +333,44 @@ async def _serve_locked(config: Config) -> None:
                 f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
             ) from exc
         _log.info("swapd.listen", host=config.host, port=config.port, models=len(config.presets))
-        print(f"swapd: listening on http://{config.host}:{config.port}", flush=True)  # noqa: T201
+        if sys.stdout.isatty():  # off a terminal the swapd.listen event says it
+            print(f"swapd: listening on http://{config.host}:{config.port}", flush=True)  # noqa: T201
+        await _until_ready(app, notifier, stop)
+        manager = app[MANAGER]
+        status = asyncio.create_task(
+            notify.status_updates(notifier, manager.views, manager.changes.wait), name="status"
+        )
+        tasks.add(status)
         await stop.wait()
         _log.info("swapd.shutdown")
+        notifier.stopping()
     finally:
+        for task in (watchdog, *tasks):
+            task.cancel()
         await runner.cleanup()
         probe.close()
         reaper.close()
+        notifier.close()
+
+
+async def _until_ready(
+    app: web.Application, notifier: notify.Notifier, stop: asyncio.Event
+) -> None:
+    """Wait for the preloads (pushing systemd's start deadline), then say READY=1."""
+    preload = app[PRELOAD]
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        extend = asyncio.create_task(notify.extend_while(notifier, preload))
+        await asyncio.wait({preload, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        extend.cancel()
+    finally:
+        stopping.cancel()
+    if stop.is_set():
+        return
+    notifier.ready(notify.status_line(app[MANAGER].views()))
+    _log.info("swapd.ready")
+
+
+async def _reload(runtime: Runtime) -> None:
+    with contextlib.suppress(SwapdError):  # logged, and the old config stays
+        await runtime.reload()

@@ -1,42 +1,54 @@
-"""``swapd serve | check | status``: the only place that exits the process."""
+"""The ``swapd`` command: the daemon, and the verbs that drive a running one.
+
+The only place that exits the process. ``serve`` and ``check`` read a config;
+every other verb talks to a running swapd (see :mod:`swapd._client` for which
+one, and with which key) and prints a plain table on a terminal, JSON with
+``--json``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
-import os
 import sys
-import urllib.error
-import urllib.request
-from collections.abc import Coroutine, Sequence
-from pathlib import Path
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from importlib import metadata
+from typing import Any
+from urllib.parse import quote
 
-from swapd import embedded
+from swapd import _render, embedded
+from swapd._client import Client, ClientError, Target, config_path
 from swapd.auth import access_warnings
 from swapd.backends import missing_binary
-from swapd.config import Config, load_config
+from swapd.config import Config, load_config, parse_listen
 from swapd.errors import ConfigErrors, SwapdError
 from swapd.keys import loose_permissions
 from swapd.logs import configure
 
 _SHORT_KEY = 16
-_KEY_HINT = (
-    "swapd: /swapd/status needs an admin key: pass --key KEY, set SWAPD_KEY, or pass "
-    "--config on swapd's host so the key is read from admin_keys or admin_keys_file"
-)
+_DESCRIPTION = """\
+swapd serves many LLMs behind one OpenAI-compatible port. It starts llama-server, vLLM or
+any OpenAI-compatible command on demand, in memory it has measured, and stops idle ones.
+
+Start it with `swapd serve --config swapd.yaml`; the other commands drive a running swapd.
+"""
+_EPILOG = """\
+Which swapd the commands ask: --url, $SWAPD_URL, the listen address in --config
+($SWAPD_CONFIG, else /etc/swapd/swapd.yaml), else http://127.0.0.1:8080. With keys
+set, they send --key, $SWAPD_KEY, or an admin key from that config.
+"""
 
 
-def _config_path(arg: str | None) -> Path | None:
-    chosen = arg or os.environ.get("SWAPD_CONFIG")
-    return Path(chosen) if chosen else None
-
-
-def _load(arg: str | None) -> Config:
-    path = _config_path(arg)
-    if path is None:
-        return embedded.default_config()
-    return load_config(path)
+def _load_config(arg: str | None, listen: str | None = None) -> Config:
+    path = config_path(arg)
+    config = embedded.default_config() if path is None else load_config(path)
+    if listen is None:
+        return config
+    host, port = parse_listen(listen)
+    return dataclasses.replace(config, host=host, port=port)
 
 
 def _run(main: Coroutine[None, None, None]) -> None:
@@ -52,8 +64,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
     from swapd.app import serve
 
+    if args.listen is not None:
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            print(f"swapd: --listen: {exc}", file=sys.stderr)
+            return 2
     try:
-        config = _load(args.config)
+        config = _load_config(args.config, args.listen)
     except ConfigErrors as exc:
         print(exc, file=sys.stderr)
         print(f"swapd: {len(exc.errors)} config error(s); not starting", file=sys.stderr)
@@ -61,12 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SwapdError as exc:
         print(f"swapd: {exc}", file=sys.stderr)
         return 2
-    configure(config.log_level)
+    configure(config.log_level, backend_log=config.backend_log)
     if config.source == embedded.SOURCE:
         url = f"http://{config.host}:{config.port}"
         print(embedded.try_it(url), file=sys.stderr, flush=True)
     try:
-        _run(serve(config))
+        _run(serve(config, lambda: _load_config(args.config, args.listen)))
     except SwapdError as exc:  # another instance, a port in use: a message, no traceback
         print(f"swapd: {exc}", file=sys.stderr)
         return 2
@@ -76,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config and every preset; print each problem as file:line:column: key: reason."""
     try:
-        config = _load(args.config)
+        config = _load_config(args.config)
     except ConfigErrors as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -119,72 +137,263 @@ def _access_warnings(config: Config) -> list[str]:
     return [f"{config.source}: {warning}" for warning in warnings]
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print what a running swapd reports at /swapd/status."""
-    url, key = args.url, args.key or os.environ.get("SWAPD_KEY")
-    host, port = "127.0.0.1", 8080
-    path = _config_path(args.config)
-    if path is not None and (url is None or key is None):
+def _client_verb(
+    verb: Callable[[Client, argparse.Namespace], Coroutine[Any, Any, int]],
+) -> Callable[[argparse.Namespace], int]:
+    """Run ``verb`` against the swapd the arguments name; a refusal is one line and exit 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        target = Target.resolve(args.url, args.config, args.key)
+
+        async def main() -> int:
+            async with Client(target) as client:
+                return await verb(client, args)
+
         try:
-            config = load_config(path)
-            host, port = config.host, config.port
-            # On swapd's own host the config (or its admin_keys_file) holds an admin key.
-            key = key or next(iter(config.admin_keys), None)
-        except SwapdError:
-            pass
-    if url is None:
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
-        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    request = urllib.request.Request(f"{url}/swapd/status", headers=headers)  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
-            status = json.load(resp)
-    except urllib.error.HTTPError as exc:
-        print(f"swapd: {url} answered {exc.code}: {_error_message(exc)}", file=sys.stderr)
-        if exc.code in (401, 403):
-            print(_KEY_HINT, file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"swapd: cannot reach {url}: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    print(f"{'MODEL':24} {'STATE':9} {'PID':>7} {'PORT':>6} {'DEVICE':7} {'IN-FLIGHT':>9} MEMORY")
-    for m in status["models"]:
-        mem = m["memory"]
-        shown = mem["measured"] or mem["need"]
-        memory = f"{shown / 1024**2:.0f} MiB" if shown else "-"
-        print(
-            f"{m['name']:24} {m['state']:9} {m['pid'] or '-':>7} {m['port'] or '-':>6} "
-            f"{m['device'] or '-':7} {m['in_flight']:>9} {memory}"
-        )
+            return asyncio.run(main())
+        except ClientError as exc:
+            print(f"swapd: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+async def verb_status(client: Client, args: argparse.Namespace) -> int:
+    """Every model: state, tier, memory, TTL left, last use, and errors."""
+    body = await client.call("GET", "/swapd/status")
+    _print_json(body) if args.json else print(_render.status(body))
     return 0
 
 
-def _error_message(exc: urllib.error.HTTPError) -> str:
+async def verb_load(client: Client, args: argparse.Namespace) -> int:
+    """Load a model, drawing progress from the change feed until it is ready or fails."""
+    name = args.name
+    progress = _Progress(live=sys.stdout.isatty() and not args.json)
+    watcher = asyncio.create_task(progress.follow(client, f"/swapd/events?model={quote(name)}"))
     try:
-        return str(json.load(exc)["error"]["message"])
-    except (ValueError, KeyError, TypeError, OSError):
-        return exc.reason or "no details"
+        view = await client.call("POST", f"/swapd/models/{quote(name, safe='/')}/load")
+    except ClientError as exc:
+        progress.end()
+        if exc.status is None:
+            raise
+        state = await _state_of(client, name)
+        message = exc.body["error"]["message"] if isinstance(exc.body, dict) else str(exc)
+        print(f"{name}: {state}: {message}", file=sys.stderr)
+        return 1
+    finally:
+        watcher.cancel()
+    progress.end()
+    if args.json:
+        _print_json(view)
+    else:
+        where = f"pid {view['pid']}, port {view['port']}, device {view['device']}"
+        print(f"{view['name']}: {view['state']} ({where})")
+    return 0
+
+
+async def _state_of(client: Client, name: str) -> str:
+    try:
+        body = await client.call("GET", "/swapd/status")
+    except ClientError:
+        return "failed"
+    found = (m["state"] for m in body["models"] if name in (m["name"], *m["aliases"]))
+    return next(found, "failed")
+
+
+class _Progress:
+    """``swapd load``'s progress: one redrawn line on a terminal, a line per change elsewhere."""
+
+    def __init__(self, *, live: bool) -> None:
+        self.live = live
+        self.started = time.time()
+        self._last: tuple[str, bool] | None = None
+        self._drawn = False
+
+    async def follow(self, client: Client, path: str) -> None:
+        try:
+            async for event, view in client.events(path):
+                if event == "model":
+                    self.show(view)
+        except ClientError:
+            return  # the load itself reports what went wrong
+
+    def show(self, view: dict[str, Any]) -> None:
+        line = _render.progress(view, self.started)
+        if self.live:
+            sys.stdout.write("\r\x1b[K" + line)
+            sys.stdout.flush()
+            self._drawn = True
+            return
+        changed = (view["state"], bool(view.get("staging")))
+        if changed != self._last:
+            print(line, flush=True)
+            self._last = changed
+
+    def end(self) -> None:
+        if self._drawn:
+            sys.stdout.write("\r\x1b[K")
+            sys.stdout.flush()
+            self._drawn = False
+
+
+async def verb_unload(client: Client, args: argparse.Namespace) -> int:
+    """Stop a model once its requests finish (``--force``: at once)."""
+    query = "?force=true" if args.force else ""
+    view = await client.call("POST", f"/swapd/models/{quote(args.name, safe='/')}/unload{query}")
+    _print_json(view) if args.json else print(f"{view['name']}: {view['state']}")
+    return 0
+
+
+async def verb_logs(client: Client, args: argparse.Namespace) -> int:
+    """A backend's recent output; ``-f`` keeps printing new lines."""
+    path = f"/swapd/models/{quote(args.name, safe='/')}/logs?lines={args.lines}"
+    if not args.follow:
+        body = await client.call("GET", path)
+        for line in body["lines"]:
+            print(json.dumps(line) if args.json else line)
+        return 0
+    async for event, line in client.events(path + "&follow=true"):
+        if event == "line":
+            print(json.dumps(line) if args.json else line, flush=True)
+    return 0
+
+
+async def verb_reload(client: Client, args: argparse.Namespace) -> int:
+    """Re-read the config and presets; restart only the models whose launch changed."""
+    try:
+        plan = await client.call("POST", "/swapd/reload")
+    except ClientError as exc:
+        if not (isinstance(exc.body, dict) and "errors" in exc.body):
+            raise
+        for error in exc.body["errors"]:
+            print(error, file=sys.stderr)
+        print(f"swapd: {exc.body['error']['message']}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(plan)
+        return 0
+    for key, words in (
+        ("restarted", "restarting"),
+        ("added", "added"),
+        ("removed", "removed"),
+        ("in_place", "changed in place"),
+        ("unchanged", "unchanged"),
+    ):
+        if plan[key]:
+            print(f"{words}: {', '.join(plan[key])}")
+    if plan["restart_needed"]:
+        keys = ", ".join(plan["restart_needed"])
+        print(f"warning: {keys} changed; a restart of swapd applies them", file=sys.stderr)
+    return 0
+
+
+async def verb_plan(client: Client, args: argparse.Namespace) -> int:
+    """Which models fit together on which device; a local plan when swapd is not running."""
+    try:
+        body = await client.call("GET", "/swapd/plan")
+    except ClientError as exc:
+        path = config_path(args.config)
+        if exc.status is not None or path is None:
+            raise
+        print(f"swapd: not running at {client.target.url}; planning from {path}", file=sys.stderr)
+        body = await _local_plan(load_config(path))
+    _print_json(body) if args.json else print(_render.plan(body))
+    return 0
+
+
+async def _local_plan(config: Config) -> dict[str, Any]:
+    from swapd import planner
+    from swapd.admission import Admission
+    from swapd.footprints import Footprints
+    from swapd.policy import Limits
+    from swapd.probe import open_probe
+
+    probe, _ = open_probe(config.devices)
+    try:
+        limits = Limits(reserve=config.reserve, budget=config.budget)
+        admission = Admission(probe, Footprints(config.state_dir), limits, config.default_memory)
+        snap, memory = await planner.read_memory(admission, [], {})
+        found = await planner.plan(admission, config.presets, snap, memory)
+    finally:
+        probe.close()
+    return found.as_json()
+
+
+def _target_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    where = common.add_argument_group("which swapd")
+    where.add_argument("--url", help="swapd's address, like http://127.0.0.1:8080")
+    where.add_argument("--config", help="read the address and an admin key from this config")
+    where.add_argument("--key", help="an admin key (default: $SWAPD_KEY, else from the config)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return common
+
+
+def _version() -> str:
+    try:
+        return metadata.version("swapd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``swapd`` command line."""
+    parser = argparse.ArgumentParser(
+        prog="swapd",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"swapd {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon in the foreground",
+        description="Run swapd in the foreground until SIGTERM (SIGHUP reloads the config).",
+    )
+    serve.add_argument(
+        "--config", help="the daemon config (default: $SWAPD_CONFIG, else the embedded Gemma)"
+    )
+    serve.add_argument("--listen", help="serve on HOST:PORT instead of the config's listen")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser(
+        "check",
+        help="validate a config and its presets",
+        description="Print every problem as file:line:column: key: reason; exit 1 if any.",
+    )
+    check.add_argument("--config", help="the daemon config (default: $SWAPD_CONFIG)")
+    check.set_defaults(func=cmd_check)
+    common = _target_options()
+    verbs: list[tuple[str, str, Any]] = [
+        ("status", "show every model: state, tier, memory, TTL left, last use", verb_status),
+        ("load", "load a model and show its progress until it is ready", verb_load),
+        ("unload", "stop a model once its requests finish", verb_unload),
+        ("logs", "print a backend's recent output", verb_logs),
+        ("reload", "re-read the config; restart only the models that changed", verb_reload),
+        ("plan", "show which models fit together on this host's devices", verb_plan),
+    ]
+    subs = {}
+    for name, words, verb in verbs:
+        description = words[0].upper() + words[1:] + "."
+        subs[name] = sub.add_parser(name, parents=[common], help=words, description=description)
+        subs[name].set_defaults(func=_client_verb(verb))
+        if name in ("load", "unload", "logs"):
+            subs[name].add_argument("name", metavar="NAME", help="the model's name or an alias")
+    subs["unload"].add_argument(
+        "--force", action="store_true", help="stop at once, cutting requests"
+    )
+    subs["logs"].add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    subs["logs"].add_argument("-n", "--lines", type=int, default=100, help="how many (default 100)")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``swapd`` command."""
-    parser = argparse.ArgumentParser(prog="swapd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the daemon (the embedded default without --config)")
-    serve.add_argument("--config", help="daemon config file (default: $SWAPD_CONFIG)")
-    serve.set_defaults(func=cmd_serve)
-    check = sub.add_parser("check", help="validate the config and presets")
-    check.add_argument("--config", help="daemon config file (default: $SWAPD_CONFIG)")
-    check.set_defaults(func=cmd_check)
-    status = sub.add_parser("status", help="show the models of a running swapd")
-    status.add_argument("--config", help="read the listen address from this config")
-    status.add_argument("--url", help="swapd's base URL (default http://127.0.0.1:8080)")
-    status.add_argument("--json", action="store_true", help="print the raw JSON")
-    status.add_argument("--key", help="an admin key (default: $SWAPD_KEY, else from --config)")
-    status.set_defaults(func=cmd_status)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     sys.exit(args.func(args))

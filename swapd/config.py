@@ -12,6 +12,7 @@ from swapd._yaml import Document, load_document, nested_entries
 from swapd.auth import parse_allowed_hosts, parse_origins
 from swapd.errors import ConfigError, ConfigErrors, Location
 from swapd.keys import parse_keys, read_keys_file
+from swapd.logs import BACKEND_LOG_MODES
 from swapd.presets import CONVERTERS, NOT_IN_DEFAULTS, Preset, convert_entries, load_presets
 from swapd.probe import DevicesSpec
 from swapd.units import parse_duration, parse_size
@@ -44,6 +45,8 @@ class Config:
     queue_timeout: float = 120.0
     release_timeout: float = 10.0
     log_level: str = "info"
+    # The level of backend output lines on their own (see swapd.logs): info, debug or off.
+    backend_log: str = "info"
     # Access control (see swapd.auth): keys, with those of the key files merged in, Host names
     # beyond swapd's own, web origins that may call it, and whether /metrics needs a key.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -131,11 +134,13 @@ def _timeout(value: Any) -> float:
     return seconds
 
 
-def _log_level(value: Any) -> str:
-    levels = ("debug", "info", "warning", "error")
-    if value not in levels:
-        raise ValueError(f"expected one of {', '.join(levels)}, got {value!r}")
-    return str(value)
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return convert
 
 
 _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
@@ -149,7 +154,8 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "budget": lambda v: None if v is None else parse_size(v),
     "queue_timeout": parse_duration,
     "release_timeout": parse_duration,
-    "log_level": _log_level,
+    "log_level": _one_of("debug", "info", "warning", "error"),
+    "backend_log": _one_of(*BACKEND_LOG_MODES),
     "api_keys": parse_keys,
     "admin_keys": parse_keys,
     "api_keys_file": lambda v: Path(str(v)).expanduser(),

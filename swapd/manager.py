@@ -54,12 +54,17 @@ from swapd.errors import (
     UnknownModel,
     describe_exit,
 )
+from swapd.events import Changes
 from swapd.footprints import Footprints, fingerprint
 from swapd.logs import get_logger
+from swapd.metrics import Metrics
 from swapd.pages import WarmSet
 from swapd.pidfiles import PidRecords
+from swapd.planner import DeviceMemory, read_memory
+from swapd.presets import Preset
 from swapd.probe import Device, Probe
 from swapd.process import Child
+from swapd.reload import ReloadPlan
 from swapd.slot import ModelView, Slot, snapshot
 from swapd.staging import CacheFull as StagingFull
 from swapd.staging import StagingCache, StagingError
@@ -124,12 +129,16 @@ class Manager:
         pool: UpstreamPool,
         *,
         on_group: Callable[[str, int], None] = lambda _e, _p: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.probe = probe
         self.pool = pool
         self._on_group = on_group
-        self.slots = {p.name: Slot(p, kind_of(p)) for p in config.presets}
+        self.metrics = metrics or Metrics()
+        self.changes = Changes()  # every state move, for /swapd/events and systemd's STATUS
+        self.slots = {p.name: self._new_slot(p) for p in config.presets}
+        self._restarts: dict[str, asyncio.Task[None]] = {}
         self.records = PidRecords(config.state_dir)
         self.footprints = Footprints(config.state_dir)
         self.limits = policy.Limits(
@@ -162,16 +171,23 @@ class Manager:
                 budget = int(psutil.disk_usage(str(config.cache_dir)).free * 0.9)
             self.staging = StagingCache(config.cache_dir, budget)
 
+    def _new_slot(self, preset: Preset) -> Slot:
+        slot = Slot(preset, kind_of(preset))
+        slot.observer = self.changes.publish
+        return slot
+
     async def open(self) -> None:
         """Open the staging cache (cleans interrupted copies) and find what is staged."""
         if self.staging is None:
             return
-        staging = self.staging
-        await asyncio.to_thread(staging.open)
+        await asyncio.to_thread(self.staging.open)
         for slot in self.slots.values():
-            if slot.preset.stage and slot.preset.model is not None:
-                found = await asyncio.to_thread(staging.cached_path, slot.preset.model)
-                slot.staged_path = str(found) if found else None
+            await self._find_staged(slot)
+
+    async def _find_staged(self, slot: Slot) -> None:
+        if self.staging is not None and slot.preset.stage and slot.preset.model is not None:
+            found = await asyncio.to_thread(self.staging.cached_path, slot.preset.model)
+            slot.staged_path = str(found) if found else None
 
     # ---------------------------------------------------------------- lookups and views
 
@@ -195,6 +211,11 @@ class Manager:
         slot = self.slot_for(name)
         return slot.preset.name, slot.ring.tail(lines)
 
+    def logs_since(self, name: str, cursor: int | None) -> tuple[list[str], int]:
+        """Output lines printed after ``cursor`` (None: none yet, just the cursor), and the next."""
+        ring = self.slot_for(name).ring
+        return ring.since(ring.total if cursor is None else cursor)
+
     def status(self) -> dict[str, Any]:
         """A JSON-ready view of every model and tier; never starts anything or touches TTLs."""
         views = self.views()
@@ -214,6 +235,16 @@ class Manager:
                 "disk": self._disk_tier(),
             },
         }
+
+    async def memory(self) -> tuple[Snapshot, list[DeviceMemory]]:
+        """One reading of every device: total, free, and what swapd's backends use there."""
+        counted: dict[str, int] = {}
+        for slot in self.slots.values():
+            if slot.device is not None and slot.state in ON_DEVICE:
+                need = slot.need.bytes if slot.need else None
+                used = policy.counted_usage(slot.measured, need)
+                counted[slot.device.id] = counted.get(slot.device.id, 0) + used
+        return await read_memory(self.admission, self._pids(), counted)
 
     def _disk_tier(self) -> dict[str, int | None]:
         if self.staging is None:
@@ -293,7 +324,12 @@ class Manager:
         return slot.state is State.FAILED and slot.child is not None
 
     def _refuse_if_failing(self, slot: Slot) -> None:
-        """Answer at once, starting nothing, while the model backs off or its breaker is open."""
+        """Answer at once, starting nothing, while the model backs off or its breaker is open.
+
+        Also when a reload removed the model while the request waited for it.
+        """
+        if self.slots.get(slot.preset.name) is not slot:
+            raise UnknownModel(slot.preset.name, sorted(self.slots))
         error = slot.last_error.message if slot.last_error else "unknown"
         if slot.state is State.BACKOFF:
             wait = slot.retry_at - time.monotonic()
@@ -371,6 +407,7 @@ class Manager:
         loading = slot.load_task is not None and not slot.load_task.done()
         if slot.tier == "ram" and not loading and not slot.busy:
             _log.info("model.ram_ttl.expire", model=slot.preset.name, ram_ttl_s=slot.preset.ram_ttl)
+            self.metrics.evicted(slot.preset.name, "ram_ttl")
             self._down_to_disk(slot, reason="ram_ttl")
 
     # ---------------------------------------------------------------- loading
@@ -416,6 +453,7 @@ class Manager:
     async def _load(self, slot: Slot, *, waking: bool) -> None:
         name = slot.preset.name
         started = time.monotonic()
+        from_tier = "ram" if waking else slot.tier
         staging = None
         if not waking and slot.preset.stage and self.staging is not None:
             # Copy while the load waits for room or for busy models (prefetch).
@@ -444,11 +482,14 @@ class Manager:
             if staging is not None and not staging.done():
                 staging.cancel()
             self._notify()
+        load_s = time.monotonic() - started
+        self.metrics.load_done(name, from_tier, load_s)
         _log.info(
             "model.load.done",
             model=name,
             how="wake" if waking else "start",
-            load_s=round(time.monotonic() - started, 3),
+            from_tier=from_tier,
+            load_s=round(load_s, 3),
         )
 
     def _load_failed(self, slot: Slot, exc: RequestError) -> None:
@@ -1091,6 +1132,7 @@ class Manager:
         locks = {a.model for a in actions if isinstance(a, policy.LockPages)}
         for action in actions:
             slot = self.slots[action.model]
+            self.metrics.evicted(action.model, reason)
             if isinstance(action, policy.Sleep):
                 tasks.append(self._begin_sleep(slot, reason=reason))
             elif isinstance(action, policy.Stop):
@@ -1238,6 +1280,121 @@ class Manager:
             await asyncio.shield(slot.stop_task)
         self._drop_pages(slot, reason="unload")
         self._notify()
+
+    # ---------------------------------------------------------------- reload
+
+    def reload(self, config: Config, plan: ReloadPlan) -> None:
+        """Take a new config now; restarts and stops go on in tasks.
+
+        Unchanged models keep their processes and in-place changes (TTL, aliases a
+        kind does not pass, limits) apply at once. A changed launch restarts once
+        its requests finish, and comes back if it was serving; a removed model
+        stops once its requests finish, and new requests for it get 404.
+        """
+        old = self.slots
+        self.config = config
+        self.limits = policy.Limits(
+            reserve=config.reserve, budget=config.budget, max_running=config.max_running
+        )
+        self.admission.limits = self.limits
+        self.admission.default_memory = config.default_memory
+        if config.ram_budget is not None:
+            self.ram_budget = config.ram_budget
+        slots = {p.name: old.get(p.name) or self._new_slot(p) for p in config.presets}
+        self.slots = slots  # from here on, a removed name is unknown
+        for preset in plan.in_place:
+            self._apply_in_place(slots[preset.name], preset)
+        for preset in plan.restarted:
+            self._restart_later(slots[preset.name], preset)
+        for name in plan.removed:
+            self._spawn_task(self._retire(old[name]), f"retire:{name}")
+        self.metrics.forget(plan.removed)
+        for preset in plan.added:
+            self._spawn_task(self._after_reload(slots[preset.name], start=preset.preload), "add")
+        self._notify()
+
+    def _apply_in_place(self, slot: Slot, preset: Preset) -> None:
+        old, slot.preset = slot.preset, preset
+        if slot.state is State.READY and slot.in_flight == 0:
+            self._arm_ttl(slot)  # the new ttl (or pin), counted from now
+        if slot.ram_timer is not None and preset.ram_ttl != old.ram_ttl:
+            self._entered_ram(slot, slot.ram_bytes)
+        _log.info("model.reload", model=preset.name, change="in_place")
+
+    def _restart_later(self, slot: Slot, preset: Preset) -> None:
+        name = preset.name
+        before = self._restarts.get(name)
+        task = self._spawn_task(self._restart(slot, preset, before), f"restart:{name}")
+        self._restarts[name] = task
+        task.add_done_callback(
+            lambda t: self._restarts.pop(name) if self._restarts.get(name) is t else None
+        )
+
+    async def _settle(self, slot: Slot) -> None:
+        """Wait until no load, stop, demotion or sleep of ``slot`` is under way."""
+        while True:
+            load = slot.load_task
+            busy = [t for t in (slot.stop_task, slot.demote_task, slot.sleep_task) if t]
+            if load is not None and not load.done():
+                busy.append(load)
+            if not busy:
+                return
+            with contextlib.suppress(RequestError):
+                await asyncio.shield(busy[0])
+
+    async def _drain_and_stop(self, slot: Slot, reason: str) -> None:
+        """Let requests in flight finish (no new leases), then stop down to disk."""
+        while True:
+            if slot.state is State.READY and slot.in_flight > 0:
+                slot.move(State.READY, State.DRAINING)
+                self._cancel_ttl(slot)
+            if slot.state is State.DRAINING:
+                slot.swap_drain = False  # ours now: no admission may hand it back
+                if slot.in_flight > 0:
+                    await self._changed.wait()
+                    continue
+            if slot.state in (State.READY, State.DRAINING, State.ASLEEP):
+                await asyncio.shield(self._begin_stop(slot, reason=reason))
+                continue
+            if slot.stop_task is not None:
+                await asyncio.shield(slot.stop_task)
+                continue
+            break
+        if slot.state in (State.FAILED, State.BACKOFF) and slot.child is None:
+            slot.move((State.FAILED, State.BACKOFF), State.STOPPED)
+        self._drop_pages(slot, reason=reason)
+
+    async def _restart(self, slot: Slot, preset: Preset, before: asyncio.Task[None] | None) -> None:
+        """Move ``slot`` to a new launch: drain, stop, swap the preset, start if it served."""
+        if before is not None:
+            await asyncio.gather(asyncio.shield(before), return_exceptions=True)
+        await self._settle(slot)
+        serving = slot.state in (State.READY, State.DRAINING)
+        # No new lease goes to the old process from here: it drains (or stops) first.
+        slot.preset, slot.kind = preset, kind_of(preset)
+        slot.failures = 0  # a changed preset deserves fresh tries
+        self.admission.forget(preset.name)
+        self._model_bytes.pop(preset.name, None)
+        _log.info("model.reload", model=preset.name, change="restart", serving=serving)
+        await self._drain_and_stop(slot, "reload")
+        await self._after_reload(slot, start=serving or preset.preload)
+
+    async def _after_reload(self, slot: Slot, *, start: bool) -> None:
+        await self._find_staged(slot)
+        if not start or self._closing or self.slots.get(slot.preset.name) is not slot:
+            return
+        try:
+            await self.load(slot.preset.name)
+        except RequestError as exc:
+            _log.error("model.reload.fail", model=slot.preset.name, error=exc.message)
+
+    async def _retire(self, slot: Slot) -> None:
+        """A removed model: finish what it serves, then stop it for good."""
+        _log.info("model.reload", model=slot.preset.name, change="removed")
+        await self._settle(slot)
+        await self._drain_and_stop(slot, "removed")
+        self._cancel_ttl(slot)
+        self._cancel_ram_ttl(slot)
 
     async def begin_shutdown(self) -> None:
         """Take no new work: loads in progress are cancelled and their waiters get 503.

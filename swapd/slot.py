@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,12 +62,16 @@ class Slot:
     retry_at: float = 0.0  # monotonic; when a backoff ends
     staged_path: str | None = None
     staging: tuple[int, int] | None = None  # bytes done, total, while copying
+    # Told of every move (the manager's change feed: /swapd/events, systemd's STATUS line).
+    observer: Callable[[Slot], None] | None = field(default=None, repr=False, compare=False)
 
     def move(self, expected: State | tuple[State, ...], new: State) -> None:
         """Change state along an edge of :data:`swapd.states.EDGES`, and remember when."""
         states.check(self.state, expected, new)
         self.state = new
         self.since = time.time()
+        if self.observer is not None:
+            self.observer(self)
 
     @property
     def busy(self) -> bool:
@@ -118,6 +123,7 @@ class ModelView:
     in_flight: int
     waiting: int
     ttl: float
+    ttl_left: float | None  # seconds until the TTL moves it down a tier; None: not armed
     ram_ttl: float
     pin: bool
     need: int | None
@@ -153,6 +159,7 @@ class ModelView:
             "in_flight": self.in_flight,
             "waiting": self.waiting,
             "ttl": self.ttl,
+            "ttl_left": self.ttl_left,
             "ram_ttl": self.ram_ttl,
             "pin": self.pin,
             "memory": {
@@ -200,6 +207,7 @@ def snapshot(slot: Slot) -> ModelView:
         in_flight=slot.in_flight,
         waiting=slot.waiters,
         ttl=slot.preset.ttl,
+        ttl_left=_left(slot.ttl_timer),
         ram_ttl=slot.preset.ram_ttl,
         pin=slot.preset.pin,
         need=slot.need.bytes if slot.need else None,
@@ -219,3 +227,10 @@ def snapshot(slot: Slot) -> ModelView:
         escaped=slot.escaped,
         retry_at=(now + (slot.retry_at - now_mono) if slot.state is State.BACKOFF else None),
     )
+
+
+def _left(timer: asyncio.TimerHandle | None) -> float | None:
+    """Seconds until ``timer`` fires (loop time), or None when none is armed."""
+    if timer is None or timer.cancelled():
+        return None
+    return round(max(0.0, timer.when() - asyncio.get_running_loop().time()), 3)

@@ -145,14 +145,15 @@ def test_metrics_follows_the_admin_rule(keyed: Daemon) -> None:
     assert keyed.request("GET", "/metrics")[0] == 401
     status, body = keyed.request("GET", "/metrics", headers=INFERENCE)
     assert (status, error_code(body)) == (403, "admin_key_required")
-    # The admin key passes the check; no /metrics route exists yet, so the router says 404.
-    assert keyed.request("GET", "/metrics", headers=ADMIN)[0] == 404
+    status, body = keyed.request("GET", "/metrics", headers=ADMIN)
+    assert status == 200
+    assert "swapd_model_state" in body
 
 
 def test_metrics_public_skips_the_key_but_not_the_origin(start_daemon: StartDaemon) -> None:
     """With metrics_public, /metrics needs no key, while other routes still do."""
     d = start_daemon({"a": fake_preset("A")}, {"api_keys": [INFERENCE_KEY], "metrics_public": True})
-    assert d.request("GET", "/metrics")[0] == 404
+    assert d.request("GET", "/metrics")[0] == 200
     assert d.request("GET", "/v1/models")[0] == 401
     status, body = d.request("GET", "/metrics", headers={"Origin": "http://evil.example"})
     assert (status, error_code(body)) == (403, "origin_not_allowed")

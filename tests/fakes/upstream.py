@@ -38,6 +38,12 @@ ECHO_OBJECTS = {
     "/v1/responses": "response",
     "/v1/messages": "message",
     "/v1/rerank": "rerank",
+    "/v1/messages/count_tokens": "count_tokens",
+    # llama-server's own routes, reached through swapd by a model in the body or /upstream/.
+    "/tokenize": "tokens",
+    "/detokenize": "content",
+    "/infill": "infill",
+    "/apply-template": "prompt",
 }
 
 
@@ -323,8 +329,16 @@ class Fake:
                 "object": ECHO_OBJECTS[request.path],
                 "model": body.get("model", self.args.name),
                 "path": request.path,
+                "query": request.query_string,
                 "name": self.args.name,
             }
+        )
+
+    async def props(self, request: web.Request) -> web.Response:
+        """A GET route of the backend's own (like llama-server's /props), with its query."""
+        self.stats.requests += 1
+        return web.json_response(
+            {"name": self.args.name, "path": request.path, "query": request.query_string}
         )
 
     async def transcription(self, request: web.Request) -> web.Response:
@@ -369,6 +383,7 @@ class Fake:
         app.router.add_get(self.args.health_path, self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/fake/stats", self.stats_route)
+        app.router.add_get("/props", self.props)
         app.router.add_post("/v1/chat/completions", t(self.chat))
         app.router.add_post("/v1/completions", t(self.completion))
         app.router.add_post("/v1/embeddings", t(self.embeddings))

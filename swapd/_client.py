@@ -1,0 +1,145 @@
+"""The CLI's side of the control API: which swapd to ask, with which key, and how.
+
+The address is, in order: ``--url``, ``$SWAPD_URL``, the ``listen`` of
+``--config`` (default ``$SWAPD_CONFIG``, else ``/etc/swapd/swapd.yaml`` where
+it exists, as ``scripts/install-service`` writes it), else
+``http://127.0.0.1:8080``. The admin key is ``--key``, ``$SWAPD_KEY``, else the
+config's ``admin_keys`` or ``admin_keys_file`` (readable on swapd's own host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+
+from swapd.config import Config, load_config
+from swapd.errors import SwapdError
+
+SYSTEM_CONFIG = Path("/etc/swapd/swapd.yaml")
+DEFAULT_URL = "http://127.0.0.1:8080"
+KEY_HINT = (
+    "this swapd needs an admin key: pass --key KEY, set SWAPD_KEY, or pass --config on "
+    "swapd's host so the key is read from admin_keys or admin_keys_file"
+)
+_WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - listen addresses that mean "every address"
+
+
+class ClientError(Exception):
+    """A request to swapd failed; the message says what to do."""
+
+    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
+        self.status = status
+        self.body = body
+        super().__init__(message)
+
+
+def config_path(arg: str | None) -> Path | None:
+    """``--config``, else ``$SWAPD_CONFIG``; None when neither is given."""
+    chosen = arg or os.environ.get("SWAPD_CONFIG")
+    return Path(chosen) if chosen else None
+
+
+def url_of(config: Config) -> str:
+    """The URL a local client reaches a config's listen address at."""
+    host = "127.0.0.1" if config.host in _WILDCARDS else config.host
+    return f"http://[{host}]:{config.port}" if ":" in host else f"http://{host}:{config.port}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a running swapd answers, and the key to send."""
+
+    url: str
+    key: str | None
+
+    @classmethod
+    def resolve(cls, url: str | None, config: str | None, key: str | None) -> Target:
+        """See the module docstring for the order."""
+        url = url or os.environ.get("SWAPD_URL")
+        key = key or os.environ.get("SWAPD_KEY")
+        path = config_path(config)
+        if path is None and url is None and SYSTEM_CONFIG.is_file():
+            path = SYSTEM_CONFIG
+        if path is not None and (url is None or key is None):
+            try:
+                loaded = load_config(path)
+            except SwapdError:
+                loaded = None  # an unreadable config still leaves --url and the default
+            if loaded is not None:
+                url = url or url_of(loaded)
+                key = key or next(iter(loaded.admin_keys), None)
+        return cls((url or DEFAULT_URL).rstrip("/"), key)
+
+
+class Client:
+    """An HTTP session with one swapd (``async with Client(target) as client``)."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        headers = {"Authorization": f"Bearer {target.key}"} if target.key else {}
+        # Loads and followed streams take as long as they take; a dead address fails fast.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._session.close()
+
+    async def call(self, method: str, path: str) -> Any:
+        """One request; its JSON answer, or :class:`ClientError` with swapd's message."""
+        url = self.target.url + path
+        try:
+            async with self._session.request(method, url) as resp:
+                body = await _json_or_text(resp)
+                if resp.status >= 400:
+                    raise ClientError(self._refusal(resp.status, body), resp.status, body)
+                return body
+        except aiohttp.ClientError as exc:
+            raise ClientError(f"cannot reach {self.target.url}: {exc}") from exc
+
+    async def events(self, path: str) -> AsyncIterator[tuple[str, Any]]:
+        """Server-sent events from ``path``: each ``(event, data)``, data decoded from JSON."""
+        url = self.target.url + path
+        try:
+            async with self._session.get(url) as resp:
+                if resp.status >= 400:
+                    body = await _json_or_text(resp)
+                    raise ClientError(self._refusal(resp.status, body), resp.status, body)
+                event, data = "message", []
+                async for raw in resp.content:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].strip())
+                    elif not line and data:
+                        yield event, json.loads("\n".join(data))
+                        event, data = "message", []
+        except aiohttp.ClientError as exc:
+            raise ClientError(f"cannot reach {self.target.url}: {exc}") from exc
+
+    def _refusal(self, status: int, body: Any) -> str:
+        message = body
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            message = body["error"].get("message")
+        text = f"{self.target.url} answered {status}: {message or 'no details'}"
+        return f"{text}\n{KEY_HINT}" if status in (401, 403) else text
+
+
+async def _json_or_text(resp: aiohttp.ClientResponse) -> Any:
+    raw = await resp.read()
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace").strip()

@@ -1,0 +1,163 @@
+"""Control routes (``/swapd/*``) and ``/metrics``: admin keys where keys are set.
+
+Status, the change feed and metrics read frozen views (no TTL is touched, no
+model started). Load, unload and reload act through the manager; a client that
+hangs up never cancels them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from swapd import planner
+from swapd.errors import ConfigErrors, SwapdError
+from swapd.events import sse
+from swapd.limits import Edge
+from swapd.manager import Manager
+from swapd.metrics import CONTENT_TYPE, Metrics
+from swapd.reload import ReloadPlan
+from swapd.slot import ModelView
+
+# States in which a model's status moves without a state change (bytes staged, time spent).
+_MOVING = frozenset({"queued", "starting", "waking", "sleeping", "draining", "stopping"})
+PROGRESS_EVERY = 0.5  # seconds between views of a model on the move
+KEEPALIVE_EVERY = 15.0  # seconds between comment lines on a quiet stream
+FOLLOW_EVERY = 0.25  # seconds between looks at a followed backend's output
+_SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+class Control:
+    """The control routes of one daemon."""
+
+    def __init__(
+        self,
+        manager: Manager,
+        edge: Edge,
+        metrics: Metrics,
+        reload: Callable[[], Awaitable[ReloadPlan]],
+    ) -> None:
+        self.manager = manager
+        self.edge = edge
+        self.metrics = metrics
+        self._reload = reload
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        """Register every control route."""
+        router.add_get("/swapd/status", self.status)
+        router.add_get("/swapd/events", self.events)
+        router.add_get("/swapd/plan", self.plan)
+        router.add_post("/swapd/reload", self.reload)
+        router.add_post("/swapd/models/{name:.+}/load", self.load)
+        router.add_post("/swapd/models/{name:.+}/unload", self.unload)
+        router.add_get("/swapd/models/{name:.+}/logs", self.logs)
+        router.add_get("/metrics", self.scrape)
+
+    async def status(self, _request: web.Request) -> web.Response:
+        """Every model and tier, the config file, swapd's pid and the edge's counters."""
+        status = self.manager.status()
+        status["config"] = self.manager.config.source
+        status["pid"] = os.getpid()
+        status["connections"] = self.edge.snapshot()
+        return web.json_response(status)
+
+    async def load(self, request: web.Request) -> web.Response:
+        """Make a model ready; answers with its status once it is."""
+        name = request.match_info["name"]
+        await asyncio.shield(self.manager.load(name))
+        return web.json_response(self.manager.view(name).as_json())
+
+    async def unload(self, request: web.Request) -> web.Response:
+        """Stop a model once its requests finish (``?force=true``: at once)."""
+        name = request.match_info["name"]
+        await asyncio.shield(self.manager.unload(name, force=_flag(request, "force")))
+        return web.json_response(self.manager.view(name).as_json())
+
+    async def reload(self, _request: web.Request) -> web.Response:
+        """Re-read the config and presets; 400 listing every error when the new one is bad."""
+        try:
+            plan = await asyncio.shield(self._reload())
+        except SwapdError as exc:
+            errors = [str(e) for e in exc.errors] if isinstance(exc, ConfigErrors) else [str(exc)]
+            message = f"the new config has {len(errors)} error(s); the running config stays"
+            error = {"message": message, "type": "invalid_request_error", "code": "config_invalid"}
+            body = {"error": {**error, "param": None}, "errors": errors}
+            return web.json_response(body, status=400)
+        return web.json_response(plan.as_json())
+
+    async def plan(self, _request: web.Request) -> web.Response:
+        """Which models fit together on this host's devices now (``swapd plan``)."""
+        manager = self.manager
+        snap, memory = await manager.memory()
+        found = await planner.plan(manager.admission, manager.config.presets, snap, memory)
+        return web.json_response(found.as_json())
+
+    async def scrape(self, _request: web.Request) -> web.Response:
+        """Prometheus exposition: counters, histograms and gauges read now."""
+        _, memory = await self.manager.memory()
+        body = self.metrics.render(self.manager.views(), memory)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        """A backend's last output lines; ``?follow=true`` streams new ones as events."""
+        raw = request.query.get("lines", "")
+        count = int(raw) if raw.isdigit() else 100
+        name, lines = self.manager.logs(request.match_info["name"], count)
+        if not _flag(request, "follow"):
+            return web.json_response({"name": name, "lines": lines})
+        response = web.StreamResponse(headers=_SSE)
+        await response.prepare(request)
+        for line in lines:
+            await response.write(sse("line", line))
+        _, cursor = self.manager.logs_since(name, None)
+        quiet = 0.0
+        while True:
+            await asyncio.sleep(FOLLOW_EVERY)
+            new, cursor = self.manager.logs_since(name, cursor)
+            for line in new:
+                await response.write(sse("line", line))
+            quiet = 0.0 if new else quiet + FOLLOW_EVERY
+            if quiet >= KEEPALIVE_EVERY:
+                await response.write(b": keepalive\n\n")
+                quiet = 0.0
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: each model's view now, then one per move, and progress.
+
+        ``?model=NAME`` keeps one model. A model on the move (queued, staging,
+        starting) is sent again every :data:`PROGRESS_EVERY` seconds, so a client
+        can draw bytes staged and time spent.
+        """
+        wanted = request.query.get("model")
+        name = self.manager.view(wanted).name if wanted else None
+
+        def chosen(views: list[ModelView]) -> list[ModelView]:
+            return [v for v in views if name is None or v.name == name]
+
+        response = web.StreamResponse(headers=_SSE)
+        await response.prepare(request)
+        with self.manager.changes.subscribe() as subscription:
+            for view in chosen(self.manager.views()):
+                await response.write(sse("model", view.as_json()))
+            quiet = 0.0
+            while True:
+                moved = chosen(await subscription.next(PROGRESS_EVERY))
+                sent = {v.name for v in moved}
+                moving = [
+                    v
+                    for v in chosen(self.manager.views())
+                    if v.state in _MOVING and v.name not in sent
+                ]
+                for view in [*moved, *moving]:
+                    await response.write(sse("model", view.as_json()))
+                quiet = 0.0 if moved or moving else quiet + PROGRESS_EVERY
+                if quiet >= KEEPALIVE_EVERY:
+                    await response.write(b": keepalive\n\n")
+                    quiet = 0.0

@@ -1,0 +1,80 @@
+"""The change feed: every model state move, fanned out to whoever listens.
+
+The manager publishes a slot each time it moves (see ``Slot.observer``); the
+``GET /swapd/events`` stream, ``swapd load``'s progress and systemd's STATUS
+line read it. A subscriber gets frozen views in order, in a bounded queue: one
+that falls behind loses the oldest views, never slows the manager down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from swapd.slot import ModelView, Slot, snapshot
+
+_KEEP = 256  # views a slow subscriber may fall behind by
+
+
+class Subscription:
+    """One listener's queue of views."""
+
+    def __init__(self) -> None:
+        self._views: deque[ModelView] = deque(maxlen=_KEEP)
+        self._ready = asyncio.Event()
+
+    def put(self, view: ModelView) -> None:
+        """Queue a view (dropping the oldest when full) and wake the listener."""
+        self._views.append(view)
+        self._ready.set()
+
+    async def next(self, timeout: float | None = None) -> list[ModelView]:
+        """The views queued since the last call; empty when ``timeout`` passes first."""
+        if not self._views:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), timeout)
+        self._ready.clear()
+        views = list(self._views)
+        self._views.clear()
+        return views
+
+
+class Changes:
+    """Publishes model moves to subscribers; cheap when nobody listens."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[Subscription] = set()
+        self._changed = asyncio.Event()
+
+    def publish(self, slot: Slot) -> None:
+        """A slot moved: hand its view to every subscriber."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if not self._subscribers:
+            return
+        view = snapshot(slot)
+        for subscriber in self._subscribers:
+            subscriber.put(view)
+
+    async def wait(self) -> None:
+        """Return at the next move."""
+        await self._changed.wait()
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[Subscription]:
+        """``with changes.subscribe() as sub:`` -- views of every move until the block ends."""
+        subscription = Subscription()
+        self._subscribers.add(subscription)
+        try:
+            yield subscription
+        finally:
+            self._subscribers.discard(subscription)
+
+
+def sse(event: str, data: Any) -> bytes:
+    """One server-sent event: its name and a JSON payload on one ``data:`` line."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

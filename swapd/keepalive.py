@@ -1,0 +1,279 @@
+"""Cold-load keepalive: SSE comment pings while a streaming request waits for its model.
+
+Nginx (60 s by default), LiteLLM and many clients give up when no byte arrives
+for a while, and a cold load can take minutes before the first token. For a
+streaming request (``"stream": true``) whose model is not ready, swapd watches
+the load: once admission has accepted it (the model is ``starting`` or
+``waking``) and the request has waited :data:`PING_AFTER` seconds, swapd
+answers 200 with ``text/event-stream`` and sends ``: loading`` every
+:data:`PING_EVERY` seconds until the backend answers; then the backend's events
+follow on the same stream. Before the first ping a refusal (503
+``insufficient_memory``, ``queue_timeout``, ``backoff``) is still a plain HTTP
+error that clients can retry elsewhere; after it, an error goes out as one
+``data: {"error": ...}`` event and the stream ends.
+
+Every other request takes the proxy's own path: :class:`ColdStreams` answers
+itself only a stream whose pings have started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from swapd import _json as capped_json
+from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
+from swapd.manager import Lease
+from swapd.metrics import TIMING
+from swapd.proxy import Proxy, model_from_json, read_body
+from swapd.upstream import UpstreamError, UpstreamResponse
+
+PING_AFTER = 3.0  # seconds a request waits before the first ping
+PING_EVERY = 5.0
+_WATCH_EVERY = 0.25
+_ADMITTED = frozenset({"starting", "waking"})
+# The status of an error sent as an event on a stream that had already answered 200.
+STREAM_ERROR = web.RequestKey("stream_error", int)
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def wants_stream(body: bytes) -> bool:
+    """Whether a JSON body asks for a streamed answer (a byte scan first: most do not)."""
+    if b'"stream"' not in body:
+        return False
+    data = capped_json.loads(body)
+    return isinstance(data, dict) and data.get("stream") is True
+
+
+class Pings:
+    """The pings of one request, and the stream they open."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+        self._closed = False  # the relay took over: no ping may start or go out
+        self._lock = asyncio.Lock()  # one writer at a time: a ping, or the takeover
+
+    async def run(self, admitted: Callable[[], bool]) -> None:
+        """Ping once ``admitted()`` holds and the request has waited :data:`PING_AFTER`."""
+        start = time.monotonic()
+        while not self._closed:
+            await asyncio.sleep(_WATCH_EVERY)
+            if time.monotonic() - start >= PING_AFTER and admitted():
+                break
+        while True:
+            async with self._lock:
+                if self._closed:
+                    return
+                if self.response is None:
+                    self.response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                    await self.response.prepare(self.request)
+                await self.response.write(b": loading\n\n")
+            await asyncio.sleep(PING_EVERY)
+
+    async def take_over(self) -> web.StreamResponse | None:
+        """Stop pinging; the open stream, or None when no ping went out."""
+        self._closed = True
+        async with self._lock:
+            return self.response
+
+    async def fail(self, response: web.StreamResponse, error: dict[str, Any]) -> None:
+        """End an open stream with one error event."""
+        with contextlib.suppress(ConnectionError):
+            payload = json.dumps({"error": error}, separators=(",", ":")).encode()
+            await response.write(b"data: " + payload + b"\n\n")
+            await response.write_eof()
+
+
+PINGS = web.RequestKey("pings", Pings)
+# Request headers that stop at swapd, as the proxy drops them: hop-by-hop (RFC 9110
+# section 7.6.1), those aiohttp sets again, and the client's credentials for swapd.
+_NOT_FORWARDED = frozenset(
+    name.encode()
+    for name in (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "authorization",
+        "x-api-key",
+        "cookie",
+    )
+)
+
+
+def forwarded_headers(request: web.Request, lease: Lease) -> list[tuple[bytes, bytes]]:
+    """The client's headers as sent, less those that stop at swapd, plus the backend's key."""
+    dropped = set(_NOT_FORWARDED)
+    for name, value in request.raw_headers:
+        if name.lower() == b"connection":  # it names more hop-by-hop headers
+            dropped.update(token.strip().lower() for token in value.split(b","))
+    headers = [(k, v) for k, v in request.raw_headers if k.lower() not in dropped]
+    launch = lease.slot.launch
+    if launch is not None:
+        headers.extend(launch.headers)
+    return headers
+
+
+class ColdStreams:
+    """The proxy's JSON routes, plus pings for streaming requests that wait for a load."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.manager = proxy.manager
+
+    async def json_route(self, request: web.Request) -> web.StreamResponse:
+        """POST routes whose JSON body names the model."""
+        proxy = self.proxy
+        body = await read_body(request, proxy.max_body, proxy.body_timeout)
+        model = model_from_json(body)
+        if wants_stream(body) and self.manager.view(model).state != "ready":
+            return await self._cold(request, model, body)
+        return await proxy.forward(request, model, body)
+
+    async def _cold(self, request: web.Request, model: str, body: bytes) -> web.StreamResponse:
+        request["model"] = clip(model)
+        pings = Pings(request)
+        request[PINGS] = pings
+
+        def admitted() -> bool:
+            try:
+                return self.manager.view(model).state in _ADMITTED
+            except RequestError:
+                return False  # removed by a reload: the lease says why
+
+        watcher = asyncio.create_task(pings.run(admitted), name=f"pings:{model}")
+        try:
+            try:
+                lease = await self.manager.acquire(model)  # waits for the load
+            except RequestError as exc:
+                return await self._refused(request, pings, exc)
+            return await self._answer(request, pings, lease, body)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _refused(
+        self, request: web.Request, pings: Pings, exc: RequestError
+    ) -> web.StreamResponse:
+        response = await pings.take_over()
+        if response is None:
+            raise exc  # no ping went out: a plain HTTP error a client can retry elsewhere
+        request[STREAM_ERROR] = exc.status
+        await pings.fail(response, exc.envelope()["error"])
+        return response
+
+    async def _answer(
+        self, request: web.Request, pings: Pings, lease: Lease, body: bytes
+    ) -> web.StreamResponse:
+        handed = False
+        try:
+            response = await pings.take_over()
+            if response is None:
+                # No ping went out: the proxy answers, as for any request. Its own lease
+                # is granted at once (the model is ready), so this one goes first.
+                handed = True
+                self.manager.release(lease)
+                return await self.proxy.forward(request, lease.model, body)
+            try:
+                await self._relay(request, response, lease, body)
+            except RequestError as exc:
+                request[STREAM_ERROR] = exc.status
+                await pings.fail(response, exc.envelope()["error"])
+            return response
+        finally:
+            if not handed:
+                self.manager.release(lease)
+
+    async def _relay(
+        self, request: web.Request, response: web.StreamResponse, lease: Lease, body: bytes
+    ) -> None:
+        """The backend's answer, on the stream the pings opened."""
+        limit = lease.slot.preset.request_timeout
+        try:
+            async with asyncio.timeout(limit):
+                upstream = await self._send(request, lease, body)
+                try:
+                    await self._copy(request, response, upstream)
+                finally:
+                    upstream.finish()  # closing an unfinished answer cancels the generation
+        except TimeoutError:
+            assert limit is not None  # noqa: S101 - only a set limit times out
+            raise UpstreamTimeout(lease.model, limit) from None
+
+    async def _send(self, request: web.Request, lease: Lease, body: bytes) -> UpstreamResponse:
+        headers = forwarded_headers(request, lease)
+        target = request.rel_url.raw_path_qs
+        try:
+            return await self.proxy.pool.request(
+                lease.host, lease.port, request.method, target, headers, body
+            )
+        except UpstreamError as exc:
+            raise BackendGone(lease.model, str(exc)) from exc
+
+    @staticmethod
+    async def _copy(
+        request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse
+    ) -> None:
+        if upstream.status != 200:
+            raise _BackendRefused(await _backend_error(upstream), upstream.status)
+        timing = request.get(TIMING)
+        if timing is not None:
+            timing.first_byte = time.perf_counter()  # the backend's first byte, not a ping
+        try:
+            async for chunk in upstream.iter_chunks():
+                await response.write(chunk)
+        except UpstreamError:
+            # The stream is open already: a cut connection is the only signal left.
+            if request.transport is not None:
+                request.transport.close()
+            return
+        await response.write_eof()
+
+
+class _BackendRefused(RequestError):
+    """The backend answered the streamed request with an error of its own."""
+
+    def __init__(self, error: dict[str, Any], status: int) -> None:
+        self.status = status
+        self.error = error
+        super().__init__(str(error.get("message", "")))
+
+    def envelope(self) -> dict[str, Any]:
+        """The backend's own error object."""
+        return {"error": self.error}
+
+
+async def _backend_error(upstream: UpstreamResponse) -> dict[str, Any]:
+    """The backend's error object, or one made from its status and text."""
+    try:
+        raw = await upstream.read()
+    except UpstreamError as exc:
+        raw = str(exc).encode()
+    with contextlib.suppress(ValueError):
+        data = json.loads(raw)
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            return dict(data["error"])
+    return {
+        "message": f"backend answered {upstream.status}: {raw[:500].decode('utf-8', 'replace')}",
+        "type": "server_error",
+        "code": "backend_error",
+        "param": None,
+    }

@@ -1,0 +1,162 @@
+"""systemd's notify protocol (sd_notify(3)) without a library: one datagram per message.
+
+Under ``Type=notify`` systemd passes ``$NOTIFY_SOCKET`` (a path, or ``@name`` in
+the abstract namespace) and, with ``WatchdogSec=``, ``$WATCHDOG_USEC``. swapd
+sends ``READY=1`` once it listens and its preloads are done,
+``EXTEND_TIMEOUT_USEC`` while long preloads run, ``STATUS=`` lines naming the
+resident models and the queue, ``RELOADING=1`` and ``READY=1`` around a reload,
+``STOPPING=1`` when shutdown begins, and ``WATCHDOG=1`` at half the watchdog
+interval from a task on the event loop, so a blocked loop misses its pings and
+systemd restarts the service. Without ``$NOTIFY_SOCKET`` every call is a no-op.
+Backends never inherit these variables (see ``swapd.backends._launch``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any
+
+from swapd.logs import get_logger
+from swapd.slot import ModelView
+
+_log = get_logger("swapd.notify")
+# How far each EXTEND_TIMEOUT_USEC pushes the start-up deadline, and how often it is sent.
+EXTEND_BY = 30.0
+EXTEND_EVERY = 10.0
+# How often the STATUS line is recomputed besides state changes (queue depth moves per request).
+STATUS_EVERY = 2.0
+_NAMES_SHOWN = 8
+
+
+class Notifier:
+    """Sends sd_notify messages to ``address``; does nothing when there is none."""
+
+    def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
+        self.address = address
+        self.watchdog_usec = watchdog_usec
+        self._sock: socket.socket | None = None  # opened at the first message
+        self._failed = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Notifier:
+        """The notifier systemd asked for, with the watchdog interval if it is meant for us."""
+        env = os.environ if environ is None else environ
+        address = env.get("NOTIFY_SOCKET") or None
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        ours = not pid or (pid.isdigit() and int(pid) == os.getpid())
+        watchdog = int(usec) if usec.isdigit() and int(usec) > 0 and ours else None
+        return cls(address, watchdog)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether messages go anywhere."""
+        return self.address is not None
+
+    @property
+    def watchdog_interval(self) -> float | None:
+        """Seconds between ``WATCHDOG=1`` pings (half of ``WATCHDOG_USEC``), or None."""
+        if self.watchdog_usec is None or not self.enabled:
+            return None
+        return self.watchdog_usec / 2e6
+
+    def send(self, *lines: str) -> bool:
+        """Send ``KEY=VALUE`` lines as one datagram; False (logged once) when it cannot go."""
+        if self.address is None:
+            return False
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sock.setblocking(False)  # noqa: FBT003 - the socket API is positional
+        target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        try:
+            self._sock.sendto("\n".join(lines).encode(), target)
+        except OSError as exc:
+            if not self._failed:  # one warning, not one per watchdog ping
+                _log.warning("notify.fail", socket=self.address, error=str(exc))
+                self._failed = True
+            return False
+        return True
+
+    def ready(self, status: str) -> None:
+        """Start-up (or a reload) is done."""
+        self.send("READY=1", f"STATUS={status}")
+
+    def reloading(self) -> None:
+        """A reload begins; newer systemd reads the timestamp to order it with READY."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    def stopping(self) -> None:
+        """Shutdown begins."""
+        self.send("STOPPING=1", "STATUS=stopping: draining requests, then backends")
+
+    def extend(self, seconds: float) -> None:
+        """Push the start-up deadline ``seconds`` from now (``TimeoutStartSec``)."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+    def status(self, text: str) -> None:
+        """The line ``systemctl status`` shows."""
+        self.send(f"STATUS={text}")
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def status_line(views: Iterable[ModelView]) -> str:
+    """The resident models (those on the device, with any state but ready) and the queue."""
+    resident = []
+    waiting = 0
+    for view in views:
+        waiting += view.waiting
+        if view.tier == "device":
+            resident.append(view.name if view.state == "ready" else f"{view.name} ({view.state})")
+    shown = ", ".join(resident[:_NAMES_SHOWN]) or "none"
+    if len(resident) > _NAMES_SHOWN:
+        shown += f" and {len(resident) - _NAMES_SHOWN} more"
+    return f"resident: {shown}; waiting: {waiting}"
+
+
+async def watchdog(notifier: Notifier) -> None:
+    """Ping at half the interval for as long as the event loop runs this task."""
+    interval = notifier.watchdog_interval
+    if interval is None:
+        return
+    while True:
+        notifier.send("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def extend_while(notifier: Notifier, work: asyncio.Future[None]) -> None:
+    """Keep pushing the start-up deadline until ``work`` (the preloads) is done."""
+    while not work.done():
+        notifier.extend(EXTEND_BY)
+        await asyncio.wait({work}, timeout=EXTEND_EVERY)
+
+
+async def status_updates(
+    notifier: Notifier,
+    views: Callable[[], Iterable[ModelView]],
+    changed: Callable[[], Coroutine[Any, Any, None]],
+) -> None:
+    """Send the STATUS line whenever it changes: on state changes and every few seconds.
+
+    ``changed()`` returns an awaitable that completes at the next state change.
+    """
+    last = ""
+    while True:
+        line = status_line(views())
+        if line != last:
+            notifier.status(line)
+            last = line
+        waiter = asyncio.ensure_future(changed())
+        try:
+            await asyncio.wait({waiter}, timeout=STATUS_EVERY)
+        finally:
+            waiter.cancel()

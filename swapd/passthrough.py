@@ -1,0 +1,52 @@
+"""Backend-specific routes: ``/upstream/{model}/{path}``, and llama-server's own POST routes.
+
+``/upstream/qwen/tokenize`` reaches ``/tokenize`` on qwen's backend, with any
+method, query and body: ``/props``, ``/slots``, the backend's own ``/metrics``.
+It leases the model like any request (so it may load it, and resets its TTL)
+and needs an inference key where keys are set. A model name may hold ``/``;
+the longest configured name (or alias) that starts the path wins.
+
+``/tokenize``, ``/detokenize``, ``/infill`` and ``/apply-template`` are
+llama-server's routes for one model; through swapd their JSON body names the
+model (``"model": "qwen"``), as in llama-server's router mode.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from yarl import URL
+
+from swapd.errors import UnknownModel
+from swapd.manager import Manager
+from swapd.proxy import Proxy, read_body
+
+LLAMA_ROUTES = ("/tokenize", "/detokenize", "/infill", "/apply-template")
+UPSTREAM_PREFIX = "/upstream/"
+
+
+def split_target(raw_path: str, manager: Manager) -> tuple[str, str]:
+    """``/upstream/NAME/REST`` as the model name (or alias) and the backend path ``/REST``."""
+    parts = raw_path[len(UPSTREAM_PREFIX) :].split("/")
+    for cut in range(len(parts), 0, -1):
+        name = "/".join(parts[:cut])
+        if manager.config.preset(name) is not None:
+            return name, "/" + "/".join(parts[cut:])
+    raise UnknownModel(parts[0], sorted(manager.slots))
+
+
+class Passthrough:
+    """Forwards ``/upstream/{model}/{path}`` through the proxy's lease and relay."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    async def route(self, request: web.Request) -> web.StreamResponse:
+        """Any method: the request, re-targeted at the backend's own path."""
+        model, path = split_target(request.raw_path.partition("?")[0], self.proxy.manager)
+        body = await read_body(request, self.proxy.max_body, self.proxy.body_timeout)
+        query = request.raw_path.partition("?")[2]
+        target = URL(path + (f"?{query}" if query else ""), encoded=True)
+        # The clone shares the connection; only the path the backend sees differs.
+        upstream = request.clone(rel_url=target)
+        request["model"] = model
+        return await self.proxy.forward(upstream, model, body)

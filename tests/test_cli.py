@@ -1,0 +1,168 @@
+"""The ``swapd`` verbs against a running daemon: tables, JSON, progress, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+from conftest import StartDaemon
+from daemon import fake_preset, free_port, wait_for, write_layout
+
+
+def swapd(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI (stdout is a pipe, not a terminal) and capture what it prints."""
+    return subprocess.run(
+        [sys.executable, "-m", "swapd", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_version_and_help_are_written_for_users() -> None:
+    """``--version`` names the release; ``--help`` lists the verbs, no internal docstring."""
+    version = swapd("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, "swapd 0.1.0")
+    helped = swapd("--help").stdout
+    for verb in ("serve", "check", "status", "load", "unload", "logs", "reload", "plan"):
+        assert f"    {verb} " in helped
+    assert "only place that exits" not in helped
+    assert "SWAPD_URL" in helped
+
+
+def test_status_shows_tier_error_ttl_left_and_last_use(start_daemon: StartDaemon) -> None:
+    """A table on the terminal (tier, TTL left, last use, the error of a failed model); JSON too."""
+    d = start_daemon(
+        {"a": fake_preset("A", ttl="10m"), "b": fake_preset("B", "--exit-at-start", "3")}
+    )
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 502
+    out = swapd("status", "--url", d.url)
+    assert out.returncode == 0, out.stderr
+    header, row_a, row_b, *rest = out.stdout.splitlines()
+    assert header.split() == [
+        "MODEL", "STATE", "TIER", "PID", "DEVICE", "IN-FLIGHT", "WAITING",
+        "MEMORY", "TTL", "LEFT", "LAST", "USED",
+    ]  # fmt: skip
+    assert row_a.split()[:3] == ["a", "ready", "device"]
+    ttl_left, used, ago = row_a.split()[-3:]
+    assert re.fullmatch(r"(10m00|9m[0-5]\d)s", ttl_left), row_a
+    assert re.fullmatch(r"\d+s", used), row_a
+    assert ago == "ago"
+    assert row_b.split()[:3] == ["b", "backoff", "disk"]
+    assert any(line.strip().startswith("b: backend for 'b' exited with 3") for line in rest)
+    body = json.loads(swapd("status", "--url", d.url, "--json").stdout)
+    assert {m["name"] for m in body["models"]} == {"a", "b"}
+
+
+def test_the_address_comes_from_swapd_url_or_the_config(start_daemon: StartDaemon) -> None:
+    """Without --url: $SWAPD_URL, else the listen address of --config or $SWAPD_CONFIG."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert swapd("status", env={"SWAPD_URL": d.url}).returncode == 0
+    assert swapd("status", env={"SWAPD_CONFIG": str(d.config_path)}).returncode == 0
+    assert swapd("status", "--config", str(d.config_path)).returncode == 0
+    gone = swapd("status", "--url", f"http://127.0.0.1:{free_port()}")
+    assert gone.returncode == 1
+    assert gone.stderr.startswith("swapd: cannot reach http://127.0.0.1:")
+
+
+def test_load_draws_progress_and_ends_with_the_model_and_its_state(
+    start_daemon: StartDaemon,
+) -> None:
+    """Plain lines off a terminal, the last naming the model; exit 1 with the reason."""
+    d = start_daemon(
+        {"a": fake_preset("A", "--start-delay", "1"), "b": fake_preset("B", "--exit-at-start", "3")}
+    )
+    out = swapd("load", "a", "--url", d.url)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1].startswith("a: ready (pid ")
+    assert [line.split()[1] for line in lines[:-1]][-2:] == ["starting", "ready"]
+    failed = swapd("load", "b", "--url", d.url)
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("b: backoff: backend for 'b' exited with 3")
+    unknown = swapd("load", "nope", "--url", d.url)
+    assert unknown.returncode == 1
+    assert "not configured" in unknown.stderr
+
+
+def test_unload_and_logs(start_daemon: StartDaemon) -> None:
+    """``unload`` stops a model; ``logs`` prints its backend's output, ``-f`` new lines too."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    out = swapd("logs", "a", "--url", d.url, "-n", "1")
+    assert out.stdout.startswith("fake-upstream: A listening on 127.0.0.1:")
+    argv = [sys.executable, "-m", "swapd", "logs", "a", "-f", "--url", d.url]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as follow:
+        try:
+            assert follow.stdout is not None
+            assert "listening on" in follow.stdout.readline()  # what was there
+            assert swapd("unload", "a", "--url", d.url).stdout.strip() == "a: stopped"
+            assert d.chat("a")[0] == 200  # a new process prints again
+            assert "listening on" in follow.stdout.readline()
+        finally:
+            follow.send_signal(signal.SIGINT)
+        assert follow.wait(timeout=30) == 130
+
+
+def test_plan_asks_the_daemon_or_plans_locally(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """Which models fit together: from the running daemon, or from the config alone."""
+    d = start_daemon(
+        {"a": fake_preset("A", memory="1GiB"), "huge": fake_preset("H", memory="1000TiB")}
+    )
+    out = swapd("plan", "--url", d.url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("DEVICE")
+    body = json.loads(swapd("plan", "--url", d.url, "--json").stdout)
+    fits = {m["name"]: m["fit"] for m in body["models"]}
+    assert fits == {"a": "together", "huge": "never"}
+    config = write_layout(tmp_path, free_port(), {"a": fake_preset("A", memory="1GiB")}, {})
+    local = swapd("plan", "--config", str(config), "--json")
+    assert local.returncode == 0, local.stderr
+    assert "not running" in local.stderr
+    assert json.loads(local.stdout)["models"][0]["fit"] == "together"
+
+
+def test_serve_listen_overrides_the_config(tmp_path: Path) -> None:
+    """``swapd serve --listen HOST:PORT`` serves there, whatever the config says."""
+    port = free_port()
+    config = write_layout(tmp_path, free_port(), {"a": fake_preset("A")}, {"state_dir": "state"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "swapd",
+            "serve",
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _healthy(port), timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    bad = swapd("serve", "--config", str(config), "--listen", "nowhere")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith('swapd: --listen: expected "host:port"')
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False

@@ -1,0 +1,77 @@
+"""Cold-load keepalive: ``: loading`` pings for a streaming request that waits for a load."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+
+from conftest import StartDaemon
+from daemon import Daemon, fake_preset
+
+from swapd.keepalive import PING_AFTER
+
+SLOW_START = str(PING_AFTER + 3)  # seconds: long enough for a ping, short for a test
+
+
+def stream(d: Daemon, model: str, *, stream: bool = True) -> tuple[int, str, list[str]]:
+    """Status, content type and every line of one chat completion."""
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=120)
+    body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "x"}]}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body))
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    return resp.status, resp.headers["Content-Type"], [line for line in text.split("\n") if line]
+
+
+def data(lines: list[str]) -> list[Any]:
+    """The payloads of the ``data:`` lines."""
+    return [
+        line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+        for line in lines
+        if line.startswith("data: ")
+    ]
+
+
+def test_a_cold_stream_gets_pings_then_the_backend_events(start_daemon: StartDaemon) -> None:
+    """Once the load is admitted and has run a while, pings come first; then the answer."""
+    d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START)})
+    status, kind, lines = stream(d, "a")
+    assert (status, kind) == (200, "text/event-stream")
+    assert lines[0] == ": loading"
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert set(lines[:first_data]) == {": loading"}
+    events = data(lines)
+    assert events[-1] == "[DONE]"
+    assert [e["choices"][0]["delta"]["content"] for e in events[:-1]] == [
+        f"A-{i}" for i in range(5)
+    ]
+
+
+def test_a_refusal_before_admission_is_a_plain_http_error(start_daemon: StartDaemon) -> None:
+    """A load admission refuses is 503 in the JSON envelope: retryable, no stream begun."""
+    d = start_daemon({"big": fake_preset("BIG", memory="1000TiB")})
+    status, kind, lines = stream(d, "big")
+    assert (status, kind) == (503, "application/json; charset=utf-8")
+    assert json.loads(lines[0])["error"]["code"] == "insufficient_memory"
+
+
+def test_an_error_after_the_first_ping_is_an_error_event(start_daemon: StartDaemon) -> None:
+    """The status went out with the first ping: a failed start is one data event, then the end."""
+    d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START, "--exit-at-start", "3")})
+    status, kind, lines = stream(d, "a")
+    assert (status, kind) == (200, "text/event-stream")
+    assert lines[0] == ": loading"
+    [event] = data(lines)
+    assert event["error"]["code"] == "backend_start_failed"
+    assert "exited with 3" in event["error"]["message"]
+    assert [e["status"] for e in d.events("request.done")] == [502]
+
+
+def test_a_cold_request_that_does_not_stream_gets_no_pings(start_daemon: StartDaemon) -> None:
+    """Without ``stream: true`` the answer is the backend's JSON, after the load."""
+    d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START)})
+    status, kind, lines = stream(d, "a", stream=False)
+    assert (status, kind) == (200, "application/json; charset=utf-8")
+    assert json.loads(lines[0])["choices"][0]["message"]["content"] == "A: x"

@@ -1,0 +1,116 @@
+"""``GET /metrics``: the names and labels dashboards rely on, read without side effects."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+import urllib.request
+
+import pytest
+from conftest import StartDaemon
+from daemon import Daemon, fake_preset, fake_stats, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+ADMIN_KEY = "admin-key-0123456789abcdef"
+
+
+def scrape(d: Daemon, headers: dict[str, str] | None = None) -> Samples:
+    """Every sample of one scrape, by name and sorted labels."""
+    request = urllib.request.Request(d.url + "/metrics", headers=headers or {})  # noqa: S310
+    with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 - loopback
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    """One sample's value, or None when the series is absent."""
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_requests_loads_and_states_are_counted_under_the_issue_names(
+    start_daemon: StartDaemon,
+) -> None:
+    """Requests by model and code, their times, loads by tier, state, in flight, memory."""
+    d = start_daemon({"a": fake_preset("A", aliases=["alpha"]), "b": fake_preset("B")})
+    assert d.chat("alpha")[0] == 200
+    assert d.chat("a")[0] == 200
+    assert d.chat("nope")[0] == 404
+    m = scrape(d)
+    assert value(m, "swapd_requests_total", model="a", code="200") == 2
+    assert value(m, "swapd_requests_total", model="", code="404") == 1  # never what was typed
+    assert value(m, "swapd_request_seconds_count", model="a") == 2
+    assert value(m, "swapd_time_to_first_byte_seconds_count", model="a") == 2
+    assert value(m, "swapd_loads_total", model="a", from_tier="disk") == 1
+    assert value(m, "swapd_load_seconds_count", model="a", from_tier="disk") == 1
+    assert value(m, "swapd_model_state", model="a", state="ready", tier="device") == 1
+    assert value(m, "swapd_model_state", model="b", state="stopped", tier="disk") == 1
+    assert value(m, "swapd_in_flight", model="a") == 0
+    assert value(m, "swapd_queue_waiting", model="b") == 0
+    memory = {
+        kind: value(m, "swapd_device_memory_bytes", device="cpu", kind=kind)
+        for kind in ("total", "free", "swapd", "outside")
+    }
+    assert all(v is not None for v in memory.values()), memory
+    assert sum(memory[k] or 0 for k in ("free", "swapd", "outside")) == memory["total"]
+    assert (memory["swapd"] or 0) > 0  # a's fake backend
+    assert not [k for k in m if k[0].endswith("_created")]
+
+
+def test_evictions_are_counted_with_their_reason(start_daemon: StartDaemon) -> None:
+    """A model pushed off by another's load counts as evicted for ``evict``."""
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")}, {"max_running": 1})
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    assert value(scrape(d), "swapd_evictions_total", model="a", reason="evict") == 1
+
+
+def test_a_scrape_never_starts_a_model_nor_resets_its_ttl(start_daemon: StartDaemon) -> None:
+    """Scrapes read views: a stopped model stays stopped, a ready one's TTL runs on."""
+    d = start_daemon({"a": fake_preset("A", ttl="1h"), "b": fake_preset("B")})
+    assert d.chat("a")[0] == 200
+    last_used = d.model("a")["last_used"]
+    left = d.model("a")["ttl_left"]
+    time.sleep(0.2)
+    for _ in range(3):
+        scrape(d)
+    assert d.model("b")["state"] == "stopped"
+    assert d.model("a")["last_used"] == pytest.approx(last_used, abs=0.05)  # wall from monotonic
+    assert d.model("a")["ttl_left"] < left
+
+
+def test_a_client_that_hangs_up_counts_as_499_not_as_a_server_error(
+    start_daemon: StartDaemon,
+) -> None:
+    """Closing the connection mid-answer is 499 in metrics and in request.done."""
+    d = start_daemon({"a": fake_preset("A", "--chunks", "200", "--chunk-interval", "0.05")})
+    assert d.chat("a")[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    body = {"model": "a", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body))
+    resp = conn.getresponse()
+    resp.readline()
+    assert conn.sock is not None
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    wait_for(lambda: fake_stats(d.model("a")["port"])["cancelled"] == 1)
+    wait_for(lambda: value(scrape(d), "swapd_requests_total", model="a", code="499") == 1)
+    assert value(scrape(d), "swapd_requests_total", model="a", code="500") is None
+    wait_for(lambda: [e for e in d.events("request.done") if e["status"] == 499])
+    assert not d.events("request.error")
+
+
+def test_metrics_need_an_admin_key_once_keys_are_set(start_daemon: StartDaemon) -> None:
+    """With keys, /metrics follows the control routes' rule (metrics_public lifts it)."""
+    d = start_daemon({"a": fake_preset("A")}, {"admin_keys": [ADMIN_KEY]})
+    assert d.get("/metrics")[0] == 401
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert value(scrape(d, admin), "swapd_in_flight", model="a") == 0
+    assert d.model("a", {"x-api-key": ADMIN_KEY})["state"] == "stopped"

@@ -1,0 +1,209 @@
+"""Live reload: only what changed restarts, a bad config changes nothing, SIGHUP works."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import psutil
+from conftest import StartDaemon
+from daemon import Daemon, fake_preset, wait_for
+
+from swapd.config import Config
+from swapd.presets import Preset
+from swapd.reload import diff
+
+
+class Stream:
+    """A streamed chat completion read on a thread: its chunks as they come."""
+
+    def __init__(self, d: Daemon, model: str) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+        body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        self.conn.request("POST", "/v1/chat/completions", json.dumps(body))
+        self.resp = self.conn.getresponse()
+        self.events: list[str] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for raw in self.resp:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                self.events.append(line[6:])
+
+    def finish(self) -> list[str]:
+        """Every event, once the stream has ended."""
+        self.thread.join(timeout=60)
+        self.conn.close()
+        return self.events
+
+
+def reload(d: Daemon) -> tuple[int, Any]:
+    """POST /swapd/reload."""
+    return d.request("POST", "/swapd/reload")
+
+
+def pid(d: Daemon, name: str) -> int | None:
+    """The model's backend pid now."""
+    found: int | None = d.model(name)["pid"]
+    return found
+
+
+def test_reload_restarts_only_the_changed_model_while_another_streams(
+    start_daemon: StartDaemon,
+) -> None:
+    """A preset changes while another model streams: only the changed model restarts.
+
+    The stream completes, its backend keeps its pid, and the changed model serves again.
+    """
+    slow = ("--chunks", "20", "--chunk-interval", "0.1")
+    d = start_daemon({"a": fake_preset("A", *slow), "b": fake_preset("B")}, {"max_running": 2})
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    a_pid, b_pid = pid(d, "a"), pid(d, "b")
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    d.presets = {**d.presets, "b": fake_preset("B2")}
+    d.write()
+    status, plan = reload(d)
+    assert status == 200, plan
+    assert (plan["restarted"], plan["unchanged"]) == (["b"], ["a"])
+    events = stream.finish()
+    assert len(events) == 21
+    assert events[-1] == "[DONE]"
+    assert pid(d, "a") == a_pid
+    wait_for(lambda: d.model("b")["state"] == "ready" and pid(d, "b") != b_pid)
+    assert not psutil.pid_exists(b_pid or 0)
+    status, body = d.chat("b")
+    assert status == 200
+    assert body["choices"][0]["message"]["content"].startswith("B2:")
+
+
+def test_a_changed_model_restarts_once_its_stream_is_done(start_daemon: StartDaemon) -> None:
+    """A model whose launch changed finishes the request it serves before its restart."""
+    d = start_daemon({"a": fake_preset("A", "--chunks", "20", "--chunk-interval", "0.1")})
+    assert d.chat("a")[0] == 200
+    old = pid(d, "a")
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    d.presets = {"a": fake_preset("A2")}
+    d.write()
+    assert reload(d)[1]["restarted"] == ["a"]
+    assert d.model("a")["state"] == "draining"
+    events = stream.finish()
+    assert len(events) == 21
+    wait_for(lambda: d.model("a")["state"] == "ready" and pid(d, "a") != old)
+    assert d.chat("a")[1]["choices"][0]["message"]["content"].startswith("A2:")
+
+
+def test_a_bad_config_is_refused_whole_and_the_running_one_stays(
+    start_daemon: StartDaemon,
+) -> None:
+    """Any error refuses the whole reload: 400 with file:line:col: key: reason, exit 1."""
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")})
+    assert d.chat("a")[0] == 200
+    a_pid = pid(d, "a")
+    d.presets = {"a": fake_preset("A2"), "b": {**fake_preset("B"), "ttl": "ten"}}
+    d.write()
+    status, body = reload(d)
+    assert status == 400
+    assert body["error"]["code"] == "config_invalid"
+    [error] = body["errors"]
+    assert error.startswith("presets/b.yaml:")
+    assert error.endswith('ttl: expected a duration like "10m", got "ten"')
+    cli = subprocess.run(
+        [sys.executable, "-m", "swapd", "reload", "--url", d.url],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert cli.returncode == 1
+    assert error in cli.stderr
+    assert pid(d, "a") == a_pid
+    assert d.chat("a")[1]["choices"][0]["message"]["content"].startswith("A:")
+    assert d.events("config.reload.fail")
+
+
+def test_removed_models_stop_and_new_ones_appear(start_daemon: StartDaemon) -> None:
+    """A removed preset's backend stops and its name is unknown; a new preset serves."""
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")}, {"max_running": 2})
+    assert d.chat("b")[0] == 200
+    b_pid = pid(d, "b")
+    d.presets = {"a": fake_preset("A"), "c": fake_preset("C")}
+    d.write()
+    (d.root / "presets" / "b.yaml").unlink()
+    status, plan = reload(d)
+    assert status == 200
+    assert (plan["removed"], plan["added"], plan["unchanged"]) == (["b"], ["c"], ["a"])
+    wait_for(lambda: not psutil.pid_exists(b_pid or 0))
+    status, body = d.chat("b")
+    assert status == 404
+    assert body["error"]["code"] == "model_not_found"
+    assert d.chat("c")[0] == 200
+    assert {m["id"] for m in d.get("/v1/models")[1]["data"]} == {"a", "c"}
+
+
+def test_ttl_and_alias_changes_apply_in_place(start_daemon: StartDaemon) -> None:
+    """A new ttl and a new alias take effect at once, on the running process."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    a_pid = pid(d, "a")
+    assert d.model("a")["ttl_left"] is None
+    d.presets = {"a": fake_preset("A", ttl="10m", aliases=["alpha"])}
+    d.write()
+    assert reload(d)[1]["in_place"] == ["a"]
+    assert d.chat("alpha")[0] == 200
+    view = d.model("a")
+    assert (view["pid"], view["ttl"]) == (a_pid, 600.0)
+    assert 0 < view["ttl_left"] <= 600
+
+
+def test_sighup_reloads_and_keys_bound_at_start_wait_for_a_restart(
+    start_daemon: StartDaemon,
+) -> None:
+    """SIGHUP re-reads the config; a new listen address is reported, not applied."""
+    d = start_daemon({"a": fake_preset("A")})
+    d.presets = {"a": fake_preset("A"), "b": fake_preset("B")}
+    d.settings = {"listen": "127.0.0.1:1"}
+    d.write()
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: d.events("config.reload"))
+    assert d.events("config.reload.restart_needed")[0]["keys"] == ["listen"]
+    assert d.chat("b")[0] == 200  # still served on the old port
+
+
+def test_launch_changes_restart_and_other_changes_do_not(tmp_path: Path) -> None:
+    """The diff: args, env and the model file restart; ttl and pin apply in place."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+
+    def preset(name: str, **keys: Any) -> Preset:
+        return Preset(name=name, file=f"{name}.yaml", backend="command", cmd=("x",), **keys)
+
+    old = Config("c", presets=(preset("a"), preset("b"), preset("c", model=model), preset("d")))
+    new = Config(
+        "c",
+        presets=(
+            preset("a", ttl=60.0, pin=True),
+            preset("b", env={"X": "1"}),
+            preset("c", model=model),
+            preset("e"),
+        ),
+    )
+    plan, keys = diff(old, old)
+    assert plan.unchanged == ("a", "b", "c", "d")
+    os.utime(model, ns=(0, 0))  # same path, another file as far as a restart is concerned
+    plan, _ = diff(old, new, keys)
+    assert [p.name for p in plan.restarted] == ["b", "c"]
+    assert [p.name for p in plan.in_place] == ["a"]
+    assert (plan.removed, [p.name for p in plan.added]) == (("d",), ["e"])

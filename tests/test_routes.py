@@ -1,0 +1,70 @@
+"""The routes clients were missing: one model's object, count_tokens, backend routes."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from conftest import StartDaemon
+from daemon import Daemon, fake_preset
+
+INFERENCE_KEY = "inference-key-0123456789"
+ADMIN_KEY = "admin-key-0123456789abcdef"
+
+
+@pytest.fixture
+def two(start_daemon: StartDaemon) -> Daemon:
+    """Models ``a`` (alias ``alpha``) and ``org/b``, neither loaded."""
+    b = {**fake_preset("B"), "name": "org/b"}
+    return start_daemon({"a": fake_preset("A", aliases=["alpha"]), "b": b})
+
+
+def test_one_model_is_found_by_name_alias_or_a_name_with_a_slash(two: Daemon) -> None:
+    """``GET /v1/models/{id}`` (the SDKs' models.retrieve) answers without loading anything."""
+    for asked, name in (("a", "a"), ("alpha", "a"), ("org/b", "org/b")):
+        status, body = two.get(f"/v1/models/{asked}")
+        assert status == 200, body
+        assert (body["id"], body["object"], body["status"]) == (name, "model", "stopped")
+    status, body = two.get("/v1/models/nope")
+    assert status == 404
+    assert body["error"]["code"] == "model_not_found"
+    assert {m["state"] for m in two.get("/swapd/status")[1]["models"]} == {"stopped"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/messages/count_tokens", "/tokenize", "/detokenize", "/infill", "/apply-template"],
+)
+def test_routes_whose_body_names_the_model_reach_its_backend(two: Daemon, path: str) -> None:
+    """Anthropic's count_tokens and llama-server's own routes go to the model in the body."""
+    status, body = two.request("POST", path, {"model": "alpha", "content": "hi"})
+    assert status == 200, body
+    assert (body["path"], body["name"]) == (path, "A")
+
+
+def test_the_upstream_passthrough_reaches_any_backend_path(two: Daemon) -> None:
+    """``/upstream/{model}/{path}``: any method, the query kept, names with slashes too."""
+    status, body = two.get("/upstream/org/b/props?fields=a%20b&n=1")
+    assert status == 200, body
+    assert body == {"name": "B", "path": "/props", "query": "fields=a b&n=1"}  # as aiohttp reads it
+    status, body = two.request("POST", "/upstream/alpha/tokenize", {"content": "hi"})
+    assert (status, body["path"], body["name"]) == (200, "/tokenize", "A")
+    status, body = two.get("/upstream/nope/props")
+    assert status == 404
+    assert body["error"]["code"] == "model_not_found"
+
+
+def test_the_passthrough_leases_like_any_request(start_daemon: StartDaemon) -> None:
+    """It loads the model, counts as a use (TTL) and needs an inference key once keys exist."""
+    keys = {"api_keys": [INFERENCE_KEY], "admin_keys": [ADMIN_KEY]}
+    d = start_daemon({"a": fake_preset("A", ttl="1h")}, keys)
+    assert d.get("/upstream/a/props")[0] == 401
+    key = {"Authorization": f"Bearer {INFERENCE_KEY}"}
+    request = urllib.request.Request(d.url + "/upstream/a/props", headers=key)  # noqa: S310
+    with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 - loopback
+        assert resp.status == 200
+        assert resp.headers["X-Request-Id"]
+    view = d.model("a", {"x-api-key": ADMIN_KEY})
+    assert view["state"] == "ready"
+    assert view["last_used"] is not None
+    assert view["ttl_left"] is not None
