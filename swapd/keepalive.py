@@ -35,7 +35,7 @@ from swapd.proxy import Proxy, model_from_json, read_body
 from swapd.upstream import UpstreamError, UpstreamResponse
 
 PING_AFTER = 3.0  # seconds a request waits before the first ping
-PING_EVERY = 5.0
+PING_EVERY = 3.0
 _WATCH_EVERY = 0.25
 _ADMITTED = frozenset({"starting", "waking"})
 # The status of an error sent as an event on a stream that had already answered 200.
