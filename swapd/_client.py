@@ -65,13 +65,16 @@ class Target:
         url = url or os.environ.get("SWAPD_URL")
         key = key or os.environ.get("SWAPD_KEY")
         path = config_path(config)
+        explicit = path is not None
         if path is None and url is None and SYSTEM_CONFIG.is_file():
             path = SYSTEM_CONFIG
         if path is not None and (url is None or key is None):
             try:
                 loaded = load_config(path)
-            except SwapdError:
-                loaded = None  # an unreadable config still leaves --url and the default
+            except SwapdError as exc:
+                if explicit and url is None:  # asked for, and nothing else says where
+                    raise ClientError(f"{path}: cannot be read:\n{exc}") from exc
+                loaded = None  # /etc/swapd/swapd.yaml unreadable here: the default address
             if loaded is not None:
                 url = url or url_of(loaded)
                 key = key or next(iter(loaded.admin_keys), None)

@@ -143,10 +143,8 @@ def _client_verb(
     """Run ``verb`` against the swapd the arguments name; a refusal is one line and exit 1."""
 
     def run(args: argparse.Namespace) -> int:
-        target = Target.resolve(args.url, args.config, args.key)
-
         async def main() -> int:
-            async with Client(target) as client:
+            async with Client(Target.resolve(args.url, args.config, args.key)) as client:
                 return await verb(client, args)
 
         try:

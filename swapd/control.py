@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from swapd import planner
-from swapd.errors import ConfigErrors, SwapdError
+from swapd.errors import ConfigErrors, RequestError, SwapdError
 from swapd.events import sse
 from swapd.limits import Edge
 from swapd.manager import Manager
@@ -48,6 +48,11 @@ class Control:
         self.edge = edge
         self.metrics = metrics
         self._reload = reload
+        self._closing = False  # shutdown began: open streams end, so the drain need not wait
+
+    def close(self) -> None:
+        """End the open streams (events, followed logs) within a beat."""
+        self._closing = True
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """Register every control route."""
@@ -118,15 +123,21 @@ class Control:
             await response.write(sse("line", line))
         _, cursor = self.manager.logs_since(name, None)
         quiet = 0.0
-        while True:
+        while not self._closing:
             await asyncio.sleep(FOLLOW_EVERY)
-            new, cursor = self.manager.logs_since(name, cursor)
+            try:
+                new, cursor = self.manager.logs_since(name, cursor)
+            except RequestError:
+                break  # a reload removed the model
+
             for line in new:
                 await response.write(sse("line", line))
             quiet = 0.0 if new else quiet + FOLLOW_EVERY
             if quiet >= KEEPALIVE_EVERY:
                 await response.write(b": keepalive\n\n")
                 quiet = 0.0
+        await response.write_eof()
+        return response
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: each model's view now, then one per move, and progress.
@@ -147,7 +158,7 @@ class Control:
             for view in chosen(self.manager.views()):
                 await response.write(sse("model", view.as_json()))
             quiet = 0.0
-            while True:
+            while not self._closing:
                 moved = chosen(await subscription.next(PROGRESS_EVERY))
                 sent = {v.name for v in moved}
                 moving = [
@@ -161,3 +172,5 @@ class Control:
                 if quiet >= KEEPALIVE_EVERY:
                     await response.write(b": keepalive\n\n")
                     quiet = 0.0
+        await response.write_eof()
+        return response

@@ -15,7 +15,10 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+from swapd.logs import get_logger
 from swapd.slot import ModelView, Slot, snapshot
+
+_log = get_logger("swapd.events")
 
 _KEEP = 256  # views a slow subscriber may fall behind by
 
@@ -51,12 +54,19 @@ class Changes:
         self._changed = asyncio.Event()
 
     def publish(self, slot: Slot) -> None:
-        """A slot moved: hand its view to every subscriber."""
+        """A slot moved: hand its view to every subscriber.
+
+        Called inside the manager's state move: a failure here is logged, never raised.
+        """
         self._changed.set()
         self._changed = asyncio.Event()
         if not self._subscribers:
             return
-        view = snapshot(slot)
+        try:
+            view = snapshot(slot)
+        except Exception as exc:  # noqa: BLE001 - a reader's problem must not stop a move
+            _log.exception("events.publish.fail", model=slot.preset.name, error=repr(exc))
+            return
         for subscriber in self._subscribers:
             subscriber.put(view)
 

@@ -28,9 +28,9 @@ from typing import Any
 from aiohttp import web
 
 from swapd import _json as capped_json
+from swapd._exchange import EXCHANGE
 from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
 from swapd.manager import Lease
-from swapd.metrics import TIMING
 from swapd.proxy import Proxy, model_from_json, read_body
 from swapd.upstream import UpstreamError, UpstreamResponse
 
@@ -38,8 +38,6 @@ PING_AFTER = 3.0  # seconds a request waits before the first ping
 PING_EVERY = 3.0
 _WATCH_EVERY = 0.25
 _ADMITTED = frozenset({"starting", "waking"})
-# The status of an error sent as an event on a stream that had already answered 200.
-STREAM_ERROR = web.RequestKey("stream_error", int)
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -77,6 +75,9 @@ class Pings:
                     return
                 if self.response is None:
                     self.response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                    exchange = self.request.get(EXCHANGE)
+                    if exchange is not None:
+                        exchange.ping_stream = self.response  # not the backend's first byte
                     await self.response.prepare(self.request)
                 await self.response.write(b": loading\n\n")
             await asyncio.sleep(PING_EVERY)
@@ -95,7 +96,6 @@ class Pings:
             await response.write_eof()
 
 
-PINGS = web.RequestKey("pings", Pings)
 # Request headers that stop at swapd, as the proxy drops them: hop-by-hop (RFC 9110
 # section 7.6.1), those aiohttp sets again, and the client's credentials for swapd.
 _NOT_FORWARDED = frozenset(
@@ -150,7 +150,6 @@ class ColdStreams:
     async def _cold(self, request: web.Request, model: str, body: bytes) -> web.StreamResponse:
         request["model"] = clip(model)
         pings = Pings(request)
-        request[PINGS] = pings
 
         def admitted() -> bool:
             try:
@@ -176,7 +175,7 @@ class ColdStreams:
         response = await pings.take_over()
         if response is None:
             raise exc  # no ping went out: a plain HTTP error a client can retry elsewhere
-        request[STREAM_ERROR] = exc.status
+        _stream_error(request, exc.status)
         await pings.fail(response, exc.envelope()["error"])
         return response
 
@@ -195,7 +194,7 @@ class ColdStreams:
             try:
                 await self._relay(request, response, lease, body)
             except RequestError as exc:
-                request[STREAM_ERROR] = exc.status
+                _stream_error(request, exc.status)
                 await pings.fail(response, exc.envelope()["error"])
             return response
         finally:
@@ -234,9 +233,9 @@ class ColdStreams:
     ) -> None:
         if upstream.status != 200:
             raise _BackendRefused(await _backend_error(upstream), upstream.status)
-        timing = request.get(TIMING)
-        if timing is not None:
-            timing.first_byte = time.perf_counter()  # the backend's first byte, not a ping
+        exchange = request.get(EXCHANGE)
+        if exchange is not None:
+            exchange.first_byte = time.perf_counter()  # the backend's first byte, not a ping
         try:
             async for chunk in upstream.iter_chunks():
                 await response.write(chunk)
@@ -246,6 +245,13 @@ class ColdStreams:
                 request.transport.close()
             return
         await response.write_eof()
+
+
+def _stream_error(request: web.Request, status: int) -> None:
+    """Log and count the request with the error's status, not the 200 the stream began with."""
+    exchange = request.get(EXCHANGE)
+    if exchange is not None:
+        exchange.stream_error = status
 
 
 class _BackendRefused(RequestError):

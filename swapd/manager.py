@@ -1196,12 +1196,17 @@ class Manager:
         self._cancel_ram_ttl(slot)
         child = slot.child
         try:
+            hold = None
             if keep_pages and slot.preset.model is not None:
-                await self._hold_pages(slot)
+                # Locked while the backend exits (it still maps them, so they are resident):
+                # the lock costs a swap nothing beyond the stop itself.
+                hold = asyncio.create_task(self._hold_pages(slot))
             if child is not None:
                 _log.info("model.stop", model=slot.preset.name, reason=reason)
                 await child.stop(slot.preset.stop_timeout)
                 self._forget_child(slot)
+            if hold is not None:
+                await hold
             if slot.state is State.STOPPING:
                 slot.move(State.STOPPING, State.STOPPED)
         finally:
@@ -1369,6 +1374,10 @@ class Manager:
         if before is not None:
             await asyncio.gather(asyncio.shield(before), return_exceptions=True)
         await self._settle(slot)
+        latest = self.config.preset(preset.name)  # a later reload may have changed it again
+        if latest is None or self.slots.get(preset.name) is not slot:
+            return  # removed meanwhile: its retirement stops it
+        preset = latest
         serving = slot.state in (State.READY, State.DRAINING)
         # No new lease goes to the old process from here: it drains (or stops) first.
         slot.preset, slot.kind = preset, kind_of(preset)

@@ -1,7 +1,8 @@
 """Prometheus metrics: what ``GET /metrics`` serves, under names dashboards rely on.
 
 Counters and histograms are fed as things happen: requests by the app's
-middleware (:meth:`Metrics.request_done`, :meth:`Metrics.first_byte`), loads and
+middleware (:meth:`Metrics.request_done`: plain counts folded into families
+at scrape time, so a request pays a dict update and two bisects), loads and
 evictions by the manager. Gauges (state, requests in flight and waiting, device
 memory) are read at scrape time from frozen views and one probe reading, so a
 scrape never starts a model, never resets a TTL and costs the request path
@@ -11,11 +12,11 @@ typed, so a stream of unknown names cannot grow the series without bound.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -23,44 +24,93 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from prometheus_client.metrics import Counter as CounterChild
-    from prometheus_client.metrics import Histogram as HistogramChild
-
     from swapd.planner import DeviceMemory
     from swapd.slot import ModelView
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Inference requests run from milliseconds to many minutes (long generations).
 _REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_REQUEST_LE = tuple(repr(float(b)) for b in _REQUEST_BUCKETS)  # as prometheus_client writes them
 _LOAD_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 # No ``_created`` series: they double the exposition and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 
-@dataclass
-class Timing:
-    """When a request arrived and when its answer's first byte went out (perf_counter)."""
+class _Histograms:
+    """Observations per label value, kept as plain counts: cheaper than a child per label.
 
-    started: float
-    first_byte: float | None = None
+    The request path does one bisect and two additions; the scrape builds the families.
+    """
 
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.by: dict[str, tuple[list[int], list[float]]] = {}  # value: (buckets, [sum])
 
-TIMING = web.RequestKey("timing", Timing)
+    def observe(self, value: str, seconds: float) -> None:
+        counts = self.by.get(value)
+        if counts is None:
+            counts = self.by[value] = ([0] * (len(_REQUEST_BUCKETS) + 1), [0.0])
+        counts[0][bisect.bisect_left(_REQUEST_BUCKETS, seconds)] += 1
+        counts[1][0] += seconds
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, (counts, total) in self.by.items():
+            cumulative = list(itertools.accumulate(counts))
+            bounds = zip(_REQUEST_LE, cumulative, strict=False)
+            buckets = list(bounds)
+            buckets.append(("+Inf", cumulative[-1]))
+            family.add_metric([value], buckets, total[0])
+        return family
 
 
 class _Live(Collector):
-    """Gauges computed at scrape time from the views and readings handed to it."""
+    """What the request path counts, and gauges read at scrape time from views and readings."""
 
     def __init__(self) -> None:
         self.views: Sequence[ModelView] = ()
         self.memory: Sequence[DeviceMemory] = ()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.request_seconds = _Histograms(
+            "swapd_request_seconds",
+            "time from a request's arrival to the end of its answer, load included",
+            "model",
+        )
+        self.first_byte = _Histograms(
+            "swapd_time_to_first_byte_seconds",
+            "time from a request's arrival to the backend's answer starting, load included",
+            "model",
+        )
+
+    def forget(self, models: set[str]) -> None:
+        """Drop the request series of models a reload removed."""
+        for key in [k for k in self.requests if k[0] in models]:
+            del self.requests[key]
+        for histograms in (self.request_seconds, self.first_byte):
+            for model in models & set(histograms.by):
+                del histograms.by[model]
 
     def collect(self) -> Iterator[Metric]:
-        """The gauge families of the last :meth:`Metrics.render` call."""
+        """The families of the request path, and the gauges of the last render."""
+        requests = CounterMetricFamily(
+            "swapd_requests",
+            "inference requests answered, by configured model and HTTP status (499: client gone)",
+            labels=["model", "code"],
+        )
+        for (model, code), count in self.requests.items():
+            requests.add_metric([model, str(code)], count)
+        yield from (requests, self.request_seconds.family(), self.first_byte.family())
         state = GaugeMetricFamily(
             "swapd_model_state",
             "1 for each model's current state and tier",
@@ -97,26 +147,6 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self._requests = Counter(
-            "swapd_requests",
-            "inference requests answered, by configured model and HTTP status (499: client gone)",
-            ["model", "code"],
-            registry=self.registry,
-        )
-        self._request_seconds = Histogram(
-            "swapd_request_seconds",
-            "time from a request's arrival to the end of its answer, load included",
-            ["model"],
-            buckets=_REQUEST_BUCKETS,
-            registry=self.registry,
-        )
-        self._first_byte = Histogram(
-            "swapd_time_to_first_byte_seconds",
-            "time from a request's arrival to the backend's answer starting, load included",
-            ["model"],
-            buckets=_REQUEST_BUCKETS,
-            registry=self.registry,
-        )
         self._loads = Counter(
             "swapd_loads",
             "loads that made a model ready, by the tier it came from",
@@ -138,29 +168,20 @@ class Metrics:
         )
         self._live = _Live()
         self.registry.register(self._live)
-        # Label children, looked up once: .labels() costs more than the increment itself.
-        self._count_children: dict[tuple[str, int], CounterChild] = {}
-        self._time_children: dict[str, tuple[HistogramChild, HistogramChild]] = {}
 
-    def request_done(self, model: str, code: int, seconds: float) -> None:
-        """One inference request ended with ``code`` after ``seconds``."""
-        counter = self._count_children.get((model, code))
-        if counter is None:
-            counter = self._requests.labels(model, str(code))
-            self._count_children[model, code] = counter
-        counter.inc()
-        self._timers(model)[0].observe(seconds)
+    def request_done(
+        self, model: str, code: int, seconds: float, first_byte: float | None = None
+    ) -> None:
+        """One inference request ended with ``code`` after ``seconds``.
 
-    def first_byte(self, model: str, seconds: float) -> None:
-        """The answer to a request for ``model`` started after ``seconds``."""
-        self._timers(model)[1].observe(seconds)
-
-    def _timers(self, model: str) -> tuple[HistogramChild, HistogramChild]:
-        timers = self._time_children.get(model)
-        if timers is None:
-            timers = (self._request_seconds.labels(model), self._first_byte.labels(model))
-            self._time_children[model] = timers
-        return timers
+        Its answer began after ``first_byte`` seconds (None: no answer of a backend's).
+        """
+        live = self._live
+        key = (model, code)
+        live.requests[key] = live.requests.get(key, 0) + 1
+        live.request_seconds.observe(model, seconds)
+        if first_byte is not None:
+            live.first_byte.observe(model, first_byte)
 
     def load_done(self, model: str, from_tier: str, seconds: float) -> None:
         """A load made ``model`` ready; it came from ``from_tier`` (ram, disk or store)."""
@@ -172,15 +193,8 @@ class Metrics:
         self._evictions.labels(model, reason).inc()
 
     def forget(self, models: Iterable[str]) -> None:
-        """Drop the series of models a reload removed."""
-        gone = set(models)
-        for key in [k for k in self._count_children if k[0] in gone]:
-            self._requests.remove(key[0], str(key[1]))
-            del self._count_children[key]
-        for model in gone & set(self._time_children):
-            self._request_seconds.remove(model)
-            self._first_byte.remove(model)
-            del self._time_children[model]
+        """Drop the request series of models a reload removed."""
+        self._live.forget(set(models))
 
     def render(self, views: Sequence[ModelView], memory: Sequence[DeviceMemory]) -> bytes:
         """The exposition text, with the gauges read from ``views`` and ``memory``."""

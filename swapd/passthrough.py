@@ -3,7 +3,9 @@
 ``/upstream/qwen/tokenize`` reaches ``/tokenize`` on qwen's backend, with any
 method, query and body: ``/props``, ``/slots``, the backend's own ``/metrics``.
 It leases the model like any request (so it may load it, and resets its TTL)
-and needs an inference key where keys are set. A model name may hold ``/``;
+and needs an inference key where keys are set. The routes swapd drives itself
+(vLLM's ``/sleep`` and ``/wake_up``) and those that run code in the backend are
+refused (403 ``upstream_route_reserved``). A model name may hold ``/``;
 the longest configured name (or alias) that starts the path wins.
 
 ``/tokenize``, ``/detokenize``, ``/infill`` and ``/apply-template`` are
@@ -16,12 +18,18 @@ from __future__ import annotations
 from aiohttp import web
 from yarl import URL
 
-from swapd.errors import UnknownModel
+from swapd.errors import Forbidden, UnknownModel, clip
 from swapd.manager import Manager
 from swapd.proxy import Proxy, read_body
 
 LLAMA_ROUTES = ("/tokenize", "/detokenize", "/infill", "/apply-template")
 UPSTREAM_PREFIX = "/upstream/"
+# Backend routes that are swapd's alone: vLLM's sleep and wake (swapd's tiers depend on them)
+# and its development routes that run code or reshape the engine. The backend's own key
+# would let a caller reach them; through /upstream/ they are refused.
+RESERVED = frozenset(
+    {"/sleep", "/wake_up", "/collective_rpc", "/scale_elastic_ep", "/pause", "/resume"}
+)
 
 
 def split_target(raw_path: str, manager: Manager) -> tuple[str, str]:
@@ -43,6 +51,11 @@ class Passthrough:
     async def route(self, request: web.Request) -> web.StreamResponse:
         """Any method: the request, re-targeted at the backend's own path."""
         model, path = split_target(request.raw_path.partition("?")[0], self.proxy.manager)
+        if path.rstrip("/") in RESERVED:
+            raise Forbidden(
+                f"{clip(path)} is driven by swapd itself and cannot be called through /upstream/",
+                "upstream_route_reserved",
+            )
         body = await read_body(request, self.proxy.max_body, self.proxy.body_timeout)
         query = request.raw_path.partition("?")[2]
         target = URL(path + (f"?{query}" if query else ""), encoded=True)

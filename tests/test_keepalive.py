@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset
+from daemon import Daemon, fake_preset, wait_for
 
 from swapd.keepalive import PING_AFTER
 
@@ -66,7 +66,7 @@ def test_an_error_after_the_first_ping_is_an_error_event(start_daemon: StartDaem
     [event] = data(lines)
     assert event["error"]["code"] == "backend_start_failed"
     assert "exited with 3" in event["error"]["message"]
-    assert [e["status"] for e in d.events("request.done")] == [502]
+    wait_for(lambda: [e["status"] for e in d.events("request.done")] == [502])  # logged last
 
 
 def test_a_cold_request_that_does_not_stream_gets_no_pings(start_daemon: StartDaemon) -> None:

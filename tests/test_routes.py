@@ -54,6 +54,17 @@ def test_the_upstream_passthrough_reaches_any_backend_path(two: Daemon) -> None:
     assert body["error"]["code"] == "model_not_found"
 
 
+@pytest.mark.parametrize("path", ["/sleep?level=1", "/wake_up", "/collective_rpc", "/sleep/"])
+def test_routes_swapd_drives_itself_are_refused_through_the_passthrough(
+    two: Daemon, path: str
+) -> None:
+    """vLLM's sleep and wake (swapd's tiers rest on them) and its RPC routes stay swapd's."""
+    status, body = two.request("POST", f"/upstream/a{path}", {})
+    assert status == 403
+    assert body["error"]["code"] == "upstream_route_reserved"
+    assert two.model("a")["state"] == "stopped"  # refused before any lease
+
+
 def test_the_passthrough_leases_like_any_request(start_daemon: StartDaemon) -> None:
     """It loads the model, counts as a use (TTL) and needs an inference key once keys exist."""
     keys = {"api_keys": [INFERENCE_KEY], "admin_keys": [ADMIN_KEY]}

@@ -1,0 +1,26 @@
+"""What swapd keeps of one request beyond aiohttp's: its id, its times, an in-band error.
+
+One object per request, stored once under :data:`EXCHANGE` by the app's
+middleware and read where the request's answer is prepared and logged. A cloned
+request (``/upstream/``) shares it, since a clone copies the request's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's id and its times (``time.perf_counter``)."""
+
+    request_id: str
+    started: float
+    first_byte: float | None = None  # when the backend's answer began reaching the client
+    ping_stream: web.StreamResponse | None = None  # the stream cold-load pings opened
+    stream_error: int | None = None  # the status of an error sent as an event on that stream
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
