@@ -199,6 +199,9 @@ class EdgeHandler(RequestHandler):
             loop=loop,
             keepalive_timeout=keepalive_timeout,
             access_log=None,  # type: ignore[arg-type]  # None turns aiohttp's access log off
+            # SO_KEEPALIVE probes after 2 h of silence; the idle timer here closes long
+            # before, so the option only cost a socket object and a system call per connect.
+            tcp_keepalive=False,
         )
         self._edge = edge
         self._clock = loop

@@ -253,6 +253,10 @@ class Proxy:
         await response.prepare(request)
         try:
             while (chunk := await upstream.next_chunk()) is not None:
+                if upstream.finished():
+                    # The answer is whole: its last chunk and the end go in one write.
+                    await response.write_eof(chunk)
+                    return response
                 await response.write(chunk)
         except UpstreamError:
             # Headers are gone already: the only honest signal left is a cut connection.

@@ -173,6 +173,10 @@ class _Connection(asyncio.Protocol):
             self._paused = False
         return chunk
 
+    def finished(self) -> bool:
+        """Whether the whole answer is in and handed over."""
+        return self.complete and not self.chunks
+
     def reusable(self) -> bool:
         """Whether the connection can carry the next request."""
         return self.complete and self.keep_alive and not self.closed and self.error is None
@@ -207,6 +211,7 @@ class UpstreamResponse:
         self.connection_names = conn.connection_names
         self.next_chunk = conn.next_chunk
         self.settled = conn.settled
+        self.finished = conn.finished
         self._done = False
 
     @property
