@@ -21,6 +21,14 @@ class Exchange:
     first_byte: float | None = None  # when the backend's answer began reaching the client
     ping_stream: web.StreamResponse | None = None  # the stream cold-load pings opened
     stream_error: int | None = None  # the status of an error sent as an event on that stream
+    counted: bool = False  # a route that leases a model: metrics count it
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+def count(request: web.Request) -> None:
+    """Mark the request as one that leases a model: metrics count it."""
+    exchange = request.get(EXCHANGE)
+    if exchange is not None:
+        exchange.counted = True

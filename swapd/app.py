@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from swapd import notify
 from swapd._exchange import EXCHANGE, Exchange
@@ -54,10 +55,6 @@ PRELOAD = web.AppKey("preload", asyncio.Task[None])
 # Routes beyond the proxy's own whose JSON body names the model.
 EXTRA_JSON_ROUTES = ("/v1/messages/count_tokens", *LLAMA_ROUTES)
 UPSTREAM_ROUTE = "/upstream/{target:.+}"
-# The routes that lease a model: what metrics count.
-MODEL_ROUTES = frozenset(
-    (*JSON_ROUTES, *EXTRA_JSON_ROUTES, *MULTIPART_ROUTES, "/upstream/{target}")
-)
 # Status logged and counted for a client that hung up before its answer was complete.
 CLIENT_GONE = 499
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -106,60 +103,62 @@ def _internal_error(request: web.Request, exc: Exception) -> web.Response:
     return web.json_response({"error": error}, status=500)
 
 
-@web.middleware
-async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind a request id, check access, answer errors as OpenAI JSON, log and count each request.
+def make_envelope(runtime: Runtime | None) -> Middleware:
+    """The envelope middleware, checking and counting with ``runtime`` (None: neither)."""
 
-    The access checks are those of the running config (a reload swaps them); they run in
-    this frame rather than a middleware of their own, one coroutine less per request.
-    """
-    try:
-        runtime: Runtime | None = request.app[RUNTIME]
-    except KeyError:  # an app of a test's own, with the envelope alone
-        runtime = None
-    given = request.headers.get("X-Request-Id")
-    request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
-    # The header goes on at prepare (streams too); clones (/upstream/) share the object.
-    request[EXCHANGE] = exchange = Exchange(request_id, time.perf_counter())
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    status = 500
-    conn = track(request)
-    try:
-        if given is not None and given != request_id:
-            _refuse_request_id()
-        response = await (handler(request) if runtime is None else runtime.checks(request, handler))
-        status = exchange.stream_error or response.status
-    except RequestError as exc:
-        response = error_response(exc)
-        status = exc.status
-    except web.HTTPException as exc:
-        status = exc.status
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        body = {"error": {"message": exc.reason, "type": kind, "code": None, "param": None}}
-        response = web.json_response(body, status=exc.status)
-    except asyncio.CancelledError:
-        status = CLIENT_GONE  # the client hung up; aiohttp cancelled the handler
-        raise
-    except ConnectionResetError:
-        # The client hung up while its answer was being written: nothing left to send to.
-        status = CLIENT_GONE
-        response = web.Response(status=CLIENT_GONE)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence, logged with its trace
-        response = _internal_error(request, exc)
-    finally:
-        if conn is not None:
-            conn.request_finished()
-        _done(request, runtime, status, exchange)
-        structlog.contextvars.unbind_contextvars("request_id")
-    if status == 408:
-        response.force_close()  # the rest of the body may still be on its way
-    return response
+    @web.middleware
+    async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Bind a request id, check access, answer errors as OpenAI JSON, log and count.
+
+        The access checks are those of the running config (a reload swaps them); they run
+        in this frame rather than a middleware of their own, one coroutine less a request.
+        """
+        given = request.headers.get("X-Request-Id")
+        request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
+        # The header goes on at prepare (streams too); clones (/upstream/) share the object.
+        request[EXCHANGE] = exchange = Exchange(request_id, time.perf_counter())
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        status = 500
+        conn = track(request)
+        try:
+            if given is not None and given != request_id:
+                _refuse_request_id()
+            response = await (
+                handler(request) if runtime is None else runtime.checks(request, handler)
+            )
+            status = exchange.stream_error or response.status
+        except RequestError as exc:
+            response = error_response(exc)
+            status = exc.status
+        except web.HTTPException as exc:
+            status = exc.status
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            body = {"error": {"message": exc.reason, "type": kind, "code": None, "param": None}}
+            response = web.json_response(body, status=exc.status)
+        except asyncio.CancelledError:
+            status = CLIENT_GONE  # the client hung up; aiohttp cancelled the handler
+            raise
+        except ConnectionResetError:
+            # The client hung up while its answer was being written: nothing left to send to.
+            status = CLIENT_GONE
+            response = web.Response(status=CLIENT_GONE)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence, logged with its trace
+            response = _internal_error(request, exc)
+        finally:
+            if conn is not None:
+                conn.request_finished()
+            _done(request, runtime, status, exchange)
+            structlog.contextvars.unbind_contextvars("request_id")
+        if status == 408:
+            response.force_close()  # the rest of the body may still be on its way
+        return response
+
+    return envelope
 
 
 def _done(request: web.Request, runtime: Runtime | None, status: int, exchange: Exchange) -> None:
     """One ``request.done`` line per inference request, and its metrics."""
-    resource = request.match_info.route.resource
-    counted = resource is not None and resource.canonical in MODEL_ROUTES
+    counted = exchange.counted
     if not (counted or request.path.startswith("/v1/")):
         return
     elapsed = time.perf_counter() - exchange.started
@@ -178,7 +177,11 @@ def _done(request: web.Request, runtime: Runtime | None, status: int, exchange: 
     if status < 400:
         # A sized answer is prepared after the handler returns: it is whole by now.
         first = (exchange.first_byte or time.perf_counter()) - exchange.started
-    runtime.metrics.request_done(runtime.model_label(model), status, elapsed, first)
+    label = runtime.names.get(model, "") if model else ""  # configured names only
+    runtime.metrics.request_done(label, status, elapsed, first)
+
+
+envelope = make_envelope(None)  # for an app of its own (tests): no checks, no metrics
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -211,13 +214,13 @@ async def _begin_shutdown(app: web.Application) -> None:
 
 
 def _model_routes(app: web.Application, proxy: Proxy) -> None:
-    """Routes that lease a model (:data:`MODEL_ROUTES`)."""
+    """Routes that lease a model: their handlers mark the exchange ``counted`` for metrics."""
     router = app.router
     cold = ColdStreams(proxy)
     for path in (*JSON_ROUTES, *EXTRA_JSON_ROUTES):
         router.add_post(path, cold.json_route)
     for path in MULTIPART_ROUTES:
-        router.add_post(path, proxy.multipart_route)
+        router.add_post(path, cold.multipart_route)
     router.add_route("*", UPSTREAM_ROUTE, Passthrough(proxy).route)
 
 
@@ -230,7 +233,7 @@ def build_app(
 ) -> web.Application:
     """The aiohttp application with every route; the manager starts with it."""
     config = runtime.config
-    app = web.Application(middlewares=[envelope], client_max_size=config.max_body + 1)
+    app = web.Application(middlewares=[make_envelope(runtime)], client_max_size=config.max_body + 1)
     app.on_response_prepare.append(_on_prepare)
     app[EDGE] = edge or Edge(_limits(config, config.max_connections))
     app[RUNTIME] = runtime

@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from swapd import _json as capped_json
-from swapd._exchange import EXCHANGE
+from swapd._exchange import EXCHANGE, count
 from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
 from swapd.manager import Lease
 from swapd.proxy import Proxy, model_from_json, read_body
@@ -46,9 +46,7 @@ SSE_HEADERS = {
 
 
 def wants_stream(body: bytes) -> bool:
-    """Whether a JSON body asks for a streamed answer (a byte scan first: most do not)."""
-    if b'"stream"' not in body:
-        return False
+    """Whether a JSON body that mentions ``"stream"`` asks for a streamed answer."""
     data = capped_json.loads(body)
     return isinstance(data, dict) and data.get("stream") is True
 
@@ -140,12 +138,19 @@ class ColdStreams:
 
     async def json_route(self, request: web.Request) -> web.StreamResponse:
         """POST routes whose JSON body names the model."""
+        count(request)
         proxy = self.proxy
         body = await read_body(request, proxy.max_body, proxy.body_timeout)
         model = model_from_json(body)
-        if wants_stream(body) and self.manager.view(model).state != "ready":
+        # A byte scan first: most requests do not stream, and most models are ready.
+        if b'"stream"' in body and wants_stream(body) and self.manager.view(model).state != "ready":
             return await self._cold(request, model, body)
         return await proxy.forward(request, model, body)
+
+    async def multipart_route(self, request: web.Request) -> web.StreamResponse:
+        """POST routes whose multipart form names the model (no pings: they do not stream)."""
+        count(request)
+        return await self.proxy.multipart_route(request)
 
     async def _cold(self, request: web.Request, model: str, body: bytes) -> web.StreamResponse:
         request["model"] = clip(model)

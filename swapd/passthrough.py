@@ -18,6 +18,7 @@ from __future__ import annotations
 from aiohttp import web
 from yarl import URL
 
+from swapd._exchange import count
 from swapd.errors import Forbidden, UnknownModel, clip
 from swapd.manager import Manager
 from swapd.proxy import Proxy, read_body
@@ -50,6 +51,7 @@ class Passthrough:
 
     async def route(self, request: web.Request) -> web.StreamResponse:
         """Any method: the request, re-targeted at the backend's own path."""
+        count(request)
         model, path = split_target(request.raw_path.partition("?")[0], self.proxy.manager)
         if path.rstrip("/") in RESERVED:
             raise Forbidden(

@@ -77,10 +77,6 @@ class Runtime:
         """Read every preset's launch key, for the first reload to compare with."""
         self.keys = await asyncio.to_thread(launch_keys, self.config)
 
-    def model_label(self, name: str | None) -> str:
-        """The configured name a request's model counts under; "" for none or an unknown one."""
-        return self.names.get(name, "") if name else ""
-
     async def reload(self) -> ReloadPlan:
         """Re-read the config; raise :class:`SwapdError` (the running config stays) when bad."""
         async with self._lock:
