@@ -78,12 +78,12 @@ def test_sigterm_drains_requests_in_flight_and_answers_waiters_503(
     assert d.leftovers() == [] or wait_for(lambda: not d.leftovers(), timeout=10)
 
 
-def test_sighup_and_sigusr1_do_not_end_the_daemon(start_daemon: StartDaemon) -> None:
-    """Signals whose default would kill swapd are logged and ignored."""
+def test_sigusr1_and_sigusr2_do_not_end_the_daemon(start_daemon: StartDaemon) -> None:
+    """Signals whose default would kill swapd are logged and ignored (SIGHUP reloads)."""
     d = start_daemon({"a": fake_preset("A")})
     assert d.chat("a")[0] == 200
     assert d.proc is not None
-    for sig in (signal.SIGHUP, signal.SIGUSR1):
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
         d.proc.send_signal(sig)
     wait_for(lambda: len(d.events("swapd.signal.ignored")) == 2)
     assert d.proc.poll() is None

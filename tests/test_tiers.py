@@ -65,7 +65,7 @@ def test_ttl_demotes_vllm_to_sleep_and_the_process_survives(
     assert after["tier"] == "ram"
     assert fake_stats(after["port"])["sleeping"] is True
     assert awake_rss - _rss(pid) > HOLD // 2, "sleep did not free the fake's memory"
-    [event] = d.events("model.sleep")
+    [event] = wait_for(lambda: d.events("model.sleep"))  # logged once the cost is read
     assert event["reason"] == "ttl"
     assert event["sleep_level"] == 1
 

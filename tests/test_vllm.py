@@ -94,7 +94,10 @@ def test_stopping_vllm_while_it_starts_leaves_nothing_behind(
     ignores it, and the stop escalates to SIGKILL after stop_timeout. Either way the
     drain answers the waiting load at once and nothing is left.
     """
-    d: Daemon = start_daemon({"tiny": vllm_preset(vllm_setup, tmp_path / "b", stop_timeout="2s")})
+    d: Daemon = start_daemon(
+        {"tiny": vllm_preset(vllm_setup, tmp_path / "b", stop_timeout="2s")},
+        {"shutdown_timeout": "10s"},  # the drain's bound, well inside the wait below
+    )
 
     def load() -> None:
         # The daemon exits mid-load on purpose: the request is expected to be cut.
