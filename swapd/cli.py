@@ -165,7 +165,7 @@ def _print_json(data: Any) -> None:
 async def verb_status(client: Client, args: argparse.Namespace) -> int:
     """Every model: state, tier, memory, TTL left, last use, and errors."""
     body = await client.call("GET", "/swapd/status")
-    _print_json(body) if args.json else print(_render.status(body))
+    print(json.dumps(body, indent=2) if args.json else _render.status(body))
     return 0
 
 
@@ -244,7 +244,7 @@ async def verb_unload(client: Client, args: argparse.Namespace) -> int:
     """Stop a model once its requests finish (``--force``: at once)."""
     query = "?force=true" if args.force else ""
     view = await client.call("POST", f"/swapd/models/{quote(args.name, safe='/')}/unload{query}")
-    _print_json(view) if args.json else print(f"{view['name']}: {view['state']}")
+    print(json.dumps(view, indent=2) if args.json else f"{view['name']}: {view['state']}")
     return 0
 
 
@@ -301,7 +301,7 @@ async def verb_plan(client: Client, args: argparse.Namespace) -> int:
             raise
         print(f"swapd: not running at {client.target.url}; planning from {path}", file=sys.stderr)
         body = await _local_plan(load_config(path))
-    _print_json(body) if args.json else print(_render.plan(body))
+    print(json.dumps(body, indent=2) if args.json else _render.plan(body))
     return 0
 
 

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from swapd import planner
 from swapd.errors import ConfigErrors, RequestError, SwapdError
-from swapd.events import sse
+from swapd.events import SSE_HEADERS, sse
 from swapd.limits import Edge
 from swapd.manager import Manager
 from swapd.metrics import CONTENT_TYPE, Metrics
@@ -27,7 +27,6 @@ _MOVING = frozenset({"queued", "starting", "waking", "sleeping", "draining", "st
 PROGRESS_EVERY = 0.5  # seconds between views of a model on the move
 KEEPALIVE_EVERY = 15.0  # seconds between comment lines on a quiet stream
 FOLLOW_EVERY = 0.25  # seconds between looks at a followed backend's output
-_SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -117,7 +116,7 @@ class Control:
         name, lines = self.manager.logs(request.match_info["name"], count)
         if not _flag(request, "follow"):
             return web.json_response({"name": name, "lines": lines})
-        response = web.StreamResponse(headers=_SSE)
+        response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         for line in lines:
             await response.write(sse("line", line))
@@ -152,7 +151,7 @@ class Control:
         def chosen(views: list[ModelView]) -> list[ModelView]:
             return [v for v in views if name is None or v.name == name]
 
-        response = web.StreamResponse(headers=_SSE)
+        response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         with self.manager.changes.subscribe() as subscription:
             for view in chosen(self.manager.views()):

@@ -21,6 +21,12 @@ from swapd.slot import ModelView, Slot, snapshot
 _log = get_logger("swapd.events")
 
 _KEEP = 256  # views a slow subscriber may fall behind by
+# Every stream swapd opens itself: not cached, and not buffered by Nginx and its kind.
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
 
 
 class Subscription:

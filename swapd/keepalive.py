@@ -30,6 +30,7 @@ from aiohttp import web
 from swapd import _json as capped_json
 from swapd._exchange import EXCHANGE, count
 from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
+from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
 from swapd.proxy import Proxy, model_from_json, read_body
 from swapd.upstream import UpstreamError, UpstreamResponse
@@ -38,11 +39,6 @@ PING_AFTER = 3.0  # seconds a request waits before the first ping
 PING_EVERY = 3.0
 _WATCH_EVERY = 0.25
 _ADMITTED = frozenset({"starting", "waking"})
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 
 
 def wants_stream(body: bytes) -> bool:
