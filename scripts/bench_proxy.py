@@ -13,6 +13,10 @@ port ("direct") and to swapd ("through"). Measured:
   intervals of 0, 2 and 10 ms (a preset each), with swapd's CPU per stream;
 * swapd's footprint with 10 presets: RSS, and CPU used while idle for 5 s.
 
+With ``--floor`` a byte relay (``scripts/_relay.py``: no HTTP, pooled backend
+connections) joins the rotation as a third target: what it adds is the price of
+one more process and hop on this machine, which no proxy avoids.
+
 Rounds: every figure is measured in ``--rounds`` rounds (3 by default). In each
 round a phase alternates direct and through in blocks whose order flips from
 block to block and round to round, so drifting background load hits both alike.
@@ -23,17 +27,20 @@ each round. Nothing is pinned in the ``free`` layout; ``shared`` and ``spare``
 pin each process to a core (see :func:`layouts`), and the report says so.
 
     python scripts/bench_proxy.py [--backends fake,llama] [--layouts free,shared,spare]
-                                  [--rounds 3] [--quick]
+                                  [--rounds 3] [--quick] [--floor]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -50,7 +57,7 @@ LEVELS = (1, 8, 64)
 IDLE_SECONDS = 5.0
 PRESETS = 10  # configured in the footprint's swapd; the others are never loaded
 EVERYWHERE = os.sched_getaffinity(0)  # the cores this script may use, before any pinning
-MODES = ("direct", "through")
+RELAY = Path(__file__).resolve().parent / "_relay.py"
 BLOCKS = 4  # alternating blocks per mode in a round's latency and streaming phases
 
 
@@ -167,19 +174,26 @@ class Client:
     """Pooled sessions per target, reused for every phase, and one-shot sessions for streams."""
 
     def __init__(
-        self, swapd_port: int, direct_ports: dict[str, int], keys: dict[str, str] | None = None
+        self,
+        swapd_port: int,
+        direct_ports: dict[str, int],
+        keys: dict[str, str] | None = None,
+        relay_ports: dict[str, int] | None = None,
     ) -> None:
-        self.ports = {"through": dict.fromkeys(direct_ports, swapd_port), "direct": direct_ports}
+        self.ports = {"direct": direct_ports, "through": dict.fromkeys(direct_ports, swapd_port)}
+        if relay_ports:
+            self.ports["relay"] = relay_ports
+        self.modes = tuple(self.ports)
         # A backend's own key (llama-server's), which swapd adds to what it forwards.
         json_type = {"Content-Type": "application/json"}
         self.headers = {
             (mode, model): json_type
             | (
                 {"Authorization": f"Bearer {keys[model]}"}
-                if mode == "direct" and keys and model in keys
+                if mode != "through" and keys and model in keys
                 else {}
             )
-            for mode in MODES
+            for mode in self.ports
             for model in direct_ports
         }
         self.sessions: dict[str, aiohttp.ClientSession] = {}
@@ -209,7 +223,7 @@ class Client:
         """Fresh sessions: a backend may have closed idle pooled connections between phases."""
         await self.close()
         timeout = aiohttp.ClientTimeout(total=600)
-        for mode in MODES:
+        for mode in self.modes:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
             self.sessions[mode] = aiohttp.ClientSession(connector=connector, timeout=timeout)
             once = aiohttp.TCPConnector(force_close=True)
@@ -260,12 +274,19 @@ class Client:
 
 
 async def alternate(
-    run: Callable[[str, int], Awaitable[None]], total: int, first: int, blocks: int = BLOCKS
+    modes: Sequence[str],
+    run: Callable[[str, int], Awaitable[None]],
+    total: int,
+    first: int,
+    blocks: int = BLOCKS,
 ) -> None:
-    """``total`` runs per mode in ``blocks`` blocks each; the first mode flips every block."""
+    """``total`` runs per mode in ``blocks`` blocks each; the order turns every block."""
     for block in range(blocks):
         count = total // blocks + (1 if block < total % blocks else 0)
-        order = MODES if (block + first) % 2 == 0 else MODES[::-1]
+        turn = (block + first) % len(modes)
+        order = [*modes[turn:], *modes[:turn]]
+        if (block + first) % 2:
+            order.reverse()
         for mode in order:
             await run(mode, count)
 
@@ -273,9 +294,9 @@ async def alternate(
 class CpuMeter:
     """CPU time that processes use while one mode's requests run, summed over blocks."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], modes: Sequence[str]) -> None:
         self.pids = pids
-        self.ns: dict[str, dict[str, int]] = {m: dict.fromkeys(pids, 0) for m in MODES}
+        self.ns: dict[str, dict[str, int]] = {m: dict.fromkeys(pids, 0) for m in modes}
 
     async def during(self, mode: str, work: Awaitable[None]) -> None:
         """Run ``work`` and add what each process used meanwhile to ``mode``'s tally."""
@@ -295,8 +316,8 @@ class CpuMeter:
 async def latency_round(client: Client, work: Workload, pids: dict[str, int], r: int) -> Json:
     """Sequential small requests: p50, p99 and CPU per request for each mode."""
     body = chat_body("m", **work.body_extra)
-    samples: dict[str, list[float]] = {m: [] for m in MODES}
-    meter = CpuMeter(pids)
+    samples: dict[str, list[float]] = {m: [] for m in client.modes}
+    meter = CpuMeter(pids, client.modes)
 
     async def run(mode: str, count: int) -> None:
         async def block() -> None:
@@ -305,9 +326,9 @@ async def latency_round(client: Client, work: Workload, pids: dict[str, int], r:
 
         await meter.during(mode, block())
 
-    await alternate(run, work.latency_n, r)
+    await alternate(client.modes, run, work.latency_n, r)
     out: Json = {}
-    for mode in MODES:
+    for mode in client.modes:
         s = _bench.summarize(samples[mode])
         out[mode] = {
             "p50_ms": s["p50"],
@@ -322,7 +343,7 @@ async def throughput_round(
 ) -> Json:
     """Requests/s at one concurrency, with CPU per request for each process."""
     body = chat_body("m", **work.body_extra)
-    meter = CpuMeter(pids)
+    meter = CpuMeter(pids, client.modes)
     rps: dict[str, float] = {}
 
     async def run(mode: str, count: int) -> None:
@@ -332,11 +353,11 @@ async def throughput_round(
 
         await meter.during(mode, block())
 
-    await alternate(run, work.throughput_n, r, blocks=1)
+    await alternate(client.modes, run, work.throughput_n, r, blocks=1)
     n = work.throughput_n
     return {
         mode: {"rps": rps[mode], "cpu_ms_per_request": {k: meter.ms_per(mode, k, n) for k in pids}}
-        for mode in MODES
+        for mode in client.modes
     }
 
 
@@ -345,9 +366,9 @@ async def stream_round(
 ) -> Json:
     """Time to the first chunk (p50) and mean gap between chunks, and CPU per stream."""
     body = chat_body(model, stream=True, **work.stream_extra)
-    first: dict[str, list[float]] = {m: [] for m in MODES}
-    gaps: dict[str, list[float]] = {m: [] for m in MODES}
-    meter = CpuMeter(pids)
+    first: dict[str, list[float]] = {m: [] for m in client.modes}
+    gaps: dict[str, list[float]] = {m: [] for m in client.modes}
+    meter = CpuMeter(pids, client.modes)
 
     async def run(mode: str, count: int) -> None:
         async def block() -> None:
@@ -358,7 +379,7 @@ async def stream_round(
 
         await meter.during(mode, block())
 
-    await alternate(run, work.stream_n, r)
+    await alternate(client.modes, run, work.stream_n, r)
     return {
         mode: {
             "ttfc_p50_ms": _bench.median(first[mode]),
@@ -366,7 +387,7 @@ async def stream_round(
             "gap_mean_ms": sum(gaps[mode]) / len(gaps[mode]),
             "swapd_cpu_ms_per_stream": meter.ms_per(mode, "swapd", len(first[mode])),
         }
-        for mode in MODES
+        for mode in client.modes
     }
 
 
@@ -396,15 +417,23 @@ def spread(values: Sequence[float]) -> Json:
 
 
 def compare(phase: list[Json], key: str) -> Json:
-    """One figure of a phase: direct, through, added and ratio, as median and range."""
+    """One figure of a phase: direct, through, added and ratio, as median and range.
+
+    With the byte relay measured too, ``relay`` and ``relay_added`` (relay - direct).
+    """
     direct = [r["direct"][key] for r in phase]
     through = [r["through"][key] for r in phase]
-    return {
+    out = {
         "direct": spread(direct),
         "through": spread(through),
         "added": spread([t - d for d, t in zip(direct, through, strict=True)]),
         "ratio": spread([t / d for d, t in zip(direct, through, strict=True)]),
     }
+    if "relay" in phase[0]:
+        relay = [r["relay"][key] for r in phase]
+        out["relay"] = spread(relay)
+        out["relay_added"] = spread([x - d for d, x in zip(direct, relay, strict=True)])
+    return out
 
 
 def cpu_spread(phase: list[Json], mode: str, key: str) -> Json:
@@ -430,7 +459,7 @@ def figures(rounds: list[Json], work: Workload) -> Json:
         out["throughput"][str(level)] = {
             "rps": compare(phase, "rps"),
             "cpu_ms_per_request": {
-                mode: {k: cpu_spread(phase, mode, k) for k in processes} for mode in MODES
+                mode: {k: cpu_spread(phase, mode, k) for k in processes} for mode in phase[0]
             },
         }
     for label in work.streams:
@@ -446,9 +475,15 @@ def figures(rounds: list[Json], work: Workload) -> Json:
     return out
 
 
-async def measure(work: Workload, layout: Layout, daemon: Swapd, rounds: int) -> Json:
-    """Load the presets, pin, warm up, then run every phase ``rounds`` times."""
-    entries = {name: daemon.load(name) for name in work.presets}
+async def measure(  # noqa: PLR0913, PLR0917 - what runs, where, and the relays beside it
+    work: Workload,
+    layout: Layout,
+    daemon: Swapd,
+    entries: dict[str, Json],
+    rounds: int,
+    relay_ports: dict[str, int],
+) -> Json:
+    """Pin, warm up, then run every phase ``rounds`` times."""
     backend_pids = {name: int(e["pid"]) for name, e in entries.items()}
     for pid in backend_pids.values():
         _bench.pin_tree(pid, layout.backend)
@@ -456,10 +491,10 @@ async def measure(work: Workload, layout: Layout, daemon: Swapd, rounds: int) ->
     pids = {"client": os.getpid(), "swapd": daemon.pid, "backend": backend_pids["m"]}
     ports = {name: int(e["port"]) for name, e in entries.items()}
     keys = {name: key for name, pid in backend_pids.items() if (key := own_key(pid))}
-    async with Client(daemon.port, ports, keys) as client:
+    async with Client(daemon.port, ports, keys, relay_ports) as client:
         body = chat_body("m", **work.body_extra)
         warm = max(20, work.latency_n // 10)
-        for mode in MODES:
+        for mode in client.modes:
             for _ in range(warm):
                 await client.one(mode, "m", body)
             for model in work.streams.values():
@@ -501,12 +536,34 @@ def idle_presets(count: int) -> dict[str, Json]:
     }
 
 
-def run_workload(work: Workload, layout: Layout, rounds: int) -> Json:
-    """One swapd for one backend and layout; always stopped."""
+def run_workload(work: Workload, layout: Layout, rounds: int, *, floor: bool) -> Json:
+    """One swapd for one backend and layout (and the byte relays); always stopped."""
     _bench.pin_self(EVERYWHERE)  # swapd inherits our cores when it is not pinned itself
     daemon = Swapd(dict(work.presets), cores=layout.swapd)
-    with _bench.running(daemon):
-        return _bench.run_async(measure(work, layout, daemon, rounds))
+    with _bench.running(daemon), contextlib.ExitStack() as relays:
+        entries = {name: daemon.load(name) for name in work.presets}
+        relay_ports = {}
+        if floor:
+            for name, entry in entries.items():
+                relay_ports[name] = relays.enter_context(relay(int(entry["port"]), layout.swapd))
+        return _bench.run_async(measure(work, layout, daemon, entries, rounds, relay_ports))
+
+
+@contextlib.contextmanager
+def relay(backend_port: int, cores: set[int] | None) -> Iterator[int]:
+    """A byte relay (``_relay.py``) to ``backend_port`` on swapd's cores; its port."""
+    port = _bench.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(RELAY), str(port), str(backend_port)],
+        stdout=subprocess.PIPE,
+        preexec_fn=_bench.pinner(cores),  # noqa: PLW1509 - pin before exec; no threads yet
+    )
+    try:
+        if proc.stdout is None or proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the byte relay did not start")
+        yield port
+    finally:
+        _bench.stop_process(proc)
 
 
 # ---------------------------------------------------------------- footprint
@@ -557,8 +614,10 @@ def footprint(idle_seconds: float, requests: int) -> Json:
 # ---------------------------------------------------------------- report
 
 
-def cell(value: Json) -> str:
-    """A median with its range over the rounds: ``0.312 (0.290-0.351)``."""
+def cell(value: Json | None) -> str:
+    """A median with its range over the rounds: ``0.312 (0.290-0.351)``; - for none."""
+    if value is None:
+        return "-"
     return f"{_num(value['median'])} ({_num(value['min'])}-{_num(value['max'])})"
 
 
@@ -569,7 +628,8 @@ def _num(x: float) -> str:
 def print_report(results: list[Json], foot: Json | None, rounds: int) -> None:
     """The tables: latency, throughput, streaming, footprint."""
     print(
-        f"\nmedian over {rounds} rounds (range); added = through - direct, ratio = through/direct"
+        f"\nmedian over {rounds} rounds (range); added = through - direct, ratio = through/direct;"
+        " relay added = byte relay - direct (--floor)"
     )
     print("\nsmall request latency, sequential (ms), and swapd CPU per request (ms)")
     _bench.print_table(
@@ -581,6 +641,7 @@ def print_report(results: list[Json], foot: Json | None, rounds: int) -> None:
             "ratio",
             "added p99",
             "swapd cpu/req",
+            "relay added p50",
         ],
         [
             [
@@ -591,6 +652,7 @@ def print_report(results: list[Json], foot: Json | None, rounds: int) -> None:
                 cell(f["p50_ms"]["ratio"]),
                 cell(f["p99_ms"]["added"]),
                 cell(f["swapd_cpu_ms_per_request"]),
+                cell(f["p50_ms"].get("relay_added")),
             ]
             for r in results
             for f in [r["figures"]["latency"]]
@@ -606,6 +668,7 @@ def print_report(results: list[Json], foot: Json | None, rounds: int) -> None:
             "ratio",
             "swapd cpu/req",
             "backend cpu/req direct",
+            "relay",
         ],
         [
             [
@@ -616,6 +679,7 @@ def print_report(results: list[Json], foot: Json | None, rounds: int) -> None:
                 cell(f["rps"]["ratio"]),
                 cell(f["cpu_ms_per_request"]["through"]["swapd"]),
                 cell(f["cpu_ms_per_request"]["direct"]["backend"]),
+                cell(f["rps"].get("relay")),
             ]
             for r in results
             for level, f in r["figures"]["throughput"].items()
@@ -635,6 +699,7 @@ def print_report(results: list[Json], foot: Json | None, rounds: int) -> None:
             "direct gap",
             "through gap",
             "swapd cpu/stream",
+            "relay added",
         ],
         [
             [
@@ -647,6 +712,7 @@ def print_report(results: list[Json], foot: Json | None, rounds: int) -> None:
                 cell(f["gap_mean_ms"]["direct"]),
                 cell(f["gap_mean_ms"]["through"]),
                 cell(f["swapd_cpu_ms_per_stream"]),
+                cell(f["ttfc_p50_ms"].get("relay_added")),
             ]
             for r in results
             for label, f in r["figures"]["streaming"].items()
@@ -698,6 +764,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per figure")
     p.add_argument("--quick", action="store_true", help="fewer requests per round")
     p.add_argument("--no-footprint", action="store_true", help="skip the RSS/idle CPU step")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure a byte relay (scripts/_relay.py): one hop with no HTTP in it",
+    )
     p.add_argument("--cache-dir", type=Path, default=_bench.default_cache_dir())
     p.add_argument("--out", type=Path, default=Path("out/bench_proxy.json"))
     return p.parse_args()
@@ -735,7 +806,7 @@ def main() -> None:
                 else llama_workload(args.quick, args.cache_dir, threads)
             )
             print(f"running {backend} / {layout.name} ...", flush=True)
-            results.append(run_workload(work, layout, args.rounds))
+            results.append(run_workload(work, layout, args.rounds, floor=args.floor))
     _bench.pin_self(EVERYWHERE)
     foot = None if args.no_footprint else footprint(IDLE_SECONDS, 400 if args.quick else 2000)
     print_report(results, foot, args.rounds)
