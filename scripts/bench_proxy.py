@@ -280,14 +280,14 @@ async def alternate(
     first: int,
     blocks: int = BLOCKS,
 ) -> None:
-    """``total`` runs per mode in ``blocks`` blocks each; the order turns every block."""
+    """``total`` runs per mode in ``blocks`` blocks each; the order turns every block.
+
+    With two targets the first alternates; with three each takes every place in turn.
+    """
     for block in range(blocks):
         count = total // blocks + (1 if block < total % blocks else 0)
         turn = (block + first) % len(modes)
-        order = [*modes[turn:], *modes[:turn]]
-        if (block + first) % 2:
-            order.reverse()
-        for mode in order:
+        for mode in [*modes[turn:], *modes[:turn]]:
             await run(mode, count)
 
 
