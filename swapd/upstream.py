@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -34,6 +35,9 @@ _LOW_WATER = 1 << 18
 # Chunks already waiting are handed over as one, up to this size: one write to the
 # client instead of several, and never a delay (only what has arrived is joined).
 _JOIN_LIMIT = 1 << 16
+# Servers (their Server header) known to close a connection right after a chunked answer
+# while announcing keep-alive: llama-server (cpp-httplib) does, within microseconds.
+_CLOSE_AFTER_CHUNKED = (b"llama.cpp",)
 
 
 class UpstreamError(Exception):
@@ -45,7 +49,9 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self._poll: select.poll | None = None
         self.closed = False
+        self.after_chunked = False  # the previous answer on this connection was chunked
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self.chunks: deque[bytes] = deque()
@@ -59,6 +65,8 @@ class _Connection(asyncio.Protocol):
         # that Connection declares hop-by-hop (RFC 9110 section 7.6.1).
         self.content_type: bytes | None = None
         self.content_length: int | None = None
+        self.chunked = False
+        self.known_to_close = False  # after a chunked answer, by its Server header
         self.connection_names: frozenset[bytes] = frozenset()
         self.chunks.clear()
         self.buffered = 0
@@ -74,9 +82,13 @@ class _Connection(asyncio.Protocol):
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport."""
+        """Keep the transport, and a poll object for checks before reuse."""
         # uvloop's transports do not subclass asyncio.Transport, but behave as one.
         self.transport = cast("asyncio.Transport", transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; its callbacks fill in the answer."""
@@ -108,6 +120,10 @@ class _Connection(asyncio.Protocol):
         elif lower == b"content-length" and not self._seen_length:
             self._seen_length = True
             self.content_length = int(value) if value.isdigit() else None
+        elif lower == b"transfer-encoding":
+            self.chunked = b"chunked" in value.lower()
+        elif lower == b"server":
+            self.known_to_close = value.startswith(_CLOSE_AFTER_CHUNKED)
         elif lower == b"connection":
             named = {token.strip().lower() for token in value.split(b",")}
             self.connection_names = self.connection_names.union(named)
@@ -177,12 +193,22 @@ class _Connection(asyncio.Protocol):
         """Whether the whole answer is in and handed over."""
         return self.complete and not self.chunks
 
+    def dropped(self) -> bool:
+        """Whether an idle connection has something to read: the backend's close, or junk.
+
+        A FIN can be in the kernel before the loop has read it, and a request written
+        then is lost (a POST is never sent twice). A poll with no timeout sees it, as
+        urllib3 checks a pooled connection before reuse.
+        """
+        return self._poll is not None and bool(self._poll.poll(0))
+
     def reusable(self) -> bool:
         """Whether the connection can carry the next request."""
         return self.complete and self.keep_alive and not self.closed and self.error is None
 
     def recycle(self) -> None:
         """Prepare for the next exchange on the same connection."""
+        self.after_chunked = self.chunked
         self._reset()
 
     def close(self) -> None:
@@ -242,7 +268,7 @@ class UpstreamResponse:
         if self._done:
             return
         self._done = True
-        if self._conn.reusable():
+        if self._pool.keeps(self._key, self._conn):
             self._conn.recycle()
             self._pool.put(self._key, self._conn)
         else:
@@ -250,10 +276,26 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    """Keep-alive connections per backend address."""
+    """Keep-alive connections per backend address.
+
+    llama-server closes a connection right after a streamed (chunked) answer while
+    announcing keep-alive, so a request that reuses it races the close and is lost.
+    Such a connection is not kept: known servers by their Server header, others
+    once one of their connections is seen closing after a chunked answer.
+    """
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._close_after_chunked: set[tuple[str, int]] = set()
+
+    def keeps(self, key: tuple[str, int], conn: _Connection) -> bool:
+        """Whether a finished exchange's connection may carry the next request."""
+        closes = conn.known_to_close or key in self._close_after_chunked
+        return conn.reusable() and not (conn.chunked and closes)
+
+    def _closed_after_chunked(self, key: tuple[str, int], conn: _Connection) -> None:
+        if conn.after_chunked:
+            self._close_after_chunked.add(key)
 
     def put(self, key: tuple[str, int], conn: _Connection) -> None:
         """Return an idle connection."""
@@ -267,9 +309,11 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if conn.closed:
-                continue
             if now - conn.idle_since > REUSE_IDLE:
+                conn.close()
+                continue
+            if conn.closed or conn.dropped():
+                self._closed_after_chunked(key, conn)
                 conn.close()
                 continue
             return conn
@@ -314,6 +358,8 @@ class UpstreamPool:
                 # future has no other reader (and a shield costs a loop turn per answer).
                 await conn.headers_ready
             except UpstreamError:
+                if reused and not conn.received_any:
+                    self._closed_after_chunked(key, conn)
                 # A kept-alive connection the backend closed meanwhile: one fresh try, only
                 # for a request that may run twice and when nothing at all came back.
                 if reused and not conn.received_any and method in _IDEMPOTENT:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Self
 
@@ -278,3 +282,69 @@ async def test_the_headers_a_proxy_decides_on_are_noted_while_parsing(pool: Upst
         assert resp.connection_names == {b"keep-alive", b"x-hop", b"x-other"}
         assert await resp.read() == b"ok"
         resp.finish()
+
+
+async def _chunked_as_llama(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await _read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_llama_servers_connection_is_not_kept_after_a_stream(pool: UpstreamPool) -> None:
+    """llama-server closes after a chunked answer while announcing keep-alive: never reused."""
+    async with Server(_chunked_as_llama) as server:
+        for _ in range(2):
+            resp = await pool.request("127.0.0.1", server.port, "POST", "/s", [], b"")
+            assert await resp.read() == b"data: 1\n\n"
+            resp.finish()
+        assert server.connections == 2
+
+
+class _CloseAfterStream(threading.Thread):
+    """A blocking server in a thread: each connection gets one chunked answer, then a close.
+
+    In a thread, its close reaches the kernel while the test holds the event loop, as a
+    backend's does while swapd is busy with something else.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.connections = 0
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                self.connections += 1
+                with conn:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        head += conn.recv(4096)
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+                    )
+
+
+@pytest.mark.asyncio
+async def test_a_connection_closed_after_a_stream_is_not_reused(pool: UpstreamPool) -> None:
+    """A close already in the kernel is seen before reuse, and the address is remembered."""
+    server = _CloseAfterStream()
+    server.start()
+    try:
+        for _ in range(3):
+            resp = await pool.request("127.0.0.1", server.port, "POST", "/s", [], b"")
+            assert await resp.read() == b"data: 1\n\n"
+            resp.finish()
+            # Hold the loop: the backend's FIN arrives but stays unread, as under load.
+            time.sleep(0.05)  # noqa: ASYNC251
+        assert server.connections == 3  # every POST got through, none was lost
+    finally:
+        server.listener.close()
