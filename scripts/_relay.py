@@ -23,7 +23,8 @@ LOOPBACK = "127.0.0.1"
 class _Backend(asyncio.Protocol):
     """One connection to the backend; what it receives goes to its client."""
 
-    def __init__(self) -> None:
+    def __init__(self, spares: list[_Backend]) -> None:
+        self.spares = spares
         self.transport: asyncio.Transport | None = None
         self.client: asyncio.Transport | None = None
 
@@ -33,12 +34,14 @@ class _Backend(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Pass the backend's bytes on as they come."""
-        if self.client is not None:
+        if self.client is not None and not self.client.is_closing():
             self.client.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """The backend closed: so does the client's connection."""
+        """The backend closed: so does the client's connection; a spare is dropped."""
         del exc
+        if self in self.spares:
+            self.spares.remove(self)  # backends close idle connections after a few seconds
         if self.client is not None:
             self.client.close()
 
@@ -54,7 +57,9 @@ class Relay:
     async def refill(self) -> None:
         """Open one more backend connection for a future client."""
         loop = asyncio.get_running_loop()
-        _, backend = await loop.create_connection(_Backend, LOOPBACK, self.backend_port)
+        _, backend = await loop.create_connection(
+            lambda: _Backend(self.spares), LOOPBACK, self.backend_port
+        )
         self.spares.append(backend)
 
     def protocol(self) -> asyncio.Protocol:
@@ -97,10 +102,11 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Pass the client's bytes on as they come."""
-        if self.backend is not None and self.backend.transport is not None:
-            self.backend.transport.write(data)
-        else:
+        backend = self.backend.transport if self.backend is not None else None
+        if backend is None:
             self.waiting.append(data)
+        elif not backend.is_closing():
+            backend.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The client left: close its backend connection."""

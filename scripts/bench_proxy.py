@@ -791,7 +791,13 @@ def main() -> None:
     _bench.print_machine(info)
     print(f"two-core capacity {info['cpu_capacity_start']['capacity']}, {info['event_loop']}")
     known = layouts()
-    results = []
+    results: list[Json] = []
+    failed: list[Json] = []
+
+    def write(results: list[Json], foot: Json | None, failed: list[Json]) -> None:
+        report = {"machine": info, "rounds": args.rounds, "results": results, "footprint": foot}
+        _bench.write_json(args.out, report | {"failed": failed})
+
     for backend in args.backends.split(","):
         if backend == "llama" and (why := llama_available()):
             print(f"skipping llama: {why}")
@@ -806,19 +812,18 @@ def main() -> None:
                 else llama_workload(args.quick, args.cache_dir, threads)
             )
             print(f"running {backend} / {layout.name} ...", flush=True)
-            results.append(run_workload(work, layout, args.rounds, floor=args.floor))
+            try:
+                results.append(run_workload(work, layout, args.rounds, floor=args.floor))
+            except (OSError, RuntimeError, aiohttp.ClientError) as exc:
+                # One backend failing (llama-server dropping a connection) keeps the others.
+                print(f"  failed: {exc!r}", flush=True)
+                failed.append({"backend": backend, "layout": layout.name, "error": repr(exc)})
+            write(results, None, failed)  # what is done so far survives a later failure
     _bench.pin_self(EVERYWHERE)
     foot = None if args.no_footprint else footprint(IDLE_SECONDS, 400 if args.quick else 2000)
     print_report(results, foot, args.rounds)
-    _bench.write_json(
-        args.out,
-        {
-            "machine": _bench.finish_info(info),
-            "rounds": args.rounds,
-            "results": results,
-            "footprint": foot,
-        },
-    )
+    _bench.finish_info(info)
+    write(results, foot, failed)
 
 
 if __name__ == "__main__":
