@@ -135,11 +135,16 @@ def test_a_request_waiting_past_max_wait_drains_the_busy_model_and_swaps(
         return served
 
     with ThreadPoolExecutor(3) as pool:
-        busy = [pool.submit(keep_busy) for _ in range(2)]
+        # One long request keeps a busy past max_wait whatever the busy loops' timing:
+        # without it both loops can be between requests when b arrives, and b swaps
+        # in at once with nothing to drain.
+        long = pool.submit(d.chat, "a", "long", fake_delay=3)
         wait_for(lambda: d.model("a")["in_flight"] >= 1)
+        busy = [pool.submit(keep_busy) for _ in range(2)]
         status, _ = d.chat("b")
         stop = True
         served = [f.result() for f in busy]
+        assert long.result()[0] == 200
     assert status == 200
     assert all(n > 0 for n in served)
     [drain] = d.events("model.drain")[:1]
