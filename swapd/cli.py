@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -323,6 +324,88 @@ async def _local_plan(config: Config) -> dict[str, Any]:
     return found.as_json()
 
 
+def cmd_litellm_config(args: argparse.Namespace) -> int:
+    """Print (or write) a LiteLLM proxy config for the nodes given, from their /v1/models."""
+    from swapd import litellm_config as lc
+
+    try:
+        nodes = [lc.Node.parse(url, key or args.key) for url, key in args.nodes]
+        found = asyncio.run(lc.gather_models(nodes))
+    except lc.NodeError as exc:
+        print(f"swapd: {exc}", file=sys.stderr)
+        return 1
+    for node, models in found:
+        if not models:
+            print(f"warning: {node.url} serves no models", file=sys.stderr)
+    text = lc.render(lc.build_config(found, affinity=args.affinity), nodes)
+    if args.output is None:
+        sys.stdout.write(text)
+    elif lc.write_if_changed(Path(args.output), text):
+        print(f"{args.output}: written", file=sys.stderr)
+    else:
+        print(f"{args.output}: unchanged", file=sys.stderr)
+    return 0
+
+
+class _NodeAction(argparse.Action):
+    """``--node URL`` adds a node; ``--node-key KEY`` gives the node just before it a key."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        nodes: list[list[str | None]] = getattr(namespace, "nodes", None) or []
+        if option_string == "--node":
+            nodes.append([values, None])
+        elif not nodes:
+            parser.error("--node-key must follow the --node it is for")
+        else:
+            nodes[-1][1] = values
+        namespace.nodes = nodes
+
+
+def _add_litellm_config(sub: Any) -> None:
+    verb = sub.add_parser(
+        "litellm-config",
+        help="print a LiteLLM proxy config for several swapd hosts",
+        description=(
+            "Ask each node's /v1/models and print a LiteLLM proxy config: one deployment per "
+            "model per node, router settings that retry 503 and 429 on another node and never "
+            "retry other 4xx. See docs/scale-out.md."
+        ),
+        epilog=(
+            "A key may be given as os.environ/NAME: it is read from $NAME here and written "
+            "as that reference, so the config itself holds no secret."
+        ),
+    )
+    verb.set_defaults(func=cmd_litellm_config, nodes=[])
+    verb.add_argument(
+        "--node",
+        action=_NodeAction,
+        required=True,
+        metavar="URL",
+        help="a swapd's address, like http://gpu1.lan:8080 (repeat for each node)",
+    )
+    verb.add_argument(
+        "--node-key",
+        action=_NodeAction,
+        metavar="KEY",
+        help="the key for the --node just before it (overrides --key)",
+    )
+    verb.add_argument("--key", help="the key for every node without its own --node-key")
+    verb.add_argument(
+        "--affinity",
+        action="store_true",
+        help="route to a node where the model is resident (needs deploy/litellm/swapd_affinity.py)",
+    )
+    verb.add_argument(
+        "-o", "--output", metavar="FILE", help="replace FILE atomically, only when it changes"
+    )
+
+
 def _target_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     where = common.add_argument_group("which swapd")
@@ -367,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", help="the daemon config (default: $SWAPD_CONFIG)")
     check.set_defaults(func=cmd_check)
+    _add_litellm_config(sub)
     common = _target_options()
     verbs: list[tuple[str, str, Any]] = [
         ("status", "show every model: state, tier, memory, TTL left, last use", verb_status),

@@ -45,7 +45,7 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, Any, None]:
     """In CI a skipped test of a real backend, Nginx or systemd is a failure: green means run."""
     outcome = yield
     report = outcome.get_result()
-    real = any(item.get_closest_marker(m) for m in ("llama", "vllm", "nginx", "systemd"))
+    real = any(item.get_closest_marker(m) for m in ("llama", "vllm", "nginx", "systemd", "litellm"))
     if report.skipped and real and os.environ.get("CI"):
         report.outcome = "failed"
         report.longrepr = f"real-backend test skipped in CI: {report.longrepr}"

@@ -1,0 +1,275 @@
+"""Several hosts: ``swapd litellm-config``, and a real LiteLLM proxy in front of two swapds.
+
+Two swapd processes on two loopback ports, each with its own ``state_dir`` and
+fake backends named ``<node>/<model>``, stand in for two GPU hosts; the reply
+text tells which node served a request.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import StartDaemon
+from daemon import Daemon, fake_preset, free_port
+from fakes import probe_file
+from litellm_proxy import Answer, LiteLLM, litellm_binary, litellm_config, node_args
+
+from swapd.litellm_config import NO_KEY, Node, build_config
+
+GIB = 1 << 30
+
+
+def swapd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI and capture what it prints."""
+    return subprocess.run(
+        [sys.executable, "-m", "swapd", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def deployments(config: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    """The deployments of one model name, in config order."""
+    return [d for d in config["model_list"] if d["model_name"] == model]
+
+
+def node(name: str, *models: str) -> dict[str, Any]:
+    """Presets for a node: each model a fake upstream called ``<node>/<model>``."""
+    return {model: fake_preset(f"{name}/{model}") for model in models}
+
+
+# ---------------------------------------------------------------- the config
+
+
+def test_a_model_on_several_nodes_is_one_model_name_with_a_deployment_per_node() -> None:
+    """Deployments are grouped by model; each reaches its node's /v1 with the node's key."""
+    a, b = Node("http://gpu1:8080", "ka"), Node("http://gpu2:8080")
+    config = build_config([(a, [{"id": "qwen"}, {"id": "gemma"}]), (b, [{"id": "qwen"}])])
+    assert [d["model_name"] for d in config["model_list"]] == ["gemma", "qwen", "qwen"]
+    qwen = [d["litellm_params"] for d in deployments(config, "qwen")]
+    assert qwen == [
+        {"model": "openai/qwen", "api_base": "http://gpu1:8080/v1", "api_key": "ka"},
+        {"model": "openai/qwen", "api_base": "http://gpu2:8080/v1", "api_key": NO_KEY},
+    ]
+    assert "litellm_settings" not in config
+    hooked = build_config([(a, [{"id": "qwen"}])], affinity=True)
+    assert hooked["litellm_settings"] == {"callbacks": ["swapd_affinity.affinity"]}
+
+
+def test_litellm_config_asks_each_node_with_its_own_key(start_daemon: StartDaemon) -> None:
+    """``--node-key`` follows its ``--node``; ``--key`` covers the rest; a wrong key is refused."""
+    a = start_daemon(node("a", "only-a", "shared"), {"api_keys": ["key-a-0123456789abcdef"]})
+    b = start_daemon(node("b", "shared"), {"api_keys": ["key-b-0123456789abcdef"]})
+    out = swapd(
+        "litellm-config",
+        *("--node", a.url, "--node-key", "key-a-0123456789abcdef"),
+        *("--node", b.url, "--key", "key-b-0123456789abcdef"),
+    )
+    assert out.returncode == 0, out.stderr
+    config = yaml.safe_load(out.stdout)
+    keys = {
+        d["litellm_params"]["api_base"]: d["litellm_params"]["api_key"]
+        for d in config["model_list"]
+    }
+    assert keys == {
+        f"{a.url}/v1": "key-a-0123456789abcdef",
+        f"{b.url}/v1": "key-b-0123456789abcdef",
+    }
+    assert [d["model_name"] for d in config["model_list"]] == ["only-a", "shared", "shared"]
+    refused = swapd(
+        "litellm-config", "--node", a.url, "--node", b.url, "--key", "key-b-0123456789abcdef"
+    )
+    assert refused.returncode == 1
+    assert f"{a.url} answered 401" in refused.stderr
+    assert refused.stdout == ""
+
+
+def test_a_key_named_as_an_environment_variable_stays_a_reference(
+    start_daemon: StartDaemon,
+) -> None:
+    """``os.environ/NAME`` is read here to ask the node, and written as is for LiteLLM to read."""
+    a = start_daemon(node("a", "m"), {"api_keys": ["key-a-0123456789abcdef"]})
+    args = ("litellm-config", "--node", a.url, "--key", "os.environ/NODE_KEY")
+    out = swapd(*args, env={"NODE_KEY": "key-a-0123456789abcdef"})
+    assert out.returncode == 0, out.stderr
+    assert "key-a-0123456789abcdef" not in out.stdout
+    (entry,) = yaml.safe_load(out.stdout)["model_list"]
+    assert entry["litellm_params"]["api_key"] == "os.environ/NODE_KEY"
+    unset = swapd(*args, env={"NODE_KEY": ""})
+    assert (unset.returncode, unset.stdout) == (1, "")
+    assert "$NODE_KEY, which is not set" in unset.stderr
+
+
+def test_an_unreachable_node_fails_the_whole_config(start_daemon: StartDaemon) -> None:
+    """No partial config: a node that does not answer is an error naming it, exit 1."""
+    a = start_daemon(node("a", "m"))
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = swapd("litellm-config", "--node", a.url, "--node", dead)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert f"cannot ask {dead} for its models" in out.stderr
+    assert "--node-key must follow" in swapd("litellm-config", "--node-key", "k").stderr
+
+
+def test_output_file_is_replaced_only_when_the_models_change(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """``-o`` rewrites the file when a node's models change, and leaves it alone otherwise."""
+    a = start_daemon(node("a", "m"))
+    target = tmp_path / "litellm.yaml"
+    first = swapd("litellm-config", "--node", a.url, "-o", str(target))
+    assert (first.returncode, first.stderr.strip()) == (0, f"{target}: written")
+    assert deployments(yaml.safe_load(target.read_text()), "m")
+    assert a.chat("m")[0] == 200  # a model's state is not part of the config
+    again = swapd("litellm-config", "--node", a.url, "-o", str(target))
+    assert again.stderr.strip() == f"{target}: unchanged"
+    (a.root / "presets" / "n.yaml").write_text(yaml.safe_dump(fake_preset("a/n")))
+    assert a.request("POST", "/swapd/reload")[0] == 200
+    changed = swapd("litellm-config", "--node", a.url, "-o", str(target))
+    assert changed.stderr.strip() == f"{target}: written"
+    assert deployments(yaml.safe_load(target.read_text()), "n")
+
+
+# ---------------------------------------------------------------- a real LiteLLM in front
+
+
+@pytest.fixture
+def litellm_bin() -> Path:
+    """The ``litellm`` that scripts/litellm-env prepared."""
+    binary = litellm_binary()
+    if binary is None:
+        pytest.skip("LiteLLM not prepared in $SWAPD_CACHE (run scripts/litellm-env)")
+    return binary
+
+
+@pytest.fixture
+def start_litellm(litellm_bin: Path, tmp_path: Path) -> Iterator[Any]:
+    """Start LiteLLM proxies on configs made by ``swapd litellm-config``; stop them at teardown."""
+    started: list[LiteLLM] = []
+
+    def start(daemons: list[Daemon], *extra: str) -> LiteLLM:
+        config = litellm_config(*node_args([d.url for d in daemons]), *extra)
+        proxy = LiteLLM(litellm_bin, tmp_path / f"litellm{len(started)}", config)
+        started.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def until_retried(proxy: LiteLLM, model: str, tries: int = 30) -> list[Answer]:
+    """Ask for ``model`` until LiteLLM has retried one request, or ``tries`` times; every answer."""
+    answers = []
+    for _ in range(tries):
+        answers.append(proxy.chat(model))
+        if answers[-1].retries:
+            break
+    return answers
+
+
+@pytest.mark.litellm
+def test_models_on_one_node_and_on_both_are_served_through_litellm(
+    start_daemon: StartDaemon, start_litellm: Any
+) -> None:
+    """Each model reaches a node that has it; a shared one reaches both over a few requests."""
+    a = start_daemon(node("a", "only-a", "shared"))
+    b = start_daemon(node("b", "only-b", "shared"))
+    proxy = start_litellm([a, b])
+    only_a, only_b = proxy.chat("only-a"), proxy.chat("only-b")
+    assert (only_a.status, only_a.served_by) == (200, "a/only-a")
+    assert (only_b.status, only_b.served_by) == (200, "b/only-b")
+    seen = set()
+    for _ in range(40):  # simple-shuffle: both nodes, unless 1 in 2**39
+        answer = proxy.chat("shared")
+        assert answer.status == 200, answer.body
+        seen.add(answer.served_by)
+        if len(seen) == 2:
+            break
+    assert seen == {"a/shared", "b/shared"}
+
+
+@pytest.mark.litellm
+def test_a_stopped_node_leaves_shared_models_served_and_its_own_a_clear_error(
+    start_daemon: StartDaemon, start_litellm: Any
+) -> None:
+    """One swapd stops: the shared model is served by the other, its own model is a clear error.
+
+    LiteLLM retries the shared model on the other node; a model only the stopped node had
+    gets an error naming the failed connection at once.
+    """
+    a = start_daemon(node("a", "only-a", "shared"))
+    b = start_daemon(node("b", "shared"))
+    proxy = start_litellm([a, b])
+    assert proxy.chat("only-a").status == 200
+    a.stop()
+    answers = until_retried(proxy, "shared")
+    assert [(x.status, x.served_by) for x in answers] == [(200, "b/shared")] * len(answers)
+    assert answers[-1].retries >= 1, "no request was sent to the stopped node first"
+    lost = proxy.chat("only-a")
+    assert lost.status >= 500
+    assert "Connection error" in lost.body["error"]["message"]
+    assert "only-a" in lost.body["error"]["message"]
+
+
+@pytest.mark.litellm
+def test_a_node_without_memory_for_the_model_sends_it_to_the_other_node(
+    start_daemon: StartDaemon, start_litellm: Any, tmp_path: Path
+) -> None:
+    """503 insufficient_memory from one node: LiteLLM retries on the other, the client sees 200."""
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 2 * GIB, "outside": 0}})
+    small = start_daemon(
+        {"big": fake_preset("a/big", "--probe-file", str(probe), memory=4 * GIB)},
+        {"devices": "auto", "reserve": 0},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    roomy = start_daemon(node("b", "big"))
+    proxy = start_litellm([small, roomy])
+    answers = until_retried(proxy, "big")
+    assert [(x.status, x.served_by) for x in answers] == [(200, "b/big")] * len(answers)
+    assert answers[-1].retries >= 1, "no request was sent to the small node first"
+    refused = [e["status"] for e in small.events("request.done") if e.get("model") == "big"]
+    assert refused
+    assert set(refused) == {503}
+
+
+@pytest.mark.litellm
+def test_a_model_no_node_has_any_more_is_a_404_tried_once(
+    start_daemon: StartDaemon, start_litellm: Any
+) -> None:
+    """404 model_not_found passes through with swapd's message and is never retried."""
+    a = start_daemon(node("a", "gone", "kept"))
+    b = start_daemon(node("b", "gone", "kept"))
+    proxy = start_litellm([a, b])
+    for d in (a, b):  # the model leaves both nodes after the config was written
+        (d.root / "presets" / "gone.yaml").unlink()
+        assert d.request("POST", "/swapd/reload")[0] == 200
+    answer = proxy.chat("gone")
+    assert answer.status == 404, answer.body
+    assert "gone" in answer.body["error"]["message"]
+    tried = [e for d in (a, b) for e in d.events("request.done") if e.get("status") == 404]
+    assert len(tried) == 1
+
+
+@pytest.mark.litellm
+def test_affinity_sends_requests_to_the_node_that_holds_the_model(
+    start_daemon: StartDaemon, start_litellm: Any
+) -> None:
+    """With the hook, a model resident on one node is served there, every time."""
+    a = start_daemon(node("a", "m"))
+    b = start_daemon(node("b", "m"))
+    assert b.chat("m")[0] == 200
+    proxy = start_litellm([a, b], "--affinity")
+    answers = [proxy.chat("m") for _ in range(12)]  # without the hook: both, unless 1 in 2**11
+    assert [(x.status, x.served_by) for x in answers] == [(200, "b/m")] * 12
+    assert a.model("m")["tier"] != "device"
