@@ -33,6 +33,7 @@ from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
 from swapd.proxy import Proxy, model_from_json, read_body
+from swapd.states import State
 from swapd.upstream import UpstreamError, UpstreamResponse
 
 PING_AFTER = 3.0  # seconds a request waits before the first ping
@@ -138,8 +139,14 @@ class ColdStreams:
         proxy = self.proxy
         body = await read_body(request, proxy.max_body, proxy.body_timeout)
         model = model_from_json(body)
-        # A byte scan first: most requests do not stream, and most models are ready.
-        if b'"stream"' in body and wants_stream(body) and self.manager.view(model).state != "ready":
+        # Cheapest test first: most requests do not stream and most models are ready, so
+        # the body is parsed only for a stream that may wait (not a snapshot, not a parse
+        # on every streamed request: both lie on the way to the first chunk).
+        if (
+            b'"stream"' in body
+            and self.manager.slot_for(model).state is not State.READY
+            and wants_stream(body)
+        ):
             return await self._cold(request, model, body)
         return await proxy.forward(request, model, body)
 

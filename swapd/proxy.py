@@ -9,6 +9,7 @@ connection, which cancels the generation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Iterable
 
@@ -58,6 +59,8 @@ _HOP_BYTES = frozenset(name.encode() for name in _HOP)
 # Sized answers up to this are read whole and sent in one write; larger ones are passed
 # through chunk by chunk with backpressure, like streams, so swapd never holds them whole.
 BUFFER_LIMIT = 1 << 20
+# How long a relayed answer's headers wait for its first chunk to share a write with it.
+HEADERS_WAIT = 0.05
 
 
 def _named_in_connection(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -238,11 +241,9 @@ class Proxy:
             except UpstreamError as exc:
                 raise BackendGone(model, str(exc)) from exc
             return web.Response(status=upstream.status, body=payload, headers=out_headers)
-        # When the first chunk (or the end) is already here, the headers go out with it: one
-        # write and one wake-up of the client instead of two. Otherwise they go at once, so
-        # the client sees the status while the backend works on the first chunk.
-        kind = _Coalesced if upstream.settled() else web.StreamResponse
-        response = kind(status=upstream.status, headers=out_headers)
+        # The headers go out with the first chunk (or the end): one write and one wake-up
+        # of the client instead of two, on the way to the first chunk.
+        response = _Coalesced(status=upstream.status, headers=out_headers)
         if length is not None and not streaming:
             response.content_length = length
         request["relay_started"] = True
@@ -251,27 +252,49 @@ class Proxy:
             response.headers["X-Accel-Buffering"] = "no"
             response.headers["Cache-Control"] = "no-cache"
         await response.prepare(request)
+        flush = None
+        if not upstream.settled():
+            # ...but not later than HEADERS_WAIT: a backend still working on its first
+            # chunk (a long prompt) shows the client its status meanwhile.
+            flush = asyncio.get_running_loop().call_later(HEADERS_WAIT, _send_headers, request)
         try:
-            while (chunk := await upstream.next_chunk()) is not None:
-                if upstream.finished():
-                    # The answer is whole: its last chunk and the end go in one write.
-                    await response.write_eof(chunk)
-                    return response
-                await response.write(chunk)
-        except UpstreamError:
-            # Headers are gone already: the only honest signal left is a cut connection.
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        await response.write_eof()
+            await _pass_body(request, response, upstream)
+        finally:
+            if flush is not None:
+                flush.cancel()
         return response
+
+
+async def _pass_body(
+    request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse
+) -> None:
+    """Write the backend's body to the client chunk by chunk, as it comes."""
+    try:
+        while (chunk := await upstream.next_chunk()) is not None:
+            if upstream.finished():
+                # The answer is whole: its last chunk and the end go in one write.
+                await response.write_eof(chunk)
+                return
+            await response.write(chunk)
+    except UpstreamError:
+        # The status is promised already: the only honest signal left is a cut connection.
+        if request.transport is not None:
+            request.transport.close()
+        return
+    await response.write_eof()
+
+
+def _send_headers(request: web.Request) -> None:
+    """Send a relayed answer's held headers now, if they have not gone with a chunk."""
+    with contextlib.suppress(ConnectionError):
+        request.writer.send_headers()
 
 
 class _Coalesced(web.StreamResponse):
     """A relayed answer whose headers wait for its first chunk and go out in the same write.
 
-    aiohttp holds the headers until the first write when this is False, as it does for
-    ``web.Response``; a version that ignores the flag sends them at once, as before.
+    aiohttp holds the headers until the first write (or ``send_headers``) when this is
+    False, as it does for ``web.Response``.
     """
 
     _send_headers_immediately = False

@@ -95,3 +95,33 @@ def test_a_large_sized_answer_is_passed_through_not_held(start_daemon: StartDaem
     sampler.join()
     assert received == 96 * MIB
     assert peak - base < 32 * MIB, f"swapd grew by {(peak - base) / MIB:.0f} MiB"
+
+
+def test_a_streams_status_reaches_the_client_before_a_late_first_chunk(
+    start_daemon: StartDaemon,
+) -> None:
+    """Headers wait for the first chunk to share its write, but not for a slow one.
+
+    The backend sends its headers at once and its first chunk a second later (a long
+    prompt): the client has the status before that chunk was even produced, and the
+    whole stream follows.
+    """
+    d = start_daemon({"a": fake_preset("A", "--chunks", "3", "--chunk-interval", "0.01")})
+    assert d.chat("a")[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    chat = {
+        "model": "a",
+        "messages": [{"role": "user", "content": "x"}],
+        "stream": True,
+        "fake_first_chunk_delay": 1.0,
+    }
+    conn.request("POST", "/v1/chat/completions", json.dumps(chat).encode())
+    resp = conn.getresponse()  # returns once the status line and headers are in
+    headers_at = time.time()
+    assert resp.status == 200
+    assert resp.getheader("Content-Type", "").startswith("text/event-stream")
+    lines = [line for line in resp.read().decode().splitlines() if line.startswith("data: {")]
+    conn.close()
+    first = json.loads(lines[0][len("data: ") :])
+    assert len(lines) == 3
+    assert headers_at < first["produced_at"]

@@ -209,7 +209,9 @@ class Fake:
         await self.hold(request, float(body.get("fake_delay", 0)))
         model = body.get("model", self.args.name)
         if body.get("stream"):
-            return await self.stream(request, model, chat=True)
+            return await self.stream(
+                request, model, chat=True, first=float(body.get("fake_first_chunk_delay", 0))
+            )
         messages = body.get("messages") or [{}]
         text = message_text(messages[-1].get("content", ""))
         return web.json_response(
@@ -235,7 +237,9 @@ class Fake:
         await self.hold(request, float(body.get("fake_delay", 0)))
         model = body.get("model", self.args.name)
         if body.get("stream"):
-            return await self.stream(request, model, chat=False)
+            return await self.stream(
+                request, model, chat=False, first=float(body.get("fake_first_chunk_delay", 0))
+            )
         if body.get("fake_bytes"):
             # A large sized answer (Content-Length set), written in pieces as a backend would.
             return await self.big_answer(request, int(body["fake_bytes"]))
@@ -258,12 +262,20 @@ class Fake:
             }
         )
 
-    async def stream(self, request: web.Request, model: str, *, chat: bool) -> web.StreamResponse:
-        """Send ``--chunks`` server-sent events ``--chunk-interval`` apart, then [DONE]."""
+    async def stream(
+        self, request: web.Request, model: str, *, chat: bool, first: float = 0.0
+    ) -> web.StreamResponse:
+        """Send ``--chunks`` server-sent events ``--chunk-interval`` apart, then [DONE].
+
+        The headers go out at once; the first chunk ``first`` seconds later (a prompt
+        that takes long to read).
+        """
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
+        if first > 0:
+            await asyncio.sleep(first)
         chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
         last = self.args.chunks - 1
         for i in range(self.args.chunks):
