@@ -13,10 +13,15 @@ Definitions (the same for every backend kind):
   = cold TTFB - (stop + start + first request).
 
 The backend's costs are medians of direct runs interleaved with the swapd runs in
-the same process, on the same cores. Also measured, without swapd: llama-server's
-start with the GGUF evicted from the page cache vs with it cached.
+the same process, on the same cores (direct, through, direct, ...). Each figure is
+measured in ``--rounds`` rounds (3 by default), each with fresh swapd instances; the
+report gives the median over the rounds and their range, and the percentiles of
+all runs pooled. By default the client is pinned to one core and swapd and the
+backends to the other (the report says so); ``--free`` pins nothing. Also
+measured, without swapd: llama-server's start with the GGUF evicted from the page
+cache vs with it cached.
 
-    python scripts/bench_swap.py [--backends fake,llama] [--runs N] [--quick]
+    python scripts/bench_swap.py [--backends fake,llama] [--rounds 3] [--runs N] [--quick] [--free]
 """
 
 from __future__ import annotations
@@ -54,10 +59,10 @@ class Cores:
     server: set[int] | None
 
 
-def choose_cores() -> Cores:
+def choose_cores(*, free: bool) -> Cores:
     """Split two cores between the client and the servers; pin nothing on one core."""
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
+    if free or len(cores) < 2:
         return Cores(None, None)
     return Cores({cores[0]}, {cores[1]})
 
@@ -243,12 +248,14 @@ def summarize_backend(
         "first_load": {
             "ttfb_ms": _bench.summarize([1000 * f["ttfb_s"] for f in firsts]),
             "swapd_share_ms": _bench.summarize(first_share),
+            "swapd_share_samples_ms": first_share,
             "over_backend_start_ms": _bench.median([1000 * f["ttfb_s"] for f in firsts])
             - 1000 * start,
         },
         "swap": {
             "ttfb_ms": _bench.summarize([1000 * s["ttfb_s"] for s in swaps]),
             "swapd_share_ms": _bench.summarize(swap_share),
+            "swapd_share_samples_ms": swap_share,
             "over_backend_start_ms": _bench.median([1000 * s["ttfb_s"] for s in swaps])
             - 1000 * start,
         },
@@ -342,24 +349,67 @@ def presets_for(kind: str, cache_dir: Path) -> tuple[Json, Path | None]:
     return {"backend": "llama-server", "model": str(model), "args": args}, model
 
 
-def print_report(results: list[Json], cache: Json | None) -> None:
+def combine_rounds(rounds: list[Json]) -> Json:
+    """One backend's rounds: each figure's median over the rounds and range, and all runs."""
+    last = rounds[-1]
+    combined: Json = {"backend": last["backend"], "rounds": rounds}
+    combined["direct"] = {
+        key: _spread([r["direct"][key]["p50"] for r in rounds]) for key in last["direct"]
+    }
+    for scenario in ("first_load", "swap"):
+        pooled = [v for r in rounds for v in r[scenario]["swapd_share_samples_ms"]]
+        combined[scenario] = {
+            "ttfb_p50_ms": _spread([r[scenario]["ttfb_ms"]["p50"] for r in rounds]),
+            "swapd_share_p50_ms": _spread([r[scenario]["swapd_share_ms"]["p50"] for r in rounds]),
+            "swapd_share_p99_ms": _spread([r[scenario]["swapd_share_ms"]["p99"] for r in rounds]),
+            "swapd_share_all_runs_ms": _bench.summarize(pooled),
+            "over_backend_start_ms": _spread(
+                [r[scenario]["over_backend_start_ms"] for r in rounds]
+            ),
+        }
+    combined["phases_ms"] = {
+        sc: {
+            phase: _bench.median([r["phases_ms"][sc].get(phase, float("nan")) for r in rounds])
+            for phase in last["phases_ms"][sc]
+        }
+        for sc in last["phases_ms"]
+    }
+    return combined
+
+
+def _spread(values: list[float]) -> Json:
+    return {"median": _bench.median(values), "min": min(values), "max": max(values)}
+
+
+def _cell(spread: Json) -> str:
+    """``median (min-max)`` over the rounds."""
+    return f"{spread['median']:.3g} ({spread['min']:.3g}-{spread['max']:.3g})"
+
+
+def print_report(results: list[Json], cache: Json | None, pinned: str) -> None:
     """The swap table and the page-cache table."""
-    print("\nswapd's share of a cold request (ms; backend costs measured directly, same run)")
+    rounds = len(results[0]["rounds"]) if results else 0
+    print(
+        f"\nswapd's share of a cold request (ms; backend costs measured directly in the same "
+        f"rounds; median over {rounds} rounds (range); all runs pooled for p99); {pinned}"
+    )
     rows = []
     for r in results:
         d = r["direct"]
         for scenario in ("first_load", "swap"):
             s = r[scenario]
+            pooled = s["swapd_share_all_runs_ms"]
             rows.append(
                 [
                     f"{r['backend']}/{scenario}",
-                    s["ttfb_ms"]["p50"],
-                    d["stop_ms"]["p50"] if scenario == "swap" else 0.0,
-                    d["start_ms"]["p50"],
-                    d["first_request_ms"]["p50"],
-                    s["swapd_share_ms"]["p50"],
-                    s["swapd_share_ms"]["p90"],
-                    s["over_backend_start_ms"],
+                    _cell(s["ttfb_p50_ms"]),
+                    _cell(d["stop_ms"]) if scenario == "swap" else "0",
+                    _cell(d["start_ms"]),
+                    _cell(d["first_request_ms"]),
+                    _cell(s["swapd_share_p50_ms"]),
+                    _cell(s["swapd_share_p99_ms"]),
+                    f"{pooled['p50']:.3g} / {pooled['p99']:.3g} ({pooled['n']})",
+                    _cell(s["over_backend_start_ms"]),
                 ]
             )
     _bench.print_table(
@@ -370,7 +420,8 @@ def print_report(results: list[Json], cache: Json | None) -> None:
             "start p50",
             "1st req p50",
             "swapd share p50",
-            "share p90",
+            "share p99",
+            "all runs p50 / p99 (n)",
             "TTFB - start",
         ],
         rows,
@@ -419,8 +470,12 @@ def parse_args() -> argparse.Namespace:
     """Command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backends", default="fake,llama", help="comma list of fake, llama")
-    p.add_argument("--runs", type=int, help="runs per scenario (default 30 fake, 12 llama)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, each with fresh swapd instances")
+    p.add_argument(
+        "--runs", type=int, help="runs per scenario and round (default 10 fake, 4 llama)"
+    )
     p.add_argument("--quick", action="store_true", help="a few runs of each")
+    p.add_argument("--free", action="store_true", help="pin nothing (default: client on core 0)")
     p.add_argument("--cache-dir", type=Path, default=_bench.default_cache_dir())
     p.add_argument("--out", type=Path, default=Path("out/bench_swap.json"))
     return p.parse_args()
@@ -432,14 +487,23 @@ def main() -> None:
     info = _bench.machine_info()
     info["cpu_capacity_start"] = _bench.parallel_capacity()
     _bench.print_machine(info)
-    cores = choose_cores()
+    cores = choose_cores(free=args.free)
+    pinned = (
+        "nothing pinned"
+        if cores.client is None
+        else f"pinned: client on cores {sorted(cores.client)}, swapd and backends on "
+        f"{sorted(cores.server or [])}"
+    )
     results = []
     cache = None
     for kind in args.backends.split(","):
-        runs = args.runs or (4 if args.quick else (30 if kind == "fake" else 12))
+        runs = args.runs or (2 if args.quick else (10 if kind == "fake" else 4))
         preset, model = presets_for(kind, args.cache_dir)
-        print(f"running {kind} ({runs} runs per scenario) ...", flush=True)
-        results.append(measure_backend(kind, preset, runs, cores))
+        rounds = []
+        for r in range(args.rounds):
+            print(f"running {kind}, round {r + 1}/{args.rounds} ({runs} runs) ...", flush=True)
+            rounds.append(measure_backend(kind, preset, runs, cores))
+        results.append(combine_rounds(rounds))
         if model is not None:
             parsed = Preset(
                 name="cold",
@@ -448,8 +512,9 @@ def main() -> None:
                 model=model,
                 args=tuple(preset["args"]),
             )
-            cache = cold_vs_cached(parsed, model, max(3, runs // 2), cores)
-    print_report(results, cache)
+            cache = cold_vs_cached(parsed, model, max(3, runs * args.rounds // 2), cores)
+    print_report(results, cache, pinned)
+    info["pinned"] = pinned
     info["cores"] = {
         "client": sorted(cores.client or []),
         "swapd_and_backends": sorted(cores.server or []),
