@@ -59,7 +59,7 @@ class Cores:
     server: set[int] | None
 
 
-def choose_cores(*, free: bool) -> Cores:
+def choose_cores(*, free: bool = False) -> Cores:
     """Split two cores between the client and the servers; pin nothing on one core."""
     cores = sorted(os.sched_getaffinity(0))
     if free or len(cores) < 2:

@@ -66,13 +66,15 @@ class FakeVllm(upstream.Fake):
         super().__post_init__()
         self.held.take()
 
-    async def stream(self, request: web.Request, model: str, *, chat: bool) -> web.StreamResponse:
+    async def stream(
+        self, request: web.Request, model: str, *, chat: bool, first: float = 0.0
+    ) -> web.StreamResponse:
         """Stream as the fake upstream does; a sleep cancels it (the connection is cut)."""
         task = asyncio.current_task()
         assert task is not None
         self.streams.add(task)
         try:
-            return await super().stream(request, model, chat=chat)
+            return await super().stream(request, model, chat=chat, first=first)
         finally:
             self.streams.discard(task)
 
