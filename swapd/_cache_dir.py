@@ -9,10 +9,17 @@
     ├── .partial-77c0…-a1b2c3/      a copy in progress (or cut short by a crash)
     └── .evicted-3f9a…e1-d4e5f6/    an entry being deleted
 
-An entry is built under a ``.partial-`` name: data, then ``entry.json``, everything fsynced,
-then one ``rename`` to its key. So a directory named by a key is complete, whatever point a
-crash hit, and whatever carries a dot-prefixed name is a leftover that :func:`load` deletes.
+An entry is built under a ``.partial-`` name: data, then ``entry.json``, then one ``rename``
+to its key. Whatever carries a dot-prefixed name is a leftover that :func:`load` deletes.
 Eviction renames first, so an entry disappears at once and its deletion may take its time.
+
+Durability. :func:`publish` fsyncs nothing, so a copy is ready as soon as ``cp`` would be;
+its manifest is marked *unsynced* with the kernel's boot id. :func:`sync` then fsyncs the
+data, the directories and the rename, and only then rewrites the manifest without the mark.
+A crash of swapd alone (even SIGKILL) loses nothing: the kernel still holds the data and
+writes it back. Only a power loss or a kernel crash can tear a copy, and either means a new
+boot, so :func:`load` deletes an entry still unsynced from another boot and syncs one from
+this boot. A manifest without the mark was written after the fsyncs, so its entry is whole.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ import os
 import re
 import secrets
 import shutil
-from dataclasses import dataclass, replace
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from swapd._copy import fsync_dir, scan
+from swapd._copy import Cancelled, fsync_dir, scan
 
 MANIFEST = "entry.json"
 DATA = "data"
@@ -38,6 +47,12 @@ EVICTED = ".evicted-"
 _LOCK = ".lock"
 _KEY = re.compile(r"[0-9a-f]{32}")
 _VERSION = 1
+# An unsynced manifest has a version of its own, so that a swapd from before the mark
+# existed (it reads version 1 only) deletes such an entry at its start instead of trusting it.
+_VERSION_UNSYNCED = 2
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# Manifests are rewritten (digest, synced) by threads: one read-modify-write at a time.
+_REWRITE = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,8 @@ class Manifest:
     size: int
     fingerprint: str
     sha256: str | None
+    # The boot during which the entry was published and not yet synced; None once synced.
+    unsynced_boot: str | None = None
 
     @property
     def key(self) -> str:
@@ -63,16 +80,21 @@ class Manifest:
     def to_json(self) -> str:
         """The manifest's file contents."""
         kind = "dir" if self.is_dir else "file"
-        fields = {"version": _VERSION, "source": self.source, "kind": kind}
+        version = _VERSION if self.unsynced_boot is None else _VERSION_UNSYNCED
+        fields: dict[str, object] = {"version": version, "source": self.source, "kind": kind}
         fields |= {"size": self.size, "fingerprint": self.fingerprint, "sha256": self.sha256}
+        if self.unsynced_boot is not None:
+            fields["unsynced_boot"] = self.unsynced_boot
         return json.dumps(fields, indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         """Parse a manifest; ``ValueError`` (or ``KeyError``/``TypeError``) if it is not one."""
         raw = json.loads(text)
-        if raw["version"] != _VERSION or raw["kind"] not in {"file", "dir"}:
+        known = raw["version"] in {_VERSION, _VERSION_UNSYNCED}
+        if not known or raw["kind"] not in {"file", "dir"}:
             raise ValueError("unknown manifest version or kind")
+        unsynced = raw["unsynced_boot"] if raw["version"] == _VERSION_UNSYNCED else None
         sha = raw["sha256"]
         return cls(
             source=str(raw["source"]),
@@ -80,7 +102,19 @@ class Manifest:
             size=int(raw["size"]),
             fingerprint=str(raw["fingerprint"]),
             sha256=None if sha is None else str(sha),
+            unsynced_boot=None if unsynced is None else str(unsynced),
         )
+
+
+def boot_id() -> str:
+    """The kernel's id of this boot; a fresh random one where the kernel gives none.
+
+    A fresh one means an unsynced entry never counts as this boot's after a restart.
+    """
+    try:
+        return _BOOT_ID.read_text().strip() or secrets.token_hex(16)
+    except OSError:
+        return secrets.token_hex(16)
 
 
 def key_of(source: str, fingerprint: str) -> str:
@@ -115,29 +149,48 @@ def holder(cache_dir: Path) -> str:
         return "?"
 
 
-def load(cache_dir: Path) -> tuple[dict[str, tuple[Manifest, int]], list[str]]:
-    """Delete leftovers and invalid entries; the complete ones with their last use (ns).
+@dataclass
+class Loaded:
+    """What :func:`load` found: entries by key with their last use (ns), and what it did."""
 
-    Returns the entries by key and the names deleted, with the reason for each.
+    entries: dict[str, tuple[Manifest, int]] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)  # names deleted, each with the reason
+    synced: list[str] = field(default_factory=list)  # keys of this boot's unsynced entries
+
+
+def load(cache_dir: Path, boot: str) -> Loaded:
+    """Delete leftovers, invalid entries and unsynced ones from another boot; sync the rest.
+
+    An entry still unsynced from this ``boot`` survived a crash of swapd only, so its data
+    is whole in the page cache: it is synced now and kept.
     """
-    entries: dict[str, tuple[Manifest, int]] = {}
-    removed: list[str] = []
+    found = Loaded()
     for path in sorted(cache_dir.iterdir()):
         name = path.name
         if name.startswith((PARTIAL, EVICTED)):
             remove(path)
-            removed.append(f"{name} (interrupted copy or deletion)")
+            found.removed.append(f"{name} (interrupted copy or deletion)")
         elif _KEY.fullmatch(name):
-            problem = _check(path)
+            problem = _check(path, boot)
             if isinstance(problem, str):
                 remove(path)
-                removed.append(f"{name} ({problem})")
-            else:
-                entries[name] = problem
-    return entries, removed
+                found.removed.append(f"{name} ({problem})")
+                continue
+            manifest, last_used = problem
+            if manifest.unsynced_boot is not None:
+                try:
+                    sync(cache_dir, name, threading.Event())
+                except OSError as exc:
+                    remove(path)
+                    found.removed.append(f"{name} (fsync failed: {exc})")
+                    continue
+                found.synced.append(name)
+                manifest = replace(manifest, unsynced_boot=None)
+            found.entries[name] = (manifest, last_used)
+    return found
 
 
-def _check(path: Path) -> tuple[Manifest, int] | str:
+def _check(path: Path, boot: str) -> tuple[Manifest, int] | str:
     """An entry's manifest and last use, or why it cannot be trusted."""
     try:
         manifest = Manifest.from_json((path / MANIFEST).read_text())
@@ -146,6 +199,8 @@ def _check(path: Path) -> tuple[Manifest, int] | str:
         return f"unreadable manifest: {exc}"
     if manifest.key != path.name:
         return "manifest does not match the entry's name"
+    if manifest.unsynced_boot not in {None, boot}:
+        return "not yet synced when the machine restarted: possibly torn"
     try:
         copy = scan(path / DATA / manifest.name)
     except OSError as exc:
@@ -163,20 +218,18 @@ def start_partial(cache_dir: Path, key: str) -> Path:
 
 
 def publish(partial: Path, manifest: Manifest, cache_dir: Path) -> None:
-    """Write the manifest and rename the finished ``partial`` to its key, durably.
+    """Write the manifest and rename the finished ``partial`` to its key; nothing is fsynced.
 
-    The data must already be fsynced. A stale directory under the same key (one the index
-    dropped) is moved aside first: a rename never replaces a non-empty directory.
+    ``manifest`` should carry ``unsynced_boot`` until :func:`sync` has run. A stale directory
+    under the same key (one the index dropped) is moved aside first: a rename never replaces
+    a non-empty directory.
     """
     target = partial / MANIFEST
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        os.write(fd, manifest.to_json().encode())
-        os.fsync(fd)
+        _write_all(fd, manifest.to_json().encode())
     finally:
         os.close(fd)
-    fsync_dir(partial / DATA)
-    fsync_dir(partial)
     final = cache_dir / manifest.key
     try:
         partial.rename(final)
@@ -187,7 +240,37 @@ def publish(partial: Path, manifest: Manifest, cache_dir: Path) -> None:
         partial.rename(final)
         if stale is not None:
             remove(stale)
-    fsync_dir(cache_dir)
+
+
+def sync(cache_dir: Path, key: str, cancel: threading.Event) -> bool:
+    """Make a published entry durable, then mark it synced; False if it has gone.
+
+    Everything after the first open goes through the entry's directory descriptor, so an
+    eviction that renames the entry meanwhile cannot make this mark another copy synced.
+    ``cancel`` stops it between files (raising Cancelled); an fsync error raises OSError.
+    """
+    try:
+        entry_fd = os.open(cache_dir / key, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return False
+    try:
+        for _, _, files, dir_fd in os.fwalk(DATA, dir_fd=entry_fd):
+            for name in files:
+                if cancel.is_set():
+                    raise Cancelled
+                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.fsync(dir_fd)
+        os.fsync(entry_fd)  # its "data" name
+        fsync_dir(cache_dir)  # the rename that published it
+        _rewrite(entry_fd, lambda m: replace(m, unsynced_boot=None))
+        os.fsync(entry_fd)
+    finally:
+        os.close(entry_fd)
+    return True
 
 
 def record_digest(cache_dir: Path, key: str, sha256: str) -> None:
@@ -195,14 +278,36 @@ def record_digest(cache_dir: Path, key: str, sha256: str) -> None:
 
     Does nothing if the entry has gone meanwhile.
     """
-    entry = cache_dir / key
     with contextlib.suppress(FileNotFoundError):
-        used = (entry / MANIFEST).stat().st_mtime_ns
-        manifest = replace(Manifest.from_json((entry / MANIFEST).read_text()), sha256=sha256)
-        tmp = entry / f"{MANIFEST}.{secrets.token_hex(3)}"
-        tmp.write_text(manifest.to_json())
-        os.utime(tmp, ns=(used, used))
-        tmp.replace(entry / MANIFEST)
+        entry_fd = os.open(cache_dir / key, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _rewrite(entry_fd, lambda m: replace(m, sha256=sha256))
+        finally:
+            os.close(entry_fd)
+
+
+def _rewrite(entry_fd: int, change: Callable[[Manifest], Manifest]) -> None:
+    """Replace an entry's manifest by ``change(manifest)``, atomically, keeping its mtime."""
+    with _REWRITE:
+        fd = os.open(MANIFEST, os.O_RDONLY, dir_fd=entry_fd)
+        with os.fdopen(fd, encoding="utf-8") as file:
+            used = os.fstat(fd).st_mtime_ns
+            manifest = change(Manifest.from_json(file.read()))
+        tmp = f"{MANIFEST}.{secrets.token_hex(3)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=entry_fd)
+        try:
+            _write_all(fd, manifest.to_json().encode())
+            os.fsync(fd)  # whole before its name replaces the old manifest
+            os.utime(fd, ns=(used, used))
+        finally:
+            os.close(fd)
+        os.replace(tmp, MANIFEST, src_dir_fd=entry_fd, dst_dir_fd=entry_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def touch(cache_dir: Path, key: str, when_ns: int) -> None:

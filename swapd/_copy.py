@@ -8,12 +8,17 @@ written (mapped from the page cache, not read again) while the kernel copies the
 so with a core free a copy with a checksum takes about as long as the slower of the two, not
 their sum.
 
+A copy is not fsynced here, and no write-back is started while it runs: like ``cp``, it
+returns with its data in the page cache. Starting write-back chunk by chunk
+(``sync_file_range``) made a copy 1.4x slower on a disk shared with the source, because the
+writes then compete with the reads. :mod:`swapd._cache_dir` makes the copy durable later,
+off the request path.
+
 Nothing here knows about the cache: :mod:`swapd.staging` decides where copies go.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import mmap
@@ -98,7 +103,7 @@ def scan(path: Path) -> Source:
 def copy(
     source: Source, dest: Path, *, sha256: bool, report: Report, cancel: threading.Event
 ) -> tuple[int, str | None]:
-    """Copy ``source`` to ``dest`` (which must not exist) and fsync it.
+    """Copy ``source`` to ``dest`` (which must not exist); nothing is fsynced.
 
     Returns the bytes copied and, with ``sha256`` and a file source, the digest of what was
     written. ``report(bytes_done)`` is called after every chunk, from this thread.
@@ -121,8 +126,6 @@ def copy(
             cancel=cancel,
         )
         done += copied
-    for rel in (*reversed(source.dirs), ""):
-        fsync_dir(dest / rel)
     return done, None
 
 
@@ -168,8 +171,6 @@ def _copy_file(  # noqa: PLR0913 - each is a separate fact of one copy
                 if hasher is not None:
                     hasher.abort()
                 raise
-            # fsync waits on the disk while the hasher finishes on a core.
-            os.fsync(dst_fd)
             digest = hasher.finish() if hasher is not None else None
         finally:
             os.close(dst_fd)
@@ -194,7 +195,6 @@ def copy_fd(  # noqa: PLR0913 - each is a separate fact of one copy
     method the file system does not support hands over to the next at the same offset.
     """
     done = 0
-    start = os.lseek(dst_fd, 0, os.SEEK_CUR)
     buffer = memoryview(bytearray(_BUFFER if "read" in methods else 0))
     remaining = list(methods)
     while done < size and remaining:
@@ -214,7 +214,6 @@ def copy_fd(  # noqa: PLR0913 - each is a separate fact of one copy
             continue
         if n == 0:
             break
-        _start_writeback(dst_fd, start + done, n)
         done += n
         if hasher is not None:
             hasher.advance(done)
@@ -241,27 +240,6 @@ def _read_write(src_fd: int, dst_fd: int, buffer: memoryview, want: int) -> int:
             written += os.write(dst_fd, buffer[written:n])
         total += n
     return total
-
-
-def _writeback_starter() -> Callable[[int, int, int], object]:
-    """``sync_file_range(fd, offset, count, SYNC_FILE_RANGE_WRITE)``, or a no-op without it.
-
-    Each chunk's write-back is started as soon as it is copied, so the disk writes while the
-    next chunk is read and the final fsync waits for about one chunk. Left to the kernel, the
-    page cache would hold back up to half a minute of copying (from a slow source, gigabytes)
-    for the fsync to wait on. It only starts I/O: the pages stay cached for the first load.
-    """
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return lambda _fd, _offset, _count: None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return lambda fd, offset, count: call(fd, offset, count, _SYNC_FILE_RANGE_WRITE)
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>; failures are ignored: it is a hint
-_start_writeback = _writeback_starter()
 
 
 class _Hasher:

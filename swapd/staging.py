@@ -11,6 +11,13 @@ entries (see :mod:`swapd._cache_dir` for the layout and why a crash never leaves
 looks complete). ``stage()`` copies in a thread (:mod:`swapd._copy`); the index of entries is
 only changed on the event loop.
 
+A copy is published (renamed into place) as soon as it is copied and checked, before it is
+fsynced: ``stage()`` returns as ``cp`` would. A task per entry then fsyncs it off the request
+path and marks it synced (:func:`swapd._cache_dir.sync`); ``synced()`` waits for those tasks
+and ``aclose()`` lets them finish, so a clean shutdown leaves nothing unsynced. An entry
+evicted while its fsync runs leaves the index at once, but its files are deleted only once
+that fsync has returned.
+
 A source is a file (a GGUF) or a directory (a vLLM model: copied whole, links replaced by
 what they point to); a ``sha256`` is checked for a file only. An entry is keyed by the
 source's absolute path and fingerprint (size and mtime; for a directory, every file's), so a
@@ -31,10 +38,10 @@ from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from swapd import _cache_dir as layout
-from swapd._copy import Source, copy, hash_file, scan
+from swapd._copy import Cancelled, Source, copy, hash_file, scan
 from swapd.errors import SwapdError
 from swapd.logs import get_logger
 from swapd.units import format_size
@@ -80,8 +87,9 @@ class ChecksumMismatch(StagingError):
 class Entry:
     """A complete entry: the copy at ``path`` of ``source`` as it was (``size`` bytes).
 
-    ``last_used_ns`` is wall-clock nanoseconds; ``sha256`` is set once the copy was checked.
-    The planner reads only ``key``, ``source``, ``size`` and ``last_used_ns``.
+    ``last_used_ns`` is wall-clock nanoseconds; ``sha256`` is set once the copy was checked;
+    ``synced`` once its fsync has returned. The planner reads only ``key``, ``source``,
+    ``size`` and ``last_used_ns``.
     """
 
     key: str
@@ -90,6 +98,7 @@ class Entry:
     last_used_ns: int
     sha256: str | None = None
     path: Path = field(default=Path(), compare=False)
+    synced: bool = True
 
 
 def plan_room(
@@ -158,6 +167,27 @@ class _Copy:
                 _log.error("staging.progress.fail", source=str(self.source.path), error=repr(exc))
 
 
+@dataclass(eq=False)
+class _Sync:
+    """The background fsync of one published entry."""
+
+    task: asyncio.Task[None]
+    cancel: threading.Event
+
+
+@dataclass
+class _Trash:
+    """Detached entries to delete, once the fsyncs still running on them have returned."""
+
+    paths: list[Path] = field(default_factory=list)
+    syncs: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __iadd__(self, other: _Trash) -> Self:
+        self.paths += other.paths
+        self.syncs += other.syncs
+        return self
+
+
 class StagingCache:
     """The staging cache in ``cache_dir``, holding at most ``budget`` bytes of copies.
 
@@ -172,6 +202,8 @@ class StagingCache:
         self.budget = budget
         self._entries: dict[str, Entry] = {}
         self._copies: dict[str, _Copy] = {}
+        self._syncs: dict[str, _Sync] = {}
+        self._boot = ""
         self._lock_fd: int | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._clock = 0
@@ -191,10 +223,13 @@ class StagingCache:
             raise StagingError(msg) from None
         except OSError as exc:
             raise StagingError(f"cannot open the staging cache {self.cache_dir}: {exc}") from exc
-        found, removed = layout.load(self.cache_dir)
-        if removed:
-            _log.warning("staging.clean", cache_dir=str(self.cache_dir), removed=removed)
-        for key, (manifest, last_used) in found.items():
+        self._boot = layout.boot_id()
+        found = layout.load(self.cache_dir, self._boot)
+        if found.removed:
+            _log.warning("staging.clean", cache_dir=str(self.cache_dir), removed=found.removed)
+        if found.synced:
+            _log.info("staging.sync.recover", cache_dir=str(self.cache_dir), keys=found.synced)
+        for key, (manifest, last_used) in found.entries.items():
             path = layout.data_path(self.cache_dir, key, manifest.name)
             self._entries[key] = Entry(
                 key, manifest.source, manifest.size, last_used, manifest.sha256, path
@@ -205,13 +240,18 @@ class StagingCache:
         _log.info("staging.open", entries=len(self._entries), used=used, budget=self.budget)
 
     async def aclose(self) -> None:
-        """Stop copies in progress (their partial copies are deleted) and release the lock."""
+        """Stop copies in progress, let published ones finish their fsync, release the lock.
+
+        Partial copies are deleted. The fsyncs are waited for because an entry left unsynced
+        is deleted at the next start if the machine restarts meanwhile, even cleanly.
+        """
         tasks = [job.task for job in self._copies.values() if job.task is not None]
         for job in self._copies.values():
             job.cancel.set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.synced()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -246,6 +286,12 @@ class StagingCache:
         used = sum(e.size for e in self._entries.values())
         return used + sum(j.source.size for j in self._copies.values()), self.budget
 
+    async def synced(self) -> None:
+        """Wait until every entry published so far is synced (or its fsync failed)."""
+        tasks = {sync.task for sync in self._syncs.values()}
+        if tasks:
+            await asyncio.wait(tasks)
+
     def progress(self, source: str | Path) -> tuple[int, int] | None:
         """(bytes done, total) of the copy of ``source`` in progress, or None."""
         path = Path(_absolute(source))
@@ -275,7 +321,7 @@ class StagingCache:
     async def evict(self, keys: Iterable[str]) -> int:
         """Remove these entries (unknown keys are skipped); the bytes freed."""
         freed, trash = self._detach(keys)
-        await self._in_thread(threading.Event(), _remove_all, trash)
+        await self._delete(trash)
         return freed
 
     async def stage(
@@ -304,7 +350,7 @@ class StagingCache:
         key = layout.key_of(path, found.fingerprint)
         pinned = {_absolute(s) for s in in_use}
         entry = self._entries.get(key)
-        gone: list[Path] = []
+        gone = _Trash()
         if entry is not None and not entry.path.exists():
             _, gone = self._detach([key])  # deleted behind the cache's back: copy it again
             entry = None
@@ -325,9 +371,13 @@ class StagingCache:
     def _reserved(self) -> int:
         return sum(job.source.size for job in self._copies.values())
 
-    def _detach(self, keys: Iterable[str]) -> tuple[int, list[Path]]:
-        """Take entries out of the index and rename them away, at once, on the loop."""
-        freed, trash = 0, []
+    def _detach(self, keys: Iterable[str]) -> tuple[int, _Trash]:
+        """Take entries out of the index and rename them away, at once, on the loop.
+
+        An fsync running on one is told to stop after the file it is on; the entry's files
+        are deleted (:meth:`_delete`) only once it has.
+        """
+        freed, trash = 0, _Trash()
         for key in keys:
             entry = self._entries.pop(key, None)
             if entry is None:
@@ -335,12 +385,23 @@ class StagingCache:
             freed += entry.size
             moved = layout.detach(self.cache_dir, key)
             if moved is not None:
-                trash.append(moved)
+                trash.paths.append(moved)
+            sync = self._syncs.pop(key, None)
+            if sync is not None:
+                sync.cancel.set()
+                trash.syncs.append(sync.task)
             _log.info("staging.evict", source=entry.source, key=key, bytes=entry.size)
         return freed, trash
 
+    async def _delete(self, trash: _Trash) -> None:
+        """Delete detached entries, after the fsyncs still running on them."""
+        if trash.syncs:
+            await asyncio.wait(trash.syncs)
+        if trash.paths:
+            await self._in_thread(threading.Event(), _remove_all, trash.paths)
+
     def _start(
-        self, found: Source, key: str, sha256: str | None, pinned: set[str], gone: list[Path]
+        self, found: Source, key: str, sha256: str | None, pinned: set[str], gone: _Trash
     ) -> _Copy:
         """Plan room, evict, reserve and start the copy, with no await in between."""
         need = found.size
@@ -372,21 +433,32 @@ class StagingCache:
             if progress is not None:
                 job.callbacks.remove(progress)
 
-    async def _run(self, job: _Copy, trash: list[Path], pinned: set[str]) -> Entry:
+    async def _run(self, job: _Copy, trash: _Trash, pinned: set[str]) -> Entry:
         """The copy's task: build the entry in a thread, then index it (the one place)."""
         started = time.monotonic()
         try:
-            manifest = await self._in_thread(job.cancel, self._build, job, trash)
+            if trash.syncs:
+                await asyncio.wait(trash.syncs)
+            manifest = await self._in_thread(job.cancel, self._build, job, trash.paths)
         except BaseException as exc:
             del self._copies[job.key]
             reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
             _log.warning("staging.copy.fail", source=str(job.source.path), error=reason)
             raise
-        # COPYING -> CACHED: leave the copies and enter the index in one step.
+        # COPYING -> UNSYNCED: leave the copies and enter the index in one step.
         del self._copies[job.key]
         path = layout.data_path(self.cache_dir, job.key, manifest.name)
-        entry = Entry(job.key, manifest.source, manifest.size, self._now(), manifest.sha256, path)
+        entry = Entry(
+            job.key,
+            manifest.source,
+            manifest.size,
+            self._now(),
+            manifest.sha256,
+            path,
+            synced=False,
+        )
         self._entries[job.key] = entry
+        self._start_sync(job.key)
         if job.emitted != job.done:
             job.emit()
         seconds = time.monotonic() - started
@@ -404,8 +476,39 @@ class StagingCache:
             if e.source == manifest.source and e.key != job.key and e.source not in pinned
         ]
         _, old = self._detach(stale)
-        await self._in_thread(threading.Event(), _remove_all, old)
+        await self._delete(old)
         return entry
+
+    def _start_sync(self, key: str) -> None:
+        cancel = threading.Event()
+        task = asyncio.create_task(self._sync(key, cancel), name=f"sync {key}")
+        self._syncs[key] = _Sync(task, cancel)
+        task.add_done_callback(_log_failure)
+
+    async def _sync(self, key: str, cancel: threading.Event) -> None:
+        """An entry's background task: fsync it, then mark it synced in the index."""
+        started = time.monotonic()
+        try:
+            await self._in_thread(cancel, layout.sync, self.cache_dir, key, cancel)
+        except Cancelled:
+            return  # evicted meanwhile: nothing to keep
+        except OSError as exc:
+            # It stays unsynced: kept while this boot lasts, deleted at the next open after one.
+            _log.error("staging.sync.fail", key=key, error=str(exc))
+            return
+        finally:
+            sync = self._syncs.get(key)
+            mine = sync is not None and sync.task is asyncio.current_task()
+            if mine:
+                del self._syncs[key]
+        entry = self._entries.get(key)
+        if mine and entry is not None:
+            # UNSYNCED -> SYNCED
+            self._entries[key] = replace(entry, synced=True)
+            # A touch while the thread rewrote the manifest went to the replaced file.
+            layout.touch(self.cache_dir, key, entry.last_used_ns)
+            seconds = round(time.monotonic() - started, 3)
+            _log.info("staging.sync.done", source=entry.source, key=key, seconds=seconds)
 
     def _build(self, job: _Copy, trash: list[Path]) -> layout.Manifest:
         """In a thread: free the evicted space, copy, check, publish under the key."""
@@ -422,7 +525,9 @@ class StagingCache:
                 src, dest, sha256=job.sha256 is not None, report=job.report, cancel=job.cancel
             )
             _check_copy(src, copied, digest, job.sha256)
-            manifest = layout.Manifest(str(src.path), src.is_dir, src.size, src.fingerprint, digest)
+            manifest = layout.Manifest(
+                str(src.path), src.is_dir, src.size, src.fingerprint, digest, self._boot
+            )
             layout.publish(partial, manifest, self.cache_dir)
         except BaseException:
             layout.remove(partial)
@@ -499,3 +604,9 @@ def _retrieve(task: asyncio.Task[Entry] | Future[Entry]) -> None:
     # Every waiter may have given up; the failure is logged in _run, never left unretrieved.
     if not task.cancelled():
         task.exception()
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    # What _sync does not expect is still an event, not a lost exception.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        _log.error("staging.sync.fail", task=task.get_name(), error=repr(exc))

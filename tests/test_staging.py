@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
-from swapd import _copy
+from swapd import _cache_dir, _copy
 from swapd.staging import (
     CacheFull,
     ChecksumMismatch,
@@ -404,6 +406,176 @@ async def test_leftovers_and_broken_entries_are_deleted_at_open(tmp_path: Path) 
     assert names(cache_dir) == [".lock", "notes.txt"]
     (clean,) = [e for e in logs if e["event"] == "staging.clean"]
     assert len(clean["removed"]) == 3
+
+
+# ---------------------------------------------------------------- durability
+
+
+def manifest(entry_dir: Path) -> dict[str, object]:
+    """An entry's ``entry.json``, parsed."""
+    loaded: dict[str, object] = json.loads((entry_dir / "entry.json").read_text())
+    return loaded
+
+
+def mark_unsynced(entry_dir: Path, boot: str) -> None:
+    """Rewrite a manifest as publish leaves it before the background fsync: unsynced in ``boot``."""
+    fields = manifest(entry_dir) | {"version": 2, "unsynced_boot": boot}
+    (entry_dir / "entry.json").write_text(json.dumps(fields))
+
+
+@pytest.mark.asyncio
+async def test_the_background_sync_marks_a_published_copy_synced(tmp_path: Path) -> None:
+    """After stage returns, a task fsyncs the copy and drops the unsynced mark on disk too."""
+    source = write(tmp_path / "m.gguf", 2 * MIB)
+    with capture_logs() as logs:
+        async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+            path = await cache.stage(source)
+            await cache.synced()
+            (entry,) = cache.entries()
+            assert entry.synced
+            written = manifest(path.parent.parent)
+    assert written["version"] == 1
+    assert "unsynced_boot" not in written
+    events = [e["event"] for e in logs]
+    assert events.index("staging.copy.done") < events.index("staging.sync.done")
+
+
+def test_publish_marks_the_entry_unsynced_until_sync_has_run(tmp_path: Path) -> None:
+    """The manifest names this boot until the data, the names and the rename are synced."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    source = _copy.scan(write(tmp_path / "m.gguf", MIB))
+    key = _cache_dir.key_of(str(source.path), source.fingerprint)
+    partial = _cache_dir.start_partial(cache_dir, key)
+    _copy.copy(
+        source,
+        partial / "data" / "m.gguf",
+        sha256=False,
+        report=lambda _: None,
+        cancel=threading.Event(),
+    )
+    boot = _cache_dir.boot_id()
+    entry = _cache_dir.Manifest(
+        str(source.path), is_dir=False, size=MIB, fingerprint=source.fingerprint, sha256=None,
+        unsynced_boot=boot,
+    )  # fmt: skip
+    _cache_dir.publish(partial, entry, cache_dir)
+    assert manifest(cache_dir / key)["unsynced_boot"] == boot
+    assert _cache_dir.sync(cache_dir, key, threading.Event())
+    assert "unsynced_boot" not in manifest(cache_dir / key)
+    assert not _cache_dir.sync(cache_dir, "0" * 32, threading.Event())  # gone: nothing to do
+
+
+@pytest.mark.asyncio
+async def test_an_unsynced_entry_from_another_boot_is_discarded_at_open(tmp_path: Path) -> None:
+    """A copy never synced before the machine restarted may be torn: deleted and logged."""
+    source = write(tmp_path / "m.gguf", MIB)
+    async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+        path = await cache.stage(source)
+    entry_dir = path.parent.parent
+    mark_unsynced(entry_dir, "another-boot")
+    with capture_logs() as logs:
+        async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+            assert cache.entries() == ()
+            assert cache.cached_path(source) is None
+    assert not entry_dir.exists()
+    (clean,) = [e for e in logs if e["event"] == "staging.clean"]
+    reason = "not yet synced when the machine restarted: possibly torn"
+    assert clean["removed"] == [f"{entry_dir.name} ({reason})"]
+
+
+@pytest.mark.asyncio
+async def test_an_unsynced_entry_from_this_boot_is_synced_and_kept_at_open(
+    tmp_path: Path,
+) -> None:
+    """A copy left unsynced by a crash of swapd alone is whole in the page cache: kept, synced."""
+    source = write(tmp_path / "m.gguf", MIB)
+    async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+        path = await cache.stage(source)
+    entry_dir = path.parent.parent
+    mark_unsynced(entry_dir, _cache_dir.boot_id())
+    with capture_logs() as logs:
+        async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+            assert cache.cached_path(source) == path
+            (entry,) = cache.entries()
+            assert entry.synced
+    assert "unsynced_boot" not in manifest(entry_dir)
+    assert path.read_bytes() == source.read_bytes()
+    (recover,) = [e for e in logs if e["event"] == "staging.sync.recover"]
+    assert recover["keys"] == [entry_dir.name]
+
+
+@pytest.mark.asyncio
+async def test_a_copy_evicted_while_its_fsync_runs_is_deleted_only_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eviction takes the entry out at once; its file stays until the fsync on it returns."""
+    source = write(tmp_path / "m.gguf", 3 * MIB)
+    entered, release = threading.Event(), threading.Event()
+    links: list[int] = []  # the data file's link count when its fsync returns
+    real_fsync = os.fsync
+
+    def held_fsync(fd: int) -> None:
+        # The disk stands still for the copy's data file until the test lets it go on.
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size == 3 * MIB and not release.is_set():
+            entered.set()
+            release.wait(30)
+            links.append(os.fstat(fd).st_nlink)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", held_fsync)
+    async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+        path = await cache.stage(source)
+        await asyncio.to_thread(entered.wait, 30)
+        eviction = asyncio.create_task(cache.evict([e.key for e in cache.entries()]))
+        await asyncio.sleep(0)
+        assert cache.entries() == ()
+        assert complete(cache.cache_dir) == []
+        [moved] = list(cache.cache_dir.glob(".evicted-*/data/m.gguf"))
+        # Time for a deletion that does not wait to happen; a correct one cannot finish here.
+        await asyncio.wait({eviction}, timeout=0.5)
+        assert not eviction.done()
+        assert moved.exists()
+        release.set()
+        assert await eviction == 3 * MIB
+        assert links == [1]  # the file still had its name when its fsync returned
+        assert leftovers(cache.cache_dir) == []
+        assert not path.exists()
+        again = await cache.stage(source)
+        await cache.synced()
+        assert "unsynced_boot" not in manifest(again.parent.parent)
+
+
+@pytest.mark.asyncio
+async def test_a_use_recorded_while_the_sync_rewrites_the_manifest_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LRU order on disk survives the sync replacing the manifest under a touch."""
+    a, b = write(tmp_path / "a.gguf", MIB, seed=1), write(tmp_path / "b.gguf", MIB, seed=2)
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def held_fsync(fd: int) -> None:
+        # Hold a's new manifest (written, not yet renamed over the old one) until let go.
+        opened = Path(f"/proc/self/fd/{fd}")
+        manifest_of_a = "/entry.json." in str(opened.readlink()) and str(a) in opened.read_text()
+        if manifest_of_a and not release.is_set():
+            entered.set()
+            release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", held_fsync)
+    async with StagingCache(tmp_path / "cache", 2 * MIB) as cache:
+        await cache.stage(a)
+        await asyncio.to_thread(entered.wait, 30)
+        await cache.stage(b)
+        cache.touch(a)  # now b is the least recently used, on disk too
+        release.set()
+        await cache.synced()
+    async with StagingCache(tmp_path / "cache", 2 * MIB) as cache:
+        (b_key,) = [e.key for e in cache.entries() if e.source == str(b)]
+        assert cache.plan_room(MIB, in_use=[]) == [b_key]
 
 
 CHILD = """

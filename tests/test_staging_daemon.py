@@ -139,3 +139,39 @@ def test_sigkill_of_swapd_mid_copy_leaves_no_copy_that_looks_complete(
     assert d.chat("s")[0] == 200
     [entry] = _cached_entries(cache)
     assert entry.exists()
+
+
+def test_sigkill_of_swapd_right_after_publish_leaves_a_usable_copy(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A copy renamed into place but not yet fsynced survives kill -9 of swapd.
+
+    The kernel still holds its data, so the next swapd (same boot) syncs it, keeps it and
+    serves from it without copying again.
+    """
+    model = _model(tmp_path / "slow" / "m.gguf", 256 * MIB)
+    cache = tmp_path / "cache"
+    d: Daemon = start_daemon({"s": staged_preset(model)}, {"cache_dir": str(cache)})
+
+    def load() -> None:
+        with contextlib.suppress(OSError):  # swapd is killed mid-request on purpose
+            d.request("POST", "/swapd/models/s/load", timeout=120)
+
+    threading.Thread(target=load, daemon=True).start()
+    [entry] = wait_for(
+        lambda: _cached_entries(cache) if cache.exists() else [], timeout=60, interval=0.002
+    )
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    unsynced_at_kill = "unsynced_boot" in (entry / "entry.json").read_text()
+    d.start()
+    assert d.model("s")["tier"] == "disk"
+    assert bool(d.events("staging.sync.recover")) == unsynced_at_kill
+    assert "unsynced_boot" not in (entry / "entry.json").read_text()
+    assert d.chat("s")[0] == 200
+    assert len(d.events("staging.copy.start")) == 1  # the first swapd's copy, and no other
+    copy = entry / "data" / "m.gguf"
+    assert hashlib.sha256(copy.read_bytes()).digest() == hashlib.sha256(model.read_bytes()).digest()
+    [spawn] = d.events("backend.spawn")
+    assert str(copy) in spawn["argv"]
