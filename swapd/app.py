@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from swapd import notify
+from swapd import marks, notify
 from swapd._exchange import EXCHANGE, Exchange
 from swapd.auth import CORS_ORIGIN, access_warnings, add_cors_headers
 from swapd.catalog import Catalog
@@ -65,7 +65,7 @@ class Reaper:
 
     def __init__(self) -> None:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "swapd.reaper"],
+            [sys.executable, "-m", "swapd.reaper", marks.RUN_ID],
             stdin=subprocess.PIPE,
             start_new_session=True,
             text=True,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from swapd import cgroups
+from swapd import cgroups, marks
 from swapd.errors import BackendStartError
 from swapd.logs import get_logger
 from swapd.ringlog import RingLog
@@ -93,6 +93,8 @@ class Child:
         self.stop_signal = stop_signal
         self.cgroup = cgroup  # its own cgroup, where swapd may make one
         self.escaped = False  # a helper outside the group outlived the leader
+        self.backend_id = marks.new_backend_id()  # in its environment: finds escaped helpers
+        self._sweep: asyncio.Task[None] | None = None
         self._drain: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -115,7 +117,7 @@ class Child:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv,
-                env=self.env,
+                env={**self.env, marks.ENV_VAR: self.backend_id},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
@@ -239,6 +241,22 @@ class Child:
                 pass
             await asyncio.sleep(READY_POLL_INTERVAL)
 
+    async def _end_marked(self) -> None:
+        """Kill the processes that left the group but still carry this backend's mark."""
+        try:
+            escaped = await asyncio.to_thread(marks.kill_marked, self.backend_id)
+        except OSError as exc:  # /proc unreadable: nothing to find them by
+            _log.warning("backend.sweep.failed", model=self.model, error=str(exc))
+            return
+        if escaped:
+            self.escaped = True
+            _log.warning("backend.escaped.killed", model=self.model, pids=escaped)
+
+    async def swept(self) -> None:
+        """Wait for the search for escaped helpers that a stop without cgroups started."""
+        if self._sweep is not None:
+            await asyncio.shield(self._sweep)
+
     def _signal_group(self, sig: signal.Signals) -> bool:
         if self._proc is None:
             return False
@@ -300,6 +318,10 @@ class Child:
             if escaped:
                 self.escaped = True
                 _log.warning("backend.escaped.killed", model=self.model, pids=escaped)
+        elif self._sweep is None:
+            # No cgroup: find them by the mark in their environment. Off the stop's path
+            # (a scan of every process takes milliseconds, and a swap waits on the stop).
+            self._sweep = asyncio.create_task(self._end_marked(), name=f"sweep:{self.model}")
         self._on_group("-", self._proc.pid)
         _log.info(
             "backend.exit",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import psutil
@@ -28,6 +29,30 @@ def test_kill_9_of_swapd_leaves_no_child(start_daemon: StartDaemon) -> None:
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
     assert wait_for_gone(d) == []
+
+
+def test_kill_9_of_swapd_also_ends_a_helper_that_left_its_group(start_daemon: StartDaemon) -> None:
+    """Without cgroups, the reaper finds a setsid() helper by the mark in its environment."""
+    d = start_daemon({"a": fake_preset("A", "--setsid-helper")}, {"cgroups": False})
+    assert d.chat("a")[0] == 200
+    helper = fake_stats(d.model("a")["port"])["child_pid"]
+    assert isinstance(helper, int)
+    assert os.getsid(helper) != os.getsid(d.model("a")["pid"])  # outside the backend's group
+    assert d.proc is not None
+    try:
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        wait_for(lambda: _gone(helper), timeout=10)
+    finally:
+        if not _gone(helper):
+            os.kill(helper, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_leftovers_of_an_earlier_run_are_ended_at_start(start_daemon: StartDaemon) -> None:

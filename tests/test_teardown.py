@@ -5,12 +5,14 @@ from __future__ import annotations
 import ast
 import os
 import signal
+from pathlib import Path
 
 import psutil
 import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, fake_stats, wait_for
 
+from swapd import marks
 from swapd.cgroups import Cgroups
 
 
@@ -26,10 +28,11 @@ def _helper(d: Daemon, model: str) -> int:
 
 
 def test_unload_is_bounded_when_a_helper_escapes_the_group(start_daemon: StartDaemon) -> None:
-    """Without cgroups, a helper that setsid()s no longer stalls a stop; it is reported.
+    """Without cgroups, a helper that setsid()s no longer stalls a stop, and is ended.
 
     The leader stops within its grace period; swapd stops reading the pipe a second
-    later and reports the escaped helper (which the test then ends itself).
+    later and reports the escaped helper, then finds it by the mark in its
+    environment and kills it.
     """
     d = start_daemon(
         {"a": fake_preset("A", "--setsid-helper", stop_timeout="2s")}, {"cgroups": False}
@@ -41,9 +44,19 @@ def test_unload_is_bounded_when_a_helper_escapes_the_group(start_daemon: StartDa
         assert (status, body["state"]) == (200, "stopped")
         assert [e["model"] for e in d.events("backend.escaped")] == ["a"]
         assert d.model("a")["escaped"] is True
-        assert psutil.pid_exists(helper)  # outside the group: reported, not killed
+        wait_for(lambda: d.events("backend.escaped.killed"), timeout=10)
+        [killed] = d.events("backend.escaped.killed")
+        assert killed["pids"] == [helper]
+        wait_for(lambda: _gone(helper), timeout=5)
     finally:
         _kill(helper)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_a_leaders_death_is_noticed_while_a_helper_holds_its_output(
@@ -95,3 +108,23 @@ def test_a_backend_cgroup_ends_helpers_that_escaped_the_group(start_daemon: Star
         assert not list(tree.base.glob(f"swapd-{d.proc.pid}-a-*"))  # its cgroup is removed
     finally:
         _kill(helper)
+
+
+def test_marked_pids_finds_a_backends_mark_in_proc_environ(tmp_path: Path) -> None:
+    """Exact marks, run prefixes, zombies (empty environ) and unreadable entries."""
+
+    def proc(pid: int, *env: str) -> None:
+        folder = tmp_path / str(pid)
+        folder.mkdir()
+        (folder / "environ").write_bytes(b"\0".join(e.encode() for e in env) + b"\0")
+
+    proc(10, "PATH=/bin", "SWAPD_BACKEND_ID=run1:1")
+    proc(11, "SWAPD_BACKEND_ID=run1:12", "HOME=/")
+    proc(12, "SWAPD_BACKEND_ID=run2:1")
+    proc(13)  # a zombie: empty environ
+    proc(14, "X=SWAPD_BACKEND_ID=run1:1")  # the mark inside another variable's value
+    (tmp_path / "15").mkdir()  # no environ to read
+    (tmp_path / "self").mkdir()
+    assert marks.marked_pids("run1:1", proc=tmp_path) == [10]
+    assert marks.marked_pids("run1:", prefix=True, proc=tmp_path) == [10, 11]
+    assert marks.marked_pids("run3:", prefix=True, proc=tmp_path) == []
