@@ -4,10 +4,13 @@ Each round times, in a rotating order, on the same disk and from a cold page cac
 
 * ``cp``          -- ``cp SOURCE DEST`` until it exits (its data may still be in the page
   cache, not on the disk);
-* ``cp + fsync``  -- the same run until an ``fsync`` of the copy returns, which is what a
-  staged copy guarantees before it is renamed into place;
-* ``stage``       -- ``StagingCache.stage(source)``: scan, copy, fsync, publish;
-* ``stage + sha256`` -- the same with the digest checked while copying.
+* ``cp + fsync``  -- the same run until an ``fsync`` of the copy returns;
+* ``stage``       -- ``StagingCache.stage(source)`` until it returns: scan, copy, check,
+  publish (renamed into place, not yet fsynced), which is when a load can start;
+* ``stage, synced`` -- the same run until the background fsync has marked the copy synced
+  (``StagingCache.synced()``), the like-for-like of ``cp + fsync``;
+* ``stage + sha256`` and ``stage + sha256, synced`` -- the same with the digest checked
+  while copying.
 
 Before every run the source's pages are dropped (``fsync`` then
 ``posix_fadvise(POSIX_FADV_DONTNEED)``), and after it the copy's are dropped and the copy
@@ -35,6 +38,15 @@ from swapd.staging import StagingCache
 from swapd.units import format_size, parse_size
 
 VARIANTS = ("cp", "stage", "stage + sha256")
+# Each run gives two times: until it returns, and until its copy is on the disk.
+COLUMNS = (
+    "cp",
+    "cp + fsync",
+    "stage",
+    "stage, synced",
+    "stage + sha256",
+    "stage + sha256, synced",
+)
 
 
 def make_source(path: Path, size: int) -> str:
@@ -85,18 +97,25 @@ def run_cp(source: Path, dest: Path) -> tuple[float, float]:
     return exited, time.perf_counter() - started
 
 
-async def run_stage(cache: StagingCache, source: Path, sha256: str | None) -> tuple[float, Path]:
-    """Seconds for one stage of ``source`` into an empty cache, and where the copy went."""
+async def run_stage(
+    cache: StagingCache, source: Path, sha256: str | None
+) -> tuple[float, float, Path]:
+    """Seconds for one stage into an empty cache: until it returns, until its copy is synced.
+
+    Also where the copy went.
+    """
     started = time.perf_counter()
     path = await cache.stage(source, sha256=sha256)
-    return time.perf_counter() - started, path
+    returned = time.perf_counter() - started
+    await cache.synced()
+    return returned, time.perf_counter() - started, path
 
 
 async def measure(
     source: Path, size: int, work: Path, sha256: str, rounds: int
 ) -> dict[str, list[float]]:
     """Seconds per run for every variant, ``rounds`` rounds, the order rotating each round."""
-    times: dict[str, list[float]] = {"cp": [], "cp + fsync": [], "stage": [], "stage + sha256": []}
+    times: dict[str, list[float]] = {column: [] for column in COLUMNS}
     cache_dir = work / "cache"
     dest = work / "cp-copy"
     async with StagingCache(cache_dir, size) as cache:
@@ -111,8 +130,9 @@ async def measure(
                     copy = dest
                 else:
                     digest = sha256 if variant == "stage + sha256" else None
-                    seconds, copy = await run_stage(cache, source, digest)
-                    times[variant].append(seconds)
+                    returned, synced, copy = await run_stage(cache, source, digest)
+                    times[variant].append(returned)
+                    times[f"{variant}, synced"].append(synced)
                 drop_cache(copy)
                 if variant == "cp":
                     dest.unlink()
