@@ -12,10 +12,12 @@ before LiteLLM shuffles:
 It reads each node's ``GET /v1/models`` (which carries ``tier``), at most once
 per ``SWAPD_AFFINITY_TTL`` seconds per node (default 2), and notes at once
 where each request it routed was served, so a model just loaded on a node is
-known there before the next poll. A node that does not answer is dropped
-while others remain. Deployments that LiteLLM cooled down are already gone
-from the list, so a node answering 503 or 429 loses its turn as before; when
-no node holds the model, the list is left as it is and LiteLLM shuffles.
+known there before the next poll. When no node holds the model, the nodes
+with the fewest models on their devices are kept (the likeliest to have room
+without evicting; /v1/models carries no memory figures). A node that does not
+answer is dropped while others remain. Deployments that LiteLLM cooled down
+are already gone from the list, so a node answering 503 or 429 loses its turn
+as before. LiteLLM shuffles among what is left.
 
 Use: put this file beside the proxy's config.yaml and generate the config with
 ``swapd litellm-config --affinity``, which adds::
@@ -86,12 +88,15 @@ class SwapdAffinity(CustomLogger):  # type: ignore[misc]
         self._tiers[node] = (time.monotonic(), tiers)
         return tiers
 
-    async def _rank(self, deployment: dict[str, Any]) -> int:
+    async def _rank(self, deployment: dict[str, Any]) -> tuple[int, int]:
+        """The model's tier on the deployment's node; for a cold one, how full the node is."""
         params = deployment["litellm_params"]
         tiers = await self._node_tiers(_node_of(deployment), params.get("api_key"))
         if tiers is None:
-            return _UNREACHABLE
-        return _RANK.get(tiers.get(_model_of(deployment), ""), _COLD)
+            return (_UNREACHABLE, 0)
+        rank = _RANK.get(tiers.get(_model_of(deployment), ""), _COLD)
+        resident = sum(tier == "device" for tier in tiers.values()) if rank == _COLD else 0
+        return (rank, resident)
 
     async def async_filter_deployments(
         self,
@@ -101,7 +106,7 @@ class SwapdAffinity(CustomLogger):  # type: ignore[misc]
         request_kwargs: dict[str, Any] | None = None,  # noqa: ARG002
         parent_otel_span: Any = None,  # noqa: ARG002
     ) -> list[Any]:
-        """The healthy deployments on the nodes where the model sits in the cheapest tier."""
+        """The healthy deployments on the nodes that can serve the model most cheaply."""
         if len(healthy_deployments) < 2:  # nothing to choose between
             return healthy_deployments
         ranks = await asyncio.gather(*(self._rank(d) for d in healthy_deployments))
