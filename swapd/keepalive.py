@@ -32,7 +32,7 @@ from swapd._exchange import EXCHANGE, count
 from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
-from swapd.proxy import Proxy, model_from_json, read_body
+from swapd.proxy import Proxy, forwarded_headers, model_from_json, read_body
 from swapd.states import State
 from swapd.upstream import UpstreamError, UpstreamResponse
 
@@ -89,41 +89,6 @@ class Pings:
             payload = json.dumps({"error": error}, separators=(",", ":")).encode()
             await response.write(b"data: " + payload + b"\n\n")
             await response.write_eof()
-
-
-# Request headers that stop at swapd, as the proxy drops them: hop-by-hop (RFC 9110
-# section 7.6.1), those aiohttp sets again, and the client's credentials for swapd.
-_NOT_FORWARDED = frozenset(
-    name.encode()
-    for name in (
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "authorization",
-        "x-api-key",
-        "cookie",
-    )
-)
-
-
-def forwarded_headers(request: web.Request, lease: Lease) -> list[tuple[bytes, bytes]]:
-    """The client's headers as sent, less those that stop at swapd, plus the backend's key."""
-    dropped = set(_NOT_FORWARDED)
-    for name, value in request.raw_headers:
-        if name.lower() == b"connection":  # it names more hop-by-hop headers
-            dropped.update(token.strip().lower() for token in value.split(b","))
-    headers = [(k, v) for k, v in request.raw_headers if k.lower() not in dropped]
-    launch = lease.slot.launch
-    if launch is not None:
-        headers.extend(launch.headers)
-    return headers
 
 
 class ColdStreams:

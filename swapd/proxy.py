@@ -72,6 +72,22 @@ def _named_in_connection(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[by
     return frozenset(named)
 
 
+def forwarded_headers(request: web.Request, lease: Lease) -> list[tuple[bytes, bytes]]:
+    """The client's headers as sent, less those that stop at swapd, plus the backend's key.
+
+    Bytes as sent: decoding and re-encoding them could fail.
+    """
+    raw = request.raw_headers
+    dropped = _NOT_FORWARDED
+    if "Connection" in request.headers:
+        dropped = dropped | _named_in_connection(raw)
+    headers = [(k, v) for k, v in raw if k.lower() not in dropped]
+    launch = lease.slot.launch
+    if launch is not None:
+        headers.extend(launch.headers)  # the backend's own key, known only to swapd
+    return headers
+
+
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _FIELD_NAME = re.compile(rb'name="([^"]*)"', re.IGNORECASE)
 
@@ -179,15 +195,7 @@ class Proxy:
         manager = self.manager
         lease = await manager.acquire(model)
         try:
-            # The client's header bytes as sent: decoding and re-encoding them could fail.
-            raw = request.raw_headers
-            dropped = _NOT_FORWARDED
-            if "Connection" in request.headers:
-                dropped = dropped | _named_in_connection(raw)
-            headers = [(k, v) for k, v in raw if k.lower() not in dropped]
-            launch = lease.slot.launch
-            if launch is not None:
-                headers.extend(launch.headers)  # the backend's own key, known only to swapd
+            headers = forwarded_headers(request, lease)
             limit = lease.slot.preset.request_timeout
             if limit is None:
                 return await self._exchange(request, lease, headers, body)
