@@ -22,7 +22,7 @@
         ├── QueueFull            429 + Retry-After: the model's concurrency and max_queue are full
         └── Unavailable          503: cannot be served now (shutting down, unloading)
             ├── TooManyConnections   503 + Retry-After: swapd is at ``max_connections``
-            ├── InsufficientMemory   503: no plan of evictions can make room
+            ├── InsufficientMemory   503 + Retry-After: no plan of evictions can make room
             ├── CacheFull            503: the staging cache cannot make room (with the numbers)
             ├── BackingOff           503 + Retry-After: a start failed; the next waits
             ├── BreakerOpen          503: starts failed too often in a row; load it by hand
@@ -358,6 +358,13 @@ class InsufficientMemory(Unavailable):
     """Even evicting every evictable model would not make room."""
 
     code = "insufficient_memory"
+    # Memory held outside swapd, or by busy models, may free soon. A balancer in front (LiteLLM
+    # takes Retry-After as the deployment's cooldown) then avoids this host for a while.
+    RETRY_AFTER_S = 5
+
+    def headers(self) -> dict[str, str]:
+        """Tell the client, or the balancer in front, when this host may have room."""
+        return {"Retry-After": str(self.RETRY_AFTER_S)}
 
 
 class CacheFull(Unavailable):

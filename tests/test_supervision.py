@@ -184,8 +184,9 @@ def test_a_model_refused_for_memory_stays_stopped_with_the_reason(
         {"devices": "auto", "reserve": 0},
         env={"SWAPD_FAKE_PROBE": str(probe)},
     )
-    status, body = d.chat("big")
+    status, headers, body = _chat_with_headers(d, "big")
     assert (status, body["error"]["code"]) == (503, "insufficient_memory")
+    assert headers["Retry-After"] == "5"  # a balancer in front cools this host down
     model = d.model("big")
     assert model["state"] == "stopped"
     assert "needs 4.0 GiB" in model["error"]
