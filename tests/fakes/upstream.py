@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-interval", type=float, default=0.05)
     p.add_argument("--probe-file", type=Path, help="memory bookkeeping file")
     p.add_argument("--mem-bytes", type=int, default=0, help="bytes registered when ready")
+    p.add_argument(
+        "--cuda-bytes", type=int, default=0, help="real VRAM held on GPU 0 while it runs"
+    )
     p.add_argument("--release-delay", type=float, default=0.0, help="seconds to free")
     p.add_argument("--sleep-residual-bytes", type=int, default=0, help="bytes while asleep")
     return p.parse_args(argv)
@@ -101,6 +104,7 @@ class Fake:
     args: argparse.Namespace
     ready: bool = False
     child_pid: int | None = None
+    held_vram: object = None  # the CUDA context and allocation of --cuda-bytes, kept alive
     stats: Stats = field(default_factory=Stats)
     awake: asyncio.Event = field(default_factory=asyncio.Event)
     device: str = field(
@@ -476,6 +480,12 @@ async def serve(
         fail_at_start(args.exit_at_start)
     # Memory is taken before health turns 200, as a real backend loads weights first.
     fake.register_memory(args.mem_bytes)
+    held = None
+    if args.cuda_bytes:
+        from fakes.cuda_hold import hold_vram  # only where a GPU is asked for
+
+        held = hold_vram(args.cuda_bytes)
+    fake.held_vram = held
     fake.ready = True
     await asyncio.Event().wait()  # serve until a signal ends the process
 

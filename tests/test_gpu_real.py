@@ -1,0 +1,99 @@
+"""Admission against real VRAM on an NVIDIA GPU, read through NVML (skips without one).
+
+The backends are the fake upstream holding real device memory through the CUDA
+driver API (``--cuda-bytes``: a context and an allocation, no toolkit needed);
+an outside process holds more the same way. swapd's probe, admission and
+footprint measurement are the real ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import StartDaemon
+from daemon import FAKE_UPSTREAM, fake_preset, wait_for
+
+GIB = 1024**3
+MIB = 1024**2
+HOLD = 3 * GIB  # per backend: two of them and their contexts exceed the 5 GiB budget
+
+
+@pytest.fixture
+def nvml() -> Iterator[Any]:
+    """pynvml, initialised, on a machine with an NVIDIA GPU and its driver; else skip."""
+    pynvml = pytest.importorskip("pynvml", reason="no NVIDIA GPU: nvidia-ml-py not installed")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as error:
+        pytest.skip(f"no NVIDIA GPU: {type(error).__name__}: {error}")
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError as error:
+        pytest.skip(f"no CUDA driver library: {error}")
+    yield pynvml
+    pynvml.nvmlShutdown()
+
+
+def _nvml_used_by(pynvml: Any, pid: int) -> int:
+    """What NVML's process list says ``pid`` uses on GPU 0."""
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid == pid:
+            return int(proc.usedGpuMemory or 0)
+    return 0
+
+
+def _free(pynvml: Any) -> int:
+    return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free)
+
+
+@pytest.mark.gpu
+def test_admission_against_real_vram(nvml: Any, start_daemon: StartDaemon) -> None:
+    """Measured footprint = NVML's; a second model that does not fit evicts the first."""
+    presets = {
+        n: fake_preset(n.upper(), "--cuda-bytes", str(HOLD), memory=HOLD, devices=[0])
+        for n in ("a", "b")
+    }
+    d = start_daemon(presets, {"devices": [0], "budget": "5GiB", "reserve": 0})
+    assert d.chat("a")[0] == 200
+    a = d.model("a")
+    wait_for(lambda: d.model("a")["memory"]["measured"] is not None, timeout=30)
+    measured = d.model("a")["memory"]["measured"]
+    nvml_says = _nvml_used_by(nvml, a["pid"])
+    assert nvml_says >= HOLD
+    assert abs(measured - nvml_says) < 64 * MIB, (measured, nvml_says)
+    assert d.chat("b")[0] == 200
+    assert [e["victims"] for e in d.events("model.evict")] == [["a"]]
+    assert d.model("a")["state"] == "stopped"
+    wait_for(lambda: _nvml_used_by(nvml, a["pid"]) == 0, timeout=30)
+
+
+@pytest.mark.gpu
+def test_real_vram_held_outside_swapd_is_respected(nvml: Any, start_daemon: StartDaemon) -> None:
+    """With all but 1 GiB taken by another process, a 3 GiB model gets 503, then fits."""
+    d = start_daemon(
+        {"a": fake_preset("A", "--cuda-bytes", str(HOLD), memory=HOLD, devices=[0])},
+        {"devices": [0], "reserve": 0},
+    )
+    taken = _free(nvml) - GIB
+    outside = subprocess.Popen(
+        [sys.executable, str(FAKE_UPSTREAM.parent / "cuda_hold.py"), str(taken)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert outside.stdout is not None
+        assert outside.stdout.readline().strip() == "held"
+        status, body = d.chat("a")
+        assert (status, body["error"]["code"]) == (503, "insufficient_memory")
+        assert "used outside swapd" in body["error"]["message"]
+    finally:
+        outside.terminate()
+        outside.wait(timeout=30)
+    wait_for(lambda: _free(nvml) > HOLD + GIB, timeout=30)
+    wait_for(lambda: d.chat("a")[0] == 200, timeout=30)
