@@ -7,7 +7,11 @@ never evicted. Policies compared, on the same seeded traces:
 
 * ``swapd``      -- :func:`swapd.policy.plan_admission` itself, with a memory budget and
   every model's CRF from :func:`swapd.policy.crf_update` (idle residents least worth
-  keeping are evicted first; wait when only busy ones could make room);
+  keeping are evicted first; wait when only busy ones could make room), and
+  :func:`swapd.policy.hold` with the daemon's default rule: while the loader was busy
+  40% of the last 5 minutes, a load whose victims have the larger CRF waits, up to
+  30 s from its oldest request, and the loads queued behind it go first;
+* ``swapd-nohold`` -- the same without holds (swapd before them);
 * ``swapd-lru``  -- the same function without CRFs: least recently used first (swapd
   before the CRF);
 * ``one-at-a-time`` -- the same function with ``max_running: 1`` (llama-swap's default);
@@ -15,8 +19,8 @@ never evicted. Policies compared, on the same seeded traces:
   router ``models_max=4``; Ollama's 3 per GPU). A load that does not fit in memory
   fails at the end of its load time (an OOM), then every idle model is evicted and
   the load is retried;
-* ``hold-20``    -- a what-if, not swapd's policy: ``swapd``, except that a load whose
-  victims have a larger CRF than it waits, up to 20 s from its oldest request;
+* ``hold-always`` -- a what-if: ``swapd`` with the hold whatever the loader's load
+  (TinyLFU's admission test, bounded at 30 s);
 * ``belady``     -- an offline reference that knows the future: evict the idle
   resident whose next request is furthest away (optimal for equal sizes and costs;
   with mixed sizes a strong reference rather than a proven bound);
@@ -59,14 +63,16 @@ SECONDS_PER_GIB = 1.5
 LOAD_BASE_S = 0.5
 POLICIES = (
     "swapd",
+    "swapd-nohold",
     "swapd-lru",
     "one-at-a-time",
     "lru-count-4",
     "lru-count-3",
-    "hold-20",
+    "hold-always",
     "belady",
 )
-HOLD_S = 20.0
+HOLD = policy.HoldRule()  # the daemon's defaults: hold_max 30s, hold_busy 0.4
+HOLD_ALWAYS = policy.HoldRule(max_s=HOLD.max_s, busy=0.0)
 # vLLM's sleep-mode figures (A100): a restart takes 38-58 s, a wake from level 1
 # 0.26-0.82 s. Both are spread linearly over the models by size, smallest to largest.
 VLLM_COLD_S = (38.0, 58.0)
@@ -75,7 +81,7 @@ VLLM_WAKE_S = (0.26, 0.82)
 # allocator): an assumption, not a published figure.
 ASLEEP_GIB = 0.5
 HOST_RAM_GIB = 64.0
-TIER_POLICIES = ("swapd", "swapd-lru", "one-at-a-time", "belady")
+TIER_POLICIES = ("swapd", "swapd-nohold", "swapd-lru", "one-at-a-time", "belady")
 REUSE_WINDOWS_S = (10.0, 60.0)
 
 
@@ -223,6 +229,7 @@ class Counts:
     evictions: int = 0  # models taken off the device (slept or stopped)
     reused: dict[float, int] = field(default_factory=lambda: dict.fromkeys(REUSE_WINDOWS_S, 0))
     inversions: int = 0  # evictions of a model with a larger CRF than the one loaded
+    holds: int = 0  # loads held at least once
     overflow: int = 0  # actions ram_overflow asked for
     by_model: dict[str, int] = field(default_factory=dict)  # cold starts and wakes
 
@@ -241,6 +248,8 @@ class Sim:
     crf: dict[str, tuple[float, float]] = field(default_factory=dict)  # value, when
     half_life: float = policy.CRF_HALF_LIFE_S
     loader_busy: bool = False
+    spans: list[tuple[float, float]] = field(default_factory=list)  # the loader's recent work
+    held: set[str] = field(default_factory=set)
     retry_after_oom: set[str] = field(default_factory=set)
     events: list[tuple[float, int, str, str, float]] = field(default_factory=list)
     seq: int = 0
@@ -281,6 +290,14 @@ class Sim:
         value, at = self.crf.get(name, (0.0, now))
         return policy.crf_decay(value, at, now, self.half_life)
 
+    def busy_span(self, start: float, seconds: float) -> None:
+        """The loader works from ``start`` for ``seconds``: a load, a wake or sleeps."""
+        self.loader_busy = True
+        self.counts.load_time += seconds
+        self.spans.append((start, start + seconds))
+        while self.spans[0][1] < start - policy.HOLD_WINDOW_S:
+            self.spans.pop(0)
+
     def next_use(self, name: str, now: float) -> float:
         """When ``name`` is next requested after ``now`` (inf if never)."""
         times = self.future[name]
@@ -289,7 +306,7 @@ class Sim:
 
 
 Plan = policy.Admit | policy.Wait | policy.Impossible
-Planner = Callable[[Sim, str, float], Plan]
+Planner = Callable[[Sim, str, float], Plan | policy.Hold]
 
 
 def residents_view(sim: Sim, now: float, *, crf: bool, exclude: str) -> list[policy.Resident]:
@@ -333,10 +350,34 @@ def _device(sim: Sim) -> policy.DeviceView:
     return policy.DeviceView("sim", sim.budget, sim.budget - sim.used())
 
 
-def plan_swapd(sim: Sim, name: str, now: float) -> Plan:
-    """The policy swapd runs: memory budget, idle residents with the lowest CRF first."""
+def plan_swapd_nohold(sim: Sim, name: str, now: float) -> Plan:
+    """swapd before holds: memory budget, idle residents with the lowest CRF first."""
     residents = residents_view(sim, now, crf=True, exclude=name)
     return policy.plan_admission(sim.need(name), [_device(sim)], residents, policy.Limits())
+
+
+def plan_held(rule: policy.HoldRule) -> Planner:
+    """swapd's plan, then :func:`swapd.policy.hold` with ``rule``, as the manager asks it."""
+
+    def plan(sim: Sim, name: str, now: float) -> Plan | policy.Hold:
+        residents = residents_view(sim, now, crf=True, exclude=name)
+        found = policy.plan_admission(sim.need(name), [_device(sim)], residents, policy.Limits())
+        oldest = min(r.at for r in sim.pending[name])
+        held = policy.hold(
+            found,
+            sim.crf_now(name, now),
+            residents,
+            busy=policy.loader_busy(sim.spans, now),
+            waited=now - oldest,
+            rule=rule,
+        )
+        if held is None:
+            return found
+        if name not in sim.held:
+            sim.push(now + held.seconds, "tick", name)  # re-plan then, if nothing else happens
+        return held
+
+    return plan
 
 
 def plan_swapd_lru(sim: Sim, name: str, now: float) -> Plan:
@@ -376,24 +417,6 @@ def plan_evict_all(sim: Sim, name: str, _now: float) -> Plan:
     return policy.Wait("sim", busy)
 
 
-def plan_hold(sim: Sim, name: str, now: float) -> Plan:
-    """What-if: swapd's plan, held back while its victims are worth more than the load.
-
-    Like TinyLFU's admission test, with a bound: after ``HOLD_S`` from the oldest
-    waiting request the load goes ahead. Holding lets requests pile up, so one
-    load serves more of them.
-    """
-    plan = plan_swapd(sim, name, now)
-    if not isinstance(plan, policy.Admit) or not plan.victims:
-        return plan
-    deadline = min(r.at for r in sim.pending[name]) + HOLD_S
-    kept = sum(sim.crf_now(v, now) for v in plan.victims)
-    if kept > sim.crf_now(name, now) and now < deadline:
-        sim.push(deadline, "tick", name)  # re-plan then, even if nothing else happens
-        return policy.Wait("sim", plan.victims)
-    return plan
-
-
 def plan_belady(sim: Sim, name: str, now: float) -> Plan:
     """Offline: evict idle residents whose next request is furthest in the future."""
     need = sim.need(name)
@@ -417,15 +440,17 @@ def plan_belady(sim: Sim, name: str, now: float) -> Plan:
 
 
 PLANNERS: dict[str, Planner] = {
-    "swapd": plan_swapd,
+    "swapd": plan_held(HOLD),
+    "swapd-nohold": plan_swapd_nohold,
     "swapd-lru": plan_swapd_lru,
     "one-at-a-time": plan_one_at_a_time,
     "lru-count-4": plan_count(4),
     "lru-count-3": plan_count(3),
-    "hold-20": plan_hold,
+    "hold-always": plan_held(HOLD_ALWAYS),
     "belady": plan_belady,
 }
-USES_CRF = {"swapd", "one-at-a-time", "hold-20"}  # demotions see CRFs where the plan does
+# Demotions see CRFs where the plan does.
+USES_CRF = {"swapd", "swapd-nohold", "one-at-a-time", "hold-always"}
 
 
 # ---------------------------------------------------------------- event loop
@@ -457,21 +482,44 @@ def try_admit(sim: Sim, planner: Planner, now: float, *, crf: bool) -> None:
 
     After an eviction the head is planned again on the new state, as swapd's manager
     re-plans on fresh readings: a model put to sleep still holds part of its memory.
+    A held load lets the loads queued behind it go first, as a held load in the
+    manager lets go of the admission lock while it waits.
     """
     while not sim.loader_busy and sim.queue:
-        name = sim.queue[0]
-        plan = planner(sim, name, now)
-        if isinstance(plan, policy.Wait):
-            return  # head-of-line: swapd's admission lock is first come, first served
+        found = next_to_plan(sim, planner, now)
+        if found is None:
+            return
+        name, plan = found
         if isinstance(plan, policy.Impossible):
-            sim.queue.popleft()
+            sim.queue.remove(name)
             sim.pending.pop(name, None)
             continue
         if plan.victims:
             evict(sim, plan.victims, name, now, crf=crf)
             continue
-        sim.queue.popleft()
+        sim.queue.remove(name)
         start_load(sim, name, now)
+
+
+def next_to_plan(
+    sim: Sim, planner: Planner, now: float
+) -> tuple[str, policy.Admit | policy.Impossible] | None:
+    """The first queued model whose plan is not held, and its plan; None to wait.
+
+    A plan that waits for busy models stops the scan: swapd's admission lock is
+    first come, first served.
+    """
+    for name in sim.queue:
+        plan = planner(sim, name, now)
+        if isinstance(plan, policy.Hold):
+            if name not in sim.held:
+                sim.held.add(name)
+                sim.counts.holds += 1
+            continue
+        if isinstance(plan, policy.Wait):
+            return None
+        return name, plan
+    return None
 
 
 def evict(sim: Sim, victims: tuple[str, ...], loading: str, now: float, *, crf: bool) -> None:
@@ -493,8 +541,7 @@ def evict(sim: Sim, victims: tuple[str, ...], loading: str, now: float, *, crf: 
     moving += carry_out(sim, overflow)
     if moving:
         # The manager waits for the sleeps before it re-plans: the loader is busy meanwhile.
-        sim.loader_busy = True
-        sim.counts.load_time += moving
+        sim.busy_span(now, moving)
         sim.push(now + moving, "moved", loading)
 
 
@@ -530,8 +577,8 @@ def start_load(sim: Sim, name: str, now: float) -> None:
         sim.resident[name] = Slot(model, last_used=now)
         seconds = model.load_s
         sim.counts.cold += 1
-    sim.loader_busy = True
-    sim.counts.load_time += seconds
+    sim.held.discard(name)
+    sim.busy_span(now, seconds)
     sim.push(now + seconds, "oom" if oom else "loaded", name)
 
 
@@ -601,6 +648,7 @@ def simulate(
         "evictions": c.evictions,
         **{f"reused_within_{w:g}s": n for w, n in c.reused.items()},
         "inversions": c.inversions,
+        "holds": c.holds,
         "ram_overflow_actions": c.overflow,
         "loads_by_model": {n: c.by_model.get(n, 0) for n in models},
         "requests_per_load": len(trace) / loads if loads else math.nan,
@@ -713,7 +761,7 @@ def print_report(results: dict[str, Json]) -> None:
     )
 
 
-SWEEP_POLICIES = ("swapd-lru", "swapd", "one-at-a-time", "hold-20", "belady")
+SWEEP_POLICIES = ("swapd-lru", "swapd-nohold", "swapd", "one-at-a-time", "hold-always", "belady")
 
 
 def print_sweep(sweep: dict[str, dict[str, Json]]) -> None:
@@ -974,7 +1022,7 @@ def main() -> None:
         "load_s": f"{LOAD_BASE_S} + {SECONDS_PER_GIB} * GiB",
         "request_duration": "lognormal, median 2 s, sigma 0.8, capped at 60 s",
         "crf_half_life_s": policy.CRF_HALF_LIFE_S,
-        "hold_s": HOLD_S,
+        "hold": {"max_s": HOLD.max_s, "busy": HOLD.busy, "window_s": policy.HOLD_WINDOW_S},
         "tiers": {
             "rates_per_s": tier_rates,
             "ram_budgets_gib": ram_gib,

@@ -71,6 +71,10 @@ class Config:
     # Supervision: how long a request waits for busy models before they are drained for
     # it, what an unmeasured model with no estimate is assumed to need, the drain at stop.
     max_wait: float = 30.0
+    # Holds (see swapd.policy.hold): the longest a load waits rather than evict models in
+    # more demand than it (0: never), and the loader's busy share from which it does.
+    hold_max: float = 30.0
+    hold_busy: float = 0.4
     default_memory: int = 1024**3
     shutdown_timeout: float = 30.0
     # A cgroup per backend where swapd may make one (see swapd.cgroups); false: never.
@@ -134,6 +138,12 @@ def _timeout(value: Any) -> float:
     return seconds
 
 
+def _share(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"expected a share of the time from 0 to 1, like 0.4, got {value!r}")
+    return float(value)
+
+
 def _one_of(*choices: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in choices:
@@ -171,6 +181,8 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "cache_dir": lambda v: Path(str(v)).expanduser(),
     "cache_budget": lambda v: None if v is None else parse_size(v),
     "max_wait": parse_duration,
+    "hold_max": parse_duration,
+    "hold_busy": _share,
     "default_memory": parse_size,
     "shutdown_timeout": parse_duration,
     "cgroups": _flag,

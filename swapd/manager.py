@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,8 @@ class _Job:
     staging: asyncio.Task[None] | None
     started: float
     drained: list[Slot] = field(default_factory=list)
+    held_at: float | None = None  # while its plan is held (policy.hold): since when
+    hold_until: float = 0.0  # and until when at most
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,9 @@ class Manager:
             else psutil.virtual_memory().total // 2
         )
         self._changed = asyncio.Event()
+        # The loader's recent work, for holds: loads and wakes done, and those under way.
+        self._load_spans: deque[tuple[float, float]] = deque()
+        self._loading: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         # Launches (by fingerprint) whose backend refused --enable-sleep-mode, with its line.
@@ -282,8 +288,7 @@ class Manager:
         """Wait until the model is ready and count one request in flight on it."""
         slot = self.slot_for(name)
         preset = slot.preset
-        now = time.monotonic()  # every request counts for the eviction order, queued or not
-        slot.crf, slot.crf_at = policy.crf_update(slot.crf, slot.crf_at, now), now
+        self._count_request(slot)
         if preset.max_queue is not None and slot.waiters >= preset.max_queue:
             limit = (preset.concurrency or 0) + preset.max_queue
             raise QueueFull(preset.name, limit)
@@ -317,6 +322,13 @@ class Manager:
                 await self._join_load(slot)
         finally:
             slot.waiters -= 1
+
+    def _count_request(self, slot: Slot) -> None:
+        """Every request counts for the eviction order (its CRF), queued or not."""
+        now = time.monotonic()
+        slot.crf, slot.crf_at = policy.crf_update(slot.crf, slot.crf_at, now), now
+        if slot.hold is not None:
+            self._notify()  # its held load may go now that its CRF has grown
 
     @staticmethod
     def _reaping(slot: Slot) -> bool:
@@ -460,6 +472,7 @@ class Manager:
             staging = self._spawn_task(self._stage(slot), f"stage:{name}")
         try:
             device, total = await self._admit(slot, waking=waking, staging=staging)
+            self._loading[name] = time.monotonic()
             if waking:
                 await self._wake(slot)
             else:
@@ -481,6 +494,7 @@ class Manager:
         finally:
             if staging is not None and not staging.done():
                 staging.cancel()
+            self._loaded(name)
             self._notify()
         load_s = time.monotonic() - started
         self.metrics.load_done(name, from_tier, load_s)
@@ -491,6 +505,27 @@ class Manager:
             from_tier=from_tier,
             load_s=round(load_s, 3),
         )
+
+    def _loaded(self, name: str) -> None:
+        """A load or wake ended, well or not: keep its span for :meth:`_loader_busy`."""
+        began = self._loading.pop(name, None)
+        now = time.monotonic()
+        if began is not None:
+            self._load_spans.append((began, now))
+        while self._load_spans and self._load_spans[0][1] < now - policy.HOLD_WINDOW_S:
+            self._load_spans.popleft()
+
+    def _loader_busy(self) -> float:
+        """The share of the last few minutes spent loading, those under way included."""
+        now = time.monotonic()
+        under_way = [(began, now) for began in self._loading.values()]
+        return policy.loader_busy([*self._load_spans, *under_way], now)
+
+    def _hold_rule(self) -> policy.HoldRule:
+        # Bounded by max_wait and queue_timeout too: a hold never outlasts either promise.
+        config = self.config
+        longest = min(config.hold_max, config.max_wait, config.queue_timeout)
+        return policy.HoldRule(max_s=longest, busy=config.hold_busy)
 
     def _load_failed(self, slot: Slot, exc: RequestError) -> None:
         slot.last_error = exc
@@ -654,6 +689,7 @@ class Manager:
         try:
             return await self._admit_loop(job)
         finally:
+            self._end_hold(job)
             self._end_swap_drains(job.drained)
 
     async def _admit_loop(self, job: _Job) -> tuple[Device, int]:
@@ -662,7 +698,15 @@ class Manager:
         deadline = job.started + self.config.queue_timeout
         while True:
             staged = staging is None or staging.done()
-            step = await self._plan_step(slot, candidates, waking=waking, staged=staged)
+            waited = time.monotonic() - job.started
+            step = await self._plan_step(
+                slot, candidates, waking=waking, staged=staged, waited=waited
+            )
+            if isinstance(step, policy.Hold):
+                self._begin_hold(job, step)
+                await self._wait_for_change(min(step.seconds, deadline - time.monotonic()))
+                continue
+            self._end_hold(job)
             if isinstance(step, tuple):
                 return step
             if isinstance(step, _Staging):
@@ -679,9 +723,42 @@ class Manager:
             _log.info("model.load.wait", model=preset.name, busy=list(step.busy))
             if time.monotonic() - job.started >= self.config.max_wait:
                 job.drained += self._drain_for_swap(step.busy, waiting=preset.name)
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+            await self._wait_for_change(remaining)
+
+    async def _wait_for_change(self, timeout: float) -> None:
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), max(0.0, timeout))
+
+    def _begin_hold(self, job: _Job, hold: policy.Hold) -> None:
+        """Say that the load is held, and why, once when the hold begins."""
+        job.slot.hold = hold.reason
+        if job.held_at is not None:
+            return
+        job.held_at = time.monotonic()
+        job.hold_until = job.held_at + hold.seconds
+        _log.info(
+            "model.hold.start",
+            model=job.slot.preset.name,
+            crf=round(hold.crf, 3),
+            victims_crf=round(hold.victims_crf, 3),
+            loader_busy=round(hold.busy, 3),
+            hold_s=round(hold.seconds, 3),
+        )
+
+    def _end_hold(self, job: _Job) -> None:
+        """The hold is over: its time ran out, its condition cleared, or the load ended."""
+        if job.held_at is None:
+            return
+        now = time.monotonic()
+        _log.info(
+            "model.hold.end",
+            model=job.slot.preset.name,
+            why="expired" if now >= job.hold_until else "cleared",
+            held_s=round(now - job.held_at, 3),
+        )
+        job.slot.hold = None
+        job.held_at = None
 
     def _drain_for_swap(self, names: Sequence[str], *, waiting: str) -> list[Slot]:
         """Stop leasing the busy models a request has waited on past ``max_wait``.
@@ -718,9 +795,9 @@ class Manager:
             self._notify()
 
     async def _plan_step(
-        self, slot: Slot, candidates: list[Device], *, waking: bool, staged: bool
-    ) -> tuple[Device, int] | _Staging | policy.Wait:
-        """Plan under the candidates' locks: make room, then reserve; or say to wait.
+        self, slot: Slot, candidates: list[Device], *, waking: bool, staged: bool, waited: float
+    ) -> tuple[Device, int] | _Staging | policy.Wait | policy.Hold:
+        """Plan under the candidates' locks: make room, then reserve; or say to wait or hold.
 
         The locks stay held while victims go down a tier and their memory comes back,
         so no other load can take the room this one made (requests queued for a victim
@@ -745,6 +822,16 @@ class Manager:
                     raise InsufficientMemory(f"cannot load {preset.name!r}: {plan.reason}")
                 if isinstance(plan, policy.Wait):
                     return plan
+                held = policy.hold(
+                    plan,
+                    self._crf(slot),
+                    residents,
+                    busy=self._loader_busy(),
+                    waited=waited,
+                    rule=self._hold_rule(),
+                )
+                if held is not None:
+                    return held  # the locks go: other loads may plan meanwhile
                 device = next(d for d in candidates if d.id == plan.device)
                 slot.need = needs[plan.device]
                 if not plan.victims and not staged:

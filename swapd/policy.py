@@ -26,6 +26,9 @@ gives one for every model compared: each request adds 1 and the sum halves every
 model used often stays ahead of one used once a moment ago. Without CRFs it is
 the last use (plain LRU).
 
+A load that is admissible may still be held (:func:`hold`): while the loader is
+busy, a load whose victims are in more demand than it waits a bounded time.
+
 Where the victims go is a second decision, :func:`demotions`: down to the ram
 tier (vLLM sleeps; a llama-server's GGUF pages stay locked) while the ram budget
 has room, the ram tier's own entries worth less than the victim going down to
@@ -299,6 +302,88 @@ def best_plan(
         if found:
             return found[0]
     return plans[0] if plans else Impossible("no device reported memory")
+
+
+# ---------------------------------------------------------------- holds
+
+# The loader's recent past: long enough to see a rush, short enough to see it end.
+HOLD_WINDOW_S = 300.0
+# A hold shorter than this is not worth a re-plan (and rounding can leave one this short).
+_MIN_HOLD_S = 0.01
+
+
+@dataclass(frozen=True)
+class HoldRule:
+    """When an admissible load waits rather than evict models in more demand than it.
+
+    ``busy`` is the share of the last :data:`HOLD_WINDOW_S` seconds spent loading at
+    or above which loads are held (0: whenever the victims are worth more); ``max_s``
+    is the longest a load is held, counted from its first request (0: never).
+    """
+
+    max_s: float = 30.0
+    busy: float = 0.4
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Admissible, but held: the victims' CRF exceeds the model's and the loader is busy."""
+
+    seconds: float  # the most it is held from now; it goes sooner if the condition clears
+    crf: float  # the model's
+    victims_crf: float  # the victims', summed
+    busy: float  # the loader's busy share
+
+    @property
+    def reason(self) -> str:
+        """Why, in the words status shows."""
+        return (
+            f"held up to {self.seconds:.0f}s: its victims' CRF {self.victims_crf:.2f} exceeds "
+            f"its {self.crf:.2f} while the loader is busy {self.busy:.0%} of the time"
+        )
+
+
+def loader_busy(
+    spans: Iterable[tuple[float, float]], now: float, window: float = HOLD_WINDOW_S
+) -> float:
+    """Load seconds per second over the last ``window``: the share of it spent loading.
+
+    ``spans`` are (start, end) of loads, wakes and sleeps; one under way ends at ``now``.
+    Overlapping loads add up, so on several devices the share can pass 1.
+    """
+    start = now - window
+    taken = sum(max(0.0, min(end, now) - max(begin, start)) for begin, end in spans)
+    return taken / window
+
+
+def hold(  # noqa: PLR0913 - the plan and the facts it is held on, keyword-only
+    plan: Plan,
+    crf: float | None,
+    residents: Sequence[Resident],
+    *,
+    busy: float,
+    waited: float,
+    rule: HoldRule,
+) -> Hold | None:
+    """Whether an admissible load should wait before it evicts: a Hold, or None to go now.
+
+    A saturated loader that evicts a model in more demand than the one it loads
+    reloads the victim soon after, and every load displaces another: the thrash of
+    docs/benchmarks.md (section 3). Holding the load lets its requests gather, so
+    one load serves them all, while the victims keep serving theirs; the hold ends
+    once the model's CRF catches up, or after ``rule.max_s``. An idle loader never
+    holds: then the wait would buy nothing. Without CRFs there is no hold.
+    """
+    if not isinstance(plan, Admit) or not plan.victims or crf is None:
+        return None
+    by_name = {r.name: r.crf for r in residents if r.name in plan.victims}
+    if any(value is None for value in by_name.values()):
+        return None
+    kept = sum(value or 0.0 for value in by_name.values())
+    left = rule.max_s - waited
+    if left < _MIN_HOLD_S or busy < rule.busy or kept <= crf:
+        return None
+    return Hold(left, crf, kept, busy)
 
 
 # ---------------------------------------------------------------- tiers

@@ -58,6 +58,7 @@ class Slot:
     crf: float = 0.0
     crf_at: float = 0.0
     swap_drain: bool = False  # DRAINING so that a request waiting past max_wait can swap in
+    hold: str | None = None  # why its admissible load is held (policy.hold), while it is
     failures: int = 0  # failed starts in a row
     retry_at: float = 0.0  # monotonic; when a backoff ends
     staged_path: str | None = None
@@ -137,6 +138,7 @@ class ModelView:
     sleep_level: int
     sleep_note: str | None
     staging: tuple[int, int] | None
+    hold: str | None
     error: str | None
     exit_code: int | None
     failures: int
@@ -181,6 +183,7 @@ class ModelView:
                 if self.staging is None
                 else {"done": self.staging[0], "total": self.staging[1]}
             ),
+            "hold": self.hold,
             "error": self.error,
             "exit_code": self.exit_code,
             "failures": self.failures,
@@ -221,6 +224,7 @@ def snapshot(slot: Slot) -> ModelView:
         sleep_level=slot.sleep_level,
         sleep_note=slot.sleep_note,
         staging=slot.staging,
+        hold=slot.hold,
         error=error.message if error else None,
         exit_code=error.exit_code if isinstance(error, BackendStartError) else None,
         failures=slot.failures,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import StartDaemon
-from daemon import fake_preset, wait_for
+from daemon import Daemon, fake_preset, wait_for
 from fakes import probe_file
 
 GIB = 1024**3
@@ -117,3 +117,56 @@ def test_eviction_keeps_the_model_asked_for_more_often(
     assert d.chat("new")[0] == 200
     assert [e["victims"] for e in d.events("model.evict")] == [["once"]]
     assert d.model("often")["state"] == "ready"
+
+
+def _hold_daemon(start_daemon: StartDaemon, tmp_path: Path, **settings: Any) -> Daemon:
+    """Room for one of two 1 GiB models; ``often`` has served three requests."""
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": int(1.5 * GIB), "outside": 0}})
+    d = start_daemon(
+        {name: _gpu_preset(name, probe, 0) for name in ("often", "rare")},
+        {"devices": "auto", "reserve": 0, **settings},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    for _ in range(3):
+        assert d.chat("often")[0] == 200
+    return d
+
+
+def test_a_held_load_goes_once_its_demand_outweighs_its_victims(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Held while its victim is in more demand, the load goes as soon as it is not.
+
+    ``hold_busy: 0`` holds whatever the loader does. ``rare`` (CRF 1) would evict
+    ``often`` (CRF 3): it is held, says so in status, and three more requests for it
+    (CRF 4) end the hold long before its bound.
+    """
+    d = _hold_daemon(start_daemon, tmp_path, hold_busy=0, hold_max="10m")
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(d.chat, "rare")
+        reason = wait_for(lambda: d.model("rare")["hold"])
+        assert "victims' CRF" in reason
+        assert d.model("often")["state"] == "ready"
+        more = [pool.submit(d.chat, "rare") for _ in range(3)]
+        assert [f.result()[0] for f in (first, *more)] == [200] * 4
+    assert [e["model"] for e in d.events("model.hold.start")] == ["rare"]
+    assert [(e["model"], e["why"]) for e in d.events("model.hold.end")] == [("rare", "cleared")]
+    assert [e["victims"] for e in d.events("model.evict")] == [["often"]]
+    assert d.model("rare")["hold"] is None
+
+
+def test_a_hold_ends_at_its_bound(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """A held load whose demand never catches up still goes, once ``hold_max`` has passed."""
+    d = _hold_daemon(start_daemon, tmp_path, hold_busy=0, hold_max="1s")
+    assert d.chat("rare")[0] == 200
+    assert [(e["model"], e["why"]) for e in d.events("model.hold.end")] == [("rare", "expired")]
+    assert [e["victims"] for e in d.events("model.evict")] == [["often"]]
+
+
+def test_an_idle_loader_never_holds(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """With the default ``hold_busy``, a loader idle most of the time evicts at once."""
+    d = _hold_daemon(start_daemon, tmp_path)
+    assert d.chat("rare")[0] == 200
+    assert d.events("model.hold.start") == []
+    assert [e["victims"] for e in d.events("model.evict")] == [["often"]]

@@ -9,6 +9,8 @@ from swapd.policy import (
     Action,
     Admit,
     DeviceView,
+    Hold,
+    HoldRule,
     Impossible,
     Limits,
     Plan,
@@ -21,6 +23,8 @@ from swapd.policy import (
     crf_decay,
     crf_update,
     demotions,
+    hold,
+    loader_busy,
     plan_admission,
     ram_overflow,
 )
@@ -609,3 +613,70 @@ def test_demotions_order(
 def test_ram_overflow_order(ram: RamTier, actions: tuple[Action, ...]) -> None:
     """Over its budget, the tier pushes down its entries least worth keeping first."""
     assert ram_overflow(ram) == actions
+
+
+# ---------------------------------------------------------------- holds
+
+
+@pytest.mark.parametrize(
+    ("spans", "busy"),
+    [
+        pytest.param([], 0.0, id="idle"),
+        pytest.param([(900.0, 930.0)], 0.1, id="one load of 30 s in the window"),
+        pytest.param([(600.0, 660.0)], 0.0, id="a load before the window"),
+        pytest.param([(690.0, 720.0)], 20 / 300, id="a load partly before the window"),
+        pytest.param([(990.0, 1060.0)], 10 / 300, id="under way: counted up to now"),
+        pytest.param([(700.0, 1000.0), (700.0, 1000.0)], 2.0, id="two devices at once"),
+    ],
+)
+def test_loader_busy_is_the_share_of_the_window_spent_loading(
+    spans: list[tuple[float, float]], busy: float
+) -> None:
+    """Only the last five minutes count; overlapping loads add up."""
+    assert loader_busy(spans, now=1000.0) == pytest.approx(busy)
+
+
+VICTIM = Resident("victim", "gpu0", gib(8), last_used=0, crf=3.0)
+RULE = HoldRule(max_s=30, busy=0.4)
+
+
+@pytest.mark.parametrize(
+    ("plan", "crf", "busy", "waited", "held"),
+    [
+        pytest.param(Admit("gpu0", ("victim",)), 1.0, 0.5, 0, 30.0, id="busy, victim worth more"),
+        pytest.param(Admit("gpu0", ("victim",)), 1.0, 0.5, 25, 5.0, id="the rest of the bound"),
+        pytest.param(Admit("gpu0", ("victim",)), 1.0, 0.5, 30, None, id="bound reached"),
+        pytest.param(Admit("gpu0", ("victim",)), 1.0, 0.3, 0, None, id="loader not busy"),
+        pytest.param(Admit("gpu0", ("victim",)), 3.5, 0.5, 0, None, id="model worth more"),
+        pytest.param(Admit("gpu0"), 1.0, 0.9, 0, None, id="no victims"),
+        pytest.param(Wait("gpu0", ("victim",)), 1.0, 0.9, 0, None, id="not admissible"),
+        pytest.param(Admit("gpu0", ("victim",)), None, 0.9, 0, None, id="no CRF: no hold"),
+    ],
+)
+def test_hold(
+    plan: Plan, crf: float | None, busy: float, waited: float, held: float | None
+) -> None:
+    """A load is held only while the loader is busy and its victims outweigh it, bounded."""
+    found = hold(plan, crf, [VICTIM], busy=busy, waited=waited, rule=RULE)
+    assert (found.seconds if found else None) == held
+
+
+def test_hold_weighs_the_victims_together() -> None:
+    """Two victims of CRF 1 each outweigh a model of CRF 1.5: the load is held."""
+    residents = [
+        Resident("a", "gpu0", gib(4), last_used=0, crf=1.0),
+        Resident("b", "gpu0", gib(4), last_used=0, crf=1.0),
+        Resident("c", "gpu0", gib(4), last_used=0, crf=9.0),  # not a victim
+    ]
+    found = hold(Admit("gpu0", ("a", "b")), 1.5, residents, busy=0.5, waited=0, rule=RULE)
+    assert found == Hold(seconds=30, crf=1.5, victims_crf=2.0, busy=0.5)
+    assert "victims' CRF 2.00 exceeds its 1.50" in found.reason
+
+
+def test_a_hold_rule_of_zero_busy_holds_on_an_idle_loader_and_zero_seconds_never() -> None:
+    """``hold_busy: 0`` holds whatever the loader does; ``hold_max: 0`` turns holds off."""
+    plan = Admit("gpu0", ("victim",))
+    always = hold(plan, 1.0, [VICTIM], busy=0.0, waited=0, rule=HoldRule(max_s=30, busy=0))
+    never = hold(plan, 1.0, [VICTIM], busy=5.0, waited=0, rule=HoldRule(max_s=0, busy=0))
+    assert always is not None
+    assert never is None
