@@ -7,7 +7,8 @@ back to swapd. Its environment still does: every backend starts with
 inherit unless they clear their environment. A stop without cgroups, and the
 reaper when swapd dies, end whatever still carries the mark.
 
-Only the standard library: the reaper imports this and stays small.
+Only ``os`` and friends: the reaper imports this and stays small (no pathlib, no
+secrets: each costs it megabytes of resident memory).
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import secrets
 import signal
-from pathlib import Path
 
 ENV_VAR = "SWAPD_BACKEND_ID"
 # This swapd's run: the pid alone could repeat after a reboot or in another pid namespace.
-RUN_ID = f"{os.getpid()}-{secrets.token_hex(4)}"
+RUN_ID = f"{os.getpid()}-{os.urandom(4).hex()}"
 _numbers = itertools.count(1)
 # New helpers may fork while the marked ones are being killed: look again, a few times.
 _SWEEPS = 3
@@ -37,22 +36,21 @@ def run_prefix(run_id: str = RUN_ID) -> str:
     return f"{run_id}:"
 
 
-def marked_pids(mark: str, *, prefix: bool = False, proc: Path = Path("/proc")) -> list[int]:
+def marked_pids(mark: str, *, prefix: bool = False, proc: str = "/proc") -> list[int]:
     """Processes whose environment carries ``mark`` (or a mark starting with it)."""
     wanted = f"{ENV_VAR}={mark}".encode()
     own = {os.getpid(), os.getppid()}
     found = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) in own:
+    for name in os.listdir(proc):  # noqa: PTH208 - no pathlib here
+        if not name.isdigit() or int(name) in own:
             continue
         try:
-            environ = (entry / "environ").read_bytes()  # empty for zombies and kernel threads
+            with open(os.path.join(proc, name, "environ"), "rb") as environ:  # noqa: PTH118, PTH123 - no pathlib here
+                items = environ.read().split(b"\0")  # empty for zombies and kernel threads
         except OSError:
             continue  # gone meanwhile, or another user's
-        for item in environ.split(b"\0"):
-            if item == wanted or (prefix and item.startswith(wanted)):
-                found.append(int(entry.name))
-                break
+        if any(item == wanted or (prefix and item.startswith(wanted)) for item in items):
+            found.append(int(name))
     return sorted(found)
 
 

@@ -125,6 +125,6 @@ def test_marked_pids_finds_a_backends_mark_in_proc_environ(tmp_path: Path) -> No
     proc(14, "X=SWAPD_BACKEND_ID=run1:1")  # the mark inside another variable's value
     (tmp_path / "15").mkdir()  # no environ to read
     (tmp_path / "self").mkdir()
-    assert marks.marked_pids("run1:1", proc=tmp_path) == [10]
-    assert marks.marked_pids("run1:", prefix=True, proc=tmp_path) == [10, 11]
-    assert marks.marked_pids("run3:", prefix=True, proc=tmp_path) == []
+    assert marks.marked_pids("run1:1", proc=str(tmp_path)) == [10]
+    assert marks.marked_pids("run1:", prefix=True, proc=str(tmp_path)) == [10, 11]
+    assert marks.marked_pids("run3:", prefix=True, proc=str(tmp_path)) == []
