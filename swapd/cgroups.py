@@ -123,6 +123,15 @@ class Cgroups:
         return path
 
 
+def join(path: Path, pid: int) -> None:
+    """Move process ``pid`` (all its threads) into the cgroup ``path``.
+
+    A migration waits for the kernel's cgroup lock, which can take 5-20 ms (an RCU
+    grace period): callers run it in a worker thread while the backend starts.
+    """
+    (path / "cgroup.procs").write_text(str(pid))
+
+
 def kill(path: Path) -> list[int]:
     """End every process left in ``path`` and remove it; return the pids that were there.
 

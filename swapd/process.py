@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import functools
 import os
 import signal
 import time
@@ -33,19 +32,14 @@ OUTPUT_GRACE = 1.0
 _log = get_logger("swapd.process")
 
 
-def _prepare_child(cgroup_procs: str | None) -> None:  # pragma: no cover - forked child
-    """Join the backend's cgroup, die with swapd, pass only stdin, stdout and stderr.
+def _prepare_child() -> None:  # pragma: no cover - forked child
+    """Die with swapd, pass only stdin, stdout and stderr.
 
     Some event loops (uvloop) leave copies of swapd's own descriptors open in the
     child; a daemonizing helper would then hold swapd's output socket forever.
     Marking them close-on-exec, rather than closing them, keeps the loop's own
     exec-error pipe working.
     """
-    if cgroup_procs is not None:
-        # Before exec, so that everything the backend starts is in the cgroup too. If the
-        # cgroup is gone, the backend still starts; escapes are then only reported.
-        with contextlib.suppress(OSError), open(cgroup_procs, "w") as procs:  # noqa: PTH123
-            procs.write("0")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     for entry in Path("/proc/self/fd").iterdir():
@@ -95,6 +89,7 @@ class Child:
         self.escaped = False  # a helper outside the group outlived the leader
         self.backend_id = marks.new_backend_id()  # in its environment: finds escaped helpers
         self._sweep: asyncio.Task[None] | None = None
+        self._joined: asyncio.Task[None] | None = None
         self._drain: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -122,16 +117,22 @@ class Child:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=functools.partial(
-                    _prepare_child,
-                    str(self.cgroup / "cgroup.procs") if self.cgroup else None,
-                ),
+                preexec_fn=_prepare_child,
             )
         except OSError as exc:
             reason = f"cannot be executed: {self.argv[0]}: {exc.strerror}"
             self.ring.append(f"swapd: {reason}")
             raise BackendStartError(self.model, None, self.ring.tail(), reason=reason) from exc
         self._on_group("+", self._proc.pid)
+        if self.cgroup is not None:
+            # Joined from here, not in the child before exec: a migration can take 5-20 ms
+            # (a kernel lock's RCU grace period), which then overlaps the backend's start
+            # instead of adding to it. What the backend forks in those first milliseconds
+            # stays outside the cgroup; the group kill and the environment mark still
+            # end it.
+            self._joined = asyncio.create_task(
+                self._join_cgroup(self.cgroup, self._proc.pid), name=f"cgroup:{self.model}"
+            )
         self._pump = asyncio.create_task(self._read_output(), name=f"output:{self.model}")
         _log.info("backend.spawn", model=self.model, pid=self._proc.pid, argv=list(self.argv))
 
@@ -241,6 +242,12 @@ class Child:
                 pass
             await asyncio.sleep(READY_POLL_INTERVAL)
 
+    async def _join_cgroup(self, cgroup: Path, pid: int) -> None:
+        try:
+            await asyncio.to_thread(cgroups.join, cgroup, pid)
+        except OSError as exc:  # the cgroup is gone or refused us: the backend runs without
+            _log.warning("cgroup.join.fail", model=self.model, error=str(exc))
+
     async def _end_marked(self) -> None:
         """Kill the processes that left the group but still carry this backend's mark."""
         try:
@@ -313,6 +320,8 @@ class Child:
             await asyncio.sleep(0.02)
         self._signal_group(signal.SIGKILL)
         if self.cgroup is not None:
+            if self._joined is not None:
+                await asyncio.shield(self._joined)  # never kill and remove a cgroup mid-join
             # Whatever is left there left the group (setsid): end it too.
             escaped = await asyncio.to_thread(cgroups.kill, self.cgroup)
             if escaped:
