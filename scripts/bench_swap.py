@@ -37,7 +37,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,13 +70,14 @@ def choose_cores(*, free: bool = False) -> Cores:
 # ---------------------------------------------------------------- requests
 
 
-def chat(port: int, model: str) -> tuple[float, float]:
+def chat(port: int, model: str, headers: Mapping[str, str] | None = None) -> tuple[float, float]:
     """One small chat request; return (seconds to response headers, seconds to the end)."""
     body = json.dumps({**BODY, "model": model})
     conn = http.client.HTTPConnection(_bench.LOOPBACK, port, timeout=600)
     try:
         started = time.perf_counter()
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        sent = {"Content-Type": "application/json", **(headers or {})}
+        conn.request("POST", "/v1/chat/completions", body, sent)
         resp = conn.getresponse()
         ttfb = time.perf_counter() - started
         resp.read()
@@ -93,8 +94,11 @@ def chat(port: int, model: str) -> tuple[float, float]:
 @contextlib.contextmanager
 def spawned(
     preset: Preset, cores: set[int] | None
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """Start the backend directly with swapd's argv on a free port; always stop it."""
+) -> Iterator[tuple[subprocess.Popen[bytes], int, dict[str, str]]]:
+    """Start the backend directly with swapd's argv on a free port; always stop it.
+
+    Also yields the headers swapd would send it: its own key, where the kind takes one.
+    """
     port = _bench.free_port()
     launch = build_launch(preset, port)
     proc = subprocess.Popen(
@@ -106,8 +110,9 @@ def spawned(
         start_new_session=True,
         preexec_fn=_bench.pinner(cores),  # noqa: PLW1509 - pin before exec; no threads here
     )
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in launch.headers}
     try:
-        yield proc, port
+        yield proc, port, headers
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -128,10 +133,10 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, path: str, timeout: f
 def direct_run(preset: Preset, cores: set[int] | None) -> Json:
     """One start, first request and stop of the backend on its own, timed."""
     started = time.perf_counter()
-    with spawned(preset, cores) as (proc, port):
+    with spawned(preset, cores) as (proc, port, headers):
         wait_healthy(proc, port, preset.health, preset.start_timeout)
         start_s = time.perf_counter() - started
-        _, request_s = chat(port, preset.name)
+        _, request_s = chat(port, preset.name, headers)
         stopping = time.perf_counter()
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()

@@ -144,10 +144,10 @@ def wait_ready(
 def direct_cycle(preset: Preset, cores: set[int] | None) -> Json:
     """bench_swap.py's direct run (start, first request, stop), polled every DIRECT_POLL."""
     started = time.perf_counter()
-    with spawned(preset, cores) as (proc, port):
+    with spawned(preset, cores) as (proc, port, headers):
         wait_ready(proc, port, preset)
         start_s = time.perf_counter() - started
-        _, request_s = chat(port, preset.name)
+        _, request_s = chat(port, preset.name, headers)
         stopping = time.perf_counter()
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
@@ -209,7 +209,7 @@ def swapd_load(daemon: Swapd) -> Json:
 def direct_start(preset: Preset, cores: set[int] | None) -> Json:
     """Spawn llama-server with swapd's argv and time it to health 200 (every DIRECT_POLL)."""
     started = time.perf_counter()
-    with spawned(preset, cores) as (proc, port):
+    with spawned(preset, cores) as (proc, port, _):
         wait_ready(proc, port, preset)
         return {"s": time.perf_counter() - started}
 
@@ -417,7 +417,7 @@ def poll_part(model: Path, rounds: int, cores: Cores) -> Json:
         order = [("1 ms", 0.001), ("5 ms", 0.005)]
         for key, interval in order[i % 2 :] + order[: i % 2]:
             started = time.perf_counter()
-            with spawned(preset, cores.server) as (proc, port):
+            with spawned(preset, cores.server) as (proc, port, _):
                 wait_ready(proc, port, preset, interval)
                 if i:  # the first round pays for `llama-server --help`: not counted
                     times[key].append(time.perf_counter() - started)
