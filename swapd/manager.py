@@ -82,6 +82,9 @@ _MEASURE_DELAY = 1.0
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 BREAKER_AFTER = 5
+# A backend that exits by itself sooner than this after becoming ready counts as a failed
+# start (backoff, breaker): a crash on the first request must not restart in a loop.
+STABLE_AFTER = 60.0
 # A liveness probe waits at most this long for an answer.
 _PROBE_TIMEOUT = 5.0
 
@@ -540,6 +543,10 @@ class Manager:
             slot.move(State.QUEUED, State.ASLEEP if slot.child else State.FAILED)
         if slot.state is not State.FAILED:
             return
+        self._count_failure(slot)
+
+    def _count_failure(self, slot: Slot) -> None:
+        """One more failure in a row for a FAILED model: back off, or open the breaker."""
         slot.failures += 1
         if slot.failures >= BREAKER_AFTER:
             _log.error("model.breaker.open", model=slot.preset.name, failures=slot.failures)
@@ -548,6 +555,11 @@ class Manager:
         slot.retry_at = time.monotonic() + delay
         slot.move(State.FAILED, State.BACKOFF)
         _log.info("model.backoff", model=slot.preset.name, failures=slot.failures, delay_s=delay)
+
+    @staticmethod
+    def _proven(slot: Slot) -> bool:
+        """Whether its backend has stayed up long enough for its start to count as good."""
+        return time.monotonic() - slot.ready_at >= STABLE_AFTER
 
     def _pids(self) -> list[int]:
         return [s.child.pid for s in self.slots.values() if s.child and s.child.pid]
@@ -1041,9 +1053,8 @@ class Manager:
                 slot.move(State.STARTING, State.STOPPED if cancelled else State.FAILED)
             raise
         slot.move(State.STARTING, State.READY)
-        slot.last_used = time.monotonic()
-        slot.failures = 0
-        slot.escaped = False
+        slot.last_used = slot.ready_at = time.monotonic()
+        slot.escaped = False  # failures are cleared once it has proven itself (_proven)
         self._drop_pages(slot)  # the process maps the file itself now
         self._spawn_task(self._watch(slot, child), f"watch:{preset.name}")
         self._spawn_task(self._measure(slot, child), f"measure:{preset.name}")
@@ -1150,6 +1161,10 @@ class Manager:
         if slot.child is child:
             self._forget_child(slot)
             slot.ram_bytes = 0
+            if self._proven(slot):
+                slot.failures = 0  # a crash after a good run: start again at once
+            elif slot.state is State.FAILED:
+                self._count_failure(slot)  # soon after ready: as a failed start
         self._notify()
 
     async def _liveness(self, slot: Slot, child: Child) -> None:
@@ -1171,6 +1186,8 @@ class Manager:
                 continue
             if await self._probe(slot.launch, preset.health, timeout):
                 misses = 0
+                if slot.failures and self._proven(slot):
+                    slot.failures = 0  # its start has proven good
                 continue
             misses += 1
             _log.warning("backend.probe.miss", model=preset.name, misses=misses)
@@ -1290,6 +1307,8 @@ class Manager:
                 hold = asyncio.create_task(self._hold_pages(slot))
             if child is not None:
                 _log.info("model.stop", model=slot.preset.name, reason=reason)
+                if slot.failures and self._proven(slot):
+                    slot.failures = 0  # stopped after a good run
                 await child.stop(slot.preset.stop_timeout)
                 self._forget_child(slot)
             if hold is not None:

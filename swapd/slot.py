@@ -59,7 +59,10 @@ class Slot:
     crf_at: float = 0.0
     swap_drain: bool = False  # DRAINING so that a request waiting past max_wait can swap in
     hold: str | None = None  # why its admissible load is held (policy.hold), while it is
-    failures: int = 0  # failed starts in a row
+    # Failed starts in a row, a crash soon after ready counting as one; cleared once a
+    # start has stayed up STABLE_AFTER (manager).
+    failures: int = 0
+    ready_at: float = 0.0  # monotonic; when its backend last became ready
     retry_at: float = 0.0  # monotonic; when a backoff ends
     staged_path: str | None = None
     staging: tuple[int, int] | None = None  # bytes done, total, while copying

@@ -50,6 +50,24 @@ def test_a_failed_start_backs_off_and_answers_503_without_spawning(
     assert len(d.events("backend.spawn")) == 1
 
 
+def test_a_crash_soon_after_ready_backs_off_instead_of_restarting_in_a_loop(
+    start_daemon: StartDaemon,
+) -> None:
+    """A backend that dies on its first request counts as a failed start: 503 backoff next."""
+    d = start_daemon({"flaky": fake_preset("X", "--crash-after", "0")})
+    assert d.chat("flaky")[0] == 502  # ready, then dead on the request
+    wait_for(lambda: d.model("flaky")["state"] == "backoff", timeout=15)
+    status, headers, body = _chat_with_headers(d, "flaky")
+    assert (status, body["error"]["code"]) == (503, "backoff")
+    assert int(headers["Retry-After"]) >= 1
+    assert len(d.events("backend.spawn")) == 1  # nothing restarted during the backoff
+    assert [e["failures"] for e in d.events("model.backoff")] == [1]
+    # After the backoff the next request starts it again, and a second early crash doubles it.
+    wait_for(lambda: d.chat("flaky")[0] == 502, timeout=20, interval=0.2)
+    wait_for(lambda: len(d.events("model.backoff")) == 2, timeout=15)
+    assert [e["delay_s"] for e in d.events("model.backoff")] == [1.0, 2.0]
+
+
 def test_five_failed_starts_in_a_row_open_the_breaker_until_an_explicit_load(
     start_daemon: StartDaemon,
 ) -> None:
