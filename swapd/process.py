@@ -327,9 +327,10 @@ class Child:
             if escaped:
                 self.escaped = True
                 _log.warning("backend.escaped.killed", model=self.model, pids=escaped)
-        elif self._sweep is None:
-            # No cgroup: find them by the mark in their environment. Off the stop's path
-            # (a scan of every process takes milliseconds, and a swap waits on the stop).
+        if self._sweep is None:
+            # Then by the mark in their environment: helpers outside any cgroup, or forked
+            # before the backend joined its own. Off the stop's path (a scan of every
+            # process takes milliseconds, and a swap waits on the stop).
             self._sweep = asyncio.create_task(self._end_marked(), name=f"sweep:{self.model}")
         self._on_group("-", self._proc.pid)
         _log.info(
