@@ -32,7 +32,7 @@ from swapd._exchange import EXCHANGE, count
 from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
-from swapd.proxy import Proxy, forwarded_headers, model_from_json, read_body
+from swapd.proxy import Proxy, forwarded_headers, model_from_json, pass_body, read_body
 from swapd.states import State
 from swapd.upstream import UpstreamError, UpstreamResponse
 
@@ -209,15 +209,7 @@ class ColdStreams:
         exchange = request.get(EXCHANGE)
         if exchange is not None:
             exchange.first_byte = time.perf_counter()  # the backend's first byte, not a ping
-        try:
-            async for chunk in upstream.iter_chunks():
-                await response.write(chunk)
-        except UpstreamError:
-            # The stream is open already: a cut connection is the only signal left.
-            if request.transport is not None:
-                request.transport.close()
-            return
-        await response.write_eof()
+        await pass_body(request, response, upstream)
 
 
 def _stream_error(request: web.Request, status: int) -> None:

@@ -266,14 +266,14 @@ class Proxy:
             # chunk (a long prompt) shows the client its status meanwhile.
             flush = asyncio.get_running_loop().call_later(HEADERS_WAIT, _send_headers, request)
         try:
-            await _pass_body(request, response, upstream)
+            await pass_body(request, response, upstream)
         finally:
             if flush is not None:
                 flush.cancel()
         return response
 
 
-async def _pass_body(
+async def pass_body(
     request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse
 ) -> None:
     """Write the backend's body to the client chunk by chunk, as it comes."""
