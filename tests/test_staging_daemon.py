@@ -111,6 +111,16 @@ def test_a_checksum_mismatch_fails_clearly_and_caches_nothing(
     assert d.leftovers() == []
 
 
+def _load_in_background(d: Daemon, model: str) -> None:
+    """Ask for a load from another thread; swapd is killed mid-request on purpose."""
+
+    def load() -> None:
+        with contextlib.suppress(OSError):
+            d.request("POST", f"/swapd/models/{model}/load", timeout=120)
+
+    threading.Thread(target=load, daemon=True).start()
+
+
 def test_sigkill_of_swapd_mid_copy_leaves_no_copy_that_looks_complete(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
@@ -119,11 +129,7 @@ def test_sigkill_of_swapd_mid_copy_leaves_no_copy_that_looks_complete(
     cache = tmp_path / "cache"
     d: Daemon = start_daemon({"s": staged_preset(model)}, {"cache_dir": str(cache)})
 
-    def load() -> None:
-        with contextlib.suppress(OSError):  # swapd is killed mid-request on purpose
-            d.request("POST", "/swapd/models/s/load", timeout=120)
-
-    threading.Thread(target=load, daemon=True).start()
+    _load_in_background(d, "s")
     wait_for(
         lambda: any(p.name.startswith(".") for p in cache.iterdir()) if cache.exists() else False,
         timeout=30,
@@ -153,11 +159,7 @@ def test_sigkill_of_swapd_right_after_publish_leaves_a_usable_copy(
     cache = tmp_path / "cache"
     d: Daemon = start_daemon({"s": staged_preset(model)}, {"cache_dir": str(cache)})
 
-    def load() -> None:
-        with contextlib.suppress(OSError):  # swapd is killed mid-request on purpose
-            d.request("POST", "/swapd/models/s/load", timeout=120)
-
-    threading.Thread(target=load, daemon=True).start()
+    _load_in_background(d, "s")
     [entry] = wait_for(
         lambda: _cached_entries(cache) if cache.exists() else [], timeout=60, interval=0.002
     )
