@@ -51,6 +51,20 @@ def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
+@pytest.fixture
+def nvml() -> Iterator[Any]:
+    """pynvml, initialised, on a machine with an NVIDIA GPU and its driver; else skip."""
+    pynvml = pytest.importorskip("pynvml", reason="no NVIDIA GPU: nvidia-ml-py not installed")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as error:
+        pytest.skip(f"no NVIDIA GPU: {type(error).__name__}: {error}")
+    try:
+        yield pynvml
+    finally:
+        pynvml.nvmlShutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight llama GGUF that llama-server loads in a fraction of a second."""

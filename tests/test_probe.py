@@ -478,33 +478,23 @@ def test_nvml_adapter_attributes_processes_and_degrades_per_process(
 
 
 @pytest.mark.gpu
-def test_nvml_probe_matches_nvml() -> None:
+def test_nvml_probe_matches_nvml(nvml: Any) -> None:
     """On an NVIDIA machine the probe's readings agree with nvmlDeviceGetMemoryInfo."""
-    pynvml = pytest.importorskip("pynvml", reason="no NVIDIA GPU: nvidia-ml-py not installed")
+    probe, warnings = open_probe("auto")
     try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as error:
-        pytest.skip(f"no NVIDIA GPU: {type(error).__name__}: {error}")
-    try:
-        probe, warnings = open_probe("auto")
-        try:
-            assert probe.devices, warnings
-            readings = probe.read([os.getpid()])
-            for device, reading in zip(probe.devices, readings, strict=True):
-                assert device.kind == "nvidia"
-                assert device.index is not None
-                assert device.visible_env["CUDA_VISIBLE_DEVICES"] == str(device.index)
-                assert reading.total > 0
-                assert 0 <= reading.free <= reading.total
-                # This test holds no CUDA context, so it uses nothing on the GPU.
-                assert os.getpid() not in reading.by_pid
-                memory = pynvml.nvmlDeviceGetMemoryInfo(
-                    pynvml.nvmlDeviceGetHandleByIndex(device.index)
-                )
-                assert reading.total == memory.total
-                # Free drifts as other processes run; a few hundred MiB bounds it.
-                assert abs(reading.free - memory.free) < 256 * MIB
-        finally:
-            probe.close()
+        assert probe.devices, warnings
+        readings = probe.read([os.getpid()])
+        for device, reading in zip(probe.devices, readings, strict=True):
+            assert device.kind == "nvidia"
+            assert device.index is not None
+            assert device.visible_env["CUDA_VISIBLE_DEVICES"] == str(device.index)
+            assert reading.total > 0
+            assert 0 <= reading.free <= reading.total
+            # This test holds no CUDA context, so it uses nothing on the GPU.
+            assert os.getpid() not in reading.by_pid
+            memory = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(device.index))
+            assert reading.total == memory.total
+            # Free drifts as other processes run; a few hundred MiB bounds it.
+            assert abs(reading.free - memory.free) < 256 * MIB
     finally:
-        pynvml.nvmlShutdown()
+        probe.close()
