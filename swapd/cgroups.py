@@ -6,7 +6,7 @@ to the group misses it. A cgroup v2 holds every descendant whatever it does, and
 under its own cgroup when it may: under systemd only when the unit delegates its
 cgroup (``Delegate=yes``, which systemd marks with a ``delegate`` xattr), and
 elsewhere when the directory is writable. Otherwise it says why once and falls back
-to process groups, reporting escaped helpers instead of ending them.
+to process groups and the environment mark of :mod:`swapd.marks`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A helper that calls ``setsid()`` leaves its backend's process group, so a group
 signal misses it; once its parent dies it is re-parented and no ancestry leads
 back to swapd. Its environment still does: every backend starts with
 ``SWAPD_BACKEND_ID=<run>:<n>`` (one run id per swapd process), which children
-inherit unless they clear their environment. A stop without cgroups, and the
-reaper when swapd dies, end whatever still carries the mark.
+inherit unless they clear their environment. Every stop (after the group and the
+cgroup), and the reaper when swapd dies, end whatever still carries the mark.
 
 Only ``os`` and friends: the reaper imports this and stays small (no pathlib, no
 secrets: each costs it megabytes of resident memory).

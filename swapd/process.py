@@ -259,11 +259,6 @@ class Child:
             self.escaped = True
             _log.warning("backend.escaped.killed", model=self.model, pids=escaped)
 
-    async def swept(self) -> None:
-        """Wait for the search for escaped helpers that a stop without cgroups started."""
-        if self._sweep is not None:
-            await asyncio.shield(self._sweep)
-
     def _signal_group(self, sig: signal.Signals) -> bool:
         if self._proc is None:
             return False
