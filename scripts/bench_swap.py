@@ -3,7 +3,10 @@
 Definitions (the same for every backend kind):
 
 * backend start  -- spawn to the first 200 from its health URL, the backend run
-  directly (same argv and environment as swapd would use), health polled every 1 ms;
+  directly (same argv and environment as swapd would use), its health polled on
+  swapd's schedule: at once on each line it prints, else after 5 ms growing 1.5x
+  to 50 ms. (A poll every 1 ms made llama-server's own start 25 ms slower on a
+  shared core, which would count as swapd's gain.);
 * backend first request -- the first chat request's latency on that fresh backend;
 * backend stop   -- SIGTERM to its process group until the leader is reaped;
 * cold TTFB      -- through swapd, a chat request for a model that is not running
@@ -36,18 +39,20 @@ import mmap
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import _bench
 from _bench import Json, Swapd
 
+from swapd import process
 from swapd.backends import build_launch
 from swapd.presets import Preset, load_presets
 
-HEALTH_POLL = 0.001
 BODY = {"model": "", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 1}
 
 
@@ -91,13 +96,26 @@ def chat(port: int, model: str, headers: Mapping[str, str] | None = None) -> tup
 # ---------------------------------------------------------------- direct runs
 
 
+@dataclass
+class Direct:
+    """A backend started directly: its process, port, the headers swapd would send it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    headers: dict[str, str]
+    output: threading.Event  # set on each line it prints
+
+
+def _drain(stream: IO[bytes], output: threading.Event) -> None:
+    for _ in iter(stream.readline, b""):
+        output.set()
+
+
 @contextlib.contextmanager
-def spawned(
-    preset: Preset, cores: set[int] | None
-) -> Iterator[tuple[subprocess.Popen[bytes], int, dict[str, str]]]:
+def spawned(preset: Preset, cores: set[int] | None) -> Iterator[Direct]:
     """Start the backend directly with swapd's argv on a free port; always stop it.
 
-    Also yields the headers swapd would send it: its own key, where the kind takes one.
+    Its output is read (and dropped) as swapd reads it; each line sets ``output``.
     """
     port = _bench.free_port()
     launch = build_launch(preset, port)
@@ -105,41 +123,52 @@ def spawned(
         list(launch.argv),
         env=dict(launch.env),
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=_bench.pinner(cores),  # noqa: PLW1509 - pin before exec; no threads here
     )
+    assert proc.stdout is not None  # noqa: S101 - piped above
+    output = threading.Event()
+    reader = threading.Thread(target=_drain, args=(proc.stdout, output), daemon=True)
+    reader.start()
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in launch.headers}
     try:
-        yield proc, port, headers
+        yield Direct(proc, port, headers, output)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        reader.join(timeout=5)
+        proc.stdout.close()
 
 
-def wait_healthy(proc: subprocess.Popen[bytes], port: int, path: str, timeout: float) -> None:
-    """Poll the health URL every millisecond until it answers 200."""
+def wait_healthy(direct: Direct, path: str, timeout: float) -> None:
+    """Poll the health URL on swapd's schedule until it answers 200."""
     deadline = time.monotonic() + timeout
-    while _bench.http_status(port, path, timeout=5) != 200:
-        if proc.poll() is not None:
-            raise RuntimeError(f"backend exited with {proc.returncode} while starting")
+    wait = process.READY_POLL_FIRST
+    while True:
+        direct.output.clear()
+        if _bench.http_status(direct.port, path, timeout=5) == 200:
+            return
+        if direct.proc.poll() is not None:
+            raise RuntimeError(f"backend exited with {direct.proc.returncode} while starting")
         if time.monotonic() > deadline:
             raise TimeoutError(f"backend not healthy after {timeout:g}s")
-        time.sleep(HEALTH_POLL)
+        direct.output.wait(wait)
+        wait = min(process.READY_POLL_MAX, wait * process.READY_POLL_GROWTH)
 
 
 def direct_run(preset: Preset, cores: set[int] | None) -> Json:
     """One start, first request and stop of the backend on its own, timed."""
     started = time.perf_counter()
-    with spawned(preset, cores) as (proc, port, headers):
-        wait_healthy(proc, port, preset.health, preset.start_timeout)
+    with spawned(preset, cores) as direct:
+        wait_healthy(direct, preset.health, preset.start_timeout)
         start_s = time.perf_counter() - started
-        _, request_s = chat(port, preset.name, headers)
+        _, request_s = chat(direct.port, preset.name, direct.headers)
         stopping = time.perf_counter()
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
+        os.killpg(direct.proc.pid, signal.SIGTERM)
+        direct.proc.wait()
         stop_s = time.perf_counter() - stopping
     return {"start_s": start_s, "first_request_s": request_s, "stop_s": stop_s}
 
@@ -171,22 +200,41 @@ PHASES = (
 )
 
 
-def event_times(daemon: Swapd) -> list[tuple[float, str]]:
-    """Every event in swapd's log as (wall-clock time, name), in order."""
+Event = tuple[float, str, Json]
+
+
+def event_times(daemon: Swapd) -> list[Event]:
+    """Every event in swapd's log as (wall-clock time, name, the event), in order."""
     out = []
     for line in daemon.log_path.read_text().splitlines():
         with contextlib.suppress(ValueError, KeyError, TypeError):
             event = json.loads(line)
             stamp = dt.datetime.fromisoformat(event["timestamp"]).timestamp()
-            out.append((stamp, str(event["event"])))
+            out.append((stamp, str(event["event"]), event))
     return out
 
 
-def timeline(run: Json, events: list[tuple[float, str]]) -> Json:
+def backend_own(run: Json, events: list[Event]) -> float:
+    """Seconds of one cold request that the backends spent on their own, from swapd's log.
+
+    The victim's stop (``backend.exit``'s ``stop_s``: its signal until it was reaped)
+    and the new backend's start: its spawn until the last line it printed before swapd
+    saw it ready ("listening on ..."), so swapd's noticing is swapd's.
+    """
+    end = run["sent"] + run["ttfb_s"]
+    window = [(t, n, e) for t, n, e in events if run["sent"] - 0.002 <= t <= end + 0.002]
+    stop = sum(float(e.get("stop_s", 0.0)) for _, n, e in window if n == "backend.exit")
+    spawned = next(t for t, n, _ in window if n == "backend.spawn")
+    ready = next(t for t, n, _ in window if n == "model.load.done")
+    printed = [t for t, n, _ in window if n == "backend.output" and spawned <= t <= ready]
+    return stop + (max(printed) if printed else ready) - spawned
+
+
+def timeline(run: Json, events: list[Event]) -> Json:
     """Milliseconds spent in each phase of one cold request, from swapd's own log."""
     end = run["sent"] + run["ttfb_s"]
     marks: dict[str, float] = {"sent": run["sent"], "ttfb": end}
-    for stamp, name in events:
+    for stamp, name, _ in events:
         if run["sent"] - 0.002 <= stamp <= end + 0.002 and name not in marks:
             marks[name] = stamp
     if "model.evict" not in marks:  # first load: admission runs until the load starts
@@ -196,8 +244,13 @@ def timeline(run: Json, events: list[tuple[float, str]]) -> Json:
     }
 
 
-def phases_summary(runs: list[Json], events: list[tuple[float, str]]) -> Json:
-    """Median milliseconds per phase over the runs, plus swapd's CPU per cold request."""
+def phases_summary(runs: list[Json], events: list[Event]) -> Json:
+    """Median milliseconds per phase over the runs, plus swapd's CPU per cold request.
+
+    Also notes in each run what its backends spent on their own (:func:`backend_own`).
+    """
+    for r in runs:
+        r["backend_own_s"] = backend_own(r, events)
     lines = [timeline(r, events) for r in runs]
     medians = {
         phase: _bench.median([line[phase] for line in lines if phase in line])
@@ -243,6 +296,8 @@ def summarize_backend(
     stop = _bench.median([d["stop_s"] for d in direct])
     first_share = [1000 * (f["ttfb_s"] - start - request) for f in firsts]
     swap_share = [1000 * (s["ttfb_s"] - stop - start - request) for s in swaps]
+    first_own = [1000 * (f["ttfb_s"] - f["backend_own_s"] - request) for f in firsts]
+    swap_own = [1000 * (s["ttfb_s"] - s["backend_own_s"] - request) for s in swaps]
     return {
         "backend": kind,
         "direct": {
@@ -254,6 +309,8 @@ def summarize_backend(
             "ttfb_ms": _bench.summarize([1000 * f["ttfb_s"] for f in firsts]),
             "swapd_share_ms": _bench.summarize(first_share),
             "swapd_share_samples_ms": first_share,
+            "swapd_own_ms": _bench.summarize(first_own),
+            "swapd_own_samples_ms": first_own,
             "over_backend_start_ms": _bench.median([1000 * f["ttfb_s"] for f in firsts])
             - 1000 * start,
         },
@@ -261,6 +318,8 @@ def summarize_backend(
             "ttfb_ms": _bench.summarize([1000 * s["ttfb_s"] for s in swaps]),
             "swapd_share_ms": _bench.summarize(swap_share),
             "swapd_share_samples_ms": swap_share,
+            "swapd_own_ms": _bench.summarize(swap_own),
+            "swapd_own_samples_ms": swap_own,
             "over_backend_start_ms": _bench.median([1000 * s["ttfb_s"] for s in swaps])
             - 1000 * start,
         },
@@ -368,6 +427,9 @@ def combine_rounds(rounds: list[Json]) -> Json:
             "swapd_share_p50_ms": _spread([r[scenario]["swapd_share_ms"]["p50"] for r in rounds]),
             "swapd_share_p99_ms": _spread([r[scenario]["swapd_share_ms"]["p99"] for r in rounds]),
             "swapd_share_all_runs_ms": _bench.summarize(pooled),
+            "swapd_own_all_runs_ms": _bench.summarize(
+                [v for r in rounds for v in r[scenario]["swapd_own_samples_ms"]]
+            ),
             "over_backend_start_ms": _spread(
                 [r[scenario]["over_backend_start_ms"] for r in rounds]
             ),
@@ -430,6 +492,22 @@ def print_report(results: list[Json], cache: Json | None, pinned: str) -> None:
             "TTFB - start",
         ],
         rows,
+    )
+    print(
+        "\nswapd's own work per cold request (ms; TTFB - the backends' own stop and start, "
+        "each from swapd's log for that very request - a direct first request; see "
+        "backend_own), all runs pooled"
+    )
+    _bench.print_table(
+        ["backend/scenario", "p50", "p90", "p99", "max", "n"],
+        [
+            [
+                f"{r['backend']}/{sc}",
+                *(r[sc]["swapd_own_all_runs_ms"][k] for k in ("p50", "p90", "p99", "max", "n")),
+            ]
+            for r in results
+            for sc in ("first_load", "swap")
+        ],
     )
     print("\nphases of a cold request through swapd (ms, medians, from swapd's log)")
     _bench.print_table(

@@ -144,13 +144,13 @@ def wait_ready(
 def direct_cycle(preset: Preset, cores: set[int] | None) -> Json:
     """bench_swap.py's direct run (start, first request, stop), polled every DIRECT_POLL."""
     started = time.perf_counter()
-    with spawned(preset, cores) as (proc, port, headers):
-        wait_ready(proc, port, preset)
+    with spawned(preset, cores) as direct:
+        wait_ready(direct.proc, direct.port, preset)
         start_s = time.perf_counter() - started
-        _, request_s = chat(port, preset.name, headers)
+        _, request_s = chat(direct.port, preset.name, direct.headers)
         stopping = time.perf_counter()
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
+        os.killpg(direct.proc.pid, signal.SIGTERM)
+        direct.proc.wait()
         stop_s = time.perf_counter() - stopping
     return {"start_s": start_s, "first_request_s": request_s, "stop_s": stop_s}
 
@@ -209,8 +209,8 @@ def swapd_load(daemon: Swapd) -> Json:
 def direct_start(preset: Preset, cores: set[int] | None) -> Json:
     """Spawn llama-server with swapd's argv and time it to health 200 (every DIRECT_POLL)."""
     started = time.perf_counter()
-    with spawned(preset, cores) as (proc, port, _):
-        wait_ready(proc, port, preset)
+    with spawned(preset, cores) as direct:
+        wait_ready(direct.proc, direct.port, preset)
         return {"s": time.perf_counter() - started}
 
 
@@ -417,8 +417,8 @@ def poll_part(model: Path, rounds: int, cores: Cores) -> Json:
         order = [("1 ms", 0.001), ("5 ms", 0.005)]
         for key, interval in order[i % 2 :] + order[: i % 2]:
             started = time.perf_counter()
-            with spawned(preset, cores.server) as (proc, port, _):
-                wait_ready(proc, port, preset, interval)
+            with spawned(preset, cores.server) as direct:
+                wait_ready(direct.proc, direct.port, preset, interval)
                 if i:  # the first round pays for `llama-server --help`: not counted
                     times[key].append(time.perf_counter() - started)
     return {key: ms(values) for key, values in times.items()}

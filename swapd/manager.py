@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,12 +186,20 @@ class Manager:
         return slot
 
     async def open(self) -> None:
-        """Open the staging cache (cleans interrupted copies) and find what is staged."""
+        """Open the staging cache (cleans interrupted copies) and find what is staged.
+
+        Estimates of every model's memory are read meanwhile, in the background.
+        """
+        self._prefetch(self.config.presets)
         if self.staging is None:
             return
         await asyncio.to_thread(self.staging.open)
         for slot in self.slots.values():
             await self._find_staged(slot)
+
+    def _prefetch(self, presets: Iterable[Preset]) -> None:
+        """Estimate ``presets`` ahead of their first loads, off every request's path."""
+        self._spawn_task(self.admission.prefetch(list(presets)), "estimates")
 
     async def _find_staged(self, slot: Slot) -> None:
         if self.staging is not None and slot.preset.stage and slot.preset.model is not None:
@@ -1497,6 +1505,7 @@ class Manager:
         await self._after_reload(slot, start=serving or preset.preload)
 
     async def _after_reload(self, slot: Slot, *, start: bool) -> None:
+        self._prefetch([slot.preset])
         await self._find_staged(slot)
         if not start or self._closing or self.slots.get(slot.preset.name) is not slot:
             return

@@ -1,0 +1,84 @@
+"""Memory estimates are read ahead of a model's first load, not on its request's path."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import structlog
+
+from swapd import admission as admission_module
+from swapd import needs as needs_module
+from swapd import policy
+from swapd.admission import Admission
+from swapd.footprints import Footprints
+from swapd.presets import Preset
+from swapd.probe import Device, HostRamProbe
+
+
+def _admission(tmp_path: Path) -> Admission:
+    return Admission(HostRamProbe(), Footprints(tmp_path), policy.Limits())
+
+
+def _count_estimates(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = needs_module.estimate_bytes
+
+    def counted(preset: Preset, device: Device, total: int) -> int | None:
+        calls.append(preset.name)
+        return real(preset, device, total)
+
+    monkeypatch.setattr(admission_module, "estimate_bytes", counted)
+    return calls
+
+
+def test_prefetch_reads_each_gguf_once_and_the_load_reuses_it(
+    tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the prefetch, a load's needs come from the cache: no GGUF read on its path."""
+    calls = _count_estimates(monkeypatch)
+    preset = Preset(name="tiny", file="tiny.yaml", backend="llama-server", model=tiny_gguf)
+    adm = _admission(tmp_path)
+
+    async def run() -> tuple[int, int]:
+        await adm.prefetch([preset])
+        after_prefetch = len(calls)
+        snap = await adm.read(())
+        needs = await adm.needs(preset, adm.candidates(preset), snap)
+        assert all(n.source == "estimate" and n.bytes > 0 for n in needs.values())
+        return after_prefetch, len(calls)
+
+    after_prefetch, after_load = asyncio.run(run())
+    assert after_prefetch == 1  # one device: host RAM
+    assert after_load == after_prefetch
+
+
+def test_a_model_that_cannot_be_estimated_is_logged_and_the_rest_go_on(
+    tmp_path: Path, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An estimate that raises stops neither the prefetch nor the others: its load retries it."""
+    real = needs_module.estimate_bytes
+
+    def failing(preset: Preset, device: Device, total: int) -> int | None:
+        if preset.name == "bad":
+            raise OSError(5, "Input/output error")
+        return real(preset, device, total)
+
+    monkeypatch.setattr(admission_module, "estimate_bytes", failing)
+    bad = Preset(name="bad", file="bad.yaml", backend="llama-server", model=tiny_gguf)
+    good = Preset(name="good", file="good.yaml", backend="llama-server", model=tiny_gguf)
+    adm = _admission(tmp_path)
+
+    async def run() -> int:
+        with structlog.testing.capture_logs() as logs:
+            await adm.prefetch([bad, good])
+        failures = [e for e in logs if e["event"] == "model.estimate.fail"]
+        assert [e["model"] for e in failures] == ["bad"]
+        assert "Input/output error" in failures[0]["error"]
+        snap = await adm.read(())
+        with pytest.raises(OSError, match="Input/output error"):  # not cached: tried again
+            await adm.needs(bad, adm.candidates(bad), snap)
+        return (await adm.needs(good, adm.candidates(good), snap))["cpu"].bytes
+
+    assert asyncio.run(run()) > 0

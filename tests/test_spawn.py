@@ -1,0 +1,129 @@
+"""Starting a backend without forking swapd: both paths keep the same guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+from daemon import wait_for
+
+from swapd import spawn
+
+PATHS = ["vfork", "loop-fork"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test on the fast path (setpriv + pidfd) and on the loop's forking path."""
+    if request.param == "vfork":
+        prefix = spawn._find_death_prefix()
+        if not prefix:
+            pytest.fail("setpriv --pdeathsig or pidfd_open is missing: the fast path is untested")
+        monkeypatch.setattr(spawn, "_death_prefix", prefix)
+    else:
+        monkeypatch.setattr(spawn, "_death_prefix", ())
+    return str(request.param)
+
+
+async def _run(argv: list[str]) -> tuple[int, str]:
+    proc = await spawn.spawn(argv, dict(os.environ))
+    out = await proc.stdout.read()
+    return await proc.wait(), out.decode()
+
+
+@pytest.mark.usefixtures("path")
+def test_exit_status_and_output_come_back() -> None:
+    """stdout and stderr arrive merged on one pipe; the exit status comes from the reap."""
+    code, out = asyncio.run(_run(["sh", "-c", "echo out; echo err >&2; exit 3"]))
+    assert code == 3
+    assert out.split() == ["out", "err"]
+
+
+@pytest.mark.usefixtures("path")
+def test_a_signal_death_reads_as_a_negative_status() -> None:
+    """As asyncio reports it: -N for a death by signal N."""
+    code, _ = asyncio.run(_run(["sh", "-c", "kill -9 $$"]))
+    assert code == -signal.SIGKILL
+
+
+@pytest.mark.usefixtures("path")
+def test_the_child_leads_its_own_session() -> None:
+    """Its pid is its session and process group: a stop signals the whole group."""
+    code, out = asyncio.run(_run(["sh", "-c", "cat /proc/$$/stat"]))
+    pid = int(out.split()[0])
+    pgid, sid = (int(x) for x in out.split(")")[1].split()[2:4])  # after comm: state ppid pgrp sid
+    assert code == 0
+    assert pid == sid == pgid
+
+
+@pytest.mark.usefixtures("path")
+def test_only_stdio_descriptors_pass(tmp_path: Path) -> None:
+    """A descriptor swapd holds, even an inheritable one, never reaches a backend."""
+    held = os.open(tmp_path / "held", os.O_CREAT | os.O_WRONLY)
+    os.set_inheritable(held, True)  # noqa: FBT003 - os takes it positionally
+    try:
+        code, out = asyncio.run(_run(["sh", "-c", "ls /proc/$$/fd"]))
+    finally:
+        os.close(held)
+    assert code == 0
+    assert sorted(int(fd) for fd in out.split()) == [0, 1, 2]
+
+
+PARENT = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from swapd import spawn
+    if sys.argv[1] == "loop-fork":
+        spawn._death_prefix = ()
+    async def main():
+        proc = await spawn.spawn(["sleep", "120"], dict(os.environ))
+        print(proc.pid, flush=True)
+        await asyncio.sleep(120)
+    asyncio.run(main())
+    """
+)
+
+
+def test_the_child_dies_with_its_parent(path: str) -> None:
+    """The parent-death signal: SIGKILL the parent (no reaper here) and the child goes too."""
+    with subprocess.Popen(
+        [sys.executable, "-c", PARENT, path], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        try:
+            assert psutil.Process(child).ppid() == parent.pid
+            parent.kill()
+            parent.wait()
+            wait_for(lambda: not _alive(child), timeout=10)
+        finally:
+            if _alive(child):
+                os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_program_that_cannot_run_is_reported(path: str, tmp_path: Path) -> None:
+    """Not executable: the loop's path raises; on the fast path setpriv says so (126, 127)."""
+    script = tmp_path / "backend"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    if path == "loop-fork":
+        with pytest.raises(PermissionError):
+            asyncio.run(_run([str(script)]))
+        return
+    code, out = asyncio.run(_run([str(script)]))
+    assert code in {126, 127}  # the shell's codes: cannot execute, not found
+    assert str(script) in out
