@@ -125,6 +125,16 @@ def _path_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+async def _close_later(pages: WarmSet, delay: float) -> None:
+    """Unlock and unmap held pages after ``delay`` seconds (now if 0), in a worker thread."""
+    try:
+        await asyncio.sleep(delay)
+    except asyncio.CancelledError:
+        pages.close()  # shutting down: released at once, never left locked
+        raise
+    await asyncio.to_thread(pages.close)
+
+
 class Manager:
     """Owns every model's slot, the child processes and the tiers."""
 
@@ -1065,7 +1075,9 @@ class Manager:
         slot.move(State.STARTING, State.READY)
         slot.last_used = slot.ready_at = time.monotonic()
         slot.escaped = False  # failures are cleared once it has proven itself (_proven)
-        self._drop_pages(slot)  # the process maps the file itself now
+        # The process maps the file itself now. Unmapping swapd's locked copy costs
+        # milliseconds of kernel time: not while the first request is computed.
+        self._drop_pages(slot, after=_MEASURE_DELAY)
         self._spawn_task(self._watch(slot, child), f"watch:{preset.name}")
         self._spawn_task(self._measure(slot, child), f"measure:{preset.name}")
         self._spawn_task(self._liveness(slot, child), f"liveness:{preset.name}")
@@ -1342,7 +1354,7 @@ class Manager:
             _log.warning("model.pages.unlocked", model=slot.preset.name, note=pages.lock_error)
         self._entered_ram(slot, pages.size)
 
-    def _drop_pages(self, slot: Slot, *, reason: str | None = None) -> None:
+    def _drop_pages(self, slot: Slot, *, reason: str | None = None, after: float = 0.0) -> None:
         pages, slot.pages = slot.pages, None
         if pages is None:
             return
@@ -1352,7 +1364,7 @@ class Manager:
             slot.device = None
         if reason is not None:
             _log.info("model.tier", model=slot.preset.name, tier="disk", reason=reason)
-        self._spawn_task(asyncio.to_thread(pages.close), f"unlock:{slot.preset.name}")
+        self._spawn_task(_close_later(pages, after), f"unlock:{slot.preset.name}")
 
     def _down_to_disk(self, slot: Slot, *, reason: str) -> None:
         if slot.asleep:
