@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
@@ -9,15 +11,53 @@ import psutil
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
 
+_PROC = Path("/proc")
+
 
 def process_trees(roots: Collection[int]) -> dict[int, frozenset[int]]:
     """Map each root to itself plus its live descendants.
 
-    One pass over the process table serves every root; asking psutil for each
-    root's children would scan the table once per root.
+    Where the kernel lists each task's children (``/proc/PID/task/TID/children``,
+    CONFIG_PROC_CHILDREN, on in the usual distribution kernels) only the roots'
+    own trees are read: 0.2 ms against 2-3 ms for a pass over the whole process
+    table, on the path of every admission. Elsewhere, one pass over the table
+    serves every root.
     """
     if not roots:
         return {}
+    if _children_listed():
+        return {root: _walk(root) for root in roots}
+    return _from_table(roots)
+
+
+def _children_listed() -> bool:
+    return (_PROC / "self" / "task" / str(threading.get_native_id()) / "children").exists()
+
+
+def _walk(root: int) -> frozenset[int]:
+    """``root`` and its descendants, from each task's list of children."""
+    seen = {root}
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            tasks = list((_PROC / str(pid) / "task").iterdir())
+        except OSError:
+            continue  # gone meanwhile
+        for task in tasks:
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+    return frozenset(seen)
+
+
+def _from_table(roots: Collection[int]) -> dict[int, frozenset[int]]:
+    """One pass over the process table; asking psutil per root would scan it per root."""
     children: dict[int, list[int]] = {}
     for proc in psutil.process_iter(["ppid"]):
         ppid = proc.info.get("ppid")

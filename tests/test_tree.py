@@ -1,0 +1,52 @@
+"""A backend's process tree, read from the kernel's children lists or the whole table."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import psutil
+import pytest
+from daemon import wait_for
+
+from swapd.probe import _tree
+
+# A leader with a child and a grandchild; one of them leaves the group (setsid).
+SCRIPT = "sleep 60 & (setsid sleep 61 & sleep 62; true) & wait"
+
+
+@pytest.fixture
+def tree() -> Iterator[subprocess.Popen[bytes]]:
+    """A small real process tree, three levels deep."""
+    leader = subprocess.Popen(["sh", "-c", SCRIPT], start_new_session=True)
+    try:
+        wait_for(lambda: len(psutil.Process(leader.pid).children(recursive=True)) >= 4)
+        yield leader
+    finally:
+        for proc in psutil.Process(leader.pid).children(recursive=True):
+            proc.kill()
+        leader.kill()
+        leader.wait()
+
+
+def test_the_children_lists_and_the_table_agree(tree: subprocess.Popen[bytes]) -> None:
+    """Both readings give the leader and every descendant, whatever group it is in."""
+    expected = {tree.pid} | {p.pid for p in psutil.Process(tree.pid).children(recursive=True)}
+    assert _tree._children_listed(), "this kernel lists no children: the fast path is untested"
+    assert _tree.process_trees([tree.pid]) == {tree.pid: frozenset(expected)}
+    assert _tree._from_table([tree.pid]) == {tree.pid: frozenset(expected)}
+
+
+def test_without_children_lists_the_table_is_read(
+    tree: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel without CONFIG_PROC_CHILDREN: the same answer from one pass over the table."""
+    monkeypatch.setattr(_tree, "_children_listed", lambda: False)
+    expected = {tree.pid} | {p.pid for p in psutil.Process(tree.pid).children(recursive=True)}
+    assert _tree.process_trees([tree.pid]) == {tree.pid: frozenset(expected)}
+
+
+def test_a_root_that_is_gone_is_itself_alone() -> None:
+    """A pid that exited meanwhile: its tree is just the pid, with nothing read for it."""
+    gone = max(psutil.pids()) + 100_000
+    assert _tree.process_trees([gone]) == {gone: frozenset({gone})}
