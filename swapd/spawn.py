@@ -29,9 +29,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from swapd.logs import get_logger
+
 _PR_SET_PDEATHSIG = 1
 _LAST_STDIO_FD = 2
 _OUTPUT_LIMIT = 1 << 16
+_log = get_logger("swapd.spawn")
 
 
 class Spawned(Protocol):
@@ -95,6 +98,14 @@ async def death_prefix() -> tuple[str, ...]:
     global _death_prefix  # noqa: PLW0603 - found once per process, on the first spawn
     if _death_prefix is None:
         _death_prefix = await asyncio.to_thread(_find_death_prefix)
+        if _death_prefix:
+            _log.info("spawn.mode", mode="vfork", death_signal="setpriv")
+        else:
+            _log.warning(
+                "spawn.mode",
+                mode="fork",
+                detail="setpriv --pdeathsig or pidfd_open is missing: each start forks swapd",
+            )
     return _death_prefix
 
 

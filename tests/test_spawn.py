@@ -84,7 +84,7 @@ PARENT = textwrap.dedent(
         spawn._death_prefix = ()
     async def main():
         proc = await spawn.spawn(["sleep", "120"], dict(os.environ))
-        print(proc.pid, flush=True)
+        print(f"child {proc.pid}", flush=True)
         await asyncio.sleep(120)
     asyncio.run(main())
     """
@@ -97,7 +97,8 @@ def test_the_child_dies_with_its_parent(path: str) -> None:
         [sys.executable, "-c", PARENT, path], stdout=subprocess.PIPE, text=True
     ) as parent:
         assert parent.stdout is not None
-        child = int(parent.stdout.readline())
+        lines = iter(parent.stdout.readline, "")
+        child = next(int(line.split()[1]) for line in lines if line.startswith("child "))
         try:
             assert psutil.Process(child).ppid() == parent.pid
             parent.kill()
