@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import heapq
 import math
 import random
@@ -439,6 +440,43 @@ def plan_belady(sim: Sim, name: str, now: float) -> Plan:
     return policy.Wait("sim", tuple(n for n in sim.resident if sim.busy(n)))
 
 
+def plan_by_value(value: Callable[[Sim, str, float], float]) -> Planner:
+    """swapd's plan (no hold) with each resident ranked by ``value`` instead of its CRF."""
+
+    def plan(sim: Sim, name: str, now: float) -> Plan:
+        residents = [
+            dataclasses.replace(r, crf=value(sim, r.name, now))
+            for r in residents_view(sim, now, crf=True, exclude=name)
+        ]
+        return policy.plan_admission(sim.need(name), [_device(sim)], residents, policy.Limits())
+
+    return plan
+
+
+def whole_trace_count(sim: Sim, name: str, _now: float) -> float:
+    """An oracle of long-run frequency: the model's requests over the whole trace."""
+    return float(len(sim.future[name]))
+
+
+def upcoming(window: float) -> Callable[[Sim, str, float], float]:
+    """An oracle of the near future: the model's requests in the next ``window`` seconds."""
+
+    def value(sim: Sim, name: str, now: float) -> float:
+        times = sim.future[name]
+        ahead = bisect.bisect_right(times, now + window) - bisect.bisect_right(times, now)
+        return ahead + 1e-6 * sim.crf_now(name, now)  # ties: the CRF
+
+    return value
+
+
+# References for what an ordering could gain by knowing more than the past (not policies
+# swapd could run): the true long-run frequency, and the demand of the next minutes.
+ORACLES: dict[str, Planner] = {
+    "oracle-frequency": plan_by_value(whole_trace_count),
+    "oracle-next-300s": plan_by_value(upcoming(300.0)),
+    "oracle-next-60s": plan_by_value(upcoming(60.0)),
+}
+
 PLANNERS: dict[str, Planner] = {
     "swapd": plan_held(HOLD),
     "swapd-nohold": plan_swapd_nohold,
@@ -448,6 +486,7 @@ PLANNERS: dict[str, Planner] = {
     "lru-count-3": plan_count(3),
     "hold-always": plan_held(HOLD_ALWAYS),
     "belady": plan_belady,
+    **ORACLES,
 }
 # Demotions see CRFs where the plan does.
 USES_CRF = {"swapd", "swapd-nohold", "one-at-a-time", "hold-always"}
@@ -725,6 +764,25 @@ def half_life_grid(
     }
 
 
+def oracle_grid(seeds: int, horizon: float, rate: float) -> dict[str, dict[str, float]]:
+    """Load time over belady's, averaged over seeds 1..N: swapd's orderings and the oracles."""
+    models = make_models()
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for seed in range(1, seeds + 1):
+        for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
+            best = simulate(trace, models, "belady")["load_time_s"]
+            for name in ("swapd-lru", "swapd-nohold", *ORACLES):
+                r = simulate(trace, models, name)
+                ratios.setdefault(name, {}).setdefault(trace_name, []).append(
+                    r["load_time_s"] / best
+                )
+    return {
+        key: {t: float(np.mean(v)) for t, v in by_trace.items()}
+        | {"all": float(np.mean([x for v in by_trace.values() for x in v]))}
+        for key, by_trace in ratios.items()
+    }
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -863,6 +921,14 @@ def print_grid(grid: dict[str, dict[str, float]], seeds: int, rate: float) -> No
     _bench.print_table(["half-life s", *columns], rows)
 
 
+def print_oracles(grid: dict[str, dict[str, float]], seeds: int, rate: float) -> None:
+    """Each ordering's load time over belady's, mean of seeds 1-N."""
+    print(f"\nknowing more than the past: x belady, mean of seeds 1-{seeds}, {rate:g} requests/s")
+    columns = list(next(iter(grid.values())))
+    rows = [[key, *(values[c] for c in columns)] for key, values in grid.items()]
+    _bench.print_table(["ordering", *columns], rows)
+
+
 def plot_sweep(sweep: dict[str, dict[str, Json]], folder: Path) -> str:
     """Total load time and p95 wait on the mixed trace against the offered rate, per policy."""
     import matplotlib as mpl
@@ -977,6 +1043,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tier-rates", default="0.02,0.1", help="requests per second for the tier runs")
     p.add_argument("--grid-seeds", type=int, default=0, help="seeds for the half-life grid")
     p.add_argument("--grid-half-lives", default="60,120,300,600,1200,2400")
+    p.add_argument(
+        "--oracle-seeds", type=int, default=0, help="seeds for the oracle orderings (0 skips)"
+    )
     p.add_argument("--quick", action="store_true", help="one simulated hour")
     p.add_argument("--plots", type=Path, help="write PNG charts into this folder")
     p.add_argument("--out", type=Path, default=Path("out/simulate_policy.json"))
@@ -1008,6 +1077,9 @@ def main() -> None:
     grid = half_life_grid(args.grid_seeds, hours * 3600, args.rate, half_lives)
     if args.grid_seeds:
         print_grid(grid, args.grid_seeds, args.rate)
+    oracles = oracle_grid(args.oracle_seeds, hours * 3600, args.rate) if args.oracle_seeds else {}
+    if oracles:
+        print_oracles(oracles, args.oracle_seeds, args.rate)
     charts = plot(results, args.plots) if args.plots else []
     if args.plots and sweep:
         charts.append(plot_sweep(sweep, args.plots))
@@ -1042,6 +1114,7 @@ def main() -> None:
             "sweep": sweep,
             "tiers": tiers,
             "half_life_grid": grid,
+            "oracle_grid": oracles,
             "charts": charts,
         },
     )
