@@ -60,7 +60,7 @@ class Admission:
         self.footprints = footprints
         self.limits = limits
         self._locks = {device.id: asyncio.Lock() for device in probe.devices}
-        self._estimates: dict[tuple[str, str], int | None] = {}
+        self._estimates: dict[tuple[object, ...], int | None] = {}
 
     def candidates(self, preset: Preset) -> list[Device]:
         """The devices a preset may be placed on."""
@@ -96,14 +96,27 @@ class Admission:
             reading = snapshot.readings.get(device.id)
             if reading is None:
                 continue
-            key = (preset.name, device.id)
-            if key not in self._estimates:
+            # What the launch runs is in the key: an estimate that a reload's forget()
+            # raced (a prefetch still reading the old file) is never taken for the new one.
+            key = (
+                preset.name,
+                device.id,
+                preset.backend,
+                str(preset.model),
+                preset.args,
+                preset.cmd,
+            )
+            if key in self._estimates:
+                estimate = self._estimates[key]
+            else:
                 # Reading GGUF metadata is file I/O: once per model and device, in a thread.
-                self._estimates[key] = await asyncio.to_thread(
-                    estimate_bytes, preset, device, reading.total
-                )
+                estimate = await asyncio.to_thread(estimate_bytes, preset, device, reading.total)
+                if estimate is not None or preset.model is None:
+                    # No estimate from a model file (missing, unreadable) is asked again
+                    # next time: the file may be there by then.
+                    self._estimates[key] = estimate
             needs[device.id] = memory_need(
-                preset, device, self._estimates[key], self.footprints, self.default_memory
+                preset, device, estimate, self.footprints, self.default_memory
             )
         return needs
 

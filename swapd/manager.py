@@ -751,8 +751,13 @@ class Manager:
                     retry_after=self.config.queue_timeout / 4,
                 )
             _log.info("model.load.wait", model=preset.name, busy=list(step.busy))
-            if time.monotonic() - job.started >= self.config.max_wait:
+            waited = time.monotonic() - job.started
+            if waited >= self.config.max_wait:
                 job.drained += self._drain_for_swap(step.busy, waiting=preset.name)
+            else:
+                # Awake at max_wait even if nothing else changes by then: that is when
+                # the busy models are drained (their releases notify only once idle).
+                remaining = min(remaining, self.config.max_wait - waited)
             await self._wait_for_change(remaining)
 
     async def _wait_for_change(self, timeout: float) -> None:

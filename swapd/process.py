@@ -30,6 +30,7 @@ from swapd.upstream import UpstreamError, UpstreamPool
 READY_POLL_FIRST = 0.005
 READY_POLL_MAX = 0.05
 READY_POLL_GROWTH = 1.5
+READY_POLL_GAP = 0.001  # the least time between two polls, however much it prints
 # How long to keep reading a backend's output after its leader exits.
 OUTPUT_GRACE = 1.0
 _log = get_logger("swapd.process")
@@ -118,13 +119,18 @@ class Child:
     async def _read_output(self) -> None:
         assert self._proc is not None  # noqa: S101 - spawn sets it before starting the pump
         pending = b""
-        while chunk := await self._proc.stdout.read(65536):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                self._emit(raw)
-            if lines:
-                self._output.set()
+        try:
+            while chunk := await self._proc.stdout.read(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    self._emit(raw)
+                if lines:
+                    self._output.set()
+        finally:
+            # At the end of its output, or when the pump is cancelled: uvloop keeps a pipe
+            # open past its end of file until it is closed.
+            self._proc.close_output()
         if pending:
             self._emit(pending)
 
@@ -207,9 +213,12 @@ class Child:
         output: asyncio.Event,
     ) -> None:
         # Backends say they are ready in their log ("listening on", "startup complete"):
-        # each new batch of output lines polls at once.
+        # new output polls at once, but never sooner than READY_POLL_GAP after the last
+        # poll (a backend printing a line every 0.1 ms was polled 5,000 times a second).
+        loop = asyncio.get_running_loop()
         wait = READY_POLL_FIRST
         while True:
+            polled = loop.time()
             output.clear()
             try:
                 sent = pool.request(host, port, "GET", path, headers, b"")
@@ -224,6 +233,7 @@ class Child:
                 pass
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(output.wait(), wait)
+            await asyncio.sleep(max(0.0, polled + READY_POLL_GAP - loop.time()))
             wait = min(READY_POLL_MAX, wait * READY_POLL_GROWTH)
 
     async def _join_cgroup(self, cgroup: Path, pid: int) -> None:

@@ -115,6 +115,7 @@ class _PidfdProcess:
     def __init__(
         self,
         popen: subprocess.Popen[bytes],
+        pidfd: int,
         stdout: asyncio.StreamReader,
         transport: asyncio.ReadTransport,
     ) -> None:
@@ -123,8 +124,8 @@ class _PidfdProcess:
         self._transport = transport
         loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[int] = loop.create_future()
-        self._pidfd = os.pidfd_open(popen.pid)
-        loop.add_reader(self._pidfd, self._on_exit)
+        self._pidfd = pidfd
+        loop.add_reader(pidfd, self._on_exit)  # readable once it has exited
 
     @property
     def pid(self) -> int:
@@ -177,8 +178,11 @@ class _LoopProcess:
         return await self._proc.wait()
 
     def close_output(self) -> None:
+        # Its stdout pipe only: closing the whole transport would kill a live process.
         transport = self._proc._transport  # type: ignore[attr-defined]  # noqa: SLF001 - no public way to close the pipes
-        transport.close()
+        pipe = transport.get_pipe_transport(1)
+        if pipe is not None:
+            pipe.close()
 
 
 async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
@@ -209,17 +213,26 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
         start_new_session=True,
         close_fds=True,
     )
+    pidfd: int | None = None
+    transport: asyncio.ReadTransport | None = None
     try:
         assert popen.stdout is not None  # noqa: S101 - spawned with a pipe
+        pidfd = os.pidfd_open(popen.pid)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=_OUTPUT_LIMIT, loop=loop)
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader, loop=loop), popen.stdout
         )
-        return _PidfdProcess(popen, reader, transport)
+        return _PidfdProcess(popen, pidfd, reader, transport)
     except BaseException:
-        # Never leave a started process behind untracked, cancelled or not.
+        # Never leave a started process behind untracked, cancelled or not, nor its fds.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
+        if transport is not None:
+            transport.close()
+        elif popen.stdout is not None:
+            popen.stdout.close()
+        if pidfd is not None:
+            os.close(pidfd)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,40 @@ def test_a_model_that_cannot_be_estimated_is_logged_and_the_rest_go_on(
         return (await adm.needs(good, adm.candidates(good), snap))["cpu"].bytes
 
     assert asyncio.run(run()) > 0
+
+
+def test_a_changed_launch_is_estimated_afresh_even_without_forget(
+    tmp_path: Path, tiny_gguf: Path
+) -> None:
+    """The launch is in the cache's key: a reload racing a prefetch cannot keep a stale value."""
+    old = Preset(name="m", file="m.yaml", backend="llama-server", model=tiny_gguf)
+    new = Preset(
+        name="m", file="m.yaml", backend="llama-server", model=tiny_gguf, args=("-c", "65536")
+    )
+    adm = _admission(tmp_path)
+
+    async def run() -> tuple[int, int]:
+        snap = await adm.read(())
+        before = (await adm.needs(old, adm.candidates(old), snap))["cpu"].bytes
+        after = (await adm.needs(new, adm.candidates(new), snap))["cpu"].bytes
+        return before, after
+
+    before, after = asyncio.run(run())
+    assert after > before  # a longer context: a larger KV cache
+
+
+def test_a_model_file_that_appears_later_is_estimated_then(tmp_path: Path, tiny_gguf: Path) -> None:
+    """No estimate for a missing file is not remembered: once the file is there, it counts."""
+    late = tmp_path / "late.gguf"
+    preset = Preset(name="late", file="late.yaml", backend="llama-server", model=late)
+    adm = _admission(tmp_path)
+
+    async def run() -> tuple[str, str]:
+        await adm.prefetch([preset])
+        snap = await adm.read(())
+        missing = (await adm.needs(preset, adm.candidates(preset), snap))["cpu"].source
+        await asyncio.to_thread(shutil.copyfile, tiny_gguf, late)
+        present = (await adm.needs(preset, adm.candidates(preset), snap))["cpu"].source
+        return missing, present
+
+    assert asyncio.run(run()) == ("default", "estimate")

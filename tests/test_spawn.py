@@ -8,15 +8,29 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 import pytest
+import uvloop
 from daemon import wait_for
 
 from swapd import spawn
+from swapd.process import Child
+from swapd.ringlog import RingLog
+
+T = TypeVar("T")
 
 PATHS = ["vfork", "loop-fork"]
+Runner = Callable[[Coroutine[Any, Any, T]], T]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Runner[Any]:
+    """Each test on asyncio's loop and on uvloop, which swapd runs on."""
+    return asyncio.run if request.param == "asyncio" else uvloop.run
 
 
 @pytest.fixture(params=PATHS)
@@ -35,28 +49,29 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 async def _run(argv: list[str]) -> tuple[int, str]:
     proc = await spawn.spawn(argv, dict(os.environ))
     out = await proc.stdout.read()
+    proc.close_output()
     return await proc.wait(), out.decode()
 
 
 @pytest.mark.usefixtures("path")
-def test_exit_status_and_output_come_back() -> None:
+def test_exit_status_and_output_come_back(run: Runner[tuple[int, str]]) -> None:
     """stdout and stderr arrive merged on one pipe; the exit status comes from the reap."""
-    code, out = asyncio.run(_run(["sh", "-c", "echo out; echo err >&2; exit 3"]))
+    code, out = run(_run(["sh", "-c", "echo out; echo err >&2; exit 3"]))
     assert code == 3
     assert out.split() == ["out", "err"]
 
 
 @pytest.mark.usefixtures("path")
-def test_a_signal_death_reads_as_a_negative_status() -> None:
+def test_a_signal_death_reads_as_a_negative_status(run: Runner[tuple[int, str]]) -> None:
     """As asyncio reports it: -N for a death by signal N."""
-    code, _ = asyncio.run(_run(["sh", "-c", "kill -9 $$"]))
+    code, _ = run(_run(["sh", "-c", "kill -9 $$"]))
     assert code == -signal.SIGKILL
 
 
 @pytest.mark.usefixtures("path")
-def test_the_child_leads_its_own_session() -> None:
+def test_the_child_leads_its_own_session(run: Runner[tuple[int, str]]) -> None:
     """Its pid is its session and process group: a stop signals the whole group."""
-    code, out = asyncio.run(_run(["sh", "-c", "cat /proc/$$/stat"]))
+    code, out = run(_run(["sh", "-c", "cat /proc/$$/stat"]))
     pid = int(out.split()[0])
     pgid, sid = (int(x) for x in out.split(")")[1].split()[2:4])  # after comm: state ppid pgrp sid
     assert code == 0
@@ -64,12 +79,12 @@ def test_the_child_leads_its_own_session() -> None:
 
 
 @pytest.mark.usefixtures("path")
-def test_only_stdio_descriptors_pass(tmp_path: Path) -> None:
+def test_only_stdio_descriptors_pass(tmp_path: Path, run: Runner[tuple[int, str]]) -> None:
     """A descriptor swapd holds, even an inheritable one, never reaches a backend."""
     held = os.open(tmp_path / "held", os.O_CREAT | os.O_WRONLY)
     os.set_inheritable(held, True)  # noqa: FBT003 - os takes it positionally
     try:
-        code, out = asyncio.run(_run(["sh", "-c", "ls /proc/$$/fd"]))
+        code, out = run(_run(["sh", "-c", "ls /proc/$$/fd"]))
     finally:
         os.close(held)
     assert code == 0
@@ -116,15 +131,47 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_program_that_cannot_run_is_reported(path: str, tmp_path: Path) -> None:
+def test_a_program_that_cannot_run_is_reported(
+    path: str, tmp_path: Path, run: Runner[tuple[int, str]]
+) -> None:
     """Not executable: the loop's path raises; on the fast path setpriv says so (126, 127)."""
     script = tmp_path / "backend"
     script.write_text("#!/bin/sh\n")
     script.chmod(0o644)
     if path == "loop-fork":
         with pytest.raises(PermissionError):
-            asyncio.run(_run([str(script)]))
+            run(_run([str(script)]))
         return
-    code, out = asyncio.run(_run([str(script)]))
+    code, out = run(_run([str(script)]))
     assert code in {126, 127}  # the shell's codes: cannot execute, not found
     assert str(script) in out
+
+
+def _open_fds() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+@pytest.mark.usefixtures("path")
+def test_a_finished_backend_leaves_no_descriptor_open(run: Runner[int]) -> None:
+    """Its output pipe and pidfd are closed once it has exited and its output is read.
+
+    uvloop keeps a pipe open past its end of file until it is closed: ten backends
+    left eleven descriptors behind before the pump closed it.
+    """
+
+    async def one() -> None:
+        child = Child("m", ["sh", "-c", "echo hello"], dict(os.environ), ring=RingLog())
+        await child.spawn()
+        assert await child.wait_exit() == 0
+        assert child.ring.tail() == ["hello"]
+
+    async def ten() -> int:
+        await one()  # the loop's own first-use descriptors (uvloop opens one) are not ours
+        await asyncio.sleep(0)
+        before = _open_fds()
+        for _ in range(10):
+            await one()
+        await asyncio.sleep(0)  # let closed transports finish closing
+        return _open_fds() - before
+
+    assert run(ten()) == 0

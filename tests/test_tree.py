@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Collection, Iterator
 
 import psutil
 import pytest
@@ -50,3 +51,34 @@ def test_a_root_that_is_gone_is_itself_alone() -> None:
     """A pid that exited meanwhile: its tree is just the pid, with nothing read for it."""
     gone = max(psutil.pids()) + 100_000
     assert _tree.process_trees([gone]) == {gone: frozenset({gone})}
+
+
+THREADS = (
+    "import threading, time\n"
+    "for _ in range(200):\n"
+    "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+    "print('up', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_a_tree_with_hundreds_of_threads_is_read_from_the_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Children lists are per thread: past the budget the one table pass is cheaper."""
+    with subprocess.Popen([sys.executable, "-c", THREADS], stdout=subprocess.PIPE) as busy:
+        try:
+            assert busy.stdout is not None
+            assert busy.stdout.readline() == b"up\n"
+            table_calls: list[int] = []
+            real = _tree._from_table
+
+            def spy(roots: Collection[int]) -> dict[int, frozenset[int]]:
+                table_calls.append(len(roots))
+                return real(roots)
+
+            monkeypatch.setattr(_tree, "_from_table", spy)
+            assert _tree.process_trees([busy.pid]) == {busy.pid: frozenset({busy.pid})}
+            assert table_calls == [1]
+        finally:
+            busy.kill()
