@@ -114,7 +114,9 @@ class Child:
                 self._join_cgroup(self.cgroup, self._proc.pid), name=f"cgroup:{self.model}"
             )
         self._pump = asyncio.create_task(self._read_output(), name=f"output:{self.model}")
-        _log.info("backend.spawn", model=self.model, pid=self._proc.pid, argv=list(self.argv))
+        _log.info(
+            "backend.spawn", model=self.model, pid=self._proc.pid, argv=[str(a) for a in self.argv]
+        )
 
     async def _read_output(self) -> None:
         assert self._proc is not None  # noqa: S101 - spawn sets it before starting the pump
