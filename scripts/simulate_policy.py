@@ -742,18 +742,19 @@ def run_tiers(seed: int, horizon: float, rate: float, ram_gib: list[float]) -> d
     return out
 
 
-def half_life_grid(
-    seeds: int, horizon: float, rate: float, half_lives: list[float]
+Runs = Callable[[list[Request], dict[str, Model]], dict[str, Json]]
+
+
+def mean_vs_belady(
+    seeds: int, horizon: float, rate: float, runs: Runs
 ) -> dict[str, dict[str, float]]:
-    """swapd's load time over belady's, averaged over seeds 1..N, for each CRF half-life."""
+    """Each of ``runs``' load times over belady's, per trace and overall, mean of seeds 1..N."""
     models = make_models()
     ratios: dict[str, dict[str, list[float]]] = {}
     for seed in range(1, seeds + 1):
         for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
             best = simulate(trace, models, "belady")["load_time_s"]
-            runs = {"lru": simulate(trace, models, "swapd-lru")}
-            runs |= {f"{h:g}": simulate(trace, models, "swapd", half_life=h) for h in half_lives}
-            for key, r in runs.items():
+            for key, r in runs(trace, models).items():
                 ratios.setdefault(key, {}).setdefault(trace_name, []).append(
                     r["load_time_s"] / best
                 )
@@ -764,23 +765,25 @@ def half_life_grid(
     }
 
 
+def half_life_grid(
+    seeds: int, horizon: float, rate: float, half_lives: list[float]
+) -> dict[str, dict[str, float]]:
+    """swapd's load time over belady's, averaged over seeds 1..N, for each CRF half-life."""
+
+    def runs(trace: list[Request], models: dict[str, Model]) -> dict[str, Json]:
+        out = {"lru": simulate(trace, models, "swapd-lru")}
+        return out | {f"{h:g}": simulate(trace, models, "swapd", half_life=h) for h in half_lives}
+
+    return mean_vs_belady(seeds, horizon, rate, runs)
+
+
 def oracle_grid(seeds: int, horizon: float, rate: float) -> dict[str, dict[str, float]]:
     """Load time over belady's, averaged over seeds 1..N: swapd's orderings and the oracles."""
-    models = make_models()
-    ratios: dict[str, dict[str, list[float]]] = {}
-    for seed in range(1, seeds + 1):
-        for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
-            best = simulate(trace, models, "belady")["load_time_s"]
-            for name in ("swapd-lru", "swapd-nohold", *ORACLES):
-                r = simulate(trace, models, name)
-                ratios.setdefault(name, {}).setdefault(trace_name, []).append(
-                    r["load_time_s"] / best
-                )
-    return {
-        key: {t: float(np.mean(v)) for t, v in by_trace.items()}
-        | {"all": float(np.mean([x for v in by_trace.values() for x in v]))}
-        for key, by_trace in ratios.items()
-    }
+
+    def runs(trace: list[Request], models: dict[str, Model]) -> dict[str, Json]:
+        return {n: simulate(trace, models, n) for n in ("swapd-lru", "swapd-nohold", *ORACLES)}
+
+    return mean_vs_belady(seeds, horizon, rate, runs)
 
 
 # ---------------------------------------------------------------- report
