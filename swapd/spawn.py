@@ -189,7 +189,7 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
     """Start ``argv`` in its own session, output piped, dying with swapd.
 
     Raises :class:`OSError` when the program cannot be executed (on the fast path,
-    a program that setpriv cannot execute exits with status 127 instead).
+    a program that setpriv cannot execute exits with status 126 or 127 instead).
     """
     prefix = await death_prefix()
     if not prefix:
