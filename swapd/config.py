@@ -15,7 +15,7 @@ from swapd.keys import parse_keys, read_keys_file
 from swapd.logs import BACKEND_LOG_MODES
 from swapd.presets import CONVERTERS, NOT_IN_DEFAULTS, Preset, convert_entries, load_presets
 from swapd.probe import DevicesSpec
-from swapd.units import parse_duration, parse_size
+from swapd.units import parse_duration, parse_positive_duration, parse_size
 
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
 
@@ -131,13 +131,6 @@ def _flag(value: Any) -> bool:
     return value
 
 
-def _timeout(value: Any) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError(f"expected a duration above zero, like 10s, got {value!r}")
-    return seconds
-
-
 def _share(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ValueError(f"expected a share of the time from 0 to 1, like 0.4, got {value!r}")
@@ -174,9 +167,9 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "cors_origins": parse_origins,
     "metrics_public": _flag,
     "max_connections": _count,
-    "header_timeout": _timeout,
-    "body_timeout": _timeout,
-    "keepalive_timeout": _timeout,
+    "header_timeout": parse_positive_duration,
+    "body_timeout": parse_positive_duration,
+    "keepalive_timeout": parse_positive_duration,
     "ram_budget": lambda v: None if v is None else parse_size(v),
     "cache_dir": lambda v: Path(str(v)).expanduser(),
     "cache_budget": lambda v: None if v is None else parse_size(v),

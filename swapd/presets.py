@@ -11,7 +11,7 @@ from typing import Any, Literal
 from swapd._yaml import Entry, load_document
 from swapd.backends import KINDS, has_flag
 from swapd.errors import ConfigError, ConfigErrors, Location
-from swapd.units import parse_duration, parse_size
+from swapd.units import parse_duration, parse_positive_duration, parse_size
 
 BackendName = Literal["llama-server", "vllm", "command"]
 SleepSetting = Literal["auto", 0, 1, 2]
@@ -94,13 +94,6 @@ def _health(value: Any) -> str:
     return path
 
 
-def _positive_duration(value: Any) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError(f"expected a duration above zero, got {value!r}")
-    return seconds
-
-
 def _devices(value: Any) -> tuple[int, ...]:
     items = value if isinstance(value, list) else [value]
     if not items or not all(
@@ -145,8 +138,8 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "aliases": _str_list,
     "ttl": parse_duration,
     "health": _health,
-    "start_timeout": _positive_duration,
-    "stop_timeout": _positive_duration,
+    "start_timeout": parse_positive_duration,
+    "stop_timeout": parse_positive_duration,
     "memory": parse_size,
     "pin": _bool,
     "preload": _bool,
@@ -155,11 +148,11 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "ram_ttl": parse_duration,
     "stage": _bool,
     "sha256": _sha256,
-    "health_interval": _positive_duration,
+    "health_interval": parse_positive_duration,
     "health_failures": _count,
     "concurrency": lambda v: None if v is None else _count(v),
     "max_queue": lambda v: None if v is None else _count(v, minimum=0),
-    "request_timeout": lambda v: None if v is None else _positive_duration(v),
+    "request_timeout": lambda v: None if v is None else parse_positive_duration(v),
 }
 NOT_IN_DEFAULTS = frozenset({"name", "aliases", "model", "cmd"})
 

@@ -44,6 +44,14 @@ def parse_duration(value: object) -> float:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
 
 
+def parse_positive_duration(value: object) -> float:
+    """A duration that must be above zero: a timeout, an interval."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, like 10s, got {value!r}")
+    return seconds
+
+
 def parse_size(value: object) -> int:
     """Bytes from ``6GiB``, ``512MB``, ``1.5G`` or a bare number of bytes."""
     if isinstance(value, bool):

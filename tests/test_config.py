@@ -144,12 +144,12 @@ PRESET_ERRORS = [
     ),
     pytest.param(
         {"m.yaml": OK_PRESET + "start_timeout: 0\n"},
-        ["presets/m.yaml:3:16: start_timeout: expected a duration above zero, got 0"],
+        ["presets/m.yaml:3:16: start_timeout: expected a duration above zero, like 10s, got 0"],
         id="start-timeout-zero",
     ),
     pytest.param(
         {"m.yaml": OK_PRESET + "stop_timeout: 0s\n"},
-        ["presets/m.yaml:3:15: stop_timeout: expected a duration above zero, got '0s'"],
+        ["presets/m.yaml:3:15: stop_timeout: expected a duration above zero, like 10s, got '0s'"],
         id="stop-timeout-zero-with-unit",
     ),
     pytest.param(
