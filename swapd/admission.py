@@ -45,6 +45,12 @@ class Snapshot:
         return found
 
 
+def _estimate(preset: Preset, device: Device, total: int) -> tuple[int | None, bool]:
+    """The estimate, and whether the model file it came from (if any) exists."""
+    there = preset.model is None or preset.model.exists()
+    return estimate_bytes(preset, device, total), there
+
+
 class Admission:
     """Per-device locks, readings and needs; plans come from :mod:`swapd.policy`."""
 
@@ -110,10 +116,8 @@ class Admission:
                 estimate = self._estimates[key]
             else:
                 # Reading GGUF metadata is file I/O: once per model and device, in a thread.
-                estimate = await asyncio.to_thread(estimate_bytes, preset, device, reading.total)
-                if estimate is not None or preset.model is None:
-                    # No estimate from a model file (missing, unreadable) is asked again
-                    # next time: the file may be there by then.
+                estimate, there = await asyncio.to_thread(_estimate, preset, device, reading.total)
+                if there:  # a missing model file is asked again: it may be there by then
                     self._estimates[key] = estimate
             needs[device.id] = memory_need(
                 preset, device, estimate, self.footprints, self.default_memory

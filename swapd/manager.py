@@ -75,6 +75,8 @@ from swapd.upstream import UpstreamError, UpstreamPool
 _log = get_logger("swapd.manager")
 # How often to re-read memory while waiting for a stopped backend's memory to come back.
 _RELEASE_POLL = 0.05
+# Added to a wait that must not end early (uvloop's timers fire up to 1 ms early).
+_TIMER_SLACK = 0.002
 # How long after ready a backend's memory is measured.
 _MEASURE_DELAY = 1.0
 # Backoff after failed starts: 1 s doubling to 60 s; after this many in a row, no retries
@@ -757,7 +759,8 @@ class Manager:
             else:
                 # Awake at max_wait even if nothing else changes by then: that is when
                 # the busy models are drained (their releases notify only once idle).
-                remaining = min(remaining, self.config.max_wait - waited)
+                # A little late, not early: uvloop rounds timers to whole milliseconds.
+                remaining = min(remaining, self.config.max_wait - waited + _TIMER_SLACK)
             await self._wait_for_change(remaining)
 
     async def _wait_for_change(self, timeout: float) -> None:

@@ -215,24 +215,26 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
     )
     pidfd: int | None = None
     transport: asyncio.ReadTransport | None = None
+    connecting = False
     try:
         assert popen.stdout is not None  # noqa: S101 - spawned with a pipe
         pidfd = os.pidfd_open(popen.pid)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=_OUTPUT_LIMIT, loop=loop)
+        connecting = True
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader, loop=loop), popen.stdout
         )
         return _PidfdProcess(popen, pidfd, reader, transport)
     except BaseException:
         # Never leave a started process behind untracked, cancelled or not, nor its fds.
+        if pidfd is not None:
+            os.close(pidfd)
+        if transport is not None:
+            transport.close()
+        elif not connecting and popen.stdout is not None:
+            popen.stdout.close()  # a failed (or cancelled) connect closes the pipe itself
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
-        if transport is not None:
-            transport.close()
-        elif popen.stdout is not None:
-            popen.stdout.close()
-        if pidfd is not None:
-            os.close(pidfd)
         raise

@@ -120,3 +120,26 @@ def test_a_model_file_that_appears_later_is_estimated_then(tmp_path: Path, tiny_
         return missing, present
 
     assert asyncio.run(run()) == ("default", "estimate")
+
+
+def test_a_model_with_no_estimate_is_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that is there but gives no estimate (not a GGUF, a command's model) is read once."""
+    calls = _count_estimates(monkeypatch)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a gguf")
+    bad = Preset(name="bad", file="bad.yaml", backend="llama-server", model=junk)
+    cmd = Preset(name="cmd", file="cmd.yaml", backend="command", cmd=("true",), model=junk)
+    adm = _admission(tmp_path)
+
+    async def run() -> list[str]:
+        await adm.prefetch([bad, cmd])
+        snap = await adm.read(())
+        for _ in range(3):
+            for preset in (bad, cmd):
+                need = (await adm.needs(preset, adm.candidates(preset), snap))["cpu"]
+                assert need.source == "default"
+        return calls
+
+    assert sorted(asyncio.run(run())) == ["bad", "cmd"]

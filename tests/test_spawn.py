@@ -175,3 +175,36 @@ def test_a_finished_backend_leaves_no_descriptor_open(run: Runner[int]) -> None:
         return _open_fds() - before
 
     assert run(ten()) == 0
+
+
+def test_a_cancelled_spawn_leaves_no_process_or_descriptor(
+    run: Runner[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its output pipe is connected: the cancellation goes through.
+
+    The process is killed and reaped and no descriptor is left: uvloop closes the pipe
+    itself when the connect fails, and closing it again raised EBADF instead.
+    """
+    prefix = spawn._find_death_prefix()
+    if not prefix:
+        pytest.fail("setpriv --pdeathsig or pidfd_open is missing: the fast path is untested")
+    monkeypatch.setattr(spawn, "_death_prefix", prefix)
+
+    async def cancelled() -> int:
+        warm = await spawn.spawn(["true"], dict(os.environ))  # the loop's first-use fds
+        await warm.wait()
+        warm.close_output()
+        await asyncio.sleep(0)
+        before = _open_fds()
+        for _ in range(5):
+            task = asyncio.create_task(spawn.spawn(["sleep", "60"], dict(os.environ)))
+            await asyncio.sleep(0)  # it runs up to the connect, then waits
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await asyncio.sleep(0)
+        return _open_fds() - before
+
+    assert run(cancelled()) == 0
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # nothing left to reap: every child was reaped

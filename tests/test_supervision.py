@@ -167,6 +167,10 @@ def test_a_request_waiting_past_max_wait_drains_the_busy_model_and_swaps(
     assert all(n > 0 for n in served)
     [drain] = d.events("model.drain")[:1]
     assert (drain["models"], drain["reason"], drain["waiting"]) == (["a"], "max_wait", "b")
+    # Drained while the long request (3 s, max_wait 1 s) was still in flight, not once
+    # a's requests happened to pause: the wait wakes at max_wait by itself.
+    long_done = next(e for e in d.events("request.done") if e["ms"] >= 2500)
+    assert drain["timestamp"] < long_done["timestamp"]
 
 
 def test_a_command_preset_without_memory_counts_default_memory(
