@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from swapd.logs import get_logger
 
@@ -215,13 +216,11 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
     )
     pidfd: int | None = None
     transport: asyncio.ReadTransport | None = None
-    connecting = False
     try:
         assert popen.stdout is not None  # noqa: S101 - spawned with a pipe
         pidfd = os.pidfd_open(popen.pid)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=_OUTPUT_LIMIT, loop=loop)
-        connecting = True
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader, loop=loop), popen.stdout
         )
@@ -232,9 +231,24 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
             os.close(pidfd)
         if transport is not None:
             transport.close()
-        elif not connecting and popen.stdout is not None:
-            popen.stdout.close()  # a failed (or cancelled) connect closes the pipe itself
+        elif popen.stdout is not None:
+            _close_pipe_file(popen.stdout)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
         raise
+
+
+def _close_pipe_file(pipe: IO[bytes]) -> None:
+    """Close the pipe's file object, whose descriptor a failed connect may have closed.
+
+    uvloop's libuv handle owns the descriptor once opened and closes it when the connect
+    fails (cancelled, say), leaving the file object open: closing that then gives
+    EBADF, which uvloop itself expects when it closes a pipe's file. The object is
+    marked closed either way, so nothing closes the number again later.
+    """
+    try:
+        pipe.close()
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
