@@ -214,6 +214,12 @@ def event_times(daemon: Swapd) -> list[Event]:
     return out
 
 
+def during(run: Json, events: list[Event]) -> list[Event]:
+    """The events logged while one cold request was under way (2 ms of slack each side)."""
+    start, end = run["sent"], run["sent"] + run["ttfb_s"]
+    return [e for e in events if start - 0.002 <= e[0] <= end + 0.002]
+
+
 def backend_own(run: Json, events: list[Event]) -> float:
     """Seconds of one cold request that the backends spent on their own, from swapd's log.
 
@@ -221,8 +227,7 @@ def backend_own(run: Json, events: list[Event]) -> float:
     and the new backend's start: its spawn until the last line it printed before swapd
     saw it ready ("listening on ..."), so swapd's noticing is swapd's.
     """
-    end = run["sent"] + run["ttfb_s"]
-    window = [(t, n, e) for t, n, e in events if run["sent"] - 0.002 <= t <= end + 0.002]
+    window = during(run, events)
     stop = sum(float(e.get("stop_s", 0.0)) for _, n, e in window if n == "backend.exit")
     spawned = next(t for t, n, _ in window if n == "backend.spawn")
     ready = next(t for t, n, _ in window if n == "model.load.done")
@@ -234,9 +239,8 @@ def timeline(run: Json, events: list[Event]) -> Json:
     """Milliseconds spent in each phase of one cold request, from swapd's own log."""
     end = run["sent"] + run["ttfb_s"]
     marks: dict[str, float] = {"sent": run["sent"], "ttfb": end}
-    for stamp, name, _ in events:
-        if run["sent"] - 0.002 <= stamp <= end + 0.002 and name not in marks:
-            marks[name] = stamp
+    for stamp, name, _ in during(run, events):
+        marks.setdefault(name, stamp)
     if "model.evict" not in marks:  # first load: admission runs until the load starts
         marks["model.evict"] = marks["backend.exit"] = marks.get("model.load.start", end)
     return {

@@ -30,12 +30,17 @@ def tree() -> Iterator[subprocess.Popen[bytes]]:
         leader.wait()
 
 
+def _expected(leader: subprocess.Popen[bytes]) -> dict[int, frozenset[int]]:
+    """The leader's tree as psutil sees it."""
+    members = psutil.Process(leader.pid).children(recursive=True)
+    return {leader.pid: frozenset({leader.pid, *(p.pid for p in members)})}
+
+
 def test_the_children_lists_and_the_table_agree(tree: subprocess.Popen[bytes]) -> None:
     """Both readings give the leader and every descendant, whatever group it is in."""
-    expected = {tree.pid} | {p.pid for p in psutil.Process(tree.pid).children(recursive=True)}
     assert _tree._children_listed(), "this kernel lists no children: the fast path is untested"
-    assert _tree.process_trees([tree.pid]) == {tree.pid: frozenset(expected)}
-    assert _tree._from_table([tree.pid]) == {tree.pid: frozenset(expected)}
+    assert _tree.process_trees([tree.pid]) == _expected(tree)
+    assert _tree._from_table([tree.pid]) == _expected(tree)
 
 
 def test_without_children_lists_the_table_is_read(
@@ -43,8 +48,7 @@ def test_without_children_lists_the_table_is_read(
 ) -> None:
     """A kernel without CONFIG_PROC_CHILDREN: the same answer from one pass over the table."""
     monkeypatch.setattr(_tree, "_children_listed", lambda: False)
-    expected = {tree.pid} | {p.pid for p in psutil.Process(tree.pid).children(recursive=True)}
-    assert _tree.process_trees([tree.pid]) == {tree.pid: frozenset(expected)}
+    assert _tree.process_trees([tree.pid]) == _expected(tree)
 
 
 def test_a_root_that_is_gone_is_itself_alone() -> None:

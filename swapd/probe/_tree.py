@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,49 +30,50 @@ def process_trees(roots: Collection[int]) -> dict[int, frozenset[int]]:
     if not roots:
         return {}
     if _children_listed():
-        budget = [_TASKS_MAX]
-        trees = {}
-        for root in roots:
-            tree = _walk(root, budget)
-            if tree is None:
-                break  # threads by the hundred (vLLM, PyTorch): the table is quicker
-            trees[root] = tree
-        else:
+        trees = _walk(roots)
+        if trees is not None:
             return trees
     return _from_table(roots)
 
 
+@functools.cache
 def _children_listed() -> bool:
+    """Whether this kernel lists each task's children (it cannot change while swapd runs)."""
     return (_PROC / "self" / "task" / str(threading.get_native_id()) / "children").exists()
 
 
-def _walk(root: int, budget: list[int]) -> frozenset[int] | None:
-    """``root`` and its descendants, from each task's list of children.
+def _walk(roots: Collection[int]) -> dict[int, frozenset[int]] | None:
+    """Each root and its descendants, from each task's list of children.
 
-    Each thread has its own list, one file read each: None once ``budget`` (shared
-    by the roots of one reading) runs out of threads.
+    Each thread has its own list, one file read each: None once the roots' trees
+    hold more than ``_TASKS_MAX`` threads in all (threads by the hundred, as in vLLM
+    or PyTorch workers: the table is quicker).
     """
-    seen = {root}
-    stack = [root]
-    while stack:
-        pid = stack.pop()
-        try:
-            tasks = list((_PROC / str(pid) / "task").iterdir())
-        except OSError:
-            continue  # gone meanwhile
-        budget[0] -= len(tasks)
-        if budget[0] < 0:
-            return None
-        for task in tasks:
+    budget = _TASKS_MAX
+    trees: dict[int, frozenset[int]] = {}
+    for root in roots:
+        seen = {root}
+        stack = [root]
+        while stack:
+            pid = stack.pop()
             try:
-                children = (task / "children").read_text().split()
+                tasks = list((_PROC / str(pid) / "task").iterdir())
             except OSError:
-                continue
-            for child in map(int, children):
-                if child not in seen:
-                    seen.add(child)
-                    stack.append(child)
-    return frozenset(seen)
+                continue  # gone meanwhile
+            budget -= len(tasks)
+            if budget < 0:
+                return None
+            for task in tasks:
+                try:
+                    children = (task / "children").read_text().split()
+                except OSError:
+                    continue
+                for child in map(int, children):
+                    if child not in seen:
+                        seen.add(child)
+                        stack.append(child)
+        trees[root] = frozenset(seen)
+    return trees
 
 
 def _from_table(roots: Collection[int]) -> dict[int, frozenset[int]]:
