@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
+from aiohttp.http import StreamWriter
 
 from swapd import _json as capped_json
 from swapd.errors import (
@@ -276,7 +277,13 @@ class Proxy:
 async def pass_body(
     request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse
 ) -> None:
-    """Write the backend's body to the client chunk by chunk, as it comes."""
+    """Write the backend's body to the client chunk by chunk, as it comes.
+
+    While the client keeps up, each chunk is written from the backend connection's
+    own read (:func:`_write_at_once`); chunks that wait go through the awaited path
+    below, which waits for a slow client (backpressure).
+    """
+    upstream.pass_to(_write_at_once(request))
     try:
         while (chunk := await upstream.next_chunk()) is not None:
             if upstream.finished():
@@ -289,7 +296,37 @@ async def pass_body(
         if request.transport is not None:
             request.transport.close()
         return
+    finally:
+        upstream.pass_to(None)
     await response.write_eof()
+
+
+def _write_at_once(request: web.Request) -> Callable[[bytes], bool] | None:
+    """A sink that writes a chunk to the client at once when nothing is waiting to go out.
+
+    aiohttp's ``write`` only awaits to compress (never on a relayed answer) or to
+    drain, which ``drain=False`` skips, so one step of it does the whole write. A
+    client with unsent bytes, or gone, gets the chunk through the awaited path.
+    """
+    writer = request.writer
+    transport = request.transport
+    if not isinstance(writer, StreamWriter):
+        return None  # another writer: every chunk takes the awaited path
+
+    def write(chunk: bytes) -> bool:
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        step = writer.write(chunk, drain=False)
+        try:
+            step.send(None)
+        except StopIteration:
+            return True
+        except ConnectionError:
+            return False
+        step.close()
+        raise RuntimeError("the response writer waited on a relayed chunk")
+
+    return write
 
 
 def _send_headers(request: web.Request) -> None:

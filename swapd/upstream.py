@@ -17,7 +17,7 @@ import contextlib
 import select
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import cast
 
 import httptools
@@ -78,6 +78,8 @@ class _Connection(asyncio.Protocol):
         self._wakeup: asyncio.Future[None] | None = None
         self._paused = False
         self._seen_length = False
+        # Takes a body chunk on arrival and says whether it passed it on (see pass_to).
+        self.sink: Callable[[bytes], bool] | None = None
 
     # ---- asyncio.Protocol
 
@@ -136,7 +138,10 @@ class _Connection(asyncio.Protocol):
             self.headers_ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        """Queue a body chunk, pausing the backend when too much waits."""
+        """Pass a body chunk on, or queue it, pausing the backend when too much waits."""
+        sink = self.sink
+        if sink is not None and not self.chunks and sink(body):
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and self.transport is not None and not self._paused:
@@ -239,6 +244,17 @@ class UpstreamResponse:
         self.settled = conn.settled
         self.finished = conn.finished
         self._done = False
+
+    def pass_to(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Offer each body chunk to ``sink`` as it arrives, before it is queued.
+
+        The sink returns True when it has passed the chunk on (then
+        :meth:`next_chunk` never sees it) and False to have it queued as usual, for
+        instance while the client is behind; chunks keep their order either way.
+        Passing a chunk on from the backend's own read saves a loop turn and a task
+        switch on the way to the client. ``None`` stops offering.
+        """
+        self._conn.sink = sink
 
     @property
     def headers(self) -> list[tuple[str, str]]:

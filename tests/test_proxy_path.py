@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
+import socket
 import sys
 import threading
 import time
@@ -125,3 +127,38 @@ def test_a_streams_status_reaches_the_client_before_a_late_first_chunk(
     first = json.loads(lines[0][len("data: ") :])
     assert len(lines) == 3
     assert headers_at < first["produced_at"]
+
+
+def test_a_long_stream_to_a_client_that_falls_behind_arrives_whole_and_in_order(
+    start_daemon: StartDaemon,
+) -> None:
+    """Chunks written at once while the client keeps up, and queued while it is behind.
+
+    The client's receive buffer is tiny and it reads nothing for a second, so swapd's
+    writes back up mid-stream and the rest waits (and pauses the backend); every event
+    then arrives once, in the backend's order.
+    """
+    events = 20_000
+    d = start_daemon({"a": fake_preset("A", "--chunks", str(events), "--chunk-interval", "0")})
+    assert d.chat("a")[0] == 200
+    body = json.dumps(
+        {"model": "a", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    )
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(60)
+    client.connect(("127.0.0.1", d.port))
+    client.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (d.port, len(body), body.encode())
+    )
+    time.sleep(1.0)
+    received = bytearray()
+    while data := client.recv(1 << 16):
+        received += data
+    client.close()
+    assert received.startswith(b"HTTP/1.1 200")
+    numbers = [int(n) for n in re.findall(rb'"content": "A-(\d+)"', received)]
+    assert numbers == list(range(events))
+    assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")

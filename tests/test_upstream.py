@@ -348,3 +348,62 @@ async def test_a_connection_closed_after_a_stream_is_not_reused(pool: UpstreamPo
         assert server.connections == 3  # every POST got through, none was lost
     finally:
         server.listener.close()
+
+
+class _ThreeChunks:
+    """Streams three events, each after the test says it has dealt with the one before."""
+
+    def __init__(self) -> None:
+        self.next = asyncio.Queue[None]()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for part in (b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"):
+            await self.next.get()
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_a_sink_takes_chunks_as_they_arrive_and_declined_ones_keep_their_order(
+    pool: UpstreamPool,
+) -> None:
+    """What the sink passes on never reaches next_chunk; what it declines is queued.
+
+    Once a chunk waits in the queue, later ones queue behind it even if the sink
+    would take them, so the reader sees the body in the backend's order.
+    """
+    handler = _ThreeChunks()
+    offered: list[bytes] = []
+    taken: list[bytes] = []
+    declines = [False, True, False]  # the second chunk is declined (a client behind)
+
+    arrived = asyncio.Event()
+
+    def sink(chunk: bytes) -> bool:
+        offered.append(chunk)
+        arrived.set()
+        if declines[len(offered) - 1]:
+            return False
+        taken.append(chunk)
+        return True
+
+    async with Server(handler) as server:
+        resp = await pool.request("127.0.0.1", server.port, "POST", "/s", [], b"")
+        resp.pass_to(sink)
+        for _ in range(2):  # the first is taken, the second declined (queued)
+            handler.next.put_nowait(None)
+            async with asyncio.timeout(10):
+                await arrived.wait()
+            arrived.clear()
+        assert taken == [b"data: 1\n\n"]
+        handler.next.put_nowait(None)
+        await asyncio.sleep(0.1)  # the third arrives behind a queued chunk: not offered
+        assert len(offered) == 2
+        assert await resp.read() == b"data: 2\n\ndata: 3\n\n"
+        resp.pass_to(None)
+        resp.finish()
+    assert taken == [b"data: 1\n\n"]
