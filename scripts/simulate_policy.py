@@ -44,6 +44,7 @@ import argparse
 import bisect
 import dataclasses
 import heapq
+import itertools
 import math
 import random
 from collections import deque
@@ -469,12 +470,57 @@ def upcoming(window: float) -> Callable[[Sim, str, float], float]:
     return value
 
 
+def plan_least_cost(cost: Callable[[Sim, str, float], float]) -> Planner:
+    """Evict the set of idle residents that makes room at the least summed ``cost``.
+
+    Every subset is tried (eight models here); ties go to fewer victims. With the
+    expected reload time as the cost this weighs a victim's size and reload time,
+    which an ordering by one number (CRF, next use) cannot.
+    """
+
+    def plan(sim: Sim, name: str, now: float) -> Plan:
+        need = sim.need(name)
+        room = sim.budget - sim.used()
+        if room >= need:
+            return policy.Admit("sim", ())
+        idle = [n for n in sim.resident if n != name and not sim.busy(n)]
+        best: tuple[tuple[float, int], tuple[str, ...]] | None = None
+        for k in range(1, len(idle) + 1):
+            for victims in itertools.combinations(idle, k):
+                if room + sum(sim.usage(v) for v in victims) < need:
+                    continue
+                key = (sum(cost(sim, v, now) for v in victims), k)
+                if best is None or key < best[0]:
+                    best = (key, victims)
+        if best is not None:
+            return policy.Admit("sim", best[1])
+        if need > sim.budget:
+            return policy.Impossible("larger than the budget")
+        return policy.Wait("sim", tuple(n for n in sim.resident if sim.busy(n)))
+
+    return plan
+
+
+def reload_rate(sim: Sim, name: str, now: float) -> float:
+    """Expected reload seconds per second if evicted: CRF (a request rate) x reload time."""
+    return sim.crf_now(name, now) * sim.models[name].load_s
+
+
+def reload_before_next_use(sim: Sim, name: str, now: float) -> float:
+    """An oracle: the reload time, spread over the time until the model's next request."""
+    return sim.models[name].load_s / max(sim.next_use(name, now) - now, 1e-3)
+
+
 # References for what an ordering could gain by knowing more than the past (not policies
-# swapd could run): the true long-run frequency, and the demand of the next minutes.
+# swapd could run): the true long-run frequency, and the demand of the next minutes. And
+# what weighing victims by reload time could gain: with the past (the CRF), and with the
+# future, where it beats belady, whose furthest-next-use order ignores size and cost.
 ORACLES: dict[str, Planner] = {
     "oracle-frequency": plan_by_value(whole_trace_count),
     "oracle-next-300s": plan_by_value(upcoming(300.0)),
     "oracle-next-60s": plan_by_value(upcoming(60.0)),
+    "crf-x-reload-time": plan_least_cost(reload_rate),
+    "oracle-reload-before-next-use": plan_least_cost(reload_before_next_use),
 }
 
 PLANNERS: dict[str, Planner] = {
