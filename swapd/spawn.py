@@ -189,10 +189,14 @@ class _LoopProcess:
 async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
     """Start ``argv`` in its own session, output piped, dying with swapd.
 
-    Raises :class:`OSError` when the program cannot be executed (on the fast path,
-    a program that setpriv cannot execute exits with status 126 or 127 instead).
+    Raises :class:`OSError` when the program cannot be executed, on either path.
     """
     prefix = await death_prefix()
+    if prefix:
+        # setpriv would report it as an exit (126, 127) in its own words: say it as the
+        # forking path does. One stat per start; a file changed in between is still
+        # caught by setpriv.
+        _check_executable(argv[0], env.get("PATH", os.defpath))
     if not prefix:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -237,6 +241,22 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
             os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
         raise
+
+
+def _check_executable(program: str, search: str) -> None:
+    """Raise the :class:`OSError` that exec would for ``program``, looked up in ``search``."""
+    if os.sep in program:
+        candidates = [Path(program)]
+    else:
+        candidates = [Path(folder or ".") / program for folder in search.split(os.pathsep)]
+    denied = False
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return
+        # Not executable, or a directory: exec refuses it with EACCES (and looks further).
+        denied = denied or candidate.exists()
+    code = errno.EACCES if denied else errno.ENOENT
+    raise OSError(code, os.strerror(code), program)
 
 
 def _close_pipe_file(pipe: IO[bytes]) -> None:

@@ -134,17 +134,33 @@ def _alive(pid: int) -> bool:
 def test_a_program_that_cannot_run_is_reported(
     path: str, tmp_path: Path, run: Runner[tuple[int, str]]
 ) -> None:
-    """Not executable: the loop's path raises; on the fast path setpriv says so (126, 127)."""
+    """Not executable, or not there: both paths raise what exec says, before any start."""
+    del path  # both spawn paths
     script = tmp_path / "backend"
     script.write_text("#!/bin/sh\n")
     script.chmod(0o644)
-    if path == "loop-fork":
-        with pytest.raises(PermissionError):
-            run(_run([str(script)]))
-        return
-    code, out = run(_run([str(script)]))
-    assert code in {126, 127}  # the shell's codes: cannot execute, not found
-    assert str(script) in out
+    with pytest.raises(PermissionError):
+        run(_run([str(script)]))
+    with pytest.raises(PermissionError):
+        run(_run([str(tmp_path)]))  # a directory
+    with pytest.raises(FileNotFoundError):
+        run(_run([str(tmp_path / "missing")]))
+    with pytest.raises(FileNotFoundError):
+        run(_run(["swapd-no-such-program"]))
+
+
+def test_a_program_is_looked_up_in_the_backends_path(tmp_path: Path) -> None:
+    """The check searches the PATH the backend gets, as exec does, and skips what it cannot run."""
+    blocked, runnable = tmp_path / "blocked", tmp_path / "runnable"
+    for folder, mode in ((blocked, 0o644), (runnable, 0o755)):
+        folder.mkdir()
+        (folder / "backend").write_text("#!/bin/sh\n")
+        (folder / "backend").chmod(mode)
+    spawn._check_executable("backend", f"{blocked}:{runnable}")  # the second one runs
+    with pytest.raises(PermissionError):
+        spawn._check_executable("backend", str(blocked))
+    with pytest.raises(FileNotFoundError):
+        spawn._check_executable("backend", str(tmp_path))
 
 
 def _open_fds() -> int:
