@@ -80,15 +80,21 @@ def _prepare_child() -> None:  # pragma: no cover - forked child
 _death_prefix: tuple[str, ...] | None = None
 
 
-def _find_death_prefix() -> tuple[str, ...]:
-    """``setpriv --pdeathsig KILL --`` if this host's setpriv has it and pidfds work; else ()."""
+def _find_death_prefix() -> tuple[str, ...] | None:
+    """``setpriv --pdeathsig KILL --`` if this host's setpriv has it and pidfds work; else ().
+
+    None when the check itself did not finish (a host too busy to run setpriv within
+    its timeout): nothing is known, and the next start checks again.
+    """
     setpriv = shutil.which("setpriv")
     if setpriv is None or not hasattr(os, "pidfd_open"):
         return ()
+    prefix = (setpriv, "--pdeathsig", "KILL", "--")
     try:
         os.close(os.pidfd_open(os.getpid()))
-        prefix = (setpriv, "--pdeathsig", "KILL", "--")
         done = subprocess.run([*prefix, "true"], capture_output=True, timeout=10, check=False)
+    except subprocess.TimeoutExpired:
+        return None
     except (OSError, subprocess.SubprocessError):
         return ()
     return prefix if done.returncode == 0 else ()
@@ -98,8 +104,12 @@ async def death_prefix() -> tuple[str, ...]:
     """The exec prefix that sets the parent-death signal; () where the fast path is missing."""
     global _death_prefix  # noqa: PLW0603 - found once per process, on the first spawn
     if _death_prefix is None:
-        _death_prefix = await asyncio.to_thread(_find_death_prefix)
-        if _death_prefix:
+        found = await asyncio.to_thread(_find_death_prefix)
+        if found is None:
+            _log.warning("spawn.mode", mode="fork", detail="setpriv check timed out: checked again")
+            return ()
+        _death_prefix = found
+        if found:
             _log.info("spawn.mode", mode="vfork", death_signal="setpriv")
         else:
             _log.warning(

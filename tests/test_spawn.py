@@ -224,3 +224,22 @@ def test_a_cancelled_spawn_leaves_no_process_or_descriptor(
     assert run(cancelled()) == 0
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)  # nothing left to reap: every child was reaped
+
+
+def test_a_setpriv_check_that_times_out_is_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host too busy to finish the check forks this start, and the next start checks again."""
+    outcomes: list[subprocess.CompletedProcess[bytes] | None] = [None]
+
+    def fake_run(argv: list[str], **_: Any) -> subprocess.CompletedProcess[bytes]:
+        outcome = outcomes.pop(0) if outcomes else subprocess.CompletedProcess(argv, 0)
+        if outcome is None:
+            raise subprocess.TimeoutExpired(argv, 10)
+        return outcome
+
+    monkeypatch.setattr(spawn, "_death_prefix", None)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert asyncio.run(spawn.death_prefix()) == ()  # timed out: the forking path, this once
+    assert spawn._death_prefix is None
+    prefix = asyncio.run(spawn.death_prefix())
+    assert prefix[1:] == ("--pdeathsig", "KILL", "--")
+    assert spawn._death_prefix == prefix
