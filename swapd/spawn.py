@@ -206,7 +206,7 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
         # setpriv would report it as an exit (126, 127) in its own words: say it as the
         # forking path does. One stat per start; a file changed in between is still
         # caught by setpriv.
-        _check_executable(argv[0], env.get("PATH", os.defpath))
+        _check_executable(os.fspath(argv[0]), env.get("PATH", os.defpath))
     if not prefix:
         proc = await asyncio.create_subprocess_exec(
             *argv,

