@@ -1325,6 +1325,16 @@ class Manager:
             )
         return slot.stop_task
 
+    async def _close_connections(self, slot: Slot) -> None:
+        """Close swapd's idle connections to a backend about to stop (none is in use).
+
+        An open one holds the exit up: llama-server took 158 ms to exit on SIGTERM with
+        one idle connection, 45 ms without, while its HTTP threads waited on it.
+        """
+        if slot.launch is not None:
+            self.pool.forget(slot.launch.host, slot.launch.port)
+            await asyncio.sleep(0)  # asyncio's transports close on the next loop turn
+
     async def _stop(self, slot: Slot, reason: str, *, keep_pages: bool) -> None:
         self._cancel_ttl(slot)
         self._cancel_ram_ttl(slot)
@@ -1339,6 +1349,7 @@ class Manager:
                 _log.info("model.stop", model=slot.preset.name, reason=reason)
                 if slot.failures and self._proven(slot):
                     slot.failures = 0  # stopped after a good run
+                await self._close_connections(slot)
                 await child.stop(slot.preset.stop_timeout)
                 self._forget_child(slot)
             if hold is not None:

@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start a helper that leaves the process group (setsid) and keeps our output open",
     )
     p.add_argument("--print-fds", action="store_true", help="print the open descriptors at start")
+    p.add_argument(
+        "--connections-at-term",
+        type=Path,
+        metavar="FILE",
+        help="on SIGTERM, write how many client connections are still open to FILE",
+    )
     p.add_argument("--crash-after", type=int, metavar="N", help="die on completion request N+1")
     p.add_argument("--chunks", type=int, default=5, help="chunks per streamed answer")
     p.add_argument("--chunk-interval", type=float, default=0.05)
@@ -127,10 +133,22 @@ class Fake:
         """Mark the memory as released (after the configured delay) and exit at once."""
         if self.args.probe_file is not None:
             probe_file.release(self.args.probe_file, os.getpid(), self.args.release_delay)
+        if self.args.connections_at_term is not None:
+            self.args.connections_at_term.write_text(str(self.open_connections()))
         sys.stdout.flush()
         sys.stderr.flush()
         # No graceful shutdown: a real backend drops open connections when killed.
         os._exit(0)
+
+    def open_connections(self) -> int:
+        """Clients' connections to this server that their side has not closed."""
+        import psutil  # only for --connections-at-term
+
+        return sum(
+            1
+            for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.args.port
+        )
 
     # --- helpers ------------------------------------------------------------------
 
