@@ -49,6 +49,9 @@ _HOP = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
+        # swapd has read the whole body: a backend must not wait to be asked for it,
+        # and its 100 Continue would only cost a round trip.
+        "expect",
         "host",
         "content-length",
     }

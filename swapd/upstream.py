@@ -60,14 +60,9 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.headers_ready: asyncio.Future[None] = self._loop.create_future()
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        # Noted by on_header: the first Content-Type and Content-Length, and the names
-        # that Connection declares hop-by-hop (RFC 9110 section 7.6.1).
-        self.content_type: bytes | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.known_to_close = False  # after a chunked answer, by its Server header
-        self.connection_names: frozenset[bytes] = frozenset()
+        self._reset_headers()
+        self._interim = False  # parsing a 1xx answer (100 Continue): the real one follows
+        self._reading = False  # inside data_received
         self.chunks.clear()
         self.buffered = 0
         self.complete = False
@@ -77,9 +72,19 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = True
         self._wakeup: asyncio.Future[None] | None = None
         self._paused = False
-        self._seen_length = False
-        # Takes a body chunk on arrival and says whether it passed it on (see pass_to).
+        # Takes the body of a read and says whether it passed it on (see pass_to).
         self.sink: Callable[[bytes], bool] | None = None
+
+    def _reset_headers(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        # Noted by on_header: the first Content-Type and Content-Length, and the names
+        # that Connection declares hop-by-hop (RFC 9110 section 7.6.1).
+        self.content_type: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.known_to_close = False  # after a chunked answer, by its Server header
+        self.connection_names: frozenset[bytes] = frozenset()
+        self._seen_length = False
 
     # ---- asyncio.Protocol
 
@@ -93,13 +98,40 @@ class _Connection(asyncio.Protocol):
             self._poll.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
-        """Feed the parser; its callbacks fill in the answer."""
+        """Feed the parser; its callbacks fill in the answer; then hand over what came."""
         self.received_any = True
+        behind = bool(self.chunks)  # the reader has not taken the last read's body yet
+        self._reading = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"bad HTTP from backend: {exc}"))
             self.close()
+        finally:
+            self._reading = False
+        if self.chunks and not behind and not self.complete and self.error is None:
+            self._offer()
+        if self.chunks or self.complete:
+            self._wake()  # (a failure has woken the reader already)
+
+    def _offer(self) -> None:
+        """Offer this read's body, joined, to the sink; leave it queued if it declines.
+
+        Outside the parser's callbacks, so an error in the sink is not taken for bad
+        HTTP. The end of an answer is left to the reader: its last chunk and the end
+        go out in one write.
+        """
+        sink = self.sink
+        if sink is None:
+            return
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if sink(body):
+            chunks.clear()
+            self.buffered = 0
+            if self._paused and self.transport is not None:
+                self.transport.resume_reading()
+                self._paused = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         """An unfinished answer fails; a finished one stays as it is."""
@@ -133,26 +165,31 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         """The status and headers are in: the caller may start answering."""
         self.status = self._parser.get_status_code()
+        if 100 <= self.status < 200 and self.status != 101:
+            # 100 Continue (a forwarded Expect), 103 Early Hints: not the answer.
+            self._interim = True
+            return
         self.keep_alive = self._parser.should_keep_alive()
         if not self.headers_ready.done():
             self.headers_ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        """Pass a body chunk on, or queue it, pausing the backend when too much waits."""
-        sink = self.sink
-        if sink is not None and not self.chunks and sink(body):
-            return
+        """Queue a body chunk, pausing the backend when too much waits."""
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and self.transport is not None and not self._paused:
             self.transport.pause_reading()
             self._paused = True
-        self._wake()
 
     def on_message_complete(self) -> None:
-        """The whole answer is in."""
+        """The whole answer is in (an interim 1xx answer is not: the real one follows)."""
+        if self._interim:
+            self._interim = False
+            self._reset_headers()
+            return
         self.complete = True
-        self._wake()
+        if not self._reading:
+            self._wake()  # the backend closed to end the answer
 
     # ---- used by UpstreamResponse
 
@@ -246,13 +283,15 @@ class UpstreamResponse:
         self._done = False
 
     def pass_to(self, sink: Callable[[bytes], bool] | None) -> None:
-        """Offer each body chunk to ``sink`` as it arrives, before it is queued.
+        """Offer the body of each read from the backend to ``sink`` as it arrives.
 
-        The sink returns True when it has passed the chunk on (then
-        :meth:`next_chunk` never sees it) and False to have it queued as usual, for
-        instance while the client is behind; chunks keep their order either way.
-        Passing a chunk on from the backend's own read saves a loop turn and a task
-        switch on the way to the client. ``None`` stops offering.
+        What one read brought is offered joined, once, when nothing is queued before
+        it and the answer is not yet whole. The sink returns True when it has passed
+        the body on (then :meth:`next_chunk` never sees it, and the reader is not
+        woken) and False to have it queued as usual, for instance while the client is
+        behind; the body keeps its order either way. Passing it on from the backend's
+        own read saves a loop turn and a task switch on the way to the client.
+        ``None`` stops offering.
         """
         self._conn.sink = sink
 

@@ -47,6 +47,32 @@ def test_headers_named_in_connection_are_not_forwarded(start_daemon: StartDaemon
     assert got[b"x-kept"] == b"for the backend"
 
 
+def test_expect_100_continue_stops_at_swapd(start_daemon: StartDaemon) -> None:
+    """swapd has the whole body before it forwards: the backend is not asked to wait for it.
+
+    A forwarded ``Expect: 100-continue`` makes a backend (llama-server's cpp-httplib)
+    send an interim 100 before its answer.
+    """
+    d = start_daemon(
+        {"echo": {"backend": "command", "cmd": [sys.executable, str(ECHO), "--port", "${PORT}"]}}
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    body = json.dumps({"model": "echo", "pad": "x" * 2048}).encode()
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body,
+        {"Content-Type": "application/json", "Expect": "100-continue"},
+    )
+    resp = conn.getresponse()  # skips swapd's own 100 Continue
+    data = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 200, data
+    got = {base64.b64decode(k).lower() for k, _ in data["headers"]}
+    assert b"expect" not in got
+    assert b"content-type" in got
+
+
 def test_request_timeout_answers_504_and_cancels_the_generation(
     start_daemon: StartDaemon,
 ) -> None:

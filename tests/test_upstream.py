@@ -407,3 +407,68 @@ async def test_a_sink_takes_chunks_as_they_arrive_and_declined_ones_keep_their_o
         resp.pass_to(None)
         resp.finish()
     assert taken == [b"data: 1\n\n"]
+
+
+class _Burst:
+    """Headers first; then, when told, fifty events in one write, and the end."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await self.go.wait()
+        events = [b"data: %d\n\n" % i for i in range(50)]
+        writer.write(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_a_sink_is_offered_what_one_read_brought_joined(pool: UpstreamPool) -> None:
+    """Fifty events that came in one read go to the sink as one piece: one write, not 50."""
+    handler = _Burst()
+    offered: list[bytes] = []
+
+    def sink(chunk: bytes) -> bool:
+        offered.append(chunk)
+        return True
+
+    async with Server(handler) as server:
+        resp = await pool.request("127.0.0.1", server.port, "POST", "/s", [], b"")
+        resp.pass_to(sink)
+        handler.go.set()
+        assert await resp.read() == b""  # all of it went to the sink
+        resp.finish()
+    assert offered == [b"".join(b"data: %d\n\n" % i for i in range(50))]
+
+
+async def _continue_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    answered = 0
+    while True:
+        await _read_request(reader)
+        answered += 1
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        body = b"answer %d" % answered
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_an_interim_100_continue_is_not_taken_for_the_answer(pool: UpstreamPool) -> None:
+    """The answer after a 1xx is the request's own; the next request on the connection gets its own.
+
+    Taking the 100 for the answer handed the real one to whichever request came next.
+    """
+    async with Server(_continue_first) as server:
+        for expected in (b"answer 1", b"answer 2"):
+            resp = await pool.request("127.0.0.1", server.port, "POST", "/x", [], b"{}")
+            assert (resp.status, await resp.read()) == (200, expected)
+            resp.finish()
+        assert server.connections == 1
