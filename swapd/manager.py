@@ -1328,8 +1328,10 @@ class Manager:
     async def _close_connections(self, slot: Slot) -> None:
         """Close swapd's idle connections to a backend about to stop (none is in use).
 
-        An open one holds the exit up: llama-server took 158 ms to exit on SIGTERM with
-        one idle connection, 45 ms without, while its HTTP threads waited on it.
+        A backend's shutdown waits for its connections to end: llama-server took 145-160
+        ms to exit on SIGTERM with a blocking client's idle connection open, 45-55 ms
+        without. swapd's loop answers the backend's close at once (52 against 60 ms, within
+        noise) unless it is busy; closed first, nothing is left to wait on.
         """
         if slot.launch is not None:
             self.pool.forget(slot.launch.host, slot.launch.port)

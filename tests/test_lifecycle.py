@@ -118,8 +118,9 @@ def test_a_backend_is_stopped_with_none_of_swapds_connections_open(
 ) -> None:
     """swapd closes its kept-alive connections to a backend before it signals the stop.
 
-    An idle connection holds a backend's exit up: llama-server took 158 ms to exit on
-    SIGTERM with one open, 45 ms without (Gemma 3 270M), and every swap waits for it.
+    A backend's shutdown waits for its open connections to end (llama-server took 145-160
+    ms to exit on SIGTERM with a blocking client's idle connection open, 45-55 ms
+    without), and every swap waits for the stop.
     """
     report = tmp_path / "open-at-term"
     d = start_daemon({"a": fake_preset("A", "--connections-at-term", str(report))})
