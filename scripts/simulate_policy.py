@@ -686,15 +686,20 @@ def on_oom(sim: Sim, name: str) -> None:
     sim.queue.appendleft(name)
 
 
-def simulate(
+def simulate(  # noqa: PLR0913 - the trace, its models, the policy and three knobs
     trace: list[Request],
     models: dict[str, Model],
     policy_name: str,
+    *,
     ram_budget: int = 0,
     half_life: float = policy.CRF_HALF_LIFE_S,
+    planner: Planner | None = None,
 ) -> Json:
-    """Replay one trace under one policy; return loads, load time, OOMs, waits and evictions."""
-    planner = PLANNERS[policy_name]
+    """Replay one trace under one policy; return loads, load time, OOMs, waits and evictions.
+
+    ``planner`` replaces the policy's own (its name still decides whether CRFs are kept).
+    """
+    planner = planner or PLANNERS[policy_name]
     crf = policy_name in USES_CRF
     future: dict[str, list[float]] = {n: [] for n in models}
     for req in trace:
@@ -782,7 +787,7 @@ def run_tiers(seed: int, horizon: float, rate: float, ram_gib: list[float]) -> d
     out: dict[str, Json] = {}
     for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
         out[trace_name] = {
-            p: {f"{g:g}": simulate(trace, models, p, int(g * GIB)) for g in ram_gib}
+            p: {f"{g:g}": simulate(trace, models, p, ram_budget=int(g * GIB)) for g in ram_gib}
             for p in TIER_POLICIES
         }
     return out
@@ -830,6 +835,46 @@ def oracle_grid(seeds: int, horizon: float, rate: float) -> dict[str, dict[str, 
         return {n: simulate(trace, models, n) for n in ("swapd-lru", "swapd-nohold", *ORACLES)}
 
     return mean_vs_belady(seeds, horizon, rate, runs)
+
+
+HOLD_GRID_BUSY = (0.0, 0.1, 0.2, 0.3, 0.4)
+HOLD_GRID_MAX_S = (10.0, 30.0)
+
+
+def hold_grid(seeds: int, horizon: float, rate: float) -> dict[str, dict[str, float]]:
+    """For each ``hold_busy`` / ``hold_max``: load time over belady's and the p95 wait.
+
+    Means over every trace of seeds 1..N; belady's own p95 wait for scale. The daemon's
+    keys trade one for the other: holding at a lower loader share saves loads and makes
+    the held requests wait.
+    """
+    models = make_models()
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for seed in range(1, seeds + 1):
+        for trace in traces(seed, horizon, rate, list(models)).values():
+            best = simulate(trace, models, "belady")
+            rows.setdefault("belady", []).append((1.0, best["wait_p95_s"]))
+            for busy in HOLD_GRID_BUSY:
+                for max_s in HOLD_GRID_MAX_S:
+                    planner = plan_held(policy.HoldRule(max_s=max_s, busy=busy))
+                    r = simulate(trace, models, "swapd", planner=planner)
+                    rows.setdefault(f"hold_busy {busy:g}, hold_max {max_s:g}s", []).append(
+                        (r["load_time_s"] / best["load_time_s"], r["wait_p95_s"])
+                    )
+    return {
+        key: {
+            "x_belady": float(np.mean([x for x, _ in v])),
+            "wait_p95_s": float(np.mean([w for _, w in v])),
+        }
+        for key, v in rows.items()
+    }
+
+
+def print_hold_grid(grid: dict[str, dict[str, float]], seeds: int, rate: float) -> None:
+    """Load time over belady's and p95 wait for each hold setting."""
+    print(f"\nhold settings: mean of every trace, seeds 1-{seeds}, {rate:g} requests/s")
+    rows = [[k, v["x_belady"], v["wait_p95_s"]] for k, v in grid.items()]
+    _bench.print_table(["setting", "load time x belady", "p95 wait (s)"], rows)
 
 
 # ---------------------------------------------------------------- report
@@ -1095,6 +1140,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--oracle-seeds", type=int, default=0, help="seeds for the oracle orderings (0 skips)"
     )
+    p.add_argument(
+        "--hold-seeds", type=int, default=0, help="seeds for the hold settings grid (0 skips)"
+    )
     p.add_argument("--quick", action="store_true", help="one simulated hour")
     p.add_argument("--plots", type=Path, help="write PNG charts into this folder")
     p.add_argument("--out", type=Path, default=Path("out/simulate_policy.json"))
@@ -1129,6 +1177,9 @@ def main() -> None:
     oracles = oracle_grid(args.oracle_seeds, hours * 3600, args.rate) if args.oracle_seeds else {}
     if oracles:
         print_oracles(oracles, args.oracle_seeds, args.rate)
+    holds = hold_grid(args.hold_seeds, hours * 3600, args.rate) if args.hold_seeds else {}
+    if holds:
+        print_hold_grid(holds, args.hold_seeds, args.rate)
     charts = plot(results, args.plots) if args.plots else []
     if args.plots and sweep:
         charts.append(plot_sweep(sweep, args.plots))
@@ -1164,6 +1215,7 @@ def main() -> None:
             "tiers": tiers,
             "half_life_grid": grid,
             "oracle_grid": oracles,
+            "hold_grid": holds,
             "charts": charts,
         },
     )
