@@ -15,11 +15,13 @@ model (``"model": "qwen"``), as in llama-server's router mode.
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 from aiohttp import web
 from yarl import URL
 
 from swapd._exchange import count
-from swapd.errors import Forbidden, UnknownModel, clip
+from swapd.errors import BadRequest, Forbidden, UnknownModel, clip
 from swapd.manager import Manager
 from swapd.proxy import Proxy, read_body
 
@@ -31,6 +33,34 @@ UPSTREAM_PREFIX = "/upstream/"
 RESERVED = frozenset(
     {"/sleep", "/wake_up", "/collective_rpc", "/scale_elastic_ep", "/pause", "/resume"}
 )
+
+
+def backend_path(path: str) -> str:
+    """The backend path to send, with empty segments gone; :class:`Forbidden` if reserved.
+
+    The check reads the path as a backend might: percent-escapes decoded, ``.`` and
+    ``..`` resolved, each segment's ``;parameters`` dropped, so ``/%73leep``,
+    ``/x/../sleep`` or ``/sleep;x`` cannot reach ``/sleep``. Empty segments are
+    removed from what is sent, since ``//x/sleep`` would read as a host ``x`` and a
+    path ``/sleep``. A fragment (``#``) has no place in a request and is refused.
+    """
+    if "#" in path:
+        raise BadRequest("a request path cannot hold '#'")
+    kept = [segment for segment in path.split("/") if segment]
+    resolved: list[str] = []
+    for segment in unquote(path).split("/"):
+        name = segment.partition(";")[0]
+        if name == "..":
+            if resolved:
+                resolved.pop()
+        elif name not in {"", "."}:
+            resolved.append(name)
+    if "/" + "/".join(resolved) in RESERVED:
+        raise Forbidden(
+            f"{clip(path)} is driven by swapd itself and cannot be called through /upstream/",
+            "upstream_route_reserved",
+        )
+    return "/" + "/".join(kept) + ("/" if path.endswith("/") and kept else "")
 
 
 def split_target(raw_path: str, manager: Manager) -> tuple[str, str]:
@@ -53,14 +83,11 @@ class Passthrough:
         """Any method: the request, re-targeted at the backend's own path."""
         count(request)
         model, path = split_target(request.raw_path.partition("?")[0], self.proxy.manager)
-        if path.rstrip("/") in RESERVED:
-            raise Forbidden(
-                f"{clip(path)} is driven by swapd itself and cannot be called through /upstream/",
-                "upstream_route_reserved",
-            )
+        path = backend_path(path)
         body = await read_body(request, self.proxy.max_body, self.proxy.body_timeout)
         query = request.raw_path.partition("?")[2]
-        target = URL(path + (f"?{query}" if query else ""), encoded=True)
+        # Built from its parts: parsed whole, a path could be read as a host.
+        target = URL.build(path=path, query_string=query, encoded=True)
         # The clone shares the connection; only the path the backend sees differs.
         upstream = request.clone(rel_url=target)
         request["model"] = model

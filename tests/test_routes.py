@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import urllib.request
 
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset
+from daemon import Daemon, fake_preset, fake_stats
 
 INFERENCE_KEY = "inference-key-0123456789"
 ADMIN_KEY = "admin-key-0123456789abcdef"
@@ -54,7 +56,23 @@ def test_the_upstream_passthrough_reaches_any_backend_path(two: Daemon) -> None:
     assert body["error"]["code"] == "model_not_found"
 
 
-@pytest.mark.parametrize("path", ["/sleep?level=1", "/wake_up", "/collective_rpc", "/sleep/"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/sleep?level=1",
+        "/wake_up",
+        "/collective_rpc",
+        "/sleep/",
+        # spelled so that a backend reads /sleep or /wake_up all the same
+        "//sleep",
+        "/%73leep?level=1",
+        "/wake%5Fup",
+        "/x/../sleep",
+        "/./sleep",
+        "/%2e%2e/sleep",
+        "/sleep;x",
+    ],
+)
 def test_routes_swapd_drives_itself_are_refused_through_the_passthrough(
     two: Daemon, path: str
 ) -> None:
@@ -63,6 +81,26 @@ def test_routes_swapd_drives_itself_are_refused_through_the_passthrough(
     assert status == 403
     assert body["error"]["code"] == "upstream_route_reserved"
     assert two.model("a")["state"] == "stopped"  # refused before any lease
+
+
+def test_a_path_that_would_read_as_a_host_reaches_the_backend_as_a_path(two: Daemon) -> None:
+    """``//x/sleep`` once went out as a host ``x`` and the path ``/sleep``: now ``/x/sleep``.
+
+    A fragment, which has no place in a request, is refused.
+    """
+    status, body = two.request("POST", "/upstream/a//x/sleep", {})
+    assert status == 404, body  # the backend's own answer: it has no /x/sleep
+    assert two.model("a")["state"] == "ready"
+    assert fake_stats(two.model("a")["port"])["sleeping"] is False
+    status, body = two.get("/upstream/a//props")
+    assert (status, body["path"]) == (200, "/props")
+    conn = http.client.HTTPConnection("127.0.0.1", two.port, timeout=30)
+    conn.request("POST", "/upstream/a/sleep#x", b"{}")
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    conn.close()
+    assert response.status == 400
+    assert "#" in answer["error"]["message"]
 
 
 def test_the_passthrough_leases_like_any_request(start_daemon: StartDaemon) -> None:
