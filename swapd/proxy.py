@@ -42,6 +42,7 @@ MULTIPART_ROUTES = ("/v1/audio/transcriptions",)
 _HOP = frozenset(
     {
         "connection",
+        "proxy-connection",  # an old, non-standard spelling of Connection
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
@@ -239,10 +240,13 @@ class Proxy:
             _HOP_BYTES | upstream.connection_names if upstream.connection_names else _HOP_BYTES
         )
         out_headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
+            (k.decode("latin-1"), _header_text(v))
             for k, v in upstream.raw_headers
             if k.lower() not in dropped
         ]
+        if request.method == "HEAD" and upstream.content_length is not None:
+            # The size of the answer a GET would get: aiohttp would not say it itself.
+            out_headers.append(("Content-Length", str(upstream.content_length)))
         content_type = upstream.content_type
         streaming = content_type is not None and content_type.startswith(b"text/event-stream")
         length = upstream.content_length
@@ -330,6 +334,18 @@ def _write_at_once(request: web.Request) -> Callable[[bytes], bool] | None:
         raise RuntimeError("the response writer waited on a relayed chunk")
 
     return write
+
+
+def _header_text(value: bytes) -> str:
+    """A header value as text that aiohttp writes back as the same bytes.
+
+    aiohttp encodes header text as UTF-8, so UTF-8 bytes (a file name in
+    Content-Disposition) round-trip as they came; other bytes are read as latin-1.
+    """
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def _send_headers(request: web.Request) -> None:

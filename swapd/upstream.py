@@ -63,6 +63,9 @@ class _Connection(asyncio.Protocol):
         self._reset_headers()
         self._interim = False  # parsing a 1xx answer (100 Continue): the real one follows
         self._reading = False  # inside data_received
+        self.expecting = False  # a request is out and its answer not yet begun or whole
+        self.head = False  # the request is a HEAD: the answer has headers only
+        self._refused = ""  # why a callback stopped the parser
         self.chunks.clear()
         self.buffered = 0
         self.complete = False
@@ -85,6 +88,7 @@ class _Connection(asyncio.Protocol):
         self.known_to_close = False  # after a chunked answer, by its Server header
         self.connection_names: frozenset[bytes] = frozenset()
         self._seen_length = False
+        self._headers_done = False  # what follows the body's end are trailers, not headers
 
     # ---- asyncio.Protocol
 
@@ -104,8 +108,8 @@ class _Connection(asyncio.Protocol):
         self._reading = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(f"bad HTTP from backend: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._fail(UpstreamError(self._refused or f"bad HTTP from backend: {exc}"))
             self.close()
         finally:
             self._reading = False
@@ -136,8 +140,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """An unfinished answer fails; a finished one stays as it is."""
         self.closed = True
-        if not self.complete and exc is None and self.headers_ready.done() and not self.keep_alive:
-            # An answer with neither a length nor chunks ends when the backend closes.
+        delimited = self._seen_length or self.chunked
+        if not (self.complete or delimited) and exc is None and self.headers_ready.done():
+            # An answer with neither a length nor chunks ends when the backend closes; one
+            # with either is cut short (a backend that died), never passed on as whole.
             self.on_message_complete()
         if not self.complete:
             reason = str(exc) if exc else "backend closed the connection"
@@ -145,8 +151,21 @@ class _Connection(asyncio.Protocol):
 
     # ---- httptools callbacks
 
+    def on_message_begin(self) -> None:
+        """An answer begins: refused unless a request awaits one.
+
+        A second answer after the whole one, or any answer on an idle connection, would
+        otherwise be taken for the next request's: raising here makes the parser fail,
+        and the connection is closed.
+        """
+        if not self.expecting or self.complete:
+            self._refused = "the backend sent an answer it was not asked for"
+            raise UpstreamError(self._refused)
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Collect one header; note the ones the proxy decides on."""
+        """Collect one header; note the ones the proxy decides on (trailers are dropped)."""
+        if self._headers_done:
+            return
         self.headers.append((name, value))
         lower = name.lower()
         if lower == b"content-type" and self.content_type is None:
@@ -169,7 +188,17 @@ class _Connection(asyncio.Protocol):
             # 100 Continue (a forwarded Expect), 103 Early Hints: not the answer.
             self._interim = True
             return
+        if self.status == 101:  # Switching Protocols
+            # swapd strips Upgrade from requests: a backend that switches anyway is broken.
+            self._refused = "the backend switched protocols (101), which swapd does not relay"
+            raise UpstreamError(self._refused)
+        self._headers_done = True
         self.keep_alive = self._parser.should_keep_alive()
+        if self.head:
+            # The parser cannot know the request was HEAD and would wait for the body
+            # that Content-Length announces: the answer is whole, the connection spent.
+            self.keep_alive = False
+            self.complete = True
         if not self.headers_ready.done():
             self.headers_ready.set_result(None)
 
@@ -187,6 +216,8 @@ class _Connection(asyncio.Protocol):
             self._interim = False
             self._reset_headers()
             return
+        if self.complete:
+            return  # a HEAD's answer, whole at its headers
         self.complete = True
         if not self._reading:
             self._wake()  # the backend closed to end the answer
@@ -251,6 +282,10 @@ class _Connection(asyncio.Protocol):
     def recycle(self) -> None:
         """Prepare for the next exchange on the same connection."""
         self.after_chunked = self.chunked
+        if self._paused and self.transport is not None:
+            # The answer ended while its reader was behind: a paused connection in the
+            # pool would never read the next request's answer.
+            self.transport.resume_reading()
         self._reset()
 
     def close(self) -> None:
@@ -407,6 +442,8 @@ class UpstreamPool:
             if conn is None:
                 conn = await self._connect(key)
             assert conn.transport is not None  # noqa: S101 - set on connect
+            conn.expecting = True
+            conn.head = method == "HEAD"
             conn.transport.write(payload)
             try:
                 # Not shielded: a cancelled request closes the connection below, so the

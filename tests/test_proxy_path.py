@@ -35,6 +35,7 @@ def test_headers_named_in_connection_are_not_forwarded(start_daemon: StartDaemon
             "Content-Type": "application/json",
             "Connection": "keep-alive, X-Hop",
             "X-Hop": "for swapd only",
+            "Proxy-Connection": "keep-alive",
             "X-Kept": "for the backend",
         },
     )
@@ -44,6 +45,7 @@ def test_headers_named_in_connection_are_not_forwarded(start_daemon: StartDaemon
     assert resp.status == 200, data
     got = {base64.b64decode(k).lower(): base64.b64decode(v) for k, v in data["headers"]}
     assert b"x-hop" not in got
+    assert b"proxy-connection" not in got
     assert got[b"x-kept"] == b"for the backend"
 
 

@@ -56,6 +56,27 @@ def test_the_upstream_passthrough_reaches_any_backend_path(two: Daemon) -> None:
     assert body["error"]["code"] == "model_not_found"
 
 
+def test_head_and_utf8_headers_pass_through_as_the_backend_sent_them(two: Daemon) -> None:
+    """HEAD ends at its headers (the answer's size kept), and UTF-8 header bytes round-trip.
+
+    A HEAD once waited for the body its Content-Length announced; a UTF-8 file name came
+    out encoded twice.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", two.port, timeout=30)
+    conn.request("GET", "/upstream/a/props")
+    got = conn.getresponse()
+    body = got.read()
+    disposition = got.getheader("Content-Disposition", "")
+    assert disposition.encode("latin-1") == 'attachment; filename="résumé.json"'.encode()
+    conn.request("HEAD", "/upstream/a/props")  # the same connection: nothing left unread
+    head = conn.getresponse()
+    assert head.read() == b""
+    assert (head.status, head.getheader("Content-Length")) == (200, str(len(body)))
+    conn.request("GET", "/upstream/a/props")
+    assert json.loads(conn.getresponse().read())["path"] == "/props"
+    conn.close()
+
+
 @pytest.mark.parametrize(
     "path",
     [

@@ -13,6 +13,7 @@ from typing import Self
 import pytest
 import pytest_asyncio
 
+from swapd import upstream
 from swapd.upstream import UpstreamError, UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -472,3 +473,143 @@ async def test_an_interim_100_continue_is_not_taken_for_the_answer(pool: Upstrea
             assert (resp.status, await resp.read()) == (200, expected)
             resp.finish()
         assert server.connections == 1
+
+
+async def _stray_after_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        body = await _read_request(reader)
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTRAY"
+        if body == b"same read":
+            writer.write(answer + stray)
+        else:
+            writer.write(answer)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(stray)  # while the connection idles in the pool
+        await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_an_answer_the_backend_was_not_asked_for_ends_the_connection(
+    pool: UpstreamPool,
+) -> None:
+    """A stray answer is never the next request's: its connection is closed, not reused.
+
+    Taken as the next answer it handed every later request the answer to the one before.
+    """
+    async with Server(_stray_after_answer) as server:
+        for body in (b"same read", b"later", b"after"):
+            resp = await pool.request("127.0.0.1", server.port, "POST", "/x", [], body)
+            assert (resp.status, await resp.read()) == (200, body)
+            resp.finish()
+            await asyncio.sleep(0.1)
+        assert server.connections == 3
+
+
+async def _cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    request = await reader.readuntil(b"\r\n\r\n")
+    version = b"HTTP/1.0" if b"/old" in request else b"HTTP/1.1"
+    writer.write(version + b" 200 OK\r\nConnection: close\r\nContent-Length: 100\r\n\r\nhalf")
+    await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_a_sized_answer_cut_short_by_a_close_is_an_error(pool: UpstreamPool) -> None:
+    """Connection: close (or HTTP/1.0) does not make a short body whole: the backend died."""
+    async with Server(_cut_short) as server:
+        for target in ("/new", "/old"):
+            resp = await pool.request("127.0.0.1", server.port, "GET", target, [], b"")
+            with pytest.raises(UpstreamError):
+                await resp.read()
+            resp.finish()
+
+
+async def _head_then_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n")
+        if not head.startswith(b"HEAD"):
+            writer.write(b'{"answer":"GET"}\n')
+        await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_a_head_answer_is_whole_at_its_headers(pool: UpstreamPool) -> None:
+    """The parser cannot know the request was HEAD: its answer ends at the headers."""
+    async with Server(_head_then_get) as server:
+        resp = await pool.request("127.0.0.1", server.port, "HEAD", "/props", [], b"")
+        async with asyncio.timeout(5):
+            assert (resp.status, resp.content_length, await resp.read()) == (200, 17, b"")
+        resp.finish()
+        resp = await pool.request("127.0.0.1", server.port, "GET", "/props", [], b"")
+        assert await resp.read() == b'{"answer":"GET"}\n'
+        resp.finish()
+
+
+async def _trailer_and_upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    request = await reader.readuntil(b"\r\n\r\n")
+    if b"/upgrade" in request:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+        )
+    else:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n"
+            b"2\r\nok\r\n0\r\nX-T: tail\r\nContent-Type: text/evil\r\n\r\n"
+        )
+    await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_trailers_are_not_headers_and_a_switch_of_protocol_is_refused(
+    pool: UpstreamPool,
+) -> None:
+    """Trailer fields never join the answer's headers; a 101 is an error, not an answer."""
+    async with Server(_trailer_and_upgrade) as server:
+        resp = await pool.request("127.0.0.1", server.port, "GET", "/t", [], b"")
+        assert await resp.read() == b"ok"
+        assert resp.content_type is None
+        assert [k for k, _ in resp.raw_headers] == [b"Transfer-Encoding", b"Trailer"]
+        resp.finish()
+        with pytest.raises(UpstreamError):
+            await pool.request("127.0.0.1", server.port, "GET", "/upgrade", [], b"")
+
+
+class _Transport:
+    """A transport that only records whether its protocol reads."""
+
+    def __init__(self) -> None:
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_extra_info(self, _name: str) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_an_answer_that_ends_while_its_reader_is_behind_leaves_the_connection_reading() -> (
+    None
+):
+    """The read that pauses the backend also ends the answer: recycled, it reads again.
+
+    Kept paused in the pool, the next request on it waited for ever.
+    """
+    conn = upstream._Connection()
+    transport = _Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.expecting = True
+    body = b"x" * (upstream._HIGH_WATER + 10)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert conn.complete
+    assert not transport.reading
+    conn.recycle()
+    assert transport.reading

@@ -369,10 +369,14 @@ class Fake:
         )
 
     async def props(self, request: web.Request) -> web.Response:
-        """A GET route of the backend's own (like llama-server's /props), with its query."""
+        """A GET route of the backend's own (like llama-server's /props), with its query.
+
+        Its Content-Disposition names a file in UTF-8, as a backend's download would.
+        """
         self.stats.requests += 1
         return web.json_response(
-            {"name": self.args.name, "path": request.path, "query": request.query_string}
+            {"name": self.args.name, "path": request.path, "query": request.query_string},
+            headers={"Content-Disposition": 'attachment; filename="résumé.json"'},
         )
 
     async def transcription(self, request: web.Request) -> web.Response:
