@@ -40,7 +40,8 @@ def backend_path(path: str) -> str:
 
     The check reads the path as a backend might: percent-escapes decoded, ``.`` and
     ``..`` resolved, each segment's ``;parameters`` dropped, so ``/%73leep``,
-    ``/x/../sleep`` or ``/sleep;x`` cannot reach ``/sleep``. Empty segments are
+    ``/x/../sleep`` or ``/sleep;x`` cannot reach ``/sleep``; and a path that ends in a
+    reserved route is refused whatever comes before it (a root path). Empty segments are
     removed from what is sent, since ``//x/sleep`` would read as a host ``x`` and a
     path ``/sleep``. A fragment (``#``) has no place in a request and is refused.
     """
@@ -55,7 +56,9 @@ def backend_path(path: str) -> str:
                 resolved.pop()
         elif name not in {"", "."}:
             resolved.append(name)
-    if "/" + "/".join(resolved) in RESERVED:
+    # The route may end the path: a backend served under a prefix (vLLM's --root-path)
+    # strips it before routing, so /api/sleep is its /sleep.
+    if any("/" + "/".join(resolved[start:]) in RESERVED for start in range(len(resolved))):
         raise Forbidden(
             f"{clip(path)} is driven by swapd itself and cannot be called through /upstream/",
             "upstream_route_reserved",

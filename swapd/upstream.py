@@ -174,7 +174,9 @@ class _Connection(asyncio.Protocol):
             self._seen_length = True
             self.content_length = int(value) if value.isdigit() else None
         elif lower == b"transfer-encoding":
-            self.chunked = b"chunked" in value.lower()
+            # Chunked only when it is the last coding (RFC 9112 section 6.3): otherwise
+            # the answer ends when the connection closes.
+            self.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         elif lower == b"server":
             self.known_to_close = value.startswith(_CLOSE_AFTER_CHUNKED)
         elif lower == b"connection":
