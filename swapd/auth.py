@@ -41,6 +41,8 @@ _ALLOW_METHODS = "GET, POST, OPTIONS"
 _ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key, X-Request-Id"
 _EXPOSE_HEADERS = "X-Request-Id, Retry-After"
 _MAX_ASKED = 1000
+# Sec-Fetch-Site values of a request that a page on another site started (Fetch Metadata).
+_OTHER_SITES = frozenset({"cross-site", "same-site"})
 _SEEN_MAX = 1024
 
 
@@ -187,6 +189,14 @@ class Access:
             raise Forbidden(
                 f"requests from the web origin {clip(origin, 80)!r} are refused; "
                 "list it in cors_origins to allow it",
+                "origin_not_allowed",
+            )
+        if origin is None and request.headers.get("Sec-Fetch-Site") in _OTHER_SITES:
+            # A browser fetch that carries no Origin (an <img>, a link, a form GET) from
+            # another site's page: without keys it could load and evict models.
+            raise Forbidden(
+                "requests that another site's page makes the browser send are refused; "
+                "call swapd from a listed origin (cors_origins) with CORS",
                 "origin_not_allowed",
             )
         if need == "checks" or not self.keys.enabled:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,12 @@ class Config:
     # A cgroup per backend where swapd may make one (see swapd.cgroups); false: never.
     cgroups: bool = True
     presets: tuple[Preset, ...] = ()
+
+    def names(self) -> Iterator[str]:
+        """Every preset's name and aliases."""
+        for preset in self.presets:
+            yield preset.name
+            yield from preset.aliases
 
     def preset(self, name: str) -> Preset | None:
         """The preset a name or alias refers to."""

@@ -112,7 +112,8 @@ class Control:
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """A backend's last output lines; ``?follow=true`` streams new ones as events."""
         raw = request.query.get("lines", "")
-        count = int(raw) if raw.isdigit() else 100
+        # ASCII digits only (str.isdigit takes '²'), and a sane length before int().
+        count = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else 100
         name, lines = self.manager.logs(request.match_info["name"], count)
         if not _flag(request, "follow"):
             return web.json_response({"name": name, "lines": lines})

@@ -57,8 +57,8 @@ def backend_path(path: str) -> str:
         elif name not in {"", "."}:
             resolved.append(name)
     # The route may end the path: a backend served under a prefix (vLLM's --root-path)
-    # strips it before routing, so /api/sleep is its /sleep.
-    if any("/" + "/".join(resolved[start:]) in RESERVED for start in range(len(resolved))):
+    # strips it before routing, so /api/sleep is its /sleep. (Each is one segment.)
+    if resolved and "/" + resolved[-1] in RESERVED:
         raise Forbidden(
             f"{clip(path)} is driven by swapd itself and cannot be called through /upstream/",
             "upstream_route_reserved",
@@ -69,7 +69,10 @@ def backend_path(path: str) -> str:
 def split_target(raw_path: str, manager: Manager) -> tuple[str, str]:
     """``/upstream/NAME/REST`` as the model name (or alias) and the backend path ``/REST``."""
     parts = raw_path[len(UPSTREAM_PREFIX) :].split("/")
-    for cut in range(len(parts), 0, -1):
+    # No name has more segments than the longest configured one: a path of thousands of
+    # segments costs one join per possible name, not one per segment.
+    deepest = max((name.count("/") + 1 for name in manager.config.names()), default=1)
+    for cut in range(min(len(parts), deepest), 0, -1):
         name = "/".join(parts[:cut])
         if manager.config.preset(name) is not None:
             return name, "/" + "/".join(parts[cut:])

@@ -61,6 +61,8 @@ _HOP = frozenset(
 _PRIVATE = frozenset({"authorization", "x-api-key", "cookie"})
 _NOT_FORWARDED = frozenset(name.encode() for name in _HOP | _PRIVATE)
 _HOP_BYTES = frozenset(name.encode() for name in _HOP)
+# Request content codings that aiohttp decodes as it reads the body.
+_DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
 # Sized answers up to this are read whole and sent in one write; larger ones are passed
 # through chunk by chunk with backpressure, like streams, so swapd never holds them whole.
 BUFFER_LIMIT = 1 << 20
@@ -86,6 +88,8 @@ def forwarded_headers(request: web.Request, lease: Lease) -> list[tuple[bytes, b
     dropped = _NOT_FORWARDED
     if "Connection" in request.headers:
         dropped = dropped | _named_in_connection(raw)
+    if request.headers.get("Content-Encoding", "").lower() in _DECODED:
+        dropped = dropped | {b"content-encoding"}  # aiohttp has decoded the body already
     headers = [(k, v) for k, v in raw if k.lower() not in dropped]
     launch = lease.slot.launch
     if launch is not None:
@@ -141,17 +145,20 @@ async def read_body(request: web.Request, limit: int, timeout: float | None = No
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
     content = request.content
-    if content.is_eof():
-        # The whole body came with the headers (most requests): nothing to wait for.
-        body = content.read_nowait()
-        if len(body) > limit:
-            raise BodyTooLarge(limit)
-        return body
     try:
+        if content.is_eof():
+            # The whole body came with the headers (most requests): nothing to wait for.
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise BodyTooLarge(limit)
+            return body
         async with asyncio.timeout(timeout):
             return await _read_all(request, limit)
     except TimeoutError as exc:
         raise RequestTimeout(timeout or 0) from exc
+    except web.RequestPayloadError as exc:
+        # A body whose Content-Encoding does not decode (not gzip after all, say).
+        raise BadRequest(f"the request body cannot be read: {clip(str(exc), 200)}") from exc
 
 
 async def _read_all(request: web.Request, limit: int) -> bytes:

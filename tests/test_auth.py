@@ -338,3 +338,21 @@ def test_the_cli_takes_a_key_from_flag_env_or_config(keyed: Daemon) -> None:
         done = status_cli(*args, "--json", env=env)
         assert done.returncode == 0, done.stderr
         assert {m["name"] for m in json.loads(done.stdout)["models"]} == {"a", "echo"}
+
+
+def test_a_page_on_another_site_cannot_make_the_browser_load_a_model(open_daemon: Daemon) -> None:
+    """A no-cors fetch (an <img>, a link) carries no Origin, but says where it comes from.
+
+    Without keys, ``<img src="http://127.0.0.1:PORT/upstream/a/props">`` on any page
+    loaded the model (and could evict the user's): Fetch Metadata names it cross-site.
+    """
+    image = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+    for site in ("cross-site", "same-site"):
+        status, _, body = exchange(
+            open_daemon, "GET", "/upstream/a/props", image | {"Sec-Fetch-Site": site}
+        )
+        assert (status, error_code(body)) == (403, "origin_not_allowed")
+    assert open_daemon.model("a")["state"] == "stopped"
+    typed = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"}  # the user's own address bar
+    status, _, body = exchange(open_daemon, "GET", "/upstream/a/props", typed)
+    assert (status, body["path"]) == (200, "/props")

@@ -92,3 +92,16 @@ def test_a_streamed_answer_carries_the_request_id(start_daemon: StartDaemon) -> 
 
 def _all(d: Daemon) -> list[dict[str, object]]:
     return [json.loads(line) for line in lines(d)]
+
+
+def test_a_lines_count_that_is_not_a_plain_number_gets_the_default(
+    start_daemon: StartDaemon,
+) -> None:
+    """``?lines=²`` (a digit to str.isdigit) or thousands of digits: the default 100, not a 500."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    for lines in ("%C2%B2", "9" * 5000, "2"):
+        status, body = d.get(f"/swapd/models/a/logs?lines={lines}")
+        assert status == 200, body
+        assert body["lines"]
+    assert len(d.get("/swapd/models/a/logs?lines=1")[1]["lines"]) == 1

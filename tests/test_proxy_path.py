@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import json
 import re
@@ -190,3 +191,29 @@ def test_a_long_stream_to_a_client_that_falls_behind_arrives_whole_and_in_order(
     numbers = [int(n) for n in re.findall(rb'"content": "A-(\d+)"', received)]
     assert numbers == list(range(events))
     assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+
+
+def test_a_compressed_body_reaches_the_backend_decoded_and_a_broken_one_is_400(
+    start_daemon: StartDaemon,
+) -> None:
+    """aiohttp decodes a gzip body as it reads it: the backend gets it without the coding.
+
+    Forwarded with ``Content-Encoding: gzip`` still on, the backend could not read it;
+    a body that is not gzip after all was swapd's own 500.
+    """
+    d = start_daemon(
+        {"echo": {"backend": "command", "cmd": [sys.executable, str(ECHO), "--port", "${PORT}"]}}
+    )
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    for body, expected in ((gzip.compress(b'{"model": "echo"}'), 200), (b"not gzip", 400)):
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", body, headers)
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+        conn.close()
+        assert resp.status == expected, data
+        if expected == 200:
+            got = {base64.b64decode(k).lower() for k, _ in data["headers"]}
+            assert b"content-encoding" not in got
+        else:
+            assert "cannot be read" in data["error"]["message"]
