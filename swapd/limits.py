@@ -124,6 +124,8 @@ class Edge:
     fd_limit: int | None = None
     open: set[EdgeHandler] = field(default_factory=set)
     refused: _Tally = field(default_factory=lambda: _Tally("connection.refused", warn=True))
+    # Idle kept-alive connections closed at the cap to let a new one in.
+    made_room: _Tally = field(default_factory=lambda: _Tally("connection.made_room", warn=False))
     timeouts: dict[str, _Tally] = field(
         default_factory=lambda: {
             phase: _Tally("connection.timeout", warn=False) for phase in ("headers", "idle")
@@ -133,8 +135,13 @@ class Edge:
     _warned: bool = False
 
     def protocol(self, server: web.Server) -> asyncio.Protocol:
-        """A protocol for one new connection: served, or refused when at the cap."""
-        if len(self.open) >= self.limits.max_connections:
+        """A protocol for one new connection: served, or refused when at the cap.
+
+        At the cap, the connection idle longest between requests is closed to make
+        room: kept-alive connections that only wait must not lock new clients out
+        (one client holding every slot with a request each).
+        """
+        if len(self.open) >= self.limits.max_connections and not self._close_idlest():
             self.refused.add(max_connections=self.limits.max_connections)
             return _Refused()
         conn = EdgeHandler(
@@ -167,6 +174,17 @@ class Edge:
                 )
             self._warned = near
 
+    def _close_idlest(self) -> bool:
+        """Close the connection idle longest between requests; False when none idles."""
+        idle = [conn for conn in self.open if conn.waiting]
+        if not idle:
+            return False
+        conn = min(idle, key=lambda c: c.idle_since or 0.0)
+        self.open.discard(conn)  # its slot is the new connection's from now
+        conn.close_idle()
+        self.made_room.add(max_connections=self.limits.max_connections)
+        return True
+
     def closed(self, conn: EdgeHandler) -> None:
         """Forget a connection."""
         self.open.discard(conn)
@@ -177,6 +195,7 @@ class Edge:
             "open": len(self.open),
             "max": self.limits.max_connections,
             "refused": self.refused.total,
+            "closed_for_room": self.made_room.total,
             "timed_out": {phase: tally.total for phase, tally in self.timeouts.items()},
             "fds": open_fds(),
             "fd_limit": self.fd_limit,
@@ -210,6 +229,7 @@ class EdgeHandler(RequestHandler):
         # timer, when it fires early, sleeps on to it (arming a timer per request costs more).
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = None  # between requests since then; None otherwise
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the clock: the headers must arrive within ``header_timeout``."""
@@ -220,6 +240,7 @@ class EdgeHandler(RequestHandler):
         """The first byte after an answer starts the next request's header clock."""
         if self._phase == "idle" and data:
             self._phase = "headers"
+            self.idle_since = None
             self._arm(self._edge.limits.header_timeout)
         super().data_received(data)
 
@@ -240,7 +261,18 @@ class EdgeHandler(RequestHandler):
     def request_finished(self) -> None:
         """The handler is done: the connection may idle for ``keepalive_timeout``."""
         self._phase = "idle"
+        self.idle_since = self._clock.time()
         self._arm(self._edge.limits.keepalive_timeout)
+
+    @property
+    def waiting(self) -> bool:
+        """Between requests: the last answer written whole, nothing of the next one read."""
+        return self.idle_since is not None and not self._request_in_progress
+
+    def close_idle(self) -> None:
+        """Close this connection, waiting between requests, to make room for another."""
+        self.idle_since = None
+        self.force_close()
 
     def _arm(self, seconds: float) -> None:
         self._deadline = deadline = self._clock.time() + seconds

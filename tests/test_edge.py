@@ -324,3 +324,27 @@ def test_the_cap_is_lowered_to_fit_the_descriptor_limit() -> None:
     assert warning["event"] == "connection.limit.lowered"
     assert (warning["lowered_to"], warning["fd_limit"]) == (172, 600)
     assert out[1] == "(172, 600)"
+
+
+def test_at_the_cap_the_longest_idle_connection_makes_room(start_daemon: StartDaemon) -> None:
+    """Kept-alive connections that only wait do not lock a new client out.
+
+    A client that sent one request on each of max_connections connections and kept them
+    open held every slot for keepalive_timeout (75 s); the idlest is now closed instead.
+    """
+    d = start_daemon({"a": fake_preset("A")}, {"max_connections": 4, "header_timeout": "60s"})
+    held = []
+    try:
+        for _ in range(4):
+            sock = connect(d)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert b" 200 " in sock.recv(65536)  # answered, and kept alive
+            held.append(sock)
+        status, _, _ = _probe(d)
+        assert status == 200
+        assert connections(d)["closed_for_room"] >= 1
+        wait_for(lambda: any(_answered_or_closed(sock) and not sock.recv(1) for sock in held))
+    finally:
+        for sock in held:
+            sock.close()
+    assert d.events("connection.made_room")
