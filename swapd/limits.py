@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import resource
 import time
 from dataclasses import dataclass, field
@@ -202,6 +203,12 @@ class Edge:
         }
 
 
+# All of a request's header lines together; aiohttp's own caps (8 KiB a line, 128 lines)
+# would let each connection hold a megabyte of unfinished headers.
+HEADER_BYTES_MAX = 64 * 1024
+_HEADERS_END = re.compile(rb"\n\r?\n")
+
+
 class EdgeHandler(RequestHandler):
     """aiohttp's connection handler with a header and idle timer, and JSON parse errors."""
 
@@ -230,6 +237,11 @@ class EdgeHandler(RequestHandler):
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.idle_since: float | None = None  # between requests since then; None otherwise
+        # The request's header bytes so far, until the blank line that ends them.
+        self._head_bytes = 0
+        self._head_tail = b""
+        self._head_done = False
+        self._discarding = False  # refused: what the client still sends is dropped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the clock: the headers must arrive within ``header_timeout``."""
@@ -238,11 +250,50 @@ class EdgeHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         """The first byte after an answer starts the next request's header clock."""
+        if self._discarding:
+            return
         if self._phase == "idle" and data:
             self._phase = "headers"
             self.idle_since = None
+            self._head_bytes, self._head_tail, self._head_done = 0, b"", False
             self._arm(self._edge.limits.header_timeout)
+        if self._phase == "headers" and not self._head_done and self._headers_too_large(data):
+            return
         super().data_received(data)
+
+    def _headers_too_large(self, data: bytes) -> bool:
+        """Count header bytes until their blank line; past the cap, answer 431 and close.
+
+        aiohttp holds up to 128 lines of 8 KiB each while headers arrive: a megabyte per
+        connection, which a thousand connections make a gigabyte.
+        """
+        if _HEADERS_END.search(self._head_tail + data[:4]) or _HEADERS_END.search(data):
+            self._head_done = True
+            return False
+        self._head_bytes += len(data)
+        self._head_tail = (self._head_tail + data)[-3:]
+        if self._head_bytes <= HEADER_BYTES_MAX:
+            return False
+        error = HeadersTooLarge(f"the request's headers pass {HEADER_BYTES_MAX} bytes")
+        _log.info("http.invalid", status=error.status, reason=error.message)
+        body = json.dumps(error.envelope()).encode()
+        head = (
+            "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"X-Request-Id: {new_request_id()}\r\nConnection: close\r\n\r\n"
+        )
+        transport = self.transport
+        if transport is None:
+            return True
+        transport.write(head.encode() + body)
+        # Half-close and drop what still comes for a moment: closing outright while the
+        # client sends would reset the connection and lose the answer.
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._discarding = True
+        self._clock.call_later(_REFUSED_LINGER, self.force_close)
+        return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Stop the timer and forget the connection."""

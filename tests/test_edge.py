@@ -348,3 +348,36 @@ def test_at_the_cap_the_longest_idle_connection_makes_room(start_daemon: StartDa
         for sock in held:
             sock.close()
     assert d.events("connection.made_room")
+
+
+def test_headers_past_64_kib_in_all_are_431_and_a_large_body_is_not_counted(
+    start_daemon: StartDaemon,
+) -> None:
+    """Header lines within aiohttp's caps (8 KiB, 128 lines) but 100 KiB in all: 431.
+
+    Without a cap on the whole, each connection could hold a megabyte of unfinished
+    headers for header_timeout. A body sent in the same write as its headers does not
+    count toward the cap.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    sock = connect(d)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    for i in range(20):
+        sock.sendall(b"X-Filler-%d: %s\r\n" % (i, b"x" * 5000))
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 431")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "headers_too_large"
+    body = json.dumps({"model": "a", "prompt": "x" * (1 << 20)}).encode()
+    sock = connect(d)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
