@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import threading
 import time
@@ -525,21 +526,24 @@ async def test_a_sized_answer_cut_short_by_a_close_is_an_error(pool: UpstreamPoo
             resp.finish()
 
 
-async def _chunked_then_gzip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readuntil(b"\r\n\r\n")
-    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nraw-body")
-    await writer.drain()
-
-
 @pytest.mark.asyncio
 async def test_an_answer_whose_last_coding_is_not_chunked_ends_at_the_close(
     pool: UpstreamPool,
 ) -> None:
     """``chunked, gzip`` is read until the backend closes (RFC 9112): whole, not cut short."""
-    async with Server(_chunked_then_gzip) as server:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nraw-body"
+    async with Server(functools.partial(_write_once, answer)) as server:
         resp = await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
         assert await resp.read() == b"raw-body"
         resp.finish()
+
+
+async def _write_once(
+    answer: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(answer)
+    await writer.drain()
 
 
 async def _head_then_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
