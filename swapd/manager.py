@@ -1423,9 +1423,12 @@ class Manager:
             await asyncio.shield(slot.demote_task)
         if slot.state in (State.FAILED, State.BACKOFF) and slot.child is None:
             slot.move((State.FAILED, State.BACKOFF), State.STOPPED)
-        if slot.state is State.READY and slot.in_flight > 0 and not force:
-            slot.move(State.READY, State.DRAINING)
-            self._cancel_ttl(slot)
+        if not force and slot.in_flight > 0 and slot.state in (State.READY, State.DRAINING):
+            # Already draining (an earlier unload, a reload's restart, a swap) is no
+            # reason to cut what is in flight: wait for it as well.
+            if slot.state is State.READY:
+                slot.move(State.READY, State.DRAINING)
+                self._cancel_ttl(slot)
             while slot.in_flight > 0 and slot.draining:
                 await self._changed.wait()
         if slot.state in (State.READY, State.DRAINING, State.ASLEEP):

@@ -214,6 +214,26 @@ def test_a_model_refused_for_memory_stays_stopped_with_the_reason(
     assert "needs 4.0 GiB" in model["error"]
 
 
+def test_a_second_unload_while_draining_waits_for_the_request_too(
+    start_daemon: StartDaemon,
+) -> None:
+    """An unload of a model already draining does not cut what is in flight.
+
+    It used to stop the model at once, as force does: a repeated unload (or one during a
+    reload's restart) cut every open stream.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    with ThreadPoolExecutor(3) as pool:
+        slow = pool.submit(d.chat, "a", "x", fake_delay=2)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        first = pool.submit(d.request, "POST", "/swapd/models/a/unload", None, 30)
+        wait_for(lambda: d.model("a")["state"] == "draining")
+        second = pool.submit(d.request, "POST", "/swapd/models/a/unload", None, 30)
+        assert slow.result()[0] == 200
+        assert first.result()[1]["state"] == second.result()[1]["state"] == "stopped"
+
+
 def test_force_unload_cuts_requests_in_flight(start_daemon: StartDaemon) -> None:
     """unload?force=true stops at once; the request in flight gets 502 backend_gone."""
     d = start_daemon({"a": fake_preset("A")})
