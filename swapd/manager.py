@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -176,6 +177,8 @@ class Manager:
         self._loading: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        # Loads that a forced unload cancelled: their waiters are answered, not cancelled.
+        self._cut_loads: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
         # Launches (by fingerprint) whose backend refused --enable-sleep-mode, with its line.
         self.cgroups: Cgroups | None = None
         if config.cgroups:
@@ -381,6 +384,10 @@ class Manager:
             # The load was cancelled by a shutdown, not this request: answer it.
             if task.cancelled() and self._closing:
                 raise Unavailable("swapd is shutting down") from None
+            if task.cancelled() and task in self._cut_loads:
+                raise Unavailable(
+                    f"model {slot.preset.name!r} was unloaded (force) while it loaded"
+                ) from None
             raise
 
     def release(self, lease: Lease) -> None:
@@ -1413,12 +1420,21 @@ class Manager:
     async def unload(self, name: str, *, force: bool = False) -> None:
         """Stop a model once its in-flight requests finish, down to disk (no warm pages).
 
-        With ``force`` it stops at once: requests in flight are cut (502 backend_gone).
+        With ``force`` it stops at once: requests in flight are cut (502 backend_gone), and
+        a load in progress is cancelled (its waiters get 503 ``unavailable``).
         """
         slot = self.slot_for(name)
-        if slot.load_task is not None and not slot.load_task.done():
-            with contextlib.suppress(RequestError):
-                await asyncio.shield(slot.load_task)
+        load = slot.load_task
+        if load is not None and not load.done():
+            if force:
+                # At once, even mid-start: the start is cancelled (its process group
+                # stopped) and the requests waiting for it are answered 503.
+                self._cut_loads.add(load)
+                load.cancel()
+                await asyncio.wait([load])
+            else:
+                with contextlib.suppress(RequestError):
+                    await asyncio.shield(load)
         if slot.demote_task is not None:
             await asyncio.shield(slot.demote_task)
         if slot.state in (State.FAILED, State.BACKOFF) and slot.child is None:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, wait_for
 from fakes import probe_file
@@ -232,6 +233,29 @@ def test_a_second_unload_while_draining_waits_for_the_request_too(
         second = pool.submit(d.request, "POST", "/swapd/models/a/unload", None, 30)
         assert slow.result()[0] == 200
         assert first.result()[1]["state"] == second.result()[1]["state"] == "stopped"
+
+
+def test_force_unload_stops_a_model_mid_start_and_answers_its_waiters(
+    start_daemon: StartDaemon,
+) -> None:
+    """unload?force=true does not wait for a start: it is cancelled and its group stopped.
+
+    It used to wait for the whole start (here a minute) before stopping anything. The
+    request that waited for the load gets 503 ``unavailable`` saying why.
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", "60", start_timeout="120s")})
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(d.chat, "a")
+        wait_for(lambda: d.model("a")["state"] == "starting")
+        pid = d.model("a")["pid"]
+        status, body = d.request("POST", "/swapd/models/a/unload?force=true", timeout=30)
+        assert (status, body["state"]) == (200, "stopped")
+        status, answer = waiting.result()
+    assert status == 503
+    assert answer["error"]["code"] == "unavailable"
+    assert "unloaded" in answer["error"]["message"]
+    wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
+    assert d.model("a")["state"] == "stopped"
 
 
 def test_force_unload_cuts_requests_in_flight(start_daemon: StartDaemon) -> None:
