@@ -23,7 +23,9 @@ import math
 import re
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Literal, cast
 
@@ -276,23 +278,9 @@ class EdgeHandler(RequestHandler):
             return False
         error = HeadersTooLarge(f"the request's headers pass {HEADER_BYTES_MAX} bytes")
         _log.info("http.invalid", status=error.status, reason=error.message)
-        body = json.dumps(error.envelope()).encode()
-        head = (
-            "HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"X-Request-Id: {new_request_id()}\r\nConnection: close\r\n\r\n"
-        )
-        transport = self.transport
-        if transport is None:
-            return True
-        transport.write(head.encode() + body)
-        # Half-close and drop what still comes for a moment: closing outright while the
-        # client sends would reset the connection and lose the answer.
-        if transport.can_write_eof():
-            transport.write_eof()
-        self._discarding = True
-        self._clock.call_later(_REFUSED_LINGER, self.force_close)
+        if self.transport is not None:
+            self._discarding = True  # what the client still sends is dropped meanwhile
+            _answer_and_linger(self.transport, error, self.force_close)
         return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -381,6 +369,29 @@ def _parse_error(status: int, exc: BaseException | None, message: str | None) ->
     return RequestError(f"internal error while reading the request: {text}")
 
 
+def _answer_and_linger(
+    transport: asyncio.Transport, error: RequestError, close: Callable[[], None]
+) -> asyncio.TimerHandle:
+    """Write ``error`` as a whole answer, half-close, and ``close`` after a short linger.
+
+    Closing outright while the client still sends would reset the connection and lose
+    the answer; the linger gives the client time to read it.
+    """
+    body = json.dumps(error.envelope()).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in error.headers().items())
+    head = (
+        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"X-Request-Id: {new_request_id()}\r\n"
+        f"{extra}Connection: close\r\n\r\n"
+    )
+    transport.write(head.encode() + body)
+    if transport.can_write_eof():
+        transport.write_eof()
+    return asyncio.get_running_loop().call_later(_REFUSED_LINGER, close)
+
+
 class _Refused(asyncio.Protocol):
     """A connection over ``max_connections``: answered 503 at once, then closed."""
 
@@ -391,18 +402,7 @@ class _Refused(asyncio.Protocol):
         """Answer before reading anything; linger briefly so the client can read it."""
         # uvloop's transports do not subclass asyncio's, but behave as a TCP transport.
         tcp = cast("asyncio.Transport", transport)
-        body = json.dumps(TooManyConnections().envelope()).encode()
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"X-Request-Id: {new_request_id()}\r\n"
-            "Retry-After: 1\r\nConnection: close\r\n\r\n"
-        )
-        tcp.write(head.encode() + body)
-        if tcp.can_write_eof():
-            tcp.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(_REFUSED_LINGER, tcp.close)
+        self._timer = _answer_and_linger(tcp, TooManyConnections(), tcp.close)
 
     def data_received(self, data: bytes) -> None:
         """Drop what the client sends; it is not served."""
