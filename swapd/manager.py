@@ -1439,14 +1439,12 @@ class Manager:
             await asyncio.shield(slot.demote_task)
         if slot.state in (State.FAILED, State.BACKOFF) and slot.child is None:
             slot.move((State.FAILED, State.BACKOFF), State.STOPPED)
-        if not force and slot.in_flight > 0 and slot.state in (State.READY, State.DRAINING):
-            # Already draining (an earlier unload, a reload's restart, a swap) is no
-            # reason to cut what is in flight: wait for it as well.
-            if slot.state is State.READY:
-                slot.move(State.READY, State.DRAINING)
-                self._cancel_ttl(slot)
-            while slot.in_flight > 0 and slot.draining:
-                await self._changed.wait()
+        if not force:
+            # Whether it is ready or draining already (an earlier unload, a reload's
+            # restart, a swap): what is in flight finishes first, as for a reload.
+            await self._drain_and_stop(slot, "unload")
+            self._notify()
+            return
         if slot.state in (State.READY, State.DRAINING, State.ASLEEP):
             await asyncio.shield(self._begin_stop(slot, reason="unload"))
         elif slot.stop_task is not None:
