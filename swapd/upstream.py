@@ -118,6 +118,12 @@ class _Connection(asyncio.Protocol):
         if self.chunks or self.complete:
             self._wake()  # (a failure has woken the reader already)
 
+    def _resume(self) -> None:
+        """Read from the backend again, if a reader that fell behind had paused it."""
+        if self._paused and self.transport is not None:
+            self.transport.resume_reading()
+        self._paused = False
+
     def _offer(self) -> None:
         """Offer this read's body, joined, to the sink; leave it queued if it declines.
 
@@ -133,9 +139,7 @@ class _Connection(asyncio.Protocol):
         if sink(body):
             chunks.clear()
             self.buffered = 0
-            if self._paused and self.transport is not None:
-                self.transport.resume_reading()
-                self._paused = False
+            self._resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """An unfinished answer fails; a finished one stays as it is."""
@@ -259,9 +263,8 @@ class _Connection(asyncio.Protocol):
                 size += len(parts[-1])
             chunk = b"".join(parts)
         self.buffered -= len(chunk)
-        if self._paused and self.buffered < _LOW_WATER and self.transport is not None:
-            self.transport.resume_reading()
-            self._paused = False
+        if self.buffered < _LOW_WATER:
+            self._resume()
         return chunk
 
     def finished(self) -> bool:
@@ -284,10 +287,9 @@ class _Connection(asyncio.Protocol):
     def recycle(self) -> None:
         """Prepare for the next exchange on the same connection."""
         self.after_chunked = self.chunked
-        if self._paused and self.transport is not None:
-            # The answer ended while its reader was behind: a paused connection in the
-            # pool would never read the next request's answer.
-            self.transport.resume_reading()
+        # The answer may have ended while its reader was behind: a paused connection in
+        # the pool would never read the next request's answer.
+        self._resume()
         self._reset()
 
     def close(self) -> None:
