@@ -255,17 +255,14 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
 
 def _check_executable(program: str, search: str) -> None:
     """Raise the :class:`OSError` that exec would for ``program``, looked up in ``search``."""
+    if shutil.which(program, path=search) is not None:
+        return
     if os.sep in program:
         candidates = [Path(program)]
     else:
         candidates = [Path(folder or ".") / program for folder in search.split(os.pathsep)]
-    denied = False
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return
-        # Not executable, or a directory: exec refuses it with EACCES (and looks further).
-        denied = denied or candidate.exists()
-    code = errno.EACCES if denied else errno.ENOENT
+    # There but not executable (or a directory): exec refuses it with EACCES.
+    code = errno.EACCES if any(c.exists() for c in candidates) else errno.ENOENT
     raise OSError(code, os.strerror(code), program)
 
 
