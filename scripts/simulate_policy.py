@@ -48,7 +48,7 @@ import itertools
 import math
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -796,19 +796,26 @@ def run_tiers(seed: int, horizon: float, rate: float, ram_gib: list[float]) -> d
 Runs = Callable[[list[Request], dict[str, Model]], dict[str, Json]]
 
 
+def replays(
+    seeds: int, horizon: float, rate: float, runs: Runs
+) -> Iterator[tuple[str, Json, dict[str, Json]]]:
+    """Every trace of seeds 1..N: its name, belady's result on it, and ``runs``' results."""
+    models = make_models()
+    for seed in range(1, seeds + 1):
+        for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
+            yield trace_name, simulate(trace, models, "belady"), runs(trace, models)
+
+
 def mean_vs_belady(
     seeds: int, horizon: float, rate: float, runs: Runs
 ) -> dict[str, dict[str, float]]:
     """Each of ``runs``' load times over belady's, per trace and overall, mean of seeds 1..N."""
-    models = make_models()
     ratios: dict[str, dict[str, list[float]]] = {}
-    for seed in range(1, seeds + 1):
-        for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
-            best = simulate(trace, models, "belady")["load_time_s"]
-            for key, r in runs(trace, models).items():
-                ratios.setdefault(key, {}).setdefault(trace_name, []).append(
-                    r["load_time_s"] / best
-                )
+    for trace_name, best, results in replays(seeds, horizon, rate, runs):
+        for key, r in results.items():
+            ratios.setdefault(key, {}).setdefault(trace_name, []).append(
+                r["load_time_s"] / best["load_time_s"]
+            )
     return {
         key: {t: float(np.mean(v)) for t, v in by_trace.items()}
         | {"all": float(np.mean([x for v in by_trace.values() for x in v]))}
@@ -848,19 +855,23 @@ def hold_grid(seeds: int, horizon: float, rate: float) -> dict[str, dict[str, fl
     keys trade one for the other: holding at a lower loader share saves loads and makes
     the held requests wait.
     """
-    models = make_models()
+    settings = {
+        f"hold_busy {busy:g}, hold_max {max_s:g}s": plan_held(
+            policy.HoldRule(max_s=max_s, busy=busy)
+        )
+        for busy in HOLD_GRID_BUSY
+        for max_s in HOLD_GRID_MAX_S
+    }
+
+    def runs(trace: list[Request], models: dict[str, Model]) -> dict[str, Json]:
+        return {k: simulate(trace, models, "swapd", planner=p) for k, p in settings.items()}
+
     rows: dict[str, list[tuple[float, float]]] = {}
-    for seed in range(1, seeds + 1):
-        for trace in traces(seed, horizon, rate, list(models)).values():
-            best = simulate(trace, models, "belady")
-            rows.setdefault("belady", []).append((1.0, best["wait_p95_s"]))
-            for busy in HOLD_GRID_BUSY:
-                for max_s in HOLD_GRID_MAX_S:
-                    planner = plan_held(policy.HoldRule(max_s=max_s, busy=busy))
-                    r = simulate(trace, models, "swapd", planner=planner)
-                    rows.setdefault(f"hold_busy {busy:g}, hold_max {max_s:g}s", []).append(
-                        (r["load_time_s"] / best["load_time_s"], r["wait_p95_s"])
-                    )
+    for _, best, results in replays(seeds, horizon, rate, runs):
+        rows.setdefault("belady", []).append((1.0, best["wait_p95_s"]))
+        for key, r in results.items():
+            ratio = r["load_time_s"] / best["load_time_s"]
+            rows.setdefault(key, []).append((ratio, r["wait_p95_s"]))
     return {
         key: {
             "x_belady": float(np.mean([x for x, _ in v])),
