@@ -7,7 +7,9 @@ without a ``preexec_fn`` uses vfork and takes 0.25 ms. What the ``preexec_fn``
 did is done otherwise:
 
 * the parent-death signal: ``setpriv --pdeathsig KILL`` (util-linux) sets it
-  and execs the backend, which keeps it across that exec;
+  and execs the backend, which keeps it across that exec (a swapd killed in the
+  first milliseconds, before setpriv has set it, leaves the backend to the
+  reaper, which swapd tells of the group as soon as it is spawned);
 * only stdin, stdout and stderr pass: ``close_fds`` closes every other
   descriptor in the child;
 * the exit: a pidfd in the event loop says when to reap, with no child watcher.

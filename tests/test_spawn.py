@@ -116,6 +116,9 @@ def test_the_child_dies_with_its_parent(path: str) -> None:
         child = next(int(line.split()[1]) for line in lines if line.startswith("child "))
         try:
             assert psutil.Process(child).ppid() == parent.pid
+            # setpriv sets the signal and then execs: until the backend runs, a parent's
+            # death is the reaper's to cover (tests/test_lifecycle.py), not this signal's.
+            wait_for(lambda: psutil.Process(child).name() == "sleep", timeout=10)
             parent.kill()
             parent.wait()
             wait_for(lambda: not _alive(child), timeout=10)
