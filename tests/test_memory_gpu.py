@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset
+from daemon import Daemon, fake_preset, wait_for
 from fakes import probe_file
 
 GiB = 1024**3
@@ -118,8 +118,8 @@ def test_busy_victim_queues_then_times_out_with_retry_after(
     d = start_gpu(start_daemon, path, presets, queue_timeout="1s")
     assert d.chat("a")[0] == 200
     with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(d.chat, "a", "long", fake_delay=3.0)
-        time.sleep(0.5)
+        busy = pool.submit(d.chat, "a", "long", fake_delay=4.0)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
         status, body = d.chat("b")
         assert busy.result()[0] == 200
     assert status == 503
@@ -141,7 +141,7 @@ def test_busy_victim_is_waited_for_within_the_queue_timeout(
     assert d.chat("a")[0] == 200
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(d.chat, "a", "long", fake_delay=1.5)
-        time.sleep(0.3)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
         status, _ = d.chat("b")
         assert busy.result()[0] == 200
     assert status == 200

@@ -144,7 +144,7 @@ def test_a_streams_status_reaches_the_client_before_a_late_first_chunk(
         "model": "a",
         "messages": [{"role": "user", "content": "x"}],
         "stream": True,
-        "fake_first_chunk_delay": 1.0,
+        "fake_first_chunk_delay": 3.0,
     }
     conn.request("POST", "/v1/chat/completions", json.dumps(chat).encode())
     resp = conn.getresponse()  # returns once the status line and headers are in

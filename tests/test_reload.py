@@ -89,7 +89,7 @@ def test_reload_restarts_only_the_changed_model_while_another_streams(
 
 def test_a_changed_model_restarts_once_its_stream_is_done(start_daemon: StartDaemon) -> None:
     """A model whose launch changed finishes the request it serves before its restart."""
-    d = start_daemon({"a": fake_preset("A", "--chunks", "20", "--chunk-interval", "0.1")})
+    d = start_daemon({"a": fake_preset("A", "--chunks", "60", "--chunk-interval", "0.1")})
     assert d.chat("a")[0] == 200
     old = pid(d, "a")
     stream = Stream(d, "a")
@@ -99,7 +99,7 @@ def test_a_changed_model_restarts_once_its_stream_is_done(start_daemon: StartDae
     assert reload(d)[1]["restarted"] == ["a"]
     assert d.model("a")["state"] == "draining"
     events = stream.finish()
-    assert len(events) == 21
+    assert len(events) == 61
     wait_for(lambda: d.model("a")["state"] == "ready" and pid(d, "a") != old)
     assert d.chat("a")[1]["choices"][0]["message"]["content"].startswith("A2:")
 

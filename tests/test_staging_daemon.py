@@ -175,5 +175,5 @@ def test_sigkill_of_swapd_right_after_publish_leaves_a_usable_copy(
     assert len(d.events("staging.copy.start")) == 1  # the first swapd's copy, and no other
     copy = entry / "data" / "m.gguf"
     assert hashlib.sha256(copy.read_bytes()).digest() == hashlib.sha256(model.read_bytes()).digest()
-    [spawn] = d.events("backend.spawn")
+    spawn = d.events("backend.spawn")[-1]  # the log is shared: the first swapd's may be there
     assert str(copy) in spawn["argv"]

@@ -57,7 +57,8 @@ def test_a_crash_soon_after_ready_backs_off_instead_of_restarting_in_a_loop(
     """A backend that dies on its first request counts as a failed start: 503 backoff next."""
     d = start_daemon({"flaky": fake_preset("X", "--crash-after", "0")})
     assert d.chat("flaky")[0] == 502  # ready, then dead on the request
-    wait_for(lambda: d.model("flaky")["state"] == "backoff", timeout=15)
+    # The first backoff is 1 s: look often, so the next request goes out well inside it.
+    wait_for(lambda: d.model("flaky")["state"] == "backoff", timeout=15, interval=0.01)
     status, headers, body = _chat_with_headers(d, "flaky")
     assert (status, body["error"]["code"]) == (503, "backoff")
     assert int(headers["Retry-After"]) >= 1
@@ -123,7 +124,7 @@ def test_concurrency_and_max_queue_answer_429_past_both(start_daemon: StartDaemo
     d = start_daemon({"a": fake_preset("A", concurrency=1, max_queue=1)})
     assert d.chat("a")[0] == 200
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(d.chat, "a", "1", fake_delay=2)
+        first = pool.submit(d.chat, "a", "1", fake_delay=6)
         wait_for(lambda: d.model("a")["in_flight"] == 1)
         second = pool.submit(d.chat, "a", "2")
         wait_for(lambda: d.model("a")["waiting"] == 1)
@@ -157,7 +158,7 @@ def test_a_request_waiting_past_max_wait_drains_the_busy_model_and_swaps(
         # One long request keeps a busy past max_wait whatever the busy loops' timing:
         # without it both loops can be between requests when b arrives, and b swaps
         # in at once with nothing to drain.
-        long = pool.submit(d.chat, "a", "long", fake_delay=3)
+        long = pool.submit(d.chat, "a", "long", fake_delay=6)
         wait_for(lambda: d.model("a")["in_flight"] >= 1)
         busy = [pool.submit(keep_busy) for _ in range(2)]
         status, _ = d.chat("b")
@@ -168,9 +169,9 @@ def test_a_request_waiting_past_max_wait_drains_the_busy_model_and_swaps(
     assert all(n > 0 for n in served)
     [drain] = d.events("model.drain")[:1]
     assert (drain["models"], drain["reason"], drain["waiting"]) == (["a"], "max_wait", "b")
-    # Drained while the long request (3 s, max_wait 1 s) was still in flight, not once
+    # Drained while the long request (6 s, max_wait 1 s) was still in flight, not once
     # a's requests happened to pause: the wait wakes at max_wait by itself.
-    long_done = next(e for e in d.events("request.done") if e["ms"] >= 2500)
+    long_done = next(e for e in d.events("request.done") if e["ms"] >= 5500)
     assert drain["timestamp"] < long_done["timestamp"]
 
 
@@ -246,8 +247,8 @@ def test_force_unload_stops_a_model_mid_start_and_answers_its_waiters(
     d = start_daemon({"a": fake_preset("A", "--start-delay", "60", start_timeout="120s")})
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(d.chat, "a")
-        wait_for(lambda: d.model("a")["state"] == "starting")
-        pid = d.model("a")["pid"]
+        # A start shows its pid once spawned: the state comes first.
+        pid = wait_for(lambda: (m := d.model("a"))["state"] == "starting" and m["pid"])
         status, body = d.request("POST", "/swapd/models/a/unload?force=true", timeout=30)
         assert (status, body["state"]) == (200, "stopped")
         status, answer = waiting.result()

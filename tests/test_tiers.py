@@ -136,7 +136,7 @@ def test_ram_ttl_moves_a_sleeping_model_down_to_disk(
     start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
 ) -> None:
     """After ram_ttl in the ram tier, the sleeping process is stopped: tier disk."""
-    d = start_daemon({"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s", ram_ttl="1s")})
+    d = start_daemon({"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s", ram_ttl="5s")})
     assert d.chat("v")[0] == 200
     pid = d.model("v")["pid"]
     wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
