@@ -107,7 +107,7 @@ def model_from_json(body: bytes) -> str:
     model = capped_json.top_level_string(body, "model")
     if model:
         return model
-    data = capped_json.loads(body)
+    data = capped_json.parse_checked(body)  # its depth is checked above: once is enough
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     model = data.get("model")

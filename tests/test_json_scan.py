@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swapd._json import SCAN_PREFIX, top_level_string
-from swapd.errors import TooDeep
+from swapd.errors import BadRequest, TooDeep
 from swapd.proxy import model_from_json
 
 FAST = settings(max_examples=500, deadline=None)
@@ -99,11 +99,65 @@ def test_usual_bodies_are_read_without_a_parse(body: dict[str, Any]) -> None:
         assert top_level_string(json.dumps(body, separators=separators).encode(), "model") == "m"
 
 
-def test_a_model_far_into_the_body_is_left_to_the_parser() -> None:
-    """Past SCAN_PREFIX bytes the scan declines; the full parse still finds the model."""
-    body = json.dumps({"messages": ["x" * SCAN_PREFIX], "model": "m"}).encode()
+# A long prompt before the members: the model is then read from the body's end.
+PROMPT = ('"messages"', [{"role": "user", "content": "x" * SCAN_PREFIX}])
+
+
+@FAST
+@given(st.lists(MEMBERS, max_size=3), NAMES, st.lists(MEMBERS, max_size=3), st.booleans(), SPACE)
+def test_a_model_after_a_long_prompt_is_what_the_parser_says(
+    before: list[tuple[str, Any]],
+    name: str,
+    after: list[tuple[str, Any]],
+    ascii_only: bool,
+    space: str,
+) -> None:
+    """Read from the end, any verdict is still the parser's answer."""
+    body = _object([PROMPT, *before, ('"model"', name), *after], ascii_only, space)
+    assert body.find(b'"model"') > SCAN_PREFIX or b'"model"' not in body
+    verdict = top_level_string(body, "model")
+    if verdict is not None:
+        assert json.loads(body)["model"] == verdict
+
+
+@FAST
+@given(VALUES)
+def test_nested_models_after_a_long_prompt_get_no_verdict(value: Any) -> None:
+    """From the end too, a "model" outside the top-level object is never taken for one."""
+    prompt = "x" * SCAN_PREFIX
+    for body in (
+        [prompt, value, {"model": "x"}],
+        {"p": prompt, "outer": {"model": "x"}},
+        {"p": prompt, "outer": [{"model": "x"}, value]},
+        [prompt, "model", "x"],
+    ):
+        assert top_level_string(json.dumps(body).encode(), "model") is None
+
+
+@pytest.mark.parametrize("tail", [{}, {"stream": True, "temperature": 0.2}])
+def test_an_sdks_order_is_read_from_the_end(tail: dict[str, Any]) -> None:
+    """openai-python writes messages, then model: a long prompt costs no parse."""
+    body = {"messages": [{"role": "user", "content": 'long "model": "x" ' * 500}], "model": "m"}
+    for separators in ((", ", ": "), (",", ":")):
+        encoded = json.dumps(body | tail, separators=separators).encode()
+        assert top_level_string(encoded, "model") == "m"
+
+
+def test_a_model_far_from_both_ends_is_left_to_the_parser() -> None:
+    """In the middle of a long body the scan declines; the full parse still finds the model."""
+    pad = ["x" * SCAN_PREFIX] * 4
+    body = json.dumps({"messages": pad, "model": "m", "tools": pad}).encode()
     assert top_level_string(body, "model") is None
     assert model_from_json(body) == "m"
+
+
+def test_a_key_that_only_ends_in_model_is_not_the_member() -> None:
+    r"""``"\\"model"`` (a key holding a quote) contains ``"model"`` bytes: not the member."""
+    body = json.dumps({"p": "x" * SCAN_PREFIX, '"model': "x"}).encode()
+    assert b'"model"' in body
+    assert top_level_string(body, "model") is None
+    with pytest.raises(BadRequest):
+        model_from_json(body)
 
 
 def test_an_escaped_duplicate_defers_to_the_parser() -> None:

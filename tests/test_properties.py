@@ -85,6 +85,23 @@ def test_nesting_over_the_cap_is_refused(levels: int, opener: str) -> None:
             model_from_json(body)
 
 
+@FAST
+@given(
+    st.integers(min_value=0, max_value=2_000),
+    st.integers(min_value=1, max_value=2 * MAX_DEPTH),
+    st.booleans(),
+)
+def test_a_deep_nest_among_many_shallow_ones_is_measured_whole(
+    wide: int, levels: int, deep_first: bool
+) -> None:
+    """Rounds that drop the shallow pairs first still count every level of the deep one."""
+    deep = "[" * levels + "]" * levels
+    shallow = "[" + ",".join(["{}"] * wide) + "]"
+    members = [f'"d": {deep}', f'"s": {shallow}']
+    body = ("{" + ", ".join(members if deep_first else members[::-1]) + "}").encode()
+    assert depth(body) == nesting(json.loads(body))
+
+
 BOUNDARY = st.text(alphabet="abcdefXYZ0123456789'()+_,-./:=?", min_size=1, max_size=40)
 FIELD = st.sampled_from(["model", "file", "prompt"]) | st.text(
     alphabet=st.characters(exclude_categories=["Cs"], exclude_characters='"\r\n'), max_size=10
