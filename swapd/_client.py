@@ -5,6 +5,7 @@ The address is, in order: ``--url``, ``$SWAPD_URL``, the ``listen`` of
 it exists, as ``scripts/install-service`` writes it), else
 ``http://127.0.0.1:8080``. The admin key is ``--key``, ``$SWAPD_KEY``, else the
 config's ``admin_keys`` or ``admin_keys_file`` (readable on swapd's own host).
+Only those keys are read from the config, never its presets.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Self
 
 import aiohttp
 
-from swapd.config import Config, load_config
+from swapd.config import Config, Endpoint, load_endpoint
 from swapd.errors import SwapdError
 
 SYSTEM_CONFIG = Path("/etc/swapd/swapd.yaml")
@@ -46,7 +47,7 @@ def config_path(arg: str | None) -> Path | None:
     return Path(chosen) if chosen else None
 
 
-def url_of(config: Config) -> str:
+def url_of(config: Config | Endpoint) -> str:
     """The URL a local client reaches a config's listen address at."""
     host = "127.0.0.1" if config.host in _WILDCARDS else config.host
     return f"http://[{host}]:{config.port}" if ":" in host else f"http://{host}:{config.port}"
@@ -58,6 +59,7 @@ class Target:
 
     url: str
     key: str | None
+    key_problem: str | None = None  # why the config's admin key could not be read
 
     @classmethod
     def resolve(cls, url: str | None, config: str | None, key: str | None) -> Target:
@@ -68,17 +70,22 @@ class Target:
         explicit = path is not None
         if path is None and url is None and SYSTEM_CONFIG.is_file():
             path = SYSTEM_CONFIG
+        problem = None
         if path is not None and (url is None or key is None):
+            # Its listen address and admin keys only: a preset broken since swapd
+            # started must not keep the CLI from the swapd that runs.
             try:
-                loaded = load_config(path)
+                endpoint: Endpoint | None = load_endpoint(path)
             except SwapdError as exc:
                 if explicit and url is None:  # asked for, and nothing else says where
                     raise ClientError(f"{path}: cannot be read:\n{exc}") from exc
-                loaded = None  # /etc/swapd/swapd.yaml unreadable here: the default address
-            if loaded is not None:
-                url = url or url_of(loaded)
-                key = key or next(iter(loaded.admin_keys), None)
-        return cls((url or DEFAULT_URL).rstrip("/"), key)
+                endpoint = None  # /etc/swapd/swapd.yaml unreadable here: the default address
+                problem = f"{path}: cannot be read:\n{exc}"
+            if endpoint is not None:
+                url = url or url_of(endpoint)
+                key = key or next(iter(endpoint.admin_keys), None)
+                problem = endpoint.key_problem
+        return cls((url or DEFAULT_URL).rstrip("/"), key, None if key else problem)
 
 
 class Client:
@@ -137,7 +144,11 @@ class Client:
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             message = body["error"].get("message")
         text = f"{self.target.url} answered {status}: {message or 'no details'}"
-        return f"{text}\n{KEY_HINT}" if status in (401, 403) else text
+        if status not in (401, 403):
+            return text
+        if self.target.key_problem:
+            return f"{text}\nthe config's admin key could not be read: {self.target.key_problem}"
+        return f"{text}\n{KEY_HINT}"
 
 
 async def _json_or_text(resp: aiohttp.ClientResponse) -> Any:

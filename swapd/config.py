@@ -244,6 +244,47 @@ def _read_key_files(
         values[f"{kind}_keys"] = values.get(f"{kind}_keys", ()) + keys
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a config's swapd listens, and its admin keys: all a client needs."""
+
+    host: str
+    port: int
+    admin_keys: tuple[str, ...]
+    key_problem: str | None = None  # why admin_keys_file could not be read here
+
+
+_ENDPOINT_KEYS = ("listen", "admin_keys", "admin_keys_file")
+
+
+def load_endpoint(path: Path) -> Endpoint:
+    """The listen address and admin keys of a config, from its own document alone.
+
+    A client asks a running swapd, which may have started from an older, good
+    version: a preset broken since must not keep the CLI from it. An admin keys
+    file this user may not read (0600, swapd's own) is said in ``key_problem``.
+    """
+    try:
+        doc = load_document(path)
+    except ConfigError as exc:
+        raise ConfigErrors([exc]) from exc
+    errors: list[ConfigError] = []
+    values: dict[str, Any] = {}
+    for entry in doc.entries:
+        if entry.key in _ENDPOINT_KEYS:
+            try:
+                values[entry.key] = _DAEMON_KEYS[entry.key](entry.value)
+            except ValueError as exc:
+                errors.append(ConfigError(entry.where, entry.key, str(exc)))
+    if errors:
+        raise ConfigErrors(errors)
+    key_errors: list[ConfigError] = []
+    _read_key_files(values, doc, path.parent, key_errors)
+    host, port = values.get("listen", DEFAULT_LISTEN)
+    problem = "\n".join(str(e) for e in key_errors) or None
+    return Endpoint(host, port, values.get("admin_keys", ()), problem)
+
+
 def load_config(path: Path) -> Config:
     """Load a daemon config and its presets; raise :class:`ConfigErrors` listing every problem."""
     try:

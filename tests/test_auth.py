@@ -340,6 +340,23 @@ def test_the_cli_takes_a_key_from_flag_env_or_config(keyed: Daemon) -> None:
         assert {m["name"] for m in json.loads(done.stdout)["models"]} == {"a", "echo"}
 
 
+def test_the_cli_reaches_a_running_swapd_whatever_its_presets_say_now(keyed: Daemon) -> None:
+    """A preset broken since swapd started does not keep the CLI from it; a key it cannot read
+    is named when swapd refuses the call."""
+    (keyed.root / "presets" / "typo.yaml").write_text("cmd: [x]\nttl: soon\n")
+    done = status_cli("--config", str(keyed.config_path), "--json", env={"SWAPD_KEY": ""})
+    assert done.returncode == 0, done.stderr
+    assert {m["name"] for m in json.loads(done.stdout)["models"]} == {"a", "echo"}
+    keys = keyed.root / "admin.keys"
+    keyed.settings = {**keyed.settings, "admin_keys_file": str(keys)}  # not there
+    keyed.write()
+    refused = status_cli("--config", str(keyed.config_path), env={"SWAPD_KEY": ""})
+    assert refused.returncode == 1
+    assert "answered 401" in refused.stderr
+    assert "admin key could not be read" in refused.stderr
+    assert str(keys) in refused.stderr
+
+
 def test_a_page_on_another_site_cannot_make_the_browser_load_a_model(open_daemon: Daemon) -> None:
     """A no-cors fetch (an <img>, a link) carries no Origin, but says where it comes from.
 
