@@ -80,6 +80,8 @@ _RELEASE_POLL = 0.05
 _TIMER_SLACK = 0.002
 # How long after ready a backend's memory is measured.
 _MEASURE_DELAY = 1.0
+# An expired ram_ttl met a wake under way: how soon to look again.
+_RAM_TTL_RECHECK_S = 1.0
 # Backoff after failed starts: 1 s doubling to 60 s; after this many in a row, no retries
 # until an explicit load.
 BACKOFF_FIRST = 1.0
@@ -444,10 +446,28 @@ class Manager:
             slot.ram_timer = loop.call_later(slot.preset.ram_ttl, self._ram_ttl_expired, slot)
         _log.info("model.tier", model=slot.preset.name, tier="ram", bytes=nbytes)
 
+    def _rearm_ram_ttl(self, slot: Slot) -> None:
+        """Count ``ram_ttl`` from when the model entered the ram tier, if it is there now."""
+        self._cancel_ram_ttl(slot)
+        ttl = slot.preset.ram_ttl
+        if ttl > 0 and slot.tier == "ram" and slot.state is not State.QUEUED:
+            left = max(0.0, slot.ram_since + ttl - time.monotonic())
+            slot.ram_timer = asyncio.get_running_loop().call_later(
+                left, self._ram_ttl_expired, slot
+            )
+
     def _ram_ttl_expired(self, slot: Slot) -> None:
         slot.ram_timer = None
         loading = slot.load_task is not None and not slot.load_task.done()
-        if slot.tier == "ram" and not loading and not slot.busy:
+        if loading or slot.busy:
+            if slot.child is not None or slot.pages is not None:
+                # A wake (or a start from pages) is under way or asked for: a refused one
+                # leaves the model in the ram tier, its time there over. Look again then.
+                slot.ram_timer = asyncio.get_running_loop().call_later(
+                    _RAM_TTL_RECHECK_S, self._ram_ttl_expired, slot
+                )
+            return
+        if slot.tier == "ram":
             _log.info("model.ram_ttl.expire", model=slot.preset.name, ram_ttl_s=slot.preset.ram_ttl)
             self.metrics.evicted(slot.preset.name, "ram_ttl")
             self._down_to_disk(slot, reason="ram_ttl")
@@ -513,6 +533,12 @@ class Manager:
         except asyncio.CancelledError:
             if slot.state is State.QUEUED:
                 slot.move(State.QUEUED, State.ASLEEP if slot.child else State.STOPPED)
+            elif slot.state is State.STARTING and slot.child is None:
+                # Cancelled before the spawn (sizing the model, building the launch):
+                # nothing runs, and nothing may stay reserved for it.
+                slot.move(State.STARTING, State.STOPPED)
+                if slot.pages is None:
+                    slot.device = None
             raise
         except Exception as exc:
             # Anything unexpected (an unwritable state_dir, a probe that raises) still
@@ -736,6 +762,10 @@ class Manager:
         preset = slot.preset
         deadline = job.started + self.config.queue_timeout
         while True:
+            if staging is not None and staging.done():
+                # A copy that failed (checksum, no cache room) ends the load here: it
+                # must not start from the unstaged source, nor evict anything for it.
+                staging.result()
             staged = staging is None or staging.done()
             waited = time.monotonic() - job.started
             step = await self._plan_step(
@@ -920,12 +950,21 @@ class Manager:
         await asyncio.gather(*(asyncio.shield(t) for t in moves))
         await self._await_release(device, need)
 
+    @staticmethod
+    def _uses_staged_copy(slot: Slot) -> bool:
+        """Whether its staged copy is in use: by a process, held pages, or a load under way.
+
+        A load that has staged and waits for room, or starts, is about to open the copy.
+        """
+        loading = slot.load_task is not None and not slot.load_task.done()
+        return bool(slot.staged_path) and bool(slot.child or slot.pages or loading)
+
     def _sources_in_use(self) -> list[Path]:
-        """Model sources whose staged copies a process or held pages use now."""
+        """Model sources whose staged copies are in use now (:meth:`_uses_staged_copy`)."""
         return [
             s.preset.model
             for s in self.slots.values()
-            if s.preset.model is not None and s.staged_path and (s.child or s.pages)
+            if s.preset.model is not None and self._uses_staged_copy(s)
         ]
 
     async def _stage(self, slot: Slot) -> None:
@@ -952,7 +991,7 @@ class Manager:
                 except StagingFull as exc:
                     # Files that running models use are pinned; a stop may free them.
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if remaining <= 0 or exc.need > exc.budget:  # no stop makes that room
                         raise CacheFull(f"cannot stage {preset.name!r}: {exc}") from exc
                     changed = self._changed
                     with contextlib.suppress(TimeoutError):
@@ -973,7 +1012,7 @@ class Manager:
             if other is exclude or other.staged_path is None or other.preset.model is None:
                 continue
             found = await asyncio.to_thread(staging.cached_path, other.preset.model)
-            if found is None and other.child is None and other.pages is None:
+            if found is None and not self._uses_staged_copy(other):
                 other.staged_path = None
 
     async def _await_release(self, device: Device, need: int) -> None:
@@ -1309,7 +1348,11 @@ class Manager:
             slot.sleep_task = None
             self._notify()
         slot.move(State.SLEEPING, State.ASLEEP)
-        self._entered_ram(slot, await self._asleep_cost(slot))
+        child = slot.child
+        cost = await self._asleep_cost(slot)
+        if slot.state is not State.ASLEEP or slot.child is not child:
+            return  # woken (or stopped) while its cost was read: it is not in the ram tier
+        self._entered_ram(slot, cost)
         _log.info(
             "model.sleep",
             model=slot.preset.name,
@@ -1414,6 +1457,10 @@ class Manager:
         finally:
             slot.demote_task = None
         await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+        await self._fit_ram_budget()
+
+    async def _fit_ram_budget(self) -> None:
+        """Send what the ram tier holds past its (lowered) budget down to disk."""
         snap = await self.admission.read(self._pids())
         self._carry_out(policy.ram_overflow(self._ram_tier(snap)), reason="ram_budget")
 
@@ -1469,8 +1516,9 @@ class Manager:
         )
         self.admission.limits = self.limits
         self.admission.default_memory = config.default_memory
-        if config.ram_budget is not None:
+        if config.ram_budget is not None and config.ram_budget != self.ram_budget:
             self.ram_budget = config.ram_budget
+            self._spawn_task(self._fit_ram_budget(), "ram_budget")
         slots = {p.name: old.get(p.name) or self._new_slot(p) for p in config.presets}
         self.slots = slots  # from here on, a removed name is unknown
         for preset in plan.in_place:
@@ -1488,8 +1536,9 @@ class Manager:
         old, slot.preset = slot.preset, preset
         if slot.state is State.READY and slot.in_flight == 0:
             self._arm_ttl(slot)  # the new ttl (or pin), counted from now
-        if slot.ram_timer is not None and preset.ram_ttl != old.ram_ttl:
-            self._entered_ram(slot, slot.ram_bytes)
+        if preset.ram_ttl != old.ram_ttl and slot.tier == "ram":
+            slot.ram_since = time.monotonic()  # as for ttl: counted from the reload
+            self._rearm_ram_ttl(slot)  # armed, changed or cleared
         _log.info("model.reload", model=preset.name, change="in_place")
 
     def _restart_later(self, slot: Slot, preset: Preset) -> None:

@@ -406,6 +406,10 @@ def test_not_a_gguf(tmp_path: Path) -> None:
     cut.write_bytes(write_model(tmp_path / "whole.gguf").read_bytes()[:200])
     with pytest.raises(ValueError, match="malformed GGUF header"):
         read_gguf_header(cut)
+    magic_only = tmp_path / "magic.gguf"
+    magic_only.write_bytes(b"GGUF")  # cut before its version: was a bare struct.error
+    with pytest.raises(ValueError, match="truncated GGUF header"):
+        read_gguf_header(magic_only)
 
 
 def test_missing_metadata_is_named(tmp_path: Path) -> None:

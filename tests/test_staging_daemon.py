@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +81,22 @@ def test_the_cache_budget_evicts_the_least_recently_used_copy(
 def test_no_room_in_the_cache_is_a_503_with_the_numbers(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
-    """A copy larger than the whole cache budget fails at once with the sizes."""
+    """A copy larger than the whole cache budget fails at once with the sizes.
+
+    At once, not after ``queue_timeout`` (ten minutes here, past the client's wait):
+    no stop can ever make that room.
+    """
     model = _model(tmp_path / "slow" / "big.gguf", 8 * MIB)
     d = start_daemon(
-        {"s": staged_preset(model)},
-        {"cache_dir": str(tmp_path / "cache"), "cache_budget": "4MiB", "queue_timeout": "1s"},
+        {"s": staged_preset(model), "other": fake_preset("O")},
+        {
+            "cache_dir": str(tmp_path / "cache"),
+            "cache_budget": "4MiB",
+            "queue_timeout": "600s",
+            "max_running": 1,
+        },
     )
+    assert d.chat("other")[0] == 200
     status, body = d.chat("s")
     assert status == 503
     assert body["error"]["code"] == "cache_full"
@@ -109,6 +120,55 @@ def test_a_checksum_mismatch_fails_clearly_and_caches_nothing(
     assert "0" * 64 in body["error"]["message"]
     assert _cached_entries(cache) == []
     assert d.leftovers() == []
+
+
+def test_a_checksum_mismatch_while_the_load_waits_still_fails_it(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The copy fails while the load waits for a busy model: the load fails with it.
+
+    It used to be dropped: the model then started from the unverified original.
+    """
+    model = _model(tmp_path / "slow" / "m.gguf", 2 * MIB)
+    d = start_daemon(
+        {"busy": fake_preset("B"), "s": staged_preset(model, sha256="0" * 64)},
+        {"cache_dir": str(tmp_path / "cache"), "max_running": 1},
+    )
+    assert d.chat("busy")[0] == 200
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(d.chat, "busy", "long", fake_delay=4)
+        wait_for(lambda: d.model("busy")["in_flight"] == 1)
+        status, body = d.chat("s")
+        assert long.result()[0] == 200
+    assert (status, body["error"]["code"]) == (500, "stage_failed")
+    assert [e["model"] for e in d.events("backend.spawn")] == ["busy"]
+
+
+def test_a_copy_staged_for_a_load_that_waits_is_not_evicted_for_another(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """a is staged and waits for room; b's copy must not evict a's, which a is about to open.
+
+    Both start from their copies, a first.
+    """
+    a = _model(tmp_path / "slow" / "a.gguf", 6 * MIB)
+    b = _model(tmp_path / "slow" / "b.gguf", 6 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"busy": fake_preset("C"), "a": staged_preset(a), "b": staged_preset(b)},
+        {"cache_dir": str(cache), "cache_budget": "10MiB", "max_running": 1},
+    )
+    assert d.chat("busy")[0] == 200
+    with ThreadPoolExecutor(3) as pool:
+        long = pool.submit(d.chat, "busy", "long", fake_delay=4)
+        wait_for(lambda: d.model("busy")["in_flight"] == 1)
+        for_a = pool.submit(d.chat, "a")
+        wait_for(lambda: [e for e in d.events("model.staged") if e["model"] == "a"])
+        for_b = pool.submit(d.chat, "b")
+        assert [f.result()[0] for f in (long, for_a, for_b)] == [200, 200, 200]
+    spawned = {e["model"]: e["argv"] for e in d.events("backend.spawn")}
+    for name in ("a", "b"):
+        assert any(Path(arg).is_relative_to(cache) for arg in spawned[name]), spawned[name]
 
 
 def _load_in_background(d: Daemon, model: str) -> None:

@@ -259,6 +259,54 @@ def test_force_unload_stops_a_model_mid_start_and_answers_its_waiters(
     assert d.model("a")["state"] == "stopped"
 
 
+SLOW_SIZING = """
+import time
+import swapd.manager
+
+sized = swapd.manager._path_bytes
+
+
+def slowly(path):  # the first start sizes its model off the loop: here, for 5 s
+    time.sleep(5)
+    return sized(path)
+
+
+swapd.manager._path_bytes = slowly
+"""
+
+
+def test_force_unload_before_the_spawn_leaves_the_model_stopped(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Cancelled while STARTING but before the spawn (sizing the model, building the launch).
+
+    It used to stay ``starting`` with no process, answering every later request with a
+    500 and keeping its device slot. The window is widened here by a delay that
+    swapd's own interpreter loads (``sitecustomize``); the code path is unchanged.
+    """
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_SIZING)
+    model = tmp_path / "weights.bin"
+    model.write_bytes(b"\0" * 1024)
+    slow = fake_preset("A", model=str(model))
+    d = start_daemon(
+        {"a": slow, "b": fake_preset("B")},
+        {"max_running": 1},
+        env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])},
+    )
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(d.request, "POST", "/swapd/models/a/load")
+        wait_for(lambda: d.model("a")["state"] == "starting")
+        assert d.model("a")["pid"] is None  # not spawned yet
+        status, body = d.request("POST", "/swapd/models/a/unload?force=true", timeout=30)
+        assert (status, body["state"]) == (200, "stopped")
+        assert waiting.result()[0] == 503
+    assert (d.model("a")["state"], d.model("a")["tier"]) == ("stopped", "disk")
+    assert d.chat("b")[0] == 200  # its max_running slot is free
+    assert d.chat("a")[0] == 200
+
+
 def test_force_unload_cuts_requests_in_flight(start_daemon: StartDaemon) -> None:
     """unload?force=true stops at once; the request in flight gets 502 backend_gone."""
     d = start_daemon({"a": fake_preset("A")})

@@ -13,13 +13,14 @@ import json
 import sys
 import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, fake_stats, wait_for
+from daemon import Daemon, fake_preset, fake_stats, wait_for
 
 FAKE_VLLM = Path(__file__).resolve().parent / "fakes" / "fake_vllm.py"
 MIB = 1024**2
@@ -144,6 +145,63 @@ def test_ram_ttl_moves_a_sleeping_model_down_to_disk(
     assert d.model("v")["tier"] == "disk"
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert [e["model"] for e in d.events("model.ram_ttl.expire")] == ["v"]
+
+
+def test_a_refused_wake_leaves_ram_ttl_counting(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """ram_ttl fires while a wake waits behind a busy model; the wake is refused (503).
+
+    The model is still asleep, and its ram_ttl is over: it goes down to disk then. It
+    used to stay in the ram tier for good, its timer spent while it was queued.
+    """
+    d = start_daemon(
+        {
+            "v": vllm_preset(vllm_binary, tmp_path / "m", ram_ttl="2s"),
+            "c": fake_preset("C"),
+        },
+        {"max_running": 1, "queue_timeout": "4s", "max_wait": "60s"},
+    )
+    assert d.chat("v")[0] == 200
+    assert d.chat("c")[0] == 200  # v sleeps to make room: ram_ttl counts from here
+    assert d.model("v")["state"] == "asleep"
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(d.chat, "c", "long", fake_delay=8)
+        wait_for(lambda: d.model("c")["in_flight"] == 1)
+        status, body = d.chat("v")  # a wake, queued behind c until queue_timeout
+        assert (status, body["error"]["code"]) == (503, "queue_timeout")
+        wait_for(lambda: d.model("v")["state"] == "stopped", timeout=20)
+        assert busy.result()[0] == 200
+    assert d.model("v")["tier"] == "disk"
+    assert [e["model"] for e in d.events("model.ram_ttl.expire")] == ["v"]
+
+
+def test_a_reload_applies_ram_ttl_and_a_lower_ram_budget_to_sleepers(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """A reload's ram_ttl and a lower ram_budget apply to models asleep already.
+
+    A sleeper given a ram_ttl goes down when it expires; a ram_budget lowered to 0 sends
+    the sleepers to disk at once. Both used to apply only to later sleeps.
+    """
+    presets = {n: vllm_preset(vllm_binary, tmp_path / n) for n in ("a", "b")}
+    d = start_daemon(presets, {"max_running": 1})
+    for name in ("a", "b", "a"):
+        assert d.chat(name)[0] == 200
+    assert (d.model("b")["state"], d.model("b")["tier"]) == ("asleep", "ram")
+    d.presets = {**presets, "b": {**presets["b"], "ram_ttl": "1s"}}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[0] == 200
+    wait_for(lambda: d.model("b")["state"] == "stopped", timeout=20)
+    assert [e["model"] for e in d.events("model.ram_ttl.expire")] == ["b"]
+    assert d.chat("b")[0] == 200
+    assert (d.model("a")["state"], d.model("a")["tier"]) == ("asleep", "ram")
+    d.settings = {**d.settings, "ram_budget": 0}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[0] == 200
+    wait_for(lambda: d.model("a")["state"] == "stopped", timeout=20)
+    _, status = d.get("/swapd/status")
+    assert status["tiers"]["ram"] == {"bytes": 0, "budget": 0}
 
 
 def test_the_ram_budget_is_respected(

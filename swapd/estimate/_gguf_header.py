@@ -129,6 +129,9 @@ class _Cursor:
         return TensorInfo(name, math.prod(shape) // block * type_bytes, shape)
 
 
+_FIXED_HEADER = 24  # magic, version, tensor count, metadata count
+
+
 def read_gguf_header(path: Path) -> GGUFHeader:
     """Read a GGUF's metadata and tensor table.
 
@@ -138,6 +141,8 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != _GGUF_MAGIC:
             raise ValueError(f"{path}: not a GGUF file")
+        if len(buf) < _FIXED_HEADER:
+            raise ValueError(f"{path}: truncated GGUF header ({len(buf)} bytes)")
         # A file written on a big-endian machine has its version's low bytes in front.
         (version,) = struct.unpack_from("<I", buf, 4)
         cur = _Cursor(buf, "<" if version & 0xFFFF else ">")
