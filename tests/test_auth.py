@@ -341,8 +341,10 @@ def test_the_cli_takes_a_key_from_flag_env_or_config(keyed: Daemon) -> None:
 
 
 def test_the_cli_reaches_a_running_swapd_whatever_its_presets_say_now(keyed: Daemon) -> None:
-    """A preset broken since swapd started does not keep the CLI from it; a key it cannot read
-    is named when swapd refuses the call."""
+    """A preset broken since swapd started does not keep the CLI from it.
+
+    A key file it cannot read is named when swapd refuses the call.
+    """
     (keyed.root / "presets" / "typo.yaml").write_text("cmd: [x]\nttl: soon\n")
     done = status_cli("--config", str(keyed.config_path), "--json", env={"SWAPD_KEY": ""})
     assert done.returncode == 0, done.stderr
