@@ -6,6 +6,8 @@ YAML node marks instead of returning bare Python values.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,12 @@ from typing import Any
 import yaml
 
 from swapd.errors import ConfigError, Location
+
+# Far past any config; a bound on what reading one may cost.
+MAX_CONFIG_BYTES = 16 * 1024**2
+# Values one key may expand to: YAML aliases can repeat a node exponentially often in a
+# few hundred bytes, and each error message or check would then walk every copy.
+MAX_VALUES = 100_000
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,43 @@ def _where(file: str, node: yaml.Node) -> Location:
     return Location(file, mark.line + 1, mark.column + 1)
 
 
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for once every alias is expanded (memoised by node)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = 1  # a node that contains itself counts once, and ends the walk
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        children = []
+    size = 1 + sum(_expanded_size(child, sizes) for child in children)
+    sizes[id(node)] = size
+    return size
+
+
+def _repeated_key(node: yaml.Node, seen: set[int]) -> yaml.Node | None:
+    """The first key given twice in a mapping anywhere inside ``node``, or None."""
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: set[object] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in keys:
+                    return key_node
+                keys.add(key_node.value)
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        return None
+    return next((r for c in children if (r := _repeated_key(c, seen)) is not None), None)
+
+
 def _plain(node: yaml.Node) -> Any:
     # Nested values become plain Python; only the top-level keys keep marks.
     return yaml.safe_load(yaml.serialize(node))
@@ -55,6 +100,12 @@ def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
         if key in seen:
             raise ConfigError(_where(file, key_node), key, "key is given twice")
         seen.add(key)
+        if _expanded_size(value_node, {}) > MAX_VALUES:
+            reason = f"stands for more than {MAX_VALUES:,} values once its aliases are expanded"
+            raise ConfigError(_where(file, value_node), key, reason)
+        repeated = _repeated_key(value_node, set())
+        if repeated is not None:  # the last would silently win, as at the top level
+            raise ConfigError(_where(file, repeated), str(repeated.value), "key is given twice")
         try:
             value = _plain(value_node)
         except yaml.MarkedYAMLError as exc:  # a tag or value safe YAML cannot build
@@ -67,9 +118,18 @@ def load_document(path: Path, *, label: str | None = None) -> Document:
     """Parse one YAML file whose top level must be a mapping (empty files are empty mappings)."""
     file = label or str(path)
     try:
-        data = path.read_bytes()
+        # Opened without blocking, so a FIFO named *.yaml cannot hang a check or a reload.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                reason = "not a regular file (a FIFO, a device or a folder)"
+                raise ConfigError(Location(file, 1, 1), "(file)", reason)
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(Location(file, 1, 1), "(file)", f"cannot read: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        reason = f"larger than {MAX_CONFIG_BYTES // 1024**2} MiB: not a config file"
+        raise ConfigError(Location(file, 1, 1), "(file)", reason)
     text = _decode(file, data)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)

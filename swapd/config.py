@@ -143,6 +143,18 @@ def _share(value: Any) -> float:
     return float(value)
 
 
+def _path(value: Any) -> Path:
+    """A path; ``~`` alone is YAML's null, not the home folder, so it is refused."""
+    if value is None or isinstance(value, bool | dict | list) or not str(value).strip():
+        shown = (
+            "null (in YAML, ~ alone is null: write ~/ or the full path)"
+            if value is None
+            else repr(value)
+        )
+        raise ValueError(f"expected a path, got {shown}")
+    return Path(str(value)).expanduser()
+
+
 def _one_of(*choices: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in choices:
@@ -154,8 +166,8 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
 
 _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "listen": parse_listen,
-    "presets": lambda v: Path(str(v)).expanduser(),
-    "state_dir": lambda v: Path(str(v)).expanduser(),
+    "presets": _path,
+    "state_dir": _path,
     "max_running": _optional_count,
     "max_body": parse_size,
     "devices": _devices,
@@ -167,8 +179,8 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "backend_log": _one_of(*BACKEND_LOG_MODES),
     "api_keys": parse_keys,
     "admin_keys": parse_keys,
-    "api_keys_file": lambda v: Path(str(v)).expanduser(),
-    "admin_keys_file": lambda v: Path(str(v)).expanduser(),
+    "api_keys_file": _path,
+    "admin_keys_file": _path,
     "allowed_hosts": parse_allowed_hosts,
     "cors_origins": parse_origins,
     "metrics_public": _flag,
@@ -177,7 +189,7 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "body_timeout": parse_positive_duration,
     "keepalive_timeout": parse_positive_duration,
     "ram_budget": lambda v: None if v is None else parse_size(v),
-    "cache_dir": lambda v: Path(str(v)).expanduser(),
+    "cache_dir": _path,
     "cache_budget": lambda v: None if v is None else parse_size(v),
     "max_wait": parse_duration,
     "hold_max": parse_duration,

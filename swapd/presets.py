@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from swapd._yaml import Entry, load_document
 from swapd.backends import KINDS, has_flag
-from swapd.errors import ConfigError, ConfigErrors, Location
+from swapd.errors import ConfigError, ConfigErrors, Location, clip
 from swapd.units import parse_duration, parse_positive_duration, parse_size
 
 BackendName = Literal["llama-server", "vllm", "command"]
@@ -56,10 +56,12 @@ class Preset:
 
 def _str(value: Any) -> str:
     if isinstance(value, str) and value:
+        if "\0" in value:  # no command line or environment can carry it
+            raise ValueError(f"a NUL character in {clip(value)!r}")
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
-    raise ValueError(f"expected a non-empty string, got {value!r}")
+    raise ValueError(f"expected a non-empty string, got {clip(repr(value))}")
 
 
 def _str_list(value: Any) -> tuple[str, ...]:
@@ -77,7 +79,11 @@ def _bool(value: Any) -> bool:
 def _env(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping of NAME: value, got {type(value).__name__}")
-    return {_str(k): "" if v is None else _str(v) for k, v in value.items()}
+    env = {_str(k): "" if v is None else _str(v) for k, v in value.items()}
+    for name in env:
+        if "=" in name:  # the environment's own separator: exec would refuse it
+            raise ValueError(f"not a usable variable name: {clip(name)!r}")
+    return env
 
 
 def _backend(value: Any) -> BackendName:
@@ -176,7 +182,12 @@ def convert_entries(
 
 
 def _resolve_model(path: Path, preset_dir: Path) -> Path:
-    return path if path.is_absolute() else (preset_dir / path).resolve()
+    if path.is_absolute():
+        return path
+    try:
+        return (preset_dir / path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the model check names the path
+        return preset_dir / path
 
 
 def _own_key_clash(
@@ -228,13 +239,27 @@ def _build(  # noqa: PLR0911 - one early return per kind of problem
         if not plain["model"].exists():
             errors.append(ConfigError(model_at, "model", f"not found: {plain['model']}"))
             return None
-    elif "cmd" not in values:
-        errors.append(ConfigError(backend_at, "cmd", "missing; a command backend needs cmd"))
+    elif (problem := _command_problem(values, backend_at)) is not None:
+        errors.append(problem)
         return None
     elif "model" in values:
         plain["model"] = _resolve_model(values["model"][0], file.parent)
     plain["name"] = name
     return Preset(file=label, **plain)
+
+
+def _command_problem(
+    values: Mapping[str, tuple[Any, Location]], backend_at: Location
+) -> ConfigError | None:
+    """What keeps a command backend's ``cmd`` from ever starting a server swapd can reach."""
+    if "cmd" not in values:
+        return ConfigError(backend_at, "cmd", "missing; a command backend needs cmd")
+    cmd, cmd_at = values["cmd"]
+    if not any("${PORT}" in arg for arg in cmd):
+        # swapd picks the port at each start: a server that is not told it is never ready.
+        reason = "no argument holds ${PORT}, the port swapd picks at each start (--port ${PORT})"
+        return ConfigError(cmd_at, "cmd", reason)
+    return None
 
 
 def _check_names(presets: list[Preset], errors: list[ConfigError]) -> None:
@@ -280,10 +305,11 @@ def load_presets(
 
 
 def _label(file: Path, root: Path | None) -> str:
-    # Errors read best relative to where the user keeps the config.
-    if root is not None:
+    # Errors read best relative to where the user keeps the config; under systemd the
+    # working folder is /, where a relative name would only lose its leading slash.
+    if root is not None and root != Path(root.anchor):
         try:
             return str(file.resolve().relative_to(root.resolve()))
-        except ValueError:
+        except (ValueError, OSError, RuntimeError):  # elsewhere, or a symlink loop
             pass
     return str(file)

@@ -88,6 +88,13 @@ class Runtime:
                 _log.error("config.reload.fail", errors=[str(e) for e in errors])
                 self._ready(f"reload refused ({len(errors)} error(s)); running the old config")
                 raise
+            except Exception as exc:
+                # Reading the files failed in a way no check foresaw: still a refusal, with
+                # the reason, and systemd hears READY=1 after its RELOADING=1.
+                reason = f"the config could not be read: {type(exc).__name__}: {exc}"
+                _log.exception("config.reload.fail", errors=[reason])
+                self._ready("reload refused (1 error(s)); running the old config")
+                raise SwapdError(reason) from exc
             self._ready(None)
             return plan
 

@@ -30,18 +30,40 @@ _SIZE_UNITS = {
 }
 
 
+# Beyond any timer a daemon keeps (and finite: status is JSON, timers take floats).
+MAX_DURATION_S = 100 * 365 * 86400.0
+MAX_SIZE = 2**63 - 1
+
+
+def _cut(text: str) -> str:
+    """Text for an error message, cut short: a config may hold anything."""
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
 def parse_duration(value: object) -> float:
     """Seconds from ``10m``, ``90s``, ``250ms``, ``2h`` or a bare number of seconds."""
     if isinstance(value, bool):
         raise ValueError(f'expected a duration like "10m", got {value!r}')
     if isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"expected a duration of zero or more, got {value!r}")
-        return float(value)
+        seconds = _as_float(value)
+        if not 0 <= seconds <= MAX_DURATION_S:
+            raise ValueError(f"expected a duration from 0 to 100 years, got {_cut(repr(value))}")
+        return seconds
     match = _DURATION.match(str(value))
     if match is None:
-        raise ValueError(f'expected a duration like "10m", got "{value}"')
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+        raise ValueError(f'expected a duration like "10m", got "{_cut(str(value))}"')
+    seconds = _as_float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    if not seconds <= MAX_DURATION_S:
+        raise ValueError(f'expected a duration from 0 to 100 years, got "{_cut(str(value))}"')
+    return seconds
+
+
+def _as_float(number: float | str) -> float:
+    """A float, or inf where the number is too large for one (never OverflowError)."""
+    try:
+        return float(number)
+    except OverflowError:
+        return math.inf
 
 
 def parse_positive_duration(value: object) -> float:
@@ -57,15 +79,18 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f'expected a size like "6GiB", got {value!r}')
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"expected a size of zero or more, got {value}")
+        if not 0 <= value <= MAX_SIZE:
+            raise ValueError(f"expected a size from 0 to 8 EiB, got {_cut(repr(value))}")
         return value
     match = _SIZE.match(str(value))
     if match is None:
-        raise ValueError(f'expected a size like "6GiB", got "{value}"')
+        raise ValueError(f'expected a size like "6GiB", got "{_cut(str(value))}"')
     unit = (match.group(2) or "b").lower()
+    nbytes = _as_float(match.group(1)) * _SIZE_UNITS[unit]
+    if not nbytes <= MAX_SIZE:
+        raise ValueError(f'expected a size from 0 to 8 EiB, got "{_cut(str(value))}"')
     # Round, not truncate: 2.01 * 1000 is 2009.999... in binary floating point.
-    return round(float(match.group(1)) * _SIZE_UNITS[unit])
+    return round(nbytes)
 
 
 def format_size(nbytes: float) -> str:

@@ -13,7 +13,7 @@ from swapd.config import load_config
 from swapd.errors import ConfigErrors
 from swapd.keys import KeyRing
 
-OK_PRESET = 'backend: command\ncmd: ["true"]\n'
+OK_PRESET = 'backend: command\ncmd: ["true", "${PORT}"]\n'
 SECRET = "s3cret-key-never-printed"  # noqa: S105 - a test key, checked never to be printed
 
 
@@ -212,7 +212,7 @@ def test_check_warns_about_exposure_and_loose_key_files(tmp_path: Path) -> None:
 
 def test_a_preset_that_is_not_utf8_is_an_encoding_error(tmp_path: Path) -> None:
     """A preset in Latin-1 is reported as file:line:col: encoding, and serve exits 2."""
-    preset = b'backend: command\ncmd: ["true"]\n# caf\xe9\n'
+    preset = b'backend: command\ncmd: ["true", "${PORT}"]\n# caf\xe9\n'
     path = write(tmp_path, "", preset)
     found = errors(path)
     assert len(found) == 1

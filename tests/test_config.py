@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ BACKENDS = "llama-server, vllm, command"
 PREFIX = "..."
 # Replaced by the real directory, for messages that name a resolved absolute path.
 ROOT = "{root}"
-OK_PRESET = 'backend: command\ncmd: ["true"]\n'
+OK_PRESET = 'backend: command\ncmd: ["true", "${PORT}"]\n'
 
 
 def write_tree(root: Path, config: str, presets: Mapping[str, str] | None) -> Path:
@@ -66,12 +67,19 @@ def expand(expected: list[str], root: Path) -> list[str]:
     return [line.replace(ROOT, str(root.resolve())) for line in expected]
 
 
+def _alias_bomb(levels: int) -> str:
+    """A YAML value of a few hundred bytes that stands for 10 ** levels strings."""
+    parts = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    parts += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "[" + ", ".join(parts) + "]"
+
+
 PRESET_ERRORS = [
     pytest.param(
         {
             "qwen.yaml": """\
             backend: command
-            cmd: ["true"]
+            cmd: ["true", "${PORT}"]
             aliases: [q]
             health: /health
             pin: false
@@ -93,7 +101,7 @@ PRESET_ERRORS = [
         id="bad-backend",
     ),
     pytest.param(
-        {"m.yaml": 'cmd: ["true"]\n'},
+        {"m.yaml": 'cmd: ["true", "${PORT}"]\n'},
         [f"presets/m.yaml:1:1: backend: missing; one of {BACKENDS}"],
         id="missing-backend",
     ),
@@ -227,7 +235,7 @@ PRESET_ERRORS = [
             "m.yaml": """\
             backend: command
             ttl: ten
-            cmd: ["true"]
+            cmd: ["true", "${PORT}"]
             memory: lots
             colour: blue
             pin: 1
@@ -253,6 +261,46 @@ PRESET_ERRORS = [
         ],
         id="errors-in-two-files",
     ),
+    pytest.param(
+        {"m.yaml": 'backend: command\ncmd: [server, --port, "8999"]\n'},
+        [
+            (
+                "presets/m.yaml:2:6: cmd: no argument holds ${PORT}, the port swapd picks at "
+                "each start (--port ${PORT})"
+            )
+        ],
+        id="command-without-its-port",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + 'env: {"A=B": x}\n'},
+        ["presets/m.yaml:3:6: env: not a usable variable name: 'A=B'"],
+        id="env-name-with-equals",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + 'args: ["a\\0b"]\n'},
+        ["presets/m.yaml:3:7: args: a NUL character in 'a\\x00b'"],
+        id="nul-in-an-argument",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + f"ttl: {'9' * 400}s\n"},
+        [
+            (
+                "presets/m.yaml:3:6: ttl: expected a duration from 0 to 100 years, got "
+                f'"{"9" * 40}... (401 characters)"'
+            )
+        ],
+        id="duration-too-long-for-a-float",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + f"ttl: {_alias_bomb(8)}\n"},
+        ["presets/m.yaml:3:6: ttl: stands for more than 100,000 values once its aliases are ..."],
+        id="aliases-that-expand-a-hundred-million-fold",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "env:\n  A: 1\n  A: 2\n"},
+        ["presets/m.yaml:5:3: A: key is given twice"],
+        id="duplicate-key-below-the-top",
+    ),
 ]
 
 
@@ -267,6 +315,32 @@ def test_preset_errors(
     monkeypatch.chdir(tmp_path)
     want = expand(expected, tmp_path)
     assert comparable(error_lines(tmp_path, "", presets), want) == want
+
+
+def test_errors_name_the_whole_path_when_swapd_runs_from_the_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A system unit's working folder is /: a relative name would only drop the slash."""
+    config = tmp_path / write_tree(tmp_path, "", {"m.yaml": OK_PRESET + "ttl: ten\n"})
+    monkeypatch.chdir("/")
+    with pytest.raises(ConfigErrors) as info:
+        load_config(config)
+    [line] = [str(e) for e in info.value.errors]
+    assert line.startswith(f"{tmp_path.resolve() / 'presets' / 'm.yaml'}:3:6: ttl: ")
+
+
+def test_a_preset_that_is_not_a_regular_file_is_an_error_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO named *.yaml would block a check or a reload forever on its open."""
+    monkeypatch.chdir(tmp_path)
+    config = write_tree(tmp_path, "", {"m.yaml": OK_PRESET})
+    os.mkfifo(tmp_path / "presets" / "pipe.yaml")
+    with pytest.raises(ConfigErrors) as info:
+        load_config(config)
+    assert [str(e) for e in info.value.errors] == [
+        "presets/pipe.yaml:1:1: (file): not a regular file (a FIFO, a device or a folder)"
+    ]
 
 
 DAEMON_ERRORS = [
@@ -373,6 +447,28 @@ DAEMON_ERRORS = [
         id="duplicate-key-inside-defaults",
     ),
     pytest.param(
+        "state_dir: ~\n",
+        {"m.yaml": OK_PRESET},
+        [
+            (
+                "swapd.yaml:1:12: state_dir: expected a path, got null (in YAML, ~ alone is "
+                "null: write ~/ or the full path)"
+            )
+        ],
+        id="state-dir-tilde-is-null",
+    ),
+    pytest.param(
+        f"max_body: {'9' * 400}GiB\n",
+        {"m.yaml": OK_PRESET},
+        [
+            (
+                "swapd.yaml:1:11: max_body: expected a size from 0 to 8 EiB, got "
+                f'"{"9" * 40}... (403 characters)"'
+            )
+        ],
+        id="size-too-large-for-a-float",
+    ),
+    pytest.param(
         "max_running: 0\n",
         {"m.yaml": OK_PRESET + "ttl: ten\n"},
         [
@@ -439,7 +535,10 @@ def test_defaults_apply_and_presets_override(
           ttl: 10m
           memory: 2GiB
         """,
-        {"plain.yaml": 'cmd: ["true"]\n', "own.yaml": 'cmd: ["true"]\nttl: 1m\npin: true\n'},
+        {
+            "plain.yaml": 'cmd: ["true", "${PORT}"]\n',
+            "own.yaml": 'cmd: ["true", "${PORT}"]\nttl: 1m\npin: true\n',
+        },
     )
     plain, own = config.preset("plain"), config.preset("own")
     assert plain is not None
@@ -482,7 +581,7 @@ def test_relative_model_path_resolves_against_preset_dir(
         "backend: llama-server\nmodel: ../models/tiny.gguf\n", encoding="utf-8"
     )
     (site / "presets" / "tool.yaml").write_text(
-        'backend: command\ncmd: ["true"]\nmodel: weights.bin\n', encoding="utf-8"
+        'backend: command\ncmd: ["true", "${PORT}"]\nmodel: weights.bin\n', encoding="utf-8"
     )
     (site / "swapd.yaml").write_text("", encoding="utf-8")
     elsewhere = tmp_path / "elsewhere"

@@ -41,7 +41,9 @@ def test_start_error_keeps_the_exit_code_beside_the_words() -> None:
 
 def test_backend_killed_by_sigill_is_reported_in_words(start_daemon: StartDaemon) -> None:
     """A backend dying of SIGILL at start: the 502, the log event and status all say so."""
-    d = start_daemon({"ill": {"backend": "command", "cmd": ["sh", "-c", "kill -ILL $$"]}})
+    d = start_daemon(
+        {"ill": {"backend": "command", "cmd": ["sh", "-c", "kill -ILL $$", "${PORT}"]}}
+    )
     status, body = d.chat("ill")
     assert status == 502
     assert "killed by SIGILL (illegal instruction" in body["error"]["message"]

@@ -168,3 +168,49 @@ def test_the_daemon_tells_systemd_each_step(start_daemon: StartDaemon, listener:
     assert listener.first("READY", after=reloading) > reloading
     assert d.stop() == 0
     assert listener.first("STOPPING", after=reloading) > reloading
+
+
+BREAK_READING = """
+import os
+import swapd.cli
+
+read = swapd.cli._load_config
+
+
+def maybe_broken(*args, **kwargs):  # what no check foresaw, while a flag file exists
+    if os.path.exists(os.environ["SWAPD_TEST_BREAK"]):
+        raise RuntimeError("the disk said no")
+    return read(*args, **kwargs)
+
+
+swapd.cli._load_config = maybe_broken
+"""
+
+
+def test_a_reload_that_fails_unexpectedly_is_refused_and_systemd_hears_ready(
+    start_daemon: StartDaemon, listener: Listener, tmp_path: Path
+) -> None:
+    """Not only config errors: any failure to read is a refusal, and READY=1 follows.
+
+    An error nothing caught used to leave systemd in ``reloading`` (no READY=1 after
+    RELOADING=1) and answer the reload route with a 500. The failure is injected with a
+    ``sitecustomize`` that swapd's interpreter loads.
+    """
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(BREAK_READING)
+    flag = tmp_path / "break"
+    path = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
+    env = {"NOTIFY_SOCKET": listener.address, "PYTHONPATH": path, "SWAPD_TEST_BREAK": str(flag)}
+    d = start_daemon({"a": fake_preset("A")}, env=env)
+    ready = listener.first("READY")
+    flag.touch()
+    status, body = d.request("POST", "/swapd/reload")
+    assert (status, body["error"]["code"]) == (400, "config_invalid")
+    assert body["errors"] == ["the config could not be read: RuntimeError: the disk said no"]
+    reloading = listener.first("RELOADING", after=ready + 1)
+    after = listener.first("READY", after=reloading)
+    assert "reload refused" in listener.drain()[after]["STATUS"]
+    [event] = d.events("config.reload.fail")
+    assert event["errors"] == body["errors"]
+    assert d.chat("a")[0] == 200  # the running config stays

@@ -47,8 +47,26 @@ def test_parse_duration_accepts(value: object, seconds: float) -> None:
         pytest.param("1.5.2s", 'expected a duration like "10m", got "1.5.2s"', id="two-dots"),
         pytest.param("10 min", 'expected a duration like "10m", got "10 min"', id="long-unit"),
         pytest.param(None, 'expected a duration like "10m", got "None"', id="null"),
-        pytest.param(-1, "expected a duration of zero or more, got -1", id="negative-int"),
-        pytest.param(-0.5, "expected a duration of zero or more, got -0.5", id="negative-float"),
+        pytest.param(-1, "expected a duration from 0 to 100 years, got -1", id="negative-int"),
+        pytest.param(
+            -0.5, "expected a duration from 0 to 100 years, got -0.5", id="negative-float"
+        ),
+        pytest.param(
+            10**400,
+            f"expected a duration from 0 to 100 years, got {'1' + '0' * 39}... (401 characters)",
+            id="int-too-large-for-a-float",
+        ),
+        pytest.param(
+            "9" * 400 + "s",
+            f'expected a duration from 0 to 100 years, got "{"9" * 40}... (401 characters)"',
+            id="string-too-large-for-a-float",
+        ),
+        pytest.param(
+            "200y", 'expected a duration like "10m", got "200y"', id="years-are-not-a-unit"
+        ),
+        pytest.param(
+            "40000d", 'expected a duration from 0 to 100 years, got "40000d"', id="past-a-century"
+        ),
         pytest.param(True, 'expected a duration like "10m", got True', id="bool-is-not-1s"),
     ],
 )
@@ -106,7 +124,13 @@ def test_parse_size_accepts(value: object, nbytes: int) -> None:
         pytest.param(-1.5, 'expected a size like "6GiB", got "-1.5"', id="negative-float"),
         pytest.param(None, 'expected a size like "6GiB", got "None"', id="null"),
         pytest.param(float("inf"), 'expected a size like "6GiB", got "inf"', id="infinity"),
-        pytest.param(-1, "expected a size of zero or more, got -1", id="negative-int"),
+        pytest.param(-1, "expected a size from 0 to 8 EiB, got -1", id="negative-int"),
+        pytest.param(2**63, f"expected a size from 0 to 8 EiB, got {2**63}", id="past-int64"),
+        pytest.param(
+            "9" * 400 + "GiB",
+            f'expected a size from 0 to 8 EiB, got "{"9" * 40}... (403 characters)"',
+            id="string-too-large-for-a-float",
+        ),
         pytest.param(True, 'expected a size like "6GiB", got True', id="bool-is-not-1-byte"),
     ],
 )
