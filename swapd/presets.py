@@ -72,7 +72,16 @@ def _str_list(value: Any) -> tuple[str, ...]:
 
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
+        spelled = isinstance(value, str) and value.lower() in {
+            "true",
+            "false",
+            "yes",
+            "no",
+            "on",
+            "off",
+        }
+        quoted = " (a quoted string: write it without quotes)" if spelled else ""
+        raise ValueError(f"expected true or false, got {clip(repr(value))}{quoted}")
     return value
 
 
@@ -285,11 +294,17 @@ def load_presets(
     defaults: Mapping[str, tuple[Any, Location]],
     *,
     label_root: Path | None = None,
+    config_file: Path | None = None,
 ) -> list[Preset]:
-    """Load every preset of ``directory``; raise :class:`ConfigErrors` listing all problems."""
+    """Load every preset of ``directory``; raise :class:`ConfigErrors` listing all problems.
+
+    ``config_file`` is skipped where the presets folder holds it (``presets: .``).
+    """
     errors: list[ConfigError] = []
     presets: list[Preset] = []
     for file in preset_files(directory):
+        if config_file is not None and _same_file(file, config_file):
+            continue
         label = _label(file, label_root)
         try:
             preset = _build(file, label, defaults, errors)
@@ -302,6 +317,13 @@ def load_presets(
     if errors:
         raise ConfigErrors(errors)
     return presets
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def _label(file: Path, root: Path | None) -> str:

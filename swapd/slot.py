@@ -105,6 +105,8 @@ class Slot:
             return "device"
         if self.state is State.ASLEEP or self.pages is not None:
             return "ram"
+        if self.state is State.QUEUED and self.child is not None:
+            return "ram"  # a wake that waits for room: the process still sleeps
         if self.preset.stage and self.staged_path is None:
             return "store"
         return "disk"

@@ -167,7 +167,12 @@ PRESET_ERRORS = [
     ),
     pytest.param(
         {"m.yaml": OK_PRESET + 'pin: "yes"\n'},
-        ["presets/m.yaml:3:6: pin: expected true or false, got 'yes'"],
+        [
+            (
+                "presets/m.yaml:3:6: pin: expected true or false, got 'yes' (a quoted string: "
+                "write it without quotes)"
+            )
+        ],
         id="pin-quoted-yes",
     ),
     pytest.param(
@@ -327,6 +332,17 @@ def test_errors_name_the_whole_path_when_swapd_runs_from_the_root(
         load_config(config)
     [line] = [str(e) for e in info.value.errors]
     assert line.startswith(f"{tmp_path.resolve() / 'presets' / 'm.yaml'}:3:6: ttl: ")
+
+
+def test_presets_beside_the_config_leave_the_config_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``presets: .`` reads the other YAML files there, not swapd.yaml as a preset."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.yaml").write_text(OK_PRESET)
+    (tmp_path / "swapd.yaml").write_text("presets: .\n")
+    config = load_config(tmp_path / "swapd.yaml")
+    assert [p.name for p in config.presets] == ["m"]
 
 
 def test_a_preset_that_is_not_a_regular_file_is_an_error_not_a_hang(

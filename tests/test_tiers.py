@@ -165,10 +165,13 @@ def test_a_refused_wake_leaves_ram_ttl_counting(
     assert d.chat("v")[0] == 200
     assert d.chat("c")[0] == 200  # v sleeps to make room: ram_ttl counts from here
     assert d.model("v")["state"] == "asleep"
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
         busy = pool.submit(d.chat, "c", "long", fake_delay=8)
         wait_for(lambda: d.model("c")["in_flight"] == 1)
-        status, body = d.chat("v")  # a wake, queued behind c until queue_timeout
+        wake = pool.submit(d.chat, "v")  # a wake, queued behind c until queue_timeout
+        wait_for(lambda: d.model("v")["state"] == "queued")
+        assert d.model("v")["tier"] == "ram"  # its process sleeps on meanwhile
+        status, body = wake.result()
         assert (status, body["error"]["code"]) == (503, "queue_timeout")
         wait_for(lambda: d.model("v")["state"] == "stopped", timeout=20)
         assert busy.result()[0] == 200
