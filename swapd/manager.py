@@ -948,6 +948,10 @@ class Manager:
             device=plan.device,
         )
         await asyncio.gather(*(asyncio.shield(t) for t in moves))
+        if any(isinstance(a, policy.Sleep) for a in actions):
+            # A sleeper's true cost is read once asleep and may exceed the plan's: what the
+            # ram tier holds past its budget goes down, off the load's path.
+            self._spawn_task(self._fit_ram_budget(), "ram_budget")
         await self._await_release(device, need)
 
     @staticmethod
@@ -1471,6 +1475,7 @@ class Manager:
         a load in progress is cancelled (its waiters get 503 ``unavailable``).
         """
         slot = self.slot_for(name)
+        slot.unloaded_at = time.monotonic()
         load = slot.load_task
         if load is not None and not load.done():
             if force:
@@ -1600,8 +1605,14 @@ class Manager:
         self.admission.forget(preset.name)
         self._model_bytes.pop(preset.name, None)
         _log.info("model.reload", model=preset.name, change="restart", serving=serving)
+        began = time.monotonic()
         await self._drain_and_stop(slot, "reload")
-        await self._after_reload(slot, start=serving or preset.preload)
+        start = serving or preset.preload
+        if start and slot.unloaded_at >= began:
+            # An unload asked for meanwhile is the user's last word: it stays down.
+            _log.info("model.reload.stay_down", model=preset.name, reason="unloaded")
+            start = False
+        await self._after_reload(slot, start=start)
 
     async def _after_reload(self, slot: Slot, *, start: bool) -> None:
         self._prefetch([slot.preset])
@@ -1643,7 +1654,14 @@ class Manager:
                 slot.load_task.cancel()
         loads = [s.load_task for s in self.slots.values() if s.load_task is not None]
         await asyncio.gather(*loads, return_exceptions=True)
-        busy = [t for s in self.slots.values() for t in (s.demote_task, s.stop_task) if t]
+        # A sleep under way ends (ASLEEP, or FAILED) before the stops below: stopped in the
+        # middle of it, its record and state would be left to the sleep's own ending.
+        busy = [
+            t
+            for s in self.slots.values()
+            for t in (s.demote_task, s.stop_task, s.sleep_task)
+            if t is not None
+        ]
         await asyncio.gather(*busy, return_exceptions=True)
         stops = []
         for slot in self.slots.values():

@@ -66,6 +66,7 @@ class Slot:
     retry_at: float = 0.0  # monotonic; when a backoff ends
     staged_path: str | None = None
     staging: tuple[int, int] | None = None  # bytes done, total, while copying
+    unloaded_at: float = 0.0  # monotonic; the last unload asked for (a restart keeps it down)
     # Told of every move (the manager's change feed: /swapd/events, systemd's STATUS line).
     observer: Callable[[Slot], None] | None = field(default=None, repr=False, compare=False)
 

@@ -104,6 +104,27 @@ def test_a_changed_model_restarts_once_its_stream_is_done(start_daemon: StartDae
     assert d.chat("a")[1]["choices"][0]["message"]["content"].startswith("A2:")
 
 
+def test_an_unload_during_a_restart_keeps_the_model_down(start_daemon: StartDaemon) -> None:
+    """A restart waits for a stream; an unload meanwhile is the last word: no start after.
+
+    The restart used to start the model again once it had stopped, so the unload
+    answered ``queued`` and the model came back.
+    """
+    d = start_daemon({"a": fake_preset("A", "--chunks", "30", "--chunk-interval", "0.1")})
+    assert d.chat("a")[0] == 200
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    d.presets = {"a": fake_preset("A2")}
+    d.write()
+    assert reload(d)[1]["restarted"] == ["a"]
+    status, body = d.request("POST", "/swapd/models/a/unload", timeout=60)
+    assert (status, body["state"]) == (200, "stopped")
+    assert len(stream.finish()) == 31  # drained, not cut
+    wait_for(lambda: d.events("model.reload.stay_down"))
+    assert d.model("a")["state"] == "stopped"
+    assert d.chat("a")[1]["choices"][0]["message"]["content"].startswith("A2:")
+
+
 def test_a_bad_config_is_refused_whole_and_the_running_one_stays(
     start_daemon: StartDaemon,
 ) -> None:
