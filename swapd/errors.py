@@ -237,6 +237,10 @@ class BodyTooLarge(RequestError):
         super().__init__(f"request body is larger than the limit of {limit} bytes")
 
 
+# Of a failed backend's last output lines, the most an error message carries.
+_TAIL_CHARS = 2000
+
+
 class BackendStartError(RequestError):
     """A backend could not be started, exited, or missed its deadline while starting.
 
@@ -266,6 +270,8 @@ class BackendStartError(RequestError):
             )
         self.reason = reason
         tail = " | ".join(self.log_tail[-5:])
+        if len(tail) > _TAIL_CHARS:  # the end is what says why: keep it
+            tail = f"...[{len(tail) - _TAIL_CHARS} characters before] {tail[-_TAIL_CHARS:]}"
         super().__init__(f"backend for {model!r} {reason}; last output: {tail or '(none)'}")
 
 

@@ -71,7 +71,7 @@ from swapd.slot import ModelView, Slot, snapshot
 from swapd.staging import CacheFull as StagingFull
 from swapd.staging import StagingCache, StagingError
 from swapd.states import ON_DEVICE, State
-from swapd.upstream import UpstreamError, UpstreamPool
+from swapd.upstream import CONTROL_BODY_LIMIT, UpstreamError, UpstreamPool
 
 _log = get_logger("swapd.manager")
 # How often to re-read memory while waiting for a stopped backend's memory to come back.
@@ -1298,7 +1298,7 @@ class Manager:
             async with asyncio.timeout(timeout):
                 resp = await self.pool.request(host, port, "GET", path, launch.headers, b"")
                 try:
-                    await resp.read()
+                    await resp.read(CONTROL_BODY_LIMIT)
                 finally:
                     resp.finish()
         except (UpstreamError, TimeoutError, OSError):

@@ -19,9 +19,10 @@ from pathlib import Path
 from swapd import cgroups, marks, spawn
 from swapd.errors import BackendStartError
 from swapd.logs import get_logger
+from swapd.outputlines import OutputLines
 from swapd.ringlog import RingLog
 from swapd.spawn import Spawned
-from swapd.upstream import UpstreamError, UpstreamPool
+from swapd.upstream import CONTROL_BODY_LIMIT, UpstreamError, UpstreamPool
 
 # Readiness polls: the first 5 ms after spawn, each wait 1.5x the last, up to 50 ms. A
 # backend's new output polls at once, so one that logs its readiness is seen at once; the
@@ -120,24 +121,22 @@ class Child:
 
     async def _read_output(self) -> None:
         assert self._proc is not None  # noqa: S101 - spawn sets it before starting the pump
-        pending = b""
+        lines = OutputLines()
         try:
             while chunk := await self._proc.stdout.read(65536):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for raw in lines:
-                    self._emit(raw)
-                if lines:
+                done = lines.feed(chunk)
+                for line in done:
+                    self._emit(line)
+                if done:
                     self._output.set()
         finally:
             # At the end of its output, or when the pump is cancelled: uvloop keeps a pipe
             # open past its end of file until it is closed.
             self._proc.close_output()
-        if pending:
-            self._emit(pending)
+        if (last := lines.finish()) is not None:
+            self._emit(last)
 
-    def _emit(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip("\r")
+    def _emit(self, line: str) -> None:
         self.ring.append(line)
         _log.info("backend.output", model=self.model, line=line)
 
@@ -223,12 +222,12 @@ class Child:
             polled = loop.time()
             output.clear()
             try:
-                sent = pool.request(host, port, "GET", path, headers, b"")
-                resp = await asyncio.wait_for(sent, 5)
-                try:
-                    await resp.read()
-                finally:
-                    resp.finish()
+                async with asyncio.timeout(5):  # the body too: it may never end
+                    resp = await pool.request(host, port, "GET", path, headers, b"")
+                    try:
+                        await resp.read(CONTROL_BODY_LIMIT)
+                    finally:
+                        resp.finish()
                 if resp.status == 200:
                     return
             except (UpstreamError, TimeoutError):

@@ -38,6 +38,12 @@ _JOIN_LIMIT = 1 << 16
 # Servers (their Server header) known to close a connection right after a chunked answer
 # while announcing keep-alive: llama-server (cpp-httplib) does, within microseconds.
 _CLOSE_AFTER_CHUNKED = (b"llama.cpp",)
+# An answer's status line and headers (interim answers included) may take this much; the
+# parser keeps an unfinished header whole, so a backend that never ends one would
+# otherwise grow swapd without bound.
+MAX_HEAD_BYTES = 64 * 1024
+# The body of an answer to swapd's own calls (health polls, sleep and wake).
+CONTROL_BODY_LIMIT = 1 << 20
 
 
 class UpstreamError(Exception):
@@ -70,6 +76,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.complete = False
         self.received_any = False
+        self._head_bytes = 0  # read while the answer's headers were not yet complete
         self.idle_since = 0.0
         self.error: UpstreamError | None = None
         self.keep_alive = True
@@ -105,6 +112,8 @@ class _Connection(asyncio.Protocol):
         """Feed the parser; its callbacks fill in the answer; then hand over what came."""
         self.received_any = True
         behind = bool(self.chunks)  # the reader has not taken the last read's body yet
+        if not self._headers_done:
+            self._head_bytes += len(data)
         self._reading = True
         try:
             self._parser.feed_data(data)
@@ -113,6 +122,13 @@ class _Connection(asyncio.Protocol):
             self.close()
         finally:
             self._reading = False
+        if not self._headers_done and self._head_bytes > MAX_HEAD_BYTES and self.error is None:
+            reason = (
+                f"the backend sent over {MAX_HEAD_BYTES // 1024} KiB without ending its headers"
+            )
+            self._fail(UpstreamError(reason))
+            self.close()
+            return
         if self.chunks and not behind and not self.complete and self.error is None:
             self._offer()
         if self.chunks or self.complete:
@@ -350,10 +366,18 @@ class UpstreamResponse:
         while (chunk := await self.next_chunk()) is not None:
             yield chunk
 
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; :class:`UpstreamError` once it passes ``limit`` bytes, if given.
+
+        swapd's own calls (health, sleep) read answers that are short by nature: a limit
+        keeps a backend that streams forever on such a path from growing swapd.
+        """
         parts = []
+        size = 0
         while (chunk := await self.next_chunk()) is not None:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise UpstreamError(f"the answer passed {limit} bytes, more than swapd reads")
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

@@ -39,6 +39,26 @@ def test_start_error_keeps_the_exit_code_beside_the_words() -> None:
     assert "backend for 'm' killed by SIGILL (illegal instruction" in error.message
 
 
+def test_a_backend_that_prints_megabytes_before_it_dies_gets_a_short_error(
+    start_daemon: StartDaemon,
+) -> None:
+    """Its last output reaches the client and status cut to their ends, not whole.
+
+    A 20 MiB line put 20 MB into every error answer, status and log event.
+    """
+    flood = "head -c 3000000 /dev/zero | tr '\\0' x; echo; echo the real reason; exit 1"
+    d = start_daemon({"bad": {"backend": "command", "cmd": ["sh", "-c", flood, "${PORT}"]}})
+    status, body = d.chat("bad")
+    assert status == 502
+    message = body["error"]["message"]
+    assert message.endswith("the real reason")
+    assert len(message) < 3000
+    assert "bytes cut]" in message
+    assert len(d.model("bad")["error"]) < 3000
+    _, logs = d.get("/swapd/models/bad/logs?lines=5")
+    assert max(len(line) for line in logs["lines"]) < 9000
+
+
 def test_backend_killed_by_sigill_is_reported_in_words(start_daemon: StartDaemon) -> None:
     """A backend dying of SIGILL at start: the 502, the log event and status all say so."""
     d = start_daemon(

@@ -538,6 +538,52 @@ async def test_an_answer_whose_last_coding_is_not_chunked_ends_at_the_close(
         resp.finish()
 
 
+async def _endless_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\n")
+    with contextlib.suppress(ConnectionError):
+        for _ in range(100_000):  # 10 MB of header lines, never an end
+            writer.write(b"X-More: " + b"a" * 90 + b"\r\n")
+            await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_headers_that_never_end_are_an_error_not_a_growing_buffer(
+    pool: UpstreamPool,
+) -> None:
+    """The parser keeps an unfinished header section whole: past 64 KiB the answer fails.
+
+    A backend that sent header lines forever took swapd to gigabytes.
+    """
+    async with Server(_endless_headers) as server:
+        with pytest.raises(UpstreamError, match="without ending its headers"):
+            await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
+
+
+async def _endless_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with contextlib.suppress(ConnectionError):
+        for _ in range(10_000):  # 40 MB, never an end
+            writer.write(b"1000\r\n" + b"a" * 4096 + b"\r\n")
+            await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_a_read_with_a_limit_stops_at_it(pool: UpstreamPool) -> None:
+    """swapd's own calls (health, sleep) read at most CONTROL_BODY_LIMIT of an answer.
+
+    A health path that streamed forever took swapd to gigabytes within start_timeout.
+    """
+    async with Server(_endless_body) as server:
+        resp = await pool.request("127.0.0.1", server.port, "GET", "/health", [], b"")
+        try:
+            with pytest.raises(UpstreamError, match="more than swapd reads"):
+                await resp.read(upstream.CONTROL_BODY_LIMIT)
+        finally:
+            resp.finish()
+
+
 async def _write_once(
     answer: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
