@@ -163,7 +163,7 @@ class Child:
                 await pump
             assert self._proc is not None  # noqa: S101 - drained only after a spawn
             self._proc.close_output()
-            if self._group_alive():
+            if await self._group_alive():
                 return  # a worker still in the group holds it; the stop ends it
             self.escaped = True
             _log.warning(
@@ -267,15 +267,19 @@ class Child:
         """SIGKILL the whole group now (a frozen backend ignores everything else)."""
         self._signal_group(signal.SIGKILL)
 
-    def _group_alive(self) -> bool:
-        """Whether a member of the group lives (zombies waiting to be reaped do not count)."""
+    async def _group_alive(self) -> bool:
+        """Whether a member of the group lives (zombies waiting to be reaped do not count).
+
+        An empty group is known at once; otherwise /proc is scanned off the loop (it takes
+        milliseconds on a host of thousands of processes, and a stop looks every 20 ms).
+        """
         if self._proc is None:
             return False
         try:
             os.killpg(self._proc.pid, 0)
         except (ProcessLookupError, PermissionError):
             return False
-        return _live_member(self._proc.pid)
+        return await asyncio.to_thread(_live_member, self._proc.pid)
 
     async def stop(self, timeout: float) -> int:
         """Signal the group (SIGTERM by default), SIGKILL it after ``timeout``, reap it."""
@@ -306,7 +310,7 @@ class Child:
         # The leader is gone; stragglers in its group (forked helpers) get the rest of the
         # grace period, then SIGKILL.
         deadline = started + timeout
-        while self._group_alive() and time.monotonic() < deadline:  # noqa: ASYNC110 - no event exists for another process's exit
+        while time.monotonic() < deadline and await self._group_alive():  # noqa: ASYNC110 - no event exists for another process's exit
             await asyncio.sleep(0.02)
         self._signal_group(signal.SIGKILL)
         if self.cgroup is not None:
