@@ -483,7 +483,14 @@ class Manager:
             slot.load_task = self._spawn_task(
                 self._load(slot, waking=waking), f"load:{slot.preset.name}"
             )
+            slot.load_task.add_done_callback(lambda task: self._never_ran(slot, task))
         return slot.load_task
+
+    def _never_ran(self, slot: Slot, task: asyncio.Task[None]) -> None:
+        """A load cancelled before its first step (a forced unload at once) ran no cleanup."""
+        if task.cancelled() and slot.load_task is task and slot.state is State.QUEUED:
+            slot.move(State.QUEUED, State.ASLEEP if slot.child else State.STOPPED)
+            self._notify()
 
     async def load(self, name: str) -> None:
         """Make a model ready without sending it a request (``/swapd/models/{name}/load``).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -304,6 +306,37 @@ def test_force_unload_before_the_spawn_leaves_the_model_stopped(
         assert waiting.result()[0] == 503
     assert (d.model("a")["state"], d.model("a")["tier"]) == ("stopped", "disk")
     assert d.chat("b")[0] == 200  # its max_running slot is free
+    assert d.chat("a")[0] == 200
+
+
+def test_a_forced_unload_racing_a_load_never_leaves_the_model_queued(
+    start_daemon: StartDaemon,
+) -> None:
+    """A load, and a forced unload right behind it on another connection, ten times over.
+
+    When the unload cancelled the load before its task's first step, no cleanup ran and
+    the model stayed ``queued`` for good, every later request a 500 (most rounds hit it).
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", "0.3")})
+    head = b" HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+    load, unload = (
+        b"POST /swapd/models/a/load" + head,
+        b"POST /swapd/models/a/unload?force=true" + head,
+    )
+    for _ in range(10):
+        with (
+            socket.create_connection(("127.0.0.1", d.port)) as first,
+            socket.create_connection(("127.0.0.1", d.port)) as second,
+        ):
+            time.sleep(0.05)  # both accepted and idle: the two requests then race
+            first.sendall(load)
+            second.sendall(unload)
+            first.settimeout(30)
+            second.settimeout(30)
+            assert first.recv(4096).split(b" ")[1] in {b"200", b"503"}  # loaded, or cut
+            assert second.recv(4096).split(b" ")[1] == b"200"
+        wait_for(lambda: d.model("a")["state"] in {"stopped", "ready"}, timeout=10)
+        assert d.request("POST", "/swapd/models/a/unload?force=true")[0] == 200
     assert d.chat("a")[0] == 200
 
 
