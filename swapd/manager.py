@@ -1321,9 +1321,10 @@ class Manager:
         """Start the plan's actions; state moves happen now, the waiting in the tasks."""
         tasks: list[asyncio.Task[Any]] = []
         locks = {a.model for a in actions if isinstance(a, policy.LockPages)}
+        for model in dict.fromkeys(a.model for a in actions):  # a stop and its pages: one move
+            self.metrics.evicted(model, reason)
         for action in actions:
             slot = self.slots[action.model]
-            self.metrics.evicted(action.model, reason)
             if isinstance(action, policy.Sleep):
                 tasks.append(self._begin_sleep(slot, reason=reason))
             elif isinstance(action, policy.Stop):

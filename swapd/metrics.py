@@ -193,8 +193,13 @@ class Metrics:
         self._evictions.labels(model, reason).inc()
 
     def forget(self, models: Iterable[str]) -> None:
-        """Drop the request series of models a reload removed."""
-        self._live.forget(set(models))
+        """Drop every series of models a reload removed (labels name configured models only)."""
+        gone = set(models)
+        self._live.forget(gone)
+        for metric in (self._loads, self._load_seconds, self._evictions):
+            for labels in _label_sets(metric):
+                if labels[0] in gone:
+                    metric.remove(*labels)
 
     def render(self, views: Sequence[ModelView], memory: Sequence[DeviceMemory]) -> bytes:
         """The exposition text, with the gauges read from ``views`` and ``memory``."""
@@ -203,3 +208,13 @@ class Metrics:
             return generate_latest(self.registry)
         finally:
             self._live.views, self._live.memory = (), ()
+
+
+def _label_sets(metric: Counter | Histogram) -> list[tuple[str, ...]]:
+    """The label values of every series a labelled metric has (model first)."""
+    return [
+        tuple(sample.labels[name] for name in metric._labelnames)  # noqa: SLF001 - no public list
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.name.endswith(("_total", "_count"))
+    ]

@@ -72,6 +72,23 @@ def test_evictions_are_counted_with_their_reason(start_daemon: StartDaemon) -> N
     assert value(scrape(d), "swapd_evictions_total", model="a", reason="evict") == 1
 
 
+def test_a_model_removed_by_a_reload_leaves_no_series(start_daemon: StartDaemon) -> None:
+    """Labels name configured models only: a removed model's loads and evictions go too.
+
+    Its request series went, its load and eviction series stayed for good.
+    """
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")}, {"max_running": 1})
+    assert d.chat("b")[0] == 200
+    assert d.chat("a")[0] == 200  # b evicted
+    assert value(scrape(d), "swapd_evictions_total", model="b", reason="evict") == 1
+    (d.root / "presets" / "b.yaml").unlink()
+    assert d.request("POST", "/swapd/reload")[1]["removed"] == ["b"]
+    wait_for(lambda: not [k for k in scrape(d) if ("model", "b") in k[1]])
+    m = scrape(d)
+    assert value(m, "swapd_loads_total", model="a", from_tier="disk") == 1
+    assert value(m, "swapd_evictions_total", model="b", reason="evict") is None
+
+
 def test_a_scrape_never_starts_a_model_nor_resets_its_ttl(start_daemon: StartDaemon) -> None:
     """Scrapes read views: a stopped model stays stopped, a ready one's TTL runs on."""
     d = start_daemon({"a": fake_preset("A", ttl="1h"), "b": fake_preset("B")})

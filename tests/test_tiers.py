@@ -293,6 +293,10 @@ def test_llama_server_ttl_keeps_its_pages_in_ram_then_starts_from_them(
     assert model["tier"] == "ram"
     assert model["pages"] == {"locked": True, "note": None}
     assert model["memory"]["ram"] == tiny_gguf.stat().st_size
+    with urllib.request.urlopen(d.url + "/metrics", timeout=30) as resp:  # noqa: S310 - loopback
+        metrics = resp.read().decode()
+    # One move down (a stop that keeps its pages), counted once, not once per action.
+    assert 'swapd_evictions_total{model="t",reason="ttl"} 1.0' in metrics.splitlines()
     assert d.chat("t")[0] == 200
     model = d.model("t")
     assert (model["tier"], model["pages"], model["memory"]["ram"]) == ("device", None, 0)
