@@ -179,8 +179,8 @@ async def verb_load(client: Client, args: argparse.Namespace) -> int:
         view = await client.call("POST", f"/swapd/models/{quote(name, safe='/')}/load")
     except ClientError as exc:
         progress.end()
-        if exc.status is None:
-            raise
+        if exc.status is None or exc.status in (401, 403, 404):
+            raise  # not about the model's state: refused, or no such model (with the hint)
         state = await _state_of(client, name)
         message = exc.body["error"]["message"] if isinstance(exc.body, dict) else str(exc)
         print(f"{name}: {state}: {message}", file=sys.stderr)
@@ -200,9 +200,9 @@ async def _state_of(client: Client, name: str) -> str:
     try:
         body = await client.call("GET", "/swapd/status")
     except ClientError:
-        return "failed"
+        return "unknown"
     found = (m["state"] for m in body["models"] if name in (m["name"], *m["aliases"]))
-    return next(found, "failed")
+    return next(found, "unknown")
 
 
 class _Progress:

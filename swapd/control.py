@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from swapd import planner
-from swapd.errors import ConfigErrors, RequestError, SwapdError
+from swapd.errors import BadRequest, ConfigErrors, RequestError, SwapdError, clip
 from swapd.events import SSE_HEADERS, sse
 from swapd.limits import Edge
 from swapd.manager import Manager
@@ -27,6 +27,7 @@ _MOVING = frozenset({"queued", "starting", "waking", "sleeping", "draining", "st
 PROGRESS_EVERY = 0.5  # seconds between views of a model on the move
 KEEPALIVE_EVERY = 15.0  # seconds between comment lines on a quiet stream
 FOLLOW_EVERY = 0.25  # seconds between looks at a followed backend's output
+DEFAULT_LINES = 100  # of a backend's output, when ?lines= is not given
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -111,12 +112,12 @@ class Control:
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """A backend's last output lines; ``?follow=true`` streams new ones as events."""
-        raw = request.query.get("lines", "")
-        # ASCII digits only (str.isdigit takes '²'), and a sane length before int().
-        count = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else 100
+        count = _line_count(request.query.get("lines"))
         name, lines = self.manager.logs(request.match_info["name"], count)
         if not _flag(request, "follow"):
             return web.json_response({"name": name, "lines": lines})
+        if request.method == "HEAD":
+            return web.Response(headers=SSE_HEADERS)  # a stream's headers, no stream
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         for line in lines:
@@ -152,6 +153,8 @@ class Control:
         def chosen(views: list[ModelView]) -> list[ModelView]:
             return [v for v in views if name is None or v.name == name]
 
+        if request.method == "HEAD":
+            return web.Response(headers=SSE_HEADERS)  # a stream's headers, no stream
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         with self.manager.changes.subscribe() as subscription:
@@ -159,6 +162,8 @@ class Control:
                 await response.write(sse("model", view.as_json()))
             quiet = 0.0
             while not self._closing:
+                if name is not None and name not in self.manager.slots:
+                    break  # a reload removed the model: its stream ends, as its logs' do
                 moved = chosen(await subscription.next(PROGRESS_EVERY))
                 sent = {v.name for v in moved}
                 moving = [
@@ -174,3 +179,14 @@ class Control:
                     quiet = 0.0
         await response.write_eof()
         return response
+
+
+def _line_count(raw: str | None) -> int:
+    """``?lines=``: 100 when absent; more than a backend's log keeps is all of it."""
+    if raw is None or raw == "":
+        return DEFAULT_LINES
+    # ASCII digits only (str.isdigit takes '²'); past nine digits, more than any log keeps.
+    if not (raw.isascii() and raw.isdigit()):
+        msg = f"lines must be a whole number of 0 or more, got {clip(raw)!r}"
+        raise BadRequest(msg)
+    return int(raw) if len(raw) <= 9 else 10**9

@@ -16,7 +16,7 @@ from swapd.units import parse_duration, parse_positive_duration, parse_size
 BackendName = Literal["llama-server", "vllm", "command"]
 SleepSetting = Literal["auto", 0, 1, 2]
 BACKENDS: tuple[BackendName, ...] = ("llama-server", "vllm", "command")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*\Z")  # \Z: "$" would let a last "\n" in
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ def test_load_draws_progress_and_ends_with_the_model_and_its_state(
     unknown = swapd("load", "nope", "--url", d.url)
     assert unknown.returncode == 1
     assert "not configured" in unknown.stderr
+    assert "failed" not in unknown.stderr  # no state for a model that is not there
 
 
 def test_unload_and_logs(start_daemon: StartDaemon) -> None:

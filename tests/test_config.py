@@ -306,6 +306,11 @@ PRESET_ERRORS = [
         ["presets/m.yaml:5:3: A: key is given twice"],
         id="duplicate-key-below-the-top",
     ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + 'name: "evil\\n"\n'},
+        ["presets/m.yaml:3:7: name: not a usable model name: 'evil\\n'"],
+        id="name-ending-in-a-newline",
+    ),
 ]
 
 

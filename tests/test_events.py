@@ -93,3 +93,36 @@ def test_open_streams_end_when_shutdown_begins(start_daemon: StartDaemon) -> Non
     finally:
         feed.close()
         logs.close()
+
+
+def test_a_stream_of_one_model_ends_when_a_reload_removes_it(start_daemon: StartDaemon) -> None:
+    """``?model=b`` ends once b is gone, as b's followed logs do; it sent keepalives forever."""
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")})
+    feed = Events(d, "/swapd/events?model=b")
+    wait_for(lambda: feed.states("b"))
+    (d.root / "presets" / "b.yaml").unlink()
+    assert d.request("POST", "/swapd/reload")[1]["removed"] == ["b"]
+    assert feed.ended.wait(30)
+    feed.close()
+
+
+def test_head_on_a_stream_gives_its_headers_and_frees_the_connection(
+    start_daemon: StartDaemon,
+) -> None:
+    """HEAD on the events feed or a followed log answers at once; the next request follows.
+
+    The stream's loop ran on for a HEAD, and the connection behind it never answered again.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    for path in ("/swapd/events", "/swapd/models/a/logs?follow=true"):
+        conn.request("HEAD", path)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.getheader("Content-Type", "").startswith("text/event-stream")
+        resp.read()
+        conn.request("GET", "/health")  # on the same connection
+        health = conn.getresponse()
+        assert health.status == 200
+        health.read()
+    conn.close()

@@ -94,14 +94,23 @@ def _all(d: Daemon) -> list[dict[str, object]]:
     return [json.loads(line) for line in lines(d)]
 
 
-def test_a_lines_count_that_is_not_a_plain_number_gets_the_default(
+def test_a_lines_count_that_is_not_a_plain_number_is_a_400(
     start_daemon: StartDaemon,
 ) -> None:
-    """``?lines=²`` (a digit to str.isdigit) or thousands of digits: the default 100, not a 500."""
+    """``?lines=²`` (a digit to str.isdigit), -1, +5, 5.0: a 400 that says so.
+
+    Not a 500, nor a quiet 100. A count past what the log keeps is all of it; none
+    given is 100.
+    """
     d = start_daemon({"a": fake_preset("A")})
     assert d.chat("a")[0] == 200
-    for lines in ("%C2%B2", "9" * 5000, "2"):
+    for lines in ("%C2%B2", "-1", "%2B5", "5.0", "x"):
         status, body = d.get(f"/swapd/models/a/logs?lines={lines}")
-        assert status == 200, body
-        assert body["lines"]
+        assert (status, body["error"]["type"]) == (400, "invalid_request_error"), body
+        assert "lines must be a whole number" in body["error"]["message"]
+    everything = d.get("/swapd/models/a/logs?lines=500")[1]["lines"]
+    for lines in ("9" * 5000, "1000000000"):
+        status, body = d.get(f"/swapd/models/a/logs?lines={lines}")
+        assert (status, body["lines"]) == (200, everything)
     assert len(d.get("/swapd/models/a/logs?lines=1")[1]["lines"]) == 1
+    assert d.get("/swapd/models/a/logs")[1]["lines"] == everything[-100:]
