@@ -118,11 +118,11 @@ class Control:
             return web.json_response({"name": name, "lines": lines})
         if request.method == "HEAD":
             return web.Response(headers=SSE_HEADERS)  # a stream's headers, no stream
+        _, cursor = self.manager.logs_since(name, None)  # now: lines printed meanwhile follow
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         for line in lines:
             await response.write(sse("line", line))
-        _, cursor = self.manager.logs_since(name, None)
         quiet = 0.0
         while not self._closing:
             await asyncio.sleep(FOLLOW_EVERY)
