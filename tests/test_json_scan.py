@@ -37,6 +37,8 @@ VALUES = st.recursive(
 )
 MEMBERS = st.tuples(KEYS, VALUES)
 SPACE = st.sampled_from(["", " ", "\n  "])
+# A long prompt before the members: the model is then read from the body's end.
+PROMPT = ('"messages"', [{"role": "user", "content": "x" * SCAN_PREFIX}])
 
 
 def _object(members: list[tuple[str, Any]], ascii_only: bool, space: str) -> bytes:
@@ -61,16 +63,30 @@ def test_a_verdict_is_what_the_parser_says(
 
 
 @FAST
-@given(st.lists(MEMBERS, max_size=3), NAMES, st.lists(MEMBERS, max_size=3), st.booleans(), SPACE)
-def test_a_model_member_among_others(
+@given(
+    st.lists(MEMBERS, max_size=3),
+    NAMES,
+    st.lists(MEMBERS, max_size=3),
+    st.booleans(),
+    SPACE,
+    st.booleans(),
+)
+def test_a_model_member_among_others(  # noqa: PLR0913, PLR0917 - one drawn value each
     before: list[tuple[str, Any]],
     name: str,
     after: list[tuple[str, Any]],
     ascii_only: bool,
     space: str,
+    long_prompt_first: bool,
 ) -> None:
-    """With a "model" string among tricky members, any verdict is the parser's answer."""
-    body = _object([*before, ('"model"', name), *after], ascii_only, space)
+    """With a "model" string among tricky members, any verdict is the parser's answer.
+
+    After a long prompt the model is read from the body's end (SDKs write messages first).
+    """
+    lead = [PROMPT] if long_prompt_first else []
+    body = _object([*lead, *before, ('"model"', name), *after], ascii_only, space)
+    if long_prompt_first:
+        assert body.find(b'"model"') > SCAN_PREFIX
     verdict = top_level_string(body, "model")
     if verdict is not None:
         assert json.loads(body)["model"] == verdict
@@ -97,27 +113,6 @@ def test_usual_bodies_are_read_without_a_parse(body: dict[str, Any]) -> None:
     """What SDKs and curl send gets its model from the scan."""
     for separators in ((", ", ": "), (",", ":")):
         assert top_level_string(json.dumps(body, separators=separators).encode(), "model") == "m"
-
-
-# A long prompt before the members: the model is then read from the body's end.
-PROMPT = ('"messages"', [{"role": "user", "content": "x" * SCAN_PREFIX}])
-
-
-@FAST
-@given(st.lists(MEMBERS, max_size=3), NAMES, st.lists(MEMBERS, max_size=3), st.booleans(), SPACE)
-def test_a_model_after_a_long_prompt_is_what_the_parser_says(
-    before: list[tuple[str, Any]],
-    name: str,
-    after: list[tuple[str, Any]],
-    ascii_only: bool,
-    space: str,
-) -> None:
-    """Read from the end, any verdict is still the parser's answer."""
-    body = _object([PROMPT, *before, ('"model"', name), *after], ascii_only, space)
-    assert body.find(b'"model"') > SCAN_PREFIX or b'"model"' not in body
-    verdict = top_level_string(body, "model")
-    if verdict is not None:
-        assert json.loads(body)["model"] == verdict
 
 
 @FAST
