@@ -129,7 +129,10 @@ def deployment(node: Node, model: str) -> dict[str, Any]:
             "api_base": f"{node.url}/v1",
             "api_key": node.key or NO_KEY,
         },
-        "model_info": {"swapd_node": node.url},
+        # LiteLLM's health checks send each deployment a real chat request: on swapd that
+        # would load every model on every node (and evict what serves). Opted out here,
+        # and general_settings makes the on-demand /health honour it too.
+        "model_info": {"swapd_node": node.url, "disable_background_health_check": True},
     }
 
 
@@ -142,7 +145,11 @@ def build_config(
         for model in models:
             by_model.setdefault(model["id"], []).append(deployment(node, model["id"]))
     model_list = [d for name in sorted(by_model) for d in by_model[name]]
-    config: dict[str, Any] = {"model_list": model_list, "router_settings": dict(ROUTER_SETTINGS)}
+    config: dict[str, Any] = {
+        "model_list": model_list,
+        "router_settings": dict(ROUTER_SETTINGS),
+        "general_settings": {"health_check_skip_disabled_background_models": True},
+    }
     if affinity:
         config["litellm_settings"] = {"callbacks": [AFFINITY_CALLBACK]}
     return config

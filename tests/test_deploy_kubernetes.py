@@ -103,6 +103,14 @@ def test_the_daemonset_serves_the_configmap_on_gpu_nodes() -> None:
     model_dirs = {str(Path(yaml.safe_load(p)["model"]).parent) for p in presets}
     assert all("hostPath" in volumes[mounts[d]] for d in model_dirs)
     assert volumes[mounts["/etc/swapd/presets"]]["configMap"]["name"] == "swapd-presets"
+    # The forks of a backend are reaped by the pod's pause container, not left as zombies.
+    assert pod["shareProcessNamespace"] is True
+    # The config is read from a mounted folder (a subPath mount never sees a change), and
+    # the CLI inside the pod finds it too.
+    assert not [m for m in container["volumeMounts"] if "subPath" in m]
+    config_path = container["command"][container["command"].index("--config") + 1]
+    assert volumes[mounts[str(Path(config_path).parent)]]["configMap"]["name"] == "swapd-config"
+    assert {"name": "SWAPD_CONFIG", "value": config_path} in container["env"]
 
 
 def test_litellm_sits_in_front_behind_a_service() -> None:

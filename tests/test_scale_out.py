@@ -7,9 +7,11 @@ text tells which node served a request.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,6 +198,21 @@ def test_models_on_one_node_and_on_both_are_served_through_litellm(
         if len(seen) == 2:
             break
     assert seen == {"a/shared", "b/shared"}
+
+
+@pytest.mark.litellm
+def test_litellms_health_check_loads_nothing(start_daemon: StartDaemon, start_litellm: Any) -> None:
+    """LiteLLM's /health sends every deployment a real chat: the config opts each one out.
+
+    Without that, one look at LiteLLM's health page loaded every model on every node.
+    """
+    a = start_daemon(node("a", "one", "two"))
+    proxy = start_litellm([a])
+    with urllib.request.urlopen(f"{proxy.url}/health", timeout=120) as resp:  # noqa: S310
+        assert resp.status == 200
+        assert json.loads(resp.read())["healthy_count"] == 0
+    assert [a.model(m)["state"] for m in ("one", "two")] == ["stopped", "stopped"]
+    assert not a.events("backend.spawn")
 
 
 @pytest.mark.litellm
