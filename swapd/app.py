@@ -32,6 +32,7 @@ from swapd.auth import CORS_ORIGIN, access_warnings, add_cors_headers
 from swapd.catalog import Catalog
 from swapd.config import Config
 from swapd.control import Control
+from swapd.drain import CLIENT_GONE, Drain
 from swapd.errors import BadRequest, RequestError, SwapdError, clip
 from swapd.instance import InstanceLock
 from swapd.keepalive import ColdStreams
@@ -53,11 +54,11 @@ CONTROL = web.AppKey("control", Control)
 # A client's X-Request-Id is echoed and logged, so it must be a plain token.
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 PRELOAD = web.AppKey("preload", asyncio.Task[None])
+DRAIN = web.AppKey("drain", Drain)
+_NO_DRAIN = Drain()  # an app built without build_app (tests of the envelope alone)
 # Routes beyond the proxy's own whose JSON body names the model.
 EXTRA_JSON_ROUTES = ("/v1/messages/count_tokens", *LLAMA_ROUTES)
 UPSTREAM_ROUTE = "/upstream/{target:.+}"
-# Status logged and counted for a client that hung up before its answer was complete.
-CLIENT_GONE = 499
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -121,6 +122,8 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         status = 500
         conn = track(request)
+        drain = request.app.get(DRAIN, _NO_DRAIN)
+        task = drain.enter()  # the drain cuts it at shutdown_timeout
         try:
             if given is not None and given != request_id:
                 _refuse_request_id()
@@ -137,7 +140,8 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
             body = {"error": {"message": exc.reason, "type": kind, "code": None, "param": None}}
             response = web.json_response(body, status=exc.status)
         except asyncio.CancelledError:
-            status = CLIENT_GONE  # the client hung up; aiohttp cancelled the handler
+            # The client hung up (aiohttp cancels the handler), or the drain's time ran out.
+            status = drain.status_when_cancelled()
             raise
         except ConnectionResetError:
             # The client hung up while its answer was being written: nothing left to send to.
@@ -146,6 +150,7 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
         except Exception as exc:  # noqa: BLE001 - the last line of defence, logged with its trace
             response = _internal_error(request, exc)
         finally:
+            drain.leave(task)
             if conn is not None:
                 conn.request_finished()
             _done(request, runtime, status, exchange)
@@ -211,7 +216,11 @@ async def _begin_shutdown(app: web.Application) -> None:
     if CONTROL in app:
         app[CONTROL].close()  # streams of events and logs never end by themselves
     if MANAGER in app:
-        await app[MANAGER].begin_shutdown()
+        manager = app[MANAGER]
+        # aiohttp waits shutdown_timeout, then only fails a handler's body reads, and
+        # waits as long again: a handler waiting on its backend is cut here instead.
+        asyncio.get_running_loop().call_later(manager.config.shutdown_timeout, app[DRAIN].cut)
+        await manager.begin_shutdown()
 
 
 def _model_routes(app: web.Application, proxy: Proxy) -> None:
@@ -259,6 +268,7 @@ def build_app(
         await manager.close()
         pool.close()
 
+    app[DRAIN] = Drain()
     app.on_shutdown.append(_begin_shutdown)
     app.router.add_get("/health", _health)
     app.cleanup_ctx.append(lifecycle)
@@ -356,10 +366,20 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
     finally:
         for task in (watchdog, *tasks):
             task.cancel()
-        await runner.cleanup()
+        await _cleanup(runner, notifier)
         probe.close()
         reaper.close()
         notifier.close()
+
+
+async def _cleanup(runner: web.AppRunner, notifier: notify.Notifier) -> None:
+    """The drain, then every backend's stop; systemd hears that it goes on (EXTEND)."""
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    extend = asyncio.create_task(notify.extend_while(notifier, cleanup))
+    try:
+        await cleanup
+    finally:
+        extend.cancel()
 
 
 async def _until_ready(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import signal
 import socket
 import subprocess
@@ -76,6 +78,32 @@ def test_sigterm_drains_requests_in_flight_and_answers_waiters_503(
         assert running.result()[0] == 200
     assert d.proc.wait(timeout=60) == 0
     assert d.leftovers() == [] or wait_for(lambda: not d.leftovers(), timeout=10)
+
+
+def test_a_request_still_running_when_the_drain_ends_is_cut_then(
+    start_daemon: StartDaemon,
+) -> None:
+    """Past shutdown_timeout swapd cuts the request itself and logs it 503, not 499.
+
+    aiohttp's drain only failed body reads at shutdown_timeout and waited as long again,
+    so a request waiting on its backend ran for twice the time (logged as a client gone).
+    """
+    d = start_daemon({"a": fake_preset("A")}, {"shutdown_timeout": "2s"})
+    assert d.chat("a")[0] == 200
+    assert d.proc is not None
+
+    def cut_short() -> None:
+        with contextlib.suppress(OSError, http.client.HTTPException):  # the connection goes
+            d.chat("a", "x", fake_delay=60)
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(cut_short)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        d.proc.send_signal(signal.SIGTERM)
+        running.result()
+    assert d.proc.wait(timeout=60) == 0
+    done = [e for e in d.events("request.done") if e["ms"] > 1000]
+    assert [e["status"] for e in done] == [503]
 
 
 def test_sigusr1_and_sigusr2_do_not_end_the_daemon(start_daemon: StartDaemon) -> None:

@@ -167,7 +167,10 @@ def test_the_daemon_tells_systemd_each_step(start_daemon: StartDaemon, listener:
     assert int(listener.drain()[reloading]["MONOTONIC_USEC"]) > 0
     assert listener.first("READY", after=reloading) > reloading
     assert d.stop() == 0
-    assert listener.first("STOPPING", after=reloading) > reloading
+    stopping = listener.first("STOPPING", after=reloading)
+    assert stopping > reloading
+    # The drain and the stops tell systemd they go on, so TimeoutStopSec does not cut them.
+    assert listener.first("EXTEND_TIMEOUT_USEC", after=stopping) > stopping
 
 
 BREAK_READING = """
