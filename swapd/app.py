@@ -316,20 +316,8 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()  # strong references until they finish
 
-    def reload() -> None:
-        task = asyncio.create_task(_reload(runtime), name="reload")
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    _signals(stop, reload)
-    for warning in access_warnings(
-        listen=config.host,
-        port=config.port,
-        api_keys=bool(config.api_keys),
-        admin_keys=bool(config.admin_keys),
-        cors_origins=config.cors_origins,
-    ):
-        _log.warning("swapd.access", detail=warning)
+    _signals(stop, functools.partial(_reload_on_signal, runtime, stop, tasks))
+    _warn_about_access(config)
     max_connections, fd_limit = fit_fd_limit(config.max_connections)
     edge = Edge(_limits(config, max_connections), fd_limit)
     app = build_app(runtime, probe, on_group=reaper, edge=edge)
@@ -372,6 +360,17 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
         notifier.close()
 
 
+def _warn_about_access(config: Config) -> None:
+    for warning in access_warnings(
+        listen=config.host,
+        port=config.port,
+        api_keys=bool(config.api_keys),
+        admin_keys=bool(config.admin_keys),
+        cors_origins=config.cors_origins,
+    ):
+        _log.warning("swapd.access", detail=warning)
+
+
 async def _cleanup(runner: web.AppRunner, notifier: notify.Notifier) -> None:
     """The drain, then every backend's stop; systemd hears that it goes on (EXTEND)."""
     cleanup = asyncio.ensure_future(runner.cleanup())
@@ -396,8 +395,21 @@ async def _until_ready(
         stopping.cancel()
     if stop.is_set():
         return
+    app[RUNTIME].started = True
     notifier.ready(notify.status_line(app[MANAGER].views()))
     _log.info("swapd.ready")
+
+
+def _reload_on_signal(
+    runtime: Runtime, stop: asyncio.Event, tasks: set[asyncio.Task[None]]
+) -> None:
+    """SIGHUP: reload in a task (kept in ``tasks``), unless shutdown has begun."""
+    if stop.is_set():  # a reload would only rebuild what is being taken down
+        _log.info("config.reload.skipped", reason="shutting down")
+        return
+    task = asyncio.create_task(_reload(runtime), name="reload")
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 async def _reload(runtime: Runtime) -> None:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -63,6 +64,9 @@ def _run(main: Coroutine[None, None, None]) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
+    # Until the event loop takes SIGHUP over (a reload), its default would end swapd:
+    # `systemctl reload` or a `kill -HUP` in the first second must not.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from swapd.app import serve
 
     if args.listen is not None:

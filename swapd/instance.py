@@ -8,6 +8,7 @@ ends, so a crash never leaves a stale lock behind.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -33,9 +34,14 @@ class InstanceLock:
     @classmethod
     def acquire(cls, state_dir: Path) -> InstanceLock:
         """Take the lock or raise :class:`AlreadyRunning` naming the holder's pid."""
-        state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / "swapd.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # read-only (a unit's ProtectSystem=strict), or not ours
+            hint = " (under systemd: add it to ReadWritePaths=)" if exc.errno == errno.EROFS else ""
+            msg = f"cannot use state_dir {state_dir}: {exc.strerror}{hint}"
+            raise SwapdError(msg) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

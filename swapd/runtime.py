@@ -61,6 +61,9 @@ class Runtime:
     names: dict[str, str] = field(init=False)
     # Each preset's launch as it was when the running config was read (see swapd.reload).
     keys: dict[str, LaunchKey] | None = None
+    # READY=1 has gone out (the preloads are done); until then a reload says nothing to
+    # systemd, whose start a READY=1 from a reload would end early.
+    started: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     def __post_init__(self) -> None:
@@ -80,7 +83,8 @@ class Runtime:
     async def reload(self) -> ReloadPlan:
         """Re-read the config; raise :class:`SwapdError` (the running config stays) when bad."""
         async with self._lock:
-            self.notifier.reloading()
+            if self.started:
+                self.notifier.reloading()
             try:
                 plan = await self._reload()
             except SwapdError as exc:
@@ -113,4 +117,8 @@ class Runtime:
 
     def _ready(self, note: str | None) -> None:
         line = status_line(self.manager.views()) if self.manager is not None else "starting"
-        self.notifier.ready(f"{line}; {note}" if note else line)
+        status = f"{line}; {note}" if note else line
+        if self.started:
+            self.notifier.ready(status)
+        else:
+            self.notifier.send(f"STATUS={status}")

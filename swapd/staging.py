@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import threading
@@ -222,7 +223,9 @@ class StagingCache:
             msg = f"{self.cache_dir} is in use by another process (pid {pid})"
             raise StagingError(msg) from None
         except OSError as exc:
-            raise StagingError(f"cannot open the staging cache {self.cache_dir}: {exc}") from exc
+            hint = " (under systemd: add it to ReadWritePaths=)" if exc.errno == errno.EROFS else ""
+            msg = f"cannot open the staging cache {self.cache_dir}: {exc}{hint}"
+            raise StagingError(msg) from exc
         self._boot = layout.boot_id()
         found = layout.load(self.cache_dir, self._boot)
         if found.removed:

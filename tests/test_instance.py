@@ -44,6 +44,22 @@ def test_a_second_instance_on_the_same_state_dir_refuses_and_touches_nothing(
     assert d.chat("a")[0] == 200
 
 
+def test_a_state_dir_swapd_cannot_use_exits_2_with_a_message(start_daemon: StartDaemon) -> None:
+    """A state_dir swapd cannot make: one line naming it, exit 2, no traceback.
+
+    Here a file is in the way; under a unit's ProtectSystem=strict, a read-only path.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.stop() == 0
+    (d.root / "taken").write_text("a file, not a folder\n")
+    d.settings = {**d.settings, "state_dir": "taken"}
+    d.write()
+    done = _serve(d)
+    assert done.returncode == 2
+    assert f"cannot use state_dir {d.root / 'taken'}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_port_in_use_exits_2_with_a_message(start_daemon: StartDaemon) -> None:
     """When the listen port is taken, serve says so in one line and exits 2."""
     d = start_daemon({"a": fake_preset("A")})

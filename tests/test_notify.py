@@ -217,3 +217,23 @@ def test_a_reload_that_fails_unexpectedly_is_refused_and_systemd_hears_ready(
     [event] = d.events("config.reload.fail")
     assert event["errors"] == body["errors"]
     assert d.chat("a")[0] == 200  # the running config stays
+
+
+def test_a_reload_during_the_preloads_does_not_end_the_start_early(
+    start_daemon: StartDaemon, listener: Listener
+) -> None:
+    """SIGHUP while a preload runs: no RELOADING=1 nor READY=1 until the preloads are done.
+
+    A reload's READY=1 ended systemd's start at once, before the preloaded model was up.
+    """
+    d = start_daemon(
+        {"a": fake_preset("A", "--start-delay", "3", preload=True)},
+        env={"NOTIFY_SOCKET": listener.address},
+    )
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)  # swapd listens (start_daemon saw /health), a loads
+    wait_for(lambda: d.events("config.reload"))
+    ready = listener.first("READY")
+    got = listener.drain()
+    assert got[ready]["STATUS"] == "resident: a; waiting: 0"
+    assert not [m for m in got[:ready] if "RELOADING" in m]
