@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 from conftest import StartDaemon
@@ -132,3 +133,41 @@ def test_sigusr1_and_sigusr2_do_not_end_the_daemon(start_daemon: StartDaemon) ->
     wait_for(lambda: len(d.events("swapd.signal.ignored")) == 2)
     assert d.proc.poll() is None
     assert d.chat("a")[0] == 200
+
+
+def test_a_sighup_before_swapd_listens_does_not_end_it(start_daemon: StartDaemon) -> None:
+    """`systemctl reload` in the first second (before the loop takes SIGHUP): still up.
+
+    SIGHUP's default action ended swapd until its loop installed the reload handler.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.stop() == 0
+    with subprocess.Popen(
+        [sys.executable, "-m", "swapd", "serve", "--config", str(d.config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=d.root,
+    ) as early:
+        try:
+            # Once swapd's main has run its first line (SIGHUP ignored), well before it
+            # listens: the mask of ignored signals says when.
+            wait_for(lambda: _ignores_sighup(early.pid), interval=0.005)
+            early.send_signal(signal.SIGHUP)
+            wait_for(lambda: early.poll() is not None or _answers(d))
+            assert early.poll() is None
+        finally:
+            early.terminate()
+            early.wait(timeout=60)
+
+
+def _ignores_sighup(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(ignored, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def _answers(d: Daemon) -> bool:
+    try:
+        return d.get("/health")[0] == 200
+    except OSError:
+        return False
