@@ -137,3 +137,30 @@ def test_install_service_adds_only_the_device_groups_that_exist(tmp_path: Path) 
     again = install(tmp_path)  # a second run keeps the operator's config
     assert again.returncode == 0
     assert "writing" not in again.stderr
+
+
+def test_install_service_refuses_a_prefix_the_unit_cannot_hold(tmp_path: Path) -> None:
+    """A prefix with & broke the sed that writes ExecStart=; with a space, ExecStart itself."""
+    for prefix in ("/srv/a&b", "/srv/a b", "relative/path", "/srv/50%"):
+        done = subprocess.run(
+            [
+                str(ROOT / "scripts" / "install-service"),
+                "--root",
+                str(tmp_path),
+                "--prefix",
+                prefix,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert done.returncode == 2, prefix
+        assert "--prefix must be an absolute path" in done.stderr
+    assert not (tmp_path / "etc").exists()  # refused before writing anything
+
+
+def test_install_service_writes_a_config_others_cannot_read(tmp_path: Path) -> None:
+    """Keys may be written inline in swapd.yaml: 0640, not world-readable."""
+    assert install(tmp_path).returncode == 0
+    assert (tmp_path / "etc" / "swapd" / "swapd.yaml").stat().st_mode & 0o777 == 0o640
