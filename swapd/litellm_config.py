@@ -143,7 +143,12 @@ def build_config(
     by_model: dict[str, list[dict[str, Any]]] = {}
     for node, models in nodes:
         for model in models:
-            by_model.setdefault(model["id"], []).append(deployment(node, model["id"]))
+            # An alias is a name of its own to LiteLLM, sent on as the model's own name
+            # (what the affinity hook and swapd's status know it by).
+            for name in (model["id"], *model.get("aliases", ())):
+                entry = deployment(node, model["id"])
+                entry["model_name"] = name
+                by_model.setdefault(name, []).append(entry)
     model_list = [d for name in sorted(by_model) for d in by_model[name]]
     config: dict[str, Any] = {
         "model_list": model_list,

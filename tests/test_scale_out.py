@@ -68,6 +68,14 @@ def test_a_model_on_several_nodes_is_one_model_name_with_a_deployment_per_node()
     assert hooked["litellm_settings"] == {"callbacks": ["swapd_affinity.affinity"]}
 
 
+def test_an_alias_is_a_model_name_of_its_own_sent_on_as_the_model() -> None:
+    """Clients may use a model's aliases through LiteLLM too (they got LiteLLM's 400)."""
+    a = Node("http://gpu1:8080")
+    config = build_config([(a, [{"id": "qwen", "aliases": ["q", "qwen-latest"]}])])
+    assert [d["model_name"] for d in config["model_list"]] == ["q", "qwen", "qwen-latest"]
+    assert {d["litellm_params"]["model"] for d in config["model_list"]} == {"openai/qwen"}
+
+
 def test_litellm_config_asks_each_node_with_its_own_key(start_daemon: StartDaemon) -> None:
     """``--node-key`` follows its ``--node``; ``--key`` covers the rest; a wrong key is refused."""
     a = start_daemon(node("a", "only-a", "shared"), {"api_keys": ["key-a-0123456789abcdef"]})
@@ -198,6 +206,17 @@ def test_models_on_one_node_and_on_both_are_served_through_litellm(
         if len(seen) == 2:
             break
     assert seen == {"a/shared", "b/shared"}
+
+
+@pytest.mark.litellm
+def test_an_alias_reaches_its_model_through_litellm(
+    start_daemon: StartDaemon, start_litellm: Any
+) -> None:
+    """A preset's alias is served through LiteLLM as through swapd itself."""
+    a = start_daemon({"one": fake_preset("a/one", aliases=["uno"])})
+    proxy = start_litellm([a])
+    answer = proxy.chat("uno")
+    assert (answer.status, answer.served_by) == (200, "a/one")
 
 
 @pytest.mark.litellm
