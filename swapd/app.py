@@ -32,7 +32,6 @@ from swapd.auth import CORS_ORIGIN, access_warnings, add_cors_headers
 from swapd.catalog import Catalog
 from swapd.config import Config
 from swapd.control import Control
-from swapd.drain import CLIENT_GONE, Drain
 from swapd.errors import BadRequest, RequestError, SwapdError, clip
 from swapd.instance import InstanceLock
 from swapd.keepalive import ColdStreams
@@ -54,11 +53,14 @@ CONTROL = web.AppKey("control", Control)
 # A client's X-Request-Id is echoed and logged, so it must be a plain token.
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 PRELOAD = web.AppKey("preload", asyncio.Task[None])
-DRAIN = web.AppKey("drain", Drain)
-_NO_DRAIN = Drain()  # an app built without build_app (tests of the envelope alone)
+
 # Routes beyond the proxy's own whose JSON body names the model.
 EXTRA_JSON_ROUTES = ("/v1/messages/count_tokens", *LLAMA_ROUTES)
 UPSTREAM_ROUTE = "/upstream/{target:.+}"
+# Status logged and counted for a client that hung up before its answer was complete, and
+# for a request still running when the drain's time was up (swapd cut it).
+CLIENT_GONE = 499
+CUT_AT_SHUTDOWN = 503
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -122,8 +124,6 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         status = 500
         conn = track(request)
-        drain = request.app.get(DRAIN, _NO_DRAIN)
-        task = drain.enter()  # the drain cuts it at shutdown_timeout
         try:
             if given is not None and given != request_id:
                 _refuse_request_id()
@@ -141,7 +141,7 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
             response = web.json_response(body, status=exc.status)
         except asyncio.CancelledError:
             # The client hung up (aiohttp cancels the handler), or the drain's time ran out.
-            status = drain.status_when_cancelled()
+            status = CUT_AT_SHUTDOWN if conn is not None and conn.cut_at_shutdown else CLIENT_GONE
             raise
         except ConnectionResetError:
             # The client hung up while its answer was being written: nothing left to send to.
@@ -150,7 +150,6 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
         except Exception as exc:  # noqa: BLE001 - the last line of defence, logged with its trace
             response = _internal_error(request, exc)
         finally:
-            drain.leave(task)
             if conn is not None:
                 conn.request_finished()
             _done(request, runtime, status, exchange)
@@ -216,11 +215,7 @@ async def _begin_shutdown(app: web.Application) -> None:
     if CONTROL in app:
         app[CONTROL].close()  # streams of events and logs never end by themselves
     if MANAGER in app:
-        manager = app[MANAGER]
-        # aiohttp waits shutdown_timeout, then only fails a handler's body reads, and
-        # waits as long again: a handler waiting on its backend is cut here instead.
-        asyncio.get_running_loop().call_later(manager.config.shutdown_timeout, app[DRAIN].cut)
-        await manager.begin_shutdown()
+        await app[MANAGER].begin_shutdown()
 
 
 def _model_routes(app: web.Application, proxy: Proxy) -> None:
@@ -268,7 +263,6 @@ def build_app(
         await manager.close()
         pool.close()
 
-    app[DRAIN] = Drain()
     app.on_shutdown.append(_begin_shutdown)
     app.router.add_get("/health", _health)
     app.cleanup_ctx.append(lifecycle)
