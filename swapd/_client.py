@@ -60,6 +60,9 @@ class Target:
     url: str
     key: str | None
     key_problem: str | None = None  # why the config's admin key could not be read
+    # The config that would have said where swapd listens, unreadable here (the system
+    # one is 0640, group swapd): the default address was used instead.
+    address_problem: str | None = None
 
     @classmethod
     def resolve(cls, url: str | None, config: str | None, key: str | None) -> Target:
@@ -70,7 +73,7 @@ class Target:
         explicit = path is not None
         if path is None and url is None and SYSTEM_CONFIG.is_file():
             path = SYSTEM_CONFIG
-        problem = None
+        problem = address_problem = None
         if path is not None and (url is None or key is None):
             # Its listen address and admin keys only: a preset broken since swapd
             # started must not keep the CLI from the swapd that runs.
@@ -81,11 +84,12 @@ class Target:
                     raise ClientError(f"{path}: cannot be read:\n{exc}") from exc
                 endpoint = None  # /etc/swapd/swapd.yaml unreadable here: the default address
                 problem = f"{path}: cannot be read:\n{exc}"
+                address_problem = None if url else problem
             if endpoint is not None:
                 url = url or url_of(endpoint)
                 key = key or next(iter(endpoint.admin_keys), None)
                 problem = endpoint.key_problem
-        return cls((url or DEFAULT_URL).rstrip("/"), key, None if key else problem)
+        return cls((url or DEFAULT_URL).rstrip("/"), key, None if key else problem, address_problem)
 
 
 class Client:
@@ -116,7 +120,14 @@ class Client:
                     raise ClientError(self._refusal(resp.status, body), resp.status, body)
                 return body
         except aiohttp.ClientError as exc:
-            raise ClientError(f"cannot reach {self.target.url}: {exc}") from exc
+            raise ClientError(self._unreachable(exc)) from exc
+
+    def _unreachable(self, exc: Exception) -> str:
+        text = f"cannot reach {self.target.url}: {exc}"
+        if self.target.address_problem:
+            hint = "pass --url, or run as a member of the group swapd"
+            text += f"\n(the default address: {self.target.address_problem}; {hint})"
+        return text
 
     async def events(self, path: str) -> AsyncIterator[tuple[str, Any]]:
         """Server-sent events from ``path``: each ``(event, data)``, data decoded from JSON."""
@@ -137,7 +148,7 @@ class Client:
                         yield event, json.loads("\n".join(data))
                         event, data = "message", []
         except aiohttp.ClientError as exc:
-            raise ClientError(f"cannot reach {self.target.url}: {exc}") from exc
+            raise ClientError(self._unreachable(exc)) from exc
 
     def _refusal(self, status: int, body: Any) -> str:
         message = body

@@ -61,6 +61,8 @@ UPSTREAM_ROUTE = "/upstream/{target:.+}"
 # for a request still running when the drain's time was up (swapd cut it).
 CLIENT_GONE = 499
 CUT_AT_SHUTDOWN = 503
+# Past the drain and the longest stop, what a shutdown may still take (the reaper, cgroups).
+_STOP_MARGIN_S = 30.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -348,7 +350,7 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
     finally:
         for task in (watchdog, *tasks):
             task.cancel()
-        await _cleanup(runner, notifier)
+        await _cleanup(runner, notifier, runtime.config)
         probe.close()
         reaper.close()
         notifier.close()
@@ -365,10 +367,15 @@ def _warn_about_access(config: Config) -> None:
         _log.warning("swapd.access", detail=warning)
 
 
-async def _cleanup(runner: web.AppRunner, notifier: notify.Notifier) -> None:
-    """The drain, then every backend's stop; systemd hears that it goes on (EXTEND)."""
+async def _cleanup(runner: web.AppRunner, notifier: notify.Notifier, config: Config) -> None:
+    """The drain, then every backend's stop; systemd hears that it goes on (EXTEND).
+
+    For as long as they should take (the drain, the longest stop, a margin), no longer.
+    """
+    stop_timeout = max((p.stop_timeout for p in config.presets), default=0.0)
+    bound = config.shutdown_timeout + stop_timeout + _STOP_MARGIN_S
     cleanup = asyncio.ensure_future(runner.cleanup())
-    extend = asyncio.create_task(notify.extend_while(notifier, cleanup))
+    extend = asyncio.create_task(notify.extend_while(notifier, cleanup, at_most=bound))
     try:
         await cleanup
     finally:

@@ -450,7 +450,7 @@ class Manager:
         """Count ``ram_ttl`` from when the model entered the ram tier, if it is there now."""
         self._cancel_ram_ttl(slot)
         ttl = slot.preset.ram_ttl
-        if ttl > 0 and slot.tier == "ram" and slot.state is not State.QUEUED:
+        if ttl > 0 and slot.tier == "ram":  # a queued wake too: a refused one stays asleep
             left = max(0.0, slot.ram_since + ttl - time.monotonic())
             slot.ram_timer = asyncio.get_running_loop().call_later(
                 left, self._ram_ttl_expired, slot
@@ -475,6 +475,8 @@ class Manager:
     # ---------------------------------------------------------------- loading
 
     def _ensure_loading(self, slot: Slot) -> asyncio.Task[None]:
+        if slot.load_task is not None and slot.load_task.done():
+            self._never_ran(slot, slot.load_task)  # its done-callback may not have run yet
         if slot.load_task is None or slot.load_task.done():
             # Only a model asleep in the ram tier wakes; anything else starts afresh.
             waking = slot.state is State.ASLEEP
@@ -1362,7 +1364,7 @@ class Manager:
         slot.move(State.SLEEPING, State.ASLEEP)
         child = slot.child
         cost = await self._asleep_cost(slot)
-        if slot.state is not State.ASLEEP or slot.child is not child:
+        if slot.child is not child or slot.state not in (State.ASLEEP, State.QUEUED):
             return  # woken (or stopped) while its cost was read: it is not in the ram tier
         self._entered_ram(slot, cost)
         _log.info(

@@ -133,9 +133,17 @@ async def watchdog(notifier: Notifier) -> None:
         await asyncio.sleep(interval)
 
 
-async def extend_while(notifier: Notifier, work: asyncio.Future[None]) -> None:
-    """Keep pushing the start-up deadline until ``work`` (the preloads) is done."""
-    while not work.done():
+async def extend_while(
+    notifier: Notifier, work: asyncio.Future[None], *, at_most: float | None = None
+) -> None:
+    """Keep pushing systemd's deadline until ``work`` is done, or for ``at_most`` seconds.
+
+    A bound leaves systemd's own timeout in force after it: a stop that a process stuck
+    in the kernel could hang forever must still end.
+    """
+    loop = asyncio.get_running_loop()
+    until = None if at_most is None else loop.time() + at_most
+    while not work.done() and (until is None or loop.time() < until):
         notifier.extend(EXTEND_BY)
         await asyncio.wait({work}, timeout=EXTEND_EVERY)
 

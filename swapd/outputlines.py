@@ -19,6 +19,7 @@ class OutputLines:
         self._parts: list[bytes] = []
         self._size = 0
         self._cut = 0  # bytes of the current line past MAX_LINE_BYTES, dropped
+        self._cr_pending = False  # the last read ended in "\r": a "\n" or more text decides
 
     def feed(self, chunk: bytes) -> list[str]:
         r"""The lines this read completes (ended by ``\n``), decoded and bounded."""
@@ -37,12 +38,15 @@ class OutputLines:
         return self._take()
 
     def _add(self, piece: bytes) -> None:
-        if piece and self._parts and self._parts[-1].endswith(b"\r"):
+        if not piece:
+            return
+        if self._cr_pending:
             self._restart()  # a carriage return, not half of "\r\n": the line starts over
         redrawn = piece.rfind(b"\r", 0, len(piece) - 1)
         if redrawn >= 0:
             self._restart()
             piece = piece[redrawn + 1 :]
+        ends_with_cr = piece.endswith(b"\r")  # noted before a cut could drop it
         room = MAX_LINE_BYTES - self._size
         if len(piece) > room:
             self._cut += len(piece) - room
@@ -50,6 +54,7 @@ class OutputLines:
         if piece:
             self._parts.append(piece)
             self._size += len(piece)
+        self._cr_pending = ends_with_cr
 
     def _take(self) -> str:
         line = b"".join(self._parts).decode("utf-8", "replace").rstrip("\r")
@@ -62,3 +67,4 @@ class OutputLines:
         self._parts.clear()
         self._size = 0
         self._cut = 0
+        self._cr_pending = False

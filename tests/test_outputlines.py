@@ -50,6 +50,12 @@ def test_crlf_ends_a_line_and_a_lone_carriage_return_redraws_it() -> None:
     assert _all_lines([*frames[:-1], b"100%\n"]) == ["100%"]
 
 
+def test_a_carriage_return_past_the_cut_still_redraws_the_line() -> None:
+    """A read that ends in a carriage return after the line is full: the next starts it over."""
+    long = b"a" * (MAX_LINE_BYTES + 6) + b"\r"
+    assert _all_lines([long, b"bbbbb\n"]) == ["bbbbb"]
+
+
 def test_a_long_line_keeps_its_start_and_says_how_much_was_cut() -> None:
     """A line of megabytes keeps MAX_LINE_BYTES; the next line is whole again."""
     big = b"x" * (3 * 1024 * 1024)

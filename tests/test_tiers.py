@@ -179,6 +179,33 @@ def test_a_refused_wake_leaves_ram_ttl_counting(
     assert [e["model"] for e in d.events("model.ram_ttl.expire")] == ["v"]
 
 
+def test_a_ram_ttl_given_while_a_wake_waits_holds_once_the_wake_is_refused(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """A reload shortens ram_ttl while the model's wake is queued; the wake is refused.
+
+    The timer was cancelled and not armed again (the model was queued): it slept on.
+    """
+    presets = {
+        "v": vllm_preset(vllm_binary, tmp_path / "m", ram_ttl="60s"),
+        "c": fake_preset("C"),
+    }
+    d = start_daemon(presets, {"max_running": 1, "queue_timeout": "4s", "max_wait": "60s"})
+    assert d.chat("v")[0] == 200
+    assert d.chat("c")[0] == 200  # v sleeps
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(d.chat, "c", "long", fake_delay=8)
+        wait_for(lambda: d.model("c")["in_flight"] == 1)
+        wake = pool.submit(d.chat, "v")
+        wait_for(lambda: d.model("v")["state"] == "queued")
+        d.presets = {**presets, "v": {**presets["v"], "ram_ttl": "2s"}}
+        d.write()
+        assert d.request("POST", "/swapd/reload")[0] == 200
+        assert wake.result()[0] == 503
+        assert busy.result()[0] == 200
+    wait_for(lambda: d.model("v")["state"] == "stopped", timeout=20)
+
+
 def test_a_reload_applies_ram_ttl_and_a_lower_ram_budget_to_sleepers(
     start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
 ) -> None:

@@ -556,8 +556,30 @@ async def test_headers_that_never_end_are_an_error_not_a_growing_buffer(
     A backend that sent header lines forever took swapd to gigabytes.
     """
     async with Server(_endless_headers) as server:
-        with pytest.raises(UpstreamError, match="without ending its headers"):
+        with pytest.raises(UpstreamError, match="KiB of headers or trailers"):
             await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
+
+
+async def _endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
+    writer.write(b"X-Trailer: ")
+    with contextlib.suppress(ConnectionError):
+        for _ in range(10_000):  # 10 MB of one trailer line that never ends
+            writer.write(b"t" * 1000)
+            await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_a_trailer_that_never_ends_is_an_error_too(pool: UpstreamPool) -> None:
+    """After the last chunk the parser keeps a trailer line whole: capped as headers are."""
+    async with Server(_endless_trailer) as server:
+        resp = await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
+        try:
+            with pytest.raises(UpstreamError, match="KiB of headers or trailers"):
+                await resp.read()
+        finally:
+            resp.finish()
 
 
 async def _endless_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
