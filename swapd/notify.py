@@ -145,7 +145,8 @@ async def extend_while(
     until = None if at_most is None else loop.time() + at_most
     while not work.done() and (until is None or loop.time() < until):
         notifier.extend(EXTEND_BY)
-        await asyncio.wait({work}, timeout=EXTEND_EVERY)
+        left = EXTEND_EVERY if until is None else min(EXTEND_EVERY, until - loop.time())
+        await asyncio.wait({work}, timeout=max(0.0, left))
 
 
 async def status_updates(

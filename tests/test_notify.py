@@ -16,6 +16,7 @@ import pytest
 from conftest import StartDaemon
 from daemon import fake_preset, wait_for
 
+from swapd import notify
 from swapd.notify import Notifier, status_line, watchdog
 from swapd.slot import ModelView
 
@@ -237,3 +238,23 @@ def test_a_reload_during_the_preloads_does_not_end_the_start_early(
     got = listener.drain()
     assert got[ready]["STATUS"] == "resident: a; waiting: 0"
     assert not [m for m in got[:ready] if "RELOADING" in m]
+
+
+def test_a_bounded_extension_stops_when_its_time_is_up() -> None:
+    """A stop's EXTEND_TIMEOUT_USEC goes on only as long as the stop should take.
+
+    Unbounded, a backend stuck in the kernel would keep systemd waiting for ever.
+    """
+    sent: list[float] = []
+
+    class Counting(notify.Notifier):
+        def extend(self, seconds: float) -> None:
+            sent.append(seconds)
+
+    async def run() -> None:
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await notify.extend_while(Counting(None), never, at_most=0.2)
+        assert not never.done()
+
+    asyncio.run(run())
+    assert sent == [notify.EXTEND_BY]
