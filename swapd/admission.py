@@ -17,14 +17,12 @@ import contextlib
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-import psutil
-
 from swapd import policy
 from swapd.footprints import Footprints
 from swapd.logs import get_logger
 from swapd.needs import Need, estimate_bytes, memory_need
 from swapd.presets import Preset
-from swapd.probe import Device, Probe, Reading
+from swapd.probe import Device, Probe, Reading, host_memory
 
 _log = get_logger("swapd.admission")
 
@@ -89,7 +87,7 @@ class Admission:
 
         def read_all() -> Snapshot:
             readings = {r.device: r for r in self.probe.read(pids)}
-            return Snapshot(readings, psutil.virtual_memory().available)
+            return Snapshot(readings, host_memory()[1])  # bounded by cgroup limits
 
         return await asyncio.to_thread(read_all)
 

@@ -64,7 +64,7 @@ from swapd.pages import WarmSet
 from swapd.pidfiles import PidRecords
 from swapd.planner import DeviceMemory, read_memory
 from swapd.presets import Preset
-from swapd.probe import Device, Probe
+from swapd.probe import Device, Probe, host_memory
 from swapd.process import Child
 from swapd.reload import ReloadPlan
 from swapd.slot import ModelView, Slot, snapshot
@@ -169,9 +169,7 @@ class Manager:
             probe, self.footprints, self.limits, default_memory=config.default_memory
         )
         self.ram_budget = (
-            config.ram_budget
-            if config.ram_budget is not None
-            else psutil.virtual_memory().total // 2
+            config.ram_budget if config.ram_budget is not None else host_memory()[0] // 2
         )
         self._changed = asyncio.Event()
         # The loader's recent work, for holds: loads and wakes done, and those under way.

@@ -8,7 +8,7 @@ compute context, which would itself take hundreds of MiB on every device.
 """
 
 from swapd.probe._fake import FakeFileProbe
-from swapd.probe._host import HostRamProbe
+from swapd.probe._host import HostRamProbe, host_memory
 from swapd.probe._open import open_probe
 from swapd.probe._types import Device, DeviceKind, DevicesSpec, MemorySource, Probe, Reading
 
@@ -21,5 +21,6 @@ __all__ = [
     "MemorySource",
     "Probe",
     "Reading",
+    "host_memory",
     "open_probe",
 ]

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from swapd.probe._cgroup_memory import MemoryLimit, memory_limits
 from swapd.probe._tree import attribute, process_trees
 from swapd.probe._types import Device, Reading
 
@@ -13,6 +14,23 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
 
 HOST_DEVICE = Device(id="cpu", kind="cpu", index=None, name="host RAM", visible_env={})
+# Found once: limits are set when a container or unit starts, not while swapd runs.
+_LIMITS = memory_limits()
+
+
+def host_memory(limits: Sequence[MemoryLimit] | None = None) -> tuple[int, int]:
+    """Host RAM's total and available, each bounded by the cgroup limits above swapd.
+
+    ``available`` counts reclaimable cache, unlike ``free``.
+    """
+    memory = psutil.virtual_memory()
+    total, available = int(memory.total), int(memory.available)
+    for limit in _LIMITS if limits is None else limits:
+        total = min(total, limit.limit)
+        room = limit.room()
+        if room is not None:
+            available = min(available, room)
+    return total, available
 
 
 def _rss(pid: int) -> int:
@@ -31,15 +49,15 @@ class HostRamProbe:
         self.devices: Sequence[Device] = (HOST_DEVICE,)
 
     def read(self, pids: Collection[int] = ()) -> list[Reading]:
-        """Read ``available`` as free: it counts reclaimable cache, unlike ``free``."""
-        memory = psutil.virtual_memory()
+        """Read ``available`` as free (see :func:`host_memory`)."""
+        total, available = host_memory()
         trees = process_trees(pids)
         rss = {pid: _rss(pid) for tree in trees.values() for pid in tree}
         return [
             Reading(
                 device=HOST_DEVICE.id,
-                total=int(memory.total),
-                free=int(memory.available),
+                total=total,
+                free=available,
                 by_pid=attribute(rss, trees),
                 per_process_supported=True,
                 source="host",

@@ -1,0 +1,54 @@
+"""Host RAM bounded by the cgroup v2 limits above swapd (a container, a unit's MemoryMax=).
+
+The tree is written to a temporary folder in the kernel's format: a limit cannot be
+set on this test's own cgroup everywhere the suite runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+
+from swapd.probe._cgroup_memory import memory_limits
+from swapd.probe._host import host_memory
+
+GIB = 1024**3
+
+
+def _cgroup(folder: Path, *, limit: str, usage: int, inactive_file: int) -> None:
+    folder.mkdir(parents=True)
+    (folder / "memory.max").write_text(f"{limit}\n")
+    (folder / "memory.current").write_text(f"{usage}\n")
+    (folder / "memory.stat").write_text(f"anon 1\nfile 2\ninactive_file {inactive_file}\n")
+
+
+def test_the_tightest_limit_on_the_way_up_bounds_total_and_available(tmp_path: Path) -> None:
+    """A pod limit above swapd's container: each caps what swapd may count on."""
+    root = tmp_path / "cgroup"
+    _cgroup(root / "pod", limit=str(2 * GIB), usage=GIB, inactive_file=GIB // 4)
+    _cgroup(root / "pod" / "swapd", limit="max", usage=GIB, inactive_file=0)
+    self_cgroup = tmp_path / "self"
+    self_cgroup.write_text("0::/pod/swapd\n")
+    limits = memory_limits(root, self_cgroup)
+    assert [(limit.folder.name, limit.limit) for limit in limits] == [("pod", 2 * GIB)]
+    # 2 GiB less the working set (1 GiB used, a quarter of it inactive file pages).
+    assert limits[0].room() == 2 * GIB - (GIB - GIB // 4)
+    total, available = host_memory(limits)
+    memory = psutil.virtual_memory()
+    assert total == min(memory.total, 2 * GIB)
+    assert available == min(memory.available, 2 * GIB - (GIB - GIB // 4))
+
+
+def test_without_a_limit_or_on_cgroup_v1_the_host_is_all(tmp_path: Path) -> None:
+    """No memory.max anywhere, or a v1-only host: /proc/meminfo's numbers stand."""
+    root = tmp_path / "cgroup"
+    _cgroup(root / "a", limit="max", usage=GIB, inactive_file=0)
+    unified = tmp_path / "unified"
+    unified.write_text("0::/a\n")
+    legacy = tmp_path / "legacy"
+    legacy.write_text("4:memory:/a\n1:cpu:/\n")
+    assert memory_limits(root, unified) == []
+    assert memory_limits(root, legacy) == []
+    assert memory_limits(root, tmp_path / "missing") == []
+    assert host_memory([])[0] == psutil.virtual_memory().total
