@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from swapd import marks, notify
@@ -109,6 +109,16 @@ def _internal_error(request: web.Request, exc: Exception) -> web.Response:
     return web.json_response({"error": error}, status=500)
 
 
+def _http_error(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusal (404, 405, 413...) in the OpenAI envelope, its Allow kept."""
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    body = {"error": {"message": exc.reason, "type": kind, "code": None, "param": None}}
+    response = web.json_response(body, status=exc.status)
+    if hdrs.ALLOW in exc.headers:  # a 405 says which methods the route takes
+        response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+    return response
+
+
 def make_envelope(runtime: Runtime | None) -> Middleware:
     """The envelope middleware, checking and counting with ``runtime`` (None: neither)."""
 
@@ -138,9 +148,7 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
             status = exc.status
         except web.HTTPException as exc:
             status = exc.status
-            kind = "invalid_request_error" if exc.status < 500 else "server_error"
-            body = {"error": {"message": exc.reason, "type": kind, "code": None, "param": None}}
-            response = web.json_response(body, status=exc.status)
+            response = _http_error(exc)
         except asyncio.CancelledError:
             # The client hung up (aiohttp cancels the handler), or the drain's time ran out.
             status = CUT_AT_SHUTDOWN if conn is not None and conn.cut_at_shutdown else CLIENT_GONE

@@ -140,3 +140,16 @@ def test_the_passthrough_leases_like_any_request(start_daemon: StartDaemon) -> N
     assert view["state"] == "ready"
     assert view["last_used"] is not None
     assert view["ttl_left"] is not None
+
+
+def test_a_method_a_route_does_not_take_is_405_with_allow(start_daemon: StartDaemon) -> None:
+    """In the envelope, and saying which methods the route takes (RFC 9110 requires Allow)."""
+    d = start_daemon({"a": fake_preset("A")})
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    conn.request("DELETE", "/swapd/status")
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 405
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "GET" in (resp.getheader("Allow") or "")
