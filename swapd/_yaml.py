@@ -53,13 +53,7 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     if known is not None:
         return known
     sizes[id(node)] = 1  # a node that contains itself counts once, and ends the walk
-    if isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    elif isinstance(node, yaml.SequenceNode):
-        children = list(node.value)
-    else:
-        children = []
-    size = 1 + sum(_expanded_size(child, sizes) for child in children)
+    size = 1 + sum(_expanded_size(child, sizes) for child in _children(node))
     sizes[id(node)] = size
     return size
 
@@ -76,12 +70,17 @@ def _repeated_key(node: yaml.Node, seen: set[int]) -> yaml.Node | None:
                 if key_node.value in keys:
                     return key_node
                 keys.add(key_node.value)
-        children = [n for pair in node.value for n in pair]
-    elif isinstance(node, yaml.SequenceNode):
-        children = list(node.value)
-    else:
-        return None
-    return next((r for c in children if (r := _repeated_key(c, seen)) is not None), None)
+    found = (_repeated_key(child, seen) for child in _children(node))
+    return next((r for r in found if r is not None), None)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    """A mapping's keys and values, a sequence's items; a scalar has none."""
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _plain(node: yaml.Node) -> Any:

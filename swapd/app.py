@@ -53,7 +53,6 @@ CONTROL = web.AppKey("control", Control)
 # A client's X-Request-Id is echoed and logged, so it must be a plain token.
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 PRELOAD = web.AppKey("preload", asyncio.Task[None])
-
 # Routes beyond the proxy's own whose JSON body names the model.
 EXTRA_JSON_ROUTES = ("/v1/messages/count_tokens", *LLAMA_ROUTES)
 UPSTREAM_ROUTE = "/upstream/{target:.+}"

@@ -438,10 +438,7 @@ class Manager:
     def _entered_ram(self, slot: Slot, nbytes: int) -> None:
         slot.ram_bytes = nbytes
         slot.ram_since = time.monotonic()
-        self._cancel_ram_ttl(slot)
-        if slot.preset.ram_ttl > 0:
-            loop = asyncio.get_running_loop()
-            slot.ram_timer = loop.call_later(slot.preset.ram_ttl, self._ram_ttl_expired, slot)
+        self._rearm_ram_ttl(slot)
         _log.info("model.tier", model=slot.preset.name, tier="ram", bytes=nbytes)
 
     def _rearm_ram_ttl(self, slot: Slot) -> None:
@@ -489,8 +486,13 @@ class Manager:
     def _never_ran(self, slot: Slot, task: asyncio.Task[None]) -> None:
         """A load cancelled before its first step (a forced unload at once) ran no cleanup."""
         if task.cancelled() and slot.load_task is task and slot.state is State.QUEUED:
-            slot.move(State.QUEUED, State.ASLEEP if slot.child else State.STOPPED)
+            self._unqueue(slot)
             self._notify()
+
+    @staticmethod
+    def _unqueue(slot: Slot) -> None:
+        """A load that never ran, or was refused room: back where it was waiting from."""
+        slot.move(State.QUEUED, State.ASLEEP if slot.child else State.STOPPED)
 
     async def load(self, name: str) -> None:
         """Make a model ready without sending it a request (``/swapd/models/{name}/load``).
@@ -539,7 +541,7 @@ class Manager:
             raise
         except asyncio.CancelledError:
             if slot.state is State.QUEUED:
-                slot.move(State.QUEUED, State.ASLEEP if slot.child else State.STOPPED)
+                self._unqueue(slot)
             elif slot.state is State.STARTING and slot.child is None:
                 # Cancelled before the spawn (sizing the model, building the launch):
                 # nothing runs, and nothing may stay reserved for it.
@@ -596,7 +598,7 @@ class Manager:
         _log.warning("model.load.fail", model=slot.preset.name, error=exc.message, code=code)
         if isinstance(exc, Unavailable) and slot.state is State.QUEUED:
             # Refused for memory, queue time or cache room: nothing is wrong with the model.
-            slot.move(State.QUEUED, State.ASLEEP if slot.child else State.STOPPED)
+            self._unqueue(slot)
             return
         if slot.state is State.QUEUED:
             # A refused wake leaves the process asleep in the ram tier.

@@ -70,16 +70,13 @@ def _str_list(value: Any) -> tuple[str, ...]:
     return tuple(_str(item) for item in value)
 
 
+# What YAML would read as a boolean, were it not quoted.
+_QUOTED_BOOLEANS = frozenset({"true", "false", "yes", "no", "on", "off"})
+
+
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        spelled = isinstance(value, str) and value.lower() in {
-            "true",
-            "false",
-            "yes",
-            "no",
-            "on",
-            "off",
-        }
+        spelled = isinstance(value, str) and value.lower() in _QUOTED_BOOLEANS
         quoted = " (a quoted string: write it without quotes)" if spelled else ""
         raise ValueError(f"expected true or false, got {clip(repr(value))}{quoted}")
     return value

@@ -78,7 +78,6 @@ class _Connection(asyncio.Protocol):
         self.received_any = False
         self._head_bytes = 0  # read while the answer's headers were not yet complete
         self._idle_bytes = 0  # read since the body last grew (a trailer section, say)
-        self._body_reads = 0  # on_body calls: whether a read brought any body
         self.idle_since = 0.0
         self.error: UpstreamError | None = None
         self.keep_alive = True
@@ -116,7 +115,7 @@ class _Connection(asyncio.Protocol):
         behind = bool(self.chunks)  # the reader has not taken the last read's body yet
         if not self._headers_done:
             self._head_bytes += len(data)
-        bodies = self._body_reads
+        buffered = self.buffered  # on_body adds to it: whether this read brought body
         self._reading = True
         try:
             self._parser.feed_data(data)
@@ -128,7 +127,7 @@ class _Connection(asyncio.Protocol):
         if self._headers_done and not self.complete:
             # After the headers, bytes that bring no body are chunk framing or trailers,
             # which the parser also keeps whole until they end.
-            self._idle_bytes = 0 if self._body_reads != bodies else self._idle_bytes + len(data)
+            self._idle_bytes = 0 if self.buffered != buffered else self._idle_bytes + len(data)
         unfinished = self._idle_bytes if self._headers_done else self._head_bytes
         if unfinished > MAX_HEAD_BYTES and self.error is None:
             reason = f"the backend sent over {MAX_HEAD_BYTES // 1024} KiB of headers or trailers"
@@ -232,7 +231,6 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         """Queue a body chunk, pausing the backend when too much waits."""
-        self._body_reads += 1
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and self.transport is not None and not self._paused:

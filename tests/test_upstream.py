@@ -538,13 +538,31 @@ async def test_an_answer_whose_last_coding_is_not_chunked_ends_at_the_close(
         resp.finish()
 
 
-async def _endless_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _endless(
+    start: bytes,
+    unit: bytes,
+    times: int,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Answer with ``start``, then ``unit`` over and over: an answer that never ends."""
     await reader.readuntil(b"\r\n\r\n")
-    writer.write(b"HTTP/1.1 200 OK\r\n")
+    writer.write(start)
     with contextlib.suppress(ConnectionError):
-        for _ in range(100_000):  # 10 MB of header lines, never an end
-            writer.write(b"X-More: " + b"a" * 90 + b"\r\n")
+        for _ in range(times):
+            writer.write(unit)
             await writer.drain()
+
+
+# 10 MB of header lines; 10 MB of one trailer line; 40 MB of chunks: none ever ends.
+_ENDLESS_HEADERS = functools.partial(
+    _endless, b"HTTP/1.1 200 OK\r\n", b"X-More: " + b"a" * 90 + b"\r\n", 100_000
+)
+_CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+_ENDLESS_TRAILER = functools.partial(
+    _endless, _CHUNKED + b"5\r\nhello\r\n0\r\nX-Trailer: ", b"t" * 1000, 10_000
+)
+_ENDLESS_BODY = functools.partial(_endless, _CHUNKED, b"1000\r\n" + b"a" * 4096 + b"\r\n", 10_000)
 
 
 @pytest.mark.asyncio
@@ -555,25 +573,15 @@ async def test_headers_that_never_end_are_an_error_not_a_growing_buffer(
 
     A backend that sent header lines forever took swapd to gigabytes.
     """
-    async with Server(_endless_headers) as server:
+    async with Server(_ENDLESS_HEADERS) as server:
         with pytest.raises(UpstreamError, match="KiB of headers or trailers"):
             await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
-
-
-async def _endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readuntil(b"\r\n\r\n")
-    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n")
-    writer.write(b"X-Trailer: ")
-    with contextlib.suppress(ConnectionError):
-        for _ in range(10_000):  # 10 MB of one trailer line that never ends
-            writer.write(b"t" * 1000)
-            await writer.drain()
 
 
 @pytest.mark.asyncio
 async def test_a_trailer_that_never_ends_is_an_error_too(pool: UpstreamPool) -> None:
     """After the last chunk the parser keeps a trailer line whole: capped as headers are."""
-    async with Server(_endless_trailer) as server:
+    async with Server(_ENDLESS_TRAILER) as server:
         resp = await pool.request("127.0.0.1", server.port, "GET", "/", [], b"")
         try:
             with pytest.raises(UpstreamError, match="KiB of headers or trailers"):
@@ -582,22 +590,13 @@ async def test_a_trailer_that_never_ends_is_an_error_too(pool: UpstreamPool) -> 
             resp.finish()
 
 
-async def _endless_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readuntil(b"\r\n\r\n")
-    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-    with contextlib.suppress(ConnectionError):
-        for _ in range(10_000):  # 40 MB, never an end
-            writer.write(b"1000\r\n" + b"a" * 4096 + b"\r\n")
-            await writer.drain()
-
-
 @pytest.mark.asyncio
 async def test_a_read_with_a_limit_stops_at_it(pool: UpstreamPool) -> None:
     """swapd's own calls (health, sleep) read at most CONTROL_BODY_LIMIT of an answer.
 
     A health path that streamed forever took swapd to gigabytes within start_timeout.
     """
-    async with Server(_endless_body) as server:
+    async with Server(_ENDLESS_BODY) as server:
         resp = await pool.request("127.0.0.1", server.port, "GET", "/health", [], b"")
         try:
             with pytest.raises(UpstreamError, match="more than swapd reads"):

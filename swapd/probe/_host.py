@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import psutil
@@ -14,8 +15,6 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
 
 HOST_DEVICE = Device(id="cpu", kind="cpu", index=None, name="host RAM", visible_env={})
-# Found once: limits are set when a container or unit starts, not while swapd runs.
-_LIMITS = memory_limits()
 
 
 def host_memory(limits: Sequence[MemoryLimit] | None = None) -> tuple[int, int]:
@@ -25,12 +24,18 @@ def host_memory(limits: Sequence[MemoryLimit] | None = None) -> tuple[int, int]:
     """
     memory = psutil.virtual_memory()
     total, available = int(memory.total), int(memory.available)
-    for limit in _LIMITS if limits is None else limits:
+    for limit in _own_limits() if limits is None else limits:
         total = min(total, limit.limit)
         room = limit.room()
         if room is not None:
             available = min(available, room)
     return total, available
+
+
+@functools.cache
+def _own_limits() -> list[MemoryLimit]:
+    """Found once: limits are set when a container or unit starts, not while swapd runs."""
+    return memory_limits()
 
 
 def _rss(pid: int) -> int:
