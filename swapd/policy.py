@@ -7,12 +7,13 @@ simulator replays traces through these same functions.
 For each candidate device::
 
     outside   = total - free - (what swapd's own children use there)
-    room now  = min(free - reserve, budget - swapd's use)        # budget is optional
+    room now  = min(free - reserve - growth, budget - swapd's use)   # budget is optional
     room max  = room now + everything evictable on that device   # pins never count
 
 A resident that is still growing (starting, or measured below what it was
-admitted with) will take the rest from ``free``: that shortfall is taken off
-``room now``, which is what lets loads on one device overlap safely.
+admitted with) will take the rest from ``free``: that shortfall (``growth``) is
+taken off free's side of ``room now``, which is what lets loads on one device
+overlap safely. The budget's side counts each resident's usage already.
 
 A load is admitted when ``need <= room now``; otherwise idle residents are
 taken least worth keeping first until it fits (``Admit`` with victims), a sleeper
@@ -160,10 +161,11 @@ class Impossible:
 Plan = Admit | Wait | Impossible
 
 
-def _room_now(device: DeviceView, ours: int, limits: Limits) -> int:
-    room = device.free - limits.reserve
+def _room_now(device: DeviceView, here: Sequence[Resident], limits: Limits) -> int:
+    # Growth still owed is taken from free; the budget already counts it in the usage.
+    room = device.free - limits.reserve - _growth(here)
     if limits.budget is not None:
-        room = min(room, limits.budget - ours)
+        room = min(room, limits.budget - sum(r.usage for r in here))
     return room
 
 
@@ -197,8 +199,7 @@ def _plan_device(
     running: int,
 ) -> Plan:
     here = [r for r in residents if r.device == device.id]
-    ours = sum(r.usage for r in here)
-    room = _room_now(device, ours, limits) - _growth(here)
+    room = _room_now(device, here, limits)
     # Candidates in eviction order: idle before busy, sleepers that keep their weights
     # in host RAM after the rest, least worth keeping first.
     evictable = [r for r in residents if not r.pinned]
@@ -545,5 +546,4 @@ def room_after(
     """
     here = [r for r in residents if r.device == device.id]
     freed = sum(r.usage for r in here if r.name in victims)
-    ours = sum(r.usage for r in here)
-    return _room_now(device, ours, limits) - _growth(here) + freed - need
+    return _room_now(device, here, limits) + freed - need

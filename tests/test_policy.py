@@ -53,6 +53,7 @@ def res(  # noqa: PLR0913 - one keyword per resident fact the tables vary
     crf: float | None = None,
     asleep: bool = False,
     ram_cost: float = 0,
+    measured: float | None = None,
 ) -> Resident:
     """A resident model with its usage (and what it would take in the ram tier) in GiB."""
     return Resident(
@@ -62,6 +63,7 @@ def res(  # noqa: PLR0913 - one keyword per resident fact the tables vary
         last_used,
         busy=busy,
         pinned=pinned,
+        measured=None if measured is None else gib(measured),
         crf=crf,
         asleep=asleep,
         ram_via="sleep" if ram_cost else None,
@@ -164,6 +166,32 @@ def res(  # noqa: PLR0913 - one keyword per resident fact the tables vary
             Limits(budget=gib(20)),
             Admit("gpu0"),
             id="budget-leaves-room",
+        ),
+        # Admitted at 8, measured at 2: the 6 it may still take come off free's side,
+        # never off the budget's side a second time (budget 10 - usage 8 = 2 left).
+        pytest.param(
+            2,
+            [dev(total=80, free=60)],
+            [res("a", 8, 1, measured=2)],
+            Limits(budget=gib(10)),
+            Admit("gpu0"),
+            id="budget-counts-a-growing-resident-once",
+        ),
+        pytest.param(
+            6,
+            [dev(total=80, free=60)],
+            [res("a", 8, 1, measured=2)],
+            Limits(budget=gib(10)),
+            Admit("gpu0", ("a",)),
+            id="budget-evicts-a-growing-resident-to-fit",
+        ),
+        pytest.param(
+            4,
+            [dev(free=8)],
+            [res("a", 8, 1, measured=2)],
+            Limits(),
+            Admit("gpu0", ("a",)),
+            id="growth-still-owed-comes-off-free",
         ),
         pytest.param(
             1,
