@@ -68,6 +68,31 @@ def test_admission_against_real_vram(nvml: Any, start_daemon: StartDaemon) -> No
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("cuda_driver")
+def test_the_least_recently_used_model_leaves_real_vram(
+    nvml: Any, start_daemon: StartDaemon
+) -> None:
+    """Two models fit the budget and three do not: after a, b, a the third one evicts b."""
+    hold = 2 * GIB
+    presets = {
+        n: fake_preset(n.upper(), "--cuda-bytes", str(hold), memory=hold, devices=[0])
+        for n in ("a", "b", "c")
+    }
+    # Two holders and their CUDA contexts fit; a third holder's 2 GiB on top does not,
+    # for any context size from 0.25 to 1.25 GiB.
+    d = start_daemon(presets, {"devices": [0], "budget": "6656MiB", "reserve": 0})
+    for name in ("a", "b", "a"):
+        assert d.chat(name)[0] == 200
+        wait_for(lambda name=name: d.model(name)["memory"]["measured"] is not None, timeout=30)
+    pids = {n: d.model(n)["pid"] for n in ("a", "b")}
+    assert d.chat("c")[0] == 200
+    assert [e["victims"] for e in d.events("model.evict")] == [["b"]]
+    assert [d.model(n)["state"] for n in ("a", "b", "c")] == ["ready", "stopped", "ready"]
+    wait_for(lambda: _nvml_used_by(nvml, pids["b"]) == 0, timeout=30)
+    assert _nvml_used_by(nvml, pids["a"]) >= hold
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_driver")
 def test_real_vram_held_outside_swapd_is_respected(nvml: Any, start_daemon: StartDaemon) -> None:
     """With all but 1 GiB taken by another process, a 3 GiB model gets 503, then fits."""
     d = start_daemon(
@@ -75,19 +100,19 @@ def test_real_vram_held_outside_swapd_is_respected(nvml: Any, start_daemon: Star
         {"devices": [0], "reserve": 0},
     )
     taken = _free(nvml) - GIB
-    outside = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, str(FAKE_UPSTREAM.parent / "cuda_hold.py"), str(taken)],
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert outside.stdout is not None
-        assert outside.stdout.readline().strip() == "held"
-        status, body = d.chat("a")
-        assert (status, body["error"]["code"]) == (503, "insufficient_memory")
-        assert "used outside swapd" in body["error"]["message"]
-    finally:
-        outside.terminate()
-        outside.wait(timeout=30)
+    ) as outside:
+        try:
+            assert outside.stdout is not None
+            assert outside.stdout.readline().strip() == "held"
+            status, body = d.chat("a")
+            assert (status, body["error"]["code"]) == (503, "insufficient_memory")
+            assert "used outside swapd" in body["error"]["message"]
+        finally:
+            outside.terminate()
+            outside.wait(timeout=30)
     wait_for(lambda: _free(nvml) > HOLD + GIB, timeout=30)
     wait_for(lambda: d.chat("a")[0] == 200, timeout=30)
