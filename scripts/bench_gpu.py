@@ -18,11 +18,11 @@ probe, admission and footprint measurement are the real ones, read through NVML.
 * ``outside``: a process outside swapd takes all but 1 GiB; a request for a model
   that needs more gets 503 at once; once the process exits, the same request loads;
 * ``llama`` (with ``--llama-server``, a CUDA build): a random-weight llama GGUF of
-  about 1.2 GB all on the GPU (``-ngl 99``). llama-server started directly until its
-  /health answers, against the first request through swapd, ``--rounds`` times
-  each, interleaved; swapd's estimate and measured footprint against NVML's figure;
-  then, under a budget of 1.5 footprints, a second preset of the same file evicts
-  the first (the swap's time against a direct start).
+  about 1.2 GB all on the GPU (``-ngl 99``). llama-server started directly until it
+  answers a first completion, against the same first request through swapd,
+  ``--rounds`` times each, interleaved; swapd's estimate and measured footprint
+  against NVML's figure; then, under a budget of 1.5 footprints, a second preset
+  of the same file evicts the first (the swap's time against a direct start).
 
     python scripts/bench_gpu.py [--hold 2GiB] [--rounds 5] [--llama-server PATH] [--out report.json]
 """
@@ -250,13 +250,21 @@ def _llama_preset(binary: str, model: Path) -> Json:
 
 
 def _direct_llama(binary: str, model: Path) -> float:
-    """One llama-server start on the GPU, from spawn to /health 200, in ms."""
+    """One llama-server start on the GPU, from spawn to the answer of a first completion, in ms.
+
+    The same completion as the request through swapd, so the first kernel launches
+    (``--no-warmup`` leaves them to it) are paid on both sides.
+    """
     port = _bench.free_port()
     argv = [binary, "-m", str(model), "--port", str(port), *_llama_preset(binary, model)["args"]]
     began = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _bench.wait_until(partial(_healthy, port), 120, interval=0.005)
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        status, answer = _bench.http_json("POST", port, CHAT, body)
+        if status != 200:
+            raise RuntimeError(f"direct llama-server: {status} {answer}")
         return (time.perf_counter() - began) * 1000
     finally:
         _bench.stop_process(proc)
