@@ -32,7 +32,14 @@ from swapd._exchange import EXCHANGE, count
 from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
-from swapd.proxy import Proxy, forwarded_headers, model_from_json, pass_body, read_body
+from swapd.proxy import (
+    Proxy,
+    forwarded_headers,
+    model_from_json,
+    pass_body,
+    read_body,
+    read_large_off_loop,
+)
 from swapd.states import State
 from swapd.upstream import UpstreamError, UpstreamResponse
 
@@ -103,14 +110,14 @@ class ColdStreams:
         count(request)
         proxy = self.proxy
         body = await read_body(request, proxy.max_body, proxy.body_timeout)
-        model = model_from_json(body)
+        model = await read_large_off_loop(body, model_from_json)
         # Cheapest test first: most requests do not stream and most models are ready, so
         # the body is parsed only for a stream that may wait (not a snapshot, not a parse
         # on every streamed request: both lie on the way to the first chunk).
         if (
             b'"stream"' in body
             and self.manager.slot_for(model).state is not State.READY
-            and wants_stream(body)
+            and await read_large_off_loop(body, wants_stream)
         ):
             return await self._cold(request, model, body)
         return await proxy.forward(request, model, body)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import select
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +217,58 @@ def test_deeply_nested_json_is_400(edge: Daemon) -> None:
     )
     assert (status, data["error"]["code"]) == (400, "json_too_deep")
     assert "Traceback" not in edge.log_path.read_text()
+
+
+# Loaded by swapd's interpreter (``sitecustomize``): the nesting check of a body over
+# 1 MiB waits until the test lets it go, as a slow parse of a huge body would.
+HELD_BODY_CHECK = """
+import pathlib
+import time
+
+import swapd._json
+
+checked = swapd._json.check_depth
+folder = pathlib.Path({folder!r})
+
+
+def held(body):
+    if len(body) > 1024 * 1024:
+        (folder / "entered").touch()
+        give_up = time.monotonic() + 60
+        while not (folder / "release").exists() and time.monotonic() < give_up:
+            time.sleep(0.01)
+    return checked(body)
+
+
+swapd._json.check_depth = held
+"""
+
+
+def test_a_large_body_is_read_for_its_model_off_the_event_loop(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """While a 2 MiB body is checked and read for its model, swapd answers other requests.
+
+    Those steps ran on the event loop: a 60 MiB chat took 0.25 s, and a body whose model
+    lies far from both ends is parsed whole, during which nobody else was served.
+    """
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HELD_BODY_CHECK.format(folder=str(hook)))
+    d = start_daemon(
+        {"a": fake_preset("A")},
+        env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])},
+    )
+    big = {"messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}], "model": "a"}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(d.request, "POST", "/v1/chat/completions", big)
+        try:
+            wait_for((hook / "entered").exists)
+            # A loop held by the check would not answer until the hook gave up.
+            assert d.request("GET", "/health", timeout=20)[0] == 200
+        finally:
+            (hook / "release").touch()
+        assert pending.result()[0] == 200
 
 
 def test_header_bytes_outside_latin1_are_forwarded_unchanged(edge: Daemon) -> None:
