@@ -34,6 +34,10 @@ READY_POLL_GROWTH = 1.5
 READY_POLL_GAP = 0.001  # the least time between two polls, however much it prints
 # How long to keep reading a backend's output after its leader exits.
 OUTPUT_GRACE = 1.0
+# How long a SIGKILLed leader may take to exit. Past it the process is stuck in the
+# kernel (uninterruptible sleep: a hung driver or network file system), where no signal
+# reaches it; the stop goes on without it rather than hold the model's slot for good.
+KILL_WAIT = 10.0
 _log = get_logger("swapd.process")
 
 
@@ -51,6 +55,16 @@ def _live_member(pgid: int) -> bool:
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False
+
+
+def _process_state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` (``D``: uninterruptible sleep), or ``?``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "?"
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[0] if fields else "?"
 
 
 class Child:
@@ -75,6 +89,7 @@ class Child:
         self.stop_signal = stop_signal
         self.cgroup = cgroup  # its own cgroup, where swapd may make one
         self.escaped = False  # a helper outside the group outlived the leader
+        self.unkillable = False  # SIGKILL did not end the leader within KILL_WAIT
         self.backend_id = marks.new_backend_id()  # in its environment: finds escaped helpers
         self._sweep: asyncio.Task[None] | None = None
         self._joined: asyncio.Task[None] | None = None
@@ -250,9 +265,15 @@ class Child:
         except OSError as exc:  # /proc unreadable: nothing to find them by
             _log.warning("backend.sweep.failed", model=self.model, error=str(exc))
             return
-        if escaped:
+        self._report_escaped(escaped)
+
+    def _report_escaped(self, pids: Sequence[int]) -> None:
+        """Log the pids killed outside the group (not a leader reported as unkillable)."""
+        if self.unkillable and self._proc is not None:
+            pids = [pid for pid in pids if pid != self._proc.pid]
+        if pids:
             self.escaped = True
-            _log.warning("backend.escaped.killed", model=self.model, pids=escaped)
+            _log.warning("backend.escaped.killed", model=self.model, pids=pids)
 
     def _signal_group(self, sig: signal.Signals) -> bool:
         if self._proc is None:
@@ -296,6 +317,29 @@ class Child:
                 await asyncio.shield(self._stopping)
             raise
 
+    async def _exit_after_kill(self) -> int:
+        """The leader's exit code once SIGKILL has ended it; -SIGKILL if it has not in time.
+
+        The wait goes on in the background: the process is reaped whenever it exits.
+        """
+        assert self._proc is not None  # noqa: S101 - a stop checks it
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.wait_exit()), KILL_WAIT)
+        except TimeoutError:
+            self.unkillable = True
+            pid = self._proc.pid
+            _log.error(
+                "backend.unkillable",
+                model=self.model,
+                pid=pid,
+                state=await asyncio.to_thread(_process_state, pid),
+                after_s=KILL_WAIT,
+                detail="SIGKILL has not ended it: it is likely stuck in the kernel (state D, "
+                "a hung driver or file system). swapd stops waiting; what it still holds "
+                "counts as used outside swapd until it exits",
+            )
+            return -signal.SIGKILL
+
     async def _terminate(self, timeout: float) -> int:
         assert self._proc is not None  # noqa: S101 - stop checks it
         started = time.monotonic()
@@ -306,7 +350,7 @@ class Child:
         except TimeoutError:
             _log.warning("backend.kill", model=self.model, pid=self._proc.pid, after_s=timeout)
             self._signal_group(signal.SIGKILL)
-            code = await self.wait_exit()
+            code = await self._exit_after_kill()
         # The leader is gone; stragglers in its group (forked helpers) get the rest of the
         # grace period, then SIGKILL.
         deadline = started + timeout
@@ -317,10 +361,7 @@ class Child:
             if self._joined is not None:
                 await asyncio.shield(self._joined)  # never kill and remove a cgroup mid-join
             # Whatever is left there left the group (setsid): end it too.
-            escaped = await asyncio.to_thread(cgroups.kill, self.cgroup)
-            if escaped:
-                self.escaped = True
-                _log.warning("backend.escaped.killed", model=self.model, pids=escaped)
+            self._report_escaped(await asyncio.to_thread(cgroups.kill, self.cgroup))
         if self._sweep is None:
             # Then by the mark in their environment: helpers outside any cgroup, or forked
             # before the backend joined its own. Off the stop's path (a scan of every

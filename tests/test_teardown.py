@@ -132,3 +132,69 @@ def test_marked_pids_finds_a_backends_mark_in_proc_environ(tmp_path: Path) -> No
     assert marks.marked_pids("run1:1", proc=str(tmp_path)) == [10]
     assert marks.marked_pids("run1:", prefix=True, proc=str(tmp_path)) == [10, 11]
     assert marks.marked_pids("run3:", prefix=True, proc=str(tmp_path)) == []
+
+
+# Loaded by swapd's interpreters (``sitecustomize``): SIGKILL sent to the pid written in
+# ``flag`` goes nowhere, as for a process stuck in the kernel (state D); KILL_WAIT is 1 s.
+UNKILLABLE = """
+import os
+import pathlib
+import signal
+
+import swapd.process
+
+swapd.process.KILL_WAIT = 1.0
+flag = pathlib.Path({flag!r})
+killpg, kill = os.killpg, os.kill
+
+
+def stuck(pid, sig):
+    try:
+        return sig == signal.SIGKILL and int(flag.read_text()) == pid
+    except (OSError, ValueError):
+        return False
+
+
+def killpg_unless_stuck(pgid, sig):
+    if not stuck(pgid, sig):
+        killpg(pgid, sig)
+
+
+def kill_unless_stuck(pid, sig):
+    if not stuck(pid, sig):
+        kill(pid, sig)
+
+
+os.killpg, os.kill = killpg_unless_stuck, kill_unless_stuck
+"""
+
+
+def test_a_backend_that_sigkill_does_not_end_is_let_go(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A leader that SIGKILL does not end (stuck in the kernel) no longer holds its stop.
+
+    The stop waited for its exit with no bound: the unload never answered, and the model
+    stayed ``stopping`` with its slot taken. It now gives up after KILL_WAIT and says so.
+    """
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    flag = hook / "unkillable"
+    (hook / "sitecustomize.py").write_text(UNKILLABLE.format(flag=str(flag)))
+    d = start_daemon(
+        {"a": fake_preset("A", "--ignore-sigterm", stop_timeout="1s")},
+        env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert d.chat("a")[0] == 200
+    pid = d.model("a")["pid"]
+    flag.write_text(str(pid))
+    try:
+        status, body = d.request("POST", "/swapd/models/a/unload", timeout=30)
+        assert (status, body["state"]) == (200, "stopped")
+        [event] = d.events("backend.unkillable")
+        assert (event["pid"], event["model"]) == (pid, "a")
+        assert pid not in [p for e in d.events("backend.escaped.killed") for p in e["pids"]]
+    finally:
+        flag.unlink()
+        _kill(pid)
+    assert d.chat("a")[0] == 200
