@@ -171,3 +171,16 @@ def _answers(d: Daemon) -> bool:
         return d.get("/health")[0] == 200
     except OSError:
         return False
+
+
+def test_a_sighup_during_shutdown_is_skipped(start_daemon: StartDaemon) -> None:
+    """`systemctl reload` while swapd drains: logged and skipped; the shutdown goes on, exit 0."""
+    d = start_daemon({"a": fake_preset("A", "--ignore-sigterm", stop_timeout="3s")})
+    assert d.chat("a")[0] == 200
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: d.events("swapd.shutdown"))  # its backend takes 3 s to stop from here
+    d.proc.send_signal(signal.SIGHUP)
+    assert d.proc.wait(timeout=60) == 0
+    assert [e["reason"] for e in d.events("config.reload.skipped")] == ["shutting down"]
+    assert d.events("config.reload") == []
