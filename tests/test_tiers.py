@@ -10,6 +10,7 @@ does.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 import urllib.request
@@ -131,6 +132,27 @@ def test_no_stream_is_cut_by_a_demotion(
     states = {m: (d.model(m)["state"], d.model(m)["tier"]) for m in ("a", "b")}
     assert states == {"a": ("asleep", "ram"), "b": ("ready", "device")}
     assert fake_stats(d.model("a")["port"])["cancelled"] == 0
+
+
+def test_shutdown_during_a_sleep_waits_for_it_then_stops_the_backend(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """SIGTERM while a vLLM is being put to sleep: the sleep ends, then the stop; exit 0."""
+    d = start_daemon(
+        {"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s")},
+        env={"FAKE_VLLM_HOLD_BYTES": str(HOLD), "FAKE_VLLM_SLEEP_DELAY": "2"},
+    )
+    assert d.chat("v")[0] == 200
+    pid = d.model("v")["pid"]
+    wait_for(lambda: d.model("v")["state"] == "sleeping", timeout=40)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=60) == 0
+    assert [e["pid"] for e in d.events("backend.exit")] == [pid]
+    assert not psutil.pid_exists(pid)
+    log = [json.loads(line) for line in d.log_path.read_text().splitlines()]
+    assert [e["event"] for e in log if e.get("level") in ("error", "critical")] == []
+    assert [e["reason"] for e in d.events("model.sleep")] == ["ttl"]
 
 
 def test_ram_ttl_moves_a_sleeping_model_down_to_disk(

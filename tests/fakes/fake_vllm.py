@@ -8,7 +8,8 @@
   ``FAKE_VLLM_REFUSE_SLEEP_MODE=1`` (the CPU build refuses it);
 - ``FAKE_VLLM_HOLD_BYTES`` bytes of real memory are held while awake: released at
   ``/sleep`` (level 1 and 2) and taken back at ``/wake_up``, so host RAM readings move;
-- ``/sleep`` aborts the streams that are running, as vLLM aborts running requests.
+- ``/sleep`` aborts the streams that are running, as vLLM aborts running requests;
+- ``FAKE_VLLM_SLEEP_DELAY`` seconds pass before a ``/sleep`` answers (a slow offload).
 
 ``FAKE_VLLM_UPSTREAM_ARGS`` passes extra options to the fake upstream (``--probe-file``,
 ``--mem-bytes``, ``--chunks`` ...).
@@ -83,6 +84,7 @@ class FakeVllm(upstream.Fake):
         for task in list(self.streams):
             upstream.log("sleep: aborting a running request")
             task.cancel()
+        await asyncio.sleep(float(os.environ.get("FAKE_VLLM_SLEEP_DELAY", "0")))
         answer = await super().sleep(request)
         self.held.release()
         return answer
