@@ -22,7 +22,7 @@ from swapd.footprints import Footprints
 from swapd.logs import get_logger
 from swapd.needs import Need, estimate_bytes, memory_need
 from swapd.presets import Preset
-from swapd.probe import Device, Probe, Reading, host_memory
+from swapd.probe import HOST_DEVICE, Device, Probe, Reading, host_memory
 
 _log = get_logger("swapd.admission")
 
@@ -87,7 +87,9 @@ class Admission:
 
         def read_all() -> Snapshot:
             readings = {r.device: r for r in self.probe.read(pids)}
-            return Snapshot(readings, host_memory()[1])  # bounded by cgroup limits
+            host = readings.get(HOST_DEVICE.id)  # read just now on a host-RAM probe
+            # Available host memory, bounded by cgroup limits either way.
+            return Snapshot(readings, host.free if host is not None else host_memory()[1])
 
         return await asyncio.to_thread(read_all)
 

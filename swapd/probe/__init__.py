@@ -8,11 +8,12 @@ compute context, which would itself take hundreds of MiB on every device.
 """
 
 from swapd.probe._fake import FakeFileProbe
-from swapd.probe._host import HostRamProbe, host_memory
+from swapd.probe._host import HOST_DEVICE, HostRamProbe, host_memory
 from swapd.probe._open import open_probe
 from swapd.probe._types import Device, DeviceKind, DevicesSpec, MemorySource, Probe, Reading
 
 __all__ = [
+    "HOST_DEVICE",
     "Device",
     "DeviceKind",
     "DevicesSpec",
