@@ -1,4 +1,4 @@
-"""Host RAM bounded by the cgroup v2 limits above swapd (a container, a unit's MemoryMax=).
+"""Host RAM bounded by the cgroup limits above swapd (a container, a unit's MemoryMax=).
 
 The tree is written to a temporary folder in the kernel's format: a limit cannot be
 set on this test's own cgroup everywhere the suite runs.
@@ -40,15 +40,45 @@ def test_the_tightest_limit_on_the_way_up_bounds_total_and_available(tmp_path: P
     assert available == min(memory.available, 2 * GIB - (GIB - GIB // 4))
 
 
-def test_without_a_limit_or_on_cgroup_v1_the_host_is_all(tmp_path: Path) -> None:
-    """No memory.max anywhere, or a v1-only host: /proc/meminfo's numbers stand."""
+def _cgroup_v1(folder: Path, *, limit: int, usage: int, inactive_file: int) -> None:
+    folder.mkdir(parents=True)
+    (folder / "memory.limit_in_bytes").write_text(f"{limit}\n")
+    (folder / "memory.usage_in_bytes").write_text(f"{usage}\n")
+    # v1 lists the cgroup's own counters, then the hierarchy's under total_.
+    (folder / "memory.stat").write_text(
+        f"cache 2\ninactive_file 1\ntotal_cache 2\ntotal_inactive_file {inactive_file}\n"
+    )
+
+
+def test_a_cgroup_v1_memory_limit_bounds_total_and_available(tmp_path: Path) -> None:
+    """A v1 memory controller (older Docker, a hybrid host): its limit counts as v2's does."""
+    memory = tmp_path / "cgroup" / "memory"
+    _cgroup_v1(memory / "docker", limit=2 * GIB, usage=GIB, inactive_file=GIB // 4)
+    # v1's "no limit" is a near-2**63 number, not "max".
+    _cgroup_v1(memory / "docker" / "swapd", limit=9223372036854771712, usage=GIB, inactive_file=0)
+    self_cgroup = tmp_path / "self"
+    self_cgroup.write_text("9:name=systemd:/\n4:memory:/docker/swapd\n1:cpu:/\n0::/\n")
+    limits = memory_limits(tmp_path / "cgroup", self_cgroup)
+    assert [(limit.folder.name, limit.limit) for limit in limits] == [("docker", 2 * GIB)]
+    assert limits[0].room() == 2 * GIB - (GIB - GIB // 4)  # total_inactive_file, not the own
+    total, available = host_memory(limits)
+    assert total == min(psutil.virtual_memory().total, 2 * GIB)
+    assert available <= 2 * GIB - (GIB - GIB // 4)
+
+
+def test_without_a_limit_the_host_is_all(tmp_path: Path) -> None:
+    """No memory limit anywhere, or no memory controller: /proc/meminfo's numbers stand."""
     root = tmp_path / "cgroup"
     _cgroup(root / "a", limit="max", usage=GIB, inactive_file=0)
     unified = tmp_path / "unified"
     unified.write_text("0::/a\n")
     legacy = tmp_path / "legacy"
     legacy.write_text("4:memory:/a\n1:cpu:/\n")
+    _cgroup_v1(root / "memory" / "a", limit=9223372036854771712, usage=GIB, inactive_file=0)
+    no_memory = tmp_path / "no_memory"
+    no_memory.write_text("1:cpu:/\n")
     assert memory_limits(root, unified) == []
     assert memory_limits(root, legacy) == []
+    assert memory_limits(root, no_memory) == []
     assert memory_limits(root, tmp_path / "missing") == []
     assert host_memory([])[0] == psutil.virtual_memory().total
