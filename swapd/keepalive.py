@@ -38,7 +38,6 @@ from swapd.proxy import (
     model_from_json,
     pass_body,
     read_body,
-    read_large_off_loop,
 )
 from swapd.states import State
 from swapd.upstream import UpstreamError, UpstreamResponse
@@ -110,14 +109,14 @@ class ColdStreams:
         count(request)
         proxy = self.proxy
         body = await read_body(request, proxy.max_body, proxy.body_timeout)
-        model = await read_large_off_loop(body, model_from_json)
+        model = await proxy.large_bodies.read(body, model_from_json)
         # Cheapest test first: most requests do not stream and most models are ready, so
         # the body is parsed only for a stream that may wait (not a snapshot, not a parse
         # on every streamed request: both lie on the way to the first chunk).
         if (
             b'"stream"' in body
             and self.manager.slot_for(model).state is not State.READY
-            and await read_large_off_loop(body, wants_stream)
+            and await proxy.large_bodies.read(body, wants_stream)
         ):
             return await self._cold(request, model, body)
         return await proxy.forward(request, model, body)
