@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import os
 import signal
+from collections.abc import Collection
 
 ENV_VAR = "SWAPD_BACKEND_ID"
 # This swapd's run: the pid alone could repeat after a reboot or in another pid namespace.
@@ -36,10 +37,16 @@ def run_prefix(run_id: str = RUN_ID) -> str:
     return f"{run_id}:"
 
 
-def marked_pids(mark: str, *, prefix: bool = False, proc: str = "/proc") -> list[int]:
-    """Processes whose environment carries ``mark`` (or a mark starting with it)."""
+def marked_pids(
+    mark: str, *, prefix: bool = False, proc: str = "/proc", skip: Collection[int] = ()
+) -> list[int]:
+    """Processes whose environment carries ``mark`` (or a mark starting with it).
+
+    ``skip`` is never read: a process stuck in the kernel can block a read of its
+    environment for as long as it is stuck.
+    """
     wanted = f"{ENV_VAR}={mark}".encode()
-    own = {os.getpid(), os.getppid()}
+    own = {os.getpid(), os.getppid(), *skip}
     found = []
     for name in os.listdir(proc):  # noqa: PTH208 - no pathlib here
         if not name.isdigit() or int(name) in own:
@@ -54,11 +61,11 @@ def marked_pids(mark: str, *, prefix: bool = False, proc: str = "/proc") -> list
     return sorted(found)
 
 
-def kill_marked(mark: str, *, prefix: bool = False) -> list[int]:
-    """SIGKILL every process carrying the mark; the pids killed."""
+def kill_marked(mark: str, *, prefix: bool = False, skip: Collection[int] = ()) -> list[int]:
+    """SIGKILL every process carrying the mark (but ``skip``); the pids killed."""
     killed: list[int] = []
     for _ in range(_SWEEPS):
-        pids = [pid for pid in marked_pids(mark, prefix=prefix) if pid not in killed]
+        pids = [pid for pid in marked_pids(mark, prefix=prefix, skip=skip) if pid not in killed]
         if not pids:
             break
         for pid in pids:

@@ -57,6 +57,15 @@ def _live_member(pgid: int) -> bool:
     return False
 
 
+def _stuck_in_group(pid: int, pgid: int) -> bool:
+    """Whether ``pid`` is still in group ``pgid`` or stuck in the kernel: not an escape."""
+    try:
+        in_group = os.getpgid(pid) == pgid
+    except OSError:
+        return False  # gone: it was killed, so it had left the group
+    return in_group or _process_state(pid) == "D"
+
+
 def _process_state(pid: int) -> str:
     """The kernel's one-letter state of ``pid`` (``D``: uninterruptible sleep), or ``?``."""
     try:
@@ -90,6 +99,7 @@ class Child:
         self.cgroup = cgroup  # its own cgroup, where swapd may make one
         self.escaped = False  # a helper outside the group outlived the leader
         self.unkillable = False  # SIGKILL did not end the leader within KILL_WAIT
+        self._reaped: asyncio.Task[None] | None = None  # waits for such a leader's exit
         self.backend_id = marks.new_backend_id()  # in its environment: finds escaped helpers
         self._sweep: asyncio.Task[None] | None = None
         self._joined: asyncio.Task[None] | None = None
@@ -261,16 +271,18 @@ class Child:
     async def _end_marked(self) -> None:
         """Kill the processes that left the group but still carry this backend's mark."""
         try:
-            escaped = await asyncio.to_thread(marks.kill_marked, self.backend_id)
+            skip = (self._proc.pid,) if self.unkillable and self._proc is not None else ()
+            escaped = await asyncio.to_thread(marks.kill_marked, self.backend_id, skip=skip)
         except OSError as exc:  # /proc unreadable: nothing to find them by
             _log.warning("backend.sweep.failed", model=self.model, error=str(exc))
             return
         self._report_escaped(escaped)
 
     def _report_escaped(self, pids: Sequence[int]) -> None:
-        """Log the pids killed outside the group (not a leader reported as unkillable)."""
+        """Log the pids killed outside the group (not members stuck with an unkillable leader)."""
         if self.unkillable and self._proc is not None:
-            pids = [pid for pid in pids if pid != self._proc.pid]
+            leader = self._proc.pid
+            pids = [pid for pid in pids if pid != leader and not _stuck_in_group(pid, leader)]
         if pids:
             self.escaped = True
             _log.warning("backend.escaped.killed", model=self.model, pids=pids)
@@ -327,6 +339,7 @@ class Child:
             return await asyncio.wait_for(asyncio.shield(self.wait_exit()), KILL_WAIT)
         except TimeoutError:
             self.unkillable = True
+            self._reaped = asyncio.create_task(self._reap_stuck(), name=f"reap:{self.model}")
             pid = self._proc.pid
             _log.error(
                 "backend.unkillable",
@@ -339,6 +352,14 @@ class Child:
                 "counts as used outside swapd until it exits",
             )
             return -signal.SIGKILL
+
+    async def _reap_stuck(self) -> None:
+        """Once an unkillable leader exits at last: log it, and remove its cgroup."""
+        assert self._proc is not None  # noqa: S101 - only after a kill
+        code = await self.wait_exit()
+        _log.info("backend.unkillable.exit", model=self.model, pid=self._proc.pid, code=code)
+        if self.cgroup is not None and self.cgroup.exists():  # the stop could not remove it
+            await asyncio.to_thread(cgroups.kill, self.cgroup)
 
     async def _terminate(self, timeout: float) -> int:
         assert self._proc is not None  # noqa: S101 - stop checks it

@@ -197,4 +197,6 @@ def test_a_backend_that_sigkill_does_not_end_is_let_go(
     finally:
         flag.unlink()
         _kill(pid)
+    [late] = wait_for(lambda: d.events("backend.unkillable.exit"))
+    assert late["pid"] == pid  # reaped once it died at last
     assert d.chat("a")[0] == 200
