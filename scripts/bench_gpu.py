@@ -8,13 +8,13 @@ probe, admission and footprint measurement are the real ones, read through NVML.
   (a holder of N bytes as NVML lists it, minus N);
 * ``probe``: one read of swapd's NVML probe (device totals plus the process
   list), median and p99 over ``--reads``, with no holder and with 8 holders alive;
-* ``start``: the fake upstream started directly until its /health answers,
-  against the same model's first request through swapd (start, admission and
-  the answer), ``--rounds`` times each, interleaved; the ratio is swapd's;
+* ``start``: the fake upstream started directly until it answers a first
+  completion, against the same model's first request through swapd (start,
+  admission and the answer), ``--rounds`` times each, interleaved; the ratio is
+  swapd's;
 * ``lru``: three models of ``--hold`` bytes under a budget that fits two; the
-  requests a, b, a, c; per step the time to answer, swapd's measured footprint
-  against NVML's figure for the same pid, the victims, and the time until NVML
-  no longer lists the victim;
+  requests a, b, a, c; per step the time to answer and swapd's measured footprint
+  against NVML's figure for the same pid; the victims (b, or the run fails);
 * ``outside``: a process outside swapd takes all but 1 GiB; a request for a model
   that needs more gets 503 at once; once the process exits, the same request loads;
 * ``llama`` (with ``--llama-server``, a CUDA build): a random-weight llama GGUF of
@@ -145,6 +145,14 @@ def _answer(swapd: Swapd, model: str) -> tuple[int, Any, float]:
     return status, answer, (time.perf_counter() - began) * 1000
 
 
+def _first_answer(port: int) -> None:
+    """The same one-token completion a request through swapd asks, sent directly."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    status, answer = _bench.http_json("POST", port, CHAT, body)
+    if status != 200:
+        raise RuntimeError(f"direct backend: {status} {answer}")
+
+
 def _healthy(port: int) -> bool:
     return _bench.http_status(port, "/health") == 200
 
@@ -165,6 +173,7 @@ def start_cost(hold: int, rounds: int) -> Json:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
             try:
                 _bench.wait_until(partial(_healthy, port), 60)
+                _first_answer(port)
                 direct.append((time.perf_counter() - began) * 1000)
             finally:
                 _bench.stop_process(proc)
@@ -203,6 +212,8 @@ def lru(nvml: Any, hold: int) -> Json:
                 }
             )
         victims = [e["victims"] for e in swapd.events("model.evict")]
+        if victims != [["b"]]:  # too small a context for --hold: all three fitted
+            raise RuntimeError(f"expected b to be evicted, not {victims}: lower --hold")
         stopped = {e["model"]: e for e in swapd.events("model.stop")}
         states = {n: swapd.model(n)["state"] for n in presets}
     finally:
@@ -261,10 +272,7 @@ def _direct_llama(binary: str, model: Path) -> float:
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _bench.wait_until(partial(_healthy, port), 120, interval=0.005)
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-        status, answer = _bench.http_json("POST", port, CHAT, body)
-        if status != 200:
-            raise RuntimeError(f"direct llama-server: {status} {answer}")
+        _first_answer(port)
         return (time.perf_counter() - began) * 1000
     finally:
         _bench.stop_process(proc)
