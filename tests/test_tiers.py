@@ -10,6 +10,7 @@ does.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -153,6 +154,68 @@ def test_shutdown_during_a_sleep_waits_for_it_then_stops_the_backend(
     log = [json.loads(line) for line in d.log_path.read_text().splitlines()]
     assert [e["event"] for e in log if e.get("level") in ("error", "critical")] == []
     assert [e["reason"] for e in d.events("model.sleep")] == ["ttl"]
+
+
+# Loaded by swapd's interpreter (``sitecustomize``): reading v's cost the first time it
+# sleeps takes 3 s more, and a file says when it is done, so a wake can land meanwhile.
+SLOW_SLEEP_COST = """
+import asyncio
+import pathlib
+
+import swapd.manager
+
+cost = swapd.manager.Manager._asleep_cost
+done = pathlib.Path({done!r})
+
+
+async def slowly(self, slot):
+    if slot.preset.name != "v" or done.exists():
+        return await cost(self, slot)
+    await asyncio.sleep(3)
+    try:
+        return await cost(self, slot)
+    finally:
+        done.touch()
+
+
+swapd.manager.Manager._asleep_cost = slowly
+"""
+
+
+def test_a_wake_while_the_sleep_cost_is_read_books_no_ram(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """Woken before its sleep's cost was read: once read, the cost is not booked in ram.
+
+    It was: a ready model then counted in the ram tier, against ram_budget. The wake's
+    stream keeps it busy (so awake) until the cost has been read.
+    """
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    done = hook / "cost-read"
+    (hook / "sitecustomize.py").write_text(SLOW_SLEEP_COST.format(done=str(done)))
+    path = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
+    d = start_daemon(
+        {"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s")},
+        env={
+            "FAKE_VLLM_HOLD_BYTES": str(HOLD),
+            "FAKE_VLLM_UPSTREAM_ARGS": "--chunks 100 --chunk-interval 0.1",
+            "PYTHONPATH": path,
+        },
+    )
+    assert d.chat("v")[0] == 200
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
+    assert not done.exists()  # its cost is being read
+    with ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(d.chat, "v", stream=True)  # the wake, then 10 s of chunks
+        wait_for(lambda: d.model("v")["in_flight"] == 1)
+        wait_for(done.exists)
+        status = d.get("/swapd/status")[1]
+        assert status["tiers"]["ram"]["bytes"] == 0
+        [v] = status["models"]
+        assert (v["state"], v["tier"], v["memory"]["ram"] or 0) == ("ready", "device", 0)
+        assert d.events("model.sleep") == []  # it never reached the ram tier
+        assert stream.result()[0] == 200
 
 
 def test_ram_ttl_moves_a_sleeping_model_down_to_disk(
