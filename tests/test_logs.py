@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
+import time
+from pathlib import Path
 
 import pytest
 from conftest import StartDaemon
@@ -114,3 +117,65 @@ def test_a_lines_count_that_is_not_a_plain_number_is_a_400(
         assert (status, body["lines"]) == (200, everything)
     assert len(d.get("/swapd/models/a/logs?lines=1")[1]["lines"]) == 1
     assert d.get("/swapd/models/a/logs")[1]["lines"] == everything[-100:]
+
+
+# Loaded by swapd's interpreter (``sitecustomize``): while ``flag`` exists, an event
+# stream's headers wait 2 s before they go out, the window in which a follow's first
+# lines are being written.
+SLOW_STREAM_START = """
+import asyncio
+import pathlib
+
+from aiohttp import web
+
+prepare = web.StreamResponse.prepare
+flag = pathlib.Path({flag!r})
+
+
+async def slowly(self, request):
+    if flag.exists() and self.content_type == "text/event-stream":
+        await asyncio.sleep(2)
+    return await prepare(self, request)
+
+
+web.StreamResponse.prepare = slowly
+"""
+
+
+def test_a_follow_misses_no_line_printed_while_it_starts(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Lines a backend prints while a follow writes its first lines come after them.
+
+    The follow took its cursor only after the first lines were written, so whatever was
+    printed meanwhile was skipped.
+    """
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    flag = hook / "slow"
+    (hook / "sitecustomize.py").write_text(SLOW_STREAM_START.format(flag=str(flag)))
+    d = start_daemon(
+        {"a": fake_preset("A")},
+        env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert d.chat("a")[0] == 200
+    flag.touch()
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    try:
+        conn.putrequest("GET", "/swapd/models/a/logs?follow=true&lines=1")
+        conn.endheaders()
+        # Within the 2 s before the stream starts: a new process prints a line.
+        assert d.request("POST", "/swapd/models/a/unload")[0] == 200
+        assert d.chat("a")[0] == 200
+        response = conn.getresponse()
+        flag.unlink()
+        seen: list[str] = []
+        give_up = time.monotonic() + 20  # keep-alive comments come between lines meanwhile
+        while len(seen) < 2 and time.monotonic() < give_up:
+            line = response.fp.readline().decode()
+            if line.startswith("data:"):
+                seen.append(line)
+        assert len(seen) == 2, seen  # the old process's line, then the new one's
+        assert all("listening on" in line for line in seen)
+    finally:
+        conn.close()
