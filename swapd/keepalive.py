@@ -32,13 +32,7 @@ from swapd._exchange import EXCHANGE, count
 from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
-from swapd.proxy import (
-    Proxy,
-    forwarded_headers,
-    model_from_json,
-    pass_body,
-    read_body,
-)
+from swapd.proxy import Proxy, forwarded_headers, model_from_json, pass_body, read_body
 from swapd.states import State
 from swapd.upstream import UpstreamError, UpstreamResponse
 
