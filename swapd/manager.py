@@ -80,6 +80,10 @@ _RELEASE_POLL = 0.05
 _TIMER_SLACK = 0.002
 # How long after ready a backend's memory is measured.
 _MEASURE_DELAY = 1.0
+# A measure this far over what a load was admitted with is worth a warning: a fifth
+# more, and more than a small model's noise.
+_ADMITTED_LOW_RATIO = 1.2
+_ADMITTED_LOW_SLACK = 64 * 1024 * 1024
 # An expired ram_ttl met a wake under way: how soon to look again.
 _RAM_TTL_RECHECK_S = 1.0
 # Backoff after failed starts: 1 s doubling to 60 s; after this many in a row, no retries
@@ -1225,8 +1229,31 @@ class Manager:
             slot.memory_source = reading.source
             self.footprints.put(slot.preset, device.kind, slot.measured)
             _log.info("model.measure", model=slot.preset.name, bytes=slot.measured)
+            self._warn_if_admitted_low(slot)
         except Exception as exc:  # noqa: BLE001 - a failed measurement must not vanish
             _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
+
+    def _warn_if_admitted_low(self, slot: Slot) -> None:
+        """Say so when a backend took well over what it was admitted with.
+
+        Admission counted the smaller number until now, so a load beside it could have
+        run the device short; the measure counts from here on. Seen on CUDA: llama-server
+        measured 2962 MiB against an estimate of 1862.
+        """
+        need, measured = slot.need, slot.measured
+        if need is None or measured is None or need.source == "measured":
+            return
+        if measured > need.bytes * _ADMITTED_LOW_RATIO + _ADMITTED_LOW_SLACK:
+            _log.warning(
+                "model.need.low",
+                model=slot.preset.name,
+                admitted=need.bytes,
+                measured=measured,
+                source=need.source,
+                detail="the backend took more than its load was admitted with; swapd counts "
+                "the measure from now on. To count it from the first load, set `memory:` "
+                "in the preset",
+            )
 
     async def _watch(self, slot: Slot, child: Child) -> None:
         """Notice a backend that exits by itself while ready, draining or asleep."""

@@ -170,3 +170,27 @@ def test_an_idle_loader_never_holds(start_daemon: StartDaemon, tmp_path: Path) -
     assert d.chat("rare")[0] == 200
     assert d.events("model.hold.start") == []
     assert [e["victims"] for e in d.events("model.evict")] == [["often"]]
+
+
+def test_a_backend_that_takes_more_than_it_was_admitted_with_is_named(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Declared 1 GiB, measured 2 GiB: model.need.low says so; a true declaration does not."""
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": 0}})
+    over = ("--probe-file", str(probe), "--mem-bytes", str(2 * GIB))
+    d = start_daemon(
+        {
+            "over": fake_preset("O", *over, memory=GIB, devices=[0]),
+            "true": _gpu_preset("true", probe, 0),
+        },
+        {"devices": "auto", "reserve": 0},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    assert d.chat("over")[0] == 200
+    assert d.chat("true")[0] == 200
+    wait_for(lambda: len(d.events("model.measure")) == 2)
+    [low] = d.events("model.need.low")
+    assert (low["model"], low["admitted"], low["measured"]) == ("over", GIB, 2 * GIB)
+    assert low["source"] == "preset"
+    assert "memory:" in low["detail"]
