@@ -574,6 +574,10 @@ class Manager:
             from_tier=from_tier,
             load_s=round(load_s, 3),
         )
+        # Armed now, not only when a lease ends: the request that asked for this load
+        # may have gone (a client that hung up), and then no lease ever would. A waiter
+        # that takes its lease next cancels it.
+        self._arm_ttl(slot)
 
     def _loaded(self, name: str) -> None:
         """A load or wake ended, well or not: keep its span for :meth:`_loader_busy`."""
@@ -1524,8 +1528,7 @@ class Manager:
             else:
                 with contextlib.suppress(RequestError):
                     await asyncio.shield(load)
-        if slot.demote_task is not None:
-            await asyncio.shield(slot.demote_task)
+        await self._quiet(slot)
         if slot.state in (State.FAILED, State.BACKOFF) and slot.child is None:
             slot.move((State.FAILED, State.BACKOFF), State.STOPPED)
         if not force:
@@ -1604,9 +1607,27 @@ class Manager:
             with contextlib.suppress(RequestError):
                 await asyncio.shield(busy[0])
 
+    async def _quiet(self, slot: Slot) -> None:
+        """Wait out what an unload cannot cut short: a demotion, a sleep, a dead group's reaping.
+
+        Each ends in a state the unload then stops from (asleep, failed, stopped); acted on
+        in the middle, the unload would answer while the model went on to sleep, or to back
+        off as if it had failed.
+        """
+        while True:
+            if slot.demote_task is not None:
+                await asyncio.shield(slot.demote_task)
+            elif slot.sleep_task is not None:
+                await asyncio.shield(slot.sleep_task)
+            elif self._reaping(slot):
+                await self._changed.wait()
+            else:
+                return
+
     async def _drain_and_stop(self, slot: Slot, reason: str) -> None:
         """Let requests in flight finish (no new leases), then stop down to disk."""
         while True:
+            await self._quiet(slot)
             if slot.state is State.READY and slot.in_flight > 0:
                 slot.move(State.READY, State.DRAINING)
                 self._cancel_ttl(slot)

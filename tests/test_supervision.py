@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, wait_for
 from fakes import probe_file
@@ -352,3 +353,65 @@ def test_force_unload_cuts_requests_in_flight(start_daemon: StartDaemon) -> None
         status, body = stuck.result()
     assert status == 502
     assert body["error"]["code"] == "backend_gone"
+
+
+# Loaded by swapd's interpreter (``sitecustomize``): reaping a dead backend's group takes
+# 3 s more the first time, the window in which an unload can land.
+SLOW_REAP = """
+import asyncio
+
+import swapd.process
+
+stop = swapd.process.Child.stop
+slowed = set()
+
+
+async def slowly(self, timeout):
+    if self.exit_code is not None and id(self) not in slowed:
+        slowed.add(id(self))
+        await asyncio.sleep(3)
+    return await stop(self, timeout)
+
+
+swapd.process.Child.stop = slowly
+"""
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_an_unload_while_a_crashed_backend_is_reaped_leaves_it_stopped(
+    start_daemon: StartDaemon, tmp_path: Path, *, force: bool
+) -> None:
+    """The unload waits for the dead group to be reaped, then the model is stopped.
+
+    It answered ``failed`` at once, and the reaping went on to count a failure: the model
+    backed off (503) after the user had unloaded it.
+    """
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_REAP)
+    d = start_daemon(
+        {"a": fake_preset("A", "--crash-after", "1")},
+        env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert d.chat("a")[0] == 200
+    assert d.chat("a")[0] == 502  # the backend dies on its second request
+    wait_for(lambda: d.model("a")["state"] == "failed")
+    query = "?force=true" if force else ""
+    status, body = d.request("POST", f"/swapd/models/a/unload{query}")
+    assert (status, body["state"], body["pid"]) == (200, "stopped", None)
+    assert d.model("a")["state"] == "stopped"
+    assert d.chat("a")[0] == 200  # started afresh, not refused for a backoff
+
+
+def test_a_load_whose_client_hung_up_still_expires(start_daemon: StartDaemon) -> None:
+    """The only requester of a slow start hangs up: the model still stops after its TTL.
+
+    Only a lease's end armed the TTL, and this load had none: ready, idle, for good.
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", "2", ttl="1s")})
+    body = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(TimeoutError):  # the client gives up while the backend starts
+        d.request("POST", "/v1/chat/completions", body, timeout=0.5)
+    wait_for(lambda: d.model("a")["state"] == "ready")
+    wait_for(lambda: d.model("a")["state"] == "stopped")
+    assert [e["model"] for e in d.events("model.ttl.expire")] == ["a"]

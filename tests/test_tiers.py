@@ -218,6 +218,27 @@ def test_a_wake_while_the_sleep_cost_is_read_books_no_ram(
         assert stream.result()[0] == 200
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_an_unload_during_a_sleep_stops_the_model(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path, *, force: bool
+) -> None:
+    """An unload while a vLLM is being put to sleep waits for the sleep, then stops it.
+
+    It answered at once and did nothing: the model went on to sleep in the ram tier.
+    """
+    d = start_daemon(
+        {"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s")},
+        env={"FAKE_VLLM_SLEEP_DELAY": "2"},
+    )
+    assert d.chat("v")[0] == 200
+    pid = d.model("v")["pid"]
+    wait_for(lambda: d.model("v")["state"] == "sleeping", timeout=40)
+    query = "?force=true" if force else ""
+    status, body = d.request("POST", f"/swapd/models/v/unload{query}")
+    assert (status, body["state"], body["tier"]) == (200, "stopped", "disk")
+    assert [e["pid"] for e in d.events("backend.exit")] == [pid]
+
+
 def test_ram_ttl_moves_a_sleeping_model_down_to_disk(
     start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
 ) -> None:
