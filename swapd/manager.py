@@ -1309,6 +1309,9 @@ class Manager:
                 if slot.failures and self._proven(slot):
                     slot.failures = 0  # its start has proven good
                 continue
+            if slot.child is not child or slot.state not in (State.READY, State.DRAINING):
+                misses = 0  # moved while probed (stopping, asleep, crashed): not a miss
+                continue
             misses += 1
             _log.warning("backend.probe.miss", model=preset.name, misses=misses)
             if misses >= preset.health_failures:
