@@ -168,6 +168,8 @@ def _last_member_of_top(body: bytes, at: int, after: int) -> bool:
     running = list(
         accumulate(memoryview(_outside_strings(rest).translate(_SIGNS, _NOT_BRACKETS)).cast("b"))
     )
+    if not running:
+        return False  # the closing brace lies inside a string: not JSON, the parser says why
     # Never below the member's own object until the last byte, which closes it.
     return running[-1] == -1 and min(running[:-1], default=0) >= 0
 

@@ -124,7 +124,8 @@ class LargeBodies:
 
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
-_FIELD_NAME = re.compile(rb'name="([^"]*)"', re.IGNORECASE)
+# The name parameter itself, not the end of filename="...".
+_FIELD_NAME = re.compile(rb'(?<![\w-])name="([^"]*)"', re.IGNORECASE)
 
 
 def model_from_json(body: bytes) -> str:
@@ -379,10 +380,11 @@ def _write_at_once(request: web.Request) -> Callable[[bytes], bool] | None:
 
 
 def _header_text(value: bytes) -> str:
-    """A header value as text that aiohttp writes back as the same bytes.
+    """A backend's header value as text for aiohttp, which writes it out as UTF-8.
 
-    aiohttp encodes header text as UTF-8, so UTF-8 bytes (a file name in
-    Content-Disposition) round-trip as they came; other bytes are read as latin-1.
+    UTF-8 bytes (a file name in Content-Disposition) go out as they came. Other bytes
+    are read as latin-1 and so reach the client re-encoded (byte E9 as C3 A9):
+    aiohttp has no way to write raw header bytes. Backends send ASCII in practice.
     """
     try:
         return value.decode()

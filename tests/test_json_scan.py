@@ -172,3 +172,13 @@ def test_the_nesting_cap_holds_when_the_scan_finds_the_model() -> None:
 def test_the_rest_of_the_body_is_the_backends_to_judge() -> None:
     """Once the scan has the model, a broken tail is forwarded; the backend answers it."""
     assert model_from_json(b'{"model": "m", "messages": [') == "m"
+
+
+def test_a_string_left_open_to_the_end_is_a_400() -> None:
+    """A body whose last brace lies inside an unclosed string is refused as bad JSON.
+
+    The scan from the end found no bracket outside strings and raised IndexError: a 500.
+    """
+    body = b'{"messages": "' + b"x" * (2 * SCAN_PREFIX) + b'", "model": "m", "x": "}'
+    with pytest.raises(BadRequest, match="JSON"):
+        model_from_json(body)

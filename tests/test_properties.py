@@ -134,6 +134,16 @@ def test_multipart_forms_give_their_model_field(
     assert got == models[0]
 
 
+def test_a_file_named_model_is_not_the_model_field() -> None:
+    """``filename="model"`` before ``name="file"`` is a file part, not the model field."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; filename="model"; name="file"\r\n\r\n'
+        b"RIFFDATA\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n--b--\r\n'
+    )
+    assert model_from_multipart(body, "multipart/form-data; boundary=b") == "whisper"
+
+
 @FAST
 @given(st.binary(max_size=300), st.text(max_size=80))
 def test_any_form_bytes_give_a_model_or_bad_request(body: bytes, content_type: str) -> None:
