@@ -183,12 +183,13 @@ class Manager:
         self._closing = False
         # Loads that a forced unload cancelled: their waiters are answered, not cancelled.
         self._cut_loads: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
-        # Launches (by fingerprint) whose backend refused --enable-sleep-mode, with its line.
+        self._retiring: list[Slot] = []  # removed by a reload, still draining or stopping
         self.cgroups: Cgroups | None = None
         if config.cgroups:
             self.cgroups, why = Cgroups.open()
             if self.cgroups is None:
                 _log.info("cgroup.fallback", reason=why)
+        # Launches (by fingerprint) whose backend refused --enable-sleep-mode, with its line.
         self._sleep_refused: dict[str, str] = {}
         self._model_bytes: dict[str, int] = {}
         self.staging: StagingCache | None = None
@@ -1574,6 +1575,7 @@ class Manager:
         for preset in plan.restarted:
             self._restart_later(slots[preset.name], preset)
         for name in plan.removed:
+            self._retiring.append(old[name])
             self._spawn_task(self._retire(old[name]), f"retire:{name}")
         self.metrics.forget(plan.removed)
         for preset in plan.added:
@@ -1688,10 +1690,13 @@ class Manager:
     async def _retire(self, slot: Slot) -> None:
         """A removed model: finish what it serves, then stop it for good."""
         _log.info("model.reload", model=slot.preset.name, change="removed")
-        await self._settle(slot)
-        await self._drain_and_stop(slot, "removed")
-        self._cancel_ttl(slot)
-        self._cancel_ram_ttl(slot)
+        try:
+            await self._settle(slot)
+            await self._drain_and_stop(slot, "removed")
+            self._cancel_ttl(slot)
+            self._cancel_ram_ttl(slot)
+        finally:
+            self._retiring.remove(slot)
 
     async def begin_shutdown(self) -> None:
         """Take no new work: loads in progress are cancelled and their waiters get 503.
@@ -1706,26 +1711,28 @@ class Manager:
         _log.info("swapd.drain", in_flight=sum(s.in_flight for s in self.slots.values()))
 
     async def close(self) -> None:
-        """Stop every backend and release every held page (shutdown)."""
+        """Stop every backend and release every held page (shutdown).
+
+        Models a reload removed and that still drain are stopped too, as the rest: left to
+        the reaper, they would get SIGKILL with no grace.
+        """
         self._closing = True
-        for slot in self.slots.values():
+        everyone = [*self.slots.values(), *self._retiring]
+        for slot in everyone:
             self._cancel_ttl(slot)
             self._cancel_ram_ttl(slot)
             if slot.load_task is not None and not slot.load_task.done():
                 slot.load_task.cancel()
-        loads = [s.load_task for s in self.slots.values() if s.load_task is not None]
+        loads = [s.load_task for s in everyone if s.load_task is not None]
         await asyncio.gather(*loads, return_exceptions=True)
         # A sleep under way ends (ASLEEP, or FAILED) before the stops below: stopped in the
         # middle of it, its record and state would be left to the sleep's own ending.
         busy = [
-            t
-            for s in self.slots.values()
-            for t in (s.demote_task, s.stop_task, s.sleep_task)
-            if t is not None
+            t for s in everyone for t in (s.demote_task, s.stop_task, s.sleep_task) if t is not None
         ]
         await asyncio.gather(*busy, return_exceptions=True)
         stops = []
-        for slot in self.slots.values():
+        for slot in everyone:
             if slot.child is None:
                 continue
             if slot.state in (State.READY, State.DRAINING, State.ASLEEP):
@@ -1733,7 +1740,7 @@ class Manager:
             else:
                 stops.append(self._spawn_task(slot.child.stop(slot.preset.stop_timeout), "stop"))
         await asyncio.gather(*stops, return_exceptions=True)
-        for slot in self.slots.values():
+        for slot in everyone:
             pages, slot.pages = slot.pages, None
             if pages is not None:
                 pages.close()

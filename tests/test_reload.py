@@ -228,3 +228,30 @@ def test_launch_changes_restart_and_other_changes_do_not(tmp_path: Path) -> None
     assert [p.name for p in plan.restarted] == ["b", "c"]
     assert [p.name for p in plan.in_place] == ["a"]
     assert (plan.removed, [p.name for p in plan.added]) == (("d",), ["e"])
+
+
+def test_shutdown_stops_a_removed_model_that_still_drains(start_daemon: StartDaemon) -> None:
+    """Removed by a reload while it streams, then swapd stops: swapd stops its backend too.
+
+    Shutdown stopped only the models of the current config; the removed one was left to
+    the reaper's SIGKILL after swapd exited, with no grace and no ``backend.exit``.
+    """
+    d = start_daemon(
+        {
+            "a": fake_preset("A", "--chunks", "100", "--chunk-interval", "0.1"),
+            "b": fake_preset("B"),
+        },
+        {"shutdown_timeout": "1s"},
+    )
+    stream = Stream(d, "a")  # ten seconds of chunks
+    wait_for(lambda: d.model("a")["in_flight"] == 1)
+    a_pid = pid(d, "a")
+    d.presets = {"b": fake_preset("B")}
+    d.write()
+    (d.root / "presets" / "a.yaml").unlink()
+    assert reload(d)[1]["removed"] == ["a"]
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=60) == 0
+    stream.finish()
+    assert a_pid in [e["pid"] for e in d.events("backend.exit")]
