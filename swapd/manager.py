@@ -1357,6 +1357,8 @@ class Manager:
     ) -> list[asyncio.Task[Any]]:
         """Start the plan's actions; state moves happen now, the waiting in the tasks."""
         tasks: list[asyncio.Task[Any]] = []
+        # A model a reload removed while the plan was made: its retirement stops it.
+        actions = [a for a in actions if a.model in self.slots]
         locks = {a.model for a in actions if isinstance(a, policy.LockPages)}
         for model in dict.fromkeys(a.model for a in actions):  # a stop and its pages: one move
             self.metrics.evicted(model, reason)
