@@ -41,17 +41,25 @@ KILL_WAIT = 10.0
 _log = get_logger("swapd.process")
 
 
+def _stat_fields(process: Path) -> list[str]:
+    """``/proc/PID/stat`` after the command name: state, ppid, pgrp ...; [] when gone.
+
+    The line is "pid (comm) state ppid pgrp ...", and comm may hold spaces, so it is
+    split after the last ")".
+    """
+    try:
+        stat = (process / "stat").read_text()
+    except OSError:
+        return []
+    return stat[stat.rfind(")") + 2 :].split()
+
+
 def _live_member(pgid: int) -> bool:
     """Whether a process of group ``pgid`` is alive, not a zombie (from /proc)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ")".
-        fields = stat[stat.rfind(")") + 2 :].split()
+        fields = _stat_fields(entry)  # [] for one gone meanwhile
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False
@@ -68,11 +76,7 @@ def _stuck_in_group(pid: int, pgid: int) -> bool:
 
 def _process_state(pid: int) -> str:
     """The kernel's one-letter state of ``pid`` (``D``: uninterruptible sleep), or ``?``."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return "?"
-    fields = stat[stat.rfind(")") + 2 :].split()
+    fields = _stat_fields(Path(f"/proc/{pid}"))
     return fields[0] if fields else "?"
 
 
