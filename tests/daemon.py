@@ -66,6 +66,17 @@ def write_layout(
     return path
 
 
+def hook_env(hook: Path, source: str) -> dict[str, str]:
+    """The environment of a swapd whose interpreters run ``source`` first.
+
+    ``source`` is written to ``hook/sitecustomize.py`` (the folder is made), and the
+    folder goes first on ``PYTHONPATH``: a delay or a fault loaded into the real daemon.
+    """
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(source)
+    return {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+
+
 def marked(mark: str) -> list[psutil.Process]:
     """Live processes whose environment carries ``mark`` (zombies excluded)."""
     found = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import select
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset, wait_for
+from daemon import Daemon, fake_preset, hook_env, wait_for
 
 ECHO = Path(__file__).resolve().parent / "fakes" / "echo_headers.py"
 SLOWLORIS_CONNECTIONS = 300
@@ -253,11 +252,8 @@ def test_a_large_body_is_read_for_its_model_off_the_event_loop(
     lies far from both ends is parsed whole, during which nobody else was served.
     """
     hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HELD_BODY_CHECK.format(folder=str(hook)))
     d = start_daemon(
-        {"a": fake_preset("A")},
-        env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])},
+        {"a": fake_preset("A")}, env=hook_env(hook, HELD_BODY_CHECK.format(folder=str(hook)))
     )
     big = {"messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}], "model": "a"}
     with ThreadPoolExecutor(1) as pool:

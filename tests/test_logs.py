@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset, wait_for
+from daemon import Daemon, fake_preset, hook_env, wait_for
 
 
 def lines(d: Daemon) -> list[str]:
@@ -151,12 +150,9 @@ def test_a_follow_misses_no_line_printed_while_it_starts(
     printed meanwhile was skipped.
     """
     hook = tmp_path / "hook"
-    hook.mkdir()
     flag = hook / "slow"
-    (hook / "sitecustomize.py").write_text(SLOW_STREAM_START.format(flag=str(flag)))
     d = start_daemon(
-        {"a": fake_preset("A")},
-        env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])},
+        {"a": fake_preset("A")}, env=hook_env(hook, SLOW_STREAM_START.format(flag=str(flag)))
     )
     assert d.chat("a")[0] == 200
     flag.touch()

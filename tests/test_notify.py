@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import StartDaemon
-from daemon import fake_preset, wait_for
+from daemon import fake_preset, hook_env, wait_for
 
 from swapd import notify
 from swapd.notify import Notifier, status_line, watchdog
@@ -200,12 +200,12 @@ def test_a_reload_that_fails_unexpectedly_is_refused_and_systemd_hears_ready(
     RELOADING=1) and answer the reload route with a 500. The failure is injected with a
     ``sitecustomize`` that swapd's interpreter loads.
     """
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(BREAK_READING)
     flag = tmp_path / "break"
-    path = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
-    env = {"NOTIFY_SOCKET": listener.address, "PYTHONPATH": path, "SWAPD_TEST_BREAK": str(flag)}
+    env = {
+        "NOTIFY_SOCKET": listener.address,
+        "SWAPD_TEST_BREAK": str(flag),
+        **hook_env(tmp_path / "hook", BREAK_READING),
+    }
     d = start_daemon({"a": fake_preset("A")}, env=env)
     ready = listener.first("READY")
     flag.touch()

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset, wait_for
+from daemon import Daemon, fake_preset, hook_env, wait_for
 from fakes import probe_file
 
 GIB = 1024**3
@@ -287,16 +287,13 @@ def test_force_unload_before_the_spawn_leaves_the_model_stopped(
     500 and keeping its device slot. The window is widened here by a delay that
     swapd's own interpreter loads (``sitecustomize``); the code path is unchanged.
     """
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SLOW_SIZING)
     model = tmp_path / "weights.bin"
     model.write_bytes(b"\0" * 1024)
     slow = fake_preset("A", model=str(model))
     d = start_daemon(
         {"a": slow, "b": fake_preset("B")},
         {"max_running": 1},
-        env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])},
+        env=hook_env(tmp_path / "hook", SLOW_SIZING),
     )
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(d.request, "POST", "/swapd/models/a/load")
@@ -386,12 +383,8 @@ def test_an_unload_while_a_crashed_backend_is_reaped_leaves_it_stopped(
     It answered ``failed`` at once, and the reaping went on to count a failure: the model
     backed off (503) after the user had unloaded it.
     """
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SLOW_REAP)
     d = start_daemon(
-        {"a": fake_preset("A", "--crash-after", "1")},
-        env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])},
+        {"a": fake_preset("A", "--crash-after", "1")}, env=hook_env(tmp_path / "hook", SLOW_REAP)
     )
     assert d.chat("a")[0] == 200
     assert d.chat("a")[0] == 502  # the backend dies on its second request

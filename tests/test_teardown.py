@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset, fake_stats, wait_for
+from daemon import Daemon, fake_preset, fake_stats, hook_env, wait_for
 
 from swapd import marks
 from swapd.cgroups import Cgroups
@@ -178,12 +178,10 @@ def test_a_backend_that_sigkill_does_not_end_is_let_go(
     stayed ``stopping`` with its slot taken. It now gives up after KILL_WAIT and says so.
     """
     hook = tmp_path / "hook"
-    hook.mkdir()
     flag = hook / "unkillable"
-    (hook / "sitecustomize.py").write_text(UNKILLABLE.format(flag=str(flag)))
     d = start_daemon(
         {"a": fake_preset("A", "--ignore-sigterm", stop_timeout="1s")},
-        env={"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])},
+        env=hook_env(hook, UNKILLABLE.format(flag=str(flag))),
     )
     assert d.chat("a")[0] == 200
     pid = d.model("a")["pid"]

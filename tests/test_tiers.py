@@ -10,7 +10,6 @@ does.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -22,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset, fake_stats, wait_for
+from daemon import Daemon, fake_preset, fake_stats, hook_env, wait_for
 
 FAKE_VLLM = Path(__file__).resolve().parent / "fakes" / "fake_vllm.py"
 MIB = 1024**2
@@ -191,16 +190,13 @@ def test_a_wake_while_the_sleep_cost_is_read_books_no_ram(
     stream keeps it busy (so awake) until the cost has been read.
     """
     hook = tmp_path / "hook"
-    hook.mkdir()
     done = hook / "cost-read"
-    (hook / "sitecustomize.py").write_text(SLOW_SLEEP_COST.format(done=str(done)))
-    path = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
     d = start_daemon(
         {"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s")},
         env={
             "FAKE_VLLM_HOLD_BYTES": str(HOLD),
             "FAKE_VLLM_UPSTREAM_ARGS": "--chunks 100 --chunk-interval 0.1",
-            "PYTHONPATH": path,
+            **hook_env(hook, SLOW_SLEEP_COST.format(done=str(done))),
         },
     )
     assert d.chat("v")[0] == 200
