@@ -42,6 +42,7 @@ from typing import Any
 
 import _bench
 from _bench import Json, Swapd
+from fakes.cuda_hold import nvml_free, nvml_used_by  # tests/ is on the path via _bench
 
 from swapd.probe import open_probe
 
@@ -56,19 +57,6 @@ def _nvml() -> Any:
 
     pynvml.nvmlInit()
     return pynvml
-
-
-def _used_by(nvml: Any, pid: int) -> int:
-    """What NVML's process list says ``pid`` uses on GPU 0 (0 when it is not listed)."""
-    handle = nvml.nvmlDeviceGetHandleByIndex(0)
-    for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-        if proc.pid == pid:
-            return int(proc.usedGpuMemory or 0)
-    return 0
-
-
-def _free(nvml: Any) -> int:
-    return int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(0)).free)
 
 
 @contextlib.contextmanager
@@ -97,7 +85,7 @@ def card(nvml: Any) -> Json:
     handle = nvml.nvmlDeviceGetHandleByIndex(0)
     held = 256 * MIB
     with holders(1, held) as (proc,):
-        listed = _used_by(nvml, proc.pid)
+        listed = nvml_used_by(nvml, proc.pid)
     return {
         "name": str(nvml.nvmlDeviceGetName(handle)),
         "driver": str(nvml.nvmlSystemGetDriverVersion()),
@@ -207,7 +195,7 @@ def lru(nvml: Any, hold: int) -> Json:
                     "model": name,
                     "answer_ms": round(ms, 1),
                     "measured_mib": round(entry["memory"]["measured"] / MIB, 1),
-                    "nvml_mib": round(_used_by(nvml, entry["pid"]) / MIB, 1),
+                    "nvml_mib": round(nvml_used_by(nvml, entry["pid"]) / MIB, 1),
                     "source": entry["memory"].get("source"),
                 }
             )
@@ -231,11 +219,11 @@ def outside(nvml: Any, hold: int) -> Json:
     """A process outside swapd holds all but 1 GiB: refused at once, then served once it exits."""
     swapd = Swapd({"a": _preset("a", hold)}, {"devices": [0], "reserve": 0}).start()
     try:
-        taken = _free(nvml) - GIB
+        taken = nvml_free(nvml) - GIB
         with holders(1, taken):
             status, answer, refused_ms = _answer(swapd, "a")
         message = answer["error"]["message"] if status != 200 else None
-        _bench.wait_until(lambda: _free(nvml) > hold + GIB, 60)
+        _bench.wait_until(lambda: nvml_free(nvml) > hold + GIB, 60)
         after, _, served_ms = _answer(swapd, "a")
     finally:
         swapd.stop()
@@ -298,7 +286,7 @@ def llama(nvml: Any, binary: str, folder: Path, rounds: int) -> Json:
             _bench.wait_until(partial(_measured, swapd, "x"), 30)
             entry = swapd.model("x")
             memory = entry["memory"]
-            nvml_bytes = _used_by(nvml, entry["pid"])
+            nvml_bytes = nvml_used_by(nvml, entry["pid"])
             _bench.http_json("POST", swapd.port, "/swapd/models/x/unload")
             _bench.wait_until(lambda: swapd.model("x")["state"] == "stopped", 60)
     finally:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from conftest import StartDaemon
 from daemon import FAKE_UPSTREAM, fake_preset, wait_for
+from fakes.cuda_hold import nvml_free, nvml_used_by
 
 GIB = 1024**3
 MIB = 1024**2
@@ -31,19 +32,6 @@ def cuda_driver() -> None:
         pytest.skip(f"no CUDA driver library: {error}")
 
 
-def _nvml_used_by(pynvml: Any, pid: int) -> int:
-    """What NVML's process list says ``pid`` uses on GPU 0."""
-    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-        if proc.pid == pid:
-            return int(proc.usedGpuMemory or 0)
-    return 0
-
-
-def _free(pynvml: Any) -> int:
-    return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free)
-
-
 @pytest.mark.gpu
 @pytest.mark.usefixtures("cuda_driver")
 def test_admission_against_real_vram(nvml: Any, start_daemon: StartDaemon) -> None:
@@ -57,13 +45,13 @@ def test_admission_against_real_vram(nvml: Any, start_daemon: StartDaemon) -> No
     a = d.model("a")
     wait_for(lambda: d.model("a")["memory"]["measured"] is not None, timeout=30)
     measured = d.model("a")["memory"]["measured"]
-    nvml_says = _nvml_used_by(nvml, a["pid"])
+    nvml_says = nvml_used_by(nvml, a["pid"])
     assert nvml_says >= HOLD
     assert abs(measured - nvml_says) < 64 * MIB, (measured, nvml_says)
     assert d.chat("b")[0] == 200
     assert [e["victims"] for e in d.events("model.evict")] == [["a"]]
     assert d.model("a")["state"] == "stopped"
-    wait_for(lambda: _nvml_used_by(nvml, a["pid"]) == 0, timeout=30)
+    wait_for(lambda: nvml_used_by(nvml, a["pid"]) == 0, timeout=30)
 
 
 @pytest.mark.gpu
@@ -87,8 +75,8 @@ def test_the_least_recently_used_model_leaves_real_vram(
     assert d.chat("c")[0] == 200
     assert [e["victims"] for e in d.events("model.evict")] == [["b"]]
     assert [d.model(n)["state"] for n in ("a", "b", "c")] == ["ready", "stopped", "ready"]
-    wait_for(lambda: _nvml_used_by(nvml, pids["b"]) == 0, timeout=30)
-    assert _nvml_used_by(nvml, pids["a"]) >= hold
+    wait_for(lambda: nvml_used_by(nvml, pids["b"]) == 0, timeout=30)
+    assert nvml_used_by(nvml, pids["a"]) >= hold
 
 
 @pytest.mark.gpu
@@ -99,7 +87,7 @@ def test_real_vram_held_outside_swapd_is_respected(nvml: Any, start_daemon: Star
         {"a": fake_preset("A", "--cuda-bytes", str(HOLD), memory=HOLD, devices=[0])},
         {"devices": [0], "reserve": 0},
     )
-    taken = _free(nvml) - GIB
+    taken = nvml_free(nvml) - GIB
     with subprocess.Popen(
         [sys.executable, str(FAKE_UPSTREAM.parent / "cuda_hold.py"), str(taken)],
         stdout=subprocess.PIPE,
@@ -114,5 +102,5 @@ def test_real_vram_held_outside_swapd_is_respected(nvml: Any, start_daemon: Star
         finally:
             outside.terminate()
             outside.wait(timeout=30)
-    wait_for(lambda: _free(nvml) > HOLD + GIB, timeout=30)
+    wait_for(lambda: nvml_free(nvml) > HOLD + GIB, timeout=30)
     wait_for(lambda: d.chat("a")[0] == 200, timeout=30)

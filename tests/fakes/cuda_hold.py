@@ -5,6 +5,8 @@ memory while it runs) and, run as a script, as a process outside swapd that
 holds memory on the GPU:
 
     python tests/fakes/cuda_hold.py BYTES [DEVICE]    # prints "held", then waits
+
+It also reads NVML as the GPU tests and ``scripts/bench_gpu.py`` check swapd against it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import signal
 import sys
+from typing import Any
 
 
 class CudaError(RuntimeError):
@@ -36,6 +39,20 @@ def hold_vram(nbytes: int, device: int = 0) -> tuple[ctypes.CDLL, ctypes.c_void_
     # Touch it, so the memory is committed, not only reserved.
     _check(cuda.cuMemsetD8_v2(pointer, 0, ctypes.c_size_t(nbytes)), "cuMemsetD8_v2")
     return cuda, context
+
+
+def nvml_used_by(pynvml: Any, pid: int) -> int:
+    """What NVML's process list says ``pid`` uses on GPU 0 (0 when it is not listed)."""
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid == pid:
+            return int(proc.usedGpuMemory or 0)
+    return 0
+
+
+def nvml_free(pynvml: Any) -> int:
+    """Free memory on GPU 0 as NVML reports it."""
+    return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free)
 
 
 def main() -> None:
