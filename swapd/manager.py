@@ -71,7 +71,7 @@ from swapd.slot import ModelView, Slot, snapshot
 from swapd.staging import CacheFull as StagingFull
 from swapd.staging import StagingCache, StagingError
 from swapd.states import ON_DEVICE, State
-from swapd.upstream import CONTROL_BODY_LIMIT, UpstreamError, UpstreamPool
+from swapd.upstream import UpstreamError, UpstreamPool
 
 _log = get_logger("swapd.manager")
 # How often to re-read memory while waiting for a stopped backend's memory to come back.
@@ -1340,15 +1340,11 @@ class Manager:
         host, port = launch.host, launch.port
         try:
             async with asyncio.timeout(timeout):
-                resp = await self.pool.request(host, port, "GET", path, launch.headers, b"")
-                try:
-                    await resp.read(CONTROL_BODY_LIMIT)
-                finally:
-                    resp.finish()
+                status, _ = await self.pool.control(host, port, "GET", path, launch.headers)
         except (UpstreamError, TimeoutError, OSError):
             self.pool.forget(host, port)  # a connection that timed out is not reusable
             return False
-        return resp.status == 200
+        return status == 200
 
     # ---------------------------------------------------------------- demotion and stops
 

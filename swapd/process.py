@@ -22,7 +22,7 @@ from swapd.logs import get_logger
 from swapd.outputlines import OutputLines
 from swapd.ringlog import RingLog
 from swapd.spawn import Spawned
-from swapd.upstream import CONTROL_BODY_LIMIT, UpstreamError, UpstreamPool
+from swapd.upstream import UpstreamError, UpstreamPool
 
 # Readiness polls: the first 5 ms after spawn, each wait 1.5x the last, up to 50 ms. A
 # backend's new output polls at once, so one that logs its readiness is seen at once; the
@@ -252,12 +252,8 @@ class Child:
             output.clear()
             try:
                 async with asyncio.timeout(5):  # the body too: it may never end
-                    resp = await pool.request(host, port, "GET", path, headers, b"")
-                    try:
-                        await resp.read(CONTROL_BODY_LIMIT)
-                    finally:
-                        resp.finish()
-                if resp.status == 200:
+                    status, _ = await pool.control(host, port, "GET", path, headers)
+                if status == 200:
                     return
             except (UpstreamError, TimeoutError):
                 pass

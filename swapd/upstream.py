@@ -450,6 +450,26 @@ class UpstreamPool:
             raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror}") from exc
         return conn
 
+    async def control(
+        self,
+        host: str,
+        port: int,
+        method: str,
+        path: str,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> tuple[int, bytes]:
+        """One of swapd's own calls (health, sleep, wake): the status and the whole body.
+
+        The body is read to at most :data:`CONTROL_BODY_LIMIT` bytes (:class:`UpstreamError`
+        past it). Callers bound the time, the body's included: it may never end.
+        """
+        resp = await self.request(host, port, method, path, headers, b"")
+        try:
+            body = await resp.read(CONTROL_BODY_LIMIT)
+        finally:
+            resp.finish()
+        return resp.status, body
+
     async def request(  # noqa: PLR0913, PLR0917 - one argument per part of the request line
         self,
         host: str,

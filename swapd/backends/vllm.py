@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from swapd.backends._kind import OwnKey, Placement, RamVia, Tier
 from swapd.backends._launch import BinaryNotFound, explicit_binary, has_flag, search_path
-from swapd.upstream import CONTROL_BODY_LIMIT, UpstreamError
+from swapd.upstream import UpstreamError
 
 if TYPE_CHECKING:
     from swapd.presets import Preset
@@ -40,15 +40,11 @@ class SleepFailed(Exception):
 async def _call(pool: UpstreamPool, host: str, port: int, method: str, path: str) -> bytes:
     try:
         async with asyncio.timeout(_CALL_TIMEOUT):  # the answer's body too
-            resp = await pool.request(host, port, method, path, (), b"")
-            try:
-                body = await resp.read(CONTROL_BODY_LIMIT)
-            finally:
-                resp.finish()
+            status, body = await pool.control(host, port, method, path)
     except (UpstreamError, TimeoutError) as exc:
         raise SleepFailed(f"{method} {path}: {exc or type(exc).__name__}") from exc
-    if resp.status != 200:
-        raise SleepFailed(f"{method} {path}: HTTP {resp.status}: {body[:200]!r}")
+    if status != 200:
+        raise SleepFailed(f"{method} {path}: HTTP {status}: {body[:200]!r}")
     return body
 
 
