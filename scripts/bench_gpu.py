@@ -22,15 +22,25 @@ probe, admission and footprint measurement are the real ones, read through NVML.
   answers a first completion, against the same first request through swapd,
   ``--rounds`` times each, interleaved; swapd's estimate and measured footprint
   against NVML's figure; then, under a budget of 1.5 footprints, a second preset
-  of the same file evicts the first (the swap's time against a direct start).
+  of the same file evicts the first (the swap's time against a direct start);
+* ``estimate`` (with ``--llama-server``): random-weight GGUFs whose heads CUDA's
+  flash attention takes (64, 128 wide) and does not (16), with "-fa auto", "-fa off",
+  a quantized model and a partial offload. For each, swapd's estimate (and the one
+  that took "auto" for on, as swapd did before) against llama-server's own buffer
+  sizes (``-v`` log: model, KV, compute on CUDA0) and NVML's figure for the pid at
+  /health and after a first completion; the rest is the runtime's own (context,
+  kernels, cuBLAS) that ``GPU_OVERHEAD`` stands for.
 
     python scripts/bench_gpu.py [--hold 2GiB] [--rounds 5] [--llama-server PATH] [--out report.json]
+    python scripts/bench_gpu.py --estimate-only --llama-server PATH     # card and estimate only
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,6 +54,8 @@ import _bench
 from _bench import Json, Swapd
 from fakes.cuda_hold import nvml_free, nvml_used_by  # tests/ is on the path via _bench
 
+from swapd.estimate import MIB as _MIB
+from swapd.estimate import estimate_for_args, parse_llama_args
 from swapd.probe import open_probe
 
 GIB = 1024**3
@@ -328,6 +340,93 @@ def llama(nvml: Any, binary: str, folder: Path, rounds: int) -> Json:
     }
 
 
+# (name, model dimensions, llama-server flags beyond -m and --port): heads CUDA's flash
+# attention takes and does not, "-fa auto" and "off", quantized weights, a partial offload.
+ESTIMATE_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
+    ("heads 16, -fa auto", {"n_layers": 4, "n_embd": 1024, "head_dim": 16}, []),
+    ("heads 64, -fa auto", {"n_layers": 4, "n_embd": 1024, "head_dim": 64}, []),
+    ("heads 64, -fa off", {"n_layers": 4, "n_embd": 1024, "head_dim": 64}, ["-fa", "off"]),
+    (
+        "heads 128, q8_0, -c 16384",
+        {"n_layers": 8, "n_embd": 2048, "head_dim": 128, "q8": True},
+        ["-c", "16384"],
+    ),
+    ("heads 16, -ngl 3 of 5", {"n_layers": 4, "n_embd": 1024, "head_dim": 16}, ["-ngl", "3"]),
+]
+_BUFFER = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
+
+
+def device_buffers(log: str) -> dict[str, float]:
+    """llama.cpp's own buffer sizes on CUDA0 (MiB), from the last time each was logged.
+
+    A verbose server logs each buffer twice: once for the memory fit's dry run, once for real.
+    """
+    found: dict[str, float] = {}
+    for where, kind, mib in _BUFFER.findall(log):
+        if where.startswith("CUDA") and not where.endswith("_Host"):
+            found[kind] = float(mib)
+    return found
+
+
+def _flash_attn_line(log: str) -> str:
+    lines = [ln for ln in log.splitlines() if "Flash Attention" in ln or "flash_attn" in ln]
+    return lines[-1].split(": ", 1)[-1].strip() if lines else "-"
+
+
+def _estimate_case(nvml: Any, binary: str, model: Path, flags: list[str]) -> Json:
+    args = ["-ngl", "99", "-c", "4096", "--no-warmup", *flags]
+    parsed = parse_llama_args(args)
+    estimate = estimate_for_args(model, parsed)
+    # What swapd counted before "auto" followed the GPU's kernels: flash attention on.
+    auto_as_on = (
+        dataclasses.replace(parsed, flash_attn="on") if parsed.flash_attn == "auto" else parsed
+    )
+    before = estimate_for_args(model, auto_as_on)
+    port = _bench.free_port()
+    log_path = model.with_suffix(f".{port}.log")
+    with log_path.open("w") as log:
+        argv = [binary, "-m", str(model), "--port", str(port), "-v", *args]
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _bench.wait_until(partial(_healthy, port), 120, interval=0.02)
+        at_health = nvml_used_by(nvml, proc.pid)
+        _first_answer(port)
+        after = nvml_used_by(nvml, proc.pid)
+    finally:
+        _bench.stop_process(proc)
+    text = log_path.read_text(errors="replace")
+    buffers = device_buffers(text)
+    return {
+        "args": args,
+        "file_mib": round(model.stat().st_size / _MIB, 1),
+        "estimate": estimate.describe(),
+        "estimate_mib": round(estimate.total / _MIB, 1),
+        "estimate_before_mib": round(before.total / _MIB, 1),
+        "llama_buffers_mib": buffers,
+        "flash_attn": _flash_attn_line(text),
+        "nvml_at_health_mib": round(at_health / _MIB, 1),
+        "nvml_after_answer_mib": round(after / _MIB, 1),
+        "rest_mib": round(after / _MIB - sum(buffers.values()), 1),
+        "estimate_over_nvml": round(estimate.total / after, 3) if after else None,
+        "before_over_nvml": round(before.total / after, 3) if after else None,
+    }
+
+
+def estimates(nvml: Any, binary: str, folder: Path) -> Json:
+    """swapd's estimate against llama-server's buffers and NVML, for each of ESTIMATE_CASES."""
+    from fakes.tiny_gguf import write_tiny_llama_gguf
+
+    result: Json = {}
+    models: dict[str, Path] = {}
+    for name, dims, flags in ESTIMATE_CASES:
+        key = "-".join(f"{k}{v}" for k, v in sorted(dims.items()))
+        if key not in models:
+            models[key] = write_tiny_llama_gguf(folder / f"{key}.gguf", n_ctx_train=4096, **dims)
+        result[name] = _estimate_case(nvml, binary, models[key], flags)
+        print(f"estimate {name}:", result[name], flush=True)
+    return result
+
+
 def main() -> None:
     """Run the sections and print and save the report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -336,6 +435,7 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=200, help="probe reads timed")
     parser.add_argument("--llama-server", help="a CUDA build of llama-server: adds 'llama'")
     parser.add_argument("--llama-only", action="store_true", help="only 'card' and 'llama'")
+    parser.add_argument("--estimate-only", action="store_true", help="only 'card' and 'estimate'")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args()
     info = _bench.machine_info()
@@ -343,6 +443,15 @@ def main() -> None:
     nvml = _nvml()
     report: Json = {"machine": info, "card": card(nvml)}
     print("card:", report["card"])
+    if args.estimate_only:
+        if not args.llama_server:
+            parser.error("--estimate-only needs --llama-server")
+        with tempfile.TemporaryDirectory(prefix="swapd-gpu-") as folder:
+            report["estimate"] = estimates(nvml, args.llama_server, Path(folder))
+        _bench.finish_info(info)
+        if args.out:
+            _bench.write_json(args.out, report)
+        return
     if not args.llama_only:
         report["probe"] = probe_cost(args.reads)
         print("probe:", report["probe"])
@@ -355,7 +464,8 @@ def main() -> None:
     if args.llama_server:
         with tempfile.TemporaryDirectory(prefix="swapd-gpu-") as folder:
             report["llama"] = llama(nvml, args.llama_server, Path(folder), args.rounds)
-        print("llama:", report["llama"])
+            print("llama:", report["llama"])
+            report["estimate"] = estimates(nvml, args.llama_server, Path(folder))
     _bench.finish_info(info)
     if args.out:
         _bench.write_json(args.out, report)

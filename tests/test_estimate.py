@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from typing import TYPE_CHECKING
 
 import gguf
@@ -21,8 +22,10 @@ from swapd.estimate import (
     GGUFMetadataError,
     GpuLayers,
     LlamaArgs,
+    ModelShape,
     estimate_for_args,
     estimate_gguf,
+    flash_attn_on,
     parse_llama_args,
     read_gguf_header,
 )
@@ -248,6 +251,73 @@ def test_compute_buffer_heuristic(model: Path) -> None:
     assert on.compute == compute_bytes(512, 2048, flash_attn=True)
     scores, logits = 512 * 2048 * N_HEAD * 4, AUTO_SLOTS * N_VOCAB * 4
     assert off.compute - on.compute == scores - logits + 512 * 2048 * (4 - 2)
+
+
+def test_flash_attn_auto_on_a_gpu_follows_its_kernels(tmp_path: Path) -> None:
+    """With -fa auto, the scores count where CUDA's kernels cannot take the heads (8 wide).
+
+    llama.cpp turns flash attention off then, and its compute buffer holds the scores: a
+    random GGUF with 16-wide heads measured 2962 MiB on an H200 against an estimate of 1862
+    that took "auto" for on.
+    """
+    narrow = write_model(tmp_path / "narrow.gguf")
+    wide = write_model(tmp_path / "wide.gguf", Spec(key_length=64, value_length=64))
+    auto = LlamaArgs(n_ctx=2048, flash_attn="auto")
+    for path, supported in ((narrow, False), (wide, True)):
+        explicit = LlamaArgs(n_ctx=2048, flash_attn="on" if supported else "off")
+        assert estimate_for_args(path, auto) == estimate_for_args(path, explicit)
+        # On the CPU, every head size runs flash attention.
+        on_cpu = estimate_for_args(path, auto, on_gpu=False)
+        on = LlamaArgs(n_ctx=2048, flash_attn="on")
+        assert on_cpu == estimate_for_args(path, on, on_gpu=False)
+    scores_off = estimate_for_args(narrow, LlamaArgs(n_ctx=2048, flash_attn="off"))
+    assert estimate_for_args(narrow, auto).compute == scores_off.compute
+    # With no layer on the GPU the attention runs on the CPU.
+    cpu_layers = LlamaArgs(n_ctx=2048, flash_attn="auto", n_gpu_layers=0)
+    on_cpu_layers = dataclass_replace(cpu_layers, flash_attn="on")
+    assert estimate_for_args(narrow, cpu_layers) == estimate_for_args(narrow, on_cpu_layers)
+
+
+def shape(head_k: int, head_v: int, n_head: int = 32, n_head_kv: int = 8) -> ModelShape:
+    """A two-layer shape with the given head sizes and grouped-query ratio."""
+    return ModelShape(
+        n_layer=2,
+        n_ctx_train=4096,
+        n_embd=4096,
+        n_vocab=32000,
+        n_head=(n_head,) * 2,
+        n_head_kv=(n_head_kv,) * 2,
+        head_dim_k=head_k,
+        head_dim_v=head_v,
+    )
+
+
+@pytest.mark.parametrize(
+    ("model_shape", "args", "expected"),
+    [
+        (shape(128, 128), LlamaArgs(), True),
+        (shape(80, 80), LlamaArgs(), True),
+        (shape(256, 256), LlamaArgs(), True),
+        (shape(16, 16), LlamaArgs(), False),
+        (shape(160, 160), LlamaArgs(), False),
+        (shape(128, 64), LlamaArgs(), False),
+        # DeepSeek's shapes need grouped-query attention, some of a given ratio.
+        (shape(192, 128, 32, 4), LlamaArgs(), True),
+        (shape(192, 128, 32, 8), LlamaArgs(), False),
+        (shape(576, 512, 128, 1), LlamaArgs(), True),
+        (shape(576, 512, 1, 1), LlamaArgs(), False),
+        # A cache type the kernels cannot read; a quantized V cache forces it on.
+        (shape(128, 128), LlamaArgs(cache_type_k="iq4_nl"), False),
+        (shape(16, 16), LlamaArgs(cache_type_v="q8_0"), True),
+        # Explicit settings are taken as given.
+        (shape(16, 16), LlamaArgs(flash_attn="on"), True),
+        (shape(128, 128), LlamaArgs(flash_attn="off"), False),
+    ],
+)
+def test_flash_attn_on_a_gpu(model_shape: ModelShape, args: LlamaArgs, *, expected: bool) -> None:
+    """Head sizes and cache types as ggml-cuda's flash attention takes them."""
+    assert flash_attn_on(model_shape, args, on_device=True) is expected
+    assert flash_attn_on(model_shape, args, on_device=False) is (args.flash_attn != "off")
 
 
 def test_logit_rows_follow_slots_or_the_caller(model: Path) -> None:
@@ -495,7 +565,7 @@ def test_parse_llama_args_rejects_bad_values(argv: list[str], message: str) -> N
 
 
 def test_estimate_for_args(model: Path) -> None:
-    """Flags flow into the estimate; flash attention "auto" counts as on."""
+    """Flags flow into the estimate; "auto" is off for heads CUDA's kernels cannot take."""
     argv = ["-c", "2048", "-ngl", "2", "-ctk", "q8_0", "-np", "2", "-kvu", "-ub", "256"]
     via_args = estimate_for_args(model, parse_llama_args(argv))
     direct = estimate_gguf(
@@ -506,11 +576,11 @@ def test_estimate_for_args(model: Path) -> None:
         n_parallel=2,
         kv_unified=True,
         n_ubatch=256,
-        flash_attn=True,
+        flash_attn=False,  # the heads are 8 wide
     )
     assert via_args == direct
-    no_fa = estimate_for_args(model, parse_llama_args(["-c", "2048", "-fa", "off"]))
-    fa = estimate_for_args(model, parse_llama_args(["-c", "2048"]))
+    no_fa = estimate_for_args(model, parse_llama_args(["-c", "2048", "-fa", "off"]), on_gpu=False)
+    fa = estimate_for_args(model, parse_llama_args(["-c", "2048"]), on_gpu=False)
     assert no_fa.compute > fa.compute
 
 

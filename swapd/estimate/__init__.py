@@ -50,12 +50,14 @@ from swapd.estimate._sizes import (
     AUTO_SLOTS,
     CPU_OVERHEAD,
     CTX_PAD,
+    GPU_FLASH_ATTN_HEADS,
     GPU_OVERHEAD,
     INPUT_TENSOR_PREFIXES,
     MIB,
     CacheLayout,
     cache_layout,
     compute_buffer,
+    flash_attn_on,
     kv_cache_bytes,
     offload_plan,
     weights_on_device,
@@ -71,6 +73,7 @@ __all__ = [
     "CACHE_TYPES",
     "CPU_OVERHEAD",
     "CTX_PAD",
+    "GPU_FLASH_ATTN_HEADS",
     "GPU_OVERHEAD",
     "INPUT_TENSOR_PREFIXES",
     "MAX_DECODED_ARRAY",
@@ -95,6 +98,7 @@ __all__ = [
     "estimate_for_args",
     "estimate_gguf",
     "estimate_shape",
+    "flash_attn_on",
     "kv_cache_bytes",
     "offload_plan",
     "parse_llama_args",
@@ -143,7 +147,7 @@ def estimate_shape(  # noqa: PLR0913 - model, flags, and the three options of es
     n_outputs: int | None = None,
     overhead: int | None = None,
 ) -> Estimate:
-    """Estimate from already-read metadata; flash attention "auto" counts as on.
+    """Estimate from already-read metadata; flash attention "auto" as llama.cpp resolves it.
 
     :func:`estimate_gguf` documents the rest.
     """
@@ -160,7 +164,7 @@ def estimate_shape(  # noqa: PLR0913 - model, flags, and the three options of es
         shape,
         layout,
         n_ubatch=args.n_ubatch,
-        flash_attn=args.flash_attn != "off",
+        flash_attn=flash_attn_on(shape, args, on_device=on_gpu and first_layer < shape.n_layer),
         n_outputs=layout.slots if n_outputs is None else n_outputs,
     )
     if overhead is None:
@@ -225,8 +229,9 @@ def estimate_for_args(
 ) -> Estimate:
     """Estimate for a llama-server started with the flags in ``args``.
 
-    Flash attention "auto" counts as on: llama.cpp enables it wherever the backend supports
-    the model's head sizes, which CUDA, ROCm and the CPU do for the common ones.
+    Flash attention "auto" counts as on where llama.cpp enables it: on the CPU always, on
+    CUDA and ROCm for the head sizes their kernels take (:func:`flash_attn_on`). With
+    other heads the attention scores (``n_ubatch * cells * n_head`` f32) are counted.
     """
     # Fail on a bad cache type before touching the file.
     cache_type_block(args.cache_type_k)

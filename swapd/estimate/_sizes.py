@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from swapd.estimate._cache_types import cache_row_bytes
+from swapd.estimate._cache_types import cache_row_bytes, cache_type_block
 from swapd.estimate._shape import OUTPUT, TOKEN_EMBD, ModelShape
 
 if TYPE_CHECKING:
@@ -17,9 +17,10 @@ if TYPE_CHECKING:
 
 MIB = 1024 * 1024
 
-# A CUDA or ROCm context plus the BLAS handles and workspaces each process holds
-# (300 to 500 MiB as drivers report it), with room to spare.
-GPU_OVERHEAD = 512 * MIB
+# What a GPU llama-server holds beyond its model, KV and compute buffers: the CUDA or ROCm
+# context, loaded kernels, cuBLAS and its workspace. NVML put it at 595-687 MiB on an H100
+# (CUDA 13, driver 580; 518 MiB of it the bare context), after a first answer; with room to spare.
+GPU_OVERHEAD = 768 * MIB
 # A CPU-only server's binary, libraries, tokenizer tables, threads and output buffer, plus
 # the file's metadata and weights repacked for the CPU: llama-server with Gemma 3 270M
 # held about 70 MiB beyond its buffers and file.
@@ -45,6 +46,17 @@ INPUT_TENSOR_PREFIXES = (
 ACTIVATION_FACTOR = 16
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")
+
+# Head sizes that llama.cpp's CUDA and ROCm flash-attention kernels take with K and V alike
+# (ggml-cuda/fattn.cu). For any other, "-fa auto" finds the op unsupported on the device
+# and turns flash attention off, so the attention scores are materialized after all.
+GPU_FLASH_ATTN_HEADS = frozenset({40, 64, 72, 80, 96, 112, 128, 256})
+# (K, V) head sizes taken only with grouped-query attention whose ratio is a multiple of this.
+GPU_FLASH_ATTN_GQA_HEADS = {(192, 128): 8, (320, 256): 32, (512, 512): 1, (576, 512): 1}
+# KV cache types those kernels read.
+GPU_FLASH_ATTN_CACHE_TYPES = frozenset(
+    {"f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"}
+)
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,35 @@ def weights_on_device(
         else:
             largest_left = max(largest_left, t.n_bytes)
     return on_device, largest_left
+
+
+def _gpu_flash_attn(shape: ModelShape, args: LlamaArgs) -> bool:
+    """Whether CUDA or ROCm runs flash attention for this model's heads and cache types."""
+    if not {args.cache_type_k, args.cache_type_v} <= GPU_FLASH_ATTN_CACHE_TYPES:
+        return False
+    k, v = shape.head_dim_k, shape.head_dim_v
+    if k == v and k in GPU_FLASH_ATTN_HEADS:
+        return True
+    multiple = GPU_FLASH_ATTN_GQA_HEADS.get((k, v))
+    if multiple is None:
+        return False
+    return all(
+        kv > 0 and h % kv == 0 and h // kv >= 2 and (h // kv) % multiple == 0
+        for h, kv in zip(shape.n_head, shape.n_head_kv, strict=True)
+    )
+
+
+def flash_attn_on(shape: ModelShape, args: LlamaArgs, *, on_device: bool) -> bool:
+    """Whether llama.cpp will run flash attention, as ``llama_context`` resolves ``-fa``.
+
+    "auto" is on where the attention runs on the CPU (every head size) or with a quantized
+    V cache (which needs it, so llama.cpp forces it on); on a GPU, only where its kernels
+    take the model's heads. ``on_device`` says whether any layer is offloaded.
+    """
+    if args.flash_attn != "auto":
+        return args.flash_attn == "on"
+    quantized_v = cache_type_block(args.cache_type_v)[0] > 1
+    return quantized_v or not on_device or _gpu_flash_attn(shape, args)
 
 
 def kv_cache_bytes(

@@ -40,17 +40,18 @@ def write_tiny_llama_gguf(  # noqa: PLR0913 - each knob is one model dimension, 
     n_embd: int = 64,
     n_ctx_train: int = 512,
     q8: bool = False,
+    head_dim: int = HEAD_DIM,
 ) -> Path:
     """Write a random-weight llama model to ``path`` and return the path.
 
-    Heads are ``HEAD_DIM`` wide, so ``n_embd`` must be a multiple of twice that (the
+    Heads are ``head_dim`` wide, so ``n_embd`` must be a multiple of twice that (the
     key/value heads are half the query heads: grouped-query attention, as in real models).
     With ``q8`` the matrices are Q8_0, which takes llama.cpp's quantized CPU kernels
     (the repacked and AMX paths among them) as real quantized models do.
     """
-    if n_embd <= 0 or n_embd % (2 * HEAD_DIM):
-        raise ValueError(f"n_embd must be a positive multiple of {2 * HEAD_DIM}, got {n_embd}")
-    n_head = n_embd // HEAD_DIM
+    if head_dim <= 0 or n_embd <= 0 or n_embd % (2 * head_dim):
+        raise ValueError(f"n_embd must be a positive multiple of {2 * head_dim}, got {n_embd}")
+    n_head = n_embd // head_dim
     tokens, scores, types = vocabulary()
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -61,7 +62,7 @@ def write_tiny_llama_gguf(  # noqa: PLR0913 - each knob is one model dimension, 
     writer.add_feed_forward_length(2 * n_embd)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_head // 2)
-    writer.add_rope_dimension_count(HEAD_DIM)
+    writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(len(tokens))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.ALL_F32)
@@ -73,7 +74,7 @@ def write_tiny_llama_gguf(  # noqa: PLR0913 - each knob is one model dimension, 
     writer.add_bos_token_id(BOS_ID)
     writer.add_eos_token_id(EOS_ID)
     writer.add_add_bos_token(value=True)
-    shape = _Shape(n_layers=n_layers, n_embd=n_embd, n_vocab=len(tokens))
+    shape = _Shape(n_layers=n_layers, n_embd=n_embd, n_vocab=len(tokens), head_dim=head_dim)
     _add_tensors(writer, np.random.default_rng(seed), shape, q8=q8)
 
     writer.write_header_to_file()
@@ -88,6 +89,7 @@ class _Shape:
     n_layers: int
     n_embd: int
     n_vocab: int
+    head_dim: int
 
 
 def _add_tensors(
@@ -95,7 +97,7 @@ def _add_tensors(
 ) -> None:
     n_layers, n_embd, n_vocab = shape.n_layers, shape.n_embd, shape.n_vocab
     n_ff = 2 * n_embd
-    n_kv = (n_embd // HEAD_DIM // 2) * HEAD_DIM
+    n_kv = (n_embd // shape.head_dim // 2) * shape.head_dim
 
     def weight(rows: int, cols: int) -> np.ndarray:
         # numpy shape (rows, cols) is GGUF shape [cols, rows]: cols is the input size.
