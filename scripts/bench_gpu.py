@@ -352,6 +352,11 @@ ESTIMATE_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["-c", "16384"],
     ),
     ("heads 16, -ngl 3 of 5", {"n_layers": 4, "n_embd": 1024, "head_dim": 16}, ["-ngl", "3"]),
+    (
+        "heads 16, 1.2 GB (the model of 'llama')",
+        {"n_layers": 8, "n_embd": 2048, "head_dim": 16},
+        [],
+    ),
 ]
 _BUFFER = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
 
