@@ -338,21 +338,20 @@ class Manager:
                     slot.last_used = time.monotonic()
                     self._cancel_ttl(slot)
                     return Lease(slot.preset.name, slot.launch.host, slot.launch.port, slot)
-                if slot.stop_task is not None:
-                    await asyncio.shield(slot.stop_task)
-                    continue
-                if slot.demote_task is not None:
-                    await asyncio.shield(slot.demote_task)
-                    continue
-                if slot.sleep_task is not None:
-                    await asyncio.shield(slot.sleep_task)
-                    continue
-                if slot.state is State.DRAINING or self._reaping(slot):
-                    await self._changed.wait()
-                    continue
-                await self._join_load(slot)
+                await self._toward_ready(slot)
         finally:
             slot.waiters -= 1
+
+    async def _toward_ready(self, slot: Slot) -> None:
+        """One step toward READY: wait out a stop, demotion, sleep or drain, else (join a) load."""
+        for task in (slot.stop_task, slot.demote_task, slot.sleep_task):
+            if task is not None:
+                await asyncio.shield(task)
+                return
+        if slot.state is State.DRAINING or self._reaping(slot):
+            await self._changed.wait()
+            return
+        await self._join_load(slot)
 
     def _count_request(self, slot: Slot) -> None:
         """Every request counts for the eviction order (its CRF), queued or not."""
@@ -509,19 +508,7 @@ class Manager:
         while slot.state is not State.READY:
             if self._closing:
                 raise Unavailable("swapd is shutting down")
-            if slot.stop_task is not None:
-                await asyncio.shield(slot.stop_task)
-                continue
-            if slot.demote_task is not None:
-                await asyncio.shield(slot.demote_task)
-                continue
-            if slot.sleep_task is not None:
-                await asyncio.shield(slot.sleep_task)
-                continue
-            if slot.state is State.DRAINING or self._reaping(slot):
-                await self._changed.wait()
-                continue
-            await self._join_load(slot)
+            await self._toward_ready(slot)
         slot.last_used = slot.last_used or time.monotonic()
         if slot.in_flight == 0:
             self._arm_ttl(slot)
