@@ -45,7 +45,8 @@ class Subscription:
         """The views queued since the last call; empty when ``timeout`` passes first."""
         if not self._views:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
         self._ready.clear()
         views = list(self._views)
         self._views.clear()

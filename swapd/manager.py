@@ -20,7 +20,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +172,7 @@ class Manager:
         self.admission = Admission(
             probe, self.footprints, self.limits, default_memory=config.default_memory
         )
-        self.ram_budget = (
-            config.ram_budget if config.ram_budget is not None else host_memory()[0] // 2
-        )
+        self.ram_budget = _ram_budget(config)
         self._changed = asyncio.Event()
         # The loader's recent work, for holds: loads and wakes done, and those under way.
         self._load_spans: deque[tuple[float, float]] = deque()
@@ -222,9 +220,11 @@ class Manager:
         self._spawn_task(self.admission.prefetch(list(presets)), "estimates")
 
     async def _find_staged(self, slot: Slot) -> None:
+        """Point the slot at its model's staged copy, or at none (a preset no longer staged)."""
+        found = None
         if self.staging is not None and slot.preset.stage and slot.preset.model is not None:
             found = await asyncio.to_thread(self.staging.cached_path, slot.preset.model)
-            slot.staged_path = str(found) if found else None
+        slot.staged_path = str(found) if found else None
 
     # ---------------------------------------------------------------- lookups and views
 
@@ -253,12 +253,21 @@ class Manager:
         ring = self.slot_for(name).ring
         return ring.since(ring.total if cursor is None else cursor)
 
+    def _every_slot(self) -> list[Slot]:
+        """The configured slots, and those a reload removed that still drain or stop.
+
+        A retiring slot's process holds memory until it has stopped: it counts wherever
+        memory, processes and cached files are counted, though its name is unknown.
+        """
+        return [*self.slots.values(), *self._retiring]
+
     def status(self) -> dict[str, Any]:
         """A JSON-ready view of every model and tier; never starts anything or touches TTLs."""
         views = self.views()
+        everyone = self._every_slot()
         on_device = sum(
             max(s.measured or 0, s.need.bytes if s.need else 0)
-            for s in self.slots.values()
+            for s in everyone
             if s.state in ON_DEVICE
         )
         return {
@@ -266,7 +275,7 @@ class Manager:
             "tiers": {
                 "device": {"bytes": on_device, "budget": self.config.budget},
                 "ram": {
-                    "bytes": sum(s.ram_bytes for s in self.slots.values()),
+                    "bytes": sum(s.ram_bytes for s in everyone),
                     "budget": self.ram_budget,
                 },
                 "disk": self._disk_tier(),
@@ -276,7 +285,7 @@ class Manager:
     async def memory(self) -> tuple[Snapshot, list[DeviceMemory]]:
         """One reading of every device: total, free, and what swapd's backends use there."""
         counted: dict[str, int] = {}
-        for slot in self.slots.values():
+        for slot in self._every_slot():
             if slot.device is not None and slot.state in ON_DEVICE:
                 need = slot.need.bytes if slot.need else None
                 used = policy.counted_usage(slot.measured, need)
@@ -331,7 +340,8 @@ class Manager:
                 self._refuse_if_failing(slot)
                 if slot.state is State.READY:
                     assert slot.launch is not None  # noqa: S101 - READY implies launched
-                    if preset.concurrency is not None and slot.in_flight >= preset.concurrency:
+                    concurrency = slot.preset.concurrency  # a reload may have changed it meanwhile
+                    if concurrency is not None and slot.in_flight >= concurrency:
                         await self._changed.wait()  # queue behind the model's own limit
                         continue
                     slot.in_flight += 1
@@ -343,7 +353,10 @@ class Manager:
             slot.waiters -= 1
 
     async def _toward_ready(self, slot: Slot) -> None:
-        """One step toward READY: wait out a stop, demotion, sleep or drain, else (join a) load."""
+        """One step toward READY: wait out a stop, demotion, sleep or drain, else (join a) load.
+
+        A model a reload removed meanwhile is never loaded again (404).
+        """
         for task in (slot.stop_task, slot.demote_task, slot.sleep_task):
             if task is not None:
                 await asyncio.shield(task)
@@ -351,6 +364,7 @@ class Manager:
         if slot.state is State.DRAINING or self._reaping(slot):
             await self._changed.wait()
             return
+        self._refuse_if_removed(slot)
         await self._join_load(slot)
 
     def _count_request(self, slot: Slot) -> None:
@@ -365,13 +379,17 @@ class Manager:
         """A dead backend whose group is still being stopped: wait, then start afresh."""
         return slot.state is State.FAILED and slot.child is not None
 
+    def _refuse_if_removed(self, slot: Slot) -> None:
+        """Answer 404 when a reload removed the model while the request waited for it."""
+        if self.slots.get(slot.preset.name) is not slot:
+            raise UnknownModel(slot.preset.name, sorted(self.slots))
+
     def _refuse_if_failing(self, slot: Slot) -> None:
         """Answer at once, starting nothing, while the model backs off or its breaker is open.
 
         Also when a reload removed the model while the request waited for it.
         """
-        if self.slots.get(slot.preset.name) is not slot:
-            raise UnknownModel(slot.preset.name, sorted(self.slots))
+        self._refuse_if_removed(slot)
         error = slot.last_error.message if slot.last_error else "unknown"
         if slot.state is State.BACKOFF:
             wait = slot.retry_at - time.monotonic()
@@ -388,6 +406,9 @@ class Manager:
             # The load was cancelled by a shutdown, not this request: answer it.
             if task.cancelled() and self._closing:
                 raise Unavailable("swapd is shutting down") from None
+            if task.cancelled() and self.slots.get(slot.preset.name) is not slot:
+                # Its retirement cut the load: the model is gone.
+                raise UnknownModel(slot.preset.name, sorted(self.slots)) from None
             if task.cancelled() and task in self._cut_loads:
                 raise Unavailable(
                     f"model {slot.preset.name!r} was unloaded (force) while it loaded"
@@ -620,7 +641,7 @@ class Manager:
         return time.monotonic() - slot.ready_at >= STABLE_AFTER
 
     def _pids(self) -> list[int]:
-        return [s.child.pid for s in self.slots.values() if s.child and s.child.pid]
+        return [s.child.pid for s in self._every_slot() if s.child and s.child.pid]
 
     def _resident(self, slot: Slot, snap: Snapshot) -> policy.Resident | None:
         """How a slot counts for admission, or None when it holds no device memory."""
@@ -661,7 +682,12 @@ class Manager:
         )
 
     def _residents(self, snap: Snapshot, exclude: Slot) -> list[policy.Resident]:
-        residents = []
+        residents = [
+            # Never a victim: its retirement stops it, and a load waits for that.
+            replace(resident, busy=True)
+            for slot in self._retiring
+            if (resident := self._resident(slot, snap)) is not None
+        ]
         for slot in self.slots.values():
             if slot is exclude:
                 continue
@@ -732,10 +758,10 @@ class Manager:
                 s.ram_bytes,
                 s.last_used,
                 "sleep" if s.asleep else "pages",
-                busy=s.busy,
+                busy=s.busy or s in self._retiring,  # its retirement takes it down
                 crf=self._crf(s),
             )
-            for s in self.slots.values()
+            for s in self._every_slot()
             if s.asleep or s.pages is not None
         )
         available = snap.host_available - self.config.reserve
@@ -807,8 +833,11 @@ class Manager:
 
     async def _wait_for_change(self, timeout: float) -> None:
         changed = self._changed
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that
+        # arrives once the event is set (a reload notifies, then cancels a removed load).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), max(0.0, timeout))
+            async with asyncio.timeout(max(0.0, timeout)):
+                await changed.wait()
 
     def _begin_hold(self, job: _Job, hold: policy.Hold) -> None:
         """Say that the load is held, and why, once when the hold begins."""
@@ -972,7 +1001,7 @@ class Manager:
         """Model sources whose staged copies are in use now (:meth:`_uses_staged_copy`)."""
         return [
             s.preset.model
-            for s in self.slots.values()
+            for s in self._every_slot()
             if s.preset.model is not None and self._uses_staged_copy(s)
         ]
 
@@ -1002,9 +1031,7 @@ class Manager:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or exc.need > exc.budget:  # no stop makes that room
                         raise CacheFull(f"cannot stage {preset.name!r}: {exc}") from exc
-                    changed = self._changed
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), remaining)
+                    await self._wait_for_change(remaining)
         except StagingError as exc:
             raise StageFailed(preset.name, str(exc)) from exc
         finally:
@@ -1550,8 +1577,9 @@ class Manager:
         )
         self.admission.limits = self.limits
         self.admission.default_memory = config.default_memory
-        if config.ram_budget is not None and config.ram_budget != self.ram_budget:
-            self.ram_budget = config.ram_budget
+        ram_budget = _ram_budget(config)  # a key taken out goes back to the default
+        if ram_budget != self.ram_budget:
+            self.ram_budget = ram_budget
             self._spawn_task(self._fit_ram_budget(), "ram_budget")
         slots = {p.name: old.get(p.name) or self._new_slot(p) for p in config.presets}
         self.slots = slots  # from here on, a removed name is unknown
@@ -1676,6 +1704,11 @@ class Manager:
         """A removed model: finish what it serves, then stop it for good."""
         _log.info("model.reload", model=slot.preset.name, change="removed")
         try:
+            load = slot.load_task
+            if load is not None and not load.done():
+                # Nobody is left for it to serve: its waiters get 404, and it evicts nothing.
+                load.cancel()
+                await asyncio.wait([load])
             await self._settle(slot)
             await self._drain_and_stop(slot, "removed")
             self._cancel_ttl(slot)
@@ -1740,3 +1773,8 @@ class Manager:
                     await self.load(slot.preset.name)
                 except RequestError as exc:
                     _log.error("model.preload.fail", model=slot.preset.name, error=exc.message)
+
+
+def _ram_budget(config: Config) -> int:
+    """The ram tier's budget: ``ram_budget``, or half of host RAM when the key is absent."""
+    return config.ram_budget if config.ram_budget is not None else host_memory()[0] // 2

@@ -183,7 +183,8 @@ class Child:
         if pump is None or pump.done():
             return
         try:
-            await asyncio.wait_for(asyncio.shield(pump), OUTPUT_GRACE)
+            async with asyncio.timeout(OUTPUT_GRACE):  # not wait_for: see manager
+                await asyncio.shield(pump)
         except TimeoutError:
             # The leader is gone but something still holds its output pipe: a helper
             # that left the process group (setsid). Stop reading and close our end.
@@ -258,7 +259,8 @@ class Child:
             except (UpstreamError, TimeoutError):
                 pass
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(output.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await output.wait()
             await asyncio.sleep(max(0.0, polled + READY_POLL_GAP - loop.time()))
             wait = min(READY_POLL_MAX, wait * READY_POLL_GROWTH)
 
@@ -336,7 +338,8 @@ class Child:
         """
         assert self._proc is not None  # noqa: S101 - a stop checks it
         try:
-            return await asyncio.wait_for(asyncio.shield(self.wait_exit()), KILL_WAIT)
+            async with asyncio.timeout(KILL_WAIT):
+                return await asyncio.shield(self.wait_exit())
         except TimeoutError:
             self.unkillable = True
             self._reaped = asyncio.create_task(self._reap_stuck(), name=f"reap:{self.model}")
@@ -367,7 +370,8 @@ class Child:
         # Even when the leader is dead already (a crash), its workers may live on.
         self._signal_group(self.stop_signal)
         try:
-            code = await asyncio.wait_for(asyncio.shield(self.wait_exit()), timeout)
+            async with asyncio.timeout(timeout):
+                code = await asyncio.shield(self.wait_exit())
         except TimeoutError:
             _log.warning("backend.kill", model=self.model, pid=self._proc.pid, after_s=timeout)
             self._signal_group(signal.SIGKILL)

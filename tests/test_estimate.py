@@ -256,22 +256,25 @@ def test_compute_buffer_heuristic(model: Path) -> None:
 def test_flash_attn_auto_on_a_gpu_follows_its_kernels(tmp_path: Path) -> None:
     """With -fa auto, the scores count where CUDA's kernels cannot take the heads (8 wide).
 
-    llama.cpp turns flash attention off then, and its compute buffer holds the scores: a
+    llama.cpp turns flash attention off then, and its compute buffer holds the scores, and
+    a transposed copy of one layer's V (the cache was laid out for flash attention): a
     random GGUF with 16-wide heads measured 2962 MiB on an H200 against an estimate of 1862
     that took "auto" for on.
     """
     narrow = write_model(tmp_path / "narrow.gguf")
     wide = write_model(tmp_path / "wide.gguf", Spec(key_length=64, value_length=64))
     auto = LlamaArgs(n_ctx=2048, flash_attn="auto")
-    for path, supported in ((narrow, False), (wide, True)):
-        explicit = LlamaArgs(n_ctx=2048, flash_attn="on" if supported else "off")
-        assert estimate_for_args(path, auto) == estimate_for_args(path, explicit)
+    on = LlamaArgs(n_ctx=2048, flash_attn="on")
+    off = LlamaArgs(n_ctx=2048, flash_attn="off")
+    assert estimate_for_args(wide, auto) == estimate_for_args(wide, on)
+    v_copy = 2048 * N_HEAD_KV * HEAD_DIM * 2  # cells x one layer's V row, f16
+    resolved_off = estimate_for_args(narrow, auto)
+    assert resolved_off.compute == estimate_for_args(narrow, off).compute + v_copy
+    assert resolved_off.compute == compute_bytes(512, 2048, flash_attn=False) + v_copy
+    for path in (narrow, wide):
         # On the CPU, every head size runs flash attention.
         on_cpu = estimate_for_args(path, auto, on_gpu=False)
-        on = LlamaArgs(n_ctx=2048, flash_attn="on")
         assert on_cpu == estimate_for_args(path, on, on_gpu=False)
-    scores_off = estimate_for_args(narrow, LlamaArgs(n_ctx=2048, flash_attn="off"))
-    assert estimate_for_args(narrow, auto).compute == scores_off.compute
     # With no layer on the GPU the attention runs on the CPU.
     cpu_layers = LlamaArgs(n_ctx=2048, flash_attn="auto", n_gpu_layers=0)
     on_cpu_layers = dataclass_replace(cpu_layers, flash_attn="on")
@@ -292,23 +295,38 @@ def shape(head_k: int, head_v: int, n_head: int = 32, n_head_kv: int = 8) -> Mod
     )
 
 
+def sliding(full: ModelShape, k_swa: int, v_swa: int) -> ModelShape:
+    """``full`` with a sliding-window first layer whose heads are ``k_swa`` / ``v_swa`` wide."""
+    return dataclass_replace(
+        full, n_swa=512, is_swa=(True, False), head_dim_k_swa=k_swa, head_dim_v_swa=v_swa
+    )
+
+
 @pytest.mark.parametrize(
     ("model_shape", "args", "expected"),
     [
-        (shape(128, 128), LlamaArgs(), True),
-        (shape(80, 80), LlamaArgs(), True),
-        (shape(256, 256), LlamaArgs(), True),
+        *[(shape(k, k), LlamaArgs(), True) for k in (40, 64, 72, 80, 96, 112, 128, 256)],
         (shape(16, 16), LlamaArgs(), False),
         (shape(160, 160), LlamaArgs(), False),
         (shape(128, 64), LlamaArgs(), False),
-        # DeepSeek's shapes need grouped-query attention, some of a given ratio.
+        # Unequal or wide heads need grouped-query attention, some of a given ratio.
         (shape(192, 128, 32, 4), LlamaArgs(), True),
         (shape(192, 128, 32, 8), LlamaArgs(), False),
+        (shape(320, 256, 64, 2), LlamaArgs(), True),
+        (shape(320, 256, 32, 2), LlamaArgs(), False),
+        (shape(512, 512, 16, 8), LlamaArgs(), True),
+        (shape(512, 512, 8, 8), LlamaArgs(), False),
         (shape(576, 512, 128, 1), LlamaArgs(), True),
         (shape(576, 512, 1, 1), LlamaArgs(), False),
+        # Layers without attention (a hybrid's linear layers) do not count.
+        (dataclass_replace(shape(576, 512, 16, 1), n_head_kv=(0, 1)), LlamaArgs(), True),
+        # Sliding-window layers with heads of their own: each layer is checked.
+        (sliding(shape(128, 128), 160, 160), LlamaArgs(), False),
+        (sliding(shape(128, 128), 256, 256), LlamaArgs(), True),
+        (sliding(shape(512, 512, 16, 8), 320, 256), LlamaArgs(), False),
         # A cache type the kernels cannot read; a quantized V cache forces it on.
         (shape(128, 128), LlamaArgs(cache_type_k="iq4_nl"), False),
-        (shape(16, 16), LlamaArgs(cache_type_v="q8_0"), True),
+        (shape(160, 160), LlamaArgs(cache_type_v="q8_0"), True),
         # Explicit settings are taken as given.
         (shape(16, 16), LlamaArgs(flash_attn="on"), True),
         (shape(128, 128), LlamaArgs(flash_attn="off"), False),
@@ -318,6 +336,30 @@ def test_flash_attn_on_a_gpu(model_shape: ModelShape, args: LlamaArgs, *, expect
     """Head sizes and cache types as ggml-cuda's flash attention takes them."""
     assert flash_attn_on(model_shape, args, on_device=True) is expected
     assert flash_attn_on(model_shape, args, on_device=False) is (args.flash_attn != "off")
+
+
+def test_grok_never_runs_flash_attention() -> None:
+    """llama.cpp forces it off for Grok whatever -fa says: the scores always count."""
+    grok = dataclass_replace(shape(128, 128), arch="grok")
+    for setting in ("auto", "on", "off"):
+        args = LlamaArgs(flash_attn=setting)
+        assert flash_attn_on(grok, args, on_device=True) is False
+        assert flash_attn_on(grok, args, on_device=False) is False
+
+
+def test_sliding_heads_of_their_own_are_read(tmp_path: Path) -> None:
+    """key_length_swa / value_length_swa from the file decide "auto" for the sliding layers."""
+    window: dict[str, int | list[bool]] = {"{arch}.attention.sliding_window": 512}
+    narrow: dict[str, int | list[bool]] = {
+        "{arch}.attention.key_length_swa": 16,
+        "{arch}.attention.value_length_swa": 16,
+    }
+    auto = LlamaArgs(n_ctx=2048, flash_attn="auto")
+    on = dataclass_replace(auto, flash_attn="on")
+    for name, extra, expected in (("plain", window, True), ("narrow", window | narrow, False)):
+        spec = Spec(arch="gemma3", n_layer=6, key_length=64, value_length=64, extra=extra)
+        path = write_model(tmp_path / f"{name}.gguf", spec)
+        assert (estimate_for_args(path, auto) == estimate_for_args(path, on)) is expected
 
 
 def test_logit_rows_follow_slots_or_the_caller(model: Path) -> None:
@@ -565,18 +607,32 @@ def test_parse_llama_args_rejects_bad_values(argv: list[str], message: str) -> N
 
 
 def test_estimate_for_args(model: Path) -> None:
-    """Flags flow into the estimate; "auto" is off for heads CUDA's kernels cannot take."""
-    argv = ["-c", "2048", "-ngl", "2", "-ctk", "q8_0", "-np", "2", "-kvu", "-ub", "256"]
+    """Flags flow into the estimate."""
+    argv = [
+        "-c",
+        "2048",
+        "-ngl",
+        "2",
+        "-ctk",
+        "bf16",
+        "-np",
+        "2",
+        "-kvu",
+        "-ub",
+        "256",
+        "-fa",
+        "off",
+    ]
     via_args = estimate_for_args(model, parse_llama_args(argv))
     direct = estimate_gguf(
         model,
         n_ctx=2048,
         n_gpu_layers=2,
-        cache_type_k="q8_0",
+        cache_type_k="bf16",
         n_parallel=2,
         kv_unified=True,
         n_ubatch=256,
-        flash_attn=False,  # the heads are 8 wide
+        flash_attn=False,
     )
     assert via_args == direct
     no_fa = estimate_for_args(model, parse_llama_args(["-c", "2048", "-fa", "off"]), on_gpu=False)

@@ -54,12 +54,14 @@ from swapd.estimate._sizes import (
     GPU_OVERHEAD,
     INPUT_TENSOR_PREFIXES,
     MIB,
+    NO_FLASH_ATTN_ARCH,
     CacheLayout,
     cache_layout,
     compute_buffer,
     flash_attn_on,
     kv_cache_bytes,
     offload_plan,
+    transposed_v_bytes,
     weights_on_device,
 )
 
@@ -78,6 +80,7 @@ __all__ = [
     "INPUT_TENSOR_PREFIXES",
     "MAX_DECODED_ARRAY",
     "MIB",
+    "NO_FLASH_ATTN_ARCH",
     "OUTPUT",
     "SWA_DEFAULT_WINDOW",
     "SWA_PATTERNS",
@@ -104,6 +107,7 @@ __all__ = [
     "parse_llama_args",
     "read_gguf_header",
     "read_shape",
+    "transposed_v_bytes",
     "weights_on_device",
 ]
 
@@ -160,13 +164,17 @@ def estimate_shape(  # noqa: PLR0913 - model, flags, and the three options of es
     else:
         weights, largest_left = sum(t.n_bytes for t in tensors), 0
         first_layer = 0
+    on_device = on_gpu and first_layer < shape.n_layer
+    flash_attn = flash_attn_on(shape, args, on_device=on_device)
     compute = compute_buffer(
         shape,
         layout,
         n_ubatch=args.n_ubatch,
-        flash_attn=flash_attn_on(shape, args, on_device=on_gpu and first_layer < shape.n_layer),
+        flash_attn=flash_attn,
         n_outputs=layout.slots if n_outputs is None else n_outputs,
     )
+    if args.flash_attn == "auto" and not flash_attn and shape.arch != NO_FLASH_ATTN_ARCH:
+        compute += transposed_v_bytes(shape, layout, args)
     if overhead is None:
         overhead = GPU_OVERHEAD if on_gpu else CPU_OVERHEAD
     return Estimate(

@@ -46,6 +46,10 @@ class ModelShape:
     head_dim_v: int
     n_swa: int = 0  # the sliding window in tokens; 0 when no layer slides
     is_swa: tuple[bool, ...] = ()  # per layer; empty when no layer slides
+    arch: str = ""  # general.architecture
+    # Head sizes of the sliding-window layers where the file gives their own; 0: the same.
+    head_dim_k_swa: int = 0
+    head_dim_v_swa: int = 0
 
 
 def _int_field(header: GGUFHeader, key: str, path: Path) -> int:
@@ -110,6 +114,8 @@ def read_shape(header: GGUFHeader, path: Path) -> ModelShape:
     head_dim_k = header.metadata.get(f"{arch}.attention.key_length")
     head_dim_v = header.metadata.get(f"{arch}.attention.value_length")
     n_swa, is_swa = _swa_layers(header, arch, n_layer)
+    k_swa = header.metadata.get(f"{arch}.attention.key_length_swa")
+    v_swa = header.metadata.get(f"{arch}.attention.value_length_swa")
     return ModelShape(
         n_layer=n_layer,
         n_ctx_train=_int_field(header, f"{arch}.context_length", path),
@@ -121,4 +127,7 @@ def read_shape(header: GGUFHeader, path: Path) -> ModelShape:
         head_dim_v=head_dim_v if isinstance(head_dim_v, int) else default_head_dim,
         n_swa=n_swa,
         is_swa=is_swa,
+        arch=arch,
+        head_dim_k_swa=k_swa if isinstance(k_swa, int) else 0,
+        head_dim_v_swa=v_swa if isinstance(v_swa, int) else 0,
     )

@@ -53,6 +53,8 @@ _BLOCK = re.compile(r"blk\.(\d+)\.")
 GPU_FLASH_ATTN_HEADS = frozenset({40, 64, 72, 80, 96, 112, 128, 256})
 # (K, V) head sizes taken only with grouped-query attention whose ratio is a multiple of this.
 GPU_FLASH_ATTN_GQA_HEADS = {(192, 128): 8, (320, 256): 32, (512, 512): 1, (576, 512): 1}
+# llama.cpp turns flash attention off for this architecture whatever the flags say.
+NO_FLASH_ATTN_ARCH = "grok"
 # KV cache types those kernels read.
 GPU_FLASH_ATTN_CACHE_TYPES = frozenset(
     {"f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"}
@@ -148,20 +150,28 @@ def weights_on_device(
     return on_device, largest_left
 
 
-def _gpu_flash_attn(shape: ModelShape, args: LlamaArgs) -> bool:
-    """Whether CUDA or ROCm runs flash attention for this model's heads and cache types."""
-    if not {args.cache_type_k, args.cache_type_v} <= GPU_FLASH_ATTN_CACHE_TYPES:
-        return False
-    k, v = shape.head_dim_k, shape.head_dim_v
+def _gpu_heads(k: int, v: int, gqa_ratio: int) -> bool:
+    """Whether CUDA's and ROCm's flash-attention kernels take K and V heads of these sizes."""
     if k == v and k in GPU_FLASH_ATTN_HEADS:
         return True
     multiple = GPU_FLASH_ATTN_GQA_HEADS.get((k, v))
-    if multiple is None:
+    return multiple is not None and gqa_ratio >= 2 and gqa_ratio % multiple == 0
+
+
+def _gpu_flash_attn(shape: ModelShape, args: LlamaArgs) -> bool:
+    """Whether CUDA or ROCm runs flash attention for every layer's heads and the cache types."""
+    if not {args.cache_type_k, args.cache_type_v} <= GPU_FLASH_ATTN_CACHE_TYPES:
         return False
-    return all(
-        kv > 0 and h % kv == 0 and h // kv >= 2 and (h // kv) % multiple == 0
-        for h, kv in zip(shape.n_head, shape.n_head_kv, strict=True)
-    )
+    for il in range(shape.n_layer):
+        n_head, n_kv = shape.n_head[il], shape.n_head_kv[il]
+        if n_kv == 0:
+            continue  # no attention here (a recurrent or linear layer of a hybrid model)
+        sliding = bool(shape.is_swa) and shape.is_swa[il]
+        k = (sliding and shape.head_dim_k_swa) or shape.head_dim_k
+        v = (sliding and shape.head_dim_v_swa) or shape.head_dim_v
+        if not _gpu_heads(k, v, n_head // n_kv if n_head % n_kv == 0 else 0):
+            return False
+    return True
 
 
 def flash_attn_on(shape: ModelShape, args: LlamaArgs, *, on_device: bool) -> bool:
@@ -169,12 +179,25 @@ def flash_attn_on(shape: ModelShape, args: LlamaArgs, *, on_device: bool) -> boo
 
     "auto" is on where the attention runs on the CPU (every head size) or with a quantized
     V cache (which needs it, so llama.cpp forces it on); on a GPU, only where its kernels
-    take the model's heads. ``on_device`` says whether any layer is offloaded.
+    take every layer's heads. ``on_device`` says whether any layer is offloaded. Grok never
+    runs it, whatever ``-fa`` says.
     """
+    if shape.arch == NO_FLASH_ATTN_ARCH:
+        return False
     if args.flash_attn != "auto":
         return args.flash_attn == "on"
     quantized_v = cache_type_block(args.cache_type_v)[0] > 1
     return quantized_v or not on_device or _gpu_flash_attn(shape, args)
+
+
+def transposed_v_bytes(shape: ModelShape, layout: CacheLayout, args: LlamaArgs) -> int:
+    """The copy of one layer's V that attention makes when "-fa auto" resolved off.
+
+    llama.cpp lays the cache out for flash attention before it resolves "auto"; the plain
+    attention then transposes V into the compute buffer, one layer at a time.
+    """
+    widest = max((shape.n_head_kv[il] for il in range(shape.n_layer)), default=0)
+    return layout.stream_cells * cache_row_bytes(args.cache_type_v, widest * shape.head_dim_v)
 
 
 def kv_cache_bytes(

@@ -1,0 +1,160 @@
+"""Reloads that meet models mid-way: staged, queued behind a busy model, draining, removed."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from conftest import StartDaemon
+from daemon import fake_preset, wait_for
+from test_reload import Stream
+
+MIB = 1024**2
+
+
+def _model(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def _preset(model: Path, **keys: Any) -> dict[str, Any]:
+    preset = fake_preset("S", "--health-path", "/health", model=str(model), **keys)
+    preset["cmd"] = [*preset["cmd"], "--name", "${MODEL}"]
+    return preset
+
+
+def test_unstaging_a_preset_by_reload_starts_the_new_model_not_the_old_copy(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """s was staged from a.gguf; a reload points it at b.gguf with stage: false.
+
+    The restarted backend gets b.gguf, not the cached copy of a.gguf.
+    """
+    a = _model(tmp_path / "slow" / "a.gguf", 2 * MIB)
+    b = _model(tmp_path / "slow" / "b.gguf", 2 * MIB)
+    d = start_daemon({"s": _preset(a, stage=True)}, {"cache_dir": str(tmp_path / "cache")})
+    assert d.chat("s")[0] == 200
+    d.presets = {"s": _preset(b)}
+    d.write()
+    plan = d.request("POST", "/swapd/reload")[1]
+    assert plan["restarted"] == ["s"], plan
+    wait_for(lambda: len(d.events("backend.spawn")) == 2 and d.model("s")["state"] == "ready")
+    argv = d.events("backend.spawn")[-1]["argv"]
+    assert d.chat("s")[0] == 200
+    assert str(b) in argv, argv[-1]
+
+
+def test_a_removed_models_queued_load_neither_evicts_nor_spawns(
+    start_daemon: StartDaemon,
+) -> None:
+    """b's load waits for busy a (max_running 1); a reload removes b.
+
+    Nobody can be served by b any more: the load is cancelled, its waiter gets 404, and
+    a keeps running (before, once a's request ended, b's load evicted a and spawned b).
+    """
+    d = start_daemon(
+        {"a": fake_preset("A"), "b": fake_preset("B")},
+        {"max_running": 1, "max_wait": "60s", "queue_timeout": "60s"},
+    )
+    assert d.chat("a")[0] == 200
+    a_pid = d.model("a")["pid"]
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(d.chat, "a", "long", fake_delay=3)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        for_b = pool.submit(d.chat, "b")
+        wait_for(lambda: d.model("b")["state"] == "queued")
+        d.presets = {"a": fake_preset("A")}
+        (d.root / "presets" / "b.yaml").unlink()
+        assert d.request("POST", "/swapd/reload")[1]["removed"] == ["b"]
+        assert long.result()[0] == 200
+        status, _ = for_b.result()
+    assert status == 404
+    evicted = [(e["model"], e["victims"]) for e in d.events("model.evict")]
+    spawned = [e["model"] for e in d.events("backend.spawn")]
+    assert (evicted, spawned, d.model("a")["pid"]) == ([], ["a"], a_pid)
+
+
+def test_a_retiring_model_still_counts_for_max_running(start_daemon: StartDaemon) -> None:
+    """a streams; a reload removes a; b is asked for with max_running 1.
+
+    a's process runs until its stream ends, so b waits for it: a retiring model still
+    counts for admission.
+    """
+    slow = ("--chunks", "30", "--chunk-interval", "0.1")
+    d = start_daemon({"a": fake_preset("A", *slow), "b": fake_preset("B")}, {"max_running": 1})
+    assert d.chat("a")[0] == 200
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    d.presets = {"b": fake_preset("B")}
+    (d.root / "presets" / "a.yaml").unlink()
+    assert d.request("POST", "/swapd/reload")[1]["removed"] == ["a"]
+    assert d.chat("b")[0] == 200
+    live = len(d.leftovers())  # backends running now (swapd's reaper excluded)
+    events = stream.finish()
+    assert len(events) == 31
+    assert live <= 1, f"{live} backends ran at once with max_running: 1"
+
+
+def test_removing_ram_budget_by_reload_restores_the_default(start_daemon: StartDaemon) -> None:
+    """ram_budget: 0 (tier off), then a reload without the key: the default comes back."""
+    d = start_daemon({"a": fake_preset("A")}, {"ram_budget": 0})
+    fresh = start_daemon({"a": fake_preset("A")})
+    default = fresh.get("/swapd/status")[1]["tiers"]["ram"]["budget"]
+    assert d.get("/swapd/status")[1]["tiers"]["ram"]["budget"] == 0
+    d.settings = {}
+    d.write()
+    status, plan = d.request("POST", "/swapd/reload")
+    assert status == 200, plan
+    assert plan["restart_needed"] == [], plan
+    assert d.get("/swapd/status")[1]["tiers"]["ram"]["budget"] == default
+
+
+def test_a_load_asked_for_before_a_removal_starts_no_orphan(start_daemon: StartDaemon) -> None:
+    """a drains a stream (an unload); a load of a is asked for; a reload removes a.
+
+    Once a has stopped, the pending load does not start it again (before, it did: a
+    backend for a model the config no longer had, outside every slot).
+    """
+    slow = ("--chunks", "30", "--chunk-interval", "0.1")
+    d = start_daemon({"a": fake_preset("A", *slow, ttl="1s"), "b": fake_preset("B")})
+    assert d.chat("a")[0] == 200
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    with ThreadPoolExecutor(2) as pool:
+        unload = pool.submit(d.request, "POST", "/swapd/models/a/unload")
+        wait_for(lambda: d.model("a")["state"] == "draining")
+        load = pool.submit(d.request, "POST", "/swapd/models/a/load")
+        time.sleep(0.5)
+        (d.root / "presets" / "a.yaml").unlink()
+        assert d.request("POST", "/swapd/reload")[1]["removed"] == ["a"]
+        stream.finish()
+        unload.result()
+        load.result()
+    time.sleep(3)  # a's ttl, twice over
+    assert [m["name"] for m in d.get("/swapd/status")[1]["models"]] == ["b"]
+    spawned = [e["model"] for e in d.events("backend.spawn")]
+    assert (spawned, d.leftovers()) == (["a"], [])
+
+
+def test_a_raised_concurrency_lets_a_queued_request_go(start_daemon: StartDaemon) -> None:
+    """A request queued behind ``concurrency: 1`` goes once a reload raises the limit.
+
+    Before, it kept the limit it had read on arrival and waited for the long request.
+    """
+    d = start_daemon({"a": fake_preset("A", concurrency=1)})
+    assert d.chat("a")[0] == 200
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(d.chat, "a", "long", fake_delay=5)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        second = pool.submit(d.chat, "a")
+        wait_for(lambda: d.model("a")["waiting"] == 1)
+        d.presets = {"a": fake_preset("A", concurrency=2)}
+        d.write()
+        assert d.request("POST", "/swapd/reload")[1]["in_place"] == ["a"]
+        assert second.result()[0] == 200
+        assert not long.done()  # served beside the long request, not after it
+        assert long.result()[0] == 200
