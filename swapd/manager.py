@@ -616,6 +616,9 @@ class Manager:
         if isinstance(exc, Unavailable) and slot.state is State.QUEUED:
             # Refused for memory, queue time or cache room: nothing is wrong with the model.
             self._unqueue(slot)
+            if slot.asleep:
+                # Back in the ram tier, which a reload or demotion may have filled meanwhile.
+                self._spawn_task(self._fit_ram_budget(), "ram_budget")
             return
         if slot.state is State.QUEUED:
             # A refused wake leaves the process asleep in the ram tier.
@@ -1193,7 +1196,12 @@ class Manager:
                 slot.preset.name, None, slot.ring.tail(), reason="could not wake: process gone"
             )
         try:
-            await slot.kind.wake(self.pool, launch.host, launch.port)
+            try:
+                # A wake is a load: bounded by start_timeout, as a start is.
+                async with asyncio.timeout(slot.preset.start_timeout):
+                    await slot.kind.wake(self.pool, launch.host, launch.port)
+            except TimeoutError as exc:
+                raise SleepFailed(f"not awake after {slot.preset.start_timeout:g}s") from exc
         except (SleepFailed, SleepUnsupported) as exc:
             slot.move(State.WAKING, State.FAILED)
             await self._end_failed_child(slot, f"wake failed: {exc}")
@@ -1278,6 +1286,19 @@ class Manager:
         """Notice a backend that exits by itself while ready, draining or asleep."""
         code = await child.wait_exit()
         alive_states = (State.READY, State.DRAINING, State.ASLEEP)
+        if slot.child is child and slot.state is State.QUEUED:
+            # Asleep, its wake queued: the wake finds no process (a refused one leaves the
+            # model stopped, not asleep), and the ram tier no longer holds it.
+            _log.error(
+                "backend.crash", model=slot.preset.name, code=code, reason=describe_exit(code)
+            )
+            await child.stop(slot.preset.stop_timeout)  # reap the rest of its group
+            if slot.child is child:
+                self._cancel_ram_ttl(slot)
+                self._forget_child(slot)
+                slot.ram_bytes = 0
+            self._notify()
+            return
         if slot.child is not child or slot.state not in alive_states:
             return
         _log.error(
@@ -1469,6 +1490,10 @@ class Manager:
                 await hold
             if slot.state is State.STOPPING:
                 slot.move(State.STOPPING, State.STOPPED)
+                if slot.pages is not None:
+                    # Its pages entered the ram tier while it still stopped (tier "device"),
+                    # when ram_ttl could not be armed: now it can.
+                    self._rearm_ram_ttl(slot)
         finally:
             slot.stop_task = None
             self._notify()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,16 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, Any, None]:
     if report.skipped and real and os.environ.get("CI"):
         report.outcome = "failed"
         report.longrepr = f"real-backend test skipped in CI: {report.longrepr}"
+
+
+FAKE_VLLM = Path(__file__).resolve().parent / "fakes" / "fake_vllm.py"
+
+
+@pytest.fixture
+def vllm_binary(tmp_path: Path) -> str:
+    """An executable named vllm that runs the fake vLLM with this interpreter."""
+    path = tmp_path / "bin" / "vllm"
+    path.parent.mkdir()
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_VLLM} "$@"\n')
+    path.chmod(0o755)
+    return str(path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -23,19 +22,8 @@ import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, fake_stats, hook_env, wait_for
 
-FAKE_VLLM = Path(__file__).resolve().parent / "fakes" / "fake_vllm.py"
 MIB = 1024**2
 HOLD = 96 * MIB
-
-
-@pytest.fixture
-def vllm_binary(tmp_path: Path) -> str:
-    """An executable named vllm that runs the fake with this interpreter."""
-    path = tmp_path / "bin" / "vllm"
-    path.parent.mkdir()
-    path.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_VLLM} "$@"\n')
-    path.chmod(0o755)
-    return str(path)
 
 
 def vllm_preset(binary: str, model_dir: Path, **keys: Any) -> dict[str, Any]:
