@@ -52,7 +52,8 @@ class Source:
     For a directory, ``files`` lists every regular file below it (symbolic links followed)
     relative to it and ``dirs`` every directory, parents first; ``size`` is their sum. For a
     file, ``files`` is ``(("", size),)``. ``fingerprint`` changes when the source does: a
-    file's size and mtime, or for a directory a digest of every file's path, size and mtime.
+    file's size, mtime and inode (a file replaced by a rename may keep the other two), or for
+    a directory a digest of every file's path, size, mtime and inode.
     """
 
     path: Path
@@ -67,7 +68,7 @@ def scan(path: Path) -> Source:
     """Stat a file, or walk a directory; ``OSError`` if unreadable or of another kind."""
     st = path.stat()
     if stat.S_ISREG(st.st_mode):
-        stamp = f"file {st.st_size} {st.st_mtime_ns}"
+        stamp = f"file {st.st_size} {st.st_mtime_ns} {st.st_ino}"
         return Source(
             path, is_dir=False, size=st.st_size, fingerprint=stamp, files=(("", st.st_size),)
         )
@@ -85,7 +86,7 @@ def scan(path: Path) -> Source:
             st = item.stat()  # follows symbolic links: the copy holds the bytes, not links
             if stat.S_ISREG(st.st_mode):
                 files.append((child, st.st_size))
-                listing.update(f"{child}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                listing.update(f"{child}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
             elif stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))  # a link back up would loop forever
                 dirs.append(child)

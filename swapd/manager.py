@@ -225,6 +225,7 @@ class Manager:
         if self.staging is not None and slot.preset.stage and slot.preset.model is not None:
             found = await asyncio.to_thread(self.staging.cached_path, slot.preset.model)
         slot.staged_path = str(found) if found else None
+        slot.staged_source = slot.preset.model if found else None
 
     # ---------------------------------------------------------------- lookups and views
 
@@ -992,20 +993,25 @@ class Manager:
         await self._await_release(device, need)
 
     @staticmethod
-    def _uses_staged_copy(slot: Slot) -> bool:
+    def _uses_staged_copy(slot: Slot, *, counting_load: bool = True) -> bool:
         """Whether its staged copy is in use: by a process, held pages, or a load under way.
 
-        A load that has staged and waits for room, or starts, is about to open the copy.
+        A load that has staged and waits for room, or starts, is about to open the copy;
+        not the load that stages now (``counting_load`` False): it opens the copy it makes.
         """
-        loading = slot.load_task is not None and not slot.load_task.done()
+        loading = counting_load and slot.load_task is not None and not slot.load_task.done()
         return bool(slot.staged_path) and bool(slot.child or slot.pages or loading)
 
-    def _sources_in_use(self) -> list[Path]:
-        """Model sources whose staged copies are in use now (:meth:`_uses_staged_copy`)."""
+    def _sources_in_use(self, staging: Slot | None = None) -> list[Path]:
+        """Sources whose staged copies are in use now (:meth:`_uses_staged_copy`).
+
+        Called by the cache when it plans room, not before: a model may start meanwhile.
+        """
         return [
-            s.preset.model
+            s.staged_source
             for s in self._every_slot()
-            if s.preset.model is not None and self._uses_staged_copy(s)
+            if s.staged_source is not None
+            and self._uses_staged_copy(s, counting_load=s is not staging)
         ]
 
     async def _stage(self, slot: Slot) -> None:
@@ -1026,7 +1032,7 @@ class Manager:
                         source,
                         sha256=preset.sha256,
                         progress=progress,
-                        in_use=self._sources_in_use(),
+                        in_use=lambda: self._sources_in_use(staging=slot),
                     )
                     break
                 except StagingFull as exc:
@@ -1039,7 +1045,7 @@ class Manager:
             raise StageFailed(preset.name, str(exc)) from exc
         finally:
             slot.staging = None
-        slot.staged_path = str(path)
+        slot.staged_path, slot.staged_source = str(path), source
         _log.info("model.staged", model=preset.name, path=slot.staged_path)
         await self._refresh_staged(exclude=slot)
 
@@ -1048,11 +1054,11 @@ class Manager:
         staging = self.staging
         assert staging is not None  # noqa: S101 - only called with a cache
         for other in self.slots.values():
-            if other is exclude or other.staged_path is None or other.preset.model is None:
+            if other is exclude or other.staged_path is None or other.staged_source is None:
                 continue
-            found = await asyncio.to_thread(staging.cached_path, other.preset.model)
+            found = await asyncio.to_thread(staging.cached_path, other.staged_source)
             if found is None and not self._uses_staged_copy(other):
-                other.staged_path = None
+                other.staged_path = other.staged_source = None
 
     async def _await_release(self, device: Device, need: int) -> None:
         # Drivers release memory asynchronously: wait, bounded, until the room is really there.

@@ -14,6 +14,8 @@ from swapd.ringlog import RingLog
 from swapd.states import State
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from swapd.backends import BackendKind, Launch, Tier
     from swapd.needs import Need
     from swapd.pages import WarmSet
@@ -65,6 +67,8 @@ class Slot:
     ready_at: float = 0.0  # monotonic; when its backend last became ready
     retry_at: float = 0.0  # monotonic; when a backoff ends
     staged_path: str | None = None
+    staged_source: Path | None = None  # the source staged_path is a copy of (a reload may
+    # point the preset elsewhere while the old process still runs on this copy)
     staging: tuple[int, int] | None = None  # bytes done, total, while copying
     unloaded_at: float = 0.0  # monotonic; the last unload asked for (a restart keeps it down)
     # Told of every move (the manager's change feed: /swapd/events, systemd's STATUS line).

@@ -50,6 +50,8 @@ from swapd.units import format_size
 _log = get_logger("swapd.staging")
 T = TypeVar("T")
 Progress = Callable[[int, int], None]
+# Sources whose copies are in use: a collection, or a function asked each time it matters.
+InUse = Collection[str | Path] | Callable[[], Collection[str | Path]]
 # Progress callbacks run at most this often (plus once at the start and once at the end).
 REPORT_EVERY_S = 0.1
 _SHA256_HEX = 64
@@ -285,8 +287,11 @@ class StagingCache:
         return tuple(self._entries.values())
 
     def usage(self) -> tuple[int, int]:
-        """Bytes held by complete entries and reserved by copies in progress; the budget."""
-        used = sum(e.size for e in self._entries.values())
+        """Bytes held by complete entries and reserved by copies in progress; the budget.
+
+        An entry deleted behind the cache's back (one stat each) no longer counts.
+        """
+        used = sum(e.size for e in self._entries.values() if e.path.exists())
         return used + sum(j.source.size for j in self._copies.values()), self.budget
 
     async def synced(self) -> None:
@@ -333,7 +338,7 @@ class StagingCache:
         *,
         sha256: str | None = None,
         progress: Progress | None = None,
-        in_use: Collection[str | Path] = (),
+        in_use: InUse = (),
     ) -> Path:
         """The cached copy of ``source``, copied now unless it is cached already.
 
@@ -341,8 +346,10 @@ class StagingCache:
         copy that was staged without one. ``progress(done, total)`` is called on the loop
         while this call waits for a copy. A concurrent call for the same source joins the
         same copy. Room is made by evicting least recently used entries, never those whose
-        source is in ``in_use``. The copy belongs to the cache: cancelling this call stops
-        waiting, not the copy. Raises CacheFull, ChecksumMismatch or StagingError.
+        source is in ``in_use`` (a collection, or a function the cache calls each time it
+        evicts, so that what started meanwhile counts). The copy belongs to the cache:
+        cancelling this call stops waiting, not the copy. Raises CacheFull, ChecksumMismatch
+        or StagingError (any I/O error of the copy, the cache directory gone among them).
         """
         path = _absolute(source)
         try:
@@ -351,16 +358,19 @@ class StagingCache:
             raise StagingError(f"cannot stage {path}: {exc}") from exc
         expected = _check_digest(found, sha256)
         key = layout.key_of(path, found.fingerprint)
-        pinned = {_absolute(s) for s in in_use}
+        # Deleted behind the cache's back (an entry, or the whole directory): copy again.
+        _, gone = self._detach([k for k, e in self._entries.items() if not e.path.exists()])
         entry = self._entries.get(key)
-        gone = _Trash()
-        if entry is not None and not entry.path.exists():
-            _, gone = self._detach([key])  # deleted behind the cache's back: copy it again
-            entry = None
         if entry is None:
-            job = self._copies.get(key) or self._start(found, key, expected, pinned, gone)
+            job = self._copies.get(key)
+            if job is None:
+                job, gone = self._start(found, key, expected, in_use, gone), _Trash()
+            if gone.paths or gone.syncs:
+                await self._delete(gone)
             entry = await self._join(job, progress)
-        entry = await self._verified(entry, expected, pinned)
+        elif gone.paths or gone.syncs:
+            await self._delete(gone)
+        entry = await self._verified(entry, expected, in_use)
         self.touch(path)
         return entry.path
 
@@ -404,10 +414,11 @@ class StagingCache:
             await self._in_thread(threading.Event(), _remove_all, trash.paths)
 
     def _start(
-        self, found: Source, key: str, sha256: str | None, pinned: set[str], gone: _Trash
+        self, found: Source, key: str, sha256: str | None, in_use: InUse, gone: _Trash
     ) -> _Copy:
         """Plan room, evict, reserve and start the copy, with no await in between."""
         need = found.size
+        pinned = _pinned(in_use)
         victims = plan_room(self._entries.values(), self.budget, need, pinned, self._reserved())
         if victims is None:
             used, _ = self.usage()
@@ -417,7 +428,7 @@ class StagingCache:
         trash += gone
         job = _Copy(found, key, sha256, asyncio.get_running_loop(), [])
         self._copies[key] = job
-        job.task = asyncio.create_task(self._run(job, trash, pinned), name=f"stage {found.path}")
+        job.task = asyncio.create_task(self._run(job, trash, in_use), name=f"stage {found.path}")
         job.task.add_done_callback(_retrieve)
         _log.info("staging.copy.start", source=str(found.path), bytes=need, evicted=victims)
         return job
@@ -436,7 +447,7 @@ class StagingCache:
             if progress is not None:
                 job.callbacks.remove(progress)
 
-    async def _run(self, job: _Copy, trash: _Trash, pinned: set[str]) -> Entry:
+    async def _run(self, job: _Copy, trash: _Trash, in_use: InUse) -> Entry:
         """The copy's task: build the entry in a thread, then index it (the one place)."""
         started = time.monotonic()
         try:
@@ -473,6 +484,7 @@ class StagingCache:
             mib_s=round(manifest.size / 2**20 / max(seconds, 1e-9)),
         )
         # Older copies of the same source will never be hits again.
+        pinned = _pinned(in_use)
         stale = [
             e.key
             for e in self._entries.values()
@@ -515,8 +527,15 @@ class StagingCache:
 
     def _build(self, job: _Copy, trash: list[Path]) -> layout.Manifest:
         """In a thread: free the evicted space, copy, check, publish under the key."""
+        try:
+            return self._build_entry(job, trash)
+        except OSError as exc:  # a full disk, the cache directory removed, an I/O error
+            raise StagingError(f"cannot stage {job.source.path}: {exc}") from exc
+
+    def _build_entry(self, job: _Copy, trash: list[Path]) -> layout.Manifest:
         _remove_all(trash)
         src = job.source
+        self.cache_dir.mkdir(parents=True, exist_ok=True)  # removed while swapd ran: again
         free = shutil.disk_usage(self.cache_dir).free
         if free < src.size:
             raise StagingError(f"cannot stage {src.path}: it needs {src.size} bytes, the cache's"
@@ -537,7 +556,7 @@ class StagingCache:
             raise
         return manifest
 
-    async def _verified(self, entry: Entry, sha256: str | None, pinned: set[str]) -> Entry:
+    async def _verified(self, entry: Entry, sha256: str | None, in_use: InUse) -> Entry:
         """The entry, once its digest is known to be ``sha256`` (hashing it if never checked)."""
         if sha256 is None or entry.sha256 == sha256:
             return entry
@@ -551,7 +570,7 @@ class StagingCache:
                 )
             entry = replace(entry, sha256=actual)
         if entry.sha256 != sha256:
-            if entry.source not in pinned:
+            if entry.source not in _pinned(in_use):
                 await self.evict([entry.key])
             raise ChecksumMismatch(entry.source, sha256, str(entry.sha256))
         return entry
@@ -573,6 +592,11 @@ class StagingCache:
             if not future.cancelled():
                 future.exception()  # retrieved: it is the cancellation that propagates
             raise
+
+
+def _pinned(in_use: InUse) -> set[str]:
+    """The absolute sources ``in_use`` names now (calling it, when it is a function)."""
+    return {_absolute(s) for s in (in_use() if callable(in_use) else in_use)}
 
 
 def _check_digest(found: Source, sha256: str | None) -> str | None:
