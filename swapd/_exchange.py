@@ -20,11 +20,20 @@ class Exchange:
     started: float
     first_byte: float | None = None  # when the backend's answer began reaching the client
     ping_stream: web.StreamResponse | None = None  # the stream cold-load pings opened
-    stream_error: int | None = None  # the status of an error sent as an event on that stream
+    # The status of an answer that failed after its 200 went out: an error event on a ping
+    # stream, or a backend that cut its answer short (logged and counted as that, not 200).
+    stream_error: int | None = None
     counted: bool = False  # a route that leases a model: metrics count it
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+def stream_error(request: web.Request, status: int) -> None:
+    """Log and count the request with ``status``, not the 200 its answer began with."""
+    exchange = request.get(EXCHANGE)
+    if exchange is not None:
+        exchange.stream_error = status
 
 
 def count(request: web.Request) -> None:

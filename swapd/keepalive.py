@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from swapd import _json as capped_json
-from swapd._exchange import EXCHANGE, count
+from swapd._exchange import EXCHANGE, count, stream_error
 from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
@@ -87,7 +87,9 @@ class Pings:
         """End an open stream with one error event."""
         with contextlib.suppress(ConnectionError):
             payload = json.dumps({"error": error}, separators=(",", ":")).encode()
-            await response.write(b"data: " + payload + b"\n\n")
+            # A blank line first ends any event the backend left unfinished (a timeout
+            # mid-event), so the error is an event of its own; between events it is a no-op.
+            await response.write(b"\n\ndata: " + payload + b"\n\n")
             await response.write_eof()
 
 
@@ -148,7 +150,7 @@ class ColdStreams:
         response = await pings.take_over()
         if response is None:
             raise exc  # no ping went out: a plain HTTP error a client can retry elsewhere
-        _stream_error(request, exc.status)
+        stream_error(request, exc.status)
         await pings.fail(response, exc.envelope()["error"])
         return response
 
@@ -167,7 +169,7 @@ class ColdStreams:
             try:
                 await self._relay(request, response, lease, body)
             except RequestError as exc:
-                _stream_error(request, exc.status)
+                stream_error(request, exc.status)
                 await pings.fail(response, exc.envelope()["error"])
             return response
         finally:
@@ -183,7 +185,7 @@ class ColdStreams:
             async with asyncio.timeout(limit):
                 upstream = await self._send(request, lease, body)
                 try:
-                    await self._copy(request, response, upstream)
+                    await self._copy(request, response, upstream, lease.model)
                 finally:
                     upstream.finish()  # closing an unfinished answer cancels the generation
         except TimeoutError:
@@ -202,21 +204,17 @@ class ColdStreams:
 
     @staticmethod
     async def _copy(
-        request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse
+        request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse, model: str
     ) -> None:
         if upstream.status != 200:
             raise _BackendRefused(await _backend_error(upstream), upstream.status)
         exchange = request.get(EXCHANGE)
         if exchange is not None:
             exchange.first_byte = time.perf_counter()  # the backend's first byte, not a ping
-        await pass_body(request, response, upstream)
-
-
-def _stream_error(request: web.Request, status: int) -> None:
-    """Log and count the request with the error's status, not the 200 the stream began with."""
-    exchange = request.get(EXCHANGE)
-    if exchange is not None:
-        exchange.stream_error = status
+        cut = await pass_body(request, response, upstream)
+        if cut is not None:
+            # The 200 was swapd's own, for the pings: the stream can still say what failed.
+            raise BackendGone(model, str(cut))
 
 
 class _BackendRefused(RequestError):

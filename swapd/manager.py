@@ -1167,8 +1167,13 @@ class Manager:
             cancelled = isinstance(exc, asyncio.CancelledError)
             try:
                 await child.stop(preset.stop_timeout)
-                self._forget_child(slot)
+            except asyncio.CancelledError:
+                cancelled = True  # a forced unload cut in while the stop ran: it finished
+                raise
             finally:
+                # Whatever cut in, the stop has ended the group: no dead pid stays behind
+                # (a slot left FAILED with its child would wait to be reaped forever).
+                self._forget_child(slot)
                 slot.move(State.STARTING, State.STOPPED if cancelled else State.FAILED)
             raise
         slot.move(State.STARTING, State.READY)
@@ -1239,11 +1244,13 @@ class Manager:
 
     async def _end_failed_child(self, slot: Slot, why: str) -> None:
         _log.error("backend.fail", model=slot.preset.name, reason=why)
-        if slot.child is not None:
-            await slot.child.stop(slot.preset.stop_timeout)
-        self._forget_child(slot)
-        slot.device = None
-        self._notify()
+        try:
+            if slot.child is not None:
+                await slot.child.stop(slot.preset.stop_timeout)  # finishes even if cancelled
+        finally:
+            self._forget_child(slot)
+            slot.device = None
+            self._notify()
 
     async def _measure(self, slot: Slot, child: Child) -> None:
         """Record what the ready backend really uses, for status and the next admission."""

@@ -60,7 +60,12 @@ class PidRecords:
             except (OSError, ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)
                 continue
-            if _same_process(pid, started) or _group_members(pid, started):
+            # The leader, or (it gone) members of its group. A live pid with another start
+            # time is a recycled pid: its group, if it leads one, is not ours (the kernel
+            # recycles no pid while a group of that id lives).
+            if _same_process(pid, started) or (
+                not psutil.pid_exists(pid) and _group_members(pid, started)
+            ):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
                 ended.append(pid)

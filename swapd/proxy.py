@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.http import StreamWriter
 
 from swapd import _json as capped_json
+from swapd._exchange import stream_error
 from swapd.errors import (
     BackendGone,
     BadRequest,
@@ -317,21 +318,28 @@ class Proxy:
             # chunk (a long prompt) shows the client its status meanwhile.
             flush = asyncio.get_running_loop().call_later(HEADERS_WAIT, _send_headers, request)
         try:
-            await pass_body(request, response, upstream)
+            cut = await pass_body(request, response, upstream)
         finally:
             if flush is not None:
                 flush.cancel()
+        if cut is not None:
+            # The status is promised already: the only honest signal left is a cut
+            # connection, and the log and metrics say it failed.
+            stream_error(request, BackendGone.status)
+            if request.transport is not None:
+                request.transport.close()
         return response
 
 
 async def pass_body(
     request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse
-) -> None:
+) -> UpstreamError | None:
     """Write the backend's body to the client chunk by chunk, as it comes.
 
     While the client keeps up, each chunk is written from the backend connection's
     own read (:func:`_write_at_once`); chunks that wait go through the awaited path
-    below, which waits for a slow client (backpressure).
+    below, which waits for a slow client (backpressure). Returns the backend's error
+    when it cut its answer short: the caller ends the client's answer as it can.
     """
     upstream.pass_to(_write_at_once(request))
     try:
@@ -339,16 +347,14 @@ async def pass_body(
             if upstream.finished():
                 # The answer is whole: its last chunk and the end go in one write.
                 await response.write_eof(chunk)
-                return
+                return None
             await response.write(chunk)
-    except UpstreamError:
-        # The status is promised already: the only honest signal left is a cut connection.
-        if request.transport is not None:
-            request.transport.close()
-        return
+    except UpstreamError as exc:
+        return exc
     finally:
         upstream.pass_to(None)
     await response.write_eof()
+    return None
 
 
 def _write_at_once(request: web.Request) -> Callable[[bytes], bool] | None:

@@ -1,0 +1,102 @@
+"""A raw-socket backend that breaks its answer on purpose, as the request's JSON "mode" says.
+
+Modes: ``ok`` (a small JSON answer), ``close_after_headers`` (SSE headers, then a close),
+``cut_sized`` (a 2 MiB Content-Length, 100 bytes, then a close) and ``stall_partial``
+(SSE headers and half an event, then nothing until swapd closes). ``/health`` answers 503
+until ``--start-delay`` seconds have passed, then 200.
+
+    python tests/fakes/raw_backend.py --port PORT [--start-delay SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    first, *lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines:
+        if line.lower().startswith("content-length:"):
+            length = int(line.split(":", 1)[1])
+    body = await reader.readexactly(length) if length else b""
+    return first.split(" ")[1], body
+
+
+class RawBackend:
+    """Serves /health, and each POST as its body's "mode" says."""
+
+    def __init__(self, start_delay: float) -> None:
+        self.ready_at = time.monotonic() + start_delay
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: requests until one of them closes it."""
+        try:
+            while True:
+                path, body = await _read_request(reader)
+                if path == "/health":
+                    ready = time.monotonic() >= self.ready_at
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                        if ready
+                        else b"HTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n"
+                    )
+                elif not await self._answer(json.loads(body).get("mode", "ok"), reader, writer):
+                    return
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _answer(
+        mode: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Write the answer ``mode`` names; False when the connection is to end."""
+        if mode == "close_after_headers":
+            writer.write(SSE_HEAD)
+            return False
+        if mode == "cut_sized":
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            writer.write(head + b"Content-Length: %d\r\n\r\n" % (2 << 20) + b"x" * 100)
+            return False
+        if mode == "stall_partial":
+            writer.write(SSE_HEAD + _chunk(b'data: {"choices": [{"delta": {"content": "x'))
+            await writer.drain()
+            await reader.read()  # until swapd closes the connection
+            return False
+        answer = b'{"ok": true}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
+        )
+        return True
+
+
+async def main() -> None:
+    """Listen on --port until killed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--start-delay", type=float, default=0.0)
+    args = parser.parse_args()
+    backend = RawBackend(args.start_delay)
+    server = await asyncio.start_server(backend.serve, "127.0.0.1", args.port)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

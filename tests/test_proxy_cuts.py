@@ -1,0 +1,90 @@
+"""A backend that breaks its answer after the 200: what the client sees, what swapd logs."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import StartDaemon
+from daemon import Daemon, wait_for
+
+from swapd.keepalive import PING_AFTER
+
+RAW = Path(__file__).resolve().parent / "fakes" / "raw_backend.py"
+
+
+def _preset(*extra: str, **keys: Any) -> dict[str, Any]:
+    cmd = [sys.executable, str(RAW), "--port", "${PORT}", *extra]
+    return {"backend": "command", "cmd": cmd, **keys}
+
+
+def _post(d: Daemon, mode: str, *, stream: bool = False) -> tuple[int, bytes, bool]:
+    """Status, the body as far as it came, and whether it came whole."""
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    body = json.dumps({"model": "r", "mode": mode, "stream": stream})
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    try:
+        resp = conn.getresponse()
+        try:
+            return resp.status, resp.read(), True
+        except http.client.IncompleteRead as exc:
+            return resp.status, exc.partial, False
+    finally:
+        conn.close()
+
+
+def _logged(d: Daemon) -> list[int]:
+    return [e["status"] for e in d.events("request.done")]
+
+
+def test_an_answer_the_backend_cuts_short_is_logged_as_a_failure(
+    start_daemon: StartDaemon,
+) -> None:
+    """A sized answer the backend cuts short is logged as 502, not 200.
+
+    2 MiB announced, 100 bytes sent: the client's answer is cut (its 200 went out), and
+    the log says it failed (before, it counted as a success).
+    """
+    d = start_daemon({"r": _preset()})
+    status, _, whole = _post(d, "cut_sized")
+    assert (status, whole) == (200, False)
+    wait_for(lambda: _logged(d))
+    assert _logged(d) == [502]
+    assert d.model("r")["in_flight"] == 0
+
+
+def test_a_stream_cut_after_pings_ends_with_one_error_event(start_daemon: StartDaemon) -> None:
+    """After pings, a backend that fails right after its headers is one error event.
+
+    The stream then ends whole (before, it was cut with no event).
+    """
+    d = start_daemon({"r": _preset("--start-delay", str(PING_AFTER + 2))})
+    status, body, whole = _post(d, "close_after_headers", stream=True)
+    assert (status, whole) == (200, True)
+    assert body.startswith(b": loading")
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    assert len(events) == 1
+    assert json.loads(events[0][len(b"data: ") :])["error"]["code"] == "backend_gone"
+    assert _logged(d) == [502]
+
+
+def test_an_error_event_after_a_stalled_partial_event_is_an_event_of_its_own(
+    start_daemon: StartDaemon,
+) -> None:
+    """A timeout's error event after a half-sent event is an event of its own.
+
+    request_timeout on a ping stream whose backend stalled mid-event: the error event
+    starts after a blank line, so an SSE client reads it (before, it was glued onto the
+    unfinished line).
+    """
+    slow = str(PING_AFTER + 2)
+    d = start_daemon({"r": _preset("--start-delay", slow, request_timeout="2s")})
+    status, body, whole = _post(d, "stall_partial", stream=True)
+    assert (status, whole) == (200, True)
+    lines = body.decode().split("\n")
+    errors = [line for line in lines if line.startswith('data: {"error"')]
+    assert len(errors) == 1
+    assert json.loads(errors[0][len("data: ") :])["error"]["code"] == "request_timeout"
