@@ -416,6 +416,30 @@ class Manager:
                 ) from None
             raise
 
+    async def exit_noticed(self, lease: Lease, timeout: float) -> bool:
+        """Wait, bounded, until swapd has seen the lease's backend exit; whether it has.
+
+        Called when that backend refused a connection: the process has died, and
+        :meth:`_watch` moves the model on once its exit is reaped.
+        """
+        slot = lease.slot
+        deadline = time.monotonic() + timeout
+
+        def alive() -> bool:
+            launch = slot.launch
+            return (
+                slot.state in (State.READY, State.DRAINING)
+                and launch is not None
+                and (launch.host, launch.port) == (lease.host, lease.port)
+            )
+
+        while alive():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await self._wait_for_change(remaining)
+        return True
+
     def release(self, lease: Lease) -> None:
         """End a request; arm the TTL when the model falls idle."""
         slot = lease.slot

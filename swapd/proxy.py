@@ -30,7 +30,7 @@ from swapd.errors import (
     clip,
 )
 from swapd.manager import Lease, Manager
-from swapd.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from swapd.upstream import NotSent, UpstreamError, UpstreamPool, UpstreamResponse
 
 JSON_ROUTES = (
     "/v1/chat/completions",
@@ -71,6 +71,8 @@ _DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
 BUFFER_LIMIT = 1 << 20
 # How long a relayed answer's headers wait for its first chunk to share a write with it.
 HEADERS_WAIT = 0.05
+# How long a request that a backend refused waits for swapd to see that backend's exit.
+EXIT_NOTICE_WAIT = 5.0
 
 
 def _named_in_connection(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -239,27 +241,47 @@ class Proxy:
         return await self.forward(request, model, body)
 
     async def forward(self, request: web.Request, model: str, body: bytes) -> web.StreamResponse:
-        """Send the request to a leased backend and pass the answer back unbuffered."""
+        """Send the request to a leased backend and pass the answer back unbuffered.
+
+        A backend that refuses the connection died before swapd noticed (a request queued
+        behind its ``concurrency`` is leased the moment the one before it ends): the
+        request never reached it, so once swapd has seen the exit it is leased again,
+        and waits for the restart as any request for a stopped model does.
+        """
         request["model"] = clip(model)
         manager = self.manager
         lease = await manager.acquire(model)
         try:
-            headers = forwarded_headers(request, lease)
-            limit = lease.slot.preset.request_timeout
-            if limit is None:
-                return await self._exchange(request, lease, headers, body)
-            try:
-                async with asyncio.timeout(limit):
-                    return await self._exchange(request, lease, headers, body)
-            except TimeoutError:
-                if request.get("relay_started"):
-                    # Headers are gone already: a cut connection is the only signal left.
-                    if request.transport is not None:
-                        request.transport.close()
-                    return web.Response(status=504)
-                raise UpstreamTimeout(lease.model, limit) from None
+            return await self._leased(request, lease, body)
+        except NotSent as exc:
+            refused = exc
         finally:
             manager.release(lease)
+        if not await manager.exit_noticed(lease, EXIT_NOTICE_WAIT):
+            raise BackendGone(lease.model, str(refused))
+        lease = await manager.acquire(model)
+        try:
+            return await self._leased(request, lease, body)
+        except NotSent as exc:
+            raise BackendGone(lease.model, str(exc)) from exc
+        finally:
+            manager.release(lease)
+
+    async def _leased(self, request: web.Request, lease: Lease, body: bytes) -> web.StreamResponse:
+        headers = forwarded_headers(request, lease)
+        limit = lease.slot.preset.request_timeout
+        if limit is None:
+            return await self._exchange(request, lease, headers, body)
+        try:
+            async with asyncio.timeout(limit):
+                return await self._exchange(request, lease, headers, body)
+        except TimeoutError:
+            if request.get("relay_started"):
+                # Headers are gone already: a cut connection is the only signal left.
+                if request.transport is not None:
+                    request.transport.close()
+                return web.Response(status=504)
+            raise UpstreamTimeout(lease.model, limit) from None
 
     async def _exchange(
         self, request: web.Request, lease: Lease, headers: list[tuple[bytes, bytes]], body: bytes
@@ -268,6 +290,8 @@ class Proxy:
             upstream = await self.pool.request(
                 lease.host, lease.port, request.method, request.rel_url.raw_path_qs, headers, body
             )
+        except NotSent:
+            raise  # the caller may lease it again once swapd has seen the exit
         except UpstreamError as exc:
             raise BackendGone(lease.model, str(exc)) from exc
         try:

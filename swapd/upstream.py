@@ -50,6 +50,10 @@ class UpstreamError(Exception):
     """The backend closed the connection or sent something that is not HTTP."""
 
 
+class NotSent(UpstreamError):
+    """The backend refused the connection: the request never reached it."""
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection to a backend, carrying one exchange at a time."""
 
@@ -447,7 +451,7 @@ class UpstreamPool:
         try:
             _, conn = await loop.create_connection(_Connection, key[0], key[1])
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror}") from exc
+            raise NotSent(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror}") from exc
         return conn
 
     async def control(

@@ -68,6 +68,7 @@ def test_a_stream_cut_after_pings_ends_with_one_error_event(start_daemon: StartD
     events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
     assert len(events) == 1
     assert json.loads(events[0][len(b"data: ") :])["error"]["code"] == "backend_gone"
+    wait_for(lambda: _logged(d))  # logged once the answer has ended, maybe after it arrived
     assert _logged(d) == [502]
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset, wait_for
+from daemon import Daemon, fake_preset, hook_env, wait_for
 
 STUBBORN = ("--start-delay", "600", "--ignore-sigterm")
 
@@ -93,3 +96,35 @@ def test_a_recycled_pid_that_leads_its_own_group_is_not_killed_at_start(
     finally:
         innocent.kill()
         innocent.wait()
+
+
+# Every crash counts as one after a good run (no backoff): the next request restarts it.
+PROVEN_AT_ONCE = """
+import swapd.manager
+swapd.manager.STABLE_AFTER = 0.0
+"""
+
+
+def test_requests_queued_at_a_crash_wait_for_the_restart(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A proven backend dies while one request runs and three wait behind concurrency 1.
+
+    The one in flight gets 502 backend_gone. The three that never reached the backend
+    wait for the restart and are served (before, they were leased to the dead process the
+    moment the first one ended, before swapd had seen the exit, and got 502 too).
+    """
+    d = start_daemon(
+        {"q": fake_preset("Q", concurrency=1)}, env=hook_env(tmp_path / "hook", PROVEN_AT_ONCE)
+    )
+    assert d.chat("q")[0] == 200
+    with ThreadPoolExecutor(4) as pool:
+        running = pool.submit(d.chat, "q", "x", fake_delay=30)
+        wait_for(lambda: d.model("q")["in_flight"] == 1)
+        queued = [pool.submit(d.chat, "q", "y") for _ in range(3)]
+        wait_for(lambda: d.model("q")["waiting"] == 3)
+        os.kill(d.model("q")["pid"], signal.SIGKILL)
+        assert running.result()[0] == 502
+        answers = [f.result() for f in queued]
+    assert [status for status, _ in answers] == [200, 200, 200], answers
+    assert len(d.events("backend.spawn")) == 2
