@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,20 @@ def _is_reaper(proc: psutil.Process) -> bool:
         return "swapd.reaper" in proc.cmdline()
     except psutil.Error:
         return False
+
+
+def queue_behind(
+    daemon: Daemon, pool: ThreadPoolExecutor, busy: str, waiting: str, seconds: float
+) -> tuple[Future[tuple[int, Any]], Future[tuple[int, Any]]]:
+    """Keep ``busy`` serving one request for ``seconds``; queue one for ``waiting`` behind it.
+
+    Returns both requests' futures once the second is ``queued`` (``max_running: 1``).
+    """
+    long = pool.submit(daemon.chat, busy, "long", fake_delay=seconds)
+    wait_for(lambda: daemon.model(busy)["in_flight"] == 1)
+    queued = pool.submit(daemon.chat, waiting)
+    wait_for(lambda: daemon.model(waiting)["state"] == "queued")
+    return long, queued
 
 
 def wait_for_gone(daemon: Daemon, timeout: float = 10.0) -> list[psutil.Process]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import StartDaemon
-from daemon import fake_preset, wait_for
+from daemon import fake_preset, queue_behind, wait_for
 from test_reload import Stream
 
 MIB = 1024**2
@@ -63,10 +63,7 @@ def test_a_removed_models_queued_load_neither_evicts_nor_spawns(
     assert d.chat("a")[0] == 200
     a_pid = d.model("a")["pid"]
     with ThreadPoolExecutor(2) as pool:
-        long = pool.submit(d.chat, "a", "long", fake_delay=3)
-        wait_for(lambda: d.model("a")["in_flight"] == 1)
-        for_b = pool.submit(d.chat, "b")
-        wait_for(lambda: d.model("b")["state"] == "queued")
+        long, for_b = queue_behind(d, pool, "a", "b", 3)
         d.presets = {"a": fake_preset("A")}
         (d.root / "presets" / "b.yaml").unlink()
         assert d.request("POST", "/swapd/reload")[1]["removed"] == ["b"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import StartDaemon
-from daemon import fake_preset, hook_env, wait_for
+from daemon import fake_preset, hook_env, queue_behind, wait_for
 from test_tiers import vllm_preset
 
 MIB = 1024**2
@@ -50,10 +50,7 @@ def test_a_sleeper_that_dies_while_its_wake_is_queued_is_noticed(
     assert d.model("v")["state"] == "asleep"
     pid = d.model("v")["pid"]
     with ThreadPoolExecutor(2) as pool:
-        busy = pool.submit(d.chat, "c", "long", fake_delay=6)
-        wait_for(lambda: d.model("c")["in_flight"] == 1)
-        wake = pool.submit(d.chat, "v")
-        wait_for(lambda: d.model("v")["state"] == "queued")
+        busy, wake = queue_behind(d, pool, "c", "v", 6)
         psutil.Process(pid).kill()  # the sleeping process dies while its wake is queued
         wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
         assert wake.result()[0] == 503  # queue_timeout
@@ -126,10 +123,7 @@ def test_a_ram_budget_lowered_while_a_wake_waits_holds_once_the_wake_is_refused(
     assert d.chat("c")[0] == 200  # v sleeps
     assert d.model("v")["state"] == "asleep"
     with ThreadPoolExecutor(2) as pool:
-        busy = pool.submit(d.chat, "c", "long", fake_delay=8)
-        wait_for(lambda: d.model("c")["in_flight"] == 1)
-        wake = pool.submit(d.chat, "v")
-        wait_for(lambda: d.model("v")["state"] == "queued")
+        busy, wake = queue_behind(d, pool, "c", "v", 8)
         d.settings = {**d.settings, "ram_budget": 0}
         d.write()
         assert d.request("POST", "/swapd/reload")[0] == 200
