@@ -139,7 +139,12 @@ def load_document(path: Path, *, label: str | None = None) -> Document:
         mark = exc.problem_mark
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
         raise ConfigError(where, "(yaml)", str(exc.problem or exc)) from exc
-    except yaml.YAMLError as exc:  # a reader error: a character YAML does not allow
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        reason = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+        raise ConfigError(Location(file, line, column), "(yaml)", reason) from exc
+    except yaml.YAMLError as exc:
         raise ConfigError(Location(file, 1, 1), "(yaml)", str(exc).replace("\n", " ")) from exc
     except RecursionError as exc:
         reason = "nested too deeply to read"

@@ -97,11 +97,18 @@ def parse_origins(value: Any) -> tuple[str, ...]:
 
 
 def host_name(header: str) -> str:
-    """The name in a Host header: lower case, no port, no brackets, no trailing dot."""
+    """The name in a Host header: lower case, no port, no brackets, no trailing dot.
+
+    A bracketed literal counts only as ``[addr]`` or ``[addr]:port``; with anything else
+    around it the whole header is the name, which matches no address.
+    """
     value = header.strip().lower()
     if value.startswith("["):
-        value = value[1 : value.find("]")] if "]" in value else value[1:]
-    elif value.count(":") == 1:
+        literal, bracket, rest = value[1:].partition("]")
+        port = rest.removeprefix(":")
+        whole = bracket and (not rest or (rest.startswith(":") and port.isdigit()))
+        return literal if whole else value
+    if value.count(":") == 1:
         value = value.partition(":")[0]
     return value.rstrip(".")
 

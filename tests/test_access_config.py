@@ -130,6 +130,12 @@ def test_hosts_and_origins_are_normalised(tmp_path: Path) -> None:
         ("127.0.0.1", (), "127.0.0.1:8080", True),
         ("127.0.0.1", (), "localhost:8080", True),
         ("127.0.0.1", (), "[::1]:8080", True),
+        ("127.0.0.1", (), "[::1]", True),
+        # Only [addr] or [addr]:port name the address; text around it is another name.
+        ("127.0.0.1", (), "[::1]evil.example", False),
+        ("127.0.0.1", (), "[::1].evil.example:80", False),
+        ("127.0.0.1", (), "[127.0.0.1", False),
+        ("127.0.0.1", (), "[::1]:", False),
         ("127.0.0.1", (), "evil.example", False),
         ("127.0.0.1", (), "192.168.1.5:8080", False),
         ("0.0.0.0", (), "192.168.1.5:8080", True),

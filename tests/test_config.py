@@ -533,6 +533,12 @@ def test_daemon_config_errors(
             "swapd.yaml:1:1: (top level): expected a mapping of keys",
             id="top-level-list",
         ),
+        pytest.param(
+            'listen: ":8080"\nmax_body: 10MiB\nlog_level: "in\x07fo"\n',
+            "swapd.yaml:3:15: (yaml): unacceptable character #x0007: special characters are not"
+            " allowed",
+            id="a-character-yaml-does-not-allow-at-its-place",
+        ),
     ],
 )
 def test_daemon_file_problems_are_config_errors(
