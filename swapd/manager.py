@@ -380,9 +380,13 @@ class Manager:
         """A dead backend whose group is still being stopped: wait, then start afresh."""
         return slot.state is State.FAILED and slot.child is not None
 
+    def _removed(self, slot: Slot) -> bool:
+        """Whether a reload removed the model (its name now unknown, or another slot's)."""
+        return self.slots.get(slot.preset.name) is not slot
+
     def _refuse_if_removed(self, slot: Slot) -> None:
         """Answer 404 when a reload removed the model while the request waited for it."""
-        if self.slots.get(slot.preset.name) is not slot:
+        if self._removed(slot):
             raise UnknownModel(slot.preset.name, sorted(self.slots))
 
     def _refuse_if_failing(self, slot: Slot) -> None:
@@ -407,7 +411,7 @@ class Manager:
             # The load was cancelled by a shutdown, not this request: answer it.
             if task.cancelled() and self._closing:
                 raise Unavailable("swapd is shutting down") from None
-            if task.cancelled() and self.slots.get(slot.preset.name) is not slot:
+            if task.cancelled() and self._removed(slot):
                 # Its retirement cut the load: the model is gone.
                 raise UnknownModel(slot.preset.name, sorted(self.slots)) from None
             if task.cancelled() and task in self._cut_loads:
@@ -1733,7 +1737,7 @@ class Manager:
             await asyncio.gather(asyncio.shield(before), return_exceptions=True)
         await self._settle(slot)
         latest = self.config.preset(preset.name)  # a later reload may have changed it again
-        if latest is None or self.slots.get(preset.name) is not slot:
+        if latest is None or self._removed(slot):
             return  # removed meanwhile: its retirement stops it
         preset = latest
         serving = slot.state in (State.READY, State.DRAINING)
@@ -1755,7 +1759,7 @@ class Manager:
     async def _after_reload(self, slot: Slot, *, start: bool) -> None:
         self._prefetch([slot.preset])
         await self._find_staged(slot)
-        if not start or self._closing or self.slots.get(slot.preset.name) is not slot:
+        if not start or self._closing or self._removed(slot):
             return
         try:
             await self.load(slot.preset.name)
@@ -1797,7 +1801,7 @@ class Manager:
         the reaper, they would get SIGKILL with no grace.
         """
         self._closing = True
-        everyone = [*self.slots.values(), *self._retiring]
+        everyone = self._every_slot()
         for slot in everyone:
             self._cancel_ttl(slot)
             self._cancel_ram_ttl(slot)

@@ -185,11 +185,6 @@ class _Trash:
     paths: list[Path] = field(default_factory=list)
     syncs: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def __iadd__(self, other: _Trash) -> Self:
-        self.paths += other.paths
-        self.syncs += other.syncs
-        return self
-
 
 class StagingCache:
     """The staging cache in ``cache_dir``, holding at most ``budget`` bytes of copies.
@@ -360,16 +355,11 @@ class StagingCache:
         key = layout.key_of(path, found.fingerprint)
         # Deleted behind the cache's back (an entry, or the whole directory): copy again.
         _, gone = self._detach([k for k, e in self._entries.items() if not e.path.exists()])
+        await self._delete(gone)  # nothing to wait for unless an fsync ran on one
         entry = self._entries.get(key)
         if entry is None:
-            job = self._copies.get(key)
-            if job is None:
-                job, gone = self._start(found, key, expected, in_use, gone), _Trash()
-            if gone.paths or gone.syncs:
-                await self._delete(gone)
+            job = self._copies.get(key) or self._start(found, key, expected, in_use)
             entry = await self._join(job, progress)
-        elif gone.paths or gone.syncs:
-            await self._delete(gone)
         entry = await self._verified(entry, expected, in_use)
         self.touch(path)
         return entry.path
@@ -413,9 +403,7 @@ class StagingCache:
         if trash.paths:
             await self._in_thread(threading.Event(), _remove_all, trash.paths)
 
-    def _start(
-        self, found: Source, key: str, sha256: str | None, in_use: InUse, gone: _Trash
-    ) -> _Copy:
+    def _start(self, found: Source, key: str, sha256: str | None, in_use: InUse) -> _Copy:
         """Plan room, evict, reserve and start the copy, with no await in between."""
         need = found.size
         pinned = _pinned(in_use)
@@ -425,7 +413,6 @@ class StagingCache:
             held = sum(e.size for e in self._entries.values() if e.source in pinned)
             raise CacheFull(str(found.path), need, self.budget, used, held + self._reserved())
         _, trash = self._detach(victims)
-        trash += gone
         job = _Copy(found, key, sha256, asyncio.get_running_loop(), [])
         self._copies[key] = job
         job.task = asyncio.create_task(self._run(job, trash, in_use), name=f"stage {found.path}")
