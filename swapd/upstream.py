@@ -81,6 +81,10 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.received_any = False
         self._head_bytes = 0  # read while the answer's headers were not yet complete
+        # The head's size as the parser saw it (interim answers included), and the trailers':
+        # capped however the bytes were split into reads.
+        self._head_size = 0
+        self._trailer_size = 0
         self._idle_bytes = 0  # read since the body last grew (a trailer section, say)
         self.idle_since = 0.0
         self.error: UpstreamError | None = None
@@ -117,7 +121,8 @@ class _Connection(asyncio.Protocol):
         """Feed the parser; its callbacks fill in the answer; then hand over what came."""
         self.received_any = True
         behind = bool(self.chunks)  # the reader has not taken the last read's body yet
-        if not self._headers_done:
+        headers_done = self._headers_done
+        if not headers_done:
             self._head_bytes += len(data)
         buffered = self.buffered  # on_body adds to it: whether this read brought body
         self._reading = True
@@ -131,7 +136,9 @@ class _Connection(asyncio.Protocol):
         if self._headers_done and not self.complete:
             # After the headers, bytes that bring no body are chunk framing or trailers,
             # which the parser also keeps whole until they end.
-            self._idle_bytes = 0 if self.buffered != buffered else self._idle_bytes + len(data)
+            # (The read that ended the head counts from zero: its head bytes are capped apart.)
+            grew = self.buffered != buffered or not headers_done
+            self._idle_bytes = 0 if grew else self._idle_bytes + len(data)
         unfinished = self._idle_bytes if self._headers_done else self._head_bytes
         if unfinished > MAX_HEAD_BYTES and self.error is None:
             reason = f"the backend sent over {MAX_HEAD_BYTES // 1024} KiB of headers or trailers"
@@ -191,10 +198,25 @@ class _Connection(asyncio.Protocol):
             self._refused = "the backend sent an answer it was not asked for"
             raise UpstreamError(self._refused)
 
+    def _over_cap(self, size: int) -> None:
+        """Stop the parser when a head (or the trailers) passes MAX_HEAD_BYTES."""
+        if size > MAX_HEAD_BYTES:
+            kib = MAX_HEAD_BYTES // 1024
+            self._refused = f"the backend sent over {kib} KiB of headers or trailers"
+            raise UpstreamError(self._refused)
+
+    def on_status(self, status: bytes) -> None:
+        """Count the reason phrase (perhaps one piece of it) towards the head's size."""
+        self._head_size += len(status)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         """Collect one header; note the ones the proxy decides on (trailers are dropped)."""
+        line = len(name) + len(value) + 4  # ": " and CRLF
         if self._headers_done:
+            self._trailer_size += line
+            self._over_cap(self._trailer_size)
             return
+        self._head_size += line
         self.headers.append((name, value))
         lower = name.lower()
         if lower == b"content-type" and self.content_type is None:
@@ -214,6 +236,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         """The status and headers are in: the caller may start answering."""
+        self._head_size += 17  # "HTTP/1.1 200 ", the status line's CRLF, the blank line
+        self._over_cap(self._head_size)
         self.status = self._parser.get_status_code()
         if 100 <= self.status < 200 and self.status != 101:
             # 100 Continue (a forwarded Expect), 103 Early Hints: not the answer.
