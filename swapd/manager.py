@@ -666,6 +666,15 @@ class Manager:
         slot.retry_at = time.monotonic() + delay
         slot.move(State.FAILED, State.BACKOFF)
         _log.info("model.backoff", model=slot.preset.name, failures=slot.failures, delay_s=delay)
+        # Status, /v1/models and metrics must not say backoff once requests are let through.
+        asyncio.get_running_loop().call_later(delay + _TIMER_SLACK, self._backoff_over, slot)
+
+    def _backoff_over(self, slot: Slot) -> None:
+        """retry_at has passed with no request: failed, and the next request starts it."""
+        # A timer of an earlier backoff finds a later retry_at (or another state): no move.
+        if slot.state is State.BACKOFF and slot.retry_at <= time.monotonic() + _TIMER_SLACK:
+            slot.move(State.BACKOFF, State.FAILED)
+            self._notify()
 
     @staticmethod
     def _proven(slot: Slot) -> bool:
@@ -1374,6 +1383,7 @@ class Manager:
         interval = preset.health_interval
         timeout = min(interval, _PROBE_TIMEOUT)
         misses = 0
+        answered = slot.ready_at  # monotonic; the last probe answered (or ready)
         while slot.child is child and child.exit_code is None:
             await asyncio.sleep(interval)
             if slot.child is not child or slot.launch is None:
@@ -1383,6 +1393,7 @@ class Manager:
                 continue
             if await self._probe(slot.launch, preset.health, timeout):
                 misses = 0
+                answered = time.monotonic()
                 if slot.failures and self._proven(slot):
                     slot.failures = 0  # its start has proven good
                 continue
@@ -1399,18 +1410,29 @@ class Manager:
                     misses=misses,
                     interval_s=interval,
                 )
-                slot.last_error = BackendGone(
-                    preset.name, f"no answer to {misses} health probes in a row; killed"
-                )
-                # No new lease may go to it from here; SIGKILL also ends a frozen process.
-                slot.move((State.READY, State.DRAINING), State.FAILED)
-                self._cancel_ttl(slot)
-                child.kill_group()
-                await child.stop(preset.stop_timeout)
-                if slot.child is child:
-                    self._forget_child(slot)
-                self._notify()
+                await self._kill_frozen(slot, child, misses, answered)
                 return
+
+    async def _kill_frozen(self, slot: Slot, child: Child, misses: int, answered: float) -> None:
+        """SIGKILL a backend that missed its probes; ``answered``: its last good probe."""
+        preset = slot.preset
+        slot.last_error = BackendGone(
+            preset.name, f"no answer to {misses} health probes in a row; killed"
+        )
+        # No new lease may go to it from here; SIGKILL also ends a frozen process.
+        slot.move((State.READY, State.DRAINING), State.FAILED)
+        self._cancel_ttl(slot)
+        child.kill_group()
+        await child.stop(preset.stop_timeout)
+        if slot.child is child:
+            self._forget_child(slot)
+            # Frozen within STABLE_AFTER of ready: a failed start, as an early crash is
+            # (_watch), so a backend that freezes on every start backs off.
+            if answered - slot.ready_at >= STABLE_AFTER:
+                slot.failures = 0
+            elif slot.state is State.FAILED:
+                self._count_failure(slot)
+        self._notify()
 
     async def _probe(self, launch: Launch, path: str, timeout: float) -> bool:
         host, port = launch.host, launch.port

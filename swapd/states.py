@@ -11,7 +11,7 @@ paths::
     stop         READY (-> DRAINING) -> STOPPING -> STOPPED       device -> ram/disk
     down a tier  ASLEEP -> STOPPING -> STOPPED                    ram -> disk
     failure      QUEUED/STARTING/WAKING/READY/DRAINING/SLEEPING/ASLEEP -> FAILED
-    backoff      FAILED -> BACKOFF -> QUEUED (after retry_at);  5 in a row: FAILED stays
+    backoff      FAILED -> BACKOFF -> FAILED (at retry_at) -> QUEUED;  5 in a row: FAILED stays
     retry        FAILED -> QUEUED;  unload a failure: FAILED/BACKOFF -> STOPPED
 
 :data:`EDGES` lists every edge with the reason it exists.
@@ -71,6 +71,7 @@ EDGES: Mapping[tuple[State, State], str] = {
     (S.FAILED, S.QUEUED): "a new request retries after a crash, or an explicit load resets",
     (S.FAILED, S.BACKOFF): "a start failed: the next one waits, 1 s doubling up to 60 s",
     (S.BACKOFF, S.QUEUED): "retry_at passed and a request wants it, or an explicit load",
+    (S.BACKOFF, S.FAILED): "retry_at passed with no request: the next one starts it",
     (S.BACKOFF, S.STOPPED): "unloaded while backing off",
 }
 

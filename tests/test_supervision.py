@@ -118,7 +118,10 @@ def test_a_frozen_backend_is_killed_by_the_liveness_probe_and_restarted(
     [event] = d.events("backend.unresponsive")
     assert (event["model"], event["misses"]) == ("a", 2)
     assert "health probes" in d.model("a")["error"]
-    assert d.chat("a")[0] == 200
+    # Frozen seconds after ready: a failed start, so it restarts after a 1 s backoff.
+    wait_for(lambda: d.events("model.backoff"), timeout=20)  # counted once the group is gone
+    assert [e["failures"] for e in d.events("model.backoff")] == [1]
+    wait_for(lambda: d.chat("a")[0] == 200, timeout=20, interval=0.2)
     assert d.model("a")["pid"] != pid
 
 
@@ -174,7 +177,7 @@ def test_a_request_waiting_past_max_wait_drains_the_busy_model_and_swaps(
     assert (drain["models"], drain["reason"], drain["waiting"]) == (["a"], "max_wait", "b")
     # Drained while the long request (6 s, max_wait 1 s) was still in flight, not once
     # a's requests happened to pause: the wait wakes at max_wait by itself.
-    long_done = next(e for e in d.events("request.done") if e["ms"] >= 5500)
+    long_done = wait_for(lambda: [e for e in d.events("request.done") if e["ms"] >= 5500])[0]
     assert drain["timestamp"] < long_done["timestamp"]
 
 

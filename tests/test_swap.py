@@ -55,7 +55,7 @@ def test_in_flight_request_is_never_cut_by_a_swap(start_daemon: StartDaemon) -> 
     assert (status_a, body_a["choices"][0]["message"]["content"]) == (200, "A: long")
     assert (status_b, body_b["choices"][0]["message"]["content"]) == (200, "B: next")
     stop_a = next(e for e in d.events("model.stop") if e["model"] == "a")
-    done_a = next(e for e in d.events("request.done") if e["ms"] > 1500)
+    done_a = wait_for(lambda: [e for e in d.events("request.done") if e["ms"] > 1500])[0]
     assert stop_a["timestamp"] >= done_a["timestamp"]
 
 
@@ -129,7 +129,11 @@ def test_failed_start_answers_every_waiter_with_exit_code_and_output(
         assert body["error"]["code"] == "backend_start_failed"
         assert "exited with 7" in body["error"]["message"]
         assert "configured to exit with 7" in body["error"]["message"]
-    assert d.model("bad")["state"] == "backoff"
+    assert d.model("bad")["state"] in {
+        "backoff",
+        "failed",
+    }  # backing off, or failed once its 1 s is up
+    assert d.model("bad")["failures"] == 1
     assert len(d.events("backend.spawn")) == 1  # the burst made one spawn
 
 
