@@ -61,6 +61,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._poll: select.poll | None = None
         self.closed = False
+        self.cut = False  # the backend ended the connection in the middle of an exchange
+        self.reset = False  # ... with a reset: it closed with what swapd sent still unread
         self.after_chunked = False  # the previous answer on this connection was chunked
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
@@ -175,6 +177,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """An unfinished answer fails; a finished one stays as it is."""
+        by_backend = not self.closed
         self.closed = True
         delimited = self._seen_length or self.chunked
         if not (self.complete or delimited) and exc is None and self.headers_ready.done():
@@ -182,6 +185,8 @@ class _Connection(asyncio.Protocol):
             # with either is cut short (a backend that died), never passed on as whole.
             self.on_message_complete()
         if not self.complete:
+            self.cut = by_backend and self.expecting
+            self.reset = isinstance(exc, ConnectionResetError)
             reason = str(exc) if exc else "backend closed the connection"
             self._fail(UpstreamError(reason))
 
@@ -423,6 +428,7 @@ class UpstreamResponse:
             self._conn.recycle()
             self._pool.put(self._key, self._conn)
         else:
+            self._pool.lost(self._key, self._conn)
             self._conn.close()
 
 
@@ -530,7 +536,13 @@ class UpstreamPool:
                 # Not shielded: a cancelled request closes the connection below, so the
                 # future has no other reader (and a shield costs a loop turn per answer).
                 await conn.headers_ready
-            except UpstreamError:
+            except UpstreamError as exc:
+                self.lost(key, conn)
+                if conn.reset and not reused and not conn.received_any:
+                    # Reset before a byte came back on a new connection: the backend closed
+                    # with the request unread (a dying listener's queue), so it never ran.
+                    conn.close()
+                    raise NotSent(f"the backend reset the connection unread: {exc}") from exc
                 if reused and not conn.received_any:
                     self._closed_after_chunked(key, conn)
                 # A kept-alive connection the backend closed meanwhile: one fresh try, only
@@ -545,6 +557,17 @@ class UpstreamPool:
                 conn.close()
                 raise
             return UpstreamResponse(self, key, conn)
+
+    def lost(self, key: tuple[str, int], conn: _Connection) -> None:
+        """After a backend cut an exchange short: its idle connections go too.
+
+        A cut is most often the backend dying; its idle connections then die with it, but
+        their close may not have reached swapd yet, and a POST written on one is lost
+        (never sent twice). A fresh connection to a dead backend is refused instead,
+        which tells the caller the request never reached it.
+        """
+        if conn.cut:
+            self.forget(*key)
 
     def forget(self, host: str, port: int) -> None:
         """Close and drop the idle connections to a backend that is gone."""

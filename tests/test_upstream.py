@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Self
 
 import pytest
@@ -697,3 +698,81 @@ async def test_an_answer_that_ends_while_its_reader_is_behind_leaves_the_connect
     assert not transport.reading
     conn.recycle()
     assert transport.reading
+
+
+@pytest.mark.asyncio
+async def test_a_reset_with_the_request_unread_by_a_closing_listener_is_not_sent(
+    pool: UpstreamPool,
+) -> None:
+    """A listener that dies with the connection in its queue never read the request.
+
+    The kernel completed the handshake and took the request; the process closed the
+    listener without accepting it, which resets the connection. That request never ran:
+    NotSent, so the proxy waits for the exit and leases it again (before: a 502).
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # never accepted
+    port = listener.getsockname()[1]
+    sent = asyncio.ensure_future(pool.request("127.0.0.1", port, "POST", "/", [], b"{}"))
+    try:
+        async with asyncio.timeout(10):
+            # The request sits in the accept queue, unread (no event tells when).
+            while not _queued(port):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            listener.close()
+            with pytest.raises(upstream.NotSent, match="reset the connection unread"):
+                await sent
+    finally:
+        listener.close()
+        sent.cancel()
+
+
+def _queued(port: int) -> bool:
+    """Whether a connection to ``port`` holds bytes nobody has read (``ss`` would show them)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, queue = fields[1], fields[4]
+        if int(local.split(":")[1], 16) == port and int(queue.split(":")[1], 16) > 0:
+            return True
+    return False
+
+
+@pytest.mark.asyncio
+async def test_a_cut_exchange_drops_the_idle_connections_to_that_backend(
+    pool: UpstreamPool,
+) -> None:
+    """After a backend cuts one exchange short, its kept-alive connections are not reused.
+
+    A cut most often means the backend died; a POST written on one of its idle
+    connections before their close arrives would be lost.
+    """
+    answered = 0
+
+    async def first_answers_then_cuts(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        nonlocal answered
+        while True:
+            body = await _read_request(reader)
+            if body == b"cut":
+                writer.transport.abort()
+                return
+            answered += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with Server(first_answers_then_cuts) as server:
+        held = await pool.request("127.0.0.1", server.port, "POST", "/", [], b"a")
+        idle = await pool.request("127.0.0.1", server.port, "POST", "/", [], b"b")
+        for resp in (held, idle):
+            assert await resp.read() == b"ok"
+        idle.finish()  # one connection idle in the pool, one still out
+        held.finish()
+        assert server.connections == 2
+        with pytest.raises(UpstreamError):
+            await pool.request("127.0.0.1", server.port, "POST", "/", [], b"cut")
+        resp = await pool.request("127.0.0.1", server.port, "POST", "/", [], b"c")
+        assert await resp.read() == b"ok"
+        resp.finish()
+        assert server.connections == 3  # a new connection, not the idle one
