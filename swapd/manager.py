@@ -1811,10 +1811,20 @@ class Manager:
         """
         self._closing = True
         for slot in self.slots.values():
-            if slot.load_task is not None and not slot.load_task.done():
-                slot.load_task.cancel()
+            self._cancel_load(slot)
         self._notify()
         _log.info("swapd.drain", in_flight=sum(s.in_flight for s in self.slots.values()))
+
+    @staticmethod
+    def _cancel_load(slot: Slot) -> None:
+        """Cancel a load in progress, unless it is being cancelled already.
+
+        A cut start is stopping its group (SIGTERM, then stop_timeout): a second
+        cancellation would make Child.stop SIGKILL it at once, mid-cleanup.
+        """
+        load = slot.load_task
+        if load is not None and not load.done() and not load.cancelling():
+            load.cancel()
 
     async def close(self) -> None:
         """Stop every backend and release every held page (shutdown).
@@ -1827,8 +1837,7 @@ class Manager:
         for slot in everyone:
             self._cancel_ttl(slot)
             self._cancel_ram_ttl(slot)
-            if slot.load_task is not None and not slot.load_task.done():
-                slot.load_task.cancel()
+            self._cancel_load(slot)
         loads = [s.load_task for s in everyone if s.load_task is not None]
         await asyncio.gather(*loads, return_exceptions=True)
         # A sleep under way ends (ASLEEP, or FAILED) before the stops below: stopped in the
