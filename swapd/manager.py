@@ -127,6 +127,25 @@ class _Staging:
     """The plan can start the model once its weights are in the staging cache."""
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """Room a load makes on a device: its need there, and the victims going down for it."""
+
+    slot: Slot
+    device: str
+    need: int
+    victims: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Room:
+    """Victims are going down a tier for the load: wait for them, unlocked, then plan again."""
+
+    moves: list[asyncio.Task[Any]]
+    device: Device
+    need: int
+
+
 def _path_bytes(path: Path) -> int:
     """Bytes of a file, or of every file under a directory."""
     if path.is_file():
@@ -182,6 +201,9 @@ class Manager:
         # Loads that a forced unload cancelled: their waiters are answered, not cancelled.
         self._cut_loads: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
         self._retiring: list[Slot] = []  # removed by a reload, still draining or stopping
+        # Loads whose victims are going down a tier (no lock held meanwhile): every other
+        # plan counts the room they make as theirs.
+        self._claims: dict[int, _Claim] = {}  # by id() of the loading slot
         self.cgroups: Cgroups | None = None
         if config.cgroups:
             self.cgroups, why = Cgroups.open()
@@ -755,7 +777,43 @@ class Manager:
                     for device in self.probe.devices
                     if device.kind == "cpu"
                 ]
-        return residents
+        return residents + self._claimed(residents, exclude)
+
+    def _claimed(self, residents: list[policy.Resident], exclude: Slot) -> list[policy.Resident]:
+        """Room other loads are making: what each will take beyond its victims still leaving.
+
+        A victim on its way down still counts what it holds; the load counts the rest of
+        its need, and all of it once the victims are down, so that nothing else (a victim's
+        own queued requests included) takes the room it made.
+        """
+        claims = []
+        for claim in self._claims.values():
+            slot = claim.slot
+            if slot is exclude:
+                continue
+            leaving = [
+                r
+                for r in residents
+                if r.name in claim.victims
+                and r.device == claim.device
+                and (victim := self.slots.get(r.name)) is not None
+                and victim.state in (State.DRAINING, State.SLEEPING, State.STOPPING)
+            ]
+            claims.append(
+                policy.Resident(
+                    crf=self._crf(slot),
+                    name=slot.preset.name,
+                    device=claim.device,
+                    usage=max(0, claim.need - sum(r.usage for r in leaving)),
+                    last_used=slot.last_used,
+                    # Busy, not pinned: a load that needs this room waits for it to be
+                    # taken (and then evicts it as any resident), it is not refused.
+                    busy=True,
+                    measured=0,  # nothing taken yet: all of it comes out of free
+                    asleep=any(not r.asleep for r in leaving),  # counted once, by its victim
+                )
+            )
+        return claims
 
     @staticmethod
     def _crf(slot: Slot) -> float:
@@ -826,6 +884,8 @@ class Manager:
         try:
             return await self._admit_loop(job)
         finally:
+            if self._claims.pop(id(slot), None) is not None:
+                self._notify()
             self._end_hold(job)
             self._end_swap_drains(job.drained)
 
@@ -853,6 +913,12 @@ class Manager:
             if isinstance(step, _Staging):
                 assert staging is not None  # noqa: S101 - only returned while it runs
                 await asyncio.shield(staging)  # raises the staging error, if any
+                continue
+            if isinstance(step, _Room):
+                # Unlocked: a load that fits beside the claimed room need not wait for a
+                # slow /sleep or stop_timeout. The claim stays until the next plan.
+                await asyncio.gather(*(asyncio.shield(t) for t in step.moves))
+                await self._await_release(step.device, step.need)
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -946,17 +1012,20 @@ class Manager:
 
     async def _plan_step(
         self, slot: Slot, candidates: list[Device], *, waking: bool, staged: bool, waited: float
-    ) -> tuple[Device, int] | _Staging | policy.Wait | policy.Hold:
+    ) -> tuple[Device, int] | _Staging | _Room | policy.Wait | policy.Hold:
         """Plan under the candidates' locks: make room, then reserve; or say to wait or hold.
 
-        The locks stay held while victims go down a tier and their memory comes back,
-        so no other load can take the room this one made (requests queued for a victim
-        would otherwise reload it first, forever). They are never held while a backend
-        starts. Until the weights are staged nothing is reserved; evictions the plan
-        needs still go ahead, since their stops may free the cache space the copy needs.
+        Victims are sent down a tier under the locks, which then go (a vLLM's /sleep may
+        take minutes); the room they make is claimed (:meth:`_claimed`) until this load
+        plans again, so no other load can take it (requests queued for a victim would
+        otherwise reload it first, forever), while one that fits beside it goes at once.
+        The locks are never held while a backend starts. Until the weights are staged
+        nothing is reserved; evictions the plan needs still go ahead, since their stops may
+        free the cache space the copy needs.
         """
         preset = slot.preset
         async with self.admission.locked(candidates):
+            self._claims.pop(id(slot), None)  # planned afresh, under the locks
             while True:
                 snap = await self.admission.read(self._pids())
                 needs = await self.admission.needs(preset, candidates, snap)
@@ -990,11 +1059,13 @@ class Manager:
                     slot.device = device
                     slot.move(State.QUEUED, State.WAKING if waking else State.STARTING)
                     return device, snap.readings[device.id].total
-                await self._make_room(
+                moves = self._make_room(
                     slot, device, plan, snap, residents=residents, need=wanted[device.id]
                 )
+                self._claims[id(slot)] = _Claim(slot, device.id, wanted[device.id], plan.victims)
+                return _Room(moves, device, wanted[device.id])
 
-    async def _make_room(  # noqa: PLR0913 - one plan's facts, handed over as they are
+    def _make_room(  # noqa: PLR0913 - one plan's facts, handed over as they are
         self,
         slot: Slot,
         device: Device,
@@ -1003,8 +1074,8 @@ class Manager:
         *,
         residents: list[policy.Resident],
         need: int,
-    ) -> None:
-        """Send the plan's victims down a tier and wait until their memory is back."""
+    ) -> list[asyncio.Task[Any]]:
+        """Send the plan's victims down a tier; the moves, to wait for unlocked."""
         victims = [r for r in residents if r.name in plan.victims]
         ram = self._ram_tier(snap)
         if device.kind == "cpu":
@@ -1022,12 +1093,15 @@ class Manager:
             actions=[f"{type(a).__name__.lower()}:{a.model}" for a in actions],
             device=plan.device,
         )
-        await asyncio.gather(*(asyncio.shield(t) for t in moves))
         if any(isinstance(a, policy.Sleep) for a in actions):
             # A sleeper's true cost is read once asleep and may exceed the plan's: what the
             # ram tier holds past its budget goes down, off the load's path.
-            self._spawn_task(self._fit_ram_budget(), "ram_budget")
-        await self._await_release(device, need)
+            self._spawn_task(self._fit_after(moves), "ram_budget")
+        return moves
+
+    async def _fit_after(self, moves: list[asyncio.Task[Any]]) -> None:
+        await asyncio.gather(*(asyncio.shield(t) for t in moves), return_exceptions=True)
+        await self._fit_ram_budget()
 
     @staticmethod
     def _uses_staged_copy(slot: Slot, *, counting_load: bool = True) -> bool:
