@@ -161,7 +161,10 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
         finally:
             if conn is not None:
                 conn.request_finished()
-            _done(request, runtime, status, exchange)
+            # After this turn: a sized answer is written when the handler returns, so the
+            # log line and metrics no longer lie between the backend's answer and the client.
+            # The callback keeps this context, request id included.
+            asyncio.get_running_loop().call_soon(_done, request, runtime, status, exchange)
             structlog.contextvars.unbind_contextvars("request_id")
         if status == 408:
             response.force_close()  # the rest of the body may still be on its way

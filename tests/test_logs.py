@@ -45,7 +45,7 @@ def test_backend_log_sets_the_level_of_backend_output_alone(
     d = start_daemon({"a": fake_preset("A")}, {"backend_log": backend_log})
     assert d.chat("a")[0] == 200
     assert d.events("model.load.done")
-    assert [e["status"] for e in d.events("request.done")] == [200]
+    assert wait_for(lambda: [e["status"] for e in d.events("request.done")]) == [200]
     output = d.events("backend.output")
     assert bool(output) is shown
     for event in output:
@@ -72,7 +72,7 @@ def test_backend_events_never_carry_a_request_id(start_daemon: StartDaemon) -> N
     backend = [e for e in _all(d) if str(e.get("event", "")).startswith("backend.")]
     assert {e["event"] for e in backend} >= {"backend.spawn", "backend.output"}
     assert all("request_id" not in e for e in backend)
-    assert any(e.get("request_id") == "r-1" for e in d.events("request.done"))
+    wait_for(lambda: any(e.get("request_id") == "r-1" for e in d.events("request.done")))
 
 
 def test_a_streamed_answer_carries_the_request_id(start_daemon: StartDaemon) -> None:

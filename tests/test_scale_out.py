@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset, free_port
+from daemon import Daemon, fake_preset, free_port, wait_for
 from fakes import probe_file
 from litellm_proxy import Answer, LiteLLM, litellm_binary, litellm_config, node_args
 
@@ -274,8 +274,9 @@ def test_a_node_without_memory_for_the_model_sends_it_to_the_other_node(
     answers = until_retried(proxy, "big")
     assert [(x.status, x.served_by) for x in answers] == [(200, "b/big")] * len(answers)
     assert answers[-1].retries >= 1, "no request was sent to the small node first"
-    refused = [e["status"] for e in small.events("request.done") if e.get("model") == "big"]
-    assert refused
+    refused = wait_for(
+        lambda: [e["status"] for e in small.events("request.done") if e.get("model") == "big"]
+    )
     assert set(refused) == {503}
 
 
@@ -293,7 +294,9 @@ def test_a_model_no_node_has_any_more_is_a_404_tried_once(
     answer = proxy.chat("gone")
     assert answer.status == 404, answer.body
     assert "gone" in answer.body["error"]["message"]
-    tried = [e for d in (a, b) for e in d.events("request.done") if e.get("status") == 404]
+    tried = wait_for(
+        lambda: [e for d in (a, b) for e in d.events("request.done") if e.get("status") == 404]
+    )
     assert len(tried) == 1
 
 
