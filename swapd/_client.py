@@ -29,6 +29,9 @@ KEY_HINT = (
     "this swapd needs an admin key: pass --key KEY, set SWAPD_KEY, or pass --config on "
     "swapd's host so the key is read from admin_keys or admin_keys_file"
 )
+# How long a verb that swapd answers at once (status, plan) waits for the answer: a swapd
+# whose loop is blocked, or a stopped process, still completes the TCP handshake.
+ANSWER_WITHIN = 20.0
 _WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - listen addresses that mean "every address"
 
 
@@ -110,15 +113,24 @@ class Client:
     ) -> None:
         await self._session.close()
 
-    async def call(self, method: str, path: str) -> Any:
-        """One request; its JSON answer, or :class:`ClientError` with swapd's message."""
+    async def call(self, method: str, path: str, *, within: float | None = None) -> Any:
+        """One request; its JSON answer, or :class:`ClientError` with swapd's message.
+
+        ``within``: seconds of silence after which swapd counts as stuck (None: no limit).
+        """
         url = self.target.url + path
+        timeout = self._session.timeout
+        if within is not None:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=within)
         try:
-            async with self._session.request(method, url) as resp:
+            async with self._session.request(method, url, timeout=timeout) as resp:
                 body = await _json_or_text(resp)
                 if resp.status >= 400:
                     raise ClientError(self._refusal(resp.status, body), resp.status, body)
                 return body
+        except aiohttp.SocketTimeoutError as exc:
+            msg = f"{self.target.url} took the connection but did not answer within {within:g}s"
+            raise ClientError(msg) from exc
         except aiohttp.ClientError as exc:
             raise ClientError(self._unreachable(exc)) from exc
 

@@ -356,6 +356,7 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
         tasks.add(status)
         await stop.wait()
         _log.info("swapd.shutdown")
+        runtime.stopping = True
         notifier.stopping()
     finally:
         for task in (watchdog, *tasks):

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from swapd import _render, embedded
-from swapd._client import Client, ClientError, Target, config_path
+from swapd._client import ANSWER_WITHIN, Client, ClientError, Target, config_path
 from swapd.auth import access_warnings
 from swapd.backends import missing_binary
 from swapd.config import Config, load_config, parse_listen
@@ -169,7 +169,7 @@ def _print_json(data: Any) -> None:
 
 async def verb_status(client: Client, args: argparse.Namespace) -> int:
     """Every model: state, tier, memory, TTL left, last use, and errors."""
-    body = await client.call("GET", "/swapd/status")
+    body = await client.call("GET", "/swapd/status", within=ANSWER_WITHIN)
     print(json.dumps(body, indent=2) if args.json else _render.status(body))
     return 0
 
@@ -299,13 +299,19 @@ async def verb_reload(client: Client, args: argparse.Namespace) -> int:
 async def verb_plan(client: Client, args: argparse.Namespace) -> int:
     """Which models fit together on which device; a local plan when swapd is not running."""
     try:
-        body = await client.call("GET", "/swapd/plan")
+        body = await client.call("GET", "/swapd/plan", within=ANSWER_WITHIN)
     except ClientError as exc:
         path = config_path(args.config)
         if exc.status is not None or path is None:
             raise
         print(f"swapd: not running at {client.target.url}; planning from {path}", file=sys.stderr)
-        body = await _local_plan(load_config(path))
+        try:
+            config = load_config(path)
+        except ConfigErrors as errors:
+            raise ClientError(f"{errors}\n{len(errors.errors)} config error(s)") from errors
+        except SwapdError as error:
+            raise ClientError(str(error)) from error
+        body = await _local_plan(config)
     print(json.dumps(body, indent=2) if args.json else _render.plan(body))
     return 0
 

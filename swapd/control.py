@@ -89,6 +89,8 @@ class Control:
         """Re-read the config and presets; 400 listing every error when the new one is bad."""
         try:
             plan = await asyncio.shield(self._reload())
+        except RequestError:
+            raise  # 503 unavailable: shutting down
         except SwapdError as exc:
             errors = [str(e) for e in exc.errors] if isinstance(exc, ConfigErrors) else [str(exc)]
             message = f"the new config has {len(errors)} error(s); the running config stays"

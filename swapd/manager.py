@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import time
 import weakref
 from collections import deque
@@ -146,11 +147,28 @@ class _Room:
     need: int
 
 
+def _sleep_key(preset: Preset) -> str:
+    """The launch a refused --enable-sleep-mode is remembered for: a new binary or env is new."""
+    env = sorted(f"{k}={v}" for k, v in preset.env.items())
+    return "\0".join([fingerprint(preset), preset.binary or "", *env])
+
+
 def _path_bytes(path: Path) -> int:
-    """Bytes of a file, or of every file under a directory."""
+    """Bytes of a file, or of the weight files vLLM loads from a model directory.
+
+    vLLM reads the top-level ``*.safetensors``, else ``*.bin``, else ``*.pt``: not a
+    git-lfs clone's second copy under ``.git/lfs``, nor Meta's ``original/`` folder.
+    """
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    for pattern in ("*.safetensors", "*.bin", "*.pt"):
+        if found := [p for p in path.glob(pattern) if p.is_file()]:
+            return sum(p.stat().st_size for p in found)
+    return sum(
+        p.stat().st_size
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
 
 
 async def _close_later(pages: WarmSet, delay: float) -> None:
@@ -209,15 +227,21 @@ class Manager:
             self.cgroups, why = Cgroups.open()
             if self.cgroups is None:
                 _log.info("cgroup.fallback", reason=why)
-        # Launches (by fingerprint) whose backend refused --enable-sleep-mode, with its line.
+        # Launches (fingerprint, binary, env) whose backend refused --enable-sleep-mode.
         self._sleep_refused: dict[str, str] = {}
         self._model_bytes: dict[str, int] = {}
         self.staging: StagingCache | None = None
         if config.cache_dir is not None:
             budget = config.cache_budget
             if budget is None:  # no cap but the disk: keep a tenth of it free
-                config.cache_dir.mkdir(parents=True, exist_ok=True)
-                budget = int(psutil.disk_usage(str(config.cache_dir)).free * 0.9)
+                try:
+                    config.cache_dir.mkdir(parents=True, exist_ok=True)
+                    budget = int(psutil.disk_usage(str(config.cache_dir)).free * 0.9)
+                except OSError as exc:  # as StagingCache.open words it: exit 2, not a trace
+                    ro = exc.errno == errno.EROFS
+                    hint = " (under systemd: add it to ReadWritePaths=)" if ro else ""
+                    msg = f"cannot open the staging cache {config.cache_dir}: {exc}{hint}"
+                    raise StagingError(msg) from exc
             self.staging = StagingCache(config.cache_dir, budget)
 
     def _new_slot(self, preset: Preset) -> Slot:
@@ -1192,7 +1216,7 @@ class Manager:
         if slot.kind.ram_via == "sleep" and self.ram_budget > 0:
             setting = preset.sleep
             level = (1 if device.kind != "cpu" else 0) if setting == "auto" else int(setting)
-        refused = fingerprint(preset) in self._sleep_refused
+        refused = _sleep_key(preset) in self._sleep_refused
         return Placement(
             on_gpu=device.kind != "cpu",
             gpu_fraction=fraction,
@@ -1221,7 +1245,7 @@ class Manager:
                 raise
             # The backend refused --enable-sleep-mode (vLLM's CPU build does): start it
             # again without the flag, and remember that for this launch.
-            self._sleep_refused[fingerprint(preset)] = refused
+            self._sleep_refused[_sleep_key(preset)] = refused
             _log.warning("model.sleep.refused", model=preset.name, line=refused)
             slot.move(State.FAILED, State.QUEUED)
             slot.move(State.QUEUED, State.STARTING)
@@ -1229,7 +1253,7 @@ class Manager:
             await self._spawn_ready(slot, device, retry)
             placement = retry
         slot.sleep_level = placement.sleep_level
-        line = self._sleep_refused.get(fingerprint(preset))
+        line = self._sleep_refused.get(_sleep_key(preset))
         slot.sleep_note = (
             f"the backend refused --enable-sleep-mode ({line}); started without it, so "
             "its sleep keeps its device memory"
@@ -1321,7 +1345,7 @@ class Manager:
             try:
                 # A wake is a load: bounded by start_timeout, as a start is.
                 async with asyncio.timeout(slot.preset.start_timeout):
-                    await slot.kind.wake(self.pool, launch.host, launch.port)
+                    await slot.kind.wake(self.pool, launch.host, launch.port, slot.sleep_level)
             except TimeoutError as exc:
                 raise SleepFailed(f"not awake after {slot.preset.start_timeout:g}s") from exc
         except (SleepFailed, SleepUnsupported) as exc:

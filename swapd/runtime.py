@@ -19,7 +19,7 @@ from aiohttp.typedefs import Middleware
 
 from swapd.auth import Access, access_middleware
 from swapd.config import Config
-from swapd.errors import ConfigErrors, SwapdError
+from swapd.errors import ConfigErrors, SwapdError, Unavailable
 from swapd.logs import get_logger
 from swapd.manager import Manager
 from swapd.metrics import Metrics
@@ -64,6 +64,8 @@ class Runtime:
     # READY=1 has gone out (the preloads are done); until then a reload says nothing to
     # systemd, whose start a READY=1 from a reload would end early.
     started: bool = False
+    # Shutdown began (STOPPING=1 went out): a reload would only rebuild what is taken down.
+    stopping: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     def __post_init__(self) -> None:
@@ -83,10 +85,14 @@ class Runtime:
     async def reload(self) -> ReloadPlan:
         """Re-read the config; raise :class:`SwapdError` (the running config stays) when bad."""
         async with self._lock:
+            if self.stopping:
+                raise _skipped()
             if self.started:
                 self.notifier.reloading()
             try:
                 plan = await self._reload()
+            except Unavailable:
+                raise  # shutdown began while the files were read: nothing applied, no READY=1
             except SwapdError as exc:
                 errors = exc.errors if isinstance(exc, ConfigErrors) else (exc,)
                 _log.error("config.reload.fail", errors=[str(e) for e in errors])
@@ -104,7 +110,10 @@ class Runtime:
 
     async def _reload(self) -> ReloadPlan:
         new = await asyncio.to_thread(self.load)
-        plan, self.keys = await asyncio.to_thread(diff, self.config, new, self.keys)
+        plan, keys = await asyncio.to_thread(diff, self.config, new, self.keys)
+        if self.stopping:
+            raise _skipped()
+        self.keys = keys
         new = keep_at_start(self.config, new)
         if self.manager is not None:
             self.manager.reload(new, plan)
@@ -122,3 +131,8 @@ class Runtime:
             self.notifier.ready(status)
         else:
             self.notifier.send(f"STATUS={status}")
+
+
+def _skipped() -> Unavailable:
+    _log.info("config.reload.skipped", reason="shutting down")
+    return Unavailable("swapd is shutting down: the config was not reloaded")

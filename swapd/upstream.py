@@ -484,20 +484,21 @@ class UpstreamPool:
             raise NotSent(f"cannot connect to {key[0]}:{key[1]}: {exc.strerror}") from exc
         return conn
 
-    async def control(
+    async def control(  # noqa: PLR0913, PLR0917 - where, what, headers, a body
         self,
         host: str,
         port: int,
         method: str,
         path: str,
         headers: Iterable[tuple[bytes, bytes]] = (),
+        body: bytes = b"",
     ) -> tuple[int, bytes]:
         """One of swapd's own calls (health, sleep, wake): the status and the whole body.
 
         The body is read to at most :data:`CONTROL_BODY_LIMIT` bytes (:class:`UpstreamError`
         past it). Callers bound the time, the body's included: it may never end.
         """
-        resp = await self.request(host, port, method, path, headers, b"")
+        resp = await self.request(host, port, method, path, headers, body)
         try:
             body = await resp.read(CONTROL_BODY_LIMIT)
         finally:

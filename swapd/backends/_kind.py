@@ -90,8 +90,8 @@ class BackendKind(Protocol):
         """Put a live backend to sleep (free device memory, keep the process)."""
         ...
 
-    async def wake(self, pool: UpstreamPool, host: str, port: int) -> None:
-        """Wake a sleeping backend and return once it serves again."""
+    async def wake(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
+        """Wake a backend asleep at ``level`` and return once it serves again."""
         ...
 
 
@@ -114,7 +114,7 @@ class NoSleep:
         del pool, host, port, level
         raise SleepUnsupported(self.name)
 
-    async def wake(self, pool: UpstreamPool, host: str, port: int) -> None:
+    async def wake(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """Refuse: a process of this kind cannot sleep."""
-        del pool, host, port
+        del pool, host, port, level
         raise SleepUnsupported(self.name)

@@ -28,6 +28,9 @@ VLLM_CPU_DEFAULT = 4 * 1024**3
 # vLLM on a GPU takes --gpu-memory-utilization of the card (its default is 0.9).
 VLLM_GPU_DEFAULT_FRACTION = 0.9
 SLEEP_FLAG = "--enable-sleep-mode"
+# How vLLM says it cannot run sleep mode ("Sleep mode is not supported on current
+# platform.", "Sleep mode allocator is not available on platform ...").
+_REFUSAL_WORDS = ("not support", "only supported", "not available")
 # How long a sleep or wake call may take before swapd gives up on the backend.
 _CALL_TIMEOUT = 120.0
 _WAKE_POLL = 0.01
@@ -37,10 +40,13 @@ class SleepFailed(Exception):
     """The backend did not sleep or wake as asked; the message has its answer."""
 
 
-async def _call(pool: UpstreamPool, host: str, port: int, method: str, path: str) -> bytes:
+async def _call(  # noqa: PLR0913, PLR0917 - where, what, and a JSON body
+    pool: UpstreamPool, host: str, port: int, method: str, path: str, payload: bytes = b""
+) -> bytes:
+    headers = ((b"Content-Type", b"application/json"),) if payload else ()
     try:
         async with asyncio.timeout(_CALL_TIMEOUT):  # the answer's body too
-            status, body = await pool.control(host, port, method, path)
+            status, body = await pool.control(host, port, method, path, headers, payload)
     except (UpstreamError, TimeoutError) as exc:
         raise SleepFailed(f"{method} {path}: {exc or type(exc).__name__}") from exc
     if status != 200:
@@ -85,8 +91,20 @@ class VllmKind:
         return [binary, "serve", model, *args, "--host", "127.0.0.1", "--port", str(port)]
 
     def refused_sleep(self, output: list[str]) -> str | None:
-        """The line where the backend refused ``--enable-sleep-mode``, if it did."""
-        return next((line for line in output if "sleep mode" in line.lower()), None)
+        """The line where the backend refused ``--enable-sleep-mode``, if it did.
+
+        A refusal, not any mention: vLLM's CUDA build logs "Enabling cumem allocator
+        because sleep mode requires it." on every start with the flag, so a start that
+        then fails for another reason is no refusal. A build without the flag refuses
+        it through argparse ("unrecognized arguments: --enable-sleep-mode").
+        """
+        for line in output:
+            low = line.lower()
+            if "unrecognized arguments" in low and SLEEP_FLAG in low:
+                return line
+            if "sleep mode" in low and any(w in low for w in _REFUSAL_WORDS):
+                return line
+        return None
 
     def extra_env(self, preset: Preset, placement: Placement) -> dict[str, str]:
         """The development endpoints (/sleep, /wake_up, /is_sleeping) when sleep is wanted."""
@@ -102,9 +120,19 @@ class VllmKind:
         """POST ``/sleep?level=N``; vLLM answers once the weights have moved."""
         await _call(pool, host, port, "POST", f"/sleep?level={level}")
 
-    async def wake(self, pool: UpstreamPool, host: str, port: int) -> None:
-        """POST ``/wake_up``, then confirm with ``/is_sleeping`` until it says false."""
-        await _call(pool, host, port, "POST", "/wake_up")
+    async def wake(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
+        """POST ``/wake_up``, then confirm with ``/is_sleeping`` until it says false.
+
+        Level 2 discarded the weights: their memory comes back first, they are read
+        again from the model (``reload_weights``), then the KV cache comes back.
+        """
+        if level == 2:
+            await _call(pool, host, port, "POST", "/wake_up?tags=weights")
+            rpc = json.dumps({"method": "reload_weights"}).encode()
+            await _call(pool, host, port, "POST", "/collective_rpc", rpc)
+            await _call(pool, host, port, "POST", "/wake_up?tags=kv_cache")
+        else:
+            await _call(pool, host, port, "POST", "/wake_up")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _CALL_TIMEOUT
         while True:
