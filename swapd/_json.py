@@ -176,6 +176,9 @@ def _last_member_of_top(body: bytes, at: int, after: int) -> bool:
 
 def _member_of_top(head: bytes) -> bool:
     """Whether the quote that ends ``head`` opens a member name of the top-level object."""
+    before = head[:-1]
+    if (len(before) - len(before.rstrip(b"\\"))) % 2:
+        return False  # an odd run of backslashes escapes it: inside a string ("\\"model")
     head = _unescaped(head)
     if not head.endswith(b'"'):
         return False  # the quote is escaped: inside a string

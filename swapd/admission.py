@@ -49,6 +49,15 @@ def _estimate(preset: Preset, device: Device, total: int) -> tuple[int | None, b
     return estimate_bytes(preset, device, total), there
 
 
+def _file_identity(preset: Preset) -> tuple[int, int] | None:
+    """Size and mtime of the model file: a file replaced at the same path is estimated anew."""
+    try:
+        found = preset.model.stat() if preset.model is not None else None
+    except OSError:
+        return None
+    return None if found is None else (found.st_size, found.st_mtime_ns)
+
+
 class Admission:
     """Per-device locks, readings and needs; plans come from :mod:`swapd.policy`."""
 
@@ -111,6 +120,7 @@ class Admission:
                 str(preset.model),
                 preset.args,
                 preset.cmd,
+                _file_identity(preset),
             )
             if key in self._estimates:
                 estimate = self._estimates[key]

@@ -77,6 +77,13 @@ class Pings:
                 await self.response.write(b": loading\n\n")
             await asyncio.sleep(PING_EVERY)
 
+    async def started(self) -> bool:
+        """Whether a ping went out; when none has, none ever will (the proxy answers)."""
+        async with self._lock:
+            if self.response is None:
+                self._closed = True
+            return self.response is not None
+
     async def take_over(self) -> web.StreamResponse | None:
         """Stop pinging; the open stream, or None when no ping went out."""
         self._closed = True
@@ -159,31 +166,36 @@ class ColdStreams:
     ) -> web.StreamResponse:
         handed = False
         try:
-            response = await pings.take_over()
-            if response is None:
+            if not await pings.started():
                 # No ping went out: the proxy answers, as for any request. Its own lease
                 # is granted at once (the model is ready), so this one goes first.
                 handed = True
                 self.manager.release(lease)
                 return await self.proxy.forward(request, lease.model, body)
             try:
-                await self._relay(request, response, lease, body)
+                return await self._relay(request, pings, lease, body)
             except RequestError as exc:
+                response = await pings.take_over()
+                assert response is not None  # noqa: S101 - pings started
                 stream_error(request, exc.status)
                 await pings.fail(response, exc.envelope()["error"])
-            return response
+                return response
         finally:
             if not handed:
                 self.manager.release(lease)
 
     async def _relay(
-        self, request: web.Request, response: web.StreamResponse, lease: Lease, body: bytes
-    ) -> None:
-        """The backend's answer, on the stream the pings opened."""
+        self, request: web.Request, pings: Pings, lease: Lease, body: bytes
+    ) -> web.StreamResponse:
+        """The backend's answer, on the stream the pings opened (they go on until it comes)."""
         limit = lease.slot.preset.request_timeout
         try:
             async with asyncio.timeout(limit):
-                upstream = await self._send(request, lease, body)
+                try:
+                    upstream = await self._send(request, lease, body)
+                finally:
+                    response = await pings.take_over()
+                assert response is not None  # noqa: S101 - pings started
                 try:
                     await self._copy(request, response, upstream, lease.model)
                 finally:
@@ -191,6 +203,7 @@ class ColdStreams:
         except TimeoutError:
             assert limit is not None  # noqa: S101 - only a set limit times out
             raise UpstreamTimeout(lease.model, limit) from None
+        return response
 
     async def _send(self, request: web.Request, lease: Lease, body: bytes) -> UpstreamResponse:
         headers = forwarded_headers(request, lease)

@@ -88,10 +88,14 @@ class Passthrough:
     async def route(self, request: web.Request) -> web.StreamResponse:
         """Any method: the request, re-targeted at the backend's own path."""
         count(request)
-        model, path = split_target(request.raw_path.partition("?")[0], self.proxy.manager)
+        raw = request.raw_path
+        if not raw.startswith("/"):
+            # The absolute form (RFC 9112 section 3.2.2): the path after the authority.
+            raw = request.rel_url.raw_path_qs
+        raw_path, _, query = raw.partition("?")
+        model, path = split_target(raw_path, self.proxy.manager)
         path = backend_path(path)
         body = await read_body(request, self.proxy.max_body, self.proxy.body_timeout)
-        query = request.raw_path.partition("?")[2]
         # Built from its parts: parsed whole, a path could be read as a host.
         target = URL.build(path=path, query_string=query, encoded=True)
         # The clone shares the connection; only the path the backend sees differs.

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import re
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.http import StreamWriter
@@ -122,8 +122,25 @@ class LargeBodies:
         """``read(body)``, in a worker thread when the body is over :data:`WORKER_BODY`."""
         if len(body) <= WORKER_BODY:
             return read(body)
-        async with self._one:
-            return await asyncio.to_thread(read, body)
+        await self._one.acquire()
+        try:
+            work = asyncio.ensure_future(asyncio.to_thread(read, body))
+        except BaseException:
+            self._one.release()
+            raise
+        # A thread cannot be stopped: the lock stays held until it ends, even when the
+        # request that started it is cancelled (its client hung up).
+        work.add_done_callback(_release_after(self._one))
+        return await asyncio.shield(work)
+
+
+def _release_after(lock: asyncio.Lock) -> Callable[[asyncio.Future[Any]], None]:
+    def done(work: asyncio.Future[Any]) -> None:
+        lock.release()
+        if not work.cancelled():
+            work.exception()  # retrieved: a cancelled caller's error is not logged as lost
+
+    return done
 
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from swapd.backends._kind import NoSleep, OwnKey, Placement, RamVia, Tier
 from swapd.backends._launch import LOOPBACK, BinaryNotFound, explicit_binary, has_flag, search_path
-from swapd.estimate import estimate_for_args, parse_llama_args
+from swapd.estimate import CPU_OVERHEAD, GPU_OVERHEAD, estimate_for_args, parse_llama_args
 from swapd.logs import get_logger
 
 if TYPE_CHECKING:
@@ -98,7 +98,13 @@ class LlamaServerKind(NoSleep):
             )
         except (ValueError, OSError) as exc:
             _log.warning("model.estimate.fail", model=preset.name, error=str(exc))
-            return None
+            # Never less than the weights the file holds: the default is for models
+            # swapd knows nothing about, not for a GGUF of unknown layout.
+            try:
+                size = preset.model.stat().st_size
+            except OSError:
+                return None
+            return size + (GPU_OVERHEAD if device.kind != "cpu" else CPU_OVERHEAD)
         return found.total
 
 

@@ -247,9 +247,23 @@ def estimate_for_args(
     header = read_gguf_header(path)
     return estimate_shape(
         read_shape(header, path),
-        header.tensors,
+        header.tensors + _other_split_tensors(path, header),
         args,
         on_gpu=on_gpu,
         n_outputs=n_outputs,
         overhead=overhead,
     )
+
+
+def _other_split_tensors(path: Path, header: GGUFHeader) -> tuple[TensorInfo, ...]:
+    """The tensors of a split GGUF's other files, which llama.cpp loads along with the first."""
+    count = header.metadata.get("split.count")
+    if not isinstance(count, int) or count <= 1:
+        return ()
+    suffix = f"-00001-of-{count:05d}.gguf"
+    if not path.name.endswith(suffix):
+        raise ValueError(f"{path}: split GGUF of {count} files, not named PREFIX{suffix}")
+    prefix = path.name.removesuffix(suffix)
+    names = (f"{prefix}-{no:05d}-of-{count:05d}.gguf" for no in range(2, count + 1))
+    others = (path.with_name(name) for name in names)
+    return tuple(tensor for other in others for tensor in read_gguf_header(other).tensors)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+import psutil
+
 from swapd.errors import SwapdError
 from swapd.probe._select import keep_readable, select_indices
 from swapd.probe._tree import attribute, process_trees
@@ -80,6 +82,11 @@ class NvmlProbe:
                 pid = int(proc.pid)
                 # A process with both kinds of context is listed twice with the same bytes.
                 usage[pid] = max(usage.get(pid, 0), int(used))
+        foreign = [pid for pid in usage if not psutil.pid_exists(pid)]
+        if foreign:
+            # The driver knows no pid namespaces: in a container it lists host pids, which
+            # match nothing here. Claiming 0 for our trees would count each model twice.
+            return {}, f"NVML lists pid {foreign[0]}, not in this pid namespace"
         return usage, None
 
     def close(self) -> None:
