@@ -62,9 +62,9 @@ class VllmKind:
     ram_via: RamVia | None = "sleep"
     needs_model = True
     stop_signal = signal.SIGTERM
-    # vLLM takes VLLM_API_KEY and guards /v1/*, but a preset may poll /v1/models for
-    # readiness and that poll sends no key yet; so no key of its own for now.
-    # vLLM guards /v1/* with it; /health and the sleep API stay open to swapd's calls.
+    # A key of its own per start (VLLM_API_KEY), sent on forwarded requests, readiness
+    # polls and liveness probes. vLLM guards /v1/* with it; /health and the sleep API stay
+    # open to swapd's calls.
     own_key: OwnKey | None = OwnKey("VLLM_API_KEY", ("--api-key",))
 
     def binary(self, preset: Preset) -> str:
