@@ -84,8 +84,14 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 
 def _plain(node: yaml.Node) -> Any:
-    # Nested values become plain Python; only the top-level keys keep marks.
-    return yaml.safe_load(yaml.serialize(node))
+    # Nested values become plain Python; only the top-level keys keep marks. Constructed
+    # from the node itself: a round trip through text turns an empty value (null) into
+    # "...", which does not parse back.
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:

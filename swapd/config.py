@@ -314,7 +314,11 @@ def load_config(path: Path) -> Config:
     presets: list[Preset] = []
     if presets_dir.is_dir():
         try:
-            presets = load_presets(presets_dir, defaults, label_root=Path.cwd(), config_file=path)
+            spec = values.get("devices", "auto")
+            offered = None if spec == "auto" else () if spec == "cpu" else tuple(spec)
+            presets = load_presets(
+                presets_dir, defaults, label_root=Path.cwd(), config_file=path, offered=offered
+            )
         except ConfigErrors as exc:
             errors.extend(exc.errors)
     _check_staging(presets, values, doc, errors)

@@ -1319,7 +1319,14 @@ class Manager:
         self._drop_pages(slot, after=_MEASURE_DELAY)
         self._spawn_task(self._watch(slot, child), f"watch:{preset.name}")
         self._spawn_task(self._measure(slot, child), f"measure:{preset.name}")
-        self._spawn_task(self._liveness(slot, child), f"liveness:{preset.name}")
+        self._probe_liveness(slot, child)
+
+    def _probe_liveness(self, slot: Slot, child: Child) -> None:
+        """(Re)start the liveness probe of a serving process, with the preset as it is now."""
+        if slot.liveness_task is not None:
+            slot.liveness_task.cancel()
+        task = self._spawn_task(self._liveness(slot, child), f"liveness:{slot.preset.name}")
+        slot.liveness_task = task
 
     def _new_cgroup(self, model: str) -> Path | None:
         if self.cgroups is None:
@@ -1788,6 +1795,19 @@ class Manager:
         if preset.ram_ttl != old.ram_ttl and slot.tier == "ram":
             slot.ram_since = time.monotonic()  # as for ttl: counted from the reload
             self._rearm_ram_ttl(slot)  # armed, changed or cleared
+        probing = (preset.health, preset.health_interval, preset.health_failures)
+        live = slot.liveness_task is not None and not slot.liveness_task.done()
+        if (
+            live
+            and slot.child is not None
+            and probing
+            != (
+                old.health,
+                old.health_interval,
+                old.health_failures,
+            )
+        ):
+            self._probe_liveness(slot, slot.child)  # the old probe sleeps out the old interval
         _log.info("model.reload", model=preset.name, change="in_place")
 
     def _restart_later(self, slot: Slot, preset: Preset) -> None:

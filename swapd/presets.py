@@ -214,11 +214,26 @@ def _own_key_clash(
     return None
 
 
+def _pinned_outside(
+    values: Mapping[str, tuple[Any, Location]], offered: tuple[int, ...] | None
+) -> ConfigError | None:
+    """A preset pinned only to devices the daemon's ``devices`` never offers: no load fits."""
+    if offered is None or "devices" not in values:
+        return None
+    wanted, devices_at = values["devices"]
+    if set(wanted) & set(offered):
+        return None
+    shown = f"[{', '.join(map(str, offered))}]" if offered else "cpu"
+    reason = f"none of {list(wanted)} is among the daemon's devices: {shown}"
+    return ConfigError(devices_at, "devices", reason)
+
+
 def _build(  # noqa: PLR0911 - one early return per kind of problem
     file: Path,
     label: str,
     defaults: Mapping[str, tuple[Any, Location]],
     errors: list[ConfigError],
+    offered: tuple[int, ...] | None = None,
 ) -> Preset | None:
     doc = load_document(file, label=label)
     values = {**defaults, **convert_entries(doc.entries, allowed=CONVERTERS, errors=errors)}
@@ -232,20 +247,22 @@ def _build(  # noqa: PLR0911 - one early return per kind of problem
         errors.append(ConfigError(doc.where, "backend", f"missing; one of {', '.join(BACKENDS)}"))
         return None
     backend, backend_at = values["backend"]
-    if clash := _own_key_clash(backend, values):
-        errors.append(clash)
+    # A key missing from this file is reported in it, also where backend came from defaults.
+    missing_at = backend_at if backend_at.file == label else doc.where
+    if problem := _own_key_clash(backend, values) or _pinned_outside(values, offered):
+        errors.append(problem)
         return None
     plain = {key: value for key, (value, _) in values.items()}
     if KINDS[backend].needs_model:
         if "model" not in values:
-            errors.append(ConfigError(backend_at, "model", f"missing; {backend} needs a model"))
+            errors.append(ConfigError(missing_at, "model", f"missing; {backend} needs a model"))
             return None
         model, model_at = values["model"]
         plain["model"] = _resolve_model(model, file.parent)
         if not plain["model"].exists():
             errors.append(ConfigError(model_at, "model", f"not found: {plain['model']}"))
             return None
-    elif (problem := _command_problem(values, backend_at)) is not None:
+    elif (problem := _command_problem(values, missing_at)) is not None:
         errors.append(problem)
         return None
     elif "model" in values:
@@ -292,10 +309,12 @@ def load_presets(
     *,
     label_root: Path | None = None,
     config_file: Path | None = None,
+    offered: tuple[int, ...] | None = None,
 ) -> list[Preset]:
     """Load every preset of ``directory``; raise :class:`ConfigErrors` listing all problems.
 
     ``config_file`` is skipped where the presets folder holds it (``presets: .``).
+    ``offered``: the GPU indices the daemon's ``devices`` names (``()`` for cpu; None: auto).
     """
     errors: list[ConfigError] = []
     presets: list[Preset] = []
@@ -304,7 +323,7 @@ def load_presets(
             continue
         label = _label(file, label_root)
         try:
-            preset = _build(file, label, defaults, errors)
+            preset = _build(file, label, defaults, errors, offered)
         except ConfigError as exc:
             errors.append(exc)
             continue

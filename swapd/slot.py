@@ -46,6 +46,7 @@ class Slot:
     stop_task: asyncio.Task[None] | None = None
     demote_task: asyncio.Task[None] | None = None
     sleep_task: asyncio.Task[None] | None = None
+    liveness_task: asyncio.Task[None] | None = None  # probes the serving process's health
     ttl_timer: asyncio.TimerHandle | None = None
     ram_timer: asyncio.TimerHandle | None = None
     ring: RingLog = field(default_factory=RingLog)

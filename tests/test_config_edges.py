@@ -1,0 +1,96 @@
+"""Config edges: empty values, defaults' backend errors, presets pinned outside the daemon.
+
+Each error names the file, line and column where the user can fix it.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from swapd.config import Config, load_config
+from swapd.errors import ConfigErrors
+
+OK_PRESET = 'backend: command\ncmd: ["true", "${PORT}"]\n'
+
+
+def _write(root: Path, config: str, presets: dict[str, str]) -> Path:
+    (root / "swapd.yaml").write_text(textwrap.dedent(config))
+    (root / "presets").mkdir()
+    for name, text in presets.items():
+        (root / "presets" / name).write_text(text)
+    return Path("swapd.yaml")
+
+
+def _load(root: Path, config: str, preset: str = OK_PRESET) -> Config:
+    return load_config(_write(root, config, {"m.yaml": preset}))
+
+
+def _errors(root: Path, config: str, presets: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigErrors) as info:
+        load_config(_write(root, config, presets))
+    return [str(e) for e in info.value.errors]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["budget", "max_running", "ram_budget", "cache_budget"])
+def test_an_empty_nullable_daemon_key_is_null(tmp_path: Path, key: str) -> None:
+    """``budget:`` with no value is YAML's null, as ``budget: ~`` is (was a parser error)."""
+    assert getattr(_load(tmp_path, f"{key}:\n"), key) is None
+
+
+@pytest.mark.parametrize("key", ["concurrency", "max_queue", "request_timeout"])
+def test_an_empty_nullable_preset_key_is_null(tmp_path: Path, key: str) -> None:
+    """The same for the preset keys whose default is none."""
+    [preset] = _load(tmp_path, "", OK_PRESET + f"{key}:\n").presets
+    assert getattr(preset, key) is None
+
+
+def test_an_empty_value_gets_the_keys_own_reason(tmp_path: Path) -> None:
+    """A key that takes no null says what it expects, not what the YAML parser found."""
+    assert _errors(tmp_path, "", {"m.yaml": OK_PRESET + "ttl:\n"}) == [
+        'presets/m.yaml:3:5: ttl: expected a duration like "10m", got "None"'
+    ]
+
+
+def test_a_model_missing_under_a_default_backend_names_the_preset(tmp_path: Path) -> None:
+    """With ``backend`` in ``defaults:``, a missing model is reported in the preset's file."""
+    got = _errors(
+        tmp_path,
+        "defaults:\n  backend: llama-server\n",
+        {"a.yaml": "ttl: 1m\n", "b.yaml": "ttl: 2m\n"},
+    )
+    assert got == [
+        "presets/a.yaml:1:1: model: missing; llama-server needs a model",
+        "presets/b.yaml:1:1: model: missing; llama-server needs a model",
+    ]
+
+
+def test_a_cmd_missing_under_a_default_backend_names_the_preset(tmp_path: Path) -> None:
+    """The same for a command backend's ``cmd`` (was reported at swapd.yaml's defaults)."""
+    got = _errors(tmp_path, "defaults:\n  backend: command\n", {"a.yaml": "ttl: 1m\n"})
+    assert got == ["presets/a.yaml:1:1: cmd: missing; a command backend needs cmd"]
+
+
+@pytest.mark.parametrize(
+    ("daemon", "pinned"),
+    [("devices: [0, 1]", "[3]"), ("devices: cpu", "[0]")],
+)
+def test_a_preset_pinned_outside_the_daemons_devices_is_refused(
+    tmp_path: Path, daemon: str, pinned: str
+) -> None:
+    """Pinned where the daemon never offers a device: refused at check, not 503 on every load."""
+    [error] = _errors(tmp_path, daemon + "\n", {"m.yaml": OK_PRESET + f"devices: {pinned}\n"})
+    assert error.startswith("presets/m.yaml:3:10: devices: none of ")
+
+
+def test_a_preset_pinned_partly_inside_the_daemons_devices_loads(tmp_path: Path) -> None:
+    """One offered device is enough: the load can be placed there."""
+    [preset] = _load(tmp_path, "devices: [0, 1]\n", OK_PRESET + "devices: [1, 5]\n").presets
+    assert preset.devices == (1, 5)
