@@ -1287,7 +1287,7 @@ class Manager:
         _log.info("model.load.start", model=preset.name, device=device.id, port=port)
         try:
             await child.spawn()
-            self.records.add(child.pid or 0, preset.name)
+            self.records.add(child.pid or 0, preset.name, mark=child.backend_id)
             await child.wait_ready(
                 launch.host,
                 launch.port,
@@ -1944,6 +1944,23 @@ class Manager:
         if load is not None and not load.done() and not load.cancelling():
             load.cancel()
 
+    @staticmethod
+    async def _settle_moves(everyone: list[Slot]) -> None:
+        """Let demotions, stops and sleeps under way end, a sleep within the stop's grace.
+
+        A frozen backend never answers its /sleep (the call waits 120 s); the stops that
+        follow end it anyway.
+        """
+        busy = [
+            t for s in everyone for t in (s.demote_task, s.stop_task, s.sleep_task) if t is not None
+        ]
+        if busy:
+            await asyncio.wait(busy, timeout=max(s.preset.stop_timeout for s in everyone))
+        for slot in everyone:
+            if slot.sleep_task is not None:
+                slot.sleep_task.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
+
     async def close(self) -> None:
         """Stop every backend and release every held page (shutdown).
 
@@ -1960,10 +1977,7 @@ class Manager:
         await asyncio.gather(*loads, return_exceptions=True)
         # A sleep under way ends (ASLEEP, or FAILED) before the stops below: stopped in the
         # middle of it, its record and state would be left to the sleep's own ending.
-        busy = [
-            t for s in everyone for t in (s.demote_task, s.stop_task, s.sleep_task) if t is not None
-        ]
-        await asyncio.gather(*busy, return_exceptions=True)
+        await self._settle_moves(everyone)
         stops = []
         for slot in everyone:
             if slot.child is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+from swapd import marks
 from swapd.logs import get_logger
 
 _log = get_logger("swapd.pidfiles")
@@ -26,14 +27,16 @@ class PidRecords:
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / "children"
 
-    def add(self, pid: int, model: str) -> None:
-        """Record a freshly spawned child."""
+    def add(self, pid: int, model: str, mark: str | None = None) -> None:
+        """Record a freshly spawned child, and the mark in its environment (see swapd.marks)."""
         try:
             started = psutil.Process(pid).create_time()
         except psutil.Error:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         record = {"pid": pid, "model": model, "create_time": started, "owner": os.getpid()}
+        if mark is not None:
+            record["mark"] = mark
         path = self.directory / f"{pid}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
@@ -60,16 +63,25 @@ class PidRecords:
             except (OSError, ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)
                 continue
+            mark = record.get("mark")
+            mark = mark if isinstance(mark, str) and mark else None
             # The leader, or (it gone) members of its group. A live pid with another start
-            # time is a recycled pid: its group, if it leads one, is not ours (the kernel
-            # recycles no pid while a group of that id lives).
+            # time is a recycled pid: its group, if it leads one, is not ours. A dead
+            # leader's group may be a later holder's of the pid too (a daemon's double
+            # fork leaves one): a member carrying the backend's mark proves it ours.
             if _same_process(pid, started) or (
-                not psutil.pid_exists(pid) and _group_members(pid, started)
+                not psutil.pid_exists(pid) and _ours(_group_members(pid, started), mark)
             ):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
                 ended.append(pid)
                 _log.warning("leftover.kill", pid=pid, model=record.get("model"))
+            if mark is not None:
+                # Helpers that left the group (setsid) still carry the backend's mark.
+                escaped = [p for p in marks.kill_marked(mark) if p not in ended]
+                if escaped:
+                    ended.extend(escaped)
+                    _log.warning("leftover.escaped.kill", pids=escaped, model=record.get("model"))
             path.unlink(missing_ok=True)
         return ended
 
@@ -79,6 +91,17 @@ def _same_process(pid: int, create_time: float) -> bool:
         return abs(psutil.Process(pid).create_time() - create_time) < 0.01
     except psutil.Error:
         return False
+
+
+def _ours(members: list[int], mark: str | None) -> bool:
+    """Whether a dead leader's group is the backend's: a member carries its mark.
+
+    A record without a mark (from an older swapd) takes any member, as before.
+    """
+    if not members or mark is None:
+        return bool(members)
+    marked = set(marks.marked_pids(mark))
+    return any(pid in marked for pid in members)
 
 
 def _group_members(pgid: int, leader_started: float) -> list[int]:

@@ -38,6 +38,8 @@ OUTPUT_GRACE = 1.0
 # kernel (uninterruptible sleep: a hung driver or network file system), where no signal
 # reaches it; the stop goes on without it rather than hold the model's slot for good.
 KILL_WAIT = 10.0
+# Output lines handled between two turns of the event loop (each is a log event, ~10 us).
+_LINES_PER_TURN = 1024
 _log = get_logger("swapd.process")
 
 
@@ -154,8 +156,10 @@ class Child:
         try:
             while chunk := await self._proc.stdout.read(65536):
                 done = lines.feed(chunk)
-                for line in done:
+                for count, line in enumerate(done, 1):
                     self._emit(line)
+                    if count % _LINES_PER_TURN == 0:
+                        await asyncio.sleep(0)  # 64 KiB of newlines is 65,536 lines: let others run
                 if done:
                     self._output.set()
         finally:
