@@ -6,8 +6,7 @@ import asyncio
 import struct
 from typing import TYPE_CHECKING
 
-import gguf
-import numpy as np
+from fakes.tiny_gguf import write_one_block_llama
 
 from swapd import policy
 from swapd.admission import Admission
@@ -23,18 +22,7 @@ MIB = 1024**2
 
 def _write_with_unknown_type(path: Path) -> Path:
     """An 8 MiB GGUF whose big tensor has a ggml type newer than the installed gguf package."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(1)
-    writer.add_context_length(256)
-    writer.add_embedding_length(64)
-    writer.add_head_count(8)
-    writer.add_token_list([f"t{i}" for i in range(100)])
-    writer.add_tensor("token_embd.weight", np.zeros((100, 64), np.float32))
-    writer.add_tensor("blk.0.ffn_up.weight", np.zeros((2048, 1024), np.float32))  # 8 MiB
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_one_block_llama(path, 2048)  # 8 MiB
     data = bytearray(path.read_bytes())
     name = b"blk.0.ffn_up.weight"
     at = data.index(name) + len(name)

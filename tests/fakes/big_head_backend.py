@@ -12,6 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fakes.raw_backend import read_request
 
 CAP = 64 * 1024
 
@@ -23,22 +28,11 @@ def head_block(total: int, framing: bytes) -> bytes:
     return start + b"X-Pad: " + b"a" * pad + b"\r\n\r\n"
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    first, *lines = head.decode("latin-1").split("\r\n")
-    length = 0
-    for line in lines:
-        if line.lower().startswith("content-length:"):
-            length = int(line.split(":", 1)[1])
-    body = await reader.readexactly(length) if length else b""
-    return first.split(" ")[1], body
-
-
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """One connection: requests until it closes."""
     try:
         while True:
-            path, body = await _read_request(reader)
+            path, body = await read_request(reader)
             mode = "health" if path == "/health" else json.loads(body).get("mode", "ok")
             if mode == "sized":
                 writer.write(head_block(CAP + 1, b"Content-Length: 2\r\n") + b"ok")

@@ -24,7 +24,8 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
+    """The path and body of one request on ``reader``."""
     head = await reader.readuntil(b"\r\n\r\n")
     first, *lines = head.decode("latin-1").split("\r\n")
     length = 0
@@ -45,7 +46,7 @@ class RawBackend:
         """One connection: requests until one of them closes it."""
         try:
             while True:
-                path, body = await _read_request(reader)
+                path, body = await read_request(reader)
                 if path == "/health":
                     ready = time.monotonic() >= self.ready_at
                     writer.write(

@@ -129,6 +129,25 @@ def _add_tensors(
     matrix("output.weight", n_vocab, n_embd)
 
 
+def write_one_block_llama(path: Path, ffn_rows: int) -> None:
+    """A one-block llama GGUF of zeros whose size is set by its FFN rows (4 KiB each).
+
+    Not for llama-server: enough metadata for the estimate, and weights of a known size.
+    """
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_head_count(8)
+    writer.add_token_list([f"t{i}" for i in range(100)])
+    writer.add_tensor("token_embd.weight", np.zeros((100, 64), np.float32))
+    writer.add_tensor("blk.0.ffn_up.weight", np.zeros((ffn_rows, 1024), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def main() -> None:
     """Write a tiny model to the path given on the command line."""
     parser = argparse.ArgumentParser(description="Write a tiny random llama GGUF.")
