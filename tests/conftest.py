@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
@@ -94,3 +95,14 @@ def vllm_binary(tmp_path: Path) -> str:
     path.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_VLLM} "$@"\n')
     path.chmod(0o755)
     return str(path)
+
+
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    """Run a child of the test process for the test's duration; yield its pid."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()

@@ -10,7 +10,6 @@ module, the sysfs folder and /proc.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import types
 from typing import TYPE_CHECKING
@@ -25,7 +24,7 @@ from swapd.probe._fdinfo import scan_vram
 from swapd.probe._sysfs import open_amd_sysfs
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
 KIB = 1024
@@ -257,14 +256,9 @@ def fake_amdsmi(process_list: Callable[[str], list[object]]) -> types.ModuleType
 
 
 @pytest.fixture
-def child() -> Iterator[int]:
+def child(sleeper: int) -> int:
     """A child of the test process, so that the test process's tree has two pids."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        yield process.pid
-    finally:
-        process.kill()
-        process.wait()
+    return sleeper
 
 
 def backend_tree(proc: Path, child: int) -> int:

@@ -7,19 +7,14 @@ must then not claim per-process figures: a claimed 0 makes each resident count t
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from swapd import policy
 from swapd.probe._nvml import open_nvml
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 GIB = 1024**3
 HOST_PID = 4_194_000  # above any pid_max here: no such process in this namespace
@@ -30,14 +25,9 @@ class NVMLError(Exception):
 
 
 @pytest.fixture
-def backend() -> Iterator[int]:
+def backend(sleeper: int) -> int:
     """A live process standing in for a backend whose pid NVML cannot report."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        yield child.pid
-    finally:
-        child.kill()
-        child.wait()
+    return sleeper
 
 
 def test_host_pids_from_nvml_do_not_claim_per_process_zero(

@@ -62,17 +62,6 @@ def process_tree() -> Iterator[tuple[int, int]]:
 
 
 @pytest.fixture
-def sleeper() -> Iterator[int]:
-    """Run a child of the test process for the test's duration; yield its pid."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        yield child.pid
-    finally:
-        child.kill()
-        child.wait()
-
-
-@pytest.fixture
 def dead_pid() -> int:
     """Return the pid of a process that has exited and been reaped."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
