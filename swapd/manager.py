@@ -315,7 +315,7 @@ class Manager:
         on_device = sum(
             max(s.measured or 0, s.need.bytes if s.need else 0)
             for s in everyone
-            if s.state in ON_DEVICE
+            if s.tier == "device"
         )
         return {
             "models": [v.as_json() for v in views],
@@ -333,7 +333,7 @@ class Manager:
         """One reading of every device: total, free, and what swapd's backends use there."""
         counted: dict[str, int] = {}
         for slot in self._every_slot():
-            if slot.device is not None and slot.state in ON_DEVICE:
+            if slot.device is not None and slot.tier == "device":
                 need = slot.need.bytes if slot.need else None
                 used = policy.counted_usage(slot.measured, need)
                 counted[slot.device.id] = counted.get(slot.device.id, 0) + used
@@ -1618,6 +1618,7 @@ class Manager:
             if slot.child is not None:
                 # Move now, not when the task first runs: no lease may slip in between the
                 # decision to stop and the stop itself.
+                slot.leaving_ram = slot.state is State.ASLEEP
                 slot.move((State.READY, State.DRAINING, State.ASLEEP), State.STOPPING)
                 slot.swap_drain = False
             slot.stop_task = self._spawn_task(
@@ -1656,6 +1657,7 @@ class Manager:
                 self._forget_child(slot)
             if hold is not None:
                 await hold
+            slot.leaving_ram = False
             if slot.state is State.STOPPING:
                 slot.move(State.STOPPING, State.STOPPED)
                 if slot.pages is not None:

@@ -72,6 +72,7 @@ class Slot:
     # point the preset elsewhere while the old process still runs on this copy)
     staging: tuple[int, int] | None = None  # bytes done, total, while copying
     unloaded_at: float = 0.0  # monotonic; the last unload asked for (a restart keeps it down)
+    leaving_ram: bool = False  # STOPPING from ASLEEP: its weights are in host RAM, not on a device
     # Told of every move (the manager's change feed: /swapd/events, systemd's STATUS line).
     observer: Callable[[Slot], None] | None = field(default=None, repr=False, compare=False)
 
@@ -107,7 +108,7 @@ class Slot:
     @property
     def tier(self) -> Tier:
         """Where the weights are now (see the README's tier table)."""
-        if self.state in states.ON_DEVICE:
+        if self.state in states.ON_DEVICE and not self.leaving_ram:
             return "device"
         if self.state is State.ASLEEP or self.pages is not None:
             return "ram"

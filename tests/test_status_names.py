@@ -1,0 +1,30 @@
+"""Every status /v1/models can report is one README's routes table names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import StartDaemon
+from daemon import fake_preset
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _documented_statuses() -> set[str]:
+    row = next(
+        line for line in README.read_text().splitlines() if line.startswith("| `GET /v1/models` |")
+    )
+    listed = re.search(r"`status` \(([^)]*)\)", row)
+    assert listed, row
+    return set(re.findall(r"`([a-z]+)`", listed.group(1)))
+
+
+def test_a_failed_start_shows_a_documented_status(start_daemon: StartDaemon) -> None:
+    """A model backing off after a failed start shows a status README's list names."""
+    d = start_daemon({"a": fake_preset("A", "--exit-at-start", "3")})
+    status, _ = d.chat("a")
+    assert status == 502
+    _, models = d.get("/v1/models")
+    [model] = models["data"]
+    assert model["status"] in _documented_statuses(), model
