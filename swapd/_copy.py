@@ -23,6 +23,7 @@ import errno
 import hashlib
 import mmap
 import os
+import re
 import stat
 import threading
 from collections.abc import Callable, Sequence
@@ -39,6 +40,17 @@ _BUFFER = 8 * 1024 * 1024
 _UNSUPPORTED = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 
 Report = Callable[[int], None]
+# The first file of a split GGUF: llama.cpp loads PREFIX-0000k-of-NNNNN.gguf beside it.
+_SPLIT_FIRST = re.compile(r"(.+)-00001-of-(\d{5})\.gguf")
+
+
+def split_parts(path: Path) -> list[Path]:
+    """The files a model file stands for: every shard of a split GGUF, else the file itself."""
+    found = _SPLIT_FIRST.fullmatch(path.name)
+    if found is None:
+        return [path]
+    prefix, count = found[1], found[2]
+    return [path.with_name(f"{prefix}-{no:05d}-of-{count}.gguf") for no in range(1, int(count) + 1)]
 
 
 class Cancelled(Exception):
@@ -62,6 +74,8 @@ class Source:
     fingerprint: str
     files: tuple[tuple[str, int], ...]
     dirs: tuple[str, ...] = ()
+    # A split GGUF's other shards (names beside ``path``, sizes): copied along with it.
+    siblings: tuple[tuple[str, int], ...] = ()
 
 
 def scan(path: Path) -> Source:
@@ -69,8 +83,18 @@ def scan(path: Path) -> Source:
     st = path.stat()
     if stat.S_ISREG(st.st_mode):
         stamp = f"file {st.st_size} {st.st_mtime_ns} {st.st_ino}"
+        siblings = []
+        for part in split_parts(path)[1:]:
+            info = part.stat()
+            siblings.append((part.name, info.st_size))
+            stamp += f" {part.name} {info.st_size} {info.st_mtime_ns} {info.st_ino}"
         return Source(
-            path, is_dir=False, size=st.st_size, fingerprint=stamp, files=(("", st.st_size),)
+            path,
+            is_dir=False,
+            size=st.st_size + sum(n for _, n in siblings),
+            fingerprint=stamp,
+            files=(("", st.st_size),),
+            siblings=tuple(siblings),
         )
     if not stat.S_ISDIR(st.st_mode):
         raise OSError(errno.EINVAL, "neither a regular file nor a directory", str(path))
@@ -110,9 +134,21 @@ def copy(
     written. ``report(bytes_done)`` is called after every chunk, from this thread.
     """
     if not source.is_dir:
-        return _copy_file(
-            source.path, dest, source.size, sha256=sha256, report=report, cancel=cancel
+        first = source.files[0][1]
+        done, digest = _copy_file(
+            source.path, dest, first, sha256=sha256, report=report, cancel=cancel
         )
+        for name, size in source.siblings:
+            copied, _ = _copy_file(
+                source.path.with_name(name),
+                dest.with_name(name),
+                size,
+                sha256=False,
+                report=_after(done, report),
+                cancel=cancel,
+            )
+            done += copied
+        return done, digest
     dest.mkdir()
     for rel in source.dirs:
         (dest / rel).mkdir()

@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 
 from swapd import policy
+from swapd._copy import split_parts
 from swapd.admission import Admission, Snapshot
 from swapd.backends import (
     BinaryNotFound,
@@ -160,7 +161,7 @@ def _path_bytes(path: Path) -> int:
     git-lfs clone's second copy under ``.git/lfs``, nor Meta's ``original/`` folder.
     """
     if path.is_file():
-        return path.stat().st_size
+        return sum(part.stat().st_size for part in split_parts(path))
     for pattern in ("*.safetensors", "*.bin", "*.pt"):
         if found := [p for p in path.glob(pattern) if p.is_file()]:
             return sum(p.stat().st_size for p in found)
@@ -1664,6 +1665,8 @@ class Manager:
                     # Its pages entered the ram tier while it still stopped (tier "device"),
                     # when ram_ttl could not be armed: now it can.
                     self._rearm_ram_ttl(slot)
+                    # Planned with the size read at its start: the file may have changed.
+                    self._spawn_task(self._fit_ram_budget(), "ram_budget")
         finally:
             slot.stop_task = None
             self._notify()
@@ -1677,6 +1680,7 @@ class Manager:
             _log.warning("model.pages.fail", model=slot.preset.name, error=str(exc))
             return
         slot.pages = pages
+        self._model_bytes[slot.preset.name] = pages.size  # what the next plan costs it at
         if not pages.locked:
             _log.warning("model.pages.unlocked", model=slot.preset.name, note=pages.lock_error)
         self._entered_ram(slot, pages.size)

@@ -32,6 +32,8 @@ import weakref
 from pathlib import Path
 from typing import NamedTuple, Self
 
+from swapd._copy import split_parts
+
 _PAGE = mmap.PAGESIZE
 # Populates the page tables, reading what is missing (Linux 5.14); older kernels answer EINVAL.
 _MADV_POPULATE_READ = 22
@@ -229,7 +231,7 @@ def drop_cache(path: str | os.PathLike[str]) -> Dropped:
 
 def _files_under(path: Path) -> list[Path]:
     if not path.is_dir():
-        return [path]  # opening it reports a missing path
+        return split_parts(path)  # opening it reports a missing path
     seen: set[tuple[int, int]] = set()
     files: list[Path] = []
     for root, dirs, names in os.walk(path, onerror=_raise):
