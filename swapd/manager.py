@@ -1009,8 +1009,8 @@ class Manager:
         """
         drained = []
         for name in names:
-            other = self.slots[name]
-            if other.state is State.READY and not other.preset.pin:
+            other = self.slots.get(name)  # a retiring model (a reload removed it) is busy too
+            if other is not None and other.state is State.READY and not other.preset.pin:
                 other.move(State.READY, State.DRAINING)
                 other.swap_drain = True
                 self._cancel_ttl(other)
@@ -1313,7 +1313,7 @@ class Manager:
                 slot.move(State.STARTING, State.STOPPED if cancelled else State.FAILED)
             raise
         slot.move(State.STARTING, State.READY)
-        slot.last_used = slot.ready_at = time.monotonic()
+        slot.last_used = slot.ready_at = slot.answered_at = time.monotonic()
         slot.escaped = False  # failures are cleared once it has proven itself (_proven)
         # The process maps the file itself now. Unmapping swapd's locked copy costs
         # milliseconds of kernel time: not while the first request is computed.
@@ -1489,7 +1489,6 @@ class Manager:
         interval = preset.health_interval
         timeout = min(interval, _PROBE_TIMEOUT)
         misses = 0
-        answered = slot.ready_at  # monotonic; the last probe answered (or ready)
         while slot.child is child and child.exit_code is None:
             await asyncio.sleep(interval)
             if slot.child is not child or slot.launch is None:
@@ -1499,7 +1498,7 @@ class Manager:
                 continue
             if await self._probe(slot.launch, preset.health, timeout):
                 misses = 0
-                answered = time.monotonic()
+                slot.answered_at = time.monotonic()  # kept across a probe restart
                 if slot.failures and self._proven(slot):
                     slot.failures = 0  # its start has proven good
                 continue
@@ -1516,7 +1515,7 @@ class Manager:
                     misses=misses,
                     interval_s=interval,
                 )
-                await self._kill_frozen(slot, child, misses, answered)
+                await self._kill_frozen(slot, child, misses, slot.answered_at)
                 return
 
     async def _kill_frozen(self, slot: Slot, child: Child, misses: int, answered: float) -> None:
@@ -1658,7 +1657,6 @@ class Manager:
                 self._forget_child(slot)
             if hold is not None:
                 await hold
-            slot.leaving_ram = False
             if slot.state is State.STOPPING:
                 slot.move(State.STOPPING, State.STOPPED)
                 if slot.pages is not None:
@@ -1668,6 +1666,7 @@ class Manager:
                     # Planned with the size read at its start: the file may have changed.
                     self._spawn_task(self._fit_ram_budget(), "ram_budget")
         finally:
+            slot.leaving_ram = False
             slot.stop_task = None
             self._notify()
 
@@ -1806,6 +1805,7 @@ class Manager:
         if (
             live
             and slot.child is not None
+            and slot.state is not State.FAILED  # _kill_frozen is ending it: not cut short
             and probing
             != (
                 old.health,

@@ -66,6 +66,7 @@ class Slot:
     # start has stayed up STABLE_AFTER (manager).
     failures: int = 0
     ready_at: float = 0.0  # monotonic; when its backend last became ready
+    answered_at: float = 0.0  # monotonic; its last answered liveness probe (or ready)
     retry_at: float = 0.0  # monotonic; when a backoff ends
     staged_path: str | None = None
     staged_source: Path | None = None  # the source staged_path is a copy of (a reload may
