@@ -83,11 +83,46 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+class WrittenInt(int):
+    """An int that remembers how the file wrote it (``010``, ``1_000``)."""
+
+    written: str
+
+
+class WrittenFloat(float):
+    """A float that remembers how the file wrote it (``3.10``)."""
+
+    written: str
+
+
+def written(value: float) -> str:
+    """A number as the file wrote it, for keys that take text: ``3.10`` stays ``3.10``."""
+    return getattr(value, "written", None) or str(value)
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML whose numbers keep their text (an ``env`` value or an argument is text)."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = WrittenInt(super().construct_yaml_int(node))
+        value.written = str(node.value)
+        return value
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        value = WrittenFloat(super().construct_yaml_float(node))
+        value.written = str(node.value)
+        return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+
+
 def _plain(node: yaml.Node) -> Any:
     # Nested values become plain Python; only the top-level keys keep marks. Constructed
     # from the node itself: a round trip through text turns an empty value (null) into
     # "...", which does not parse back.
-    loader = yaml.SafeLoader("")
+    loader = _Loader("")
     try:
         return loader.construct_document(node)
     finally:

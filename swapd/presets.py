@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from swapd._yaml import Entry, load_document
+from swapd._yaml import Entry, load_document, written
 from swapd.backends import KINDS, has_flag
 from swapd.errors import ConfigError, ConfigErrors, Location, clip
 from swapd.units import parse_duration, parse_positive_duration, parse_size
@@ -60,7 +60,7 @@ def _str(value: Any) -> str:
             raise ValueError(f"a NUL character in {clip(value)!r}")
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
+        return written(value)  # as the file wrote it: 3.10, not 3.1
     raise ValueError(f"expected a non-empty string, got {clip(repr(value))}")
 
 

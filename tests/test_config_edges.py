@@ -94,3 +94,12 @@ def test_a_preset_pinned_partly_inside_the_daemons_devices_loads(tmp_path: Path)
     """One offered device is enough: the load can be placed there."""
     [preset] = _load(tmp_path, "devices: [0, 1]\n", OK_PRESET + "devices: [1, 5]\n").presets
     assert preset.devices == (1, 5)
+
+
+def test_numbers_in_text_keys_stay_as_written(tmp_path: Path) -> None:
+    """``env: {PYVER: 3.10}`` is "3.10" (was "3.1"), ``0777`` is "0777" (was "511")."""
+    preset = 'backend: command\ncmd: ["true", "${PORT}", 0777, 1_000, 3.10]\n'
+    [loaded] = _load(tmp_path, "", preset + "env: {PYVER: 3.10, N: 010}\nconcurrency: 2\n").presets
+    assert loaded.cmd == ("true", "${PORT}", "0777", "1_000", "3.10")
+    assert loaded.env == {"PYVER": "3.10", "N": "010"}
+    assert loaded.concurrency == 2  # a number where a number is meant
