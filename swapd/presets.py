@@ -64,6 +64,17 @@ def _str(value: Any) -> str:
     raise ValueError(f"expected a non-empty string, got {clip(repr(value))}")
 
 
+def _name(value: str) -> str:
+    """A model name or alias: it goes on command lines (vLLM's --served-model-name) as is."""
+    if not _NAME.match(value):
+        raise ValueError(f"not a usable model name: {clip(value)!r}")
+    return value
+
+
+def _aliases(value: Any) -> tuple[str, ...]:
+    return tuple(_name(alias) for alias in _str_list(value))
+
+
 def _str_list(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError(f"expected a list of strings, got {type(value).__name__}")
@@ -147,7 +158,7 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "cmd": _str_list,
     "binary": _str,
     "env": _env,
-    "aliases": _str_list,
+    "aliases": _aliases,
     "ttl": parse_duration,
     "health": _health,
     "start_timeout": parse_positive_duration,

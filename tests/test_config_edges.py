@@ -103,3 +103,10 @@ def test_numbers_in_text_keys_stay_as_written(tmp_path: Path) -> None:
     assert loaded.cmd == ("true", "${PORT}", "0777", "1_000", "3.10")
     assert loaded.env == {"PYVER": "3.10", "N": "010"}
     assert loaded.concurrency == 2  # a number where a number is meant
+
+
+@pytest.mark.parametrize("alias", ["--trust-remote-code", "x y", "-"])
+def test_an_alias_must_be_a_usable_name(tmp_path: Path, alias: str) -> None:
+    """An alias goes on vLLM's command line after --served-model-name: no flag, no space."""
+    got = _errors(tmp_path, "", {"m.yaml": OK_PRESET + f"aliases: [{alias!r}]\n"})
+    assert got == [f"presets/m.yaml:3:10: aliases: not a usable model name: {alias!r}"]
