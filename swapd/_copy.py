@@ -23,12 +23,13 @@ import errno
 import hashlib
 import mmap
 import os
-import re
 import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from swapd.gguf_split import split_parts
 
 # One kernel call per chunk: large enough that the calls cost nothing, small enough that
 # progress and cancellation are noticed several times a second.
@@ -40,17 +41,6 @@ _BUFFER = 8 * 1024 * 1024
 _UNSUPPORTED = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 
 Report = Callable[[int], None]
-# The first file of a split GGUF: llama.cpp loads PREFIX-0000k-of-NNNNN.gguf beside it.
-_SPLIT_FIRST = re.compile(r"(.+)-00001-of-(\d{5})\.gguf")
-
-
-def split_parts(path: Path) -> list[Path]:
-    """The files a model file stands for: every shard of a split GGUF, else the file itself."""
-    found = _SPLIT_FIRST.fullmatch(path.name)
-    if found is None:
-        return [path]
-    prefix, count = found[1], found[2]
-    return [path.with_name(f"{prefix}-{no:05d}-of-{count}.gguf") for no in range(1, int(count) + 1)]
 
 
 class Cancelled(Exception):
@@ -138,32 +128,27 @@ def copy(
         done, digest = _copy_file(
             source.path, dest, first, sha256=sha256, report=report, cancel=cancel
         )
-        for name, size in source.siblings:
-            copied, _ = _copy_file(
-                source.path.with_name(name),
-                dest.with_name(name),
-                size,
-                sha256=False,
-                report=_after(done, report),
-                cancel=cancel,
-            )
-            done += copied
-        return done, digest
+        shards = [
+            (source.path.with_name(n), dest.with_name(n), size) for n, size in source.siblings
+        ]
+        return _copy_files(shards, done, report, cancel), digest
     dest.mkdir()
     for rel in source.dirs:
         (dest / rel).mkdir()
-    done = 0
-    for rel, size in source.files:
+    files = [(source.path / rel, dest / rel, size) for rel, size in source.files]
+    return _copy_files(files, 0, report, cancel), None
+
+
+def _copy_files(
+    files: Sequence[tuple[Path, Path, int]], done: int, report: Report, cancel: threading.Event
+) -> int:
+    """Copy each (from, to, size) in turn, with no checksum; ``done`` counts on from there."""
+    for source, dest, size in files:
         copied, _ = _copy_file(
-            source.path / rel,
-            dest / rel,
-            size,
-            sha256=False,
-            report=_after(done, report),
-            cancel=cancel,
+            source, dest, size, sha256=False, report=_after(done, report), cancel=cancel
         )
         done += copied
-    return done, None
+    return done
 
 
 def hash_file(path: Path, cancel: threading.Event | None = None) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import time
 import weakref
 from collections import deque
@@ -25,10 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from swapd import policy
-from swapd._copy import split_parts
 from swapd.admission import Admission, Snapshot
 from swapd.backends import (
     BinaryNotFound,
@@ -60,6 +56,7 @@ from swapd.errors import (
 )
 from swapd.events import Changes
 from swapd.footprints import Footprints, fingerprint
+from swapd.gguf_split import split_parts
 from swapd.logs import get_logger
 from swapd.metrics import Metrics
 from swapd.pages import WarmSet
@@ -154,6 +151,11 @@ def _sleep_key(preset: Preset) -> str:
     return "\0".join([fingerprint(preset), preset.binary or "", *env])
 
 
+def _probing(preset: Preset) -> tuple[str, float, int]:
+    """What the liveness probe of a running process is made of."""
+    return preset.health, preset.health_interval, preset.health_failures
+
+
 def _path_bytes(path: Path) -> int:
     """Bytes of a file, or of the weight files vLLM loads from a model directory.
 
@@ -233,17 +235,7 @@ class Manager:
         self._model_bytes: dict[str, int] = {}
         self.staging: StagingCache | None = None
         if config.cache_dir is not None:
-            budget = config.cache_budget
-            if budget is None:  # no cap but the disk: keep a tenth of it free
-                try:
-                    config.cache_dir.mkdir(parents=True, exist_ok=True)
-                    budget = int(psutil.disk_usage(str(config.cache_dir)).free * 0.9)
-                except OSError as exc:  # as StagingCache.open words it: exit 2, not a trace
-                    ro = exc.errno == errno.EROFS
-                    hint = " (under systemd: add it to ReadWritePaths=)" if ro else ""
-                    msg = f"cannot open the staging cache {config.cache_dir}: {exc}{hint}"
-                    raise StagingError(msg) from exc
-            self.staging = StagingCache(config.cache_dir, budget)
+            self.staging = StagingCache(config.cache_dir, config.cache_budget)
 
     def _new_slot(self, preset: Preset) -> Slot:
         slot = Slot(preset, kind_of(preset))
@@ -1515,11 +1507,11 @@ class Manager:
                     misses=misses,
                     interval_s=interval,
                 )
-                await self._kill_frozen(slot, child, misses, slot.answered_at)
+                await self._kill_frozen(slot, child, misses)
                 return
 
-    async def _kill_frozen(self, slot: Slot, child: Child, misses: int, answered: float) -> None:
-        """SIGKILL a backend that missed its probes; ``answered``: its last good probe."""
+    async def _kill_frozen(self, slot: Slot, child: Child, misses: int) -> None:
+        """SIGKILL a backend that missed its probes."""
         preset = slot.preset
         slot.last_error = BackendGone(
             preset.name, f"no answer to {misses} health probes in a row; killed"
@@ -1533,7 +1525,7 @@ class Manager:
             self._forget_child(slot)
             # Frozen within STABLE_AFTER of ready: a failed start, as an early crash is
             # (_watch), so a backend that freezes on every start backs off.
-            if answered - slot.ready_at >= STABLE_AFTER:
+            if slot.answered_at - slot.ready_at >= STABLE_AFTER:
                 slot.failures = 0
             elif slot.state is State.FAILED:
                 self._count_failure(slot)
@@ -1800,18 +1792,12 @@ class Manager:
         if preset.ram_ttl != old.ram_ttl and slot.tier == "ram":
             slot.ram_since = time.monotonic()  # as for ttl: counted from the reload
             self._rearm_ram_ttl(slot)  # armed, changed or cleared
-        probing = (preset.health, preset.health_interval, preset.health_failures)
         live = slot.liveness_task is not None and not slot.liveness_task.done()
         if (
             live
             and slot.child is not None
             and slot.state is not State.FAILED  # _kill_frozen is ending it: not cut short
-            and probing
-            != (
-                old.health,
-                old.health_interval,
-                old.health_failures,
-            )
+            and _probing(preset) != _probing(old)
         ):
             self._probe_liveness(slot, slot.child)  # the old probe sleeps out the old interval
         _log.info("model.reload", model=preset.name, change="in_place")

@@ -32,7 +32,7 @@ import weakref
 from pathlib import Path
 from typing import NamedTuple, Self
 
-from swapd._copy import split_parts
+from swapd.gguf_split import split_parts
 
 _PAGE = mmap.PAGESIZE
 # Populates the page tables, reading what is missing (Linux 5.14); older kernels answer EINVAL.

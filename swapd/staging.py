@@ -41,6 +41,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+import psutil
+
 from swapd import _cache_dir as layout
 from swapd._copy import Cancelled, Source, copy, hash_file, scan
 from swapd.errors import SwapdError
@@ -193,11 +195,13 @@ class StagingCache:
     it in a thread and closes it on exit. Every other method is called from the event loop.
     """
 
-    def __init__(self, cache_dir: Path, budget: int) -> None:
-        if budget < 0:
+    def __init__(self, cache_dir: Path, budget: int | None) -> None:
+        if budget is not None and budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
         self.cache_dir = Path(_absolute(cache_dir))
-        self.budget = budget
+        # None: no cap but the disk, read at open (a tenth of it is kept free).
+        self._disk_share = budget is None
+        self.budget = budget or 0
         self._entries: dict[str, Entry] = {}
         self._copies: dict[str, _Copy] = {}
         self._syncs: dict[str, _Sync] = {}
@@ -215,6 +219,8 @@ class StagingCache:
         """
         try:
             self._lock_fd = layout.lock(self.cache_dir)
+            if self._disk_share:
+                self.budget = int(psutil.disk_usage(str(self.cache_dir)).free * 0.9)
         except BlockingIOError:
             pid = layout.holder(self.cache_dir)
             msg = f"{self.cache_dir} is in use by another process (pid {pid})"

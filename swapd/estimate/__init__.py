@@ -64,6 +64,7 @@ from swapd.estimate._sizes import (
     transposed_v_bytes,
     weights_on_device,
 )
+from swapd.gguf_split import split_parts
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -260,10 +261,8 @@ def _other_split_tensors(path: Path, header: GGUFHeader) -> tuple[TensorInfo, ..
     count = header.metadata.get("split.count")
     if not isinstance(count, int) or count <= 1:
         return ()
-    suffix = f"-00001-of-{count:05d}.gguf"
-    if not path.name.endswith(suffix):
+    parts = split_parts(path)
+    if len(parts) != count:
+        suffix = f"-00001-of-{count:05d}.gguf"
         raise ValueError(f"{path}: split GGUF of {count} files, not named PREFIX{suffix}")
-    prefix = path.name.removesuffix(suffix)
-    names = (f"{prefix}-{no:05d}-of-{count:05d}.gguf" for no in range(2, count + 1))
-    others = (path.with_name(name) for name in names)
-    return tuple(tensor for other in others for tensor in read_gguf_header(other).tensors)
+    return tuple(tensor for other in parts[1:] for tensor in read_gguf_header(other).tensors)
