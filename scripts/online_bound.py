@@ -19,7 +19,6 @@ still runs, which the decision problem leaves out):
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -27,8 +26,6 @@ from dataclasses import dataclass
 
 import _bench
 import simulate_policy as sim_policy
-
-from swapd import policy
 
 
 @dataclass(frozen=True)
@@ -92,26 +89,11 @@ def plan_optimal(names: Sequence[str], value: dict[int, float]) -> sim_policy.Pl
     """The decision problem's policy as a planner: leave the resident set of least value."""
     bit = {name: 1 << i for i, name in enumerate(names)}
 
-    def plan(sim: sim_policy.Sim, name: str, _now: float) -> sim_policy.Plan:
-        need = sim.need(name)
-        room = sim.budget - sim.used()
-        if room >= need:
-            return policy.Admit("sim", ())
-        idle = [n for n in sim.resident if n != name and not sim.busy(n)]
-        best: tuple[tuple[float, int], tuple[str, ...]] | None = None
-        for k in range(1, len(idle) + 1):
-            for victims in itertools.combinations(idle, k):
-                if room + sum(sim.usage(v) for v in victims) < need:
-                    continue
-                left = sum(bit[n] for n in sim.resident if n not in victims) | bit[name]
-                key = (value.get(left, math.inf), k)
-                if best is None or key < best[0]:
-                    best = (key, victims)
-        if best is not None:
-            return policy.Admit("sim", best[1])
-        return policy.Wait("sim", tuple(n for n in sim.resident if sim.busy(n)))
+    def left_value(sim: sim_policy.Sim, name: str, victims: tuple[str, ...], _now: float) -> float:
+        left = sum(bit[n] for n in sim.resident if n not in victims) | bit[name]
+        return value.get(left, math.inf)
 
-    return plan
+    return sim_policy.plan_least_set(left_value)
 
 
 def main() -> None:

@@ -470,12 +470,23 @@ def upcoming(window: float) -> Callable[[Sim, str, float], float]:
     return value
 
 
+VictimsCost = Callable[[Sim, str, tuple[str, ...], float], float]
+
+
 def plan_least_cost(cost: Callable[[Sim, str, float], float]) -> Planner:
     """Evict the set of idle residents that makes room at the least summed ``cost``.
 
     Every subset is tried (eight models here); ties go to fewer victims. With the
     expected reload time as the cost this weighs a victim's size and reload time,
     which an ordering by one number (CRF, next use) cannot.
+    """
+    return plan_least_set(lambda sim, _name, victims, now: sum(cost(sim, v, now) for v in victims))
+
+
+def plan_least_set(cost: VictimsCost) -> Planner:
+    """Evict the set of idle residents that makes room at the least ``cost(sim, name, set, now)``.
+
+    Every subset is tried (eight models here); ties go to fewer victims.
     """
 
     def plan(sim: Sim, name: str, now: float) -> Plan:
@@ -489,7 +500,7 @@ def plan_least_cost(cost: Callable[[Sim, str, float], float]) -> Planner:
             for victims in itertools.combinations(idle, k):
                 if room + sum(sim.usage(v) for v in victims) < need:
                     continue
-                key = (sum(cost(sim, v, now) for v in victims), k)
+                key = (cost(sim, name, victims, now), k)
                 if best is None or key < best[0]:
                     best = (key, victims)
         if best is not None:
