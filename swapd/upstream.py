@@ -42,6 +42,7 @@ _CLOSE_AFTER_CHUNKED = (b"llama.cpp",)
 # parser keeps an unfinished header whole, so a backend that never ends one would
 # otherwise grow swapd without bound.
 MAX_HEAD_BYTES = 64 * 1024
+_OVER_CAP = f"the backend sent over {MAX_HEAD_BYTES // 1024} KiB of headers or trailers"
 # The body of an answer to swapd's own calls (health polls, sleep and wake).
 CONTROL_BODY_LIMIT = 1 << 20
 
@@ -143,7 +144,7 @@ class _Connection(asyncio.Protocol):
             self._idle_bytes = 0 if grew else self._idle_bytes + len(data)
         unfinished = self._idle_bytes if self._headers_done else self._head_bytes
         if unfinished > MAX_HEAD_BYTES and self.error is None:
-            reason = f"the backend sent over {MAX_HEAD_BYTES // 1024} KiB of headers or trailers"
+            reason = _OVER_CAP
             self._fail(UpstreamError(reason))
             self.close()
             return
@@ -206,8 +207,7 @@ class _Connection(asyncio.Protocol):
     def _over_cap(self, size: int) -> None:
         """Stop the parser when a head (or the trailers) passes MAX_HEAD_BYTES."""
         if size > MAX_HEAD_BYTES:
-            kib = MAX_HEAD_BYTES // 1024
-            self._refused = f"the backend sent over {kib} KiB of headers or trailers"
+            self._refused = _OVER_CAP
             raise UpstreamError(self._refused)
 
     def on_status(self, status: bytes) -> None:
