@@ -99,9 +99,14 @@ def parse_listen(value: Any) -> tuple[str, int]:
     """``host:port``, ``:port`` or ``[::1]:port``."""
     text = str(value)
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f'expected "host:port" like "127.0.0.1:8080", got "{text}"')
-    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":8080" means every address, by convention
+    bracketed = host.startswith("[") and host.endswith("]")
+    # An IPv6 address goes in brackets: "::1" alone would read as host ":" and port 1.
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or (":" in host) != bracketed:
+        raise ValueError(
+            f'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080", got "{text}"'
+        )
+    host = host[1:-1] if bracketed else host
+    host = host or "0.0.0.0"  # noqa: S104 - ":8080" means every address, by convention
     return host, int(port)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from swapd._yaml import Entry, load_document, written
-from swapd.backends import KINDS, has_flag
+from swapd.backends import KINDS, flag_as_written
 from swapd.errors import ConfigError, ConfigErrors, Location, clip
 from swapd.units import parse_duration, parse_positive_duration, parse_size
 
@@ -217,8 +217,11 @@ def _own_key_clash(
     why = f"is swapd's to set: each start of {backend} gets a new key only swapd knows"
     args, args_at = values.get("args", ((), None))
     for flag in own.flags:
-        if args_at is not None and has_flag(args, flag):
-            return ConfigError(args_at, "args", f"{flag} {why}; remove it")
+        if args_at is None or (arg := flag_as_written(args, flag, argparse=own.argparse)) is None:
+            continue
+        written = arg.split("=", 1)[0]
+        shown = flag if written == flag else f"{written} (read as {flag})"
+        return ConfigError(args_at, "args", f"{shown} {why}; remove it")
     env, env_at = values.get("env", ({}, None))
     if env_at is not None and own.env in env:
         return ConfigError(env_at, "env", f"{own.env} {why}; remove it")

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from conftest import StartDaemon
 
-from swapd.backends import build_launch
+from swapd.backends import Placement, build_launch
 from swapd.errors import ConfigErrors
 from swapd.presets import Preset, load_presets
 
@@ -88,3 +88,46 @@ def test_the_backend_refuses_callers_without_swapds_key(
     assert secret not in " ".join(backend.cmdline())
     assert secret not in d.log_path.read_text()
     assert CLIENT_KEY not in d.log_path.read_text()
+
+
+@pytest.mark.parametrize("written", ["--api_key", "--api-ke", "--api_ke=mine"])
+def test_vllm_spellings_of_its_key_flag_are_refused_too(tmp_path: Path, written: str) -> None:
+    """vLLM's argparse reads ``--api_key`` and the cut ``--api-ke`` as ``--api-key``."""
+    (tmp_path / "m").mkdir()
+    args = json.dumps([written] if "=" in written else [written, "mine"])
+    (tmp_path / "m.yaml").write_text(f"backend: vllm\nmodel: m\nargs: {args}\n")
+    with pytest.raises(ConfigErrors) as info:
+        load_presets(tmp_path, {})
+    shown = written.split("=", 1)[0]
+    assert f"args: {shown} (read as --api-key) is swapd's to set" in str(info.value)
+
+
+def test_a_llama_flag_is_matched_as_written(tmp_path: Path) -> None:
+    """llama-server's own parser takes no cut names: ``--api-ke`` is not its key flag."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "m.yaml").write_text('backend: llama-server\nmodel: m.gguf\nargs: ["--api-ke"]\n')
+    assert [p.name for p in load_presets(tmp_path, {})] == ["m"]
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--gpu_memory_utilization", "0.5"], "--gpu-memory-utilization"),
+        (["--gpu-memory-util=0.5"], "--gpu-memory-utilization"),
+        (["--served_model_name", "x"], "--served-model-name"),
+        (["--enable_sleep_mode"], "--enable-sleep-mode"),
+    ],
+)
+def test_vllm_keeps_a_flag_the_preset_set_in_another_spelling(
+    tmp_path: Path, args: list[str], flag: str
+) -> None:
+    """swapd adds its own value only when vLLM would not read the preset's as the same flag."""
+    model = tmp_path / "hf"
+    model.mkdir()
+    preset = Preset(
+        name="v", file="v.yaml", backend="vllm", model=model, binary="/bin/true", args=tuple(args)
+    )
+    placement = Placement(gpu_fraction=0.25, sleep_level=1, sleep_flag=True)
+    argv = build_launch(preset, 8004, placement).argv
+    assert flag not in argv
+    assert argv.count(args[0]) == 1

@@ -374,7 +374,12 @@ DAEMON_ERRORS = [
     pytest.param(
         "listen: localhost\n",
         {},
-        ['swapd.yaml:1:9: listen: expected "host:port" like "127.0.0.1:8080", got "localhost"'],
+        [
+            (
+                'swapd.yaml:1:9: listen: expected "host:port" like "127.0.0.1:8080" or '
+                '"[::1]:8080", got "localhost"'
+            )
+        ],
         id="listen-without-port",
     ),
     pytest.param(
@@ -382,11 +387,22 @@ DAEMON_ERRORS = [
         {},
         [
             (
-                'swapd.yaml:1:9: listen: expected "host:port" like "127.0.0.1:8080", '
-                'got "127.0.0.1:70000"'
+                'swapd.yaml:1:9: listen: expected "host:port" like "127.0.0.1:8080" or '
+                '"[::1]:8080", got "127.0.0.1:70000"'
             ),
         ],
         id="listen-port-out-of-range",
+    ),
+    pytest.param(
+        'listen: "::1"\n',
+        {},
+        [
+            (
+                'swapd.yaml:1:9: listen: expected "host:port" like "127.0.0.1:8080" or '
+                '"[::1]:8080", got "::1"'
+            )
+        ],
+        id="listen-ipv6-without-brackets",
     ),
     pytest.param(
         "max_running: 0\n",

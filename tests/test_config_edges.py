@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from swapd.config import Config, load_config
+from swapd.config import Config, load_config, parse_listen
 from swapd.errors import ConfigErrors
 
 OK_PRESET = 'backend: command\ncmd: ["true", "${PORT}"]\n'
@@ -110,3 +110,16 @@ def test_an_alias_must_be_a_usable_name(tmp_path: Path, alias: str) -> None:
     """An alias goes on vLLM's command line after --served-model-name: no flag, no space."""
     got = _errors(tmp_path, "", {"m.yaml": OK_PRESET + f"aliases: [{alias!r}]\n"})
     assert got == [f"presets/m.yaml:3:10: aliases: not a usable model name: {alias!r}"]
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("[::1]:8080", ("::1", 8080)),
+        (":8080", ("0.0.0.0", 8080)),
+        ("10.0.0.2:80", ("10.0.0.2", 80)),
+    ],
+)
+def test_listen_takes_ipv6_in_brackets(written: str, expected: tuple[str, int]) -> None:
+    """An IPv6 address is written in brackets, as in a URL."""
+    assert parse_listen(written) == expected

@@ -51,6 +51,8 @@ class OwnKey:
 
     env: str
     flags: tuple[str, ...]
+    # The kind parses its arguments with argparse: ``--api_key`` and ``--api-ke`` set it too.
+    argparse: bool = False
 
 
 class BackendKind(Protocol):

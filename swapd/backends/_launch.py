@@ -53,9 +53,27 @@ def free_port() -> int:
         return port
 
 
-def has_flag(args: Sequence[str], *names: str) -> bool:
+def has_flag(args: Sequence[str], *names: str, argparse: bool = False) -> bool:
     """Whether ``args`` sets any of ``names`` (``--flag value`` or ``--flag=value``)."""
-    return any(arg in names or arg.split("=", 1)[0] in names for arg in args)
+    return flag_as_written(args, *names, argparse=argparse) is not None
+
+
+def flag_as_written(args: Sequence[str], *names: str, argparse: bool = False) -> str | None:
+    """The argument of ``args`` that sets one of ``names``, as written; None if none does.
+
+    With ``argparse``, also the spellings vLLM's parser reads as the same flag: ``_`` for
+    ``-`` in a long name (``--api_key``), and a long name cut short (``--api-ke``), which
+    argparse takes for the one flag it starts (a cut that starts several is refused there).
+    """
+    for arg in args:
+        written = arg.split("=", 1)[0]
+        if written in names:
+            return arg
+        if argparse and written.startswith("--") and len(written) > 2:
+            spelled = "--" + written[2:].replace("_", "-")
+            if any(name.startswith(spelled) for name in names if name.startswith("--")):
+                return arg
+    return None
 
 
 def child_env(preset: Preset, device_env: Mapping[str, str]) -> dict[str, str]:

@@ -65,7 +65,7 @@ class VllmKind:
     # A key of its own per start (VLLM_API_KEY), sent on forwarded requests, readiness
     # polls and liveness probes. vLLM guards /v1/* with it; /health and the sleep API stay
     # open to swapd's calls.
-    own_key: OwnKey | None = OwnKey("VLLM_API_KEY", ("--api-key",))
+    own_key: OwnKey | None = OwnKey("VLLM_API_KEY", ("--api-key",), argparse=True)
 
     def binary(self, preset: Preset) -> str:
         """``binary:``, then ``vllm`` on PATH."""
@@ -80,12 +80,13 @@ class VllmKind:
     def argv(self, preset: Preset, binary: str, port: int, placement: Placement) -> list[str]:
         """``serve MODEL ARGS``, the served names, the GPU share and, if asked, sleep mode."""
         args = list(preset.args)
-        if not has_flag(args, "--served-model-name"):
+        if not has_flag(args, "--served-model-name", argparse=True):
             args += ["--served-model-name", preset.name, *preset.aliases]
         fraction = placement.gpu_fraction
-        if fraction is not None and not has_flag(args, "--gpu-memory-utilization"):
+        if fraction is not None and not has_flag(args, "--gpu-memory-utilization", argparse=True):
             args += ["--gpu-memory-utilization", f"{fraction:.3f}"]
-        if placement.sleep_level and placement.sleep_flag and not has_flag(args, SLEEP_FLAG):
+        wants_sleep = placement.sleep_level and placement.sleep_flag
+        if wants_sleep and not has_flag(args, SLEEP_FLAG, argparse=True):
             args.append(SLEEP_FLAG)
         model = placement.model_path or str(preset.model)
         return [binary, "serve", model, *args, "--host", "127.0.0.1", "--port", str(port)]
