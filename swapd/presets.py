@@ -11,6 +11,7 @@ from typing import Any, Literal
 from swapd._yaml import Entry, load_document, written
 from swapd.backends import KINDS, flag_as_written
 from swapd.errors import ConfigError, ConfigErrors, Location, clip
+from swapd.gguf_split import split_parts
 from swapd.units import parse_duration, parse_positive_duration, parse_size
 
 BackendName = Literal["llama-server", "vllm", "command"]
@@ -273,8 +274,8 @@ def _build(  # noqa: PLR0911 - one early return per kind of problem
             return None
         model, model_at = values["model"]
         plain["model"] = _resolve_model(model, file.parent)
-        if not plain["model"].exists():
-            errors.append(ConfigError(model_at, "model", f"not found: {plain['model']}"))
+        if (problem := _model_problem(values, plain["model"], model_at)) is not None:
+            errors.append(problem)
             return None
     elif (problem := _command_problem(values, missing_at)) is not None:
         errors.append(problem)
@@ -283,6 +284,24 @@ def _build(  # noqa: PLR0911 - one early return per kind of problem
         plain["model"] = _resolve_model(values["model"][0], file.parent)
     plain["name"] = name
     return Preset(file=label, **plain)
+
+
+def _model_problem(
+    values: Mapping[str, tuple[Any, Location]], model: Path, model_at: Location
+) -> ConfigError | None:
+    """A model that is not there, or a ``sha256`` that could vouch for part of it only."""
+    if not model.exists():
+        return ConfigError(model_at, "model", f"not found: {model}")
+    if "sha256" not in values:  # one digest checks one file
+        return None
+    if model.is_dir():
+        what = "a directory"
+    elif len(parts := split_parts(model)) > 1:
+        what = f"the first of {len(parts)} files of a split GGUF"
+    else:
+        return None
+    reason = f"is checked for a single file, and {model} is {what}; remove it"
+    return ConfigError(values["sha256"][1], "sha256", reason)
 
 
 def _command_problem(

@@ -123,3 +123,41 @@ def test_an_alias_must_be_a_usable_name(tmp_path: Path, alias: str) -> None:
 def test_listen_takes_ipv6_in_brackets(written: str, expected: tuple[str, int]) -> None:
     """An IPv6 address is written in brackets, as in a URL."""
     assert parse_listen(written) == expected
+
+
+SUM = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("layout", "model", "what"),
+    [
+        (
+            ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"],
+            "m-00001-of-00002.gguf",
+            "the first of 2 files of a split GGUF",
+        ),
+        (["hf/config.json"], "hf", "a directory"),
+    ],
+)
+def test_a_sha256_that_would_check_part_of_the_model_is_refused(
+    tmp_path: Path, layout: list[str], model: str, what: str
+) -> None:
+    """One digest checks one file: on a split GGUF or a folder it would vouch for a part."""
+    for rel in layout:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"GGUF")
+    preset = f"backend: vllm\nmodel: {tmp_path / model}\nsha256: {SUM}\n"
+    assert _errors(tmp_path, "", {"m.yaml": preset}) == [
+        (
+            f"presets/m.yaml:3:9: sha256: is checked for a single file, and {tmp_path / model} "
+            f"is {what}; remove it"
+        )
+    ]
+
+
+def test_a_sha256_of_a_single_file_is_taken(tmp_path: Path) -> None:
+    """The plain case still loads."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    preset = f"backend: llama-server\nmodel: {tmp_path / 'm.gguf'}\nsha256: {SUM}\n"
+    [loaded] = _load(tmp_path, "", preset).presets
+    assert loaded.sha256 == SUM
