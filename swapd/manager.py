@@ -568,8 +568,8 @@ class Manager:
         if slot.load_task is None or slot.load_task.done():
             # Only a model asleep in the ram tier wakes; anything else starts afresh.
             waking = slot.state is State.ASLEEP
+            slot.last_error = None  # before the move: its view must not carry the old error
             slot.move((State.STOPPED, State.FAILED, State.ASLEEP, State.BACKOFF), State.QUEUED)
-            slot.last_error = None
             slot.load_task = self._spawn_task(
                 self._load(slot, waking=waking), f"load:{slot.preset.name}"
             )
@@ -1376,6 +1376,10 @@ class Manager:
         slot.ram_bytes = 0 if slot.pages is None else slot.ram_bytes
         if slot.pages is None:
             slot.device = None
+        if slot.state is State.FAILED:
+            # It moved to FAILED while its process was being stopped: the feed's last view
+            # would keep that pid and port until the next move, for good after a long run.
+            slot.changed()
 
     async def _end_failed_child(self, slot: Slot, why: str) -> None:
         _log.error("backend.fail", model=slot.preset.name, reason=why)

@@ -82,6 +82,10 @@ class Slot:
         states.check(self.state, expected, new)
         self.state = new
         self.since = time.time()
+        self.changed()
+
+    def changed(self) -> None:
+        """Tell the observer of a move, or of a change it shows without one (a pid gone)."""
         if self.observer is not None:
             self.observer(self)
 

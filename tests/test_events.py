@@ -126,3 +126,38 @@ def test_head_on_a_stream_gives_its_headers_and_frees_the_connection(
         assert health.status == 200
         health.read()
     conn.close()
+
+
+def test_a_crashed_backends_pid_leaves_the_feed(start_daemon: StartDaemon) -> None:
+    """A crash moves the model to failed while its group is reaped; the feed then drops the pid.
+
+    With the breaker open (five crashes) nothing moves after that, so the last view is what
+    a dashboard keeps: it held the dead pid and port for good.
+    """
+    d = start_daemon({"a": fake_preset("A", "--crash-after", "0")})
+    one = Events(d, "/swapd/events?model=a")
+    try:
+        for _ in range(5):
+            wait_for(lambda: d.model("a")["state"] in ("stopped", "failed"), timeout=30)
+            assert d.chat("a")[0] == 502  # the backend dies on its first completion
+            wait_for(lambda: d.model("a")["pid"] is None, timeout=30)
+        assert d.model("a")["failures"] == 5
+        wait_for(lambda: one.got and one.got[-1][1]["state"] == "failed")
+        wait_for(lambda: one.got[-1][1]["pid"] is None and one.got[-1][1]["port"] is None)
+    finally:
+        one.close()
+
+
+def test_a_new_load_does_not_show_the_last_error(start_daemon: StartDaemon) -> None:
+    """The queued view of a new attempt carries no error from the failed one before it."""
+    d = start_daemon({"bad": fake_preset("X", "--exit-at-start", "7")})
+    one = Events(d, "/swapd/events?model=bad")
+    try:
+        assert d.chat("bad")[0] == 502
+        wait_for(lambda: d.model("bad")["state"] == "failed", timeout=15)  # backoff over
+        assert d.chat("bad")[0] == 502
+        queued = [data for event, data in one.got if data["state"] == "queued"]
+        assert len(queued) == 2
+        assert [view["error"] for view in queued] == [None, None]
+    finally:
+        one.close()
