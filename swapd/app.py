@@ -184,7 +184,7 @@ def _done(request: web.Request, runtime: Runtime | None, status: int, exchange: 
         "request.done",
         method=request.method,
         path=clip(request.path),
-        model=model,
+        model=clip(model) if model else model,
         status=status,
         ms=round(elapsed * 1000, 2),
     )

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import quote
 
 from swapd import _render, embedded
@@ -115,9 +115,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def config_warnings(config: Config) -> list[str]:
     """Problems that do not stop swapd from starting but will fail requests."""
-    if not config.presets:
-        return [f"{config.source}: no presets in {config.presets_dir}; every request will 404"]
     warnings = []
+    if not config.presets:
+        where = f"{config.source}: no presets in {config.presets_dir}"
+        warnings.append(f"{where}; every request will 404")
     for preset in config.presets:
         problem = missing_binary(preset)
         if problem is not None:
@@ -177,7 +178,9 @@ async def verb_status(client: Client, args: argparse.Namespace) -> int:
 async def verb_load(client: Client, args: argparse.Namespace) -> int:
     """Load a model, drawing progress from the change feed until it is ready or fails."""
     name = args.name
-    progress = _Progress(live=sys.stdout.isatty() and not args.json)
+    # With --json, stdout holds the one JSON document: the progress goes to stderr.
+    out = sys.stderr if args.json else sys.stdout
+    progress = _Progress(out, live=out.isatty())
     watcher = asyncio.create_task(progress.follow(client, f"/swapd/events?model={quote(name)}"))
     try:
         view = await client.call("POST", f"/swapd/models/{quote(name, safe='/')}/load")
@@ -212,7 +215,8 @@ async def _state_of(client: Client, name: str) -> str:
 class _Progress:
     """``swapd load``'s progress: one redrawn line on a terminal, a line per change elsewhere."""
 
-    def __init__(self, *, live: bool) -> None:
+    def __init__(self, out: TextIO, *, live: bool) -> None:
+        self.out = out
         self.live = live
         self.started = time.time()
         self._last: tuple[str, bool] | None = None
@@ -229,19 +233,19 @@ class _Progress:
     def show(self, view: dict[str, Any]) -> None:
         line = _render.progress(view, self.started)
         if self.live:
-            sys.stdout.write("\r\x1b[K" + line)
-            sys.stdout.flush()
+            self.out.write("\r\x1b[K" + line)
+            self.out.flush()
             self._drawn = True
             return
         changed = (view["state"], bool(view.get("staging")))
         if changed != self._last:
-            print(line, flush=True)
+            print(line, file=self.out, flush=True)
             self._last = changed
 
     def end(self) -> None:
         if self._drawn:
-            sys.stdout.write("\r\x1b[K")
-            sys.stdout.flush()
+            self.out.write("\r\x1b[K")
+            self.out.flush()
             self._drawn = False
 
 

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from swapd import _json as capped_json
 from swapd._exchange import EXCHANGE, count, stream_error
-from swapd.errors import BackendGone, RequestError, UpstreamTimeout, clip
+from swapd.errors import BackendGone, RequestError, UpstreamTimeout
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
 from swapd.proxy import Proxy, forwarded_headers, model_from_json, pass_body, read_body
@@ -130,7 +130,7 @@ class ColdStreams:
         return await self.proxy.multipart_route(request)
 
     async def _cold(self, request: web.Request, model: str, body: bytes) -> web.StreamResponse:
-        request["model"] = clip(model)
+        request["model"] = model  # clipped in the log line, not for the metrics' lookup
         pings = Pings(request)
 
         def admitted() -> bool:

@@ -1791,6 +1791,10 @@ class Manager:
 
     def _apply_in_place(self, slot: Slot, preset: Preset) -> None:
         old, slot.preset = slot.preset, preset
+        slot.failures = 0  # a changed preset deserves fresh tries (a start_timeout raised)
+        if slot.state is State.BACKOFF:
+            slot.move(State.BACKOFF, State.FAILED)  # the next request starts it at once
+            self._notify()
         if slot.state is State.READY and slot.in_flight == 0:
             self._arm_ttl(slot)  # the new ttl (or pin), counted from now
         if preset.ram_ttl != old.ram_ttl and slot.tier == "ram":

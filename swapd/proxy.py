@@ -265,7 +265,7 @@ class Proxy:
         request never reached it, so once swapd has seen the exit it is leased again,
         and waits for the restart as any request for a stopped model does.
         """
-        request["model"] = clip(model)
+        request["model"] = model  # clipped in the log line, not for the metrics' lookup
         manager = self.manager
         lease = await manager.acquire(model)
         try:

@@ -167,3 +167,21 @@ def _healthy(port: int) -> bool:
             return bool(resp.status == 200)
     except OSError:
         return False
+
+
+def test_load_with_json_keeps_stdout_to_the_json(start_daemon: StartDaemon) -> None:
+    """``swapd load NAME --json | jq`` works: the progress lines go to stderr."""
+    d = start_daemon({"a": fake_preset("A", "--start-delay", "1")})
+    out = swapd("load", "a", "--url", d.url, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["state"] == "ready"
+    assert "a  starting" in out.stderr
+
+
+def test_check_warns_of_an_open_address_also_with_no_presets(tmp_path: Path) -> None:
+    """The access warnings do not wait for the first preset."""
+    config = write_layout(tmp_path, free_port(), {}, {"listen": f"0.0.0.0:{free_port()}"})
+    out = swapd("check", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    assert "no presets" in out.stderr
+    assert "without api_keys or admin_keys" in out.stderr, out.stderr

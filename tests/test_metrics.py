@@ -131,3 +131,17 @@ def test_metrics_need_an_admin_key_once_keys_are_set(start_daemon: StartDaemon) 
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     assert value(scrape(d, admin), "swapd_in_flight", model="a") == 0
     assert d.model("a", {"x-api-key": ADMIN_KEY})["state"] == "stopped"
+
+
+def test_a_long_configured_name_is_counted_under_its_name(start_daemon: StartDaemon) -> None:
+    """Names are clipped to 120 characters in log lines only: the metric finds the model.
+
+    The clipped text was looked up among the configured names, so a longer one counted as
+    an unknown model (``model=""``).
+    """
+    name = "org/" + "m" * 130
+    d = start_daemon({"long": {**fake_preset("L"), "name": name}})
+    assert d.chat(name)[0] == 200
+    m = scrape(d)
+    assert value(m, "swapd_requests_total", model="", code="200") is None
+    assert value(m, "swapd_requests_total", model=name, code="200") == 1

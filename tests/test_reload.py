@@ -255,3 +255,22 @@ def test_shutdown_stops_a_removed_model_that_still_drains(start_daemon: StartDae
     assert d.proc.wait(timeout=60) == 0
     stream.finish()
     assert a_pid in [e["pid"] for e in d.events("backend.exit")]
+
+
+def test_a_change_applied_in_place_clears_the_failure_count(start_daemon: StartDaemon) -> None:
+    """Raising ``start_timeout`` after a failed start gives fresh tries, as a restart does.
+
+    The failure count sets the next backoff and opens the breaker at five; the README says a
+    changed preset clears it, and a timeout is applied in place, without a restart.
+    """
+    d = start_daemon({"b": fake_preset("B", "--exit-at-start", "3")})
+    assert d.chat("b")[0] == 502
+    assert d.model("b")["failures"] == 1
+    d.presets = {"b": fake_preset("B", "--exit-at-start", "3", start_timeout="60s")}
+    d.write()
+    status, plan = reload(d)
+    assert (status, plan["in_place"]) == (200, ["b"])
+    model = d.model("b")
+    assert (model["failures"], model["state"]) == (0, "failed")  # no backoff left to sit out
+    assert d.chat("b")[0] == 502  # started again at once: the start itself fails
+    assert d.model("b")["failures"] == 1
