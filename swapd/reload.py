@@ -2,7 +2,8 @@
 
 A model restarts only when its effective launch changed: the command line its
 kind builds (model path, arguments, name and aliases where the kind passes
-them), its environment, its binary, the model file itself (size and mtime),
+them), its environment, its binary, the model's files (size, mtime and inode of
+the file, of every shard of a split GGUF, of every file in a folder),
 its health path, and the settings that place it (``devices``, ``sleep``,
 ``stage``, ``sha256``). Everything else (``ttl``, ``aliases`` a kind does not
 pass, ``pin``, limits, ``memory``) applies in place. Removed models stop once
@@ -13,11 +14,13 @@ restart; the rest apply at once. :func:`diff` decides; the manager acts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from swapd._copy import scan
 from swapd.backends import BinaryNotFound, Placement, kind_of
 from swapd.config import Config
 from swapd.presets import Preset
@@ -79,12 +82,14 @@ def launch_key(preset: Preset) -> LaunchKey:
     placement = Placement()
     argv = kind.argv(preset, binary, 0, placement)
     env = {**kind.extra_env(preset, placement), **preset.env}
-    stat = None
-    if preset.model is not None and preset.model.exists():
-        info = preset.model.stat()
-        stat = (info.st_size, info.st_mtime_ns, info.st_ino)
+    files = None
+    if preset.model is not None:
+        # Every shard of a split GGUF and every file of a folder, as the staging cache sees
+        # them: a shard or a folder's file replaced is a changed model too.
+        with contextlib.suppress(OSError):
+            files = scan(preset.model).fingerprint
     placing = tuple(getattr(preset, key) for key in _PLACING)
-    return (kind.name, tuple(argv), tuple(sorted(env.items())), stat, placing)
+    return (kind.name, tuple(argv), tuple(sorted(env.items())), files, placing)
 
 
 def launch_keys(config: Config) -> dict[str, LaunchKey]:

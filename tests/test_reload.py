@@ -274,3 +274,29 @@ def test_a_change_applied_in_place_clears_the_failure_count(start_daemon: StartD
     assert (model["failures"], model["state"]) == (0, "failed")  # no backoff left to sit out
     assert d.chat("b")[0] == 502  # started again at once: the start itself fails
     assert d.model("b")["failures"] == 1
+
+
+def test_a_shard_or_a_folders_file_replaced_is_a_changed_model(tmp_path: Path) -> None:
+    """The diff looks at every file the model is: each shard of a split GGUF, a folder's files.
+
+    A folder's own mtime does not move when a file in it is rewritten, and the first shard
+    says nothing of the second.
+    """
+    split = [tmp_path / f"m-0000{i}-of-00002.gguf" for i in (1, 2)]
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for path in (*split, folder / "model.safetensors"):
+        path.write_bytes(b"old")
+    presets = (
+        Preset(name="s", file="s.yaml", backend="command", cmd=("x",), model=split[0]),
+        Preset(name="f", file="f.yaml", backend="command", cmd=("x",), model=folder),
+    )
+    config = Config("c", presets=presets)
+    plan, keys = diff(config, config)
+    assert plan.unchanged == ("s", "f")
+    folder_stat = folder.stat()
+    split[1].write_bytes(b"newer")
+    (folder / "model.safetensors").write_bytes(b"newer")
+    os.utime(folder, ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))
+    plan, _ = diff(config, config, keys)
+    assert [p.name for p in plan.restarted] == ["s", "f"]
