@@ -63,6 +63,9 @@ class PidRecords:
             except (OSError, ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)
                 continue
+            if pid <= 1:  # not a child's: killpg(0) would end swapd's own group
+                path.unlink(missing_ok=True)
+                continue
             mark = record.get("mark")
             mark = mark if isinstance(mark, str) and mark else None
             # The leader, or (it gone) members of its group. A live pid with another start

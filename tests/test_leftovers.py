@@ -7,10 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 from conftest import StartDaemon
 from daemon import fake_preset, fake_stats, wait_for
+
+from swapd.pidfiles import PidRecords
 
 # A classic daemon's shape: a session leader forks its worker and exits. The worker stays
 # in the group whose id is the leader's (now free) pid.
@@ -105,3 +108,15 @@ def test_a_helper_that_left_its_group_in_an_earlier_run_is_ended_at_start(
     finally:
         if not _gone(helper):
             os.kill(helper, signal.SIGKILL)
+
+
+def test_a_record_with_an_impossible_pid_is_dropped(tmp_path: Path) -> None:
+    """A damaged record (a pid below 2) is removed; it neither stops swapd's start nor kills."""
+    records = PidRecords(tmp_path)
+    folder = records.directory
+    folder.mkdir()
+    for pid in (-5, 0, 1):
+        record = {"pid": pid, "create_time": 1.0, "model": "m"}
+        (folder / f"bad{pid}.json").write_text(json.dumps(record))
+    assert records.end_leftovers() == []
+    assert list(folder.glob("*.json")) == []
