@@ -32,7 +32,7 @@ def parse_keys(value: Any) -> tuple[str, ...]:
     for number, item in enumerate(value, start=1):
         if not isinstance(item, str):
             raise ValueError(f"key {number}: expected a quoted string, got a {type(item).__name__}")
-        if not _KEY.match(item):
+        if not _KEY.fullmatch(item):  # match() takes a final newline before its $
             raise ValueError(f"key {number}: expected {_KEY_RULE} (the key is not shown)")
     return tuple(value)
 
@@ -53,7 +53,7 @@ def read_keys_file(path: Path, key: str, where: Location) -> tuple[str, ...]:
         if not line or line.startswith(b"#"):
             continue
         text = line.decode("ascii", "replace")
-        if not _KEY.match(text):
+        if not _KEY.fullmatch(text):
             reason = f"expected a key of {_KEY_RULE} (the line is not shown)"
             raise ConfigError(Location(str(path), number, 1), key, reason)
         keys.append(text)

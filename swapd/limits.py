@@ -29,9 +29,13 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Literal, cast
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, _RequestFactory
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from swapd.errors import (
     HeadersTooLarge,
@@ -245,6 +249,13 @@ class EdgeHandler(RequestHandler):
         self._head_tail = b""
         self._head_done = False
         self._discarding = False  # refused: what the client still sends is dropped
+        # The running request's body: once it is whole, what comes is the next request's
+        # head (pipelined), counted as any head is; past the cap, refused after the answer.
+        self._body: StreamReader | None = None
+        self._refuse_after: RequestError | None = None
+        factory = self._request_factory
+        assert factory is not None  # noqa: S101 - aiohttp sets it from the server
+        self._request_factory = _expect_stops_here(factory)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the clock: the headers must arrive within ``header_timeout``."""
@@ -256,33 +267,56 @@ class EdgeHandler(RequestHandler):
         if self._discarding:
             return
         if self._phase == "idle" and data:
+            # The head's count goes on from what came pipelined while the last one ran.
             self._phase = "headers"
             self.idle_since = None
-            self._head_bytes, self._head_tail, self._head_done = 0, b"", False
             self._arm(self._edge.limits.header_timeout)
-        if self._phase == "headers" and not self._head_done and self._headers_too_large(data):
-            return
+        if self._head_done:
+            pass
+        elif self._phase == "headers":
+            if self._headers_too_large(data):
+                return
+        elif self._body is not None and self._body.is_eof() and self._headers_too_large(data):
+            return  # pipelined behind a running request: refused once it is answered
         super().data_received(data)
 
     def _headers_too_large(self, data: bytes) -> bool:
-        """Count header bytes until their blank line; past the cap, answer 431 and close.
+        """Count header bytes until their blank line; past the cap, refuse with 431 and close.
 
         aiohttp holds up to 128 lines of 8 KiB each while headers arrive: a megabyte per
-        connection, which a thousand connections make a gigabyte.
+        connection, which a thousand connections make a gigabyte. A head that comes while
+        a request runs is answered after that request's answer.
         """
-        if _HEADERS_END.search(self._head_tail + data[:4]) or _HEADERS_END.search(data):
-            self._head_done = True
-            return False
-        self._head_bytes += len(data)
+        end = _HEADERS_END.search(self._head_tail + data[:4])
+        if end is not None:
+            counted = max(0, end.end() - len(self._head_tail))
+        else:
+            end = _HEADERS_END.search(data)
+            counted = len(data) if end is None else end.end()
+        self._head_bytes += counted
+        self._head_done = end is not None
         self._head_tail = (self._head_tail + data)[-3:]
         if self._head_bytes <= HEADER_BYTES_MAX:
             return False
         error = HeadersTooLarge(f"the request's headers pass {HEADER_BYTES_MAX} bytes")
         _log.info("http.invalid", status=error.status, reason=error.message)
-        if self.transport is not None:
-            self._discarding = True  # what the client still sends is dropped meanwhile
+        self._discarding = True  # what the client still sends is dropped meanwhile
+        if self._phase == "busy":
+            self._refuse_after = error
+            self.close()  # once the running request is answered (see finish_response)
+        elif self.transport is not None:
             _answer_and_linger(self.transport, error, self.force_close)
         return True
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """As aiohttp's; then the refusal of a pipelined head that passed the cap, if any."""
+        done = await super().finish_response(request, resp, start_time)
+        refusal, self._refuse_after = self._refuse_after, None
+        if refusal is not None and self.transport is not None:
+            self.transport.write(_answer_bytes(refusal))  # aiohttp closes the connection next
+        return done
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Stop the timer and forget the connection."""
@@ -312,14 +346,21 @@ class EdgeHandler(RequestHandler):
             self.cut_at_shutdown = True
             task.cancel()
 
-    def request_started(self) -> None:
-        """Headers are in and a handler runs: no deadline while it works."""
+    def request_started(self, body: StreamReader | None = None) -> None:
+        """Headers are in and a handler runs: no deadline while it works.
+
+        The count starts again for the head of the next request, which a client may send
+        (pipeline) once ``body`` is whole.
+        """
         self._phase = "busy"
         self._deadline = None
+        self._body = body
+        self._head_bytes, self._head_tail, self._head_done = 0, b"", False
 
     def request_finished(self) -> None:
         """The handler is done: the connection may idle for ``keepalive_timeout``."""
         self._phase = "idle"
+        self._body = None
         self.idle_since = self._clock.time()
         self._arm(self._edge.limits.keepalive_timeout)
 
@@ -397,6 +438,14 @@ def _answer_and_linger(
     Closing outright while the client still sends would reset the connection and lose
     the answer; the linger gives the client time to read it.
     """
+    transport.write(_answer_bytes(error))
+    if transport.can_write_eof():
+        transport.write_eof()
+    return asyncio.get_running_loop().call_later(_REFUSED_LINGER, close)
+
+
+def _answer_bytes(error: RequestError) -> bytes:
+    """``error`` as a whole HTTP answer that closes the connection."""
     body = json.dumps(error.envelope()).encode()
     extra = "".join(f"{name}: {value}\r\n" for name, value in error.headers().items())
     head = (
@@ -406,10 +455,50 @@ def _answer_and_linger(
         f"X-Request-Id: {new_request_id()}\r\n"
         f"{extra}Connection: close\r\n\r\n"
     )
-    transport.write(head.encode() + body)
-    if transport.can_write_eof():
-        transport.write_eof()
-    return asyncio.get_running_loop().call_later(_REFUSED_LINGER, close)
+    return head.encode() + body
+
+
+# The request's key for a client waiting for "100 Continue" (see send_continue).
+EXPECTS_CONTINUE = "swapd.expects_continue"
+
+
+def _expect_stops_here(factory: _RequestFactory) -> _RequestFactory:
+    """Requests without their ``Expect`` header, which swapd answers itself.
+
+    aiohttp answers it before any middleware: "100 Continue" before the key, Host and
+    ``max_body`` checks (a client refused 401 was first told to send its gigabyte), and an
+    unknown expectation as a text 417. Here an unknown one is ignored (RFC 9110 allows
+    it), and "100 Continue" goes out when a handler that passed the checks reads the body.
+    """
+
+    def make(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        headers = message.headers
+        if hdrs.EXPECT not in headers:
+            return factory(message, payload, protocol, writer, task)
+        wants = headers[hdrs.EXPECT].strip().lower() == "100-continue"
+        kept = CIMultiDict((k, v) for k, v in headers.items() if k.lower() != "expect")
+        raw = tuple((k, v) for k, v in message.raw_headers if k.lower() != b"expect")
+        message = message._replace(headers=CIMultiDictProxy(kept), raw_headers=raw)
+        request = factory(message, payload, protocol, writer, task)
+        if wants and message.version == HttpVersion11:
+            request[EXPECTS_CONTINUE] = True
+        return request
+
+    return make
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Tell a client that waits with its body to send it, once (the checks have passed)."""
+    if request.get(EXPECTS_CONTINUE):
+        request[EXPECTS_CONTINUE] = False
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp does: the answer has not begun
 
 
 class _Refused(asyncio.Protocol):
@@ -472,6 +561,6 @@ def track(request: web.Request) -> EdgeHandler | None:
     """Mark the request's connection busy; the connection, to mark it idle afterwards."""
     conn = request.protocol
     if isinstance(conn, EdgeHandler):
-        conn.request_started()
+        conn.request_started(request.content)
         return conn
     return None

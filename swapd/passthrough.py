@@ -92,6 +92,8 @@ class Passthrough:
         if not raw.startswith("/"):
             # The absolute form (RFC 9112 section 3.2.2): the path after the authority.
             raw = request.rel_url.raw_path_qs
+        if "#" in raw:  # after a "?" too: backend_path only sees the path
+            raise BadRequest("a request target cannot hold '#'")
         raw_path, _, query = raw.partition("?")
         model, path = split_target(raw_path, self.proxy.manager)
         path = backend_path(path)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http import StreamWriter
 
 from swapd import _json as capped_json
@@ -29,6 +29,7 @@ from swapd.errors import (
     UpstreamTimeout,
     clip,
 )
+from swapd.limits import send_continue
 from swapd.manager import Lease, Manager
 from swapd.upstream import NotSent, UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -168,7 +169,8 @@ def model_from_multipart(body: bytes, content_type: str) -> str:
     match = _BOUNDARY.search(content_type)
     if not content_type.lower().startswith("multipart/form-data") or match is None:
         raise BadRequest("expected a multipart/form-data body with a boundary")
-    delimiter = b"--" + match.group(1).encode()
+    # aiohttp decodes header bytes with surrogateescape: this gives back the bytes sent.
+    delimiter = b"--" + match.group(1).encode("utf-8", "surrogateescape")
     for part in body.split(delimiter)[1:]:
         head, sep, value = part.partition(b"\r\n\r\n")
         if not sep:
@@ -191,6 +193,10 @@ async def read_body(request: web.Request, limit: int, timeout: float | None = No
     """
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    headers = request.headers
+    if hdrs.CONTENT_ENCODING in headers and len(headers.getall(hdrs.CONTENT_ENCODING)) > 1:
+        # aiohttp decodes by the last one; a backend would read the first.
+        raise BadRequest("more than one Content-Encoding header; send one (or none)")
     content = request.content
     try:
         if content.is_eof():
@@ -199,6 +205,7 @@ async def read_body(request: web.Request, limit: int, timeout: float | None = No
             if len(body) > limit:
                 raise BodyTooLarge(limit)
             return body
+        await send_continue(request)
         async with asyncio.timeout(timeout):
             return await _read_all(request, limit)
     except TimeoutError as exc:

@@ -1,0 +1,275 @@
+"""Hostile input at the edge: the header cap's corners, Expect, forms, keys, fragments, encodings.
+
+Each test was written against a way through or around the edge's rules; its docstring says
+what the older code did.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon import Daemon, fake_preset
+
+from swapd.auth import presented_key
+from swapd.config import load_config
+from swapd.errors import ConfigErrors
+from swapd.keys import KeyRing
+from swapd.limits import HEADER_BYTES_MAX
+
+ECHO = Path(__file__).resolve().parent / "fakes" / "echo_headers.py"
+INFERENCE_KEY = "inference-key-0123456789"
+ADMIN_KEY = "admin-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One swapd without keys (the local default), with the fake and the echo backend."""
+    echo = {"backend": "command", "cmd": [sys.executable, str(ECHO), "--port", "${PORT}"]}
+    d = Daemon(tmp_path_factory.mktemp("audit"), {"a": fake_preset("A"), "echo": echo})
+    d.start()
+    yield d
+    assert not d.cleanup(), "processes outlived swapd"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One swapd with an inference and an admin key."""
+    settings = {"api_keys": [INFERENCE_KEY], "admin_keys": [ADMIN_KEY]}
+    d = Daemon(tmp_path_factory.mktemp("audit-keyed"), {"a": fake_preset("A")}, settings)
+    d.start()
+    yield d
+    assert not d.cleanup(), "processes outlived swapd"
+
+
+def connect(d: Daemon) -> socket.socket:
+    """A TCP connection to the daemon."""
+    return socket.create_connection(("127.0.0.1", d.port), timeout=30)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (bounded by the socket timeout)."""
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+def answers(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Every HTTP answer in ``raw`` (interim 1xx ones too): status, headers, body."""
+    found = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        size = int(headers.get("content-length", "0"))
+        found.append((int(lines[0].split()[1]), headers, rest[:size]))
+        raw = rest[size:]
+    return found
+
+
+def send_raw(d: Daemon, data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send bytes on a fresh connection; every answer until swapd closes it."""
+    with connect(d) as sock:
+        sock.sendall(data)
+        return answers(read_all(sock))
+
+
+def test_the_read_that_ends_the_headers_counts_toward_the_64_kib_cap(plain: Daemon) -> None:
+    """Header lines past 64 KiB in all are 431, also when the last read holds the blank line.
+
+    ``EdgeHandler._headers_too_large`` stops counting as soon as a read contains the
+    blank line, without adding that read's bytes: 60 KB of header lines, then one more
+    8 KB line with the blank line in the next send, is 68 KB of headers, served 200.
+    """
+    with connect(plain) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 5000) for i in range(12))
+        )
+        sock.sendall(b"X-Last: " + b"y" * 8000 + b"\r\n\r\n")
+        got = answers(read_all(sock))
+    head_bytes = 12 * (len(b"X-Filler-00: \r\n") + 5000) + 8000
+    assert head_bytes > HEADER_BYTES_MAX
+    assert [status for status, _, _ in got] == [431]
+
+
+def test_pipelined_headers_behind_a_running_request_are_capped(plain: Daemon) -> None:
+    """A request pipelined behind one still running may not carry 800 KB of headers.
+
+    While a request runs (phase ``busy``) and after the read that held its blank line,
+    nothing is counted: the next request's header lines go to aiohttp's parser, up to
+    its own 128 lines of 8 KiB (the megabyte a connection the cap was meant to stop).
+    """
+    chat = json.dumps(
+        {"model": "a", "messages": [{"role": "user", "content": "hi"}], "fake_delay": 3}
+    ).encode()
+    first = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(chat), chat)
+    )
+    lines = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"x" * 8000) for i in range(100))
+    second = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + lines + b"\r\n"
+    assert len(lines) > 10 * HEADER_BYTES_MAX
+    got = send_raw(plain, first + second)
+    assert got[0][0] == 200, got[0]
+    assert [status for status, _, _ in got[1:]] == [431]
+
+
+def test_a_pipelined_request_with_a_large_body_is_served(plain: Daemon) -> None:
+    """The cap counts the pipelined request's head, not its body (200 KB here)."""
+
+    def chat(delay: float, text: str) -> bytes:
+        body = json.dumps(
+            {"model": "a", "messages": [{"role": "user", "content": text}], "fake_delay": delay}
+        ).encode()
+        return (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+    last = chat(0, "x" * 200_000).replace(b"Host:", b"Connection: close\r\nHost:", 1)
+    got = send_raw(plain, chat(1, "hi") + last)
+    assert [status for status, _, _ in got] == [200, 200]
+
+
+def test_an_unknown_expectation_is_ignored_and_the_request_served(plain: Daemon) -> None:
+    """``Expect: bogus`` was a text/plain 417 from aiohttp, outside the envelope.
+
+    RFC 9110 lets a server ignore an expectation it does not know: the request is served,
+    in the envelope, with its request id.
+    """
+    body = b'{"model": "a", "messages": []}'
+    got = send_raw(
+        plain,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Expect: bogus\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
+    status, headers, raw = got[-1]
+    assert status == 200, raw
+    assert "x-request-id" in headers, headers
+    assert headers["content-type"].startswith("application/json"), raw
+
+
+def test_an_accepted_body_is_asked_for_with_100_continue(plain: Daemon) -> None:
+    """A request that passes the checks gets its 100 Continue once the body is wanted."""
+    body = b'{"model": "a", "messages": []}'
+    with connect(plain) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), first
+        sock.sendall(body)
+        got = answers(first + read_all(sock))
+    assert [status for status, _, _ in got] == [100, 200]
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [(b"", 401), (b"Authorization: Bearer " + INFERENCE_KEY.encode() + b"\r\n", 413)],
+    ids=["no-key", "over-max-body"],
+)
+def test_a_refused_request_is_not_told_to_send_its_body(
+    keyed: Daemon, extra: bytes, status: int
+) -> None:
+    """``Expect: 100-continue`` is answered with the refusal, not with 100 Continue first.
+
+    aiohttp's expect handler runs before the middleware: the client is invited to upload
+    a gigabyte that the key check (401) or ``max_body`` (413) refuses anyway.
+    """
+    with connect(keyed) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 1000000000\r\n" + extra + b"\r\n"
+        )
+        first = sock.recv(65536)
+    assert first.split(b"\r\n", 1)[0].split()[1] == str(status).encode(), first[:200]
+
+
+def test_a_multipart_boundary_that_is_not_utf8_is_a_400(plain: Daemon) -> None:
+    r"""A boundary with a byte that is not UTF-8 is refused as a bad form, not a 500.
+
+    aiohttp decodes header values with surrogateescape; ``model_from_multipart`` encodes
+    the boundary with strict UTF-8 and the UnicodeEncodeError becomes ``internal_error``.
+    """
+    got = send_raw(
+        plain,
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Type: multipart/form-data; boundary=\xff\r\nContent-Length: 2\r\n\r\nxx",
+    )
+    status, _, raw = got[0]
+    assert status == 400, raw
+    assert "Traceback" not in plain.log_path.read_text()
+
+
+def test_a_key_with_a_trailing_newline_is_refused_where_it_is_written(tmp_path: Path) -> None:
+    r"""A YAML block scalar (``- |``) gives ``"sk-abc\n"``, a key no header can carry.
+
+    ``keys._KEY`` ends in ``$``, which also matches before a final newline, so the key
+    passes the "visible ASCII, no spaces" rule; its digest then matches nothing a
+    client can send (header values are stripped), and access is locked out with no
+    error at start or in ``swapd check``.
+    """
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "m.yaml").write_text('backend: command\ncmd: ["true", "${PORT}"]\n')
+    path = tmp_path / "swapd.yaml"
+    path.write_text("api_keys:\n  - |\n    sk-abc-0123456789\n")
+    try:
+        config = load_config(path)
+    except ConfigErrors:
+        return  # refused where it is written: what the docs promise
+    assert config.api_keys == ("sk-abc-0123456789\n",)  # loaded as written...
+    # ...and the key, as any client sends it, is not one swapd knows.
+    ring = KeyRing.of(config.api_keys, ())
+    assert ring.role(presented_key({"Authorization": "Bearer sk-abc-0123456789"})) is not None
+
+
+def test_a_fragment_after_the_query_is_refused_on_the_passthrough(plain: Daemon) -> None:
+    """README: on ``/upstream/`` "a ``#`` is refused (400)"; after a ``?`` it is forwarded.
+
+    ``backend_path`` checks only the path; the query is split off first, so
+    ``/upstream/echo/x?a#b`` reaches the backend as ``/x?a#b``.
+    """
+    got = send_raw(
+        plain,
+        b"POST /upstream/echo/x?a#b HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Length: 0\r\n\r\n",
+    )
+    status, _, raw = got[0]
+    assert status == 400, raw
+
+
+def test_two_content_encodings_are_refused(plain: Daemon) -> None:
+    """Two ``Content-Encoding`` headers: aiohttp decoded by the last, swapd asked the first.
+
+    With ``identity`` then ``gzip`` the decoded body went on still labelled gzip, and the
+    backend tried to gunzip plain JSON. One coding or none is all swapd takes.
+    """
+    body = gzip.compress(b'{"model": "echo"}')
+    spawned = len(plain.events("backend.spawn"))
+    got = send_raw(
+        plain,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
+    status, _, raw = got[0]
+    assert status == 400, raw
+    assert "Content-Encoding" in json.loads(raw)["error"]["message"]
+    assert len(plain.events("backend.spawn")) == spawned  # refused before any load
