@@ -296,12 +296,18 @@ def _rewrite(entry_fd: int, change: Callable[[Manifest], Manifest]) -> None:
         tmp = f"{MANIFEST}.{secrets.token_hex(3)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=entry_fd)
         try:
-            _write_all(fd, manifest.to_json().encode())
-            os.fsync(fd)  # whole before its name replaces the old manifest
-            os.utime(fd, ns=(used, used))
-        finally:
-            os.close(fd)
-        os.replace(tmp, MANIFEST, src_dir_fd=entry_fd, dst_dir_fd=entry_fd)
+            try:
+                _write_all(fd, manifest.to_json().encode())
+                os.fsync(fd)  # whole before its name replaces the old manifest
+                os.utime(fd, ns=(used, used))
+            finally:
+                os.close(fd)
+            os.replace(tmp, MANIFEST, src_dir_fd=entry_fd, dst_dir_fd=entry_fd)
+        except BaseException:
+            # A full disk, say: the half-written manifest goes, the old one stays.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=entry_fd)
+            raise
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -91,20 +91,22 @@ def scan(path: Path) -> Source:
     files: list[tuple[str, int]] = []
     dirs: list[str] = []
     listing = hashlib.sha256()
-    seen = {(st.st_dev, st.st_ino)}
-    pending = [""]
+    # Each folder with the folders above it: a link back up would loop forever, while a
+    # folder reached twice side by side (a link to a sibling) is copied under both names.
+    pending: list[tuple[str, frozenset[tuple[int, int]]]] = [
+        ("", frozenset({(st.st_dev, st.st_ino)}))
+    ]
     while pending:
-        rel = pending.pop()
+        rel, above = pending.pop()
         for item in sorted(os.scandir(path / rel), key=lambda e: e.name):
             child = f"{rel}/{item.name}" if rel else item.name
             st = item.stat()  # follows symbolic links: the copy holds the bytes, not links
             if stat.S_ISREG(st.st_mode):
                 files.append((child, st.st_size))
                 listing.update(f"{child}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
-            elif stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))  # a link back up would loop forever
+            elif stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in above:
                 dirs.append(child)
-                pending.append(child)
+                pending.append((child, above | {(st.st_dev, st.st_ino)}))
                 listing.update(f"{child}/\n".encode())
             elif not stat.S_ISDIR(st.st_mode):
                 raise OSError(errno.EINVAL, "neither a regular file nor a directory", item.path)

@@ -235,7 +235,12 @@ class Manager:
         self._model_bytes: dict[str, int] = {}
         self.staging: StagingCache | None = None
         if config.cache_dir is not None:
-            self.staging = StagingCache(config.cache_dir, config.cache_budget)
+            self.staging = StagingCache(config.cache_dir, config.cache_budget, self._notify)
+
+    def _used_copy(self, slot: Slot) -> None:
+        """A process or pages let go of the staged copy: it was in use until now (LRU)."""
+        if self.staging is not None and slot.staged_path is not None:
+            self.staging.touch(slot.staged_path)
 
     def _new_slot(self, preset: Preset) -> Slot:
         slot = Slot(preset, kind_of(preset))
@@ -610,6 +615,8 @@ class Manager:
         if not waking and slot.preset.stage and self.staging is not None:
             # Copy while the load waits for room or for busy models (prefetch).
             staging = self._spawn_task(self._stage(slot), f"stage:{name}")
+            # Its end (a failed copy above all) must wake the load that waits for room.
+            staging.add_done_callback(lambda _task: self._notify())
         try:
             device, total = await self._admit(slot, waking=waking, staging=staging)
             self._loading[name] = time.monotonic()
@@ -911,6 +918,9 @@ class Manager:
         preset = slot.preset
         deadline = job.started + self.config.queue_timeout
         while True:
+            # Taken before the checks and the plan: a change while the plan awaits (the
+            # copy failing, a model going idle) must still end the wait that follows.
+            changed = self._changed
             if staging is not None and staging.done():
                 # A copy that failed (checksum, no cache room) ends the load here: it
                 # must not start from the unstaged source, nor evict anything for it.
@@ -922,7 +932,7 @@ class Manager:
             )
             if isinstance(step, policy.Hold):
                 self._begin_hold(job, step)
-                await self._wait_for_change(min(step.seconds, deadline - time.monotonic()))
+                await self._wait_for_change(min(step.seconds, deadline - time.monotonic()), changed)
                 continue
             self._end_hold(job)
             if isinstance(step, tuple):
@@ -953,10 +963,11 @@ class Manager:
                 # the busy models are drained (their releases notify only once idle).
                 # A little late, not early: uvloop rounds timers to whole milliseconds.
                 remaining = min(remaining, self.config.max_wait - waited + _TIMER_SLACK)
-            await self._wait_for_change(remaining)
+            await self._wait_for_change(remaining, changed)
 
-    async def _wait_for_change(self, timeout: float) -> None:
-        changed = self._changed
+    async def _wait_for_change(self, timeout: float, changed: asyncio.Event | None = None) -> None:
+        """Until something changes (since ``changed`` was taken, when given), or ``timeout``."""
+        changed = changed or self._changed
         # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that
         # arrives once the event is set (a reload notifies, then cancels a removed load).
         with contextlib.suppress(TimeoutError):
@@ -1168,6 +1179,7 @@ class Manager:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or exc.need > exc.budget:  # no stop makes that room
                         raise CacheFull(f"cannot stage {preset.name!r}: {exc}") from exc
+                    _log.info("model.stage.wait", model=preset.name, reason=str(exc))
                     await self._wait_for_change(remaining)
         except StagingError as exc:
             raise StageFailed(preset.name, str(exc)) from exc
@@ -1364,6 +1376,7 @@ class Manager:
         _log.info("model.wake", model=slot.preset.name, wake_s=round(time.monotonic() - started, 3))
 
     def _forget_child(self, slot: Slot) -> None:
+        self._used_copy(slot)
         if slot.child is not None and slot.child.escaped:
             slot.escaped = True  # shown in status until the next start
         if slot.child is not None and slot.child.pid is not None:
@@ -1684,6 +1697,7 @@ class Manager:
         pages, slot.pages = slot.pages, None
         if pages is None:
             return
+        self._used_copy(slot)
         self._cancel_ram_ttl(slot)
         slot.ram_bytes = 0
         if slot.child is None:

@@ -35,6 +35,7 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -195,7 +196,9 @@ class StagingCache:
     it in a thread and closes it on exit. Every other method is called from the event loop.
     """
 
-    def __init__(self, cache_dir: Path, budget: int | None) -> None:
+    def __init__(
+        self, cache_dir: Path, budget: int | None, on_change: Callable[[], None] | None = None
+    ) -> None:
         if budget is not None and budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
         self.cache_dir = Path(_absolute(cache_dir))
@@ -204,11 +207,14 @@ class StagingCache:
         self.budget = budget or 0
         self._entries: dict[str, Entry] = {}
         self._copies: dict[str, _Copy] = {}
+        self._held: Counter[str] = Counter()  # keys of copies being checked for a load
         self._syncs: dict[str, _Sync] = {}
         self._boot = ""
         self._lock_fd: int | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._clock = 0
+        # Told when a copy ends, done or failed: a stage waiting for room may go on.
+        self._on_change = on_change
 
     # ------------------------------------------------------------------ lifetime
 
@@ -219,8 +225,7 @@ class StagingCache:
         """
         try:
             self._lock_fd = layout.lock(self.cache_dir)
-            if self._disk_share:
-                self.budget = int(psutil.disk_usage(str(self.cache_dir)).free * 0.9)
+            free = psutil.disk_usage(str(self.cache_dir)).free if self._disk_share else 0
         except BlockingIOError:
             pid = layout.holder(self.cache_dir)
             msg = f"{self.cache_dir} is in use by another process (pid {pid})"
@@ -243,6 +248,10 @@ class StagingCache:
         self._clock = max((e.last_used_ns for e in self._entries.values()), default=0)
         self._executor = ThreadPoolExecutor(4, thread_name_prefix="swapd-staging")
         used, _ = self.usage()
+        if self._disk_share:
+            # What the copies already hold, and 90% of what is free: the free space alone
+            # would shrink the cache by its own size at each start.
+            self.budget = used + int(free * 0.9)
         _log.info("staging.open", entries=len(self._entries), used=used, budget=self.budget)
 
     async def aclose(self) -> None:
@@ -314,18 +323,31 @@ class StagingCache:
 
         ``in_use`` names the sources (model paths) of running models: never evicted.
         """
-        pinned = {_absolute(s) for s in in_use}
-        return plan_room(self._entries.values(), self.budget, need, pinned, self._reserved())
+        return plan_room(
+            self._entries.values(), self.budget, need, self._pinned(in_use), self._reserved()
+        )
 
     # ------------------------------------------------------------------ changes
 
-    def touch(self, source: str | Path) -> None:
-        """Mark every cached copy of ``source`` used now (for LRU; kept across restarts)."""
-        wanted = _absolute(source)
-        for key, entry in list(self._entries.items()):
-            if entry.source == wanted:
-                self._entries[key] = replace(entry, last_used_ns=self._now())
-                layout.touch(self.cache_dir, key, self._entries[key].last_used_ns)
+    def touch(self, path: str | Path) -> None:
+        """Mark the cached copy at ``path`` (what :meth:`stage` returned) used now.
+
+        For the LRU order, kept across restarts: a model that stops using its copy calls
+        it, so a copy that served until a minute ago outlives one loaded later but idle.
+        """
+        found = next((e for e in self._entries.values() if str(e.path) == str(path)), None)
+        if found is None:
+            return
+        newer = any(
+            e.source == found.source and e.last_used_ns > found.last_used_ns
+            for e in self._entries.values()
+        )
+        if not newer:  # a copy older than another of its source never hits again
+            self._touch_key(found.key)
+
+    def _touch_key(self, key: str) -> None:
+        self._entries[key] = entry = replace(self._entries[key], last_used_ns=self._now())
+        layout.touch(self.cache_dir, key, entry.last_used_ns)
 
     async def evict(self, keys: Iterable[str]) -> int:
         """Remove these entries (unknown keys are skipped); the bytes freed."""
@@ -367,7 +389,7 @@ class StagingCache:
             job = self._copies.get(key) or self._start(found, key, expected, in_use)
             entry = await self._join(job, progress)
         entry = await self._verified(entry, expected, in_use)
-        self.touch(path)
+        self._touch_key(entry.key)  # not the stale copies of the source: never hits again
         return entry.path
 
     # ------------------------------------------------------------------ internals
@@ -376,6 +398,11 @@ class StagingCache:
         # Strictly increasing, so two uses in a row never tie in the LRU order.
         self._clock = max(time.time_ns(), self._clock + 1)
         return self._clock
+
+    def _pinned(self, in_use: InUse) -> set[str]:
+        """Sources no eviction may touch: those in use, and copies held while hashed."""
+        held = {self._entries[key].source for key in self._held if key in self._entries}
+        return _sources(in_use) | held
 
     def _reserved(self) -> int:
         return sum(job.source.size for job in self._copies.values())
@@ -412,7 +439,7 @@ class StagingCache:
     def _start(self, found: Source, key: str, sha256: str | None, in_use: InUse) -> _Copy:
         """Plan room, evict, reserve and start the copy, with no await in between."""
         need = found.size
-        pinned = _pinned(in_use)
+        pinned = self._pinned(in_use)
         victims = plan_room(self._entries.values(), self.budget, need, pinned, self._reserved())
         if victims is None:
             used, _ = self.usage()
@@ -423,6 +450,8 @@ class StagingCache:
         self._copies[key] = job
         job.task = asyncio.create_task(self._run(job, trash, in_use), name=f"stage {found.path}")
         job.task.add_done_callback(_retrieve)
+        if (on_change := self._on_change) is not None:
+            job.task.add_done_callback(lambda _task: on_change())
         _log.info("staging.copy.start", source=str(found.path), bytes=need, evicted=victims)
         return job
 
@@ -477,7 +506,7 @@ class StagingCache:
             mib_s=round(manifest.size / 2**20 / max(seconds, 1e-9)),
         )
         # Older copies of the same source will never be hits again.
-        pinned = _pinned(in_use)
+        pinned = self._pinned(in_use)
         stale = [
             e.key
             for e in self._entries.values()
@@ -555,15 +584,27 @@ class StagingCache:
             return entry
         if entry.sha256 is None:
             cancel = threading.Event()
-            actual = await self._in_thread(cancel, hash_file, entry.path, cancel)
+            # Held while hashed: a load is about to start from it, no stage may evict it.
+            self._held[entry.key] += 1
+            try:
+                actual = await self._in_thread(cancel, hash_file, entry.path, cancel)
+            except OSError as exc:
+                raise StagingError(f"cannot check the cached copy {entry.path}: {exc}") from exc
+            finally:
+                self._held[entry.key] -= 1
+                if not self._held[entry.key]:
+                    del self._held[entry.key]
             if self._entries.get(entry.key) is entry:
                 self._entries[entry.key] = replace(entry, sha256=actual)
-                await self._in_thread(
-                    cancel, layout.record_digest, self.cache_dir, entry.key, actual
-                )
+                try:
+                    await self._in_thread(
+                        cancel, layout.record_digest, self.cache_dir, entry.key, actual
+                    )
+                except OSError as exc:  # a full disk, say: the copy is still whole and checked
+                    _log.warning("staging.digest.unrecorded", key=entry.key, error=str(exc))
             entry = replace(entry, sha256=actual)
         if entry.sha256 != sha256:
-            if entry.source not in _pinned(in_use):
+            if entry.source not in self._pinned(in_use):
                 await self.evict([entry.key])
             raise ChecksumMismatch(entry.source, sha256, str(entry.sha256))
         return entry
@@ -587,7 +628,7 @@ class StagingCache:
             raise
 
 
-def _pinned(in_use: InUse) -> set[str]:
+def _sources(in_use: InUse) -> set[str]:
     """The absolute sources ``in_use`` names now (calling it, when it is a function)."""
     return {_absolute(s) for s in (in_use() if callable(in_use) else in_use)}
 

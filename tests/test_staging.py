@@ -286,7 +286,7 @@ async def test_the_least_recently_used_copy_is_evicted_across_a_restart(tmp_path
     async with StagingCache(tmp_path / "cache", 3 * MIB) as cache:
         for source in (a, b, c):
             await cache.stage(source)
-        cache.touch(a)  # now b is the least recently used
+        cache.touch(cache.cached_path(a) or "")  # now b is the least recently used
         (b_key,) = [e.key for e in cache.entries() if e.source == str(b)]
     async with StagingCache(tmp_path / "cache", 3 * MIB) as cache:
         assert cache.plan_room(MIB, in_use=[]) == [b_key]
@@ -570,7 +570,7 @@ async def test_a_use_recorded_while_the_sync_rewrites_the_manifest_is_kept(
         await cache.stage(a)
         await asyncio.to_thread(entered.wait, 30)
         await cache.stage(b)
-        cache.touch(a)  # now b is the least recently used, on disk too
+        cache.touch(cache.cached_path(a) or "")  # now b is the least recently used, on disk too
         release.set()
         await cache.synced()
     async with StagingCache(tmp_path / "cache", 2 * MIB) as cache:
