@@ -374,9 +374,13 @@ class Manager:
         slot = self.slot_for(name)
         preset = slot.preset
         self._count_request(slot)
-        if preset.max_queue is not None and slot.waiters >= preset.max_queue:
+        if preset.max_queue is not None:
+            # Past concurrency and max_queue together. A request within concurrency is no
+            # queue, also while the model loads (all of those run at once once it is ready).
             limit = (preset.concurrency or 0) + preset.max_queue
-            raise QueueFull(preset.name, limit)
+            ahead = slot.waiters if preset.concurrency is None else slot.in_flight + slot.waiters
+            if ahead >= limit:
+                raise QueueFull(preset.name, limit)
         slot.waiters += 1
         try:
             while True:

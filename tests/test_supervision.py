@@ -142,6 +142,35 @@ def test_concurrency_and_max_queue_answer_429_past_both(start_daemon: StartDaemo
         assert second.result()[0] == 200
 
 
+def test_max_queue_zero_serves_what_concurrency_allows(start_daemon: StartDaemon) -> None:
+    """``max_queue: 0`` is no queue beyond ``concurrency``: an idle model is served (was 429)."""
+    d = start_daemon({"a": fake_preset("A", concurrency=1, max_queue=0, preload=True)})
+    wait_for(lambda: d.model("a")["state"] == "ready")
+    status, body = d.chat("a")
+    assert status == 200, body
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(d.chat, "a", "1", fake_delay=6)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        assert d.chat("a", "2")[0] == 429  # the one place is taken, and nothing may wait
+        assert first.result()[0] == 200
+
+
+def test_requests_within_concurrency_are_no_queue_while_the_model_loads(
+    start_daemon: StartDaemon,
+) -> None:
+    """concurrency 2 + max_queue 1 takes three requests during a load too (the second was 429)."""
+    d = start_daemon({"a": fake_preset("A", "--start-delay", "3", concurrency=2, max_queue=1)})
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(d.chat, "a", "1")
+        wait_for(lambda: d.model("a")["waiting"] == 1)
+        second = pool.submit(d.chat, "a", "2")
+        wait_for(lambda: d.model("a")["waiting"] == 2)
+        third = pool.submit(d.chat, "a", "3")
+        wait_for(lambda: d.model("a")["waiting"] == 3)
+        assert d.chat("a", "4")[0] == 429
+        assert [f.result()[0] for f in (first, second, third)] == [200, 200, 200]
+
+
 def test_a_request_waiting_past_max_wait_drains_the_busy_model_and_swaps(
     start_daemon: StartDaemon,
 ) -> None:
