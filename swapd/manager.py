@@ -692,6 +692,12 @@ class Manager:
         slot.last_error = exc
         code = exc.exit_code if isinstance(exc, BackendStartError) else None
         _log.warning("model.load.fail", model=slot.preset.name, error=exc.message, code=code)
+        if slot.state is State.STARTING and slot.child is None:
+            # Admitted, then failed before any process ran (sizing the files, building the
+            # launch): a failed start, which backs off; nothing stays reserved for it.
+            slot.move(State.STARTING, State.FAILED)
+            if slot.pages is None:
+                slot.device = None
         if isinstance(exc, Unavailable) and slot.state is State.QUEUED:
             # Refused for memory, queue time or cache room: nothing is wrong with the model.
             self._unqueue(slot)

@@ -292,11 +292,15 @@ def _model_problem(
     """A model that is not there, or a ``sha256`` that could vouch for part of it only."""
     if not model.exists():
         return ConfigError(model_at, "model", f"not found: {model}")
+    parts = split_parts(model)
+    if missing := [part.name for part in parts if not part.exists()]:
+        reason = f"a split GGUF of {len(parts)} files lacks {', '.join(missing)} beside {model}"
+        return ConfigError(model_at, "model", reason)
     if "sha256" not in values:  # one digest checks one file
         return None
     if model.is_dir():
         what = "a directory"
-    elif len(parts := split_parts(model)) > 1:
+    elif len(parts) > 1:
         what = f"the first of {len(parts)} files of a split GGUF"
     else:
         return None

@@ -161,3 +161,17 @@ def test_a_sha256_of_a_single_file_is_taken(tmp_path: Path) -> None:
     preset = f"backend: llama-server\nmodel: {tmp_path / 'm.gguf'}\nsha256: {SUM}\n"
     [loaded] = _load(tmp_path, "", preset).presets
     assert loaded.sha256 == SUM
+
+
+def test_a_split_gguf_missing_a_shard_is_a_config_error(tmp_path: Path) -> None:
+    """Every shard must be there when the config is read, as the first file must."""
+    first = tmp_path / "m-00001-of-00003.gguf"
+    first.write_bytes(b"GGUF")
+    (tmp_path / "m-00003-of-00003.gguf").write_bytes(b"GGUF")
+    preset = f"backend: llama-server\nmodel: {first}\n"
+    assert _errors(tmp_path, "", {"m.yaml": preset}) == [
+        (
+            f"presets/m.yaml:2:8: model: a split GGUF of 3 files lacks m-00002-of-00003.gguf "
+            f"beside {first}"
+        )
+    ]

@@ -76,3 +76,26 @@ def test_a_failed_measurement_is_logged(start_daemon: StartDaemon) -> None:
     assert event["model"] == "a"
     assert "IsADirectoryError" in event["error"]
     assert d.chat("a")[0] == 200  # the model keeps serving
+
+
+def test_an_unexpected_error_after_admission_is_a_failed_start(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A start that fails before any process runs backs off; it stayed ``starting`` for good.
+
+    Here the second shard of a split GGUF goes after the config was read: sizing the files
+    raises once the load was admitted (state STARTING), and every later request was a 500
+    BadTransition until swapd restarted.
+    """
+    shards = [tmp_path / f"m-0000{i}-of-00002.gguf" for i in (1, 2)]
+    for shard in shards:
+        shard.write_bytes(b"GGUF" + b"\0" * 64)
+    d = start_daemon({"a": fake_preset("A", model=str(shards[0]))})
+    shards[1].unlink()
+    status, body = d.chat("a")
+    assert (status, body["error"]["code"]) == (500, "load_failed"), body
+    model = d.model("a")
+    assert model["state"] in {"backoff", "failed"}, model
+    assert (model["pid"], model["device"]) == (None, None)
+    shards[1].write_bytes(b"\0" * 64)  # the shard is back
+    wait_for(lambda: d.chat("a")[0] == 200, timeout=20, interval=0.2)  # after the backoff
