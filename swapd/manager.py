@@ -90,6 +90,8 @@ _RAM_TTL_RECHECK_S = 1.0
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 BREAKER_AFTER = 5
+# A TTL stop whose memory reading failed is tried again this soon (or at the TTL, if shorter).
+_TTL_RETRY = 5.0
 # A backend that exits by itself sooner than this after becoming ready counts as a failed
 # start (backoff, breaker): a crash on the first request must not restart in a loop.
 STABLE_AFTER = 60.0
@@ -1725,7 +1727,18 @@ class Manager:
     async def _demote(self, slot: Slot) -> None:
         """Move an idle ready model off the device (TTL): to the ram tier if it fits."""
         try:
-            snap = await self.admission.read(self._pids())
+            try:
+                snap = await self.admission.read(self._pids())
+            except Exception as exc:  # noqa: BLE001 - a reading that failed once (a driver hiccup)
+                # Nothing else would arm the TTL again: the model would stay up for good.
+                retry = min(slot.preset.ttl, _TTL_RETRY)
+                _log.warning(
+                    "model.ttl.retry", model=slot.preset.name, error=repr(exc), retry_s=retry
+                )
+                if slot.state is State.READY and not slot.busy:
+                    loop = asyncio.get_running_loop()
+                    slot.ttl_timer = loop.call_later(retry, self._ttl_expired, slot)
+                return
             if slot.state is not State.READY or slot.busy:
                 return  # a request came in meanwhile
             resident = self._resident(slot, snap)

@@ -168,3 +168,26 @@ def test_pinned_models_are_never_evicted_and_preload_loads_at_start(
     assert d.chat("b")[0] == 200
     assert d.model("keep")["state"] == "ready"
     assert [e["victims"] for e in d.events("model.evict")] == [["a"]]
+
+
+def test_a_ttl_stop_whose_memory_reading_fails_is_tried_again(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The TTL's demotion reads the devices first; a failed reading used to end it for good.
+
+    Nothing armed the TTL again: the idle model stayed up with ``ttl_left: null`` until a
+    request came. Now the stop is tried again (``model.ttl.retry``).
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GiB, "outside": 0}})
+    d = start_daemon(
+        {"a": fake_preset("A", "--probe-file", str(probe), memory=GiB, ttl="2s")},
+        {"devices": "auto", "reserve": 0},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    good = probe.read_text()
+    assert d.chat("a")[0] == 200
+    probe.write_text("{not json")  # the reading the TTL's demotion takes fails
+    wait_for(lambda: d.events("model.ttl.retry") or d.events("task.fail"), timeout=20)
+    probe.write_text(good)  # the fault is gone: the next try takes the model down
+    wait_for(lambda: d.model("a")["state"] == "stopped", timeout=20)
