@@ -752,8 +752,9 @@ class Manager:
         # No process yet: nothing taken. No per-process numbers: free already shows it.
         measured: int | None = 0 if pid is None else (snap.by_pid().get(pid, 0) if known else None)
         need = slot.need.bytes if slot.need else 0
-        if slot.asleep:
-            # Asleep: it holds only what the driver kept, which the probe measures.
+        if slot.asleep or slot.leaving_ram:
+            # Asleep, or stopping from sleep: it holds only what the driver kept, which
+            # the probe measures, and it is not running (max_running).
             return policy.Resident(
                 crf=self._crf(slot),
                 name=slot.preset.name,
@@ -892,12 +893,12 @@ class Manager:
                 s.preset.name,
                 s.ram_bytes,
                 s.last_used,
-                "sleep" if s.asleep else "pages",
+                "pages" if s.pages is not None else "sleep",
                 busy=s.busy or s in self._retiring,  # its retirement takes it down
                 crf=self._crf(s),
             )
             for s in self._every_slot()
-            if s.asleep or s.pages is not None
+            if s.tier == "ram"  # a sleeper whose wake waits for room still holds its bytes
         )
         available = snap.host_available - self.config.reserve
         return policy.RamTier(self.ram_budget, available, entries)
@@ -1248,7 +1249,8 @@ class Manager:
         preset = slot.preset
         slot.device = device
         placement = self._placement(slot, device, total)
-        if preset.model is not None and preset.name not in self._model_bytes:
+        if preset.model is not None:
+            # At each start: the files may have changed since the last (new weights in place).
             self._model_bytes[preset.name] = await asyncio.to_thread(_path_bytes, preset.model)
         try:
             await self._spawn_ready(slot, device, placement)

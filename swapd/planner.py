@@ -116,6 +116,7 @@ def capacity(memory: DeviceMemory, reserve: int, budget: int | None) -> int:
 def pack(wants: Sequence[Want], rooms: Sequence[Room]) -> CapacityPlan:
     """Place pinned models, then the largest first, each on the device with the most room left."""
     left = {r.memory.device: r.capacity for r in rooms}
+    pinned = dict.fromkeys(left, 0)  # what pinned models take: no load ever evicts it
     together: dict[str, list[str]] = {r.memory.device: [] for r in rooms}
     placed: list[Placed] = []
     for want in sorted(wants, key=lambda w: (not w.pinned, -max(w.needs.values(), default=0))):
@@ -125,18 +126,19 @@ def pack(wants: Sequence[Want], rooms: Sequence[Room]) -> CapacityPlan:
         if fitting:
             device = max(fitting, key=lambda d: left[d] - want.needs[d])
             left[device] -= want.needs[device]
+            pinned[device] += want.needs[device] if want.pinned else 0
             together[device].append(want.name)
             placed.append(Placed(want.name, want.needs[device], want.source, "together", device))
             continue
-        alone = [d for d in usable if want.needs[d] <= _room(rooms, d)]
+        alone = [d for d in usable if want.needs[d] <= _room(rooms, d) - pinned[d]]
         if alone:
-            device = max(alone, key=lambda d: _room(rooms, d))
+            device = max(alone, key=lambda d: _room(rooms, d) - pinned[d])
             reason = "fits alone; loading it evicts models packed there"
             placed.append(
                 Placed(want.name, want.needs[device], want.source, "alone", device, reason)
             )
             continue
-        best = max((_room(rooms, d) for d in usable), default=0)
+        best = max((_room(rooms, d) - pinned[d] for d in usable), default=0)
         reason = (
             f"needs {largest} bytes; its devices offer at most {best}"
             if usable

@@ -292,16 +292,20 @@ def best_plan(
     """The best plan over devices whose need differs (one need per device id).
 
     Devices are grouped by need so each group is planned with its own number; an
-    admit beats a wait, which beats impossible.
+    admit beats a wait, which beats impossible. Among admits, as within a group, the
+    fewest victims win, then the most free memory.
     """
     by_need: dict[int, list[DeviceView]] = {}
     for view in views:
         by_need.setdefault(needs[view.id], []).append(view)
     plans = [plan_admission(n, vs, residents, limits) for n, vs in by_need.items()]
-    for kind in (Admit, Wait):
-        found = [p for p in plans if isinstance(p, kind)]
-        if found:
-            return found[0]
+    free = {view.id: view.free for view in views}
+    admits = [p for p in plans if isinstance(p, Admit)]
+    if admits:
+        return min(admits, key=lambda p: (len(p.victims), -free.get(p.device, 0)))
+    waits = [p for p in plans if isinstance(p, Wait)]
+    if waits:
+        return min(waits, key=lambda p: len(p.busy))
     return plans[0] if plans else Impossible("no device reported memory")
 
 

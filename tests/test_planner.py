@@ -34,11 +34,17 @@ def test_room_leaves_out_what_others_use_and_the_reserve() -> None:
         ),
         # Larger than the device: never.
         ([Want("big", {"gpu0": 30 * GIB}, "preset")], {"big": ("never", None)}),
-        # A pinned model is packed first, whatever its size.
+        # A pinned model is packed first, whatever its size; a model that would need it
+        # evicted never fits (admission never evicts it), one beside it fits alone.
         (
             [Want("a", {"gpu0": 15 * GIB}, "preset"),
              Want("p", {"gpu0": 10 * GIB}, "preset", pinned=True)],
-            {"p": ("together", "gpu0"), "a": ("alone", "gpu0")},
+            {"p": ("together", "gpu0"), "a": ("never", None)},
+        ),
+        (
+            [Want("a", {"gpu0": 9 * GIB}, "preset"), Want("b", {"gpu0": 5 * GIB}, "preset"),
+             Want("p", {"gpu0": 10 * GIB}, "preset", pinned=True)],
+            {"p": ("together", "gpu0"), "a": ("together", "gpu0"), "b": ("alone", "gpu0")},
         ),
         # A model allowed on no present device: never.
         ([Want("x", {}, "default")], {"x": ("never", None)}),
