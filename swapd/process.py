@@ -32,8 +32,10 @@ READY_POLL_FIRST = 0.005
 READY_POLL_MAX = 0.05
 READY_POLL_GROWTH = 1.5
 READY_POLL_GAP = 0.001  # the least time between two polls, however much it prints
-# How long to keep reading a backend's output after its leader exits.
+# How long to keep reading a backend's output after its leader exits with no progress,
+# and at most while the reads make progress (a full pipe of lines still to be read).
 OUTPUT_GRACE = 1.0
+OUTPUT_DRAIN_MAX = 30.0
 # How long a SIGKILLed leader may take to exit. Past it the process is stuck in the
 # kernel (uninterruptible sleep: a hung driver or network file system), where no signal
 # reaches it; the stop goes on without it rather than hold the model's slot for good.
@@ -112,6 +114,7 @@ class Child:
         self._drain: asyncio.Task[None] | None = None
         self._proc: Spawned | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._read_bytes = 0  # of output so far: the drain at exit waits while it grows
         self._output = asyncio.Event()  # set by each batch of output lines
         self._stopping: asyncio.Task[int] | None = None
         self.spawned_at = 0.0
@@ -155,6 +158,7 @@ class Child:
         lines = OutputLines()
         try:
             while chunk := await self._proc.stdout.read(65536):
+                self._read_bytes += len(chunk)
                 done = lines.feed(chunk)
                 for count, line in enumerate(done, 1):
                     self._emit(line)
@@ -171,7 +175,8 @@ class Child:
 
     def _emit(self, line: str) -> None:
         self.ring.append(line)
-        _log.info("backend.output", model=self.model, line=line)
+        if line:  # an empty line says nothing: kept for `swapd logs`, not logged
+            _log.info("backend.output", model=self.model, line=line)
 
     async def wait_exit(self) -> int:
         """Wait until the leader has exited and its output is drained, or given up on."""
@@ -184,28 +189,43 @@ class Child:
 
     async def _drain_output(self) -> None:
         pump = self._pump
-        if pump is None or pump.done():
+        if pump is None or pump.done() or await self._read_to_end(pump):
             return
-        try:
-            async with asyncio.timeout(OUTPUT_GRACE):  # not wait_for: see manager
-                await asyncio.shield(pump)
-        except TimeoutError:
-            # The leader is gone but something still holds its output pipe: a helper
-            # that left the process group (setsid). Stop reading and close our end.
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-            assert self._proc is not None  # noqa: S101 - drained only after a spawn
-            self._proc.close_output()
-            if await self._group_alive():
-                return  # a worker still in the group holds it; the stop ends it
-            self.escaped = True
-            _log.warning(
-                "backend.escaped",
-                model=self.model,
-                pid=self._proc.pid,
-                detail="a process that left the backend's group still holds its output",
-            )
+        # The leader is gone but something still holds its output pipe: a helper that
+        # left the process group (setsid). Stop reading and close our end.
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+        assert self._proc is not None  # noqa: S101 - drained only after a spawn
+        self._proc.close_output()
+        if await self._group_alive():
+            return  # a worker still in the group holds it; the stop ends it
+        self.escaped = True
+        _log.warning(
+            "backend.escaped",
+            model=self.model,
+            pid=self._proc.pid,
+            detail="a process that left the backend's group still holds its output",
+        )
+
+    async def _read_to_end(self, pump: asyncio.Task[None]) -> bool:
+        """Whether the output reaches its end: OUTPUT_GRACE at a time while reads go on.
+
+        Reads that go on are output written before the exit (a pipe holds a megabyte of
+        lines), not a helper holding the pipe; OUTPUT_DRAIN_MAX bounds them all the same.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OUTPUT_DRAIN_MAX
+        while True:
+            before = self._read_bytes
+            try:
+                async with asyncio.timeout(OUTPUT_GRACE):  # not wait_for: see manager
+                    await asyncio.shield(pump)
+            except TimeoutError:
+                if self._read_bytes == before or loop.time() > deadline:
+                    return False
+            else:
+                return True
 
     async def wait_ready(  # noqa: PLR0913 - where, what, how long, through what, the key
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,34 @@ def test_missing_llama_server_binary_names_the_preset_and_path(
     message = body["error"]["message"]
     assert "could not start: binary 'no-llama-here' not found" in message
     assert "searched PATH=" in message
+
+
+# A backend that dies right after printing a megabyte of empty lines and one that says why:
+# it enlarges its stdout pipe to 1 MiB (F_SETPIPE_SZ), fills it, and exits. Nothing else
+# runs, and the pipe's write end is closed at its exit.
+_FLOOD_THEN_EXIT = (
+    "import fcntl, os\n"
+    "fcntl.fcntl(1, 1031, 1 << 20)\n"  # F_SETPIPE_SZ
+    "os.write(1, b'\\n' * ((1 << 20) - 64))\n"
+    "os.write(1, b'fatal: cannot load the model\\n')\n"
+    "os._exit(1)\n"
+)
+
+
+def test_output_still_in_the_pipe_at_exit_is_read_not_taken_for_an_escape(
+    start_daemon: StartDaemon,
+) -> None:
+    """A full pipe still to read after the exit is output, not a helper holding the pipe.
+
+    The drain gave the reads one second: a pipe of short lines took longer, so the backend
+    was marked escaped (``backend.escaped``, ``escaped: true``) and its last line, the one
+    that says why it died, was lost.
+    """
+    cmd = [sys.executable, "-c", _FLOOD_THEN_EXIT, "${PORT}"]
+    d = start_daemon({"a": {"backend": "command", "cmd": cmd}})
+    status, body = d.chat("a")
+    assert (status, body["error"]["code"]) == (502, "backend_start_failed")
+    assert "exited with 1" in body["error"]["message"]
+    assert "fatal: cannot load the model" in body["error"]["message"]
+    assert d.events("backend.escaped") == []
+    assert d.model("a")["escaped"] is False
