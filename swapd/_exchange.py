@@ -27,6 +27,9 @@ class Exchange:
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
+# Status logged and counted for a client that hung up before its answer was complete, or
+# stopped reading it for ``send_timeout`` (swapd cut it).
+CLIENT_GONE = 499
 
 
 def stream_error(request: web.Request, status: int) -> None:

@@ -27,7 +27,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from swapd import marks, notify
-from swapd._exchange import EXCHANGE, Exchange
+from swapd._exchange import CLIENT_GONE, EXCHANGE, Exchange
 from swapd.auth import CORS_ORIGIN, access_warnings, add_cors_headers
 from swapd.catalog import Catalog
 from swapd.config import Config
@@ -56,9 +56,8 @@ PRELOAD = web.AppKey("preload", asyncio.Task[None])
 # Routes beyond the proxy's own whose JSON body names the model.
 EXTRA_JSON_ROUTES = ("/v1/messages/count_tokens", *LLAMA_ROUTES)
 UPSTREAM_ROUTE = "/upstream/{target:.+}"
-# Status logged and counted for a client that hung up before its answer was complete, and
-# for a request still running when the drain's time was up (swapd cut it).
-CLIENT_GONE = 499
+# Status logged and counted for a request still running when the drain's time was up
+# (swapd cut it); CLIENT_GONE (swapd._exchange) for a client that hung up or stalled.
 CUT_AT_SHUTDOWN = 503
 # Past the drain and the longest stop, what a shutdown may still take (the reaper, cgroups).
 _STOP_MARGIN_S = 30.0
@@ -258,7 +257,8 @@ def build_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         pool = UpstreamPool()
         manager = Manager(runtime.config, probe, pool, on_group=on_group, metrics=runtime.metrics)
-        proxy = Proxy(manager, pool, runtime.config.max_body, runtime.config.body_timeout)
+        config = runtime.config
+        proxy = Proxy(manager, pool, config.max_body, config.body_timeout, config.send_timeout)
         app[MANAGER] = runtime.manager = manager
         runtime.proxy = proxy
         await manager.open()

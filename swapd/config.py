@@ -62,6 +62,9 @@ class Config:
     header_timeout: float = 10.0
     body_timeout: float = 120.0
     keepalive_timeout: float = 75.0
+    # How long a client may take no bytes of a relayed answer before it is cut (nginx's
+    # send_timeout): one that stops reading would hold its model's lease for good.
+    send_timeout: float = 60.0
     # The ram tier's cap; None: half of host RAM; 0 turns the tier off.
     ram_budget: int | None = None
     # NVMe staging: where copies live and how many bytes they may take (None: no cap but
@@ -192,6 +195,7 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_connections": _count,
     "header_timeout": parse_positive_duration,
     "body_timeout": parse_positive_duration,
+    "send_timeout": parse_positive_duration,
     "keepalive_timeout": parse_positive_duration,
     "ram_budget": lambda v: None if v is None else parse_size(v),
     "cache_dir": _path,

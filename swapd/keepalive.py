@@ -215,16 +215,19 @@ class ColdStreams:
         except UpstreamError as exc:
             raise BackendGone(lease.model, str(exc)) from exc
 
-    @staticmethod
     async def _copy(
-        request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse, model: str
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        upstream: UpstreamResponse,
+        model: str,
     ) -> None:
         if upstream.status != 200:
             raise _BackendRefused(await _backend_error(upstream), upstream.status)
         exchange = request.get(EXCHANGE)
         if exchange is not None:
             exchange.first_byte = time.perf_counter()  # the backend's first byte, not a ping
-        cut = await pass_body(request, response, upstream)
+        cut = await pass_body(request, response, upstream, self.proxy.send_timeout)
         if cut is not None:
             # The 200 was swapd's own, for the pings: the stream can still say what failed.
             raise BackendGone(model, str(cut))

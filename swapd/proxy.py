@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 from aiohttp.http import StreamWriter
 
 from swapd import _json as capped_json
-from swapd._exchange import stream_error
+from swapd._exchange import CLIENT_GONE, stream_error
 from swapd.errors import (
     BackendGone,
     BadRequest,
@@ -30,8 +30,11 @@ from swapd.errors import (
     clip,
 )
 from swapd.limits import send_continue
+from swapd.logs import get_logger
 from swapd.manager import Lease, Manager
 from swapd.upstream import NotSent, UpstreamError, UpstreamPool, UpstreamResponse
+
+_log = get_logger("swapd.proxy")
 
 JSON_ROUTES = (
     "/v1/chat/completions",
@@ -242,11 +245,13 @@ class Proxy:
         pool: UpstreamPool,
         max_body: int,
         body_timeout: float | None = None,
+        send_timeout: float | None = None,
     ) -> None:
         self.manager = manager
         self.pool = pool
         self.max_body = max_body
         self.body_timeout = body_timeout
+        self.send_timeout = send_timeout
         self.large_bodies = LargeBodies()
 
     async def json_route(self, request: web.Request) -> web.StreamResponse:
@@ -319,14 +324,14 @@ class Proxy:
         except UpstreamError as exc:
             raise BackendGone(lease.model, str(exc)) from exc
         try:
-            return await self._relay(request, upstream, lease.model)
+            return await self._relay(request, upstream, lease.model, self.send_timeout)
         finally:
             # Closing (not reusing) an unfinished upstream cancels the generation.
             upstream.finish()
 
     @staticmethod
     async def _relay(
-        request: web.Request, upstream: UpstreamResponse, model: str
+        request: web.Request, upstream: UpstreamResponse, model: str, send_timeout: float | None
     ) -> web.StreamResponse:
         dropped = (
             _HOP_BYTES | upstream.connection_names if upstream.connection_names else _HOP_BYTES
@@ -366,7 +371,7 @@ class Proxy:
             # chunk (a long prompt) shows the client its status meanwhile.
             flush = asyncio.get_running_loop().call_later(HEADERS_WAIT, _send_headers, request)
         try:
-            cut = await pass_body(request, response, upstream)
+            cut = await pass_body(request, response, upstream, send_timeout)
         finally:
             if flush is not None:
                 flush.cancel()
@@ -380,29 +385,49 @@ class Proxy:
 
 
 async def pass_body(
-    request: web.Request, response: web.StreamResponse, upstream: UpstreamResponse
+    request: web.Request,
+    response: web.StreamResponse,
+    upstream: UpstreamResponse,
+    send_timeout: float | None = None,
 ) -> UpstreamError | None:
     """Write the backend's body to the client chunk by chunk, as it comes.
 
     While the client keeps up, each chunk is written from the backend connection's
     own read (:func:`_write_at_once`); chunks that wait go through the awaited path
-    below, which waits for a slow client (backpressure). Returns the backend's error
-    when it cut its answer short: the caller ends the client's answer as it can.
+    below, which waits for a slow client (backpressure), for ``send_timeout`` at most
+    per write: a client that takes nothing for that long is cut, and its lease freed.
+    Returns the backend's error when it cut its answer short: the caller ends the
+    client's answer as it can.
     """
     upstream.pass_to(_write_at_once(request))
     try:
         while (chunk := await upstream.next_chunk()) is not None:
             if upstream.finished():
                 # The answer is whole: its last chunk and the end go in one write.
-                await response.write_eof(chunk)
+                await _bounded(response.write_eof(chunk), send_timeout)
                 return None
-            await response.write(chunk)
+            await _bounded(response.write(chunk), send_timeout)
+        await _bounded(response.write_eof(), send_timeout)
     except UpstreamError as exc:
         return exc
+    except TimeoutError:
+        # A client that took no byte of its answer for send_timeout: cut; the lease goes.
+        _log.info("request.client_stalled", send_timeout_s=send_timeout)
+        stream_error(request, CLIENT_GONE)
+        if request.transport is not None:
+            request.transport.close()
     finally:
         upstream.pass_to(None)
-    await response.write_eof()
     return None
+
+
+async def _bounded(write: Awaitable[None], limit: float | None) -> None:
+    """An awaited write to the client, waiting for it to drain ``limit`` seconds at most."""
+    if limit is None:
+        await write
+        return
+    async with asyncio.timeout(limit):
+        await write
 
 
 def _write_at_once(request: web.Request) -> Callable[[bytes], bool] | None:

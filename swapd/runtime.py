@@ -77,6 +77,7 @@ class Runtime:
         if self.proxy is not None:
             self.proxy.max_body = config.max_body
             self.proxy.body_timeout = config.body_timeout
+            self.proxy.send_timeout = config.send_timeout
 
     async def remember_launches(self) -> None:
         """Read every preset's launch key, for the first reload to compare with."""

@@ -240,3 +240,39 @@ def test_a_compressed_body_reaches_the_backend_decoded_and_a_broken_one_is_400(
             assert b"content-encoding" not in got
         else:
             assert "cannot be read" in data["error"]["message"]
+
+
+def test_a_client_that_stops_reading_a_stream_is_cut_after_send_timeout(
+    start_daemon: StartDaemon,
+) -> None:
+    """A client that takes no byte for ``send_timeout`` is cut, and its lease freed.
+
+    Nothing bounded it before: the stream's writes waited for the client for good, and the
+    model kept the request in flight (its ``concurrency`` place, and no eviction).
+    """
+    d = start_daemon(
+        {"a": fake_preset("A", "--chunks", "200000", "--chunk-interval", "0")},
+        {"send_timeout": "1s"},
+    )
+    assert d.chat("a")[0] == 200
+    body = json.dumps(
+        {"model": "a", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    )
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", d.port))
+    try:
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (d.port, len(body), body.encode())
+        )
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        # The client reads nothing from here on.
+        wait_for(lambda: d.events("request.client_stalled"), timeout=30)
+        wait_for(lambda: d.model("a")["in_flight"] == 0)
+        [done] = [e for e in d.events("request.done") if e.get("status") == 499]
+        assert done["path"] == "/v1/chat/completions"
+    finally:
+        client.close()
+    assert d.chat("a")[0] == 200  # the model serves on
