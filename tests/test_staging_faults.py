@@ -22,7 +22,7 @@ from daemon import fake_preset, hook_env, wait_for
 from test_staging import complete, write
 from test_staging_daemon import MIB, _model, staged_preset
 
-from swapd import _cache_dir
+from swapd import _cache_dir, _copy
 from swapd import staging as staging_module
 from swapd.staging import StagingCache, StagingError
 
@@ -240,7 +240,7 @@ async def test_a_cached_copy_that_goes_while_it_is_verified_is_a_staging_error(
     """
     source = write(tmp_path / "m.gguf", MIB)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    real = staging_module.hash_file
+    real = _copy.hash_file
     entered, go = threading.Event(), threading.Event()
 
     def held(path: Path, cancel: threading.Event | None = None) -> str:
