@@ -34,7 +34,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Need = Literal["nothing", "checks", "inference", "admin"]
 CORS_ORIGIN = web.RequestKey("cors_origin", str)
 _WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - names for "every address"
-_HOST_NAME = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|[0-9a-f:.]+)$")
+_HOST_NAME = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?)$")
 _ORIGIN = re.compile(r"^([a-z][a-z0-9+.-]*)://([^/?#@\s]+?)(:(\d{1,5}))?/?$")
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _ALLOW_METHODS = "GET, POST, OPTIONS"
@@ -65,13 +65,22 @@ def parse_allowed_hosts(value: Any) -> tuple[str, ...]:
     hosts = []
     for item in value:
         name = str(item).strip().lower().rstrip(".")
-        if not isinstance(item, str) or not _HOST_NAME.match(name):
+        if not isinstance(item, str) or not (_HOST_NAME.match(name) or _ip_literal(name)):
             raise ValueError(
                 f"expected a host name without scheme or port (like llm.example.com, "
                 f"*.example.com or *), got {clip(str(item))!r}"
             )
         hosts.append(name)
     return tuple(hosts)
+
+
+def _ip_literal(name: str) -> bool:
+    """An IPv6 (or IPv4) address as written, with no port: ``::1``, ``fd00::5``."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_origins(value: Any) -> tuple[str, ...]:
@@ -85,7 +94,8 @@ def parse_origins(value: Any) -> tuple[str, ...]:
             origins.append(text)
             continue
         match = _ORIGIN.match(text) if isinstance(item, str) else None
-        if match is None or text == "null":
+        port_ok = match is None or match[4] is None or 0 < int(match[4]) < 65536
+        if match is None or text == "null" or not port_ok:
             raise ValueError(
                 "expected an origin like https://chat.example.com or http://localhost:3000 "
                 f"(scheme, host and port only), or *; got {clip(str(item))!r}"

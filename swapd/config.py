@@ -235,6 +235,10 @@ def _defaults(doc: Document, errors: list[ConfigError]) -> dict[str, tuple[Any, 
                 continue
             allowed = set(CONVERTERS) - NOT_IN_DEFAULTS
             defaults = convert_entries(children, allowed=allowed, errors=errors)
+            for child in children:
+                if child.key == "backend" and "backend" not in defaults:
+                    # Invalid, and said so here: the presets that take it say nothing more.
+                    defaults["backend"] = (None, child.where)
     return defaults
 
 

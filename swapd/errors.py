@@ -110,7 +110,8 @@ class ConfigErrors(SwapdError):
     """All the errors found while loading a config and its presets."""
 
     def __init__(self, errors: Sequence[ConfigError]) -> None:
-        self.errors = tuple(errors)
+        # Once each: a problem in `defaults:` is found again by every preset that takes it.
+        self.errors = tuple({str(e): e for e in errors}.values())
         super().__init__("\n".join(str(e) for e in self.errors))
 
 

@@ -258,10 +258,9 @@ def _build(  # noqa: PLR0911 - one early return per kind of problem
     if not _NAME.match(name):
         errors.append(ConfigError(name_at, "name", f"not a usable model name: {name!r}"))
         return None
-    if "backend" not in values:
-        errors.append(ConfigError(doc.where, "backend", f"missing; one of {', '.join(BACKENDS)}"))
+    if (found := _backend_of(values, doc.where, errors)) is None:
         return None
-    backend, backend_at = values["backend"]
+    backend, backend_at = found
     # A key missing from this file is reported in it, also where backend came from defaults.
     missing_at = backend_at if backend_at.file == label else doc.where
     if problem := _own_key_clash(backend, values) or _pinned_outside(values, offered):
@@ -284,6 +283,19 @@ def _build(  # noqa: PLR0911 - one early return per kind of problem
         plain["model"] = _resolve_model(values["model"][0], file.parent)
     plain["name"] = name
     return Preset(file=label, **plain)
+
+
+def _backend_of(
+    values: Mapping[str, tuple[Any, Location]], where: Location, errors: list[ConfigError]
+) -> tuple[BackendName, Location] | None:
+    """The preset's backend and where it was set; None when missing (an error) or invalid."""
+    if "backend" not in values:
+        errors.append(ConfigError(where, "backend", f"missing; one of {', '.join(BACKENDS)}"))
+        return None
+    backend, backend_at = values["backend"]
+    if backend is None:
+        return None  # an invalid `backend:` in defaults, reported there once
+    return backend, backend_at
 
 
 def _model_problem(
