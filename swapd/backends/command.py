@@ -25,8 +25,9 @@ class CommandKind(NoSleep):
     own_key: OwnKey | None = None  # swapd cannot know how an arbitrary server takes a key
 
     def binary(self, preset: Preset) -> str:
-        """The first word of ``cmd``, which must be an executable."""
+        """The first word of ``cmd``, which must be an executable (``${MODEL}``: a llamafile)."""
         program = preset.cmd[0] if preset.cmd else ""
+        program = program.replace("${MODEL}", str(preset.model) if preset.model else preset.name)
         if not shutil.which(program):
             raise BinaryNotFound(
                 f"command {program!r} not found or not executable (searched PATH={search_path()})"

@@ -7,15 +7,24 @@ otherwise let the server resize itself behind swapd's back (``-ngl``, ``-c``,
 
 from __future__ import annotations
 
-import functools
 import shutil
 import signal
 import subprocess
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swapd.backends._kind import NoSleep, OwnKey, Placement, RamVia, Tier
-from swapd.backends._launch import LOOPBACK, BinaryNotFound, explicit_binary, has_flag, search_path
+from swapd.backends._launch import (
+    LOOPBACK,
+    BinaryNotFound,
+    child_env,
+    explicit_binary,
+    has_flag,
+    search_path,
+)
 from swapd.estimate import CPU_OVERHEAD, GPU_OVERHEAD, estimate_for_args, parse_llama_args
+from swapd.gguf_split import split_parts
 from swapd.logs import get_logger
 
 if TYPE_CHECKING:
@@ -25,16 +34,36 @@ if TYPE_CHECKING:
 _log = get_logger("swapd.backends")
 
 
-@functools.cache
-def llama_server_flags(binary: str) -> frozenset[str]:
-    """The long flags a llama-server build understands, read once from its ``--help``."""
+_FLAGS: dict[tuple[object, ...], frozenset[str]] = {}
+
+
+def llama_server_flags(binary: str, env: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The long flags a llama-server build understands, read from its ``--help``.
+
+    Once per build: a binary replaced in place (an upgrade) is read again. ``env`` is the
+    environment it runs with (a build may need a preset's ``LD_LIBRARY_PATH`` to run).
+    """
+    try:
+        st = Path(binary).stat()
+    except OSError:
+        return frozenset()
+    key = (binary, st.st_size, st.st_mtime_ns, st.st_ino, tuple(sorted((env or {}).items())))
+    if (found := _FLAGS.get(key)) is not None:
+        return found
     try:
         out = subprocess.run(
-            [binary, "--help"], capture_output=True, text=True, timeout=30, check=False
+            [binary, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=None if env is None else dict(env),
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return frozenset()
-    return frozenset(word.strip(",") for word in out.split() if word.startswith("-"))
+        out = ""
+    found = frozenset(word.strip(",") for word in out.split() if word.startswith("-"))
+    _FLAGS[key] = found
+    return found
 
 
 class LlamaServerKind(NoSleep):
@@ -74,7 +103,7 @@ class LlamaServerKind(NoSleep):
             pinned += ["-ngl", "999" if placement.on_gpu else "0"]
         if not has_flag(args, "-c", "--ctx-size"):
             pinned += ["-c", "0"]  # the model's own context, explicitly: what the estimate assumed
-        flags = llama_server_flags(binary)
+        flags = llama_server_flags(binary, child_env(preset, {}))
         if "--fit" in flags and not has_flag(args, "-fit", "--fit"):
             pinned += ["--fit", "off"]
         if not has_flag(args, "-a", "--alias"):
@@ -101,7 +130,7 @@ class LlamaServerKind(NoSleep):
             # Never less than the weights the file holds: the default is for models
             # swapd knows nothing about, not for a GGUF of unknown layout.
             try:
-                size = preset.model.stat().st_size
+                size = sum(part.stat().st_size for part in split_parts(preset.model))
             except OSError:
                 return None
             return size + (GPU_OVERHEAD if device.kind != "cpu" else CPU_OVERHEAD)

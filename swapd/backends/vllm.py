@@ -11,10 +11,17 @@ import asyncio
 import json
 import shutil
 import signal
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from swapd.backends._kind import OwnKey, Placement, RamVia, Tier
-from swapd.backends._launch import BinaryNotFound, explicit_binary, has_flag, search_path
+from swapd.backends._launch import (
+    BinaryNotFound,
+    explicit_binary,
+    flag_as_written,
+    has_flag,
+    search_path,
+)
 from swapd.upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -52,6 +59,20 @@ async def _call(  # noqa: PLR0913, PLR0917 - where, what, and a JSON body
     if status != 200:
         raise SleepFailed(f"{method} {path}: HTTP {status}: {body[:200]!r}")
     return body
+
+
+def _own_fraction(args: Sequence[str]) -> float | None:
+    """The preset's ``--gpu-memory-utilization`` (any spelling vLLM reads), if valid."""
+    for i, arg in enumerate(args):
+        if flag_as_written([arg], "--gpu-memory-utilization", argparse=True) is None:
+            continue
+        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+        try:
+            fraction = float(value)
+        except ValueError:
+            return None
+        return fraction if 0 < fraction <= 1 else None
+    return None
 
 
 class VllmKind:
@@ -113,9 +134,14 @@ class VllmKind:
         return {"VLLM_SERVER_DEV_MODE": "1"} if placement.sleep_level else {}
 
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
-        """vLLM takes its share of a GPU, or ``VLLM_CPU_DEFAULT`` of host RAM."""
-        del preset
-        return int(total * VLLM_GPU_DEFAULT_FRACTION) if device.kind != "cpu" else VLLM_CPU_DEFAULT
+        """vLLM takes its share of a GPU, or ``VLLM_CPU_DEFAULT`` of host RAM.
+
+        The share is the preset's own ``--gpu-memory-utilization`` where it sets one (it is
+        kept in the command line), else vLLM's default.
+        """
+        if device.kind == "cpu":
+            return VLLM_CPU_DEFAULT
+        return int(total * (_own_fraction(preset.args) or VLLM_GPU_DEFAULT_FRACTION))
 
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """POST ``/sleep?level=N``; vLLM answers once the weights have moved."""

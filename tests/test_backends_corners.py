@@ -1,0 +1,171 @@
+"""Backends in their corners.
+
+Split GGUF fallbacks, a preset's own vLLM share, a llamafile as the program, and the
+llama-server build's flags read with the preset's environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from swapd.backends import Placement, build_launch, llama_server_flags
+from swapd.backends.llama_server import LLAMA_SERVER
+from swapd.backends.vllm import VLLM
+from swapd.estimate import CPU_OVERHEAD
+from swapd.presets import Preset
+from swapd.probe import HOST_DEVICE, Device
+
+GIB = 1024**3
+MIB = 1024**2
+GPU = Device("gpu0", "nvidia", 0, "NVIDIA Test", {"CUDA_VISIBLE_DEVICES": "0"})
+
+
+def _write_split_without_context_length(path: Path) -> list[Path]:
+    """A llama GGUF split in three files whose metadata lacks ``llama.context_length``.
+
+    The estimate cannot read it (``model.estimate.fail``), so swapd falls back to the
+    file size; the two later shards hold most of the weights.
+    """
+    writer = gguf.GGUFWriter(str(path), "llama", split_max_tensors=2)
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_head_count(8)
+    writer.add_head_count_kv(2)
+    writer.add_tensor("token_embd.weight", np.zeros((100, 64), np.float32))
+    writer.add_tensor("output.weight", np.zeros((100, 64), np.float32))
+    for i in range(2):
+        # 4 MiB each, in the second and third files.
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((16384, 64), np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", np.zeros((64, 16384), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    shards = sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))
+    assert len(shards) == 3, shards
+    return shards
+
+
+def test_unreadable_split_gguf_falls_back_to_the_size_of_every_shard(tmp_path: Path) -> None:
+    """A split GGUF the estimate cannot read counts every shard, never less.
+
+    The fallback counted the first file only (mostly metadata), far below what loads.
+    """
+    shards = _write_split_without_context_length(tmp_path / "m.gguf")
+    every_shard = sum(p.stat().st_size for p in shards)
+    assert shards[0].stat().st_size < every_shard // 4  # the first file is mostly metadata
+    preset = Preset(name="m", file="m.yaml", backend="llama-server", model=shards[0])
+    need = LLAMA_SERVER.estimate(preset, HOST_DEVICE, 64 * GIB)
+    assert need is not None
+    assert need >= every_shard + CPU_OVERHEAD, (
+        f"fallback need {need} < {every_shard} bytes of the shards llama-server loads "
+        f"+ {CPU_OVERHEAD} overhead"
+    )
+
+
+def test_vllm_estimate_follows_the_presets_own_gpu_memory_utilization() -> None:
+    """The preset's ``--gpu-memory-utilization`` (kept in the command line) is the share.
+
+    The estimate assumed 90% (vLLM's own default) whatever the preset set, so a card with
+    a fifth held elsewhere refused a 30% vLLM as impossible.
+    """
+    preset = Preset(
+        name="v",
+        file="v.yaml",
+        backend="vllm",
+        model=Path("/models/v"),
+        args=("--gpu-memory-utilization", "0.3"),
+    )
+    total = 80 * GIB
+    # The preset's flag is kept on the command line: vLLM will take 30% of the card.
+    argv = VLLM.argv(preset, "vllm", 1, Placement(on_gpu=True, gpu_fraction=0.9))
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.3"
+    assert "0.900" not in argv
+    need = VLLM.estimate(preset, GPU, total)
+    assert need == int(total * 0.3), f"estimate {need} bytes for a 24 GiB vLLM"
+
+
+def test_a_command_may_run_its_model_as_the_program(tmp_path: Path) -> None:
+    """``cmd: ["${MODEL}", ...]`` runs the model file itself (a llamafile).
+
+    The binary check looked up the text ``${MODEL}`` on PATH: every start was a 502.
+    """
+    model = tmp_path / "qwen.llamafile"
+    model.write_text("#!/bin/sh\nexit 0\n")
+    model.chmod(0o755)
+    preset = Preset(
+        name="q",
+        file="q.yaml",
+        backend="command",
+        model=model,
+        cmd=("${MODEL}", "--server", "--port", "${PORT}"),
+    )
+    launch = build_launch(preset, 4242, Placement())
+    assert launch.argv == (str(model), "--server", "--port", "4242")
+
+
+def _fake_llama_server(path: Path, *, help_needs: str | None) -> Path:
+    """A stand-in llama-server whose ``--help`` lists ``--fit``.
+
+    With ``help_needs``, it runs only with that directory on LD_LIBRARY_PATH, as a build
+    whose shared libraries live beside it but off the loader's path does.
+    """
+    fit = 'echo "-fit,  --fit [on|off]   whether to adjust unset arguments to fit"'
+    if help_needs is None:
+        body = fit
+    else:
+        body = (
+            f'case "$LD_LIBRARY_PATH" in *{help_needs}*) {fit};; '
+            '*) echo "error while loading shared libraries: libllama.so" >&2; exit 127;; esac'
+        )
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_fit_off_is_pinned_for_a_build_that_needs_the_presets_env_to_run(tmp_path: Path) -> None:
+    """``--help`` runs with the preset's environment, as the server does.
+
+    A build that needs its ``LD_LIBRARY_PATH`` to run gave no flags, and no ``--fit off``.
+    """
+    libs = tmp_path / "lib"
+    libs.mkdir()
+    binary = _fake_llama_server(tmp_path / "llama-server", help_needs=str(libs))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    preset = Preset(
+        name="m",
+        file="m.yaml",
+        backend="llama-server",
+        model=model,
+        binary=str(binary),
+        env={"LD_LIBRARY_PATH": str(libs)},
+    )
+    launch = build_launch(preset, 1, Placement(on_gpu=True))
+    assert launch.env["LD_LIBRARY_PATH"] == str(libs)  # what the server itself runs with
+    assert "--fit" in launch.argv, launch.argv
+
+
+def test_fit_flag_follows_a_binary_replaced_in_place(tmp_path: Path) -> None:
+    """A build replaced in place (an upgrade) has its ``--help`` read again.
+
+    The flags were cached by path for the daemon's life: the new build never got
+    ``--fit off``.
+    """
+    binary = tmp_path / "llama-server"
+    binary.write_text('#!/bin/sh\necho "-c,  --ctx-size N"\n')
+    binary.chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    preset = Preset(
+        name="m", file="m.yaml", backend="llama-server", model=model, binary=str(binary)
+    )
+    assert "--fit" not in build_launch(preset, 1, Placement(on_gpu=True)).argv
+    _fake_llama_server(tmp_path / "new", help_needs=None).replace(binary)  # the upgrade
+    argv = build_launch(preset, 2, Placement(on_gpu=True)).argv
+    assert "--fit" in argv, (
+        f"new build's --fit not pinned off; cached: {llama_server_flags(str(binary))}"
+    )
