@@ -171,7 +171,7 @@ class ColdStreams:
                 # is granted at once (the model is ready), so this one goes first.
                 handed = True
                 self.manager.release(lease)
-                return await self.proxy.forward(request, lease.model, body)
+                return await self.proxy.forward(request, lease.model, body, admitted=True)
             try:
                 return await self._relay(request, pings, lease, body)
             except RequestError as exc:

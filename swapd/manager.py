@@ -371,12 +371,18 @@ class Manager:
 
     # ---------------------------------------------------------------- leases
 
-    async def acquire(self, name: str) -> Lease:
-        """Wait until the model is ready and count one request in flight on it."""
+    async def acquire(self, name: str, *, admitted: bool = False) -> Lease:
+        """Wait until the model is ready and count one request in flight on it.
+
+        ``admitted``: a request leased once already (its backend died before it was sent,
+        or a cold stream hands it on): counted for the eviction order and let past
+        ``max_queue`` then, not again.
+        """
         slot = self.slot_for(name)
         preset = slot.preset
-        self._count_request(slot)
-        if preset.max_queue is not None:
+        if not admitted:
+            self._count_request(slot)
+        if preset.max_queue is not None and not admitted:
             # Past concurrency and max_queue together. A request within concurrency is no
             # queue, also while the model loads (all of those run at once once it is ready).
             limit = (preset.concurrency or 0) + preset.max_queue

@@ -269,17 +269,20 @@ class Proxy:
         )
         return await self.forward(request, model, body)
 
-    async def forward(self, request: web.Request, model: str, body: bytes) -> web.StreamResponse:
+    async def forward(
+        self, request: web.Request, model: str, body: bytes, *, admitted: bool = False
+    ) -> web.StreamResponse:
         """Send the request to a leased backend and pass the answer back unbuffered.
 
         A backend that refuses the connection died before swapd noticed (a request queued
         behind its ``concurrency`` is leased the moment the one before it ends): the
         request never reached it, so once swapd has seen the exit it is leased again,
-        and waits for the restart as any request for a stopped model does.
+        and waits for the restart as any request for a stopped model does. ``admitted``:
+        the request held a lease already (a cold stream's), counted and let in then.
         """
         request["model"] = model  # clipped in the log line, not for the metrics' lookup
         manager = self.manager
-        lease = await manager.acquire(model)
+        lease = await manager.acquire(model, admitted=admitted)
         try:
             return await self._leased(request, lease, body)
         except NotSent as exc:
@@ -288,7 +291,7 @@ class Proxy:
             manager.release(lease)
         if not await manager.exit_noticed(lease, EXIT_NOTICE_WAIT):
             raise BackendGone(lease.model, str(refused))
-        lease = await manager.acquire(model)
+        lease = await manager.acquire(model, admitted=True)  # the same request, again
         try:
             return await self._leased(request, lease, body)
         except NotSent as exc:
