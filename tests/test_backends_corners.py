@@ -10,6 +10,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
+from fakes.tiny_gguf import write_tiny_llama_gguf
 
 from swapd.backends import Placement, build_launch, llama_server_flags
 from swapd.backends.llama_server import LLAMA_SERVER
@@ -169,3 +171,49 @@ def test_fit_flag_follows_a_binary_replaced_in_place(tmp_path: Path) -> None:
     assert "--fit" in argv, (
         f"new build's --fit not pinned off; cached: {llama_server_flags(str(binary))}"
     )
+
+
+def _projector(path: Path) -> Path:
+    """A vision projector GGUF holding one 8 MiB tensor."""
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_tensor("v.blk.0.attn_q.weight", np.zeros((2048, 1024), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extra", "device", "counted"),
+    [
+        ((), GPU, True),
+        (("--no-mmproj-offload",), GPU, False),
+        (("--no-mmproj-offload",), HOST_DEVICE, True),
+        (("--no-mmproj",), GPU, False),
+    ],
+)
+def test_a_vision_projector_counts_where_it_goes(
+    tmp_path: Path, extra: tuple[str, ...], device: Device, counted: bool
+) -> None:
+    """``--mmproj FILE`` loads onto the GPU by default: its weights count there.
+
+    The estimate read the model file alone, so a vision model was admitted with less than
+    it takes until measured.
+    """
+    model = tmp_path / "m.gguf"
+    write_tiny_llama_gguf(model)
+    mmproj = _projector(tmp_path / "mmproj.gguf")
+    plain = Preset(name="m", file="m.yaml", backend="llama-server", model=model)
+    vision = Preset(
+        name="m",
+        file="m.yaml",
+        backend="llama-server",
+        model=model,
+        args=("--mmproj", str(mmproj), *extra),
+    )
+    without = LLAMA_SERVER.estimate(plain, device, 80 * GIB)
+    with_projector = LLAMA_SERVER.estimate(vision, device, 80 * GIB)
+    assert without is not None
+    assert with_projector is not None
+    assert with_projector - without == (mmproj.stat().st_size if counted else 0)

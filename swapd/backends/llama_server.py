@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,14 +117,17 @@ class LlamaServerKind(NoSleep):
         return {}
 
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
-        """Weights, KV cache, compute buffers and overhead, from the GGUF's metadata."""
+        """Weights, KV cache, compute buffers and overhead, from the GGUF's metadata.
+
+        Plus a vision projector's weights (``--mmproj``) where they go.
+        """
         del total
         if preset.model is None or not preset.model.is_file():
             return None
+        on_gpu = device.kind != "cpu"
+        projector = _projector_bytes(preset.args, on_gpu=on_gpu)
         try:
-            found = estimate_for_args(
-                preset.model, parse_llama_args(preset.args), on_gpu=device.kind != "cpu"
-            )
+            found = estimate_for_args(preset.model, parse_llama_args(preset.args), on_gpu=on_gpu)
         except (ValueError, OSError) as exc:
             _log.warning("model.estimate.fail", model=preset.name, error=str(exc))
             # Never less than the weights the file holds: the default is for models
@@ -133,8 +136,31 @@ class LlamaServerKind(NoSleep):
                 size = sum(part.stat().st_size for part in split_parts(preset.model))
             except OSError:
                 return None
-            return size + (GPU_OVERHEAD if device.kind != "cpu" else CPU_OVERHEAD)
-        return found.total
+            return size + projector + (GPU_OVERHEAD if on_gpu else CPU_OVERHEAD)
+        return found.total + projector
+
+
+def _projector_bytes(args: Sequence[str], *, on_gpu: bool) -> int:
+    """The file size of ``--mmproj FILE`` where it counts.
+
+    On a GPU unless ``--no-mmproj-offload`` keeps it in host RAM; none with
+    ``--no-mmproj``. Its own compute buffer is not counted (the measure learns it).
+    """
+    path, offload = None, True
+    for i, arg in enumerate(args):
+        flag, eq, inline = arg.partition("=")
+        if flag in {"-mm", "--mmproj"}:
+            path = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+        elif flag == "--no-mmproj":
+            return 0
+        elif flag == "--no-mmproj-offload":
+            offload = False
+    if path is None or (on_gpu and not offload):
+        return 0
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
 
 
 LLAMA_SERVER = LlamaServerKind()
