@@ -217,3 +217,55 @@ def test_a_vision_projector_counts_where_it_goes(
     assert without is not None
     assert with_projector is not None
     assert with_projector - without == (mmproj.stat().st_size if counted else 0)
+
+
+def _write_moe(path: Path) -> int:
+    """A two-block llama MoE GGUF; returns the bytes of its expert tensors (``*_exps``)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_head_count(8)
+    writer.add_head_count_kv(2)
+    writer.add_expert_count(8)
+    writer.add_expert_used_count(2)
+    writer.add_token_list([f"t{i}" for i in range(100)])
+    writer.add_tensor("token_embd.weight", np.zeros((100, 64), np.float32))
+    experts = 0
+    for i in range(2):
+        writer.add_tensor(f"blk.{i}.attn_q.weight", np.zeros((64, 64), np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate_inp.weight", np.zeros((8, 64), np.float32))
+        for part in ("gate", "up", "down"):
+            data = np.zeros((8, 512, 64), np.float32)  # 1 MiB per tensor
+            writer.add_tensor(f"blk.{i}.ffn_{part}_exps.weight", data)
+            experts += data.nbytes
+    writer.add_tensor("output.weight", np.zeros((100, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return experts
+
+
+@pytest.mark.parametrize(("flags", "blocks_kept"), [(("--cpu-moe",), 2), (("-ncmoe", "1"), 1)])
+def test_experts_kept_on_the_cpu_are_not_counted_on_the_gpu(
+    tmp_path: Path, flags: tuple[str, ...], blocks_kept: int
+) -> None:
+    """``--cpu-moe`` (every block) and ``--n-cpu-moe N`` keep MoE experts in host RAM.
+
+    The estimate counted every expert on the device: a big MoE on a small card was refused
+    as impossible there, and, never loaded, never measured either.
+    """
+    model = tmp_path / "moe.gguf"
+    experts = _write_moe(model)
+    plain = Preset(name="m", file="m.yaml", backend="llama-server", model=model, args=("-c", "256"))
+    kept = Preset(
+        name="m", file="m.yaml", backend="llama-server", model=model, args=("-c", "256", *flags)
+    )
+    all_on_gpu = LLAMA_SERVER.estimate(plain, GPU, 80 * GIB)
+    some_on_cpu = LLAMA_SERVER.estimate(kept, GPU, 80 * GIB)
+    assert all_on_gpu is not None
+    assert some_on_cpu is not None
+    # The experts kept on the host, less the largest (1 MiB): op offload copies it to the
+    # device's compute buffer to run its product there.
+    assert all_on_gpu - some_on_cpu == experts * blocks_kept // 2 - MIB

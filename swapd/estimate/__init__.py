@@ -160,7 +160,9 @@ def estimate_shape(  # noqa: PLR0913 - model, flags, and the three options of es
     cache_type_block(args.cache_type_v)
     layout = cache_layout(shape, args)
     if on_gpu:
-        weights, largest_left = weights_on_device(tensors, shape.n_layer, args.n_gpu_layers)
+        weights, largest_left = weights_on_device(
+            tensors, shape.n_layer, args.n_gpu_layers, args.n_cpu_moe
+        )
         first_layer, _ = offload_plan(shape.n_layer, args.n_gpu_layers)
     else:
         weights, largest_left = sum(t.n_bytes for t in tensors), 0

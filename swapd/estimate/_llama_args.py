@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 FlashAttn = Literal["on", "off", "auto"]
+ALL_BLOCKS = 1 << 30  # --cpu-moe: as many blocks as any model has
 GpuLayers = int | Literal["all", "auto"] | None
 
 
@@ -31,6 +32,8 @@ class LlamaArgs:
     n_ubatch: int = 512
     kv_unified: bool | None = None
     swa_full: bool = False
+    # Blocks whose MoE experts stay in host RAM (--n-cpu-moe N; --cpu-moe: every block).
+    n_cpu_moe: int = 0
 
 
 _FLAG_FIELDS = {
@@ -49,15 +52,19 @@ _FLAG_FIELDS = {
     "--flash-attn": "flash_attn",
     "-ub": "n_ubatch",
     "--ubatch-size": "n_ubatch",
+    "-ncmoe": "n_cpu_moe",
+    "--n-cpu-moe": "n_cpu_moe",
 }
 
 # Flags without a value, and what they set.
-_SWITCHES: dict[str, tuple[str, bool]] = {
+_SWITCHES: dict[str, tuple[str, bool | int]] = {
     "-kvu": ("kv_unified", True),
     "--kv-unified": ("kv_unified", True),
     "-no-kvu": ("kv_unified", False),
     "--no-kv-unified": ("kv_unified", False),
     "--swa-full": ("swa_full", True),
+    "-cmoe": ("n_cpu_moe", ALL_BLOCKS),
+    "--cpu-moe": ("n_cpu_moe", ALL_BLOCKS),
 }
 
 # llama.cpp's spellings of on, off and auto (common_arg_utils::is_truthy and friends).

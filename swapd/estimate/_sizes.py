@@ -46,6 +46,8 @@ INPUT_TENSOR_PREFIXES = (
 ACTIVATION_FACTOR = 16
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")
+# A block's MoE expert tensors, as llama.cpp's --cpu-moe matches them (LLM_FFN_EXPS_REGEX).
+_EXPERTS = re.compile(r"\.ffn_(up|down|gate)_(ch)?exps")
 
 # Head sizes that llama.cpp's CUDA and ROCm flash-attention kernels take with K and V alike
 # (ggml-cuda/fattn.cu). For any other, "-fa auto" finds the op unsupported on the device
@@ -118,12 +120,13 @@ def offload_plan(n_layer: int, n_gpu_layers: GpuLayers) -> tuple[int, bool]:
 
 
 def weights_on_device(
-    tensors: Sequence[TensorInfo], n_layer: int, n_gpu_layers: GpuLayers
+    tensors: Sequence[TensorInfo], n_layer: int, n_gpu_layers: GpuLayers, n_cpu_moe: int = 0
 ) -> tuple[int, int]:
     """Return bytes of the offloaded tensors and the largest tensor left on the host.
 
     The second figure matters because llama.cpp copies host weights into the device's
-    compute buffer to run big matrix products there (op offload).
+    compute buffer to run big matrix products there (op offload). The experts of the first
+    ``n_cpu_moe`` blocks stay on the host (``--n-cpu-moe``, ``--cpu-moe``).
     """
     first_block, output_on_device = offload_plan(n_layer, n_gpu_layers)
     names = {t.name for t in tensors}
@@ -132,7 +135,9 @@ def weights_on_device(
     for t in tensors:
         match = _BLOCK.match(t.name)
         if match:
-            offloaded = int(match.group(1)) >= first_block
+            block = int(match.group(1))
+            experts_kept = block < n_cpu_moe and _EXPERTS.search(t.name) is not None
+            offloaded = block >= first_block and not experts_kept
         elif t.name.startswith(INPUT_TENSOR_PREFIXES):
             # A lookup table; only its duplicate as the tied output is ever offloaded.
             if t.name == TOKEN_EMBD and OUTPUT not in names:
