@@ -45,7 +45,7 @@ def memory_need(
     if preset.memory is not None:
         return Need(preset.memory, "preset", estimate)
     learned = footprints.get(preset, device.kind)
-    if learned is not None:
+    if learned is not None and not (kind_of(preset).sizes_to_card and device.kind != "cpu"):
         return Need(learned.bytes, "measured", estimate)
     if estimate is None:
         # Nothing to go on (a command backend, say): a conservative guess until measured.

@@ -17,6 +17,8 @@ from swapd.backends import Placement, build_launch, llama_server_flags
 from swapd.backends.llama_server import LLAMA_SERVER
 from swapd.backends.vllm import VLLM
 from swapd.estimate import CPU_OVERHEAD
+from swapd.footprints import Footprints
+from swapd.needs import memory_need
 from swapd.presets import Preset
 from swapd.probe import HOST_DEVICE, Device
 
@@ -269,3 +271,23 @@ def test_experts_kept_on_the_cpu_are_not_counted_on_the_gpu(
     # The experts kept on the host, less the largest (1 MiB): op offload copies it to the
     # device's compute buffer to run its product there.
     assert all_on_gpu - some_on_cpu == experts * blocks_kept // 2 - MIB
+
+
+def test_a_vllm_footprint_from_a_big_card_does_not_bar_a_small_one(tmp_path: Path) -> None:
+    """vLLM takes the share of whichever card it runs on: a footprint from another says nothing.
+
+    Footprints are kept per device kind: 72 GiB measured on an 80 GiB card was the need on
+    a 24 GiB card of the same kind, refused there for good.
+    """
+    model = tmp_path / "v"
+    model.mkdir()
+    preset = Preset(name="v", file="v.yaml", backend="vllm", model=model)
+    big = Device("gpu0", "nvidia", 0, "NVIDIA H100 80GB", {"CUDA_VISIBLE_DEVICES": "0"})
+    small = Device("gpu1", "nvidia", 1, "NVIDIA RTX 4090", {"CUDA_VISIBLE_DEVICES": "1"})
+    footprints = Footprints(tmp_path)
+    footprints.put(preset, big.kind, int(80 * GIB * 0.9))  # what it took on gpu0
+    small_total = 24 * GIB
+    need = memory_need(preset, small, VLLM.estimate(preset, small, small_total), footprints)
+    assert need.bytes <= small_total, (
+        f"need on the 24 GiB card: {need.bytes / GIB:.1f} GiB ({need.source})"
+    )

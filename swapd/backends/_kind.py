@@ -64,6 +64,9 @@ class BackendKind(Protocol):
     # held in host RAM while stopped; None: it has no ram tier.
     ram_via: RamVia | None
     needs_model: bool
+    # It takes the share of a GPU it is given (vLLM's --gpu-memory-utilization), whatever
+    # the card: a footprint measured on one card says nothing of another.
+    sizes_to_card: bool
     stop_signal: signal.Signals
     # The backend's own API key, which swapd sets and sends itself; None: it has none.
     own_key: OwnKey | None

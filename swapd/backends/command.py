@@ -21,6 +21,7 @@ class CommandKind(NoSleep):
     tiers: frozenset[Tier] = frozenset({"device", "disk", "store"})
     ram_via: RamVia | None = None
     needs_model = False
+    sizes_to_card = False
     stop_signal = signal.SIGTERM
     own_key: OwnKey | None = None  # swapd cannot know how an arbitrary server takes a key
 

@@ -73,6 +73,7 @@ class LlamaServerKind(NoSleep):
     tiers: frozenset[Tier] = frozenset({"device", "ram", "disk", "store"})
     ram_via: RamVia | None = "pages"
     needs_model = True
+    sizes_to_card = False
     stop_signal = signal.SIGTERM
     # /health and /v1/models answer without it, so readiness polls need no key.
     own_key: OwnKey | None = OwnKey("LLAMA_API_KEY", ("--api-key", "--api-key-file"))

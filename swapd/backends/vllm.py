@@ -82,6 +82,7 @@ class VllmKind:
     tiers: frozenset[Tier] = frozenset({"device", "ram", "disk", "store"})
     ram_via: RamVia | None = "sleep"
     needs_model = True
+    sizes_to_card = True
     stop_signal = signal.SIGTERM
     # A key of its own per start (VLLM_API_KEY), sent on forwarded requests, readiness
     # polls and liveness probes. vLLM guards /v1/* with it; /health and the sleep API stay
