@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from swapd import policy
 from swapd.footprints import Footprints
+from swapd.gguf_split import split_parts
 from swapd.logs import get_logger
 from swapd.needs import Need, estimate_bytes, memory_need
 from swapd.presets import Preset
@@ -49,13 +50,18 @@ def _estimate(preset: Preset, device: Device, total: int) -> tuple[int | None, b
     return estimate_bytes(preset, device, total), there
 
 
-def _file_identity(preset: Preset) -> tuple[int, int] | None:
-    """Size and mtime of the model file: a file replaced at the same path is estimated anew."""
+def _file_identity(preset: Preset) -> tuple[tuple[int, int], ...] | None:
+    """Size and mtime of each model file, every shard of a split GGUF.
+
+    A file replaced at the same path is estimated anew.
+    """
+    if preset.model is None:
+        return None
     try:
-        found = preset.model.stat() if preset.model is not None else None
+        found = [part.stat() for part in split_parts(preset.model)]
     except OSError:
         return None
-    return None if found is None else (found.st_size, found.st_mtime_ns)
+    return tuple((st.st_size, st.st_mtime_ns) for st in found)
 
 
 class Admission:

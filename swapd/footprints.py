@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from swapd.gguf_split import split_parts
 from swapd.logs import get_logger
 from swapd.presets import Preset
 
@@ -31,7 +32,8 @@ _log = get_logger("swapd.footprints")
 def fingerprint(preset: Preset) -> str:
     """A stable hash of everything that changes how much a launch uses."""
     model = preset.model
-    size = model.stat().st_size if model is not None and model.is_file() else 0
+    # Every shard of a split GGUF: a changed one is another launch.
+    size = sum(p.stat().st_size for p in split_parts(model)) if model and model.is_file() else 0
     parts = [preset.backend, str(model), str(size), *preset.args, *preset.cmd]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 

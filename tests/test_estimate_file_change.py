@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING
 
 from fakes.tiny_gguf import write_one_block_llama
@@ -32,3 +33,37 @@ def test_estimate_follows_a_replaced_model_file(tmp_path: Path) -> None:
     write_one_block_llama(model, 16 * 1024)  # the same path now holds 64 MiB of weights
     assert fingerprint(preset) != old_fingerprint  # footprints already treat it as a new launch
     assert asyncio.run(need()) >= before + 60 * 1024**2
+
+
+def test_a_changed_shard_of_a_split_gguf_is_estimated_anew(tmp_path: Path) -> None:
+    """The cache key and the footprint's fingerprint cover every shard, not the first alone."""
+    import gguf
+    import numpy as np
+
+    def write(rows: int) -> list[Path]:
+        for old in tmp_path.glob("m-*.gguf"):
+            old.unlink()
+        writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama", split_max_tensors=1)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+        writer.add_tensor("blk.0.ffn_up.weight", np.zeros((rows, 64), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return sorted(tmp_path.glob("m-*-of-*.gguf"))
+
+    shards = write(16)
+    preset = Preset(name="m", file="m.yaml", backend="llama-server", model=shards[0])
+    adm = Admission(HostRamProbe(), Footprints(tmp_path), policy.Limits())
+
+    async def need() -> int:
+        snap = await adm.read(())
+        return (await adm.needs(preset, adm.candidates(preset), snap))["cpu"].bytes
+
+    before, old_fingerprint = asyncio.run(need()), fingerprint(preset)
+    first, stat = shards[0].read_bytes(), shards[0].stat()
+    write(16 * 1024)  # the second shard grows by 4 MiB
+    shards[0].write_bytes(first)  # the first is as it was, to its mtime
+    os.utime(shards[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint(preset) != old_fingerprint
+    assert asyncio.run(need()) >= before + 4 * 1024**2 - 64 * 16 * 4
