@@ -249,9 +249,11 @@ class EdgeHandler(RequestHandler):
         self._head_tail = b""
         self._head_done = False
         self._discarding = False  # refused: what the client still sends is dropped
-        # The running request's body: once it is whole, what comes is the next request's
-        # head (pipelined), counted as any head is; past the cap, refused after the answer.
+        # Once a head is whole, what comes is its body and then pipelined requests: the
+        # running request's body, and the bytes of a pipelined head so far (which passed
+        # the cap are refused once the running request is answered).
         self._body: StreamReader | None = None
+        self._pipelined = 0
         self._refuse_after: RequestError | None = None
         factory = self._request_factory
         assert factory is not None  # noqa: S101 - aiohttp sets it from the server
@@ -267,25 +269,43 @@ class EdgeHandler(RequestHandler):
         if self._discarding:
             return
         if self._phase == "idle" and data:
-            # The head's count goes on from what came pipelined while the last one ran.
             self._phase = "headers"
             self.idle_since = None
             self._arm(self._edge.limits.header_timeout)
-        if self._head_done:
-            pass
-        elif self._phase == "headers":
-            if self._headers_too_large(data):
-                return
-        elif self._body is not None and self._body.is_eof() and self._headers_too_large(data):
-            return  # pipelined behind a running request: refused once it is answered
+        if not self._head_done:
+            # The head of the request being read; a read that ends it may hold the start
+            # of its body, or of a pipelined request (one read's worth, not counted).
+            if not self._headers_too_large(data):
+                super().data_received(data)
+            return
+        last = self._messages[-1][1] if self._messages else self._body
+        whole = last is None or last.is_eof()  # no body still coming: a pipelined head
+        bodies, requests = self._bodies(), self._request_count
         super().data_received(data)
+        if self._request_count != requests:
+            self._pipelined = 0  # a pipelined head ended in this read: the next from here
+        elif whole:
+            # Bytes no body took (a chunked body's framing never counts: it is not whole
+            # while it comes): a pipelined head, held by the parser until its turn.
+            self._pipelined += max(0, len(data) - (self._bodies() - bodies))
+            self._head_tail = (self._head_tail + data)[-3:]
+            if self._pipelined > HEADER_BYTES_MAX and self._refuse_after is None:
+                error = HeadersTooLarge(f"the request's headers pass {HEADER_BYTES_MAX} bytes")
+                _log.info("http.invalid", status=error.status, reason=error.message)
+                self._discarding = True  # what the client still sends is dropped meanwhile
+                self._refuse_after = error
+                self.close()  # once the running request is answered (see finish_response)
+
+    def _bodies(self) -> int:
+        """Bytes the bodies being received took so far: the running request's, the queued."""
+        total = self._body.total_bytes if self._body is not None else 0
+        return total + sum(payload.total_bytes for _, payload in self._messages)
 
     def _headers_too_large(self, data: bytes) -> bool:
-        """Count header bytes until their blank line; past the cap, refuse with 431 and close.
+        """Count header bytes until their blank line; past the cap, answer 431 and close.
 
         aiohttp holds up to 128 lines of 8 KiB each while headers arrive: a megabyte per
-        connection, which a thousand connections make a gigabyte. A head that comes while
-        a request runs is answered after that request's answer.
+        connection, which a thousand connections make a gigabyte.
         """
         end = _HEADERS_END.search(self._head_tail + data[:4])
         if end is not None:
@@ -300,11 +320,8 @@ class EdgeHandler(RequestHandler):
             return False
         error = HeadersTooLarge(f"the request's headers pass {HEADER_BYTES_MAX} bytes")
         _log.info("http.invalid", status=error.status, reason=error.message)
-        self._discarding = True  # what the client still sends is dropped meanwhile
-        if self._phase == "busy":
-            self._refuse_after = error
-            self.close()  # once the running request is answered (see finish_response)
-        elif self.transport is not None:
+        if self.transport is not None:
+            self._discarding = True  # what the client still sends is dropped meanwhile
             _answer_and_linger(self.transport, error, self.force_close)
         return True
 
@@ -349,18 +366,27 @@ class EdgeHandler(RequestHandler):
     def request_started(self, body: StreamReader | None = None) -> None:
         """Headers are in and a handler runs: no deadline while it works.
 
-        The count starts again for the head of the next request, which a client may send
-        (pipeline) once ``body`` is whole.
+        Once ``body`` is whole, bytes that still come belong to a pipelined request.
         """
         self._phase = "busy"
         self._deadline = None
         self._body = body
-        self._head_bytes, self._head_tail, self._head_done = 0, b"", False
 
     def request_finished(self) -> None:
-        """The handler is done: the connection may idle for ``keepalive_timeout``."""
+        """The handler is done: the connection may idle for ``keepalive_timeout``.
+
+        The next head is counted from here, unless aiohttp has parsed it whole already (a
+        pipelined request waiting its turn): then what comes is its body.
+        """
         self._phase = "idle"
         self._body = None
+        # A pipelined head parsed whole already waits its turn: what comes is its body.
+        # Else the next head is counted on from what of it came while this one ran.
+        self._head_done = bool(self._messages)
+        self._head_bytes = 0 if self._head_done else self._pipelined
+        if self._head_done or not self._pipelined:
+            self._head_tail = b""
+        self._pipelined = 0
         self.idle_since = self._clock.time()
         self._arm(self._edge.limits.keepalive_timeout)
 

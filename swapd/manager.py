@@ -387,7 +387,9 @@ class Manager:
             # queue, also while the model loads (all of those run at once once it is ready).
             limit = (preset.concurrency or 0) + preset.max_queue
             ahead = slot.waiters if preset.concurrency is None else slot.in_flight + slot.waiters
-            if ahead >= limit:
+            # Without concurrency a ready model queues nothing: the request goes at once.
+            queues = preset.concurrency is not None or slot.state is not State.READY
+            if queues and ahead >= limit:
                 raise QueueFull(preset.name, limit)
         slot.waiters += 1
         try:
@@ -904,7 +906,9 @@ class Manager:
                 crf=self._crf(s),
             )
             for s in self._every_slot()
-            if s.tier == "ram"  # a sleeper whose wake waits for room still holds its bytes
+            # A sleeper whose wake waits for room, and a start from locked pages (which
+            # keeps them until ready), still hold their bytes.
+            if s.tier == "ram" or s.pages is not None
         )
         available = snap.host_available - self.config.reserve
         return policy.RamTier(self.ram_budget, available, entries)
@@ -1743,7 +1747,9 @@ class Manager:
                 _log.warning(
                     "model.ttl.retry", model=slot.preset.name, error=repr(exc), retry_s=retry
                 )
-                if slot.state is State.READY and not slot.busy:
+                # Not over a TTL a request armed meanwhile, nor for a model a reload pinned.
+                idle = slot.state is State.READY and not slot.busy and slot.ttl_timer is None
+                if idle and slot.preset.ttl > 0 and not slot.preset.pin:
                     loop = asyncio.get_running_loop()
                     slot.ttl_timer = loop.call_later(retry, self._ttl_expired, slot)
                 return

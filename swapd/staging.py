@@ -347,7 +347,10 @@ class StagingCache:
 
     def _touch_key(self, key: str) -> None:
         self._entries[key] = entry = replace(self._entries[key], last_used_ns=self._now())
-        layout.touch(self.cache_dir, key, entry.last_used_ns)
+        try:
+            layout.touch(self.cache_dir, key, entry.last_used_ns)
+        except OSError as exc:  # a cache disk gone read-only: the order holds until restart
+            _log.warning("staging.touch.fail", key=key, error=str(exc))
 
     async def evict(self, keys: Iterable[str]) -> int:
         """Remove these entries (unknown keys are skipped); the bytes freed."""

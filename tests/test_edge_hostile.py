@@ -10,6 +10,7 @@ import gzip
 import json
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,6 +144,72 @@ def test_a_pipelined_request_with_a_large_body_is_served(plain: Daemon) -> None:
     last = chat(0, "x" * 200_000).replace(b"Host:", b"Connection: close\r\nHost:", 1)
     got = send_raw(plain, chat(1, "hi") + last)
     assert [status for status, _, _ in got] == [200, 200]
+
+
+def _chat(delay: float, text: str, *, close: bool = False) -> bytes:
+    body = json.dumps(
+        {"model": "a", "messages": [{"role": "user", "content": text}], "fake_delay": delay}
+    ).encode()
+    extra = b"Connection: close\r\n" if close else b""
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + extra
+        + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+def test_pipelined_post_whose_body_comes_after_the_running_request_started(plain: Daemon) -> None:
+    """The pipelined request's head comes with the first one, its 200 KB body a moment later.
+
+    The body is counted as no head (a version of the pipelined head count did: a false 431).
+    """
+    # warm the model so the first request runs for its fake_delay only
+    with connect(plain) as sock:
+        sock.sendall(_chat(0, "warm", close=True))
+        assert answers(read_all(sock))[0][0] == 200
+    second = _chat(0, "x" * 200_000, close=True)
+    with connect(plain) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(_chat(1.5, "hi") + second[:2000])
+        time.sleep(0.5)  # the first request's handler is running now
+        sock.sendall(second[2000:])
+        got = answers(read_all(sock))
+    assert [status for status, _, _ in got] == [200, 200], got
+
+
+def test_pipelined_post_behind_a_post_whose_body_ends_mid_read(plain: Daemon) -> None:
+    """One read holds the end of the running request's body and the next request's head.
+
+    The pipelined request's body in the reads after it is no head either.
+    """
+    with connect(plain) as sock:
+        sock.sendall(_chat(0, "warm", close=True))
+        assert answers(read_all(sock))[0][0] == 200
+    first = _chat(1.5, "y" * 50_000)
+    second = _chat(0, "x" * 200_000, close=True)
+    with connect(plain) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(first[:-100])
+        time.sleep(0.5)  # the first handler runs and waits for the end of its body
+        sock.sendall(first[-100:] + second[:2000])
+        time.sleep(0.3)
+        sock.sendall(second[2000:])
+        got = answers(read_all(sock))
+    assert [status for status, _, _ in got] == [200, 200], [g[0] for g in got]
+
+
+def test_a_chunked_body_in_tiny_chunks_is_no_head(plain: Daemon) -> None:
+    """A chunked upload's framing (here 5 bytes a byte, 150 KB in all) counts as no head."""
+    body = json.dumps({"model": "a", "messages": [{"role": "user", "content": "z" * 30_000}]})
+    chunks = b"".join(b"1\r\n%s\r\n" % bytes([c]) for c in body.encode())
+    got = send_raw(
+        plain,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunks
+        + b"0\r\n\r\n",
+    )
+    assert [status for status, _, _ in got] == [200]
 
 
 def test_an_unknown_expectation_is_ignored_and_the_request_served(plain: Daemon) -> None:

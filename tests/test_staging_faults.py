@@ -371,3 +371,23 @@ def test_a_stage_waiting_for_cache_room_goes_on_once_a_copy_it_waited_for_is_don
         a_done["timestamp"],
         staged_b[0]["timestamp"],
     )
+
+
+@pytest.mark.asyncio
+async def test_touch_of_a_copy_on_a_read_only_cache_does_not_raise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A use recorded as a model stops may not fail the stop: a read-only cache is logged.
+
+    An EROFS from the manifest's utime escaped the stop path (a slot left STARTING).
+    """
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"x" * 4096)
+    async with StagingCache(tmp_path / "cache", 1 << 30) as cache:
+        path = await cache.stage(source)
+
+        def read_only(*_a: object, **_k: object) -> None:
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(_cache_dir, "touch", lambda *_a: read_only())
+        cache.touch(path)  # what the manager does when a staged model stops

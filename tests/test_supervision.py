@@ -155,6 +155,16 @@ def test_max_queue_zero_serves_what_concurrency_allows(start_daemon: StartDaemon
         assert first.result()[0] == 200
 
 
+def test_max_queue_zero_without_concurrency_serves_a_ready_model(
+    start_daemon: StartDaemon,
+) -> None:
+    """With no ``concurrency`` a ready model queues nothing: ``max_queue: 0`` refuses nothing."""
+    d = start_daemon({"a": fake_preset("A", max_queue=0, preload=True)})
+    wait_for(lambda: d.model("a")["state"] == "ready")
+    status, body = d.chat("a")
+    assert status == 200, body
+
+
 def test_requests_within_concurrency_are_no_queue_while_the_model_loads(
     start_daemon: StartDaemon,
 ) -> None:
