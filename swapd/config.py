@@ -13,7 +13,7 @@ from swapd.auth import parse_allowed_hosts, parse_origins
 from swapd.errors import ConfigError, ConfigErrors, Location
 from swapd.keys import parse_keys, read_keys_file
 from swapd.logs import BACKEND_LOG_MODES
-from swapd.presets import CONVERTERS, NOT_IN_DEFAULTS, Preset, convert_entries, load_presets
+from swapd.presets import CONVERTERS, Preset, convert_entries, load_presets
 from swapd.probe import DevicesSpec
 from swapd.units import parse_duration, parse_positive_duration, parse_size
 
@@ -224,7 +224,9 @@ def _daemon_values(doc: Document, errors: list[ConfigError]) -> dict[str, Any]:
     return values
 
 
-def _defaults(doc: Document, errors: list[ConfigError]) -> dict[str, tuple[Any, Location]]:
+def _defaults(
+    doc: Document, base: Path, errors: list[ConfigError]
+) -> dict[str, tuple[Any, Location]]:
     defaults: dict[str, tuple[Any, Location]] = {}
     for entry in doc.entries:
         if entry.key == "defaults":
@@ -233,8 +235,10 @@ def _defaults(doc: Document, errors: list[ConfigError]) -> dict[str, tuple[Any, 
             except ConfigError as exc:
                 errors.append(exc)
                 continue
-            allowed = set(CONVERTERS) - NOT_IN_DEFAULTS
-            defaults = convert_entries(children, allowed=allowed, errors=errors)
+            defaults = convert_entries(children, allowed=CONVERTERS, errors=errors)
+            if "model" in defaults:  # relative to the config file, where it is written
+                model, model_at = defaults["model"]
+                defaults["model"] = ((base / model).absolute(), model_at)
             for child in children:
                 if child.key == "backend" and "backend" not in defaults:
                     # Invalid, and said so here: the presets that take it say nothing more.
@@ -318,8 +322,8 @@ def load_config(path: Path) -> Config:
         raise ConfigErrors([exc]) from exc
     errors: list[ConfigError] = []
     values = _daemon_values(doc, errors)
-    defaults = _defaults(doc, errors)
     base = path.parent
+    defaults = _defaults(doc, base, errors)
     presets_dir = base / values.get("presets", Path("presets"))
     if not presets_dir.is_dir():
         where = next((e.where for e in doc.entries if e.key == "presets"), doc.where)

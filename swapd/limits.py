@@ -278,8 +278,10 @@ class EdgeHandler(RequestHandler):
             if not self._headers_too_large(data):
                 super().data_received(data)
             return
+        # The body the bytes go to; none known for the moment between aiohttp taking a
+        # request off its queue and its handler starting: not counted then.
         last = self._messages[-1][1] if self._messages else self._body
-        whole = last is None or last.is_eof()  # no body still coming: a pipelined head
+        whole = last is not None and last.is_eof()  # no body still coming: a pipelined head
         bodies, requests = self._bodies(), self._request_count
         super().data_received(data)
         if self._request_count != requests:

@@ -1439,7 +1439,11 @@ class Manager:
                 return
             snap = await self.admission.read([child.pid])
             reading = snap.readings.get(device.id)
-            if reading is None or child.pid not in reading.by_pid or slot.child is not child:
+            if reading is None or slot.child is not child:
+                return
+            if child.pid not in reading.by_pid:
+                # No figure for the process (device totals only): status says so.
+                slot.memory_source = reading.source if reading.source == "device-delta" else None
                 return
             slot.measured = reading.by_pid[child.pid]
             slot.memory_source = reading.source

@@ -178,7 +178,6 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "max_queue": lambda v: None if v is None else _count(v, minimum=0),
     "request_timeout": lambda v: None if v is None else parse_positive_duration(v),
 }
-NOT_IN_DEFAULTS = frozenset({"name", "aliases", "model", "cmd"})
 
 
 def convert_entries(

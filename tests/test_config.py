@@ -13,10 +13,10 @@ import pytest
 
 from swapd.config import Config, load_config
 from swapd.errors import ConfigErrors
-from swapd.presets import CONVERTERS, NOT_IN_DEFAULTS
+from swapd.presets import CONVERTERS
 
 PRESET_KEYS = ", ".join(sorted(CONVERTERS))
-DEFAULT_KEYS = ", ".join(sorted(set(CONVERTERS) - NOT_IN_DEFAULTS))
+DEFAULT_KEYS = ", ".join(sorted(CONVERTERS))
 BACKENDS = "llama-server, vllm, command"
 # Expectations ending in this are compared as prefixes (messages that list every known key).
 PREFIX = "..."
@@ -464,12 +464,6 @@ DAEMON_ERRORS = [
         {"m.yaml": OK_PRESET},
         [f"swapd.yaml:2:11: colour: unknown key; known keys: {DEFAULT_KEYS}"],
         id="unknown-key-inside-defaults",
-    ),
-    pytest.param(
-        "defaults:\n  ttl: 5m\n  model: shared.gguf\n",
-        {"m.yaml": OK_PRESET},
-        [f"swapd.yaml:3:10: model: unknown key; known keys: {DEFAULT_KEYS}"],
-        id="model-not-allowed-in-defaults",
     ),
     pytest.param(
         "defaults: 5m\n",

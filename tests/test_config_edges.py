@@ -12,6 +12,7 @@ import pytest
 
 from swapd.config import Config, load_config, parse_listen
 from swapd.errors import ConfigErrors
+from swapd.presets import Preset
 
 OK_PRESET = 'backend: command\ncmd: ["true", "${PORT}"]\n'
 
@@ -26,6 +27,10 @@ def _write(root: Path, config: str, presets: dict[str, str]) -> Path:
 
 def _load(root: Path, config: str, preset: str = OK_PRESET) -> Config:
     return load_config(_write(root, config, {"m.yaml": preset}))
+
+
+def _load_all(root: Path, config: str, presets: dict[str, str]) -> tuple[Preset, ...]:
+    return load_config(_write(root, config, presets)).presets
 
 
 def _errors(root: Path, config: str, presets: dict[str, str]) -> list[str]:
@@ -175,3 +180,24 @@ def test_a_split_gguf_missing_a_shard_is_a_config_error(tmp_path: Path) -> None:
             f"beside {first}"
         )
     ]
+
+
+def test_defaults_hold_any_preset_key(tmp_path: Path) -> None:
+    """``model`` and ``cmd`` too (a shared model, relative to swapd.yaml; a shared command)."""
+    (tmp_path / "shared.gguf").write_bytes(b"GGUF")
+    config = (
+        "defaults:\n  backend: command\n  model: shared.gguf\n"
+        '  cmd: ["srv", "${MODEL}", "${PORT}"]\n'
+    )
+    presets = _load_all(tmp_path, config, {"a.yaml": "ttl: 1m\n", "b.yaml": "ttl: 2m\n"})
+    assert [(p.name, p.model, p.cmd[0]) for p in presets] == [
+        ("a", tmp_path / "shared.gguf", "srv"),
+        ("b", tmp_path / "shared.gguf", "srv"),
+    ]
+
+
+def test_a_name_in_defaults_is_every_presets_and_so_a_clash(tmp_path: Path) -> None:
+    """A shared ``name`` is taken, and two presets with it are the usual duplicate error."""
+    got = _errors(tmp_path, "defaults:\n  name: same\n", {"a.yaml": OK_PRESET, "b.yaml": OK_PRESET})
+    assert len(got) == 1
+    assert "same" in got[0]

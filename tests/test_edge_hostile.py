@@ -340,3 +340,19 @@ def test_two_content_encodings_are_refused(plain: Daemon) -> None:
     assert status == 400, raw
     assert "Content-Encoding" in json.loads(raw)["error"]["message"]
     assert len(plain.events("backend.spawn")) == spawned  # refused before any load
+
+
+def test_a_large_body_right_behind_its_head_is_no_head(plain: Daemon) -> None:
+    """8 MiB of body in the reads after its head: none of it counts toward the header cap.
+
+    A version of the pipelined count took the reads that came before the handler started
+    (no body known yet) for a pipelined head: the request was refused, then timed out (408).
+    """
+    prompt = "x" * (8 * 1024 * 1024)
+    body = json.dumps({"model": "a", "prompt": prompt}).encode()
+    got = send_raw(
+        plain,
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
+    assert [status for status, _, _ in got] == [200]

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
+from conftest import StartDaemon
+from daemon import fake_preset, hook_env, wait_for
 
 from swapd.errors import SwapdError
 from swapd.probe import FakeFileProbe, HostRamProbe, open_probe
@@ -487,3 +489,55 @@ def test_nvml_probe_matches_nvml(nvml: Any) -> None:
             assert abs(reading.free - memory.free) < 256 * MIB
     finally:
         probe.close()
+
+
+# A stand-in pynvml (loaded into the daemon through sitecustomize): one GPU whose totals NVML
+# reports but whose per-process lists it does not (NotSupported, as on some boards or in
+# containers), so swapd has device totals only: the "device-delta" source.
+_NVML_WITHOUT_PROCESS_LISTS = """
+import sys, types
+
+class NVMLError(Exception):
+    pass
+
+def _not_supported(_handle):
+    raise NVMLError("Not Supported")
+
+GIB = 1024**3
+module = types.ModuleType("pynvml")
+module.__dict__.update(
+    NVMLError=NVMLError,
+    nvmlInit=lambda: None,
+    nvmlShutdown=lambda: None,
+    nvmlDeviceGetCount=lambda: 1,
+    nvmlDeviceGetHandleByIndex=lambda i: f"g{i}",
+    nvmlDeviceGetName=lambda _h: "Stand-in GPU",
+    nvmlDeviceGetMemoryInfo=lambda _h: types.SimpleNamespace(
+        total=80 * GIB, free=70 * GIB, used=10 * GIB
+    ),
+    nvmlDeviceGetComputeRunningProcesses=_not_supported,
+    nvmlDeviceGetGraphicsRunningProcesses=_not_supported,
+)
+sys.modules["pynvml"] = module
+"""
+
+
+def test_status_names_device_delta_as_the_memory_source(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """With device totals only (no per-process figures), status says ``device-delta``.
+
+    ``memory.source`` stayed null: it was set only from a figure for the backend's own pid.
+    """
+    d = start_daemon(
+        {"a": fake_preset("A", memory="1GiB")},
+        {"devices": "auto"},
+        env=hook_env(tmp_path / "hook", _NVML_WITHOUT_PROCESS_LISTS),
+    )
+    assert [e["detail"] for e in d.events("probe.fallback")], "the stand-in NVML was not used"
+    status, _ = d.chat("a")
+    assert status == 200
+    wait_for(lambda: d.model("a")["memory"]["source"] is not None)  # measured 1 s after ready
+    model = d.model("a")
+    assert model["device"] == "gpu0", model
+    assert model["memory"]["source"] == "device-delta", model["memory"]
