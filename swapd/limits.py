@@ -249,12 +249,9 @@ class EdgeHandler(RequestHandler):
         self._head_tail = b""
         self._head_done = False
         self._discarding = False  # refused: what the client still sends is dropped
-        # Once a head is whole, what comes is its body and then pipelined requests: the
-        # running request's body, and the bytes of a pipelined head so far (which passed
-        # the cap are refused once the running request is answered).
+        # The last request's body: bytes that still come for it after its answer (aiohttp
+        # reads away what the handler left) are no head.
         self._body: StreamReader | None = None
-        self._pipelined = 0
-        self._refuse_after: RequestError | None = None
         factory = self._request_factory
         assert factory is not None  # noqa: S101 - aiohttp sets it from the server
         self._request_factory = _expect_stops_here(factory)
@@ -269,39 +266,20 @@ class EdgeHandler(RequestHandler):
         if self._discarding:
             return
         if self._phase == "idle" and data:
+            if self._body is not None and not self._body.is_eof():
+                super().data_received(data)  # the rest of an answered request's body
+                return
             self._phase = "headers"
             self.idle_since = None
+            # A pipelined head aiohttp has parsed whole already waits its turn: what comes
+            # is its body. (Pipelined bytes that came while a request ran are not counted:
+            # aiohttp's own caps, 128 lines of 8 KiB, bound them.)
+            self._head_bytes, self._head_tail = 0, b""
+            self._head_done = bool(self._messages)
             self._arm(self._edge.limits.header_timeout)
-        if not self._head_done:
-            # The head of the request being read; a read that ends it may hold the start
-            # of its body, or of a pipelined request (one read's worth, not counted).
-            if not self._headers_too_large(data):
-                super().data_received(data)
+        if self._phase == "headers" and not self._head_done and self._headers_too_large(data):
             return
-        # The body the bytes go to; none known for the moment between aiohttp taking a
-        # request off its queue and its handler starting: not counted then.
-        last = self._messages[-1][1] if self._messages else self._body
-        whole = last is not None and last.is_eof()  # no body still coming: a pipelined head
-        bodies, requests = self._bodies(), self._request_count
         super().data_received(data)
-        if self._request_count != requests:
-            self._pipelined = 0  # a pipelined head ended in this read: the next from here
-        elif whole:
-            # Bytes no body took (a chunked body's framing never counts: it is not whole
-            # while it comes): a pipelined head, held by the parser until its turn.
-            self._pipelined += max(0, len(data) - (self._bodies() - bodies))
-            self._head_tail = (self._head_tail + data)[-3:]
-            if self._pipelined > HEADER_BYTES_MAX and self._refuse_after is None:
-                error = HeadersTooLarge(f"the request's headers pass {HEADER_BYTES_MAX} bytes")
-                _log.info("http.invalid", status=error.status, reason=error.message)
-                self._discarding = True  # what the client still sends is dropped meanwhile
-                self._refuse_after = error
-                self.close()  # once the running request is answered (see finish_response)
-
-    def _bodies(self) -> int:
-        """Bytes the bodies being received took so far: the running request's, the queued."""
-        total = self._body.total_bytes if self._body is not None else 0
-        return total + sum(payload.total_bytes for _, payload in self._messages)
 
     def _headers_too_large(self, data: bytes) -> bool:
         """Count header bytes until their blank line; past the cap, answer 431 and close.
@@ -326,16 +304,6 @@ class EdgeHandler(RequestHandler):
             self._discarding = True  # what the client still sends is dropped meanwhile
             _answer_and_linger(self.transport, error, self.force_close)
         return True
-
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        """As aiohttp's; then the refusal of a pipelined head that passed the cap, if any."""
-        done = await super().finish_response(request, resp, start_time)
-        refusal, self._refuse_after = self._refuse_after, None
-        if refusal is not None and self.transport is not None:
-            self.transport.write(_answer_bytes(refusal))  # aiohttp closes the connection next
-        return done
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Stop the timer and forget the connection."""
@@ -366,29 +334,14 @@ class EdgeHandler(RequestHandler):
             task.cancel()
 
     def request_started(self, body: StreamReader | None = None) -> None:
-        """Headers are in and a handler runs: no deadline while it works.
-
-        Once ``body`` is whole, bytes that still come belong to a pipelined request.
-        """
+        """Headers are in and a handler runs: no deadline while it works."""
         self._phase = "busy"
         self._deadline = None
         self._body = body
 
     def request_finished(self) -> None:
-        """The handler is done: the connection may idle for ``keepalive_timeout``.
-
-        The next head is counted from here, unless aiohttp has parsed it whole already (a
-        pipelined request waiting its turn): then what comes is its body.
-        """
+        """The handler is done: the connection may idle for ``keepalive_timeout``."""
         self._phase = "idle"
-        self._body = None
-        # A pipelined head parsed whole already waits its turn: what comes is its body.
-        # Else the next head is counted on from what of it came while this one ran.
-        self._head_done = bool(self._messages)
-        self._head_bytes = 0 if self._head_done else self._pipelined
-        if self._head_done or not self._pipelined:
-            self._head_tail = b""
-        self._pipelined = 0
         self.idle_since = self._clock.time()
         self._arm(self._edge.limits.keepalive_timeout)
 
