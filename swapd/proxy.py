@@ -403,34 +403,63 @@ async def pass_body(
     client's answer as it can.
     """
     upstream.pass_to(_write_at_once(request))
+    stall = _Stall(request, send_timeout)
     try:
         while (chunk := await upstream.next_chunk()) is not None:
             if upstream.finished():
                 # The answer is whole: its last chunk and the end go in one write.
-                await _bounded(response.write_eof(chunk), send_timeout)
+                await stall.write(response.write_eof(chunk))
                 return None
-            await _bounded(response.write(chunk), send_timeout)
-        await _bounded(response.write_eof(), send_timeout)
+            await stall.write(response.write(chunk))
+        await stall.write(response.write_eof())
     except UpstreamError as exc:
         return exc
-    except TimeoutError:
-        # A client that took no byte of its answer for send_timeout: cut; the lease goes.
-        _log.info("request.client_stalled", send_timeout_s=send_timeout)
-        stream_error(request, CLIENT_GONE)
-        if request.transport is not None:
-            request.transport.close()
     finally:
+        stall.stop()
         upstream.pass_to(None)
     return None
 
 
-async def _bounded(write: Awaitable[None], limit: float | None) -> None:
-    """An awaited write to the client, waiting for it to drain ``limit`` seconds at most."""
-    if limit is None:
-        await write
-        return
-    async with asyncio.timeout(limit):
-        await write
+class _Stall:
+    """Cuts a client that takes nothing of its answer for ``send_timeout``.
+
+    One timer a stream, not one a write: each awaited write notes when it began, and the
+    timer, when it fires, cuts the client if a write has waited that long, else sleeps on.
+    The cut (an abort: a close would wait to flush) fails the waiting write, which ends
+    the relay.
+    """
+
+    def __init__(self, request: web.Request, limit: float | None) -> None:
+        self._request = request
+        self._limit = limit
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None
+        self._timer = None if limit is None else self._loop.call_later(limit, self._check)
+
+    async def write(self, step: Awaitable[None]) -> None:
+        self._since = self._loop.time()
+        try:
+            await step
+        finally:
+            self._since = None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        limit, since = self._limit, self._since
+        assert limit is not None  # noqa: S101 - only armed with a limit
+        waited = 0.0 if since is None else self._loop.time() - since
+        if waited < limit:
+            self._timer = self._loop.call_later(limit - waited, self._check)
+            return
+        self._timer = None
+        _log.info("request.client_stalled", send_timeout_s=limit)
+        stream_error(self._request, CLIENT_GONE)
+        if self._request.transport is not None:
+            self._request.transport.abort()  # close() would wait to flush to this client
 
 
 def _write_at_once(request: web.Request) -> Callable[[bytes], bool] | None:
