@@ -8,32 +8,16 @@ from __future__ import annotations
 
 import os
 import stat
-import textwrap
 from pathlib import Path
 
 import pytest
+from test_config_edges import _errors
 
 from swapd.auth import HostGuard, parse_allowed_hosts, parse_origins
-from swapd.config import load_config
-from swapd.errors import ConfigErrors
 from swapd.litellm_config import Node, build_config, write_if_changed
 
 ROOT = Path(__file__).resolve().parent.parent
 OK_PRESET = 'backend: command\ncmd: ["true", "${PORT}"]\n'
-
-
-def _write(root: Path, config: str, presets: dict[str, str]) -> Path:
-    (root / "swapd.yaml").write_text(textwrap.dedent(config))
-    (root / "presets").mkdir()
-    for name, text in presets.items():
-        (root / "presets" / name).write_text(text)
-    return Path("swapd.yaml")
-
-
-def _errors(root: Path, config: str, presets: dict[str, str]) -> list[str]:
-    with pytest.raises(ConfigErrors) as info:
-        load_config(_write(root, config, presets))
-    return [str(e) for e in info.value.errors]
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon, fake_preset
+from test_edge import connect, read_all
 
 from swapd.auth import presented_key
 from swapd.config import load_config
@@ -32,7 +33,7 @@ ADMIN_KEY = "admin-key-0123456789abcdef"
 def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One swapd without keys (the local default), with the fake and the echo backend."""
     echo = {"backend": "command", "cmd": [sys.executable, str(ECHO), "--port", "${PORT}"]}
-    d = Daemon(tmp_path_factory.mktemp("audit"), {"a": fake_preset("A"), "echo": echo})
+    d = Daemon(tmp_path_factory.mktemp("hostile"), {"a": fake_preset("A"), "echo": echo})
     d.start()
     yield d
     assert not d.cleanup(), "processes outlived swapd"
@@ -42,26 +43,10 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One swapd with an inference and an admin key."""
     settings = {"api_keys": [INFERENCE_KEY], "admin_keys": [ADMIN_KEY]}
-    d = Daemon(tmp_path_factory.mktemp("audit-keyed"), {"a": fake_preset("A")}, settings)
+    d = Daemon(tmp_path_factory.mktemp("hostile-keyed"), {"a": fake_preset("A")}, settings)
     d.start()
     yield d
     assert not d.cleanup(), "processes outlived swapd"
-
-
-def connect(d: Daemon) -> socket.socket:
-    """A TCP connection to the daemon."""
-    return socket.create_connection(("127.0.0.1", d.port), timeout=30)
-
-
-def read_all(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes (bounded by the socket timeout)."""
-    out = b""
-    try:
-        while chunk := sock.recv(65536):
-            out += chunk
-    except ConnectionResetError:
-        pass
-    return out
 
 
 def answers(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
