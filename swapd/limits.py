@@ -419,14 +419,6 @@ def _answer_and_linger(
     Closing outright while the client still sends would reset the connection and lose
     the answer; the linger gives the client time to read it.
     """
-    transport.write(_answer_bytes(error))
-    if transport.can_write_eof():
-        transport.write_eof()
-    return asyncio.get_running_loop().call_later(_REFUSED_LINGER, close)
-
-
-def _answer_bytes(error: RequestError) -> bytes:
-    """``error`` as a whole HTTP answer that closes the connection."""
     body = json.dumps(error.envelope()).encode()
     extra = "".join(f"{name}: {value}\r\n" for name, value in error.headers().items())
     head = (
@@ -436,7 +428,10 @@ def _answer_bytes(error: RequestError) -> bytes:
         f"X-Request-Id: {new_request_id()}\r\n"
         f"{extra}Connection: close\r\n\r\n"
     )
-    return head.encode() + body
+    transport.write(head.encode() + body)
+    if transport.can_write_eof():
+        transport.write_eof()
+    return asyncio.get_running_loop().call_later(_REFUSED_LINGER, close)
 
 
 # The request's key for a client waiting for "100 Continue" (see send_continue).

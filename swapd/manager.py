@@ -529,12 +529,13 @@ class Manager:
             slot.ttl_timer.cancel()
             slot.ttl_timer = None
 
-    def _arm_ttl(self, slot: Slot) -> None:
+    def _arm_ttl(self, slot: Slot, after: float | None = None) -> None:
+        """Arm the TTL of a ready model (none when pinned or 0), for ``after`` or the TTL."""
         self._cancel_ttl(slot)
         ttl = slot.preset.ttl
         if ttl > 0 and slot.state is State.READY and not slot.preset.pin:
-            loop = asyncio.get_running_loop()
-            slot.ttl_timer = loop.call_later(ttl, self._ttl_expired, slot)
+            delay = ttl if after is None else after
+            slot.ttl_timer = asyncio.get_running_loop().call_later(delay, self._ttl_expired, slot)
 
     def _ttl_expired(self, slot: Slot) -> None:
         slot.ttl_timer = None
@@ -1751,11 +1752,9 @@ class Manager:
                 _log.warning(
                     "model.ttl.retry", model=slot.preset.name, error=repr(exc), retry_s=retry
                 )
-                # Not over a TTL a request armed meanwhile, nor for a model a reload pinned.
-                idle = slot.state is State.READY and not slot.busy and slot.ttl_timer is None
-                if idle and slot.preset.ttl > 0 and not slot.preset.pin:
-                    loop = asyncio.get_running_loop()
-                    slot.ttl_timer = loop.call_later(retry, self._ttl_expired, slot)
+                # Not over a TTL a request armed meanwhile (nor, as ever, for a pinned model).
+                if not slot.busy and slot.ttl_timer is None:
+                    self._arm_ttl(slot, after=retry)
                 return
             if slot.state is not State.READY or slot.busy:
                 return  # a request came in meanwhile
