@@ -16,7 +16,7 @@ from fakes.tiny_gguf import write_tiny_llama_gguf
 from swapd.backends import Placement, build_launch, llama_server_flags
 from swapd.backends.llama_server import LLAMA_SERVER
 from swapd.backends.vllm import VLLM
-from swapd.estimate import CPU_OVERHEAD
+from swapd.estimate import CPU_OVERHEAD, GPU_OVERHEAD
 from swapd.footprints import Footprints
 from swapd.needs import memory_need
 from swapd.presets import Preset
@@ -192,7 +192,9 @@ def _projector(path: Path) -> Path:
         ((), GPU, True),
         (("--no-mmproj-offload",), GPU, False),
         (("--no-mmproj-offload",), HOST_DEVICE, True),
-        (("--no-mmproj",), GPU, False),
+        (("--no-mmproj-offload", "--mmproj-offload"), GPU, True),
+        # --no-mmproj only stops a download along with -hf: a named file still loads.
+        (("--no-mmproj",), GPU, True),
     ],
 )
 def test_a_vision_projector_counts_where_it_goes(
@@ -219,6 +221,55 @@ def test_a_vision_projector_counts_where_it_goes(
     assert without is not None
     assert with_projector is not None
     assert with_projector - without == (mmproj.stat().st_size if counted else 0)
+
+
+@pytest.mark.parametrize(
+    ("draft_flags", "alone_flags"),
+    [
+        ((), ()),
+        (("-ngld", "0"), ("-ngl", "0")),
+        (("--spec-draft-ngl=0",), ("-ngl", "0")),
+        (("-ctkd", "q8_0", "-ctvd", "q8_0"), ("-ctk", "q8_0", "-ctv", "q8_0")),
+    ],
+)
+@pytest.mark.parametrize("device", [GPU, HOST_DEVICE])
+def test_a_draft_model_counts_as_a_second_model_without_a_second_runtime(
+    tmp_path: Path, draft_flags: tuple[str, ...], alone_flags: tuple[str, ...], device: Device
+) -> None:
+    """``-md FILE`` loads a draft model for speculative decoding beside the target.
+
+    It shares the target's context and slots and takes its own layers (``-ngld``) and
+    cache types (``-ctkd``, ``-ctvd``): its weights, cache and compute buffer count, the
+    runtime's overhead once. The estimate counted the target alone.
+    """
+    model = tmp_path / "m.gguf"
+    write_tiny_llama_gguf(model)
+    draft = tmp_path / "draft.gguf"
+    write_tiny_llama_gguf(draft)
+    shared = ("-c", "512")
+
+    def estimate(path: Path, *args: str) -> int:
+        preset = Preset(name="m", file="m.yaml", backend="llama-server", model=path, args=args)
+        found = LLAMA_SERVER.estimate(preset, device, 80 * GIB)
+        assert found is not None
+        return found
+
+    overhead = GPU_OVERHEAD if device.kind != "cpu" else CPU_OVERHEAD
+    target = estimate(model, *shared)
+    both = estimate(model, *shared, "-md", str(draft), *draft_flags)
+    assert both - target == estimate(draft, *shared, *alone_flags) - overhead
+
+
+def test_a_draft_model_counts_its_file_when_the_flags_cannot_be_read(tmp_path: Path) -> None:
+    """With a malformed flag the estimate falls back to file sizes: the draft's too."""
+    model = tmp_path / "m.gguf"
+    write_tiny_llama_gguf(model)
+    draft = tmp_path / "draft.gguf"
+    write_tiny_llama_gguf(draft)
+    args = ("-c", "lots", "--model-draft", str(draft))
+    preset = Preset(name="m", file="m.yaml", backend="llama-server", model=model, args=args)
+    found = LLAMA_SERVER.estimate(preset, GPU, 80 * GIB)
+    assert found == model.stat().st_size + draft.stat().st_size + GPU_OVERHEAD
 
 
 def _write_moe(path: Path) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,14 @@ from swapd.backends._launch import (
     has_flag,
     search_path,
 )
-from swapd.estimate import CPU_OVERHEAD, GPU_OVERHEAD, estimate_for_args, parse_llama_args
+from swapd.estimate import (
+    CPU_OVERHEAD,
+    GPU_OVERHEAD,
+    LlamaArgs,
+    estimate_for_args,
+    parse_llama_args,
+    side_files,
+)
 from swapd.gguf_split import split_parts
 from swapd.logs import get_logger
 
@@ -120,48 +127,50 @@ class LlamaServerKind(NoSleep):
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
         """Weights, KV cache, compute buffers and overhead, from the GGUF's metadata.
 
-        Plus a vision projector's weights (``--mmproj``) where they go.
+        Plus a vision projector's weights (``--mmproj``) where they go, and a draft
+        model's (``-md``) weights, cache and compute buffer with the settings it shares.
         """
         del total
         if preset.model is None or not preset.model.is_file():
             return None
         on_gpu = device.kind != "cpu"
-        projector = _projector_bytes(preset.args, on_gpu=on_gpu)
+        files = side_files(preset.args)
+        projector = 0
+        if files.projector is not None and (files.projector_offload or not on_gpu):
+            projector = _file_bytes(files.projector)
         try:
-            found = estimate_for_args(preset.model, parse_llama_args(preset.args), on_gpu=on_gpu)
+            args = parse_llama_args(preset.args)
+            found = estimate_for_args(preset.model, args, on_gpu=on_gpu)
         except (ValueError, OSError) as exc:
             _log.warning("model.estimate.fail", model=preset.name, error=str(exc))
-            # Never less than the weights the file holds: the default is for models
+            # Never less than the weights the files hold: the default is for models
             # swapd knows nothing about, not for a GGUF of unknown layout.
             try:
                 size = sum(part.stat().st_size for part in split_parts(preset.model))
             except OSError:
                 return None
-            return size + projector + (GPU_OVERHEAD if on_gpu else CPU_OVERHEAD)
-        return found.total + projector
+            draft = _file_bytes(files.draft) if files.draft else 0
+            return size + projector + draft + (GPU_OVERHEAD if on_gpu else CPU_OVERHEAD)
+        return found.total + projector + _draft_bytes(preset, files.draft, args, on_gpu=on_gpu)
 
 
-def _projector_bytes(args: Sequence[str], *, on_gpu: bool) -> int:
-    """The file size of ``--mmproj FILE`` where it counts.
-
-    On a GPU unless ``--no-mmproj-offload`` keeps it in host RAM; none with
-    ``--no-mmproj``. Its own compute buffer is not counted (the measure learns it).
-    """
-    path, offload = None, True
-    for i, arg in enumerate(args):
-        flag, eq, inline = arg.partition("=")
-        if flag in {"-mm", "--mmproj"}:
-            path = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
-        elif flag == "--no-mmproj":
-            return 0
-        elif flag == "--no-mmproj-offload":
-            offload = False
-    if path is None or (on_gpu and not offload):
-        return 0
+def _file_bytes(path: str) -> int:
+    """A file's size; 0 when it is not there (the start will fail and say so)."""
     try:
         return Path(path).stat().st_size
     except OSError:
         return 0
+
+
+def _draft_bytes(preset: Preset, draft: str | None, args: LlamaArgs, *, on_gpu: bool) -> int:
+    """What a draft model adds: its own weights, cache and compute buffer; no second runtime."""
+    if draft is None:
+        return 0
+    try:
+        return estimate_for_args(Path(draft), args.for_draft(), on_gpu=on_gpu, overhead=0).total
+    except (ValueError, OSError) as exc:
+        _log.warning("model.estimate.fail", model=preset.name, draft=draft, error=str(exc))
+        return _file_bytes(draft)
 
 
 LLAMA_SERVER = LlamaServerKind()

@@ -35,7 +35,14 @@ from swapd.estimate._gguf_header import (
     TensorInfo,
     read_gguf_header,
 )
-from swapd.estimate._llama_args import FlashAttn, GpuLayers, LlamaArgs, parse_llama_args
+from swapd.estimate._llama_args import (
+    FlashAttn,
+    GpuLayers,
+    LlamaArgs,
+    SideFiles,
+    parse_llama_args,
+    side_files,
+)
 from swapd.estimate._shape import (
     OUTPUT,
     SWA_DEFAULT_WINDOW,
@@ -94,6 +101,7 @@ __all__ = [
     "GpuLayers",
     "LlamaArgs",
     "ModelShape",
+    "SideFiles",
     "TensorInfo",
     "cache_layout",
     "cache_row_bytes",
@@ -108,6 +116,7 @@ __all__ = [
     "parse_llama_args",
     "read_gguf_header",
     "read_shape",
+    "side_files",
     "transposed_v_bytes",
     "weights_on_device",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from swapd.estimate._cache_types import cache_type_block
@@ -34,6 +34,36 @@ class LlamaArgs:
     swa_full: bool = False
     # Blocks whose MoE experts stay in host RAM (--n-cpu-moe N; --cpu-moe: every block).
     n_cpu_moe: int = 0
+    # A draft model for speculative decoding (-md) shares every setting above but these.
+    draft_gpu_layers: GpuLayers = None
+    draft_cache_type_k: str = "f16"
+    draft_cache_type_v: str = "f16"
+    draft_n_cpu_moe: int = 0
+
+    def for_draft(self) -> LlamaArgs:
+        """The settings llama-server gives the draft model's context.
+
+        It copies the target's (context, slots, flash attention, micro-batch) and takes
+        the draft's own layers, cache types and MoE placement
+        (``common_base_params_to_speculative``).
+        """
+        return replace(
+            self,
+            n_gpu_layers=self.draft_gpu_layers,
+            cache_type_k=self.draft_cache_type_k,
+            cache_type_v=self.draft_cache_type_v,
+            n_cpu_moe=self.draft_n_cpu_moe,
+        )
+
+
+@dataclass(frozen=True)
+class SideFiles:
+    """Files a llama-server loads besides ``-m``: a vision projector and a draft model."""
+
+    projector: str | None = None
+    # The projector goes to the GPU unless --no-mmproj-offload keeps it in host RAM.
+    projector_offload: bool = True
+    draft: str | None = None
 
 
 _FLAG_FIELDS = {
@@ -54,6 +84,20 @@ _FLAG_FIELDS = {
     "--ubatch-size": "n_ubatch",
     "-ncmoe": "n_cpu_moe",
     "--n-cpu-moe": "n_cpu_moe",
+    "-ngld": "draft_gpu_layers",
+    "--gpu-layers-draft": "draft_gpu_layers",
+    "--n-gpu-layers-draft": "draft_gpu_layers",
+    "--spec-draft-ngl": "draft_gpu_layers",
+    "-ctkd": "draft_cache_type_k",
+    "--cache-type-k-draft": "draft_cache_type_k",
+    "--spec-draft-type-k": "draft_cache_type_k",
+    "-ctvd": "draft_cache_type_v",
+    "--cache-type-v-draft": "draft_cache_type_v",
+    "--spec-draft-type-v": "draft_cache_type_v",
+    "-ncmoed": "draft_n_cpu_moe",
+    "--n-cpu-moe-draft": "draft_n_cpu_moe",
+    "--spec-draft-n-cpu-moe": "draft_n_cpu_moe",
+    "--spec-draft-ncmoe": "draft_n_cpu_moe",
 }
 
 # Flags without a value, and what they set.
@@ -65,7 +109,13 @@ _SWITCHES: dict[str, tuple[str, bool | int]] = {
     "--swa-full": ("swa_full", True),
     "-cmoe": ("n_cpu_moe", ALL_BLOCKS),
     "--cpu-moe": ("n_cpu_moe", ALL_BLOCKS),
+    "-cmoed": ("draft_n_cpu_moe", ALL_BLOCKS),
+    "--cpu-moe-draft": ("draft_n_cpu_moe", ALL_BLOCKS),
+    "--spec-draft-cpu-moe": ("draft_n_cpu_moe", ALL_BLOCKS),
 }
+
+_PROJECTOR_FLAGS = frozenset({"-mm", "--mmproj"})
+_DRAFT_FLAGS = frozenset({"-md", "--model-draft", "--spec-draft-model"})
 
 # llama.cpp's spellings of on, off and auto (common_arg_utils::is_truthy and friends).
 _FLASH_ATTN_VALUES: dict[str, FlashAttn] = {
@@ -137,13 +187,35 @@ def parse_llama_args(args: Sequence[str]) -> LlamaArgs:
             i += 1
         else:
             raise ValueError(f"{flag} needs a value")
-        if field == "n_gpu_layers":
+        if field in {"n_gpu_layers", "draft_gpu_layers"}:
             found[field] = _parse_gpu_layers(flag, value)
         elif field == "flash_attn":
             found[field] = _parse_flash_attn(flag, value)
-        elif field.startswith("cache_type"):
+        elif "cache_type" in field:
             cache_type_block(value)
             found[field] = value
         else:
             found[field] = _parse_int(flag, value)
     return LlamaArgs(**found)
+
+
+def side_files(args: Sequence[str]) -> SideFiles:
+    """The projector and draft model files an argv names; the last one given wins.
+
+    Never raises: a flag without its value names no file (llama-server will refuse it).
+    ``--no-mmproj`` only stops a projector downloaded along with ``-hf``: a file named
+    with ``--mmproj`` still loads.
+    """
+    projector: str | None = None
+    offload = True
+    draft: str | None = None
+    for i, arg in enumerate(args):
+        flag, eq, inline = arg.partition("=")
+        value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+        if flag in _PROJECTOR_FLAGS:
+            projector = value
+        elif flag in _DRAFT_FLAGS:
+            draft = value
+        elif flag in {"--mmproj-offload", "--no-mmproj-offload"}:
+            offload = flag == "--mmproj-offload"
+    return SideFiles(projector, offload, draft)
