@@ -32,9 +32,16 @@ from swapd._exchange import EXCHANGE, count, stream_error
 from swapd.errors import BackendGone, RequestError, UpstreamTimeout
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
-from swapd.proxy import Proxy, forwarded_headers, model_from_json, pass_body, read_body
+from swapd.proxy import (
+    EXIT_NOTICE_WAIT,
+    Proxy,
+    forwarded_headers,
+    model_from_json,
+    pass_body,
+    read_body,
+)
 from swapd.states import State
-from swapd.upstream import UpstreamError, UpstreamResponse
+from swapd.upstream import NotSent, UpstreamError, UpstreamResponse
 
 PING_AFTER = 3.0  # seconds a request waits before the first ping
 PING_EVERY = 3.0
@@ -164,16 +171,31 @@ class ColdStreams:
     async def _answer(
         self, request: web.Request, pings: Pings, lease: Lease, body: bytes
     ) -> web.StreamResponse:
-        handed = False
+        held: Lease | None = lease
         try:
             if not await pings.started():
                 # No ping went out: the proxy answers, as for any request. Its own lease
                 # is granted at once (the model is ready), so this one goes first.
-                handed = True
+                held = None
                 self.manager.release(lease)
                 return await self.proxy.forward(request, lease.model, body, admitted=True)
             try:
-                return await self._relay(request, pings, lease, body)
+                try:
+                    return await self._relay(request, pings, lease, body)
+                except NotSent as exc:
+                    refused = exc
+                # The backend died as it turned ready: the request never reached it. As
+                # in the proxy, once swapd has seen the exit the request is leased again
+                # and waits for the restart, the pings going on meanwhile.
+                held = None
+                self.manager.release(lease)
+                if not await self.manager.exit_noticed(lease, EXIT_NOTICE_WAIT):
+                    raise BackendGone(lease.model, str(refused))
+                held = lease = await self.manager.acquire(lease.model, admitted=True)
+                try:
+                    return await self._relay(request, pings, lease, body)
+                except NotSent as exc:
+                    raise BackendGone(lease.model, str(exc)) from exc
             except RequestError as exc:
                 response = await pings.take_over()
                 assert response is not None  # noqa: S101 - pings started
@@ -181,20 +203,22 @@ class ColdStreams:
                 await pings.fail(response, exc.envelope()["error"])
                 return response
         finally:
-            if not handed:
-                self.manager.release(lease)
+            if held is not None:
+                self.manager.release(held)
 
     async def _relay(
         self, request: web.Request, pings: Pings, lease: Lease, body: bytes
     ) -> web.StreamResponse:
-        """The backend's answer, on the stream the pings opened (they go on until it comes)."""
+        """The backend's answer, on the stream the pings opened (they go on until it comes).
+
+        A request that never reached the backend raises :class:`NotSent` with the pings
+        still going.
+        """
         limit = lease.slot.preset.request_timeout
         try:
             async with asyncio.timeout(limit):
-                try:
-                    upstream = await self._send(request, lease, body)
-                finally:
-                    response = await pings.take_over()
+                upstream = await self._send(request, lease, body)
+                response = await pings.take_over()
                 assert response is not None  # noqa: S101 - pings started
                 try:
                     await self._copy(request, response, upstream, lease.model)
@@ -212,6 +236,8 @@ class ColdStreams:
             return await self.proxy.pool.request(
                 lease.host, lease.port, request.method, target, headers, body
             )
+        except NotSent:
+            raise  # the caller leases it again once swapd has seen the exit
         except UpstreamError as exc:
             raise BackendGone(lease.model, str(exc)) from exc
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, wait_for
 
@@ -75,3 +77,38 @@ def test_a_cold_request_that_does_not_stream_gets_no_pings(start_daemon: StartDa
     status, kind, lines = stream(d, "a", stream=False)
     assert (status, kind) == (200, "application/json; charset=utf-8")
     assert json.loads(lines[0])["choices"][0]["message"]["content"] == "A: x"
+
+
+@pytest.mark.parametrize("start_delay", ["0", SLOW_START])
+def test_a_cold_stream_whose_backend_dies_as_it_turns_ready_is_leased_again(
+    start_daemon: StartDaemon, tmp_path: Path, start_delay: str
+) -> None:
+    """The backend stops listening at its first healthy answer and exits a second later.
+
+    The request never reached it, so, as in the proxy, swapd waits for the exit and leases
+    the request again, which meets the backoff of a start that failed within 60 s of
+    becoming ready: a 503, or after pings an error event, with the exit in its message.
+    With pings begun the stream got ``backend_gone`` at once instead, the refused
+    connection for its error.
+    """
+    marker = tmp_path / "vanished"
+    d = start_daemon(
+        {"a": fake_preset("A", "--start-delay", start_delay, "--vanish-when-ready", str(marker))}
+    )
+    status, kind, lines = stream(d, "a")
+    assert marker.exists()  # the first start did vanish
+    if start_delay == "0":  # no ping went out: a plain HTTP error
+        assert status == 503
+        error = json.loads(lines[0])["error"]
+    else:
+        assert (status, kind) == (200, "text/event-stream")
+        [event] = data(lines)
+        error = event["error"]
+    assert error["code"] == "backoff", error
+    assert "exited with 3" in error["message"]
+    wait_for(lambda: d.model("a")["state"] in {"backoff", "failed"})
+    assert d.model("a")["failures"] == 1
+    wait_for(lambda: d.model("a")["state"] == "failed")  # the backoff of 1 s is over
+    status, _, lines = stream(d, "a")  # the marker is there: the restart serves
+    assert status == 200
+    assert data(lines)[-1] == "[DONE]"

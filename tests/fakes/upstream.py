@@ -90,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--release-delay", type=float, default=0.0, help="seconds to free")
     p.add_argument("--sleep-residual-bytes", type=int, default=0, help="bytes while asleep")
+    p.add_argument(
+        "--vanish-when-ready",
+        type=Path,
+        metavar="MARKER",
+        help="once, while MARKER is absent: stop listening at the first healthy answer, "
+        "then exit with 3 a second later (a backend that dies just after it turned ready)",
+    )
     return p.parse_args(argv)
 
 
@@ -111,6 +118,7 @@ class Fake:
     ready: bool = False
     child_pid: int | None = None
     held_vram: object = None  # the CUDA context and allocation of --cuda-bytes, kept alive
+    server: asyncio.AbstractServer | None = None  # the listening socket (--vanish-when-ready)
     stats: Stats = field(default_factory=Stats)
     awake: asyncio.Event = field(default_factory=asyncio.Event)
     device: str = field(
@@ -202,6 +210,13 @@ class Fake:
             return web.json_response(
                 {"error": {"code": 503, "message": "Loading model"}}, status=503
             )
+        marker = self.args.vanish_when_ready
+        if marker is not None and self.server is not None and not marker.exists():
+            marker.touch()
+            self.server.close()  # new connections are refused from here on
+            asyncio.get_running_loop().call_later(1.0, os._exit, 3)
+            # Not kept alive either: nothing more reaches this process.
+            return web.json_response({"status": "ok"}, headers={"Connection": "close"})
         return web.json_response({"status": "ok"})
 
     async def models(self, _request: web.Request) -> web.Response:
@@ -495,6 +510,7 @@ async def serve(
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
     port = runner.addresses[0][1]
+    fake.server = site._server  # aiohttp keeps the listening server private
     print(f"fake-upstream: {args.name} listening on {args.host}:{port}", flush=True)
 
     await asyncio.sleep(ready_at - time.monotonic())
