@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from swapd.errors import SwapdError
 from swapd.probe._drm import DrmVram, TreeVram, pci_address
 from swapd.probe._select import keep_readable, select_indices
-from swapd.probe._tree import attribute, process_trees
+from swapd.probe._tree import attribute, foreign_list, process_trees
 from swapd.probe._types import Device, MemorySource, Reading, Unusable
 
 if TYPE_CHECKING:
@@ -83,6 +83,8 @@ class AmdSmiProbe:
         except self._amd.AmdSmiException as error:
             raise SwapdError(f"{device.id}: amdsmi cannot read VRAM: {error}") from error
         usage, missing = self._processes(handle)
+        if missing is None and (missing := foreign_list(usage, trees)) is not None:
+            usage = {}  # host pids (KFD's): fdinfo, read in this namespace, may tell
         by_pid, source = self._per_process(device, trees, view, usage, supported=missing is None)
         reading = Reading(
             device=device.id,

@@ -5,11 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-import psutil
-
 from swapd.errors import SwapdError
 from swapd.probe._select import keep_readable, select_indices
-from swapd.probe._tree import attribute, process_trees
+from swapd.probe._tree import attribute, foreign_list, process_trees
 from swapd.probe._types import Device, Reading, Unusable
 
 if TYPE_CHECKING:
@@ -51,6 +49,8 @@ class NvmlProbe:
         except nvml.NVMLError as error:
             raise SwapdError(f"{device.id}: NVML cannot read memory: {error}") from error
         usage, missing = self._processes(handle)
+        if missing is None and (missing := foreign_list(usage, trees)) is not None:
+            usage = {}
         reading = Reading(
             device=device.id,
             total=int(memory.total),
@@ -82,11 +82,6 @@ class NvmlProbe:
                 pid = int(proc.pid)
                 # A process with both kinds of context is listed twice with the same bytes.
                 usage[pid] = max(usage.get(pid, 0), int(used))
-        foreign = [pid for pid in usage if not psutil.pid_exists(pid)]
-        if foreign:
-            # The driver knows no pid namespaces: in a container it lists host pids, which
-            # match nothing here. Claiming 0 for our trees would count each model twice.
-            return {}, f"NVML lists pid {foreign[0]}, not in this pid namespace"
         return usage, None
 
     def close(self) -> None:
@@ -121,14 +116,23 @@ def _open_devices(
     """Open handles, then read each device once so that a broken one is dropped up front."""
     try:
         count = int(nvml.nvmlDeviceGetCount())
-        candidates: list[tuple[Device, object]] = []
-        for index in select_indices("NVML", range(count), wanted, warnings):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            name = str(nvml.nvmlDeviceGetName(handle))
-            device = Device(f"gpu{index}", "nvidia", index, name, nvidia_env(index))
-            candidates.append((device, handle))
     except nvml.NVMLError as error:
         raise Unusable(f"NVML cannot list GPUs ({type(error).__name__}: {error})") from error
+    candidates: list[tuple[Device, object]] = []
+    for index in select_indices("NVML", range(count), wanted, warnings):
+        try:
+            # The count includes GPUs this process may not open (NoPermission where a
+            # unit or container has only some /dev/nvidiaN), and lost ones: drop those.
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = str(nvml.nvmlDeviceGetName(handle))
+        except nvml.NVMLError as error:
+            warnings.append(
+                f"gpu{index}: NVML cannot open it ({type(error).__name__}: {error}); dropped"
+            )
+            continue
+        candidates.append((Device(f"gpu{index}", "nvidia", index, name, nvidia_env(index)), handle))
+    if not candidates:
+        raise Unusable("NVML could not open any GPU")
     checker = NvmlProbe(nvml, candidates)
     usable = keep_readable(
         checker, candidates, warnings, source="NVML", per_process="per-process memory"

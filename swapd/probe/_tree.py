@@ -96,6 +96,20 @@ def _from_table(roots: Collection[int]) -> dict[int, frozenset[int]]:
     return trees
 
 
+def foreign_list(usage: Mapping[int, int], trees: Mapping[int, frozenset[int]]) -> str | None:
+    """Why a driver's per-pid list cannot be matched to ``trees``, or None when it can.
+
+    A driver knows no pid namespaces: in a container it lists host pids, which match
+    nothing here, and claiming 0 for the trees would count each model twice. A listed
+    pid of one of the trees proves the namespace shared; then a pid swapd cannot see
+    (one that just exited, or another user's under ``hidepid=``) is only left out.
+    """
+    unknown = [pid for pid in usage if not psutil.pid_exists(pid)]
+    if not unknown or any(pid in usage for tree in trees.values() for pid in tree):
+        return None
+    return f"the driver lists pid {unknown[0]}, not in this pid namespace"
+
+
 def attribute(usage: Mapping[int, int], trees: Mapping[int, frozenset[int]]) -> dict[int, int]:
     """Sum per-pid usage over each root's tree; roots whose tree uses nothing are left out."""
     totals: dict[int, int] = {}
