@@ -626,14 +626,11 @@ class Manager:
         name = slot.preset.name
         started = time.monotonic()
         from_tier = "ram" if waking else slot.tier
-        staging = None
-        if not waking and slot.preset.stage and self.staging is not None:
-            # Copy while the load waits for room or for busy models (prefetch).
-            staging = self._spawn_task(self._stage(slot), f"stage:{name}")
-            # Its end (a failed copy above all) must wake the load that waits for room.
-            staging.add_done_callback(lambda _task: self._notify())
+        staging = None if waking else self._stage_meanwhile(slot)
         try:
             device, total = await self._admit(slot, waking=waking, staging=staging)
+            if waking and slot.state is State.STARTING:
+                waking, from_tier = False, "disk"  # the sleeper died while its wake waited
             self._loading[name] = time.monotonic()
             if waking:
                 await self._wake(slot)
@@ -677,6 +674,15 @@ class Manager:
         # may have gone (a client that hung up), and then no lease ever would. A waiter
         # that takes its lease next cancels it.
         self._arm_ttl(slot)
+
+    def _stage_meanwhile(self, slot: Slot) -> asyncio.Task[None] | None:
+        """Copy a ``stage: true`` model while its load waits for room or for busy models."""
+        if not slot.preset.stage or self.staging is None:
+            return None
+        staging = self._spawn_task(self._stage(slot), f"stage:{slot.preset.name}")
+        # Its end (a failed copy above all) must wake the load that waits for room.
+        staging.add_done_callback(lambda _task: self._notify())
+        return staging
 
     def _loaded(self, name: str) -> None:
         """A load or wake ended, well or not: keep its span for :meth:`_loader_busy`."""
@@ -938,13 +944,14 @@ class Manager:
             self._end_swap_drains(job.drained)
 
     async def _admit_loop(self, job: _Job) -> tuple[Device, int]:
-        slot, candidates, waking, staging = job.slot, job.candidates, job.waking, job.staging
+        slot, staging = job.slot, job.staging
         preset = slot.preset
         deadline = job.started + self.config.queue_timeout
         while True:
             # Taken before the checks and the plan: a change while the plan awaits (the
             # copy failing, a model going idle) must still end the wait that follows.
             changed = self._changed
+            self._start_if_sleeper_died(job)
             if staging is not None and staging.done():
                 # A copy that failed (checksum, no cache room) ends the load here: it
                 # must not start from the unstaged source, nor evict anything for it.
@@ -952,7 +959,7 @@ class Manager:
             staged = staging is None or staging.done()
             waited = time.monotonic() - job.started
             step = await self._plan_step(
-                slot, candidates, waking=waking, staged=staged, waited=waited
+                slot, job.candidates, waking=job.waking, staged=staged, waited=waited
             )
             if isinstance(step, policy.Hold):
                 self._begin_hold(job, step)
@@ -988,6 +995,19 @@ class Manager:
                 # A little late, not early: uvloop rounds timers to whole milliseconds.
                 remaining = min(remaining, self.config.max_wait - waited + _TIMER_SLACK)
             await self._wait_for_change(remaining, changed)
+
+    def _start_if_sleeper_died(self, job: _Job) -> None:
+        """A sleeper that died while its wake waited has nothing left to wake: start afresh.
+
+        On any device it may use, as any start does.
+        """
+        if not job.waking or job.slot.child is not None:
+            return
+        preset = job.slot.preset
+        job.waking = False
+        job.candidates = self.admission.candidates(preset)
+        if not job.candidates:
+            raise InsufficientMemory(f"none of the devices {preset.devices} is available")
 
     async def _wait_for_change(self, timeout: float, changed: asyncio.Event | None = None) -> None:
         """Until something changes (since ``changed`` was taken, when given), or ``timeout``."""
@@ -1790,8 +1810,7 @@ class Manager:
                 load.cancel()
                 await asyncio.wait([load])
             else:
-                with contextlib.suppress(RequestError):
-                    await asyncio.shield(load)
+                await _outlast(load)
         await self._quiet(slot)
         if slot.state in (State.FAILED, State.BACKOFF) and slot.child is None:
             slot.move((State.FAILED, State.BACKOFF), State.STOPPED)
@@ -1882,8 +1901,7 @@ class Manager:
                 busy.append(load)
             if not busy:
                 return
-            with contextlib.suppress(RequestError):
-                await asyncio.shield(busy[0])
+            await _outlast(busy[0])
 
     async def _quiet(self, slot: Slot) -> None:
         """Wait out what an unload cannot cut short: a demotion, a sleep, a dead group's reaping.
@@ -1894,9 +1912,9 @@ class Manager:
         """
         while True:
             if slot.demote_task is not None:
-                await asyncio.shield(slot.demote_task)
+                await _outlast(slot.demote_task)
             elif slot.sleep_task is not None:
-                await asyncio.shield(slot.sleep_task)
+                await _outlast(slot.sleep_task)
             elif self._reaping(slot):
                 await self._changed.wait()
             else:
@@ -2056,6 +2074,15 @@ class Manager:
                     await self.load(slot.preset.name)
                 except RequestError as exc:
                     _log.error("model.preload.fail", model=slot.preset.name, error=exc.message)
+
+
+async def _outlast(task: asyncio.Task[Any]) -> None:
+    """Wait for ``task`` to end, however it ends: its error or cancellation is not ours.
+
+    Awaiting a shield of it instead passes on its cancellation (a forced unload, a
+    shutdown) as if the waiter itself had been cancelled.
+    """
+    await asyncio.wait([task])
 
 
 def _ram_budget(config: Config) -> int:
