@@ -1102,7 +1102,10 @@ class Manager:
                 snap = await self.admission.read(self._pids())
                 needs = await self.admission.needs(preset, candidates, snap)
                 if not needs:
-                    raise InsufficientMemory(f"cannot load {preset.name!r}: no device reported")
+                    raise InsufficientMemory(
+                        f"cannot load {preset.name!r}: none of its devices reported memory "
+                        "(probe.device.fail in the log says why)"
+                    )
                 own = 0
                 if waking and slot.child is not None and slot.child.pid is not None:
                     own = snap.by_pid().get(slot.child.pid, 0)  # what it still holds there

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from swapd.errors import SwapdError
 from swapd.probe._drm import DrmVram, TreeVram, pci_address
-from swapd.probe._select import keep_readable, select_indices
+from swapd.probe._select import EachDevice, keep_readable, select_indices
 from swapd.probe._tree import attribute, foreign_list, process_trees
 from swapd.probe._types import Device, MemorySource, Reading, Unusable
 
@@ -60,12 +60,13 @@ class AmdSmiProbe:
         # Devices whose byte-exact calls failed once; they use the megabyte call from then on.
         self._megabytes: set[str] = set()
         self._closed = False
+        self._each = EachDevice()
 
     def read(self, pids: Collection[int] = ()) -> list[Reading]:
-        """Read every device; raises SwapdError when amdsmi fails to report a device's VRAM."""
+        """Read every device that answers; raises SwapdError when none reports its VRAM."""
         trees = process_trees(pids)
         view = self._drm.for_trees(trees)
-        return [self._read(device, trees, view)[0] for device in self.devices]
+        return self._each.read(self.devices, lambda device: self._read(device, trees, view)[0])
 
     def read_device(
         self, device: Device, trees: Mapping[int, frozenset[int]]

@@ -6,7 +6,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from swapd.errors import SwapdError
-from swapd.probe._select import keep_readable, select_indices
+from swapd.probe._select import EachDevice, keep_readable, select_indices
 from swapd.probe._tree import attribute, foreign_list, process_trees
 from swapd.probe._types import Device, Reading, Unusable
 
@@ -32,11 +32,12 @@ class NvmlProbe:
         self._handles = {device.id: handle for device, handle in devices}
         self.devices: Sequence[Device] = tuple(device for device, _ in devices)
         self._closed = False
+        self._each = EachDevice()
 
     def read(self, pids: Collection[int] = ()) -> list[Reading]:
-        """Read every device; raises SwapdError when NVML fails to report a device's memory."""
+        """Read every device that answers; raises SwapdError when none reports its memory."""
         trees = process_trees(pids)
-        return [self.read_device(device, trees)[0] for device in self.devices]
+        return self._each.read(self.devices, lambda device: self.read_device(device, trees)[0])
 
     def read_device(
         self, device: Device, trees: Mapping[int, frozenset[int]]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from swapd.errors import SwapdError
+from swapd.logs import get_logger
 from swapd.probe._types import Unusable
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Mapping, Sequence
+    from collections.abc import Callable, Collection, Mapping, Sequence
 
     from swapd.probe._types import Device, Reading
 
@@ -21,6 +22,42 @@ class DeviceReader(Protocol):
     ) -> tuple[Reading, str | None]:
         """Read one device."""
         ...
+
+
+_log = get_logger("swapd.probe")
+
+
+class EachDevice:
+    """Readings of the devices that answer: one GPU lost must not stop loads on the others."""
+
+    def __init__(self) -> None:
+        self._failing: set[str] = set()
+
+    def read(
+        self, devices: Sequence[Device], read_one: Callable[[Device], Reading]
+    ) -> list[Reading]:
+        """``read_one`` of each device, leaving out those that fail; raises if every one does.
+
+        A device left out is logged when it starts failing (``probe.device.fail``) and when
+        it answers again (``probe.device.back``); admission places nothing on it meanwhile.
+        """
+        readings: list[Reading] = []
+        errors: list[SwapdError] = []
+        for device in devices:
+            try:
+                readings.append(read_one(device))
+            except SwapdError as error:
+                errors.append(error)
+                if device.id not in self._failing:
+                    self._failing.add(device.id)
+                    _log.error("probe.device.fail", device=device.id, error=str(error))
+                continue
+            if device.id in self._failing:
+                self._failing.discard(device.id)
+                _log.info("probe.device.back", device=device.id)
+        if errors and not readings:
+            raise errors[0]
+        return readings
 
 
 def select_indices(

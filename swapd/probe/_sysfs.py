@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from swapd.errors import SwapdError
 from swapd.probe._amdsmi import amd_env
 from swapd.probe._drm import DrmVram, pci_address
-from swapd.probe._select import select_indices
+from swapd.probe._select import EachDevice, select_indices
 from swapd.probe._tree import process_trees
 from swapd.probe._types import Device, Reading, Unusable
 
@@ -63,24 +63,24 @@ class AmdSysfsProbe:
         self._pci = {device.id: card_pci(folder) for device, folder in cards}
         self.devices: Sequence[Device] = tuple(device for device, _ in cards)
         self._drm = drm
+        self._each = EachDevice()
 
     def pci(self, device: Device) -> str | None:
         """The card's PCI address, by which fdinfo records name it."""
         return self._pci[device.id]
 
     def read(self, pids: Collection[int] = ()) -> list[Reading]:
-        """Read every card; raises SwapdError when a counter cannot be read."""
+        """Read every card that answers; raises SwapdError when no counter can be read."""
         view = self._drm.for_trees(process_trees(pids))
-        readings: list[Reading] = []
-        for device in self.devices:
+
+        def read_one(device: Device) -> Reading:
             reading = self.read_device(device)
             by_pid = view.on(self._pci[device.id])
-            if by_pid is not None:
-                reading = replace(
-                    reading, by_pid=by_pid, per_process_supported=True, source="fdinfo"
-                )
-            readings.append(reading)
-        return readings
+            if by_pid is None:
+                return reading
+            return replace(reading, by_pid=by_pid, per_process_supported=True, source="fdinfo")
+
+        return self._each.read(self.devices, read_one)
 
     def read_device(self, device: Device) -> Reading:
         """Read one card's counters; the reading has no per-process figures."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from swapd import policy
+from swapd.errors import SwapdError
 from swapd.probe import _fdinfo
 from swapd.probe import _sysfs as sysfs
 from swapd.probe._amdsmi import open_amdsmi
@@ -177,3 +178,37 @@ def test_amdsmi_host_pids_with_blind_fdinfo_do_not_claim_zero(
     )
     assert plan == policy.Admit("gpu0"), (reading, plan)
     assert (reading.source, reading.per_process_supported) == ("device-delta", False)
+
+
+def test_a_gpu_lost_after_start_is_left_out_and_the_others_still_read(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GPU whose memory read fails (fallen off the bus) is left out of the readings.
+
+    Each read raised for the whole probe: every load on every healthy GPU answered 500
+    until swapd restarted. The failure is logged once, and the return too; with no GPU
+    left to read, the read still raises.
+    """
+    lost: set[str] = set()
+    module = fake_pynvml([], count=2)
+
+    def memory(handle: str) -> types.SimpleNamespace:
+        if handle in lost:
+            raise NVMLError("GPU is lost")
+        return types.SimpleNamespace(total=80 * GIB, free=40 * GIB)
+
+    module.__dict__["nvmlDeviceGetMemoryInfo"] = memory
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    probe = open_nvml(None, [])
+    lost.add("g1")
+    assert [r.device for r in probe.read()] == ["gpu0"]
+    assert [r.device for r in probe.read()] == ["gpu0"]
+    lost.clear()
+    assert [r.device for r in probe.read()] == ["gpu0", "gpu1"]
+    out = capsys.readouterr().out
+    assert out.count("probe.device.fail") == 1, out
+    assert "GPU is lost" in out
+    assert out.count("probe.device.back") == 1, out
+    lost.update({"g0", "g1"})
+    with pytest.raises(SwapdError, match="gpu0: NVML cannot read memory: GPU is lost"):
+        probe.read()
