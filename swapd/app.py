@@ -28,7 +28,7 @@ from aiohttp.typedefs import Middleware
 
 from swapd import marks, notify
 from swapd._exchange import CLIENT_GONE, EXCHANGE, Exchange
-from swapd.auth import CORS_ORIGIN, access_warnings, add_cors_headers
+from swapd.auth import CORS_ORIGIN, access_warnings, add_cors_headers, listen_address
 from swapd.catalog import Catalog
 from swapd.config import Config
 from swapd.control import Control
@@ -339,11 +339,12 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
             await site.start()
         except OSError as exc:
             raise SwapdError(
-                f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+                f"cannot listen on {listen_address(config.host, config.port)}: "
+                f"{exc.strerror or exc}"
             ) from exc
         _log.info("swapd.listen", host=config.host, port=config.port, models=len(config.presets))
         if sys.stdout.isatty():  # off a terminal the swapd.listen event says it
-            print(f"swapd: listening on http://{config.host}:{config.port}", flush=True)  # noqa: T201
+            print(f"swapd: listening on {site.name}", flush=True)  # noqa: T201
         await _until_ready(app, notifier, stop)
         # What start built lives as long as swapd: keep it out of the collector's full
         # passes, which otherwise walk it all (a gen-2 collection took 10-12 ms).

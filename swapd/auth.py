@@ -291,6 +291,13 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     response.headers.add("Vary", "Origin")
 
 
+def listen_address(host: str, port: int) -> str:
+    """A listen address as people write it: ``[::1]:8080``, or ``*:8080`` for every address."""
+    if not host:
+        return f"*:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def access_warnings(
     *, listen: str, port: int, api_keys: bool, admin_keys: bool, cors_origins: Iterable[str]
 ) -> list[str]:
@@ -300,9 +307,9 @@ def access_warnings(
     local = listen == "localhost" or (ip is not None and ip.is_loopback)
     if not local and not (api_keys or admin_keys):
         warnings.append(
-            f"listening on {listen}:{port} without api_keys or admin_keys: anyone who can "
-            "reach the port can use, load and unload every model (the Host check admits "
-            "only IP addresses and allowed_hosts)"
+            f"listening on {listen_address(listen, port)} without api_keys or admin_keys: "
+            "anyone who can reach the port can use, load and unload every model (the Host "
+            "check admits only IP addresses and allowed_hosts)"
         )
     if api_keys and not admin_keys:
         warnings.append(

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from swapd import _render, embedded
-from swapd._client import ANSWER_WITHIN, Client, ClientError, Target, config_path
+from swapd._client import ANSWER_WITHIN, Client, ClientError, Target, config_path, url_of
 from swapd.auth import access_warnings
 from swapd.backends import missing_binary
 from swapd.config import Config, load_config, parse_listen
@@ -86,8 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure(config.log_level, backend_log=config.backend_log)
     if config.source == embedded.SOURCE:
-        url = f"http://{config.host}:{config.port}"
-        print(embedded.try_it(url), file=sys.stderr, flush=True)
+        print(embedded.try_it(url_of(config)), file=sys.stderr, flush=True)
     try:
         _run(serve(config, lambda: _load_config(args.config, args.listen)))
     except SwapdError as exc:  # another instance, a port in use: a message, no traceback

@@ -99,7 +99,7 @@ class Config:
 
 
 def parse_listen(value: Any) -> tuple[str, int]:
-    """``host:port``, ``:port`` or ``[::1]:port``."""
+    """``host:port``, ``:port`` or ``[::1]:port``; the host is "" for every address."""
     text = str(value)
     host, sep, port = text.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
@@ -108,9 +108,8 @@ def parse_listen(value: Any) -> tuple[str, int]:
         raise ValueError(
             f'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080", got "{text}"'
         )
-    host = host[1:-1] if bracketed else host
-    host = host or "0.0.0.0"  # noqa: S104 - ":8080" means every address, by convention
-    return host, int(port)
+    # ":8080" keeps an empty host: every address, IPv4 and IPv6 (0.0.0.0 is IPv4 only).
+    return host[1:-1] if bracketed else host, int(port)
 
 
 def _devices(value: Any) -> DevicesSpec:

@@ -37,6 +37,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _RequestFactory
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from swapd.auth import listen_address
 from swapd.errors import (
     HeadersTooLarge,
     MalformedHttp,
@@ -515,8 +516,7 @@ class EdgeSite(web.BaseSite):
     @property
     def name(self) -> str:
         """The URL served."""
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._port}"
+        return f"http://{listen_address(self._host, self._port)}"
 
     async def start(self) -> None:
         """Listen; every accepted connection gets a protocol from the edge."""
@@ -526,7 +526,7 @@ class EdgeSite(web.BaseSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: self._edge.protocol(server),
-            self._host,
+            self._host or None,  # every address, of every family
             self._port,
             backlog=self._backlog,
             reuse_address=True,

@@ -121,7 +121,7 @@ def test_an_alias_must_be_a_usable_name(tmp_path: Path, alias: str) -> None:
     ("written", "expected"),
     [
         ("[::1]:8080", ("::1", 8080)),
-        (":8080", ("0.0.0.0", 8080)),
+        (":8080", ("", 8080)),
         ("10.0.0.2:80", ("10.0.0.2", 80)),
     ],
 )
