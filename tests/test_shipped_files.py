@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
 
 from swapd.auth import HostGuard
-from swapd.config import DEFAULT_LISTEN, load_config
+from swapd.config import _DAEMON_KEYS as DAEMON_KEYS
+from swapd.config import DEFAULT_LISTEN, Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +54,25 @@ def test_the_nginx_snippet_sends_an_accepted_host_and_keeps_control_local() -> N
         "allow 127.0.0.1;",
         "allow ::1;",
     }
+
+
+def test_the_example_config_names_every_daemon_key_with_its_default(tmp_path: Path) -> None:
+    """swapd.example.yaml says it shows every key with its default; both hold.
+
+    Seven keys were missing from it (send_timeout, max_wait, hold_max, hold_busy,
+    default_memory, shutdown_timeout, cgroups), which the unit's config points users to.
+    """
+    text = (ROOT / "swapd.example.yaml").read_text()
+    written = set(re.findall(r"^#? ?([a-z_]+):", text, re.MULTILINE))
+    assert sorted(set(DAEMON_KEYS) - written) == []
+    shutil.copy(ROOT / "swapd.example.yaml", tmp_path / "swapd.yaml")
+    (tmp_path / "presets").mkdir()
+    shown = load_config(tmp_path / "swapd.yaml")
+    default = Config(source="default")
+    different = [
+        f.name
+        for f in dataclasses.fields(Config)
+        if f.name not in {"source", "presets_dir", "state_dir"}
+        and getattr(shown, f.name) != getattr(default, f.name)
+    ]
+    assert different == []
