@@ -35,14 +35,6 @@ class Snapshot:
     readings: dict[str, Reading]
     host_available: int
 
-    def by_pid(self) -> dict[int, int]:
-        """Device bytes per asked pid, summed over devices."""
-        found: dict[int, int] = {}
-        for reading in self.readings.values():
-            for pid, nbytes in reading.by_pid.items():
-                found[pid] = found.get(pid, 0) + nbytes
-        return found
-
 
 def _estimate(preset: Preset, device: Device, total: int) -> tuple[int | None, bool]:
     """The estimate, and whether the model file it came from (if any) exists."""

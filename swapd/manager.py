@@ -763,9 +763,14 @@ class Manager:
             return None
         pid = slot.child.pid if slot.child and slot.child.pid else None
         reading = snap.readings.get(slot.device.id)
-        known = reading is not None and reading.per_process_supported
         # No process yet: nothing taken. No per-process numbers: free already shows it.
-        measured: int | None = 0 if pid is None else (snap.by_pid().get(pid, 0) if known else None)
+        # What it holds on its own device: a helper's bytes on another GPU are not freed
+        # there by stopping it (that GPU's free memory shows them).
+        measured: int | None = None
+        if pid is None:
+            measured = 0
+        elif reading is not None and reading.per_process_supported:
+            measured = reading.by_pid.get(pid, 0)
         need = slot.need.bytes if slot.need else 0
         if slot.asleep or slot.leaving_ram:
             # Asleep, or stopping from sleep: it holds only what the driver kept, which
@@ -1106,11 +1111,13 @@ class Manager:
                         f"cannot load {preset.name!r}: none of its devices reported memory "
                         "(probe.device.fail in the log says why)"
                     )
-                own = 0
-                if waking and slot.child is not None and slot.child.pid is not None:
-                    own = snap.by_pid().get(slot.child.pid, 0)  # what it still holds there
+                # A sleeper wakes where it sleeps, into what it still holds there.
+                pid = slot.child.pid if waking and slot.child is not None else None
                 residents = self._residents(snap, exclude=slot)
-                wanted = {d: max(0, n.bytes - own) for d, n in needs.items()}
+                wanted = {
+                    d: max(0, n.bytes - (snap.readings[d].by_pid.get(pid, 0) if pid else 0))
+                    for d, n in needs.items()
+                }
                 plan = self.admission.plan(wanted, snap, residents)
                 if isinstance(plan, policy.Impossible):
                     raise InsufficientMemory(f"cannot load {preset.name!r}: {plan.reason}")

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, wait_for
@@ -191,3 +192,31 @@ def test_a_ttl_stop_whose_memory_reading_fails_is_tried_again(
     wait_for(lambda: d.events("model.ttl.retry") or d.events("task.fail"), timeout=20)
     probe.write_text(good)  # the fault is gone: the next try takes the model down
     wait_for(lambda: d.model("a")["state"] == "stopped", timeout=20)
+
+
+def test_a_model_counts_on_its_device_what_it_holds_there_not_on_every_gpu(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A resident's use is its tree's bytes on its own device, not summed over GPUs.
+
+    A helper of model a holds 20 GiB on gpu1 (a Vulkan build that ignores
+    CUDA_VISIBLE_DEVICES, ROCm's page tables on every GPU). For b on gpu0, evicting a
+    frees only its 10 GiB there; counted at 30 GiB, a alone looked like enough and was
+    stopped for a load that still did not fit.
+    """
+    path = tmp_path / "gpus.json"
+    gpus = {"gpu0": {"total": 30 * GiB, "outside": 0}, "gpu1": {"total": 30 * GiB, "outside": 0}}
+    probe_file.write_devices(path, gpus)
+    presets = {
+        "a": gpu_preset("a", path, 10 * GiB, "--fork-child", devices=[0]),
+        "c": gpu_preset("c", path, 15 * GiB, devices=[0]),
+        "b": gpu_preset("b", path, 18 * GiB, devices=[0]),
+    }
+    d = start_gpu(start_daemon, path, presets)
+    assert d.chat("a")[0] == 200
+    assert d.chat("c")[0] == 200
+    [helper] = psutil.Process(d.model("a")["pid"]).children()
+    probe_file.register(path, helper.pid, "gpu1", 20 * GiB)
+    assert d.chat("b")[0] == 200
+    assert [e["victims"] for e in d.events("model.evict")] == [["c"]]
+    assert d.model("a")["state"] == "ready"
