@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from swapd._copy import Cancelled, fsync_dir, scan
+from swapd.boot import kernel_boot_id
 
 MANIFEST = "entry.json"
 DATA = "data"
@@ -46,11 +47,12 @@ PARTIAL = ".partial-"
 EVICTED = ".evicted-"
 _LOCK = ".lock"
 _KEY = re.compile(r"[0-9a-f]{32}")
+# What swapd names its unfinished copies and its deletions in progress, exactly.
+_LEFTOVER = re.compile(r"\.(partial|evicted)-[0-9a-f]{32}-[0-9a-f]{6}")
 _VERSION = 1
 # An unsynced manifest has a version of its own, so that a swapd from before the mark
 # existed (it reads version 1 only) deletes such an entry at its start instead of trusting it.
 _VERSION_UNSYNCED = 2
-_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # Manifests are rewritten (digest, synced) by threads: one read-modify-write at a time.
 _REWRITE = threading.Lock()
 
@@ -111,10 +113,7 @@ def boot_id() -> str:
 
     A fresh one means an unsynced entry never counts as this boot's after a restart.
     """
-    try:
-        return _BOOT_ID.read_text().strip() or secrets.token_hex(16)
-    except OSError:
-        return secrets.token_hex(16)
+    return kernel_boot_id() or secrets.token_hex(16)
 
 
 def key_of(source: str, fingerprint: str) -> str:
@@ -130,7 +129,8 @@ def data_path(cache_dir: Path, key: str, name: str) -> Path:
 def lock(cache_dir: Path) -> int:
     """Create the cache directory and hold its lock; ``BlockingIOError`` if another holds it."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache_dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    # Never through a link: a lock planted as one would have swapd truncate its target.
+    fd = os.open(cache_dir / _LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -167,10 +167,11 @@ def load(cache_dir: Path, boot: str) -> Loaded:
     found = Loaded()
     for path in sorted(cache_dir.iterdir()):
         name = path.name
-        if name.startswith((PARTIAL, EVICTED)):
+        # Only what swapd makes is touched: cache_dir may hold other programs' files.
+        if _LEFTOVER.fullmatch(name):
             remove(path)
             found.removed.append(f"{name} (interrupted copy or deletion)")
-        elif _KEY.fullmatch(name):
+        elif _KEY.fullmatch(name) and _made_by_swapd(path):
             problem = _check(path, boot)
             if isinstance(problem, str):
                 remove(path)
@@ -188,6 +189,13 @@ def load(cache_dir: Path, boot: str) -> Loaded:
                 manifest = replace(manifest, unsynced_boot=None)
             found.entries[name] = (manifest, last_used)
     return found
+
+
+def _made_by_swapd(path: Path) -> bool:
+    """Whether a folder named like an entry is one (another program's is left alone)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return (path / DATA).is_dir() or (path / MANIFEST).is_file()
 
 
 def _check(path: Path, boot: str) -> tuple[Manifest, int] | str:

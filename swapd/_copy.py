@@ -184,8 +184,11 @@ def _copy_file(  # noqa: PLR0913 - each is a separate fact of one copy
 ) -> tuple[int, str | None]:
     src_fd = os.open(src, os.O_RDONLY)
     try:
-        # Read back by the hasher, so opened for reading too.
-        dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        # No wider than the source (a private model stays private, also one reached by a
+        # link out of its folder), never wider than 0644, and readable by its owner, whose
+        # backends read it. Read back by the hasher, so opened for reading too.
+        mode = (os.fstat(src_fd).st_mode & 0o644) | 0o600
+        dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         try:
             os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # as cp does
             hasher = _Hasher(dst_fd) if sha256 else None

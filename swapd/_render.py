@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+# C0 but tab and newline, DEL, and C1: what a terminal would act on rather than show.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    r"""Text for a terminal, its control characters written out (``\x1b``).
+
+    A backend prints what clients send it (llama-server's ``--verbose`` logs prompts): an
+    escape sequence passed on raw could set the operator's clipboard or hide lines.
+    """
+    return _CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def size(nbytes: int | None) -> str:
@@ -71,7 +83,7 @@ def status(body: dict[str, Any]) -> str:
             ]
         )
         if m.get("error"):
-            errors.append(f"{m['name']}: {m['error']}")
+            errors.append(f"{m['name']}: {printable(m['error'])}")
     header = (
         "MODEL",
         "STATE",

@@ -262,11 +262,11 @@ async def verb_logs(client: Client, args: argparse.Namespace) -> int:
     if not args.follow:
         body = await client.call("GET", path)
         for line in body["lines"]:
-            print(json.dumps(line) if args.json else line)
+            print(json.dumps(line) if args.json else _render.printable(line))
         return 0
     async for event, line in client.events(path + "&follow=true"):
         if event == "line":
-            print(json.dumps(line) if args.json else line, flush=True)
+            print(json.dumps(line) if args.json else _render.printable(line), flush=True)
     return 0
 
 

@@ -37,7 +37,8 @@ class InstanceLock:
         path = state_dir / "swapd.lock"
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # Never through a link: swapd would truncate whatever it points to.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:  # read-only (a unit's ProtectSystem=strict), or not ours
             hint = " (under systemd: add it to ReadWritePaths=)" if exc.errno == errno.EROFS else ""
             msg = f"cannot use state_dir {state_dir}: {exc.strerror}{hint}"

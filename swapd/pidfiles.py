@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from swapd import marks
+from swapd.boot import kernel_boot_id
 from swapd.logs import get_logger
 
 _log = get_logger("swapd.pidfiles")
@@ -37,6 +38,8 @@ class PidRecords:
         record = {"pid": pid, "model": model, "create_time": started, "owner": os.getpid()}
         if mark is not None:
             record["mark"] = mark
+        if (boot := kernel_boot_id()) is not None:
+            record["boot"] = boot
         path = self.directory / f"{pid}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
@@ -56,6 +59,7 @@ class PidRecords:
         ended: list[int] = []
         if not self.directory.is_dir():
             return ended
+        boot = kernel_boot_id()
         for path in sorted(self.directory.glob("*.json")):
             try:
                 record = json.loads(path.read_text())
@@ -63,7 +67,10 @@ class PidRecords:
             except (OSError, ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)
                 continue
-            if pid <= 1:  # not a child's: killpg(0) would end swapd's own group
+            # pid 0 or 1 is not a child's (killpg(0) would end swapd's own group); a
+            # record from before this boot names processes that all ended at the reboot,
+            # and its pid and group id are someone else's now.
+            if pid <= 1 or _earlier_boot(record, started, boot):
                 path.unlink(missing_ok=True)
                 continue
             mark = record.get("mark")
@@ -87,6 +94,18 @@ class PidRecords:
                     _log.warning("leftover.escaped.kill", pids=escaped, model=record.get("model"))
             path.unlink(missing_ok=True)
         return ended
+
+
+def _earlier_boot(record: dict[str, object], started: float, boot: str | None) -> bool:
+    """Whether a record was written before this boot.
+
+    By the kernel's boot id where both have one; a record without one (an older swapd)
+    by its start time, before this boot's, with a minute's slack for clock steps.
+    """
+    written = record.get("boot")
+    if isinstance(written, str) and boot is not None:
+        return written != boot
+    return started < psutil.boot_time() - 60
 
 
 def _same_process(pid: int, create_time: float) -> bool:

@@ -395,8 +395,8 @@ async def test_sha256_is_for_files_only(cache: StagingCache, tmp_path: Path) -> 
 async def test_leftovers_and_broken_entries_are_deleted_at_open(tmp_path: Path) -> None:
     """Partial copies, half-deleted entries and entries with a bad manifest go at open."""
     cache_dir = tmp_path / "cache"
-    write(cache_dir / ".partial-abc-123456" / "data" / "m.gguf", 100)
-    write(cache_dir / ".evicted-abc-123456" / "data" / "m.gguf", 100)
+    write(cache_dir / f".partial-{'b' * 32}-123456" / "data" / "m.gguf", 100)
+    write(cache_dir / f".evicted-{'c' * 32}-abcdef" / "data" / "m.gguf", 100)
     write(cache_dir / ("a" * 32) / "data" / "m.gguf", 100)
     (cache_dir / ("a" * 32) / "entry.json").write_text("{not json")
     (cache_dir / "notes.txt").write_text("left alone: not the cache's")
