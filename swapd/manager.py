@@ -553,6 +553,7 @@ class Manager:
         slot.ram_since = time.monotonic()
         self._rearm_ram_ttl(slot)
         _log.info("model.tier", model=slot.preset.name, tier="ram", bytes=nbytes)
+        slot.changed()  # its bytes in ram, known only after the move to asleep
 
     def _rearm_ram_ttl(self, slot: Slot) -> None:
         """Count ``ram_ttl`` from when the model entered the ram tier, if it is there now."""
@@ -734,6 +735,7 @@ class Manager:
         slot.failures += 1
         if slot.failures >= BREAKER_AFTER:
             _log.error("model.breaker.open", model=slot.preset.name, failures=slot.failures)
+            slot.changed()  # no move: it stays failed, with one failure more
             return
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (slot.failures - 1))
         slot.retry_at = time.monotonic() + delay
@@ -1480,6 +1482,7 @@ class Manager:
             slot.memory_source = reading.source
             self.footprints.put(slot.preset, device.kind, slot.measured)
             _log.info("model.measure", model=slot.preset.name, bytes=slot.measured)
+            slot.changed()
             self._warn_if_admitted_low(slot)
         except Exception as exc:  # noqa: BLE001 - a failed measurement must not vanish
             _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
@@ -1764,6 +1767,7 @@ class Manager:
         if reason is not None:
             _log.info("model.tier", model=slot.preset.name, tier="disk", reason=reason)
         self._spawn_task(_close_later(pages, after), f"unlock:{slot.preset.name}")
+        slot.changed()  # no move: the tier (or, while serving, the ram bytes) changed
 
     def _down_to_disk(self, slot: Slot, *, reason: str) -> None:
         if slot.asleep:

@@ -1,4 +1,4 @@
-"""Races between admin routes, reloads and loads in progress (a concurrency audit).
+"""Races between admin routes, reloads and loads in progress.
 
 Each test holds a load open (a slow start) while another actor cuts it, and checks
 that every waiter is answered and that no change the daemon accepted is lost.
