@@ -178,6 +178,8 @@ def load(cache_dir: Path, boot: str) -> Loaded:
                 found.removed.append(f"{name} ({problem})")
                 continue
             manifest, last_used = problem
+            with contextlib.suppress(OSError):
+                path.chmod(0o700)  # an entry from before copies were made private
             if manifest.unsynced_boot is not None:
                 try:
                     sync(cache_dir, name, threading.Event())
@@ -221,7 +223,10 @@ def _check(path: Path, boot: str) -> tuple[Manifest, int] | str:
 def start_partial(cache_dir: Path, key: str) -> Path:
     """A new, empty directory to build an entry in (with its ``data`` folder)."""
     path = cache_dir / f"{PARTIAL}{key}-{secrets.token_hex(3)}"
-    (path / DATA).mkdir(parents=True)
+    # Private to swapd's user, whose backends read it: a copy is never more readable than
+    # its source, whose folders may keep it from others whatever the file's own mode.
+    path.mkdir(mode=0o700)
+    (path / DATA).mkdir()
     return path
 
 

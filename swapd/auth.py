@@ -151,7 +151,8 @@ class HostGuard:
         return known
 
     def _decide(self, name: str) -> bool:
-        if name in {"localhost", host_name(self.listen)} or "*" in self.allowed:
+        # The listen host itself, unless it is every address ("": no name to match).
+        if name in {"localhost", host_name(self.listen) or "localhost"} or "*" in self.allowed:
             return True
         ip = _ip(name)
         if ip is not None and (ip.is_loopback or self.listen in _WILDCARDS):

@@ -154,8 +154,8 @@ def _client_verb(
 
         try:
             return asyncio.run(main())
-        except ClientError as exc:
-            print(f"swapd: {exc}", file=sys.stderr)
+        except ClientError as exc:  # swapd's answer may carry a backend's output
+            print(f"swapd: {_render.printable(str(exc))}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             return 130
@@ -189,7 +189,7 @@ async def verb_load(client: Client, args: argparse.Namespace) -> int:
             raise  # not about the model's state: refused, or no such model (with the hint)
         state = await _state_of(client, name)
         message = exc.body["error"]["message"] if isinstance(exc.body, dict) else str(exc)
-        print(f"{name}: {state}: {message}", file=sys.stderr)
+        print(f"{name}: {state}: {_render.printable(message)}", file=sys.stderr)
         return 1
     finally:
         watcher.cancel()
@@ -278,8 +278,8 @@ async def verb_reload(client: Client, args: argparse.Namespace) -> int:
         if not (isinstance(exc.body, dict) and "errors" in exc.body):
             raise
         for error in exc.body["errors"]:
-            print(error, file=sys.stderr)
-        print(f"swapd: {exc.body['error']['message']}", file=sys.stderr)
+            print(_render.printable(error), file=sys.stderr)
+        print(f"swapd: {_render.printable(exc.body['error']['message'])}", file=sys.stderr)
         return 1
     if args.json:
         _print_json(plan)

@@ -141,6 +141,12 @@ def test_hosts_and_origins_are_normalised(tmp_path: Path) -> None:
         ("0.0.0.0", (), "192.168.1.5:8080", True),
         ("0.0.0.0", (), "[fe80::1]:8080", True),
         ("0.0.0.0", (), "gpu-box.lan", False),
+        # ":8080", every address of both families: IP literals pass, no name is its own.
+        ("", (), "192.168.1.5:8080", True),
+        ("", (), "[fe80::1]:8080", True),
+        ("", (), "localhost:8080", True),
+        ("", (), "", False),
+        ("", (), ":8080", False),
         ("192.168.1.5", ("gpu-box.lan",), "GPU-box.lan.:8080", True),
         ("127.0.0.1", ("*.corp.example",), "corp.example", False),
         ("127.0.0.1", ("*.corp.example",), "a.b.corp.example", True),

@@ -193,7 +193,7 @@ def _projector(path: Path) -> Path:
         (("--no-mmproj-offload",), GPU, False),
         (("--no-mmproj-offload",), HOST_DEVICE, True),
         (("--no-mmproj-offload", "--mmproj-offload"), GPU, True),
-        # --no-mmproj only stops a download along with -hf: a named file still loads.
+        # Counted: older servers drop a named projector for --no-mmproj, newer ones load it.
         (("--no-mmproj",), GPU, True),
     ],
 )
@@ -230,6 +230,8 @@ def test_a_vision_projector_counts_where_it_goes(
         (("-ngld", "0"), ("-ngl", "0")),
         (("--spec-draft-ngl=0",), ("-ngl", "0")),
         (("-ctkd", "q8_0", "-ctvd", "q8_0"), ("-ctk", "q8_0", "-ctv", "q8_0")),
+        # An older server's own draft context, for one sequence.
+        (("-cd", "256"), ("-c", "256", "-np", "1")),
     ],
 )
 @pytest.mark.parametrize("device", [GPU, HOST_DEVICE])

@@ -185,3 +185,21 @@ def test_check_warns_of_an_open_address_also_with_no_presets(tmp_path: Path) -> 
     assert out.returncode == 0, out.stderr
     assert "no presets" in out.stderr
     assert "without api_keys or admin_keys" in out.stderr, out.stderr
+
+
+def test_a_backends_escape_sequences_reach_no_terminal(start_daemon: StartDaemon) -> None:
+    r"""A failed start's last output is shown with its control characters written out.
+
+    ``swapd load`` and ``swapd status`` print the error, which carries what the backend
+    printed last: an OSC 52 there (set the clipboard) or ``ESC[2K`` (erase the line) went
+    to the operator's terminal as it came.
+    """
+    script = r"printf 'x\033]52;c;Zm9v\007\033[2Kboom\n'; exit 3"
+    d = start_daemon({"a": {"backend": "command", "cmd": ["sh", "-c", script, "sh", "${PORT}"]}})
+    failed = swapd("load", "a", "--url", d.url)
+    assert failed.returncode == 1
+    assert "exited with 3" in failed.stderr
+    status = swapd("status", "--url", d.url)
+    for out in (failed.stderr, status.stdout):
+        assert r"\x1b]52;c;Zm9v\x07\x1b[2Kboom" in out, out
+        assert "\x1b" not in out

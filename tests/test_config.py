@@ -666,7 +666,7 @@ def test_daemon_settings_are_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         """,
         {"m.yaml": OK_PRESET},
     )
-    assert (config.host, config.port) == ("0.0.0.0", 9000)
+    assert (config.host, config.port) == ("", 9000)  # every address
     assert config.state_dir == Path("state")
     assert config.presets_dir == Path("presets")
     assert (config.max_running, config.devices) == (2, (0, 1))

@@ -93,6 +93,28 @@ async def test_a_link_out_of_a_model_folder_does_not_publish_its_target(tmp_path
     assert _others_bits(leaked) == 0, f"a 0600 target copied as {leaked.stat().st_mode:o}"
 
 
+@pytest.mark.asyncio
+async def test_a_copy_is_private_to_swapd_also_when_only_its_folder_was(tmp_path: Path) -> None:
+    """A 0644 model in a 0700 home is kept from others by the home; its copy, by its entry.
+
+    Each entry's folder is 0700, and an entry made before that is narrowed at start.
+    """
+    home = tmp_path / "home"
+    model = home / "m.gguf"
+    home.mkdir(mode=0o700)
+    model.write_bytes(b"weights" * 1000)
+    model.chmod(0o644)
+    cache_dir = tmp_path / "cache"
+    async with StagingCache(cache_dir, 64 * MIB) as cache:
+        copy = await cache.stage(model)
+    entry = copy.parent.parent
+    assert entry.parent == cache_dir
+    assert _others_bits(entry) == 0, f"entry folder has mode {entry.stat().st_mode:o}"
+    entry.chmod(0o755)  # as an earlier version left it
+    async with StagingCache(cache_dir, 64 * MIB):
+        assert _others_bits(entry) == 0
+
+
 # ---------------------------------------------------------------- staging: what is not its own
 
 

@@ -36,6 +36,8 @@ class LlamaArgs:
     n_cpu_moe: int = 0
     # A draft model for speculative decoding (-md) shares every setting above but these.
     draft_gpu_layers: GpuLayers = None
+    # Older servers' -cd: the draft's own context, for one sequence.
+    draft_n_ctx: int | None = None
     draft_cache_type_k: str = "f16"
     draft_cache_type_v: str = "f16"
     draft_n_cpu_moe: int = 0
@@ -45,15 +47,19 @@ class LlamaArgs:
 
         It copies the target's (context, slots, flash attention, micro-batch) and takes
         the draft's own layers, cache types and MoE placement
-        (``common_base_params_to_speculative``).
+        (``common_base_params_to_speculative``). Older servers took ``-cd N``: a context
+        of N for one sequence.
         """
-        return replace(
+        own = replace(
             self,
             n_gpu_layers=self.draft_gpu_layers,
             cache_type_k=self.draft_cache_type_k,
             cache_type_v=self.draft_cache_type_v,
             n_cpu_moe=self.draft_n_cpu_moe,
         )
+        if self.draft_n_ctx is None:
+            return own
+        return replace(own, n_ctx=self.draft_n_ctx, n_parallel=1)
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ _FLAG_FIELDS = {
     "--ubatch-size": "n_ubatch",
     "-ncmoe": "n_cpu_moe",
     "--n-cpu-moe": "n_cpu_moe",
+    "-cd": "draft_n_ctx",
+    "--ctx-size-draft": "draft_n_ctx",
     "-ngld": "draft_gpu_layers",
     "--gpu-layers-draft": "draft_gpu_layers",
     "--n-gpu-layers-draft": "draft_gpu_layers",
@@ -203,8 +211,9 @@ def side_files(args: Sequence[str]) -> SideFiles:
     """The projector and draft model files an argv names; the last one given wins.
 
     Never raises: a flag without its value names no file (llama-server will refuse it).
-    ``--no-mmproj`` only stops a projector downloaded along with ``-hf``: a file named
-    with ``--mmproj`` still loads.
+    ``--no-mmproj`` is not read: older servers drop a named projector for it, newer ones
+    load it (there it stops only a download along with ``-hf``); counting it is the side
+    that never runs a card out of memory, and the measure corrects it after a first load.
     """
     projector: str | None = None
     offload = True
