@@ -20,6 +20,7 @@ LiteLLM for nothing). Residency is followed live by the optional affinity hook,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -42,19 +43,27 @@ ROUTER_SETTINGS: dict[str, Any] = {
     "num_retries": 2,
     "retry_after": 0,
     "cooldown_time": COOLDOWN_S,
-    # The first 503 or 429 from a node cools that deployment down, so the retry goes elsewhere.
-    "allowed_fails_policy": {
-        "ServiceUnavailableErrorAllowedFails": 0,
-        "RateLimitErrorAllowedFails": 0,
-        "BadGatewayErrorAllowedFails": 0,
-        "InternalServerErrorAllowedFails": 0,
-    },
-    # A client's mistake is the same on every node: never retried.
+    # A client's mistake is the same on every node: never retried. Nor is a request that
+    # ran out of time (a preset's request_timeout, 504): it would run that long again.
     "retry_policy": {
         "BadRequestErrorRetries": 0,
         "AuthenticationErrorRetries": 0,
         "ContentPolicyViolationErrorRetries": 0,
+        "TimeoutErrorRetries": 0,
     },
+}
+
+# For a model on several nodes, in each deployment's model_info: the first 503, 429 or
+# 5xx from a node cools that deployment down, so the retry goes elsewhere. Not for a
+# model one node serves, nor in router_settings (where it would cover those too): LiteLLM
+# spares a model with one deployment from cooldowns, which would shut its clients out for
+# the cooldown after a single failed request.
+ALLOWED_FAILS_POLICY: dict[str, int] = {
+    "ServiceUnavailableErrorAllowedFails": 0,
+    "RateLimitErrorAllowedFails": 0,
+    "BadGatewayErrorAllowedFails": 0,
+    "InternalServerErrorAllowedFails": 0,
+    "TimeoutErrorAllowedFails": 0,
 }
 
 
@@ -150,6 +159,10 @@ def build_config(
                 entry = deployment(node, model["id"])
                 entry["model_name"] = name
                 by_model.setdefault(name, []).append(entry)
+    for entries in by_model.values():
+        if len(entries) > 1:
+            for entry in entries:
+                entry["model_info"]["allowed_fails_policy"] = dict(ALLOWED_FAILS_POLICY)
     model_list = [d for name in sorted(by_model) for d in by_model[name]]
     config: dict[str, Any] = {
         "model_list": model_list,
@@ -174,28 +187,41 @@ def render(config: dict[str, Any], nodes: Sequence[Node]) -> str:
 
 
 def write_if_changed(path: Path, text: str) -> bool:
-    """Replace ``path`` atomically when ``text`` differs; whether it was written."""
+    """Replace ``path`` atomically when ``text`` differs; whether it was written.
+
+    The file replaced keeps its mode, owner and group (an operator's 0640 for LiteLLM's
+    group); a new one is private (0600: it may hold a literal node key). The new file
+    reaches the disk before it replaces the old, so a crash leaves one or the other whole.
+    """
     try:
         if path.read_text(encoding="utf-8") == text:
             return False
     except FileNotFoundError:
         pass
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    # Created private: the file may hold node keys. An existing file's mode is kept (an
-    # operator's 0600, or 0640 for a LiteLLM group), a new one gets the umask's.
+    target = path.resolve()  # through a link: the link stays, its target is replaced
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        old: os.stat_result | None = target.stat()
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
+        old = None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)
-            os.fchmod(file.fileno(), mode)
-        tmp.replace(path)  # a reader sees the old file or the new one, never half of one
+            file.flush()
+            if old is not None:
+                os.fchmod(file.fileno(), stat.S_IMODE(old.st_mode))
+                with contextlib.suppress(PermissionError):  # as root only, or to one's group
+                    os.fchown(file.fileno(), old.st_uid, old.st_gid)
+            os.fsync(file.fileno())
+        tmp.replace(target)  # a reader sees the old file or the new one, never half of one
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # the rename itself, on its way to the disk too
+        folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     return True

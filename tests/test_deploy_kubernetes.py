@@ -91,6 +91,9 @@ def test_the_daemonset_serves_the_configmap_on_gpu_nodes() -> None:
     assert pod["hostNetwork"] is True
     (container,) = pod["containers"]
     assert {"nvidia.com/gpu", "amd.com/gpu"} & set(container["resources"]["limits"])
+    # One copy per GPU count, each on its own nodes: two on a node would share hostPort.
+    gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+    assert gpus is None or pod["nodeSelector"]["nvidia.com/gpu.count"] == str(gpus)
     port = int(config["listen"].rpartition(":")[2])
     assert container["ports"][0]["containerPort"] == port
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
