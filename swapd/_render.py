@@ -12,13 +12,13 @@ _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-def printable(text: str) -> str:
+def printable(text: object) -> str:
     r"""Text for a terminal, its control characters written out (``\x1b``).
 
     A backend prints what clients send it (llama-server's ``--verbose`` logs prompts): an
     escape sequence passed on raw could set the operator's clipboard or hide lines.
     """
-    return _CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+    return _CONTROLS.sub(lambda found: f"\\x{ord(found.group()):02x}", str(text))
 
 
 def size(nbytes: int | None) -> str:

@@ -43,6 +43,17 @@ ROUTER_SETTINGS: dict[str, Any] = {
     "num_retries": 2,
     "retry_after": 0,
     "cooldown_time": COOLDOWN_S,
+    # The first 503, 429, 5xx or timeout from a node cools that deployment down, so the
+    # retry goes elsewhere. Also for a model one node serves: its clients then get
+    # LiteLLM's 429 for the cooldown, which is short. Without it LiteLLM would retry that
+    # node, sleeping each answer's Retry-After first, and cool it down on a 404 instead.
+    "allowed_fails_policy": {
+        "ServiceUnavailableErrorAllowedFails": 0,
+        "RateLimitErrorAllowedFails": 0,
+        "BadGatewayErrorAllowedFails": 0,
+        "InternalServerErrorAllowedFails": 0,
+        "TimeoutErrorAllowedFails": 0,
+    },
     # A client's mistake is the same on every node: never retried. Nor is a request that
     # ran out of time (a preset's request_timeout, 504): it would run that long again.
     "retry_policy": {
@@ -51,19 +62,6 @@ ROUTER_SETTINGS: dict[str, Any] = {
         "ContentPolicyViolationErrorRetries": 0,
         "TimeoutErrorRetries": 0,
     },
-}
-
-# For a model on several nodes, in each deployment's model_info: the first 503, 429 or
-# 5xx from a node cools that deployment down, so the retry goes elsewhere. Not for a
-# model one node serves, nor in router_settings (where it would cover those too): LiteLLM
-# spares a model with one deployment from cooldowns, which would shut its clients out for
-# the cooldown after a single failed request.
-ALLOWED_FAILS_POLICY: dict[str, int] = {
-    "ServiceUnavailableErrorAllowedFails": 0,
-    "RateLimitErrorAllowedFails": 0,
-    "BadGatewayErrorAllowedFails": 0,
-    "InternalServerErrorAllowedFails": 0,
-    "TimeoutErrorAllowedFails": 0,
 }
 
 
@@ -159,10 +157,6 @@ def build_config(
                 entry = deployment(node, model["id"])
                 entry["model_name"] = name
                 by_model.setdefault(name, []).append(entry)
-    for entries in by_model.values():
-        if len(entries) > 1:
-            for entry in entries:
-                entry["model_info"]["allowed_fails_policy"] = dict(ALLOWED_FAILS_POLICY)
     model_list = [d for name in sorted(by_model) for d in by_model[name]]
     config: dict[str, Any] = {
         "model_list": model_list,
@@ -186,6 +180,15 @@ def render(config: dict[str, Any], nodes: Sequence[Node]) -> str:
     return "\n".join(header) + "\n" + body
 
 
+def _keep_owner(fd: int, old: os.stat_result) -> None:
+    """Give the new file the old one's owner and group, or its group where that is all."""
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)  # as root
+    except PermissionError:
+        with contextlib.suppress(PermissionError):  # a member of the group may keep it
+            os.fchown(fd, -1, old.st_gid)
+
+
 def write_if_changed(path: Path, text: str) -> bool:
     """Replace ``path`` atomically when ``text`` differs; whether it was written.
 
@@ -204,15 +207,15 @@ def write_if_changed(path: Path, text: str) -> bool:
         old: os.stat_result | None = target.stat()
     except FileNotFoundError:
         old = None
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # one a killed run left, whatever its mode or owner
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)
             file.flush()
+            os.fchmod(file.fileno(), stat.S_IMODE(old.st_mode) if old else 0o600)
             if old is not None:
-                os.fchmod(file.fileno(), stat.S_IMODE(old.st_mode))
-                with contextlib.suppress(PermissionError):  # as root only, or to one's group
-                    os.fchown(file.fileno(), old.st_uid, old.st_gid)
+                _keep_owner(file.fileno(), old)
             os.fsync(file.fileno())
         tmp.replace(target)  # a reader sees the old file or the new one, never half of one
     except BaseException:

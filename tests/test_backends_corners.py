@@ -230,8 +230,8 @@ def test_a_vision_projector_counts_where_it_goes(
         (("-ngld", "0"), ("-ngl", "0")),
         (("--spec-draft-ngl=0",), ("-ngl", "0")),
         (("-ctkd", "q8_0", "-ctvd", "q8_0"), ("-ctk", "q8_0", "-ctv", "q8_0")),
-        # An older server's own draft context, for one sequence.
-        (("-cd", "256"), ("-c", "256", "-np", "1")),
+        # An older server's -cd: a draft context of that size for each slot.
+        (("-cd", "256"), ("-c", "1024", "-np", "4", "-no-kvu")),
     ],
 )
 @pytest.mark.parametrize("device", [GPU, HOST_DEVICE])

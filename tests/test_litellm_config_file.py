@@ -86,3 +86,18 @@ def test_the_new_config_reaches_the_disk_before_it_replaces_the_old_one(
     path.write_text(_config_text("old"), encoding="utf-8")
     assert write_if_changed(path, _config_text("new"))
     assert synced, "the new config was renamed into place without an fsync"
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_a_temporary_file_a_killed_run_left_does_not_widen_the_new_config(tmp_path: Path) -> None:
+    """A leftover ``.config.yaml.tmpPID`` (a SIGKILL, a pid reused) is replaced, not reused.
+
+    Opened without ``O_EXCL`` it kept its own mode, and a link there was followed.
+    """
+    path = tmp_path / "config.yaml"
+    leftover = tmp_path / f".config.yaml.tmp{os.getpid()}"
+    leftover.write_text("half a config")
+    leftover.chmod(0o666)
+    assert write_if_changed(path, _config_text("m"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not leftover.exists()

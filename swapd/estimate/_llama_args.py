@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from swapd.estimate._cache_types import cache_type_block
+from swapd.estimate._sizes import AUTO_SLOTS
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -36,7 +37,7 @@ class LlamaArgs:
     n_cpu_moe: int = 0
     # A draft model for speculative decoding (-md) shares every setting above but these.
     draft_gpu_layers: GpuLayers = None
-    # Older servers' -cd: the draft's own context, for one sequence.
+    # Older servers' -cd: each slot's own draft context, of this size.
     draft_n_ctx: int | None = None
     draft_cache_type_k: str = "f16"
     draft_cache_type_v: str = "f16"
@@ -47,8 +48,9 @@ class LlamaArgs:
 
         It copies the target's (context, slots, flash attention, micro-batch) and takes
         the draft's own layers, cache types and MoE placement
-        (``common_base_params_to_speculative``). Older servers took ``-cd N``: a context
-        of N for one sequence.
+        (``common_base_params_to_speculative``). Older servers took ``-cd N`` and made a
+        draft context of N for each slot: counted as that many caches of N (their compute
+        buffers once).
         """
         own = replace(
             self,
@@ -59,7 +61,9 @@ class LlamaArgs:
         )
         if self.draft_n_ctx is None:
             return own
-        return replace(own, n_ctx=self.draft_n_ctx, n_parallel=1)
+        auto = self.n_parallel is None or self.n_parallel < 0
+        slots = AUTO_SLOTS if auto else max(self.n_parallel or 1, 1)
+        return replace(own, n_ctx=self.draft_n_ctx * slots, n_parallel=slots, kv_unified=slots == 1)
 
 
 @dataclass(frozen=True)
