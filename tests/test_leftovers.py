@@ -26,11 +26,27 @@ print("forked", flush=True)
 """
 
 
-def _gone(pid: int) -> bool:
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie counts)."""
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def double_forked_worker() -> tuple[int, psutil.Process]:
+    """Start a daemon of the classic shape; its leader's (now free) pid and its worker."""
+    leader = subprocess.Popen(
+        [sys.executable, "-c", DOUBLE_FORK], start_new_session=True, stdout=subprocess.PIPE
+    )
+    assert leader.stdout is not None
+    assert leader.stdout.readline() == b"forked\n"
+    leader.stdout.close()
+    leader.wait()
+    worker = next(
+        p for p in psutil.process_iter() if _pgid(p.pid) == leader.pid and p.pid != leader.pid
+    )
+    return leader.pid, worker
 
 
 def test_a_recycled_pid_whose_leader_is_gone_does_not_get_its_group_killed(
@@ -51,25 +67,16 @@ def test_a_recycled_pid_whose_leader_is_gone_does_not_get_its_group_killed(
     [path] = children.glob("*.json")
     record = json.loads(path.read_text())
     wait_for(lambda: not psutil.pid_exists(record["pid"]), timeout=10)
-    leader = subprocess.Popen(
-        [sys.executable, "-c", DOUBLE_FORK], start_new_session=True, stdout=subprocess.PIPE
-    )
-    assert leader.stdout is not None
-    assert leader.stdout.readline() == b"forked\n"
-    leader.stdout.close()
-    leader.wait()
-    worker = next(
-        p for p in psutil.process_iter() if _pgid(p.pid) == leader.pid and p.pid != leader.pid
-    )
+    leader_pid, worker = double_forked_worker()
     try:
         # The record as swapd wrote it, its pid now the (free) pid of that group's leader.
         path.unlink()
-        (children / f"{leader.pid}.json").write_text(json.dumps({**record, "pid": leader.pid}))
+        (children / f"{leader_pid}.json").write_text(json.dumps({**record, "pid": leader_pid}))
         d.start()
-        assert not _gone(worker.pid), "an unrelated process was SIGKILLed at start"
+        assert not gone(worker.pid), "an unrelated process was SIGKILLed at start"
         assert d.events("leftover.kill") == []
     finally:
-        if not _gone(worker.pid):
+        if not gone(worker.pid):
             worker.kill()
 
 
@@ -102,11 +109,11 @@ def test_a_helper_that_left_its_group_in_an_earlier_run_is_ended_at_start(
         _reaper(d.proc.pid).kill()
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
-        assert not _gone(helper)
+        assert not gone(helper)
         d.start()
-        wait_for(lambda: _gone(helper), timeout=10)
+        wait_for(lambda: gone(helper), timeout=10)
     finally:
-        if not _gone(helper):
+        if not gone(helper):
             os.kill(helper, signal.SIGKILL)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import stat
 import subprocess
@@ -21,6 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
+from test_leftovers import double_forked_worker, gone
 
 from swapd import cli
 from swapd._client import Client, Target
@@ -28,16 +28,6 @@ from swapd.pidfiles import PidRecords
 from swapd.staging import StagingCache
 
 MIB = 1024 * 1024
-
-# A classic daemon's shape (as in test_leftovers): a session leader forks its worker and
-# exits; the worker stays in the group whose id is the leader's (now free) pid.
-DOUBLE_FORK = """
-import os, sys, time
-if os.fork() == 0:
-    time.sleep(600)
-    os._exit(0)
-print("forked", flush=True)
-"""
 
 
 def _private(path: Path, data: bytes) -> Path:
@@ -168,20 +158,6 @@ def test_a_symlinked_cache_lock_does_not_truncate_its_target(tmp_path: Path) -> 
 # ---------------------------------------------------------------- pid records
 
 
-def _pgid(pid: int) -> int:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return -1
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def test_a_record_from_an_earlier_boot_kills_no_group(tmp_path: Path) -> None:
     """A record written before this boot names no process of this boot: nothing is killed.
 
@@ -191,32 +167,23 @@ def test_a_record_from_an_earlier_boot_kills_no_group(tmp_path: Path) -> None:
     that id as its own (``_ours``), and every process of this boot started after the
     record's time, so a daemon whose session leader exited (the double fork) is SIGKILLed.
     """
-    leader = subprocess.Popen(
-        [sys.executable, "-c", DOUBLE_FORK], start_new_session=True, stdout=subprocess.PIPE
-    )
-    assert leader.stdout is not None
-    assert leader.stdout.readline() == b"forked\n"
-    leader.stdout.close()
-    leader.wait()
-    worker = next(
-        p for p in psutil.process_iter() if _pgid(p.pid) == leader.pid and p.pid != leader.pid
-    )
+    leader_pid, worker = double_forked_worker()
     try:
         children = tmp_path / "state" / "children"
         children.mkdir(parents=True)
         record = {
-            "pid": leader.pid,
+            "pid": leader_pid,
             "model": "qwen",
             "create_time": psutil.boot_time() - 3600,  # the last boot's backend
             "owner": 4242,
         }
-        (children / f"{leader.pid}.json").write_text(json.dumps(record))
+        (children / f"{leader_pid}.json").write_text(json.dumps(record))
         ended = PidRecords(tmp_path / "state").end_leftovers()
         assert ended == [], f"killed {ended}: a group of this boot, for a record of the last"
-        assert not _gone(worker.pid), "an unrelated process was SIGKILLed"
+        assert not gone(worker.pid), "an unrelated process was SIGKILLed"
         assert not list(children.iterdir()), "the stale record is dropped all the same"
     finally:
-        if not _gone(worker.pid):
+        if not gone(worker.pid):
             worker.send_signal(signal.SIGKILL)
 
 

@@ -14,9 +14,34 @@ from pathlib import Path
 import pytest
 
 from swapd import policy
+from swapd.probe import Reading
 from swapd.probe._nvml import open_nvml
 
 GIB = 1024**3
+
+
+def plan_beside_one_resident(reading: Reading, pid: int, need: int) -> policy.Plan:
+    """The plan for ``need`` on gpu0 beside ``pid``, a 40 GiB model counted as swapd does."""
+    known = reading.per_process_supported
+    measured = reading.by_pid.get(pid, 0) if known else None  # as Manager._resident does
+    resident = policy.Resident(
+        crf=1.0,
+        name="a",
+        device="gpu0",
+        usage=policy.counted_usage(measured, 40 * GIB),
+        last_used=0.0,
+        busy=False,
+        pinned=False,
+        measured=measured,
+    )
+    return policy.best_plan(
+        {"gpu0": need},
+        [policy.DeviceView("gpu0", reading.total, reading.free)],
+        [resident],
+        policy.Limits(),
+    )
+
+
 HOST_PID = 4_194_000  # above any pid_max here: no such process in this namespace
 
 
@@ -52,23 +77,6 @@ def test_host_pids_from_nvml_do_not_claim_per_process_zero(
     )
     monkeypatch.setitem(sys.modules, "pynvml", module)
     [reading] = open_nvml(None, []).read([backend])
-    known = reading.per_process_supported
-    measured = reading.by_pid.get(backend, 0) if known else None  # as Manager._resident does
-    resident = policy.Resident(
-        crf=1.0,
-        name="a",
-        device="gpu0",
-        usage=policy.counted_usage(measured, 40 * GIB),
-        last_used=0.0,
-        busy=False,
-        pinned=False,
-        measured=measured,
-    )
     # A 30 GiB model fits in the 40 GiB that are really free, beside the resident.
-    plan = policy.best_plan(
-        {"gpu0": 30 * GIB},
-        [policy.DeviceView("gpu0", reading.total, reading.free)],
-        [resident],
-        policy.Limits(),
-    )
+    plan = plan_beside_one_resident(reading, backend, 30 * GIB)
     assert plan == policy.Admit("gpu0"), (reading, plan)

@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+from test_nvml_pid_namespace import plan_beside_one_resident
 
 from swapd import policy
 from swapd.errors import SwapdError
@@ -157,25 +158,8 @@ def test_amdsmi_host_pids_with_blind_fdinfo_do_not_claim_zero(
     )
     monkeypatch.setitem(sys.modules, "amdsmi", module)
     [reading] = open_amdsmi(None, [], proc).read([sleeper])
-    known = reading.per_process_supported
-    measured = reading.by_pid.get(sleeper, 0) if known else None  # as Manager._resident does
-    resident = policy.Resident(
-        crf=1.0,
-        name="a",
-        device="gpu0",
-        usage=policy.counted_usage(measured, 40 * GIB),
-        last_used=0.0,
-        busy=False,
-        pinned=False,
-        measured=measured,
-    )
     # 150 GiB fits in the 152 GiB that are really free, beside the resident.
-    plan = policy.best_plan(
-        {"gpu0": 150 * GIB},
-        [policy.DeviceView("gpu0", reading.total, reading.free)],
-        [resident],
-        policy.Limits(),
-    )
+    plan = plan_beside_one_resident(reading, sleeper, 150 * GIB)
     assert plan == policy.Admit("gpu0"), (reading, plan)
     assert (reading.source, reading.per_process_supported) == ("device-delta", False)
 
