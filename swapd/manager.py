@@ -63,7 +63,7 @@ from swapd.pages import WarmSet
 from swapd.pidfiles import PidRecords
 from swapd.planner import DeviceMemory, read_memory
 from swapd.presets import Preset
-from swapd.probe import Device, Probe, host_memory
+from swapd.probe import HOST_DEVICE, Device, Probe, host_memory
 from swapd.process import Child
 from swapd.reload import ReloadPlan
 from swapd.slot import ModelView, Slot, snapshot
@@ -1003,6 +1003,20 @@ class Manager:
                 remaining = min(remaining, self.config.max_wait - waited + _TIMER_SLACK)
             await self._wait_for_change(remaining, changed)
 
+    def _held_there(self, slot: Slot, snap: Snapshot, device_id: str, *, waking: bool) -> int:
+        """What a load already holds on a device: no room is needed for it again.
+
+        A sleeper wakes into what it still holds where it sleeps. A llama-server started
+        from its locked pages on host RAM maps those very pages, which host memory no
+        longer shows as available.
+        """
+        if waking:
+            pid = slot.child.pid if slot.child is not None else None
+            return snap.readings[device_id].by_pid.get(pid, 0) if pid else 0
+        if slot.pages is not None and device_id == HOST_DEVICE.id:
+            return slot.ram_bytes
+        return 0
+
     def _start_if_sleeper_died(self, job: _Job) -> None:
         """A sleeper that died while its wake waited has nothing left to wake: start afresh.
 
@@ -1113,11 +1127,9 @@ class Manager:
                         f"cannot load {preset.name!r}: none of its devices reported memory "
                         "(probe.device.fail in the log says why)"
                     )
-                # A sleeper wakes where it sleeps, into what it still holds there.
-                pid = slot.child.pid if waking and slot.child is not None else None
                 residents = self._residents(snap, exclude=slot)
                 wanted = {
-                    d: max(0, n.bytes - (snap.readings[d].by_pid.get(pid, 0) if pid else 0))
+                    d: max(0, n.bytes - self._held_there(slot, snap, d, waking=waking))
                     for d, n in needs.items()
                 }
                 plan = self.admission.plan(wanted, snap, residents)

@@ -107,7 +107,11 @@ class WarmFile:
         if _libc.mlock(self._address, self.size) == 0:
             self.locked = True
             return
-        self.lock_error = _lock_error(ctypes.get_errno(), self.size)
+        code = ctypes.get_errno()
+        # A failed mlock can leave the mapping marked locked (a file shorter than it):
+        # the kernel would count it against RLIMIT_MEMLOCK with nothing held.
+        _libc.munlock(self._address, self.size)
+        self.lock_error = _lock_error(code, self.size, os.fstat(fd).st_size)
         if _libc.madvise(self._address, self.size, _MADV_POPULATE_READ) != 0:
             _read_through(fd, self.size)
 
@@ -314,12 +318,17 @@ def _read_through(fd: int, size: int) -> None:
         offset += got
 
 
-def _lock_error(code: int, size: int) -> str:
+def _lock_error(code: int, size: int, now: int) -> str:
+    """Why ``size`` bytes could not be locked; the limit named only where it is the cause."""
     message = f"mlock failed: {os.strerror(code)}"
+    if now < size:
+        return f"{message} (the file shrank to {_size(now)} while it was mapped)"
     limit, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     if code not in (errno.ENOMEM, errno.EPERM) or limit == resource.RLIM_INFINITY:
         return message
-    held = _locked_now()
+    held = _status_field("VmLck:") * 1024
+    if held + size <= limit or _status_field("CapEff:", 16) & _CAP_IPC_LOCK:
+        return message  # within the limit, or not bound by it: not what refused it
     already = f", {_size(held)} already locked" if held else ""
     return (
         f"{message} (RLIMIT_MEMLOCK is {_size(limit)}{already}, this file needs {_size(size)};"
@@ -327,13 +336,16 @@ def _lock_error(code: int, size: int) -> str:
     )
 
 
-def _locked_now() -> int:
-    # VmLck in /proc/self/status: what this process has locked, in kB.
+_CAP_IPC_LOCK = 1 << 14  # locks as much as it likes, whatever RLIMIT_MEMLOCK says
+
+
+def _status_field(name: str, base: int = 10) -> int:
+    """A number from /proc/self/status (VmLck: in kB; CapEff: a hex mask); 0 if unreadable."""
     try:
         with Path("/proc/self/status").open() as status:
             for line in status:
-                if line.startswith("VmLck:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(name):
+                    return int(line.split()[1], base)
     except (OSError, ValueError, IndexError):
         pass
     return 0
