@@ -1283,7 +1283,9 @@ class Manager:
     def _placement(self, slot: Slot, device: Device, total: int) -> Placement:
         preset = slot.preset
         fraction = None
-        if device.kind != "cpu" and total and slot.need is not None and slot.need.bytes:
+        # The share granted, for a kind that sizes itself to the device (vLLM: of a GPU,
+        # or on a CPU of host RAM, where it would otherwise take 0.92 of it).
+        if total and slot.need is not None and slot.need.bytes:
             fraction = min(0.95, slot.need.bytes / total)
         level = 0
         if slot.kind.ram_via == "sleep" and self.ram_budget > 0:

@@ -30,8 +30,27 @@ UPSTREAM_PREFIX = "/upstream/"
 # Backend routes that are swapd's alone: vLLM's sleep and wake (swapd's tiers depend on them)
 # and its development routes that run code or reshape the engine. The backend's own key
 # would let a caller reach them; through /upstream/ they are refused.
+# vLLM's development routes (VLLM_SERVER_DEV_MODE=1, which sleep needs) that swapd drives
+# or that act on every client: sleep and wake, RPC, pausing, aborting every request, and
+# replacing the served weights (its RL router).
 RESERVED = frozenset(
-    {"/sleep", "/wake_up", "/collective_rpc", "/scale_elastic_ep", "/pause", "/resume"}
+    {
+        "/sleep",
+        "/wake_up",
+        "/collective_rpc",
+        "/scale_elastic_ep",
+        "/pause",
+        "/resume",
+        "/abort_requests",
+        "/release_kv_cache_memory",
+        "/init_weight_transfer_engine",
+        "/shutdown_weight_transfer_engine",
+        "/start_weight_update",
+        "/start_draft_weight_update",
+        "/update_weights",
+        "/update_weight_version",
+        "/finish_weight_update",
+    }
 )
 
 

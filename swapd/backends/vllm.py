@@ -12,6 +12,7 @@ import json
 import shutil
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swapd.backends._kind import OwnKey, Placement, RamVia, Tier
@@ -29,11 +30,18 @@ if TYPE_CHECKING:
     from swapd.probe import Device
     from swapd.upstream import UpstreamPool
 
-# vLLM on a CPU sizes its KV cache from VLLM_CPU_KVCACHE_SPACE; without a declared
-# memory: swapd assumes this much host RAM for it.
-VLLM_CPU_DEFAULT = 4 * 1024**3
-# vLLM on a GPU takes --gpu-memory-utilization of the card (its default is 0.9).
+# vLLM takes --gpu-memory-utilization of the card, or on a CPU of host RAM (its default
+# is 0.92; swapd passes the share it grants, 0.9 unless the preset says otherwise).
 VLLM_GPU_DEFAULT_FRACTION = 0.9
+# A CPU vLLM takes its KV cache, its weights and its runtime. swapd passes it the share
+# it grants (--gpu-memory-utilization is of host RAM there), so without a size of its own
+# the cache is what the grant leaves: 3 GiB by default, with the runtime the 4 GiB that
+# VLLM_CPU_KVCACHE_SPACE used to default to.
+VLLM_CPU_RUNTIME = 1024**3
+VLLM_CPU_KV_DEFAULT = 3 * 1024**3
+# Both spellings set one share (vLLM's --device-memory-utilization is the other's alias).
+UTILIZATION_FLAGS = ("--gpu-memory-utilization", "--device-memory-utilization")
+KV_CACHE_FLAG = "--kv-cache-memory-bytes"
 SLEEP_FLAG = "--enable-sleep-mode"
 # How vLLM says it cannot run sleep mode ("Sleep mode is not supported on current
 # platform.", "Sleep mode allocator is not available on platform ...").
@@ -64,7 +72,7 @@ async def _call(  # noqa: PLR0913, PLR0917 - where, what, and a JSON body
 def _own_fraction(args: Sequence[str]) -> float | None:
     """The preset's ``--gpu-memory-utilization`` (any spelling vLLM reads), if valid."""
     for i, arg in enumerate(args):
-        if flag_as_written([arg], "--gpu-memory-utilization", argparse=True) is None:
+        if not any(flag_as_written([arg], flag, argparse=True) for flag in UTILIZATION_FLAGS):
             continue
         value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
         try:
@@ -105,10 +113,14 @@ class VllmKind:
         if not has_flag(args, "--served-model-name", argparse=True):
             args += ["--served-model-name", preset.name, *preset.aliases]
         fraction = placement.gpu_fraction
-        if fraction is not None and not has_flag(args, "--gpu-memory-utilization", argparse=True):
-            args += ["--gpu-memory-utilization", f"{fraction:.3f}"]
+        if fraction is not None and not has_flag(args, *UTILIZATION_FLAGS, argparse=True):
+            # Rounded down, never to 0 (vLLM refuses it): no more than the grant.
+            args += ["--gpu-memory-utilization", f"{max(0.001, int(fraction * 1000) / 1000):.3f}"]
         wants_sleep = placement.sleep_level and placement.sleep_flag
-        if wants_sleep and not has_flag(args, SLEEP_FLAG, argparse=True):
+        if not placement.sleep_flag:
+            # The start without it, after a refusal: the preset's own copy goes too.
+            args = [a for a in args if flag_as_written([a], SLEEP_FLAG, argparse=True) is None]
+        elif wants_sleep and not has_flag(args, SLEEP_FLAG, argparse=True):
             args.append(SLEEP_FLAG)
         model = placement.model_path or str(preset.model)
         return [binary, "serve", model, *args, "--host", "127.0.0.1", "--port", str(port)]
@@ -127,6 +139,9 @@ class VllmKind:
                 return line
             if "sleep mode" in low and any(w in low for w in _REFUSAL_WORDS):
                 return line
+            # The allocator sleep mode needs, missing from a build: the flag caused it.
+            if "cumem allocator is not supported" in low:
+                return line
         return None
 
     def extra_env(self, preset: Preset, placement: Placement) -> dict[str, str]:
@@ -135,14 +150,19 @@ class VllmKind:
         return {"VLLM_SERVER_DEV_MODE": "1"} if placement.sleep_level else {}
 
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
-        """vLLM takes its share of a GPU, or ``VLLM_CPU_DEFAULT`` of host RAM.
+        """vLLM takes its share of the device: a GPU, or on a CPU host RAM.
 
         The share is the preset's own ``--gpu-memory-utilization`` where it sets one (it is
-        kept in the command line), else vLLM's default.
+        kept in the command line), else 0.9 of a GPU. On a CPU: the KV cache (as the preset
+        sizes it, ``VLLM_CPU_KVCACHE_SPACE`` in GiB over ``--kv-cache-memory-bytes``, else
+        ``VLLM_CPU_KV_DEFAULT``), the weights and the runtime.
         """
-        if device.kind == "cpu":
-            return VLLM_CPU_DEFAULT
-        return int(total * (_own_fraction(preset.args) or VLLM_GPU_DEFAULT_FRACTION))
+        own = _own_fraction(preset.args)
+        kv = _cpu_kv_cache_bytes(preset) if device.kind == "cpu" else None
+        if device.kind == "cpu" and (kv is not None or own is None):
+            weights = _weights_bytes(preset.model) if preset.model is not None else 0
+            return (kv or VLLM_CPU_KV_DEFAULT) + weights + VLLM_CPU_RUNTIME
+        return int(total * (own or VLLM_GPU_DEFAULT_FRACTION))
 
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """POST ``/sleep?level=N``; vLLM answers once the weights have moved."""
@@ -174,6 +194,47 @@ class VllmKind:
             if loop.time() > deadline:
                 raise SleepFailed(f"still asleep {_CALL_TIMEOUT:g}s after /wake_up")
             await asyncio.sleep(_WAKE_POLL)
+
+
+def _cpu_kv_cache_bytes(preset: Preset) -> int | None:
+    """The CPU KV cache a preset sizes itself, as vLLM reads it; None where it does not."""
+    space = preset.env.get("VLLM_CPU_KVCACHE_SPACE", "")
+    if space.strip().isdigit() and int(space) > 0:
+        return int(space) * 1024**3  # vLLM's platforms/cpu.py: GiB, over the flag
+    args = preset.args
+    for i, arg in enumerate(args):
+        if flag_as_written([arg], KV_CACHE_FLAG, argparse=True) is None:
+            continue
+        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+        return _human_bytes(value)
+    return None
+
+
+def _human_bytes(value: str) -> int | None:
+    """vLLM's sizes (its ``human_readable_int``): ``40G``, ``512M`` binary, ``40g`` decimal."""
+    scales = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    scales |= {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    text = value.strip()
+    scale = scales.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in scales else text
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        return None
+
+
+def _weights_bytes(model: Path) -> int:
+    """The weight files of a model folder (or the file itself)."""
+    try:
+        if model.is_file():
+            return model.stat().st_size
+        return sum(
+            p.stat().st_size
+            for p in model.rglob("*")
+            if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"} and p.is_file()
+        )
+    except OSError:
+        return 0
 
 
 VLLM = VllmKind()

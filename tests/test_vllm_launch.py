@@ -1,0 +1,218 @@
+"""How swapd launches vLLM 0.32, checked against what vLLM 0.32 itself does with it.
+
+Each test names the vLLM source (site-packages/vllm, the CPU build in
+``$SWAPD_CACHE/vllm-venv``) whose behaviour it holds swapd to. They are unit tests:
+the launch swapd builds (admission's need, the manager's placement, the kind's argv)
+is compared with what vLLM's own code makes of that launch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from swapd.backends import Placement
+from swapd.backends.vllm import VLLM
+from swapd.errors import Forbidden
+from swapd.footprints import Footprints
+from swapd.manager import Manager
+from swapd.needs import estimate_bytes, memory_need
+from swapd.passthrough import backend_path
+from swapd.presets import Preset
+from swapd.probe import HOST_DEVICE, Device
+
+GiB = 1024**3
+GPU = Device(id="gpu0", kind="nvidia", index=0, name="GPU 0", visible_env={})
+# vllm/config/cache.py:102: gpu_memory_utilization defaults to 0.92 (CPU builds too).
+VLLM_DEFAULT_UTILIZATION = 0.92
+# vllm/engine/arg_utils.py:1356-1360: both spellings set gpu_memory_utilization.
+UTILIZATION_FLAGS = ("--gpu-memory-utilization", "--device-memory-utilization")
+
+
+def _preset(tmp_path: Path, **keys: object) -> Preset:
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "model.safetensors").write_bytes(b"\0" * 4096)
+    values: dict[str, object] = {
+        "name": "m",
+        "file": "presets/m.yaml",
+        "backend": "vllm",
+        "model": model,
+        "binary": "/bin/true",
+        **keys,
+    }
+    return Preset(**values)  # type: ignore[arg-type]
+
+
+def _launch(preset: Preset, device: Device, total: int, tmp_path: Path) -> tuple[list[str], int]:
+    """The argv swapd runs and the bytes admission reserved for it, on a first load.
+
+    The same path as a load: the kind's estimate, the need admission takes from it (no
+    footprint measured yet), the manager's placement for that need, the kind's argv.
+    """
+    estimate = estimate_bytes(preset, device, total)
+    need = memory_need(preset, device, estimate, Footprints(tmp_path))
+    slot = SimpleNamespace(preset=preset, kind=VLLM, need=need, staged_path=None)
+    manager = SimpleNamespace(ram_budget=0, _sleep_refused={})
+    placement = Manager._placement(cast("Manager", manager), cast("Any", slot), device, total)
+    return VLLM.argv(preset, "vllm", 40000, placement), need.bytes
+
+
+def _last_value(argv: list[str], names: tuple[str, ...]) -> str | None:
+    """The value argparse keeps for a flag: the last one given (``_`` read as ``-``)."""
+    found = None
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        flag = "--" + flag[2:].replace("_", "-") if flag.startswith("--") else flag
+        if flag in names:
+            found = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
+
+
+def _vllm_utilization(argv: list[str]) -> float:
+    value = _last_value(argv, UTILIZATION_FLAGS)
+    return VLLM_DEFAULT_UTILIZATION if value is None else float(value)
+
+
+def _vllm_cpu_reservation(argv: list[str], env: dict[str, str], total: int) -> int:
+    """Host RAM vLLM 0.32's CPU worker sets aside at start, from its launch.
+
+    - vllm/platforms/cpu.py:323-327: ``VLLM_CPU_KVCACHE_SPACE`` (GiB), where set, becomes
+      ``kv_cache_memory_bytes``, over the command line's.
+    - vllm/v1/worker/cpu_worker.py:213-230: an explicit KV size is allocated as such (the
+      weights come on top of it).
+    - vllm/v1/worker/cpu_worker.py:72-95 and 231-238: otherwise the worker requests
+      ``gpu_memory_utilization`` (default 0.92) of the node's memory, refuses to start
+      unless that much is available, and fills what its RSS leaves of it with KV cache.
+    """
+    if env.get("VLLM_CPU_KVCACHE_SPACE"):
+        return int(env["VLLM_CPU_KVCACHE_SPACE"]) * GiB
+    kv = _last_value(argv, ("--kv-cache-memory-bytes",))
+    if kv is not None:
+        return int(kv.rstrip("G")) * GiB if kv.endswith("G") else int(kv)
+    return math.ceil(total * _vllm_utilization(argv))
+
+
+# --- CPU hosts: the estimate against vLLM 0.32's CPU memory sizing --------------------
+
+
+def test_cpu_vllm_reserves_no_more_host_ram_than_admission_granted(tmp_path: Path) -> None:
+    """A plain vLLM preset on a CPU-only host, no ``memory:``.
+
+    swapd admitted it with a flat 4 GiB and passed no utilization on a CPU, so
+    vLLM 0.32 asks for 0.92 of the host (cpu_worker.py:72-95): its start fails unless
+    92% of RAM is free (it is not once anything else is loaded, and swapd evicted only
+    4 GiB for it), and a start that succeeds takes ~92% behind admission's back.
+    """
+    total = 64 * GiB
+    argv, need = _launch(_preset(tmp_path), HOST_DEVICE, total, tmp_path)
+    reserved = _vllm_cpu_reservation(argv, {}, total)
+    assert reserved <= need + total // 1000, (
+        f"vLLM reserves {reserved / GiB:.1f} GiB, admission granted {need / GiB:.1f} GiB"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        ((), {"VLLM_CPU_KVCACHE_SPACE": "40"}),
+        (("--kv-cache-memory-bytes", "40G"), {}),
+    ],
+    ids=["VLLM_CPU_KVCACHE_SPACE", "--kv-cache-memory-bytes"],
+)
+def test_cpu_vllm_explicit_kv_cache_size_is_admitted(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    """A preset that sizes the CPU KV cache itself (40 GiB) is admitted for at least that.
+
+    vllm.py's own comment says the CPU KV cache comes from VLLM_CPU_KVCACHE_SPACE, yet the
+    estimate is a flat 4 GiB whatever the preset's env or args say (platforms/cpu.py:
+    323-327, cpu_worker.py:213-230 allocate the 40 GiB, plus the weights).
+    """
+    total = 64 * GiB
+    preset = _preset(tmp_path, args=args, env=env)
+    argv, need = _launch(preset, HOST_DEVICE, total, tmp_path)
+    assert need >= _vllm_cpu_reservation(argv, env, total) == 40 * GiB
+
+
+# --- GPU: the preset's own share in vLLM's other spelling ------------------------------
+
+
+def test_presets_device_memory_utilization_is_its_share_of_the_gpu(tmp_path: Path) -> None:
+    """``--device-memory-utilization 0.3`` is vLLM's alias of --gpu-memory-utilization.
+
+    vllm/engine/arg_utils.py:1356-1360 registers both for one dest. swapd does not know
+    the alias: it estimates 0.9 of the card and appends ``--gpu-memory-utilization 0.900``,
+    which argparse takes over the preset's (the last wins; checked with vLLM 0.32's own
+    parser). The model takes 90% of the card where its preset asked for 30%.
+    README: the flags swapd adds give way to a preset's own.
+    """
+    total = 80 * GiB
+    preset = _preset(tmp_path, args=("--device-memory-utilization", "0.3"))
+    argv, need = _launch(preset, GPU, total, tmp_path)
+    assert _vllm_utilization(argv) == pytest.approx(0.3)
+    assert need == pytest.approx(0.3 * total, rel=0.01)
+
+
+# --- /upstream and the development routes that VLLM_SERVER_DEV_MODE=1 turns on ----------
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "/abort_requests",
+        "/init_weight_transfer_engine",
+        "/start_weight_update",
+        "/update_weights",
+        "/finish_weight_update",
+    ],
+)
+def test_upstream_refuses_the_rl_routes_dev_mode_adds(route: str) -> None:
+    """With VLLM_SERVER_DEV_MODE=1 (set by swapd for sleep) vLLM also mounts its RL router.
+
+    vllm/entrypoints/launchers/api_server/routers.py:40-47 registers the RL routes with the
+    sleep routes; vllm/entrypoints/rl/online/api_router.py:94-139: ``POST /abort_requests``
+    with ``{}`` aborts every request in flight, and 159-211 replace the served weights.
+    swapd reserves /pause, /resume and /collective_rpc from that family but not these,
+    so any inference key holder can abort everyone's requests through /upstream/.
+    """
+    with pytest.raises(Forbidden):
+        backend_path(route)
+
+
+# --- the refused --enable-sleep-mode retry ----------------------------------------------
+
+
+def test_retry_without_sleep_mode_drops_the_presets_own_flag(tmp_path: Path) -> None:
+    """The retry after a refusal must not carry ``--enable-sleep-mode`` in any form.
+
+    A preset that writes the flag itself keeps it on the retry (argv only skips adding
+    swapd's copy), so vLLM's CPU build refuses it again (config/model.py:655-657) and the
+    load fails; every later start (sleep_flag False, no refusal check) fails the same way.
+    """
+    preset = _preset(tmp_path, args=("--enable-sleep-mode",), sleep=1)
+    retry = Placement(on_gpu=False, sleep_level=1, sleep_flag=False)
+    argv = VLLM.argv(preset, "vllm", 40000, retry)
+    assert not [a for a in argv if a.startswith("--enable-sleep") or a == "--enable_sleep_mode"]
+
+
+def test_cumem_allocator_refusal_is_a_sleep_mode_refusal() -> None:
+    """vLLM's cumem allocator refusal is a refusal of --enable-sleep-mode.
+
+    vllm/config/model.py:655-667: with --enable-sleep-mode on a CUDA/ROCm build whose
+    ``vllm.cumem_allocator`` extension is missing (device_allocator/cumem.py:37-53), vLLM
+    logs its cumem line and then raises "cumem allocator is not supported on current
+    platform." The flag caused it: started without it, vLLM would run.
+    """
+    tail = [
+        (
+            "(APIServer pid=1) INFO [model.py:660] "
+            "Enabling cumem allocator because sleep mode requires it."
+        ),
+        "(APIServer pid=1) ValueError: cumem allocator is not supported on current platform.",
+    ]
+    assert VLLM.refused_sleep(tail) is not None
