@@ -228,6 +228,23 @@ def _own_key_clash(
     return None
 
 
+def _model_flag_clash(
+    backend: BackendName, values: Mapping[str, tuple[Any, Location]]
+) -> ConfigError | None:
+    """A preset that names the model in its args, which swapd passes itself from ``model:``."""
+    kind = KINDS[backend]
+    args, args_at = values.get("args", ((), None))
+    argparse = kind.own_key is not None and kind.own_key.argparse
+    for flag in kind.model_flags:
+        if args_at is None or (arg := flag_as_written(args, flag, argparse=argparse)) is None:
+            continue
+        written = arg.split("=", 1)[0]
+        return ConfigError(
+            args_at, "args", f"{written} is swapd's to pass, from model: (or its staged copy)"
+        )
+    return None
+
+
 def _pinned_outside(
     values: Mapping[str, tuple[Any, Location]], offered: tuple[int, ...] | None
 ) -> ConfigError | None:
@@ -262,7 +279,11 @@ def _build(  # noqa: PLR0911 - one early return per kind of problem
     backend, backend_at = found
     # A key missing from this file is reported in it, also where backend came from defaults.
     missing_at = backend_at if backend_at.file == label else doc.where
-    if problem := _own_key_clash(backend, values) or _pinned_outside(values, offered):
+    if problem := (
+        _own_key_clash(backend, values)
+        or _model_flag_clash(backend, values)
+        or _pinned_outside(values, offered)
+    ):
         errors.append(problem)
         return None
     plain = {key: value for key, (value, _) in values.items()}

@@ -8,6 +8,7 @@ is compared with what vLLM's own code makes of that launch.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,12 +18,12 @@ import pytest
 
 from swapd.backends import Placement
 from swapd.backends.vllm import VLLM
-from swapd.errors import Forbidden
+from swapd.errors import ConfigErrors, Forbidden
 from swapd.footprints import Footprints
 from swapd.manager import Manager
 from swapd.needs import estimate_bytes, memory_need
 from swapd.passthrough import backend_path
-from swapd.presets import Preset
+from swapd.presets import Preset, load_presets
 from swapd.probe import HOST_DEVICE, Device
 
 GiB = 1024**3
@@ -216,3 +217,32 @@ def test_cumem_allocator_refusal_is_a_sleep_mode_refusal() -> None:
         "(APIServer pid=1) ValueError: cumem allocator is not supported on current platform.",
     ]
     assert VLLM.refused_sleep(tail) is not None
+
+
+@pytest.mark.parametrize(
+    ("backend", "model", "args"),
+    [
+        ("vllm", "m", ["--model", "other"]),
+        ("vllm", "m", ["--model=other"]),
+        ("llama-server", "m.gguf", ["-m", "other.gguf"]),
+        ("llama-server", "m.gguf", ["--model", "other.gguf"]),
+    ],
+)
+def test_a_preset_may_not_name_its_model_in_args(
+    tmp_path: Path, backend: str, model: str, args: list[str]
+) -> None:
+    """swapd passes the model itself (``model:``, or the staged copy).
+
+    vLLM moves a preset's ``--model`` ahead of the positional model swapd passes and
+    then refuses that one ("unrecognized arguments"); a llama-server would run another
+    file than the one admission estimated. ``swapd check`` let both through.
+    """
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "p.yaml").write_text(
+        f"backend: {backend}\nmodel: {model}\nargs: {json.dumps(args)}\n"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        load_presets(tmp_path, {})
+    flag = args[0].split("=", 1)[0]
+    assert f"args: {flag} is swapd's to pass, from model:" in str(info.value)

@@ -70,6 +70,9 @@ class BackendKind(Protocol):
     stop_signal: signal.Signals
     # The backend's own API key, which swapd sets and sends itself; None: it has none.
     own_key: OwnKey | None
+    # The flags naming the model, which swapd passes itself (``model:``, or its staged
+    # copy): a preset's own would run another model than the one admitted.
+    model_flags: tuple[str, ...]
 
     def binary(self, preset: Preset) -> str:
         """The executable to run; raises :class:`BinaryNotFound` saying where it looked."""

@@ -24,6 +24,7 @@ class CommandKind(NoSleep):
     sizes_to_card = False
     stop_signal = signal.SIGTERM
     own_key: OwnKey | None = None  # swapd cannot know how an arbitrary server takes a key
+    model_flags: tuple[str, ...] = ()  # its cmd is written whole, ${MODEL} where wanted
 
     def binary(self, preset: Preset) -> str:
         """The first word of ``cmd``, which must be an executable (``${MODEL}``: a llamafile)."""

