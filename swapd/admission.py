@@ -118,6 +118,7 @@ class Admission:
                 str(preset.model),
                 preset.args,
                 preset.cmd,
+                tuple(sorted(preset.env.items())),  # vLLM's CPU KV size may come from it
                 _file_identity(preset),
             )
             if key in self._estimates:

@@ -34,6 +34,7 @@ from swapd.backends import (
     SleepUnsupported,
     build_launch,
     free_port,
+    has_flag,
     kind_of,
 )
 from swapd.cgroups import Cgroups
@@ -56,7 +57,6 @@ from swapd.errors import (
 )
 from swapd.events import Changes
 from swapd.footprints import Footprints, fingerprint
-from swapd.gguf_split import split_parts
 from swapd.logs import get_logger
 from swapd.metrics import Metrics
 from swapd.pages import WarmSet
@@ -71,6 +71,7 @@ from swapd.staging import CacheFull as StagingFull
 from swapd.staging import StagingCache, StagingError
 from swapd.states import ON_DEVICE, State
 from swapd.upstream import UpstreamError, UpstreamPool
+from swapd.weights import weight_bytes
 
 _log = get_logger("swapd.manager")
 # How often to re-read memory while waiting for a stopped backend's memory to come back.
@@ -156,24 +157,6 @@ def _sleep_key(preset: Preset) -> str:
 def _probing(preset: Preset) -> tuple[str, float, int]:
     """What the liveness probe of a running process is made of."""
     return preset.health, preset.health_interval, preset.health_failures
-
-
-def _path_bytes(path: Path) -> int:
-    """Bytes of a file, or of the weight files vLLM loads from a model directory.
-
-    vLLM reads the top-level ``*.safetensors``, else ``*.bin``, else ``*.pt``: not a
-    git-lfs clone's second copy under ``.git/lfs``, nor Meta's ``original/`` folder.
-    """
-    if path.is_file():
-        return sum(part.stat().st_size for part in split_parts(path))
-    for pattern in ("*.safetensors", "*.bin", "*.pt"):
-        if found := [p for p in path.glob(pattern) if p.is_file()]:
-            return sum(p.stat().st_size for p in found)
-    return sum(
-        p.stat().st_size
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
 
 
 async def _close_later(pages: WarmSet, delay: float) -> None:
@@ -1008,14 +991,16 @@ class Manager:
 
         A sleeper wakes into what it still holds where it sleeps. A llama-server started
         from its locked pages on host RAM maps those very pages, which host memory no
-        longer shows as available.
+        longer shows as available (unlocked, they still count as available; with
+        ``--no-mmap`` the server reads the weights into memory of its own).
         """
         if waking:
             pid = slot.child.pid if slot.child is not None else None
             return snap.readings[device_id].by_pid.get(pid, 0) if pid else 0
-        if slot.pages is not None and device_id == HOST_DEVICE.id:
-            return slot.ram_bytes
-        return 0
+        pages = slot.pages
+        if pages is None or not pages.locked or device_id != HOST_DEVICE.id:
+            return 0
+        return 0 if has_flag(slot.preset.args, "--no-mmap") else slot.ram_bytes
 
     def _start_if_sleeper_died(self, job: _Job) -> None:
         """A sleeper that died while its wake waited has nothing left to wake: start afresh.
@@ -1283,9 +1268,8 @@ class Manager:
     def _placement(self, slot: Slot, device: Device, total: int) -> Placement:
         preset = slot.preset
         fraction = None
-        # The share granted, for a kind that sizes itself to the device (vLLM: of a GPU,
-        # or on a CPU of host RAM, where it would otherwise take 0.92 of it).
-        if total and slot.need is not None and slot.need.bytes:
+        # The share of a GPU granted, for a kind that sizes itself to the card (vLLM).
+        if device.kind != "cpu" and total and slot.need is not None and slot.need.bytes:
             fraction = min(0.95, slot.need.bytes / total)
         level = 0
         if slot.kind.ram_via == "sleep" and self.ram_budget > 0:
@@ -1308,7 +1292,7 @@ class Manager:
         placement = self._placement(slot, device, total)
         if preset.model is not None:
             # At each start: the files may have changed since the last (new weights in place).
-            self._model_bytes[preset.name] = await asyncio.to_thread(_path_bytes, preset.model)
+            self._model_bytes[preset.name] = await asyncio.to_thread(weight_bytes, preset.model)
         try:
             await self._spawn_ready(slot, device, placement)
         except BackendStartError as exc:

@@ -50,6 +50,7 @@ RESERVED = frozenset(
         "/update_weights",
         "/update_weight_version",
         "/finish_weight_update",
+        "/weight_checker",
     }
 )
 

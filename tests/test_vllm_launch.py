@@ -25,6 +25,7 @@ from swapd.needs import estimate_bytes, memory_need
 from swapd.passthrough import backend_path
 from swapd.presets import Preset, load_presets
 from swapd.probe import HOST_DEVICE, Device
+from swapd.units import parse_size
 
 GiB = 1024**3
 GPU = Device(id="gpu0", kind="nvidia", index=0, name="GPU 0", visible_env={})
@@ -246,3 +247,26 @@ def test_a_preset_may_not_name_its_model_in_args(
         load_presets(tmp_path, {})
     flag = args[0].split("=", 1)[0]
     assert f"args: {flag} is swapd's to pass, from model:" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("memory", "kv"), [(None, 3 * GiB), ("8GiB", 7 * GiB - 4096), ("1GiB", 256 * 1024**2)]
+)
+def test_a_cpu_vllm_gets_a_kv_cache_of_the_presets_size_never_of_a_measure(
+    tmp_path: Path, memory: str | None, kv: int
+) -> None:
+    """On a CPU swapd sizes the KV cache itself: from ``memory:`` or the default.
+
+    A share (``--gpu-memory-utilization``) would be of the NUMA node's memory, not of what
+    swapd counts (a cgroup's limit, the whole host), and a share from a measured footprint
+    (which counts vLLM's front-end process too) grew the cache at each start.
+    """
+    keys: dict[str, object] = {} if memory is None else {"memory": parse_size(memory)}
+    preset = _preset(tmp_path, **keys)
+    first, _ = _launch(preset, HOST_DEVICE, 64 * GiB, tmp_path)
+    Footprints(tmp_path).put(preset, "cpu", 20 * GiB)  # the tree's RSS, front end and all
+    again, need = _launch(preset, HOST_DEVICE, 64 * GiB, tmp_path)
+    assert need == (20 * GiB if memory is None else parse_size(memory))
+    assert _last_value(first, ("--kv-cache-memory-bytes",)) == str(kv)
+    assert first == again
+    assert _last_value(first, UTILIZATION_FLAGS) is None

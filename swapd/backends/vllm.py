@@ -12,7 +12,6 @@ import json
 import shutil
 import signal
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swapd.backends._kind import OwnKey, Placement, RamVia, Tier
@@ -24,6 +23,7 @@ from swapd.backends._launch import (
     search_path,
 )
 from swapd.upstream import UpstreamError
+from swapd.weights import weight_bytes
 
 if TYPE_CHECKING:
     from swapd.presets import Preset
@@ -33,12 +33,14 @@ if TYPE_CHECKING:
 # vLLM takes --gpu-memory-utilization of the card, or on a CPU of host RAM (its default
 # is 0.92; swapd passes the share it grants, 0.9 unless the preset says otherwise).
 VLLM_GPU_DEFAULT_FRACTION = 0.9
-# A CPU vLLM takes its KV cache, its weights and its runtime. swapd passes it the share
-# it grants (--gpu-memory-utilization is of host RAM there), so without a size of its own
-# the cache is what the grant leaves: 3 GiB by default, with the runtime the 4 GiB that
-# VLLM_CPU_KVCACHE_SPACE used to default to.
+# A CPU vLLM takes its KV cache, its weights and its runtime. Left to itself it takes
+# 0.92 of its NUMA node's memory (--gpu-memory-utilization is of host RAM there), which
+# is no share of what swapd counts (a cgroup's limit, the whole host): so where the preset
+# sizes neither, swapd gives it a KV cache of its own, 3 GiB (with the runtime the 4 GiB
+# VLLM_CPU_KVCACHE_SPACE used to default to), or what ``memory:`` leaves for one.
 VLLM_CPU_RUNTIME = 1024**3
 VLLM_CPU_KV_DEFAULT = 3 * 1024**3
+VLLM_CPU_KV_MIN = 256 * 1024**2
 # Both spellings set one share (vLLM's --device-memory-utilization is the other's alias).
 UTILIZATION_FLAGS = ("--gpu-memory-utilization", "--device-memory-utilization")
 KV_CACHE_FLAG = "--kv-cache-memory-bytes"
@@ -118,6 +120,8 @@ class VllmKind:
         if fraction is not None and not has_flag(args, *UTILIZATION_FLAGS, argparse=True):
             # Rounded down, never to 0 (vLLM refuses it): no more than the grant.
             args += ["--gpu-memory-utilization", f"{max(0.001, int(fraction * 1000) / 1000):.3f}"]
+        if not placement.on_gpu and _cpu_sized_by_swapd(preset):
+            args += [KV_CACHE_FLAG, str(_cpu_kv_cache_given(preset))]
         wants_sleep = placement.sleep_level and placement.sleep_flag
         if not placement.sleep_flag:
             # The start without it, after a refusal: the preset's own copy goes too.
@@ -160,10 +164,10 @@ class VllmKind:
         ``VLLM_CPU_KV_DEFAULT``), the weights and the runtime.
         """
         own = _own_fraction(preset.args)
-        kv = _cpu_kv_cache_bytes(preset) if device.kind == "cpu" else None
-        if device.kind == "cpu" and (kv is not None or own is None):
-            weights = _weights_bytes(preset.model) if preset.model is not None else 0
-            return (kv or VLLM_CPU_KV_DEFAULT) + weights + VLLM_CPU_RUNTIME
+        if device.kind == "cpu" and (kv := _cpu_kv_cache_bytes(preset)) is not None:
+            return kv + _weights(preset) + VLLM_CPU_RUNTIME
+        if device.kind == "cpu" and own is None:
+            return VLLM_CPU_KV_DEFAULT + _weights(preset) + VLLM_CPU_RUNTIME
         return int(total * (own or VLLM_GPU_DEFAULT_FRACTION))
 
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
@@ -225,18 +229,28 @@ def _human_bytes(value: str) -> int | None:
         return None
 
 
-def _weights_bytes(model: Path) -> int:
-    """The weight files of a model folder (or the file itself)."""
+def _weights(preset: Preset) -> int:
+    """The weights vLLM loads from the preset's model; 0 where they cannot be read."""
     try:
-        if model.is_file():
-            return model.stat().st_size
-        return sum(
-            p.stat().st_size
-            for p in model.rglob("*")
-            if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"} and p.is_file()
-        )
+        return weight_bytes(preset.model) if preset.model is not None else 0
     except OSError:
         return 0
+
+
+def _cpu_sized_by_swapd(preset: Preset) -> bool:
+    """Whether a CPU start gets swapd's KV size: the preset sizes neither cache nor share."""
+    return _cpu_kv_cache_bytes(preset) is None and _own_fraction(preset.args) is None
+
+
+def _cpu_kv_cache_given(preset: Preset) -> int:
+    """The KV cache swapd gives a CPU vLLM: what ``memory:`` leaves, else the default.
+
+    From the preset, never from a measure, so a footprint that counts the front-end
+    process too does not grow the cache at each start.
+    """
+    if preset.memory is None:
+        return VLLM_CPU_KV_DEFAULT
+    return max(VLLM_CPU_KV_MIN, preset.memory - _weights(preset) - VLLM_CPU_RUNTIME)
 
 
 VLLM = VllmKind()
