@@ -308,7 +308,7 @@ SLOW_SIZING = """
 import time
 import swapd.manager
 
-sized = swapd.manager._path_bytes
+sized = swapd.manager.weight_bytes
 
 
 def slowly(path):  # the first start sizes its model off the loop: here, for 5 s
@@ -316,7 +316,7 @@ def slowly(path):  # the first start sizes its model off the loop: here, for 5 s
     return sized(path)
 
 
-swapd.manager._path_bytes = slowly
+swapd.manager.weight_bytes = slowly
 """
 
 
