@@ -270,3 +270,19 @@ def test_a_cpu_vllm_gets_a_kv_cache_of_the_presets_size_never_of_a_measure(
     assert _last_value(first, ("--kv-cache-memory-bytes",)) == str(kv)
     assert first == again
     assert _last_value(first, UTILIZATION_FLAGS) is None
+
+
+def test_memory_set_beside_the_presets_own_share_admits_the_share(tmp_path: Path) -> None:
+    """``memory: 20GiB`` with the preset's own ``--gpu-memory-utilization 0.5`` of 80 GiB.
+
+    swapd's share gives way to the preset's, so vLLM takes 40 GiB; admitted for the 20
+    that ``memory:`` said, the other 20 went to another model and the card ran out.
+    """
+    total = 80 * GiB
+    preset = _preset(tmp_path, memory=20 * GiB, args=("--gpu-memory-utilization", "0.5"))
+    argv, need = _launch(preset, GPU, total, tmp_path)
+    assert _vllm_utilization(argv) == pytest.approx(0.5)
+    assert need == 40 * GiB
+    plain, need_plain = _launch(_preset(tmp_path, memory=20 * GiB), GPU, total, tmp_path)
+    assert need_plain == 20 * GiB  # without a share of its own, memory: is its share
+    assert _vllm_utilization(plain) == pytest.approx(0.25)

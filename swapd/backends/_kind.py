@@ -90,6 +90,10 @@ class BackendKind(Protocol):
         """Bytes the model is expected to take on ``device``; None when unknown. Blocking I/O."""
         ...
 
+    def own_share(self, preset: Preset) -> float | None:
+        """The share of a GPU the preset's own args make it take, whatever swapd grants."""
+        ...
+
     def refused_sleep(self, output: list[str]) -> str | None:
         """The output line where a failed start refused sleep mode, if it did."""
         ...

@@ -47,6 +47,11 @@ class CommandKind(NoSleep):
         del preset, placement
         return {}
 
+    def own_share(self, preset: Preset) -> float | None:
+        """None: it takes what it loads, not a share of the card."""
+        del preset
+        return None
+
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
         """Unknown until measured."""
         del preset, device, total

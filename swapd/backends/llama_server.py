@@ -125,6 +125,11 @@ class LlamaServerKind(NoSleep):
         del preset, placement
         return {}
 
+    def own_share(self, preset: Preset) -> float | None:
+        """None: it takes what it loads, not a share of the card."""
+        del preset
+        return None
+
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
         """Weights, KV cache, compute buffers and overhead, from the GGUF's metadata.
 

@@ -170,6 +170,10 @@ class VllmKind:
             return VLLM_CPU_KV_DEFAULT + _weights(preset) + VLLM_CPU_RUNTIME
         return int(total * (own or VLLM_GPU_DEFAULT_FRACTION))
 
+    def own_share(self, preset: Preset) -> float | None:
+        """The preset's own ``--gpu-memory-utilization``, which swapd's share gives way to."""
+        return _own_fraction(preset.args)
+
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """POST ``/sleep?level=N``; vLLM answers once the weights have moved."""
         await _call(pool, host, port, "POST", f"/sleep?level={level}")
