@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from swapd.gguf_split import split_parts
 from swapd.logs import get_logger
 from swapd.presets import Preset
+from swapd.weights import weight_bytes
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def fingerprint(preset: Preset) -> str:
     """A stable hash of everything that changes how much a launch uses."""
     model = preset.model
     # Every shard of a split GGUF: a changed one is another launch.
-    size = sum(p.stat().st_size for p in split_parts(model)) if model and model.is_file() else 0
+    size = weight_bytes(model) if model and model.is_file() else 0
     parts = [preset.backend, str(model), str(size), *preset.args, *preset.cmd]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 

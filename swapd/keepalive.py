@@ -33,9 +33,9 @@ from swapd.errors import BackendGone, RequestError, UpstreamTimeout
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
 from swapd.proxy import (
-    EXIT_NOTICE_WAIT,
     Proxy,
     forwarded_headers,
+    lease_again,
     model_from_json,
     pass_body,
     read_body,
@@ -189,9 +189,7 @@ class ColdStreams:
                 # and waits for the restart, the pings going on meanwhile.
                 held = None
                 self.manager.release(lease)
-                if not await self.manager.exit_noticed(lease, EXIT_NOTICE_WAIT):
-                    raise BackendGone(lease.model, str(refused))
-                held = lease = await self.manager.acquire(lease.model, admitted=True)
+                held = lease = await lease_again(self.manager, lease, refused)
                 try:
                     return await self._relay(request, pings, lease, body)
                 except NotSent as exc:

@@ -31,6 +31,8 @@ from typing import Any
 import aiohttp
 import yaml
 
+from swapd._copy import fsync_dir
+
 ENV_PREFIX = "os.environ/"  # LiteLLM's way to read a value from its own environment
 NO_KEY = "none"  # the OpenAI client needs some key; a swapd without keys ignores it
 COOLDOWN_S = 5  # without Retry-After: short, as a model may be loading on that node
@@ -222,9 +224,5 @@ def write_if_changed(path: Path, text: str) -> bool:
         tmp.unlink(missing_ok=True)
         raise
     with contextlib.suppress(OSError):  # the rename itself, on its way to the disk too
-        folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_dir(target.parent)
     return True

@@ -1820,7 +1820,7 @@ class Manager:
                 # stopped) and the requests waiting for it are answered 503.
                 self._cut_loads.add(load)
                 load.cancel()
-                await asyncio.wait([load])
+                await _outlast(load)
             else:
                 await _outlast(load)
         await self._quiet(slot)
@@ -1998,7 +1998,7 @@ class Manager:
             if load is not None and not load.done():
                 # Nobody is left for it to serve: its waiters get 404, and it evicts nothing.
                 load.cancel()
-                await asyncio.wait([load])
+                await _outlast(load)
             await self._settle(slot)
             await self._drain_and_stop(slot, "removed")
             self._cancel_ttl(slot)

@@ -27,12 +27,11 @@ from swapd.proxy import Proxy, read_body
 
 LLAMA_ROUTES = ("/tokenize", "/detokenize", "/infill", "/apply-template")
 UPSTREAM_PREFIX = "/upstream/"
-# Backend routes that are swapd's alone: vLLM's sleep and wake (swapd's tiers depend on them)
-# and its development routes that run code or reshape the engine. The backend's own key
-# would let a caller reach them; through /upstream/ they are refused.
-# vLLM's development routes (VLLM_SERVER_DEV_MODE=1, which sleep needs) that swapd drives
-# or that act on every client: sleep and wake, RPC, pausing, aborting every request, and
-# replacing the served weights (its RL router).
+# Backend routes that are swapd's alone: vLLM's development routes (VLLM_SERVER_DEV_MODE=1,
+# which sleep needs) that swapd drives or that act on every client: sleep and wake (swapd's
+# tiers depend on them), RPC, pausing, aborting every request, and replacing the served
+# weights (its RL router). The backend's own key would let a caller reach them; through
+# /upstream/ they are refused.
 RESERVED = frozenset(
     {
         "/sleep",

@@ -207,6 +207,19 @@ def _resolve_model(path: Path, preset_dir: Path) -> Path:
         return preset_dir / path
 
 
+def _flag_in_args(
+    values: Mapping[str, tuple[Any, Location]], flags: tuple[str, ...], *, argparse: bool
+) -> tuple[str, str, Location] | None:
+    """The first of ``flags`` the preset's args set: the flag, as written, and where."""
+    args, args_at = values.get("args", ((), None))
+    if args_at is None:
+        return None
+    for flag in flags:
+        if (arg := flag_as_written(args, flag, argparse=argparse)) is not None:
+            return flag, arg.split("=", 1)[0], args_at
+    return None
+
+
 def _own_key_clash(
     backend: BackendName, values: Mapping[str, tuple[Any, Location]]
 ) -> ConfigError | None:
@@ -215,11 +228,8 @@ def _own_key_clash(
     if own is None:
         return None
     why = f"is swapd's to set: each start of {backend} gets a new key only swapd knows"
-    args, args_at = values.get("args", ((), None))
-    for flag in own.flags:
-        if args_at is None or (arg := flag_as_written(args, flag, argparse=own.argparse)) is None:
-            continue
-        written = arg.split("=", 1)[0]
+    if found := _flag_in_args(values, own.flags, argparse=own.argparse):
+        flag, written, args_at = found
         shown = flag if written == flag else f"{written} (read as {flag})"
         return ConfigError(args_at, "args", f"{shown} {why}; remove it")
     env, env_at = values.get("env", ({}, None))
@@ -233,15 +243,11 @@ def _model_flag_clash(
 ) -> ConfigError | None:
     """A preset that names the model in its args, which swapd passes itself from ``model:``."""
     kind = KINDS[backend]
-    args, args_at = values.get("args", ((), None))
     argparse = kind.own_key is not None and kind.own_key.argparse
-    for flag in kind.model_flags:
-        if args_at is None or (arg := flag_as_written(args, flag, argparse=argparse)) is None:
-            continue
-        written = arg.split("=", 1)[0]
-        return ConfigError(
-            args_at, "args", f"{written} is swapd's to pass, from model: (or its staged copy)"
-        )
+    if found := _flag_in_args(values, kind.model_flags, argparse=argparse):
+        _, written, args_at = found
+        reason = f"{written} is swapd's to pass, from model: (or its staged copy)"
+        return ConfigError(args_at, "args", reason)
     return None
 
 

@@ -289,9 +289,7 @@ class Proxy:
             refused = exc
         finally:
             manager.release(lease)
-        if not await manager.exit_noticed(lease, EXIT_NOTICE_WAIT):
-            raise BackendGone(lease.model, str(refused))
-        lease = await manager.acquire(model, admitted=True)  # the same request, again
+        lease = await lease_again(manager, lease, refused)
         try:
             return await self._leased(request, lease, body)
         except NotSent as exc:
@@ -385,6 +383,18 @@ class Proxy:
             if request.transport is not None:
                 request.transport.close()
         return response
+
+
+async def lease_again(manager: Manager, lease: Lease, refused: NotSent) -> Lease:
+    """The same request leased again, once swapd has seen its refusing backend exit.
+
+    The backend refused the connection (given back in ``lease``): the request never
+    reached it, and waits for the restart as any request for a stopped model does.
+    :class:`BackendGone` when no exit is seen within :data:`EXIT_NOTICE_WAIT`.
+    """
+    if not await manager.exit_noticed(lease, EXIT_NOTICE_WAIT):
+        raise BackendGone(lease.model, str(refused))
+    return await manager.acquire(lease.model, admitted=True)
 
 
 async def pass_body(

@@ -76,6 +76,21 @@ def flag_as_written(args: Sequence[str], *names: str, argparse: bool = False) ->
     return None
 
 
+def flag_value(args: Sequence[str], *names: str, argparse: bool = False) -> str | None:
+    """The value the first argument setting one of ``names`` gives it; None if none does.
+
+    ``--flag value`` or ``--flag=value``; "" where the flag ends the argv without one.
+    Spellings as :func:`flag_as_written` reads them.
+    """
+    for i, arg in enumerate(args):
+        if flag_as_written([arg], *names, argparse=argparse) is None:
+            continue
+        if "=" in arg:
+            return arg.split("=", 1)[1]
+        return args[i + 1] if i + 1 < len(args) else ""
+    return None
+
+
 def child_env(preset: Preset, device_env: Mapping[str, str]) -> dict[str, str]:
     """The inherited environment less swapd's own, plus the device and the preset's variables."""
     env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}

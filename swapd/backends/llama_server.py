@@ -31,8 +31,8 @@ from swapd.estimate import (
     parse_llama_args,
     side_files,
 )
-from swapd.gguf_split import split_parts
 from swapd.logs import get_logger
+from swapd.weights import weight_bytes
 
 if TYPE_CHECKING:
     from swapd.presets import Preset
@@ -152,7 +152,7 @@ class LlamaServerKind(NoSleep):
             # Never less than the weights the files hold: the default is for models
             # swapd knows nothing about, not for a GGUF of unknown layout.
             try:
-                size = sum(part.stat().st_size for part in split_parts(preset.model))
+                size = weight_bytes(preset.model)
             except OSError:
                 return None
             draft = _file_bytes(files.draft) if files.draft else 0

@@ -19,6 +19,7 @@ from swapd.backends._launch import (
     BinaryNotFound,
     explicit_binary,
     flag_as_written,
+    flag_value,
     has_flag,
     search_path,
 )
@@ -73,16 +74,14 @@ async def _call(  # noqa: PLR0913, PLR0917 - where, what, and a JSON body
 
 def _own_fraction(args: Sequence[str]) -> float | None:
     """The preset's ``--gpu-memory-utilization`` (any spelling vLLM reads), if valid."""
-    for i, arg in enumerate(args):
-        if not any(flag_as_written([arg], flag, argparse=True) for flag in UTILIZATION_FLAGS):
-            continue
-        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
-        try:
-            fraction = float(value)
-        except ValueError:
-            return None
-        return fraction if 0 < fraction <= 1 else None
-    return None
+    value = flag_value(args, *UTILIZATION_FLAGS, argparse=True)
+    if value is None:
+        return None
+    try:
+        fraction = float(value)
+    except ValueError:
+        return None
+    return fraction if 0 < fraction <= 1 else None
 
 
 class VllmKind:
@@ -211,13 +210,8 @@ def _cpu_kv_cache_bytes(preset: Preset) -> int | None:
     space = preset.env.get("VLLM_CPU_KVCACHE_SPACE", "")
     if space.strip().isdigit() and int(space) > 0:
         return int(space) * 1024**3  # vLLM's platforms/cpu.py: GiB, over the flag
-    args = preset.args
-    for i, arg in enumerate(args):
-        if flag_as_written([arg], KV_CACHE_FLAG, argparse=True) is None:
-            continue
-        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
-        return _human_bytes(value)
-    return None
+    value = flag_value(preset.args, KV_CACHE_FLAG, argparse=True)
+    return None if value is None else _human_bytes(value)
 
 
 def _human_bytes(value: str) -> int | None:
