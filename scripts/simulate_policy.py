@@ -29,7 +29,9 @@ never evicted. Policies compared, on the same seeded traces:
 Tiers (``--tiers``): the same traces with vLLM's published restart and wake times,
 every victim handed to :func:`swapd.policy.demotions` (sleep into the ram tier or
 stop) and the tier checked with :func:`swapd.policy.ram_overflow`, for several ram
-budgets; a budget of 0 is plain stop/start.
+budgets; a budget of 0 is plain stop/start. Their reference is ``belady-tiers``:
+the same functions with every ranking (plan, demotions, overflow) by next use, so the
+device evicts and the ram tier drops whatever is wanted last.
 
 It also prints, for the default rate and the top of the rate sweep, where the load
 time goes (loads, evictions, evicted models requested again within 10 or 60 s), and
@@ -83,7 +85,7 @@ VLLM_WAKE_S = (0.26, 0.82)
 # allocator): an assumption, not a published figure.
 ASLEEP_GIB = 0.5
 HOST_RAM_GIB = 64.0
-TIER_POLICIES = ("swapd", "swapd-nohold", "swapd-lru", "one-at-a-time", "belady")
+TIER_POLICIES = ("swapd", "swapd-nohold", "swapd-lru", "one-at-a-time", "belady", "belady-tiers")
 REUSE_WINDOWS_S = (10.0, 60.0)
 
 
@@ -257,6 +259,15 @@ class Sim:
     seq: int = 0
     counts: Counts = field(default_factory=Counts)
     waits: list[float] = field(default_factory=list)
+    # Ranks residents and sleepers in place of the CRF everywhere (plan, demotions, the
+    # tier's overflow): an oracle's value; None for the CRF (or last use without it).
+    value: Callable[[Sim, str, float], float] | None = None
+
+    def rank(self, name: str, now: float, *, crf: bool) -> float | None:
+        """What the policy functions order ``name`` by (higher: kept longer)."""
+        if self.value is not None:
+            return self.value(self, name, now)
+        return self.crf_now(name, now) if crf else None
 
     def usage(self, name: str) -> int:
         """Device memory a model holds: all of it, or what it keeps asleep."""
@@ -323,7 +334,7 @@ def residents_view(sim: Sim, now: float, *, crf: bool, exclude: str) -> list[pol
             asleep=s.asleep,
             ram_via="sleep" if sim.ram_budget > 0 else None,
             ram_cost=s.model.size,  # sleep level 1: the weights go to host RAM
-            crf=sim.crf_now(n, now) if crf else None,
+            crf=sim.rank(n, now, crf=crf),
         )
         for n, s in sim.resident.items()
         if n != exclude
@@ -339,7 +350,7 @@ def ram_view(sim: Sim, now: float, *, crf: bool) -> policy.RamTier:
             s.last_used,
             "sleep",
             busy=sim.busy(n),
-            crf=sim.crf_now(n, now) if crf else None,
+            crf=sim.rank(n, now, crf=crf),
         )
         for n, s in sim.resident.items()
         if s.asleep
@@ -512,6 +523,11 @@ def plan_least_set(cost: VictimsCost) -> Planner:
     return plan
 
 
+def sooner_next_use(sim: Sim, name: str, now: float) -> float:
+    """An oracle: one over the time to the model's next request (0 if never), Belady's order."""
+    return 1.0 / (sim.next_use(name, now) - now)
+
+
 def reload_rate(sim: Sim, name: str, now: float) -> float:
     """Expected reload seconds per second if evicted: CRF (a request rate) x reload time."""
     return sim.crf_now(name, now) * sim.models[name].load_s
@@ -543,8 +559,14 @@ PLANNERS: dict[str, Planner] = {
     "lru-count-3": plan_count(3),
     "hold-always": plan_held(HOLD_ALWAYS),
     "belady": plan_belady,
+    # Belady on both levels: swapd's plan, demotions and overflow, each ranking by next use,
+    # so the device evicts and the ram tier drops whatever is wanted last (the tiers'
+    # reference: plain belady stops sleepers for their 0.5 GiB, losing their copy in RAM).
+    "belady-tiers": plan_swapd_nohold,
     **ORACLES,
 }
+# Policies whose every ranking is an oracle's value.
+VALUES: dict[str, Callable[[Sim, str, float], float]] = {"belady-tiers": sooner_next_use}
 # Demotions see CRFs where the plan does.
 USES_CRF = {"swapd", "swapd-nohold", "one-at-a-time", "hold-always"}
 
@@ -715,7 +737,14 @@ def simulate(  # noqa: PLR0913 - the trace, its models, the policy and three kno
     future: dict[str, list[float]] = {n: [] for n in models}
     for req in trace:
         future[req.model].append(req.at)
-    sim = Sim(models, int(BUDGET_GIB * GIB), future, ram_budget, half_life=half_life)
+    sim = Sim(
+        models,
+        int(BUDGET_GIB * GIB),
+        future,
+        ram_budget,
+        half_life=half_life,
+        value=VALUES.get(policy_name),
+    )
     for i, req in enumerate(trace):
         sim.push(req.at, "arrive", req.model, float(i))
     now = 0.0
@@ -1000,8 +1029,10 @@ def print_tiers(tiers: dict[str, Json]) -> None:
     print("\nram tier (vLLM sleep level 1) against stop/start; ram budget GiB, 0 = no tier")
     rows = []
     for trace, by_policy in tiers.items():
+        reference = by_policy.get("belady-tiers", {})
         for name, by_budget in by_policy.items():
             for budget, r in by_budget.items():
+                best = reference.get(budget, {}).get("load_time_s")
                 rows.append(
                     [
                         f"{trace}/{name}/{budget}",
@@ -1009,6 +1040,7 @@ def print_tiers(tiers: dict[str, Json]) -> None:
                         r["wakes"],
                         r["sleeps"],
                         r["load_time_s"],
+                        r["load_time_s"] / best if best else "-",
                         r["wait_p50_s"],
                         r["wait_p95_s"],
                         r["ram_overflow_actions"],
@@ -1021,6 +1053,7 @@ def print_tiers(tiers: dict[str, Json]) -> None:
             "wakes",
             "sleeps",
             "load time s",
+            "x belady-tiers",
             "wait p50 s",
             "wait p95 s",
             "overflow",
