@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import psutil
+import pytest
 
-from swapd.probe._cgroup_memory import memory_limits
+from swapd.probe import _host
+from swapd.probe._cgroup_memory import cgroup_folders, memory_limits
 from swapd.probe._host import host_memory
 
 GIB = 1024**3
@@ -82,3 +84,29 @@ def test_without_a_limit_the_host_is_all(tmp_path: Path) -> None:
     assert memory_limits(root, no_memory) == []
     assert memory_limits(root, tmp_path / "missing") == []
     assert host_memory([])[0] == psutil.virtual_memory().total
+
+
+def test_a_limit_set_changed_or_lifted_while_swapd_runs_is_read_at_the_next_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`systemctl set-property swapd MemoryMax=` takes effect live; so does a pod's resize."""
+    root = tmp_path / "cgroup"
+    _cgroup(root / "system.slice", limit="max", usage=GIB, inactive_file=0)
+    _cgroup(root / "system.slice" / "swapd.service", limit="max", usage=GIB, inactive_file=0)
+    self_cgroup = tmp_path / "self"
+    self_cgroup.write_text("0::/system.slice/swapd.service\n")
+    folders = cgroup_folders(root, self_cgroup)
+    monkeypatch.setattr(_host, "_own_folders", lambda: folders)
+    memory = psutil.virtual_memory()
+    assert host_memory()[0] == memory.total  # no limit when swapd started
+
+    (root / "system.slice" / "swapd.service" / "memory.max").write_text(f"{2 * GIB}\n")
+    total, available = host_memory()
+    assert total == min(memory.total, 2 * GIB)
+    assert available <= GIB  # 2 GiB less the 1 GiB it uses
+
+    (root / "system.slice" / "swapd.service" / "memory.max").write_text(f"{3 * GIB}\n")
+    assert host_memory()[0] == min(memory.total, 3 * GIB)
+
+    (root / "system.slice" / "swapd.service" / "memory.max").write_text("max\n")
+    assert host_memory()[0] == memory.total

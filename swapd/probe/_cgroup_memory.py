@@ -9,12 +9,19 @@ counts it) bounds what is available.
 Both hierarchies are read: v2's ``memory.max``, and v1's ``memory.limit_in_bytes``
 where the memory controller is mounted on its own (older Docker and Kubernetes
 hosts, hybrid systemd set-ups), whose "no limit" is a number near 2**63.
+
+The folders on the way up are found once; their limits are read at every reading, as
+``systemctl set-property swapd MemoryMax=`` or a container's resize changes them live.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SELF_CGROUP = Path("/proc/self/cgroup")
@@ -57,8 +64,21 @@ class MemoryLimit:
         return max(0, self.limit - max(0, usage - inactive))
 
 
-def memory_limits(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> list[MemoryLimit]:
-    """The cgroups from swapd's own up to the top of its hierarchy that carry a memory limit."""
+@dataclass(frozen=True)
+class CgroupFolder:
+    """One cgroup on swapd's way up, whose limit may be set, changed or lifted at any time."""
+
+    folder: Path
+    hierarchy: Hierarchy = V2
+
+    def limit_now(self) -> MemoryLimit | None:
+        """Its memory limit as it stands; None when it has none."""
+        limit = _limit(self.folder / self.hierarchy.limit_file)
+        return None if limit is None else MemoryLimit(self.folder, limit, self.hierarchy)
+
+
+def cgroup_folders(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> list[CgroupFolder]:
+    """The cgroups from swapd's own up to the top of its memory hierarchy."""
     try:
         lines = self_cgroup.read_text().splitlines()
     except OSError:
@@ -74,13 +94,21 @@ def memory_limits(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> 
     return _walk(root, unified, V2)
 
 
-def _walk(top: Path, path: str, hierarchy: Hierarchy) -> list[MemoryLimit]:
+def limits_now(folders: Sequence[CgroupFolder]) -> list[MemoryLimit]:
+    """The limits those cgroups carry now."""
+    return [limit for f in folders if (limit := f.limit_now()) is not None]
+
+
+def memory_limits(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> list[MemoryLimit]:
+    """The cgroups from swapd's own up to the top of its hierarchy that carry a memory limit."""
+    return limits_now(cgroup_folders(root, self_cgroup))
+
+
+def _walk(top: Path, path: str, hierarchy: Hierarchy) -> list[CgroupFolder]:
     folder = top / path.lstrip("/")
     found = []
     while folder != top.parent and folder.is_relative_to(top):
-        limit = _limit(folder / hierarchy.limit_file)
-        if limit is not None:
-            found.append(MemoryLimit(folder, limit, hierarchy))
+        found.append(CgroupFolder(folder, hierarchy))
         folder = folder.parent
     return found
 

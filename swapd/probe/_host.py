@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from swapd.probe._cgroup_memory import MemoryLimit, memory_limits
+from swapd.probe._cgroup_memory import CgroupFolder, MemoryLimit, cgroup_folders, limits_now
 from swapd.probe._tree import attribute, process_trees
 from swapd.probe._types import Device, Reading
 
@@ -24,7 +24,7 @@ def host_memory(limits: Sequence[MemoryLimit] | None = None) -> tuple[int, int]:
     """
     memory = psutil.virtual_memory()
     total, available = int(memory.total), int(memory.available)
-    for limit in _own_limits() if limits is None else limits:
+    for limit in limits_now(_own_folders()) if limits is None else limits:
         total = min(total, limit.limit)
         room = limit.room()
         if room is not None:
@@ -33,9 +33,9 @@ def host_memory(limits: Sequence[MemoryLimit] | None = None) -> tuple[int, int]:
 
 
 @functools.cache
-def _own_limits() -> list[MemoryLimit]:
-    """Found once: limits are set when a container or unit starts, not while swapd runs."""
-    return memory_limits()
+def _own_folders() -> list[CgroupFolder]:
+    """Found once: swapd does not move between cgroups (their limits are read each time)."""
+    return cgroup_folders()
 
 
 def _rss(pid: int) -> int:
