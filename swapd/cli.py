@@ -28,7 +28,7 @@ from swapd.backends import missing_binary
 from swapd.config import Config, load_config, parse_listen
 from swapd.errors import ConfigErrors, SwapdError
 from swapd.keys import loose_permissions
-from swapd.logs import configure
+from swapd.logs import configure, get_logger
 
 _SHORT_KEY = 16
 _DESCRIPTION = """\
@@ -86,13 +86,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure(config.log_level, backend_log=config.backend_log)
     if config.source == embedded.SOURCE:
-        print(embedded.try_it(url_of(config)), file=sys.stderr, flush=True)
+        _announce_embedded(url_of(config))
     try:
         _run(serve(config, lambda: _load_config(args.config, args.listen)))
     except SwapdError as exc:  # another instance, a port in use: a message, no traceback
         print(f"swapd: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _announce_embedded(url: str) -> None:
+    """Say how to try the embedded default: in words on a terminal, else as one JSON event.
+
+    Off a terminal every line is an event (journald, ``| jq``): plain text would break it.
+    """
+    if sys.stderr.isatty():
+        print(embedded.try_it(url), file=sys.stderr, flush=True)
+        return
+    get_logger("swapd.cli").info(
+        "swapd.embedded",
+        model=embedded.MODEL_NAME,
+        example=embedded.try_it(url).splitlines()[-1].strip(),
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:

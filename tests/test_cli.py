@@ -161,6 +161,31 @@ def test_serve_listen_overrides_the_config(tmp_path: Path) -> None:
     assert bad.stderr.startswith('swapd: --listen: expected "host:port"')
 
 
+def test_the_embedded_default_says_how_to_try_it_as_json_off_a_terminal(tmp_path: Path) -> None:
+    """With no config and no terminal, the hint to try the embedded model is an event too."""
+    port = free_port()
+    state = tmp_path / "state"
+    (state / "swapd" / "models").mkdir(parents=True)
+    (state / "swapd" / "models" / "gemma-3-270m-it-Q4_K_M.gguf").touch()  # never loaded here
+    env = {k: v for k, v in os.environ.items() if k not in ("SWAPD_CONFIG", "STATE_DIRECTORY")}
+    log = tmp_path / "swapd.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "swapd", "serve", "--listen", f"127.0.0.1:{port}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**env, "XDG_STATE_HOME": str(state)},
+        )
+    try:
+        wait_for(lambda: _healthy(port), timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]  # each line is JSON
+    hint = next(e for e in events if e["event"] == "swapd.embedded")
+    assert hint["example"].startswith(f"curl http://127.0.0.1:{port}/v1/completions")
+
+
 def _healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
