@@ -115,11 +115,11 @@ class Passthrough:
             raise BadRequest("a request target cannot hold '#'")
         raw_path, _, query = raw.partition("?")
         model, path = split_target(raw_path, self.proxy.manager)
+        request["model"] = model  # a refused route is counted under its model too
         path = backend_path(path)
         body = await read_body(request, self.proxy.max_body, self.proxy.body_timeout)
         # Built from its parts: parsed whole, a path could be read as a host.
         target = URL.build(path=path, query_string=query, encoded=True)
         # The clone shares the connection; only the path the backend sees differs.
         upstream = request.clone(rel_url=target)
-        request["model"] = model
         return await self.proxy.forward(upstream, model, body)

@@ -145,3 +145,12 @@ def test_a_long_configured_name_is_counted_under_its_name(start_daemon: StartDae
     m = scrape(d)
     assert value(m, "swapd_requests_total", model="", code="200") is None
     assert value(m, "swapd_requests_total", model=name, code="200") == 1
+
+
+def test_a_refused_passthrough_route_is_counted_under_its_model(start_daemon: StartDaemon) -> None:
+    """``/upstream/a/sleep`` is refused (403) for model a: its count names a, not ``""``."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.request("POST", "/upstream/a/sleep", "")[0] == 403
+    m = scrape(d)
+    assert value(m, "swapd_requests_total", model="a", code="403") == 1
+    assert value(m, "swapd_requests_total", model="", code="403") is None
