@@ -390,9 +390,26 @@ class _NodeAction(argparse.Action):
             nodes.append([values, None])
         elif not nodes:
             parser.error("--node-key must follow the --node it is for")
+        elif nodes[-1][1] is not None:
+            parser.error(f"--node-key given twice for --node {nodes[-1][0]}")
         else:
             nodes[-1][1] = values
         namespace.nodes = nodes
+
+
+class _OnceAction(argparse.Action):
+    """An option that may be given once: a second one would silently replace the first."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice (--node-key gives one node its own key)")
+        setattr(namespace, self.dest, values)
 
 
 def _add_litellm_config(sub: Any) -> None:
@@ -423,7 +440,9 @@ def _add_litellm_config(sub: Any) -> None:
         metavar="KEY",
         help="the key for the --node just before it (overrides --key)",
     )
-    verb.add_argument("--key", help="the key for every node without its own --node-key")
+    verb.add_argument(
+        "--key", action=_OnceAction, help="the key for every node without its own --node-key"
+    )
     verb.add_argument(
         "--affinity",
         action="store_true",

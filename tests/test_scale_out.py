@@ -325,3 +325,15 @@ def test_affinity_sends_requests_to_the_node_that_holds_the_model(
     answers = [proxy.chat("m") for _ in range(12)]  # without the hook: both, unless 1 in 2**11
     assert [(x.status, x.served_by) for x in answers] == [(200, "b/m")] * 12
     assert a.model("m")["tier"] != "device"
+
+
+def test_a_key_given_twice_is_refused_not_silently_replaced() -> None:
+    """A second ``--key`` (or ``--node-key`` for one node) is an error, before any node is asked."""
+    twice = swapd("litellm-config", "--node", "http://a:1", "--key", "k1", "--key", "k2")
+    assert twice.returncode == 2
+    assert "--key given twice" in twice.stderr
+    node_twice = swapd(
+        "litellm-config", "--node", "http://a:1", "--node-key", "k1", "--node-key", "k2"
+    )
+    assert node_twice.returncode == 2
+    assert "--node-key given twice for --node http://a:1" in node_twice.stderr
