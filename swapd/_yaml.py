@@ -42,7 +42,8 @@ class Document:
     where: Location
 
 
-def _where(file: str, node: yaml.Node) -> Location:
+def node_location(file: str, node: yaml.Node) -> Location:
+    """Where ``node`` starts in ``file``, 1-based."""
     mark = node.start_mark
     return Location(file, mark.line + 1, mark.column + 1)
 
@@ -132,25 +133,29 @@ def _plain(node: yaml.Node) -> Any:
 def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
     """Entries of a mapping node; duplicate keys are errors, as silent overrides hide mistakes."""
     if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(_where(file, node), what, "expected a mapping of keys")
+        raise ConfigError(node_location(file, node), what, "expected a mapping of keys")
     seen: set[str] = set()
     out: list[Entry] = []
     for key_node, value_node in node.value:
         key = str(key_node.value)
         if key in seen:
-            raise ConfigError(_where(file, key_node), key, "key is given twice")
+            raise ConfigError(node_location(file, key_node), key, "key is given twice")
         seen.add(key)
         if _expanded_size(value_node, {}) > MAX_VALUES:
             reason = f"stands for more than {MAX_VALUES:,} values once its aliases are expanded"
-            raise ConfigError(_where(file, value_node), key, reason)
+            raise ConfigError(node_location(file, value_node), key, reason)
         repeated = _repeated_key(value_node, set())
         if repeated is not None:  # the last would silently win, as at the top level
-            raise ConfigError(_where(file, repeated), str(repeated.value), "key is given twice")
+            raise ConfigError(
+                node_location(file, repeated), str(repeated.value), "key is given twice"
+            )
         try:
             value = _plain(value_node)
         except yaml.MarkedYAMLError as exc:  # a tag or value safe YAML cannot build
-            raise ConfigError(_where(file, value_node), key, str(exc.problem or exc)) from exc
-        out.append(Entry(key, value, _where(file, value_node), value_node))
+            raise ConfigError(
+                node_location(file, value_node), key, str(exc.problem or exc)
+            ) from exc
+        out.append(Entry(key, value, node_location(file, value_node), value_node))
     return tuple(out)
 
 
@@ -175,7 +180,7 @@ def load_document(path: Path, *, label: str | None = None) -> Document:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is None:
             return Document(file, (), Location(file, 1, 1))
-        return Document(file, entries_of(file, node, what="(top level)"), _where(file, node))
+        return Document(file, entries_of(file, node, what="(top level)"), node_location(file, node))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)

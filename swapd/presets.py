@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from swapd._yaml import Entry, load_document, written
+import yaml
+
+from swapd._yaml import Document, Entry, load_document, node_location, written
 from swapd.backends import KINDS, flag_as_written
 from swapd.errors import ConfigError, ConfigErrors, Location, clip
 from swapd.gguf_split import split_parts
@@ -265,13 +267,14 @@ def _pinned_outside(
     return ConfigError(devices_at, "devices", reason)
 
 
-def _build(  # noqa: PLR0911 - one early return per kind of problem
+def _build(
     file: Path,
     label: str,
     defaults: Mapping[str, tuple[Any, Location]],
     errors: list[ConfigError],
     offered: tuple[int, ...] | None = None,
-) -> Preset | None:
+) -> tuple[Preset, dict[str, Location]] | None:
+    """The preset of ``file`` and where its name and aliases were written; None on errors."""
     doc = load_document(file, label=label)
     values = {**defaults, **convert_entries(doc.entries, allowed=CONVERTERS, errors=errors)}
     if any(e.where.file == label for e in errors):
@@ -293,22 +296,48 @@ def _build(  # noqa: PLR0911 - one early return per kind of problem
         errors.append(problem)
         return None
     plain = {key: value for key, (value, _) in values.items()}
-    if KINDS[backend].needs_model:
-        if "model" not in values:
-            errors.append(ConfigError(missing_at, "model", f"missing; {backend} needs a model"))
-            return None
-        model, model_at = values["model"]
-        plain["model"] = _resolve_model(model, file.parent)
-        if (problem := _model_problem(values, plain["model"], model_at)) is not None:
-            errors.append(problem)
-            return None
-    elif (problem := _command_problem(values, missing_at)) is not None:
+    if problem := _model_or_cmd_problem(backend, values, file, missing_at, plain):
         errors.append(problem)
         return None
-    elif "model" in values:
-        plain["model"] = _resolve_model(values["model"][0], file.parent)
     plain["name"] = name
-    return Preset(file=label, **plain)
+    return Preset(file=label, **plain), _name_places(doc, values, name, name_at)
+
+
+def _model_or_cmd_problem(
+    backend: BackendName,
+    values: Mapping[str, tuple[Any, Location]],
+    file: Path,
+    missing_at: Location,
+    plain: dict[str, Any],
+) -> ConfigError | None:
+    """What is wrong with the model (or a command's cmd); resolves ``plain["model"]``."""
+    if KINDS[backend].needs_model:
+        if "model" not in values:
+            return ConfigError(missing_at, "model", f"missing; {backend} needs a model")
+        model, model_at = values["model"]
+        plain["model"] = _resolve_model(model, file.parent)
+        return _model_problem(values, plain["model"], model_at)
+    if "model" in values:
+        plain["model"] = _resolve_model(values["model"][0], file.parent)
+    return _command_problem(values, missing_at)
+
+
+def _name_places(
+    doc: Document, values: Mapping[str, tuple[Any, Location]], name: str, name_at: Location
+) -> dict[str, Location]:
+    """Where the preset's name and each of its aliases were written, for a clash to point at."""
+    places: dict[str, Location] = {}
+    if "aliases" in values:
+        aliases, aliases_at = values["aliases"]
+        places.update(dict.fromkeys(aliases, aliases_at))
+        # An alias in this file's own list: the item itself, not the start of the list.
+        entry = next((e for e in doc.entries if e.key == "aliases"), None)
+        if entry is not None and isinstance(entry.node, yaml.SequenceNode):
+            for item in entry.node.value:
+                if isinstance(item, yaml.ScalarNode) and item.value in places:
+                    places[item.value] = node_location(doc.file, item)
+    places[name] = name_at
+    return places
 
 
 def _backend_of(
@@ -360,12 +389,15 @@ def _command_problem(
     return None
 
 
-def _check_names(presets: list[Preset], errors: list[ConfigError]) -> None:
+def _check_names(
+    presets: list[Preset], places: Mapping[str, Mapping[str, Location]], errors: list[ConfigError]
+) -> None:
     owner: dict[str, Preset] = {}
     for preset in presets:
         for name in (preset.name, *preset.aliases):
             if name in owner and owner[name] is not preset:
-                where = Location(preset.file, 1, 1)
+                # Where the clashing name or alias was written (line 1 only as a last resort).
+                where = places.get(preset.file, {}).get(name, Location(preset.file, 1, 1))
                 reason = f"{name!r} is already used by {owner[name].file}"
                 errors.append(
                     ConfigError(where, "name" if name == preset.name else "aliases", reason)
@@ -393,18 +425,20 @@ def load_presets(
     """
     errors: list[ConfigError] = []
     presets: list[Preset] = []
+    places: dict[str, dict[str, Location]] = {}
     for file in preset_files(directory):
         if config_file is not None and _same_file(file, config_file):
             continue
         label = _label(file, label_root)
         try:
-            preset = _build(file, label, defaults, errors, offered)
+            built = _build(file, label, defaults, errors, offered)
         except ConfigError as exc:
             errors.append(exc)
             continue
-        if preset is not None:
-            presets.append(preset)
-    _check_names(presets, errors)
+        if built is not None:
+            presets.append(built[0])
+            places[label] = built[1]
+    _check_names(presets, places, errors)
     if errors:
         raise ConfigErrors(errors)
     return presets

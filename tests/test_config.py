@@ -217,7 +217,7 @@ PRESET_ERRORS = [
     ),
     pytest.param(
         {"a.yaml": OK_PRESET + "name: qwen\n", "b.yaml": OK_PRESET + "name: qwen\n"},
-        ["presets/b.yaml:1:1: name: 'qwen' is already used by presets/a.yaml"],
+        ["presets/b.yaml:3:7: name: 'qwen' is already used by presets/a.yaml"],
         id="two-presets-same-name",
     ),
     pytest.param(
@@ -227,13 +227,18 @@ PRESET_ERRORS = [
     ),
     pytest.param(
         {"a.yaml": OK_PRESET, "b.yaml": OK_PRESET + "aliases: [fast, a]\n"},
-        ["presets/b.yaml:1:1: aliases: 'a' is already used by presets/a.yaml"],
+        ["presets/b.yaml:3:17: aliases: 'a' is already used by presets/a.yaml"],
         id="alias-clashes-with-other-name",
     ),
     pytest.param(
         {"a.yaml": OK_PRESET + "aliases: [q]\n", "b.yaml": OK_PRESET + "aliases: [q]\n"},
-        ["presets/b.yaml:1:1: aliases: 'q' is already used by presets/a.yaml"],
+        ["presets/b.yaml:3:11: aliases: 'q' is already used by presets/a.yaml"],
         id="alias-clashes-with-other-alias",
+    ),
+    pytest.param(
+        {"a.yaml": OK_PRESET, "b.yaml": OK_PRESET + "aliases:\n  - fast\n  - a\n"},
+        ["presets/b.yaml:5:5: aliases: 'a' is already used by presets/a.yaml"],
+        id="alias-clash-points-at-its-item-in-a-block-list",
     ),
     pytest.param(
         {
@@ -507,6 +512,12 @@ DAEMON_ERRORS = [
             'presets/m.yaml:3:6: ttl: expected a duration like "10m", got "ten"',
         ],
         id="daemon-and-preset-errors-together",
+    ),
+    pytest.param(
+        "defaults:\n  aliases: [shared]\n",
+        {"a.yaml": OK_PRESET, "b.yaml": OK_PRESET},
+        ["swapd.yaml:2:12: aliases: 'shared' is already used by presets/a.yaml"],
+        id="an-alias-in-defaults-clashes-where-defaults-set-it",
     ),
 ]
 
