@@ -222,6 +222,16 @@ def _flag_in_args(
     return None
 
 
+def _unused_key(
+    backend: BackendName, values: Mapping[str, tuple[Any, Location]], label: str
+) -> ConfigError | None:
+    """A key the preset's own file sets that its backend never reads (defaults may set any)."""
+    for key, instead in KINDS[backend].unused_keys.items():
+        if key in values and (where := values[key][1]).file == label:
+            return ConfigError(where, key, f"a {backend} backend never reads it: {instead}")
+    return None
+
+
 def _own_key_clash(
     backend: BackendName, values: Mapping[str, tuple[Any, Location]]
 ) -> ConfigError | None:
@@ -296,7 +306,10 @@ def _build(
         errors.append(problem)
         return None
     plain = {key: value for key, (value, _) in values.items()}
-    if problem := _model_or_cmd_problem(backend, values, file, missing_at, plain):
+    if problem := (
+        _model_or_cmd_problem(backend, values, file, missing_at, plain)
+        or _unused_key(backend, values, label)
+    ):
         errors.append(problem)
         return None
     plain["name"] = name

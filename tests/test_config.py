@@ -121,6 +121,36 @@ PRESET_ERRORS = [
         id="vllm-without-model",
     ),
     pytest.param(
+        {"m.yaml": OK_PRESET + "binary: /usr/bin/server\n"},
+        [
+            (
+                "presets/m.yaml:3:9: binary: a command backend never reads it: cmd is run as "
+                "written; put the program first in cmd"
+            )
+        ],
+        id="binary-on-a-command-backend",
+    ),
+    pytest.param(
+        {"m.yaml": OK_PRESET + "args: [--threads, '4']\n"},
+        [
+            (
+                "presets/m.yaml:3:7: args: a command backend never reads it: cmd is run as "
+                "written; put the arguments in cmd"
+            )
+        ],
+        id="args-on-a-command-backend",
+    ),
+    pytest.param(
+        {"m.yaml": "backend: vllm\nmodel: .\ncmd: [vllm, serve]\n"},
+        [
+            (
+                "presets/m.yaml:3:6: cmd: a vllm backend never reads it: only a command "
+                "backend runs cmd; vLLM's own options go in args"
+            )
+        ],
+        id="cmd-on-a-vllm-backend",
+    ),
+    pytest.param(
         {"m.yaml": "backend: llama-server\nmodel: missing.gguf\n"},
         [f"presets/m.yaml:2:8: model: not found: {ROOT}/presets/missing.gguf"],
         id="model-file-not-found",
@@ -568,6 +598,19 @@ def test_daemon_file_problems_are_config_errors(
     """A daemon file that cannot be parsed raises ConfigErrors too, as load_config promises."""
     monkeypatch.chdir(tmp_path)
     assert error_lines(tmp_path, config, {"m.yaml": OK_PRESET}) == [expected]
+
+
+def test_defaults_may_hold_keys_some_backends_never_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``args`` in defaults is for the llama-servers; a command preset beside them still loads."""
+    monkeypatch.chdir(tmp_path)
+    config = load(
+        tmp_path,
+        "defaults:\n  args: [--threads, '4']\n",
+        {"plain.yaml": OK_PRESET},
+    )
+    assert [p.name for p in config.presets] == ["plain"]
 
 
 def test_defaults_apply_and_presets_override(

@@ -73,6 +73,9 @@ class BackendKind(Protocol):
     # The flags naming the model, which swapd passes itself (``model:``, or its staged
     # copy): a preset's own would run another model than the one admitted.
     model_flags: tuple[str, ...]
+    # Preset keys the kind never reads, each with what to write instead: set in a preset's
+    # own file, one would be silently ignored.
+    unused_keys: Mapping[str, str]
 
     def binary(self, preset: Preset) -> str:
         """The executable to run; raises :class:`BinaryNotFound` saying where it looked."""

