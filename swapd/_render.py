@@ -74,11 +74,13 @@ def status(body: dict[str, Any]) -> str:
                 m["state"],
                 m["tier"],
                 m["pid"] or "-",
+                m["port"] or "-",
                 m["device"] or "-",
                 m["in_flight"],
                 m["waiting"],
                 size(shown),
                 duration(m.get("ttl_left")),
+                ago(m["since"]),
                 ago(m["last_used"]),
             ]
         )
@@ -89,11 +91,13 @@ def status(body: dict[str, Any]) -> str:
         "STATE",
         "TIER",
         "PID",
+        "PORT",
         "DEVICE",
         "IN-FLIGHT",
         "WAITING",
         "MEMORY",
         "TTL LEFT",
+        "IN STATE FOR",
         "LAST USED",
     )
     out = table(header, rows) if rows else "no models configured"

@@ -40,7 +40,7 @@ def test_version_and_help_are_written_for_users() -> None:
 
 
 def test_status_shows_tier_error_ttl_left_and_last_use(start_daemon: StartDaemon) -> None:
-    """A table on the terminal (tier, TTL left, last use, the error of a failed model); JSON too."""
+    """A table (tier, pid, port, TTL left, time in state, last use, errors); JSON too."""
     d = start_daemon(
         {"a": fake_preset("A", ttl="10m"), "b": fake_preset("B", "--exit-at-start", "3")}
     )
@@ -50,14 +50,17 @@ def test_status_shows_tier_error_ttl_left_and_last_use(start_daemon: StartDaemon
     assert out.returncode == 0, out.stderr
     header, row_a, row_b, *rest = out.stdout.splitlines()
     assert header.split() == [
-        "MODEL", "STATE", "TIER", "PID", "DEVICE", "IN-FLIGHT", "WAITING",
-        "MEMORY", "TTL", "LEFT", "LAST", "USED",
+        "MODEL", "STATE", "TIER", "PID", "PORT", "DEVICE", "IN-FLIGHT", "WAITING",
+        "MEMORY", "TTL", "LEFT", "IN", "STATE", "FOR", "LAST", "USED",
     ]  # fmt: skip
     assert row_a.split()[:3] == ["a", "ready", "device"]
-    ttl_left, used, ago = row_a.split()[-3:]
+    model_a = d.model("a")
+    assert row_a.split()[3:5] == [str(model_a["pid"]), str(model_a["port"])]
+    ttl_left, in_state, ago, used, ago_too = row_a.split()[-5:]
     assert re.fullmatch(r"(10m00|9m[0-5]\d)s", ttl_left), row_a
+    assert re.fullmatch(r"\d+s", in_state), row_a
     assert re.fullmatch(r"\d+s", used), row_a
-    assert ago == "ago"
+    assert ago == ago_too == "ago"
     assert row_b.split()[:3] in (["b", "backoff", "disk"], ["b", "failed", "disk"])  # 1 s
     assert any(line.strip().startswith("b: backend for 'b' exited with 3") for line in rest)
     body = json.loads(swapd("status", "--url", d.url, "--json").stdout)
