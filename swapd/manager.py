@@ -217,6 +217,10 @@ class Manager:
                 _log.info("cgroup.fallback", reason=why)
         # Launches (fingerprint, binary, env) whose backend refused --enable-sleep-mode.
         self._sleep_refused: dict[str, str] = {}
+        # Per GPU: held while a backend that sizes itself to the card (vLLM) starts. It
+        # profiles the card's free memory as it starts, so a second one starting beside
+        # it would count the first's growing use against itself.
+        self._sizing_starts: dict[str, asyncio.Lock] = {}
         self._model_bytes: dict[str, int] = {}
         self.staging: StagingCache | None = None
         if config.cache_dir is not None:
@@ -1293,6 +1297,23 @@ class Manager:
         if preset.model is not None:
             # At each start: the files may have changed since the last (new weights in place).
             self._model_bytes[preset.name] = await asyncio.to_thread(weight_bytes, preset.model)
+        async with self._one_sizing_start(slot, device):
+            await self._start_spawned(slot, device, placement)
+
+    def _one_sizing_start(
+        self, slot: Slot, device: Device
+    ) -> contextlib.AbstractAsyncContextManager[Any]:
+        """One start at a time on a GPU for kinds that size themselves to it (vLLM)."""
+        if not slot.kind.sizes_to_card or device.kind == "cpu":
+            return contextlib.nullcontext()
+        lock = self._sizing_starts.setdefault(device.id, asyncio.Lock())
+        if lock.locked():
+            _log.info("model.start.wait", model=slot.preset.name, device=device.id)
+        return lock
+
+    async def _start_spawned(self, slot: Slot, device: Device, placement: Placement) -> None:
+        """Spawn, retrying once without the sleep flag where the backend refuses it."""
+        preset = slot.preset
         try:
             await self._spawn_ready(slot, device, placement)
         except BackendStartError as exc:

@@ -71,6 +71,50 @@ def test_a_slow_cold_start_does_not_hold_up_another_start_on_the_same_device(
     assert done == ["quick", "slow"]
 
 
+def test_two_vllms_on_one_gpu_start_one_after_the_other(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """vLLM profiles the card's free memory while it starts: a second one waits until it is ready.
+
+    Both fit on gpu0 at once; only their starts are serialized, so the second one's spawn
+    comes after the first one's load is done. A llama-server or command start is not held.
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": 0}})
+    upstream = f"--probe-file {probe} --mem-bytes {GIB} --start-delay 2"
+
+    def vllm(name: str) -> dict[str, Any]:
+        model = tmp_path / name
+        model.mkdir()
+        (model / "weights.safetensors").write_bytes(b"\0" * 1024)
+        env = {"FAKE_VLLM_UPSTREAM_ARGS": upstream}
+        return {
+            "backend": "vllm",
+            "model": str(model),
+            "binary": vllm_binary,
+            "memory": GIB,
+            "sleep": 0,
+            "env": env,
+        }
+
+    d = start_daemon(
+        {"a": vllm("a"), "b": vllm("b")},
+        {"devices": "auto", "reserve": 0},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(d.chat, ["a", "b"]))
+    assert [status for status, _ in results] == [200, 200]
+    assert {d.model(m)["device"] for m in ("a", "b")} == {"gpu0"}
+    spawns = d.events("backend.spawn")
+    [first_done, _] = d.events("model.load.done")
+    assert len(spawns) == 2
+    # The second spawn waited for the first load to be done; nothing was evicted.
+    assert spawns[1]["timestamp"] >= first_done["timestamp"]
+    assert len(d.events("model.start.wait")) == 1
+    assert d.events("model.evict") == []
+
+
 def test_a_starting_model_counts_before_it_takes_memory(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
