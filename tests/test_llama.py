@@ -170,16 +170,31 @@ def three_gemmas(start_daemon: StartDaemon, gemma: Path) -> Any:
 
 
 def test_third_model_evicts_the_lru_idle_one_never_the_active_one(three_gemmas: Any) -> None:
-    """With room for two, loading a third stops the least recently used idle model."""
+    """With room for two, loading a third stops the least recently used idle model.
+
+    The busy model is the least recently used one, so plain LRU would pick it: it must not.
+    """
     d = three_gemmas
     assert complete(d, "a")[0] == 200
     assert complete(d, "b")[0] == 200
-    with ThreadPoolExecutor(1) as pool:
-        # a is now the most recently used, but busy; b is idle and older than a.
-        busy = pool.submit(complete, d, "a", 48)
-        wait_for(lambda: d.model("a")["in_flight"] == 1)
+    # A stream that runs until the context is full (EOS ignored); a stays busy until the
+    # client hangs up below, whatever the machine's speed.
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=120)
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": -1, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    try:
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")
+        assert d.model("a")["in_flight"] == 1
+        # b is used after a's request began: a is now the least recently used, but busy.
+        assert complete(d, "b")[0] == 200
+        assert d.model("a")["last_used"] < d.model("b")["last_used"]
         assert complete(d, "c")[0] == 200
-        assert busy.result()[0] == 200
+        assert d.model("a")["in_flight"] == 1
+    finally:
+        conn.close()
+    wait_for(lambda: d.model("a")["in_flight"] == 0)
     states = {m: d.model(m)["state"] for m in ("a", "b", "c")}
     assert states == {"a": "ready", "b": "stopped", "c": "ready"}
     assert [e["victims"] for e in d.events("model.evict")] == [["b"]]
