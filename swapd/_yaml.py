@@ -25,12 +25,13 @@ MAX_VALUES = 100_000
 
 @dataclass(frozen=True)
 class Entry:
-    """One ``key: value`` of a mapping, with the value's location."""
+    """One ``key: value`` of a mapping, with the value's location and the key's."""
 
     key: str
     value: Any
     where: Location
     node: yaml.Node
+    key_where: Location  # where an error about the key itself (unknown, misplaced) points
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,15 @@ def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
             raise ConfigError(
                 node_location(file, value_node), key, str(exc.problem or exc)
             ) from exc
-        out.append(Entry(key, value, node_location(file, value_node), value_node))
+        out.append(
+            Entry(
+                key,
+                value,
+                node_location(file, value_node),
+                value_node,
+                node_location(file, key_node),
+            )
+        )
     return tuple(out)
 
 

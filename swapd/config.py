@@ -214,7 +214,9 @@ def _daemon_values(doc: Document, errors: list[ConfigError]) -> dict[str, Any]:
     for entry in doc.entries:
         if entry.key not in _DAEMON_KEYS:
             known = ", ".join(sorted(_DAEMON_KEYS))
-            errors.append(ConfigError(entry.where, entry.key, f"unknown key; known keys: {known}"))
+            errors.append(
+                ConfigError(entry.key_where, entry.key, f"unknown key; known keys: {known}")
+            )
             continue
         try:
             values[entry.key] = _DAEMON_KEYS[entry.key](entry.value)

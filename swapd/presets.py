@@ -191,7 +191,9 @@ def convert_entries(
     for entry in entries:
         if entry.key not in allowed:
             hint = ", ".join(sorted(allowed))
-            errors.append(ConfigError(entry.where, entry.key, f"unknown key; known keys: {hint}"))
+            errors.append(
+                ConfigError(entry.key_where, entry.key, f"unknown key; known keys: {hint}")
+            )
             continue
         try:
             values[entry.key] = (CONVERTERS[entry.key](entry.value), entry.where)

@@ -92,7 +92,7 @@ PRESET_ERRORS = [
     ),
     pytest.param(
         {"m.yaml": OK_PRESET + "colour: blue\n"},
-        [f"presets/m.yaml:3:9: colour: unknown key; known keys: {PRESET_KEYS}"],
+        [f"presets/m.yaml:3:1: colour: unknown key; known keys: {PRESET_KEYS}"],
         id="unknown-key-lists-known-keys",
     ),
     pytest.param(
@@ -284,7 +284,7 @@ PRESET_ERRORS = [
         [
             'presets/m.yaml:2:6: ttl: expected a duration like "10m", got "ten"',
             'presets/m.yaml:4:9: memory: expected a size like "6GiB", got "lots"',
-            f"presets/m.yaml:5:9: colour: unknown key; known keys: {PRESET_KEYS}",
+            f"presets/m.yaml:5:1: colour: unknown key; known keys: {PRESET_KEYS}",
             "presets/m.yaml:6:6: pin: expected true or false, got 1",
         ],
         id="several-errors-in-one-file",
@@ -403,7 +403,7 @@ DAEMON_ERRORS = [
     pytest.param(
         "listen: 127.0.0.1:8080\nport: 8080\n",
         {},
-        ["swapd.yaml:2:7: port: unknown key; known keys: admin_keys, admin_keys_file" + PREFIX],
+        ["swapd.yaml:2:1: port: unknown key; known keys: admin_keys, admin_keys_file" + PREFIX],
         id="unknown-key",
     ),
     pytest.param(
@@ -497,7 +497,7 @@ DAEMON_ERRORS = [
     pytest.param(
         "defaults:\n  colour: blue\n",
         {"m.yaml": OK_PRESET},
-        [f"swapd.yaml:2:11: colour: unknown key; known keys: {DEFAULT_KEYS}"],
+        [f"swapd.yaml:2:3: colour: unknown key; known keys: {DEFAULT_KEYS}"],
         id="unknown-key-inside-defaults",
     ),
     pytest.param(
