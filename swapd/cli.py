@@ -199,6 +199,7 @@ async def verb_load(client: Client, args: argparse.Namespace) -> int:
     try:
         view = await client.call("POST", f"/swapd/models/{quote(name, safe='/')}/load")
     except ClientError as exc:
+        watcher.cancel()  # before the line is ended: no redraw may come between it and the error
         progress.end()
         if exc.status is None or exc.status in (401, 403, 404):
             raise  # not about the model's state: refused, or no such model (with the hint)
