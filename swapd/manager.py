@@ -1242,9 +1242,10 @@ class Manager:
             raise StageFailed(preset.name, str(exc)) from exc
         finally:
             slot.staging = None
+            # Room made for a copy that then failed (a checksum) still evicted copies.
+            await self._refresh_staged(exclude=slot)
         slot.staged_path, slot.staged_source = str(path), source
         _log.info("model.staged", model=preset.name, path=slot.staged_path)
-        await self._refresh_staged(exclude=slot)
 
     async def _refresh_staged(self, exclude: Slot) -> None:
         """Forget staged paths whose copies the cache evicted to make room."""

@@ -78,6 +78,30 @@ def test_the_cache_budget_evicts_the_least_recently_used_copy(
     assert status["tiers"]["disk"]["bytes"] <= 10 * MIB
 
 
+def test_a_copy_evicted_for_a_copy_that_then_fails_puts_its_model_back_in_store(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Room made for a copy whose checksum fails still evicted a's copy: a is in store.
+
+    The evicted paths used to be forgotten only after a copy succeeded, so a kept
+    showing the disk tier for a copy that was gone.
+    """
+    a = _model(tmp_path / "slow" / "a.gguf", 6 * MIB)
+    bad = _model(tmp_path / "slow" / "bad.gguf", 6 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"a": staged_preset(a), "bad": staged_preset(bad, sha256="0" * 64)},
+        {"cache_dir": str(cache), "cache_budget": "10MiB"},
+    )
+    assert d.chat("a")[0] == 200
+    assert d.request("POST", "/swapd/models/a/unload")[0] == 200
+    assert d.model("a")["tier"] == "disk"
+    status, body = d.chat("bad")
+    assert (status, body["error"]["code"]) == (500, "stage_failed")
+    assert _cached_entries(cache) == []  # a's copy made room, then bad's was deleted
+    assert (d.model("a")["state"], d.model("a")["tier"]) == ("stopped", "store")
+
+
 def test_no_room_in_the_cache_is_a_503_with_the_numbers(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
