@@ -307,7 +307,7 @@ class Manager:
         return {
             "models": [v.as_json() for v in views],
             "tiers": {
-                "device": {"bytes": on_device, "budget": self.config.budget},
+                "device": {"bytes": on_device, "budget": self._device_budget()},
                 "ram": {
                     "bytes": sum(s.ram_bytes for s in everyone),
                     "budget": self.ram_budget,
@@ -325,6 +325,11 @@ class Manager:
                 used = policy.counted_usage(slot.measured, need)
                 counted[slot.device.id] = counted.get(slot.device.id, 0) + used
         return await read_memory(self.admission, self._pids(), counted)
+
+    def _device_budget(self) -> int | None:
+        """``budget`` caps each device; the tier's bytes add up every device, and so this."""
+        budget = self.config.budget
+        return None if budget is None else budget * len(self.probe.devices)
 
     def _disk_tier(self) -> dict[str, int | None]:
         if self.staging is None:

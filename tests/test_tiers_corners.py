@@ -260,3 +260,28 @@ def test_plan_says_never_for_a_model_that_fits_only_by_evicting_a_pinned_one(
     _, plan = d.get("/swapd/plan")
     fits = {m["name"]: (m["fit"], m["device"]) for m in plan["models"]}
     assert fits["x"] == ("never", None), fits
+
+
+# ---------------------------------------------------------------- the tiers in status
+
+
+def test_the_device_tiers_budget_is_the_budget_of_every_device_together(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """``budget`` caps each device; the tier's bytes add up every device, so must its budget.
+
+    It showed the one device's cap beside the bytes of both: 6 GiB held against a 4 GiB
+    budget, a tier over budget that no device was.
+    """
+    path = tmp_path / "gpus.json"
+    gpus = {"gpu0": {"total": 8 * GiB, "outside": 0}, "gpu1": {"total": 8 * GiB, "outside": 0}}
+    probe_file.write_devices(path, gpus)
+    presets = {
+        "a": gpu_preset("a", path, 3 * GiB, devices=[0]),
+        "b": gpu_preset("b", path, 3 * GiB, devices=[1]),
+    }
+    d = start_gpu(start_daemon, path, presets, budget="4GiB")
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    _, status = d.get("/swapd/status")
+    assert status["tiers"]["device"] == {"bytes": 6 * GiB, "budget": 8 * GiB}
