@@ -137,6 +137,10 @@ def config_warnings(config: Config) -> list[str]:
         problem = missing_binary(preset)
         if problem is not None:
             warnings.append(f"{preset.file}: {preset.name}: {problem}")
+        if preset.sha256 is not None and not preset.stage:
+            # Only a staged copy is hashed: the digest would seem to vouch for the model.
+            unchecked = "sha256 is checked only when the model is staged (stage: true)"
+            warnings.append(f"{preset.file}: {preset.name}: {unchecked}; it is never checked here")
     return warnings + _access_warnings(config)
 
 

@@ -829,6 +829,26 @@ def test_tier_keys_are_validated_with_their_location(tmp_path: Path) -> None:
     ]
 
 
+def test_check_warns_that_a_sha256_without_stage_is_never_checked(tmp_path: Path) -> None:
+    """sha256 is checked when staging only: without stage: true it vouched for nothing, silently."""
+    digest = "ab" * 32
+    write_tree(
+        tmp_path,
+        "listen: 127.0.0.1:8181\ncache_dir: cache\n",
+        {
+            "plain.yaml": OK_PRESET + f"model: m.gguf\nsha256: {digest}\n",
+            "staged.yaml": OK_PRESET + f"model: m.gguf\nsha256: {digest}\nstage: true\n",
+        },
+    )
+    (tmp_path / "presets" / "m.gguf").write_bytes(b"GGUF")
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 0, done.stderr
+    unchecked = "sha256 is checked only when the model is staged (stage: true)"
+    assert done.stderr.splitlines() == [
+        f"warning: presets/plain.yaml: plain: {unchecked}; it is never checked here",
+    ]
+
+
 def test_stage_needs_a_cache_dir(tmp_path: Path) -> None:
     """A preset with stage: true and no cache_dir in the daemon config is an error."""
     write_tree(tmp_path, "listen: 127.0.0.1:8181\n", {"c.yaml": OK_PRESET + "stage: true\n"})
