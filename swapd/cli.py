@@ -133,6 +133,9 @@ def config_warnings(config: Config) -> list[str]:
     if not config.presets:
         where = f"{config.source}: no presets in {config.presets_dir}"
         warnings.append(f"{where}; every request will 404")
+    if config.cache_budget is not None and config.cache_dir is None:
+        no_cache = "cache_budget has no effect without cache_dir (no staging cache)"
+        warnings.append(f"{config.source}: {no_cache}")
     for preset in config.presets:
         problem = missing_binary(preset)
         if problem is not None:

@@ -849,6 +849,16 @@ def test_check_warns_that_a_sha256_without_stage_is_never_checked(tmp_path: Path
     ]
 
 
+def test_check_warns_that_a_cache_budget_without_cache_dir_does_nothing(tmp_path: Path) -> None:
+    """cache_budget caps the staging cache; with no cache_dir there is none, and it was silent."""
+    write_tree(tmp_path, "listen: 127.0.0.1:8181\ncache_budget: 10GiB\n", {"a.yaml": OK_PRESET})
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "warning: swapd.yaml: cache_budget has no effect without cache_dir (no staging cache)",
+    ]
+
+
 def test_stage_needs_a_cache_dir(tmp_path: Path) -> None:
     """A preset with stage: true and no cache_dir in the daemon config is an error."""
     write_tree(tmp_path, "listen: 127.0.0.1:8181\n", {"c.yaml": OK_PRESET + "stage: true\n"})
