@@ -614,6 +614,12 @@ def entry(name: str, size: float, last_used: float, crf: float | None = None) ->
             (Stop("s"), Sleep("v")),
             id="sleeping-victim-leaves-first-and-only-once",
         ),
+        pytest.param(
+            [res("v", 4, 5, ram_cost=4)],
+            RamTier(gib(64), gib(2)),
+            (Stop("v"),),
+            id="budget-has-room-but-host-memory-available-does-not",
+        ),
     ],
 )
 def test_demotions_order(
@@ -635,6 +641,11 @@ def test_demotions_order(
             RamTier(gib(4), gib(64), (entry("often", 4, 1), entry("lately", 4, 9))),
             (Stop("often"),),
             id="no-crf-least-recently-used-pushed-down",
+        ),
+        pytest.param(
+            RamTier(gib(64), -gib(1), (entry("often", 4, 1, 5.0), entry("lately", 4, 9, 1.0))),
+            (Stop("lately"),),
+            id="within-budget-but-host-memory-short",
         ),
     ],
 )

@@ -285,3 +285,20 @@ def test_the_device_tiers_budget_is_the_budget_of_every_device_together(
     assert d.chat("b")[0] == 200
     _, status = d.get("/swapd/status")
     assert status["tiers"]["device"] == {"bytes": 6 * GiB, "budget": 8 * GiB}
+
+
+def test_sleep_auto_is_level_1_on_a_gpu(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """``sleep: auto`` means 1 on a GPU: the flag and dev mode at start, and a TTL sleeps it."""
+    path = tmp_path / "gpus.json"
+    probe_file.write_devices(path, {"gpu0": {"total": 8 * GiB, "outside": 0}})
+    presets = {"v": vllm_preset(vllm_binary, tmp_path / "v", sleep="auto", ttl="1s")}
+    env = {"FAKE_VLLM_UPSTREAM_ARGS": f"--probe-file {path} --mem-bytes {GiB}"}
+    d = start_gpu(start_daemon, path, presets, env)
+    assert d.chat("v")[0] == 200
+    [spawn] = d.events("backend.spawn")
+    assert "--enable-sleep-mode" in spawn["argv"]
+    assert d.model("v")["sleep"] == {"level": 1, "note": None}
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)  # dev mode: /sleep answers
+    assert d.model("v")["tier"] == "ram"
