@@ -1357,6 +1357,8 @@ class Manager:
             launch = await asyncio.to_thread(build_launch, preset, port, placement)
         except BinaryNotFound as exc:
             slot.move(State.STARTING, State.FAILED)
+            if slot.pages is None:  # nothing ran: nothing of it is on the device
+                slot.device = None
             raise BackendStartError(
                 preset.name, None, [], reason=f"could not start: {exc}"
             ) from exc

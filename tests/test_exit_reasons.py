@@ -102,6 +102,18 @@ def test_missing_binary_says_not_found_and_where_swapd_looked(start_daemon: Star
     assert "did not become ready in time" not in message
 
 
+def test_a_missing_binary_leaves_the_model_on_no_device(start_daemon: StartDaemon) -> None:
+    """No process ever ran: status shows no device, as for any other failed start.
+
+    It kept the device it was admitted to ("cpu" in status), unlike a start that died.
+    """
+    d = start_daemon({"nobin": {"backend": "command", "cmd": ["/nowhere/x", "${PORT}"]}})
+    assert d.chat("nobin")[0] == 502
+    model = d.model("nobin")
+    assert model["state"] in ("failed", "backoff")
+    assert (model["pid"], model["device"]) == (None, None)
+
+
 def test_missing_llama_server_binary_names_the_preset_and_path(
     start_daemon: StartDaemon, tiny_gguf: Path
 ) -> None:
