@@ -334,7 +334,7 @@ def _model_or_cmd_problem(
         return _model_problem(values, plain["model"], model_at)
     if "model" in values:
         plain["model"] = _resolve_model(values["model"][0], file.parent)
-    return _command_problem(values, missing_at)
+    return _command_problem(values, missing_at) or _stage_problem(values)
 
 
 def _name_places(
@@ -402,6 +402,16 @@ def _command_problem(
         reason = "no argument holds ${PORT}, the port swapd picks at each start (--port ${PORT})"
         return ConfigError(cmd_at, "cmd", reason)
     return None
+
+
+def _stage_problem(values: Mapping[str, tuple[Any, Location]]) -> ConfigError | None:
+    """``stage: true`` on a preset with nothing to copy (a command backend without model:)."""
+    stage, stage_at = values.get("stage", (False, None))
+    if not stage or stage_at is None or "model" in values:
+        return None
+    return ConfigError(
+        stage_at, "stage", "true needs model:, the file or folder to copy into the cache"
+    )
 
 
 def _check_names(

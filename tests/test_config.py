@@ -859,9 +859,23 @@ def test_check_warns_that_a_cache_budget_without_cache_dir_does_nothing(tmp_path
     ]
 
 
+def test_stage_needs_a_model_to_copy(tmp_path: Path) -> None:
+    """A command preset with stage: true and no model: passed check, then every load was a 500.
+
+    The load failed with a bare "AssertionError" and the model showed tier store for good.
+    """
+    write_tree(tmp_path, "cache_dir: cache\n", {"c.yaml": OK_PRESET + "stage: true\n"})
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "presets/c.yaml:3:8: stage: true needs model:, the file or folder to copy into the cache",
+    ]
+
+
 def test_stage_needs_a_cache_dir(tmp_path: Path) -> None:
     """A preset with stage: true and no cache_dir in the daemon config is an error."""
-    write_tree(tmp_path, "listen: 127.0.0.1:8181\n", {"c.yaml": OK_PRESET + "stage: true\n"})
+    staged = OK_PRESET + "model: m.gguf\nstage: true\n"
+    write_tree(tmp_path, "listen: 127.0.0.1:8181\n", {"c.yaml": staged})
     done = run_check(tmp_path, Path("swapd.yaml"))
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
