@@ -38,6 +38,21 @@ def fingerprint(preset: Preset) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+def _entry_problem(entry: object) -> str | None:
+    """Why a footprints.json entry cannot be used, or None when it can."""
+    if not isinstance(entry, dict):
+        return f"not an object: {entry!r:.80}"
+    nbytes, at = entry.get("bytes"), entry.get("measured_at")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        return f"bytes is not a whole number of 0 or more: {nbytes!r:.80}"
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        return f"measured_at is not a time: {at!r:.80}"
+    for key in ("fingerprint", "device_kind"):
+        if not isinstance(entry.get(key), str):
+            return f"{key} is not a string: {entry.get(key)!r:.80}"
+    return None
+
+
 class Footprints:
     """A small JSON file of footprints by model name."""
 
@@ -47,19 +62,28 @@ class Footprints:
 
     def _read(self) -> dict[str, dict[str, object]]:
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            _log.warning("footprints.drop", path=str(self.path), reason=f"unreadable: {exc}")
+            return {}
+        try:
+            data = json.loads(text)
+        except ValueError as exc:  # torn or hand-edited: every load is measured afresh
+            _log.warning("footprints.drop", path=str(self.path), reason=f"not JSON: {exc}")
             return {}
         if not isinstance(data, dict):
             _log.warning("footprints.drop", path=str(self.path), reason="not a JSON object")
             return {}
         kept: dict[str, dict[str, object]] = {}
         for name, entry in data.items():
-            # A hand-edited or foreign entry must never break loads: drop it, say so.
-            if isinstance(entry, dict):
+            # A hand-edited or foreign entry must never break loads, nor size one (a
+            # negative size would admit anything beside it): drop it, say so.
+            if (problem := _entry_problem(entry)) is None:
                 kept[name] = entry
             else:
-                _log.warning("footprints.drop", model=name, reason=f"not an object: {entry!r:.80}")
+                _log.warning("footprints.drop", model=name, reason=problem)
         return kept
 
     def get(self, preset: Preset, device_kind: str) -> Footprint | None:
