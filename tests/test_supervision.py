@@ -220,6 +220,29 @@ def test_a_request_waiting_past_max_wait_drains_the_busy_model_and_swaps(
     assert drain["timestamp"] < long_done["timestamp"]
 
 
+def test_requests_queued_for_several_models_are_served_model_by_model(
+    start_daemon: StartDaemon,
+) -> None:
+    """ABAB queued behind a busy model become AABB: one load of each, not one per request."""
+    d = start_daemon(
+        {"a": fake_preset("A"), "b": fake_preset("B"), "c": fake_preset("C")},
+        {"max_running": 1, "max_wait": "1s", "queue_timeout": "60s"},
+    )
+    assert d.chat("c")[0] == 200
+    with ThreadPoolExecutor(5) as pool:
+        busy = pool.submit(d.chat, "c", "long", fake_delay=4)
+        wait_for(lambda: d.model("c")["in_flight"] == 1)
+        queued = []
+        for arrived, model in enumerate(("a", "b", "a", "b"), start=1):
+            queued.append(pool.submit(d.chat, model, "x", fake_delay=0.3))
+            # In this order: each waits before the next is sent.
+            wait_for(lambda n=arrived: d.model("a")["waiting"] + d.model("b")["waiting"] == n)
+        assert busy.result()[0] == 200
+        assert [f.result()[0] for f in queued] == [200] * 4
+    spawned = [e["model"] for e in d.events("backend.spawn")]
+    assert sorted(spawned) == ["a", "b", "c"], spawned
+
+
 def test_a_command_preset_without_memory_counts_default_memory(
     start_daemon: StartDaemon,
 ) -> None:
