@@ -30,8 +30,21 @@ FOLLOW_EVERY = 0.25  # seconds between looks at a followed backend's output
 DEFAULT_LINES = 100  # of a backend's output, when ?lines= is not given
 
 
+_TRUE = frozenset({"1", "true", "yes"})
+_FALSE = frozenset({"0", "false", "no"})
+
+
 def _flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name, "").lower() in ("1", "true", "yes")
+    """``?name=true`` or ``false`` (absent: false); anything else is a 400.
+
+    Not a quiet false: ``?force=ture`` would wait on every request it was meant to cut.
+    """
+    raw = request.query.get(name)
+    if raw is None or raw.lower() in _FALSE:
+        return False
+    if raw.lower() in _TRUE:
+        return True
+    raise BadRequest(f"{name} must be true or false, got {clip(raw)!r}")
 
 
 class Control:

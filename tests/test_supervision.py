@@ -403,6 +403,21 @@ def test_a_forced_unload_racing_a_load_never_leaves_the_model_queued(
     assert d.chat("a")[0] == 200
 
 
+def test_a_force_value_that_is_not_a_boolean_is_a_400_and_unloads_nothing(
+    start_daemon: StartDaemon,
+) -> None:
+    """``?force=ture`` must not quietly become a graceful unload that waits on every request."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    for value in ("ture", "2", ""):
+        status, body = d.request("POST", f"/swapd/models/a/unload?force={value}")
+        assert (status, body["error"]["type"]) == (400, "invalid_request_error"), body
+        assert "force must be true or false" in body["error"]["message"]
+    assert d.model("a")["state"] == "ready"
+    status, body = d.request("POST", "/swapd/models/a/unload?force=false")
+    assert (status, body["state"]) == (200, "stopped")
+
+
 def test_force_unload_cuts_requests_in_flight(start_daemon: StartDaemon) -> None:
     """unload?force=true stops at once; the request in flight gets 502 backend_gone."""
     d = start_daemon({"a": fake_preset("A")})
