@@ -19,7 +19,7 @@ import contextlib
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from swapd.events import Changes
 from swapd.footprints import Footprints, fingerprint
 from swapd.logs import get_logger
 from swapd.metrics import Metrics
+from swapd.needs import Need
 from swapd.pages import WarmSet
 from swapd.pidfiles import PidRecords
 from swapd.planner import DeviceMemory, read_memory
@@ -167,6 +168,16 @@ async def _close_later(pages: WarmSet, delay: float) -> None:
         pages.close()  # shutting down: released at once, never left locked
         raise
     await asyncio.to_thread(pages.close)
+
+
+def _assumed(needs: Mapping[str, Need]) -> str:
+    """Where a refused need is default_memory, say so: no file of the user's holds it."""
+    if not any(need.source == "default" for need in needs.values()):
+        return ""
+    return (
+        " (the need is default_memory, assumed with no memory:, measurement or estimate; "
+        "set memory: in the preset, or lower default_memory)"
+    )
 
 
 class Manager:
@@ -1128,7 +1139,8 @@ class Manager:
                 }
                 plan = self.admission.plan(wanted, snap, residents)
                 if isinstance(plan, policy.Impossible):
-                    raise InsufficientMemory(f"cannot load {preset.name!r}: {plan.reason}")
+                    reason = f"cannot load {preset.name!r}: {plan.reason}{_assumed(needs)}"
+                    raise InsufficientMemory(reason)
                 if isinstance(plan, policy.Wait):
                     return plan
                 held = policy.hold(

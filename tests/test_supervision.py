@@ -253,6 +253,20 @@ def test_a_command_preset_without_memory_counts_default_memory(
     assert (memory["need"], memory["need_source"]) == (300 * 1024**2, "default")
 
 
+def test_a_refusal_for_default_memory_says_where_the_number_came_from(
+    start_daemon: StartDaemon,
+) -> None:
+    """A preset that names no size is refused for 1 GiB: the 503 says it is default_memory."""
+    d = start_daemon({"a": fake_preset("A")}, {"budget": "600MiB"})
+    status, body = d.chat("a")
+    assert (status, body["error"]["code"]) == (503, "insufficient_memory")
+    message = body["error"]["message"]
+    assert "needs 1.0 GiB" in message
+    assert "default_memory" in message
+    assert "memory:" in message  # how to say what it really needs
+    assert "default_memory" in d.model("a")["error"]
+
+
 def test_a_bad_footprint_entry_is_dropped_with_a_warning(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
