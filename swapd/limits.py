@@ -34,7 +34,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler, _RequestFactory
+from aiohttp.web_protocol import RequestHandler, _ErrInfo, _RequestFactory
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from swapd.auth import listen_address
@@ -268,7 +268,7 @@ class EdgeHandler(RequestHandler):
             return
         if self._phase == "idle" and data:
             if self._body is not None and not self._body.is_eof():
-                super().data_received(data)  # the rest of an answered request's body
+                self._parse(data)  # the rest of an answered request's body
                 return
             self._phase = "headers"
             self.idle_since = None
@@ -280,7 +280,28 @@ class EdgeHandler(RequestHandler):
             self._arm(self._edge.limits.header_timeout)
         if self._phase == "headers" and not self._head_done and self._headers_too_large(data):
             return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """aiohttp's parsing; a parse error in the middle of a body fails that body at once.
+
+        aiohttp queues the error as the next request and leaves the body being read
+        waiting for bytes the broken stream never brings: a bad chunk size in a later
+        read was answered only at body_timeout, as a 408.
+        """
+        queued = len(self._messages)
         super().data_received(data)
+        body = self._body
+        if len(self._messages) == queued or body is None or body.is_eof():
+            return
+        if body.exception() is not None:
+            return
+        for message, _ in list(self._messages)[queued:]:
+            if isinstance(message, _ErrInfo):
+                error = _parse_error(message.status, message.exc, message.message)
+                _log.info("http.invalid", status=error.status, reason=error.message)
+                body.set_exception(error)
+                return
 
     def _headers_too_large(self, data: bytes) -> bool:
         """Count header bytes until their blank line; past the cap, answer 431 and close.
@@ -379,6 +400,19 @@ class EdgeHandler(RequestHandler):
             return
         self._edge.timeouts[self._phase].add(phase=self._phase)
         self.force_close()
+
+    def log_exception(self, *args: object, **kwargs: object) -> None:
+        """aiohttp's "Unhandled exception", but one line for a body that cannot be read.
+
+        After a handler answered (400: the gzip body is not gzip, or a chunk size is
+        broken), aiohttp reads away what is left of the body and meets the same error
+        again: that is no fault of swapd's, and the request's log lines said it already.
+        """
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, web.RequestPayloadError | RequestError):
+            _log.debug("http.body.unread", reason=clip(str(exc).split("\n")[-1].strip(), 200))
+            return
+        super().log_exception(*args, **kwargs)
 
     def handle_error(
         self,

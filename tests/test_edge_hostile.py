@@ -319,3 +319,49 @@ def test_a_large_body_right_behind_its_head_is_no_head(plain: Daemon) -> None:
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
     )
     assert [status for status, _, _ in got] == [200]
+
+
+def test_a_body_that_does_not_decode_is_a_400_and_one_log_line(plain: Daemon) -> None:
+    """``Content-Encoding: gzip`` over a body that is not gzip: a 400, and no traceback.
+
+    The 400 was right, but then aiohttp read the rest of the body away, met the same error
+    again and logged it as an "Unhandled exception" with a multi-line traceback, once per
+    such request.
+    """
+    before = plain.log_path.read_text().count("Traceback")
+    unhandled = len(plain.events("Unhandled exception"))
+    body = b'{"model": "echo"}'
+    got = send_raw(
+        plain,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
+    status, _, raw = got[0]
+    assert status == 400, raw
+    assert "cannot be read" in json.loads(raw)["error"]["message"]
+    assert plain.log_path.read_text().count("Traceback") == before
+    assert len(plain.events("Unhandled exception")) == unhandled
+
+
+def test_a_bad_chunk_size_after_the_first_chunks_is_a_400_at_once(plain: Daemon) -> None:
+    """A broken chunk size in a later read of the body: a 400, not a wait for more body.
+
+    aiohttp queued the parse error as the next request's and left the running request's body
+    waiting for bytes the broken stream would never bring: the client got no answer until
+    ``body_timeout`` (120 s by default) and then a 408 that blamed its speed.
+    """
+    body = b'{"model": "echo"}'
+    with connect(plain) as sock:
+        sock.settimeout(20)  # well short of body_timeout
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(body), body)
+        )
+        time.sleep(0.3)  # read on its own: the body is being read when the bad size comes
+        sock.sendall(b"zz\r\n")
+        got = answers(read_all(sock))
+    status, _, raw = got[0]
+    assert status == 400, raw
+    error = json.loads(raw)["error"]
+    assert error["code"] == "malformed_http", error
+    assert "chunk" in error["message"]
