@@ -312,6 +312,16 @@ PRESET_ERRORS = [
         id="command-without-its-port",
     ),
     pytest.param(
+        {"m.yaml": "backend: command\ncmd: []\n"},
+        [
+            (
+                "presets/m.yaml:2:6: cmd: no argument holds ${PORT}, the port swapd picks at "
+                "each start (--port ${PORT})"
+            )
+        ],
+        id="command-with-an-empty-cmd",
+    ),
+    pytest.param(
         {"m.yaml": OK_PRESET + 'env: {"A=B": x}\n'},
         ["presets/m.yaml:3:6: env: not a usable variable name: 'A=B'"],
         id="env-name-with-equals",
