@@ -231,3 +231,23 @@ def test_a_backends_escape_sequences_reach_no_terminal(start_daemon: StartDaemon
     for out in (failed.stderr, status.stdout):
         assert r"\x1b]52;c;Zm9v\x07\x1b[2Kboom" in out, out
         assert "\x1b" not in out
+
+
+def test_a_reader_that_goes_away_ends_the_cli_quietly(start_daemon: StartDaemon) -> None:
+    """``swapd status | head -0``: no traceback, and the exit of a tool ended by SIGPIPE."""
+    d = start_daemon({"a": fake_preset("A")})
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before swapd writes
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "swapd", "status", "--json", "--url", d.url],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 128 + signal.SIGPIPE
