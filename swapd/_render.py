@@ -133,7 +133,9 @@ def progress(view: dict[str, Any], started: float, now: float | None = None) -> 
     """One line of ``swapd load``: the model, its state, bytes staged, time since ``started``."""
     parts = [view["name"], view["state"]]
     staging = view.get("staging")
-    if staging:
+    if staging and staging.get("waiting"):
+        parts.append(f"staging waits for room in the cache ({size(staging['total'])})")
+    elif staging:
         parts.append(f"staging {size(staging['done'])} of {size(staging['total'])}")
     parts.append(duration(max(0.0, (now or time.time()) - started)))
     return "  ".join(parts)

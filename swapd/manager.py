@@ -1254,11 +1254,15 @@ class Manager:
                     if remaining <= 0 or exc.need > exc.budget:  # no stop makes that room
                         raise CacheFull(f"cannot stage {preset.name!r}: {exc}") from exc
                     _log.info("model.stage.wait", model=preset.name, reason=str(exc))
+                    # Status says why the load stands still: nothing is copied meanwhile.
+                    slot.staging, slot.staging_wait = (0, exc.need), str(exc)
+                    self._notify()
                     await self._wait_for_change(remaining)
+                    slot.staging_wait = None
         except StagingError as exc:
             raise StageFailed(preset.name, str(exc)) from exc
         finally:
-            slot.staging = None
+            slot.staging = slot.staging_wait = None
             # Room made for a copy that then failed (a checksum) still evicted copies.
             await self._refresh_staged(exclude=slot)
         slot.staged_path, slot.staged_source = str(path), source

@@ -72,6 +72,7 @@ class Slot:
     staged_source: Path | None = None  # the source staged_path is a copy of (a reload may
     # point the preset elsewhere while the old process still runs on this copy)
     staging: tuple[int, int] | None = None  # bytes done, total, while copying
+    staging_wait: str | None = None  # why the copy waits for room in the cache
     unloaded_at: float = 0.0  # monotonic; the last unload asked for (a restart keeps it down)
     leaving_ram: bool = False  # STOPPING from ASLEEP: its weights are in host RAM, not on a device
     # Told of every move (the manager's change feed: /swapd/events, systemd's STATUS line).
@@ -155,6 +156,7 @@ class ModelView:
     sleep_level: int
     sleep_note: str | None
     staging: tuple[int, int] | None
+    staging_wait: str | None
     hold: str | None
     error: str | None
     exit_code: int | None
@@ -198,7 +200,11 @@ class ModelView:
             "staging": (
                 None
                 if self.staging is None
-                else {"done": self.staging[0], "total": self.staging[1]}
+                else {
+                    "done": self.staging[0],
+                    "total": self.staging[1],
+                    "waiting": self.staging_wait,
+                }
             ),
             "hold": self.hold,
             "error": self.error,
@@ -241,6 +247,7 @@ def snapshot(slot: Slot) -> ModelView:
         sleep_level=slot.sleep_level,
         sleep_note=slot.sleep_note,
         staging=slot.staging,
+        staging_wait=slot.staging_wait,
         hold=slot.hold,
         error=error.message if error else None,
         exit_code=error.exit_code if isinstance(error, BackendStartError) else None,

@@ -391,3 +391,30 @@ async def test_touch_of_a_copy_on_a_read_only_cache_does_not_raise(
 
         monkeypatch.setattr(_cache_dir, "touch", lambda *_a: read_only())
         cache.touch(path)  # what the manager does when a staged model stops
+
+
+def test_a_copy_waiting_for_cache_room_says_so_in_status(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """b's copy waits while a's copy is in use: status says why b stands still, not a bare queue.
+
+    Once a is unloaded its copy is evictable, and b is staged and served.
+    """
+    a = _model(tmp_path / "store" / "a.gguf", 6 * MIB)
+    b = _model(tmp_path / "store" / "b.gguf", 6 * MIB)
+    d = start_daemon(
+        {"a": staged_preset(a), "b": staged_preset(b)},
+        {"cache_dir": str(tmp_path / "cache"), "cache_budget": "10MiB", "queue_timeout": "60s"},
+    )
+    assert d.chat("a")[0] == 200  # a's copy is in use while a runs
+    with ThreadPoolExecutor(1) as pool:
+        for_b = pool.submit(d.chat, "b")
+        wait_for(lambda: (d.model("b")["staging"] or {}).get("waiting") is not None)
+        staging = d.model("b")["staging"]
+        assert staging["done"] == 0
+        assert staging["total"] == 6 * MIB
+        assert "by models in use" in staging["waiting"]
+        assert d.request("POST", "/swapd/models/a/unload")[0] == 200
+        assert for_b.result()[0] == 200
+    assert d.model("b")["staging"] is None
+    assert d.model("b")["tier"] == "device"
