@@ -228,6 +228,9 @@ class Manager:
                 _log.info("cgroup.fallback", reason=why)
         # Launches (fingerprint, binary, env) whose backend refused --enable-sleep-mode.
         self._sleep_refused: dict[str, str] = {}
+        # Launches whose sleep API is missing (a /sleep answered 404 or 405): they go down
+        # to disk instead, started without sleep mode.
+        self._sleep_missing: dict[str, str] = {}
         # Per GPU: held while a backend that sizes itself to the card (vLLM) starts. It
         # profiles the card's free memory as it starts, so a second one starting beside
         # it would count the first's growing use against itself.
@@ -1298,7 +1301,8 @@ class Manager:
         if device.kind != "cpu" and total and slot.need is not None and slot.need.bytes:
             fraction = min(0.95, slot.need.bytes / total)
         level = 0
-        if slot.kind.ram_via == "sleep" and self.ram_budget > 0:
+        missing = _sleep_key(preset) in self._sleep_missing
+        if slot.kind.ram_via == "sleep" and self.ram_budget > 0 and not missing:
             setting = preset.sleep
             level = (1 if device.kind != "cpu" else 0) if setting == "auto" else int(setting)
         refused = _sleep_key(preset) in self._sleep_refused
@@ -1357,12 +1361,19 @@ class Manager:
             placement = retry
         slot.sleep_level = placement.sleep_level
         line = self._sleep_refused.get(_sleep_key(preset))
-        slot.sleep_note = (
-            f"the backend refused --enable-sleep-mode ({line}); started without it, so "
-            "its sleep keeps its device memory"
-            if line and placement.sleep_level
-            else None
-        )
+        missing = self._sleep_missing.get(_sleep_key(preset))
+        if missing:
+            slot.sleep_note = (
+                f"the backend's sleep API is missing ({missing}); started without sleep "
+                "mode, it goes down to disk instead"
+            )
+        elif line and placement.sleep_level:
+            slot.sleep_note = (
+                f"the backend refused --enable-sleep-mode ({line}); started without it, so "
+                "its sleep keeps its device memory"
+            )
+        else:
+            slot.sleep_note = None
 
     async def _spawn_ready(self, slot: Slot, device: Device, placement: Placement) -> None:
         preset = slot.preset
@@ -1702,6 +1713,11 @@ class Manager:
         try:
             await slot.kind.sleep(self.pool, launch.host, launch.port, slot.sleep_level)
         except (SleepFailed, SleepUnsupported) as exc:
+            if isinstance(exc, SleepFailed) and exc.api_missing:
+                # Once for the launch: its next starts go without sleep mode, and down to
+                # disk when demoted, rather than failing each demotion the same way.
+                self._sleep_missing[_sleep_key(slot.preset)] = str(exc)
+                _log.warning("model.sleep.missing", model=slot.preset.name, reason=str(exc))
             slot.last_error = BackendStartError(
                 slot.preset.name, None, slot.ring.tail(), reason=f"could not sleep: {exc}"
             )

@@ -103,3 +103,38 @@ def test_a_reload_to_a_binary_that_takes_the_flag_starts_it_with_sleep_mode(
     assert third["argv"][0] == accepting
     assert FLAG in third["argv"]
     assert d.model("v")["sleep"]["note"] is None
+
+
+def test_a_missing_sleep_api_fails_one_demotion_then_the_model_goes_down_to_disk(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A vLLM whose /sleep answers 404 (no dev mode, here unset by its wrapper).
+
+    The first demotion fails (the process is ended, the model shows the error). From then
+    on the launch starts without sleep mode, says why in ``sleep.note``, and a demotion
+    stops it to disk instead of failing every time the same way.
+    """
+    no_dev_mode = _wrapper(tmp_path / "bin" / "vllm", "export VLLM_SERVER_DEV_MODE=0")
+    plain = _wrapper(tmp_path / "plain" / "vllm", "")
+    d = start_daemon(
+        {"v": _preset(no_dev_mode, tmp_path / "m"), "w": _preset(plain, tmp_path / "n")},
+        {"max_running": 1},
+    )
+    assert d.chat("v")[0] == 200
+    assert d.chat("w")[0] == 200  # v's sleep fails: v is ended
+    assert d.model("v")["state"] == "failed"
+    assert "could not sleep" in d.model("v")["error"]
+    [missing] = d.events("model.sleep.missing")
+    assert "HTTP 404" in missing["reason"]
+
+    assert d.chat("v")[0] == 200  # w sleeps; v starts without sleep mode
+    assert "sleep API is missing" in d.model("v")["sleep"]["note"]
+    assert d.model("v")["sleep"]["level"] == 0
+    v_spawns = [s for s in d.events("backend.spawn") if s["model"] == "v"]
+    assert [FLAG in s["argv"] for s in v_spawns] == [True, False]
+
+    assert d.chat("w")[0] == 200  # v is demoted again: stopped this time, not failed
+    wait_for(lambda: d.model("v")["state"] == "stopped")
+    assert d.model("v")["tier"] == "disk"
+    assert len(d.events("model.sleep.missing")) == 1
+    assert d.model("w")["state"] == "ready"

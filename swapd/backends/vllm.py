@@ -58,6 +58,18 @@ _WAKE_POLL = 0.01
 class SleepFailed(Exception):
     """The backend did not sleep or wake as asked; the message has its answer."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status of a refusing answer, if one came
+
+    @property
+    def api_missing(self) -> bool:
+        """The sleep API is not there (404, 405: no ``VLLM_SERVER_DEV_MODE``, a build without it).
+
+        Not a passing fault: every later sleep of the same launch would fail the same way.
+        """
+        return self.status in (404, 405)
+
 
 async def _call(  # noqa: PLR0913, PLR0917 - where, what, and a JSON body
     pool: UpstreamPool, host: str, port: int, method: str, path: str, payload: bytes = b""
@@ -69,7 +81,7 @@ async def _call(  # noqa: PLR0913, PLR0917 - where, what, and a JSON body
     except (UpstreamError, TimeoutError) as exc:
         raise SleepFailed(f"{method} {path}: {exc or type(exc).__name__}") from exc
     if status != 200:
-        raise SleepFailed(f"{method} {path}: HTTP {status}: {body[:200]!r}")
+        raise SleepFailed(f"{method} {path}: HTTP {status}: {body[:200]!r}", status)
     return body
 
 
