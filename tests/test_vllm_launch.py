@@ -59,7 +59,7 @@ def _launch(preset: Preset, device: Device, total: int, tmp_path: Path) -> tuple
     estimate = estimate_bytes(preset, device, total)
     need = memory_need(preset, device, estimate, Footprints(tmp_path))
     slot = SimpleNamespace(preset=preset, kind=VLLM, need=need, staged_path=None)
-    manager = SimpleNamespace(ram_budget=0, _sleep_refused={})
+    manager = SimpleNamespace(ram_budget=0, _sleep_refused={}, _sleep_missing={})
     placement = Manager._placement(cast("Manager", manager), cast("Any", slot), device, total)
     return VLLM.argv(preset, "vllm", 40000, placement), need.bytes
 
