@@ -80,7 +80,7 @@ def status(body: dict[str, Any]) -> str:
                 m["waiting"],
                 size(shown),
                 duration(m.get("ttl_left")),
-                ago(m["since"]),
+                duration(max(0.0, time.time() - m["since"])),  # a time in it, not "ago"
                 ago(m["last_used"]),
             ]
         )

@@ -235,6 +235,7 @@ class Manager:
         # profiles the card's free memory as it starts, so a second one starting beside
         # it would count the first's growing use against itself.
         self._sizing_starts: dict[str, asyncio.Lock] = {}
+        self._sizing_now: dict[str, str] = {}  # per GPU: the model whose start holds its lock
         self._model_bytes: dict[str, int] = {}
         self.staging: StagingCache | None = None
         if config.cache_dir is not None:
@@ -1250,6 +1251,9 @@ class Manager:
                         progress=progress,
                         in_use=lambda: self._sources_in_use(staging=slot),
                     )
+                    # In use from here: the refresh below awaits, and another load's copy
+                    # planning room meanwhile must not evict this one.
+                    slot.staged_path, slot.staged_source = str(path), source
                     break
                 except StagingFull as exc:
                     # Files that running models use are pinned; a stop may free them.
@@ -1268,7 +1272,6 @@ class Manager:
             slot.staging = slot.staging_wait = None
             # Room made for a copy that then failed (a checksum) still evicted copies.
             await self._refresh_staged(exclude=slot)
-        slot.staged_path, slot.staged_source = str(path), source
         _log.info("model.staged", model=preset.name, path=slot.staged_path)
 
     async def _refresh_staged(self, exclude: Slot) -> None:
@@ -1326,16 +1329,35 @@ class Manager:
         async with self._one_sizing_start(slot, device):
             await self._start_spawned(slot, device, placement)
 
-    def _one_sizing_start(
-        self, slot: Slot, device: Device
-    ) -> contextlib.AbstractAsyncContextManager[Any]:
-        """One start at a time on a GPU for kinds that size themselves to it (vLLM)."""
+    @contextlib.asynccontextmanager
+    async def _one_sizing_start(self, slot: Slot, device: Device) -> AsyncIterator[None]:
+        """One start at a time on a GPU for kinds that size themselves to it (vLLM).
+
+        While it waits, status says why in ``hold``: its state alone says starting, with
+        no pid, for as long as the other start takes.
+        """
         if not slot.kind.sizes_to_card or device.kind == "cpu":
-            return contextlib.nullcontext()
+            yield
+            return
         lock = self._sizing_starts.setdefault(device.id, asyncio.Lock())
-        if lock.locked():
-            _log.info("model.start.wait", model=slot.preset.name, device=device.id)
-        return lock
+        waits = lock.locked()
+        if waits:
+            ahead = self._sizing_now.get(device.id)
+            _log.info("model.start.wait", model=slot.preset.name, device=device.id, waits_for=ahead)
+            slot.hold = f"waits for {ahead!r} to finish starting on {device.id}"
+            slot.changed()
+        try:
+            await lock.acquire()
+        finally:
+            if waits:
+                slot.hold = None
+                slot.changed()
+        self._sizing_now[device.id] = slot.preset.name
+        try:
+            yield
+        finally:
+            self._sizing_now.pop(device.id, None)
+            lock.release()
 
     async def _start_spawned(self, slot: Slot, device: Device, placement: Placement) -> None:
         """Spawn, retrying once without the sleep flag where the backend refuses it."""

@@ -310,6 +310,7 @@ def _build(
     plain = {key: value for key, (value, _) in values.items()}
     if problem := (
         _model_or_cmd_problem(backend, values, file, missing_at, plain)
+        or _stage_problem(values, plain, label)
         or _unused_key(backend, values, label)
     ):
         errors.append(problem)
@@ -334,7 +335,7 @@ def _model_or_cmd_problem(
         return _model_problem(values, plain["model"], model_at)
     if "model" in values:
         plain["model"] = _resolve_model(values["model"][0], file.parent)
-    return _command_problem(values, missing_at) or _stage_problem(values)
+    return _command_problem(values, missing_at)
 
 
 def _name_places(
@@ -404,10 +405,18 @@ def _command_problem(
     return None
 
 
-def _stage_problem(values: Mapping[str, tuple[Any, Location]]) -> ConfigError | None:
-    """``stage: true`` on a preset with nothing to copy (a command backend without model:)."""
+def _stage_problem(
+    values: Mapping[str, tuple[Any, Location]], plain: dict[str, Any], label: str
+) -> ConfigError | None:
+    """``stage: true`` on a preset with nothing to copy (a command backend without model:).
+
+    Set in ``defaults:``, it is for the presets that have a model: this one is not staged.
+    """
     stage, stage_at = values.get("stage", (False, None))
     if not stage or stage_at is None or "model" in values:
+        return None
+    if stage_at.file != label:
+        plain["stage"] = False
         return None
     return ConfigError(
         stage_at, "stage", "true needs model:, the file or folder to copy into the cache"

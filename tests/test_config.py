@@ -882,6 +882,25 @@ def test_stage_needs_a_model_to_copy(tmp_path: Path) -> None:
     ]
 
 
+def test_stage_in_defaults_is_for_the_presets_with_a_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``defaults: stage: true`` stages the llama-servers; a command preset beside them loads.
+
+    It is not staged (it has nothing to copy), as ``args`` in defaults is not run by it:
+    the whole config used to be refused, at the defaults' line, naming no preset.
+    """
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    config = load(
+        tmp_path,
+        "cache_dir: cache\ndefaults:\n  stage: true\n",
+        {"plain.yaml": OK_PRESET, "llm.yaml": f"backend: llama-server\nmodel: {model}\n"},
+    )
+    assert {p.name: p.stage for p in config.presets} == {"llm": True, "plain": False}
+
+
 def test_stage_needs_a_cache_dir(tmp_path: Path) -> None:
     """A preset with stage: true and no cache_dir in the daemon config is an error."""
     staged = OK_PRESET + "model: m.gguf\nstage: true\n"
