@@ -227,9 +227,15 @@ def _flag_in_args(
 def _unused_key(
     backend: BackendName, values: Mapping[str, tuple[Any, Location]], label: str
 ) -> ConfigError | None:
-    """A key the preset's own file sets that its backend never reads (defaults may set any)."""
+    """A key the preset's own file sets that its backend never reads (defaults may set any).
+
+    An empty one (``args: []``) asks for nothing that would be ignored.
+    """
     for key, instead in KINDS[backend].unused_keys.items():
-        if key in values and (where := values[key][1]).file == label:
+        if key not in values:
+            continue
+        value, where = values[key]
+        if value and where.file == label:
             return ConfigError(where, key, f"a {backend} backend never reads it: {instead}")
     return None
 

@@ -623,6 +623,15 @@ def test_defaults_may_hold_keys_some_backends_never_read(
     assert [p.name for p in config.presets] == ["plain"]
 
 
+def test_an_empty_key_a_backend_never_reads_asks_for_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``args: []`` on a command preset (a template's leftover) is not refused: nothing is lost."""
+    monkeypatch.chdir(tmp_path)
+    config = load(tmp_path, "", {"plain.yaml": OK_PRESET + "args: []\n"})
+    assert [p.name for p in config.presets] == ["plain"]
+
+
 def test_defaults_apply_and_presets_override(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
