@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
+import structlog
+
 from swapd import _render, embedded
 from swapd._client import ANSWER_WITHIN, Client, ClientError, Target, config_path, url_of
 from swapd.auth import access_warnings
@@ -350,6 +352,9 @@ async def _local_plan(config: Config) -> dict[str, Any]:
     from swapd.policy import Limits
     from swapd.probe import open_probe
 
+    # stdout holds the plan (one JSON document with --json): what the planning parts log
+    # (footprints.drop for a torn footprints.json) goes to stderr.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     probe, _ = open_probe(config.devices)
     try:
         limits = Limits(reserve=config.reserve, budget=config.budget)

@@ -1263,7 +1263,10 @@ class Manager:
                     _log.info("model.stage.wait", model=preset.name, reason=str(exc))
                     # Status says why the load stands still: nothing is copied meanwhile.
                     slot.staging, slot.staging_wait = (0, exc.need), str(exc)
-                    self._notify()
+                    # The events feed, not the manager's waiters: a _notify() here woke the
+                    # other copies waiting for room, each of which tried, failed and woke
+                    # this one again (thousands of tries a second).
+                    self.changes.publish(slot)
                     await self._wait_for_change(remaining)
                     slot.staging_wait = None
         except StagingError as exc:

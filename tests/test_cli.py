@@ -139,6 +139,17 @@ def test_plan_asks_the_daemon_or_plans_locally(start_daemon: StartDaemon, tmp_pa
     assert json.loads(local.stdout)["models"][0]["fit"] == "together"
 
 
+def test_a_local_plan_keeps_its_warnings_out_of_the_json(tmp_path: Path) -> None:
+    """A torn footprints.json is a footprints.drop warning: on stderr, not in the plan's JSON."""
+    config = write_layout(tmp_path, free_port(), {"a": fake_preset("A", memory="1GiB")}, {})
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "state" / "footprints.json").write_text('{"a": {"bytes": 3')
+    local = swapd("plan", "--config", str(config), "--json")
+    assert local.returncode == 0, local.stderr
+    assert "footprints.drop" in local.stderr
+    assert json.loads(local.stdout)["models"][0]["fit"] == "together"
+
+
 def test_serve_listen_overrides_the_config(tmp_path: Path) -> None:
     """``swapd serve --listen HOST:PORT`` serves there, whatever the config says."""
     port = free_port()

@@ -418,3 +418,32 @@ def test_a_copy_waiting_for_cache_room_says_so_in_status(
         assert for_b.result()[0] == 200
     assert d.model("b")["staging"] is None
     assert d.model("b")["tier"] == "device"
+
+
+def test_two_copies_waiting_for_cache_room_wait_quietly(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """b and c both wait for room while a's copy is in use: each tries again on a change only.
+
+    The wait woke every waiter each time it began: b's failed try woke c, whose failed try
+    woke b, thousands of tries (and ``model.stage.wait`` lines) a second until a stopped.
+    """
+    a, b, c = (_model(tmp_path / "store" / f"{n}.gguf", 6 * MIB) for n in "abc")
+    d = start_daemon(
+        {"a": staged_preset(a), "b": staged_preset(b), "c": staged_preset(c)},
+        {"cache_dir": str(tmp_path / "cache"), "cache_budget": "10MiB", "queue_timeout": "60s"},
+    )
+    assert d.chat("a")[0] == 200  # a's copy is in use while a runs
+    with ThreadPoolExecutor(2) as pool:
+        for_b, for_c = pool.submit(d.chat, "b"), pool.submit(d.chat, "c")
+        for name in "bc":
+            wait_for(lambda n=name: (d.model(n)["staging"] or {}).get("waiting") is not None)
+        for _ in range(20):  # nothing changes meanwhile: no copy is tried again
+            assert d.get("/swapd/status")[0] == 200
+        waits = len(d.events("model.stage.wait"))
+        assert waits <= 10, waits  # one each, and one more for each real change
+        assert d.request("POST", "/swapd/models/c/unload?force=true")[0] == 200
+        assert d.model("c")["staging"] is None
+        assert d.request("POST", "/swapd/models/a/unload")[0] == 200
+        assert for_b.result()[0] == 200
+        assert for_c.result()[0] == 503
