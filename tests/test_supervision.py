@@ -230,7 +230,7 @@ def test_requests_queued_for_several_models_are_served_model_by_model(
     )
     assert d.chat("c")[0] == 200
     with ThreadPoolExecutor(5) as pool:
-        busy = pool.submit(d.chat, "c", "long", fake_delay=4)
+        busy = pool.submit(d.chat, "c", "long", fake_delay=8)  # room for four sends
         wait_for(lambda: d.model("c")["in_flight"] == 1)
         queued = []
         for arrived, model in enumerate(("a", "b", "a", "b"), start=1):
