@@ -224,19 +224,17 @@ def _flag_in_args(
     return None
 
 
-def _unused_key(
-    backend: BackendName, values: Mapping[str, tuple[Any, Location]], label: str
-) -> ConfigError | None:
+def _unused_key(backend: BackendName, doc: Document) -> ConfigError | None:
     """A key the preset's own file sets that its backend never reads (defaults may set any).
 
-    An empty one (``args: []``) asks for nothing that would be ignored.
+    An empty one (``args: []``) asks for nothing that would be ignored. The error points
+    at the key, as an unknown key's does.
     """
-    for key, instead in KINDS[backend].unused_keys.items():
-        if key not in values:
-            continue
-        value, where = values[key]
-        if value and where.file == label:
-            return ConfigError(where, key, f"a {backend} backend never reads it: {instead}")
+    unused = KINDS[backend].unused_keys
+    for entry in doc.entries:
+        if entry.key in unused and entry.value:
+            reason = f"a {backend} backend never reads it: {unused[entry.key]}"
+            return ConfigError(entry.key_where, entry.key, reason)
     return None
 
 
@@ -317,7 +315,7 @@ def _build(
     if problem := (
         _model_or_cmd_problem(backend, values, file, missing_at, plain)
         or _stage_problem(values, plain, label)
-        or _unused_key(backend, values, label)
+        or _unused_key(backend, doc)
     ):
         errors.append(problem)
         return None

@@ -124,7 +124,7 @@ PRESET_ERRORS = [
         {"m.yaml": OK_PRESET + "binary: /usr/bin/server\n"},
         [
             (
-                "presets/m.yaml:3:9: binary: a command backend never reads it: cmd is run as "
+                "presets/m.yaml:3:1: binary: a command backend never reads it: cmd is run as "
                 "written; put the program first in cmd"
             )
         ],
@@ -134,7 +134,7 @@ PRESET_ERRORS = [
         {"m.yaml": OK_PRESET + "args: [--threads, '4']\n"},
         [
             (
-                "presets/m.yaml:3:7: args: a command backend never reads it: cmd is run as "
+                "presets/m.yaml:3:1: args: a command backend never reads it: cmd is run as "
                 "written; put the arguments in cmd"
             )
         ],
@@ -144,7 +144,7 @@ PRESET_ERRORS = [
         {"m.yaml": "backend: vllm\nmodel: .\ncmd: [vllm, serve]\n"},
         [
             (
-                "presets/m.yaml:3:6: cmd: a vllm backend never reads it: only a command "
+                "presets/m.yaml:3:1: cmd: a vllm backend never reads it: only a command "
                 "backend runs cmd; vLLM's own options go in args"
             )
         ],
