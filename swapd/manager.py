@@ -1949,7 +1949,11 @@ class Manager:
         slots = {p.name: old.get(p.name) or self._new_slot(p) for p in config.presets}
         self.slots = slots  # from here on, a removed name is unknown
         for preset in plan.in_place:
+            before = slots[preset.name].preset
             self._apply_in_place(slots[preset.name], preset)
+            if preset.preload and not before.preload:
+                # Turned on: loaded now, as an added preset with preload: true is.
+                self._spawn_task(self._preload_one(slots[preset.name]), "preload")
         for preset in plan.restarted:
             self._restart_later(slots[preset.name], preset)
         for name in plan.removed:
@@ -2075,6 +2079,14 @@ class Manager:
             await self.load(slot.preset.name)
         except RequestError as exc:
             _log.error("model.reload.fail", model=slot.preset.name, error=exc.message)
+
+    async def _preload_one(self, slot: Slot) -> None:
+        if self._closing or self._removed(slot):
+            return
+        try:
+            await self.load(slot.preset.name)
+        except RequestError as exc:
+            _log.error("model.preload.fail", model=slot.preset.name, error=exc.message)
 
     async def _retire(self, slot: Slot) -> None:
         """A removed model: finish what it serves, then stop it for good."""

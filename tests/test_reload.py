@@ -300,3 +300,14 @@ def test_a_shard_or_a_folders_file_replaced_is_a_changed_model(tmp_path: Path) -
     os.utime(folder, ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))
     plan, _ = diff(config, config, keys)
     assert [p.name for p in plan.restarted] == ["s", "f"]
+
+
+def test_preload_turned_on_by_reload_loads_the_model(start_daemon: StartDaemon) -> None:
+    """``preload: true`` added to a running preset loads it now, as for an added preset."""
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")})
+    assert d.model("a")["state"] == "stopped"
+    d.presets = {"a": fake_preset("A", preload=True), "b": fake_preset("B")}
+    d.write()
+    assert reload(d)[1]["in_place"] == ["a"]
+    wait_for(lambda: d.model("a")["state"] == "ready")
+    assert d.model("b")["state"] == "stopped"
