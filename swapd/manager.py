@@ -1891,6 +1891,16 @@ class Manager:
         snap = await self.admission.read(self._pids())
         self._carry_out(policy.ram_overflow(self._ram_tier(snap)), reason="ram_budget")
 
+    async def _fit_max_running(self) -> None:
+        """Take idle models off the device until at most ``max_running`` run (a reload)."""
+        snap = await self.admission.read(self._pids())
+        residents = [
+            replace(r, busy=True) for s in self._retiring if (r := self._resident(s, snap))
+        ]
+        residents += [r for s in self.slots.values() if (r := self._resident(s, snap))]
+        victims = policy.count_overflow(residents, self.limits.max_running)
+        self._carry_out(policy.demotions(victims, self._ram_tier(snap)), reason="max_running")
+
     async def unload(self, name: str, *, force: bool = False) -> None:
         """Stop a model once its in-flight requests finish, down to disk (no warm pages).
 
@@ -1948,6 +1958,8 @@ class Manager:
             self._spawn_task(self._fit_ram_budget(), "ram_budget")
         slots = {p.name: old.get(p.name) or self._new_slot(p) for p in config.presets}
         self.slots = slots  # from here on, a removed name is unknown
+        if config.max_running is not None:
+            self._spawn_task(self._fit_max_running(), "max_running")  # lowered: idle ones go
         for preset in plan.in_place:
             before = slots[preset.name].preset
             self._apply_in_place(slots[preset.name], preset)

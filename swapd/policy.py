@@ -517,6 +517,19 @@ def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Action, ...]:
     return tuple(actions)
 
 
+def count_overflow(residents: Sequence[Resident], max_running: int | None) -> tuple[Resident, ...]:
+    """Idle running models to take off the device so that at most ``max_running`` run.
+
+    Least worth keeping first; busy and pinned ones stay (still counted), so fewer may
+    be returned than the excess: the next admission waits for the rest.
+    """
+    running = [r for r in residents if not r.asleep]
+    excess = 0 if max_running is None else len(running) - max_running
+    candidates = [r for r in running if not r.busy and not r.pinned]
+    by_crf = _by_crf(candidates)
+    return tuple(sorted(candidates, key=lambda r: _worth(r, by_crf))[: max(0, excess)])
+
+
 def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
     """Entries to push down to disk so the tier fits its budget and the available memory.
 

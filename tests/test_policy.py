@@ -20,6 +20,7 @@ from swapd.policy import (
     Sleep,
     Stop,
     Wait,
+    count_overflow,
     crf_decay,
     crf_update,
     demotions,
@@ -719,3 +720,18 @@ def test_a_hold_rule_of_zero_busy_holds_on_an_idle_loader_and_zero_seconds_never
     never = hold(plan, 1.0, [VICTIM], busy=5.0, waited=0, rule=HoldRule(max_s=0, busy=0))
     assert always is not None
     assert never is None
+
+
+def test_count_overflow_takes_the_least_used_idle_models_and_spares_the_rest() -> None:
+    """Over max_running: idle, unpinned, awake ones go, least recently used first."""
+    residents = [
+        Resident("old", "gpu0", gib(1), last_used=1),
+        Resident("busy", "gpu0", gib(1), last_used=0, busy=True),
+        Resident("pinned", "gpu0", gib(1), last_used=0, pinned=True),
+        Resident("asleep", "gpu0", gib(1), last_used=0, asleep=True),
+        Resident("new", "gpu0", gib(1), last_used=9),
+    ]
+    assert [r.name for r in count_overflow(residents, 3)] == ["old"]
+    assert [r.name for r in count_overflow(residents, 1)] == ["old", "new"]  # busy, pinned stay
+    assert count_overflow(residents, 4) == ()
+    assert count_overflow(residents, None) == ()

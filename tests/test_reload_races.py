@@ -155,3 +155,24 @@ def test_a_raised_concurrency_lets_a_queued_request_go(start_daemon: StartDaemon
         assert second.result()[0] == 200
         assert not long.done()  # served beside the long request, not after it
         assert long.result()[0] == 200
+
+
+def test_a_lowered_max_running_takes_idle_models_down(start_daemon: StartDaemon) -> None:
+    """Three models run; a reload sets max_running: 1 while the first one used streams.
+
+    The two idle ones go down at once; the busy one keeps its process and its stream.
+    """
+    slow = ("--chunks", "20", "--chunk-interval", "0.05")
+    presets = {"a": fake_preset("A", *slow), "b": fake_preset("B"), "c": fake_preset("C")}
+    d = start_daemon(presets, {"ram_budget": 0})
+    for name in ("a", "b", "c"):
+        assert d.chat(name)[0] == 200
+    a_pid = d.model("a")["pid"]
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    d.settings = {"ram_budget": 0, "max_running": 1}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[0] == 200
+    wait_for(lambda: {d.model(n)["state"] for n in ("b", "c")} == {"stopped"})
+    assert len(stream.finish()) == 21
+    assert (d.model("a")["state"], d.model("a")["pid"]) == ("ready", a_pid)
