@@ -107,13 +107,21 @@ def _internal_error(request: web.Request, exc: Exception) -> web.Response:
     return web.json_response({"error": error}, status=500)
 
 
-def _http_error(exc: web.HTTPException) -> web.Response:
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     """aiohttp's own refusal (404, 405, 413...) in the OpenAI envelope, its Allow kept."""
     kind = "invalid_request_error" if exc.status < 500 else "server_error"
-    body = {"error": {"message": exc.reason, "type": kind, "code": None, "param": None}}
+    message = exc.reason
+    allowed = exc.headers.get(hdrs.ALLOW)
+    # The bare reason leaves a user guessing: say what was asked, and what would work.
+    asked = f"{request.method} {clip(request.path, 200)}"
+    if exc.status == 404:
+        message = f"{message}: no route {asked}"
+    elif exc.status == 405 and allowed:
+        message = f"{message}: {asked} takes {allowed.replace(',', ', ')}"
+    body = {"error": {"message": message, "type": kind, "code": None, "param": None}}
     response = web.json_response(body, status=exc.status)
-    if hdrs.ALLOW in exc.headers:  # a 405 says which methods the route takes
-        response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+    if allowed is not None:  # a 405 says which methods the route takes
+        response.headers[hdrs.ALLOW] = allowed
     return response
 
 
@@ -146,7 +154,7 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
             status = exc.status
         except web.HTTPException as exc:
             status = exc.status
-            response = _http_error(exc)
+            response = _http_error(request, exc)
         except asyncio.CancelledError:
             # The client hung up (aiohttp cancels the handler), or the drain's time ran out.
             status = CUT_AT_SHUTDOWN if conn is not None and conn.cut_at_shutdown else CLIENT_GONE

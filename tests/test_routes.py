@@ -153,3 +153,14 @@ def test_a_method_a_route_does_not_take_is_405_with_allow(start_daemon: StartDae
     assert resp.status == 405
     assert body["error"]["type"] == "invalid_request_error"
     assert "GET" in (resp.getheader("Allow") or "")
+    # The message says what was asked and what works (before: only "Method Not Allowed").
+    assert "DELETE /swapd/status takes GET" in body["error"]["message"]
+
+
+def test_an_unknown_route_names_itself_in_the_404(start_daemon: StartDaemon) -> None:
+    """A trailing slash or a typo reads as such, not as a bare "Not Found"."""
+    d = start_daemon({"a": fake_preset("A")})
+    status, body = d.request("POST", "/v1/chat/completions/", {"model": "a"})
+    assert status == 404
+    assert body["error"]["code"] is None
+    assert body["error"]["message"] == "Not Found: no route POST /v1/chat/completions/"
