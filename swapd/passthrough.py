@@ -92,7 +92,9 @@ def split_target(raw_path: str, manager: Manager) -> tuple[str, str]:
     # segments costs one join per possible name, not one per segment.
     deepest = max((name.count("/") + 1 for name in manager.config.names()), default=1)
     for cut in range(min(len(parts), deepest), 0, -1):
-        name = "/".join(parts[:cut])
+        # Decoded, as /v1/models/{id} and /swapd/models/{name} read theirs: a client that
+        # quotes the name (org%2Fmodel) reaches the same model; the rest stays as sent.
+        name = unquote("/".join(parts[:cut]))
         if manager.config.preset(name) is not None:
             return name, "/" + "/".join(parts[cut:])
     raise UnknownModel(parts[0], sorted(manager.slots))

@@ -56,6 +56,15 @@ def test_the_upstream_passthrough_reaches_any_backend_path(two: Daemon) -> None:
     assert body["error"]["code"] == "model_not_found"
 
 
+def test_a_percent_encoded_name_reaches_its_model_through_the_passthrough(two: Daemon) -> None:
+    """``/upstream/org%2Fb/props`` is ``org/b``, as ``/v1/models/org%2Fb`` is (before: 404)."""
+    for quoted in ("org%2Fb", "org%2fb", "%6Frg/b"):
+        status, body = two.get(f"/upstream/{quoted}/props")
+        assert status == 200, body
+        assert (body["name"], body["path"]) == ("B", "/props")
+    assert two.get("/v1/models/org%2Fb")[1]["id"] == "org/b"
+
+
 def test_head_and_utf8_headers_pass_through_as_the_backend_sent_them(two: Daemon) -> None:
     """HEAD ends at its headers (the answer's size kept), and UTF-8 header bytes round-trip.
 
