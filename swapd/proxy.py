@@ -158,13 +158,33 @@ def model_from_json(body: bytes) -> str:
     model = capped_json.top_level_string(body, "model")
     if model:
         return model
+    if not body.strip():
+        # json's own words ("Expecting value: line 1 column 1") hide what is wrong.
+        raise BadRequest(
+            'request body is not valid JSON: it is empty (send a JSON object with a "model")'
+        )
     data = capped_json.parse_checked(body)  # its depth is checked above: once is enough
     if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise BadRequest(f"request body must be a JSON object, not {_json_kind(data)}")
     model = data.get("model")
     if not isinstance(model, str) or not model:
-        raise BadRequest('request body has no "model" string')
+        missing = "model" not in data
+        got = "" if missing else f': "model" is {_json_kind(model)}'
+        raise BadRequest(f'request body has no "model" string{got}')
     return model
+
+
+def _json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words, for an error message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string" if value else "an empty string"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def model_from_multipart(body: bytes, content_type: str) -> str:
