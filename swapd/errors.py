@@ -16,6 +16,7 @@
         ├── MisdirectedRequest   421: a Host that names neither swapd nor ``allowed_hosts``
         ├── BackendStartError    502: the backend could not start, died or timed out starting
         ├── BackendGone          502: the backend died while serving the request
+        ├── BackendErrorText     the backend's own 4xx/5xx, not JSON: its text in the envelope
         ├── UpstreamTimeout      504: no answer within the preset's request_timeout
         ├── LoadFailed           500: an unexpected error while loading (logged with its trace)
         ├── StageFailed          500: staging the weights failed (checksum, I/O)
@@ -286,6 +287,23 @@ class BackendGone(RequestError):
     def __init__(self, model: str, reason: str) -> None:
         self.model = model
         super().__init__(f"backend for {model!r} failed while serving: {reason}")
+
+
+class BackendErrorText(RequestError):
+    """A backend's error answer on an OpenAI route that was not JSON (an HTML 500, text).
+
+    Its status is kept; its text becomes the envelope's message, so SDKs that read
+    ``error.message`` see the reason instead of failing to parse the body.
+    """
+
+    code = "backend_error"
+
+    def __init__(self, model: str, status: int, body: bytes) -> None:
+        self.model = model
+        self.status = status
+        self.kind = "invalid_request_error" if status < 500 else "server_error"
+        text = " ".join(body.decode("utf-8", "replace").split()) or "(empty body)"
+        super().__init__(f"backend for {model!r} answered {status}: {clip(text, 500)}")
 
 
 class UpstreamTimeout(RequestError):

@@ -23,7 +23,7 @@ from yarl import URL
 from swapd._exchange import count
 from swapd.errors import BadRequest, Forbidden, UnknownModel, clip
 from swapd.manager import Manager
-from swapd.proxy import Proxy, read_body
+from swapd.proxy import AS_SENT, Proxy, read_body
 
 LLAMA_ROUTES = ("/tokenize", "/detokenize", "/infill", "/apply-template")
 UPSTREAM_PREFIX = "/upstream/"
@@ -124,4 +124,5 @@ class Passthrough:
         target = URL.build(path=path, query_string=query, encoded=True)
         # The clone shares the connection; only the path the backend sees differs.
         upstream = request.clone(rel_url=target)
+        upstream[AS_SENT] = True
         return await self.proxy.forward(upstream, model, body)

@@ -21,6 +21,7 @@ from aiohttp.http import StreamWriter
 from swapd import _json as capped_json
 from swapd._exchange import CLIENT_GONE, stream_error
 from swapd.errors import (
+    BackendErrorText,
     BackendGone,
     BadRequest,
     BodyTooLarge,
@@ -75,6 +76,8 @@ _DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
 BUFFER_LIMIT = 1 << 20
 # How long a relayed answer's headers wait for its first chunk to share a write with it.
 HEADERS_WAIT = 0.05
+# Set on a /upstream/ request: the backend's answer goes back as sent, errors too.
+AS_SENT = "swapd.as_sent"
 # How long a request that a backend refused waits for swapd to see that backend's exit.
 EXIT_NOTICE_WAIT = 5.0
 
@@ -369,12 +372,7 @@ class Proxy:
         streaming = content_type is not None and content_type.startswith(b"text/event-stream")
         length = upstream.content_length
         if not streaming and length is not None and length <= BUFFER_LIMIT:
-            # A sized answer: read it whole and send it in one write.
-            try:
-                payload = await upstream.read()
-            except UpstreamError as exc:
-                raise BackendGone(model, str(exc)) from exc
-            return web.Response(status=upstream.status, body=payload, headers=out_headers)
+            return await _sized_answer(request, upstream, model, out_headers)
         # The headers go out with the first chunk (or the end): one write and one wake-up
         # of the client instead of two, on the way to the first chunk.
         response = _Coalesced(status=upstream.status, headers=out_headers)
@@ -537,6 +535,31 @@ def _send_headers(request: web.Request) -> None:
     """Send a relayed answer's held headers now, if they have not gone with a chunk."""
     with contextlib.suppress(ConnectionError):
         request.writer.send_headers()
+
+
+async def _sized_answer(
+    request: web.Request, upstream: UpstreamResponse, model: str, headers: list[tuple[str, str]]
+) -> web.Response:
+    """A sized answer, read whole and sent in one write.
+
+    A backend's error that is not JSON (an HTML 500) is put in the envelope on swapd's
+    OpenAI routes; ``/upstream/`` passes it as sent.
+    """
+    try:
+        payload = await upstream.read()
+    except UpstreamError as exc:
+        raise BackendGone(model, str(exc)) from exc
+    if upstream.status >= 400 and not request.get(AS_SENT) and not _is_json(upstream.content_type):
+        raise BackendErrorText(model, upstream.status, payload)
+    return web.Response(status=upstream.status, body=payload, headers=headers)
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    """Whether a backend's Content-Type is JSON (``application/json``, ``...+json``)."""
+    if content_type is None:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
 
 
 class _Coalesced(web.StreamResponse):

@@ -137,3 +137,24 @@ def test_unknown_route_is_openai_shaped_404(daemon: Daemon) -> None:
     status, body = daemon.get("/v1/nothing")
     assert status == 404
     assert _error(body)["type"] == "invalid_request_error"
+
+
+def test_a_backend_error_that_is_not_json_comes_in_the_envelope(daemon: Daemon) -> None:
+    """The backend's own text 400 keeps its status, its text in ``error.message``.
+
+    The scan finds the model without parsing the body, so trailing junk reaches the
+    backend, whose refusal is plain text (before, relayed as such: an SDK could not read
+    it). ``/upstream/`` still passes the backend's answer as sent.
+    """
+    body = b'{"model": "a", "messages": []} junk'
+    status, data = _raw(daemon, "/v1/chat/completions", body, "application/json")
+    assert status == 400
+    error = _error(data)
+    assert (error["code"], error["type"]) == ("backend_error", "invalid_request_error")
+    assert error["message"] == "backend for 'a' answered 400: body is not JSON"
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    conn.request("POST", "/upstream/a/v1/chat/completions", body)
+    resp = conn.getresponse()
+    assert (resp.status, resp.read()) == (400, b"body is not JSON")
+    conn.close()
+    assert daemon.chat("b")[0] == 200
