@@ -160,6 +160,16 @@ def _probing(preset: Preset) -> tuple[str, float, int]:
     return preset.health, preset.health_interval, preset.health_failures
 
 
+def _leaving(slot: Slot) -> bool:
+    """On its way off the device: stopping, going to sleep, or draining to stop.
+
+    A drain for a waiting swap (``max_wait``) is not: the model may serve again.
+    """
+    if slot.state is State.DRAINING:
+        return not slot.swap_drain
+    return slot.state in (State.STOPPING, State.SLEEPING)
+
+
 async def _close_later(pages: WarmSet, delay: float) -> None:
     """Unlock and unmap held pages after ``delay`` seconds (now if 0), in a worker thread."""
     try:
@@ -1892,12 +1902,16 @@ class Manager:
         self._carry_out(policy.ram_overflow(self._ram_tier(snap)), reason="ram_budget")
 
     async def _fit_max_running(self) -> None:
-        """Take idle models off the device until at most ``max_running`` run (a reload)."""
+        """Take idle models off the device until at most ``max_running`` run (a reload).
+
+        Counted: the models that stay. One already on its way down (stopping, going to
+        sleep, draining to stop, retiring) is not: counted, each reload meanwhile (or a
+        TTL, an unload, an eviction) would take another one down in its place. One that
+        comes back (a restart) does so by a load, which ``max_running`` admits as any.
+        """
         snap = await self.admission.read(self._pids())
-        residents = [
-            replace(r, busy=True) for s in self._retiring if (r := self._resident(s, snap))
-        ]
-        residents += [r for s in self.slots.values() if (r := self._resident(s, snap))]
+        staying = [s for s in self.slots.values() if not _leaving(s)]
+        residents = [r for s in staying if (r := self._resident(s, snap))]
         victims = policy.count_overflow(residents, self.limits.max_running)
         self._carry_out(policy.demotions(victims, self._ram_tier(snap)), reason="max_running")
 

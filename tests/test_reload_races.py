@@ -176,3 +176,26 @@ def test_a_lowered_max_running_takes_idle_models_down(start_daemon: StartDaemon)
     wait_for(lambda: {d.model(n)["state"] for n in ("b", "c")} == {"stopped"})
     assert len(stream.finish()) == 21
     assert (d.model("a")["state"], d.model("a")["pid"]) == ("ready", a_pid)
+
+
+def test_a_second_reload_does_not_count_a_model_already_going_down(
+    start_daemon: StartDaemon,
+) -> None:
+    """max_running goes 3 -> 2: b, the least used, goes down (slowly: it ignores SIGTERM).
+
+    A second reload while b still stops must not count b as running again and take a
+    second model down: two of the three stay up.
+    """
+    slow_stop = fake_preset("B", "--ignore-sigterm", stop_timeout="3s")
+    presets = {"a": fake_preset("A"), "b": slow_stop, "c": fake_preset("C")}
+    d = start_daemon(presets, {"ram_budget": 0, "max_running": 3})
+    for name in ("b", "a", "c"):
+        assert d.chat(name)[0] == 200
+    d.settings = {"ram_budget": 0, "max_running": 2}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[0] == 200
+    wait_for(lambda: d.model("b")["state"] == "stopping")
+    assert d.request("POST", "/swapd/reload")[0] == 200  # nothing changed: b still stops
+    wait_for(lambda: d.model("b")["state"] == "stopped")
+    assert (d.model("a")["state"], d.model("c")["state"]) == ("ready", "ready")
+    assert [e["model"] for e in d.events("model.stop")] == ["b"]
