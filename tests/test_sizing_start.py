@@ -6,6 +6,7 @@ Unit tests of :meth:`swapd.manager.Manager._one_sizing_start`, stepped by events
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -33,21 +34,30 @@ async def _until(check: Any) -> None:
     raise AssertionError("never reached")
 
 
+Start = Callable[[Slot, asyncio.Event | None], Coroutine[Any, Any, None]]
+
+
+def _starts() -> tuple[Start, list[str]]:
+    """Starts on GPU under one manager's lock: each enters, then holds it until ``ready``."""
+    manager = cast("Manager", SimpleNamespace(_sizing_starts={}, _sizing_now={}))
+    entered: list[str] = []
+
+    async def start(slot: Slot, ready: asyncio.Event | None) -> None:
+        async with Manager._one_sizing_start(manager, slot, GPU):
+            entered.append(slot.preset.name)
+            if ready is not None:
+                await ready.wait()
+
+    return start, entered
+
+
 def test_a_vllm_start_waiting_for_another_says_so_in_status() -> None:
     """b waits for a's start on gpu0: its status says why (hold), and no longer once it goes."""
 
     async def main() -> None:
-        manager = cast("Manager", SimpleNamespace(_sizing_starts={}, _sizing_now={}))
+        start, entered = _starts()
         a, b = _slot("a"), _slot("b")
         a_ready = asyncio.Event()
-        entered: list[str] = []
-
-        async def start(slot: Slot, ready: asyncio.Event | None) -> None:
-            async with Manager._one_sizing_start(manager, slot, GPU):
-                entered.append(slot.preset.name)
-                if ready is not None:
-                    await ready.wait()
-
         first = asyncio.create_task(start(a, a_ready))
         await _until(lambda: entered == ["a"])
         second = asyncio.create_task(start(b, None))
@@ -66,17 +76,9 @@ def test_a_cancelled_waiter_leaves_no_hold_and_the_gpu_free() -> None:
     """A forced unload of a start that waits: nothing stays shown, and the next start goes."""
 
     async def main() -> None:
-        manager = cast("Manager", SimpleNamespace(_sizing_starts={}, _sizing_now={}))
+        start, entered = _starts()
         a, b, c = _slot("a"), _slot("b"), _slot("c")
         a_ready = asyncio.Event()
-        entered: list[str] = []
-
-        async def start(slot: Slot, ready: asyncio.Event | None) -> None:
-            async with Manager._one_sizing_start(manager, slot, GPU):
-                entered.append(slot.preset.name)
-                if ready is not None:
-                    await ready.wait()
-
         first = asyncio.create_task(start(a, a_ready))
         await _until(lambda: entered == ["a"])
         waiter = asyncio.create_task(start(b, None))
