@@ -237,8 +237,10 @@ async def read_body(request: web.Request, limit: int, timeout: float | None = No
     except TimeoutError as exc:
         raise RequestTimeout(timeout or 0) from exc
     except web.RequestPayloadError as exc:
-        # A body whose Content-Encoding does not decode (not gzip after all, say).
-        raise BadRequest(f"the request body cannot be read: {clip(str(exc), 200)}") from exc
+        # A body whose Content-Encoding does not decode (not gzip after all, say). aiohttp
+        # renders its parser's error as "400, message:\n  ...": the reason is what follows.
+        reason = " ".join(str(exc).split()).removeprefix("400, message: ")
+        raise BadRequest(f"the request body cannot be read: {clip(reason, 200)}") from exc
 
 
 async def _read_all(request: web.Request, limit: int) -> bytes:

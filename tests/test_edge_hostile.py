@@ -338,7 +338,10 @@ def test_a_body_that_does_not_decode_is_a_400_and_one_log_line(plain: Daemon) ->
     )
     status, _, raw = got[0]
     assert status == 400, raw
-    assert "cannot be read" in json.loads(raw)["error"]["message"]
+    message = json.loads(raw)["error"]["message"]
+    assert "cannot be read" in message
+    assert "400, message" not in message  # aiohttp's own rendering of its exception
+    assert "\n" not in message
     assert plain.log_path.read_text().count("Traceback") == before
     assert len(plain.events("Unhandled exception")) == unhandled
 
