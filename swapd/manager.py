@@ -1276,7 +1276,7 @@ class Manager:
                     # The events feed, not the manager's waiters: a _notify() here woke the
                     # other copies waiting for room, each of which tried, failed and woke
                     # this one again (thousands of tries a second).
-                    self.changes.publish(slot)
+                    slot.changed()
                     await self._wait_for_change(remaining)
                     slot.staging_wait = None
         except StagingError as exc:
@@ -1317,11 +1317,11 @@ class Manager:
         if device.kind != "cpu" and total and slot.need is not None and slot.need.bytes:
             fraction = min(0.95, slot.need.bytes / total)
         level = 0
-        missing = _sleep_key(preset) in self._sleep_missing
-        if slot.kind.ram_via == "sleep" and self.ram_budget > 0 and not missing:
+        key = _sleep_key(preset)  # a fingerprint: the model's files are stat'ed
+        if slot.kind.ram_via == "sleep" and self.ram_budget > 0 and key not in self._sleep_missing:
             setting = preset.sleep
             level = (1 if device.kind != "cpu" else 0) if setting == "auto" else int(setting)
-        refused = _sleep_key(preset) in self._sleep_refused
+        refused = key in self._sleep_refused
         return Placement(
             on_gpu=device.kind != "cpu",
             gpu_fraction=fraction,
@@ -1395,8 +1395,9 @@ class Manager:
             await self._spawn_ready(slot, device, retry)
             placement = retry
         slot.sleep_level = placement.sleep_level
-        line = self._sleep_refused.get(_sleep_key(preset))
-        missing = self._sleep_missing.get(_sleep_key(preset))
+        key = _sleep_key(preset)
+        line = self._sleep_refused.get(key)
+        missing = self._sleep_missing.get(key)
         if missing:
             slot.sleep_note = (
                 f"the backend's sleep API is missing ({missing}); started without sleep "
@@ -1930,9 +1931,7 @@ class Manager:
                 # stopped) and the requests waiting for it are answered 503.
                 self._cut_loads.add(load)
                 load.cancel()
-                await _outlast(load)
-            else:
-                await _outlast(load)
+            await _outlast(load)
         await self._quiet(slot)
         if slot.state in (State.FAILED, State.BACKOFF) and slot.child is None:
             slot.move((State.FAILED, State.BACKOFF), State.STOPPED)
