@@ -36,7 +36,7 @@ from swapd.errors import BadRequest, RequestError, SwapdError, clip
 from swapd.instance import InstanceLock
 from swapd.keepalive import ColdStreams
 from swapd.limits import Edge, EdgeSite, Limits, fit_fd_limit, track
-from swapd.logs import get_logger, new_request_id
+from swapd.logs import HotLogger, get_logger, new_request_id
 from swapd.manager import Manager
 from swapd.passthrough import LLAMA_ROUTES, Passthrough
 from swapd.pidfiles import PidRecords
@@ -46,6 +46,7 @@ from swapd.runtime import Runtime
 from swapd.upstream import UpstreamPool
 
 _log = get_logger("swapd.app")
+_done_log = HotLogger("swapd.app")  # one line per request: the cheaper renderer
 MANAGER = web.AppKey("manager", Manager)
 EDGE = web.AppKey("edge", Edge)
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -187,7 +188,7 @@ def _done(request: web.Request, runtime: Runtime | None, status: int, exchange: 
         return
     elapsed = time.perf_counter() - exchange.started
     model = request.get("model")
-    _log.info(
+    _done_log.info(
         "request.done",
         method=request.method,
         path=clip(request.path),
