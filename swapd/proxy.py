@@ -373,8 +373,16 @@ class Proxy:
         content_type = upstream.content_type
         streaming = content_type is not None and content_type.startswith(b"text/event-stream")
         length = upstream.content_length
+        if (
+            upstream.status >= 400
+            and not streaming
+            and not request.get(AS_SENT)
+            and not _is_json(content_type)
+        ):
+            # An HTML 500, sized or chunked: in the envelope, so SDKs read its reason.
+            raise BackendErrorText(model, upstream.status, await _error_text(upstream, model))
         if not streaming and length is not None and length <= BUFFER_LIMIT:
-            return await _sized_answer(request, upstream, model, out_headers)
+            return await _sized_answer(upstream, model, out_headers)
         # The headers go out with the first chunk (or the end): one write and one wake-up
         # of the client instead of two, on the way to the first chunk.
         response = _Coalesced(status=upstream.status, headers=out_headers)
@@ -540,20 +548,36 @@ def _send_headers(request: web.Request) -> None:
 
 
 async def _sized_answer(
-    request: web.Request, upstream: UpstreamResponse, model: str, headers: list[tuple[str, str]]
+    upstream: UpstreamResponse, model: str, headers: list[tuple[str, str]]
 ) -> web.Response:
-    """A sized answer, read whole and sent in one write.
-
-    A backend's error that is not JSON (an HTML 500) is put in the envelope on swapd's
-    OpenAI routes; ``/upstream/`` passes it as sent.
-    """
+    """A sized answer, read whole and sent in one write."""
     try:
         payload = await upstream.read()
     except UpstreamError as exc:
         raise BackendGone(model, str(exc)) from exc
-    if upstream.status >= 400 and not request.get(AS_SENT) and not _is_json(upstream.content_type):
-        raise BackendErrorText(model, upstream.status, payload)
     return web.Response(status=upstream.status, body=payload, headers=headers)
+
+
+# Of a backend's error text, what swapd reads for the envelope's message (which shows
+# 500 characters of it); the rest is not read, and the connection is closed.
+ERROR_TEXT_LIMIT = 64 * 1024
+
+
+async def _error_text(upstream: UpstreamResponse, model: str) -> bytes:
+    """The start of a backend's error answer that is not JSON, whatever its framing.
+
+    ``/upstream/`` passes such an answer as sent; swapd's OpenAI routes put it in the
+    envelope (:class:`BackendErrorText`).
+    """
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while size < ERROR_TEXT_LIMIT and (chunk := await upstream.next_chunk()) is not None:
+            parts.append(chunk)
+            size += len(chunk)
+    except UpstreamError as exc:
+        raise BackendGone(model, str(exc)) from exc
+    return b"".join(parts)[:ERROR_TEXT_LIMIT]
 
 
 def _is_json(content_type: bytes | None) -> bool:

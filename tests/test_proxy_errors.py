@@ -158,3 +158,35 @@ def test_a_backend_error_that_is_not_json_comes_in_the_envelope(daemon: Daemon) 
     assert (resp.status, resp.read()) == (400, b"body is not JSON")
     conn.close()
     assert daemon.chat("b")[0] == 200
+
+
+@pytest.mark.parametrize("padding", [0, 3 * 1024 * 1024])
+def test_a_chunked_backend_error_that_is_not_json_comes_in_the_envelope(
+    daemon: Daemon, padding: int
+) -> None:
+    """An HTML 500 sent in chunks, without a length, is put in the envelope as a sized one is.
+
+    Before, only a sized error was: a chunked one reached the client as HTML. One of 3 MiB
+    is read only as far as the message needs, and the next request is answered.
+    """
+    status, data = daemon.request(
+        "POST",
+        "/v1/chat/completions",
+        {"model": "a", "messages": [], "fake_chunked_error": 500, "fake_error_bytes": padding},
+    )
+    assert status == 500
+    error = _error(data)
+    assert (error["code"], error["type"]) == ("backend_error", "server_error")
+    message = error["message"]
+    assert isinstance(message, str)
+    assert message.startswith("backend for 'a' answered 500: <html><body><h1>Internal Server")
+    assert ("the backend broke" in message) is (padding == 0)
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    chunked = {"model": "a", "messages": [], "fake_chunked_error": 502}
+    conn.request("POST", "/upstream/a/v1/chat/completions", json.dumps(chunked))
+    resp = conn.getresponse()
+    assert resp.status == 502
+    assert resp.getheader("Content-Type", "").startswith("text/html")
+    assert b"the backend broke" in resp.read()  # as sent
+    conn.close()
+    assert daemon.chat("a")[0] == 200

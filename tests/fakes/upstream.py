@@ -245,6 +245,8 @@ class Fake:
         body = await self.read_json(request)
         await self.hold(request, float(body.get("fake_delay", 0)))
         model = body.get("model", self.args.name)
+        if "fake_chunked_error" in body:
+            return await self.chunked_error(request, int(body["fake_chunked_error"]), body)
         if body.get("stream"):
             return await self.stream(
                 request, model, chat=True, first=float(body.get("fake_first_chunk_delay", 0))
@@ -273,6 +275,8 @@ class Fake:
         body = await self.read_json(request)
         await self.hold(request, float(body.get("fake_delay", 0)))
         model = body.get("model", self.args.name)
+        if "fake_chunked_error" in body:
+            return await self.chunked_error(request, int(body["fake_chunked_error"]), body)
         if body.get("stream"):
             return await self.stream(
                 request, model, chat=False, first=float(body.get("fake_first_chunk_delay", 0))
@@ -338,6 +342,25 @@ class Fake:
             }
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def chunked_error(
+        self, request: web.Request, status: int, body: Json
+    ) -> web.StreamResponse:
+        """An HTML error of ``status`` in chunks, without a Content-Length.
+
+        ``fake_error_bytes`` pads it to that size, in 64 KiB chunks.
+        """
+        response = web.StreamResponse(status=status, headers={"Content-Type": "text/html"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"<html><body><h1>Internal Server Error</h1>\n")
+        left = int(body.get("fake_error_bytes", 0))
+        while left > 0:
+            await response.write(b"x" * min(left, 1 << 16))
+            left -= 1 << 16
+        await response.write(b"<p>the backend broke</p></body></html>\n")
         await response.write_eof()
         return response
 
