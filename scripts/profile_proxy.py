@@ -5,12 +5,18 @@ warms it up, then counts the instructions of N plain requests (kept-alive client
 streams (a new connection each) against the fake backend: deterministic, so it compares
 commits on a noisy shared machine.
 
+``floor`` compares swapd with the least proxy aiohttp and swapd's upstream pool make (one
+handler: read the body, send it to the backend, answer with what came back), against the
+same fake backend, in alternating rounds of N plain requests each: what aiohttp and one more
+hop cost before anything of swapd's own (routing, access checks, admission, the log line).
+
 ``timeline`` stamps ``perf_counter_ns`` (CLOCK_MONOTONIC, one clock for every process) at
 fixed points in the client, in swapd and in the fake backend, sends N streams direct and
 through swapd alternately, and prints the median time of each step from the client's send:
 where the time to the first chunk goes.
 
     python scripts/profile_proxy.py instructions [--requests 200] [--interval 0] [--log-level info]
+    python scripts/profile_proxy.py floor [--requests 5000] [--rounds 3]
     python scripts/profile_proxy.py timeline [--streams 300] [--interval 0.002]
 
 With ``PYTHONPATH=/path/to/checkout`` the swapd of that checkout is measured.
@@ -143,6 +149,101 @@ def latest_total(root: Path) -> int:
     if not totals:
         raise RuntimeError(f"no totals in {dump}")
     return int(totals[-1].split()[1])
+
+
+# ---------------------------------------------------------------- floor
+
+
+def floor(args: argparse.Namespace) -> None:
+    """CPU per plain request and latency: swapd against aiohttp's least proxy, alternately."""
+    backend_port, floor_port = _bench.free_port(), _bench.free_port()
+    backend_argv = [a.replace("${PORT}", str(backend_port)) for a in fake(0.0)["cmd"]]
+    backend = subprocess.Popen(backend_argv, stdout=subprocess.DEVNULL)
+    least = subprocess.Popen(
+        [sys.executable, str(HERE), "_floor", str(backend_port), str(floor_port)],
+        stdout=subprocess.DEVNULL,
+    )
+    daemon = Swapd({"m": fake(0.0)})
+    try:
+        _bench.wait_until(lambda: _bench.http_status(backend_port, "/health") == 200, 60)
+        daemon.start()
+        daemon.load("m")
+        _bench.wait_until(lambda: _bench.http_status(floor_port, "/health") == 200, 60)
+        targets = {"aiohttp floor": (least.pid, floor_port), "swapd": (daemon.pid, daemon.port)}
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+        for round_no in range(args.rounds):
+            order = list(targets) if round_no % 2 == 0 else list(reversed(targets))
+            for name in order:
+                results[name].append(_floor_round(*targets[name], args.requests))
+    finally:
+        daemon.stop()
+        _bench.stop_process(least)
+        _bench.stop_process(backend)
+    print(
+        f"swapd {_bench.swapd_version()}, {args.rounds} rounds of {args.requests} plain "
+        "requests each, alternating; median (range)"
+    )
+    for name, rounds in results.items():
+        cpu = [c for c, _ in rounds]
+        p50 = [p for _, p in rounds]
+        print(
+            f"{name:14s} cpu/request {statistics.median(cpu):.3f} ms ({min(cpu):.3f}-"
+            f"{max(cpu):.3f}), latency p50 {statistics.median(p50):.3f} ms "
+            f"({min(p50):.3f}-{max(p50):.3f})"
+        )
+
+
+def _floor_round(pid: int, port: int, requests: int) -> tuple[float, float]:
+    """One round against one target: its CPU per request and the latency p50, in ms."""
+    conn = http.client.HTTPConnection(_bench.LOOPBACK, port, timeout=60)
+    for _ in range(WARM):
+        plain(conn)
+    took = []
+    before = _bench.cpu_ns(pid)
+    for _ in range(requests):
+        start = time.perf_counter()
+        plain(conn)
+        took.append(time.perf_counter() - start)
+    cpu = (_bench.cpu_ns(pid) - before) / requests / 1e6
+    conn.close()
+    return cpu, statistics.median(took) * 1000
+
+
+def run_least_proxy(argv: list[str]) -> None:
+    """aiohttp with one route that passes a request through swapd's upstream pool."""
+    import uvloop
+    from aiohttp import web
+
+    from swapd.upstream import UpstreamPool
+
+    backend_port, port = int(argv[0]), int(argv[1])
+
+    async def serve() -> None:
+        pool = UpstreamPool()
+
+        async def passed(request: web.Request) -> web.Response:
+            body = await request.read()
+            headers = [(b"Content-Type", b"application/json")]
+            path = request.rel_url.raw_path_qs
+            answer = await pool.request("127.0.0.1", backend_port, "POST", path, headers, body)
+            try:
+                data = await answer.read()
+            finally:
+                answer.finish()
+            return web.Response(status=answer.status, body=data, content_type="application/json")
+
+        async def health(_request: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", passed)
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, _bench.LOOPBACK, port).start()
+        await asyncio.Event().wait()
+
+    uvloop.run(serve())
 
 
 # ---------------------------------------------------------------- timeline
@@ -302,6 +403,9 @@ def _print_steps(mode: str, sent: list[tuple[str, int, int]], stamps: list[Any])
 
 def main() -> None:
     """Dispatch: the two profiles, and the stamped child processes they start."""
+    if len(sys.argv) > 1 and sys.argv[1] == "_floor":
+        run_least_proxy(sys.argv[2:])
+        return
     if len(sys.argv) > 1 and sys.argv[1] in {"_swapd", "_backend"}:
         run: Callable[[list[str]], None] = (
             run_stamped_swapd if sys.argv[1] == "_swapd" else run_stamped_backend
@@ -311,16 +415,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("what", choices=["instructions", "timeline"])
-    parser.add_argument("--requests", type=int, default=200, help="instructions: per kind")
+    parser.add_argument("what", choices=["instructions", "floor", "timeline"])
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="instructions: per kind (200); floor: per round (5000)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="floor: rounds per target")
     parser.add_argument("--streams", type=int, default=300, help="timeline: per target")
     parser.add_argument("--interval", type=float, default=None, help="seconds between chunks")
     parser.add_argument("--log-level", default="info", help="instructions: swapd's log_level")
     args = parser.parse_args()
     if args.interval is None:
         args.interval = 0.0 if args.what == "instructions" else 0.002
+    if args.requests is None:
+        args.requests = 5000 if args.what == "floor" else 200
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop children on SIGTERM
-    (instructions if args.what == "instructions" else timeline)(args)
+    {"instructions": instructions, "floor": floor, "timeline": timeline}[args.what](args)
 
 
 if __name__ == "__main__":
