@@ -122,6 +122,10 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
 _hot_out: structlog.PrintLogger | None = None
 
 
+# The keys structlog's chain sets itself: the bound component, event, level, timestamp.
+_CHAIN_KEYS = frozenset({"component", "event", "level", "timestamp"})
+
+
 class HotLogger:
     """Info events on the request path, rendered without structlog's processor chain.
 
@@ -141,11 +145,16 @@ class HotLogger:
         if out is None:
             self._slow.info(event, **fields)
             return
+        context = structlog.contextvars.get_contextvars()
+        if not (_CHAIN_KEYS.isdisjoint(fields) and _CHAIN_KEYS.isdisjoint(context)):
+            # A key the chain sets itself: its line has it once, where the chain puts it.
+            self._slow.info(event, **fields)
+            return
         parts = [self._head]
         for key, value in fields.items():
             parts += (", ", _json_str(key), ": ", _json_value(value))
         parts += (', "event": ', _json_str(event))
-        for key, value in structlog.contextvars.get_contextvars().items():
+        for key, value in context.items():
             if key not in fields:  # merge_contextvars: the call's own fields win
                 parts += (", ", _json_str(key), ": ", _json_value(value))
         parts += (', "level": "info", "timestamp": "', _utc_now(), '"}')
@@ -161,19 +170,29 @@ def _json_value(value: object) -> str:
     kind = type(value)
     if kind is int or (kind is float and value - value == 0):  # type: ignore[operator]
         return repr(value)  # json.dumps writes finite floats as repr does
-    return json_module.dumps(value, default=repr)  # nan, inf, bools, anything else
+    # nan, inf, bools, anything else
+    return json_module.dumps(value, default=_json_fallback)
 
 
-_stamp_second = -1
-_stamp_prefix = ""
+def _json_fallback(value: object) -> object:
+    """What JSONRenderer's default writes for a value JSON has no form for."""
+    try:
+        return value.__structlog__()  # type: ignore[attr-defined]
+    except AttributeError:
+        return repr(value)
+
+
+# The last second stamped and its text, in one tuple: never read torn.
+_stamp: tuple[int, str] = (-1, "")
 
 
 def _utc_now() -> str:
     """The time as TimeStamper(fmt="iso", utc=True) writes it, its seconds part cached."""
-    global _stamp_second, _stamp_prefix  # noqa: PLW0603 - a one-entry cache
+    global _stamp  # noqa: PLW0603 - a one-entry cache
     second, micro = divmod(time.time_ns() // 1000, 1_000_000)
-    if second != _stamp_second:
-        _stamp_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _stamp_second = second
+    cached_second, prefix = _stamp
+    if second != cached_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _stamp = (second, prefix)
     # datetime.isoformat leaves out a zero microsecond part.
-    return f"{_stamp_prefix}.{micro:06d}Z" if micro else f"{_stamp_prefix}Z"
+    return f"{prefix}.{micro:06d}Z" if micro else f"{prefix}Z"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import subprocess
 import sys
 import time
@@ -87,3 +88,41 @@ def test_the_timestamp_is_isoformats(monkeypatch: pytest.MonkeyPatch, now_ns: in
     )
     assert logs._utc_now() == when.isoformat().replace("+00:00", "Z")
     assert logs._utc_now() == when.isoformat().replace("+00:00", "Z")  # from the cache
+
+
+# Keys that structlog's chain sets itself (the bound component, event, level, timestamp)
+# given as a field or bound in the context, and a value with ``__structlog__``.
+_COLLISIONS = """
+import structlog
+from swapd import logs
+logs.configure("info", json=True)
+class Rendered:
+    def __structlog__(self):
+        return "its own"
+hot, plain = logs.HotLogger("swapd.app"), logs.get_logger("swapd.app")
+for fields in (dict(level="x"), dict(timestamp="x"), dict(component="x"), dict(v=Rendered())):
+    hot.info("request.done", **fields)
+    plain.info("request.done", **fields)
+for key in ("component", "event", "level", "timestamp"):
+    structlog.contextvars.bind_contextvars(request_id="r-1", **{key: "bound"})
+    hot.info("request.done", status=200)
+    plain.info("request.done", status=200)
+    structlog.contextvars.clear_contextvars()
+"""
+
+
+def test_keys_the_chain_sets_itself_render_as_structlogs() -> None:
+    """The line as written, not as parsed: json.loads hides a repeated key.
+
+    Before: a field or a bound variable named component, level or timestamp (or a bound
+    ``event``) came out twice in the hot line, where structlog writes it once, and a value
+    with ``__structlog__`` came out as its repr.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", _COLLISIONS], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = done.stdout.splitlines()
+    assert len(lines) == 16
+    stamp = re.compile(r'"timestamp": "[0-9T:.Z-]{20,27}"')
+    for hot_line, plain_line in zip(lines[::2], lines[1::2], strict=True):
+        assert stamp.sub("T", hot_line) == stamp.sub("T", plain_line)
