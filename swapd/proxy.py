@@ -561,6 +561,10 @@ async def _sized_answer(
 # Of a backend's error text, what swapd reads for the envelope's message (which shows
 # 500 characters of it); the rest is not read, and the connection is closed.
 ERROR_TEXT_LIMIT = 64 * 1024
+# How long swapd waits for the rest of that text once the headers are in: a backend that
+# never ends its error would otherwise hold the client, with no status, for as long as it
+# waits (``request_timeout`` is unset by default). What came by then is the text.
+ERROR_TEXT_WAIT = 2.0
 
 
 async def _error_text(upstream: UpstreamResponse, model: str) -> bytes:
@@ -572,9 +576,12 @@ async def _error_text(upstream: UpstreamResponse, model: str) -> bytes:
     parts: list[bytes] = []
     size = 0
     try:
-        while size < ERROR_TEXT_LIMIT and (chunk := await upstream.next_chunk()) is not None:
-            parts.append(chunk)
-            size += len(chunk)
+        async with asyncio.timeout(ERROR_TEXT_WAIT):
+            while size < ERROR_TEXT_LIMIT and (chunk := await upstream.next_chunk()) is not None:
+                parts.append(chunk)
+                size += len(chunk)
+    except TimeoutError:
+        pass  # the rest never came: the connection is closed, unfinished
     except UpstreamError as exc:
         raise BackendGone(model, str(exc)) from exc
     return b"".join(parts)[:ERROR_TEXT_LIMIT]

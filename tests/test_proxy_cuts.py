@@ -89,3 +89,22 @@ def test_an_error_event_after_a_stalled_partial_event_is_an_event_of_its_own(
     errors = [line for line in lines if line.startswith('data: {"error"')]
     assert len(errors) == 1
     assert json.loads(errors[0][len("data: ") :])["error"]["code"] == "request_timeout"
+
+
+def test_an_error_whose_text_never_ends_is_answered(start_daemon: StartDaemon) -> None:
+    """A chunked HTML 500 that stops midway is a 500 in the envelope, not a hang.
+
+    No ``request_timeout``: before, swapd waited for the rest of the text (the envelope
+    needs it) for as long as the client did, and the client saw no status at all.
+    """
+    d = start_daemon({"r": _preset()})
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=20)
+    body = json.dumps({"model": "r", "mode": "stall_error"})
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    error = json.loads(resp.read())["error"]
+    conn.close()
+    assert (resp.status, error["code"]) == (500, "backend_error")
+    assert error["message"] == "backend for 'r' answered 500: <html><body>the backend broke"
+    assert _post(d, "ok")[0] == 200
+    assert d.model("r")["in_flight"] == 0

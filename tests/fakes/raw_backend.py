@@ -1,9 +1,10 @@
 """A raw-socket backend that breaks its answer on purpose, as the request's JSON "mode" says.
 
 Modes: ``ok`` (a small JSON answer), ``close_after_headers`` (SSE headers, then a close),
-``cut_sized`` (a 2 MiB Content-Length, 100 bytes, then a close) and ``stall_partial``
-(SSE headers and half an event, then nothing until swapd closes). ``/health`` answers 503
-until ``--start-delay`` seconds have passed, then 200.
+``cut_sized`` (a 2 MiB Content-Length, 100 bytes, then a close), ``stall_partial``
+(SSE headers and half an event, then nothing until swapd closes) and ``stall_error``
+(a chunked HTML 500 and the start of its text, then nothing until swapd closes).
+``/health`` answers 503 until ``--start-delay`` seconds have passed, then 200.
 
     python tests/fakes/raw_backend.py --port PORT [--start-delay SECONDS]
 """
@@ -76,6 +77,14 @@ class RawBackend:
             return False
         if mode == "stall_partial":
             writer.write(SSE_HEAD + _chunk(b'data: {"choices": [{"delta": {"content": "x'))
+            await writer.drain()
+            await reader.read()  # until swapd closes the connection
+            return False
+        if mode == "stall_error":
+            head = (
+                b"HTTP/1.1 500 X\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            writer.write(head + _chunk(b"<html><body>the backend broke"))
             await writer.drain()
             await reader.read()  # until swapd closes the connection
             return False
