@@ -34,6 +34,7 @@ from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
 from swapd.proxy import (
     Proxy,
+    error_text,
     forwarded_headers,
     lease_again,
     model_from_json,
@@ -273,7 +274,7 @@ class _BackendRefused(RequestError):
 async def _backend_error(upstream: UpstreamResponse) -> dict[str, Any]:
     """The backend's error object, or one made from its status and text."""
     try:
-        raw = await upstream.read()
+        raw = await error_text(upstream)  # bounded: a backend may never end it
     except UpstreamError as exc:
         raw = str(exc).encode()
     with contextlib.suppress(ValueError):

@@ -573,6 +573,18 @@ async def _error_text(upstream: UpstreamResponse, model: str) -> bytes:
     ``/upstream/`` passes such an answer as sent; swapd's OpenAI routes put it in the
     envelope (:class:`BackendErrorText`).
     """
+    try:
+        return await error_text(upstream)
+    except UpstreamError as exc:
+        raise BackendGone(model, str(exc)) from exc
+
+
+async def error_text(upstream: UpstreamResponse) -> bytes:
+    """What a backend's error answer says, as far as it came within :data:`ERROR_TEXT_WAIT`.
+
+    At most :data:`ERROR_TEXT_LIMIT` bytes; :class:`UpstreamError` when the backend cut
+    it short. The rest is left unread: the caller's ``finish`` closes the connection.
+    """
     parts: list[bytes] = []
     size = 0
     try:
@@ -582,8 +594,6 @@ async def _error_text(upstream: UpstreamResponse, model: str) -> bytes:
                 size += len(chunk)
     except TimeoutError:
         pass  # the rest never came: the connection is closed, unfinished
-    except UpstreamError as exc:
-        raise BackendGone(model, str(exc)) from exc
     return b"".join(parts)[:ERROR_TEXT_LIMIT]
 
 

@@ -108,3 +108,24 @@ def test_an_error_whose_text_never_ends_is_answered(start_daemon: StartDaemon) -
     assert error["message"] == "backend for 'r' answered 500: <html><body>the backend broke"
     assert _post(d, "ok")[0] == 200
     assert d.model("r")["in_flight"] == 0
+
+
+def test_after_pings_an_error_whose_text_never_ends_is_one_error_event(
+    start_daemon: StartDaemon,
+) -> None:
+    """A stream that waited for a load, answered with an HTML 500 that stops midway.
+
+    No ``request_timeout``: before, swapd read the error's text whole and the stream hung
+    after its pings for as long as the client waited.
+    """
+    d = start_daemon({"r": _preset("--start-delay", str(PING_AFTER + 2))})
+    status, body, whole = _post(d, "stall_error", stream=True)
+    assert (status, whole) == (200, True)
+    assert body.startswith(b": loading")
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    assert len(events) == 1
+    error = json.loads(events[0][len(b"data: ") :])["error"]
+    assert error["code"] == "backend_error"
+    assert error["message"] == "backend answered 500: <html><body>the backend broke"
+    assert _post(d, "ok")[0] == 200
+    assert d.model("r")["in_flight"] == 0
