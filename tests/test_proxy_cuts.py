@@ -36,6 +36,17 @@ def _post(d: Daemon, mode: str, *, stream: bool = False) -> tuple[int, bytes, bo
         conn.close()
 
 
+def _error_after_pings(d: Daemon, mode: str) -> dict[str, Any]:
+    """A stream sent while the model loads: pings, then the one error event it ends with."""
+    status, body, whole = _post(d, mode, stream=True)
+    assert (status, whole) == (200, True)
+    assert body.startswith(b": loading")
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    assert len(events) == 1
+    error: dict[str, Any] = json.loads(events[0][len(b"data: ") :])["error"]
+    return error
+
+
 def _logged(d: Daemon) -> list[int]:
     return [e["status"] for e in d.events("request.done")]
 
@@ -62,12 +73,7 @@ def test_a_stream_cut_after_pings_ends_with_one_error_event(start_daemon: StartD
     The stream then ends whole (before, it was cut with no event).
     """
     d = start_daemon({"r": _preset("--start-delay", str(PING_AFTER + 2))})
-    status, body, whole = _post(d, "close_after_headers", stream=True)
-    assert (status, whole) == (200, True)
-    assert body.startswith(b": loading")
-    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
-    assert len(events) == 1
-    assert json.loads(events[0][len(b"data: ") :])["error"]["code"] == "backend_gone"
+    assert _error_after_pings(d, "close_after_headers")["code"] == "backend_gone"
     wait_for(lambda: _logged(d))  # logged once the answer has ended, maybe after it arrived
     assert _logged(d) == [502]
 
@@ -119,12 +125,7 @@ def test_after_pings_an_error_whose_text_never_ends_is_one_error_event(
     after its pings for as long as the client waited.
     """
     d = start_daemon({"r": _preset("--start-delay", str(PING_AFTER + 2))})
-    status, body, whole = _post(d, "stall_error", stream=True)
-    assert (status, whole) == (200, True)
-    assert body.startswith(b": loading")
-    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
-    assert len(events) == 1
-    error = json.loads(events[0][len(b"data: ") :])["error"]
+    error = _error_after_pings(d, "stall_error")
     assert error["code"] == "backend_error"
     assert error["message"] == "backend answered 500: <html><body>the backend broke"
     assert _post(d, "ok")[0] == 200
