@@ -31,7 +31,10 @@ every victim handed to :func:`swapd.policy.demotions` (sleep into the ram tier o
 stop) and the tier checked with :func:`swapd.policy.ram_overflow`, for several ram
 budgets; a budget of 0 is plain stop/start. Their reference is ``belady-tiers``:
 the same functions with every ranking (plan, demotions, overflow) by next use, so the
-device evicts and the ram tier drops whatever is wanted last.
+device evicts and the ram tier drops whatever is wanted last; and ``belady-tiers-cost``,
+the same next-use rate weighed by start seconds per byte as swapd weighs its CRF.
+Neither is a proven bound with mixed sizes and costs: the tables give each row's load
+time over ``belady-tiers`` and over the better of the two.
 
 It also prints, for the default rate and the top of the rate sweep, where the load
 time goes (loads, evictions, evicted models requested again within 10 or 60 s), and
@@ -85,7 +88,15 @@ VLLM_WAKE_S = (0.26, 0.82)
 # allocator): an assumption, not a published figure.
 ASLEEP_GIB = 0.5
 HOST_RAM_GIB = 64.0
-TIER_POLICIES = ("swapd", "swapd-nohold", "swapd-lru", "one-at-a-time", "belady", "belady-tiers")
+TIER_POLICIES = (
+    "swapd",
+    "swapd-nohold",
+    "swapd-lru",
+    "one-at-a-time",
+    "belady",
+    "belady-tiers",
+    "belady-tiers-cost",
+)
 REUSE_WINDOWS_S = (10.0, 60.0)
 
 
@@ -262,12 +273,20 @@ class Sim:
     # Ranks residents and sleepers in place of the CRF everywhere (plan, demotions, the
     # tier's overflow): an oracle's value; None for the CRF (or last use without it).
     value: Callable[[Sim, str, float], float] | None = None
+    costed: bool = False  # the oracle's value is weighed by start times too
 
     def rank(self, name: str, now: float, *, crf: bool) -> float | None:
         """What the policy functions order ``name`` by (higher: kept longer)."""
         if self.value is not None:
             return self.value(self, name, now)
         return self.crf_now(name, now) if crf else None
+
+    def reload_s(self, name: str) -> float | None:
+        """A start's time, as swapd's manager measures it for the policy.
+
+        None under an oracle's value, which ranks on its own (unless ``costed``).
+        """
+        return self.models[name].load_s if self.value is None or self.costed else None
 
     def usage(self, name: str) -> int:
         """Device memory a model holds: all of it, or what it keeps asleep."""
@@ -335,6 +354,7 @@ def residents_view(sim: Sim, now: float, *, crf: bool, exclude: str) -> list[pol
             ram_via="sleep" if sim.ram_budget > 0 else None,
             ram_cost=s.model.size,  # sleep level 1: the weights go to host RAM
             crf=sim.rank(n, now, crf=crf),
+            reload_s=sim.reload_s(n),
         )
         for n, s in sim.resident.items()
         if n != exclude
@@ -351,6 +371,7 @@ def ram_view(sim: Sim, now: float, *, crf: bool) -> policy.RamTier:
             "sleep",
             busy=sim.busy(n),
             crf=sim.rank(n, now, crf=crf),
+            reload_s=sim.reload_s(n),
         )
         for n, s in sim.resident.items()
         if s.asleep
@@ -563,10 +584,18 @@ PLANNERS: dict[str, Planner] = {
     # so the device evicts and the ram tier drops whatever is wanted last (the tiers'
     # reference: plain belady stops sleepers for their 0.5 GiB, losing their copy in RAM).
     "belady-tiers": plan_swapd_nohold,
+    # The same, its next-use rate weighed as swapd weighs its CRF: times each model's
+    # start seconds, per byte where room is bytes (swapd.policy._worth).
+    "belady-tiers-cost": plan_swapd_nohold,
     **ORACLES,
 }
 # Policies whose every ranking is an oracle's value.
-VALUES: dict[str, Callable[[Sim, str, float], float]] = {"belady-tiers": sooner_next_use}
+VALUES: dict[str, Callable[[Sim, str, float], float]] = {
+    "belady-tiers": sooner_next_use,
+    "belady-tiers-cost": sooner_next_use,
+}
+# Oracles whose value the policy weighs by each model's start time, as it does a CRF.
+COSTED_ORACLES = {"belady-tiers-cost"}
 # Demotions see CRFs where the plan does.
 USES_CRF = {"swapd", "swapd-nohold", "one-at-a-time", "hold-always"}
 
@@ -744,6 +773,7 @@ def simulate(  # noqa: PLR0913 - the trace, its models, the policy and three kno
         ram_budget,
         half_life=half_life,
         value=VALUES.get(policy_name),
+        costed=policy_name in COSTED_ORACLES,
     )
     for i, req in enumerate(trace):
         sim.push(req.at, "arrive", req.model, float(i))
@@ -1030,9 +1060,13 @@ def print_tiers(tiers: dict[str, Json]) -> None:
     rows = []
     for trace, by_policy in tiers.items():
         reference = by_policy.get("belady-tiers", {})
+        costed = by_policy.get("belady-tiers-cost", {})
         for name, by_budget in by_policy.items():
             for budget, r in by_budget.items():
                 best = reference.get(budget, {}).get("load_time_s")
+                both = [
+                    x for x in (best, costed.get(budget, {}).get("load_time_s")) if x is not None
+                ]
                 rows.append(
                     [
                         f"{trace}/{name}/{budget}",
@@ -1041,6 +1075,7 @@ def print_tiers(tiers: dict[str, Json]) -> None:
                         r["sleeps"],
                         r["load_time_s"],
                         r["load_time_s"] / best if best else "-",
+                        r["load_time_s"] / min(both) if both else "-",
                         r["wait_p50_s"],
                         r["wait_p95_s"],
                         r["ram_overflow_actions"],
@@ -1054,6 +1089,7 @@ def print_tiers(tiers: dict[str, Json]) -> None:
             "sleeps",
             "load time s",
             "x belady-tiers",
+            "x the better one",
             "wait p50 s",
             "wait p95 s",
             "overflow",

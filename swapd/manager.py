@@ -806,6 +806,7 @@ class Manager:
                 asleep=True,
                 ram_via="sleep",
                 ram_cost=slot.ram_bytes,
+                reload_s=slot.reload_s,
             )
         return policy.Resident(
             crf=self._crf(slot),
@@ -818,6 +819,7 @@ class Manager:
             measured=measured,
             ram_via=self._ram_via(slot),
             ram_cost=self._ram_cost(slot, measured or 0),
+            reload_s=slot.reload_s,
         )
 
     def _residents(self, snap: Snapshot, exclude: Slot) -> list[policy.Resident]:
@@ -849,6 +851,7 @@ class Manager:
                         asleep=True,
                         ram_via="pages",
                         ram_cost=slot.ram_bytes,
+                        reload_s=slot.reload_s,
                     )
                     for device in self.probe.devices
                     if device.kind == "cpu"
@@ -935,6 +938,7 @@ class Manager:
                 "pages" if s.pages is not None else "sleep",
                 busy=s.busy or s in self._retiring,  # its retirement takes it down
                 crf=self._crf(s),
+                reload_s=s.reload_s,
             )
             for s in self._every_slot()
             # A sleeper whose wake waits for room, and a start from locked pages (which
@@ -1426,6 +1430,7 @@ class Manager:
                 preset.name, None, [], reason=f"could not start: {exc}"
             ) from exc
         slot.ring.clear()
+        from_pages = slot.pages is not None  # warm: not what a start from disk costs
         child = Child(
             preset.name,
             launch.argv,
@@ -1437,6 +1442,7 @@ class Manager:
         )
         slot.child, slot.launch = child, launch
         _log.info("model.load.start", model=preset.name, device=device.id, port=port)
+        spawned = time.monotonic()
         try:
             await child.spawn()
             self.records.add(child.pid or 0, preset.name, mark=child.backend_id)
@@ -1465,6 +1471,8 @@ class Manager:
             raise
         slot.move(State.STARTING, State.READY)
         slot.last_used = slot.ready_at = slot.answered_at = time.monotonic()
+        if not from_pages:
+            slot.reload_s = slot.ready_at - spawned
         slot.escaped = False  # failures are cleared once it has proven itself (_proven)
         # The process maps the file itself now. Unmapping swapd's locked copy costs
         # milliseconds of kernel time: not while the first request is computed.

@@ -68,6 +68,7 @@ class Resident:
     ram_via: RamVia | None = None  # how it can go down to the ram tier; None: it cannot
     ram_cost: int = 0  # host RAM it takes in the ram tier
     crf: float | None = None  # CRF decayed to the plan's clock; None: order by last_used
+    reload_s: float | None = None  # its last start from disk took this long; None: not seen
 
 
 def crf_decay(crf: float, since: float, now: float, half_life: float = CRF_HALF_LIFE_S) -> float:
@@ -87,15 +88,37 @@ def crf_update(
     return 1.0 + crf_decay(previous, last, now, half_life)
 
 
-def _by_crf(items: Iterable[Resident | RamEntry]) -> bool:
+@dataclass(frozen=True)
+class _Order:
+    """How a set of models is ranked for keeping."""
+
+    crf: bool  # by CRF: every model has one (else by last use)
+    cost: bool  # ...times what losing it costs: every idle model's start has been timed
+
+
+def _order(items: Iterable[Resident | RamEntry]) -> _Order:
     # CRFs compare only with CRFs: one missing and the whole order falls back to LRU.
-    return all(item.crf is not None for item in items)
+    # Costs likewise, among the idle models (the busy ones are taken last anyway).
+    listed = list(items)
+    crf = all(item.crf is not None for item in listed)
+    timed = all(item.reload_s is not None for item in listed if not item.busy)
+    return _Order(crf=crf, cost=crf and timed)
 
 
-def _worth(item: Resident | RamEntry, by_crf: bool) -> tuple[float, float]:
-    """How much an item is worth keeping (higher stays); ties go by last use."""
-    crf = item.crf if by_crf and item.crf is not None else 0.0
-    return (crf, item.last_used)
+def _worth(item: Resident | RamEntry, order: _Order, size: int | None) -> tuple[float, float]:
+    """How much an item is worth keeping (higher stays); ties go by last use.
+
+    Ranked by cost, its CRF (how often it is asked for) times its start's seconds (what
+    each request would wait if it were gone): GreedyDual-Size-Frequency's value. Where
+    the room is counted in bytes (``size``, what keeping it takes), per byte: a model
+    that starts in 40 s for 1 GiB is worth keeping over one that starts in 60 s for 12.
+    """
+    value = item.crf if order.crf and item.crf is not None else 0.0
+    if order.cost and item.reload_s is not None:
+        value *= item.reload_s
+        if size is not None:
+            value /= max(size, 1)
+    return (value, item.last_used)
 
 
 def _warm_in_ram(resident: Resident) -> bool:
@@ -203,8 +226,8 @@ def _plan_device(
     # Candidates in eviction order: idle before busy, sleepers that keep their weights
     # in host RAM after the rest, least worth keeping first.
     evictable = [r for r in residents if not r.pinned]
-    by_crf = _by_crf(evictable)
-    order = sorted(evictable, key=lambda r: (r.busy, _warm_in_ram(r), _worth(r, by_crf)))
+    ranking = _order(evictable)
+    order = sorted(evictable, key=lambda r: (r.busy, _warm_in_ram(r), _worth(r, ranking, r.usage)))
     count_excess = 0 if limits.max_running is None else max(0, running + 1 - limits.max_running)
     freeable = sum(r.usage for r in order if r.device == device.id)
     countable = sum(1 for r in order if not r.asleep)
@@ -404,6 +427,7 @@ class RamEntry:
     via: RamVia
     busy: bool = False  # being woken or started from it: not to be pushed down now
     crf: float | None = None  # as Resident.crf: decayed to the plan's clock
+    reload_s: float | None = None  # as Resident.reload_s
 
 
 @dataclass(frozen=True)
@@ -453,9 +477,9 @@ def _down_from_ram(entry: RamEntry) -> Action:
 class _RamLedger:
     """The ram tier while a plan is being made: what it holds and the room left."""
 
-    def __init__(self, ram: RamTier, by_crf: bool) -> None:
-        self.by_crf = by_crf
-        self.entries = sorted(ram.entries, key=lambda e: _worth(e, by_crf))
+    def __init__(self, ram: RamTier, order: _Order) -> None:
+        self.order = order
+        self.entries = sorted(ram.entries, key=lambda e: _worth(e, order, e.bytes))
         self.budget = ram.budget
         self.held = sum(e.bytes for e in self.entries)
         self.available = ram.available
@@ -470,17 +494,24 @@ class _RamLedger:
         """Entries worth less to push down so ``victim`` fits; None when it cannot fit."""
         room = min(self.budget - self.held, self.available)
         spill: list[RamEntry] = []
-        worth = _worth(victim, self.by_crf)
+        worth = _worth(victim, self.order, victim.ram_cost)
         for entry in self.entries:
             if room >= victim.ram_cost:
                 break
-            if _worth(entry, self.by_crf) < worth and not entry.busy:
+            if _worth(entry, self.order, entry.bytes) < worth and not entry.busy:
                 spill.append(entry)
                 room += entry.bytes
         return spill if room >= victim.ram_cost else None
 
     def add(self, victim: Resident, via: RamVia) -> None:
-        entry = RamEntry(victim.name, victim.ram_cost, victim.last_used, via, crf=victim.crf)
+        entry = RamEntry(
+            victim.name,
+            victim.ram_cost,
+            victim.last_used,
+            via,
+            crf=victim.crf,
+            reload_s=victim.reload_s,
+        )
         self.entries.append(entry)
         self.held += victim.ram_cost
         self.available -= victim.ram_cost
@@ -496,14 +527,14 @@ def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Action, ...]:
     device) goes down to disk, before the others ask for room: the room it leaves
     is theirs, and it is never pushed down twice.
     """
-    by_crf = _by_crf([*victims, *ram.entries])
-    ledger = _RamLedger(ram, by_crf)
+    ranking = _order([*victims, *ram.entries])
+    ledger = _RamLedger(ram, ranking)
     actions: list[Action] = []
     for victim in (v for v in victims if v.asleep):
         entry = next((e for e in ledger.entries if e.name == victim.name), None)
         actions.append(ledger.remove(entry) if entry else Stop(victim.name))
     awake = [v for v in victims if not v.asleep]
-    for victim in sorted(awake, key=lambda v: _worth(v, by_crf), reverse=True):
+    for victim in sorted(awake, key=lambda v: _worth(v, ranking, v.ram_cost), reverse=True):
         spill = None if victim.ram_via is None or ram.budget <= 0 else ledger.room_for(victim)
         if victim.ram_via is None or spill is None:
             actions.append(Stop(victim.name))
@@ -526,8 +557,8 @@ def count_overflow(residents: Sequence[Resident], max_running: int | None) -> tu
     running = [r for r in residents if not r.asleep]
     excess = 0 if max_running is None else len(running) - max_running
     candidates = [r for r in running if not r.busy and not r.pinned]
-    by_crf = _by_crf(candidates)
-    return tuple(sorted(candidates, key=lambda r: _worth(r, by_crf))[: max(0, excess)])
+    ranking = _order(candidates)  # a count, not bytes: what each costs to lose, whole
+    return tuple(sorted(candidates, key=lambda r: _worth(r, ranking, None))[: max(0, excess)])
 
 
 def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
@@ -537,9 +568,9 @@ def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
     """
     held = sum(e.bytes for e in ram.entries)
     over = max(held - ram.budget, -ram.available)
-    by_crf = _by_crf(ram.entries)
+    ranking = _order(ram.entries)
     actions: list[Action] = []
-    for entry in sorted(ram.entries, key=lambda e: _worth(e, by_crf)):
+    for entry in sorted(ram.entries, key=lambda e: _worth(e, ranking, e.bytes)):
         if over <= 0:
             break
         if entry.busy:

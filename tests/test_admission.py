@@ -163,6 +163,32 @@ def test_eviction_keeps_the_model_asked_for_more_often(
     assert d.model("often")["state"] == "ready"
 
 
+def test_eviction_keeps_the_model_that_is_slow_to_start_again(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Asked for as often, the model whose start took seconds outlives a quick one.
+
+    ``slow`` takes 3 s to start, ``quick`` a fraction of one; both served one request,
+    ``quick`` the more recently. Room for two: ``new`` evicts ``quick`` (before, the
+    least recently used, ``slow``, whose next request would wait 3 s again).
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": int(2.5 * GIB), "outside": 0}})
+    d = start_daemon(
+        {
+            "slow": _gpu_preset("slow", probe, 0, "--start-delay", "3"),
+            "quick": _gpu_preset("quick", probe, 0),
+            "new": _gpu_preset("new", probe, 0),
+        },
+        {"devices": "auto", "reserve": 0},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    for name in ("slow", "quick", "new"):
+        assert d.chat(name)[0] == 200
+    assert [e["victims"] for e in d.events("model.evict")] == [["quick"]]
+    assert d.model("slow")["state"] == "ready"
+
+
 def _hold_daemon(start_daemon: StartDaemon, tmp_path: Path, **settings: Any) -> Daemon:
     """Room for one of two 1 GiB models; ``often`` has served three requests."""
     probe = tmp_path / "gpus.json"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from swapd.policy import (
@@ -735,3 +737,56 @@ def test_count_overflow_takes_the_least_used_idle_models_and_spares_the_rest() -
     assert [r.name for r in count_overflow(residents, 1)] == ["old", "new"]  # busy, pinned stay
     assert count_overflow(residents, 4) == ()
     assert count_overflow(residents, None) == ()
+
+
+def timed(resident: Resident, reload_s: float) -> Resident:
+    """``resident`` whose last start from disk took ``reload_s``."""
+    return replace(resident, reload_s=reload_s)
+
+
+def test_what_losing_a_model_costs_orders_eviction_by_value_per_byte() -> None:
+    """Equal CRF: the model whose start costs least per byte it frees goes first.
+
+    Without start times (one not yet seen) the order is the CRF's, then the most recent.
+    """
+    small = res("small", 1, 1, crf=2.0)  # starts in 40 s: 40 s a GiB
+    big = res("big", 12, 5, crf=2.0)  # starts in 58 s: under 5 s a GiB
+    device = [dev(free=0, total=24)]
+    by_cost = [timed(small, 40.0), timed(big, 58.0)]
+    assert plan_admission(gib(1), device, by_cost, Limits()) == Admit("gpu0", ("big",))
+    unknown = [small, timed(big, 58.0)]
+    assert plan_admission(gib(1), device, unknown, Limits()) == Admit("gpu0", ("small",))
+    # A CRF ten times higher still outweighs a cost per byte eight times lower.
+    often_big = [timed(small, 40.0), timed(replace(big, crf=20.0), 58.0)]
+    assert plan_admission(gib(1), device, often_big, Limits()) == Admit("gpu0", ("small",))
+
+
+def test_the_ram_tier_keeps_what_saves_the_most_seconds_per_byte() -> None:
+    """A victim that starts slowly for its size pushes down an entry of higher CRF.
+
+    ``quick`` (CRF 2) would start again in 2 s for its 4 GiB; the victim (CRF 1) needs
+    60 s for the same: the tier keeps the victim. Without start times, the CRF decides.
+    """
+    victim = res("v", 4, 5, ram_cost=4, crf=1.0)
+    quick = RamEntry("quick", gib(4), 1, "sleep", crf=2.0)
+    tier = RamTier(gib(4), gib(64), (replace(quick, reload_s=2.0),))
+    assert demotions([timed(victim, 60.0)], tier) == (Stop("quick"), Sleep("v"))
+    assert demotions([victim], RamTier(gib(4), gib(64), (quick,))) == (Stop("v"),)
+    overflow = RamTier(
+        gib(4),
+        gib(64),
+        (
+            replace(quick, reload_s=2.0),
+            RamEntry("slow", gib(4), 0, "sleep", crf=1.0, reload_s=60.0),
+        ),
+    )
+    assert ram_overflow(overflow) == (Stop("quick"),)
+
+
+def test_count_overflow_weighs_each_model_by_what_losing_it_costs_whole() -> None:
+    """max_running counts models, not bytes: CRF times the start's seconds, not per byte."""
+    residents = [
+        Resident("big", "gpu0", gib(12), last_used=1, crf=1.0, reload_s=58.0),
+        Resident("small", "gpu0", gib(1), last_used=9, crf=1.0, reload_s=40.0),
+    ]
+    assert [r.name for r in count_overflow(residents, 1)] == ["small"]
