@@ -227,7 +227,21 @@ def _plan_device(
     # in host RAM after the rest, least worth keeping first.
     evictable = [r for r in residents if not r.pinned]
     ranking = _order(evictable)
-    order = sorted(evictable, key=lambda r: (r.busy, _warm_in_ram(r), _worth(r, ranking, r.usage)))
+    # The busy ones are ranked among themselves: by cost only if each of them was timed
+    # too (a claim, a first start never was), so no weighed value meets an unweighed one.
+    busy_ranking = _Order(
+        crf=ranking.crf,
+        cost=ranking.cost and all(r.reload_s is not None for r in evictable if r.busy),
+    )
+    # Per byte where bytes are short; where memory fits and only max_running evicts, a
+    # count, not bytes, is freed: each whole, as count_overflow ranks them.
+    per_byte = need > room
+
+    def keep(r: Resident) -> tuple[bool, bool, tuple[float, float]]:
+        worth = _worth(r, busy_ranking if r.busy else ranking, r.usage if per_byte else None)
+        return (r.busy, _warm_in_ram(r), worth)
+
+    order = sorted(evictable, key=keep)
     count_excess = 0 if limits.max_running is None else max(0, running + 1 - limits.max_running)
     freeable = sum(r.usage for r in order if r.device == device.id)
     countable = sum(1 for r in order if not r.asleep)

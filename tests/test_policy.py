@@ -790,3 +790,34 @@ def test_count_overflow_weighs_each_model_by_what_losing_it_costs_whole() -> Non
         Resident("small", "gpu0", gib(1), last_used=9, crf=1.0, reload_s=40.0),
     ]
     assert [r.name for r in count_overflow(residents, 1)] == ["small"]
+
+
+def test_max_running_alone_evicts_by_what_losing_each_model_costs_whole() -> None:
+    """Memory fits on gpu0; max_running 2 evicts one of two models on gpu1 for its count.
+
+    No byte is needed: ``small`` (40 s) goes, not ``big`` (58 s), as count_overflow
+    would choose; per byte of device memory, ``big`` looked the cheaper.
+    """
+    residents = [
+        Resident("big", "gpu1", gib(12), last_used=1, crf=1.0, reload_s=58.0),
+        Resident("small", "gpu1", gib(1), last_used=9, crf=1.0, reload_s=40.0),
+    ]
+    plan = plan_admission(gib(1), [dev(free=24)], residents, Limits(max_running=2))
+    assert plan == Admit("gpu0", ("small",))
+    assert [r.name for r in count_overflow(residents, 1)] == ["small"]
+
+
+def test_busy_models_are_ranked_among_themselves_on_one_scale() -> None:
+    """Busy models are not ranked by bare CRF against CRF times seconds per byte.
+
+    A busy one never timed (its first start, a claim) sends the busy ones back to the CRF.
+    Room comes only from a busy model: the load waits for ``starting`` (CRF 0.5), not
+    for ``serving`` (CRF 5), which max_wait would drain.
+    """
+    residents = [
+        res("starting", 4, 1, busy=True, crf=0.5),
+        timed(res("serving", 4, 2, busy=True, crf=5.0), 10.0),
+        timed(res("idle", 1, 3, crf=1.0), 10.0),
+    ]
+    plan = plan_admission(gib(4), [dev(total=9, free=0)], residents, Limits())
+    assert plan == Wait("gpu0", ("starting",))
