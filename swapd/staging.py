@@ -206,6 +206,9 @@ class StagingCache:
         self._disk_share = budget is None
         self.budget = budget or 0
         self._entries: dict[str, Entry] = {}
+        # Which copy each key's entry is: a touch or its fsync replaces the Entry, not the
+        # copy, so a digest computed meanwhile still belongs to it.
+        self._copy_of: dict[str, object] = {}
         self._copies: dict[str, _Copy] = {}
         self._held: Counter[str] = Counter()  # keys of copies being checked for a load
         self._syncs: dict[str, _Sync] = {}
@@ -245,6 +248,7 @@ class StagingCache:
             self._entries[key] = Entry(
                 key, manifest.source, manifest.size, last_used, manifest.sha256, path
             )
+            self._copy_of[key] = object()
         self._clock = max((e.last_used_ns for e in self._entries.values()), default=0)
         self._executor = ThreadPoolExecutor(4, thread_name_prefix="swapd-staging")
         used, _ = self.usage()
@@ -419,6 +423,7 @@ class StagingCache:
         freed, trash = 0, _Trash()
         for key in keys:
             entry = self._entries.pop(key, None)
+            self._copy_of.pop(key, None)
             if entry is None:
                 continue
             freed += entry.size
@@ -497,6 +502,7 @@ class StagingCache:
             synced=False,
         )
         self._entries[job.key] = entry
+        self._copy_of[job.key] = object()
         self._start_sync(job.key)
         if job.emitted != job.done:
             job.emit()
@@ -586,6 +592,7 @@ class StagingCache:
         if sha256 is None or entry.sha256 == sha256:
             return entry
         if entry.sha256 is None:
+            copy = self._copy_of.get(entry.key)
             cancel = threading.Event()
             # Held while hashed: a load is about to start from it, no stage may evict it.
             self._held[entry.key] += 1
@@ -597,8 +604,10 @@ class StagingCache:
                 self._held[entry.key] -= 1
                 if not self._held[entry.key]:
                     del self._held[entry.key]
-            if self._entries.get(entry.key) is entry:
-                self._entries[entry.key] = replace(entry, sha256=actual)
+            current = self._entries.get(entry.key)
+            if current is not None and self._copy_of.get(entry.key) is copy:
+                # The same copy, perhaps touched or synced meanwhile (a new Entry each).
+                self._entries[entry.key] = replace(current, sha256=actual)
                 try:
                     await self._in_thread(
                         cancel, layout.record_digest, self.cache_dir, entry.key, actual

@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
-from swapd import _cache_dir, _copy
+from swapd import _cache_dir, _copy, staging
 from swapd.staging import (
     CacheFull,
     ChecksumMismatch,
@@ -697,3 +697,32 @@ def test_the_digest_is_computed_while_copying(tmp_path: Path) -> None:
     )
     assert (done, digest) == (source.stat().st_size, sha(source))
     assert _copy.hash_file(tmp_path / "dst") == sha(source)
+
+
+@pytest.mark.asyncio
+async def test_a_digest_is_kept_when_the_copy_is_used_or_synced_while_it_is_hashed(
+    cache: StagingCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy's fsync, or a load's touch, replaces its index entry while it is hashed.
+
+    The digest still belongs to the same copy: it is recorded (it was dropped, so each
+    later load with the sha256 hashed the file again; seen as a failure of the test above
+    when the background fsync ended during the hash).
+    """
+    source = write(tmp_path / "m.gguf", MIB)
+    path = await cache.stage(source)
+    await cache.synced()
+    loop = asyncio.get_running_loop()
+    plain_hash = _copy.hash_file
+
+    def hash_while_touched(file: Path, cancel: threading.Event) -> str:
+        asyncio.run_coroutine_threadsafe(_touch(cache, path), loop).result(timeout=30)
+        return plain_hash(file, cancel)
+
+    monkeypatch.setattr(staging, "hash_file", hash_while_touched)
+    await cache.stage(source, sha256=sha(source))
+    assert cache.entries()[0].sha256 == sha(source)
+
+
+async def _touch(cache: StagingCache, path: Path) -> None:
+    cache.touch(path)
