@@ -51,6 +51,9 @@ RamVia: TypeAlias = Literal["sleep", "pages"]
 # hour, long enough that a steady model outranks one used once. The simulator's
 # traces were flat between 2 and 20 minutes (docs/benchmarks.md, section 3).
 CRF_HALF_LIFE_S = 300.0
+# Starts quicker than this count as this long: what they cost a request is small, and
+# their differences are mostly noise (a warm page cache, a busy machine).
+MIN_RELOAD_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,13 +112,15 @@ def _worth(item: Resident | RamEntry, order: _Order, size: int | None) -> tuple[
     """How much an item is worth keeping (higher stays); ties go by last use.
 
     Ranked by cost, its CRF (how often it is asked for) times its start's seconds (what
-    each request would wait if it were gone): GreedyDual-Size-Frequency's value. Where
-    the room is counted in bytes (``size``, what keeping it takes), per byte: a model
-    that starts in 40 s for 1 GiB is worth keeping over one that starts in 60 s for 12.
+    each request would wait if it were gone; :data:`MIN_RELOAD_S` at least):
+    GreedyDual-Size-Frequency's value. Per byte of ``size`` where the device's room is
+    what is short: a model that starts in 40 s for 1 GiB is worth keeping over one that
+    starts in 60 s for 12. The ram tier weighs whole values: what a sleeper will hold
+    there is known only once it sleeps (on a CPU it may free most of what it held).
     """
     value = item.crf if order.crf and item.crf is not None else 0.0
     if order.cost and item.reload_s is not None:
-        value *= item.reload_s
+        value *= max(item.reload_s, MIN_RELOAD_S)
         if size is not None:
             value /= max(size, 1)
     return (value, item.last_used)
@@ -493,7 +498,7 @@ class _RamLedger:
 
     def __init__(self, ram: RamTier, order: _Order) -> None:
         self.order = order
-        self.entries = sorted(ram.entries, key=lambda e: _worth(e, order, e.bytes))
+        self.entries = sorted(ram.entries, key=lambda e: _worth(e, order, None))
         self.budget = ram.budget
         self.held = sum(e.bytes for e in self.entries)
         self.available = ram.available
@@ -508,11 +513,11 @@ class _RamLedger:
         """Entries worth less to push down so ``victim`` fits; None when it cannot fit."""
         room = min(self.budget - self.held, self.available)
         spill: list[RamEntry] = []
-        worth = _worth(victim, self.order, victim.ram_cost)
+        worth = _worth(victim, self.order, None)
         for entry in self.entries:
             if room >= victim.ram_cost:
                 break
-            if _worth(entry, self.order, entry.bytes) < worth and not entry.busy:
+            if _worth(entry, self.order, None) < worth and not entry.busy:
                 spill.append(entry)
                 room += entry.bytes
         return spill if room >= victim.ram_cost else None
@@ -548,7 +553,7 @@ def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Action, ...]:
         entry = next((e for e in ledger.entries if e.name == victim.name), None)
         actions.append(ledger.remove(entry) if entry else Stop(victim.name))
     awake = [v for v in victims if not v.asleep]
-    for victim in sorted(awake, key=lambda v: _worth(v, ranking, v.ram_cost), reverse=True):
+    for victim in sorted(awake, key=lambda v: _worth(v, ranking, None), reverse=True):
         spill = None if victim.ram_via is None or ram.budget <= 0 else ledger.room_for(victim)
         if victim.ram_via is None or spill is None:
             actions.append(Stop(victim.name))
@@ -584,7 +589,7 @@ def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
     over = max(held - ram.budget, -ram.available)
     ranking = _order(ram.entries)
     actions: list[Action] = []
-    for entry in sorted(ram.entries, key=lambda e: _worth(e, ranking, e.bytes)):
+    for entry in sorted(ram.entries, key=lambda e: _worth(e, ranking, None)):
         if over <= 0:
             break
         if entry.busy:

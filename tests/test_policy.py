@@ -761,11 +761,11 @@ def test_what_losing_a_model_costs_orders_eviction_by_value_per_byte() -> None:
     assert plan_admission(gib(1), device, often_big, Limits()) == Admit("gpu0", ("small",))
 
 
-def test_the_ram_tier_keeps_what_saves_the_most_seconds_per_byte() -> None:
+def test_the_ram_tier_keeps_what_saves_the_most_seconds() -> None:
     """A victim that starts slowly for its size pushes down an entry of higher CRF.
 
-    ``quick`` (CRF 2) would start again in 2 s for its 4 GiB; the victim (CRF 1) needs
-    60 s for the same: the tier keeps the victim. Without start times, the CRF decides.
+    ``quick`` (CRF 2) would start again in 2 s; the victim (CRF 1) needs 60 s: the tier
+    keeps the victim. Without start times, the CRF decides.
     """
     victim = res("v", 4, 5, ram_cost=4, crf=1.0)
     quick = RamEntry("quick", gib(4), 1, "sleep", crf=2.0)
@@ -821,3 +821,14 @@ def test_busy_models_are_ranked_among_themselves_on_one_scale() -> None:
     ]
     plan = plan_admission(gib(4), [dev(total=9, free=0)], residents, Limits())
     assert plan == Wait("gpu0", ("starting",))
+
+
+def test_starts_under_a_second_count_alike_so_use_decides() -> None:
+    """0.3 s against 0.4 s is noise, not cost: with equal CRFs the least recent goes."""
+    residents = [
+        timed(res("older", 1, 1, crf=1.0), 0.4),
+        timed(res("newer", 1, 9, crf=1.0), 0.3),
+    ]
+    device = [dev(free=0, total=24)]
+    assert plan_admission(gib(1), device, residents, Limits()) == Admit("gpu0", ("older",))
+    assert [r.name for r in count_overflow(residents, 1)] == ["older"]
