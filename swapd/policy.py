@@ -242,8 +242,8 @@ def _plan_device(
     # count, not bytes, is freed: each whole, as count_overflow ranks them.
     per_byte = need > room
 
-    def keep(r: Resident) -> tuple[bool, bool, tuple[float, float]]:
-        worth = _worth(r, busy_ranking if r.busy else ranking, r.usage if per_byte else None)
+    def keep(r: Resident, *, by_bytes: bool = per_byte) -> tuple[bool, bool, tuple[float, float]]:
+        worth = _worth(r, busy_ranking if r.busy else ranking, r.usage if by_bytes else None)
         return (r.busy, _warm_in_ram(r), worth)
 
     order = sorted(evictable, key=keep)
@@ -265,6 +265,13 @@ def _plan_device(
         if candidate.device == device.id:
             room += candidate.usage
     victims = _prune(victims, need, room, count_excess, device.id)
+    on_device = [v for v in victims if v.device == device.id]
+    if per_byte and len(on_device) < len(victims):
+        # Those elsewhere free only a count, not this device's bytes: chosen whole, as
+        # count_overflow chooses, not per byte of a device that is not short.
+        awake = [r for r in order if not r.asleep and r not in on_device]
+        spare = sorted(awake, key=lambda r: keep(r, by_bytes=False))
+        victims = on_device + spare[: count_excess - _running(on_device)]
     busy = tuple(v.name for v in victims if v.busy)
     if busy:
         return Wait(device.id, busy)

@@ -832,3 +832,22 @@ def test_starts_under_a_second_count_alike_so_use_decides() -> None:
     device = [dev(free=0, total=24)]
     assert plan_admission(gib(1), device, residents, Limits()) == Admit("gpu0", ("older",))
     assert [r.name for r in count_overflow(residents, 1)] == ["older"]
+
+
+def test_a_count_victim_elsewhere_is_weighed_whole_while_bytes_are_short_here() -> None:
+    """gpu0 is short of bytes: its sleeper goes (it does not count for max_running).
+
+    max_running 2 still needs one of the two running models on gpu1 to stop. That frees
+    a count, not bytes of gpu0: it is chosen as count_overflow chooses, each whole
+    (``small``, 40 s), not per byte of gpu1 (where ``big``, 58 s for 12 GiB, looked the
+    cheaper).
+    """
+    residents = [
+        timed(res("sleeper", 4, 1, crf=1.0, asleep=True), 10.0),
+        Resident("big", "gpu1", gib(12), last_used=1, crf=1.0, reload_s=58.0),
+        Resident("small", "gpu1", gib(1), last_used=9, crf=1.0, reload_s=40.0),
+    ]
+    plan = plan_admission(gib(4), [dev(free=0)], residents, Limits(max_running=2))
+    assert plan == Admit("gpu0", ("sleeper", "small"))
+    running = [r for r in residents if not r.asleep]
+    assert [r.name for r in count_overflow(running, 1)] == ["small"]
