@@ -271,7 +271,7 @@ def _plan_device(
         # count_overflow chooses, not per byte of a device that is not short.
         awake = [r for r in order if not r.asleep and r not in on_device]
         spare = sorted(awake, key=lambda r: keep(r, by_bytes=False))
-        victims = on_device + spare[: count_excess - _running(on_device)]
+        victims = on_device + spare[: max(0, count_excess - _running(on_device))]
     busy = tuple(v.name for v in victims if v.busy)
     if busy:
         return Wait(device.id, busy)
