@@ -94,8 +94,9 @@ class Entry:
     """A complete entry: the copy at ``path`` of ``source`` as it was (``size`` bytes).
 
     ``last_used_ns`` is wall-clock nanoseconds; ``sha256`` is set once the copy was checked;
-    ``synced`` once its fsync has returned. The planner reads only ``key``, ``source``,
-    ``size`` and ``last_used_ns``.
+    ``synced`` once its fsync has returned; ``copy`` is the copy's identity, kept when a
+    touch or the fsync replaces the entry, new for each copy. The planner reads only
+    ``key``, ``source``, ``size`` and ``last_used_ns``.
     """
 
     key: str
@@ -105,6 +106,7 @@ class Entry:
     sha256: str | None = None
     path: Path = field(default=Path(), compare=False)
     synced: bool = True
+    copy: object = field(default_factory=object, compare=False, repr=False)
 
 
 def plan_room(
@@ -206,9 +208,6 @@ class StagingCache:
         self._disk_share = budget is None
         self.budget = budget or 0
         self._entries: dict[str, Entry] = {}
-        # Which copy each key's entry is: a touch or its fsync replaces the Entry, not the
-        # copy, so a digest computed meanwhile still belongs to it.
-        self._copy_of: dict[str, object] = {}
         self._copies: dict[str, _Copy] = {}
         self._held: Counter[str] = Counter()  # keys of copies being checked for a load
         self._syncs: dict[str, _Sync] = {}
@@ -248,7 +247,6 @@ class StagingCache:
             self._entries[key] = Entry(
                 key, manifest.source, manifest.size, last_used, manifest.sha256, path
             )
-            self._copy_of[key] = object()
         self._clock = max((e.last_used_ns for e in self._entries.values()), default=0)
         self._executor = ThreadPoolExecutor(4, thread_name_prefix="swapd-staging")
         used, _ = self.usage()
@@ -423,7 +421,6 @@ class StagingCache:
         freed, trash = 0, _Trash()
         for key in keys:
             entry = self._entries.pop(key, None)
-            self._copy_of.pop(key, None)
             if entry is None:
                 continue
             freed += entry.size
@@ -502,7 +499,6 @@ class StagingCache:
             synced=False,
         )
         self._entries[job.key] = entry
-        self._copy_of[job.key] = object()
         self._start_sync(job.key)
         if job.emitted != job.done:
             job.emit()
@@ -592,7 +588,6 @@ class StagingCache:
         if sha256 is None or entry.sha256 == sha256:
             return entry
         if entry.sha256 is None:
-            copy = self._copy_of.get(entry.key)
             cancel = threading.Event()
             # Held while hashed: a load is about to start from it, no stage may evict it.
             self._held[entry.key] += 1
@@ -605,7 +600,7 @@ class StagingCache:
                 if not self._held[entry.key]:
                     del self._held[entry.key]
             current = self._entries.get(entry.key)
-            if current is not None and self._copy_of.get(entry.key) is copy:
+            if current is not None and current.copy is entry.copy:
                 # The same copy, perhaps touched or synced meanwhile (a new Entry each).
                 self._entries[entry.key] = replace(current, sha256=actual)
                 try:
