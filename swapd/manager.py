@@ -1379,6 +1379,7 @@ class Manager:
     async def _start_spawned(self, slot: Slot, device: Device, placement: Placement) -> None:
         """Spawn, retrying once without the sleep flag where the backend refuses it."""
         preset = slot.preset
+        key = _sleep_key(preset)  # a fingerprint: the model's files are stat'ed
         try:
             await self._spawn_ready(slot, device, placement)
         except BackendStartError as exc:
@@ -1391,7 +1392,7 @@ class Manager:
                 raise
             # The backend refused --enable-sleep-mode (vLLM's CPU build does): start it
             # again without the flag, and remember that for this launch.
-            self._sleep_refused[_sleep_key(preset)] = refused
+            self._sleep_refused[key] = refused
             _log.warning("model.sleep.refused", model=preset.name, line=refused)
             slot.move(State.FAILED, State.QUEUED)
             slot.move(State.QUEUED, State.STARTING)
@@ -1399,7 +1400,6 @@ class Manager:
             await self._spawn_ready(slot, device, retry)
             placement = retry
         slot.sleep_level = placement.sleep_level
-        key = _sleep_key(preset)
         line = self._sleep_refused.get(key)
         missing = self._sleep_missing.get(key)
         if missing:
