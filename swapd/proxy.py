@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import re
 from collections.abc import Awaitable, Callable, Iterable
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
@@ -405,11 +407,7 @@ class Proxy:
             if flush is not None:
                 flush.cancel()
         if cut is not None:
-            # The status is promised already: the only honest signal left is a cut
-            # connection, and the log and metrics say it failed.
-            stream_error(request, BackendGone.status)
-            if request.transport is not None:
-                request.transport.close()
+            _end_cut(request, response, BackendGone(model, str(cut)))
         return response
 
 
@@ -526,6 +524,48 @@ def _write_at_once(request: web.Request) -> Callable[[bytes], bool] | None:
         raise RuntimeError("the response writer waited on a relayed chunk")
 
     return write
+
+
+def _end_cut(request: web.Request, response: web.StreamResponse, exc: BackendGone) -> None:
+    """End a relayed answer its backend cut short; the log and metrics say it failed."""
+    stream_error(request, exc.status)
+    if not request.writer.output_size:
+        # Nothing went out yet (the headers wait for the first chunk): the client can
+        # still be told, with the envelope, instead of finding the connection shut.
+        _answer_instead(request, response, exc)
+    elif request.transport is not None:
+        # The status is promised already: the only honest signal left is a cut connection.
+        request.transport.close()
+
+
+# Of a relayed answer's headers, those swapd's own answer in its place keeps: set at
+# prepare for every answer (the request id, CORS), not the backend's.
+_KEPT_ON_ERROR = ("X-Request-Id", "Access-Control-Allow-Origin", "Access-Control-Expose-Headers")
+
+
+def _answer_instead(request: web.Request, held: web.StreamResponse, exc: RequestError) -> None:
+    """Answer ``exc`` in the envelope in place of ``held``, none of which has gone out.
+
+    aiohttp has taken ``held`` as the answer (its headers wait in the writer), so the
+    error is written to the connection by hand, and the connection closed after it: the
+    writer's later attempt to send ``held`` finds it closing and sends nothing.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return
+    body = b"" if request.method == "HEAD" else json.dumps(exc.envelope()).encode()
+    headers = {name: held.headers[name] for name in _KEPT_ON_ERROR if name in held.headers}
+    if "Access-Control-Allow-Origin" in headers:
+        headers["Vary"] = "Origin"
+    headers |= exc.headers()
+    headers["Content-Type"] = "application/json; charset=utf-8"
+    headers["Content-Length"] = str(len(body))
+    headers["Connection"] = "close"
+    version = request.version
+    lines = [f"HTTP/{version.major}.{version.minor} {exc.status} {HTTPStatus(exc.status).phrase}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    transport.write("\r\n".join(lines).encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    transport.close()
 
 
 def _header_text(value: bytes) -> str:

@@ -67,6 +67,41 @@ def test_an_answer_the_backend_cuts_short_is_logged_as_a_failure(
     assert d.model("r")["in_flight"] == 0
 
 
+def test_a_stream_closed_after_its_headers_is_answered_502_in_the_envelope(
+    start_daemon: StartDaemon,
+) -> None:
+    """A backend that closes right after its SSE headers: the client gets a 502 it can read.
+
+    The relayed headers wait for the first chunk, so none of the answer has gone out when
+    the backend closes. Before, the client found the connection closed with no status
+    (an empty reply); now it gets the envelope, with its request id and CORS headers,
+    and the log says 502.
+    """
+    d = start_daemon({"r": _preset()}, {"cors_origins": ["https://app.example"]})
+    assert _post(d, "ok")[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=20)
+    body = json.dumps({"model": "r", "mode": "close_after_headers", "stream": True})
+    headers = {
+        "Content-Type": "application/json",
+        "X-Request-Id": "cut-1",
+        "Origin": "https://app.example",
+    }
+    conn.request("POST", "/v1/chat/completions", body, headers)
+    resp = conn.getresponse()
+    error = json.loads(resp.read())["error"]
+    conn.close()
+    assert resp.status == 502
+    assert resp.getheader("X-Request-Id") == "cut-1"
+    assert resp.getheader("Access-Control-Allow-Origin") == "https://app.example"
+    assert resp.getheader("Content-Type") == "application/json; charset=utf-8"
+    assert error["code"] == "backend_gone"
+    assert error["message"].startswith("backend for 'r' failed while serving: ")
+    wait_for(lambda: len(_logged(d)) == 2)
+    assert _logged(d) == [200, 502]
+    assert _post(d, "ok")[0] == 200
+    assert d.model("r")["in_flight"] == 0
+
+
 def test_a_stream_cut_after_pings_ends_with_one_error_event(start_daemon: StartDaemon) -> None:
     """After pings, a backend that fails right after its headers is one error event.
 
