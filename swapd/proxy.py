@@ -78,6 +78,8 @@ _DECODED = frozenset({"gzip", "deflate", "br", "zstd"})
 BUFFER_LIMIT = 1 << 20
 # How long a relayed answer's headers wait for its first chunk to share a write with it.
 HEADERS_WAIT = 0.05
+# The relayed answer, once aiohttp has taken it (its headers may still wait in the writer).
+_RELAYED = "swapd.relayed"
 # Set on a /upstream/ request: the backend's answer goes back as sent, errors too.
 AS_SENT = "swapd.as_sent"
 # How long a request that a backend refused waits for swapd to see that backend's exit.
@@ -333,12 +335,15 @@ class Proxy:
             async with asyncio.timeout(limit):
                 return await self._exchange(request, lease, headers, body)
         except TimeoutError:
-            if request.get("relay_started"):
+            relayed = request.get(_RELAYED)
+            if relayed is None:
+                raise UpstreamTimeout(lease.model, limit) from None
+            if not request.writer.output_size:
+                _answer_instead(request, relayed, UpstreamTimeout(lease.model, limit))
+            elif request.transport is not None:
                 # Headers are gone already: a cut connection is the only signal left.
-                if request.transport is not None:
-                    request.transport.close()
-                return web.Response(status=504)
-            raise UpstreamTimeout(lease.model, limit) from None
+                request.transport.close()
+            return web.Response(status=UpstreamTimeout.status)
 
     async def _exchange(
         self, request: web.Request, lease: Lease, headers: list[tuple[bytes, bytes]], body: bytes
@@ -390,7 +395,7 @@ class Proxy:
         response = _Coalesced(status=upstream.status, headers=out_headers)
         if length is not None and not streaming:
             response.content_length = length
-        request["relay_started"] = True
+        request[_RELAYED] = response
         if streaming:
             # Tell Nginx (and similar) not to buffer server-sent events.
             response.headers["X-Accel-Buffering"] = "no"
@@ -538,12 +543,14 @@ def _end_cut(request: web.Request, response: web.StreamResponse, exc: BackendGon
         request.transport.close()
 
 
-# Of a relayed answer's headers, those swapd's own answer in its place keeps: set at
-# prepare for every answer (the request id, CORS), not the backend's.
+# Of a relayed answer's headers, those swapd's own answer in its place keeps: the request
+# id and CORS, which swapd sets at prepare (over a backend's own, where it sets them).
 _KEPT_ON_ERROR = ("X-Request-Id", "Access-Control-Allow-Origin", "Access-Control-Expose-Headers")
 
 
-def _answer_instead(request: web.Request, held: web.StreamResponse, exc: RequestError) -> None:
+def _answer_instead(
+    request: web.Request, held: web.StreamResponse, exc: BackendGone | UpstreamTimeout
+) -> None:
     """Answer ``exc`` in the envelope in place of ``held``, none of which has gone out.
 
     aiohttp has taken ``held`` as the answer (its headers wait in the writer), so the
@@ -564,7 +571,8 @@ def _answer_instead(request: web.Request, held: web.StreamResponse, exc: Request
     version = request.version
     lines = [f"HTTP/{version.major}.{version.minor} {exc.status} {HTTPStatus(exc.status).phrase}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
-    transport.write("\r\n".join(lines).encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    # UTF-8, as aiohttp writes header values (and it has checked these ones at prepare).
+    transport.write("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
     transport.close()
 
 

@@ -102,6 +102,26 @@ def test_a_stream_closed_after_its_headers_is_answered_502_in_the_envelope(
     assert d.model("r")["in_flight"] == 0
 
 
+def test_a_request_timeout_while_the_headers_wait_is_answered_504_in_the_envelope(
+    start_daemon: StartDaemon,
+) -> None:
+    """``request_timeout`` fires after the backend's headers, before its first chunk.
+
+    The backend answers its headers at 0.97 s of a 1 s limit: the held headers would go
+    out at 1.02 s at the soonest, so none of the answer has when the limit strikes.
+    Before, the client found the connection closed with no status; now it gets the
+    504 envelope that a limit struck before the headers gives.
+    """
+    d = start_daemon({"r": _preset(request_timeout="1s")})
+    assert _post(d, "ok")[0] == 200
+    status, body, whole = _post(d, "late_headers", stream=True)
+    assert (status, whole) == (504, True)
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    wait_for(lambda: len(_logged(d)) == 2)
+    assert _logged(d) == [200, 504]
+    assert d.model("r")["in_flight"] == 0
+
+
 def test_a_stream_cut_after_pings_ends_with_one_error_event(start_daemon: StartDaemon) -> None:
     """After pings, a backend that fails right after its headers is one error event.
 

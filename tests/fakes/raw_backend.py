@@ -3,7 +3,8 @@
 Modes: ``ok`` (a small JSON answer), ``close_after_headers`` (SSE headers, then a close),
 ``cut_sized`` (a 2 MiB Content-Length, 100 bytes, then a close), ``stall_partial``
 (SSE headers and half an event, then nothing until swapd closes) and ``stall_error``
-(a chunked HTML 500 and the start of its text, then nothing until swapd closes).
+(a chunked HTML 500 and the start of its text, then nothing until swapd closes) and
+``late_headers`` (SSE headers after 0.97 s, then nothing until swapd closes).
 ``/health`` answers 503 until ``--start-delay`` seconds have passed, then 200.
 
     python tests/fakes/raw_backend.py --port PORT [--start-delay SECONDS]
@@ -74,6 +75,12 @@ class RawBackend:
         if mode == "cut_sized":
             head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
             writer.write(head + b"Content-Length: %d\r\n\r\n" % (2 << 20) + b"x" * 100)
+            return False
+        if mode == "late_headers":
+            await asyncio.sleep(0.97)
+            writer.write(SSE_HEAD)
+            await writer.drain()
+            await reader.read()  # until swapd closes the connection
             return False
         if mode == "stall_partial":
             writer.write(SSE_HEAD + _chunk(b'data: {"choices": [{"delta": {"content": "x'))
