@@ -130,12 +130,14 @@ def _spread(span: tuple[float, float], size_gib: float) -> float:
 def make_models(timing: str = "disk") -> dict[str, Model]:
     """Eight models of 1 to 12 GiB (37.5 GiB in all, against a 24 GiB budget).
 
-    ``disk``: a load takes 0.5 s + 1.5 s/GiB; ``vllm``: vLLM's restart and wake times.
+    ``disk``: a load takes 0.5 s + 1.5 s/GiB; ``vllm``: vLLM's restart and wake times;
+    ``mixed``: two engines on one host, vLLM's times for every other model (the 1, 2,
+    4 and 8 GiB ones) and the disk's for the rest.
     """
     models = {}
     for i, s in enumerate(SIZES_GIB):
         name = f"m{i}-{s:g}g"
-        if timing == "vllm":
+        if timing == "vllm" or (timing == "mixed" and i % 2 == 0):
             load, wake = _spread(VLLM_COLD_S, s), _spread(VLLM_WAKE_S, s)
         else:
             load = wake = LOAD_BASE_S + SECONDS_PER_GIB * s
@@ -390,8 +392,12 @@ def plan_swapd_nohold(sim: Sim, name: str, now: float) -> Plan:
     return policy.plan_admission(sim.need(name), [_device(sim)], residents, policy.Limits())
 
 
-def plan_held(rule: policy.HoldRule) -> Planner:
-    """swapd's plan, then :func:`swapd.policy.hold` with ``rule``, as the manager asks it."""
+def plan_held(rule: policy.HoldRule, *, weighed: bool = True) -> Planner:
+    """swapd's plan, then :func:`swapd.policy.hold` with ``rule``, as the manager asks it.
+
+    ``weighed=False``: the hold compares plain CRFs, as swapd's did before it weighed
+    them by start times (the model's own start time withheld).
+    """
 
     def plan(sim: Sim, name: str, now: float) -> Plan | policy.Hold:
         residents = residents_view(sim, now, crf=True, exclude=name)
@@ -404,6 +410,7 @@ def plan_held(rule: policy.HoldRule) -> Planner:
             busy=policy.loader_busy(sim.spans, now),
             waited=now - oldest,
             rule=rule,
+            reload_s=sim.reload_s(name) if weighed else None,
         )
         if held is None:
             return found
@@ -834,9 +841,9 @@ def traces(seed: int, horizon: float, rate: float, names: list[str]) -> dict[str
     }
 
 
-def run_all(seed: int, horizon: float, rate: float) -> dict[str, Json]:
-    """Every trace under every policy."""
-    models = make_models()
+def run_all(seed: int, horizon: float, rate: float, timing: str = "disk") -> dict[str, Json]:
+    """Every trace under every policy, with the models' ``timing`` (:func:`make_models`)."""
+    models = make_models(timing)
     out: dict[str, Json] = {}
     for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
         results = {p: simulate(trace, models, p) for p in POLICIES}
@@ -867,10 +874,10 @@ Runs = Callable[[list[Request], dict[str, Model]], dict[str, Json]]
 
 
 def replays(
-    seeds: int, horizon: float, rate: float, runs: Runs
+    seeds: int, horizon: float, rate: float, runs: Runs, timing: str = "disk"
 ) -> Iterator[tuple[str, Json, dict[str, Json]]]:
     """Every trace of seeds 1..N: its name, belady's result on it, and ``runs``' results."""
-    models = make_models()
+    models = make_models(timing)
     for seed in range(1, seeds + 1):
         for trace_name, trace in traces(seed, horizon, rate, list(models)).items():
             yield trace_name, simulate(trace, models, "belady"), runs(trace, models)
@@ -918,26 +925,33 @@ HOLD_GRID_BUSY = (0.0, 0.1, 0.2, 0.3, 0.4)
 HOLD_GRID_MAX_S = (10.0, 30.0)
 
 
-def hold_grid(seeds: int, horizon: float, rate: float) -> dict[str, dict[str, float]]:
+def hold_grid(
+    seeds: int, horizon: float, rate: float, timing: str = "disk", *, full: bool = True
+) -> dict[str, dict[str, float]]:
     """For each ``hold_busy`` / ``hold_max``: load time over belady's and the p95 wait.
 
     Means over every trace of seeds 1..N; belady's own p95 wait for scale. The daemon's
     keys trade one for the other: holding at a lower loader share saves loads and makes
-    the held requests wait.
+    the held requests wait. The defaults also with plain CRFs compared (the hold before
+    it weighed start times), and with no hold; ``full=False`` runs only those three.
     """
+    grid = [(busy, max_s) for busy in HOLD_GRID_BUSY for max_s in HOLD_GRID_MAX_S]
     settings = {
         f"hold_busy {busy:g}, hold_max {max_s:g}s": plan_held(
             policy.HoldRule(max_s=max_s, busy=busy)
         )
-        for busy in HOLD_GRID_BUSY
-        for max_s in HOLD_GRID_MAX_S
+        for busy, max_s in (grid if full else [(HOLD.busy, HOLD.max_s)])
     }
+    settings[f"hold_busy {HOLD.busy:g}, hold_max {HOLD.max_s:g}s, plain CRFs"] = plan_held(
+        HOLD, weighed=False
+    )
+    settings["no hold"] = plan_swapd_nohold
 
     def runs(trace: list[Request], models: dict[str, Model]) -> dict[str, Json]:
         return {k: simulate(trace, models, "swapd", planner=p) for k, p in settings.items()}
 
     rows: dict[str, list[tuple[float, float]]] = {}
-    for _, best, results in replays(seeds, horizon, rate, runs):
+    for _, best, results in replays(seeds, horizon, rate, runs, timing):
         rows.setdefault("belady", []).append((1.0, best["wait_p95_s"]))
         for key, r in results.items():
             ratio = r["load_time_s"] / best["load_time_s"]
@@ -1234,6 +1248,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--hold-seeds", type=int, default=0, help="seeds for the hold settings grid (0 skips)"
     )
+    p.add_argument(
+        "--timing",
+        choices=("disk", "mixed"),
+        default="disk",
+        help="load times of the main run, the sweep and the hold grid: the disk's for every "
+        "model, or vLLM's for every other one (two engines on one host)",
+    )
+    p.add_argument(
+        "--hold-grid",
+        choices=("full", "defaults"),
+        default="full",
+        help="every hold setting, or only the defaults (weighed, plain CRFs, no hold)",
+    )
     p.add_argument("--quick", action="store_true", help="one simulated hour")
     p.add_argument("--plots", type=Path, help="write PNG charts into this folder")
     p.add_argument("--out", type=Path, default=Path("out/simulate_policy.json"))
@@ -1245,12 +1272,12 @@ def main() -> None:
     args = parse_args()
     info = _bench.machine_info()
     hours = 1.0 if args.quick else args.hours
-    results = run_all(args.seed, hours * 3600, args.rate)
+    results = run_all(args.seed, hours * 3600, args.rate, args.timing)
     _bench.print_machine(info)
     print(f"rate {args.rate:g} requests/s, {hours:g} simulated hours per trace")
     print_report(results)
     rates = [float(r) for r in args.sweep.split(",") if r]
-    sweep = {f"{r:g}": run_all(args.seed, hours * 3600, r) for r in rates}
+    sweep = {f"{r:g}": run_all(args.seed, hours * 3600, r, args.timing) for r in rates}
     if sweep:
         print_sweep(sweep)
         for rate in (f"{args.rate:g}", f"{max(rates):g}"):
@@ -1268,7 +1295,13 @@ def main() -> None:
     oracles = oracle_grid(args.oracle_seeds, hours * 3600, args.rate) if args.oracle_seeds else {}
     if oracles:
         print_oracles(oracles, args.oracle_seeds, args.rate)
-    holds = hold_grid(args.hold_seeds, hours * 3600, args.rate) if args.hold_seeds else {}
+    holds = (
+        hold_grid(
+            args.hold_seeds, hours * 3600, args.rate, args.timing, full=args.hold_grid == "full"
+        )
+        if args.hold_seeds
+        else {}
+    )
     if holds:
         print_hold_grid(holds, args.hold_seeds, args.rate)
     charts = plot(results, args.plots) if args.plots else []
@@ -1283,6 +1316,7 @@ def main() -> None:
         "model_sizes_gib": list(SIZES_GIB),
         "budget_gib": BUDGET_GIB,
         "load_s": f"{LOAD_BASE_S} + {SECONDS_PER_GIB} * GiB",
+        "timing": args.timing,
         "request_duration": "lognormal, median 2 s, sigma 0.8, capped at 60 s",
         "crf_half_life_s": policy.CRF_HALF_LIFE_S,
         "hold": {"max_s": HOLD.max_s, "busy": HOLD.busy, "window_s": policy.HOLD_WINDOW_S},

@@ -1074,6 +1074,8 @@ class Manager:
             model=job.slot.preset.name,
             crf=round(hold.crf, 3),
             victims_crf=round(hold.victims_crf, 3),
+            worth=None if hold.worth is None else round(hold.worth, 3),
+            victims_worth=None if hold.victims_worth is None else round(hold.victims_worth, 3),
             loader_busy=round(hold.busy, 3),
             hold_s=round(hold.seconds, 3),
         )
@@ -1168,6 +1170,7 @@ class Manager:
                     busy=self._loader_busy(),
                     waited=waited,
                     rule=self._hold_rule(),
+                    reload_s=slot.reload_s,
                 )
                 if held is not None:
                     return held  # the locks go: other loads may plan meanwhile

@@ -28,7 +28,8 @@ model used often stays ahead of one used once a moment ago. Without CRFs it is
 the last use (plain LRU).
 
 A load that is admissible may still be held (:func:`hold`): while the loader is
-busy, a load whose victims are in more demand than it waits a bounded time.
+busy, a load whose victims are worth more than it (eviction's weights) waits a
+bounded time.
 
 Where the victims go is a second decision, :func:`demotions`: down to the ram
 tier (vLLM sleeps; a llama-server's GGUF pages stay locked) while the ram budget
@@ -381,19 +382,30 @@ class HoldRule:
 
 @dataclass(frozen=True)
 class Hold:
-    """Admissible, but held: the victims' CRF exceeds the model's and the loader is busy."""
+    """Admissible, but held: the victims outweigh the model and the loader is busy."""
 
     seconds: float  # the most it is held from now; it goes sooner if the condition clears
     crf: float  # the model's
     victims_crf: float  # the victims', summed
     busy: float  # the loader's busy share
+    # Where every start is timed, what was compared: each CRF times its start seconds
+    # (:func:`_worth`'s value), the model's and the victims' summed. None: plain CRFs.
+    worth: float | None = None
+    victims_worth: float | None = None
 
     @property
     def reason(self) -> str:
         """Why, in the words status shows."""
+        loader = f"while the loader is busy {self.busy:.0%} of the time"
+        if self.worth is None or self.victims_worth is None:
+            return (
+                f"held up to {self.seconds:.0f}s: its victims' CRF {self.victims_crf:.2f} "
+                f"exceeds its {self.crf:.2f} {loader}"
+            )
         return (
-            f"held up to {self.seconds:.0f}s: its victims' CRF {self.victims_crf:.2f} exceeds "
-            f"its {self.crf:.2f} while the loader is busy {self.busy:.0%} of the time"
+            f"held up to {self.seconds:.0f}s: its victims' CRF {self.victims_crf:.2f} times "
+            f"their start seconds, {self.victims_worth:.1f}, exceeds its {self.worth:.1f} "
+            f"(CRF {self.crf:.2f}) {loader}"
         )
 
 
@@ -418,6 +430,7 @@ def hold(  # noqa: PLR0913 - the plan and the facts it is held on, keyword-only
     busy: float,
     waited: float,
     rule: HoldRule,
+    reload_s: float | None = None,
 ) -> Hold | None:
     """Whether an admissible load should wait before it evicts: a Hold, or None to go now.
 
@@ -425,19 +438,33 @@ def hold(  # noqa: PLR0913 - the plan and the facts it is held on, keyword-only
     reloads the victim soon after, and every load displaces another: the thrash of
     docs/benchmarks.md (section 3). Holding the load lets its requests gather, so
     one load serves them all, while the victims keep serving theirs; the hold ends
-    once the model's CRF catches up, or after ``rule.max_s``. An idle loader never
+    once the model outweighs them, or after ``rule.max_s``. An idle loader never
     holds: then the wait would buy nothing. Without CRFs there is no hold.
+
+    The weights are eviction's (:func:`_worth`, whole): each CRF times its start
+    seconds (``reload_s`` is the model's own) when every start has been timed, so a
+    victim that restarts in a second does not hold a load that takes a minute for
+    long; plain CRFs otherwise.
     """
     if not isinstance(plan, Admit) or not plan.victims or crf is None:
         return None
-    by_name = {r.name: r.crf for r in residents if r.name in plan.victims}
-    if any(value is None for value in by_name.values()):
+    victims = [r for r in residents if r.name in plan.victims]
+    if any(r.crf is None for r in victims):
         return None
-    kept = sum(value or 0.0 for value in by_name.values())
     left = rule.max_s - waited
-    if left < _MIN_HOLD_S or busy < rule.busy or kept <= crf:
+    if left < _MIN_HOLD_S or busy < rule.busy:
         return None
-    return Hold(left, crf, kept, busy)
+    kept = sum(r.crf or 0.0 for r in victims)
+    timed = [r.reload_s for r in victims if r.reload_s is not None]
+    if reload_s is None or len(timed) < len(victims):
+        return Hold(left, crf, kept, busy) if kept > crf else None
+    worth = crf * max(reload_s, MIN_RELOAD_S)
+    victims_worth = sum(
+        (r.crf or 0.0) * max(s, MIN_RELOAD_S) for r, s in zip(victims, timed, strict=True)
+    )
+    if victims_worth <= worth:
+        return None
+    return Hold(left, crf, kept, busy, worth=worth, victims_worth=victims_worth)
 
 
 # ---------------------------------------------------------------- tiers

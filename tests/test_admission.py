@@ -234,6 +234,35 @@ def test_a_hold_ends_at_its_bound(start_daemon: StartDaemon, tmp_path: Path) -> 
     assert [e["victims"] for e in d.events("model.evict")] == [["often"]]
 
 
+def test_a_hold_weighs_start_times_once_every_start_is_timed(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A victim in more demand that restarts at once does not hold a slow starter.
+
+    ``rare`` starts in about 4 s, ``often`` in under one (counted as 1 s). After
+    ``often``'s three requests, ``rare`` (CRF about 2) would evict ``often`` (CRF about
+    3): plain CRFs hold that load, as above, but weighed by start times 2 x 4 s
+    outweighs 3 x 1 s, so it goes at once. ``often``'s first load, its own start not yet
+    timed, compares plain CRFs (1 against ``rare``'s 0.99) and is not held either.
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": int(1.5 * GIB), "outside": 0}})
+    d = start_daemon(
+        {
+            "often": _gpu_preset("often", probe, 0),
+            "rare": _gpu_preset("rare", probe, 0, "--start-delay", "4"),
+        },
+        {"devices": "auto", "reserve": 0, "hold_busy": 0, "hold_max": "20s"},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    assert d.chat("rare")[0] == 200
+    for _ in range(3):
+        assert d.chat("often")[0] == 200
+    assert d.chat("rare")[0] == 200
+    assert d.events("model.hold.start") == []
+    assert [e["victims"] for e in d.events("model.evict")] == [["rare"], ["often"]]
+
+
 def test_an_idle_loader_never_holds(start_daemon: StartDaemon, tmp_path: Path) -> None:
     """With the default ``hold_busy``, a loader idle most of the time evicts at once."""
     d = _hold_daemon(start_daemon, tmp_path)

@@ -715,6 +715,28 @@ def test_hold_weighs_the_victims_together() -> None:
     assert "victims' CRF 2.00 exceeds its 1.50" in found.reason
 
 
+def test_a_hold_weighs_each_crf_by_its_start_seconds_once_every_start_is_timed() -> None:
+    """The hold weighs as eviction does: CRF times start seconds, where all are timed.
+
+    A victim in twice the demand that restarts in a second no longer holds a load that
+    takes a minute; a victim that takes a minute holds a load in more demand that takes
+    two seconds. With the model's own start not yet seen, plain CRFs decide, as before.
+    """
+    plan = Admit("gpu0", ("victim",))
+    quick = replace(VICTIM, crf=2.0, reload_s=0.4)  # counts as MIN_RELOAD_S, 1 s
+    slow = replace(VICTIM, crf=1.0, reload_s=60.0)
+
+    def held(crf: float, victim: Resident, reload_s: float | None) -> Hold | None:
+        return hold(plan, crf, [victim], busy=0.5, waited=0, rule=RULE, reload_s=reload_s)
+
+    assert held(1.0, quick, 60.0) is None
+    assert held(1.0, quick, None) == Hold(30, 1.0, 2.0, 0.5)
+    found = held(1.5, slow, 2.0)
+    assert found == Hold(30, 1.5, 1.0, 0.5, worth=3.0, victims_worth=60.0)
+    assert "victims' CRF 1.00 times their start seconds, 60.0, exceeds its 3.0" in found.reason
+    assert held(1.5, replace(slow, reload_s=None), 2.0) is None
+
+
 def test_a_hold_rule_of_zero_busy_holds_on_an_idle_loader_and_zero_seconds_never() -> None:
     """``hold_busy: 0`` holds whatever the loader does; ``hold_max: 0`` turns holds off."""
     plan = Admit("gpu0", ("victim",))
