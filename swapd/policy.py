@@ -40,7 +40,7 @@ disk first; otherwise straight to disk (stop).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
@@ -228,7 +228,7 @@ def _plan_device(
     running: int,
 ) -> Plan:
     here = [r for r in residents if r.device == device.id]
-    room = _room_now(device, here, limits)
+    room = room_before = _room_now(device, here, limits)
     # Candidates in eviction order: idle before busy, sleepers that keep their weights
     # in host RAM after the rest, least worth keeping first.
     evictable = [r for r in residents if not r.pinned]
@@ -266,17 +266,49 @@ def _plan_device(
         if candidate.device == device.id:
             room += candidate.usage
     victims = _prune(victims, need, room, count_excess, device.id)
-    on_device = [v for v in victims if v.device == device.id]
-    if per_byte and len(on_device) < len(victims):
-        # Those elsewhere free only a count, not this device's bytes: chosen whole, as
-        # count_overflow chooses, not per byte of a device that is not short.
-        awake = [r for r in order if not r.asleep and r not in on_device]
-        spare = sorted(awake, key=lambda r: keep(r, by_bytes=False))
-        victims = on_device + spare[: max(0, count_excess - _running(on_device))]
+    if per_byte and count_excess:
+        here_short = _Short(device.id, need, room_before)
+        victims = _count_victims_whole(victims, here_short, count_excess, order, keep)
     busy = tuple(v.name for v in victims if v.busy)
     if busy:
         return Wait(device.id, busy)
     return Admit(device.id, tuple(v.name for v in victims))
+
+
+@dataclass(frozen=True)
+class _Short:
+    """A device short of bytes: ``need`` against the ``room`` it has before any eviction."""
+
+    device: str
+    need: int
+    room: int
+
+
+def _count_victims_whole(
+    victims: list[Resident],
+    short: _Short,
+    count_excess: int,
+    order: Sequence[Resident],
+    keep: Callable[..., tuple[bool, bool, tuple[float, float]]],
+) -> list[Resident]:
+    """The victims, those beyond what frees the short device's bytes chosen whole.
+
+    Ranked per byte, the greedy pass also took the victims that only ``max_running``
+    needs by their worth per byte. Those free a count, not bytes (the bytes are freed
+    already): they are chosen again, as :func:`count_overflow` chooses, each whole, from
+    every running model the bytes do not need, on this device or another.
+    """
+    for_bytes: list[Resident] = []
+    freed = 0
+    for victim in victims:
+        if short.need <= short.room + freed:
+            break
+        if victim.device == short.device:
+            for_bytes.append(victim)
+            freed += victim.usage
+    awake = [r for r in order if not r.asleep and r not in for_bytes]
+    spare = sorted(awake, key=lambda r: keep(r, by_bytes=False))
+    return for_bytes + spare[: max(0, count_excess - _running(for_bytes))]
 
 
 def _running(victims: Sequence[Resident]) -> int:

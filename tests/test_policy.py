@@ -856,6 +856,23 @@ def test_starts_under_a_second_count_alike_so_use_decides() -> None:
     assert [r.name for r in count_overflow(residents, 1)] == ["older"]
 
 
+def test_a_count_victim_here_is_weighed_whole_once_the_bytes_are_freed() -> None:
+    """gpu0 is short of 1 GiB, and max_running 2 needs two of its three models to stop.
+
+    ``big`` frees the bytes (least worth per byte: 20 s for 12 GiB). The second victim
+    frees only a count, so it is chosen whole, as count_overflow chooses: ``quick``
+    (40 s) rather than ``slow`` (58 s for 4 GiB), which per byte looked the cheaper.
+    """
+    residents = [
+        Resident("big", "gpu0", gib(12), last_used=1, crf=1.0, reload_s=20.0),
+        Resident("quick", "gpu0", gib(1), last_used=2, crf=1.0, reload_s=40.0),
+        Resident("slow", "gpu0", gib(4), last_used=3, crf=1.0, reload_s=58.0),
+    ]
+    plan = plan_admission(gib(1), [dev(total=17, free=0)], residents, Limits(max_running=2))
+    assert plan == Admit("gpu0", ("big", "quick"))
+    assert [r.name for r in count_overflow(residents[1:], 1)] == ["quick"]
+
+
 def test_a_count_victim_elsewhere_is_weighed_whole_while_bytes_are_short_here() -> None:
     """gpu0 is short of bytes: its sleeper goes (it does not count for max_running).
 
