@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,23 @@ def vllm_setup() -> tuple[Path, Path]:
     return binary, model
 
 
-def vllm_preset(setup: tuple[Path, Path], root: Path, **keys: Any) -> dict[str, Any]:
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A TMPDIR for vLLM with a short path, removed after the test.
+
+    vLLM puts ZMQ unix sockets in TMPDIR; their paths must stay under 108 bytes, which
+    pytest's own temporary folders can pass.
+    """
+    path = Path(tempfile.mkdtemp(prefix="swapd-vllm-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def vllm_preset(
+    setup: tuple[Path, Path], root: Path, short_tmp: Path, **keys: Any
+) -> dict[str, Any]:
     """The lean CPU launch: one engine process, eager mode, a small KV cache."""
     binary, model = setup
-    # vLLM puts ZMQ unix sockets in TMPDIR; their paths must stay under 108 bytes.
-    short_tmp = tempfile.mkdtemp(prefix="swapd-vllm-")
     return {
         "backend": "vllm",
         "binary": str(binary),
@@ -54,7 +68,7 @@ def vllm_preset(setup: tuple[Path, Path], root: Path, **keys: Any) -> dict[str, 
             "DO_NOT_TRACK": "1",
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "VLLM_CACHE_ROOT": str(root.parent / "vllm-cache"),
-            "TMPDIR": short_tmp,
+            "TMPDIR": str(short_tmp),
         },
         "memory": "2GiB",
         "start_timeout": "5m",
@@ -64,10 +78,15 @@ def vllm_preset(setup: tuple[Path, Path], root: Path, **keys: Any) -> dict[str, 
 
 
 def test_vllm_serves_through_swapd_and_stops_cleanly(
-    start_daemon: StartDaemon, vllm_setup: tuple[Path, Path], tmp_path: Path
+    start_daemon: StartDaemon,
+    vllm_setup: tuple[Path, Path],
+    tmp_path: Path,
+    short_tmp: Path,
 ) -> None:
     """Swapd starts vllm serve on demand, proxies a completion and a chat, and unloads it."""
-    d = start_daemon({"tiny": vllm_preset(vllm_setup, tmp_path / "a", aliases=["tiny-llama"])})
+    d = start_daemon(
+        {"tiny": vllm_preset(vllm_setup, tmp_path / "a", short_tmp, aliases=["tiny-llama"])}
+    )
     body = {"model": "tiny-llama", "prompt": "hello world", "max_tokens": 8, "temperature": 0}
     status, first = d.request("POST", "/v1/completions", body, timeout=400)
     assert status == 200, first
@@ -86,7 +105,10 @@ def test_vllm_serves_through_swapd_and_stops_cleanly(
 
 
 def test_stopping_vllm_while_it_starts_leaves_nothing_behind(
-    start_daemon: StartDaemon, vllm_setup: tuple[Path, Path], tmp_path: Path
+    start_daemon: StartDaemon,
+    vllm_setup: tuple[Path, Path],
+    tmp_path: Path,
+    short_tmp: Path,
 ) -> None:
     """A shutdown while vLLM starts ends its whole group, whatever phase it is in.
 
@@ -95,7 +117,7 @@ def test_stopping_vllm_while_it_starts_leaves_nothing_behind(
     drain answers the waiting load at once and nothing is left.
     """
     d: Daemon = start_daemon(
-        {"tiny": vllm_preset(vllm_setup, tmp_path / "b", stop_timeout="2s")},
+        {"tiny": vllm_preset(vllm_setup, tmp_path / "b", short_tmp, stop_timeout="2s")},
         {"shutdown_timeout": "10s"},  # the drain's bound, well inside the wait below
     )
 
@@ -123,14 +145,19 @@ def _backend_output(d: Daemon) -> list[str]:
 
 
 def test_real_vllm_refused_sleep_flag_then_sleeps_wakes_and_serves(
-    start_daemon: StartDaemon, vllm_setup: tuple[Path, Path], tmp_path: Path
+    start_daemon: StartDaemon,
+    vllm_setup: tuple[Path, Path],
+    tmp_path: Path,
+    short_tmp: Path,
 ) -> None:
     """The CPU build refuses --enable-sleep-mode: swapd starts it again without the flag.
 
     With VLLM_SERVER_DEV_MODE=1 the real /sleep, /wake_up and /is_sleeping still answer,
     so the TTL puts it to sleep (same process) and the next request wakes it and is served.
     """
-    d = start_daemon({"tiny": vllm_preset(vllm_setup, tmp_path / "c", sleep=1, ttl="3s")})
+    d = start_daemon(
+        {"tiny": vllm_preset(vllm_setup, tmp_path / "c", short_tmp, sleep=1, ttl="3s")}
+    )
     body = {"model": "tiny", "prompt": "hello world", "max_tokens": 8, "temperature": 0}
     status, first = d.request("POST", "/v1/completions", body, timeout=600)
     assert status == 200, first
