@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from swapd import policy
+from swapd import policy, residency
 from swapd.admission import Admission, Snapshot
 from swapd.backends import (
     BinaryNotFound,
@@ -67,10 +67,11 @@ from swapd.presets import Preset
 from swapd.probe import HOST_DEVICE, Device, Probe, host_memory
 from swapd.process import Child
 from swapd.reload import ReloadPlan
+from swapd.residency import Claim
 from swapd.slot import ModelView, Slot, snapshot
 from swapd.staging import CacheFull as StagingFull
 from swapd.staging import StagingCache, StagingError
-from swapd.states import ON_DEVICE, State
+from swapd.states import State
 from swapd.upstream import UpstreamError, UpstreamPool
 from swapd.weights import weight_bytes
 
@@ -128,16 +129,6 @@ class _Job:
 @dataclass(frozen=True)
 class _Staging:
     """The plan can start the model once its weights are in the staging cache."""
-
-
-@dataclass(frozen=True)
-class _Claim:
-    """Room a load makes on a device: its need there, and the victims going down for it."""
-
-    slot: Slot
-    device: str
-    need: int
-    victims: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -230,7 +221,7 @@ class Manager:
         self._retiring: list[Slot] = []  # removed by a reload, still draining or stopping
         # Loads whose victims are going down a tier (no lock held meanwhile): every other
         # plan counts the room they make as theirs.
-        self._claims: dict[int, _Claim] = {}  # by id() of the loading slot
+        self._claims: dict[int, Claim] = {}  # by id() of the loading slot
         self.cgroups: Cgroups | None = None
         if config.cgroups:
             self.cgroups, why = Cgroups.open()
@@ -778,145 +769,40 @@ class Manager:
 
     def _resident(self, slot: Slot, snap: Snapshot) -> policy.Resident | None:
         """How a slot counts for admission, or None when it holds no device memory."""
-        if slot.device is None or not (slot.state in ON_DEVICE or slot.asleep):
-            return None
-        pid = slot.child.pid if slot.child and slot.child.pid else None
-        reading = snap.readings.get(slot.device.id)
-        # No process yet: nothing taken. No per-process numbers: free already shows it.
-        # What it holds on its own device: a helper's bytes on another GPU are not freed
-        # there by stopping it (that GPU's free memory shows them).
-        measured: int | None = None
-        if pid is None:
-            measured = 0
-        elif reading is not None and reading.per_process_supported:
-            measured = reading.by_pid.get(pid, 0)
-        need = slot.need.bytes if slot.need else 0
-        if slot.asleep or slot.leaving_ram:
-            # Asleep, or stopping from sleep: it holds only what the driver kept, which
-            # the probe measures, and it is not running (max_running).
-            return policy.Resident(
-                crf=self._crf(slot),
-                name=slot.preset.name,
-                device=slot.device.id,
-                usage=measured or 0,
-                last_used=slot.last_used,
-                busy=slot.busy,
-                pinned=slot.preset.pin,
-                measured=measured,
-                asleep=True,
-                ram_via="sleep",
-                ram_cost=slot.ram_bytes,
-                reload_s=slot.reload_s,
-            )
-        return policy.Resident(
-            crf=self._crf(slot),
-            name=slot.preset.name,
-            device=slot.device.id,
-            usage=policy.counted_usage(measured, need),
-            last_used=slot.last_used,
-            busy=slot.busy,
-            pinned=slot.preset.pin,
-            measured=measured,
-            ram_via=self._ram_via(slot),
-            ram_cost=self._ram_cost(slot, measured or 0),
-            reload_s=slot.reload_s,
+        model_bytes = self._model_bytes.get(slot.preset.name, 0)
+        return residency.resident(
+            slot, snap, now=time.monotonic(), ram_budget=self.ram_budget, model_bytes=model_bytes
         )
 
     def _residents(self, snap: Snapshot, exclude: Slot) -> list[policy.Resident]:
+        now = time.monotonic()
         residents = [
             # Never a victim: its retirement stops it, and a load waits for that.
             replace(resident, busy=True)
             for slot in self._retiring
             if (resident := self._resident(slot, snap)) is not None
         ]
+        host = [device.id for device in self.probe.devices if device.kind == "cpu"]
         for slot in self.slots.values():
             if slot is exclude:
                 continue
             resident = self._resident(slot, snap)
             if resident is not None:
                 residents.append(resident)
-            elif slot.pages is not None and slot.pages.locked:
-                # Locked pages on a host-RAM device take that device's memory: show them
-                # so a load there can push them down to disk.
-                residents += [
-                    policy.Resident(
-                        crf=self._crf(slot),
-                        name=slot.preset.name,
-                        device=device.id,
-                        usage=slot.ram_bytes,
-                        last_used=slot.last_used,
-                        busy=slot.busy,
-                        pinned=slot.preset.pin,
-                        measured=slot.ram_bytes,
-                        asleep=True,
-                        ram_via="pages",
-                        ram_cost=slot.ram_bytes,
-                        reload_s=slot.reload_s,
-                    )
-                    for device in self.probe.devices
-                    if device.kind == "cpu"
-                ]
-        return residents + self._claimed(residents, exclude)
-
-    def _claimed(self, residents: list[policy.Resident], exclude: Slot) -> list[policy.Resident]:
-        """Room other loads are making: what each will take beyond its victims still leaving.
-
-        A victim on its way down still counts what it holds; the load counts the rest of
-        its need, and all of it once the victims are down, so that nothing else (a victim's
-        own queued requests included) takes the room it made.
-        """
-        claims = []
-        for claim in self._claims.values():
-            slot = claim.slot
-            if slot is exclude:
-                continue
-            leaving = [
-                r
-                for r in residents
-                if r.name in claim.victims
-                and r.device == claim.device
-                and (victim := self.slots.get(r.name)) is not None
-                and victim.state in (State.DRAINING, State.SLEEPING, State.STOPPING)
-            ]
-            claims.append(
-                policy.Resident(
-                    crf=self._crf(slot),
-                    name=slot.preset.name,
-                    device=claim.device,
-                    usage=max(0, claim.need - sum(r.usage for r in leaving)),
-                    last_used=slot.last_used,
-                    # Busy, not pinned: a load that needs this room waits for it to be
-                    # taken (and then evicts it as any resident), it is not refused.
-                    busy=True,
-                    measured=0,  # nothing taken yet: all of it comes out of free
-                    asleep=any(not r.asleep for r in leaving),  # counted once, by its victim
-                )
-            )
-        return claims
+            else:
+                residents += residency.locked_pages(slot, host, now)
+        return residents + residency.claimed(
+            self._claims.values(), residents, self.slots, exclude, now
+        )
 
     @staticmethod
     def _crf(slot: Slot) -> float:
         """The slot's recency-frequency value now (LRFU): what eviction order keeps."""
-        return policy.crf_decay(slot.crf, slot.crf_at, time.monotonic())
-
-    def _ram_via(self, slot: Slot) -> policy.RamVia | None:
-        """How this slot could go down to the ram tier, if it can."""
-        via = slot.kind.ram_via
-        if self.ram_budget <= 0 or slot.preset.sleep == 0 or via is None:
-            return None
-        if via == "sleep" and slot.sleep_level == 0:
-            return None
-        return via
+        return residency.crf_now(slot, time.monotonic())
 
     def _ram_cost(self, slot: Slot, measured: int) -> int:
         """Host RAM the slot would take in the ram tier."""
-        model = self._model_bytes.get(slot.preset.name, 0)
-        if slot.kind.ram_via == "pages":
-            return model
-        on_gpu = slot.device is not None and slot.device.kind != "cpu"
-        if not on_gpu:
-            return measured  # on a CPU the sleeping process keeps what it has
-        return model if slot.sleep_level == 1 else 0  # level 2 discards the weights
+        return residency.ram_cost(slot, measured, self._model_bytes.get(slot.preset.name, 0))
 
     async def _asleep_cost(self, slot: Slot) -> int:
         """Host RAM a model takes now that it sleeps: on a CPU, what its process keeps."""
@@ -930,21 +816,7 @@ class Manager:
         return reading.by_pid[pid]
 
     def _ram_tier(self, snap: Snapshot) -> policy.RamTier:
-        entries = tuple(
-            policy.RamEntry(
-                s.preset.name,
-                s.ram_bytes,
-                s.last_used,
-                "pages" if s.pages is not None else "sleep",
-                busy=s.busy or s in self._retiring,  # its retirement takes it down
-                crf=self._crf(s),
-                reload_s=s.reload_s,
-            )
-            for s in self._every_slot()
-            # A sleeper whose wake waits for room, and a start from locked pages (which
-            # keeps them until ready), still hold their bytes.
-            if s.tier == "ram" or s.pages is not None
-        )
+        entries = residency.ram_entries(self._every_slot(), self._retiring, time.monotonic())
         available = snap.host_available - self.config.reserve
         return policy.RamTier(self.ram_budget, available, entries)
 
@@ -1185,7 +1057,7 @@ class Manager:
                 moves = self._make_room(
                     slot, device, plan, snap, residents=residents, need=wanted[device.id]
                 )
-                self._claims[id(slot)] = _Claim(slot, device.id, wanted[device.id], plan.victims)
+                self._claims[id(slot)] = Claim(slot, device.id, wanted[device.id], plan.victims)
                 return _Room(moves, device, wanted[device.id])
 
     def _make_room(  # noqa: PLR0913 - one plan's facts, handed over as they are
