@@ -454,6 +454,19 @@ def loader_busy(
     return taken / window
 
 
+def _named(names: Collection[str], residents: Sequence[Resident]) -> list[Resident]:
+    """The resident each name stands for, once: an idle one where a busy one shares it.
+
+    A plan's victims are idle. A model a reload removed still drains under its name while
+    the same name, added back, may already serve: that one is the victim, counted once.
+    """
+    found: dict[str, Resident] = {}
+    for r in residents:
+        if r.name in names and (r.name not in found or found[r.name].busy):
+            found[r.name] = r
+    return list(found.values())
+
+
 def hold(  # noqa: PLR0913 - the plan and the facts it is held on, keyword-only
     plan: Plan,
     crf: float | None,
@@ -480,7 +493,7 @@ def hold(  # noqa: PLR0913 - the plan and the facts it is held on, keyword-only
     """
     if not isinstance(plan, Admit) or not plan.victims or crf is None:
         return None
-    victims = [r for r in residents if r.name in plan.victims]
+    victims = _named(plan.victims, residents)
     if any(r.crf is None for r in victims):
         return None
     left = rule.max_s - waited

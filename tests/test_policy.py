@@ -737,6 +737,23 @@ def test_a_hold_weighs_each_crf_by_its_start_seconds_once_every_start_is_timed()
     assert held(1.5, replace(slow, reload_s=None), 2.0) is None
 
 
+def test_a_hold_counts_each_victim_once_when_a_busy_namesake_drains() -> None:
+    """A model removed by a reload drains under the name that, added back, is the victim.
+
+    The idle one is the victim, counted once: the drained one's CRF and start seconds
+    do not double what the load must outweigh (2 against 1.5 would hold it).
+    """
+    plan = Admit("gpu0", ("victim",))
+    victim = replace(VICTIM, crf=1.0, reload_s=4.0)
+    draining = replace(victim, busy=True, crf=1.0)
+    for reload_s in (None, 4.0):
+        for residents in ([draining, victim], [victim, draining]):
+            found = hold(plan, 1.5, residents, busy=0.5, waited=0, rule=RULE, reload_s=reload_s)
+            assert found is None
+    found = hold(plan, 0.5, [draining, victim], busy=0.5, waited=0, rule=RULE, reload_s=4.0)
+    assert found == Hold(30, 0.5, 1.0, 0.5, worth=2.0, victims_worth=4.0)
+
+
 def test_a_hold_rule_of_zero_busy_holds_on_an_idle_loader_and_zero_seconds_never() -> None:
     """``hold_busy: 0`` holds whatever the loader does; ``hold_max: 0`` turns holds off."""
     plan = Admit("gpu0", ("victim",))
