@@ -1968,6 +1968,7 @@ class Manager:
         slot.failures = 0  # a changed preset deserves fresh tries
         self.admission.forget(preset.name)
         self._model_bytes.pop(preset.name, None)
+        slot.reload_s = None  # another file or other flags: the new launch's start is timed anew
         _log.info("model.reload", model=preset.name, change="restart", serving=serving)
         began = time.monotonic()
         await self._drain_and_stop(slot, "reload")

@@ -60,8 +60,9 @@ class Slot:
     # LRFU: requests weighed by age (policy.crf_update); kept across stops, for eviction order.
     crf: float = 0.0
     crf_at: float = 0.0
-    # How long its last start from disk took, spawn to ready (kept across stops): what
-    # losing it costs each request that comes back for it, for eviction order.
+    # How long its last start from disk took, spawn to ready (kept across stops, not across
+    # a restart that changed its launch): what losing it costs each request that comes back
+    # for it, for eviction order and holds.
     reload_s: float | None = None
     swap_drain: bool = False  # DRAINING so that a request waiting past max_wait can swap in
     hold: str | None = None  # why its admissible load is held (policy.hold), while it is

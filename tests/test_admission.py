@@ -263,6 +263,39 @@ def test_a_hold_weighs_start_times_once_every_start_is_timed(
     assert [e["victims"] for e in d.events("model.evict")] == [["rare"], ["often"]]
 
 
+def test_a_changed_launch_is_not_weighed_by_the_start_of_the_one_before(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A restart forgets the model's start time: its new launch's first load is not timed.
+
+    ``rare`` first starts in about 4 s; a reload gives it a launch that starts at once.
+    The old start would weigh its CRF (about 2) to about 8 against ``often``'s 3 x 1 s and
+    evict at once; untimed, plain CRFs compare, 2 against 3, and hold it to ``hold_max``.
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": int(1.5 * GIB), "outside": 0}})
+    d = start_daemon(
+        {
+            "often": _gpu_preset("often", probe, 0),
+            "rare": _gpu_preset("rare", probe, 0, "--start-delay", "4"),
+        },
+        {"devices": "auto", "reserve": 0, "hold_busy": 0, "hold_max": "1s"},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    assert d.chat("rare")[0] == 200
+    for _ in range(3):
+        assert d.chat("often")[0] == 200
+    d.presets = {**d.presets, "rare": _gpu_preset("rare", probe, 0)}
+    d.write()
+    status, plan = d.request("POST", "/swapd/reload")
+    assert (status, plan["restarted"]) == (200, ["rare"])
+    wait_for(lambda: [e["change"] for e in d.events("model.reload")] == ["restart"])
+    assert d.chat("rare")[0] == 200
+    held = [(e["worth"], e["victims_worth"]) for e in d.events("model.hold.start")]
+    assert held == [(None, None)]
+    assert [e["victims"] for e in d.events("model.evict")] == [["rare"], ["often"]]
+
+
 def test_an_idle_loader_never_holds(start_daemon: StartDaemon, tmp_path: Path) -> None:
     """With the default ``hold_busy``, a loader idle most of the time evicts at once."""
     d = _hold_daemon(start_daemon, tmp_path)
