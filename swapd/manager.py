@@ -1071,7 +1071,9 @@ class Manager:
         need: int,
     ) -> list[asyncio.Task[Any]]:
         """Send the plan's victims down a tier; the moves, to wait for unlocked."""
-        victims = [r for r in residents if r.name in plan.victims]
+        # One resident per name: a model a reload removed may still drain under the name
+        # of the victim that replaced it, and only the victim goes down.
+        victims = policy.named_once(plan.victims, residents)
         ram = self._ram_tier(snap)
         if device.kind == "cpu":
             # Pages kept in RAM come out of the very memory this load needs.

@@ -454,7 +454,7 @@ def loader_busy(
     return taken / window
 
 
-def _named(names: Collection[str], residents: Sequence[Resident]) -> list[Resident]:
+def named_once(names: Collection[str], residents: Sequence[Resident]) -> list[Resident]:
     """The resident each name stands for, once: an idle one where a busy one shares it.
 
     A plan's victims are idle. A model a reload removed still drains under its name while
@@ -493,7 +493,7 @@ def hold(  # noqa: PLR0913 - the plan and the facts it is held on, keyword-only
     """
     if not isinstance(plan, Admit) or not plan.victims or crf is None:
         return None
-    victims = _named(plan.victims, residents)
+    victims = named_once(plan.victims, residents)
     if any(r.crf is None for r in victims):
         return None
     left = rule.max_s - waited
@@ -691,5 +691,5 @@ def room_after(
     pages held there are taken from the same memory the new model needs.
     """
     here = [r for r in residents if r.device == device.id]
-    freed = sum(r.usage for r in here if r.name in victims)
+    freed = sum(r.usage for r in named_once(victims, here))
     return _room_now(device, here, limits) + freed - need

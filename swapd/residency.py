@@ -150,9 +150,8 @@ def claimed(
             continue
         leaving = [
             r
-            for r in residents
-            if r.name in claim.victims
-            and r.device == claim.device
+            for r in policy.named_once(claim.victims, residents)
+            if r.device == claim.device
             and (victim := slots.get(r.name)) is not None
             and victim.state in _LEAVING
         ]

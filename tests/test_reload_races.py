@@ -199,3 +199,32 @@ def test_a_second_reload_does_not_count_a_model_already_going_down(
     wait_for(lambda: d.model("b")["state"] == "stopped")
     assert (d.model("a")["state"], d.model("c")["state"]) == ("ready", "ready")
     assert [e["model"] for e in d.events("model.stop")] == ["b"]
+
+
+def test_a_victim_that_shares_its_name_with_a_retiring_model_is_moved_once(
+    start_daemon: StartDaemon,
+) -> None:
+    """a streams; a reload removes a, and the next adds it back; b then evicts the new a.
+
+    Two residents are named a: the retiring one (busy, its stream still going) and the
+    new one (idle), the plan's victim. Only the new one goes down, once, and the stream
+    of the old one ends whole.
+    """
+    slow = ("--chunks", "60", "--chunk-interval", "0.1")
+    presets = {"a": fake_preset("A", *slow), "b": fake_preset("B")}
+    d = start_daemon(presets, {"max_running": 2})
+    assert d.chat("a")[0] == 200
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    (d.root / "presets" / "a.yaml").unlink()
+    d.presets = {"b": presets["b"]}
+    assert d.request("POST", "/swapd/reload")[1]["removed"] == ["a"]
+    d.presets = presets
+    d.write()
+    assert d.request("POST", "/swapd/reload")[1]["added"] == ["a"]
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    assert [e["actions"] for e in d.events("model.evict")] == [["stop:a"]]
+    assert len(stream.finish()) == 61
+    assert d.model("a")["state"] == "stopped"
+    assert d.model("b")["state"] == "ready"
