@@ -296,7 +296,9 @@ def _count_victims_whole(
     Ranked per byte, the greedy pass also took the victims that only ``max_running``
     needs by their worth per byte. Those free a count, not bytes (the bytes are freed
     already): they are chosen again, as :func:`count_overflow` chooses, each whole, from
-    every running model the bytes do not need, on this device or another.
+    every running model the bytes do not need, on this device or another. The bytes'
+    own victims are pruned as if no count were short: one cheap per byte that the greedy
+    pass took before a larger one that frees the bytes alone is a count victim too.
     """
     for_bytes: list[Resident] = []
     freed = 0
@@ -306,6 +308,7 @@ def _count_victims_whole(
         if victim.device == short.device:
             for_bytes.append(victim)
             freed += victim.usage
+    for_bytes = _prune(for_bytes, short.need, short.room + freed, 0, short.device)
     awake = [r for r in order if not r.asleep and r not in for_bytes]
     spare = sorted(awake, key=lambda r: keep(r, by_bytes=False))
     return for_bytes + spare[: max(0, count_excess - _running(for_bytes))]

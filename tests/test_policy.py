@@ -890,6 +890,25 @@ def test_a_count_victim_here_is_weighed_whole_once_the_bytes_are_freed() -> None
     assert [r.name for r in count_overflow(residents[1:], 1)] == ["quick"]
 
 
+def test_a_victim_the_bytes_do_not_need_is_a_count_victim_weighed_whole() -> None:
+    """gpu0 is short of 12 GiB, which ``big`` frees alone; max_running 2 needs two stops.
+
+    Per byte the greedy pass takes ``cheap`` (6 s for 4 GiB) before ``big``, but the
+    bytes do not need it: max_running does, so it is weighed whole against ``tiny``
+    (1 s), which goes instead, as it does where the bytes alone decide nothing.
+    """
+    residents = [
+        Resident("cheap", "gpu0", gib(4), last_used=1, crf=1.0, reload_s=6.0),
+        Resident("big", "gpu0", gib(12), last_used=2, crf=1.0, reload_s=20.0),
+        Resident("tiny", "gpu0", gib(0.5), last_used=3, crf=1.0, reload_s=1.0),
+    ]
+    device = [dev(total=17, free=0)]
+    assert plan_admission(gib(12), device, residents, Limits()) == Admit("gpu0", ("big",))
+    plan = plan_admission(gib(12), device, residents, Limits(max_running=2))
+    assert plan == Admit("gpu0", ("big", "tiny"))
+    assert [r.name for r in count_overflow([residents[0], residents[2]], 1)] == ["tiny"]
+
+
 def test_a_count_victim_elsewhere_is_weighed_whole_while_bytes_are_short_here() -> None:
     """gpu0 is short of bytes: its sleeper goes (it does not count for max_running).
 
