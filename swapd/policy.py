@@ -694,5 +694,7 @@ def room_after(
     pages held there are taken from the same memory the new model needs.
     """
     here = [r for r in residents if r.device == device.id]
-    freed = sum(r.usage for r in named_once(victims, here))
+    # Each victim where it is: a namesake draining here is not it when it goes elsewhere.
+    going = named_once(victims, residents)
+    freed = sum(r.usage for r in going if r.device == device.id)
     return _room_now(device, here, limits) + freed - need

@@ -30,6 +30,7 @@ from swapd.policy import (
     loader_busy,
     plan_admission,
     ram_overflow,
+    room_after,
 )
 
 GIB = 1024**3
@@ -752,6 +753,23 @@ def test_a_hold_counts_each_victim_once_when_a_busy_namesake_drains() -> None:
             assert found is None
     found = hold(plan, 0.5, [draining, victim], busy=0.5, waited=0, rule=RULE, reload_s=4.0)
     assert found == Hold(30, 0.5, 1.0, 0.5, worth=2.0, victims_worth=4.0)
+
+
+def test_the_room_after_counts_a_victim_where_it_is_not_a_namesake_draining_here() -> None:
+    """A reload removed ``a`` from host RAM, where it drains; ``a`` added back runs on gpu0.
+
+    A load on host RAM evicts the new ``a`` (a count, on gpu0): host RAM gains nothing by
+    it, and the old one's 8 GiB, still draining there, are not room the ram tier may keep.
+    Where both are here, the idle one is the victim, counted once.
+    """
+    host = DeviceView("cpu", gib(64), gib(40))
+    draining = Resident("a", "cpu", gib(8), last_used=1, busy=True)
+    victim = Resident("a", "gpu0", gib(4), last_used=2)
+    for residents in ([draining, victim], [victim, draining]):
+        assert room_after(gib(10), host, residents, Limits(), ("a",)) == gib(30)
+    here = replace(victim, device="cpu")
+    for residents in ([draining, here], [here, draining]):
+        assert room_after(gib(10), host, residents, Limits(), ("a",)) == gib(34)
 
 
 def test_a_hold_rule_of_zero_busy_holds_on_an_idle_loader_and_zero_seconds_never() -> None:
