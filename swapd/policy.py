@@ -632,7 +632,9 @@ def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Action, ...]:
     ledger = _RamLedger(ram, ranking)
     actions: list[Action] = []
     for victim in (v for v in victims if v.asleep):
-        entry = next((e for e in ledger.entries if e.name == victim.name), None)
+        # Its own entry: a victim is idle, a namesake a reload removed (leaving) is busy.
+        mine = (e for e in ledger.entries if e.name == victim.name and not e.busy)
+        entry = next(mine, None)
         actions.append(ledger.remove(entry) if entry else Stop(victim.name))
     awake = [v for v in victims if not v.asleep]
     for victim in sorted(awake, key=lambda v: _worth(v, ranking, None), reverse=True):

@@ -619,6 +619,20 @@ def entry(name: str, size: float, last_used: float, crf: float | None = None) ->
             id="sleeping-victim-leaves-first-and-only-once",
         ),
         pytest.param(
+            [
+                res("v", 4, 9, ram_cost=8, crf=2.0),
+                res("a", 0.5, 5, asleep=True, ram_cost=8, crf=3.0),
+            ],
+            # A reload removed the first a, which leaves the tier under its name (busy).
+            RamTier(
+                gib(10),
+                gib(64),
+                (replace(entry("a", 2, 1, crf=0.1), busy=True), entry("a", 8, 5, crf=3.0)),
+            ),
+            (Stop("a"), Sleep("v")),
+            id="sleeping-victim-leaves-with-its-own-entry-not-a-draining-namesakes",
+        ),
+        pytest.param(
             [res("v", 4, 5, ram_cost=4)],
             RamTier(gib(64), gib(2)),
             (Stop("v"),),
