@@ -1006,9 +1006,10 @@ class Manager:
         """Plan under the candidates' locks: make room, then reserve; or say to wait or hold.
 
         Victims are sent down a tier under the locks, which then go (a vLLM's /sleep may
-        take minutes); the room they make is claimed (:meth:`_claimed`) until this load
-        plans again, so no other load can take it (requests queued for a victim would
-        otherwise reload it first, forever), while one that fits beside it goes at once.
+        take minutes); the room they make is claimed (:func:`swapd.residency.claimed`)
+        until this load plans again, so no other load can take it (requests queued for a
+        victim would otherwise reload it first, forever), while one that fits beside it
+        goes at once.
         The locks are never held while a backend starts. Until the weights are staged
         nothing is reserved; evictions the plan needs still go ahead, since their stops may
         free the cache space the copy needs.
