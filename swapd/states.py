@@ -58,6 +58,7 @@ EDGES: Mapping[tuple[State, State], str] = {
     (S.READY, S.STOPPING): "idle: evicted, TTL expired, unloaded or shut down",
     (S.READY, S.SLEEPING): "idle: demoted to the ram tier",
     (S.READY, S.FAILED): "the backend exited by itself",
+    (S.DRAINING, S.READY): "drained for a swap (max_wait) that took another model instead",
     (S.DRAINING, S.STOPPING): "the last request finished",
     (S.DRAINING, S.SLEEPING): "the last request finished; demoted to the ram tier",
     (S.DRAINING, S.FAILED): "the backend exited while draining",

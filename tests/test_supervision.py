@@ -220,6 +220,36 @@ def test_a_request_waiting_past_max_wait_drains_the_busy_model_and_swaps(
     assert drain["timestamp"] < long_done["timestamp"]
 
 
+def test_a_model_drained_for_a_swap_that_took_another_serves_again(
+    start_daemon: StartDaemon,
+) -> None:
+    """max_wait drains a for b; c falls idle first and is the one b takes: a serves again.
+
+    With max_running 2 and both a and c busy, b waits on a (worth less than c, which was
+    asked for more). Past max_wait a is drained; then c's request ends, c is idle, and b
+    evicts it instead. Before, a's way back from the drain (draining -> ready) was a move
+    the state table did not list: b's load failed with a 500 and a stayed draining.
+    """
+    d = start_daemon(
+        {"a": fake_preset("A"), "b": fake_preset("B"), "c": fake_preset("C")},
+        {"max_running": 2, "max_wait": "1s", "queue_timeout": "60s"},
+    )
+    for _ in range(3):
+        assert d.chat("c")[0] == 200
+    assert d.chat("a")[0] == 200
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(d.chat, "a", "long", fake_delay=6)
+        short = pool.submit(d.chat, "c", "short", fake_delay=2.5)
+        wait_for(lambda: d.model("a")["in_flight"] == d.model("c")["in_flight"] == 1)
+        status, _ = d.chat("b")
+        assert (long.result()[0], short.result()[0]) == (200, 200)
+    assert status == 200
+    assert [e["models"] for e in d.events("model.drain")] == [["a"]]
+    assert [e["victims"] for e in d.events("model.evict")] == [["c"]]
+    wait_for(lambda: d.model("a")["state"] == "ready")
+    assert d.chat("a")[0] == 200
+
+
 def test_requests_queued_for_several_models_are_served_model_by_model(
     start_daemon: StartDaemon,
 ) -> None:
