@@ -974,8 +974,15 @@ class Manager:
         """
         drained = []
         for name in names:
-            other = self.slots.get(name)  # a retiring model (a reload removed it) is busy too
-            if other is not None and other.state is State.READY and not other.preset.pin:
+            # A retiring model (a reload removed it) is busy too, and not here. A model of
+            # its name added back, idle, is not what the plan waits on: it stays.
+            other = self.slots.get(name)
+            if (
+                other is not None
+                and other.state is State.READY
+                and other.busy
+                and not other.preset.pin
+            ):
                 other.move(State.READY, State.DRAINING)
                 other.swap_drain = True
                 self._cancel_ttl(other)

@@ -10,9 +10,11 @@ from typing import Any
 
 from conftest import StartDaemon
 from daemon import fake_preset, queue_behind, wait_for
+from fakes import probe_file
 from test_reload import Stream
 
 MIB = 1024**2
+GIB = 1024**3
 
 
 def _model(path: Path, size: int) -> Path:
@@ -228,3 +230,47 @@ def test_a_victim_that_shares_its_name_with_a_retiring_model_is_moved_once(
     assert len(stream.finish()) == 61
     assert d.model("a")["state"] == "stopped"
     assert d.model("b")["state"] == "ready"
+
+
+def test_a_wait_on_a_retiring_model_does_not_drain_its_idle_namesake(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """b waits for the retiring a on gpu0; a, added back, serves on gpu1, idle.
+
+    The plan waits on the name a, which stands for the retiring model (busy with its
+    stream). Past max_wait only busy models are drained for the swap: the new a, idle on
+    another GPU, keeps serving (before, it was drained, and requests for it queued).
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(
+        probe,
+        {
+            "gpu0": {"total": int(1.5 * GIB), "outside": 0},
+            "gpu1": {"total": int(1.5 * GIB), "outside": 0},
+        },
+    )
+    slow = ("--chunks", "40", "--chunk-interval", "0.1")
+    mem = ("--probe-file", str(probe), "--mem-bytes", str(GIB))
+    old_a = fake_preset("A", *mem, *slow, memory=GIB, devices=[0])
+    new_a = fake_preset("A", *mem, memory=GIB, devices=[1])
+    b = fake_preset("B", *mem, memory=GIB, devices=[0])
+    d = start_daemon(
+        {"a": old_a, "b": b},
+        {"devices": "auto", "reserve": 0, "max_wait": "1s"},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    assert d.chat("a")[0] == 200
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    (d.root / "presets" / "a.yaml").unlink()
+    d.presets = {"b": b}
+    assert d.request("POST", "/swapd/reload")[1]["removed"] == ["a"]
+    d.presets = {"a": new_a, "b": b}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[1]["added"] == ["a"]
+    assert d.chat("a")[0] == 200
+    a_pid = d.model("a")["pid"]
+    assert d.chat("b")[0] == 200  # once the retiring a's stream has ended
+    assert len(stream.finish()) == 41
+    assert d.events("model.drain") == []
+    assert (d.model("a")["state"], d.model("a")["pid"]) == ("ready", a_pid)
