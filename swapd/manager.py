@@ -767,33 +767,41 @@ class Manager:
     def _pids(self) -> list[int]:
         return [s.child.pid for s in self._every_slot() if s.child and s.child.pid]
 
-    def _resident(self, slot: Slot, snap: Snapshot) -> policy.Resident | None:
+    def _resident(
+        self, slot: Slot, snap: Snapshot, now: float | None = None
+    ) -> policy.Resident | None:
         """How a slot counts for admission, or None when it holds no device memory."""
         model_bytes = self._model_bytes.get(slot.preset.name, 0)
         return residency.resident(
-            slot, snap, now=time.monotonic(), ram_budget=self.ram_budget, model_bytes=model_bytes
+            slot,
+            snap,
+            now=time.monotonic() if now is None else now,
+            ram_budget=self.ram_budget,
+            model_bytes=model_bytes,
         )
 
     def _residents(self, snap: Snapshot, exclude: Slot) -> list[policy.Resident]:
-        now = time.monotonic()
-        residents = [
+        now = time.monotonic()  # one clock for every CRF in the plan
+        retiring = [
             # Never a victim: its retirement stops it, and a load waits for that.
             replace(resident, busy=True)
             for slot in self._retiring
-            if (resident := self._resident(slot, snap)) is not None
+            if (resident := self._resident(slot, snap, now)) is not None
         ]
         host = [device.id for device in self.probe.devices if device.kind == "cpu"]
+        current: list[policy.Resident] = []
         for slot in self.slots.values():
             if slot is exclude:
                 continue
-            resident = self._resident(slot, snap)
+            resident = self._resident(slot, snap, now)
             if resident is not None:
-                residents.append(resident)
+                current.append(resident)
             else:
-                residents += residency.locked_pages(slot, host, now)
-        return residents + residency.claimed(
-            self._claims.values(), residents, self.slots, exclude, now
-        )
+                current += residency.locked_pages(slot, host, now)
+        # Claims are matched to their victims, which are never retiring: only the current
+        # models are looked at, whatever a retiring namesake holds.
+        claims = residency.claimed(self._claims.values(), current, self.slots, exclude, now)
+        return retiring + current + claims
 
     @staticmethod
     def _crf(slot: Slot) -> float:
