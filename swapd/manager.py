@@ -213,7 +213,7 @@ class Manager:
         self._changed = asyncio.Event()
         # The loader's recent work, for holds: loads and wakes done, and those under way.
         self._load_spans: deque[tuple[float, float]] = deque()
-        self._loading: dict[str, float] = {}
+        self._loading: dict[int, float] = {}  # when each load under way began, by id() of its slot
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         # Loads that a forced unload cancelled: their waiters are answered, not cancelled.
@@ -640,7 +640,7 @@ class Manager:
             device, total = await self._admit(slot, waking=waking, staging=staging)
             if waking and slot.state is State.STARTING:
                 waking, from_tier = False, "disk"  # the sleeper died while its wake waited
-            self._loading[name] = time.monotonic()
+            self._loading[id(slot)] = time.monotonic()
             if waking:
                 await self._wake(slot)
             else:
@@ -668,7 +668,7 @@ class Manager:
         finally:
             if staging is not None and not staging.done():
                 staging.cancel()
-            self._loaded(name)
+            self._loaded(slot)
             self._notify()
         load_s = time.monotonic() - started
         self.metrics.load_done(name, from_tier, load_s)
@@ -693,9 +693,13 @@ class Manager:
         staging.add_done_callback(lambda _task: self._notify())
         return staging
 
-    def _loaded(self, name: str) -> None:
-        """A load or wake ended, well or not: keep its span for :meth:`_loader_busy`."""
-        began = self._loading.pop(name, None)
+    def _loaded(self, slot: Slot) -> None:
+        """A load or wake ended, well or not: keep its span for :meth:`_loader_busy`.
+
+        By slot, not name: a model a reload removed and one added back under its name
+        may load at once, and each span is its own.
+        """
+        began = self._loading.pop(id(slot), None)
         now = time.monotonic()
         if began is not None:
             self._load_spans.append((began, now))
