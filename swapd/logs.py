@@ -1,7 +1,7 @@
 """Structured logging: JSON lines for journald, a console renderer on a terminal.
 
 Events are named ``noun.verb`` (``model.load.start``, ``backend.exit``);
-``request_id`` and ``model`` are bound through contextvars by the proxy.
+``request_id`` is bound through contextvars per request; ``model`` is each event's own field.
 
 Every line swapd writes to stdout is one event, JSON off a terminal: aiohttp's
 and asyncio's own messages (stdlib ``logging``) and Python's warnings go
