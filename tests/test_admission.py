@@ -234,6 +234,30 @@ def test_a_hold_ends_at_its_bound(start_daemon: StartDaemon, tmp_path: Path) -> 
     assert [e["victims"] for e in d.events("model.evict")] == [["often"]]
 
 
+def _slow_rare_then_often(
+    start_daemon: StartDaemon, tmp_path: Path, *, hold_max: str
+) -> tuple[Daemon, Path]:
+    """Room for one of two 1 GiB models: ``rare`` (a 4 s start) served once, then ``often``.
+
+    ``often`` serves three requests (its start takes under a second); every load may be
+    held (``hold_busy: 0``).
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": int(1.5 * GIB), "outside": 0}})
+    d = start_daemon(
+        {
+            "often": _gpu_preset("often", probe, 0),
+            "rare": _gpu_preset("rare", probe, 0, "--start-delay", "4"),
+        },
+        {"devices": "auto", "reserve": 0, "hold_busy": 0, "hold_max": hold_max},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    assert d.chat("rare")[0] == 200
+    for _ in range(3):
+        assert d.chat("often")[0] == 200
+    return d, probe
+
+
 def test_a_hold_weighs_start_times_once_every_start_is_timed(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
@@ -245,19 +269,7 @@ def test_a_hold_weighs_start_times_once_every_start_is_timed(
     outweighs 3 x 1 s, so it goes at once. ``often``'s first load, its own start not yet
     timed, compares plain CRFs (1 against ``rare``'s 0.99) and is not held either.
     """
-    probe = tmp_path / "gpus.json"
-    probe_file.write_devices(probe, {"gpu0": {"total": int(1.5 * GIB), "outside": 0}})
-    d = start_daemon(
-        {
-            "often": _gpu_preset("often", probe, 0),
-            "rare": _gpu_preset("rare", probe, 0, "--start-delay", "4"),
-        },
-        {"devices": "auto", "reserve": 0, "hold_busy": 0, "hold_max": "20s"},
-        env={"SWAPD_FAKE_PROBE": str(probe)},
-    )
-    assert d.chat("rare")[0] == 200
-    for _ in range(3):
-        assert d.chat("often")[0] == 200
+    d, _ = _slow_rare_then_often(start_daemon, tmp_path, hold_max="20s")
     assert d.chat("rare")[0] == 200
     assert d.events("model.hold.start") == []
     assert [e["victims"] for e in d.events("model.evict")] == [["rare"], ["often"]]
@@ -272,19 +284,7 @@ def test_a_changed_launch_is_not_weighed_by_the_start_of_the_one_before(
     The old start would weigh its CRF (about 2) to about 8 against ``often``'s 3 x 1 s and
     evict at once; untimed, plain CRFs compare, 2 against 3, and hold it to ``hold_max``.
     """
-    probe = tmp_path / "gpus.json"
-    probe_file.write_devices(probe, {"gpu0": {"total": int(1.5 * GIB), "outside": 0}})
-    d = start_daemon(
-        {
-            "often": _gpu_preset("often", probe, 0),
-            "rare": _gpu_preset("rare", probe, 0, "--start-delay", "4"),
-        },
-        {"devices": "auto", "reserve": 0, "hold_busy": 0, "hold_max": "1s"},
-        env={"SWAPD_FAKE_PROBE": str(probe)},
-    )
-    assert d.chat("rare")[0] == 200
-    for _ in range(3):
-        assert d.chat("often")[0] == 200
+    d, probe = _slow_rare_then_often(start_daemon, tmp_path, hold_max="1s")
     d.presets = {**d.presets, "rare": _gpu_preset("rare", probe, 0)}
     d.write()
     status, plan = d.request("POST", "/swapd/reload")
