@@ -900,7 +900,7 @@ class Manager:
             _log.info("model.load.wait", model=preset.name, busy=list(step.busy))
             waited = time.monotonic() - job.started
             if waited >= self.config.max_wait:
-                job.drained += self._drain_for_swap(step.busy, waiting=preset.name)
+                job.drained += self._drain_for_swap(step, waiting=preset.name)
             else:
                 # Awake at max_wait even if nothing else changes by then: that is when
                 # the busy models are drained (their releases notify only once idle).
@@ -978,20 +978,23 @@ class Manager:
         job.slot.hold = None
         job.held_at = None
 
-    def _drain_for_swap(self, names: Sequence[str], *, waiting: str) -> list[Slot]:
+    def _drain_for_swap(self, wait: policy.Wait, *, waiting: str) -> list[Slot]:
         """Stop leasing the busy models a request has waited on past ``max_wait``.
 
         Their queued requests wait; once their requests in flight end they are
         evictable and the swap happens. Served model by model, ABCABC becomes AABBCC.
         """
         drained = []
-        for name in names:
+        for name, device in dict.fromkeys(wait.busy_at):
             # A retiring model (a reload removed it) is busy too, and not here. A model of
-            # its name added back, idle, is not what the plan waits on: it stays.
+            # its name added back is what the plan waits on only where it is: busy on
+            # another device, or idle, it stays.
             other = self.slots.get(name)
             if (
                 other is not None
                 and other.state is State.READY
+                and other.device is not None
+                and other.device.id == device
                 and other.busy
                 and not other.preset.pin
             ):

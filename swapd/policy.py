@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 from swapd.units import format_size
@@ -178,6 +178,9 @@ class Wait:
 
     device: str
     busy: tuple[str, ...]
+    # Each busy victim as (name, device): a model a reload removed may still serve under
+    # a name that, added back, serves on another device, and only the one waited on drains.
+    busy_at: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -271,7 +274,7 @@ def _plan_device(
         victims = _count_victims_whole(victims, here_short, count_excess, order, keep)
     busy = tuple(v.name for v in victims if v.busy)
     if busy:
-        return Wait(device.id, busy)
+        return Wait(device.id, busy, tuple((v.name, v.device) for v in victims if v.busy))
     return Admit(device.id, tuple(v.name for v in victims))
 
 

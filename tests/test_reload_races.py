@@ -274,3 +274,49 @@ def test_a_wait_on_a_retiring_model_does_not_drain_its_idle_namesake(
     assert len(stream.finish()) == 41
     assert d.events("model.drain") == []
     assert (d.model("a")["state"], d.model("a")["pid"]) == ("ready", a_pid)
+
+
+def test_a_wait_on_a_retiring_model_does_not_drain_its_busy_namesake_elsewhere(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """b waits for the retiring a on gpu0; a, added back, serves on gpu1, busy.
+
+    The plan waits on the retiring a (its stream) on gpu0. The new a, busy with a request
+    of its own on gpu1, is not what frees b's room: past max_wait it keeps serving (before,
+    being busy, it was drained, and its requests queued until the old a's stream ended).
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(
+        probe,
+        {
+            "gpu0": {"total": int(1.5 * GIB), "outside": 0},
+            "gpu1": {"total": int(1.5 * GIB), "outside": 0},
+        },
+    )
+    slow = ("--chunks", "60", "--chunk-interval", "0.1")
+    mem = ("--probe-file", str(probe), "--mem-bytes", str(GIB))
+    old_a = fake_preset("A", *mem, *slow, memory=GIB, devices=[0])
+    new_a = fake_preset("A", *mem, memory=GIB, devices=[1])
+    b = fake_preset("B", *mem, memory=GIB, devices=[0])
+    d = start_daemon(
+        {"a": old_a, "b": b},
+        {"devices": "auto", "reserve": 0, "max_wait": "1s"},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    assert d.chat("a")[0] == 200
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    (d.root / "presets" / "a.yaml").unlink()
+    d.presets = {"b": b}
+    assert d.request("POST", "/swapd/reload")[1]["removed"] == ["a"]
+    d.presets = {"a": new_a, "b": b}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[1]["added"] == ["a"]
+    assert d.chat("a")[0] == 200
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(d.chat, "a", "long", fake_delay=3)
+        wait_for(lambda: d.model("a")["in_flight"] == 1)
+        assert d.chat("b")[0] == 200  # once the retiring a's stream has ended
+        assert busy.result()[0] == 200
+    assert len(stream.finish()) == 61
+    assert d.events("model.drain") == []
