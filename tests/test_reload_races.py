@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import StartDaemon
-from daemon import fake_preset, queue_behind, wait_for
+from daemon import Daemon, fake_preset, queue_behind, wait_for
 from fakes import probe_file
 from test_reload import Stream
 
@@ -232,14 +232,13 @@ def test_a_victim_that_shares_its_name_with_a_retiring_model_is_moved_once(
     assert d.model("b")["state"] == "ready"
 
 
-def test_a_wait_on_a_retiring_model_does_not_drain_its_idle_namesake(
-    start_daemon: StartDaemon, tmp_path: Path
-) -> None:
-    """b waits for the retiring a on gpu0; a, added back, serves on gpu1, idle.
+def _retiring_a_on_gpu0_new_a_on_gpu1(
+    start_daemon: StartDaemon, tmp_path: Path, chunks: int
+) -> tuple[Daemon, Stream]:
+    """a streams ``chunks`` events on gpu0; a reload removes a, the next adds it on gpu1.
 
-    The plan waits on the name a, which stands for the retiring model (busy with its
-    stream). Past max_wait only busy models are drained for the swap: the new a, idle on
-    another GPU, keeps serving (before, it was drained, and requests for it queued).
+    One model fits on each GPU; b is for gpu0 and, with max_wait 1s, waits for the
+    retiring a there. The new a has served one request. Returns the old a's stream.
     """
     probe = tmp_path / "gpus.json"
     probe_file.write_devices(
@@ -249,7 +248,7 @@ def test_a_wait_on_a_retiring_model_does_not_drain_its_idle_namesake(
             "gpu1": {"total": int(1.5 * GIB), "outside": 0},
         },
     )
-    slow = ("--chunks", "40", "--chunk-interval", "0.1")
+    slow = ("--chunks", str(chunks), "--chunk-interval", "0.1")
     mem = ("--probe-file", str(probe), "--mem-bytes", str(GIB))
     old_a = fake_preset("A", *mem, *slow, memory=GIB, devices=[0])
     new_a = fake_preset("A", *mem, memory=GIB, devices=[1])
@@ -269,6 +268,19 @@ def test_a_wait_on_a_retiring_model_does_not_drain_its_idle_namesake(
     d.write()
     assert d.request("POST", "/swapd/reload")[1]["added"] == ["a"]
     assert d.chat("a")[0] == 200
+    return d, stream
+
+
+def test_a_wait_on_a_retiring_model_does_not_drain_its_idle_namesake(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """b waits for the retiring a on gpu0; a, added back, serves on gpu1, idle.
+
+    The plan waits on the name a, which stands for the retiring model (busy with its
+    stream). Past max_wait only busy models are drained for the swap: the new a, idle on
+    another GPU, keeps serving (before, it was drained, and requests for it queued).
+    """
+    d, stream = _retiring_a_on_gpu0_new_a_on_gpu1(start_daemon, tmp_path, 40)
     a_pid = d.model("a")["pid"]
     assert d.chat("b")[0] == 200  # once the retiring a's stream has ended
     assert len(stream.finish()) == 41
@@ -285,34 +297,7 @@ def test_a_wait_on_a_retiring_model_does_not_drain_its_busy_namesake_elsewhere(
     of its own on gpu1, is not what frees b's room: past max_wait it keeps serving (before,
     being busy, it was drained, and its requests queued until the old a's stream ended).
     """
-    probe = tmp_path / "gpus.json"
-    probe_file.write_devices(
-        probe,
-        {
-            "gpu0": {"total": int(1.5 * GIB), "outside": 0},
-            "gpu1": {"total": int(1.5 * GIB), "outside": 0},
-        },
-    )
-    slow = ("--chunks", "60", "--chunk-interval", "0.1")
-    mem = ("--probe-file", str(probe), "--mem-bytes", str(GIB))
-    old_a = fake_preset("A", *mem, *slow, memory=GIB, devices=[0])
-    new_a = fake_preset("A", *mem, memory=GIB, devices=[1])
-    b = fake_preset("B", *mem, memory=GIB, devices=[0])
-    d = start_daemon(
-        {"a": old_a, "b": b},
-        {"devices": "auto", "reserve": 0, "max_wait": "1s"},
-        env={"SWAPD_FAKE_PROBE": str(probe)},
-    )
-    assert d.chat("a")[0] == 200
-    stream = Stream(d, "a")
-    wait_for(lambda: stream.events)
-    (d.root / "presets" / "a.yaml").unlink()
-    d.presets = {"b": b}
-    assert d.request("POST", "/swapd/reload")[1]["removed"] == ["a"]
-    d.presets = {"a": new_a, "b": b}
-    d.write()
-    assert d.request("POST", "/swapd/reload")[1]["added"] == ["a"]
-    assert d.chat("a")[0] == 200
+    d, stream = _retiring_a_on_gpu0_new_a_on_gpu1(start_daemon, tmp_path, 60)
     with ThreadPoolExecutor(2) as pool:
         busy = pool.submit(d.chat, "a", "long", fake_delay=3)
         wait_for(lambda: d.model("a")["in_flight"] == 1)
