@@ -157,7 +157,7 @@ def _leaving(slot: Slot) -> bool:
     A drain for a waiting swap (``max_wait``) is not: the model may serve again.
     """
     if slot.state is State.DRAINING:
-        return not slot.swap_drain
+        return slot.swap_drain is None
     return slot.state in (State.STOPPING, State.SLEEPING)
 
 
@@ -853,7 +853,7 @@ class Manager:
             if self._claims.pop(id(slot), None) is not None:
                 self._notify()
             self._end_hold(job)
-            self._end_swap_drains(job.drained)
+            self._end_swap_drains(job.drained, owner=job)
 
     async def _admit_loop(self, job: _Job) -> tuple[Device, int]:
         slot, staging = job.slot, job.staging
@@ -900,7 +900,7 @@ class Manager:
             _log.info("model.load.wait", model=preset.name, busy=list(step.busy))
             waited = time.monotonic() - job.started
             if waited >= self.config.max_wait:
-                job.drained += self._drain_for_swap(step, waiting=preset.name)
+                job.drained += self._drain_for_swap(step, waiting=preset.name, owner=job)
             else:
                 # Awake at max_wait even if nothing else changes by then: that is when
                 # the busy models are drained (their releases notify only once idle).
@@ -978,7 +978,7 @@ class Manager:
         job.slot.hold = None
         job.held_at = None
 
-    def _drain_for_swap(self, wait: policy.Wait, *, waiting: str) -> list[Slot]:
+    def _drain_for_swap(self, wait: policy.Wait, *, waiting: str, owner: object) -> list[Slot]:
         """Stop leasing the busy models a request has waited on past ``max_wait``.
 
         Their queued requests wait; once their requests in flight end they are
@@ -999,7 +999,7 @@ class Manager:
                 and not other.preset.pin
             ):
                 other.move(State.READY, State.DRAINING)
-                other.swap_drain = True
+                other.swap_drain = owner
                 self._cancel_ttl(other)
                 drained.append(other)
         if drained:
@@ -1011,12 +1011,16 @@ class Manager:
             )
         return drained
 
-    def _end_swap_drains(self, drained: list[Slot]) -> None:
-        """Models drained for this admission but not taken serve again."""
+    def _end_swap_drains(self, drained: list[Slot], *, owner: object) -> None:
+        """Models drained for this admission (``owner``) but not taken serve again.
+
+        Only while that drain lasts: one since evicted, loaded again and drained by another
+        admission is that one's to hand back.
+        """
         for other in drained:
-            if other.state is State.DRAINING and other.swap_drain:
+            if other.state is State.DRAINING and other.swap_drain is owner:
                 other.move(State.DRAINING, State.READY)
-                other.swap_drain = False
+                other.swap_drain = None
                 if other.in_flight == 0:
                     self._arm_ttl(other)
         if drained:
@@ -1645,7 +1649,7 @@ class Manager:
     def _begin_sleep(self, slot: Slot, *, reason: str) -> asyncio.Task[None]:
         # READY -> SLEEPING now, so no lease slips in before the sleep.
         slot.move((State.READY, State.DRAINING), State.SLEEPING)
-        slot.swap_drain = False
+        slot.swap_drain = None
         self._cancel_ttl(slot)
         slot.sleep_task = self._spawn_task(self._sleep(slot, reason), f"sleep:{slot.preset.name}")
         return slot.sleep_task
@@ -1694,7 +1698,7 @@ class Manager:
                 # decision to stop and the stop itself.
                 slot.leaving_ram = slot.state is State.ASLEEP
                 slot.move((State.READY, State.DRAINING, State.ASLEEP), State.STOPPING)
-                slot.swap_drain = False
+                slot.swap_drain = None
             slot.stop_task = self._spawn_task(
                 self._stop(slot, reason, keep_pages=keep_pages), f"stop:{slot.preset.name}"
             )
@@ -1963,7 +1967,7 @@ class Manager:
                 slot.move(State.READY, State.DRAINING)
                 self._cancel_ttl(slot)
             if slot.state is State.DRAINING:
-                slot.swap_drain = False  # ours now: no admission may hand it back
+                slot.swap_drain = None  # ours now: no admission may hand it back
                 if slot.in_flight > 0:
                     await self._changed.wait()
                     continue

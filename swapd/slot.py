@@ -64,7 +64,9 @@ class Slot:
     # a restart that changed its launch): what losing it costs each request that comes back
     # for it, for eviction order and holds.
     reload_s: float | None = None
-    swap_drain: bool = False  # DRAINING so that a request waiting past max_wait can swap in
+    # The admission that drained it (DRAINING) so that a request waiting past max_wait can
+    # swap in; None: no such drain.
+    swap_drain: object | None = None
     hold: str | None = None  # why its admissible load is held (policy.hold), while it is
     # Failed starts in a row, a crash soon after ready counting as one; cleared once a
     # start has stayed up STABLE_AFTER (manager).
@@ -101,7 +103,7 @@ class Slot:
         A model drained for a waiting swap (``max_wait``) is evictable as soon as its
         last request ends, however many requests queue for it meanwhile.
         """
-        if self.state is State.DRAINING and self.swap_drain:
+        if self.state is State.DRAINING and self.swap_drain is not None:
             return self.in_flight > 0
         return self.in_flight > 0 or self.waiters > 0 or self.state in states.IN_TRANSITION
 
