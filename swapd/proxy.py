@@ -338,11 +338,7 @@ class Proxy:
             relayed = request.get(_RELAYED)
             if relayed is None:
                 raise UpstreamTimeout(lease.model, limit) from None
-            if not request.writer.output_size:
-                _answer_instead(request, relayed, UpstreamTimeout(lease.model, limit))
-            elif request.transport is not None:
-                # Headers are gone already: a cut connection is the only signal left.
-                request.transport.close()
+            _answer_or_cut(request, relayed, UpstreamTimeout(lease.model, limit))
             return web.Response(status=UpstreamTimeout.status)
 
     async def _exchange(
@@ -534,12 +530,21 @@ def _write_at_once(request: web.Request) -> Callable[[bytes], bool] | None:
 def _end_cut(request: web.Request, response: web.StreamResponse, exc: BackendGone) -> None:
     """End a relayed answer its backend cut short; the log and metrics say it failed."""
     stream_error(request, exc.status)
+    _answer_or_cut(request, response, exc)
+
+
+def _answer_or_cut(
+    request: web.Request, held: web.StreamResponse, exc: BackendGone | UpstreamTimeout
+) -> None:
+    """End a relayed answer that failed: with ``exc``'s envelope while none of it went out.
+
+    Nothing went out yet while the headers wait for the first chunk: the client can
+    still be told, instead of finding the connection shut. Once they are gone the status
+    is promised, and a cut connection is the only honest signal left.
+    """
     if not request.writer.output_size:
-        # Nothing went out yet (the headers wait for the first chunk): the client can
-        # still be told, with the envelope, instead of finding the connection shut.
-        _answer_instead(request, response, exc)
+        _answer_instead(request, held, exc)
     elif request.transport is not None:
-        # The status is promised already: the only honest signal left is a cut connection.
         request.transport.close()
 
 
