@@ -121,10 +121,15 @@ def _worth(item: Resident | RamEntry, order: _Order, size: int | None) -> tuple[
     """
     value = item.crf if order.crf and item.crf is not None else 0.0
     if order.cost and item.reload_s is not None:
-        value *= max(item.reload_s, MIN_RELOAD_S)
+        value = _weighed(value, item.reload_s)
         if size is not None:
             value /= max(size, 1)
     return (value, item.last_used)
+
+
+def _weighed(crf: float, reload_s: float) -> float:
+    """A CRF times what each request would wait for a start (:data:`MIN_RELOAD_S` at least)."""
+    return crf * max(reload_s, MIN_RELOAD_S)
 
 
 def _warm_in_ram(resident: Resident) -> bool:
@@ -509,10 +514,8 @@ def hold(  # noqa: PLR0913 - the plan and the facts it is held on, keyword-only
     timed = [r.reload_s for r in victims if r.reload_s is not None]
     if reload_s is None or len(timed) < len(victims):
         return Hold(left, crf, kept, busy) if kept > crf else None
-    worth = crf * max(reload_s, MIN_RELOAD_S)
-    victims_worth = sum(
-        (r.crf or 0.0) * max(s, MIN_RELOAD_S) for r, s in zip(victims, timed, strict=True)
-    )
+    worth = _weighed(crf, reload_s)
+    victims_worth = sum(_weighed(r.crf or 0.0, s) for r, s in zip(victims, timed, strict=True))
     if victims_worth <= worth:
         return None
     return Hold(left, crf, kept, busy, worth=worth, victims_worth=victims_worth)
