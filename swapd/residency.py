@@ -141,7 +141,9 @@ def claimed(
 
     A victim on its way down still counts what it holds; the load counts the rest of
     its need, and all of it once the victims are down, so that nothing else (a victim's
-    own queued requests included) takes the room it made.
+    own queued requests included) takes the room it made. ``residents`` are the current
+    models' (``slots``): a model a reload removed is never a victim, so a namesake of
+    it draining is left out by the caller, not matched here.
     """
     claims_seen = []
     for claim in claims:
@@ -150,8 +152,9 @@ def claimed(
             continue
         leaving = [
             r
-            for r in policy.named_once(claim.victims, residents)
-            if r.device == claim.device
+            for r in residents
+            if r.name in claim.victims
+            and r.device == claim.device
             and (victim := slots.get(r.name)) is not None
             and victim.state in _LEAVING
         ]
