@@ -237,7 +237,6 @@ class Manager:
         # it would count the first's growing use against itself.
         self._sizing_starts: dict[str, asyncio.Lock] = {}
         self._sizing_now: dict[str, str] = {}  # per GPU: the model whose start holds its lock
-        self._model_bytes: dict[str, int] = {}
         self.staging: StagingCache | None = None
         if config.cache_dir is not None:
             self.staging = StagingCache(config.cache_dir, config.cache_budget, self._notify)
@@ -775,13 +774,8 @@ class Manager:
         self, slot: Slot, snap: Snapshot, now: float | None = None
     ) -> policy.Resident | None:
         """How a slot counts for admission, or None when it holds no device memory."""
-        model_bytes = self._model_bytes.get(slot.preset.name, 0)
         return residency.resident(
-            slot,
-            snap,
-            now=time.monotonic() if now is None else now,
-            ram_budget=self.ram_budget,
-            model_bytes=model_bytes,
+            slot, snap, now=time.monotonic() if now is None else now, ram_budget=self.ram_budget
         )
 
     def _residents(self, snap: Snapshot, exclude: Slot) -> list[policy.Resident]:
@@ -814,7 +808,7 @@ class Manager:
 
     def _ram_cost(self, slot: Slot, measured: int) -> int:
         """Host RAM the slot would take in the ram tier."""
-        return residency.ram_cost(slot, measured, self._model_bytes.get(slot.preset.name, 0))
+        return residency.ram_cost(slot, measured)
 
     async def _asleep_cost(self, slot: Slot) -> int:
         """Host RAM a model takes now that it sleeps: on a CPU, what its process keeps."""
@@ -1062,6 +1056,7 @@ class Manager:
                     raise InsufficientMemory(reason)
                 if isinstance(plan, policy.Wait):
                     return plan
+                device = next(d for d in candidates if d.id == plan.device)
                 held = policy.hold(
                     plan,
                     self._crf(slot),
@@ -1069,11 +1064,10 @@ class Manager:
                     busy=self._loader_busy(),
                     waited=waited,
                     rule=self._hold_rule(),
-                    reload_s=slot.reload_s,
+                    reload_s=slot.start_times.get(device.kind),
                 )
                 if held is not None:
                     return held  # the locks go: other loads may plan meanwhile
-                device = next(d for d in candidates if d.id == plan.device)
                 slot.need = needs[plan.device]
                 if not plan.victims and not staged:
                     return _Staging()
@@ -1246,7 +1240,7 @@ class Manager:
         placement = self._placement(slot, device, total)
         if preset.model is not None:
             # At each start: the files may have changed since the last (new weights in place).
-            self._model_bytes[preset.name] = await asyncio.to_thread(weight_bytes, preset.model)
+            slot.model_bytes = await asyncio.to_thread(weight_bytes, preset.model)
         async with self._one_sizing_start(slot, device):
             await self._start_spawned(slot, device, placement)
 
@@ -1321,7 +1315,7 @@ class Manager:
 
     async def _spawn_ready(self, slot: Slot, device: Device, placement: Placement) -> None:
         preset = slot.preset
-        slot.device = device
+        slot.device, slot.started_on = device, device.kind
         port = free_port()
         try:
             # PATH lookups and, once per binary, `llama-server --help`: off the event loop.
@@ -1376,7 +1370,7 @@ class Manager:
         slot.move(State.STARTING, State.READY)
         slot.last_used = slot.ready_at = slot.answered_at = time.monotonic()
         if not from_pages:
-            slot.reload_s = slot.ready_at - spawned
+            slot.start_times[device.kind] = slot.ready_at - spawned
         slot.escaped = False  # failures are cleared once it has proven itself (_proven)
         # The process maps the file itself now. Unmapping swapd's locked copy costs
         # milliseconds of kernel time: not while the first request is computed.
@@ -1757,7 +1751,7 @@ class Manager:
             _log.warning("model.pages.fail", model=slot.preset.name, error=str(exc))
             return
         slot.pages = pages
-        self._model_bytes[slot.preset.name] = pages.size  # what the next plan costs it at
+        slot.model_bytes = pages.size  # what the next plan costs it at
         if not pages.locked:
             _log.warning("model.pages.unlocked", model=slot.preset.name, note=pages.lock_error)
         self._entered_ram(slot, pages.size)
@@ -1996,8 +1990,8 @@ class Manager:
         slot.preset, slot.kind = preset, kind_of(preset)
         slot.failures = 0  # a changed preset deserves fresh tries
         self.admission.forget(preset.name)
-        self._model_bytes.pop(preset.name, None)
-        slot.reload_s = None  # another file or other flags: the new launch's start is timed anew
+        slot.model_bytes = 0
+        slot.start_times.clear()  # another file or other flags: its starts are timed anew
         _log.info("model.reload", model=preset.name, change="restart", serving=serving)
         began = time.monotonic()
         await self._drain_and_stop(slot, "reload")

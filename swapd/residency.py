@@ -45,19 +45,17 @@ def ram_via(slot: Slot, ram_budget: int) -> policy.RamVia | None:
     return via
 
 
-def ram_cost(slot: Slot, measured: int, model_bytes: int) -> int:
-    """Host RAM the slot would take in the ram tier (``model_bytes``: its weights' size)."""
+def ram_cost(slot: Slot, measured: int) -> int:
+    """Host RAM the slot would take in the ram tier."""
     if slot.kind.ram_via == "pages":
-        return model_bytes
+        return slot.model_bytes
     on_gpu = slot.device is not None and slot.device.kind != "cpu"
     if not on_gpu:
         return measured  # on a CPU the sleeping process keeps what it has
-    return model_bytes if slot.sleep_level == 1 else 0  # level 2 discards the weights
+    return slot.model_bytes if slot.sleep_level == 1 else 0  # level 2 discards the weights
 
 
-def resident(
-    slot: Slot, snap: Snapshot, *, now: float, ram_budget: int, model_bytes: int
-) -> policy.Resident | None:
+def resident(slot: Slot, snap: Snapshot, *, now: float, ram_budget: int) -> policy.Resident | None:
     """How a slot counts for admission, or None when it holds no device memory."""
     if slot.device is None or not (slot.state in ON_DEVICE or slot.asleep):
         return None
@@ -99,7 +97,7 @@ def resident(
         pinned=slot.preset.pin,
         measured=measured,
         ram_via=ram_via(slot, ram_budget),
-        ram_cost=ram_cost(slot, measured or 0, model_bytes),
+        ram_cost=ram_cost(slot, measured or 0),
         reload_s=slot.reload_s,
     )
 

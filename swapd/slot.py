@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from swapd.needs import Need
     from swapd.pages import WarmSet
     from swapd.presets import Preset
-    from swapd.probe import Device
+    from swapd.probe import Device, DeviceKind
     from swapd.process import Child
 
 
@@ -60,10 +60,13 @@ class Slot:
     # LRFU: requests weighed by age (policy.crf_update); kept across stops, for eviction order.
     crf: float = 0.0
     crf_at: float = 0.0
-    # How long its last start from disk took, spawn to ready (kept across stops, not across
-    # a restart that changed its launch): what losing it costs each request that comes back
+    # How long its last start from disk took, spawn to ready, on each kind of device (a model
+    # allowed on a GPU and on the CPU starts at two speeds). Kept across stops, not across a
+    # restart that changed its launch: what losing it costs each request that comes back
     # for it, for eviction order and holds.
-    reload_s: float | None = None
+    start_times: dict[DeviceKind, float] = field(default_factory=dict)
+    started_on: DeviceKind | None = None  # the kind of device its last start was on
+    model_bytes: int = 0  # its weights' size as its last start (or pages held) found it
     # The admission that drained it (DRAINING) so that a request waiting past max_wait can
     # swap in; None: no such drain.
     swap_drain: object | None = None
@@ -106,6 +109,12 @@ class Slot:
         if self.state is State.DRAINING and self.swap_drain is not None:
             return self.in_flight > 0
         return self.in_flight > 0 or self.waiters > 0 or self.state in states.IN_TRANSITION
+
+    @property
+    def reload_s(self) -> float | None:
+        """Its start time from disk on the kind of device it is on, or was last on."""
+        kind = self.device.kind if self.device is not None else self.started_on
+        return None if kind is None else self.start_times.get(kind)
 
     @property
     def draining(self) -> bool:
