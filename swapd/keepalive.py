@@ -34,6 +34,7 @@ from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
 from swapd.proxy import (
     Proxy,
+    error_event,
     error_text,
     forwarded_headers,
     lease_again,
@@ -101,10 +102,7 @@ class Pings:
     async def fail(self, response: web.StreamResponse, error: dict[str, Any]) -> None:
         """End an open stream with one error event."""
         with contextlib.suppress(ConnectionError):
-            payload = json.dumps({"error": error}, separators=(",", ":")).encode()
-            # A blank line first ends any event the backend left unfinished (a timeout
-            # mid-event), so the error is an event of its own; between events it is a no-op.
-            await response.write(b"\n\ndata: " + payload + b"\n\n")
+            await response.write(error_event(error))
             await response.write_eof()
 
 

@@ -514,17 +514,22 @@ def _write_at_once(request: web.Request) -> Callable[[bytes], bool] | None:
     def write(chunk: bytes) -> bool:
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
-        step = writer.write(chunk, drain=False)
-        try:
-            step.send(None)
-        except StopIteration:
-            return True
-        except ConnectionError:
-            return False
-        step.close()
-        raise RuntimeError("the response writer waited on a relayed chunk")
+        return _write_now(writer, chunk)
 
     return write
+
+
+def _write_now(writer: StreamWriter, chunk: bytes) -> bool:
+    """Write ``chunk`` (framed as the answer is) in one step, never waiting to drain."""
+    step = writer.write(chunk, drain=False)
+    try:
+        step.send(None)
+    except StopIteration:
+        return True
+    except ConnectionError:
+        return False
+    step.close()
+    raise RuntimeError("the response writer waited on a relayed chunk")
 
 
 def _end_cut(request: web.Request, response: web.StreamResponse, exc: BackendGone) -> None:
@@ -540,12 +545,32 @@ def _answer_or_cut(
 
     Nothing went out yet while the headers wait for the first chunk: the client can
     still be told, instead of finding the connection shut. Once they are gone the status
-    is promised, and a cut connection is the only honest signal left.
+    is promised, and a cut connection is the honest signal left; a stream of events says
+    why first, in one error event (SDKs raise it as the error's message).
     """
-    if not request.writer.output_size:
+    writer = request.writer
+    if not writer.output_size:
         _answer_instead(request, held, exc)
-    elif request.transport is not None:
-        request.transport.close()
+        return
+    transport = request.transport
+    if transport is None:
+        return
+    if _is_event_stream(held) and isinstance(writer, StreamWriter) and request.method != "HEAD":
+        _write_now(writer, error_event(exc.envelope()["error"]))
+    transport.close()  # after what waits to go out: the cut is the end, not a chunked end
+
+
+def _is_event_stream(response: web.StreamResponse) -> bool:
+    return response.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream")
+
+
+def error_event(error: dict[str, Any]) -> bytes:
+    """An error as one server-sent event, as OpenAI's streams carry one.
+
+    A blank line first ends any event the backend left unfinished, so the error is an
+    event of its own; between events it is a no-op.
+    """
+    return b"\n\ndata: " + json.dumps({"error": error}, separators=(",", ":")).encode() + b"\n\n"
 
 
 # Of a relayed answer's headers, those swapd's own answer in its place keeps: the request

@@ -122,6 +122,50 @@ def test_a_request_timeout_while_the_headers_wait_is_answered_504_in_the_envelop
     assert d.model("r")["in_flight"] == 0
 
 
+def _events_then_cut(d: Daemon, mode: str) -> list[bytes]:
+    """A stream of a ready model that swapd cuts: the events that reached the client."""
+    assert _post(d, "ok")[0] == 200  # ready: no pings, the backend's own 200
+    status, body, whole = _post(d, mode, stream=True)
+    assert (status, whole) == (200, False)
+    return [e for e in body.split(b"\n\n") if e]
+
+
+def _error_of(event: bytes) -> dict[str, Any]:
+    assert event.startswith(b"data: ")
+    error: dict[str, Any] = json.loads(event[len(b"data: ") :])["error"]
+    return error
+
+
+def test_a_stream_its_backend_cuts_midway_says_why_before_the_cut(
+    start_daemon: StartDaemon,
+) -> None:
+    """One event, half the next, then the backend closes: an error event, then the cut.
+
+    The 200 went out with the first event; the half event is ended by a blank line, so
+    the error is an event of its own (SDKs raise its message), and the connection is
+    still cut rather than ended, so no client takes the answer for whole.
+    """
+    d = start_daemon({"r": _preset()})
+    events = _events_then_cut(d, "cut_mid_stream")
+    assert events[0] == b'data: {"n": 1}'
+    assert events[1] == b'data: {"n": '
+    assert _error_of(events[2])["code"] == "backend_gone"
+    assert len(events) == 3
+    wait_for(lambda: len(_logged(d)) == 2)
+    assert _logged(d) == [200, 502]
+
+
+def test_a_request_timeout_midway_through_a_stream_says_so_before_the_cut(
+    start_daemon: StartDaemon,
+) -> None:
+    """request_timeout on a stream that has begun: a request_timeout event, then the cut."""
+    d = start_daemon({"r": _preset(request_timeout="1s")})
+    events = _events_then_cut(d, "stall_partial")
+    assert [_error_of(e)["code"] for e in events[1:]] == ["request_timeout"]
+    wait_for(lambda: len(_logged(d)) == 2)
+    assert _logged(d) == [200, 504]
+
+
 def test_a_stream_cut_after_pings_ends_with_one_error_event(start_daemon: StartDaemon) -> None:
     """After pings, a backend that fails right after its headers is one error event.
 

@@ -3,8 +3,9 @@
 Modes: ``ok`` (a small JSON answer), ``close_after_headers`` (SSE headers, then a close),
 ``cut_sized`` (a 2 MiB Content-Length, 100 bytes, then a close), ``stall_partial``
 (SSE headers and half an event, then nothing until swapd closes) and ``stall_error``
-(a chunked HTML 500 and the start of its text, then nothing until swapd closes) and
-``late_headers`` (SSE headers after 0.97 s, then nothing until swapd closes).
+(a chunked HTML 500 and the start of its text, then nothing until swapd closes),
+``late_headers`` (SSE headers after 0.97 s, then nothing until swapd closes) and
+``cut_mid_stream`` (SSE headers, one event and half the next, then a close).
 ``/health`` answers 503 until ``--start-delay`` seconds have passed, then 200.
 
     python tests/fakes/raw_backend.py --port PORT [--start-delay SECONDS]
@@ -16,6 +17,8 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -69,31 +72,9 @@ class RawBackend:
         mode: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         """Write the answer ``mode`` names; False when the connection is to end."""
-        if mode == "close_after_headers":
-            writer.write(SSE_HEAD)
-            return False
-        if mode == "cut_sized":
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-            writer.write(head + b"Content-Length: %d\r\n\r\n" % (2 << 20) + b"x" * 100)
-            return False
-        if mode == "late_headers":
-            await asyncio.sleep(0.97)
-            writer.write(SSE_HEAD)
-            await writer.drain()
-            await reader.read()  # until swapd closes the connection
-            return False
-        if mode == "stall_partial":
-            writer.write(SSE_HEAD + _chunk(b'data: {"choices": [{"delta": {"content": "x'))
-            await writer.drain()
-            await reader.read()  # until swapd closes the connection
-            return False
-        if mode == "stall_error":
-            head = (
-                b"HTTP/1.1 500 X\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n\r\n"
-            )
-            writer.write(head + _chunk(b"<html><body>the backend broke"))
-            await writer.drain()
-            await reader.read()  # until swapd closes the connection
+        breaking = _BREAKING.get(mode)
+        if breaking is not None:
+            await breaking(reader, writer)
             return False
         answer = b'{"ok": true}'
         writer.write(
@@ -101,6 +82,55 @@ class RawBackend:
             b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
         )
         return True
+
+
+async def _close_after_headers(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(SSE_HEAD)
+
+
+async def _cut_sized(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+    writer.write(head + b"Content-Length: %d\r\n\r\n" % (2 << 20) + b"x" * 100)
+
+
+async def _late_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(0.97)
+    writer.write(SSE_HEAD)
+    await writer.drain()
+    await reader.read()  # until swapd closes the connection
+
+
+async def _cut_mid_stream(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(SSE_HEAD + _chunk(b'data: {"n": 1}\n\n'))
+    await writer.drain()
+    await asyncio.sleep(0.1)  # the first event reaches the client on its own
+    writer.write(_chunk(b'data: {"n": '))
+
+
+async def _stall_partial(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(SSE_HEAD + _chunk(b'data: {"choices": [{"delta": {"content": "x'))
+    await writer.drain()
+    await reader.read()  # until swapd closes the connection
+
+
+async def _stall_error(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = b"HTTP/1.1 500 X\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n\r\n"
+    writer.write(head + _chunk(b"<html><body>the backend broke"))
+    await writer.drain()
+    await reader.read()  # until swapd closes the connection
+
+
+# The modes that end the connection, each after what it writes.
+_BREAKING: dict[
+    str, Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+] = {
+    "close_after_headers": _close_after_headers,
+    "cut_sized": _cut_sized,
+    "late_headers": _late_headers,
+    "cut_mid_stream": _cut_mid_stream,
+    "stall_partial": _stall_partial,
+    "stall_error": _stall_error,
+}
 
 
 async def main() -> None:
