@@ -38,7 +38,7 @@ from swapd.keepalive import ColdStreams
 from swapd.limits import Edge, EdgeSite, Limits, fit_fd_limit, track
 from swapd.logs import HotLogger, get_logger, new_request_id
 from swapd.manager import Manager
-from swapd.passthrough import LLAMA_ROUTES, Passthrough
+from swapd.passthrough import ENGINE_ROUTES, Passthrough
 from swapd.pidfiles import PidRecords
 from swapd.probe import Probe, open_probe
 from swapd.proxy import JSON_ROUTES, MULTIPART_ROUTES, Proxy, error_response
@@ -55,7 +55,7 @@ CONTROL = web.AppKey("control", Control)
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 PRELOAD = web.AppKey("preload", asyncio.Task[None])
 # Routes beyond the proxy's own whose JSON body names the model.
-EXTRA_JSON_ROUTES = ("/v1/messages/count_tokens", *LLAMA_ROUTES)
+EXTRA_JSON_ROUTES = ("/v1/messages/count_tokens", *ENGINE_ROUTES)
 UPSTREAM_ROUTE = "/upstream/{target:.+}"
 # Status logged and counted for a request still running when the drain's time was up
 # (swapd cut it); CLIENT_GONE (swapd._exchange) for a client that hung up or stalled.

@@ -25,7 +25,27 @@ from swapd.errors import BadRequest, Forbidden, UnknownModel, clip
 from swapd.manager import Manager
 from swapd.proxy import AS_SENT, Proxy, read_body
 
-LLAMA_ROUTES = ("/tokenize", "/detokenize", "/infill", "/apply-template")
+# The engines' own POST routes whose JSON body can name the model, as llama-server's router
+# mode routes them: llama-server's (its native completion, embedding and rerank routes, and
+# its unversioned aliases of the OpenAI ones) and vLLM's pooling and scoring routes.
+ENGINE_ROUTES = (
+    "/tokenize",
+    "/detokenize",
+    "/infill",
+    "/apply-template",
+    "/completion",
+    "/completions",
+    "/chat/completions",
+    "/embedding",
+    "/embeddings",
+    "/rerank",
+    "/reranking",
+    "/v1/reranking",
+    "/v2/rerank",
+    "/score",
+    "/pooling",
+    "/classify",
+)
 UPSTREAM_PREFIX = "/upstream/"
 # Backend routes that are swapd's alone: vLLM's development routes (VLLM_SERVER_DEV_MODE=1,
 # which sleep needs) that swapd drives or that act on every client: sleep and wake (swapd's

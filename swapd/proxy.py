@@ -46,8 +46,11 @@ JSON_ROUTES = (
     "/v1/responses",
     "/v1/messages",
     "/v1/rerank",
+    "/v1/score",
+    "/v1/audio/speech",
+    "/v1/images/generations",
 )
-MULTIPART_ROUTES = ("/v1/audio/transcriptions",)
+MULTIPART_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits")
 # Headers that describe one hop, not the message (RFC 9110 section 7.6.1), plus ones aiohttp sets.
 _HOP = frozenset(
     {

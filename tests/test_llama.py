@@ -260,6 +260,21 @@ def test_llama_server_stream_passes_through_as_events(
     assert events[-1] == b"data: [DONE]"
 
 
+def test_llama_servers_native_routes_are_reached_by_the_model_in_the_body(
+    start_daemon: StartDaemon, tiny_gguf: Path
+) -> None:
+    """``/completion`` and ``/tokenize`` (llama-server's own) reach the model the body names."""
+    d = start_daemon({"tiny": tiny_preset(tiny_gguf)})
+    status, done = d.request(
+        "POST", "/completion", {"model": "tiny", "prompt": "a", "n_predict": 2}
+    )
+    assert status == 200, done
+    assert done["tokens_predicted"] == 2
+    status, tokens = d.request("POST", "/tokenize", {"model": "tiny", "content": "ab"})
+    assert status == 200, tokens
+    assert len(tokens["tokens"]) >= 1
+
+
 def test_llama_server_idle_ttl_stops_it(start_daemon: StartDaemon, tiny_gguf: Path) -> None:
     """A real llama-server is stopped after its ttl without requests, and its process is gone."""
     d = start_daemon({"tiny": tiny_preset(tiny_gguf, ttl="1s")})

@@ -10,7 +10,7 @@ import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset
 
-from swapd.proxy import JSON_ROUTES
+from swapd.proxy import JSON_ROUTES, MULTIPART_ROUTES
 
 
 @pytest.fixture
@@ -49,8 +49,9 @@ def test_every_json_route_is_forwarded_by_its_model(daemon: Daemon, route: str) 
         assert (body["path"], body["name"]) == (route, "A")
 
 
-def test_transcription_routes_by_the_form_field(daemon: Daemon) -> None:
-    """Multipart /v1/audio/transcriptions takes the model from the form."""
+@pytest.mark.parametrize("route", MULTIPART_ROUTES)
+def test_transcription_routes_by_the_form_field(daemon: Daemon, route: str) -> None:
+    """Multipart routes (/v1/audio/transcriptions, ...) take the model from the form."""
     boundary = uuid.uuid4().hex
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nb\r\n',
@@ -61,9 +62,7 @@ def test_transcription_routes_by_the_form_field(daemon: Daemon) -> None:
         f"--{boundary}--\r\n",
     ]
     body = "".join(parts).encode()
-    status, data = _raw(
-        daemon, "/v1/audio/transcriptions", body, f"multipart/form-data; boundary={boundary}"
-    )
+    status, data = _raw(daemon, route, body, f"multipart/form-data; boundary={boundary}")
     assert status == 200
     assert data["text"] == "B heard a.wav (8 bytes) model=b"
 

@@ -10,6 +10,8 @@ import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset
 
+from swapd.passthrough import ENGINE_ROUTES
+
 INFERENCE_KEY = "inference-key-0123456789"
 ADMIN_KEY = "admin-key-0123456789abcdef"
 
@@ -33,12 +35,9 @@ def test_one_model_is_found_by_name_alias_or_a_name_with_a_slash(two: Daemon) ->
     assert {m["state"] for m in two.get("/swapd/status")[1]["models"]} == {"stopped"}
 
 
-@pytest.mark.parametrize(
-    "path",
-    ["/v1/messages/count_tokens", "/tokenize", "/detokenize", "/infill", "/apply-template"],
-)
+@pytest.mark.parametrize("path", ["/v1/messages/count_tokens", *ENGINE_ROUTES])
 def test_routes_whose_body_names_the_model_reach_its_backend(two: Daemon, path: str) -> None:
-    """Anthropic's count_tokens and llama-server's own routes go to the model in the body."""
+    """Anthropic's count_tokens and the engines' own routes go to the model in the body."""
     status, body = two.request("POST", path, {"model": "alpha", "content": "hi"})
     assert status == 200, body
     assert (body["path"], body["name"]) == (path, "A")

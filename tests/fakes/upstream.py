@@ -39,11 +39,26 @@ ECHO_OBJECTS = {
     "/v1/messages": "message",
     "/v1/rerank": "rerank",
     "/v1/messages/count_tokens": "count_tokens",
-    # llama-server's own routes, reached through swapd by a model in the body or /upstream/.
+    "/v1/score": "score",
+    "/v1/audio/speech": "speech",
+    "/v1/images/generations": "images",
+    # The engines' own routes, reached through swapd by a model in the body or /upstream/.
     "/tokenize": "tokens",
     "/detokenize": "content",
     "/infill": "infill",
     "/apply-template": "prompt",
+    "/completion": "completion",
+    "/completions": "completion",
+    "/chat/completions": "chat",
+    "/embedding": "embedding",
+    "/embeddings": "embedding",
+    "/rerank": "rerank",
+    "/reranking": "rerank",
+    "/v1/reranking": "rerank",
+    "/v2/rerank": "rerank",
+    "/score": "score",
+    "/pooling": "pooling",
+    "/classify": "classify",
 }
 
 
@@ -465,7 +480,8 @@ class Fake:
         app.router.add_post("/v1/embeddings", t(self.embeddings))
         for path in ECHO_OBJECTS:
             app.router.add_post(path, t(self.echo))
-        app.router.add_post("/v1/audio/transcriptions", t(self.transcription))
+        for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits"):
+            app.router.add_post(path, t(self.transcription))
         app.router.add_post("/sleep", self.sleep)
         app.router.add_post("/wake_up", self.wake_up)
         app.router.add_get("/is_sleeping", self.is_sleeping)
