@@ -275,10 +275,19 @@ class _Progress:
 
 
 async def verb_unload(client: Client, args: argparse.Namespace) -> int:
-    """Stop a model once its requests finish (``--force``: at once)."""
+    """Stop a model, or every model (``--all``), once requests finish (``--force``: at once)."""
     query = "?force=true" if args.force else ""
-    view = await client.call("POST", f"/swapd/models/{quote(args.name, safe='/')}/unload{query}")
-    print(json.dumps(view, indent=2) if args.json else f"{view['name']}: {view['state']}")
+    if args.all:
+        body = await client.call("POST", f"/swapd/unload{query}")
+        views = body["models"]
+    else:
+        path = f"/swapd/models/{quote(args.name, safe='/')}/unload{query}"
+        body = await client.call("POST", path)
+        views = [body]
+    if args.json:
+        print(json.dumps(body, indent=2))
+    for view in [] if args.json else views:
+        print(f"{view['name']}: {view['state']}")
     return 0
 
 
@@ -516,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs: list[tuple[str, str, Any]] = [
         ("status", "show every model: state, tier, memory, TTL left, last use", verb_status),
         ("load", "load a model and show its progress until it is ready", verb_load),
-        ("unload", "stop a model once its requests finish", verb_unload),
+        ("unload", "stop a model (or --all) once its requests finish", verb_unload),
         ("logs", "print a backend's recent output", verb_logs),
         ("reload", "re-read the config; restart only the models that changed", verb_reload),
         ("plan", "show which models fit together on this host's devices", verb_plan),
@@ -526,8 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
         description = words[0].upper() + words[1:] + "."
         subs[name] = sub.add_parser(name, parents=[common], help=words, description=description)
         subs[name].set_defaults(func=_client_verb(verb))
-        if name in ("load", "unload", "logs"):
+        if name in ("load", "logs"):
             subs[name].add_argument("name", metavar="NAME", help="the model's name or an alias")
+    which = subs["unload"].add_mutually_exclusive_group(required=True)
+    which.add_argument("name", metavar="NAME", nargs="?", help="the model's name or an alias")
+    which.add_argument("--all", action="store_true", help="every model")
     subs["unload"].add_argument(
         "--force", action="store_true", help="stop at once, cutting requests"
     )

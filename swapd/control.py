@@ -75,6 +75,7 @@ class Control:
         router.add_post("/swapd/reload", self.reload)
         router.add_post("/swapd/models/{name:.+}/load", self.load)
         router.add_post("/swapd/models/{name:.+}/unload", self.unload)
+        router.add_post("/swapd/unload", self.unload_all)
         router.add_get("/swapd/models/{name:.+}/logs", self.logs)
         router.add_get("/metrics", self.scrape)
 
@@ -97,6 +98,11 @@ class Control:
         name = request.match_info["name"]
         await asyncio.shield(self.manager.unload(name, force=_flag(request, "force")))
         return web.json_response(self.manager.view(name).as_json())
+
+    async def unload_all(self, request: web.Request) -> web.Response:
+        """Stop every model once its requests finish (``?force=true``: at once)."""
+        await asyncio.shield(self.manager.unload_all(force=_flag(request, "force")))
+        return web.json_response({"models": [v.as_json() for v in self.manager.views()]})
 
     async def reload(self, _request: web.Request) -> web.Response:
         """Re-read the config and presets; 400 listing every error when the new one is bad."""

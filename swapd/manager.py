@@ -1854,6 +1854,10 @@ class Manager:
         self._drop_pages(slot, reason="unload")
         self._notify()
 
+    async def unload_all(self, *, force: bool = False) -> None:
+        """:meth:`unload` every model at once (pinned ones too: an operator asked)."""
+        await asyncio.gather(*(self.unload(name, force=force) for name in list(self.slots)))
+
     # ---------------------------------------------------------------- reload
 
     def reload(self, config: Config, plan: ReloadPlan) -> None:

@@ -30,6 +30,7 @@ CONTROL = [
     ("GET", "/swapd/status"),
     ("POST", "/swapd/models/a/load"),
     ("POST", "/swapd/models/a/unload"),
+    ("POST", "/swapd/unload"),
     ("GET", "/swapd/models/a/logs"),
 ]
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}

@@ -121,6 +121,19 @@ def test_unload_and_logs(start_daemon: StartDaemon) -> None:
         assert follow.wait(timeout=30) == 130
 
 
+def test_unload_all_stops_every_model(start_daemon: StartDaemon) -> None:
+    """``unload --all`` stops every model and prints each; NAME and --all exclude each other."""
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")})
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    out = swapd("unload", "--all", "--url", d.url)
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.splitlines()) == ["a: stopped", "b: stopped"]
+    both = swapd("unload", "a", "--all", "--url", d.url)
+    assert both.returncode == 2
+    assert "not allowed with" in both.stderr
+
+
 def test_plan_asks_the_daemon_or_plans_locally(start_daemon: StartDaemon, tmp_path: Path) -> None:
     """Which models fit together: from the running daemon, or from the config alone."""
     d = start_daemon(

@@ -9,6 +9,7 @@ from pathlib import Path
 import psutil
 from conftest import StartDaemon
 from daemon import fake_preset, fake_stats, wait_for, wait_for_gone
+from test_reload import Stream
 
 
 def _reaper(pid: int) -> psutil.Process:
@@ -97,6 +98,26 @@ def test_load_and_unload_endpoints(start_daemon: StartDaemon) -> None:
     status, body = d.request("POST", "/swapd/models/nope/load")
     assert status == 404
     assert body["error"]["code"] == "model_not_found"
+
+
+def test_unload_all_stops_every_model_once_its_requests_finish(start_daemon: StartDaemon) -> None:
+    """POST /swapd/unload: a stream in flight ends whole, then every model is stopped."""
+    slow = ("--chunks", "20", "--chunk-interval", "0.05")
+    d = start_daemon({"a": fake_preset("A", *slow), "b": fake_preset("B"), "c": fake_preset("C")})
+    assert d.chat("b")[0] == 200
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    pids = [d.model(name)["pid"] for name in ("a", "b")]
+    status, body = d.request("POST", "/swapd/unload")
+    assert status == 200
+    assert {(m["name"], m["state"], m["pid"]) for m in body["models"]} == {
+        ("a", "stopped", None),
+        ("b", "stopped", None),
+        ("c", "stopped", None),
+    }
+    assert len(stream.finish()) == 21
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+    assert d.request("POST", "/swapd/unload?force=maybe")[0] == 400
 
 
 def test_status_and_models_list_every_model_with_state(start_daemon: StartDaemon) -> None:
