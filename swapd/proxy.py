@@ -83,6 +83,8 @@ BUFFER_LIMIT = 1 << 20
 HEADERS_WAIT = 0.05
 # The relayed answer, once aiohttp has taken it (its headers may still wait in the writer).
 _RELAYED = "swapd.relayed"
+# Set on a relayed answer once its end is being written: whole, whatever cuts in meanwhile.
+_WHOLE = web.ResponseKey("whole", bool)
 # Set on a /upstream/ request: the backend's answer goes back as sent, errors too.
 AS_SENT = "swapd.as_sent"
 # How long a request that a backend refused waits for swapd to see that backend's exit.
@@ -448,9 +450,11 @@ async def pass_body(
         while (chunk := await upstream.next_chunk()) is not None:
             if upstream.finished():
                 # The answer is whole: its last chunk and the end go in one write.
+                response[_WHOLE] = True
                 await stall.write(response.write_eof(chunk))
                 return None
             await stall.write(response.write(chunk))
+        response[_WHOLE] = True
         await stall.write(response.write_eof())
     except UpstreamError as exc:
         return exc
@@ -558,7 +562,12 @@ def _answer_or_cut(
     transport = request.transport
     if transport is None:
         return
-    if _is_event_stream(held) and isinstance(writer, StreamWriter) and request.method != "HEAD":
+    if (
+        _is_event_stream(held)
+        and isinstance(writer, StreamWriter)
+        and request.method != "HEAD"
+        and not held.get(_WHOLE)  # a timeout while its end drains: nothing may follow
+    ):
         _write_now(writer, error_event(exc.envelope()["error"]))
     transport.close()  # after what waits to go out: the cut is the end, not a chunked end
 
