@@ -120,6 +120,42 @@ _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 _Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 
 
+class NestedValueError(ValueError):
+    """A converter's error about one part of a nested value, which the error points at.
+
+    ``path`` leads from the entry's value to that part: mapping keys and sequence
+    indices. ``at_key``: the error is about the last key itself (a key not allowed
+    there), not its value. ``key`` is the name the error gives, as ``filters.set_params``.
+    """
+
+    def __init__(
+        self, key: str, path: tuple[str | int, ...], reason: str, *, at_key: bool = False
+    ) -> None:
+        self.key = key
+        self.path = path
+        self.at_key = at_key
+        super().__init__(reason)
+
+
+def nested_location(
+    file: str, node: yaml.Node, path: tuple[str | int, ...], *, at_key: bool
+) -> Location:
+    """Where the part of ``node`` that ``path`` leads to was written; the deepest found."""
+    last = len(path) - 1
+    for depth, step in enumerate(path):
+        found: tuple[yaml.Node, yaml.Node] | None = None
+        if isinstance(node, yaml.MappingNode):
+            found = next((pair for pair in node.value if pair[0].value == str(step)), None)
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value)
+        ):
+            found = (node.value[step], node.value[step])
+        if found is None:
+            break  # written in a way the walk does not follow (a merge key): the nearest
+        node = found[0] if at_key and depth == last else found[1]
+    return node_location(file, node)
+
+
 def _plain(node: yaml.Node) -> Any:
     # Nested values become plain Python; only the top-level keys keep marks. Constructed
     # from the node itself: a round trip through text turns an empty value (null) into

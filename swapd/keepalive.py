@@ -128,7 +128,7 @@ class ColdStreams:
             and await proxy.large_bodies.read(body, wants_stream)
         ):
             return await self._cold(request, model, body)
-        return await proxy.forward(request, model, body)
+        return await proxy.forward(request, model, body, json_body=True)
 
     async def multipart_route(self, request: web.Request) -> web.StreamResponse:
         """POST routes whose multipart form names the model (no pings: they do not stream)."""
@@ -177,7 +177,9 @@ class ColdStreams:
                 # is granted at once (the model is ready), so this one goes first.
                 held = None
                 self.manager.release(lease)
-                return await self.proxy.forward(request, lease.model, body, admitted=True)
+                return await self.proxy.forward(
+                    request, lease.model, body, admitted=True, json_body=True
+                )
             try:
                 try:
                     return await self._relay(request, pings, lease, body)
@@ -227,6 +229,7 @@ class ColdStreams:
         return response
 
     async def _send(self, request: web.Request, lease: Lease, body: bytes) -> UpstreamResponse:
+        body = await self.proxy.body_for(lease, body)
         headers = forwarded_headers(request, lease)
         target = request.rel_url.raw_path_qs
         try:

@@ -10,10 +10,19 @@ from typing import Any, Literal
 
 import yaml
 
-from swapd._yaml import Document, Entry, load_document, node_location, written
+from swapd._yaml import (
+    Document,
+    Entry,
+    NestedValueError,
+    load_document,
+    nested_location,
+    node_location,
+    written,
+)
 from swapd.backends import KINDS, flag_as_written
 from swapd.errors import ConfigError, ConfigErrors, Location, clip
 from swapd.gguf_split import split_parts
+from swapd.rewrite import Filters, parse_filters
 from swapd.units import parse_duration, parse_positive_duration, parse_size
 
 BackendName = Literal["llama-server", "vllm", "command"]
@@ -55,6 +64,9 @@ class Preset:
     concurrency: int | None = None
     max_queue: int | None = None
     request_timeout: float | None = None
+    # Request rewriting (see swapd.rewrite): the model the backend receives, body filters.
+    use_model_name: str | None = None
+    filters: Filters | None = None
 
 
 def _str(value: Any) -> str:
@@ -179,6 +191,8 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "concurrency": lambda v: None if v is None else _count(v),
     "max_queue": lambda v: None if v is None else _count(v, minimum=0),
     "request_timeout": lambda v: None if v is None else parse_positive_duration(v),
+    "use_model_name": lambda v: None if v is None else _str(v),
+    "filters": parse_filters,
 }
 
 
@@ -197,6 +211,9 @@ def convert_entries(
             continue
         try:
             values[entry.key] = (CONVERTERS[entry.key](entry.value), entry.where)
+        except NestedValueError as exc:  # about one part of the value: pointed at
+            where = nested_location(entry.where.file, entry.node, exc.path, at_key=exc.at_key)
+            errors.append(ConfigError(where, exc.key, str(exc)))
         except ValueError as exc:
             errors.append(ConfigError(entry.where, entry.key, str(exc)))
     return values

@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: find the model, lease a ready backend, pass the exchange through.
 
-Bodies are forwarded as the bytes the client sent (never re-encoded), and
+Bodies are forwarded as the bytes the client sent (never re-encoded, unless the
+model's preset rewrites its JSON requests: see :mod:`swapd.rewrite`), and
 responses as the chunks the backend sends: a streamed answer reaches the
 client chunk by chunk, and a client that hangs up closes the upstream
 connection, which cancels the generation.
@@ -35,6 +36,8 @@ from swapd.errors import (
 from swapd.limits import send_continue
 from swapd.logs import get_logger
 from swapd.manager import Lease, Manager
+from swapd.presets import Preset
+from swapd.rewrite import rewrite
 from swapd.upstream import NotSent, UpstreamError, UpstreamPool, UpstreamResponse
 
 _log = get_logger("swapd.proxy")
@@ -186,6 +189,10 @@ def model_from_json(body: bytes) -> str:
     return model
 
 
+def _rewritten(preset: Preset, body: bytes) -> bytes:
+    return rewrite(body, preset.use_model_name, preset.filters)
+
+
 def _json_kind(value: object) -> str:
     """What a parsed JSON value is, in JSON's words, for an error message."""
     if value is None:
@@ -292,7 +299,7 @@ class Proxy:
         """POST routes whose JSON body names the model."""
         body = await read_body(request, self.max_body, self.body_timeout)
         model = await self.large_bodies.read(body, model_from_json)
-        return await self.forward(request, model, body)
+        return await self.forward(request, model, body, json_body=True)
 
     async def multipart_route(self, request: web.Request) -> web.StreamResponse:
         """POST routes whose multipart form names the model."""
@@ -304,7 +311,13 @@ class Proxy:
         return await self.forward(request, model, body)
 
     async def forward(
-        self, request: web.Request, model: str, body: bytes, *, admitted: bool = False
+        self,
+        request: web.Request,
+        model: str,
+        body: bytes,
+        *,
+        admitted: bool = False,
+        json_body: bool = False,
     ) -> web.StreamResponse:
         """Send the request to a leased backend and pass the answer back unbuffered.
 
@@ -313,25 +326,30 @@ class Proxy:
         request never reached it, so once swapd has seen the exit it is leased again,
         and waits for the restart as any request for a stopped model does. ``admitted``:
         the request held a lease already (a cold stream's), counted and let in then.
+        ``json_body``: a JSON route's body, which the leased model's preset may rewrite.
         """
         request["model"] = model  # clipped in the log line, not for the metrics' lookup
         manager = self.manager
         lease = await manager.acquire(model, admitted=admitted)
         try:
-            return await self._leased(request, lease, body)
+            return await self._leased(request, lease, body, json_body)
         except NotSent as exc:
             refused = exc
         finally:
             manager.release(lease)
         lease = await lease_again(manager, lease, refused)
         try:
-            return await self._leased(request, lease, body)
+            return await self._leased(request, lease, body, json_body)
         except NotSent as exc:
             raise BackendGone(lease.model, str(exc)) from exc
         finally:
             manager.release(lease)
 
-    async def _leased(self, request: web.Request, lease: Lease, body: bytes) -> web.StreamResponse:
+    async def _leased(
+        self, request: web.Request, lease: Lease, body: bytes, json_body: bool
+    ) -> web.StreamResponse:
+        if json_body:
+            body = await self.body_for(lease, body)
         headers = forwarded_headers(request, lease)
         limit = lease.slot.preset.request_timeout
         if limit is None:
@@ -345,6 +363,17 @@ class Proxy:
                 raise UpstreamTimeout(lease.model, limit) from None
             _answer_or_cut(request, relayed, UpstreamTimeout(lease.model, limit))
             return web.Response(status=UpstreamTimeout.status)
+
+    async def body_for(self, lease: Lease, body: bytes) -> bytes:
+        """A JSON route's body as the lease's backend gets it: as sent, or rewritten.
+
+        Rewritten where the preset asks (parsed in a worker thread when large, as the
+        model's read is).
+        """
+        preset = lease.slot.preset  # as the lease found it: a reload may change it later
+        if preset.use_model_name is None and preset.filters is None:
+            return body  # most presets: the client's bytes, not parsed again
+        return await self.large_bodies.read(body, functools.partial(_rewritten, preset))
 
     async def _exchange(
         self, request: web.Request, lease: Lease, headers: list[tuple[bytes, bytes]], body: bytes

@@ -6,7 +6,8 @@ them), its environment, its binary, the model's files (size, mtime and inode of
 the file, of every shard of a split GGUF, of every file in a folder),
 its health path, and the settings that place it (``devices``, ``sleep``,
 ``stage``, ``sha256``). Everything else (``ttl``, ``aliases`` a kind does not
-pass, ``pin``, limits, ``memory``) applies in place. Removed models stop once
+pass, ``pin``, limits, ``memory``, the request rewriting of ``use_model_name`` and
+``filters``) applies in place. Removed models stop once
 their requests finish; new ones appear. Daemon keys that are bound at start
 (the listen address, the edge's timers, logging) are reported as needing a
 restart; the rest apply at once. :func:`diff` decides; the manager acts.

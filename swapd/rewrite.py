@@ -1,0 +1,133 @@
+"""Per-preset request rewriting: the model a backend receives, and filtered body keys.
+
+llama-swap's ``useModelName`` and ``filters.stripParams``/``setParams``, as the preset
+keys ``use_model_name`` and ``filters: {strip_params, set_params}``. Only the bodies
+of the JSON routes are rewritten (multipart forms and ``/upstream/`` go as sent), and
+only for a preset that sets one of the keys: any other request's body reaches its
+backend as the bytes the client sent, never parsed again. A rewritten body is parsed
+once (its nesting is checked already: the model was read from it), changed at its top
+level (stripped, then set, then the model), and written back compactly; the upstream
+client sizes ``Content-Length`` from the bytes it sends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from swapd import _json as capped_json
+from swapd._yaml import NestedValueError
+
+_STRIP = "strip_params"
+_SET = "set_params"
+# llama-swap's spellings, named in the error a migrated preset gets.
+_LLAMA_SWAP = {"stripParams": _STRIP, "setParams": _SET}
+_INSTEAD = "use_model_name sets the model the backend receives"
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Top-level body keys a preset removes (``strip``) and sets, over the client's."""
+
+    strip: tuple[str, ...] = ()
+    set: Mapping[str, Any] = field(default_factory=dict)
+
+
+def parse_filters(value: Any) -> Filters | None:
+    """``filters:``; None when it asks for nothing (no rewrite, no cost per request)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of {_STRIP} and {_SET}, got {type(value).__name__}")
+    for key in value:
+        if key not in (_STRIP, _SET):
+            known = f"known keys: {_SET}, {_STRIP}"
+            if key in _LLAMA_SWAP:
+                known = f"llama-swap's {key} is {_LLAMA_SWAP[key]} here"
+            raise NestedValueError(f"filters.{key}", (key,), f"unknown key; {known}", at_key=True)
+    filters = Filters(_strip(value.get(_STRIP)), _set(value.get(_SET)))
+    return filters if filters.strip or filters.set else None
+
+
+def _strip(value: Any) -> tuple[str, ...]:
+    key = f"filters.{_STRIP}"
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        got = type(value).__name__
+        raise NestedValueError(
+            key, (_STRIP,), f"expected a list of strings like [top_k], got {got}"
+        )
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            reason = f"expected a non-empty string, got {item!r}"
+            raise NestedValueError(key, (_STRIP, index), reason)
+        if item == "model":
+            raise NestedValueError(key, (_STRIP, index), f"model cannot be stripped; {_INSTEAD}")
+    return tuple(value)
+
+
+def _set(value: Any) -> dict[str, Any]:
+    key = f"filters.{_SET}"
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        got = type(value).__name__
+        raise NestedValueError(key, (_SET,), f"expected a mapping of body keys, got {got}")
+    if "model" in value:
+        reason = f"model cannot be set here; {_INSTEAD}"
+        raise NestedValueError(key, (_SET, "model"), reason, at_key=True)
+    converted: dict[str, Any] = _json_value(value, key, (_SET,), capped_json.MAX_DEPTH)
+    return converted
+
+
+def _json_value(value: Any, key: str, path: tuple[str | int, ...], room: int) -> Any:
+    """``value`` as plain JSON types; :class:`NestedValueError` at what JSON cannot hold."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return int(value)  # YAML's int keeps how it was written: a plain one goes out
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise NestedValueError(key, path, f"{value} is not a JSON number")
+        return float(value)
+    if isinstance(value, list | dict) and room < 1:
+        reason = f"nested deeper than {capped_json.MAX_DEPTH} levels, which swapd refuses"
+        raise NestedValueError(key, path, reason)
+    if isinstance(value, list):
+        return [_json_value(v, key, (*path, i), room - 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        for name in value:
+            if not isinstance(name, str):
+                reason = f"a JSON key is a string, got {name!r}: quote it"
+                raise NestedValueError(key, (*path, name), reason, at_key=True)
+        return {n: _json_value(v, key, (*path, n), room - 1) for n, v in value.items()}
+    what = type(value).__name__  # a YAML date, timestamp, !!binary or !!set
+    raise NestedValueError(key, path, f"a {what} is not a JSON value: quote it to send text")
+
+
+def rewrite(body: bytes, model: str | None, filters: Filters | None) -> bytes:
+    """``body`` with ``filters`` applied and its model renamed ``model`` (if given).
+
+    :class:`~swapd.errors.BadRequest` when it is not valid JSON (the scan that found
+    the model does not read all of it). A top level that is not an object is sent
+    as it came: the scan found a model in it, so it cannot happen; were it to, the
+    backend would answer it.
+    """
+    data = capped_json.parse_checked(body)
+    if not isinstance(data, dict):
+        return body
+    if filters is not None:
+        for key in filters.strip:
+            data.pop(key, None)
+        data.update(filters.set)
+    if model is not None:
+        data["model"] = model
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (a client's "\ud800") has no UTF-8: escaped, as it came.
+        return json.dumps(data, separators=(",", ":")).encode()
