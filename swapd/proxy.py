@@ -189,6 +189,11 @@ def model_from_json(body: bytes) -> str:
     return model
 
 
+def _rewrites(preset: Preset) -> bool:
+    """Whether the preset rewrites its JSON bodies (see :mod:`swapd.rewrite`)."""
+    return preset.use_model_name is not None or preset.filters is not None
+
+
 def _rewritten(preset: Preset, body: bytes) -> bytes:
     return rewrite(body, preset.use_model_name, preset.filters)
 
@@ -348,8 +353,8 @@ class Proxy:
     async def _leased(
         self, request: web.Request, lease: Lease, body: bytes, json_body: bool
     ) -> web.StreamResponse:
-        if json_body:
-            body = await self.body_for(lease, body)
+        if json_body and _rewrites(lease.slot.preset):
+            body = await self.body_for(lease, body)  # not awaited for most presets
         headers = forwarded_headers(request, lease)
         limit = lease.slot.preset.request_timeout
         if limit is None:
@@ -371,7 +376,7 @@ class Proxy:
         model's read is).
         """
         preset = lease.slot.preset  # as the lease found it: a reload may change it later
-        if preset.use_model_name is None and preset.filters is None:
+        if not _rewrites(preset):
             return body  # most presets: the client's bytes, not parsed again
         return await self.large_bodies.read(body, functools.partial(_rewritten, preset))
 
