@@ -20,6 +20,7 @@ from typing import Any
 
 from swapd import _json as capped_json
 from swapd._yaml import NestedValueError
+from swapd.errors import clip
 
 _STRIP = "strip_params"
 _SET = "set_params"
@@ -47,7 +48,9 @@ def parse_filters(value: Any) -> Filters | None:
             known = f"known keys: {_SET}, {_STRIP}"
             if key in _LLAMA_SWAP:
                 known = f"llama-swap's {key} is {_LLAMA_SWAP[key]} here"
-            raise NestedValueError(f"filters.{key}", (key,), f"unknown key; {known}", at_key=True)
+            raise NestedValueError(
+                f"filters.{clip(str(key))}", (key,), f"unknown key; {known}", at_key=True
+            )
     filters = Filters(_strip(value.get(_STRIP)), _set(value.get(_SET)))
     return filters if filters.strip or filters.set else None
 
@@ -63,7 +66,7 @@ def _strip(value: Any) -> tuple[str, ...]:
         )
     for index, item in enumerate(value):
         if not isinstance(item, str) or not item:
-            reason = f"expected a non-empty string, got {item!r}"
+            reason = f"expected a non-empty string, got {clip(repr(item))}"
             raise NestedValueError(key, (_STRIP, index), reason)
         if item == "model":
             raise NestedValueError(key, (_STRIP, index), f"model cannot be stripped; {_INSTEAD}")
@@ -102,7 +105,7 @@ def _json_value(value: Any, key: str, path: tuple[str | int, ...], room: int) ->
     if isinstance(value, dict):
         for name in value:
             if not isinstance(name, str):
-                reason = f"a JSON key is a string, got {name!r}: quote it"
+                reason = f"a JSON key is a string, got {clip(repr(name))}: quote it"
                 raise NestedValueError(key, (*path, name), reason, at_key=True)
         return {n: _json_value(v, key, (*path, n), room - 1) for n, v in value.items()}
     what = type(value).__name__  # a YAML date, timestamp, !!binary or !!set
