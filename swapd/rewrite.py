@@ -27,6 +27,8 @@ _SET = "set_params"
 # llama-swap's spellings, named in the error a migrated preset gets.
 _LLAMA_SWAP = {"stripParams": _STRIP, "setParams": _SET}
 _INSTEAD = "use_model_name sets the model the backend receives"
+# swapd answers a cold stream itself (pings) by the client's "stream": the backend must agree.
+_STREAM = "the client chooses whether its answer streams"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ def _strip(value: Any) -> tuple[str, ...]:
             raise NestedValueError(key, (_STRIP, index), reason)
         if item == "model":
             raise NestedValueError(key, (_STRIP, index), f"model cannot be stripped; {_INSTEAD}")
+        if item == "stream":
+            raise NestedValueError(key, (_STRIP, index), f"stream cannot be stripped; {_STREAM}")
     return tuple(value)
 
 
@@ -83,6 +87,9 @@ def _set(value: Any) -> dict[str, Any]:
     if "model" in value:
         reason = f"model cannot be set here; {_INSTEAD}"
         raise NestedValueError(key, (_SET, "model"), reason, at_key=True)
+    if "stream" in value:
+        reason = f"stream cannot be set here; {_STREAM}"
+        raise NestedValueError(key, (_SET, "stream"), reason, at_key=True)
     converted: dict[str, Any] = _json_value(value, key, (_SET,), capped_json.MAX_DEPTH)
     return converted
 

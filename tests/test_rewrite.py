@@ -232,6 +232,21 @@ BAD = [
         id="strip-model",
     ),
     pytest.param(
+        """\
+        filters:
+          set_params: {stream: false}
+        """,
+        "presets/m.yaml:4:16: filters.set_params: stream cannot be set here; "
+        "the client chooses whether its answer streams",
+        id="set-stream",
+    ),
+    pytest.param(
+        "filters:\n  strip_params: [stream]\n",
+        "presets/m.yaml:4:18: filters.strip_params: stream cannot be stripped; "
+        "the client chooses whether its answer streams",
+        id="strip-stream",
+    ),
+    pytest.param(
         "use_model_name: ''\n",
         "presets/m.yaml:3:17: use_model_name: expected a non-empty string, got ''",
         id="empty-use-model-name",
