@@ -6,6 +6,7 @@ YAML node marks instead of returning bare Python values.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from swapd.errors import ConfigError, Location
+from swapd import _json as capped_json
+from swapd.errors import ConfigError, Location, clip
 
 # Far past any config; a bound on what reading one may cost.
 MAX_CONFIG_BYTES = 16 * 1024**2
@@ -154,6 +156,33 @@ def nested_location(
             break  # written in a way the walk does not follow (a merge key): the nearest
         node = found[0] if at_key and depth == last else found[1]
     return node_location(file, node)
+
+
+def json_value(
+    value: Any, key: str, path: tuple[str | int, ...], room: int = capped_json.MAX_DEPTH
+) -> Any:
+    """``value`` as plain JSON types; :class:`NestedValueError` at what JSON cannot hold."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return int(value)  # YAML's int keeps how it was written: a plain one goes out
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise NestedValueError(key, path, f"{value} is not a JSON number")
+        return float(value)
+    if isinstance(value, list | dict) and room < 1:
+        reason = f"nested deeper than {capped_json.MAX_DEPTH} levels, which swapd refuses"
+        raise NestedValueError(key, path, reason)
+    if isinstance(value, list):
+        return [json_value(v, key, (*path, i), room - 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        for name in value:
+            if not isinstance(name, str):
+                reason = f"a JSON key is a string, got {clip(repr(name))}: quote it"
+                raise NestedValueError(key, (*path, name), reason, at_key=True)
+        return {n: json_value(v, key, (*path, n), room - 1) for n, v in value.items()}
+    what = type(value).__name__  # a YAML date, timestamp, !!binary or !!set
+    raise NestedValueError(key, path, f"a {what} is not a JSON value: quote it to send text")
 
 
 def _plain(node: yaml.Node) -> Any:

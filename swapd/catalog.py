@@ -2,7 +2,8 @@
 
 Both read frozen views: they never start a model and never reset a TTL. A
 model is found by its name or any alias (the openai SDK's ``models.retrieve``);
-an unknown one is 404 ``model_not_found`` in the usual envelope.
+an unknown one is 404 ``model_not_found`` in the usual envelope. A preset marked
+``unlisted`` is served and found by its name, but left out of the list.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from swapd.slot import ModelView
 
 def model_object(view: ModelView) -> dict[str, Any]:
     """One model as the OpenAI API lists it, with swapd's state and tier."""
-    return {
+    found: dict[str, Any] = {
         "id": view.name,
         "object": "model",
         "created": 0,
@@ -26,6 +27,11 @@ def model_object(view: ModelView) -> dict[str, Any]:
         "status": view.state,
         "tier": view.tier,
     }
+    if view.description is not None:
+        found["description"] = view.description
+    if view.metadata is not None:
+        found["metadata"] = view.metadata
+    return found
 
 
 class Catalog:
@@ -36,7 +42,7 @@ class Catalog:
 
     async def list(self, _request: web.Request) -> web.Response:
         """Every configured model."""
-        data = [model_object(view) for view in self.manager.views()]
+        data = [model_object(view) for view in self.manager.views() if not view.unlisted]
         return web.json_response({"object": "list", "data": data})
 
     async def one(self, request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ from swapd._yaml import (
     Document,
     Entry,
     NestedValueError,
+    json_value,
     load_document,
     nested_location,
     node_location,
@@ -67,6 +68,10 @@ class Preset:
     # Request rewriting (see swapd.rewrite): the model the backend receives, body filters.
     use_model_name: str | None = None
     filters: Filters | None = None
+    # How GET /v1/models shows it: a description, JSON metadata, or not listed at all.
+    description: str | None = None
+    metadata: Mapping[str, Any] | None = None
+    unlisted: bool = False
 
 
 def _str(value: Any) -> str:
@@ -132,6 +137,13 @@ def _health(value: Any) -> str:
     return path
 
 
+def _metadata(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping, got {type(value).__name__}")
+    converted: dict[str, Any] = json_value(value, "metadata", ())
+    return converted
+
+
 def _devices(value: Any) -> tuple[int, ...]:
     items = value if isinstance(value, list) else [value]
     if not items or not all(
@@ -193,6 +205,9 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "request_timeout": lambda v: None if v is None else parse_positive_duration(v),
     "use_model_name": lambda v: None if v is None else _str(v),
     "filters": parse_filters,
+    "description": lambda v: None if v is None else _str(v),
+    "metadata": lambda v: None if v is None else _metadata(v),
+    "unlisted": _bool,
 }
 
 

@@ -7,7 +7,7 @@ the file, of every shard of a split GGUF, of every file in a folder),
 its health path, and the settings that place it (``devices``, ``sleep``,
 ``stage``, ``sha256``). Everything else (``ttl``, ``aliases`` a kind does not
 pass, ``pin``, limits, ``memory``, the request rewriting of ``use_model_name`` and
-``filters``) applies in place. Removed models stop once
+``filters``, what the model list shows) applies in place. Removed models stop once
 their requests finish; new ones appear. Daemon keys that are bound at start
 (the listen address, the edge's timers, logging) are reported as needing a
 restart; the rest apply at once. :func:`diff` decides; the manager acts.

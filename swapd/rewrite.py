@@ -13,13 +13,12 @@ client sizes ``Content-Length`` from the bytes it sends.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from swapd import _json as capped_json
-from swapd._yaml import NestedValueError
+from swapd._yaml import NestedValueError, json_value
 from swapd.errors import clip
 
 _STRIP = "strip_params"
@@ -90,33 +89,8 @@ def _set(value: Any) -> dict[str, Any]:
     if "stream" in value:
         reason = f"stream cannot be set here; {_STREAM}"
         raise NestedValueError(key, (_SET, "stream"), reason, at_key=True)
-    converted: dict[str, Any] = _json_value(value, key, (_SET,), capped_json.MAX_DEPTH)
+    converted: dict[str, Any] = json_value(value, key, (_SET,))
     return converted
-
-
-def _json_value(value: Any, key: str, path: tuple[str | int, ...], room: int) -> Any:
-    """``value`` as plain JSON types; :class:`NestedValueError` at what JSON cannot hold."""
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, int):
-        return int(value)  # YAML's int keeps how it was written: a plain one goes out
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise NestedValueError(key, path, f"{value} is not a JSON number")
-        return float(value)
-    if isinstance(value, list | dict) and room < 1:
-        reason = f"nested deeper than {capped_json.MAX_DEPTH} levels, which swapd refuses"
-        raise NestedValueError(key, path, reason)
-    if isinstance(value, list):
-        return [_json_value(v, key, (*path, i), room - 1) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        for name in value:
-            if not isinstance(name, str):
-                reason = f"a JSON key is a string, got {clip(repr(name))}: quote it"
-                raise NestedValueError(key, (*path, name), reason, at_key=True)
-        return {n: _json_value(v, key, (*path, n), room - 1) for n, v in value.items()}
-    what = type(value).__name__  # a YAML date, timestamp, !!binary or !!set
-    raise NestedValueError(key, path, f"a {what} is not a JSON value: quote it to send text")
 
 
 def rewrite(body: bytes, model: str | None, filters: Filters | None) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -178,6 +178,10 @@ class ModelView:
     failures: int
     retry_at: float | None  # wall clock
     escaped: bool
+    # For the model list only (GET /v1/models), not in /swapd/status.
+    description: str | None = None
+    metadata: Mapping[str, Any] | None = None
+    unlisted: bool = False
 
     def as_json(self) -> dict[str, Any]:
         """The model's entry in ``/swapd/status``."""
@@ -269,6 +273,9 @@ def snapshot(slot: Slot) -> ModelView:
         failures=slot.failures,
         escaped=slot.escaped,
         retry_at=(now + (slot.retry_at - now_mono) if slot.state is State.BACKOFF else None),
+        description=slot.preset.description,
+        metadata=slot.preset.metadata,
+        unlisted=slot.preset.unlisted,
     )
 
 

@@ -352,6 +352,17 @@ PRESET_ERRORS = [
         id="duplicate-key-below-the-top",
     ),
     pytest.param(
+        {"m.yaml": OK_PRESET + 'unlisted: "yes"\nmetadata: [a]\n'},
+        [
+            (
+                "presets/m.yaml:3:11: unlisted: expected true or false, got 'yes' (a quoted "
+                "string: write it without quotes)"
+            ),
+            "presets/m.yaml:4:11: metadata: expected a mapping, got list",
+        ],
+        id="model-list-keys",
+    ),
+    pytest.param(
         {"m.yaml": OK_PRESET + 'name: "evil\\n"\n'},
         ["presets/m.yaml:3:7: name: not a usable model name: 'evil\\n'"],
         id="name-ending-in-a-newline",

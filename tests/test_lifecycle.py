@@ -120,6 +120,35 @@ def test_unload_all_stops_every_model_once_its_requests_finish(start_daemon: Sta
     assert d.request("POST", "/swapd/unload?force=maybe")[0] == 400
 
 
+def test_the_model_list_shows_descriptions_and_metadata_and_leaves_unlisted_models_out(
+    start_daemon: StartDaemon,
+) -> None:
+    """``description`` and ``metadata`` appear in /v1/models; an ``unlisted`` model is served.
+
+    A reload that changes them applies in place: the backend keeps its pid.
+    """
+    meta = {"family": "qwen", "context": 8192, "tags": ["chat", "tools"]}
+    described = fake_preset("A", description="a chat model", metadata=meta)
+    d = start_daemon({"a": described, "embed": fake_preset("E", unlisted=True)})
+    _, models = d.get("/v1/models")
+    [a] = models["data"]
+    assert (a["id"], a["description"], a["metadata"]) == ("a", "a chat model", meta)
+    _, embed = d.get("/v1/models/embed")  # found by its name, as requests find it
+    assert (embed["id"], "description" in embed) == ("embed", False)
+    assert d.chat("embed")[0] == 200
+    assert d.chat("a")[0] == 200
+    pid = d.model("a")["pid"]
+    d.presets = {**d.presets, "a": fake_preset("A", description="renamed")}
+    d.write()
+    status, plan = d.request("POST", "/swapd/reload")
+    assert (status, plan["restarted"]) == (200, [])
+    _, models = d.get("/v1/models")
+    assert [(m["id"], m["description"], "metadata" in m) for m in models["data"]] == [
+        ("a", "renamed", False)
+    ]
+    assert d.model("a")["pid"] == pid
+
+
 def test_status_and_models_list_every_model_with_state(start_daemon: StartDaemon) -> None:
     """/v1/models and /swapd/status list all configured models, loaded or not."""
     d = start_daemon({"a": fake_preset("A", aliases=["alpha"]), "b": fake_preset("B")})
