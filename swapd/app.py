@@ -44,6 +44,7 @@ from swapd.probe import Probe, open_probe
 from swapd.proxy import JSON_ROUTES, MULTIPART_ROUTES, Proxy, error_response
 from swapd.runtime import Runtime
 from swapd.upstream import UpstreamPool
+from swapd.watch import watch
 
 _log = get_logger("swapd.app")
 _done_log = HotLogger("swapd.app")  # one line per request: the cheaper renderer
@@ -342,6 +343,9 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
     )
     watchdog = asyncio.create_task(notify.watchdog(notifier), name="watchdog")
     try:
+        # From the start, as SIGHUP: files changed while preloads run are not missed.
+        watcher = watch(lambda: runtime.config, functools.partial(_reload_unless, runtime, stop))
+        tasks.add(asyncio.create_task(watcher, name="watch"))
         await runner.setup()
         site = EdgeSite(runner, config.host, config.port, edge)
         try:
@@ -432,6 +436,12 @@ def _reload_on_signal(
     task = asyncio.create_task(_reload(runtime), name="reload")
     tasks.add(task)
     task.add_done_callback(tasks.discard)
+
+
+async def _reload_unless(runtime: Runtime, stop: asyncio.Event) -> None:
+    """A reload the watch asked for, unless shutdown has begun."""
+    if not stop.is_set():
+        await _reload(runtime)
 
 
 async def _reload(runtime: Runtime) -> None:

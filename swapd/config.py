@@ -80,6 +80,9 @@ class Config:
     hold_busy: float = 0.4
     default_memory: int = 1024**3
     shutdown_timeout: float = 30.0
+    # How often the config, preset and key files are checked for a change that reloads
+    # them (see swapd.watch); 0: never, only SIGHUP and the reload route do.
+    watch_config: float = 0.0
     # A cgroup per backend where swapd may make one (see swapd.cgroups); false: never.
     cgroups: bool = True
     presets: tuple[Preset, ...] = ()
@@ -204,6 +207,7 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "hold_busy": _share,
     "default_memory": parse_size,
     "shutdown_timeout": parse_duration,
+    "watch_config": parse_duration,
     "cgroups": _flag,
     "defaults": lambda v: v,
 }
