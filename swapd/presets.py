@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -176,15 +177,43 @@ def _sha256(value: Any) -> str:
     return text.lower()
 
 
+# ``${env.NAME}``: swapd's own environment variable NAME (a unit's Environment=), read
+# when the preset is (at start and at each reload).
+_ENV_MACRO = re.compile(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any) -> Any:
+    """``value`` with each ``${env.NAME}`` in its text replaced; unset NAME is an error."""
+    if isinstance(value, list):
+        return [_expand_env(item) for item in value]
+    if isinstance(value, dict):
+        return {name: _expand_env(item) for name, item in value.items()}
+    if not isinstance(value, str) or "${env." not in value:
+        return value
+
+    def variable(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ValueError(f"${{env.{name}}}: swapd's environment has no {name}")
+        return os.environ[name]
+
+    return _ENV_MACRO.sub(variable, value)
+
+
+def _expanding(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``convert`` of the value with its ``${env.NAME}`` macros replaced first."""
+    return lambda value: convert(_expand_env(value))
+
+
 # Each preset key and the converter that validates it; unknown keys are rejected.
 CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "name": _str,
     "backend": _backend,
-    "model": lambda v: Path(_str(v)).expanduser(),
-    "args": _str_list,
-    "cmd": _str_list,
-    "binary": _str,
-    "env": _env,
+    "model": _expanding(lambda v: Path(_str(v)).expanduser()),
+    "args": _expanding(_str_list),
+    "cmd": _expanding(_str_list),
+    "binary": _expanding(_str),
+    "env": _expanding(_env),
     "aliases": _aliases,
     "ttl": parse_duration,
     "health": _health,

@@ -930,3 +930,40 @@ def test_stage_needs_a_cache_dir(tmp_path: Path) -> None:
     assert done.stderr.splitlines() == [
         "swapd.yaml:1:1: cache_dir: missing; presets with stage: true need a cache directory: c",
     ]
+
+
+def test_env_macros_take_swapds_environment_where_a_launch_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``${env.NAME}`` in model, args, cmd, binary and env values; an unset NAME is an error."""
+    monkeypatch.chdir(tmp_path)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "qwen.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("SWAPD_T_MODELS", str(models))
+    monkeypatch.setenv("SWAPD_T_CTX", "8192")
+    preset = """\
+        backend: llama-server
+        model: ${env.SWAPD_T_MODELS}/qwen.gguf
+        binary: ${env.SWAPD_T_MODELS}/bin/llama-server
+        args: [-c, "${env.SWAPD_T_CTX}", --alias, "${PORT}-${env.SWAPD_T_CTX}"]
+        env: {HF_HOME: "${env.SWAPD_T_MODELS}/hf", N: 1}
+        """
+    config = load(tmp_path, "", {"m.yaml": textwrap.dedent(preset)})
+    [m] = config.presets
+    assert m.model == models / "qwen.gguf"
+    assert m.binary == f"{models}/bin/llama-server"
+    assert m.args == ("-c", "8192", "--alias", "${PORT}-8192")
+    assert dict(m.env) == {"HF_HOME": f"{models}/hf", "N": "1"}
+
+
+def test_an_env_macro_naming_an_unset_variable_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where it is written, with the variable's name."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SWAPD_T_NOPE", raising=False)
+    unset = 'backend: command\ncmd: [srv, "${PORT}", "${env.SWAPD_T_NOPE}"]\n'
+    assert error_lines(tmp_path, "", {"m.yaml": unset}) == [
+        "presets/m.yaml:2:6: cmd: ${env.SWAPD_T_NOPE}: swapd's environment has no SWAPD_T_NOPE"
+    ]
