@@ -342,6 +342,19 @@ class StageFailed(RequestError):
         super().__init__(f"cannot stage {model!r}: {reason}")
 
 
+class NotLoaded(RequestError):
+    """A request that may not load its model (``?autoload=false``) for a model not ready."""
+
+    status = 409
+    kind = "invalid_request_error"
+    code = "model_not_loaded"
+
+    def __init__(self, model: str, state: str) -> None:
+        super().__init__(
+            f"model {model!r} is {state}, and autoload=false asks not to load it: nothing was sent"
+        )
+
+
 class QueueFull(RequestError):
     """More requests for one model than its ``concurrency`` plus ``max_queue`` allow."""
 

@@ -47,6 +47,7 @@ from swapd.errors import (
     CacheFull,
     InsufficientMemory,
     LoadFailed,
+    NotLoaded,
     QueueFull,
     QueueTimeout,
     RequestError,
@@ -110,6 +111,9 @@ class Lease:
     host: str
     port: int
     slot: Slot
+    # A request that may not load its model nor count as its use (``?autoload=false``):
+    # it changes neither the TTL nor the eviction order.
+    passive: bool = False
 
 
 @dataclass
@@ -378,26 +382,17 @@ class Manager:
 
     # ---------------------------------------------------------------- leases
 
-    async def acquire(self, name: str, *, admitted: bool = False) -> Lease:
+    async def acquire(self, name: str, *, admitted: bool = False, passive: bool = False) -> Lease:
         """Wait until the model is ready and count one request in flight on it.
 
         ``admitted``: a request leased once already (its backend died before it was sent,
         or a cold stream hands it on): counted for the eviction order and let past
-        ``max_queue`` then, not again.
+        ``max_queue`` then, not again. ``passive``: served only while the model is ready
+        (else :class:`NotLoaded`), and not counted as its use (see :class:`Lease`).
         """
         slot = self.slot_for(name)
-        preset = slot.preset
-        if not admitted:
-            self._count_request(slot)
-        if preset.max_queue is not None and not admitted:
-            # Past concurrency and max_queue together. A request within concurrency is no
-            # queue, also while the model loads (all of those run at once once it is ready).
-            limit = (preset.concurrency or 0) + preset.max_queue
-            ahead = slot.waiters if preset.concurrency is None else slot.in_flight + slot.waiters
-            # Without concurrency a ready model queues nothing: the request goes at once.
-            queues = preset.concurrency is not None or slot.state is not State.READY
-            if queues and ahead >= limit:
-                raise QueueFull(preset.name, limit)
+        if not admitted and not passive:  # a passive one has no use to count, no queue
+            self._let_in(slot)
         slot.waiters += 1
         try:
             while True:
@@ -411,12 +406,30 @@ class Manager:
                         await self._changed.wait()  # queue behind the model's own limit
                         continue
                     slot.in_flight += 1
-                    slot.last_used = time.monotonic()
+                    if not passive:
+                        slot.last_used = time.monotonic()
                     self._cancel_ttl(slot)
-                    return Lease(slot.preset.name, slot.launch.host, slot.launch.port, slot)
+                    launch = slot.launch
+                    return Lease(slot.preset.name, launch.host, launch.port, slot, passive)
+                if passive:
+                    raise NotLoaded(slot.preset.name, slot.state.value)
                 await self._toward_ready(slot)
         finally:
             slot.waiters -= 1
+
+    def _let_in(self, slot: Slot) -> None:
+        """Count a new request for the eviction order; :class:`QueueFull` past its queue."""
+        self._count_request(slot)
+        preset = slot.preset
+        if preset.max_queue is not None:
+            # Past concurrency and max_queue together. A request within concurrency is no
+            # queue, also while the model loads (all of those run at once once it is ready).
+            limit = (preset.concurrency or 0) + preset.max_queue
+            ahead = slot.waiters if preset.concurrency is None else slot.in_flight + slot.waiters
+            # Without concurrency a ready model queues nothing: the request goes at once.
+            queues = preset.concurrency is not None or slot.state is not State.READY
+            if queues and ahead >= limit:
+                raise QueueFull(preset.name, limit)
 
     async def _toward_ready(self, slot: Slot) -> None:
         """One step toward READY: wait out a stop, demotion, sleep or drain, else (join a) load.
@@ -513,9 +526,13 @@ class Manager:
         """End a request; arm the TTL when the model falls idle."""
         slot = lease.slot
         slot.in_flight -= 1
-        slot.last_used = time.monotonic()
+        if not lease.passive:
+            slot.last_used = time.monotonic()
         if slot.in_flight == 0:
-            self._arm_ttl(slot)
+            after = None  # the whole TTL, from this use
+            if lease.passive:  # what is left of it since the last use
+                after = max(0.0, slot.last_used + slot.preset.ttl - time.monotonic())
+            self._arm_ttl(slot, after)
             self._notify()
         elif slot.preset.concurrency is not None:
             self._notify()  # a request queued behind the model's own limit may go

@@ -139,10 +139,38 @@ class Passthrough:
         model, path = split_target(raw_path, self.proxy.manager)
         request["model"] = model  # a refused route is counted under its model too
         path = backend_path(path)
+        query, autoload = take_autoload(query)
         body = await read_body(request, self.proxy.max_body, self.proxy.body_timeout)
         # Built from its parts: parsed whole, a path could be read as a host.
         target = URL.build(path=path, query_string=query, encoded=True)
         # The clone shares the connection; only the path the backend sees differs.
         upstream = request.clone(rel_url=target)
         upstream[AS_SENT] = True
-        return await self.proxy.forward(upstream, model, body)
+        return await self.proxy.forward(upstream, model, body, passive=not autoload)
+
+
+_TRUE = frozenset({"1", "true", "yes"})
+_FALSE = frozenset({"0", "false", "no"})
+
+
+def take_autoload(query: str) -> tuple[str, bool]:
+    """The query without its ``autoload`` parameters, and whether they allow a load.
+
+    ``autoload=false`` (as llama.cpp's router reads it) asks for a passive request: a
+    monitor's scrape of ``/metrics`` must neither load the model nor keep it loaded.
+    The parameter is swapd's: the backend never sees it. Anything but true or false is a
+    400, not a quiet default.
+    """
+    if "autoload" not in query:
+        return query, True
+    kept, autoload = [], True
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if unquote(name) != "autoload":
+            kept.append(part)
+            continue
+        spelled = unquote(value).lower()
+        if spelled not in _TRUE | _FALSE:
+            raise BadRequest(f"autoload must be true or false, got {clip(unquote(value))!r}")
+        autoload = spelled in _TRUE
+    return "&".join(kept), autoload

@@ -315,7 +315,7 @@ class Proxy:
         )
         return await self.forward(request, model, body)
 
-    async def forward(
+    async def forward(  # noqa: PLR0913 - the request, then one keyword per way it may differ
         self,
         request: web.Request,
         model: str,
@@ -323,6 +323,7 @@ class Proxy:
         *,
         admitted: bool = False,
         json_body: bool = False,
+        passive: bool = False,
     ) -> web.StreamResponse:
         """Send the request to a leased backend and pass the answer back unbuffered.
 
@@ -332,10 +333,11 @@ class Proxy:
         and waits for the restart as any request for a stopped model does. ``admitted``:
         the request held a lease already (a cold stream's), counted and let in then.
         ``json_body``: a JSON route's body, which the leased model's preset may rewrite.
+        ``passive``: only while the model is ready, not counted as its use (``Lease``).
         """
         request["model"] = model  # clipped in the log line, not for the metrics' lookup
         manager = self.manager
-        lease = await manager.acquire(model, admitted=admitted)
+        lease = await manager.acquire(model, admitted=admitted, passive=passive)
         try:
             return await self._leased(request, lease, body, json_body)
         except NotSent as exc:
@@ -460,7 +462,7 @@ async def lease_again(manager: Manager, lease: Lease, refused: NotSent) -> Lease
     """
     if not await manager.exit_noticed(lease, EXIT_NOTICE_WAIT):
         raise BackendGone(lease.model, str(refused))
-    return await manager.acquire(lease.model, admitted=True)
+    return await manager.acquire(lease.model, admitted=True, passive=lease.passive)
 
 
 async def pass_body(

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset
+from daemon import Daemon, fake_preset, wait_for
 
 from swapd.passthrough import ENGINE_ROUTES
 
@@ -172,3 +172,48 @@ def test_an_unknown_route_names_itself_in_the_404(start_daemon: StartDaemon) -> 
     assert status == 404
     assert body["error"]["code"] is None
     assert body["error"]["message"] == "Not Found: no route POST /v1/chat/completions/"
+
+
+def test_a_passive_upstream_request_never_loads_its_model(two: Daemon) -> None:
+    """``?autoload=false`` on a stopped model: 409 ``model_not_loaded``, and nothing starts."""
+    status, body = two.get("/upstream/a/props?autoload=false")
+    assert status == 409
+    assert body["error"]["code"] == "model_not_loaded"
+    assert "is stopped" in body["error"]["message"]
+    assert two.events("backend.spawn") == []
+    assert two.get("/upstream/a/props?autoload=maybe")[0] == 400
+    assert two.model("a")["state"] == "stopped"
+
+
+def test_a_passive_upstream_request_reaches_a_ready_model_without_its_autoload(
+    two: Daemon,
+) -> None:
+    """Served while ready; the backend sees the rest of the query; its last use stays."""
+    assert two.chat("a")[0] == 200
+    used = two.model("a")["last_used"]
+    status, body = two.get("/upstream/a/props?n=1&autoload=false&m=2")
+    assert (status, body["query"]) == (200, "n=1&m=2")
+    status, body = two.get("/upstream/a/props?autoload=true")
+    assert (status, body["query"]) == (200, "")
+    assert two.model("a")["last_used"] > used  # an autoload=true request is a use
+    used = two.model("a")["last_used"]
+    assert two.get("/upstream/a/props?autoload=0")[0] == 200
+    assert two.model("a")["last_used"] == used
+
+
+def test_passive_scrapes_do_not_keep_a_model_past_its_ttl(start_daemon: StartDaemon) -> None:
+    """A monitor scraping ``/upstream/a/metrics?autoload=false`` lets the TTL run out.
+
+    Each scrape ends before the next; before, each one started the TTL over and the model
+    stayed loaded for as long as it was watched.
+    """
+    d = start_daemon({"a": fake_preset("A", ttl="2s")})
+    assert d.chat("a")[0] == 200
+
+    def scraped_until_stopped() -> bool:
+        status, _ = d.get("/upstream/a/props?autoload=false")
+        return status == 409
+
+    wait_for(scraped_until_stopped)  # 409 from the moment it is no longer ready
+    wait_for(lambda: d.model("a")["state"] == "stopped")
+    assert [e["model"] for e in d.events("model.ttl.expire")] == ["a"]
