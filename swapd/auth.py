@@ -17,6 +17,8 @@ any route runs (so an unknown route is refused like a known one):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -236,10 +238,23 @@ class Access:
 
 
 def presented_key(headers: Mapping[str, str]) -> bytes | None:
-    """The key a request carries: ``Authorization: Bearer KEY``, else ``x-api-key``."""
+    """The key a request carries: ``Authorization: Bearer KEY``, else ``x-api-key``.
+
+    ``Authorization: Basic`` carries it as the password (``curl -u :KEY``, a scrape
+    config's basic_auth), as llama-swap reads it; the user name is ignored.
+    """
     scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() == "basic" and token.strip():
+        try:
+            pair = base64.b64decode(token.strip(), validate=True)
+        except binascii.Error:
+            return None
+        _, colon, password = pair.partition(b":")
+        if not colon or not password.strip():
+            return None
+        return password.strip()
     if key := headers.get("x-api-key", "").strip():
         return key.encode("utf-8", "surrogateescape")
     return None

@@ -113,12 +113,35 @@ def test_an_unknown_key_is_401(keyed: Daemon) -> None:
         assert "an unknown key" in body["error"]["message"]
 
 
+def _basic(user: str, password: str) -> dict[str, str]:
+    pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {pair}"}
+
+
 def test_an_inference_key_serves_inference_by_either_header(keyed: Daemon) -> None:
-    """An inference key works as a Bearer token and as x-api-key."""
-    for headers in (INFERENCE, {"x-api-key": INFERENCE_KEY}):
+    """An inference key works as a Bearer token, as x-api-key, and as a Basic password."""
+    basic = (_basic("", INFERENCE_KEY), _basic("anyone", INFERENCE_KEY))
+    for headers in (INFERENCE, {"x-api-key": INFERENCE_KEY}, *basic):
         status, body = keyed.request("POST", "/v1/chat/completions", CHAT, headers=headers)
         assert status == 200, body
         assert keyed.request("GET", "/v1/models", headers=headers)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        _basic(INFERENCE_KEY, ""),  # the key as the user name: not where it is read
+        {"Authorization": "Basic not-base64!"},
+        {"Authorization": f"Basic {base64.b64encode(INFERENCE_KEY.encode()).decode()}"},
+    ],
+)
+def test_a_basic_authorization_without_the_key_as_its_password_is_401(
+    keyed: Daemon, headers: dict[str, str]
+) -> None:
+    """No colon, no password, or no base64: no key."""
+    status, body = keyed.request("POST", "/v1/chat/completions", CHAT, headers=headers)
+    assert status == 401
+    assert error_code(body) == "invalid_api_key"
 
 
 @pytest.mark.parametrize(("method", "path"), CONTROL)
