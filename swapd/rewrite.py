@@ -19,7 +19,7 @@ from typing import Any
 
 from swapd import _json as capped_json
 from swapd._yaml import NestedValueError, json_value
-from swapd.errors import clip
+from swapd.errors import BadRequest, clip
 
 _STRIP = "strip_params"
 _SET = "set_params"
@@ -97,9 +97,9 @@ def rewrite(body: bytes, model: str | None, filters: Filters | None) -> bytes:
     """``body`` with ``filters`` applied and its model renamed ``model`` (if given).
 
     :class:`~swapd.errors.BadRequest` when it is not valid JSON (the scan that found
-    the model does not read all of it). A top level that is not an object is sent
-    as it came: the scan found a model in it, so it cannot happen; were it to, the
-    backend would answer it.
+    the model does not read all of it), or holds a number that parses as infinity. A
+    top level that is not an object is sent as it came: the scan found a model in it,
+    so it cannot happen; were it to, the backend would answer it.
     """
     data = capped_json.parse_checked(body)
     if not isinstance(data, dict):
@@ -111,7 +111,13 @@ def rewrite(body: bytes, model: str | None, filters: Filters | None) -> bytes:
     if model is not None:
         data["model"] = model
     try:
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+        text = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError as exc:
+        # 1e400 parses as infinity (NaN as nan): json would write Infinity, not JSON.
+        reason = "a number past a double's range, or NaN, cannot be written back as JSON"
+        raise BadRequest(f"request body is refused: {reason}") from exc
+    try:
+        return text.encode()
     except UnicodeEncodeError:
         # A lone surrogate (a client's "\ud800") has no UTF-8: escaped, as it came.
         return json.dumps(data, separators=(",", ":")).encode()

@@ -20,7 +20,8 @@ from conftest import StartDaemon
 from daemon import Daemon
 
 from swapd.config import load_config
-from swapd.errors import ConfigErrors
+from swapd.errors import BadRequest, ConfigErrors
+from swapd.rewrite import Filters, rewrite
 
 ECHO = Path(__file__).resolve().parent / "fakes" / "echo_headers.py"
 ECHO_CMD = [sys.executable, str(ECHO), "--port", "${PORT}"]
@@ -166,6 +167,17 @@ def test_a_body_that_is_not_valid_json_is_refused(start_daemon: StartDaemon) -> 
     status, answer = send(d, "/v1/chat/completions", b'{"model": "rw", "top_k": }')
     assert status == 400, answer
     assert "not valid JSON" in json.loads(answer)["error"]["message"]
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"NaN"])
+def test_a_number_no_json_can_write_back_is_refused_never_sent_as_infinity(number: bytes) -> None:
+    """A body whose number no JSON can write back is a 400, never sent as ``Infinity``.
+
+    ``1e400`` parses as infinity (``NaN`` as nan); before, it went out as ``Infinity``.
+    """
+    body = b'{"model": "rw", "logit_bias": {"1": ' + number + b"}}"
+    with pytest.raises(BadRequest, match="cannot be written back as JSON"):
+        rewrite(body, "Qwen/Qwen3-8B", Filters(strip=("top_k",)))
 
 
 def test_a_reload_of_the_filters_applies_in_place(start_daemon: StartDaemon) -> None:
