@@ -1872,8 +1872,19 @@ class Manager:
         self._notify()
 
     async def unload_all(self, *, force: bool = False) -> None:
-        """:meth:`unload` every model at once (pinned ones too: an operator asked)."""
-        await asyncio.gather(*(self.unload(name, force=force) for name in list(self.slots)))
+        """:meth:`unload` every model at once (pinned ones too: an operator asked).
+
+        Each goes on to its end whatever another meets; the first failure is raised then.
+        """
+
+        async def one(name: str) -> None:
+            with contextlib.suppress(UnknownModel):  # a reload removed it: it stops anyway
+                await self.unload(name, force=force)
+
+        ended = await asyncio.gather(*(one(n) for n in list(self.slots)), return_exceptions=True)
+        failed = [e for e in ended if isinstance(e, BaseException)]
+        if failed:
+            raise failed[0]
 
     # ---------------------------------------------------------------- reload
 
