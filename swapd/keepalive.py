@@ -34,6 +34,7 @@ from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
 from swapd.proxy import (
     Proxy,
+    answer_whole,
     error_event,
     error_text,
     forwarded_headers,
@@ -100,7 +101,15 @@ class Pings:
             return self.response
 
     async def fail(self, response: web.StreamResponse, error: dict[str, Any]) -> None:
-        """End an open stream with one error event."""
+        """End an open stream with one error event.
+
+        Not once the answer's end was being written (a timeout while its last write
+        drained): nothing may follow that end, so the connection is closed instead.
+        """
+        if answer_whole(response):
+            if self.request.transport is not None:
+                self.request.transport.close()
+            return
         with contextlib.suppress(ConnectionError):
             await response.write(error_event(error))
             await response.write_eof()

@@ -602,10 +602,15 @@ def _answer_or_cut(
         _is_event_stream(held)
         and isinstance(writer, StreamWriter)
         and request.method != "HEAD"
-        and not held.get(_WHOLE)  # a timeout while its end drains: nothing may follow
+        and not answer_whole(held)  # a timeout while its end drains: nothing may follow
     ):
         _write_now(writer, error_event(exc.envelope()["error"]))
     transport.close()  # after what waits to go out: the cut is the end, not a chunked end
+
+
+def answer_whole(response: web.StreamResponse) -> bool:
+    """Whether the relayed answer's end has been (or is being) written: nothing may follow."""
+    return _WHOLE in response
 
 
 def _is_event_stream(response: web.StreamResponse) -> bool:
