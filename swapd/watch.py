@@ -2,7 +2,7 @@
 
 For files that something other than an operator rewrites: a Kubernetes ConfigMap (which
 swaps a symbolic link), a bind mount edited on the host, keys rotated by a secret store.
-Every ``watch_config`` the files are read with ``stat`` (size, mtime and inode, links
+Every ``watch_config`` the files are looked at with ``stat`` (size, mtime and inode, links
 followed), never opened; a change reloads once they have stayed the same for one more
 look, so a burst of writes (an editor, a sync of many presets) is one reload. A config the
 reload refuses is logged (``config.reload.fail``) and the old one runs on; it is not tried
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from swapd.config import Config
 from swapd.logs import get_logger
+from swapd.presets import preset_files
 
 _log = get_logger("swapd.watch")
 # While the watch is off, how often to look whether a reload turned it on.
@@ -27,10 +28,13 @@ Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 def watched_files(config: Config) -> list[Path]:
-    """The files a reload reads: the config, each file in the presets folder, key files."""
+    """The files a reload reads: the config, the preset files, the key files.
+
+    Only those: an editor's swap file beside the presets reloads nothing.
+    """
     files = [Path(config.source)]
     with contextlib.suppress(OSError):  # gone or unreadable: the reload says so
-        files += sorted(config.presets_dir.iterdir())
+        files += preset_files(config.presets_dir)
     files += [f for f in (config.api_keys_file, config.admin_keys_file) if f is not None]
     return files
 

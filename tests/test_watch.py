@@ -20,13 +20,15 @@ def test_a_preset_changed_added_or_removed_on_disk_is_reloaded(start_daemon: Sta
     assert (on["every_s"], on["files"]) == (0.2, 2)  # swapd.yaml and a.yaml
     assert d.chat("a")[0] == 200
     pid = d.model("a")["pid"]
+    (d.root / "presets" / ".a.yaml.swp").write_bytes(b"an editor's")  # not a preset
     d.presets = {"a": fake_preset("A", ttl="5m"), "b": fake_preset("B")}
     d.write()
     wait_for(lambda: d.events("config.reload"))
     assert (d.model("a")["ttl"], d.model("a")["pid"]) == (300, pid)
     assert d.chat("b")[0] == 200
-    [change] = d.events("config.watch.change")
+    [change] = d.events("config.watch.change")  # the swap file was no change of its own
     assert str(d.root / "presets" / "b.yaml") in change["files"]
+    assert not any(name.endswith(".swp") for name in change["files"])
     (d.root / "presets" / "b.yaml").unlink()
     wait_for(lambda: len(d.events("config.reload")) == 2)
     assert d.chat("b")[0] == 404
