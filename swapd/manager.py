@@ -150,7 +150,7 @@ def _sleep_key(preset: Preset) -> str:
     return "\0".join([fingerprint(preset), preset.binary or "", *env])
 
 
-def _probing(preset: Preset) -> tuple[str, float, int]:
+def _probing(preset: Preset) -> tuple[str | None, float, int]:
     """What the liveness probe of a running process is made of."""
     return preset.health, preset.health_interval, preset.health_failures
 
@@ -1397,9 +1397,16 @@ class Manager:
         self._probe_liveness(slot, child)
 
     def _probe_liveness(self, slot: Slot, child: Child) -> None:
-        """(Re)start the liveness probe of a serving process, with the preset as it is now."""
+        """(Re)start the liveness probe of a serving process, with the preset as it is now.
+
+        None without a health path: that its port accepts tells nothing of a frozen process
+        (the kernel accepts for it), and its exit is seen without a probe.
+        """
         if slot.liveness_task is not None:
             slot.liveness_task.cancel()
+            slot.liveness_task = None
+        if slot.preset.health is None:
+            return
         task = self._spawn_task(self._liveness(slot, child), f"liveness:{slot.preset.name}")
         slot.liveness_task = task
 
@@ -1580,6 +1587,8 @@ class Manager:
             if slot.state not in (State.READY, State.DRAINING):
                 misses = 0  # asleep, waking or stopping: not a serving backend now
                 continue
+            if preset.health is None:
+                return  # a reload that cannot change it without a restart; never probed
             if await self._probe(slot.launch, preset.health, timeout):
                 misses = 0
                 slot.answered_at = time.monotonic()  # kept across a probe restart

@@ -47,7 +47,7 @@ class Preset:
     env: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     ttl: float = 0.0
-    health: str = "/health"
+    health: str | None = "/health"  # None: ready once its port accepts, no liveness probe
     start_timeout: float = 300.0
     stop_timeout: float = 10.0
     memory: int | None = None
@@ -131,10 +131,12 @@ def _backend(value: Any) -> BackendName:
     raise ValueError(f"expected one of {', '.join(BACKENDS)}, got {value!r}")
 
 
-def _health(value: Any) -> str:
+def _health(value: Any) -> str | None:
     path = _str(value)
+    if path == "none":
+        return None
     if not path.startswith("/"):
-        raise ValueError(f'expected a URL path starting with "/", got "{path}"')
+        raise ValueError(f'expected a URL path starting with "/" or none, got "{path}"')
     return path
 
 
@@ -299,6 +301,19 @@ def _unused_key(backend: BackendName, doc: Document) -> ConfigError | None:
     return None
 
 
+def _health_none_problem(
+    backend: BackendName, values: Mapping[str, tuple[Any, Location]]
+) -> ConfigError | None:
+    """``health: none`` on an engine with a health route of its own, which says when it loaded.
+
+    llama-server and vLLM accept connections while they load, and answer 503 meanwhile.
+    """
+    if backend == "command" or "health" not in values or values["health"][0] is not None:
+        return None
+    reason = f"{backend} answers /health once it has loaded; none is for command backends"
+    return ConfigError(values["health"][1], "health", reason)
+
+
 def _own_key_clash(
     backend: BackendName, values: Mapping[str, tuple[Any, Location]]
 ) -> ConfigError | None:
@@ -369,6 +384,7 @@ def _build(
         _own_key_clash(backend, values)
         or _model_flag_clash(backend, values)
         or _pinned_outside(values, offered)
+        or _health_none_problem(backend, values)
     ):
         errors.append(problem)
         return None

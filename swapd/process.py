@@ -231,13 +231,15 @@ class Child:
         self,
         host: str,
         port: int,
-        path: str,
+        path: str | None,
         timeout: float,
         pool: UpstreamPool,
         *,
         headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         """Poll ``path`` until it answers 200, racing early exit and the deadline.
+
+        ``path`` None: until the port accepts a connection (a backend with no health route).
 
         ``headers`` go with every poll (a backend's own key, for a guarded health path).
         """
@@ -262,7 +264,7 @@ class Child:
     async def _poll(  # noqa: PLR0913, PLR0917 - where, what, through what, the key, the nudge
         host: str,
         port: int,
-        path: str,
+        path: str | None,
         pool: UpstreamPool,
         headers: Sequence[tuple[bytes, bytes]],
         output: asyncio.Event,
@@ -277,6 +279,9 @@ class Child:
             output.clear()
             try:
                 async with asyncio.timeout(5):  # the body too: it may never end
+                    if path is None:
+                        await pool.accepts(host, port)
+                        return
                     status, _ = await pool.control(host, port, "GET", path, headers)
                 if status == 200:
                     return

@@ -476,6 +476,10 @@ class UpstreamPool:
             return conn
         return None
 
+    async def accepts(self, host: str, port: int) -> None:
+        """Connect to the port and close again; :class:`NotSent` when it refuses."""
+        (await self._connect((host, port))).close()
+
     async def _connect(self, key: tuple[str, int]) -> _Connection:
         loop = asyncio.get_running_loop()
         try:

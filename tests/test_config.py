@@ -177,7 +177,7 @@ PRESET_ERRORS = [
     ),
     pytest.param(
         {"m.yaml": OK_PRESET + "health: health\n"},
-        ['presets/m.yaml:3:9: health: expected a URL path starting with "/", got "health"'],
+        ['presets/m.yaml:3:9: health: expected a URL path starting with "/" or none, got "health"'],
         id="health-without-leading-slash",
     ),
     pytest.param(
@@ -350,6 +350,23 @@ PRESET_ERRORS = [
         {"m.yaml": OK_PRESET + "env:\n  A: 1\n  A: 2\n"},
         ["presets/m.yaml:5:3: A: key is given twice"],
         id="duplicate-key-below-the-top",
+    ),
+    pytest.param(
+        {
+            "m.yaml": "backend: llama-server\nmodel: m.gguf\nhealth: none\n",
+            "c.yaml": OK_PRESET + "health: ready\n",
+        },
+        [
+            (
+                'presets/c.yaml:3:9: health: expected a URL path starting with "/" or none, '
+                'got "ready"'
+            ),
+            (
+                "presets/m.yaml:3:9: health: llama-server answers /health once it has loaded; "
+                "none is for command backends"
+            ),
+        ],
+        id="health-none-for-engines-only",
     ),
     pytest.param(
         {"m.yaml": OK_PRESET + 'unlisted: "yes"\nmetadata: [a]\n'},

@@ -179,3 +179,20 @@ def test_a_backend_is_stopped_with_none_of_swapds_connections_open(
     status, body = d.request("POST", "/swapd/models/a/unload")
     assert (status, body["state"]) == (200, "stopped")
     assert report.read_text() == "0"
+
+
+def test_a_backend_without_a_health_route_is_ready_once_its_port_accepts(
+    start_daemon: StartDaemon,
+) -> None:
+    """``health: none``: its only health route is elsewhere, and it binds after 1.5 s.
+
+    The request waits for the port (never a refused connection), then is answered.
+    """
+    late = fake_preset(
+        "A", "--health-path", "/elsewhere", "--start-delay", "1.5", "--listen-late", health="none"
+    )
+    d = start_daemon({"a": late})
+    status, body = d.chat("a")
+    assert status == 200, body
+    assert d.model("a")["state"] == "ready"
+    assert d.events("request.error") == []

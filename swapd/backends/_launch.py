@@ -31,7 +31,7 @@ class Launch:
     env: Mapping[str, str]
     host: str
     port: int
-    health_path: str
+    health_path: str | None  # None: ready once its port accepts a connection
     # Headers swapd adds to every request it forwards: the backend's own key, when it has one.
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
