@@ -11,16 +11,31 @@ with worker processes does) and, until the time is up:
 * a killer thread SIGKILLs a random backend's leader every few seconds (only processes
   that carry this run's mark);
 * an admin thread calls ``POST /swapd/models/{name}/load``, ``/unload`` and
-  ``/unload?force=true`` at random.
+  ``/unload?force=true`` at random;
+* with ``--reload-every S``, a reload thread rewrites the config and preset files every
+  few seconds and reloads (``POST /swapd/reload``, or SIGHUP now and then): a model's
+  launch changed (it restarts), a preset removed or added back under the same name, a
+  model's ``ttl`` and ``ram_ttl`` changed, ``max_running`` (and with ``--tiers``,
+  ``ram_budget``) changed; now and then a broken preset, which must be refused whole
+  (400 ``config_invalid``) with the running config kept.
+
+With ``--tiers`` every model runs on the fake vLLM (``tests/fakes/fake_vllm.py``) with
+``sleep: 1``, a short ``ttl`` and ``ram_ttl`` and a ``ram_budget`` that holds about one
+sleeper: demotions put backends to sleep, requests wake them, and the ram tier overflows
+to disk.
 
 Each answer is classified as in ``bench_storm.py``. A stream cut while its model's backend
 was being killed (SIGKILL or forced unload) is ``cut``, not an error: swapd has already
 sent the headers, and cutting the connection is the only signal left. Any other cut,
-reset or closed connection the client did not cause is opaque.
+reset or closed connection the client did not cause is opaque. A reload never explains a
+cut: a restart or a removal lets the requests in flight finish first (README, "Reload"),
+and a sleep waits for them too. A request for a removed model answers 404, an error.
 
-The two numbers: **orphans** (processes of this run alive after swapd stopped; also the
+The numbers: **orphans** (processes of this run alive after swapd stopped; also the
 strays seen while it ran: marked processes outside every live backend's process group)
-and **opaque errors**. The report goes to ``out/chaos.json``, swapd's log beside it.
+**opaque errors**, and the **bugs**: the events of docs/events.md's "Internal failures"
+in swapd's log, and reload failures beyond the broken configs sent on purpose. The report
+goes to ``out/chaos.json``, swapd's log beside it.
 """
 
 from __future__ import annotations
@@ -33,10 +48,12 @@ import json
 import os
 import random
 import signal
+import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -62,7 +79,21 @@ from bench_storm import (
     shut_down,
     swapd_pid,
 )
-from daemon import Daemon, marked
+from daemon import Daemon, marked, write_layout
+
+FAKE_VLLM = REPO / "tests" / "fakes" / "fake_vllm.py"
+# Events that mean a bug in swapd (docs/events.md, "Internal failures").
+BUG_EVENTS = (
+    "task.fail",
+    "model.load.error",
+    "model.measure.fail",
+    "request.error",
+    "events.publish.fail",
+    "staging.progress.fail",
+)
+# What a reload may set a model's timers to (None: the key taken out).
+TTLS = (None, "1s", "2s", "5s")
+RAM_TTLS = (None, "1s", "3s", "10s")
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,25 +117,170 @@ def parse_args() -> argparse.Namespace:
         default="gamma",
         help="the model whose backend forks a worker into its process group",
     )
+    p.add_argument(
+        "--reload-every",
+        type=float,
+        default=0.0,
+        help="mean seconds between config reloads (0: none)",
+    )
+    p.add_argument(
+        "--tiers",
+        action="store_true",
+        help="run every model on the fake vLLM with sleep: 1, short TTLs and a small ram tier",
+    )
+    p.add_argument(
+        "--ram-budget", default="64MiB", help="swapd's ram_budget with --tiers (one sleeper)"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "out" / "chaos.json")
     args = p.parse_args()
     if not 0 < args.duration <= 600 or not 1 <= args.clients <= 64:
         p.error("--duration must be in (0, 600] and --clients 1..64")
-    if args.kill_every <= 0 or args.admin_every <= 0:
-        p.error("--kill-every and --admin-every must be positive")
+    if args.kill_every <= 0 or args.admin_every <= 0 or args.reload_every < 0:
+        p.error("--kill-every and --admin-every must be positive, --reload-every not negative")
     return args
+
+
+# ---------------------------------------------------------------- the files a reload reads
+
+
+def vllm_presets(
+    root: Path, chunks: int, interval: float, extra: Mapping[str, Sequence[str]]
+) -> Json:
+    """One ``backend: vllm`` preset per model on the fake vLLM, asleep (level 1) when demoted."""
+    binary = root / "bin" / "vllm"
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    binary.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_VLLM} "$@"\n')
+    binary.chmod(0o755)
+    presets: Json = {}
+    for name in MODELS:
+        folder = root / "models" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "weights.safetensors").write_bytes(b"\0" * 1024)
+        upstream = [
+            "--chunks",
+            str(chunks),
+            "--chunk-interval",
+            str(interval),
+            *extra.get(name, ()),
+        ]
+        presets[name] = {
+            "backend": "vllm",
+            "model": str(folder),
+            "binary": str(binary),
+            "sleep": 1,
+            "ttl": "2s",
+            "ram_ttl": "3s",
+            "env": {"FAKE_VLLM_UPSTREAM_ARGS": " ".join(upstream)},
+        }
+    return presets
+
+
+@dataclass
+class Layout:
+    """swapd's config and preset files as the reload thread rewrites them."""
+
+    root: Path
+    port: int
+    presets: dict[str, Json]  # every model's preset, a removed one's kept to add it back
+    settings: Json
+    removed: set[str] = field(default_factory=set)
+    generation: int = 0  # bumped into a preset's env to change its launch
+
+    def present(self) -> list[str]:
+        """The models the files configure now."""
+        return [name for name in self.presets if name not in self.removed]
+
+    def write(self, broken: str | None = None) -> None:
+        """Write the config and the present presets; ``broken`` gets a ttl no parser takes."""
+        present = {name: self.presets[name] for name in self.present()}
+        if broken is not None:
+            present[broken] = {**present[broken], "ttl": "ten minutes or so"}
+        write_layout(self.root, self.port, present, self.settings)
+        for name in self.removed:
+            (self.root / "presets" / f"{name}.yaml").unlink(missing_ok=True)
+
+
+def restart_one(layout: Layout, rng: random.Random) -> str | None:
+    """Change a model's environment: its launch changed, so it restarts."""
+    name = rng.choice(layout.present())
+    layout.generation += 1
+    preset = layout.presets[name]
+    preset["env"] = {**preset.get("env", {}), "CHAOS_GENERATION": str(layout.generation)}
+    return f"restart {name}"
+
+
+def remove_one(layout: Layout, rng: random.Random) -> str | None:
+    """Delete a model's preset file (one model always stays)."""
+    present = layout.present()
+    if len(present) < 2:
+        return None
+    name = rng.choice(present)
+    layout.removed.add(name)
+    return f"remove {name}"
+
+
+def add_back(layout: Layout, rng: random.Random) -> str | None:
+    """Write a removed model's preset again, under the same name."""
+    if not layout.removed:
+        return None
+    name = rng.choice(sorted(layout.removed))
+    layout.removed.discard(name)
+    return f"add {name}"
+
+
+def retime(layout: Layout, rng: random.Random) -> str | None:
+    """Set (or take out) a model's ``ttl`` and ``ram_ttl``: applied in place."""
+    name = rng.choice(layout.present())
+    preset = layout.presets[name]
+    for key, choices in (("ttl", TTLS), ("ram_ttl", RAM_TTLS)):
+        value = rng.choice(choices)
+        if value is None:
+            preset.pop(key, None)
+        else:
+            preset[key] = value
+    return f"timers {name} ttl={preset.get('ttl')} ram_ttl={preset.get('ram_ttl')}"
+
+
+def new_max_running(layout: Layout, rng: random.Random) -> str | None:
+    """``max_running`` 1 or 2 (lowered: idle models over it go down at once)."""
+    layout.settings["max_running"] = rng.choice((1, 2))
+    return f"max_running {layout.settings['max_running']}"
+
+
+def new_ram_budget(layout: Layout, rng: random.Random) -> str | None:
+    """``ram_budget`` lowered, raised or put back (tiers only; lowered: overflow to disk)."""
+    if "ram_budget" not in layout.settings:
+        return None
+    layout.settings["ram_budget"] = rng.choice(("1MiB", "40MiB", "64MiB", "100MiB"))
+    return f"ram_budget {layout.settings['ram_budget']}"
+
+
+Mutation = Callable[[Layout, random.Random], str | None]
+MUTATIONS: tuple[Mutation, ...] = (
+    restart_one,
+    restart_one,
+    remove_one,
+    add_back,
+    add_back,
+    retime,
+    new_max_running,
+    new_ram_budget,
+)
 
 
 class Chaos:
     """The threads of one run and what they saw."""
 
-    def __init__(self, daemon: Daemon, args: argparse.Namespace) -> None:
+    def __init__(self, daemon: Daemon, layout: Layout, args: argparse.Namespace) -> None:
         self.daemon = daemon
+        self.layout = layout
         self.args = args
         self.deadline = time.monotonic() + args.duration
         self.outcomes: list[Outcome] = []
         self.admin: list[Outcome] = []
+        self.reloads: list[Outcome] = []
+        self.changes: list[tuple[float, str]] = []  # (seconds in, what a reload changed)
         self.kills: list[Kill] = []
         self.misses: list[str] = []  # kill attempts that found nothing to kill
         self.lock = threading.Lock()
@@ -177,20 +353,26 @@ class Chaos:
 
     # ---------------------------------------------------------------- admin
 
-    def admin_call(self, model: str, action: str) -> Outcome:
-        """One load or unload call, classified like a request."""
-        path = f"/swapd/models/{model}/{'load' if action == 'load' else 'unload'}"
-        if action == "force":
-            path += "?force=true"
-        started = time.monotonic()
+    def post(self, path: str) -> tuple[int, str, bytes]:
+        """POST ``path`` on a new connection: status, content type and body."""
         conn = http.client.HTTPConnection(LOOPBACK, self.daemon.port, timeout=self.args.timeout)
+        try:
+            conn.request("POST", path)
+            resp = conn.getresponse()
+            return resp.status, resp.getheader("Content-Type") or "", resp.read()
+        finally:
+            conn.close()
+
+    def call(self, path: str, label: str, model: str, judge: Callable[[bytes], bool]) -> Outcome:
+        """POST ``path``, classified like a request; a 2xx is ``ok`` when ``judge`` takes it."""
+        started = time.monotonic()
 
         def outcome(
             kind: str, detail: str, status: int | None = None, message: str | None = None
         ) -> Outcome:
             return Outcome(
                 kind=kind,
-                detail=f"{action} {detail}",
+                detail=f"{label} {detail}",
                 model=model,
                 stream=False,
                 started=started,
@@ -200,24 +382,22 @@ class Chaos:
             )
 
         try:
-            conn.request("POST", path)
-            resp = conn.getresponse()
-            raw = resp.read()
-            content_type = resp.getheader("Content-Type") or ""
+            status, content_type, raw = self.post(path)
         except TimeoutError:
             return outcome("hung", "no answer")
         except (http.client.HTTPException, OSError) as exc:
             return outcome("opaque", f"{type(exc).__name__}: {exc}")
-        finally:
-            conn.close()
-        if not 200 <= resp.status < 300:
-            kind, detail, message = classify_error(resp.status, content_type, raw)
-            return outcome(kind, detail, resp.status, message)
-        try:
-            named = json.loads(raw).get("name") == model
-        except (ValueError, AttributeError):
-            named = False
-        return outcome("ok" if named else "opaque", str(resp.status), resp.status)
+        if not 200 <= status < 300:
+            kind, detail, message = classify_error(status, content_type, raw)
+            return outcome(kind, detail, status, message)
+        return outcome("ok" if judge(raw) else "opaque", str(status), status)
+
+    def admin_call(self, model: str, action: str) -> Outcome:
+        """One load or unload call, classified like a request."""
+        path = f"/swapd/models/{model}/{'load' if action == 'load' else 'unload'}"
+        if action == "force":
+            path += "?force=true"
+        return self.call(path, action, model, lambda raw: json_field(raw, "name") == model)
 
     def admin_loop(self, seed: int) -> None:
         """Load, unload and force-unload models at random."""
@@ -232,6 +412,55 @@ class Chaos:
                 self.admin.append(outcome)
                 if action == "force":
                     self.kills.append(Kill("forced unload", model, outcome.started, outcome.ended))
+
+    # ---------------------------------------------------------------- reloads
+
+    def reloader(self, seed: int) -> None:
+        """Rewrite the files and reload every few seconds; now and then a broken config."""
+        rng = random.Random(seed)
+        while not self.stop.wait(rng.uniform(0.5, 1.5) * self.args.reload_every):
+            if time.monotonic() >= self.deadline:
+                return
+            broken = rng.random() < 0.1
+            outcome = self.reload_broken(rng) if broken else self.reload_changed(rng)
+            with self.lock:
+                self.reloads.append(outcome)
+
+    def reload_changed(self, rng: random.Random) -> Outcome:
+        """One to three changes written, then ``POST /swapd/reload`` (a quarter: SIGHUP)."""
+        mutations = rng.choices(MUTATIONS, k=rng.randint(1, 3))
+        changes = [c for m in mutations if (c := m(self.layout, rng)) is not None]
+        self.layout.write()
+        self.changes.append((round(time.monotonic() - self.started, 2), ", ".join(changes)))
+        if rng.random() < 0.25:
+            return self.hangup()
+        return self.call("/swapd/reload", "POST", "-", lambda raw: json_field(raw, "added") != "")
+
+    def reload_broken(self, rng: random.Random) -> Outcome:
+        """A preset no parser takes: refused whole (400 ``config_invalid``), the files mended."""
+        name = rng.choice(self.layout.present())
+        self.layout.write(broken=name)
+        self.changes.append((round(time.monotonic() - self.started, 2), f"broken {name}"))
+        try:
+            outcome = self.call("/swapd/reload", "broken", name, lambda _: False)
+        finally:
+            self.layout.write()
+        if outcome.status == 400 and outcome.detail.endswith("config_invalid"):
+            return replace(outcome, kind="ok", detail="broken refused")
+        return replace(outcome, kind="wrong" if outcome.kind == "opaque" else outcome.kind)
+
+    def hangup(self) -> Outcome:
+        """SIGHUP swapd and wait for its reload to be logged (``config.reload``, or its fail)."""
+        started = time.monotonic()
+        before = reload_events(self.daemon.log_path)
+        os.kill(swapd_pid(self.daemon), signal.SIGHUP)
+        kind = "ok"
+        while reload_events(self.daemon.log_path) == before:
+            if time.monotonic() > started + self.args.timeout:
+                kind = "hung"
+                break
+            time.sleep(0.05)
+        return Outcome(kind, "SIGHUP", "-", stream=False, started=started, ended=time.monotonic())
 
     def monitor(self) -> None:
         """Sample every model's state once a second until the last client is done."""
@@ -268,6 +497,8 @@ class Chaos:
         ]
         threads.append(threading.Thread(target=self.killer, args=(seed * 1000 + 500,)))
         threads.append(threading.Thread(target=self.admin_loop, args=(seed * 1000 + 501,)))
+        if self.args.reload_every:
+            threads.append(threading.Thread(target=self.reloader, args=(seed * 1000 + 502,)))
         watcher = threading.Thread(target=self.monitor, name="monitor")
         for thread in [*threads, watcher]:
             thread.start()
@@ -305,22 +536,74 @@ def lasting_strays(daemon: Daemon, gap: float = 2.0) -> list[Json]:
     return [s for s in strays(daemon) if s["pid"] in first]
 
 
+def json_field(raw: bytes, key: str) -> object:
+    """``key`` of a JSON object body; '' when the body is not one or lacks it."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return ""
+    return doc.get(key, "") if isinstance(doc, dict) else ""
+
+
+def reload_events(log: Path) -> int:
+    """How many reloads swapd has logged, applied or refused."""
+    text = log.read_text(errors="replace")
+    return text.count('"event": "config.reload"') + text.count('"event": "config.reload.fail"')
+
+
+def tier_check(daemon: Daemon, layout: Layout) -> Json:
+    """Once settled: the models swapd serves against the files, and the ram tier's fill."""
+    _, status = daemon.get("/swapd/status")
+    served = sorted(m["name"] for m in status["models"])
+    ram = status["tiers"]["ram"]
+    return {
+        "models": served,
+        "models_match_files": served == sorted(layout.present()),
+        "ram": ram,
+        "ram_over_budget": ram["bytes"] > ram["budget"],
+    }
+
+
+def bug_events(log: Json, refused_on_purpose: int) -> Json:
+    """Internal failures in the log, and reloads that failed beyond the broken ones sent."""
+    events = log["events"]
+    found = {name: events[name] for name in BUG_EVENTS if events.get(name)}
+    failed = events.get("config.reload.fail", 0) - refused_on_purpose
+    if failed:
+        found["config.reload.fail (not sent broken)"] = failed
+    return found
+
+
+def start_daemon(args: argparse.Namespace) -> tuple[Daemon, Layout]:
+    """swapd on the fake models (fake vLLMs with ``--tiers``), and its files to rewrite."""
+    root = Path(tempfile.mkdtemp(prefix="swapd-chaos-"))
+    settings: Json = {"max_running": args.max_running}
+    fork = {args.fork_child: ["--fork-child"]}
+    if args.tiers:
+        settings["ram_budget"] = args.ram_budget
+        presets = vllm_presets(root, args.chunks, args.chunk_interval, fork)
+    else:
+        presets = fake_presets(args.chunks, args.chunk_interval, fork)
+    daemon = Daemon(root, presets, settings)
+    layout = Layout(root, daemon.port, json.loads(json.dumps(presets)), dict(settings))
+    return daemon.start(), layout
+
+
 def main() -> None:
     """Run the chaos and print and write the report."""
     args = parse_args()
     info = machine_info()
     print_machine(info)
-    settings: Json = {"max_running": args.max_running}
-    presets = fake_presets(args.chunks, args.chunk_interval, {args.fork_child: ["--fork-child"]})
-    daemon = Daemon(Path(tempfile.mkdtemp(prefix="swapd-chaos-")), presets, settings)
-    daemon.start()
+    daemon, layout = start_daemon(args)
+    settings, presets = dict(daemon.settings), dict(daemon.presets)
     sampler = RssSampler(swapd_pid(daemon)).start()
-    chaos = Chaos(daemon, args)
+    chaos = Chaos(daemon, layout, args)
     try:
         started = time.monotonic()
         chaos.run()
         wall = time.monotonic() - started
         after = held_after(daemon)
+        tiers = tier_check(daemon, layout)
         stray = lasting_strays(daemon)
     finally:
         rss = sampler.stop()
@@ -329,7 +612,12 @@ def main() -> None:
     outcomes = [settle(o, chaos.kills) for o in chaos.outcomes]
     counts = count_outcomes(outcomes)
     admin = count_outcomes(chaos.admin)
-    opaque = sum(1 for o in [*outcomes, *chaos.admin] if o.kind == "opaque")
+    reloads = count_outcomes(chaos.reloads)
+    calls = [*outcomes, *chaos.admin, *chaos.reloads]
+    opaque = sum(1 for o in calls if o.kind == "opaque")
+    log = log_summary(daemon.log_path)
+    broken_sent = sum(1 for o in chaos.reloads if o.detail == "broken refused")
+    bugs = bug_events(log, broken_sent)
     kills = [k for k in chaos.kills if k.how == "SIGKILL"]
     report: Json = {
         "machine": finish_info(info),
@@ -339,6 +627,8 @@ def main() -> None:
         "wall_s": round(wall, 2),
         "requests": counts,
         "admin": admin,
+        "reloads": reloads,
+        "reload_latency_s": summarize([o.seconds for o in chaos.reloads if o.kind == "ok"]),
         "kills": {
             "sigkill": len(kills),
             "by_state": dict(collections.Counter(k.state or "?" for k in kills)),
@@ -347,31 +637,39 @@ def main() -> None:
         },
         "ok_latency_s": summarize([o.seconds for o in outcomes if o.kind == "ok"]),
         "opaque": opaque,
-        "hung": sum(1 for o in [*outcomes, *chaos.admin] if o.kind == "hung"),
-        "internal": counts["internal"] + admin["internal"],
+        "hung": sum(1 for o in calls if o.kind == "hung"),
+        "internal": counts["internal"] + admin["internal"] + reloads["internal"],
+        "wrong": sum(1 for o in calls if o.kind == "wrong"),
+        "bugs": bugs,
+        "tiers": tiers,
         "stuck_since_s": chaos.stuck_since(after["settled"]["states"]),
         "strays_while_running": stray,
         "held_after": after,
         "rss": rss,
         "shutdown": ending,
         "orphans": len(ending["orphans"]),
-        "log": log_summary(daemon.log_path),
-        "examples": opaque_examples([*outcomes, *chaos.admin], limit=20),
+        "log": log,
+        "examples": opaque_examples(calls, limit=20),
         "kill_log": [asdict(k) for k in chaos.kills],
+        "reload_log": chaos.changes,
     }
     write_json(args.out, report)
     print(f"settings: {settings}; {args.clients} clients for {args.duration:g} s ({wall:.1f} s)")
     print_counts("requests", counts)
     print_counts("admin calls", admin)
+    if args.reload_every:
+        print_counts("reloads", reloads)
     print(f"kills: {report['kills']}")
     print(f"held after: {after}")
     print(f"strays while running: {stray}")
     print(f"rss: {rss}")
     print(f"shutdown: {ending}")
-    print(f"log problems: {report['log']['problems']}")
+    print(f"tiers: {tiers}")
+    print(f"log problems: {log['problems']}")
     print(
         f"ORPHANS {report['orphans']}  OPAQUE {opaque}  HUNG {report['hung']}  "
-        f"INTERNAL {report['internal']}  STUCK {report['stuck_since_s'] or 0} (since s)"
+        f"INTERNAL {report['internal']}  WRONG {report['wrong']}  "
+        f"STUCK {report['stuck_since_s'] or 0} (since s)  BUGS {bugs or 0}"
     )
 
 
