@@ -11,7 +11,9 @@ Every answer is classified (``chaos.py`` uses the same client and the same class
 
 * ``ok``: 2xx and complete from the model asked for (a stream ends with ``data: [DONE]``);
 * ``error``: a non-2xx JSON answer in OpenAI's envelope ``{"error": {"message", "type",
-  "code", "param"}}`` with a message: a clear error, counted by status and code;
+  "code", "param"}}`` with a message: a clear error, counted by status and code; also that
+  envelope as a stream's last event (``in-stream CODE``: the error of a request whose
+  status went out with the cold-load pings);
 * ``opaque``: anything else swapd did: a non-2xx body that is not the envelope
   (text/plain, HTML, empty), a connection closed or reset without an answer, a 2xx body
   that does not parse, a stream cut that no backend kill explains;
@@ -154,18 +156,35 @@ def _check_body(ask: Ask, raw: bytes) -> tuple[str, str]:
     return "ok", "complete"
 
 
-def _check_stream(ask: Ask, events: Sequence[bytes]) -> tuple[str, str]:
-    """Kind and detail of a stream that reached its end (EOF without an error)."""
+Verdict = tuple[str, str, str | None]  # kind, detail, message
+
+
+def _stream_error(event: bytes) -> Verdict | None:
+    """An error sent as the stream's last event (after the cold-load pings), if it is one."""
+    try:
+        doc = json.loads(event)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or "error" not in doc:
+        return None
+    kind, detail, message = classify_error(0, "application/json", event)
+    return kind, f"in-stream {detail.removeprefix('0 ')}", message
+
+
+def _check_stream(ask: Ask, events: Sequence[bytes]) -> Verdict:
+    """Kind, detail and message of a stream that reached its end (EOF without an error)."""
+    if events and (error := _stream_error(events[-1])) is not None:
+        return error
     if not events or events[-1] != b"[DONE]":
-        return "cut", "stream ended without data: [DONE]"
+        return "cut", "stream ended without data: [DONE]", None
     try:
         first = json.loads(events[0])
     except ValueError:
-        return "opaque", "stream chunk not JSON"
+        return "opaque", "stream chunk not JSON", None
     text = _answer_text(first, chat=ask.chat, delta=True)
     if not text.startswith(f"{ask.model}-"):
-        return "wrong", f"streamed by {text.rsplit('-', 1)[0] or '?'}"
-    return "ok", "complete"
+        return "wrong", f"streamed by {text.rsplit('-', 1)[0] or '?'}", None
+    return "ok", "complete", None
 
 
 @dataclass
@@ -174,9 +193,6 @@ class _Seen:
 
     status: int | None = None
     request_id: str | None = None
-
-
-Verdict = tuple[str, str, str | None]  # kind, detail, message
 
 
 def exchange(port: int, ask: Ask, timeout: float) -> Outcome:
@@ -247,7 +263,7 @@ def _read_stream(resp: http.client.HTTPResponse, ask: Ask, deadline: float) -> V
             events.append(line[5:].strip())
             if ask.hangup_after is not None and len(events) > ask.hangup_after:
                 return "hangup", "mid-stream", None
-    return (*_check_stream(ask, events), None)
+    return _check_stream(ask, events)
 
 
 # ---------------------------------------------------------------- kills and attribution
@@ -351,15 +367,24 @@ def held(daemon: Daemon) -> Json:
 
 
 def held_after(daemon: Daemon, settle_s: float = 10.0) -> Json:
-    """What swapd holds right after the clients finished, and once settled (bounded)."""
+    """What swapd holds right after the clients finished, and once settled (bounded).
+
+    Settled: nothing in flight or waiting, and no model in a passing state (a restart or
+    a stop that the last calls set going may still be under way right after).
+    """
     first = held(daemon)
     deadline = time.monotonic() + settle_s
     now = first
-    while now["in_flight"] + now["waiting"] and time.monotonic() < deadline:
+    while _unsettled(now) and time.monotonic() < deadline:
         time.sleep(0.2)
         now = held(daemon)
     stuck = {name: state for name, state in now["states"].items() if state in TRANSIENT}
     return {"right_after": first, "settled": now, "stuck": stuck}
+
+
+def _unsettled(held: Json) -> bool:
+    passing = any(state in TRANSIENT for state in held["states"].values())
+    return bool(held["in_flight"] + held["waiting"]) or passing
 
 
 def log_summary(path: Path) -> Json:

@@ -26,7 +26,8 @@ to disk.
 
 Each answer is classified as in ``bench_storm.py``. A stream cut while its model's backend
 was being killed (SIGKILL or forced unload) is ``cut``, not an error: swapd has already
-sent the headers, and cutting the connection is the only signal left. Any other cut,
+sent the headers, and cutting the connection is the only signal left. A ``502
+backend_gone`` is an error under the same condition, and opaque without it. Any other cut,
 reset or closed connection the client did not cause is opaque. A reload never explains a
 cut: a restart or a removal lets the requests in flight finish first (README, "Reload"),
 and a sleep waits for them too. A request for a removed model answers 404, an error.
@@ -536,6 +537,18 @@ def lasting_strays(daemon: Daemon, gap: float = 2.0) -> list[Json]:
     return [s for s in strays(daemon) if s["pid"] in first]
 
 
+def settle_gone(outcome: Outcome, kills: Sequence[Kill]) -> Outcome:
+    """A ``502 backend_gone`` is explained, as a cut stream is, only by a kill meanwhile.
+
+    A reload's restart or removal, and a demotion, wait for the requests in flight: one
+    that lost its backend otherwise is counted opaque.
+    """
+    if outcome.kind != "error" or not outcome.detail.endswith("backend_gone"):
+        return outcome
+    cut = settle(replace(outcome, kind="cut"), kills)
+    return outcome if cut.kind == "cut" else cut
+
+
 def json_field(raw: bytes, key: str) -> object:
     """``key`` of a JSON object body; '' when the body is not one or lacks it."""
     try:
@@ -609,7 +622,7 @@ def main() -> None:
         rss = sampler.stop()
         ending = shut_down(daemon)
         keep_log(daemon, args.out.with_suffix(".log"))
-    outcomes = [settle(o, chaos.kills) for o in chaos.outcomes]
+    outcomes = [settle_gone(settle(o, chaos.kills), chaos.kills) for o in chaos.outcomes]
     counts = count_outcomes(outcomes)
     admin = count_outcomes(chaos.admin)
     reloads = count_outcomes(chaos.reloads)
