@@ -2046,20 +2046,33 @@ class Manager:
     async def _after_reload(self, slot: Slot, *, start: bool) -> None:
         self._prefetch([slot.preset])
         await self._find_staged(slot)
-        if not start or self._closing or self._removed(slot):
-            return
-        try:
-            await self.load(slot.preset.name)
-        except RequestError as exc:
-            _log.error("model.reload.fail", model=slot.preset.name, error=exc.message)
+        if start and (error := await self._load_for_reload(slot)) is not None:
+            _log.error("model.reload.fail", model=slot.preset.name, error=error)
 
     async def _preload_one(self, slot: Slot) -> None:
+        if (error := await self._load_for_reload(slot)) is not None:
+            _log.error("model.preload.fail", model=slot.preset.name, error=error)
+
+    async def _load_for_reload(self, slot: Slot) -> str | None:
+        """Load a model a reload restarted, added or set to preload; why not, if it failed.
+
+        A removal, a forced unload or a shutdown that cuts the load short is the user's
+        last word, not a failure: the model stays down (``model.reload.stay_down``).
+        """
         if self._closing or self._removed(slot):
-            return
+            return None
+        asked = time.monotonic()
         try:
             await self.load(slot.preset.name)
         except RequestError as exc:
-            _log.error("model.preload.fail", model=slot.preset.name, error=exc.message)
+            if self._closing:
+                return None
+            if self._removed(slot) or slot.unloaded_at >= asked:
+                reason = "removed" if self._removed(slot) else "unloaded"
+                _log.info("model.reload.stay_down", model=slot.preset.name, reason=reason)
+                return None
+            return exc.message
+        return None
 
     async def _retire(self, slot: Slot) -> None:
         """A removed model: finish what it serves, then stop it for good."""

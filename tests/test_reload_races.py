@@ -305,3 +305,49 @@ def test_a_wait_on_a_retiring_model_does_not_drain_its_busy_namesake_elsewhere(
         assert busy.result()[0] == 200
     assert len(stream.finish()) == 61
     assert d.events("model.drain") == []
+
+
+def _restart_slowly(d: Daemon) -> None:
+    """Change a's launch to one that takes 3 s to start; wait until that start is under way."""
+    assert d.chat("a")[0] == 200
+    d.presets = {**d.presets, "a": fake_preset("A2", "--start-delay", "3")}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[1]["restarted"] == ["a"]
+    wait_for(lambda: d.model("a")["state"] == "starting")
+
+
+def test_a_restart_whose_model_is_removed_meanwhile_is_no_failure(
+    start_daemon: StartDaemon,
+) -> None:
+    """a restarts (its new launch starts slowly); a second reload removes a mid-start.
+
+    The removal cancels the start, as the README says: that is the user's last word, not a
+    failed reload (before, ``model.reload.fail`` was logged at error level, with a 404).
+    """
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")})
+    _restart_slowly(d)
+    (d.root / "presets" / "a.yaml").unlink()
+    assert d.request("POST", "/swapd/reload")[1]["removed"] == ["a"]
+    stay = wait_for(lambda: d.events("model.reload.stay_down"))
+    assert [(e["model"], e["reason"]) for e in stay] == [("a", "removed")]
+    assert d.events("model.reload.fail") == []
+    assert [m["name"] for m in d.get("/swapd/status")[1]["models"]] == ["b"]
+    wait_for(lambda: len(d.events("backend.exit")) == 2)  # the old a, and the cut start
+
+
+def test_a_forced_unload_during_a_restarts_start_keeps_the_model_down_quietly(
+    start_daemon: StartDaemon,
+) -> None:
+    """a restarts (its new launch starts slowly); a forced unload cuts that start.
+
+    As an unload during the drain does, it keeps a down (``model.reload.stay_down``):
+    before, the cut start was logged as ``model.reload.fail`` at error level.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    _restart_slowly(d)
+    status, body = d.request("POST", "/swapd/models/a/unload?force=true")
+    assert (status, body["state"]) == (200, "stopped")
+    stay = wait_for(lambda: d.events("model.reload.stay_down"))
+    assert [(e["model"], e["reason"]) for e in stay] == [("a", "unloaded")]
+    assert d.events("model.reload.fail") == []
+    assert d.model("a")["state"] == "stopped"
