@@ -15,9 +15,10 @@ with worker processes does) and, until the time is up:
 * with ``--reload-every S``, a reload thread rewrites the config and preset files every
   few seconds and reloads (``POST /swapd/reload``, or SIGHUP now and then): a model's
   launch changed (it restarts), a preset removed or added back under the same name, a
-  model's ``ttl`` and ``ram_ttl`` changed, ``max_running`` (and with ``--tiers``,
-  ``ram_budget``) changed; now and then a broken preset, which must be refused whole
-  (400 ``config_invalid``) with the running config kept.
+  model's ``ttl``, ``ram_ttl``, ``pin`` and ``concurrency`` changed, ``max_running``
+  (and with ``--tiers``, ``ram_budget`` and a model's ``sleep``) changed; now and then
+  a broken preset, which must be refused whole (400 ``config_invalid``) with the running
+  config kept.
 
 With ``--tiers`` every model runs on the fake vLLM (``tests/fakes/fake_vllm.py``) with
 ``sleep: 1``, a short ``ttl`` and ``ram_ttl`` and a ``ram_budget`` that holds about one
@@ -92,6 +93,9 @@ BUG_EVENTS = (
     "events.publish.fail",
     "staging.progress.fail",
 )
+# A SIGKILL explains what fails this long after it: a request leased to the dead backend
+# before swapd reaped it (on a pooled connection, the kernel's reset) gets 502 backend_gone.
+NOTICE_S = 1.0
 # What a reload may set a model's timers to (None: the key taken out).
 TTLS = (None, "1s", "2s", "5s")
 RAM_TTLS = (None, "1s", "3s", "10s")
@@ -243,6 +247,29 @@ def retime(layout: Layout, rng: random.Random) -> str | None:
     return f"timers {name} ttl={preset.get('ttl')} ram_ttl={preset.get('ram_ttl')}"
 
 
+def relimit(layout: Layout, rng: random.Random) -> str | None:
+    """Set (or take out) a model's ``pin`` and ``concurrency``: applied in place."""
+    name = rng.choice(layout.present())
+    preset = layout.presets[name]
+    for key, choices in (("pin", (None, True)), ("concurrency", (None, 1, 4))):
+        value = rng.choice(choices)
+        if value is None:
+            preset.pop(key, None)
+        else:
+            preset[key] = value
+    return f"limits {name} pin={preset.get('pin')} concurrency={preset.get('concurrency')}"
+
+
+def new_sleep_level(layout: Layout, rng: random.Random) -> str | None:
+    """A vLLM model's ``sleep`` 0 or 1 (a restart; at 0 a demotion stops it instead)."""
+    name = rng.choice(layout.present())
+    preset = layout.presets[name]
+    if preset.get("backend") != "vllm":
+        return None
+    preset["sleep"] = rng.choice((0, 1))
+    return f"sleep {name} {preset['sleep']}"
+
+
 def new_max_running(layout: Layout, rng: random.Random) -> str | None:
     """``max_running`` 1 or 2 (lowered: idle models over it go down at once)."""
     layout.settings["max_running"] = rng.choice((1, 2))
@@ -265,6 +292,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     add_back,
     add_back,
     retime,
+    relimit,
+    new_sleep_level,
     new_max_running,
     new_ram_budget,
 )
@@ -350,7 +379,7 @@ class Chaos:
                 self.misses.append(f"{model} pid {pid} already gone")
                 continue
             with self.lock:
-                self.kills.append(Kill("SIGKILL", model, now, now, pid, state))
+                self.kills.append(Kill("SIGKILL", model, now, now + NOTICE_S, pid, state))
 
     # ---------------------------------------------------------------- admin
 
