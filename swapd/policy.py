@@ -207,8 +207,14 @@ def _room_now(device: DeviceView, here: Sequence[Resident], limits: Limits) -> i
 
 
 def _impossible_reason(
-    need: int, device: DeviceView, residents: Sequence[Resident], limits: Limits
+    need: int,
+    device: DeviceView,
+    residents: Sequence[Resident],
+    limits: Limits,
+    *,
+    counted_out: Sequence[Resident] = (),
 ) -> str:
+    """The numbers of an impossible plan; ``counted_out``: the pins that fill max_running."""
     ours = sum(r.usage for r in residents)
     pinned = sum(r.usage for r in residents if r.pinned)
     outside = max(0, device.total - device.free - ours)
@@ -220,6 +226,10 @@ def _impossible_reason(
     ]
     if limits.budget is not None:
         parts.append(f"budget {format_size(limits.budget)}")
+    if counted_out:
+        # Memory is not what is short: name the count, or the numbers above mislead.
+        names = ", ".join(sorted(r.name for r in counted_out))
+        parts.append(f"max_running {limits.max_running} filled by pinned models ({names})")
     return f"needs {format_size(need)}; " + ", ".join(parts)
 
 
@@ -260,7 +270,9 @@ def _plan_device(
     freeable = sum(r.usage for r in order if r.device == device.id)
     countable = sum(1 for r in order if not r.asleep)
     if need > room + freeable or count_excess > countable:
-        return Impossible(_impossible_reason(need, device, here, limits))
+        pins = [r for r in residents if r.pinned and not r.asleep]
+        counted_out = pins if count_excess > countable else []
+        return Impossible(_impossible_reason(need, device, here, limits, counted_out=counted_out))
     victims: list[Resident] = []
     for candidate in order:
         counted = _running(victims)

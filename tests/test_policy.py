@@ -371,7 +371,12 @@ def test_plan_admission(
             [dev(total=80, free=70)],
             [res("p", 2, 1, pinned=True), res("q", 2, 2, pinned=True)],
             Limits(max_running=2),
-            ["needs 1.0 GiB", "gpu0", "4.0 GiB pinned"],
+            [
+                "needs 1.0 GiB",
+                "gpu0",
+                "4.0 GiB pinned",
+                "max_running 2 filled by pinned models (p, q)",
+            ],
             id="max-running-filled-by-pins",
         ),
         pytest.param(
