@@ -251,7 +251,7 @@ def relimit(layout: Layout, rng: random.Random) -> str | None:
     """Set (or take out) a model's ``pin`` and ``concurrency``: applied in place."""
     name = rng.choice(layout.present())
     preset = layout.presets[name]
-    for key, choices in (("pin", (None, True)), ("concurrency", (None, 1, 4))):
+    for key, choices in (("pin", (None, None, None, True)), ("concurrency", (None, 1, 4))):
         value = rng.choice(choices)
         if value is None:
             preset.pop(key, None)
