@@ -136,11 +136,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--ram-budget", default="64MiB", help="swapd's ram_budget with --tiers (one sleeper)"
     )
+    p.add_argument(
+        "--weights",
+        type=lambda text: [float(w) for w in text.split(",")],
+        default=[1.0] * len(MODELS),
+        help=f"how often clients ask each of {', '.join(MODELS)}, as '20,4,1' (idle models "
+        "reach their ttl and ram_ttl)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "out" / "chaos.json")
     args = p.parse_args()
     if not 0 < args.duration <= 600 or not 1 <= args.clients <= 64:
         p.error("--duration must be in (0, 600] and --clients 1..64")
+    if len(args.weights) != len(MODELS) or min(args.weights) < 0 or not sum(args.weights):
+        p.error(f"--weights takes {len(MODELS)} numbers, not negative, not all 0")
     if args.kill_every <= 0 or args.admin_every <= 0 or args.reload_every < 0:
         p.error("--kill-every and --admin-every must be positive, --reload-every not negative")
     return args
@@ -330,7 +339,7 @@ class Chaos:
             hangup_after = rng.randrange(args.chunks)
         early = rng.uniform(0.0, 0.5) if rng.random() < args.early_hangup else None
         return Ask(
-            model=rng.choice(MODELS),
+            model=rng.choices(MODELS, weights=args.weights)[0],
             stream=stream,
             chat=rng.random() < 0.5,
             delay=rng.uniform(0.0, args.max_delay),
