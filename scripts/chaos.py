@@ -602,17 +602,46 @@ def reload_events(log: Path) -> int:
     return text.count('"event": "config.reload"') + text.count('"event": "config.reload.fail"')
 
 
+# The states in which a model has a process, once nothing is on the move.
+WITH_PROCESS = ("ready", "asleep")
+
+
 def tier_check(daemon: Daemon, layout: Layout) -> Json:
-    """Once settled: the models swapd serves against the files, and the ram tier's fill."""
+    """Once settled: the models swapd serves against the files, the ram tier, the processes.
+
+    Each model's process is there exactly when its state says so (a ready or asleep
+    model's pid alive and of this run, none otherwise), an asleep one is in the ram tier,
+    and the tier's bytes are what its models hold.
+    """
     _, status = daemon.get("/swapd/status")
-    served = sorted(m["name"] for m in status["models"])
+    models = status["models"]
+    served = sorted(m["name"] for m in models)
     ram = status["tiers"]["ram"]
+    wrong = [
+        f"{m['name']}: {m['state']}, tier {m['tier']}, pid {m['pid']}"
+        for m in models
+        if (m["state"] in WITH_PROCESS) != (m["pid"] is not None and _alive(daemon, m["pid"]))
+        or (m["state"] == "asleep") != (m["tier"] == "ram" and not m["pages"])
+    ]
+    held = sum(int(m["memory"]["ram"] or 0) for m in models)
     return {
         "models": served,
         "models_match_files": served == sorted(layout.present()),
         "ram": ram,
         "ram_over_budget": ram["bytes"] > ram["budget"],
+        "ram_bytes_match_models": ram["bytes"] == held,
+        "inconsistent": wrong,
     }
+
+
+def _alive(daemon: Daemon, pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process of this run."""
+    try:
+        proc = psutil.Process(pid)
+        mark = proc.environ().get("SWAPD_TEST_MARK")
+        return proc.status() != psutil.STATUS_ZOMBIE and mark == daemon.mark
+    except psutil.Error:
+        return False
 
 
 def bug_events(log: Json, refused_on_purpose: int) -> Json:
@@ -720,7 +749,8 @@ def main() -> None:
     print(
         f"ORPHANS {report['orphans']}  OPAQUE {opaque}  HUNG {report['hung']}  "
         f"INTERNAL {report['internal']}  WRONG {report['wrong']}  "
-        f"STUCK {report['stuck_since_s'] or 0} (since s)  BUGS {bugs or 0}"
+        f"STUCK {report['stuck_since_s'] or 0} (since s)  BUGS {bugs or 0}  "
+        f"INCONSISTENT {tiers['inconsistent'] or 0}"
     )
 
 
