@@ -137,6 +137,9 @@ def parse_args() -> argparse.Namespace:
         "--ram-budget", default="64MiB", help="swapd's ram_budget with --tiers (one sleeper)"
     )
     p.add_argument(
+        "--sleep-delay", type=float, default=0.0, help="seconds each /sleep takes (--tiers)"
+    )
+    p.add_argument(
         "--weights",
         type=lambda text: [float(w) for w in text.split(",")],
         default=[1.0] * len(MODELS),
@@ -159,7 +162,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def vllm_presets(
-    root: Path, chunks: int, interval: float, extra: Mapping[str, Sequence[str]]
+    root: Path,
+    chunks: int,
+    interval: float,
+    extra: Mapping[str, Sequence[str]],
+    sleep_delay: float = 0.0,
 ) -> Json:
     """One ``backend: vllm`` preset per model on the fake vLLM, asleep (level 1) when demoted."""
     binary = root / "bin" / "vllm"
@@ -185,7 +192,10 @@ def vllm_presets(
             "sleep": 1,
             "ttl": "2s",
             "ram_ttl": "3s",
-            "env": {"FAKE_VLLM_UPSTREAM_ARGS": " ".join(upstream)},
+            "env": {
+                "FAKE_VLLM_UPSTREAM_ARGS": " ".join(upstream),
+                "FAKE_VLLM_SLEEP_DELAY": str(sleep_delay),
+            },
         }
     return presets
 
@@ -661,7 +671,7 @@ def start_daemon(args: argparse.Namespace) -> tuple[Daemon, Layout]:
     fork = {args.fork_child: ["--fork-child"]}
     if args.tiers:
         settings["ram_budget"] = args.ram_budget
-        presets = vllm_presets(root, args.chunks, args.chunk_interval, fork)
+        presets = vllm_presets(root, args.chunks, args.chunk_interval, fork, args.sleep_delay)
     else:
         presets = fake_presets(args.chunks, args.chunk_interval, fork)
     daemon = Daemon(root, presets, settings)
