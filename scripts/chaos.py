@@ -97,8 +97,8 @@ BUG_EVENTS = (
 # before swapd reaped it (on a pooled connection, the kernel's reset) gets 502 backend_gone.
 NOTICE_S = 1.0
 # What a reload may set a model's timers to (None: the key taken out).
-TTLS = (None, "1s", "2s", "5s")
-RAM_TTLS = (None, "1s", "3s", "10s")
+TTLS = (None, 0, "1s", "2s", "5s")
+RAM_TTLS = (None, 0, "1s", "3s", "10s")
 
 
 def parse_args() -> argparse.Namespace:
@@ -290,16 +290,20 @@ def new_sleep_level(layout: Layout, rng: random.Random) -> str | None:
 
 
 def new_max_running(layout: Layout, rng: random.Random) -> str | None:
-    """``max_running`` 1 or 2 (lowered: idle models over it go down at once)."""
-    layout.settings["max_running"] = rng.choice((1, 2))
-    return f"max_running {layout.settings['max_running']}"
+    """``max_running`` 1, 2 or none (lowered: idle models over it go down at once)."""
+    value = rng.choice((None, 1, 1, 2))
+    if value is None:
+        layout.settings.pop("max_running", None)
+    else:
+        layout.settings["max_running"] = value
+    return f"max_running {value}"
 
 
 def new_ram_budget(layout: Layout, rng: random.Random) -> str | None:
-    """``ram_budget`` lowered, raised or put back (tiers only; lowered: overflow to disk)."""
+    """``ram_budget`` lowered (0: no ram tier), raised or put back (tiers only)."""
     if "ram_budget" not in layout.settings:
         return None
-    layout.settings["ram_budget"] = rng.choice(("1MiB", "40MiB", "64MiB", "100MiB"))
+    layout.settings["ram_budget"] = rng.choice((0, "1MiB", "40MiB", "64MiB", "100MiB"))
     return f"ram_budget {layout.settings['ram_budget']}"
 
 
