@@ -252,8 +252,19 @@ class Manager:
 
     def _new_slot(self, preset: Preset) -> Slot:
         slot = Slot(preset, kind_of(preset))
-        slot.observer = self.changes.publish
+        slot.observer = self._publish
         return slot
+
+    def _publish(self, slot: Slot) -> None:
+        """Hand a slot's move to the feed, unless its name is now another slot's.
+
+        A model a reload removed drains and stops under its name; once that name is added
+        back, the feed's views of it are the new model's alone (the old one's ``stopped``
+        would otherwise follow the new one's ``ready``).
+        """
+        current = self.slots.get(slot.preset.name)
+        if current is None or current is slot:
+            self.changes.publish(slot)
 
     async def open(self) -> None:
         """Open the staging cache (cleans interrupted copies) and find what is staged.
@@ -1933,6 +1944,7 @@ class Manager:
             self._spawn_task(self._retire(old[name]), f"retire:{name}")
         self.metrics.forget(plan.removed)
         for preset in plan.added:
+            slots[preset.name].changed()  # the feed shows it (stopped), as status does
             self._spawn_task(self._after_reload(slots[preset.name], start=preset.preload), "add")
         self._notify()
 

@@ -17,6 +17,7 @@ from conftest import StartDaemon
 from daemon import FAKE_UPSTREAM, Daemon, fake_preset, wait_for
 from test_events import Events
 from test_metrics import scrape, value
+from test_reload import Stream
 from test_tiers import HOLD, vllm_preset
 
 BARRIER = fake_preset("BARRIER", memory="1MiB")
@@ -166,5 +167,40 @@ def test_the_feed_shows_pages_released_after_a_start_from_them(
         assert (seen["state"], seen["pages"], seen["memory"]["ram"]) == ("ready", None, 0), (
             f"feed: {seen['state']}, {seen['pages']}, {seen['memory']}"
         )
+    finally:
+        events.close()
+
+
+def test_a_retiring_process_does_not_overwrite_its_namesakes_views(
+    start_daemon: StartDaemon,
+) -> None:
+    """a streams; a reload removes a, the next adds it back and it serves again.
+
+    The removed a's process stops once its stream ends, while the new a is ready. The
+    feed's last word on a must be the new a's: before, the old process's ``stopping`` and
+    ``stopped`` views went out under the same name, after the new one's ``ready``, and a
+    dashboard fed by the stream showed a stopped while it served.
+    """
+    slow = ("--chunks", "20", "--chunk-interval", "0.15")
+    d = start_daemon({"a": fake_preset("A", *slow), "barrier": BARRIER})
+    assert d.chat("a")[0] == 200
+    events = Events(d)
+    try:
+        stream = Stream(d, "a")
+        wait_for(lambda: stream.events)
+        presets = dict(d.presets)
+        d.presets = {"barrier": BARRIER}
+        d.write()
+        (d.root / "presets" / "a.yaml").unlink()
+        assert d.request("POST", "/swapd/reload")[1]["removed"] == ["a"]
+        d.presets = presets
+        d.write()
+        assert d.request("POST", "/swapd/reload")[1]["added"] == ["a"]
+        assert d.chat("a")[0] == 200  # the new a, beside the old one that still drains
+        assert len(stream.finish()) == 21  # drained, not cut: then the old a stops
+        wait_for(lambda: len(d.events("backend.exit")) == 1)
+        _settle(d, events)
+        assert d.model("a")["state"] == "ready"
+        assert _last_view(events, "a")["state"] == "ready"
     finally:
         events.close()
