@@ -36,8 +36,11 @@ and a sleep waits for them too. A request for a removed model answers 404, an er
 The numbers: **orphans** (processes of this run alive after swapd stopped; also the
 strays seen while it ran: marked processes outside every live backend's process group)
 **opaque errors**, and the **bugs**: the events of docs/events.md's "Internal failures"
-in swapd's log, and reload failures beyond the broken configs sent on purpose. The report
-goes to ``out/chaos.json``, swapd's log beside it.
+in swapd's log, and reload failures beyond the broken configs sent on purpose. Once
+settled, each model's process must match its state and the ram tier its bytes
+(**inconsistent**), and ``/swapd/events``, read for the whole run, must end on each
+model's state in status (**stale feed**). The report goes to ``out/chaos.json``, swapd's
+log beside it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -620,6 +624,43 @@ def reload_events(log: Path) -> int:
 WITH_PROCESS = ("ready", "asleep")
 
 
+class Feed:
+    """``GET /swapd/events`` read on a thread for the whole run: each model's last view."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.conn = http.client.HTTPConnection(LOOPBACK, daemon.port, timeout=600)
+        self.conn.request("GET", "/swapd/events")
+        self.resp = self.conn.getresponse()
+        self.last: dict[str, str] = {}  # model -> state, as the feed last said
+        self.views = 0
+        self.thread = threading.Thread(target=self._read, name="feed", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, http.client.HTTPException, ValueError):
+            for raw in self.resp:
+                if raw.startswith(b"data: "):
+                    view = json.loads(raw[6:])
+                    self.last[view["name"]] = view["state"]
+                    self.views += 1
+
+    def against(self, daemon: Daemon) -> Json:
+        """The models whose last view in the feed is not their state in status, once settled."""
+        time.sleep(1.0)  # what the last moves published has reached the reader
+        _, status = daemon.get("/swapd/status")
+        now = {m["name"]: m["state"] for m in status["models"]}
+        stale = {n: f"feed {self.last.get(n)}, status {s}" for n, s in now.items()}
+        return {n: text for n, text in stale.items() if self.last.get(n) != now[n]}
+
+    def close(self) -> None:
+        """Hang up."""
+        if self.conn.sock is not None:
+            with contextlib.suppress(OSError):
+                self.conn.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(10)
+        self.conn.close()
+
+
 def tier_check(daemon: Daemon, layout: Layout) -> Json:
     """Once settled: the models swapd serves against the files, the ram tier, the processes.
 
@@ -691,6 +732,7 @@ def main() -> None:
     daemon, layout = start_daemon(args)
     settings, presets = dict(daemon.settings), dict(daemon.presets)
     sampler = RssSampler(swapd_pid(daemon)).start()
+    feed = Feed(daemon)
     chaos = Chaos(daemon, layout, args)
     try:
         started = time.monotonic()
@@ -698,8 +740,10 @@ def main() -> None:
         wall = time.monotonic() - started
         after = held_after(daemon)
         tiers = tier_check(daemon, layout)
+        stale_feed = feed.against(daemon)
         stray = lasting_strays(daemon)
     finally:
+        feed.close()
         rss = sampler.stop()
         ending = shut_down(daemon)
         keep_log(daemon, args.out.with_suffix(".log"))
@@ -736,6 +780,7 @@ def main() -> None:
         "wrong": sum(1 for o in calls if o.kind == "wrong"),
         "bugs": bugs,
         "tiers": tiers,
+        "feed": {"views": feed.views, "stale": stale_feed},
         "stuck_since_s": chaos.stuck_since(after["settled"]["states"]),
         "strays_while_running": stray,
         "held_after": after,
@@ -764,7 +809,7 @@ def main() -> None:
         f"ORPHANS {report['orphans']}  OPAQUE {opaque}  HUNG {report['hung']}  "
         f"INTERNAL {report['internal']}  WRONG {report['wrong']}  "
         f"STUCK {report['stuck_since_s'] or 0} (since s)  BUGS {bugs or 0}  "
-        f"INCONSISTENT {tiers['inconsistent'] or 0}"
+        f"INCONSISTENT {tiers['inconsistent'] or 0}  STALE FEED {stale_feed or 0}"
     )
 
 
