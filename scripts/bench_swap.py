@@ -163,7 +163,7 @@ def direct_run(preset: Preset, cores: set[int] | None) -> Json:
     """One start, first request and stop of the backend on its own, timed."""
     started = time.perf_counter()
     with spawned(preset, cores) as direct:
-        wait_healthy(direct, preset.health, preset.start_timeout)
+        wait_healthy(direct, preset.health or "/health", preset.start_timeout)  # all have one
         start_s = time.perf_counter() - started
         _, request_s = chat(direct.port, preset.name, direct.headers)
         stopping = time.perf_counter()

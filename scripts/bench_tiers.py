@@ -133,7 +133,7 @@ def wait_ready(
 ) -> None:
     """Poll the health URL every ``interval`` until it answers 200."""
     deadline = time.monotonic() + preset.start_timeout
-    while _bench.http_status(port, preset.health, timeout=5) != 200:
+    while _bench.http_status(port, preset.health or "/health", timeout=5) != 200:  # all have one
         if proc.poll() is not None:
             raise RuntimeError(f"backend exited with {proc.returncode} while starting")
         if time.monotonic() > deadline:
