@@ -85,6 +85,11 @@ def _str(value: Any) -> str:
     raise ValueError(f"expected a non-empty string, got {clip(repr(value))}")
 
 
+def is_usable_name(value: str) -> bool:
+    """Whether ``value`` may name a model or alias (letters, digits, ``._:/@+-``)."""
+    return bool(_NAME.match(value))
+
+
 def _name(value: str) -> str:
     """A model name or alias: it goes on command lines (vLLM's --served-model-name) as is."""
     if not _NAME.match(value):

@@ -1,0 +1,121 @@
+r"""A llama-swap ``cmd`` read as one of swapd's backends.
+
+llama-swap splits ``cmd`` as a POSIX shell would (no shell runs it), after
+dropping lines that start with ``#`` and joining lines that end with ``\``.
+``llama-server -m MODEL ...`` becomes a llama-server preset and ``vllm serve
+MODEL ...`` a vLLM one: swapd then passes the model, ``--host`` and ``--port``
+itself, estimates the model's memory and may stage it. Anything else, or either
+of them without a local model (``-hf`` downloads one), runs as a ``command``
+preset: its argv as written, ``${PORT}`` included.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePath
+
+_LLAMA_SERVER = ("llama-server", "llama-server.exe")
+_LISTEN_FLAGS = ("--host", "--port")
+# The backend's own key is swapd's to set (a new one at each start); clients send swapd's keys.
+_KEY_FLAGS = {"llama-server": ("--api-key", "--api-key-file"), "vllm": ("--api-key",)}
+KEY_WHY = (
+    "dropped: swapd gives the backend a key of its own at each start; "
+    "clients send one of swapd's api_keys"
+)
+# What vLLM would fetch from the Hugging Face Hub: org/name, not a path.
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How swapd starts the model, and what of ``cmd`` it left out (each said why)."""
+
+    backend: str  # llama-server, vllm or command
+    binary: str | None = None
+    model: str | None = None
+    args: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = field(default=())
+
+
+def split(cmd: str) -> list[str]:
+    """``cmd`` as llama-swap splits it; ValueError on an unclosed quote or an empty command."""
+    lines = []
+    for line in cmd.split("\n"):
+        trimmed = line.strip()
+        if trimmed.startswith("#"):
+            continue
+        lines.append(trimmed[:-1] + " " if trimmed.endswith("\\") else line)
+    argv = shlex.split("\n".join(lines), comments=False, posix=True)
+    if not argv:
+        raise ValueError("an empty command")
+    return argv
+
+
+def read(argv: Sequence[str], local: Callable[[str], bool]) -> Launch:
+    """The backend ``argv`` starts, as a swapd preset runs it; ``local``: a path that exists."""
+    program = PurePath(argv[0]).name
+    if program in _LLAMA_SERVER:
+        return _llama_server(argv)
+    if program == "vllm" and argv[1:2] == ["serve"]:
+        return _vllm(argv, local)
+    return Launch("command", cmd=tuple(argv))
+
+
+def _llama_server(argv: Sequence[str]) -> Launch:
+    model, rest = _take(argv[1:], ("-m", "--model"))
+    if model is None:
+        why = (
+            "no -m/--model (a model llama-server downloads, as -hf does): run as a command "
+            "backend, whose memory swapd measures but cannot estimate or stage"
+        )
+        return Launch("command", cmd=tuple(argv), dropped=(why,))
+    return _served("llama-server", argv[0], model, rest)
+
+
+def _vllm(argv: Sequence[str], local: Callable[[str], bool]) -> Launch:
+    rest = list(argv[2:])
+    model, rest = _take(rest, ("--model",))
+    if rest and not rest[0].startswith("-"):
+        model, rest = rest[0], rest[1:]
+    if model is None or (_HUB_ID.fullmatch(model) and not local(model)):
+        why = (
+            f"{model or 'no model'} is not a local path (vLLM downloads a Hub id): run as a "
+            "command backend, whose memory swapd measures but cannot estimate or stage"
+        )
+        return Launch("command", cmd=tuple(argv), dropped=(why,))
+    return _served("vllm", argv[0], model, rest)
+
+
+def _served(backend: str, program: str, model: str, rest: list[str]) -> Launch:
+    """A llama-server or vLLM preset: the listen flags and the backend's key taken out."""
+    for flag in _LISTEN_FLAGS:
+        _, rest = _take(rest, (flag,))
+    dropped: list[str] = []
+    key, rest = _take(rest, _KEY_FLAGS[backend])
+    if key is not None:
+        dropped.append(f"{_KEY_FLAGS[backend][0]} {KEY_WHY}")
+    binary = None if program == backend else program
+    return Launch(backend, binary, model, tuple(rest), dropped=tuple(dropped))
+
+
+def _take(args: Sequence[str], flags: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The value of the first of ``flags`` set, and ``args`` without any of them or their values."""
+    value: str | None = None
+    rest: list[str] = []
+    skip = False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        name, eq, inline = arg.partition("=")
+        if arg in flags or (eq and name in flags and name.startswith("--")):
+            found = inline if eq else (args[i + 1] if i + 1 < len(args) else "")
+            value = found if value is None else value
+            skip = not eq
+            continue
+        rest.append(arg)
+    return value, rest

@@ -1,0 +1,373 @@
+"""One llama-swap model as a swapd preset: its keys mapped, the rest noted.
+
+llama-swap keys and the preset keys they become: ``cmd`` (see :mod:`.command`),
+``aliases``, ``ttl`` (``-1``: ``globalTTL``), ``env`` (``K=V`` items),
+``checkEndpoint`` (``health``), ``unloadTimeout`` (``stop_timeout``),
+``useModelName``, ``filters``, ``name`` and ``description`` (one
+``description``), ``metadata``, ``unlisted`` and ``concurrencyLimit``
+(``concurrency``). A preset swapd would refuse as written (no ``${PORT}`` in a
+command's argv, a name it cannot use) is kept aside with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import yaml
+
+from swapd._yaml import Entry, WrittenFloat, WrittenInt, entries_of
+from swapd.llama_swap import command, macros
+from swapd.llama_swap.notes import Note
+from swapd.presets import is_usable_name
+
+_DEFAULT_HEALTH = "/health"
+_DEFAULT_PROXIES = ("http://localhost:${PORT}", "http://127.0.0.1:${PORT}")
+_OWN_KEY_ENV = {"llama-server": "LLAMA_API_KEY", "vllm": "VLLM_API_KEY"}
+_PROTECTED = ("model", "stream")  # swapd's filters refuse both (README: Request rewriting)
+# Preset keys whose values swapd reads ${env.NAME} in; elsewhere it would stay as text.
+_ENV_MACRO_KEYS = frozenset({"model", "binary", "args", "cmd", "env"})
+# The order keys are written in, launch first.
+_ORDER = (
+    "name", "backend", "binary", "model", "args", "cmd", "env", "aliases", "ttl", "health",
+    "start_timeout", "stop_timeout", "pin", "preload", "concurrency", "use_model_name",
+    "filters", "description", "metadata", "unlisted",
+)  # fmt: skip
+
+_NOT_CARRIED = {
+    "cmdStop": (
+        "not carried: swapd stops the backend's process group (SIGTERM, stop_timeout, "
+        "SIGKILL); a `docker run` in the foreground passes SIGTERM on to its container"
+    ),
+    "sendLoadingState": (
+        "not carried: swapd keeps a waiting stream open with `: loading` comment pings instead"
+    ),
+    "timeouts": (
+        "not carried: swapd's connections to backends have their own limits; "
+        "request_timeout caps a whole request"
+    ),
+    "compat": "not carried: swapd relays WebSocket upgrades on /upstream/ like any request",
+    "capabilities": (
+        "not carried: swapd's /v1/models has no capabilities; metadata can say the same"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Globals:
+    """What every model takes from config.yaml's top level."""
+
+    macros: Mapping[str, Any]
+    base: Path  # config.yaml's folder, for relative model paths
+    ttl: int = 0  # globalTTL, seconds; 0 never
+    start_timeout: int | None = None  # healthCheckTimeout
+    stop_timeout: int | None = None  # unloadTimeout
+
+
+@dataclass
+class Draft:
+    """A preset on its way to a file: its values, notes, and why swapd would refuse it."""
+
+    model_id: str
+    line: int
+    values: dict[str, Any] = field(default_factory=dict)
+    notes: list[Note] = field(default_factory=list)
+    refused: str | None = None
+    # Where each preset key came from: (line, llama-swap key), for later notes.
+    origins: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    def note(self, line: int, key: str, why: str) -> None:
+        """Note a setting of this model that does not carry over as written."""
+        self.notes.append(Note(line, f"models.{self.model_id}.{key}", why))
+
+    def set(self, key: str, value: Any, line: int, source: str) -> None:
+        """Set a preset key, remembering which llama-swap key at which line gave it."""
+        self.values[key] = value
+        self.origins[key] = (line, source)
+
+    def ordered(self) -> dict[str, Any]:
+        """The preset's values in the order a reader expects them."""
+        return {key: self.values[key] for key in _ORDER if key in self.values}
+
+
+def convert(model_id: str, line: int, node: yaml.Node, file: str, top: Globals) -> Draft:
+    """The preset for llama-swap model ``model_id`` (its mapping ``node``, at ``line``)."""
+    draft = Draft(model_id, line)
+    entries = {e.key: e for e in entries_of(file, node, what=f"models.{model_id}")}
+    own = entries.pop("macros", None)
+    scope = macros.scope(
+        top.macros, own.value if own and isinstance(own.value, dict) else {}, model_id
+    )
+    values = {key: _plain(macros.expand(e.value, scope)) for key, e in entries.items()}
+    for key, value in values.items():
+        for name in dict.fromkeys(macros.unknown(value)):
+            draft.note(_line(entries[key]), key, f"${{{name}}} is no macro: left as written")
+    if "cmd" not in entries:
+        draft.refused = "no cmd: llama-swap itself refuses such a model"
+        draft.note(line, "cmd", "missing; the model is kept aside")
+    else:
+        _cmd(draft, values["cmd"], _line(entries["cmd"]), top)
+    for key, entry in entries.items():
+        if key == "cmd":
+            continue
+        handler = _HANDLERS.get(key)
+        if handler is not None:
+            handler(draft, values[key], _line(entry))
+        elif key in _READ_TOGETHER:
+            continue
+        elif key in _NOT_CARRIED:
+            draft.note(_line(entry), key, _NOT_CARRIED[key])
+        else:
+            draft.note(_line(entry), key, "not a llama-swap model key swapd knows; not carried")
+    _timers(draft, values, entries, top)
+    _describe(draft, values, entries)
+    _env_macros_where_unread(draft)
+    if not is_usable_name(model_id):
+        draft.refused = f"{model_id!r} is not a usable swapd model name"
+        draft.note(line, "(id)", f"{draft.refused}; the model is kept aside")
+    return draft
+
+
+def _line(entry: Entry) -> int:
+    return entry.key_where.line
+
+
+def _plain(value: Any) -> Any:
+    """YAML values as plain Python: swapd's loader keeps how numbers were written."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, WrittenInt):
+        return int(value)
+    if isinstance(value, WrittenFloat):
+        return float(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _cmd(draft: Draft, value: Any, line: int, top: Globals) -> None:
+    if not isinstance(value, str):
+        draft.refused = "cmd is not a string"
+        draft.note(line, "cmd", f"expected a command line, got {type(value).__name__}")
+        return
+    try:
+        argv = command.split(value)
+    except ValueError as exc:
+        draft.refused = f"cmd cannot be split: {exc}"
+        draft.note(line, "cmd", f"{draft.refused}; the model is kept aside")
+        return
+    launch = command.read(argv, lambda path: (top.base / path).exists())
+    draft.set("backend", launch.backend, line, "cmd")
+    for why in launch.dropped:
+        draft.note(line, "cmd", why)
+    if launch.binary is not None:
+        draft.set("binary", launch.binary, line, "cmd")
+    if launch.model is not None:
+        draft.set("model", _model_path(draft, launch.model, line, top.base), line, "cmd")
+    if launch.args:
+        draft.set("args", list(launch.args), line, "cmd")
+    if launch.cmd:
+        draft.set("cmd", list(launch.cmd), line, "cmd")
+        if not any("${PORT}" in arg for arg in launch.cmd):
+            draft.refused = "its cmd holds no ${PORT}: swapd picks the port at each start"
+            draft.note(line, "cmd", f"{draft.refused}; the model is kept aside")
+
+
+def _model_path(draft: Draft, path: str, line: int, base: Path) -> str:
+    if path.startswith(("/", "~", "${")):
+        return path
+    absolute = str(base / path)
+    why = (
+        f"the relative path {path} is read against config.yaml's folder: {absolute} "
+        "(llama-swap read it against its working directory)"
+    )
+    draft.note(line, "cmd", why)
+    return absolute
+
+
+def _aliases(draft: Draft, value: Any, line: int) -> None:
+    if not isinstance(value, list):
+        draft.note(line, "aliases", f"expected a list, got {type(value).__name__}; not carried")
+        return
+    usable = [str(a) for a in value if is_usable_name(str(a))]
+    for alias in value:
+        if not is_usable_name(str(alias)):
+            draft.note(line, "aliases", f"{alias!r} is not a usable swapd name; dropped")
+    if usable:
+        draft.set("aliases", usable, line, "aliases")
+
+
+def _env(draft: Draft, value: Any, line: int) -> None:
+    if not isinstance(value, list):
+        draft.note(line, "env", f"expected a list of K=V, got {type(value).__name__}")
+        return
+    env: dict[str, str] = {}
+    own = _OWN_KEY_ENV.get(draft.values.get("backend", ""))
+    for item in value:
+        name, eq, setting = str(item).partition("=")
+        if not eq or not name:
+            draft.note(line, "env", f"{item!r} is not K=V; dropped")
+        elif name == own:
+            draft.note(line, "env", f"{name} {command.KEY_WHY}")
+        else:
+            env[name] = setting
+    if env:
+        draft.set("env", env, line, "env")
+
+
+def _health(draft: Draft, value: Any, line: int) -> None:
+    path = str(value).strip()
+    if path.lower() == "none":
+        why = "none is not carried: swapd waits for a health path to answer 200"
+        if draft.values.get("backend") == "command":
+            why += f" ({_DEFAULT_HEALTH} unless health: names another path the server answers)"
+        draft.note(line, "checkEndpoint", why)
+        return
+    path = path if path.startswith("/") else "/" + path
+    if path != _DEFAULT_HEALTH:
+        draft.set("health", path, line, "checkEndpoint")
+
+
+def _use_model_name(draft: Draft, value: Any, line: int) -> None:
+    if isinstance(value, str) and value:
+        draft.set("use_model_name", value, line, "useModelName")
+
+
+def _filters(draft: Draft, value: Any, line: int) -> None:
+    if not isinstance(value, dict):
+        draft.note(line, "filters", f"expected a mapping, got {type(value).__name__}")
+        return
+    filters: dict[str, Any] = {}
+    for key, setting in value.items():
+        if key in ("stripParams", "strip_params"):
+            if strip := _strip_params(draft, str(setting or ""), line, key):
+                filters["strip_params"] = strip
+        elif key == "setParams" and isinstance(setting, dict):
+            if kept := _set_params(draft, setting, line):
+                filters["set_params"] = kept
+        elif key == "setParamsByID":
+            why = "not carried: swapd has no per-alias parameters; a preset per variant does that"
+            draft.note(line, f"filters.{key}", why)
+        else:
+            draft.note(line, f"filters.{key}", "not a filter swapd knows; not carried")
+    if filters:
+        draft.set("filters", filters, line, "filters")
+
+
+def _strip_params(draft: Draft, setting: str, line: int, key: str) -> list[str]:
+    """llama-swap's comma-separated list, less what swapd never strips."""
+    strip = [name.strip() for name in setting.split(",") if name.strip()]
+    for name in [p for p in strip if p in _PROTECTED]:
+        draft.note(line, f"filters.{key}", f"{name} is never stripped in swapd; dropped")
+    return [name for name in strip if name not in _PROTECTED]
+
+
+def _set_params(draft: Draft, setting: dict[str, Any], line: int) -> dict[str, Any]:
+    for name in [p for p in setting if p in _PROTECTED]:
+        why = f"{name} is never set by swapd's filters (use_model_name renames the model)"
+        draft.note(line, "filters.setParams", f"{why}; dropped")
+    return {name: v for name, v in setting.items() if name not in _PROTECTED}
+
+
+def _metadata(draft: Draft, value: Any, line: int) -> None:
+    if isinstance(value, dict) and value:
+        draft.set("metadata", value, line, "metadata")
+    elif value:
+        draft.note(line, "metadata", f"expected a mapping, got {type(value).__name__}")
+
+
+def _unlisted(draft: Draft, value: Any, line: int) -> None:
+    if value is True:
+        draft.set("unlisted", value=True, line=line, source="unlisted")
+
+
+def _concurrency(draft: Draft, value: Any, line: int) -> None:
+    if not _whole(value) or value < 1:
+        return  # 0: llama-swap's internal default, no limit of the user's
+    draft.set("concurrency", value, line, "concurrencyLimit")
+    why = (
+        f"carried as concurrency: {value}, requests at the backend at once; llama-swap "
+        "counted queued requests too and answered 429 past it (max_queue: 0 comes closest)"
+    )
+    draft.note(line, "concurrencyLimit", why)
+
+
+# Read with each other once every key has been seen (see _timers and _describe).
+_READ_TOGETHER = frozenset({"ttl", "unloadTimeout", "proxy", "name", "description"})
+
+_HANDLERS: dict[str, Callable[[Draft, Any, int], None]] = {
+    "aliases": _aliases,
+    "env": _env,
+    "checkEndpoint": _health,
+    "useModelName": _use_model_name,
+    "filters": _filters,
+    "metadata": _metadata,
+    "unlisted": _unlisted,
+    "concurrencyLimit": _concurrency,
+}
+
+
+def _whole(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def duration(seconds: int) -> str:
+    """Seconds as a swapd duration: ``10m`` reads better than ``600s``."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _timers(draft: Draft, values: dict[str, Any], entries: dict[str, Entry], top: Globals) -> None:
+    """ttl (or globalTTL), healthCheckTimeout as start_timeout, unloadTimeout as stop_timeout."""
+    ttl = values.get("ttl", -1)
+    at = _line(entries["ttl"]) if "ttl" in entries else draft.line
+    if not _whole(ttl) or ttl < -1:
+        draft.note(at, "ttl", f"expected whole seconds, got {ttl!r}; not carried")
+        ttl = -1
+    seconds = top.ttl if ttl == -1 else ttl
+    if seconds > 0:
+        draft.set("ttl", duration(seconds), at, "ttl" if ttl != -1 else "globalTTL")
+    if top.start_timeout:
+        draft.set("start_timeout", duration(top.start_timeout), draft.line, "healthCheckTimeout")
+    stop = values.get("unloadTimeout", top.stop_timeout)
+    stop_at = _line(entries["unloadTimeout"]) if "unloadTimeout" in entries else draft.line
+    if stop is not None and not (_whole(stop) and stop >= 0):
+        draft.note(stop_at, "unloadTimeout", f"expected whole seconds, got {stop!r}; not carried")
+    elif stop:
+        draft.set("stop_timeout", duration(stop), stop_at, "unloadTimeout")
+    proxy = values.get("proxy")
+    if proxy is not None and proxy not in _DEFAULT_PROXIES:
+        why = (
+            "not carried: swapd reaches the backend at 127.0.0.1 on the port it picks "
+            "(${PORT} in cmd)"
+        )
+        draft.note(_line(entries["proxy"]), "proxy", why)
+
+
+def _describe(draft: Draft, values: dict[str, Any], entries: dict[str, Entry]) -> None:
+    """llama-swap's display name and description as one description: the name first."""
+    name, text = values.get("name"), values.get("description")
+    if name and text:
+        draft.set("description", f"{name}: {text}", _line(entries["description"]), "description")
+        why = "swapd has no display name: it leads the description"
+        draft.note(_line(entries["name"]), "name", why)
+    elif name or text:
+        key = "name" if name else "description"
+        draft.set("description", str(name or text), _line(entries[key]), key)
+
+
+def _env_macros_where_unread(draft: Draft) -> None:
+    for key, value in draft.values.items():
+        if key not in _ENV_MACRO_KEYS and "${env." in yaml.safe_dump(value):
+            line, source = draft.origins[key]
+            why = (
+                "${env.NAME} is read by swapd in model, binary, args, cmd and env only: "
+                f"{key} keeps it as text"
+            )
+            draft.note(line, source, why)
