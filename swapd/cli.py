@@ -398,6 +398,56 @@ def cmd_litellm_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_llama_swap(args: argparse.Namespace) -> int:
+    """Write a swapd layout from a llama-swap config; say what did not carry over."""
+    from swapd.errors import ConfigError
+    from swapd.llama_swap import importer, layout
+
+    source, out = Path(args.config), Path(args.out)
+    try:
+        found = importer.read(source)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        print(f"swapd: {source}: not imported", file=sys.stderr)
+        return 1
+    if layout.holds_files(out) and not args.force:
+        print(f"swapd: {out} already holds files; --force replaces what it writes", file=sys.stderr)
+        return 1
+    warnings = layout.write(found, out, source.absolute())
+    for note in found.all_notes():
+        print(_render.printable(note.render(str(source))), file=sys.stderr)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    aside = [d.model_id for d in found.drafts if d.refused]
+    print(f"{out / layout.CONFIG}: written, {len(found.drafts) - len(aside)} preset(s)")
+    if aside:
+        print(f"kept aside ({layout.DISABLED}): {', '.join(aside)}")
+    print(f"next: swapd check --config {out / layout.CONFIG}")
+    return 0
+
+
+def _add_import_llama_swap(sub: Any) -> None:
+    verb = sub.add_parser(
+        "import-llama-swap",
+        help="write a swapd config and presets from a llama-swap config.yaml",
+        description=(
+            "Read a llama-swap config.yaml and write DIR/swapd.yaml and DIR/presets/, one "
+            "preset per model. Each setting that does not carry over is printed as "
+            "config.yaml:LINE: KEY: why. See docs/migrating-from-llama-swap.md."
+        ),
+    )
+    verb.set_defaults(func=cmd_import_llama_swap)
+    verb.add_argument("config", metavar="CONFIG", help="llama-swap's config.yaml")
+    verb.add_argument(
+        "--out", default="swapd-config", metavar="DIR", help="where to write (default swapd-config)"
+    )
+    verb.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a DIR that holds files (replacing those an import wrote)",
+    )
+
+
 class _NodeAction(argparse.Action):
     """``--node URL`` adds a node; ``--node-key KEY`` gives the node just before it a key."""
 
@@ -521,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="the daemon config (default: $SWAPD_CONFIG)")
     check.set_defaults(func=cmd_check)
     _add_litellm_config(sub)
+    _add_import_llama_swap(sub)
     common = _target_options()
     verbs: list[tuple[str, str, Any]] = [
         ("status", "show every model: state, tier, memory, TTL left, last use", verb_status),
