@@ -413,7 +413,11 @@ def cmd_import_llama_swap(args: argparse.Namespace) -> int:
     if layout.holds_files(out) and not args.force:
         print(f"swapd: {out} already holds files; --force replaces what it writes", file=sys.stderr)
         return 1
-    warnings = layout.write(found, out, source.absolute())
+    try:
+        warnings = layout.write(found, out, source.absolute())
+    except OSError as exc:
+        print(f"swapd: cannot write {exc.filename or out}: {exc.strerror}", file=sys.stderr)
+        return 1
     for note in found.all_notes():
         print(_render.printable(note.render(str(source))), file=sys.stderr)
     for warning in warnings:

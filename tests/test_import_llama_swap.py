@@ -269,6 +269,17 @@ def test_an_out_that_holds_files_needs_force(tmp_path: Path, models: Path) -> No
     assert f"warning: {mine}: not written by this import" in forced.stderr
 
 
+def test_an_out_that_cannot_be_written_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """DIR is a file: the reason, no traceback."""
+    config = tmp_path / "config.yaml"
+    config.write_text("models:\n  a:\n    cmd: ./serve --port ${PORT}\n")
+    (tmp_path / "out").write_text("")
+    done = _import(config, tmp_path / "out")
+    assert done.returncode == 1
+    assert done.stderr.startswith("swapd: cannot write "), done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("text", "where"),
     [

@@ -81,13 +81,18 @@ def _vllm(argv: Sequence[str], local: Callable[[str], bool]) -> Launch:
     model, rest = _take(rest, ("--model",))
     if rest and not rest[0].startswith("-"):
         model, rest = rest[0], rest[1:]
-    if model is None or (_HUB_ID.fullmatch(model) and not local(model)):
+    if model is None or _hub_id(model, local):
         why = (
             f"{model or 'no model'} is not a local path (vLLM downloads a Hub id): run as a "
             "command backend, whose memory swapd measures but cannot estimate or stage"
         )
         return Launch("command", cmd=tuple(argv), dropped=(why,))
     return _served("vllm", argv[0], model, rest)
+
+
+def _hub_id(model: str, local: Callable[[str], bool]) -> bool:
+    """``org/name`` that is no path here: what vLLM would fetch from the Hub."""
+    return bool(_HUB_ID.fullmatch(model)) and not model.startswith(".") and not local(model)
 
 
 def _served(backend: str, program: str, model: str, rest: list[str]) -> Launch:
