@@ -168,7 +168,7 @@ def test_a_realistic_config_becomes_presets_swapd_check_accepts(
         ("--max-model-len", "4096"),
     )
     assert (vl.ttl, vl.stop_timeout) == (600, 30)  # globalTTL; the model's own macro wins
-    assert sd.backend == "command"
+    assert (sd.backend, sd.health) == ("command", None)  # checkEndpoint: none
     assert sd.cmd[:6] == ("docker", "run", "--rm", "--init", "--name", "sd")
     assert "${PORT}:8080" in sd.cmd
     assert f"{models}:/models" in sd.cmd
@@ -187,7 +187,6 @@ def test_each_setting_left_behind_is_named_at_its_line(tmp_path: Path, models: P
         "sendLoadingState": _line_of(CONFIG, "sendLoadingState:"),
         "peers": _line_of(CONFIG, "peers:"),
         "models.sd.cmdStop": _line_of(CONFIG, "cmdStop:"),
-        "models.sd.checkEndpoint": _line_of(CONFIG, "checkEndpoint: none"),
         "models.qwen.cmd": _line_of(CONFIG, "cmd: |"),
         "models.qwen.env": _line_of(CONFIG, "env: ["),
         "models.qwen.filters.setParams": _line_of(CONFIG, "filters:"),

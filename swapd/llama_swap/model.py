@@ -222,10 +222,11 @@ def _env(draft: Draft, value: Any, line: int) -> None:
 def _health(draft: Draft, value: Any, line: int) -> None:
     path = str(value).strip()
     if path.lower() == "none":
-        why = "none is not carried: swapd waits for a health path to answer 200"
         if draft.values.get("backend") == "command":
-            why += f" ({_DEFAULT_HEALTH} unless health: names another path the server answers)"
-        draft.note(line, "checkEndpoint", why)
+            draft.set("health", "none", line, "checkEndpoint")  # ready once its port accepts
+        else:
+            why = "none is not carried: swapd polls the engine's /health, which says when it loaded"
+            draft.note(line, "checkEndpoint", why)
         return
     path = path if path.startswith("/") else "/" + path
     if path != _DEFAULT_HEALTH:
