@@ -140,6 +140,7 @@ class Control:
         if request.method == "HEAD":
             return web.Response(headers=SSE_HEADERS)  # a stream's headers, no stream
         _, cursor = self.manager.logs_since(name, None)  # now: lines printed meanwhile follow
+        followed = self.manager.incarnation(name)
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         for line in lines:
@@ -148,6 +149,8 @@ class Control:
         while not self._closing:
             await asyncio.sleep(FOLLOW_EVERY)
             try:
+                if self.manager.incarnation(name) != followed:
+                    break  # removed and added back: another process, another log
                 new, cursor = self.manager.logs_since(name, cursor)
             except RequestError:
                 break  # a reload removed the model
@@ -170,6 +173,7 @@ class Control:
         """
         wanted = request.query.get("model")
         name = self.manager.view(wanted).name if wanted else None
+        followed = self.manager.incarnation(name) if name is not None else None
 
         def chosen(views: list[ModelView]) -> list[ModelView]:
             return [v for v in views if name is None or v.name == name]
@@ -183,7 +187,7 @@ class Control:
                 await response.write(sse("model", view.as_json()))
             quiet = 0.0
             while not self._closing:
-                if name is not None and name not in self.manager.slots:
+                if name is not None and not self._same_model(name, followed):
                     break  # a reload removed the model: its stream ends, as its logs' do
                 moved = chosen(await subscription.next(PROGRESS_EVERY))
                 sent = {v.name for v in moved}
@@ -200,6 +204,13 @@ class Control:
                     quiet = 0.0
         await response.write_eof()
         return response
+
+    def _same_model(self, name: str, incarnation: int | None) -> bool:
+        """Whether ``name`` is still the model a stream began to follow (not re-added)."""
+        try:
+            return self.manager.incarnation(name) == incarnation
+        except RequestError:
+            return False  # removed
 
 
 def _line_count(raw: str | None) -> int:

@@ -312,6 +312,14 @@ class Manager:
         slot = self.slot_for(name)
         return slot.preset.name, slot.ring.tail(lines)
 
+    def incarnation(self, name: str) -> int:
+        """Which configured model ``name`` stands for now (:class:`UnknownModel` if none).
+
+        A model a reload removed and added back under its name is another incarnation:
+        a stream that follows the first (its logs, its views) ends with it.
+        """
+        return id(self.slot_for(name))
+
     def logs_since(self, name: str, cursor: int | None) -> tuple[list[str], int]:
         """Output lines printed after ``cursor`` (None: none yet, just the cursor), and the next."""
         ring = self.slot_for(name).ring

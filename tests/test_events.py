@@ -161,3 +161,29 @@ def test_a_new_load_does_not_show_the_last_error(start_daemon: StartDaemon) -> N
         assert [view["error"] for view in queued] == [None, None]
     finally:
         one.close()
+
+
+def test_streams_of_a_model_end_when_it_is_removed_and_added_back(
+    start_daemon: StartDaemon,
+) -> None:
+    """Removed and added back at once: its feed and its followed logs end all the same.
+
+    They looked for the name only: back before their next look, they went on following
+    another process (its log read from the old one's position) for as long as they lasted.
+    """
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")})
+    assert d.chat("a")[0] == 200
+    feed = Events(d, "/swapd/events?model=a")
+    logs = Events(d, "/swapd/models/a/logs?follow=true")
+    try:
+        wait_for(lambda: feed.got and logs.got)
+        preset = (d.root / "presets" / "a.yaml").read_text()
+        (d.root / "presets" / "a.yaml").unlink()
+        assert d.request("POST", "/swapd/reload")[1]["removed"] == ["a"]
+        (d.root / "presets" / "a.yaml").write_text(preset)
+        assert d.request("POST", "/swapd/reload")[1]["added"] == ["a"]
+        assert feed.ended.wait(30)
+        assert logs.ended.wait(30)
+    finally:
+        feed.close()
+        logs.close()
