@@ -18,7 +18,6 @@ any route runs (so an unknown route is refused like a known one):
 from __future__ import annotations
 
 import base64
-import binascii
 import ipaddress
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -249,7 +248,7 @@ def presented_key(headers: Mapping[str, str]) -> bytes | None:
     if scheme.lower() == "basic" and token.strip():
         try:
             pair = base64.b64decode(token.strip(), validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a non-ASCII token (no base64 at all)
             return None
         _, colon, password = pair.partition(b":")
         if not colon or not password.strip():

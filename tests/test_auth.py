@@ -132,13 +132,14 @@ def test_an_inference_key_serves_inference_by_either_header(keyed: Daemon) -> No
     [
         _basic(INFERENCE_KEY, ""),  # the key as the user name: not where it is read
         {"Authorization": "Basic not-base64!"},
+        {"Authorization": "Basic \xe9\xe9\xe9\xe9"},  # not ASCII: not base64 either
         {"Authorization": f"Basic {base64.b64encode(INFERENCE_KEY.encode()).decode()}"},
     ],
 )
 def test_a_basic_authorization_without_the_key_as_its_password_is_401(
     keyed: Daemon, headers: dict[str, str]
 ) -> None:
-    """No colon, no password, or no base64: no key."""
+    """No colon, no password, or no base64 (non-ASCII bytes included): no key, not a 500."""
     status, body = keyed.request("POST", "/v1/chat/completions", CHAT, headers=headers)
     assert status == 401
     assert error_code(body) == "invalid_api_key"
