@@ -321,3 +321,18 @@ def test_macros_nest_override_and_keep_their_type() -> None:
     )
     assert macros.expand({"k": "${n}"}, scope) == {"k": 5}
     assert macros.unknown(["${nope}", "${PORT}"]) == ["nope"]
+
+
+@pytest.mark.parametrize("members", ["5", "qwen", "{a: 1}", "true"])
+def test_group_members_that_are_no_list_are_a_note_not_a_traceback(
+    tmp_path: Path, members: str
+) -> None:
+    """``members: 5`` (or a bare name): noted at its group's line, the import goes on."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "models:\n  qwen:\n    cmd: llama-server --port ${PORT} -m /m/q.gguf\n"
+        f"groups:\n  g:\n    persistent: true\n    members: {members}\n"
+    )
+    done = _import(config, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert f"{config}:5: groups.g: members: expected a list of model ids" in done.stderr

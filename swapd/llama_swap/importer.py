@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from swapd._yaml import Entry, entries_of, load_document
+from swapd.errors import clip
 from swapd.keys import parse_keys
 from swapd.llama_swap.model import Draft, Globals, convert
 from swapd.llama_swap.notes import Note
@@ -177,7 +178,7 @@ def _groups(file: str, entry: Entry, path: str, by_name: dict[str, Draft], found
     for group in entries_of(file, entry.node, what=path):
         settings = {e.key: e.value for e in entries_of(file, group.node, what=group.key)}
         line, key = group.key_where.line, f"{path}.{group.key}"
-        members = [str(m) for m in settings.get("members") or []]
+        members = _members(settings.get("members"), line, key, found)
         for member in members:
             if member not in by_name:
                 found.notes.append(Note(line, key, f"member {member} is no model; ignored"))
@@ -189,6 +190,15 @@ def _groups(file: str, entry: Entry, path: str, by_name: dict[str, Draft], found
             found.notes.append(Note(line, key, _PERSISTENT.format(members=names)))
         else:
             found.notes.append(Note(line, key, _GROUP_NOT_NEEDED))
+
+
+def _members(value: Any, line: int, key: str, found: Imported) -> list[str]:
+    """A group's model ids; none (and a note) unless they are a list."""
+    if value is None or isinstance(value, list):
+        return [str(m) for m in value or []]
+    why = f"members: expected a list of model ids, got {clip(repr(value))}; ignored"
+    found.notes.append(Note(line, key, why))
+    return []
 
 
 def _routing(file: str, entry: Entry, by_name: dict[str, Draft], found: Imported) -> None:
