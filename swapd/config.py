@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -317,6 +318,26 @@ def load_endpoint(path: Path) -> Endpoint:
     host, port = values.get("listen", DEFAULT_LISTEN)
     problem = "\n".join(str(e) for e in key_errors) or None
     return Endpoint(host, port, values.get("admin_keys", ()), problem)
+
+
+_FILE_KEYS = ("presets", "api_keys_file", "admin_keys_file")
+
+
+def named_files(path: Path) -> tuple[Path, list[Path]]:
+    """The presets folder and key files the config at ``path`` names, as far as it reads.
+
+    For the watch of a config a reload refused: a fix may land in a file only it names
+    (a folder it moved the presets to, a key file not written yet). Values that do not
+    read are left out; the reload says why.
+    """
+    named: dict[str, Path] = {}
+    with contextlib.suppress(ConfigError, OSError):
+        for entry in load_document(path).entries:
+            if entry.key in _FILE_KEYS:
+                with contextlib.suppress(ValueError):
+                    named[entry.key] = path.parent / _DAEMON_KEYS[entry.key](entry.value)
+    presets = named.pop("presets", path.parent / "presets")
+    return presets, list(named.values())
 
 
 def load_config(path: Path) -> Config:

@@ -51,6 +51,42 @@ def test_a_refused_config_is_tried_once_until_it_changes_again(start_daemon: Sta
     assert d.model("a")["ttl"] == 600
 
 
+def test_a_fix_in_the_folder_a_refused_config_moved_to_is_taken(
+    start_daemon: StartDaemon,
+) -> None:
+    """presets: moved to a folder with a bad preset: refused; fixing that preset reloads.
+
+    The fix lands in a file only the refused config reads, not the running one.
+    """
+    d = start_daemon({"a": fake_preset("A")}, WATCH)
+    wait_for(lambda: d.events("config.watch.on"))
+    moved = d.root / "moved"
+    moved.mkdir()
+    good = (d.root / "presets" / "a.yaml").read_text()
+    (moved / "b.yaml").write_text(good + "ttl: ten\n")
+    d.settings = {**d.settings, "presets": "moved"}
+    d.write()  # writes presets/ again too; the config now names moved/
+    wait_for(lambda: d.events("config.reload.fail"))
+    (moved / "b.yaml").write_text(good + "ttl: 10m\n")
+    wait_for(lambda: d.events("config.reload"))
+    wait_for(lambda: d.model("b")["ttl"] == 600)
+
+
+def test_a_refused_config_naming_a_path_with_a_nul_leaves_the_watch_running(
+    start_daemon: StartDaemon,
+) -> None:
+    """A path no stat can take (a NUL in it) is a refusal like any, not the watch's end."""
+    d = start_daemon({"a": fake_preset("A")}, WATCH)
+    wait_for(lambda: d.events("config.watch.on"))
+    d.settings = {**d.settings, "api_keys_file": "keys\0x"}
+    d.write()
+    wait_for(lambda: d.events("config.reload.fail"))
+    d.settings = dict(WATCH)
+    d.presets = {"a": fake_preset("A", ttl="2m")}
+    d.write()
+    wait_for(lambda: d.model("a")["ttl"] == 120)
+
+
 def test_a_reload_turns_the_watch_on_and_off(start_daemon: StartDaemon) -> None:
     """Off by default; a config that sets watch_config, once reloaded, is watched."""
     d = start_daemon({"a": fake_preset("A")})
