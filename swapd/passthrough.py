@@ -161,7 +161,7 @@ def take_autoload(query: str) -> tuple[str, bool]:
     The parameter is swapd's: the backend never sees it. Anything but true or false is a
     400, not a quiet default.
     """
-    if "autoload" not in query:
+    if "autoload" not in query and "%" not in query:  # %61utoload is autoload too
         return query, True
     kept, autoload = [], True
     for part in query.split("&"):
