@@ -336,3 +336,30 @@ def test_group_members_that_are_no_list_are_a_note_not_a_traceback(
     done = _import(config, tmp_path / "out")
     assert done.returncode == 0, done.stderr
     assert f"{config}:5: groups.g: members: expected a list of model ids" in done.stderr
+
+
+def test_an_alias_that_names_another_model_is_dropped_so_swapd_check_accepts(
+    tmp_path: Path,
+) -> None:
+    """llama-swap sends a model id to that model, alias or not; a name twice is noted.
+
+    Written as is, swapd refuses the whole layout: no model would start.
+    """
+    gguf = tmp_path / "a.gguf"
+    gguf.write_bytes(b"GGUF")
+    cmd = f"llama-server --port ${{PORT}} -m {gguf}"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"models:\n  a:\n    cmd: {cmd}\n    aliases: [b, shared]\n"
+        f"  b:\n    cmd: {cmd}\n  c:\n    cmd: {cmd}\n    aliases: [shared]\n"
+    )
+    out = tmp_path / "out"
+    done = _import(config, out)
+    assert done.returncode == 0, done.stderr
+    checked = swapd("check", "--config", str(out / "swapd.yaml"))
+    assert checked.returncode == 0, checked.stderr
+    loaded = load_config(out / "swapd.yaml")
+    assert _preset(loaded, "a").aliases == ("shared",)
+    assert _preset(loaded, "c").aliases == ()
+    assert f"{config}:4: models.a.aliases: b is the id of model b" in done.stderr
+    assert f"{config}:9: models.c.aliases: shared is already an alias of a" in done.stderr

@@ -104,6 +104,7 @@ def read(path: Path) -> Imported:
         if len(found.drafts) > 1:
             found.notes.append(Note(models.key_where.line, "models", _ONE_AT_A_TIME))
     _api_keys(top.get("apiKeys"), found)
+    _drop_taken_aliases(found.drafts)
     by_name = _names(found.drafts)
     if "groups" in top:
         _groups(file, top["groups"], "groups", by_name, found)
@@ -162,6 +163,34 @@ def _api_keys(entry: Entry | None, found: Imported) -> None:
             "held them (api_keys_file keeps them apart); /swapd/* takes admin_keys only"
         )
         found.notes.append(Note(line, "apiKeys", why))
+
+
+def _drop_taken_aliases(drafts: list[Draft]) -> None:
+    """Drop each alias that names another model, or that an earlier model has.
+
+    swapd refuses a name used twice, and with it the whole layout. llama-swap sends a
+    model id to that model whatever aliases say, and refuses an alias given twice.
+    """
+    ids = {draft.model_id for draft in drafts}
+    owner: dict[str, str] = {}
+    for draft in drafts:
+        if "aliases" not in draft.values:
+            continue
+        line, _ = draft.origins["aliases"]
+        kept = []
+        for alias in draft.values["aliases"]:
+            if alias in ids and alias != draft.model_id:
+                draft.note(line, "aliases", f"{alias} is the id of model {alias}; dropped")
+            elif alias in owner:
+                why = f"{alias} is already an alias of {owner[alias]}; dropped"
+                draft.note(line, "aliases", why)
+            else:
+                owner[alias] = draft.model_id
+                kept.append(alias)
+        if kept:
+            draft.values["aliases"] = kept
+        else:
+            del draft.values["aliases"]
 
 
 def _names(drafts: list[Draft]) -> dict[str, Draft]:
