@@ -39,7 +39,7 @@ models:
         --api-key secret
     aliases: [qwen2.5, gpt-4o-mini]
     ttl: 300
-    env: ["CUDA_VISIBLE_DEVICES=0", "LLAMA_API_KEY=x"]
+    env: ["CUDA_VISIBLE_DEVICES=0", "LLAMA_API_KEY=x", "ECHO_PORT=${PORT}"]
     filters:
       stripParams: "temperature, top_p, model"
       setParams:
@@ -50,6 +50,7 @@ models:
     metadata:
       family: qwen
       ctx: ${ctx}
+      released: 2024-09-19
   embed:
     cmd: llama-server --port ${PORT} --model ${models}/embed.gguf --embeddings
     unlisted: true
@@ -145,7 +146,8 @@ def test_a_realistic_config_becomes_presets_swapd_check_accepts(
         models / "qwen.gguf",
     )
     assert qwen.args == ("-ngl", "99", "-c", "8192")  # no --host, --port, -m, --api-key
-    assert qwen.env == {"CUDA_VISIBLE_DEVICES": "0"}  # LLAMA_API_KEY is swapd's to set
+    # LLAMA_API_KEY is swapd's to set; ${PORT} stays text in env (a note says so).
+    assert qwen.env == {"CUDA_VISIBLE_DEVICES": "0", "ECHO_PORT": "${PORT}"}
     assert qwen.aliases == ("qwen2.5", "gpt-4o-mini")
     assert (qwen.ttl, qwen.start_timeout, qwen.concurrency) == (300, 300, 4)
     assert qwen.use_model_name == "Qwen/Qwen2.5-7B"
@@ -153,7 +155,8 @@ def test_a_realistic_config_becomes_presets_swapd_check_accepts(
     assert qwen.filters.strip == ("temperature", "top_p")
     assert qwen.filters.set == {"top_k": 20}
     assert qwen.description == "Qwen 2.5 7B: general chat"
-    assert qwen.metadata == {"family": "qwen", "ctx": 8192}  # a whole macro keeps its type
+    # A whole macro keeps its type; a YAML date, which JSON cannot carry, becomes its text.
+    assert qwen.metadata == {"family": "qwen", "ctx": 8192, "released": "2024-09-19"}
     assert (qwen.pin, qwen.preload) == (False, False)
     assert (embed.backend, embed.model, embed.args) == (
         "llama-server",
@@ -201,6 +204,9 @@ def test_each_setting_left_behind_is_named_at_its_line(tmp_path: Path, models: P
     lines = [int(n.split(":")[1]) for n in notes if n.startswith(f"{config}:")]
     assert lines == sorted(lines)
     assert "--api-key" in next(n for n in notes if ": models.qwen.cmd: " in n)
+    assert any(
+        ": models.qwen.env: ECHO_PORT: swapd replaces ${PORT} in cmd only" in n for n in notes
+    )
     assert not any(": models.qwen.proxy" in n or ": models.sd.proxy" in n for n in notes)
 
 

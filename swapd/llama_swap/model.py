@@ -11,6 +11,7 @@ command's argv, a name it cannot use) is kept aside with the reason.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, TypeGuard
 
 import yaml
 
-from swapd._yaml import Entry, WrittenFloat, WrittenInt, entries_of
+from swapd._yaml import Entry, WrittenFloat, WrittenInt, entries_of, json_value
 from swapd.llama_swap import command, macros
 from swapd.llama_swap.notes import Note
 from swapd.presets import is_usable_name
@@ -214,6 +215,9 @@ def _env(draft: Draft, value: Any, line: int) -> None:
         elif name == own:
             draft.note(line, "env", f"{name} {command.KEY_WHY}")
         else:
+            if "${PORT}" in setting:
+                why = f"{name}: swapd replaces ${{PORT}} in cmd only; the backend gets the text"
+                draft.note(line, "env", why)
             env[name] = setting
     if env:
         draft.set("env", env, line, "env")
@@ -271,14 +275,38 @@ def _set_params(draft: Draft, setting: dict[str, Any], line: int) -> dict[str, A
     for name in [p for p in setting if p in _PROTECTED]:
         why = f"{name} is never set by swapd's filters (use_model_name renames the model)"
         draft.note(line, "filters.setParams", f"{why}; dropped")
-    return {name: v for name, v in setting.items() if name not in _PROTECTED}
+    kept = _dates_as_text({name: v for name, v in setting.items() if name not in _PROTECTED})
+    try:
+        json_value(kept, "filters.setParams", ())
+    except ValueError as exc:
+        draft.note(line, "filters.setParams", f"{exc}; dropped")
+        return {}
+    return dict(kept)
 
 
 def _metadata(draft: Draft, value: Any, line: int) -> None:
-    if isinstance(value, dict) and value:
-        draft.set("metadata", value, line, "metadata")
-    elif value:
-        draft.note(line, "metadata", f"expected a mapping, got {type(value).__name__}")
+    if not isinstance(value, dict) or not value:
+        if value:
+            draft.note(line, "metadata", f"expected a mapping, got {type(value).__name__}")
+        return
+    value = _dates_as_text(value)
+    try:
+        json_value(value, "metadata", ())
+    except ValueError as exc:
+        draft.note(line, "metadata", f"{exc}; dropped")
+        return
+    draft.set("metadata", value, line, "metadata")
+
+
+def _dates_as_text(value: Any) -> Any:
+    """``value`` with YAML's dates and times as ISO text, as JSON can carry them."""
+    if isinstance(value, dict):
+        return {k: _dates_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_dates_as_text(v) for v in value]
+    if isinstance(value, dt.date):  # a datetime is a date too
+        return value.isoformat()
+    return value
 
 
 def _unlisted(draft: Draft, value: Any, line: int) -> None:
