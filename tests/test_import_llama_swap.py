@@ -329,6 +329,15 @@ def test_macros_nest_override_and_keep_their_type() -> None:
     assert macros.unknown(["${nope}", "${PORT}"]) == ["nope"]
 
 
+def test_a_macro_that_grows_without_end_stops_at_its_limit() -> None:
+    """One that uses itself, and a chain that doubles 40 times (a trillion bytes), stop soon."""
+    assert macros.unknown(macros.expand("${a}", {"a": "x${a}"})) == ["a"]
+    chain = {f"m{i}": f"${{m{i + 1}}}${{m{i + 1}}}" for i in range(40)} | {"m40": "x"}
+    grown = macros.expand("${m0}", chain)
+    assert isinstance(grown, str)
+    assert len(grown) <= macros.EXPANDED_LIMIT
+
+
 @pytest.mark.parametrize("members", ["5", "qwen", "{a: 1}", "true"])
 def test_group_members_that_are_no_list_are_a_note_not_a_traceback(
     tmp_path: Path, members: str

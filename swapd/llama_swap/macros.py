@@ -17,6 +17,9 @@ from typing import Any
 from swapd._yaml import written
 
 _MACRO = re.compile(r"\$\{([A-Za-z0-9_-]+)\}")
+# Past this a value stops being expanded: a macro that uses itself, or a chain of them
+# that doubles at each level, would otherwise grow without end (or for minutes).
+EXPANDED_LIMIT = 64 * 1024
 # Left as written: swapd's ${PORT}; ${PID} is cmdStop's, which is not carried.
 KEPT = frozenset({"PORT", "PID"})
 
@@ -72,4 +75,5 @@ def _once(value: Any, macros: Mapping[str, Any]) -> Any:
         # A mapping macro is only ever a whole value: inside text it stays as written.
         return match.group(0) if found is None or isinstance(found, dict | list) else text(found)
 
-    return _MACRO.sub(one, value)
+    replaced = _MACRO.sub(one, value)
+    return value if len(replaced) > EXPANDED_LIMIT else replaced

@@ -93,6 +93,17 @@ class Draft:
         return {key: self.values[key] for key in _ORDER if key in self.values}
 
 
+def _note_unexpanded(
+    draft: Draft, key: str, value: Any, line: int, scope: Mapping[str, Any]
+) -> None:
+    """A note for each ``${name}`` still in ``value`` after the expansion."""
+    for name in dict.fromkeys(macros.unknown(value)):
+        why = "is no macro"
+        if name in scope:  # defined, and still there: it grows without end
+            why = f"uses itself or expands past {macros.EXPANDED_LIMIT // 1024} KiB"
+        draft.note(line, key, f"${{{name}}} {why}: left as written")
+
+
 def convert(model_id: str, line: int, node: yaml.Node, file: str, top: Globals) -> Draft:
     """The preset for llama-swap model ``model_id`` (its mapping ``node``, at ``line``)."""
     draft = Draft(model_id, line)
@@ -103,8 +114,7 @@ def convert(model_id: str, line: int, node: yaml.Node, file: str, top: Globals) 
     )
     values = {key: _plain(macros.expand(e.value, scope)) for key, e in entries.items()}
     for key, value in values.items():
-        for name in dict.fromkeys(macros.unknown(value)):
-            draft.note(_line(entries[key]), key, f"${{{name}}} is no macro: left as written")
+        _note_unexpanded(draft, key, value, _line(entries[key]), scope)
     if "cmd" not in entries:
         draft.refused = "no cmd: llama-swap itself refuses such a model"
         draft.note(line, "cmd", "missing; the model is kept aside")
