@@ -784,7 +784,8 @@ def tier_check(daemon: Daemon, layout: Layout) -> Json:
 def pages_check(daemon: Daemon, layout: Layout, patience: float = 5.0) -> list[str]:
     """Held pages against the models' states, and swapd's locked bytes against them.
 
-    Pages are held only by a stopped model in the ram tier (a start from them lets go of
+    Pages are held only by a model without a process, in the ram tier (a stopped one, or
+    one whose start from them failed; a start from them lets go of
     them once the backend is measured, a second or two after ready, and unlocks them a
     moment later): asked again for ``patience`` seconds until all is in order.
     """
@@ -793,9 +794,9 @@ def pages_check(daemon: Daemon, layout: Layout, patience: float = 5.0) -> list[s
         _, status = daemon.get("/swapd/status")
         models = status["models"]
         wrong = [
-            f"{m['name']}: pages held while {m['state']}, tier {m['tier']}"
+            f"{m['name']}: pages held while {m['state']}, tier {m['tier']}, pid {m['pid']}"
             for m in models
-            if m["pages"] and (m["state"] != "stopped" or m["tier"] != "ram")
+            if m["pages"] and (m["pid"] is not None or m["tier"] != "ram")
         ]
         locked = _locked_bytes(swapd_pid(daemon))
         expected = sum(
