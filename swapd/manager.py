@@ -757,6 +757,15 @@ class Manager:
         slot.last_error = exc
         code = exc.exit_code if isinstance(exc, BackendStartError) else None
         _log.warning("model.load.fail", model=slot.preset.name, error=exc.message, code=code)
+        self._end_failed_load(slot, exc)
+        if slot.tier == "ram":
+            # Asleep again, or keeping the locked pages its start was to read: busy while
+            # it loaded, every fit meanwhile left it alone (a ram_budget a reload lowered,
+            # a demotion into the tier), so it must fit now.
+            self._spawn_task(self._fit_ram_budget(), "ram_budget")
+
+    def _end_failed_load(self, slot: Slot, exc: RequestError) -> None:
+        """Move a slot whose load failed to where it now stands: unqueued, failed, backing off."""
         if slot.state is State.STARTING and slot.child is None:
             # Admitted, then failed before any process ran (sizing the files, building the
             # launch): a failed start, which backs off; nothing stays reserved for it.
@@ -766,9 +775,6 @@ class Manager:
         if isinstance(exc, Unavailable) and slot.state is State.QUEUED:
             # Refused for memory, queue time or cache room: nothing is wrong with the model.
             self._unqueue(slot)
-            if slot.asleep:
-                # Back in the ram tier, which a reload or demotion may have filled meanwhile.
-                self._spawn_task(self._fit_ram_budget(), "ram_budget")
             return
         if slot.state is State.QUEUED:
             # A refused wake leaves the process asleep in the ram tier.
