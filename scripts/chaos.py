@@ -50,8 +50,8 @@ strays seen while it ran: marked processes outside every live backend's process 
 in swapd's log, and reload failures beyond the broken configs sent on purpose. Once
 settled, each model's process must match its state and the ram tier its bytes
 (**inconsistent**), and ``/swapd/events``, read for the whole run, must end on each
-model's state in status (**stale feed**). The report goes to ``out/chaos.json``, swapd's
-log beside it.
+model's state, tier and pid in status (**stale feed**). The report goes to
+``out/chaos.json``, swapd's log beside it.
 """
 
 from __future__ import annotations
@@ -716,31 +716,42 @@ WITH_PROCESS = ("ready", "asleep")
 
 
 class Feed:
-    """``GET /swapd/events`` read on a thread for the whole run: each model's last view."""
+    """``GET /swapd/events`` read on a thread for the whole run: each model's last view.
+
+    Compared with status once settled: the state, and the tier and pid, which change
+    without a move too (pages locked or let go, a dead process forgotten).
+    """
+
+    FIELDS = ("state", "tier", "pid")
 
     def __init__(self, daemon: Daemon) -> None:
         self.conn = http.client.HTTPConnection(LOOPBACK, daemon.port, timeout=600)
         self.conn.request("GET", "/swapd/events")
         self.resp = self.conn.getresponse()
-        self.last: dict[str, str] = {}  # model -> state, as the feed last said
+        self.last: dict[str, str] = {}  # model -> its state, tier and pid, as the feed last said
         self.views = 0
         self.thread = threading.Thread(target=self._read, name="feed", daemon=True)
         self.thread.start()
+
+    @classmethod
+    def shown(cls, view: Json) -> str:
+        """What the check compares of a model's view."""
+        return " ".join(f"{key} {view.get(key)}" for key in cls.FIELDS)
 
     def _read(self) -> None:
         with contextlib.suppress(OSError, http.client.HTTPException, ValueError):
             for raw in self.resp:
                 if raw.startswith(b"data: "):
                     view = json.loads(raw[6:])
-                    self.last[view["name"]] = view["state"]
+                    self.last[view["name"]] = self.shown(view)
                     self.views += 1
 
     def against(self, daemon: Daemon) -> Json:
-        """The models whose last view in the feed is not their state in status, once settled."""
+        """The models whose last view in the feed is not what status shows, once settled."""
         time.sleep(1.0)  # what the last moves published has reached the reader
         _, status = daemon.get("/swapd/status")
-        now = {m["name"]: m["state"] for m in status["models"]}
-        stale = {n: f"feed {self.last.get(n)}, status {s}" for n, s in now.items()}
+        now = {m["name"]: self.shown(m) for m in status["models"]}
+        stale = {n: f"feed {self.last.get(n)}; status {s}" for n, s in now.items()}
         return {n: text for n, text in stale.items() if self.last.get(n) != now[n]}
 
     def close(self) -> None:
