@@ -34,7 +34,8 @@ Random weights give random text, so any answer with choices is ``ok`` (nothing t
 model's answer from another's), and a reload may also change a model's ``args`` or replace
 its GGUF with another file (a new inode under the same name). Once settled, the bytes
 swapd's process has locked (``VmLck``) must be the pages of the models the ram tier says
-are locked (**locked mismatch**, counted with the inconsistent).
+are locked (**locked mismatch**, counted with the inconsistent). ``--fork-child``
+does not apply (llama-server forks no worker).
 
 Each answer is classified as in ``bench_storm.py``. A stream cut while its model's backend
 was being killed (SIGKILL or forced unload) is ``cut``, not an error: swapd has already
