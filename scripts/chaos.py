@@ -325,16 +325,20 @@ def add_back(layout: Layout, rng: random.Random) -> str | None:
     return f"add {name}"
 
 
+def _set_or_drop(preset: Json, key: str, value: object) -> None:
+    """``key`` set to ``value``, or taken out (its default) for None."""
+    if value is None:
+        preset.pop(key, None)
+    else:
+        preset[key] = value
+
+
 def retime(layout: Layout, rng: random.Random) -> str | None:
     """Set (or take out) a model's ``ttl`` and ``ram_ttl``: applied in place."""
     name = rng.choice(layout.present())
     preset = layout.presets[name]
     for key, choices in (("ttl", TTLS), ("ram_ttl", RAM_TTLS)):
-        value = rng.choice(choices)
-        if value is None:
-            preset.pop(key, None)
-        else:
-            preset[key] = value
+        _set_or_drop(preset, key, rng.choice(choices))
     return f"timers {name} ttl={preset.get('ttl')} ram_ttl={preset.get('ram_ttl')}"
 
 
@@ -343,11 +347,7 @@ def relimit(layout: Layout, rng: random.Random) -> str | None:
     name = rng.choice(layout.present())
     preset = layout.presets[name]
     for key, choices in (("pin", (None, None, None, True)), ("concurrency", (None, 1, 4))):
-        value = rng.choice(choices)
-        if value is None:
-            preset.pop(key, None)
-        else:
-            preset[key] = value
+        _set_or_drop(preset, key, rng.choice(choices))
     return f"limits {name} pin={preset.get('pin')} concurrency={preset.get('concurrency')}"
 
 
@@ -364,10 +364,7 @@ def new_sleep_level(layout: Layout, rng: random.Random) -> str | None:
 def new_max_running(layout: Layout, rng: random.Random) -> str | None:
     """``max_running`` 1, 2 or none (lowered: idle models over it go down at once)."""
     value = rng.choice((None, 1, 1, 2))
-    if value is None:
-        layout.settings.pop("max_running", None)
-    else:
-        layout.settings["max_running"] = value
+    _set_or_drop(layout.settings, "max_running", value)
     return f"max_running {value}"
 
 

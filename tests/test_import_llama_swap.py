@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import swapd
 
 from swapd.config import Config, load_config
 from swapd.llama_swap import command, macros
@@ -84,18 +83,6 @@ peers:
   openrouter:
     proxy: https://openrouter.ai/api
 """
-
-
-def swapd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the CLI and capture what it prints."""
-    return subprocess.run(
-        [sys.executable, "-m", "swapd", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture
