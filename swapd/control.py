@@ -34,17 +34,23 @@ _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"0", "false", "no"})
 
 
-def _flag(request: web.Request, name: str) -> bool:
-    """``?name=true`` or ``false`` (absent: false); anything else is a 400.
+def query_flag(name: str, raw: str | None, *, absent: bool = False) -> bool:
+    """A query's ``name=true`` or ``false`` (``1``/``0``, ``yes``/``no``); anything else is a 400.
 
-    Not a quiet false: ``?force=ture`` would wait on every request it was meant to cut.
+    Not a quiet default: ``?force=ture`` would wait on every request it was meant to cut.
     """
-    raw = request.query.get(name)
-    if raw is None or raw.lower() in _FALSE:
+    if raw is None:
+        return absent
+    if raw.lower() in _FALSE:
         return False
     if raw.lower() in _TRUE:
         return True
     raise BadRequest(f"{name} must be true or false, got {clip(raw)!r}")
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    """``?name=true`` or ``false`` (absent: false); anything else is a 400."""
+    return query_flag(name, request.query.get(name))
 
 
 class Control:
@@ -148,12 +154,9 @@ class Control:
         quiet = 0.0
         while not self._closing:
             await asyncio.sleep(FOLLOW_EVERY)
-            try:
-                if self.manager.incarnation(name) != followed:
-                    break  # removed and added back: another process, another log
-                new, cursor = self.manager.logs_since(name, cursor)
-            except RequestError:
-                break  # a reload removed the model
+            if not self._same_model(name, followed):
+                break  # removed (or added back: another process, another log)
+            new, cursor = self.manager.logs_since(name, cursor)
 
             for line in new:
                 await response.write(sse("line", line))

@@ -21,6 +21,7 @@ from aiohttp import web
 from yarl import URL
 
 from swapd._exchange import count
+from swapd.control import query_flag
 from swapd.errors import BadRequest, Forbidden, UnknownModel, clip
 from swapd.manager import Manager
 from swapd.proxy import AS_SENT, Proxy, read_body
@@ -149,10 +150,6 @@ class Passthrough:
         return await self.proxy.forward(upstream, model, body, passive=not autoload)
 
 
-_TRUE = frozenset({"1", "true", "yes"})
-_FALSE = frozenset({"0", "false", "no"})
-
-
 def take_autoload(query: str) -> tuple[str, bool]:
     """The query without its ``autoload`` parameters, and whether they allow a load.
 
@@ -169,8 +166,5 @@ def take_autoload(query: str) -> tuple[str, bool]:
         if unquote(name) != "autoload":
             kept.append(part)
             continue
-        spelled = unquote(value).lower()
-        if spelled not in _TRUE | _FALSE:
-            raise BadRequest(f"autoload must be true or false, got {clip(unquote(value))!r}")
-        autoload = spelled in _TRUE
+        autoload = query_flag("autoload", unquote(value))
     return "&".join(kept), autoload
