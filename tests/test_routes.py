@@ -218,7 +218,9 @@ def test_passive_scrapes_do_not_keep_a_model_past_its_ttl(start_daemon: StartDae
 
     wait_for(scraped_until_stopped)  # 409 from the moment it is no longer ready
     wait_for(lambda: d.model("a")["state"] == "stopped")
-    assert [e["model"] for e in d.events("model.ttl.expire")] == ["a"]
+    # The TTL stopped it. A scrape that came while the expiry read memory defers it to
+    # that scrape's end (the model was busy), so it may expire more than once.
+    assert {e["model"] for e in d.events("model.ttl.expire")} == {"a"}
 
 
 def test_a_percent_encoded_autoload_is_read_as_autoload() -> None:
