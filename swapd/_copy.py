@@ -52,7 +52,8 @@ class Source:
     """What a source held when it was scanned: its kind, bytes, files and fingerprint.
 
     For a directory, ``files`` lists every regular file below it (symbolic links followed)
-    relative to it and ``dirs`` every directory, parents first; ``size`` is their sum. For a
+    relative to it and ``dirs`` every directory, parents first, both without hidden names
+    (``.git``, ``.cache``), which no backend loads; ``size`` is their sum. For a
     file, ``files`` is ``(("", size),)``. ``fingerprint`` changes when the source does: a
     file's size, mtime and inode (a file replaced by a rename may keep the other two), or for
     a directory a digest of every file's path, size, mtime and inode.
@@ -99,6 +100,8 @@ def scan(path: Path) -> Source:
     while pending:
         rel, above = pending.pop()
         for item in sorted(os.scandir(path / rel), key=lambda e: e.name):
+            if item.name.startswith("."):
+                continue  # a git-lfs clone's second copy (.git), a download's .cache: not weights
             child = f"{rel}/{item.name}" if rel else item.name
             st = item.stat()  # follows symbolic links: the copy holds the bytes, not links
             if stat.S_ISREG(st.st_mode):

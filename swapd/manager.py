@@ -175,6 +175,14 @@ async def _close_later(pages: WarmSet, delay: float) -> None:
     await asyncio.to_thread(pages.close)
 
 
+def _never_room(full: StagingFull) -> bool:
+    """No stop of a model can make this room: over the budget, or over the whole disk."""
+    if full.need > full.budget:
+        return True
+    # With every copy evicted, the disk has what it has free and what the copies hold.
+    return full.disk is not None and full.need > full.disk + full.used
+
+
 def _assumed(needs: Mapping[str, Need]) -> str:
     """Where a refused need is default_memory, say so: no file of the user's holds it."""
     if not any(need.source == "default" for need in needs.values()):
@@ -1212,7 +1220,7 @@ class Manager:
                 except StagingFull as exc:
                     # Files that running models use are pinned; a stop may free them.
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or exc.need > exc.budget:  # no stop makes that room
+                    if remaining <= 0 or _never_room(exc):
                         raise CacheFull(f"cannot stage {preset.name!r}: {exc}") from exc
                     _log.info("model.stage.wait", model=preset.name, reason=str(exc))
                     # Status says why the load stands still: nothing is copied meanwhile.

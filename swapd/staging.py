@@ -42,8 +42,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-import psutil
-
 from swapd import _cache_dir as layout
 from swapd._copy import Cancelled, Source, copy, hash_file, scan
 from swapd.errors import SwapdError
@@ -58,6 +56,8 @@ InUse = Collection[str | Path] | Callable[[], Collection[str | Path]]
 # Progress callbacks run at most this often (plus once at the start and once at the end).
 REPORT_EVERY_S = 0.1
 _SHA256_HEX = 64
+# How many times a stage copies a source whose copy other stages evicted before it was used.
+_ATTEMPTS = 3
 
 
 class StagingError(SwapdError):
@@ -67,17 +67,35 @@ class StagingError(SwapdError):
 class CacheFull(StagingError):
     """No eviction plan frees ``need`` bytes: every candidate is in use, or need > budget."""
 
-    def __init__(self, source: str, need: int, budget: int, used: int, pinned: int) -> None:
+    def __init__(  # noqa: PLR0913 - each is a number the message gives
+        self,
+        source: str,
+        need: int,
+        budget: int,
+        used: int,
+        pinned: int,
+        *,
+        disk: int | None = None,
+    ) -> None:
         self.source = source
         self.need = need
         self.budget = budget
         self.used = used
         self.pinned = pinned
+        self.disk = disk
+        # ``disk``: the bytes the cache's file system will have free once the copies in
+        # progress end, where that and not the budget is what is short.
+        short = (
+            ""
+            if disk is None
+            else f", and its file system has {disk} ({format_size(disk)}) free once the copies"
+            " in progress end"
+        )
         super().__init__(
             f"cannot stage {source}: it needs {need} bytes ({format_size(need)}), the cache"
             f" budget is {budget} ({format_size(budget)}), {used} ({format_size(used)}) are"
             f" used, of which {pinned} ({format_size(pinned)}) by models in use or copies"
-            " in progress"
+            f" in progress{short}"
         )
 
 
@@ -227,7 +245,6 @@ class StagingCache:
         """
         try:
             self._lock_fd = layout.lock(self.cache_dir)
-            free = psutil.disk_usage(str(self.cache_dir)).free if self._disk_share else 0
         except BlockingIOError:
             pid = layout.holder(self.cache_dir)
             msg = f"{self.cache_dir} is in use by another process (pid {pid})"
@@ -238,6 +255,8 @@ class StagingCache:
             raise StagingError(msg) from exc
         self._boot = layout.boot_id()
         found = layout.load(self.cache_dir, self._boot)
+        # After the cleanup: a crashed copy's leftovers are free space, not lost to the budget.
+        free = _disk_free(self.cache_dir) if self._disk_share else 0
         if found.removed:
             _log.warning("staging.clean", cache_dir=str(self.cache_dir), removed=found.removed)
         if found.synced:
@@ -386,16 +405,22 @@ class StagingCache:
             raise StagingError(f"cannot stage {path}: {exc}") from exc
         expected = _check_digest(found, sha256)
         key = layout.key_of(path, found.fingerprint)
-        # Deleted behind the cache's back (an entry, or the whole directory): copy again.
-        _, gone = self._detach([k for k, e in self._entries.items() if not e.path.exists()])
-        await self._delete(gone)  # nothing to wait for unless an fsync ran on one
-        entry = self._entries.get(key)
-        if entry is None:
-            job = self._copies.get(key) or self._start(found, key, expected, in_use)
-            entry = await self._join(job, progress)
-        entry = await self._verified(entry, expected, in_use)
-        self._touch_key(entry.key)  # not the stale copies of the source: never hits again
-        return entry.path
+        for _ in range(_ATTEMPTS):
+            # Deleted behind the cache's back (an entry, or the whole directory): copy again.
+            _, gone = self._detach([k for k, e in self._entries.items() if not e.path.exists()])
+            await self._delete(gone)  # nothing to wait for unless an fsync ran on one
+            entry = self._entries.get(key)
+            if entry is None:
+                job = self._copies.get(key) or self._start(found, key, expected, in_use)
+                entry = await self._join(job, progress)
+            entry = await self._verified(entry, expected, in_use)
+            # Another stage that needed the room may have evicted the copy between its end
+            # and this waiter's turn (it was in no model's use yet): copy it again.
+            if key in self._entries:
+                self._touch_key(key)  # not the stale copies of the source: never hits again
+                return entry.path
+        msg = f"cannot stage {path}: its copy was evicted for other copies {_ATTEMPTS} times"
+        raise StagingError(msg)
 
     # ------------------------------------------------------------------ internals
 
@@ -411,6 +436,21 @@ class StagingCache:
 
     def _reserved(self) -> int:
         return sum(job.source.size for job in self._copies.values())
+
+    def _room(self) -> tuple[int, int]:
+        """The budget a plan may fill, and the disk's free bytes once the copies end.
+
+        The budget, or less where the disk has less room (other files grew on it, or
+        ``cache_budget`` is above its size): then idle copies are evicted for the space,
+        and two copies never start that the disk cannot hold together.
+        """
+        try:
+            free = _disk_free(self.cache_dir)
+        except OSError:  # the directory was removed: the copy makes it again, and says
+            return self.budget, 0
+        disk = free - sum(job.source.size - job.done for job in self._copies.values())
+        held = self._reserved() + sum(e.size for e in self._entries.values())
+        return min(self.budget, held + disk), disk
 
     def _detach(self, keys: Iterable[str]) -> tuple[int, _Trash]:
         """Take entries out of the index and rename them away, at once, on the loop.
@@ -445,11 +485,14 @@ class StagingCache:
         """Plan room, evict, reserve and start the copy, with no await in between."""
         need = found.size
         pinned = self._pinned(in_use)
-        victims = plan_room(self._entries.values(), self.budget, need, pinned, self._reserved())
+        budget, disk = self._room()
+        victims = plan_room(self._entries.values(), budget, need, pinned, self._reserved())
         if victims is None:
             used, _ = self.usage()
             held = sum(e.size for e in self._entries.values() if e.source in pinned)
-            raise CacheFull(str(found.path), need, self.budget, used, held + self._reserved())
+            short = disk if budget < self.budget else None
+            pinned_bytes = held + self._reserved()
+            raise CacheFull(str(found.path), need, self.budget, used, pinned_bytes, disk=short)
         _, trash = self._detach(victims)
         job = _Copy(found, key, sha256, asyncio.get_running_loop(), [])
         self._copies[key] = job
@@ -563,7 +606,7 @@ class StagingCache:
         _remove_all(trash)
         src = job.source
         self.cache_dir.mkdir(parents=True, exist_ok=True)  # removed while swapd ran: again
-        free = shutil.disk_usage(self.cache_dir).free
+        free = _disk_free(self.cache_dir)
         if free < src.size:
             raise StagingError(f"cannot stage {src.path}: it needs {src.size} bytes, the cache's"
                                f" file system has {free} free")  # fmt: skip
@@ -588,33 +631,40 @@ class StagingCache:
         if sha256 is None or entry.sha256 == sha256:
             return entry
         if entry.sha256 is None:
-            cancel = threading.Event()
-            # Held while hashed: a load is about to start from it, no stage may evict it.
+            # Held while hashed and while its digest is written (behind other copies' work
+            # in the cache's threads): a load is about to start from it, no stage may evict it.
             self._held[entry.key] += 1
             try:
-                actual = await self._in_thread(cancel, hash_file, entry.path, cancel)
-            except OSError as exc:
-                raise StagingError(f"cannot check the cached copy {entry.path}: {exc}") from exc
+                actual = await self._check(entry)
             finally:
                 self._held[entry.key] -= 1
                 if not self._held[entry.key]:
                     del self._held[entry.key]
-            current = self._entries.get(entry.key)
-            if current is not None and current.copy is entry.copy:
-                # The same copy, perhaps touched or synced meanwhile (a new Entry each).
-                self._entries[entry.key] = replace(current, sha256=actual)
-                try:
-                    await self._in_thread(
-                        cancel, layout.record_digest, self.cache_dir, entry.key, actual
-                    )
-                except OSError as exc:  # a full disk, say: the copy is still whole and checked
-                    _log.warning("staging.digest.unrecorded", key=entry.key, error=str(exc))
             entry = replace(entry, sha256=actual)
         if entry.sha256 != sha256:
             if entry.source not in self._pinned(in_use):
                 await self.evict([entry.key])
             raise ChecksumMismatch(entry.source, sha256, str(entry.sha256))
         return entry
+
+    async def _check(self, entry: Entry) -> str:
+        """Hash a copy staged without a checksum, and record its digest; the digest."""
+        cancel = threading.Event()
+        try:
+            actual = await self._in_thread(cancel, hash_file, entry.path, cancel)
+        except OSError as exc:
+            raise StagingError(f"cannot check the cached copy {entry.path}: {exc}") from exc
+        current = self._entries.get(entry.key)
+        if current is not None and current.copy is entry.copy:
+            # The same copy, perhaps touched or synced meanwhile (a new Entry each).
+            self._entries[entry.key] = replace(current, sha256=actual)
+            try:
+                await self._in_thread(
+                    cancel, layout.record_digest, self.cache_dir, entry.key, actual
+                )
+            except OSError as exc:  # a full disk, say: the copy is still whole and checked
+                _log.warning("staging.digest.unrecorded", key=entry.key, error=str(exc))
+        return actual
 
     async def _in_thread(self, cancel: threading.Event, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn`` in the cache's threads; on cancellation, stop it and wait for it."""
@@ -633,6 +683,11 @@ class StagingCache:
             if not future.cancelled():
                 future.exception()  # retrieved: it is the cancellation that propagates
             raise
+
+
+def _disk_free(path: Path) -> int:
+    """Bytes free on the file system of ``path``."""
+    return shutil.disk_usage(path).free
 
 
 def _sources(in_use: InUse) -> set[str]:
