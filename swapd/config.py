@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +14,14 @@ from swapd.auth import parse_allowed_hosts, parse_origins
 from swapd.errors import ConfigError, ConfigErrors, Location
 from swapd.keys import parse_keys, read_keys_file
 from swapd.logs import BACKEND_LOG_MODES
-from swapd.presets import CONVERTERS, Preset, convert_entries, load_presets
+from swapd.presets import CONVERTERS, Preset, convert_entries, load_presets, preset_files
 from swapd.probe import DevicesSpec
 from swapd.units import parse_duration, parse_positive_duration, parse_size
 
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
+
+# Each file's size, mtime and inode (-1s where it could not be read), by path.
+Stamps = Mapping[str, tuple[int, int, int]]
 
 
 def default_state_dir() -> Path:
@@ -87,6 +90,11 @@ class Config:
     # A cgroup per backend where swapd may make one (see swapd.cgroups); false: never.
     cgroups: bool = True
     presets: tuple[Preset, ...] = ()
+    # The config, preset and key files as they were just before this config read them:
+    # a change since, even one made while they were read, differs (see swapd.watch).
+    stamps: Stamps = field(default_factory=dict, compare=False, repr=False)
+    # The config file set no key at all: as a reload reads a file caught half written.
+    empty: bool = field(default=False, compare=False)
 
     def names(self) -> Iterator[str]:
         """Every preset's name and aliases."""
@@ -340,8 +348,31 @@ def named_files(path: Path) -> tuple[Path, list[Path]]:
     return presets, list(named.values())
 
 
+def stamp_files(files: Iterable[Path]) -> dict[str, tuple[int, int, int]]:
+    """Size, mtime and inode of each file, links followed; -1s for one that cannot be read."""
+    found = {}
+    for file in files:
+        try:
+            st = file.stat()
+        except (OSError, ValueError):  # ValueError: a NUL in a path a broken config named
+            found[str(file)] = (-1, -1, -1)
+            continue
+        found[str(file)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return found
+
+
+def stamp_config(path: Path) -> dict[str, tuple[int, int, int]]:
+    """The stamps of the files a load of ``path`` reads, each taken before it is read."""
+    stamps = stamp_files([path])
+    presets, keys = named_files(path)
+    with contextlib.suppress(OSError):  # gone or unreadable: the load says so
+        keys = preset_files(presets) + keys
+    return stamps | stamp_files(keys)
+
+
 def load_config(path: Path) -> Config:
     """Load a daemon config and its presets; raise :class:`ConfigErrors` listing every problem."""
+    stamps = stamp_config(path)
     try:
         doc = load_document(path)
     except ConfigError as exc:
@@ -380,5 +411,7 @@ def load_config(path: Path) -> Config:
         port=port,
         presets_dir=presets_dir,
         presets=tuple(presets),
+        stamps=stamps,
+        empty=not doc.entries,
         **values,
     )

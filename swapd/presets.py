@@ -526,8 +526,16 @@ def _check_names(
 
 
 def preset_files(directory: Path) -> list[Path]:
-    """The preset files of a directory, in name order (``*.yaml`` and ``*.yml``)."""
-    return sorted(p for p in directory.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
+    """The preset files of a directory, in name order (``*.yaml`` and ``*.yml``).
+
+    Hidden names are not presets: an editor's lock (Emacs' ``.#qwen.yaml``, a link to
+    nowhere), the ``._qwen.yaml`` a copy from a Mac leaves beside each file.
+    """
+    return sorted(
+        p
+        for p in directory.glob("*.y*ml")
+        if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+    )
 
 
 def load_presets(

@@ -19,7 +19,7 @@ from aiohttp.typedefs import Middleware
 
 from swapd.auth import Access, access_middleware
 from swapd.config import Config
-from swapd.errors import ConfigErrors, SwapdError, Unavailable
+from swapd.errors import ConfigError, ConfigErrors, Location, SwapdError, Unavailable
 from swapd.logs import get_logger
 from swapd.manager import Manager
 from swapd.metrics import Metrics
@@ -111,6 +111,8 @@ class Runtime:
 
     async def _reload(self) -> ReloadPlan:
         new = await asyncio.to_thread(self.load)
+        if new.empty and not self.config.empty:
+            raise ConfigErrors([_empty(new.source)])
         plan, keys = await asyncio.to_thread(diff, self.config, new, self.keys)
         if self.stopping:
             raise _skipped()
@@ -132,6 +134,16 @@ class Runtime:
             self.notifier.ready(status)
         else:
             self.notifier.send(f"STATUS={status}")
+
+
+def _empty(source: str) -> ConfigError:
+    # A file caught half written (truncated, then written again): read as every default, it
+    # would drop the keys and switch the watch off before the rest arrived.
+    reason = (
+        "sets no key (caught while being written?); the running config stays. To run on"
+        " every default, set one key to its default, as `log_level: info`"
+    )
+    return ConfigError(Location(source, 1, 1), "(file)", reason)
 
 
 def _skipped() -> Unavailable:

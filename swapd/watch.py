@@ -17,15 +17,13 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from swapd.config import Config, named_files
+from swapd.config import Config, Stamps, named_files, stamp_files
 from swapd.logs import get_logger
 from swapd.presets import preset_files
 
 _log = get_logger("swapd.watch")
 # While the watch is off, how often to look whether a reload turned it on.
 _OFF_POLL = 1.0
-
-Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 def watched_files(config: Config, refused: bool = False) -> list[Path]:
@@ -49,21 +47,16 @@ def _files(source: Path, presets: Path, keys: list[Path]) -> list[Path]:
     return files + keys
 
 
-def fingerprint(files: list[Path]) -> Fingerprint:
-    """Size, mtime and inode of each file (-1s for one that cannot be read)."""
-    found = []
-    for file in files:
-        try:
-            st = file.stat()
-        except (OSError, ValueError):  # ValueError: a NUL in a path a refused config named
-            found.append((str(file), -1, -1, -1))
-            continue
-        found.append((str(file), st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(found)
+async def _look(config: Config, refused: bool) -> dict[str, tuple[int, int, int]]:
+    return await asyncio.to_thread(lambda: stamp_files(watched_files(config, refused)))
 
 
-async def _look(config: Config, refused: bool) -> Fingerprint:
-    return await asyncio.to_thread(lambda: fingerprint(watched_files(config, refused)))
+def _as_read(config: Config, now: Stamps) -> Stamps:
+    """What the files held when ``config`` read them, for each file looked at ``now``.
+
+    A file it never stamped (named by a config a reload refused) counts as it is now.
+    """
+    return {name: config.stamps.get(name, stamp) for name, stamp in now.items()}
 
 
 async def watch(current: Callable[[], Config], reload: Callable[[], Awaitable[None]]) -> None:
@@ -81,7 +74,8 @@ async def watch(current: Callable[[], Config], reload: Callable[[], Awaitable[No
 
 
 async def _watch(current: Callable[[], Config], reload: Callable[[], Awaitable[None]]) -> None:
-    seen: Fingerprint | None = None
+    seen: Stamps | None = None
+    based_on: Config | None = None  # the running config ``seen`` was taken for
     refused = False  # the config file holds a config a reload refused
     while True:
         config = current()
@@ -89,27 +83,36 @@ async def _watch(current: Callable[[], Config], reload: Callable[[], Awaitable[N
         if every <= 0:
             if seen is not None:
                 _log.info("config.watch.off")
-            seen, refused = None, False  # turned on later: from what the files hold then
+            seen, based_on, refused = None, None, False
             await asyncio.sleep(_OFF_POLL)
             continue
         now = await _look(config, refused)
-        if seen is None:
-            _log.info("config.watch.on", every_s=every, files=len(now))
-        elif now != seen:
+        if seen is None or config is not based_on:
+            # Started, or a reload (the watch's, SIGHUP's, the route's) runs a new config:
+            # compared with what the files held as it read them, so that nothing written
+            # since, even while it read them, is missed, and what it read is not read again.
+            if seen is None:
+                _log.info("config.watch.on", every_s=every, files=len(now))
+            seen, based_on, refused = _as_read(config, now), config, False
+        if now != seen:
             await asyncio.sleep(every)
             if await _look(config, refused) != now:
                 continue  # still being written: wait until it settles
             _log.info("config.watch.change", files=_changed(seen, now))
             await reload()
-            refused = current() is config  # a reload that took it runs a new Config
-            # What the reload read (its presets folder may move), or what it would have.
-            now = await _look(current(), refused)
-        seen = now
+            if current() is config:
+                # Refused: the old config runs on. Compared from here on with what the
+                # reload read (as settled before it), the files the refused one names
+                # included: it is tried again when any of them changes, even during it.
+                refused = True
+                after = await _look(config, refused)
+                seen = {name: now.get(name, stamp) for name, stamp in after.items()}
+            continue
         await asyncio.sleep(every)
 
 
-def _changed(before: Fingerprint, after: Fingerprint) -> list[str]:
+def _changed(before: Stamps, after: Stamps) -> list[str]:
     """The files added, removed or changed between two looks."""
-    old = {entry[0]: entry for entry in before}
-    new = {entry[0]: entry for entry in after}
-    return sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+    return sorted(
+        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+    )

@@ -8,7 +8,8 @@ from pathlib import Path
 from conftest import StartDaemon
 from daemon import fake_preset, wait_for
 
-from swapd.watch import Fingerprint, _changed, fingerprint
+from swapd.config import stamp_files
+from swapd.watch import _changed
 
 WATCH = {"watch_config": "0.2s"}
 
@@ -130,14 +131,13 @@ def test_a_file_replaced_by_a_rename_changes_the_fingerprint(tmp_path: Path) -> 
     """Same size and mtime (a ConfigMap's swap can keep both): the inode tells them apart."""
     config = tmp_path / "swapd.yaml"
     config.write_text("a: 1\n")
-    before = fingerprint([config])
+    before = stamp_files([config])
     other = tmp_path / "other"
     other.write_text("a: 2\n")
     stat = config.stat()
     os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     other.replace(config)
-    after = fingerprint([config])
+    after = stamp_files([config])
     assert after != before
     assert _changed(before, after) == [str(config)]
-    gone: Fingerprint = fingerprint([tmp_path / "missing"])
-    assert gone == ((str(tmp_path / "missing"), -1, -1, -1),)
+    assert stamp_files([tmp_path / "missing"]) == {str(tmp_path / "missing"): (-1, -1, -1)}
