@@ -412,7 +412,14 @@ class StagingCache:
             entry = self._entries.get(key)
             if entry is None:
                 job = self._copies.get(key) or self._start(found, key, expected, in_use)
-                entry = await self._join(job, progress)
+                try:
+                    entry = await self._join(job, progress)
+                except ChecksumMismatch:
+                    if job.sha256 == expected:
+                        raise
+                    # It checked another digest (a reload changed the preset's meanwhile):
+                    # ours is checked on a copy of its own.
+                    continue
             entry = await self._verified(entry, expected, in_use)
             # Another stage that needed the room may have evicted the copy between its end
             # and this waiter's turn (it was in no model's use yet): copy it again.

@@ -17,7 +17,7 @@ from test_staging import write
 
 from swapd import _cache_dir, _copy, staging
 from swapd._copy import scan
-from swapd.staging import CacheFull, Entry, StagingCache
+from swapd.staging import CacheFull, ChecksumMismatch, Entry, StagingCache
 
 MIB = 1024 * 1024
 
@@ -196,3 +196,37 @@ async def test_a_copy_evicted_before_its_waiter_ran_is_copied_again(tmp_path: Pa
         await copies[0]
         path = await cache.stage(a)  # b is idle now
         assert path.read_bytes() == a.read_bytes()
+
+
+@pytest.mark.asyncio
+async def test_a_copy_checked_against_an_older_digest_does_not_fail_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload fixed a wrong ``sha256`` while the copy checking the wrong one ran.
+
+    The load with the right digest joined that copy; its mismatch is not the new load's.
+    """
+    source = write(tmp_path / "m.gguf", MIB)
+    right = hashlib.sha256(source.read_bytes()).hexdigest()
+    real_copy, started, go = _copy.copy, threading.Event(), threading.Event()
+
+    def held_copy(*args: Any, **kwargs: Any) -> tuple[int, str | None]:
+        started.set()
+        go.wait(30)
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(staging, "copy", held_copy)
+    async with StagingCache(tmp_path / "cache", 4 * MIB) as cache:
+        wrong = asyncio.create_task(cache.stage(source, sha256="0" * 64))
+        await asyncio.to_thread(started.wait, 30)
+        joined = asyncio.Event()
+        fixed = asyncio.create_task(
+            cache.stage(source, sha256=right, progress=lambda _done, _total: joined.set())
+        )
+        await joined.wait()  # told the running copy's progress: it waits on that copy
+        go.set()
+        with pytest.raises(ChecksumMismatch):
+            await wrong
+        path = await fixed
+        assert [e.sha256 for e in cache.entries()] == [right]
+    assert path.read_bytes() == source.read_bytes()
