@@ -32,6 +32,19 @@ def small_disk(monkeypatch: pytest.MonkeyPatch, root: Path, size: int) -> None:
     monkeypatch.setattr(staging, "_disk_free", free)
 
 
+def hold_copies(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Make each copy set the first event as it starts, then wait for the second."""
+    real_copy, started, go = _copy.copy, threading.Event(), threading.Event()
+
+    def held_copy(*args: Any, **kwargs: Any) -> tuple[int, str | None]:
+        started.set()
+        go.wait(30)
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(staging, "copy", held_copy)
+    return started, go
+
+
 @pytest.mark.asyncio
 async def test_the_default_budget_counts_the_space_a_crashed_copy_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -80,14 +93,7 @@ async def test_copies_the_disk_cannot_hold_together_do_not_both_start(
     small_disk(monkeypatch, disk, 40 * MIB)
     a = write(tmp_path / "slow" / "a.gguf", 22 * MIB, seed=1)
     b = write(tmp_path / "slow" / "b.gguf", 22 * MIB, seed=2)
-    real_copy, started, go = _copy.copy, threading.Event(), threading.Event()
-
-    def held_copy(*args: Any, **kwargs: Any) -> tuple[int, str | None]:
-        started.set()
-        go.wait(30)
-        return real_copy(*args, **kwargs)
-
-    monkeypatch.setattr(staging, "copy", held_copy)
+    started, go = hold_copies(monkeypatch)
     async with StagingCache(disk / "cache", 100 * MIB) as cache:
         first = asyncio.create_task(cache.stage(a))
         await asyncio.to_thread(started.wait, 30)  # a's copy has started and holds its room
@@ -208,14 +214,7 @@ async def test_a_copy_checked_against_an_older_digest_does_not_fail_the_new_one(
     """
     source = write(tmp_path / "m.gguf", MIB)
     right = hashlib.sha256(source.read_bytes()).hexdigest()
-    real_copy, started, go = _copy.copy, threading.Event(), threading.Event()
-
-    def held_copy(*args: Any, **kwargs: Any) -> tuple[int, str | None]:
-        started.set()
-        go.wait(30)
-        return real_copy(*args, **kwargs)
-
-    monkeypatch.setattr(staging, "copy", held_copy)
+    started, go = hold_copies(monkeypatch)
     async with StagingCache(tmp_path / "cache", 4 * MIB) as cache:
         wrong = asyncio.create_task(cache.stage(source, sha256="0" * 64))
         await asyncio.to_thread(started.wait, 30)
