@@ -89,6 +89,10 @@ _ADMITTED_LOW_RATIO = 1.2
 _ADMITTED_LOW_SLACK = 64 * 1024 * 1024
 # An expired ram_ttl met a wake under way: how soon to look again.
 _RAM_TTL_RECHECK_S = 1.0
+# While the ram tier holds anything: how often host memory and held files are looked at, so
+# that locked pages yield to other programs' need (the kernel cannot reclaim them, only the
+# OOM killer can act) and a deleted or replaced file's pages are let go.
+_RAM_CHECK_S = 5.0
 # Backoff after failed starts: 1 s doubling to 60 s; after this many in a row, no retries
 # until an explicit load.
 BACKOFF_FIRST = 1.0
@@ -227,6 +231,7 @@ class Manager:
         self._load_spans: deque[tuple[float, float]] = deque()
         self._loading: dict[int, float] = {}  # when each load under way began, by id() of its slot
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._ram_check: asyncio.Task[None] | None = None
         self._closing = False
         # Loads that a forced unload cancelled: their waiters are answered, not cancelled.
         self._cut_loads: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
@@ -605,6 +610,18 @@ class Manager:
         self._rearm_ram_ttl(slot)
         _log.info("model.tier", model=slot.preset.name, tier="ram", bytes=nbytes)
         slot.changed()  # its bytes in ram, known only after the move to asleep
+        if self._ram_check is None or self._ram_check.done():
+            self._ram_check = self._spawn_task(self._check_ram_tier(), "ram_check")
+
+    async def _check_ram_tier(self) -> None:
+        """While the ram tier holds anything: let it go where memory runs short or files change."""
+        # Pages, or a sleeper: the ram tier's, also while their stop still ends (tier device).
+        while any(s.pages or s.asleep for s in self.slots.values()) and not self._closing:
+            await asyncio.sleep(_RAM_CHECK_S)
+            for slot in list(self.slots.values()):
+                if slot.load_task is None or slot.load_task.done():  # a load checks its own
+                    await self._drop_stale_pages(slot)
+            await self._fit_ram_budget()
 
     def _rearm_ram_ttl(self, slot: Slot) -> None:
         """Count ``ram_ttl`` from when the model entered the ram tier, if it is there now."""
@@ -677,9 +694,11 @@ class Manager:
     async def _load(self, slot: Slot, *, waking: bool) -> None:
         name = slot.preset.name
         started = time.monotonic()
-        from_tier = "ram" if waking else slot.tier
-        staging = None if waking else self._stage_meanwhile(slot)
+        staging = None
         try:
+            await self._drop_stale_pages(slot)  # (a sleeper holds none)
+            from_tier = "ram" if waking else slot.tier
+            staging = None if waking else self._stage_meanwhile(slot)
             device, total = await self._admit(slot, waking=waking, staging=staging)
             if waking and slot.state is State.STARTING:
                 waking, from_tier = False, "disk"  # the sleeper died while its wake waited
@@ -1800,6 +1819,16 @@ class Manager:
             slot.leaving_ram = False
             slot.stop_task = None
             self._notify()
+
+    async def _drop_stale_pages(self, slot: Slot) -> None:
+        """Let go of held pages whose file was deleted or replaced: a start would not read them."""
+        pages = slot.pages
+        if pages is None:
+            return
+        why = await asyncio.to_thread(pages.changed)
+        if why is not None and slot.pages is pages:
+            _log.info("model.pages.stale", model=slot.preset.name, why=why)
+            self._drop_pages(slot, reason="file_changed")
 
     async def _hold_pages(self, slot: Slot) -> None:
         """Lock the model's weight pages in RAM (the llama-server ram tier)."""

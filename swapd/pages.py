@@ -59,6 +59,14 @@ _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+# (device, inode, size, mtime in ns) of a file as opened; None where not known.
+Identity = tuple[int, int, int, int] | None
+
+
+def _identity(info: os.stat_result) -> Identity:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 class Dropped(NamedTuple):
     """Bytes of a path in the page cache before and after :func:`drop_cache`."""
 
@@ -69,9 +77,11 @@ class Dropped(NamedTuple):
 class WarmFile:
     """One file mapped, read in and (when the limit allows) locked. Create it with :meth:`open`."""
 
-    def __init__(self, path: Path, size: int, address: int) -> None:
+    def __init__(self, path: Path, size: int, address: int, identity: Identity = None) -> None:
         self.path = path
         self.size = size
+        # The file as it was opened (device, inode, size, mtime): see :meth:`changed`.
+        self.identity = identity
         self.locked = False
         self.lock_error: str | None = None
         self._address = address
@@ -88,7 +98,7 @@ class WarmFile:
         path = Path(path)
         fd, size = _open_regular(path)
         try:
-            warm = cls(path, size, _map(fd, size))
+            warm = cls(path, size, _map(fd, size), _identity(os.fstat(fd)))
             try:
                 warm._warm(fd)
             except BaseException:
@@ -119,6 +129,20 @@ class WarmFile:
     def closed(self) -> bool:
         """Whether :meth:`close` has run."""
         return not self._release.alive
+
+    def changed(self) -> str | None:
+        """Why the file at ``path`` is no longer the one held (deleted, replaced, rewritten).
+
+        A next start would map the file at the path, not these pages: holding them is of
+        no use, and a deleted file's space is not freed while they are held.
+        """
+        try:
+            now = _identity(self.path.stat())
+        except OSError as exc:
+            return f"{self.path}: {exc.strerror or exc}"
+        if self.identity is None or now == self.identity:
+            return None
+        return f"{self.path} was replaced or rewritten since its pages were taken"
 
     def resident_bytes(self) -> int:
         """Bytes of the file in RAM now."""
@@ -187,6 +211,10 @@ class WarmSet:
     def resident_bytes(self) -> int:
         """Bytes of all the files in RAM now."""
         return sum(file.resident_bytes() for file in self.files)
+
+    def changed(self) -> str | None:
+        """Why a held file is no longer the one at its path, or None (one stat each)."""
+        return next((why for file in self.files if (why := file.changed()) is not None), None)
 
     def close(self) -> None:
         """Close every file. Idempotent."""

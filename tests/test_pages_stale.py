@@ -1,0 +1,138 @@
+"""The ram tier's held pages let go when their file goes away or host memory runs short.
+
+Real llama-servers on a tiny GGUF; swapd's own mappings read from ``/proc/PID/maps``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from daemon import Daemon, hook_env, wait_for
+
+from swapd.pages import WarmSet
+
+if TYPE_CHECKING:
+    from conftest import StartDaemon
+
+pytestmark = pytest.mark.llama
+MIB = 1 << 20
+
+
+def mapped(d: Daemon, path: Path) -> list[str]:
+    """swapd's mappings of ``path`` (a deleted file's end in ``(deleted)``)."""
+    assert d.proc is not None
+    maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+    return [line for line in maps.splitlines() if str(path) in line]
+
+
+def to_ram(d: Daemon, name: str) -> None:
+    """Serve ``name`` once, then wait for its TTL to leave its pages in the ram tier."""
+    assert d.chat(name, max_tokens=1)[0] == 200
+    wait_for(lambda: d.model(name)["state"] == "stopped" and d.model(name)["tier"] == "ram", 40)
+
+
+def events(d: Daemon, name: str) -> list[dict[str, object]]:
+    """swapd's log lines of event ``name``."""
+    lines = (json.loads(line) for line in d.log_path.read_text().splitlines() if name in line)
+    return [line for line in lines if line.get("event") == name]
+
+
+def copy_of(gguf: Path, where: Path) -> Path:
+    """A copy of the GGUF of this test's own, to delete or replace."""
+    shutil.copyfile(gguf, where)
+    return where
+
+
+def test_a_deleted_file_held_in_the_ram_tier_is_let_go(
+    start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """Its pages would stay locked, and its disk space taken, for as long as they were held."""
+    model = copy_of(tiny_gguf, tmp_path / "m.gguf")
+    preset = {"backend": "llama-server", "model": str(model), "args": ["-c", "256"], "ttl": "1s"}
+    d = start_daemon({"t": preset}, {"ram_budget": 256 * MIB})
+    to_ram(d, "t")
+    assert mapped(d, model)
+    model.unlink()
+    wait_for(lambda: d.model("t")["tier"] == "disk", 30)
+    wait_for(lambda: not mapped(d, model), 10)
+    _, status = d.get("/swapd/status")
+    assert status["tiers"]["ram"]["bytes"] == 0
+    assert events(d, "model.pages.stale")
+
+
+def test_a_replaced_file_is_started_from_disk_not_counted_from_ram(
+    start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """A new download renamed over the file: the start reads the new file, and says so."""
+    model = copy_of(tiny_gguf, tmp_path / "m.gguf")
+    preset = {"backend": "llama-server", "model": str(model), "args": ["-c", "256"], "ttl": "1s"}
+    d = start_daemon({"t": preset}, {"ram_budget": 256 * MIB})
+    to_ram(d, "t")
+    copy_of(tiny_gguf, tmp_path / "m.gguf.new").replace(model)
+    assert d.chat("t", max_tokens=1)[0] == 200
+    done = events(d, "model.load.done")
+    assert [e["from_tier"] for e in done] == ["disk", "disk"]
+    assert events(d, "model.pages.stale")
+    assert not [line for line in mapped(d, model) if "(deleted)" in line]
+
+
+# Host memory whose available bytes the test sets through a file, read at every reading.
+SQUEEZED_HOST = """
+import os
+from pathlib import Path
+
+import swapd.probe._host as _host
+
+_AVAILABLE = Path(os.environ["SWAPD_TEST_AVAILABLE"])
+
+
+def host_memory(limits=None):
+    return 16 << 30, int(_AVAILABLE.read_text())
+
+
+_host.host_memory = host_memory
+"""
+
+
+def test_locked_pages_go_down_when_host_memory_runs_short(
+    start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """Taken while memory was plentiful; another program then took it.
+
+    The kernel cannot reclaim locked pages (only its OOM killer can act), so swapd lets
+    them go itself, as it would have refused to take them.
+    """
+    available = tmp_path / "available"
+    available.write_text(str(8 << 30))
+    env = hook_env(tmp_path / "hook", SQUEEZED_HOST) | {"SWAPD_TEST_AVAILABLE": str(available)}
+    preset = {
+        "backend": "llama-server",
+        "model": str(tiny_gguf),
+        "args": ["-c", "256"],
+        "ttl": "1s",
+    }
+    d = start_daemon({"t": preset}, {"ram_budget": 256 * MIB, "reserve": 256 * MIB}, env)
+    to_ram(d, "t")
+    available.write_text(str(16 * MIB))  # 240 MiB short of the reserve
+    wait_for(lambda: d.model("t")["tier"] == "disk", 30)
+    _, status = d.get("/swapd/status")
+    assert status["tiers"]["ram"]["bytes"] == 0
+
+
+def test_a_hold_knows_when_its_file_changed(tiny_gguf: Path, tmp_path: Path) -> None:
+    """Deleted, replaced by a rename, or rewritten in place: each is a change, with the path."""
+    model = copy_of(tiny_gguf, tmp_path / "m.gguf")
+    with WarmSet.open(model) as held:
+        assert held.changed() is None
+        copy_of(tiny_gguf, tmp_path / "new.gguf").replace(model)
+        assert str(model) in (held.changed() or "")
+    with WarmSet.open(model) as held:
+        model.write_bytes(model.read_bytes() + b"\0")
+        assert held.changed() is not None
+    with WarmSet.open(model) as held:
+        model.unlink()
+        assert "No such file" in (held.changed() or "")
