@@ -618,10 +618,13 @@ class Manager:
         # Pages, or a sleeper: the ram tier's, also while their stop still ends (tier device).
         while any(s.pages or s.asleep for s in self.slots.values()) and not self._closing:
             await asyncio.sleep(_RAM_CHECK_S)
-            for slot in list(self.slots.values()):
-                if slot.load_task is None or slot.load_task.done():  # a load checks its own
-                    await self._drop_stale_pages(slot)
-            await self._fit_ram_budget()
+            try:
+                for slot in list(self.slots.values()):
+                    if slot.load_task is None or slot.load_task.done():  # a load checks its own
+                        await self._drop_stale_pages(slot)
+                await self._fit_ram_budget()
+            except Exception as exc:  # noqa: BLE001 - a reading that failed once: look again later
+                _log.warning("model.ram_check.fail", error=repr(exc))
 
     def _rearm_ram_ttl(self, slot: Slot) -> None:
         """Count ``ram_ttl`` from when the model entered the ram tier, if it is there now."""
