@@ -425,7 +425,9 @@ class Manager:
         slot = self.slot_for(name)
         if not admitted and not passive:  # a passive one has no use to count, no queue
             self._let_in(slot)
-        slot.waiters += 1
+        # A passive one waiting behind ``concurrency`` takes no queue place from a client.
+        waiting = 0 if passive else 1
+        slot.waiters += waiting
         try:
             while True:
                 if self._closing:
@@ -447,7 +449,7 @@ class Manager:
                     raise NotLoaded(slot.preset.name, slot.state.value)
                 await self._toward_ready(slot)
         finally:
-            slot.waiters -= 1
+            slot.waiters -= waiting
 
     def _let_in(self, slot: Slot) -> None:
         """Count a new request for the eviction order; :class:`QueueFull` past its queue."""

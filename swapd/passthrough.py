@@ -108,7 +108,11 @@ def backend_path(path: str) -> str:
 
 def split_target(raw_path: str, manager: Manager) -> tuple[str, str]:
     """``/upstream/NAME/REST`` as the model name (or alias) and the backend path ``/REST``."""
-    parts = raw_path[len(UPSTREAM_PREFIX) :].split("/")
+    # Routed by its decoded path: the prefix as sent may be spelled otherwise (%75pstream).
+    first, _, rest = raw_path[1:].partition("/")
+    if unquote(first) != UPSTREAM_PREFIX.strip("/"):
+        raise BadRequest(f"{clip(raw_path)}: the path must start with {UPSTREAM_PREFIX}")
+    parts = rest.split("/")
     # No name has more segments than the longest configured one: a path of thousands of
     # segments costs one join per possible name, not one per segment.
     deepest = max((name.count("/") + 1 for name in manager.config.names()), default=1)

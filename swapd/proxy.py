@@ -162,13 +162,18 @@ def _release_after(lock: asyncio.Lock) -> Callable[[asyncio.Future[Any]], None]:
     return done
 
 
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
-# The name parameter itself, not the end of filename="...".
-_FIELD_NAME = re.compile(rb'(?<![\w-])name="([^"]*)"', re.IGNORECASE)
+# The name parameter itself, not the end of filename="..."; quoted, or a bare token.
+_FIELD_NAME = re.compile(rb'(?<![\w-])name=(?:"([^"]*)"|([^\s;"]+))', re.IGNORECASE)
+# What starts a body in UTF-16 or UTF-32, which Python's json.loads reads (and a backend
+# built on it would) while a byte scan reads the bytes: a NUL in the first four, or a BOM.
+_NOT_UTF8 = re.compile(rb"\A(?:\xfe\xff|\xff\xfe|.{0,3}\x00)", re.DOTALL)
 
 
 def model_from_json(body: bytes) -> str:
     """The ``model`` of a JSON request body, or :class:`BadRequest` saying what is wrong."""
+    if _NOT_UTF8.match(body):
+        # Read two ways otherwise: by swapd's scan as bytes, by a Python backend as UTF-16.
+        raise BadRequest("request body is not valid JSON: JSON must be sent as UTF-8")
     capped_json.check_depth(body)  # before any reading, scan or parse
     model = capped_json.top_level_string(body, "model")
     if model:
@@ -212,25 +217,60 @@ def _json_kind(value: object) -> str:
 
 
 def model_from_multipart(body: bytes, content_type: str) -> str:
-    """The ``model`` field of a multipart/form-data body."""
-    match = _BOUNDARY.search(content_type)
-    if not content_type.lower().startswith("multipart/form-data") or match is None:
-        raise BadRequest("expected a multipart/form-data body with a boundary")
-    # aiohttp decodes header bytes with surrogateescape: this gives back the bytes sent.
-    delimiter = b"--" + match.group(1).encode("utf-8", "surrogateescape")
-    for part in body.split(delimiter)[1:]:
+    """The ``model`` field of a multipart/form-data body.
+
+    Parts are cut where a form parser cuts them (RFC 2046 section 5.1.1): at a delimiter
+    that starts a line and ends one, never at the boundary's bytes inside a file. A form
+    with two ``model`` fields is refused: parsers differ on which one counts.
+    """
+    boundary = _boundary(content_type)
+    found: list[str] = []
+    for part in _form_parts(body, boundary):
         head, sep, value = part.partition(b"\r\n\r\n")
-        if not sep:
-            continue
-        for line in head.split(b"\r\n"):
-            if not line.lower().startswith(b"content-disposition:"):
-                continue
+        if sep and _field_name(head) == b"model":
+            found.append(value.decode("utf-8", "replace").strip())
+    if len(found) > 1:
+        raise BadRequest('form has more than one "model" field')
+    if not found or not found[0]:
+        raise BadRequest('form has no "model" field')
+    return found[0]
+
+
+def _boundary(content_type: str) -> bytes:
+    """The boundary parameter of a multipart/form-data type, as the bytes sent."""
+    kind, *params = content_type.split(";")
+    values = [
+        value.strip().strip('"')
+        for name, eq, value in (p.strip().partition("=") for p in params)
+        if eq and name.strip().lower() == "boundary"
+    ]
+    if kind.strip().lower() != "multipart/form-data" or len(values) != 1 or not values[0]:
+        raise BadRequest("expected a multipart/form-data body with one boundary")
+    # aiohttp decodes header bytes with surrogateescape: this gives back the bytes sent.
+    return values[0].encode("utf-8", "surrogateescape")
+
+
+def _form_parts(body: bytes, boundary: bytes) -> list[bytes]:
+    """Each part of a form (its headers, a blank line, its content), up to the close."""
+    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|\Z)")
+    parts: list[bytes] = []
+    start: int | None = None
+    for found in delimiter.finditer(body):
+        if start is not None:
+            parts.append(body[start : found.start()])
+        if found.group(1):  # the close delimiter: what follows is an epilogue
+            break
+        start = found.end()
+    return parts
+
+
+def _field_name(head: bytes) -> bytes | None:
+    """The ``name`` of a part's Content-Disposition header."""
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-disposition:"):
             name = _FIELD_NAME.search(line)
-            if name and name.group(1) == b"model":
-                model = value.rstrip(b"\r\n").decode("utf-8", "replace").strip()
-                if model:
-                    return model
-    raise BadRequest('form has no "model" field')
+            return None if name is None else name.group(1) or name.group(2)
+    return None
 
 
 async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
