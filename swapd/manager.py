@@ -848,8 +848,23 @@ class Manager:
         self, slot: Slot, snap: Snapshot, now: float | None = None
     ) -> policy.Resident | None:
         """How a slot counts for admission, or None when it holds no device memory."""
-        return residency.resident(
+        resident = residency.resident(
             slot, snap, now=time.monotonic() if now is None else now, ram_budget=self.ram_budget
+        )
+        if resident is not None and resident.ram_via == "pages" and self._pages_held_at(slot):
+            return replace(resident, ram_cost=0)  # its file's pages are in the tier already
+        return resident
+
+    def _pages_held_at(self, slot: Slot) -> WarmSet | None:
+        """Pages another model holds of the file this one would hold (two presets, one GGUF)."""
+        model = slot.staged_path or str(slot.preset.model)
+        return next(
+            (
+                s.pages
+                for s in self._every_slot()
+                if s is not slot and s.pages is not None and str(s.pages.path) == model
+            ),
+            None,
         )
 
     def _residents(self, snap: Snapshot, exclude: Slot) -> list[policy.Resident]:
@@ -990,7 +1005,8 @@ class Manager:
         pages = slot.pages
         if pages is None or not pages.locked or device_id != HOST_DEVICE.id:
             return 0
-        return 0 if has_flag(slot.preset.args, "--no-mmap") else slot.ram_bytes
+        # The pages' size, also where another model's hold counts them (ram_bytes 0 here).
+        return 0 if has_flag(slot.preset.args, "--no-mmap") else pages.size
 
     def _start_if_sleeper_died(self, job: _Job) -> None:
         """A sleeper that died while its wake waited has nothing left to wake: start afresh.
@@ -1836,8 +1852,20 @@ class Manager:
             self._drop_pages(slot, reason="file_changed")
 
     async def _hold_pages(self, slot: Slot) -> None:
-        """Lock the model's weight pages in RAM (the llama-server ram tier)."""
+        """Lock the model's weight pages in RAM (the llama-server ram tier).
+
+        Pages another preset of the same file holds are shared, not mapped and locked
+        twice: counted once, with the model that took them (``ram_bytes`` 0 here).
+        """
         model = slot.staged_path or str(slot.preset.model)
+        shared = self._pages_held_at(slot)
+        if shared is not None:
+            stale = await asyncio.to_thread(shared.changed)
+            if stale is None and self._pages_held_at(slot) is shared:  # still held after
+                slot.pages = shared
+                slot.model_bytes = shared.size
+                self._entered_ram(slot, 0)
+                return
         try:
             pages = await asyncio.to_thread(WarmSet.open, model)
         except OSError as exc:
@@ -1855,12 +1883,18 @@ class Manager:
             return
         self._used_copy(slot)
         self._cancel_ram_ttl(slot)
-        slot.ram_bytes = 0
+        counted, slot.ram_bytes = slot.ram_bytes, 0
         if slot.child is None:
             slot.device = None
         if reason is not None:
             _log.info("model.tier", model=slot.preset.name, tier="disk", reason=reason)
-        self._spawn_task(_close_later(pages, after), f"unlock:{slot.preset.name}")
+        sharers = [s for s in self._every_slot() if s.pages is pages]
+        if not sharers:
+            self._spawn_task(_close_later(pages, after), f"unlock:{slot.preset.name}")
+        elif counted:
+            # Another preset of the file still holds them: it counts them from now.
+            sharers[0].ram_bytes = counted
+            sharers[0].changed()
         slot.changed()  # no move: the tier (or, while serving, the ram bytes) changed
 
     def _down_to_disk(self, slot: Slot, *, reason: str) -> None:

@@ -136,3 +136,40 @@ def test_a_hold_knows_when_its_file_changed(tiny_gguf: Path, tmp_path: Path) -> 
     with WarmSet.open(model) as held:
         model.unlink()
         assert "No such file" in (held.changed() or "")
+
+
+def vmlck(d: Daemon) -> int:
+    """Bytes swapd has locked (VmLck)."""
+    assert d.proc is not None
+    for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_two_presets_of_one_file_hold_its_pages_once(
+    start_daemon: StartDaemon, tiny_gguf: Path
+) -> None:
+    """Another context size of the same GGUF: one mapping, counted once, by the tier too.
+
+    A budget of one and a half files holds both: the second does not push the first's
+    pages (the same pages) down.
+    """
+    size = tiny_gguf.stat().st_size
+    base = {"backend": "llama-server", "model": str(tiny_gguf), "ttl": "1s"}
+    presets = {"a": {**base, "args": ["-c", "256"]}, "b": {**base, "args": ["-c", "512"]}}
+    d = start_daemon(presets, {"ram_budget": size * 3 // 2})
+    to_ram(d, "a")
+    to_ram(d, "b")
+    _, status = d.get("/swapd/status")
+    assert {m["name"]: m["tier"] for m in status["models"]} == {"a": "ram", "b": "ram"}
+    assert status["tiers"]["ram"]["bytes"] == size
+    assert sorted(m["memory"]["ram"] for m in status["models"]) == [0, size]
+    assert len(mapped(d, tiny_gguf)) == 1
+    assert vmlck(d) < 2 * size
+    # The one that counts them starts (and lets go): the other counts them from then on.
+    assert d.chat("a", max_tokens=1)[0] == 200
+    wait_for(lambda: d.model("b")["memory"]["ram"] == size, 10)
+    wait_for(lambda: d.model("a")["tier"] == "ram", 40)  # back, sharing b's
+    _, status = d.get("/swapd/status")
+    assert status["tiers"]["ram"]["bytes"] == size
