@@ -1,10 +1,11 @@
 r"""A llama-swap ``cmd`` read as one of swapd's backends.
 
-llama-swap splits ``cmd`` as a POSIX shell would (no shell runs it), after
-dropping lines that start with ``#`` and joining lines that end with ``\``.
-``llama-server -m MODEL ...`` becomes a llama-server preset and ``vllm serve
-MODEL ...`` a vLLM one: swapd then passes the model, ``--host`` and ``--port``
-itself, estimates the model's memory and may stage it. Anything else, or either
+llama-swap drops the lines that start with ``#`` before it expands macros (a
+folded macro ends in a newline), then splits ``cmd`` as a POSIX shell would (no
+shell runs it), joining lines that end with ``\``. ``llama-server -m MODEL
+...`` (or a build named ``llama-server-*``) becomes a llama-server preset and
+``vllm serve MODEL ...`` a vLLM one: swapd then passes the model, ``--host``
+and ``--port`` itself, estimates the model's memory and may stage it. Anything else, or either
 of them without a local model (``-hf`` downloads one), runs as a ``command``
 preset: its argv as written, ``${PORT}`` included.
 """
@@ -14,10 +15,11 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 
-_LLAMA_SERVER = ("llama-server", "llama-server.exe")
+_LLAMA_SERVER = "llama-server"  # also a build named for its version: llama-server-ec9e0301
+_PLAIN_LLAMA_SERVER = frozenset({_LLAMA_SERVER, f"{_LLAMA_SERVER}.exe"})
 _LISTEN_FLAGS = ("--host", "--port")
 # The backend's own key is swapd's to set (a new one at each start); clients send swapd's keys.
 _KEY_FLAGS = {"llama-server": ("--api-key", "--api-key-file"), "vllm": ("--api-key",)}
@@ -25,29 +27,33 @@ KEY_WHY = (
     "dropped: swapd gives the backend a key of its own at each start; "
     "clients send one of swapd's api_keys"
 )
+_AS_COMMAND = "run as a command backend, whose memory swapd measures but cannot estimate or stage"
 # What vLLM would fetch from the Hugging Face Hub: org/name, not a path.
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass(frozen=True)
 class Launch:
-    """How swapd starts the model, and what of ``cmd`` it left out (each said why)."""
+    """How swapd starts the model, and what of ``cmd`` it left out or read its own way."""
 
     backend: str  # llama-server, vllm or command
     binary: str | None = None
     model: str | None = None
     args: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
-    dropped: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())
+
+
+def strip_comments(cmd: str) -> str:
+    """``cmd`` without its comment lines, as llama-swap drops them before expanding macros."""
+    return "\n".join(line for line in cmd.split("\n") if not line.strip().startswith("#"))
 
 
 def split(cmd: str) -> list[str]:
     """``cmd`` as llama-swap splits it; ValueError on an unclosed quote or an empty command."""
     lines = []
-    for line in cmd.split("\n"):
+    for line in strip_comments(cmd).split("\n"):
         trimmed = line.strip()
-        if trimmed.startswith("#"):
-            continue
         lines.append(trimmed[:-1] + " " if trimmed.endswith("\\") else line)
     argv = shlex.split("\n".join(lines), comments=False, posix=True)
     if not argv:
@@ -58,7 +64,7 @@ def split(cmd: str) -> list[str]:
 def read(argv: Sequence[str], local: Callable[[str], bool]) -> Launch:
     """The backend ``argv`` starts, as a swapd preset runs it; ``local``: a path that exists."""
     program = PurePath(argv[0]).name
-    if program in _LLAMA_SERVER:
+    if program.startswith(_LLAMA_SERVER):
         return _llama_server(argv)
     if program == "vllm" and argv[1:2] == ["serve"]:
         return _vllm(argv, local)
@@ -67,13 +73,19 @@ def read(argv: Sequence[str], local: Callable[[str], bool]) -> Launch:
 
 def _llama_server(argv: Sequence[str]) -> Launch:
     model, rest = _take(argv[1:], ("-m", "--model"))
-    if model is None:
+    if not model:
         why = (
-            "no -m/--model (a model llama-server downloads, as -hf does): run as a command "
-            "backend, whose memory swapd measures but cannot estimate or stage"
+            "no -m/--model (a model llama-server downloads, as -hf does)"
+            if model is None
+            else "-m/--model names no model file"
         )
-        return Launch("command", cmd=tuple(argv), dropped=(why,))
-    return _served("llama-server", argv[0], model, rest)
+        return Launch("command", cmd=tuple(argv), notes=(f"{why}: {_AS_COMMAND}",))
+    launch = _served(_LLAMA_SERVER, argv[0], model, rest)
+    program = PurePath(argv[0]).name
+    if program in _PLAIN_LLAMA_SERVER:
+        return launch
+    why = f"{program} is read as llama-server, by its name (binary: {argv[0]})"
+    return replace(launch, notes=(why, *launch.notes))
 
 
 def _vllm(argv: Sequence[str], local: Callable[[str], bool]) -> Launch:
@@ -81,12 +93,9 @@ def _vllm(argv: Sequence[str], local: Callable[[str], bool]) -> Launch:
     model, rest = _take(rest, ("--model",))
     if rest and not rest[0].startswith("-"):
         model, rest = rest[0], rest[1:]
-    if model is None or _hub_id(model, local):
-        why = (
-            f"{model or 'no model'} is not a local path (vLLM downloads a Hub id): run as a "
-            "command backend, whose memory swapd measures but cannot estimate or stage"
-        )
-        return Launch("command", cmd=tuple(argv), dropped=(why,))
+    if not model or _hub_id(model, local):
+        why = f"{model or 'no model'} is not a local path (vLLM downloads a Hub id)"
+        return Launch("command", cmd=tuple(argv), notes=(f"{why}: {_AS_COMMAND}",))
     return _served("vllm", argv[0], model, rest)
 
 
@@ -99,12 +108,13 @@ def _served(backend: str, program: str, model: str, rest: list[str]) -> Launch:
     """A llama-server or vLLM preset: the listen flags and the backend's key taken out."""
     for flag in _LISTEN_FLAGS:
         _, rest = _take(rest, (flag,))
-    dropped: list[str] = []
-    key, rest = _take(rest, _KEY_FLAGS[backend])
-    if key is not None:
-        dropped.append(f"{_KEY_FLAGS[backend][0]} {KEY_WHY}")
+    notes: list[str] = []
+    for flag in _KEY_FLAGS[backend]:
+        key, rest = _take(rest, (flag,))
+        if key is not None:
+            notes.append(f"{flag} {KEY_WHY}")
     binary = None if program == backend else program
-    return Launch(backend, binary, model, tuple(rest), dropped=tuple(dropped))
+    return Launch(backend, binary, model, tuple(rest), notes=tuple(notes))
 
 
 def _take(args: Sequence[str], flags: Sequence[str]) -> tuple[str | None, list[str]]:

@@ -17,11 +17,14 @@ from typing import Any
 import yaml
 
 from swapd._yaml import Entry, entries_of, load_document
-from swapd.errors import clip
+from swapd.errors import Location, clip
 from swapd.keys import parse_keys
-from swapd.llama_swap.model import Draft, Globals, convert
+from swapd.llama_swap.model import Draft, Globals, convert, flag
 from swapd.llama_swap.notes import Note
 
+_STR = "tag:yaml.org,2002:str"
+_BOOL = "tag:yaml.org,2002:bool"
+_MAP = "tag:yaml.org,2002:map"
 _MIN_HEALTH_CHECK_TIMEOUT = 15  # llama-swap raises a smaller healthCheckTimeout to this
 
 # Global keys read into the presets or swapd.yaml below.
@@ -89,9 +92,10 @@ def read(path: Path) -> Imported:
     """Read llama-swap's config at ``path``; :class:`~swapd.errors.ConfigError` if it cannot be."""
     doc = load_document(path)
     file = doc.file
-    top = {entry.key: entry for entry in doc.entries}
+    entries = _as_llama_swap_reads(file, doc.entries)
+    top = {entry.key: entry for entry in entries}
     found = Imported()
-    for entry in doc.entries:
+    for entry in entries:
         if entry.key not in _READ:
             why = _GLOBAL_NOTES.get(entry.key, "not a llama-swap key swapd knows; not carried")
             found.notes.append(Note(entry.key_where.line, entry.key, why))
@@ -113,6 +117,51 @@ def read(path: Path) -> Imported:
     if "hooks" in top:
         _hooks(file, top["hooks"], by_name, found)
     return found
+
+
+def _as_llama_swap_reads(file: str, entries: tuple[Entry, ...]) -> tuple[Entry, ...]:
+    """The top-level entries again, read as llama-swap's YAML (yaml.v3) reads them.
+
+    Reading them, PyYAML merged each ``<<: *base`` into its mapping: the base's keys
+    first, so a key the mapping sets again wins, as in yaml.v3, but it stays twice in
+    the node, which swapd's reader refuses as a key given twice. And yaml.v3 reads
+    YAML 1.1's yes, no, on and off as text: ``fa: on`` is ``--flash-attn on``.
+    """
+    seen: set[int] = set()
+    for entry in entries:
+        _as_yaml_v3(entry.node, seen)
+    keys = [yaml.ScalarNode(_STR, e.key, start_mark=_mark(e.key_where)) for e in entries]
+    root = yaml.MappingNode(_MAP, list(zip(keys, (e.node for e in entries), strict=True)))
+    return entries_of(file, root, what="(top level)")
+
+
+def _as_yaml_v3(node: yaml.Node, seen: set[int]) -> None:
+    """Keep the last of each key in every mapping, and the old booleans as text."""
+    if id(node) in seen:  # an anchor used again, or a node that holds itself
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        if node.tag == _BOOL and node.value.lower() not in {"true", "false"}:
+            node.tag = _STR
+        return
+    if isinstance(node, yaml.MappingNode):
+        last = {_key(key): index for index, (key, _) in enumerate(node.value)}
+        node.value = [pair for index, pair in enumerate(node.value) if last[_key(pair[0])] == index]
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = list(node.value)
+    for child in children:
+        _as_yaml_v3(child, seen)
+
+
+def _key(node: yaml.Node) -> object:
+    """What makes two keys of a mapping the same key: a scalar's text, else the node."""
+    return node.value if isinstance(node, yaml.ScalarNode) else id(node)
+
+
+def _mark(where: Location) -> yaml.Mark:
+    """A node's start at ``where`` (1-based), for a node the importer builds."""
+    return yaml.Mark(where.file, 0, where.line - 1, where.column - 1, None, 0)
 
 
 def _seconds(entry: Entry | None, found: Imported) -> int | None:
@@ -143,8 +192,17 @@ def _api_keys(entry: Entry | None, found: Imported) -> None:
     if entry is None or not entry.value:
         return
     line = entry.key_where.line
+    given = entry.value
+    if isinstance(given, str):  # dropped, it would leave swapd open to anyone
+        why = "expected a list of keys, got one as text (llama-swap refuses it); read as a list"
+        found.notes.append(Note(line, "apiKeys", why))
+        given = [given]
+    elif not isinstance(given, list):
+        why = f"expected a list of keys, got {type(given).__name__}; not carried"
+        found.notes.append(Note(line, "apiKeys", why))
+        return
     keys = []
-    for number, key in enumerate(entry.value if isinstance(entry.value, list) else [], 1):
+    for number, key in enumerate(given, 1):
         try:
             parse_keys([key])
         except ValueError:
@@ -212,7 +270,7 @@ def _groups(file: str, entry: Entry, path: str, by_name: dict[str, Draft], found
             if member not in by_name:
                 found.notes.append(Note(line, key, f"member {member} is no model; ignored"))
         known = [by_name[m] for m in members if m in by_name]
-        if settings.get("persistent") is True and known:
+        if flag(settings.get("persistent")) and known:
             for draft in known:
                 draft.set("pin", value=True, line=line, source=key)
             names = ", ".join(d.model_id for d in known)

@@ -4,11 +4,13 @@ A preset swapd would refuse as written is kept aside as ``<id>.yaml.disabled``
 (swapd reads ``*.yaml`` and ``*.yml`` only), so one model that needs a hand
 does not keep ``swapd serve`` from starting the others. Every file written
 starts with :data:`MARK`: a later ``--force`` replaces those files, and only
-those.
+those. A file of the user's where the import would write stops it before it
+writes anything.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -29,20 +31,39 @@ def holds_files(out: Path) -> bool:
 
 
 def write(found: Imported, out: Path, source: Path) -> list[str]:
-    """Write the layout under ``out``; warnings about files left there from before."""
-    presets = out / PRESETS
-    presets.mkdir(parents=True, exist_ok=True)
-    written = {out / CONFIG}
+    """Write the layout under ``out``; warnings about files left there from before.
+
+    :class:`FileExistsError`, before anything is written, where a file the import
+    did not write is in the way.
+    """
+    files = _files(found, out)
+    for path in files:
+        _refuse_if_not_ours(path)
+    (out / PRESETS).mkdir(parents=True, exist_ok=True)
     _write(out / CONFIG, _config_text(found, source), private="api_keys" in found.daemon)
+    for path, draft in files.items():
+        if draft is not None:
+            _write(path, _preset_text(draft, source), private=False)
+    return _clear_earlier(out, set(files))
+
+
+def _files(found: Imported, out: Path) -> dict[Path, Draft | None]:
+    """Each file the import writes, and the model it holds (None: swapd.yaml)."""
+    files: dict[Path, Draft | None] = {out / CONFIG: None}
     stems: set[str] = set()
     for draft in found.drafts:
         stem = _stem(draft.model_id, stems)
-        name = presets / (f"{stem}.yaml" + (DISABLED if draft.refused else ""))
         if stem != draft.model_id:
             draft.values["name"] = draft.model_id
-        _write(name, _preset_text(draft, source), private=False)
-        written.add(name)
-    return _clear_earlier(out, written)
+        files[out / PRESETS / (f"{stem}.yaml" + (DISABLED if draft.refused else ""))] = draft
+    return files
+
+
+def _refuse_if_not_ours(path: Path) -> None:
+    """Never replace a file the user wrote: the docs promise to leave it in place."""
+    if path.exists() and not _ours(path):
+        why = "not written by swapd import-llama-swap; move it away or pick another --out"
+        raise FileExistsError(errno.EEXIST, why, str(path))
 
 
 def preset_files(out: Path) -> list[Path]:

@@ -2,8 +2,9 @@
 
 llama-swap keys and the preset keys they become: ``cmd`` (see :mod:`.command`),
 ``aliases``, ``ttl`` (``-1``: ``globalTTL``), ``env`` (``K=V`` items),
-``checkEndpoint`` (``health``), ``unloadTimeout`` (``stop_timeout``),
-``useModelName``, ``filters``, ``name`` and ``description`` (one
+``checkEndpoint`` (``health``), ``unloadTimeout`` (``stop_timeout``; ``0``: the
+global one), ``useModelName`` (and vLLM's ``--served-model-name``), ``filters``
+(setParamsByID's ids become aliases), ``name`` and ``description`` (one
 ``description``), ``metadata``, ``unlisted`` and ``concurrencyLimit``
 (``concurrency``). A preset swapd would refuse as written (no ``${PORT}`` in a
 command's argv, a name it cannot use) is kept aside with the reason.
@@ -20,6 +21,7 @@ from typing import Any, TypeGuard
 import yaml
 
 from swapd._yaml import Entry, WrittenFloat, WrittenInt, entries_of, json_value
+from swapd.backends import has_flag
 from swapd.llama_swap import command, macros
 from swapd.llama_swap.notes import Note
 from swapd.presets import is_usable_name
@@ -28,6 +30,16 @@ _DEFAULT_HEALTH = "/health"
 _DEFAULT_PROXIES = ("http://localhost:${PORT}", "http://127.0.0.1:${PORT}")
 _OWN_KEY_ENV = {"llama-server": "LLAMA_API_KEY", "vllm": "VLLM_API_KEY"}
 _PROTECTED = ("model", "stream")  # swapd's filters refuse both (README: Request rewriting)
+# Keys whose comment lines llama-swap drops before it expands macros: a folded macro ends
+# in a newline, and expanded first it would cut its comment line in two.
+_COMMANDS = ("cmd", "cmdStop")
+# YAML 1.1's words for true and false, text to llama-swap's YAML (yaml.v3) except in a
+# key that takes a bool, where it reads them as the bool.
+_OLD_BOOLS = {
+    **dict.fromkeys(("y", "Y", "yes", "Yes", "YES", "on", "On", "ON"), True),
+    **dict.fromkeys(("n", "N", "no", "No", "NO", "off", "Off", "OFF"), False),
+}
+_SERVED_NAME = "--served-model-name"
 # Preset keys whose values swapd reads ${env.NAME} in; elsewhere it would stay as text.
 _ENV_MACRO_KEYS = frozenset({"model", "binary", "args", "cmd", "env"})
 # The order keys are written in, launch first.
@@ -112,7 +124,11 @@ def convert(model_id: str, line: int, node: yaml.Node, file: str, top: Globals) 
     scope = macros.scope(
         top.macros, own.value if own and isinstance(own.value, dict) else {}, model_id
     )
-    values = {key: _plain(macros.expand(e.value, scope)) for key, e in entries.items()}
+    values = {
+        key: _plain(macros.expand(_uncommented(key, e.value), scope)) for key, e in entries.items()
+    }
+    if "filters" in values:
+        values["filters"] = _by_id_keys_expanded(values["filters"], scope)
     for key, value in values.items():
         _note_unexpanded(draft, key, value, _line(entries[key]), scope)
     if "cmd" not in entries:
@@ -134,6 +150,7 @@ def convert(model_id: str, line: int, node: yaml.Node, file: str, top: Globals) 
             draft.note(_line(entry), key, "not a llama-swap model key swapd knows; not carried")
     _timers(draft, values, entries, top)
     _describe(draft, values, entries)
+    _serve_use_model_name(draft)
     _env_macros_where_unread(draft)
     if not is_usable_name(model_id):
         draft.refused = f"{model_id!r} is not a usable swapd model name"
@@ -143,6 +160,28 @@ def convert(model_id: str, line: int, node: yaml.Node, file: str, top: Globals) 
 
 def _line(entry: Entry) -> int:
     return entry.key_where.line
+
+
+def _uncommented(key: str, value: Any) -> Any:
+    """``cmd`` and ``cmdStop`` without their comment lines; other values as they are."""
+    return command.strip_comments(value) if key in _COMMANDS and isinstance(value, str) else value
+
+
+def _by_id_keys_expanded(filters: Any, scope: Mapping[str, Any]) -> Any:
+    """``filters`` with macros expanded in setParamsByID's keys, as llama-swap does there."""
+    if not isinstance(filters, dict) or not isinstance(filters.get("setParamsByID"), dict):
+        return filters
+    by_id = {
+        macros.text(macros.expand(str(k), scope)): v for k, v in filters["setParamsByID"].items()
+    }
+    return {**filters, "setParamsByID": by_id}
+
+
+def flag(value: Any) -> bool | None:
+    """A bool as llama-swap reads one: true, false, or YAML 1.1's yes, no, on, off; else None."""
+    if isinstance(value, bool):
+        return value
+    return _OLD_BOOLS.get(value) if isinstance(value, str) else None
 
 
 def _plain(value: Any) -> Any:
@@ -173,7 +212,7 @@ def _cmd(draft: Draft, value: Any, line: int, top: Globals) -> None:
         return
     launch = command.read(argv, lambda path: (top.base / path).exists())
     draft.set("backend", launch.backend, line, "cmd")
-    for why in launch.dropped:
+    for why in launch.notes:
         draft.note(line, "cmd", why)
     if launch.binary is not None:
         draft.set("binary", launch.binary, line, "cmd")
@@ -183,9 +222,17 @@ def _cmd(draft: Draft, value: Any, line: int, top: Globals) -> None:
         draft.set("args", list(launch.args), line, "cmd")
     if launch.cmd:
         draft.set("cmd", list(launch.cmd), line, "cmd")
-        if not any("${PORT}" in arg for arg in launch.cmd):
-            draft.refused = "its cmd holds no ${PORT}: swapd picks the port at each start"
-            draft.note(line, "cmd", f"{draft.refused}; the model is kept aside")
+        _refuse_unstartable(draft, launch.cmd, line)
+
+
+def _refuse_unstartable(draft: Draft, argv: tuple[str, ...], line: int) -> None:
+    """Keep aside a command that swapd would refuse, and with it the whole layout."""
+    if not any("${PORT}" in arg for arg in argv):
+        draft.refused = "its cmd holds no ${PORT}: swapd picks the port at each start"
+    elif "" in argv:
+        draft.refused = "its cmd holds an empty argument (''), which swapd refuses"
+    if draft.refused:
+        draft.note(line, "cmd", f"{draft.refused}; the model is kept aside")
 
 
 def _model_path(draft: Draft, path: str, line: int, base: Path) -> str:
@@ -204,19 +251,28 @@ def _aliases(draft: Draft, value: Any, line: int) -> None:
     if not isinstance(value, list):
         draft.note(line, "aliases", f"expected a list, got {type(value).__name__}; not carried")
         return
-    usable = [str(a) for a in value if is_usable_name(str(a))]
-    for alias in value:
-        if not is_usable_name(str(alias)):
-            draft.note(line, "aliases", f"{alias!r} is not a usable swapd name; dropped")
-    if usable:
-        draft.set("aliases", usable, line, "aliases")
+    # A list of text to llama-swap: a number or bool is its text, null is empty.
+    _add_aliases(draft, ["" if a is None else macros.text(a) for a in value], line, "aliases")
+
+
+def _add_aliases(draft: Draft, names: list[str], line: int, source: str) -> None:
+    """Add ``names`` to the model's aliases, each once; a name swapd cannot use is noted."""
+    kept: list[str] = draft.values.get("aliases", [])
+    for name in names:
+        if not is_usable_name(name):
+            draft.note(line, source, f"{name!r} is not a usable swapd name; dropped")
+        elif name not in kept:
+            kept.append(name)
+    if kept:
+        draft.values["aliases"] = kept
+        draft.origins.setdefault("aliases", (line, source))
 
 
 def _env(draft: Draft, value: Any, line: int) -> None:
     if not isinstance(value, list):
         draft.note(line, "env", f"expected a list of K=V, got {type(value).__name__}")
         return
-    env: dict[str, str] = {}
+    env: dict[str, str | None] = {}
     own = _OWN_KEY_ENV.get(draft.values.get("backend", ""))
     for item in value:
         name, eq, setting = str(item).partition("=")
@@ -228,7 +284,7 @@ def _env(draft: Draft, value: Any, line: int) -> None:
             if "${PORT}" in setting:
                 why = f"{name}: swapd replaces ${{PORT}} in cmd only; the backend gets the text"
                 draft.note(line, "env", why)
-            env[name] = setting
+            env[name] = setting or None  # swapd reads null as set to nothing, and refuses ''
     if env:
         draft.set("env", env, line, "env")
 
@@ -248,8 +304,30 @@ def _health(draft: Draft, value: Any, line: int) -> None:
 
 
 def _use_model_name(draft: Draft, value: Any, line: int) -> None:
-    if isinstance(value, str) and value:
-        draft.set("use_model_name", value, line, "useModelName")
+    if isinstance(value, dict | list):
+        why = f"expected a model name, got a {type(value).__name__}; not carried"
+        draft.note(line, "useModelName", why)
+    elif value is not None and value != "":  # a number is its text to llama-swap
+        draft.set("use_model_name", macros.text(value), line, "useModelName")
+
+
+def _serve_use_model_name(draft: Draft) -> None:
+    """Have vLLM serve the name useModelName sends: it answers 404 for any other.
+
+    swapd's vLLM backend adds ``--served-model-name`` with swapd's names unless args
+    have one; llama-swap left vLLM serving what cmd said (its model path by default).
+    """
+    name = draft.values.get("use_model_name")
+    args = draft.values.get("args", [])
+    if draft.values.get("backend") != "vllm" or name is None:
+        return
+    if has_flag(args, _SERVED_NAME, argparse=True):
+        return
+    line, _ = draft.origins["use_model_name"]
+    at, source = draft.origins.get("args", (line, "useModelName"))
+    draft.set("args", [*args, _SERVED_NAME, name], at, source)
+    why = f"vLLM serves only the names it is given: {_SERVED_NAME} {name} added to args"
+    draft.note(line, "useModelName", why)
 
 
 def _filters(draft: Draft, value: Any, line: int) -> None:
@@ -259,23 +337,26 @@ def _filters(draft: Draft, value: Any, line: int) -> None:
     filters: dict[str, Any] = {}
     for key, setting in value.items():
         if key in ("stripParams", "strip_params"):
-            if strip := _strip_params(draft, str(setting or ""), line, key):
+            if strip := _strip_params(draft, setting, line, key):
                 filters["strip_params"] = strip
         elif key == "setParams" and isinstance(setting, dict):
             if kept := _set_params(draft, setting, line):
                 filters["set_params"] = kept
         elif key == "setParamsByID":
-            why = "not carried: swapd has no per-alias parameters; a preset per variant does that"
-            draft.note(line, f"filters.{key}", why)
+            _set_params_by_id(draft, setting, line)
         else:
             draft.note(line, f"filters.{key}", "not a filter swapd knows; not carried")
     if filters:
         draft.set("filters", filters, line, "filters")
 
 
-def _strip_params(draft: Draft, setting: str, line: int, key: str) -> list[str]:
-    """llama-swap's comma-separated list, less what swapd never strips."""
-    strip = [name.strip() for name in setting.split(",") if name.strip()]
+def _strip_params(draft: Draft, setting: Any, line: int, key: str) -> list[str]:
+    """llama-swap's comma-separated list, each name once, less what swapd never strips."""
+    if isinstance(setting, list):
+        why = 'a list: read as its names (llama-swap takes them as one text, "a, b")'
+        draft.note(line, f"filters.{key}", why)
+    items = setting if isinstance(setting, list) else str(setting or "").split(",")
+    strip = list(dict.fromkeys(name for name in (str(item).strip() for item in items) if name))
     for name in [p for p in strip if p in _PROTECTED]:
         draft.note(line, f"filters.{key}", f"{name} is never stripped in swapd; dropped")
     return [name for name in strip if name not in _PROTECTED]
@@ -292,6 +373,17 @@ def _set_params(draft: Draft, setting: dict[str, Any], line: int) -> dict[str, A
         draft.note(line, "filters.setParams", f"{exc}; dropped")
         return {}
     return dict(kept)
+
+
+def _set_params_by_id(draft: Draft, setting: Any, line: int) -> None:
+    """llama-swap makes each id an alias: kept as one, so requests for it still reach us."""
+    ids = [str(key) for key in setting] if isinstance(setting, dict) else []
+    routed = [model_id for model_id in ids if model_id != draft.model_id]
+    why = "not carried: swapd has no per-alias parameters; a preset per variant does that"
+    if routed:
+        why += f" ({', '.join(routed)}: aliases here, without those parameters)"
+    draft.note(line, "filters.setParamsByID", why)
+    _add_aliases(draft, routed, line, "filters.setParamsByID")
 
 
 def _metadata(draft: Draft, value: Any, line: int) -> None:
@@ -320,12 +412,21 @@ def _dates_as_text(value: Any) -> Any:
 
 
 def _unlisted(draft: Draft, value: Any, line: int) -> None:
-    if value is True:
+    unlisted = flag(value)
+    if unlisted is None and value is not None:  # null: llama-swap's default, false
+        draft.note(line, "unlisted", f"expected true or false, got {value!r}; not carried")
+    elif unlisted:
         draft.set("unlisted", value=True, line=line, source="unlisted")
 
 
 def _concurrency(draft: Draft, value: Any, line: int) -> None:
-    if not _whole(value) or value < 1:
+    if value is None:
+        return  # llama-swap's default
+    if not _whole(value):
+        why = f"expected a whole number, got {value!r}; not carried"
+        draft.note(line, "concurrencyLimit", why)
+        return
+    if value < 1:
         return  # 0: llama-swap's internal default, no limit of the user's
     draft.set("concurrency", value, line, "concurrencyLimit")
     why = (
@@ -375,6 +476,8 @@ def _timers(draft: Draft, values: dict[str, Any], entries: dict[str, Entry], top
     if top.start_timeout:
         draft.set("start_timeout", duration(top.start_timeout), draft.line, "healthCheckTimeout")
     stop = values.get("unloadTimeout", top.stop_timeout)
+    if _whole(stop) and stop == 0:  # llama-swap's default for a model: the global one
+        stop = top.stop_timeout
     stop_at = _line(entries["unloadTimeout"]) if "unloadTimeout" in entries else draft.line
     if stop is not None and not (_whole(stop) and stop >= 0):
         draft.note(stop_at, "unloadTimeout", f"expected whole seconds, got {stop!r}; not carried")
