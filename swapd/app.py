@@ -304,16 +304,30 @@ async def serve(config: Config, load: Callable[[], Config] | None = None) -> Non
         lock.release()
 
 
-def _signals(stop: asyncio.Event, reload: Callable[[], None]) -> None:
+def _signals(stop: asyncio.Event, reload: Callable[[], None], runtime: Runtime) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _stop_or_force, stop, runtime)
     loop.add_signal_handler(signal.SIGHUP, reload)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         # Their default action would end the daemon and every backend with it.
         loop.add_signal_handler(
             sig, functools.partial(_log.warning, "swapd.signal.ignored", signal=sig.name)
         )
+
+
+def _stop_or_force(stop: asyncio.Event, runtime: Runtime) -> None:
+    """The first signal begins the drain; one during it (Ctrl-C again) kills the backends.
+
+    Shutdown then ends as soon as their groups are reaped, not after ``shutdown_timeout``
+    and each ``stop_timeout``.
+    """
+    if not stop.is_set():
+        stop.set()
+        return
+    _log.warning("swapd.shutdown.forced", detail="a second signal: every backend is killed now")
+    if runtime.manager is not None:
+        runtime.manager.kill_all()
 
 
 async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
@@ -332,7 +346,7 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()  # strong references until they finish
 
-    _signals(stop, functools.partial(_reload_on_signal, runtime, stop, tasks))
+    _signals(stop, functools.partial(_reload_on_signal, runtime, stop, tasks), runtime)
     _warn_about_access(config)
     max_connections, fd_limit = fit_fd_limit(config.max_connections)
     edge = Edge(_limits(config, max_connections), fd_limit)

@@ -103,17 +103,21 @@ class Cgroups:
         return tree, ""
 
     def clean(self) -> None:
-        """Remove empty backend cgroups that a swapd no longer alive left (a crash, a SIGKILL).
+        """End and remove the backend cgroups a swapd no longer alive left (a crash, a SIGKILL).
 
-        Names carry the owner's pid, so one swapd never removes another live one's.
+        Names carry the owner's pid, so one swapd never touches another live one's. What is
+        still in one escaped its process group and the reaper (a helper that made its own
+        session and cleared its environment): a backend's, so ended here.
         """
         for child in self.base.glob(f"{_PREFIX}*"):
             owner = _OWNER.match(child.name)
-            if owner is None or _alive(int(owner.group(1))):
+            if owner is None or _alive(int(owner.group(1))) or not child.is_dir():
                 continue
-            if child.is_dir() and not _members(child):
-                with contextlib.suppress(OSError):
-                    child.rmdir()
+            if _members(child):
+                _log.warning("leftover.cgroup.kill", path=str(child), pids=kill(child))
+                continue
+            with contextlib.suppress(OSError):
+                child.rmdir()
 
     def create(self, model: str) -> Path:
         """A fresh, empty cgroup for one start of ``model``."""

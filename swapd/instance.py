@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 
 from swapd.errors import SwapdError
+from swapd.logs import get_logger
+
+_log = get_logger("swapd.instance")
 
 
 class AlreadyRunning(SwapdError):
@@ -49,8 +52,13 @@ class InstanceLock:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             raise AlreadyRunning(state_dir, holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            # A full disk: the lock holds all the same; only a second swapd's message
+            # loses the pid it names.
+            _log.warning("instance.pid.unwritten", path=str(path), error=exc.strerror or str(exc))
         return cls(fd, path)
 
     def release(self) -> None:

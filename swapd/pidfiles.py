@@ -42,8 +42,14 @@ class PidRecords:
             record["boot"] = boot
         path = self.directory / f"{pid}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(record))
+            tmp.replace(path)
+        except OSError as exc:
+            # A full or read-only state_dir: the record is a net for a later swapd only.
+            # The reaper, the parent-death signal and the mark still end this child.
+            tmp.unlink(missing_ok=True)
+            _log.warning("pidfile.write.fail", pid=pid, model=model, error=str(exc))
 
     def remove(self, pid: int) -> None:
         """Forget a child that has been reaped; a record that cannot be removed is logged."""
