@@ -232,13 +232,15 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
     )
     pidfd: int | None = None
     transport: asyncio.ReadTransport | None = None
+    assert popen.stdout is not None  # noqa: S101 - spawned with a pipe
+    pipe: IO[bytes] = popen.stdout
     try:
-        assert popen.stdout is not None  # noqa: S101 - spawned with a pipe
         pidfd = os.pidfd_open(popen.pid)
         loop = asyncio.get_running_loop()
+        pipe = closed_once(popen.stdout, loop)
         reader = asyncio.StreamReader(limit=_OUTPUT_LIMIT, loop=loop)
         transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), popen.stdout
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), pipe
         )
         return _PidfdProcess(popen, pidfd, reader, transport)
     except BaseException:
@@ -247,12 +249,29 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
             os.close(pidfd)
         if transport is not None:
             transport.close()
-        elif popen.stdout is not None:
-            _close_pipe_file(popen.stdout)
+        else:
+            _close_pipe_file(pipe)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
         raise
+
+
+def closed_once(stdout: IO[bytes], loop: asyncio.AbstractEventLoop) -> IO[bytes]:
+    """The pipe as ``connect_read_pipe`` is to get it: its descriptor closed once, by it.
+
+    uvloop's pipe transport closes the descriptor itself (libuv), then closes the file
+    object it was given, which closes the same number again: whatever another thread
+    opened meanwhile under that number (a /proc file an admission reading opens, a
+    socket) is closed under it (uvloop issue 763). Under uvloop the transport gets a
+    copy of the descriptor in a file object that does not own it, and the original is
+    closed here, now, while nothing else holds its number.
+    """
+    if not type(loop).__module__.startswith("uvloop"):
+        return stdout  # asyncio's transport closes the file object alone
+    copy = os.dup(stdout.fileno())
+    stdout.close()
+    return open(copy, "rb", buffering=0, closefd=False)
 
 
 def _check_executable(program: str, search: str) -> None:
@@ -271,10 +290,10 @@ def _check_executable(program: str, search: str) -> None:
 def _close_pipe_file(pipe: IO[bytes]) -> None:
     """Close the pipe's file object, whose descriptor a failed connect may have closed.
 
-    uvloop's libuv handle owns the descriptor once opened and closes it when the connect
-    fails (cancelled, say), leaving the file object open: closing that then gives
-    EBADF, which uvloop itself expects when it closes a pipe's file. The object is
-    marked closed either way, so nothing closes the number again later.
+    Under asyncio the file object owns it. Under uvloop the object given to the connect
+    (see :func:`closed_once`) owns nothing, and libuv closes the descriptor once opened,
+    also when the connect fails (cancelled, say); an EBADF here is a number already
+    closed. The object is marked closed either way.
     """
     try:
         pipe.close()

@@ -246,3 +246,39 @@ def test_a_setpriv_check_that_times_out_is_made_again(monkeypatch: pytest.Monkey
     prefix = asyncio.run(spawn.death_prefix())
     assert prefix[1:] == ("--pdeathsig", "KILL", "--")
     assert spawn._death_prefix == prefix
+
+
+def test_a_pipe_transport_never_closes_a_number_it_no_longer_owns(
+    run: Runner[tuple[bool, bool]],
+) -> None:
+    """Its descriptor is closed once: a number another thread opened since is left alone.
+
+    uvloop closes a pipe transport's descriptor itself (libuv), then the file object it
+    was given: whatever another thread had opened under that number by then was closed
+    under it (a /proc file an admission reading had just opened, in a chaos run). So
+    under uvloop the object the transport gets owns nothing (its close leaves the
+    descriptor to libuv), and the original is closed at once; under asyncio the
+    transport closes the one object that owns it.
+    """
+
+    async def closes() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        read_end, write_end = os.pipe()
+        original = os.fdopen(read_end, "rb")
+        given = spawn.closed_once(original, loop)
+        number = given.fileno()
+        given.close()  # as uvloop does once libuv has closed the number
+        try:
+            os.fstat(number)
+        except OSError:
+            still_open = False
+        else:
+            still_open = True
+            os.close(number)
+        os.close(write_end)
+        return still_open, original.closed
+
+    still_open, original_closed = run(closes())
+    assert original_closed  # closed at once under uvloop; the transport's own under asyncio
+    on_uvloop = run is not asyncio.run
+    assert still_open is on_uvloop
