@@ -32,7 +32,9 @@ KEY_HINT = (
 # How long a verb that swapd answers at once (status, plan) waits for the answer: a swapd
 # whose loop is blocked, or a stopped process, still completes the TCP handshake.
 ANSWER_WITHIN = 20.0
-_WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - listen addresses that mean "every address"
+# Listen addresses that mean "every address", and the loopback a local client uses for each:
+# "::" binds IPv6 alone (the loop sets IPV6_V6ONLY), "" both families.
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 - names, not binds
 
 
 class ClientError(Exception):
@@ -52,7 +54,7 @@ def config_path(arg: str | None) -> Path | None:
 
 def url_of(config: Config | Endpoint) -> str:
     """The URL a local client reaches a config's listen address at."""
-    host = "127.0.0.1" if config.host in _WILDCARDS else config.host
+    host = _WILDCARDS.get(config.host, config.host)
     return f"http://[{host}]:{config.port}" if ":" in host else f"http://{host}:{config.port}"
 
 
@@ -127,6 +129,13 @@ class Client:
                 body = await _json_or_text(resp)
                 if resp.status >= 400:
                     raise ClientError(self._refusal(resp.status, body), resp.status, body)
+                if not isinstance(body, dict):
+                    # Another program on the port (a web UI, a login page) answers every path.
+                    msg = (
+                        f"{url} answered {resp.status} but not with swapd's JSON: is swapd"
+                        " listening there?"
+                    )
+                    raise ClientError(msg, resp.status, body)
                 return body
         except aiohttp.SocketTimeoutError as exc:
             msg = f"{self.target.url} took the connection but did not answer within {within:g}s"
@@ -149,6 +158,12 @@ class Client:
                 if resp.status >= 400:
                     body = await _json_or_text(resp)
                     raise ClientError(self._refusal(resp.status, body), resp.status, body)
+                if resp.content_type != "text/event-stream":
+                    msg = (
+                        f"{url} answered {resp.status} but not with swapd's event stream: is"
+                        " swapd listening there?"
+                    )
+                    raise ClientError(msg, resp.status)
                 event, data = "message", []
                 async for raw in resp.content:
                     line = raw.decode("utf-8", "replace").rstrip("\r\n")

@@ -225,6 +225,10 @@ async def verb_load(client: Client, args: argparse.Namespace) -> int:
     else:
         where = f"pid {view['pid']}, port {view['port']}, device {view['device']}"
         print(f"{view['name']}: {view['state']} ({where})")
+    if view["state"] != "ready":
+        # Ready, then taken down before the answer (an unload meanwhile): not ready now.
+        print(f"{view['name']}: not ready: it is {view['state']} now", file=sys.stderr)
+        return 1
     return 0
 
 

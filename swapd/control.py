@@ -8,8 +8,9 @@ hangs up never cancels them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 
@@ -27,6 +28,9 @@ _MOVING = frozenset({"queued", "starting", "waking", "sleeping", "draining", "st
 PROGRESS_EVERY = 0.5  # seconds between views of a model on the move
 KEEPALIVE_EVERY = 15.0  # seconds between comment lines on a quiet stream
 FOLLOW_EVERY = 0.25  # seconds between looks at a followed backend's output
+# At shutdown, how long a stream has to end by itself before its connection is closed: one
+# whose client stopped reading waits in a write that nothing else would end.
+STREAM_GRACE = 2.0
 DEFAULT_LINES = 100  # of a backend's output, when ?lines= is not given
 
 
@@ -68,10 +72,32 @@ class Control:
         self.metrics = metrics
         self._reload = reload
         self._closing = False  # shutdown began: open streams end, so the drain need not wait
+        # Events and followed logs open now (a request is a mapping: kept by its id).
+        self._streams: dict[int, web.Request] = {}
 
     def close(self) -> None:
-        """End the open streams (events, followed logs) within a beat."""
+        """End the open streams (events, followed logs) within a beat.
+
+        Each ends at its next look; one whose client stopped reading is stuck in a write
+        until its connection is closed, :data:`STREAM_GRACE` seconds on.
+        """
         self._closing = True
+        if self._streams:
+            asyncio.get_running_loop().call_later(STREAM_GRACE, self._cut_streams)
+
+    @contextlib.contextmanager
+    def _open(self, request: web.Request) -> Iterator[None]:
+        """A stream open for as long as the block runs, for :meth:`close` to cut."""
+        self._streams[id(request)] = request
+        try:
+            yield
+        finally:
+            del self._streams[id(request)]
+
+    def _cut_streams(self) -> None:
+        for request in list(self._streams.values()):
+            if request.transport is not None:
+                request.transport.abort()  # close() would wait for the buffer to drain
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """Register every control route."""
@@ -149,22 +175,23 @@ class Control:
         followed = self.manager.incarnation(name)
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
-        for line in lines:
-            await response.write(sse("line", line))
-        quiet = 0.0
-        while not self._closing:
-            await asyncio.sleep(FOLLOW_EVERY)
-            if not self._same_model(name, followed):
-                break  # removed (or added back: another process, another log)
-            new, cursor = self.manager.logs_since(name, cursor)
-
-            for line in new:
+        with self._open(request):
+            for line in lines:
                 await response.write(sse("line", line))
-            quiet = 0.0 if new else quiet + FOLLOW_EVERY
-            if quiet >= KEEPALIVE_EVERY:
-                await response.write(b": keepalive\n\n")
-                quiet = 0.0
-        await response.write_eof()
+            quiet = 0.0
+            while not self._closing:
+                await asyncio.sleep(FOLLOW_EVERY)
+                if not self._same_model(name, followed):
+                    break  # removed (or added back: another process, another log)
+                new, cursor = self.manager.logs_since(name, cursor)
+
+                for line in new:
+                    await response.write(sse("line", line))
+                quiet = 0.0 if new else quiet + FOLLOW_EVERY
+                if quiet >= KEEPALIVE_EVERY:
+                    await response.write(b": keepalive\n\n")
+                    quiet = 0.0
+            await response.write_eof()
         return response
 
     async def events(self, request: web.Request) -> web.StreamResponse:
@@ -185,7 +212,7 @@ class Control:
             return web.Response(headers=SSE_HEADERS)  # a stream's headers, no stream
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
-        with self.manager.changes.subscribe() as subscription:
+        with self._open(request), self.manager.changes.subscribe() as subscription:
             for view in chosen(self.manager.views()):
                 await response.write(sse("model", view.as_json()))
             quiet = 0.0

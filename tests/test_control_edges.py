@@ -1,0 +1,131 @@
+"""The admin surface at its edges: stuck followers at shutdown, what the CLI reaches and reads."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon import FAKE_UPSTREAM, fake_preset, free_port, wait_for
+from test_cli import swapd
+
+from swapd._client import url_of
+from swapd.config import Endpoint
+
+if TYPE_CHECKING:
+    from conftest import StartDaemon
+
+# A helper in the backend's group prints 400 KB a second, then the fake serves.
+LOOP = """
+import sys
+import time
+
+line = "x" * 8000 + "\\n"
+while True:
+    sys.stdout.write(line * 50)
+    sys.stdout.flush()
+    time.sleep(0.05)
+"""
+SPEW = """
+import os
+import subprocess
+import sys
+
+subprocess.Popen([sys.executable, sys.argv[3]])
+os.execv(sys.executable, [sys.executable, sys.argv[1], "--port", sys.argv[2]])
+"""
+
+
+# A web app that answers every path 200 with a page (one also on 8080: a UI, a login page).
+OTHER_APP = """
+import sys
+
+from aiohttp import web
+
+
+async def page(request):
+    return web.Response(text="<html>app</html>", content_type="text/html")
+
+
+app = web.Application()
+app.router.add_route("*", "/{p:.*}", page)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on the loopback port."""
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def spewing(tmp_path: Path) -> dict[str, Any]:
+    """A command preset whose backend prints fast and for good."""
+    (tmp_path / "loop.py").write_text(LOOP)
+    (tmp_path / "spew.py").write_text(SPEW)
+    cmd = [sys.executable, str(tmp_path / "spew.py"), str(FAKE_UPSTREAM), "${PORT}"]
+    return {"backend": "command", "cmd": [*cmd, str(tmp_path / "loop.py")]}
+
+
+def test_a_follower_that_stops_reading_does_not_hold_shutdown(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A `swapd logs -f | less` left on screen: its stream is cut, the drain does not wait.
+
+    Its handler waits in a write that its full socket never ends; before, shutdown waited
+    out the whole ``shutdown_timeout`` with no request in flight.
+    """
+    d = start_daemon({"spew": spewing(tmp_path)}, {"shutdown_timeout": "5m"})
+    assert d.request("POST", "/swapd/models/spew/load")[0] == 200
+    stuck = socket.create_connection(("127.0.0.1", d.port))
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    path = "/swapd/models/spew/logs?follow=true&lines=0"
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{d.port}\r\n\r\n"
+    stuck.sendall(request.encode())
+    try:
+        time.sleep(3)  # the socket's buffers fill: the handler waits in its write
+        assert d.stop() == 0  # within the fixture's wait, far short of 5 minutes
+    finally:
+        stuck.close()
+
+
+def test_the_cli_reaches_a_swapd_listening_on_every_ipv6_address() -> None:
+    """``[::]`` binds IPv6 alone (the loop sets IPV6_V6ONLY): the CLI asks ``[::1]``."""
+    assert url_of(Endpoint("::", 8080, ())) == "http://[::1]:8080"
+    assert url_of(Endpoint("0.0.0.0", 8080, ())) == "http://127.0.0.1:8080"
+    assert url_of(Endpoint("", 8080, ())) == "http://127.0.0.1:8080"
+
+
+def test_the_cli_says_so_when_something_else_answers(tmp_path: Path) -> None:
+    """Another web app on the port answers 200 with HTML: a clear line, no traceback."""
+    port = free_port()
+    server = tmp_path / "app.py"
+    server.write_text(OTHER_APP)
+    app = subprocess.Popen([sys.executable, str(server), str(port)])
+    try:
+        wait_for(lambda: listening(port))
+        for verb in (["status"], ["unload", "--all"], ["reload"], ["logs", "x", "-f"]):
+            result = swapd(*verb, "--url", f"http://127.0.0.1:{port}")
+            assert result.returncode == 1, verb
+            assert "Traceback" not in result.stderr, result.stderr
+            assert "is swapd listening there?" in result.stderr
+    finally:
+        app.kill()
+        app.wait()
+
+
+def test_load_fails_when_the_model_is_not_ready_at_the_end(start_daemon: StartDaemon) -> None:
+    """Ready, then unloaded before the answer: `swapd load` exits 1, as not ready."""
+    d = start_daemon({"slow": fake_preset("slow", "--start-delay", "3")})
+    results: list[subprocess.CompletedProcess[str]] = []
+    loader = threading.Thread(target=lambda: results.append(swapd("load", "slow", "--url", d.url)))
+    loader.start()
+    wait_for(lambda: d.model("slow")["state"] == "starting")
+    assert d.request("POST", "/swapd/unload")[0] == 200  # an operator's `unload --all`
+    loader.join()
+    assert results[0].returncode == 1, results[0].stdout
+    assert "not ready" in results[0].stderr
