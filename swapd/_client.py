@@ -94,7 +94,10 @@ class Target:
                 url = url or url_of(endpoint)
                 key = key or next(iter(endpoint.admin_keys), None)
                 problem = endpoint.key_problem
-        return cls((url or DEFAULT_URL).rstrip("/"), key, None if key else problem, address_problem)
+        url = (url or DEFAULT_URL).rstrip("/")
+        if "://" not in url:
+            url = f"http://{url}"  # 127.0.0.1:8080, as a listen address is written
+        return cls(url, key, None if key else problem, address_problem)
 
 
 class Client:

@@ -306,7 +306,10 @@ async def verb_logs(client: Client, args: argparse.Namespace) -> int:
     async for event, line in client.events(path + "&follow=true"):
         if event == "line":
             print(json.dumps(line) if args.json else _render.printable(line), flush=True)
-    return 0
+    # Not ended by the user: a reload removed the model, or swapd stopped.
+    ended = "the log stream ended (the model was removed, or swapd stopped)"
+    print(f"{args.name}: {ended}", file=sys.stderr)
+    return 1
 
 
 async def verb_reload(client: Client, args: argparse.Namespace) -> int:

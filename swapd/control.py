@@ -202,6 +202,8 @@ class Control:
         can draw bytes staged and time spent.
         """
         wanted = request.query.get("model")
+        if wanted == "":
+            raise BadRequest("?model= names no model: leave it out for every model")
         name = self.manager.view(wanted).name if wanted else None
         followed = self.manager.incarnation(name) if name is not None else None
 

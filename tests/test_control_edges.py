@@ -14,6 +14,7 @@ from daemon import FAKE_UPSTREAM, fake_preset, free_port, wait_for
 from test_cli import swapd
 
 from swapd._client import url_of
+from swapd._render import table
 from swapd.config import Endpoint
 
 if TYPE_CHECKING:
@@ -129,3 +130,38 @@ def test_load_fails_when_the_model_is_not_ready_at_the_end(start_daemon: StartDa
     loader.join()
     assert results[0].returncode == 1, results[0].stdout
     assert "not ready" in results[0].stderr
+
+
+def test_a_followed_log_that_swapd_ends_says_so_and_exits_1(start_daemon: StartDaemon) -> None:
+    """The stream ended without the user: a line says why it may have, and the exit is 1."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    argv = [sys.executable, "-m", "swapd", "logs", "a", "-f", "--url", d.url]
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as follow:
+        assert follow.stdout is not None
+        assert "listening on" in follow.stdout.readline()
+        assert d.stop() == 0
+        assert follow.wait(timeout=30) == 1
+        assert follow.stderr is not None
+        assert "the log stream ended" in follow.stderr.read()
+
+
+def test_a_url_without_a_scheme_is_read_as_http(start_daemon: StartDaemon) -> None:
+    """``--url 127.0.0.1:8080``, as a listen address is written, reaches swapd."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert swapd("status", "--url", f"127.0.0.1:{d.port}").returncode == 0
+
+
+def test_an_empty_model_in_the_feed_query_is_refused(start_daemon: StartDaemon) -> None:
+    """``?model=`` names no model: a 400 saying so, not every model's feed."""
+    d = start_daemon({"a": fake_preset("A")})
+    status, body = d.get("/swapd/events?model=")
+    assert status == 400
+    assert "names no model" in body["error"]["message"]
+
+
+def test_a_table_without_rows_is_its_header() -> None:
+    """A plan with no devices would have no rows: the header alone, no error."""
+    assert table(["device", "free"], []) == "device  free"
