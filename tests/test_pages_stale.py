@@ -47,14 +47,20 @@ def copy_of(gguf: Path, where: Path) -> Path:
     return where
 
 
+def in_ram(start_daemon: StartDaemon, model: Path) -> Daemon:
+    """A swapd serving ``model`` as ``t`` once, its pages then held in the ram tier."""
+    preset = {"backend": "llama-server", "model": str(model), "args": ["-c", "256"], "ttl": "1s"}
+    d = start_daemon({"t": preset}, {"ram_budget": 256 * MIB})
+    to_ram(d, "t")
+    return d
+
+
 def test_a_deleted_file_held_in_the_ram_tier_is_let_go(
     start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path
 ) -> None:
     """Its pages would stay locked, and its disk space taken, for as long as they were held."""
     model = copy_of(tiny_gguf, tmp_path / "m.gguf")
-    preset = {"backend": "llama-server", "model": str(model), "args": ["-c", "256"], "ttl": "1s"}
-    d = start_daemon({"t": preset}, {"ram_budget": 256 * MIB})
-    to_ram(d, "t")
+    d = in_ram(start_daemon, model)
     assert mapped(d, model)
     model.unlink()
     wait_for(lambda: d.model("t")["tier"] == "disk", 30)
@@ -69,9 +75,7 @@ def test_a_replaced_file_is_started_from_disk_not_counted_from_ram(
 ) -> None:
     """A new download renamed over the file: the start reads the new file, and says so."""
     model = copy_of(tiny_gguf, tmp_path / "m.gguf")
-    preset = {"backend": "llama-server", "model": str(model), "args": ["-c", "256"], "ttl": "1s"}
-    d = start_daemon({"t": preset}, {"ram_budget": 256 * MIB})
-    to_ram(d, "t")
+    d = in_ram(start_daemon, model)
     copy_of(tiny_gguf, tmp_path / "m.gguf.new").replace(model)
     assert d.chat("t", max_tokens=1)[0] == 200
     done = events(d, "model.load.done")
