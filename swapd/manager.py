@@ -232,6 +232,8 @@ class Manager:
         self._loading: dict[int, float] = {}  # when each load under way began, by id() of its slot
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ram_check: asyncio.Task[None] | None = None
+        # A model whose restart a later one replaced mid-drain: whether it was serving.
+        self._served: dict[str, bool] = {}
         self._closing = False
         # Loads that a forced unload cancelled: their waiters are answered, not cancelled.
         self._cut_loads: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
@@ -2044,8 +2046,9 @@ class Manager:
         if slot.state is State.BACKOFF:
             slot.move(State.BACKOFF, State.FAILED)  # the next request starts it at once
             self._notify()
-        if slot.state is State.READY and slot.in_flight == 0:
-            self._arm_ttl(slot)  # the new ttl (or pin), counted from now
+        idle = slot.state is State.READY and slot.in_flight == 0
+        if idle and (preset.ttl != old.ttl or preset.pin != old.pin):
+            self._arm_ttl(slot)  # the new ttl (or pin), counted from now; others keep the clock
         if preset.ram_ttl != old.ram_ttl and slot.tier == "ram":
             slot.ram_since = time.monotonic()  # as for ttl: counted from the reload
             self._rearm_ram_ttl(slot)  # armed, changed or cleared
@@ -2126,9 +2129,13 @@ class Manager:
         await self._settle(slot)
         latest = self.config.preset(preset.name)  # a later reload may have changed it again
         if latest is None or self._removed(slot):
+            self._served.pop(preset.name, None)
             return  # removed meanwhile: its retirement stops it
         preset = latest
-        serving = slot.state in (State.READY, State.DRAINING)
+        # Also when a restart this one replaced stopped it (and started nothing): it served.
+        serving = slot.state in (State.READY, State.DRAINING) or self._served.pop(
+            preset.name, False
+        )
         # No new lease goes to the old process from here: it drains (or stops) first.
         slot.preset, slot.kind = preset, kind_of(preset)
         slot.failures = 0  # a changed preset deserves fresh tries
@@ -2138,6 +2145,11 @@ class Manager:
         _log.info("model.reload", model=preset.name, change="restart", serving=serving)
         began = time.monotonic()
         await self._drain_and_stop(slot, "reload")
+        if self._restarts.get(preset.name) is not asyncio.current_task():
+            # A later reload changed it again meanwhile: its restart starts the newest
+            # launch, not this one, and knows that the model served.
+            self._served[preset.name] = serving
+            return
         start = serving or preset.preload
         if start and slot.unloaded_at >= began:
             # An unload asked for meanwhile is the user's last word: it stays down.

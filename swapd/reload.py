@@ -75,6 +75,8 @@ def launch_key(preset: Preset) -> LaunchKey:
 
     Blocking: the binary is looked up on PATH (and llama-server's ``--help`` read once).
     """
+    # memory: used at the next start, not a restart (vLLM sizes its KV cache from it).
+    preset = dataclasses.replace(preset, memory=None)
     kind = kind_of(preset)
     try:
         binary = kind.binary(preset)
