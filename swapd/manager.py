@@ -179,6 +179,10 @@ async def _close_later(pages: WarmSet, delay: float) -> None:
     await asyncio.to_thread(pages.close)
 
 
+class _Abandoned(Unavailable):
+    """A queued load whose every waiter went away: it ends before it drains or evicts."""
+
+
 def _never_room(full: StagingFull) -> bool:
     """No stop of a model can make this room: over the budget, or over the whole disk."""
     if full.need > full.budget:
@@ -452,6 +456,8 @@ class Manager:
                 await self._toward_ready(slot)
         finally:
             slot.waiters -= waiting
+            if waiting and not slot.waiters and slot.state is State.QUEUED:
+                self._notify()  # its load, waiting for room, ends now rather than later
 
     def _let_in(self, slot: Slot) -> None:
         """Count a new request for the eviction order; :class:`QueueFull` past its queue."""
@@ -460,7 +466,9 @@ class Manager:
         if preset.max_queue is not None:
             # Past concurrency and max_queue together. A request within concurrency is no
             # queue, also while the model loads (all of those run at once once it is ready).
-            limit = (preset.concurrency or 0) + preset.max_queue
+            # Without concurrency, the request that starts a load is no queue either: max_queue
+            # more wait with it (0 would otherwise refuse the one request that loads it).
+            limit = (preset.concurrency or 1) + preset.max_queue
             ahead = slot.waiters if preset.concurrency is None else slot.in_flight + slot.waiters
             # Without concurrency a ready model queues nothing: the request goes at once.
             queues = preset.concurrency is not None or slot.state is not State.READY
@@ -690,10 +698,14 @@ class Manager:
         """
         slot = self.slot_for(name)
         slot.failures = 0
-        while slot.state is not State.READY:
-            if self._closing:
-                raise Unavailable("swapd is shutting down")
-            await self._toward_ready(slot)
+        slot.waiters += 1  # someone waits for it: the load is not one nobody wants
+        try:
+            while slot.state is not State.READY:
+                if self._closing:
+                    raise Unavailable("swapd is shutting down")
+                await self._toward_ready(slot)
+        finally:
+            slot.waiters -= 1
         slot.last_used = slot.last_used or time.monotonic()
         if slot.in_flight == 0:
             self._arm_ttl(slot)
@@ -788,6 +800,10 @@ class Manager:
         return policy.HoldRule(max_s=longest, busy=config.hold_busy)
 
     def _load_failed(self, slot: Slot, exc: RequestError) -> None:
+        if isinstance(exc, _Abandoned):  # not a failure: nothing to say to anyone
+            _log.info("model.load.abandon", model=slot.preset.name)
+            self._end_failed_load(slot, exc)
+            return
         slot.last_error = exc
         code = exc.exit_code if isinstance(exc, BackendStartError) else None
         _log.warning("model.load.fail", model=slot.preset.name, error=exc.message, code=code)
@@ -948,6 +964,10 @@ class Manager:
             # Taken before the checks and the plan: a change while the plan awaits (the
             # copy failing, a model going idle) must still end the wait that follows.
             changed = self._changed
+            if slot.waiters == 0:
+                # Every client hung up while it waited: a hold, a drain or an eviction of
+                # other models' work would now serve nobody.
+                raise _Abandoned(f"nobody waits for {preset.name!r} any more")
             self._start_if_sleeper_died(job)
             if staging is not None and staging.done():
                 # A copy that failed (checksum, no cache room) ends the load here: it
