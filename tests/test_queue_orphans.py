@@ -7,10 +7,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import pytest
-from daemon import fake_preset, wait_for
+from daemon import Daemon, fake_preset, wait_for
 
 if TYPE_CHECKING:
     from conftest import StartDaemon
+
+
+def one_at_a_time(start_daemon: StartDaemon) -> Daemon:
+    """Models a and b, one running at a time, busy ones drained after 1 s; a served once."""
+    d = start_daemon(
+        {"a": fake_preset("A"), "b": fake_preset("B")},
+        {"max_running": 1, "max_wait": "1s", "queue_timeout": "60s"},
+    )
+    assert d.chat("a")[0] == 200
+    return d
 
 
 def test_a_queued_load_whose_client_hung_up_drains_and_evicts_nothing(
@@ -21,11 +31,7 @@ def test_a_queued_load_whose_client_hung_up_drains_and_evicts_nothing(
     The load went on without anyone: at max_wait it drained a, and once a's request
     ended it evicted a for a b nobody wanted (a's next request paid a second swap).
     """
-    d = start_daemon(
-        {"a": fake_preset("A"), "b": fake_preset("B")},
-        {"max_running": 1, "max_wait": "1s", "queue_timeout": "60s"},
-    )
-    assert d.chat("a")[0] == 200
+    d = one_at_a_time(start_daemon)
     with ThreadPoolExecutor(1) as pool:
         long = pool.submit(d.chat, "a", "long", fake_delay=4)
         wait_for(lambda: d.model("a")["in_flight"] == 1)
@@ -43,11 +49,7 @@ def test_a_queued_load_whose_client_hung_up_drains_and_evicts_nothing(
 
 def test_an_explicit_load_waiting_for_room_is_not_abandoned(start_daemon: StartDaemon) -> None:
     """``swapd load`` counts as someone waiting: it drains the busy model at max_wait."""
-    d = start_daemon(
-        {"a": fake_preset("A"), "b": fake_preset("B")},
-        {"max_running": 1, "max_wait": "1s", "queue_timeout": "60s"},
-    )
-    assert d.chat("a")[0] == 200
+    d = one_at_a_time(start_daemon)
     with ThreadPoolExecutor(1) as pool:
         long = pool.submit(d.chat, "a", "long", fake_delay=3)
         wait_for(lambda: d.model("a")["in_flight"] == 1)
