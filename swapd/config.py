@@ -361,13 +361,19 @@ def stamp_files(files: Iterable[Path]) -> dict[str, tuple[int, int, int]]:
     return found
 
 
+def read_files(source: Path, presets: Path, keys: list[Path]) -> list[Path]:
+    """The files a load of the config at ``source`` reads: it, its preset files, its keys."""
+    files = [source]
+    with contextlib.suppress(OSError):  # gone or unreadable: the load says so
+        files += preset_files(presets)
+    return files + keys
+
+
 def stamp_config(path: Path) -> dict[str, tuple[int, int, int]]:
     """The stamps of the files a load of ``path`` reads, each taken before it is read."""
-    stamps = stamp_files([path])
+    first = stamp_files([path])  # before named_files reads it: its stamp is this one
     presets, keys = named_files(path)
-    with contextlib.suppress(OSError):  # gone or unreadable: the load says so
-        keys = preset_files(presets) + keys
-    return stamps | stamp_files(keys)
+    return stamp_files(read_files(path, presets, keys)) | first
 
 
 def load_config(path: Path) -> Config:

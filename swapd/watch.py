@@ -13,13 +13,11 @@ presets folder only it reads). A reload can turn the watch on, off, or change it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from swapd.config import Config, Stamps, named_files, stamp_files
+from swapd.config import Config, Stamps, named_files, read_files, stamp_files
 from swapd.logs import get_logger
-from swapd.presets import preset_files
 
 _log = get_logger("swapd.watch")
 # While the watch is off, how often to look whether a reload turned it on.
@@ -33,30 +31,23 @@ def watched_files(config: Config, refused: bool = False) -> list[Path]:
     the config file holds one a reload refused; the files it names are watched too.
     """
     keys = [f for f in (config.api_keys_file, config.admin_keys_file) if f is not None]
-    files = _files(Path(config.source), config.presets_dir, keys)
+    files = read_files(Path(config.source), config.presets_dir, keys)
     if refused:
         presets, named = named_files(Path(config.source))
-        files += [f for f in _files(Path(config.source), presets, named) if f not in files]
+        files += [f for f in read_files(Path(config.source), presets, named) if f not in files]
     return files
-
-
-def _files(source: Path, presets: Path, keys: list[Path]) -> list[Path]:
-    files = [source]
-    with contextlib.suppress(OSError):  # gone or unreadable: the reload says so
-        files += preset_files(presets)
-    return files + keys
 
 
 async def _look(config: Config, refused: bool) -> dict[str, tuple[int, int, int]]:
     return await asyncio.to_thread(lambda: stamp_files(watched_files(config, refused)))
 
 
-def _as_read(config: Config, now: Stamps) -> Stamps:
-    """What the files held when ``config`` read them, for each file looked at ``now``.
+def _as_read(read: Stamps, now: Stamps) -> Stamps:
+    """What the files held when a load read them (``read``), for each file looked at ``now``.
 
-    A file it never stamped (named by a config a reload refused) counts as it is now.
+    A file the load never stamped (named by a config a reload refused) counts as it is now.
     """
-    return {name: config.stamps.get(name, stamp) for name, stamp in now.items()}
+    return {name: read.get(name, stamp) for name, stamp in now.items()}
 
 
 async def watch(current: Callable[[], Config], reload: Callable[[], Awaitable[None]]) -> None:
@@ -93,7 +84,7 @@ async def _watch(current: Callable[[], Config], reload: Callable[[], Awaitable[N
             # since, even while it read them, is missed, and what it read is not read again.
             if seen is None:
                 _log.info("config.watch.on", every_s=every, files=len(now))
-            seen, based_on, refused = _as_read(config, now), config, False
+            seen, based_on, refused = _as_read(config.stamps, now), config, False
         if now != seen:
             await asyncio.sleep(every)
             if await _look(config, refused) != now:
@@ -105,8 +96,7 @@ async def _watch(current: Callable[[], Config], reload: Callable[[], Awaitable[N
                 # reload read (as settled before it), the files the refused one names
                 # included: it is tried again when any of them changes, even during it.
                 refused = True
-                after = await _look(config, refused)
-                seen = {name: now.get(name, stamp) for name, stamp in after.items()}
+                seen = _as_read(now, await _look(config, refused))
             continue
         await asyncio.sleep(every)
 
