@@ -136,6 +136,12 @@ def join(path: Path, pid: int) -> None:
     (path / "cgroup.procs").write_text(str(pid))
 
 
+def kill_members(path: Path) -> None:
+    """SIGKILL every process in ``path`` now, without waiting (gone already: nothing to do)."""
+    with contextlib.suppress(OSError):
+        (path / "cgroup.kill").write_text("1")
+
+
 def kill(path: Path) -> list[int]:
     """End every process left in ``path`` and remove it; return the pids that were there.
 
@@ -144,8 +150,7 @@ def kill(path: Path) -> list[int]:
     """
     left = _members(path)
     if left:
-        with contextlib.suppress(OSError):
-            (path / "cgroup.kill").write_text("1")
+        kill_members(path)
     deadline = time.monotonic() + _EMPTY_TIMEOUT
     while _members(path) and time.monotonic() < deadline:
         time.sleep(0.01)

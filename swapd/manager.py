@@ -37,7 +37,7 @@ from swapd.backends import (
     has_flag,
     kind_of,
 )
-from swapd.cgroups import Cgroups
+from swapd.cgroups import Cgroups, kill_members
 from swapd.config import Config
 from swapd.errors import (
     BackendGone,
@@ -2245,8 +2245,7 @@ class Manager:
             if child is not None:
                 child.kill_group()
                 if child.cgroup is not None:
-                    with contextlib.suppress(OSError):  # gone with its last member
-                        (child.cgroup / "cgroup.kill").write_text("1")
+                    kill_members(child.cgroup)
 
     @staticmethod
     def _cancel_load(slot: Slot) -> None:
