@@ -250,7 +250,9 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Spawned:
         if transport is not None:
             transport.close()
         else:
-            _close_pipe_file(pipe)
+            # Its only owner under asyncio; under uvloop a copy owning nothing (libuv closes
+            # the descriptor it opened, also when the connect fails), so never closed twice.
+            pipe.close()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
@@ -285,18 +287,3 @@ def _check_executable(program: str, search: str) -> None:
     # There but not executable (or a directory): exec refuses it with EACCES.
     code = errno.EACCES if any(c.exists() for c in candidates) else errno.ENOENT
     raise OSError(code, os.strerror(code), program)
-
-
-def _close_pipe_file(pipe: IO[bytes]) -> None:
-    """Close the pipe's file object, whose descriptor a failed connect may have closed.
-
-    Under asyncio the file object owns it. Under uvloop the object given to the connect
-    (see :func:`closed_once`) owns nothing, and libuv closes the descriptor once opened,
-    also when the connect fails (cancelled, say); an EBADF here is a number already
-    closed. The object is marked closed either way.
-    """
-    try:
-        pipe.close()
-    except OSError as exc:
-        if exc.errno != errno.EBADF:
-            raise
