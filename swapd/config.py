@@ -338,13 +338,21 @@ def named_files(path: Path) -> tuple[Path, list[Path]]:
     (a folder it moved the presets to, a key file not written yet). Values that do not
     read are left out; the reload says why.
     """
+    try:
+        doc = load_document(path)
+    except (ConfigError, OSError):
+        return path.parent / "presets", []
+    return _named_in(doc, path.parent)
+
+
+def _named_in(doc: Document, base: Path) -> tuple[Path, list[Path]]:
+    """The presets folder and key files ``doc`` names; values that do not read are left out."""
     named: dict[str, Path] = {}
-    with contextlib.suppress(ConfigError, OSError):
-        for entry in load_document(path).entries:
-            if entry.key in _FILE_KEYS:
-                with contextlib.suppress(ValueError):
-                    named[entry.key] = path.parent / _DAEMON_KEYS[entry.key](entry.value)
-    presets = named.pop("presets", path.parent / "presets")
+    for entry in doc.entries:
+        if entry.key in _FILE_KEYS:
+            with contextlib.suppress(ValueError):
+                named[entry.key] = base / _DAEMON_KEYS[entry.key](entry.value)
+    presets = named.pop("presets", base / "presets")
     return presets, list(named.values())
 
 
@@ -369,20 +377,15 @@ def read_files(source: Path, presets: Path, keys: list[Path]) -> list[Path]:
     return files + keys
 
 
-def stamp_config(path: Path) -> dict[str, tuple[int, int, int]]:
-    """The stamps of the files a load of ``path`` reads, each taken before it is read."""
-    first = stamp_files([path])  # before named_files reads it: its stamp is this one
-    presets, keys = named_files(path)
-    return stamp_files(read_files(path, presets, keys)) | first
-
-
 def load_config(path: Path) -> Config:
     """Load a daemon config and its presets; raise :class:`ConfigErrors` listing every problem."""
-    stamps = stamp_config(path)
+    first = stamp_files([path])  # before the read: a write after it shows in this stamp
     try:
         doc = load_document(path)
     except ConfigError as exc:
         raise ConfigErrors([exc]) from exc
+    # The other files' stamps are taken before they are read, below.
+    stamps = stamp_files(read_files(path, *_named_in(doc, path.parent))) | first
     errors: list[ConfigError] = []
     values = _daemon_values(doc, errors)
     base = path.parent
