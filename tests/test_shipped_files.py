@@ -77,3 +77,19 @@ def test_the_example_config_names_every_daemon_key_with_its_default(tmp_path: Pa
         and getattr(shown, f.name) != getattr(default, f.name)
     ]
     assert different == []
+
+
+def test_the_readme_module_map_names_every_module() -> None:
+    """Each module and package of swapd has its line in the README's module map."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Module map") :]
+    table = table[: table.index("\n## ")]
+    named = set(re.findall(r"`swapd/([\w/.]+)`", table))
+    package = ROOT / "swapd"
+    modules = {
+        p.name if p.is_file() else f"{p.name}/"
+        for p in package.iterdir()
+        if (p.suffix == ".py" and not p.name.startswith("__")) or (p / "__init__.py").is_file()
+    }
+    assert sorted(modules - named) == []
+    assert sorted(named - modules) == []
