@@ -158,8 +158,14 @@ class Control:
         return web.json_response(found.as_json())
 
     async def scrape(self, _request: web.Request) -> web.Response:
-        """Prometheus exposition: counters, histograms and gauges read now."""
-        _, memory = await self.manager.memory()
+        """Prometheus exposition: counters, histograms and gauges read now.
+
+        A reading that fails (no device answers) leaves out device memory alone: the
+        request, load and state series are what tells of a lost device.
+        """
+        memory: list[planner.DeviceMemory] = []
+        with contextlib.suppress(SwapdError):  # a GPU probe logs it (probe.device.fail)
+            _, memory = await self.manager.memory()
         body = self.metrics.render(self.manager.views(), memory)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 

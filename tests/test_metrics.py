@@ -7,14 +7,17 @@ import json
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, fake_stats, wait_for
+from fakes import probe_file
 from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 ADMIN_KEY = "admin-key-0123456789abcdef"
+GIB = 1024**3
 
 
 def scrape(d: Daemon, headers: dict[str, str] | None = None) -> Samples:
@@ -154,3 +157,30 @@ def test_a_refused_passthrough_route_is_counted_under_its_model(start_daemon: St
     m = scrape(d)
     assert value(m, "swapd_requests_total", model="a", code="403") == 1
     assert value(m, "swapd_requests_total", model="", code="403") is None
+
+
+def test_a_device_reading_that_fails_leaves_the_other_metrics_scraped(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """No device answers (a GPU lost): the scrape still answers, without device memory.
+
+    The reading raised through the scrape: every scrape was a 500, and the request,
+    load and state series went dark exactly when the device failed.
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": 0}})
+    d = start_daemon(
+        {"a": fake_preset("A", "--probe-file", str(probe), memory=GIB)},
+        {"devices": "auto", "reserve": 0},
+        env={"SWAPD_FAKE_PROBE": str(probe)},
+    )
+    assert d.chat("a")[0] == 200
+    assert value(scrape(d), "swapd_device_memory_bytes", device="gpu0", kind="total") == 8 * GIB
+    good = probe.read_text()
+    probe.write_text("{not json")
+    m = scrape(d)
+    assert value(m, "swapd_requests_total", model="a", code="200") == 1
+    assert value(m, "swapd_model_state", model="a", state="ready", tier="device") == 1
+    assert not [k for k in m if k[0] == "swapd_device_memory_bytes"]
+    probe.write_text(good)
+    assert value(scrape(d), "swapd_device_memory_bytes", device="gpu0", kind="total") == 8 * GIB
