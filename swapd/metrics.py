@@ -162,7 +162,8 @@ class Metrics:
         )
         self._evictions = Counter(
             "swapd_evictions",
-            "models moved down a tier without being asked (evict, ttl, ram_ttl, ram_budget)",
+            "models moved down a tier without being asked"
+            " (evict, ttl, ram_ttl, ram_budget, max_running)",
             ["model", "reason"],
             registry=self.registry,
         )

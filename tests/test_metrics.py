@@ -33,6 +33,14 @@ def scrape(d: Daemon, headers: dict[str, str] | None = None) -> Samples:
     }
 
 
+def scrape_text(d: Daemon) -> str:
+    """One scrape's text, as Prometheus reads it."""
+    status, text = d.get("/metrics")
+    assert status == 200
+    assert isinstance(text, str)
+    return text
+
+
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     """One sample's value, or None when the series is absent."""
     return samples.get((name, tuple(sorted(labels.items()))))
@@ -73,6 +81,29 @@ def test_evictions_are_counted_with_their_reason(start_daemon: StartDaemon) -> N
     assert d.chat("a")[0] == 200
     assert d.chat("b")[0] == 200
     assert value(scrape(d), "swapd_evictions_total", model="a", reason="evict") == 1
+
+
+def test_max_running_lowered_by_a_reload_counts_as_its_own_reason(
+    start_daemon: StartDaemon,
+) -> None:
+    """A model taken off by a lower ``max_running`` counts under ``max_running``.
+
+    The series' HELP line names that reason with the others (it listed four of five).
+    """
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")}, {"max_running": 2})
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    d.settings = {"max_running": 1}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[0] == 200
+    wait_for(lambda: scrape_text(d).count('reason="max_running"} 1.0') == 1)
+    [help_line] = [
+        line
+        for line in scrape_text(d).splitlines()
+        if line.startswith("# HELP swapd_evictions_total ")
+    ]
+    for reason in ("evict", "ttl", "ram_ttl", "ram_budget", "max_running"):
+        assert reason in help_line, help_line
 
 
 def test_a_model_removed_by_a_reload_leaves_no_series(start_daemon: StartDaemon) -> None:
