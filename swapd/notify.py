@@ -30,6 +30,11 @@ EXTEND_EVERY = 10.0
 # How often the STATUS line is recomputed besides state changes (queue depth moves per request).
 STATUS_EVERY = 2.0
 _NAMES_SHOWN = 8
+# A full queue (systemd busy) drops a ping or a STATUS line: the next one soon follows. Any
+# other message (READY, RELOADING, STOPPING, an extension) waits its turn and is sent again,
+# in order, this often; libsystemd's sd_notify would block the caller instead.
+_PASSING = ("WATCHDOG=", "STATUS=")
+RETRY_EVERY = 0.05
 
 
 class Notifier:
@@ -40,6 +45,8 @@ class Notifier:
         self.watchdog_usec = watchdog_usec
         self._sock: socket.socket | None = None  # opened at the first message
         self._failed = False
+        self._backlog: list[bytes] = []  # messages that met a full queue, oldest first
+        self._retry: asyncio.TimerHandle | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Notifier:
@@ -65,21 +72,71 @@ class Notifier:
         return self.watchdog_usec / 2e6
 
     def send(self, *lines: str) -> bool:
-        """Send ``KEY=VALUE`` lines as one datagram; False (logged once) when it cannot go."""
+        """Send ``KEY=VALUE`` lines as one datagram; False (logged once) when it did not go now.
+
+        A message that met a full queue and is not a ping or a STATUS line is sent again
+        later, after any sent earlier that wait too.
+        """
         if self.address is None:
             return False
+        data = "\n".join(lines).encode()
+        lasting = not all(line.startswith(_PASSING) for line in lines)
+        if self._backlog:
+            if lasting:
+                self._backlog.append(data)  # behind the ones waiting: systemd reads them in order
+            return False
+        try:
+            self._sendto(data)
+        except BlockingIOError as exc:
+            if lasting and self._later():
+                self._backlog.append(data)
+            else:
+                self._warn(exc)
+            return False
+        except OSError as exc:
+            self._warn(exc)
+            return False
+        return True
+
+    def _sendto(self, data: bytes) -> None:
         if self._sock is None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._sock.setblocking(False)  # noqa: FBT003 - the socket API is positional
+        assert self.address is not None  # noqa: S101 - send checked it
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        self._sock.sendto(data, target)
+
+    def _later(self) -> bool:
+        """Send the backlog again soon; False outside an event loop (nothing would)."""
         try:
-            self._sock.sendto("\n".join(lines).encode(), target)
-        except OSError as exc:
-            if not self._failed:  # one warning, not one per watchdog ping
-                _log.warning("notify.fail", socket=self.address, error=str(exc))
-                self._failed = True
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
             return False
+        if self._retry is None:
+            self._retry = loop.call_later(RETRY_EVERY, self._flush)
         return True
+
+    def _flush(self, *, again: bool = True) -> None:
+        self._retry = None
+        while self._backlog:
+            try:
+                self._sendto(self._backlog[0])
+            except BlockingIOError:
+                if again:
+                    self._later()
+                else:
+                    self._backlog.clear()
+                return
+            except OSError as exc:
+                self._warn(exc)
+                self._backlog.clear()
+                return
+            self._backlog.pop(0)
+
+    def _warn(self, exc: OSError) -> None:
+        if not self._failed:  # one warning, not one per watchdog ping
+            _log.warning("notify.fail", socket=self.address, error=str(exc))
+            self._failed = True
 
     def ready(self, status: str) -> None:
         """Start-up (or a reload) is done."""
@@ -103,7 +160,10 @@ class Notifier:
         self.send(f"STATUS={text}")
 
     def close(self) -> None:
-        """Close the socket."""
+        """Close the socket, once what waits has had a last try."""
+        if self._retry is not None:
+            self._retry.cancel()
+        self._flush(again=False)
         if self._sock is not None:
             self._sock.close()
             self._sock = None

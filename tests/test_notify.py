@@ -258,3 +258,48 @@ def test_a_bounded_extension_stops_when_its_time_is_up() -> None:
 
     asyncio.run(run())
     assert sent == [notify.EXTEND_BY]
+
+
+def _fill(listener: Listener) -> int:
+    """Fill the listener's queue as a busy systemd's would be; the datagrams it took."""
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setblocking(False)  # noqa: FBT003 - the socket API is positional
+    target = "\0" + listener.address[1:]
+    sent = 0
+    try:
+        while True:
+            sender.sendto(b"X=1", target)
+            sent += 1
+    except BlockingIOError:
+        return sent
+    finally:
+        sender.close()
+
+
+def test_a_full_queue_delays_ready_and_reloading_in_order_and_drops_pings(
+    listener: Listener,
+) -> None:
+    """With systemd's queue full, READY and RELOADING are sent again once it drains, in order.
+
+    A watchdog ping or a STATUS line met the same way is dropped: the next one follows.
+    """
+
+    async def scenario() -> tuple[bool, list[dict[str, str]]]:
+        notifier = Notifier(listener.address)
+        filler = _fill(listener)
+        notifier.reloading()
+        went = notifier.send("WATCHDOG=1")
+        notifier.status("busy")
+        notifier.ready("resident: a; waiting: 0")
+        await asyncio.sleep(notify.RETRY_EVERY * 3)  # still full: nothing goes, nothing lost
+        got = listener.drain()[filler:]
+        assert got == []
+        await asyncio.sleep(notify.RETRY_EVERY * 3)
+        got = listener.drain()[filler:]
+        notifier.close()
+        return went, got
+
+    went, got = asyncio.run(scenario())
+    assert not went
+    assert [next(iter(m)) for m in got] == ["RELOADING", "READY"]
+    assert got[1]["STATUS"] == "resident: a; waiting: 0"
