@@ -32,7 +32,12 @@ from typing import Literal, cast
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11, RawRequestMessage
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    HttpProcessingError,
+    InvalidHeader,
+    LineTooLong,
+)
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo, _RequestFactory
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -434,8 +439,21 @@ class EdgeHandler(RequestHandler):
         return response
 
 
+def http_reason(exc: HttpProcessingError) -> str:
+    """aiohttp's reason for a parse error, without the bytes of the request it quotes.
+
+    A line too long, or a header value its Python parser refuses, is quoted (up to 100
+    bytes of it): a Cookie's or a key's, which must reach neither the answer nor the log.
+    """
+    if isinstance(exc, LineTooLong):
+        return f"Got more than {exc.args[1]} bytes in one line"
+    if isinstance(exc, InvalidHeader):
+        return "Invalid HTTP header"
+    return exc.message
+
+
 def _parse_error(status: int, exc: BaseException | None, message: str | None) -> RequestError:
-    reason = exc.message if isinstance(exc, HttpProcessingError) else message
+    reason = http_reason(exc) if isinstance(exc, HttpProcessingError) else message
     # aiohttp's reasons go on to quote the line with a caret under it: keep the first line.
     first = str(reason or "").strip().split("\n", 1)[0].rstrip(":") or "unreadable request"
     text = clip(first, 200)

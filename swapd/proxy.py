@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 from aiohttp.http import StreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
 
 from swapd import _json as capped_json
 from swapd._exchange import CLIENT_GONE, stream_error
@@ -33,7 +34,7 @@ from swapd.errors import (
     UpstreamTimeout,
     clip,
 )
-from swapd.limits import send_continue
+from swapd.limits import http_reason, send_continue
 from swapd.logs import get_logger
 from swapd.manager import Lease, Manager
 from swapd.presets import Preset
@@ -300,7 +301,11 @@ async def read_body(request: web.Request, limit: int, timeout: float | None = No
     except web.RequestPayloadError as exc:
         # A body whose Content-Encoding does not decode (not gzip after all, say). aiohttp
         # renders its parser's error as "400, message:\n  ...": the reason is what follows.
-        reason = " ".join(str(exc).split()).removeprefix("400, message: ")
+        cause = exc.__cause__
+        if isinstance(cause, HttpProcessingError):
+            reason = http_reason(cause)  # not the bytes it quotes: a trailer's, say
+        else:
+            reason = " ".join(str(exc).split()).removeprefix("400, message: ")
         raise BadRequest(f"the request body cannot be read: {clip(reason, 200)}") from exc
 
 

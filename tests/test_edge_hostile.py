@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon import Daemon, fake_preset
+from daemon import Daemon, fake_preset, wait_for
 from test_edge import connect, read_all
 
 from swapd.auth import presented_key
@@ -368,3 +368,71 @@ def test_a_bad_chunk_size_after_the_first_chunks_is_a_400_at_once(plain: Daemon)
     error = json.loads(raw)["error"]
     assert error["code"] == "malformed_http", error
     assert "chunk" in error["message"]
+
+
+SECRET = "session-secret-0123456789"  # noqa: S105 - a stand-in, sent to be kept out
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # A Cookie over aiohttp's 8 KiB a line (a browser's, for another app on localhost).
+        b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Cookie: sid=%s; pad=%s\r\n\r\n" % (SECRET.encode(), b"p" * 9000),
+        # A key whose header line runs over the same cap.
+        b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Authorization: Bearer %s%s\r\n\r\n" % (SECRET.encode(), b"k" * 9000),
+        # A trailer over it, after a chunked body.
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+        b"X-Token: %s%s\r\n\r\n" % (SECRET.encode(), b"t" * 9000),
+    ],
+    ids=["cookie", "authorization", "trailer"],
+)
+def test_a_header_line_too_long_is_not_quoted_in_the_answer_or_the_log(
+    plain: Daemon, data: bytes
+) -> None:
+    """A header line over 8 KiB gets its 431 without its own bytes in the answer or the log.
+
+    aiohttp's reason quotes the line's first 100 bytes, which swapd passed on into the
+    envelope and the ``http.invalid`` line: a Cookie or a key went to the log.
+    """
+    before = len(plain.events("http.invalid"))
+    status, _, raw = send_raw(plain, data)[0]
+    assert status == 431, raw
+    assert json.loads(raw)["error"]["code"] == "headers_too_large"
+    assert SECRET.encode() not in raw
+    wait_for(lambda: len(plain.events("http.invalid")) > before)
+    assert SECRET not in plain.log_path.read_text()
+
+
+def test_a_header_aiohttps_python_parser_refuses_is_not_quoted(tmp_path: Path) -> None:
+    """Where aiohttp runs its Python parser, a refused header value is not echoed or logged.
+
+    That parser quotes a value with a NUL byte in its reason (``Invalid HTTP header: b'...'``):
+    an Authorization's key went back in the 400 and into the ``http.invalid`` line. It meets
+    a trailer over 8 KiB as the body is read, and quoted that in its 400 too.
+    """
+    d = Daemon(tmp_path, {"a": fake_preset("A")}, env={"AIOHTTP_NO_EXTENSIONS": "1"})
+    d.start()
+    try:
+        status, _, raw = send_raw(
+            d,
+            b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: Bearer %s\x00\r\n\r\n" % SECRET.encode(),
+        )[0]
+        assert status == 400, raw
+        assert json.loads(raw)["error"]["code"] == "malformed_http"
+        assert SECRET.encode() not in raw
+        wait_for(lambda: d.events("http.invalid"))
+        status, _, raw = send_raw(
+            d,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+            b"X-Token: %s%s\r\n\r\n" % (SECRET.encode(), b"t" * 9000),
+        )[0]
+        assert status in {400, 431}, raw
+        assert SECRET.encode() not in raw
+        assert SECRET not in d.log_path.read_text()
+    finally:
+        assert not d.cleanup(), "processes outlived swapd"
