@@ -276,7 +276,7 @@ def build_app(
         catalog = Catalog(manager)
         app.router.add_get("/v1/models", catalog.list)
         app.router.add_get("/v1/models/{id:.+}", catalog.one)
-        app[CONTROL] = Control(manager, app[EDGE], runtime.metrics, runtime.reload)
+        app[CONTROL] = Control(manager, app[EDGE], runtime.metrics, runtime.reload, runtime.allows)
         app[CONTROL].add_routes(app.router)
         preload = asyncio.create_task(manager.preload(), name="preload")
         app[PRELOAD] = preload

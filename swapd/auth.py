@@ -27,7 +27,7 @@ from typing import Any, Literal
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from swapd.errors import Forbidden, MisdirectedRequest, Unauthorized, clip
+from swapd.errors import Forbidden, MisdirectedRequest, RequestError, Unauthorized, clip
 from swapd.keys import KeyRing
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -234,6 +234,14 @@ class Access:
                 "an inference key is not enough",
                 "admin_key_required",
             )
+
+    def allows(self, request: web.Request) -> bool:
+        """Whether these checks let ``request`` in (a stream's, again after a reload)."""
+        try:
+            self.check(request, route_need(request.path, metrics_public=self.metrics_public))
+        except RequestError:
+            return False
+        return True
 
 
 def presented_key(headers: Mapping[str, str]) -> bytes | None:

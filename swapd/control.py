@@ -66,11 +66,15 @@ class Control:
         edge: Edge,
         metrics: Metrics,
         reload: Callable[[], Awaitable[ReloadPlan]],
+        allows: Callable[[web.Request], bool],
     ) -> None:
         self.manager = manager
         self.edge = edge
         self.metrics = metrics
         self._reload = reload
+        # The running config's access checks: a stream ends once they refuse its request
+        # (a reload took its key away, or its Host or Origin).
+        self._allows = allows
         self._closing = False  # shutdown began: open streams end, so the drain need not wait
         # Events and followed logs open now (a request is a mapping: kept by its id).
         self._streams: dict[int, web.Request] = {}
@@ -185,7 +189,7 @@ class Control:
             for line in lines:
                 await response.write(sse("line", line))
             quiet = 0.0
-            while not self._closing:
+            while not self._closing and self._allows(request):
                 await asyncio.sleep(FOLLOW_EVERY)
                 if not self._same_model(name, followed):
                     break  # removed (or added back: another process, another log)
@@ -224,7 +228,7 @@ class Control:
             for view in chosen(self.manager.views()):
                 await response.write(sse("model", view.as_json()))
             quiet = 0.0
-            while not self._closing:
+            while not self._closing and self._allows(request):
                 if name is not None and not self._same_model(name, followed):
                     break  # a reload removed the model: its stream ends, as its logs' do
                 moved = chosen(await subscription.next(PROGRESS_EVERY))

@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from swapd.auth import Access, access_middleware
@@ -57,6 +58,7 @@ class Runtime:
     notifier: Notifier = field(default_factory=lambda: Notifier(None))
     manager: Manager | None = None
     proxy: Proxy | None = None
+    access: Access = field(init=False)
     checks: Middleware = field(init=False)
     names: dict[str, str] = field(init=False)
     # Each preset's launch as it was when the running config was read (see swapd.reload).
@@ -72,12 +74,17 @@ class Runtime:
         self._follow(self.config)
 
     def _follow(self, config: Config) -> None:
-        self.checks = access_middleware(build_access(config))
+        self.access = build_access(config)
+        self.checks = access_middleware(self.access)
         self.names = model_names(config)
         if self.proxy is not None:
             self.proxy.max_body = config.max_body
             self.proxy.body_timeout = config.body_timeout
             self.proxy.send_timeout = config.send_timeout
+
+    def allows(self, request: web.Request) -> bool:
+        """Whether the running config's checks let ``request`` in: a stream's, after a reload."""
+        return self.access.allows(request)
 
     async def remember_launches(self) -> None:
         """Read every preset's launch key, for the first reload to compare with."""

@@ -6,6 +6,7 @@ import base64
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -400,3 +401,60 @@ def test_a_page_on_another_site_cannot_make_the_browser_load_a_model(open_daemon
     typed = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"}  # the user's own address bar
     status, _, body = exchange(open_daemon, "GET", "/upstream/a/props", typed)
     assert (status, body["path"]) == (200, "/props")
+
+
+def _open_stream(d: Daemon, path: str, headers: Mapping[str, str]) -> socket.socket:
+    """A stream's connection, its answer's head read."""
+    sock = socket.create_connection(("127.0.0.1", d.port), timeout=30)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode())
+    seen = b""
+    while b"\r\n\r\n" not in seen:
+        seen += sock.recv(65536)
+    assert seen.startswith(b"HTTP/1.1 200"), seen
+    return sock
+
+
+def _ends_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the stream ends (its last chunk, or the connection closed) within ``seconds``."""
+    sock.settimeout(seconds)
+    seen = b""
+    try:
+        while more := sock.recv(65536):
+            seen += more
+            if seen.endswith(b"0\r\n\r\n"):
+                return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_stream_ends_when_a_reload_removes_its_key(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Events and followed logs opened with an admin key end once a reload drops that key.
+
+    The key was checked once, as each stream began: a stream opened with a key taken
+    away from its holder kept sending pids, ports and the backend's output for good.
+    """
+    keys = tmp_path / "admin.keys"
+    keys.write_text(f"{ADMIN_KEY}\n")
+    keys.chmod(0o600)
+    d = start_daemon({"a": fake_preset("A")}, {"admin_keys_file": str(keys)})
+    streams = [
+        _open_stream(d, path, ADMIN)
+        for path in ("/swapd/events", "/swapd/models/a/logs?follow=true&lines=1")
+    ]
+    try:
+        new_key = "admin-key-rotated-0123456789"
+        keys.write_text(f"{new_key}\n")
+        assert d.request("POST", "/swapd/reload", headers=ADMIN)[0] == 200
+        assert d.request("POST", "/swapd/models/a/load", headers={"x-api-key": new_key})[0] == 200
+        for sock in streams:
+            assert _ends_within(sock, 5.0)
+        kept = _open_stream(d, "/swapd/events", {"x-api-key": new_key})
+        streams.append(kept)
+        assert not _ends_within(kept, 1.5)  # a key still listed keeps its stream
+    finally:
+        for sock in streams:
+            sock.close()
