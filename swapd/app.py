@@ -402,6 +402,7 @@ def _warn_about_access(config: Config) -> None:
         api_keys=bool(config.api_keys),
         admin_keys=bool(config.admin_keys),
         cors_origins=config.cors_origins,
+        allowed_hosts=config.allowed_hosts,
     ):
         _log.warning("swapd.access", detail=warning)
 

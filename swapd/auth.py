@@ -321,8 +321,14 @@ def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def access_warnings(
-    *, listen: str, port: int, api_keys: bool, admin_keys: bool, cors_origins: Iterable[str]
+def access_warnings(  # noqa: PLR0913 - the config's access keys, each named
+    *,
+    listen: str,
+    port: int,
+    api_keys: bool,
+    admin_keys: bool,
+    cors_origins: Iterable[str],
+    allowed_hosts: Iterable[str] = (),
 ) -> list[str]:
     """What an operator should know about a config's access rules (logged at start, checked)."""
     warnings = []
@@ -341,4 +347,9 @@ def access_warnings(
         )
     if "*" in cors_origins and not (api_keys or admin_keys):
         warnings.append('cors_origins: ["*"] without keys: any web page can use every model')
+    if "*" in allowed_hosts and not (api_keys or admin_keys):
+        warnings.append(
+            'allowed_hosts: ["*"] without keys: the Host check admits any name, so a web page '
+            "can reach swapd through DNS rebinding and use, load and unload every model"
+        )
     return warnings

@@ -157,6 +157,7 @@ def _access_warnings(config: Config) -> list[str]:
         api_keys=bool(config.api_keys),
         admin_keys=bool(config.admin_keys),
         cors_origins=config.cors_origins,
+        allowed_hosts=config.allowed_hosts,
     )
     for path in (config.api_keys_file, config.admin_keys_file):
         if path is not None and (problem := loose_permissions(path)):

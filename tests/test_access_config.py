@@ -193,6 +193,29 @@ def test_access_warnings() -> None:
     ]
 
 
+def test_allowed_hosts_star_without_keys_warns_of_dns_rebinding() -> None:
+    """``allowed_hosts: ["*"]`` on loopback without keys turns the Host check off: a warning."""
+    star = access_warnings(
+        listen="127.0.0.1",
+        port=8080,
+        api_keys=False,
+        admin_keys=False,
+        cors_origins=(),
+        allowed_hosts=("*",),
+    )
+    assert len(star) == 1
+    assert "DNS rebinding" in star[0]
+    keyed = access_warnings(
+        listen="127.0.0.1",
+        port=8080,
+        api_keys=True,
+        admin_keys=True,
+        cors_origins=(),
+        allowed_hosts=("*",),
+    )
+    assert keyed == []
+
+
 def test_check_warns_about_exposure_and_loose_key_files(tmp_path: Path) -> None:
     """`swapd check` warns when swapd would listen beyond loopback without keys, and more."""
     (tmp_path / "admin.keys").write_text("short\n")
