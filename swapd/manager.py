@@ -1533,6 +1533,10 @@ class Manager:
             except TimeoutError as exc:
                 raise SleepFailed(f"not awake after {slot.preset.start_timeout:g}s") from exc
         except (SleepFailed, SleepUnsupported) as exc:
+            if isinstance(exc, SleepFailed) and exc.api_missing:
+                # A level-2 wake's /collective_rpc, which its /sleep did not need: as for
+                # a missing /sleep, its next starts go without sleep mode.
+                self._sleep_missing_found(slot, exc)
             slot.move(State.WAKING, State.FAILED)
             await self._end_failed_child(slot, f"wake failed: {exc}")
             raise BackendStartError(
@@ -1777,10 +1781,7 @@ class Manager:
             await slot.kind.sleep(self.pool, launch.host, launch.port, slot.sleep_level)
         except (SleepFailed, SleepUnsupported) as exc:
             if isinstance(exc, SleepFailed) and exc.api_missing:
-                # Once for the launch: its next starts go without sleep mode, and down to
-                # disk when demoted, rather than failing each demotion the same way.
-                self._sleep_missing[_sleep_key(slot.preset)] = str(exc)
-                _log.warning("model.sleep.missing", model=slot.preset.name, reason=str(exc))
+                self._sleep_missing_found(slot, exc)
             slot.last_error = BackendStartError(
                 slot.preset.name, None, slot.ring.tail(), reason=f"could not sleep: {exc}"
             )
@@ -1803,6 +1804,15 @@ class Manager:
             sleep_level=slot.sleep_level,
             sleep_s=round(time.monotonic() - started, 3),
         )
+
+    def _sleep_missing_found(self, slot: Slot, exc: SleepFailed) -> None:
+        """Remember for the launch that its sleep API is missing (``model.sleep.missing``).
+
+        Its next starts go without sleep mode, and down to disk when demoted, rather than
+        failing each demotion or wake the same way.
+        """
+        self._sleep_missing[_sleep_key(slot.preset)] = str(exc)
+        _log.warning("model.sleep.missing", model=slot.preset.name, reason=str(exc))
 
     def _begin_stop(
         self, slot: Slot, *, reason: str, keep_pages: bool = False

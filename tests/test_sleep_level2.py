@@ -98,3 +98,36 @@ def test_a_vllm_woken_from_sleep_level_2_serves_its_model(
     assert status == 200, body
     assert [e["how"] for e in d.events("model.load.done")] == ["start", "wake"]
     assert body["choices"][0]["message"]["content"] == "v: after"
+
+
+def test_a_level_2_wake_without_collective_rpc_fails_once_then_the_model_goes_to_disk(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """sleep: 2 on a vLLM whose /collective_rpc answers 404 (a build without it).
+
+    Its /sleep works, so the missing endpoint shows only at the wake: that wake fails
+    (the process is ended). As for a missing /sleep, the launch then starts without sleep
+    mode and its demotions stop it to disk; before, each TTL put it to sleep again and
+    each next request's wake failed with 502 the same way.
+    """
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "weights.safetensors").write_bytes(b"\0" * 1024)
+    preset = {"backend": "vllm", "model": str(model), "binary": vllm_binary, "sleep": 2}
+    d = start_daemon({"v": {**preset, "ttl": "1s"}})
+    assert d.chat("v")[0] == 200
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
+    status, body = d.chat("v")
+    assert status == 502, body
+    assert "/collective_rpc: HTTP 404" in body["error"]["message"]
+    [missing] = d.events("model.sleep.missing")
+    assert "HTTP 404" in missing["reason"]
+
+    wait_for(lambda: d.model("v")["state"] == "failed")  # the backoff is over
+    assert d.chat("v")[0] == 200  # started afresh, without sleep mode
+    assert "sleep API is missing" in d.model("v")["sleep"]["note"]
+    assert d.model("v")["sleep"]["level"] == 0
+    wait_for(lambda: d.model("v")["state"] in ("stopped", "asleep"), timeout=40)  # the TTL
+    assert d.model("v")["state"] == "stopped"
+    assert d.chat("v")[0] == 200
+    assert len(d.events("model.sleep.missing")) == 1

@@ -66,7 +66,8 @@ class SleepFailed(Exception):
     def api_missing(self) -> bool:
         """The sleep API is not there (404, 405: no ``VLLM_SERVER_DEV_MODE``, a build without it).
 
-        Not a passing fault: every later sleep of the same launch would fail the same way.
+        Not a passing fault: every later sleep (or level-2 wake, whose ``/collective_rpc``
+        a build may lack) of the same launch would fail the same way.
         """
         return self.status in (404, 405)
 
