@@ -1629,9 +1629,15 @@ class Manager:
             )
 
     async def _watch(self, slot: Slot, child: Child) -> None:
-        """Notice a backend that exits by itself while ready, draining or asleep."""
+        """Notice a backend that exits by itself while ready, draining or asleep (or waking)."""
         code = await child.wait_exit()
         alive_states = (State.READY, State.DRAINING, State.ASLEEP)
+        while slot.child is child and slot.state in (State.SLEEPING, State.WAKING):
+            # Its /sleep or /wake_up is under way: that call may still have been answered
+            # (it then ends asleep or ready, with no process), so act on where it ends.
+            if self._closing:
+                return
+            await self._changed.wait()
         if slot.child is child and slot.state is State.QUEUED:
             # Asleep, its wake queued: the wake finds no process (a refused one leaves the
             # model stopped, not asleep), and the ram tier no longer holds it.

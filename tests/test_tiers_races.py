@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import StartDaemon
+from conftest import FAKE_VLLM, StartDaemon
 from daemon import fake_preset, hook_env, queue_behind, wait_for
 from test_tiers import vllm_preset
 
@@ -138,3 +139,63 @@ def test_a_ram_budget_lowered_while_a_wake_waits_holds_once_the_wake_is_refused(
         v["tier"],
         status["tiers"]["ram"],
     )
+
+
+# Loaded by every interpreter the daemon starts: in the fake vLLM, /wake_up kills the
+# backend's leader (the shell that runs it), answers once swapd has seen that exit, and the
+# fake itself exits just after: a backend that dies as its wake is answered.
+LEADER_DIES_IN_WAKE = """
+import sys
+if sys.argv and sys.argv[0].endswith("fake_vllm.py"):
+    sys.path.insert(0, {tests!r})
+    import asyncio, os, signal
+    from fakes import upstream
+
+    _wake_up = upstream.Fake.wake_up
+
+    async def wake_up(self, request):
+        os.kill(os.getppid(), signal.SIGKILL)
+        await asyncio.sleep(2.5)  # past the output's grace: swapd has seen the exit
+        answer = await _wake_up(self, request)
+        asyncio.get_running_loop().call_later(0.5, os._exit, 0)
+        return answer
+
+    upstream.Fake.wake_up = wake_up
+"""
+
+
+def test_a_backend_that_dies_as_its_wake_is_answered_is_noticed(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The backend's process exits while its wake is under way, and the wake still succeeds.
+
+    Its exit is noticed once the wake ends, and the next request starts it afresh: the
+    model is not left ready with a dead process (before, the exit seen while waking was
+    dropped, so every request for it got 502 until something else stopped it, which for a
+    model without a TTL never happened).
+    """
+    tests = str(Path(__file__).resolve().parent)
+    binary = tmp_path / "bin" / "vllm"
+    binary.parent.mkdir()
+    binary.write_text(f'#!/bin/sh\n{sys.executable} {FAKE_VLLM} "$@" &\nwait\n')
+    binary.chmod(0o755)
+    d = start_daemon(
+        {"v": vllm_preset(str(binary), tmp_path / "m"), "c": fake_preset("C")},
+        {"max_running": 1},
+        env=hook_env(tmp_path / "hook", LEADER_DIES_IN_WAKE.format(tests=tests)),
+    )
+    assert d.chat("v")[0] == 200
+    assert d.chat("c")[0] == 200  # v sleeps to make room
+    assert d.model("v")["state"] == "asleep"
+    pid = d.model("v")["pid"]
+    # The wake answers, its leader gone meanwhile: the crash is seen as the wake ends. So
+    # soon after its start it counts as a failed start, which backs off (503).
+    status, body = d.chat("v")
+    assert status == 503, body
+    [crash] = d.events("backend.crash")
+    assert crash["model"] == "v"
+    assert d.model("v")["pid"] is None
+    wait_for(lambda: d.model("v")["state"] == "failed")  # the backoff is over
+    status, body = d.chat("v")
+    assert status == 200, body
+    assert d.model("v")["pid"] != pid
