@@ -922,7 +922,13 @@ class Manager:
         pid = slot.child.pid if slot.child else None
         if slot.device is None or slot.device.kind != "cpu" or pid is None:
             return self._ram_cost(slot, slot.measured or 0)
-        snap = await self.admission.read([pid])
+        try:
+            snap = await self.admission.read([pid])
+        except Exception as exc:  # noqa: BLE001 - a reading that failed once (a driver hiccup)
+            # Counted as last measured: the sleep must still enter the ram tier, or it
+            # would stay asleep uncounted, with no ram_ttl, for good.
+            _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
+            return self._ram_cost(slot, slot.measured or 0)
         reading = snap.readings.get(slot.device.id)
         if reading is None or pid not in reading.by_pid:
             return self._ram_cost(slot, slot.measured or 0)

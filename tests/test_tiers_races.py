@@ -199,3 +199,60 @@ def test_a_backend_that_dies_as_its_wake_is_answered_is_noticed(
     status, body = d.chat("v")
     assert status == 200, body
     assert d.model("v")["pid"] != pid
+
+
+# Loaded by every interpreter the daemon starts: the fake vLLM's /sleep leaves a mark; in
+# swapd, the first host memory reading after that mark fails (a read of /proc that failed).
+READ_FAILS_AFTER_SLEEP = """
+import pathlib
+import sys
+if sys.argv and sys.argv[0].endswith("fake_vllm.py"):
+    sys.path.insert(0, {tests!r})
+    from fakes import upstream
+
+    _sleep = upstream.Fake.sleep
+
+    async def sleep(self, request):
+        pathlib.Path({slept!r}).touch()
+        return await _sleep(self, request)
+
+    upstream.Fake.sleep = sleep
+elif "serve" in sys.argv and "--config" in sys.argv:
+    from swapd.probe import _host
+
+    _read = _host.HostRamProbe.read
+
+    def read(self, pids=()):
+        if pathlib.Path({slept!r}).exists() and not pathlib.Path({failed!r}).exists():
+            pathlib.Path({failed!r}).touch()
+            raise OSError(5, "Input/output error", "/proc/meminfo")
+        return _read(self, pids)
+
+    _host.HostRamProbe.read = read
+"""
+
+
+def test_a_sleepers_cost_that_cannot_be_read_still_enters_the_ram_tier(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """The memory reading taken once a CPU vLLM sleeps fails: it is counted as measured.
+
+    It enters the ram tier all the same, with what it was measured at, and ram_ttl takes it
+    down to disk (before, the failed reading ended the sleep's bookkeeping: asleep with 0
+    bytes counted, no ram_ttl, for good).
+    """
+    tests = str(Path(__file__).resolve().parent)
+    slept, failed = tmp_path / "slept", tmp_path / "read-failed"
+    hook = READ_FAILS_AFTER_SLEEP.format(tests=tests, slept=str(slept), failed=str(failed))
+    d = start_daemon(
+        {"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="2s", ram_ttl="3s")},
+        env=hook_env(tmp_path / "hook", hook),
+    )
+    assert d.chat("v")[0] == 200
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
+    wait_for(failed.exists)
+    [sleep] = wait_for(lambda: d.events("model.sleep"))
+    assert sleep["model"] == "v"
+    assert d.model("v")["memory"]["ram"] > 0
+    wait_for(lambda: d.model("v")["state"] == "stopped", timeout=30)  # ram_ttl
+    assert [e["model"] for e in d.events("model.ram_ttl.expire")] == ["v"]
