@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset, wait_for
+from daemon import Daemon, fake_preset, hook_env, wait_for
 from fakes import probe_file
 
 GIB = 1024**3
@@ -142,6 +142,76 @@ def test_a_starting_model_counts_before_it_takes_memory(
         assert other.result()[0] == 200
     assert [e["victims"] for e in d.events("model.evict")] == [["slow"]]
     assert [e["model"] for e in d.events("model.load.wait")][:1] == ["other"]
+
+
+# A stand-in pynvml (loaded into the daemon through sitecustomize) whose one GPU's totals
+# follow the fake probe file, and which lists no processes (NotSupported, as on some boards
+# or in a container's own pid namespace): swapd has device totals only ("device-delta").
+_NVML_TOTALS_ONLY = """
+import json, os, sys, types
+import psutil
+
+class NVMLError(Exception):
+    pass
+
+def _not_supported(_handle):
+    raise NVMLError("Not Supported")
+
+def _memory(_handle):
+    with open(os.environ["STAND_IN_PROBE"]) as f:
+        state = json.load(f)
+    gpu = state["devices"]["gpu0"]
+    used = gpu["outside"] + sum(
+        p["bytes"] for pid, p in state["processes"].items()
+        if p["device"] == "gpu0" and psutil.pid_exists(int(pid))
+    )
+    return types.SimpleNamespace(total=gpu["total"], free=max(0, gpu["total"] - used), used=used)
+
+module = types.ModuleType("pynvml")
+module.__dict__.update(
+    NVMLError=NVMLError,
+    nvmlInit=lambda: None,
+    nvmlShutdown=lambda: None,
+    nvmlDeviceGetCount=lambda: 1,
+    nvmlDeviceGetHandleByIndex=lambda i: f"g{i}",
+    nvmlDeviceGetName=lambda _h: "Stand-in GPU",
+    nvmlDeviceGetMemoryInfo=_memory,
+    nvmlDeviceGetComputeRunningProcesses=_not_supported,
+    nvmlDeviceGetGraphicsRunningProcesses=_not_supported,
+)
+sys.modules["pynvml"] = module
+"""
+
+
+def test_a_starting_model_counts_before_it_takes_memory_with_device_totals_only(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Without per-process figures too, room granted to a starting model is not granted twice.
+
+    Device totals cannot tell what a starting process has taken yet, so all of its grant
+    still counts: a second load waits for the first and then evicts it. It was admitted
+    beside it, into the same free memory, and the two together overran the GPU.
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": int(6.5 * GIB)}})
+    env = hook_env(tmp_path / "hook", _NVML_TOTALS_ONLY)
+    d = start_daemon(
+        {
+            "slow": _gpu_preset("slow", probe, 0, "--start-delay", "2"),
+            "other": _gpu_preset("other", probe, 0),
+        },
+        {"devices": "auto", "reserve": 0},
+        env={**env, "STAND_IN_PROBE": str(probe)},
+    )
+    assert [e["detail"] for e in d.events("probe.fallback")], "the stand-in NVML was not used"
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(d.chat, "slow")
+        wait_for(lambda: d.model("slow")["state"] == "starting")
+        other = pool.submit(d.chat, "other")
+        assert slow.result()[0] == 200
+        assert other.result()[0] == 200
+    assert [e["victims"] for e in d.events("model.evict")] == [["slow"]]
+    assert d.model("slow")["state"] != "ready"
 
 
 def test_eviction_keeps_the_model_asked_for_more_often(
