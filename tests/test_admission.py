@@ -396,3 +396,33 @@ def test_a_backend_that_takes_more_than_it_was_admitted_with_is_named(
     assert (low["model"], low["admitted"], low["measured"]) == ("over", GIB, 2 * GIB)
     assert low["source"] == "preset"
     assert "memory:" in low["detail"]
+
+
+def test_a_preset_env_cannot_move_its_backend_off_the_device_admission_chose(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The device's variables win over the preset's ``env``: a backend runs where it is counted.
+
+    A preset carried over from llama-swap pins its GPU with ``CUDA_VISIBLE_DEVICES: "1"``.
+    Admission placed it on gpu0 (the most free memory) and the preset's variable then sent
+    the process to gpu1, where swapd counted nothing of it: status named gpu0, and loads
+    on gpu1 were granted the memory it held.
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(
+        probe,
+        {"gpu0": {"total": 8 * GIB, "outside": 0}, "gpu1": {"total": 8 * GIB, "outside": 2 * GIB}},
+    )
+    preset = fake_preset(
+        "A",
+        *("--probe-file", str(probe), "--mem-bytes", str(GIB)),
+        memory=GIB,
+        env={"CUDA_VISIBLE_DEVICES": "1"},
+    )
+    d = start_daemon(
+        {"a": preset}, {"devices": "auto", "reserve": 0}, env={"SWAPD_FAKE_PROBE": str(probe)}
+    )
+    assert d.chat("a")[0] == 200
+    assert d.model("a")["device"] == "gpu0"
+    held = probe_file.read_state(probe)["processes"].values()
+    assert [p["device"] for p in held] == ["gpu0"]

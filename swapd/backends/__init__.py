@@ -93,6 +93,9 @@ def build_launch(preset: Preset, port: int, placement: Placement | None = None) 
     kind = kind_of(preset)
     argv = kind.argv(preset, kind.binary(preset), port, placement)
     env = child_env(preset, {**placement.device_env, **kind.extra_env(preset, placement)})
+    # The device's variables over the preset's env: a CUDA_VISIBLE_DEVICES of its own would
+    # run the backend on a GPU where admission counts nothing of it.
+    env.update(placement.device_env)
     headers: tuple[tuple[bytes, bytes], ...] = ()
     if kind.own_key is not None:
         # A new secret per start, set after the preset's env so that nothing overrides it.
