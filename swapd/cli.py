@@ -32,6 +32,7 @@ from swapd.config import Config, load_config, parse_listen
 from swapd.errors import ConfigErrors, SwapdError
 from swapd.keys import loose_permissions
 from swapd.logs import configure, get_logger
+from swapd.probe import DEVICE_VARIABLES
 
 _SHORT_KEY = 16
 _DESCRIPTION = """\
@@ -147,6 +148,13 @@ def config_warnings(config: Config) -> list[str]:
             # Only a staged copy is hashed: the digest would seem to vouch for the model.
             unchecked = "sha256 is checked only when the model is staged (stage: true)"
             warnings.append(f"{preset.file}: {preset.name}: {unchecked}; it is never checked here")
+        for name in sorted(n for n in DEVICE_VARIABLES & preset.env.keys() if preset.env[n]):
+            # Set over the preset's env at each start: it would otherwise run the model on
+            # a GPU where swapd counts nothing of it.
+            why = (
+                f"env {name} is swapd's to set (the GPU it places the model on); pin with devices:"
+            )
+            warnings.append(f"{preset.file}: {preset.name}: {why}")
     return warnings + _access_warnings(config)
 
 

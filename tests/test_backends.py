@@ -101,3 +101,19 @@ def test_missing_binary_says_what_to_do(tmp_path: Path) -> None:
 def test_has_flag(args: tuple[str, ...], expected: bool) -> None:
     """Flags match in both spellings, never by prefix."""
     assert has_flag(args, "-c", "--ctx-size") is expected
+
+
+def test_the_placement_names_the_gpu_over_a_presets_own_and_an_empty_one_hides_them(
+    tmp_path: Path,
+) -> None:
+    """A preset's CUDA_VISIBLE_DEVICES gives way to the placement's; one set to nothing stays.
+
+    Set to nothing it hides every GPU: the backend runs on the CPU, as its preset asks.
+    """
+    gpu = {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    placement = Placement(on_gpu=True, device_env=gpu)
+    named = _preset(tmp_path, env={"CUDA_VISIBLE_DEVICES": "1", "X": "y"})
+    env = build_launch(named, 1, placement).env
+    assert (env["CUDA_VISIBLE_DEVICES"], env["X"]) == ("0", "y")
+    hidden = _preset(tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert build_launch(hidden, 1, placement).env["CUDA_VISIBLE_DEVICES"] == ""

@@ -14,6 +14,9 @@ import pytest
 from swapd.config import Config, load_config
 from swapd.errors import ConfigErrors
 from swapd.presets import CONVERTERS
+from swapd.probe import DEVICE_VARIABLES
+from swapd.probe._amdsmi import amd_env
+from swapd.probe._nvml import nvidia_env
 
 PRESET_KEYS = ", ".join(sorted(CONVERTERS))
 DEFAULT_KEYS = ", ".join(sorted(CONVERTERS))
@@ -894,6 +897,27 @@ def test_check_warns_that_a_sha256_without_stage_is_never_checked(tmp_path: Path
     assert done.stderr.splitlines() == [
         f"warning: presets/plain.yaml: plain: {unchecked}; it is never checked here",
     ]
+
+
+def test_check_warns_that_a_preset_env_naming_a_gpu_is_overridden(tmp_path: Path) -> None:
+    """A preset's CUDA_VISIBLE_DEVICES is replaced by the placement's: ``swapd check`` says so."""
+    write_tree(
+        tmp_path,
+        "listen: 127.0.0.1:8181\n",
+        {"pinned.yaml": OK_PRESET + "env:\n  CUDA_VISIBLE_DEVICES: '1'\n  OTHER: x\n"},
+    )
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 0, done.stderr
+    why = "env CUDA_VISIBLE_DEVICES is swapd's to set (the GPU it places the model on)"
+    assert done.stderr.splitlines() == [
+        f"warning: presets/pinned.yaml: pinned: {why}; pin with devices:",
+    ]
+
+
+def test_every_variable_a_gpu_sets_is_one_swapd_keeps_for_itself() -> None:
+    """The variables the probes set for a GPU are those a preset's env cannot override."""
+    set_by_gpus = {*nvidia_env(0), *amd_env(0)}
+    assert set_by_gpus == DEVICE_VARIABLES
 
 
 def test_check_warns_that_a_cache_budget_without_cache_dir_does_nothing(tmp_path: Path) -> None:

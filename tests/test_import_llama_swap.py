@@ -134,7 +134,8 @@ def test_a_realistic_config_becomes_presets_swapd_check_accepts(
     )
     assert qwen.args == ("-ngl", "99", "-c", "8192")  # no --host, --port, -m, --api-key
     # LLAMA_API_KEY is swapd's to set; ${PORT} stays text in env (a note says so).
-    assert qwen.env == {"CUDA_VISIBLE_DEVICES": "0", "ECHO_PORT": "${PORT}"}
+    # CUDA_VISIBLE_DEVICES=0 is read as devices: [0], which swapd places the model by.
+    assert (qwen.env, qwen.devices) == ({"ECHO_PORT": "${PORT}"}, (0,))
     assert qwen.aliases == ("qwen2.5", "gpt-4o-mini")
     assert (qwen.ttl, qwen.start_timeout, qwen.concurrency) == (300, 300, 4)
     assert qwen.use_model_name == "Qwen/Qwen2.5-7B"

@@ -83,6 +83,28 @@ def test_an_empty_env_value_is_written_as_swapd_reads_it(tmp_path: Path, gguf: P
     assert _preset(config, "a").env == {"CUDA_VISIBLE_DEVICES": "", "X": "a=b"}
 
 
+def test_a_gpu_picked_in_env_is_carried_as_devices(tmp_path: Path, gguf: Path) -> None:
+    """``CUDA_VISIBLE_DEVICES=1`` pins the model: swapd reads that as ``devices: [1]``.
+
+    swapd sets the variable itself to the GPU it places the model on; kept in ``env``,
+    it said nothing (and before, it ran the model where swapd counted nothing of it).
+    """
+    config, notes = _imported(
+        tmp_path,
+        "models:\n  a:\n"
+        f"    cmd: llama-server --port ${{PORT}} -m {gguf}\n"
+        '    env: ["CUDA_VISIBLE_DEVICES=1,2", "X=y"]\n'
+        "  b:\n"
+        f"    cmd: llama-server --port ${{PORT}} -m {gguf}\n"
+        '    env: ["CUDA_VISIBLE_DEVICES=GPU-5f1e"]\n',
+    )
+    a, b = _preset(config, "a"), _preset(config, "b")
+    assert (a.devices, a.env) == ((1, 2), {"X": "y"})
+    assert (b.devices, b.env) == (None, {})
+    assert "CUDA_VISIBLE_DEVICES=1,2 is carried as devices: [1, 2]" in notes
+    assert "CUDA_VISIBLE_DEVICES=GPU-5f1e dropped" in notes
+
+
 @pytest.mark.parametrize("own", ["swapd.yaml", "presets/a.yaml"])
 def test_force_never_overwrites_a_file_the_import_did_not_write(tmp_path: Path, own: str) -> None:
     """A hand-written swapd.yaml or preset at a path the import writes: exit 1, named, kept."""

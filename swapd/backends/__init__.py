@@ -33,6 +33,7 @@ from swapd.backends._launch import (
 from swapd.backends.command import COMMAND
 from swapd.backends.llama_server import LLAMA_SERVER, llama_server_flags
 from swapd.backends.vllm import VLLM, SleepFailed
+from swapd.probe import DEVICE_VARIABLES
 
 if TYPE_CHECKING:
     from swapd.presets import Preset
@@ -94,8 +95,10 @@ def build_launch(preset: Preset, port: int, placement: Placement | None = None) 
     argv = kind.argv(preset, kind.binary(preset), port, placement)
     env = child_env(preset, {**placement.device_env, **kind.extra_env(preset, placement)})
     # The device's variables over the preset's env: a CUDA_VISIBLE_DEVICES of its own would
-    # run the backend on a GPU where admission counts nothing of it.
-    env.update(placement.device_env)
+    # run the backend on a GPU where admission counts nothing of it. One set to nothing
+    # hides every GPU (the backend runs on the CPU, as its preset asks): that one stays.
+    if not any(preset.env.get(name) == "" for name in DEVICE_VARIABLES):
+        env.update(placement.device_env)
     headers: tuple[tuple[bytes, bytes], ...] = ()
     if kind.own_key is not None:
         # A new secret per start, set after the preset's env so that nothing overrides it.

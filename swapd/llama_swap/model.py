@@ -29,6 +29,8 @@ from swapd.presets import is_usable_name
 _DEFAULT_HEALTH = "/health"
 _DEFAULT_PROXIES = ("http://localhost:${PORT}", "http://127.0.0.1:${PORT}")
 _OWN_KEY_ENV = {"llama-server": "LLAMA_API_KEY", "vllm": "VLLM_API_KEY"}
+# A GPU picked in env: swapd sets these itself (set to nothing, one hides every GPU: kept).
+_GPU_PICKS = frozenset({"CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"})
 _PROTECTED = ("model", "stream")  # swapd's filters refuse both (README: Request rewriting)
 # Keys whose comment lines llama-swap drops before it expands macros: a folded macro ends
 # in a newline, and expanded first it would cut its comment line in two.
@@ -44,7 +46,8 @@ _SERVED_NAME = "--served-model-name"
 _ENV_MACRO_KEYS = frozenset({"model", "binary", "args", "cmd", "env"})
 # The order keys are written in, launch first.
 _ORDER = (
-    "name", "backend", "binary", "model", "args", "cmd", "env", "aliases", "ttl", "health",
+    "name", "backend", "binary", "model", "args", "cmd", "env", "devices", "aliases", "ttl",
+    "health",
     "start_timeout", "stop_timeout", "pin", "preload", "concurrency", "use_model_name",
     "filters", "description", "metadata", "unlisted",
 )  # fmt: skip
@@ -280,6 +283,8 @@ def _env(draft: Draft, value: Any, line: int) -> None:
             draft.note(line, "env", f"{item!r} is not K=V; dropped")
         elif name == own:
             draft.note(line, "env", f"{name} {command.KEY_WHY}")
+        elif name in _GPU_PICKS and setting:
+            _gpu_pick(draft, name, setting, line)
         else:
             if "${PORT}" in setting:
                 why = f"{name}: swapd replaces ${{PORT}} in cmd only; the backend gets the text"
@@ -287,6 +292,28 @@ def _env(draft: Draft, value: Any, line: int) -> None:
             env[name] = setting or None  # swapd reads null as set to nothing, and refuses ''
     if env:
         draft.set("env", env, line, "env")
+
+
+def _gpu_pick(draft: Draft, name: str, setting: str, line: int) -> None:
+    """A model pinned to GPUs through its env: carried as ``devices``, which swapd reads.
+
+    swapd sets these variables itself to the GPU it places a model on (where it counts
+    its memory), over a preset's own.
+    """
+    indices = [part.strip() for part in setting.split(",")]
+    if all(part.isdigit() for part in indices):
+        draft.set("devices", [int(part) for part in indices], line, "env")
+        why = (
+            f"{name}={setting} is carried as devices: {[int(p) for p in indices]} (swapd sets "
+            f"{name} to the GPU it places the model on); swapd numbers GPUs in PCI bus "
+            "order, as nvidia-smi does"
+        )
+    else:
+        why = (
+            f"{name}={setting} dropped: swapd sets {name} to the GPU it places the model on; "
+            "pin the preset with devices: [index]"
+        )
+    draft.note(line, "env", why)
 
 
 def _health(draft: Draft, value: Any, line: int) -> None:

@@ -10,9 +10,18 @@ compute context, which would itself take hundreds of MiB on every device.
 from swapd.probe._fake import FakeFileProbe
 from swapd.probe._host import HOST_DEVICE, HostRamProbe, host_memory
 from swapd.probe._open import open_probe
-from swapd.probe._types import Device, DeviceKind, DevicesSpec, MemorySource, Probe, Reading
+from swapd.probe._types import (
+    DEVICE_VARIABLES,
+    Device,
+    DeviceKind,
+    DevicesSpec,
+    MemorySource,
+    Probe,
+    Reading,
+)
 
 __all__ = [
+    "DEVICE_VARIABLES",
     "HOST_DEVICE",
     "Device",
     "DeviceKind",

@@ -28,6 +28,18 @@ class Device:
     visible_env: Mapping[str, str] = field(hash=False)
 
 
+# The variables a GPU's ``visible_env`` sets: swapd's to set, since a backend runs on the
+# GPU they name whatever device admission placed and counted it on.
+DEVICE_VARIABLES = frozenset(
+    {
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "ROCR_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+    }
+)
+
+
 @dataclass(frozen=True)
 class Reading:
     """Memory of one device at one moment, in bytes, with the asked processes' share."""
