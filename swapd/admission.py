@@ -34,6 +34,10 @@ class Snapshot:
 
     readings: dict[str, Reading]
     host_available: int
+    # Pids still starting or waking when the reading began: where a device gives no
+    # per-process figures, what they took after it is in no free figure of this reading,
+    # even if they are ready by the time it is used.
+    coming_up: frozenset[int] = frozenset()
 
 
 def _estimate(preset: Preset, device: Device, total: int) -> tuple[int | None, bool]:
@@ -89,14 +93,19 @@ class Admission:
                 await stack.enter_async_context(self._locks[device_id])
             yield
 
-    async def read(self, pids: Collection[int]) -> Snapshot:
-        """Read every device and host memory, in a worker thread (drivers block)."""
+    async def read(self, pids: Collection[int], coming_up: Collection[int] = ()) -> Snapshot:
+        """Read every device and host memory, in a worker thread (drivers block).
+
+        ``coming_up``: the pids of ``pids`` still starting or waking as the reading begins.
+        """
+        starting = frozenset(coming_up)
 
         def read_all() -> Snapshot:
             readings = {r.device: r for r in self.probe.read(pids)}
             host = readings.get(HOST_DEVICE.id)  # read just now on a host-RAM probe
             # Available host memory, bounded by cgroup limits either way.
-            return Snapshot(readings, host.free if host is not None else host_memory()[1])
+            available = host.free if host is not None else host_memory()[1]
+            return Snapshot(readings, available, starting)
 
         return await asyncio.to_thread(read_all)
 

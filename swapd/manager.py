@@ -72,7 +72,7 @@ from swapd.residency import Claim
 from swapd.slot import ModelView, Slot, snapshot
 from swapd.staging import CacheFull as StagingFull
 from swapd.staging import StagingCache, StagingError
-from swapd.states import State
+from swapd.states import COMING_UP, State
 from swapd.upstream import UpstreamError, UpstreamPool
 from swapd.weights import weight_bytes
 
@@ -862,6 +862,15 @@ class Manager:
     def _pids(self) -> list[int]:
         return [s.child.pid for s in self._every_slot() if s.child and s.child.pid]
 
+    async def _read_all(self) -> Snapshot:
+        """A reading of every device for our processes, knowing which were still coming up."""
+        coming_up = [
+            s.child.pid
+            for s in self._every_slot()
+            if s.child and s.child.pid and s.state in COMING_UP
+        ]
+        return await self.admission.read(self._pids(), coming_up)
+
     def _resident(
         self, slot: Slot, snap: Snapshot, now: float | None = None
     ) -> policy.Resident | None:
@@ -1156,7 +1165,7 @@ class Manager:
         async with self.admission.locked(candidates):
             self._claims.pop(id(slot), None)  # planned afresh, under the locks
             while True:
-                snap = await self.admission.read(self._pids())
+                snap = await self._read_all()
                 needs = await self.admission.needs(preset, candidates, snap)
                 if not needs:
                     raise InsufficientMemory(
@@ -1951,7 +1960,7 @@ class Manager:
         """Move an idle ready model off the device (TTL): to the ram tier if it fits."""
         try:
             try:
-                snap = await self.admission.read(self._pids())
+                snap = await self._read_all()
             except Exception as exc:  # noqa: BLE001 - a reading that failed once (a driver hiccup)
                 # Nothing else would arm the TTL again: the model would stay up for good.
                 retry = min(slot.preset.ttl, _TTL_RETRY)
@@ -1976,7 +1985,7 @@ class Manager:
 
     async def _fit_ram_budget(self) -> None:
         """Send what the ram tier holds past its (lowered) budget down to disk."""
-        snap = await self.admission.read(self._pids())
+        snap = await self._read_all()
         self._carry_out(policy.ram_overflow(self._ram_tier(snap)), reason="ram_budget")
 
     async def _fit_max_running(self) -> None:
@@ -1987,7 +1996,7 @@ class Manager:
         TTL, an unload, an eviction) would take another one down in its place. One that
         comes back (a restart) does so by a load, which ``max_running`` admits as any.
         """
-        snap = await self.admission.read(self._pids())
+        snap = await self._read_all()
         staying = [s for s in self.slots.values() if not _leaving(s)]
         residents = [r for s in staying if (r := self._resident(s, snap))]
         victims = policy.count_overflow(residents, self.limits.max_running)

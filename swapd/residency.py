@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from swapd import policy
 from swapd.admission import Snapshot
 from swapd.slot import Slot
-from swapd.states import ON_DEVICE, State
+from swapd.states import COMING_UP, ON_DEVICE, State
 
 # States of a victim on its way down a tier: what it holds is still counted, by it.
 _LEAVING = (State.DRAINING, State.SLEEPING, State.STOPPING)
-# States of a process still taking what it was granted.
-_COMING_UP = (State.STARTING, State.WAKING)
 
 
 @dataclass(frozen=True)
@@ -64,15 +62,15 @@ def resident(slot: Slot, snap: Snapshot, *, now: float, ram_budget: int) -> poli
     pid = slot.child.pid if slot.child and slot.child.pid else None
     reading = snap.readings.get(slot.device.id)
     # No process yet: nothing taken. No per-process numbers: free already shows it, once
-    # the process is up; while it starts or wakes, free cannot tell what it has taken
-    # yet, so all of its grant is still to come (a second load granted the same free
-    # memory would overrun the device).
+    # the process is up; while it starts or wakes (or did as the reading began), free
+    # cannot tell what it has taken yet, so all of its grant is still to come (a second
+    # load granted the same free memory would overrun the device).
     # What it holds on its own device: a helper's bytes on another GPU are not freed
     # there by stopping it (that GPU's free memory shows them).
     measured: int | None = None
     if pid is not None and reading is not None and reading.per_process_supported:
         measured = reading.by_pid.get(pid, 0)
-    elif pid is None or slot.state in _COMING_UP:
+    elif pid is None or slot.state in COMING_UP or pid in snap.coming_up:
         measured = 0
     need = slot.need.bytes if slot.need else 0
     if slot.asleep or slot.leaving_ram:

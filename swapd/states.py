@@ -82,6 +82,8 @@ WITH_PROCESS = frozenset(
 )
 # States in which the model holds device memory (asleep: only what the driver keeps).
 ON_DEVICE = frozenset({S.STARTING, S.READY, S.DRAINING, S.SLEEPING, S.WAKING, S.STOPPING})
+# States in which a process is still taking the memory it was granted.
+COMING_UP = frozenset({S.STARTING, S.WAKING})
 # States in which a move is under way; such a model is never chosen as a victim.
 IN_TRANSITION = frozenset({S.QUEUED, S.STARTING, S.DRAINING, S.SLEEPING, S.WAKING, S.STOPPING})
 

@@ -148,7 +148,7 @@ def test_a_starting_model_counts_before_it_takes_memory(
 # follow the fake probe file, and which lists no processes (NotSupported, as on some boards
 # or in a container's own pid namespace): swapd has device totals only ("device-delta").
 _NVML_TOTALS_ONLY = """
-import json, os, sys, types
+import json, os, sys, time, types
 import psutil
 
 class NVMLError(Exception):
@@ -165,6 +165,9 @@ def _memory(_handle):
         p["bytes"] for pid, p in state["processes"].items()
         if p["device"] == "gpu0" and psutil.pid_exists(int(pid))
     )
+    slow = os.environ.get("STAND_IN_SLOW_READ", "")
+    if slow and os.path.exists(slow):
+        time.sleep(2.5)  # a driver slow to answer: the totals above are from before it
     return types.SimpleNamespace(total=gpu["total"], free=max(0, gpu["total"] - used), used=used)
 
 module = types.ModuleType("pynvml")
@@ -212,6 +215,37 @@ def test_a_starting_model_counts_before_it_takes_memory_with_device_totals_only(
         assert other.result()[0] == 200
     assert [e["victims"] for e in d.events("model.evict")] == [["slow"]]
     assert d.model("slow")["state"] != "ready"
+
+
+def test_a_model_ready_by_the_end_of_a_slow_reading_still_counts_its_grant(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A model still starting as a device-totals reading began counts all of its grant.
+
+    The reading's free figure was taken before that model took its memory; when it was
+    ready by the time the plan used the reading, it counted as shown in that figure, and
+    a second load was admitted into the same free memory.
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": int(6.5 * GIB)}})
+    slow_read = tmp_path / "slow-read"
+    env = hook_env(tmp_path / "hook", _NVML_TOTALS_ONLY)
+    d = start_daemon(
+        {
+            "slow": _gpu_preset("slow", probe, 0, "--start-delay", "1"),
+            "other": _gpu_preset("other", probe, 0),
+        },
+        {"devices": "auto", "reserve": 0},
+        env={**env, "STAND_IN_PROBE": str(probe), "STAND_IN_SLOW_READ": str(slow_read)},
+    )
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(d.chat, "slow")
+        wait_for(lambda: d.model("slow")["state"] == "starting")
+        slow_read.touch()  # from here, each reading takes 2.5 s after its totals
+        other = pool.submit(d.chat, "other")
+        assert slow.result()[0] == 200
+        assert other.result()[0] == 200
+    assert [e["victims"] for e in d.events("model.evict")] == [["slow"]]
 
 
 def test_eviction_keeps_the_model_asked_for_more_often(
