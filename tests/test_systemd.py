@@ -164,3 +164,23 @@ def test_install_service_writes_a_config_others_cannot_read(tmp_path: Path) -> N
     """Keys may be written inline in swapd.yaml: 0640, not world-readable."""
     assert install(tmp_path).returncode == 0
     assert (tmp_path / "etc" / "swapd" / "swapd.yaml").stat().st_mode & 0o777 == 0o640
+
+
+def test_install_service_puts_the_cli_on_path(tmp_path: Path) -> None:
+    """`swapd check`, `swapd status` and `swapd reload` run as written after an install.
+
+    The venv's swapd is linked as /usr/local/bin/swapd; a second run keeps the link, and a
+    file of another install there is left alone.
+    """
+    venv_swapd = str(ROOT / ".venv" / "bin" / "swapd")
+    link = tmp_path / "usr" / "local" / "bin" / "swapd"
+    for _ in range(2):
+        assert install(tmp_path).returncode == 0
+        assert link.is_symlink()
+        assert str(link.readlink()) == venv_swapd
+    link.unlink()
+    link.write_text("#!/bin/sh\n")
+    done = install(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not link.is_symlink()
+    assert "left as it is" in done.stderr
