@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from swapd import cgroups, marks, spawn
+from swapd import cgroups, marks, oom, spawn
 from swapd.errors import BackendStartError
 from swapd.logs import get_logger
 from swapd.outputlines import OutputLines
@@ -139,6 +139,7 @@ class Child:
             self.ring.append(f"swapd: {reason}")
             raise BackendStartError(self.model, None, self.ring.tail(), reason=reason) from exc
         self._on_group("+", self._proc.pid)
+        oom.expose(self.model, self._proc.pid)
         if self.cgroup is not None:
             # Joined from here, not in the child before exec: a migration can take 5-20 ms
             # (a kernel lock's RCU grace period), which then overlaps the backend's start
