@@ -23,6 +23,8 @@ MAX_CONFIG_BYTES = 16 * 1024**2
 # Values one key may expand to: YAML aliases can repeat a node exponentially often in a
 # few hundred bytes, and each error message or check would then walk every copy.
 MAX_VALUES = 100_000
+# The longest number text read: Python refuses to turn over 4,300 digits into an int.
+MAX_NUMBER_TEXT = 1000
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ class _Loader(yaml.SafeLoader):
     """Safe YAML whose numbers keep their text (an ``env`` value or an argument is text)."""
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if len(node.value) > MAX_NUMBER_TEXT:  # past any setting, and past what int() reads
+            reason = f"a number written with more than {MAX_NUMBER_TEXT:,} characters"
+            raise yaml.constructor.ConstructorError(None, None, reason, node.start_mark)
         value = WrittenInt(super().construct_yaml_int(node))
         value.written = str(node.value)
         return value
