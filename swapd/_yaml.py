@@ -53,12 +53,25 @@ def node_location(file: str, node: yaml.Node) -> Location:
     return Location(file, mark.line + 1, mark.column + 1)
 
 
+class _SelfContaining(Exception):
+    """A node that holds an alias of itself: a value without end."""
+
+    def __init__(self, node: yaml.Node) -> None:
+        self.node = node
+        super().__init__()
+
+
 def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
-    """How many nodes ``node`` stands for once every alias is expanded (memoised by node)."""
+    """How many nodes ``node`` stands for once every alias is expanded (memoised by node).
+
+    Raises :class:`_SelfContaining` for a node inside its own value (``&a [*a]``).
+    """
     known = sizes.get(id(node))
     if known is not None:
+        if known < 0:
+            raise _SelfContaining(node)
         return known
-    sizes[id(node)] = 1  # a node that contains itself counts once, and ends the walk
+    sizes[id(node)] = -1  # being walked: met again below itself, it contains itself
     size = 1 + sum(_expanded_size(child, sizes) for child in _children(node))
     sizes[id(node)] = size
     return size
@@ -212,7 +225,12 @@ def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
         if key in seen:
             raise ConfigError(node_location(file, key_node), key, "key is given twice")
         seen.add(key)
-        if _expanded_size(value_node, {}) > MAX_VALUES:
+        try:
+            size = _expanded_size(value_node, {})
+        except _SelfContaining as exc:  # every walk of it, a macro's or a check's, never ends
+            reason = "holds an alias of itself, a value without end"
+            raise ConfigError(node_location(file, exc.node), key, reason) from None
+        if size > MAX_VALUES:
             reason = f"stands for more than {MAX_VALUES:,} values once its aliases are expanded"
             raise ConfigError(node_location(file, value_node), key, reason)
         repeated = _repeated_key(value_node, set())

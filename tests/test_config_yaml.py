@@ -29,3 +29,32 @@ def test_a_long_number_below_the_top_is_a_config_error(tmp_path: Path) -> None:
     """The same inside a list, and in the daemon's own file."""
     got = _errors(tmp_path, "devices: [0, " + "1" * 5000 + "]\n", {"m.yaml": OK_PRESET})
     assert got == ["swapd.yaml:1:10: devices: a number written with more than 1,000 characters"]
+
+
+@pytest.mark.parametrize("key", ["model", "binary", "args", "cmd", "env"])
+@pytest.mark.parametrize("where", ["preset", "defaults"])
+def test_a_value_holding_an_alias_of_itself_is_a_config_error(
+    tmp_path: Path, key: str, where: str
+) -> None:
+    """``&a [*a]`` ended in RecursionError where ``${env.NAME}`` macros are replaced.
+
+    Under ``defaults:`` the error names it, at the place the value is written.
+    """
+    value = "&a [x, *a]" if key != "env" else "&a {A: *a}"
+    preset = "backend: command\n" + ("" if key == "cmd" else 'cmd: ["true", "${PORT}"]\n')
+    if where == "preset":
+        got = _errors(tmp_path, "", {"m.yaml": preset + f"{key}: {value}\n"})
+        line = 2 if key == "cmd" else 3
+        where = f"presets/m.yaml:{line}:{len(key) + 3}"
+        assert got == [f"{where}: {key}: holds an alias of itself, a value without end"]
+    else:
+        got = _errors(tmp_path, f"defaults:\n  {key}: {value}\n", {"m.yaml": preset})
+        assert got == [
+            f"swapd.yaml:2:{len(key) + 5}: defaults: holds an alias of itself, a value without end"
+        ]
+
+
+def test_a_self_holding_value_is_named_where_its_anchor_is(tmp_path: Path) -> None:
+    """Below the top, the error points at the anchored value, not the key's whole value."""
+    got = _errors(tmp_path, "", {"m.yaml": OK_PRESET + "metadata:\n  a: 1\n  b: &b [*b]\n"})
+    assert got == ["presets/m.yaml:5:6: metadata: holds an alias of itself, a value without end"]
