@@ -20,8 +20,9 @@ from swapd.errors import ConfigError, Location, clip
 
 # Far past any config; a bound on what reading one may cost.
 MAX_CONFIG_BYTES = 16 * 1024**2
-# Values one key may expand to: YAML aliases can repeat a node exponentially often in a
-# few hundred bytes, and each error message or check would then walk every copy.
+# Values one key, and one file's keys together, may expand to: YAML aliases can repeat a
+# node exponentially often in a few hundred bytes, and each error message or check would
+# then walk every copy.
 MAX_VALUES = 100_000
 # The longest number text read: Python refuses to turn over 4,300 digits into an int.
 MAX_NUMBER_TEXT = 1000
@@ -220,19 +221,28 @@ def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
         raise ConfigError(node_location(file, node), what, "expected a mapping of keys")
     seen: set[str] = set()
     out: list[Entry] = []
+    sizes: dict[int, int] = {}  # shared: an anchor the keys repeat is walked once
+    total = 0
     for key_node, value_node in node.value:
         key = str(key_node.value)
         if key in seen:
             raise ConfigError(node_location(file, key_node), key, "key is given twice")
         seen.add(key)
         try:
-            size = _expanded_size(value_node, {})
+            size = _expanded_size(value_node, sizes)
         except _SelfContaining as exc:  # every walk of it, a macro's or a check's, never ends
             reason = "holds an alias of itself, a value without end"
             raise ConfigError(node_location(file, exc.node), key, reason) from None
         if size > MAX_VALUES:
             reason = f"stands for more than {MAX_VALUES:,} values once its aliases are expanded"
             raise ConfigError(node_location(file, value_node), key, reason)
+        total += size
+        if total > MAX_VALUES:  # each key's value is built on its own: the copies add up
+            reason = (
+                f"with the keys before it, stands for more than {MAX_VALUES:,} values "
+                "once their aliases are expanded"
+            )  # at the key: an alias's node is where its anchor is written
+            raise ConfigError(node_location(file, key_node), key, reason)
         repeated = _repeated_key(value_node, set())
         if repeated is not None:  # the last would silently win, as at the top level
             raise ConfigError(
