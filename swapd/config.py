@@ -183,6 +183,11 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     return convert
 
 
+def _backend_log(value: Any) -> str:
+    # Unquoted, off is YAML 1.1's false: as the README writes it, it is the mode off.
+    return "off" if value is False else _one_of(*BACKEND_LOG_MODES)(value)
+
+
 _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "listen": parse_listen,
     "presets": _path,
@@ -195,7 +200,7 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "queue_timeout": parse_duration,
     "release_timeout": parse_duration,
     "log_level": _one_of("debug", "info", "warning", "error"),
-    "backend_log": _one_of(*BACKEND_LOG_MODES),
+    "backend_log": _backend_log,
     "api_keys": parse_keys,
     "admin_keys": parse_keys,
     "api_keys_file": _path,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_config_edges import _errors
+from test_config_edges import _errors, _load
 
 OK_PRESET = 'backend: command\ncmd: ["true", "${PORT}"]\n'
 
@@ -71,3 +71,16 @@ def test_an_anchor_many_keys_repeat_is_bounded_for_the_whole_file(tmp_path: Path
     got = _errors(tmp_path, config, {"m.yaml": OK_PRESET})
     reason = "with the keys before it, stands for more than 100,000 values once their aliases"
     assert got == [f"swapd.yaml:100:1: k98: {reason} are expanded"]
+
+
+@pytest.mark.parametrize("written", ["off", "'off'", "false"])
+def test_backend_log_off_is_taken_as_the_readme_writes_it(tmp_path: Path, written: str) -> None:
+    """Unquoted, ``backend_log: off`` is YAML 1.1's false: it was refused with "got False"."""
+    assert _load(tmp_path, f"backend_log: {written}\n").backend_log == "off"
+
+
+def test_backend_log_on_is_still_refused(tmp_path: Path) -> None:
+    """True is no mode: the error says which there are."""
+    assert _errors(tmp_path, "backend_log: on\n", {"m.yaml": OK_PRESET}) == [
+        "swapd.yaml:1:14: backend_log: expected one of info, debug, off, got True"
+    ]
