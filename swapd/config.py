@@ -396,9 +396,9 @@ def load_config(path: Path) -> Config:
     base = path.parent
     defaults = _defaults(doc, base, errors)
     presets_dir = base / values.get("presets", Path("presets"))
+    presets_at = next((e.where for e in doc.entries if e.key == "presets"), doc.where)
     if not presets_dir.is_dir():
-        where = next((e.where for e in doc.entries if e.key == "presets"), doc.where)
-        errors.append(ConfigError(where, "presets", f"not a directory: {presets_dir}"))
+        errors.append(ConfigError(presets_at, "presets", f"not a directory: {presets_dir}"))
     presets: list[Preset] = []
     if presets_dir.is_dir():
         try:
@@ -409,6 +409,9 @@ def load_config(path: Path) -> Config:
             )
         except ConfigErrors as exc:
             errors.extend(exc.errors)
+        except OSError as exc:  # a folder this user may not list: not one without presets
+            reason = f"cannot read {presets_dir}: {exc.strerror}"
+            errors.append(ConfigError(presets_at, "presets", reason))
     _check_staging(presets, values, doc, errors)
     _read_key_files(values, doc, base, errors)
     if errors:

@@ -529,12 +529,15 @@ def preset_files(directory: Path) -> list[Path]:
     """The preset files of a directory, in name order (``*.yaml`` and ``*.yml``).
 
     Hidden names are not presets: an editor's lock (Emacs' ``.#qwen.yaml``, a link to
-    nowhere), the ``._qwen.yaml`` a copy from a Mac leaves beside each file.
+    nowhere), the ``._qwen.yaml`` a copy from a Mac leaves beside each file. A folder
+    that cannot be listed raises OSError (``glob`` would find nothing in it).
     """
+    with os.scandir(directory) as found:
+        names = [entry.name for entry in found]
     return sorted(
-        p
-        for p in directory.glob("*.y*ml")
-        if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+        directory / name
+        for name in names
+        if Path(name).suffix in (".yaml", ".yml") and not name.startswith(".")
     )
 
 

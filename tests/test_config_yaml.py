@@ -6,7 +6,10 @@ that took minutes and gigabytes, or a refusal of what the README says to write.
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_config_edges import _errors, _load
@@ -84,3 +87,22 @@ def test_backend_log_on_is_still_refused(tmp_path: Path) -> None:
     assert _errors(tmp_path, "backend_log: on\n", {"m.yaml": OK_PRESET}) == [
         "swapd.yaml:1:14: backend_log: expected one of info, debug, off, got True"
     ]
+
+
+def test_a_presets_folder_that_cannot_be_listed_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder this user may not list (mode 0700, another owner) read as one with no files.
+
+    ``swapd check`` said ok with 0 presets, and a reload dropped every model.
+    """
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path).name == "presets":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    got = _errors(tmp_path, "max_body: 1MiB\n", {"m.yaml": OK_PRESET})
+    assert got == ["swapd.yaml:1:1: presets: cannot read presets: Permission denied"]
