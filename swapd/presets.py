@@ -98,13 +98,21 @@ def _name(value: str) -> str:
 
 
 def _aliases(value: Any) -> tuple[str, ...]:
-    return tuple(_name(alias) for alias in _str_list(value))
+    return _str_list(value, _name)
 
 
-def _str_list(value: Any) -> tuple[str, ...]:
+def _at(path: tuple[str | int, ...], convert: Callable[[Any], Any], value: Any) -> Any:
+    """``convert(value)``, its error pointed at ``path`` inside the key's value."""
+    try:
+        return convert(value)
+    except ValueError as exc:  # "": the key's own name, from convert_entries
+        raise NestedValueError("", path, str(exc)) from exc
+
+
+def _str_list(value: Any, check: Callable[[str], str] = lambda text: text) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError(f"expected a list of strings, got {type(value).__name__}")
-    return tuple(_str(item) for item in value)
+    return tuple(_at((i,), lambda v: check(_str(v)), item) for i, item in enumerate(value))
 
 
 # What YAML would read as a boolean, were it not quoted.
@@ -122,11 +130,23 @@ def _bool(value: Any) -> bool:
 def _env(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping of NAME: value, got {type(value).__name__}")
-    env = {_str(k): "" if v is None else _str(v) for k, v in value.items()}
-    for name in env:
+    env = {}
+    for key, item in value.items():
+        name = _key_str(key)
         if "=" in name:  # the environment's own separator: exec would refuse it
-            raise ValueError(f"not a usable variable name: {clip(name)!r}")
+            raise NestedValueError(
+                "", (key,), f"not a usable variable name: {clip(name)!r}", at_key=True
+            )
+        env[name] = "" if item is None else _at((key,), _str, item)
     return env
+
+
+def _key_str(key: Any) -> str:
+    """A mapping's key as text, its error pointed at the key."""
+    try:
+        return _str(key)
+    except ValueError as exc:
+        raise NestedValueError("", (key,), str(exc), at_key=True) from exc
 
 
 def _backend(value: Any) -> BackendName:
@@ -189,19 +209,22 @@ def _sha256(value: Any) -> str:
 _ENV_MACRO = re.compile(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand_env(value: Any) -> Any:
-    """``value`` with each ``${env.NAME}`` in its text replaced; unset NAME is an error."""
+def _expand_env(value: Any, path: tuple[str | int, ...] = ()) -> Any:
+    """``value`` with each ``${env.NAME}`` in its text replaced; unset NAME is an error.
+
+    The error points at the text that names it (``path``: where it is in ``value``).
+    """
     if isinstance(value, list):
-        return [_expand_env(item) for item in value]
+        return [_expand_env(item, (*path, i)) for i, item in enumerate(value)]
     if isinstance(value, dict):
-        return {name: _expand_env(item) for name, item in value.items()}
+        return {name: _expand_env(item, (*path, name)) for name, item in value.items()}
     if not isinstance(value, str) or "${env." not in value:
         return value
 
     def variable(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in os.environ:
-            raise ValueError(f"${{env.{name}}}: swapd's environment has no {name}")
+            raise NestedValueError("", path, f"${{env.{name}}}: swapd's environment has no {name}")
         return os.environ[name]
 
     return _ENV_MACRO.sub(variable, value)
@@ -264,7 +287,7 @@ def convert_entries(
             values[entry.key] = (CONVERTERS[entry.key](entry.value), entry.where)
         except NestedValueError as exc:  # about one part of the value: pointed at
             where = nested_location(entry.where.file, entry.node, exc.path, at_key=exc.at_key)
-            errors.append(ConfigError(where, exc.key, str(exc)))
+            errors.append(ConfigError(where, exc.key or entry.key, str(exc)))
         except ValueError as exc:
             errors.append(ConfigError(entry.where, entry.key, str(exc)))
     return values

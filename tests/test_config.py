@@ -170,7 +170,7 @@ PRESET_ERRORS = [
     ),
     pytest.param(
         {"m.yaml": OK_PRESET + "args: [--ctx, [1, 2]]\n"},
-        ["presets/m.yaml:3:7: args: expected a non-empty string, got [1, 2]"],
+        ["presets/m.yaml:3:15: args: expected a non-empty string, got [1, 2]"],
         id="args-item-not-a-string",
     ),
     pytest.param(
@@ -326,12 +326,12 @@ PRESET_ERRORS = [
     ),
     pytest.param(
         {"m.yaml": OK_PRESET + 'env: {"A=B": x}\n'},
-        ["presets/m.yaml:3:6: env: not a usable variable name: 'A=B'"],
+        ["presets/m.yaml:3:7: env: not a usable variable name: 'A=B'"],
         id="env-name-with-equals",
     ),
     pytest.param(
         {"m.yaml": OK_PRESET + 'args: ["a\\0b"]\n'},
-        ["presets/m.yaml:3:7: args: a NUL character in 'a\\x00b'"],
+        ["presets/m.yaml:3:8: args: a NUL character in 'a\\x00b'"],
         id="nul-in-an-argument",
     ),
     pytest.param(
@@ -1006,5 +1006,5 @@ def test_an_env_macro_naming_an_unset_variable_is_an_error(
     monkeypatch.delenv("SWAPD_T_NOPE", raising=False)
     unset = 'backend: command\ncmd: [srv, "${PORT}", "${env.SWAPD_T_NOPE}"]\n'
     assert error_lines(tmp_path, "", {"m.yaml": unset}) == [
-        "presets/m.yaml:2:6: cmd: ${env.SWAPD_T_NOPE}: swapd's environment has no SWAPD_T_NOPE"
+        "presets/m.yaml:2:23: cmd: ${env.SWAPD_T_NOPE}: swapd's environment has no SWAPD_T_NOPE"
     ]

@@ -114,7 +114,7 @@ def test_numbers_in_text_keys_stay_as_written(tmp_path: Path) -> None:
 def test_an_alias_must_be_a_usable_name(tmp_path: Path, alias: str) -> None:
     """An alias goes on vLLM's command line after --served-model-name: no flag, no space."""
     got = _errors(tmp_path, "", {"m.yaml": OK_PRESET + f"aliases: [{alias!r}]\n"})
-    assert got == [f"presets/m.yaml:3:10: aliases: not a usable model name: {alias!r}"]
+    assert got == [f"presets/m.yaml:3:11: aliases: not a usable model name: {alias!r}"]
 
 
 @pytest.mark.parametrize(

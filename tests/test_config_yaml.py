@@ -1,7 +1,8 @@
 """Hostile YAML: values that crashed, hung or were misread instead of a located error.
 
 Each of these went through ``swapd check`` and ``swapd serve`` as a traceback, a read
-that took minutes and gigabytes, or a refusal of what the README says to write.
+that took minutes and gigabytes, a folder read as empty, an error at the wrong place, or
+a refusal of what the README says to write.
 """
 
 from __future__ import annotations
@@ -106,3 +107,34 @@ def test_a_presets_folder_that_cannot_be_listed_is_an_error(
     monkeypatch.setattr(os, "scandir", scandir)
     got = _errors(tmp_path, "max_body: 1MiB\n", {"m.yaml": OK_PRESET})
     assert got == ["swapd.yaml:1:1: presets: cannot read presets: Permission denied"]
+
+
+def test_an_unset_env_macro_in_a_block_list_is_named_at_its_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README says where it is written; it was the start of the list or mapping."""
+    monkeypatch.delenv("SWAPD_T_NOPE", raising=False)
+    preset = (
+        'backend: command\ncmd:\n  - "true"\n  - "${PORT}"\n  - "${env.SWAPD_T_NOPE}"\n'
+        'env:\n  A: x\n  B: "${env.SWAPD_T_NOPE}"\n'
+    )
+    unset = "${env.SWAPD_T_NOPE}: swapd's environment has no SWAPD_T_NOPE"
+    assert _errors(tmp_path, "", {"m.yaml": preset}) == [
+        f"presets/m.yaml:5:5: cmd: {unset}",
+        f"presets/m.yaml:8:6: env: {unset}",
+    ]
+
+
+def test_a_bad_item_of_a_list_or_mapping_is_named_where_it_is(tmp_path: Path) -> None:
+    """Not a string, a name that is no name, an env name with ``=``: at the item or key."""
+    preset = (
+        'backend: command\ncmd: ["true", "${PORT}", [1]]\n'
+        "aliases:\n  - ok\n  - -bad\n"
+        "env:\n  A: x\n  B=C: y\n  D: {e: 1}\n"
+    )
+    got = _errors(tmp_path, "", {"m.yaml": preset})
+    assert got == [
+        "presets/m.yaml:2:26: cmd: expected a non-empty string, got [1]",
+        "presets/m.yaml:5:5: aliases: not a usable model name: '-bad'",
+        "presets/m.yaml:8:3: env: not a usable variable name: 'B=C'",
+    ]
