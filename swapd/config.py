@@ -116,7 +116,12 @@ def parse_listen(value: Any) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     # An IPv6 address goes in brackets: "::1" alone would read as host ":" and port 1.
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or (":" in host) != bracketed:
+    if (
+        not sep
+        or not (port.isascii() and port.isdigit())
+        or not 0 < int(port) < 65536
+        or (":" in host) != bracketed
+    ):
         raise ValueError(
             f'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080", got "{text}"'
         )

@@ -130,6 +130,13 @@ def test_listen_takes_ipv6_in_brackets(written: str, expected: tuple[str, int]) 
     assert parse_listen(written) == expected
 
 
+@pytest.mark.parametrize("port", ["\u00b2", "\u0663"])
+def test_a_port_in_digits_other_than_ascii_is_refused_with_the_usual_message(port: str) -> None:
+    """``²`` or an Arabic-Indic digit count as digits to Python, not to int(): the usual error."""
+    with pytest.raises(ValueError, match=r'expected "host:port"'):
+        parse_listen(f"127.0.0.1:{port}")
+
+
 SUM = "ab" * 32
 
 

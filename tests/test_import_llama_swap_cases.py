@@ -96,13 +96,17 @@ def test_a_gpu_picked_in_env_is_carried_as_devices(tmp_path: Path, gguf: Path) -
         '    env: ["CUDA_VISIBLE_DEVICES=1,2", "X=y"]\n'
         "  b:\n"
         f"    cmd: llama-server --port ${{PORT}} -m {gguf}\n"
-        '    env: ["CUDA_VISIBLE_DEVICES=GPU-5f1e"]\n',
+        '    env: ["CUDA_VISIBLE_DEVICES=GPU-5f1e"]\n'
+        "  c:\n"
+        f"    cmd: llama-server --port ${{PORT}} -m {gguf}\n"
+        '    env: ["CUDA_VISIBLE_DEVICES=\u00b2"]\n',
     )
     a, b = _preset(config, "a"), _preset(config, "b")
     assert (a.devices, a.env) == ((1, 2), {"X": "y"})
     assert (b.devices, b.env) == (None, {})
     assert "CUDA_VISIBLE_DEVICES=1,2 is carried as devices: [1, 2]" in notes
     assert "CUDA_VISIBLE_DEVICES=GPU-5f1e dropped" in notes
+    assert _preset(config, "c").devices is None  # a digit to Python, not to int()
 
 
 @pytest.mark.parametrize("own", ["swapd.yaml", "presets/a.yaml"])

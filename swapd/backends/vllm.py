@@ -225,7 +225,7 @@ class VllmKind:
 def _cpu_kv_cache_bytes(preset: Preset) -> int | None:
     """The CPU KV cache a preset sizes itself, as vLLM reads it; None where it does not."""
     space = preset.env.get("VLLM_CPU_KVCACHE_SPACE", "")
-    if space.strip().isdigit() and int(space) > 0:
+    if space.strip().isascii() and space.strip().isdigit() and int(space) > 0:
         return int(space) * 1024**3  # vLLM's platforms/cpu.py: GiB, over the flag
     value = flag_value(preset.args, KV_CACHE_FLAG, argparse=True)
     return None if value is None else _human_bytes(value)

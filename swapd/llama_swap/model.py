@@ -301,7 +301,7 @@ def _gpu_pick(draft: Draft, name: str, setting: str, line: int) -> None:
     its memory), over a preset's own.
     """
     indices = [part.strip() for part in setting.split(",")]
-    if all(part.isdigit() for part in indices):
+    if all(part.isascii() and part.isdigit() for part in indices):
         draft.set("devices", [int(part) for part in indices], line, "env")
         why = (
             f"{name}={setting} is carried as devices: {[int(p) for p in indices]} (swapd sets "
