@@ -42,6 +42,15 @@ _STRING, _ARRAY = int(_VT.STRING), int(_VT.ARRAY)
 _GGUF_MAGIC = b"GGUF"
 # Arrays longer than this (token lists, scores, merges) are counted, never decoded.
 MAX_DECODED_ARRAY = 4096
+# The longest array of strings read, each skipped by its length: 64 times the longest
+# vocabulary (262k tokens) or merge list. A longer one is damage, not a model.
+MAX_STRING_ARRAY = 1 << 24
+# A tensor has at most this many dimensions (GGML_MAX_DIMS).
+MAX_DIMS = 4
+# The fewest bytes a metadata entry (key length, type, one byte) and a tensor entry (name
+# length, dimension count, type, offset) take: a count the file cannot hold is refused at once.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8
 
 
 @dataclass(frozen=True)
@@ -75,12 +84,17 @@ class _Cursor:
         self.pos += 8
         return int(value)
 
+    def left(self) -> int:
+        """Bytes of the buffer after the cursor."""
+        return len(self.buf) - self.pos
+
     def string(self) -> str:
         """Read a length-prefixed UTF-8 string."""
         n = self.u64()
-        raw = self.buf[self.pos : self.pos + n]
-        if len(raw) != n:
+        if n > self.left():
+            # Checked before the slice, which would copy the rest of a many-GiB file.
             raise struct.error("string runs past the end of the file")
+        raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
@@ -108,7 +122,11 @@ class _Cursor:
                 raise struct.error("array runs past the end of the file")
             self.pos += size
             return count, items
+        if vtype == _ARRAY:
+            raise struct.error("an array of arrays, which llama.cpp does not read")
         if vtype == _STRING and count > MAX_DECODED_ARRAY:
+            if count > min(self.left() // 8, MAX_STRING_ARRAY):
+                raise struct.error(f"an array of {count} strings")
             for _ in range(count):
                 # Skip each string by its length: a token list has 100k+ of them.
                 n = self.u64()
@@ -119,7 +137,10 @@ class _Cursor:
     def tensor(self) -> TensorInfo:
         """Read one entry of the tensor table."""
         name = self.string()
-        shape = tuple(self.u64() for _ in range(self.u32()))
+        n_dims = self.u32()
+        if n_dims > MAX_DIMS:
+            raise struct.error(f"tensor {name!r} has {n_dims} dimensions")
+        shape = tuple(self.u64() for _ in range(n_dims))
         ggml_type = self.u32()
         self.u64()  # the data offset, which an estimate does not need
         try:
@@ -127,6 +148,40 @@ class _Cursor:
         except (ValueError, KeyError):
             raise ValueError(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
         return TensorInfo(name, math.prod(shape) // block * type_bytes, shape)
+
+
+def _metadata(cur: _Cursor, count: int) -> tuple[dict[str, object], dict[str, int]]:
+    """Read the metadata entries; a key given twice is refused, as llama.cpp does.
+
+    Zeroed bytes read as entries with an empty key, so the second one stops a run of them.
+    """
+    if count > cur.left() // _MIN_KV_BYTES:
+        raise struct.error(f"{count} metadata entries")
+    metadata: dict[str, object] = {}
+    array_lengths: dict[str, int] = {}
+    for _ in range(count):
+        key = cur.string()
+        if key in metadata or key in array_lengths:
+            raise struct.error(f"key {key!r} given twice")
+        value = cur.value(cur.u32())
+        if isinstance(value, tuple):
+            array_lengths[key], value = value
+        if value is not None:
+            metadata[key] = value
+    return metadata, array_lengths
+
+
+def _tensors(cur: _Cursor, count: int) -> tuple[TensorInfo, ...]:
+    """Read the tensor table; a name given twice is refused, as llama.cpp does."""
+    if count > cur.left() // _MIN_TENSOR_BYTES:
+        raise struct.error(f"{count} tensors")
+    tensors: dict[str, TensorInfo] = {}
+    for _ in range(count):
+        tensor = cur.tensor()
+        if tensor.name in tensors:
+            raise struct.error(f"tensor {tensor.name!r} given twice")
+        tensors[tensor.name] = tensor
+    return tuple(tensors.values())
 
 
 _FIXED_HEADER = 24  # magic, version, tensor count, metadata count
@@ -149,16 +204,8 @@ def read_gguf_header(path: Path) -> GGUFHeader:
         cur.pos = 8
         try:
             n_tensors, n_kv = cur.u64(), cur.u64()
-            metadata: dict[str, object] = {}
-            array_lengths: dict[str, int] = {}
-            for _ in range(n_kv):
-                key = cur.string()
-                value = cur.value(cur.u32())
-                if isinstance(value, tuple):
-                    array_lengths[key], value = value
-                if value is not None:
-                    metadata[key] = value
-            tensors = tuple(cur.tensor() for _ in range(n_tensors))
+            metadata, array_lengths = _metadata(cur, n_kv)
+            tensors = _tensors(cur, n_tensors)
         except (struct.error, KeyError) as e:
             raise ValueError(f"{path}: malformed GGUF header at byte {cur.pos}: {e}") from None
     return GGUFHeader(metadata, array_lengths, tensors)
