@@ -98,3 +98,67 @@ def test_a_repeated_key_is_refused(tmp_path: Path) -> None:
     entry = _key("llama.block_count") + struct.pack("<II", UINT32, 2)
     error, _, _ = _read_bounded(_write(tmp_path / "m.gguf", _header(0, 2) + entry * 2))
     assert "'llama.block_count' given twice" in error
+
+
+def _model(path: Path, block_count: int, head_count: int | list[float]) -> Path:
+    """A one-tensor llama GGUF with these block and head counts."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(block_count)
+    writer.add_context_length(1024)
+    writer.add_embedding_length(64)
+    writer.add_head_count(head_count)  # type: ignore[arg-type]  # floats: the damage tested
+    writer.add_tensor("token_embd.weight", np.zeros((1024, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _cpu_need(path: Path, tmp_path: Path) -> int:
+    """What admission reserves on the host for a llama-server preset of ``path``."""
+    import asyncio
+
+    from swapd import policy
+    from swapd.admission import Admission
+    from swapd.footprints import Footprints
+    from swapd.presets import Preset
+    from swapd.probe import HostRamProbe
+
+    preset = Preset(name="m", file="m.yaml", backend="llama-server", model=path)
+    adm = Admission(HostRamProbe(), Footprints(tmp_path), policy.Limits())
+
+    async def run() -> int:
+        snap = await adm.read(())
+        return (await adm.needs(preset, adm.candidates(preset), snap))["cpu"].bytes
+
+    return asyncio.run(run())
+
+
+def test_a_block_count_llama_cpp_refuses_falls_back_to_the_file_size(tmp_path: Path) -> None:
+    """More blocks than llama.cpp loads (512) is damage: the need is the file and its overhead.
+
+    The per-layer tuples were built for whatever the file said: at 2**31 blocks, 16 GiB
+    of them and minutes of looping, in the thread a load waits on.
+    """
+    from swapd.estimate import CPU_OVERHEAD
+
+    path = _model(tmp_path / "m.gguf", 5_000_000, 8)
+    start = time.monotonic()
+    assert _cpu_need(path, tmp_path) == path.stat().st_size + CPU_OVERHEAD
+    assert time.monotonic() - start < 1
+
+
+def test_per_layer_floats_fall_back_to_the_file_size(tmp_path: Path) -> None:
+    """A per-layer head count of floats (infinity too) falls back: no OverflowError escapes.
+
+    llama.cpp takes only integer arrays there. An infinity made ``int()`` raise
+    OverflowError, which no caller catches: the load failed with a 500.
+    """
+    from swapd.estimate import CPU_OVERHEAD
+
+    path = _model(tmp_path / "m.gguf", 2, [float("inf"), 8.0])
+    assert _cpu_need(path, tmp_path) == path.stat().st_size + CPU_OVERHEAD

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 from swapd.estimate._gguf_header import GGUFHeader
 
@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
 # Gemma 2 files may leave the window out; llama.cpp assumes this one.
 SWA_DEFAULT_WINDOW = {"gemma2": 4096}
+
+# The most blocks llama.cpp loads (LLAMA_MAX_LAYERS): it refuses a file with more.
+MAX_LAYERS = 512
 
 # The token embedding, and the output layer a model without tied embeddings has.
 TOKEN_EMBD = "token_embd.weight"  # noqa: S105 - a tensor name, not a password
@@ -62,11 +65,16 @@ def _int_field(header: GGUFHeader, key: str, path: Path) -> int:
 
 def _per_layer(value: object, n_layer: int, key: str, path: Path) -> tuple[int, ...]:
     """Expand a scalar-or-array metadata value to one integer per layer."""
-    if isinstance(value, int):
+    if _count(value):
         return (value,) * n_layer
-    if isinstance(value, list) and len(value) == n_layer:
-        return tuple(int(v) for v in value)
-    raise GGUFMetadataError(path, key, f"must be an integer or a list of {n_layer}")
+    if isinstance(value, list) and len(value) == n_layer and all(_count(v) for v in value):
+        return tuple(value)
+    raise GGUFMetadataError(path, key, f"must be an integer or a list of {n_layer} integers")
+
+
+def _count(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is a whole number of something: an int, not a bool, not negative."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _vocab_size(header: GGUFHeader) -> int:
@@ -103,6 +111,8 @@ def read_shape(header: GGUFHeader, path: Path) -> ModelShape:
     if not isinstance(arch, str):
         raise GGUFMetadataError(path, "general.architecture", "is missing or not a string")
     n_layer = _int_field(header, f"{arch}.block_count", path)
+    if not 0 <= n_layer <= MAX_LAYERS:
+        raise GGUFMetadataError(path, f"{arch}.block_count", f"is {n_layer}, not 0 to {MAX_LAYERS}")
     n_embd = _int_field(header, f"{arch}.embedding_length", path)
     head_key = f"{arch}.attention.head_count"
     n_head = _per_layer(header.metadata.get(head_key), n_layer, head_key, path)
