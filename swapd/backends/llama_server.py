@@ -28,7 +28,9 @@ from swapd.estimate import (
     CPU_OVERHEAD,
     GPU_OVERHEAD,
     LlamaArgs,
+    env_args,
     estimate_for_args,
+    llama_spelling,
     parse_llama_args,
     side_files,
 )
@@ -111,12 +113,15 @@ class LlamaServerKind(NoSleep):
     def argv(self, preset: Preset, binary: str, port: int, placement: Placement) -> list[str]:
         """``-m MODEL ARGS`` plus the pinned settings the preset does not set itself."""
         args = list(preset.args)
+        env = child_env(preset, {})
+        # What it reads: its LLAMA_ARG_* variables, then its flags (``--ctx_size`` too).
+        given = [*env_args(env), *map(llama_spelling, args)]
         pinned: list[str] = []
-        if not has_flag(args, "-ngl", "--n-gpu-layers", "--gpu-layers"):
+        if not has_flag(given, "-ngl", "--n-gpu-layers", "--gpu-layers"):
             pinned += ["-ngl", "999" if placement.on_gpu else "0"]
-        if not has_flag(args, "-c", "--ctx-size"):
+        if not has_flag(given, "-c", "--ctx-size"):
             pinned += ["-c", "0"]  # the model's own context, explicitly: what the estimate assumed
-        flags = llama_server_flags(binary, child_env(preset, {}))
+        flags = llama_server_flags(binary, env)
         if "--fit" in flags and not has_flag(args, "-fit", "--fit"):
             pinned += ["--fit", "off"]
         if not has_flag(args, "-a", "--alias"):
@@ -144,12 +149,14 @@ class LlamaServerKind(NoSleep):
         if preset.model is None or not preset.model.is_file():
             return None
         on_gpu = device.kind != "cpu"
-        files = side_files(preset.args)
+        # Its LLAMA_ARG_* variables go first: a flag on the command line wins over them.
+        argv = [*env_args(child_env(preset, {})), *preset.args]
+        files = side_files(argv)
         projector = 0
         if files.projector is not None and (files.projector_offload or not on_gpu):
             projector = _file_bytes(files.projector)
         try:
-            args = parse_llama_args(preset.args)
+            args = parse_llama_args(argv)
             found = estimate_for_args(preset.model, args, on_gpu=on_gpu)
         except (ValueError, OSError) as exc:
             _log.warning("model.estimate.fail", model=preset.name, error=str(exc))

@@ -9,7 +9,7 @@ from swapd.estimate._cache_types import cache_type_block
 from swapd.estimate._sizes import AUTO_SLOTS
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
 FlashAttn = Literal["on", "off", "auto"]
 ALL_BLOCKS = 1 << 30  # --cpu-moe: as many blocks as any model has
@@ -144,6 +144,56 @@ _FLASH_ATTN_VALUES: dict[str, FlashAttn] = {
 }
 
 
+# llama-server's variables for the flags read here (common/arg.cpp ``set_env``). It reads
+# them first, so a flag on the command line wins.
+_ENV_FLAGS = {
+    "LLAMA_ARG_CTX_SIZE": "-c",
+    "LLAMA_ARG_N_GPU_LAYERS": "-ngl",
+    "LLAMA_ARG_N_PARALLEL": "-np",
+    "LLAMA_ARG_CACHE_TYPE_K": "-ctk",
+    "LLAMA_ARG_CACHE_TYPE_V": "-ctv",
+    "LLAMA_ARG_FLASH_ATTN": "-fa",
+    "LLAMA_ARG_UBATCH": "-ub",
+    "LLAMA_ARG_N_CPU_MOE": "-ncmoe",
+    "LLAMA_ARG_N_GPU_LAYERS_DRAFT": "-ngld",
+    "LLAMA_ARG_MMPROJ": "--mmproj",
+}
+# Variables of flags without a value: the flag for a true value, and for a false one.
+_ENV_SWITCHES: dict[str, tuple[str, str | None]] = {
+    "LLAMA_ARG_SWA_FULL": ("--swa-full", None),
+    "LLAMA_ARG_CPU_MOE": ("-cmoe", None),
+    "LLAMA_ARG_KV_UNIFIED": ("-kvu", "-no-kvu"),
+    "LLAMA_ARG_MMPROJ_OFFLOAD": ("--mmproj-offload", "--no-mmproj-offload"),
+}
+_TRUE, _FALSE = {"on", "enabled", "true", "1"}, {"off", "disabled", "false", "0"}
+
+
+def env_args(env: Mapping[str, str]) -> list[str]:
+    """The flags that ``env``'s ``LLAMA_ARG_*`` variables stand for, to go before the argv.
+
+    ``LLAMA_ARG_SWA_FULL=1`` is ``--swa-full``, ``LLAMA_ARG_UBATCH=2048`` is ``-ub 2048``.
+    """
+    found: list[str] = []
+    for name, flag in _ENV_FLAGS.items():
+        if name in env:
+            found += [flag, env[name]]
+    for name, (on, off) in _ENV_SWITCHES.items():
+        value = env.get(name, "").lower()
+        if value in _TRUE:
+            found.append(on)
+        elif value in _FALSE and off is not None:
+            found.append(off)
+    return found
+
+
+def llama_spelling(arg: str) -> str:
+    """A flag as llama-server reads it: ``_`` in a long flag is ``-`` (``--ctx_size``)."""
+    if not arg.startswith("--"):
+        return arg
+    flag, eq, value = arg.partition("=")
+    return flag.replace("_", "-") + eq + value
+
+
 def _parse_int(flag: str, value: str) -> int:
     """Parse an integer flag value, naming the flag when it is not one."""
     try:
@@ -172,7 +222,8 @@ def _parse_flash_attn(flag: str, value: str) -> FlashAttn:
 def parse_llama_args(args: Sequence[str]) -> LlamaArgs:
     """Read the memory-relevant flags from a llama-server argv; the last one given wins.
 
-    Both ``--flag value`` and ``--flag=value`` work. ``-fa`` alone means on (older servers
+    Both ``--flag value`` and ``--flag=value`` work, and ``--flag_name`` as ``--flag-name``
+    (:func:`llama_spelling`). ``-fa`` alone means on (older servers
     took it without a value); ``-kvu``, ``-no-kvu`` and ``--swa-full`` take none. Other
     flags and positional arguments are ignored. A known flag with a missing or malformed
     value raises ValueError.
@@ -180,7 +231,7 @@ def parse_llama_args(args: Sequence[str]) -> LlamaArgs:
     found: dict[str, Any] = {}
     i = 0
     while i < len(args):
-        arg = args[i]
+        arg = llama_spelling(args[i])
         i += 1
         if arg in _SWITCHES:
             name, setting = _SWITCHES[arg]
@@ -223,7 +274,7 @@ def side_files(args: Sequence[str]) -> SideFiles:
     offload = True
     draft: str | None = None
     for i, arg in enumerate(args):
-        flag, eq, inline = arg.partition("=")
+        flag, eq, inline = llama_spelling(arg).partition("=")
         value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
         if flag in _PROJECTOR_FLAGS:
             projector = value
