@@ -24,6 +24,7 @@ from swapd.logs import get_logger
 from swapd.needs import Need, estimate_bytes, memory_need
 from swapd.presets import Preset
 from swapd.probe import HOST_DEVICE, Device, Probe, Reading, host_memory
+from swapd.weights import file_stamp, side_paths
 
 _log = get_logger("swapd.admission")
 
@@ -47,9 +48,10 @@ def _estimate(preset: Preset, device: Device, total: int) -> tuple[int | None, b
 
 
 def _file_identity(preset: Preset) -> tuple[tuple[int, int], ...] | None:
-    """Size and mtime of each model file, every shard of a split GGUF.
+    """Size and mtime of each model file (every shard of a split GGUF), and of side files.
 
-    A file replaced at the same path is estimated anew.
+    A file replaced at the same path is estimated anew; so is a draft or projector the
+    args name, also one that was not there yet.
     """
     if preset.model is None:
         return None
@@ -57,7 +59,8 @@ def _file_identity(preset: Preset) -> tuple[tuple[int, int], ...] | None:
         found = [part.stat() for part in split_parts(preset.model)]
     except OSError:
         return None
-    return tuple((st.st_size, st.st_mtime_ns) for st in found)
+    sides = [file_stamp(path) for path in side_paths([*preset.args, *preset.cmd])]
+    return (*((st.st_size, st.st_mtime_ns) for st in found), *sides)
 
 
 class Admission:

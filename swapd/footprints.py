@@ -14,7 +14,7 @@ from pathlib import Path
 
 from swapd.logs import get_logger
 from swapd.presets import Preset
-from swapd.weights import weight_bytes
+from swapd.weights import file_stamp, side_paths, weight_bytes
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,12 @@ _log = get_logger("swapd.footprints")
 def fingerprint(preset: Preset) -> str:
     """A stable hash of everything that changes how much a launch uses."""
     model = preset.model
-    # Every shard of a split GGUF: a changed one is another launch.
+    # Every shard of a split GGUF: a changed one is another launch. So is a changed draft
+    # or projector file, or an env that sizes the backend (LLAMA_ARG_CTX_SIZE).
     size = weight_bytes(model) if model and model.is_file() else 0
-    parts = [preset.backend, str(model), str(size), *preset.args, *preset.cmd]
+    sides = [f"{p}:{file_stamp(p)[0]}" for p in side_paths([*preset.args, *preset.cmd])]
+    env = sorted(f"{k}={v}" for k, v in preset.env.items())
+    parts = [preset.backend, str(model), str(size), *preset.args, *preset.cmd, *sides, *env]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -67,3 +68,36 @@ def test_a_changed_shard_of_a_split_gguf_is_estimated_anew(tmp_path: Path) -> No
     os.utime(shards[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert fingerprint(preset) != old_fingerprint
     assert asyncio.run(need()) >= before + 4 * 1024**2 - 64 * 16 * 4
+
+
+def test_a_replaced_draft_model_is_estimated_anew_and_learned_afresh(tmp_path: Path) -> None:
+    """A draft (``-md``) replaced at the same path is a new estimate and a new footprint.
+
+    The cache key and the fingerprint covered the model's own files alone: a bigger
+    draft kept the old estimate, and a measured footprint of the smaller one, until a
+    reload.
+    """
+    model, draft = tmp_path / "m.gguf", tmp_path / "draft.gguf"
+    write_one_block_llama(model, 16)
+    write_one_block_llama(draft, 16)
+    preset = Preset(
+        name="m", file="m.yaml", backend="llama-server", model=model, args=("-md", str(draft))
+    )
+    adm = Admission(HostRamProbe(), Footprints(tmp_path), policy.Limits())
+
+    async def need() -> int:
+        snap = await adm.read(())
+        return (await adm.needs(preset, adm.candidates(preset), snap))["cpu"].bytes
+
+    before, old_fingerprint = asyncio.run(need()), fingerprint(preset)
+    write_one_block_llama(draft, 16 * 1024)  # 64 MiB of weights at the same path
+    assert fingerprint(preset) != old_fingerprint
+    assert asyncio.run(need()) >= before + 60 * 1024**2
+
+
+def test_an_env_that_sizes_the_backend_is_another_footprint() -> None:
+    """``LLAMA_ARG_CTX_SIZE`` sizes llama-server as ``-c`` does: one's measure is not another's."""
+    base = Preset(name="m", file="m.yaml", backend="llama-server", model=None)
+    small = dataclasses.replace(base, env={"LLAMA_ARG_CTX_SIZE": "512"})
+    large = dataclasses.replace(base, env={"LLAMA_ARG_CTX_SIZE": "32768"})
+    assert len({fingerprint(base), fingerprint(small), fingerprint(large)}) == 3
