@@ -158,6 +158,9 @@ def _not_supported(_handle):
     raise NVMLError("Not Supported")
 
 def _memory(_handle):
+    lost = os.environ.get("STAND_IN_LOST", "")
+    if lost and os.path.exists(lost):
+        raise NVMLError("GPU is lost")
     with open(os.environ["STAND_IN_PROBE"]) as f:
         state = json.load(f)
     gpu = state["devices"]["gpu0"]
@@ -246,6 +249,32 @@ def test_a_model_ready_by_the_end_of_a_slow_reading_still_counts_its_grant(
         assert slow.result()[0] == 200
         assert other.result()[0] == 200
     assert [e["victims"] for e in d.events("model.evict")] == [["slow"]]
+
+
+def test_the_only_gpu_lost_answers_503_and_loads_once_it_is_back(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """No GPU answering is no room (503 ``insufficient_memory``), not a failed load.
+
+    Every read raised with the only GPU lost: the load answered 500 ``load_failed`` and the
+    model was backed off, as if it had failed to start, though nothing had run.
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": 0}})
+    lost = tmp_path / "lost"
+    env = hook_env(tmp_path / "hook", _NVML_TOTALS_ONLY)
+    d = start_daemon(
+        {"a": _gpu_preset("a", probe, 0)},
+        {"devices": "auto", "reserve": 0},
+        env={**env, "STAND_IN_PROBE": str(probe), "STAND_IN_LOST": str(lost)},
+    )
+    lost.touch()
+    status, body = d.chat("a")
+    assert status == 503, body
+    assert body["error"]["code"] == "insufficient_memory", body
+    assert "probe.device.fail" in body["error"]["message"]
+    lost.unlink()
+    assert d.chat("a")[0] == 200  # no backoff to wait out: it never failed
 
 
 def test_eviction_keeps_the_model_asked_for_more_often(

@@ -14,7 +14,6 @@ import pytest
 from test_nvml_pid_namespace import plan_beside_one_resident
 
 from swapd import policy
-from swapd.errors import SwapdError
 from swapd.probe import _fdinfo
 from swapd.probe import _sysfs as sysfs
 from swapd.probe._amdsmi import open_amdsmi
@@ -171,7 +170,7 @@ def test_a_gpu_lost_after_start_is_left_out_and_the_others_still_read(
 
     Each read raised for the whole probe: every load on every healthy GPU answered 500
     until swapd restarted. The failure is logged once, and the return too; with no GPU
-    left to read, the read still raises.
+    left to read, the reading is empty (a load then gets 503, as on a lost GPU of several).
     """
     lost: set[str] = set()
     module = fake_pynvml([], count=2)
@@ -194,5 +193,4 @@ def test_a_gpu_lost_after_start_is_left_out_and_the_others_still_read(
     assert "GPU is lost" in out
     assert out.count("probe.device.back") == 1, out
     lost.update({"g0", "g1"})
-    with pytest.raises(SwapdError, match="gpu0: NVML cannot read memory: GPU is lost"):
-        probe.read()
+    assert probe.read() == []

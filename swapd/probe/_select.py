@@ -36,18 +36,18 @@ class EachDevice:
     def read(
         self, devices: Sequence[Device], read_one: Callable[[Device], Reading]
     ) -> list[Reading]:
-        """``read_one`` of each device, leaving out those that fail; raises if every one does.
+        """``read_one`` of each device, leaving out those that fail (all of them, too).
 
         A device left out is logged when it starts failing (``probe.device.fail``) and when
-        it answers again (``probe.device.back``); admission places nothing on it meanwhile.
+        it answers again (``probe.device.back``); admission places nothing on it meanwhile:
+        a load that may use no other device gets 503 ``insufficient_memory``, also where
+        that GPU is the only one (not a failed load, which would back the model off).
         """
         readings: list[Reading] = []
-        errors: list[SwapdError] = []
         for device in devices:
             try:
                 readings.append(read_one(device))
             except SwapdError as error:
-                errors.append(error)
                 if device.id not in self._failing:
                     self._failing.add(device.id)
                     _log.error("probe.device.fail", device=device.id, error=str(error))
@@ -55,8 +55,6 @@ class EachDevice:
             if device.id in self._failing:
                 self._failing.discard(device.id)
                 _log.info("probe.device.back", device=device.id)
-        if errors and not readings:
-            raise errors[0]
         return readings
 
 
