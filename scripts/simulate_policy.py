@@ -22,8 +22,9 @@ never evicted. Policies compared, on the same seeded traces:
 * ``hold-always`` -- a what-if: ``swapd`` with the hold whatever the loader's load
   (TinyLFU's admission test, bounded at 30 s);
 * ``belady``     -- an offline reference that knows the future: evict the idle
-  resident whose next request is furthest away (optimal for equal sizes and costs;
-  with mixed sizes a strong reference rather than a proven bound);
+  resident whose next request is furthest away, only as many as the load needs
+  (optimal for equal sizes and costs; with mixed sizes a strong reference rather than
+  a proven bound);
 * ``compulsory`` -- a true lower bound: each model used at all is loaded once.
 
 Tiers (``--tiers``): the same traces with vLLM's published restart and wake times,
@@ -459,7 +460,12 @@ def plan_evict_all(sim: Sim, name: str, _now: float) -> Plan:
 
 
 def plan_belady(sim: Sim, name: str, now: float) -> Plan:
-    """Offline: evict idle residents whose next request is furthest in the future."""
+    """Offline: evict idle residents whose next request is furthest in the future.
+
+    Only as many as the load needs: a victim whose room the later ones made is kept,
+    the soonest wanted first (furthest first can take a small model, then a large one
+    that alone makes the room).
+    """
     need = sim.need(name)
     room = sim.budget - sim.used()
     idle = sorted(
@@ -474,6 +480,10 @@ def plan_belady(sim: Sim, name: str, now: float) -> Plan:
         victims.append(candidate)
         room += sim.usage(candidate)
     if room >= need:
+        for victim in reversed(victims):
+            if room - sim.usage(victim) >= need:
+                victims.remove(victim)
+                room -= sim.usage(victim)
         return policy.Admit("sim", tuple(victims))
     if need > sim.budget:
         return policy.Impossible("larger than the budget")
