@@ -334,9 +334,13 @@ class Sim:
             self.spans.pop(0)
 
     def next_use(self, name: str, now: float) -> float:
-        """When ``name`` is next requested after ``now`` (inf if never)."""
+        """When ``name`` is next requested from ``now`` on (inf if never).
+
+        A request at ``now`` itself counts: a model it asks for is busy once it is taken
+        in, so an idle one has it still to come (an arrival at the same instant).
+        """
         times = self.future[name]
-        i = bisect.bisect_right(times, now)
+        i = bisect.bisect_left(times, now)
         return times[i] if i < len(times) else math.inf
 
 
@@ -563,7 +567,7 @@ def plan_least_set(cost: VictimsCost) -> Planner:
 
 def sooner_next_use(sim: Sim, name: str, now: float) -> float:
     """An oracle: one over the time to the model's next request (0 if never), Belady's order."""
-    return 1.0 / (sim.next_use(name, now) - now)
+    return 1.0 / max(sim.next_use(name, now) - now, 1e-3)
 
 
 def reload_rate(sim: Sim, name: str, now: float) -> float:

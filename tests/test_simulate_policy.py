@@ -5,9 +5,11 @@ from __future__ import annotations
 from simulate_policy import (
     GIB,
     Model,
+    Request,
     Sim,
     Slot,
     plan_belady,
+    simulate,
 )
 
 from swapd import policy
@@ -46,3 +48,21 @@ def test_belady_evicts_no_model_the_others_made_room_for() -> None:
     sim = sim_with(models, {"small": [1000.0], "big": [500.0], "mid": [100.0]})
     assert sim.budget - sim.used() == 3 * GIB
     assert plan_belady(sim, "x", 0.0) == policy.Admit("sim", ("big",))
+
+
+def test_belady_keeps_a_model_requested_at_the_same_instant() -> None:
+    """A request at the very time of the plan, not yet taken in, is the next use.
+
+    ``a`` and ``d`` are asked for at 100 s, ``d`` first; ``b`` at 200 s. Room for ``d``
+    takes ``a`` or ``b``: Belady must keep ``a``, whose request is at that instant.
+    """
+    models = {m.name: m for m in (model("a", 12, 18.5), model("b", 8, 12.5), model("d", 6, 9.5))}
+    trace = [
+        Request(0.0, "a", 1.0),
+        Request(0.5, "b", 1.0),
+        Request(100.0, "d", 1.0),
+        Request(100.0, "a", 1.0),
+        Request(200.0, "b", 1.0),
+    ]
+    result = simulate(trace, models, "belady")
+    assert result["loads_by_model"] == {"a": 1, "b": 2, "d": 1}
