@@ -495,11 +495,14 @@ def plan_belady(sim: Sim, name: str, now: float) -> Plan:
 
 
 def plan_by_value(value: Callable[[Sim, str, float], float]) -> Planner:
-    """swapd's plan (no hold) with each resident ranked by ``value`` instead of its CRF."""
+    """swapd's plan (no hold) with each resident ranked by ``value`` instead of its CRF.
+
+    By the value alone: no start times, which the policy would weigh it by.
+    """
 
     def plan(sim: Sim, name: str, now: float) -> Plan:
         residents = [
-            dataclasses.replace(r, crf=value(sim, r.name, now))
+            dataclasses.replace(r, crf=value(sim, r.name, now), reload_s=None)
             for r in residents_view(sim, now, crf=True, exclude=name)
         ]
         return policy.plan_admission(sim.need(name), [_device(sim)], residents, policy.Limits())

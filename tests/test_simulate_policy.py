@@ -9,7 +9,9 @@ from simulate_policy import (
     Sim,
     Slot,
     plan_belady,
+    plan_by_value,
     simulate,
+    whole_trace_count,
 )
 
 from swapd import policy
@@ -66,3 +68,16 @@ def test_belady_keeps_a_model_requested_at_the_same_instant() -> None:
     ]
     result = simulate(trace, models, "belady")
     assert result["loads_by_model"] == {"a": 1, "b": 2, "d": 1}
+
+
+def test_an_oracle_ranks_by_its_value_alone() -> None:
+    """``oracle-frequency`` keeps the model asked for more often, whatever its size or start.
+
+    The 12 GiB model has 6 requests ahead, the 1 GiB one 5; either one makes the room.
+    Weighed by start seconds per byte (as swapd weighs its CRF) the small one would stay.
+    """
+    models = [model("big", 12, 18.5), model("small", 1, 2.0), model("filler", 10, 15.5)]
+    models.append(model("x", 2, 3.5))
+    future = {"big": [float(t) for t in range(10, 70, 10)], "small": [5.0, 15, 25, 35, 45]}
+    sim = sim_with(models, future, busy=("filler",))
+    assert plan_by_value(whole_trace_count)(sim, "x", 0.0) == policy.Admit("sim", ("small",))
