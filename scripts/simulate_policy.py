@@ -325,10 +325,16 @@ class Sim:
         value, at = self.crf.get(name, (0.0, now))
         return policy.crf_decay(value, at, now, self.half_life)
 
-    def busy_span(self, start: float, seconds: float) -> None:
-        """The loader works from ``start`` for ``seconds``: a load, a wake or sleeps."""
+    def busy_span(self, start: float, seconds: float, *, load: bool = True) -> None:
+        """The loader works from ``start`` for ``seconds``: a load or a wake (``load``), or sleeps.
+
+        Only loads and wakes are spans of the hold's busy share: the manager times those,
+        from their admission on, and never the sleeps of their victims before it.
+        """
         self.loader_busy = True
         self.counts.load_time += seconds
+        if not load:
+            return
         self.spans.append((start, start + seconds))
         while self.spans[0][1] < start - policy.HOLD_WINDOW_S:
             self.spans.pop(0)
@@ -712,7 +718,7 @@ def evict(sim: Sim, victims: tuple[str, ...], loading: str, now: float, *, crf: 
     moving += carry_out(sim, overflow)
     if moving:
         # The manager waits for the sleeps before it re-plans: the loader is busy meanwhile.
-        sim.busy_span(now, moving)
+        sim.busy_span(now, moving, load=False)
         sim.push(now + moving, "moved", loading)
 
 

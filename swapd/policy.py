@@ -469,7 +469,7 @@ def loader_busy(
 ) -> float:
     """Load seconds per second over the last ``window``: the share of it spent loading.
 
-    ``spans`` are (start, end) of loads, wakes and sleeps; one under way ends at ``now``.
+    ``spans`` are (start, end) of loads and wakes; one under way ends at ``now``.
     Overlapping loads add up, so on several devices the share can pass 1.
     """
     start = now - window

@@ -8,6 +8,7 @@ from simulate_policy import (
     Request,
     Sim,
     Slot,
+    evict,
     plan_belady,
     plan_by_value,
     simulate,
@@ -81,3 +82,18 @@ def test_an_oracle_ranks_by_its_value_alone() -> None:
     future = {"big": [float(t) for t in range(10, 70, 10)], "small": [5.0, 15, 25, 35, 45]}
     sim = sim_with(models, future, busy=("filler",))
     assert plan_by_value(whole_trace_count)(sim, "x", 0.0) == policy.Admit("sim", ("small",))
+
+
+def test_a_victims_sleep_is_loader_time_but_not_the_holds_busy_share() -> None:
+    """The hold sees loads and wakes, as the manager's does: it times those from admission on.
+
+    A victim's sleep holds the simulated loader and counts in its load time, but the
+    manager never records it among the spans it hands to ``loader_busy``.
+    """
+    models = [model("a", 12, 18.5), model("x", 8, 12.5)]
+    sim = sim_with(models, {"a": [500.0]})
+    sim.ram_budget = 32 * GIB
+    evict(sim, ("a",), "x", 100.0, crf=True)
+    assert sim.resident["a"].asleep
+    assert sim.counts.load_time == models[0].wake_s
+    assert policy.loader_busy(sim.spans, 100.0 + models[0].wake_s) == 0.0
