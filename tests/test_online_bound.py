@@ -1,11 +1,14 @@
-"""scripts/online_bound.py: its optimum is the least average cost of every fixed policy."""
+"""scripts/online_bound.py: the optimum is the least cost of every fixed policy, and replayed."""
 
 from __future__ import annotations
 
 import itertools
 
 import pytest
-from online_bound import Sessions, relative_values
+from online_bound import Sessions, plan_optimal, relative_values
+from simulate_policy import GIB, Model, Sim, Slot
+
+from swapd import policy
 
 STEPS = 1000
 
@@ -67,3 +70,19 @@ def test_after_load_keeps_the_model_and_only_sets_that_fit() -> None:
     sessions = Sessions((1, 2, 3), (1.0, 1.0, 1.0), 4)
     # Resident {0, 1}; loading model 2 (size 3) leaves {2} or {0, 2}.
     assert sorted(sessions.after_load(0b011, 2)) == [0b100, 0b101]
+
+
+def test_the_optimal_planner_leaves_the_set_of_least_value() -> None:
+    """Replayed, the solved policy evicts whatever leaves the resident set of least value.
+
+    Any one of the three residents makes room for ``x``; the values say keep ``a`` and ``c``.
+    """
+    sizes = {"a": 8, "b": 8, "c": 6, "x": 8}
+    models = {n: Model(n, s * GIB, 1.0, 1.0) for n, s in sizes.items()}
+    sim = Sim(models, 24 * GIB, {n: [] for n in models})
+    for n in ("a", "b", "c"):
+        sim.resident[n] = Slot(models[n], loading=False)
+    a, b, c, x = 1, 2, 4, 8  # the bit of each model, in the order of names
+    value = {b | c | x: 5.0, a | c | x: 1.0, a | b | x: 3.0}
+    plan = plan_optimal(list(models), value)(sim, "x", 0.0)
+    assert plan == policy.Admit("sim", ("b",))
