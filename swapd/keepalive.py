@@ -287,7 +287,8 @@ async def _backend_error(upstream: UpstreamResponse) -> dict[str, Any]:
         raw = await error_text(upstream)  # bounded: a backend may never end it
     except UpstreamError as exc:
         raw = str(exc).encode()
-    with contextlib.suppress(ValueError):
+    # Not JSON, or nested past what the parser recurses into: the text is the message.
+    with contextlib.suppress(ValueError, RecursionError):
         data = json.loads(raw)
         if isinstance(data, dict) and isinstance(data.get("error"), dict):
             return dict(data["error"])

@@ -229,3 +229,22 @@ def test_after_pings_an_error_whose_text_never_ends_is_one_error_event(
     assert error["message"] == "backend answered 500: <html><body>the backend broke"
     assert _post(d, "ok")[0] == 200
     assert d.model("r")["in_flight"] == 0
+
+
+def test_after_pings_an_error_nested_too_deep_to_parse_is_one_error_event(
+    start_daemon: StartDaemon,
+) -> None:
+    """A stream that waited for a load, answered with a JSON 500 nested 5,000 deep.
+
+    Before, reading the backend's error object raised RecursionError out of the ping
+    stream: swapd wrote a 500 answer's headers into the stream its pings had opened.
+    Now the text is the message of one error event, as for any error that is not an
+    error object.
+    """
+    d = start_daemon({"r": _preset("--start-delay", str(PING_AFTER + 2))})
+    error = _error_after_pings(d, "deep_error")
+    assert error["code"] == "backend_error"
+    assert error["message"].startswith("backend answered 500: [[[")
+    wait_for(lambda: _logged(d))
+    assert _logged(d) == [500]
+    assert d.model("r")["in_flight"] == 0

@@ -4,8 +4,9 @@ Modes: ``ok`` (a small JSON answer), ``close_after_headers`` (SSE headers, then 
 ``cut_sized`` (a 2 MiB Content-Length, 100 bytes, then a close), ``stall_partial``
 (SSE headers and half an event, then nothing until swapd closes) and ``stall_error``
 (a chunked HTML 500 and the start of its text, then nothing until swapd closes),
-``late_headers`` (SSE headers after 0.97 s, then nothing until swapd closes) and
-``cut_mid_stream`` (SSE headers, one event and half the next, then a close).
+``late_headers`` (SSE headers after 0.97 s, then nothing until swapd closes),
+``cut_mid_stream`` (SSE headers, one event and half the next, then a close) and
+``deep_error`` (a JSON 500 whose body nests 5,000 arrays deep, then a close).
 ``/health`` answers 503 until ``--start-delay`` seconds have passed, then 200.
 
     python tests/fakes/raw_backend.py --port PORT [--start-delay SECONDS]
@@ -120,6 +121,12 @@ async def _stall_error(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     await reader.read()  # until swapd closes the connection
 
 
+async def _deep_error(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    text = b"[" * 5000
+    head = b"HTTP/1.1 500 X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    writer.write(head % len(text) + text)
+
+
 # The modes that end the connection, each after what it writes.
 _BREAKING: dict[
     str, Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
@@ -130,6 +137,7 @@ _BREAKING: dict[
     "cut_mid_stream": _cut_mid_stream,
     "stall_partial": _stall_partial,
     "stall_error": _stall_error,
+    "deep_error": _deep_error,
 }
 
 
