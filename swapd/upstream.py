@@ -243,14 +243,18 @@ class _Connection(asyncio.Protocol):
         """The status and headers are in: the caller may start answering."""
         self._head_size += 17  # "HTTP/1.1 200 ", the status line's CRLF, the blank line
         self._over_cap(self._head_size)
-        self.status = self._parser.get_status_code()
-        if 100 <= self.status < 200 and self.status != 101:
-            # 100 Continue (a forwarded Expect), 103 Early Hints: not the answer.
-            self._interim = True
-            return
-        if self.status == 101:  # Switching Protocols
-            # swapd strips Upgrade from requests: a backend that switches anyway is broken.
-            self._refused = "the backend switched protocols (101), which swapd does not relay"
+        status = self.status = self._parser.get_status_code()
+        if status < 200:
+            if status >= 100 and status != 101:
+                # 100 Continue (a forwarded Expect), 103 Early Hints: not the answer.
+                self._interim = True
+                return
+            if status == 101:  # Switching Protocols
+                # swapd strips Upgrade from requests: a backend that switches anyway is broken.
+                self._refused = "the backend switched protocols (101), which swapd does not relay"
+            else:
+                # The parser takes any three digits; HTTP's statuses start at 100.
+                self._refused = f"the backend answered status {status:03d}, which is not HTTP"
             raise UpstreamError(self._refused)
         self._headers_done = True
         self.keep_alive = self._parser.should_keep_alive()

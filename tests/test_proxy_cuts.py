@@ -248,3 +248,20 @@ def test_after_pings_an_error_nested_too_deep_to_parse_is_one_error_event(
     wait_for(lambda: _logged(d))
     assert _logged(d) == [500]
     assert d.model("r")["in_flight"] == 0
+
+
+def test_a_status_below_100_is_a_502_not_relayed(start_daemon: StartDaemon) -> None:
+    """A backend's ``HTTP/1.1 000``: a 502 in the envelope, logged as a failure.
+
+    The parser takes any three digits. Before, swapd relayed the status as it was, and
+    the client read ``HTTP/1.1 0`` (no status line HTTP allows), logged as a success.
+    """
+    d = start_daemon({"r": _preset()})
+    status, body, whole = _post(d, "status_000")
+    assert (status, whole) == (502, True)
+    error = json.loads(body)["error"]
+    assert error["code"] == "backend_gone"
+    assert "status 000" in error["message"]
+    wait_for(lambda: _logged(d))
+    assert _logged(d) == [502]
+    assert _post(d, "ok")[0] == 200

@@ -5,8 +5,9 @@ Modes: ``ok`` (a small JSON answer), ``close_after_headers`` (SSE headers, then 
 (SSE headers and half an event, then nothing until swapd closes) and ``stall_error``
 (a chunked HTML 500 and the start of its text, then nothing until swapd closes),
 ``late_headers`` (SSE headers after 0.97 s, then nothing until swapd closes),
-``cut_mid_stream`` (SSE headers, one event and half the next, then a close) and
-``deep_error`` (a JSON 500 whose body nests 5,000 arrays deep, then a close).
+``cut_mid_stream`` (SSE headers, one event and half the next, then a close),
+``status_000`` (a JSON answer whose status is 000, then a close) and ``deep_error``
+(a JSON 500 whose body nests 5,000 arrays deep, then a close).
 ``/health`` answers 503 until ``--start-delay`` seconds have passed, then 200.
 
     python tests/fakes/raw_backend.py --port PORT [--start-delay SECONDS]
@@ -127,6 +128,10 @@ async def _deep_error(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     writer.write(head % len(text) + text)
 
 
+async def _status_000(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 000 X\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+
+
 # The modes that end the connection, each after what it writes.
 _BREAKING: dict[
     str, Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
@@ -138,6 +143,7 @@ _BREAKING: dict[
     "stall_partial": _stall_partial,
     "stall_error": _stall_error,
     "deep_error": _deep_error,
+    "status_000": _status_000,
 }
 
 
