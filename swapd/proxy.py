@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import re
+import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
 from typing import Any, TypeVar
@@ -758,8 +759,9 @@ async def _error_text(upstream: UpstreamResponse, model: str) -> bytes:
 async def error_text(upstream: UpstreamResponse) -> bytes:
     """What a backend's error answer says, as far as it came within :data:`ERROR_TEXT_WAIT`.
 
-    At most :data:`ERROR_TEXT_LIMIT` bytes; :class:`UpstreamError` when the backend cut
-    it short. The rest is left unread: the caller's ``finish`` closes the connection.
+    At most :data:`ERROR_TEXT_LIMIT` bytes, decompressed where the answer is in gzip or
+    deflate; :class:`UpstreamError` when the backend cut it short. The rest is left
+    unread: the caller's ``finish`` closes the connection.
     """
     parts: list[bytes] = []
     size = 0
@@ -770,7 +772,25 @@ async def error_text(upstream: UpstreamResponse) -> bytes:
                 size += len(chunk)
     except TimeoutError:
         pass  # the rest never came: the connection is closed, unfinished
-    return b"".join(parts)[:ERROR_TEXT_LIMIT]
+    text = b"".join(parts)[:ERROR_TEXT_LIMIT]
+    coding = upstream.header("Content-Encoding")
+    if coding is not None and coding.strip().lower() in _ZLIB_CODINGS:
+        return _decompressed(text)
+    return text
+
+
+# Content codings of an error text that swapd reads decompressed (zlib reads both); a
+# server that compresses its answers (a client's Accept-Encoding passes) compresses errors.
+_ZLIB_CODINGS = frozenset({"gzip", "x-gzip", "deflate"})
+
+
+def _decompressed(text: bytes) -> bytes:
+    """The start of a gzip or zlib text, up to :data:`ERROR_TEXT_LIMIT`; as sent if not one."""
+    try:
+        # 32 + 15: a gzip or a zlib header, whichever it is. As far as the text came.
+        return zlib.decompressobj(32 + 15).decompress(text, ERROR_TEXT_LIMIT)
+    except zlib.error:
+        return text
 
 
 def _is_json(content_type: bytes | None) -> bool:

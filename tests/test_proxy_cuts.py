@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import sys
@@ -265,3 +266,28 @@ def test_a_status_below_100_is_a_502_not_relayed(start_daemon: StartDaemon) -> N
     wait_for(lambda: _logged(d))
     assert _logged(d) == [502]
     assert _post(d, "ok")[0] == 200
+
+
+def test_a_compressed_error_text_is_read_decompressed(start_daemon: StartDaemon) -> None:
+    """An HTML 500 in gzip (a server that compresses its answers): its words in the message.
+
+    Before, the envelope's message (and after pings, the error event's) held the gzip
+    bytes as replacement characters. ``/upstream/`` passes it on compressed, as sent.
+    """
+    d = start_daemon({"r": _preset("--start-delay", str(PING_AFTER + 2))})
+    error = _error_after_pings(d, "gzip_error")
+    assert error["code"] == "backend_error"
+    assert error["message"].startswith("backend answered 500: <html><body>the backend broke ")
+    status, body, whole = _post(d, "gzip_error")
+    assert (status, whole) == (500, True)
+    error = json.loads(body)["error"]
+    assert (error["code"], error["message"]) == (
+        "backend_error",
+        "backend for 'r' answered 500: <html><body>the backend broke </body></html>",
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=20)
+    conn.request("POST", "/upstream/r/x", json.dumps({"mode": "gzip_error"}))
+    resp = conn.getresponse()
+    assert resp.getheader("Content-Encoding") == "gzip"
+    assert b"the backend broke" in gzip.decompress(resp.read())
+    conn.close()

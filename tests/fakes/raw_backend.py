@@ -6,8 +6,9 @@ Modes: ``ok`` (a small JSON answer), ``close_after_headers`` (SSE headers, then 
 (a chunked HTML 500 and the start of its text, then nothing until swapd closes),
 ``late_headers`` (SSE headers after 0.97 s, then nothing until swapd closes),
 ``cut_mid_stream`` (SSE headers, one event and half the next, then a close),
-``status_000`` (a JSON answer whose status is 000, then a close) and ``deep_error``
-(a JSON 500 whose body nests 5,000 arrays deep, then a close).
+``status_000`` (a JSON answer whose status is 000, then a close), ``deep_error``
+(a JSON 500 whose body nests 5,000 arrays deep, then a close) and ``gzip_error`` (an
+HTML 500 in gzip, as a server that compresses what it sends, then a close).
 ``/health`` answers 503 until ``--start-delay`` seconds have passed, then 200.
 
     python tests/fakes/raw_backend.py --port PORT [--start-delay SECONDS]
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import time
 from collections.abc import Callable, Coroutine
@@ -132,6 +134,12 @@ async def _status_000(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     writer.write(b"HTTP/1.1 000 X\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
 
 
+async def _gzip_error(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    text = gzip.compress(b"<html><body>the backend broke" + b" " * 2000 + b"</body></html>")
+    head = b"HTTP/1.1 500 X\r\nContent-Type: text/html\r\nContent-Encoding: gzip\r\n"
+    writer.write(head + b"Content-Length: %d\r\n\r\n" % len(text) + text)
+
+
 # The modes that end the connection, each after what it writes.
 _BREAKING: dict[
     str, Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
@@ -144,6 +152,7 @@ _BREAKING: dict[
     "stall_error": _stall_error,
     "deep_error": _deep_error,
     "status_000": _status_000,
+    "gzip_error": _gzip_error,
 }
 
 
