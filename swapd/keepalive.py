@@ -239,7 +239,14 @@ class ColdStreams:
 
     async def _send(self, request: web.Request, lease: Lease, body: bytes) -> UpstreamResponse:
         body = await self.proxy.body_for(lease, body)
-        headers = forwarded_headers(request, lease)
+        # The stream's headers are the pings', which name no content coding: the backend is
+        # asked for its events as they are, whatever codings the client accepts.
+        headers = [
+            (name, value)
+            for name, value in forwarded_headers(request, lease)
+            if name.lower() != b"accept-encoding"
+        ]
+        headers.append((b"Accept-Encoding", b"identity"))
         target = request.rel_url.raw_path_qs
         try:
             return await self.proxy.pool.request(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 from pathlib import Path
@@ -112,3 +113,27 @@ def test_a_cold_stream_whose_backend_dies_as_it_turns_ready_is_leased_again(
     status, _, lines = stream(d, "a")  # the marker is there: the restart serves
     assert status == 200
     assert data(lines)[-1] == "[DONE]"
+
+
+def test_a_cold_stream_reaches_the_client_uncompressed(start_daemon: StartDaemon) -> None:
+    """A client that accepts gzip, a backend that compresses: the pinged stream is readable.
+
+    The pings' headers are swapd's, with no Content-Encoding, so the backend is asked for
+    the stream as is. Before, the client's Accept-Encoding went on, and the backend's
+    gzip bytes followed the pings in a stream that says it is not compressed. A ready
+    model's stream is the backend's own answer: compressed, and saying so.
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START)})
+    body = {"model": "a", "stream": True, "fake_compress": True, "messages": []}
+    for cold in (True, False):
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=120)
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Accept-Encoding": "gzip"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        conn.close()
+        assert resp.status == 200
+        assert resp.getheader("Content-Encoding") == (None if cold else "gzip")
+        text = (raw if cold else gzip.decompress(raw)).decode()
+        lines = [line for line in text.split("\n") if line]
+        assert (lines[0] == ": loading") is cold
+        assert data(lines)[-1] == "[DONE]"

@@ -68,14 +68,20 @@ class FakeVllm(upstream.Fake):
         self.held.take()
 
     async def stream(
-        self, request: web.Request, model: str, *, chat: bool, first: float = 0.0
+        self,
+        request: web.Request,
+        model: str,
+        *,
+        chat: bool,
+        first: float = 0.0,
+        compress: bool = False,
     ) -> web.StreamResponse:
         """Stream as the fake upstream does; a sleep cancels it (the connection is cut)."""
         task = asyncio.current_task()
         assert task is not None
         self.streams.add(task)
         try:
-            return await super().stream(request, model, chat=chat, first=first)
+            return await super().stream(request, model, chat=chat, first=first, compress=compress)
         finally:
             self.streams.discard(task)
 

@@ -264,7 +264,11 @@ class Fake:
             return await self.chunked_error(request, int(body["fake_chunked_error"]), body)
         if body.get("stream"):
             return await self.stream(
-                request, model, chat=True, first=float(body.get("fake_first_chunk_delay", 0))
+                request,
+                model,
+                chat=True,
+                first=float(body.get("fake_first_chunk_delay", 0)),
+                compress=bool(body.get("fake_compress")),
             )
         messages = body.get("messages") or [{}]
         text = message_text(messages[-1].get("content", ""))
@@ -319,16 +323,25 @@ class Fake:
         )
 
     async def stream(
-        self, request: web.Request, model: str, *, chat: bool, first: float = 0.0
+        self,
+        request: web.Request,
+        model: str,
+        *,
+        chat: bool,
+        first: float = 0.0,
+        compress: bool = False,
     ) -> web.StreamResponse:
         """Send ``--chunks`` server-sent events ``--chunk-interval`` apart, then [DONE].
 
         The headers go out at once; the first chunk ``first`` seconds later (a prompt
-        that takes long to read).
+        that takes long to read). ``compress``: in a coding the request's Accept-Encoding
+        allows, as a server that compresses its answers.
         """
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
+        if compress:
+            response.enable_compression()
         await response.prepare(request)
         if first > 0:
             await asyncio.sleep(first)
