@@ -1,7 +1,7 @@
 """OpenAI-compatible routes: find the model, lease a ready backend, pass the exchange through.
 
 Bodies are forwarded as the bytes the client sent (never re-encoded, unless the
-model's preset rewrites its JSON requests: see :mod:`swapd.rewrite`), and
+model's preset rewrites them: see :mod:`swapd.rewrite`), and
 responses as the chunks the backend sends: a streamed answer reaches the
 client chunk by chunk, and a client that hangs up closes the upstream
 connection, which cancels the generation.
@@ -225,15 +225,30 @@ def model_from_multipart(body: bytes, content_type: str) -> str:
     that starts a line and ends one, never at the boundary's bytes inside a file. A form
     with two ``model`` fields is refused: parsers differ on which one counts.
     """
+    start, end = _model_field(body, content_type)
+    model = body[start:end].decode("utf-8", "replace").strip()
+    if not model:
+        raise BadRequest('form has no "model" field')
+    return model
+
+
+def renamed_form(body: bytes, content_type: str, model: str) -> bytes:
+    """``body`` with its ``model`` field's value replaced by ``model``, every other byte kept."""
+    start, end = _model_field(body, content_type)
+    return body[:start] + model.encode() + body[end:]
+
+
+def _model_field(body: bytes, content_type: str) -> tuple[int, int]:
+    """Where the value of the form's one ``model`` field starts and ends in ``body``."""
     boundary = _boundary(content_type)
-    found: list[str] = []
-    for part in _form_parts(body, boundary):
-        head, sep, value = part.partition(b"\r\n\r\n")
-        if sep and _field_name(head) == b"model":
-            found.append(value.decode("utf-8", "replace").strip())
+    found: list[tuple[int, int]] = []
+    for start, end in _form_parts(body, boundary):
+        head_end = body.find(b"\r\n\r\n", start, end)
+        if head_end >= 0 and _field_name(body[start:head_end]) == b"model":
+            found.append((head_end + 4, end))
     if len(found) > 1:
         raise BadRequest('form has more than one "model" field')
-    if not found or not found[0]:
+    if not found:
         raise BadRequest('form has no "model" field')
     return found[0]
 
@@ -252,14 +267,14 @@ def _boundary(content_type: str) -> bytes:
     return values[0].encode("utf-8", "surrogateescape")
 
 
-def _form_parts(body: bytes, boundary: bytes) -> list[bytes]:
-    """Each part of a form (its headers, a blank line, its content), up to the close."""
+def _form_parts(body: bytes, boundary: bytes) -> list[tuple[int, int]]:
+    """Where each part of a form (its headers, a blank line, its content) starts and ends."""
     delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|\Z)")
-    parts: list[bytes] = []
+    parts: list[tuple[int, int]] = []
     start: int | None = None
     for found in delimiter.finditer(body):
         if start is not None:
-            parts.append(body[start : found.start()])
+            parts.append((start, found.start()))
         if found.group(1):  # the close delimiter: what follows is an epilogue
             break
         start = found.end()
@@ -359,7 +374,7 @@ class Proxy:
         model = await self.large_bodies.read(
             body, functools.partial(model_from_multipart, content_type=content_type)
         )
-        return await self.forward(request, model, body)
+        return await self.forward(request, model, body, form=True)
 
     async def forward(  # noqa: PLR0913 - the request, then one keyword per way it may differ
         self,
@@ -369,6 +384,7 @@ class Proxy:
         *,
         admitted: bool = False,
         json_body: bool = False,
+        form: bool = False,
         passive: bool = False,
     ) -> web.StreamResponse:
         """Send the request to a leased backend and pass the answer back unbuffered.
@@ -379,30 +395,35 @@ class Proxy:
         and waits for the restart as any request for a stopped model does. ``admitted``:
         the request held a lease already (a cold stream's), counted and let in then.
         ``json_body``: a JSON route's body, which the leased model's preset may rewrite.
+        ``form``: a multipart route's body, whose model the preset's ``use_model_name`` renames.
         ``passive``: only while the model is ready, not counted as its use (``Lease``).
         """
         request["model"] = model  # clipped in the log line, not for the metrics' lookup
         manager = self.manager
         lease = await manager.acquire(model, admitted=admitted, passive=passive)
         try:
-            return await self._leased(request, lease, body, json_body)
+            return await self._leased(request, lease, body, json_body, form)
         except NotSent as exc:
             refused = exc
         finally:
             manager.release(lease)
         lease = await lease_again(manager, lease, refused)
         try:
-            return await self._leased(request, lease, body, json_body)
+            return await self._leased(request, lease, body, json_body, form)
         except NotSent as exc:
             raise BackendGone(lease.model, str(exc)) from exc
         finally:
             manager.release(lease)
 
     async def _leased(
-        self, request: web.Request, lease: Lease, body: bytes, json_body: bool
+        self, request: web.Request, lease: Lease, body: bytes, json_body: bool, form: bool
     ) -> web.StreamResponse:
         if json_body and _rewrites(lease.slot.preset):
             body = await self.body_for(lease, body)  # not awaited for most presets
+        elif form and (name := lease.slot.preset.use_model_name) is not None:
+            content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+            renamed = functools.partial(renamed_form, content_type=content_type, model=name)
+            body = await self.large_bodies.read(body, renamed)  # as the model was read
         headers = forwarded_headers(request, lease)
         limit = lease.slot.preset.request_timeout
         if limit is None:

@@ -2,7 +2,8 @@
 
 llama-swap's ``useModelName`` and ``filters.stripParams``/``setParams``, as the preset
 keys ``use_model_name`` and ``filters: {strip_params, set_params}``. Only the bodies
-of the JSON routes are rewritten (multipart forms and ``/upstream/`` go as sent), and
+of the JSON routes are rewritten (of a multipart form, only its ``model`` field is renamed,
+by :func:`swapd.proxy.renamed_form`; ``/upstream/`` goes as sent), and
 only for a preset that sets one of the keys: any other request's body reaches its
 backend as the bytes the client sent, never parsed again. A rewritten body is parsed
 once (its nesting is checked already: the model was read from it), changed at its top

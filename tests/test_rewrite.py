@@ -145,20 +145,40 @@ def test_a_preset_without_rewriting_forwards_the_exact_bytes(start_daemon: Start
     assert int(headers[b"content-length"]) == len(body)
 
 
-def test_upstream_and_multipart_bodies_go_as_sent(start_daemon: StartDaemon) -> None:
-    """Only JSON routes are rewritten: ``/upstream/`` and the multipart route pass the bytes."""
+def test_upstream_bodies_go_as_sent(start_daemon: StartDaemon) -> None:
+    """``/upstream/`` is never rewritten: the backend gets the client's bytes."""
     d = start_daemon({"rw": REWRITING})
     body = b'{"model": "rw", "top_k": 1}'
     status, answer = send(d, "/upstream/rw/v1/chat/completions", body)
     assert status == 200, answer
     assert received(answer)[0] == body
+
+
+def test_a_form_gets_the_renamed_model_and_nothing_else(start_daemon: StartDaemon) -> None:
+    """A multipart form's ``model`` field is renamed by use_model_name, as a JSON body's is.
+
+    A backend that knows only its own name (vLLM's ``--served-model-name``, a server that
+    loads what the form names) would answer 404 to the client's alias. Every other byte
+    of the form goes as sent: the filters act on JSON bodies only. A preset without
+    use_model_name forwards the form as it came.
+    """
+    d = start_daemon({"rw": REWRITING, "plain": PLAIN})
     form = (
-        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nqwen\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        b"RIFF\x00model\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n%s\r\n'
         b'--b\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n1\r\n--b--\r\n'
     )
-    status, answer = send(d, "/v1/audio/transcriptions", form, "multipart/form-data; boundary=b")
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits"):
+        status, answer = send(d, path, form % b" qwen ", "multipart/form-data; boundary=b")
+        assert status == 200, answer
+        got, headers = received(answer)
+        assert got == form % b"Qwen/Qwen3-8B"
+        assert int(headers[b"content-length"]) == len(got)
+    sent = form % b"plain"
+    status, answer = send(d, "/v1/audio/transcriptions", sent, "multipart/form-data; boundary=b")
     assert status == 200, answer
-    assert received(answer)[0] == form
+    assert received(answer)[0] == sent
 
 
 def test_a_body_that_is_not_valid_json_is_refused(start_daemon: StartDaemon) -> None:
