@@ -132,7 +132,7 @@ class ColdStreams:
         # the body is parsed only for a stream that may wait (not a snapshot, not a parse
         # on every streamed request: both lie on the way to the first chunk).
         if (
-            b'"stream"' in body
+            (b'"stream"' in body or b"\\u" in body)  # or a key spelt with an escape
             and self.manager.slot_for(model).state is not State.READY
             and await proxy.large_bodies.read(body, wants_stream)
         ):

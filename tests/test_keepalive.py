@@ -17,11 +17,13 @@ from swapd.keepalive import PING_AFTER
 SLOW_START = str(PING_AFTER + 3)  # seconds: long enough for a ping, short for a test
 
 
-def stream(d: Daemon, model: str, *, stream: bool = True) -> tuple[int, str, list[str]]:
+def stream(
+    d: Daemon, model: str, *, stream: bool = True, key: str = '"stream"'
+) -> tuple[int, str, list[str]]:
     """Status, content type and every line of one chat completion."""
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=120)
     body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "x"}]}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body))
+    conn.request("POST", "/v1/chat/completions", json.dumps(body).replace('"stream"', key))
     resp = conn.getresponse()
     text = resp.read().decode()
     conn.close()
@@ -50,6 +52,19 @@ def test_a_cold_stream_gets_pings_then_the_backend_events(start_daemon: StartDae
     assert [e["choices"][0]["delta"]["content"] for e in events[:-1]] == [
         f"A-{i}" for i in range(5)
     ]
+
+
+def test_a_cold_stream_asked_for_with_an_escaped_key_gets_pings(start_daemon: StartDaemon) -> None:
+    r"""``"str\u0065am": true`` is ``stream`` to the backend's JSON parser: pings come too.
+
+    The cheap test for the key looked for its plain spelling alone: such a stream waited
+    for its load in silence, and a proxy in front could time it out.
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START)})
+    status, kind, lines = stream(d, "a", key='"str\\u0065am"')
+    assert (status, kind) == (200, "text/event-stream")
+    assert lines[0] == ": loading"
+    assert data(lines)[-1] == "[DONE]"
 
 
 def test_a_refusal_before_admission_is_a_plain_http_error(start_daemon: StartDaemon) -> None:
