@@ -1163,7 +1163,10 @@ class Manager:
         """
         preset = slot.preset
         async with self.admission.locked(candidates):
-            self._claims.pop(id(slot), None)  # planned afresh, under the locks
+            if self._claims.pop(id(slot), None) is not None:  # planned afresh, under the locks
+                # A load that waits on the claimed room plans again once the locks go:
+                # this plan may leave the room unreserved (a copy to wait for, a hold).
+                self._notify()
             while True:
                 snap = await self._read_all()
                 needs = await self.admission.needs(preset, candidates, snap)
