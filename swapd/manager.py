@@ -1020,7 +1020,7 @@ class Manager:
             _log.info("model.load.wait", model=preset.name, busy=list(step.busy))
             waited = time.monotonic() - job.started
             if waited >= self.config.max_wait:
-                job.drained += self._drain_for_swap(step, waiting=preset.name, owner=job)
+                remaining = self._drain_for(job, step, remaining)
             else:
                 # Awake at max_wait even if nothing else changes by then: that is when
                 # the busy models are drained (their releases notify only once idle).
@@ -1098,6 +1098,14 @@ class Manager:
         )
         job.slot.hold = None
         job.held_at = None
+
+    def _drain_for(self, job: _Job, wait: policy.Wait, remaining: float) -> float:
+        """Drain what ``job`` has waited on past ``max_wait``; how long to wait then."""
+        drained = self._drain_for_swap(wait, waiting=job.slot.preset.name, owner=job)
+        job.drained += drained
+        # One busy only by the waiters its own load left (not resumed yet) is evictable
+        # once drained, and no release of it will say so: plan again at once.
+        return 0.0 if any(d.in_flight == 0 for d in drained) else remaining
 
     def _drain_for_swap(self, wait: policy.Wait, *, waiting: str, owner: object) -> list[Slot]:
         """Stop leasing the busy models a request has waited on past ``max_wait``.
