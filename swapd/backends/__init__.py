@@ -97,7 +97,7 @@ def build_launch(preset: Preset, port: int, placement: Placement | None = None) 
     # The device's variables over the preset's env: a CUDA_VISIBLE_DEVICES of its own would
     # run the backend on a GPU where admission counts nothing of it. One set to nothing
     # hides every GPU (the backend runs on the CPU, as its preset asks): that one stays.
-    if not any(preset.env.get(name) == "" for name in DEVICE_VARIABLES):
+    if not any(preset.env.get(name) == "" for name in DEVICE_VARIABLES - {"CUDA_DEVICE_ORDER"}):
         env.update(placement.device_env)
     headers: tuple[tuple[bytes, bytes], ...] = ()
     if kind.own_key is not None:
