@@ -115,6 +115,15 @@ class WrittenFloat(float):
     written: str
 
 
+def yaml_kind(value: object) -> str:
+    """What YAML read, for an error: ``int`` or ``float`` however the file wrote the number."""
+    if isinstance(value, WrittenInt):
+        return "int"
+    if isinstance(value, WrittenFloat):
+        return "float"
+    return type(value).__name__
+
+
 def written(value: float) -> str:
     """A number as the file wrote it, for keys that take text: ``3.10`` stays ``3.10``."""
     return getattr(value, "written", None) or str(value)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from swapd._yaml import yaml_kind
 from swapd.errors import ConfigError, Location
 
 Role = Literal["inference", "admin"]
@@ -31,7 +32,7 @@ def parse_keys(value: Any) -> tuple[str, ...]:
         raise ValueError('expected a list of one or more keys, like ["sk-..."]')
     for number, item in enumerate(value, start=1):
         if not isinstance(item, str):
-            raise ValueError(f"key {number}: expected a quoted string, got a {type(item).__name__}")
+            raise ValueError(f"key {number}: expected a quoted string, got {yaml_kind(item)}")
         if not _KEY.fullmatch(item):  # match() takes a final newline before its $
             raise ValueError(f"key {number}: expected {_KEY_RULE} (the key is not shown)")
     return tuple(value)

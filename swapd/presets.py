@@ -20,6 +20,7 @@ from swapd._yaml import (
     nested_location,
     node_location,
     written,
+    yaml_kind,
 )
 from swapd.backends import KINDS, flag_as_written
 from swapd.errors import ConfigError, ConfigErrors, Location, clip
@@ -111,7 +112,7 @@ def _at(path: tuple[str | int, ...], convert: Callable[[Any], Any], value: Any) 
 
 def _str_list(value: Any, check: Callable[[str], str] = lambda text: text) -> tuple[str, ...]:
     if not isinstance(value, list):
-        raise ValueError(f"expected a list of strings, got {type(value).__name__}")
+        raise ValueError(f"expected a list of strings, got {yaml_kind(value)}")
     return tuple(_at((i,), lambda v: check(_str(v)), item) for i, item in enumerate(value))
 
 
@@ -129,7 +130,7 @@ def _bool(value: Any) -> bool:
 
 def _env(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
-        raise ValueError(f"expected a mapping of NAME: value, got {type(value).__name__}")
+        raise ValueError(f"expected a mapping of NAME: value, got {yaml_kind(value)}")
     env = {}
     for key, item in value.items():
         name = _key_str(key)
@@ -167,7 +168,7 @@ def _health(value: Any) -> str | None:
 
 def _metadata(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ValueError(f"expected a mapping, got {type(value).__name__}")
+        raise ValueError(f"expected a mapping, got {yaml_kind(value)}")
     converted: dict[str, Any] = json_value(value, "metadata", ())
     return converted
 

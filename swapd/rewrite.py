@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swapd import _json as capped_json
-from swapd._yaml import NestedValueError, json_value
+from swapd._yaml import NestedValueError, json_value, yaml_kind
 from swapd.errors import BadRequest, clip
 
 _STRIP = "strip_params"
@@ -44,7 +44,7 @@ def parse_filters(value: Any) -> Filters | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ValueError(f"expected a mapping of {_STRIP} and {_SET}, got {type(value).__name__}")
+        raise ValueError(f"expected a mapping of {_STRIP} and {_SET}, got {yaml_kind(value)}")
     for key in value:
         if key not in (_STRIP, _SET):
             known = f"known keys: {_SET}, {_STRIP}"
@@ -62,7 +62,7 @@ def _strip(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        got = type(value).__name__
+        got = yaml_kind(value)
         raise NestedValueError(
             key, (_STRIP,), f"expected a list of strings like [top_k], got {got}"
         )
@@ -82,7 +82,7 @@ def _set(value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        got = type(value).__name__
+        got = yaml_kind(value)
         raise NestedValueError(key, (_SET,), f"expected a mapping of body keys, got {got}")
     if "model" in value:
         reason = f"model cannot be set here; {_INSTEAD}"

@@ -91,6 +91,15 @@ def test_bad_access_settings_name_file_line_column_and_key(
     assert SECRET not in found[0]
 
 
+def test_a_key_written_as_a_number_is_named_by_its_yaml_kind(tmp_path: Path) -> None:
+    """A bare number in a key list says int or float, as YAML reads it, never its value."""
+    found = errors(write(tmp_path, "api_keys: [12345]\nadmin_keys: [1.5]\n"))
+    assert found == [
+        f"{tmp_path}/swapd.yaml:1:11: api_keys: key 1: expected a quoted string, got int",
+        f"{tmp_path}/swapd.yaml:2:13: admin_keys: key 1: expected a quoted string, got float",
+    ]
+
+
 def test_a_bad_line_in_a_keys_file_points_at_that_line(tmp_path: Path) -> None:
     """A key file line with a space is reported at file:line:1, without the line's text."""
     keys = tmp_path / "api.keys"

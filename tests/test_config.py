@@ -169,6 +169,15 @@ PRESET_ERRORS = [
         id="args-not-a-list",
     ),
     pytest.param(
+        {"m.yaml": OK_PRESET + "args: 5\naliases: 2.5\nenv: 4\n"},
+        [
+            "presets/m.yaml:3:7: args: expected a list of strings, got int",
+            "presets/m.yaml:4:10: aliases: expected a list of strings, got float",
+            "presets/m.yaml:5:6: env: expected a mapping of NAME: value, got int",
+        ],
+        id="list-and-mapping-keys-given-a-number",
+    ),
+    pytest.param(
         {"m.yaml": OK_PRESET + "args: [--ctx, [1, 2]]\n"},
         ["presets/m.yaml:3:15: args: expected a non-empty string, got [1, 2]"],
         id="args-item-not-a-string",
