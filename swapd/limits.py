@@ -64,6 +64,10 @@ _WARN_SHARE = 0.9
 _FD_CHECK_EVERY = 64
 
 
+# How long aiohttp's drain waits past swapd's cut of the handlers still running then.
+_CUT_MARGIN_S = 1.0
+
+
 @dataclass(frozen=True)
 class Limits:
     """The edge's settings, from the daemon config."""
@@ -349,7 +353,10 @@ class EdgeHandler(RequestHandler):
         """
         cut = None if timeout is None else self._clock.call_later(timeout, self._cut)
         try:
-            await super().shutdown(timeout)
+            # aiohttp's own wait ends a little after the cut: ending at the same moment, its
+            # timeout cancelled the future the cut handler then set on its way out, and
+            # aiohttp logged an InvalidStateError traceback for every request cut.
+            await super().shutdown(None if timeout is None else timeout + _CUT_MARGIN_S)
         finally:
             if cut is not None:
                 cut.cancel()
