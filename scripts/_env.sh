@@ -13,8 +13,11 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf '\033[1;31mswapd set-up: %s\033[0m\n' "$*" >&2; exit 1; }
 
 ensure_venv() {
-    if [ ! -x "$VENV/bin/python" ]; then
+    # pip too: venv writes bin/python before ensurepip installs pip, so an interrupted
+    # first run (or a python3 without its venv module's pip) leaves a venv that cannot install.
+    if [ ! -x "$VENV/bin/python" ] || [ ! -x "$VENV/bin/pip" ]; then
         say "creating $VENV"
+        rm -rf "$VENV"
         "$PY" -m venv "$VENV"
         "$VENV/bin/pip" install -q --upgrade pip
     fi

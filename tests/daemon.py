@@ -274,3 +274,11 @@ def wait_for_gone(daemon: Daemon, timeout: float = 10.0) -> list[psutil.Process]
             return []
         time.sleep(0.05)
     return daemon.leftovers()
+
+
+def build_cache() -> Path:
+    """Where the set-up scripts keep the builds, venvs and models they make once."""
+    cache = os.environ.get("SWAPD_CACHE")
+    if cache:
+        return Path(cache)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swapd-build"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import free_port, wait_for
+from daemon import build_cache, free_port, wait_for
 
 AFFINITY_HOOK = Path(__file__).resolve().parent.parent / "deploy" / "litellm" / "swapd_affinity.py"
 OFFLINE_ENV = {
@@ -34,8 +34,7 @@ OFFLINE_ENV = {
 
 def litellm_binary() -> Path | None:
     """The ``litellm`` that scripts/litellm-env installed, or None where it has not run."""
-    cache = Path(os.environ.get("SWAPD_CACHE", Path.home() / ".cache" / "swapd-build"))
-    venv = cache / "litellm-venv"
+    venv = build_cache() / "litellm-venv"
     binary = venv / "bin" / "litellm"
     return binary if binary.exists() and (venv / ".swapd-ready").exists() else None
 

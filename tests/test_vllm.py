@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import tempfile
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, wait_for, wait_for_gone
+from daemon import Daemon, build_cache, wait_for, wait_for_gone
 
 pytestmark = pytest.mark.vllm
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="session")
 def vllm_setup() -> tuple[Path, Path]:
     """The vLLM venv's ``vllm`` and the tiny model that scripts/vllm-env prepared."""
-    cache = Path(os.environ.get("SWAPD_CACHE", Path.home() / ".cache" / "swapd-build"))
+    cache = build_cache()
     binary, model = cache / "vllm-venv" / "bin" / "vllm", cache / "tiny-hf"
     if not binary.exists() or not (model / "config.json").exists():
         pytest.skip(f"vLLM not prepared in {cache} (run scripts/vllm-env)")
