@@ -35,9 +35,9 @@ class Snapshot:
 
     readings: dict[str, Reading]
     host_available: int
-    # Pids still starting or waking when the reading began: where a device gives no
-    # per-process figures, what they took after it is in no free figure of this reading,
-    # even if they are ready by the time it is used.
+    # The models (their slots' ids) still starting or waking when the reading began: where
+    # a device gives no per-process figures, what they took after it is in no free figure
+    # of this reading, even if they are ready by the time it is used.
     coming_up: frozenset[int] = frozenset()
 
 
@@ -99,7 +99,7 @@ class Admission:
     async def read(self, pids: Collection[int], coming_up: Collection[int] = ()) -> Snapshot:
         """Read every device and host memory, in a worker thread (drivers block).
 
-        ``coming_up``: the pids of ``pids`` still starting or waking as the reading begins.
+        ``coming_up``: the ids of the slots still starting or waking as the reading begins.
         """
         starting = frozenset(coming_up)
 

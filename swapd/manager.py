@@ -864,11 +864,8 @@ class Manager:
 
     async def _read_all(self) -> Snapshot:
         """A reading of every device for our processes, knowing which were still coming up."""
-        coming_up = [
-            s.child.pid
-            for s in self._every_slot()
-            if s.child and s.child.pid and s.state in COMING_UP
-        ]
+        # By slot, not pid: a start is STARTING before its process is spawned.
+        coming_up = [id(s) for s in self._every_slot() if s.state in COMING_UP]
         return await self.admission.read(self._pids(), coming_up)
 
     def _resident(

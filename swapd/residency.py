@@ -70,7 +70,7 @@ def resident(slot: Slot, snap: Snapshot, *, now: float, ram_budget: int) -> poli
     measured: int | None = None
     if pid is not None and reading is not None and reading.per_process_supported:
         measured = reading.by_pid.get(pid, 0)
-    elif pid is None or slot.state in COMING_UP or pid in snap.coming_up:
+    elif pid is None or slot.state in COMING_UP or id(slot) in snap.coming_up:
         measured = 0
     need = slot.need.bytes if slot.need else 0
     if slot.asleep or slot.leaving_ram:
