@@ -33,7 +33,7 @@ from swapd.backends._launch import (
 from swapd.backends.command import COMMAND
 from swapd.backends.llama_server import LLAMA_SERVER, llama_server_flags
 from swapd.backends.vllm import VLLM, SleepFailed
-from swapd.probe import DEVICE_VARIABLES
+from swapd.probe import GPU_PICKS
 
 if TYPE_CHECKING:
     from swapd.presets import Preset
@@ -97,7 +97,7 @@ def build_launch(preset: Preset, port: int, placement: Placement | None = None) 
     # The device's variables over the preset's env: a CUDA_VISIBLE_DEVICES of its own would
     # run the backend on a GPU where admission counts nothing of it. One set to nothing
     # hides every GPU (the backend runs on the CPU, as its preset asks): that one stays.
-    if not any(preset.env.get(name) == "" for name in DEVICE_VARIABLES - {"CUDA_DEVICE_ORDER"}):
+    if not any(preset.env.get(name) == "" for name in GPU_PICKS):
         env.update(placement.device_env)
     headers: tuple[tuple[bytes, bytes], ...] = ()
     if kind.own_key is not None:

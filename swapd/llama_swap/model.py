@@ -25,12 +25,11 @@ from swapd.backends import has_flag
 from swapd.llama_swap import command, macros
 from swapd.llama_swap.notes import Note
 from swapd.presets import is_usable_name
+from swapd.probe import GPU_PICKS
 
 _DEFAULT_HEALTH = "/health"
 _DEFAULT_PROXIES = ("http://localhost:${PORT}", "http://127.0.0.1:${PORT}")
 _OWN_KEY_ENV = {"llama-server": "LLAMA_API_KEY", "vllm": "VLLM_API_KEY"}
-# A GPU picked in env: swapd sets these itself (set to nothing, one hides every GPU: kept).
-_GPU_PICKS = frozenset({"CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"})
 _PROTECTED = ("model", "stream")  # swapd's filters refuse both (README: Request rewriting)
 # Keys whose comment lines llama-swap drops before it expands macros: a folded macro ends
 # in a newline, and expanded first it would cut its comment line in two.
@@ -283,7 +282,7 @@ def _env(draft: Draft, value: Any, line: int) -> None:
             draft.note(line, "env", f"{item!r} is not K=V; dropped")
         elif name == own:
             draft.note(line, "env", f"{name} {command.KEY_WHY}")
-        elif name in _GPU_PICKS and setting:
+        elif name in GPU_PICKS and setting:  # set to nothing, it hides every GPU: kept
             _gpu_pick(draft, name, setting, line)
         else:
             if "${PORT}" in setting:

@@ -12,6 +12,7 @@ from swapd.probe._host import HOST_DEVICE, HostRamProbe, host_memory
 from swapd.probe._open import open_probe
 from swapd.probe._types import (
     DEVICE_VARIABLES,
+    GPU_PICKS,
     Device,
     DeviceKind,
     DevicesSpec,
@@ -22,6 +23,7 @@ from swapd.probe._types import (
 
 __all__ = [
     "DEVICE_VARIABLES",
+    "GPU_PICKS",
     "HOST_DEVICE",
     "Device",
     "DeviceKind",

@@ -28,16 +28,11 @@ class Device:
     visible_env: Mapping[str, str] = field(hash=False)
 
 
+# The variables that pick the GPUs a backend sees; set to nothing, one hides every GPU.
+GPU_PICKS = frozenset({"CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"})
 # The variables a GPU's ``visible_env`` sets: swapd's to set, since a backend runs on the
 # GPU they name whatever device admission placed and counted it on.
-DEVICE_VARIABLES = frozenset(
-    {
-        "CUDA_VISIBLE_DEVICES",
-        "CUDA_DEVICE_ORDER",
-        "ROCR_VISIBLE_DEVICES",
-        "HIP_VISIBLE_DEVICES",
-    }
-)
+DEVICE_VARIABLES = GPU_PICKS | {"CUDA_DEVICE_ORDER"}
 
 
 @dataclass(frozen=True)
