@@ -149,9 +149,11 @@ class _Room:
 
 
 def _sleep_key(preset: Preset) -> str:
-    """The launch a refused --enable-sleep-mode is remembered for: a new binary or env is new."""
-    env = sorted(f"{k}={v}" for k, v in preset.env.items())
-    return "\0".join([fingerprint(preset), preset.binary or "", *env])
+    """The launch a refused --enable-sleep-mode is remembered for: a new binary or env is new.
+
+    The fingerprint covers the env (and the model's files, args and command).
+    """
+    return "\0".join([fingerprint(preset), preset.binary or ""])
 
 
 def _probing(preset: Preset) -> tuple[str | None, float, int]:
