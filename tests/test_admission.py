@@ -115,6 +115,33 @@ def test_two_vllms_on_one_gpu_start_one_after_the_other(
     assert d.events("model.evict") == []
 
 
+def _slow_and_other(
+    start_daemon: StartDaemon, probe: Path, start_delay: str, env: dict[str, str]
+) -> Daemon:
+    """``slow`` (1 GiB, ``start_delay`` to start) and ``other`` on a gpu0 with room for one."""
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": int(6.5 * GIB)}})
+    return start_daemon(
+        {
+            "slow": _gpu_preset("slow", probe, 0, "--start-delay", start_delay),
+            "other": _gpu_preset("other", probe, 0),
+        },
+        {"devices": "auto", "reserve": 0},
+        env=env,
+    )
+
+
+def _other_while_slow_starts(d: Daemon, meanwhile: Path | None = None) -> None:
+    """``slow`` asked for, then ``other`` while it starts (``meanwhile`` made first): both 200."""
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(d.chat, "slow")
+        wait_for(lambda: d.model("slow")["state"] == "starting")
+        if meanwhile is not None:
+            meanwhile.touch()
+        other = pool.submit(d.chat, "other")
+        assert slow.result()[0] == 200
+        assert other.result()[0] == 200
+
+
 def test_a_starting_model_counts_before_it_takes_memory(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
@@ -125,21 +152,8 @@ def test_a_starting_model_counts_before_it_takes_memory(
     waits for the first to finish and then evicts it.
     """
     probe = tmp_path / "gpus.json"
-    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": int(6.5 * GIB)}})
-    d = start_daemon(
-        {
-            "slow": _gpu_preset("slow", probe, 0, "--start-delay", "2"),
-            "other": _gpu_preset("other", probe, 0),
-        },
-        {"devices": "auto", "reserve": 0},
-        env={"SWAPD_FAKE_PROBE": str(probe)},
-    )
-    with ThreadPoolExecutor(2) as pool:
-        slow = pool.submit(d.chat, "slow")
-        wait_for(lambda: d.model("slow")["state"] == "starting")
-        other = pool.submit(d.chat, "other")
-        assert slow.result()[0] == 200
-        assert other.result()[0] == 200
+    d = _slow_and_other(start_daemon, probe, "2", {"SWAPD_FAKE_PROBE": str(probe)})
+    _other_while_slow_starts(d)
     assert [e["victims"] for e in d.events("model.evict")] == [["slow"]]
     assert [e["model"] for e in d.events("model.load.wait")][:1] == ["other"]
 
@@ -199,23 +213,10 @@ def test_a_starting_model_counts_before_it_takes_memory_with_device_totals_only(
     beside it, into the same free memory, and the two together overran the GPU.
     """
     probe = tmp_path / "gpus.json"
-    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": int(6.5 * GIB)}})
     env = hook_env(tmp_path / "hook", _NVML_TOTALS_ONLY)
-    d = start_daemon(
-        {
-            "slow": _gpu_preset("slow", probe, 0, "--start-delay", "2"),
-            "other": _gpu_preset("other", probe, 0),
-        },
-        {"devices": "auto", "reserve": 0},
-        env={**env, "STAND_IN_PROBE": str(probe)},
-    )
+    d = _slow_and_other(start_daemon, probe, "2", {**env, "STAND_IN_PROBE": str(probe)})
     assert [e["detail"] for e in d.events("probe.fallback")], "the stand-in NVML was not used"
-    with ThreadPoolExecutor(2) as pool:
-        slow = pool.submit(d.chat, "slow")
-        wait_for(lambda: d.model("slow")["state"] == "starting")
-        other = pool.submit(d.chat, "other")
-        assert slow.result()[0] == 200
-        assert other.result()[0] == 200
+    _other_while_slow_starts(d)
     assert [e["victims"] for e in d.events("model.evict")] == [["slow"]]
     assert d.model("slow")["state"] != "ready"
 
@@ -230,24 +231,11 @@ def test_a_model_ready_by_the_end_of_a_slow_reading_still_counts_its_grant(
     a second load was admitted into the same free memory.
     """
     probe = tmp_path / "gpus.json"
-    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": int(6.5 * GIB)}})
-    slow_read = tmp_path / "slow-read"
+    slow_read = tmp_path / "slow-read"  # once made, each reading takes 2.5 s after its totals
     env = hook_env(tmp_path / "hook", _NVML_TOTALS_ONLY)
-    d = start_daemon(
-        {
-            "slow": _gpu_preset("slow", probe, 0, "--start-delay", "1"),
-            "other": _gpu_preset("other", probe, 0),
-        },
-        {"devices": "auto", "reserve": 0},
-        env={**env, "STAND_IN_PROBE": str(probe), "STAND_IN_SLOW_READ": str(slow_read)},
-    )
-    with ThreadPoolExecutor(2) as pool:
-        slow = pool.submit(d.chat, "slow")
-        wait_for(lambda: d.model("slow")["state"] == "starting")
-        slow_read.touch()  # from here, each reading takes 2.5 s after its totals
-        other = pool.submit(d.chat, "other")
-        assert slow.result()[0] == 200
-        assert other.result()[0] == 200
+    env |= {"STAND_IN_PROBE": str(probe), "STAND_IN_SLOW_READ": str(slow_read)}
+    d = _slow_and_other(start_daemon, probe, "1", env)
+    _other_while_slow_starts(d, meanwhile=slow_read)
     assert [e["victims"] for e in d.events("model.evict")] == [["slow"]]
 
 
