@@ -1945,6 +1945,10 @@ class Manager:
         if pages is None:
             return
         self._used_copy(slot)
+        if slot.staged_path is not None and slot.child is None:
+            # Its staged copy is evictable now (ram_ttl, the ram budget): a copy waiting
+            # for room in the cache tries again, as it does after a stop.
+            self._notify()
         self._cancel_ram_ttl(slot)
         counted, slot.ram_bytes = slot.ram_bytes, 0
         if slot.child is None:

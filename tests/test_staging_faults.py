@@ -447,3 +447,38 @@ def test_two_copies_waiting_for_cache_room_wait_quietly(
         assert d.request("POST", "/swapd/models/a/unload")[0] == 200
         assert for_b.result()[0] == 200
         assert for_c.result()[0] == 503
+
+
+@pytest.mark.llama
+def test_a_copy_waiting_for_cache_room_goes_on_when_ram_ttl_drops_the_pages_holding_it(
+    start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """a's pages in the ram tier pin its copy; ram_ttl lets them go, and b's copy goes on.
+
+    Dropping the pages woke no one: b's copy, waiting for room, stood still until
+    ``queue_timeout`` (five minutes here) and then failed with cache_full.
+    """
+    store = tmp_path / "store"
+    store.mkdir()
+    a, b = store / "a.gguf", store / "b.gguf"
+    for path in (a, b):
+        path.write_bytes(tiny_gguf.read_bytes())
+    size = a.stat().st_size
+    a_preset = {"backend": "llama-server", "model": str(a), "stage": True, "ttl": "1s"}
+    d = start_daemon(
+        {"a": {**a_preset, "ram_ttl": "6s"}, "b": staged_preset(b)},
+        {
+            "cache_dir": str(tmp_path / "cache"),
+            "cache_budget": str(size + size // 2),  # room for one copy
+            "queue_timeout": "300s",
+        },
+    )
+    assert d.chat("a")[0] == 200
+    wait_for(lambda: d.model("a")["tier"] == "ram", timeout=40)  # stopped, pages locked
+    with ThreadPoolExecutor(1) as pool:
+        for_b = pool.submit(d.chat, "b")
+        wait_for(lambda: (d.model("b")["staging"] or {}).get("waiting") is not None)
+        wait_for(lambda: d.events("model.ram_ttl.expire"), timeout=40)
+        status, body = for_b.result(timeout=60)
+    assert status == 200, body
+    assert d.model("a")["tier"] == "store"  # its copy made the room
