@@ -207,6 +207,7 @@ class _Trash:
 
     paths: list[Path] = field(default_factory=list)
     syncs: list[asyncio.Task[None]] = field(default_factory=list)
+    size: int = 0  # bytes of their copies, still on the disk until deleted
 
 
 class StagingCache:
@@ -229,6 +230,7 @@ class StagingCache:
         self._copies: dict[str, _Copy] = {}
         self._held: Counter[str] = Counter()  # keys of copies being checked for a load
         self._syncs: dict[str, _Sync] = {}
+        self._deleting = 0  # bytes of detached copies not deleted yet
         self._boot = ""
         self._lock_fd: int | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -471,22 +473,28 @@ class StagingCache:
             if entry is None:
                 continue
             freed += entry.size
+            present = entry.path.exists()  # not one deleted behind the cache's back
             moved = layout.detach(self.cache_dir, key)
             if moved is not None:
                 trash.paths.append(moved)
+                trash.size += entry.size if present else 0
             sync = self._syncs.pop(key, None)
             if sync is not None:
                 sync.cancel.set()
                 trash.syncs.append(sync.task)
             _log.info("staging.evict", source=entry.source, key=key, bytes=entry.size)
+        self._deleting += trash.size
         return freed, trash
 
     async def _delete(self, trash: _Trash) -> None:
         """Delete detached entries, after the fsyncs still running on them."""
-        if trash.syncs:
-            await asyncio.wait(trash.syncs)
-        if trash.paths:
-            await self._in_thread(threading.Event(), _remove_all, trash.paths)
+        try:
+            if trash.syncs:
+                await asyncio.wait(trash.syncs)
+            if trash.paths:
+                await self._in_thread(threading.Event(), _remove_all, trash.paths)
+        finally:
+            self._deleting -= trash.size
 
     def _start(self, found: Source, key: str, sha256: str | None, in_use: InUse) -> _Copy:
         """Plan room, evict, reserve and start the copy, with no await in between."""
@@ -497,7 +505,8 @@ class StagingCache:
         if victims is None:
             used, _ = self.usage()
             held = sum(e.size for e in self._entries.values() if e.source in pinned)
-            short = disk if budget < self.budget else None
+            # The detached copies are deleted before the copies in progress end: free then.
+            short = disk + self._deleting if budget < self.budget else None
             pinned_bytes = held + self._reserved()
             raise CacheFull(str(found.path), need, self.budget, used, pinned_bytes, disk=short)
         _, trash = self._detach(victims)
@@ -528,9 +537,8 @@ class StagingCache:
         """The copy's task: build the entry in a thread, then index it (the one place)."""
         started = time.monotonic()
         try:
-            if trash.syncs:
-                await asyncio.wait(trash.syncs)
-            manifest = await self._in_thread(job.cancel, self._build, job, trash.paths)
+            await self._delete(trash)  # the room planned for this copy
+            manifest = await self._in_thread(job.cancel, self._build, job)
         except BaseException as exc:
             del self._copies[job.key]
             reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
@@ -602,15 +610,14 @@ class StagingCache:
             seconds = round(time.monotonic() - started, 3)
             _log.info("staging.sync.done", source=entry.source, key=key, seconds=seconds)
 
-    def _build(self, job: _Copy, trash: list[Path]) -> layout.Manifest:
-        """In a thread: free the evicted space, copy, check, publish under the key."""
+    def _build(self, job: _Copy) -> layout.Manifest:
+        """In a thread: copy, check, publish under the key."""
         try:
-            return self._build_entry(job, trash)
+            return self._build_entry(job)
         except OSError as exc:  # a full disk, the cache directory removed, an I/O error
             raise StagingError(f"cannot stage {job.source.path}: {exc}") from exc
 
-    def _build_entry(self, job: _Copy, trash: list[Path]) -> layout.Manifest:
-        _remove_all(trash)
+    def _build_entry(self, job: _Copy) -> layout.Manifest:
         src = job.source
         self.cache_dir.mkdir(parents=True, exist_ok=True)  # removed while swapd ran: again
         free = _disk_free(self.cache_dir)

@@ -482,3 +482,47 @@ def test_a_copy_waiting_for_cache_room_goes_on_when_ram_ttl_drops_the_pages_hold
         status, body = for_b.result(timeout=60)
     assert status == 200, body
     assert d.model("a")["tier"] == "store"  # its copy made the room
+
+
+@pytest.mark.asyncio
+async def test_a_copy_refused_while_an_evicted_copy_is_deleted_counts_that_space_as_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 17 MiB disk: x evicts a's 10 MiB; y (8 MiB), planned before a's files are gone, waits.
+
+    Its CacheFull said the disk would have -1 MiB free once x's copy ended: a's bytes, still
+    on the disk but out of the index, counted nowhere. The manager reads need > disk + used
+    as "no stop can ever make this room" and answered 503 at once, though y fits beside x.
+    """
+    disk = 17 * MIB
+    a = write(tmp_path / "a.gguf", 10 * MIB)
+    x = write(tmp_path / "x.gguf", 8 * MIB)
+    y = write(tmp_path / "y.gguf", 8 * MIB)
+    folder = tmp_path / "cache"
+
+    def free(_: Path) -> int:  # the disk holds the copies alone, wherever they are
+        return disk - sum(p.stat().st_size for p in folder.rglob("*.gguf"))
+
+    monkeypatch.setattr(staging_module, "_disk_free", free)
+    async with StagingCache(folder, 100 * MIB) as cache:  # a budget above the disk's size
+        await cache.stage(a)
+        deleting = threading.Event()
+        real_remove = staging_module._remove_all
+
+        def remove_later(paths: list[Path]) -> None:
+            if paths:
+                deleting.wait(30)
+            real_remove(paths)
+
+        monkeypatch.setattr(staging_module, "_remove_all", remove_later)
+        try:
+            planned = asyncio.Event()  # x's copy began: a is out of the index, not deleted
+            copying_x = asyncio.create_task(cache.stage(x, progress=lambda *_: planned.set()))
+            await planned.wait()
+            with pytest.raises(staging_module.CacheFull) as full:
+                await cache.stage(y)
+        finally:
+            deleting.set()
+        await copying_x
+        assert full.value.disk == disk - 8 * MIB  # once x's copy ends: a gone, x there
+        await cache.stage(y)  # and y does fit beside x
