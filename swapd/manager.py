@@ -2201,6 +2201,9 @@ class Manager:
         serving = slot.state in (State.READY, State.DRAINING) or self._served.pop(
             preset.name, False
         )
+        # Draining to stop, for no swap: an unload's drain, as much the user's last word
+        # as an unload asked for during ours.
+        unloading = slot.state is State.DRAINING and _leaving(slot)
         # No new lease goes to the old process from here: it drains (or stops) first.
         slot.preset, slot.kind = preset, kind_of(preset)
         slot.failures = 0  # a changed preset deserves fresh tries
@@ -2213,10 +2216,10 @@ class Manager:
         if self._restarts.get(preset.name) is not asyncio.current_task():
             # A later reload changed it again meanwhile: its restart starts the newest
             # launch, not this one, and knows that the model served.
-            self._served[preset.name] = serving
+            self._served[preset.name] = serving and not unloading
             return
         start = serving or preset.preload
-        if start and slot.unloaded_at >= began:
+        if start and (unloading or slot.unloaded_at >= began):
             # An unload asked for meanwhile is the user's last word: it stays down.
             _log.info("model.reload.stay_down", model=preset.name, reason="unloaded")
             start = False

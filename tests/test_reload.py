@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,30 @@ def test_an_unload_during_a_restart_keeps_the_model_down(start_daemon: StartDaem
     wait_for(lambda: d.events("model.reload.stay_down"))
     assert d.model("a")["state"] == "stopped"
     assert d.chat("a")[1]["choices"][0]["message"]["content"].startswith("A2:")
+
+
+def test_a_restart_of_a_model_an_unload_drains_keeps_it_down(start_daemon: StartDaemon) -> None:
+    """An unload drains a stream; a reload changes the model meanwhile: it stays down.
+
+    The restart used to count the unload's drain as serving, and started the model again
+    once it had stopped: the unload answered ``queued`` and the model came back.
+    """
+    d = start_daemon({"a": fake_preset("A", "--chunks", "30", "--chunk-interval", "0.1")})
+    assert d.chat("a")[0] == 200
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    with ThreadPoolExecutor(1) as pool:
+        unload = pool.submit(d.request, "POST", "/swapd/models/a/unload", timeout=60)
+        wait_for(lambda: d.model("a")["state"] == "draining")
+        d.presets = {"a": fake_preset("A2")}
+        d.write()
+        assert reload(d)[1]["restarted"] == ["a"]
+        assert len(stream.finish()) == 31  # drained, not cut
+        status, body = unload.result()
+    assert (status, body["state"]) == (200, "stopped")
+    stay = wait_for(lambda: d.events("model.reload.stay_down"))
+    assert [(e["model"], e["reason"]) for e in stay] == [("a", "unloaded")]
+    assert (d.model("a")["state"], len(d.events("backend.spawn"))) == ("stopped", 1)
 
 
 def test_a_bad_config_is_refused_whole_and_the_running_one_stays(
