@@ -238,8 +238,9 @@ class Manager:
         self._loading: dict[int, float] = {}  # when each load under way began, by id() of its slot
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ram_check: asyncio.Task[None] | None = None
-        # A model whose restart a later one replaced mid-drain: whether it was serving.
-        self._served: dict[str, bool] = {}
+        # A model whose restart a later one replaced mid-drain, and that was serving: when
+        # that restart began (an unload since keeps it down).
+        self._served: dict[str, float] = {}
         self._closing = False
         # Loads that a forced unload cancelled: their waiters are answered, not cancelled.
         self._cut_loads: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
@@ -2198,9 +2199,8 @@ class Manager:
             return  # removed meanwhile: its retirement stops it
         preset = latest
         # Also when a restart this one replaced stopped it (and started nothing): it served.
-        serving = slot.state in (State.READY, State.DRAINING) or self._served.pop(
-            preset.name, False
-        )
+        served = self._served.pop(preset.name, None)
+        serving = slot.state in (State.READY, State.DRAINING) or served is not None
         # Draining to stop, for no swap: an unload's drain, as much the user's last word
         # as an unload asked for during ours.
         unloading = slot.state is State.DRAINING and _leaving(slot)
@@ -2211,12 +2211,14 @@ class Manager:
         slot.model_bytes = 0
         slot.start_times.clear()  # another file or other flags: its starts are timed anew
         _log.info("model.reload", model=preset.name, change="restart", serving=serving)
-        began = time.monotonic()
+        # An unload from here on keeps it down; also one during a restart this one replaced.
+        began = time.monotonic() if served is None else served
         await self._drain_and_stop(slot, "reload")
         if self._restarts.get(preset.name) is not asyncio.current_task():
             # A later reload changed it again meanwhile: its restart starts the newest
-            # launch, not this one, and knows that the model served.
-            self._served[preset.name] = serving and not unloading
+            # launch, not this one, and knows that the model served, and since when.
+            if serving and not unloading:
+                self._served[preset.name] = began
             return
         start = serving or preset.preload
         if start and (unloading or slot.unloaded_at >= began):

@@ -150,6 +150,31 @@ def test_a_restart_of_a_model_an_unload_drains_keeps_it_down(start_daemon: Start
     assert (d.model("a")["state"], len(d.events("backend.spawn"))) == ("stopped", 1)
 
 
+def test_an_unload_during_a_replaced_restart_keeps_the_model_down(
+    start_daemon: StartDaemon,
+) -> None:
+    """A restart drains a stream; a second reload replaces it; a forced unload ends the drain.
+
+    The unload came during the drain, so the model stays down: before, the first restart
+    handed over only that the model had served, and the second one started it again.
+    """
+    d = start_daemon({"a": fake_preset("A", "--chunks", "300", "--chunk-interval", "0.1")})
+    assert d.chat("a")[0] == 200
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    for name in ("A2", "A3"):
+        d.presets = {"a": fake_preset(name)}
+        d.write()
+        assert reload(d)[1]["restarted"] == ["a"]
+    assert d.model("a")["state"] == "draining"
+    status, body = d.request("POST", "/swapd/models/a/unload?force=true")
+    assert (status, body["state"]) == (200, "stopped")
+    stream.finish()
+    stay = wait_for(lambda: d.events("model.reload.stay_down"))
+    assert [(e["model"], e["reason"]) for e in stay] == [("a", "unloaded")]
+    assert (d.model("a")["state"], len(d.events("backend.spawn"))) == ("stopped", 1)
+
+
 def test_a_bad_config_is_refused_whole_and_the_running_one_stays(
     start_daemon: StartDaemon,
 ) -> None:
