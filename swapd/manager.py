@@ -2238,7 +2238,7 @@ class Manager:
             _log.error("model.preload.fail", model=slot.preset.name, error=error)
 
     async def _load_for_reload(self, slot: Slot) -> str | None:
-        """Load a model a reload restarted, added or set to preload; why not, if it failed.
+        """Load a model preloaded, or one a reload restarted or added; why not, if it failed.
 
         A removal, a forced unload or a shutdown that cuts the load short is the user's
         last word, not a failure: the model stays down (``model.reload.stay_down``).
@@ -2359,13 +2359,14 @@ class Manager:
             await self.staging.aclose()
 
     async def preload(self) -> None:
-        """Load the presets marked ``preload: true``, one after another."""
+        """Load the presets marked ``preload: true``, one after another.
+
+        A reload meanwhile may remove one, or an unload cut its start: no failure, as for
+        a preload a reload turned on.
+        """
         for slot in self.slots.values():
             if slot.preset.preload:
-                try:
-                    await self.load(slot.preset.name)
-                except RequestError as exc:
-                    _log.error("model.preload.fail", model=slot.preset.name, error=exc.message)
+                await self._preload_one(slot)
 
 
 async def _outlast(task: asyncio.Task[Any]) -> None:

@@ -361,3 +361,22 @@ def test_preload_turned_on_by_reload_loads_the_model(start_daemon: StartDaemon) 
     assert reload(d)[1]["in_place"] == ["a"]
     wait_for(lambda: d.model("a")["state"] == "ready")
     assert d.model("b")["state"] == "stopped"
+
+
+def test_a_preload_removed_while_the_preloads_run_is_no_failure(
+    start_daemon: StartDaemon,
+) -> None:
+    """a and b preload at start; a reload removes b while a still starts.
+
+    b is not configured any more: the preloads skip it (before, they logged
+    ``model.preload.fail`` at error level, for a model nobody asked for).
+    """
+    a = fake_preset("A", "--start-delay", "3", preload=True)
+    d = start_daemon({"a": a, "b": fake_preset("B", preload=True)})
+    wait_for(lambda: d.model("a")["state"] == "starting")
+    d.presets = {"a": a}
+    (d.root / "presets" / "b.yaml").unlink()
+    assert reload(d)[1]["removed"] == ["b"]
+    wait_for(lambda: d.events("swapd.ready"))
+    assert d.events("model.preload.fail") == []
+    assert [e["model"] for e in d.events("backend.spawn")] == ["a"]
