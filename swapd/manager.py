@@ -974,11 +974,12 @@ class Manager:
     async def _admit_loop(self, job: _Job) -> tuple[Device, int]:
         slot, staging = job.slot, job.staging
         preset = slot.preset
-        deadline = job.started + self.config.queue_timeout
         while True:
             # Taken before the checks and the plan: a change while the plan awaits (the
             # copy failing, a model going idle) must still end the wait that follows.
             changed = self._changed
+            # Read each time: a reload changes the bound of a load already waiting.
+            deadline = job.started + self.config.queue_timeout
             if slot.waiters == 0:
                 # Every client hung up while it waited: a hold, a drain or an eviction of
                 # other models' work would now serve nobody.
@@ -1291,7 +1292,7 @@ class Manager:
         def progress(done: int, total: int) -> None:
             slot.staging = (done, total)
 
-        deadline = time.monotonic() + self.config.queue_timeout
+        began = time.monotonic()
         try:
             while True:
                 try:
@@ -1307,7 +1308,8 @@ class Manager:
                     break
                 except StagingFull as exc:
                     # Files that running models use are pinned; a stop may free them.
-                    remaining = deadline - time.monotonic()
+                    # queue_timeout read each time: a reload changes it for this wait too.
+                    remaining = began + self.config.queue_timeout - time.monotonic()
                     if remaining <= 0 or _never_room(exc):
                         raise CacheFull(f"cannot stage {preset.name!r}: {exc}") from exc
                     _log.info("model.stage.wait", model=preset.name, reason=str(exc))

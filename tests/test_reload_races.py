@@ -351,3 +351,29 @@ def test_a_forced_unload_during_a_restarts_start_keeps_the_model_down_quietly(
     assert [(e["model"], e["reason"]) for e in stay] == [("a", "unloaded")]
     assert d.events("model.reload.fail") == []
     assert d.model("a")["state"] == "stopped"
+
+
+def test_a_lowered_queue_timeout_bounds_a_load_already_waiting(
+    start_daemon: StartDaemon,
+) -> None:
+    """b's load waits for busy a (max_running 1); a reload lowers queue_timeout to 1 s.
+
+    b's wait is bounded by the new value, counted from when it began: 503 queue_timeout
+    while a still serves. Before, it kept the bound it began with (60 s) and was served
+    once a's 10 s request had ended, though the key was said to apply at once.
+    """
+    d = start_daemon(
+        {"a": fake_preset("A"), "b": fake_preset("B")},
+        {"max_running": 1, "max_wait": "60s", "queue_timeout": "60s"},
+    )
+    assert d.chat("a")[0] == 200
+    with ThreadPoolExecutor(2) as pool:
+        long, for_b = queue_behind(d, pool, "a", "b", 10)
+        d.settings = {**d.settings, "queue_timeout": "1s"}
+        d.write()
+        assert d.request("POST", "/swapd/reload")[0] == 200
+        status, body = for_b.result()
+        assert (status, body["error"]["code"]) == (503, "queue_timeout"), body
+        assert "waited 1s" in body["error"]["message"]
+        assert long.result()[0] == 200
+    assert [e["model"] for e in d.events("backend.spawn")] == ["a"]
