@@ -195,14 +195,16 @@ def _count(value: Any, minimum: int = 1) -> int:
     return value
 
 
-_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _sha256(value: Any) -> str:
     text = _str(value)
-    if not _SHA256.match(text):
+    # A block scalar (``sha256: |``, or pasted from ``sha256sum``) ends in a newline.
+    digits = text.strip()
+    if not _SHA256.fullmatch(digits):
         raise ValueError(f"expected 64 hexadecimal digits, got {text!r}")
-    return text.lower()
+    return digits.lower()
 
 
 # ``${env.NAME}``: swapd's own environment variable NAME (a unit's Environment=), read

@@ -175,6 +175,14 @@ def test_a_sha256_of_a_single_file_is_taken(tmp_path: Path) -> None:
     assert loaded.sha256 == SUM
 
 
+def test_a_sha256_in_a_block_scalar_is_its_64_digits(tmp_path: Path) -> None:
+    """``sha256: |`` keeps a final newline; the digest is the digits, not the newline."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    preset = f"backend: llama-server\nmodel: {tmp_path / 'm.gguf'}\nsha256: |\n  {SUM.upper()}\n"
+    [loaded] = _load(tmp_path, "", preset).presets
+    assert loaded.sha256 == SUM
+
+
 def test_a_split_gguf_missing_a_shard_is_a_config_error(tmp_path: Path) -> None:
     """Every shard must be there when the config is read, as the first file must."""
     first = tmp_path / "m-00001-of-00003.gguf"
