@@ -10,7 +10,8 @@
     └── .evicted-3f9a…e1-d4e5f6/    an entry being deleted
 
 An entry is built under a ``.partial-`` name: data, then ``entry.json``, then one ``rename``
-to its key. Whatever carries a dot-prefixed name is a leftover that :func:`load` deletes.
+to its key. Whatever carries a dot-prefixed name is a leftover that :func:`load` deletes,
+as is an ``entry.json.XXXXXX`` inside an entry (a manifest's rewrite cut short).
 Eviction renames first, so an entry disappears at once and its deletion may take its time.
 
 Durability. :func:`publish` fsyncs nothing, so a copy is ready as soon as ``cp`` would be;
@@ -49,6 +50,8 @@ _LOCK = ".lock"
 _KEY = re.compile(r"[0-9a-f]{32}")
 # What swapd names its unfinished copies and its deletions in progress, exactly.
 _LEFTOVER = re.compile(r"\.(partial|evicted)-[0-9a-f]{32}-[0-9a-f]{6}")
+# A manifest's rewrite (:func:`_rewrite`) cut short by a kill, inside its entry.
+_REWRITE_LEFTOVER = re.compile(re.escape(MANIFEST) + r"\.[0-9a-f]{6}")
 _VERSION = 1
 # An unsynced manifest has a version of its own, so that a swapd from before the mark
 # existed (it reads version 1 only) deletes such an entry at its start instead of trusting it.
@@ -180,6 +183,7 @@ def load(cache_dir: Path, boot: str) -> Loaded:
             manifest, last_used = problem
             with contextlib.suppress(OSError):
                 path.chmod(0o700)  # an entry from before copies were made private
+            found.removed += _rewrite_leftovers(path)
             if manifest.unsynced_boot is not None:
                 try:
                     sync(cache_dir, name, threading.Event())
@@ -191,6 +195,17 @@ def load(cache_dir: Path, boot: str) -> Loaded:
                 manifest = replace(manifest, unsynced_boot=None)
             found.entries[name] = (manifest, last_used)
     return found
+
+
+def _rewrite_leftovers(entry: Path) -> list[str]:
+    """Delete the temporary manifests of rewrites a kill cut short; what went, and why."""
+    removed = []
+    for path in entry.iterdir():
+        if _REWRITE_LEFTOVER.fullmatch(path.name):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(f"{entry.name}/{path.name} (interrupted manifest rewrite)")
+    return removed
 
 
 def _made_by_swapd(path: Path) -> bool:

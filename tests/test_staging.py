@@ -408,6 +408,26 @@ async def test_leftovers_and_broken_entries_are_deleted_at_open(tmp_path: Path) 
     assert len(clean["removed"]) == 3
 
 
+@pytest.mark.asyncio
+async def test_a_manifest_rewrite_cut_short_leaves_nothing_after_open(tmp_path: Path) -> None:
+    """A kill inside a manifest's rewrite leaves ``entry.json.XXXXXX``; the next open deletes it.
+
+    The entry itself is whole (the old manifest stays until the rename) and is kept.
+    """
+    source = write(tmp_path / "m.gguf", MIB)
+    async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+        path = await cache.stage(source)
+    entry_dir = path.parent.parent
+    (entry_dir / "entry.json.0a1b2c").write_text('{"half": ')
+    with capture_logs() as logs:
+        async with StagingCache(tmp_path / "cache", 10 * MIB) as cache:
+            assert cache.cached_path(source) == path
+    assert names(entry_dir) == ["data", "entry.json"]
+    (clean,) = [e for e in logs if e["event"] == "staging.clean"]
+    gone = f"{entry_dir.name}/entry.json.0a1b2c (interrupted manifest rewrite)"
+    assert clean["removed"] == [gone]
+
+
 # ---------------------------------------------------------------- durability
 
 
