@@ -2202,10 +2202,12 @@ class Manager:
         preset = latest
         # Also when a restart this one replaced stopped it (and started nothing): it served.
         served = self._served.pop(preset.name, None)
-        serving = slot.state in (State.READY, State.DRAINING) or served is not None
         # Draining to stop, for no swap: an unload's drain, as much the user's last word
-        # as an unload asked for during ours.
+        # as an unload asked for during ours (it stays down, and says so).
         unloading = slot.state is State.DRAINING and _leaving(slot)
+        # Draining for a swap is no serving to restore: it makes room for another model,
+        # whose load a start here would race; requests queued for this one load it in turn.
+        serving = slot.state is State.READY or unloading or served is not None
         # No new lease goes to the old process from here: it drains (or stops) first.
         slot.preset, slot.kind = preset, kind_of(preset)
         slot.failures = 0  # a changed preset deserves fresh tries

@@ -175,6 +175,38 @@ def test_an_unload_during_a_replaced_restart_keeps_the_model_down(
     assert (d.model("a")["state"], len(d.events("backend.spawn"))) == ("stopped", 1)
 
 
+def test_a_restart_of_a_model_a_swap_drains_leaves_the_room_to_the_swap(
+    start_daemon: StartDaemon,
+) -> None:
+    """A swap drains a (``max_wait``); a reload changes a meanwhile: b gets the room.
+
+    The restart counted the swap's drain as serving: once a had stopped it started a
+    again, and that load queued for the room a had been drained to make for b.
+    """
+    d = start_daemon(
+        {
+            "a": fake_preset("A", "--chunks", "30", "--chunk-interval", "0.1"),
+            "b": fake_preset("B"),
+        },
+        {"max_running": 1, "max_wait": "1s", "queue_timeout": "60s"},
+    )
+    assert d.chat("a")[0] == 200
+    stream = Stream(d, "a")
+    wait_for(lambda: stream.events)
+    with ThreadPoolExecutor(1) as pool:
+        for_b = pool.submit(d.chat, "b")
+        wait_for(lambda: d.model("a")["state"] == "draining")  # for b, at max_wait
+        d.presets = {**d.presets, "a": fake_preset("A2")}
+        d.write()
+        assert reload(d)[1]["restarted"] == ["a"]
+        assert len(stream.finish()) == 31  # drained, not cut
+        status, body = for_b.result(timeout=60)
+    assert status == 200, body
+    # a's stop came before b's start, and so would a start of a for the restart.
+    assert [e["model"] for e in d.events("model.load.start")] == ["a", "b"]
+    assert (d.model("a")["state"], d.model("b")["state"]) == ("stopped", "ready")
+
+
 def test_a_bad_config_is_refused_whole_and_the_running_one_stays(
     start_daemon: StartDaemon,
 ) -> None:
