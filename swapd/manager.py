@@ -2313,20 +2313,17 @@ class Manager:
             load.cancel()
 
     @staticmethod
-    async def _settle_moves(everyone: list[Slot]) -> None:
-        """Let demotions, stops and sleeps under way end, a sleep within the stop's grace.
+    async def _settle_moves(slot: Slot) -> None:
+        """Let its demotion, stop or sleep under way end, a sleep within the stop's grace.
 
-        A frozen backend never answers its /sleep (the call waits 120 s); the stops that
-        follow end it anyway.
+        A frozen backend never answers its /sleep (the call waits 120 s); the stop that
+        follows ends it anyway.
         """
-        busy = [
-            t for s in everyone for t in (s.demote_task, s.stop_task, s.sleep_task) if t is not None
-        ]
+        busy = [t for t in (slot.demote_task, slot.stop_task, slot.sleep_task) if t is not None]
         if busy:
-            await asyncio.wait(busy, timeout=max(s.preset.stop_timeout for s in everyone))
-        for slot in everyone:
-            if slot.sleep_task is not None:
-                slot.sleep_task.cancel()
+            await asyncio.wait(busy, timeout=slot.preset.stop_timeout)
+        if slot.sleep_task is not None:
+            slot.sleep_task.cancel()
         await asyncio.gather(*busy, return_exceptions=True)
 
     async def close(self) -> None:
@@ -2341,26 +2338,35 @@ class Manager:
             self._cancel_ttl(slot)
             self._cancel_ram_ttl(slot)
             self._cancel_load(slot)
-        loads = [s.load_task for s in everyone if s.load_task is not None]
-        await asyncio.gather(*loads, return_exceptions=True)
-        # A sleep under way ends (ASLEEP, or FAILED) before the stops below: stopped in the
-        # middle of it, its record and state would be left to the sleep's own ending.
-        await self._settle_moves(everyone)
-        stops = []
-        for slot in everyone:
-            if slot.child is None:
-                continue
-            if slot.state in (State.READY, State.DRAINING, State.ASLEEP):
-                stops.append(self._begin_stop(slot, reason="shutdown"))
-            else:
-                stops.append(self._spawn_task(slot.child.stop(slot.preset.stop_timeout), "stop"))
-        await asyncio.gather(*stops, return_exceptions=True)
+        # Each model on its own: one slow to stop (a cut start, a stop under way) holds
+        # back no other's stop, so the shutdown takes the longest stop_timeout, not a sum.
+        shuts = [
+            self._spawn_task(self._shut_down(slot), f"shutdown:{slot.preset.name}")
+            for slot in everyone
+        ]
+        await asyncio.gather(*shuts, return_exceptions=True)
         for slot in everyone:
             pages, slot.pages = slot.pages, None
             if pages is not None:
                 pages.close()
         if self.staging is not None:
             await self.staging.aclose()
+
+    async def _shut_down(self, slot: Slot) -> None:
+        """Let its cut load and its move under way end, then stop its backend.
+
+        A sleep under way ends (ASLEEP, or FAILED) before the stop: stopped in the middle
+        of it, its record and state would be left to the sleep's own ending.
+        """
+        if slot.load_task is not None:
+            await asyncio.gather(slot.load_task, return_exceptions=True)
+        await self._settle_moves(slot)
+        if slot.child is None:
+            return
+        if slot.state in (State.READY, State.DRAINING, State.ASLEEP):
+            await _outlast(self._begin_stop(slot, reason="shutdown"))  # its task logs its error
+        else:
+            await slot.child.stop(slot.preset.stop_timeout)
 
     async def preload(self) -> None:
         """Load the presets marked ``preload: true``, one after another.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -156,3 +157,40 @@ def test_a_cut_start_keeps_its_stop_timeout_while_the_drain_waits(
     [exited] = [e for e in d.events("backend.exit") if e["pid"] == pid]
     assert (marks / "clean-exit").exists(), f"SIGKILLed mid-cleanup: {exited}"
     assert exited["code"] == 0, exited
+
+
+def _start_cut(d: Daemon, pool: ThreadPoolExecutor) -> None:
+    """a starts (its group ignores SIGTERM) when the shutdown cancels its load."""
+    pool.submit(d.chat, "a")
+    wait_for(lambda: _logged(d, "listening"))
+
+
+def _stop_by_ttl(d: Daemon, _pool: ThreadPoolExecutor) -> None:
+    """a is being stopped by its TTL (its group ignores SIGTERM) when the shutdown begins."""
+    assert d.chat("a")[0] == 200
+    wait_for(lambda: d.events("model.stop"))
+
+
+@pytest.mark.parametrize("slow", [_start_cut, _stop_by_ttl])
+def test_a_slow_stop_holds_back_no_other_models_stop_at_shutdown(
+    start_daemon: StartDaemon, slow: Callable[[Daemon, ThreadPoolExecutor], None]
+) -> None:
+    """b's stop begins with the shutdown, not after a's grace (5 minutes) is over.
+
+    Waiting for every cut start and every stop under way before stopping the rest made a
+    shutdown take the sum of those stop_timeouts, past systemd's TimeoutStopSec.
+    """
+    never_ready = ("--start-delay", "600") if slow is _start_cut else ()
+    a = fake_preset("A", *never_ready, "--ignore-sigterm", stop_timeout="5m", ttl="1s")
+    b = fake_preset("B", "--ignore-sigterm", stop_timeout="5m")
+    d = start_daemon({"a": {**a, "start_timeout": "600s"}, "b": b}, {"max_running": 2})
+    assert d.chat("b")[0] == 200
+    assert d.proc is not None
+    with ThreadPoolExecutor(1) as pool:
+        slow(d, pool)
+        d.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: [e for e in d.events("model.stop") if e["model"] == "b"], timeout=30)
+        assert not [e for e in d.events("backend.exit") if e["model"] == "a"]  # still in grace
+        d.proc.send_signal(signal.SIGINT)  # the second signal: no 5-minute wait here
+        assert d.proc.wait(timeout=60) == 0
+    assert wait_for_gone(d) == []
