@@ -63,14 +63,27 @@ UPSTREAM_ROUTE = "/upstream/{target:.+}"
 CUT_AT_SHUTDOWN = 503
 # Past the drain and the longest stop, what a shutdown may still take (the reaper, cgroups).
 _STOP_MARGIN_S = 30.0
+# The least time between two starts of the reaper: one that dies at once is no busy loop.
+_REAPER_RESTART_GAP_S = 1.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Reaper:
-    """The watchdog process that kills our backends' groups if swapd dies (see swapd.reaper)."""
+    """The watchdog process that kills our backends' groups if swapd dies (see swapd.reaper).
+
+    One that dies while swapd runs (killed by hand, by the OOM killer) is started again and
+    told every group still running: else a later SIGKILL of swapd would leave what the
+    backends forked behind, with nothing said.
+    """
 
     def __init__(self) -> None:
-        self._proc = subprocess.Popen(
+        self._groups: set[int] = set()  # running groups: what a new reaper is told
+        self._closed = False
+        self._proc = self._start()
+
+    @staticmethod
+    def _start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
             [sys.executable, "-m", "swapd.reaper", marks.RUN_ID],
             stdin=subprocess.PIPE,
             start_new_session=True,
@@ -79,22 +92,78 @@ class Reaper:
 
     def __call__(self, event: str, pgid: int) -> None:
         """Tell the reaper a group started (``+``) or was reaped (``-``)."""
-        if self._proc.stdin is None or self._proc.poll() is not None:
+        if event == "+":
+            self._groups.add(pgid)
+        else:
+            self._groups.discard(pgid)
+        if self._proc.poll() is not None:
+            self._renew()  # tells the new one this group too
+        else:
+            self._write(f"{event}{pgid}\n")
+
+    def _write(self, text: str) -> None:
+        if self._proc.stdin is None:
             return
         try:
-            self._proc.stdin.write(f"{event}{pgid}\n")
+            self._proc.stdin.write(text)
             self._proc.stdin.flush()
         except (BrokenPipeError, ValueError):
-            _log.error("reaper.gone", pid=self._proc.pid)
+            pass  # it died just now: keep() starts another, told every group
+
+    def _renew(self) -> None:
+        """Start a reaper in place of the dead one and tell it every running group."""
+        if self._closed:
+            return
+        old = self._proc
+        if old.stdin is not None:
+            with contextlib.suppress(OSError):  # what it never read cannot be flushed
+                old.stdin.close()
+        _log.error("reaper.gone", pid=old.pid, code=old.returncode)
+        self._proc = self._start()
+        self._write("".join(f"+{pgid}\n" for pgid in sorted(self._groups)))
+
+    async def keep(self) -> None:
+        """Start the reaper again whenever it dies, for as long as swapd runs."""
+        while True:
+            await _exited(self._proc)
+            if self._proc.poll() is not None:  # not already started again by a group event
+                self._renew()
+                await asyncio.sleep(_REAPER_RESTART_GAP_S)  # one that dies at once: no spin
 
     def close(self) -> None:
         """Close the pipe; the reaper kills whatever is still listed and exits."""
+        self._closed = True
         if self._proc.stdin is not None:
-            self._proc.stdin.close()
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
         try:
             self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self._proc.kill()
+
+
+async def _exited(proc: subprocess.Popen[str]) -> None:
+    """Return once ``proc`` has exited: told by a pidfd, else looked for every second."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:  # reaped already, or a kernel without pidfds
+        while proc.poll() is None:  # noqa: ASYNC110 - no pidfd to wait on here
+            await asyncio.sleep(1)
+        return
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:  # again and again until removed: once is enough
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        if proc.poll() is None:  # else reaped before the open: the pid may be another's now
+            await exited
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 def _refuse_request_id() -> None:
@@ -357,6 +426,7 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
     )
     watchdog = asyncio.create_task(notify.watchdog(notifier), name="watchdog")
     try:
+        tasks.add(asyncio.create_task(reaper.keep(), name="reaper"))
         # From the start, as SIGHUP: files changed while preloads run are not missed.
         watcher = watch(lambda: runtime.config, functools.partial(_reload_unless, runtime, stop))
         tasks.add(asyncio.create_task(watcher, name="watch"))

@@ -106,6 +106,8 @@ def test_a_helper_that_left_its_group_in_an_earlier_run_is_ended_at_start(
     assert isinstance(helper, int)
     assert d.proc is not None
     try:
+        # Stopped first, as `pkill -9` ends both at once: swapd cannot start another reaper.
+        d.proc.send_signal(signal.SIGSTOP)
         _reaper(d.proc.pid).kill()
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()

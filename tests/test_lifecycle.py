@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import StartDaemon
 from daemon import fake_preset, fake_stats, wait_for, wait_for_gone
 from test_reload import Stream
@@ -64,6 +65,8 @@ def test_leftovers_of_an_earlier_run_are_ended_at_start(start_daemon: StartDaemo
     grandchild = fake_stats(d.model("a")["port"])["child_pid"]
     assert isinstance(grandchild, int)
     assert d.proc is not None
+    # Stopped first, as `pkill -9` ends both at once: swapd cannot start another reaper.
+    d.proc.send_signal(signal.SIGSTOP)
     _reaper(d.proc.pid).kill()
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
@@ -196,3 +199,25 @@ def test_a_backend_without_a_health_route_is_ready_once_its_port_accepts(
     assert status == 200, body
     assert d.model("a")["state"] == "ready"
     assert d.events("request.error") == []
+
+
+@pytest.mark.parametrize("killed", ["before the start", "while it serves"])
+def test_a_reaper_killed_while_swapd_runs_is_started_again(
+    start_daemon: StartDaemon, killed: str
+) -> None:
+    """A new reaper is told every running group: a later kill -9 of swapd still ends them."""
+    d = start_daemon({"a": fake_preset("A", "--fork-child")})
+    assert d.proc is not None
+    first = _reaper(d.proc.pid)
+    if killed == "before the start":
+        first.kill()
+    assert d.chat("a")[0] == 200
+    grandchild = fake_stats(d.model("a")["port"])["child_pid"]
+    assert isinstance(grandchild, int)
+    if killed == "while it serves":
+        first.kill()
+    wait_for(lambda: d.events("reaper.gone"))
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    assert wait_for_gone(d) == []
+    assert not psutil.pid_exists(grandchild) or _gone(grandchild)
