@@ -1493,7 +1493,7 @@ class Manager:
                 headers=launch.headers,
             )
         except BaseException as exc:
-            # Whatever went wrong (exit, timeout, an unwritable state_dir, cancellation),
+            # Whatever went wrong (exit, timeout, cancellation, an unforeseen error),
             # the group is stopped and reaped before the error goes on.
             cancelled = isinstance(exc, asyncio.CancelledError)
             try:

@@ -34,7 +34,6 @@ class PidRecords:
             started = psutil.Process(pid).create_time()
         except psutil.Error:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
         record = {"pid": pid, "model": model, "create_time": started, "owner": os.getpid()}
         if mark is not None:
             record["mark"] = mark
@@ -43,6 +42,8 @@ class PidRecords:
         path = self.directory / f"{pid}.json"
         tmp = path.with_suffix(".tmp")
         try:
+            # A fresh state_dir's first record makes the folder: it may fail as the write does.
+            self.directory.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(record))
             tmp.replace(path)
         except OSError as exc:

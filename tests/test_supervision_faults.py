@@ -35,6 +35,23 @@ def _full(self, *args, **kwargs):
 pathlib.Path.write_text = _full
 """
 
+# The folder of child records cannot be made, as on a full disk (a fresh state_dir).
+NO_ROOM_FOR_CHILDREN = """
+import errno
+import pathlib
+
+_mkdir = pathlib.Path.mkdir
+
+
+def _full(self, *args, **kwargs):
+    if self.name == "children" and not self.exists():
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    return _mkdir(self, *args, **kwargs)
+
+
+pathlib.Path.mkdir = _full
+"""
+
 # The pid written into the instance lock fails as on a full disk.
 FULL_LOCK = """
 import errno
@@ -66,6 +83,16 @@ def test_a_full_state_dir_does_not_stop_models_from_starting(
     assert status == 200, body
     assert d.events("pidfile.write.fail")
     assert not list((d.root / "state" / "children").glob("*.tmp"))
+
+
+def test_a_records_folder_a_full_disk_cannot_hold_does_not_stop_models_from_starting(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """On a fresh state_dir the first record makes its folder: that failing is logged too."""
+    d = start_daemon({"a": fake_preset("A")}, env=hook_env(tmp_path / "hook", NO_ROOM_FOR_CHILDREN))
+    status, body = d.chat("a")
+    assert status == 200, body
+    assert d.events("pidfile.write.fail")
 
 
 def test_a_full_disk_under_the_instance_lock_still_starts(
