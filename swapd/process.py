@@ -371,6 +371,8 @@ class Child:
             async with asyncio.timeout(KILL_WAIT):
                 return await asyncio.shield(self.wait_exit())
         except TimeoutError:
+            if self._proc.returncode is not None:
+                return self._proc.returncode  # it is gone; a helper outside the group writes on
             self.unkillable = True
             self._reaped = asyncio.create_task(self._reap_stuck(), name=f"reap:{self.model}")
             pid = self._proc.pid
@@ -403,9 +405,14 @@ class Child:
             async with asyncio.timeout(timeout):
                 code = await asyncio.shield(self.wait_exit())
         except TimeoutError:
-            _log.warning("backend.kill", model=self.model, pid=self._proc.pid, after_s=timeout)
-            self._signal_group(signal.SIGKILL)
-            code = await self._exit_after_kill()
+            if (exited := self._proc.returncode) is not None:
+                # The leader exited in time; only its output still flows, from a helper that
+                # left the group and holds the pipe: ended below (cgroup, mark).
+                code = exited
+            else:
+                _log.warning("backend.kill", model=self.model, pid=self._proc.pid, after_s=timeout)
+                self._signal_group(signal.SIGKILL)
+                code = await self._exit_after_kill()
         # The leader is gone; stragglers in its group (forked helpers) get the rest of the
         # grace period, then SIGKILL.
         deadline = started + timeout

@@ -5,12 +5,21 @@ from __future__ import annotations
 import ast
 import os
 import signal
+import sys
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import StartDaemon
-from daemon import Daemon, fake_preset, fake_stats, hook_env, wait_for
+from daemon import (
+    FAKE_UPSTREAM,
+    Daemon,
+    fake_preset,
+    fake_stats,
+    hook_env,
+    wait_for,
+    wait_for_gone,
+)
 
 from swapd import marks
 from swapd.cgroups import Cgroups
@@ -50,6 +59,36 @@ def test_unload_is_bounded_when_a_helper_escapes_the_group(start_daemon: StartDa
         wait_for(lambda: _gone(helper), timeout=5)
     finally:
         _kill(helper)
+
+
+# A helper that leaves the backend's group and writes to the output it shares, on and on.
+CHATTY = (
+    "import os, time\nos.setsid()\n"
+    "while True:\n    print('x' * 100, flush=True)\n    time.sleep(0.01)"
+)
+
+
+def test_a_helper_that_keeps_writing_to_the_output_does_not_make_the_leader_unkillable(
+    start_daemon: StartDaemon,
+) -> None:
+    """The leader exits on SIGTERM at once; its output still flows from an escaped helper.
+
+    The stop waited for that output to end as if for the leader: SIGKILL after the grace
+    (backend.kill), then backend.unkillable 10 s on for a process long gone, and -9 for
+    its exit status. The leader's own exit counts; the helper is ended by its mark.
+    """
+    script = f'{sys.executable} -c "{CHATTY}" & exec {sys.executable} {FAKE_UPSTREAM} --port "$0"'
+    preset = {"backend": "command", "cmd": ["/bin/sh", "-c", script, "${PORT}"]}
+    d = start_daemon({"a": {**preset, "stop_timeout": "2s"}}, {"cgroups": False})
+    assert d.chat("a")[0] == 200
+    status, body = d.request("POST", "/swapd/models/a/unload", timeout=60)
+    assert (status, body["state"]) == (200, "stopped")
+    [exited] = d.events("backend.exit")
+    assert exited["code"] != -signal.SIGKILL, exited
+    assert d.events("backend.unkillable") == []
+    assert d.events("backend.kill") == []
+    wait_for(lambda: d.events("backend.escaped.killed"), timeout=10)
+    assert wait_for_gone(d) == []
 
 
 def _gone(pid: int) -> bool:
