@@ -66,7 +66,7 @@ from swapd.pidfiles import PidRecords
 from swapd.planner import DeviceMemory, read_memory
 from swapd.presets import Preset
 from swapd.probe import HOST_DEVICE, Device, Probe, host_memory
-from swapd.process import Child
+from swapd.process import OUTPUT_GRACE, Child
 from swapd.reload import ReloadPlan
 from swapd.residency import Claim
 from swapd.slot import ModelView, Slot, snapshot
@@ -1658,7 +1658,9 @@ class Manager:
 
     async def _watch(self, slot: Slot, child: Child) -> None:
         """Notice a backend that exits by itself while ready, draining or asleep (or waking)."""
-        code = await child.wait_exit()
+        # Its last lines are in the pipe at its exit, read in a moment; output that flows
+        # on comes from a helper that left its group, and must not keep a dead model ready.
+        code = await child.wait_exit(output_within=OUTPUT_GRACE)
         alive_states = (State.READY, State.DRAINING, State.ASLEEP)
         while slot.child is child and slot.state in (State.SLEEPING, State.WAKING):
             # Its /sleep or /wake_up is under way: that call may still have been answered

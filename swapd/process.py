@@ -179,13 +179,19 @@ class Child:
         if line:  # an empty line says nothing: kept for `swapd logs`, not logged
             _log.info("backend.output", model=self.model, line=line)
 
-    async def wait_exit(self) -> int:
-        """Wait until the leader has exited and its output is drained, or given up on."""
+    async def wait_exit(self, *, output_within: float | None = None) -> int:
+        """Wait until the leader has exited and its output is drained, or given up on.
+
+        ``output_within``: wait at most that long for the output after the exit; the drain
+        goes on behind (a helper that left the group may write to it for long).
+        """
         assert self._proc is not None  # noqa: S101 - callers spawn first
         code = await self._proc.wait()
         if self._drain is None:  # one drain, however many wait for the exit
             self._drain = asyncio.create_task(self._drain_output(), name=f"drain:{self.model}")
-        await asyncio.shield(self._drain)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(output_within):  # None: no bound
+                await asyncio.shield(self._drain)
         return code
 
     async def _drain_output(self) -> None:

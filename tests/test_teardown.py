@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import signal
 import sys
@@ -89,6 +90,36 @@ def test_a_helper_that_keeps_writing_to_the_output_does_not_make_the_leader_unki
     assert d.events("backend.kill") == []
     wait_for(lambda: d.events("backend.escaped.killed"), timeout=10)
     assert wait_for_gone(d) == []
+
+
+def test_a_leader_that_crashes_while_a_helper_writes_on_is_noticed_at_once(
+    start_daemon: StartDaemon,
+) -> None:
+    """The leader dies while serving; an escaped helper still writes to its output.
+
+    The crash waited for that output to end, up to 30 s, and the model stayed ``ready``
+    meanwhile, every request to it a 502.
+    """
+    script = f'{sys.executable} -c "{CHATTY}" & exec {sys.executable} {FAKE_UPSTREAM} --port "$0"'
+    preset = {"backend": "command", "cmd": ["/bin/sh", "-c", script, "${PORT}"]}
+    d = start_daemon({"a": {**preset, "stop_timeout": "2s"}}, {"cgroups": False})
+    assert d.chat("a")[0] == 200
+    helper = wait_for(lambda: _escaped_writer(d.model("a")["pid"]))
+    os.kill(d.model("a")["pid"], signal.SIGKILL)
+    [crash] = wait_for(lambda: d.events("backend.crash"), timeout=20)
+    assert crash["code"] == -signal.SIGKILL
+    assert psutil.pid_exists(helper)  # noticed while the helper still wrote
+    wait_for(lambda: d.events("backend.escaped.killed"), timeout=20)
+    assert wait_for_gone(d) == []
+
+
+def _escaped_writer(leader: int) -> int | None:
+    """The pid of the chatty helper the leader forked, once it runs."""
+    for child in psutil.Process(leader).children():
+        with contextlib.suppress(psutil.Error):
+            if any("os.setsid()" in part for part in child.cmdline()):
+                return int(child.pid)
+    return None
 
 
 def _gone(pid: int) -> bool:
