@@ -181,15 +181,25 @@ class Client:
             raise ClientError(self._unreachable(exc)) from exc
 
     def _refusal(self, status: int, body: Any) -> str:
-        message = body
-        if isinstance(body, dict) and isinstance(body.get("error"), dict):
-            message = body["error"].get("message")
+        message = error_message(body)
+        if message is None:  # not swapd's envelope: what was sent, as it was sent
+            message = body if isinstance(body, str) else json.dumps(body)
         text = f"{self.target.url} answered {status}: {message or 'no details'}"
         if status not in (401, 403):
             return text
         if self.target.key_problem:
             return f"{text}\nthe config's admin key could not be read: {self.target.key_problem}"
         return f"{text}\n{KEY_HINT}"
+
+
+def error_message(body: Any) -> str | None:
+    """The message of swapd's error envelope; None for any other answer.
+
+    A proxy in front answers its own JSON (``{"message": ...}``, ``{"error": "Bad Gateway"}``).
+    """
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None
 
 
 async def _json_or_text(resp: aiohttp.ClientResponse) -> Any:

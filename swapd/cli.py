@@ -25,7 +25,15 @@ from urllib.parse import quote
 import structlog
 
 from swapd import _render, embedded
-from swapd._client import ANSWER_WITHIN, Client, ClientError, Target, config_path, url_of
+from swapd._client import (
+    ANSWER_WITHIN,
+    Client,
+    ClientError,
+    Target,
+    config_path,
+    error_message,
+    url_of,
+)
 from swapd.auth import access_warnings
 from swapd.backends import missing_binary
 from swapd.config import Config, load_config, parse_listen
@@ -223,7 +231,7 @@ async def verb_load(client: Client, args: argparse.Namespace) -> int:
         if exc.status is None or exc.status in (401, 403, 404):
             raise  # not about the model's state: refused, or no such model (with the hint)
         state = await _state_of(client, name)
-        message = exc.body["error"]["message"] if isinstance(exc.body, dict) else str(exc)
+        message = error_message(exc.body) or str(exc)  # a proxy's own error: all of it
         print(f"{name}: {state}: {_render.printable(message)}", file=sys.stderr)
         return 1
     finally:
@@ -326,11 +334,13 @@ async def verb_reload(client: Client, args: argparse.Namespace) -> int:
     try:
         plan = await client.call("POST", "/swapd/reload")
     except ClientError as exc:
-        if not (isinstance(exc.body, dict) and "errors" in exc.body):
-            raise
-        for error in exc.body["errors"]:
+        message = error_message(exc.body)
+        errors = exc.body.get("errors") if isinstance(exc.body, dict) else None
+        if message is None or not isinstance(errors, list):
+            raise  # not swapd refusing the new config
+        for error in errors:
             print(_render.printable(error), file=sys.stderr)
-        print(f"swapd: {_render.printable(exc.body['error']['message'])}", file=sys.stderr)
+        print(f"swapd: {_render.printable(message)}", file=sys.stderr)
         return 1
     if args.json:
         _print_json(plan)

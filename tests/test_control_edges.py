@@ -58,6 +58,24 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 """
 
 
+# A proxy in front whose upstream is down answers every path with its own JSON error.
+PROXY_ERROR = """
+import json
+import sys
+
+from aiohttp import web
+
+
+async def down(request):
+    return web.json_response(json.loads(sys.argv[2]), status=502)
+
+
+app = web.Application()
+app.router.add_route("*", "/{p:.*}", down)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
 def listening(port: int) -> bool:
     """Whether something accepts connections on the loopback port."""
     with socket.socket() as probe:
@@ -117,6 +135,29 @@ def test_the_cli_says_so_when_something_else_answers(tmp_path: Path) -> None:
     finally:
         app.kill()
         app.wait()
+
+
+def test_a_proxys_own_json_error_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """Kong's ``{"message": ...}`` or ``{"error": "Bad Gateway"}`` is not swapd's envelope.
+
+    ``swapd load`` read the message out of it as if it were, and died with a KeyError or
+    a TypeError; ``reload`` did the same for a body with ``errors`` but no ``error``.
+    """
+    server = tmp_path / "proxy.py"
+    server.write_text(PROXY_ERROR)
+    for body in ('{"message": "no upstream"}', '{"error": "Bad Gateway"}', '{"errors": ["x"]}'):
+        port = free_port()
+        proxy = subprocess.Popen([sys.executable, str(server), str(port), body])
+        try:
+            wait_for(lambda port=port: listening(port))
+            for verb in (["load", "a"], ["reload"], ["status"]):
+                result = swapd(*verb, "--url", f"http://127.0.0.1:{port}")
+                assert result.returncode == 1, verb
+                assert "Traceback" not in result.stderr, result.stderr
+                assert f"answered 502: {body}" in result.stderr, result.stderr
+        finally:
+            proxy.kill()
+            proxy.wait()
 
 
 def test_load_fails_when_the_model_is_not_ready_at_the_end(start_daemon: StartDaemon) -> None:
