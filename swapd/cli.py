@@ -205,6 +205,15 @@ def _client_verb(
     return run
 
 
+def _model_path(name: str, action: str) -> str:
+    """``/swapd/models/NAME/ACTION``, the name's characters escaped as a path needs."""
+    # An HTTP client folds "." and ".." segments (org/../m would reach /swapd/models/m):
+    # such a name goes as one segment, its slashes escaped, which swapd reads as "/".
+    # Other names keep their slashes: some proxies refuse an escaped one.
+    dots = any(part in (".", "..") for part in name.split("/"))
+    return f"/swapd/models/{quote(name, safe='' if dots else '/')}/{action}"
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
 
@@ -224,7 +233,7 @@ async def verb_load(client: Client, args: argparse.Namespace) -> int:
     progress = _Progress(out, live=out.isatty())
     watcher = asyncio.create_task(progress.follow(client, f"/swapd/events?model={quote(name)}"))
     try:
-        view = await client.call("POST", f"/swapd/models/{quote(name, safe='/')}/load")
+        view = await client.call("POST", _model_path(name, "load"))
     except ClientError as exc:
         watcher.cancel()  # before the line is ended: no redraw may come between it and the error
         progress.end()
@@ -302,7 +311,7 @@ async def verb_unload(client: Client, args: argparse.Namespace) -> int:
         body = await client.call("POST", f"/swapd/unload{query}")
         views = body["models"]
     else:
-        path = f"/swapd/models/{quote(args.name, safe='/')}/unload{query}"
+        path = _model_path(args.name, "unload") + query
         body = await client.call("POST", path)
         views = [body]
     if args.json:
@@ -314,7 +323,7 @@ async def verb_unload(client: Client, args: argparse.Namespace) -> int:
 
 async def verb_logs(client: Client, args: argparse.Namespace) -> int:
     """A backend's recent output; ``-f`` keeps printing new lines."""
-    path = f"/swapd/models/{quote(args.name, safe='/')}/logs?lines={args.lines}"
+    path = _model_path(args.name, f"logs?lines={args.lines}")
     if not args.follow:
         body = await client.call("GET", path)
         for line in body["lines"]:
