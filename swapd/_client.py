@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,11 @@ ANSWER_WITHIN = 20.0
 # Listen addresses that mean "every address", and the loopback a local client uses for each:
 # "::" binds IPv6 alone (the loop sets IPV6_V6ONLY), "" both families.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 - names, not binds
+
+
+# Of an answer that is not JSON (a proxy's error page), the most a message shows.
+_TEXT_SHOWN = 300
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
 class ClientError(Exception):
@@ -182,14 +188,26 @@ class Client:
 
     def _refusal(self, status: int, body: Any) -> str:
         message = error_message(body)
-        if message is None:  # not swapd's envelope: what was sent, as it was sent
-            message = body if isinstance(body, str) else json.dumps(body)
+        if message is None:  # not swapd's envelope: what was sent
+            message = one_line(body) if isinstance(body, str) else json.dumps(body)
         text = f"{self.target.url} answered {status}: {message or 'no details'}"
         if status not in (401, 403):
             return text
         if self.target.key_problem:
             return f"{text}\nthe config's admin key could not be read: {self.target.key_problem}"
         return f"{text}\n{KEY_HINT}"
+
+
+def one_line(text: str) -> str:
+    """An answer that is not JSON, as one short line: an HTML page by its title.
+
+    Nginx's 502 page, a swapd behind it down, is seven lines ended by CR LF.
+    """
+    title = _TITLE.search(text)
+    if title is not None:
+        return f"{' '.join(title.group(1).split())} (an HTML page, not swapd's JSON)"
+    line = " ".join(text.split())
+    return line if len(line) <= _TEXT_SHOWN else f"{line[:_TEXT_SHOWN]}..."
 
 
 def error_message(body: Any) -> str | None:

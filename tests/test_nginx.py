@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, fake_stats, free_port, wait_for
+from test_cli import swapd
 
 SNIPPET = Path(__file__).resolve().parent.parent / "systemd" / "nginx-swapd.conf"
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).is_file()), None)
@@ -205,3 +206,20 @@ def test_control_routes_answer_local_clients(start_daemon: StartDaemon, front: A
     conn.close()
     assert resp.status == 200
     assert [m["name"] for m in body["models"]] == ["a"]
+
+
+def test_the_cli_says_in_one_line_that_nginx_found_no_swapd(
+    start_daemon: StartDaemon, front: Any
+) -> None:
+    r"""swapd down behind Nginx: its 502 page is named by its title, on one line.
+
+    The page went out whole, seven lines each ending in a written-out ``\x0d``.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    url = f"http://127.0.0.1:{front(d).port}"
+    assert d.stop() == 0
+    for verb in (["status"], ["load", "a"], ["logs", "a", "-f"]):
+        result = swapd(*verb, "--url", url)
+        assert result.returncode == 1, verb
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert f"{url} answered 502: 502 Bad Gateway (an HTML page" in result.stderr
