@@ -78,8 +78,9 @@ class Target:
     @classmethod
     def resolve(cls, url: str | None, config: str | None, key: str | None) -> Target:
         """See the module docstring for the order."""
-        url = url or os.environ.get("SWAPD_URL")
-        key = key or os.environ.get("SWAPD_KEY")
+        # Empty ones (SWAPD_KEY= in a unit, --key "$UNSET") are unset: the config still counts.
+        url = url or os.environ.get("SWAPD_URL") or None
+        key = key or os.environ.get("SWAPD_KEY") or None
         path = config_path(config)
         explicit = path is not None
         if path is None and url is None and SYSTEM_CONFIG.is_file():

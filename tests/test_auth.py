@@ -348,7 +348,10 @@ def status_cli(
 
 
 def test_the_cli_takes_a_key_from_flag_env_or_config(keyed: Daemon) -> None:
-    """`swapd status` works with --key, with SWAPD_KEY, and with --config (admin_keys_file)."""
+    """`swapd status` works with --key, with SWAPD_KEY, and with --config (admin_keys_file).
+
+    An empty SWAPD_KEY or SWAPD_URL kept the config from being read once the other was given.
+    """
     without = status_cli("--url", keyed.url, env={"SWAPD_KEY": ""})
     assert without.returncode == 1
     assert "answered 401" in without.stderr
@@ -360,6 +363,9 @@ def test_the_cli_takes_a_key_from_flag_env_or_config(keyed: Daemon) -> None:
         (("--url", keyed.url, "--key", ADMIN_KEY), {}),
         (("--url", keyed.url), {"SWAPD_KEY": ADMIN_KEY}),
         (("--config", str(keyed.config_path)), {"SWAPD_KEY": ""}),
+        # Empty variables are unset: the config gives the key (and the address).
+        (("--url", keyed.url, "--config", str(keyed.config_path)), {"SWAPD_KEY": ""}),
+        (("--config", str(keyed.config_path), "--key", ""), {"SWAPD_URL": "", "SWAPD_KEY": ""}),
     ):
         done = status_cli(*args, "--json", env=env)
         assert done.returncode == 0, done.stderr
