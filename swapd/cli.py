@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 from urllib.parse import quote
 
 import structlog
@@ -199,8 +200,6 @@ def _client_verb(
         except ClientError as exc:  # swapd's answer may carry a backend's output
             print(f"swapd: {_render.printable(str(exc))}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            return 130
 
     return run
 
@@ -649,4 +648,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         # SIGPIPE does, and keep the interpreter's own flush at exit from raising again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        _end_by_sigint()
     sys.exit(code)
+
+
+def _end_by_sigint() -> NoReturn:
+    """Die of SIGINT, no traceback, as a program interrupted by Ctrl-C should.
+
+    A shell ends a loop (``for m in a b; do swapd load $m; done``) when its child died
+    of SIGINT; a child that exits 130 instead lets the loop go on to the next model.
+    """
+    with contextlib.suppress(OSError):  # what was printed goes out first; a reader gone too
+        sys.stdout.flush()
+        sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(128 + signal.SIGINT)  # not reached: the default action ends the process

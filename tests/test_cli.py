@@ -118,7 +118,27 @@ def test_unload_and_logs(start_daemon: StartDaemon) -> None:
             assert "listening on" in follow.stdout.readline()
         finally:
             follow.send_signal(signal.SIGINT)
-        assert follow.wait(timeout=30) == 130
+        assert follow.wait(timeout=30) == -signal.SIGINT
+
+
+def test_ctrl_c_in_a_loop_of_loads_ends_the_loop(start_daemon: StartDaemon) -> None:
+    """Ctrl-C during `swapd load` ends the CLI by SIGINT, no traceback, and the shell's loop.
+
+    It exited 130, which a shell takes for a child that dealt with the interrupt itself:
+    the loop went on and loaded the next model.
+    """
+    d = start_daemon({"slow": fake_preset("S", "--start-delay", "30"), "b": fake_preset("B")})
+    cli = f"{sys.executable} -m swapd load $m --url {d.url}"
+    script = f"for m in slow b; do {cli}; done"
+    with subprocess.Popen(
+        ["bash", "-c", script], start_new_session=True, stderr=subprocess.PIPE, text=True
+    ) as loop:
+        wait_for(lambda: d.model("slow")["state"] == "starting")
+        os.killpg(loop.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+        _, err = loop.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert loop.returncode == -signal.SIGINT  # bash ended with its child
+    assert d.model("b")["state"] == "stopped"  # never loaded
 
 
 def test_unload_all_stops_every_model(start_daemon: StartDaemon) -> None:
