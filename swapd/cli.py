@@ -324,7 +324,7 @@ async def verb_logs(client: Client, args: argparse.Namespace) -> int:
     """A backend's recent output; ``-f`` keeps printing new lines."""
     path = _model_path(args.name, f"logs?lines={args.lines}")
     if not args.follow:
-        body = await client.call("GET", path)
+        body = await client.call("GET", path, within=ANSWER_WITHIN)  # answered at once
         for line in body["lines"]:
             print(json.dumps(line) if args.json else _render.printable(line))
         return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -202,6 +204,21 @@ def test_a_followed_log_that_swapd_ends_says_so_and_exits_1(start_daemon: StartD
         assert follow.wait(timeout=30) == 1
         assert follow.stderr is not None
         assert "the log stream ended" in follow.stderr.read()
+
+
+def test_logs_give_up_on_a_swapd_that_takes_the_connection_but_never_answers(
+    start_daemon: StartDaemon,
+) -> None:
+    """A stopped swapd still completes the handshake: `swapd logs` waited for good."""
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.proc is not None
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        result = swapd("logs", "a", "--url", d.url)
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"swapd: {d.url} took the connection but did not answer")
 
 
 def test_a_url_without_a_scheme_is_read_as_http(start_daemon: StartDaemon) -> None:
