@@ -87,13 +87,19 @@ def _str(value: Any) -> str:
 
 
 def is_usable_name(value: str) -> bool:
-    """Whether ``value`` may name a model or alias (letters, digits, ``._:/@+-``)."""
-    return bool(_NAME.match(value))
+    """Whether ``value`` may name a model or alias (letters, digits, ``._:/@+-``).
+
+    No ``/``-separated part may be empty, ``.`` or ``..``: clients (curl, the SDKs) resolve
+    those in a URL's path, so ``/v1/models/org/../m`` would ask about another model.
+    """
+    if not _NAME.match(value):
+        return False
+    return not any(part in {"", ".", ".."} for part in value.split("/"))
 
 
 def _name(value: str) -> str:
     """A model name or alias: it goes on command lines (vLLM's --served-model-name) as is."""
-    if not _NAME.match(value):
+    if not is_usable_name(value):
         raise ValueError(f"not a usable model name: {clip(value)!r}")
     return value
 
@@ -403,7 +409,7 @@ def _build(
     if any(e.where.file == label for e in errors):
         return None
     name, name_at = values.get("name", (file.stem, doc.where))
-    if not _NAME.match(name):
+    if not is_usable_name(name):
         errors.append(ConfigError(name_at, "name", f"not a usable model name: {name!r}"))
         return None
     if (found := _backend_of(values, doc.where, errors)) is None:

@@ -175,6 +175,15 @@ def test_a_sha256_of_a_single_file_is_taken(tmp_path: Path) -> None:
     assert loaded.sha256 == SUM
 
 
+@pytest.mark.parametrize("name", ["org/../m", "org/./m", "org//m", "org/m/"])
+def test_a_name_a_url_would_resolve_to_another_is_refused(tmp_path: Path, name: str) -> None:
+    """Clients fold ``.``, ``..`` and empty parts of a URL's path: /v1/models/org/../m is m."""
+    preset = f'backend: command\ncmd: ["true", "${{PORT}}"]\nname: "{name}"\n'
+    assert _errors(tmp_path, "", {"m.yaml": preset}) == [
+        f"presets/m.yaml:3:7: name: not a usable model name: {name!r}"
+    ]
+
+
 def test_a_sha256_in_a_block_scalar_is_its_64_digits(tmp_path: Path) -> None:
     """``sha256: |`` keeps a final newline; the digest is the digits, not the newline."""
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
