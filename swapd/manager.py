@@ -61,7 +61,7 @@ from swapd.footprints import Footprints, fingerprint
 from swapd.logs import get_logger
 from swapd.metrics import Metrics
 from swapd.needs import Need
-from swapd.pages import WarmSet
+from swapd.pages import WarmSet, file_id
 from swapd.pidfiles import PidRecords
 from swapd.planner import DeviceMemory, read_memory
 from swapd.presets import Preset
@@ -883,13 +883,21 @@ class Manager:
         return resident
 
     def _pages_held_at(self, slot: Slot) -> WarmSet | None:
-        """Pages another model holds of the file this one would hold (two presets, one GGUF)."""
+        """Pages another model holds of the file this one would hold (two presets, one GGUF).
+
+        Under its name, or under another (a link to it) as its last start found.
+        """
         model = slot.staged_path or str(slot.preset.model)
         return next(
             (
                 s.pages
                 for s in self._every_slot()
-                if s is not slot and s.pages is not None and str(s.pages.path) == model
+                if s is not slot
+                and s.pages is not None
+                and (
+                    str(s.pages.path) == model
+                    or (slot.model_id is not None and s.pages.file_id == slot.model_id)
+                )
             ),
             None,
         )
@@ -1381,6 +1389,7 @@ class Manager:
         if preset.model is not None:
             # At each start: the files may have changed since the last (new weights in place).
             slot.model_bytes = await asyncio.to_thread(weight_bytes, preset.model)
+            slot.model_id = await asyncio.to_thread(file_id, slot.staged_path or preset.model)
         async with self._one_sizing_start(slot, device):
             await self._start_spawned(slot, device, placement)
 
@@ -1914,7 +1923,7 @@ class Manager:
         pages = slot.pages
         if pages is None:
             return
-        why = await asyncio.to_thread(pages.changed)
+        why = await asyncio.to_thread(_pages_changed, slot, pages)
         if why is not None and slot.pages is pages:
             _log.info("model.pages.stale", model=slot.preset.name, why=why)
             self._drop_pages(slot, reason="file_changed")
@@ -1928,7 +1937,7 @@ class Manager:
         model = slot.staged_path or str(slot.preset.model)
         shared = self._pages_held_at(slot)
         if shared is not None:
-            stale = await asyncio.to_thread(shared.changed)
+            stale = await asyncio.to_thread(_pages_changed, slot, shared)
             if stale is None and self._pages_held_at(slot) is shared:  # still held after
                 slot.pages = shared
                 slot.model_bytes = shared.size
@@ -2214,7 +2223,7 @@ class Manager:
         slot.preset, slot.kind = preset, kind_of(preset)
         slot.failures = 0  # a changed preset deserves fresh tries
         self.admission.forget(preset.name)
-        slot.model_bytes = 0
+        slot.model_bytes, slot.model_id = 0, None
         slot.start_times.clear()  # another file or other flags: its starts are timed anew
         _log.info("model.reload", model=preset.name, change="restart", serving=serving)
         # An unload from here on keeps it down; also one during a restart this one replaced.
@@ -2388,6 +2397,19 @@ async def _outlast(task: asyncio.Task[Any]) -> None:
     shutdown) as if the waiter itself had been cancelled.
     """
     await asyncio.wait([task])
+
+
+def _pages_changed(slot: Slot, pages: WarmSet) -> str | None:
+    """Why ``pages`` are not what the slot's next start reads, or None; blocks (stats).
+
+    A hold shared under another name (a link) is checked under the slot's name too: the
+    link may point elsewhere now.
+    """
+    why = pages.changed()
+    model = slot.staged_path or str(slot.preset.model)
+    if why is None and model != str(pages.path) and file_id(model) != pages.file_id:
+        why = f"{model} is no longer the file whose pages are held ({pages.path})"
+    return why
 
 
 def _ram_budget(config: Config) -> int:

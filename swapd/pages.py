@@ -61,6 +61,8 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 # (device, inode, size, mtime in ns) of a file as opened; None where not known.
 Identity = tuple[int, int, int, int] | None
+# (device, inode): one file whatever its name (a symbolic or hard link to it).
+FileId = tuple[int, int]
 
 
 def _identity(info: os.stat_result) -> Identity:
@@ -212,6 +214,12 @@ class WarmSet:
         """Bytes of all the files in RAM now."""
         return sum(file.resident_bytes() for file in self.files)
 
+    @property
+    def file_id(self) -> FileId | None:
+        """The first file's (device, inode) as opened: what :func:`file_id` of its path said."""
+        identity = self.files[0].identity if self.files else None
+        return None if identity is None else identity[:2]
+
     def changed(self) -> str | None:
         """Why a held file is no longer the one at its path, or None (one stat each)."""
         return next((why for file in self.files if (why := file.changed()) is not None), None)
@@ -238,6 +246,15 @@ def resident_bytes(path: str | os.PathLike[str]) -> int:
         finally:
             os.close(fd)
     return total
+
+
+def file_id(path: str | os.PathLike[str]) -> FileId | None:
+    """(device, inode) of the file at ``path``, links followed; None where it cannot be read."""
+    try:
+        info = Path(path).stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def drop_cache(path: str | os.PathLike[str]) -> Dropped:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from swapd.backends import BackendKind, Launch, Tier
     from swapd.needs import Need
-    from swapd.pages import WarmSet
+    from swapd.pages import FileId, WarmSet
     from swapd.presets import Preset
     from swapd.probe import Device, DeviceKind
     from swapd.process import Child
@@ -67,6 +67,9 @@ class Slot:
     start_times: dict[DeviceKind, float] = field(default_factory=dict)
     started_on: DeviceKind | None = None  # the kind of device its last start was on
     model_bytes: int = 0  # its weights' size as its last start (or pages held) found it
+    # The file its last start read, whatever the name: another preset's hold of it (through
+    # a link) is the same pages.
+    model_id: FileId | None = None
     # The admission that drained it (DRAINING) so that a request waiting past max_wait can
     # swap in; None: no such drain.
     swap_drain: object | None = None

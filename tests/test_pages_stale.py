@@ -6,6 +6,7 @@ Real llama-servers on a tiny GGUF; swapd's own mappings read from ``/proc/PID/ma
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -177,3 +178,69 @@ def test_two_presets_of_one_file_hold_its_pages_once(
     wait_for(lambda: d.model("a")["tier"] == "ram", 40)  # back, sharing b's
     _, status = d.get("/swapd/status")
     assert status["tiers"]["ram"]["bytes"] == size
+
+
+def link_to(model: Path, link: Path, how: str) -> Path:
+    """Another name for ``model``: a symbolic link, or a hard link."""
+    if how == "symlink":
+        link.symlink_to(model)
+    else:
+        os.link(model, link)
+    return link
+
+
+def maps_of(d: Daemon, *paths: Path) -> int:
+    """How many of swapd's mappings are of any of ``paths``."""
+    return sum(len(mapped(d, path)) for path in paths)
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink"])
+def test_two_presets_of_one_file_under_two_names_hold_its_pages_once(
+    start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path, how: str
+) -> None:
+    """A link to the GGUF is the same file: its pages are the same pages.
+
+    Matched by name only, the second preset's demotion counted them again, and with a
+    budget of one and a half files pushed the first's pages (the very pages) down to disk.
+    """
+    model = copy_of(tiny_gguf, tmp_path / "m.gguf")
+    other = link_to(model, tmp_path / "other.gguf", how)
+    size = model.stat().st_size
+    base = {"backend": "llama-server", "ttl": "1s"}
+    presets = {
+        "a": {**base, "model": str(model), "args": ["-c", "256"]},
+        "b": {**base, "model": str(other), "args": ["-c", "512"]},
+    }
+    d = start_daemon(presets, {"ram_budget": size * 3 // 2})
+    to_ram(d, "a")
+    to_ram(d, "b")
+    _, status = d.get("/swapd/status")
+    assert {m["name"]: m["tier"] for m in status["models"]} == {"a": "ram", "b": "ram"}
+    assert status["tiers"]["ram"]["bytes"] == size
+    assert sorted(m["memory"]["ram"] for m in status["models"]) == [0, size]
+    assert maps_of(d, model, other) == 1
+    assert vmlck(d) < 2 * size
+
+
+def test_a_link_pointed_at_another_file_lets_its_shared_pages_go(
+    start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """Pages shared through a link are of no use to that preset once the link moves."""
+    model = copy_of(tiny_gguf, tmp_path / "m.gguf")
+    other = link_to(model, tmp_path / "other.gguf", "symlink")
+    base = {"backend": "llama-server", "ttl": "1s"}
+    presets = {
+        "a": {**base, "model": str(model), "args": ["-c", "256"]},
+        "b": {**base, "model": str(other), "args": ["-c", "512"]},
+    }
+    d = start_daemon(presets, {"ram_budget": 256 * MIB})
+    to_ram(d, "a")
+    to_ram(d, "b")
+    moved = tmp_path / "moved.gguf"
+    link_to(copy_of(tiny_gguf, tmp_path / "new.gguf"), moved, "symlink")
+    moved.replace(other)
+    wait_for(lambda: d.model("b")["tier"] == "disk", 30)
+    assert d.model("a")["tier"] == "ram", "a's own file did not change"
+    assert [e["model"] for e in events(d, "model.pages.stale")] == ["b"]
+    assert d.chat("b", max_tokens=1)[0] == 200
+    assert [e["from_tier"] for e in events(d, "model.load.done")][-1] == "disk"
