@@ -1807,8 +1807,25 @@ class Manager:
                     self._begin_stop(slot, reason=reason, keep_pages=slot.preset.name in locks)
                 )
             elif isinstance(action, policy.UnlockPages):
-                self._drop_pages(slot, reason=reason)
+                self._drop_hold(slot, reason=reason)
         return tasks
+
+    def _drop_hold(self, slot: Slot, *, reason: str) -> None:
+        """Push held pages down for room: those the model counts go for every preset sharing them.
+
+        The plan counted their bytes as freed, and they are only once nobody holds them: a
+        sharer left would take the count over and keep them locked. A busy sharer (a start
+        from them) keeps them, as the plan keeps busy entries.
+        """
+        pages = slot.pages
+        counted = slot.ram_bytes > 0
+        sharers = [
+            s for s in self.slots.values() if s is not slot and s.pages is pages and not s.busy
+        ]
+        self._drop_pages(slot, reason=reason)
+        for other in sharers if counted and pages is not None else []:
+            self.metrics.evicted(other.preset.name, reason)
+            self._drop_pages(other, reason=reason)
 
     def _begin_sleep(self, slot: Slot, *, reason: str) -> asyncio.Task[None]:
         # READY -> SLEEPING now, so no lease slips in before the sleep.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from daemon import Daemon, hook_env, wait_for
+from test_pages_faults import _TIGHT_HOST
 
 from swapd.pages import WarmSet
 
@@ -244,3 +245,37 @@ def test_a_link_pointed_at_another_file_lets_its_shared_pages_go(
     assert [e["model"] for e in events(d, "model.pages.stale")] == ["b"]
     assert d.chat("b", max_tokens=1)[0] == 200
     assert [e["from_tier"] for e in events(d, "model.load.done")][-1] == "disk"
+
+
+def test_a_load_that_pushes_shared_pages_down_frees_them_for_every_preset(
+    start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """Two presets of one file in the ram tier; a load on host RAM needs their memory.
+
+    The plan counts the pages with the preset that took them and pushes that one down.
+    Dropped for it alone, the other preset took the count over and kept them locked: the
+    memory never showed as free, and the load waited out all of ``release_timeout``.
+    """
+    model = copy_of(tiny_gguf, tmp_path / "m.gguf")
+    size = model.stat().st_size
+    big = 4 * size
+    total = big + size // 2  # room for the big one once the file's pages are unlocked
+    env = hook_env(tmp_path / "hook", _TIGHT_HOST) | {"AUDIT_HOST_TOTAL": str(total)}
+    base = {"backend": "llama-server", "ttl": "1s", "memory": 64 * 1024}
+    presets = {
+        "a": {**base, "model": str(model), "args": ["-c", "256"]},
+        "b": {**base, "model": str(model), "args": ["-c", "512"]},
+        "big": {**base, "model": str(copy_of(tiny_gguf, tmp_path / "big.gguf")), "memory": big},
+    }
+    # Far past the client's timeout: a load that waits for the release never answers.
+    settings = {"reserve": 0, "ram_budget": 64 * MIB, "release_timeout": "1h"}
+    d = start_daemon(presets, settings, env)
+    to_ram(d, "a")
+    to_ram(d, "b")
+    assert vmlck(d) >= size
+    status, body = d.chat("big", max_tokens=1)
+    assert status == 200, body
+    assert d.model("a")["tier"] == d.model("b")["tier"] == "disk"
+    down = [e for e in events(d, "model.tier") if e["tier"] == "disk"]
+    assert sorted((e["model"], e["reason"]) for e in down) == [("a", "evict"), ("b", "evict")]
+    assert vmlck(d) == 0
