@@ -1049,10 +1049,11 @@ class Manager:
             pid = slot.child.pid if slot.child is not None else None
             return snap.readings[device_id].by_pid.get(pid, 0) if pid else 0
         pages = slot.pages
-        if pages is None or not pages.locked or device_id != HOST_DEVICE.id:
+        if pages is None or device_id != HOST_DEVICE.id:
             return 0
-        # The pages' size, also where another model's hold counts them (ram_bytes 0 here).
-        return 0 if has_flag(slot.preset.args, "--no-mmap") else pages.size
+        # The locked files' size (the limit may have run out part-way through a split
+        # GGUF), also where another model's hold counts them (ram_bytes 0 here).
+        return 0 if has_flag(slot.preset.args, "--no-mmap") else pages.locked_bytes
 
     def _start_if_sleeper_died(self, job: _Job) -> None:
         """A sleeper that died while its wake waited has nothing left to wake: start afresh.

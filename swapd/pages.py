@@ -202,6 +202,11 @@ class WarmSet:
         return all(file.locked for file in self.files)
 
     @property
+    def locked_bytes(self) -> int:
+        """Bytes of the files that are locked: the limit may run out part-way through a set."""
+        return sum(file.size for file in self.files if file.locked)
+
+    @property
     def lock_error(self) -> str | None:
         """Why some files are not locked, or None when all are."""
         failed = [file for file in self.files if file.lock_error]

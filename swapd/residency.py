@@ -108,20 +108,22 @@ def resident(slot: Slot, snap: Snapshot, *, now: float, ram_budget: int) -> poli
 def locked_pages(slot: Slot, host_devices: Sequence[str], now: float) -> list[policy.Resident]:
     """A stopped model's locked pages, on each host-RAM device whose memory they take.
 
-    Shown as residents so that a load there can push them down to disk.
+    Shown as residents so that a load there can push them down to disk. Only the locked
+    files take memory that is not available: the rest are cache the kernel may reclaim.
     """
-    if slot.pages is None or not slot.pages.locked:
+    if slot.pages is None or not slot.pages.locked_bytes:
         return []
+    taken = min(slot.ram_bytes, slot.pages.locked_bytes)  # 0 where another counts them
     return [
         policy.Resident(
             crf=crf_now(slot, now),
             name=slot.preset.name,
             device=device,
-            usage=slot.ram_bytes,
+            usage=taken,
             last_used=slot.last_used,
             busy=slot.busy,
             pinned=slot.preset.pin,
-            measured=slot.ram_bytes,
+            measured=taken,
             asleep=True,
             ram_via="pages",
             ram_cost=slot.ram_bytes,
