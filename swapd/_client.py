@@ -125,10 +125,13 @@ class Client:
     ) -> None:
         await self._session.close()
 
-    async def call(self, method: str, path: str, *, within: float | None = None) -> Any:
+    async def call(
+        self, method: str, path: str, *, within: float | None = None, expect: str | None = None
+    ) -> Any:
         """One request; its JSON answer, or :class:`ClientError` with swapd's message.
 
         ``within``: seconds of silence after which swapd counts as stuck (None: no limit).
+        ``expect``: a key swapd's answer has; without it, another program answered.
         """
         url = self.target.url + path
         timeout = self._session.timeout
@@ -139,7 +142,7 @@ class Client:
                 body = await _json_or_text(resp)
                 if resp.status >= 400:
                     raise ClientError(self._refusal(resp.status, body), resp.status, body)
-                if not isinstance(body, dict):
+                if not isinstance(body, dict) or (expect is not None and expect not in body):
                     # Another program on the port (a web UI, a login page) answers every path.
                     msg = (
                         f"{url} answered {resp.status} but not with swapd's JSON: is swapd"
@@ -182,7 +185,7 @@ class Client:
                     elif line.startswith("data:"):
                         data.append(line[5:].strip())
                     elif not line and data:
-                        yield event, json.loads("\n".join(data))
+                        yield event, _event_data(url, "\n".join(data))
                         event, data = "message", []
         except aiohttp.ClientError as exc:
             raise ClientError(self._unreachable(exc)) from exc
@@ -197,6 +200,15 @@ class Client:
         if self.target.key_problem:
             return f"{text}\nthe config's admin key could not be read: {self.target.key_problem}"
         return f"{text}\n{KEY_HINT}"
+
+
+def _event_data(url: str, data: str) -> Any:
+    """An event's data, decoded from JSON; a stream of another kind is a :class:`ClientError`."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        msg = f"{url} sent an event that is not swapd's JSON: {one_line(data)}"
+        raise ClientError(msg) from None
 
 
 def one_line(text: str) -> str:

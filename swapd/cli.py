@@ -219,7 +219,7 @@ def _print_json(data: Any) -> None:
 
 async def verb_status(client: Client, args: argparse.Namespace) -> int:
     """Every model: state, tier, memory, TTL left, last use, and errors."""
-    body = await client.call("GET", "/swapd/status", within=ANSWER_WITHIN)
+    body = await client.call("GET", "/swapd/status", within=ANSWER_WITHIN, expect="models")
     print(json.dumps(body, indent=2) if args.json else _render.status(body))
     return 0
 
@@ -232,7 +232,7 @@ async def verb_load(client: Client, args: argparse.Namespace) -> int:
     progress = _Progress(out, live=out.isatty())
     watcher = asyncio.create_task(progress.follow(client, f"/swapd/events?model={quote(name)}"))
     try:
-        view = await client.call("POST", _model_path(name, "load"))
+        view = await client.call("POST", _model_path(name, "load"), expect="state")
     except ClientError as exc:
         watcher.cancel()  # before the line is ended: no redraw may come between it and the error
         progress.end()
@@ -259,7 +259,7 @@ async def verb_load(client: Client, args: argparse.Namespace) -> int:
 
 async def _state_of(client: Client, name: str) -> str:
     try:
-        body = await client.call("GET", "/swapd/status")
+        body = await client.call("GET", "/swapd/status", expect="models")
     except ClientError:
         return "unknown"
     found = (m["state"] for m in body["models"] if name in (m["name"], *m["aliases"]))
@@ -307,11 +307,11 @@ async def verb_unload(client: Client, args: argparse.Namespace) -> int:
     """Stop a model, or every model (``--all``), once requests finish (``--force``: at once)."""
     query = "?force=true" if args.force else ""
     if args.all:
-        body = await client.call("POST", f"/swapd/unload{query}")
+        body = await client.call("POST", f"/swapd/unload{query}", expect="models")
         views = body["models"]
     else:
         path = _model_path(args.name, "unload") + query
-        body = await client.call("POST", path)
+        body = await client.call("POST", path, expect="state")
         views = [body]
     if args.json:
         print(json.dumps(body, indent=2))
@@ -324,7 +324,9 @@ async def verb_logs(client: Client, args: argparse.Namespace) -> int:
     """A backend's recent output; ``-f`` keeps printing new lines."""
     path = _model_path(args.name, f"logs?lines={args.lines}")
     if not args.follow:
-        body = await client.call("GET", path, within=ANSWER_WITHIN)  # answered at once
+        body = await client.call(
+            "GET", path, within=ANSWER_WITHIN, expect="lines"
+        )  # answered at once
         for line in body["lines"]:
             print(json.dumps(line) if args.json else _render.printable(line))
         return 0
@@ -340,7 +342,7 @@ async def verb_logs(client: Client, args: argparse.Namespace) -> int:
 async def verb_reload(client: Client, args: argparse.Namespace) -> int:
     """Re-read the config and presets; restart only the models whose launch changed."""
     try:
-        plan = await client.call("POST", "/swapd/reload")
+        plan = await client.call("POST", "/swapd/reload", expect="restarted")
     except ClientError as exc:
         message = error_message(exc.body)
         errors = exc.body.get("errors") if isinstance(exc.body, dict) else None
@@ -371,7 +373,7 @@ async def verb_reload(client: Client, args: argparse.Namespace) -> int:
 async def verb_plan(client: Client, args: argparse.Namespace) -> int:
     """Which models fit together on which device; a local plan when swapd is not running."""
     try:
-        body = await client.call("GET", "/swapd/plan", within=ANSWER_WITHIN)
+        body = await client.call("GET", "/swapd/plan", within=ANSWER_WITHIN, expect="devices")
     except ClientError as exc:
         path = config_path(args.config)
         if exc.status is not None or path is None:

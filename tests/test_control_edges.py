@@ -78,6 +78,28 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 """
 
 
+# Another program's JSON API on the port: 200 with its own objects, and events of its own.
+OTHER_JSON_APP = """
+import sys
+
+from aiohttp import web
+
+
+async def answer(request):
+    if request.query.get("follow") == "true" or request.path == "/swapd/events":
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"event: line\\ndata: hello there\\n\\n")
+        return response
+    return web.json_response({"ok": True, "version": "1.0"})
+
+
+app = web.Application()
+app.router.add_route("*", "/{p:.*}", answer)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
 def listening(port: int) -> bool:
     """Whether something accepts connections on the loopback port."""
     with socket.socket() as probe:
@@ -160,6 +182,40 @@ def test_a_proxys_own_json_error_is_one_line_not_a_traceback(tmp_path: Path) -> 
         finally:
             proxy.kill()
             proxy.wait()
+
+
+def test_another_programs_json_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """200 with JSON that is not swapd's, or events that are not JSON: a clear line.
+
+    ``status`` and ``plan`` died with a KeyError, ``logs -f`` in ``json.loads``.
+    """
+    port = free_port()
+    server = tmp_path / "app.py"
+    server.write_text(OTHER_JSON_APP)
+    app = subprocess.Popen([sys.executable, str(server), str(port)])
+    try:
+        wait_for(lambda: listening(port))
+        url = f"http://127.0.0.1:{port}"
+        verbs = (
+            ["status"],
+            ["plan"],
+            ["unload", "a"],
+            ["unload", "--all"],
+            ["reload"],
+            ["logs", "a"],
+        )
+        for verb in verbs:
+            result = swapd(*verb, "--url", url)
+            assert result.returncode == 1, verb
+            assert "Traceback" not in result.stderr, result.stderr
+            assert "is swapd listening there?" in result.stderr, result.stderr
+        result = swapd("logs", "a", "-f", "--url", url)
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr, result.stderr
+        assert "sent an event that is not swapd's JSON: hello there" in result.stderr
+    finally:
+        app.kill()
+        app.wait()
 
 
 def test_a_name_with_dot_segments_is_not_folded_into_another(start_daemon: StartDaemon) -> None:

@@ -224,8 +224,11 @@ class _Lines(Client):
         self.target = Target("http://127.0.0.1:1", None)
         self._lines = lines
 
-    async def call(self, method: str, path: str, *, within: float | None = None) -> Any:
-        assert (method, within) == ("GET", None)
+    async def call(
+        self, method: str, path: str, *, within: float | None = None, expect: str | None = None
+    ) -> Any:
+        assert (method, expect) == ("GET", "lines")
+        assert within is not None  # a frozen swapd is no endless wait
         assert path.startswith("/swapd/models/a/logs")
         return {"lines": self._lines}
 
