@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -64,6 +65,19 @@ def url_of(config: Config | Endpoint) -> str:
     return f"http://[{host}]:{config.port}" if ":" in host else f"http://{host}:{config.port}"
 
 
+def _check_url(url: str, *, given: str) -> None:
+    """Raise :class:`ClientError` unless a swapd could answer at ``url`` (``given`` by the user)."""
+    try:
+        parsed = urlsplit(url)
+        parsed.port  # noqa: B018 - raises ValueError when out of range or not a number
+        usable = parsed.scheme in {"http", "https"} and bool(parsed.hostname)
+    except ValueError:
+        usable = False
+    if not usable:
+        hint = "write it as http://HOST:PORT (an IPv6 address in brackets: http://[::1]:8080)"
+        raise ClientError(f"not a usable swapd URL: {given!r}; {hint}")
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a running swapd answers, and the key to send."""
@@ -101,10 +115,10 @@ class Target:
                 url = url or url_of(endpoint)
                 key = key or next(iter(endpoint.admin_keys), None)
                 problem = endpoint.key_problem
-        url = (url or DEFAULT_URL).rstrip("/")
-        if "://" not in url:
-            url = f"http://{url}"  # 127.0.0.1:8080, as a listen address is written
-        return cls(url, key, None if key else problem, address_problem)
+        url = url or DEFAULT_URL
+        full = url if "://" in url else f"http://{url}"  # 127.0.0.1:8080, as listen writes it
+        _check_url(full, given=url)
+        return cls(full.rstrip("/"), key, None if key else problem, address_problem)
 
 
 class Client:

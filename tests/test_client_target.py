@@ -37,3 +37,32 @@ def test_an_unreadable_system_config_is_named_when_the_default_address_fails(
         asyncio.run(status())
     assert f"the default address: {broken}: cannot be read" in str(info.value)
     assert "pass --url, or run as a member of the group swapd" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://host:8080", "http://127.0.0.1:99999", "::1", "http://", "http://host:port"]
+)
+def test_a_url_no_swapd_can_answer_at_says_how_to_write_one(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--url ::1`` was tried as ``http://::1``, failing as "cannot reach"; ``http://`` too."""
+    monkeypatch.delenv("SWAPD_CONFIG", raising=False)
+    with pytest.raises(ClientError) as info:
+        Target.resolve(url, None, None)
+    assert str(info.value).startswith(f"not a usable swapd URL: {url!r}; write it as http://")
+
+
+@pytest.mark.parametrize(
+    ("url", "used"),
+    [
+        ("127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("http://[::1]:8080/", "http://[::1]:8080"),
+        ("https://gpu-box/swapd/", "https://gpu-box/swapd"),
+    ],
+)
+def test_usable_urls_are_taken_as_written(
+    url: str, used: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listen address, a bracketed IPv6 address, a path behind a proxy."""
+    monkeypatch.delenv("SWAPD_CONFIG", raising=False)
+    assert Target.resolve(url, None, None).url == used
