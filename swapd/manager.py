@@ -61,7 +61,7 @@ from swapd.footprints import Footprints, fingerprint
 from swapd.logs import get_logger
 from swapd.metrics import Metrics
 from swapd.needs import Need
-from swapd.pages import WarmSet, file_id
+from swapd.pages import FileId, WarmSet, file_id, memory_fs
 from swapd.pidfiles import PidRecords
 from swapd.planner import DeviceMemory, read_memory
 from swapd.presets import Preset
@@ -1390,7 +1390,9 @@ class Manager:
         if preset.model is not None:
             # At each start: the files may have changed since the last (new weights in place).
             slot.model_bytes = await asyncio.to_thread(weight_bytes, preset.model)
-            slot.model_id = await asyncio.to_thread(file_id, slot.staged_path or preset.model)
+            slot.model_id, slot.model_in_memory = await asyncio.to_thread(
+                _file_facts, slot.staged_path or preset.model
+            )
         async with self._one_sizing_start(slot, device):
             await self._start_spawned(slot, device, placement)
 
@@ -2241,7 +2243,7 @@ class Manager:
         slot.preset, slot.kind = preset, kind_of(preset)
         slot.failures = 0  # a changed preset deserves fresh tries
         self.admission.forget(preset.name)
-        slot.model_bytes, slot.model_id = 0, None
+        slot.model_bytes, slot.model_id, slot.model_in_memory = 0, None, None
         slot.start_times.clear()  # another file or other flags: its starts are timed anew
         _log.info("model.reload", model=preset.name, change="restart", serving=serving)
         # An unload from here on keeps it down; also one during a restart this one replaced.
@@ -2415,6 +2417,11 @@ async def _outlast(task: asyncio.Task[Any]) -> None:
     shutdown) as if the waiter itself had been cancelled.
     """
     await asyncio.wait([task])
+
+
+def _file_facts(path: str | Path) -> tuple[FileId | None, str | None]:
+    """Which file ``path`` is, and the in-memory filesystem it lives on; blocks (stats)."""
+    return file_id(path), memory_fs(path)
 
 
 def _pages_changed(slot: Slot, pages: WarmSet) -> str | None:

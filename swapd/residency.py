@@ -42,6 +42,8 @@ def ram_via(slot: Slot, ram_budget: int) -> policy.RamVia | None:
         return None
     if via == "sleep" and slot.sleep_level == 0:
         return None
+    if via == "pages" and slot.model_in_memory is not None:
+        return None  # its file lives in RAM (tmpfs): a hold would count it twice, for nothing
     return via
 
 

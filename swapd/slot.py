@@ -70,6 +70,8 @@ class Slot:
     # The file its last start read, whatever the name: another preset's hold of it (through
     # a link) is the same pages.
     model_id: FileId | None = None
+    # "tmpfs" or "ramfs" when that file lives in RAM already: no ram tier for its pages.
+    model_in_memory: str | None = None
     # The admission that drained it (DRAINING) so that a request waiting past max_wait can
     # swap in; None: no such drain.
     swap_drain: object | None = None

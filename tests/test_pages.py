@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from swapd.pages import WarmFile, WarmSet, drop_cache, resident_bytes
+from swapd.pages import WarmFile, WarmSet, drop_cache, memory_fs, resident_bytes
 
 MIB = 1 << 20
 LIMITED = Path(__file__).parent / "fakes" / "memlock_limited.py"
@@ -192,3 +192,18 @@ def test_warm_file_refuses_a_directory(tmp_path: Path) -> None:
     """WarmFile.open on a directory raises IsADirectoryError that points to WarmSet."""
     with pytest.raises(IsADirectoryError, match="WarmSet"):
         WarmFile.open(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["tmp", "shm", "repo"])
+def test_memory_fs_names_the_filesystems_whose_files_live_in_ram(
+    tmp_path: Path, where: str
+) -> None:
+    """tmpfs and ramfs, as ``stat -f`` names the filesystem; None for any other."""
+    folder = {"tmp": tmp_path, "shm": Path("/dev/shm"), "repo": Path(__file__).parent}[where]  # noqa: S108
+    if not folder.is_dir():
+        pytest.skip(f"no {folder} here")
+    kind = subprocess.run(
+        ["stat", "-f", "-c", "%T", str(folder)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert memory_fs(folder) == (kind if kind in {"tmpfs", "ramfs"} else None)
+    assert memory_fs(folder / "no such file") is None

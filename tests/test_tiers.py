@@ -10,7 +10,9 @@ does.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import tempfile
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +23,8 @@ import psutil
 import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, fake_stats, hook_env, wait_for
+
+from swapd.pages import memory_fs
 
 MIB = 1024**2
 HOLD = 96 * MIB
@@ -396,6 +400,29 @@ def test_sleep_auto_is_off_on_a_cpu_only_host(
     assert "--enable-sleep-mode" not in spawn["argv"]
     wait_for(lambda: d.model("v")["state"] == "stopped", timeout=40)
     assert not d.events("model.sleep")
+
+
+@pytest.mark.llama
+def test_a_gguf_on_tmpfs_is_not_held_in_the_ram_tier(
+    start_daemon: StartDaemon, tiny_gguf: Path
+) -> None:
+    """Its pages live in RAM already: a hold would count them twice against the budget."""
+    shm = Path("/dev/shm")  # noqa: S108 - the tmpfs the test needs
+    if memory_fs(shm) != "tmpfs":
+        pytest.skip(f"{shm} is not a tmpfs here")
+    folder = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        model = folder / "t.gguf"
+        shutil.copyfile(tiny_gguf, model)
+        d = start_daemon({"t": {"backend": "llama-server", "model": str(model), "ttl": "1s"}})
+        assert d.chat("t")[0] == 200
+        wait_for(lambda: d.model("t")["state"] == "stopped", timeout=40)
+        view = d.model("t")
+        assert (view["tier"], view["pages"], view["memory"]["ram"]) == ("disk", None, 0)
+        assert d.get("/swapd/status")[1]["tiers"]["ram"]["bytes"] == 0
+        assert d.chat("t")[0] == 200  # it starts from the tmpfs as from anywhere
+    finally:
+        shutil.rmtree(folder)
 
 
 @pytest.mark.llama
