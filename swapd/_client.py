@@ -47,9 +47,12 @@ _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 class ClientError(Exception):
     """A request to swapd failed; the message says what to do."""
 
-    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, body: Any = None, *, silent: bool = False
+    ) -> None:
         self.status = status
         self.body = body
+        self.silent = silent  # it took the connection and never answered: it runs, stuck
         super().__init__(message)
 
 
@@ -166,7 +169,7 @@ class Client:
                 return body
         except aiohttp.SocketTimeoutError as exc:
             msg = f"{self.target.url} took the connection but did not answer within {within:g}s"
-            raise ClientError(msg) from exc
+            raise ClientError(msg, silent=True) from exc
         except aiohttp.ClientError as exc:
             raise ClientError(self._unreachable(exc)) from exc
 

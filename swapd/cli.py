@@ -376,8 +376,8 @@ async def verb_plan(client: Client, args: argparse.Namespace) -> int:
         body = await client.call("GET", "/swapd/plan", within=ANSWER_WITHIN, expect="devices")
     except ClientError as exc:
         path = config_path(args.config)
-        if exc.status is not None or path is None:
-            raise
+        if exc.status is not None or exc.silent or path is None:
+            raise  # a swapd answered, or runs but is stuck: a local plan would not be its
         print(f"swapd: not running at {client.target.url}; planning from {path}", file=sys.stderr)
         try:
             config = load_config(path)

@@ -275,6 +275,26 @@ def test_logs_give_up_on_a_swapd_that_takes_the_connection_but_never_answers(
     assert result.stderr.startswith(f"swapd: {d.url} took the connection but did not answer")
 
 
+def test_plan_gives_up_on_a_stuck_swapd_instead_of_planning_alone(
+    start_daemon: StartDaemon,
+) -> None:
+    """A swapd that runs but never answers is no swapd "not running": no local plan.
+
+    ``swapd plan --config`` planned from the config alone and said swapd was not running,
+    where the README says plan gives up.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.proc is not None
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        result = swapd("plan", "--url", d.url, "--config", str(d.config_path))
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"swapd: {d.url} took the connection but did not answer")
+    assert "not running" not in result.stderr
+
+
 def test_a_url_without_a_scheme_is_read_as_http(start_daemon: StartDaemon) -> None:
     """``--url 127.0.0.1:8080``, as a listen address is written, reaches swapd."""
     d = start_daemon({"a": fake_preset("A")})
