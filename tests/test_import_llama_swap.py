@@ -307,6 +307,22 @@ def test_cmd_is_split_as_llama_swap_splits_it(cmd: str, argv: list[str]) -> None
     assert command.split(cmd) == argv
 
 
+@pytest.mark.parametrize(
+    ("cmd", "argv"),
+    [
+        ('sh -c "exec srv -c \\$CTX"', ["sh", "-c", "exec srv -c $CTX"]),
+        ('sh -c "echo \\`date\\` \\q"', ["sh", "-c", "echo `date` \\q"]),
+        ("sh -c 'echo \\$HOME'", ["sh", "-c", "echo \\$HOME"]),
+    ],
+)
+def test_a_backslash_in_double_quotes_escapes_as_a_shells_does(cmd: str, argv: list[str]) -> None:
+    r"""``\$`` inside double quotes is ``$``: ``sh -c`` then expands the variable.
+
+    Kept as ``\$``, the inner shell would pass the text ``$CTX`` to the server.
+    """
+    assert command.split(cmd) == argv
+
+
 def test_macros_nest_override_and_keep_their_type() -> None:
     """A model's macro wins, macros use macros, a whole-value macro keeps its type."""
     scope = macros.scope({"a": "${b}-x", "b": 1, "n": 5}, {"b": 2}, "m1")

@@ -1,8 +1,8 @@
 r"""A llama-swap ``cmd`` read as one of swapd's backends.
 
 llama-swap drops the lines that start with ``#`` before it expands macros (a
-folded macro ends in a newline), then splits ``cmd`` as a POSIX shell would (no
-shell runs it), joining lines that end with ``\``. ``llama-server -m MODEL
+folded macro ends in a newline), then splits ``cmd`` into words as a POSIX shell
+would (no shell runs it), joining lines that end with ``\``. ``llama-server -m MODEL
 ...`` (or a build named ``llama-server-*``) becomes a llama-server preset and
 ``vllm serve MODEL ...`` a vLLM one: swapd then passes the model, ``--host``
 and ``--port`` itself, estimates the model's memory and may stage it. Anything else, or either
@@ -13,7 +13,6 @@ preset: its argv as written, ``${PORT}`` included.
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import PurePath
@@ -30,6 +29,10 @@ KEY_WHY = (
 _AS_COMMAND = "run as a command backend, whose memory swapd measures but cannot estimate or stage"
 # What vLLM would fetch from the Hugging Face Hub: org/name, not a path.
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# Where llama-swap's splitter (golib's shlex.Posix) ends a word, and what a backslash
+# escapes inside double quotes (as in a shell: ``sh -c "... \$VAR"`` passes ``$VAR`` on).
+_SPACE = " \t\n"
+_ESCAPED_IN_DOUBLE = ("$", "`", '"', "\\", "\n", "")
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,44 @@ def split(cmd: str) -> list[str]:
     for line in strip_comments(cmd).split("\n"):
         trimmed = line.strip()
         lines.append(trimmed[:-1] + " " if trimmed.endswith("\\") else line)
-    argv = shlex.split("\n".join(lines), comments=False, posix=True)
+    argv = _words("\n".join(lines))
     if not argv:
         raise ValueError("an empty command")
     return argv
+
+
+def _words(text: str) -> list[str]:
+    r"""``text`` split into words as llama-swap splits it; ValueError on an unclosed quote.
+
+    Python's shlex keeps the backslash of ``\$`` inside double quotes, where a shell
+    and llama-swap drop it.
+    """
+    argv: list[str] = []
+    word: str | None = None  # None between words; "" for a quoted empty one
+    quote = ""  # the quote open, if any
+    at = 0
+    while at < len(text):
+        char, after = text[at], text[at + 1 : at + 2]
+        at += 1
+        if char == "\\" and quote != "'" and (not quote or after in _ESCAPED_IN_DOUBLE):
+            at += 1
+            if after not in ("\n", ""):  # a backslash before a line break joins the lines
+                word = (word or "") + after
+        elif char == quote:
+            quote = ""
+        elif quote:
+            word = (word or "") + char
+        elif char in "'\"":
+            quote, word = char, word or ""
+        elif char in _SPACE:
+            if word is not None:
+                argv.append(word)
+            word = None
+        else:
+            word = (word or "") + char
+    if quote:
+        raise ValueError("No closing quotation")
+    return argv if word is None else [*argv, word]
 
 
 def read(argv: Sequence[str], local: Callable[[str], bool]) -> Launch:
