@@ -240,6 +240,28 @@ def test_the_key_flag_a_cmd_gives_is_the_one_noted(tmp_path: Path, gguf: Path) -
     assert "models.a.cmd: --api-key-file dropped" in notes
 
 
+@pytest.mark.parametrize(
+    ("cmd", "env", "given"),
+    [
+        ("llama-server -hf org/m-GGUF --port ${PORT} --api-key sk-1", "[]", "--api-key"),
+        (
+            "env A=1 llama-server -m /m.gguf --port=${PORT} --api-key-file=/k",
+            "[]",
+            "--api-key-file",
+        ),
+        ("vllm serve Org/M --port ${PORT}", '["VLLM_API_KEY=sk-1"]', "VLLM_API_KEY"),
+    ],
+)
+def test_a_command_that_gives_its_server_a_key_is_kept_aside(
+    tmp_path: Path, cmd: str, env: str, given: str
+) -> None:
+    """swapd never forwards the client's key (llama-swap did): the server would answer 401."""
+    config, notes = _imported(tmp_path, f"models:\n  a:\n    cmd: {cmd}\n    env: {env}\n")
+    assert config.presets == ()
+    assert (tmp_path / "out" / "presets" / "a.yaml.disabled").exists()
+    assert f"gives the server a key ({given}) that swapd never sends" in notes
+
+
 @pytest.mark.parametrize("model", ["-m ''", "-m"])
 def test_a_model_flag_without_a_path_runs_as_written(tmp_path: Path, model: str) -> None:
     """``-m ''`` or ``-m`` last names no model, not config.yaml's folder: a command as written.

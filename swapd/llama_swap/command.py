@@ -154,6 +154,15 @@ def _served(backend: str, program: str, model: str, rest: list[str]) -> Launch:
     return Launch(backend, binary, model, tuple(rest), notes=tuple(notes))
 
 
+def key_flag(argv: Sequence[str]) -> str | None:
+    """The first flag of ``argv`` that gives llama-server or vLLM a key, as written."""
+    for arg in argv:
+        flag = arg.partition("=")[0]
+        if flag in _KEY_FLAGS["llama-server"]:
+            return flag
+    return None
+
+
 def _take(args: Sequence[str], flags: Sequence[str]) -> tuple[str | None, list[str]]:
     """The value of the first of ``flags`` set, and ``args`` without any of them or their values."""
     value: str | None = None

@@ -7,7 +7,8 @@ global one), ``useModelName`` (and vLLM's ``--served-model-name``), ``filters``
 (setParamsByID's ids become aliases), ``name`` and ``description`` (one
 ``description``), ``metadata``, ``unlisted`` and ``concurrencyLimit``
 (``concurrency``). A preset swapd would refuse as written (no ``${PORT}`` in a
-command's argv, a name it cannot use) is kept aside with the reason.
+command's argv, a name it cannot use), or a command no request could reach (it
+gives its server a key), is kept aside with the reason.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def convert(model_id: str, line: int, node: yaml.Node, file: str, top: Globals) 
             draft.note(_line(entry), key, _NOT_CARRIED[key])
         else:
             draft.note(_line(entry), key, "not a llama-swap model key swapd knows; not carried")
+    _refuse_keyed_command(draft)
     _timers(draft, values, entries, top)
     _describe(draft, values, entries)
     _serve_use_model_name(draft)
@@ -235,6 +237,28 @@ def _refuse_unstartable(draft: Draft, argv: tuple[str, ...], line: int) -> None:
         draft.refused = "its cmd holds an empty argument (''), which swapd refuses"
     if draft.refused:
         draft.note(line, "cmd", f"{draft.refused}; the model is kept aside")
+
+
+def _refuse_keyed_command(draft: Draft) -> None:
+    """Keep aside a command that gives its server a key: no request would bring it one.
+
+    llama-swap passed the client's key on; swapd removes it before forwarding, and a
+    command backend gets no key of swapd's, so the server would answer 401 to each request.
+    """
+    if draft.values.get("backend") != "command" or draft.refused:
+        return
+    flag = command.key_flag(draft.values.get("cmd", []))
+    env = [name for name in draft.values.get("env", {}) if name in _OWN_KEY_ENV.values()]
+    given = flag or (env[0] if env else None)
+    if given is None:
+        return
+    line, source = draft.origins["cmd" if flag else "env"]
+    draft.refused = (
+        f"its {source} gives the server a key ({given}) that swapd never sends: "
+        "each request would get 401"
+    )
+    why = "remove it, and keep the server on --host 127.0.0.1; the model is kept aside"
+    draft.note(line, source, f"{draft.refused}; {why}")
 
 
 def _model_path(draft: Draft, path: str, line: int, base: Path) -> str:
