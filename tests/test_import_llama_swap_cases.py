@@ -262,6 +262,23 @@ def test_a_command_that_gives_its_server_a_key_is_kept_aside(
     assert f"gives the server a key ({given}) that swapd never sends" in notes
 
 
+@pytest.mark.parametrize(
+    ("swap", "noted"), [("", True), ("swap: true, ", True), ("swap: no, ", False)]
+)
+def test_a_persistent_group_that_swaps_says_its_pinned_members_no_longer_do(
+    tmp_path: Path, gguf: Path, swap: str, noted: bool
+) -> None:
+    """llama-swap stopped one member to load another (swap: true by default); pinned, none is."""
+    cmd = f"llama-server --port ${{PORT}} -m {gguf}"
+    config, notes = _imported(
+        tmp_path,
+        f"models:\n  a:\n    cmd: {cmd}\n  b:\n    cmd: {cmd}\n"
+        f"groups:\n  keep: {{persistent: true, {swap}members: [a, b]}}\n",
+    )
+    assert (_preset(config, "a").pin, _preset(config, "b").pin) == (True, True)
+    assert ("groups.keep: swap: true (the default) not carried" in notes) == noted
+
+
 @pytest.mark.parametrize("model", ["-m ''", "-m"])
 def test_a_model_flag_without_a_path_runs_as_written(tmp_path: Path, model: str) -> None:
     """``-m ''`` or ``-m`` last names no model, not config.yaml's folder: a command as written.

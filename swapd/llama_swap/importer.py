@@ -73,6 +73,10 @@ _PERSISTENT = (
     "persistent carried as pin: true on {members}: swapd never evicts them, "
     "and never stops them at their ttl either"
 )
+_PERSISTENT_SWAP = (
+    "swap: true (the default) not carried: pinned, no member is stopped to load another, "
+    "so {members} run side by side, and one that does not fit beside the others is refused (503)"
+)
 
 
 @dataclass
@@ -275,6 +279,8 @@ def _groups(file: str, entry: Entry, path: str, by_name: dict[str, Draft], found
                 draft.set("pin", value=True, line=line, source=key)
             names = ", ".join(d.model_id for d in known)
             found.notes.append(Note(line, key, _PERSISTENT.format(members=names)))
+            if len(known) > 1 and flag(settings.get("swap", True)) is not False:
+                found.notes.append(Note(line, key, _PERSISTENT_SWAP.format(members=names)))
         else:
             found.notes.append(Note(line, key, _GROUP_NOT_NEEDED))
 
