@@ -317,6 +317,19 @@ def test_one_api_key_given_as_text_is_carried(tmp_path: Path) -> None:
     assert "apiKeys: expected a list of keys" in notes
 
 
+def test_api_keys_that_all_read_the_environment_leave_swapd_open_and_say_so(
+    tmp_path: Path,
+) -> None:
+    """Each ``${env.KEY}`` is dropped: with none left, swapd asks no client for a key."""
+    config, notes = _imported(
+        tmp_path,
+        'apiKeys: ["${env.API_KEY_1}", "${env.API_KEY_2}"]\n'
+        "models:\n  a:\n    cmd: ./s --port ${PORT}\n",
+    )
+    assert config.api_keys == ()
+    assert "apiKeys: no key carried: swapd serves every client without a key" in notes
+
+
 def test_values_of_the_wrong_type_are_noted_or_read_as_llama_swap_reads_them(
     tmp_path: Path, gguf: Path
 ) -> None:

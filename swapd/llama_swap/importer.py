@@ -61,6 +61,10 @@ _GLOBAL_NOTES = {
     ),
     "upstream": ("not carried: swapd's /upstream/{model}/ loads the model unless ?autoload=false"),
 }
+_NO_KEY_LEFT = (
+    "no key carried: swapd serves every client without a key until api_keys or "
+    "api_keys_file gives it one"
+)
 _GROUP_NOT_NEEDED = (
     "not needed: swapd loads models side by side while its measured memory allows and "
     "evicts the least used idle ones (max_running: 1 runs one at a time)"
@@ -218,13 +222,15 @@ def _api_keys(entry: Entry | None, found: Imported) -> None:
             found.notes.append(Note(line, "apiKeys", why + " (api_keys_file holds keys apart)"))
             continue
         keys.append(key)
-    if keys:
-        found.daemon["api_keys"] = keys
-        why = (
-            f"{len(keys)} key(s) written to swapd.yaml's api_keys (mode 0600), as config.yaml "
-            "held them (api_keys_file keeps them apart); /swapd/* takes admin_keys only"
-        )
-        found.notes.append(Note(line, "apiKeys", why))
+    if not keys:  # llama-swap asked every client for a key; swapd without one asks none
+        found.notes.append(Note(line, "apiKeys", _NO_KEY_LEFT))
+        return
+    found.daemon["api_keys"] = keys
+    why = (
+        f"{len(keys)} key(s) written to swapd.yaml's api_keys (mode 0600), as config.yaml "
+        "held them (api_keys_file keeps them apart); /swapd/* takes admin_keys only"
+    )
+    found.notes.append(Note(line, "apiKeys", why))
 
 
 def _drop_taken_aliases(drafts: list[Draft]) -> None:
