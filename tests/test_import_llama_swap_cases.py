@@ -330,6 +330,14 @@ def test_api_keys_that_all_read_the_environment_leave_swapd_open_and_say_so(
     assert "apiKeys: no key carried: swapd serves every client without a key" in notes
 
 
+def test_a_check_endpoint_left_empty_keeps_the_default_health_path(tmp_path: Path) -> None:
+    """``checkEndpoint:`` with no value is null, and llama-swap keeps /health: not ``none``."""
+    config, _ = _imported(
+        tmp_path, "models:\n  a:\n    cmd: ./s --port ${PORT}\n    checkEndpoint:\n"
+    )
+    assert _preset(config, "a").health == "/health"
+
+
 def test_values_of_the_wrong_type_are_noted_or_read_as_llama_swap_reads_them(
     tmp_path: Path, gguf: Path
 ) -> None:

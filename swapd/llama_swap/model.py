@@ -340,6 +340,8 @@ def _gpu_pick(draft: Draft, name: str, setting: str, line: int) -> None:
 
 
 def _health(draft: Draft, value: Any, line: int) -> None:
+    if value is None:  # ``checkEndpoint:`` left empty: llama-swap keeps /health, not none
+        return
     path = str(value).strip()
     if path.lower() == "none":
         if draft.values.get("backend") == "command":
