@@ -330,6 +330,17 @@ def test_api_keys_that_all_read_the_environment_leave_swapd_open_and_say_so(
     assert "apiKeys: no key carried: swapd serves every client without a key" in notes
 
 
+def test_a_port_macro_left_in_a_served_models_args_is_noted(tmp_path: Path, gguf: Path) -> None:
+    """llama-swap put the port in all of cmd; swapd fills in only its own --port."""
+    config, notes = _imported(
+        tmp_path,
+        "models:\n  a:\n"
+        f"    cmd: llama-server --port ${{PORT}} -m {gguf} --slot-save-path /s/${{PORT}}\n",
+    )
+    assert _preset(config, "a").args == ("--slot-save-path", "/s/${PORT}")
+    assert "models.a.cmd: /s/${PORT}: swapd replaces ${PORT} in a command's cmd only" in notes
+
+
 def test_a_check_endpoint_left_empty_keeps_the_default_health_path(tmp_path: Path) -> None:
     """``checkEndpoint:`` with no value is null, and llama-swap keeps /health: not ``none``."""
     config, _ = _imported(

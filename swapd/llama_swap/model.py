@@ -224,6 +224,9 @@ def _cmd(draft: Draft, value: Any, line: int, top: Globals) -> None:
         draft.set("model", _model_path(draft, launch.model, line, top.base), line, "cmd")
     if launch.args:
         draft.set("args", list(launch.args), line, "cmd")
+    for arg in (a for a in launch.args if "${PORT}" in a):  # --port itself is swapd's
+        why = f"swapd replaces ${{PORT}} in a command's cmd only; {launch.backend} gets the text"
+        draft.note(line, "cmd", f"{arg}: {why}")
     if launch.cmd:
         draft.set("cmd", list(launch.cmd), line, "cmd")
         _refuse_unstartable(draft, launch.cmd, line)
