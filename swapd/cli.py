@@ -41,7 +41,7 @@ from swapd.config import Config, load_config, parse_listen
 from swapd.errors import ConfigErrors, SwapdError
 from swapd.keys import loose_permissions
 from swapd.logs import configure, get_logger
-from swapd.probe import DEVICE_VARIABLES
+from swapd.probe import CUDA_ORDER, DEVICE_VARIABLES
 
 _SHORT_KEY = 16
 _DESCRIPTION = """\
@@ -158,6 +158,8 @@ def config_warnings(config: Config) -> list[str]:
             unchecked = "sha256 is checked only when the model is staged (stage: true)"
             warnings.append(f"{preset.file}: {preset.name}: {unchecked}; it is never checked here")
         for name in sorted(n for n in DEVICE_VARIABLES & preset.env.keys() if preset.env[n]):
+            if (name, preset.env[name]) == ("CUDA_DEVICE_ORDER", CUDA_ORDER):
+                continue  # what swapd sets it to anyway
             # Set over the preset's env at each start: it would otherwise run the model on
             # a GPU where swapd counts nothing of it.
             why = (

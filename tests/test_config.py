@@ -913,7 +913,11 @@ def test_check_warns_that_a_preset_env_naming_a_gpu_is_overridden(tmp_path: Path
     write_tree(
         tmp_path,
         "listen: 127.0.0.1:8181\n",
-        {"pinned.yaml": OK_PRESET + "env:\n  CUDA_VISIBLE_DEVICES: '1'\n  OTHER: x\n"},
+        {
+            "pinned.yaml": OK_PRESET + "env:\n  CUDA_VISIBLE_DEVICES: '1'\n  OTHER: x\n",
+            # What swapd sets it to anyway (llama-swap configs often carry it): no warning.
+            "ordered.yaml": OK_PRESET + "env:\n  CUDA_DEVICE_ORDER: PCI_BUS_ID\n",
+        },
     )
     done = run_check(tmp_path, Path("swapd.yaml"))
     assert done.returncode == 0, done.stderr

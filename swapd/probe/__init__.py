@@ -11,6 +11,7 @@ from swapd.probe._fake import FakeFileProbe
 from swapd.probe._host import HOST_DEVICE, HostRamProbe, host_memory
 from swapd.probe._open import open_probe
 from swapd.probe._types import (
+    CUDA_ORDER,
     DEVICE_VARIABLES,
     GPU_PICKS,
     Device,
@@ -22,6 +23,7 @@ from swapd.probe._types import (
 )
 
 __all__ = [
+    "CUDA_ORDER",
     "DEVICE_VARIABLES",
     "GPU_PICKS",
     "HOST_DEVICE",

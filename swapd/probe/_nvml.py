@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from swapd.errors import SwapdError
 from swapd.probe._select import EachDevice, keep_readable, select_indices
 from swapd.probe._tree import attribute, foreign_list, process_trees
-from swapd.probe._types import Device, Reading, Unusable
+from swapd.probe._types import CUDA_ORDER, Device, Reading, Unusable
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -21,7 +21,7 @@ def nvidia_env(index: int) -> dict[str, str]:
     CUDA numbers devices fastest first by default, NVML by PCI bus; the order
     setting makes the two agree on machines with mixed GPUs.
     """
-    return {"CUDA_VISIBLE_DEVICES": str(index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    return {"CUDA_VISIBLE_DEVICES": str(index), "CUDA_DEVICE_ORDER": CUDA_ORDER}
 
 
 class NvmlProbe:

@@ -33,6 +33,8 @@ GPU_PICKS = frozenset({"CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISI
 # The variables a GPU's ``visible_env`` sets: swapd's to set, since a backend runs on the
 # GPU they name whatever device admission placed and counted it on.
 DEVICE_VARIABLES = GPU_PICKS | {"CUDA_DEVICE_ORDER"}
+# CUDA numbers devices fastest first by default, NVML by PCI bus: this makes them agree.
+CUDA_ORDER = "PCI_BUS_ID"
 
 
 @dataclass(frozen=True)
