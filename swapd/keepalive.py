@@ -35,6 +35,7 @@ from swapd.manager import Lease
 from swapd.proxy import (
     Proxy,
     answer_whole,
+    cut_after_event,
     error_event,
     error_text,
     forwarded_headers,
@@ -104,11 +105,13 @@ class Pings:
         """End an open stream with one error event.
 
         Not once the answer's end was being written (a timeout while its last write
-        drained): nothing may follow that end, so the connection is closed instead.
+        drained): nothing may follow that end, so the connection is closed instead. Nor
+        to a client that is behind: the end would wait for it with no ``send_timeout``
+        left to cut it (after a timeout cut such a wait short, aiohttp fails the next
+        one at once, as cancelled), so it gets the event at once and then the close.
         """
-        if answer_whole(response):
-            if self.request.transport is not None:
-                self.request.transport.close()
+        if answer_whole(response) or self.request.protocol.writing_paused:
+            cut_after_event(self.request, response, error)
             return
         with contextlib.suppress(ConnectionError):
             await response.write(error_event(error))

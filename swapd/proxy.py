@@ -658,20 +658,31 @@ def _answer_or_cut(
     is promised, and a cut connection is the honest signal left; a stream of events says
     why first, in one error event (SDKs raise it as the error's message).
     """
-    writer = request.writer
-    if not writer.output_size:
+    if not request.writer.output_size:
         _answer_instead(request, held, exc)
         return
+    cut_after_event(request, held, exc.envelope()["error"])
+
+
+def cut_after_event(
+    request: web.Request, response: web.StreamResponse, error: dict[str, Any]
+) -> None:
+    """Close a begun answer's connection; a stream says why first, in one error event.
+
+    The event is written at once, never waiting on the client, so a client that takes
+    nothing holds nothing: the lease is released as the handler returns.
+    """
     transport = request.transport
     if transport is None:
         return
+    writer = request.writer
     if (
-        _is_event_stream(held)
+        _is_event_stream(response)
         and isinstance(writer, StreamWriter)
         and request.method != "HEAD"
-        and not answer_whole(held)  # a timeout while its end drains: nothing may follow
+        and not answer_whole(response)  # a timeout while its end drains: nothing may follow
     ):
-        _write_now(writer, error_event(exc.envelope()["error"]))
+        _write_now(writer, error_event(error))
     transport.close()  # after what waits to go out: the cut is the end, not a chunked end
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,41 @@ def test_an_error_whose_text_never_ends_is_answered(start_daemon: StartDaemon) -
     assert error["message"] == "backend for 'r' answered 500: <html><body>the backend broke"
     assert _post(d, "ok")[0] == 200
     assert d.model("r")["in_flight"] == 0
+
+
+def test_a_timeout_after_pings_to_a_client_that_stopped_reading_is_logged_as_one(
+    start_daemon: StartDaemon,
+) -> None:
+    """``request_timeout`` on a ping stream whose client reads nothing while the backend floods.
+
+    The timeout cut swapd's wait for the client short; ending the stream then waited on
+    the same client again, which aiohttp failed at once as cancelled: the request was
+    logged and counted as a client that hung up (499), not as its timeout (504). A client
+    that is behind gets the error event without a wait, and the connection is closed
+    after it, as on a ready model's stream.
+    """
+    slow = str(PING_AFTER + 2)
+    d = start_daemon({"r": _preset("--start-delay", slow, request_timeout="2s")})
+    body = json.dumps({"model": "r", "mode": "flood", "stream": True}).encode()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # falls behind at once
+    client.connect(("127.0.0.1", d.port))
+    client.settimeout(60)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+    client.sendall(head % len(body) + b"\r\n" + body)
+    got = b""
+    while b": loading" not in got:
+        more = client.recv(4096)
+        assert more, got
+        got += more
+    wait_for(lambda: _logged(d), timeout=60)  # read nothing more until the request is done
+    assert _logged(d) == [504]
+    assert d.model("r")["in_flight"] == 0
+    while more := client.recv(1 << 20):
+        got += more
+    client.close()
+    errors = [line for line in got.split(b"\n") if line.startswith(b'data: {"error"')]
+    assert [_error_of(e)["code"] for e in errors] == ["request_timeout"]
 
 
 def test_after_pings_an_error_whose_text_never_ends_is_one_error_event(

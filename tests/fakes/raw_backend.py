@@ -6,6 +6,7 @@ Modes: ``ok`` (a small JSON answer), ``close_after_headers`` (SSE headers, then 
 (a chunked HTML 500 and the start of its text, then nothing until swapd closes),
 ``late_headers`` (SSE headers after 0.97 s, then nothing until swapd closes),
 ``cut_mid_stream`` (SSE headers, one event and half the next, then a close),
+``flood`` (SSE headers, then 1 MiB events as fast as swapd takes them, until it closes),
 ``status_000`` (a JSON answer whose status is 000, then a close), ``deep_error``
 (a JSON 500 whose body nests 5,000 arrays deep, then a close) and ``gzip_error`` (an
 HTML 500 in gzip, as a server that compresses what it sends, then a close).
@@ -111,6 +112,14 @@ async def _cut_mid_stream(_: asyncio.StreamReader, writer: asyncio.StreamWriter)
     writer.write(_chunk(b'data: {"n": '))
 
 
+async def _flood(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(SSE_HEAD)
+    event = _chunk(b"data: " + b"x" * (1 << 20) + b"\n\n")
+    while True:  # until swapd closes the connection (ConnectionError)
+        writer.write(event)
+        await writer.drain()
+
+
 async def _stall_partial(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.write(SSE_HEAD + _chunk(b'data: {"choices": [{"delta": {"content": "x'))
     await writer.drain()
@@ -148,6 +157,7 @@ _BREAKING: dict[
     "cut_sized": _cut_sized,
     "late_headers": _late_headers,
     "cut_mid_stream": _cut_mid_stream,
+    "flood": _flood,
     "stall_partial": _stall_partial,
     "stall_error": _stall_error,
     "deep_error": _deep_error,
