@@ -10,7 +10,7 @@ answers 200 with ``text/event-stream`` and sends ``: loading`` every
 follow on the same stream. Before the first ping a refusal (503
 ``insufficient_memory``, ``queue_timeout``, ``backoff``) is still a plain HTTP
 error that clients can retry elsewhere; after it, an error goes out as one
-``data: {"error": ...}`` event and the stream ends.
+``data: {"error": ...}`` event (named ``error`` on ``/v1/messages``) and the stream ends.
 
 Every other request takes the proxy's own path: :class:`ColdStreams` answers
 itself only a stream whose pings have started.
@@ -114,7 +114,7 @@ class Pings:
             cut_after_event(self.request, response, error)
             return
         with contextlib.suppress(ConnectionError):
-            await response.write(error_event(error))
+            await response.write(error_event(error, self.request.path))
             await response.write_eof()
 
 

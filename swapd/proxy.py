@@ -682,7 +682,7 @@ def cut_after_event(
         and request.method != "HEAD"
         and not answer_whole(response)  # a timeout while its end drains: nothing may follow
     ):
-        _write_now(writer, error_event(error))
+        _write_now(writer, error_event(error, request.path))
     transport.close()  # after what waits to go out: the cut is the end, not a chunked end
 
 
@@ -695,13 +695,20 @@ def _is_event_stream(response: web.StreamResponse) -> bool:
     return response.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream")
 
 
-def error_event(error: dict[str, Any]) -> bytes:
-    """An error as one server-sent event, as OpenAI's streams carry one.
+# Routes whose clients read named events only: Anthropic's SDKs skip an event with no
+# name, so there the error event is named (OpenAI's SDKs raise it named or not).
+_NAMED_ERRORS = frozenset({"/v1/messages"})
+
+
+def error_event(error: dict[str, Any], path: str) -> bytes:
+    """An error as one server-sent event, as OpenAI's streams carry one, on ``path``'s stream.
 
     A blank line first ends any event the backend left unfinished, so the error is an
-    event of its own; between events it is a no-op.
+    event of its own; between events it is a no-op. Named ``error`` on Anthropic's route.
     """
-    return b"\n\ndata: " + json.dumps({"error": error}, separators=(",", ":")).encode() + b"\n\n"
+    name = b"event: error\n" if path in _NAMED_ERRORS else b""
+    data = json.dumps({"error": error}, separators=(",", ":")).encode()
+    return b"\n\n" + name + b"data: " + data + b"\n\n"
 
 
 # Of a relayed answer's headers, those swapd's own answer in its place keeps: the request

@@ -87,6 +87,31 @@ def test_an_error_after_the_first_ping_is_an_error_event(start_daemon: StartDaem
     wait_for(lambda: [e["status"] for e in d.events("request.done")] == [502])  # logged last
 
 
+def test_an_error_after_pings_on_the_messages_route_is_a_named_event(
+    start_daemon: StartDaemon,
+) -> None:
+    """On Anthropic's route the error event is named ``error``: its SDKs skip unnamed events.
+
+    Before, a load that failed after the pings reached an Anthropic client as an empty
+    stream: its SDK skipped the unnamed event and raised nothing. The data is the same
+    error object as on every other route, where the event stays unnamed.
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START, "--exit-at-start", "3")})
+    for path, name in (("/v1/messages", "error"), ("/v1/chat/completions", None)):
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=120)
+        body = {"model": "a", "stream": True, "max_tokens": 5, "messages": []}
+        conn.request("POST", path, json.dumps(body))
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        assert resp.status == 200
+        [event] = [e for e in text.split("\n\n") if "data: " in e]
+        fields = dict(line.split(": ", 1) for line in event.strip("\n").split("\n"))
+        assert fields.get("event") == name, event
+        assert json.loads(fields["data"])["error"]["code"] == "backend_start_failed"
+        wait_for(lambda: d.model("a")["state"] == "failed")  # each request starts it anew
+
+
 def test_a_cold_request_that_does_not_stream_gets_no_pings(start_daemon: StartDaemon) -> None:
     """Without ``stream: true`` the answer is the backend's JSON, after the load."""
     d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START)})
