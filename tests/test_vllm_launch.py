@@ -17,6 +17,7 @@ from typing import Any, cast
 import pytest
 
 from swapd.backends import Placement
+from swapd.backends._launch import child_env
 from swapd.backends.vllm import VLLM
 from swapd.errors import ConfigErrors, Forbidden
 from swapd.footprints import Footprints
@@ -139,6 +140,26 @@ def test_cpu_vllm_explicit_kv_cache_size_is_admitted(
     preset = _preset(tmp_path, args=args, env=env)
     argv, need = _launch(preset, HOST_DEVICE, total, tmp_path)
     assert need >= _vllm_cpu_reservation(argv, env, total) == 40 * GiB
+
+
+def test_cpu_kv_cache_size_inherited_from_swapds_environment_is_admitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``VLLM_CPU_KVCACHE_SPACE=40`` in swapd's own environment (a unit's ``Environment=``).
+
+    Every vLLM child inherits it and vLLM 0.32 takes it over the command line's size
+    (platforms/cpu.py:323-327), yet the estimate read the preset's ``env`` alone: it
+    admitted the 3 GiB swapd gives where vLLM allocated 40 GiB.
+    """
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "40")
+    total = 64 * GiB
+    preset = _preset(tmp_path)
+    argv, need = _launch(preset, HOST_DEVICE, total, tmp_path)
+    child = child_env(preset, HOST_DEVICE.visible_env)
+    assert need >= _vllm_cpu_reservation(argv, child, total) == 40 * GiB
+    # The preset's own env still comes first, as it does in the child's.
+    smaller = _preset(tmp_path, env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+    assert _launch(smaller, HOST_DEVICE, total, tmp_path)[1] < 40 * GiB
 
 
 # --- GPU: the preset's own share in vLLM's other spelling ------------------------------

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from swapd.backends._kind import OwnKey, Placement, RamVia, Tier
 from swapd.backends._launch import (
     BinaryNotFound,
+    child_env,
     explicit_binary,
     flag_as_written,
     flag_value,
@@ -223,8 +224,12 @@ class VllmKind:
 
 
 def _cpu_kv_cache_bytes(preset: Preset) -> int | None:
-    """The CPU KV cache a preset sizes itself, as vLLM reads it; None where it does not."""
-    space = preset.env.get("VLLM_CPU_KVCACHE_SPACE", "")
+    """The CPU KV cache a preset sizes itself, as vLLM reads it; None where it does not.
+
+    The variable as the child gets it: swapd's own environment (a unit's
+    ``Environment=``) passes on to every vLLM, the preset's ``env`` over it.
+    """
+    space = child_env(preset, {}).get("VLLM_CPU_KVCACHE_SPACE", "")
     if space.strip().isascii() and space.strip().isdigit() and int(space) > 0:
         return int(space) * 1024**3  # vLLM's platforms/cpu.py: GiB, over the flag
     value = flag_value(preset.args, KV_CACHE_FLAG, argparse=True)
