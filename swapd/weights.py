@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,23 +11,55 @@ from swapd.gguf_split import split_parts
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+# What vLLM's default loader globs at the folder's top, first match wins, and the index
+# that then picks among the files (vllm/model_executor/model_loader/default_loader.py).
+_VLLM_WEIGHTS: tuple[tuple[str, str | None], ...] = (
+    ("consolidated*.safetensors", "consolidated.safetensors.index.json"),
+    ("*.safetensors", "model.safetensors.index.json"),
+    ("*.bin", None),
+    ("*.pt", None),
+)
+# A trainer's checkpoint files beside the weights, which vLLM leaves out of a load.
+_NOT_WEIGHTS = ("training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+
 
 def weight_bytes(path: Path) -> int:
     """Bytes of a file (every shard of a split GGUF), or of the weights vLLM loads from a folder.
 
-    vLLM reads the top-level ``*.safetensors``, else ``*.bin``, else ``*.pt``: not a
-    git-lfs clone's second copy under ``.git/lfs``, nor Meta's ``original/`` folder.
+    vLLM reads the top-level ``consolidated*.safetensors`` where there are any (Mistral's
+    format), else ``*.safetensors``, else ``*.bin``, else ``*.pt``: not a git-lfs clone's
+    second copy under ``.git/lfs``, nor Meta's ``original/`` folder.
     """
     if path.is_file():
         return sum(part.stat().st_size for part in split_parts(path))
-    for pattern in ("*.safetensors", "*.bin", "*.pt"):
+    for pattern, index in _VLLM_WEIGHTS:
         if found := [p for p in path.glob(pattern) if p.is_file()]:
-            return sum(p.stat().st_size for p in found)
+            loaded = _in_index(found, path / index) if index else _weights_only(found)
+            return sum(p.stat().st_size for p in loaded)
     return sum(
         p.stat().st_size
         for p in path.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
+
+
+def _in_index(found: list[Path], index: Path) -> list[Path]:
+    """The files of ``found`` that a safetensors index maps weights to; all without one.
+
+    Mistral's repos hold every weight twice, as ``consolidated.safetensors`` and as
+    ``model-*.safetensors`` shards: vLLM loads only what its format's index names.
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        named = {str(name) for name in weight_map.values()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return found  # none there, or unreadable (vLLM itself then refuses the folder)
+    return [p for p in found if p.name in named]
+
+
+def _weights_only(found: list[Path]) -> list[Path]:
+    """``found`` less a trainer's optimizer and scheduler states."""
+    return [p for p in found if not p.name.endswith(_NOT_WEIGHTS)]
 
 
 def side_paths(args: Sequence[str]) -> list[Path]:

@@ -2,14 +2,19 @@
 
 Level 1 keeps the weights vLLM loaded in pinned host RAM. A model folder cloned with
 git-lfs also holds every weight file a second time under ``.git/lfs/objects`` (and
-Meta's repos ship ``original/consolidated.*.pth`` beside the safetensors); vLLM loads
-neither, but swapd counts every file under the folder.
+Meta's repos ship ``original/consolidated.*.pth`` beside the safetensors); Mistral's
+hold them as ``consolidated.safetensors`` and as indexed ``model-*`` shards; a trainer's
+checkpoint keeps its optimizer's state beside them. vLLM loads one copy of the weights,
+but swapd counted every file under the folder, or every top-level weight file.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import StartDaemon
 from daemon import wait_for
 from fakes import probe_file
@@ -18,17 +23,43 @@ MIB = 1024**2
 GIB = 1024**3
 
 
-def test_level_1_ram_cost_counts_the_weights_vllm_loads_not_every_file(
-    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
-) -> None:
-    """Asleep at level 1 on a (fake) GPU: 4 MiB of safetensors, plus git-lfs's copy."""
-    probe = tmp_path / "gpus.json"
-    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": 0}})
-    model = tmp_path / "m"
+def _git_lfs_clone(model: Path) -> None:
     lfs = model / ".git" / "lfs" / "objects" / "ab" / "cd"
     lfs.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"\0" * (4 * MIB))
     (lfs / ("abcd" + "0" * 60)).write_bytes(b"\0" * (4 * MIB))  # git-lfs's copy of it
+
+
+def _mistral_repo(model: Path) -> None:
+    """Mistral's layout: the weights whole, and again as the shards the index names."""
+    (model / "consolidated.safetensors").write_bytes(b"\0" * (4 * MIB))
+    shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    for shard in shards:
+        (model / shard).write_bytes(b"\0" * (2 * MIB))
+    index = {"metadata": {}, "weight_map": {"a.weight": shards[0], "b.weight": shards[1]}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _trainer_checkpoint(model: Path) -> None:
+    """A checkpoint saved in .bin form, with its optimizer's state (twice the weights)."""
+    (model / "pytorch_model.bin").write_bytes(b"\0" * (4 * MIB))
+    (model / "optimizer.bin").write_bytes(b"\0" * (8 * MIB))
+    (model / "training_args.bin").write_bytes(b"\0" * 4096)
+
+
+@pytest.mark.parametrize("layout", [_git_lfs_clone, _mistral_repo, _trainer_checkpoint])
+def test_level_1_ram_cost_counts_the_weights_vllm_loads_not_every_file(
+    start_daemon: StartDaemon,
+    vllm_binary: str,
+    tmp_path: Path,
+    layout: Callable[[Path], None],
+) -> None:
+    """Asleep at level 1 on a (fake) GPU: 4 MiB of weights, whatever else the folder holds."""
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": 0}})
+    model = tmp_path / "m"
+    model.mkdir()
+    layout(model)
     (model / "config.json").write_text("{}")
     d = start_daemon(
         {

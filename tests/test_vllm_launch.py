@@ -18,7 +18,7 @@ import pytest
 
 from swapd.backends import Placement
 from swapd.backends._launch import child_env
-from swapd.backends.vllm import VLLM
+from swapd.backends.vllm import VLLM, VLLM_CPU_KV_DEFAULT, VLLM_CPU_RUNTIME
 from swapd.errors import ConfigErrors, Forbidden
 from swapd.footprints import Footprints
 from swapd.manager import Manager
@@ -160,6 +160,24 @@ def test_cpu_kv_cache_size_inherited_from_swapds_environment_is_admitted(
     # The preset's own env still comes first, as it does in the child's.
     smaller = _preset(tmp_path, env={"VLLM_CPU_KVCACHE_SPACE": "2"})
     assert _launch(smaller, HOST_DEVICE, total, tmp_path)[1] < 40 * GiB
+
+
+def test_cpu_vllm_counts_a_mistral_repos_weights_once(tmp_path: Path) -> None:
+    """Mistral's repos hold the weights as ``consolidated.safetensors`` and as ``model-*``.
+
+    vLLM 0.32 loads the consolidated file alone (default_loader.py:168-197; an HF folder's
+    ``model.safetensors.index.json`` picks among its shards the same way, weight_utils.py:
+    585-611); the CPU estimate counted both copies, 29 GiB for a 7B model of 14.5.
+    """
+    preset = _preset(tmp_path)
+    model = cast("Path", preset.model)
+    (model / "model.safetensors").unlink()
+    (model / "consolidated.safetensors").write_bytes(b"\0" * (8 << 20))
+    (model / "model-00001-of-00001.safetensors").write_bytes(b"\0" * (8 << 20))
+    index = {"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    _, need = _launch(preset, HOST_DEVICE, 64 * GiB, tmp_path)
+    assert need == VLLM_CPU_KV_DEFAULT + (8 << 20) + VLLM_CPU_RUNTIME
 
 
 # --- GPU: the preset's own share in vLLM's other spelling ------------------------------
