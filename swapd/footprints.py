@@ -32,9 +32,10 @@ _log = get_logger("swapd.footprints")
 def fingerprint(preset: Preset) -> str:
     """A stable hash of everything that changes how much a launch uses."""
     model = preset.model
-    # Every shard of a split GGUF: a changed one is another launch. So is a changed draft
-    # or projector file, or an env that sizes the backend (LLAMA_ARG_CTX_SIZE).
-    size = weight_bytes(model) if model and model.is_file() else 0
+    # Every shard of a split GGUF, the weights of a vLLM folder: a changed one is another
+    # launch. So is a changed draft or projector file, or an env that sizes the backend
+    # (LLAMA_ARG_CTX_SIZE).
+    size = weight_bytes(model) if model and model.exists() else 0
     sides = [f"{p}:{file_stamp(p)[0]}" for p in side_paths([*preset.args, *preset.cmd])]
     env = sorted(f"{k}={v}" for k, v in preset.env.items())
     parts = [preset.backend, str(model), str(size), *preset.args, *preset.cmd, *sides, *env]

@@ -101,3 +101,20 @@ def test_an_env_that_sizes_the_backend_is_another_footprint() -> None:
     small = dataclasses.replace(base, env={"LLAMA_ARG_CTX_SIZE": "512"})
     large = dataclasses.replace(base, env={"LLAMA_ARG_CTX_SIZE": "32768"})
     assert len({fingerprint(base), fingerprint(small), fingerprint(large)}) == 3
+
+
+def test_a_vllm_folder_with_new_weights_is_learned_afresh(tmp_path: Path) -> None:
+    """A vLLM on a CPU is admitted at its measured footprint: one of the folder's old weights.
+
+    The fingerprint counted a model file's size but not a folder's, so weights replaced
+    in the folder (a larger model under the same path) kept the smaller one's measure.
+    """
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\0" * 4096)
+    preset = Preset(name="m", file="m.yaml", backend="vllm", model=model)
+    footprints = Footprints(tmp_path)
+    footprints.put(preset, "cpu", 2 * 1024**3)
+    assert footprints.get(preset, "cpu") is not None
+    (model / "model.safetensors").write_bytes(b"\0" * 8192)
+    assert footprints.get(preset, "cpu") is None
