@@ -199,6 +199,20 @@ def test_presets_device_memory_utilization_is_its_share_of_the_gpu(tmp_path: Pat
     assert need == pytest.approx(0.3 * total, rel=0.01)
 
 
+def test_a_share_given_twice_is_admitted_as_vllm_reads_it(tmp_path: Path) -> None:
+    """``--gpu-memory-utilization 0.3`` and later ``--device-memory-utilization=0.6``.
+
+    argparse keeps the last value of one dest (checked with vLLM 0.32's own parser): vLLM
+    takes 60% of the card. The estimate read the first, 30%, so admission left the other
+    30% to another model.
+    """
+    total = 80 * GiB
+    args = ("--gpu-memory-utilization", "0.3", "--device-memory-utilization=0.6")
+    argv, need = _launch(_preset(tmp_path, args=args), GPU, total, tmp_path)
+    assert _vllm_utilization(argv) == pytest.approx(0.6)
+    assert need == pytest.approx(0.6 * total, rel=0.01)
+
+
 # --- /upstream and the development routes that VLLM_SERVER_DEV_MODE=1 turns on ----------
 
 

@@ -77,12 +77,14 @@ def flag_as_written(args: Sequence[str], *names: str, argparse: bool = False) ->
 
 
 def flag_value(args: Sequence[str], *names: str, argparse: bool = False) -> str | None:
-    """The value the first argument setting one of ``names`` gives it; None if none does.
+    """The value the last argument setting one of ``names`` gives it; None if none does.
 
-    ``--flag value`` or ``--flag=value``; "" where the flag ends the argv without one.
-    Spellings as :func:`flag_as_written` reads them.
+    The last, as argparse keeps it where a flag is given twice. ``--flag value`` or
+    ``--flag=value``; "" where the flag ends the argv without one. Spellings as
+    :func:`flag_as_written` reads them.
     """
-    for i, arg in enumerate(args):
+    for i in reversed(range(len(args))):
+        arg = args[i]
         if flag_as_written([arg], *names, argparse=argparse) is None:
             continue
         if "=" in arg:
