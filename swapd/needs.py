@@ -43,9 +43,10 @@ def memory_need(
     computes it once, off the event loop, since reading GGUF metadata is file I/O.
     """
     if preset.memory is not None:
-        if device.kind != "cpu" and estimate is not None and kind_of(preset).own_share(preset):
-            # Its own share of the card (vLLM's --gpu-memory-utilization) is what it takes,
-            # whatever memory: says: admitted for less, the rest would go to another model.
+        if estimate is not None and kind_of(preset).own_share(preset, device):
+            # Its own share of the card or of host RAM (vLLM's --gpu-memory-utilization) is
+            # what it takes, whatever memory: says: admitted for less, the rest would go to
+            # another model.
             return Need(max(preset.memory, estimate), "preset", estimate)
         return Need(preset.memory, "preset", estimate)
     learned = footprints.get(preset, device.kind)

@@ -339,3 +339,21 @@ def test_memory_set_beside_the_presets_own_share_admits_the_share(tmp_path: Path
     plain, need_plain = _launch(_preset(tmp_path, memory=20 * GiB), GPU, total, tmp_path)
     assert need_plain == 20 * GiB  # without a share of its own, memory: is its share
     assert _vllm_utilization(plain) == pytest.approx(0.25)
+
+
+def test_memory_set_beside_the_presets_own_share_on_a_cpu_admits_the_share(
+    tmp_path: Path,
+) -> None:
+    """``memory: 4GiB`` with the preset's own ``--gpu-memory-utilization 0.5`` on a CPU host.
+
+    vLLM 0.32's CPU worker reserves that share of the node's memory (cpu_worker.py:72-95,
+    231-238) and swapd passes no KV size beside it; admitted for the 4 GiB memory: said,
+    the other 28 went to other models. An explicit KV size is read over the share there,
+    so then memory: stands.
+    """
+    total = 64 * GiB
+    args = ("--gpu-memory-utilization", "0.5")
+    argv, need = _launch(_preset(tmp_path, memory=4 * GiB, args=args), HOST_DEVICE, total, tmp_path)
+    assert need >= _vllm_cpu_reservation(argv, {}, total) == 32 * GiB
+    sized = _preset(tmp_path, memory=4 * GiB, args=(*args, "--kv-cache-memory-bytes", "1G"))
+    assert _launch(sized, HOST_DEVICE, total, tmp_path)[1] == 4 * GiB

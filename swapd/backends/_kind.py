@@ -93,8 +93,8 @@ class BackendKind(Protocol):
         """Bytes the model is expected to take on ``device``; None when unknown. Blocking I/O."""
         ...
 
-    def own_share(self, preset: Preset) -> float | None:
-        """The share of a GPU the preset's own args make it take, whatever swapd grants."""
+    def own_share(self, preset: Preset, device: Device) -> float | None:
+        """The share of ``device`` the preset's own args make it take, whatever swapd grants."""
         ...
 
     def refused_sleep(self, output: list[str]) -> str | None:

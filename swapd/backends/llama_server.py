@@ -134,9 +134,9 @@ class LlamaServerKind(NoSleep):
         del preset, placement
         return {}
 
-    def own_share(self, preset: Preset) -> float | None:
+    def own_share(self, preset: Preset, device: Device) -> float | None:
         """None: it takes what it loads, not a share of the card."""
-        del preset
+        del preset, device
         return None
 
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:

@@ -187,8 +187,14 @@ class VllmKind:
             return VLLM_CPU_KV_DEFAULT + _weights(preset) + VLLM_CPU_RUNTIME
         return int(total * (own or VLLM_GPU_DEFAULT_FRACTION))
 
-    def own_share(self, preset: Preset) -> float | None:
-        """The preset's own ``--gpu-memory-utilization``, which swapd's share gives way to."""
+    def own_share(self, preset: Preset, device: Device) -> float | None:
+        """The preset's own ``--gpu-memory-utilization``, which swapd's share gives way to.
+
+        On a CPU it is a share of host RAM, unless the preset sizes the KV cache itself:
+        vLLM then reads no share.
+        """
+        if device.kind == "cpu" and _cpu_kv_cache_bytes(preset) is not None:
+            return None
         return _own_fraction(preset.args)
 
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
