@@ -36,7 +36,7 @@ from swapd._client import (
     url_of,
 )
 from swapd.auth import access_warnings
-from swapd.backends import missing_binary
+from swapd.backends import kind_of, missing_binary
 from swapd.config import Config, load_config, parse_listen
 from swapd.errors import ConfigErrors, SwapdError
 from swapd.keys import loose_permissions
@@ -157,6 +157,11 @@ def config_warnings(config: Config) -> list[str]:
             # Only a staged copy is hashed: the digest would seem to vouch for the model.
             unchecked = "sha256 is checked only when the model is staged (stage: true)"
             warnings.append(f"{preset.file}: {preset.name}: {unchecked}; it is never checked here")
+        if config.devices != "cpu" and (gpus := kind_of(preset).gpus_needed(preset)) > 1:
+            # Placed on one GPU, shown that one alone: its start fails there (vLLM runs
+            # tensor parallel on a CPU host).
+            why = f"its args ask for {gpus} GPUs at once; swapd places a model on one GPU"
+            warnings.append(f"{preset.file}: {preset.name}: {why}, so its start fails there")
         for name in sorted(n for n in DEVICE_VARIABLES & preset.env.keys() if preset.env[n]):
             if (name, preset.env[name]) == ("CUDA_DEVICE_ORDER", CUDA_ORDER):
                 continue  # what swapd sets it to anyway

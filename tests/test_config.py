@@ -927,6 +927,24 @@ def test_check_warns_that_a_preset_env_naming_a_gpu_is_overridden(tmp_path: Path
     ]
 
 
+@pytest.mark.parametrize(
+    ("devices", "warned"), [("", True), ("devices: [0, 1]\n", True), ("devices: cpu\n", False)]
+)
+def test_check_warns_that_a_vllm_asking_for_several_gpus_cannot_start_on_one(
+    tmp_path: Path, devices: str, *, warned: bool
+) -> None:
+    """swapd places a model on one GPU: ``-tp 2`` there fails at start (on a CPU it runs)."""
+    model = tmp_path / "m"
+    model.mkdir()
+    preset = f"backend: vllm\nmodel: {model}\nbinary: /bin/true\nargs: [-tp, '2', -pp, '2']\n"
+    write_tree(tmp_path, f"listen: 127.0.0.1:8181\n{devices}", {"tp.yaml": preset})
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 0, done.stderr
+    why = "its args ask for 4 GPUs at once; swapd places a model on one GPU"
+    expected = [f"warning: presets/tp.yaml: tp: {why}, so its start fails there"]
+    assert done.stderr.splitlines() == (expected if warned else [])
+
+
 def test_every_variable_a_gpu_sets_is_one_swapd_keeps_for_itself() -> None:
     """The variables the probes set for a GPU are those a preset's env cannot override."""
     set_by_gpus = {*nvidia_env(0), *amd_env(0)}

@@ -97,6 +97,10 @@ class BackendKind(Protocol):
         """The share of ``device`` the preset's own args make it take, whatever swapd grants."""
         ...
 
+    def gpus_needed(self, preset: Preset) -> int:
+        """GPUs one start needs at once (vLLM's parallel sizes); swapd places on one."""
+        ...
+
     def refused_sleep(self, output: list[str]) -> str | None:
         """The output line where a failed start refused sleep mode, if it did."""
         ...

@@ -60,6 +60,11 @@ class CommandKind(NoSleep):
         del preset, device
         return None
 
+    def gpus_needed(self, preset: Preset) -> int:
+        """One: it runs on the GPU its placement shows it."""
+        del preset
+        return 1
+
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
         """Unknown until measured."""
         del preset, device, total

@@ -139,6 +139,11 @@ class LlamaServerKind(NoSleep):
         del preset, device
         return None
 
+    def gpus_needed(self, preset: Preset) -> int:
+        """One: it runs on the GPU its placement shows it."""
+        del preset
+        return 1
+
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
         """Weights, KV cache, compute buffers and overhead, from the GGUF's metadata.
 

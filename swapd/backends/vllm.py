@@ -47,6 +47,11 @@ VLLM_CPU_KV_MIN = 256 * 1024**2
 # Both spellings set one share (vLLM's --device-memory-utilization is the other's alias).
 UTILIZATION_FLAGS = ("--gpu-memory-utilization", "--device-memory-utilization")
 KV_CACHE_FLAG = "--kv-cache-memory-bytes"
+PARALLEL_FLAGS = (
+    ("--tensor-parallel-size", "-tp"),
+    ("--pipeline-parallel-size", "-pp"),
+    ("--data-parallel-size", "-dp"),
+)
 SLEEP_FLAG = "--enable-sleep-mode"
 # How vLLM says it cannot run sleep mode ("Sleep mode is not supported on current
 # platform.", "Sleep mode allocator is not available on platform ...").
@@ -186,6 +191,14 @@ class VllmKind:
         if device.kind == "cpu" and own is None:
             return VLLM_CPU_KV_DEFAULT + _weights(preset) + VLLM_CPU_RUNTIME
         return int(total * (own or VLLM_GPU_DEFAULT_FRACTION))
+
+    def gpus_needed(self, preset: Preset) -> int:
+        """Tensor by pipeline by data parallel size: one process per GPU, each a whole share."""
+        needed = 1
+        for flags in PARALLEL_FLAGS:
+            value = flag_value(preset.args, *flags, argparse=True)
+            needed *= int(value) if value is not None and value.isdigit() and int(value) else 1
+        return needed
 
     def own_share(self, preset: Preset, device: Device) -> float | None:
         """The preset's own ``--gpu-memory-utilization``, which swapd's share gives way to.
