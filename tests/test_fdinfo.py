@@ -70,14 +70,31 @@ def new_style(pdev: str, client: int, resident: str, total: str) -> str:
     )
 
 
+def stat_line(pid: int, state: str, vsize: int) -> str:
+    """A ``/proc/PID/stat`` line; a name with spaces and parens, as a process may choose."""
+    # Fields 4-22: ppid to flags, page faults and times, priority to starttime.
+    middle = ["1", "1", "1", "0", "-1", "4194560", *["0"] * 8, "20", "0", "1", "0", "100"]
+    return f"{pid} (vllm (worker) 1) {state} {' '.join(middle)} {vsize} 0\n"
+
+
+def add_stat(proc: Path, pid: int, state: str = "S", vsize: int = 9 * GIB) -> None:
+    """Give ``pid`` a ``stat`` file, that of a running process unless it has one already."""
+    stat = proc / str(pid) / "stat"
+    if not stat.exists():
+        stat.parent.mkdir(parents=True, exist_ok=True)
+        stat.write_text(stat_line(pid, state, vsize), encoding="utf-8")
+
+
 def add_fd(proc: Path, pid: int, fd: int, target: str, record: str | None = None) -> Path:
     """Add fd ``fd`` of ``pid`` linking to ``target`` with ``record`` as its fdinfo.
 
     A record of None writes none, as when the fd closes between listing and
-    reading. Returns the fdinfo path.
+    reading. The process gets the ``stat`` of a running one unless it has a
+    ``stat`` already. Returns the fdinfo path.
     """
     (proc / str(pid) / "fd").mkdir(parents=True, exist_ok=True)
     (proc / str(pid) / "fdinfo").mkdir(parents=True, exist_ok=True)
+    add_stat(proc, pid)
     (proc / str(pid) / "fd" / str(fd)).symlink_to(target)
     info = proc / str(pid) / "fdinfo" / str(fd)
     if record is not None:
@@ -176,12 +193,39 @@ def test_scan_records_an_entry_it_cannot_read(proc: Path, breakage: str) -> None
         add_fd(proc, 200, 5, "/dev/dri/renderD128").mkdir()
         where = f"{proc}/200/fdinfo/5"
     else:
-        (proc / "200").mkdir()
+        add_stat(proc, 200)
         (proc / "200" / "fd").write_text("", encoding="utf-8")
         where = f"{proc}/200/fd"
     scan = scan_vram({100: frozenset({100}), 200: frozenset({200})}, proc)
     assert scan.unreadable is not None
     assert scan.unreadable.startswith(f"{where}: ")
+
+
+@pytest.mark.parametrize(
+    "state",
+    ["Z", "R", None],
+    ids=["zombie", "exiting, memory released", "reaped before its stat was read"],
+)
+def test_scan_skips_a_process_that_has_let_go_of_its_memory(proc: Path, state: str | None) -> None:
+    """Entries of a process without an address space are skipped, not reported unreadable.
+
+    The kernel makes such a process's fd folders root's (a zombie's, or one that is
+    exiting), so a reader that is not root gets EACCES there: the process holds no
+    files, or is closing them.
+    """
+    add_fd(proc, 100, 5, "/dev/dri/renderD128", old_style(GPU_A, 1, 1024))
+    (proc / "101").mkdir()
+    if state is not None:
+        add_stat(proc, 101, state, vsize=0)
+    (proc / "101" / "fd").write_text("", encoding="utf-8")  # cannot be listed
+    # A running child whose fdinfo cannot be read is still reported.
+    add_fd(proc, 102, 5, "/dev/dri/renderD128").mkdir()
+    assert scan_vram({100: frozenset({100, 101})}, proc) == _fdinfo.DrmScan(
+        vram={GPU_A: {100: MIB}}, blind=frozenset(), other_drivers=frozenset(), unreadable=None
+    )
+    unreadable = scan_vram({100: frozenset({100, 101, 102})}, proc).unreadable
+    assert unreadable is not None
+    assert unreadable.startswith(f"{proc}/102/fdinfo/5: ")
 
 
 def test_unreadable_entries_fall_back_to_device_totals_and_log_once(proc: Path) -> None:

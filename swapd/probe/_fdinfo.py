@@ -25,6 +25,8 @@ _DRI = "/dev/dri/"
 VRAM_KEYS = ("drm-resident-vram", "drm-memory-vram", "drm-total-vram")
 # The kernel prints bytes with no unit, or KiB or MiB.
 _UNITS = {"": 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+# Where vsize is among the /proc/PID/stat fields after the name: field 23, counting from 3.
+_VSIZE = 23 - 3
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ def scan_vram(trees: Mapping[int, frozenset[int]], proc: Path = PROC_ROOT) -> Dr
     """Read the DRM fdinfo of every process in ``trees``.
 
     A process or fd that goes away mid-scan is skipped, as it holds nothing
-    any more; any other error (permissions, an odd entry) is recorded.
+    any more, and so is one that has let go of its memory (see
+    :func:`_letting_go`); any other error (permissions, an odd entry) is recorded.
     """
     tally = _Tally()
     # Plain string paths and os calls: a vLLM tree can hold thousands of fds,
@@ -118,18 +121,14 @@ def scan_vram(trees: Mapping[int, frozenset[int]], proc: Path = PROC_ROOT) -> Dr
     for root, tree in trees.items():
         seen: set[tuple[str, str]] = set()
         for pid in sorted(tree):
-            fd_dir = f"{top}/{pid}/fd"
             try:
-                fds = os.listdir(fd_dir)  # noqa: PTH208 - see above
-            except (FileNotFoundError, ProcessLookupError):
-                continue
+                records = _drm_records(top, pid)
             except OSError as error:
-                tally.failed(fd_dir, error)
+                if not _letting_go(top, pid):
+                    tally.failed(str(error.filename), error)
                 continue
-            for fd in fds:
-                fields = _read_drm(f"{fd_dir}/{fd}", f"{top}/{pid}/fdinfo/{fd}", tally)
-                if fields is not None:
-                    tally.add(root, fields, seen)
+            for fields in records:
+                tally.add(root, fields, seen)
     return DrmScan(
         vram=tally.vram,
         blind=frozenset(tally.blind),
@@ -138,18 +137,46 @@ def scan_vram(trees: Mapping[int, frozenset[int]], proc: Path = PROC_ROOT) -> Dr
     )
 
 
-def _read_drm(link: str, info: str, tally: _Tally) -> dict[str, str] | None:
+def _drm_records(top: str, pid: int) -> list[dict[str, str]]:
+    """The fdinfo fields of each DRM fd of ``pid``; raises OSError for an entry it cannot read."""
+    fd_dir = f"{top}/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)  # noqa: PTH208 - see scan_vram
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    records: list[dict[str, str]] = []
+    for fd in fds:
+        fields = _read_drm(f"{fd_dir}/{fd}", f"{top}/{pid}/fdinfo/{fd}")
+        if fields is not None:
+            records.append(fields)
+    return records
+
+
+def _read_drm(link: str, info: str) -> dict[str, str] | None:
     """The fdinfo fields of a DRM fd; None for other fds and fds closed meanwhile."""
-    path = link
     try:
         # Most fds are sockets, pipes and model files: one readlink rules them out.
         if not os.readlink(link).startswith(_DRI):  # noqa: PTH115 - str paths, see scan_vram
             return None
-        path = info
         with open(info, encoding="utf-8", errors="replace") as file:  # noqa: PTH123 - same
             return parse_fdinfo(file.read())
     except (FileNotFoundError, ProcessLookupError):
         return None
-    except OSError as error:
-        tally.failed(path, error)
-        return None
+
+
+def _letting_go(top: str, pid: int) -> bool:
+    """Whether ``pid`` is gone or has no address space: a zombie, or exiting.
+
+    Without one the kernel makes the fd folders root's, so a reader that is not
+    root gets EACCES from a process that holds no files, or is closing them. Its
+    ``stat`` stays readable and shows a vsize (field 23) of 0.
+    """
+    try:
+        with open(f"{top}/{pid}/stat", encoding="utf-8", errors="replace") as file:  # noqa: PTH123
+            # The name in field 2 may hold spaces and ")": count from its last ")".
+            fields = file.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:
+        return False
+    return len(fields) > _VSIZE and fields[_VSIZE] == "0"
