@@ -3,7 +3,8 @@
 Both read frozen views: they never start a model and never reset a TTL. A
 model is found by its name or any alias (the openai SDK's ``models.retrieve``);
 an unknown one is 404 ``model_not_found`` in the usual envelope. A preset marked
-``unlisted`` is served and found by its name, but left out of the list.
+``unlisted`` is served and found by its name, but left out of the list unless it is
+asked with ``?unlisted=true`` (``swapd litellm-config``: a router must know it to reach it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from swapd.control import query_flag
 from swapd.manager import Manager
 from swapd.slot import ModelView
 
@@ -40,9 +42,10 @@ class Catalog:
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
 
-    async def list(self, _request: web.Request) -> web.Response:
-        """Every configured model."""
-        data = [model_object(view) for view in self.manager.views() if not view.unlisted]
+    async def list(self, request: web.Request) -> web.Response:
+        """Every configured model; the ``unlisted`` ones too with ``?unlisted=true``."""
+        every = query_flag("unlisted", request.query.get("unlisted"))
+        data = [model_object(view) for view in self.manager.views() if every or not view.unlisted]
         return web.json_response({"object": "list", "data": data})
 
     async def one(self, request: web.Request) -> web.Response:

@@ -103,7 +103,9 @@ async def node_models(session: aiohttp.ClientSession, node: Node) -> list[dict[s
     secret = node.secret()
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     try:
-        async with session.get(f"{node.url}/v1/models", headers=headers) as resp:
+        # An unlisted model is still served: LiteLLM must know it to route it.
+        query = {"unlisted": "true"}
+        async with session.get(f"{node.url}/v1/models", params=query, headers=headers) as resp:
             body = await resp.json(content_type=None) if resp.status < 500 else None
             if resp.status != 200:
                 raise NodeError(f"{node.url} answered {resp.status}: {_message(body)}")

@@ -89,6 +89,21 @@ def test_an_alias_is_a_model_name_of_its_own_sent_on_as_the_model() -> None:
     assert {d["litellm_params"]["model"] for d in config["model_list"]} == {"openai/qwen"}
 
 
+def test_an_unlisted_model_is_in_the_config(start_daemon: StartDaemon) -> None:
+    """An ``unlisted`` preset is still served, so LiteLLM must know it to route it.
+
+    The config was built from /v1/models, which leaves such a model out for chat UIs:
+    LiteLLM then answered 400 "Invalid model name" for a model swapd serves.
+    """
+    a = start_daemon(
+        {"chat": fake_preset("a/chat"), "embed": fake_preset("a/embed", unlisted=True)}
+    )
+    config = yaml.safe_load(litellm_config("--node", a.url))
+    assert [d["model_name"] for d in config["model_list"]] == ["chat", "embed"]
+    assert [m["id"] for m in a.get("/v1/models")[1]["data"]] == ["chat"]  # still not listed
+    assert a.get("/v1/models?unlisted=maybe")[0] == 400
+
+
 def test_litellm_config_asks_each_node_with_its_own_key(start_daemon: StartDaemon) -> None:
     """``--node-key`` follows its ``--node``; ``--key`` covers the rest; a wrong key is refused."""
     a = start_daemon(node("a", "only-a", "shared"), {"api_keys": ["key-a-0123456789abcdef"]})
@@ -230,6 +245,18 @@ def test_an_alias_reaches_its_model_through_litellm(
     proxy = start_litellm([a])
     answer = proxy.chat("uno")
     assert (answer.status, answer.served_by) == (200, "a/one")
+
+
+@pytest.mark.litellm
+def test_an_unlisted_model_is_served_through_litellm(
+    start_daemon: StartDaemon, start_litellm: Any
+) -> None:
+    """A preset left out of /v1/models is served through LiteLLM as through swapd itself."""
+    a = start_daemon({"embed": fake_preset("a/embed", unlisted=True)})
+    proxy = start_litellm([a])
+    answer = proxy.chat("embed")
+    assert answer.status == 200, answer.body
+    assert answer.served_by == "a/embed"
 
 
 @pytest.mark.litellm

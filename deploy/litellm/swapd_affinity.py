@@ -78,7 +78,9 @@ class SwapdAffinity(CustomLogger):  # type: ignore[misc]
             self._client = httpx.AsyncClient(timeout=_TIMEOUT)
         headers = {"Authorization": f"Bearer {key}"} if key and key != "none" else {}
         try:
-            resp = await self._client.get(f"{node}/v1/models", headers=headers)
+            # The unlisted models too: LiteLLM routes them like the others.
+            query = {"unlisted": "true"}
+            resp = await self._client.get(f"{node}/v1/models", params=query, headers=headers)
             resp.raise_for_status()
             tiers: dict[str, str] | None = {
                 str(m["id"]): str(m.get("tier")) for m in resp.json()["data"]
