@@ -110,13 +110,20 @@ async def node_models(session: aiohttp.ClientSession, node: Node) -> list[dict[s
             if resp.status != 200:
                 raise NodeError(f"{node.url} answered {resp.status}: {_message(body)}")
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise NodeError(
-            f"cannot ask {node.url} for its models: {exc or type(exc).__name__}"
-        ) from exc
+        raise NodeError(f"cannot ask {node.url} for its models: {_reason(exc)}") from exc
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, list):
         raise NodeError(f"{node.url}/v1/models is not a model list")
     return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _reason(exc: Exception) -> str:
+    """Why a node could not be asked; aiohttp's own timeout is a TimeoutError without a message."""
+    if str(exc):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {_TIMEOUT.total:g} s"
+    return type(exc).__name__
 
 
 def _message(body: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from conftest import StartDaemon
@@ -23,6 +25,7 @@ from daemon import Daemon, fake_preset, free_port, wait_for
 from fakes import probe_file
 from litellm_proxy import Answer, LiteLLM, litellm_binary, litellm_config, node_args
 
+from swapd import litellm_config as lc
 from swapd.litellm_config import NO_KEY, Node, build_config
 
 GIB = 1 << 30
@@ -156,6 +159,24 @@ def test_an_unreachable_node_fails_the_whole_config(start_daemon: StartDaemon) -
     assert (out.returncode, out.stdout) == (1, "")
     assert f"cannot ask {dead} for its models" in out.stderr
     assert "--node-key must follow" in swapd("litellm-config", "--node-key", "k").stderr
+
+
+@pytest.mark.asyncio
+async def test_a_node_that_never_answers_is_named_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node that takes the connection but never answers (a hung host) says so.
+
+    aiohttp's timeout is a TimeoutError without a message: the error ended in "models: ".
+    """
+    monkeypatch.setattr(lc, "_TIMEOUT", aiohttp.ClientTimeout(total=0.5))
+    with socket.socket() as hung:  # listens, so the connect succeeds, and never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        with pytest.raises(lc.NodeError) as caught:
+            await lc.gather_models([Node(url)])
+    assert str(caught.value) == f"cannot ask {url} for its models: no answer within 0.5 s"
 
 
 def test_output_file_is_replaced_only_when_the_models_change(
