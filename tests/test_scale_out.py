@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -339,6 +340,32 @@ def test_a_node_without_memory_for_the_model_sends_it_to_the_other_node(
         lambda: [e["status"] for e in small.events("request.done") if e.get("model") == "big"]
     )
     assert set(refused) == {503}
+
+
+@pytest.mark.litellm
+def test_a_stream_whose_load_fails_after_the_pings_is_litellms_500(
+    start_daemon: StartDaemon, start_litellm: Any
+) -> None:
+    """swapd's error event after ``: loading`` reaches LiteLLM's client as a 500, not an event.
+
+    LiteLLM holds its answer until the first chunk, and reads swapd's event as a failed
+    connection (neither retried nor cooled down): the docs said the event was passed on.
+    """
+    dying = fake_preset("a/m", "--start-delay", "4", "--exit-at-start", "3")  # after a ping
+    a = start_daemon({"m": dying})
+    proxy = start_litellm([a])
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    req = urllib.request.Request(  # noqa: S310 - loopback URL built here
+        f"{proxy.url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(req, timeout=60)  # noqa: S310
+    message = json.loads(caught.value.read())["error"]["message"]
+    assert caught.value.code == 500
+    assert "APIConnectionError" in message
+    assert "backend for 'm' exited with 3" in message
 
 
 @pytest.mark.litellm
