@@ -11,6 +11,7 @@ images, the Secrets or the GPU device plugin exist, that the host paths do).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,18 @@ def test_litellm_sits_in_front_behind_a_service() -> None:
     listened = args[args.index("--port") + 1]
     assert [p["containerPort"] for p in container["ports"]] == [int(listened)]
     assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
+
+
+def test_the_docs_ask_the_nodes_where_a_swapd_pod_runs() -> None:
+    """LiteLLM's config is made from the nodes that run swapd, not from every GPU node.
+
+    The docs listed ``nvidia.com/gpu.present`` nodes, while the DaemonSet selects one GPU
+    count too: a GPU node of another count has no swapd, and failed the whole run.
+    """
+    docs = (FOLDER.parent.parent / "docs" / "scale-out.md").read_text()
+    found = re.search(r"NODES=\$\(kubectl -n (\S+) get pods -l (\S+)=(\S+) ", docs)
+    assert found, "the docs do not list the swapd pods"
+    daemonset = one("DaemonSet", "swapd")
+    assert found[1] == one("Namespace", "swapd")["metadata"]["name"]
+    assert daemonset["spec"]["template"]["metadata"]["labels"][found[2]] == found[3]
+    assert daemonset["spec"]["template"]["spec"]["hostNetwork"] is True  # hostIP: the node's
