@@ -142,3 +142,17 @@ def test_the_docs_ask_the_nodes_where_a_swapd_pod_runs() -> None:
     assert found[1] == one("Namespace", "swapd")["metadata"]["name"]
     assert daemonset["spec"]["template"]["metadata"]["labels"][found[2]] == found[3]
     assert daemonset["spec"]["template"]["spec"]["hostNetwork"] is True  # hostIP: the node's
+
+
+def test_the_docs_ship_litellms_config_only_when_it_was_made() -> None:
+    """A node that does not answer stops the steps before the ConfigMap is replaced.
+
+    The docs wrote the config with ``> config.yaml``: the shell emptied the file before
+    ``swapd litellm-config`` failed, and the next step shipped the empty file to LiteLLM.
+    """
+    docs = (FOLDER.parent.parent / "docs" / "scale-out.md").read_text()
+    steps = docs[docs.index("NODES=$(") : docs.index("rollout restart deployment/litellm")]
+    made = next(line for line in steps.splitlines() if "swapd litellm-config" in line)
+    assert "-o config.yaml" in made
+    assert ">" not in made
+    assert steps.count("&&") == 2  # the config made, then applied, then LiteLLM restarted
