@@ -423,7 +423,7 @@ def cmd_litellm_config(args: argparse.Namespace) -> int:
     from swapd import litellm_config as lc
 
     try:
-        nodes = [lc.Node.parse(url, key or args.key) for url, key in args.nodes]
+        nodes = lc.unique([lc.Node.parse(url, key or args.key) for url, key in args.nodes])
         found = asyncio.run(lc.gather_models(nodes))
     except lc.NodeError as exc:
         print(f"swapd: {exc}", file=sys.stderr)

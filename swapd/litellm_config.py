@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import yaml
@@ -83,7 +84,7 @@ class Node:
         """A node from the command line; the URL must be ``http(s)://host[:port]``."""
         base = url.strip().rstrip("/")
         base = base.removesuffix("/v1")
-        if not base.startswith(("http://", "https://")) or "://" in base.split("://", 1)[1]:
+        if not _usable(base):
             raise NodeError(f"--node {url!r}: expected a URL like http://gpu1.lan:8080")
         return cls(base, key or None)
 
@@ -96,6 +97,28 @@ class Node:
         if not value:
             raise NodeError(f"{self.url}: its key names ${name}, which is not set")
         return value
+
+
+def _usable(base: str) -> bool:
+    """``http(s)://host[:port]``, with a host and a valid port (``http://:8080`` is none)."""
+    if not base.startswith(("http://", "https://")) or "://" in base.split("://", 1)[1]:
+        return False
+    try:
+        parts = urlsplit(base)
+        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+    except ValueError:
+        return False
+    return bool(parts.hostname)
+
+
+def unique(nodes: list[Node]) -> list[Node]:
+    """``nodes``, each URL once: a node given twice would be two deployments of each model."""
+    seen: set[str] = set()
+    for node in nodes:
+        if node.url in seen:
+            raise NodeError(f"--node {node.url} is given twice")
+        seen.add(node.url)
+    return nodes
 
 
 async def node_models(session: aiohttp.ClientSession, node: Node) -> list[dict[str, Any]]:

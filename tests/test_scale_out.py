@@ -162,6 +162,22 @@ def test_an_unreachable_node_fails_the_whole_config(start_daemon: StartDaemon) -
     assert "--node-key must follow" in swapd("litellm-config", "--node-key", "k").stderr
 
 
+@pytest.mark.parametrize("url", ["http://:8080", "http://gpu1:99999", "http://gpu1:port"])
+def test_a_node_url_without_a_host_or_a_port_is_refused(url: str) -> None:
+    """``http://:8080`` passed and was asked as a URL with no host: refused before asking."""
+    out = swapd("litellm-config", "--node", url)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert f"--node {url!r}: expected a URL like http://gpu1.lan:8080" in out.stderr
+
+
+def test_a_node_given_twice_is_refused(start_daemon: StartDaemon) -> None:
+    """Given twice, a node made two deployments of each of its models, one host."""
+    a = start_daemon(node("a", "m"))
+    out = swapd("litellm-config", "--node", a.url, "--node", a.url + "/v1/")
+    assert (out.returncode, out.stdout) == (1, "")
+    assert f"--node {a.url} is given twice" in out.stderr
+
+
 @pytest.mark.asyncio
 async def test_a_node_that_never_answers_is_named_with_a_reason(
     monkeypatch: pytest.MonkeyPatch,
