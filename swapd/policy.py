@@ -593,6 +593,12 @@ def _down_from_ram(entry: RamEntry) -> Action:
     return Stop(entry.name) if entry.via == "sleep" else UnlockPages(entry.name)
 
 
+def _freeable(entry: RamEntry) -> bool:
+    # Busy: a wake or a start from it. Pages of no bytes are another preset's, counted by
+    # its entry: let go alone, they free nothing (that entry keeps them locked).
+    return not entry.busy and (entry.bytes > 0 or entry.via == "sleep")
+
+
 class _RamLedger:
     """The ram tier while a plan is being made: what it holds and the room left."""
 
@@ -617,7 +623,7 @@ class _RamLedger:
         for entry in self.entries:
             if room >= victim.ram_cost:
                 break
-            if _worth(entry, self.order, None) < worth and not entry.busy:
+            if _worth(entry, self.order, None) < worth and _freeable(entry):
                 spill.append(entry)
                 room += entry.bytes
         return spill if room >= victim.ram_cost else None
@@ -685,7 +691,8 @@ def count_overflow(residents: Sequence[Resident], max_running: int | None) -> tu
 def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
     """Entries to push down to disk so the tier fits its budget and the available memory.
 
-    Least worth keeping first (lowest CRF, or least recently used); busy entries stay.
+    Least worth keeping first (lowest CRF, or least recently used); busy entries stay, and
+    so do pages that another entry counts, which free nothing.
     """
     held = sum(e.bytes for e in ram.entries)
     over = max(held - ram.budget, -ram.available)
@@ -694,7 +701,7 @@ def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
     for entry in sorted(ram.entries, key=lambda e: _worth(e, ranking, None)):
         if over <= 0:
             break
-        if entry.busy:
+        if not _freeable(entry):
             continue
         actions.append(_down_from_ram(entry))
         over -= entry.bytes

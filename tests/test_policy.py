@@ -21,6 +21,7 @@ from swapd.policy import (
     Resident,
     Sleep,
     Stop,
+    UnlockPages,
     Wait,
     count_overflow,
     crf_decay,
@@ -675,6 +676,23 @@ def test_demotions_order(
 def test_ram_overflow_order(ram: RamTier, actions: tuple[Action, ...]) -> None:
     """Over its budget, the tier pushes down its entries least worth keeping first."""
     assert ram_overflow(ram) == actions
+
+
+def test_pages_another_entry_counts_are_never_pushed_down_for_room() -> None:
+    """Letting go of pages that another preset's entry counts frees nothing: they stay.
+
+    ``shared`` holds the GGUF's pages that ``held`` counts (0 bytes here), and is worth
+    the least. Over the budget, or making room for a victim, only ``held`` goes (and
+    takes them along), and where ``held`` is busy (a start from its pages) nothing does.
+    """
+    shared = RamEntry("shared", 0, 1, "pages", crf=0.5)
+    held = RamEntry("held", gib(8), 2, "pages", crf=1.0)
+    over = RamTier(gib(4), gib(64), (shared, held))
+    assert ram_overflow(over) == (UnlockPages("held"),)
+    assert ram_overflow(replace(over, entries=(shared, replace(held, busy=True)))) == ()
+    victim = res("v", 4, 9, ram_cost=4, crf=2.0)
+    full = RamTier(gib(8), gib(64), (shared, held))
+    assert demotions([victim], full) == (UnlockPages("held"), Sleep("v"))
 
 
 # ---------------------------------------------------------------- holds
