@@ -599,6 +599,29 @@ def _freeable(entry: RamEntry) -> bool:
     return not entry.busy and (entry.bytes > 0 or entry.via == "sleep")
 
 
+def _spill(entries: Iterable[RamEntry], short: int) -> list[RamEntry]:
+    """Entries to push down, taken in the order given (least worth first), to free ``short``.
+
+    Those a later, larger one makes unneeded stay, most worth keeping first (as
+    :func:`_prune` keeps a plan's); where not enough can go, all that can does.
+    """
+    taken: list[RamEntry] = []
+    freed = 0
+    for entry in entries:
+        if freed >= short:
+            break
+        if _freeable(entry):
+            taken.append(entry)
+            freed += entry.bytes
+    kept: list[RamEntry] = []
+    for entry in reversed(taken):
+        if freed - entry.bytes >= short:
+            freed -= entry.bytes
+        else:
+            kept.append(entry)
+    return kept[::-1]
+
+
 class _RamLedger:
     """The ram tier while a plan is being made: what it holds and the room left."""
 
@@ -618,15 +641,10 @@ class _RamLedger:
     def room_for(self, victim: Resident) -> list[RamEntry] | None:
         """Entries worth less to push down so ``victim`` fits; None when it cannot fit."""
         room = min(self.budget - self.held, self.available)
-        spill: list[RamEntry] = []
         worth = _worth(victim, self.order, None)
-        for entry in self.entries:
-            if room >= victim.ram_cost:
-                break
-            if _worth(entry, self.order, None) < worth and _freeable(entry):
-                spill.append(entry)
-                room += entry.bytes
-        return spill if room >= victim.ram_cost else None
+        cheaper = (e for e in self.entries if _worth(e, self.order, None) < worth)
+        spill = _spill(cheaper, victim.ram_cost - room)
+        return spill if room + sum(e.bytes for e in spill) >= victim.ram_cost else None
 
     def add(self, victim: Resident, via: RamVia) -> None:
         entry = RamEntry(
@@ -648,9 +666,9 @@ def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Action, ...]:
     The victim most worth keeping (highest CRF, or most recently used) gets the
     ram tier first. Room in the tier is the budget less what it holds, and never
     more than the host memory available; to make room, ram entries worth less than
-    the victim go down to disk. A victim already in the ram tier (asleep on this
-    device) goes down to disk, before the others ask for room: the room it leaves
-    is theirs, and it is never pushed down twice.
+    the victim go down to disk, only those the room needs. A victim already in the
+    ram tier (asleep on this device) goes down to disk, before the others ask for
+    room: the room it leaves is theirs, and it is never pushed down twice.
     """
     ranking = _order([*victims, *ram.entries])
     ledger = _RamLedger(ram, ranking)
@@ -691,21 +709,15 @@ def count_overflow(residents: Sequence[Resident], max_running: int | None) -> tu
 def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
     """Entries to push down to disk so the tier fits its budget and the available memory.
 
-    Least worth keeping first (lowest CRF, or least recently used); busy entries stay, and
-    so do pages that another entry counts, which free nothing.
+    Least worth keeping first (lowest CRF, or least recently used), and no more than the
+    excess needs; busy entries stay, and so do pages that another entry counts, which free
+    nothing.
     """
     held = sum(e.bytes for e in ram.entries)
     over = max(held - ram.budget, -ram.available)
     ranking = _order(ram.entries)
-    actions: list[Action] = []
-    for entry in sorted(ram.entries, key=lambda e: _worth(e, ranking, None)):
-        if over <= 0:
-            break
-        if not _freeable(entry):
-            continue
-        actions.append(_down_from_ram(entry))
-        over -= entry.bytes
-    return tuple(actions)
+    ordered = sorted(ram.entries, key=lambda e: _worth(e, ranking, None))
+    return tuple(_down_from_ram(entry) for entry in _spill(ordered, over))
 
 
 def room_after(

@@ -695,6 +695,22 @@ def test_pages_another_entry_counts_are_never_pushed_down_for_room() -> None:
     assert demotions([victim], full) == (UnlockPages("held"), Sleep("v"))
 
 
+def test_the_ram_tier_pushes_down_only_the_entries_the_room_needs() -> None:
+    """An entry taken first that a larger one taken after it makes unneeded stays.
+
+    Least worth first, ``small`` (1 GiB) frees too little and ``big`` (4 GiB) then frees
+    the room alone: ``small`` keeps its place, as admission prunes its own victims.
+    """
+    small = entry("small", 1, 1, crf=0.5)
+    big = entry("big", 4, 2, crf=1.0)
+    assert ram_overflow(RamTier(gib(2), gib(64), (small, big))) == (Stop("big"),)
+    victim = res("v", 4, 9, ram_cost=4, crf=3.0)
+    assert demotions([victim], RamTier(gib(5), gib(64), (small, big))) == (
+        Stop("big"),
+        Sleep("v"),
+    )
+
+
 # ---------------------------------------------------------------- holds
 
 
