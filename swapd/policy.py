@@ -206,6 +206,10 @@ def _room_now(device: DeviceView, here: Sequence[Resident], limits: Limits) -> i
     return room
 
 
+def _room_on(device: DeviceView, residents: Sequence[Resident], limits: Limits) -> int:
+    return _room_now(device, [r for r in residents if r.device == device.id], limits)
+
+
 def _impossible_reason(
     need: int,
     device: DeviceView,
@@ -365,8 +369,9 @@ def plan_admission(
     """Decide where and at what cost a model that needs ``need`` bytes can start.
 
     ``devices`` are the candidates (the preset's pinned devices, or all); the
-    best plan is the one with no victims and the most free memory, then the
-    one with the fewest victims, then one that must wait.
+    best plan is the one with no victims and the most room (free memory less
+    what models starting there will take, within the budget), then the one with
+    the fewest victims, then one that must wait.
     """
     if not devices:
         return Impossible("no device to place the model on")
@@ -374,7 +379,10 @@ def plan_admission(
     plans = [(d, _plan_device(need, d, residents, limits, running)) for d in devices]
     admits = [(d, p) for d, p in plans if isinstance(p, Admit)]
     if admits:
-        _, best = min(admits, key=lambda dp: (len(dp[1].victims), -dp[0].free))
+        # Room, not free: a model still starting there has yet to take its grant from free.
+        _, best = min(
+            admits, key=lambda dp: (len(dp[1].victims), -_room_on(dp[0], residents, limits))
+        )
         return best
     waits = [p for _, p in plans if isinstance(p, Wait)]
     if waits:
@@ -398,16 +406,16 @@ def best_plan(
 
     Devices are grouped by need so each group is planned with its own number; an
     admit beats a wait, which beats impossible. Among admits, as within a group, the
-    fewest victims win, then the most free memory.
+    fewest victims win, then the most room.
     """
     by_need: dict[int, list[DeviceView]] = {}
     for view in views:
         by_need.setdefault(needs[view.id], []).append(view)
     plans = [plan_admission(n, vs, residents, limits) for n, vs in by_need.items()]
-    free = {view.id: view.free for view in views}
+    room = {view.id: _room_on(view, residents, limits) for view in views}
     admits = [p for p in plans if isinstance(p, Admit)]
     if admits:
-        return min(admits, key=lambda p: (len(p.victims), -free.get(p.device, 0)))
+        return min(admits, key=lambda p: (len(p.victims), -room.get(p.device, 0)))
     waits = [p for p in plans if isinstance(p, Wait)]
     if waits:
         return min(waits, key=lambda p: len(p.busy))

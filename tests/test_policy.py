@@ -23,6 +23,7 @@ from swapd.policy import (
     Stop,
     UnlockPages,
     Wait,
+    best_plan,
     count_overflow,
     crf_decay,
     crf_update,
@@ -407,6 +408,25 @@ def test_plan_admission_impossible(
 def test_plan_admission_without_devices_is_impossible() -> None:
     """An empty candidate list (no device reported memory) is Impossible, not an error."""
     assert plan_admission(gib(1), [], [], Limits()) == Impossible("no device to place the model on")
+
+
+def test_a_load_goes_where_the_most_room_is_left_not_the_most_free_memory() -> None:
+    """Free memory still owed to a model starting there, or past the budget, is no room.
+
+    ``starting`` was granted 16 GiB of gpu0 and has taken none of it yet: gpu0 reads 24 GiB
+    free, gpu1 20, and the second load belongs on gpu1 (two vLLMs starting on one GPU
+    would also start one after the other). With a budget of 16 GiB, gpu0's 12 GiB in use
+    leave 4 GiB there against gpu1's 8.
+    """
+    starting = res("starting", 16, 1, busy=True, measured=0)
+    devices = [dev("gpu0", free=24), dev("gpu1", free=20)]
+    assert plan_admission(gib(4), devices, [starting], Limits()) == Admit("gpu1")
+    assert best_plan({"gpu0": gib(4), "gpu1": gib(4)}, devices, [starting], Limits()) == Admit(
+        "gpu1"
+    )
+    used = res("used", 12, 1, measured=12)
+    devices = [dev("gpu0", free=12), dev("gpu1", free=8)]
+    assert plan_admission(gib(2), devices, [used], Limits(budget=gib(16))) == Admit("gpu1")
 
 
 # ---------------------------------------------------------------- worth keeping: crf
