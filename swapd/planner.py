@@ -113,8 +113,13 @@ def capacity(memory: DeviceMemory, reserve: int, budget: int | None) -> int:
     return max(0, room if budget is None else min(room, budget))
 
 
-def pack(wants: Sequence[Want], rooms: Sequence[Room]) -> CapacityPlan:
-    """Place pinned models, then the largest first, each on the device with the most room left."""
+def pack(
+    wants: Sequence[Want], rooms: Sequence[Room], max_running: int | None = None
+) -> CapacityPlan:
+    """Place pinned models, then the largest first, each on the device with the most room left.
+
+    No more than ``max_running`` are packed together: one more fits only alone.
+    """
     left = {r.memory.device: r.capacity for r in rooms}
     pinned = dict.fromkeys(left, 0)  # what pinned models take: no load ever evicts it
     together: dict[str, list[str]] = {r.memory.device: [] for r in rooms}
@@ -123,6 +128,8 @@ def pack(wants: Sequence[Want], rooms: Sequence[Room]) -> CapacityPlan:
         usable = [d for d in want.needs if d in left]
         largest = max(want.needs.values(), default=0)
         fitting = [d for d in usable if want.needs[d] <= left[d]]
+        if max_running is not None and len(placed_together(placed)) >= max_running:
+            fitting = []  # the count is full: loading it stops another, as for memory
         if fitting:
             device = max(fitting, key=lambda d: left[d] - want.needs[d])
             left[device] -= want.needs[device]
@@ -134,6 +141,8 @@ def pack(wants: Sequence[Want], rooms: Sequence[Room]) -> CapacityPlan:
         if alone:
             device = max(alone, key=lambda d: _room(rooms, d) - pinned[d])
             reason = "fits alone; loading it evicts models packed there"
+            if max_running is not None and want.needs[device] <= left[device]:
+                reason = f"fits, but max_running is {max_running}; loading it stops another"
             placed.append(
                 Placed(want.name, want.needs[device], want.source, "alone", device, reason)
             )
@@ -151,6 +160,11 @@ def pack(wants: Sequence[Want], rooms: Sequence[Room]) -> CapacityPlan:
     ]
     order = {w.name: i for i, w in enumerate(wants)}
     return CapacityPlan(out, sorted(placed, key=lambda p: order[p.name]))
+
+
+def placed_together(placed: Sequence[Placed]) -> list[Placed]:
+    """The models packed to run at once."""
+    return [p for p in placed if p.fit == "together"]
 
 
 def _room(rooms: Sequence[Room], device: str) -> int:
@@ -193,4 +207,4 @@ async def plan(
         source = sources.pop() if len(sources) == 1 else "mixed"
         needed = {d: n.bytes for d, n in needs.items()}
         wants.append(Want(preset.name, needed, source, pinned=preset.pin))
-    return pack(wants, rooms)
+    return pack(wants, rooms, limits.max_running)

@@ -66,3 +66,18 @@ def test_models_spread_over_devices_with_the_most_room_left() -> None:
     assert [r.together for r in plan.rooms] == [["a", "b"], ["c"]]
     assert [r.used for r in plan.rooms] == [16 * GIB, 8 * GIB]
     assert plan.as_json()["devices"][0]["capacity"] == 24 * GIB
+
+
+def test_no_more_than_max_running_are_packed_together() -> None:
+    """``max_running: 1``: two that fit in memory together still run one at a time."""
+    wants = [Want("a", {"gpu0": 8 * GIB}, "estimate"), Want("b", {"gpu0": 4 * GIB}, "estimate")]
+    plan = pack(wants, [room("gpu0", 24, 24)], max_running=1)
+    assert {m.name: (m.fit, m.device) for m in plan.models} == {
+        "a": ("together", "gpu0"),
+        "b": ("alone", "gpu0"),
+    }
+    [b] = [m for m in plan.models if m.name == "b"]
+    assert b.reason == "fits, but max_running is 1; loading it stops another"
+    assert [r.together for r in plan.rooms] == [["a"]]
+    unbounded = pack(wants, [room("gpu0", 24, 24)])
+    assert [r.together for r in unbounded.rooms] == [["a", "b"]]
