@@ -3,7 +3,8 @@
 The manager publishes a slot each time it moves (see ``Slot.observer``); the
 ``GET /swapd/events`` stream, ``swapd load``'s progress and systemd's STATUS
 line read it. A subscriber gets frozen views in order, in a bounded queue: one
-that falls behind loses the oldest views, never slows the manager down.
+that falls behind loses the views a later one of the same model replaced, never
+a model's latest, and never slows the manager down.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +20,7 @@ from swapd.slot import ModelView, Slot, snapshot
 
 _log = get_logger("swapd.events")
 
-_KEEP = 256  # views a slow subscriber may fall behind by
+_KEEP = 256  # views a slow subscriber may fall behind by before they are folded
 # Every stream swapd opens itself: not cached, and not buffered by Nginx and its kind.
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -33,13 +33,29 @@ class Subscription:
     """One listener's queue of views."""
 
     def __init__(self) -> None:
-        self._views: deque[ModelView] = deque(maxlen=_KEEP)
+        self._views: list[ModelView] = []
+        self._limit = _KEEP
         self._ready = asyncio.Event()
 
     def put(self, view: ModelView) -> None:
-        """Queue a view (dropping the oldest when full) and wake the listener."""
+        """Queue a view (folding the queue when full) and wake the listener."""
         self._views.append(view)
+        if len(self._views) > self._limit:
+            self._fold()
         self._ready.set()
+
+    def _fold(self) -> None:
+        """Keep each model's latest view alone, in the order of those views.
+
+        Dropping the oldest views instead could drop a model's only one (a reload that
+        adds hundreds of models): the listener would never learn of it. The bound grows
+        with the number of models, so a fold costs each queued view a constant.
+        """
+        latest: dict[str, ModelView] = {}
+        for view in reversed(self._views):
+            latest.setdefault(view.name, view)
+        self._views = list(reversed(latest.values()))
+        self._limit = max(_KEEP, 2 * len(self._views))
 
     async def next(self, timeout: float | None = None) -> list[ModelView]:
         """The views queued since the last call; empty when ``timeout`` passes first."""
@@ -48,8 +64,7 @@ class Subscription:
                 async with asyncio.timeout(timeout):
                     await self._ready.wait()
         self._ready.clear()
-        views = list(self._views)
-        self._views.clear()
+        views, self._views = self._views, []
         return views
 
 

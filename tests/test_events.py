@@ -8,6 +8,7 @@ import socket
 import threading
 from typing import Any
 
+import yaml
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, wait_for
 
@@ -187,3 +188,27 @@ def test_streams_of_a_model_end_when_it_is_removed_and_added_back(
     finally:
         feed.close()
         logs.close()
+
+
+def test_a_reload_that_adds_hundreds_of_models_shows_each_on_the_feed(
+    start_daemon: StartDaemon,
+) -> None:
+    """Every model a reload adds reaches a listener, however many come at once.
+
+    Each added model's view went into a queue that dropped the oldest past 256 views:
+    a reload adding 300 left the first 44 out of the feed for good (they stay stopped).
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    feed = Events(d)
+    try:
+        wait_for(lambda: feed.got)
+        added = {f"m{i}" for i in range(300)}
+        for name in added:
+            (d.root / "presets" / f"{name}.yaml").write_text(yaml.safe_dump(fake_preset("M")))
+        assert len(d.request("POST", "/swapd/reload")[1]["added"]) == len(added)
+        assert d.request("POST", "/swapd/models/a/load")[0] == 200  # its views come after
+        wait_for(lambda: "ready" in feed.states("a"))
+        seen = {data["name"] for event, data in list(feed.got) if event == "model"}
+        assert added <= seen, f"{len(added - seen)} added models never on the feed"
+    finally:
+        feed.close()
