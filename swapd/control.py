@@ -11,17 +11,17 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 from aiohttp import web
 
 from swapd import planner
 from swapd.errors import BadRequest, ConfigErrors, RequestError, SwapdError, clip
-from swapd.events import SSE_HEADERS, sse
+from swapd.events import SSE_HEADERS, Item, Removed, Subscription, feed_event, sse
 from swapd.limits import Edge
 from swapd.manager import Manager
 from swapd.metrics import CONTENT_TYPE, Metrics
 from swapd.reload import ReloadPlan
-from swapd.slot import ModelView
 
 # States in which a model's status moves without a state change (bytes staged, time spent).
 _MOVING = frozenset({"queued", "starting", "waking", "sleeping", "draining", "stopping"})
@@ -33,6 +33,8 @@ FOLLOW_EVERY = 0.25  # seconds between looks at a followed backend's output
 STREAM_GRACE = 2.0
 DEFAULT_LINES = 100  # of a backend's output, when ?lines= is not given
 
+
+_Named = TypeVar("_Named", bound=Item)  # a view, or a removal: each names its model
 
 _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"0", "false", "no"})
@@ -217,35 +219,48 @@ class Control:
         name = self.manager.view(wanted).name if wanted else None
         followed = self.manager.incarnation(name) if name is not None else None
 
-        def chosen(views: list[ModelView]) -> list[ModelView]:
-            return [v for v in views if name is None or v.name == name]
-
         if request.method == "HEAD":
             return web.Response(headers=SSE_HEADERS)  # a stream's headers, no stream
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         with self._open(request), self.manager.changes.subscribe() as subscription:
-            for view in chosen(self.manager.views()):
-                await response.write(sse("model", view.as_json()))
+            for view in _of(name, self.manager.views()):
+                await response.write(feed_event(view))
             quiet = 0.0
             while not self._closing and self._allows(request):
                 if name is not None and not self._same_model(name, followed):
-                    break  # a reload removed the model: its stream ends, as its logs' do
-                moved = chosen(await subscription.next(PROGRESS_EVERY))
-                sent = {v.name for v in moved}
-                moving = [
-                    v
-                    for v in chosen(self.manager.views())
-                    if v.state in _MOVING and v.name not in sent
-                ]
-                for view in [*moved, *moving]:
-                    await response.write(sse("model", view.as_json()))
-                quiet = 0.0 if moved or moving else quiet + PROGRESS_EVERY
+                    # A reload removed the model (while the stream wrote, or before it
+                    # subscribed): its stream ends, as its logs' do, saying so.
+                    await response.write(feed_event(Removed(name)))
+                    break
+                batch, ended = await self._feed_batch(subscription, name)
+                for item in batch:
+                    await response.write(feed_event(item))
+                if ended:
+                    break
+                quiet = 0.0 if batch else quiet + PROGRESS_EVERY
                 if quiet >= KEEPALIVE_EVERY:
                     await response.write(b": keepalive\n\n")
                     quiet = 0.0
         await response.write_eof()
         return response
+
+    async def _feed_batch(
+        self, subscription: Subscription, name: str | None
+    ) -> tuple[list[Item], bool]:
+        """A feed's next events: its moves, then the views of models on the move.
+
+        And whether the feed ends: its one model was removed, and what follows is another's.
+        """
+        moved = _of(name, await subscription.next(PROGRESS_EVERY))
+        cut = _removal(moved) if name is not None else None
+        if cut is not None:
+            return moved[: cut + 1], True
+        sent = {v.name for v in moved}
+        moving = [
+            v for v in _of(name, self.manager.views()) if v.state in _MOVING and v.name not in sent
+        ]
+        return [*moved, *moving], False
 
     def _same_model(self, name: str, incarnation: int | None) -> bool:
         """Whether ``name`` is still the model a stream began to follow (not re-added)."""
@@ -253,6 +268,16 @@ class Control:
             return self.manager.incarnation(name) == incarnation
         except RequestError:
             return False  # removed
+
+
+def _of(name: str | None, items: list[_Named]) -> list[_Named]:
+    """Those of ``items`` about model ``name`` (None: every model)."""
+    return [v for v in items if name is None or v.name == name]
+
+
+def _removal(items: list[Item]) -> int | None:
+    """Where the first removal is in ``items``; None when there is none."""
+    return next((at for at, item in enumerate(items) if isinstance(item, Removed)), None)
 
 
 def _line_count(raw: str | None) -> int:

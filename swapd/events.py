@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from swapd.logs import get_logger
@@ -29,17 +30,27 @@ SSE_HEADERS = {
 }
 
 
+@dataclass(frozen=True)
+class Removed:
+    """A reload removed the model: it leaves the feed at once, as it leaves status."""
+
+    name: str
+
+
+Item = ModelView | Removed  # what a subscriber is handed
+
+
 class Subscription:
-    """One listener's queue of views."""
+    """One listener's queue of views (and removals)."""
 
     def __init__(self) -> None:
-        self._views: list[ModelView] = []
+        self._views: list[Item] = []
         self._limit = _KEEP
         self._ready = asyncio.Event()
 
-    def put(self, view: ModelView) -> None:
-        """Queue a view (folding the queue when full) and wake the listener."""
-        self._views.append(view)
+    def put(self, item: Item) -> None:
+        """Queue a view or a removal (folding the queue when full) and wake the listener."""
+        self._views.append(item)
         if len(self._views) > self._limit:
             self._fold()
         self._ready.set()
@@ -51,13 +62,13 @@ class Subscription:
         adds hundreds of models): the listener would never learn of it. The bound grows
         with the number of models, so a fold costs each queued view a constant.
         """
-        latest: dict[str, ModelView] = {}
+        latest: dict[str, Item] = {}
         for view in reversed(self._views):
             latest.setdefault(view.name, view)
         self._views = list(reversed(latest.values()))
         self._limit = max(_KEEP, 2 * len(self._views))
 
-    async def next(self, timeout: float | None = None) -> list[ModelView]:
+    async def next(self, timeout: float | None = None) -> list[Item]:
         """The views queued since the last call; empty when ``timeout`` passes first."""
         if not self._views:
             with contextlib.suppress(TimeoutError):
@@ -89,8 +100,17 @@ class Changes:
         except Exception as exc:  # noqa: BLE001 - a reader's problem must not stop a move
             _log.exception("events.publish.fail", model=slot.preset.name, error=repr(exc))
             return
+        self._hand(view)
+
+    def removed(self, name: str) -> None:
+        """A reload removed ``name``: subscribers drop it (its stop is no longer shown)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+        self._hand(Removed(name))
+
+    def _hand(self, item: Item) -> None:
         for subscriber in self._subscribers:
-            subscriber.put(view)
+            subscriber.put(item)
 
     async def wait(self) -> None:
         """Return at the next move."""
@@ -105,6 +125,13 @@ class Changes:
             yield subscription
         finally:
             self._subscribers.discard(subscription)
+
+
+def feed_event(item: Item) -> bytes:
+    """``event: model`` with the model's status entry, or ``event: removed`` with its name."""
+    if isinstance(item, Removed):
+        return sse("removed", {"name": item.name})
+    return sse("model", item.as_json())
 
 
 def sse(event: str, data: Any) -> bytes:

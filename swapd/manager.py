@@ -278,14 +278,13 @@ class Manager:
         return slot
 
     def _publish(self, slot: Slot) -> None:
-        """Hand a slot's move to the feed, unless its name is now another slot's.
+        """Hand a slot's move to the feed, unless a reload removed the model.
 
-        A model a reload removed drains and stops under its name; once that name is added
-        back, the feed's views of it are the new model's alone (the old one's ``stopped``
-        would otherwise follow the new one's ``ready``).
+        A removed model leaves the feed at once (``event: removed``), as it leaves status,
+        while it drains and stops: its later views would bring it back to a listener (and
+        once its name is added back, they would be taken for the new model's).
         """
-        current = self.slots.get(slot.preset.name)
-        if current is None or current is slot:
+        if self.slots.get(slot.preset.name) is slot:
             self.changes.publish(slot)
 
     async def open(self) -> None:
@@ -2131,6 +2130,7 @@ class Manager:
         for preset in plan.restarted:
             self._restart_later(slots[preset.name], preset)
         for name in plan.removed:
+            self.changes.removed(name)
             self._retiring.append(old[name])
             self._spawn_task(self._retire(old[name]), f"retire:{name}")
         self.metrics.forget(plan.removed)

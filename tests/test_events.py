@@ -105,6 +105,7 @@ def test_a_stream_of_one_model_ends_when_a_reload_removes_it(start_daemon: Start
     assert d.request("POST", "/swapd/reload")[1]["removed"] == ["b"]
     assert feed.ended.wait(30)
     feed.close()
+    assert feed.got[-1] == ("removed", {"name": "b"})  # its last word says why it ended
 
 
 def test_head_on_a_stream_gives_its_headers_and_frees_the_connection(
@@ -185,6 +186,7 @@ def test_streams_of_a_model_end_when_it_is_removed_and_added_back(
         assert d.request("POST", "/swapd/reload")[1]["added"] == ["a"]
         assert feed.ended.wait(30)
         assert logs.ended.wait(30)
+        assert feed.got[-1] == ("removed", {"name": "a"})  # nothing of the new a
     finally:
         feed.close()
         logs.close()
@@ -210,5 +212,31 @@ def test_a_reload_that_adds_hundreds_of_models_shows_each_on_the_feed(
         wait_for(lambda: "ready" in feed.states("a"))
         seen = {data["name"] for event, data in list(feed.got) if event == "model"}
         assert added <= seen, f"{len(added - seen)} added models never on the feed"
+    finally:
+        feed.close()
+
+
+def test_a_model_a_reload_removes_leaves_the_whole_feed(start_daemon: StartDaemon) -> None:
+    """The feed of every model says ``removed``, and shows nothing of the model after it.
+
+    Status drops a removed model at once; the feed said nothing of it (a model already
+    stopped stayed on a dashboard for good), or showed its drain and stop, which put it
+    back on a dashboard as a model still configured.
+    """
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B"), "c": fake_preset("C")})
+    assert d.chat("b")[0] == 200
+    feed = Events(d)
+    try:
+        wait_for(lambda: feed.states("b") == ["ready"])
+        for name in ("b", "c"):  # c never ran: no move of its own follows
+            (d.root / "presets" / f"{name}.yaml").unlink()
+        assert sorted(d.request("POST", "/swapd/reload")[1]["removed"]) == ["b", "c"]
+        wait_for(lambda: any(e["model"] == "b" for e in d.events("backend.exit")))
+        assert d.request("POST", "/swapd/models/a/load")[0] == 200  # its views come after
+        wait_for(lambda: "ready" in feed.states("a"))
+        assert [m["name"] for m in d.get("/swapd/status")[1]["models"]] == ["a"]
+        for name in ("b", "c"):
+            about = [(event, data) for event, data in list(feed.got) if data["name"] == name]
+            assert about[-1] == ("removed", {"name": name}), about[-3:]
     finally:
         feed.close()
