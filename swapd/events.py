@@ -93,6 +93,13 @@ class Changes:
         """
         self._changed.set()
         self._changed = asyncio.Event()
+        self.show(slot)
+
+    def show(self, slot: Slot) -> None:
+        """Hand subscribers a view of a change that is no move (a request's end, a last use).
+
+        Nothing else is woken: called on the request path, it costs nothing unlistened.
+        """
         if not self._subscribers:
             return
         try:

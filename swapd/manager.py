@@ -287,6 +287,15 @@ class Manager:
         if self.slots.get(slot.preset.name) is slot:
             self.changes.publish(slot)
 
+    def _at_rest(self, slot: Slot) -> None:
+        """Show the feed a model nothing waits for or uses any more.
+
+        Its last views counted the requests (and the load) that waited for it, and its
+        last use and TTL come after them: else the feed would keep them for good.
+        """
+        if not (slot.waiters or slot.in_flight) and self.slots.get(slot.preset.name) is slot:
+            self.changes.show(slot)
+
     async def open(self) -> None:
         """Open the staging cache (cleans interrupted copies) and find what is staged.
 
@@ -460,6 +469,8 @@ class Manager:
             slot.waiters -= waiting
             if waiting and not slot.waiters and slot.state is State.QUEUED:
                 self._notify()  # its load, waiting for room, ends now rather than later
+            if waiting:
+                self._at_rest(slot)  # a load that failed (or a queue left) counted it
 
     def _let_in(self, slot: Slot) -> None:
         """Count a new request for the eviction order; :class:`QueueFull` past its queue."""
@@ -580,6 +591,7 @@ class Manager:
                 after = max(0.0, slot.last_used + slot.preset.ttl - time.monotonic())
             self._arm_ttl(slot, after)
             self._notify()
+            self._at_rest(slot)
         elif slot.preset.concurrency is not None:
             self._notify()  # a request queued behind the model's own limit may go
 
@@ -706,11 +718,12 @@ class Manager:
                 if self._closing:
                     raise Unavailable("swapd is shutting down")
                 await self._toward_ready(slot)
+            slot.last_used = slot.last_used or time.monotonic()
+            if slot.in_flight == 0:
+                self._arm_ttl(slot)
         finally:
             slot.waiters -= 1
-        slot.last_used = slot.last_used or time.monotonic()
-        if slot.in_flight == 0:
-            self._arm_ttl(slot)
+            self._at_rest(slot)
 
     async def _load(self, slot: Slot, *, waking: bool) -> None:
         name = slot.preset.name

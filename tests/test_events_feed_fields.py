@@ -204,3 +204,37 @@ def test_a_retiring_process_does_not_overwrite_its_namesakes_views(
         assert _last_view(events, "a")["state"] == "ready"
     finally:
         events.close()
+
+
+def test_the_feed_shows_a_model_at_rest_after_its_load_and_requests(
+    start_daemon: StartDaemon,
+) -> None:
+    """Loaded by a request, by ``/load``, or failed: the feed's entry ends as status says.
+
+    The last view went out at the move (ready, failed) while the load or the request still
+    waited for it: the feed kept ``waiting: 1``, no last use and no TTL for good, while
+    status said nothing waits, when it was used, and when the TTL takes it down.
+    """
+    d = start_daemon(
+        {
+            "a": fake_preset("A", ttl="1h"),
+            "l": fake_preset("L", ttl="1h"),
+            "bad": fake_preset("X", "--exit-at-start", "3"),
+            "barrier": BARRIER,
+        }
+    )
+    events = Events(d)
+    try:
+        assert d.chat("a")[0] == 200
+        assert d.request("POST", "/swapd/models/l/load")[0] == 200
+        assert d.chat("bad")[0] == 502
+        _settle(d, events)
+        for name in ("a", "l", "bad"):
+            seen, status = _last_view(events, name), d.model(name)
+            shown = {k: seen[k] for k in ("in_flight", "waiting")}
+            assert shown == {"in_flight": 0, "waiting": 0}, f"{name}: feed {shown}"
+            if name != "bad":
+                armed = (seen["last_used"] is not None, seen["ttl_left"] is not None)
+                assert armed == (True, True), f"{name}: feed {seen}, status {status}"
+    finally:
+        events.close()
