@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +108,21 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+@contextlib.contextmanager
+def another_program(tmp_path: Path, source: str, *args: str) -> Iterator[str]:
+    """Run ``source`` (an aiohttp app taking its port, then ``args``); yield its URL."""
+    port = free_port()
+    server = tmp_path / f"app-{port}.py"
+    server.write_text(source)
+    app = subprocess.Popen([sys.executable, str(server), str(port), *args])
+    try:
+        wait_for(lambda: listening(port))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        app.kill()
+        app.wait()
+
+
 def spewing(tmp_path: Path) -> dict[str, Any]:
     """A command preset whose backend prints fast and for good."""
     (tmp_path / "loop.py").write_text(LOOP)
@@ -145,20 +162,12 @@ def test_the_cli_reaches_a_swapd_listening_on_every_ipv6_address() -> None:
 
 def test_the_cli_says_so_when_something_else_answers(tmp_path: Path) -> None:
     """Another web app on the port answers 200 with HTML: a clear line, no traceback."""
-    port = free_port()
-    server = tmp_path / "app.py"
-    server.write_text(OTHER_APP)
-    app = subprocess.Popen([sys.executable, str(server), str(port)])
-    try:
-        wait_for(lambda: listening(port))
+    with another_program(tmp_path, OTHER_APP) as url:
         for verb in (["status"], ["unload", "--all"], ["reload"], ["logs", "x", "-f"]):
-            result = swapd(*verb, "--url", f"http://127.0.0.1:{port}")
+            result = swapd(*verb, "--url", url)
             assert result.returncode == 1, verb
             assert "Traceback" not in result.stderr, result.stderr
             assert "is swapd listening there?" in result.stderr
-    finally:
-        app.kill()
-        app.wait()
 
 
 def test_a_proxys_own_json_error_is_one_line_not_a_traceback(tmp_path: Path) -> None:
@@ -167,21 +176,13 @@ def test_a_proxys_own_json_error_is_one_line_not_a_traceback(tmp_path: Path) -> 
     ``swapd load`` read the message out of it as if it were, and died with a KeyError or
     a TypeError; ``reload`` did the same for a body with ``errors`` but no ``error``.
     """
-    server = tmp_path / "proxy.py"
-    server.write_text(PROXY_ERROR)
     for body in ('{"message": "no upstream"}', '{"error": "Bad Gateway"}', '{"errors": ["x"]}'):
-        port = free_port()
-        proxy = subprocess.Popen([sys.executable, str(server), str(port), body])
-        try:
-            wait_for(lambda port=port: listening(port))
+        with another_program(tmp_path, PROXY_ERROR, body) as url:
             for verb in (["load", "a"], ["reload"], ["status"]):
-                result = swapd(*verb, "--url", f"http://127.0.0.1:{port}")
+                result = swapd(*verb, "--url", url)
                 assert result.returncode == 1, verb
                 assert "Traceback" not in result.stderr, result.stderr
                 assert f"answered 502: {body}" in result.stderr, result.stderr
-        finally:
-            proxy.kill()
-            proxy.wait()
 
 
 def test_another_programs_json_is_one_line_not_a_traceback(tmp_path: Path) -> None:
@@ -189,13 +190,7 @@ def test_another_programs_json_is_one_line_not_a_traceback(tmp_path: Path) -> No
 
     ``status`` and ``plan`` died with a KeyError, ``logs -f`` in ``json.loads``.
     """
-    port = free_port()
-    server = tmp_path / "app.py"
-    server.write_text(OTHER_JSON_APP)
-    app = subprocess.Popen([sys.executable, str(server), str(port)])
-    try:
-        wait_for(lambda: listening(port))
-        url = f"http://127.0.0.1:{port}"
+    with another_program(tmp_path, OTHER_JSON_APP) as url:
         verbs = (
             ["status"],
             ["plan"],
@@ -213,9 +208,6 @@ def test_another_programs_json_is_one_line_not_a_traceback(tmp_path: Path) -> No
         assert result.returncode == 1
         assert "Traceback" not in result.stderr, result.stderr
         assert "sent an event that is not swapd's JSON: hello there" in result.stderr
-    finally:
-        app.kill()
-        app.wait()
 
 
 def test_a_name_with_dot_segments_is_not_folded_into_another(start_daemon: StartDaemon) -> None:
