@@ -167,18 +167,23 @@ def test_two_presets_of_one_file_hold_its_pages_once(
     d = start_daemon(presets, {"ram_budget": size * 3 // 2})
     to_ram(d, "a")
     to_ram(d, "b")
-    _, status = d.get("/swapd/status")
-    assert {m["name"]: m["tier"] for m in status["models"]} == {"a": "ram", "b": "ram"}
-    assert status["tiers"]["ram"]["bytes"] == size
-    assert sorted(m["memory"]["ram"] for m in status["models"]) == [0, size]
+    assert_held_once(d, size)
     assert len(mapped(d, tiny_gguf)) == 1
-    assert vmlck(d) < 2 * size
     # The one that counts them starts (and lets go): the other counts them from then on.
     assert d.chat("a", max_tokens=1)[0] == 200
     wait_for(lambda: d.model("b")["memory"]["ram"] == size, 10)
     wait_for(lambda: d.model("a")["tier"] == "ram", 40)  # back, sharing b's
     _, status = d.get("/swapd/status")
     assert status["tiers"]["ram"]["bytes"] == size
+
+
+def assert_held_once(d: Daemon, size: int) -> None:
+    """a and b in the ram tier on one hold of ``size`` bytes: counted once, locked once."""
+    _, status = d.get("/swapd/status")
+    assert {m["name"]: m["tier"] for m in status["models"]} == {"a": "ram", "b": "ram"}
+    assert status["tiers"]["ram"]["bytes"] == size
+    assert sorted(m["memory"]["ram"] for m in status["models"]) == [0, size]
+    assert vmlck(d) < 2 * size
 
 
 def link_to(model: Path, link: Path, how: str) -> Path:
@@ -215,12 +220,8 @@ def test_two_presets_of_one_file_under_two_names_hold_its_pages_once(
     d = start_daemon(presets, {"ram_budget": size * 3 // 2})
     to_ram(d, "a")
     to_ram(d, "b")
-    _, status = d.get("/swapd/status")
-    assert {m["name"]: m["tier"] for m in status["models"]} == {"a": "ram", "b": "ram"}
-    assert status["tiers"]["ram"]["bytes"] == size
-    assert sorted(m["memory"]["ram"] for m in status["models"]) == [0, size]
+    assert_held_once(d, size)
     assert maps_of(d, model, other) == 1
-    assert vmlck(d) < 2 * size
 
 
 def test_a_link_pointed_at_another_file_lets_its_shared_pages_go(
