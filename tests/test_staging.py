@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -218,17 +219,36 @@ async def test_a_missing_source_is_a_staging_error(cache: StagingCache, tmp_path
 
 @pytest.mark.asyncio
 async def test_concurrent_stages_of_one_source_join_one_copy(
-    cache: StagingCache, tmp_path: Path
+    cache: StagingCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three callers staging the same source at once share a single copy and its progress."""
+    """Three callers staging the same source at once share a single copy and its progress.
+
+    The copy waits until all three have joined it: on a busy machine a 2 MiB copy could
+    end before a caller's own look at the source returned, making that caller a plain hit.
+    """
     source = write(tmp_path / "m.gguf", 2 * MIB)
     seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
 
     def progress(caller: int) -> Callable[[int, int], None]:
         return lambda done, _total: seen[caller].append(done)
 
+    joined = threading.Event()
+    build = cache._build  # held back, not replaced
+
+    def held_build(job: Any) -> Any:
+        joined.wait(60)
+        return build(job)
+
+    monkeypatch.setattr(cache, "_build", held_build)
     with capture_logs() as logs:
-        paths = await asyncio.gather(*(cache.stage(source, progress=progress(i)) for i in range(3)))
+        calls = [asyncio.ensure_future(cache.stage(source, progress=progress(i))) for i in range(3)]
+        for _ in range(6000):  # up to a minute for the three to join
+            copies = list(cache._copies.values())  # the copy and its waiters
+            if copies and len(copies[0].callbacks) == 3:
+                break
+            await asyncio.sleep(0.01)
+        joined.set()
+        paths = await asyncio.gather(*calls)
     assert len(set(paths)) == 1
     assert [e["event"] for e in logs].count("staging.copy.start") == 1
     assert all(reports and reports[-1] == 2 * MIB for reports in seen.values())
