@@ -68,15 +68,19 @@ def url_of(config: Config | Endpoint) -> str:
     return f"http://[{host}]:{config.port}" if ":" in host else f"http://{host}:{config.port}"
 
 
-def _check_url(url: str, *, given: str) -> None:
-    """Raise :class:`ClientError` unless a swapd could answer at ``url`` (``given`` by the user)."""
+def is_http_url(url: str) -> bool:
+    """Whether ``url`` is http or https, with a host and a valid port (or none)."""
     try:
         parsed = urlsplit(url)
         parsed.port  # noqa: B018 - raises ValueError when out of range or not a number
-        usable = parsed.scheme in {"http", "https"} and bool(parsed.hostname)
     except ValueError:
-        usable = False
-    if not usable:
+        return False
+    return parsed.scheme in {"http", "https"} and bool(parsed.hostname)
+
+
+def _check_url(url: str, *, given: str) -> None:
+    """Raise :class:`ClientError` unless a swapd could answer at ``url`` (``given`` by the user)."""
+    if not is_http_url(url):
         hint = "write it as http://HOST:PORT (an IPv6 address in brackets: http://[::1]:8080)"
         raise ClientError(f"not a usable swapd URL: {given!r}; {hint}")
 

@@ -41,6 +41,7 @@ from swapd.config import Config, load_config, parse_listen
 from swapd.errors import ConfigErrors, SwapdError
 from swapd.keys import loose_permissions
 from swapd.logs import configure, get_logger
+from swapd.presets import is_usable_name
 from swapd.probe import CUDA_ORDER, DEVICE_VARIABLES
 
 _SHORT_KEY = 16
@@ -214,10 +215,10 @@ def _client_verb(
 def _model_path(name: str, action: str) -> str:
     """``/swapd/models/NAME/ACTION``, the name's characters escaped as a path needs."""
     # An HTTP client folds "." and ".." segments (org/../m would reach /swapd/models/m):
-    # such a name goes as one segment, its slashes escaped, which swapd reads as "/".
-    # Other names keep their slashes: some proxies refuse an escaped one.
-    dots = any(part in (".", "..") for part in name.split("/"))
-    return f"/swapd/models/{quote(name, safe='' if dots else '/')}/{action}"
+    # a name no preset may have goes as one segment, its slashes escaped, which swapd
+    # reads as "/". Usable names keep their slashes: some proxies refuse an escaped one.
+    safe = "/" if is_usable_name(name) else ""
+    return f"/swapd/models/{quote(name, safe=safe)}/{action}"
 
 
 def _print_json(data: Any) -> None:

@@ -91,8 +91,7 @@ class Changes:
 
         Called inside the manager's state move: a failure here is logged, never raised.
         """
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._wake()
         self.show(slot)
 
     def show(self, slot: Slot) -> None:
@@ -111,9 +110,13 @@ class Changes:
 
     def removed(self, name: str) -> None:
         """A reload removed ``name``: subscribers drop it (its stop is no longer shown)."""
+        self._wake()
+        self._hand(Removed(name))
+
+    def _wake(self) -> None:
+        """End the current :meth:`wait` of everyone."""
         self._changed.set()
         self._changed = asyncio.Event()
-        self._hand(Removed(name))
 
     def _hand(self, item: Item) -> None:
         for subscriber in self._subscribers:

@@ -27,11 +27,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import yaml
 
+from swapd._client import is_http_url
 from swapd._copy import fsync_dir
 
 ENV_PREFIX = "os.environ/"  # LiteLLM's way to read a value from its own environment
@@ -103,12 +103,7 @@ def _usable(base: str) -> bool:
     """``http(s)://host[:port]``, with a host and a valid port (``http://:8080`` is none)."""
     if not base.startswith(("http://", "https://")) or "://" in base.split("://", 1)[1]:
         return False
-    try:
-        parts = urlsplit(base)
-        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
-    except ValueError:
-        return False
-    return bool(parts.hostname)
+    return is_http_url(base)
 
 
 def unique(nodes: list[Node]) -> list[Node]:

@@ -1401,9 +1401,8 @@ class Manager:
         placement = self._placement(slot, device, total)
         if preset.model is not None:
             # At each start: the files may have changed since the last (new weights in place).
-            slot.model_bytes = await asyncio.to_thread(weight_bytes, preset.model)
-            slot.model_id, slot.model_in_memory = await asyncio.to_thread(
-                _file_facts, slot.staged_path or preset.model
+            slot.model_bytes, slot.model_id, slot.model_in_memory = await asyncio.to_thread(
+                _file_facts, preset.model, slot.staged_path or preset.model
             )
         async with self._one_sizing_start(slot, device):
             await self._start_spawned(slot, device, placement)
@@ -2432,9 +2431,12 @@ async def _outlast(task: asyncio.Task[Any]) -> None:
     await asyncio.wait([task])
 
 
-def _file_facts(path: str | Path) -> tuple[FileId | None, str | None]:
-    """Which file ``path`` is, and the in-memory filesystem it lives on; blocks (stats)."""
-    return file_id(path), memory_fs(path)
+def _file_facts(model: Path, read: str | Path) -> tuple[int, FileId | None, str | None]:
+    """Weight bytes, the file a start reads and its in-memory filesystem; blocks (stats).
+
+    ``read`` is the model or its staged copy. One thread hop for the three, at each start.
+    """
+    return weight_bytes(model), file_id(read), memory_fs(read)
 
 
 def _pages_changed(slot: Slot, pages: WarmSet) -> str | None:

@@ -128,7 +128,7 @@ def pack(
         usable = [d for d in want.needs if d in left]
         largest = max(want.needs.values(), default=0)
         fitting = [d for d in usable if want.needs[d] <= left[d]]
-        if max_running is not None and len(placed_together(placed)) >= max_running:
+        if max_running is not None and sum(map(len, together.values())) >= max_running:
             fitting = []  # the count is full: loading it stops another, as for memory
         if fitting:
             device = max(fitting, key=lambda d: left[d] - want.needs[d])
@@ -160,11 +160,6 @@ def pack(
     ]
     order = {w.name: i for i, w in enumerate(wants)}
     return CapacityPlan(out, sorted(placed, key=lambda p: order[p.name]))
-
-
-def placed_together(placed: Sequence[Placed]) -> list[Placed]:
-    """The models packed to run at once."""
-    return [p for p in placed if p.fit == "together"]
 
 
 def _room(rooms: Sequence[Room], device: str) -> int:
