@@ -739,6 +739,26 @@ def test_the_digest_is_computed_while_copying(tmp_path: Path) -> None:
     assert _copy.hash_file(tmp_path / "dst") == sha(source)
 
 
+def test_a_checked_copy_starts_small_and_doubles_to_the_full_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hasher gets a small first chunk to start on; the digest covers every chunk."""
+    monkeypatch.setattr(_copy, "CHUNK", 4 * MIB)
+    monkeypatch.setattr(_copy, "_FIRST_HASHED", MIB // 2)
+    source = write(tmp_path / "src", 13 * MIB + 5)
+    reports: list[int] = []
+    done, digest = _copy.copy(
+        _copy.scan(source),
+        tmp_path / "dst",
+        sha256=True,
+        report=reports.append,
+        cancel=threading.Event(),
+    )
+    assert (done, digest) == (source.stat().st_size, sha(source))
+    steps = [b - a for a, b in zip([0, *reports], reports, strict=False)]
+    assert steps == [MIB // 2, MIB, 2 * MIB, 4 * MIB, 4 * MIB, 13 * MIB + 5 - 11 * MIB - MIB // 2]
+
+
 @pytest.mark.asyncio
 async def test_a_digest_is_kept_when_the_copy_is_used_or_synced_while_it_is_hashed(
     cache: StagingCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
