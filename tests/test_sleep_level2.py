@@ -4,86 +4,45 @@ Level 2 discards the weights (vLLM's CuMemBackend.suspend offloads only "runtime
 "cudagraph" at level 2; CuMemBackend.resume and Executor.wake_up only re-map memory).
 A plain ``POST /wake_up`` therefore leaves uninitialised weights: vLLM's documented
 level-2 wake is ``/wake_up?tags=weights``, ``POST /collective_rpc
-{"method": "reload_weights"}``, ``/wake_up?tags=kv_cache``. The fake vLLM below adds
-just that to ``tests/fakes/fake_vllm.py``: after a level-2 sleep it answers garbage
-until ``reload_weights`` has run.
+{"method": "reload_weights"}``, ``/wake_up?tags=kv_cache``. The fake vLLM
+(``tests/fakes/fake_vllm.py``) does the same: after a level-2 sleep it answers garbage
+until ``reload_weights`` has run, and it serves only once both tags are awake.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from conftest import FAKE_VLLM, StartDaemon
-from daemon import wait_for
+from conftest import StartDaemon
+from daemon import hook_env, wait_for
 
-LEVEL2_FAKE = f"""
-import importlib.util
-import json
+# Loaded into the daemon only: its cap on one sleep-API call, made short so a reload a
+# few seconds long outlasts it (a real one may outlast the 120 s of the real cap).
+SHORT_CALL_CAP = """
 import sys
-
-from aiohttp import web
-
-spec = importlib.util.spec_from_file_location("fake_vllm", {str(FAKE_VLLM)!r})
-fake_vllm = importlib.util.module_from_spec(spec)
-sys.modules["fake_vllm"] = fake_vllm  # dataclasses look their module up
-spec.loader.exec_module(fake_vllm)
-
-
-class Level2(fake_vllm.FakeVllm):
-    weights_lost = False
-
-    async def sleep(self, request):
-        answer = await super().sleep(request)
-        if request.query.get("level") == "2":
-            self.weights_lost = True  # discarded, not offloaded
-        return answer
-
-    async def collective_rpc(self, request):
-        if json.loads(await request.read()).get("method") == "reload_weights":
-            self.weights_lost = False
-        return web.Response(status=200)
-
-    async def chat(self, request):
-        answer = await super().chat(request)
-        if self.weights_lost:
-            return web.json_response(
-                {{"choices": [{{"index": 0, "message": {{"role": "assistant",
-                  "content": "<uninitialised weights>"}}, "finish_reason": "stop"}}]}}
-            )
-        return answer
-
-    def app(self):
-        app = super().app()
-        if "/sleep" in {{r.resource.canonical for r in app.router.routes()}}:
-            app.router.add_post("/collective_rpc", self.collective_rpc)
-        return app
-
-
-fake_vllm.FakeVllm = Level2
-fake_vllm.main()
+if sys.argv[:2] == ["-m", "serve"]:
+    import swapd.backends.vllm
+    swapd.backends.vllm._CALL_TIMEOUT = 1.0
 """
 
 
-def test_a_vllm_woken_from_sleep_level_2_serves_its_model(
-    start_daemon: StartDaemon, tmp_path: Path
-) -> None:
-    """sleep: 2, TTL demotes it, the next request wakes it: the answer must be the model's."""
-    script = tmp_path / "level2_vllm.py"
-    script.write_text(LEVEL2_FAKE)
-    binary = tmp_path / "bin" / "vllm"
-    binary.parent.mkdir()
-    binary.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
-    binary.chmod(0o755)
+def _model(tmp_path: Path) -> Path:
     model = tmp_path / "m"
     model.mkdir()
     (model / "weights.safetensors").write_bytes(b"\0" * 1024)
+    return model
+
+
+def test_a_vllm_woken_from_sleep_level_2_serves_its_model(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """sleep: 2, TTL demotes it, the next request wakes it: the answer must be the model's."""
     d = start_daemon(
         {
             "v": {
                 "backend": "vllm",
-                "model": str(model),
-                "binary": str(binary),
+                "model": str(_model(tmp_path)),
+                "binary": vllm_binary,
                 "sleep": 2,
                 "ttl": "1s",
             }
@@ -110,11 +69,9 @@ def test_a_level_2_wake_without_collective_rpc_fails_once_then_the_model_goes_to
     mode and its demotions stop it to disk; before, each TTL put it to sleep again and
     each next request's wake failed with 502 the same way.
     """
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "weights.safetensors").write_bytes(b"\0" * 1024)
+    model = _model(tmp_path)
     preset = {"backend": "vllm", "model": str(model), "binary": vllm_binary, "sleep": 2}
-    d = start_daemon({"v": {**preset, "ttl": "1s"}})
+    d = start_daemon({"v": {**preset, "ttl": "1s"}}, env={"FAKE_VLLM_NO_RPC": "1"})
     assert d.chat("v")[0] == 200
     wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
     status, body = d.chat("v")
@@ -131,3 +88,30 @@ def test_a_level_2_wake_without_collective_rpc_fails_once_then_the_model_goes_to
     assert d.model("v")["state"] == "stopped"
     assert d.chat("v")[0] == 200
     assert len(d.events("model.sleep.missing")) == 1
+
+
+def test_a_level_2_wake_whose_reload_outlasts_one_calls_cap_is_bounded_by_start_timeout(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """The reload of a level-2 wake reads the whole model again: as long as a start's load.
+
+    It is bounded by the preset's ``start_timeout``, as a start is. Before, each call of
+    the wake had the cap of one sleep-API call (120 s) too: a model whose reload took
+    longer failed its wake (502) and was ended, however long its ``start_timeout``.
+    """
+    preset = {"backend": "vllm", "model": str(_model(tmp_path)), "binary": vllm_binary}
+    d = start_daemon(
+        {"v": {**preset, "sleep": 2, "ttl": "1s", "start_timeout": "2m"}},
+        env={
+            "FAKE_VLLM_RELOAD_DELAY": "3",
+            **hook_env(tmp_path / "hook", SHORT_CALL_CAP),
+        },
+    )
+    assert d.chat("v", "before")[0] == 200
+    pid = d.model("v")["pid"]
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
+    status, body = d.chat("v", "after")
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == "v: after"
+    assert d.model("v")["pid"] == pid
+    assert [e["how"] for e in d.events("model.load.done")] == ["start", "wake"]

@@ -56,7 +56,9 @@ SLEEP_FLAG = "--enable-sleep-mode"
 # How vLLM says it cannot run sleep mode ("Sleep mode is not supported on current
 # platform.", "Sleep mode allocator is not available on platform ...").
 _REFUSAL_WORDS = ("not support", "only supported", "not available")
-# How long a sleep or wake call may take before swapd gives up on the backend.
+# How long a sleep call may take before swapd gives up on the backend. A wake's calls
+# have no bound of their own: the wake is a load, bounded as a whole by start_timeout, and
+# a level-2 wake's reload_weights reads the whole model again, as long as a start's load.
 _CALL_TIMEOUT = 120.0
 _WAKE_POLL = 0.01
 
@@ -78,12 +80,20 @@ class SleepFailed(Exception):
         return self.status in (404, 405)
 
 
-async def _call(  # noqa: PLR0913, PLR0917 - where, what, and a JSON body
-    pool: UpstreamPool, host: str, port: int, method: str, path: str, payload: bytes = b""
+async def _call(  # noqa: PLR0913, PLR0917 - where, what, a JSON body, whether capped
+    pool: UpstreamPool,
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    payload: bytes = b"",
+    *,
+    capped: bool = True,
 ) -> bytes:
+    """One sleep-API call, within :data:`_CALL_TIMEOUT` unless the caller bounds it."""
     headers = ((b"Content-Type", b"application/json"),) if payload else ()
     try:
-        async with asyncio.timeout(_CALL_TIMEOUT):  # the answer's body too
+        async with asyncio.timeout(_CALL_TIMEOUT if capped else None):  # the body too
             status, body = await pool.control(host, port, method, path, headers, payload)
     except (UpstreamError, TimeoutError) as exc:
         raise SleepFailed(f"{method} {path}: {exc or type(exc).__name__}") from exc
@@ -218,19 +228,20 @@ class VllmKind:
         """POST ``/wake_up``, then confirm with ``/is_sleeping`` until it says false.
 
         Level 2 discarded the weights: their memory comes back first, they are read
-        again from the model (``reload_weights``), then the KV cache comes back.
+        again from the model (``reload_weights``), then the KV cache comes back. The
+        caller bounds the whole wake (a preset's ``start_timeout``).
         """
         if level == 2:
-            await _call(pool, host, port, "POST", "/wake_up?tags=weights")
+            await _call(pool, host, port, "POST", "/wake_up?tags=weights", capped=False)
             rpc = json.dumps({"method": "reload_weights"}).encode()
-            await _call(pool, host, port, "POST", "/collective_rpc", rpc)
-            await _call(pool, host, port, "POST", "/wake_up?tags=kv_cache")
+            await _call(pool, host, port, "POST", "/collective_rpc", rpc, capped=False)
+            await _call(pool, host, port, "POST", "/wake_up?tags=kv_cache", capped=False)
         else:
-            await _call(pool, host, port, "POST", "/wake_up")
+            await _call(pool, host, port, "POST", "/wake_up", capped=False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _CALL_TIMEOUT
         while True:
-            body = await _call(pool, host, port, "GET", "/is_sleeping")
+            body = await _call(pool, host, port, "GET", "/is_sleeping", capped=False)
             try:
                 asleep = bool(json.loads(body).get("is_sleeping"))
             except (ValueError, AttributeError) as exc:

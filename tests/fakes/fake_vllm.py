@@ -9,7 +9,13 @@
 - ``FAKE_VLLM_HOLD_BYTES`` bytes of real memory are held while awake: released at
   ``/sleep`` (level 1 and 2) and taken back at ``/wake_up``, so host RAM readings move;
 - ``/sleep`` aborts the streams that are running, as vLLM aborts running requests;
-- ``FAKE_VLLM_SLEEP_DELAY`` seconds pass before a ``/sleep`` answers (a slow offload).
+- ``FAKE_VLLM_SLEEP_DELAY`` seconds pass before a ``/sleep`` answers (a slow offload);
+- ``/wake_up?tags=T`` wakes only the tags named, as vLLM's does: it serves (and
+  ``/is_sleeping`` says false) only once ``weights`` and ``kv_cache`` are both awake;
+- level 2 discards the weights, so until ``POST /collective_rpc {"method":
+  "reload_weights"}`` has run a chat completion answers garbage, as vLLM's uninitialised
+  weights do; that reload takes ``FAKE_VLLM_RELOAD_DELAY`` seconds, and
+  ``FAKE_VLLM_NO_RPC=1`` leaves ``/collective_rpc`` out (a build without it).
 
 ``FAKE_VLLM_UPSTREAM_ARGS`` passes extra options to the fake upstream (``--probe-file``,
 ``--mem-bytes``, ``--chunks`` ...).
@@ -32,6 +38,9 @@ from fakes import upstream
 
 PAGE = mmap.PAGESIZE
 HOLD_ENV = "FAKE_VLLM_HOLD_BYTES"
+# vLLM's executor puts both to sleep at every level (v1/executor/abstract.py SLEEP_TAGS).
+SLEEP_TAGS = frozenset({"weights", "kv_cache"})
+GARBAGE = "<uninitialised weights>"
 
 
 class Held:
@@ -62,6 +71,8 @@ class FakeVllm(upstream.Fake):
 
     held: Held = field(default_factory=lambda: Held(int(os.environ.get(HOLD_ENV, "0"))))
     streams: set[asyncio.Task[object]] = field(default_factory=set)
+    sleeping_tags: set[str] = field(default_factory=set)
+    weights_lost: bool = False  # a level-2 sleep discarded them; reload_weights reads them
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,12 +104,42 @@ class FakeVllm(upstream.Fake):
         await asyncio.sleep(float(os.environ.get("FAKE_VLLM_SLEEP_DELAY", "0")))
         answer = await super().sleep(request)
         self.held.release()
+        self.sleeping_tags = set(SLEEP_TAGS)
+        # vLLM's Worker.sleep(level=2) keeps only the model's buffers: the weights are gone.
+        self.weights_lost = self.weights_lost or request.query.get("level") == "2"
         return answer
 
     async def wake_up(self, request: web.Request) -> web.Response:
-        """Take the memory back, then serve again."""
+        """Wake the tags named (all without ``tags``); serve again once none sleeps.
+
+        As vLLM's EngineCore.wake_up: the scheduler resumes only when fully awake, and
+        the answer says ``sleeping`` until then.
+        """
+        tags = request.query.getall("tags", [])
+        self.sleeping_tags -= set(tags) if tags else SLEEP_TAGS
+        if self.sleeping_tags:
+            self.stats.requests += 1
+            return web.json_response({"status": "sleeping", "tags": tags})
         self.held.take()
-        return await super().wake_up(request)
+        await super().wake_up(request)
+        return web.json_response({"status": "awake", "tags": tags or None})
+
+    async def collective_rpc(self, request: web.Request) -> web.Response:
+        """vLLM's ``/collective_rpc``: ``reload_weights`` reads the weights again."""
+        body = await self.read_json(request)
+        if body.get("method") == "reload_weights":
+            await asyncio.sleep(float(os.environ.get("FAKE_VLLM_RELOAD_DELAY", "0")))
+            self.weights_lost = False
+        return web.json_response({"results": [None]})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """The fake upstream's answer, or garbage while the weights are lost."""
+        answer = await super().chat(request)
+        if not self.weights_lost:
+            return answer
+        message = {"role": "assistant", "content": GARBAGE}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return web.json_response({"choices": [choice]})
 
     def app(self) -> web.Application:
         """The fake upstream's routes; without dev mode the sleep API is not there."""
@@ -110,6 +151,8 @@ class FakeVllm(upstream.Fake):
                 path = route.resource.canonical if route.resource else ""
                 if path not in ("/sleep", "/wake_up", "/is_sleeping"):
                     app.router.add_route(route.method, path, route.handler)
+        elif os.environ.get("FAKE_VLLM_NO_RPC") != "1":
+            app.router.add_post("/collective_rpc", self.collective_rpc)
         return app
 
 
