@@ -148,6 +148,16 @@ class _Room:
     need: int
 
 
+def _wake_level(slot: Slot) -> int:
+    """The level a sleeper wakes from: without sleep mode nothing was discarded.
+
+    A launch whose backend refused --enable-sleep-mode (vLLM's CPU build) only paused at
+    its /sleep, so a level-2 sleeper keeps its weights: a plain wake, with no
+    reload_weights reading the whole model again for nothing.
+    """
+    return slot.sleep_level if slot.sleep_mode else min(slot.sleep_level, 1)
+
+
 def _sleep_key(preset: Preset) -> str:
     """The launch a refused --enable-sleep-mode is remembered for: a new binary or env is new.
 
@@ -1461,6 +1471,7 @@ class Manager:
             await self._spawn_ready(slot, device, retry)
             placement = retry
         slot.sleep_level = placement.sleep_level
+        slot.sleep_mode = placement.sleep_flag
         line = self._sleep_refused.get(key)
         missing = self._sleep_missing.get(key)
         if missing:
@@ -1580,7 +1591,7 @@ class Manager:
             try:
                 # A wake is a load: bounded by start_timeout, as a start is.
                 async with asyncio.timeout(slot.preset.start_timeout):
-                    await slot.kind.wake(self.pool, launch.host, launch.port, slot.sleep_level)
+                    await slot.kind.wake(self.pool, launch.host, launch.port, _wake_level(slot))
             except TimeoutError as exc:
                 raise SleepFailed(f"not awake after {slot.preset.start_timeout:g}s") from exc
         except (SleepFailed, SleepUnsupported) as exc:

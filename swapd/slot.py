@@ -53,6 +53,9 @@ class Slot:
     # The ram tier: a sleeping process (sleep_level > 0), or the model's pages held.
     sleep_level: int = 0  # the level this launch was started with; 0: no sleep mode
     sleep_note: str | None = None  # why sleep mode is off, when the backend refused it
+    # Started with --enable-sleep-mode: its sleep frees memory (level 2 discards weights).
+    # Without it (refused) a sleep only pauses the engine and keeps everything.
+    sleep_mode: bool = False
     pages: WarmSet | None = None
     ram_bytes: int = 0  # host RAM the model holds in the ram tier
     ram_since: float = 0.0

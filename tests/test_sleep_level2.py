@@ -115,3 +115,26 @@ def test_a_level_2_wake_whose_reload_outlasts_one_calls_cap_is_bounded_by_start_
     assert body["choices"][0]["message"]["content"] == "v: after"
     assert d.model("v")["pid"] == pid
     assert [e["how"] for e in d.events("model.load.done")] == ["start", "wake"]
+
+
+def test_a_level_2_sleeper_without_sleep_mode_wakes_without_reloading_its_weights(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """sleep: 2 where the backend refused --enable-sleep-mode (vLLM's CPU build).
+
+    Its /sleep only paused the engine, its weights never left: the wake is a plain
+    /wake_up. Before, it ran reload_weights too, reading the whole model again for nothing.
+    """
+    preset = {"backend": "vllm", "model": str(_model(tmp_path)), "binary": vllm_binary}
+    d = start_daemon(
+        {"v": {**preset, "sleep": 2, "ttl": "1s"}}, env={"FAKE_VLLM_REFUSE_SLEEP_MODE": "1"}
+    )
+    assert d.chat("v", "before")[0] == 200
+    assert len(d.events("model.sleep.refused")) == 1
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
+    status, body = d.chat("v", "after")
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == "v: after"
+    assert [e["how"] for e in d.events("model.load.done")] == ["start", "wake"]
+    _, logs = d.get("/swapd/models/v/logs")
+    assert "reload_weights" not in str(logs)

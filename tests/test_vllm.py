@@ -143,19 +143,22 @@ def _backend_output(d: Daemon) -> list[str]:
     return list(body["lines"]) if status == 200 else []
 
 
+@pytest.mark.parametrize("level", [1, 2])
 def test_real_vllm_refused_sleep_flag_then_sleeps_wakes_and_serves(
     start_daemon: StartDaemon,
     vllm_setup: tuple[Path, Path],
     tmp_path: Path,
     short_tmp: Path,
+    level: int,
 ) -> None:
     """The CPU build refuses --enable-sleep-mode: swapd starts it again without the flag.
 
     With VLLM_SERVER_DEV_MODE=1 the real /sleep, /wake_up and /is_sleeping still answer,
     so the TTL puts it to sleep (same process) and the next request wakes it and is served.
+    Without sleep mode its sleep only paused it, at level 2 too: no weights are reloaded.
     """
     d = start_daemon(
-        {"tiny": vllm_preset(vllm_setup, tmp_path / "c", short_tmp, sleep=1, ttl="3s")}
+        {"tiny": vllm_preset(vllm_setup, tmp_path / "c", short_tmp, sleep=level, ttl="3s")}
     )
     body = {"model": "tiny", "prompt": "hello world", "max_tokens": 8, "temperature": 0}
     status, first = d.request("POST", "/v1/completions", body, timeout=600)
@@ -178,6 +181,7 @@ def test_real_vllm_refused_sleep_flag_then_sleeps_wakes_and_serves(
     assert _is_sleeping(port) is False
     assert len(d.events("backend.spawn")) == 2
     assert [e["model"] for e in d.events("model.wake")] == ["tiny"]
+    assert not [line for line in _backend_output(d) if "Reloading" in line]
 
 
 def _is_sleeping(port: int) -> bool:

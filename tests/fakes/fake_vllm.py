@@ -12,10 +12,12 @@
 - ``FAKE_VLLM_SLEEP_DELAY`` seconds pass before a ``/sleep`` answers (a slow offload);
 - ``/wake_up?tags=T`` wakes only the tags named, as vLLM's does: it serves (and
   ``/is_sleeping`` says false) only once ``weights`` and ``kv_cache`` are both awake;
-- level 2 discards the weights, so until ``POST /collective_rpc {"method":
+- level 2 discards the weights (only when started with ``--enable-sleep-mode``: without
+  it vLLM's sleep frees nothing), so until ``POST /collective_rpc {"method":
   "reload_weights"}`` has run a chat completion answers garbage, as vLLM's uninitialised
-  weights do; that reload takes ``FAKE_VLLM_RELOAD_DELAY`` seconds, and
-  ``FAKE_VLLM_NO_RPC=1`` leaves ``/collective_rpc`` out (a build without it).
+  weights do; that reload takes ``FAKE_VLLM_RELOAD_DELAY`` seconds and logs
+  ``reload_weights``, and ``FAKE_VLLM_NO_RPC=1`` leaves ``/collective_rpc`` out (a build
+  without it).
 
 ``FAKE_VLLM_UPSTREAM_ARGS`` passes extra options to the fake upstream (``--probe-file``,
 ``--mem-bytes``, ``--chunks`` ...).
@@ -73,6 +75,7 @@ class FakeVllm(upstream.Fake):
     streams: set[asyncio.Task[object]] = field(default_factory=set)
     sleeping_tags: set[str] = field(default_factory=set)
     weights_lost: bool = False  # a level-2 sleep discarded them; reload_weights reads them
+    sleep_mode: bool = field(default_factory=lambda: "--enable-sleep-mode" in sys.argv)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,7 +109,9 @@ class FakeVllm(upstream.Fake):
         self.held.release()
         self.sleeping_tags = set(SLEEP_TAGS)
         # vLLM's Worker.sleep(level=2) keeps only the model's buffers: the weights are gone.
-        self.weights_lost = self.weights_lost or request.query.get("level") == "2"
+        # Without sleep mode (the CPU build, CPUWorker.sleep) a sleep only pauses.
+        level2 = self.sleep_mode and request.query.get("level") == "2"
+        self.weights_lost = self.weights_lost or level2
         return answer
 
     async def wake_up(self, request: web.Request) -> web.Response:
@@ -128,6 +133,7 @@ class FakeVllm(upstream.Fake):
         """vLLM's ``/collective_rpc``: ``reload_weights`` reads the weights again."""
         body = await self.read_json(request)
         if body.get("method") == "reload_weights":
+            upstream.log("collective_rpc: reload_weights")
             await asyncio.sleep(float(os.environ.get("FAKE_VLLM_RELOAD_DELAY", "0")))
             self.weights_lost = False
         return web.json_response({"results": [None]})
