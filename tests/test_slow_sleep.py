@@ -106,3 +106,32 @@ def test_a_load_that_needs_no_eviction_does_not_wait_for_another_models_sleep(
         assert for_c.result()[0] == 200
     assert (d.model("v")["state"], d.model("c")["state"]) == ("asleep", "ready")
     assert [e["victims"] for e in d.events("model.evict")] == [["v"]]
+
+
+# Loaded into the daemon only: its cap on one sleep-API call, made shorter than the
+# fake's slow /sleep (FAKE_VLLM_SLEEP_DELAY).
+SHORT_CALL_CAP = """
+import sys
+if sys.argv[:2] == ["-m", "serve"]:
+    import swapd.backends.vllm
+    swapd.backends.vllm._CALL_TIMEOUT = 1.0
+"""
+
+
+def test_a_sleep_that_outlasts_its_cap_fails_with_a_reason(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """A /sleep with no answer within the cap ends the process; the error says why.
+
+    Before, the reason was empty ("could not sleep: POST /sleep?level=1: "): the text
+    of asyncio's TimeoutError is, and an exception is always true, so its name never
+    stood in.
+    """
+    d = start_daemon(
+        {"v": vllm_preset(vllm_binary, tmp_path / "m", ttl="1s")},
+        env={"FAKE_VLLM_SLEEP_DELAY": "30", **hook_env(tmp_path / "hook", SHORT_CALL_CAP)},
+    )
+    assert d.chat("v")[0] == 200
+    wait_for(lambda: d.model("v")["state"] in ("failed", "stopped", "backoff"), timeout=40)
+    error = d.model("v")["error"]
+    assert "could not sleep: POST /sleep?level=1: no answer within 1s" in str(error), error

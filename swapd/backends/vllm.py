@@ -95,8 +95,10 @@ async def _call(  # noqa: PLR0913, PLR0917 - where, what, a JSON body, whether c
     try:
         async with asyncio.timeout(_CALL_TIMEOUT if capped else None):  # the body too
             status, body = await pool.control(host, port, method, path, headers, payload)
-    except (UpstreamError, TimeoutError) as exc:
-        raise SleepFailed(f"{method} {path}: {exc or type(exc).__name__}") from exc
+    except TimeoutError as exc:  # its text is empty: say what it was
+        raise SleepFailed(f"{method} {path}: no answer within {_CALL_TIMEOUT:g}s") from exc
+    except UpstreamError as exc:
+        raise SleepFailed(f"{method} {path}: {exc}") from exc
     if status != 200:
         raise SleepFailed(f"{method} {path}: HTTP {status}: {body[:200]!r}", status)
     return body
