@@ -1531,7 +1531,7 @@ class Manager:
             # the group is stopped and reaped before the error goes on.
             cancelled = isinstance(exc, asyncio.CancelledError)
             try:
-                await child.stop(preset.stop_timeout)
+                await self._stop_child(slot, child)
             except asyncio.CancelledError:
                 cancelled = True  # a forced unload cut in while the stop ran: it finished
                 raise
@@ -1636,11 +1636,26 @@ class Manager:
         _log.error("backend.fail", model=slot.preset.name, reason=why)
         try:
             if slot.child is not None:
-                await slot.child.stop(slot.preset.stop_timeout)  # finishes even if cancelled
+                await self._stop_child(slot, slot.child)  # finishes even if cancelled
         finally:
             self._forget_child(slot)
             slot.device = None
             self._notify()
+
+    @staticmethod
+    async def _stop_child(slot: Slot, child: Child) -> None:
+        """Stop and reap ``child``'s group; a stop that raises still ends it (SIGKILL).
+
+        Its callers forget the process next and move the model on: raised on, they left
+        it stopping, or failed with a process to wait for, for good.
+        """
+        try:
+            await child.stop(slot.preset.stop_timeout)
+        except Exception as exc:  # noqa: BLE001 - logged with its trace; the group is killed
+            _log.error("backend.stop.error", model=slot.preset.name, error=repr(exc), exc_info=exc)
+            child.kill_group()
+            with contextlib.suppress(Exception):
+                await child.stop(0)  # reaps it, where the stop that raised did not get so far
 
     async def _measure(self, slot: Slot, child: Child) -> None:
         """Record what the ready backend really uses, for status and the next admission."""
@@ -1708,7 +1723,7 @@ class Manager:
             _log.error(
                 "backend.crash", model=slot.preset.name, code=code, reason=describe_exit(code)
             )
-            await child.stop(slot.preset.stop_timeout)  # reap the rest of its group
+            await self._stop_child(slot, child)  # reap the rest of its group
             if slot.child is child:
                 self._cancel_ram_ttl(slot)
                 self._forget_child(slot)
@@ -1729,7 +1744,7 @@ class Manager:
         self._cancel_ttl(slot)
         self._cancel_ram_ttl(slot)
         slot.move(alive_states, State.FAILED)  # no new lease goes to a dead backend
-        await child.stop(slot.preset.stop_timeout)  # reap the rest of its group
+        await self._stop_child(slot, child)  # reap the rest of its group
         if slot.child is child:
             self._forget_child(slot)
             slot.ram_bytes = 0
@@ -1790,7 +1805,7 @@ class Manager:
         slot.move((State.READY, State.DRAINING), State.FAILED)
         self._cancel_ttl(slot)
         child.kill_group()
-        await child.stop(preset.stop_timeout)
+        await self._stop_child(slot, child)
         if slot.child is child:
             self._forget_child(slot)
             # Frozen within STABLE_AFTER of ready: a failed start, as an early crash is
@@ -1932,8 +1947,8 @@ class Manager:
         self._cancel_ttl(slot)
         self._cancel_ram_ttl(slot)
         child = slot.child
+        hold = None
         try:
-            hold = None
             if keep_pages and slot.preset.model is not None:
                 # Locked while the backend exits (it still maps them, so they are resident):
                 # the lock costs a swap nothing beyond the stop itself.
@@ -1943,22 +1958,38 @@ class Manager:
                 if slot.failures and self._proven(slot):
                     slot.failures = 0  # stopped after a good run
                 await self._close_connections(slot)
-                await child.stop(slot.preset.stop_timeout)
+                await self._stop_child(slot, child)
                 self._forget_child(slot)
             if hold is not None:
                 await hold
-            if slot.state is State.STOPPING:
-                slot.move(State.STOPPING, State.STOPPED)
-                if slot.pages is not None:
-                    # Its pages entered the ram tier while it still stopped (tier "device"),
-                    # when ram_ttl could not be armed: now it can.
-                    self._rearm_ram_ttl(slot)
-                    # Planned with the size read at its start: the file may have changed.
-                    self._spawn_task(self._fit_ram_budget(), "ram_budget")
+            self._stopped(slot)
+        except Exception as exc:  # noqa: BLE001 - logged with its trace; the stop still ends
+            # Pages that could not be held, or any other step that raised: the process is
+            # ended and the model stopped all the same. Left stopping, no request could
+            # load it again, and every load that waited for its room failed.
+            _log.error("model.stop.error", model=slot.preset.name, error=repr(exc), exc_info=exc)
+            if hold is not None:
+                await asyncio.gather(hold, return_exceptions=True)
+            if child is not None and slot.child is child:
+                await self._stop_child(slot, child)
+                self._forget_child(slot)
+            self._stopped(slot)
         finally:
             slot.leaving_ram = False
             slot.stop_task = None
             self._notify()
+
+    def _stopped(self, slot: Slot) -> None:
+        """A stop has ended: the model is stopped, in the ram tier where its pages are held."""
+        if slot.state is not State.STOPPING:
+            return
+        slot.move(State.STOPPING, State.STOPPED)
+        if slot.pages is not None:
+            # Its pages entered the ram tier while it still stopped (tier "device"),
+            # when ram_ttl could not be armed: now it can.
+            self._rearm_ram_ttl(slot)
+            # Planned with the size read at its start: the file may have changed.
+            self._spawn_task(self._fit_ram_budget(), "ram_budget")
 
     async def _drop_stale_pages(self, slot: Slot) -> None:
         """Let go of held pages whose file was deleted or replaced: a start would not read them."""

@@ -1,0 +1,97 @@
+"""Plain exceptions injected into a real swapd's stops and reaping (:mod:`faults`).
+
+Whatever raises, the model must end where its next request can load it (never stranded in
+``stopping``), no process may be left behind, the error is logged, and the load that waited
+for the room answers as usual. Each test failed on older code: a stop that raised left its
+model ``stopping`` for good (each later request a 500 ``BadTransition``), and a crashed
+backend whose reaping raised kept its dead process, so that the next request for it waited
+forever.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from daemon import Daemon, fake_preset, wait_for
+from faults import fault_env, faults_met
+
+if TYPE_CHECKING:
+    from conftest import StartDaemon
+
+MIB = 1 << 20
+
+
+def _only_running(d: Daemon, *models: str) -> None:
+    """The processes swapd runs are those of ``models``, and nothing else lives on."""
+    pids = {d.model(m)["pid"] for m in models}
+    assert None not in pids
+    assert wait_for(lambda: {p.pid for p in d.leftovers()} == pids, timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("target", "skip"),
+    [
+        ("swapd.process:Child.stop", 0),  # the stop itself
+        ("swapd.cgroups:kill", 0),  # its cgroup's last sweep
+        ("swapd.app:Reaper.__call__", 1),  # telling the reaper the group is gone
+        ("swapd.manager:Manager._close_connections", 0),  # a step of the stop around it
+    ],
+)
+def test_an_eviction_whose_stop_raises_still_stops_the_victim_and_loads_the_model(
+    start_daemon: StartDaemon, tmp_path: Path, target: str, skip: int
+) -> None:
+    """The victim is stopped (its process ended), the load it made room for goes on."""
+    d = start_daemon(
+        {"a": fake_preset("A"), "b": fake_preset("B")},
+        {"max_running": 1},
+        env=fault_env(tmp_path, target, skip=skip),
+    )
+    assert d.chat("a")[0] == 200
+    status, body = d.chat("b")
+    assert faults_met(tmp_path) == 1
+    assert status == 200, body
+    assert d.model("a")["state"] == "stopped"
+    _only_running(d, "b")
+    assert d.events("backend.stop.error") or d.events("model.stop.error")
+    assert d.chat("a")[0] == 200  # and it loads again, in b's place
+    _only_running(d, "a")
+
+
+@pytest.mark.llama
+def test_a_page_lock_that_raises_as_the_model_stops_leaves_it_stopped_on_disk(
+    start_daemon: StartDaemon, tmp_path: Path, tiny_gguf: Path
+) -> None:
+    """The TTL's stop to the ram tier cannot hold the pages: the model goes to disk."""
+    preset = {"backend": "llama-server", "model": str(tiny_gguf), "ttl": "1s"}
+    d = start_daemon(
+        {"t": preset},
+        {"ram_budget": 64 * MIB},
+        env=fault_env(tmp_path, "swapd.pages:WarmSet.open"),
+    )
+    assert d.chat("t")[0] == 200
+    wait_for(lambda: faults_met(tmp_path) == 1, timeout=30)
+    wait_for(lambda: d.model("t")["state"] == "stopped", timeout=10)
+    assert d.model("t")["tier"] == "disk"
+    assert d.events("model.stop.error")
+    assert d.leftovers() == []
+    status, body = d.chat("t")
+    assert status == 200, body
+
+
+def test_a_crashed_backend_whose_reaping_raises_can_be_started_again(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The dead process is let go however its group's stop ends; requests do not hang."""
+    d = start_daemon({"a": fake_preset("A")}, env=fault_env(tmp_path, "swapd.process:Child.stop"))
+    assert d.chat("a")[0] == 200
+    os.kill(d.model("a")["pid"], signal.SIGKILL)
+    wait_for(lambda: faults_met(tmp_path) == 1)
+    # Before: failed with the dead pid for good, and each request waited for its reaping.
+    wait_for(lambda: d.model("a")["pid"] is None, timeout=10)
+    assert d.events("backend.stop.error")
+    wait_for(lambda: d.chat("a")[0] == 200, timeout=20, interval=0.2)  # after its backoff
+    _only_running(d, "a")
