@@ -1881,14 +1881,13 @@ class Manager:
         started = time.monotonic()
         try:
             await slot.kind.sleep(self.pool, launch.host, launch.port, slot.sleep_level)
-        except (SleepFailed, SleepUnsupported) as exc:
-            if isinstance(exc, SleepFailed) and exc.api_missing:
-                self._sleep_missing_found(slot, exc)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the process is ended
+            why = self._sleep_failed(slot, exc)
             slot.last_error = BackendStartError(
-                slot.preset.name, None, slot.ring.tail(), reason=f"could not sleep: {exc}"
+                slot.preset.name, None, slot.ring.tail(), reason=f"could not sleep: {why}"
             )
             slot.move(State.SLEEPING, State.FAILED)
-            await self._end_failed_child(slot, f"sleep failed: {exc}")
+            await self._end_failed_child(slot, f"sleep failed: {why}")
             return
         finally:
             slot.sleep_task = None
@@ -1906,6 +1905,19 @@ class Manager:
             sleep_level=slot.sleep_level,
             sleep_s=round(time.monotonic() - started, 3),
         )
+
+    def _sleep_failed(self, slot: Slot, exc: Exception) -> str:
+        """Why a sleep failed, in words; an error that is not the backend's answer is logged.
+
+        Any error ends the sleep as a failed one: left sleeping, the model could not be
+        loaded again, and the load that waited for its room failed.
+        """
+        if isinstance(exc, SleepFailed) and exc.api_missing:
+            self._sleep_missing_found(slot, exc)
+        if isinstance(exc, (SleepFailed, SleepUnsupported)):
+            return str(exc)
+        _log.error("model.sleep.error", model=slot.preset.name, error=repr(exc), exc_info=exc)
+        return f"{type(exc).__name__}: {exc}"
 
     def _sleep_missing_found(self, slot: Slot, exc: SleepFailed) -> None:
         """Remember for the launch that its sleep API is missing (``model.sleep.missing``).

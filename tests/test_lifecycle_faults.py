@@ -1,11 +1,11 @@
-"""Plain exceptions injected into a real swapd's stops and reaping (:mod:`faults`).
+"""Plain exceptions injected into a real swapd's stops, sleeps and reaping (:mod:`faults`).
 
 Whatever raises, the model must end where its next request can load it (never stranded in
-``stopping``), no process may be left behind, the error is logged, and the load that waited
-for the room answers as usual. Each test failed on older code: a stop that raised left its
-model ``stopping`` for good (each later request a 500 ``BadTransition``), and a crashed
-backend whose reaping raised kept its dead process, so that the next request for it waited
-forever.
+``stopping`` or ``sleeping``), no process may be left behind, the error is logged, and the
+load that waited for the room answers as usual. Each test failed on older code: a stop that
+raised left its model ``stopping`` for good (each later request a 500 ``BadTransition``),
+a sleep that raised left it ``sleeping``, and a crashed backend whose reaping raised kept
+its dead process, so that the next request for it waited forever.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from daemon import Daemon, fake_preset, wait_for
@@ -59,6 +59,34 @@ def test_an_eviction_whose_stop_raises_still_stops_the_victim_and_loads_the_mode
     assert d.events("backend.stop.error") or d.events("model.stop.error")
     assert d.chat("a")[0] == 200  # and it loads again, in b's place
     _only_running(d, "a")
+
+
+def _vllm(binary: str, model_dir: Path) -> dict[str, Any]:
+    model_dir.mkdir(parents=True)
+    return {"backend": "vllm", "model": str(model_dir), "binary": binary, "sleep": 1}
+
+
+def test_a_sleep_that_raises_ends_the_process_and_the_model_starts_again(
+    start_daemon: StartDaemon, tmp_path: Path, vllm_binary: str
+) -> None:
+    """An error other than the backend's answer fails the sleep as a refused /sleep does."""
+    d = start_daemon(
+        {"v": _vllm(vllm_binary, tmp_path / "m"), "w": _vllm(vllm_binary, tmp_path / "n")},
+        {"max_running": 1},
+        env=fault_env(tmp_path, "swapd.backends.vllm:VllmKind.sleep"),
+    )
+    assert d.chat("v")[0] == 200
+    status, body = d.chat("w")
+    assert faults_met(tmp_path) == 1
+    assert status == 200, body
+    v = d.model("v")
+    assert v["state"] == "failed", v
+    assert "could not sleep: RuntimeError: injected fault" in v["error"]
+    [event] = d.events("model.sleep.error")
+    assert "RuntimeError" in event["error"]
+    _only_running(d, "w")
+    assert d.chat("v")[0] == 200  # started afresh; w sleeps in its place
+    assert d.model("w")["state"] == "asleep"
 
 
 @pytest.mark.llama
