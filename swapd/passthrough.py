@@ -50,14 +50,20 @@ ENGINE_ROUTES = (
 UPSTREAM_PREFIX = "/upstream/"
 # Backend routes that are swapd's alone: vLLM's development routes (VLLM_SERVER_DEV_MODE=1,
 # which sleep needs) that swapd drives or that act on every client: sleep and wake (swapd's
-# tiers depend on them), RPC, pausing, aborting every request, and replacing the served
-# weights (its RL router). The backend's own key would let a caller reach them; through
-# /upstream/ they are refused.
+# tiers depend on them), RPC, emptying the caches every client shares, the server's
+# configuration and environment (on only because swapd asked for sleep), pausing,
+# aborting every request, and replacing the served weights (its RL router). The backend's
+# own key would let a caller reach them; through /upstream/ they are refused. Routes a
+# preset turns on itself (profiling, LoRA updates) are the preset's to offer.
 RESERVED = frozenset(
     {
         "/sleep",
         "/wake_up",
         "/collective_rpc",
+        "/reset_prefix_cache",
+        "/reset_mm_cache",
+        "/reset_encoder_cache",
+        "/server_info",
         "/scale_elastic_ep",
         "/pause",
         "/resume",
