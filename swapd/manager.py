@@ -341,11 +341,29 @@ class Manager:
 
     def views(self) -> list[ModelView]:
         """A frozen snapshot of every model."""
+        for slot in self.slots.values():
+            self._forget_lost_copy(slot)
         return [snapshot(slot) for slot in self.slots.values()]
 
     def view(self, name: str) -> ModelView:
         """A frozen snapshot of one model (by name or alias)."""
-        return snapshot(self.slot_for(name))
+        slot = self.slot_for(name)
+        self._forget_lost_copy(slot)
+        return snapshot(slot)
+
+    def _forget_lost_copy(self, slot: Slot, *, loading: bool = False) -> None:
+        """A staged copy deleted behind swapd's back: the model is in ``store`` again.
+
+        The cache stops counting it at once, and the next load copies it again: kept, the
+        model would show in ``disk`` with nothing of it in the cache. One stat. ``loading``:
+        called by the slot's own load, which is about to stage, not in use of the copy.
+        """
+        path = slot.staged_path
+        if path is None or self._uses_staged_copy(slot, counting_load=not loading):
+            return
+        if not Path(path).exists():
+            slot.staged_path = slot.staged_source = None
+            slot.changed()  # no move: the tier changed
 
     def logs(self, name: str, lines: int) -> tuple[str, list[str]]:
         """The model's name and its backend's last output lines."""
@@ -741,6 +759,7 @@ class Manager:
         staging = None
         try:
             await self._drop_stale_pages(slot)  # (a sleeper holds none)
+            self._forget_lost_copy(slot, loading=True)
             from_tier = "ram" if waking else slot.tier
             staging = None if waking else self._stage_meanwhile(slot)
             device, total = await self._admit(slot, waking=waking, staging=staging)
