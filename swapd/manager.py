@@ -275,7 +275,7 @@ class Manager:
         self._sizing_now: dict[str, str] = {}  # per GPU: the model whose start holds its lock
         self.staging: StagingCache | None = None
         if config.cache_dir is not None:
-            self.staging = StagingCache(config.cache_dir, config.cache_budget, self._notify)
+            self.staging = StagingCache(config.cache_dir, config.cache_budget, self._copy_ended)
 
     def _used_copy(self, slot: Slot) -> None:
         """A process or pages let go of the staged copy: it was in use until now (LRU)."""
@@ -350,6 +350,31 @@ class Manager:
         slot = self.slot_for(name)
         self._forget_lost_copy(slot)
         return snapshot(slot)
+
+    def _copy_ended(self) -> None:
+        """A copy ended, done or failed: a load waiting for room may go on; find new copies."""
+        self._notify()
+        if not self._closing:
+            self._spawn_task(self._find_new_copies(), "find_copies")
+
+    async def _find_new_copies(self) -> None:
+        """Take models in ``store`` whose file the cache now holds out of it.
+
+        A load cut short (a forced unload) leaves its copy to finish in the cache, and a copy
+        made for one preset serves another of the same file: both would show in ``store``,
+        their copy counted in the cache, until their next load.
+        """
+        staging = self.staging
+        assert staging is not None  # noqa: S101 - a copy ended: there is a cache
+        for slot in list(self.slots.values()):
+            model = slot.preset.model
+            if slot.tier != "store" or model is None:
+                continue
+            found = await asyncio.to_thread(staging.cached_path, model)
+            # Checked again after the thread hop: a load or a reload may have moved it.
+            if found is not None and slot.tier == "store" and slot.preset.model == model:
+                slot.staged_path, slot.staged_source = str(found), model
+                slot.changed()
 
     def _forget_lost_copy(self, slot: Slot, *, loading: bool = False) -> None:
         """A staged copy deleted behind swapd's back: the model is in ``store`` again.
