@@ -2048,14 +2048,40 @@ class Manager:
             self._spawn_task(self._fit_ram_budget(), "ram_budget")
 
     async def _drop_stale_pages(self, slot: Slot) -> None:
-        """Let go of held pages whose file was deleted or replaced: a start would not read them."""
+        """Let go of held pages whose file was deleted or replaced: a start would not read them.
+
+        Held pages of a staged copy go too when the copy's source changed since it was made.
+        """
         pages = slot.pages
         if pages is None:
             return
+        copy = slot.staged_path
         why = await asyncio.to_thread(_pages_changed, slot, pages)
-        if why is not None and slot.pages is pages:
-            _log.info("model.pages.stale", model=slot.preset.name, why=why)
-            self._drop_pages(slot, reason="file_changed")
+        outdated = None
+        if why is None:
+            why = outdated = await self._copy_outdated(slot)
+        if why is None or slot.pages is not pages:
+            return
+        _log.info("model.pages.stale", model=slot.preset.name, why=why)
+        self._drop_pages(slot, reason="file_changed")
+        if outdated is not None and slot.staged_path == copy:
+            # Its next load copies the file as it is now: the model is in store.
+            slot.staged_path = slot.staged_source = None
+            slot.changed()
+
+    async def _copy_outdated(self, slot: Slot) -> str | None:
+        """Why the staged copy the slot uses is no copy of its file as it is now, or None.
+
+        The copy itself is unchanged, but its source was replaced or rewritten since: a
+        start stages the new file and reads that copy, not these pages.
+        """
+        source, copy = slot.staged_source, slot.staged_path
+        if self.staging is None or source is None or copy is None:
+            return None
+        found = await asyncio.to_thread(self.staging.cached_path, source)
+        if found is not None and str(found) == copy:
+            return None
+        return f"{source} changed since it was copied to {copy}"
 
     async def _hold_pages(self, slot: Slot) -> None:
         """Lock the model's weight pages in RAM (the llama-server ram tier).

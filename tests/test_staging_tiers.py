@@ -10,8 +10,10 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from conftest import StartDaemon
-from daemon import hook_env, wait_for
+from daemon import Daemon, hook_env, wait_for
+from test_pages_stale import mapped, to_ram
 from test_staging_daemon import MIB, _model, staged_preset
 from test_staging_faults import SLOW_COPY
 
@@ -79,3 +81,55 @@ def test_a_copy_made_for_one_preset_takes_another_of_its_file_out_of_store(
     wait_for(lambda: d.model("b")["tier"] == "disk", timeout=10)
     assert d.chat("b")[0] == 200
     assert [e["from_tier"] for e in d.events("model.load.done")] == ["store", "disk"]
+
+
+def _held_copy(start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path) -> tuple[Daemon, Path]:
+    """A swapd whose staged llama-server ``t`` holds its copy's pages in the ram tier."""
+    model = tmp_path / "slow" / "t.gguf"
+    model.parent.mkdir()
+    shutil.copyfile(tiny_gguf, model)
+    preset = {"backend": "llama-server", "model": str(model), "stage": True, "ttl": "1s"}
+    d = start_daemon({"t": preset}, {"cache_dir": str(tmp_path / "cache"), "ram_budget": 64 * MIB})
+    to_ram(d, "t")
+    [staged] = d.events("model.staged")
+    assert mapped(d, Path(staged["path"]))
+    return d, model
+
+
+def _replace(model: Path, tmp_path: Path) -> None:
+    """A new file at the model's path (a rename over it): its copy is of the old one."""
+    new = tmp_path / "new.gguf"
+    shutil.copyfile(model, new)
+    new.replace(model)
+
+
+@pytest.mark.llama
+def test_held_pages_of_a_copy_whose_source_changed_are_let_go(
+    start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """The source of a staged copy held in the ram tier is replaced: the pages are of no use.
+
+    The next start stages the new file and reads that copy. The copy's pages stayed
+    locked and counted in the ram tier (only the copy itself was checked for changes).
+    """
+    d, model = _held_copy(start_daemon, tiny_gguf, tmp_path)
+    _replace(model, tmp_path)
+    wait_for(lambda: d.model("t")["tier"] == "store", timeout=30)  # the look every 5 s
+    [staged] = d.events("model.staged")
+    assert not mapped(d, Path(staged["path"]))
+    assert d.get("/swapd/status")[1]["tiers"]["ram"]["bytes"] == 0
+    assert [e["model"] for e in d.events("model.pages.stale")] == ["t"]
+
+
+@pytest.mark.llama
+def test_a_start_after_the_source_of_its_held_copy_changed_is_one_from_store(
+    start_daemon: StartDaemon, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """A start counted the outdated copy's pages as already in RAM, and said it came from ram.
+
+    It read the new file's copy, made by that very load.
+    """
+    d, model = _held_copy(start_daemon, tiny_gguf, tmp_path)
+    _replace(model, tmp_path)
+    assert d.chat("t", max_tokens=1)[0] == 200
+    assert [e["from_tier"] for e in d.events("model.load.done")] == ["store", "store"]
