@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 import pytest
 from conftest import StartDaemon
 from daemon import Daemon, hook_env, wait_for
-from test_sleep_level2 import LEVEL2_FAKE
 from test_split_gguf_tiers import _LIMITED_TIGHT_HOST
 from test_tiers import vllm_preset
 from tier_truth import TierTruth
@@ -70,22 +68,9 @@ def serve(d: Daemon, truth: TierTruth, *names: str) -> None:
         truth.check()
 
 
-@pytest.fixture
-def level2_binary(tmp_path: Path) -> str:
-    """A fake vllm that reloads its weights after a level-2 sleep, as vLLM's wake does."""
-    script = tmp_path / "level2_vllm.py"
-    script.write_text(LEVEL2_FAKE)
-    binary = tmp_path / "bin2" / "vllm"
-    binary.parent.mkdir()
-    binary.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
-    binary.chmod(0o755)
-    return str(binary)
-
-
 def test_vllm_sleepers_and_held_pages_swap_through_a_tight_ram_budget(
     start_daemon: StartDaemon,
     vllm_binary: str,
-    level2_binary: str,
     tiny_gguf: Path,
     tmp_path: Path,
 ) -> None:
@@ -96,7 +81,7 @@ def test_vllm_sleepers_and_held_pages_swap_through_a_tight_ram_budget(
     gguf = copies(tiny_gguf, tmp_path / "m", "a")["a"]
     presets = {
         "v1": vllm_preset(vllm_binary, tmp_path / "v1", ttl="2s", ram_ttl="2s"),
-        "v2": vllm_preset(level2_binary, tmp_path / "v2", sleep=2, ttl="1s"),
+        "v2": vllm_preset(vllm_binary, tmp_path / "v2", sleep=2, ttl="1s"),
         "a": llama(gguf, ttl="1s", ram_ttl="2s"),
         "a2": {**llama(gguf, ttl="1s"), "args": ["-c", "512"]},
     }
