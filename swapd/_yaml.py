@@ -233,6 +233,11 @@ def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
     sizes: dict[int, int] = {}  # shared: an anchor the keys repeat is walked once
     total = 0
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            # A list or mapping as key (``? [a]``) is no setting; its text, were it shown,
+            # could be an alias bomb's billions of values.
+            reason = "a key is a name, not a list or a mapping"
+            raise ConfigError(node_location(file, key_node), what, reason)
         key = str(key_node.value)
         if key in seen:
             raise ConfigError(node_location(file, key_node), key, "key is given twice")

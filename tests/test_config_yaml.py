@@ -138,3 +138,33 @@ def test_a_bad_item_of_a_list_or_mapping_is_named_where_it_is(tmp_path: Path) ->
         "presets/m.yaml:5:5: aliases: not a usable model name: '-bad'",
         "presets/m.yaml:8:3: env: not a usable variable name: 'B=C'",
     ]
+
+
+def _alias_bomb(levels: int) -> str:
+    """A flow list that stands for 10**levels values in a few hundred bytes."""
+    text = "&l0 [" + ", ".join(["x"] * 10) + "]"
+    for level in range(1, levels):
+        text = f"&l{level} [{text}, " + ", ".join([f"*l{level - 1}"] * 9) + "]"
+    return text
+
+
+@pytest.mark.parametrize("where", ["config", "preset"])
+def test_a_list_as_a_key_is_a_config_error_at_the_key(tmp_path: Path, where: str) -> None:
+    """``? [a]`` was an unknown key named by the nodes' repr, ``[ScalarNode(tag=...)]``."""
+    bad = "? [a]\n: 1\n"
+    if where == "config":
+        got = _errors(tmp_path, bad, {"m.yaml": OK_PRESET})
+    else:
+        got = _errors(tmp_path, "", {"m.yaml": bad + OK_PRESET})
+    file = "swapd.yaml" if where == "config" else "presets/m.yaml"
+    assert got == [f"{file}:1:3: (top level): a key is a name, not a list or a mapping"]
+
+
+def test_an_alias_bomb_as_a_key_is_refused_without_expanding_it(tmp_path: Path) -> None:
+    """The key's text was built from every value its aliases stand for.
+
+    Ten levels (10**10 values) took a reload's thread to gigabytes and held the reload
+    lock for good, so no later reload ran; six are 1,000,000 values and a 60 MB message.
+    """
+    got = _errors(tmp_path, "", {"m.yaml": f"? {_alias_bomb(6)}\n: 1\n" + OK_PRESET})
+    assert got == ["presets/m.yaml:1:3: (top level): a key is a name, not a list or a mapping"]

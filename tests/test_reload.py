@@ -236,6 +236,30 @@ def test_a_bad_config_is_refused_whole_and_the_running_one_stays(
     assert d.events("config.reload.fail")
 
 
+def test_a_preset_keyed_by_a_list_of_aliases_is_refused_and_reloads_go_on(
+    start_daemon: StartDaemon,
+) -> None:
+    """A list as a key was made text with every value its aliases stand for, unbounded.
+
+    A ten-level one took the reload's thread to gigabytes and held the reload lock, so
+    no later reload ran; five levels (100,000 values) already made a 6 MB error.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    bomb = "&l0 [" + ", ".join(["x"] * 10) + "]"
+    for level in range(1, 5):
+        bomb = f"&l{level} [{bomb}, " + ", ".join([f"*l{level - 1}"] * 9) + "]"
+    (d.root / "presets" / "b.yaml").write_text(f"? {bomb}\n: 1\n")
+    status, body = reload(d)
+    assert (status, body["errors"]) == (
+        400,
+        ["presets/b.yaml:1:3: (top level): a key is a name, not a list or a mapping"],
+    )
+    (d.root / "presets" / "b.yaml").unlink()
+    assert reload(d)[0] == 200
+    assert d.chat("a")[1]["choices"][0]["message"]["content"].startswith("A:")
+
+
 def test_removed_models_stop_and_new_ones_appear(start_daemon: StartDaemon) -> None:
     """A removed preset's backend stops and its name is unknown; a new preset serves."""
     d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")}, {"max_running": 2})
