@@ -129,8 +129,29 @@ def written(value: float) -> str:
     return getattr(value, "written", None) or str(value)
 
 
+def _joined_surrogates(text: str, mark: yaml.Mark | None) -> str:
+    """``text`` with escaped surrogate pairs (a JSON-style escape of U+1F600, say) joined.
+
+    YAML reads each four-digit escape alone; a surrogate left over is no character, which
+    no file name, argument, environment or log line can carry.
+    """
+    if text.isascii():
+        return text
+    try:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        reason = (
+            "an escape of a lone surrogate (\\ud800 to \\udfff) is no character;"
+            " write one above \\uffff as \\U0001F600"
+        )
+        raise yaml.constructor.ConstructorError(None, None, reason, mark) from None
+
+
 class _Loader(yaml.SafeLoader):
     """Safe YAML whose numbers keep their text (an ``env`` value or an argument is text)."""
+
+    def construct_scalar(self, node: yaml.ScalarNode | yaml.MappingNode) -> str:
+        return _joined_surrogates(super().construct_scalar(node), node.start_mark)
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         if len(node.value) > MAX_NUMBER_TEXT:  # past any setting, and past what int() reads
@@ -224,6 +245,33 @@ def _plain(node: yaml.Node) -> Any:
         loader.dispose()
 
 
+def _key_text(file: str, key_node: yaml.Node, what: str) -> str:
+    """A mapping key's text; ``what``: the mapping, which an error about the key names."""
+    if not isinstance(key_node, yaml.ScalarNode):
+        # A list or mapping as key (``? [a]``) is no setting; its text, were it shown,
+        # could be an alias bomb's billions of values.
+        reason = "a key is a name, not a list or a mapping"
+        raise ConfigError(node_location(file, key_node), what, reason)
+    try:
+        return _joined_surrogates(str(key_node.value), key_node.start_mark)
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(node_location(file, key_node), what, str(exc.problem)) from None
+
+
+def _value_of(file: str, key: str, value_node: yaml.Node) -> Any:
+    """The value of ``key`` as plain Python; an error at the part safe YAML cannot build."""
+    try:
+        return _plain(value_node)
+    except yaml.MarkedYAMLError as exc:  # a tag, a long number, a lone surrogate
+        mark = exc.problem_mark  # the part of the value at fault, where one is named
+        where = (
+            Location(file, mark.line + 1, mark.column + 1)
+            if mark
+            else node_location(file, value_node)
+        )
+        raise ConfigError(where, key, str(exc.problem or exc)) from exc
+
+
 def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
     """Entries of a mapping node; duplicate keys are errors, as silent overrides hide mistakes."""
     if not isinstance(node, yaml.MappingNode):
@@ -233,12 +281,7 @@ def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
     sizes: dict[int, int] = {}  # shared: an anchor the keys repeat is walked once
     total = 0
     for key_node, value_node in node.value:
-        if not isinstance(key_node, yaml.ScalarNode):
-            # A list or mapping as key (``? [a]``) is no setting; its text, were it shown,
-            # could be an alias bomb's billions of values.
-            reason = "a key is a name, not a list or a mapping"
-            raise ConfigError(node_location(file, key_node), what, reason)
-        key = str(key_node.value)
+        key = _key_text(file, key_node, what)
         if key in seen:
             raise ConfigError(node_location(file, key_node), key, "key is given twice")
         seen.add(key)
@@ -262,16 +305,10 @@ def entries_of(file: str, node: yaml.Node, *, what: str) -> tuple[Entry, ...]:
             raise ConfigError(
                 node_location(file, repeated), str(repeated.value), "key is given twice"
             )
-        try:
-            value = _plain(value_node)
-        except yaml.MarkedYAMLError as exc:  # a tag or value safe YAML cannot build
-            raise ConfigError(
-                node_location(file, value_node), key, str(exc.problem or exc)
-            ) from exc
         out.append(
             Entry(
                 key,
-                value,
+                _value_of(file, key, value_node),
                 node_location(file, value_node),
                 value_node,
                 node_location(file, key_node),

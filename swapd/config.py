@@ -11,7 +11,7 @@ from typing import Any
 
 from swapd._yaml import Document, load_document, nested_entries
 from swapd.auth import parse_allowed_hosts, parse_origins
-from swapd.errors import ConfigError, ConfigErrors, Location
+from swapd.errors import ConfigError, ConfigErrors, Location, clip
 from swapd.keys import parse_keys, read_keys_file
 from swapd.logs import BACKEND_LOG_MODES
 from swapd.presets import CONVERTERS, Preset, convert_entries, load_presets, preset_files
@@ -176,6 +176,8 @@ def _path(value: Any) -> Path:
             else repr(value)
         )
         raise ValueError(f"expected a path, got {shown}")
+    if "\0" in str(value):  # no file name can hold it
+        raise ValueError(f"a NUL character in {clip(str(value))!r}")
     return Path(str(value)).expanduser()
 
 

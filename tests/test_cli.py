@@ -311,3 +311,15 @@ def test_a_reader_that_goes_away_ends_the_cli_quietly(start_daemon: StartDaemon)
         os.close(write_end)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 128 + signal.SIGPIPE
+
+
+def test_serve_and_check_name_a_nul_in_state_dir_without_a_traceback(tmp_path: Path) -> None:
+    """``swapd check`` said ok; ``swapd serve`` died in mkdir with ValueError's traceback."""
+    config = write_layout(tmp_path, free_port(), {"a": fake_preset("A")}, {})
+    config.write_text(config.read_text().replace("state_dir: state", 'state_dir: "st\\0ate"'))
+    for verb in ("check", "serve"):
+        done = swapd(verb, "--config", str(config))
+        assert done.returncode == (1 if verb == "check" else 2)
+        assert "Traceback" not in done.stderr
+        assert f"{config}:" in done.stderr
+        assert "state_dir: a NUL character in 'st\\x00ate'" in done.stderr

@@ -30,9 +30,9 @@ def test_a_number_too_long_to_read_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_a_long_number_below_the_top_is_a_config_error(tmp_path: Path) -> None:
-    """The same inside a list, and in the daemon's own file."""
+    """The same inside a list, and in the daemon's own file: at the number itself."""
     got = _errors(tmp_path, "devices: [0, " + "1" * 5000 + "]\n", {"m.yaml": OK_PRESET})
-    assert got == ["swapd.yaml:1:10: devices: a number written with more than 1,000 characters"]
+    assert got == ["swapd.yaml:1:14: devices: a number written with more than 1,000 characters"]
 
 
 @pytest.mark.parametrize("key", ["model", "binary", "args", "cmd", "env"])
@@ -168,3 +168,48 @@ def test_an_alias_bomb_as_a_key_is_refused_without_expanding_it(tmp_path: Path) 
     """
     got = _errors(tmp_path, "", {"m.yaml": f"? {_alias_bomb(6)}\n: 1\n" + OK_PRESET})
     assert got == ["presets/m.yaml:1:3: (top level): a key is a name, not a list or a mapping"]
+
+
+@pytest.mark.parametrize("key", ["presets", "state_dir", "cache_dir", "api_keys_file"])
+def test_a_nul_in_a_daemon_path_is_a_config_error(tmp_path: Path, key: str) -> None:
+    """``swapd check`` and the start ended in a ValueError traceback (embedded null byte)."""
+    got = _errors(tmp_path, f'{key}: "a\\0b"\n', {"m.yaml": OK_PRESET})
+    assert got == [f"swapd.yaml:1:{len(key) + 3}: {key}: a NUL character in 'a\\x00b'"]
+
+
+LONE = "an escape of a lone surrogate (\\ud800 to \\udfff) is no character"
+
+
+@pytest.mark.parametrize("key", ["presets", "state_dir", "cache_dir", "admin_keys_file"])
+def test_a_lone_surrogate_in_a_daemon_value_is_a_config_error(tmp_path: Path, key: str) -> None:
+    """A lone surrogate is no character: a UnicodeEncodeError traceback where a path was used."""
+    got = _errors(tmp_path, f'{key}: "x\\ud800"\n', {"m.yaml": OK_PRESET})
+    assert got == [
+        f"swapd.yaml:1:{len(key) + 3}: {key}: {LONE}; write one above \\uffff as \\U0001F600"
+    ]
+
+
+def test_a_lone_surrogate_in_a_preset_is_named_where_it_is(tmp_path: Path) -> None:
+    """A model path ended ``swapd check`` in a traceback; an argument or an env value was taken.
+
+    Each is named at the string, also inside a list or a mapping.
+    """
+    presets = {
+        "a.yaml": 'backend: command\ncmd: ["true", "${PORT}", "\\udfff"]\n',
+        "b.yaml": OK_PRESET + 'model: "m\\ud800"\n',
+        "c.yaml": OK_PRESET + 'env: {A: "\\ud800x"}\n',
+        "d.yaml": OK_PRESET + '"k\\ud800": 1\n',
+    }
+    got = _errors(tmp_path, "", presets)
+    assert [line.split(": an escape")[0] for line in got] == [
+        "presets/a.yaml:2:26: cmd",
+        "presets/b.yaml:3:8: model",
+        "presets/c.yaml:3:10: env",
+        "presets/d.yaml:3:1: (top level)",
+    ]
+
+
+def test_an_escaped_surrogate_pair_is_the_character_it_stands_for(tmp_path: Path) -> None:
+    """As JSON writes a character above U+FFFF: taken, joined, not refused."""
+    preset = OK_PRESET + 'description: "hi \\ud83d\\ude00"\n'
+    assert _load(tmp_path, "", preset).presets[0].description == "hi \U0001f600"
