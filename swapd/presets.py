@@ -616,10 +616,12 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _label(file: Path, root: Path | None) -> str:
     # Errors read best relative to where the user keeps the config; under systemd the
-    # working folder is /, where a relative name would only lose its leading slash.
+    # working folder is /, where a relative name would only lose its leading slash. The
+    # file's own name stays: a preset that is a link (a ConfigMap's, one to a shared
+    # file, one to nowhere) is named as the presets folder lists it, not as its target.
     if root is not None and root != Path(root.anchor):
         try:
-            return str(file.resolve().relative_to(root.resolve()))
+            return str((file.parent.resolve() / file.name).relative_to(root.resolve()))
         except (ValueError, OSError, RuntimeError):  # elsewhere, or a symlink loop
             pass
     return str(file)

@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 from test_config_edges import _errors, _load
 
+from swapd.config import load_config
+from swapd.errors import ConfigErrors
+
 OK_PRESET = 'backend: command\ncmd: ["true", "${PORT}"]\n'
 
 
@@ -213,3 +216,24 @@ def test_an_escaped_surrogate_pair_is_the_character_it_stands_for(tmp_path: Path
     """As JSON writes a character above U+FFFF: taken, joined, not refused."""
     preset = OK_PRESET + 'description: "hi \\ud83d\\ude00"\n'
     assert _load(tmp_path, "", preset).presets[0].description == "hi \U0001f600"
+
+
+def test_a_preset_that_is_a_link_is_named_as_the_folder_lists_it(tmp_path: Path) -> None:
+    """Errors named the link's target: a file not in the presets folder, or not there at all.
+
+    A ConfigMap's presets are links into a folder named for each update's time.
+    """
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "base.yaml").write_text(OK_PRESET + "ttl: 5x\n")
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    (folder / "qwen.yaml").symlink_to("../shared/base.yaml")
+    (folder / "gone.yaml").symlink_to("missing.yaml")
+    (tmp_path / "swapd.yaml").write_text("presets: presets\n")
+    with pytest.raises(ConfigErrors) as info:
+        load_config(Path("swapd.yaml"))
+    assert [str(e) for e in info.value.errors] == [
+        "presets/gone.yaml:1:1: (file): cannot read: No such file or directory",
+        'presets/qwen.yaml:3:6: ttl: expected a duration like "10m", got "5x"',
+    ]
