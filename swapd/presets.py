@@ -83,6 +83,11 @@ def _str(value: Any) -> str:
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return written(value)  # as the file wrote it: 3.10, not 3.1
+    if isinstance(value, bool):  # the file said yes, on, off...: "got True" would puzzle
+        raise ValueError(
+            f"expected a non-empty string, got {str(value).lower()}: YAML reads yes, no, on"
+            " and off unquoted as true or false; quote it"
+        )
     raise ValueError(f"expected a non-empty string, got {clip(repr(value))}")
 
 

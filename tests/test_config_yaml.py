@@ -237,3 +237,14 @@ def test_a_preset_that_is_a_link_is_named_as_the_folder_lists_it(tmp_path: Path)
         "presets/gone.yaml:1:1: (file): cannot read: No such file or directory",
         'presets/qwen.yaml:3:6: ttl: expected a duration like "10m", got "5x"',
     ]
+
+
+def test_a_yes_or_on_where_text_goes_says_to_quote_it(tmp_path: Path) -> None:
+    """``args: [-fa, on]`` was refused with "got True", which the file never said."""
+    preset = 'backend: command\ncmd: ["true", "${PORT}", "-fa", on]\n'
+    quote = "YAML reads yes, no, on and off unquoted as true or false; quote it"
+    got = _errors(tmp_path, "", {"m.yaml": preset, "n.yaml": OK_PRESET + "env: {A: no}\n"})
+    assert got == [
+        f"presets/m.yaml:2:33: cmd: expected a non-empty string, got true: {quote}",
+        f"presets/n.yaml:3:10: env: expected a non-empty string, got false: {quote}",
+    ]
