@@ -457,7 +457,12 @@ def _model_or_cmd_problem(
         plain["model"] = _resolve_model(model, file.parent)
         return _model_problem(values, plain["model"], model_at)
     if "model" in values:
-        plain["model"] = _resolve_model(values["model"][0], file.parent)
+        model, model_at = values["model"]
+        plain["model"] = _resolve_model(model, file.parent)
+        # Passed on as ${MODEL}, it may be a name; a copy needs the file (or folder).
+        if plain.get("stage") and (problem := _model_problem(values, plain["model"], model_at)):
+            reason = f"{problem.reason} (stage: true copies it into the cache)"
+            return ConfigError(problem.where, problem.key, reason)
     return _command_problem(values, missing_at)
 
 

@@ -974,6 +974,23 @@ def test_stage_needs_a_model_to_copy(tmp_path: Path) -> None:
     ]
 
 
+def test_a_staged_command_model_must_be_there_to_copy(tmp_path: Path) -> None:
+    """A command preset's model is not checked (``${MODEL}`` may be a name), but staged it is.
+
+    ``swapd check`` said ok, and every request then failed 500 ``stage_failed``.
+    """
+    staged = OK_PRESET + "model: Qwen/Qwen3-8B\nstage: true\n"
+    write_tree(
+        tmp_path, "cache_dir: cache\n", {"c.yaml": staged, "n.yaml": OK_PRESET + "model: x/y\n"}
+    )
+    done = run_check(tmp_path, Path("swapd.yaml"))
+    assert done.returncode == 1
+    missing = tmp_path.resolve() / "presets" / "Qwen" / "Qwen3-8B"
+    assert done.stderr.splitlines() == [
+        f"presets/c.yaml:3:8: model: not found: {missing} (stage: true copies it into the cache)",
+    ]
+
+
 def test_stage_in_defaults_is_for_the_presets_with_a_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -996,7 +1013,7 @@ def test_stage_in_defaults_is_for_the_presets_with_a_model(
 def test_stage_needs_a_cache_dir(tmp_path: Path) -> None:
     """A preset with stage: true and no cache_dir in the daemon config is an error."""
     staged = OK_PRESET + "model: m.gguf\nstage: true\n"
-    write_tree(tmp_path, "listen: 127.0.0.1:8181\n", {"c.yaml": staged})
+    write_tree(tmp_path, "listen: 127.0.0.1:8181\n", {"c.yaml": staged, "m.gguf": "GGUF"})
     done = run_check(tmp_path, Path("swapd.yaml"))
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
