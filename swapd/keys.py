@@ -9,6 +9,7 @@ of them, so neither the time taken nor an early exit tells which part matched.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import hmac
 import re
@@ -48,6 +49,8 @@ def read_keys_file(path: Path, key: str, where: Location) -> tuple[str, ...]:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(where, key, f"cannot read {path}: {exc.strerror}") from exc
+    # Windows editors start a UTF-8 file with a byte order mark: not part of the first key.
+    data = data.removeprefix(codecs.BOM_UTF8)
     keys: list[str] = []
     for number, raw in enumerate(data.splitlines(), start=1):
         line = raw.strip()

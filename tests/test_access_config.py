@@ -113,6 +113,13 @@ def test_a_bad_line_in_a_keys_file_points_at_that_line(tmp_path: Path) -> None:
     ]
 
 
+def test_a_keys_file_saved_with_a_byte_order_mark_and_crlf_is_read(tmp_path: Path) -> None:
+    """As Notepad saves it: the mark made the first key "not visible ASCII"."""
+    (tmp_path / "api.keys").write_bytes(b"\xef\xbb\xbfkey-one\r\nkey-two\r\n")
+    config = load_config(write(tmp_path, "api_keys_file: api.keys\n"))
+    assert config.api_keys == ("key-one", "key-two")
+
+
 def test_an_empty_keys_file_is_an_error_not_open_access(tmp_path: Path) -> None:
     """A keys file with no keys must not quietly turn access control off."""
     (tmp_path / "admin.keys").write_text("# nothing yet\n\n")
