@@ -14,7 +14,14 @@ from swapd.auth import parse_allowed_hosts, parse_origins
 from swapd.errors import ConfigError, ConfigErrors, Location, clip
 from swapd.keys import parse_keys, read_keys_file
 from swapd.logs import BACKEND_LOG_MODES
-from swapd.presets import CONVERTERS, Preset, convert_entries, load_presets, preset_files
+from swapd.presets import (
+    CONVERTERS,
+    Preset,
+    convert_entries,
+    home_expanded,
+    load_presets,
+    preset_files,
+)
 from swapd.probe import DevicesSpec
 from swapd.units import parse_duration, parse_positive_duration, parse_size
 
@@ -178,7 +185,7 @@ def _path(value: Any) -> Path:
         raise ValueError(f"expected a path, got {shown}")
     if "\0" in str(value):  # no file name can hold it
         raise ValueError(f"a NUL character in {clip(str(value))!r}")
-    return Path(str(value)).expanduser()
+    return home_expanded(str(value))
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:

@@ -91,6 +91,15 @@ def _str(value: Any) -> str:
     raise ValueError(f"expected a non-empty string, got {clip(repr(value))}")
 
 
+def home_expanded(text: str) -> Path:
+    """``text`` as a path, a leading ``~`` or ``~user`` expanded; ValueError for no such home."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~user for a user this host does not have, or no home at all
+        user = text.split("/", 1)[0]
+        raise ValueError(f"cannot expand {clip(user)}: no such user's home here") from None
+
+
 def is_usable_name(value: str) -> bool:
     """Whether ``value`` may name a model or alias (letters, digits, ``._:/@+-``).
 
@@ -253,7 +262,7 @@ def _expanding(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
 CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "name": _str,
     "backend": _backend,
-    "model": _expanding(lambda v: Path(_str(v)).expanduser()),
+    "model": _expanding(lambda v: home_expanded(_str(v))),
     "args": _expanding(_str_list),
     "cmd": _expanding(_str_list),
     "binary": _expanding(_str),

@@ -248,3 +248,18 @@ def test_a_yes_or_on_where_text_goes_says_to_quote_it(tmp_path: Path) -> None:
         f"presets/m.yaml:2:33: cmd: expected a non-empty string, got true: {quote}",
         f"presets/n.yaml:3:10: env: expected a non-empty string, got false: {quote}",
     ]
+
+
+def test_a_home_of_no_such_user_is_a_config_error(tmp_path: Path) -> None:
+    """``~nobody-here/...`` ended ``swapd check`` and the start in a RuntimeError traceback."""
+    user = "~swapd-no-such-user"
+    no_home = f"cannot expand {user}: no such user's home here"
+    got = _errors(
+        tmp_path,
+        f"state_dir: {user}/state\n",
+        {"m.yaml": f"backend: llama-server\nmodel: {user}/m.gguf\n"},
+    )
+    assert got == [
+        f"swapd.yaml:1:12: state_dir: {no_home}",
+        f"presets/m.yaml:2:8: model: {no_home}",
+    ]
