@@ -424,7 +424,10 @@ def _build(
         return None
     name, name_at = values.get("name", (file.stem, doc.where))
     if not is_usable_name(name):
-        errors.append(ConfigError(name_at, "name", f"not a usable model name: {name!r}"))
+        reason = f"not a usable model name: {name!r}"
+        if "name" not in values:  # nothing in the file says name: it is the file's own
+            reason += "; it is the file's name: rename the file or set name:"
+        errors.append(ConfigError(name_at, "name", reason))
         return None
     if (found := _backend_of(values, doc.where, errors)) is None:
         return None

@@ -263,3 +263,11 @@ def test_a_home_of_no_such_user_is_a_config_error(tmp_path: Path) -> None:
         f"swapd.yaml:1:12: state_dir: {no_home}",
         f"presets/m.yaml:2:8: model: {no_home}",
     ]
+
+
+def test_a_file_name_that_is_no_model_name_says_it_is_the_files(tmp_path: Path) -> None:
+    """``my model.yaml`` was refused at 1:1 for a ``name`` the file never wrote."""
+    got = _errors(tmp_path, "", {"my model.yaml": OK_PRESET})
+    where = "presets/my model.yaml:1:1: name"
+    hint = "it is the file's name: rename the file or set name:"
+    assert got == [f"{where}: not a usable model name: 'my model'; {hint}"]
