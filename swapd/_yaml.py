@@ -6,6 +6,7 @@ YAML node marks instead of returning bare Python values.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
@@ -351,8 +352,29 @@ def load_document(path: Path, *, label: str | None = None) -> Document:
     except yaml.YAMLError as exc:
         raise ConfigError(Location(file, 1, 1), "(yaml)", str(exc).replace("\n", " ")) from exc
     except RecursionError as exc:
-        reason = "nested too deeply to read"
-        raise ConfigError(Location(file, 1, 1), "(yaml)", reason) from exc
+        raise _too_deep(file, text) from exc
+
+
+# Nesting past which a file is not read; JSON values (metadata) stop at fewer levels.
+_READ_DEPTH = 200
+
+
+def _too_deep(file: str, text: str) -> ConfigError:
+    """Where ``text`` nests too deeply, found again with the parser, which does not recurse."""
+    depth = 0
+    where = Location(file, 1, 1)
+    with contextlib.suppress(yaml.YAMLError):  # an error past the depth: the depth is news
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > _READ_DEPTH and (mark := event.start_mark) is not None:
+                    where = Location(file, mark.line + 1, mark.column + 1)
+                    break
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    return ConfigError(
+        where, "(yaml)", f"nested more than {_READ_DEPTH} levels deep: too deep to read"
+    )
 
 
 def _decode(file: str, data: bytes) -> str:

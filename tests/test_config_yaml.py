@@ -271,3 +271,18 @@ def test_a_file_name_that_is_no_model_name_says_it_is_the_files(tmp_path: Path) 
     where = "presets/my model.yaml:1:1: name"
     hint = "it is the file's name: rename the file or set name:"
     assert got == [f"{where}: not a usable model name: 'my model'; {hint}"]
+
+
+@pytest.mark.parametrize("flow", [True, False])
+def test_a_value_nested_too_deeply_to_read_is_named_where_it_gets_too_deep(
+    tmp_path: Path, flow: bool
+) -> None:
+    """It was named at 1:1 of the file, whatever line the nesting was on."""
+    if flow:
+        nested = "metadata: " + "[" * 5000 + "]" * 5000 + "\n"
+        where = "presets/m.yaml:3:210"
+    else:
+        nested = "metadata:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 700))
+        where = "presets/m.yaml:203:401"
+    got = _errors(tmp_path, "", {"m.yaml": OK_PRESET + nested + "ttl: 1m\n"})
+    assert got == [f"{where}: (yaml): nested more than 200 levels deep: too deep to read"]
