@@ -177,12 +177,22 @@ def _backend(value: Any) -> BackendName:
     raise ValueError(f"expected one of {', '.join(BACKENDS)}, got {value!r}")
 
 
+# What a request line can carry as is: a space, a non-ASCII letter or a line break in it
+# makes the probe a request no server answers 200 (or a header of its own).
+_URL_PATH = re.compile(r"/[\x21-\x7e]*")
+
+
 def _health(value: Any) -> str | None:
     path = _str(value)
     if path == "none":
         return None
     if not path.startswith("/"):
         raise ValueError(f'expected a URL path starting with "/" or none, got "{path}"')
+    if not _URL_PATH.fullmatch(path):
+        raise ValueError(
+            f"expected a URL path of visible ASCII characters, no spaces (percent-encode"
+            f" others), got {clip(path)!r}"
+        )
     return path
 
 

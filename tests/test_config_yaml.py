@@ -286,3 +286,23 @@ def test_a_value_nested_too_deeply_to_read_is_named_where_it_gets_too_deep(
         where = "presets/m.yaml:203:401"
     got = _errors(tmp_path, "", {"m.yaml": OK_PRESET + nested + "ttl: 1m\n"})
     assert got == [f"{where}: (yaml): nested more than 200 levels deep: too deep to read"]
+
+
+@pytest.mark.parametrize("path", ["/health x", "/hé", "/health\\r\\nX-Probe: 1"])
+def test_a_health_path_no_request_line_carries_is_refused(tmp_path: Path, path: str) -> None:
+    """``swapd check`` said ok; each start then waited start_timeout (5 minutes) and failed.
+
+    The backend answered the probe 400 (a space, a non-ASCII letter), or the line break
+    wrote a header of its own into swapd's probe.
+    """
+    got = _errors(tmp_path, "", {"m.yaml": OK_PRESET + f'health: "{path}"\n'})
+    [error] = got
+    assert error.startswith(
+        "presets/m.yaml:3:9: health: expected a URL path of visible ASCII characters"
+    )
+
+
+def test_a_percent_encoded_health_path_is_taken(tmp_path: Path) -> None:
+    """What a URL carries, a query too, is kept as written."""
+    [preset] = _load(tmp_path, "", OK_PRESET + "health: /h%C3%A9?ready=1\n").presets
+    assert preset.health == "/h%C3%A9?ready=1"
