@@ -343,7 +343,10 @@ def load_document(path: Path, *, label: str | None = None) -> Document:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
-        raise ConfigError(where, "(yaml)", str(exc.problem or exc)) from exc
+        reason = str(exc.problem or exc)
+        if "'\\t'" in reason:  # an editor's tab, where YAML takes spaces only
+            reason += ": YAML indents and separates with spaces, not tabs"
+        raise ConfigError(where, "(yaml)", reason) from exc
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow
         line = text.count("\n", 0, exc.position) + 1
         column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1

@@ -306,3 +306,11 @@ def test_a_percent_encoded_health_path_is_taken(tmp_path: Path) -> None:
     """What a URL carries, a query too, is kept as written."""
     [preset] = _load(tmp_path, "", OK_PRESET + "health: /h%C3%A9?ready=1\n").presets
     assert preset.health == "/h%C3%A9?ready=1"
+
+
+@pytest.mark.parametrize("text", ["env:\n\tA: x\n", "ttl:\t1m\n"])
+def test_a_tab_says_yaml_takes_spaces(tmp_path: Path, text: str) -> None:
+    """PyYAML's "found character ... that cannot start any token" alone named no cause."""
+    [error] = _errors(tmp_path, "", {"m.yaml": OK_PRESET + text})
+    assert error.startswith("presets/m.yaml:")
+    assert error.endswith(": YAML indents and separates with spaces, not tabs")
