@@ -103,8 +103,9 @@ _TTL_RETRY = 5.0
 # A backend that exits by itself sooner than this after becoming ready counts as a failed
 # start (backoff, breaker): a crash on the first request must not restart in a loop.
 STABLE_AFTER = 60.0
-# A liveness probe waits at most this long for an answer.
+# A liveness probe waits at most this long for an answer, and at least _PROBE_FLOOR.
 _PROBE_TIMEOUT = 5.0
+_PROBE_FLOOR = 1.0
 
 
 @dataclass(frozen=True)
@@ -1806,7 +1807,9 @@ class Manager:
         """
         preset = slot.preset
         interval = preset.health_interval
-        timeout = min(interval, _PROBE_TIMEOUT)
+        # Never under a second, however often it probes: a deadline of a few ms would
+        # count a healthy backend's answer on a busy machine as a miss, and kill it.
+        timeout = min(max(interval, _PROBE_FLOOR), _PROBE_TIMEOUT)
         misses = 0
         while slot.child is child and child.exit_code is None:
             await asyncio.sleep(interval)

@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bind only after the start delay (like vLLM) instead of answering 503",
     )
     p.add_argument("--health-path", default="/health")
+    p.add_argument(
+        "--health-delay", type=float, default=0.0, help="seconds each healthy answer takes"
+    )
     p.add_argument("--exit-at-start", type=int, metavar="CODE", help="fail with CODE")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--fork-child", action="store_true", help="start a sleeping grandchild")
@@ -123,6 +126,7 @@ class Stats:
     completions: int = 0
     in_flight: int = 0
     cancelled: int = 0
+    health_answers: int = 0  # 200s to the health path (liveness probes, once ready)
 
 
 @dataclass
@@ -232,6 +236,9 @@ class Fake:
             asyncio.get_running_loop().call_later(1.0, os._exit, 3)
             # Not kept alive either: nothing more reaches this process.
             return web.json_response({"status": "ok"}, headers={"Connection": "close"})
+        if self.args.health_delay:
+            await asyncio.sleep(self.args.health_delay)
+        self.stats.health_answers += 1
         return web.json_response({"status": "ok"})
 
     async def models(self, _request: web.Request) -> web.Response:
@@ -251,6 +258,7 @@ class Fake:
                 "completions": s.completions,
                 "in_flight": s.in_flight,
                 "cancelled": s.cancelled,
+                "health_answers": s.health_answers,
                 "sleeping": not self.awake.is_set(),
             }
         )
