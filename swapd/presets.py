@@ -525,6 +525,9 @@ def _model_problem(
     """A model that is not there, or a ``sha256`` that could vouch for part of it only."""
     if not model.exists():
         return ConfigError(model_at, "model", f"not found: {model}")
+    if not model.is_file() and not model.is_dir():
+        # A FIFO or a device: a backend would block reading it until start_timeout.
+        return ConfigError(model_at, "model", f"neither a file nor a directory: {model}")
     parts = split_parts(model)
     if missing := [part.name for part in parts if not part.exists()]:
         reason = f"a split GGUF of {len(parts)} files lacks {', '.join(missing)} beside {model}"

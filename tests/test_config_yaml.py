@@ -314,3 +314,17 @@ def test_a_tab_says_yaml_takes_spaces(tmp_path: Path, text: str) -> None:
     [error] = _errors(tmp_path, "", {"m.yaml": OK_PRESET + text})
     assert error.startswith("presets/m.yaml:")
     assert error.endswith(": YAML indents and separates with spaces, not tabs")
+
+
+def test_a_model_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    """A backend opening a FIFO blocks until start_timeout; ``swapd check`` passed it."""
+    os.mkfifo(tmp_path / "pipe.gguf")
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    (folder / "m.yaml").write_text("backend: llama-server\nmodel: ../pipe.gguf\n")
+    (tmp_path / "swapd.yaml").write_text("presets: presets\n")
+    with pytest.raises(ConfigErrors) as info:
+        load_config(Path("swapd.yaml"))
+    assert [str(e) for e in info.value.errors] == [
+        f"presets/m.yaml:2:8: model: neither a file nor a directory: {tmp_path}/pipe.gguf"
+    ]
