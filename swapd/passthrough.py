@@ -50,20 +50,15 @@ ENGINE_ROUTES = (
 UPSTREAM_PREFIX = "/upstream/"
 # Backend routes that are swapd's alone: vLLM's development routes (VLLM_SERVER_DEV_MODE=1,
 # which sleep needs) that swapd drives or that act on every client: sleep and wake (swapd's
-# tiers depend on them), RPC, emptying the caches every client shares, the server's
-# configuration and environment (on only because swapd asked for sleep), pausing,
-# aborting every request, and replacing the served weights (its RL router). The backend's
-# own key would let a caller reach them; through /upstream/ they are refused. Routes a
-# preset turns on itself (profiling, LoRA updates) are the preset's to offer.
+# tiers depend on them), RPC, pausing, aborting every request, and replacing the served
+# weights (its RL router). The backend's own key would let a caller reach them; through
+# /upstream/ they are refused. Routes a preset turns on itself (profiling, LoRA updates)
+# are the preset's to offer.
 RESERVED = frozenset(
     {
         "/sleep",
         "/wake_up",
         "/collective_rpc",
-        "/reset_prefix_cache",
-        "/reset_mm_cache",
-        "/reset_encoder_cache",
-        "/server_info",
         "/scale_elastic_ep",
         "/pause",
         "/resume",
@@ -79,9 +74,18 @@ RESERVED = frozenset(
         "/weight_checker",
     }
 )
+# Reserved for a vLLM model only: its development routes that empty the caches every client
+# shares, or show the server's configuration and environment, on only because swapd asked
+# for sleep. Other engines serve these names as their own routes (SGLang's /server_info).
+VLLM_RESERVED = RESERVED | {
+    "/reset_prefix_cache",
+    "/reset_mm_cache",
+    "/reset_encoder_cache",
+    "/server_info",
+}
 
 
-def backend_path(path: str) -> str:
+def backend_path(path: str, reserved: frozenset[str] = RESERVED) -> str:
     """The backend path to send, with empty segments gone; :class:`Forbidden` if reserved.
 
     The check reads the path as a backend might: percent-escapes decoded, ``.`` and
@@ -90,6 +94,7 @@ def backend_path(path: str) -> str:
     reserved route is refused whatever comes before it (a root path). Empty segments are
     removed from what is sent, since ``//x/sleep`` would read as a host ``x`` and a
     path ``/sleep``. A fragment (``#``) has no place in a request and is refused.
+    ``reserved``: the routes refused (:data:`VLLM_RESERVED` for a vLLM model).
     """
     if "#" in path:
         raise BadRequest("a request path cannot hold '#'")
@@ -104,7 +109,7 @@ def backend_path(path: str) -> str:
             resolved.append(name)
     # The route may end the path: a backend served under a prefix (vLLM's --root-path)
     # strips it before routing, so /api/sleep is its /sleep. (Each is one segment.)
-    if resolved and "/" + resolved[-1] in RESERVED:
+    if resolved and "/" + resolved[-1] in reserved:
         raise Forbidden(
             f"{clip(path)} is driven by swapd itself and cannot be called through /upstream/",
             "upstream_route_reserved",
@@ -149,7 +154,9 @@ class Passthrough:
         raw_path, _, query = raw.partition("?")
         model, path = split_target(raw_path, self.proxy.manager)
         request["model"] = model  # a refused route is counted under its model too
-        path = backend_path(path)
+        preset = self.proxy.manager.config.preset(model)
+        vllm = preset is not None and preset.backend == "vllm"
+        path = backend_path(path, VLLM_RESERVED if vllm else RESERVED)
         query, autoload = take_autoload(query)
         body = await read_body(request, self.proxy.max_body, self.proxy.body_timeout)
         # Built from its parts: parsed whole, a path could be read as a host.

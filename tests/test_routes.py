@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import StartDaemon
@@ -91,10 +92,6 @@ def test_head_and_utf8_headers_pass_through_as_the_backend_sent_them(two: Daemon
         "/sleep?level=1",
         "/wake_up",
         "/collective_rpc",
-        "/reset_prefix_cache",  # development routes on only because swapd asked for sleep
-        "/reset_mm_cache",
-        "/reset_encoder_cache",
-        "/server_info",
         "/sleep/",
         # spelled so that a backend reads /sleep or /wake_up all the same
         "//sleep",
@@ -117,6 +114,30 @@ def test_routes_swapd_drives_itself_are_refused_through_the_passthrough(
     assert status == 403
     assert body["error"]["code"] == "upstream_route_reserved"
     assert two.model("a")["state"] == "stopped"  # refused before any lease
+
+
+@pytest.mark.parametrize(
+    "path", ["/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache", "/server_info"]
+)
+def test_vllms_development_routes_are_refused_for_a_vllm_model(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path, path: str
+) -> None:
+    """On only because swapd asks vLLM for sleep mode (VLLM_SERVER_DEV_MODE=1)."""
+    model = tmp_path / "hf-model"
+    model.mkdir()
+    v = {"backend": "vllm", "model": str(model), "binary": vllm_binary}
+    d = start_daemon({"v": v})
+    status, body = d.request("POST", f"/upstream/v{path}", {})
+    assert status == 403
+    assert body["error"]["code"] == "upstream_route_reserved"
+    assert d.model("v")["state"] == "stopped"  # refused before any lease
+
+
+def test_another_engines_route_of_a_vllm_development_name_passes(two: Daemon) -> None:
+    """SGLang's ``GET /server_info`` is its own: reserved for vLLM models only (before: 403)."""
+    status, body = two.get("/upstream/a/server_info?x=1")
+    assert status == 200, body
+    assert (body["name"], body["path"], body["query"]) == ("A", "/server_info", "x=1")
 
 
 def test_a_path_that_would_read_as_a_host_reaches_the_backend_as_a_path(two: Daemon) -> None:

@@ -496,6 +496,7 @@ class Fake:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/fake/stats", self.stats_route)
         app.router.add_get("/props", self.props)
+        app.router.add_get("/server_info", self.props)  # SGLang's own, as it serves it
         app.router.add_post("/v1/chat/completions", t(self.chat))
         app.router.add_post("/v1/completions", t(self.completion))
         app.router.add_post("/v1/embeddings", t(self.embeddings))
