@@ -78,6 +78,11 @@ def _stuck_in_group(pid: int, pgid: int) -> bool:
     return in_group or _process_state(pid) == "D"
 
 
+def _raised(task: asyncio.Task[int]) -> bool:
+    """Whether ``task`` ended with an error (not cancelled: a cancelled stop was finished)."""
+    return task.done() and not task.cancelled() and task.exception() is not None
+
+
 def _process_state(pid: int) -> str:
     """The kernel's one-letter state of ``pid`` (``D``: uninterruptible sleep), or ``?``."""
     fields = _stat_fields(Path(f"/proc/{pid}"))
@@ -356,7 +361,9 @@ class Child:
         """Signal the group (SIGTERM by default), SIGKILL it after ``timeout``, reap it."""
         if self._proc is None:
             return 0
-        if self._stopping is None:
+        if self._stopping is None or _raised(self._stopping):
+            # Again after a teardown that raised: answering its error again would leave
+            # what it had not reached yet (the cgroup's sweep, the reaper told) undone.
             self._stopping = asyncio.create_task(self._terminate(timeout))
         try:
             return await asyncio.shield(self._stopping)

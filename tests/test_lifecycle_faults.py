@@ -123,3 +123,32 @@ def test_a_crashed_backend_whose_reaping_raises_can_be_started_again(
     assert d.events("backend.stop.error")
     wait_for(lambda: d.chat("a")[0] == 200, timeout=20, interval=0.2)  # after its backoff
     _only_running(d, "a")
+
+
+@pytest.mark.parametrize(
+    ("target", "skip"),
+    [
+        ("swapd.cgroups:kill", 0),  # the cgroup's last sweep, which ends what left the group
+        ("swapd.app:Reaper.__call__", 1),  # telling the reaper the group is gone
+    ],
+)
+def test_a_teardown_that_raises_is_finished_by_the_retry(
+    start_daemon: StartDaemon, tmp_path: Path, target: str, skip: int
+) -> None:
+    """The stop's teardown is run again: what left the group ends, the reaper lets it go.
+
+    Before, the retry only answered the first teardown's error again: a helper that left
+    the group (setsid) lived on, and the reaper kept the group, to SIGKILL that process
+    group id when swapd died, whichever process holds it by then.
+    """
+    d = start_daemon(
+        {"a": fake_preset("A", "--setsid-helper"), "b": fake_preset("B")},
+        {"max_running": 1},
+        env=fault_env(tmp_path, target, skip=skip),
+    )
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    assert faults_met(tmp_path) == 1
+    assert d.model("a")["state"] == "stopped"
+    _only_running(d, "b")
+    assert [e["model"] for e in d.events("backend.exit")] == ["a"]
