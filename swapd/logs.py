@@ -85,8 +85,9 @@ def configure(level: str = "info", *, json: bool | None = None, backend_log: str
         cache_logger_on_first_use=True,
     )
     _route_stdlib(threshold, shared, renderer)
-    # The same file and lock as structlog's lines, so lines never interleave.
-    _hot_out = structlog.PrintLogger(sys.stdout) if as_json and threshold <= logging.INFO else None
+    # The same file and lock as structlog's lines, so lines never interleave; the line and
+    # its newline in one write (print writes them apart: two system calls unbuffered).
+    _hot_out = structlog.WriteLogger(sys.stdout) if as_json and threshold <= logging.INFO else None
 
 
 def _route_stdlib(
@@ -119,7 +120,7 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
 
 # Where HotLogger writes its JSON lines; None: through structlog (a terminal, or a level
 # above info, which drops them).
-_hot_out: structlog.PrintLogger | None = None
+_hot_out: structlog.WriteLogger | None = None
 
 
 # The keys structlog's chain sets itself: the bound component, event, level, timestamp.
@@ -152,13 +153,27 @@ class HotLogger:
             return
         parts = [self._head]
         for key, value in fields.items():
-            parts += (", ", _json_str(key), ": ", _json_value(value))
+            # Strings, the most common values, without a call of their own.
+            text = _json_str(value) if type(value) is str else _json_value(value)
+            parts += (_keys.get(key) or _key(key), text)
         parts += (', "event": ', _json_str(event))
         for key, value in context.items():
             if key not in fields:  # merge_contextvars: the call's own fields win
-                parts += (", ", _json_str(key), ": ", _json_value(value))
+                parts += (_keys.get(key) or _key(key), _json_value(value))
         parts += (', "level": "info", "timestamp": "', _utc_now(), '"}')
         out.msg("".join(parts))
+
+
+# Keys as rendered (``, "key": ``): the same few on every line.
+_keys: dict[str, str] = {}
+_KEYS_MAX = 256
+
+
+def _key(key: str) -> str:
+    text = ", " + _json_str(key) + ": "
+    if len(_keys) < _KEYS_MAX:
+        _keys[key] = text
+    return text
 
 
 def _json_value(value: object) -> str:
@@ -195,4 +210,4 @@ def _utc_now() -> str:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _stamp = (second, prefix)
     # datetime.isoformat leaves out a zero microsecond part.
-    return f"{prefix}.{micro:06d}Z" if micro else f"{prefix}Z"
+    return "%s.%06dZ" % (prefix, micro) if micro else prefix + "Z"  # noqa: UP031 - cheaper
