@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
@@ -36,7 +35,7 @@ from swapd.errors import BadRequest, RequestError, SwapdError, clip
 from swapd.instance import InstanceLock
 from swapd.keepalive import ColdStreams
 from swapd.limits import Edge, EdgeSite, Limits, fit_fd_limit, track
-from swapd.logs import HotLogger, get_logger, new_request_id
+from swapd.logs import REQUEST_ID, HotLogger, get_logger, new_request_id
 from swapd.manager import Manager
 from swapd.passthrough import ENGINE_ROUTES, Passthrough
 from swapd.pidfiles import PidRecords
@@ -210,7 +209,7 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
         request_id = given if given and _REQUEST_ID.match(given) else new_request_id()
         # The header goes on at prepare (streams too); clones (/upstream/) share the object.
         request[EXCHANGE] = exchange = Exchange(request_id, time.perf_counter())
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        bound = REQUEST_ID.set(request_id)  # as bind_contextvars(request_id=...) does
         status = 500
         conn = track(request)
         try:
@@ -243,7 +242,7 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
             # log line and metrics no longer lie between the backend's answer and the client.
             # The callback keeps this context, request id included.
             asyncio.get_running_loop().call_soon(_done, request, runtime, status, exchange)
-            structlog.contextvars.unbind_contextvars("request_id")
+            REQUEST_ID.reset(bound)
         if status == 408:
             response.force_close()  # the rest of the body may still be on its way
         return response
