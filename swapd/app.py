@@ -280,7 +280,9 @@ envelope = make_envelope(None)  # for an app of its own (tests): no checks, no m
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Headers are about to go: the request id on every answer, CORS, the first byte's time."""
-    if CORS_ORIGIN in request:
+    # Set only from an Origin header: most requests have none, and a miss in the request's
+    # state costs a raised and caught KeyError.
+    if "Origin" in request.headers and CORS_ORIGIN in request:
         await add_cors_headers(request, response)
     try:
         exchange = request[EXCHANGE]
