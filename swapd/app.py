@@ -215,9 +215,8 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
         try:
             if given is not None and given != request_id:
                 _refuse_request_id()
-            response = await (
-                handler(request) if runtime is None else runtime.checks(request, handler)
-            )
+            early = None if runtime is None else runtime.access.admit(request)
+            response = early if early is not None else await handler(request)
             status = exchange.stream_error or response.status
         except RequestError as exc:
             response = error_response(exc)

@@ -235,6 +235,26 @@ class Access:
                 "admin_key_required",
             )
 
+    def admit(self, request: web.Request) -> web.Response | None:
+        """Run the checks (raising their error); a preflight's answer, or None to go on.
+
+        Marks a request from an allowed origin for CORS. Not a coroutine: the envelope
+        calls it in its own frame, one coroutine less a request.
+        """
+        need = route_need(request.path, metrics_public=self.metrics_public)
+        origin = request.headers.get("Origin")
+        preflight = (
+            request.method == "OPTIONS"
+            and origin is not None
+            and "Access-Control-Request-Method" in request.headers
+        )
+        allowed = origin is not None and self.origin_allowed(origin)
+        if allowed and origin is not None:
+            request[CORS_ORIGIN] = origin  # refusals too, so the page can read why
+        # A browser never sends a key on a preflight: it only asks whether it may.
+        self.check(request, "checks" if preflight and need != "nothing" else need)
+        return _preflight(request) if preflight and allowed else None
+
     def allows(self, request: web.Request) -> bool:
         """Whether these checks let ``request`` in (a stream's, again after a reload)."""
         try:
@@ -272,21 +292,8 @@ def access_middleware(access: Access) -> Middleware:
 
     @web.middleware
     async def check_access(request: web.Request, handler: Handler) -> web.StreamResponse:
-        need = route_need(request.path, metrics_public=access.metrics_public)
-        origin = request.headers.get("Origin")
-        preflight = (
-            request.method == "OPTIONS"
-            and origin is not None
-            and "Access-Control-Request-Method" in request.headers
-        )
-        allowed = origin is not None and access.origin_allowed(origin)
-        if allowed and origin is not None:
-            request[CORS_ORIGIN] = origin  # refusals too, so the page can read why
-        # A browser never sends a key on a preflight: it only asks whether it may.
-        access.check(request, "checks" if preflight and need != "nothing" else need)
-        if preflight and allowed:
-            return _preflight(request)
-        return await handler(request)
+        preflight = access.admit(request)
+        return preflight if preflight is not None else await handler(request)
 
     return check_access
 

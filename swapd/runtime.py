@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
-from swapd.auth import Access, access_middleware
+from swapd.auth import Access
 from swapd.config import Config
 from swapd.errors import ConfigError, ConfigErrors, Location, SwapdError, Unavailable
 from swapd.logs import get_logger
@@ -59,7 +58,6 @@ class Runtime:
     manager: Manager | None = None
     proxy: Proxy | None = None
     access: Access = field(init=False)
-    checks: Middleware = field(init=False)
     names: dict[str, str] = field(init=False)
     # Each preset's launch as it was when the running config was read (see swapd.reload).
     keys: dict[str, LaunchKey] | None = None
@@ -75,7 +73,6 @@ class Runtime:
 
     def _follow(self, config: Config) -> None:
         self.access = build_access(config)
-        self.checks = access_middleware(self.access)
         self.names = model_names(config)
         if self.proxy is not None:
             self.proxy.max_body = config.max_body
