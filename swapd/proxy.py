@@ -633,13 +633,14 @@ def _write_now(writer: StreamWriter, chunk: bytes) -> bool:
     """Write ``chunk`` (framed as the answer is) in one step, never waiting to drain."""
     step = writer.write(chunk, drain=False)
     try:
-        step.send(None)
-    except StopIteration:
-        return True
+        # Run as a loop over its steps, which ends without the StopIteration that a
+        # finished send() raises (a raise and a catch a chunk); a step means it waited.
+        for _ in step.__await__():
+            step.close()
+            raise RuntimeError("the response writer waited on a relayed chunk")
     except ConnectionError:
         return False
-    step.close()
-    raise RuntimeError("the response writer waited on a relayed chunk")
+    return True
 
 
 def _end_cut(request: web.Request, response: web.StreamResponse, exc: BackendGone) -> None:

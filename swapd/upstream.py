@@ -174,7 +174,8 @@ class _Connection(asyncio.Protocol):
         if sink(body):
             chunks.clear()
             self.buffered = 0
-            self._resume()
+            if self._paused:
+                self._resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """An unfinished answer fails; a finished one stays as it is."""
