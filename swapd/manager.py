@@ -1571,6 +1571,9 @@ class Manager:
                 self.pool,
                 headers=launch.headers,
             )
+            # Watched before it serves: a backend whose exit nobody notices stays ready,
+            # dead, for good. One that cannot be watched is stopped as a failed start.
+            self._spawn_task(self._watch(slot, child), f"watch:{preset.name}")
         except BaseException as exc:
             # Whatever went wrong (exit, timeout, cancellation, an unforeseen error),
             # the group is stopped and reaped before the error goes on.
@@ -1591,12 +1594,31 @@ class Manager:
         if not from_pages:
             slot.start_times[device.kind] = slot.ready_at - spawned
         slot.escaped = False  # failures are cleared once it has proven itself (_proven)
-        # The process maps the file itself now. Unmapping swapd's locked copy costs
-        # milliseconds of kernel time: not while the first request is computed.
-        self._drop_pages(slot, after=_MEASURE_DELAY)
-        self._spawn_task(self._watch(slot, child), f"watch:{preset.name}")
-        self._spawn_task(self._measure(slot, child), f"measure:{preset.name}")
-        self._probe_liveness(slot, child)
+        self._after_ready(slot, child)
+
+    def _after_ready(self, slot: Slot, child: Child) -> None:
+        """Let go of the pages a start read, measure the process, probe its liveness.
+
+        A step that raises is logged (``model.ready.error``) and the others go on: the
+        backend serves all the same. It is up, answered its health check and is watched;
+        failing the request would stop a good backend for want of a figure or a probe,
+        and leave the model ready with an error no request ever clears.
+        """
+        name = slot.preset.name
+        steps: dict[str, Callable[[], object]] = {
+            # The process maps the file itself now. Unmapping swapd's locked copy costs
+            # milliseconds of kernel time: not while the first request is computed.
+            "pages": lambda: self._drop_pages(slot, after=_MEASURE_DELAY),
+            "measure": lambda: self._spawn_task(self._measure(slot, child), f"measure:{name}"),
+            "liveness": lambda: self._probe_liveness(slot, child),
+        }
+        for step, run in steps.items():
+            try:
+                run()
+            except Exception as exc:  # noqa: BLE001 - logged with its trace; it serves on
+                _log.error(
+                    "model.ready.error", model=name, step=step, error=repr(exc), exc_info=exc
+                )
 
     def _probe_liveness(self, slot: Slot, child: Child) -> None:
         """(Re)start the liveness probe of a serving process, with the preset as it is now.

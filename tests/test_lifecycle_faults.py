@@ -1,11 +1,12 @@
-"""Plain exceptions injected into a real swapd's stops, sleeps and reaping (:mod:`faults`).
+"""Plain exceptions injected into a real swapd's starts, stops, sleeps and reaping (:mod:`faults`).
 
 Whatever raises, the model must end where its next request can load it (never stranded in
 ``stopping`` or ``sleeping``), no process may be left behind, the error is logged, and the
 load that waited for the room answers as usual. Each test failed on older code: a stop that
 raised left its model ``stopping`` for good (each later request a 500 ``BadTransition``),
-a sleep that raised left it ``sleeping``, and a crashed backend whose reaping raised kept
-its dead process, so that the next request for it waited forever.
+a sleep that raised left it ``sleeping``, a crashed backend whose reaping raised kept
+its dead process, so that the next request for it waited forever, and a step after a start
+that raised (its pages, measurement or probe) answered 500 and left the backend unwatched.
 """
 
 from __future__ import annotations
@@ -152,3 +153,45 @@ def test_a_teardown_that_raises_is_finished_by_the_retry(
     assert d.model("a")["state"] == "stopped"
     _only_running(d, "b")
     assert [e["model"] for e in d.events("backend.exit")] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("target", "skip"),
+    [
+        ("swapd.manager:Manager._drop_pages", 0),  # letting go of pages it started from
+        ("swapd.manager:Manager._spawn_task", 3),  # the measurement's task
+        ("swapd.manager:Manager._probe_liveness", 0),  # the liveness probe
+    ],
+)
+def test_a_ready_backend_whose_bookkeeping_raises_is_served_and_watched(
+    start_daemon: StartDaemon, tmp_path: Path, target: str, skip: int
+) -> None:
+    """The request is answered, and a later crash of the backend is still noticed."""
+    d = start_daemon({"a": fake_preset("A")}, env=fault_env(tmp_path, target, skip=skip))
+    status, body = d.chat("a")
+    assert faults_met(tmp_path) == 1
+    assert status == 200, body
+    assert d.events("model.ready.error")
+    a = d.model("a")
+    assert (a["state"], a["error"]) == ("ready", None)
+    os.kill(a["pid"], signal.SIGKILL)
+    # Before: unwatched, it stayed ready with its dead pid, each request a 502.
+    wait_for(lambda: d.model("a")["pid"] is None, timeout=10)
+    assert d.events("backend.crash")
+    wait_for(lambda: d.chat("a")[0] == 200, timeout=20, interval=0.2)
+    _only_running(d, "a")
+
+
+def test_a_start_whose_watch_cannot_begin_ends_the_process_and_starts_again(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A backend nothing would watch is not served: stopped, and the next request starts it."""
+    env = fault_env(tmp_path, "swapd.manager:Manager._spawn_task", skip=2)  # the watch's task
+    d = start_daemon({"a": fake_preset("A")}, env=env)
+    status, _ = d.chat("a")
+    assert faults_met(tmp_path) == 1
+    assert status == 500
+    assert d.leftovers() == []
+    assert d.model("a")["pid"] is None
+    wait_for(lambda: d.chat("a")[0] == 200, timeout=20, interval=0.2)  # after its backoff
+    _only_running(d, "a")
