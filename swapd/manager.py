@@ -1586,7 +1586,7 @@ class Manager:
             finally:
                 # Whatever cut in, the stop has ended the group: no dead pid stays behind
                 # (a slot left FAILED with its child would wait to be reaped forever).
-                self._forget_child(slot)
+                self._let_go(slot)
                 slot.move(State.STARTING, State.STOPPED if cancelled else State.FAILED)
             raise
         slot.move(State.STARTING, State.READY)
@@ -1680,6 +1680,24 @@ class Manager:
         slot.last_used = time.monotonic()
         _log.info("model.wake", model=slot.preset.name, wake_s=round(time.monotonic() - started, 3))
 
+    def _let_go(self, slot: Slot) -> None:
+        """Forget the slot's ended process; a bookkeeping step that raises still lets go of it.
+
+        Kept, a dead process strands its model: failed, each request waits for a reaping
+        that is over (no timeout); starting or stopping, nothing moves it on.
+        """
+        try:
+            self._forget_child(slot)
+        except Exception as exc:  # noqa: BLE001 - logged with its trace; the slot moves on
+            _log.error(
+                "backend.forget.error", model=slot.preset.name, error=repr(exc), exc_info=exc
+            )
+            slot.child = slot.launch = None
+            slot.measured = None
+            if slot.pages is None:
+                slot.ram_bytes, slot.device = 0, None
+            slot.changed()
+
     def _forget_child(self, slot: Slot) -> None:
         self._used_copy(slot)
         if slot.child is not None and slot.child.escaped:
@@ -1705,7 +1723,7 @@ class Manager:
             if slot.child is not None:
                 await self._stop_child(slot, slot.child)  # finishes even if cancelled
         finally:
-            self._forget_child(slot)
+            self._let_go(slot)
             slot.device = None
             self._notify()
 
@@ -1793,7 +1811,7 @@ class Manager:
             await self._stop_child(slot, child)  # reap the rest of its group
             if slot.child is child:
                 self._cancel_ram_ttl(slot)
-                self._forget_child(slot)
+                self._let_go(slot)
                 slot.ram_bytes = 0
             self._notify()
             return
@@ -1813,7 +1831,7 @@ class Manager:
         slot.move(alive_states, State.FAILED)  # no new lease goes to a dead backend
         await self._stop_child(slot, child)  # reap the rest of its group
         if slot.child is child:
-            self._forget_child(slot)
+            self._let_go(slot)
             slot.ram_bytes = 0
             if self._proven(slot):
                 slot.failures = 0  # a crash after a good run: start again at once
@@ -1876,7 +1894,7 @@ class Manager:
         child.kill_group()
         await self._stop_child(slot, child)
         if slot.child is child:
-            self._forget_child(slot)
+            self._let_go(slot)
             # Frozen within STABLE_AFTER of ready: a failed start, as an early crash is
             # (_watch), so a backend that freezes on every start backs off.
             if slot.answered_at - slot.ready_at >= STABLE_AFTER:
@@ -2040,7 +2058,7 @@ class Manager:
                     slot.failures = 0  # stopped after a good run
                 await self._close_connections(slot)
                 await self._stop_child(slot, child)
-                self._forget_child(slot)
+                self._let_go(slot)
             if hold is not None:
                 await hold
             self._stopped(slot)
@@ -2053,7 +2071,7 @@ class Manager:
                 await asyncio.gather(hold, return_exceptions=True)
             if child is not None and slot.child is child:
                 await self._stop_child(slot, child)
-                self._forget_child(slot)
+                self._let_go(slot)
             self._stopped(slot)
         finally:
             slot.leaving_ram = False

@@ -4,8 +4,10 @@ Whatever raises, the model must end where its next request can load it (never st
 ``stopping`` or ``sleeping``), no process may be left behind, the error is logged, and the
 load that waited for the room answers as usual. Each test failed on older code: a stop that
 raised left its model ``stopping`` for good (each later request a 500 ``BadTransition``),
-a sleep that raised left it ``sleeping``, a crashed backend whose reaping raised kept
-its dead process, so that the next request for it waited forever, and a step after a start
+a sleep that raised left it ``sleeping``, a crashed backend whose reaping (or forgetting)
+raised kept its dead process, so that the next request for it waited forever, a failed
+start or a stop whose process could not be forgotten left it ``starting`` or ``stopping``,
+and a step after a start
 that raised (its pages, measurement or probe) answered 500 and left the backend unwatched.
 """
 
@@ -111,17 +113,24 @@ def test_a_page_lock_that_raises_as_the_model_stops_leaves_it_stopped_on_disk(
     assert status == 200, body
 
 
+@pytest.mark.parametrize(
+    ("target", "event"),
+    [
+        ("swapd.process:Child.stop", "backend.stop.error"),  # the stop of its group
+        ("swapd.manager:Manager._forget_child", "backend.forget.error"),  # letting go of it
+    ],
+)
 def test_a_crashed_backend_whose_reaping_raises_can_be_started_again(
-    start_daemon: StartDaemon, tmp_path: Path
+    start_daemon: StartDaemon, tmp_path: Path, target: str, event: str
 ) -> None:
     """The dead process is let go however its group's stop ends; requests do not hang."""
-    d = start_daemon({"a": fake_preset("A")}, env=fault_env(tmp_path, "swapd.process:Child.stop"))
+    d = start_daemon({"a": fake_preset("A")}, env=fault_env(tmp_path, target))
     assert d.chat("a")[0] == 200
     os.kill(d.model("a")["pid"], signal.SIGKILL)
     wait_for(lambda: faults_met(tmp_path) == 1)
     # Before: failed with the dead pid for good, and each request waited for its reaping.
     wait_for(lambda: d.model("a")["pid"] is None, timeout=10)
-    assert d.events("backend.stop.error")
+    assert d.events(event)
     wait_for(lambda: d.chat("a")[0] == 200, timeout=20, interval=0.2)  # after its backoff
     _only_running(d, "a")
 
@@ -194,4 +203,46 @@ def test_a_start_whose_watch_cannot_begin_ends_the_process_and_starts_again(
     assert d.leftovers() == []
     assert d.model("a")["pid"] is None
     wait_for(lambda: d.chat("a")[0] == 200, timeout=20, interval=0.2)  # after its backoff
+    _only_running(d, "a")
+
+
+def test_a_failed_start_whose_process_cannot_be_forgotten_backs_off(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Failed, not starting for good: the next request is answered, with the start's error."""
+    env = fault_env(tmp_path, "swapd.manager:Manager._forget_child")
+    d = start_daemon({"a": fake_preset("A", "--exit-at-start", "3")}, env=env)
+    status, body = d.chat("a")
+    assert faults_met(tmp_path) == 1
+    assert status == 502, body
+    assert d.events("backend.forget.error")
+    a = d.model("a")
+    # Before: starting, its dead pid kept, and each later request a 500 BadTransition.
+    assert a["state"] in ("failed", "backoff"), a
+    assert a["pid"] is None
+    assert "exited with 3" in a["error"]
+    wait_for(lambda: d.model("a")["state"] == "failed", timeout=10)
+    status, body = d.chat("a")
+    assert status == 502, body  # started again, and failed again as it does
+    assert d.leftovers() == []
+
+
+def test_an_eviction_that_cannot_forget_its_victim_still_leaves_it_stopped(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Letting go of the stopped process raises, each time: the model is stopped all the same."""
+    d = start_daemon(
+        {"a": fake_preset("A"), "b": fake_preset("B")},
+        {"max_running": 1},
+        env=fault_env(tmp_path, "swapd.manager:Manager._forget_child", times=2),
+    )
+    assert d.chat("a")[0] == 200
+    status, body = d.chat("b")
+    assert faults_met(tmp_path) >= 1  # before: twice, the second time out of the stop
+    assert status == 200, body
+    assert d.events("backend.forget.error")
+    # Before: stopping for good, and each request for it a 500 BadTransition.
+    assert d.model("a")["state"] == "stopped"
+    _only_running(d, "b")
+    assert d.chat("a")[0] == 200
     _only_running(d, "a")
