@@ -1981,10 +1981,18 @@ class Manager:
             self._notify()
         slot.move(State.SLEEPING, State.ASLEEP)
         child = slot.child
-        cost = await self._asleep_cost(slot)
+        try:
+            cost = await self._asleep_cost(slot)
+        except Exception as exc:  # noqa: BLE001 - counted as a failed reading is
+            _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
+            cost = self._ram_cost(slot, slot.measured or 0)
         if slot.child is not child or slot.state not in (State.ASLEEP, State.QUEUED):
             return  # woken (or stopped) while its cost was read: it is not in the ram tier
-        self._entered_ram(slot, cost)
+        try:
+            self._entered_ram(slot, cost)
+        except Exception as exc:  # noqa: BLE001 - logged with its trace; it goes to disk
+            self._not_in_ram_tier(slot, exc)
+            return
         _log.info(
             "model.sleep",
             model=slot.preset.name,
@@ -1992,6 +2000,18 @@ class Manager:
             sleep_level=slot.sleep_level,
             sleep_s=round(time.monotonic() - started, 3),
         )
+
+    def _not_in_ram_tier(self, slot: Slot, exc: Exception) -> None:
+        """A sleeper the ram tier could not take in: down to disk (``model.tier.error``).
+
+        Asleep but uncounted, it would hold its memory past the ram budget, with no
+        ``ram_ttl`` to end it, for good. A wake asked for meanwhile goes on.
+        """
+        _log.error(
+            "model.tier.error", model=slot.preset.name, tier="ram", error=repr(exc), exc_info=exc
+        )
+        if slot.state is State.ASLEEP:
+            self._begin_stop(slot, reason="tier_error")
 
     def _sleep_failed(self, slot: Slot, exc: Exception) -> str:
         """Why a sleep failed, in words; an error that is not the backend's answer is logged.

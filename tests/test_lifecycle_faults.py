@@ -7,6 +7,7 @@ raised left its model ``stopping`` for good (each later request a 500 ``BadTrans
 a sleep that raised left it ``sleeping``, a crashed backend whose reaping (or forgetting)
 raised kept its dead process, so that the next request for it waited forever, a failed
 start or a stop whose process could not be forgotten left it ``starting`` or ``stopping``,
+a sleeper whose ram tier bookkeeping raised stayed asleep uncounted (and failed the load),
 and a step after a start
 that raised (its pages, measurement or probe) answered 500 and left the backend unwatched.
 """
@@ -246,3 +247,48 @@ def test_an_eviction_that_cannot_forget_its_victim_still_leaves_it_stopped(
     _only_running(d, "b")
     assert d.chat("a")[0] == 200
     _only_running(d, "a")
+
+
+def _sleep_beside(
+    start_daemon: StartDaemon, tmp_path: Path, vllm_binary: str, target: str
+) -> Daemon:
+    """v, measured, then put to sleep by a load of w; ``target`` raises once."""
+    v = {**_vllm(vllm_binary, tmp_path / "m"), "ram_ttl": "1s"}
+    d = start_daemon(
+        {"v": v, "w": _vllm(vllm_binary, tmp_path / "n")},
+        {"max_running": 1},
+        env=fault_env(tmp_path, target),
+    )
+    assert d.chat("v")[0] == 200
+    wait_for(lambda: d.model("v")["memory"]["measured"], timeout=10)
+    status, body = d.chat("w")
+    assert faults_met(tmp_path) == 1
+    assert status == 200, body  # before: the load that waited for the sleep failed
+    return d
+
+
+def test_a_sleeper_whose_cost_cannot_be_read_is_counted_as_last_measured(
+    start_daemon: StartDaemon, tmp_path: Path, vllm_binary: str
+) -> None:
+    """In the ram tier with the bytes it had, and its ram_ttl ends it there."""
+    d = _sleep_beside(start_daemon, tmp_path, vllm_binary, "swapd.manager:Manager._asleep_cost")
+    assert d.events("model.measure.fail")
+    # Before: asleep, no bytes in the tier and no ram_ttl, for good.
+    [entered] = [e for e in d.events("model.tier") if e["model"] == "v"]
+    assert entered["tier"] == "ram"
+    assert entered["bytes"] > 0
+    wait_for(lambda: d.events("model.ram_ttl.expire"), timeout=20)
+    wait_for(lambda: d.model("v")["state"] == "stopped", timeout=10)
+    _only_running(d, "w")
+
+
+def test_a_sleeper_the_ram_tier_cannot_take_goes_to_disk(
+    start_daemon: StartDaemon, tmp_path: Path, vllm_binary: str
+) -> None:
+    """Uncounted it would stay asleep for good: it is stopped, and starts again when asked."""
+    d = _sleep_beside(start_daemon, tmp_path, vllm_binary, "swapd.manager:Manager._entered_ram")
+    assert d.events("model.tier.error")
+    wait_for(lambda: d.model("v")["state"] == "stopped", timeout=10)
+    _only_running(d, "w")
+    assert d.chat("v")[0] == 200
+    assert d.model("w")["state"] == "asleep"
