@@ -327,9 +327,24 @@ class Manager:
         """Point the slot at its model's staged copy, or at none (a preset no longer staged)."""
         found = None
         if self.staging is not None and slot.preset.stage and slot.preset.model is not None:
-            found = await asyncio.to_thread(self.staging.cached_path, slot.preset.model)
+            found = await self._cached_copy(slot.preset.model)
         slot.staged_path = str(found) if found else None
         slot.staged_source = slot.preset.model if found else None
+
+    async def _cached_copy(self, source: str | Path) -> Path | None:
+        """The staging cache's copy of ``source`` as it is now, or None (one stat, in a thread).
+
+        None too when the cache cannot be read (an entry that answers EACCES or EIO),
+        logged: the model counts as not staged, and its next load stages it again. Raised,
+        at start it kept swapd from starting at all.
+        """
+        staging = self.staging
+        assert staging is not None  # noqa: S101 - only asked with a cache
+        try:
+            return await asyncio.to_thread(staging.cached_path, source)
+        except OSError as exc:
+            _log.warning("staging.read.fail", source=str(source), error=str(exc))
+            return None
 
     # ---------------------------------------------------------------- lookups and views
 
@@ -365,13 +380,11 @@ class Manager:
         made for one preset serves another of the same file: both would show in ``store``,
         their copy counted in the cache, until their next load.
         """
-        staging = self.staging
-        assert staging is not None  # noqa: S101 - a copy ended: there is a cache
         for slot in list(self.slots.values()):
             model = slot.preset.model
             if slot.tier != "store" or model is None:
                 continue
-            found = await asyncio.to_thread(staging.cached_path, model)
+            found = await self._cached_copy(model)
             # Checked again after the thread hop: a load or a reload may have moved it.
             if found is not None and slot.tier == "store" and slot.preset.model == model:
                 slot.staged_path, slot.staged_source = str(found), model
@@ -1407,12 +1420,10 @@ class Manager:
 
     async def _refresh_staged(self, exclude: Slot) -> None:
         """Forget staged paths whose copies the cache evicted to make room."""
-        staging = self.staging
-        assert staging is not None  # noqa: S101 - only called with a cache
         for other in self.slots.values():
             if other is exclude or other.staged_path is None or other.staged_source is None:
                 continue
-            found = await asyncio.to_thread(staging.cached_path, other.staged_source)
+            found = await self._cached_copy(other.staged_source)
             if found is None and not self._uses_staged_copy(other):
                 other.staged_path = other.staged_source = None
 
@@ -2141,7 +2152,7 @@ class Manager:
         source, copy = slot.staged_source, slot.staged_path
         if self.staging is None or source is None or copy is None:
             return None
-        found = await asyncio.to_thread(self.staging.cached_path, source)
+        found = await self._cached_copy(source)
         if found is not None and str(found) == copy:
             return None
         return f"{source} changed since it was copied to {copy}"

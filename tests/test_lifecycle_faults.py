@@ -8,6 +8,7 @@ a sleep that raised left it ``sleeping``, a crashed backend whose reaping (or fo
 raised kept its dead process, so that the next request for it waited forever, a failed
 start or a stop whose process could not be forgotten left it ``starting`` or ``stopping``,
 a sleeper whose ram tier bookkeeping raised stayed asleep uncounted (and failed the load),
+a staging cache that could not be read at start kept swapd from starting,
 and a step after a start
 that raised (its pages, measurement or probe) answered 500 and left the backend unwatched.
 """
@@ -292,3 +293,26 @@ def test_a_sleeper_the_ram_tier_cannot_take_goes_to_disk(
     _only_running(d, "w")
     assert d.chat("v")[0] == 200
     assert d.model("w")["state"] == "asleep"
+
+
+def test_a_staging_cache_that_cannot_be_read_at_start_leaves_the_model_unstaged(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """swapd starts, says so, and the model's next load stages it again."""
+    model = tmp_path / "models" / "m.gguf"
+    model.parent.mkdir()
+    model.write_bytes(os.urandom(MIB))
+    cache = tmp_path / "cache"
+    preset = fake_preset("S", stage=True, model=str(model))
+    first = start_daemon({"s": preset}, {"cache_dir": str(cache)})
+    assert first.chat("s")[0] == 200
+    assert first.stop() == 0
+    env = fault_env(tmp_path, "swapd.staging:StagingCache.cached_path", error="PermissionError")
+    # Before: swapd exited 1 at start, on the traceback of the error.
+    d = start_daemon({"s": preset}, {"cache_dir": str(cache)}, env=env)
+    assert faults_met(tmp_path) == 1
+    [event] = d.events("staging.read.fail")
+    assert "injected fault" in event["error"]
+    assert d.model("s")["tier"] == "store"  # its copy is not known to be there
+    assert d.chat("s")[0] == 200
+    assert d.model("s")["tier"] == "device"

@@ -54,6 +54,7 @@ def test_a_fresh_copy_is_in_use_while_the_refresh_reads_the_cache(tmp_path: Path
     manager = cast("Manager", namespace)
     namespace._refresh_staged = lambda exclude: Manager._refresh_staged(manager, exclude)
     namespace._sources_in_use = lambda staging=None: Manager._sources_in_use(manager, staging)
+    namespace._cached_copy = lambda source: Manager._cached_copy(manager, source)
 
     async def main() -> None:
         x.load_task = asyncio.create_task(Manager._stage(manager, x))
