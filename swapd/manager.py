@@ -1673,14 +1673,11 @@ class Manager:
             except TimeoutError as exc:
                 raise SleepFailed(f"not awake after {slot.preset.start_timeout:g}s") from exc
         except (SleepFailed, SleepUnsupported) as exc:
-            if isinstance(exc, SleepFailed) and exc.api_missing:
-                # A level-2 wake's /collective_rpc, which its /sleep did not need: as for
-                # a missing /sleep, its next starts go without sleep mode.
-                self._sleep_missing_found(slot, exc)
+            why = self._why_sleep_failed(slot, exc)
             slot.move(State.WAKING, State.FAILED)
-            await self._end_failed_child(slot, f"wake failed: {exc}")
+            await self._end_failed_child(slot, f"wake failed: {why}")
             raise BackendStartError(
-                slot.preset.name, None, slot.ring.tail(), reason=f"could not wake: {exc}"
+                slot.preset.name, None, slot.ring.tail(), reason=f"could not wake: {why}"
             ) from exc
         except BaseException:
             slot.move(State.WAKING, State.FAILED)
@@ -1980,7 +1977,7 @@ class Manager:
         try:
             await slot.kind.sleep(self.pool, launch.host, launch.port, slot.sleep_level)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the process is ended
-            why = self._sleep_failed(slot, exc)
+            why = self._why_sleep_failed(slot, exc)
             slot.last_error = BackendStartError(
                 slot.preset.name, None, slot.ring.tail(), reason=f"could not sleep: {why}"
             )
@@ -2024,11 +2021,26 @@ class Manager:
         if slot.state is State.ASLEEP:
             self._begin_stop(slot, reason="tier_error")
 
+    def _why_sleep_failed(self, slot: Slot, exc: Exception) -> str:
+        """:meth:`_sleep_failed`, for a sleep or wake that must end as a failed one all the same.
+
+        An error in that handling (remembering a missing sleep API) is logged as the
+        sleep's: raised, it left the model sleeping or waking, with its process, for good.
+        """
+        try:
+            return self._sleep_failed(slot, exc)
+        except Exception as err:  # noqa: BLE001 - logged with its trace; the process is ended
+            _log.error("model.sleep.error", model=slot.preset.name, error=repr(err), exc_info=err)
+            answered = isinstance(exc, (SleepFailed, SleepUnsupported))
+            return str(exc) if answered else f"{type(exc).__name__}: {exc}"
+
     def _sleep_failed(self, slot: Slot, exc: Exception) -> str:
-        """Why a sleep failed, in words; an error that is not the backend's answer is logged.
+        """Why a sleep (or wake) failed, in words; an error not the backend's answer is logged.
 
         Any error ends the sleep as a failed one: left sleeping, the model could not be
-        loaded again, and the load that waited for its room failed.
+        loaded again, and the load that waited for its room failed. A sleep API found
+        missing (the wake of level 2 needs /collective_rpc, which its /sleep did not) is
+        remembered: the launch's next starts go without sleep mode.
         """
         if isinstance(exc, SleepFailed) and exc.api_missing:
             self._sleep_missing_found(slot, exc)

@@ -1,16 +1,20 @@
-"""Plain exceptions injected into a real swapd's starts, stops, sleeps and reaping (:mod:`faults`).
+"""Plain exceptions injected into a real swapd's lifecycle (:mod:`faults`).
 
 Whatever raises, the model must end where its next request can load it (never stranded in
-``stopping`` or ``sleeping``), no process may be left behind, the error is logged, and the
-load that waited for the room answers as usual. Each test failed on older code: a stop that
-raised left its model ``stopping`` for good (each later request a 500 ``BadTransition``),
-a sleep that raised left it ``sleeping``, a crashed backend whose reaping (or forgetting)
-raised kept its dead process, so that the next request for it waited forever, a failed
-start or a stop whose process could not be forgotten left it ``starting`` or ``stopping``,
-a sleeper whose ram tier bookkeeping raised stayed asleep uncounted (and failed the load),
-a staging cache that could not be read at start kept swapd from starting,
-and a step after a start
-that raised (its pages, measurement or probe) answered 500 and left the backend unwatched.
+``starting``, ``stopping``, ``sleeping`` or ``waking``, nor failed with a dead process), no
+process may be left behind or unwatched, the error is logged, and the load that waited for
+the room answers as usual. Each test failed on older code, where:
+
+- a stop that raised left its model ``stopping`` for good (each later request a 500
+  ``BadTransition``), and a sleep that raised left it ``sleeping``;
+- a crashed backend whose reaping or forgetting raised kept its dead process, so that the
+  next request for it waited forever; a failed start or a stop whose process could not be
+  forgotten left it ``starting`` or ``stopping``;
+- a step after a start that raised (its pages, measurement or probe) answered 500 and left
+  the backend unwatched;
+- a sleeper whose ram tier bookkeeping raised stayed asleep uncounted, and the load failed;
+- a failed sleep or wake whose handling raised left the model ``sleeping`` or ``waking``;
+- a staging cache that could not be read at start kept swapd from starting.
 """
 
 from __future__ import annotations
@@ -316,3 +320,51 @@ def test_a_staging_cache_that_cannot_be_read_at_start_leaves_the_model_unstaged(
     assert d.model("s")["tier"] == "store"  # its copy is not known to be there
     assert d.chat("s")[0] == 200
     assert d.model("s")["tier"] == "device"
+
+
+def test_a_failed_sleep_whose_handling_raises_still_ends_as_a_failed_sleep(
+    start_daemon: StartDaemon, tmp_path: Path, vllm_binary: str
+) -> None:
+    """Its /sleep answers 404 and remembering that raises: failed, not sleeping for good."""
+    no_dev_mode = tmp_path / "bin" / "vllm-no-dev"
+    no_dev_mode.write_text(f'#!/bin/sh\nexport VLLM_SERVER_DEV_MODE=0\nexec {vllm_binary} "$@"\n')
+    no_dev_mode.chmod(0o755)
+    d = start_daemon(
+        {"v": _vllm(str(no_dev_mode), tmp_path / "m"), "w": _vllm(vllm_binary, tmp_path / "n")},
+        {"max_running": 1},
+        env=fault_env(tmp_path, "swapd.manager:Manager._sleep_missing_found"),
+    )
+    assert d.chat("v")[0] == 200
+    status, body = d.chat("w")
+    assert faults_met(tmp_path) == 1
+    v = d.model("v")
+    # Before: sleeping for good, its process kept, each request for it a 500 BadTransition.
+    assert v["state"] == "failed", v
+    assert status == 200, body
+    assert "HTTP 404" in v["error"]
+    assert d.events("model.sleep.error")
+    _only_running(d, "w")
+    assert d.chat("v")[0] == 200  # started afresh; w sleeps in its place
+    assert d.model("w")["state"] == "asleep"
+
+
+def test_a_failed_wake_whose_handling_raises_still_ends_as_a_failed_wake(
+    start_daemon: StartDaemon, tmp_path: Path, vllm_binary: str
+) -> None:
+    """A level-2 wake finds /collective_rpc missing and remembering that raises: failed."""
+    preset = {**_vllm(vllm_binary, tmp_path / "m"), "sleep": 2, "ttl": "1s"}
+    env = fault_env(tmp_path, "swapd.manager:Manager._sleep_missing_found")
+    d = start_daemon({"v": preset}, env={**env, "FAKE_VLLM_NO_RPC": "1"})
+    assert d.chat("v")[0] == 200
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
+    status, body = d.chat("v")
+    assert faults_met(tmp_path) == 1
+    v = d.model("v")
+    # Before: waking for good, its process kept, each request for it a 500 BadTransition.
+    assert v["state"] in ("failed", "backoff"), v
+    assert status == 502, body
+    assert v["pid"] is None
+    assert d.events("model.sleep.error")
+    assert d.leftovers() == []
+    wait_for(lambda: d.chat("v")[0] == 200, timeout=20, interval=0.2)  # after its backoff
+    _only_running(d, "v")
