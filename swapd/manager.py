@@ -2111,7 +2111,10 @@ class Manager:
             # load it again, and every load that waited for its room failed.
             _log.error("model.stop.error", model=slot.preset.name, error=repr(exc), exc_info=exc)
             if hold is not None:
-                await asyncio.gather(hold, return_exceptions=True)
+                [held] = await asyncio.gather(hold, return_exceptions=True)
+                if isinstance(held, BaseException) and slot.pages is not None:
+                    # Taken but not entered in the tier: locked, uncounted, for good.
+                    self._drop_pages(slot, reason="stop_error")
             if child is not None and slot.child is child:
                 await self._stop_child(slot, child)
                 self._let_go(slot)

@@ -13,6 +13,7 @@ the room answers as usual. Each test failed on older code, where:
 - a step after a start that raised (its pages, measurement or probe) answered 500 and left
   the backend unwatched;
 - a sleeper whose ram tier bookkeeping raised stayed asleep uncounted, and the load failed;
+  the pages of a stop that could not be entered in the tier stayed locked, uncounted;
 - a failed sleep or wake whose handling raised left the model ``sleeping`` or ``waking``;
 - a staging cache that could not be read at start kept swapd from starting.
 """
@@ -99,16 +100,20 @@ def test_a_sleep_that_raises_ends_the_process_and_the_model_starts_again(
 
 
 @pytest.mark.llama
+@pytest.mark.parametrize(
+    "target",
+    [
+        "swapd.pages:WarmSet.open",  # locking them
+        # Entering them in the tier: before, locked but never counted, for good.
+        "swapd.manager:Manager._entered_ram",
+    ],
+)
 def test_a_page_lock_that_raises_as_the_model_stops_leaves_it_stopped_on_disk(
-    start_daemon: StartDaemon, tmp_path: Path, tiny_gguf: Path
+    start_daemon: StartDaemon, tmp_path: Path, tiny_gguf: Path, target: str
 ) -> None:
     """The TTL's stop to the ram tier cannot hold the pages: the model goes to disk."""
     preset = {"backend": "llama-server", "model": str(tiny_gguf), "ttl": "1s"}
-    d = start_daemon(
-        {"t": preset},
-        {"ram_budget": 64 * MIB},
-        env=fault_env(tmp_path, "swapd.pages:WarmSet.open"),
-    )
+    d = start_daemon({"t": preset}, {"ram_budget": 64 * MIB}, env=fault_env(tmp_path, target))
     assert d.chat("t")[0] == 200
     wait_for(lambda: faults_met(tmp_path) == 1, timeout=30)
     wait_for(lambda: d.model("t")["state"] == "stopped", timeout=10)
