@@ -54,7 +54,7 @@ def ram_cost(slot: Slot, measured: int) -> int:
     on_gpu = slot.device is not None and slot.device.kind != "cpu"
     if not on_gpu:
         return measured  # on a CPU the sleeping process keeps what it has
-    return slot.model_bytes if slot.sleep_level == 1 else 0  # level 2 discards the weights
+    return slot.kind.asleep_bytes(slot.preset, slot.model_bytes, slot.sleep_level)
 
 
 def resident(slot: Slot, snap: Snapshot, *, now: float, ram_budget: int) -> policy.Resident | None:

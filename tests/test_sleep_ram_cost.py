@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import StartDaemon
-from daemon import wait_for
+from daemon import Daemon, wait_for
 from fakes import probe_file
 
 MIB = 1024**2
@@ -84,3 +84,51 @@ def test_level_1_ram_cost_counts_the_weights_vllm_loads_not_every_file(
     wait_for(lambda: d.events("model.sleep"))
     ram = d.model("v")["memory"]["ram"]
     assert ram <= 4 * MIB + 2, f"ram tier counts {ram / MIB:.1f} MiB for 4 MiB of weights"
+
+
+def _gpu_sleeper(
+    start_daemon: StartDaemon,
+    vllm_binary: str,
+    tmp_path: Path,
+    args: list[str],
+    daemon_config: dict[str, object],
+) -> Daemon:
+    """A vLLM on a (fake) GPU with 4 MiB of weights, asleep at level 2 after its TTL."""
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": 0}})
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\0" * (4 * MIB))
+    (model / "config.json").write_text("{}")
+    preset = {"backend": "vllm", "model": str(model), "binary": vllm_binary, "args": args}
+    return start_daemon(
+        {"v": {**preset, "sleep": 2, "ttl": "1s", "memory": "1GiB"}},
+        {"devices": "auto", "reserve": 0, **daemon_config},
+        env={
+            "SWAPD_FAKE_PROBE": str(probe),
+            "FAKE_VLLM_UPSTREAM_ARGS": f"--probe-file {probe} --mem-bytes {GIB}",
+        },
+    )
+
+
+def test_level_2_ram_cost_counts_the_weights_cpu_offload_keeps_in_host_ram(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """``--cpu-offload-gb`` weights are host RAM that a level-2 sleep keeps: counted 0 before."""
+    d = _gpu_sleeper(start_daemon, vllm_binary, tmp_path, ["--cpu-offload-gb", "0.002"], {})
+    assert d.chat("v")[0] == 200
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
+    wait_for(lambda: d.events("model.sleep"))
+    assert d.model("v")["memory"]["ram"] == int(0.002 * GIB)
+
+
+def test_a_level_2_sleeper_whose_offloaded_weights_pass_the_ram_budget_goes_to_disk(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """2 MiB offloaded, a 1 MiB ram budget: it cannot stay asleep in the ram tier."""
+    args = ["--cpu-offload-gb=0.002"]
+    d = _gpu_sleeper(start_daemon, vllm_binary, tmp_path, args, {"ram_budget": MIB})
+    assert d.chat("v")[0] == 200
+    wait_for(lambda: d.events("model.sleep") or d.model("v")["tier"] == "disk", timeout=40)
+    wait_for(lambda: d.model("v")["tier"] == "disk", timeout=40)
+    assert d.model("v")["state"] == "stopped"

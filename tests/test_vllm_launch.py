@@ -357,3 +357,24 @@ def test_memory_set_beside_the_presets_own_share_on_a_cpu_admits_the_share(
     assert need >= _vllm_cpu_reservation(argv, {}, total) == 32 * GiB
     sized = _preset(tmp_path, memory=4 * GiB, args=(*args, "--kv-cache-memory-bytes", "1G"))
     assert _launch(sized, HOST_DEVICE, total, tmp_path)[1] == 4 * GiB
+
+
+@pytest.mark.parametrize(
+    ("args", "level", "expected"),
+    [
+        # vllm/config/offload.py: cpu_offload_gb is GiB per GPU, a float; argparse keeps
+        # the last. Level 2 discards the weights on the GPU, not those in host RAM.
+        (["--cpu-offload-gb", "1", "--cpu-offload-gb=2.5"], 2, int(2.5 * GiB)),
+        (["--cpu-offload-gb", "2", "-tp", "2"], 2, 4 * GiB),  # each worker pins its own
+        (["--cpu-offload-gb", "64"], 2, 10 * GiB),  # no more than the weights there are
+        ([], 2, 0),
+        (["--cpu-offload-gb", "2"], 1, 10 * GiB),  # on the GPU or offloaded: all in RAM
+        (["--data-parallel-size", "2"], 1, 20 * GiB),  # each replica backs up a copy
+    ],
+)
+def test_a_gpu_sleepers_host_ram_counts_weights_cpu_offload_keeps_there(
+    tmp_path: Path, args: list[str], level: int, expected: int
+) -> None:
+    """What a vLLM with 10 GiB of weights holds in host RAM asleep on a GPU."""
+    preset = _preset(tmp_path, args=args)
+    assert VLLM.asleep_bytes(preset, 10 * GiB, level) == expected

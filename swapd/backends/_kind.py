@@ -105,6 +105,10 @@ class BackendKind(Protocol):
         """The output line where a failed start refused sleep mode, if it did."""
         ...
 
+    def asleep_bytes(self, preset: Preset, weights: int, level: int) -> int:
+        """Host RAM its process holds asleep on a GPU at ``level``, for ``weights`` bytes."""
+        ...
+
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """Put a live backend to sleep (free device memory, keep the process)."""
         ...
@@ -127,6 +131,11 @@ class NoSleep:
         """Never: the kind is started without sleep mode."""
         del output
         return None
+
+    def asleep_bytes(self, preset: Preset, weights: int, level: int) -> int:
+        """Nothing: a process of this kind never sleeps."""
+        del preset, weights, level
+        return 0
 
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """Refuse: a process of this kind cannot sleep."""

@@ -53,6 +53,10 @@ PARALLEL_FLAGS = (
     ("--data-parallel-size", "-dp"),
 )
 SLEEP_FLAG = "--enable-sleep-mode"
+# GiB (a float) of each worker's weights kept in pinned host RAM, read by the GPU on the
+# fly: per GPU (vllm/config/offload.py UVAOffloadConfig.cpu_offload_gb; each worker's
+# UVAOffloader pins its own, model_executor/offloader/uva.py).
+CPU_OFFLOAD_FLAG = "--cpu-offload-gb"
 # How vLLM says it cannot run sleep mode ("Sleep mode is not supported on current
 # platform.", "Sleep mode allocator is not available on platform ...").
 _REFUSAL_WORDS = ("not support", "only supported", "not available")
@@ -208,8 +212,7 @@ class VllmKind:
         """Tensor by pipeline by data parallel size: one process per GPU, each a whole share."""
         needed = 1
         for flags in PARALLEL_FLAGS:
-            value = flag_value(preset.args, *flags, argparse=True)
-            needed *= int(value) if value is not None and value.isdigit() and int(value) else 1
+            needed *= _parallel_size(preset.args, flags)
         return needed
 
     def own_share(self, preset: Preset, device: Device) -> float | None:
@@ -221,6 +224,21 @@ class VllmKind:
         if device.kind == "cpu" and _cpu_kv_cache_bytes(preset) is not None:
             return None
         return _own_fraction(preset.args)
+
+    def asleep_bytes(self, preset: Preset, weights: int, level: int) -> int:
+        """Host RAM the process holds asleep on a GPU: its weights at level 1, its offload at 2.
+
+        Level 1 copies each worker's weights on the GPU to pinned host RAM, next to what
+        ``--cpu-offload-gb`` keeps there: all of them, once per data-parallel replica (each
+        holds a whole copy). Level 2 discards what is on the GPU, not what is offloaded
+        (CuMemBackend.suspend, vllm/device_allocator/sleep_mode_backend.py: the tags
+        offloaded are "runtime" and "cudagraph", and "weights" at level 1 only; offloaded
+        weights are CPU tensors outside that pool).
+        """
+        whole = weights * _parallel_size(preset.args, PARALLEL_FLAGS[2])
+        if level == 1:
+            return whole
+        return min(whole, _offload_bytes(preset.args) * self.gpus_needed(preset))
 
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """POST ``/sleep?level=N``; vLLM answers once the weights have moved."""
@@ -253,6 +271,22 @@ class VllmKind:
             if loop.time() > deadline:
                 raise SleepFailed(f"still asleep {_CALL_TIMEOUT:g}s after /wake_up")
             await asyncio.sleep(_WAKE_POLL)
+
+
+def _parallel_size(args: Sequence[str], flags: tuple[str, str]) -> int:
+    """One of vLLM's parallel sizes as the preset sets it; 1 where it does not."""
+    value = flag_value(args, *flags, argparse=True)
+    return int(value) if value is not None and value.isdigit() and int(value) else 1
+
+
+def _offload_bytes(args: Sequence[str]) -> int:
+    """Bytes of weights ``--cpu-offload-gb`` keeps in host RAM per GPU; 0 without it."""
+    value = flag_value(args, CPU_OFFLOAD_FLAG, argparse=True)
+    try:
+        gib = float(value) if value is not None else 0.0
+    except ValueError:
+        return 0  # vLLM refuses it: the start fails
+    return int(gib * 1024**3) if 0 < gib < float("inf") else 0
 
 
 def _cpu_kv_cache_bytes(preset: Preset) -> int | None:
