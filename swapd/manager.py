@@ -74,7 +74,6 @@ from swapd.staging import CacheFull as StagingFull
 from swapd.staging import StagingCache, StagingError
 from swapd.states import COMING_UP, State
 from swapd.upstream import UpstreamError, UpstreamPool
-from swapd.weights import weight_bytes
 
 _log = get_logger("swapd.manager")
 # How often to re-read memory while waiting for a stopped backend's memory to come back.
@@ -1468,7 +1467,7 @@ class Manager:
         if preset.model is not None:
             # At each start: the files may have changed since the last (new weights in place).
             slot.model_bytes, slot.model_id, slot.model_in_memory = await asyncio.to_thread(
-                _file_facts, preset.model, slot.staged_path or preset.model
+                _file_facts, slot, preset.model, slot.staged_path or preset.model
             )
         async with self._one_sizing_start(slot, device):
             await self._start_spawned(slot, device, placement)
@@ -2644,12 +2643,12 @@ async def _outlast(task: asyncio.Task[Any]) -> None:
     await asyncio.wait([task])
 
 
-def _file_facts(model: Path, read: str | Path) -> tuple[int, FileId | None, str | None]:
+def _file_facts(slot: Slot, model: Path, read: str | Path) -> tuple[int, FileId | None, str | None]:
     """Weight bytes, the file a start reads and its in-memory filesystem; blocks (stats).
 
     ``read`` is the model or its staged copy. One thread hop for the three, at each start.
     """
-    return weight_bytes(model), file_id(read), memory_fs(read)
+    return slot.kind.weight_bytes(slot.preset, model), file_id(read), memory_fs(read)
 
 
 def _pages_changed(slot: Slot, pages: WarmSet) -> str | None:

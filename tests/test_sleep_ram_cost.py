@@ -90,19 +90,23 @@ def _gpu_sleeper(
     start_daemon: StartDaemon,
     vllm_binary: str,
     tmp_path: Path,
-    args: list[str],
+    keys: dict[str, object],
     daemon_config: dict[str, object],
 ) -> Daemon:
-    """A vLLM on a (fake) GPU with 4 MiB of weights, asleep at level 2 after its TTL."""
+    """A vLLM on a (fake) GPU with 4 MiB of safetensors, asleep after its TTL (level 2).
+
+    Beside them, 1 MiB of ``.pt`` weights: vLLM reads them only if told to.
+    """
     probe = tmp_path / "gpus.json"
     probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": 0}})
     model = tmp_path / "m"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"\0" * (4 * MIB))
+    (model / "model.pt").write_bytes(b"\0" * MIB)
     (model / "config.json").write_text("{}")
-    preset = {"backend": "vllm", "model": str(model), "binary": vllm_binary, "args": args}
+    preset = {"backend": "vllm", "model": str(model), "binary": vllm_binary, "sleep": 2}
     return start_daemon(
-        {"v": {**preset, "sleep": 2, "ttl": "1s", "memory": "1GiB"}},
+        {"v": {**preset, "ttl": "1s", "memory": "1GiB", **keys}},
         {"devices": "auto", "reserve": 0, **daemon_config},
         env={
             "SWAPD_FAKE_PROBE": str(probe),
@@ -115,7 +119,8 @@ def test_level_2_ram_cost_counts_the_weights_cpu_offload_keeps_in_host_ram(
     start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
 ) -> None:
     """``--cpu-offload-gb`` weights are host RAM that a level-2 sleep keeps: counted 0 before."""
-    d = _gpu_sleeper(start_daemon, vllm_binary, tmp_path, ["--cpu-offload-gb", "0.002"], {})
+    args = ["--cpu-offload-gb", "0.002"]
+    d = _gpu_sleeper(start_daemon, vllm_binary, tmp_path, {"args": args}, {})
     assert d.chat("v")[0] == 200
     wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
     wait_for(lambda: d.events("model.sleep"))
@@ -126,9 +131,22 @@ def test_a_level_2_sleeper_whose_offloaded_weights_pass_the_ram_budget_goes_to_d
     start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
 ) -> None:
     """2 MiB offloaded, a 1 MiB ram budget: it cannot stay asleep in the ram tier."""
-    args = ["--cpu-offload-gb=0.002"]
-    d = _gpu_sleeper(start_daemon, vllm_binary, tmp_path, args, {"ram_budget": MIB})
+    keys: dict[str, object] = {"args": ["--cpu-offload-gb=0.002"]}
+    d = _gpu_sleeper(start_daemon, vllm_binary, tmp_path, keys, {"ram_budget": MIB})
     assert d.chat("v")[0] == 200
     wait_for(lambda: d.events("model.sleep") or d.model("v")["tier"] == "disk", timeout=40)
     wait_for(lambda: d.model("v")["tier"] == "disk", timeout=40)
     assert d.model("v")["state"] == "stopped"
+
+
+@pytest.mark.parametrize(("load_format", "weights"), [("pt", MIB), ("auto", 4 * MIB)])
+def test_level_1_ram_cost_counts_the_files_the_load_format_reads(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path, load_format: str, weights: int
+) -> None:
+    """``--load-format pt`` reads the ``.pt`` file only (default_loader.py): its size, not 4 MiB."""
+    args = ["--load-format", "safetensors", "--load-format", load_format]  # the last counts
+    d = _gpu_sleeper(start_daemon, vllm_binary, tmp_path, {"args": args, "sleep": 1}, {})
+    assert d.chat("v")[0] == 200
+    wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
+    wait_for(lambda: d.events("model.sleep"))
+    assert d.model("v")["memory"]["ram"] == weights

@@ -378,3 +378,30 @@ def test_a_gpu_sleepers_host_ram_counts_weights_cpu_offload_keeps_there(
     """What a vLLM with 10 GiB of weights holds in host RAM asleep on a GPU."""
     preset = _preset(tmp_path, args=args)
     assert VLLM.asleep_bytes(preset, 10 * GiB, level) == expected
+
+
+@pytest.mark.parametrize(
+    ("load_format", "files"),
+    [
+        # vllm/model_executor/model_loader/default_loader.py _prepare_weights: the globs
+        # each format reads at the folder's top, first match wins.
+        ("auto", ["model.safetensors"]),
+        ("hf", ["model.safetensors"]),
+        ("safetensors", ["model.safetensors"]),
+        ("pt", ["model.pt"]),
+        ("npcache", ["pytorch_model.bin"]),
+        ("dummy", ["model.safetensors"]),  # nothing read, the same weights allocated
+    ],
+)
+def test_a_cpu_vllm_counts_the_weight_files_its_load_format_reads(
+    tmp_path: Path, load_format: str, files: list[str]
+) -> None:
+    """A folder holding the weights as safetensors, .bin and .pt, each of another size."""
+    preset = _preset(tmp_path, args=["--load-format", load_format])
+    assert preset.model is not None
+    sizes = {"model.safetensors": 8 << 20, "pytorch_model.bin": 4 << 20, "model.pt": 2 << 20}
+    for name, size in sizes.items():
+        (preset.model / name).write_bytes(b"\0" * size)
+    weights = sum(sizes[name] for name in files)
+    kv_and_runtime = VLLM_CPU_KV_DEFAULT + VLLM_CPU_RUNTIME
+    assert VLLM.estimate(preset, HOST_DEVICE, 64 * GiB) == weights + kv_and_runtime

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from swapd.presets import Preset
     from swapd.probe import Device
     from swapd.upstream import UpstreamPool
@@ -99,6 +101,10 @@ class BackendKind(Protocol):
 
     def gpus_needed(self, preset: Preset) -> int:
         """GPUs one start needs at once (vLLM's parallel sizes); swapd places on one."""
+        ...
+
+    def weight_bytes(self, preset: Preset, model: Path) -> int:
+        """Bytes of weights a start loads from ``model`` (the preset's); raises OSError."""
         ...
 
     def refused_sleep(self, output: list[str]) -> str | None:

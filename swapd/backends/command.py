@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING
 
 from swapd.backends._kind import NoSleep, OwnKey, Placement, RamVia, Tier
 from swapd.backends._launch import BinaryNotFound, search_path
+from swapd.weights import weight_bytes
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from swapd.presets import Preset
     from swapd.probe import Device
 
@@ -59,6 +62,11 @@ class CommandKind(NoSleep):
         """None: it takes what it loads, not a share of the card."""
         del preset, device
         return None
+
+    def weight_bytes(self, preset: Preset, model: Path) -> int:
+        """The model file's bytes (every shard of a split GGUF)."""
+        del preset
+        return weight_bytes(model)
 
     def gpus_needed(self, preset: Preset) -> int:
         """One: it runs on the GPU its placement shows it."""

@@ -139,6 +139,11 @@ class LlamaServerKind(NoSleep):
         del preset, device
         return None
 
+    def weight_bytes(self, preset: Preset, model: Path) -> int:
+        """The model file's bytes (every shard of a split GGUF)."""
+        del preset
+        return weight_bytes(model)
+
     def gpus_needed(self, preset: Preset) -> int:
         """One: it runs on the GPU its placement shows it."""
         del preset

@@ -29,6 +29,8 @@ from swapd.upstream import UpstreamError
 from swapd.weights import weight_bytes
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from swapd.presets import Preset
     from swapd.probe import Device
     from swapd.upstream import UpstreamPool
@@ -208,6 +210,10 @@ class VllmKind:
             return VLLM_CPU_KV_DEFAULT + _weights(preset) + VLLM_CPU_RUNTIME
         return int(total * (own or VLLM_GPU_DEFAULT_FRACTION))
 
+    def weight_bytes(self, preset: Preset, model: Path) -> int:
+        """The weight files vLLM loads from ``model`` for the preset's ``--load-format``."""
+        return weight_bytes(model, load_format(preset.args))
+
     def gpus_needed(self, preset: Preset) -> int:
         """Tensor by pipeline by data parallel size: one process per GPU, each a whole share."""
         needed = 1
@@ -318,9 +324,14 @@ def _human_bytes(value: str) -> int | None:
 def _weights(preset: Preset) -> int:
     """The weights vLLM loads from the preset's model; 0 where they cannot be read."""
     try:
-        return weight_bytes(preset.model) if preset.model is not None else 0
+        return weight_bytes(preset.model, load_format(preset.args)) if preset.model else 0
     except OSError:
         return 0
+
+
+def load_format(args: Sequence[str]) -> str:
+    """The ``--load-format`` vLLM reads from ``args`` (the last given), "auto" without one."""
+    return flag_value(args, "--load-format", argparse=True) or "auto"
 
 
 def _cpu_sized_by_swapd(preset: Preset) -> bool:
