@@ -1032,8 +1032,24 @@ class Manager:
 
     def _ram_tier(self, snap: Snapshot) -> policy.RamTier:
         entries = residency.ram_entries(self._every_slot(), self._retiring, time.monotonic())
-        available = snap.host_available - self.config.reserve
+        available = snap.host_available - self.config.reserve - self._pinning()
         return policy.RamTier(self.ram_budget, available, entries)
+
+    def _pinning(self) -> int:
+        """Host RAM that GPU loads under way will pin (``--cpu-offload-gb``), not yet taken.
+
+        A load making room (its claim) or starting: the ram tier must not fill it first.
+        """
+        devices = {d.id: d for d in self.probe.devices}
+        starting = sum(
+            residency.pinned(s, s.device) for s in self._every_slot() if s.state is State.STARTING
+        )
+        claimed = sum(
+            residency.pinned(c.slot, devices.get(c.device))
+            for c in self._claims.values()
+            if c.slot.state is not State.STARTING
+        )
+        return starting + claimed
 
     async def _admit(
         self, slot: Slot, *, waking: bool, staging: asyncio.Task[None] | None = None
@@ -1329,6 +1345,10 @@ class Manager:
             view = policy.DeviceView(device.id, reading.total, reading.free)
             left = policy.room_after(need, view, residents, self.limits, plan.victims)
             ram = policy.RamTier(ram.budget, min(ram.available, left), ram.entries)
+        else:
+            # What it will pin in host RAM (offloaded weights) is no room for its victims.
+            pinned = residency.pinned(slot, device)
+            ram = policy.RamTier(ram.budget, ram.available - pinned, ram.entries)
         actions = policy.demotions(victims, ram)
         moves = self._carry_out(actions, reason="evict")
         _log.info(

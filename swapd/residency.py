@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from swapd import policy
 from swapd.admission import Snapshot
+from swapd.probe import Device
 from swapd.slot import Slot
 from swapd.states import COMING_UP, ON_DEVICE, State
 
@@ -55,6 +56,13 @@ def ram_cost(slot: Slot, measured: int) -> int:
     if not on_gpu:
         return measured  # on a CPU the sleeping process keeps what it has
     return slot.kind.asleep_bytes(slot.preset, slot.model_bytes, slot.sleep_level)
+
+
+def pinned(slot: Slot, device: Device | None) -> int:
+    """Host RAM the slot's process pins beside what it holds on ``device`` (a GPU)."""
+    if device is None or device.kind == "cpu":
+        return 0  # on a CPU all it takes is counted on host RAM, its device
+    return slot.kind.pinned_bytes(slot.preset, slot.model_bytes)
 
 
 def resident(slot: Slot, snap: Snapshot, *, now: float, ram_budget: int) -> policy.Resident | None:

@@ -150,3 +150,31 @@ def test_level_1_ram_cost_counts_the_files_the_load_format_reads(
     wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)
     wait_for(lambda: d.events("model.sleep"))
     assert d.model("v")["memory"]["ram"] == weights
+
+
+def test_a_victim_does_not_sleep_into_host_ram_the_newcomers_cpu_offload_pins(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """``b`` offloads more weights to host RAM than this host has: ``a`` cannot sleep there.
+
+    Before, the ram tier's room ignored what ``b`` would pin, and put ``a`` to sleep in it.
+    """
+    probe = tmp_path / "gpus.json"
+    probe_file.write_devices(probe, {"gpu0": {"total": 8 * GIB, "outside": 0}})
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\0" * (4 * MIB))
+    preset = {"backend": "vllm", "model": str(model), "binary": vllm_binary, "memory": "6GiB"}
+    d = start_daemon(
+        {"a": {**preset, "sleep": 1}, "b": {**preset, "args": ["--cpu-offload-gb", "1e6"]}},
+        {"devices": "auto", "reserve": 0},
+        env={
+            "SWAPD_FAKE_PROBE": str(probe),
+            "FAKE_VLLM_UPSTREAM_ARGS": f"--probe-file {probe} --mem-bytes {6 * GIB}",
+        },
+    )
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    [evict] = d.events("model.evict")
+    assert evict["actions"] == ["stop:a"]
+    wait_for(lambda: d.model("a")["tier"] == "disk")

@@ -405,3 +405,12 @@ def test_a_cpu_vllm_counts_the_weight_files_its_load_format_reads(
     weights = sum(sizes[name] for name in files)
     kv_and_runtime = VLLM_CPU_KV_DEFAULT + VLLM_CPU_RUNTIME
     assert VLLM.estimate(preset, HOST_DEVICE, 64 * GiB) == weights + kv_and_runtime
+
+
+def test_a_gpu_starts_pinned_host_ram_is_its_offload_at_most_its_weights(tmp_path: Path) -> None:
+    """vllm/model_executor/offloader/uva.py offloads parameters until the GiB are reached."""
+    preset = _preset(tmp_path, args=["--cpu-offload-gb", "4", "-pp", "2"])
+    assert VLLM.pinned_bytes(preset, 0) == 8 * GiB  # weights not read yet: the flag's word
+    assert VLLM.pinned_bytes(preset, 20 * GiB) == 8 * GiB
+    assert VLLM.pinned_bytes(preset, 6 * GiB) == 6 * GiB
+    assert VLLM.pinned_bytes(_preset(tmp_path, args=[]), 6 * GiB) == 0

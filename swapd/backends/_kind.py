@@ -115,6 +115,10 @@ class BackendKind(Protocol):
         """Host RAM its process holds asleep on a GPU at ``level``, for ``weights`` bytes."""
         ...
 
+    def pinned_bytes(self, preset: Preset, weights: int) -> int:
+        """Host RAM a start on a GPU pins for its ``weights`` (vLLM's ``--cpu-offload-gb``)."""
+        ...
+
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """Put a live backend to sleep (free device memory, keep the process)."""
         ...

@@ -144,6 +144,11 @@ class LlamaServerKind(NoSleep):
         del preset
         return weight_bytes(model)
 
+    def pinned_bytes(self, preset: Preset, weights: int) -> int:
+        """None: it keeps no weights in host RAM of its own while it runs on a GPU."""
+        del preset, weights
+        return 0
+
     def gpus_needed(self, preset: Preset) -> int:
         """One: it runs on the GPU its placement shows it."""
         del preset

@@ -241,10 +241,18 @@ class VllmKind:
         offloaded are "runtime" and "cudagraph", and "weights" at level 1 only; offloaded
         weights are CPU tensors outside that pool).
         """
-        whole = weights * _parallel_size(preset.args, PARALLEL_FLAGS[2])
         if level == 1:
-            return whole
-        return min(whole, _offload_bytes(preset.args) * self.gpus_needed(preset))
+            return weights * _parallel_size(preset.args, PARALLEL_FLAGS[2])
+        return self.pinned_bytes(preset, weights)
+
+    def pinned_bytes(self, preset: Preset, weights: int) -> int:
+        """What ``--cpu-offload-gb`` pins: its GiB on each GPU, at most the weights there are.
+
+        ``weights`` 0 (not read yet): the flag's whole amount.
+        """
+        offloaded = _offload_bytes(preset.args) * self.gpus_needed(preset)
+        whole = weights * _parallel_size(preset.args, PARALLEL_FLAGS[2])
+        return min(offloaded, whole) if whole else offloaded
 
     async def sleep(self, pool: UpstreamPool, host: str, port: int, level: int) -> None:
         """POST ``/sleep?level=N``; vLLM answers once the weights have moved."""
