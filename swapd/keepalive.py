@@ -2,10 +2,11 @@
 
 Nginx (60 s by default), LiteLLM and many clients give up when no byte arrives
 for a while, and a cold load can take minutes before the first token. For a
-streaming request (``"stream": true``) whose model is not ready, swapd watches
-the load: once admission has accepted it (the model is ``starting`` or
-``waking``) and the request has waited :data:`PING_AFTER` seconds, swapd
-answers 200 with ``text/event-stream`` and sends ``: loading`` every
+streaming request (``"stream": true``, or another value vLLM reads as true:
+see :func:`is_true`) whose model is not ready, swapd watches the load: once
+admission has accepted it (the model is ``starting`` or ``waking``) and the
+request has waited :data:`PING_AFTER` seconds, swapd answers 200 with
+``text/event-stream`` and sends ``: loading`` every
 :data:`PING_EVERY` seconds until the backend answers; then the backend's events
 follow on the same stream. Before the first ping a refusal (503
 ``insufficient_memory``, ``queue_timeout``, ``backoff``) is still a plain HTTP
@@ -53,10 +54,24 @@ _WATCH_EVERY = 0.25
 _ADMITTED = frozenset({"starting", "waking"})
 
 
+# The texts vLLM's request models (pydantic, in its default lax mode) read as a true
+# bool, in any case; ``"0"``, ``"false"``, ``"no"``... are false, anything else refused.
+_TRUE_TEXTS = frozenset({"1", "t", "y", "on", "yes", "true"})
+
+
+def is_true(value: object) -> bool:
+    """Whether vLLM reads ``value`` as a true ``stream``: ``true``, ``1``, ``"true"``..."""
+    if isinstance(value, str):
+        return value.isascii() and value.lower() in _TRUE_TEXTS
+    if isinstance(value, bool):
+        return value
+    return isinstance(value, int | float) and value == 1
+
+
 def wants_stream(body: bytes) -> bool:
     """Whether a JSON body that mentions ``"stream"`` asks for a streamed answer."""
     data = capped_json.loads(body)
-    return isinstance(data, dict) and data.get("stream") is True
+    return isinstance(data, dict) and is_true(data.get("stream"))
 
 
 class Pings:

@@ -12,7 +12,7 @@ import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, wait_for
 
-from swapd.keepalive import PING_AFTER
+from swapd.keepalive import PING_AFTER, wants_stream
 
 SLOW_START = str(PING_AFTER + 3)  # seconds: long enough for a ping, short for a test
 
@@ -177,3 +177,46 @@ def test_a_cold_stream_reaches_the_client_uncompressed(start_daemon: StartDaemon
         lines = [line for line in text.split("\n") if line]
         assert (lines[0] == ": loading") is cold
         assert data(lines)[-1] == "[DONE]"
+
+
+# The ``stream`` values vLLM's request models (pydantic, lax mode) read as true, and some
+# they read as false or refuse: only the first get pings.
+@pytest.mark.parametrize(
+    ("value", "streams"),
+    [
+        (True, True),
+        (1, True),
+        (1.0, True),
+        *((text, True) for text in ("true", "True", "TRUE", "1", "yes", "on", "t", "y", "Y")),
+        (False, False),
+        (0, False),
+        (2, False),
+        (None, False),
+        ([], False),
+        ({}, False),
+        *((text, False) for text in ("false", "0", "no", "off", "", " true", "truthy")),
+    ],
+    ids=repr,
+)
+def test_which_stream_values_ask_for_a_stream(value: object, streams: bool) -> None:
+    """``"stream": "true"`` or ``1`` streams on vLLM as ``true`` does."""
+    assert wants_stream(json.dumps({"model": "a", "stream": value}).encode()) is streams
+
+
+def test_a_cold_stream_asked_for_with_a_string_or_a_number_gets_pings(
+    start_daemon: StartDaemon,
+) -> None:
+    """vLLM streams for ``"stream": "true"`` and ``"stream": 1``: such a wait is pinged too.
+
+    Before, only the JSON boolean counted: those streams waited for their load in silence,
+    and a proxy in front could time them out.
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START)})
+    for value in ('"true"', "1"):
+        status, kind, lines = stream(d, "a", key=f'"stream": {value}, "x"')
+        assert (status, kind) == (200, "text/event-stream"), value
+        assert lines[0] == ": loading", value
+        assert data(lines)[-1] == "[DONE]"
+        status, _ = d.request("POST", "/swapd/models/a/unload")
+        assert status == 200
+        wait_for(lambda: d.model("a")["state"] == "stopped")
