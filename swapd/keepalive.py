@@ -3,10 +3,10 @@
 Nginx (60 s by default), LiteLLM and many clients give up when no byte arrives
 for a while, and a cold load can take minutes before the first token. For a
 streaming request (``"stream": true``, or another value vLLM reads as true:
-see :func:`is_true`) whose model is not ready, swapd watches the load: once
-admission has accepted it (the model is ``starting`` or ``waking``) and the
-request has waited :data:`PING_AFTER` seconds, swapd answers 200 with
-``text/event-stream`` and sends ``: loading`` every
+see :func:`is_true`; on a multipart route, a ``stream`` form field) whose model
+is not ready, swapd watches the load: once admission has accepted it (the model
+is ``starting`` or ``waking``) and the request has waited :data:`PING_AFTER`
+seconds, swapd answers 200 with ``text/event-stream`` and sends ``: loading`` every
 :data:`PING_EVERY` seconds until the backend answers; then the backend's events
 follow on the same stream. Before the first ping a refusal (503
 ``insufficient_memory``, ``queue_timeout``, ``backoff``) is still a plain HTTP
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from swapd.proxy import (
     cut_after_event,
     error_event,
     error_text,
+    form_fields,
     forwarded_headers,
     lease_again,
     model_from_json,
@@ -72,6 +74,15 @@ def wants_stream(body: bytes) -> bool:
     """Whether a JSON body that mentions ``"stream"`` asks for a streamed answer."""
     data = capped_json.loads(body)
     return isinstance(data, dict) and is_true(data.get("stream"))
+
+
+def form_wants_stream(body: bytes, content_type: str) -> bool:
+    """Whether a multipart form asks for a streamed answer (vLLM's transcriptions)."""
+    fields = form_fields(body, content_type, b"stream")
+    if not fields:
+        return False
+    start, end = fields[-1]  # the last of a repeated field, as vLLM's form parser reads it
+    return is_true(body[start:end].decode("utf-8", "replace"))
 
 
 class Pings:
@@ -154,15 +165,31 @@ class ColdStreams:
             and self.manager.slot_for(model).state is not State.READY
             and await proxy.large_bodies.read(body, wants_stream)
         ):
-            return await self._cold(request, model, body)
+            return await self._cold(request, model, body, form=False)
         return await proxy.forward(request, model, body, json_body=True)
 
     async def multipart_route(self, request: web.Request) -> web.StreamResponse:
-        """POST routes whose multipart form names the model (no pings: they do not stream)."""
+        """POST routes whose multipart form names the model (a transcription may stream)."""
         count(request)
-        return await self.proxy.multipart_route(request)
+        proxy = self.proxy
+        body, model = await proxy.read_form(request)
+        # The model's state first: a form is mostly a file, not scanned for a ready model.
+        if (
+            self.manager.slot_for(model).state is not State.READY
+            and b"stream" in body
+            and await proxy.large_bodies.read(
+                body,
+                functools.partial(
+                    form_wants_stream, content_type=request.headers.get("Content-Type", "")
+                ),
+            )
+        ):
+            return await self._cold(request, model, body, form=True)
+        return await proxy.forward(request, model, body, form=True)
 
-    async def _cold(self, request: web.Request, model: str, body: bytes) -> web.StreamResponse:
+    async def _cold(
+        self, request: web.Request, model: str, body: bytes, *, form: bool
+    ) -> web.StreamResponse:
         request["model"] = model  # clipped in the log line, not for the metrics' lookup
         pings = Pings(request)
 
@@ -178,7 +205,7 @@ class ColdStreams:
                 lease = await self.manager.acquire(model)  # waits for the load
             except RequestError as exc:
                 return await self._refused(request, pings, exc)
-            return await self._answer(request, pings, lease, body)
+            return await self._answer(request, pings, lease, body, form)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -195,7 +222,7 @@ class ColdStreams:
         return response
 
     async def _answer(
-        self, request: web.Request, pings: Pings, lease: Lease, body: bytes
+        self, request: web.Request, pings: Pings, lease: Lease, body: bytes, form: bool
     ) -> web.StreamResponse:
         held: Lease | None = lease
         try:
@@ -205,11 +232,11 @@ class ColdStreams:
                 held = None
                 self.manager.release(lease)
                 return await self.proxy.forward(
-                    request, lease.model, body, admitted=True, json_body=True
+                    request, lease.model, body, admitted=True, json_body=not form, form=form
                 )
             try:
                 try:
-                    return await self._relay(request, pings, lease, body)
+                    return await self._relay(request, pings, lease, body, form)
                 except NotSent as exc:
                     refused = exc
                 # The backend died as it turned ready: the request never reached it. As
@@ -219,7 +246,7 @@ class ColdStreams:
                 self.manager.release(lease)
                 held = lease = await lease_again(self.manager, lease, refused)
                 try:
-                    return await self._relay(request, pings, lease, body)
+                    return await self._relay(request, pings, lease, body, form)
                 except NotSent as exc:
                     raise BackendGone(lease.model, str(exc)) from exc
             except RequestError as exc:
@@ -233,7 +260,7 @@ class ColdStreams:
                 self.manager.release(held)
 
     async def _relay(
-        self, request: web.Request, pings: Pings, lease: Lease, body: bytes
+        self, request: web.Request, pings: Pings, lease: Lease, body: bytes, form: bool
     ) -> web.StreamResponse:
         """The backend's answer, on the stream the pings opened (they go on until it comes).
 
@@ -243,7 +270,7 @@ class ColdStreams:
         limit = lease.slot.preset.request_timeout
         try:
             async with asyncio.timeout(limit):
-                upstream = await self._send(request, lease, body)
+                upstream = await self._send(request, lease, body, form)
                 response = await pings.take_over()
                 assert response is not None  # noqa: S101 - pings started
                 try:
@@ -255,8 +282,13 @@ class ColdStreams:
             raise UpstreamTimeout(lease.model, limit) from None
         return response
 
-    async def _send(self, request: web.Request, lease: Lease, body: bytes) -> UpstreamResponse:
-        body = await self.proxy.body_for(lease, body)
+    async def _send(
+        self, request: web.Request, lease: Lease, body: bytes, form: bool
+    ) -> UpstreamResponse:
+        if form:
+            body = await self.proxy.form_for(request, lease, body)
+        else:
+            body = await self.proxy.body_for(lease, body)
         # The stream's headers are the pings', which name no content coding: the backend is
         # asked for its events as they are, whatever codings the client accepts.
         headers = [

@@ -240,17 +240,23 @@ def renamed_form(body: bytes, content_type: str, model: str) -> bytes:
 
 def _model_field(body: bytes, content_type: str) -> tuple[int, int]:
     """Where the value of the form's one ``model`` field starts and ends in ``body``."""
-    boundary = _boundary(content_type)
-    found: list[tuple[int, int]] = []
-    for start, end in _form_parts(body, boundary):
-        head_end = body.find(b"\r\n\r\n", start, end)
-        if head_end >= 0 and _field_name(body[start:head_end]) == b"model":
-            found.append((head_end + 4, end))
+    found = form_fields(body, content_type, b"model")
     if len(found) > 1:
         raise BadRequest('form has more than one "model" field')
     if not found:
         raise BadRequest('form has no "model" field')
     return found[0]
+
+
+def form_fields(body: bytes, content_type: str, name: bytes) -> list[tuple[int, int]]:
+    """Where the value of each field called ``name`` starts and ends in ``body``, in order."""
+    boundary = _boundary(content_type)
+    found: list[tuple[int, int]] = []
+    for start, end in _form_parts(body, boundary):
+        head_end = body.find(b"\r\n\r\n", start, end)
+        if head_end >= 0 and _field_name(body[start:head_end]) == name:
+            found.append((head_end + 4, end))
+    return found
 
 
 def _boundary(content_type: str) -> bytes:
@@ -369,12 +375,17 @@ class Proxy:
 
     async def multipart_route(self, request: web.Request) -> web.StreamResponse:
         """POST routes whose multipart form names the model."""
+        body, model = await self.read_form(request)
+        return await self.forward(request, model, body, form=True)
+
+    async def read_form(self, request: web.Request) -> tuple[bytes, str]:
+        """A multipart route's body, and the model its form names."""
         body = await read_body(request, self.max_body, self.body_timeout)
         content_type = request.headers.get("Content-Type", "")
         model = await self.large_bodies.read(
             body, functools.partial(model_from_multipart, content_type=content_type)
         )
-        return await self.forward(request, model, body, form=True)
+        return body, model
 
     async def forward(  # noqa: PLR0913 - the request, then one keyword per way it may differ
         self,
@@ -420,10 +431,8 @@ class Proxy:
     ) -> web.StreamResponse:
         if json_body and _rewrites(lease.slot.preset):
             body = await self.body_for(lease, body)  # not awaited for most presets
-        elif form and (name := lease.slot.preset.use_model_name) is not None:
-            content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
-            renamed = functools.partial(renamed_form, content_type=content_type, model=name)
-            body = await self.large_bodies.read(body, renamed)  # as the model was read
+        elif form and lease.slot.preset.use_model_name is not None:
+            body = await self.form_for(request, lease, body)  # not awaited for most presets
         headers = forwarded_headers(request, lease)
         limit = lease.slot.preset.request_timeout
         if limit is None:
@@ -448,6 +457,19 @@ class Proxy:
         if not _rewrites(preset):
             return body  # most presets: the client's bytes, not parsed again
         return await self.large_bodies.read(body, functools.partial(_rewritten, preset))
+
+    async def form_for(self, request: web.Request, lease: Lease, body: bytes) -> bytes:
+        """A multipart route's body as the lease's backend gets it: as sent, or renamed.
+
+        Its model is renamed where the preset's ``use_model_name`` asks (in a worker thread
+        when large, as it was read).
+        """
+        name = lease.slot.preset.use_model_name
+        if name is None:
+            return body
+        content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+        renamed = functools.partial(renamed_form, content_type=content_type, model=name)
+        return await self.large_bodies.read(body, renamed)
 
     async def _exchange(
         self, request: web.Request, lease: Lease, headers: list[tuple[bytes, bytes]], body: bytes

@@ -220,3 +220,44 @@ def test_a_cold_stream_asked_for_with_a_string_or_a_number_gets_pings(
         status, _ = d.request("POST", "/swapd/models/a/unload")
         assert status == 200
         wait_for(lambda: d.model("a")["state"] == "stopped")
+
+
+def transcribe(d: Daemon, fields: dict[str, bytes]) -> tuple[int, str, list[str]]:
+    """Status, content type and every line of one transcription of a small upload."""
+    form = b"".join(
+        b'--b\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (name.encode(), value)
+        for name, value in fields.items()
+    )
+    form += b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    form += b"RIFF1234\r\n--b--\r\n"
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=120)
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    conn.request("POST", "/v1/audio/transcriptions", form, headers)
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    return resp.status, resp.headers["Content-Type"], [line for line in text.split("\n") if line]
+
+
+def test_a_cold_streamed_transcription_gets_pings(start_daemon: StartDaemon) -> None:
+    """A form whose ``stream`` field is true streams on vLLM: its wait is pinged too.
+
+    Before, multipart routes never pinged: a streamed transcription waiting for a cold
+    load stayed silent until the backend answered. The form reaches the backend as the
+    proxy sends it, its model renamed; one that does not stream is answered in JSON.
+    """
+    preset = fake_preset("A", "--start-delay", SLOW_START, use_model_name="org/whisper")
+    d = start_daemon({"a": preset})
+    status, kind, lines = transcribe(d, {"model": b"a", "stream": b"true"})
+    assert (status, kind) == (200, "text/event-stream")
+    assert lines[0] == ": loading"
+    events = data(lines)
+    assert events[-1] == "[DONE]"
+    heard = " ".join(e["choices"][0]["delta"]["content"] for e in events[:-1])
+    assert heard == "A heard a.wav (8 bytes) model=org/whisper"
+    status, _ = d.request("POST", "/swapd/models/a/unload")
+    assert status == 200
+    wait_for(lambda: d.model("a")["state"] == "stopped")
+    status, kind, lines = transcribe(d, {"model": b"a", "stream": b"false"})
+    assert (status, kind) == (200, "application/json; charset=utf-8")
+    assert json.loads(lines[0]) == {"text": "A heard a.wav (8 bytes) model=org/whisper"}

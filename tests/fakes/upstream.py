@@ -453,8 +453,8 @@ class Fake:
             headers={"Content-Disposition": 'attachment; filename="résumé.json"'},
         )
 
-    async def transcription(self, request: web.Request) -> web.Response:
-        """Read a multipart upload and say what was heard."""
+    async def transcription(self, request: web.Request) -> web.StreamResponse:
+        """Read a multipart upload and say what was heard; in events when ``stream`` is true."""
         self.stats.requests += 1
         form = await request.post()
         upload = form.get("file")
@@ -465,7 +465,17 @@ class Fake:
         delay = form.get("fake_delay")
         await self.hold(request, float(delay) if isinstance(delay, str) else 0.0)
         heard = f"{self.args.name} heard {upload.filename} ({size} bytes) model={model!s}"
-        return web.json_response({"text": heard})
+        if form.get("stream") != "true":
+            return web.json_response({"text": heard})
+        # As vLLM streams a transcription: its text in deltas, then [DONE].
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for word in heard.split(" "):
+            chunk = {"object": "transcription.chunk", "choices": [{"delta": {"content": word}}]}
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     async def sleep(self, request: web.Request) -> web.Response:
         """Put the "engine" to sleep (vLLM's sleep mode): hold requests, free memory."""
