@@ -12,6 +12,8 @@ follow on the same stream. Before the first ping a refusal (503
 ``insufficient_memory``, ``queue_timeout``, ``backoff``) is still a plain HTTP
 error that clients can retry elsewhere; after it, an error goes out as one
 ``data: {"error": ...}`` event (named ``error`` on ``/v1/messages``) and the stream ends.
+A backend that answers such a stream in plain JSON (one that takes only a JSON
+``true`` for a stream, say) has its JSON sent as one event, then ``data: [DONE]``.
 
 Every other request takes the proxy's own path: :class:`ColdStreams` answers
 itself only a stream whose pings have started.
@@ -35,6 +37,7 @@ from swapd.errors import BackendGone, RequestError, UpstreamTimeout
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
 from swapd.proxy import (
+    BUFFER_LIMIT,
     Proxy,
     answer_whole,
     cut_after_event,
@@ -42,10 +45,12 @@ from swapd.proxy import (
     error_text,
     form_fields,
     forwarded_headers,
+    is_json,
     lease_again,
     model_from_json,
     pass_body,
     read_body,
+    write_last,
 )
 from swapd.states import State
 from swapd.upstream import NotSent, UpstreamError, UpstreamResponse
@@ -59,6 +64,8 @@ _ADMITTED = frozenset({"starting", "waking"})
 # The texts vLLM's request models (pydantic, in its default lax mode) read as a true
 # bool, in any case; ``"0"``, ``"false"``, ``"no"``... are false, anything else refused.
 _TRUE_TEXTS = frozenset({"1", "t", "y", "on", "yes", "true"})
+# Routes whose streams end with the last event, not with OpenAI's ``data: [DONE]``.
+_NO_DONE = frozenset({"/v1/messages"})
 
 
 def is_true(value: object) -> bool:
@@ -83,6 +90,16 @@ def form_wants_stream(body: bytes, content_type: str) -> bool:
         return False
     start, end = fields[-1]  # the last of a repeated field, as vLLM's form parser reads it
     return is_true(body[start:end].decode("utf-8", "replace"))
+
+
+def json_event(payload: bytes, path: str) -> bytes:
+    """A JSON answer as one event: each of its lines a ``data:`` line, as SSE needs.
+
+    Then OpenAI's ``data: [DONE]``, but on ``path``s whose streams have none.
+    """
+    lines = payload.splitlines() or [b""]
+    event = b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+    return event if path in _NO_DONE else event + b"data: [DONE]\n\n"
 
 
 class Pings:
@@ -319,6 +336,13 @@ class ColdStreams:
         exchange = request.get(EXCHANGE)
         if exchange is not None:
             exchange.first_byte = time.perf_counter()  # the backend's first byte, not a ping
+        if is_json(upstream.content_type):
+            # Not a stream after all: SSE clients skip what is not an event, so raw JSON
+            # here would read as an empty answer. It goes out as one event instead.
+            payload = await _json_answer(upstream, model)
+            event = json_event(payload, request.path)
+            await write_last(request, response, event, self.proxy.send_timeout)
+            return
         cut = await pass_body(request, response, upstream, self.proxy.send_timeout)
         if cut is not None:
             # The 200 was swapd's own, for the pings: the stream can still say what failed.
@@ -336,6 +360,17 @@ class _BackendRefused(RequestError):
     def envelope(self) -> dict[str, Any]:
         """The backend's own error object."""
         return {"error": self.error}
+
+
+async def _json_answer(upstream: UpstreamResponse, model: str) -> bytes:
+    """A backend's JSON answer, read whole: at most :data:`BUFFER_LIMIT` bytes."""
+    if upstream.content_length is not None and upstream.content_length > BUFFER_LIMIT:
+        reason = f"its JSON answer of {upstream.content_length} bytes is more than swapd reads"
+        raise BackendGone(model, reason)
+    try:
+        return await upstream.read(BUFFER_LIMIT)
+    except UpstreamError as exc:
+        raise BackendGone(model, str(exc)) from exc
 
 
 async def _backend_error(upstream: UpstreamResponse) -> dict[str, Any]:

@@ -510,7 +510,7 @@ class Proxy:
             upstream.status >= 400
             and not streaming
             and not request.get(AS_SENT)
-            and not _is_json(content_type)
+            and not is_json(content_type)
         ):
             # An HTML 500, sized or chunked: in the envelope, so SDKs read its reason.
             raise BackendErrorText(model, upstream.status, await _error_text(upstream, model))
@@ -587,6 +587,21 @@ async def pass_body(
         stall.stop()
         upstream.pass_to(None)
     return None
+
+
+async def write_last(
+    request: web.Request,
+    response: web.StreamResponse,
+    data: bytes,
+    send_timeout: float | None = None,
+) -> None:
+    """End ``response`` with ``data``; a client that takes none for ``send_timeout`` is cut."""
+    stall = _Stall(request, send_timeout)
+    try:
+        response[_WHOLE] = True
+        await stall.write(response.write_eof(data))
+    finally:
+        stall.stop()
 
 
 class _Stall:
@@ -855,7 +870,7 @@ def _decompressed(text: bytes) -> bytes:
         return text
 
 
-def _is_json(content_type: bytes | None) -> bool:
+def is_json(content_type: bytes | None) -> bool:
     """Whether a backend's Content-Type is JSON (``application/json``, ``...+json``)."""
     if content_type is None:
         return False

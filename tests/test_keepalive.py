@@ -13,6 +13,7 @@ from conftest import StartDaemon
 from daemon import Daemon, fake_preset, wait_for
 
 from swapd.keepalive import PING_AFTER, wants_stream
+from swapd.proxy import BUFFER_LIMIT
 
 SLOW_START = str(PING_AFTER + 3)  # seconds: long enough for a ping, short for a test
 
@@ -261,3 +262,55 @@ def test_a_cold_streamed_transcription_gets_pings(start_daemon: StartDaemon) -> 
     status, kind, lines = transcribe(d, {"model": b"a", "stream": b"false"})
     assert (status, kind) == (200, "application/json; charset=utf-8")
     assert json.loads(lines[0]) == {"text": "A heard a.wav (8 bytes) model=org/whisper"}
+
+
+def events_of(text: str) -> list[str]:
+    """The data of each event of a stream (its data lines joined, as SSE clients do)."""
+    found = []
+    for event in text.split("\n\n"):
+        lines = [line[6:] for line in event.split("\n") if line.startswith("data: ")]
+        if lines:
+            found.append("\n".join(lines))
+    return found
+
+
+def cold_json_answer(d: Daemon, path: str, **fake: Any) -> str:
+    """The pinged stream of a cold request whose backend answers in JSON."""
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=120)
+    body = {"model": "a", "stream": True, "fake_json_answer": True, "messages": [], **fake}
+    conn.request("POST", path, json.dumps(body))
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    assert (resp.status, resp.headers["Content-Type"]) == (200, "text/event-stream")
+    assert text.startswith(": loading\n\n")
+    status, _ = d.request("POST", "/swapd/models/a/unload")
+    assert status == 200
+    wait_for(lambda: d.model("a")["state"] == "stopped")
+    return text
+
+
+def test_a_json_answer_to_a_cold_stream_is_one_data_event(start_daemon: StartDaemon) -> None:
+    """A backend that answers a pinged stream in JSON: the JSON is one event, then [DONE].
+
+    A backend that takes only a JSON ``true`` for a stream answers ``"stream": "true"`` so,
+    say. Before, its JSON went raw into the stream the pings opened, where SSE clients skip
+    what is not an event: the answer was empty. Every line of the JSON (here indented over
+    many) is a ``data:`` line of the one event; Anthropic's route gets no [DONE], which is
+    OpenAI's. A JSON answer too long to hold ends the stream with an error event instead.
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START)})
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        text = cold_json_answer(d, path)
+        events = events_of(text)
+        if path == "/v1/messages":
+            [answer] = events
+            assert json.loads(answer)["object"] == "message"
+        else:
+            answer, done = events
+            assert json.loads(answer)["object"] == "chat.completion"
+            assert "\n" in answer  # indented: many data lines
+            assert done == "[DONE]"
+        assert text.endswith("\n\n")
+    [event] = events_of(cold_json_answer(d, "/v1/chat/completions", fake_json_pad=BUFFER_LIMIT))
+    assert json.loads(event)["error"]["code"] == "backend_gone"

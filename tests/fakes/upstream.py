@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -270,7 +271,7 @@ class Fake:
         model = body.get("model", self.args.name)
         if "fake_chunked_error" in body:
             return await self.chunked_error(request, int(body["fake_chunked_error"]), body)
-        if body.get("stream"):
+        if body.get("stream") and not body.get("fake_json_answer"):
             return await self.stream(
                 request,
                 model,
@@ -280,6 +281,9 @@ class Fake:
             )
         messages = body.get("messages") or [{}]
         text = message_text(messages[-1].get("content", ""))
+        # ``fake_json_answer``: JSON even to a stream (a backend that takes only a JSON
+        # ``true`` for a stream), written over several lines;
+        # ``fake_json_pad``: that many more bytes of it.
         return web.json_response(
             {
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -294,7 +298,9 @@ class Fake:
                     }
                 ],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            }
+                "pad": "x" * int(body.get("fake_json_pad", 0)),
+            },
+            dumps=functools.partial(json.dumps, indent=2 if body.get("fake_json_answer") else None),
         )
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
