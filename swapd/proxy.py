@@ -367,17 +367,6 @@ class Proxy:
         self.send_timeout = send_timeout
         self.large_bodies = LargeBodies()
 
-    async def json_route(self, request: web.Request) -> web.StreamResponse:
-        """POST routes whose JSON body names the model."""
-        body = await read_body(request, self.max_body, self.body_timeout)
-        model = await self.large_bodies.read(body, model_from_json)
-        return await self.forward(request, model, body, json_body=True)
-
-    async def multipart_route(self, request: web.Request) -> web.StreamResponse:
-        """POST routes whose multipart form names the model."""
-        body, model = await self.read_form(request)
-        return await self.forward(request, model, body, form=True)
-
     async def read_form(self, request: web.Request) -> tuple[bytes, str]:
         """A multipart route's body, and the model its form names."""
         body = await read_body(request, self.max_body, self.body_timeout)
