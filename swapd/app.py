@@ -239,8 +239,11 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
                 conn.request_finished()
             # After this turn: a sized answer is written when the handler returns, so the
             # log line and metrics no longer lie between the backend's answer and the client.
-            # The callback keeps this context, request id included.
-            asyncio.get_running_loop().call_soon(_done, request, runtime, status, exchange)
+            # The callback keeps this context, request id included. An answer prepared by
+            # the handler (a relayed stream) began by now: its time counts whatever the end
+            # (a 499, a cut); swapd's own error answers are prepared only after this.
+            began = exchange.first_byte
+            asyncio.get_running_loop().call_soon(_done, request, runtime, status, exchange, began)
             REQUEST_ID.reset(bound)
         if status == 408:
             response.force_close()  # the rest of the body may still be on its way
@@ -249,8 +252,17 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
     return envelope
 
 
-def _done(request: web.Request, runtime: Runtime | None, status: int, exchange: Exchange) -> None:
-    """One ``request.done`` line per inference request, and its metrics."""
+def _done(
+    request: web.Request,
+    runtime: Runtime | None,
+    status: int,
+    exchange: Exchange,
+    began: float | None,
+) -> None:
+    """One ``request.done`` line per inference request, and its metrics.
+
+    ``began``: when the backend's answer began reaching the client, if the handler sent it.
+    """
     counted = exchange.counted
     if not (counted or request.path.startswith("/v1/")):
         return
@@ -267,7 +279,9 @@ def _done(request: web.Request, runtime: Runtime | None, status: int, exchange: 
     if runtime is None or not counted:
         return
     first = None
-    if status < 400:
+    if began is not None:
+        first = began - exchange.started
+    elif status < 400:
         # A sized answer is prepared after the handler returns: it is whole by now.
         first = (exchange.first_byte or time.perf_counter()) - exchange.started
     label = runtime.names.get(model, "") if model else ""  # configured names only

@@ -215,3 +215,27 @@ def test_a_device_reading_that_fails_leaves_the_other_metrics_scraped(
     assert not [k for k in m if k[0] == "swapd_device_memory_bytes"]
     probe.write_text(good)
     assert value(scrape(d), "swapd_device_memory_bytes", device="gpu0", kind="total") == 8 * GIB
+
+
+def test_a_stream_its_client_left_after_the_first_chunk_still_times_its_first_byte(
+    start_daemon: StartDaemon,
+) -> None:
+    """The backend's answer began: the time to it counts, though the request ends as 499.
+
+    Only answers below 400 were timed, so a client that read the first chunk and hung up
+    (a slow stream abandoned) was left out of the first-byte histogram.
+    """
+    d = start_daemon({"a": fake_preset("A", "--chunks", "200", "--chunk-interval", "0.05")})
+    assert d.chat("a")[0] == 200
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    body = {"model": "a", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body))
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"data: ")
+    assert conn.sock is not None
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    wait_for(lambda: value(scrape(d), "swapd_requests_total", model="a", code="499") == 1)
+    m = scrape(d)
+    assert value(m, "swapd_request_seconds_count", model="a") == 2
+    assert value(m, "swapd_time_to_first_byte_seconds_count", model="a") == 2
