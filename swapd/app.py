@@ -51,6 +51,9 @@ MANAGER = web.AppKey("manager", Manager)
 EDGE = web.AppKey("edge", Edge)
 RUNTIME = web.AppKey("runtime", Runtime)
 CONTROL = web.AppKey("control", Control)
+# The routes that lease a model: a request refused before its handler ran (401, 403) is
+# counted on them too, as the handler would have counted it.
+MODEL_RESOURCES: web.AppKey[frozenset[web.AbstractResource]] = web.AppKey("model_resources")
 # A client's X-Request-Id is echoed and logged, so it must be a plain token.
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 PRELOAD = web.AppKey("preload", asyncio.Task[None])
@@ -221,6 +224,8 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
         except RequestError as exc:
             response = error_response(exc)
             status = exc.status
+            # Refused by the checks before its handler could count it: counted all the same.
+            exchange.counted = exchange.counted or _leases_a_model(request)
         except web.HTTPException as exc:
             status = exc.status
             response = _http_error(request, exc)
@@ -250,6 +255,12 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
         return response
 
     return envelope
+
+
+def _leases_a_model(request: web.Request) -> bool:
+    """Whether the request's route is one that leases a model (its handler counts it)."""
+    resources = request.app.get(MODEL_RESOURCES, frozenset())
+    return request.match_info.route.resource in resources
 
 
 def _done(
@@ -326,11 +337,10 @@ def _model_routes(app: web.Application, proxy: Proxy) -> None:
     """Routes that lease a model: their handlers mark the exchange ``counted`` for metrics."""
     router = app.router
     cold = ColdStreams(proxy)
-    for path in (*JSON_ROUTES, *EXTRA_JSON_ROUTES):
-        router.add_post(path, cold.json_route)
-    for path in MULTIPART_ROUTES:
-        router.add_post(path, cold.multipart_route)
-    router.add_route("*", UPSTREAM_ROUTE, Passthrough(proxy).route)
+    routes = [router.add_post(path, cold.json_route) for path in (*JSON_ROUTES, *EXTRA_JSON_ROUTES)]
+    routes += [router.add_post(path, cold.multipart_route) for path in MULTIPART_ROUTES]
+    routes.append(router.add_route("*", UPSTREAM_ROUTE, Passthrough(proxy).route))
+    app[MODEL_RESOURCES] = frozenset(r.resource for r in routes if r.resource is not None)
 
 
 def build_app(

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 ADMIN_KEY = "admin-key-0123456789abcdef"
+INFERENCE_KEY = "inference-key-0123456789abcdef"
 GIB = 1024**3
 
 
@@ -239,3 +240,23 @@ def test_a_stream_its_client_left_after_the_first_chunk_still_times_its_first_by
     m = scrape(d)
     assert value(m, "swapd_request_seconds_count", model="a") == 2
     assert value(m, "swapd_time_to_first_byte_seconds_count", model="a") == 2
+
+
+def test_requests_refused_for_want_of_a_key_are_counted(start_daemon: StartDaemon) -> None:
+    """A 401 on an inference or ``/upstream/`` route counts (``model=""``: the body is unread).
+
+    The access checks refuse before the handler, which marked a request as counted: the
+    refusals were in ``request.done`` but never in ``swapd_requests_total``, so a client
+    with a lost key was invisible on a dashboard. Other routes stay uncounted.
+    """
+    d = start_daemon(
+        {"a": fake_preset("A")}, {"admin_keys": [ADMIN_KEY], "api_keys": [INFERENCE_KEY]}
+    )
+    assert d.chat("a")[0] == 401
+    assert d.request("GET", "/upstream/a/props")[0] == 401
+    assert d.get("/v1/models")[0] == 401
+    assert d.get("/swapd/status")[0] == 401
+    m = scrape(d, {"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert value(m, "swapd_requests_total", model="", code="401") == 2
+    assert value(m, "swapd_request_seconds_count", model="") == 2
+    assert value(m, "swapd_time_to_first_byte_seconds_count", model="") is None
