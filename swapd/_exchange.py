@@ -39,6 +39,13 @@ def stream_error(request: web.Request, status: int) -> None:
         exchange.stream_error = status
 
 
+def answer_began(request: web.Request, at: float) -> None:
+    """The backend's answer began at ``at`` (a sized one is sent only after the handler)."""
+    exchange = request.get(EXCHANGE)
+    if exchange is not None and exchange.first_byte is None:
+        exchange.first_byte = at
+
+
 def count(request: web.Request) -> None:
     """Mark the request as one that leases a model: metrics count it."""
     exchange = request.get(EXCHANGE)

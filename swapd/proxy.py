@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import re
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
@@ -24,7 +25,7 @@ from aiohttp.http import StreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 
 from swapd import _json as capped_json
-from swapd._exchange import CLIENT_GONE, stream_error
+from swapd._exchange import CLIENT_GONE, answer_began, stream_error
 from swapd.errors import (
     BackendErrorText,
     BackendGone,
@@ -481,6 +482,9 @@ class Proxy:
     async def _relay(
         request: web.Request, upstream: UpstreamResponse, model: str, send_timeout: float | None
     ) -> web.StreamResponse:
+        # The backend's answer began: timed now, whatever its status and whether swapd sends
+        # it on whole (after the handler), streamed, or put in the envelope.
+        answer_began(request, time.perf_counter())
         dropped = (
             _HOP_BYTES | upstream.connection_names if upstream.connection_names else _HOP_BYTES
         )

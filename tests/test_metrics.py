@@ -260,3 +260,22 @@ def test_requests_refused_for_want_of_a_key_are_counted(start_daemon: StartDaemo
     assert value(m, "swapd_requests_total", model="", code="401") == 2
     assert value(m, "swapd_request_seconds_count", model="") == 2
     assert value(m, "swapd_time_to_first_byte_seconds_count", model="") is None
+
+
+def test_a_backend_error_answer_in_one_piece_times_its_first_byte(
+    start_daemon: StartDaemon,
+) -> None:
+    """A backend's own error (a sized 404, an HTML 500) is its answer: the time to it counts.
+
+    Only sized answers below 400 were timed: a backend refusing a prompt (llama-server's
+    400 for a context too long) was left out of the histogram, a stream of it was not.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    assert d.request("GET", "/upstream/a/no/such/route")[0] == 404
+    assert d.chat("a", fake_chunked_error=500)[0] == 500  # its text put in the envelope
+    assert d.chat("nope")[0] == 404  # swapd's own answer: no backend's byte to time
+    m = scrape(d)
+    assert value(m, "swapd_requests_total", model="a", code="404") == 1
+    assert value(m, "swapd_time_to_first_byte_seconds_count", model="a") == 3
+    assert value(m, "swapd_time_to_first_byte_seconds_count", model="") is None
