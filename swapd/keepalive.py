@@ -331,11 +331,12 @@ class ColdStreams:
         upstream: UpstreamResponse,
         model: str,
     ) -> None:
-        if upstream.status != 200:
-            raise _BackendRefused(await _backend_error(upstream), upstream.status)
         exchange = request.get(EXCHANGE)
         if exchange is not None:
-            exchange.first_byte = time.perf_counter()  # the backend's first byte, not a ping
+            # The backend's first byte, not a ping: an error of its own is its answer too.
+            exchange.first_byte = time.perf_counter()
+        if upstream.status != 200:
+            raise _BackendRefused(await _backend_error(upstream), upstream.status)
         if is_json(upstream.content_type):
             # Not a stream after all: SSE clients skip what is not an event, so raw JSON
             # here would read as an empty answer. It goes out as one event instead.

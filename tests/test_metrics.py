@@ -279,3 +279,22 @@ def test_a_backend_error_answer_in_one_piece_times_its_first_byte(
     assert value(m, "swapd_requests_total", model="a", code="404") == 1
     assert value(m, "swapd_time_to_first_byte_seconds_count", model="a") == 3
     assert value(m, "swapd_time_to_first_byte_seconds_count", model="") is None
+
+
+def test_a_backend_error_behind_cold_load_pings_times_its_first_byte(
+    start_daemon: StartDaemon,
+) -> None:
+    """A streamed request that waited for the load with pings, answered by a backend error.
+
+    The error is the backend's answer, in the stream the pings opened: timed as a sized
+    or streamed error of a ready model is (the pings themselves are not).
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", "4")})  # past the first ping
+    body = {"model": "a", "stream": True, "fake_chunked_error": 500}
+    status, text = d.request("POST", "/v1/chat/completions", {**body, "messages": []})
+    assert status == 200  # the pings' own
+    assert ": loading" in text
+    assert "the backend broke" in text
+    m = scrape(d)
+    assert value(m, "swapd_requests_total", model="a", code="500") == 1
+    assert value(m, "swapd_time_to_first_byte_seconds_count", model="a") == 1
