@@ -172,7 +172,7 @@ class Control:
         memory: list[planner.DeviceMemory] = []
         with contextlib.suppress(SwapdError):  # a GPU probe logs it (probe.device.fail)
             _, memory = await self.manager.memory()
-        body = self.metrics.render(self.manager.views(), memory)
+        body = self.metrics.render(self.manager.views(), memory, self.manager.tiers())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def logs(self, request: web.Request) -> web.StreamResponse:

@@ -431,7 +431,10 @@ class Manager:
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready view of every model and tier; never starts anything or touches TTLs."""
-        views = self.views()
+        return {"models": [v.as_json() for v in self.views()], "tiers": self.tiers()}
+
+    def tiers(self) -> dict[str, dict[str, int | None]]:
+        """The bytes each tier holds and its budget (None: none set, or no cache)."""
         everyone = self._every_slot()
         on_device = sum(
             max(s.measured or 0, s.need.bytes if s.need else 0)
@@ -439,15 +442,9 @@ class Manager:
             if s.tier == "device"
         )
         return {
-            "models": [v.as_json() for v in views],
-            "tiers": {
-                "device": {"bytes": on_device, "budget": self._device_budget()},
-                "ram": {
-                    "bytes": sum(s.ram_bytes for s in everyone),
-                    "budget": self.ram_budget,
-                },
-                "disk": self._disk_tier(),
-            },
+            "device": {"bytes": on_device, "budget": self._device_budget()},
+            "ram": {"bytes": sum(s.ram_bytes for s in everyone), "budget": self.ram_budget},
+            "disk": self._disk_tier(),
         }
 
     async def memory(self) -> tuple[Snapshot, list[DeviceMemory]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -81,6 +81,7 @@ class _Live(Collector):
     def __init__(self) -> None:
         self.views: Sequence[ModelView] = ()
         self.memory: Sequence[DeviceMemory] = ()
+        self.tiers: Mapping[str, Mapping[str, int | None]] = {}
         self.requests: dict[tuple[str, int], int] = {}
         self.request_seconds = _Histograms(
             "swapd_request_seconds",
@@ -139,7 +140,20 @@ class _Live(Collector):
                 ("outside", device.outside),
             ):
                 memory.add_metric([device.device, kind], value)
-        yield from (state, in_flight, waiting, memory)
+        tier_bytes = GaugeMetricFamily(
+            "swapd_tier_bytes",
+            "bytes each tier holds (as /swapd/status counts them)",
+            labels=["tier"],
+        )
+        tier_budget = GaugeMetricFamily(
+            "swapd_tier_budget_bytes", "each tier's budget, where one is set", labels=["tier"]
+        )
+        for tier, usage in self.tiers.items():
+            if usage["bytes"] is not None:
+                tier_bytes.add_metric([tier], usage["bytes"])
+            if usage["budget"] is not None:
+                tier_budget.add_metric([tier], usage["budget"])
+        yield from (state, in_flight, waiting, memory, tier_bytes, tier_budget)
 
 
 class Metrics:
@@ -202,13 +216,19 @@ class Metrics:
                 if labels[0] in gone:
                     metric.remove(*labels)
 
-    def render(self, views: Sequence[ModelView], memory: Sequence[DeviceMemory]) -> bytes:
-        """The exposition text, with the gauges read from ``views`` and ``memory``."""
-        self._live.views, self._live.memory = views, memory
+    def render(
+        self,
+        views: Sequence[ModelView],
+        memory: Sequence[DeviceMemory],
+        tiers: Mapping[str, Mapping[str, int | None]] | None = None,
+    ) -> bytes:
+        """The exposition text, with the gauges read from ``views``, ``memory`` and ``tiers``."""
+        live = self._live
+        live.views, live.memory, live.tiers = views, memory, tiers or {}
         try:
             return generate_latest(self.registry)
         finally:
-            self._live.views, self._live.memory = (), ()
+            live.views, live.memory, live.tiers = (), (), {}
 
 
 def _label_sets(metric: Counter | Histogram) -> list[tuple[str, ...]]:

@@ -298,3 +298,23 @@ def test_a_backend_error_behind_cold_load_pings_times_its_first_byte(
     m = scrape(d)
     assert value(m, "swapd_requests_total", model="a", code="500") == 1
     assert value(m, "swapd_time_to_first_byte_seconds_count", model="a") == 1
+
+
+def test_each_tiers_bytes_and_budget_are_scraped_as_status_counts_them(
+    start_daemon: StartDaemon,
+) -> None:
+    """A dashboard reads the tiers' fill against their budgets without polling status."""
+    d = start_daemon(
+        {"a": fake_preset("A", "--mem-bytes", str(64 * 2**20))}, {"ram_budget": "3GiB"}
+    )
+    assert d.chat("a")[0] == 200
+    wait_for(lambda: d.events("model.measure"))
+    tiers = d.get("/swapd/status")[1]["tiers"]
+    m = scrape(d)
+    assert tiers["device"]["bytes"] > 0
+    assert value(m, "swapd_tier_bytes", tier="device") == tiers["device"]["bytes"]
+    assert value(m, "swapd_tier_bytes", tier="ram") == tiers["ram"]["bytes"] == 0
+    assert value(m, "swapd_tier_budget_bytes", tier="ram") == 3 * GIB
+    # No budget set for the device tier, and no cache: no series rather than a made-up one.
+    assert value(m, "swapd_tier_budget_bytes", tier="device") is None
+    assert value(m, "swapd_tier_bytes", tier="disk") is None
