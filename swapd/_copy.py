@@ -159,15 +159,23 @@ def _copy_files(
     return done
 
 
-def hash_file(path: Path, cancel: threading.Event | None = None) -> str:
-    """The SHA-256 of a file, read in large blocks."""
+def hash_file(
+    path: Path, cancel: threading.Event | None = None, report: Report | None = None
+) -> str:
+    """The SHA-256 of a file, read in large blocks; ``report(bytes_done)`` after each."""
     digest = hashlib.sha256()
     buffer = memoryview(bytearray(_BUFFER))
+    done = 0
+    if report is not None:
+        report(0)
     with path.open("rb", buffering=0) as file:
         while n := file.readinto(buffer):
             if cancel is not None and cancel.is_set():
                 raise Cancelled
             digest.update(buffer[:n])
+            done += n
+            if report is not None:
+                report(done)
     return digest.hexdigest()
 
 

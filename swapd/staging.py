@@ -422,7 +422,7 @@ class StagingCache:
                     # It checked another digest (a reload changed the preset's meanwhile):
                     # ours is checked on a copy of its own.
                     continue
-            entry = await self._verified(entry, expected, in_use)
+            entry = await self._verified(entry, expected, in_use, progress)
             # Another stage that needed the room may have evicted the copy between its end
             # and this waiter's turn (it was in no model's use yet): copy it again.
             if key in self._entries:
@@ -640,8 +640,13 @@ class StagingCache:
             raise
         return manifest
 
-    async def _verified(self, entry: Entry, sha256: str | None, in_use: InUse) -> Entry:
-        """The entry, once its digest is known to be ``sha256`` (hashing it if never checked)."""
+    async def _verified(
+        self, entry: Entry, sha256: str | None, in_use: InUse, progress: Progress | None = None
+    ) -> Entry:
+        """The entry, once its digest is known to be ``sha256`` (hashing it if never checked).
+
+        ``progress`` hears how far the hash is, as it hears a copy: seconds per GiB.
+        """
         if sha256 is None or entry.sha256 == sha256:
             return entry
         if entry.sha256 is None:
@@ -649,7 +654,7 @@ class StagingCache:
             # in the cache's threads): a load is about to start from it, no stage may evict it.
             self._held[entry.key] += 1
             try:
-                actual = await self._check(entry)
+                actual = await self._check(entry, progress)
             finally:
                 self._held[entry.key] -= 1
                 if not self._held[entry.key]:
@@ -661,11 +666,12 @@ class StagingCache:
             raise ChecksumMismatch(entry.source, sha256, str(entry.sha256))
         return entry
 
-    async def _check(self, entry: Entry) -> str:
+    async def _check(self, entry: Entry, progress: Progress | None = None) -> str:
         """Hash a copy staged without a checksum, and record its digest; the digest."""
         cancel = threading.Event()
+        report = None if progress is None else _reporter(entry.source, entry.size, progress)
         try:
-            actual = await self._in_thread(cancel, hash_file, entry.path, cancel)
+            actual = await self._in_thread(cancel, hash_file, entry.path, cancel, report)
         except OSError as exc:
             raise StagingError(f"cannot check the cached copy {entry.path}: {exc}") from exc
         current = self._entries.get(entry.key)
@@ -697,6 +703,33 @@ class StagingCache:
             if not future.cancelled():
                 future.exception()  # retrieved: it is the cancellation that propagates
             raise
+
+
+def _reporter(source: str, total: int, progress: Progress) -> Callable[[int], None]:
+    """A report for a thread's work on ``total`` bytes: ``progress`` on the loop, now and then.
+
+    As a copy reports: at the start, at most every REPORT_EVERY_S, and at the end.
+    """
+    loop = asyncio.get_running_loop()
+    last = 0.0
+
+    def report(done: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if done in (0, total) or now - last >= REPORT_EVERY_S:
+            last = now
+            # RuntimeError: the loop has closed, so nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_tell, progress, source, done, total)
+
+    return report
+
+
+def _tell(progress: Progress, source: str, done: int, total: int) -> None:
+    try:
+        progress(done, total)
+    except Exception as exc:  # noqa: BLE001 - a status hook must not stop a check
+        _log.error("staging.progress.fail", source=source, error=repr(exc))
 
 
 def _disk_free(path: Path) -> int:

@@ -775,9 +775,11 @@ async def test_a_digest_is_kept_when_the_copy_is_used_or_synced_while_it_is_hash
     loop = asyncio.get_running_loop()
     plain_hash = _copy.hash_file
 
-    def hash_while_touched(file: Path, cancel: threading.Event) -> str:
+    def hash_while_touched(
+        file: Path, cancel: threading.Event, report: _copy.Report | None = None
+    ) -> str:
         asyncio.run_coroutine_threadsafe(_touch(cache, path), loop).result(timeout=30)
-        return plain_hash(file, cancel)
+        return plain_hash(file, cancel, report)
 
     monkeypatch.setattr(staging, "hash_file", hash_while_touched)
     await cache.stage(source, sha256=sha(source))

@@ -14,6 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import psutil
 import pytest
@@ -166,7 +167,7 @@ HELD_HASH = """
 import hashlib, os, time
 from pathlib import Path
 import swapd._copy as c
-def hash_file(path, cancel=None):
+def hash_file(path, cancel=None, report=None):
     # A long hash (GiBs): the file is open and being read when the test goes on.
     with open(path, "rb") as file:
         Path({hashing!r}).touch()
@@ -243,10 +244,12 @@ async def test_a_cached_copy_that_goes_while_it_is_verified_is_a_staging_error(
     real = _copy.hash_file
     entered, go = threading.Event(), threading.Event()
 
-    def held(path: Path, cancel: threading.Event | None = None) -> str:
+    def held(
+        path: Path, cancel: threading.Event | None = None, report: _copy.Report | None = None
+    ) -> str:
         entered.set()
         go.wait(30)
-        return real(path, cancel)
+        return real(path, cancel, report)
 
     monkeypatch.setattr(staging_module, "hash_file", held)
     async with StagingCache(tmp_path / "cache", 100 * MIB) as cache:
@@ -526,3 +529,52 @@ async def test_a_copy_refused_while_an_evicted_copy_is_deleted_counts_that_space
         await copying_x
         assert full.value.disk == disk - 8 * MIB  # once x's copy ends: a gone, x there
         await cache.stage(y)  # and y does fit beside x
+
+
+# A slow hash: the real loop, reading a MiB at a time, a fifth of a second each.
+SLOW_HASH = """
+import hashlib, time
+import swapd._copy as c
+class _Slow:
+    def __init__(self):
+        self._digest = hashlib.sha256()
+    def update(self, block):
+        time.sleep(0.2)
+        self._digest.update(block)
+    def hexdigest(self):
+        return self._digest.hexdigest()
+class _Hashlib:
+    sha256 = _Slow
+c.hashlib = _Hashlib
+c._BUFFER = 1 << 20
+"""
+
+
+def _hashing(model: dict[str, Any]) -> dict[str, Any] | None:
+    staging: dict[str, Any] | None = model["staging"]
+    return staging if staging is not None and staging["done"] > 0 else None
+
+
+def test_a_cache_hit_that_hashes_its_copy_shows_progress(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """a2 staged m.gguf without a sha256; a (same file, with one) then hits the copy.
+
+    The copy is hashed before a starts from it (seconds per GiB), and status showed
+    ``staging: null`` meanwhile: a queued model with nothing moving, like a hang.
+    """
+    model = _model(tmp_path / "slow" / "m.gguf", 8 * MIB)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    d = start_daemon(
+        {"a2": staged_preset(model), "a": staged_preset(model, sha256=digest)},
+        {"cache_dir": str(tmp_path / "cache")},
+        env=hook_env(tmp_path / "hook", SLOW_HASH),
+    )
+    assert d.chat("a2")[0] == 200
+    with ThreadPoolExecutor(1) as pool:
+        for_a = pool.submit(d.chat, "a")
+        staging = wait_for(lambda: _hashing(d.model("a")))
+        assert staging["total"] == 8 * MIB, staging
+        assert staging["done"] < 8 * MIB, staging
+        assert for_a.result()[0] == 200
+    assert d.model("a")["staging"] is None
