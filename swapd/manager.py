@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import weakref
 from collections import deque
@@ -195,6 +196,13 @@ class _Abandoned(Unavailable):
     """A queued load whose every waiter went away: it ends before it drains or evicts."""
 
 
+def _stages(preset: Preset, source: str) -> bool:
+    """Whether ``preset`` copies the file at the absolute path ``source`` to the cache."""
+    model = preset.model
+    # abspath, not resolve: as the cache keys its copies.
+    return preset.stage and model is not None and os.path.abspath(model) == source  # noqa: PTH100
+
+
 def _never_room(full: StagingFull) -> bool:
     """No stop of a model can make this room: over the budget, or over the whole disk."""
     if full.need > full.budget:
@@ -275,7 +283,9 @@ class Manager:
         self._sizing_now: dict[str, str] = {}  # per GPU: the model whose start holds its lock
         self.staging: StagingCache | None = None
         if config.cache_dir is not None:
-            self.staging = StagingCache(config.cache_dir, config.cache_budget, self._copy_ended)
+            self.staging = StagingCache(
+                config.cache_dir, config.cache_budget, self._copy_ended, self._unwanted_copy
+            )
 
     def _used_copy(self, slot: Slot) -> None:
         """A process or pages let go of the staged copy: it was in use until now (LRU)."""
@@ -365,6 +375,16 @@ class Manager:
         slot = self.slot_for(name)
         self._forget_lost_copy(slot)
         return snapshot(slot)
+
+    def _unwanted_copy(self, source: str) -> str | None:
+        """Why no model wants a copy of ``source`` any more, or None while one may use it.
+
+        Asked by the cache once no load waits on the copy: a model that stages the file
+        wants it.
+        """
+        # The presets as configured now: a reload's restart swaps a slot's preset later.
+        staging = [p for p in self.config.presets if _stages(p, source)]
+        return None if staging else "no model stages it any more"
 
     def _copy_ended(self) -> None:
         """A copy ended, done or failed: a load waiting for room may go on; find new copies."""
@@ -2378,7 +2398,13 @@ class Manager:
         for preset in plan.added:
             slots[preset.name].changed()  # the feed shows it (stopped), as status does
             self._spawn_task(self._after_reload(slots[preset.name], start=preset.preload), "add")
+        self._stop_unwanted_copies()
         self._notify()
+
+    def _stop_unwanted_copies(self) -> None:
+        """After a reload: stop the copies that no model stages any more (nor waits on)."""
+        if self.staging is not None:
+            self.staging.stop_unwanted()
 
     def _apply_in_place(self, slot: Slot, preset: Preset) -> None:
         old, slot.preset = slot.preset, preset

@@ -171,6 +171,7 @@ class _Copy:
     emitted: int = -1
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[Entry] | None = None
+    stopped: str | None = None  # why :meth:`StagingCache.stop_unwanted` stopped it
     _last_report: float = 0.0
 
     def report(self, done: int) -> None:
@@ -218,7 +219,11 @@ class StagingCache:
     """
 
     def __init__(
-        self, cache_dir: Path, budget: int | None, on_change: Callable[[], None] | None = None
+        self,
+        cache_dir: Path,
+        budget: int | None,
+        on_change: Callable[[], None] | None = None,
+        unwanted: Callable[[str], str | None] | None = None,
     ) -> None:
         if budget is not None and budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
@@ -237,6 +242,10 @@ class StagingCache:
         self._clock = 0
         # Told when a copy ends, done or failed: a stage waiting for room may go on.
         self._on_change = on_change
+        # Asked, once no stage() waits on a copy, why nobody wants that source's copy any
+        # more (None: it is wanted). An unwanted copy is stopped.
+        self._unwanted = unwanted
+        self._stagers: Counter[str] = Counter()  # absolute sources: stage() calls under way
 
     # ------------------------------------------------------------------ lifetime
 
@@ -397,10 +406,41 @@ class StagingCache:
         same copy. Room is made by evicting least recently used entries, never those whose
         source is in ``in_use`` (a collection, or a function the cache calls each time it
         evicts, so that what started meanwhile counts). The copy belongs to the cache:
-        cancelling this call stops waiting, not the copy. Raises CacheFull, ChecksumMismatch
+        cancelling this call stops waiting, not the copy, unless it was the last call waiting
+        and nobody wants the copy (:meth:`stop_unwanted`). Raises CacheFull, ChecksumMismatch
         or StagingError (any I/O error of the copy, the cache directory gone among them).
         """
         path = _absolute(source)
+        self._stagers[path] += 1
+        try:
+            return await self._stage(path, sha256, progress, in_use)
+        finally:
+            self._stagers[path] -= 1
+            if not self._stagers[path]:
+                del self._stagers[path]
+                self.stop_unwanted()
+
+    def stop_unwanted(self) -> None:
+        """Stop each copy that no stage() waits on and that nobody wants (``unwanted``).
+
+        A caller that stops waiting (a client that hung up) leaves its copy running: the
+        next load would start from zero. A copy is stopped only when ``unwanted`` gives a
+        reason; it ends as a StagingError that names it, and leaves nothing behind.
+        """
+        if self._unwanted is None:
+            return
+        for job in self._copies.values():
+            source = str(job.source.path)
+            if job.stopped is not None or self._stagers[source]:
+                continue
+            reason = self._unwanted(source)
+            if reason is not None:
+                job.stopped = reason
+                job.cancel.set()  # the copy's thread stops before its next chunk
+
+    async def _stage(
+        self, path: str, sha256: str | None, progress: Progress | None, in_use: InUse
+    ) -> Path:
         try:
             found = await asyncio.to_thread(scan, Path(path))
         except OSError as exc:
@@ -614,6 +654,10 @@ class StagingCache:
         """In a thread: copy, check, publish under the key."""
         try:
             return self._build_entry(job)
+        except Cancelled:
+            if job.stopped is None:
+                raise
+            raise StagingError(f"cannot stage {job.source.path}: stopped, {job.stopped}") from None
         except OSError as exc:  # a full disk, the cache directory removed, an I/O error
             raise StagingError(f"cannot stage {job.source.path}: {exc}") from exc
 

@@ -1,0 +1,114 @@
+"""Copies nobody will use any more: stopped, not run to their end.
+
+Each test was written against a fault of the cache or of the manager's use of it; its
+docstring says what the older code did.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+from conftest import StartDaemon
+from daemon import Daemon, hook_env, wait_for
+from test_staging_daemon import MIB, _cached_entries, _model, staged_preset
+
+# Slow storage: one MiB per chunk, a fifth of a second each (a copy still stops between
+# chunks when asked to).
+SLOW_CHUNKS = """
+import time
+import swapd._copy as c
+_real = c._chunk
+def _chunk(method, src_fd, dst_fd, want, buffer):
+    time.sleep(0.2)
+    return _real(method, src_fd, dst_fd, min(want, 1 << 20), buffer)
+c._chunk = _chunk
+c.CHUNK = 1 << 20
+"""
+
+
+def _copy_ended(d: Daemon, source: Path) -> dict[str, Any] | None:
+    events = [*d.events("staging.copy.done"), *d.events("staging.copy.fail")]
+    return next((e for e in events if e["source"] == str(source)), None)
+
+
+def test_a_copy_for_a_model_a_reload_removed_is_stopped(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """a is removed by a reload while its copy runs: its load gets 404, its copy went on.
+
+    The copy ended and stayed in the cache (room other models' copies could use) until
+    evicted, for a model no preset names any more.
+    """
+    model = _model(tmp_path / "slow" / "a.gguf", 24 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"a": staged_preset(model)},
+        {"cache_dir": str(cache)},
+        env=hook_env(tmp_path / "hook", SLOW_CHUNKS),
+    )
+    with ThreadPoolExecutor(1) as pool:
+        for_a = pool.submit(d.chat, "a")
+        wait_for(lambda: (d.model("a")["staging"] or {}).get("done", 0) > 0)
+        (d.root / "presets" / "a.yaml").unlink()
+        assert d.request("POST", "/swapd/reload")[0] == 200
+        assert for_a.result()[0] == 404
+    ended = wait_for(lambda: _copy_ended(d, model))
+    assert ended["event"] == "staging.copy.fail", ended
+    assert "no model" in str(ended["error"]), ended
+    assert _cached_entries(cache) == []
+
+
+def test_a_copy_another_preset_of_the_same_file_wants_survives_a_reload(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """a is removed while its copy runs; a2 stages the same file: the copy is made."""
+    model = _model(tmp_path / "slow" / "a.gguf", 8 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"a": staged_preset(model), "a2": staged_preset(model)},
+        {"cache_dir": str(cache)},
+        env=hook_env(tmp_path / "hook", SLOW_CHUNKS),
+    )
+    with ThreadPoolExecutor(1) as pool:
+        for_a = pool.submit(d.chat, "a")
+        wait_for(lambda: (d.model("a")["staging"] or {}).get("done", 0) > 0)
+        (d.root / "presets" / "a.yaml").unlink()
+        assert d.request("POST", "/swapd/reload")[0] == 200
+        assert for_a.result()[0] == 404
+    ended = wait_for(lambda: _copy_ended(d, model))
+    assert ended["event"] == "staging.copy.done", ended
+    assert d.model("a2")["tier"] == "disk"
+
+
+def test_a_copy_a_cut_load_left_runs_on_until_a_reload_turns_stage_off(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A forced unload cuts a's load: its copy runs on (a retry would start from zero).
+
+    A reload then turns ``stage`` off: no load waits on the copy and no preset wants it.
+    Before, it ran to its end and stayed in the cache.
+    """
+    model = _model(tmp_path / "slow" / "a.gguf", 24 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"a": staged_preset(model)},
+        {"cache_dir": str(cache)},
+        env=hook_env(tmp_path / "hook", SLOW_CHUNKS),
+    )
+    with ThreadPoolExecutor(1) as pool:
+        for_a = pool.submit(d.chat, "a")
+        wait_for(lambda: (d.model("a")["staging"] or {}).get("done", 0) > 0)
+        assert d.request("POST", "/swapd/models/a/unload?force=true")[0] == 200
+        assert for_a.result()[0] == 503
+    assert _copy_ended(d, model) is None  # it runs on, as the cache owns it
+    preset = staged_preset(model)
+    preset["stage"] = False
+    (d.root / "presets" / "a.yaml").write_text(yaml.safe_dump(preset))
+    assert d.request("POST", "/swapd/reload")[0] == 200
+    ended = wait_for(lambda: _copy_ended(d, model))
+    assert ended["event"] == "staging.copy.fail", ended
+    assert "no model stages it" in str(ended["error"]), ended
+    assert _cached_entries(cache) == []
