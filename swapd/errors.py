@@ -24,6 +24,7 @@
         └── Unavailable          503: cannot be served now (shutting down, unloading)
             ├── TooManyConnections   503 + Retry-After: swapd is at ``max_connections``
             ├── InsufficientMemory   503 + Retry-After: no plan of evictions can make room
+            │   └── NeverFits        503 + Retry-After: no device could hold it, even empty
             ├── CacheFull            503: the staging cache cannot make room (with the numbers)
             ├── BackingOff           503 + Retry-After: a start failed; the next waits
             ├── BreakerOpen          503: starts failed too often in a row; load it by hand
@@ -403,6 +404,13 @@ class InsufficientMemory(Unavailable):
     def headers(self) -> dict[str, str]:
         """Tell the client, or the balancer in front, when this host may have room."""
         return {"Retry-After": str(self.RETRY_AFTER_S)}
+
+
+class NeverFits(InsufficientMemory):
+    """The model needs more than any of its devices holds, less ``reserve`` (or ``budget``).
+
+    Nothing that swapd or other programs free changes that; a reload may.
+    """
 
 
 class CacheFull(Unavailable):

@@ -48,6 +48,7 @@ from swapd.errors import (
     CacheFull,
     InsufficientMemory,
     LoadFailed,
+    NeverFits,
     NotLoaded,
     QueueFull,
     QueueTimeout,
@@ -380,11 +381,17 @@ class Manager:
         """Why no model wants a copy of ``source`` any more, or None while one may use it.
 
         Asked by the cache once no load waits on the copy: a model that stages the file
-        wants it.
+        wants it, unless its last load found that no device could ever hold it.
         """
         # The presets as configured now: a reload's restart swaps a slot's preset later.
         staging = [p for p in self.config.presets if _stages(p, source)]
-        return None if staging else "no model stages it any more"
+        if not staging:
+            return "no model stages it any more"
+        slots = [self.slots.get(p.name) for p in staging]
+        if all(s is not None and s.never_fits for s in slots):
+            names = ", ".join(repr(p.name) for p in staging)
+            return f"{names} can never fit on its devices"
+        return None
 
     def _copy_ended(self) -> None:
         """A copy ended, done or failed: a load waiting for room may go on; find new copies."""
@@ -812,6 +819,7 @@ class Manager:
         name = slot.preset.name
         started = time.monotonic()
         staging = None
+        slot.never_fits = False
         try:
             await self._drop_stale_pages(slot)  # (a sleeper holds none)
             self._forget_lost_copy(slot, loading=True)
@@ -826,6 +834,8 @@ class Manager:
             else:
                 await self._start(slot, device, total)
         except RequestError as exc:
+            # Its copy, when no other load waits on it, is stopped once it is let go below.
+            slot.never_fits = isinstance(exc, NeverFits)
             self._load_failed(slot, exc)
             raise
         except asyncio.CancelledError:
@@ -1313,6 +1323,8 @@ class Manager:
                 plan = self.admission.plan(wanted, snap, residents)
                 if isinstance(plan, policy.Impossible):
                     reason = f"cannot load {preset.name!r}: {plan.reason}{_assumed(needs)}"
+                    if self._never_fits(wanted, snap, candidates):
+                        raise NeverFits(reason)
                     raise InsufficientMemory(reason)
                 if isinstance(plan, policy.Wait):
                     return plan
@@ -1340,6 +1352,16 @@ class Manager:
                 )
                 self._claims[id(slot)] = Claim(slot, device.id, wanted[device.id], plan.victims)
                 return _Room(moves, device, wanted[device.id])
+
+    def _never_fits(self, wanted: dict[str, int], snap: Snapshot, candidates: list[Device]) -> bool:
+        """Whether every candidate reported memory and none could hold the model, even empty."""
+        for device in candidates:
+            reading = snap.readings.get(device.id)
+            if device.id not in wanted or reading is None:
+                return False  # it may report later, with room
+            if not policy.never_fits(wanted[device.id], reading.total, self.limits):
+                return False
+        return True
 
     def _make_room(  # noqa: PLR0913 - one plan's facts, handed over as they are
         self,
@@ -2402,7 +2424,12 @@ class Manager:
         self._notify()
 
     def _stop_unwanted_copies(self) -> None:
-        """After a reload: stop the copies that no model stages any more (nor waits on)."""
+        """After a reload: stop the copies that no model stages any more (nor waits on).
+
+        A model that never fit may fit now (a new ``memory``, ``reserve``, ``budget``).
+        """
+        for slot in self.slots.values():
+            slot.never_fits = False
         if self.staging is not None:
             self.staging.stop_unwanted()
 

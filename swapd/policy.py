@@ -169,6 +169,17 @@ class Limits:
     max_running: int | None = None
 
 
+def never_fits(need: int, total: int, limits: Limits) -> bool:
+    """Whether ``need`` is more than a device of ``total`` bytes gives a model, even empty.
+
+    What other programs or models hold may go; ``reserve`` and ``budget`` stay until a reload.
+    """
+    room = total - limits.reserve
+    if limits.budget is not None:
+        room = min(room, limits.budget)
+    return need > room
+
+
 @dataclass(frozen=True)
 class Admit:
     """Start on ``device`` once ``victims`` (idle, least worth keeping first) are stopped."""

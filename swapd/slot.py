@@ -88,7 +88,10 @@ class Slot:
     staged_path: str | None = None
     staged_source: Path | None = None  # the source staged_path is a copy of (a reload may
     # point the preset elsewhere while the old process still runs on this copy)
-    staging: tuple[int, int] | None = None  # bytes done, total, while copying
+    staging: tuple[int, int] | None = None  # bytes done, total, while copying (or hashing)
+    # Its last load found that no device could ever hold it (NeverFits): a copy of its
+    # model is made for it no more. Cleared by its next load and by a reload.
+    never_fits: bool = False
     staging_wait: str | None = None  # why the copy waits for room in the cache
     unloaded_at: float = 0.0  # monotonic; the last unload asked for (a restart keeps it down)
     leaving_ram: bool = False  # STOPPING from ASLEEP: its weights are in host RAM, not on a device

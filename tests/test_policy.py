@@ -30,6 +30,7 @@ from swapd.policy import (
     demotions,
     hold,
     loader_busy,
+    never_fits,
     plan_admission,
     ram_overflow,
     room_after,
@@ -1017,3 +1018,11 @@ def test_a_count_victim_elsewhere_is_weighed_whole_while_bytes_are_short_here() 
     assert plan == Admit("gpu0", ("sleeper", "small"))
     running = [r for r in residents if not r.asleep]
     assert [r.name for r in count_overflow(running, 1)] == ["small"]
+
+
+def test_never_fits_counts_the_whole_device_less_reserve_within_the_budget() -> None:
+    """What other programs hold may go; the reserve and the budget stay until a reload."""
+    assert not never_fits(8, 10, Limits(reserve=2))
+    assert never_fits(9, 10, Limits(reserve=2))
+    assert never_fits(6, 10, Limits(budget=5))
+    assert not never_fits(5, 10, Limits(budget=5))

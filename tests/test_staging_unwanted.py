@@ -28,10 +28,54 @@ c._chunk = _chunk
 c.CHUNK = 1 << 20
 """
 
+# A slow sizing too: the load's copy is under way before its plan finds it cannot fit.
+SLOW_SIZING = """
+import asyncio
+import swapd.admission as a
+_needs = a.Admission.needs
+async def needs(self, *args, **kwargs):
+    await asyncio.sleep(1)
+    return await _needs(self, *args, **kwargs)
+a.Admission.needs = needs
+"""
+
 
 def _copy_ended(d: Daemon, source: Path) -> dict[str, Any] | None:
     events = [*d.events("staging.copy.done"), *d.events("staging.copy.fail")]
     return next((e for e in events if e["source"] == str(source)), None)
+
+
+def _disk_bytes(d: Daemon) -> int:
+    _, status = d.get("/swapd/status")
+    used: int = status["tiers"]["disk"]["bytes"]  # copies in progress count in full
+    return used
+
+
+def test_a_load_that_can_never_fit_stops_the_copy_it_started(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """big needs more memory than the host has: 503 insufficient_memory at once.
+
+    Its copy, started while the load planned, ran on to its end: the whole model read
+    from slow storage, and a copy in the cache (evicting idle copies for it) for a model
+    that cannot load until its preset changes.
+    """
+    model = _model(tmp_path / "slow" / "big.gguf", 24 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"big": staged_preset(model, memory="100TiB")},
+        {"cache_dir": str(cache)},
+        env=hook_env(tmp_path / "hook", SLOW_CHUNKS + SLOW_SIZING),
+    )
+    status, body = d.chat("big")
+    assert (status, body["error"]["code"]) == (503, "insufficient_memory"), body
+    assert len(d.events("staging.copy.start")) == 1
+    ended = wait_for(lambda: _copy_ended(d, model))
+    assert ended["event"] == "staging.copy.fail", ended
+    assert "can never fit" in str(ended["error"]), ended
+    assert _disk_bytes(d) == 0
+    assert _cached_entries(cache) == []
+    assert d.model("big")["tier"] == "store"
 
 
 def test_a_copy_for_a_model_a_reload_removed_is_stopped(
@@ -81,6 +125,26 @@ def test_a_copy_another_preset_of_the_same_file_wants_survives_a_reload(
     ended = wait_for(lambda: _copy_ended(d, model))
     assert ended["event"] == "staging.copy.done", ended
     assert d.model("a2")["tier"] == "disk"
+
+
+def test_a_copy_that_another_load_waits_on_goes_on_when_one_can_never_fit(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """fits and big stage the same file; big can never fit, fits can: the copy is made."""
+    model = _model(tmp_path / "slow" / "m.gguf", 8 * MIB)
+    d = start_daemon(
+        {"fits": staged_preset(model), "big": staged_preset(model, memory="100TiB")},
+        {"cache_dir": str(tmp_path / "cache")},
+        env=hook_env(tmp_path / "hook", SLOW_CHUNKS),
+    )
+    with ThreadPoolExecutor(1) as pool:
+        for_fits = pool.submit(d.chat, "fits")
+        wait_for(lambda: (d.model("fits")["staging"] or {}).get("done", 0) > 0)
+        status, body = d.chat("big")
+        assert (status, body["error"]["code"]) == (503, "insufficient_memory"), body
+        assert for_fits.result()[0] == 200
+    assert [e["event"] for e in d.events("staging.copy.done")] == ["staging.copy.done"]
+    assert d.events("staging.copy.fail") == []
 
 
 def test_a_copy_a_cut_load_left_runs_on_until_a_reload_turns_stage_off(
