@@ -451,6 +451,7 @@ class StagingCache:
             # Deleted behind the cache's back (an entry, or the whole directory): copy again.
             _, gone = self._detach([k for k, e in self._entries.items() if not e.path.exists()])
             await self._delete(gone)  # nothing to wait for unless an fsync ran on one
+            await self._stopped_copy_ended(key)
             entry = self._entries.get(key)
             if entry is None:
                 job = self._copies.get(key) or self._start(found, key, expected, in_use)
@@ -558,6 +559,17 @@ class StagingCache:
             job.task.add_done_callback(lambda _task: on_change())
         _log.info("staging.copy.start", source=str(found.path), bytes=need, evicted=victims)
         return job
+
+    async def _stopped_copy_ended(self, key: str) -> None:
+        """Wait for a copy of ``key`` that :meth:`stop_unwanted` stopped to end.
+
+        It ends between two chunks: a stage that joined it meanwhile failed with its
+        "stopped" although it wants the copy. Once it has ended, the key is free for one
+        of its own (or for the entry, where it ended whole before it saw the stop).
+        """
+        while (job := self._copies.get(key)) is not None and job.stopped is not None:
+            assert job.task is not None  # noqa: S101 - set by _start before it returns
+            await asyncio.wait([job.task])
 
     async def _join(self, job: _Copy, progress: Progress | None) -> Entry:
         assert job.task is not None  # noqa: S101 - set by _start before it returns

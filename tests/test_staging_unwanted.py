@@ -176,3 +176,74 @@ def test_a_copy_a_cut_load_left_runs_on_until_a_reload_turns_stage_off(
     assert ended["event"] == "staging.copy.fail", ended
     assert "no model stages it" in str(ended["error"]), ended
     assert _cached_entries(cache) == []
+
+
+# A copy held at a chunk while the file GATE exists (storage that stalls); MARK written
+# once a stage() has looked its source up, about to join or start the copy.
+GATED_CHUNKS = """
+import contextvars
+import os
+import time
+from pathlib import Path
+import swapd._copy as c
+import swapd.staging as s
+GATE, MARK = os.environ["TEST_GATE"], os.environ["TEST_MARK"]
+_real = c._chunk
+def _chunk(method, src_fd, dst_fd, want, buffer):
+    time.sleep(0.1)
+    while os.path.exists(GATE):
+        time.sleep(0.05)
+    return _real(method, src_fd, dst_fd, min(want, 1 << 20), buffer)
+c._chunk = _chunk
+c.CHUNK = 1 << 20
+_staging = contextvars.ContextVar("staging", default=False)
+_stage = s.StagingCache._stage
+async def stage(self, *args, **kwargs):
+    _staging.set(True)
+    return await _stage(self, *args, **kwargs)
+s.StagingCache._stage = stage
+_scan = s.scan
+def scan(path):
+    found = _scan(path)
+    if _staging.get():
+        Path(MARK).write_text("")
+    return found
+s.scan = scan
+"""
+
+
+def test_a_load_waits_out_a_copy_stopped_as_unwanted_and_copies_anew(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A reload turns ``stage`` off, then on again, while the stopped copy still ends.
+
+    The copy stops between chunks; a load in that time joined it, and failed with the
+    copy's "stopped, no model stages it any more" although its preset stages the file.
+    """
+    model = _model(tmp_path / "slow" / "a.gguf", 8 * MIB)
+    gate, mark = tmp_path / "gate", tmp_path / "mark"
+    env = hook_env(tmp_path / "hook", GATED_CHUNKS)
+    env |= {"TEST_GATE": str(gate), "TEST_MARK": str(mark)}
+    d = start_daemon({"a": staged_preset(model)}, {"cache_dir": str(tmp_path / "cache")}, env=env)
+    preset_file = d.root / "presets" / "a.yaml"
+    with ThreadPoolExecutor(1) as pool:
+        for_a = pool.submit(d.chat, "a")
+        wait_for(lambda: (d.model("a")["staging"] or {}).get("done", 0) > 0)
+        gate.touch()  # the copy stalls at its next chunk
+        assert d.request("POST", "/swapd/models/a/unload?force=true")[0] == 200
+        assert for_a.result()[0] == 503
+    for stage in (False, True):  # stopped by the first reload; wanted again by the second
+        preset = staged_preset(model)
+        preset["stage"] = stage
+        preset_file.write_text(yaml.safe_dump(preset))
+        assert d.request("POST", "/swapd/reload")[0] == 200
+    mark.unlink(missing_ok=True)
+    with ThreadPoolExecutor(1) as pool:
+        for_a = pool.submit(d.chat, "a")
+        wait_for(mark.exists)
+        gate.unlink()
+        status, body = for_a.result()
+    assert status == 200, body
+    [stopped] = d.events("staging.copy.fail")
+    assert "no model stages it" in str(stopped["error"]), stopped
+    assert [e["event"] for e in d.events("staging.copy.done")] == ["staging.copy.done"]
