@@ -414,3 +414,12 @@ def test_a_gpu_starts_pinned_host_ram_is_its_offload_at_most_its_weights(tmp_pat
     assert VLLM.pinned_bytes(preset, 20 * GiB) == 8 * GiB
     assert VLLM.pinned_bytes(preset, 6 * GiB) == 6 * GiB
     assert VLLM.pinned_bytes(_preset(tmp_path, args=[]), 6 * GiB) == 0
+
+
+@pytest.mark.parametrize("size", ["²", "-2", "two", "0"])
+def test_a_parallel_size_vllm_would_refuse_counts_as_one(tmp_path: Path, size: str) -> None:
+    """``"²".isdigit()`` holds and ``int("²")`` raises: sizing raised where vLLM refuses."""
+    preset = _preset(tmp_path, args=["--data-parallel-size", size, "--cpu-offload-gb", "1"])
+    assert VLLM.gpus_needed(preset) == 1
+    assert VLLM.asleep_bytes(preset, 3 * GiB, 1) == 3 * GiB
+    assert VLLM.pinned_bytes(preset, 3 * GiB) == GiB

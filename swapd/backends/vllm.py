@@ -290,7 +290,9 @@ class VllmKind:
 def _parallel_size(args: Sequence[str], flags: tuple[str, str]) -> int:
     """One of vLLM's parallel sizes as the preset sets it; 1 where it does not."""
     value = flag_value(args, *flags, argparse=True)
-    return int(value) if value is not None and value.isdigit() and int(value) else 1
+    # ASCII digits only: "²".isdigit() holds, and int() refuses it (vLLM would too).
+    ok = value is not None and value.isascii() and value.isdigit() and int(value) > 0
+    return int(value) if ok and value is not None else 1
 
 
 def _offload_bytes(args: Sequence[str]) -> int:
