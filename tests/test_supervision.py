@@ -375,15 +375,15 @@ SLOW_SIZING = """
 import time
 import swapd.manager
 
-sized = swapd.manager.weight_bytes
+sized = swapd.manager._file_facts
 
 
-def slowly(path):  # the first start sizes its model off the loop: here, for 5 s
+def slowly(*args):  # the first start sizes its model off the loop: here, for 5 s
     time.sleep(5)
-    return sized(path)
+    return sized(*args)
 
 
-swapd.manager.weight_bytes = slowly
+swapd.manager._file_facts = slowly
 """
 
 
