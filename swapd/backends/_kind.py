@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
+from swapd.weights import weight_bytes
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -156,3 +158,36 @@ class NoSleep:
         """Refuse: a process of this kind cannot sleep."""
         del pool, host, port, level
         raise SleepUnsupported(self.name)
+
+
+class OneProcess(NoSleep):
+    """What a kind without sleep that loads its model file as it is says of its resources.
+
+    It takes what it loads (no share of the card), on the one GPU it is placed on, and keeps
+    nothing in host RAM of its own beside the device.
+    """
+
+    def extra_env(self, preset: Preset, placement: Placement) -> dict[str, str]:
+        """Nothing beyond the device's variables."""
+        del preset, placement
+        return {}
+
+    def own_share(self, preset: Preset, device: Device) -> float | None:
+        """None: it takes what it loads, not a share of the card."""
+        del preset, device
+        return None
+
+    def weight_bytes(self, preset: Preset, model: Path) -> int:
+        """The model file's bytes (every shard of a split GGUF)."""
+        del preset
+        return weight_bytes(model)
+
+    def pinned_bytes(self, preset: Preset, weights: int) -> int:
+        """None: it keeps no weights in host RAM of its own while it runs on a GPU."""
+        del preset, weights
+        return 0
+
+    def gpus_needed(self, preset: Preset) -> int:
+        """One: it runs on the GPU its placement shows it."""
+        del preset
+        return 1

@@ -8,18 +8,15 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from swapd.backends._kind import NoSleep, OwnKey, Placement, RamVia, Tier
+from swapd.backends._kind import OneProcess, OwnKey, Placement, RamVia, Tier
 from swapd.backends._launch import BinaryNotFound, search_path
-from swapd.weights import weight_bytes
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from swapd.presets import Preset
     from swapd.probe import Device
 
 
-class CommandKind(NoSleep):
+class CommandKind(OneProcess):
     """``backend: command``: swapd knows nothing of it but its port and health path."""
 
     name = "command"
@@ -52,31 +49,6 @@ class CommandKind(NoSleep):
         del binary  # cmd names its own program
         model = placement.model_path or (str(preset.model) if preset.model else preset.name)
         return [arg.replace("${PORT}", str(port)).replace("${MODEL}", model) for arg in preset.cmd]
-
-    def extra_env(self, preset: Preset, placement: Placement) -> dict[str, str]:
-        """Nothing beyond the device's variables."""
-        del preset, placement
-        return {}
-
-    def own_share(self, preset: Preset, device: Device) -> float | None:
-        """None: it takes what it loads, not a share of the card."""
-        del preset, device
-        return None
-
-    def weight_bytes(self, preset: Preset, model: Path) -> int:
-        """The model file's bytes (every shard of a split GGUF)."""
-        del preset
-        return weight_bytes(model)
-
-    def pinned_bytes(self, preset: Preset, weights: int) -> int:
-        """None: it keeps no weights in host RAM of its own while it runs on a GPU."""
-        del preset, weights
-        return 0
-
-    def gpus_needed(self, preset: Preset) -> int:
-        """One: it runs on the GPU its placement shows it."""
-        del preset
-        return 1
 
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
         """Unknown until measured."""

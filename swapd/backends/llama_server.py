@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from swapd.backends._kind import NoSleep, OwnKey, Placement, RamVia, Tier
+from swapd.backends._kind import OneProcess, OwnKey, Placement, RamVia, Tier
 from swapd.backends._launch import (
     LOOPBACK,
     BinaryNotFound,
@@ -76,7 +76,7 @@ def llama_server_flags(binary: str, env: Mapping[str, str] | None = None) -> fro
     return found
 
 
-class LlamaServerKind(NoSleep):
+class LlamaServerKind(OneProcess):
     """``backend: llama-server``."""
 
     name = "llama-server"
@@ -128,31 +128,6 @@ class LlamaServerKind(NoSleep):
             pinned += ["--alias", preset.name]
         model = placement.model_path or str(preset.model)
         return [binary, "-m", model, *args, *pinned, "--host", LOOPBACK, "--port", str(port)]
-
-    def extra_env(self, preset: Preset, placement: Placement) -> dict[str, str]:
-        """Nothing beyond the device's variables."""
-        del preset, placement
-        return {}
-
-    def own_share(self, preset: Preset, device: Device) -> float | None:
-        """None: it takes what it loads, not a share of the card."""
-        del preset, device
-        return None
-
-    def weight_bytes(self, preset: Preset, model: Path) -> int:
-        """The model file's bytes (every shard of a split GGUF)."""
-        del preset
-        return weight_bytes(model)
-
-    def pinned_bytes(self, preset: Preset, weights: int) -> int:
-        """None: it keeps no weights in host RAM of its own while it runs on a GPU."""
-        del preset, weights
-        return 0
-
-    def gpus_needed(self, preset: Preset) -> int:
-        """One: it runs on the GPU its placement shows it."""
-        del preset
-        return 1
 
     def estimate(self, preset: Preset, device: Device, total: int) -> int | None:
         """Weights, KV cache, compute buffers and overhead, from the GGUF's metadata.
