@@ -93,16 +93,21 @@ def test_a_copy_for_a_model_a_reload_removed_is_stopped(
         {"cache_dir": str(cache)},
         env=hook_env(tmp_path / "hook", SLOW_CHUNKS),
     )
+    _remove_a_while_it_copies(d)
+    ended = wait_for(lambda: _copy_ended(d, model))
+    assert ended["event"] == "staging.copy.fail", ended
+    assert "no model" in str(ended["error"]), ended
+    assert _cached_entries(cache) == []
+
+
+def _remove_a_while_it_copies(d: Daemon) -> None:
+    """A request starts a's copy; a reload removes a once the copy has begun (its load: 404)."""
     with ThreadPoolExecutor(1) as pool:
         for_a = pool.submit(d.chat, "a")
         wait_for(lambda: (d.model("a")["staging"] or {}).get("done", 0) > 0)
         (d.root / "presets" / "a.yaml").unlink()
         assert d.request("POST", "/swapd/reload")[0] == 200
         assert for_a.result()[0] == 404
-    ended = wait_for(lambda: _copy_ended(d, model))
-    assert ended["event"] == "staging.copy.fail", ended
-    assert "no model" in str(ended["error"]), ended
-    assert _cached_entries(cache) == []
 
 
 def test_a_copy_another_preset_of_the_same_file_wants_survives_a_reload(
@@ -116,12 +121,7 @@ def test_a_copy_another_preset_of_the_same_file_wants_survives_a_reload(
         {"cache_dir": str(cache)},
         env=hook_env(tmp_path / "hook", SLOW_CHUNKS),
     )
-    with ThreadPoolExecutor(1) as pool:
-        for_a = pool.submit(d.chat, "a")
-        wait_for(lambda: (d.model("a")["staging"] or {}).get("done", 0) > 0)
-        (d.root / "presets" / "a.yaml").unlink()
-        assert d.request("POST", "/swapd/reload")[0] == 200
-        assert for_a.result()[0] == 404
+    _remove_a_while_it_copies(d)
     ended = wait_for(lambda: _copy_ended(d, model))
     assert ended["event"] == "staging.copy.done", ended
     assert d.model("a2")["tier"] == "disk"
