@@ -26,6 +26,8 @@ def model_object(view: ModelView) -> dict[str, Any]:
         "created": 0,
         "owned_by": "swapd",
         "aliases": list(view.aliases),
+        # ``state``, as /swapd/status names it; ``status`` is the same, as first documented.
+        "state": view.state,
         "status": view.state,
         "tier": view.tier,
     }

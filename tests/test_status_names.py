@@ -28,3 +28,18 @@ def test_a_failed_start_shows_a_documented_status(start_daemon: StartDaemon) -> 
     _, models = d.get("/v1/models")
     [model] = models["data"]
     assert model["status"] in _documented_statuses(), model
+
+
+def test_the_model_list_names_each_models_state_as_the_core_issue_and_status_do(
+    start_daemon: StartDaemon,
+) -> None:
+    """/v1/models gives each model's ``state``, as /swapd/status does, and keeps ``status``."""
+    d = start_daemon({"a": fake_preset("A"), "b": fake_preset("B")})
+    assert d.chat("a")[0] == 200
+    _, models = d.get("/v1/models")
+    assert {(m["id"], m["state"], m["status"]) for m in models["data"]} == {
+        ("a", "ready", "ready"),
+        ("b", "stopped", "stopped"),
+    }
+    _, one = d.get("/v1/models/b")
+    assert one["state"] == d.model("b")["state"] == "stopped"
