@@ -424,7 +424,12 @@ def cmd_litellm_config(args: argparse.Namespace) -> int:
     from swapd import litellm_config as lc
 
     try:
-        nodes = lc.unique([lc.Node.parse(url, key or args.key) for url, key in args.nodes])
+        given = _node_keys(args)
+    except _UsageError as exc:
+        print(f"swapd litellm-config: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        nodes = lc.unique([lc.Node.parse(url, key) for url, key in given])
         found = asyncio.run(lc.gather_models(nodes))
     except lc.NodeError as exc:
         print(f"swapd: {exc}", file=sys.stderr)
@@ -518,19 +523,45 @@ class _NodeAction(argparse.Action):
         namespace.nodes = nodes
 
 
-class _OnceAction(argparse.Action):
-    """An option that may be given once: a second one would silently replace the first."""
+class _KeyAction(argparse.Action):
+    """``--key KEY``: one for every node, or one after each ``--node`` (its own, as --node-key).
+
+    Each is noted with the number of nodes before it; :func:`_node_keys` sorts them out.
+    """
 
     def __call__(
         self,
-        parser: argparse.ArgumentParser,
+        _parser: argparse.ArgumentParser,
         namespace: argparse.Namespace,
         values: Any,
-        option_string: str | None = None,
+        _option_string: str | None = None,
     ) -> None:
-        if getattr(namespace, self.dest, None) is not None:
-            parser.error(f"{option_string} given twice (--node-key gives one node its own key)")
-        setattr(namespace, self.dest, values)
+        keys: list[tuple[int, str]] = getattr(namespace, self.dest, None) or []
+        keys.append((len(getattr(namespace, "nodes", None) or []), values))
+        setattr(namespace, self.dest, keys)
+
+
+class _UsageError(Exception):
+    """Options that parse one by one but do not fit together (exit 2, as argparse's)."""
+
+
+def _node_keys(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """Each ``--node`` with its key: its --node-key, else its own --key, else the one --key.
+
+    A single ``--key`` is every node's that has no --node-key. Several are one per node,
+    each for the ``--node`` just before it; a node then without one has none.
+    """
+    nodes = [[url, key] for url, key in args.nodes]
+    keys: list[tuple[int, str]] = args.key or []
+    if len(keys) == 1:
+        return [(url, key or keys[0][1]) for url, key in nodes]
+    for before, key in keys:
+        if before == 0:
+            raise _UsageError("with several --key, each must follow the --node it is for")
+        if nodes[before - 1][1] is not None:
+            raise _UsageError(f"--key given twice for --node {nodes[before - 1][0]}")
+        nodes[before - 1][1] = key
+    return [(url, key) for url, key in nodes]
 
 
 def _add_litellm_config(sub: Any) -> None:
@@ -562,7 +593,9 @@ def _add_litellm_config(sub: Any) -> None:
         help="the key for the --node just before it (overrides --key)",
     )
     verb.add_argument(
-        "--key", action=_OnceAction, help="the key for every node without its own --node-key"
+        "--key",
+        action=_KeyAction,
+        help="the key for every node without its own --node-key; or one after each --node",
     )
     verb.add_argument(
         "--affinity",

@@ -136,6 +136,31 @@ def test_litellm_config_asks_each_node_with_its_own_key(start_daemon: StartDaemo
     assert refused.stdout == ""
 
 
+def test_litellm_config_takes_one_key_after_each_node_as_the_scale_out_issue_says(
+    start_daemon: StartDaemon,
+) -> None:
+    """``--node URL --key KEY`` per node: each node is asked, and written, with its own key.
+
+    A ``--key`` before every ``--node`` is refused once there are several (whose is it?).
+    """
+    a = start_daemon(node("a", "only-a"), {"api_keys": ["key-a-0123456789abcdef"]})
+    b = start_daemon(node("b", "only-b"), {"api_keys": ["key-b-0123456789abcdef"]})
+    out = swapd(
+        "litellm-config",
+        *("--node", a.url, "--key", "key-a-0123456789abcdef"),
+        *("--node", b.url, "--key", "key-b-0123456789abcdef"),
+    )
+    assert out.returncode == 0, out.stderr
+    keys = {
+        d["model_name"]: d["litellm_params"]["api_key"]
+        for d in yaml.safe_load(out.stdout)["model_list"]
+    }
+    assert keys == {"only-a": "key-a-0123456789abcdef", "only-b": "key-b-0123456789abcdef"}
+    unowned = swapd("litellm-config", "--key", "k1", "--node", a.url, "--key", "k2")
+    assert (unowned.returncode, unowned.stdout) == (2, "")
+    assert "each must follow the --node it is for" in unowned.stderr
+
+
 def test_a_key_named_as_an_environment_variable_stays_a_reference(
     start_daemon: StartDaemon,
 ) -> None:
