@@ -20,17 +20,15 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from swapd.errors import Forbidden, MisdirectedRequest, RequestError, Unauthorized, clip
 from swapd.keys import KeyRing
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # What a route asks of its caller: nothing, the Host and Origin checks only, or a key.
 Need = Literal["nothing", "checks", "inference", "admin"]
 CORS_ORIGIN = web.RequestKey("cors_origin", str)
@@ -285,17 +283,6 @@ def presented_key(headers: Mapping[str, str]) -> bytes | None:
     if key := headers.get("x-api-key", "").strip():
         return key.encode("utf-8", "surrogateescape")
     return None
-
-
-def access_middleware(access: Access) -> Middleware:
-    """The middleware that runs the checks, answers CORS preflights and marks CORS requests."""
-
-    @web.middleware
-    async def check_access(request: web.Request, handler: Handler) -> web.StreamResponse:
-        preflight = access.admit(request)
-        return preflight if preflight is not None else await handler(request)
-
-    return check_access
 
 
 def _preflight(request: web.Request) -> web.Response:
