@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 import shutil
@@ -93,3 +94,48 @@ def test_the_readme_module_map_names_every_module() -> None:
     }
     assert sorted(modules - named) == []
     assert sorted(named - modules) == []
+
+
+def _error_codes_answered() -> set[str]:
+    """Every ``code`` swapd puts in an error envelope, read from the source.
+
+    Three spellings: a class's ``code = "..."``, a code handed to an error's constructor
+    (``Forbidden(message, "origin_not_allowed")``), and an envelope written by hand
+    (``{"code": "internal_error", ...}``).
+    """
+    codes: set[str] = set()
+    for path in (ROOT / "swapd").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "code" for t in node.targets
+            ):
+                values = [node.value]
+            elif isinstance(node, ast.Call) and ast.unparse(node.func) == "Forbidden":
+                values = node.args[1:2] + [k.value for k in node.keywords if k.arg == "code"]
+            elif isinstance(node, ast.Dict):
+                values = [
+                    v
+                    for k, v in zip(node.keys, node.values, strict=True)
+                    if isinstance(k, ast.Constant) and k.value == "code"
+                ]
+            else:
+                continue
+            codes |= {
+                v.value for v in values if isinstance(v, ast.Constant) and isinstance(v.value, str)
+            }
+    return codes
+
+
+def test_the_readme_error_table_names_every_error_code() -> None:
+    """The README's table of error answers lists each code swapd sends, and no other.
+
+    Clients and alerts match on these codes. The table had lost two that swapd sends:
+    403 ``upstream_route_reserved`` and 500 ``internal_error``.
+    """
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| status | code | when |") :]
+    table = table[: table.index("\n\n")]
+    listed = set(re.findall(r"^\|[^|]*\|\s*`([a-z_]+)`\s*\|", table, re.MULTILINE))
+    answered = _error_codes_answered()
+    assert sorted(answered - listed) == []
+    assert sorted(listed - answered) == []

@@ -1,4 +1,4 @@
-"""Every status /v1/models can report is one README's routes table names."""
+"""Every status /v1/models can report, and every field /swapd/status gives, is named in README."""
 
 from __future__ import annotations
 
@@ -43,3 +43,31 @@ def test_the_model_list_names_each_models_state_as_the_core_issue_and_status_do(
     }
     _, one = d.get("/v1/models/b")
     assert one["state"] == d.model("b")["state"] == "stopped"
+
+
+def _keys(value: object) -> set[str]:
+    """Every key of a JSON value, at any depth."""
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _keys(v)}
+    return set()
+
+
+def test_every_field_of_the_status_route_is_named_in_the_readme(
+    start_daemon: StartDaemon,
+) -> None:
+    """Each key /swapd/status answers with, at any depth, is named in README's row for it.
+
+    The row had lost ``connections.closed_for_room`` and the top-level ``config``.
+    """
+    d = start_daemon({"a": fake_preset("A")})
+    assert d.chat("a")[0] == 200
+    _, status = d.get("/swapd/status")
+    row = next(
+        line
+        for line in README.read_text().splitlines()
+        if line.startswith("| `GET /swapd/status` |")
+    )
+    named = set(re.findall(r"[a-z_]+", row))
+    assert sorted(_keys(status) - {"models"} - named) == []
