@@ -727,7 +727,8 @@ def _is_event_stream(response: web.StreamResponse) -> bool:
 
 
 # Routes whose clients read named events only: Anthropic's SDKs skip an event with no
-# name, so there the error event is named (OpenAI's SDKs raise it named or not).
+# name, so there the error event is named (OpenAI's SDKs raise it named or not), and
+# its data says ``"type": "error"``, as every event of Anthropic's streams names its type.
 _NAMED_ERRORS = frozenset({"/v1/messages"})
 
 
@@ -735,11 +736,15 @@ def error_event(error: dict[str, Any], path: str) -> bytes:
     """An error as one server-sent event, as OpenAI's streams carry one, on ``path``'s stream.
 
     A blank line first ends any event the backend left unfinished, so the error is an
-    event of its own; between events it is a no-op. Named ``error`` on Anthropic's route.
+    event of its own; between events it is a no-op. On Anthropic's route it is named
+    ``error`` and typed, as Anthropic sends one: ``{"type": "error", "error": {...}}``.
     """
-    name = b"event: error\n" if path in _NAMED_ERRORS else b""
-    data = json.dumps({"error": error}, separators=(",", ":")).encode()
-    return b"\n\n" + name + b"data: " + data + b"\n\n"
+    if path in _NAMED_ERRORS:
+        name, data = b"event: error\n", {"type": "error", "error": error}
+    else:
+        name, data = b"", {"error": error}
+    text = json.dumps(data, separators=(",", ":")).encode()
+    return b"\n\n" + name + b"data: " + text + b"\n\n"
 
 
 # Of a relayed answer's headers, those swapd's own answer in its place keeps: the request

@@ -94,8 +94,10 @@ def test_an_error_after_pings_on_the_messages_route_is_a_named_event(
     """On Anthropic's route the error event is named ``error``: its SDKs skip unnamed events.
 
     Before, a load that failed after the pings reached an Anthropic client as an empty
-    stream: its SDK skipped the unnamed event and raised nothing. The data is the same
-    error object as on every other route, where the event stays unnamed.
+    stream: its SDK skipped the unnamed event and raised nothing. The data holds the same
+    error object as on every other route, where the event stays unnamed; on Anthropic's
+    it also says ``"type": "error"``, as each event of an Anthropic stream names its type
+    (clients that read events by their ``type`` found none before).
     """
     d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START, "--exit-at-start", "3")})
     for path, name in (("/v1/messages", "error"), ("/v1/chat/completions", None)):
@@ -109,7 +111,9 @@ def test_an_error_after_pings_on_the_messages_route_is_a_named_event(
         [event] = [e for e in text.split("\n\n") if "data: " in e]
         fields = dict(line.split(": ", 1) for line in event.strip("\n").split("\n"))
         assert fields.get("event") == name, event
-        assert json.loads(fields["data"])["error"]["code"] == "backend_start_failed"
+        error = json.loads(fields["data"])
+        assert error["error"]["code"] == "backend_start_failed"
+        assert error.get("type") == name  # {"type": "error", ...}, as Anthropic's streams say
         wait_for(lambda: d.model("a")["state"] == "failed")  # each request starts it anew
 
 
