@@ -37,7 +37,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 ECHO_OBJECTS = {
     "/v1/responses": "response",
-    "/v1/messages": "message",
     "/v1/rerank": "rerank",
     "/v1/messages/count_tokens": "count_tokens",
     "/v1/score": "score",
@@ -448,6 +447,61 @@ class Fake:
             }
         )
 
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API: a message with the last message's text, streamed on request.
+
+        ``fake_content``: these content blocks instead of the text; ``fake_json_answer``:
+        JSON even to a stream; ``fake_anthropic_error``: an Anthropic error object, in a
+        200 JSON answer, with that message.
+        """
+        body = await self.read_json(request)
+        await self.hold(request, float(body.get("fake_delay", 0)))
+        if "fake_anthropic_error" in body:
+            error = {"type": "overloaded_error", "message": body["fake_anthropic_error"]}
+            return web.json_response({"type": "error", "error": error})
+        messages = body.get("messages") or [{}]
+        text = f"{self.args.name}: {message_text(messages[-1].get('content', ''))}"
+        content = body.get("fake_content", [{"type": "text", "text": text}])
+        blocks = content if isinstance(content, list) else []
+        stop = "tool_use" if any(b.get("type") == "tool_use" for b in blocks) else "end_turn"
+        message = {
+            "id": f"msg_{uuid.uuid4().hex}",
+            "type": "message",
+            "role": "assistant",
+            "model": body.get("model", self.args.name),
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 3, "output_tokens": 5},
+            # The fake's own, as the echo routes answer: where the request landed.
+            "path": request.path,
+            "name": self.args.name,
+        }
+        if body.get("stream") and not body.get("fake_json_answer"):
+            return self.message_stream(message, text)
+        return web.json_response(message)
+
+    def message_stream(self, message: Json, text: str) -> web.Response:
+        """A text message as Anthropic streams it: named events, the text in ``--chunks``."""
+        events: list[tuple[str, Json]] = [
+            ("message_start", {"message": {**message, "content": [], "stop_reason": None}}),
+            ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ]
+        size = -(-len(text) // max(self.args.chunks, 1))
+        for start in range(0, len(text), size):
+            delta = {"type": "text_delta", "text": text[start : start + size]}
+            events.append(("content_block_delta", {"index": 0, "delta": delta}))
+        events += [
+            ("content_block_stop", {"index": 0}),
+            ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": message["usage"]}),
+            ("message_stop", {}),
+        ]
+        stream = "".join(
+            f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
+            for name, data in events
+        )
+        return web.Response(text=stream, content_type="text/event-stream")
+
     async def props(self, request: web.Request) -> web.Response:
         """A GET route of the backend's own (like llama-server's /props), with its query.
 
@@ -516,6 +570,7 @@ class Fake:
         app.router.add_post("/v1/chat/completions", t(self.chat))
         app.router.add_post("/v1/completions", t(self.completion))
         app.router.add_post("/v1/embeddings", t(self.embeddings))
+        app.router.add_post("/v1/messages", t(self.messages))
         for path in ECHO_OBJECTS:
             app.router.add_post(path, t(self.echo))
         for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits"):
