@@ -13,7 +13,8 @@ follow on the same stream. Before the first ping a refusal (503
 error that clients can retry elsewhere; after it, an error goes out as one
 ``data: {"error": ...}`` event (named ``error`` on ``/v1/messages``) and the stream ends.
 A backend that answers such a stream in plain JSON (one that takes only a JSON
-``true`` for a stream, say) has its JSON sent as one event, then ``data: [DONE]``.
+``true`` for a stream, say) has its JSON sent as one event, then ``data: [DONE]``;
+on ``/v1/messages`` a message or an error goes out as Anthropic's named events.
 
 Every other request takes the proxy's own path: :class:`ColdStreams` answers
 itself only a stream whose pings have started.
@@ -36,6 +37,7 @@ from swapd._exchange import EXCHANGE, count, stream_error
 from swapd.errors import BackendGone, RequestError, UpstreamTimeout
 from swapd.events import SSE_HEADERS
 from swapd.manager import Lease
+from swapd.message_events import answer_events
 from swapd.proxy import (
     BUFFER_LIMIT,
     Proxy,
@@ -66,6 +68,8 @@ _ADMITTED = frozenset({"starting", "waking"})
 _TRUE_TEXTS = frozenset({"1", "t", "y", "on", "yes", "true"})
 # Routes whose streams end with the last event, not with OpenAI's ``data: [DONE]``.
 _NO_DONE = frozenset({"/v1/messages"})
+# Routes whose clients read named events only: Anthropic's.
+_NAMED_EVENTS = frozenset({"/v1/messages"})
 
 
 def is_true(value: object) -> bool:
@@ -95,8 +99,12 @@ def form_wants_stream(body: bytes, content_type: str) -> bool:
 def json_event(payload: bytes, path: str) -> bytes:
     """A JSON answer as one event: each of its lines a ``data:`` line, as SSE needs.
 
-    Then OpenAI's ``data: [DONE]``, but on ``path``s whose streams have none.
+    Then OpenAI's ``data: [DONE]``, but on ``path``s whose streams have none. On
+    ``/v1/messages`` a message, or an error, goes out as the named events Anthropic's
+    SDKs read (:mod:`swapd.message_events`); they skip an unnamed one.
     """
+    if path in _NAMED_EVENTS and (events := answer_events(payload)) is not None:
+        return events
     lines = payload.splitlines() or [b""]
     event = b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
     return event if path in _NO_DONE else event + b"data: [DONE]\n\n"

@@ -300,21 +300,97 @@ def test_a_json_answer_to_a_cold_stream_is_one_data_event(start_daemon: StartDae
     A backend that takes only a JSON ``true`` for a stream answers ``"stream": "true"`` so,
     say. Before, its JSON went raw into the stream the pings opened, where SSE clients skip
     what is not an event: the answer was empty. Every line of the JSON (here indented over
-    many) is a ``data:`` line of the one event; Anthropic's route gets no [DONE], which is
+    many) is a ``data:`` line of the one event. On Anthropic's route, JSON that is neither
+    a message nor an error is one event too, unnamed, and with no [DONE], which is
     OpenAI's. A JSON answer too long to hold ends the stream with an error event instead.
     """
     d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START)})
-    for path in ("/v1/chat/completions", "/v1/messages"):
-        text = cold_json_answer(d, path)
-        events = events_of(text)
-        if path == "/v1/messages":
-            [answer] = events
-            assert json.loads(answer)["object"] == "message"
-        else:
-            answer, done = events
-            assert json.loads(answer)["object"] == "chat.completion"
-            assert "\n" in answer  # indented: many data lines
-            assert done == "[DONE]"
-        assert text.endswith("\n\n")
+    text = cold_json_answer(d, "/v1/chat/completions")
+    answer, done = events_of(text)
+    assert json.loads(answer)["object"] == "chat.completion"
+    assert "\n" in answer  # indented: many data lines
+    assert done == "[DONE]"
+    assert text.endswith("\n\n")
+    text = cold_json_answer(d, "/v1/messages", fake_content="not blocks")
+    [answer] = events_of(text)
+    assert json.loads(answer)["content"] == "not blocks"
+    assert "event:" not in text
     [event] = events_of(cold_json_answer(d, "/v1/chat/completions", fake_json_pad=BUFFER_LIMIT))
     assert json.loads(event)["error"]["code"] == "backend_gone"
+
+
+def named_events(text: str) -> list[tuple[str | None, Any]]:
+    """Each event of a stream: its name (None when it has none) and its parsed data."""
+    found = []
+    for event in text.split("\n\n"):
+        fields = [line.split(": ", 1) for line in event.split("\n") if ": " in line]
+        data = "\n".join(value for name, value in fields if name == "data")
+        if data:
+            name = next((value for field, value in fields if field == "event"), None)
+            found.append((name, json.loads(data)))
+    return found
+
+
+# A message with every kind of block whose fields Anthropic streams, and one it sends whole.
+BLOCKS = [
+    {"type": "thinking", "thinking": "Let me see.\nTwo lines.", "signature": "c2lnbmVk"},
+    {"type": "redacted_thinking", "data": "b3BhcXVl"},
+    {"type": "text", "text": "Here is the weather: ", "citations": None},
+    {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Zürich", "n": 2}},
+]
+
+
+def test_a_json_message_to_a_cold_stream_on_the_messages_route_is_its_stream_of_events(
+    start_daemon: StartDaemon,
+) -> None:
+    """A backend's JSON message after the pings goes out as Anthropic streams a message.
+
+    Before, it went out as one unnamed event, which Anthropic's SDKs skip: the client saw
+    an empty stream. Now each event is named, and the deltas rebuild every block.
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START)})
+    events = named_events(cold_json_answer(d, "/v1/messages", fake_content=BLOCKS))
+    assert all(name == data["type"] for name, data in events), events
+    start, delta, stop = "content_block_start", "content_block_delta", "content_block_stop"
+    assert [name for name, _ in events] == [
+        "message_start",
+        *(start, delta, delta, stop),  # thinking, then its signature
+        *(start, stop),  # redacted thinking: whole at the start
+        *(start, delta, stop),
+        *(start, delta, stop),
+        "message_delta",
+        "message_stop",
+    ]
+    first = events[0][1]["message"]
+    assert (first["content"], first["stop_reason"], first["role"]) == ([], None, "assistant")
+    rebuilt: list[dict[str, Any]] = []
+    for _, data in events:  # as the SDKs accumulate a stream
+        if data["type"] == "content_block_start":
+            assert data["index"] == len(rebuilt)
+            rebuilt.append(dict(data["content_block"]))
+        elif data["type"] == "content_block_delta":
+            block, change = rebuilt[data["index"]], data["delta"]
+            kind = change["type"]
+            if kind == "input_json_delta":
+                block["input"] = json.loads(change["partial_json"])
+            else:
+                field = {"text_delta": "text", "thinking_delta": "thinking"}.get(kind, "signature")
+                block[field] = block.get(field, "") + change[field]
+    assert rebuilt == BLOCKS
+    [end] = [data for _, data in events if data["type"] == "message_delta"]
+    assert end["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert end["usage"] == {"input_tokens": 3, "output_tokens": 5}
+    assert events[-1] == ("message_stop", {"type": "message_stop"})
+
+
+def test_a_json_error_to_a_cold_stream_on_the_messages_route_is_an_error_event(
+    start_daemon: StartDaemon,
+) -> None:
+    """A backend's ``{"type": "error"}`` JSON after the pings is ``event: error``, as sent.
+
+    Before, it was one unnamed event, which Anthropic's SDKs skip: no error was raised.
+    """
+    d = start_daemon({"a": fake_preset("A", "--start-delay", SLOW_START)})
+    events = named_events(cold_json_answer(d, "/v1/messages", fake_anthropic_error="busy"))
+    error = {"type": "overloaded_error", "message": "busy"}
+    assert events == [("error", {"type": "error", "error": error})]
