@@ -27,7 +27,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from swapd.errors import Forbidden, MisdirectedRequest, RequestError, Unauthorized, clip
-from swapd.keys import KeyRing
+from swapd.keys import KeyRing, Role
 
 # What a route asks of its caller: nothing, the Host and Origin checks only, or a key.
 Need = Literal["nothing", "checks", "inference", "admin"]
@@ -218,8 +218,11 @@ class Access:
             )
         if need == "checks" or not self.keys.enabled:
             return
-        presented = presented_key(request.headers)
-        role = self.keys.role(presented)
+        presented = presented_keys(request.headers)
+        roles = {self.keys.role(key) for key in presented}  # each compared, whatever matched
+        role: Role | None = (
+            "admin" if "admin" in roles else "inference" if "inference" in roles else None
+        )
         if role is None:
             said = "an unknown key" if presented else "no key"
             raise Unauthorized(
@@ -262,8 +265,26 @@ class Access:
         return True
 
 
+def presented_keys(headers: Mapping[str, str]) -> list[bytes]:
+    """Every key a request carries: in ``Authorization``, then in ``x-api-key``.
+
+    A request may carry both: Anthropic's SDKs send ``x-api-key`` for ``api_key`` and a
+    Bearer for ``auth_token``, both when both are set (one perhaps for another service),
+    so a request is let in by any key swapd knows, with the strongest role among them.
+    """
+    found = [_authorization_key(headers)]
+    if key := headers.get("x-api-key", "").strip():
+        found.append(key.encode("utf-8", "surrogateescape"))
+    return [key for key in found if key is not None]
+
+
 def presented_key(headers: Mapping[str, str]) -> bytes | None:
-    """The key a request carries: ``Authorization: Bearer KEY``, else ``x-api-key``.
+    """The first key a request carries: ``Authorization: Bearer KEY``, else ``x-api-key``."""
+    return next(iter(presented_keys(headers)), None)
+
+
+def _authorization_key(headers: Mapping[str, str]) -> bytes | None:
+    """The key in ``Authorization``: a Bearer token, or a Basic password.
 
     ``Authorization: Basic`` carries it as the password (``curl -u :KEY``, a scrape
     config's basic_auth), as llama-swap reads it; the user name is ignored.
@@ -280,8 +301,6 @@ def presented_key(headers: Mapping[str, str]) -> bytes | None:
         if not colon or not password.strip():
             return None
         return password.strip()
-    if key := headers.get("x-api-key", "").strip():
-        return key.encode("utf-8", "surrogateescape")
     return None
 
 

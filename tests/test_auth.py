@@ -111,6 +111,31 @@ def test_an_unknown_key_is_401(keyed: Daemon) -> None:
         assert "an unknown key" in body["error"]["message"]
 
 
+def test_a_known_key_in_either_header_lets_in_a_request_that_carries_two(keyed: Daemon) -> None:
+    """A Bearer token of another service beside swapd's key in x-api-key, or the reverse.
+
+    Anthropic's SDKs send both headers when a client sets both ``api_key`` and
+    ``auth_token``. Before, only the Authorization header was read when it held a key, and
+    such a request was refused 401 with a key swapd knows in its x-api-key. The strongest
+    role among the keys counts; two unknown keys are still refused.
+    """
+    other = "Bearer token-for-another-service"
+    for headers in (
+        {"Authorization": other, "x-api-key": INFERENCE_KEY},
+        {"Authorization": f"Bearer {INFERENCE_KEY}", "x-api-key": "sk-ant-another"},
+        {**_basic("", "not-a-key"), "x-api-key": INFERENCE_KEY},
+    ):
+        status, body = keyed.request("POST", "/v1/chat/completions", CHAT, headers=headers)
+        assert status == 200, (headers, body)
+    both = {"Authorization": f"Bearer {INFERENCE_KEY}", "x-api-key": ADMIN_KEY}
+    assert keyed.request("GET", "/swapd/status", headers=both)[0] == 200
+    status, body = keyed.request(
+        "GET", "/v1/models", headers={"Authorization": other, "x-api-key": "x"}
+    )
+    assert status == 401
+    assert "an unknown key" in body["error"]["message"]
+
+
 def _basic(user: str, password: str) -> dict[str, str]:
     pair = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {pair}"}

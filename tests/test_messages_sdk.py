@@ -23,6 +23,7 @@ from test_keepalive import BLOCKS, SLOW_START
 anthropic = pytest.importorskip("anthropic", reason="the anthropic SDK is not installed")
 
 KEY = "inference-key-0123456789"
+OTHER_TOKEN = "token-for-another-service"  # noqa: S105 - a test token, known to no one
 ECHO = Path(__file__).resolve().parent / "fakes" / "echo_headers.py"
 HI = [{"role": "user", "content": "hi"}]
 GREEDY = {"temperature": 0}
@@ -173,15 +174,23 @@ def test_a_queue_timeout_reaches_the_sdk_as_a_503_with_its_message(
     assert "busy models to finish: a" in timed_out.value.api_message
 
 
-def test_the_sdks_key_header_and_a_bearer_token_both_open_swapd(
+def test_the_sdks_keys_open_swapd_by_either_header(
     start_daemon: StartDaemon, connect: Connect
 ) -> None:
-    """``api_key`` (sent as ``x-api-key``) and ``auth_token`` (a Bearer) are swapd's keys.
+    """``api_key``, ``auth_token`` and an ``x-api-key`` header each carry swapd's key.
 
-    Without one the SDK raises AuthenticationError with swapd's message.
+    This SDK sends ``api_key`` as a Bearer token; older ones, and Anthropic's TypeScript
+    SDK, send it as ``x-api-key``, beside the Bearer of an ``auth_token`` when both are
+    set: swapd's key in either header lets the request in. Without one the SDK raises
+    AuthenticationError with swapd's message.
     """
     d = start_daemon({"a": fake_preset("A")}, {"api_keys": [KEY]})
-    for sdk in (connect(d, api_key=KEY), connect(d, api_key=None, auth_token=KEY)):
+    for sdk in (
+        connect(d, api_key=KEY),
+        connect(d, api_key=None, auth_token=KEY),
+        connect(d, api_key=None, default_headers={"x-api-key": KEY}),
+        connect(d, api_key=None, auth_token=OTHER_TOKEN, default_headers={"x-api-key": KEY}),
+    ):
         assert sdk.messages.create(model="a", max_tokens=9, messages=HI).content[0].text
     with pytest.raises(anthropic.AuthenticationError) as refused:
         connect(d, api_key="wrong").messages.create(model="a", max_tokens=9, messages=HI)
