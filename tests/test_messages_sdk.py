@@ -1,8 +1,7 @@
 """Anthropic's Messages API (``/v1/messages``) through swapd, read by the real ``anthropic`` SDK.
 
-The SDK is not one of swapd's dependencies: these tests run where it is installed
-(``pip install anthropic``) and are skipped elsewhere. The wire format they rely on
-is checked without it in ``test_keepalive.py``.
+The SDK is a test dependency (the ``dev`` extra), not one of swapd's own. The wire
+format these tests rely on is also checked without it in ``test_keepalive.py``.
 """
 
 from __future__ import annotations
@@ -15,12 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import pytest
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, wait_for
 from test_keepalive import BLOCKS, SLOW_START
-
-anthropic = pytest.importorskip("anthropic", reason="the anthropic SDK is not installed")
 
 KEY = "inference-key-0123456789"
 OTHER_TOKEN = "token-for-another-service"  # noqa: S105 - a test token, known to no one
@@ -137,7 +135,7 @@ def test_swapds_own_errors_raise_sdk_errors_with_swapds_message(
     sdk = connect(d)
     with pytest.raises(anthropic.NotFoundError) as missing:
         sdk.messages.create(model="nope", max_tokens=9, messages=HI)
-    assert missing.value.api_message.startswith("model 'nope' is not configured")
+    assert str(missing.value.api_message).startswith("model 'nope' is not configured")
     for stream in (False, True):
         with pytest.raises(anthropic.InternalServerError) as full:
             sdk.messages.create(model="big", max_tokens=9, messages=HI, stream=stream)
@@ -148,7 +146,7 @@ def test_swapds_own_errors_raise_sdk_errors_with_swapds_message(
         sdk.messages.stream(model="dies", max_tokens=9, messages=HI) as events,
     ):
         events.get_final_message()
-    assert "exited with 3" in failed.value.api_message
+    assert "exited with 3" in str(failed.value.api_message)
 
 
 def test_a_queue_timeout_reaches_the_sdk_as_a_503_with_its_message(
@@ -171,7 +169,7 @@ def test_a_queue_timeout_reaches_the_sdk_as_a_503_with_its_message(
         assert busy.result().content[0].text == "A: hi"
     assert timed_out.value.status_code == 503
     assert timed_out.value.response.headers.get("Retry-After")
-    assert "busy models to finish: a" in timed_out.value.api_message
+    assert "busy models to finish: a" in str(timed_out.value.api_message)
 
 
 def test_the_sdks_keys_open_swapd_by_either_header(
@@ -194,7 +192,7 @@ def test_the_sdks_keys_open_swapd_by_either_header(
         assert sdk.messages.create(model="a", max_tokens=9, messages=HI).content[0].text
     with pytest.raises(anthropic.AuthenticationError) as refused:
         connect(d, api_key="wrong").messages.create(model="a", max_tokens=9, messages=HI)
-    assert "carries an unknown key" in refused.value.api_message
+    assert "carries an unknown key" in str(refused.value.api_message)
 
 
 def test_anthropic_headers_reach_the_backend_and_the_key_does_not(
