@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,46 @@ class NestedValueError(ValueError):
         self.path = path
         self.at_key = at_key
         super().__init__(reason)
+
+
+class NestedValueErrors(ValueError):
+    """Several independent :class:`NestedValueError` about parts of one value, in its order."""
+
+    def __init__(self, errors: list[NestedValueError]) -> None:
+        self.errors = tuple(errors)
+        super().__init__("; ".join(str(e) for e in errors))
+
+
+class Problems:
+    """Collects the errors about the parts of one value, to raise them all together.
+
+    A converter that checks independent parts (the items of a list, the keys of a
+    mapping) notes each part's error and goes on, so a file shows every problem at once.
+    """
+
+    def __init__(self) -> None:
+        self.found: list[NestedValueError] = []
+
+    def add(self, error: NestedValueError) -> None:
+        """Note one error."""
+        self.found.append(error)
+
+    @contextlib.contextmanager
+    def part(self) -> Iterator[None]:
+        """Note the error that checking one part raises, and go on to the next."""
+        try:
+            yield
+        except NestedValueErrors as exc:
+            self.found.extend(exc.errors)
+        except NestedValueError as exc:
+            self.found.append(exc)
+
+    def raise_any(self) -> None:
+        """Raise what was noted: the one error alone, several together."""
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise NestedValueErrors(self.found)
 
 
 def nested_location(

@@ -16,11 +16,12 @@ from swapd.keys import parse_keys, read_keys_file
 from swapd.logs import BACKEND_LOG_MODES
 from swapd.presets import (
     CONVERTERS,
+    INVALID,
     Preset,
     convert_entries,
     home_expanded,
-    load_presets,
     preset_files,
+    read_presets,
 )
 from swapd.probe import DevicesSpec
 from swapd.units import parse_duration, parse_positive_duration, parse_size
@@ -268,22 +269,24 @@ def _defaults(
             except ConfigError as exc:
                 errors.append(exc)
                 continue
+            # A key that did not convert is INVALID, and said so here: the presets that
+            # take it say nothing more of it.
             defaults = convert_entries(children, allowed=CONVERTERS, errors=errors)
-            if "model" in defaults:  # relative to the config file, where it is written
-                model, model_at = defaults["model"]
+            model, model_at = defaults.get("model", (INVALID, doc.where))
+            if model is not INVALID:  # relative to the config file, where it is written
                 defaults["model"] = ((base / model).absolute(), model_at)
-            for child in children:
-                if child.key == "backend" and "backend" not in defaults:
-                    # Invalid, and said so here: the presets that take it say nothing more.
-                    defaults["backend"] = (None, child.where)
     return defaults
 
 
 def _check_staging(
-    presets: list[Preset], values: dict[str, Any], doc: Document, errors: list[ConfigError]
+    presets: list[Preset],
+    values: dict[str, Any],
+    failed: set[str],
+    doc: Document,
+    errors: list[ConfigError],
 ) -> None:
     staged = [p.name for p in presets if p.stage]
-    if staged and "cache_dir" not in values:
+    if staged and "cache_dir" not in values and "cache_dir" not in failed:
         reason = f"missing; presets with stage: true need a cache directory: {', '.join(staged)}"
         errors.append(ConfigError(doc.where, "cache_dir", reason))
 
@@ -396,6 +399,38 @@ def read_files(source: Path, presets: Path, keys: list[Path]) -> list[Path]:
     return files + keys
 
 
+def _read_presets(
+    presets_dir: Path,
+    values: Mapping[str, Any],
+    defaults: Mapping[str, tuple[Any, Location]],
+    doc: Document,
+    errors: list[ConfigError],
+) -> tuple[list[Preset], list[ConfigError]]:
+    """The good presets of ``presets_dir`` and the problems of the others.
+
+    A folder that is not there, or cannot be listed, is an error of the config's own.
+    """
+    presets_at = next((e.where for e in doc.entries if e.key == "presets"), doc.where)
+    if not presets_dir.is_dir():
+        errors.append(ConfigError(presets_at, "presets", f"not a directory: {presets_dir}"))
+        return [], []
+    spec = values.get("devices", "auto")
+    offered = None if spec == "auto" else () if spec == "cpu" else tuple(spec)
+    try:
+        presets, problems = read_presets(
+            presets_dir,
+            defaults,
+            label_root=Path.cwd(),
+            config_file=Path(doc.file),
+            offered=offered,
+        )
+    except OSError as exc:  # a folder this user may not list: not one without presets
+        reason = f"cannot read {presets_dir}: {exc.strerror}"
+        errors.append(ConfigError(presets_at, "presets", reason))
+        return [], []
+    return presets, problems
+
+
 def load_config(path: Path) -> Config:
     """Load a daemon config and its presets; raise :class:`ConfigErrors` listing every problem."""
     first = stamp_files([path])  # before the read: a write after it shows in this stamp
@@ -407,29 +442,19 @@ def load_config(path: Path) -> Config:
     stamps = stamp_files(read_files(path, *_named_in(doc, path.parent))) | first
     errors: list[ConfigError] = []
     values = _daemon_values(doc, errors)
+    # Keys whose values did not convert: their errors are said; nothing is checked by them.
+    failed = {e.key for e in doc.entries if e.key in _DAEMON_KEYS and e.key not in values}
     base = path.parent
     defaults = _defaults(doc, base, errors)
     presets_dir = base / values.get("presets", Path("presets"))
-    presets_at = next((e.where for e in doc.entries if e.key == "presets"), doc.where)
-    if not presets_dir.is_dir():
-        errors.append(ConfigError(presets_at, "presets", f"not a directory: {presets_dir}"))
     presets: list[Preset] = []
-    if presets_dir.is_dir():
-        try:
-            spec = values.get("devices", "auto")
-            offered = None if spec == "auto" else () if spec == "cpu" else tuple(spec)
-            presets = load_presets(
-                presets_dir, defaults, label_root=Path.cwd(), config_file=path, offered=offered
-            )
-        except ConfigErrors as exc:
-            errors.extend(exc.errors)
-        except OSError as exc:  # a folder this user may not list: not one without presets
-            reason = f"cannot read {presets_dir}: {exc.strerror}"
-            errors.append(ConfigError(presets_at, "presets", reason))
-    _check_staging(presets, values, doc, errors)
+    preset_errors: list[ConfigError] = []  # said after the config's own, in file order
+    if "presets" not in failed:
+        presets, preset_errors = _read_presets(presets_dir, values, defaults, doc, errors)
+    _check_staging(presets, values, failed, doc, errors)
     _read_key_files(values, doc, base, errors)
-    if errors:
-        raise ConfigErrors(errors)
+    if errors or preset_errors:
+        raise ConfigErrors(errors + preset_errors)
     host, port = values.pop("listen", DEFAULT_LISTEN)
     values.pop("defaults", None)
     values.pop("presets", None)

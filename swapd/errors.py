@@ -113,7 +113,13 @@ class ConfigErrors(SwapdError):
 
     def __init__(self, errors: Sequence[ConfigError]) -> None:
         # Once each: a problem in `defaults:` is found again by every preset that takes it.
-        self.errors = tuple({str(e): e for e in errors}.values())
+        unique = {str(e): e for e in errors}.values()
+        # In file order: each file where its first error was found, its errors by line and
+        # column (checks across keys run after those of each key, and may point above them).
+        files = {e.where.file: index for index, e in reversed(list(enumerate(unique)))}
+        self.errors = tuple(
+            sorted(unique, key=lambda e: (files[e.where.file], e.where.line, e.where.column))
+        )
         super().__init__("\n".join(str(e) for e in self.errors))
 
 

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import yaml
 
@@ -15,6 +15,8 @@ from swapd._yaml import (
     Document,
     Entry,
     NestedValueError,
+    NestedValueErrors,
+    Problems,
     json_value,
     load_document,
     nested_location,
@@ -133,7 +135,13 @@ def _at(path: tuple[str | int, ...], convert: Callable[[Any], Any], value: Any) 
 def _str_list(value: Any, check: Callable[[str], str] = lambda text: text) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError(f"expected a list of strings, got {yaml_kind(value)}")
-    return tuple(_at((i,), lambda v: check(_str(v)), item) for i, item in enumerate(value))
+    problems = Problems()
+    items = []
+    for i, item in enumerate(value):  # every bad item, each pointed at
+        with problems.part():
+            items.append(_at((i,), lambda v: check(_str(v)), item))
+    problems.raise_any()
+    return tuple(items)
 
 
 # What YAML would read as a boolean, were it not quoted.
@@ -152,13 +160,16 @@ def _env(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping of NAME: value, got {yaml_kind(value)}")
     env = {}
-    for key, item in value.items():
-        name = _key_str(key)
-        if "=" in name:  # the environment's own separator: exec would refuse it
-            raise NestedValueError(
-                "", (key,), f"not a usable variable name: {clip(name)!r}", at_key=True
-            )
-        env[name] = "" if item is None else _at((key,), _str, item)
+    problems = Problems()
+    for key, item in value.items():  # every bad variable, each pointed at
+        with problems.part():
+            name = _key_str(key)
+            if "=" in name:  # the environment's own separator: exec would refuse it
+                raise NestedValueError(
+                    "", (key,), f"not a usable variable name: {clip(name)!r}", at_key=True
+                )
+            env[name] = "" if item is None else _at((key,), _str, item)
+    problems.raise_any()
     return env
 
 
@@ -303,10 +314,18 @@ CONVERTERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+# The value of a key that did not convert (its error is reported already): a check that
+# needs the key is skipped, not run on the default in its place ("model: missing").
+INVALID: Final = object()
+
+
 def convert_entries(
     entries: Iterable[Entry], *, allowed: Iterable[str], errors: list[ConfigError]
 ) -> dict[str, tuple[Any, Location]]:
-    """Convert each entry with its converter, collecting every error rather than the first."""
+    """Convert each entry with its converter, collecting every error rather than the first.
+
+    A key whose value does not convert maps to :data:`INVALID`.
+    """
     allowed = set(allowed)
     values: dict[str, tuple[Any, Location]] = {}
     for entry in entries:
@@ -318,11 +337,18 @@ def convert_entries(
             continue
         try:
             values[entry.key] = (CONVERTERS[entry.key](entry.value), entry.where)
+            continue
+        except NestedValueErrors as exc:  # about several parts of the value: each pointed at
+            nested = list(exc.errors)
         except NestedValueError as exc:  # about one part of the value: pointed at
-            where = nested_location(entry.where.file, entry.node, exc.path, at_key=exc.at_key)
-            errors.append(ConfigError(where, exc.key or entry.key, str(exc)))
+            nested = [exc]
         except ValueError as exc:
+            nested = []
             errors.append(ConfigError(entry.where, entry.key, str(exc)))
+        for part in nested:
+            where = nested_location(entry.where.file, entry.node, part.path, at_key=part.at_key)
+            errors.append(ConfigError(where, part.key or entry.key, str(part)))
+        values[entry.key] = (INVALID, entry.where)
     return values
 
 
@@ -348,23 +374,24 @@ def _flag_in_args(
     return None
 
 
-def _unused_key(backend: BackendName, doc: Document) -> ConfigError | None:
-    """A key the preset's own file sets that its backend never reads (defaults may set any).
+Values = Mapping[str, tuple[Any, Location]]
+
+
+def _unused_keys(backend: BackendName, doc: Document, failed: frozenset[str]) -> list[ConfigError]:
+    """Each key the preset's own file sets that its backend never reads (defaults may set any).
 
     An empty one (``args: []``) asks for nothing that would be ignored. The error points
-    at the key, as an unknown key's does.
+    at the key, as an unknown key's does; a key whose value did not convert has its error.
     """
     unused = KINDS[backend].unused_keys
-    for entry in doc.entries:
-        if entry.key in unused and entry.value:
-            reason = f"a {backend} backend never reads it: {unused[entry.key]}"
-            return ConfigError(entry.key_where, entry.key, reason)
-    return None
+    return [
+        ConfigError(entry.key_where, entry.key, f"a {backend} backend never reads it: {why}")
+        for entry in doc.entries
+        if (why := unused.get(entry.key)) is not None and entry.value and entry.key not in failed
+    ]
 
 
-def _health_none_problem(
-    backend: BackendName, values: Mapping[str, tuple[Any, Location]]
-) -> ConfigError | None:
+def _health_none_problem(backend: BackendName, values: Values) -> ConfigError | None:
     """``health: none`` on an engine with a health route of its own, which says when it loaded.
 
     llama-server and vLLM accept connections while they load, and answer 503 meanwhile.
@@ -375,27 +402,27 @@ def _health_none_problem(
     return ConfigError(values["health"][1], "health", reason)
 
 
-def _own_key_clash(
-    backend: BackendName, values: Mapping[str, tuple[Any, Location]]
-) -> ConfigError | None:
-    """A preset that sets the backend's own key, which is swapd's to set (a new one per start)."""
+def _own_key_clashes(backend: BackendName, values: Values) -> list[ConfigError]:
+    """Where the preset sets the backend's own key, which is swapd's to set (a new one per start).
+
+    Its args and its env each, where both do.
+    """
     own = KINDS[backend].own_key
     if own is None:
-        return None
+        return []
     why = f"is swapd's to set: each start of {backend} gets a new key only swapd knows"
+    clashes = []
     if found := _flag_in_args(values, own.flags, argparse=own.argparse):
         flag, written, args_at = found
         shown = flag if written == flag else f"{written} (read as {flag})"
-        return ConfigError(args_at, "args", f"{shown} {why}; remove it")
+        clashes.append(ConfigError(args_at, "args", f"{shown} {why}; remove it"))
     env, env_at = values.get("env", ({}, None))
     if env_at is not None and own.env in env:
-        return ConfigError(env_at, "env", f"{own.env} {why}; remove it")
-    return None
+        clashes.append(ConfigError(env_at, "env", f"{own.env} {why}; remove it"))
+    return clashes
 
 
-def _model_flag_clash(
-    backend: BackendName, values: Mapping[str, tuple[Any, Location]]
-) -> ConfigError | None:
+def _model_flag_clash(backend: BackendName, values: Values) -> ConfigError | None:
     """A preset that names the model in its args, which swapd passes itself from ``model:``."""
     kind = KINDS[backend]
     argparse = kind.own_key is not None and kind.own_key.argparse
@@ -406,9 +433,7 @@ def _model_flag_clash(
     return None
 
 
-def _pinned_outside(
-    values: Mapping[str, tuple[Any, Location]], offered: tuple[int, ...] | None
-) -> ConfigError | None:
+def _pinned_outside(values: Values, offered: tuple[int, ...] | None) -> ConfigError | None:
     """A preset pinned only to devices the daemon's ``devices`` never offers: no load fits."""
     if offered is None or "devices" not in values:
         return None
@@ -423,69 +448,76 @@ def _pinned_outside(
 def _build(
     file: Path,
     label: str,
-    defaults: Mapping[str, tuple[Any, Location]],
+    defaults: Values,
     errors: list[ConfigError],
     offered: tuple[int, ...] | None = None,
 ) -> tuple[Preset, dict[str, Location]] | None:
-    """The preset of ``file`` and where its name and aliases were written; None on errors."""
+    """The preset of ``file`` and where its name and aliases were written; None on errors.
+
+    Every independent problem is reported, not the first: each check runs unless a key
+    it needs did not convert (that key's own error says why, once).
+    """
     doc = load_document(file, label=label)
-    values = {**defaults, **convert_entries(doc.entries, allowed=CONVERTERS, errors=errors)}
-    if any(e.where.file == label for e in errors):
-        return None
+    found: list[ConfigError] = []
+    converted = {**defaults, **convert_entries(doc.entries, allowed=CONVERTERS, errors=found)}
+    failed = frozenset(key for key, (value, _) in converted.items() if value is INVALID)
+    values = {key: item for key, item in converted.items() if item[0] is not INVALID}
+    plain = {key: value for key, (value, _) in values.items()}
+    if "model" in values:
+        plain["model"] = _resolve_model(values["model"][0], file.parent)
     name, name_at = values.get("name", (file.stem, doc.where))
-    if not is_usable_name(name):
+    if "name" not in failed and not is_usable_name(name):
         reason = f"not a usable model name: {name!r}"
         if "name" not in values:  # nothing in the file says name: it is the file's own
             reason += "; it is the file's name: rename the file or set name:"
-        errors.append(ConfigError(name_at, "name", reason))
-        return None
-    if (found := _backend_of(values, doc.where, errors)) is None:
-        return None
-    backend, backend_at = found
-    # A key missing from this file is reported in it, also where backend came from defaults.
-    missing_at = backend_at if backend_at.file == label else doc.where
-    if problem := (
-        _own_key_clash(backend, values)
-        or _model_flag_clash(backend, values)
-        or _pinned_outside(values, offered)
-        or _health_none_problem(backend, values)
-    ):
-        errors.append(problem)
-        return None
-    plain = {key: value for key, (value, _) in values.items()}
-    if problem := (
-        _model_or_cmd_problem(backend, values, file, missing_at, plain)
-        or _stage_problem(values, plain, label)
-        or _unused_key(backend, doc)
-    ):
-        errors.append(problem)
+        found.append(ConfigError(name_at, "name", reason))
+    if (backend_found := _backend_of(values, failed, doc.where, found)) is not None:
+        backend, backend_at = backend_found
+        # A key missing from this file is reported in it, also where backend came from defaults.
+        missing_at = backend_at if backend_at.file == label else doc.where
+        found += _own_key_clashes(backend, values)
+        found += _model_or_cmd_problems(backend, values, failed, missing_at, plain)
+        found += _unused_keys(backend, doc, failed)
+        checks = (_model_flag_clash(backend, values), _health_none_problem(backend, values))
+        found += [problem for problem in checks if problem is not None]
+    for problem in (_pinned_outside(values, offered), _stage_problem(values, failed, plain, label)):
+        if problem is not None:
+            found.append(problem)
+    errors += found
+    if found or backend_found is None:  # no backend: a bad one in defaults, said there
         return None
     plain["name"] = name
     return Preset(file=label, **plain), _name_places(doc, values, name, name_at)
 
 
-def _model_or_cmd_problem(
+def _model_or_cmd_problems(
     backend: BackendName,
-    values: Mapping[str, tuple[Any, Location]],
-    file: Path,
+    values: Values,
+    failed: frozenset[str],
     missing_at: Location,
-    plain: dict[str, Any],
-) -> ConfigError | None:
-    """What is wrong with the model (or a command's cmd); resolves ``plain["model"]``."""
+    plain: Mapping[str, Any],
+) -> list[ConfigError]:
+    """What is wrong with the model (``plain["model"]``, resolved) and a command's cmd."""
+    problems: list[ConfigError] = []
+    model_at = values["model"][1] if "model" in values else missing_at
     if KINDS[backend].needs_model:
-        if "model" not in values:
-            return ConfigError(missing_at, "model", f"missing; {backend} needs a model")
-        model, model_at = values["model"]
-        plain["model"] = _resolve_model(model, file.parent)
-        return _model_problem(values, plain["model"], model_at)
-    if "model" in values:
-        model, model_at = values["model"]
-        plain["model"] = _resolve_model(model, file.parent)
-        # Passed on as ${MODEL}, it may be a name; a copy needs the file (or folder).
-        if plain.get("stage") and (problem := _model_problem(values, plain["model"], model_at)):
-            reason = f"{problem.reason} (stage: true copies it into the cache)"
-            return ConfigError(problem.where, problem.key, reason)
-    return _command_problem(values, missing_at)
+        if "model" in values:
+            problems += _optional(_model_problem(values, plain["model"], model_at))
+        elif "model" not in failed:
+            problems.append(ConfigError(missing_at, "model", f"missing; {backend} needs a model"))
+        return problems
+    # Passed on as ${MODEL}, it may be a name; a copy needs the file (or folder).
+    staged = "model" in values and plain.get("stage")
+    if staged and (problem := _model_problem(values, plain["model"], model_at)):
+        reason = f"{problem.reason} (stage: true copies it into the cache)"
+        problems.append(ConfigError(problem.where, problem.key, reason))
+    if "cmd" not in failed:
+        problems += _optional(_command_problem(values, missing_at))
+    return problems
+
+
+def _optional(problem: ConfigError | None) -> list[ConfigError]:
+    return [] if problem is None else [problem]
 
 
 def _name_places(
@@ -507,15 +539,16 @@ def _name_places(
 
 
 def _backend_of(
-    values: Mapping[str, tuple[Any, Location]], where: Location, errors: list[ConfigError]
+    values: Values, failed: frozenset[str], where: Location, errors: list[ConfigError]
 ) -> tuple[BackendName, Location] | None:
     """The preset's backend and where it was set; None when missing (an error) or invalid."""
+    if "backend" in failed:
+        return None  # its error is reported where it was written (in defaults: once)
     if "backend" not in values:
         errors.append(ConfigError(where, "backend", f"missing; one of {', '.join(BACKENDS)}"))
         return None
+    backend: BackendName
     backend, backend_at = values["backend"]
-    if backend is None:
-        return None  # an invalid `backend:` in defaults, reported there once
     return backend, backend_at
 
 
@@ -559,14 +592,14 @@ def _command_problem(
 
 
 def _stage_problem(
-    values: Mapping[str, tuple[Any, Location]], plain: dict[str, Any], label: str
+    values: Values, failed: frozenset[str], plain: dict[str, Any], label: str
 ) -> ConfigError | None:
     """``stage: true`` on a preset with nothing to copy (a command backend without model:).
 
     Set in ``defaults:``, it is for the presets that have a model: this one is not staged.
     """
     stage, stage_at = values.get("stage", (False, None))
-    if not stage or stage_at is None or "model" in values:
+    if not stage or stage_at is None or "model" in values or "model" in failed:
         return None
     if stage_at.file != label:
         plain["stage"] = False
@@ -618,8 +651,29 @@ def load_presets(
 ) -> list[Preset]:
     """Load every preset of ``directory``; raise :class:`ConfigErrors` listing all problems.
 
+    The arguments are :func:`read_presets`'.
+    """
+    presets, errors = read_presets(
+        directory, defaults, label_root=label_root, config_file=config_file, offered=offered
+    )
+    if errors:
+        raise ConfigErrors(errors)
+    return presets
+
+
+def read_presets(
+    directory: Path,
+    defaults: Mapping[str, tuple[Any, Location]],
+    *,
+    label_root: Path | None = None,
+    config_file: Path | None = None,
+    offered: tuple[int, ...] | None = None,
+) -> tuple[list[Preset], list[ConfigError]]:
+    """The presets of ``directory`` that are good, and every problem of the others.
+
     ``config_file`` is skipped where the presets folder holds it (``presets: .``).
     ``offered``: the GPU indices the daemon's ``devices`` names (``()`` for cpu; None: auto).
+    A folder that cannot be listed raises OSError.
     """
     errors: list[ConfigError] = []
     presets: list[Preset] = []
@@ -637,9 +691,7 @@ def load_presets(
             presets.append(built[0])
             places[label] = built[1]
     _check_names(presets, places, errors)
-    if errors:
-        raise ConfigErrors(errors)
-    return presets
+    return presets, errors
 
 
 def _same_file(a: Path, b: Path) -> bool:

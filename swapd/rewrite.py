@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swapd import _json as capped_json
-from swapd._yaml import NestedValueError, json_value, yaml_kind
+from swapd._yaml import NestedValueError, Problems, json_value, yaml_kind
 from swapd.errors import BadRequest, clip
 
 _STRIP = "strip_params"
@@ -40,20 +40,34 @@ class Filters:
 
 
 def parse_filters(value: Any) -> Filters | None:
-    """``filters:``; None when it asks for nothing (no rewrite, no cost per request)."""
+    """``filters:``; None when it asks for nothing (no rewrite, no cost per request).
+
+    Every problem is raised, each pointed at: an unknown key, each bad item of
+    ``strip_params``, each key ``set_params`` may not set.
+    """
     if value is None:
         return None
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping of {_STRIP} and {_SET}, got {yaml_kind(value)}")
+    problems = Problems()
     for key in value:
         if key not in (_STRIP, _SET):
             known = f"known keys: {_SET}, {_STRIP}"
             if key in _LLAMA_SWAP:
                 known = f"llama-swap's {key} is {_LLAMA_SWAP[key]} here"
-            raise NestedValueError(
-                f"filters.{clip(str(key))}", (key,), f"unknown key; {known}", at_key=True
+            problems.add(
+                NestedValueError(
+                    f"filters.{clip(str(key))}", (key,), f"unknown key; {known}", at_key=True
+                )
             )
-    filters = Filters(_strip(value.get(_STRIP)), _set(value.get(_SET)))
+    strip: tuple[str, ...] = ()
+    set_: dict[str, Any] = {}
+    with problems.part():
+        strip = _strip(value.get(_STRIP))
+    with problems.part():
+        set_ = _set(value.get(_SET))
+    problems.raise_any()
+    filters = Filters(strip, set_)
     return filters if filters.strip or filters.set else None
 
 
@@ -66,14 +80,18 @@ def _strip(value: Any) -> tuple[str, ...]:
         raise NestedValueError(
             key, (_STRIP,), f"expected a list of strings like [top_k], got {got}"
         )
+    problems = Problems()
     for index, item in enumerate(value):
         if not isinstance(item, str) or not item:
             reason = f"expected a non-empty string, got {clip(repr(item))}"
-            raise NestedValueError(key, (_STRIP, index), reason)
-        if item == "model":
-            raise NestedValueError(key, (_STRIP, index), f"model cannot be stripped; {_INSTEAD}")
-        if item == "stream":
-            raise NestedValueError(key, (_STRIP, index), f"stream cannot be stripped; {_STREAM}")
+            problems.add(NestedValueError(key, (_STRIP, index), reason))
+        elif item == "model":
+            reason = f"model cannot be stripped; {_INSTEAD}"
+            problems.add(NestedValueError(key, (_STRIP, index), reason))
+        elif item == "stream":
+            reason = f"stream cannot be stripped; {_STREAM}"
+            problems.add(NestedValueError(key, (_STRIP, index), reason))
+    problems.raise_any()
     return tuple(value)
 
 
@@ -84,13 +102,18 @@ def _set(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         got = yaml_kind(value)
         raise NestedValueError(key, (_SET,), f"expected a mapping of body keys, got {got}")
+    problems = Problems()
     if "model" in value:
         reason = f"model cannot be set here; {_INSTEAD}"
-        raise NestedValueError(key, (_SET, "model"), reason, at_key=True)
+        problems.add(NestedValueError(key, (_SET, "model"), reason, at_key=True))
     if "stream" in value:
         reason = f"stream cannot be set here; {_STREAM}"
-        raise NestedValueError(key, (_SET, "stream"), reason, at_key=True)
-    converted: dict[str, Any] = json_value(value, key, (_SET,))
+        problems.add(NestedValueError(key, (_SET, "stream"), reason, at_key=True))
+    converted: dict[str, Any] = {}
+    for name, item in value.items():  # each body key on its own: its problems are its own
+        with problems.part():
+            converted.update(json_value({name: item}, key, (_SET,)))
+    problems.raise_any()
     return converted
 
 

@@ -160,7 +160,13 @@ PRESET_ERRORS = [
     ),
     pytest.param(
         {"m.yaml": "backend: command\nargs: [--port, '9000']\n"},
-        ["presets/m.yaml:1:10: cmd: missing; a command backend needs cmd"],
+        [
+            "presets/m.yaml:1:10: cmd: missing; a command backend needs cmd",
+            (
+                "presets/m.yaml:2:1: args: a command backend never reads it: cmd is run as "
+                "written; put the arguments in cmd"
+            ),
+        ],
         id="command-without-cmd",
     ),
     pytest.param(
@@ -373,6 +379,7 @@ PRESET_ERRORS = [
                 'presets/c.yaml:3:9: health: expected a URL path starting with "/" or none, '
                 'got "ready"'
             ),
+            f"presets/m.yaml:2:8: model: not found: {ROOT}/presets/m.gguf",
             (
                 "presets/m.yaml:3:9: health: llama-server answers /health once it has loaded; "
                 "none is for command backends"

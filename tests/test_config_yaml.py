@@ -129,7 +129,7 @@ def test_an_unset_env_macro_in_a_block_list_is_named_at_its_item(
 
 
 def test_a_bad_item_of_a_list_or_mapping_is_named_where_it_is(tmp_path: Path) -> None:
-    """Not a string, a name that is no name, an env name with ``=``: at the item or key."""
+    """Not a string, a name that is no name, an env name with ``=``: each at its item or key."""
     preset = (
         'backend: command\ncmd: ["true", "${PORT}", [1]]\n'
         "aliases:\n  - ok\n  - -bad\n"
@@ -140,6 +140,7 @@ def test_a_bad_item_of_a_list_or_mapping_is_named_where_it_is(tmp_path: Path) ->
         "presets/m.yaml:2:26: cmd: expected a non-empty string, got [1]",
         "presets/m.yaml:5:5: aliases: not a usable model name: '-bad'",
         "presets/m.yaml:8:3: env: not a usable variable name: 'B=C'",
+        "presets/m.yaml:9:6: env: expected a non-empty string, got {'e': 1}",
     ]
 
 
