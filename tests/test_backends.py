@@ -90,7 +90,7 @@ def test_child_env_drops_systemd_variables_and_adds_device_and_preset(
 def test_missing_binary_says_what_to_do(tmp_path: Path) -> None:
     """A binary that does not exist is reported by name."""
     preset = _preset(tmp_path, binary=str(tmp_path / "nope"))
-    with pytest.raises(BinaryNotFound, match=r"not found or not executable.*fix binary: in"):
+    with pytest.raises(BinaryNotFound, match=r"not found: no file at .*nope; fix binary: in"):
         build_launch(preset, 1)
 
 

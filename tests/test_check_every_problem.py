@@ -171,3 +171,47 @@ def test_a_value_that_did_not_convert_is_one_error_and_checks_nothing_else(
     assert done.stderr.splitlines() == [
         "swapd.yaml:2:10: model: expected a non-empty string, got [1]"
     ]
+
+
+def test_a_program_given_as_a_path_is_said_missing_or_not_executable_there(
+    tmp_path: Path,
+) -> None:
+    """A path in ``cmd`` or ``binary:`` was not searched for on PATH: the warning says why.
+
+    Missing at an absolute path, missing at a relative one (and where that is from the
+    working folder), a file that may not be run, a folder; only a bare name searched PATH.
+    """
+    (tmp_path / "plain").write_text("#!/bin/sh\n")
+    (tmp_path / "plain").chmod(0o644)
+    presets = {
+        "abs.yaml": 'backend: command\ncmd: ["/nowhere/server", "${PORT}"]\n',
+        "bare.yaml": 'backend: command\ncmd: ["no-such-server-here", "${PORT}"]\n',
+        "bin.yaml": "backend: vllm\nmodel: .\nbinary: ./gone/vllm\n",
+        "folder.yaml": 'backend: command\ncmd: ["/", "${PORT}"]\n',
+        "mode.yaml": 'backend: command\ncmd: ["./plain", "${PORT}"]\n',
+    }
+    write_tree(tmp_path, 8080, "listen: 127.0.0.1:8080\n", presets)
+    done = swapd(tmp_path, "check", "--config", "swapd.yaml")
+    assert done.returncode == 0, done.stderr
+    here = tmp_path.resolve()
+    warnings = done.stderr.splitlines()
+    assert warnings[0] == (
+        "warning: presets/abs.yaml: abs: command '/nowhere/server' not found: "
+        "no file at /nowhere/server"
+    )
+    assert warnings[1].startswith(
+        "warning: presets/bare.yaml: bare: command 'no-such-server-here' not found or not "
+        "executable (searched PATH="
+    )
+    assert warnings[2:] == [
+        (
+            "warning: presets/bin.yaml: bin: binary './gone/vllm' not found: no file at "
+            f"./gone/vllm (from the working folder: {here}/gone/vllm); fix binary: in "
+            "presets/bin.yaml"
+        ),
+        "warning: presets/folder.yaml: folder: command '/' is a directory, not a program: /",
+        (
+            "warning: presets/mode.yaml: mode: command './plain' is not executable: the file "
+            f"at ./plain (from the working folder: {here}/plain) may not be run (chmod +x it)"
+        ),
+    ]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -43,6 +45,29 @@ class BinaryNotFound(Exception):
 def search_path() -> str:
     """The PATH that executables are looked up in, for error messages."""
     return os.environ.get("PATH", os.defpath)
+
+
+def why_not_runnable(program: str) -> str:
+    """Why ``program``, which ``shutil.which`` did not find, cannot be run: where swapd looked.
+
+    A bare name is looked up on PATH; a path (one with a ``/``) is taken as it is, a relative
+    one from swapd's working folder: the file is missing there, or is not executable.
+    """
+    if os.sep not in program:
+        return f"not found or not executable (searched PATH={search_path()})"
+    path = Path(program)
+    shown = program
+    if not path.is_absolute():
+        shown += f" (from the working folder: {path.absolute()})"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"not found: no file at {shown}"
+    except OSError as exc:  # a folder on the way that is a file, or one it may not enter
+        return f"cannot be reached at {shown}: {exc.strerror}"
+    if stat.S_ISDIR(mode):
+        return f"is a directory, not a program: {shown}"
+    return f"is not executable: the file at {shown} may not be run (chmod +x it)"
 
 
 def free_port() -> int:
@@ -109,9 +134,6 @@ def explicit_binary(preset: Preset) -> str | None:
         return None
     found = shutil.which(preset.binary)
     if found is None:
-        where = "" if os.sep in preset.binary else f" (searched PATH={search_path()})"
-        raise BinaryNotFound(
-            f"binary {preset.binary!r} not found or not executable{where}; "
-            f"fix binary: in {preset.file}"
-        )
+        why = why_not_runnable(preset.binary)
+        raise BinaryNotFound(f"binary {preset.binary!r} {why}; fix binary: in {preset.file}")
     return found

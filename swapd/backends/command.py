@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from swapd.backends._kind import OneProcess, OwnKey, Placement, RamVia, Tier
-from swapd.backends._launch import BinaryNotFound, search_path
+from swapd.backends._launch import BinaryNotFound, why_not_runnable
 
 if TYPE_CHECKING:
     from swapd.presets import Preset
@@ -39,9 +39,7 @@ class CommandKind(OneProcess):
         program = preset.cmd[0] if preset.cmd else ""
         program = program.replace("${MODEL}", str(preset.model) if preset.model else preset.name)
         if not shutil.which(program):
-            raise BinaryNotFound(
-                f"command {program!r} not found or not executable (searched PATH={search_path()})"
-            )
+            raise BinaryNotFound(f"command {program!r} {why_not_runnable(program)}")
         return program
 
     def argv(self, preset: Preset, binary: str, port: int, placement: Placement) -> list[str]:
