@@ -27,6 +27,8 @@ from swapd.probe import DevicesSpec
 from swapd.units import parse_duration, parse_positive_duration, parse_size
 
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
+# The fastest ``watch_config`` (see :func:`_watch_every`).
+WATCH_MIN_S = 0.1
 
 # Each file's size, mtime and inode (-1s where it could not be read), by path.
 Stamps = Mapping[str, tuple[int, int, int]]
@@ -163,6 +165,18 @@ def _count(value: Any) -> int:
     return value
 
 
+def _watch_every(value: Any) -> float:
+    """``watch_config``: 0 (off), or a pace of at least :data:`WATCH_MIN_S`.
+
+    Faster, the watch would stat every file in a busy loop; and ``1ms`` is more likely
+    ``1m`` mistyped than a wish. Refused, with the value, rather than rounded up.
+    """
+    seconds = parse_duration(value)
+    if 0 < seconds < WATCH_MIN_S:
+        raise ValueError(f'expected 0 (off) or a duration of at least 100ms, got "{value}"')
+    return seconds
+
+
 def _flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
@@ -236,7 +250,7 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "hold_busy": _share,
     "default_memory": parse_size,
     "shutdown_timeout": parse_duration,
-    "watch_config": parse_duration,
+    "watch_config": _watch_every,
     "cgroups": _flag,
     "defaults": lambda v: v,
 }

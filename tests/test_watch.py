@@ -141,3 +141,32 @@ def test_a_file_replaced_by_a_rename_changes_the_fingerprint(tmp_path: Path) -> 
     assert after != before
     assert _changed(before, after) == [str(config)]
     assert stamp_files([tmp_path / "missing"]) == {str(tmp_path / "missing"): (-1, -1, -1)}
+
+
+def test_a_watch_faster_than_100ms_is_refused_with_where_it_is_written(
+    start_daemon: StartDaemon,
+) -> None:
+    """``watch_config: 1ms`` (``1m`` mistyped?) is an error at its line, not a busy loop.
+
+    It was taken: every file was looked at a thousand times a second, for good. The
+    running watch stays at its pace; 100ms, and 0 (off), are taken.
+    """
+    d = start_daemon({"a": fake_preset("A")}, WATCH)
+    wait_for(lambda: d.events("config.watch.on"))
+    d.settings = {"watch_config": "1ms"}
+    d.write()
+    [fail] = wait_for(lambda: d.events("config.reload.fail"))
+    [error] = fail["errors"]
+    assert error == (
+        f"{d.config_path}:4:15: watch_config: expected 0 (off) or a duration of at least"
+        ' 100ms, got "1ms"'
+    )
+    status, body = d.request("POST", "/swapd/reload")
+    assert (status, body["errors"]) == (400, [error])
+    d.settings = {"watch_config": "100ms"}
+    d.write()
+    [reloaded] = wait_for(lambda: d.events("config.reload"))
+    assert reloaded["restart_needed"] == []
+    d.settings = {"watch_config": 0}
+    d.write()
+    wait_for(lambda: d.events("config.watch.off"))
