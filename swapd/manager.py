@@ -328,6 +328,7 @@ class Manager:
         await asyncio.to_thread(self.staging.open)
         for slot in self.slots.values():
             await self._find_staged(slot)
+        self._spawn_task(self._check_copies(), "copy_check")
 
     def _prefetch(self, presets: Iterable[Preset]) -> None:
         """Estimate ``presets`` ahead of their first loads, off every request's path."""
@@ -399,16 +400,19 @@ class Manager:
         if not self._closing:
             self._spawn_task(self._find_new_copies(), "find_copies")
 
-    async def _find_new_copies(self) -> None:
+    async def _find_new_copies(self, *, copied: bool = False) -> None:
         """Take models in ``store`` whose file the cache now holds out of it.
 
         A load cut short (a forced unload) leaves its copy to finish in the cache, and a copy
         made for one preset serves another of the same file: both would show in ``store``,
-        their copy counted in the cache, until their next load.
+        their copy counted in the cache, until their next load. ``copied``: only the models
+        whose file the cache holds some copy of (no I/O to tell), not every file in store.
         """
         for slot in list(self.slots.values()):
             model = slot.preset.model
             if slot.tier != "store" or model is None:
+                continue
+            if copied and self.staging is not None and not self.staging.holds(model):
                 continue
             found = await self._cached_copy(model)
             # Checked again after the thread hop: a load or a reload may have moved it.
@@ -429,6 +433,45 @@ class Manager:
         if not Path(path).exists():
             slot.staged_path = slot.staged_source = None
             slot.changed()  # no move: the tier changed
+
+    async def _check_copies(self) -> None:
+        """Every few seconds: a staged model at rest follows its file to store and back.
+
+        Its copy is stale once the file changed or went; a file put back as it was (a
+        mount that came back, a rename undone) has its copy again.
+        """
+        while not self._closing:
+            await asyncio.sleep(_RAM_CHECK_S)
+            try:
+                for slot in list(self.slots.values()):
+                    await self._forget_outdated_copy(slot)
+                await self._find_new_copies(copied=True)
+            except Exception as exc:  # noqa: BLE001 - a look that failed once: look again later
+                _log.warning("model.copy_check.fail", error=repr(exc))
+
+    async def _forget_outdated_copy(self, slot: Slot, *, loading: bool = False) -> None:
+        """A staged copy no process or held page uses, of a source changed since: forgotten.
+
+        The cache keys a copy by its source's size and mtime: the next load copies the file
+        as it is now, and never starts from this one. Kept, the model showed ``disk`` (and
+        its load said it came from there) while its weights were only on slow storage.
+        ``loading``: called by the slot's own load, which stages next, not in use of the copy.
+        """
+        copy, source = slot.staged_path, slot.staged_source
+        if copy is None or source is None:
+            return
+        if self._uses_staged_copy(slot, counting_load=not loading):
+            return
+        if not await asyncio.to_thread(_known, source):
+            return  # slow storage that does not answer now (EIO, a stale mount): the copy stays
+        why = await self._copy_outdated(slot)
+        # Checked again after the thread hop: a load, a stop or a reload may have moved it.
+        in_use = self._uses_staged_copy(slot, counting_load=not loading)
+        if why is None or slot.staged_path != copy or in_use:
+            return
+        slot.staged_path = slot.staged_source = None
+        _log.info("model.tier", model=slot.preset.name, tier="store", reason="source_changed")
+        slot.changed()  # no move: the tier changed
 
     def logs(self, name: str, lines: int) -> tuple[str, list[str]]:
         """The model's name and its backend's last output lines."""
@@ -823,6 +866,7 @@ class Manager:
         try:
             await self._drop_stale_pages(slot)  # (a sleeper holds none)
             self._forget_lost_copy(slot, loading=True)
+            await self._forget_outdated_copy(slot, loading=True)
             from_tier = "ram" if waking else slot.tier
             staging = None if waking else self._stage_meanwhile(slot)
             device, total = await self._admit(slot, waking=waking, staging=staging)
@@ -2214,6 +2258,7 @@ class Manager:
         if outdated is not None and slot.staged_path == copy:
             # Its next load copies the file as it is now: the model is in store.
             slot.staged_path = slot.staged_source = None
+            _log.info("model.tier", model=slot.preset.name, tier="store", reason="source_changed")
             slot.changed()
 
     async def _copy_outdated(self, slot: Slot) -> str | None:
@@ -2711,6 +2756,17 @@ async def _outlast(task: asyncio.Task[Any]) -> None:
     shutdown) as if the waiter itself had been cancelled.
     """
     await asyncio.wait([task])
+
+
+def _known(source: str | Path) -> bool:
+    """Whether ``source`` can be told apart from its copy: it answers a stat, or is gone."""
+    try:
+        Path(source).stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _file_facts(slot: Slot, model: Path, read: str | Path) -> tuple[int, FileId | None, str | None]:

@@ -324,6 +324,11 @@ class StagingCache:
         entry = self._entries.get(layout.key_of(str(found.path), found.fingerprint))
         return entry.path if entry is not None and entry.path.exists() else None
 
+    def holds(self, source: str | Path) -> bool:
+        """Whether the cache holds a copy of ``source``, as it is now or not (no I/O)."""
+        path = _absolute(source)
+        return any(e.source == path for e in self._entries.values())
+
     def entries(self) -> tuple[Entry, ...]:
         """A snapshot of the complete entries."""
         return tuple(self._entries.values())
