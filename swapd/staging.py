@@ -284,7 +284,24 @@ class StagingCache:
             # What the copies already hold, and 90% of what is free: the free space alone
             # would shrink the cache by its own size at each start.
             self.budget = used + int(free * 0.9)
+        elif used > self.budget:
+            used = self._fit_at_open()
         _log.info("staging.open", entries=len(self._entries), used=used, budget=self.budget)
+
+    def _fit_at_open(self) -> int:
+        """Evict the least recently used copies past a budget lowered since the last run.
+
+        Nothing is in use yet: left over it, the cache held more than its budget until a
+        copy needed room. The bytes the cache holds after.
+        """
+        victims = plan_room(self._entries.values(), self.budget, 0, ()) or []
+        _, trash = self._detach(victims)
+        try:
+            _remove_all(trash.paths)  # blocking, as the rest of open(); no fsync runs yet
+        finally:
+            self._deleting -= trash.size
+        used, _ = self.usage()
+        return used
 
     async def aclose(self) -> None:
         """Stop copies in progress, let published ones finish their fsync, release the lock.

@@ -13,6 +13,7 @@ from typing import Any
 
 from conftest import StartDaemon
 from daemon import Daemon, fake_preset, wait_for
+from tier_truth import TierTruth
 
 MIB = 1024**2
 
@@ -76,6 +77,35 @@ def test_the_cache_budget_evicts_the_least_recently_used_copy(
     assert (d.model("a")["state"], d.model("a")["tier"]) == ("stopped", "store")
     _, status = d.get("/swapd/status")
     assert status["tiers"]["disk"]["bytes"] <= 10 * MIB
+
+
+def test_a_cache_budget_lowered_across_a_restart_is_kept_from_the_start(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Restarted with room for one copy, the cache evicts the least recently used at once.
+
+    It kept both until a copy needed room: over its budget at rest, and both models in
+    ``disk``. A reload names ``cache_budget`` as needing a restart; the restart applies it.
+    """
+    a = _model(tmp_path / "slow" / "a.gguf", 4 * MIB)
+    b = _model(tmp_path / "slow" / "b.gguf", 4 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"a": staged_preset(a), "b": staged_preset(b)},
+        {"cache_dir": str(cache), "cache_budget": "16MiB"},
+    )
+    for name in ("a", "b"):  # b's copy used last
+        assert d.chat(name)[0] == 200
+        assert d.request("POST", f"/swapd/models/{name}/unload")[0] == 200
+    d.settings = {"cache_dir": str(cache), "cache_budget": "5MiB"}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[1]["restart_needed"] == ["cache_budget"]
+    d.stop()
+    d.start()
+    status = TierTruth(d, cache).check()
+    assert status["tiers"]["disk"] == {"bytes": 4 * MIB, "budget": 5 * MIB}
+    assert [(m["name"], m["tier"]) for m in status["models"]] == [("a", "store"), ("b", "disk")]
+    assert [e["source"] for e in d.events("staging.evict")] == [str(a)]
 
 
 def test_a_copy_evicted_for_a_copy_that_then_fails_puts_its_model_back_in_store(
