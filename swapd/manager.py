@@ -289,9 +289,27 @@ class Manager:
             )
 
     def _used_copy(self, slot: Slot) -> None:
-        """A process or pages let go of the staged copy: it was in use until now (LRU)."""
+        """A process or pages let go of the staged copy: it was in use until now (LRU).
+
+        Kept past a lowered ``cache_budget`` while in use, it is evicted now if still over.
+        """
         if self.staging is not None and slot.staged_path is not None:
             self.staging.touch(slot.staged_path)
+            if self.staging.over_budget() and not self._closing:
+                self._spawn_task(self._fit_cache(), "cache_budget")
+
+    async def _fit_cache(self) -> None:
+        """Evict idle copies past the cache's budget; their models are in ``store`` again."""
+        if self.staging is None or not await self.staging.fit(self._sources_in_use):
+            return
+        for slot in self.slots.values():
+            source, copy = slot.staged_source, slot.staged_path
+            if source is None or copy is None or self._uses_staged_copy(slot):
+                continue
+            if await self._cached_copy(source) is None and slot.staged_path == copy:
+                slot.staged_path = slot.staged_source = None
+                slot.changed()  # no move: the tier changed
+        self._notify()  # a copy waiting for room may fit now: the budget may have grown
 
     def _new_slot(self, preset: Preset) -> Slot:
         slot = Slot(preset, kind_of(preset))
@@ -2435,6 +2453,12 @@ class Manager:
         stops once its requests finish, and new requests for it get 404.
         """
         old = self.slots
+        if self.staging is not None and config.cache_budget != self.config.cache_budget:
+            # Lowered: the copies past it that no model uses go at once, the others once
+            # let go; raised: a copy waiting for room tries again.
+            self.staging.resize(config.cache_budget)
+            self._spawn_task(self._fit_cache(), "cache_budget")
+            self._notify()
         self.config = config
         self.limits = policy.Limits(
             reserve=config.reserve, budget=config.budget, max_running=config.max_running

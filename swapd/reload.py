@@ -33,7 +33,6 @@ AT_START = (
     "state_dir",
     "devices",
     "cache_dir",
-    "cache_budget",
     "cgroups",
     "log_level",
     "backend_log",

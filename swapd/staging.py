@@ -288,6 +288,41 @@ class StagingCache:
             used = self._fit_at_open()
         _log.info("staging.open", entries=len(self._entries), used=used, budget=self.budget)
 
+    def resize(self, budget: int | None) -> None:
+        """Take a new budget (a reload's); None: what the copies hold and 90% of the free space.
+
+        Nothing is evicted here: :meth:`fit` does, knowing which copies are in use. One
+        statvfs of the cache's disk where ``budget`` is None, as :meth:`_room` does.
+        """
+        if budget is not None and budget < 0:
+            raise ValueError(f"budget must be >= 0, got {budget}")
+        self._disk_share = budget is None
+        if budget is None:
+            try:
+                free = _disk_free(self.cache_dir)
+            except OSError:  # the directory was removed: the next copy makes it again
+                free = 0
+            budget = sum(e.size for e in self._entries.values()) + int(free * 0.9)
+        self.budget = budget
+        _log.info("staging.budget", budget=budget)
+
+    async def fit(self, in_use: InUse) -> int:
+        """Evict copies not in use, least recently used first, until the rest fit the budget.
+
+        Where the copies in use alone are over it, every other one goes; the bytes freed.
+        """
+        pinned = self._pinned(in_use)
+        entries = self._entries.values()
+        victims = plan_room(entries, self.budget, 0, pinned, self._reserved())
+        if victims is None:
+            victims = [e.key for e in entries if e.source not in pinned]
+        return await self.evict(victims) if victims else 0
+
+    def over_budget(self) -> bool:
+        """Whether the copies (and the copies in progress) take more than the budget."""
+        used, budget = self.usage()
+        return used > budget
+
     def _fit_at_open(self) -> int:
         """Evict the least recently used copies past a budget lowered since the last run.
 

@@ -85,7 +85,7 @@ def test_a_cache_budget_lowered_across_a_restart_is_kept_from_the_start(
     """Restarted with room for one copy, the cache evicts the least recently used at once.
 
     It kept both until a copy needed room: over its budget at rest, and both models in
-    ``disk``. A reload names ``cache_budget`` as needing a restart; the restart applies it.
+    ``disk``.
     """
     a = _model(tmp_path / "slow" / "a.gguf", 4 * MIB)
     b = _model(tmp_path / "slow" / "b.gguf", 4 * MIB)
@@ -97,15 +97,70 @@ def test_a_cache_budget_lowered_across_a_restart_is_kept_from_the_start(
     for name in ("a", "b"):  # b's copy used last
         assert d.chat(name)[0] == 200
         assert d.request("POST", f"/swapd/models/{name}/unload")[0] == 200
-    d.settings = {"cache_dir": str(cache), "cache_budget": "5MiB"}
-    d.write()
-    assert d.request("POST", "/swapd/reload")[1]["restart_needed"] == ["cache_budget"]
     d.stop()
+    d.settings = {"cache_dir": str(cache), "cache_budget": "5MiB"}
     d.start()
     status = TierTruth(d, cache).check()
     assert status["tiers"]["disk"] == {"bytes": 4 * MIB, "budget": 5 * MIB}
     assert [(m["name"], m["tier"]) for m in status["models"]] == [("a", "store"), ("b", "disk")]
     assert [e["source"] for e in d.events("staging.evict")] == [str(a)]
+
+
+def test_a_cache_budget_lowered_by_reload_evicts_what_no_longer_fits(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The idle copy goes at once; the copy in use once its model lets it go.
+
+    ``cache_budget`` was bound at start: the reload named it in ``restart_needed``, and
+    the cache held both copies, over the budget it reported, until a restart.
+    """
+    a = _model(tmp_path / "slow" / "a.gguf", 4 * MIB)
+    b = _model(tmp_path / "slow" / "b.gguf", 4 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"a": staged_preset(a), "b": staged_preset(b)},
+        {"cache_dir": str(cache), "cache_budget": "16MiB"},
+    )
+    truth = TierTruth(d, cache)
+    assert d.chat("a")[0] == 200
+    assert d.request("POST", "/swapd/models/a/unload")[0] == 200
+    assert d.chat("b")[0] == 200  # b runs from its copy
+    d.settings = {"cache_dir": str(cache), "cache_budget": "3MiB"}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[1]["restart_needed"] == []
+    wait_for(lambda: d.model("a")["tier"] == "store")
+    assert (d.model("b")["tier"], len(_cached_entries(cache))) == ("device", 1)
+    assert d.request("POST", "/swapd/models/b/unload")[0] == 200
+    status = truth.check()
+    assert status["tiers"]["disk"] == {"bytes": 0, "budget": 3 * MIB}
+    assert [(m["name"], m["tier"]) for m in status["models"]] == [("a", "store"), ("b", "store")]
+    assert [e["source"] for e in d.events("staging.evict")] == [str(a), str(b)]
+
+
+def test_a_cache_budget_raised_by_reload_lets_a_waiting_copy_go(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A copy waits for room that only a running model's copy holds; a reload makes room.
+
+    The reload named ``cache_budget`` in ``restart_needed``, and the copy waited out
+    ``queue_timeout``.
+    """
+    a = _model(tmp_path / "slow" / "a.gguf", 4 * MIB)
+    b = _model(tmp_path / "slow" / "b.gguf", 4 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"a": staged_preset(a), "b": staged_preset(b)},
+        {"cache_dir": str(cache), "cache_budget": "5MiB", "queue_timeout": "10m"},
+    )
+    assert d.chat("a")[0] == 200  # runs from its copy: never evicted
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(d.chat, "b")
+        wait_for(lambda: d.events("model.stage.wait"))
+        d.settings = {**d.settings, "cache_budget": "16MiB"}
+        d.write()
+        assert d.request("POST", "/swapd/reload")[1]["restart_needed"] == []
+        assert load.result()[0] == 200
+    assert len(_cached_entries(cache)) == 2
 
 
 def test_a_copy_evicted_for_a_copy_that_then_fails_puts_its_model_back_in_store(
