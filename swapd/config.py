@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -106,18 +107,27 @@ class Config:
     # The config file set no key at all: as a reload reads a file caught half written.
     empty: bool = field(default=False, compare=False)
 
-    def names(self) -> Iterator[str]:
-        """Every preset's name and aliases."""
-        for preset in self.presets:
-            yield preset.name
-            yield from preset.aliases
-
     def preset(self, name: str) -> Preset | None:
-        """The preset a name or alias refers to."""
+        """The preset a name or alias refers to.
+
+        Asked on every request: a lookup in an index built once per config, never a walk
+        of hundreds of presets.
+        """
+        return self._by_name.get(name)
+
+    @cached_property
+    def _by_name(self) -> dict[str, Preset]:
+        """Each name and alias to its preset: the first in file order, as a walk finds it."""
+        found: dict[str, Preset] = {}
         for preset in self.presets:
-            if name == preset.name or name in preset.aliases:
-                return preset
-        return None
+            for name in (preset.name, *preset.aliases):
+                found.setdefault(name, preset)
+        return found
+
+    @cached_property
+    def deepest_name(self) -> int:
+        """The most ``/``-separated segments in a name or alias (1 with none)."""
+        return max((name.count("/") + 1 for name in self._by_name), default=1)
 
 
 def parse_listen(value: Any) -> tuple[str, int]:

@@ -126,7 +126,7 @@ def split_target(raw_path: str, manager: Manager) -> tuple[str, str]:
     parts = rest.split("/")
     # No name has more segments than the longest configured one: a path of thousands of
     # segments costs one join per possible name, not one per segment.
-    deepest = max((name.count("/") + 1 for name in manager.config.names()), default=1)
+    deepest = manager.config.deepest_name
     for cut in range(min(len(parts), deepest), 0, -1):
         # Decoded, as /v1/models/{id} and /swapd/models/{name} read theirs: a client that
         # quotes the name (org%2Fmodel) reaches the same model; the rest stays as sent.
