@@ -22,9 +22,12 @@ from swapd.limits import Edge
 from swapd.manager import Manager
 from swapd.metrics import CONTENT_TYPE, Metrics
 from swapd.reload import ReloadPlan
+from swapd.states import State
 
 # States in which a model's status moves without a state change (bytes staged, time spent).
-_MOVING = frozenset({"queued", "starting", "waking", "sleeping", "draining", "stopping"})
+_MOVING = frozenset(
+    {State.QUEUED, State.STARTING, State.WAKING, State.SLEEPING, State.DRAINING, State.STOPPING}
+)
 PROGRESS_EVERY = 0.5  # seconds between views of a model on the move
 KEEPALIVE_EVERY = 15.0  # seconds between comment lines on a quiet stream
 FOLLOW_EVERY = 0.25  # seconds between looks at a followed backend's output
@@ -224,7 +227,7 @@ class Control:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         with self._open(request), self.manager.changes.subscribe() as subscription:
-            for view in _of(name, self.manager.views()):
+            for view in self.manager.views(name=name):
                 await response.write(feed_event(view))
             quiet = 0.0
             while not self._closing and self._allows(request):
@@ -257,9 +260,7 @@ class Control:
         if cut is not None:
             return moved[: cut + 1], True
         sent = {v.name for v in moved}
-        moving = [
-            v for v in _of(name, self.manager.views()) if v.state in _MOVING and v.name not in sent
-        ]
+        moving = [v for v in self.manager.views(states=_MOVING, name=name) if v.name not in sent]
         return [*moved, *moving], False
 
     def _same_model(self, name: str, incarnation: int | None) -> bool:

@@ -20,7 +20,15 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -384,11 +392,23 @@ class Manager:
             raise UnknownModel(name, sorted(self.slots))
         return self.slots[preset.name]
 
-    def views(self) -> list[ModelView]:
-        """A frozen snapshot of every model."""
-        for slot in self.slots.values():
+    def views(
+        self, *, states: Collection[State] | None = None, name: str | None = None
+    ) -> list[ModelView]:
+        """Frozen snapshots of every model, or of those in ``states``, or of model ``name``.
+
+        Only the models kept are snapshotted: the feed's progress tick, with hundreds of
+        models at rest, reads their states and snapshots none of them.
+        """
+        if name is None:
+            kept = list(self.slots.values())
+        else:
+            kept = [slot] if (slot := self.slots.get(name)) is not None else []
+        if states is not None:
+            kept = [slot for slot in kept if slot.state in states]
+        for slot in kept:
             self._forget_lost_copy(slot)
-        return [snapshot(slot) for slot in self.slots.values()]
+        return [snapshot(slot) for slot in kept]
 
     def view(self, name: str) -> ModelView:
         """A frozen snapshot of one model (by name or alias)."""

@@ -6,7 +6,9 @@ module is imported, before any other module takes the name with ``from ... impor
 replacement raises ``error`` (a plain exception, never one of swapd's own) on its calls
 numbered ``skip + 1`` to ``skip + times`` and calls the original otherwise; a coroutine
 function is replaced by a coroutine function. Each raise is written to ``SWAPD_FAULT_LOG``,
-so a test can tell that the fault was met.
+so a test can tell that the fault was met. :func:`calls_env` raises nothing and writes
+every call to ``SWAPD_FAULT_CALLS`` instead: :func:`calls_made` counts how often swapd
+called the function.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _ERROR = os.environ.get("SWAPD_FAULT_ERROR", "RuntimeError")
 _SKIP = int(os.environ.get("SWAPD_FAULT_SKIP", "0"))
 _TIMES = int(os.environ.get("SWAPD_FAULT_TIMES", "1"))
 _LOG = os.environ.get("SWAPD_FAULT_LOG", "")
+_CALLS = os.environ.get("SWAPD_FAULT_CALLS", "")
 _calls = 0
 
 
@@ -37,6 +40,9 @@ def _fault():
     """Whether this call raises; counts it."""
     global _calls
     _calls += 1
+    if _CALLS:
+        with open(_CALLS, "a") as calls:
+            calls.write(f"{_calls}\\n")
     if not _SKIP < _calls <= _SKIP + _TIMES:
         return None
     if _LOG:
@@ -127,4 +133,15 @@ def fault_env(
 def faults_met(tmp_path: Path) -> int:
     """How many times the injected fault has been raised so far."""
     log = tmp_path / "faults.log"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def calls_env(tmp_path: Path, target: str) -> dict[str, str]:
+    """The environment of a swapd that counts its calls of ``target`` (and raises nothing)."""
+    return fault_env(tmp_path, target, times=0) | {"SWAPD_FAULT_CALLS": str(tmp_path / "calls.log")}
+
+
+def calls_made(tmp_path: Path) -> int:
+    """How many times swapd has called the counted function so far."""
+    log = tmp_path / "calls.log"
     return len(log.read_text().splitlines()) if log.exists() else 0

@@ -7,13 +7,22 @@ with hundreds of presets.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from conftest import StartDaemon
+from daemon import fake_preset, wait_for
+from faults import calls_env, calls_made
+
 from swapd.config import load_config
 
 MODELS = 40
+TICKS = 1.6  # seconds: three of the feed's 0.5 s progress ticks at least
 
 
 class CountedPresets(tuple[Any, ...]):
@@ -51,3 +60,52 @@ def test_a_name_lookup_does_not_walk_the_presets(tmp_path: Path) -> None:
     for _ in range(100):
         assert config.deepest_name == 2  # /upstream/org/a1/... is split at most this deep
     assert CountedPresets.walks - walks <= 1
+
+
+@contextlib.contextmanager
+def _feed(port: int, query: str = "") -> Iterator[http.client.HTTPResponse]:
+    """An open ``/swapd/events`` stream, closed at the end of the block."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", f"/swapd/events{query}")
+        yield conn.getresponse()
+    finally:
+        conn.close()
+
+
+def _read_events(resp: http.client.HTTPResponse, count: int) -> list[bytes]:
+    """The next ``count`` events' data lines."""
+    lines: list[bytes] = []
+    while len(lines) < count:
+        line = resp.readline()
+        if line.startswith(b"data:"):
+            lines.append(line)
+    return lines
+
+
+def test_an_idle_events_feed_snapshots_no_model_at_rest(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The feed's progress ticks read only models on the move: none while all are at rest."""
+    presets = {f"m{i:03d}": fake_preset(f"m{i:03d}") for i in range(MODELS)}
+    d = start_daemon(presets, env=calls_env(tmp_path, "swapd.slot:snapshot"))
+    wait_for(lambda: d.events("swapd.ready"))
+    with _feed(d.port) as resp:
+        assert len(_read_events(resp, MODELS)) == MODELS  # every model's view, once
+        before = calls_made(tmp_path)
+        time.sleep(TICKS)
+        assert calls_made(tmp_path) == before
+
+
+def test_a_one_model_feed_snapshots_only_its_model(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """``/swapd/events?model=NAME`` reads its one model, never every model, to begin or tick."""
+    presets = {f"m{i:03d}": fake_preset(f"m{i:03d}") for i in range(MODELS)}
+    d = start_daemon(presets, env=calls_env(tmp_path, "swapd.slot:snapshot"))
+    wait_for(lambda: d.events("swapd.ready"))
+    before = calls_made(tmp_path)
+    with _feed(d.port, "?model=m007") as resp:
+        assert b'"name":"m007"' in _read_events(resp, 1)[0]
+        time.sleep(TICKS)
+        assert calls_made(tmp_path) - before <= 2  # the name's check and its first view
