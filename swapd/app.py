@@ -471,11 +471,8 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
         # passes, which otherwise walk it all (a gen-2 collection took 10-12 ms).
         gc.collect()
         gc.freeze()
-        manager = app[MANAGER]
-        status = asyncio.create_task(
-            notify.status_updates(notifier, manager.views, manager.changes.wait), name="status"
-        )
-        tasks.add(status)
+        if notifier.enabled:  # the line reads every model: none is read for nobody
+            tasks.add(_status_updates(notifier, app[MANAGER]))
         await stop.wait()
         _log.info("swapd.shutdown")
         runtime.stopping = True
@@ -487,6 +484,12 @@ async def _serve_locked(config: Config, load: Callable[[], Config]) -> None:
         probe.close()
         reaper.close()
         notifier.close()
+
+
+def _status_updates(notifier: notify.Notifier, manager: Manager) -> asyncio.Task[None]:
+    """systemd's STATUS line, kept up to date."""
+    updates = notify.status_updates(notifier, manager.views, manager.changes.wait)
+    return asyncio.create_task(updates, name="status")
 
 
 def _warn_about_access(config: Config) -> None:

@@ -109,3 +109,16 @@ def test_a_one_model_feed_snapshots_only_its_model(
         assert b'"name":"m007"' in _read_events(resp, 1)[0]
         time.sleep(TICKS)
         assert calls_made(tmp_path) - before <= 2  # the name's check and its first view
+
+
+def test_swapd_outside_systemd_snapshots_no_model_while_idle(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Without a notify socket no STATUS line is built: an idle swapd reads no model."""
+    presets = {f"m{i:03d}": fake_preset(f"m{i:03d}") for i in range(MODELS)}
+    env = calls_env(tmp_path, "swapd.slot:snapshot") | {"NOTIFY_SOCKET": ""}
+    d = start_daemon(presets, env=env)
+    wait_for(lambda: d.events("swapd.ready"))
+    before = calls_made(tmp_path)
+    time.sleep(2.5)  # more than the STATUS line's 2 s refresh
+    assert calls_made(tmp_path) == before
