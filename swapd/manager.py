@@ -1853,7 +1853,7 @@ class Manager:
         if slot.child is not None and slot.child.pid is not None:
             self.records.remove(slot.child.pid)
         if slot.launch is not None:
-            self.pool.forget(slot.launch.host, slot.launch.port)
+            self.pool.retire(slot.launch.host, slot.launch.port)
         slot.child = None
         slot.launch = None
         slot.measured = None

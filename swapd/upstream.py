@@ -584,6 +584,16 @@ class UpstreamPool:
         for conn in self._idle.pop((host, port), []):
             conn.close()
 
+    def retire(self, host: str, port: int) -> None:
+        """A backend has ended: drop its connections and what was learned of its address.
+
+        Each start gets a new port, so a remembered address is never asked about again
+        (kept, one per backend ever started, it grows for as long as swapd runs), and a
+        later backend given the same port is another server, to be learned afresh.
+        """
+        self.forget(host, port)
+        self._close_after_chunked.discard((host, port))
+
     def close(self) -> None:
         """Close every idle connection."""
         for idle in self._idle.values():

@@ -37,10 +37,10 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
 class Server:
     """A loopback server whose behaviour per connection a test scripts."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, port: int = 0) -> None:
         self.handler = handler
         self.connections = 0
-        self.port = 0
+        self.port = port  # 0: any free port
         self._server: asyncio.Server | None = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -53,7 +53,7 @@ class Server:
             writer.close()
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -351,6 +351,44 @@ async def test_a_connection_closed_after_a_stream_is_not_reused(pool: UpstreamPo
         assert server.connections == 3  # every POST got through, none was lost
     finally:
         server.listener.close()
+
+
+async def _chunked_keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await _read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+
+
+@pytest.mark.asyncio
+async def test_an_ended_backends_port_is_not_remembered(pool: UpstreamPool) -> None:
+    """What the pool learned of a backend's address goes with the backend (retired).
+
+    Kept, it grew by one address per backend ever started, and a later backend on the
+    same port inherited it: its streamed answers never reused a connection.
+    """
+    closing = _CloseAfterStream()
+    closing.start()
+    port = closing.port
+    try:
+        for _ in range(3):
+            resp = await pool.request("127.0.0.1", port, "POST", "/s", [], b"")
+            assert await resp.read() == b"data: 1\n\n"
+            resp.finish()
+            time.sleep(0.05)  # noqa: ASYNC251 - the close arrives while the loop is held
+    finally:
+        closing.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept: the port is let go
+        closing.listener.close()
+        closing.join()
+    pool.retire("127.0.0.1", port)
+    async with Server(_chunked_keep_alive, port) as server:
+        for _ in range(3):
+            resp = await pool.request("127.0.0.1", port, "POST", "/s", [], b"")
+            assert await resp.read() == b"data: 1\n\n"
+            resp.finish()
+        assert server.connections == 1
 
 
 class _ThreeChunks:
