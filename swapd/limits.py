@@ -253,6 +253,7 @@ class EdgeHandler(RequestHandler):
         # timer, when it fires early, sleeps on to it (arming a timer per request costs more).
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._lost = False  # the connection is gone: no timer is armed again
         self.idle_since: float | None = None  # between requests since then; None otherwise
         # The request's header bytes so far, until the blank line that ends them.
         self._head_bytes = 0
@@ -338,6 +339,7 @@ class EdgeHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Stop the timer and forget the connection."""
+        self._lost = True
         self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
@@ -390,6 +392,11 @@ class EdgeHandler(RequestHandler):
         self.force_close()
 
     def _arm(self, seconds: float) -> None:
+        if self._lost:
+            # A handler that ends after its client left (a hang-up mid-stream, an events
+            # subscriber that went away) would arm the keep-alive timer here, and the
+            # timer kept the whole connection's state for keepalive_timeout.
+            return
         self._deadline = deadline = self._clock.time() + seconds
         timer = self._timer
         if timer is not None and timer.when() <= deadline:

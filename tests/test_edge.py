@@ -431,3 +431,55 @@ def test_headers_past_64_kib_in_all_are_431_and_a_large_body_is_not_counted(
         answer += chunk
     sock.close()
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+# Loaded into the daemon: when the trigger file appears, count the connection handlers
+# still alive after a full collection and write the number beside it.
+_HANDLER_COUNT_HOOK = """
+import gc, os, sys, threading, time
+def _count_on_request():
+    trigger = os.environ["SWAPD_TEST_COUNT_TRIGGER"]
+    while True:
+        time.sleep(0.1)
+        if os.path.exists(trigger) and sys.argv[1:2] == ["serve"]:
+            os.remove(trigger)
+            gc.collect()
+            alive = sum(1 for o in gc.get_objects() if type(o).__name__ == "EdgeHandler")
+            with open(trigger + ".count", "w") as fh:
+                fh.write(str(alive))
+threading.Thread(target=_count_on_request, daemon=True).start()
+"""
+LEFT_CONNECTIONS = 60
+
+
+def test_a_connection_the_client_left_keeps_no_state(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A connection its client closed mid-answer leaves nothing behind in swapd.
+
+    Streams the client hung up on, and ``/swapd/events`` subscribers that went away, ended
+    their handler after the connection was gone; the keep-alive timer armed then held each
+    connection's handler, its buffers and its request for ``keepalive_timeout`` (75 s).
+    """
+    trigger = tmp_path / "count"
+    env = hook_env(tmp_path / "hook", _HANDLER_COUNT_HOOK)
+    env["SWAPD_TEST_COUNT_TRIGGER"] = str(trigger)
+    stream = ("--chunks", "50", "--chunk-interval", "0.05")
+    d = start_daemon({"a": fake_preset("A", *stream)}, env=env)
+    chat = {"model": "a", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    body = json.dumps(chat)
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    events = b"GET /swapd/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for i in range(LEFT_CONNECTIONS):
+        with connect(d) as sock:
+            sock.sendall(request if i % 2 else events)
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")  # answering: then the hang-up
+    wait_for(lambda: d.model("a")["in_flight"] == 0 and connections(d)["open"] <= 1)
+    trigger.touch()
+    counted = trigger.with_name("count.count")
+    alive = int(wait_for(lambda: counted.exists() and counted.read_text()))
+    # The status polls above may still be closing; the hung-up ones must all be gone.
+    assert alive <= 2, f"{alive} connection handlers outlived {LEFT_CONNECTIONS} connections"
