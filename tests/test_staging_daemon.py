@@ -79,6 +79,19 @@ def test_the_cache_budget_evicts_the_least_recently_used_copy(
     assert status["tiers"]["disk"]["bytes"] <= 10 * MIB
 
 
+def _two_staged(
+    start_daemon: StartDaemon, tmp_path: Path, settings: dict[str, str]
+) -> tuple[Daemon, Path, Path, Path]:
+    """swapd with two staged 4 MiB models, ``a`` and ``b``, and a cache with ``settings``."""
+    a = _model(tmp_path / "slow" / "a.gguf", 4 * MIB)
+    b = _model(tmp_path / "slow" / "b.gguf", 4 * MIB)
+    cache = tmp_path / "cache"
+    d = start_daemon(
+        {"a": staged_preset(a), "b": staged_preset(b)}, {"cache_dir": str(cache), **settings}
+    )
+    return d, a, b, cache
+
+
 def test_a_cache_budget_lowered_across_a_restart_is_kept_from_the_start(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
@@ -87,13 +100,7 @@ def test_a_cache_budget_lowered_across_a_restart_is_kept_from_the_start(
     It kept both until a copy needed room: over its budget at rest, and both models in
     ``disk``.
     """
-    a = _model(tmp_path / "slow" / "a.gguf", 4 * MIB)
-    b = _model(tmp_path / "slow" / "b.gguf", 4 * MIB)
-    cache = tmp_path / "cache"
-    d = start_daemon(
-        {"a": staged_preset(a), "b": staged_preset(b)},
-        {"cache_dir": str(cache), "cache_budget": "16MiB"},
-    )
+    d, a, _, cache = _two_staged(start_daemon, tmp_path, {"cache_budget": "16MiB"})
     for name in ("a", "b"):  # b's copy used last
         assert d.chat(name)[0] == 200
         assert d.request("POST", f"/swapd/models/{name}/unload")[0] == 200
@@ -114,13 +121,7 @@ def test_a_cache_budget_lowered_by_reload_evicts_what_no_longer_fits(
     ``cache_budget`` was bound at start: the reload named it in ``restart_needed``, and
     the cache held both copies, over the budget it reported, until a restart.
     """
-    a = _model(tmp_path / "slow" / "a.gguf", 4 * MIB)
-    b = _model(tmp_path / "slow" / "b.gguf", 4 * MIB)
-    cache = tmp_path / "cache"
-    d = start_daemon(
-        {"a": staged_preset(a), "b": staged_preset(b)},
-        {"cache_dir": str(cache), "cache_budget": "16MiB"},
-    )
+    d, a, b, cache = _two_staged(start_daemon, tmp_path, {"cache_budget": "16MiB"})
     truth = TierTruth(d, cache)
     assert d.chat("a")[0] == 200
     assert d.request("POST", "/swapd/models/a/unload")[0] == 200
@@ -145,13 +146,8 @@ def test_a_cache_budget_raised_by_reload_lets_a_waiting_copy_go(
     The reload named ``cache_budget`` in ``restart_needed``, and the copy waited out
     ``queue_timeout``.
     """
-    a = _model(tmp_path / "slow" / "a.gguf", 4 * MIB)
-    b = _model(tmp_path / "slow" / "b.gguf", 4 * MIB)
-    cache = tmp_path / "cache"
-    d = start_daemon(
-        {"a": staged_preset(a), "b": staged_preset(b)},
-        {"cache_dir": str(cache), "cache_budget": "5MiB", "queue_timeout": "10m"},
-    )
+    settings = {"cache_budget": "5MiB", "queue_timeout": "10m"}
+    d, _, _, cache = _two_staged(start_daemon, tmp_path, settings)
     assert d.chat("a")[0] == 200  # runs from its copy: never evicted
     with ThreadPoolExecutor(1) as pool:
         load = pool.submit(d.chat, "b")
