@@ -310,13 +310,7 @@ class Manager:
         """Evict idle copies past the cache's budget; their models are in ``store`` again."""
         if self.staging is None or not await self.staging.fit(self._sources_in_use):
             return
-        for slot in self.slots.values():
-            source, copy = slot.staged_source, slot.staged_path
-            if source is None or copy is None or self._uses_staged_copy(slot):
-                continue
-            if await self._cached_copy(source) is None and slot.staged_path == copy:
-                slot.staged_path = slot.staged_source = None
-                slot.changed()  # no move: the tier changed
+        await self._refresh_staged()
         self._notify()  # a copy waiting for room may fit now: the budget may have grown
 
     def _new_slot(self, preset: Preset) -> Slot:
@@ -469,8 +463,7 @@ class Manager:
         if path is None or self._uses_staged_copy(slot, counting_load=not loading):
             return
         if not Path(path).exists():
-            slot.staged_path = slot.staged_source = None
-            slot.changed()  # no move: the tier changed
+            self._to_store(slot)
 
     async def _check_copies(self) -> None:
         """Every few seconds: a staged model at rest follows its file to store and back.
@@ -507,8 +500,14 @@ class Manager:
         in_use = self._uses_staged_copy(slot, counting_load=not loading)
         if why is None or slot.staged_path != copy or in_use:
             return
+        self._to_store(slot, reason="source_changed")
+
+    @staticmethod
+    def _to_store(slot: Slot, *, reason: str | None = None) -> None:
+        """The slot's staged copy is gone or stale: its weights are only in the store."""
         slot.staged_path = slot.staged_source = None
-        _log.info("model.tier", model=slot.preset.name, tier="store", reason="source_changed")
+        if reason is not None:
+            _log.info("model.tier", model=slot.preset.name, tier="store", reason=reason)
         slot.changed()  # no move: the tier changed
 
     def logs(self, name: str, lines: int) -> tuple[str, list[str]]:
@@ -1558,14 +1557,16 @@ class Manager:
             await self._refresh_staged(exclude=slot)
         _log.info("model.staged", model=preset.name, path=slot.staged_path)
 
-    async def _refresh_staged(self, exclude: Slot) -> None:
-        """Forget staged paths whose copies the cache evicted to make room."""
-        for other in self.slots.values():
-            if other is exclude or other.staged_path is None or other.staged_source is None:
+    async def _refresh_staged(self, exclude: Slot | None = None) -> None:
+        """Forget staged paths whose copies the cache evicted: those models are in store."""
+        for other in list(self.slots.values()):
+            source, copy = other.staged_source, other.staged_path
+            if other is exclude or source is None or copy is None or self._uses_staged_copy(other):
                 continue
-            found = await self._cached_copy(other.staged_source)
-            if found is None and not self._uses_staged_copy(other):
-                other.staged_path = other.staged_source = None
+            found = await self._cached_copy(source)
+            # Checked again after the thread hop: a load may have taken or replaced the copy.
+            if found is None and other.staged_path == copy and not self._uses_staged_copy(other):
+                self._to_store(other)
 
     async def _await_release(self, device: Device, need: int) -> None:
         # Drivers release memory asynchronously: wait, bounded, until the room is really there.
@@ -2295,9 +2296,7 @@ class Manager:
         self._drop_pages(slot, reason="file_changed")
         if outdated is not None and slot.staged_path == copy:
             # Its next load copies the file as it is now: the model is in store.
-            slot.staged_path = slot.staged_source = None
-            _log.info("model.tier", model=slot.preset.name, tier="store", reason="source_changed")
-            slot.changed()
+            self._to_store(slot, reason="source_changed")
 
     async def _copy_outdated(self, slot: Slot) -> str | None:
         """Why the staged copy the slot uses is no copy of its file as it is now, or None.
