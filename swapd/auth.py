@@ -278,11 +278,6 @@ def presented_keys(headers: Mapping[str, str]) -> list[bytes]:
     return [key for key in found if key is not None]
 
 
-def presented_key(headers: Mapping[str, str]) -> bytes | None:
-    """The first key a request carries: ``Authorization: Bearer KEY``, else ``x-api-key``."""
-    return next(iter(presented_keys(headers)), None)
-
-
 def _authorization_key(headers: Mapping[str, str]) -> bytes | None:
     """The key in ``Authorization``: a Bearer token, or a Basic password.
 

@@ -18,7 +18,7 @@ import pytest
 from daemon import Daemon, fake_preset, wait_for
 from test_edge import connect, read_all
 
-from swapd.auth import presented_key
+from swapd.auth import presented_keys
 from swapd.config import load_config
 from swapd.errors import ConfigErrors
 from swapd.keys import KeyRing
@@ -267,7 +267,8 @@ def test_a_key_with_a_trailing_newline_is_refused_where_it_is_written(tmp_path: 
     assert config.api_keys == ("sk-abc-0123456789\n",)  # loaded as written...
     # ...and the key, as any client sends it, is not one swapd knows.
     ring = KeyRing.of(config.api_keys, ())
-    assert ring.role(presented_key({"Authorization": "Bearer sk-abc-0123456789"})) is not None
+    (key,) = presented_keys({"Authorization": "Bearer sk-abc-0123456789"})
+    assert ring.role(key) is not None
 
 
 def test_a_fragment_after_the_query_is_refused_on_the_passthrough(plain: Daemon) -> None:
