@@ -2,8 +2,9 @@
 
 The backends are the fake upstream holding real device memory through the CUDA
 driver API (``--cuda-bytes``: a context and an allocation, no toolkit needed);
-an outside process holds more the same way. swapd's probe, admission and
-footprint measurement are the real ones.
+an outside process holds more the same way. The fake vLLM gives that allocation
+back while asleep and keeps its context, as vLLM does. swapd's probe, admission
+and footprint measurement are the real ones.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import ctypes
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import StartDaemon
 from daemon import FAKE_UPSTREAM, fake_preset, wait_for
 from fakes.cuda_hold import nvml_free, nvml_used_by
+from test_tiers import vllm_preset
 
 GIB = 1024**3
 MIB = 1024**2
@@ -104,3 +107,74 @@ def test_real_vram_held_outside_swapd_is_respected(nvml: Any, start_daemon: Star
             outside.wait(timeout=30)
     wait_for(lambda: nvml_free(nvml) > HOLD + GIB, timeout=30)
     wait_for(lambda: d.chat("a")[0] == 200, timeout=30)
+
+
+def _context_bytes(nvml: Any) -> int:
+    """What one CUDA context costs on GPU 0: NVML's figure for a process holding 2 MiB, less 2."""
+    held = 2 * MIB
+    with subprocess.Popen(
+        [sys.executable, str(FAKE_UPSTREAM.parent / "cuda_hold.py"), str(held)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "held"
+            return nvml_used_by(nvml, holder.pid) - held
+        finally:
+            holder.terminate()
+            holder.wait(timeout=30)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_driver")
+def test_a_sleeping_vllm_keeps_only_its_context_and_admission_counts_it(
+    nvml: Any, start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """Issue 8's ram tier on real VRAM: sleep gives the weights back, the context is counted.
+
+    Three fake vLLMs (``sleep: auto``, so level 1 on a GPU) hold HOLD while awake and only
+    their CUDA context asleep. The budget fits one awake and one asleep, not one awake and
+    two asleep: b's load puts a to sleep (same pid, NVML shows its context only); c's load
+    puts b to sleep and stops a, because the contexts the sleepers keep are counted; a
+    request for b wakes it without a new process and puts c to sleep.
+    """
+    context = _context_bytes(nvml)
+    need = HOLD + context
+    budget = need + context * 3 // 2
+    presets = {
+        n: vllm_preset(vllm_binary, tmp_path / n, sleep="auto", memory=need, devices=[0])
+        for n in ("a", "b", "c")
+    }
+    d = start_daemon(
+        presets,
+        {"devices": [0], "budget": budget, "reserve": 0},
+        env={"FAKE_VLLM_UPSTREAM_ARGS": f"--cuda-bytes {HOLD}"},
+    )
+    assert d.chat("a")[0] == 200
+    a = d.model("a")
+    assert a["sleep"]["level"] == 1
+    assert all("--enable-sleep-mode" in e["argv"] for e in d.events("backend.spawn"))
+    assert nvml_used_by(nvml, a["pid"]) >= HOLD
+
+    assert d.chat("b")[0] == 200
+    wait_for(lambda: d.model("a")["state"] == "asleep", timeout=30)
+    assert (d.model("a")["tier"], d.model("a")["pid"]) == ("ram", a["pid"])
+    kept = nvml_used_by(nvml, a["pid"])
+    assert 0 < kept < context + 64 * MIB, (kept, context)
+
+    assert d.chat("c")[0] == 200
+    states = {n: (d.model(n)["state"], d.model(n)["tier"]) for n in ("a", "b", "c")}
+    assert states == {"a": ("stopped", "disk"), "b": ("asleep", "ram"), "c": ("ready", "device")}
+    wait_for(lambda: nvml_used_by(nvml, a["pid"]) == 0, timeout=30)
+    b_pid, c_pid = d.model("b")["pid"], d.model("c")["pid"]
+    assert nvml_used_by(nvml, b_pid) + nvml_used_by(nvml, c_pid) <= budget
+
+    status, body = d.chat("b", "again")
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == "b: again"
+    assert (d.model("b")["state"], d.model("b")["pid"]) == ("ready", b_pid)
+    assert d.model("c")["state"] == "asleep"
+    assert len(d.events("backend.spawn")) == 3
+    assert nvml_used_by(nvml, b_pid) >= HOLD
+    assert nvml_used_by(nvml, b_pid) + nvml_used_by(nvml, c_pid) <= budget

@@ -302,3 +302,37 @@ def test_sleep_auto_is_level_1_on_a_gpu(
     assert d.model("v")["sleep"] == {"level": 1, "note": None}
     wait_for(lambda: d.model("v")["state"] == "asleep", timeout=40)  # dev mode: /sleep answers
     assert d.model("v")["tier"] == "ram"
+
+
+def test_what_sleepers_keep_on_a_gpu_is_counted_and_the_least_worth_goes_to_disk(
+    start_daemon: StartDaemon, vllm_binary: str, tmp_path: Path
+) -> None:
+    """README: admission counts what a sleeping process still holds on the device, as measured.
+
+    Three vLLMs hold 3.5 GiB awake and keep 512 MiB asleep (a CUDA context). The budget
+    fits one awake and one asleep, not one awake and two asleep: b's load puts a to sleep,
+    c's load puts b to sleep and stops a; a request for b wakes it and puts c to sleep.
+    Counting the sleepers as holding nothing would keep a asleep past the budget.
+    (``tests/test_gpu_real.py`` runs the same on real VRAM.)
+    """
+    context, need = 512 * MiB, 3 * GiB + 512 * MiB
+    path = tmp_path / "gpus.json"
+    probe_file.write_devices(path, {"gpu0": {"total": 80 * GiB, "outside": 0}})
+    presets = {n: vllm_preset(vllm_binary, tmp_path / n, sleep="auto", memory=need) for n in "abc"}
+    upstream = f"--probe-file {path} --mem-bytes {need} --sleep-residual-bytes {context}"
+    budget = need + context * 3 // 2
+    d = start_gpu(start_daemon, path, presets, {"FAKE_VLLM_UPSTREAM_ARGS": upstream}, budget=budget)
+
+    def states() -> dict[str, tuple[str, str]]:
+        return {n: (d.model(n)["state"], d.model(n)["tier"]) for n in "abc"}
+
+    assert d.chat("a")[0] == 200
+    assert d.chat("b")[0] == 200
+    assert states() == {"a": ("asleep", "ram"), "b": ("ready", "device"), "c": ("stopped", "disk")}
+    assert d.chat("c")[0] == 200
+    assert states() == {"a": ("stopped", "disk"), "b": ("asleep", "ram"), "c": ("ready", "device")}
+    b_pid = d.model("b")["pid"]
+    assert d.chat("b")[0] == 200
+    assert states() == {"a": ("stopped", "disk"), "b": ("ready", "device"), "c": ("asleep", "ram")}
+    assert d.model("b")["pid"] == b_pid
+    assert len(d.events("backend.spawn")) == 3

@@ -26,19 +26,49 @@ def _check(result: int, call: str) -> None:
         raise CudaError(f"{call} failed with CUresult {result}")
 
 
-def hold_vram(nbytes: int, device: int = 0) -> tuple[ctypes.CDLL, ctypes.c_void_p]:
+class VramHold:
+    """A CUDA context on one device and an allocation that can be freed and taken again.
+
+    As vLLM asleep: the context (and what the driver keeps for it) stays with the
+    process while the allocation is given back.
+    """
+
+    def __init__(self, nbytes: int, device: int = 0) -> None:
+        self.nbytes = nbytes
+        self.cuda = ctypes.CDLL("libcuda.so.1")
+        _check(self.cuda.cuInit(0), "cuInit")
+        handle = ctypes.c_int()
+        _check(self.cuda.cuDeviceGet(ctypes.byref(handle), device), "cuDeviceGet")
+        self.context = ctypes.c_void_p()
+        _check(self.cuda.cuCtxCreate_v2(ctypes.byref(self.context), 0, handle), "cuCtxCreate_v2")
+        self.pointer: ctypes.c_uint64 | None = None
+
+    def take(self) -> None:
+        """Allocate and touch ``nbytes`` (committed, not only reserved); a no-op while held."""
+        if self.pointer is not None or self.nbytes <= 0:
+            return
+        _check(self.cuda.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+        pointer = ctypes.c_uint64()
+        size = ctypes.c_size_t(self.nbytes)
+        _check(self.cuda.cuMemAlloc_v2(ctypes.byref(pointer), size), "cuMemAlloc_v2")
+        _check(self.cuda.cuMemsetD8_v2(pointer, 0, size), "cuMemsetD8_v2")
+        _check(self.cuda.cuCtxSynchronize(), "cuCtxSynchronize")
+        self.pointer = pointer
+
+    def release(self) -> None:
+        """Free the allocation; the context stays."""
+        if self.pointer is None:
+            return
+        _check(self.cuda.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+        _check(self.cuda.cuMemFree_v2(self.pointer), "cuMemFree_v2")
+        self.pointer = None
+
+
+def hold_vram(nbytes: int, device: int = 0) -> VramHold:
     """Create a context on ``device`` and allocate ``nbytes`` there; keep the result alive."""
-    cuda = ctypes.CDLL("libcuda.so.1")
-    _check(cuda.cuInit(0), "cuInit")
-    handle = ctypes.c_int()
-    _check(cuda.cuDeviceGet(ctypes.byref(handle), device), "cuDeviceGet")
-    context = ctypes.c_void_p()
-    _check(cuda.cuCtxCreate_v2(ctypes.byref(context), 0, handle), "cuCtxCreate_v2")
-    pointer = ctypes.c_uint64()
-    _check(cuda.cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(nbytes)), "cuMemAlloc_v2")
-    # Touch it, so the memory is committed, not only reserved.
-    _check(cuda.cuMemsetD8_v2(pointer, 0, ctypes.c_size_t(nbytes)), "cuMemsetD8_v2")
-    return cuda, context
+    hold = VramHold(nbytes, device)
+    hold.take()
+    return hold
 
 
 def nvml_used_by(pynvml: Any, pid: int) -> int:

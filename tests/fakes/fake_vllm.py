@@ -8,6 +8,8 @@
   ``FAKE_VLLM_REFUSE_SLEEP_MODE=1`` (the CPU build refuses it);
 - ``FAKE_VLLM_HOLD_BYTES`` bytes of real memory are held while awake: released at
   ``/sleep`` (level 1 and 2) and taken back at ``/wake_up``, so host RAM readings move;
+  so is the GPU memory of the fake upstream's ``--cuda-bytes`` (the CUDA context stays,
+  as vLLM's does while it sleeps);
 - ``/sleep`` aborts the streams that are running, as vLLM aborts running requests;
 - ``FAKE_VLLM_SLEEP_DELAY`` seconds pass before a ``/sleep`` answers (a slow offload);
 - ``/wake_up?tags=T`` wakes only the tags named, as vLLM's does: it serves (and
@@ -107,6 +109,8 @@ class FakeVllm(upstream.Fake):
         await asyncio.sleep(float(os.environ.get("FAKE_VLLM_SLEEP_DELAY", "0")))
         answer = await super().sleep(request)
         self.held.release()
+        if self.held_vram is not None:
+            self.held_vram.release()
         self.sleeping_tags = set(SLEEP_TAGS)
         # vLLM's Worker.sleep(level=2) keeps only the model's buffers: the weights are gone.
         # Without sleep mode (the CPU build, CPUWorker.sleep) a sleep only pauses.
@@ -126,6 +130,8 @@ class FakeVllm(upstream.Fake):
             self.stats.requests += 1
             return web.json_response({"status": "sleeping", "tags": tags})
         self.held.take()
+        if self.held_vram is not None:
+            self.held_vram.take()
         await super().wake_up(request)
         return web.json_response({"status": "awake", "tags": tags or None})
 

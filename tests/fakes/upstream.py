@@ -24,13 +24,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 # The fake runs as a plain script, where only its own folder is on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fakes import probe_file
+
+if TYPE_CHECKING:
+    from fakes.cuda_hold import VramHold
 
 Json = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -136,7 +139,7 @@ class Fake:
     args: argparse.Namespace
     ready: bool = False
     child_pid: int | None = None
-    held_vram: object = None  # the CUDA context and allocation of --cuda-bytes, kept alive
+    held_vram: VramHold | None = None  # the CUDA context and allocation of --cuda-bytes
     server: asyncio.AbstractServer | None = None  # the listening socket (--vanish-when-ready)
     stats: Stats = field(default_factory=Stats)
     awake: asyncio.Event = field(default_factory=asyncio.Event)
