@@ -344,6 +344,9 @@ class EdgeHandler(RequestHandler):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        # The body's reader points back at this handler: kept, the pair waits for the
+        # cyclic collector (a full collection, rare) instead of going with the connection.
+        self._body = None
         self._edge.closed(self)
         super().connection_lost(exc)
 

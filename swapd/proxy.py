@@ -425,17 +425,22 @@ class Proxy:
             body = await self.form_for(request, lease, body)  # not awaited for most presets
         headers = forwarded_headers(request, lease)
         limit = lease.slot.preset.request_timeout
-        if limit is None:
-            return await self._exchange(request, lease, headers, body)
         try:
-            async with asyncio.timeout(limit):
+            if limit is None:
                 return await self._exchange(request, lease, headers, body)
-        except TimeoutError:
-            relayed = request.get(_RELAYED)
-            if relayed is None:
-                raise UpstreamTimeout(lease.model, limit) from None
-            _answer_or_cut(request, relayed, UpstreamTimeout(lease.model, limit))
-            return web.Response(status=UpstreamTimeout.status)
+            try:
+                async with asyncio.timeout(limit):
+                    return await self._exchange(request, lease, headers, body)
+            except TimeoutError:
+                relayed = request.get(_RELAYED)
+                if relayed is None:
+                    raise UpstreamTimeout(lease.model, limit) from None
+                _answer_or_cut(request, relayed, UpstreamTimeout(lease.model, limit))
+                return web.Response(status=UpstreamTimeout.status)
+        finally:
+            # The answer points back at the request: kept in it, the pair would wait for
+            # the cyclic collector whenever aiohttp does not end the answer (a hang-up).
+            request.pop(_RELAYED, None)
 
     async def body_for(self, lease: Lease, body: bytes) -> bytes:
         """A JSON route's body as the lease's backend gets it: as sent, or rewritten.

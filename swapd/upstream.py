@@ -66,7 +66,9 @@ class _Connection(asyncio.Protocol):
         self.reset = False  # ... with a reset: it closed with what swapd sent still unread
         self.after_chunked = False  # the previous answer on this connection was chunked
         self._loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpResponseParser(self)
+        # Made once connected: the parser holds this connection's callbacks, a cycle that a
+        # connection refused (never made, never lost) would leave to the cyclic collector.
+        self._parser: httptools.HttpResponseParser
         self.chunks: deque[bytes] = deque()
         self._reset()
 
@@ -115,6 +117,7 @@ class _Connection(asyncio.Protocol):
         """Keep the transport, and a poll object for checks before reuse."""
         # uvloop's transports do not subclass asyncio.Transport, but behave as one.
         self.transport = cast("asyncio.Transport", transport)
+        self._parser = httptools.HttpResponseParser(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._poll = select.poll()
@@ -191,6 +194,10 @@ class _Connection(asyncio.Protocol):
             self.reset = isinstance(exc, ConnectionResetError)
             reason = str(exc) if exc else "backend closed the connection"
             self._fail(UpstreamError(reason))
+        # Nothing is read after this. The parser holds this connection's callbacks: kept,
+        # the pair (and the transport, the buffers) waits for a full cyclic collection,
+        # which is rare, instead of going with the last reference.
+        del self._parser
 
     # ---- httptools callbacks
 
@@ -311,7 +318,9 @@ class _Connection(asyncio.Protocol):
             if self.complete:
                 return None
             if self.error is not None:
-                raise self.error
+                # A new one each time: raised, the stored error would hold this frame (and
+                # so this connection) in its traceback, a cycle only a full collection frees.
+                raise UpstreamError(*self.error.args)
             self._wakeup = self._loop.create_future()
             await self._wakeup
         chunk = chunks.popleft()
@@ -547,11 +556,15 @@ class UpstreamPool:
                 # future has no other reader (and a shield costs a loop turn per answer).
                 await conn.headers_ready
             except UpstreamError as exc:
+                # The error raised here is the one the connection keeps (in headers_ready):
+                # its traceback holds this frame, so the frame lets go of the connection
+                # before raising (conn = None), or the two wait for the cyclic collector.
                 self.lost(key, conn)
                 if conn.reset and not reused and not conn.received_any:
                     # Reset before a byte came back on a new connection: the backend closed
                     # with the request unread (a dying listener's queue), so it never ran.
                     conn.close()
+                    conn = None
                     raise NotSent(f"the backend reset the connection unread: {exc}") from exc
                 if reused and not conn.received_any:
                     self._closed_after_chunked(key, conn)
@@ -562,9 +575,11 @@ class UpstreamPool:
                     conn, reused = None, False
                     continue
                 conn.close()
+                conn = None
                 raise
             except asyncio.CancelledError:
                 conn.close()
+                conn = None  # the future keeps the CancelledError, which holds this frame
                 raise
             return UpstreamResponse(self, key, conn)
 
