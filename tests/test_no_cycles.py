@@ -9,7 +9,9 @@ that a soak saw grow for 20 minutes.
 Three cycles were found this way: a client connection's handler and its body reader
 (every connection), a streamed answer kept in its request's state (every client hang-up),
 and a backend connection with its HTTP parser, or with an error raised from it (every
-connection to a backend that swapd or the backend closed: each llama-server stream).
+connection to a backend that swapd or the backend closed: each llama-server stream, each
+readiness poll refused). And one reference: a failed load's error, kept as its model's last
+error, held the frames of every request that waited on it.
 """
 
 from __future__ import annotations
@@ -112,3 +114,23 @@ def test_connections_leave_no_reference_cycles(start_daemon: StartDaemon, tmp_pa
     assert alive["_Coalesced"] == 0, alive
     assert alive["UpstreamResponse"] <= 1, alive
     assert alive["_Connection"] <= 2 * len(presets), alive
+
+
+def test_a_failed_load_keeps_no_request_alive(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """A load's error, kept as the model's last error, holds no request that waited on it.
+
+    Its traceback ran through each waiting request's handler: kept with it, the frames held
+    that request and its connection until the model's next error.
+    """
+    trigger = tmp_path / "count"
+    env = hook_env(tmp_path / "hook", _COUNT_HOOK)
+    env["SWAPD_TEST_COUNT_TRIGGER"] = str(trigger)
+    presets = {n: fake_preset(n.upper(), "--exit-at-start", "1") for n in ("a", "b", "c")}
+    d = start_daemon(presets, env=env)
+    for name in presets:
+        status, body = d.chat(name)
+        assert (status, body["error"]["code"]) == (502, "backend_start_failed"), body
+        assert d.model(name)["error"] is not None
+    alive = _alive(trigger)
+    assert alive["Request"] == 0, alive
+    assert alive["EdgeHandler"] <= 1, alive
