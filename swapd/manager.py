@@ -710,20 +710,35 @@ class Manager:
 
     async def _join_load(self, slot: Slot) -> None:
         task = self._ensure_loading(slot)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # The load was cancelled by a shutdown, not this request: answer it.
-            if task.cancelled() and self._closing:
-                raise Unavailable("swapd is shutting down") from None
-            if task.cancelled() and self._removed(slot):
-                # Its retirement cut the load: the model is gone.
-                raise UnknownModel(slot.preset.name, sorted(self.slots)) from None
-            if task.cancelled() and task in self._cut_loads:
-                raise Unavailable(
-                    f"model {slot.preset.name!r} was unloaded (force) while it loaded"
-                ) from None
-            raise
+        # Until the load ends, or is cut: a cut start stops its process group first, within
+        # the model's stop_timeout (minutes, for a backend that ignores SIGTERM), and its
+        # waiters are answered at once, not after that. Kept waiting, at shutdown they held
+        # the drain, and every other model's stop behind it.
+        while not task.done():
+            if task.cancelling() and (cut := self._cut_error(slot, task)) is not None:
+                raise cut
+            changed = asyncio.ensure_future(self._changed.wait())
+            try:
+                await asyncio.wait((task, changed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+        if not task.cancelled():
+            task.result()  # the load's error, if it failed
+            return
+        if (cut := self._cut_error(slot, task)) is not None:
+            raise cut
+        raise asyncio.CancelledError
+
+    def _cut_error(self, slot: Slot, task: asyncio.Task[None]) -> RequestError | None:
+        """What the waiters of a load that was cut are answered, or None if nobody cut it."""
+        if self._closing:
+            return Unavailable("swapd is shutting down")
+        if self._removed(slot):
+            # Its retirement cut the load: the model is gone.
+            return UnknownModel(slot.preset.name, sorted(self.slots))
+        if task in self._cut_loads:
+            return Unavailable(f"model {slot.preset.name!r} was unloaded (force) while it loaded")
+        return None
 
     async def exit_noticed(self, lease: Lease, timeout: float) -> bool:
         """Wait, bounded, until swapd has seen the lease's backend exit; whether it has.
@@ -2429,6 +2444,7 @@ class Manager:
                 # stopped) and the requests waiting for it are answered 503.
                 self._cut_loads.add(load)
                 load.cancel()
+                self._notify()  # its waiters are answered now, not once its stop is over
             await _outlast(load)
         await self._quiet(slot)
         if slot.state in (State.FAILED, State.BACKOFF) and slot.child is None:
@@ -2683,6 +2699,7 @@ class Manager:
             if load is not None and not load.done():
                 # Nobody is left for it to serve: its waiters get 404, and it evicts nothing.
                 load.cancel()
+                self._notify()
                 await _outlast(load)
             await self._settle(slot)
             await self._drain_and_stop(slot, "removed")

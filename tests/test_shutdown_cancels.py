@@ -11,8 +11,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import StartDaemon
@@ -159,26 +160,31 @@ def test_a_cut_start_keeps_its_stop_timeout_while_the_drain_waits(
     assert exited["code"] == 0, exited
 
 
-def _start_cut(d: Daemon, pool: ThreadPoolExecutor) -> None:
+def _start_cut(d: Daemon, pool: ThreadPoolExecutor) -> Future[tuple[int, Any]] | None:
     """a starts (its group ignores SIGTERM) when the shutdown cancels its load."""
-    pool.submit(d.chat, "a")
+    waiter = pool.submit(d.chat, "a")
     wait_for(lambda: _logged(d, "listening"))
+    return waiter
 
 
-def _stop_by_ttl(d: Daemon, _pool: ThreadPoolExecutor) -> None:
+def _stop_by_ttl(d: Daemon, _pool: ThreadPoolExecutor) -> Future[tuple[int, Any]] | None:
     """a is being stopped by its TTL (its group ignores SIGTERM) when the shutdown begins."""
     assert d.chat("a")[0] == 200
     wait_for(lambda: d.events("model.stop"))
+    return None
 
 
 @pytest.mark.parametrize("slow", [_start_cut, _stop_by_ttl])
 def test_a_slow_stop_holds_back_no_other_models_stop_at_shutdown(
-    start_daemon: StartDaemon, slow: Callable[[Daemon, ThreadPoolExecutor], None]
+    start_daemon: StartDaemon,
+    slow: Callable[[Daemon, ThreadPoolExecutor], Future[tuple[int, Any]] | None],
 ) -> None:
     """b's stop begins with the shutdown, not after a's grace (5 minutes) is over.
 
     Waiting for every cut start and every stop under way before stopping the rest made a
-    shutdown take the sum of those stop_timeouts, past systemd's TimeoutStopSec.
+    shutdown take the sum of those stop_timeouts, past systemd's TimeoutStopSec. And a
+    request waiting for the cut start was answered only once that start's stop was over:
+    it held the drain (cut only at its 15 s), and b's stop behind it.
     """
     never_ready = ("--start-delay", "600") if slow is _start_cut else ()
     a = fake_preset("A", *never_ready, "--ignore-sigterm", stop_timeout="5m", ttl="1s")
@@ -187,9 +193,13 @@ def test_a_slow_stop_holds_back_no_other_models_stop_at_shutdown(
     assert d.chat("b")[0] == 200
     assert d.proc is not None
     with ThreadPoolExecutor(1) as pool:
-        slow(d, pool)
+        waiter = slow(d, pool)
         d.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: [e for e in d.events("model.stop") if e["model"] == "b"], timeout=30)
+        if waiter is not None:
+            status, body = waiter.result(timeout=10)  # at once, not after a's stop
+            assert (status, body["error"]["code"]) == (503, "unavailable"), body
+        # b is idle: its stop begins at once (10 s is only this test's patience).
+        wait_for(lambda: [e for e in d.events("model.stop") if e["model"] == "b"], timeout=10)
         assert not [e for e in d.events("backend.exit") if e["model"] == "a"]  # still in grace
         d.proc.send_signal(signal.SIGINT)  # the second signal: no 5-minute wait here
         assert d.proc.wait(timeout=60) == 0

@@ -371,6 +371,31 @@ def test_force_unload_stops_a_model_mid_start_and_answers_its_waiters(
     assert d.model("a")["state"] == "stopped"
 
 
+def test_force_unload_answers_the_waiters_before_the_cut_start_has_stopped(
+    start_daemon: StartDaemon,
+) -> None:
+    """The waiters of a start a forced unload cut get 503 at once, not after its stop.
+
+    Its group ignores SIGTERM, so the stop takes its stop_timeout (20 s): the waiting
+    request was answered only after it.
+    """
+    preset = fake_preset(
+        "A", "--start-delay", "60", "--ignore-sigterm", start_timeout="120s", stop_timeout="20s"
+    )
+    d = start_daemon({"a": preset})
+    with ThreadPoolExecutor(2) as pool:
+        waiting = pool.submit(d.chat, "a")
+        wait_for(lambda: (m := d.model("a"))["state"] == "starting" and m["pid"])
+        # Listening, its SIGTERM handler is in place.
+        wait_for(lambda: any("listening" in ln for ln in d.get("/swapd/models/a/logs")[1]["lines"]))
+        unload = pool.submit(d.request, "POST", "/swapd/models/a/unload?force=true", None, 60)
+        status, answer = waiting.result(timeout=10)
+        assert (status, answer["error"]["code"]) == (503, "unavailable"), answer
+        assert not unload.done()  # the cut start's stop goes on, within its stop_timeout
+        assert unload.result()[0] == 200
+    assert d.model("a")["state"] == "stopped"
+
+
 SLOW_SIZING = """
 import time
 import swapd.manager
