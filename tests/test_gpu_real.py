@@ -9,9 +9,11 @@ and footprint measurement are the real ones.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,23 @@ from test_tiers import vllm_preset
 GIB = 1024**3
 MIB = 1024**2
 HOLD = 3 * GIB  # per backend: two of them and their contexts exceed the 5 GiB budget
+
+
+@contextlib.contextmanager
+def _holding(nbytes: int) -> Iterator[subprocess.Popen[str]]:
+    """A process outside swapd holding ``nbytes`` of VRAM on GPU 0 until the block ends."""
+    with subprocess.Popen(
+        [sys.executable, str(FAKE_UPSTREAM.parent / "cuda_hold.py"), str(nbytes)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "held"
+            yield holder
+        finally:
+            holder.terminate()
+            holder.wait(timeout=30)
 
 
 @pytest.fixture
@@ -90,21 +109,10 @@ def test_real_vram_held_outside_swapd_is_respected(nvml: Any, start_daemon: Star
         {"a": fake_preset("A", "--cuda-bytes", str(HOLD), memory=HOLD, devices=[0])},
         {"devices": [0], "reserve": 0},
     )
-    taken = nvml_free(nvml) - GIB
-    with subprocess.Popen(
-        [sys.executable, str(FAKE_UPSTREAM.parent / "cuda_hold.py"), str(taken)],
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as outside:
-        try:
-            assert outside.stdout is not None
-            assert outside.stdout.readline().strip() == "held"
-            status, body = d.chat("a")
-            assert (status, body["error"]["code"]) == (503, "insufficient_memory")
-            assert "used outside swapd" in body["error"]["message"]
-        finally:
-            outside.terminate()
-            outside.wait(timeout=30)
+    with _holding(nvml_free(nvml) - GIB):
+        status, body = d.chat("a")
+        assert (status, body["error"]["code"]) == (503, "insufficient_memory")
+        assert "used outside swapd" in body["error"]["message"]
     wait_for(lambda: nvml_free(nvml) > HOLD + GIB, timeout=30)
     wait_for(lambda: d.chat("a")[0] == 200, timeout=30)
 
@@ -112,18 +120,8 @@ def test_real_vram_held_outside_swapd_is_respected(nvml: Any, start_daemon: Star
 def _context_bytes(nvml: Any) -> int:
     """What one CUDA context costs on GPU 0: NVML's figure for a process holding 2 MiB, less 2."""
     held = 2 * MIB
-    with subprocess.Popen(
-        [sys.executable, str(FAKE_UPSTREAM.parent / "cuda_hold.py"), str(held)],
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as holder:
-        try:
-            assert holder.stdout is not None
-            assert holder.stdout.readline().strip() == "held"
-            return nvml_used_by(nvml, holder.pid) - held
-        finally:
-            holder.terminate()
-            holder.wait(timeout=30)
+    with _holding(held) as holder:
+        return nvml_used_by(nvml, holder.pid) - held
 
 
 @pytest.mark.gpu
