@@ -11,6 +11,11 @@ from swapd.presets import Preset
 SOURCE = "(embedded default)"
 MODEL_NAME = "gemma-3-270m"
 _FILE = "gemma-3-270m-it-Q4_K_M.gguf"
+# The GGUF carries no chat template; without one llama-server falls back to ChatML and chat
+# answers leak <|im_end|>. Its built-in gemma template is the right one, and only without
+# Jinja (on by default) does the name pick it: with Jinja on, "gemma" is taken for a
+# template's text, and every chat prompt was that one word.
+ARGS = ("-c", "4096", "-np", "1", "--no-jinja", "--chat-template", "gemma")
 
 
 def default_config() -> Config:
@@ -35,9 +40,7 @@ def default_config() -> Config:
         file=SOURCE,
         backend="llama-server",
         model=model,
-        # The GGUF carries no chat template; without one llama-server falls back to ChatML
-        # and chat answers leak <|im_end|>. Its built-in gemma template is the right one.
-        args=("-c", "4096", "-np", "1", "--chat-template", "gemma"),
+        args=ARGS,
         aliases=("default",),
         ttl=600.0,
     )

@@ -260,6 +260,24 @@ def test_llama_server_stream_passes_through_as_events(
     assert events[-1] == b"data: [DONE]"
 
 
+def test_the_embedded_defaults_chat_template_carries_the_messages(
+    start_daemon: StartDaemon, gemma: Path
+) -> None:
+    """The embedded preset's chat prompt is Gemma's turns with the user's words in them.
+
+    With llama-server's Jinja on (its default), ``--chat-template gemma`` was taken for a
+    template's text: every chat prompt was the word "gemma", whatever the messages said.
+    """
+    from swapd.embedded import ARGS
+
+    d = start_daemon({"g": {"backend": "llama-server", "model": str(gemma), "args": list(ARGS)}})
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    status, body = d.request("POST", "/apply-template", {"model": "g", "messages": messages})
+    assert status == 200, body
+    turn = "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"
+    assert body["prompt"] == f"{turn}<start_of_turn>model\n"
+
+
 def test_llama_servers_native_routes_are_reached_by_the_model_in_the_body(
     start_daemon: StartDaemon, tiny_gguf: Path
 ) -> None:
