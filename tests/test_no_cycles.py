@@ -55,27 +55,27 @@ def _alive(trigger: Path) -> dict[str, int]:
     return found
 
 
-def _chat(model: str, *, stream: bool) -> bytes:
-    body = json.dumps(
+def _body(model: str, *, stream: bool) -> str:
+    return json.dumps(
         {"model": model, "stream": stream, "messages": [{"role": "user", "content": "x"}]}
     )
-    return (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
-    ).encode()
 
 
 def _stream_and_hang_up(d: Daemon, model: str) -> None:
+    body = _body(model, stream=True)
+    request = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    )
     with socket.create_connection(("127.0.0.1", d.port), timeout=30) as sock:
-        sock.sendall(_chat(model, stream=True))
+        sock.sendall(request.encode())
         assert sock.recv(100).startswith(b"HTTP/1.1 200")
 
 
 def _whole(d: Daemon, model: str, *, stream: bool) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
     try:
-        body = json.loads(_chat(model, stream=stream).split(b"\r\n\r\n", 1)[1])
-        conn.request("POST", "/v1/chat/completions", json.dumps(body))
+        conn.request("POST", "/v1/chat/completions", _body(model, stream=stream))
         answer = conn.getresponse()
         assert answer.status == 200
         answer.read()
