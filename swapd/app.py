@@ -224,10 +224,6 @@ def make_envelope(runtime: Runtime | None) -> Middleware:
         except RequestError as exc:
             response = error_response(exc)
             status = exc.status
-            # A load's error is kept as its model's last error and raised to every request
-            # that waited on the load: its traceback would hold this handler's frames, and
-            # through them the request and its connection, until the model's next error.
-            exc.__traceback__ = None
             # Refused by the checks before its handler could count it: counted all the same.
             exchange.counted = exchange.counted or _leases_a_model(request)
         except web.HTTPException as exc:

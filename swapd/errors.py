@@ -39,6 +39,7 @@ import math
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Self
 
 # What a death by each signal usually means for a model server, in words a user can act on.
 _SIGNAL_HINTS = {
@@ -137,6 +138,18 @@ class RequestError(SwapdError):
     def headers(self) -> dict[str, str]:
         """Extra response headers, such as Retry-After."""
         return {}
+
+    def twin(self) -> Self:
+        """A copy to raise to one of the several requests this error answers.
+
+        Raising one object to each would add every request's frames to its traceback, and
+        the original is kept (a model's last error): it would hold those requests, and their
+        connections, for as long. Made without ``__init__``, whose arguments differ by class.
+        """
+        twin = BaseException.__new__(type(self), *self.args)
+        twin.__dict__.update(self.__dict__)
+        twin.__cause__ = self.__cause__
+        return twin
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
         """The OpenAI-shaped body every error is answered with."""

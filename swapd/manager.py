@@ -723,8 +723,13 @@ class Manager:
             finally:
                 changed.cancel()
         if not task.cancelled():
-            task.result()  # the load's error, if it failed
-            return
+            error = task.exception()
+            if error is None:
+                return
+            if isinstance(error, RequestError):
+                # Each waiter its own: the load's error is kept as the model's last error.
+                raise error.twin() from error.__cause__
+            raise error
         if (cut := self._cut_error(slot, task)) is not None:
             raise cut
         raise asyncio.CancelledError

@@ -134,3 +134,34 @@ def test_a_failed_load_keeps_no_request_alive(start_daemon: StartDaemon, tmp_pat
     alive = _alive(trigger)
     assert alive["Request"] == 0, alive
     assert alive["EdgeHandler"] <= 1, alive
+
+
+def test_a_failed_load_keeps_no_cold_stream_alive(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Nor does it hold a stream whose pings had begun, answered by its own handler.
+
+    Each load fails after the first ping (3 s), so the error goes out as an event on the
+    stream the pings opened, never through the envelope's middleware.
+    """
+    trigger = tmp_path / "count"
+    env = hook_env(tmp_path / "hook", _COUNT_HOOK)
+    env["SWAPD_TEST_COUNT_TRIGGER"] = str(trigger)
+    late = ("--start-delay", "3.5", "--listen-late", "--exit-at-start", "1")
+    presets = {n: fake_preset(n.upper(), *late) for n in ("a", "b")}
+    d = start_daemon(presets, env=env)
+    for name in presets:
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+        try:
+            conn.request("POST", "/v1/chat/completions", _body(name, stream=True))
+            answer = conn.getresponse()
+            text = answer.read().decode()
+        finally:
+            conn.close()
+        assert answer.status == 200  # the pings' stream
+        assert ": loading" in text, text
+        assert "backend_start_failed" in text, text
+        assert d.model(name)["error"] is not None
+    alive = _alive(trigger)
+    assert alive["Request"] == 0, alive
+    assert alive["EdgeHandler"] <= 1, alive
