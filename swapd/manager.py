@@ -548,6 +548,8 @@ class Manager:
             for s in everyone
             if s.tier == "device"
         )
+        # A sleeper's tier is ram, but what it keeps on its GPU counts against the budget.
+        on_device += sum(s.kept_on_device for s in everyone if s.asleep)
         return {
             "device": {"bytes": on_device, "budget": self._device_budget()},
             "ram": {"bytes": sum(s.ram_bytes for s in everyone), "budget": self.ram_budget},
@@ -1157,6 +1159,24 @@ class Manager:
         if reading is None or pid not in reading.by_pid:
             return self._ram_cost(slot, slot.measured or 0)
         return reading.by_pid[pid]
+
+    async def _kept_on_device(self, slot: Slot) -> int:
+        """What a sleeper keeps on its GPU, for the device tier's bytes; 0 where unread.
+
+        Admission reads it afresh at every plan; this is for ``/swapd/status`` only.
+        """
+        pid = slot.child.pid if slot.child else None
+        if slot.device is None or slot.device.kind == "cpu" or pid is None:
+            return 0  # on a CPU what it keeps is its ram tier cost
+        try:
+            snap = await self.admission.read([pid])
+        except Exception as exc:  # noqa: BLE001 - a driver hiccup: status shows 0 for it
+            _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
+            return 0
+        reading = snap.readings.get(slot.device.id)
+        if reading is None or not reading.per_process_supported:
+            return 0
+        return reading.by_pid.get(pid, 0)
 
     def _ram_tier(self, snap: Snapshot) -> policy.RamTier:
         entries = residency.ram_entries(self._every_slot(), self._retiring, time.monotonic())
@@ -2155,6 +2175,7 @@ class Manager:
         except Exception as exc:  # noqa: BLE001 - counted as a failed reading is
             _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
             cost = self._ram_cost(slot, slot.measured or 0)
+        slot.kept_on_device = await self._kept_on_device(slot)
         if slot.child is not child or slot.state not in (State.ASLEEP, State.QUEUED):
             return  # woken (or stopped) while its cost was read: it is not in the ram tier
         try:

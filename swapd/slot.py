@@ -40,6 +40,8 @@ class Slot:
     device: Device | None = None
     need: Need | None = None
     measured: int | None = None  # device bytes of the process tree, last measured
+    # What its process kept on its GPU once asleep (vLLM: its CUDA context), as read then.
+    kept_on_device: int = 0
     memory_source: str | None = None  # where per-process numbers came from (probe source)
     last_error: RequestError | None = None
     load_task: asyncio.Task[None] | None = None
