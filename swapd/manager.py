@@ -158,6 +158,14 @@ class _Room:
     need: int
 
 
+@dataclass(frozen=True)
+class _Outdated:
+    """Why a staged copy no longer serves its model: the event's reason, and in words."""
+
+    reason: str
+    why: str
+
+
 def _wake_level(slot: Slot) -> int:
     """The level a sleeper wakes from: without sleep mode nothing was discarded.
 
@@ -447,6 +455,8 @@ class Manager:
             if copied and self.staging is not None and not self.staging.holds(model):
                 continue
             found = await self._cached_copy(model)
+            if found is not None and self._digest_unlike(slot, found) is not None:
+                continue  # its load would refuse that copy: still only in the store
             # Checked again after the thread hop: a load or a reload may have moved it.
             if found is not None and slot.tier == "store" and slot.preset.model == model:
                 slot.staged_path, slot.staged_source = str(found), model
@@ -495,12 +505,12 @@ class Manager:
             return
         if not await asyncio.to_thread(_known, source):
             return  # slow storage that does not answer now (EIO, a stale mount): the copy stays
-        why = await self._copy_outdated(slot)
+        outdated = await self._copy_outdated(slot)
         # Checked again after the thread hop: a load, a stop or a reload may have moved it.
         in_use = self._uses_staged_copy(slot, counting_load=not loading)
-        if why is None or slot.staged_path != copy or in_use:
+        if outdated is None or slot.staged_path != copy or in_use:
             return
-        self._to_store(slot, reason="source_changed")
+        self._to_store(slot, reason=outdated.reason)
 
     @staticmethod
     def _to_store(slot: Slot, *, reason: str | None = None) -> None:
@@ -2330,28 +2340,41 @@ class Manager:
         why = await asyncio.to_thread(_pages_changed, slot, pages)
         outdated = None
         if why is None:
-            why = outdated = await self._copy_outdated(slot)
+            outdated = await self._copy_outdated(slot)
+            why = None if outdated is None else outdated.why
         if why is None or slot.pages is not pages:
             return
         _log.info("model.pages.stale", model=slot.preset.name, why=why)
         self._drop_pages(slot, reason="file_changed")
         if outdated is not None and slot.staged_path == copy:
             # Its next load copies the file as it is now: the model is in store.
-            self._to_store(slot, reason="source_changed")
+            self._to_store(slot, reason=outdated.reason)
 
-    async def _copy_outdated(self, slot: Slot) -> str | None:
+    async def _copy_outdated(self, slot: Slot) -> _Outdated | None:
         """Why the staged copy the slot uses is no copy of its file as it is now, or None.
 
-        The copy itself is unchanged, but its source was replaced or rewritten since: a
-        start stages the new file and reads that copy, not these pages.
+        The copy itself is unchanged, but its source was replaced or rewritten since (a
+        start stages the new file and reads that copy, not these pages), or the preset's
+        ``sha256`` is not the copy's, as checked (a start refuses it and copies again).
         """
         source, copy = slot.staged_source, slot.staged_path
         if self.staging is None or source is None or copy is None:
             return None
         found = await self._cached_copy(source)
-        if found is not None and str(found) == copy:
-            return None
-        return f"{source} changed since it was copied to {copy}"
+        if found is None or str(found) != copy:
+            return _Outdated("source_changed", f"{source} changed since it was copied to {copy}")
+        recorded = self._digest_unlike(slot, found)
+        if recorded is not None:
+            return _Outdated(
+                "sha256_changed",
+                f"{copy} has sha256 {recorded}, the preset expects {slot.preset.sha256}",
+            )
+        return None
+
+    def _digest_unlike(self, slot: Slot, copy: Path) -> str | None:
+        """The checked digest of ``copy`` when the slot's preset expects another; else None."""
+        assert self.staging is not None  # noqa: S101 - only asked with a cache
+        return self.staging.digest_unlike(copy, slot.preset.sha256)
 
     async def _hold_pages(self, slot: Slot) -> None:
         """Lock the model's weight pages in RAM (the llama-server ram tier).

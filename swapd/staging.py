@@ -381,6 +381,20 @@ class StagingCache:
         path = _absolute(source)
         return any(e.source == path for e in self._entries.values())
 
+    def digest_unlike(self, copy: str | Path, sha256: str | None) -> str | None:
+        """The digest recorded for the copy at ``copy`` when it is not ``sha256``, else None.
+
+        None too for a copy never checked (staged without a ``sha256``): only a hash, which
+        its next load makes, can tell. No I/O.
+        """
+        if sha256 is None:
+            return None
+        for entry in self._entries.values():
+            if str(entry.path) == str(copy):
+                recorded = entry.sha256
+                return recorded if recorded is not None and recorded != sha256 else None
+        return None
+
     def entries(self) -> tuple[Entry, ...]:
         """A snapshot of the complete entries."""
         return tuple(self._entries.values())

@@ -342,3 +342,34 @@ def test_sigkill_of_swapd_right_after_publish_leaves_a_usable_copy(
     assert hashlib.sha256(copy.read_bytes()).digest() == hashlib.sha256(model.read_bytes()).digest()
     spawn = d.events("backend.spawn")[-1]  # the log is shared: the first swapd's may be there
     assert str(copy) in spawn["argv"]
+
+
+def test_a_sha256_changed_to_another_than_the_copys_puts_the_model_in_store(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The copy was checked against the old digest: its load would refuse it and copy again.
+
+    It used to show ``disk`` until that load failed its check.
+    """
+    model = _model(tmp_path / "slow" / "m.gguf", 2 * MIB)
+    actual = hashlib.sha256(model.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    d = start_daemon({"s": staged_preset(model, sha256=actual)}, {"cache_dir": str(cache)})
+    assert d.chat("s")[0] == 200
+    assert d.request("POST", "/swapd/models/s/unload")[0] == 200
+    assert d.model("s")["tier"] == "disk"
+    d.presets = {"s": staged_preset(model, sha256="0" * 64)}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[0] == 200
+    wait_for(lambda: d.model("s")["tier"] == "store")
+    [moved] = [e for e in d.events("model.tier") if e.get("tier") == "store"]
+    assert moved["reason"] == "sha256_changed"
+    status, body = d.chat("s")
+    assert (status, body["error"]["code"]) == (500, "stage_failed")
+    assert actual in body["error"]["message"]
+    # Back to the file's digest: copied and checked again, served from the copy.
+    d.presets = {"s": staged_preset(model, sha256=actual)}
+    d.write()
+    assert d.request("POST", "/swapd/reload")[0] == 200
+    assert d.chat("s")[0] == 200
+    assert d.model("s")["tier"] == "device"
