@@ -554,7 +554,7 @@ class Manager:
         """The bytes each tier holds and its budget (None: none set, or no cache)."""
         everyone = self._every_slot()
         on_device = sum(
-            max(s.measured or 0, s.need.bytes if s.need else 0)
+            policy.counted_usage(s.measured, s.need.bytes if s.need else None)
             for s in everyone
             if s.tier == "device"
         )

@@ -21,6 +21,7 @@ from aiohttp import web
 from yarl import URL
 
 from swapd._exchange import count
+from swapd.backends import kind_of
 from swapd.control import query_flag
 from swapd.errors import BadRequest, Forbidden, UnknownModel, clip
 from swapd.manager import Manager
@@ -74,15 +75,6 @@ RESERVED = frozenset(
         "/weight_checker",
     }
 )
-# Reserved for a vLLM model only: its development routes that empty the caches every client
-# shares, or show the server's configuration and environment, on only because swapd asked
-# for sleep. Other engines serve these names as their own routes (SGLang's /server_info).
-VLLM_RESERVED = RESERVED | {
-    "/reset_prefix_cache",
-    "/reset_mm_cache",
-    "/reset_encoder_cache",
-    "/server_info",
-}
 
 
 def backend_path(path: str, reserved: frozenset[str] = RESERVED) -> str:
@@ -94,7 +86,7 @@ def backend_path(path: str, reserved: frozenset[str] = RESERVED) -> str:
     reserved route is refused whatever comes before it (a root path). Empty segments are
     removed from what is sent, since ``//x/sleep`` would read as a host ``x`` and a
     path ``/sleep``. A fragment (``#``) has no place in a request and is refused.
-    ``reserved``: the routes refused (:data:`VLLM_RESERVED` for a vLLM model).
+    ``reserved``: the routes refused (with the model's kind's own ``reserved_routes``).
     """
     if "#" in path:
         raise BadRequest("a request path cannot hold '#'")
@@ -133,7 +125,7 @@ def split_target(raw_path: str, manager: Manager) -> tuple[str, str]:
         name = unquote("/".join(parts[:cut]))
         if manager.config.preset(name) is not None:
             return name, "/" + "/".join(parts[cut:])
-    raise UnknownModel(parts[0], sorted(manager.slots))
+    raise UnknownModel(parts[0], sorted(p.name for p in manager.config.presets))
 
 
 class Passthrough:
@@ -155,8 +147,8 @@ class Passthrough:
         model, path = split_target(raw_path, self.proxy.manager)
         request["model"] = model  # a refused route is counted under its model too
         preset = self.proxy.manager.config.preset(model)
-        vllm = preset is not None and preset.backend == "vllm"
-        path = backend_path(path, VLLM_RESERVED if vllm else RESERVED)
+        own = kind_of(preset).reserved_routes if preset is not None else frozenset()
+        path = backend_path(path, RESERVED | own)
         query, autoload = take_autoload(query)
         body = await read_body(request, self.proxy.max_body, self.proxy.body_timeout)
         # Built from its parts: parsed whole, a path could be read as a host.

@@ -396,7 +396,9 @@ def _health_none_problem(backend: BackendName, values: Values) -> ConfigError | 
 
     llama-server and vLLM accept connections while they load, and answer 503 meanwhile.
     """
-    if backend == "command" or "health" not in values or values["health"][0] is not None:
+    if not KINDS[backend].health_says_loaded:
+        return None
+    if "health" not in values or values["health"][0] is not None:
         return None
     reason = f"{backend} answers /health once it has loaded; none is for command backends"
     return ConfigError(values["health"][1], "health", reason)

@@ -80,6 +80,15 @@ class BackendKind(Protocol):
     # Preset keys the kind never reads, each with what to write instead: set in a preset's
     # own file, one would be silently ignored.
     unused_keys: Mapping[str, str]
+    # It accepts connections while it loads and says on its health route when it has:
+    # ``health: none`` (ready once the port accepts) would send requests to a loading engine.
+    health_says_loaded: bool
+    # Its own routes that /upstream/ refuses besides those every kind's are refused: ones
+    # that act on every client or show its configuration, on only because swapd asked.
+    reserved_routes: frozenset[str]
+    # The flag naming what the engine answers to, which swapd sets to the preset's names
+    # unless its args do; None: the kind answers to any name.
+    served_name_flag: str | None
 
     def binary(self, preset: Preset) -> str:
         """The executable to run; raises :class:`BinaryNotFound` saying where it looked."""

@@ -27,6 +27,9 @@ class CommandKind(OneProcess):
     stop_signal = signal.SIGTERM
     own_key: OwnKey | None = None  # swapd cannot know how an arbitrary server takes a key
     model_flags: tuple[str, ...] = ()  # its cmd is written whole, ${MODEL} where wanted
+    health_says_loaded = False  # an arbitrary server: health: none is the preset's to choose
+    reserved_routes: frozenset[str] = frozenset()
+    served_name_flag: str | None = None
     unused_keys: Mapping[str, str] = MappingProxyType(
         {
             "args": "cmd is run as written; put the arguments in cmd",

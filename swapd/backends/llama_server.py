@@ -88,6 +88,9 @@ class LlamaServerKind(OneProcess):
     # /health and /v1/models answer without it, so readiness polls need no key.
     own_key: OwnKey | None = OwnKey("LLAMA_API_KEY", ("--api-key", "--api-key-file"))
     model_flags: tuple[str, ...] = ("-m", "--model")
+    health_says_loaded = True
+    reserved_routes: frozenset[str] = frozenset()
+    served_name_flag: str | None = None
     unused_keys: Mapping[str, str] = MappingProxyType(
         {"cmd": "only a command backend runs cmd; llama-server's own options go in args"}
     )

@@ -122,6 +122,9 @@ def _own_fraction(args: Sequence[str]) -> float | None:
     return fraction if 0 < fraction <= 1 else None
 
 
+SERVED_NAME_FLAG = "--served-model-name"
+
+
 class VllmKind:
     """``backend: vllm``."""
 
@@ -137,6 +140,14 @@ class VllmKind:
     own_key: OwnKey | None = OwnKey("VLLM_API_KEY", ("--api-key",), argparse=True)
     # vLLM moves a --model ahead of the positional one swapd passes, then refuses that.
     model_flags: tuple[str, ...] = ("--model",)
+    health_says_loaded = True
+    served_name_flag: str | None = SERVED_NAME_FLAG  # it answers 404 to other names
+    # Its development routes (on for sleep) that empty the caches every client shares, or
+    # show the server's configuration and environment. Other engines serve these names as
+    # routes of their own (SGLang's /server_info).
+    reserved_routes: frozenset[str] = frozenset(
+        {"/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache", "/server_info"}
+    )
     unused_keys: Mapping[str, str] = MappingProxyType(
         {"cmd": "only a command backend runs cmd; vLLM's own options go in args"}
     )
@@ -154,8 +165,8 @@ class VllmKind:
     def argv(self, preset: Preset, binary: str, port: int, placement: Placement) -> list[str]:
         """``serve MODEL ARGS``, the served names, the GPU share and, if asked, sleep mode."""
         args = list(preset.args)
-        if not has_flag(args, "--served-model-name", argparse=True):
-            args += ["--served-model-name", preset.name, *preset.aliases]
+        if not has_flag(args, SERVED_NAME_FLAG, argparse=True):
+            args += [SERVED_NAME_FLAG, preset.name, *preset.aliases]
         fraction = placement.gpu_fraction
         if fraction is not None and not has_flag(args, *UTILIZATION_FLAGS, argparse=True):
             # Rounded down, never to 0 (vLLM refuses it): no more than the grant.

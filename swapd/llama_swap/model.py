@@ -22,7 +22,7 @@ from typing import Any, TypeGuard
 import yaml
 
 from swapd._yaml import Entry, WrittenFloat, WrittenInt, entries_of, json_value
-from swapd.backends import has_flag
+from swapd.backends import KINDS, BackendKind, has_flag
 from swapd.llama_swap import command, macros
 from swapd.llama_swap.notes import Note
 from swapd.presets import is_usable_name
@@ -30,7 +30,7 @@ from swapd.probe import GPU_PICKS
 
 _DEFAULT_HEALTH = "/health"
 _DEFAULT_PROXIES = ("http://localhost:${PORT}", "http://127.0.0.1:${PORT}")
-_OWN_KEY_ENV = {"llama-server": "LLAMA_API_KEY", "vllm": "VLLM_API_KEY"}
+_OWN_KEY_ENV = {k.name: k.own_key.env for k in KINDS.values() if k.own_key is not None}
 _PROTECTED = ("model", "stream")  # swapd's filters refuse both (README: Request rewriting)
 # Keys whose comment lines llama-swap drops before it expands macros: a folded macro ends
 # in a newline, and expanded first it would cut its comment line in two.
@@ -41,7 +41,6 @@ _OLD_BOOLS = {
     **dict.fromkeys(("y", "Y", "yes", "Yes", "YES", "on", "On", "ON"), True),
     **dict.fromkeys(("n", "N", "no", "No", "NO", "off", "Off", "OFF"), False),
 }
-_SERVED_NAME = "--served-model-name"
 # Preset keys whose values swapd reads ${env.NAME} in; elsewhere it would stay as text.
 _ENV_MACRO_KEYS = frozenset({"model", "binary", "args", "cmd", "env"})
 # The order keys are written in, launch first.
@@ -248,8 +247,9 @@ def _refuse_keyed_command(draft: Draft) -> None:
     llama-swap passed the client's key on; swapd removes it before forwarding, and a
     command backend gets no key of swapd's, so the server would answer 401 to each request.
     """
-    if draft.values.get("backend") != "command" or draft.refused:
-        return
+    kind = _kind(draft)
+    if kind is None or kind.own_key is not None or draft.refused:
+        return  # a kind with a key of its own gets swapd's
     flag = command.key_flag(draft.values.get("cmd", []))
     env = [name for name in draft.values.get("env", {}) if name in _OWN_KEY_ENV.values()]
     given = flag or (env[0] if env else None)
@@ -342,12 +342,18 @@ def _gpu_pick(draft: Draft, name: str, setting: str, line: int) -> None:
     draft.note(line, "env", why)
 
 
+def _kind(draft: Draft) -> BackendKind | None:
+    """The kind of backend the preset will run, once ``cmd`` was read; None before."""
+    return KINDS.get(draft.values.get("backend", ""))
+
+
 def _health(draft: Draft, value: Any, line: int) -> None:
     if value is None:  # ``checkEndpoint:`` left empty: llama-swap keeps /health, not none
         return
     path = str(value).strip()
     if path.lower() == "none":
-        if draft.values.get("backend") == "command":
+        kind = _kind(draft)
+        if kind is not None and not kind.health_says_loaded:
             draft.set("health", "none", line, "checkEndpoint")  # ready once its port accepts
         else:
             why = "none is not carried: swapd polls the engine's /health, which says when it loaded"
@@ -374,14 +380,16 @@ def _serve_use_model_name(draft: Draft) -> None:
     """
     name = draft.values.get("use_model_name")
     args = draft.values.get("args", [])
-    if draft.values.get("backend") != "vllm" or name is None:
+    kind = _kind(draft)
+    flag = None if kind is None else kind.served_name_flag
+    if flag is None or name is None:
         return
-    if has_flag(args, _SERVED_NAME, argparse=True):
+    if has_flag(args, flag, argparse=True):
         return
     line, _ = draft.origins["use_model_name"]
     at, source = draft.origins.get("args", (line, "useModelName"))
-    draft.set("args", [*args, _SERVED_NAME, name], at, source)
-    why = f"vLLM serves only the names it is given: {_SERVED_NAME} {name} added to args"
+    draft.set("args", [*args, flag, name], at, source)
+    why = f"vLLM serves only the names it is given: {flag} {name} added to args"
     draft.note(line, "useModelName", why)
 
 
