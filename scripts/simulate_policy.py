@@ -671,11 +671,16 @@ def try_admit(sim: Sim, planner: Planner, now: float, *, crf: bool) -> None:
             sim.queue.remove(name)
             sim.pending.pop(name, None)
             continue
-        if plan.victims:
-            evict(sim, plan.victims, name, now, crf=crf)
+        # The daemon's load plan: the victims' moves down, then the start or the wake.
+        down = down_moves(sim, plan.victims, name, now, crf=crf) if plan.victims else ()
+        slot = sim.resident.get(name)
+        waking = slot is not None and slot.asleep
+        first = policy.load_plan(name, plan, down, waking=waking, staged=True)[0]
+        if isinstance(first, policy.Start | policy.Wake):
+            sim.queue.remove(name)
+            start_load(sim, name, now)
             continue
-        sim.queue.remove(name)
-        start_load(sim, name, now)
+        move_down(sim, down, name, now, crf=crf)
 
 
 def next_to_plan(
@@ -699,8 +704,10 @@ def next_to_plan(
     return None
 
 
-def evict(sim: Sim, victims: tuple[str, ...], loading: str, now: float, *, crf: bool) -> None:
-    """Carry out what :func:`swapd.policy.demotions` says for the victims, then check the tier."""
+def down_moves(
+    sim: Sim, victims: tuple[str, ...], loading: str, now: float, *, crf: bool
+) -> tuple[policy.Down, ...]:
+    """What :func:`swapd.policy.demotions` says for the victims, counted as evictions."""
     residents = {r.name: r for r in residents_view(sim, now, crf=crf, exclude=loading)}
     sim.counts.inversions += sum(
         1 for v in victims if sim.crf_now(v, now) > sim.crf_now(loading, now)
@@ -710,7 +717,13 @@ def evict(sim: Sim, victims: tuple[str, ...], loading: str, now: float, *, crf: 
             sim.counts.evictions += 1
             for window in REUSE_WINDOWS_S:
                 sim.counts.reused[window] += sim.next_use(v, now) - now < window
-    actions = policy.demotions([residents[v] for v in victims], ram_view(sim, now, crf=crf))
+    return policy.demotions([residents[v] for v in victims], ram_view(sim, now, crf=crf))
+
+
+def move_down(
+    sim: Sim, actions: tuple[policy.Down, ...], loading: str, now: float, *, crf: bool
+) -> None:
+    """Carry out the moves down, then check the tier, as the manager does."""
     moving = carry_out(sim, actions)
     # As the manager does after demotions: push down whatever the tier cannot hold.
     overflow = policy.ram_overflow(ram_view(sim, now, crf=crf))
@@ -722,7 +735,7 @@ def evict(sim: Sim, victims: tuple[str, ...], loading: str, now: float, *, crf: 
         sim.push(now + moving, "moved", loading)
 
 
-def carry_out(sim: Sim, actions: tuple[policy.Action, ...]) -> float:
+def carry_out(sim: Sim, actions: tuple[policy.Down, ...]) -> float:
     """Apply the policy's actions; return the seconds the sleeps take."""
     moving = 0.0
     for action in actions:

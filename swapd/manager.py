@@ -31,7 +31,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from swapd import policy, residency
 from swapd.admission import Admission, Snapshot
@@ -164,6 +164,11 @@ class _Outdated:
 
     reason: str
     why: str
+
+
+def _is_down(action: policy.Action) -> TypeGuard[policy.Down]:
+    """A move down a tier, which :meth:`Manager._carry_out` carries out."""
+    return isinstance(action, policy.Stop | policy.Sleep | policy.LockPages | policy.UnlockPages)
 
 
 def _wake_level(slot: Slot) -> int:
@@ -1472,17 +1477,38 @@ class Manager:
                 if held is not None:
                     return held  # the locks go: other loads may plan meanwhile
                 slot.need = needs[plan.device]
-                if not plan.victims and not staged:
-                    return _Staging()
-                if not plan.victims:
-                    slot.device = device
-                    slot.move(State.QUEUED, State.WAKING if waking else State.STARTING)
-                    return device, snap.readings[device.id].total
-                moves = self._make_room(
+                down = self._down_moves(
                     slot, device, plan, snap, residents=residents, need=wanted[device.id]
                 )
-                self._claims[id(slot)] = Claim(slot, device.id, wanted[device.id], plan.victims)
-                return _Room(moves, device, wanted[device.id])
+                steps = policy.load_plan(preset.name, plan, down, waking=waking, staged=staged)
+                return self._first_steps(slot, device, plan, steps, snap, need=wanted[device.id])
+
+    def _first_steps(  # noqa: PLR0913 - one plan's facts, handed over as they are
+        self,
+        slot: Slot,
+        device: Device,
+        plan: policy.Admit,
+        steps: Sequence[policy.Action],
+        snap: Snapshot,
+        *,
+        need: int,
+    ) -> tuple[Device, int] | _Staging | _Room:
+        """Carry out the load plan's first steps; the caller plans again after all but the last.
+
+        The moves down go together (the room they make is claimed for this load); then the
+        copy is waited for; then the start or the wake is reserved, and the load goes on.
+        """
+        first = steps[0]
+        if isinstance(first, policy.Stage):
+            return _Staging()
+        if isinstance(first, policy.Start | policy.Wake):
+            slot.device = device
+            waking = isinstance(first, policy.Wake)
+            slot.move(State.QUEUED, State.WAKING if waking else State.STARTING)
+            return device, snap.readings[device.id].total
+        moves = self._make_room(slot, plan, [s for s in steps if _is_down(s)])
+        self._claims[id(slot)] = Claim(slot, device.id, need, plan.victims)
+        return _Room(moves, device, need)
 
     def _never_fits(self, wanted: dict[str, int], snap: Snapshot, candidates: list[Device]) -> bool:
         """Whether every candidate reported memory and none could hold the model, even empty."""
@@ -1494,7 +1520,7 @@ class Manager:
                 return False
         return True
 
-    def _make_room(  # noqa: PLR0913 - one plan's facts, handed over as they are
+    def _down_moves(  # noqa: PLR0913 - one plan's facts, handed over as they are
         self,
         slot: Slot,
         device: Device,
@@ -1503,8 +1529,10 @@ class Manager:
         *,
         residents: list[policy.Resident],
         need: int,
-    ) -> list[asyncio.Task[Any]]:
-        """Send the plan's victims down a tier; the moves, to wait for unlocked."""
+    ) -> tuple[policy.Down, ...]:
+        """Where the plan's victims go: down to the ram tier while it has room, else to disk."""
+        if not plan.victims:
+            return ()
         # One resident per name: a model a reload removed may still drain under the name
         # of the victim that replaced it, and only the victim goes down.
         victims = policy.named_once(plan.victims, residents)
@@ -1519,7 +1547,12 @@ class Manager:
             # What it will pin in host RAM (offloaded weights) is no room for its victims.
             pinned = residency.pinned(slot, device)
             ram = policy.RamTier(ram.budget, ram.available - pinned, ram.entries)
-        actions = policy.demotions(victims, ram)
+        return policy.demotions(victims, ram)
+
+    def _make_room(
+        self, slot: Slot, plan: policy.Admit, actions: Sequence[policy.Down]
+    ) -> list[asyncio.Task[Any]]:
+        """Send the plan's victims down a tier; the moves, to wait for unlocked."""
         moves = self._carry_out(actions, reason="evict")
         _log.info(
             "model.evict",
@@ -2114,9 +2147,7 @@ class Manager:
 
     # ---------------------------------------------------------------- demotion and stops
 
-    def _carry_out(
-        self, actions: Sequence[policy.Action], *, reason: str
-    ) -> list[asyncio.Task[Any]]:
+    def _carry_out(self, actions: Sequence[policy.Down], *, reason: str) -> list[asyncio.Task[Any]]:
         """Start the plan's actions; state moves happen now, the waiting in the tasks."""
         tasks: list[asyncio.Task[Any]] = []
         # A model a reload removed while the plan was made: its retirement stops it.

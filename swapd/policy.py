@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Literal, Protocol, TypeAlias
 
 from swapd.units import format_size
 
@@ -605,10 +605,98 @@ class UnlockPages:
     model: str
 
 
-Action: TypeAlias = Stop | Sleep | LockPages | UnlockPages
+@dataclass(frozen=True)
+class Stage:
+    """Have the model's weights copied into the staging cache before it starts."""
+
+    model: str
 
 
-def _down_from_ram(entry: RamEntry) -> Action:
+@dataclass(frozen=True)
+class Start:
+    """Start the model's process on ``device``: up from disk, or from pages held in RAM."""
+
+    model: str
+    device: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Wake the model's sleeping process (vLLM's ``/wake_up``): up from the ram tier."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class DropCached:
+    """Delete the staging cache's copy ``key``, for room in the cache."""
+
+    key: str
+
+
+# A model's move down a tier, for another's room.
+Down: TypeAlias = Stop | Sleep | LockPages | UnlockPages
+Action: TypeAlias = Down | Stage | Start | Wake | DropCached
+
+
+def load_plan(
+    model: str, admit: Admit, down: Sequence[Down], *, waking: bool, staged: bool
+) -> tuple[Action, ...]:
+    """A load's whole plan, in the order it is carried out.
+
+    First the victims' moves down a tier (``down``, from :func:`demotions`); then the
+    copy into the staging cache, unless it is there (``staged``) or the model wakes:
+    after the stops, whose copies may be the room it needs; then the start on the
+    admitted device, or the wake. The caller carries out the first steps and plans
+    again: what the moves freed is read, not assumed.
+    """
+    steps: list[Action] = list(down)
+    if not (waking or staged):
+        steps.append(Stage(model))
+    steps.append(Wake(model) if waking else Start(model, admit.device))
+    return tuple(steps)
+
+
+class CachedCopy(Protocol):
+    """A copy in the staging cache, as its planner sees it."""
+
+    @property
+    def key(self) -> str: ...  # noqa: D102 - the copy's name in the cache
+    @property
+    def source(self) -> str: ...  # noqa: D102 - the file it is a copy of
+    @property
+    def size(self) -> int: ...  # noqa: D102
+    @property
+    def last_used_ns(self) -> int: ...  # noqa: D102 - wall clock
+
+
+def cache_room(
+    copies: Iterable[CachedCopy],
+    budget: int,
+    need: int,
+    in_use: Collection[str],
+    reserved: int = 0,
+) -> tuple[DropCached, ...] | None:
+    """The copies to delete so that ``need`` more bytes fit in ``budget``; None if impossible.
+
+    ``reserved`` bytes belong to copies in progress. Least recently used copies go first
+    (ties by key, so a plan is reproducible); one whose source is in ``in_use`` never.
+    """
+    listed = list(copies)
+    free = budget - reserved - sum(c.size for c in listed)
+    drops: list[DropCached] = []
+    candidates = sorted(
+        (c for c in listed if c.source not in in_use), key=lambda c: (c.last_used_ns, c.key)
+    )
+    for copy in candidates:
+        if free >= need:
+            break
+        drops.append(DropCached(copy.key))
+        free += copy.size
+    return tuple(drops) if free >= need else None
+
+
+def _down_from_ram(entry: RamEntry) -> Down:
     return Stop(entry.name) if entry.via == "sleep" else UnlockPages(entry.name)
 
 
@@ -651,7 +739,7 @@ class _RamLedger:
         self.held = sum(e.bytes for e in self.entries)
         self.available = ram.available
 
-    def remove(self, entry: RamEntry) -> Action:
+    def remove(self, entry: RamEntry) -> Down:
         self.entries.remove(entry)
         self.held -= entry.bytes
         self.available += entry.bytes
@@ -679,7 +767,7 @@ class _RamLedger:
         self.available -= victim.ram_cost
 
 
-def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Action, ...]:
+def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Down, ...]:
     """What to do with each victim of an admission: down to the ram tier, or to disk.
 
     The victim most worth keeping (highest CRF, or most recently used) gets the
@@ -691,7 +779,7 @@ def demotions(victims: Sequence[Resident], ram: RamTier) -> tuple[Action, ...]:
     """
     ranking = _order([*victims, *ram.entries])
     ledger = _RamLedger(ram, ranking)
-    actions: list[Action] = []
+    actions: list[Down] = []
     for victim in (v for v in victims if v.asleep):
         # Its own entry: a victim is idle, a namesake a reload removed (leaving) is busy.
         mine = (e for e in ledger.entries if e.name == victim.name and not e.busy)
@@ -725,7 +813,7 @@ def count_overflow(residents: Sequence[Resident], max_running: int | None) -> tu
     return tuple(sorted(candidates, key=lambda r: _worth(r, ranking, None))[: max(0, excess)])
 
 
-def ram_overflow(ram: RamTier) -> tuple[Action, ...]:
+def ram_overflow(ram: RamTier) -> tuple[Down, ...]:
     """Entries to push down to disk so the tier fits its budget and the available memory.
 
     Least worth keeping first (lowest CRF, or least recently used), and no more than the

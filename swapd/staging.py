@@ -21,9 +21,9 @@ that fsync has returned.
 A source is a file (a GGUF) or a directory (a vLLM model: copied whole, links replaced by
 what they point to); a ``sha256`` is checked for a file only. An entry is keyed by the
 source's absolute path and fingerprint (size and mtime; for a directory, every file's), so a
-changed source is copied again. Room is made by :func:`plan_room`, a pure function: least
-recently used entries first, never an entry whose source is in use. The budget counts file
-bytes (apparent sizes).
+changed source is copied again. Room is planned by :func:`swapd.policy.cache_room`, a pure
+function: least recently used entries first, never an entry whose source is in use. The
+budget counts file bytes (apparent sizes).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from swapd import _cache_dir as layout
+from swapd import policy
 from swapd._copy import Cancelled, Source, copy, hash_file, scan
 from swapd.errors import SwapdError
 from swapd.logs import get_logger
@@ -125,32 +126,6 @@ class Entry:
     path: Path = field(default=Path(), compare=False)
     synced: bool = True
     copy: object = field(default_factory=object, compare=False, repr=False)
-
-
-def plan_room(
-    entries: Iterable[Entry],
-    budget: int,
-    need: int,
-    in_use: Collection[str],
-    reserved: int = 0,
-) -> list[str] | None:
-    """The keys to evict so that ``need`` more bytes fit in ``budget``; None if impossible.
-
-    ``reserved`` bytes belong to copies in progress. Least recently used entries go first
-    (ties by key, so a plan is reproducible); an entry whose source is in ``in_use`` never.
-    """
-    entries = list(entries)
-    free = budget - reserved - sum(e.size for e in entries)
-    victims: list[str] = []
-    candidates = sorted(
-        (e for e in entries if e.source not in in_use), key=lambda e: (e.last_used_ns, e.key)
-    )
-    for entry in candidates:
-        if free >= need:
-            break
-        victims.append(entry.key)
-        free += entry.size
-    return victims if free >= need else None
 
 
 def _absolute(source: str | Path) -> str:
@@ -313,9 +288,11 @@ class StagingCache:
         """
         pinned = self._pinned(in_use)
         entries = self._entries.values()
-        victims = plan_room(entries, self.budget, 0, pinned, self._reserved())
-        if victims is None:
+        drops = policy.cache_room(entries, self.budget, 0, pinned, self._reserved())
+        if drops is None:
             victims = [e.key for e in entries if e.source not in pinned]
+        else:
+            victims = [d.key for d in drops]
         return await self.evict(victims) if victims else 0
 
     def over_budget(self) -> bool:
@@ -329,8 +306,8 @@ class StagingCache:
         Nothing is in use yet: left over it, the cache held more than its budget until a
         copy needed room. The bytes the cache holds after.
         """
-        victims = plan_room(self._entries.values(), self.budget, 0, ()) or []
-        _, trash = self._detach(victims)
+        drops = policy.cache_room(self._entries.values(), self.budget, 0, ()) or ()
+        _, trash = self._detach(d.key for d in drops)
         try:
             _remove_all(trash.paths)  # blocking, as the rest of open(); no fsync runs yet
         finally:
@@ -421,12 +398,14 @@ class StagingCache:
                 return job.done, job.source.size
         return None
 
-    def plan_room(self, need: int, in_use: Collection[str | Path]) -> list[str] | None:
-        """The keys :meth:`evict` should remove to fit ``need`` more bytes; None if impossible.
+    def plan_room(
+        self, need: int, in_use: Collection[str | Path]
+    ) -> tuple[policy.DropCached, ...] | None:
+        """The copies :meth:`evict` should remove to fit ``need`` more bytes; None if impossible.
 
         ``in_use`` names the sources (model paths) of running models: never evicted.
         """
-        return plan_room(
+        return policy.cache_room(
             self._entries.values(), self.budget, need, self._pinned(in_use), self._reserved()
         )
 
@@ -613,14 +592,15 @@ class StagingCache:
         need = found.size
         pinned = self._pinned(in_use)
         budget, disk = self._room()
-        victims = plan_room(self._entries.values(), budget, need, pinned, self._reserved())
-        if victims is None:
+        drops = policy.cache_room(self._entries.values(), budget, need, pinned, self._reserved())
+        if drops is None:
             used, _ = self.usage()
             held = sum(e.size for e in self._entries.values() if e.source in pinned)
             # The detached copies are deleted before the copies in progress end: free then.
             short = disk + self._deleting if budget < self.budget else None
             pinned_bytes = held + self._reserved()
             raise CacheFull(str(found.path), need, self.budget, used, pinned_bytes, disk=short)
+        victims = [d.key for d in drops]
         _, trash = self._detach(victims)
         job = _Copy(found, key, sha256, asyncio.get_running_loop(), [])
         self._copies[key] = job

@@ -11,24 +11,30 @@ from swapd.policy import (
     Action,
     Admit,
     DeviceView,
+    Down,
     Hold,
     HoldRule,
     Impossible,
     Limits,
+    LockPages,
     Plan,
     RamEntry,
     RamTier,
     Resident,
     Sleep,
+    Stage,
+    Start,
     Stop,
     UnlockPages,
     Wait,
+    Wake,
     best_plan,
     count_overflow,
     crf_decay,
     crf_update,
     demotions,
     hold,
+    load_plan,
     loader_busy,
     never_fits,
     plan_admission,
@@ -1026,3 +1032,32 @@ def test_never_fits_counts_the_whole_device_less_reserve_within_the_budget() -> 
     assert never_fits(9, 10, Limits(reserve=2))
     assert never_fits(6, 10, Limits(budget=5))
     assert not never_fits(5, 10, Limits(budget=5))
+
+
+@pytest.mark.parametrize(
+    ("down", "waking", "staged", "steps"),
+    [
+        pytest.param(
+            (Sleep("a"), LockPages("b"), Stop("b")),
+            False,
+            False,
+            (Sleep("a"), LockPages("b"), Stop("b"), Stage("m"), Start("m", "gpu0")),
+            id="moves-down-then-the-copy-then-the-start",
+        ),
+        pytest.param((), False, True, (Start("m", "gpu0"),), id="staged-and-room-start-at-once"),
+        pytest.param((), False, False, (Stage("m"), Start("m", "gpu0")), id="copy-first"),
+        pytest.param(
+            (UnlockPages("c"),),
+            True,
+            False,
+            (UnlockPages("c"), Wake("m")),
+            id="a-wake-copies-nothing",
+        ),
+    ],
+)
+def test_a_load_plan_lists_every_step_in_the_order_it_is_carried_out(
+    down: tuple[Down, ...], waking: bool, staged: bool, steps: tuple[Action, ...]
+) -> None:
+    """Down a tier first (the stops may free the copy's room), then the copy, then up."""
+    plan = load_plan("m", Admit("gpu0", ("a", "b", "c")), down, waking=waking, staged=staged)
+    assert plan == steps

@@ -8,7 +8,8 @@ from simulate_policy import (
     Request,
     Sim,
     Slot,
-    evict,
+    down_moves,
+    move_down,
     plan_belady,
     plan_by_value,
     simulate,
@@ -93,7 +94,8 @@ def test_a_victims_sleep_is_loader_time_but_not_the_holds_busy_share() -> None:
     models = [model("a", 12, 18.5), model("x", 8, 12.5)]
     sim = sim_with(models, {"a": [500.0]})
     sim.ram_budget = 32 * GIB
-    evict(sim, ("a",), "x", 100.0, crf=True)
+    down = down_moves(sim, ("a",), "x", 100.0, crf=True)
+    move_down(sim, down, "x", 100.0, crf=True)
     assert sim.resident["a"].asleep
     assert sim.counts.load_time == models[0].wake_s
     assert policy.loader_busy(sim.spans, 100.0 + models[0].wake_s) == 0.0

@@ -22,15 +22,23 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
-from swapd import _cache_dir, _copy, staging
+from swapd import _cache_dir, _copy, policy, staging
 from swapd.staging import (
     CacheFull,
     ChecksumMismatch,
     Entry,
     StagingCache,
     StagingError,
-    plan_room,
 )
+
+
+def plan_room(
+    entries: list[Entry], budget: int, need: int, in_use: list[str], reserved: int = 0
+) -> list[str] | None:
+    """The keys of the copies ``policy.cache_room`` drops, or None."""
+    drops = policy.cache_room(entries, budget, need, in_use, reserved)
+    return None if drops is None else [d.key for d in drops]
+
 
 MIB = 1024 * 1024
 KEY = re.compile(r"[0-9a-f]{32}")
@@ -309,8 +317,8 @@ async def test_the_least_recently_used_copy_is_evicted_across_a_restart(tmp_path
         cache.touch(cache.cached_path(a) or "")  # now b is the least recently used
         (b_key,) = [e.key for e in cache.entries() if e.source == str(b)]
     async with StagingCache(tmp_path / "cache", 3 * MIB) as cache:
-        assert cache.plan_room(MIB, in_use=[]) == [b_key]
-        assert cache.plan_room(MIB, in_use=[b]) != [b_key]
+        assert cache.plan_room(MIB, in_use=[]) == (policy.DropCached(b_key),)
+        assert cache.plan_room(MIB, in_use=[b]) != (policy.DropCached(b_key),)
         await cache.stage(d)
         assert cache.cached_path(b) is None
         assert all(cache.cached_path(s) is not None for s in (a, c, d))
@@ -615,7 +623,7 @@ async def test_a_use_recorded_while_the_sync_rewrites_the_manifest_is_kept(
         await cache.synced()
     async with StagingCache(tmp_path / "cache", 2 * MIB) as cache:
         (b_key,) = [e.key for e in cache.entries() if e.source == str(b)]
-        assert cache.plan_room(MIB, in_use=[]) == [b_key]
+        assert cache.plan_room(MIB, in_use=[]) == (policy.DropCached(b_key),)
 
 
 CHILD = """
