@@ -148,6 +148,8 @@ class RequestError(SwapdError):
         """
         twin = BaseException.__new__(type(self), *self.args)
         twin.__dict__.update(self.__dict__)
+        if "__notes__" in self.__dict__:  # add_note's list: one's notes are not the other's
+            twin.__notes__ = list(self.__notes__)
         twin.__cause__ = self.__cause__
         return twin
 

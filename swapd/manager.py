@@ -368,10 +368,23 @@ class Manager:
         self._spawn_task(self.admission.prefetch(list(presets)), "estimates")
 
     async def _find_staged(self, slot: Slot) -> None:
-        """Point the slot at its model's staged copy, or at none (a preset no longer staged)."""
+        """Point the slot at its model's staged copy, or at none (a preset no longer staged).
+
+        None too for a copy checked against another ``sha256`` than the preset's: its load
+        would refuse it.
+        """
         found = None
         if self.staging is not None and slot.preset.stage and slot.preset.model is not None:
             found = await self._cached_copy(slot.preset.model)
+        if found is not None and (digest := self._digest_unlike(slot, found)) is not None:
+            _log.info(
+                "model.tier",
+                model=slot.preset.name,
+                tier="store",
+                reason="sha256_changed",
+                why=f"{found} has sha256 {digest}, the preset expects {slot.preset.sha256}",
+            )
+            found = None
         slot.staged_path = str(found) if found else None
         slot.staged_source = slot.preset.model if found else None
 
@@ -563,8 +576,9 @@ class Manager:
             for s in everyone
             if s.tier == "device"
         )
-        # A sleeper's tier is ram, but what it keeps on its GPU counts against the budget.
-        on_device += sum(s.kept_on_device for s in everyone if s.asleep)
+        # A sleeper's tier is ram (also while its wake waits, or it stops), but what it keeps
+        # on its GPU counts against the budget, as admission counts it.
+        on_device += sum(s.kept_on_device for s in everyone if s.child and s.tier != "device")
         return {
             "device": {"bytes": on_device, "budget": self._device_budget()},
             "ram": {"bytes": sum(s.ram_bytes for s in everyone), "budget": self.ram_budget},
@@ -1175,23 +1189,27 @@ class Manager:
             return self._ram_cost(slot, slot.measured or 0)
         return reading.by_pid[pid]
 
-    async def _kept_on_device(self, slot: Slot) -> int:
-        """What a sleeper keeps on its GPU, for the device tier's bytes; 0 where unread.
+    async def _read_kept_on_device(self, slot: Slot) -> None:
+        """Read what a sleeper keeps on its GPU, for the device tier's bytes; 0 where unread.
 
-        Admission reads it afresh at every plan; this is for ``/swapd/status`` only.
+        Admission reads it afresh at every plan; this is for ``/swapd/status`` only. Kept
+        only if the same sleep still lasts: a wake, a stop or a second sleep meanwhile
+        makes the reading another's.
         """
-        pid = slot.child.pid if slot.child else None
-        if slot.device is None or slot.device.kind == "cpu" or pid is None:
-            return 0  # on a CPU what it keeps is its ram tier cost
+        child, since, device = slot.child, slot.ram_since, slot.device
+        pid = child.pid if child else None
+        if device is None or pid is None:
+            return
         try:
             snap = await self.admission.read([pid])
         except Exception as exc:  # noqa: BLE001 - a driver hiccup: status shows 0 for it
             _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
-            return 0
-        reading = snap.readings.get(slot.device.id)
+            return
+        reading = snap.readings.get(device.id)
         if reading is None or not reading.per_process_supported:
-            return 0
-        return reading.by_pid.get(pid, 0)
+            return
+        if slot.child is child and slot.ram_since == since and slot.state is State.ASLEEP:
+            slot.kept_on_device = reading.by_pid.get(pid, 0)
 
     def _ram_tier(self, snap: Snapshot) -> policy.RamTier:
         entries = residency.ram_entries(self._every_slot(), self._retiring, time.monotonic())
@@ -1499,6 +1517,8 @@ class Manager:
         copy is waited for; then the start or the wake is reserved, and the load goes on.
         """
         first = steps[0]
+        if not isinstance(first, policy.Stage | policy.Start | policy.Wake) and not _is_down(first):
+            raise AssertionError(f"a load's plan does not begin with {first}")
         if isinstance(first, policy.Stage):
             return _Staging()
         if isinstance(first, policy.Start | policy.Wake):
@@ -2210,13 +2230,13 @@ class Manager:
             slot.sleep_task = None
             self._notify()
         slot.move(State.SLEEPING, State.ASLEEP)
+        slot.kept_on_device = 0  # read anew below, off this task's path
         child = slot.child
         try:
             cost = await self._asleep_cost(slot)
         except Exception as exc:  # noqa: BLE001 - counted as a failed reading is
             _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
             cost = self._ram_cost(slot, slot.measured or 0)
-        slot.kept_on_device = await self._kept_on_device(slot)
         if slot.child is not child or slot.state not in (State.ASLEEP, State.QUEUED):
             return  # woken (or stopped) while its cost was read: it is not in the ram tier
         try:
@@ -2231,6 +2251,9 @@ class Manager:
             sleep_level=slot.sleep_level,
             sleep_s=round(time.monotonic() - started, 3),
         )
+        if slot.device is not None and slot.device.kind != "cpu":
+            # For the status only: a load waiting on this sleep does not wait for the read.
+            self._spawn_task(self._read_kept_on_device(slot), f"kept:{slot.preset.name}")
 
     def _not_in_ram_tier(self, slot: Slot, exc: Exception) -> None:
         """A sleeper the ram tier could not take in: down to disk (``model.tier.error``).
@@ -2386,7 +2409,7 @@ class Manager:
 
         The copy itself is unchanged, but its source was replaced or rewritten since (a
         start stages the new file and reads that copy, not these pages), or the preset's
-        ``sha256`` is not the copy's, as checked (a start refuses it and copies again).
+        ``sha256`` is not the copy's, as checked (a start refuses it: ``stage_failed``).
         """
         source, copy = slot.staged_source, slot.staged_path
         if self.staging is None or source is None or copy is None:

@@ -20,14 +20,28 @@ NOT_A_KIND = {
 }
 
 
+def _names_a_kind(node: ast.expr) -> bool:
+    """A kind's name, or a tuple, list or set of constants holding one."""
+    if isinstance(node, ast.Constant):
+        return node.value in KINDS
+    if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        return any(_names_a_kind(item) for item in node.elts)
+    return False
+
+
 def _comparisons_with_a_kind_name(path: Path) -> list[tuple[int, str]]:
-    names = set(KINDS)
+    """Comparisons (``==``, ``in``), ``match`` cases and dict keys naming a kind."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if not isinstance(node, ast.Compare):
-            continue
-        sides = [node.left, *node.comparators]
-        if any(isinstance(s, ast.Constant) and s.value in names for s in sides):
+        if isinstance(node, ast.Compare) and any(
+            _names_a_kind(side) for side in [node.left, *node.comparators]
+        ):
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.MatchValue) and _names_a_kind(node.value):
+            found.append((node.lineno, f"case {ast.unparse(node.value)}"))
+        elif isinstance(node, ast.Dict) and any(
+            k is not None and _names_a_kind(k) for k in node.keys
+        ):
             found.append((node.lineno, ast.unparse(node)))
     return found
 
@@ -46,7 +60,15 @@ def test_no_module_outside_the_backends_compares_a_kind_by_name() -> None:
 
 
 def test_the_check_finds_a_comparison_with_a_kind_name(tmp_path: Path) -> None:
-    """The test above can fail: a branch on a kind's name is found."""
+    """The test above can fail: a branch, a case or a table on a kind's name is found."""
     module = tmp_path / "m.py"
-    module.write_text('def f(preset):\n    return preset.backend != "command"\n')
-    assert _comparisons_with_a_kind_name(module) == [(2, "preset.backend != 'command'")]
+    module.write_text(
+        "def f(preset):\n"
+        '    if preset.backend in ("vllm", "x"):\n'
+        "        return 1\n"
+        "    match preset.backend:\n"
+        '        case "command":\n'
+        "            return 2\n"
+        '    return {"llama-server": 3}.get(preset.backend)\n'
+    )
+    assert [line for line, _ in _comparisons_with_a_kind_name(module)] == [2, 5, 7]

@@ -1,7 +1,8 @@
 """The simulator's replays, as docs/benchmarks.md section 3 reports them, rerun in CI.
 
 The same seed, shorter traces: the ram tier against stop/start with vLLM's times, and the
-offered-load sweep's heavy end, where swapd once loaded 30-43% more than one at a time.
+offered-load sweep's heavy end, where swapd once loaded 30-43% more than one at a time
+(issue 8's figures, before the hold).
 Seeded and deterministic: a change to the policy that loses either result fails here.
 """
 
@@ -49,5 +50,5 @@ def test_under_heavy_load_swapd_loads_no_more_than_one_at_a_time_and_waits_less(
     for trace, by_policy in results.items():
         swapd, single = by_policy["swapd"], by_policy["one-at-a-time"]
         assert swapd["load_time_s"] <= single["load_time_s"], trace
-        assert swapd["wait_p95_s"] <= single["wait_p95_s"], trace
+        assert swapd["wait_p95_s"] < single["wait_p95_s"], trace
         assert swapd["served"] == swapd["requests"], trace

@@ -373,3 +373,22 @@ def test_a_sha256_changed_to_another_than_the_copys_puts_the_model_in_store(
     assert d.request("POST", "/swapd/reload")[0] == 200
     assert d.chat("s")[0] == 200
     assert d.model("s")["tier"] == "device"
+
+
+def test_a_sha256_changed_while_swapd_was_down_puts_the_model_in_store_at_start(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The copy found at start was checked against the old digest: not the model's copy."""
+    model = _model(tmp_path / "slow" / "m.gguf", 2 * MIB)
+    actual = hashlib.sha256(model.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    d = start_daemon({"s": staged_preset(model, sha256=actual)}, {"cache_dir": str(cache)})
+    assert d.chat("s")[0] == 200
+    assert d.stop() == 0
+    d.presets = {"s": staged_preset(model, sha256="0" * 64)}
+    d.write()
+    d.start()
+    assert d.model("s")["tier"] == "store"
+    [moved] = d.events("model.tier")
+    assert (moved["tier"], moved["reason"]) == ("store", "sha256_changed")
+    assert actual in moved["why"]

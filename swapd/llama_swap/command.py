@@ -17,11 +17,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 
+from swapd.backends import KINDS
+
 _LLAMA_SERVER = "llama-server"  # also a build named for its version: llama-server-ec9e0301
 _PLAIN_LLAMA_SERVER = frozenset({_LLAMA_SERVER, f"{_LLAMA_SERVER}.exe"})
 _LISTEN_FLAGS = ("--host", "--port")
 # The backend's own key is swapd's to set (a new one at each start); clients send swapd's keys.
-_KEY_FLAGS = {"llama-server": ("--api-key", "--api-key-file"), "vllm": ("--api-key",)}
+_KEY_FLAGS = {k.name: k.own_key.flags for k in KINDS.values() if k.own_key is not None}
+_ANY_KEY_FLAG = frozenset(flag for flags in _KEY_FLAGS.values() for flag in flags)
 KEY_WHY = (
     "dropped: swapd gives the backend a key of its own at each start; "
     "clients send one of swapd's api_keys"
@@ -158,7 +161,7 @@ def key_flag(argv: Sequence[str]) -> str | None:
     """The first flag of ``argv`` that gives llama-server or vLLM a key, as written."""
     for arg in argv:
         flag = arg.partition("=")[0]
-        if flag in _KEY_FLAGS["llama-server"]:
+        if flag in _ANY_KEY_FLAG:
             return flag
     return None
 

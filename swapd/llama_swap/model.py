@@ -381,15 +381,15 @@ def _serve_use_model_name(draft: Draft) -> None:
     name = draft.values.get("use_model_name")
     args = draft.values.get("args", [])
     kind = _kind(draft)
-    flag = None if kind is None else kind.served_name_flag
-    if flag is None or name is None:
+    if kind is None or kind.served_name_flag is None or name is None:
         return
+    flag = kind.served_name_flag
     if has_flag(args, flag, argparse=True):
         return
     line, _ = draft.origins["use_model_name"]
     at, source = draft.origins.get("args", (line, "useModelName"))
     draft.set("args", [*args, flag, name], at, source)
-    why = f"vLLM serves only the names it is given: {flag} {name} added to args"
+    why = f"{kind.name} serves only the names it is given: {flag} {name} added to args"
     draft.note(line, "useModelName", why)
 
 
