@@ -578,53 +578,41 @@ class RamTier:
 
 
 @dataclass(frozen=True)
-class Stop:
+class _OfModel:
+    """An action on one model; each kind of action is its own class (never equal to another)."""
+
+    model: str
+
+
+class Stop(_OfModel):
     """Stop the model's process (down to disk, or out of the ram tier)."""
 
-    model: str
 
-
-@dataclass(frozen=True)
-class Sleep:
+class Sleep(_OfModel):
     """Put the model's process to sleep (vLLM): down to the ram tier."""
 
-    model: str
 
-
-@dataclass(frozen=True)
-class LockPages:
+class LockPages(_OfModel):
     """Keep the model's weight file resident and locked in host RAM (before its stop)."""
 
-    model: str
 
-
-@dataclass(frozen=True)
-class UnlockPages:
+class UnlockPages(_OfModel):
     """Release the model's locked pages: down from the ram tier to disk."""
 
-    model: str
 
-
-@dataclass(frozen=True)
-class Stage:
+class Stage(_OfModel):
     """Have the model's weights copied into the staging cache before it starts."""
 
-    model: str
 
-
-@dataclass(frozen=True)
-class Start:
-    """Start the model's process on ``device``: up from disk, or from pages held in RAM."""
-
-    model: str
-    device: str
-
-
-@dataclass(frozen=True)
-class Wake:
+class Wake(_OfModel):
     """Wake the model's sleeping process (vLLM's ``/wake_up``): up from the ram tier."""
 
-    model: str
+
+@dataclass(frozen=True)
+class Start(_OfModel):
+    """Start the model's process on ``device``: up from disk, or from pages held in RAM."""
+
+    device: str
 
 
 @dataclass(frozen=True)
