@@ -31,7 +31,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 from swapd import policy, residency
 from swapd.admission import Admission, Snapshot
@@ -164,11 +164,6 @@ class _Outdated:
 
     reason: str
     why: str
-
-
-def _is_down(action: policy.Action) -> TypeGuard[policy.Down]:
-    """A move down a tier, which :meth:`Manager._carry_out` carries out."""
-    return isinstance(action, policy.Stop | policy.Sleep | policy.LockPages | policy.UnlockPages)
 
 
 def _wake_level(slot: Slot) -> int:
@@ -1172,22 +1167,33 @@ class Manager:
         """Host RAM the slot would take in the ram tier."""
         return residency.ram_cost(slot, measured)
 
-    async def _asleep_cost(self, slot: Slot) -> int:
-        """Host RAM a model takes now that it sleeps: on a CPU, what its process keeps."""
+    async def _sleeper_uses(self, slot: Slot) -> int | None:
+        """What the sleeping process uses on its device, read now; None where unread.
+
+        A reading that fails once (a driver hiccup) is logged (``model.measure.fail``).
+        """
         pid = slot.child.pid if slot.child else None
-        if slot.device is None or slot.device.kind != "cpu" or pid is None:
-            return self._ram_cost(slot, slot.measured or 0)
+        device = slot.device
+        if device is None or pid is None:
+            return None
         try:
             snap = await self.admission.read([pid])
-        except Exception as exc:  # noqa: BLE001 - a reading that failed once (a driver hiccup)
-            # Counted as last measured: the sleep must still enter the ram tier, or it
-            # would stay asleep uncounted, with no ram_ttl, for good.
+        except Exception as exc:  # noqa: BLE001 - each caller says what a failed read counts
             _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
-            return self._ram_cost(slot, slot.measured or 0)
-        reading = snap.readings.get(slot.device.id)
-        if reading is None or pid not in reading.by_pid:
-            return self._ram_cost(slot, slot.measured or 0)
-        return reading.by_pid[pid]
+            return None
+        reading = snap.readings.get(device.id)
+        return None if reading is None else reading.by_pid.get(pid)
+
+    async def _asleep_cost(self, slot: Slot) -> int:
+        """Host RAM a model takes now that it sleeps: on a CPU, what its process keeps.
+
+        Counted as last measured where unread: the sleep must still enter the ram tier, or
+        it would stay asleep uncounted, with no ram_ttl, for good.
+        """
+        used = None
+        if slot.device is not None and slot.device.kind == "cpu":
+            used = await self._sleeper_uses(slot)
+        return self._ram_cost(slot, slot.measured or 0) if used is None else used
 
     async def _read_kept_on_device(self, slot: Slot) -> None:
         """Read what a sleeper keeps on its GPU, for the device tier's bytes; 0 where unread.
@@ -1196,20 +1202,11 @@ class Manager:
         only if the same sleep still lasts: a wake, a stop or a second sleep meanwhile
         makes the reading another's.
         """
-        child, since, device = slot.child, slot.ram_since, slot.device
-        pid = child.pid if child else None
-        if device is None or pid is None:
-            return
-        try:
-            snap = await self.admission.read([pid])
-        except Exception as exc:  # noqa: BLE001 - a driver hiccup: status shows 0 for it
-            _log.error("model.measure.fail", model=slot.preset.name, error=repr(exc))
-            return
-        reading = snap.readings.get(device.id)
-        if reading is None or not reading.per_process_supported:
-            return
-        if slot.child is child and slot.ram_since == since and slot.state is State.ASLEEP:
-            slot.kept_on_device = reading.by_pid.get(pid, 0)
+        child, since = slot.child, slot.ram_since
+        used = await self._sleeper_uses(slot)
+        same_sleep = slot.child is child and slot.ram_since == since
+        if used is not None and same_sleep and slot.state is State.ASLEEP:
+            slot.kept_on_device = used
 
     def _ram_tier(self, snap: Snapshot) -> policy.RamTier:
         entries = residency.ram_entries(self._every_slot(), self._retiring, time.monotonic())
@@ -1517,7 +1514,9 @@ class Manager:
         copy is waited for; then the start or the wake is reserved, and the load goes on.
         """
         first = steps[0]
-        if not isinstance(first, policy.Stage | policy.Start | policy.Wake) and not _is_down(first):
+        if not isinstance(first, policy.Stage | policy.Start | policy.Wake) and not policy.is_down(
+            first
+        ):
             raise AssertionError(f"a load's plan does not begin with {first}")
         if isinstance(first, policy.Stage):
             return _Staging()
@@ -1526,7 +1525,7 @@ class Manager:
             waking = isinstance(first, policy.Wake)
             slot.move(State.QUEUED, State.WAKING if waking else State.STARTING)
             return device, snap.readings[device.id].total
-        moves = self._make_room(slot, plan, [s for s in steps if _is_down(s)])
+        moves = self._make_room(slot, plan, [s for s in steps if policy.is_down(s)])
         self._claims[id(slot)] = Claim(slot, device.id, need, plan.victims)
         return _Room(moves, device, need)
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeAlias
+from typing import Literal, Protocol, TypeAlias, TypeGuard
 
 from swapd.units import format_size
 
@@ -625,6 +625,11 @@ class DropCached:
 # A model's move down a tier, for another's room.
 Down: TypeAlias = Stop | Sleep | LockPages | UnlockPages
 Action: TypeAlias = Down | Stage | Start | Wake | DropCached
+
+
+def is_down(action: Action) -> TypeGuard[Down]:
+    """Whether ``action`` is a model's move down a tier (one of :data:`Down`)."""
+    return isinstance(action, Stop | Sleep | LockPages | UnlockPages)
 
 
 def load_plan(
